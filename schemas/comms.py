@@ -1,0 +1,30 @@
+"""Communication records (the design's CommunicationTracker, one kind per Redis key there)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import AwareDatetime, Field
+
+from schemas.base import MAX_ID_LENGTH, Payload
+from schemas.registry import registry
+
+CommKind = Literal["communication", "blockchain", "model", "token", "wallet", "resource"]
+COMM_KINDS: tuple[str, ...] = ("communication", "blockchain", "model", "token", "wallet", "resource")
+
+
+@registry.register
+class CommunicationRecord(Payload):
+    TYPE = "comms.record"
+    VERSION = 1
+    KEY_FIELD = "agent_id"
+
+    record_id: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
+    kind: CommKind
+    agent_id: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
+    counterparty: str = Field(default="", max_length=MAX_ID_LENGTH)
+    recorded_at: AwareDatetime
+    #: e.g. tokens moved, bytes transferred, gas used
+    amount: float | None = Field(default=None, allow_inf_nan=False)
+    unit: str = Field(default="", max_length=64)
+    details: dict[str, Any] = Field(default_factory=dict)

@@ -1,0 +1,141 @@
+"""LLM requests, streamed chunks, final responses, cancellations and breaker transitions."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import AwareDatetime, Field
+
+from schemas.base import MAX_ID_LENGTH, Payload
+from schemas.registry import registry
+
+
+class ChatMessage(Payload):
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str
+
+
+class LLMContext(Payload):
+    """What the model is asked: the conversation plus optional system prompt."""
+
+    messages: list[ChatMessage] = Field(min_length=1, max_length=1024)
+    system_prompt: str | None = None
+    #: the Midscene-style adapter adds web search results when set
+    web_search_query: str | None = Field(default=None, max_length=1024)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class LLMConfig(Payload):
+    """The design's LLMConfig — without `api_key`: keys live in the OS keychain only."""
+
+    model: str = Field(min_length=1, max_length=256)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    max_tokens: int | None = Field(default=None, ge=1)
+    top_p: float | None = Field(default=None, ge=0, le=1)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    stop: list[str] | None = Field(default=None, max_length=16)
+    api_endpoint: str | None = Field(default=None, max_length=2048)
+    api_version: str | None = Field(default=None, max_length=64)
+    organization: str | None = Field(default=None, max_length=256)
+
+
+@registry.register
+class LLMRequest(Payload):
+    TYPE = "llm.request"
+    VERSION = 1
+    KEY_FIELD = "request_id"
+
+    request_id: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
+    agent_id: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
+    #: registered provider name; None = the configured default
+    provider: str | None = Field(default=None, max_length=128)
+    #: providers tried in order when the first one fails or its breaker is open
+    fallback: list[str] = Field(default_factory=list, max_length=8)
+    stream: bool = True
+    context: LLMContext
+    config: LLMConfig
+    timeout_s: float | None = Field(default=None, gt=0, le=3600)
+
+
+@registry.register
+class LLMStreamChunk(Payload):
+    TYPE = "llm.chunk"
+    VERSION = 1
+    KEY_FIELD = "request_id"
+
+    request_id: str = Field(max_length=MAX_ID_LENGTH)
+    sequence: int = Field(ge=0)
+    delta: str
+    provider: str = ""
+    attempt: int = 1
+
+
+class Usage(Payload):
+    prompt_tokens: int = Field(default=0, ge=0)
+    completion_tokens: int = Field(default=0, ge=0)
+    total_tokens: int = Field(default=0, ge=0)
+    #: True when the provider sent no usage and it was estimated from text length
+    estimated: bool = False
+
+
+class AttemptRecord(Payload):
+    provider: str
+    attempt: int = Field(ge=1)
+    outcome: Literal["ok", "error", "cancelled", "circuit_open"]
+    error: str | None = None
+    status_code: int | None = None
+    latency_ms: float = 0.0
+    retry_after_s: float | None = None
+
+
+class ErrorInfo(Payload):
+    error_class: str
+    message: str
+    retriable: bool = False
+
+
+@registry.register
+class LLMResponse(Payload):
+    TYPE = "llm.response"
+    VERSION = 1
+    KEY_FIELD = "request_id"
+
+    request_id: str = Field(max_length=MAX_ID_LENGTH)
+    agent_id: str = Field(default="", max_length=MAX_ID_LENGTH)
+    status: Literal["completed", "cancelled", "failed"]
+    content: str = ""
+    usage: Usage | None = None
+    provider: str = ""
+    model: str = ""
+    attempts: list[AttemptRecord] = Field(default_factory=list)
+    latency_ms: float = 0.0
+    chunks: int = 0
+    error: ErrorInfo | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    prev_hash: str = ""
+    hash: str = ""
+
+
+@registry.register
+class LLMCancelRequested(Payload):
+    TYPE = "llm.cancel_requested"
+    VERSION = 1
+    KEY_FIELD = "request_id"
+
+    request_id: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
+    reason: str = Field(default="", max_length=1024)
+
+
+@registry.register
+class BreakerStateChanged(Payload):
+    TYPE = "llm.breaker_state_changed"
+    VERSION = 1
+    KEY_FIELD = "provider"
+
+    provider: str = Field(max_length=128)
+    previous: Literal["closed", "open", "half_open"]
+    current: Literal["closed", "open", "half_open"]
+    failures: int = 0
+    changed_at: AwareDatetime
+    reason: str = ""

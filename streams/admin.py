@@ -1,0 +1,101 @@
+"""Creating and listing the catalogue topics (idempotent), with aiokafka's admin client."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError
+
+from streams.errors import BrokerError
+from streams.settings import Settings
+from streams.topics import CATALOGUE
+
+
+@dataclass(frozen=True)
+class TopicState:
+    name: str
+    partitions: int
+    exists: bool
+
+
+async def _admin(settings: Settings, timeout_s: float) -> AIOKafkaAdminClient:
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=settings.bootstrap, request_timeout_ms=int(timeout_s * 1000)
+    )
+    try:
+        await asyncio.wait_for(admin.start(), timeout_s)
+    except (TimeoutError, KafkaConnectionError, OSError) as exc:
+        await admin.close()
+        raise BrokerError(f"cannot reach Kafka at {settings.bootstrap}: {exc}") from exc
+    return admin
+
+
+async def ensure_topics(
+    settings: Settings, names: list[str] | None = None, timeout_s: float = 30.0
+) -> list[str]:
+    """Create the missing catalogue topics; return the names created (empty when all exist)."""
+    admin = await _admin(settings, timeout_s)
+    try:
+        existing = set(await admin.list_topics())
+        wanted = [n for n in (names or list(CATALOGUE))]
+        new = []
+        for name in wanted:
+            spec = CATALOGUE[name]
+            full = settings.topic(name)
+            if full in existing:
+                continue
+            new.append(
+                NewTopic(
+                    full,
+                    num_partitions=spec.partitions or settings.topic_partitions,
+                    replication_factor=settings.topic_replication,
+                    topic_configs=spec.configs(),
+                )
+            )
+        created: list[str] = []
+        if new:
+            try:
+                resp = await admin.create_topics(new)
+            except TopicAlreadyExistsError:
+                resp = None
+            errors = getattr(resp, "topic_errors", None) or getattr(resp, "topic_error_codes", [])
+            for item in errors:
+                topic, code = item[0], item[1]
+                if code == 0:
+                    created.append(topic)
+                elif code != 36:  # TOPIC_ALREADY_EXISTS: another process won the race
+                    raise BrokerError(f"creating topic {topic} failed with error code {code}")
+        await _wait_visible(admin, [settings.topic(n) for n in wanted], timeout_s)
+        return sorted(created)
+    except KafkaError as exc:
+        raise BrokerError(f"topic administration failed: {exc}") from exc
+    finally:
+        await admin.close()
+
+
+async def _wait_visible(admin: AIOKafkaAdminClient, names: list[str], timeout_s: float) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        if set(names) <= set(await admin.list_topics()):
+            return
+        if loop.time() > deadline:
+            raise BrokerError(f"topics not visible after {timeout_s}s: {names}")
+        await asyncio.sleep(0.1)
+
+
+async def list_topics(settings: Settings, timeout_s: float = 30.0) -> list[TopicState]:
+    admin = await _admin(settings, timeout_s)
+    try:
+        names = [settings.topic(n) for n in CATALOGUE]
+        existing = set(await admin.list_topics())
+        present = [n for n in names if n in existing]
+        parts: dict[str, int] = {}
+        if present:
+            for meta in await admin.describe_topics(present):
+                parts[meta["topic"]] = len(meta["partitions"])
+        return [TopicState(n, parts.get(n, 0), n in existing) for n in names]
+    finally:
+        await admin.close()

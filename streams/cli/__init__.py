@@ -1,0 +1,59 @@
+"""The `agentstream` command line.
+
+`agentstream worker` is Faust's own worker for this app (all of Faust's worker options
+apply). Every other command is ours and built on `streams.client`. Agent packages add
+their commands (`policy`, `agents`, `audit` ...) to the `cli` group at import time; the
+entry point imports them through Faust's autodiscovery, so `streams` never names them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+import click
+
+from schemas.errors import PipelineError
+
+T = TypeVar("T")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def cli() -> None:
+    """agentstream: event-sourced stream processing for multi-agent LLM platforms."""
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine for a command; pipeline errors become a clean message + exit 2."""
+    try:
+        return asyncio.run(coro)
+    except PipelineError as exc:
+        raise click.ClickException(f"{type(exc).__name__}: {exc}") from exc
+
+
+def load_commands() -> None:
+    """Import our own command modules, then the agents' (via Faust autodiscovery)."""
+    import importlib
+
+    for name in ("core", "demo", "replay"):
+        try:
+            importlib.import_module(f"streams.cli.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"streams.cli.{name}":
+                raise
+    from streams.app import app
+
+    app.discover()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["worker"]:
+        from streams.cli.core import run_worker
+
+        run_worker(args[1:])
+        return
+    load_commands()
+    cli.main(args=args, prog_name="agentstream")

@@ -1,0 +1,219 @@
+"""Foundation commands: worker, kafka, topics, publish, tail, schemas, config."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, TextIO
+
+import click
+import orjson
+
+from schemas import registry
+from schemas.errors import SchemaError
+from streams.admin import ensure_topics, list_topics
+from streams.cli import cli, run
+from streams.client import Client, build_event
+from streams.errors import BrokerError
+from streams.settings import Settings, get_settings
+
+
+def run_worker(faust_args: list[str]) -> None:
+    """Create missing topics, then hand over to Faust's `worker` command for this app."""
+    settings = get_settings()
+    try:
+        run(ensure_topics(settings))
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(2)
+    from streams.app import app
+
+    if not any(a.startswith(("-l", "--loglevel")) for a in faust_args):
+        faust_args = ["--loglevel", settings.log_level.lower(), *faust_args]
+    sys.argv = ["agentstream", "worker", *faust_args]
+    app.main()
+
+
+@cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.pass_context
+def worker(ctx: click.Context) -> None:
+    """Run a Faust worker for the pipeline (creates missing topics first)."""
+    run_worker(list(ctx.args))
+
+
+# -- kafka -------------------------------------------------------------------------------
+@cli.group()
+def kafka() -> None:
+    """The local single-node Kafka broker (KRaft) for development and tests."""
+
+
+@kafka.command("start")
+def kafka_start() -> None:
+    """Start the local broker (first use fetches jars and formats storage)."""
+    from infra.kafka import launcher
+
+    ext = launcher.external_bootstrap()
+    if ext:
+        click.echo(f"AGENTSTREAM_KAFKA_BOOTSTRAP={ext} is set: using that cluster, not starting one")
+        return
+    try:
+        bootstrap = launcher.start(launcher.BrokerConfig.from_env())
+    except launcher.BrokerStartError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"kafka running at {bootstrap}")
+
+
+@kafka.command("stop")
+def kafka_stop() -> None:
+    """Stop the local broker started by `kafka start`."""
+    from infra.kafka import launcher
+
+    stopped = launcher.stop(launcher.BrokerConfig.from_env())
+    click.echo("kafka stopped" if stopped else "kafka was not running")
+
+
+@kafka.command("status")
+def kafka_status() -> None:
+    """Say whether the local broker runs, and where."""
+    from infra.kafka import launcher
+
+    ext = launcher.external_bootstrap()
+    if ext:
+        click.echo(f"external cluster at {ext} (AGENTSTREAM_KAFKA_BOOTSTRAP)")
+        return
+    st = launcher.status(launcher.BrokerConfig.from_env())
+    state = "running" if st["running"] else "stopped"
+    click.echo(f"kafka {state} at {st['bootstrap']} (version {st['version']}, data {st['data_dir']})")
+    if not st["running"]:
+        sys.exit(3)
+
+
+# -- topics ------------------------------------------------------------------------------
+@cli.group()
+def topics() -> None:
+    """The topic catalogue."""
+
+
+@topics.command("create")
+def topics_create() -> None:
+    """Create every missing catalogue topic (idempotent)."""
+    created = run(ensure_topics(get_settings()))
+    click.echo(f"created {len(created)} topic(s)" + (": " + ", ".join(created) if created else ""))
+
+
+@topics.command("list")
+def topics_list() -> None:
+    """List catalogue topics with their partition counts."""
+    from streams.topics import CATALOGUE
+
+    settings = get_settings()
+    for st in run(list_topics(settings)):
+        base = st.name[len(settings.topic_prefix):]
+        spec = CATALOGUE[base]
+        flags = "compacted" if spec.compacted else f"retention {spec.retention_ms or -1} ms"
+        where = f"{st.partitions} partitions" if st.exists else "MISSING"
+        click.echo(f"{st.name:32} {where:16} {flags:28} {spec.description}")
+
+
+# -- publish / tail ----------------------------------------------------------------------
+@cli.command()
+@click.argument("topic")
+@click.option("--file", "-f", "path", type=click.Path(dir_okay=False, path_type=Path),
+              help="JSON lines file (default: stdin).")
+@click.option("--type", "event_type", help="Event type for bare payloads.")
+@click.option("--source", default="agentstream-cli", show_default=True, help="Envelope source.")
+def publish(topic: str, path: Path | None, event_type: str | None, source: str) -> None:
+    """Publish JSON lines to TOPIC, each validated against its schema first.
+
+    Invalid lines are reported on stderr with line number and reason and not sent; valid
+    lines are sent anyway; the exit status is 1 if any line was invalid.
+    """
+    stream: TextIO = path.open(encoding="utf-8") if path else sys.stdin
+    try:
+        sent, bad = run(_publish(topic, stream, event_type, source))
+    finally:
+        if path:
+            stream.close()
+    click.echo(f"sent {sent} event(s) to {topic}, {bad} invalid line(s)", err=True)
+    if bad:
+        sys.exit(1)
+
+
+async def _publish(topic: str, lines: TextIO, event_type: str | None, source: str) -> tuple[int, int]:
+    bad = 0
+    pending: list[Any] = []
+    async with Client(source=source) as client:
+        for lineno, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                data = orjson.loads(line)
+                event = build_event(topic, data, source=source, event_type=event_type)
+            except (orjson.JSONDecodeError, SchemaError) as exc:
+                bad += 1
+                click.echo(f"line {lineno}: {type(exc).__name__}: {exc}", err=True)
+                continue
+            pending.append(await client.publish(topic, event, wait=False))
+        for fut in pending:
+            await fut
+    return len(pending), bad
+
+
+@cli.command()
+@click.argument("topic")
+@click.option("--from-beginning", is_flag=True, help="Start at the oldest record.")
+@click.option("--max", "max_events", type=int, help="Stop after N records.")
+@click.option("--timeout", "timeout_s", type=float, help="Stop after S seconds without a record.")
+def tail(topic: str, from_beginning: bool, max_events: int | None, timeout_s: float | None) -> None:
+    """Print events of TOPIC as JSON lines (undecodable records as error lines on stderr)."""
+    run(_tail(topic, from_beginning, max_events, timeout_s))
+
+
+async def _tail(topic: str, from_beginning: bool, max_events: int | None, timeout_s: float | None) -> None:
+    out = sys.stdout
+    async for rec in Client().subscribe(
+        topic, from_beginning=from_beginning, max_events=max_events, timeout_s=timeout_s
+    ):
+        if rec.event is not None:
+            out.write(orjson.dumps(rec.event.model_dump(mode="json")).decode() + "\n")
+        else:
+            click.echo(
+                f"{rec.topic}:{rec.partition}:{rec.offset}: {type(rec.error).__name__}: {rec.error}",
+                err=True,
+            )
+        out.flush()
+
+
+# -- schemas / config --------------------------------------------------------------------
+@cli.group()
+def schemas() -> None:
+    """Event schemas."""
+
+
+@schemas.command("export")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+def schemas_export(directory: Path) -> None:
+    """Write a JSON Schema file per event type into DIRECTORY."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for type_ in registry.types():
+        envelope = registry.envelope(type_)
+        schema = envelope.model_json_schema()
+        schema["title"] = type_
+        schema["$id"] = f"agentstream:{type_}:v{registry.model(type_).VERSION}"
+        (directory / f"{type_}.schema.json").write_text(json.dumps(schema, indent=2) + "\n")
+    click.echo(f"wrote {len(registry.types())} schemas to {directory}")
+
+
+@cli.command()
+def config() -> None:
+    """Show the effective configuration (secrets masked)."""
+    try:
+        settings = get_settings()
+    except Exception as exc:
+        raise click.ClickException(str(exc)) from exc
+    for var, value, desc in Settings.describe(settings):
+        click.echo(f"{var:40} {value:30} {desc}")
+
+
+__all__ = ["BrokerError", "cli"]

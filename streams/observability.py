@@ -1,0 +1,40 @@
+"""The pipeline's own Prometheus metrics (exported by the /metrics view).
+
+Counters live in prometheus-client's default registry so any module can add its own and
+`/metrics` exports them all.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+EVENTS_IN = Counter(
+    "agentstream_events_in_total", "Records consumed, per topic and consumer", ["topic", "consumer"]
+)
+EVENTS_OUT = Counter("agentstream_events_out_total", "Events produced, per topic", ["topic"])
+DEAD_LETTERS = Counter(
+    "agentstream_dead_letters_total",
+    "Inputs dead-lettered, per source topic, consumer and error class",
+    ["topic", "consumer", "error_class"],
+)
+DECISIONS = Counter(
+    "agentstream_security_decisions_total", "Policy decisions by verdict", ["verdict"]
+)
+LLM_CALLS = Counter(
+    "agentstream_llm_calls_total", "Final LLM responses by provider and status", ["provider", "status"]
+)
+LLM_RETRIES = Counter("agentstream_llm_retries_total", "LLM attempts retried", ["provider", "reason"])
+LLM_LATENCY = Histogram(
+    "agentstream_llm_latency_seconds",
+    "End-to-end LLM request latency",
+    ["provider"],
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+LLM_TOKENS = Counter("agentstream_llm_tokens_total", "Tokens used", ["provider", "model", "kind"])
+BREAKER_STATE = Gauge(
+    "agentstream_breaker_state", "Circuit breaker state (0 closed, 1 half-open, 2 open)", ["provider"]
+)
+AGENTS = Gauge("agentstream_agents", "Agents known to the heartbeat monitor by state", ["state"])
+CONSUMER_LAG = Gauge(
+    "agentstream_consumer_lag", "Records behind the end of each assigned partition", ["topic", "partition"]
+)

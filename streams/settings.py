@@ -1,0 +1,181 @@
+"""All configuration, read once from the environment into one frozen object.
+
+Every field maps to ``AGENTSTREAM_<FIELD_NAME_UPPER>``; its description is the
+documentation (README's configuration table is checked against these fields by a test,
+and ``agentstream config`` prints the effective values with secrets masked).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+
+from schemas.errors import PipelineError
+
+ENV_PREFIX = "AGENTSTREAM_"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class SettingsError(PipelineError):
+    """An environment variable holds a value the settings cannot accept."""
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # -- Kafka and the Faust app -------------------------------------------------------
+    kafka_bootstrap: str | None = Field(
+        default=None,
+        description="host:port of an existing Kafka cluster. Unset: the local broker "
+        "started by `agentstream kafka start` (127.0.0.1:$AGENTSTREAM_KAFKA_PORT).",
+    )
+    kafka_port: int = Field(default=19092, description="Port of the local broker.")
+    app_id: str = Field(
+        default="agentstream",
+        description="Faust app id: consumer group and prefix of table changelog topics.",
+    )
+    topic_prefix: str = Field(
+        default="",
+        description="Prefix for every catalogue topic (e.g. `staging.`), to run several "
+        "isolated pipelines on one cluster.",
+    )
+    topic_partitions: int = Field(default=4, ge=1, description="Partitions for new topics.")
+    topic_replication: int = Field(default=1, ge=1, description="Replication factor for new topics.")
+    processing_guarantee: Literal["at_least_once", "exactly_once"] = Field(
+        default="at_least_once",
+        description="Faust processing guarantee. exactly_once uses Kafka transactions.",
+    )
+    worker_id: str = Field(
+        default_factory=lambda: f"{os.uname().nodename}-{os.getpid()}",
+        description="Identifies this worker in events it emits (stats, checkpoints).",
+    )
+    data_dir: Path = Field(
+        default=REPO_ROOT / "var" / "worker",
+        description="Worker state directory (Faust tables' local data, logs).",
+    )
+    web_host: str = Field(default="127.0.0.1", description="Bind address of the web views.")
+    web_port: int = Field(default=6066, description="Port of the web views (/health, /metrics ...).")
+    web_enabled: bool = Field(default=True, description="Serve the web views.")
+    batch_max: int = Field(
+        default=1000, ge=1, description="Max events an agent takes from its stream at once."
+    )
+    batch_within_s: float = Field(
+        default=0.02, gt=0, description="Max seconds an agent waits to fill a batch."
+    )
+    max_event_bytes: int = Field(
+        default=1_000_000, ge=1024, description="Events larger than this are dead-lettered."
+    )
+    deadletter_max_original_bytes: int = Field(
+        default=900_000,
+        ge=0,
+        description="Original bytes kept in a dead letter; beyond this they are truncated "
+        "and the dead letter says so (the source offset still points at the full record).",
+    )
+    log_level: str = Field(default="WARNING", description="Log level of the worker.")
+    log_file: Path | None = Field(
+        default=None, description="Also log to this file (rotated by size and age)."
+    )
+    log_max_bytes: int = Field(default=10_000_000, description="Rotate the log file at this size.")
+    log_max_age_s: float = Field(default=86_400, description="Rotate the log file at this age.")
+    log_backups: int = Field(default=5, ge=0, description="Compressed rotated log files kept.")
+
+    # -- security ------------------------------------------------------------------------
+    security_enabled: bool = Field(
+        default=True, description="Initial security switch until a config event is published."
+    )
+    security_default_action: Literal["allow", "deny"] = Field(
+        default="deny", description="Initial default action until a config event is published."
+    )
+    keyring_service: str = Field(
+        default="agentstream", description="Service name under which secrets live in the keychain."
+    )
+    keyring_backend: str | None = Field(
+        default=None,
+        description="Keyring backend class (must be on the allow-list); unset = the OS default.",
+    )
+    keyring_file: Path | None = Field(
+        default=None, description="Path of the file for file-based keyring backends."
+    )
+    keyring_password: SecretStr | None = Field(
+        default=None, description="Master password of an encrypted file keyring (secret)."
+    )
+
+    # -- LLM -------------------------------------------------------------------------------
+    llm_providers_file: Path | None = Field(
+        default=None, description="YAML/JSON file declaring providers (see README)."
+    )
+    llm_default_provider: str = Field(default="local", description="Provider used when a request names none.")
+    llm_max_concurrency: int = Field(default=64, ge=1, description="In-flight calls per provider.")
+    llm_max_attempts: int = Field(default=4, ge=1, description="Attempts per provider and request.")
+    llm_backoff_base_s: float = Field(default=0.2, gt=0, description="First retry delay.")
+    llm_backoff_max_s: float = Field(default=10.0, gt=0, description="Largest retry delay.")
+    llm_timeout_s: float = Field(default=60.0, gt=0, description="Per-attempt HTTP timeout.")
+    llm_breaker_failures: int = Field(default=5, ge=1, description="Failures that open a breaker.")
+    llm_breaker_window_s: float = Field(default=30.0, gt=0, description="Window for counting failures.")
+    llm_breaker_reset_s: float = Field(default=15.0, gt=0, description="Open time before a probe.")
+    web_search_url: str | None = Field(
+        default=None, description="JSON web search endpoint (e.g. SearxNG /search) for the adapter."
+    )
+
+    # -- monitoring ----------------------------------------------------------------------
+    heartbeat_interval_s: float = Field(default=5.0, gt=0, description="Heartbeat check interval.")
+    heartbeat_timeout_s: float = Field(default=15.0, gt=0, description="Silence that marks an agent down.")
+    heartbeat_max_missed: int = Field(default=3, ge=1, description="Missed intervals that mark it down.")
+    metrics_collection_interval_s: float = Field(default=10.0, gt=0, description="Metrics window size.")
+    metrics_retention_s: float = Field(default=3600.0, gt=0, description="How long metric windows are kept.")
+    system_monitoring_interval_s: float = Field(default=15.0, gt=0, description="SystemStats period.")
+    comms_retention_s: float = Field(default=7 * 86400.0, gt=0, description="Comms records retention.")
+    ready_max_lag: int = Field(default=10_000, ge=0, description="Consumer lag above which /ready fails.")
+
+    # -- recovery / audit ----------------------------------------------------------------
+    checkpoint_interval_s: float = Field(default=60.0, gt=0, description="Periodic checkpoint period.")
+    standby_replicas: int = Field(default=1, ge=0, description="Faust table standby replicas.")
+
+    @property
+    def bootstrap(self) -> str:
+        return self.kafka_bootstrap or f"127.0.0.1:{self.kafka_port}"
+
+    def topic(self, name: str) -> str:
+        return f"{self.topic_prefix}{name}"
+
+    @classmethod
+    def env_name(cls, field: str) -> str:
+        return ENV_PREFIX + field.upper()
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for name in cls.model_fields:
+            raw = env.get(cls.env_name(name))
+            if raw is not None and raw != "":
+                values[name] = raw
+        values.update(overrides)
+        try:
+            return cls.model_validate(values)
+        except ValidationError as exc:
+            first = exc.errors(include_url=False)[0]
+            field = str(first["loc"][0]) if first["loc"] else "?"
+            raise SettingsError(
+                f"{cls.env_name(field)}: {first['msg']}", field=field
+            ) from None
+
+    def describe(self) -> list[tuple[str, str, str]]:
+        """(variable, effective value, description); secrets masked."""
+        rows = []
+        for name, info in type(self).model_fields.items():
+            value = getattr(self, name)
+            shown = "**********" if isinstance(value, SecretStr) else ("" if value is None else str(value))
+            rows.append((self.env_name(name), shown, info.description or ""))
+        return rows
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings (read once; tests build their own with `from_env`)."""
+    return Settings.from_env()

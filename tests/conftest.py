@@ -1,0 +1,73 @@
+"""Shared fixtures. Integration tests run against a real Apache Kafka broker started by the
+project's launcher (or the cluster in AGENTSTREAM_KAFKA_BOOTSTRAP); if it cannot start,
+they fail — they never skip."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+TEST_KAFKA_PORT = int(os.environ.get("AGENTSTREAM_TEST_KAFKA_PORT", "19192"))
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap() -> Iterator[str]:
+    from infra.kafka import launcher
+
+    external = launcher.external_bootstrap()
+    if external:
+        yield external
+        return
+    cfg = launcher.BrokerConfig.from_env(
+        {
+            "AGENTSTREAM_KAFKA_PORT": str(TEST_KAFKA_PORT),
+            "AGENTSTREAM_KAFKA_CONTROLLER_PORT": str(TEST_KAFKA_PORT + 1),
+            "AGENTSTREAM_KAFKA_DATA_DIR": str(REPO / "var" / "test-kafka" / "data"),
+            "AGENTSTREAM_KAFKA_LOG_FILE": str(REPO / "var" / "test-kafka" / "broker.log"),
+            **{k: v for k, v in os.environ.items() if k == "AGENTSTREAM_KAFKA_VERSION"},
+        }
+    )
+    # A failure here is an error in every integration test, by design: no broker, no pass.
+    bootstrap = launcher.start(cfg)
+    yield bootstrap
+    if os.environ.get("AGENTSTREAM_TEST_KEEP_BROKER") != "1":
+        launcher.stop(cfg)
+
+
+@pytest.fixture
+def ns() -> str:
+    """A unique namespace for one test's topics and app id."""
+    return f"t{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def settings_env(kafka_bootstrap: str, ns: str, tmp_path: Path) -> dict[str, str]:
+    """Environment for a worker/CLI subprocess isolated to this test."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTSTREAM_")}
+    env.update(
+        {
+            "AGENTSTREAM_KAFKA_BOOTSTRAP": kafka_bootstrap,
+            "AGENTSTREAM_TOPIC_PREFIX": f"{ns}.",
+            "AGENTSTREAM_APP_ID": f"{ns}-app",
+            "AGENTSTREAM_DATA_DIR": str(tmp_path / "worker"),
+            "AGENTSTREAM_TOPIC_PARTITIONS": "2",
+            "AGENTSTREAM_WEB_PORT": str(_free_port()),
+            "AGENTSTREAM_LOG_LEVEL": "INFO",
+            "AGENTSTREAM_STANDBY_REPLICAS": "0",
+            "PYTHONPATH": str(REPO),
+        }
+    )
+    return env
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

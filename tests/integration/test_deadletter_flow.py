@@ -1,0 +1,91 @@
+"""A worker fed valid events mixed with undecodable ones forwards every valid one,
+dead-letters every bad one with its original bytes and coordinates, and keeps running."""
+
+from __future__ import annotations
+
+import base64
+import os
+from pathlib import Path
+
+import pytest
+
+from schemas import AgentMessage, DeadLetter, Event, encode
+from streams.client import Client
+from streams.settings import Settings
+from tests.support import Worker, read_topic
+
+pytestmark = pytest.mark.integration
+
+BAD_VALUES = [
+    b"not json at all",
+    b"{\"type\": \"agent.message\"",  # truncated JSON
+    b"[1, 2, 3]",  # JSON, not an object
+    b'{"type": "no.such.event", "schema_version": 1, "source": "x", "payload": {}}',
+    b'{"type": "agent.message", "schema_version": 2, "source": "x", "payload": {"sender_id": 5}}',
+    b'{"type": "agent.message", "schema_version": 99, "source": "x", "payload": {}}',
+    b'{"type": "agent.heartbeat", "schema_version": 1, "source": "x", '
+    b'"payload": {"agent_id": "a", "sent_at": "2026-01-01T00:00:00Z"}}',  # wrong topic
+    b"\xff\xfe\x00garbage",
+    b"x" * 200_000,  # oversized: the worker runs with a 100 kB limit
+    b"",
+]
+
+
+async def test_valid_forwarded_and_bad_dead_lettered(
+    settings_env: dict[str, str], tmp_path: Path
+) -> None:
+    settings = Settings.from_env(settings_env)
+    os.environ.update({k: v for k, v in settings_env.items() if k.startswith("AGENTSTREAM_")})
+    env = {**settings_env, "AGENTSTREAM_SECURITY_ENABLED": "false", "AGENTSTREAM_MAX_EVENT_BYTES": "100000"}
+    worker = Worker(env, tmp_path / "worker.log").start()
+    try:
+        client = Client(settings)
+        await client.start()
+        sent_ids: set[str] = set()
+        bad_sent: list[tuple[bytes, int, int]] = []
+        try:
+            for i in range(1000):
+                ev = Event.of(
+                    AgentMessage(message_id=f"m{i}", sender_id=f"agent-{i % 7}",
+                                 recipient_id="agent-x", content=f"hello {i}"),
+                    source="test",
+                )
+                sent_ids.add(str(ev.event_id))
+                await client.publish("agent.messages", ev, wait=False)
+                if i % 20 == 0:
+                    bad = BAD_VALUES[(i // 20) % len(BAD_VALUES)]
+                    md = await client.publish_raw("agent.messages", bad, key=b"k")
+                    bad_sent.append((bad, md.partition, md.offset))
+            await client._producer.flush()  # type: ignore[union-attr]
+        finally:
+            await client.stop()
+        assert len(bad_sent) == 50
+
+        accepted = await read_topic(
+            settings.bootstrap, settings.topic("agent.messages.accepted"), expect=1000, timeout=60
+        )
+        assert worker.alive(), worker.tail()
+        got = {str(ev.event_id) for _, ev in accepted if ev is not None}
+        assert got == sent_ids
+
+        letters = await read_topic(
+            settings.bootstrap, settings.topic("pipeline.deadletter"), expect=50, timeout=30
+        )
+        dead = [ev.payload for _, ev in letters if ev is not None]
+        assert all(isinstance(d, DeadLetter) for d in dead)
+        assert len(dead) == 50
+        by_coord = {(d.partition, d.offset): d for d in dead}
+        for raw, partition, offset in bad_sent:
+            d = by_coord[(partition, offset)]
+            assert d.topic == settings.topic("agent.messages")
+            assert d.consumer == "enforce_policy"
+            assert d.original_size == len(raw)
+            assert base64.b64decode(d.original_b64) == raw[: len(base64.b64decode(d.original_b64))]
+            if len(raw) <= settings.deadletter_max_original_bytes:
+                assert base64.b64decode(d.original_b64) == raw
+                assert not d.original_truncated
+            assert d.error_class and d.error_message
+        assert worker.alive()
+        assert encode  # codec used by the client
+    finally:
+        worker.stop()

@@ -1,0 +1,170 @@
+"""Helpers for integration tests: worker subprocesses, polling with deadlines, and
+reading topics directly with aiokafka."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from schemas import Event, registry
+from schemas.errors import SchemaError
+
+REPO = Path(__file__).resolve().parent.parent
+T = TypeVar("T")
+
+
+def wait_until(pred: Callable[[], T], timeout: float, interval: float = 0.1, what: str = "") -> T:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or pred}")
+        time.sleep(interval)
+
+
+async def await_until(
+    pred: Callable[[], Awaitable[T]], timeout: float, interval: float = 0.2, what: str = ""
+) -> T:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await pred()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or pred}")
+        await asyncio.sleep(interval)
+
+
+def cli(env: dict[str, str], *args: str, input: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "streams", *args],
+        env=env, cwd=REPO, input=input, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+class Worker:
+    """An `agentstream worker` subprocess, ready when Faust logs that it is."""
+
+    def __init__(self, env: dict[str, str], log_path: Path, *extra: str) -> None:
+        self.env = env
+        self.log_path = log_path
+        self.extra = extra
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 90) -> Worker:
+        self._log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "streams", "worker", "--loglevel", "info", *self.extra],
+            env=self.env, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        del offset
+        wait_until(self._ready, timeout, 0.2, what=f"worker ready (log {self.log_path})")
+        return self
+
+    def _ready(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"worker exited with {self.proc.returncode}:\n{self.tail()}")
+        return self.ready_count() > self._ready_seen
+
+    _ready_seen = 0
+
+    def ready_count(self) -> int:
+        try:
+            return self.log_path.read_text(errors="replace").count("[^Worker]: Ready")
+        except FileNotFoundError:
+            return 0
+
+    def tail(self, n: int = 60) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except FileNotFoundError:
+            return ""
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        """kill -9, as a crash would."""
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(30)
+        self._ready_seen = self.ready_count()
+
+    def stop(self, timeout: float = 30) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(30)
+        self._ready_seen = self.ready_count()
+        if hasattr(self, "_log"):
+            self._log.close()
+
+
+async def read_topic(
+    bootstrap: str, topic: str, *, expect: int | None = None, timeout: float = 30, idle: float = 1.5
+) -> list[tuple[Any, Event[Any] | None]]:
+    """Read a topic from the beginning. With `expect`, poll until that many records arrived
+    (or the deadline passes); otherwise until `idle` seconds pass without a new record."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+                                isolation_level="read_committed")
+    await consumer.start()
+    try:
+        parts = None
+        deadline = time.monotonic() + timeout
+        while not parts:
+            parts = consumer.partitions_for_topic(topic)
+            if not parts:
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"topic {topic} does not exist")
+                await consumer._client.force_metadata_update()
+                await asyncio.sleep(0.2)
+        tps = [TopicPartition(topic, p) for p in sorted(parts)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        out: list[tuple[Any, Event[Any] | None]] = []
+        last = time.monotonic()
+        while time.monotonic() < deadline:
+            batch = await consumer.getmany(timeout_ms=300)
+            for records in batch.values():
+                for rec in records:
+                    try:
+                        ev: Event[Any] | None = registry.decode(rec.value)
+                    except SchemaError:
+                        ev = None
+                    out.append((rec, ev))
+                    last = time.monotonic()
+            if expect is not None and len(out) >= expect:
+                # a short grace period shows any surplus (duplicates) too
+                await asyncio.sleep(0.5)
+                for records in (await consumer.getmany(timeout_ms=300)).values():
+                    out += [(r, _decode_or_none(r.value)) for r in records]
+                return out
+            if expect is None and time.monotonic() - last > idle:
+                return out
+        return out
+    finally:
+        await consumer.stop()
+
+
+def _decode_or_none(value: bytes) -> Event[Any] | None:
+    try:
+        return registry.decode(value)
+    except SchemaError:
+        return None
