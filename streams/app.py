@@ -37,7 +37,7 @@ def create_app(settings: Settings) -> AgentStreamApp:
     return AgentStreamApp(
         settings.app_id,
         broker=f"kafka://{settings.bootstrap}",
-        autodiscover=["agents"],
+        autodiscover=[m.strip() for m in settings.agents.split(",") if m.strip()],
         origin="streams",
         store="memory://",
         datadir=str(settings.data_dir / settings.app_id),

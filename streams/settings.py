@@ -39,6 +39,11 @@ class Settings(BaseModel):
         default="agentstream",
         description="Faust app id: consumer group and prefix of table changelog topics.",
     )
+    agents: str = Field(
+        default="agents",
+        description="Comma-separated agent packages this worker runs (Faust autodiscovery), "
+        "e.g. `agents.security,agents.llm` to split stages over deployments; empty = none.",
+    )
     topic_prefix: str = Field(
         default="",
         description="Prefix for every catalogue topic (e.g. `staging.`), to run several "

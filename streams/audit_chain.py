@@ -1,0 +1,129 @@
+"""Tamper-evident audit trails: every sealed record carries the sha256 of the previous
+record in the same partition (`prev_hash`) and its own (`hash`).
+
+    hash = sha256(canonical JSON of the whole event, with payload.hash = "")
+
+so altering any field, deleting, inserting or reordering records breaks the chain, which
+`agentstream audit verify` reports. A chained topic has exactly one writer per partition:
+agents emit the sealed record to the *same partition number* as their input record (the
+input and output topics have the same partition count), and only the worker that owns an
+input partition writes to that output partition.
+
+The last hash of a partition is read back from the topic itself the first time a worker
+writes to it (and again after every rebalance), so a crash — even kill -9 — never needs
+state that could be lost: the chain continues from what is actually on the broker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from typing import Any
+
+import orjson
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from schemas import Event, encode, registry
+from schemas.errors import SchemaError
+
+log = logging.getLogger(__name__)
+
+GENESIS = "0" * 64
+
+
+def compute_hash(event: Event[Any]) -> str:
+    data = event.model_dump(mode="json")
+    data["payload"]["hash"] = ""
+    return hashlib.sha256(orjson.dumps(data, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+def seal(event: Event[Any], prev_hash: str) -> Event[Any]:
+    """A copy of `event` with `prev_hash` set and `hash` computed."""
+    payload = event.payload.model_copy(update={"prev_hash": prev_hash, "hash": ""})
+    unsealed = event.model_copy(update={"payload": payload})
+    digest = compute_hash(unsealed)
+    return unsealed.model_copy(update={"payload": payload.model_copy(update={"hash": digest})})
+
+
+async def last_hash(bootstrap: str, topic: str, partition: int, lookback: int = 64) -> str:
+    """The `hash` of the newest sealed record in a partition (GENESIS when empty)."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, enable_auto_commit=False, isolation_level="read_committed"
+    )
+    await consumer.start()
+    try:
+        tp = TopicPartition(topic, partition)
+        consumer.assign([tp])
+        end = (await consumer.end_offsets([tp]))[tp]
+        if end == 0:
+            return GENESIS
+        consumer.seek(tp, max(0, end - lookback))
+        newest = GENESIS
+        while await consumer.position(tp) < end:
+            batch = await consumer.getmany(tp, timeout_ms=1000)
+            if not batch:
+                break
+            for rec in batch.get(tp, []):
+                try:
+                    ev = registry.decode(rec.value)
+                except SchemaError:
+                    continue
+                h = getattr(ev.payload, "hash", "")
+                if h:
+                    newest = h
+        return newest
+    finally:
+        await consumer.stop()
+
+
+class ChainWriter:
+    """Seals and sends records of one chained catalogue topic, one lock per partition."""
+
+    def __init__(self, topic: str) -> None:
+        self.topic = topic
+        self._last: dict[int, str] = {}
+        self._locks: dict[int, asyncio.Lock] = {}
+
+    def reset(self) -> None:
+        """Forget cached heads (on rebalance another worker may have written since)."""
+        self._last.clear()
+
+    async def emit(self, event: Event[Any], partition: int) -> Event[Any]:
+        from streams.app import catalogue_topic, settings
+        from streams.observability import EVENTS_OUT
+
+        lock = self._locks.setdefault(partition, asyncio.Lock())
+        async with lock:
+            prev = self._last.get(partition)
+            if prev is None:
+                prev = await last_hash(settings.bootstrap, settings.topic(self.topic), partition)
+            sealed = seal(event, prev)
+            await catalogue_topic(self.topic).send(
+                key=sealed.key.encode(), value=encode(sealed), partition=partition
+            )
+            self._last[partition] = sealed.payload.hash
+            EVENTS_OUT.labels(self.topic).inc()
+            return sealed
+
+
+_WRITERS: dict[str, ChainWriter] = {}
+
+
+def chain_writer(topic: str) -> ChainWriter:
+    """The process-wide writer for a chained topic; heads are forgotten on rebalance."""
+    writer = _WRITERS.get(topic)
+    if writer is None:
+        writer = _WRITERS[topic] = ChainWriter(topic)
+        if len(_WRITERS) == 1:
+            _connect_rebalance_reset()
+    return writer
+
+
+def _connect_rebalance_reset() -> None:
+    from streams.app import app
+
+    @app.on_partitions_revoked.connect  # type: ignore[misc]
+    async def _forget_heads(app: Any, revoked: Any, **kwargs: Any) -> None:
+        for writer in _WRITERS.values():
+            writer.reset()

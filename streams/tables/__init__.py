@@ -1,0 +1,70 @@
+"""Tables: the agents' state, and how each table is derived from its source topics.
+
+Every table the agents keep is declared with a `TableSpec` whose `apply` is a *pure fold*
+``(state, event) -> None`` over the events of its source topics. The agent uses the same
+fold on the live Faust table, and `agentstream rebuild TABLE` replays the source topics
+through it into a plain dict — so "rebuild from history" and "live state" cannot drift
+apart without the digest comparison showing it.
+
+Domain modules (`streams.tables.security`, `.llm`, `.monitoring` ...) declare their Faust
+tables and register their specs here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterable, MutableMapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from schemas import Event
+
+Fold = Callable[[MutableMapping[str, Any], Event[Any]], None]
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    #: Faust table name (its changelog topic is `<app_id>-<name>-changelog`)
+    name: str
+    #: catalogue topics the table is derived from
+    sources: tuple[str, ...]
+    #: pure fold applying one source event to the state
+    apply: Fold
+    description: str = ""
+    #: event types the fold consumes (others on the source topics are ignored)
+    types: frozenset[str] = field(default_factory=frozenset)
+
+
+TABLES: dict[str, TableSpec] = {}
+
+
+def register(spec: TableSpec) -> TableSpec:
+    if spec.name in TABLES and TABLES[spec.name] is not spec:
+        raise ValueError(f"table {spec.name!r} declared twice")
+    TABLES[spec.name] = spec
+    return spec
+
+
+def digest(items: Iterable[tuple[Any, Any]]) -> str:
+    """Order-independent sha256 of a table's items (keys as strings, values as JSON)."""
+    h = hashlib.sha256()
+    for key, value in sorted(
+        ((str(k), orjson.dumps(v, option=orjson.OPT_SORT_KEYS)) for k, v in items),
+        key=lambda kv: kv[0],
+    ):
+        h.update(key.encode())
+        h.update(b"\x00")
+        h.update(value)
+        h.update(b"\x01")
+    return h.hexdigest()
+
+
+def rebuild(spec: TableSpec, events: Iterable[Event[Any]]) -> dict[str, Any]:
+    """Fold source events (in log order) into a fresh state dict."""
+    state: dict[str, Any] = {}
+    for event in events:
+        if not spec.types or event.type in spec.types:
+            spec.apply(state, event)
+    return state
