@@ -1,0 +1,52 @@
+"""Settings: environment parsing, validation errors, masking, and README documentation."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from streams.settings import Settings, SettingsError
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def test_reads_prefixed_environment() -> None:
+    s = Settings.from_env({"AGENTSTREAM_WEB_PORT": "7001", "AGENTSTREAM_TOPIC_PREFIX": "stg.",
+                           "AGENTSTREAM_SECURITY_ENABLED": "false", "UNRELATED": "x"})
+    assert s.web_port == 7001
+    assert s.security_enabled is False
+    assert s.topic("agent.messages") == "stg.agent.messages"
+
+
+def test_bootstrap_defaults_to_local_broker_port() -> None:
+    assert Settings.from_env({"AGENTSTREAM_KAFKA_PORT": "12345"}).bootstrap == "127.0.0.1:12345"
+    assert Settings.from_env({"AGENTSTREAM_KAFKA_BOOTSTRAP": "k:9"}).bootstrap == "k:9"
+
+
+def test_invalid_value_names_the_variable() -> None:
+    with pytest.raises(SettingsError, match="AGENTSTREAM_TOPIC_PARTITIONS"):
+        Settings.from_env({"AGENTSTREAM_TOPIC_PARTITIONS": "0"})
+    with pytest.raises(SettingsError, match="AGENTSTREAM_PROCESSING_GUARANTEE"):
+        Settings.from_env({"AGENTSTREAM_PROCESSING_GUARANTEE": "maybe_once"})
+
+
+def test_settings_are_frozen() -> None:
+    s = Settings.from_env({})
+    with pytest.raises(Exception, match="frozen"):
+        s.web_port = 1  # type: ignore[misc]
+
+
+def test_secrets_are_masked_everywhere() -> None:
+    s = Settings.from_env({"AGENTSTREAM_KEYRING_PASSWORD": "hunter2-very-secret"})
+    assert "hunter2" not in repr(s)
+    assert "hunter2" not in str(s.describe())
+    assert s.keyring_password is not None
+    assert s.keyring_password.get_secret_value() == "hunter2-very-secret"
+
+
+def test_every_variable_is_documented_in_readme() -> None:
+    documented = set(re.findall(r"`(AGENTSTREAM_[A-Z0-9_]+)`", README.read_text()))
+    missing = [Settings.env_name(f) for f in Settings.model_fields if Settings.env_name(f) not in documented]
+    assert not missing, f"README configuration table lacks {missing}"
