@@ -1,0 +1,264 @@
+"""`agentstream demo`: the whole pipeline on a local broker with synthetic agents.
+
+Starts the local broker unless a cluster is configured, creates the topics, runs a worker
+as a subprocess, publishes a few security policies, then drives traffic from simulated
+agents — messages (some denied, some oversized, some undecodable), heartbeats (a few
+agents fall silent and come back), metrics, communication records and LLM requests to the
+offline `local` provider — while printing a live summary read back from the result topics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import click
+
+from schemas import (
+    AgentMessage,
+    CommunicationRecord,
+    Event,
+    Heartbeat,
+    LLMRequest,
+    MetricSample,
+    SecurityConfig,
+    SecurityPolicy,
+    utc_now,
+)
+from schemas.comms import COMM_KINDS
+from schemas.llm import ChatMessage, LLMConfig, LLMContext
+from streams.admin import ensure_topics
+from streams.cli import cli, run
+from streams.client import Client
+from streams.settings import REPO_ROOT, Settings, get_settings
+from streams.topics import (
+    AGENT_HEARTBEATS,
+    AGENT_MESSAGES,
+    AGENT_MESSAGES_ACCEPTED,
+    AGENT_MESSAGES_REJECTED,
+    AGENT_STATUS,
+    COMMS_RECORDS,
+    LLM_CHUNKS,
+    LLM_REQUESTS,
+    LLM_RESPONSES,
+    METRICS_SAMPLES,
+    PIPELINE_DEADLETTER,
+    SECURITY_DECISIONS,
+    SECURITY_POLICIES,
+)
+
+WATCHED = {
+    AGENT_MESSAGES_ACCEPTED: "accepted",
+    AGENT_MESSAGES_REJECTED: "rejected",
+    SECURITY_DECISIONS: "decisions",
+    PIPELINE_DEADLETTER: "dead letters",
+    AGENT_STATUS: "status changes",
+    LLM_CHUNKS: "llm chunks",
+    LLM_RESPONSES: "llm responses",
+}
+
+DEMO_ENV = {
+    # short intervals so that agents visibly go down and come back within a minute
+    "AGENTSTREAM_HEARTBEAT_INTERVAL_S": "1",
+    "AGENTSTREAM_HEARTBEAT_TIMEOUT_S": "4",
+    "AGENTSTREAM_HEARTBEAT_MAX_MISSED": "3",
+    "AGENTSTREAM_SYSTEM_MONITORING_INTERVAL_S": "5",
+    "AGENTSTREAM_METRICS_COLLECTION_INTERVAL_S": "5",
+    "AGENTSTREAM_SECURITY_DEFAULT_ACTION": "allow",
+}
+
+
+@cli.command()
+@click.option("--rate", default=40.0, show_default=True, help="Agent messages per second.")
+@click.option("--agents", "n_agents", default=8, show_default=True, help="Simulated agents.")
+@click.option("--duration", default=45.0, show_default=True, help="Seconds to run; 0 = until Ctrl-C.")
+@click.option("--keep-broker", is_flag=True, help="Leave a broker the demo started running.")
+@click.option("--seed", default=7, show_default=True, help="Random seed of the traffic.")
+def demo(rate: float, n_agents: int, duration: float, keep_broker: bool, seed: int) -> None:
+    """Run the pipeline on a local broker with synthetic multi-agent traffic."""
+    from infra.kafka import launcher
+
+    started_broker = None
+    if get_settings().kafka_bootstrap is None and not launcher.external_bootstrap():
+        cfg = launcher.BrokerConfig.from_env()
+        if not launcher.status(cfg)["running"]:
+            click.echo("starting the local Kafka broker (first run fetches its jars) ...")
+            started_broker = cfg
+        try:
+            bootstrap = launcher.start(cfg)
+        except launcher.BrokerStartError as exc:
+            raise click.ClickException(str(exc)) from exc
+        os.environ["AGENTSTREAM_KAFKA_BOOTSTRAP"] = bootstrap
+        get_settings.cache_clear()
+    settings = get_settings()
+    click.echo(f"kafka at {settings.bootstrap}; creating topics ...")
+    run(ensure_topics(settings))
+
+    log_dir = REPO_ROOT / "var" / "demo"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    worker_log = log_dir / "worker.log"
+    env = {**os.environ, **{k: v for k, v in DEMO_ENV.items() if k not in os.environ}}
+    env["AGENTSTREAM_KAFKA_BOOTSTRAP"] = settings.bootstrap
+    with worker_log.open("ab") as log:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "streams", "worker", "--loglevel", "info"],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    click.echo(f"worker pid {worker.pid} (log {worker_log}); web views on "
+               f"http://{settings.web_host}:{settings.web_port}/")
+    try:
+        run(_drive(settings, worker, worker_log, rate, n_agents, duration, seed))
+    except KeyboardInterrupt:
+        click.echo("\ninterrupted")
+    finally:
+        if worker.poll() is None:
+            os.killpg(worker.pid, signal.SIGTERM)
+            try:
+                worker.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(worker.pid, signal.SIGKILL)
+        if started_broker is not None and not keep_broker:
+            launcher.stop(started_broker)
+            click.echo("local broker stopped (use --keep-broker to keep it)")
+
+
+async def _wait_ready(worker: subprocess.Popen[bytes], log: Path, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if worker.poll() is not None:
+            tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
+            raise click.ClickException(f"worker exited with {worker.returncode}:\n{tail}")
+        if "[^Worker]: Ready" in log.read_text(errors="replace"):
+            return
+        await asyncio.sleep(0.25)
+    raise click.ClickException(f"worker not ready after {timeout}s (see {log})")
+
+
+async def _drive(
+    settings: Settings, worker: subprocess.Popen[bytes], log: Path,
+    rate: float, n_agents: int, duration: float, seed: int,
+) -> None:
+    counts: Counter[str] = Counter()
+    sent: Counter[str] = Counter()
+    transitions: list[str] = []
+    async with Client(settings, source="demo") as client:
+        watcher = asyncio.create_task(_watch(client, counts, transitions))
+        await _wait_ready(worker, log)
+        await _publish_policies(client)
+        click.echo("worker ready; driving traffic (Ctrl-C to stop)\n")
+        rng = random.Random(seed)
+        agents = [f"agent-{i}" for i in range(n_agents)]
+        silent: dict[str, float] = {}
+        start = time.monotonic()
+        tick = 0
+        next_print = start + 2
+        while duration <= 0 or time.monotonic() - start < duration:
+            tick += 1
+            now = time.monotonic()
+            elapsed = now - start
+            # a chosen agent falls silent for a while, then comes back
+            if tick % max(1, int(rate * 8)) == 0 and agents:
+                silent[rng.choice(agents)] = now + 8
+            for agent_id, until in list(silent.items()):
+                if until < now:
+                    del silent[agent_id]
+            if tick % max(1, int(rate / 2)) == 0:
+                for agent_id in agents:
+                    if agent_id not in silent:
+                        await client.publish(AGENT_HEARTBEATS, Heartbeat(
+                            agent_id=agent_id, sent_at=utc_now(), sequence=tick), wait=False)
+                        sent["heartbeats"] += 1
+            await _one_message(client, rng, agents, sent)
+            if tick % 5 == 0:
+                await client.publish(METRICS_SAMPLES, MetricSample(
+                    series="agent_latency_ms", timestamp=time.time(),
+                    value=rng.uniform(5, 250), labels={"agent": rng.choice(agents)}), wait=False)
+                kind = rng.choice(COMM_KINDS)
+                await client.publish(COMMS_RECORDS, CommunicationRecord(
+                    record_id=uuid.uuid4().hex, kind=kind,  # type: ignore[arg-type]
+                    agent_id=rng.choice(agents), counterparty=rng.choice(agents),
+                    recorded_at=utc_now(), amount=round(rng.uniform(1, 100), 2),
+                    unit={"token": "tok", "wallet": "usd", "blockchain": "gas"}.get(kind, "")),
+                    wait=False)
+                sent["metrics"] += 1
+                sent["comms"] += 1
+            if tick % 20 == 0:
+                await client.publish(LLM_REQUESTS, _llm_request(rng, agents), wait=False)
+                sent["llm requests"] += 1
+            if now >= next_print:
+                next_print = now + 2
+                _print_summary(elapsed, sent, counts, transitions)
+            await asyncio.sleep(max(0.0, start + tick / rate - time.monotonic()))
+        await asyncio.sleep(2)
+        _print_summary(time.monotonic() - start, sent, counts, transitions)
+        watcher.cancel()
+
+
+async def _publish_policies(client: Client) -> None:
+    policies = [
+        SecurityPolicy(policy_id="no-secrets", description="Never pass credentials around",
+                       level="standard", blocked_patterns=[r"(?i)password\s*[:=]", r"sk-[A-Za-z0-9]{20,}"],
+                       max_message_size=2048),
+        SecurityPolicy(policy_id="confidential-roles", level="confidential",
+                       allowed_roles=["planner", "auditor"], max_message_size=4096),
+    ]
+    for policy in policies:
+        await client.publish(SECURITY_POLICIES, policy)
+    await client.publish(SECURITY_POLICIES, SecurityConfig(enabled=True, default_action="allow"))
+
+
+async def _one_message(client: Client, rng: random.Random, agents: list[str], sent: Counter[str]) -> None:
+    roll = rng.random()
+    sender, recipient = rng.sample(agents, 2) if len(agents) > 1 else (agents[0], agents[0])
+    if roll < 0.03:
+        await client.publish_raw(AGENT_MESSAGES, b'{"type": "agent.message", "oops', sender.encode())
+        sent["undecodable"] += 1
+        return
+    content = rng.choice([
+        "status update: task 42 done", "please review the plan", "here is the summary you asked for",
+        "password: hunter2", "lookup result attached",
+    ])
+    if roll > 0.97:
+        content = "x" * 3000  # over the 2 KiB limit of the demo policy
+    level, role = ("confidential", rng.choice(["planner", "worker"])) if roll > 0.8 else ("standard", "worker")
+    msg = AgentMessage(message_id=uuid.uuid4().hex, sender_id=sender, recipient_id=recipient,
+                       sender_role=role, security_level=level, content=content)
+    await client.publish(AGENT_MESSAGES, Event.of(msg, source=sender), wait=False)
+    sent["messages"] += 1
+
+
+def _llm_request(rng: random.Random, agents: list[str]) -> LLMRequest:
+    topic = rng.choice(["the weather", "a haiku about Kafka", "event sourcing", "circuit breakers"])
+    return LLMRequest(
+        request_id=uuid.uuid4().hex, agent_id=rng.choice(agents), provider="local", stream=True,
+        context=LLMContext(messages=[ChatMessage(role="user", content=f"Tell me about {topic}.")]),
+        config=LLMConfig(model="local-demo", max_tokens=48, temperature=0.2),
+    )
+
+
+async def _watch(client: Client, counts: Counter[str], transitions: list[str]) -> None:
+    async for rec in client.subscribe(list(WATCHED), from_beginning=False):
+        base = rec.topic[len(client.settings.topic_prefix):]
+        counts[WATCHED.get(base, base)] += 1
+        ev = rec.event
+        if ev is not None and ev.type == "agent.status_changed":
+            p: Any = ev.payload
+            transitions.append(f"{p.agent_id} {p.previous or 'new'}→{p.current}")
+
+
+def _print_summary(elapsed: float, sent: Counter[str], counts: Counter[str], transitions: list[str]) -> None:
+    out = ", ".join(f"{k} {v}" for k, v in sorted(sent.items()))
+    got = ", ".join(f"{name} {counts[name]}" for name in WATCHED.values())
+    click.echo(f"[{elapsed:5.1f}s] sent: {out}")
+    click.echo(f"         seen: {got}")
+    if transitions:
+        click.echo(f"         agent status: {'; '.join(transitions[-6:])}")
