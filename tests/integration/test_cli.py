@@ -1,0 +1,80 @@
+"""The CLI against the real broker: topics, publish → tail round trip, validation."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+
+from tests.support import cli
+
+pytestmark = pytest.mark.integration
+
+
+def test_topics_create_is_idempotent_and_listed(settings_env: dict[str, str], ns: str) -> None:
+    first = cli(settings_env, "topics", "create")
+    assert first.returncode == 0, first.stderr
+    assert "created 18 topic(s)" in first.stdout
+    second = cli(settings_env, "topics", "create")
+    assert second.returncode == 0, second.stderr
+    assert "created 0 topic(s)" in second.stdout
+    listing = cli(settings_env, "topics", "list")
+    assert listing.returncode == 0, listing.stderr
+    lines = {line.split()[0]: line for line in listing.stdout.splitlines()}
+    assert "2 partitions" in lines[f"{ns}.agent.messages"]
+    assert "1 partitions" in lines[f"{ns}.security.policies"]
+    assert "compacted" in lines[f"{ns}.security.policies"]
+    assert "MISSING" not in listing.stdout
+
+
+def test_publish_validates_each_line_and_tail_round_trips(settings_env: dict[str, str]) -> None:
+    assert cli(settings_env, "topics", "create").returncode == 0
+    ids = [uuid.uuid4().hex for _ in range(3)]
+    lines = [
+        # a bare payload: the envelope is built from the topic's one event type
+        json.dumps({"message_id": ids[0], "sender_id": "a1", "recipient_id": "a2", "content": "one"}),
+        "{not json",
+        json.dumps({"message_id": "x", "sender_id": 5, "recipient_id": "a2"}),
+        # a full envelope
+        json.dumps({"type": "agent.message", "schema_version": 2, "source": "cli-test",
+                    "payload": {"message_id": ids[1], "sender_id": "a1", "recipient_id": "a3",
+                                "content": "two"}}),
+        "",
+        json.dumps({"type": "agent.heartbeat", "schema_version": 1, "source": "x",
+                    "payload": {"agent_id": "a", "sent_at": "2026-01-01T00:00:00Z"}}),
+        # an old v1 message is upcast before sending
+        json.dumps({"type": "agent.message", "schema_version": 1, "source": "legacy",
+                    "payload": {"message_id": ids[2], "sender_id": "a9", "recipient_id": "a1",
+                                "body": "three"}}),
+    ]
+    res = cli(settings_env, "publish", "agent.messages", input="\n".join(lines) + "\n")
+    assert res.returncode == 1, res.stderr
+    assert "line 2: UndecodableEvent" not in res.stderr  # JSON errors are reported as such
+    assert "line 2: JSONDecodeError" in res.stderr
+    assert "line 3: InvalidEvent" in res.stderr and "payload.sender_id" in res.stderr
+    assert "line 6: InvalidEvent" in res.stderr and "does not belong" in res.stderr
+    assert "sent 3 event(s)" in res.stderr
+
+    out = cli(settings_env, "tail", "agent.messages", "--from-beginning", "--max", "3", "--timeout", "20")
+    assert out.returncode == 0, out.stderr
+    events = [json.loads(line) for line in out.stdout.splitlines()]
+    assert sorted(e["payload"]["message_id"] for e in events) == sorted(ids)
+    by_id = {e["payload"]["message_id"]: e for e in events}
+    assert by_id[ids[0]]["source"] == "agentstream-cli"
+    assert by_id[ids[1]]["source"] == "cli-test"
+    assert by_id[ids[2]]["schema_version"] == 2 and by_id[ids[2]]["payload"]["content"] == "three"
+
+
+def test_tail_times_out_on_an_empty_topic(settings_env: dict[str, str]) -> None:
+    assert cli(settings_env, "topics", "create").returncode == 0
+    out = cli(settings_env, "tail", "agent.status", "--from-beginning", "--timeout", "1")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == ""
+
+
+def test_unreachable_broker_is_a_clear_error(settings_env: dict[str, str]) -> None:
+    env = {**settings_env, "AGENTSTREAM_KAFKA_BOOTSTRAP": "127.0.0.1:1"}
+    res = cli(env, "topics", "create", timeout=90)
+    assert res.returncode != 0
+    assert "BrokerError" in res.stderr and "127.0.0.1:1" in res.stderr
