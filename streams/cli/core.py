@@ -16,7 +16,7 @@ from streams.admin import ensure_topics, list_topics
 from streams.cli import cli, run
 from streams.client import Client, build_event
 from streams.errors import BrokerError
-from streams.settings import Settings, get_settings
+from streams.settings import REPO_ROOT, Settings, get_settings
 
 
 def run_worker(faust_args: list[str]) -> None:
@@ -206,8 +206,17 @@ def schemas_export(directory: Path) -> None:
 
 
 @cli.command()
-def config() -> None:
+@click.option("--markdown", is_flag=True, help="Print the defaults as README's Markdown table.")
+def config(markdown: bool) -> None:
     """Show the effective configuration (secrets masked)."""
+    if markdown:
+        click.echo("| Variable | Default | Meaning |\n|---|---|---|")
+        for name, info in Settings.model_fields.items():
+            default = "" if info.default_factory else info.default
+            shown = "(generated)" if info.default_factory else ("" if default is None else str(default))
+            shown = shown.replace(str(REPO_ROOT), "<repo>")
+            click.echo(f"| `{Settings.env_name(name)}` | `{shown}` | {info.description} |")
+        return
     try:
         settings = get_settings()
     except Exception as exc:
