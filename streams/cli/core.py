@@ -48,45 +48,38 @@ def kafka() -> None:
     """The local single-node Kafka broker (KRaft) for development and tests."""
 
 
+def _kafka(*argv: str) -> None:
+    # One implementation of the broker commands: the launcher's own CLI.
+    from infra.kafka.__main__ import main as launcher_main
+
+    code = launcher_main(list(argv))
+    if code:
+        sys.exit(code)
+
+
 @kafka.command("start")
 def kafka_start() -> None:
     """Start the local broker (first use fetches jars and formats storage)."""
-    from infra.kafka import launcher
-
-    ext = launcher.external_bootstrap()
-    if ext:
-        click.echo(f"AGENTSTREAM_KAFKA_BOOTSTRAP={ext} is set: using that cluster, not starting one")
-        return
-    try:
-        bootstrap = launcher.start(launcher.BrokerConfig.from_env())
-    except launcher.BrokerStartError as exc:
-        raise click.ClickException(str(exc)) from exc
-    click.echo(f"kafka running at {bootstrap}")
+    _kafka("start")
 
 
 @kafka.command("stop")
 def kafka_stop() -> None:
     """Stop the local broker started by `kafka start`."""
-    from infra.kafka import launcher
-
-    stopped = launcher.stop(launcher.BrokerConfig.from_env())
-    click.echo("kafka stopped" if stopped else "kafka was not running")
+    _kafka("stop")
 
 
 @kafka.command("status")
-def kafka_status() -> None:
-    """Say whether the local broker runs, and where."""
-    from infra.kafka import launcher
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def kafka_status(as_json: bool) -> None:
+    """Say whether the local broker runs, and where (exit 3 when stopped)."""
+    _kafka("status", *(["--json"] if as_json else []))
 
-    ext = launcher.external_bootstrap()
-    if ext:
-        click.echo(f"external cluster at {ext} (AGENTSTREAM_KAFKA_BOOTSTRAP)")
-        return
-    st = launcher.status(launcher.BrokerConfig.from_env())
-    state = "running" if st["running"] else "stopped"
-    click.echo(f"kafka {state} at {st['bootstrap']} (version {st['version']}, data {st['data_dir']})")
-    if not st["running"]:
-        sys.exit(3)
+
+@kafka.command("fetch")
+def kafka_fetch() -> None:
+    """Only download the Kafka jars into the cache."""
+    _kafka("fetch")
 
 
 # -- topics ------------------------------------------------------------------------------
