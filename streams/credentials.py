@@ -1,0 +1,450 @@
+"""Secrets in the OS keychain (via `keyring`), never in events, settings files or logs.
+
+`KeychainCredentialsProvider` stores, under the service `AGENTSTREAM_KEYRING_SERVICE`:
+
+=========================  ===============================================================
+entry (keyring username)   value
+=========================  ===============================================================
+``credentials.user_id``    the user id of `write_credentials`
+``access_token.<user>``    that user's access token (also what `enforce_policy` checks)
+``signing_key.<agent>``    base64 HMAC-SHA256 key an agent signs its messages with
+``encryption_key.<id>``    base64 AES-256 key of message envelopes naming key id ``<id>``
+``<name>``                 generic secrets, e.g. ``llm.openai.api_key``
+=========================  ===============================================================
+
+The backend is chosen by `AGENTSTREAM_KEYRING_BACKEND` from an allow-list (`BACKENDS`);
+unset means "the OS keychain" (Secret Service, macOS Keychain, Windows Credential
+Locker, KWallet). With no acceptable backend the provider fails closed with a
+`CredentialsError`: `keyring`'s own choice can be a plaintext file (keyrings.alt) or the
+`fail`/`null` backends, and none of those is ever taken unless named explicitly.
+
+All keyring calls run in a thread (`asyncio.to_thread`): backends do file or D-Bus I/O.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import fcntl
+import importlib
+import json
+import os
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
+from keyring.backend import KeyringBackend
+from keyring.errors import KeyringError, PasswordDeleteError
+from pydantic import BaseModel, ConfigDict, SecretStr
+
+from streams.errors import CredentialsError, CredentialsNotFound
+from streams.settings import Settings, get_settings
+
+T = TypeVar("T")
+
+ENCRYPTED_FILE = "streams.credentials.EncryptedFileKeyring"
+PLAINTEXT_FILE = "keyrings.alt.file.PlaintextKeyring"
+ALT_ENCRYPTED_FILE = "keyrings.alt.file.EncryptedKeyring"
+
+#: the OS keychains: what "unset" may pick, in keyring's priority order
+OS_BACKENDS = (
+    "keyring.backends.SecretService.Keyring",
+    "keyring.backends.libsecret.Keyring",
+    "keyring.backends.kwallet.DBusKeyring",
+    "keyring.backends.macOS.Keyring",
+    "keyring.backends.Windows.WinVaultKeyring",
+)
+#: everything AGENTSTREAM_KEYRING_BACKEND may name (short aliases or class paths)
+BACKENDS: dict[str, str] = {
+    "secretservice": OS_BACKENDS[0],
+    "libsecret": OS_BACKENDS[1],
+    "kwallet": OS_BACKENDS[2],
+    "macos": OS_BACKENDS[3],
+    "windows": OS_BACKENDS[4],
+    "encrypted-file": ENCRYPTED_FILE,
+    "keyrings.alt-encrypted": ALT_ENCRYPTED_FILE,
+    "plaintext-file": PLAINTEXT_FILE,
+    **{path: path for path in (*OS_BACKENDS, ENCRYPTED_FILE, ALT_ENCRYPTED_FILE, PLAINTEXT_FILE)},
+}
+#: systemd `LoadCredential=` name of the master password of the encrypted file keyring
+SYSTEMD_PASSWORD_CREDENTIAL = "agentstream-keyring-password"  # noqa: S105 - a name
+
+USER_ID_ENTRY = "credentials.user_id"
+
+
+class Credentials(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    user_id: int
+    access_token: SecretStr
+
+
+def mask(secret: str) -> str:
+    """What a human may see of a secret: its length and, for long ones, the last 4."""
+    if len(secret) >= 16:
+        return f"****{secret[-4:]} ({len(secret)} chars)"
+    return f"******** ({len(secret)} chars)"
+
+
+# -- the encrypted file backend ---------------------------------------------------------
+class EncryptedFileKeyring(KeyringBackend):
+    """A file keyring for headless servers, built on `cryptography` only.
+
+    One JSON file; each value is sealed with AES-256-GCM under a key derived from the
+    master password with scrypt (salt per file), with ``service\\0username`` as associated
+    data so entries cannot be swapped. A check value detects a wrong password before
+    anything is written. Writes are atomic (temp file + rename, mode 0600) and serialised
+    across processes with a lock file.
+    """
+
+    priority = 0  # never picked by keyring on its own
+    SCRYPT_N = 2**15
+    CHECK = b"agentstream keyring check"
+
+    def __init__(self, path: Path, password: str) -> None:
+        super().__init__()
+        if not password:
+            raise CredentialsError("the encrypted file keyring needs a master password")
+        self.path = Path(path)
+        self._password = password.encode()
+        self._aead: AESGCM | None = None
+        self._salt: bytes | None = None
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"<EncryptedFileKeyring at {self.path}>"
+
+    # file handling
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._lock, open(f"{self.path}.lock", "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _load(self) -> dict[str, Any]:
+        try:
+            data = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            salt = os.urandom(16)
+            data = {
+                "format": "agentstream-keyring",
+                "version": 1,
+                "kdf": "scrypt",
+                "salt": base64.b64encode(salt).decode(),
+                "n": self.SCRYPT_N,
+                "entries": {},
+            }
+            aead = self._cipher(data)
+            data["check"] = self._seal(aead, self.CHECK, b"check")
+            return data
+        except (OSError, ValueError) as exc:
+            raise CredentialsError(f"cannot read keyring file {self.path}: {exc}") from None
+        if not isinstance(data, dict) or data.get("format") != "agentstream-keyring":
+            raise CredentialsError(f"{self.path} is not an agentstream keyring file")
+        aead = self._cipher(data)
+        try:
+            ok = self._open(aead, data["check"], b"check") == self.CHECK
+        except (InvalidTag, KeyError, ValueError, binascii.Error):
+            ok = False
+        if not ok:
+            raise CredentialsError(f"wrong master password for keyring file {self.path}")
+        return data
+
+    def _store(self, data: dict[str, Any]) -> None:
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            json.dump(data, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.path)
+
+    def _cipher(self, data: dict[str, Any]) -> AESGCM:
+        salt = base64.b64decode(data["salt"])
+        if self._aead is None or self._salt != salt:
+            key = Scrypt(
+                salt=salt, length=32, n=int(data.get("n", self.SCRYPT_N)), r=8, p=1
+            ).derive(self._password)
+            self._aead, self._salt = AESGCM(key), salt
+        return self._aead
+
+    @staticmethod
+    def _seal(aead: AESGCM, plain: bytes, aad: bytes) -> str:
+        nonce = os.urandom(12)
+        return base64.b64encode(nonce + aead.encrypt(nonce, plain, aad)).decode()
+
+    @staticmethod
+    def _open(aead: AESGCM, sealed: str, aad: bytes) -> bytes:
+        raw = base64.b64decode(sealed)
+        return aead.decrypt(raw[:12], raw[12:], aad)
+
+    @staticmethod
+    def _entry(service: str, username: str) -> str:
+        return f"{service}\x00{username}"
+
+    # KeyringBackend
+    def get_password(self, service: str, username: str) -> str | None:
+        with self._locked():
+            data = self._load()
+        entry = self._entry(service, username)
+        sealed = data["entries"].get(entry)
+        if sealed is None:
+            return None
+        try:
+            return self._open(self._cipher(data), sealed, entry.encode()).decode()
+        except (InvalidTag, ValueError, binascii.Error):
+            raise CredentialsError(f"entry {username!r} in {self.path} is corrupt") from None
+
+    def set_password(self, service: str, username: str, password: str) -> None:
+        entry = self._entry(service, username)
+        with self._locked():
+            data = self._load()
+            data["entries"][entry] = self._seal(
+                self._cipher(data), password.encode(), entry.encode()
+            )
+            self._store(data)
+
+    def delete_password(self, service: str, username: str) -> None:
+        with self._locked():
+            data = self._load()
+            if data["entries"].pop(self._entry(service, username), None) is None:
+                raise PasswordDeleteError("not found")
+            self._store(data)
+
+
+# -- backend selection ------------------------------------------------------------------
+def _class_path(obj: object) -> str:
+    cls = type(obj)
+    return f"{cls.__module__}.{cls.__name__}"
+
+
+def _master_password(settings: Settings) -> str:
+    if settings.keyring_password is not None:
+        value = settings.keyring_password.get_secret_value()
+        if value:
+            return value
+    creds_dir = os.environ.get("CREDENTIALS_DIRECTORY")
+    if creds_dir:
+        candidate = Path(creds_dir) / SYSTEMD_PASSWORD_CREDENTIAL
+        if candidate.is_file():
+            return candidate.read_text().rstrip("\n")
+    raise CredentialsError(
+        "the encrypted file keyring needs a master password: set AGENTSTREAM_KEYRING_PASSWORD "
+        f"or a systemd credential {SYSTEMD_PASSWORD_CREDENTIAL!r} (LoadCredential=)"
+    )
+
+
+def _keyring_file(settings: Settings, name: str) -> Path:
+    if settings.keyring_file is None:
+        raise CredentialsError(f"keyring backend {name!r} needs AGENTSTREAM_KEYRING_FILE")
+    return Path(settings.keyring_file)
+
+
+def resolve_backend(settings: Settings) -> KeyringBackend:
+    """The backend named by the settings, or the OS keychain; else `CredentialsError`."""
+    name = settings.keyring_backend
+    if not name:
+        return _os_backend()
+    path = BACKENDS.get(name.strip())
+    if path is None:
+        allowed = ", ".join(sorted(k for k in BACKENDS if "." not in k))
+        raise CredentialsError(
+            f"keyring backend {name!r} is not on the allow-list ({allowed}, or their class paths)"
+        )
+    if path == ENCRYPTED_FILE:
+        return EncryptedFileKeyring(_keyring_file(settings, name), _master_password(settings))
+    if path == PLAINTEXT_FILE:
+        from keyrings.alt.file import PlaintextKeyring
+
+        plain = PlaintextKeyring()
+        plain.file_path = str(_keyring_file(settings, name))
+        return plain
+    if path == ALT_ENCRYPTED_FILE:
+        return _alt_encrypted(settings, name)
+    module_name, _, cls_name = path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), cls_name)
+        backend = cls()
+        if cls.priority <= 0:  # keyring's signal that the backend cannot work here
+            raise RuntimeError("not usable on this system")
+    except Exception as exc:
+        raise CredentialsError(f"keyring backend {name!r} is not available here: {exc}") from None
+    return backend
+
+
+def _os_backend() -> KeyringBackend:
+    import keyring.backend
+
+    candidates = [
+        b
+        for b in keyring.backend.get_all_keyring()
+        if _class_path(b) in OS_BACKENDS and b.priority > 0
+    ]
+    if not candidates:
+        raise CredentialsError(
+            "no OS keychain is available (Secret Service, macOS Keychain, Windows Credential "
+            "Locker, KWallet); on a headless server set AGENTSTREAM_KEYRING_BACKEND=encrypted-file "
+            "with AGENTSTREAM_KEYRING_FILE and a master password. No plaintext fallback is used."
+        )
+    return max(candidates, key=lambda b: b.priority)
+
+
+def _alt_encrypted(settings: Settings, name: str) -> KeyringBackend:
+    try:
+        from keyrings.alt.file import EncryptedKeyring
+
+        EncryptedKeyring._get_crypto_impl()
+    except ImportError:
+        raise CredentialsError(
+            f"keyring backend {name!r} needs pycryptodome; use 'encrypted-file' instead"
+        ) from None
+    backend = EncryptedKeyring()
+    backend.file_path = str(_keyring_file(settings, name))
+    backend.keyring_key = _master_password(settings)
+    reference = ("keyring-setting", "password reference", "password reference value")
+    try:
+        if backend._check_file():
+            if backend.get_password(*reference[:2]) != reference[2]:
+                raise ValueError
+        else:
+            backend.set_password(*reference)
+            backend._write_config_value("keyring-setting", "scheme", backend.scheme)
+            backend._write_config_value("keyring-setting", "version", backend.version)
+    except (AssertionError, ValueError, UnicodeDecodeError):
+        raise CredentialsError(f"wrong master password for {backend.file_path}") from None
+    return backend
+
+
+# -- the provider -----------------------------------------------------------------------
+class KeychainCredentialsProvider:
+    """Async access to the pipeline's secrets in the keychain (see the module doc)."""
+
+    def __init__(self, settings: Settings | None = None, *, backend: KeyringBackend | None = None):
+        self.settings = settings or get_settings()
+        self.service = self.settings.keyring_service
+        self.backend = backend if backend is not None else resolve_backend(self.settings)
+
+    @property
+    def backend_name(self) -> str:
+        return _class_path(self.backend)
+
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        try:
+            return await asyncio.to_thread(fn, *args)
+        except CredentialsError:
+            raise
+        except PasswordDeleteError:
+            raise CredentialsNotFound("no such entry in the keychain") from None
+        except (KeyringError, OSError, RuntimeError, ValueError) as exc:
+            # the exception text of a backend never contains the value; the type says enough
+            raise CredentialsError(
+                f"keychain {self.backend_name} failed: {type(exc).__name__}"
+            ) from None
+
+    async def _get(self, entry: str) -> str | None:
+        return await self._call(self.backend.get_password, self.service, entry)
+
+    async def _set(self, entry: str, value: str) -> None:
+        if not value:
+            raise CredentialsError(f"refusing to store an empty value for {entry!r}")
+        await self._call(self.backend.set_password, self.service, entry, value)
+
+    async def _delete(self, entry: str, *, missing_ok: bool = True) -> None:
+        try:
+            await self._call(self.backend.delete_password, self.service, entry)
+        except CredentialsNotFound:
+            if not missing_ok:
+                raise
+
+    # user credentials
+    async def read_credentials(self) -> Credentials | None:
+        raw_id = await self._get(USER_ID_ENTRY)
+        if raw_id is None:
+            return None
+        try:
+            user_id = int(raw_id)
+        except ValueError:
+            raise CredentialsError(f"keychain entry {USER_ID_ENTRY!r} is not an integer") from None
+        token = await self.get_access_token(user_id)
+        if token is None:
+            return None
+        return Credentials(user_id=user_id, access_token=SecretStr(token))
+
+    async def write_credentials(self, user_id: int, access_token: str | SecretStr) -> None:
+        token = (
+            access_token.get_secret_value() if isinstance(access_token, SecretStr) else access_token
+        )
+        await self._set(f"access_token.{int(user_id)}", token)
+        await self._set(USER_ID_ENTRY, str(int(user_id)))
+
+    async def delete_credentials(self) -> None:
+        raw_id = await self._get(USER_ID_ENTRY)
+        if raw_id is not None:
+            with contextlib.suppress(ValueError):
+                await self._delete(f"access_token.{int(raw_id)}")
+        await self._delete(USER_ID_ENTRY)
+
+    async def get_access_token(self, user_id: int) -> str | None:
+        return await self._get(f"access_token.{int(user_id)}")
+
+    # keys
+    async def get_signing_key(self, agent_id: str) -> bytes | None:
+        return await self._get_key(f"signing_key.{agent_id}")
+
+    async def set_signing_key(self, agent_id: str, key: bytes) -> None:
+        await self._set(f"signing_key.{agent_id}", base64.b64encode(key).decode())
+
+    async def delete_signing_key(self, agent_id: str) -> None:
+        await self._delete(f"signing_key.{agent_id}")
+
+    async def get_encryption_key(self, key_id: str) -> bytes | None:
+        return await self._get_key(f"encryption_key.{key_id}")
+
+    async def set_encryption_key(self, key_id: str, key: bytes) -> None:
+        if len(key) != 32:
+            raise CredentialsError("an encryption key must be 32 bytes (AES-256)")
+        await self._set(f"encryption_key.{key_id}", base64.b64encode(key).decode())
+
+    async def delete_encryption_key(self, key_id: str) -> None:
+        await self._delete(f"encryption_key.{key_id}")
+
+    async def _get_key(self, entry: str) -> bytes | None:
+        raw = await self._get(entry)
+        if raw is None:
+            return None
+        try:
+            return base64.b64decode(raw, validate=True)
+        except (binascii.Error, ValueError):
+            raise CredentialsError(f"keychain entry {entry!r} is not base64") from None
+
+    # generic secrets
+    async def get_secret(self, name: str) -> str | None:
+        return await self._get(name)
+
+    async def set_secret(self, name: str, value: str) -> None:
+        await self._set(name, value)
+
+    async def delete_secret(self, name: str) -> None:
+        await self._delete(name)
+
+
+__all__ = [
+    "BACKENDS",
+    "Credentials",
+    "CredentialsError",
+    "CredentialsNotFound",
+    "EncryptedFileKeyring",
+    "KeychainCredentialsProvider",
+    "mask",
+    "resolve_backend",
+]
