@@ -1,0 +1,2 @@
+"""Audit and recovery: rebuild tables from history, checkpoints, chain verification and
+activity reports (`agentstream rebuild|checkpoints|audit`)."""

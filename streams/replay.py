@@ -1,0 +1,429 @@
+"""Replay history by time range, for audits and for notebooks.
+
+    async for rec in replay(settings, ["security.decisions"], since="-2h", until="now"):
+        print(rec.offset, rec.event.payload.verdict)
+
+How it reads
+------------
+* Start offsets come from offsets-for-times on every partition; the stop offset of each
+  partition is fixed when the replay starts (the first offset at or after `until`, capped
+  by the end offset snapshot), so a replay of a live topic terminates.
+* Its own consumer is *assigned* the partitions and seeks: it joins no consumer group and
+  commits nothing, so a replay never moves any worker's offsets or triggers a rebalance.
+* Partitions are merged in ``(timestamp, partition, offset)`` order with a k-way heap
+  merge. Each partition holds at most `buffer` records and is paused while its buffer is
+  full, so memory is bounded by partitions × buffer whatever the length of the replay.
+* Records are parsed with orjson only; filters work on the parsed dict. The validated
+  `Event` (pydantic, with upcasting) is built lazily when `rec.event` is first read — the
+  difference is most of the cost of a replay to a file.
+"""
+
+from __future__ import annotations
+
+import heapq
+import re
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from uuid import uuid4
+
+import orjson
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from schemas import Event, registry
+from schemas.errors import SchemaError
+from streams.errors import BrokerError
+from streams.settings import Settings
+from streams.topics import CATALOGUE
+
+#: payload fields that name an agent; `--agent` matches any of them (or the source/key)
+AGENT_FIELDS = ("agent_id", "sender_id", "recipient_id", "worker_id")
+
+_RELATIVE = re.compile(r"^([+-])\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)$")
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+class TimeParseError(ValueError):
+    pass
+
+
+def parse_time(text: str | datetime | int | float, *, now: datetime | None = None) -> datetime:
+    """`now`, relative (`-15m`, `-2h`, `+30s`, `-1d`), ISO-8601, or epoch milliseconds
+    → an aware UTC datetime. Naive ISO times are taken as UTC."""
+    current = now or datetime.now(UTC)
+    if isinstance(text, datetime):
+        return text if text.tzinfo else text.replace(tzinfo=UTC)
+    if isinstance(text, int | float):
+        return datetime.fromtimestamp(text / 1000, UTC)
+    s = text.strip()
+    if not s:
+        raise TimeParseError("empty time")
+    if s.lower() == "now":
+        return current
+    m = _RELATIVE.match(s.lower())
+    if m:
+        seconds = float(m.group(2)) * _UNITS[m.group(3)]
+        return current + timedelta(seconds=seconds if m.group(1) == "+" else -seconds)
+    if s.isdigit() and len(s) >= 10:
+        return datetime.fromtimestamp(int(s) / 1000, UTC)
+    try:
+        dt = datetime.fromisoformat(s.replace("Z", "+00:00") if s.endswith(("Z", "z")) else s)
+    except ValueError:
+        raise TimeParseError(
+            f"cannot parse time {text!r}: use ISO-8601, `now`, or -15m / -2h / -1d"
+        ) from None
+    return dt if dt.tzinfo else dt.replace(tzinfo=UTC)
+
+
+def to_ms(dt: datetime) -> int:
+    return int(dt.timestamp() * 1000)
+
+
+class ReplayRecord:
+    """One record of a replay. `data` is the parsed JSON (None if unparseable);
+    `event` validates it into an `Event` on first access (raises `SchemaError`)."""
+
+    __slots__ = (
+        "_event",
+        "data",
+        "error",
+        "key",
+        "offset",
+        "partition",
+        "timestamp_ms",
+        "topic",
+        "value",
+    )
+
+    def __init__(
+        self,
+        topic: str,
+        partition: int,
+        offset: int,
+        timestamp_ms: int,
+        key: bytes | None,
+        value: bytes | None,
+        data: dict[str, Any] | None,
+        error: str | None,
+    ) -> None:
+        self.topic = topic
+        self.partition = partition
+        self.offset = offset
+        self.timestamp_ms = timestamp_ms
+        self.key = key
+        self.value = value
+        self.data = data
+        self.error = error
+        self._event: Event[Any] | None = None
+
+    @property
+    def event(self) -> Event[Any]:
+        if self._event is None:
+            if self.data is None:
+                raise SchemaError(self.error or "undecodable record")
+            self._event = registry.from_dict(self.data)
+        return self._event
+
+    def event_or_none(self) -> Event[Any] | None:
+        try:
+            return self.event
+        except SchemaError:
+            return None
+
+    @property
+    def type(self) -> str | None:
+        t = self.data.get("type") if self.data else None
+        return t if isinstance(t, str) else None
+
+    def json_line(self) -> bytes:
+        """One JSON line: coordinates plus the event exactly as it is on the wire (the
+        raw JSON is embedded without re-encoding), or the error and the value base64."""
+        head = orjson.dumps(
+            {
+                "topic": self.topic,
+                "partition": self.partition,
+                "offset": self.offset,
+                "timestamp_ms": self.timestamp_ms,
+                "key": self.key.decode("utf-8", "replace") if self.key is not None else None,
+            }
+        )
+        if self.data is not None and self.value is not None:
+            return head[:-1] + b',"event":' + self.value.strip() + b"}\n"
+        import base64
+
+        tail = orjson.dumps(
+            {"error": self.error, "value_b64": base64.b64encode(self.value or b"").decode()}
+        )
+        return head[:-1] + b"," + tail[1:] + b"\n"
+
+    def __repr__(self) -> str:
+        return f"<ReplayRecord {self.topic}:{self.partition}:{self.offset} {self.type}>"
+
+
+def matches(
+    rec: ReplayRecord,
+    *,
+    agent: str | None = None,
+    type: str | None = None,  # noqa: A002 - mirrors the CLI option
+    correlation_id: str | None = None,
+) -> bool:
+    if agent is None and type is None and correlation_id is None:
+        return True
+    d = rec.data
+    if d is None:
+        return False
+    if type is not None and d.get("type") != type:
+        return False
+    if correlation_id is not None and d.get("correlation_id") != correlation_id:
+        return False
+    if agent is not None:
+        payload = d.get("payload")
+        names = [d.get("source")]
+        if isinstance(payload, dict):
+            names += [payload.get(f) for f in AGENT_FIELDS]
+        if agent not in names and (rec.key is None or rec.key.decode("utf-8", "replace") != agent):
+            return False
+    return True
+
+
+def parse_record(topic: str, rec: Any) -> ReplayRecord:
+    value = rec.value
+    data: dict[str, Any] | None = None
+    error: str | None = None
+    if value is None:
+        error = "empty value (tombstone or null)"
+    else:
+        try:
+            parsed = orjson.loads(value)
+        except orjson.JSONDecodeError as exc:
+            error = f"not JSON: {exc}"
+        else:
+            if isinstance(parsed, dict):
+                data = parsed
+            else:
+                error = f"expected a JSON object, got {type(parsed).__name__}"
+    return ReplayRecord(
+        topic, rec.partition, rec.offset, rec.timestamp, rec.key, value, data, error
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionRange:
+    tp: TopicPartition
+    start: int  # first offset to read
+    stop: int  # first offset not to read
+
+
+@dataclass(slots=True)
+class Progress:
+    """What a progress bar needs; `total` is an upper bound (offsets, not records)."""
+
+    total: int = 0
+    done: int = 0
+    emitted: int = 0
+
+
+def full_topic_names(settings: Settings, topics: Iterable[str]) -> list[str]:
+    """Catalogue names get the settings' prefix; anything else is taken literally."""
+    out = []
+    for t in topics:
+        t = t.strip()
+        if t:
+            out.append(settings.topic(t) if t in CATALOGUE else t)
+    return out
+
+
+def heap_key(rec: ReplayRecord, source_index: int) -> tuple[int, int, int, int]:
+    """Merge order: timestamp, then partition, then offset; `source_index` (topic position)
+    breaks the tie between equal partitions of different topics."""
+    return (rec.timestamp_ms, rec.partition, source_index, rec.offset)
+
+
+async def replay(
+    settings: Settings,
+    topics: Sequence[str] | str,
+    since: str | datetime | int | None = None,
+    until: str | datetime | int | None = "now",
+    agent: str | None = None,
+    type: str | None = None,  # noqa: A002 - the CLI option's name
+    correlation_id: str | None = None,
+    *,
+    buffer: int = 500,
+    include_invalid: bool = True,
+    progress: Progress | None = None,
+    now: datetime | None = None,
+) -> AsyncIterator[ReplayRecord]:
+    """Yield the records of `topics` with timestamps in [since, until], in
+    (timestamp, partition, offset) order. `since=None` = from the beginning.
+
+    Undecodable records are yielded (with `.error`) when no filter is set and
+    `include_invalid` — an audit wants to see them — and skipped otherwise.
+    """
+    names = full_topic_names(settings, [topics] if isinstance(topics, str) else topics)
+    if not names:
+        raise ValueError("no topics to replay")
+    since_ms = to_ms(parse_time(since, now=now)) if since is not None else None
+    until_ms = to_ms(parse_time(until, now=now)) if until is not None else None
+    if since_ms is not None and until_ms is not None and until_ms < since_ms:
+        raise ValueError("--until is before --since")
+    filtered = agent is not None or type is not None or correlation_id is not None
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.bootstrap,
+        group_id=None,
+        enable_auto_commit=False,
+        isolation_level="read_committed",
+        client_id=f"agentstream-replay-{uuid4().hex[:8]}",
+        max_partition_fetch_bytes=2 * 1024 * 1024,
+        fetch_max_bytes=16 * 1024 * 1024,
+    )
+    try:
+        await consumer.start()
+    except Exception as exc:
+        await consumer.stop()
+        raise BrokerError(f"cannot reach Kafka at {settings.bootstrap}: {exc}") from exc
+    try:
+        ranges = await plan_ranges(consumer, names, since_ms, until_ms)
+        if progress is not None:
+            progress.total = sum(r.stop - r.start for r in ranges)
+        active = [r for r in ranges if r.stop > r.start]
+        if not active:
+            return
+        consumer.assign([r.tp for r in active])
+        for r in active:
+            consumer.seek(r.tp, r.start)
+        topic_index = {n: i for i, n in enumerate(names)}
+        stop = {r.tp: r.stop for r in active}
+        bufs: dict[TopicPartition, deque[ReplayRecord]] = {r.tp: deque() for r in active}
+        needy = set(stop)  # partitions whose next record must be fetched before merging
+        heap: list[tuple[tuple[int, int, int, int], TopicPartition]] = []
+        last_pos = {r.tp: r.start for r in active}
+        while True:
+            if needy:
+                await _fill(consumer, needy, bufs, stop, last_pos, buffer, progress)
+                for tp in list(needy):
+                    if bufs[tp]:
+                        rec = bufs[tp][0]
+                        heapq.heappush(heap, (heap_key(rec, topic_index[tp.topic]), tp))
+                        needy.discard(tp)
+                    elif tp not in stop:  # finished
+                        needy.discard(tp)
+                if needy:
+                    continue
+            if not heap:
+                return
+            _, tp = heapq.heappop(heap)
+            rec = bufs[tp].popleft()
+            if bufs[tp]:
+                nxt = bufs[tp][0]
+                heapq.heappush(heap, (heap_key(nxt, topic_index[tp.topic]), tp))
+            elif tp in stop:
+                needy.add(tp)
+            if since_ms is not None and rec.timestamp_ms < since_ms:
+                continue
+            if until_ms is not None and rec.timestamp_ms > until_ms:
+                continue
+            if rec.data is None and (filtered or not include_invalid):
+                continue
+            if filtered and not matches(rec, agent=agent, type=type, correlation_id=correlation_id):
+                continue
+            if progress is not None:
+                progress.emitted += 1
+            yield rec
+    finally:
+        await consumer.stop()
+
+
+async def _fill(
+    consumer: AIOKafkaConsumer,
+    needy: set[TopicPartition],
+    bufs: dict[TopicPartition, deque[ReplayRecord]],
+    stop: dict[TopicPartition, int],
+    last_pos: dict[TopicPartition, int],
+    buffer: int,
+    progress: Progress | None,
+) -> None:
+    """Fetch for the partitions that ran dry; others are paused so that the fetcher does
+    not buffer beyond what the merge needs."""
+    wanted = [tp for tp in needy if tp in stop]
+    if not wanted:
+        return
+    paused = [tp for tp in stop if tp not in needy]
+    consumer.pause(*paused)
+    consumer.resume(*wanted)
+    batch = await consumer.getmany(*wanted, timeout_ms=500, max_records=buffer * len(wanted))
+    for tp, records in batch.items():
+        end = stop.get(tp)
+        if end is None:
+            continue
+        dq = bufs[tp]
+        for raw in records:
+            if raw.offset >= end:
+                break
+            dq.append(parse_record(tp.topic, raw))
+        pos = records[-1].offset + 1 if records else last_pos[tp]
+        if progress is not None:
+            progress.done += max(0, min(pos, end) - last_pos[tp])
+        last_pos[tp] = pos
+        if pos >= end:
+            del stop[tp]
+            consumer.pause(tp)
+    # A partition can end in transaction markers or aborted records that yield nothing:
+    # its position then moves past them without records.
+    for tp in wanted:
+        if tp in stop and not batch.get(tp):
+            pos = await consumer.position(tp)
+            if pos >= stop[tp]:
+                if progress is not None:
+                    progress.done += max(0, stop[tp] - last_pos[tp])
+                del stop[tp]
+                consumer.pause(tp)
+
+
+async def plan_ranges(
+    consumer: AIOKafkaConsumer, topics: Sequence[str], since_ms: int | None, until_ms: int | None
+) -> list[PartitionRange]:
+    """Per partition: [first offset at/after since, first offset after until) ∩ [begin, end)."""
+    tps: list[TopicPartition] = []
+    for topic in topics:
+        parts = consumer.partitions_for_topic(topic)
+        if not parts:
+            await consumer._client.force_metadata_update()
+            parts = consumer.partitions_for_topic(topic)
+        if not parts:
+            raise BrokerError(f"topic {topic} does not exist")
+        tps += [TopicPartition(topic, p) for p in sorted(parts)]
+    begin = await consumer.beginning_offsets(tps)
+    end = await consumer.end_offsets(tps)
+    starts = dict(begin)
+    if since_ms is not None:
+        found = await consumer.offsets_for_times({tp: since_ms for tp in tps})
+        for tp in tps:
+            ot = found.get(tp)
+            starts[tp] = ot.offset if ot is not None else end[tp]
+    stops = dict(end)
+    if until_ms is not None:
+        found = await consumer.offsets_for_times({tp: until_ms + 1 for tp in tps})
+        for tp in tps:
+            ot = found.get(tp)
+            if ot is not None:
+                stops[tp] = min(stops[tp], ot.offset)
+    return [PartitionRange(tp, max(starts[tp], begin[tp]), stops[tp]) for tp in tps]
+
+
+async def collect(settings: Settings, topics: Sequence[str] | str, **kw: Any) -> list[ReplayRecord]:
+    """The whole replay as a list (for notebooks and small ranges)."""
+    return [rec async for rec in replay(settings, topics, **kw)]
+
+
+__all__ = [
+    "Progress",
+    "ReplayRecord",
+    "TimeParseError",
+    "collect",
+    "heap_key",
+    "matches",
+    "parse_time",
+    "replay",
+]

@@ -1,0 +1,133 @@
+"""The chain walk names each kind of tampering correctly, on chains sealed by the real
+`streams.audit_chain.seal`."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from agents.audit.verify import ChainRecord, chain_record, check_chain
+from schemas import Event, PolicyDecision, encode
+from schemas.security import Verdict
+from streams.audit_chain import GENESIS, seal
+
+
+def decision(i: int) -> Event[PolicyDecision]:
+    return Event.of(
+        PolicyDecision(
+            message_id=f"m{i}",
+            message_event_id=f"e{i}",
+            sender_id="agent-1",
+            verdict=Verdict.ALLOW if i % 2 else Verdict.DENY,
+            reasons=[f"r{i}"],
+            evaluated_at=datetime(2026, 1, 1, tzinfo=UTC),
+            evaluation_us=i,
+        ),
+        source="enforce_policy",
+    )
+
+
+def sealed_chain(n: int) -> list[bytes]:
+    out, prev = [], GENESIS
+    for i in range(n):
+        ev = seal(decision(i), prev)
+        prev = ev.payload.hash
+        out.append(encode(ev))
+    return out
+
+
+def walk(values: list[bytes], anchor: str | None = GENESIS) -> list[tuple[str, int]]:
+    recs = [chain_record(off, v) for off, v in enumerate(values)]
+    return [(f.kind, f.offset) for f in check_chain(recs, anchor)]
+
+
+def test_intact_chain_has_no_findings() -> None:
+    assert walk(sealed_chain(20)) == []
+
+
+def test_altered_field_is_caught_at_its_offset() -> None:
+    chain = sealed_chain(6)
+    chain[3] = chain[3].replace(b'"verdict":"allow"', b'"verdict":"deny"')
+    assert walk(chain) == [("altered", 3)]
+
+
+def test_undecodable_record_is_altered() -> None:
+    chain = sealed_chain(4)
+    chain[1] = b"\x00garbage"
+    kinds = walk(chain)
+    assert ("altered", 1) in kinds
+
+
+def test_deleted_record_is_caught_at_the_next_one() -> None:
+    chain = sealed_chain(6)
+    del chain[2]
+    assert walk(chain) == [("deleted", 2)]
+
+
+def test_deleted_first_record() -> None:
+    chain = sealed_chain(4)[1:]
+    assert walk(chain) == [("deleted", 0)]
+
+
+def test_inserted_forgery_with_a_plausible_prev_hash() -> None:
+    chain = sealed_chain(6)
+    prev = chain_record(0, chain[2]).hash
+    forged = encode(seal(decision(99), prev))
+    chain.insert(3, forged)
+    assert walk(chain) == [("inserted", 3)]
+
+
+def test_inserted_forgery_with_a_random_prev_hash() -> None:
+    chain = sealed_chain(6)
+    chain.insert(2, encode(seal(decision(99), "ab" * 32)))
+    assert walk(chain) == [("inserted", 2)]
+
+
+def test_inserted_run_of_two_chained_forgeries() -> None:
+    chain = sealed_chain(6)
+    a = seal(decision(98), chain_record(0, chain[1]).hash)
+    b = seal(decision(99), a.payload.hash)
+    chain[2:2] = [encode(a), encode(b)]
+    assert walk(chain) == [("inserted", 2), ("inserted", 3)]
+
+
+def test_duplicate_is_inserted() -> None:
+    chain = sealed_chain(5)
+    chain.insert(3, chain[2])
+    assert walk(chain) == [("inserted", 3)]
+
+
+def test_swap_is_one_reordering() -> None:
+    chain = sealed_chain(8)
+    chain[3], chain[4] = chain[4], chain[3]
+    assert walk(chain) == [("reordered", 3)]
+
+
+def test_record_moved_later_is_one_reordering() -> None:
+    chain = sealed_chain(8)
+    moved = chain.pop(2)
+    chain.insert(5, moved)
+    assert walk(chain) == [("reordered", 2)]
+
+
+def test_each_kind_in_one_partition() -> None:
+    chain = sealed_chain(14)
+    chain[1] = chain[1].replace(b'"reasons":["r1"]', b'"reasons":["forged"]')
+    del chain[3]  # r3 gone: r4 now at 3
+    chain[4], chain[5] = chain[5], chain[4]  # r6 before r5
+    forged = encode(seal(decision(77), chain_record(0, chain[6]).hash))  # after r7
+    chain.insert(7, forged)
+    got = walk(chain)
+    assert got == [("altered", 1), ("deleted", 3), ("reordered", 4), ("inserted", 7)]
+
+
+def test_unanchored_start_is_not_a_deletion() -> None:
+    chain = sealed_chain(6)[2:]
+    assert walk(chain, anchor=None) == []
+    assert walk(chain, anchor=GENESIS) == [("deleted", 0)]
+
+
+def test_unsealed_record_is_reported() -> None:
+    rec = chain_record(0, encode(decision(1)))
+    assert rec.computed is None
+    assert [f.kind for f in check_chain([rec], GENESIS)] == ["altered"]
+    assert isinstance(rec, ChainRecord)
