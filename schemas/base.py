@@ -13,7 +13,7 @@ payloads written with an older `schema_version` before validation (eventsourcing
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar, cast
 from uuid import UUID, uuid4
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
@@ -76,15 +76,19 @@ class Event(BaseModel, Generic[P]):
     ) -> Event[P]:
         """Wrap a payload in a fresh envelope; the correlation id defaults to the event id."""
         eid = event_id or uuid4()
-        return Event[type(payload)](  # type: ignore[index]
-            event_id=eid,
-            type=payload.TYPE,
-            schema_version=payload.VERSION,
-            occurred_at=occurred_at or utc_now(),
-            source=source,
-            correlation_id=correlation_id or str(eid),
-            causation_id=causation_id,
-            payload=payload,
+        envelope: Any = cast(Any, Event)[type(payload)]
+        return cast(
+            "Event[P]",
+            envelope(
+                event_id=eid,
+                type=payload.TYPE,
+                schema_version=payload.VERSION,
+                occurred_at=occurred_at or utc_now(),
+                source=source,
+                correlation_id=correlation_id or str(eid),
+                causation_id=causation_id,
+                payload=payload,
+            ),
         )
 
     def caused(self, payload: Payload, *, source: str) -> Event[Any]:

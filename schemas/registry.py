@@ -108,7 +108,9 @@ class EventRegistry:
         except ValidationError as exc:
             raise InvalidEvent(_describe(type_, exc), type=type_) from None
 
-    def _upcast(self, type_: str, version: int, target: int, data: dict[str, Any]) -> dict[str, Any]:
+    def _upcast(
+        self, type_: str, version: int, target: int, data: dict[str, Any]
+    ) -> dict[str, Any]:
         payload = data.get("payload")
         if not isinstance(payload, dict):
             raise InvalidEvent("missing or non-object field 'payload'", type=type_)

@@ -15,7 +15,7 @@ Main flow
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 import faust
@@ -72,7 +72,7 @@ settings = get_settings()
 app = create_app(settings)
 
 
-@lru_cache(maxsize=None)
+@cache
 def catalogue_topic(name: str) -> Any:
     """The Faust topic for a catalogue entry (raw bytes in, raw bytes out)."""
     spec = CATALOGUE[name]

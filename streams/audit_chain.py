@@ -123,7 +123,7 @@ def chain_writer(topic: str) -> ChainWriter:
 def _connect_rebalance_reset() -> None:
     from streams.app import app
 
-    @app.on_partitions_revoked.connect  # type: ignore[misc]
+    @app.on_partitions_revoked.connect
     async def _forget_heads(app: Any, revoked: Any, **kwargs: Any) -> None:
         for writer in _WRITERS.values():
             writer.reset()

@@ -43,9 +43,7 @@ class Received:
     error: SchemaError | None
 
 
-def build_event(
-    topic: str, data: Any, *, source: str, event_type: str | None = None
-) -> Event[Any]:
+def build_event(topic: str, data: Any, *, source: str, event_type: str | None = None) -> Event[Any]:
     """A JSON object → a validated event for `topic`.
 
     Accepts a full envelope (has `type` and `payload`) or a bare payload, for which an
@@ -82,7 +80,7 @@ def _only_type(topic: str) -> str:
 
 def _base_name(topic: str) -> str:
     prefix = get_settings().topic_prefix
-    return topic[len(prefix):] if prefix and topic.startswith(prefix) else topic
+    return topic[len(prefix) :] if prefix and topic.startswith(prefix) else topic
 
 
 class Client:
@@ -233,4 +231,6 @@ def _received(topic: str, rec: Any, max_bytes: int) -> Received:
         error: SchemaError | None = None
     except SchemaError as exc:
         event, error = None, exc
-    return Received(topic, rec.partition, rec.offset, rec.timestamp, rec.key, rec.value, event, error)
+    return Received(
+        topic, rec.partition, rec.offset, rec.timestamp, rec.key, rec.value, event, error
+    )

@@ -21,9 +21,13 @@ DECISIONS = Counter(
     "agentstream_security_decisions_total", "Policy decisions by verdict", ["verdict"]
 )
 LLM_CALLS = Counter(
-    "agentstream_llm_calls_total", "Final LLM responses by provider and status", ["provider", "status"]
+    "agentstream_llm_calls_total",
+    "Final LLM responses by provider and status",
+    ["provider", "status"],
 )
-LLM_RETRIES = Counter("agentstream_llm_retries_total", "LLM attempts retried", ["provider", "reason"])
+LLM_RETRIES = Counter(
+    "agentstream_llm_retries_total", "LLM attempts retried", ["provider", "reason"]
+)
 LLM_LATENCY = Histogram(
     "agentstream_llm_latency_seconds",
     "End-to-end LLM request latency",
@@ -32,9 +36,13 @@ LLM_LATENCY = Histogram(
 )
 LLM_TOKENS = Counter("agentstream_llm_tokens_total", "Tokens used", ["provider", "model", "kind"])
 BREAKER_STATE = Gauge(
-    "agentstream_breaker_state", "Circuit breaker state (0 closed, 1 half-open, 2 open)", ["provider"]
+    "agentstream_breaker_state",
+    "Circuit breaker state (0 closed, 1 half-open, 2 open)",
+    ["provider"],
 )
 AGENTS = Gauge("agentstream_agents", "Agents known to the heartbeat monitor by state", ["state"])
 CONSUMER_LAG = Gauge(
-    "agentstream_consumer_lag", "Records behind the end of each assigned partition", ["topic", "partition"]
+    "agentstream_consumer_lag",
+    "Records behind the end of each assigned partition",
+    ["topic", "partition"],
 )

@@ -109,7 +109,12 @@ async def dead_letter(message: Any, exc: BaseException, consumer: str) -> None:
     DEAD_LETTERS.labels(message.topic, consumer, error_class).inc()
     log.warning(
         "dead-lettered %s:%s:%s (%s) in %s: %s",
-        message.topic, message.partition, message.offset, error_class, consumer, str(exc)[:200],
+        message.topic,
+        message.partition,
+        message.offset,
+        error_class,
+        consumer,
+        str(exc)[:200],
     )
     await emit(PIPELINE_DEADLETTER, Event.of(letter, source=consumer))
 

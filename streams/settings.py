@@ -50,7 +50,9 @@ class Settings(BaseModel):
         "isolated pipelines on one cluster.",
     )
     topic_partitions: int = Field(default=4, ge=1, description="Partitions for new topics.")
-    topic_replication: int = Field(default=1, ge=1, description="Replication factor for new topics.")
+    topic_replication: int = Field(
+        default=1, ge=1, description="Replication factor for new topics."
+    )
     processing_guarantee: Literal["at_least_once", "exactly_once"] = Field(
         default="at_least_once",
         description="Faust processing guarantee. exactly_once uses Kafka transactions.",
@@ -64,7 +66,9 @@ class Settings(BaseModel):
         description="Worker state directory (Faust tables' local data, logs).",
     )
     web_host: str = Field(default="127.0.0.1", description="Bind address of the web views.")
-    web_port: int = Field(default=6066, description="Port of the web views (/health, /metrics ...).")
+    web_port: int = Field(
+        default=6066, description="Port of the web views (/health, /metrics ...)."
+    )
     web_enabled: bool = Field(default=True, description="Serve the web views.")
     batch_max: int = Field(
         default=1000, ge=1, description="Max events an agent takes from its stream at once."
@@ -114,14 +118,18 @@ class Settings(BaseModel):
     llm_providers_file: Path | None = Field(
         default=None, description="YAML/JSON file declaring providers (see README)."
     )
-    llm_default_provider: str = Field(default="local", description="Provider used when a request names none.")
+    llm_default_provider: str = Field(
+        default="local", description="Provider used when a request names none."
+    )
     llm_max_concurrency: int = Field(default=64, ge=1, description="In-flight calls per provider.")
     llm_max_attempts: int = Field(default=4, ge=1, description="Attempts per provider and request.")
     llm_backoff_base_s: float = Field(default=0.2, gt=0, description="First retry delay.")
     llm_backoff_max_s: float = Field(default=10.0, gt=0, description="Largest retry delay.")
     llm_timeout_s: float = Field(default=60.0, gt=0, description="Per-attempt HTTP timeout.")
     llm_breaker_failures: int = Field(default=5, ge=1, description="Failures that open a breaker.")
-    llm_breaker_window_s: float = Field(default=30.0, gt=0, description="Window for counting failures.")
+    llm_breaker_window_s: float = Field(
+        default=30.0, gt=0, description="Window for counting failures."
+    )
     llm_breaker_reset_s: float = Field(default=15.0, gt=0, description="Open time before a probe.")
     web_search_url: str | None = Field(
         default=None, description="JSON web search endpoint (e.g. SearxNG /search) for the adapter."
@@ -129,16 +137,32 @@ class Settings(BaseModel):
 
     # -- monitoring ----------------------------------------------------------------------
     heartbeat_interval_s: float = Field(default=5.0, gt=0, description="Heartbeat check interval.")
-    heartbeat_timeout_s: float = Field(default=15.0, gt=0, description="Silence that marks an agent down.")
-    heartbeat_max_missed: int = Field(default=3, ge=1, description="Missed intervals that mark it down.")
-    metrics_collection_interval_s: float = Field(default=10.0, gt=0, description="Metrics window size.")
-    metrics_retention_s: float = Field(default=3600.0, gt=0, description="How long metric windows are kept.")
-    system_monitoring_interval_s: float = Field(default=15.0, gt=0, description="SystemStats period.")
-    comms_retention_s: float = Field(default=7 * 86400.0, gt=0, description="Comms records retention.")
-    ready_max_lag: int = Field(default=10_000, ge=0, description="Consumer lag above which /ready fails.")
+    heartbeat_timeout_s: float = Field(
+        default=15.0, gt=0, description="Silence that marks an agent down."
+    )
+    heartbeat_max_missed: int = Field(
+        default=3, ge=1, description="Missed intervals that mark it down."
+    )
+    metrics_collection_interval_s: float = Field(
+        default=10.0, gt=0, description="Metrics window size."
+    )
+    metrics_retention_s: float = Field(
+        default=3600.0, gt=0, description="How long metric windows are kept."
+    )
+    system_monitoring_interval_s: float = Field(
+        default=15.0, gt=0, description="SystemStats period."
+    )
+    comms_retention_s: float = Field(
+        default=7 * 86400.0, gt=0, description="Comms records retention."
+    )
+    ready_max_lag: int = Field(
+        default=10_000, ge=0, description="Consumer lag above which /ready fails."
+    )
 
     # -- recovery / audit ----------------------------------------------------------------
-    checkpoint_interval_s: float = Field(default=60.0, gt=0, description="Periodic checkpoint period.")
+    checkpoint_interval_s: float = Field(
+        default=60.0, gt=0, description="Periodic checkpoint period."
+    )
     standby_replicas: int = Field(default=1, ge=0, description="Faust table standby replicas.")
 
     @property
@@ -166,16 +190,18 @@ class Settings(BaseModel):
         except ValidationError as exc:
             first = exc.errors(include_url=False)[0]
             field = str(first["loc"][0]) if first["loc"] else "?"
-            raise SettingsError(
-                f"{cls.env_name(field)}: {first['msg']}", field=field
-            ) from None
+            raise SettingsError(f"{cls.env_name(field)}: {first['msg']}", field=field) from None
 
     def describe(self) -> list[tuple[str, str, str]]:
         """(variable, effective value, description); secrets masked."""
         rows = []
         for name, info in type(self).model_fields.items():
             value = getattr(self, name)
-            shown = "**********" if isinstance(value, SecretStr) else ("" if value is None else str(value))
+            shown = (
+                "**********"
+                if isinstance(value, SecretStr)
+                else ("" if value is None else str(value))
+            )
             rows.append((self.env_name(name), shown, info.description or ""))
         return rows
 

@@ -46,10 +46,17 @@ async def await_until(
         await asyncio.sleep(interval)
 
 
-def cli(env: dict[str, str], *args: str, input: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def cli(
+    env: dict[str, str], *args: str, input: str | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "streams", *args],
-        env=env, cwd=REPO, input=input, capture_output=True, text=True, timeout=timeout,
+        env=env,
+        cwd=REPO,
+        input=input,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -66,7 +73,10 @@ class Worker:
         self._log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "streams", "worker", "--loglevel", "info", *self.extra],
-            env=self.env, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT,
+            env=self.env,
+            cwd=REPO,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
         offset = self.log_path.stat().st_size if self.log_path.exists() else 0
@@ -122,8 +132,9 @@ async def read_topic(
 ) -> list[tuple[Any, Event[Any] | None]]:
     """Read a topic from the beginning. With `expect`, poll until that many records arrived
     (or the deadline passes); otherwise until `idle` seconds pass without a new record."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
-                                isolation_level="read_committed")
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, enable_auto_commit=False, isolation_level="read_committed"
+    )
     await consumer.start()
     try:
         parts = None

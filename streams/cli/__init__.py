@@ -34,15 +34,13 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
 
 
 def load_commands() -> None:
-    """Import our own command modules, then the agents' (via Faust autodiscovery)."""
+    """Import every command module of this package, then the agents' (via Faust
+    autodiscovery, so `streams` never names an agent package)."""
     import importlib
+    import pkgutil
 
-    for name in ("core", "demo", "replay"):
-        try:
-            importlib.import_module(f"streams.cli.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"streams.cli.{name}":
-                raise
+    for info in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{info.name}")
     from streams.app import app
 
     app.discover()

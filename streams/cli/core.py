@@ -102,7 +102,7 @@ def topics_list() -> None:
 
     settings = get_settings()
     for st in run(list_topics(settings)):
-        base = st.name[len(settings.topic_prefix):]
+        base = st.name[len(settings.topic_prefix) :]
         spec = CATALOGUE[base]
         flags = "compacted" if spec.compacted else f"retention {spec.retention_ms or -1} ms"
         where = f"{st.partitions} partitions" if st.exists else "MISSING"
@@ -112,8 +112,13 @@ def topics_list() -> None:
 # -- publish / tail ----------------------------------------------------------------------
 @cli.command()
 @click.argument("topic")
-@click.option("--file", "-f", "path", type=click.Path(dir_okay=False, path_type=Path),
-              help="JSON lines file (default: stdin).")
+@click.option(
+    "--file",
+    "-f",
+    "path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="JSON lines file (default: stdin).",
+)
 @click.option("--type", "event_type", help="Event type for bare payloads.")
 @click.option("--source", default="agentstream-cli", show_default=True, help="Envelope source.")
 def publish(topic: str, path: Path | None, event_type: str | None, source: str) -> None:
@@ -133,7 +138,9 @@ def publish(topic: str, path: Path | None, event_type: str | None, source: str) 
         sys.exit(1)
 
 
-async def _publish(topic: str, lines: TextIO, event_type: str | None, source: str) -> tuple[int, int]:
+async def _publish(
+    topic: str, lines: TextIO, event_type: str | None, source: str
+) -> tuple[int, int]:
     bad = 0
     pending: list[Any] = []
     async with Client(source=source) as client:
@@ -163,7 +170,9 @@ def tail(topic: str, from_beginning: bool, max_events: int | None, timeout_s: fl
     run(_tail(topic, from_beginning, max_events, timeout_s))
 
 
-async def _tail(topic: str, from_beginning: bool, max_events: int | None, timeout_s: float | None) -> None:
+async def _tail(
+    topic: str, from_beginning: bool, max_events: int | None, timeout_s: float | None
+) -> None:
     out = sys.stdout
     async for rec in Client().subscribe(
         topic, from_beginning=from_beginning, max_events=max_events, timeout_s=timeout_s
@@ -171,10 +180,8 @@ async def _tail(topic: str, from_beginning: bool, max_events: int | None, timeou
         if rec.event is not None:
             out.write(orjson.dumps(rec.event.model_dump(mode="json")).decode() + "\n")
         else:
-            click.echo(
-                f"{rec.topic}:{rec.partition}:{rec.offset}: {type(rec.error).__name__}: {rec.error}",
-                err=True,
-            )
+            where = f"{rec.topic}:{rec.partition}:{rec.offset}"
+            click.echo(f"{where}: {type(rec.error).__name__}: {rec.error}", err=True)
         out.flush()
 
 
@@ -206,7 +213,9 @@ def config(markdown: bool) -> None:
         click.echo("| Variable | Default | Meaning |\n|---|---|---|")
         for name, info in Settings.model_fields.items():
             default = "" if info.default_factory else info.default
-            shown = "(generated)" if info.default_factory else ("" if default is None else str(default))
+            shown = (
+                "(generated)" if info.default_factory else ("" if default is None else str(default))
+            )
             shown = shown.replace(str(REPO_ROOT), "<repo>")
             click.echo(f"| `{Settings.env_name(name)}` | `{shown}` | {info.description} |")
         return

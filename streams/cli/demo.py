@@ -80,7 +80,9 @@ DEMO_ENV = {
 @cli.command()
 @click.option("--rate", default=40.0, show_default=True, help="Agent messages per second.")
 @click.option("--agents", "n_agents", default=8, show_default=True, help="Simulated agents.")
-@click.option("--duration", default=45.0, show_default=True, help="Seconds to run; 0 = until Ctrl-C.")
+@click.option(
+    "--duration", default=45.0, show_default=True, help="Seconds to run; 0 = until Ctrl-C."
+)
 @click.option("--keep-broker", is_flag=True, help="Leave a broker the demo started running.")
 @click.option("--seed", default=7, show_default=True, help="Random seed of the traffic.")
 def demo(rate: float, n_agents: int, duration: float, keep_broker: bool, seed: int) -> None:
@@ -111,10 +113,15 @@ def demo(rate: float, n_agents: int, duration: float, keep_broker: bool, seed: i
     with worker_log.open("ab") as log:
         worker = subprocess.Popen(
             [sys.executable, "-m", "streams", "worker", "--loglevel", "info"],
-            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
-    click.echo(f"worker pid {worker.pid} (log {worker_log}); web views on "
-               f"http://{settings.web_host}:{settings.web_port}/")
+    click.echo(
+        f"worker pid {worker.pid} (log {worker_log}); web views on "
+        f"http://{settings.web_host}:{settings.web_port}/"
+    )
     try:
         run(_drive(settings, worker, worker_log, rate, n_agents, duration, seed))
     except KeyboardInterrupt:
@@ -131,21 +138,27 @@ def demo(rate: float, n_agents: int, duration: float, keep_broker: bool, seed: i
             click.echo("local broker stopped (use --keep-broker to keep it)")
 
 
-async def _wait_ready(worker: subprocess.Popen[bytes], log: Path, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
+async def _wait_ready(worker: subprocess.Popen[bytes], log: Path, limit_s: float = 120) -> None:
+    deadline = time.monotonic() + limit_s
     while time.monotonic() < deadline:
+        text = await asyncio.to_thread(log.read_text, errors="replace")
         if worker.poll() is not None:
-            tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
+            tail = "\n".join(text.splitlines()[-30:])
             raise click.ClickException(f"worker exited with {worker.returncode}:\n{tail}")
-        if "[^Worker]: Ready" in log.read_text(errors="replace"):
+        if "[^Worker]: Ready" in text:
             return
         await asyncio.sleep(0.25)
-    raise click.ClickException(f"worker not ready after {timeout}s (see {log})")
+    raise click.ClickException(f"worker not ready after {limit_s}s (see {log})")
 
 
 async def _drive(
-    settings: Settings, worker: subprocess.Popen[bytes], log: Path,
-    rate: float, n_agents: int, duration: float, seed: int,
+    settings: Settings,
+    worker: subprocess.Popen[bytes],
+    log: Path,
+    rate: float,
+    n_agents: int,
+    duration: float,
+    seed: int,
 ) -> None:
     counts: Counter[str] = Counter()
     sent: Counter[str] = Counter()
@@ -174,21 +187,38 @@ async def _drive(
             if tick % max(1, int(rate / 2)) == 0:
                 for agent_id in agents:
                     if agent_id not in silent:
-                        await client.publish(AGENT_HEARTBEATS, Heartbeat(
-                            agent_id=agent_id, sent_at=utc_now(), sequence=tick), wait=False)
+                        await client.publish(
+                            AGENT_HEARTBEATS,
+                            Heartbeat(agent_id=agent_id, sent_at=utc_now(), sequence=tick),
+                            wait=False,
+                        )
                         sent["heartbeats"] += 1
             await _one_message(client, rng, agents, sent)
             if tick % 5 == 0:
-                await client.publish(METRICS_SAMPLES, MetricSample(
-                    series="agent_latency_ms", timestamp=time.time(),
-                    value=rng.uniform(5, 250), labels={"agent": rng.choice(agents)}), wait=False)
+                await client.publish(
+                    METRICS_SAMPLES,
+                    MetricSample(
+                        series="agent_latency_ms",
+                        timestamp=time.time(),
+                        value=rng.uniform(5, 250),
+                        labels={"agent": rng.choice(agents)},
+                    ),
+                    wait=False,
+                )
                 kind = rng.choice(COMM_KINDS)
-                await client.publish(COMMS_RECORDS, CommunicationRecord(
-                    record_id=uuid.uuid4().hex, kind=kind,  # type: ignore[arg-type]
-                    agent_id=rng.choice(agents), counterparty=rng.choice(agents),
-                    recorded_at=utc_now(), amount=round(rng.uniform(1, 100), 2),
-                    unit={"token": "tok", "wallet": "usd", "blockchain": "gas"}.get(kind, "")),
-                    wait=False)
+                await client.publish(
+                    COMMS_RECORDS,
+                    CommunicationRecord(
+                        record_id=uuid.uuid4().hex,
+                        kind=kind,
+                        agent_id=rng.choice(agents),
+                        counterparty=rng.choice(agents),
+                        recorded_at=utc_now(),
+                        amount=round(rng.uniform(1, 100), 2),
+                        unit={"token": "tok", "wallet": "usd", "blockchain": "gas"}.get(kind, ""),
+                    ),
+                    wait=False,
+                )
                 sent["metrics"] += 1
                 sent["comms"] += 1
             if tick % 20 == 0:
@@ -205,33 +235,60 @@ async def _drive(
 
 async def _publish_policies(client: Client) -> None:
     policies = [
-        SecurityPolicy(policy_id="no-secrets", description="Never pass credentials around",
-                       level="standard", blocked_patterns=[r"(?i)password\s*[:=]", r"sk-[A-Za-z0-9]{20,}"],
-                       max_message_size=2048),
-        SecurityPolicy(policy_id="confidential-roles", level="confidential",
-                       allowed_roles=["planner", "auditor"], max_message_size=4096),
+        SecurityPolicy(
+            policy_id="no-secrets",
+            description="Never pass credentials around",
+            level="standard",
+            blocked_patterns=[r"(?i)password\s*[:=]", r"sk-[A-Za-z0-9]{20,}"],
+            max_message_size=2048,
+        ),
+        SecurityPolicy(
+            policy_id="confidential-roles",
+            level="confidential",
+            allowed_roles=["planner", "auditor"],
+            max_message_size=4096,
+        ),
     ]
     for policy in policies:
         await client.publish(SECURITY_POLICIES, policy)
     await client.publish(SECURITY_POLICIES, SecurityConfig(enabled=True, default_action="allow"))
 
 
-async def _one_message(client: Client, rng: random.Random, agents: list[str], sent: Counter[str]) -> None:
+async def _one_message(
+    client: Client, rng: random.Random, agents: list[str], sent: Counter[str]
+) -> None:
     roll = rng.random()
     sender, recipient = rng.sample(agents, 2) if len(agents) > 1 else (agents[0], agents[0])
     if roll < 0.03:
-        await client.publish_raw(AGENT_MESSAGES, b'{"type": "agent.message", "oops', sender.encode())
+        await client.publish_raw(
+            AGENT_MESSAGES, b'{"type": "agent.message", "oops', sender.encode()
+        )
         sent["undecodable"] += 1
         return
-    content = rng.choice([
-        "status update: task 42 done", "please review the plan", "here is the summary you asked for",
-        "password: hunter2", "lookup result attached",
-    ])
+    content = rng.choice(
+        [
+            "status update: task 42 done",
+            "please review the plan",
+            "here is the summary you asked for",
+            "password: hunter2",
+            "lookup result attached",
+        ]
+    )
     if roll > 0.97:
         content = "x" * 3000  # over the 2 KiB limit of the demo policy
-    level, role = ("confidential", rng.choice(["planner", "worker"])) if roll > 0.8 else ("standard", "worker")
-    msg = AgentMessage(message_id=uuid.uuid4().hex, sender_id=sender, recipient_id=recipient,
-                       sender_role=role, security_level=level, content=content)
+    level, role = (
+        ("confidential", rng.choice(["planner", "worker"]))
+        if roll > 0.8
+        else ("standard", "worker")
+    )
+    msg = AgentMessage(
+        message_id=uuid.uuid4().hex,
+        sender_id=sender,
+        recipient_id=recipient,
+        sender_role=role,
+        security_level=level,
+        content=content,
+    )
     await client.publish(AGENT_MESSAGES, Event.of(msg, source=sender), wait=False)
     sent["messages"] += 1
 
@@ -239,7 +296,10 @@ async def _one_message(client: Client, rng: random.Random, agents: list[str], se
 def _llm_request(rng: random.Random, agents: list[str]) -> LLMRequest:
     topic = rng.choice(["the weather", "a haiku about Kafka", "event sourcing", "circuit breakers"])
     return LLMRequest(
-        request_id=uuid.uuid4().hex, agent_id=rng.choice(agents), provider="local", stream=True,
+        request_id=uuid.uuid4().hex,
+        agent_id=rng.choice(agents),
+        provider="local",
+        stream=True,
         context=LLMContext(messages=[ChatMessage(role="user", content=f"Tell me about {topic}.")]),
         config=LLMConfig(model="local-demo", max_tokens=48, temperature=0.2),
     )
@@ -247,7 +307,7 @@ def _llm_request(rng: random.Random, agents: list[str]) -> LLMRequest:
 
 async def _watch(client: Client, counts: Counter[str], transitions: list[str]) -> None:
     async for rec in client.subscribe(list(WATCHED), from_beginning=False):
-        base = rec.topic[len(client.settings.topic_prefix):]
+        base = rec.topic[len(client.settings.topic_prefix) :]
         counts[WATCHED.get(base, base)] += 1
         ev = rec.event
         if ev is not None and ev.type == "agent.status_changed":
@@ -255,7 +315,9 @@ async def _watch(client: Client, counts: Counter[str], transitions: list[str]) -
             transitions.append(f"{p.agent_id} {p.previous or 'new'}→{p.current}")
 
 
-def _print_summary(elapsed: float, sent: Counter[str], counts: Counter[str], transitions: list[str]) -> None:
+def _print_summary(
+    elapsed: float, sent: Counter[str], counts: Counter[str], transitions: list[str]
+) -> None:
     out = ", ".join(f"{k} {v}" for k, v in sorted(sent.items()))
     got = ", ".join(f"{name} {counts[name]}" for name in WATCHED.values())
     click.echo(f"[{elapsed:5.1f}s] sent: {out}")

@@ -33,20 +33,48 @@ def test_publish_validates_each_line_and_tail_round_trips(settings_env: dict[str
     ids = [uuid.uuid4().hex for _ in range(3)]
     lines = [
         # a bare payload: the envelope is built from the topic's one event type
-        json.dumps({"message_id": ids[0], "sender_id": "a1", "recipient_id": "a2", "content": "one"}),
+        json.dumps(
+            {"message_id": ids[0], "sender_id": "a1", "recipient_id": "a2", "content": "one"}
+        ),
         "{not json",
         json.dumps({"message_id": "x", "sender_id": 5, "recipient_id": "a2"}),
         # a full envelope
-        json.dumps({"type": "agent.message", "schema_version": 2, "source": "cli-test",
-                    "payload": {"message_id": ids[1], "sender_id": "a1", "recipient_id": "a3",
-                                "content": "two"}}),
+        json.dumps(
+            {
+                "type": "agent.message",
+                "schema_version": 2,
+                "source": "cli-test",
+                "payload": {
+                    "message_id": ids[1],
+                    "sender_id": "a1",
+                    "recipient_id": "a3",
+                    "content": "two",
+                },
+            }
+        ),
         "",
-        json.dumps({"type": "agent.heartbeat", "schema_version": 1, "source": "x",
-                    "payload": {"agent_id": "a", "sent_at": "2026-01-01T00:00:00Z"}}),
+        json.dumps(
+            {
+                "type": "agent.heartbeat",
+                "schema_version": 1,
+                "source": "x",
+                "payload": {"agent_id": "a", "sent_at": "2026-01-01T00:00:00Z"},
+            }
+        ),
         # an old v1 message is upcast before sending
-        json.dumps({"type": "agent.message", "schema_version": 1, "source": "legacy",
-                    "payload": {"message_id": ids[2], "sender_id": "a9", "recipient_id": "a1",
-                                "body": "three"}}),
+        json.dumps(
+            {
+                "type": "agent.message",
+                "schema_version": 1,
+                "source": "legacy",
+                "payload": {
+                    "message_id": ids[2],
+                    "sender_id": "a9",
+                    "recipient_id": "a1",
+                    "body": "three",
+                },
+            }
+        ),
     ]
     res = cli(settings_env, "publish", "agent.messages", input="\n".join(lines) + "\n")
     assert res.returncode == 1, res.stderr
@@ -56,7 +84,9 @@ def test_publish_validates_each_line_and_tail_round_trips(settings_env: dict[str
     assert "line 6: InvalidEvent" in res.stderr and "does not belong" in res.stderr
     assert "sent 3 event(s)" in res.stderr
 
-    out = cli(settings_env, "tail", "agent.messages", "--from-beginning", "--max", "3", "--timeout", "20")
+    out = cli(
+        settings_env, "tail", "agent.messages", "--from-beginning", "--max", "3", "--timeout", "20"
+    )
     assert out.returncode == 0, out.stderr
     events = [json.loads(line) for line in out.stdout.splitlines()]
     assert sorted(e["payload"]["message_id"] for e in events) == sorted(ids)

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.integration
 
 BAD_VALUES = [
     b"not json at all",
-    b"{\"type\": \"agent.message\"",  # truncated JSON
+    b'{"type": "agent.message"',  # truncated JSON
     b"[1, 2, 3]",  # JSON, not an object
     b'{"type": "no.such.event", "schema_version": 1, "source": "x", "payload": {}}',
     b'{"type": "agent.message", "schema_version": 2, "source": "x", "payload": {"sender_id": 5}}',
@@ -36,7 +36,11 @@ async def test_valid_forwarded_and_bad_dead_lettered(
 ) -> None:
     settings = Settings.from_env(settings_env)
     os.environ.update({k: v for k, v in settings_env.items() if k.startswith("AGENTSTREAM_")})
-    env = {**settings_env, "AGENTSTREAM_SECURITY_ENABLED": "false", "AGENTSTREAM_MAX_EVENT_BYTES": "100000"}
+    env = {
+        **settings_env,
+        "AGENTSTREAM_SECURITY_ENABLED": "false",
+        "AGENTSTREAM_MAX_EVENT_BYTES": "100000",
+    }
     worker = Worker(env, tmp_path / "worker.log").start()
     try:
         client = Client(settings)
@@ -46,8 +50,12 @@ async def test_valid_forwarded_and_bad_dead_lettered(
         try:
             for i in range(1000):
                 ev = Event.of(
-                    AgentMessage(message_id=f"m{i}", sender_id=f"agent-{i % 7}",
-                                 recipient_id="agent-x", content=f"hello {i}"),
+                    AgentMessage(
+                        message_id=f"m{i}",
+                        sender_id=f"agent-{i % 7}",
+                        recipient_id="agent-x",
+                        content=f"hello {i}",
+                    ),
                     source="test",
                 )
                 sent_ids.add(str(ev.event_id))

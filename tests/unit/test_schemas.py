@@ -31,7 +31,12 @@ from schemas.errors import (
 
 
 def _msg(**kw: Any) -> AgentMessage:
-    base: dict[str, Any] = {"message_id": "m1", "sender_id": "a1", "recipient_id": "a2", "content": "hi"}
+    base: dict[str, Any] = {
+        "message_id": "m1",
+        "sender_id": "a1",
+        "recipient_id": "a2",
+        "content": "hi",
+    }
     return AgentMessage(**{**base, **kw})
 
 
@@ -74,8 +79,13 @@ def test_v1_agent_message_is_upcast_on_read() -> None:
         "occurred_at": "2025-06-01T00:00:00Z",
         "source": "legacy",
         "correlation_id": "c",
-        "payload": {"message_id": "m", "sender_id": "a", "recipient_id": "b",
-                    "body": "old text", "role": "planner"},
+        "payload": {
+            "message_id": "m",
+            "sender_id": "a",
+            "recipient_id": "b",
+            "body": "old text",
+            "role": "planner",
+        },
     }
     ev = registry.decode(json.dumps(v1).encode())
     assert ev.schema_version == 2
@@ -95,11 +105,20 @@ def test_v1_agent_message_is_upcast_on_read() -> None:
         (b"{}", InvalidEvent),
         (b'{"type": 5}', InvalidEvent),
         (b'{"type": "no.such", "schema_version": 1}', UnknownEventType),
-        (b'{"type": "agent.message", "schema_version": 3, "payload": {}}', UnsupportedSchemaVersion),
+        (
+            b'{"type": "agent.message", "schema_version": 3, "payload": {}}',
+            UnsupportedSchemaVersion,
+        ),
         (b'{"type": "agent.message", "schema_version": "2"}', InvalidEvent),
         (b'{"type": "agent.message", "schema_version": true}', InvalidEvent),
-        (b'{"type": "agent.heartbeat", "schema_version": 1, "source": "s", "payload": {}}', InvalidEvent),
-        (b'{"type": "agent.message", "schema_version": 1, "source": "s", "payload": []}', InvalidEvent),
+        (
+            b'{"type": "agent.heartbeat", "schema_version": 1, "source": "s", "payload": {}}',
+            InvalidEvent,
+        ),
+        (
+            b'{"type": "agent.message", "schema_version": 1, "source": "s", "payload": []}',
+            InvalidEvent,
+        ),
     ],
 )
 def test_bad_input_raises_one_typed_error(raw: bytes, error: type[SchemaError]) -> None:
@@ -135,17 +154,23 @@ def test_missing_field_is_named() -> None:
 
 def test_llm_config_never_carries_an_api_key() -> None:
     payload = {
-        "request_id": "r1", "agent_id": "a",
+        "request_id": "r1",
+        "agent_id": "a",
         "context": {"messages": [{"role": "user", "content": "hi"}]},
         "config": {"model": "m", "api_key": "sk-secret"},
     }
     with pytest.raises(InvalidEvent, match="api_key"):
-        registry.from_dict({"type": "llm.request", "schema_version": 1, "source": "s", "payload": payload})
+        registry.from_dict(
+            {"type": "llm.request", "schema_version": 1, "source": "s", "payload": payload}
+        )
     assert "api_key" not in LLMRequest.model_json_schema()["$defs"]["LLMConfig"]["properties"]
 
 
 def test_non_finite_metric_values_are_invalid() -> None:
-    raw = b'{"type":"metrics.sample","schema_version":1,"source":"s","payload":{"series":"cpu","timestamp":1,"value":NaN}}'
+    raw = (
+        b'{"type":"metrics.sample","schema_version":1,"source":"s",'
+        b'"payload":{"series":"cpu","timestamp":1,"value":NaN}}'
+    )
     with pytest.raises(SchemaError):
         registry.decode(raw)
     assert MetricSample(series="cpu", timestamp=1, value=0.5).value == 0.5
@@ -158,9 +183,24 @@ def test_every_registered_type_has_a_version_and_key_field() -> None:
 
 
 def test_policy_and_deadletter_models_keep_design_fields() -> None:
-    assert {"level", "allowed_patterns", "blocked_patterns", "max_message_size",
-            "require_encryption", "require_authentication", "allowed_roles"} <= set(SecurityPolicy.model_fields)
-    assert {"original_b64", "topic", "partition", "offset", "key_b64", "error_class",
-            "error_message", "consumer"} <= set(DeadLetter.model_fields)
+    assert {
+        "level",
+        "allowed_patterns",
+        "blocked_patterns",
+        "max_message_size",
+        "require_encryption",
+        "require_authentication",
+        "allowed_roles",
+    } <= set(SecurityPolicy.model_fields)
+    assert {
+        "original_b64",
+        "topic",
+        "partition",
+        "offset",
+        "key_b64",
+        "error_class",
+        "error_message",
+        "consumer",
+    } <= set(DeadLetter.model_fields)
     hb = Heartbeat(agent_id="a", sent_at=datetime.now(UTC))
     assert Event.of(hb, source="a").key == "a"

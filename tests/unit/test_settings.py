@@ -13,8 +13,14 @@ README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def test_reads_prefixed_environment() -> None:
-    s = Settings.from_env({"AGENTSTREAM_WEB_PORT": "7001", "AGENTSTREAM_TOPIC_PREFIX": "stg.",
-                           "AGENTSTREAM_SECURITY_ENABLED": "false", "UNRELATED": "x"})
+    s = Settings.from_env(
+        {
+            "AGENTSTREAM_WEB_PORT": "7001",
+            "AGENTSTREAM_TOPIC_PREFIX": "stg.",
+            "AGENTSTREAM_SECURITY_ENABLED": "false",
+            "UNRELATED": "x",
+        }
+    )
     assert s.web_port == 7001
     assert s.security_enabled is False
     assert s.topic("agent.messages") == "stg.agent.messages"
@@ -48,5 +54,9 @@ def test_secrets_are_masked_everywhere() -> None:
 
 def test_every_variable_is_documented_in_readme() -> None:
     documented = set(re.findall(r"`(AGENTSTREAM_[A-Z0-9_]+)`", README.read_text()))
-    missing = [Settings.env_name(f) for f in Settings.model_fields if Settings.env_name(f) not in documented]
+    missing = [
+        Settings.env_name(f)
+        for f in Settings.model_fields
+        if Settings.env_name(f) not in documented
+    ]
     assert not missing, f"README configuration table lacks {missing}"
