@@ -1,0 +1,19 @@
+"""LLM providers behind one narrow async interface (`LLMProvider`)."""
+
+from agents.llm.providers.base import (
+    LLMProvider,
+    LLMResult,
+    ProviderConfig,
+    StreamChunk,
+    estimate_tokens,
+    estimate_usage,
+)
+
+__all__ = [
+    "LLMProvider",
+    "LLMResult",
+    "ProviderConfig",
+    "StreamChunk",
+    "estimate_tokens",
+    "estimate_usage",
+]

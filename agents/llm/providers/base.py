@@ -1,0 +1,137 @@
+"""The provider interface, shaped like httpx's transports: one small abstract class, a
+config, and value types for results and streamed chunks.
+
+    provider = registry.get_provider("openai")
+    await provider.initialize()
+    result = await provider.generate(context, config)           # whole answer
+    async for chunk in provider.stream(context, config):         # deltas, then usage
+        ...
+
+`stream` is cancellable: cancelling the consuming task closes the HTTP response at once.
+Failures are raised as `streams.errors.ProviderError` subclasses so the retry policy can
+read `retriable` and the status code; messages never contain credentials.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from schemas.llm import LLMConfig, LLMContext, Usage
+
+#: fetches a secret by name (e.g. "llm.openai.api_key"); None when there is none
+SecretSource = Callable[[str], Awaitable[str | None]]
+
+ProviderKind = Literal["openai", "azure", "vllm", "llamacpp", "lmstudio", "ollama", "local"]
+
+
+class ProviderConfig(BaseModel):
+    """One provider as declared in the providers file (never holds a key)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1, max_length=128)
+    kind: ProviderKind = "openai"
+    #: e.g. https://api.openai.com/v1, http://127.0.0.1:8000/v1 (vLLM),
+    #: https://<resource>.openai.azure.com (Azure), http://127.0.0.1:11434 (Ollama)
+    base_url: str = ""
+    #: model used when a request's config names none (requests always name one today)
+    model: str = ""
+    #: Azure: the deployment; defaults to the request's model
+    deployment: str | None = None
+    api_version: str | None = None
+    organization: str | None = None
+    #: read `llm.<name>.api_key` from the keychain and send it
+    requires_key: bool = False
+    #: other origins a request's `api_endpoint` may point at (the key goes with the call)
+    allowed_endpoints: list[str] = Field(default_factory=list)
+    timeout_s: float | None = Field(default=None, gt=0)
+    connect_timeout_s: float = Field(default=10.0, gt=0)
+    max_concurrency: int | None = Field(default=None, ge=1)
+    #: ask OpenAI-compatible servers for usage in the stream (stream_options.include_usage)
+    stream_usage: bool = True
+    #: tokens the model accepts in total (prompt + completion): the adapter trims to it
+    context_window: int = Field(default=8192, ge=256)
+    headers: dict[str, str] = Field(default_factory=dict)
+    #: local provider only: seconds between streamed words (demo visibility)
+    word_delay_s: float = Field(default=0.0, ge=0)
+
+
+@dataclass(slots=True)
+class StreamChunk:
+    """One streamed piece: a text delta and/or the usage (which often comes last)."""
+
+    delta: str = ""
+    usage: Usage | None = None
+    finish_reason: str | None = None
+    model: str | None = None
+
+
+@dataclass(slots=True)
+class LLMResult:
+    content: str
+    usage: Usage | None
+    model: str
+    finish_reason: str | None = None
+
+
+class LLMProvider(ABC):
+    """The narrow interface every provider implements."""
+
+    def __init__(self, config: ProviderConfig) -> None:
+        self.config = config
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    async def initialize(self) -> None:  # noqa: B027 - optional hook
+        """Open clients, fetch credentials. Idempotent."""
+
+    @abstractmethod
+    async def generate(
+        self, context: LLMContext, config: LLMConfig, *, timeout_s: float | None = None
+    ) -> LLMResult: ...
+
+    @abstractmethod
+    def stream(
+        self, context: LLMContext, config: LLMConfig, *, timeout_s: float | None = None
+    ) -> AsyncIterator[StreamChunk]: ...
+
+    async def check_setup(self) -> bool:
+        """Is the provider usable (reachable, credentials present)? Never raises."""
+        return True
+
+    async def aclose(self) -> None:  # noqa: B027 - optional hook
+        """Release clients."""
+
+
+def chat_messages(context: LLMContext) -> list[dict[str, Any]]:
+    """The context as OpenAI/Ollama-style message dicts, system prompt first."""
+    out: list[dict[str, Any]] = []
+    if context.system_prompt:
+        out.append({"role": "system", "content": context.system_prompt})
+    out.extend({"role": m.role, "content": m.content} for m in context.messages)
+    return out
+
+
+def estimate_tokens(text: str) -> int:
+    """~4 characters per token: the usual rule of thumb for English BPE tokenizers."""
+    return math.ceil(len(text) / 4) if text else 0
+
+
+def estimate_usage(context: LLMContext, completion: str) -> Usage:
+    """Usage estimated from text length, flagged `estimated=True`."""
+    prompt = sum(estimate_tokens(m["content"]) + 4 for m in chat_messages(context))
+    completion_tokens = estimate_tokens(completion)
+    return Usage(
+        prompt_tokens=prompt,
+        completion_tokens=completion_tokens,
+        total_tokens=prompt + completion_tokens,
+        estimated=True,
+    )

@@ -1,0 +1,125 @@
+"""Ollama's native chat API: ``POST {base_url}/api/chat``.
+
+Streaming is NDJSON: one JSON object per line with ``message.content`` deltas; the last
+has ``"done": true`` and the token counts (``prompt_eval_count``, ``eval_count``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+
+from agents.llm.providers._http import HTTPProvider
+from agents.llm.providers.base import LLMResult, StreamChunk, chat_messages
+from schemas.llm import LLMConfig, LLMContext, Usage
+from streams.errors import ProviderProtocolError, ProviderServerError
+
+_OPTIONS = {
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "max_tokens": "num_predict",
+    "frequency_penalty": "frequency_penalty",
+    "presence_penalty": "presence_penalty",
+    "stop": "stop",
+}
+
+
+def ollama_usage(obj: dict[str, Any]) -> Usage | None:
+    if "prompt_eval_count" not in obj and "eval_count" not in obj:
+        return None
+    prompt = int(obj.get("prompt_eval_count") or 0)
+    completion = int(obj.get("eval_count") or 0)
+    return Usage(
+        prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
+    )
+
+
+class OllamaProvider(HTTPProvider):
+    def url(self, config: LLMConfig) -> str:
+        return f"{self.resolve_base(config.api_endpoint)}/api/chat"
+
+    def health_url(self) -> str:
+        return self.config.base_url.rstrip("/") + "/api/tags"
+
+    def auth_headers(self) -> dict[str, str]:
+        headers = dict(self.config.headers)
+        key = self.api_key() if self.config.requires_key else None
+        if key:  # Ollama behind an authenticating proxy
+            headers["Authorization"] = f"Bearer {key}"
+        return headers
+
+    def body(self, context: LLMContext, config: LLMConfig, stream: bool) -> dict[str, Any]:
+        options = {
+            target: getattr(config, field)
+            for field, target in _OPTIONS.items()
+            if getattr(config, field) is not None
+        }
+        body: dict[str, Any] = {
+            "model": config.model or self.config.model,
+            "messages": chat_messages(context),
+            "stream": stream,
+        }
+        if options:
+            body["options"] = options
+        return body
+
+    async def generate(
+        self, context: LLMContext, config: LLMConfig, *, timeout_s: float | None = None
+    ) -> LLMResult:
+        await self.client()
+        data = await self.post_json(
+            self.url(config), self.body(context, config, False), self.auth_headers(), timeout_s
+        )
+        if not isinstance(data, dict) or not isinstance(data.get("message"), dict):
+            raise ProviderProtocolError(f"{self.name}: response has no message", provider=self.name)
+        if "error" in data:
+            raise ProviderServerError(f"{self.name}: {data['error']}", provider=self.name)
+        return LLMResult(
+            content=str(data["message"].get("content") or ""),
+            usage=ollama_usage(data),
+            model=str(data.get("model") or config.model),
+            finish_reason=data.get("done_reason"),
+        )
+
+    async def stream(
+        self, context: LLMContext, config: LLMConfig, *, timeout_s: float | None = None
+    ) -> AsyncIterator[StreamChunk]:
+        await self.client()
+        async with self.open_stream(
+            self.url(config), self.body(context, config, True), self.auth_headers(), timeout_s
+        ) as resp:
+            done = False
+            async for line in resp.aiter_lines():
+                if not line.strip():
+                    continue
+                try:
+                    obj = orjson.loads(line)
+                except orjson.JSONDecodeError:
+                    raise ProviderProtocolError(
+                        f"{self.name}: malformed NDJSON line: {line[:120]!r}", provider=self.name
+                    ) from None
+                if not isinstance(obj, dict):
+                    raise ProviderProtocolError(
+                        f"{self.name}: NDJSON line is not an object", provider=self.name
+                    )
+                if "error" in obj:
+                    raise ProviderServerError(f"{self.name}: {obj['error']}", provider=self.name)
+                message = obj.get("message")
+                delta = str(message.get("content") or "") if isinstance(message, dict) else ""
+                if obj.get("done"):
+                    done = True
+                    yield StreamChunk(
+                        delta=delta,
+                        usage=ollama_usage(obj),
+                        finish_reason=obj.get("done_reason") or "stop",
+                        model=obj.get("model"),
+                    )
+                    break
+                if delta:
+                    yield StreamChunk(delta=delta, model=obj.get("model"))
+            if not done:
+                raise ProviderProtocolError(
+                    f"{self.name}: stream ended before done: true", provider=self.name
+                )

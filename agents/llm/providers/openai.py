@@ -1,0 +1,190 @@
+"""OpenAI-compatible chat completions over httpx: OpenAI, Azure OpenAI, vLLM, llama.cpp
+server, LM Studio.
+
+* OpenAI and compatible servers: ``POST {base_url}/chat/completions`` with
+  ``Authorization: Bearer <key>`` (and ``OpenAI-Organization``).
+* Azure: ``POST {base_url}/openai/deployments/{deployment}/chat/completions
+  ?api-version={api_version}`` with an ``api-key`` header.
+
+Streaming is Server-Sent Events: ``data: {json}`` events, ending with ``data: [DONE]``;
+with ``stream_options.include_usage`` the last event before it carries the usage and no
+choices. A stream that ends without ``[DONE]`` or carries malformed JSON is a
+`ProviderProtocolError` (retriable), never a silently truncated answer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+
+from agents.llm.providers._http import HTTPProvider
+from agents.llm.providers.base import LLMResult, StreamChunk, chat_messages
+from schemas.llm import LLMConfig, LLMContext, Usage
+from streams.errors import ProviderError, ProviderProtocolError, ProviderServerError
+
+DEFAULT_AZURE_API_VERSION = "2024-06-01"
+
+
+def parse_usage(data: Any) -> Usage | None:
+    if not isinstance(data, dict):
+        return None
+    try:
+        prompt = int(data.get("prompt_tokens") or 0)
+        completion = int(data.get("completion_tokens") or 0)
+        total = int(data.get("total_tokens") or prompt + completion)
+    except (TypeError, ValueError):
+        return None
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=total)
+
+
+class OpenAICompatibleProvider(HTTPProvider):
+    @property
+    def is_azure(self) -> bool:
+        return self.config.kind == "azure"
+
+    def endpoint(self, config: LLMConfig) -> tuple[str, dict[str, str] | None]:
+        base = self.resolve_base(config.api_endpoint)
+        if self.is_azure:
+            deployment = self.config.deployment or config.model
+            version = config.api_version or self.config.api_version or DEFAULT_AZURE_API_VERSION
+            return (
+                f"{base}/openai/deployments/{deployment}/chat/completions",
+                {"api-version": version},
+            )
+        return f"{base}/chat/completions", None
+
+    def auth_headers(self, config: LLMConfig | None = None) -> dict[str, str]:
+        headers = dict(self.config.headers)
+        key = self.api_key() if self.config.requires_key else None
+        if key:
+            if self.is_azure:
+                headers["api-key"] = key
+            else:
+                headers["Authorization"] = f"Bearer {key}"
+        org = (config.organization if config else None) or self.config.organization
+        if org and not self.is_azure:
+            headers["OpenAI-Organization"] = org
+        return headers
+
+    def health_url(self) -> str:
+        if self.is_azure:
+            return (
+                self.config.base_url.rstrip("/")
+                + "/openai/models?api-version="
+                + (self.config.api_version or DEFAULT_AZURE_API_VERSION)
+            )
+        return self.config.base_url.rstrip("/") + "/models"
+
+    def body(self, context: LLMContext, config: LLMConfig, stream: bool) -> dict[str, Any]:
+        body: dict[str, Any] = {"messages": chat_messages(context), "stream": stream}
+        if not self.is_azure:
+            body["model"] = config.model or self.config.model
+        for field in (
+            "temperature",
+            "max_tokens",
+            "top_p",
+            "frequency_penalty",
+            "presence_penalty",
+            "stop",
+        ):
+            value = getattr(config, field)
+            if value is not None:
+                body[field] = value
+        if stream and self.config.stream_usage:
+            body["stream_options"] = {"include_usage": True}
+        return body
+
+    async def generate(
+        self, context: LLMContext, config: LLMConfig, *, timeout_s: float | None = None
+    ) -> LLMResult:
+        await self.client()
+        url, params = self.endpoint(config)
+        data = await self.post_json(
+            url, self.body(context, config, False), self.auth_headers(config), timeout_s, params
+        )
+        try:
+            choice = data["choices"][0]
+            content = choice["message"].get("content") or ""
+        except (KeyError, IndexError, TypeError, AttributeError):
+            raise ProviderProtocolError(
+                f"{self.name}: response has no choices[0].message", provider=self.name
+            ) from None
+        return LLMResult(
+            content=str(content),
+            usage=parse_usage(data.get("usage")),
+            model=str(data.get("model") or config.model),
+            finish_reason=choice.get("finish_reason"),
+        )
+
+    async def stream(
+        self, context: LLMContext, config: LLMConfig, *, timeout_s: float | None = None
+    ) -> AsyncIterator[StreamChunk]:
+        await self.client()
+        url, params = self.endpoint(config)
+        async with self.open_stream(
+            url, self.body(context, config, True), self.auth_headers(config), timeout_s, params
+        ) as resp:
+            done = False
+            async for data in sse_data(resp.aiter_lines()):
+                if data == "[DONE]":
+                    done = True
+                    break
+                chunk = self._chunk(data)
+                if chunk is not None:
+                    yield chunk
+            if not done:
+                raise ProviderProtocolError(
+                    f"{self.name}: stream ended before data: [DONE]", provider=self.name
+                )
+
+    def _chunk(self, data: str) -> StreamChunk | None:
+        try:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            raise ProviderProtocolError(
+                f"{self.name}: malformed SSE data: {data[:120]!r}", provider=self.name
+            ) from None
+        if not isinstance(obj, dict):
+            raise ProviderProtocolError(
+                f"{self.name}: SSE data is not an object", provider=self.name
+            )
+        if "error" in obj:
+            raise _stream_error(self.name, obj["error"])
+        delta = ""
+        finish = None
+        choices = obj.get("choices") or []
+        if choices and isinstance(choices[0], dict):
+            d = choices[0].get("delta") or {}
+            delta = str(d.get("content") or "") if isinstance(d, dict) else ""
+            finish = choices[0].get("finish_reason")
+        usage = parse_usage(obj.get("usage"))
+        if not delta and usage is None and finish is None:
+            return None
+        return StreamChunk(delta=delta, usage=usage, finish_reason=finish, model=obj.get("model"))
+
+
+def _stream_error(provider: str, err: Any) -> ProviderError:
+    message = err.get("message") if isinstance(err, dict) else str(err)
+    return ProviderServerError(f"{provider}: error in stream: {message}", provider=provider)
+
+
+async def sse_data(lines: AsyncIterator[str]) -> AsyncIterator[str]:
+    """The `data` of each SSE event (multi-line data joined by newlines, per the spec)."""
+    buf: list[str] = []
+    async for line in lines:
+        if not line:
+            if buf:
+                yield "\n".join(buf)
+                buf = []
+            continue
+        if line.startswith(":"):
+            continue  # comment / keep-alive
+        field, _, value = line.partition(":")
+        if value.startswith(" "):
+            value = value[1:]
+        if field == "data":
+            buf.append(value)
+    if buf:
+        yield "\n".join(buf)
