@@ -15,6 +15,7 @@ Main flow
 
 from __future__ import annotations
 
+import sys
 from functools import cache
 from typing import Any
 
@@ -29,7 +30,9 @@ class AgentStreamApp(faust.App):
     worker at start, not leave it running with that agent silently missing."""
 
     def _on_autodiscovery_error(self, name: str) -> None:
-        raise ImportError(f"autodiscovery failed importing {name}")
+        # venusian calls this inside its `except` block: chain the real error.
+        cause = sys.exc_info()[1]
+        raise ImportError(f"autodiscovery failed importing {name}: {cause!r}") from cause
 
 
 def create_app(settings: Settings) -> AgentStreamApp:

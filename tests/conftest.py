@@ -4,6 +4,7 @@ they fail — they never skip."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import uuid
 from collections.abc import Iterator
@@ -46,8 +47,9 @@ def ns() -> str:
 
 
 @pytest.fixture
-def settings_env(kafka_bootstrap: str, ns: str, tmp_path: Path) -> dict[str, str]:
-    """Environment for a worker/CLI subprocess isolated to this test."""
+def settings_env(kafka_bootstrap: str, ns: str, tmp_path: Path) -> Iterator[dict[str, str]]:
+    """Environment for a worker/CLI subprocess isolated to this test; the test's topics
+    (catalogue and changelogs) are deleted afterwards so the broker stays small."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTSTREAM_")}
     env.update(
         {
@@ -62,7 +64,23 @@ def settings_env(kafka_bootstrap: str, ns: str, tmp_path: Path) -> dict[str, str
             "PYTHONPATH": str(REPO),
         }
     )
-    return env
+    yield env
+    asyncio.run(_delete_topics(kafka_bootstrap, ns))
+
+
+async def _delete_topics(bootstrap: str, ns: str) -> None:
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    try:
+        await admin.start()
+        mine = [t for t in await admin.list_topics() if t.startswith(ns)]
+        if mine:
+            await admin.delete_topics(mine)
+    except Exception as exc:  # cleanup must not turn a passing test red
+        print(f"topic cleanup for {ns} failed: {exc!r}")
+    finally:
+        await admin.close()
 
 
 def _free_port() -> int:

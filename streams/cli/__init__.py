@@ -43,7 +43,12 @@ def load_commands() -> None:
         importlib.import_module(f"{__name__}.{info.name}")
     from streams.app import app
 
-    app.discover()
+    try:
+        app.discover()
+    except ImportError as exc:
+        # A broken agent package must not take `kafka stop` or `tail` down with it; the
+        # worker itself still refuses to start (AgentStreamApp fails loudly).
+        click.echo(f"warning: some commands are unavailable: {exc.__cause__ or exc}", err=True)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -38,6 +38,7 @@ async def test_valid_forwarded_and_bad_dead_lettered(
     os.environ.update({k: v for k, v in settings_env.items() if k.startswith("AGENTSTREAM_")})
     env = {
         **settings_env,
+        "AGENTSTREAM_AGENTS": "agents.security",
         "AGENTSTREAM_SECURITY_ENABLED": "false",
         "AGENTSTREAM_MAX_EVENT_BYTES": "100000",
     }
