@@ -120,6 +120,7 @@ class LLMServer:
         app.router.add_post("/api/chat", self._ollama)
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/api/tags", self._models)
+        app.router.add_get("/search", self._search)
         runner = web.AppRunner(app, handle_signals=False, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", self.port, backlog=1024)
@@ -131,6 +132,27 @@ class LLMServer:
     # -- handlers ------------------------------------------------------------------------
     async def _models(self, request: web.Request) -> web.Response:
         return web.json_response({"data": [{"id": "loop-model"}]})
+
+    async def _search(self, request: web.Request) -> web.Response:
+        """SearxNG-style JSON search: one result per word of the query."""
+        with self._lock:
+            self.requests.append(
+                Seen(
+                    request.path, dict(request.query), dict(request.headers), None, time.monotonic()
+                )
+            )
+        if request.query.get("q") == "fail":
+            return web.Response(status=502, text="upstream down")
+        words = request.query.get("q", "").split()
+        results = [
+            {
+                "title": f"About {w}",
+                "url": f"https://example.org/{w}",
+                "content": f"{w} explained at length",
+            }
+            for w in words
+        ]
+        return web.json_response({"query": request.query.get("q"), "results": results})
 
     async def _record(self, request: web.Request) -> Any:
         raw = await request.read()

@@ -1,0 +1,327 @@
+"""AgentProcessor: one LLM request → one outcome, with retries, circuit breakers,
+fallback providers and cancellation. No Kafka here; the agent feeds it requests and
+publishes what it reports (`on_chunk` for deltas, the returned `Outcome` for the final
+response), so every recovery path is unit-tested in-process.
+
+    for provider in [request.provider or default, *request.fallback]:
+        breaker open?            → attempt "circuit_open", next provider
+        attempt 1..max_attempts: stream / generate
+            ok                   → completed
+            cancel event set     → cancelled (partial content, usage so far)
+            error                → breaker.record_failure, policy decides retry + delay
+    → failed, carrying the last error (never silence)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+from agents.llm.adapter import MidsceneAdapter, WebSearchService
+from agents.llm.providers.base import LLMProvider, estimate_tokens, estimate_usage
+from agents.llm.registry import LLMRegistry
+from schemas.llm import AttemptRecord, ErrorInfo, LLMRequest, Usage
+from streams.errors import CircuitOpen, ProviderError, ProviderRateLimited, ProviderTimeout
+from streams.resilience import CircuitBreaker, RetryPolicy, Transition
+
+#: (delta, provider, attempt) → published as an llm.chunk
+ChunkSink = Callable[[str, str, int], Awaitable[None]]
+Status = Literal["completed", "cancelled", "failed"]
+
+
+@dataclass
+class Outcome:
+    status: Status
+    content: str = ""
+    usage: Usage | None = None
+    provider: str = ""
+    model: str = ""
+    attempts: list[AttemptRecord] = field(default_factory=list)
+    latency_ms: float = 0.0
+    chunks: int = 0
+    error: ErrorInfo | None = None
+
+
+@dataclass
+class _Partial:
+    """What the current attempt produced so far (read when it is cancelled)."""
+
+    parts: list[str] = field(default_factory=list)
+    usage: Usage | None = None
+    model: str = ""
+
+    @property
+    def content(self) -> str:
+        return "".join(self.parts)
+
+
+class _Cancelled(Exception):
+    pass
+
+
+def error_info(exc: BaseException) -> ErrorInfo:
+    return ErrorInfo(
+        error_class=type(exc).__name__,
+        message=str(exc)[:2000] or type(exc).__name__,
+        retriable=bool(getattr(exc, "retriable", False)),
+    )
+
+
+async def _race(aw: Awaitable[object], cancel: asyncio.Event | None) -> object:
+    """Await `aw` unless `cancel` is set first; then cancel it and raise _Cancelled."""
+    task = asyncio.ensure_future(aw)
+    if cancel is None:
+        return await task
+    waiter = asyncio.ensure_future(cancel.wait())
+    try:
+        await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    finally:
+        waiter.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await task
+    raise _Cancelled
+
+
+class AgentProcessor:
+    def __init__(
+        self,
+        registry: LLMRegistry,
+        *,
+        policy: RetryPolicy | None = None,
+        default_provider: str = "local",
+        timeout_s: float = 60.0,
+        breaker_failures: int = 5,
+        breaker_window_s: float = 30.0,
+        breaker_reset_s: float = 15.0,
+        on_transition: Callable[[Transition], None] | None = None,
+        search: WebSearchService | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.registry = registry
+        self.policy = policy or RetryPolicy()
+        self.default_provider = default_provider
+        self.timeout_s = timeout_s
+        self._breaker_args = (breaker_failures, breaker_window_s, breaker_reset_s)
+        self._on_transition = on_transition
+        self._search = search
+        self._clock = clock
+        self.breakers: dict[str, CircuitBreaker] = {}
+        self._adapters: dict[str, MidsceneAdapter] = {}
+
+    def breaker(self, provider: str) -> CircuitBreaker:
+        b = self.breakers.get(provider)
+        if b is None:
+            failures, window, reset = self._breaker_args
+            b = self.breakers[provider] = CircuitBreaker(
+                provider,
+                failure_threshold=failures,
+                window_s=window,
+                reset_timeout_s=reset,
+                clock=self._clock,
+                on_transition=self._on_transition,
+            )
+        return b
+
+    def provider(self, name: str) -> LLMProvider:
+        adapter = self._adapters.get(name)
+        if adapter is None:
+            adapter = self._adapters[name] = MidsceneAdapter(
+                self.registry.get_provider(name), search=self._search
+            )
+        return adapter
+
+    def chain(self, request: LLMRequest) -> list[str]:
+        out: list[str] = []
+        for name in [request.provider or self.default_provider, *request.fallback]:
+            if name not in out:
+                out.append(name)
+        return out
+
+    async def process_request(
+        self,
+        request: LLMRequest,
+        *,
+        on_chunk: ChunkSink | None = None,
+        cancel: asyncio.Event | None = None,
+    ) -> Outcome:
+        started = time.perf_counter()
+        attempts: list[AttemptRecord] = []
+        last_error: BaseException | None = None
+        chunks = 0
+
+        async def sink(delta: str, provider: str, attempt: int) -> None:
+            nonlocal chunks
+            chunks += 1
+            if on_chunk is not None:
+                await on_chunk(delta, provider, attempt)
+
+        def done(status: Status, **kw: object) -> Outcome:
+            return Outcome(
+                status,
+                attempts=attempts,
+                chunks=chunks,
+                latency_ms=round((time.perf_counter() - started) * 1000, 3),
+                **kw,  # type: ignore[arg-type]
+            )
+
+        for name in self.chain(request):
+            if cancel is not None and cancel.is_set():
+                return done(
+                    "cancelled",
+                    provider=name,
+                    model=request.config.model,
+                    usage=Usage(estimated=True),
+                )
+            breaker = self.breaker(name)
+            timeouts = 0
+            for n in range(1, self.policy.max_attempts + 1):
+                if not breaker.allow():
+                    last_error = CircuitOpen(
+                        f"{name}: circuit open, retry in {breaker.retry_in_s():.1f}s",
+                        provider=name,
+                    )
+                    attempts.append(
+                        AttemptRecord(
+                            provider=name,
+                            attempt=len(attempts) + 1,
+                            outcome="circuit_open",
+                            error=str(last_error),
+                        )
+                    )
+                    break
+                number = len(attempts) + 1
+                partial = _Partial()
+                t0 = time.perf_counter()
+                try:
+                    await _race(self._attempt(name, request, number, partial, sink), cancel)
+                except _Cancelled:
+                    breaker.release()
+                    attempts.append(
+                        AttemptRecord(
+                            provider=name,
+                            attempt=number,
+                            outcome="cancelled",
+                            latency_ms=_ms(t0),
+                        )
+                    )
+                    content = partial.content
+                    usage = partial.usage or _estimated_partial(request, content)
+                    return done(
+                        "cancelled",
+                        content=content,
+                        usage=usage,
+                        provider=name,
+                        model=partial.model or request.config.model,
+                    )
+                except Exception as exc:
+                    last_error = exc
+                    retry_after = (
+                        exc.retry_after_s if isinstance(exc, ProviderRateLimited) else None
+                    )
+                    attempts.append(
+                        AttemptRecord(
+                            provider=name,
+                            attempt=number,
+                            outcome="error",
+                            error=f"{type(exc).__name__}: {exc}"[:2000],
+                            status_code=getattr(exc, "status_code", None),
+                            latency_ms=_ms(t0),
+                            retry_after_s=retry_after,
+                        )
+                    )
+                    if isinstance(exc, ProviderError) and exc.retriable:
+                        breaker.record_failure(type(exc).__name__)
+                    else:
+                        breaker.release()
+                    if isinstance(exc, ProviderTimeout):
+                        timeouts += 1
+                    decision = self.policy.decide(exc, n, timeouts)
+                    if not decision.retry or breaker.state == "open":
+                        break
+                    from streams.observability import LLM_RETRIES
+
+                    LLM_RETRIES.labels(name, decision.reason or type(exc).__name__).inc()
+                    try:
+                        await _race(asyncio.sleep(decision.delay_s), cancel)
+                    except _Cancelled:
+                        return done(
+                            "cancelled",
+                            provider=name,
+                            model=request.config.model,
+                            usage=_estimated_partial(request, ""),
+                        )
+                    continue
+                breaker.record_success()
+                attempts.append(
+                    AttemptRecord(provider=name, attempt=number, outcome="ok", latency_ms=_ms(t0))
+                )
+                content = partial.content
+                usage = partial.usage or estimate_usage(request.context, content)
+                return done(
+                    "completed",
+                    content=content,
+                    usage=usage,
+                    provider=name,
+                    model=partial.model or request.config.model,
+                )
+        err = last_error or CircuitOpen("no provider available")
+        return done(
+            "failed",
+            provider=attempts[-1].provider if attempts else "",
+            model=request.config.model,
+            error=error_info(err),
+        )
+
+    async def _attempt(
+        self, name: str, request: LLMRequest, number: int, partial: _Partial, sink: ChunkSink
+    ) -> None:
+        provider = self.provider(name)
+        timeout = request.timeout_s or self.timeout_s
+        if not request.stream:
+            result = await provider.generate(request.context, request.config, timeout_s=timeout)
+            partial.parts.append(result.content)
+            partial.usage = result.usage
+            partial.model = result.model
+            return
+        await self.call_with_streaming(provider, request, number, partial, sink, timeout)
+
+    async def call_with_streaming(
+        self,
+        provider: LLMProvider,
+        request: LLMRequest,
+        number: int,
+        partial: _Partial,
+        sink: ChunkSink,
+        timeout_s: float,
+    ) -> None:
+        async for chunk in provider.stream(request.context, request.config, timeout_s=timeout_s):
+            if chunk.model and not partial.model:
+                partial.model = chunk.model
+            if chunk.usage is not None:
+                partial.usage = chunk.usage
+            if chunk.delta:
+                partial.parts.append(chunk.delta)
+                await sink(chunk.delta, provider.name, number)
+
+
+def _ms(t0: float) -> float:
+    return round((time.perf_counter() - t0) * 1000, 3)
+
+
+def _estimated_partial(request: LLMRequest, content: str) -> Usage:
+    usage = estimate_usage(request.context, content)
+    if not content:
+        return usage.model_copy(
+            update={"completion_tokens": 0, "total_tokens": usage.prompt_tokens}
+        )
+    return usage.model_copy(update={"completion_tokens": estimate_tokens(content)})

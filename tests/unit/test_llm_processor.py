@@ -1,0 +1,223 @@
+"""AgentProcessor recovery paths with scripted providers (no Kafka, no sleeps beyond ms)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from agents.llm.processor import AgentProcessor
+from agents.llm.providers.mock import ScriptedProvider, Step
+from agents.llm.registry import LLMRegistry
+from schemas.llm import ChatMessage, LLMConfig, LLMContext, LLMRequest, Usage
+from streams.errors import (
+    ProviderRateLimited,
+    ProviderRequestError,
+    ProviderServerError,
+    ProviderTimeout,
+)
+from streams.resilience import RetryPolicy, Transition
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def request(
+    provider: str = "p", *, stream: bool = True, fallback: list[str] | None = None, rid: str = "r1"
+) -> LLMRequest:
+    return LLMRequest(
+        request_id=rid,
+        agent_id="agent-1",
+        provider=provider,
+        fallback=fallback or [],
+        stream=stream,
+        context=LLMContext(messages=[ChatMessage(role="user", content="hello there")]),
+        config=LLMConfig(model="m"),
+    )
+
+
+def processor(
+    *providers: ScriptedProvider,
+    clock: Clock | None = None,
+    transitions: list[Transition] | None = None,
+    **policy: float,
+) -> AgentProcessor:
+    reg = LLMRegistry(secrets=None)
+    for p in providers:
+        reg.register_provider(p.name, p)
+    pol = RetryPolicy(base_delay_s=0.001, max_delay_s=1.0, rng=lambda: 0.5, **policy)  # type: ignore[arg-type]
+    return AgentProcessor(
+        reg,
+        policy=pol,
+        breaker_failures=3,
+        breaker_window_s=60,
+        breaker_reset_s=10,
+        clock=clock or Clock(),
+        on_transition=(transitions.append if transitions is not None else None),
+    )
+
+
+async def test_streams_deltas_in_order_and_estimates_missing_usage() -> None:
+    p = ScriptedProvider("p", [Step(deltas=["a", "b", "c"])])
+    seen: list[tuple[str, str, int]] = []
+
+    async def sink(delta: str, provider: str, attempt: int) -> None:
+        seen.append((delta, provider, attempt))
+
+    out = await processor(p).process_request(request(), on_chunk=sink)
+    assert out.status == "completed" and out.content == "abc" and out.chunks == 3
+    assert seen == [("a", "p", 1), ("b", "p", 1), ("c", "p", 1)]
+    assert out.usage is not None and out.usage.estimated and out.usage.prompt_tokens > 0
+    assert [a.outcome for a in out.attempts] == ["ok"]
+
+
+async def test_provider_usage_is_kept_unflagged() -> None:
+    usage = Usage(prompt_tokens=5, completion_tokens=2, total_tokens=7)
+    p = ScriptedProvider("p", [Step(deltas=["x"], usage=usage)])
+    out = await processor(p).process_request(request())
+    assert out.usage == usage and not out.usage.estimated
+
+
+async def test_non_streaming_gives_no_chunks() -> None:
+    p = ScriptedProvider("p", [Step(deltas=["whole answer"])])
+    calls: list[str] = []
+
+    async def sink(delta: str, provider: str, attempt: int) -> None:
+        calls.append(delta)
+
+    out = await processor(p).process_request(request(stream=False), on_chunk=sink)
+    assert out.content == "whole answer" and not calls and out.chunks == 0
+
+
+async def test_5xx_retried_then_success_every_attempt_recorded() -> None:
+    p = ScriptedProvider(
+        "p",
+        [
+            Step(error=ProviderServerError("HTTP 500", status_code=500)),
+            Step(deltas=["a"], error=ProviderServerError("drop")),
+            Step(deltas=["ok"]),
+        ],
+    )
+    out = await processor(p).process_request(request())
+    assert out.status == "completed" and out.content == "ok"
+    assert [(a.attempt, a.outcome) for a in out.attempts] == [(1, "error"), (2, "error"), (3, "ok")]
+    assert out.attempts[0].status_code == 500
+    assert len(p.calls) == 3
+
+
+async def test_429_waits_retry_after() -> None:
+    p = ScriptedProvider(
+        "p", [Step(error=ProviderRateLimited("429", retry_after_s=0.3)), Step(deltas=["ok"])]
+    )
+    start = time.monotonic()
+    out = await processor(p).process_request(request())
+    assert time.monotonic() - start >= 0.3
+    assert out.status == "completed" and out.attempts[0].retry_after_s == 0.3
+
+
+async def test_4xx_fails_at_once_with_the_error() -> None:
+    p = ScriptedProvider("p", [Step(error=ProviderRequestError("HTTP 400 bad", status_code=400))])
+    out = await processor(p).process_request(request())
+    assert out.status == "failed" and len(p.calls) == 1
+    assert out.error is not None and out.error.error_class == "ProviderRequestError"
+    assert not out.error.retriable and "bad" in out.error.message
+
+
+async def test_timeouts_retried_a_bounded_number_of_times() -> None:
+    p = ScriptedProvider("p", [Step(error=ProviderTimeout("t")) for _ in range(10)])
+    out = await processor(p, max_attempts=10, max_timeout_retries=2).process_request(request())
+    assert out.status == "failed" and len(p.calls) == 3
+
+
+async def test_max_attempts_then_failed() -> None:
+    p = ScriptedProvider("p", [Step(error=ProviderServerError("500")) for _ in range(10)])
+    proc = processor(p, max_attempts=2)
+    proc._breaker_args = (100, 60, 10)  # keep the breaker out of this test
+    out = await proc.process_request(request())
+    assert out.status == "failed" and len(p.calls) == 2
+    assert out.error is not None and out.error.retriable
+
+
+async def test_breaker_opens_fails_fast_half_opens_and_closes() -> None:
+    clock, transitions = Clock(), []
+    p = ScriptedProvider("p", [Step(error=ProviderServerError("500")) for _ in range(3)])
+    proc = processor(p, clock=clock, transitions=transitions, max_attempts=5)
+    out = await proc.process_request(request())
+    assert out.status == "failed" and len(p.calls) == 3
+    assert proc.breaker("p").state == "open"
+    fast = await proc.process_request(request(rid="r2"))
+    assert fast.status == "failed" and len(p.calls) == 3  # provider not called
+    assert fast.attempts[0].outcome == "circuit_open"
+    assert fast.error is not None and fast.error.error_class == "CircuitOpen"
+    clock.now += 10
+    probe = await proc.process_request(request(rid="r3"))
+    assert probe.status == "completed" and len(p.calls) == 4
+    assert [(t.previous, t.current) for t in transitions] == [
+        ("closed", "open"),
+        ("open", "half_open"),
+        ("half_open", "closed"),
+    ]
+
+
+async def test_fallback_chain_after_failure_and_when_open() -> None:
+    bad = ScriptedProvider("bad", [Step(error=ProviderRequestError("401", status_code=401))])
+    good = ScriptedProvider("good", [Step(deltas=["from good"])])
+    out = await processor(bad, good).process_request(request("bad", fallback=["good"]))
+    assert out.status == "completed" and out.provider == "good"
+    assert [(a.provider, a.outcome) for a in out.attempts] == [("bad", "error"), ("good", "ok")]
+
+
+async def test_cancel_mid_stream_returns_partial_within_a_second() -> None:
+    p = ScriptedProvider("p", [Step(deltas=[f"w{i} " for i in range(100)], delay_s=0.05)])
+    cancel = asyncio.Event()
+    got: list[str] = []
+
+    async def sink(delta: str, provider: str, attempt: int) -> None:
+        got.append(delta)
+        if len(got) == 3:
+            cancel.set()
+
+    start = time.monotonic()
+    out = await processor(p).process_request(request(), on_chunk=sink, cancel=cancel)
+    assert time.monotonic() - start < 1.0
+    assert out.status == "cancelled" and out.content == "".join(got) == "w0 w1 w2 "
+    assert out.usage is not None and out.usage.estimated and out.usage.completion_tokens > 0
+    assert out.attempts[-1].outcome == "cancelled"
+
+
+async def test_cancel_before_start_never_calls_provider() -> None:
+    p = ScriptedProvider("p", [])
+    cancel = asyncio.Event()
+    cancel.set()
+    out = await processor(p).process_request(request(), cancel=cancel)
+    assert out.status == "cancelled" and not p.calls and out.content == ""
+
+
+async def test_cancel_during_backoff() -> None:
+    p = ScriptedProvider("p", [Step(error=ProviderRateLimited("429", retry_after_s=0.9))])
+    cancel = asyncio.Event()
+    asyncio.get_running_loop().call_later(0.1, cancel.set)
+    start = time.monotonic()
+    out = await processor(p).process_request(request(), cancel=cancel)
+    assert out.status == "cancelled" and time.monotonic() - start < 0.6
+
+
+async def test_unknown_provider_fails_with_error() -> None:
+    out = await processor().process_request(request("nope"))
+    assert out.status == "failed" and out.error is not None
+    assert "unknown provider" in out.error.message
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_local_provider_through_processor(stream: bool) -> None:
+    out = await AgentProcessor(LLMRegistry(secrets=None)).process_request(
+        request("local", stream=stream)
+    )
+    assert out.status == "completed" and out.content and out.usage is not None
+    assert not out.usage.estimated and out.provider == "local"
