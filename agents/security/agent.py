@@ -1,24 +1,248 @@
-"""enforce_policy: every message on agent.messages ends accepted, rejected or dead-lettered."""
+"""enforce_policy: every message on agent.messages ends accepted, rejected or dead-lettered,
+and every decoded one leaves exactly one hash-chained `PolicyDecision`.
+
+Per batch: take the policy set in force (an immutable snapshot), fetch the keys the batch
+needs from the keychain (cached), then decide each message with the pure evaluator in
+`agents.security.policy`. Access tokens never leave this agent: forwarded messages carry
+a redacted proof, and dead letters of this topic get the token field blanked.
+"""
 
 from __future__ import annotations
 
+import logging
+import re
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
-from schemas import AgentMessage, Event
-from streams.app import app, catalogue_topic
-from streams.processing import Inbound, decoded_batches, emit, guarded
-from streams.topics import AGENT_MESSAGES, AGENT_MESSAGES_ACCEPTED
+from agents.security.policy import (
+    Evaluation,
+    KeyRequest,
+    KeyView,
+    PolicySet,
+    evaluate,
+    redact,
+    required_keys,
+)
+from agents.security.store import KeyCache, PolicyStore
+from schemas import AgentMessage, Event, registry, utc_now
+from schemas.errors import InvalidEvent, PipelineError
+from schemas.security import PolicyDecision, Verdict
+from streams.app import app, catalogue_topic, settings
+from streams.audit_chain import chain_writer
+from streams.credentials import KeychainCredentialsProvider
+from streams.errors import CredentialsError
+from streams.health import register_check
+from streams.observability import DECISIONS, EVENTS_IN
+from streams.processing import Inbound, dead_letter, emit
+from streams.tables.security import counter_keys, decision_counts_table
+from streams.topics import (
+    AGENT_MESSAGES,
+    AGENT_MESSAGES_ACCEPTED,
+    AGENT_MESSAGES_REJECTED,
+    SECURITY_DECISIONS,
+)
+
+log = logging.getLogger(__name__)
 
 CONSUMER = "enforce_policy"
+
+STORE = PolicyStore(settings)
+COUNTS = decision_counts_table()
+
+
+class _Keychain:
+    """The provider, created on first need; without a usable keychain every key is
+    unknown (authentication and decryption then fail closed) and /ready says degraded."""
+
+    def __init__(self) -> None:
+        self.provider: KeychainCredentialsProvider | None = None
+        self.error: str | None = None
+        self._tried = False
+
+    def get(self) -> KeychainCredentialsProvider | None:
+        if not self._tried:
+            self._tried = True
+            try:
+                self.provider = KeychainCredentialsProvider(settings)
+            except CredentialsError as exc:
+                self.error = str(exc)
+                log.error("no keychain for enforce_policy: %s", exc)
+        return self.provider
+
+    async def fetch(self, request: KeyRequest) -> bytes | str | None:
+        provider = self.get()
+        if provider is None:
+            return None
+        try:
+            if request.kind == "signing":
+                return await provider.get_signing_key(request.name)
+            if request.kind == "encryption":
+                return await provider.get_encryption_key(request.name)
+            return await provider.get_access_token(int(request.name))
+        except CredentialsError as exc:
+            self.error = str(exc)
+            log.error("keychain lookup of a %s key failed: %s", request.kind, exc)
+            return None
+
+
+KEYCHAIN = _Keychain()
+
+
+class _NoKeys:
+    def signing_key(self, agent_id: str) -> bytes | None:
+        return None
+
+    def encryption_key(self, key_id: str) -> bytes | None:
+        return None
+
+    def access_token(self, user_id: int) -> str | None:
+        return None
+
+
+_NO_KEYS = _NoKeys()
+KEYS = KeyCache(KEYCHAIN.fetch)
+
+
+@app.task
+async def _fold_policies() -> None:
+    await STORE.run()
+
+
+async def _keychain_health() -> tuple[Any, str]:
+    KEYCHAIN.get()
+    if KEYCHAIN.error:
+        return "degraded", KEYCHAIN.error
+    return "ok", KEYCHAIN.provider.backend_name if KEYCHAIN.provider else ""
+
+
+async def _policies_health() -> tuple[Any, str]:
+    if not STORE.ready.is_set():
+        return "down", "reading security.policies"
+    return "ok", f"{len(STORE.policy_set.policies)} policies"
+
+
+register_check("security.keychain", _keychain_health)
+register_check("security.policies", _policies_health)
 
 
 @app.agent(catalogue_topic(AGENT_MESSAGES), name=CONSUMER)
 async def enforce_policy(stream: Any) -> None:
-    async for batch in decoded_batches(stream, consumer=CONSUMER, accept=[AgentMessage.TYPE]):
+    await STORE.ready.wait()
+    writer = chain_writer(SECURITY_DECISIONS)
+    async for batch in _decoded_batches(stream):
+        policies = STORE.policy_set
+        needed: set[KeyRequest] = set()
         for inbound in batch:
-            await guarded(inbound, CONSUMER, _decide)
+            needed |= required_keys(inbound.event.payload, policies)
+        keys: KeyView = await KEYS.view(needed) if needed else _NO_KEYS
+        counts: Counter[tuple[int, str]] = Counter()
+        for inbound in batch:
+            try:
+                decision = await _decide(inbound, policies, keys, writer)
+            except Exception as exc:  # a bug on one message must not stop the stream
+                log.exception("%s failed on %s", CONSUMER, inbound.origin)
+                await dead_letter(_Redacted.of(inbound.message), exc, CONSUMER)
+                continue
+            for key in counter_keys(decision):
+                counts[(inbound.message.partition, key)] += 1
+        _count(counts)
 
 
-async def _decide(inbound: Inbound) -> None:
+async def _decide(
+    inbound: Inbound, policies: PolicySet, keys: KeyView, writer: Any
+) -> PolicyDecision:
     event: Event[Any] = inbound.event
-    await emit(AGENT_MESSAGES_ACCEPTED, event)
+    message: AgentMessage = event.payload
+    started = time.perf_counter()
+    result: Evaluation = evaluate(message, policies, keys)
+    elapsed_us = int((time.perf_counter() - started) * 1_000_000)
+    decision = PolicyDecision(
+        message_id=message.message_id,
+        message_event_id=str(event.event_id),
+        sender_id=message.sender_id,
+        recipient_id=message.recipient_id,
+        verdict=result.verdict,
+        reasons=result.reasons,
+        rules=result.rules,
+        policies=result.policies,
+        default_applied=result.default_applied,
+        security_enabled=result.security_enabled,
+        evaluated_at=utc_now(),
+        evaluation_us=elapsed_us,
+        source_partition=inbound.message.partition,
+        source_offset=inbound.message.offset,
+    )
+    await writer.emit(event.caused(decision, source=CONSUMER), partition=inbound.message.partition)
+    DECISIONS.labels(result.verdict.value).inc()
+    if result.verdict is Verdict.ALLOW:
+        forwarded = redact(message)
+        await emit(AGENT_MESSAGES_ACCEPTED, event.caused(forwarded, source=CONSUMER))
+    else:
+        forwarded = redact(
+            message,
+            {"rejection_reasons": result.reasons, "rejection_rules": result.rules},
+        )
+        await emit(AGENT_MESSAGES_REJECTED, event.caused(forwarded, source=CONSUMER))
+    return decision
+
+
+def _count(counts: Counter[tuple[int, str]]) -> None:
+    """Apply a batch's counter deltas to the table: one changelog record per key."""
+    data = COUNTS.data
+    for (partition, key), delta in counts.items():
+        value = int(data.get(key, 0)) + delta
+        data[key] = value
+        COUNTS.send_changelog(partition, key, value)
+
+
+# -- decoding with secrets kept out of dead letters -------------------------------------
+_TOKEN_FIELD = re.compile(rb'("token"\s*:\s*)"(?:[^"\\]|\\.)*"')
+
+
+@dataclass(frozen=True, slots=True)
+class _Redacted:
+    """A record whose value has access tokens blanked, for `dead_letter` (the source
+    offset still points at the original record)."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: Any
+    value: Any
+    timestamp: Any
+
+    @classmethod
+    def of(cls, message: Any) -> Any:
+        value = message.value
+        if isinstance(value, bytes | bytearray) and b'"token"' in value:
+            value = _TOKEN_FIELD.sub(rb'\1"[REDACTED]"', bytes(value))
+        return cls(
+            message.topic, message.partition, message.offset, message.key, value, message.timestamp
+        )
+
+
+async def _decoded_batches(stream: Any) -> AsyncIterator[list[Inbound]]:
+    """`streams.processing.decoded_batches`, except that dead letters are redacted."""
+    limit = settings.max_event_bytes
+    async for events in stream.take_events(settings.batch_max, within=settings.batch_within_s):
+        good: list[Inbound] = []
+        for ev in events:
+            msg = ev.message
+            try:
+                decoded = registry.decode(ev.value, max_bytes=limit)
+                if decoded.type != AgentMessage.TYPE:
+                    raise InvalidEvent(
+                        f"event type {decoded.type!r} does not belong on {msg.topic}",
+                        type=decoded.type,
+                    )
+            except PipelineError as exc:
+                await dead_letter(_Redacted.of(msg), exc, CONSUMER)
+                continue
+            good.append(Inbound(decoded, msg))
+        if events:
+            EVENTS_IN.labels(events[0].message.topic, CONSUMER).inc(len(events))
+        if good:
+            yield good

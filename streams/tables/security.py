@@ -101,7 +101,5 @@ def decision_counts_table() -> Any:
         default=int,
         key_type=str,
         value_type=int,
-        key_serializer="json",
-        value_serializer="json",
         help=DECISION_COUNTS.description,
     )

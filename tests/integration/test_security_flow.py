@@ -1,0 +1,278 @@
+"""enforce_policy end to end on the real broker, with keys in a real (encrypted file) keyring:
+each rule denies what it should with all reasons, policies applied at runtime take effect
+on the running worker, a bad policy file changes nothing, and no token or key appears on
+any output topic or in the worker's log."""
+
+from __future__ import annotations
+
+import base64
+import json
+import secrets
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from agents.security.crypto import encrypt_content, new_key, sign_message
+from schemas import AgentMessage, Event
+from schemas.messages import AuthProof
+from streams.audit_chain import GENESIS, compute_hash
+from streams.client import Client
+from streams.credentials import KeychainCredentialsProvider
+from streams.settings import Settings
+from tests.support import Worker, await_until, cli, read_topic
+
+pytestmark = pytest.mark.integration
+
+POLICIES = {
+    "enabled": True,
+    "default_action": "deny",
+    "policies": [
+        {
+            "policy_id": "std-basic",
+            "level": "standard",
+            "max_message_size": 200,
+            "blocked_patterns": [r"(?i)password\s*[:=]", "(a+)+$"],
+        },
+        {
+            "policy_id": "std-restricted",
+            "level": "standard",
+            "applies_to_roles": ["restricted"],
+            "allowed_patterns": ["^report:"],
+        },
+        {
+            "policy_id": "conf",
+            "level": "confidential",
+            "require_encryption": True,
+            "require_authentication": True,
+            "allowed_roles": ["planner"],
+            "blocked_patterns": ["launch code"],
+        },
+    ],
+}
+
+
+def _msg(mid: str, content: str = "hello", **kw: Any) -> AgentMessage:
+    return AgentMessage(
+        message_id=mid,
+        sender_id=kw.pop("sender_id", "signer"),
+        recipient_id="bob",
+        content=content,
+        **kw,
+    )
+
+
+async def test_policies_enforced_live_and_secrets_never_leave(
+    settings_env: dict[str, str], tmp_path: Path
+) -> None:
+    token = "tok-" + secrets.token_urlsafe(24)
+    master = secrets.token_urlsafe(16)
+    env = {
+        **settings_env,
+        "AGENTSTREAM_KEYRING_BACKEND": "encrypted-file",
+        "AGENTSTREAM_KEYRING_FILE": str(tmp_path / "keyring.json"),
+        "AGENTSTREAM_KEYRING_PASSWORD": master,
+        "AGENTSTREAM_AGENTS": "agents.security",
+    }
+    settings = Settings.from_env(env)
+    provider = KeychainCredentialsProvider(settings)
+    signing_key, enc_key = new_key(), new_key()
+    await provider.write_credentials(7, token)
+    await provider.set_signing_key("signer", signing_key)
+    await provider.set_encryption_key("k1", enc_key)
+    keyring_text = (tmp_path / "keyring.json").read_text()
+    assert token not in keyring_text and base64.b64encode(signing_key).decode() not in keyring_text
+
+    # -- apply: a file with one dangerous pattern publishes nothing --------------------------
+    good = tmp_path / "policies.yaml"
+    good.write_text(json.dumps(POLICIES))
+    res = cli(env, "policy", "apply", str(good))
+    assert res.returncode == 0, res.stderr + res.stdout
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "policies:\n  - policy_id: ok-one\n    blocked_patterns: [fine]\n"
+        "  - policy_id: evil\n    blocked_patterns: ['(a)\\1', '(?=x)y']\n"
+    )
+    res = cli(env, "policy", "apply", str(bad))
+    assert res.returncode == 1
+    assert "(a)\\\\1" in res.stderr or "(a)\\1" in res.stderr, res.stderr
+    assert "nothing published" in res.stderr
+    listed = cli(env, "policy", "list", "--json")
+    state = json.loads(listed.stdout)
+    assert set(state) == {"__config__", "std-basic", "std-restricted", "conf"}
+    assert state["std-basic"]["version"] == 1
+
+    worker = Worker(env, tmp_path / "worker.log").start()
+    web = f"http://127.0.0.1:{env['AGENTSTREAM_WEB_PORT']}"
+    try:
+        conf = {"security_level": "confidential", "sender_role": "planner"}
+        good_conf = sign_message(
+            encrypt_content(_msg("c-ok", "the plan", **conf), enc_key, "k1"), signing_key
+        )
+        tampered = good_conf.model_copy(update={"message_id": "c-tampered"})  # breaks aad + hmac
+        wrong_key = sign_message(
+            encrypt_content(_msg("c-wrongkey", "x", **conf), new_key(), "k1"), signing_key
+        )
+        by_token = encrypt_content(_msg("c-token", "the plan", **conf), enc_key, "k1").model_copy(
+            update={"auth": AuthProof(method="access-token", token=token, user_id=7)}
+        )
+        bad_token = encrypt_content(
+            _msg("c-badtoken", "the plan", **conf), enc_key, "k1"
+        ).model_copy(
+            update={"auth": AuthProof(method="access-token", token=token + "x", user_id=7)}
+        )
+        cases: dict[str, tuple[AgentMessage, set[str]]] = {
+            "s-ok": (_msg("s-ok", "all good"), set()),
+            "s-big": (_msg("s-big", "y" * 201), {"max_message_size"}),
+            "s-pw": (_msg("s-pw", "my Password: x"), {"blocked_patterns"}),
+            "s-big-pw": (
+                _msg("s-big-pw", "password=" + "z" * 300),
+                {"blocked_patterns", "max_message_size"},
+            ),
+            "s-redos": (_msg("s-redos", "a" * 150 + "!"), set()),
+            "r-ok": (_msg("r-ok", "report: fine", sender_role="restricted"), set()),
+            "r-no": (_msg("r-no", "chatter", sender_role="restricted"), {"allowed_patterns"}),
+            "c-ok": (good_conf, set()),
+            "c-token": (by_token, set()),
+            "c-badtoken": (bad_token, {"require_authentication"}),
+            "c-plain": (
+                _msg("c-plain", "x", **conf),
+                {"require_encryption", "require_authentication"},
+            ),
+            "c-role": (
+                sign_message(
+                    encrypt_content(
+                        _msg("c-role", "x", security_level="confidential", sender_role="intern"),
+                        enc_key,
+                        "k1",
+                    ),
+                    signing_key,
+                ),
+                {"allowed_roles"},
+            ),
+            "c-tampered": (
+                tampered,
+                {"decryption", "require_encryption", "require_authentication"},
+            ),
+            "c-wrongkey": (wrong_key, {"decryption", "require_encryption"}),
+            "c-launch": (
+                sign_message(
+                    encrypt_content(_msg("c-launch", "the launch code", **conf), enc_key, "k1"),
+                    signing_key,
+                ),
+                {"blocked_patterns"},
+            ),
+            "u-level": (_msg("u-level", "x", security_level="public"), {"default_action"}),
+        }
+        sent: dict[str, Event[Any]] = {}
+        async with Client(settings) as client:
+            for mid, (msg, _) in cases.items():
+                sent[mid] = Event.of(msg, source="test")
+                await client.publish("agent.messages", sent[mid])
+
+            # -- a policy applied at runtime reaches the running worker --------------------
+            live = tmp_path / "live.yaml"
+            live.write_text(
+                "policy_id: std-words\nlevel: standard\nblocked_patterns: [forbidden]\n"
+            )
+            res = cli(env, "policy", "apply", str(live))
+            assert res.returncode == 0, res.stderr
+
+            async def _live() -> bool:
+                async with httpx.AsyncClient() as http:
+                    body = (await http.get(f"{web}/security/policies/")).json()
+                return any(p["policy_id"] == "std-words" for p in body["policies"])
+
+            await await_until(_live, 30, what="std-words in force on the worker")
+            msg = _msg("s-live", "this is forbidden")
+            sent["s-live"] = Event.of(msg, source="test")
+            cases["s-live"] = (msg, {"blocked_patterns"})
+            await client.publish("agent.messages", sent["s-live"])
+
+        n = len(cases)
+        want_ok = {m for m, (_, rules) in cases.items() if not rules}
+        accepted = await read_topic(
+            settings.bootstrap,
+            settings.topic("agent.messages.accepted"),
+            expect=len(want_ok),
+            timeout=45,
+        )
+        rejected = await read_topic(
+            settings.bootstrap,
+            settings.topic("agent.messages.rejected"),
+            expect=n - len(want_ok),
+            timeout=45,
+        )
+        decisions = await read_topic(
+            settings.bootstrap, settings.topic("security.decisions"), expect=n, timeout=45
+        )
+        assert {ev.payload.message_id for _, ev in accepted} == want_ok
+        by_mid = {ev.payload.message_id: ev for _, ev in rejected}
+        assert set(by_mid) == set(cases) - want_ok
+        for mid, ev in by_mid.items():
+            rules = set(ev.payload.metadata["rejection_rules"])
+            assert rules == cases[mid][1], (mid, ev.payload.metadata["rejection_reasons"])
+            assert ev.causation_id == str(sent[mid].event_id)
+        assert any(
+            "'forbidden'" in r and "std-words v1" in r
+            for r in by_mid["s-live"].payload.metadata["rejection_reasons"]
+        )
+        for _, ev in accepted:
+            assert ev.causation_id == str(sent[ev.payload.message_id].event_id)
+            auth = ev.payload.auth
+            assert auth is None or auth.token is None
+        token_fwd = next(ev for _, ev in accepted if ev.payload.message_id == "c-token")
+        assert token_fwd.payload.auth.redacted
+
+        # one decision per message, with the policy versions, chained per partition
+        dec = [ev for _, ev in decisions]
+        assert sorted(d.payload.message_id for d in dec) == sorted(cases)
+        versions = {d.payload.message_id: d.payload.policies for d in dec}
+        assert versions["s-ok"] == {"std-basic": 1}
+        assert versions["r-no"] == {"std-basic": 1, "std-restricted": 1}
+        assert versions["s-live"] == {"std-basic": 1, "std-words": 1}
+        assert versions["u-level"] == {}
+        heads: dict[int, str] = {}
+        for rec, ev in decisions:
+            assert ev.payload.prev_hash == heads.get(rec.partition, GENESIS)
+            assert ev.payload.hash == compute_hash(
+                ev.model_copy(update={"payload": ev.payload.model_copy(update={"hash": ""})})
+            )
+            heads[rec.partition] = ev.payload.hash
+
+        async with httpx.AsyncClient() as http:
+            counts = (await http.get(f"{web}/security/decisions/")).json()["counts"]
+        assert counts["allow"]["*"] == len(want_ok)
+        assert counts["deny"]["*"] == n - len(want_ok)
+        assert counts["deny"]["blocked_patterns"] == sum(
+            "blocked_patterns" in r for _, r in cases.values()
+        )
+        assert worker.alive()
+    finally:
+        worker.stop()
+
+    # -- no secret on any output topic nor in the log ---------------------------------------
+    needles = [
+        token,
+        base64.b64encode(signing_key).decode(),
+        base64.b64encode(enc_key).decode(),
+        signing_key.hex(),
+        enc_key.hex(),
+        master,
+    ]
+    raw_needles = [n.encode() for n in needles] + [signing_key, enc_key]
+    from streams.admin import list_topics
+
+    topics = [t.name for t in await list_topics(settings) if t.exists]
+    assert settings.topic("security.decisions") in topics
+    for topic in topics:
+        if topic == settings.topic("agent.messages"):
+            continue  # the producers' input: tokens travel there by design
+        for rec, _ in await read_topic(settings.bootstrap, topic, idle=1.0, timeout=20):
+            blob = (rec.value or b"") + (rec.key or b"")
+            for needle in raw_needles:
+                assert needle not in blob, f"a secret leaked to {topic}"
+    log_text = (tmp_path / "worker.log").read_bytes()
+    for needle in raw_needles:
+        assert needle not in log_text, "a secret leaked to the worker log"
