@@ -100,7 +100,8 @@ def validate_policies(
         if explicit:
             if parsed.version <= in_force_version:
                 problems.append(
-                    f"{label}: version {parsed.version} is not newer than v{in_force_version} in force"
+                    f"{label}: version {parsed.version} is not newer than "
+                    f"v{in_force_version} in force"
                 )
                 continue
         else:
@@ -203,9 +204,10 @@ def policy_apply(file: Path, dry_run: bool) -> None:
         for problem in problems:
             click.echo(f"error: {problem}", err=True)
         raise PolicyFileError(
-            f"{file}: {len(problems)} problem(s); nothing published, the policies in force are unchanged"
+            f"{file}: {len(problems)} problem(s); nothing published, "
+            "the policies in force are unchanged"
         )
-    events = [Event.of(p, source=SOURCE) for p in policies]
+    events: list[Event[Any]] = [Event.of(p, source=SOURCE) for p in policies]
     if new_config is not None:
         events.append(Event.of(new_config, source=SOURCE))
     for p in policies:
