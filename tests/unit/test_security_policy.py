@@ -1,0 +1,239 @@
+"""The pure policy evaluator: each rule, all reasons at once, fitting, defaults."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from agents.security.crypto import encrypt_content, new_key, sign_message
+from agents.security.policy import (
+    KeyRequest,
+    PolicySet,
+    StaticKeys,
+    compiled,
+    evaluate,
+    redact,
+    required_keys,
+)
+from schemas.messages import AgentMessage, AuthProof
+from schemas.security import SecurityPolicy, Verdict
+
+SIGNING = new_key()
+ENC = new_key()
+KEYS = StaticKeys(signing={"alice": SIGNING}, encryption={"k1": ENC}, tokens={7: "tok-seven"})
+
+
+def _set(*policies: SecurityPolicy, enabled: bool = True, default: str = "deny") -> PolicySet:
+    return PolicySet(
+        [compiled(p) for p in policies], enabled=enabled, default_action=Verdict(default)
+    )
+
+
+def _msg(content: str = "hello", **kw: Any) -> AgentMessage:
+    return AgentMessage(
+        message_id=kw.pop("message_id", "m1"),
+        sender_id=kw.pop("sender_id", "alice"),
+        recipient_id="bob",
+        content=content,
+        **kw,
+    )
+
+
+def _rules(message: AgentMessage, policies: PolicySet, keys: StaticKeys = KEYS) -> list[str]:
+    return evaluate(message, policies, keys).rules
+
+
+def test_each_rule_denies_on_its_own() -> None:
+    size = _set(SecurityPolicy(policy_id="size", max_message_size=5))
+    assert _rules(_msg("12345"), size) == []
+    assert _rules(_msg("123456"), size) == ["max_message_size"]
+    assert _rules(_msg("héllo"), size) == ["max_message_size"]  # UTF-8 bytes, not characters
+
+    blocked = _set(SecurityPolicy(policy_id="b", blocked_patterns=["secret", "(?i)password"]))
+    assert _rules(_msg("PassWord!"), blocked) == ["blocked_patterns"]
+    assert _rules(_msg("fine"), blocked) == []
+
+    allowed = _set(SecurityPolicy(policy_id="a", allowed_patterns=["^report:", "^status:"]))
+    assert _rules(_msg("status: ok"), allowed) == []
+    assert _rules(_msg("chit chat"), allowed) == ["allowed_patterns"]
+
+    roles = _set(SecurityPolicy(policy_id="r", allowed_roles=["planner"]))
+    assert _rules(_msg(sender_role="planner"), roles) == []
+    assert _rules(_msg(sender_role="intern"), roles) == ["allowed_roles"]
+
+    enc = _set(SecurityPolicy(policy_id="e", require_encryption=True))
+    assert _rules(_msg("x"), enc) == ["require_encryption"]
+    assert _rules(encrypt_content(_msg("x"), ENC, "k1"), enc) == []
+
+    auth = _set(SecurityPolicy(policy_id="au", require_authentication=True))
+    assert _rules(_msg(), auth) == ["require_authentication"]
+    assert _rules(sign_message(_msg(), SIGNING), auth) == []
+    assert _rules(sign_message(_msg(), new_key()), auth) == ["require_authentication"]
+    token = _msg().model_copy(
+        update={"auth": AuthProof(method="access-token", token="tok-seven", user_id=7)}
+    )
+    assert _rules(token, auth) == []
+    wrong = token.model_copy(
+        update={"auth": AuthProof(method="access-token", token="tok-sevem", user_id=7)}
+    )
+    assert _rules(wrong, auth) == ["require_authentication"]
+    unknown_user = token.model_copy(
+        update={"auth": AuthProof(method="access-token", token="x", user_id=8)}
+    )
+    assert _rules(unknown_user, auth) == ["require_authentication"]
+    no_key = sign_message(_msg(sender_id="mallory"), SIGNING)
+    assert "no signing key" in evaluate(no_key, auth, KEYS).reasons[0]
+
+
+def test_signature_covers_the_content_and_the_routing() -> None:
+    auth = _set(SecurityPolicy(policy_id="au", require_authentication=True))
+    signed = sign_message(_msg("pay 10"), SIGNING)
+    for change in (
+        {"content": "pay 1000"},
+        {"recipient_id": "eve"},
+        {"metadata": {"x": 1}},
+        {"security_level": "public"},
+    ):
+        tampered = signed.model_copy(update=change)
+        assert _rules(
+            tampered, _set(SecurityPolicy(policy_id="au", level="*", require_authentication=True))
+        ) == ["require_authentication"], change
+    assert _rules(signed, auth) == []
+
+
+def test_all_violations_are_reported_not_only_the_first() -> None:
+    policies = _set(
+        SecurityPolicy(
+            policy_id="p1",
+            max_message_size=10,
+            blocked_patterns=["secret", "token"],
+            allowed_roles=["planner"],
+            require_authentication=True,
+        ),
+        SecurityPolicy(policy_id="p2", version=3, allowed_patterns=["^report:"]),
+    )
+    result = evaluate(_msg("a secret token, long enough", sender_role="intern"), policies, KEYS)
+    assert result.verdict is Verdict.DENY
+    assert result.rules == [
+        "allowed_patterns",
+        "allowed_roles",
+        "blocked_patterns",
+        "max_message_size",
+        "require_authentication",
+    ]
+    assert result.policies == {"p1": 1, "p2": 3}
+    blocked = next(r for r in result.reasons if r.startswith("blocked_patterns"))
+    assert "'secret'" in blocked and "'token'" in blocked and "[policy p1 v1]" in blocked
+    assert any(r.endswith("[policy p2 v3]") for r in result.reasons)
+
+
+def test_policies_fit_by_level_and_role() -> None:
+    policies = _set(
+        SecurityPolicy(policy_id="std", level="standard", blocked_patterns=["std"]),
+        SecurityPolicy(policy_id="conf", level="confidential", blocked_patterns=["conf"]),
+        SecurityPolicy(policy_id="any", level="*", max_message_size=1000),
+        SecurityPolicy(
+            policy_id="interns", level="*", applies_to_roles=["intern"], blocked_patterns=["intern"]
+        ),
+    )
+    assert evaluate(_msg(), policies, KEYS).policies == {"std": 1, "any": 1}
+    conf = evaluate(_msg("std", security_level="confidential"), policies, KEYS)
+    assert conf.policies == {"conf": 1, "any": 1} and conf.verdict is Verdict.ALLOW
+    intern = evaluate(_msg("intern", sender_role="intern"), policies, KEYS)
+    assert intern.policies == {"std": 1, "any": 1, "interns": 1}
+    assert intern.rules == ["blocked_patterns"]
+
+
+@pytest.mark.parametrize(("default", "verdict"), [("allow", Verdict.ALLOW), ("deny", Verdict.DENY)])
+def test_no_fitting_policy_applies_the_default(default: str, verdict: Verdict) -> None:
+    policies = _set(SecurityPolicy(policy_id="conf", level="confidential"), default=default)
+    result = evaluate(_msg(), policies, KEYS)
+    assert result.verdict is verdict and result.default_applied and result.policies == {}
+    assert result.rules == ([] if default == "allow" else ["default_action"])
+
+
+def test_disabled_security_allows_everything() -> None:
+    policies = _set(SecurityPolicy(policy_id="size", max_message_size=1), enabled=False)
+    result = evaluate(_msg("far too long"), policies, KEYS)
+    assert result.verdict is Verdict.ALLOW and not result.security_enabled
+    assert required_keys(sign_message(_msg(), SIGNING), policies) == set()
+
+
+def test_encrypted_content_is_checked_after_decryption() -> None:
+    policies = _set(SecurityPolicy(policy_id="p", blocked_patterns=["launch"], max_message_size=20))
+    assert _rules(encrypt_content(_msg("launch now"), ENC, "k1"), policies) == ["blocked_patterns"]
+    big = encrypt_content(_msg("x" * 21), ENC, "k1")
+    assert _rules(big, policies) == ["max_message_size"]
+    # without the key: the size is still known (GCM), patterns cannot be applied -> deny
+    no_key = StaticKeys()
+    assert _rules(encrypt_content(_msg("fine"), ENC, "k1"), policies, no_key) == [
+        "content_unreadable"
+    ]
+    size_only = _set(SecurityPolicy(policy_id="s", max_message_size=20))
+    assert _rules(encrypt_content(_msg("fine"), ENC, "k1"), size_only, no_key) == []
+    assert _rules(big, size_only, no_key) == ["max_message_size"]
+
+
+def test_envelopes_that_fail_to_decrypt_are_denied() -> None:
+    policies = _set(SecurityPolicy(policy_id="p"), default="allow")
+    good = encrypt_content(_msg("x"), ENC, "k1")
+    assert _rules(good, policies) == []
+    assert _rules(encrypt_content(_msg("x"), new_key(), "k1"), policies) == ["decryption"]
+    moved = good.model_copy(update={"message_id": "other"})  # bound by the associated data
+    assert _rules(moved, policies) == ["decryption"]
+    env = good.encryption
+    assert env is not None
+    for broken in ({"nonce": "!!notbase64"}, {"nonce": "AAAA"}, {"ciphertext": "AAAA"}):
+        bad = good.model_copy(update={"encryption": env.model_copy(update=broken)})
+        assert _rules(bad, policies) == ["decryption"], broken
+    both = good.model_copy(update={"content": "plaintext too"})
+    assert _rules(both, policies) == ["decryption"]
+
+
+def test_a_stored_policy_with_a_bad_pattern_denies_instead_of_being_skipped() -> None:
+    broken = SecurityPolicy(policy_id="bad", blocked_patterns=["(?=x)"])
+    result = evaluate(_msg(), _set(broken, default="allow"), KEYS)
+    assert result.rules == ["invalid_policy"] and result.verdict is Verdict.DENY
+
+
+def test_state_with_config_and_inline_policies() -> None:
+    state = {
+        "__config__": {
+            "config_id": "__config__",
+            "enabled": True,
+            "default_action": "allow",
+            "policies": [
+                {"policy_id": "inline", "version": 1, "max_message_size": 3},
+                {"policy_id": "both", "version": 1, "max_message_size": 1},
+            ],
+        },
+        "both": {"policy_id": "both", "version": 2, "max_message_size": 100},
+        "junk": {"policy_id": "junk", "max_message_size": "lots"},
+    }
+    policies = PolicySet.from_state(state, enabled=False, default_action="deny")
+    assert policies.enabled and policies.default_action is Verdict.ALLOW
+    assert policies.versions() == {"both": 2, "inline": 1}  # published wins over inline
+    assert set(policies.invalid) == {"junk"}
+    empty = PolicySet.from_state({}, enabled=False, default_action="allow")
+    assert not empty.enabled
+    bad_config = PolicySet.from_state({"__config__": {"enabled": "maybe"}}, enabled=False)
+    assert bad_config.enabled and bad_config.default_action is Verdict.DENY
+
+
+def test_required_keys_and_redaction() -> None:
+    policies = _set(SecurityPolicy(policy_id="au", require_authentication=True))
+    signed = encrypt_content(sign_message(_msg(), SIGNING), ENC, "k1")
+    assert required_keys(signed, policies) == {
+        KeyRequest("signing", "alice"),
+        KeyRequest("encryption", "k1"),
+    }
+    token = _msg().model_copy(
+        update={"auth": AuthProof(method="access-token", token="tok-seven", user_id=7)}
+    )
+    assert required_keys(token, policies) == {KeyRequest("token", "7")}
+    forwarded = redact(token, {"rejection_reasons": ["x"]})
+    assert forwarded.auth is not None and forwarded.auth.token is None and forwarded.auth.redacted
+    assert "tok-seven" not in forwarded.model_dump_json()
+    assert forwarded.metadata == {"rejection_reasons": ["x"]}
+    assert redact(signed) is signed  # nothing secret: forwarded untouched, signature still valid

@@ -1,0 +1,157 @@
+"""Security table folds, the policy store's record handling, the key cache and the policy
+file validation of `agentstream policy apply`."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from agents.security.cli import PolicyFileError, parse_policy_file, validate_policies
+from agents.security.policy import KeyRequest
+from agents.security.store import KeyCache, PolicyStore
+from schemas import Event, encode
+from schemas.security import (
+    PolicyDecision,
+    SecurityConfig,
+    SecurityPolicy,
+    SecurityPolicyRemoved,
+    Verdict,
+)
+from streams.settings import Settings
+from streams.tables import TABLES, rebuild
+from streams.tables.security import (
+    DECISION_COUNTS,
+    POLICIES,
+    apply_decision,
+    summarise_counts,
+)
+
+
+def _ev(payload: Any) -> Event[Any]:
+    return Event.of(payload, source="test")
+
+
+def test_policy_fold_and_rebuild_agree() -> None:
+    events = [
+        _ev(SecurityPolicy(policy_id="a", max_message_size=10)),
+        _ev(SecurityPolicy(policy_id="b")),
+        _ev(SecurityPolicy(policy_id="a", version=2, max_message_size=20)),
+        _ev(SecurityPolicyRemoved(policy_id="b")),
+        _ev(SecurityConfig(enabled=False, default_action="allow")),
+    ]
+    state = rebuild(POLICIES, events)
+    assert set(state) == {"a", "__config__"}
+    assert state["a"]["version"] == 2 and state["a"]["max_message_size"] == 20
+    assert state["__config__"]["enabled"] is False
+    assert TABLES["security_policies"] is POLICIES
+    assert TABLES["security_decision_counts"] is DECISION_COUNTS
+
+    store = PolicyStore(Settings())
+    for ev in events:
+        store.apply_record(ev.key.encode(), encode(ev))
+    store.apply_record(b"x", b"not json")
+    store.apply_record(b"a", None)  # tombstone
+    store.commit()
+    assert store.state == {"__config__": state["__config__"]}
+    assert store.invalid_records == 1 and not store.policy_set.enabled
+
+
+def _decision(verdict: Verdict, rules: list[str], partition: int) -> Event[Any]:
+    return _ev(
+        PolicyDecision(
+            message_id="m",
+            message_event_id="e",
+            sender_id="s",
+            verdict=verdict,
+            rules=rules,
+            reasons=[f"{r}: x" for r in rules],
+            evaluated_at=datetime.now(UTC),
+            evaluation_us=3,
+            source_partition=partition,
+        )
+    )
+
+
+def test_decision_counts_by_verdict_and_rule_across_partitions() -> None:
+    state: dict[str, Any] = {}
+    for ev in [
+        _decision(Verdict.ALLOW, [], 0),
+        _decision(Verdict.ALLOW, [], 1),
+        _decision(Verdict.DENY, ["blocked_patterns", "max_message_size"], 0),
+        _decision(Verdict.DENY, ["blocked_patterns"], 1),
+    ]:
+        apply_decision(state, ev)
+    assert state["0|deny|blocked_patterns"] == 1 and state["1|deny|blocked_patterns"] == 1
+    assert summarise_counts(state.items()) == {
+        "allow": {"*": 2},
+        "deny": {"*": 2, "blocked_patterns": 2, "max_message_size": 1},
+    }
+
+
+async def test_key_cache_asks_the_keychain_once_per_ttl() -> None:
+    now = [100.0]
+    calls: list[KeyRequest] = []
+
+    async def fetch(request: KeyRequest) -> bytes | str | None:
+        calls.append(request)
+        return {"signing": b"k" * 32, "token": "tok"}.get(request.kind)
+
+    cache = KeyCache(fetch, ttl_s=30, miss_ttl_s=5, clock=lambda: now[0])
+    wanted = {KeyRequest("signing", "a"), KeyRequest("token", "7"), KeyRequest("encryption", "k9")}
+    view = await cache.view(wanted)
+    assert view.signing_key("a") == b"k" * 32 and view.access_token(7) == "tok"
+    assert view.encryption_key("k9") is None
+    await cache.view(wanted)
+    assert len(calls) == 3
+    now[0] += 6  # the miss expired, the hits did not
+    await cache.view(wanted)
+    assert len(calls) == 4 and calls[-1] == KeyRequest("encryption", "k9")
+    now[0] += 30
+    await cache.view(wanted)
+    assert len(calls) == 7
+
+
+def test_policy_file_shapes() -> None:
+    single, cfg = parse_policy_file("policy_id: a\nmax_message_size: 3\n")
+    assert single == [{"policy_id": "a", "max_message_size": 3}] and cfg is None
+    many, cfg = parse_policy_file('{"policies": [{"policy_id": "a"}], "default_action": "allow"}')
+    assert many == [{"policy_id": "a"}] and cfg == {"default_action": "allow"}
+    listed, _ = parse_policy_file("- policy_id: a\n- policy_id: b\n")
+    assert [p["policy_id"] for p in listed] == ["a", "b"]
+    for bad in ("{{{", "42", "policies: 3", "polices: []"):
+        with pytest.raises(PolicyFileError):
+            parse_policy_file(bad)
+
+
+def test_policy_validation_names_patterns_and_assigns_versions() -> None:
+    current = {
+        "a": SecurityPolicy(policy_id="a", version=4, max_message_size=10).model_dump(mode="json")
+    }
+    out, unchanged, problems = validate_policies(
+        [{"policy_id": "a", "max_message_size": 10}, {"policy_id": "b"}], current
+    )
+    assert (
+        problems == []
+        and unchanged == ["a"]
+        and [(p.policy_id, p.version) for p in out] == [("b", 1)]
+    )
+    out, _, _ = validate_policies([{"policy_id": "a", "max_message_size": 11}], current)
+    assert out[0].version == 5
+    _, _, problems = validate_policies([{"policy_id": "a", "version": 4}], current)
+    assert problems and "not newer than v4" in problems[0]
+    _, _, problems = validate_policies(
+        [
+            {"policy_id": "x", "blocked_patterns": ["ok", "(a)\\1"]},
+            {"policy_id": "y", "level": ""},
+            {"policy_id": "x"},
+            {"policy_id": "z", "allowed_patterns": ["a" * 2000]},
+        ],
+        {},
+    )
+    text = "\n".join(problems)
+    assert "'(a)\\\\1' refused" in text
+    assert "policy #2 (y): level" in text
+    assert "appears twice" in text
+    assert "policy #4 (z): allowed_patterns" in text
