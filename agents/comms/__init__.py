@@ -1,0 +1,1 @@
+"""Communication records per agent and kind (track_communications, views, `agentstream comms`)."""

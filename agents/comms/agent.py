@@ -1,0 +1,33 @@
+"""track_communications: folds `comms.records` into the `comms_records` table."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from schemas import CommunicationRecord
+from streams.app import app, catalogue_topic, settings
+from streams.processing import Inbound, decoded_batches, guarded
+from streams.tables.monitoring import comms_writer, fold_record, invalidate_indexes
+from streams.topics import COMMS_RECORDS
+
+CONSUMER = "track_communications"
+writer = comms_writer()
+
+
+@app.on_partitions_assigned.connect
+async def _on_assigned(sender: Any, assigned: Any, **kwargs: Any) -> None:
+    invalidate_indexes(writer)
+
+
+@app.agent(catalogue_topic(COMMS_RECORDS), name=CONSUMER)
+async def track_communications(stream: Any) -> None:
+    async for batch in decoded_batches(
+        stream, consumer=CONSUMER, accept=[CommunicationRecord.TYPE]
+    ):
+        for inbound in batch:
+            await guarded(inbound, CONSUMER, _fold)
+
+
+async def _fold(inbound: Inbound) -> None:
+    writer.partition = inbound.message.partition
+    fold_record(writer, inbound.event.payload, retention_s=settings.comms_retention_s)

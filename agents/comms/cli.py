@@ -1,0 +1,62 @@
+"""`agentstream comms --agent A --kind K --since -1h --until now`."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+
+import click
+
+from agents.heartbeat.cli import worker_get
+from schemas.comms import COMM_KINDS
+from streams.cli import cli
+
+
+@cli.command("comms")
+@click.option("--agent", help="Only this agent's records.")
+@click.option("--kind", type=click.Choice(list(COMM_KINDS)), help="Only this kind.")
+@click.option("--since", help="Start: -15m, -2h, ISO-8601, epoch ms (default: retention).")
+@click.option("--until", help="End (exclusive), same formats (default: now).")
+@click.option("--limit", type=int, default=1000, show_default=True, help="Newest N records.")
+@click.option("--json", "as_json", is_flag=True, help="Print the raw JSON.")
+def comms(
+    agent: str | None,
+    kind: str | None,
+    since: str | None,
+    until: str | None,
+    limit: int,
+    as_json: bool,
+) -> None:
+    """Communication records by agent, kind and time range (from a running worker)."""
+    params = {
+        k: v
+        for k, v in {
+            "agent": agent,
+            "kind": kind,
+            "since": since,
+            "until": until,
+            "limit": str(limit),
+        }.items()
+        if v
+    }
+    resp = worker_get("/comms", params)
+    if resp.status_code == 400:
+        raise click.ClickException(resp.json().get("error", resp.text))
+    resp.raise_for_status()
+    data = resp.json()
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    for r in data["records"]:
+        when = datetime.fromtimestamp(r["recorded_at"], UTC).isoformat(timespec="milliseconds")
+        amount = (
+            ""
+            if r["amount"] is None
+            else f" {r['amount']:g}{(' ' + r['unit']) if r['unit'] else ''}"
+        )
+        click.echo(
+            f"{when} {r['agent_id']:24} {r['kind']:13} {r['record_id']}"
+            f"{(' -> ' + r['counterparty']) if r['counterparty'] else ''}{amount}"
+        )
+    for a, by_kind in sorted(data["counts"].items()):
+        click.echo(f"{a}: " + ", ".join(f"{k}={n}" for k, n in sorted(by_kind.items())))

@@ -1,0 +1,1 @@
+"""/health, /ready and /metrics; component health transitions on `pipeline.health`."""

@@ -1,0 +1,154 @@
+"""``GET /health`` (the process is alive), ``GET /ready`` (component status; 503 if any
+component is down) and ``GET /metrics`` (Prometheus text).
+
+/ready components: ``broker`` (a bootstrap server accepts a TCP connection), ``tables``
+(recovery finished, not rebalancing), ``consumer_lag`` (no assigned catalogue partition
+more than `ready_max_lag` records behind), plus every check registered in
+`streams.health.CHECKS` (LLM providers' `check_setup`, the heartbeat monitor's ``agents``
+— degraded while agents are down ...). A timer re-evaluates them every
+`heartbeat_interval_s` and publishes a `ComponentHealthChanged` on `pipeline.health` for
+every change, so degradation is recorded even when nobody polls /ready.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from faust.web import Request, Response, View
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from agents.health.status import Component, HealthTracker, lag_status, overall
+from schemas import Event
+from streams.app import app, settings
+from streams.health import CHECKS
+from streams.observability import CONSUMER_LAG
+from streams.processing import emit
+from streams.topics import CATALOGUE, PIPELINE_HEALTH
+
+log = logging.getLogger(__name__)
+SOURCE = "health_monitor"
+STARTED = time.time()
+CHECK_TIMEOUT_S = 5.0
+tracker = HealthTracker(settings.worker_id)
+_catalogue_topics = {settings.topic(name) for name in CATALOGUE}
+
+
+async def broker_component() -> Component:
+    errors = []
+    for server in settings.bootstrap.split(","):
+        host, _, port = server.strip().rpartition(":")
+        try:
+            _r, w = await asyncio.wait_for(asyncio.open_connection(host, int(port)), 2.0)
+            w.close()
+            return Component("broker", "ok", f"{server} reachable")
+        except (OSError, ValueError, TimeoutError) as exc:
+            errors.append(f"{server}: {exc or type(exc).__name__}")
+    return Component("broker", "down", "; ".join(errors))
+
+
+def tables_component() -> Component:
+    recovered = app.tables.recovery.completed.is_set() if app.tables is not None else False
+    if app.rebalancing:
+        return Component("tables", "down", "rebalancing")
+    if not recovered:
+        return Component("tables", "down", "recovering table changelogs")
+    return Component("tables", "ok", f"{len(app.tables)} table(s) recovered")
+
+
+def consumer_lags() -> dict[str, int]:
+    """Records behind per assigned catalogue partition ("topic:partition"); sets the gauge."""
+    out: dict[str, int] = {}
+    consumer = app.consumer
+    committed = getattr(consumer, "_committed_offset", {})
+    try:
+        assignment = consumer.assignment()
+    except Exception:  # consumer not started yet
+        return out
+    for tp in assignment:
+        if tp.topic not in _catalogue_topics:
+            continue
+        try:
+            high = consumer.highwater(tp)
+        except Exception:
+            high = None
+        if high is None:
+            continue
+        done = committed.get(tp) or 0
+        lag = max(0, int(high) - int(done))
+        out[f"{tp.topic}:{tp.partition}"] = lag
+        CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(lag)
+    return out
+
+
+async def _registered(name: str, check: Any) -> Component:
+    try:
+        status, detail = await asyncio.wait_for(check(), CHECK_TIMEOUT_S)
+    except Exception as exc:  # a failing check is a down component, not a failing /ready
+        return Component(name, "down", f"check failed: {type(exc).__name__}: {exc}")
+    if status not in ("ok", "degraded", "down"):
+        return Component(name, "down", f"check returned {status!r}")
+    return Component(name, status, str(detail))
+
+
+async def components() -> list[Component]:
+    found = [
+        await broker_component(),
+        tables_component(),
+        lag_status(consumer_lags(), settings.ready_max_lag),
+    ]
+    names = sorted(CHECKS)
+    found += await asyncio.gather(*(_registered(n, CHECKS[n]) for n in names))
+    return found
+
+
+async def evaluate() -> tuple[str, list[Component]]:
+    found = await components()
+    for c in found:
+        change = tracker.observe(c)
+        if change is not None:
+            log.warning("component %s: %s -> %s (%s)", c.name, change.previous, c.status, c.detail)
+            try:
+                await emit(PIPELINE_HEALTH, Event.of(change, source=SOURCE))
+            except Exception:
+                log.exception("could not publish health change of %s", c.name)
+    return overall(found), found
+
+
+@app.timer(settings.heartbeat_interval_s, name="evaluate_health")
+async def evaluate_health() -> None:
+    await evaluate()
+
+
+@app.page("/health")
+class HealthView(View):
+    async def get(self, request: Request) -> Response:
+        return self.json(
+            {
+                "status": "alive",
+                "worker_id": settings.worker_id,
+                "uptime_s": round(time.time() - STARTED, 3),
+            }
+        )
+
+
+@app.page("/ready")
+class ReadyView(View):
+    async def get(self, request: Request) -> Response:
+        status, found = await evaluate()
+        body = {
+            "ready": status != "down",
+            "status": status,
+            "worker_id": settings.worker_id,
+            "components": {c.name: {"status": c.status, "detail": c.detail} for c in found},
+        }
+        return self.json(body, status=200 if status != "down" else 503)
+
+
+@app.page("/metrics")
+class MetricsView(View):
+    async def get(self, request: Request) -> Response:
+        consumer_lags()
+        return self.bytes(generate_latest(), content_type=CONTENT_TYPE_LATEST.split(";")[0])

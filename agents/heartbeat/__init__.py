@@ -1,0 +1,1 @@
+"""Agent heartbeats → up/down status (HeartbeatMonitor, track_heartbeats, views, CLI)."""

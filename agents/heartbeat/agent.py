@@ -1,0 +1,204 @@
+"""track_heartbeats: folds `agent.heartbeats` and `agent.status` into the heartbeat
+table; a timer every `heartbeat_interval_s` publishes one `AgentStatusChanged` per
+transition (see `monitor.py` for the rules).
+
+Restarts and rebalances: after partitions are (re)assigned the monitor decides nothing
+until this worker has folded both topics up to the end offsets they had at assignment.
+Until then the table may lack a transition this worker (or the previous owner) already
+published, or heartbeats still waiting in the backlog — deciding early is how duplicates
+and false "down"s happen.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from aiokafka.partitioner import murmur2
+
+from agents.heartbeat.monitor import HeartbeatMonitor, Transition, to_event_payload
+from schemas import AgentStatusChanged, Event, Heartbeat
+from schemas.errors import InvalidEvent
+from streams.app import app, settings
+from streams.health import register_check
+from streams.observability import AGENTS
+from streams.processing import Inbound, decoded_batches, emit, guarded
+from streams.tables.monitoring import heartbeats_writer
+from streams.topics import AGENT_HEARTBEATS, AGENT_STATUS
+
+log = logging.getLogger(__name__)
+
+CONSUMER = "track_heartbeats"
+HEARTBEATS_TOPIC = settings.topic(AGENT_HEARTBEATS)
+STATUS_TOPIC = settings.topic(AGENT_STATUS)
+
+writer = heartbeats_writer()
+monitor = HeartbeatMonitor(
+    writer,
+    interval_s=settings.heartbeat_interval_s,
+    timeout_s=settings.heartbeat_timeout_s,
+    max_missed=settings.heartbeat_max_missed,
+)
+
+source = app.topic(
+    HEARTBEATS_TOPIC,
+    STATUS_TOPIC,
+    key_serializer="raw",
+    value_serializer="raw",
+    internal=False,
+)
+
+
+class CatchUpGate:
+    """Open once every assigned partition of both topics has been folded up to the end
+    offset it had when the gate (re)started."""
+
+    def __init__(self, topics: tuple[str, ...]) -> None:
+        self.topics = topics
+        self.open = False
+        self.targets: dict[tuple[str, int], int] | None = None
+        self.folded: dict[tuple[str, int], int] = {}
+
+    def reset(self) -> None:
+        self.open = False
+        self.targets = None
+
+    def note(self, topic: str, partition: int, offset: int) -> None:
+        key = (topic, partition)
+        if offset > self.folded.get(key, -1):
+            self.folded[key] = offset
+
+    async def check(self) -> bool:
+        if self.open:
+            return True
+        if app.rebalancing or not app.tables.recovery.completed.is_set():
+            return False
+        tps = [tp for tp in app.assignor.assigned_actives() if tp.topic in self.topics]
+        if not tps:
+            return False
+        if self.targets is None:
+            ends = await app.consumer.highwaters(*tps)
+            starts = await app.consumer.earliest_offsets(*tps)
+            self.targets = {
+                (tp.topic, tp.partition): int(end)
+                for tp, end in ends.items()
+                if end is not None and int(end) > int(starts.get(tp) or 0)
+            }
+        committed = getattr(app.consumer, "_committed_offset", {})
+        for (topic, partition), end in self.targets.items():
+            done = self.folded.get((topic, partition), -1)
+            for tp, off in list(committed.items()):
+                if tp.topic == topic and tp.partition == partition and off is not None:
+                    done = max(done, int(off) - 1)
+            if done < end - 1:
+                return False
+        self.open = True
+        log.info("heartbeat monitor caught up on %d partition(s): deciding", len(self.targets))
+        return True
+
+
+gate = CatchUpGate((HEARTBEATS_TOPIC, STATUS_TOPIC))
+_partition_of: dict[str, int] = {}
+
+
+@app.on_partitions_revoked.connect
+async def _on_revoked(sender: Any, revoked: Any, **kwargs: Any) -> None:
+    gate.reset()
+    monitor.reset_pending()
+
+
+@app.on_partitions_assigned.connect
+async def _on_assigned(sender: Any, assigned: Any, **kwargs: Any) -> None:
+    gate.reset()
+    monitor.reset_pending()
+
+
+@app.agent(source, name=CONSUMER)
+async def track_heartbeats(stream: Any) -> None:
+    async for batch in decoded_batches(
+        stream, consumer=CONSUMER, accept=[Heartbeat.TYPE, AgentStatusChanged.TYPE]
+    ):
+        for inbound in batch:
+            await guarded(inbound, CONSUMER, _fold)
+
+
+async def _fold(inbound: Inbound) -> None:
+    msg = inbound.message
+    payload = inbound.event.payload
+    writer.partition = msg.partition
+    if isinstance(payload, Heartbeat):
+        if msg.topic != HEARTBEATS_TOPIC:
+            raise InvalidEvent(f"a heartbeat does not belong on {msg.topic}", type=Heartbeat.TYPE)
+        _partition_of[payload.agent_id] = msg.partition
+        accepted = monitor.record(payload)
+        gate.note(msg.topic, msg.partition, msg.offset)
+        if accepted and gate.open:
+            tr = monitor.evaluate(payload.agent_id)
+            if tr is not None:
+                await _publish([tr], inbound.event)
+    else:
+        if msg.topic != STATUS_TOPIC:
+            raise InvalidEvent(
+                f"a status change does not belong on {msg.topic}", type=AgentStatusChanged.TYPE
+            )
+        monitor.record_status(payload)
+        gate.note(msg.topic, msg.partition, msg.offset)
+
+
+async def _publish(transitions: list[Transition], cause: Event[Any] | None = None) -> None:
+    for i, tr in enumerate(transitions):
+        payload = to_event_payload(tr)
+        event = (
+            cause.caused(payload, source=CONSUMER) if cause else Event.of(payload, source=CONSUMER)
+        )
+        try:
+            await emit(AGENT_STATUS, event)
+        except Exception:
+            monitor.cancel(transitions[i:])
+            raise
+
+
+def _owned_filter() -> Any:
+    """Agents whose partition this worker owns (standby copies are someone else's job)."""
+    actives = {
+        tp.partition for tp in app.assignor.assigned_actives() if tp.topic == HEARTBEATS_TOPIC
+    }
+    n = app.consumer.topic_partitions(HEARTBEATS_TOPIC) or settings.topic_partitions
+
+    def owned(agent_id: str) -> bool:
+        p = _partition_of.get(agent_id)
+        if p is None:
+            p = (murmur2(agent_id.encode()) & 0x7FFFFFFF) % n
+            _partition_of[agent_id] = p
+        return p in actives
+
+    return owned
+
+
+@app.timer(settings.heartbeat_interval_s, name="check_heartbeats")
+async def check_heartbeats() -> None:
+    if not await gate.check():
+        return
+    started = time.perf_counter()
+    transitions = monitor.check(owned=_owned_filter())
+    if transitions:
+        await _publish(transitions)
+    counts = monitor.counts()
+    AGENTS.labels("up").set(counts["up"])
+    AGENTS.labels("down").set(counts["down"])
+    elapsed = time.perf_counter() - started
+    if elapsed > settings.heartbeat_interval_s / 2:
+        log.warning("heartbeat check took %.3fs for %d agents", elapsed, len(writer))
+
+
+async def _agents_check() -> tuple[Any, str]:
+    if not gate.open:
+        return "degraded", "heartbeat monitor catching up after (re)assignment"
+    counts = monitor.counts()
+    if counts["down"]:
+        return "degraded", f"{counts['down']} agent(s) down, {counts['up']} up"
+    return "ok", f"{counts['up']} agent(s) up"
+
+
+register_check("agents", _agents_check)

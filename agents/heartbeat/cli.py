@@ -1,0 +1,66 @@
+"""`agentstream agents status [ID]`: agent status from a running worker's web view."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import click
+import httpx
+
+from streams.cli import cli
+from streams.settings import get_settings
+
+
+def worker_get(path: str, params: dict[str, str] | None = None) -> httpx.Response:
+    """GET a worker web view (AGENTSTREAM_WEB_HOST/PORT); a clean error if none runs."""
+    s = get_settings()
+    host = "127.0.0.1" if s.web_host in ("0.0.0.0", "::", "") else s.web_host
+    url = f"http://{host}:{s.web_port}{path}"
+    try:
+        return httpx.get(url, params=params, timeout=10)
+    except httpx.HTTPError as exc:
+        raise click.ClickException(f"no worker answering at {url}: {exc}") from exc
+
+
+def _ago(ts: float | None) -> str:
+    return "-" if ts is None else f"{max(0.0, time.time() - ts):.1f}s ago"
+
+
+@cli.group("agents", invoke_without_command=False)
+def agents_group() -> None:
+    """Agents known to the pipeline (heartbeat monitor)."""
+
+
+@agents_group.command("status")
+@click.argument("agent_id", required=False)
+@click.option("--state", type=click.Choice(["up", "down"]), help="Only agents in this state.")
+@click.option("--json", "as_json", is_flag=True, help="Print the raw JSON.")
+def agents_status(agent_id: str | None, state: str | None, as_json: bool) -> None:
+    """Show the status of AGENT_ID, or of every agent."""
+    if agent_id:
+        resp = worker_get(f"/agents/status/{agent_id}")
+        if resp.status_code == 404:
+            raise click.ClickException(f"unknown agent {agent_id!r}")
+        resp.raise_for_status()
+        data: Any = resp.json()
+        rows = [data]
+    else:
+        resp = worker_get("/agents/status", {"state": state} if state else None)
+        resp.raise_for_status()
+        data = resp.json()
+        rows = data["agents"]
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    for r in rows:
+        click.echo(
+            f"{r['agent_id']:32} {r['status'] or 'unknown':8} last heartbeat "
+            f"{_ago(r['last_heartbeat_at']):>14}  missed {r['missed_beats']}  beats {r['beats']}"
+        )
+    if not agent_id:
+        c = data["counts"]
+        click.echo(
+            f"{c['up']} up, {c['down']} down" + ("" if data["deciding"] else " (catching up)")
+        )

@@ -1,0 +1,231 @@
+"""HeartbeatMonitor: decides when an agent is up or down. No Kafka, injectable clock.
+
+The state (a mapping agent id → record, see `streams.tables.monitoring`) is folded from
+heartbeats AND from the monitor's own `AgentStatusChanged` events. The monitor never
+writes a status into the state itself: `check`/`evaluate` return transitions, the agent
+publishes them, and the status changes when the event is folded back (`record_status`).
+Between publishing and folding, the transition is *pending* (in memory), so it is not
+published twice; after a crash the published event is still in the log and gets folded
+on restart — which is why it is never published again.
+
+Liveness: an agent is up while its last heartbeat is at most `timeout_s` old and fewer
+than `max_missed` intervals passed since it, and down otherwise. A heartbeat's age is
+measured from the *earlier* of its `sent_at` and the time this process received it: a
+sender whose clock runs ahead cannot keep itself alive, and a backlog of old heartbeats
+read after a restart counts from when they were sent, so replaying history does not make
+agents flap up and down.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable, MutableMapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from schemas import AgentStatusChanged, Heartbeat
+from streams.tables.monitoring import fold_heartbeat, fold_status
+
+State = Literal["up", "down"]
+Reason = Literal["first_seen", "heartbeat", "timeout", "missed_beats"]
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    agent_id: str
+    previous: State | None
+    current: State
+    reason: Reason
+    last_heartbeat_at: float | None
+    missed_beats: int
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Assessment:
+    status: State | None  # None: never fresh enough to count as up
+    reason: Reason
+    elapsed_s: float | None
+    missed_beats: int
+
+
+class HeartbeatMonitor:
+    def __init__(
+        self,
+        state: MutableMapping[str, Any] | None = None,
+        *,
+        interval_s: float = 5.0,
+        timeout_s: float = 15.0,
+        max_missed: int = 3,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if interval_s <= 0 or timeout_s <= 0 or max_missed < 1:
+            raise ValueError("interval and timeout must be > 0, max_missed >= 1")
+        self.state: MutableMapping[str, Any] = state if state is not None else {}
+        self.interval_s = interval_s
+        self.timeout_s = timeout_s
+        self.max_missed = max_missed
+        self.clock = clock
+        #: transitions published but not yet folded back: agent id → status
+        self.pending: dict[str, State] = {}
+        #: wall-clock time this process accepted each agent's latest heartbeat
+        self.received: dict[str, float] = {}
+
+    # -- folds ------------------------------------------------------------------------
+    def record_heartbeat(
+        self, agent_id: str, sent_at: float, sequence: int = 0, info: dict[str, str] | None = None
+    ) -> bool:
+        """Fold a heartbeat; False if it is not newer than the last one (replay)."""
+        accepted = fold_heartbeat(self.state, agent_id, sent_at, sequence, info)
+        if accepted:
+            self.received[agent_id] = self.clock()
+        return accepted
+
+    def record(self, payload: Heartbeat) -> bool:
+        return self.record_heartbeat(
+            payload.agent_id, payload.sent_at.timestamp(), payload.sequence, payload.info
+        )
+
+    def record_status(self, change: AgentStatusChanged) -> None:
+        """Fold a status event read back from `agent.status`."""
+        fold_status(self.state, change)
+        if self.pending.get(change.agent_id) == change.current:
+            del self.pending[change.agent_id]
+
+    # -- decisions --------------------------------------------------------------------
+    def assess(self, agent_id: str, now: float | None = None) -> Assessment | None:
+        rec = self.state.get(agent_id)
+        if rec is None:
+            return None
+        return self._assess(agent_id, rec, self.clock() if now is None else now)
+
+    def _assess(self, agent_id: str, rec: dict[str, Any], now: float) -> Assessment:
+        last = rec.get("last_heartbeat_at")
+        if last is None:
+            return Assessment(None, "timeout", None, 0)
+        seen = self.received.get(agent_id)
+        basis = min(last, seen) if seen is not None else last
+        elapsed = max(0.0, now - basis)
+        missed = math.floor(elapsed / self.interval_s + 1e-9)
+        if elapsed > self.timeout_s:
+            return Assessment("down", "timeout", elapsed, missed)
+        if missed >= self.max_missed:
+            return Assessment("down", "missed_beats", elapsed, missed)
+        return Assessment("up", "heartbeat", elapsed, missed)
+
+    def effective(self, agent_id: str) -> State | None:
+        """The status as published: pending transition, else the folded one."""
+        pending = self.pending.get(agent_id)
+        if pending is not None:
+            return pending
+        rec = self.state.get(agent_id)
+        return rec.get("status") if rec else None
+
+    def evaluate(self, agent_id: str, now: float | None = None) -> Transition | None:
+        """The transition `agent_id` needs now, if any (marked pending)."""
+        rec = self.state.get(agent_id)
+        if rec is None:
+            return None
+        return self._evaluate(agent_id, rec, self.clock() if now is None else now)
+
+    def _evaluate(self, agent_id: str, rec: dict[str, Any], now: float) -> Transition | None:
+        a = self._assess(agent_id, rec, now)
+        if a.status is None:
+            return None
+        pending = self.pending.get(agent_id)
+        current = pending if pending is not None else rec.get("status")
+        if a.status == current:
+            return None
+        if current is None and a.status == "down":
+            # never seen alive (only stale heartbeats): nothing went down
+            return None
+        reason: Reason = a.reason
+        if a.status == "up":
+            reason = "first_seen" if current is None else "heartbeat"
+        self.pending[agent_id] = a.status
+        return Transition(
+            agent_id=agent_id,
+            previous=current,
+            current=a.status,
+            reason=reason,
+            last_heartbeat_at=rec.get("last_heartbeat_at"),
+            missed_beats=a.missed_beats,
+            at=now,
+        )
+
+    def check(
+        self, now: float | None = None, *, owned: Callable[[str], bool] | None = None
+    ) -> list[Transition]:
+        """One pass over every agent: O(n) with a few float operations per agent."""
+        t = self.clock() if now is None else now
+        out: list[Transition] = []
+        evaluate = self._evaluate
+        for agent_id, rec in list(self.state.items()):
+            if rec is None or (owned is not None and not owned(agent_id)):
+                continue
+            tr = evaluate(agent_id, rec, t)
+            if tr is not None:
+                out.append(tr)
+        return out
+
+    def cancel(self, transitions: Iterable[Transition]) -> None:
+        """Forget pending transitions that could not be published."""
+        for tr in transitions:
+            if self.pending.get(tr.agent_id) == tr.current:
+                del self.pending[tr.agent_id]
+
+    def reset_pending(self) -> None:
+        """After a rebalance: what was published is in the log and will be folded."""
+        self.pending.clear()
+
+    def counts(self, now: float | None = None) -> dict[str, int]:
+        c = {"up": 0, "down": 0}
+        for agent_id in list(self.state.keys()):
+            st = self.effective(agent_id)
+            if st in c:
+                c[st] += 1
+        return c
+
+    def describe(self, agent_id: str, now: float | None = None) -> dict[str, Any] | None:
+        """The view of one agent: folded record plus what the monitor thinks now."""
+        rec = self.state.get(agent_id)
+        if rec is None:
+            return None
+        t = self.clock() if now is None else now
+        a = self._assess(agent_id, rec, t)
+        return {
+            "agent_id": agent_id,
+            "status": self.effective(agent_id),
+            "confirmed_status": rec.get("status"),
+            "last_heartbeat_at": rec.get("last_heartbeat_at"),
+            "seconds_since_heartbeat": a.elapsed_s,
+            "missed_beats": a.missed_beats,
+            "beats": rec.get("beats", 0),
+            "sequence": rec.get("sequence", 0),
+            "first_seen_at": rec.get("first_seen_at"),
+            "status_changed_at": rec.get("status_changed_at"),
+            "reason": rec.get("reason"),
+            "info": rec.get("info", {}),
+            "interval_s": self.interval_s,
+            "timeout_s": self.timeout_s,
+            "max_missed_beats": self.max_missed,
+        }
+
+
+def to_event_payload(tr: Transition) -> AgentStatusChanged:
+    from datetime import UTC, datetime
+
+    return AgentStatusChanged(
+        agent_id=tr.agent_id,
+        previous=tr.previous,
+        current=tr.current,
+        reason=tr.reason,
+        last_heartbeat_at=(
+            datetime.fromtimestamp(tr.last_heartbeat_at, UTC)
+            if tr.last_heartbeat_at is not None
+            else None
+        ),
+        missed_beats=tr.missed_beats,
+        changed_at=datetime.fromtimestamp(tr.at, UTC),
+    )

@@ -1,0 +1,71 @@
+"""collect_metrics: folds `metrics.samples` into the `metric_windows` table, and exports
+the latest value of every series to Prometheus (`agentstream_series_last_value`)."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client.core import REGISTRY, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from agents.metrics.windows import latest_values
+from schemas import MetricSample
+from streams.app import app, catalogue_topic, settings
+from streams.processing import Inbound, decoded_batches, guarded
+from streams.tables.monitoring import fold_sample, invalidate_indexes, metrics_writer
+from streams.topics import METRICS_SAMPLES
+
+CONSUMER = "collect_metrics"
+writer = metrics_writer()
+
+
+@app.on_partitions_assigned.connect
+async def _on_assigned(sender: Any, assigned: Any, **kwargs: Any) -> None:
+    # the table may have been restored from its changelog: the pruning index is stale
+    invalidate_indexes(writer)
+
+
+@app.agent(catalogue_topic(METRICS_SAMPLES), name=CONSUMER)
+async def collect_metrics(stream: Any) -> None:
+    async for batch in decoded_batches(stream, consumer=CONSUMER, accept=[MetricSample.TYPE]):
+        for inbound in batch:
+            await guarded(inbound, CONSUMER, _fold)
+
+
+async def _fold(inbound: Inbound) -> None:
+    p: MetricSample = inbound.event.payload
+    writer.partition = inbound.message.partition
+    fold_sample(
+        writer,
+        p.series,
+        p.labels,
+        p.timestamp,
+        p.value,
+        interval_s=settings.metrics_collection_interval_s,
+        retention_s=settings.metrics_retention_s,
+    )
+
+
+class SeriesCollector(Collector):
+    """Latest value of each collected series and label set, at scrape time."""
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        fam = GaugeMetricFamily(
+            "agentstream_series_last_value",
+            "Latest value of each collected metrics.samples series and label set",
+            labels=["series", "labels"],
+        )
+        latest = latest_values(
+            list(writer.items()), now=time.time(), retention_s=settings.metrics_retention_s
+        )
+        for (series, labels_json), window in sorted(latest.items()):
+            fam.add_metric([series, labels_json], float(window["last"]))
+        yield fam
+
+
+_collector = SeriesCollector()
+with contextlib.suppress(ValueError):  # already registered (module re-imported in tests)
+    REGISTRY.register(_collector)

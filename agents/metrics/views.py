@@ -1,0 +1,59 @@
+"""``GET /metrics/series/{series}?since=...&until=...&label=k=v`` → the series' windows.
+
+`since`/`until` accept what `agentstream replay` does (`-15m`, ISO-8601, epoch ms, `now`);
+default: the whole retention.
+"""
+
+from __future__ import annotations
+
+import time
+
+from faust.web import Request, Response, View
+
+from agents.metrics.agent import writer
+from agents.metrics.windows import series_between
+from streams.app import app, settings
+from streams.replay import TimeParseError, parse_time
+
+
+def parse_labels(values: list[str]) -> dict[str, str]:
+    out = {}
+    for v in values:
+        k, sep, val = v.partition("=")
+        if not sep or not k:
+            raise ValueError(f"label filter {v!r} is not key=value")
+        out[k] = val
+    return out
+
+
+@app.page("/metrics/series/{series}")
+class SeriesView(View):
+    async def get(self, request: Request, series: str) -> Response:
+        now = time.time()
+        try:
+            since = request.query.get("since")
+            until = request.query.get("until")
+            start = parse_time(since).timestamp() if since else now - settings.metrics_retention_s
+            end = parse_time(until).timestamp() if until else now + 1
+            labels = parse_labels(request.query.getall("label", []))
+        except (TimeParseError, ValueError) as exc:
+            return self.json({"error": str(exc)}, status=400)
+        windows = series_between(
+            list(writer.items()),
+            series,
+            start,
+            end,
+            labels=labels,
+            now=now,
+            retention_s=settings.metrics_retention_s,
+        )
+        return self.json(
+            {
+                "series": series,
+                "since": start,
+                "until": end,
+                "interval_s": settings.metrics_collection_interval_s,
+                "retention_s": settings.metrics_retention_s,
+                "windows": windows,
+            }
+        )

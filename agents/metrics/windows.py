@@ -1,0 +1,84 @@
+"""Windowed aggregates of metric samples: reading them back.
+
+The fold that builds the windows lives with the table (`streams.tables.monitoring`,
+`fold_sample`): each sample lands in the window ``[floor(ts / interval) * interval, +interval)``
+of its series and label set, which keeps count, sum, min, max and the last value. Windows
+whose end is more than the retention older than the newest sample of the same series and
+label set are deleted by the fold; the readers below also hide windows older than the
+retention relative to the wall clock (a series that stopped reporting ages out of the
+views even though no newer sample arrives to prune it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from streams.tables.monitoring import (
+    SEP,
+    fold_sample,
+    labels_key,
+    make_metrics_fold,
+    split_window_key,
+)
+
+__all__ = ["fold_sample", "labels_key", "latest_values", "make_metrics_fold", "series_between"]
+
+
+def _matches(labels: Mapping[str, str], wanted: Mapping[str, str] | None) -> bool:
+    return not wanted or all(labels.get(k) == v for k, v in wanted.items())
+
+
+def series_between(
+    items: Iterable[tuple[str, Any]],
+    series: str,
+    start: float,
+    end: float,
+    *,
+    labels: Mapping[str, str] | None = None,
+    now: float | None = None,
+    retention_s: float | None = None,
+) -> list[dict[str, Any]]:
+    """Windows of `series` overlapping [start, end), oldest first; `labels` filters on a
+    subset of the label set."""
+    floor = now - retention_s if now is not None and retention_s is not None else None
+    out = []
+    for key, value in items:
+        parsed = split_window_key(key)
+        if parsed is None or parsed[0] != series or value is None:
+            continue
+        w_start, w_end = float(value["start"]), float(value["end"])
+        if w_end <= start or w_start >= end:
+            continue
+        if floor is not None and w_end <= floor:
+            continue
+        if not _matches(value.get("labels") or {}, labels):
+            continue
+        w = dict(value)
+        w["avg"] = float(value["sum"]) / int(value["count"]) if value["count"] else None
+        out.append(w)
+    out.sort(key=lambda w: (w["start"], labels_key(w.get("labels") or {})))
+    return out
+
+
+def latest_values(
+    items: Iterable[tuple[str, Any]], *, now: float | None = None, retention_s: float | None = None
+) -> dict[tuple[str, str], dict[str, Any]]:
+    """(series, labels-json) → the newest window's record (its `last` is the latest value)."""
+    floor = now - retention_s if now is not None and retention_s is not None else None
+    best: dict[tuple[str, str], dict[str, Any]] = {}
+    for key, value in items:
+        parsed = split_window_key(key)
+        if parsed is None or value is None:
+            continue
+        if floor is not None and float(value["end"]) <= floor:
+            continue
+        group = (parsed[0], parsed[1])
+        cur = best.get(group)
+        if cur is None or float(value["last_ts"]) >= float(cur["last_ts"]):
+            best[group] = value
+    return best
+
+
+def group_name(series: str, labels_json: str) -> str:
+    return f"{series}{SEP}{labels_json}"

@@ -1,0 +1,1 @@
+"""Worker memory and disk usage (SystemMonitor) published to `system.stats`."""

@@ -1,0 +1,46 @@
+"""A timer every `system_monitoring_interval_s` publishes this worker's `SystemStats` to
+`system.stats`; ``GET /system/stats`` returns the latest one. Also attaches the rotating
+log file handler (`streams.logging_setup`) once the worker has set up logging."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from faust.web import Request, Response, View
+
+from agents.system.monitor import SystemMonitor
+from schemas import Event
+from streams.app import app, settings
+from streams.logging_setup import attach_file_handler, logs_dir
+from streams.processing import emit
+from streams.settings import REPO_ROOT
+from streams.topics import SYSTEM_STATS
+
+SOURCE = "system_monitor"
+monitor = SystemMonitor(
+    worker_id=settings.worker_id, logs_dir=logs_dir(settings), project_root=REPO_ROOT
+)
+
+
+@app.task
+async def _attach_log_file() -> None:
+    # Faust's worker replaces the root logger's handlers while starting; tasks run after
+    attach_file_handler(settings)
+
+
+@app.timer(settings.system_monitoring_interval_s, name="publish_system_stats")
+async def publish_system_stats() -> None:
+    stats = await asyncio.to_thread(monitor.sample)
+    await emit(SYSTEM_STATS, Event.of(stats, source=SOURCE))
+
+
+@app.page("/system/stats")
+class SystemStatsView(View):
+    async def get(self, request: Request) -> Response:
+        latest = monitor.latest
+        if latest is None:
+            latest = await asyncio.to_thread(monitor.sample)
+        body: dict[str, Any] = latest.model_dump(mode="json")
+        body["paths"] = monitor.describe()
+        return self.json(body)
