@@ -159,7 +159,7 @@ def test_unset_backend_never_falls_back_to_plaintext(
         "get_all_keyring",
         lambda: [fail.Keyring(), null.Keyring(), PlaintextKeyring()],
     )
-    with pytest.raises(CredentialsError, match="no OS keychain.*No plaintext fallback"):
+    with pytest.raises(CredentialsError, match=r"no OS keychain.*No plaintext fallback"):
         resolve_backend(_settings(tmp_path, keyring_backend=None))
 
 
