@@ -1,0 +1,102 @@
+"""Metric windows: aggregates per series and label set, retention by event time, views."""
+
+from __future__ import annotations
+
+import random
+
+from agents.metrics.windows import latest_values, series_between
+from schemas import Event, MetricSample
+from streams.tables import TableSpec, digest, rebuild
+from streams.tables.monitoring import fold_sample, make_metrics_fold
+
+INTERVAL = 10.0
+RETENTION = 60.0
+
+
+def add(state: dict, series: str, ts: float, value: float, **labels: str) -> bool:
+    return fold_sample(state, series, labels, ts, value, interval_s=INTERVAL, retention_s=RETENTION)
+
+
+def test_aggregates_per_window_and_label_set() -> None:
+    s: dict = {}
+    for ts, v in [(100.0, 3.0), (101.0, 1.0), (109.9, 5.0), (110.0, 7.0)]:
+        add(s, "cpu", ts, v, host="a")
+    add(s, "cpu", 105.0, 100.0, host="b")
+    got = series_between(s.items(), "cpu", 0, 1000, labels={"host": "a"})
+    assert [(w["start"], w["count"], w["sum"], w["min"], w["max"], w["last"]) for w in got] == [
+        (100.0, 3, 9.0, 1.0, 5.0, 5.0),
+        (110.0, 1, 7.0, 7.0, 7.0, 7.0),
+    ]
+    assert got[0]["avg"] == 3.0
+    assert [w["labels"] for w in series_between(s.items(), "cpu", 0, 1000)] == [
+        {"host": "a"},
+        {"host": "b"},
+        {"host": "a"},
+    ]
+    # the time range selects overlapping windows only
+    assert [w["start"] for w in series_between(s.items(), "cpu", 110, 115)] == [110.0]
+
+
+def test_last_is_by_timestamp_not_arrival() -> None:
+    s: dict = {}
+    add(s, "q", 105.0, 1.0)
+    add(s, "q", 101.0, 9.0)  # late sample in the same window
+    (w,) = series_between(s.items(), "q", 0, 1000)
+    assert w["last"] == 1.0 and w["count"] == 2 and w["max"] == 9.0
+
+
+def test_windows_pruned_after_retention_by_event_time() -> None:
+    s: dict = {}
+    for t in range(0, 200, 5):
+        add(s, "m", float(t), float(t))
+    starts = [w["start"] for w in series_between(s.items(), "m", 0, 1000)]
+    newest = 195.0
+    # every kept window ends within the retention of the newest sample, none is missing
+    assert starts == [x * INTERVAL for x in range(int((newest - RETENTION) // INTERVAL), 20)]
+    assert all(st + INTERVAL > newest - RETENTION for st in starts)
+    assert len(s) == len(starts)  # pruned from the state, not just hidden
+    # a sample older than the retention is refused instead of resurrecting a window
+    assert not add(s, "m", 10.0, 1.0)
+    assert len(s) == len(starts)
+
+
+def test_views_hide_windows_past_retention_by_wall_clock() -> None:
+    s: dict = {}
+    add(s, "m", 100.0, 1.0)
+    assert series_between(s.items(), "m", 0, 1000, now=150.0, retention_s=RETENTION)
+    assert series_between(s.items(), "m", 0, 1000, now=171.0, retention_s=RETENTION) == []
+    assert latest_values(s.items(), now=171.0, retention_s=RETENTION) == {}
+
+
+def test_latest_values_per_group() -> None:
+    s: dict = {}
+    add(s, "m", 100.0, 1.0, k="x")
+    add(s, "m", 125.0, 2.0, k="x")
+    add(s, "m", 120.0, 3.0, k="y")
+    latest = {k: v["last"] for k, v in latest_values(s.items()).items()}
+    assert latest == {("m", '{"k":"x"}'): 2.0, ("m", '{"k":"y"}'): 3.0}
+
+
+def test_rebuild_matches_live_fold_with_a_fresh_index() -> None:
+    rnd = random.Random(7)
+    events = [
+        Event.of(
+            MetricSample(
+                series=f"s{rnd.randint(0, 2)}",
+                timestamp=t + rnd.random() * 30,
+                value=rnd.random(),
+                labels={"l": str(rnd.randint(0, 1))},
+            ),
+            source="t",
+        )
+        for t in range(0, 600, 2)
+    ]
+    spec = TableSpec("m", ("metrics.samples",), make_metrics_fold(INTERVAL, RETENTION))
+    live: dict = {}
+    for ev in events[:150]:
+        spec.apply(live, ev)
+    # a worker restart: the table is restored (copied) and its index rebuilt from it
+    restored = dict(live)
+    for ev in events[150:]:
+        spec.apply(restored, ev)
+    assert digest(rebuild(spec, events).items()) == digest(restored.items())
