@@ -1,0 +1,88 @@
+"""call_llm: every request on `llm.requests` ends with exactly one final response.
+
+* Requests are admitted in order; each call runs as its own task, at most
+  `llm_max_concurrency` per provider. When a provider's slots are all busy the agent
+  waits for one before taking more (backpressure; Faust pauses fetching when its buffer
+  fills), so no unbounded queue builds up and the stream is never blocked by one call.
+* Acking: the request's offset is committed only after its final response was produced
+  (the agent holds a reference on the message until then). A crash replays uncommitted
+  requests; those already answered are skipped via the `llm_responses_done` table.
+* cancel_llm: `llm.cancellations` is co-partitioned with `llm.requests` (same key, same
+  partition count), so the worker running a request also sees its cancellation.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from agents.llm.runtime import CANCEL_CONSUMER, CONSUMER, runtime
+from schemas.llm import LLMCancelRequested, LLMRequest
+from streams.app import app, catalogue_topic, settings
+from streams.health import Status, register_check
+from streams.processing import Inbound, decoded_batches, guarded
+from streams.tables import llm as tables
+from streams.topics import LLM_CANCELLATIONS, LLM_REQUESTS
+
+for _spec in (tables.RESPONSES_DONE, tables.CANCELLED, tables.BREAKERS, tables.USAGE):
+    tables.table(_spec.name)
+
+
+@app.agent(catalogue_topic(LLM_REQUESTS), name=CONSUMER)
+async def call_llm(stream: Any) -> None:
+    async for batch in decoded_batches(stream, consumer=CONSUMER, accept=[LLMRequest.TYPE]):
+        for inbound in batch:
+            await guarded(inbound, CONSUMER, _admit)
+
+
+async def _admit(inbound: Inbound) -> None:
+    rt = runtime()
+    rid = inbound.event.payload.request_id
+    done = tables.table(tables.RESPONSES_DONE.name).get(rid)
+    if done is None and rid not in rt.inflight and tables.table(tables.CANCELLED.name).get(rid):
+        await rt.answer_cancelled_early(inbound)  # never reaches a provider
+        return
+    await rt.admit(inbound)
+
+
+@app.agent(catalogue_topic(LLM_CANCELLATIONS), name=CANCEL_CONSUMER)
+async def cancel_llm(stream: Any) -> None:
+    async for batch in decoded_batches(
+        stream, consumer=CANCEL_CONSUMER, accept=[LLMCancelRequested.TYPE]
+    ):
+        for inbound in batch:
+            await guarded(inbound, CANCEL_CONSUMER, _cancel)
+
+
+async def _cancel(inbound: Inbound) -> None:
+    payload: LLMCancelRequested = inbound.event.payload
+    runtime().cancel(payload.request_id, payload.reason, inbound.event)
+
+
+@app.task
+async def _publish_breaker_transitions() -> None:
+    await runtime().publish_transitions()
+
+
+@app.on_partitions_revoked.connect
+async def _revoke_calls(app: Any, revoked: Any, **kwargs: Any) -> None:
+    runtime().revoke(set(revoked))
+
+
+def _provider_check(name: str) -> Any:
+    async def check() -> tuple[Status, str]:
+        rt = runtime()
+        breaker = rt.processor.breakers.get(name)
+        if breaker is not None and breaker.state == "open":
+            return "degraded", f"circuit open, probe in {breaker.retry_in_s():.1f}s"
+        ok = await rt.registry.check_provider_setup(name)
+        return ("ok", "reachable") if ok else ("degraded", "setup check failed")
+
+    return check
+
+
+for _name in runtime().registry.names():
+    register_check(f"provider:{_name}", _provider_check(_name))
+
+from agents.llm import views as _views  # noqa: E402,F401 - registers the web views
+
+__all__ = ["call_llm", "cancel_llm", "settings"]

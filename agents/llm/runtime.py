@@ -1,0 +1,236 @@
+"""Per-worker state of the call_llm stage: the processor, per-provider slots, in-flight
+calls and their cancel switches. Kept out of the agent module so the agent stays thin and
+the views and health checks can read the same objects."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from functools import cache
+from typing import Any
+
+from agents.llm.adapter import WebSearchService
+from agents.llm.processor import AgentProcessor, Outcome
+from agents.llm.registry import LLMRegistry
+from schemas import Event
+from schemas.llm import (
+    BreakerStateChanged,
+    LLMRequest,
+    LLMResponse,
+    LLMStreamChunk,
+    Usage,
+)
+from streams.app import app, catalogue_topic, settings
+from streams.audit_chain import chain_writer
+from streams.observability import BREAKER_STATE, EVENTS_OUT, LLM_CALLS, LLM_LATENCY, LLM_TOKENS
+from streams.processing import Inbound, dead_letter, emit
+from streams.resilience import RetryPolicy, Transition
+from streams.tables import llm as tables
+from streams.topics import LLM_BREAKER, LLM_CHUNKS, LLM_RESPONSES
+
+log = logging.getLogger(__name__)
+
+CONSUMER = "call_llm"
+CANCEL_CONSUMER = "cancel_llm"
+BREAKER_LEVEL = {"closed": 0, "half_open": 1, "open": 2}
+
+
+@dataclass
+class Flight:
+    request: LLMRequest
+    inbound: Inbound
+    cancel: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task[None] | None = None
+    revoked: bool = False
+    started: float = field(default_factory=time.perf_counter)
+
+
+class CallRuntime:
+    def __init__(self) -> None:
+        self.registry = LLMRegistry.from_settings(settings)
+        search = WebSearchService(settings.web_search_url) if settings.web_search_url else None
+        self.processor = AgentProcessor(
+            self.registry,
+            policy=RetryPolicy(
+                max_attempts=settings.llm_max_attempts,
+                base_delay_s=settings.llm_backoff_base_s,
+                max_delay_s=settings.llm_backoff_max_s,
+            ),
+            default_provider=settings.llm_default_provider,
+            timeout_s=settings.llm_timeout_s,
+            breaker_failures=settings.llm_breaker_failures,
+            breaker_window_s=settings.llm_breaker_window_s,
+            breaker_reset_s=settings.llm_breaker_reset_s,
+            on_transition=self._on_transition,
+            search=search,
+        )
+        self.slots: dict[str, asyncio.Semaphore] = {}
+        self.inflight: dict[str, Flight] = {}
+        self.transitions: asyncio.Queue[Transition] = asyncio.Queue()
+        self.deduplicated = 0
+
+    # -- admission -------------------------------------------------------------------------
+    def slot(self, provider: str) -> asyncio.Semaphore:
+        sem = self.slots.get(provider)
+        if sem is None:
+            limit = settings.llm_max_concurrency
+            with contextlib.suppress(Exception):
+                limit = self.registry.config(provider).max_concurrency or limit
+            sem = self.slots[provider] = asyncio.Semaphore(limit)
+        return sem
+
+    async def admit(self, inbound: Inbound) -> None:
+        """Start the call for one request, after waiting for a slot of its provider (the
+        backpressure: the agent takes no more requests while every slot is busy)."""
+        request: LLMRequest = inbound.event.payload
+        rid = request.request_id
+        if rid in self.inflight or tables.table(tables.RESPONSES_DONE.name).get(rid):
+            self.deduplicated += 1
+            log.info("request %s already answered or in flight: not calling again", rid)
+            return
+        flight = Flight(request, inbound)
+        if tables.table(tables.CANCELLED.name).get(rid):
+            flight.cancel.set()
+        self.inflight[rid] = flight
+        sem = self.slot(request.provider or settings.llm_default_provider)
+        try:
+            await sem.acquire()
+        except BaseException:
+            self.inflight.pop(rid, None)
+            raise
+        # the offset may be committed only once the final response is out: hold a ref
+        inbound.message.incref()
+        flight.task = asyncio.create_task(self._run(flight, sem), name=f"llm:{rid}")
+
+    def cancel(self, request_id: str, reason: str, event: Event[Any]) -> None:
+        tables.apply_cancel(tables.table(tables.CANCELLED.name), event)
+        flight = self.inflight.get(request_id)
+        if flight is not None:
+            flight.cancel.set()
+
+    def revoke(self, revoked: set[Any]) -> None:
+        """Partitions moved to another worker: stop their calls without a final response;
+        the new owner replays the uncommitted requests."""
+        for flight in list(self.inflight.values()):
+            if flight.inbound.message.tp in revoked and flight.task is not None:
+                flight.revoked = True
+                flight.task.cancel()
+
+    # -- one call --------------------------------------------------------------------------
+    async def _run(self, flight: Flight, sem: asyncio.Semaphore) -> None:
+        request, inbound = flight.request, flight.inbound
+        partition = inbound.message.partition
+        ack = True
+        seq = 0
+        chunk_topic = catalogue_topic(LLM_CHUNKS)
+        key = request.request_id.encode()
+        source = f"{CONSUMER}@{settings.worker_id}"
+
+        async def on_chunk(delta: str, provider: str, attempt: int) -> None:
+            nonlocal seq
+            chunk = LLMStreamChunk(
+                request_id=request.request_id,
+                sequence=seq,
+                delta=delta,
+                provider=provider,
+                attempt=attempt,
+            )
+            seq += 1
+            from schemas import encode
+
+            await chunk_topic.send(
+                key=key,
+                value=encode(inbound.event.caused(chunk, source=source)),
+                partition=partition,
+            )
+            EVENTS_OUT.labels(LLM_CHUNKS).inc()
+
+        try:
+            outcome = await self.processor.process_request(
+                request, on_chunk=on_chunk, cancel=flight.cancel
+            )
+            await self.finish(inbound, request, outcome)
+        except asyncio.CancelledError:
+            # the worker is stopping or lost the partition (user cancellation sets
+            # flight.cancel instead): no final response, no ack — the request is replayed
+            ack = False
+            if flight.revoked:
+                return
+            raise
+        except Exception as exc:  # publishing failed: keep a trace rather than lose it
+            log.exception("call_llm could not finish %s", request.request_id)
+            await dead_letter(inbound.message, exc, CONSUMER)
+        finally:
+            sem.release()
+            self.inflight.pop(request.request_id, None)
+            if ack:
+                inbound.message.ack(app.consumer)
+
+    async def finish(self, inbound: Inbound, request: LLMRequest, outcome: Outcome) -> None:
+        response = LLMResponse(
+            request_id=request.request_id,
+            agent_id=request.agent_id,
+            status=outcome.status,
+            content=outcome.content,
+            usage=outcome.usage,
+            provider=outcome.provider,
+            model=outcome.model,
+            attempts=outcome.attempts,
+            latency_ms=outcome.latency_ms,
+            chunks=outcome.chunks,
+            error=outcome.error,
+        )
+        event = inbound.event.caused(response, source=f"{CONSUMER}@{settings.worker_id}")
+        sealed = await chain_writer(LLM_RESPONSES).emit(event, partition=inbound.message.partition)
+        tables.apply_response(tables.table(tables.RESPONSES_DONE.name), sealed)
+        tables.apply_usage(tables.table(tables.USAGE.name), sealed)
+        LLM_CALLS.labels(outcome.provider or "-", outcome.status).inc()
+        LLM_LATENCY.labels(outcome.provider or "-").observe(outcome.latency_ms / 1000)
+        if outcome.usage is not None and outcome.usage.estimated:
+            # provider-reported usage is counted by the adapter; estimates only here
+            LLM_TOKENS.labels(outcome.provider, outcome.model, "estimated").inc(
+                outcome.usage.total_tokens
+            )
+
+    async def answer_cancelled_early(self, inbound: Inbound) -> None:
+        request: LLMRequest = inbound.event.payload
+        outcome = Outcome(
+            "cancelled",
+            provider=request.provider or settings.llm_default_provider,
+            model=request.config.model,
+            usage=Usage(estimated=True),
+        )
+        await self.finish(inbound, request, outcome)
+
+    # -- breaker transitions -----------------------------------------------------------------
+    def _on_transition(self, t: Transition) -> None:
+        BREAKER_STATE.labels(t.name).set(BREAKER_LEVEL[t.current])
+        self.transitions.put_nowait(t)
+
+    async def publish_transitions(self) -> None:
+        while True:
+            t = await self.transitions.get()
+            event = Event.of(
+                BreakerStateChanged(
+                    provider=t.name,
+                    previous=t.previous,
+                    current=t.current,
+                    failures=t.failures,
+                    changed_at=t.at,
+                    reason=t.reason[:1000],
+                ),
+                source=f"{CONSUMER}@{settings.worker_id}",
+            )
+            try:
+                await emit(LLM_BREAKER, event)
+                tables.apply_breaker(tables.table(tables.BREAKERS.name), event)
+            except Exception:  # keep publishing later transitions
+                log.exception("could not publish breaker transition %s", t)
+
+
+@cache
+def runtime() -> CallRuntime:
+    return CallRuntime()

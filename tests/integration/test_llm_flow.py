@@ -1,0 +1,315 @@
+"""call_llm end to end through Kafka, against the loopback LLM server: streamed chunks in
+order, one final response, retries as specified, breaker opening and closing,
+cancellation mid-stream and before the call, dedup on redelivery and after a crash."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from schemas import Event, registry
+from schemas.errors import SchemaError
+from schemas.llm import (
+    BreakerStateChanged,
+    ChatMessage,
+    LLMCancelRequested,
+    LLMConfig,
+    LLMContext,
+    LLMRequest,
+    LLMResponse,
+    LLMStreamChunk,
+)
+from streams.audit_chain import GENESIS
+from streams.client import Client
+from streams.settings import Settings
+from tests.llm_server import LLMServer, Reply
+from tests.support import Worker, await_until
+
+pytestmark = pytest.mark.integration
+
+
+def req(rid: str, provider: str = "loop", *, stream: bool = True, **kw: Any) -> Event[Any]:
+    return Event.of(
+        LLMRequest(
+            request_id=rid,
+            agent_id="agent-7",
+            provider=provider,
+            stream=stream,
+            context=LLMContext(messages=[ChatMessage(role="user", content=f"hello {rid}")]),
+            config=LLMConfig(model="loop-model", max_tokens=64),
+            **kw,
+        ),
+        source="test",
+    )
+
+
+def view(port: str, path: str) -> Any:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:  # noqa: S310
+        return json.loads(resp.read())
+
+
+class Topics:
+    """One consumer following the output topics for the whole test (re-reading topics
+    from the beginning on every poll costs a consumer start each time)."""
+
+    NAMES = ("llm.chunks", "llm.responses", "llm.breaker")
+
+    def __init__(self, settings: Settings) -> None:
+        self.s = settings
+        self.seen: dict[str, list[Event[Any]]] = {n: [] for n in self.NAMES}
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        from aiokafka import AIOKafkaConsumer, TopicPartition
+
+        self._consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.s.bootstrap, enable_auto_commit=False
+        )
+        await self._consumer.start()
+        tps = []
+        for name in self.NAMES:
+            topic = self.s.topic(name)
+            parts = await await_until(lambda t=topic: self._parts(t), 30, what=topic)
+            tps += [TopicPartition(topic, p) for p in sorted(parts)]
+        self._consumer.assign(tps)
+        await self._consumer.seek_to_beginning(*tps)
+        self._task = asyncio.create_task(self._poll())
+
+    async def _parts(self, topic: str) -> Any:
+        await self._consumer._client.force_metadata_update()
+        return self._consumer.partitions_for_topic(topic)
+
+    async def _poll(self) -> None:
+        prefix = self.s.topic("")
+        while True:
+            batch = await self._consumer.getmany(timeout_ms=100)
+            for tp, records in batch.items():
+                for rec in records:
+                    with contextlib.suppress(SchemaError):
+                        self.seen[tp.topic[len(prefix) :]].append(registry.decode(rec.value))
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self._consumer.stop()
+
+    async def events(self, name: str) -> list[Event[Any]]:
+        return list(self.seen[name])
+
+    async def responses(self, rid: str) -> list[LLMResponse]:
+        return [e.payload for e in self.seen["llm.responses"] if e.payload.request_id == rid]
+
+    async def response(self, rid: str, timeout: float = 30) -> LLMResponse:
+        async def one() -> list[LLMResponse]:
+            return await self.responses(rid)
+
+        found = await await_until(one, timeout, interval=0.05, what=f"response for {rid}")
+        return found[0]
+
+    async def chunks(self, rid: str) -> list[LLMStreamChunk]:
+        return [e.payload for e in self.seen["llm.chunks"] if e.payload.request_id == rid]
+
+
+def seen_for(server: LLMServer, rid: str) -> int:
+    return sum(
+        1
+        for r in server.requests
+        if r.body and f"hello {rid}" in json.dumps(r.body.get("messages"))
+    )
+
+
+async def test_llm_stage_end_to_end(settings_env: dict[str, str], tmp_path: Path) -> None:
+    server = LLMServer().start()
+    providers = tmp_path / "providers.yaml"
+    providers.write_text(
+        "providers:\n"
+        f"  loop: {{kind: vllm, base_url: '{server.url}/v1'}}\n"
+        f"  olla: {{kind: ollama, base_url: '{server.url}'}}\n"
+    )
+    env = {
+        **settings_env,
+        "AGENTSTREAM_AGENTS": "agents.llm",
+        "AGENTSTREAM_LLM_PROVIDERS_FILE": str(providers),
+        "AGENTSTREAM_LLM_MAX_ATTEMPTS": "3",
+        "AGENTSTREAM_LLM_BACKOFF_BASE_S": "0.05",
+        "AGENTSTREAM_LLM_BREAKER_FAILURES": "3",
+        "AGENTSTREAM_LLM_BREAKER_RESET_S": "1.5",
+    }
+    settings = Settings.from_env(env)
+    os.environ.update({k: v for k, v in env.items() if k.startswith("AGENTSTREAM_")})
+    port = env["AGENTSTREAM_WEB_PORT"]
+    topics = Topics(settings)
+    worker = Worker(env, tmp_path / "worker.log").start()
+    client = Client(settings)
+    await client.start()
+    await topics.start()
+    try:
+        # -- streamed: chunks in order, then one sealed final response ------------------------
+        server.script(Reply(words=["one", "two", "three", "four", "five"]))
+        s1 = req("s1")
+        await client.publish("llm.requests", s1)
+        r = await topics.response("s1")
+        assert r.status == "completed" and r.content == "one two three four five"
+        assert r.provider == "loop" and r.model == "loop-model" and r.chunks == 5
+        assert r.usage is not None and r.usage.total_tokens == 12 and not r.usage.estimated
+        assert [a.outcome for a in r.attempts] == ["ok"]
+        assert r.hash and r.prev_hash == GENESIS
+        chunks = await topics.chunks("s1")
+        assert [c.sequence for c in chunks] == list(range(5))
+        assert "".join(c.delta for c in chunks) == r.content
+        resp_events = [
+            e for e in await topics.events("llm.responses") if e.payload.request_id == "s1"
+        ]
+        assert resp_events[0].causation_id == str(s1.event_id)
+
+        # -- non-streaming: only the final response; ollama; local; missing usage -------------
+        server.script(Reply(words=["whole"]), Reply(usage=False))
+        await client.publish("llm.requests", req("n1", stream=False))
+        assert (await topics.response("n1")).content == "whole"
+        await client.publish("llm.requests", req("o1", "olla"))
+        o1 = await topics.response("o1")
+        assert o1.status == "completed" and o1.usage is not None and o1.usage.estimated
+        await client.publish("llm.requests", req("l1", "local"))
+        l1 = await topics.response("l1")
+        assert l1.status == "completed" and l1.provider == "local" and l1.content
+        assert not await topics.chunks("n1")
+
+        # -- retries: 429 honours Retry-After, 500 backs off, 400 fails at once --------------
+        server.script(
+            Reply(kind="status", status=429, retry_after="1"),
+            Reply(kind="status", status=500),
+            Reply(words=["finally"]),
+        )
+        await client.publish("llm.requests", req("r1"))
+        r1 = await topics.response("r1")
+        assert r1.status == "completed" and r1.content == "finally"
+        assert [(a.outcome, a.status_code) for a in r1.attempts] == [
+            ("error", 429),
+            ("error", 500),
+            ("ok", None),
+        ]
+        assert r1.attempts[0].retry_after_s == 1.0
+        times = [x.at for x in server.requests if x.body and "hello r1" in json.dumps(x.body)]
+        assert len(times) == 3 and times[1] - times[0] >= 1.0
+        server.script(Reply(kind="status", status=400))
+        await client.publish("llm.requests", req("f1"))
+        f1 = await topics.response("f1")
+        assert f1.status == "failed" and len(f1.attempts) == 1
+        assert f1.error is not None and f1.error.error_class == "ProviderRequestError"
+
+        # -- cancellation mid-stream: abort within a second, partial content ------------------
+        server.script(Reply(kind="hang", after=2, words=["alpha", "beta", "gamma", "delta"]))
+        await client.publish("llm.requests", req("c1"))
+
+        async def two_chunks() -> bool:
+            return len(await topics.chunks("c1")) >= 2
+
+        await await_until(two_chunks, 20, what="first chunks of c1")
+        aborted_before = server.aborted
+        sent = time.monotonic()
+        await client.publish(
+            "llm.cancellations",
+            Event.of(LLMCancelRequested(request_id="c1", reason="user"), source="test"),
+        )
+        c1 = await topics.response("c1")
+        assert c1.status == "cancelled" and c1.content == "alpha beta"
+        assert c1.usage is not None and c1.usage.completion_tokens > 0
+        assert server.aborted > aborted_before
+        assert time.monotonic() - sent < 5  # incl. reading the topic back
+
+        # -- cancel first: the provider is never called -----------------------------------------
+        await client.publish(
+            "llm.cancellations", Event.of(LLMCancelRequested(request_id="c2"), source="test")
+        )
+        await await_until(
+            lambda: _async(view(port, "/llm/requests/c2")["cancelled"]),
+            20,
+            what="c2 cancellation recorded",
+        )
+        await client.publish("llm.requests", req("c2"))
+        c2 = await topics.response("c2")
+        assert c2.status == "cancelled" and not c2.attempts and seen_for(server, "c2") == 0
+
+        # -- dedup: the same request again is not sent to the provider ------------------------
+        before = view(port, "/llm/requests/s1")["deduplicated_total"]
+        await client.publish("llm.requests", s1)
+        await await_until(
+            lambda: _async(view(port, "/llm/requests/s1")["deduplicated_total"] > before),
+            20,
+            what="redelivered s1 deduplicated",
+        )
+        assert len(await topics.responses("s1")) == 1 and seen_for(server, "s1") == 1
+
+        # -- breaker: opens after 3 failures, fails fast, half-opens, closes ------------------
+        server.script(*[Reply(kind="status", status=503) for _ in range(3)])
+        await client.publish("llm.requests", req("b1"))
+        b1 = await topics.response("b1")
+        assert b1.status == "failed" and len(b1.attempts) == 3
+        await client.publish("llm.requests", req("b2"))
+        b2 = await topics.response("b2")
+        assert b2.status == "failed" and b2.attempts[0].outcome == "circuit_open"
+        assert b2.error is not None and b2.error.error_class == "CircuitOpen"
+        assert seen_for(server, "b2") == 0
+        await await_until(
+            lambda: _async(
+                view(port, "/llm/breakers")["breakers"]["loop"]["live"]["retry_in_s"] == 0
+            ),
+            10,
+            what="breaker reset timeout",
+        )
+        await client.publish("llm.requests", req("b3"))
+        assert (await topics.response("b3")).status == "completed"
+
+        async def transitions() -> list[tuple[str, str]]:
+            evs = [e.payload for e in await topics.events("llm.breaker")]
+            pairs = [(p.previous, p.current) for p in evs if isinstance(p, BreakerStateChanged)]
+            return pairs if len(pairs) >= 3 else []
+
+        assert await await_until(transitions, 20, what="breaker transitions") == [
+            ("closed", "open"),
+            ("open", "half_open"),
+            ("half_open", "closed"),
+        ]
+        breakers = view(port, "/llm/breakers")["breakers"]["loop"]
+        assert breakers["live"]["state"] == "closed"
+        assert breakers["recorded"]["state"] == "closed"
+
+        usage = view(port, "/llm/usage")
+        assert usage["agent"]["agent-7"]["requests"] >= 10
+        assert usage["provider"]["loop"]["total_tokens"] > 0
+        assert "loop/loop-model" in usage["model"]
+
+        # -- restart with a call in flight: its offset was not committed, so the restarted
+        # worker replays it and answers it once (kill -9 takes the same path, but the group
+        # then waits out the dead member's session timeout, too slow for this suite) --------
+        server.script(Reply(kind="hang", after=1))
+        await client.publish("llm.requests", req("k1"))
+        await await_until(lambda: _async(seen_for(server, "k1") == 1), 20, what="k1 in flight")
+        worker.stop()
+        worker.start()
+        k1 = await topics.response("k1", timeout=60)
+        assert k1.status == "completed" and seen_for(server, "k1") == 2
+        # requests answered before the crash are not called again, whether replayed or not
+        for rid in ("s1", "r1", "b3"):
+            assert len(await topics.responses(rid)) == 1, rid
+        assert seen_for(server, "s1") == 1
+        assert worker.alive(), worker.tail()
+    finally:
+        await topics.stop()
+        await client.stop()
+        worker.stop()
+        server.stop()
+
+
+async def _async(value: Any) -> Any:
+    return value
