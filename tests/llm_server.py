@@ -16,6 +16,7 @@ a connection dropped mid-stream, malformed SSE, a stream without usage or withou
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import threading
@@ -94,7 +95,11 @@ class LLMServer:
     def start(self) -> LLMServer:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+            port = s.getsockname()[1]
+        return self.start_on(port)
+
+    def start_on(self, port: int) -> LLMServer:
+        self.port = port
         self._thread = threading.Thread(target=self._run, name="llm-server", daemon=True)
         self._thread.start()
         if not self._ready.wait(10):
@@ -323,3 +328,29 @@ class LLMServer:
                 self.aborted += 1
             raise
         return resp
+
+
+def main() -> None:
+    """``python -m tests.llm_server --port N [--words 8] [--delay 0.005]``: serve until
+    killed (the benchmark runs it in its own process so that the server does not share a
+    GIL with the client it is measured against)."""
+    import argparse
+    import signal
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--words", type=int, default=8)
+    p.add_argument("--delay", type=float, default=0.0)
+    args = p.parse_args()
+    srv = LLMServer(Reply(words=[f"w{i}" for i in range(args.words)], chunk_delay_s=args.delay))
+    srv.start_on(args.port)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    print(f"listening on {srv.url}", flush=True)
+    with contextlib.suppress(KeyboardInterrupt):
+        stop.wait()
+    srv.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -52,7 +52,7 @@ def req(rid: str, provider: str = "loop", *, stream: bool = True, **kw: Any) -> 
 
 
 def view(port: str, path: str) -> Any:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:  # noqa: S310
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
         return json.loads(resp.read())
 
 

@@ -92,8 +92,8 @@ class OllamaProvider(HTTPProvider):
         ) as resp:
             done = False
             async for line in resp.aiter_lines():
-                if not line.strip():
-                    continue
+                if done or not line.strip():
+                    continue  # after done: read to the end, the connection is reused
                 try:
                     obj = orjson.loads(line)
                 except orjson.JSONDecodeError:
@@ -116,7 +116,7 @@ class OllamaProvider(HTTPProvider):
                         finish_reason=obj.get("done_reason") or "stop",
                         model=obj.get("model"),
                     )
-                    break
+                    continue
                 if delta:
                     yield StreamChunk(delta=delta, model=obj.get("model"))
             if not done:

@@ -128,9 +128,11 @@ class OpenAICompatibleProvider(HTTPProvider):
         ) as resp:
             done = False
             async for data in sse_data(resp.aiter_lines()):
+                if done:
+                    continue  # read to the end so the connection goes back to the pool
                 if data == "[DONE]":
                     done = True
-                    break
+                    continue
                 chunk = self._chunk(data)
                 if chunk is not None:
                     yield chunk

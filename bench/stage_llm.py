@@ -1,0 +1,229 @@
+"""The call_llm stage against the loopback LLM server, 200 requests in flight.
+
+Baseline: the same 200 streaming chat completions fired at once straight at the server
+with httpx. Pipeline: 200 `LLMRequest`s produced at once to `llm.requests`; a worker
+running only `agents.llm` streams every delta to `llm.chunks` and seals one response per
+request on `llm.responses`, where a consumer in this process notes when each arrives.
+
+``llm_added_p50_ms`` / ``llm_added_p99_ms`` = percentile of (response seen - request
+produced) minus the same percentile of the direct httpx latency; ``llm_rps`` = requests
+per second through the pipeline (first produce to last response). Several rounds after a
+warm-up, so connection set-up and group join are excluded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from bench.context import REPO, BenchContext, BenchError, free_port, log
+from schemas import Event, encode
+from schemas.llm import ChatMessage, LLMConfig, LLMContext, LLMRequest
+from streams.topics import LLM_REQUESTS, LLM_RESPONSES
+
+NAME = "llm"
+IN_FLIGHT = 200
+ROUNDS = 4
+WORDS = [f"w{i}" for i in range(8)]
+CHUNK_DELAY_S = 0.005
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+async def direct_round(client: httpx.AsyncClient, url: str) -> list[float]:
+    body = {
+        "model": "bench",
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "messages": [{"role": "user", "content": "hello"}],
+    }
+
+    async def one() -> float:
+        t0 = time.perf_counter()
+        async with client.stream("POST", url, json=body) as resp:
+            async for _line in resp.aiter_lines():
+                pass  # to the end, like the provider, so the connection is reused
+        return time.perf_counter() - t0
+
+    return list(await asyncio.gather(*(one() for _ in range(IN_FLIGHT))))
+
+
+class ResponseWatch:
+    """Notes the wall time each request id's final response is seen."""
+
+    def __init__(self, bootstrap: str, topic: str) -> None:
+        self.bootstrap, self.topic = bootstrap, topic
+        self.seen: dict[str, float] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self.consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap, enable_auto_commit=False, fetch_max_wait_ms=5
+        )
+        await self.consumer.start()
+        parts = self.consumer.partitions_for_topic(self.topic)
+        while not parts:
+            await self.consumer._client.force_metadata_update()
+            parts = self.consumer.partitions_for_topic(self.topic)
+        tps = [TopicPartition(self.topic, p) for p in sorted(parts)]
+        self.consumer.assign(tps)
+        await self.consumer.seek_to_end(*tps)
+        self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            batch = await self.consumer.getmany(timeout_ms=50)
+            now = time.time()
+            for records in batch.values():
+                for rec in records:
+                    payload = orjson.loads(rec.value)["payload"]
+                    self.seen.setdefault(payload["request_id"], now)
+                    if payload["status"] != "completed":
+                        raise BenchError(f"request {payload['request_id']}: {payload['status']}")
+
+    async def wait(self, ids: list[str], within_s: float) -> None:
+        deadline = time.monotonic() + within_s
+        while any(i not in self.seen for i in ids):
+            if self._task is not None and self._task.done():
+                self._task.result()
+            if time.monotonic() > deadline:
+                missing = sum(i not in self.seen for i in ids)
+                raise BenchError(f"{missing} of {len(ids)} responses missing after {within_s}s")
+            await asyncio.sleep(0.005)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+        await self.consumer.stop()
+
+
+def requests(n: int) -> list[Event[Any]]:
+    run = uuid.uuid4().hex[:8]
+    return [
+        Event.of(
+            LLMRequest(
+                request_id=f"{run}-{i}",
+                agent_id=f"bench-{i % 16}",
+                provider="loop",
+                context=LLMContext(messages=[ChatMessage(role="user", content="hello")]),
+                config=LLMConfig(model="bench"),
+            ),
+            source="bench",
+        )
+        for i in range(n)
+    ]
+
+
+async def pipeline_round(ctx: BenchContext, topic: str, watch: ResponseWatch) -> list[float]:
+    events = requests(IN_FLIGHT)
+    values = [encode(e) for e in events]
+    keys = [e.key.encode() for e in events]
+    sent = time.time()
+    await ctx.produce(topic, values, keys)
+    ids = [e.payload.request_id for e in events]
+    await watch.wait(ids, 60)
+    return [watch.seen[i] - sent for i in ids]
+
+
+async def run(ctx: BenchContext) -> dict[str, float]:
+    port = free_port()
+    server = subprocess.Popen(  # noqa: ASYNC220 - started once, before measuring
+        [
+            sys.executable,
+            "-m",
+            "tests.llm_server",
+            "--port",
+            str(port),
+            "--words",
+            str(len(WORDS)),
+            "--delay",
+            str(CHUNK_DELAY_S),
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    assert server.stdout is not None
+    line = await asyncio.to_thread(server.stdout.readline)
+    if b"listening" not in line:
+        raise BenchError(f"loopback LLM server did not start: {line!r}")
+    base = f"http://127.0.0.1:{port}"
+    providers = Path(ctx.work_dir) / f"llm-providers-{uuid.uuid4().hex[:6]}.yaml"
+    providers.parent.mkdir(parents=True, exist_ok=True)
+    providers.write_text(
+        f"providers:\n  loop: {{kind: vllm, base_url: '{base}/v1', max_concurrency: 256}}\n"
+    )
+    try:
+        async with httpx.AsyncClient(
+            limits=httpx.Limits(max_connections=None), timeout=30
+        ) as client:
+            url = base + "/v1/chat/completions"
+            await direct_round(client, url)  # warm-up: connections
+            direct: list[float] = []
+            for _ in range(ROUNDS):
+                direct += await direct_round(client, url)
+        d50, d99 = pct(direct, 0.5) * 1000, pct(direct, 0.99) * 1000
+        log(f"llm: direct p50 {d50:.1f} ms p99 {d99:.1f} ms")
+
+        env = ctx.new_env(
+            AGENTSTREAM_AGENTS="agents.llm",
+            AGENTSTREAM_LLM_PROVIDERS_FILE=str(providers),
+            AGENTSTREAM_LLM_MAX_CONCURRENCY="256",
+        )
+        await ctx.ensure_topics(env)
+        topic = ctx.topic(env, LLM_REQUESTS)
+        watch = ResponseWatch(ctx.bootstrap, ctx.topic(env, LLM_RESPONSES))
+        await watch.start()
+        if os.environ.get("BENCH_LLM_PROFILE"):
+            worker = ctx.start_process(
+                env,
+                "-m",
+                "cProfile",
+                "-o",
+                os.environ["BENCH_LLM_PROFILE"],
+                "-m",
+                "streams",
+                "worker",
+                "--loglevel",
+                "info",
+            )
+        else:
+            worker = ctx.start_worker(env)
+        try:
+            await worker.wait_ready()
+            await pipeline_round(ctx, topic, watch)  # warm-up: group join, connections
+            piped: list[float] = []
+            t0 = time.monotonic()
+            for _ in range(ROUNDS):
+                piped += await pipeline_round(ctx, topic, watch)
+            elapsed = time.monotonic() - t0
+        finally:
+            await watch.stop()
+            worker.stop()
+    finally:
+        server.terminate()
+        server.wait(10)
+    log(f"llm: pipeline p50 {pct(piped, 0.5) * 1000:.1f} ms p99 {pct(piped, 0.99) * 1000:.1f} ms")
+    return {
+        "llm_rps": round(len(piped) / elapsed, 1),
+        "llm_added_p50_ms": round((pct(piped, 0.5) - pct(direct, 0.5)) * 1000, 2),
+        "llm_added_p99_ms": round((pct(piped, 0.99) - pct(direct, 0.99)) * 1000, 2),
+        "llm_direct_p50_ms": round(statistics.median(direct) * 1000, 2),
+    }
