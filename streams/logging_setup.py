@@ -9,7 +9,10 @@ time in a small sidecar file ``<log_file>.started`` so that restarting the worke
 reset the clock (a file's ctime/mtime cannot tell when it was created).
 
 The worker attaches the handler after Faust has configured logging (Faust's worker
-replaces the root logger's handlers while it starts); see `attach_file_handler`.
+replaces the root logger's handlers while it starts): `agents.system` does it in a worker
+task (`attach_file_handler`). Equivalent, and independent of which agents a worker runs:
+``loghandlers=[h for h in [file_handler(settings)] if h]`` in `streams.app.create_app`
+(the handler opens its file lazily, so CLI processes never create it).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from streams.settings import Settings
 
@@ -39,15 +43,24 @@ class SizeAndAgeRotatingFileHandler(logging.handlers.RotatingFileHandler):
         backups: int,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        Path(filename).parent.mkdir(parents=True, exist_ok=True)
         self.max_age_s = max_age_s
         self.clock = clock
         # RotatingFileHandler does nothing when backupCount is 0: we truncate instead
-        super().__init__(filename, maxBytes=max_bytes, backupCount=backups, encoding="utf-8")
+        # delay: building the handler (e.g. in `create_app`) must not create the file in
+        # processes that never log to it (CLI commands)
+        super().__init__(
+            filename, maxBytes=max_bytes, backupCount=backups, encoding="utf-8", delay=True
+        )
         self.namer = lambda name: name + ".gz"
         self.rotator = _gzip_rotate
         self._started_path = Path(self.baseFilename + ".started")
-        self.started_at = self._read_started()
+        self.started_at: float | None = None
+
+    def _open(self) -> Any:
+        Path(self.baseFilename).parent.mkdir(parents=True, exist_ok=True)
+        if self.started_at is None:
+            self.started_at = self._read_started()
+        return super()._open()
 
     def _read_started(self) -> float:
         try:
@@ -62,6 +75,9 @@ class SizeAndAgeRotatingFileHandler(logging.handlers.RotatingFileHandler):
             self._started_path.write_text(f"{at}\n")
 
     def shouldRollover(self, record: logging.LogRecord) -> int:
+        if self.stream is None:
+            self.stream = self._open()
+        assert self.started_at is not None
         if self.max_age_s > 0 and self.clock() - self.started_at >= self.max_age_s:
             try:
                 if os.path.getsize(self.baseFilename) > 0:
