@@ -9,6 +9,7 @@ a redacted proof, and dead letters of this topic get the token field blanked.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
@@ -27,15 +28,15 @@ from agents.security.policy import (
     required_keys,
 )
 from agents.security.store import KeyCache, PolicyStore
-from schemas import AgentMessage, Event, registry, utc_now
+from schemas import AgentMessage, Event, encode, registry, utc_now
 from schemas.errors import InvalidEvent, PipelineError
 from schemas.security import PolicyDecision, Verdict
 from streams.app import app, catalogue_topic, settings
-from streams.audit_chain import chain_writer
+from streams.audit_chain import ChainWriter, chain_writer, last_hash, seal
 from streams.credentials import KeychainCredentialsProvider
 from streams.errors import CredentialsError
 from streams.health import register_check
-from streams.observability import DECISIONS, EVENTS_IN
+from streams.observability import DECISIONS, EVENTS_IN, EVENTS_OUT
 from streams.processing import Inbound, dead_letter, emit
 from streams.tables.security import counter_keys, decision_counts_table
 from streams.topics import (
@@ -138,22 +139,33 @@ async def enforce_policy(stream: Any) -> None:
         for inbound in batch:
             needed |= required_keys(inbound.event.payload, policies)
         keys: KeyView = await KEYS.view(needed) if needed else _NO_KEYS
-        counts: Counter[tuple[int, str]] = Counter()
+        outcomes: list[Outcome] = []
         for inbound in batch:
             try:
-                decision = await _decide(inbound, policies, keys, writer)
+                outcomes.append(decide(inbound, policies, keys))
             except Exception as exc:  # a bug on one message must not stop the stream
                 log.exception("%s failed on %s", CONSUMER, inbound.origin)
                 await dead_letter(_Redacted.of(inbound.message), exc, CONSUMER)
-                continue
-            for key in counter_keys(decision):
-                counts[(inbound.message.partition, key)] += 1
+        await _publish(outcomes, writer)
+        counts: Counter[tuple[int, str]] = Counter()
+        for outcome in outcomes:
+            DECISIONS.labels(outcome.decision.payload.verdict.value).inc()
+            for key in counter_keys(outcome.decision.payload):
+                counts[(outcome.partition, key)] += 1
         _count(counts)
 
 
-async def _decide(
-    inbound: Inbound, policies: PolicySet, keys: KeyView, writer: Any
-) -> PolicyDecision:
+@dataclass(slots=True)
+class Outcome:
+    """What one message turns into: its (unsealed) decision and the forwarded message."""
+
+    partition: int
+    decision: Event[Any]
+    topic: str
+    forwarded: Event[Any]
+
+
+def decide(inbound: Inbound, policies: PolicySet, keys: KeyView) -> Outcome:
     event: Event[Any] = inbound.event
     message: AgentMessage = event.payload
     started = time.perf_counter()
@@ -175,18 +187,103 @@ async def _decide(
         source_partition=inbound.message.partition,
         source_offset=inbound.message.offset,
     )
-    await writer.emit(event.caused(decision, source=CONSUMER), partition=inbound.message.partition)
-    DECISIONS.labels(result.verdict.value).inc()
     if result.verdict is Verdict.ALLOW:
-        forwarded = redact(message)
-        await emit(AGENT_MESSAGES_ACCEPTED, event.caused(forwarded, source=CONSUMER))
+        topic, forwarded = AGENT_MESSAGES_ACCEPTED, redact(message)
     else:
+        topic = AGENT_MESSAGES_REJECTED
         forwarded = redact(
-            message,
-            {"rejection_reasons": result.reasons, "rejection_rules": result.rules},
+            message, {"rejection_reasons": result.reasons, "rejection_rules": result.rules}
         )
-        await emit(AGENT_MESSAGES_REJECTED, event.caused(forwarded, source=CONSUMER))
-    return decision
+    return Outcome(
+        inbound.message.partition,
+        event.caused(decision, source=CONSUMER),
+        topic,
+        event.caused(forwarded, source=CONSUMER),
+    )
+
+
+async def _publish(outcomes: list[Outcome], writer: ChainWriter) -> None:
+    """Seal the decisions and send everything of one batch.
+
+    Faust's per-record `send` costs more than deciding a message, so in at-least-once mode
+    a batch goes out as one aiokafka record batch per (topic, partition). The acks of a
+    batch are awaited while the next batch is being decided (one batch in flight); a
+    failed send crashes the agent instead of being logged and forgotten, and Faust
+    flushes the producer before it commits any offset. Decisions are sealed with
+    the chain writer's per-partition head and lock, exactly as `ChainWriter.emit` would,
+    and forwarded messages go to the same partition number as their input (the same key
+    on topics of equal partition count). Under exactly-once, Faust's transactional send
+    path is kept.
+    """
+    if not outcomes:
+        return
+    producer = getattr(app.producer, "_producer", None)
+    fast = (
+        settings.processing_guarantee == "at_least_once"
+        and producer is not None
+        and hasattr(writer, "_last")
+        and hasattr(writer, "_locks")
+    )
+    if not fast:
+        for o in outcomes:
+            await writer.emit(o.decision, partition=o.partition)
+            await emit(o.topic, o.forwarded)
+        return
+    by_partition: dict[int, list[Outcome]] = {}
+    for o in outcomes:
+        by_partition.setdefault(o.partition, []).append(o)
+    decisions_topic = settings.topic(SECURITY_DECISIONS)
+    futures: list[Any] = []
+    for partition, group in by_partition.items():
+        lock = writer._locks.setdefault(partition, asyncio.Lock())
+        async with lock:
+            prev = writer._last.get(partition)
+            if prev is None:
+                prev = await last_hash(settings.bootstrap, decisions_topic, partition)
+            records: dict[str, list[tuple[bytes, bytes]]] = {}
+            head = prev
+            for o in group:
+                sealed = seal(o.decision, head)
+                head = sealed.payload.hash
+                records.setdefault(decisions_topic, []).append(
+                    (sealed.key.encode(), encode(sealed))
+                )
+            for o in group:
+                records.setdefault(settings.topic(o.topic), []).append(
+                    (o.forwarded.key.encode(), encode(o.forwarded))
+                )
+            futures += await _send_batches(producer, records, partition)
+            writer._last[partition] = head
+    previous, _IN_FLIGHT[:] = list(_IN_FLIGHT), futures
+    try:
+        await asyncio.gather(*previous)
+    except BaseException:
+        writer.reset()  # what reached the broker is unknown: re-read the heads
+        raise
+    for o in outcomes:
+        EVENTS_OUT.labels(o.topic).inc()
+    EVENTS_OUT.labels(SECURITY_DECISIONS).inc(len(outcomes))
+
+
+#: delivery futures of the batch sent last (awaited while the next one is decided)
+_IN_FLIGHT: list[Any] = []
+
+
+async def _send_batches(
+    producer: Any, records: dict[str, list[tuple[bytes, bytes]]], partition: int
+) -> list[Any]:
+    futures = []
+    for topic, items in records.items():
+        batch = producer.create_batch()
+        for key, value in items:
+            if batch.append(key=key, value=value, timestamp=None) is None:
+                futures.append(await producer.send_batch(batch, topic, partition=partition))
+                batch = producer.create_batch()
+                if batch.append(key=key, value=value, timestamp=None) is None:
+                    raise ValueError(f"a record of {len(value)} bytes does not fit a batch")
+        if batch.record_count():
+            futures.append(await producer.send_batch(batch, topic, partition=partition))
+    return futures
 
 
 def _count(counts: Counter[tuple[int, str]]) -> None:

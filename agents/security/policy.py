@@ -167,6 +167,55 @@ class CompiledPolicy:
         )
 
 
+@dataclass(frozen=True)
+class FitGroup:
+    """The policies fitting one (level, role), with what lets most messages be allowed
+    in one scan: their blocked patterns as one union, the smallest size limit, and
+    whether anything (roles, authentication, encryption, a broken policy) needs the
+    full per-policy evaluation anyway. The result is the same either way; the fast path
+    only skips work for messages that violate nothing."""
+
+    policies: tuple[CompiledPolicy, ...]
+    versions: dict[str, int]
+    fast: bool
+    min_size: int
+    blocked: PatternList
+    allowed: tuple[PatternList, ...]
+
+    @classmethod
+    def build(cls, policies: tuple[CompiledPolicy, ...], role: str) -> FitGroup:
+        fast = all(
+            p.broken is None
+            and not p.policy.require_authentication
+            and not p.policy.require_encryption
+            and (not p.allowed_roles or role in p.allowed_roles)
+            for p in policies
+        )
+        blocked = PatternList.build(())
+        if fast:
+            try:
+                blocked = PatternList.build(x for p in policies for x in p.blocked.patterns)
+            except PatternError:  # each compiled alone already; a union cannot add errors
+                fast = False
+        return cls(
+            policies,
+            {p.id: p.version for p in policies},
+            fast and bool(policies),
+            min((p.policy.max_message_size for p in policies), default=0),
+            blocked,
+            tuple(p.allowed for p in policies if p.allowed),
+        )
+
+    def allows_plaintext(self, content: bytes) -> bool:
+        """True when no fitting policy can object to this plaintext message."""
+        return (
+            self.fast
+            and len(content) <= self.min_size
+            and not (self.blocked and self.blocked.any_match(content))
+            and all(a.any_match(content) for a in self.allowed)
+        )
+
+
 _COMPILED: dict[str, CompiledPolicy] = {}
 
 
@@ -199,7 +248,7 @@ class PolicySet:
         self.default_action = default_action
         #: stored records that are not valid policies at all: {key: problem}
         self.invalid = dict(invalid or {})
-        self._fitting: dict[tuple[str, str], tuple[CompiledPolicy, ...]] = {}
+        self._fitting: dict[tuple[str, str], FitGroup] = {}
 
     @classmethod
     def from_state(
@@ -237,10 +286,13 @@ class PolicySet:
         )
 
     def fitting(self, level: str, role: str) -> tuple[CompiledPolicy, ...]:
+        return self.group(level, role).policies
+
+    def group(self, level: str, role: str) -> FitGroup:
         key = (level, role)
         hit = self._fitting.get(key)
         if hit is None:
-            hit = tuple(p for p in self.policies if p.fits(level, role))
+            hit = FitGroup.build(tuple(p for p in self.policies if p.fits(level, role)), role)
             if len(self._fitting) < 10_000:  # levels and roles are few; bound it anyway
                 self._fitting[key] = hit
         return hit
@@ -268,9 +320,20 @@ def required_keys(message: AgentMessage, policies: PolicySet) -> set[KeyRequest]
     return needed
 
 
-def evaluate(message: AgentMessage, policies: PolicySet, keys: KeyView) -> Evaluation:
+def evaluate(
+    message: AgentMessage, policies: PolicySet, keys: KeyView, *, fast: bool = True
+) -> Evaluation:
+    """Decide one message. `fast=False` skips the one-scan shortcut (tests compare both)."""
     if not policies.enabled:
         return Evaluation(Verdict.ALLOW, (), {}, False, False)
+    group = policies.group(message.security_level, message.sender_role)
+    if (
+        fast
+        and group.fast
+        and message.encryption is None
+        and group.allows_plaintext(message.content.encode())
+    ):
+        return Evaluation(Verdict.ALLOW, (), dict(group.versions), False, True)
     violations: list[Violation] = []
 
     # -- content: plaintext, or the envelope's (decrypted when the key is known) ---------
@@ -295,7 +358,7 @@ def evaluate(message: AgentMessage, policies: PolicySet, keys: KeyView) -> Evalu
             size = len(message.content.encode())
             violations.append(Violation("decryption", str(exc)))
 
-    fitting = policies.fitting(message.security_level, message.sender_role)
+    fitting = group.policies
     authenticated: tuple[bool, str] | None = None  # computed at most once
     for policy in fitting:
         p = policy.policy

@@ -237,3 +237,31 @@ def test_required_keys_and_redaction() -> None:
     assert "tok-seven" not in forwarded.model_dump_json()
     assert forwarded.metadata == {"rejection_reasons": ["x"]}
     assert redact(signed) is signed  # nothing secret: forwarded untouched, signature still valid
+
+
+def test_fast_path_and_full_evaluation_agree() -> None:
+    import random
+
+    rng = random.Random(7)
+    policies = _set(
+        SecurityPolicy(
+            policy_id="a", blocked_patterns=["secret", "(?i)pass(word)?"], max_message_size=40
+        ),
+        SecurityPolicy(policy_id="b", allowed_patterns=["^report", "ok$"], max_message_size=30),
+        SecurityPolicy(policy_id="c", level="*", blocked_patterns=["drop table"]),
+        SecurityPolicy(policy_id="d", level="*", applies_to_roles=["intern"], allowed_roles=["x"]),
+        default="allow",
+    )
+    words = ["report", "ok", "secret", "PASS", "drop table", "hello", "x" * 25]
+    for _ in range(500):
+        msg = _msg(
+            " ".join(rng.choice(words) for _ in range(rng.randint(0, 3))),
+            sender_role=rng.choice(["agent", "intern"]),
+            security_level=rng.choice(["standard", "public"]),
+        )
+        fast, full = evaluate(msg, policies, KEYS), evaluate(msg, policies, KEYS, fast=False)
+        assert (fast.verdict, fast.policies, fast.default_applied) == (
+            full.verdict,
+            full.policies,
+            full.default_applied,
+        ), msg
