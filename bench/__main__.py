@@ -1,0 +1,129 @@
+"""`python -m bench`: run every benchmark stage against one broker and print the results
+as one JSON object on the last line of stdout (progress goes to stderr)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import json
+import pkgutil
+import sys
+import time
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from bench.context import BenchContext, log
+
+#: Rates that are references, not stages to compare against the naive agent.
+REFERENCE_KEYS = frozenset({"naive_faust_eps", "ceiling_eps", "raw_consume_eps", "produce_eps"})
+
+
+def discover() -> dict[str, ModuleType]:
+    """Every `bench/stage_*.py` module by its NAME, `core` first."""
+    found: dict[str, ModuleType] = {}
+    for info in pkgutil.iter_modules([str(Path(__file__).parent)]):
+        if not info.name.startswith("stage_"):
+            continue
+        module = importlib.import_module(f"bench.{info.name}")
+        found[getattr(module, "NAME", info.name[len("stage_") :])] = module
+    return dict(sorted(found.items(), key=lambda kv: (kv[0] != "core", kv[0])))
+
+
+def ratios(results: dict[str, float | str]) -> dict[str, float]:
+    """`<x>_vs_naive` for every measured `<x>_eps`, and `pipeline_vs_ceiling`."""
+    rates = {k: v for k, v in results.items() if k.endswith("_eps") and isinstance(v, int | float)}
+    out: dict[str, float] = {}
+    naive = rates.get("naive_faust_eps")
+    if naive:
+        for key, value in rates.items():
+            if key not in REFERENCE_KEYS:
+                out[f"{key[: -len('_eps')]}_vs_naive"] = round(value / naive, 3)
+    ceiling = rates.get("ceiling_eps")
+    if ceiling and "pipeline_eps" in rates:
+        out["pipeline_vs_ceiling"] = round(rates["pipeline_eps"] / ceiling, 3)
+    return out
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    p.add_argument("--events", type=int, default=200_000, help="events per measurement")
+    p.add_argument("--payload-bytes", type=int, default=300, help="approximate event size")
+    p.add_argument("--partitions", type=int, default=4, help="partitions of the bench topics")
+    p.add_argument("--stages", default="", help="comma-separated stage names (default: all found)")
+    p.add_argument("--out", type=Path, default=None, help="also write the JSON to this file")
+    args = p.parse_args(argv)
+    if args.events < 1 or args.payload_bytes < 1 or args.partitions < 1:
+        p.error("--events, --payload-bytes and --partitions must be positive")
+    return args
+
+
+def start_broker() -> str:
+    from infra.kafka import launcher
+
+    external = launcher.external_bootstrap()
+    if external:
+        log(f"using the cluster at {external} (AGENTSTREAM_KAFKA_BOOTSTRAP)")
+        return external
+    log("starting the local broker (agentstream kafka start)")
+    return launcher.start(launcher.BrokerConfig.from_env())
+
+
+async def run_stages(ctx: BenchContext, stages: dict[str, ModuleType]) -> None:
+    for name, module in stages.items():
+        log(f"stage {name}: start")
+        t0 = time.monotonic()
+        try:
+            got: dict[str, Any] = await module.run(ctx)
+            ctx.results.update(got)
+        except Exception as exc:  # one broken stage must not cost the others' numbers
+            traceback.print_exc(file=sys.stderr)
+            ctx.results[f"{name}_error"] = f"{type(exc).__name__}: {exc}"[:2000]
+        log(f"stage {name}: done in {time.monotonic() - t0:.1f}s")
+
+
+async def main_async(args: argparse.Namespace) -> dict[str, Any]:
+    bootstrap = start_broker()
+    stages = discover()
+    if args.stages:
+        wanted = [s.strip() for s in args.stages.split(",") if s.strip()]
+        unknown = [s for s in wanted if s not in stages]
+        if unknown:
+            raise SystemExit(f"unknown stage(s) {unknown}; found {sorted(stages)}")
+        stages = {k: v for k, v in stages.items() if k in wanted}
+    ctx = BenchContext(bootstrap, args.events, args.payload_bytes, args.partitions)
+    log(
+        f"stages {list(stages)}; {args.events} events of ~{args.payload_bytes} B, "
+        f"{args.partitions} partitions; logs in {ctx.work_dir}"
+    )
+    try:
+        await run_stages(ctx, stages)
+    finally:
+        await ctx.close()
+    result: dict[str, Any] = {
+        "events": args.events,
+        "payload_bytes": args.payload_bytes,
+        "partitions": args.partitions,
+    }
+    for key, value in ctx.results.items():
+        result[key] = round(value, 1) if isinstance(value, float) else value
+    result.update(ratios(ctx.results))
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    result = asyncio.run(main_async(args))
+    line = json.dumps(result, sort_keys=False)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(line + "\n")
+    print(line, flush=True)
+    return 1 if any(k.endswith("_error") for k in result) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,389 @@
+"""What every benchmark stage shares: the broker, isolated environments, fast producing,
+cheap output counting and worker subprocesses.
+
+Stages measure throughput, so the helpers here must not be the bottleneck: producing
+goes through aiokafka's batch API (no per-message await), and progress is observed by
+summing partition END OFFSETS (one ListOffsets request per poll) instead of consuming
+the output.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.partitioner import DefaultPartitioner
+
+from schemas import AgentMessage, Event, registry
+
+REPO = Path(__file__).resolve().parent.parent
+
+#: Distinct sender ids (= Kafka keys): enough that keys spread over every partition.
+SENDERS = 97
+
+
+def log(msg: str) -> None:
+    """Progress for humans goes to stderr; stdout's last line is the JSON result."""
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Throughput:
+    """How a stage's output grew: first seen, and when it reached the target.
+
+    The rate counts only what happened between the first and the last observation, so
+    worker start-up, group join and the first fetch are excluded.
+    """
+
+    target: int
+    t_first: float
+    count_first: int
+    t_done: float
+
+    @property
+    def eps(self) -> float:
+        span = self.t_done - self.t_first
+        done = self.target - self.count_first
+        if span <= 0 or done <= 0:
+            raise BenchError(
+                f"output grew too fast to time ({done} events in {span:.4f}s): raise --events"
+            )
+        return done / span
+
+
+class BenchError(RuntimeError):
+    """A stage could not produce a measurement."""
+
+
+class Worker:
+    """A pipeline (or other Faust) worker subprocess with its log in a file."""
+
+    def __init__(self, env: dict[str, str], log_path: Path, argv: Sequence[str]) -> None:
+        self.env = env
+        self.log_path = log_path
+        self.argv = list(argv)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._log: Any = None
+
+    def start(self) -> Worker:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            self.argv,
+            env=self.env,
+            cwd=REPO,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        return self
+
+    def ready(self) -> bool:
+        """Faust logs this once the worker runs its agents."""
+        self.check_alive()
+        try:
+            return "[^Worker]: Ready" in self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return False
+
+    async def wait_ready(self, timeout: float = 90.0) -> float:  # noqa: ASYNC109
+        deadline = time.monotonic() + timeout
+        while not self.ready():
+            if time.monotonic() > deadline:
+                raise BenchError(f"worker not ready after {timeout}s:\n{self.tail()}")
+            await asyncio.sleep(0.05)
+        return time.monotonic()
+
+    def check_alive(self) -> None:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise BenchError(f"worker exited with {self.proc.returncode}:\n{self.tail()}")
+
+    def tail(self, n: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except FileNotFoundError:
+            return ""
+
+    def stop(self, timeout: float = 20.0) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+
+class BenchContext:
+    """One benchmark run: broker address, sizes, results so far, and helpers."""
+
+    def __init__(
+        self,
+        bootstrap: str,
+        events: int = 200_000,
+        payload_bytes: int = 300,
+        partitions: int = 4,
+        work_dir: Path | None = None,
+    ) -> None:
+        self.bootstrap = bootstrap
+        self.events = events
+        self.payload_bytes = payload_bytes
+        self.partitions = partitions
+        self.results: dict[str, float | str] = {}
+        self.run_id = uuid.uuid4().hex[:8]
+        self.work_dir = work_dir or (REPO / "var" / "bench" / self.run_id)
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self._payloads: list[bytes] | None = None
+        self._keys: list[bytes] | None = None
+        self._n_env = 0
+        self.workers: list[Worker] = []
+
+    # -- environments --------------------------------------------------------------------
+    def new_env(self, **extra_env: str) -> dict[str, str]:
+        """An environment isolated from every other stage and run: own topic prefix,
+        app id (consumer group), data dir and web port."""
+        self._n_env += 1
+        ns = f"b{self.run_id}x{self._n_env}"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTSTREAM_")}
+        env.update(
+            {
+                "AGENTSTREAM_KAFKA_BOOTSTRAP": self.bootstrap,
+                "AGENTSTREAM_TOPIC_PREFIX": f"{ns}.",
+                "AGENTSTREAM_APP_ID": f"{ns}-app",
+                "AGENTSTREAM_DATA_DIR": str(self.work_dir / ns),
+                "AGENTSTREAM_WEB_PORT": str(free_port()),
+                "AGENTSTREAM_TOPIC_PARTITIONS": str(self.partitions),
+                "AGENTSTREAM_STANDBY_REPLICAS": "0",
+                "AGENTSTREAM_LOG_LEVEL": "WARNING",
+                "PYTHONPATH": os.pathsep.join(
+                    p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p
+                ),
+            }
+        )
+        env.update(extra_env)
+        return env
+
+    @staticmethod
+    def topic(env: dict[str, str], name: str) -> str:
+        return f"{env.get('AGENTSTREAM_TOPIC_PREFIX', '')}{name}"
+
+    async def ensure_topics(self, env: dict[str, str]) -> None:
+        """Every catalogue topic under env's prefix (what a worker would create)."""
+        from streams.admin import ensure_topics
+        from streams.settings import Settings
+
+        await ensure_topics(Settings.from_env(env))
+
+    async def create_topic(self, name: str, partitions: int | None = None) -> None:
+        """A plain topic outside the catalogue (the broker does not auto-create)."""
+        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap)
+        await admin.start()
+        try:
+            with contextlib.suppress(TopicAlreadyExistsError):
+                await admin.create_topics(
+                    [NewTopic(name, partitions or self.partitions, replication_factor=1)]
+                )
+            deadline = time.monotonic() + 30
+            while name not in await admin.list_topics():
+                if time.monotonic() > deadline:
+                    raise BenchError(f"topic {name} not visible")
+                await asyncio.sleep(0.1)
+        finally:
+            await admin.close()
+
+    # -- data ----------------------------------------------------------------------------
+    def make_payloads(self, n: int) -> list[bytes]:
+        """n valid `agent.message` events of about `payload_bytes` each.
+
+        One event goes through the real model and encoder; the rest are copies with
+        fresh ids (building 200k pydantic models would take longer than a stage).
+        """
+        event = Event.of(
+            AgentMessage(message_id="m", sender_id="agent-0", recipient_id="agent-x", content=""),
+            source="bench",
+        )
+        # Fields left at their defaults are omitted, as a lean producer would: the
+        # decoder fills them in, and ~300 B stays reachable.
+        template = event.model_dump(mode="json", exclude_defaults=True)
+        template.update(type=event.type, schema_version=event.schema_version)
+        template["payload"].pop("content", None)
+        base = len(orjson.dumps(template)) + 32  # ids below replace the template's
+        template["payload"]["content"] = "x" * max(0, self.payload_bytes - base)
+        payload = template["payload"]
+        out: list[bytes] = []
+        for i in range(n):
+            eid = str(uuid.uuid4())
+            out.append(
+                orjson.dumps(
+                    {
+                        **template,
+                        "event_id": eid,
+                        "correlation_id": eid,
+                        "payload": {
+                            **payload,
+                            "message_id": f"m{i}",
+                            "sender_id": f"agent-{i % SENDERS}",
+                        },
+                    }
+                )
+            )
+        if out:
+            registry.decode(out[0])  # the copies must stay valid events
+        return out
+
+    def payloads(self) -> tuple[list[bytes], list[bytes]]:
+        """The run's events and keys (sender ids), built once and shared by stages."""
+        if self._payloads is None or self._keys is None:
+            self._payloads = self.make_payloads(self.events)
+            self._keys = [f"agent-{i % SENDERS}".encode() for i in range(self.events)]
+        return self._payloads, self._keys
+
+    async def produce(
+        self, topic_full: str, values: list[bytes], keys: list[bytes] | None = None
+    ) -> float:
+        """Write values as fast as aiokafka allows; returns the rate (events/s).
+
+        Records are partitioned like Faust's producer would (murmur2 of the key) and
+        packed into per-partition batches sent without awaiting each message.
+        """
+        producer = AIOKafkaProducer(
+            bootstrap_servers=self.bootstrap,
+            acks=1,
+            linger_ms=20,
+            max_batch_size=1024 * 1024,
+            max_request_size=4 * 1024 * 1024,
+        )
+        await producer.start()
+        t0 = time.monotonic()
+        try:
+            parts = sorted(await producer.partitions_for(topic_full))
+            partitioner = DefaultPartitioner()
+            batches: dict[int, Any] = {}
+            pending: list[asyncio.Future[Any]] = []
+            for i, value in enumerate(values):
+                key = keys[i] if keys is not None else None
+                p = partitioner(key, parts, parts) if key is not None else parts[i % len(parts)]
+                batch = batches.get(p)
+                if batch is None:
+                    batch = batches[p] = producer.create_batch()
+                if batch.append(key=key, value=value, timestamp=None) is None:
+                    pending.append(await producer.send_batch(batch, topic_full, partition=p))
+                    batch = batches[p] = producer.create_batch()
+                    batch.append(key=key, value=value, timestamp=None)
+            for p, batch in batches.items():
+                if batch.record_count():
+                    pending.append(await producer.send_batch(batch, topic_full, partition=p))
+            await asyncio.gather(*pending)
+        finally:
+            await producer.stop()
+        return len(values) / max(time.monotonic() - t0, 1e-9)
+
+    # -- observing output -----------------------------------------------------------------
+    async def count(self, topic_full: str) -> int:
+        """Records in a topic (sum of partition end offsets)."""
+        consumer = await self._offsets_consumer()
+        tps = await _tps(consumer, topic_full)
+        return sum((await consumer.end_offsets(tps)).values())
+
+    async def wait_for_count(
+        self,
+        topic_full: str,
+        n: int,
+        timeout: float,  # noqa: ASYNC109 - the harness's published signature
+    ) -> float:
+        """time.monotonic() at which the topic first held ≥ n records."""
+        return (await self.watch_count(topic_full, n, timeout)).t_done
+
+    async def watch_count(
+        self,
+        topic_full: str,
+        n: int,
+        timeout: float,  # noqa: ASYNC109
+        *,
+        interval: float = 0.02,
+        worker: Worker | None = None,
+    ) -> Throughput:
+        """Poll the topic's end offsets until ≥ n records; note when output first
+        appeared so that start-up is excluded from the rate."""
+        consumer = await self._offsets_consumer()
+        tps = await _tps(consumer, topic_full)
+        deadline = time.monotonic() + timeout
+        t_first: float | None = None
+        count_first = 0
+        while True:
+            total = sum((await consumer.end_offsets(tps)).values())
+            now = time.monotonic()
+            if total > 0 and t_first is None:
+                t_first, count_first = now, total
+            if total >= n:
+                assert t_first is not None
+                return Throughput(n, t_first, count_first, now)
+            if now > deadline:
+                raise BenchError(f"{topic_full} holds {total} of {n} records after {timeout}s")
+            if worker is not None:
+                worker.check_alive()
+            await asyncio.sleep(interval)
+
+    _offsets: AIOKafkaConsumer | None = None
+
+    async def _offsets_consumer(self) -> AIOKafkaConsumer:
+        if self._offsets is None:
+            self._offsets = AIOKafkaConsumer(
+                bootstrap_servers=self.bootstrap, enable_auto_commit=False
+            )
+            await self._offsets.start()
+        return self._offsets
+
+    # -- workers -------------------------------------------------------------------------
+    def start_worker(self, env: dict[str, str], *extra: str) -> Worker:
+        """`agentstream worker` (the real pipeline worker) under env."""
+        return self.start_process(env, "-m", "streams", "worker", "--loglevel", "info", *extra)
+
+    def start_process(self, env: dict[str, str], *python_args: str) -> Worker:
+        name = f"{env.get('AGENTSTREAM_APP_ID', 'proc')}-{len(self.workers)}.log"
+        worker = Worker(env, self.work_dir / name, [sys.executable, *python_args]).start()
+        self.workers.append(worker)
+        return worker
+
+    async def close(self) -> None:
+        for worker in self.workers:
+            worker.stop()
+        if self._offsets is not None:
+            await self._offsets.stop()
+            self._offsets = None
+
+
+async def _tps(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:
+    deadline = time.monotonic() + 30.0
+    while True:
+        parts = consumer.partitions_for_topic(topic)
+        if parts:
+            return [TopicPartition(topic, p) for p in sorted(parts)]
+        if time.monotonic() > deadline:
+            raise BenchError(f"topic {topic} does not exist")
+        await consumer._client.force_metadata_update()
+        await asyncio.sleep(0.1)
