@@ -12,6 +12,9 @@ EVENTS_IN = Counter(
     "agentstream_events_in_total", "Records consumed, per topic and consumer", ["topic", "consumer"]
 )
 EVENTS_OUT = Counter("agentstream_events_out_total", "Events produced, per topic", ["topic"])
+SEND_FAILURES = Counter(
+    "agentstream_send_failures_total", "Events the producer failed to deliver, per topic", ["topic"]
+)
 DEAD_LETTERS = Counter(
     "agentstream_dead_letters_total",
     "Inputs dead-lettered, per source topic, consumer and error class",

@@ -7,23 +7,28 @@ go through `decoded_batches`, which sends a `DeadLetter` for each bad record *be
 batch is acknowledged; in at-least-once mode Faust flushes the producer before it
 commits offsets, so a dead letter is on the broker before its source offset is committed.
 
-Agents take events in batches (`stream.take_events`): per-event overhead in Faust is the
-main cost of a pipeline stage, and batching is what keeps it several times faster than a
-naive one-event-at-a-time agent (see `bench/`).
+Agents take events in batches (`event_batches`): per-event overhead in Faust is the main
+cost of a pipeline stage, and batching is what keeps it several times faster than a
+naive one-event-at-a-time agent (see `bench/` and docs/bench.md). `event_batches` drains
+the agent's channel queue in bulk instead of iterating the stream event by event (as
+`take_events` does), and `emit` hands records straight to the Faust producer instead of
+going through `Topic.send`'s per-message future and sensor bookkeeping.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from functools import cache, partial
 from typing import Any
 
 from schemas import DeadLetter, Event, encode, registry
 from schemas.errors import InvalidEvent, PipelineError
 from streams.app import app, catalogue_topic, settings
-from streams.observability import DEAD_LETTERS, EVENTS_IN, EVENTS_OUT
+from streams.observability import DEAD_LETTERS, EVENTS_IN, EVENTS_OUT, SEND_FAILURES
 from streams.topics import PIPELINE_DEADLETTER
 
 log = logging.getLogger(__name__)
@@ -57,8 +62,8 @@ async def decoded_batches(
     """
     accepted = frozenset(accept) if accept is not None else None
     limit = settings.max_event_bytes
-    async for events in stream.take_events(
-        max_batch or settings.batch_max, within=within_s or settings.batch_within_s
+    async for events in event_batches(
+        stream, max_batch or settings.batch_max, within_s or settings.batch_within_s
     ):
         good: list[Inbound] = []
         topic_name = ""
@@ -80,6 +85,72 @@ async def decoded_batches(
             EVENTS_IN.labels(topic_name, consumer).inc(len(events))
         if good:
             yield good
+
+
+async def event_batches(stream: Any, max_batch: int, within_s: float) -> AsyncIterator[list[Any]]:
+    """Faust events of an agent's stream in batches of up to `max_batch`, waiting at most
+    `within_s` after the first one to fill a batch; each batch is acked once the caller
+    asks for the next one (or stops), like `take_events`.
+
+    Per event this keeps what Faust's stream iterator does: skip (and ack) events of a
+    stale consumer generation or while flow is suspended (rebalance), track the message
+    for commit, and call the stream sensors — but without one loop turn per event.
+    """
+    app_ = stream.app
+    queue = stream.channel.queue
+    sensors = app_.sensors
+    acking_topics = app_.topics.acking_topics
+    unacked = app_.consumer.unacked
+    loop = asyncio.get_running_loop()
+    started = await stream.maybe_start()
+    try:
+        while not stream.should_stop:
+            raw = [await queue.get()]
+            deadline = loop.time() + within_s
+            while len(raw) < max_batch:
+                if not queue.empty():
+                    raw.append(queue.get_nowait())
+                    continue
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                try:
+                    raw.append(await asyncio.wait_for(queue.get(), remaining))
+                except TimeoutError:
+                    break
+            events: list[Any] = []
+            states: list[Any] = []
+            skipped: list[Any] = []
+            active = app_.flow_control.is_active()
+            generation = app_.consumer_generation_id
+            for ev in raw:
+                msg = ev.message
+                if not active or msg.generation_id != generation:
+                    skipped.append(ev)
+                    continue
+                if msg.topic in acking_topics and not msg.tracked:
+                    msg.tracked = True
+                    unacked.add(msg)
+                    sensors.on_message_in(msg.tp, msg.offset, msg)
+                states.append(sensors.on_stream_event_in(msg.tp, msg.offset, stream, ev))
+                events.append(ev)
+            try:
+                if events:
+                    yield events
+            finally:
+                for ev, state in zip(events, states, strict=True):
+                    msg = ev.message
+                    last = ev.ack()
+                    sensors.on_stream_event_out(msg.tp, msg.offset, stream, ev, state)
+                    if last:
+                        sensors.on_message_out(msg.tp, msg.offset, msg)
+                for ev in skipped:
+                    if ev.ack():
+                        sensors.on_message_out(ev.message.tp, ev.message.offset, ev.message)
+    finally:
+        if started:
+            await stream.stop()
+            stream.service_reset()
 
 
 async def dead_letter(message: Any, exc: BaseException, consumer: str) -> None:
@@ -120,11 +191,35 @@ async def dead_letter(message: Any, exc: BaseException, consumer: str) -> None:
 
 
 async def emit(topic: str, event: Event[Any], *, key: str | None = None) -> None:
-    """Publish an event to a catalogue topic (keyed per the catalogue's convention)."""
-    await catalogue_topic(topic).send(
-        key=(key if key is not None else event.key).encode(), value=encode(event)
+    """Publish an event to a catalogue topic (keyed per the catalogue's convention).
+
+    Goes to the producer `Topic.send` would use (`app.maybe_start_producer()`, the
+    transaction manager under exactly_once), so Faust's flush-before-commit still covers
+    it; a delivery failure is logged and counted instead of vanishing in a future.
+    """
+    catalogue_topic(topic)  # unknown names fail here, as before
+    producer = await app.maybe_start_producer()
+    fut = await producer.send(
+        settings.topic(topic),
+        (key if key is not None else event.key).encode(),
+        encode(event),
+        None,
+        None,
+        None,
     )
-    EVENTS_OUT.labels(topic).inc()
+    fut.add_done_callback(partial(_delivered, topic))
+    _events_out(topic).inc()
+
+
+@cache
+def _events_out(topic: str) -> Any:
+    return EVENTS_OUT.labels(topic)
+
+
+def _delivered(topic: str, fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled() and fut.exception() is not None:
+        SEND_FAILURES.labels(topic).inc()
+        log.error("publishing to %s failed: %r", topic, fut.exception())
 
 
 async def guarded(
