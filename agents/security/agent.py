@@ -198,8 +198,18 @@ def decide(inbound: Inbound, policies: PolicySet, keys: KeyView) -> Outcome:
         inbound.message.partition,
         event.caused(decision, source=CONSUMER),
         topic,
-        event.caused(forwarded, source=CONSUMER),
+        _forward(event, forwarded),
     )
+
+
+def _forward(event: Event[Any], message: AgentMessage) -> Event[Any]:
+    """The forwarded message keeps the input's envelope — same event id, so consumers of
+    accepted/rejected can deduplicate at-least-once redeliveries by it — and points at
+    the input with causation_id. A redacted or annotated payload gets a new copy."""
+    update: dict[str, Any] = {"causation_id": str(event.event_id)}
+    if message is not event.payload:
+        update["payload"] = message
+    return event.model_copy(update=update)
 
 
 async def _publish(outcomes: list[Outcome], writer: ChainWriter) -> None:

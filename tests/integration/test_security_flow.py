@@ -220,6 +220,7 @@ async def test_policies_enforced_live_and_secrets_never_leave(
         )
         for _, ev in accepted:
             assert ev.causation_id == str(sent[ev.payload.message_id].event_id)
+            assert ev.event_id == sent[ev.payload.message_id].event_id  # same message
             auth = ev.payload.auth
             assert auth is None or auth.token is None
         token_fwd = next(ev for _, ev in accepted if ev.payload.message_id == "c-token")
