@@ -16,6 +16,7 @@ import time
 from typing import Any
 
 from aiokafka.partitioner import murmur2
+from faust.types import TP
 
 from agents.heartbeat.monitor import HeartbeatMonitor, Transition, to_event_payload
 from schemas import AgentStatusChanged, Event, Heartbeat
@@ -100,6 +101,8 @@ class CatchUpGate:
 
 gate = CatchUpGate((HEARTBEATS_TOPIC, STATUS_TOPIC))
 _partition_of: dict[str, int] = {}
+#: per heartbeats partition: the newest record timestamp folded (how far the stream got)
+_watermark: dict[int, float] = {}
 
 
 @app.on_partitions_revoked.connect
@@ -133,8 +136,10 @@ async def _fold(inbound: Inbound) -> None:
         _partition_of[payload.agent_id] = msg.partition
         accepted = monitor.record(payload)
         gate.note(msg.topic, msg.partition, msg.offset)
+        if msg.timestamp and msg.timestamp > _watermark.get(msg.partition, 0.0):
+            _watermark[msg.partition] = float(msg.timestamp)
         if accepted and gate.open:
-            tr = monitor.evaluate(payload.agent_id)
+            tr = monitor.evaluate(payload.agent_id, allow_down=False)
             if tr is not None:
                 await _publish([tr], inbound.event)
     else:
@@ -176,12 +181,35 @@ def _owned_filter() -> Any:
     return owned
 
 
+def _horizon_filter(now: float) -> Any:
+    """A lagging partition may hold newer heartbeats not folded yet: there "silent"
+    only counts up to the newest record folded (its watermark), not up to now."""
+    horizons: dict[int, float | None] = {}
+    for p in {
+        tp.partition for tp in app.assignor.assigned_actives() if tp.topic == HEARTBEATS_TOPIC
+    }:
+        try:
+            high = app.consumer.highwater(TP(HEARTBEATS_TOPIC, p))
+        except Exception:  # no fetch for this partition yet
+            high = None
+        folded = gate.folded.get((HEARTBEATS_TOPIC, p), -1)
+        lagging = high is not None and folded < int(high) - 1
+        horizons[p] = min(now, _watermark.get(p, float("-inf"))) if lagging else None
+
+    def horizon(agent_id: str) -> float | None:
+        p = _partition_of.get(agent_id)
+        return horizons.get(p) if p is not None else None
+
+    return horizon
+
+
 @app.timer(settings.heartbeat_interval_s, name="check_heartbeats")
 async def check_heartbeats() -> None:
     if not await gate.check():
         return
     started = time.perf_counter()
-    transitions = monitor.check(owned=_owned_filter())
+    now = time.time()
+    transitions = monitor.check(now, owned=_owned_filter(), horizon=_horizon_filter(now))
     if transitions:
         await _publish(transitions)
     counts = monitor.counts()

@@ -44,7 +44,7 @@ class Transition:
 
 @dataclass(frozen=True, slots=True)
 class Assessment:
-    status: State | None  # None: never fresh enough to count as up
+    status: State | None  # None: undetermined (not fresh, not yet known to be silent)
     reason: Reason
     elapsed_s: float | None
     missed_beats: int
@@ -100,7 +100,14 @@ class HeartbeatMonitor:
             return None
         return self._assess(agent_id, rec, self.clock() if now is None else now)
 
-    def _assess(self, agent_id: str, rec: dict[str, Any], now: float) -> Assessment:
+    def _assess(
+        self, agent_id: str, rec: dict[str, Any], now: float, horizon: float | None = None
+    ) -> Assessment:
+        """Up needs a heartbeat fresh by the wall clock `now`; down needs silence up to
+        `horizon` — the time up to which this worker has seen everything on the agent's
+        partition (default `now`; earlier while the partition lags, so that a newer
+        heartbeat still waiting in the backlog cannot be missed). Between the two the
+        status is undetermined (None with reason "heartbeat") and left as it is."""
         last = rec.get("last_heartbeat_at")
         if last is None:
             return Assessment(None, "timeout", None, 0)
@@ -108,11 +115,17 @@ class HeartbeatMonitor:
         basis = min(last, seen) if seen is not None else last
         elapsed = max(0.0, now - basis)
         missed = math.floor(elapsed / self.interval_s + 1e-9)
-        if elapsed > self.timeout_s:
+        if elapsed <= self.timeout_s and missed < self.max_missed:
+            return Assessment("up", "heartbeat", elapsed, missed)
+        h_elapsed = elapsed if horizon is None or horizon >= now else horizon - basis
+        if not math.isfinite(h_elapsed):
+            return Assessment(None, "heartbeat", elapsed, missed)
+        h_missed = math.floor(h_elapsed / self.interval_s + 1e-9)
+        if h_elapsed > self.timeout_s:
             return Assessment("down", "timeout", elapsed, missed)
-        if missed >= self.max_missed:
+        if h_missed >= self.max_missed:
             return Assessment("down", "missed_beats", elapsed, missed)
-        return Assessment("up", "heartbeat", elapsed, missed)
+        return Assessment(None, "heartbeat", elapsed, missed)
 
     def effective(self, agent_id: str) -> State | None:
         """The status as published: pending transition, else the folded one."""
@@ -122,15 +135,22 @@ class HeartbeatMonitor:
         rec = self.state.get(agent_id)
         return rec.get("status") if rec else None
 
-    def evaluate(self, agent_id: str, now: float | None = None) -> Transition | None:
-        """The transition `agent_id` needs now, if any (marked pending)."""
+    def evaluate(
+        self, agent_id: str, now: float | None = None, *, allow_down: bool = True
+    ) -> Transition | None:
+        """The transition `agent_id` needs now, if any (marked pending). Right after a
+        heartbeat is folded only "up" is decided (`allow_down=False`): the fold may be
+        catching up on a backlog, where old means "not read yet", not "silent"."""
         rec = self.state.get(agent_id)
         if rec is None:
             return None
-        return self._evaluate(agent_id, rec, self.clock() if now is None else now)
+        t = self.clock() if now is None else now
+        return self._evaluate(agent_id, rec, t, t if allow_down else -math.inf)
 
-    def _evaluate(self, agent_id: str, rec: dict[str, Any], now: float) -> Transition | None:
-        a = self._assess(agent_id, rec, now)
+    def _evaluate(
+        self, agent_id: str, rec: dict[str, Any], now: float, horizon: float | None = None
+    ) -> Transition | None:
+        a = self._assess(agent_id, rec, now, horizon)
         if a.status is None:
             return None
         pending = self.pending.get(agent_id)
@@ -155,16 +175,21 @@ class HeartbeatMonitor:
         )
 
     def check(
-        self, now: float | None = None, *, owned: Callable[[str], bool] | None = None
+        self,
+        now: float | None = None,
+        *,
+        owned: Callable[[str], bool] | None = None,
+        horizon: Callable[[str], float | None] | None = None,
     ) -> list[Transition]:
-        """One pass over every agent: O(n) with a few float operations per agent."""
+        """One pass over every agent: O(n) with a few float operations per agent.
+        `horizon(agent_id)`: see `_assess` (None = `now`)."""
         t = self.clock() if now is None else now
         out: list[Transition] = []
         evaluate = self._evaluate
         for agent_id, rec in list(self.state.items()):
             if rec is None or (owned is not None and not owned(agent_id)):
                 continue
-            tr = evaluate(agent_id, rec, t)
+            tr = evaluate(agent_id, rec, t, horizon(agent_id) if horizon is not None else None)
             if tr is not None:
                 out.append(tr)
         return out

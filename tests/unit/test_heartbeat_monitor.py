@@ -229,3 +229,23 @@ def test_check_of_10000_agents_is_cheap() -> None:
 def test_invalid_configuration_rejected() -> None:
     with pytest.raises(ValueError):
         HeartbeatMonitor(interval_s=0)
+
+
+def test_lagging_partition_defers_down_but_not_up() -> None:
+    c = Clock()
+    m = make(c)
+    beat(m, "a", c, 0)
+    confirm(m, m.check())
+    c.t += 20
+    # the stream has only seen its partition up to 2 s after a's last beat: a newer beat
+    # may be waiting unread, so a is not declared down yet
+    assert m.check(horizon=lambda agent: c.t - 18) == []
+    assert m.check(horizon=lambda agent: c.t - 4) != []
+    # right after a fold, only "up" is decided
+    m2 = make(c)
+    m2.record_heartbeat("b", c.t, 0)
+    confirm(m2, [t for t in [m2.evaluate("b", allow_down=False)] if t])
+    c.t += 30
+    m2.record_heartbeat("b", c.t - 25, 1)  # an old beat read late
+    assert m2.evaluate("b", allow_down=False) is None
+    assert m2.effective("b") == "up"
