@@ -75,8 +75,14 @@ def fold_heartbeat(
         }
         return True
     last = cur.get("last_heartbeat_at")
-    if last is not None and (sent_at, sequence) <= (last, int(cur.get("sequence", 0))):
-        return False
+    if last is not None:
+        if int(cur.get("beats", 0)) == 0:
+            # created from a status event (read before its heartbeat, or the heartbeat
+            # expired): the heartbeat that status was based on still counts
+            if sent_at < last:
+                return False
+        elif (sent_at, sequence) <= (last, int(cur.get("sequence", 0))):
+            return False
     new = dict(cur)
     new["last_heartbeat_at"] = sent_at
     new["sequence"] = sequence

@@ -249,3 +249,17 @@ def test_lagging_partition_defers_down_but_not_up() -> None:
     m2.record_heartbeat("b", c.t - 25, 1)  # an old beat read late
     assert m2.evaluate("b", allow_down=False) is None
     assert m2.effective("b") == "up"
+
+
+def test_rebuild_order_across_topics_does_not_matter() -> None:
+    """A rebuild merges the two topics by timestamp; a sender whose clock runs ahead puts
+    its heartbeat after the status event it caused."""
+    c = Clock()
+    live: dict = {}
+    m = make(c, live)
+    hb = Heartbeat(agent_id="a", sent_at=datetime.fromtimestamp(c.t, UTC), sequence=0)
+    m.record(hb)
+    (status,) = confirm(m, m.check())
+    hb_event = Event.of(hb, source="a")
+    assert digest(rebuild(HEARTBEATS, [hb_event, status]).items()) == digest(live.items())
+    assert digest(rebuild(HEARTBEATS, [status, hb_event]).items()) == digest(live.items())
