@@ -12,7 +12,7 @@ How it reads
   commits nothing, so a replay never moves any worker's offsets or triggers a rebalance.
 * Partitions are merged in ``(timestamp, partition, offset)`` order with a k-way heap
   merge. Each partition holds at most `buffer` records and is paused while its buffer is
-  full, so memory is bounded by partitions × buffer whatever the length of the replay.
+  full, so memory is bounded by partitions x buffer whatever the length of the replay.
 * Records are parsed with orjson only; filters work on the parsed dict. The validated
   `Event` (pydantic, with upcasting) is built lazily when `rec.event` is first read — the
   difference is most of the cost of a replay to a file.
@@ -23,7 +23,7 @@ from __future__ import annotations
 import heapq
 import re
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -166,7 +166,7 @@ def matches(
     rec: ReplayRecord,
     *,
     agent: str | None = None,
-    type: str | None = None,  # noqa: A002 - mirrors the CLI option
+    type: str | None = None,
     correlation_id: str | None = None,
 ) -> bool:
     if agent is None and type is None and correlation_id is None:
@@ -247,7 +247,7 @@ async def replay(
     since: str | datetime | int | None = None,
     until: str | datetime | int | None = "now",
     agent: str | None = None,
-    type: str | None = None,  # noqa: A002 - the CLI option's name
+    type: str | None = None,
     correlation_id: str | None = None,
     *,
     buffer: int = 500,

@@ -1,0 +1,197 @@
+"""Rebuild a table from its source topics and compare it with the live table.
+
+The rebuild folds every event of the table's source topics, from the oldest retained
+record, through the table's own pure fold (`TableSpec.apply`, via `streams.tables.rebuild`)
+into a dict. The live state is read from the table's changelog topic
+(`<app_id>-<table>-changelog`, latest record per key, tombstones delete), which works
+without a running worker. Both sides are read with isolation_level=read_committed, so
+records of aborted exactly-once transactions count on neither.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+from uuid import uuid4
+
+import orjson
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from schemas import Event
+from schemas.errors import SchemaError
+from streams.errors import BrokerError
+from streams.replay import replay
+from streams.settings import Settings
+from streams.tables import TABLES, TableSpec, digest
+
+
+class UnknownTable(LookupError):
+    pass
+
+
+def changelog_topic(settings: Settings, table: str) -> str:
+    return f"{settings.app_id}-{table}-changelog"
+
+
+def spec_for(name: str) -> TableSpec:
+    try:
+        return TABLES[name]
+    except KeyError:
+        known = ", ".join(sorted(TABLES)) or "none registered"
+        raise UnknownTable(f"unknown table {name!r} (known: {known})") from None
+
+
+async def source_events(settings: Settings, spec: TableSpec) -> AsyncIterator[Event[Any]]:
+    """The decodable events of the table's sources, each partition in log order.
+
+    Records that do not decode are skipped: the live agent dead-letters them, so they
+    never reach its fold either."""
+    async for rec in replay(
+        settings, list(spec.sources), since=None, until=None, include_invalid=False
+    ):
+        if spec.types and rec.type not in spec.types:
+            continue
+        try:
+            yield rec.event
+        except SchemaError:
+            continue
+
+
+async def rebuild_from_history(settings: Settings, spec: TableSpec) -> dict[str, Any]:
+    """What `streams.tables.rebuild` computes, folded as the events stream in so that
+    memory holds the state, not the history."""
+    state: dict[str, Any] = {}
+    chunk: list[Event[Any]] = []
+    async for ev in source_events(settings, spec):
+        chunk.append(ev)
+        if len(chunk) >= 1000:
+            _fold_into(state, spec, chunk)
+            chunk = []
+    _fold_into(state, spec, chunk)
+    return state
+
+
+def _fold_into(state: dict[str, Any], spec: TableSpec, events: list[Event[Any]]) -> None:
+    for event in events:
+        if not spec.types or event.type in spec.types:
+            spec.apply(state, event)
+
+
+def decode_key(raw: bytes | None) -> str:
+    if raw is None:
+        return ""
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return raw.decode("utf-8", "replace")
+    return value if isinstance(value, str) else raw.decode("utf-8", "replace")
+
+
+async def read_changelog(
+    settings: Settings, table: str, *, timeout_s: float = 30
+) -> dict[str, Any]:
+    """The table as its changelog says: last value per key, None values delete (empty
+    when no worker has created the changelog yet)."""
+    return await _read_changelog(settings, table, timeout_s) or {}
+
+
+async def _read_changelog(
+    settings: Settings, table: str, timeout_s: float
+) -> dict[str, Any] | None:
+    topic = changelog_topic(settings, table)
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.bootstrap,
+        group_id=None,
+        enable_auto_commit=False,
+        isolation_level="read_committed",
+        client_id=f"agentstream-rebuild-{uuid4().hex[:8]}",
+    )
+    await consumer.start()
+    try:
+        parts = consumer.partitions_for_topic(topic)
+        if not parts:
+            await consumer._client.force_metadata_update()
+            parts = consumer.partitions_for_topic(topic)
+        if not parts:
+            return None
+        tps = [TopicPartition(topic, p) for p in sorted(parts)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        end = await consumer.end_offsets(tps)
+        state: dict[str, Any] = {}
+        pending = {tp for tp in tps if end[tp] > 0}
+        import time
+
+        deadline = time.monotonic() + timeout_s
+        while pending:
+            batch = await consumer.getmany(*pending, timeout_ms=500, max_records=5000)
+            for tp, recs in batch.items():
+                for rec in recs:
+                    if rec.offset >= end[tp]:
+                        break
+                    key = decode_key(rec.key)
+                    if rec.value is None:
+                        state.pop(key, None)
+                    else:
+                        state[key] = orjson.loads(rec.value)
+            for tp in list(pending):
+                if await consumer.position(tp) >= end[tp]:
+                    pending.discard(tp)
+            if time.monotonic() > deadline:
+                raise BrokerError(f"reading {topic} took longer than {timeout_s}s")
+        return state
+    finally:
+        await consumer.stop()
+
+
+@dataclass
+class Comparison:
+    table: str
+    rebuilt_digest: str
+    live_digest: str
+    rebuilt_size: int
+    live_size: int
+    #: False when the table has no changelog topic (nothing live to compare with)
+    live_available: bool = True
+    differing_keys: list[str] = field(default_factory=list)
+
+    @property
+    def equal(self) -> bool:
+        return self.rebuilt_digest == self.live_digest
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "table": self.table,
+            "equal": self.equal,
+            "rebuilt_digest": self.rebuilt_digest,
+            "live_digest": self.live_digest,
+            "rebuilt_size": self.rebuilt_size,
+            "live_size": self.live_size,
+            "differing_keys": self.differing_keys,
+        }
+
+
+def diff_keys(a: dict[str, Any], b: dict[str, Any], limit: int = 20) -> list[str]:
+    keys = sorted(set(a) | set(b))
+    return [k for k in keys if a.get(k) != b.get(k)][:limit]
+
+
+async def compare(settings: Settings, name: str) -> Comparison:
+    spec = spec_for(name)
+    rebuilt = await rebuild_from_history(settings, spec)
+    found = await _read_changelog(settings, name, 30)
+    live = found or {}
+    return Comparison(
+        table=name,
+        rebuilt_digest=digest(rebuilt.items()),
+        live_digest=digest(live.items()),
+        rebuilt_size=len(rebuilt),
+        live_size=len(live),
+        live_available=found is not None,
+        differing_keys=diff_keys(rebuilt, live) if found is not None else [],
+    )
+
+
+async def compare_all(settings: Settings, names: Iterable[str] | None = None) -> list[Comparison]:
+    return [await compare(settings, n) for n in (names or sorted(TABLES))]
