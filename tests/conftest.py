@@ -33,10 +33,12 @@ def kafka_bootstrap() -> Iterator[str]:
             **{k: v for k, v in os.environ.items() if k == "AGENTSTREAM_KAFKA_VERSION"},
         }
     )
+    already_running = launcher.status(cfg)["running"]
     # A failure here is an error in every integration test, by design: no broker, no pass.
     bootstrap = launcher.start(cfg)
     yield bootstrap
-    if os.environ.get("AGENTSTREAM_TEST_KEEP_BROKER") != "1":
+    # Stop only a broker this session started: another session may be using it.
+    if not already_running and os.environ.get("AGENTSTREAM_TEST_KEEP_BROKER") != "1":
         launcher.stop(cfg)
 
 
