@@ -1,0 +1,102 @@
+"""`agentstream audit verify` on the real broker: a chain forged with aiokafka — one
+record altered, one deleted, two reordered, one inserted — is reported record by record
+with the right kind; the intact partition is reported clean."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from aiokafka import AIOKafkaProducer
+
+from schemas import Event, PolicyDecision, encode
+from schemas.security import Verdict
+from streams.audit_chain import GENESIS, seal
+from streams.settings import Settings
+from tests.support import cli
+
+pytestmark = pytest.mark.integration
+
+
+def chain(n: int, tag: str) -> list[bytes]:
+    out, prev = [], GENESIS
+    for i in range(n):
+        ev = seal(
+            Event.of(
+                PolicyDecision(
+                    message_id=f"{tag}{i}",
+                    message_event_id=f"e{i}",
+                    sender_id="agent-1",
+                    verdict=Verdict.ALLOW,
+                    reasons=[f"r{i}"],
+                    evaluated_at=datetime.now(UTC),
+                    evaluation_us=i,
+                ),
+                source="enforce_policy",
+            ),
+            prev,
+        )
+        prev = ev.payload.hash
+        out.append(encode(ev))
+    return out
+
+
+async def test_forged_chain_reports_each_kind(settings_env: dict[str, str], tmp_path: Path) -> None:
+    settings = Settings.from_env(settings_env)
+    env = {**settings_env, "AGENTSTREAM_AGENTS": "agents.audit"}
+    assert cli(env, "topics", "create").returncode == 0
+
+    good = chain(6, "g")
+    bad = chain(12, "b")
+    forged = list(bad)
+    forged[1] = forged[1].replace(b'"verdict":"allow"', b'"verdict":"deny"')  # altered @1
+    del forged[3]  # deleted: b3 gone, b4 lands at offset 3
+    forged[4], forged[5] = forged[5], forged[4]  # reordered: b6 before b5, at offset 4
+    intruder = seal(
+        Event.of(
+            PolicyDecision(
+                message_id="forged",
+                message_event_id="x",
+                sender_id="agent-1",
+                verdict=Verdict.ALLOW,
+                evaluated_at=datetime.now(UTC),
+                evaluation_us=0,
+            ),
+            source="enforce_policy",
+        ),
+        json.loads(forged[6])["payload"]["hash"],
+    )
+    forged.insert(7, encode(intruder))  # inserted after b7, at offset 7
+
+    topic = settings.topic("security.decisions")
+    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap, acks="all")
+    await producer.start()
+    try:
+        hour_ago = int(datetime.now(UTC).timestamp() * 1000) - 3_600_000
+        for i, value in enumerate(good):  # the first three an hour old
+            await producer.send_and_wait(
+                topic, value, key=b"agent-1", partition=0, timestamp_ms=hour_ago if i < 3 else None
+            )
+        for value in forged:
+            await producer.send_and_wait(topic, value, key=b"agent-1", partition=1)
+    finally:
+        await producer.stop()
+
+    res = cli(env, "audit", "verify", "--topics", "security.decisions", "--json")
+    assert res.returncode == 1, res.stderr  # findings → exit 1
+    result = json.loads(res.stdout)
+    found = sorted((f["partition"], f["offset"], f["kind"]) for f in result["findings"])
+    assert found == [(1, 1, "altered"), (1, 3, "deleted"), (1, 4, "reordered"), (1, 7, "inserted")]
+    assert result["counts"] == {"altered": 1, "deleted": 1, "inserted": 1, "reordered": 1}
+    assert result["records"] == len(good) + len(forged)
+
+    # the text report names them too; the intact partition alone verifies clean
+    text = cli(env, "audit", "verify", "--topics", "security.decisions")
+    assert "ALTERED" in text.stdout and "INSERTED" in text.stdout
+    assert f"{topic}:0  6 record(s)  ok" in text.stdout
+
+    # a time range that starts mid-partition anchors on the record before it
+    res = cli(env, "audit", "verify", "--topics", "security.decisions", "--since", "-10m", "--json")
+    assert len(json.loads(res.stdout)["findings"]) == 4

@@ -1,0 +1,90 @@
+"""Time parsing, filters, JSON lines and the progress bar of `streams.replay`."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import orjson
+import pytest
+
+from schemas import AgentMessage, Event, encode
+from streams.cli.replay import render_bar
+from streams.replay import ReplayRecord, TimeParseError, heap_key, matches, parse_time
+
+NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("now", NOW),
+        ("-15m", NOW - timedelta(minutes=15)),
+        ("-2h", NOW - timedelta(hours=2)),
+        ("-1d", NOW - timedelta(days=1)),
+        ("-30s", NOW - timedelta(seconds=30)),
+        ("+1w", NOW + timedelta(weeks=1)),
+        ("2026-11-25T10:00:00Z", datetime(2026, 11, 25, 10, tzinfo=UTC)),
+        ("2026-11-25T10:00:00+02:00", datetime(2026, 11, 25, 8, tzinfo=UTC)),
+        ("2026-11-25", datetime(2026, 11, 25, tzinfo=UTC)),
+        ("1795600000000", datetime.fromtimestamp(1_795_600_000, UTC)),
+    ],
+)
+def test_parse_time(text: str, expected: datetime) -> None:
+    assert parse_time(text, now=NOW) == expected
+
+
+@pytest.mark.parametrize("text", ["", "yesterday", "-15x", "15m"])
+def test_parse_time_rejects(text: str) -> None:
+    with pytest.raises(TimeParseError):
+        parse_time(text, now=NOW)
+
+
+def record(
+    ev: Event | None = None, value: bytes | None = None, key: bytes | None = b"k"
+) -> ReplayRecord:
+    raw = encode(ev) if ev is not None else value
+    data = orjson.loads(raw) if ev is not None else None
+    return ReplayRecord("t", 1, 42, 1000, key, raw, data, None if data else "not JSON")
+
+
+def message(sender: str = "a", recipient: str = "b") -> Event:
+    return Event.of(
+        AgentMessage(message_id="m", sender_id=sender, recipient_id=recipient),
+        source="svc",
+        correlation_id="corr",
+    )
+
+
+def test_filters() -> None:
+    rec = record(message("alice", "bob"))
+    assert matches(rec)
+    assert matches(rec, agent="alice") and matches(rec, agent="bob")
+    assert matches(rec, agent="svc")  # the envelope's source
+    assert matches(rec, agent="k")  # the record key
+    assert not matches(rec, agent="carol")
+    assert matches(rec, type="agent.message") and not matches(rec, type="llm.request")
+    assert matches(rec, correlation_id="corr") and not matches(rec, correlation_id="x")
+    assert not matches(record(value=b"junk"), type="agent.message")
+
+
+def test_json_line_embeds_the_wire_event_or_the_error() -> None:
+    ev = message()
+    line = orjson.loads(record(ev).json_line())
+    assert line["event"] == orjson.loads(encode(ev))
+    assert (line["topic"], line["partition"], line["offset"]) == ("t", 1, 42)
+    bad = orjson.loads(record(value=b"\xffjunk").json_line())
+    assert bad["error"] == "not JSON" and bad["value_b64"] == "/2p1bms="
+    assert record(ev).event.event_id == ev.event_id  # lazily validated
+
+
+def test_heap_key_orders_by_timestamp_then_partition_then_offset() -> None:
+    a = ReplayRecord("t", 1, 5, 1000, None, b"", {}, None)
+    b = ReplayRecord("t", 0, 9, 1000, None, b"", {}, None)
+    c = ReplayRecord("u", 0, 1, 999, None, b"", {}, None)
+    assert sorted([a, b, c], key=lambda r: heap_key(r, 0)) == [c, b, a]
+
+
+def test_progress_bar() -> None:
+    bar = render_bar(done=500, total=1000, emitted=400, elapsed=2.0)
+    assert "50.0%" in bar and "250 ev/s" in bar and "ETA 2s" in bar and "400 written" in bar
+    assert "100.0%" in render_bar(done=0, total=0, emitted=0, elapsed=0)
