@@ -16,6 +16,7 @@ Main flow
 from __future__ import annotations
 
 import asyncio
+import gc
 import sys
 from functools import cache
 from typing import Any
@@ -37,10 +38,27 @@ class AgentStreamApp(faust.App):
         cause = sys.exc_info()[1]
         raise ImportError(f"autodiscovery failed importing {name}: {cause!r}") from cause
 
+    async def on_first_start(self) -> None:
+        await super().on_first_start()
+        tune_gc()
+
     def _new_transport(self) -> Any:
         base = by_url(self.conf.broker_consumer[0])
         consumer = type("Consumer", (BatchDeliveryConsumer, base.Consumer), {})
         return type("Transport", (base,), {"Consumer": consumer})(self.conf.broker_consumer, self)
+
+
+#: CPython collects generation 0 every 700 allocations; an agent holding a decoded batch
+#: of pydantic models then spends a third of its time in the collector (bench: pipeline
+#: 19.6k -> 28.5k events/s with 10,000 and the start-up heap frozen).
+GC_GEN0_THRESHOLD = 10_000
+
+
+def tune_gc() -> None:
+    """Freeze the start-up heap out of collections and collect generation 0 less often."""
+    gc.freeze()
+    _, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(max(GC_GEN0_THRESHOLD, gc.get_threshold()[0]), gen1, gen2)
 
 
 class BatchDeliveryConsumer:
