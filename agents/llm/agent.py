@@ -13,6 +13,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 from agents.llm.runtime import CANCEL_CONSUMER, CONSUMER, runtime
@@ -27,11 +29,25 @@ for _spec in (tables.RESPONSES_DONE, tables.CANCELLED, tables.BREAKERS, tables.U
     tables.table(_spec.name)
 
 
+@contextlib.contextmanager
+def _ends_at_shutdown() -> Iterator[None]:
+    """At worker shutdown Faust throws StopAsyncIteration into the stream's queue, which
+    the batching generator turns into a RuntimeError (PEP 479); Faust would count that as
+    a crash and restart the agent while the worker stops, hanging the shutdown. It is the
+    end of the stream, so end the agent."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if not isinstance(exc.__cause__, StopAsyncIteration):
+            raise
+
+
 @app.agent(catalogue_topic(LLM_REQUESTS), name=CONSUMER)
 async def call_llm(stream: Any) -> None:
-    async for batch in decoded_batches(stream, consumer=CONSUMER, accept=[LLMRequest.TYPE]):
-        for inbound in batch:
-            await guarded(inbound, CONSUMER, _admit)
+    with _ends_at_shutdown():
+        async for batch in decoded_batches(stream, consumer=CONSUMER, accept=[LLMRequest.TYPE]):
+            for inbound in batch:
+                await guarded(inbound, CONSUMER, _admit)
 
 
 async def _admit(inbound: Inbound) -> None:
@@ -46,11 +62,12 @@ async def _admit(inbound: Inbound) -> None:
 
 @app.agent(catalogue_topic(LLM_CANCELLATIONS), name=CANCEL_CONSUMER)
 async def cancel_llm(stream: Any) -> None:
-    async for batch in decoded_batches(
-        stream, consumer=CANCEL_CONSUMER, accept=[LLMCancelRequested.TYPE]
-    ):
-        for inbound in batch:
-            await guarded(inbound, CANCEL_CONSUMER, _cancel)
+    with _ends_at_shutdown():
+        async for batch in decoded_batches(
+            stream, consumer=CANCEL_CONSUMER, accept=[LLMCancelRequested.TYPE]
+        ):
+            for inbound in batch:
+                await guarded(inbound, CANCEL_CONSUMER, _cancel)
 
 
 async def _cancel(inbound: Inbound) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 from agents.llm.adapter import WebSearchService
 from agents.llm.processor import AgentProcessor, Outcome
 from agents.llm.registry import LLMRegistry
-from schemas import Event
+from schemas import Event, encode
 from schemas.llm import (
     BreakerStateChanged,
     LLMRequest,
@@ -23,7 +23,7 @@ from schemas.llm import (
     LLMStreamChunk,
     Usage,
 )
-from streams.app import app, catalogue_topic, settings
+from streams.app import app, settings
 from streams.audit_chain import chain_writer
 from streams.observability import BREAKER_STATE, EVENTS_OUT, LLM_CALLS, LLM_LATENCY, LLM_TOKENS
 from streams.processing import Inbound, dead_letter, emit
@@ -125,11 +125,16 @@ class CallRuntime:
         partition = inbound.message.partition
         ack = True
         seq = 0
-        chunk_topic = catalogue_topic(LLM_CHUNKS)
+        chunk_topic = settings.topic(LLM_CHUNKS)
         key = request.request_id.encode()
         source = f"{CONSUMER}@{settings.worker_id}"
+        producer = await app.maybe_start_producer()
+        chunks_out = EVENTS_OUT.labels(LLM_CHUNKS)
 
         async def on_chunk(delta: str, provider: str, attempt: int) -> None:
+            # straight to the producer Faust's Topic.send would use (so flush-before-
+            # commit covers it), without Topic.send's per-message overhead: a chunk is
+            # the hottest path of this stage
             nonlocal seq
             chunk = LLMStreamChunk(
                 request_id=request.request_id,
@@ -139,14 +144,10 @@ class CallRuntime:
                 attempt=attempt,
             )
             seq += 1
-            from schemas import encode
-
-            await chunk_topic.send(
-                key=key,
-                value=encode(inbound.event.caused(chunk, source=source)),
-                partition=partition,
-            )
-            EVENTS_OUT.labels(LLM_CHUNKS).inc()
+            value = encode(inbound.event.caused(chunk, source=source))
+            fut = await producer.send(chunk_topic, key, value, partition, None, None)
+            fut.add_done_callback(_chunk_delivered)
+            chunks_out.inc()
 
         try:
             outcome = await self.processor.process_request(
@@ -229,6 +230,11 @@ class CallRuntime:
                 tables.apply_breaker(tables.table(tables.BREAKERS.name), event)
             except Exception:  # keep publishing later transitions
                 log.exception("could not publish breaker transition %s", t)
+
+
+def _chunk_delivered(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled() and fut.exception() is not None:
+        log.error("publishing an llm chunk failed: %r", fut.exception())
 
 
 @cache

@@ -31,7 +31,7 @@ from streams.audit_chain import GENESIS
 from streams.client import Client
 from streams.settings import Settings
 from tests.llm_server import LLMServer, Reply
-from tests.support import Worker, await_until
+from tests.support import Worker, await_until, cli
 
 pytestmark = pytest.mark.integration
 
@@ -288,6 +288,13 @@ async def test_llm_stage_end_to_end(settings_env: dict[str, str], tmp_path: Path
         assert usage["agent"]["agent-7"]["requests"] >= 10
         assert usage["provider"]["loop"]["total_tokens"] > 0
         assert "loop/loop-model" in usage["model"]
+
+        # -- the CLI: streams the answer of the local provider, then the final status -------
+        done = await asyncio.to_thread(
+            cli, env, "llm", "ask", "what is a stream?", "--provider", "local", timeout=60
+        )
+        assert done.returncode == 0, done.stderr
+        assert "what is a stream?" in done.stdout and "[completed] local/" in done.stderr
 
         # -- restart with a call in flight: its offset was not committed, so the restarted
         # worker replays it and answers it once (kill -9 takes the same path, but the group

@@ -1,0 +1,202 @@
+"""`agentstream llm ...`: ask a question through the pipeline, list and check providers,
+show breaker states and token usage from a running worker."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import uuid
+from typing import Any
+
+import click
+import httpx
+
+from schemas import Event, registry
+from schemas.errors import SchemaError
+from schemas.llm import ChatMessage, LLMConfig, LLMContext, LLMRequest, LLMResponse, LLMStreamChunk
+from streams.cli import cli, run
+from streams.client import Client
+from streams.settings import get_settings
+from streams.topics import LLM_CHUNKS, LLM_REQUESTS, LLM_RESPONSES
+
+
+@cli.group("llm")
+def llm_group() -> None:
+    """LLM calls through the pipeline (call_llm)."""
+
+
+@llm_group.command("ask")
+@click.argument("prompt")
+@click.option("--provider", default=None, help="Registered provider (default: the configured).")
+@click.option("--fallback", multiple=True, help="Fallback providers, in order (repeatable).")
+@click.option("--model", default="local-echo", show_default=True)
+@click.option("--max-tokens", type=int, default=None)
+@click.option("--temperature", type=float, default=None)
+@click.option("--system", "system_prompt", default=None, help="System prompt.")
+@click.option("--search", "web_search_query", default=None, help="Web search query to add.")
+@click.option("--agent", "agent_id", default="cli", show_default=True)
+@click.option("--no-stream", is_flag=True, help="Ask for the whole answer at once.")
+@click.option("--timeout", "wait_s", type=float, default=120, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the final response as JSON.")
+def ask(
+    prompt: str,
+    provider: str | None,
+    fallback: tuple[str, ...],
+    model: str,
+    max_tokens: int | None,
+    temperature: float | None,
+    system_prompt: str | None,
+    web_search_query: str | None,
+    agent_id: str,
+    no_stream: bool,
+    wait_s: float,
+    as_json: bool,
+) -> None:
+    """Publish an LLMRequest, print its chunks as they stream, then the final response."""
+    request = LLMRequest(
+        request_id=uuid.uuid4().hex,
+        agent_id=agent_id,
+        provider=provider,
+        fallback=list(fallback),
+        stream=not no_stream,
+        context=LLMContext(
+            messages=[ChatMessage(role="user", content=prompt)],
+            system_prompt=system_prompt,
+            web_search_query=web_search_query,
+        ),
+        config=LLMConfig(model=model, max_tokens=max_tokens, temperature=temperature),
+    )
+    response = run(_ask(request, wait_s, quiet=as_json))
+    if as_json:
+        click.echo(json.dumps(response.model_dump(mode="json"), indent=2))
+        return
+    usage = response.usage
+    tokens = (
+        (
+            f"{usage.prompt_tokens}+{usage.completion_tokens} tokens"
+            f"{' (estimated)' if usage.estimated else ''}"
+        )
+        if usage
+        else "no usage"
+    )
+    click.echo(
+        f"\n[{response.status}] {response.provider}/{response.model} "
+        f"{response.latency_ms:.0f} ms, {len(response.attempts)} attempt(s), {tokens}",
+        err=True,
+    )
+    if response.error is not None:
+        raise click.ClickException(f"{response.error.error_class}: {response.error.message}")
+
+
+async def _ask(request: LLMRequest, wait_s: float, *, quiet: bool) -> LLMResponse:
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    settings = get_settings()
+    topics = [settings.topic(LLM_CHUNKS), settings.topic(LLM_RESPONSES)]
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.bootstrap,
+        enable_auto_commit=False,
+        isolation_level="read_committed",
+    )
+    await consumer.start()
+    try:
+        await consumer._client.force_metadata_update()
+        tps = [
+            TopicPartition(t, p)
+            for t in topics
+            for p in sorted(consumer.partitions_for_topic(t) or ())
+        ]
+        consumer.assign(tps)
+        await consumer.seek_to_end(*tps)
+        for tp in tps:  # resolve positions now, before the request exists
+            await consumer.position(tp)
+        async with Client(settings, source="agentstream-cli") as client:
+            await client.publish(LLM_REQUESTS, Event.of(request, source="agentstream-cli"))
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            batch = await consumer.getmany(timeout_ms=200)
+            for records in batch.values():
+                for rec in records:
+                    try:
+                        payload = registry.decode(rec.value).payload
+                    except SchemaError:  # someone else's bad record is not our answer
+                        continue
+                    if getattr(payload, "request_id", None) != request.request_id:
+                        continue
+                    if isinstance(payload, LLMStreamChunk) and not quiet:
+                        sys.stdout.write(payload.delta)
+                        sys.stdout.flush()
+                    elif isinstance(payload, LLMResponse):
+                        if not request.stream and not quiet:
+                            sys.stdout.write(payload.content)
+                        return payload
+        raise click.ClickException(f"no response within {wait_s:g}s (is a worker running?)")
+    finally:
+        await consumer.stop()
+
+
+@llm_group.command("providers")
+@click.option("--check", is_flag=True, help="Also run each provider's setup check.")
+def providers(check: bool) -> None:
+    """The providers this configuration declares (`local` is always there)."""
+    from agents.llm.registry import LLMRegistry
+
+    reg = LLMRegistry.from_settings(get_settings())
+
+    async def checks() -> dict[str, bool]:
+        out = {n: await reg.check_provider_setup(n) for n in reg.names()}
+        await reg.aclose()
+        return out
+
+    status = run(checks()) if check else {}
+    for name in reg.names():
+        cfg = reg.config(name)
+        mark = "" if not check else ("  ok" if status[name] else "  NOT READY")
+        click.echo(
+            f"{name:16} {cfg.kind:9} {cfg.base_url or '-':40} "
+            f"key={'keychain' if cfg.requires_key else 'none'}{mark}"
+        )
+
+
+def _view(path: str) -> Any:
+    s = get_settings()
+    host = "127.0.0.1" if s.web_host in ("0.0.0.0", "::", "") else s.web_host
+    url = f"http://{host}:{s.web_port}{path}"
+    try:
+        resp = httpx.get(url, timeout=10)
+        resp.raise_for_status()
+    except httpx.HTTPError as exc:
+        raise click.ClickException(f"no worker answering at {url}: {exc}") from exc
+    return resp.json()
+
+
+@llm_group.command("breakers")
+def breakers() -> None:
+    """Circuit breaker state per provider (from a running worker)."""
+    for name, b in _view("/llm/breakers")["breakers"].items():
+        live = b["live"]
+        rec = b.get("recorded") or {}
+        click.echo(
+            f"{name:16} {live['state']:9} failures={live['failures']} "
+            f"last change: {rec.get('previous', '-')}→{rec.get('state', '-')} "
+            f"{rec.get('changed_at', '')} {rec.get('reason', '')}"
+        )
+
+
+@llm_group.command("usage")
+@click.option("--json", "as_json", is_flag=True)
+def usage(as_json: bool) -> None:
+    """Token totals per agent, provider and model (from a running worker)."""
+    data = _view("/llm/usage")
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    for kind in ("agent", "provider", "model"):
+        for name, t in sorted(data.get(kind, {}).items()):
+            click.echo(
+                f"{kind:8} {name:32} requests={t.get('requests', 0):6} "
+                f"prompt={t.get('prompt_tokens', 0):8} "
+                f"completion={t.get('completion_tokens', 0):8} "
+                f"estimated={t.get('estimated_requests', 0)}"
+            )
