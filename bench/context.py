@@ -156,7 +156,6 @@ class BenchContext:
         self.results: dict[str, float | str] = {}
         self.run_id = uuid.uuid4().hex[:8]
         self.work_dir = work_dir or (REPO / "var" / "bench" / self.run_id)
-        self.work_dir.mkdir(parents=True, exist_ok=True)
         self._payloads: list[bytes] | None = None
         self._keys: list[bytes] | None = None
         self._n_env = 0
@@ -230,8 +229,10 @@ class BenchContext:
         # decoder fills them in, and ~300 B stays reachable.
         template = event.model_dump(mode="json", exclude_defaults=True)
         template.update(type=event.type, schema_version=event.schema_version)
-        template["payload"].pop("content", None)
-        base = len(orjson.dumps(template)) + 32  # ids below replace the template's
+        template["payload"]["content"] = ""
+        # size it with ids as long as the typical ones written below
+        template["payload"].update(message_id=f"m{n // 2}", sender_id=f"agent-{SENDERS // 2}")
+        base = len(orjson.dumps(template))
         template["payload"]["content"] = "x" * max(0, self.payload_bytes - base)
         payload = template["payload"]
         out: list[bytes] = []
@@ -370,11 +371,29 @@ class BenchContext:
         return worker
 
     async def close(self) -> None:
+        """Stop the workers and delete every topic of this run (a default run writes a
+        few hundred MB the dev broker should not keep)."""
         for worker in self.workers:
             worker.stop()
         if self._offsets is not None:
             await self._offsets.stop()
             self._offsets = None
+        try:
+            await self.delete_topics()
+        except Exception as exc:  # cleanup must not hide the results
+            log(f"could not delete this run's topics: {exc!r}")
+
+    async def delete_topics(self) -> list[str]:
+        ours = f"b{self.run_id}x"  # every prefix and app id new_env hands out
+        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap)
+        await admin.start()
+        try:
+            names = [t for t in await admin.list_topics() if t.startswith(ours)]
+            if names:
+                await admin.delete_topics(names)
+            return names
+        finally:
+            await admin.close()
 
 
 async def _tps(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:

@@ -1,0 +1,75 @@
+"""`python -m bench` end to end on a tiny run: the core stage measures all three
+variants against the real broker and the last stdout line is the JSON result."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from aiokafka.admin import AIOKafkaAdminClient
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+CORE_KEYS = {
+    "ceiling_eps",
+    "raw_consume_eps",
+    "naive_faust_eps",
+    "pipeline_eps",
+    "pipeline_vs_naive",
+    "pipeline_vs_ceiling",
+}
+
+
+async def test_core_stage_prints_json_last(kafka_bootstrap: str, tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTSTREAM_")}
+    env["AGENTSTREAM_KAFKA_BOOTSTRAP"] = kafka_bootstrap
+    out_file = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "--events",
+            "4000",
+            "--partitions",
+            "2",
+            "--stages",
+            "core",
+            "--out",
+            str(out_file),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    last = proc.stdout.strip().splitlines()[-1]
+    result = json.loads(last)
+    assert set(result) >= CORE_KEYS, result
+    assert not [k for k in result if k.endswith("_error")], result
+    assert (result["events"], result["partitions"]) == (4000, 2)
+    for key in CORE_KEYS:
+        assert result[key] > 0, key
+    assert result["pipeline_vs_naive"] == pytest.approx(
+        result["pipeline_eps"] / result["naive_faust_eps"], rel=0.01
+    )
+    assert json.loads(out_file.read_text()) == result
+    assert "core: (c) pipeline" in proc.stderr  # progress goes to stderr, not stdout
+
+    # the run cleaned up after itself
+    run_dirs = [line for line in proc.stderr.splitlines() if "logs in " in line]
+    run_id = Path(run_dirs[0].rsplit("logs in ", 1)[1]).name
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    await admin.start()
+    try:
+        left = [t for t in await admin.list_topics() if t.startswith(f"b{run_id}x")]
+    finally:
+        await admin.close()
+    assert left == []

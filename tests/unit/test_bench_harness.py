@@ -1,0 +1,100 @@
+"""The benchmark harness's pure parts: options, stage discovery, ratios, payloads and
+the rate arithmetic (no Kafka)."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.__main__ import discover, parse_args, ratios
+from bench.context import BenchContext, BenchError, Throughput
+from schemas import AgentMessage, registry
+
+
+def test_defaults_match_the_issue() -> None:
+    args = parse_args([])
+    assert (args.events, args.payload_bytes, args.partitions) == (200_000, 300, 4)
+    assert args.stages == "" and args.out is None
+
+
+def test_options_parse_and_reject_nonsense() -> None:
+    args = parse_args(
+        [
+            "--events",
+            "5000",
+            "--payload-bytes",
+            "1000",
+            "--partitions",
+            "2",
+            "--stages",
+            "core",
+            "--out",
+            "x.json",
+        ]
+    )
+    assert (args.events, args.payload_bytes, args.partitions, args.stages) == (
+        5000,
+        1000,
+        2,
+        "core",
+    )
+    with pytest.raises(SystemExit):
+        parse_args(["--events", "0"])
+
+
+def test_discover_runs_core_first_and_every_stage_has_the_contract() -> None:
+    stages = discover()
+    assert next(iter(stages)) == "core"
+    for name, module in stages.items():
+        assert name == module.NAME
+        assert callable(module.run)
+
+
+def test_ratios_against_naive_and_ceiling() -> None:
+    results: dict[str, float | str] = {
+        "naive_faust_eps": 1000.0,
+        "ceiling_eps": 50_000.0,
+        "raw_consume_eps": 90_000.0,
+        "produce_eps": 80_000.0,
+        "pipeline_eps": 5000.0,
+        "policy_eps": 2500.0,
+        "llm_error": "boom",
+    }
+    out = ratios(results)
+    assert out == {"pipeline_vs_naive": 5.0, "policy_vs_naive": 2.5, "pipeline_vs_ceiling": 0.1}
+
+
+def test_ratios_without_a_naive_rate_are_empty_but_ceiling_still_compares() -> None:
+    assert ratios({"pipeline_eps": 10.0, "ceiling_eps": 40.0}) == {"pipeline_vs_ceiling": 0.25}
+    assert ratios({"core_error": "x"}) == {}
+
+
+@pytest.mark.parametrize("size", [300, 1000, 4000])
+def test_payloads_are_valid_events_of_about_the_requested_size(size: int) -> None:
+    ctx = BenchContext("127.0.0.1:1", events=50, payload_bytes=size)
+    values = ctx.make_payloads(50)
+    assert len(values) == 50
+    for raw in values:
+        event = registry.decode(raw)
+        assert isinstance(event.payload, AgentMessage)
+        assert abs(len(raw) - size) <= 12
+    ids = {registry.decode(raw).event_id for raw in values}
+    assert len(ids) == 50  # distinct events, not one repeated
+    senders = {registry.decode(raw).payload.sender_id for raw in values}
+    assert len(senders) > 4  # keys spread over partitions
+
+
+def test_isolated_envs_differ_and_carry_the_run_settings() -> None:
+    ctx = BenchContext("127.0.0.1:1", events=10, payload_bytes=300, partitions=3)
+    a, b = ctx.new_env(), ctx.new_env(AGENTSTREAM_AGENTS="bench.passthrough")
+    for key in ("AGENTSTREAM_TOPIC_PREFIX", "AGENTSTREAM_APP_ID", "AGENTSTREAM_DATA_DIR"):
+        assert a[key] != b[key]
+    assert a["AGENTSTREAM_TOPIC_PARTITIONS"] == "3"
+    assert a["AGENTSTREAM_KAFKA_BOOTSTRAP"] == "127.0.0.1:1"
+    assert b["AGENTSTREAM_AGENTS"] == "bench.passthrough"
+    assert ctx.topic(a, "agent.messages") == a["AGENTSTREAM_TOPIC_PREFIX"] + "agent.messages"
+
+
+def test_throughput_excludes_what_was_there_at_first_sight() -> None:
+    assert Throughput(target=1100, t_first=10.0, count_first=100, t_done=12.0).eps == 500.0
+    with pytest.raises(BenchError):
+        _ = Throughput(target=100, t_first=5.0, count_first=100, t_done=5.0).eps
