@@ -69,7 +69,7 @@ def load_providers_file(path: Path) -> list[ProviderConfig]:
         if "api_key" in cfg:
             raise SettingsError(
                 f"providers file {path}: provider {name!r} has an api_key; keys belong in the "
-                f"keychain (agentstream secrets set llm.{name}.api_key)"
+                f"keychain (agentstream credentials set --secret llm.{name}.api_key)"
             )
         try:
             configs.append(ProviderConfig(name=str(name), **cfg))
