@@ -28,6 +28,7 @@ import httpx
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from agents.llm.providers._http import ClientPool
 from bench.context import REPO, BenchContext, BenchError, free_port, log
 from schemas import Event, encode
 from schemas.llm import ChatMessage, LLMConfig, LLMContext, LLMRequest
@@ -45,7 +46,9 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-async def direct_round(client: httpx.AsyncClient, url: str) -> list[float]:
+async def direct_round(pool: ClientPool, url: str) -> list[float]:
+    """200 streaming completions at once, straight with httpx (leasing connections like
+    the provider does, so the baseline does not suffer httpcore's burst serialisation)."""
     body = {
         "model": "bench",
         "stream": True,
@@ -55,7 +58,7 @@ async def direct_round(client: httpx.AsyncClient, url: str) -> list[float]:
 
     async def one() -> float:
         t0 = time.perf_counter()
-        async with client.stream("POST", url, json=body) as resp:
+        async with pool.lease() as client, client.stream("POST", url, json=body) as resp:
             async for _line in resp.aiter_lines():
                 pass  # to the end, like the provider, so the connection is reused
         return time.perf_counter() - t0
@@ -171,14 +174,13 @@ async def run(ctx: BenchContext) -> dict[str, float]:
         f"providers:\n  loop: {{kind: vllm, base_url: '{base}/v1', max_concurrency: 256}}\n"
     )
     try:
-        async with httpx.AsyncClient(
-            limits=httpx.Limits(max_connections=None), timeout=30
-        ) as client:
-            url = base + "/v1/chat/completions"
-            await direct_round(client, url)  # warm-up: connections
-            direct: list[float] = []
-            for _ in range(ROUNDS):
-                direct += await direct_round(client, url)
+        pool = ClientPool(timeout=httpx.Timeout(30))
+        url = base + "/v1/chat/completions"
+        await direct_round(pool, url)  # warm-up: connections
+        direct: list[float] = []
+        for _ in range(ROUNDS):
+            direct += await direct_round(pool, url)
+        await pool.aclose()
         d50, d99 = pct(direct, 0.5) * 1000, pct(direct, 0.99) * 1000
         log(f"llm: direct p50 {d50:.1f} ms p99 {d99:.1f} ms")
 

@@ -76,6 +76,60 @@ def origin(url: str) -> str:
     return f"{parts.scheme}://{parts.netloc}".lower()
 
 
+class ClientPool:
+    """Connections as a LIFO free-list of single-connection httpx clients.
+
+    One shared `httpx.AsyncClient` serialises a burst of concurrent requests onto a few
+    keep-alive connections: httpcore assigns every queued request to the same idle
+    connection in one pass (it stays "idle" until its request starts; encode/httpcore
+    #1110), so 200 simultaneous streams ran over ~8 connections and waited seconds for
+    each other. Here a call leases a client of its own (one kept-alive connection),
+    returns it afterwards, and the next call reuses the warmest one.
+    """
+
+    def __init__(
+        self,
+        *,
+        timeout: httpx.Timeout,
+        transport: httpx.AsyncBaseTransport | None = None,
+        max_idle: int = 256,
+    ) -> None:
+        self._timeout = timeout
+        self._transport = transport
+        self._max_idle = max_idle
+        self._idle: list[httpx.AsyncClient] = []
+        self._ssl: Any = None
+        self._closed = False
+
+    def _new(self) -> httpx.AsyncClient:
+        if self._transport is not None:
+            return httpx.AsyncClient(transport=self._transport, timeout=self._timeout)
+        if self._ssl is None:
+            self._ssl = httpx.create_ssl_context()  # ~10 ms each: build it once
+        return httpx.AsyncClient(
+            verify=self._ssl,
+            timeout=self._timeout,
+            limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
+        )
+
+    @contextlib.asynccontextmanager
+    async def lease(self) -> AsyncIterator[httpx.AsyncClient]:
+        client = self._idle.pop() if self._idle else self._new()
+        try:
+            yield client
+        finally:
+            if self._closed or len(self._idle) >= self._max_idle or client.is_closed:
+                await client.aclose()
+            else:
+                self._idle.append(client)
+
+    async def aclose(self) -> None:
+        self._closed = True
+        idle, self._idle = self._idle, []
+        for client in idle:
+            await client.aclose()
+
+
 class HTTPProvider(LLMProvider):
     """Base for providers over httpx: lazily created client, key from the keychain."""
 
@@ -91,17 +145,13 @@ class HTTPProvider(LLMProvider):
         self._secrets = secrets
         self._timeout_s = config.timeout_s or default_timeout_s
         self._transport = transport
-        self._client: httpx.AsyncClient | None = None
+        self._pool: ClientPool | None = None
         self._key: str | None = None
         self._key_loaded = False
 
     async def initialize(self) -> None:
-        if self._client is None:
-            self._client = httpx.AsyncClient(
-                transport=self._transport,
-                limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
-                timeout=self._timeout(None),
-            )
+        if self._pool is None:
+            self._pool = ClientPool(timeout=self._timeout(None), transport=self._transport)
         if self.config.requires_key and not self._key_loaded:
             self._key = await self._load_key()
             self._key_loaded = True
@@ -115,11 +165,11 @@ class HTTPProvider(LLMProvider):
         t = timeout_s or self._timeout_s
         return httpx.Timeout(t, connect=min(t, self.config.connect_timeout_s))
 
-    async def client(self) -> httpx.AsyncClient:
-        if self._client is None or (self.config.requires_key and not self._key_loaded):
+    async def pool(self) -> ClientPool:
+        if self._pool is None or (self.config.requires_key and not self._key_loaded):
             await self.initialize()
-        assert self._client is not None
-        return self._client
+        assert self._pool is not None
+        return self._pool
 
     def api_key(self) -> str | None:
         if self.config.requires_key and not self._key:
@@ -153,11 +203,16 @@ class HTTPProvider(LLMProvider):
         timeout_s: float | None,
         params: dict[str, str] | None = None,
     ) -> Any:
-        client = await self.client()
+        pool = await self.pool()
         try:
-            resp = await client.post(
-                url, json=body, headers=headers, params=params, timeout=self._timeout(timeout_s)
-            )
+            async with pool.lease() as client:
+                resp = await client.post(
+                    url,
+                    json=body,
+                    headers=headers,
+                    params=params,
+                    timeout=self._timeout(timeout_s),
+                )
         except httpx.HTTPError as exc:
             raise error_for_transport(self.name, exc) from None
         if resp.status_code >= 400:
@@ -180,16 +235,19 @@ class HTTPProvider(LLMProvider):
         timeout_s: float | None,
         params: dict[str, str] | None = None,
     ) -> AsyncIterator[httpx.Response]:
-        client = await self.client()
+        pool = await self.pool()
         try:
-            async with client.stream(
-                "POST",
-                url,
-                json=body,
-                headers=headers,
-                params=params,
-                timeout=self._timeout(timeout_s),
-            ) as resp:
+            async with (
+                pool.lease() as client,
+                client.stream(
+                    "POST",
+                    url,
+                    json=body,
+                    headers=headers,
+                    params=params,
+                    timeout=self._timeout(timeout_s),
+                ) as resp,
+            ):
                 if resp.status_code >= 400:
                     text = (await resp.aread()).decode(errors="replace")
                     raise error_for_status(self.name, resp.status_code, text, resp.headers)
@@ -202,10 +260,10 @@ class HTTPProvider(LLMProvider):
             await self.initialize()
             if self.config.requires_key and not self._key:
                 return False
-            client = await self.client()
-            resp = await client.get(
-                self.health_url(), headers=self.auth_headers(), timeout=self._timeout(5.0)
-            )
+            async with (await self.pool()).lease() as client:
+                resp = await client.get(
+                    self.health_url(), headers=self.auth_headers(), timeout=self._timeout(5.0)
+                )
             return resp.status_code < 500
         except Exception:  # a health probe reports, it never raises
             return False
@@ -217,6 +275,6 @@ class HTTPProvider(LLMProvider):
         return dict(self.config.headers)
 
     async def aclose(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
+        if self._pool is not None:
+            await self._pool.aclose()
+            self._pool = None

@@ -68,7 +68,7 @@ class OllamaProvider(HTTPProvider):
     async def generate(
         self, context: LLMContext, config: LLMConfig, *, timeout_s: float | None = None
     ) -> LLMResult:
-        await self.client()
+        await self.pool()
         data = await self.post_json(
             self.url(config), self.body(context, config, False), self.auth_headers(), timeout_s
         )
@@ -86,7 +86,7 @@ class OllamaProvider(HTTPProvider):
     async def stream(
         self, context: LLMContext, config: LLMConfig, *, timeout_s: float | None = None
     ) -> AsyncIterator[StreamChunk]:
-        await self.client()
+        await self.pool()
         async with self.open_stream(
             self.url(config), self.body(context, config, True), self.auth_headers(), timeout_s
         ) as resp:

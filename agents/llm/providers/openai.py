@@ -99,7 +99,7 @@ class OpenAICompatibleProvider(HTTPProvider):
     async def generate(
         self, context: LLMContext, config: LLMConfig, *, timeout_s: float | None = None
     ) -> LLMResult:
-        await self.client()
+        await self.pool()
         url, params = self.endpoint(config)
         data = await self.post_json(
             url, self.body(context, config, False), self.auth_headers(config), timeout_s, params
@@ -121,7 +121,7 @@ class OpenAICompatibleProvider(HTTPProvider):
     async def stream(
         self, context: LLMContext, config: LLMConfig, *, timeout_s: float | None = None
     ) -> AsyncIterator[StreamChunk]:
-        await self.client()
+        await self.pool()
         url, params = self.endpoint(config)
         async with self.open_stream(
             url, self.body(context, config, True), self.auth_headers(config), timeout_s, params
