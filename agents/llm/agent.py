@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -85,13 +86,23 @@ async def _revoke_calls(app: Any, revoked: Any, **kwargs: Any) -> None:
     runtime().revoke(set(revoked))
 
 
+#: seconds a provider's setup check result is reused: /ready is polled often, and a
+#: check is a real HTTP request to the provider (a billed API for some)
+SETUP_CHECK_TTL_S = 30.0
+
+
 def _provider_check(name: str) -> Any:
+    cached: list[tuple[float, bool]] = []
+
     async def check() -> tuple[Status, str]:
         rt = runtime()
         breaker = rt.processor.breakers.get(name)
         if breaker is not None and breaker.state == "open":
             return "degraded", f"circuit open, probe in {breaker.retry_in_s():.1f}s"
-        ok = await rt.registry.check_provider_setup(name)
+        now = time.monotonic()
+        if not cached or now - cached[0][0] > SETUP_CHECK_TTL_S:
+            cached[:] = [(now, await rt.registry.check_provider_setup(name))]
+        ok = cached[0][1]
         return ("ok", "reachable") if ok else ("degraded", "setup check failed")
 
     return check

@@ -330,3 +330,17 @@ async def test_key_from_a_real_file_keyring(
         assert server.requests[-1].headers["Authorization"] == "Bearer sk-from-keyring"
     finally:
         settings_mod.get_settings.cache_clear()
+
+
+async def test_a_key_echoed_in_an_error_body_is_scrubbed(server: LLMServer) -> None:
+    server.script(
+        Reply(kind="status", status=401, body='{"error": "bad key sk-test-123 given"}'),
+        Reply(kind="status", status=401, body='{"error": "bad key sk-test-123 given"}'),
+    )
+    p = openai(server)
+    with pytest.raises(ProviderRequestError) as json_err:
+        await p.generate(CTX, CFG)
+    with pytest.raises(ProviderRequestError) as stream_err:
+        await collect(p)
+    for err in (json_err.value, stream_err.value):
+        assert "sk-test-123" not in str(err) and "***" in str(err)

@@ -179,6 +179,14 @@ class HTTPProvider(LLMProvider):
             )
         return self._key
 
+    def scrub(self, exc: ProviderError) -> ProviderError:
+        """Error bodies are quoted in responses and logs: a server echoing the key back
+        (some do, in 401 messages) must not put it into an event."""
+        if self._key and self._key in exc.message:
+            exc.message = exc.message.replace(self._key, "***")
+            exc.args = (exc.message,)
+        return exc
+
     def resolve_base(self, override: str | None) -> str:
         """The base URL for a call; a request may only redirect to allowed origins, since
         the provider's key travels with the call."""
@@ -216,7 +224,7 @@ class HTTPProvider(LLMProvider):
         except httpx.HTTPError as exc:
             raise error_for_transport(self.name, exc) from None
         if resp.status_code >= 400:
-            raise error_for_status(self.name, resp.status_code, resp.text, resp.headers)
+            raise self.scrub(error_for_status(self.name, resp.status_code, resp.text, resp.headers))
         try:
             return resp.json()
         except ValueError as exc:
@@ -250,7 +258,9 @@ class HTTPProvider(LLMProvider):
             ):
                 if resp.status_code >= 400:
                     text = (await resp.aread()).decode(errors="replace")
-                    raise error_for_status(self.name, resp.status_code, text, resp.headers)
+                    raise self.scrub(
+                        error_for_status(self.name, resp.status_code, text, resp.headers)
+                    )
                 yield resp
         except httpx.HTTPError as exc:
             raise error_for_transport(self.name, exc) from None
