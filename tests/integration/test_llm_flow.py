@@ -135,6 +135,7 @@ async def test_llm_stage_end_to_end(settings_env: dict[str, str], tmp_path: Path
         "providers:\n"
         f"  loop: {{kind: vllm, base_url: '{server.url}/v1'}}\n"
         f"  olla: {{kind: ollama, base_url: '{server.url}'}}\n"
+        f"  slow: {{kind: vllm, base_url: '{server.url}/v1', max_concurrency: 2}}\n"
     )
     env = {
         **settings_env,
@@ -288,6 +289,29 @@ async def test_llm_stage_end_to_end(settings_env: dict[str, str], tmp_path: Path
         assert usage["agent"]["agent-7"]["requests"] >= 10
         assert usage["provider"]["loop"]["total_tokens"] > 0
         assert "loop/loop-model" in usage["model"]
+
+        # -- bounded concurrency: two calls in flight at once, the third waits for a slot ---
+        server.script(
+            Reply(kind="hang", after=1), Reply(kind="hang", after=1), Reply(words=["third"])
+        )
+        for rid in ("p1", "p2", "p3"):
+            await client.publish("llm.requests", req(rid, "slow"))
+        await await_until(
+            lambda: _async(seen_for(server, "p1") == 1 and seen_for(server, "p2") == 1),
+            20,
+            what="p1 and p2 in flight together",
+        )
+        assert seen_for(server, "p3") == 0
+        await client.publish(
+            "llm.cancellations", Event.of(LLMCancelRequested(request_id="p1"), source="test")
+        )
+        assert (await topics.response("p1")).status == "cancelled"
+        p3 = await topics.response("p3")
+        assert p3.status == "completed" and p3.content == "third"
+        await client.publish(
+            "llm.cancellations", Event.of(LLMCancelRequested(request_id="p2"), source="test")
+        )
+        assert (await topics.response("p2")).status == "cancelled"
 
         # -- the CLI: streams the answer of the local provider, then the final status -------
         done = await asyncio.to_thread(
