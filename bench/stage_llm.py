@@ -27,6 +27,7 @@ from typing import Any
 
 import httpx
 import orjson
+import psutil
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from agents.llm.providers._http import ClientPool
@@ -195,8 +196,10 @@ async def run(ctx: BenchContext) -> dict[str, float]:
         url = base + "/v1/chat/completions"
         await direct_round(pool, url)  # warm-up: connections
         direct: list[float] = []
+        cpu0 = time.process_time()
         for _ in range(ROUNDS):
             direct += await direct_round(pool, url)
+        direct_cpu_ms = (time.process_time() - cpu0) * 1000 / (ROUNDS * IN_FLIGHT)
         await pool.aclose()
         d50, d99 = pct(direct, 0.5) * 1000, pct(direct, 0.99) * 1000
         log(f"llm: direct p50 {d50:.1f} ms p99 {d99:.1f} ms")
@@ -232,10 +235,14 @@ async def run(ctx: BenchContext) -> dict[str, float]:
             try:
                 await pipeline_round(producer, topic, watch)  # warm-up: group join, connections
                 piped: list[float] = []
+                proc = psutil.Process(worker.proc.pid) if worker.proc else None
+                cpu0 = sum(proc.cpu_times()[:2]) if proc else 0.0
                 t0 = time.monotonic()
                 for _ in range(ROUNDS):
                     piped += await pipeline_round(producer, topic, watch)
                 elapsed = time.monotonic() - t0
+                worker_cpu = (sum(proc.cpu_times()[:2]) - cpu0) if proc else 0.0
+                worker_cpu_ms = worker_cpu * 1000 / (ROUNDS * IN_FLIGHT)
             finally:
                 await producer.stop()
         finally:
@@ -244,6 +251,10 @@ async def run(ctx: BenchContext) -> dict[str, float]:
     finally:
         server.terminate()
         server.wait(10)
+    log(
+        f"llm: CPU per request: direct httpx client {direct_cpu_ms:.2f} ms, "
+        f"pipeline worker {worker_cpu_ms:.2f} ms"
+    )
     calls = watch.call_ms[IN_FLIGHT:]  # after the warm-up round
     log(f"llm: in-worker call latency p50 {pct(calls, 0.5):.1f} ms p99 {pct(calls, 0.99):.1f} ms")
     log(f"llm: pipeline p50 {pct(piped, 0.5) * 1000:.1f} ms p99 {pct(piped, 0.99) * 1000:.1f} ms")
@@ -252,4 +263,6 @@ async def run(ctx: BenchContext) -> dict[str, float]:
         "llm_added_p50_ms": round((pct(piped, 0.5) - pct(direct, 0.5)) * 1000, 2),
         "llm_added_p99_ms": round((pct(piped, 0.99) - pct(direct, 0.99)) * 1000, 2),
         "llm_direct_p50_ms": round(statistics.median(direct) * 1000, 2),
+        "llm_worker_cpu_ms_per_request": round(worker_cpu_ms, 3),
+        "llm_direct_cpu_ms_per_request": round(direct_cpu_ms, 3),
     }
