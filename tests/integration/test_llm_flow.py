@@ -208,6 +208,15 @@ async def test_llm_stage_end_to_end(settings_env: dict[str, str], tmp_path: Path
         assert f1.status == "failed" and len(f1.attempts) == 1
         assert f1.error is not None and f1.error.error_class == "ProviderRequestError"
 
+        server.script(Reply(kind="status", status=401))
+        await client.publish("llm.requests", req("fb1", fallback=["olla"]))
+        fb1 = await topics.response("fb1")
+        assert fb1.status == "completed" and fb1.provider == "olla"
+        assert [(a.provider, a.outcome, a.status_code) for a in fb1.attempts] == [
+            ("loop", "error", 401),
+            ("olla", "ok", None),
+        ]
+
         # -- cancellation mid-stream: abort within a second, partial content ------------------
         server.script(Reply(kind="hang", after=2, words=["alpha", "beta", "gamma", "delta"]))
         await client.publish("llm.requests", req("c1"))
