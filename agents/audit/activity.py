@@ -66,8 +66,10 @@ accepted_by_sender = app.Table(
     help=SPEC.description,
 )
 # Faust derives "json" from key_type=str; raw keys hash like the source topic's keys.
-# Set before first use: the store and the changelog topic read it when they are created.
+# The changelog topic object was already built with "json" when the table registered
+# itself, and recovery decodes with the topic's serializer: build it again.
 accepted_by_sender.key_serializer = "raw"
+accepted_by_sender.changelog_topic = accepted_by_sender._new_changelog_topic()
 
 
 @app.agent(catalogue_topic(AGENT_MESSAGES_ACCEPTED), name=CONSUMER)
