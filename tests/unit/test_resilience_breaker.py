@@ -15,7 +15,11 @@ class Clock:
 
 def make(clock: Clock, seen: list[Transition]) -> CircuitBreaker:
     return CircuitBreaker(
-        "p", failure_threshold=3, window_s=10, reset_timeout_s=5, clock=clock,
+        "p",
+        failure_threshold=3,
+        window_s=10,
+        reset_timeout_s=5,
+        clock=clock,
         on_transition=seen.append,
     )
 
@@ -67,7 +71,9 @@ def test_half_open_single_probe_then_close() -> None:
     b.record_success()
     assert b.state == "closed" and b.allow()
     assert [(t.previous, t.current) for t in seen] == [
-        ("closed", "open"), ("open", "half_open"), ("half_open", "closed")
+        ("closed", "open"),
+        ("open", "half_open"),
+        ("half_open", "closed"),
     ]
 
 

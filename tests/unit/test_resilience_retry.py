@@ -37,7 +37,8 @@ def test_rate_limit_without_header_backs_off() -> None:
 
 
 @pytest.mark.parametrize(
-    "exc", [ProviderServerError("500"), ProviderConnectionError("reset"), ProviderProtocolError("x")]
+    "exc",
+    [ProviderServerError("500"), ProviderConnectionError("reset"), ProviderProtocolError("x")],
 )
 def test_server_and_connection_errors_back_off_exponentially(exc: Exception) -> None:
     p = policy(rng=1.0, base_delay_s=0.1, max_delay_s=0.5, max_attempts=10)
@@ -60,8 +61,12 @@ def test_timeouts_are_retried_a_bounded_number_of_times() -> None:
 
 @pytest.mark.parametrize(
     "exc",
-    [ProviderRequestError("400", status_code=400), CircuitOpen("open"), RequestCancelled("c"),
-     ValueError("bug")],
+    [
+        ProviderRequestError("400", status_code=400),
+        CircuitOpen("open"),
+        RequestCancelled("c"),
+        ValueError("bug"),
+    ],
 )
 def test_non_retriable_fail_at_once(exc: Exception) -> None:
     assert not policy().decide(exc, attempt=1).retry
