@@ -198,6 +198,27 @@ async def test_transitions_exactly_once_across_restarts(
         agent_changes = [c for c in collector.of(ComponentHealthChanged) if c.component == "agents"]
         assert any(c.current == "degraded" for c in agent_changes), agent_changes
         assert worker.alive(), worker.tail()
+
+        # quiesce (everyone silent and down, the last transition folded back), then a
+        # rebuild of the table from both source topics equals the live table
+        await beater.stop()
+
+        async def all_down_confirmed() -> bool:
+            body = (await http.get("/agents/status")).json()
+            ours = [x for x in body["agents"] if not x["agent_id"].startswith("x")]
+            return bool(ours) and all(x["confirmed_status"] == "down" for x in ours)
+
+        await await_until(all_down_confirmed, 30, 0.3, "a and b down and folded")
+        await asyncio.to_thread(worker.stop)
+        out = await asyncio.to_thread(
+            cli,
+            {**env, "AGENTSTREAM_AGENTS": "agents.heartbeat,agents.audit"},
+            "rebuild",
+            "agent_heartbeats",
+        )
+        assert out.returncode == 0 and "equal to the live table: yes" in out.stdout, (
+            out.stdout + out.stderr
+        )
     finally:
         await beater.stop()
         await collector.stop()

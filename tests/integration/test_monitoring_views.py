@@ -184,6 +184,19 @@ async def test_metrics_comms_system_and_health_views(
         assert ready.status_code == 200, ready.json()
         assert {"broker", "tables", "consumer_lag"} <= set(comps)
         assert worker.alive(), worker.tail()
+
+        # both tables rebuilt from their source topics equal the live ones (changelogs)
+        await asyncio.to_thread(worker.stop)
+        for table in ("metric_windows", "comms_records"):
+            out = await asyncio.to_thread(
+                cli,
+                {**env, "AGENTSTREAM_AGENTS": "agents.metrics,agents.comms,agents.audit"},
+                "rebuild",
+                table,
+            )
+            assert out.returncode == 0 and "equal to the live table: yes" in out.stdout, (
+                out.stdout + out.stderr
+            )
     finally:
         await http.aclose()
         worker.stop()
