@@ -20,6 +20,7 @@ How it reads
 
 from __future__ import annotations
 
+import base64
 import heapq
 import re
 from collections import deque
@@ -139,24 +140,22 @@ class ReplayRecord:
 
     def json_line(self) -> bytes:
         """One JSON line: coordinates plus the event exactly as it is on the wire (the
-        raw JSON is embedded without re-encoding), or the error and the value base64."""
-        head = orjson.dumps(
-            {
-                "topic": self.topic,
-                "partition": self.partition,
-                "offset": self.offset,
-                "timestamp_ms": self.timestamp_ms,
-                "key": self.key.decode("utf-8", "replace") if self.key is not None else None,
-            }
+        raw JSON is embedded without re-encoding), or the error and the value base64.
+        Kafka topic names are [a-zA-Z0-9._-] only, so they need no escaping."""
+        key = b"null" if self.key is None else orjson.dumps(self.key.decode("utf-8", "replace"))
+        head = b'{"topic":"%s","partition":%d,"offset":%d,"timestamp_ms":%d,"key":%s,' % (
+            self.topic.encode(),
+            self.partition,
+            self.offset,
+            self.timestamp_ms,
+            key,
         )
         if self.data is not None and self.value is not None:
-            return head[:-1] + b',"event":' + self.value.strip() + b"}\n"
-        import base64
-
+            return head + b'"event":' + self.value.strip() + b"}\n"
         tail = orjson.dumps(
             {"error": self.error, "value_b64": base64.b64encode(self.value or b"").decode()}
         )
-        return head[:-1] + b"," + tail[1:] + b"\n"
+        return head + tail[1:] + b"\n"
 
     def __repr__(self) -> str:
         return f"<ReplayRecord {self.topic}:{self.partition}:{self.offset} {self.type}>"
@@ -250,7 +249,7 @@ async def replay(
     type: str | None = None,
     correlation_id: str | None = None,
     *,
-    buffer: int = 500,
+    buffer: int = 2000,
     include_invalid: bool = True,
     progress: Progress | None = None,
     now: datetime | None = None,
@@ -261,6 +260,39 @@ async def replay(
     Undecodable records are yielded (with `.error`) when no filter is set and
     `include_invalid` — an audit wants to see them — and skipped otherwise.
     """
+    async for batch in replay_batches(
+        settings,
+        topics,
+        since,
+        until,
+        agent,
+        type,
+        correlation_id,
+        buffer=buffer,
+        include_invalid=include_invalid,
+        progress=progress,
+        now=now,
+    ):
+        for rec in batch:
+            yield rec
+
+
+async def replay_batches(
+    settings: Settings,
+    topics: Sequence[str] | str,
+    since: str | datetime | int | None = None,
+    until: str | datetime | int | None = "now",
+    agent: str | None = None,
+    type: str | None = None,
+    correlation_id: str | None = None,
+    *,
+    buffer: int = 2000,
+    include_invalid: bool = True,
+    progress: Progress | None = None,
+    now: datetime | None = None,
+) -> AsyncIterator[list[ReplayRecord]]:
+    """`replay` in runs of records (same order): one async step per run instead of one
+    per record, which is what a replay to a file spends most of its time on."""
     names = full_topic_names(settings, [topics] if isinstance(topics, str) else topics)
     if not names:
         raise ValueError("no topics to replay")
@@ -268,7 +300,10 @@ async def replay(
     until_ms = to_ms(parse_time(until, now=now)) if until is not None else None
     if since_ms is not None and until_ms is not None and until_ms < since_ms:
         raise ValueError("--until is before --since")
+    lo = since_ms if since_ms is not None else -(2**63)
+    hi = until_ms if until_ms is not None else 2**63
     filtered = agent is not None or type is not None or correlation_id is not None
+    keep_invalid = include_invalid and not filtered
     consumer = AIOKafkaConsumer(
         bootstrap_servers=settings.bootstrap,
         group_id=None,
@@ -295,7 +330,7 @@ async def replay(
             consumer.seek(r.tp, r.start)
         topic_index = {n: i for i, n in enumerate(names)}
         stop = {r.tp: r.stop for r in active}
-        bufs: dict[TopicPartition, deque[ReplayRecord]] = {r.tp: deque() for r in active}
+        bufs: dict[TopicPartition, deque[Any]] = {r.tp: deque() for r in active}
         needy = set(stop)  # partitions whose next record must be fetched before merging
         heap: list[tuple[tuple[int, int, int, int], TopicPartition]] = []
         last_pos = {r.tp: r.start for r in active}
@@ -304,8 +339,9 @@ async def replay(
                 await _fill(consumer, needy, bufs, stop, last_pos, buffer, progress)
                 for tp in list(needy):
                     if bufs[tp]:
-                        rec = bufs[tp][0]
-                        heapq.heappush(heap, (heap_key(rec, topic_index[tp.topic]), tp))
+                        raw = bufs[tp][0]
+                        key = (raw.timestamp, tp.partition, topic_index[tp.topic], raw.offset)
+                        heapq.heappush(heap, (key, tp))
                         needy.discard(tp)
                     elif tp not in stop:  # finished
                         needy.discard(tp)
@@ -314,23 +350,38 @@ async def replay(
             if not heap:
                 return
             _, tp = heapq.heappop(heap)
-            rec = bufs[tp].popleft()
-            if bufs[tp]:
-                nxt = bufs[tp][0]
-                heapq.heappush(heap, (heap_key(nxt, topic_index[tp.topic]), tp))
+            buf = bufs[tp]
+            part, ti, topic = tp.partition, topic_index[tp.topic], tp.topic
+            # Emit the run of this partition that sorts before every other partition's
+            # head: one heap operation per run, not per record.
+            limit = heap[0][0] if heap else None
+            run: list[ReplayRecord] = []
+            while buf:
+                raw = buf[0]
+                if limit is not None:
+                    ts = raw.timestamp
+                    if ts > limit[0] or (ts == limit[0] and (ts, part, ti, raw.offset) > limit):
+                        break
+                buf.popleft()
+                if raw.timestamp < lo or raw.timestamp > hi:
+                    continue
+                rec = parse_record(topic, raw)
+                if rec.data is None and not keep_invalid:
+                    continue
+                if filtered and not matches(
+                    rec, agent=agent, type=type, correlation_id=correlation_id
+                ):
+                    continue
+                run.append(rec)
+            if buf:
+                raw = buf[0]
+                heapq.heappush(heap, ((raw.timestamp, part, ti, raw.offset), tp))
             elif tp in stop:
                 needy.add(tp)
-            if since_ms is not None and rec.timestamp_ms < since_ms:
-                continue
-            if until_ms is not None and rec.timestamp_ms > until_ms:
-                continue
-            if rec.data is None and (filtered or not include_invalid):
-                continue
-            if filtered and not matches(rec, agent=agent, type=type, correlation_id=correlation_id):
-                continue
-            if progress is not None:
-                progress.emitted += 1
-            yield rec
+            if run:
+                if progress is not None:
+                    progress.emitted += len(run)
+                yield run
     finally:
         await consumer.stop()
 
@@ -338,31 +389,32 @@ async def replay(
 async def _fill(
     consumer: AIOKafkaConsumer,
     needy: set[TopicPartition],
-    bufs: dict[TopicPartition, deque[ReplayRecord]],
+    bufs: dict[TopicPartition, deque[Any]],
     stop: dict[TopicPartition, int],
     last_pos: dict[TopicPartition, int],
     buffer: int,
     progress: Progress | None,
 ) -> None:
-    """Fetch for the partitions that ran dry; others are paused so that the fetcher does
-    not buffer beyond what the merge needs."""
+    """Fetch for the partitions that ran dry. The others are not paused: aiokafka keeps
+    at most one fetch response per partition in hand, which bounds memory already, and
+    pausing would make it drop and fetch again what it had prefetched."""
     wanted = [tp for tp in needy if tp in stop]
     if not wanted:
         return
-    paused = [tp for tp in stop if tp not in needy]
-    consumer.pause(*paused)
-    consumer.resume(*wanted)
-    batch = await consumer.getmany(*wanted, timeout_ms=500, max_records=buffer * len(wanted))
+    # Top up every partition with room, not only the dry ones, so that the fetcher
+    # always has the next request in flight for each (it fetches for what is drained).
+    room = [tp for tp in stop if len(bufs[tp]) < buffer]
+    batch = await consumer.getmany(*room, timeout_ms=500, max_records=buffer * len(room))
     for tp, records in batch.items():
         end = stop.get(tp)
-        if end is None:
+        if end is None or not records:
             continue
         dq = bufs[tp]
-        for raw in records:
-            if raw.offset >= end:
-                break
-            dq.append(parse_record(tp.topic, raw))
-        pos = records[-1].offset + 1 if records else last_pos[tp]
+        if records[-1].offset < end:
+            dq.extend(records)
+        else:
+            dq.extend(r for r in records if r.offset < end)
+        pos = records[-1].offset + 1
         if progress is not None:
             progress.done += max(0, min(pos, end) - last_pos[tp])
         last_pos[tp] = pos

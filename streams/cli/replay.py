@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import sys
 import time
 from pathlib import Path
@@ -11,7 +10,7 @@ from typing import IO, Any
 import click
 
 from streams.cli import cli, run
-from streams.replay import Progress, TimeParseError, parse_time, replay
+from streams.replay import Progress, TimeParseError, parse_time, replay_batches
 from streams.settings import get_settings
 
 
@@ -126,7 +125,7 @@ async def _replay(
     pending: list[bytes] = []
     n = 0
     try:
-        async for rec in replay(
+        async for batch in replay_batches(
             settings,
             names,
             since,
@@ -136,14 +135,13 @@ async def _replay(
             correlation_id=correlation_id,
             progress=progress,
         ):
-            pending.append(rec.json_line())
-            n += 1
-            if len(pending) >= 1000:
+            pending.extend(rec.json_line() for rec in batch)
+            n += len(batch)
+            if len(pending) >= 2000:
                 out.write(b"".join(pending))
                 pending.clear()
                 if bar is not None:
                     bar.draw()
-                await asyncio.sleep(0)
         out.write(b"".join(pending))
         out.flush()
         if bar is not None:
