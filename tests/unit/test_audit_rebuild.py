@@ -1,0 +1,73 @@
+"""Rebuild helpers, the audit table's fold, and checkpoint snapshots — no Kafka."""
+
+from __future__ import annotations
+
+from collections import namedtuple
+from typing import Any
+
+from agents.audit.activity import SPEC, apply_accepted
+from agents.audit.checkpoints import snapshot
+from agents.audit.rebuild import _fold_into, decode_key, diff_keys
+from schemas import AgentMessage, Event
+from streams.app import settings
+from streams.tables import digest, rebuild
+
+TP = namedtuple("TP", "topic partition")
+
+
+def accepted(i: int, sender: str) -> Event[Any]:
+    inp = Event.of(
+        AgentMessage(
+            message_id=f"m{i}", sender_id=sender, recipient_id="r", content="x" * (i % 13)
+        ),
+        source=sender,
+    )
+    return inp.caused(inp.payload, source="enforce_policy")
+
+
+EVENTS = [accepted(i, f"agent-{i % 3}") for i in range(40)]
+
+
+def test_fold_is_idempotent_under_redelivery_of_a_suffix() -> None:
+    """What a crash does: the events since the last commit are applied again."""
+    once = rebuild(SPEC, EVENTS)
+    state = rebuild(SPEC, EVENTS)
+    for ev in EVENTS[25:]:
+        apply_accepted(state, ev)
+    assert state == once
+    assert digest(state.items()) == digest(once.items())
+    assert once["agent-1"]["last_message_id"] == "m37"
+    assert once["agent-1"]["last_input_id"] == EVENTS[37].causation_id
+    assert once["agent-0"]["largest_content_bytes"] == 12
+
+
+def test_streamed_fold_equals_rebuild() -> None:
+    state: dict[str, Any] = {}
+    for start in range(0, len(EVENTS), 7):
+        _fold_into(state, SPEC, EVENTS[start : start + 7])
+    assert state == rebuild(SPEC, EVENTS)
+
+
+def test_changelog_keys_decode_raw_or_json() -> None:
+    assert decode_key(b"agent-1") == "agent-1"
+    assert decode_key(b'"agent-1"') == "agent-1"
+    assert decode_key(b"123") == "123"
+    assert decode_key(None) == ""
+
+
+def test_diff_keys() -> None:
+    assert diff_keys({"a": 1, "b": 2, "c": 3}, {"a": 1, "b": 5, "d": 4}) == ["b", "c", "d"]
+
+
+def test_snapshot_digests_tables_and_keeps_only_source_offsets() -> None:
+    table = rebuild(SPEC, EVENTS)
+    src = settings.topic("agent.messages.accepted")
+    assigned = [TP(src, 0), TP(src, 1), TP(settings.topic("agent.messages"), 0)]
+    committed = {assigned[0]: 17, assigned[1]: None, assigned[2]: 99}
+    cp = snapshot(
+        {"accepted_by_sender": table}, assigned, committed, reason="periodic", worker_id="w1"
+    )
+    assert cp.tables == {"accepted_by_sender": digest(table.items())}
+    assert cp.sizes == {"accepted_by_sender": 3}
+    assert cp.offsets == {f"{src}:0": 17}
+    assert cp.worker_id == "w1" and cp.reason == "periodic"
