@@ -105,7 +105,13 @@ async def event_batches(stream: Any, max_batch: int, within_s: float) -> AsyncIt
     started = await stream.maybe_start()
     try:
         while not stream.should_stop:
-            raw = [await queue.get()]
+            try:
+                raw = [await queue.get()]
+            except StopAsyncIteration:
+                # Faust ends a stopping agent's stream this way; inside an async generator
+                # it would surface as RuntimeError, read as a crash, and the supervisor
+                # would restart the agent mid-shutdown (the worker then hangs on SIGTERM).
+                return
             deadline = loop.time() + within_s
             while len(raw) < max_batch:
                 if not queue.empty():
@@ -116,7 +122,7 @@ async def event_batches(stream: Any, max_batch: int, within_s: float) -> AsyncIt
                     break
                 try:
                     raw.append(await asyncio.wait_for(queue.get(), remaining))
-                except TimeoutError:
+                except (TimeoutError, StopAsyncIteration):
                     break
             events: list[Any] = []
             states: list[Any] = []
