@@ -25,6 +25,7 @@ import faust
 from faust.transport import by_url
 from faust.transport.consumer import CONSUMER_FETCHING
 
+from streams.logging_setup import file_handler
 from streams.settings import Settings, get_settings
 from streams.topics import CATALOGUE
 
@@ -157,7 +158,8 @@ def create_app(settings: Settings) -> AgentStreamApp:
         web_tables_enabled=False,
         key_serializer="raw",
         value_serializer="raw",
-        loghandlers=[],
+        # Faust resets the root handlers at worker start; ours must be passed in here.
+        loghandlers=[h for h in [file_handler(settings)] if h is not None],
     )
 
 
