@@ -257,4 +257,4 @@ async def guarded(
     return True
 
 
-__all__ = ["Inbound", "app", "dead_letter", "decoded_batches", "emit", "guarded"]
+__all__ = ["Inbound", "app", "dead_letter", "decoded_batches", "emit", "event_batches", "guarded"]
