@@ -192,18 +192,21 @@ async def test_exactly_once_kill9_restart_no_duplicates_tables_equal_rebuild(
 
         result = summary(await verify(settings))
         assert result["ok"], result["findings"][:5]
+        # Known gaps, reported (not hidden) as an expected failure; see docs/audit.md.
+        gaps = []
         if others:
-            pytest.xfail(
+            gaps.append(
                 f"tables {others} differ from their rebuild after kill -9: their folds count, "
-                "and the events redelivered since the last commit are counted twice "
-                "(see docs/audit.md, 'Tables after a crash')"
+                "and the events redelivered since the last commit are counted twice"
             )
         if duplicates:
-            pytest.xfail(
+            gaps.append(
                 f"{duplicates} duplicate output(s) after kill -9 under exactly_once: Faust's "
-                "commit timer commits a transaction holding outputs of events not yet acked "
-                "(see docs/audit.md); consumers deduplicate on causation_id"
+                "commit timer commits a transaction holding outputs of events not yet acked; "
+                "consumers deduplicate on causation_id"
             )
+        if gaps:
+            pytest.xfail("; ".join(gaps))
     finally:
         worker.stop()
 
