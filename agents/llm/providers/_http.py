@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import email.utils
+import sys
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC
@@ -21,6 +22,21 @@ from streams.errors import (
     ProviderServerError,
     ProviderTimeout,
 )
+
+
+def _cache_missing_sniffio() -> None:
+    """httpcore asks `import sniffio` on every lock/event it sets up (several per request)
+    and falls back to asyncio when it is missing, as here: a failed import is not cached,
+    so each one searched sys.path again — ~40 µs, ~0.2 ms of CPU per request. A None
+    entry in sys.modules is Python's own "known missing" marker: the import fails the same
+    way, without the search."""
+    try:
+        import sniffio  # noqa: F401
+    except ImportError:
+        sys.modules.setdefault("sniffio", None)  # type: ignore[arg-type]
+
+
+_cache_missing_sniffio()
 
 #: bytes of an error body quoted in the error message (bodies can be huge HTML pages)
 ERROR_BODY_CHARS = 300
