@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+from agents.security.decisions import decision_record, seal_record
 from agents.security.policy import (
     Evaluation,
     KeyRequest,
@@ -30,15 +31,15 @@ from agents.security.policy import (
 from agents.security.store import KeyCache, PolicyStore
 from schemas import AgentMessage, Event, encode, registry, utc_now
 from schemas.errors import InvalidEvent, PipelineError
-from schemas.security import PolicyDecision, Verdict
+from schemas.security import Verdict
 from streams.app import app, catalogue_topic, settings
-from streams.audit_chain import ChainWriter, chain_writer, last_hash, seal
+from streams.audit_chain import ChainWriter, chain_writer, last_hash
 from streams.credentials import KeychainCredentialsProvider
 from streams.errors import CredentialsError
 from streams.health import register_check
 from streams.observability import DECISIONS, EVENTS_IN, EVENTS_OUT
 from streams.processing import Inbound, dead_letter, emit
-from streams.tables.security import counter_keys, decision_counts_table
+from streams.tables.security import decision_counts_table, keys_for
 from streams.topics import (
     AGENT_MESSAGES,
     AGENT_MESSAGES_ACCEPTED,
@@ -148,19 +149,25 @@ async def enforce_policy(stream: Any) -> None:
                 await dead_letter(_Redacted.of(inbound.message), exc, CONSUMER)
         await _publish(outcomes, writer)
         counts: Counter[tuple[int, str]] = Counter()
+        verdicts: Counter[str] = Counter()
         for outcome in outcomes:
-            DECISIONS.labels(outcome.decision.payload.verdict.value).inc()
-            for key in counter_keys(outcome.decision.payload):
+            verdict = outcome.result.verdict.value
+            verdicts[verdict] += 1
+            for key in keys_for(outcome.partition, verdict, outcome.result.rules):
                 counts[(outcome.partition, key)] += 1
+        for verdict, n in verdicts.items():
+            DECISIONS.labels(verdict).inc(n)
         _count(counts)
 
 
 @dataclass(slots=True)
 class Outcome:
-    """What one message turns into: its (unsealed) decision and the forwarded message."""
+    """What one message turns into: its (unsealed) decision record and the forwarded
+    message."""
 
     partition: int
-    decision: Event[Any]
+    result: Evaluation
+    decision: dict[str, Any]
     topic: str
     forwarded: Event[Any]
 
@@ -171,21 +178,14 @@ def decide(inbound: Inbound, policies: PolicySet, keys: KeyView) -> Outcome:
     started = time.perf_counter()
     result: Evaluation = evaluate(message, policies, keys)
     elapsed_us = int((time.perf_counter() - started) * 1_000_000)
-    decision = PolicyDecision(
-        message_id=message.message_id,
-        message_event_id=str(event.event_id),
-        sender_id=message.sender_id,
-        recipient_id=message.recipient_id,
-        verdict=result.verdict,
-        reasons=result.reasons,
-        rules=result.rules,
-        policies=result.policies,
-        default_applied=result.default_applied,
-        security_enabled=result.security_enabled,
+    decision = decision_record(
+        event,
+        result,
+        source=CONSUMER,
         evaluated_at=utc_now(),
         evaluation_us=elapsed_us,
-        source_partition=inbound.message.partition,
-        source_offset=inbound.message.offset,
+        partition=inbound.message.partition,
+        offset=inbound.message.offset,
     )
     if result.verdict is Verdict.ALLOW:
         topic, forwarded = AGENT_MESSAGES_ACCEPTED, redact(message)
@@ -194,12 +194,7 @@ def decide(inbound: Inbound, policies: PolicySet, keys: KeyView) -> Outcome:
         forwarded = redact(
             message, {"rejection_reasons": result.reasons, "rejection_rules": result.rules}
         )
-    return Outcome(
-        inbound.message.partition,
-        event.caused(decision, source=CONSUMER),
-        topic,
-        _forward(event, forwarded),
-    )
+    return Outcome(inbound.message.partition, result, decision, topic, _forward(event, forwarded))
 
 
 def _forward(event: Event[Any], message: AgentMessage) -> Event[Any]:
@@ -236,7 +231,7 @@ async def _publish(outcomes: list[Outcome], writer: ChainWriter) -> None:
     )
     if not fast:
         for o in outcomes:
-            await writer.emit(o.decision, partition=o.partition)
+            await writer.emit(registry.from_dict(o.decision), partition=o.partition)
             await emit(o.topic, o.forwarded)
         return
     by_partition: dict[int, list[Outcome]] = {}
@@ -252,12 +247,10 @@ async def _publish(outcomes: list[Outcome], writer: ChainWriter) -> None:
                 prev = await last_hash(settings.bootstrap, decisions_topic, partition)
             records: dict[str, list[tuple[bytes, bytes]]] = {}
             head = prev
+            decisions = records[decisions_topic] = []
             for o in group:
-                sealed = seal(o.decision, head)
-                head = sealed.payload.hash
-                records.setdefault(decisions_topic, []).append(
-                    (sealed.key.encode(), encode(sealed))
-                )
+                value, head = seal_record(o.decision, head)
+                decisions.append((o.decision["payload"]["sender_id"].encode(), value))
             for o in group:
                 records.setdefault(settings.topic(o.topic), []).append(
                     (o.forwarded.key.encode(), encode(o.forwarded))

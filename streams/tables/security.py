@@ -43,10 +43,11 @@ def apply_policy_event(state: MutableMapping[str, Any], event: Event[Any]) -> No
 def counter_keys(decision: PolicyDecision) -> list[str]:
     """The counters one decision increments (its verdict total and each violated rule)."""
     part = decision.source_partition if decision.source_partition is not None else -1
-    verdict = decision.verdict.value
-    keys = [f"{part}|{verdict}|{ALL_RULES}"]
-    keys += [f"{part}|{verdict}|{rule}" for rule in decision.rules]
-    return keys
+    return keys_for(part, decision.verdict.value, decision.rules)
+
+
+def keys_for(partition: int, verdict: str, rules: list[str]) -> list[str]:
+    return [f"{partition}|{verdict}|{ALL_RULES}"] + [f"{partition}|{verdict}|{r}" for r in rules]
 
 
 def apply_decision(state: MutableMapping[str, Any], event: Event[Any]) -> None:

@@ -1,0 +1,81 @@
+"""Decision records built and sealed as plain JSON, without a pydantic round trip.
+
+A decision per message is the hot path of `enforce_policy`; building a `PolicyDecision`,
+its envelope and then `audit_chain.seal` (three model copies and two dumps) costs more
+than evaluating 200 patterns. The record built here is exactly
+``Event.caused(PolicyDecision(...)).model_dump(mode="json")`` and it is sealed exactly
+as `streams.audit_chain.seal` would (sha256 of the sorted JSON with ``hash = ""``), so
+`agentstream audit verify` and `compute_hash` see no difference; the unit tests check
+both against the pydantic path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import datetime
+from typing import Any
+from uuid import uuid4
+
+import orjson
+
+from agents.security.policy import Evaluation
+from schemas import Event
+from schemas.security import PolicyDecision
+
+
+def iso(ts: datetime) -> str:
+    """A UTC datetime as pydantic writes it in JSON mode."""
+    return ts.isoformat().replace("+00:00", "Z")
+
+
+def decision_record(
+    event: Event[Any],
+    result: Evaluation,
+    *,
+    source: str,
+    evaluated_at: datetime,
+    evaluation_us: int,
+    partition: int | None,
+    offset: int | None,
+    event_id: str | None = None,
+) -> dict[str, Any]:
+    message = event.payload
+    input_id = str(event.event_id)
+    ts = iso(evaluated_at)
+    return {
+        "event_id": event_id or str(uuid4()),
+        "type": PolicyDecision.TYPE,
+        "schema_version": PolicyDecision.VERSION,
+        "occurred_at": ts,
+        "source": source,
+        "correlation_id": event.correlation_id or input_id,
+        "causation_id": input_id,
+        "payload": {
+            "message_id": message.message_id,
+            "message_event_id": input_id,
+            "sender_id": message.sender_id,
+            "recipient_id": message.recipient_id,
+            "verdict": result.verdict.value,
+            "reasons": result.reasons,
+            "rules": result.rules,
+            "policies": result.policies,
+            "default_applied": result.default_applied,
+            "security_enabled": result.security_enabled,
+            "evaluated_at": ts,
+            "evaluation_us": evaluation_us,
+            "prev_hash": "",
+            "hash": "",
+            "source_partition": partition,
+            "source_offset": offset,
+        },
+    }
+
+
+def seal_record(record: dict[str, Any], prev_hash: str) -> tuple[bytes, str]:
+    """(wire bytes, hash) of the record chained after `prev_hash`."""
+    payload = record["payload"]
+    payload["prev_hash"] = prev_hash
+    payload["hash"] = ""
+    digest = hashlib.sha256(orjson.dumps(record, option=orjson.OPT_SORT_KEYS)).hexdigest()
+    payload["hash"] = digest
+    return orjson.dumps(record), digest
