@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -26,6 +25,7 @@ from agents.security.policy import (
     PolicySet,
     evaluate,
     redact,
+    redact_raw,
     required_keys,
 )
 from agents.security.store import KeyCache, PolicyStore
@@ -299,9 +299,6 @@ def _count(counts: Counter[tuple[int, str]]) -> None:
 
 
 # -- decoding with secrets kept out of dead letters -------------------------------------
-_TOKEN_FIELD = re.compile(rb'("token"\s*:\s*)"(?:[^"\\]|\\.)*"')
-
-
 @dataclass(frozen=True, slots=True)
 class _Redacted:
     """A record whose value has access tokens blanked, for `dead_letter` (the source
@@ -317,8 +314,8 @@ class _Redacted:
     @classmethod
     def of(cls, message: Any) -> Any:
         value = message.value
-        if isinstance(value, bytes | bytearray) and b'"token"' in value:
-            value = _TOKEN_FIELD.sub(rb'\1"[REDACTED]"', bytes(value))
+        if isinstance(value, bytes | bytearray):
+            value = redact_raw(bytes(value))
         return cls(
             message.topic, message.partition, message.offset, message.key, value, message.timestamp
         )

@@ -29,6 +29,7 @@ keychain cannot be checked against patterns: a fitting policy with patterns then
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -455,3 +456,15 @@ def redact(message: AgentMessage, extra_metadata: Mapping[str, Any] | None = Non
     if extra_metadata:
         update["metadata"] = {**message.metadata, **extra_metadata}
     return message.model_copy(update=update) if update else message
+
+
+#: a JSON "token" member; also an unterminated one at the end (truncated input)
+_TOKEN_MEMBER = re.compile(rb'("token"\s*:\s*)"(?:[^"\\]|\\.)*(?:"|\\?$)')
+
+
+def redact_raw(value: bytes) -> bytes:
+    """Raw record bytes with every "token" string blanked (for dead letters of input that
+    could not be decoded: the access token must not travel on with it)."""
+    if b'"token"' not in value:
+        return value
+    return _TOKEN_MEMBER.sub(rb'\1"[REDACTED]"', value)

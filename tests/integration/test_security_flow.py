@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from agents.security.crypto import encrypt_content, new_key, sign_message
-from schemas import AgentMessage, Event
+from schemas import AgentMessage, Event, encode
 from schemas.messages import AuthProof
 from streams.audit_chain import GENESIS, compute_hash
 from streams.client import Client
@@ -167,7 +167,13 @@ async def test_policies_enforced_live_and_secrets_never_leave(
             "u-level": (_msg("u-level", "x", security_level="public"), {"default_action"}),
         }
         sent: dict[str, Event[Any]] = {}
+        invalid = Event.of(by_token.model_copy(update={"message_id": "c-invalid"}), source="t")
+        invalid_raw = encode(invalid).replace(b'"recipient_id":"bob",', b"")  # schema error
+        truncated = encode(invalid)[: encode(invalid).index(token.encode()) + 10]
         async with Client(settings) as client:
+            for raw in (invalid_raw, truncated):  # dead letters must not carry the token
+                assert token.encode() in raw[:-1] or token[:6].encode() in raw
+                await client.publish_raw("agent.messages", raw, key=b"signer")
             for mid, (msg, _) in cases.items():
                 sent[mid] = Event.of(msg, source="test")
                 await client.publish("agent.messages", sent[mid])
@@ -208,6 +214,13 @@ async def test_policies_enforced_live_and_secrets_never_leave(
         decisions = await read_topic(
             settings.bootstrap, settings.topic("security.decisions"), expect=n, timeout=45
         )
+        letters = await read_topic(
+            settings.bootstrap, settings.topic("pipeline.deadletter"), expect=2, timeout=30
+        )
+        assert sorted(ev.payload.error_class for _, ev in letters) == [
+            "InvalidEvent",
+            "UndecodableEvent",
+        ]
         assert {ev.payload.message_id for _, ev in accepted} == want_ok
         by_mid = {ev.payload.message_id: ev for _, ev in rejected}
         assert set(by_mid) == set(cases) - want_ok

@@ -265,3 +265,16 @@ def test_fast_path_and_full_evaluation_agree() -> None:
             full.policies,
             full.default_applied,
         ), msg
+
+
+def test_raw_bytes_lose_their_tokens_even_when_truncated() -> None:
+    from agents.security.policy import redact_raw
+
+    assert redact_raw(b'{"auth": {"token": "abc\\"def", "user_id": 1}}') == (
+        b'{"auth": {"token": "[REDACTED]", "user_id": 1}}'
+    )
+    assert redact_raw(b'{"a":{"token" : "tok-123') == b'{"a":{"token" : "[REDACTED]"'
+    assert redact_raw(b'{"token":"a","b":{"token":"b"}}') == (
+        b'{"token":"[REDACTED]","b":{"token":"[REDACTED]"}}'
+    )
+    assert redact_raw(b"not json, no secret") == b"not json, no secret"
