@@ -86,7 +86,11 @@ async def run_stages(ctx: BenchContext, stages: dict[str, ModuleType]) -> None:
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
-    bootstrap = start_broker()
+    try:
+        bootstrap = start_broker()
+    except Exception as exc:  # still end with the promised JSON line
+        traceback.print_exc(file=sys.stderr)
+        return {"harness_error": f"no broker: {type(exc).__name__}: {exc}"[:2000]}
     stages = discover()
     if args.stages:
         wanted = [s.strip() for s in args.stages.split(",") if s.strip()]

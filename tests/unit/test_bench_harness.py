@@ -98,3 +98,27 @@ def test_throughput_excludes_what_was_there_at_first_sight() -> None:
     assert Throughput(target=1100, t_first=10.0, count_first=100, t_done=12.0).eps == 500.0
     with pytest.raises(BenchError):
         _ = Throughput(target=100, t_first=5.0, count_first=100, t_done=5.0).eps
+
+
+def test_a_failing_stage_is_reported_in_the_json_not_a_crash() -> None:
+    """Nothing listens on port 9: the core stage fails, the harness still ends with JSON."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTSTREAM_")}
+    env["AGENTSTREAM_KAFKA_BOOTSTRAP"] = "127.0.0.1:9"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--events", "10", "--stages", "core"],
+        cwd=Path(__file__).resolve().parents[2],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 1
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["core_error"].startswith("BrokerError")
+    assert "pipeline_eps" not in result
