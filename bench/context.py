@@ -167,6 +167,7 @@ class BenchContext:
         app id (consumer group), data dir and web port."""
         self._n_env += 1
         ns = f"b{self.run_id}x{self._n_env}"
+        self.work_dir.mkdir(parents=True, exist_ok=True)  # stages keep files there
         env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTSTREAM_")}
         env.update(
             {
