@@ -3,6 +3,8 @@ the rate arithmetic (no Kafka)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from bench.__main__ import discover, parse_args, ratios
@@ -83,8 +85,8 @@ def test_payloads_are_valid_events_of_about_the_requested_size(size: int) -> Non
     assert len(senders) > 4  # keys spread over partitions
 
 
-def test_isolated_envs_differ_and_carry_the_run_settings() -> None:
-    ctx = BenchContext("127.0.0.1:1", events=10, payload_bytes=300, partitions=3)
+def test_isolated_envs_differ_and_carry_the_run_settings(tmp_path: Path) -> None:
+    ctx = BenchContext("127.0.0.1:1", events=10, payload_bytes=300, partitions=3, work_dir=tmp_path)
     a, b = ctx.new_env(), ctx.new_env(AGENTSTREAM_AGENTS="bench.passthrough")
     for key in ("AGENTSTREAM_TOPIC_PREFIX", "AGENTSTREAM_APP_ID", "AGENTSTREAM_DATA_DIR"):
         assert a[key] != b[key]
@@ -106,7 +108,6 @@ def test_a_failing_stage_is_reported_in_the_json_not_a_crash() -> None:
     import os
     import subprocess
     import sys
-    from pathlib import Path
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTSTREAM_")}
     env["AGENTSTREAM_KAFKA_BOOTSTRAP"] = "127.0.0.1:9"
