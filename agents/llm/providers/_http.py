@@ -87,6 +87,38 @@ def error_for_transport(provider: str, exc: httpx.HTTPError) -> ProviderError:
     return ProviderConnectionError(f"{provider}: {detail}", provider=provider)
 
 
+class LineSplitter:
+    """Bytes of a streamed body → complete lines (without their ending), as SSE and
+    NDJSON need them. Reading `aiter_bytes()` and splitting here replaces httpx's
+    `aiter_lines()`, whose text and line decoders add two async-generator layers per
+    network read. Lines end in LF, CRLF or CR (SSE allows all three)."""
+
+    __slots__ = ("_rest",)
+
+    def __init__(self) -> None:
+        self._rest = b""
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        buf = self._rest + chunk if self._rest else chunk
+        if b"\r" in buf:
+            # a CR at the very end may be the first half of a CRLF: keep it for later
+            held = buf.endswith(b"\r")
+            if held:
+                buf = buf[:-1]
+            buf = buf.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+            lines = buf.split(b"\n")
+            self._rest = lines.pop() + (b"\r" if held else b"")
+            return lines
+        lines = buf.split(b"\n")
+        self._rest = lines.pop()
+        return lines
+
+    def end(self) -> list[bytes]:
+        """The unterminated last line, if any."""
+        rest, self._rest = self._rest.rstrip(b"\r"), b""
+        return [rest] if rest else []
+
+
 def origin(url: str) -> str:
     parts = urlsplit(url)
     return f"{parts.scheme}://{parts.netloc}".lower()

@@ -11,7 +11,7 @@ from typing import Any
 
 import orjson
 
-from agents.llm.providers._http import HTTPProvider
+from agents.llm.providers._http import HTTPProvider, LineSplitter
 from agents.llm.providers.base import LLMResult, StreamChunk, chat_messages
 from schemas.llm import LLMConfig, LLMContext, Usage
 from streams.errors import ProviderProtocolError, ProviderServerError
@@ -91,35 +91,47 @@ class OllamaProvider(HTTPProvider):
             self.url(config), self.body(context, config, True), self.auth_headers(), timeout_s
         ) as resp:
             done = False
-            async for line in resp.aiter_lines():
-                if done or not line.strip():
-                    continue  # after done: read to the end, the connection is reused
-                try:
-                    obj = orjson.loads(line)
-                except orjson.JSONDecodeError:
-                    raise ProviderProtocolError(
-                        f"{self.name}: malformed NDJSON line: {line[:120]!r}", provider=self.name
-                    ) from None
-                if not isinstance(obj, dict):
-                    raise ProviderProtocolError(
-                        f"{self.name}: NDJSON line is not an object", provider=self.name
-                    )
-                if "error" in obj:
-                    raise ProviderServerError(f"{self.name}: {obj['error']}", provider=self.name)
-                message = obj.get("message")
-                delta = str(message.get("content") or "") if isinstance(message, dict) else ""
-                if obj.get("done"):
-                    done = True
-                    yield StreamChunk(
-                        delta=delta,
-                        usage=ollama_usage(obj),
-                        finish_reason=obj.get("done_reason") or "stop",
-                        model=obj.get("model"),
-                    )
-                    continue
-                if delta:
-                    yield StreamChunk(delta=delta, model=obj.get("model"))
+            splitter = LineSplitter()
+            async for raw in resp.aiter_bytes():
+                for line in splitter.feed(raw):
+                    if not done and line.strip():
+                        chunk, done = self._line(line)
+                        if chunk is not None:
+                            yield chunk
+                    # after done: read to the end, the connection is reused
+            for line in splitter.end():
+                if not done and line.strip():
+                    chunk, done = self._line(line)
+                    if chunk is not None:
+                        yield chunk
             if not done:
                 raise ProviderProtocolError(
                     f"{self.name}: stream ended before done: true", provider=self.name
                 )
+
+    def _line(self, line: bytes) -> tuple[StreamChunk | None, bool]:
+        """One NDJSON line → (chunk or None, done)."""
+        try:
+            obj = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            raise ProviderProtocolError(
+                f"{self.name}: malformed NDJSON line: {line[:120].decode(errors='replace')!r}",
+                provider=self.name,
+            ) from None
+        if not isinstance(obj, dict):
+            raise ProviderProtocolError(
+                f"{self.name}: NDJSON line is not an object", provider=self.name
+            )
+        if "error" in obj:
+            raise ProviderServerError(f"{self.name}: {obj['error']}", provider=self.name)
+        message = obj.get("message")
+        delta = str(message.get("content") or "") if isinstance(message, dict) else ""
+        if obj.get("done"):
+            chunk = StreamChunk(
+                delta=delta,
+                usage=ollama_usage(obj),
+                finish_reason=obj.get("done_reason") or "stop",
+                model=obj.get("model"),
+            )
+            return chunk, True
+        return (StreamChunk(delta=delta, model=obj.get("model")) if delta else None), False

@@ -19,7 +19,7 @@ from typing import Any
 
 import orjson
 
-from agents.llm.providers._http import HTTPProvider
+from agents.llm.providers._http import HTTPProvider, LineSplitter
 from agents.llm.providers.base import LLMResult, StreamChunk, chat_messages
 from schemas.llm import LLMConfig, LLMContext, Usage
 from streams.errors import ProviderError, ProviderProtocolError, ProviderServerError
@@ -127,12 +127,24 @@ class OpenAICompatibleProvider(HTTPProvider):
             url, self.body(context, config, True), self.auth_headers(config), timeout_s, params
         ) as resp:
             done = False
-            async for data in sse_data(resp.aiter_lines()):
+            events = SSEParser()
+            splitter = LineSplitter()
+            async for raw in resp.aiter_bytes():
+                for data in events.feed(splitter.feed(raw)):
+                    if done:
+                        continue  # read to the end so the connection goes back to the pool
+                    if data == b"[DONE]":
+                        done = True
+                        continue
+                    chunk = self._chunk(data)
+                    if chunk is not None:
+                        yield chunk
+            for data in events.feed(splitter.end(), end=True):
                 if done:
-                    continue  # read to the end so the connection goes back to the pool
-                if data == "[DONE]":
+                    break
+                if data == b"[DONE]":
                     done = True
-                    continue
+                    break
                 chunk = self._chunk(data)
                 if chunk is not None:
                     yield chunk
@@ -141,12 +153,12 @@ class OpenAICompatibleProvider(HTTPProvider):
                     f"{self.name}: stream ended before data: [DONE]", provider=self.name
                 )
 
-    def _chunk(self, data: str) -> StreamChunk | None:
+    def _chunk(self, data: bytes | str) -> StreamChunk | None:
         try:
             obj = orjson.loads(data)
         except orjson.JSONDecodeError:
             raise ProviderProtocolError(
-                f"{self.name}: malformed SSE data: {data[:120]!r}", provider=self.name
+                f"{self.name}: malformed SSE data: {_text(data[:120])!r}", provider=self.name
             ) from None
         if not isinstance(obj, dict):
             raise ProviderProtocolError(
@@ -167,9 +179,43 @@ class OpenAICompatibleProvider(HTTPProvider):
         return StreamChunk(delta=delta, usage=usage, finish_reason=finish, model=obj.get("model"))
 
 
+def _text(data: bytes | str) -> str:
+    return data.decode(errors="replace") if isinstance(data, bytes) else data
+
+
 def _stream_error(provider: str, err: Any) -> ProviderError:
     message = err.get("message") if isinstance(err, dict) else str(err)
     return ProviderServerError(f"{provider}: error in stream: {message}", provider=provider)
+
+
+class SSEParser:
+    """The `data` of each SSE event from its lines, as bytes (multi-line data joined by
+    newlines, per the spec; comments and other fields ignored). Synchronous, so the
+    stream loop adds no generator layer per event."""
+
+    __slots__ = ("_buf",)
+
+    def __init__(self) -> None:
+        self._buf: list[bytes] = []
+
+    def feed(self, lines: list[bytes], *, end: bool = False) -> list[bytes]:
+        out: list[bytes] = []
+        buf = self._buf
+        for line in lines:
+            if not line:
+                if buf:
+                    out.append(buf[0] if len(buf) == 1 else b"\n".join(buf))
+                    buf.clear()
+                continue
+            if line[:1] == b":":
+                continue  # comment / keep-alive
+            field, _, value = line.partition(b":")
+            if field == b"data":
+                buf.append(value[1:] if value[:1] == b" " else value)
+        if end and buf:
+            out.append(b"\n".join(buf))
+            buf.clear()
+        return out
 
 
 async def sse_data(lines: AsyncIterator[str]) -> AsyncIterator[str]:
