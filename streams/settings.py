@@ -131,6 +131,13 @@ class Settings(BaseModel):
         default=30.0, gt=0, description="Window for counting failures."
     )
     llm_breaker_reset_s: float = Field(default=15.0, gt=0, description="Open time before a probe.")
+    llm_chunk_coalesce_ms: float = Field(
+        default=5.0,
+        ge=0,
+        le=1000,
+        description="Deltas of one request arriving within this many ms of the last llm.chunk "
+        "sent are merged into the next one (0: one chunk event per delta).",
+    )
     web_search_url: str | None = Field(
         default=None, description="JSON web search endpoint (e.g. SearxNG /search) for the adapter."
     )

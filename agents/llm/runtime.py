@@ -13,14 +13,14 @@ from functools import cache
 from typing import Any
 
 from agents.llm.adapter import WebSearchService
+from agents.llm.chunks import ChunkCoalescer, chunk_record
 from agents.llm.processor import AgentProcessor, Outcome
 from agents.llm.registry import LLMRegistry
-from schemas import Event, encode
+from schemas import Event
 from schemas.llm import (
     BreakerStateChanged,
     LLMRequest,
     LLMResponse,
-    LLMStreamChunk,
     Usage,
 )
 from streams.app import app, settings
@@ -124,37 +124,44 @@ class CallRuntime:
         request, inbound = flight.request, flight.inbound
         partition = inbound.message.partition
         ack = True
-        seq = 0
         chunk_topic = settings.topic(LLM_CHUNKS)
         key = request.request_id.encode()
         source = f"{CONSUMER}@{settings.worker_id}"
+        request_event = inbound.event
+        causation = str(request_event.event_id)
+        correlation = request_event.correlation_id or causation
         producer = await app.maybe_start_producer()
-        chunks_out = EVENTS_OUT.labels(LLM_CHUNKS)
+        chunks_out = _chunks_out()
 
-        async def on_chunk(delta: str, provider: str, attempt: int) -> None:
+        async def publish(sequence: int, delta: str, provider: str, attempt: int) -> None:
             # straight to the producer Faust's Topic.send would use (so flush-before-
             # commit covers it), without Topic.send's per-message overhead: a chunk is
             # the hottest path of this stage
-            nonlocal seq
-            chunk = LLMStreamChunk(
+            value = chunk_record(
                 request_id=request.request_id,
-                sequence=seq,
+                sequence=sequence,
                 delta=delta,
                 provider=provider,
                 attempt=attempt,
+                source=source,
+                correlation_id=correlation,
+                causation_id=causation,
             )
-            seq += 1
-            value = encode(inbound.event.caused(chunk, source=source))
             fut = await producer.send(chunk_topic, key, value, partition, None, None)
             fut.add_done_callback(_chunk_delivered)
             chunks_out.inc()
 
+        chunks = ChunkCoalescer(publish, settings.llm_chunk_coalesce_ms / 1000)
+
         try:
             outcome = await self.processor.process_request(
-                request, on_chunk=on_chunk, cancel=flight.cancel
+                request, on_chunk=chunks.add, cancel=flight.cancel
             )
+            await chunks.flush()  # every chunk before the final response
+            outcome.chunks = chunks.published
             await self.finish(inbound, request, outcome)
         except asyncio.CancelledError:
+            chunks.discard()
             # the worker is stopping or lost the partition (user cancellation sets
             # flight.cancel instead): no final response, no ack — the request is replayed
             ack = False
@@ -162,6 +169,7 @@ class CallRuntime:
                 return
             raise
         except Exception as exc:  # publishing failed: keep a trace rather than lose it
+            chunks.discard()
             log.exception("call_llm could not finish %s", request.request_id)
             await dead_letter(inbound.message, exc, CONSUMER)
         finally:
@@ -230,6 +238,11 @@ class CallRuntime:
                 tables.apply_breaker(tables.table(tables.BREAKERS.name), event)
             except Exception:  # keep publishing later transitions
                 log.exception("could not publish breaker transition %s", t)
+
+
+@cache
+def _chunks_out() -> Any:
+    return EVENTS_OUT.labels(LLM_CHUNKS)
 
 
 def _chunk_delivered(fut: asyncio.Future[Any]) -> None:

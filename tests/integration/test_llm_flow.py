@@ -161,12 +161,14 @@ async def test_llm_stage_end_to_end(settings_env: dict[str, str], tmp_path: Path
         await client.publish("llm.requests", s1)
         r = await topics.response("s1")
         assert r.status == "completed" and r.content == "one two three four five"
-        assert r.provider == "loop" and r.model == "loop-model" and r.chunks == 5
+        assert r.provider == "loop" and r.model == "loop-model"
         assert r.usage is not None and r.usage.total_tokens == 12 and not r.usage.estimated
         assert [a.outcome for a in r.attempts] == ["ok"]
         assert r.hash and r.prev_hash == GENESIS
         chunks = await topics.chunks("s1")
-        assert [c.sequence for c in chunks] == list(range(5))
+        # the five words arrive at once: coalesced into fewer events, same text, in order
+        assert 1 <= len(chunks) <= 5 and r.chunks == len(chunks)
+        assert [c.sequence for c in chunks] == list(range(len(chunks)))
         assert "".join(c.delta for c in chunks) == r.content
         resp_events = [
             e for e in await topics.events("llm.responses") if e.payload.request_id == "s1"
@@ -221,10 +223,10 @@ async def test_llm_stage_end_to_end(settings_env: dict[str, str], tmp_path: Path
         server.script(Reply(kind="hang", after=2, words=["alpha", "beta", "gamma", "delta"]))
         await client.publish("llm.requests", req("c1"))
 
-        async def two_chunks() -> bool:
-            return len(await topics.chunks("c1")) >= 2
+        async def two_words() -> bool:
+            return "".join(c.delta for c in await topics.chunks("c1")) == "alpha beta"
 
-        await await_until(two_chunks, 20, what="first chunks of c1")
+        await await_until(two_words, 20, what="first chunks of c1")
         aborted_before = server.aborted
         sent = time.monotonic()
         await client.publish(
