@@ -7,8 +7,11 @@ request on `llm.responses`, where a consumer in this process notes when each arr
 
 ``llm_added_p50_ms`` / ``llm_added_p99_ms`` = percentile of (response seen - request
 produced) minus the same percentile of the direct httpx latency; ``llm_rps`` = requests
-per second through the pipeline (first produce to last response). Several rounds after a
-warm-up, so connection set-up and group join are excluded.
+per second through the pipeline (first produce to last response, summed over rounds).
+Several rounds after a warm-up of both sides, so connection set-up and group join are
+excluded; direct and pipeline rounds alternate, so both see the same load on a shared
+machine. The direct client reads each stream to its end as raw bytes (the cheapest way
+with httpx), leasing connections from the same `ClientPool` as the provider.
 """
 
 from __future__ import annotations
@@ -197,16 +200,6 @@ async def run(ctx: BenchContext) -> dict[str, float]:
     try:
         pool = ClientPool(timeout=httpx.Timeout(30))
         url = base + "/v1/chat/completions"
-        await direct_round(pool, url)  # warm-up: connections
-        direct: list[float] = []
-        cpu0 = time.process_time()
-        for _ in range(ROUNDS):
-            direct += await direct_round(pool, url)
-        direct_cpu_ms = (time.process_time() - cpu0) * 1000 / (ROUNDS * IN_FLIGHT)
-        await pool.aclose()
-        d50, d99 = pct(direct, 0.5) * 1000, pct(direct, 0.99) * 1000
-        log(f"llm: direct p50 {d50:.1f} ms p99 {d99:.1f} ms")
-
         env = ctx.new_env(
             AGENTSTREAM_AGENTS="agents.llm",
             AGENTSTREAM_LLM_PROVIDERS_FILE=str(providers),
@@ -236,24 +229,38 @@ async def run(ctx: BenchContext) -> dict[str, float]:
             producer = AIOKafkaProducer(bootstrap_servers=ctx.bootstrap, acks=1, linger_ms=1)
             await producer.start()
             try:
-                await pipeline_round(producer, topic, watch)  # warm-up: group join, connections
+                # warm-up of both sides: connections, group join
+                await direct_round(pool, url)
+                await pipeline_round(producer, topic, watch)
+                # direct and pipeline rounds alternate, so both see the same machine load
+                # (the VM is shared: measuring one side first and the other later
+                # compared two different loads)
+                direct: list[float] = []
                 piped: list[float] = []
+                direct_cpu = worker_cpu = elapsed = 0.0
                 proc = psutil.Process(worker.proc.pid) if worker.proc else None
-                cpu0 = sum(proc.cpu_times()[:2]) if proc else 0.0
-                t0 = time.monotonic()
                 for _ in range(ROUNDS):
+                    cpu0 = time.process_time()
+                    direct += await direct_round(pool, url)
+                    direct_cpu += time.process_time() - cpu0
+                    wcpu0 = sum(proc.cpu_times()[:2]) if proc else 0.0
+                    t0 = time.monotonic()
                     piped += await pipeline_round(producer, topic, watch)
-                elapsed = time.monotonic() - t0
-                worker_cpu = (sum(proc.cpu_times()[:2]) - cpu0) if proc else 0.0
+                    elapsed += time.monotonic() - t0
+                    worker_cpu += (sum(proc.cpu_times()[:2]) - wcpu0) if proc else 0.0
+                direct_cpu_ms = direct_cpu * 1000 / (ROUNDS * IN_FLIGHT)
                 worker_cpu_ms = worker_cpu * 1000 / (ROUNDS * IN_FLIGHT)
             finally:
                 await producer.stop()
+                await pool.aclose()
         finally:
             await watch.stop()
             worker.stop()
     finally:
         server.terminate()
         server.wait(10)
+    d50, d99 = pct(direct, 0.5) * 1000, pct(direct, 0.99) * 1000
+    log(f"llm: direct p50 {d50:.1f} ms p99 {d99:.1f} ms")
     log(
         f"llm: CPU per request: direct httpx client {direct_cpu_ms:.2f} ms, "
         f"pipeline worker {worker_cpu_ms:.2f} ms"
