@@ -17,6 +17,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from agents.security.decisions import decision_record, seal_record
 from agents.security.policy import (
     Evaluation,
@@ -169,7 +171,9 @@ class Outcome:
     result: Evaluation
     decision: dict[str, Any]
     topic: str
-    forwarded: Event[Any]
+    key: bytes
+    #: the forwarded message, encoded
+    forwarded: bytes
 
 
 def decide(inbound: Inbound, policies: PolicySet, keys: KeyView) -> Outcome:
@@ -194,17 +198,34 @@ def decide(inbound: Inbound, policies: PolicySet, keys: KeyView) -> Outcome:
         forwarded = redact(
             message, {"rejection_reasons": result.reasons, "rejection_rules": result.rules}
         )
-    return Outcome(inbound.message.partition, result, decision, topic, _forward(event, forwarded))
+    return Outcome(
+        inbound.message.partition,
+        result,
+        decision,
+        topic,
+        message.sender_id.encode(),
+        forward_bytes(event, forwarded, inbound.message.value),
+    )
 
 
-def _forward(event: Event[Any], message: AgentMessage) -> Event[Any]:
+def forward_bytes(event: Event[Any], message: AgentMessage, raw: Any) -> bytes:
     """The forwarded message keeps the input's envelope — same event id, so consumers of
     accepted/rejected can deduplicate at-least-once redeliveries by it — and points at
-    the input with causation_id. A redacted or annotated payload gets a new copy."""
-    update: dict[str, Any] = {"causation_id": str(event.event_id)}
+    the input with causation_id.
+
+    An unchanged message at the current schema version is forwarded as its own JSON with
+    `causation_id` set (a pydantic copy costs more than deciding it); a redacted,
+    annotated or upcast one is re-encoded from the model."""
+    input_id = str(event.event_id)
+    if message is event.payload and isinstance(raw, bytes | bytearray):
+        data = orjson.loads(raw)
+        if data.get("schema_version") == AgentMessage.VERSION:
+            data["causation_id"] = input_id
+            return orjson.dumps(data)
+    update: dict[str, Any] = {"causation_id": input_id}
     if message is not event.payload:
         update["payload"] = message
-    return event.model_copy(update=update)
+    return encode(event.model_copy(update=update))
 
 
 async def _publish(outcomes: list[Outcome], writer: ChainWriter) -> None:
@@ -232,7 +253,7 @@ async def _publish(outcomes: list[Outcome], writer: ChainWriter) -> None:
     if not fast:
         for o in outcomes:
             await writer.emit(registry.from_dict(o.decision), partition=o.partition)
-            await emit(o.topic, o.forwarded)
+            await emit(o.topic, registry.decode(o.forwarded))
         return
     by_partition: dict[int, list[Outcome]] = {}
     for o in outcomes:
@@ -252,9 +273,7 @@ async def _publish(outcomes: list[Outcome], writer: ChainWriter) -> None:
                 value, head = seal_record(o.decision, head)
                 decisions.append((o.decision["payload"]["sender_id"].encode(), value))
             for o in group:
-                records.setdefault(settings.topic(o.topic), []).append(
-                    (o.forwarded.key.encode(), encode(o.forwarded))
-                )
+                records.setdefault(settings.topic(o.topic), []).append((o.key, o.forwarded))
             futures += await _send_batches(producer, records, partition)
             writer._last[partition] = head
     previous, _IN_FLIGHT[:] = list(_IN_FLIGHT), futures
