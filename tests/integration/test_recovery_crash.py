@@ -159,14 +159,20 @@ async def test_exactly_once_kill9_restart_no_duplicates_tables_equal_rebuild(
         )
         assert {ev.causation_id for _, ev in decisions if ev is not None} == want
 
-        from agents.audit.rebuild import read_changelog
+        from agents.audit.rebuild import read_changelog, rebuild_from_history, spec_for
 
-        results = await await_until(
-            lambda: own_table_equal_rebuild(settings),
-            60,
-            interval=0.5,
-            what="accepted_by_sender equal to its rebuild",
-        )
+        try:
+            results = await await_until(
+                lambda: own_table_equal_rebuild(settings),
+                60,
+                interval=0.5,
+                what="accepted_by_sender equal to its rebuild",
+            )
+        except AssertionError as exc:
+            spec = spec_for("accepted_by_sender")
+            rebuilt = await rebuild_from_history(settings, spec)
+            live = await read_changelog(settings, "accepted_by_sender")
+            raise AssertionError(f"{exc}: rebuilt {rebuilt} live {live}") from None
         # tables of other domains: compared too, reported below if they differ
         others = [c.table for c in results if c.live_available and not c.equal]
         live = await read_changelog(settings, "accepted_by_sender")
