@@ -55,7 +55,8 @@ async def _admit(inbound: Inbound) -> None:
     rt = runtime()
     rid = inbound.event.payload.request_id
     done = tables.table(tables.RESPONSES_DONE.name).get(rid)
-    if done is None and rid not in rt.inflight and tables.table(tables.CANCELLED.name).get(rid):
+    cancelled = tables.table(tables.CANCELLED.name).get(rid)
+    if done is None and not rt.answered_or_inflight(rid) and cancelled:
         await rt.answer_cancelled_early(inbound)  # never reaches a provider
         return
     await rt.admit(inbound)
@@ -84,6 +85,11 @@ async def _publish_breaker_transitions() -> None:
 @app.on_partitions_revoked.connect
 async def _revoke_calls(app: Any, revoked: Any, **kwargs: Any) -> None:
     runtime().revoke(set(revoked))
+
+
+@app.on_before_shutdown.connect
+async def _write_tables(app: Any, **kwargs: Any) -> None:
+    runtime().write_tables()  # entries of answered requests, before the final commit
 
 
 #: seconds a provider's setup check result is reused: /ready is polled often, and a

@@ -114,6 +114,8 @@ async def _ask(request: LLMRequest, wait_s: float, *, quiet: bool) -> LLMRespons
         async with Client(settings, source="agentstream-cli") as client:
             await client.publish(LLM_REQUESTS, Event.of(request, source="agentstream-cli"))
         deadline = time.monotonic() + wait_s
+        final: LLMResponse | None = None
+        chunks_seen = 0
         while time.monotonic() < deadline:
             batch = await consumer.getmany(timeout_ms=200)
             for records in batch.values():
@@ -124,13 +126,23 @@ async def _ask(request: LLMRequest, wait_s: float, *, quiet: bool) -> LLMRespons
                         continue
                     if getattr(payload, "request_id", None) != request.request_id:
                         continue
-                    if isinstance(payload, LLMStreamChunk) and not quiet:
-                        sys.stdout.write(payload.delta)
-                        sys.stdout.flush()
+                    if isinstance(payload, LLMStreamChunk):
+                        chunks_seen += 1
+                        if not quiet:
+                            sys.stdout.write(payload.delta)
+                            sys.stdout.flush()
                     elif isinstance(payload, LLMResponse):
-                        if not request.stream and not quiet:
-                            sys.stdout.write(payload.content)
-                        return payload
+                        final = payload
+            # chunks and the response are on two topics, fetched independently: the
+            # response can come first, so wait (briefly) for the chunks it counts
+            if final is not None and (chunks_seen >= final.chunks or not request.stream):
+                if not request.stream and not quiet:
+                    sys.stdout.write(final.content)
+                return final
+            if final is not None:
+                deadline = min(deadline, time.monotonic() + 2.0)
+        if final is not None:
+            return final
         raise click.ClickException(f"no response within {wait_s:g}s (is a worker running?)")
     finally:
         await consumer.stop()

@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 CONSUMER = "call_llm"
 CANCEL_CONSUMER = "cancel_llm"
 BREAKER_LEVEL = {"closed": 0, "half_open": 1, "open": 2}
+#: seconds final responses wait for their dedup/usage table entries (written together)
+TABLE_WRITE_DELAY_S = 0.01
 
 
 @dataclass
@@ -71,6 +73,11 @@ class CallRuntime:
         self.inflight: dict[str, Flight] = {}
         self.transitions: asyncio.Queue[Transition] = asyncio.Queue()
         self.deduplicated = 0
+        #: request ids whose final response is out but whose table entries (dedup,
+        #: usage) are not written yet; they count as answered for dedup
+        self.answered: set[str] = set()
+        self._unwritten: list[tuple[LLMResponse, str, Any]] = []
+        self._flush_handle: asyncio.TimerHandle | None = None
 
     # -- admission -------------------------------------------------------------------------
     def slot(self, provider: str) -> asyncio.Semaphore:
@@ -87,7 +94,7 @@ class CallRuntime:
         backpressure: the agent takes no more requests while every slot is busy)."""
         request: LLMRequest = inbound.event.payload
         rid = request.request_id
-        if rid in self.inflight or tables.table(tables.RESPONSES_DONE.name).get(rid):
+        if self.answered_or_inflight(rid) or tables.table(tables.RESPONSES_DONE.name).get(rid):
             self.deduplicated += 1
             log.info("request %s already answered or in flight: not calling again", rid)
             return
@@ -105,6 +112,9 @@ class CallRuntime:
         inbound.message.incref()
         flight.task = asyncio.create_task(self._run(flight, sem), name=f"llm:{rid}")
 
+    def answered_or_inflight(self, request_id: str) -> bool:
+        return request_id in self.inflight or request_id in self.answered
+
     def cancel(self, request_id: str, reason: str, event: Event[Any]) -> None:
         tables.apply_cancel(tables.table(tables.CANCELLED.name), event)
         flight = self.inflight.get(request_id)
@@ -118,6 +128,7 @@ class CallRuntime:
             if flight.inbound.message.tp in revoked and flight.task is not None:
                 flight.revoked = True
                 flight.task.cancel()
+        self.write_tables()
 
     # -- one call --------------------------------------------------------------------------
     async def _run(self, flight: Flight, sem: asyncio.Semaphore) -> None:
@@ -160,6 +171,7 @@ class CallRuntime:
             await chunks.flush()  # every chunk before the final response
             outcome.chunks = chunks.published
             await self.finish(inbound, request, outcome)
+            ack = False  # acked once its table entries are written (write_tables)
         except asyncio.CancelledError:
             chunks.discard()
             # the worker is stopping or lost the partition (user cancellation sets
@@ -194,15 +206,47 @@ class CallRuntime:
         )
         event = inbound.event.caused(response, source=f"{CONSUMER}@{settings.worker_id}")
         sealed = await chain_writer(LLM_RESPONSES).emit(event, partition=inbound.message.partition)
-        tables.apply_response(tables.table(tables.RESPONSES_DONE.name), sealed)
-        tables.apply_usage(tables.table(tables.USAGE.name), sealed)
-        LLM_CALLS.labels(outcome.provider or "-", outcome.status).inc()
-        LLM_LATENCY.labels(outcome.provider or "-").observe(outcome.latency_ms / 1000)
+        _calls(outcome.provider or "-", outcome.status).inc()
+        _latency(outcome.provider or "-").observe(outcome.latency_ms / 1000)
         if outcome.usage is not None and outcome.usage.estimated:
             # provider-reported usage is counted by the adapter; estimates only here
             LLM_TOKENS.labels(outcome.provider, outcome.model, "estimated").inc(
                 outcome.usage.total_tokens
             )
+        # last: from here on write_tables owns the request's ack
+        self.answered.add(request.request_id)
+        self._unwritten.append((sealed.payload, str(sealed.event_id), inbound.message))
+        if self._flush_handle is None:
+            self._flush_handle = asyncio.get_running_loop().call_later(
+                TABLE_WRITE_DELAY_S, self.write_tables
+            )
+
+    def write_tables(self) -> None:
+        """Write the dedup and usage entries of the responses produced since the last
+        call, then ack their requests. Batched: a burst of responses shares its usage
+        counters (a handful of keys), so one changelog record per counter instead of
+        three per response. The ack waits for the writes, so a request's offset is never
+        committed before its entries are in the producer (Faust flushes it before
+        committing) — the guarantee of writing them one by one."""
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        batch, self._unwritten = self._unwritten, []
+        if not batch:
+            return
+        try:
+            done = tables.table(tables.RESPONSES_DONE.name)
+            for response, event_id, _ in batch:
+                done[response.request_id] = {"status": response.status, "event_id": event_id}
+            tables.add_usage(
+                tables.table(tables.USAGE.name), tables.usage_increments(r for r, _, _ in batch)
+            )
+        except Exception:  # keep acking: a stuck offset would stall the partition
+            log.exception("call_llm could not write dedup/usage entries of %d", len(batch))
+        finally:
+            for response, _, message in batch:
+                self.answered.discard(response.request_id)
+                message.ack(app.consumer)
 
     async def answer_cancelled_early(self, inbound: Inbound) -> None:
         request: LLMRequest = inbound.event.payload
@@ -212,7 +256,12 @@ class CallRuntime:
             model=request.config.model,
             usage=Usage(estimated=True),
         )
-        await self.finish(inbound, request, outcome)
+        inbound.message.incref()  # acked by write_tables, like a call's request
+        try:
+            await self.finish(inbound, request, outcome)
+        except BaseException:
+            inbound.message.ack(app.consumer)
+            raise
 
     # -- breaker transitions -----------------------------------------------------------------
     def _on_transition(self, t: Transition) -> None:
@@ -238,6 +287,16 @@ class CallRuntime:
                 tables.apply_breaker(tables.table(tables.BREAKERS.name), event)
             except Exception:  # keep publishing later transitions
                 log.exception("could not publish breaker transition %s", t)
+
+
+@cache
+def _calls(provider: str, status: str) -> Any:
+    return LLM_CALLS.labels(provider, status)
+
+
+@cache
+def _latency(provider: str) -> Any:
+    return LLM_LATENCY.labels(provider)
 
 
 @cache

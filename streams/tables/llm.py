@@ -20,7 +20,7 @@ partition, and two workers never read-modify-write the same counter.
 
 from __future__ import annotations
 
-from collections.abc import MutableMapping
+from collections.abc import Iterable, MutableMapping
 from functools import cache
 from typing import Any
 
@@ -80,21 +80,36 @@ def usage_keys(response: LLMResponse, n: int | None = None) -> list[str]:
     ]
 
 
+def usage_increments(responses: Iterable[LLMResponse], n: int | None = None) -> dict[str, Any]:
+    """{usage key: {field: increment}} of some final responses, summed per key."""
+    out: dict[str, dict[str, int]] = {}
+    for p in responses:
+        usage = p.usage
+        for key in usage_keys(p, n):
+            inc = out.setdefault(key, {})
+            inc["requests"] = inc.get("requests", 0) + 1
+            inc[p.status] = inc.get(p.status, 0) + 1
+            if usage is not None:
+                for f in USAGE_FIELDS:
+                    inc[f] = inc.get(f, 0) + int(getattr(usage, f))
+                if usage.estimated:
+                    inc["estimated_requests"] = inc.get("estimated_requests", 0) + 1
+    return out
+
+
+def add_usage(state: MutableMapping[str, Any], increments: dict[str, Any]) -> None:
+    """Add increments to the totals: one write per key, however many responses."""
+    for key, inc in increments.items():
+        cur = dict(state.get(key) or {})
+        for f, v in inc.items():
+            cur[f] = int(cur.get(f, 0)) + v
+        state[key] = cur
+
+
 def apply_usage(state: MutableMapping[str, Any], event: Event[Any]) -> None:
     p = event.payload
-    if not isinstance(p, LLMResponse):
-        return
-    usage = p.usage
-    for key in usage_keys(p):
-        cur = dict(state.get(key) or {})
-        cur["requests"] = int(cur.get("requests", 0)) + 1
-        cur[p.status] = int(cur.get(p.status, 0)) + 1
-        if usage is not None:
-            for f in USAGE_FIELDS:
-                cur[f] = int(cur.get(f, 0)) + int(getattr(usage, f))
-            if usage.estimated:
-                cur["estimated_requests"] = int(cur.get("estimated_requests", 0)) + 1
-        state[key] = cur
+    if isinstance(p, LLMResponse):
+        add_usage(state, usage_increments([p]))
 
 
 def summarise_usage(items: Any) -> dict[str, dict[str, dict[str, int]]]:

@@ -78,3 +78,31 @@ def test_breaker_fold_keeps_last_transition() -> None:
     ]
     state = rebuild(t.BREAKERS, evs)
     assert state["p"]["state"] == "half_open" and state["p"]["previous"] == "open"
+
+
+def test_batched_usage_writes_equal_the_fold_with_one_write_per_key() -> None:
+    events = [
+        response("r1", usage=Usage(prompt_tokens=3, completion_tokens=4, total_tokens=7)),
+        response("r2", agent="a2", status="failed"),
+        response("r3", usage=Usage(prompt_tokens=1, total_tokens=1, estimated=True)),
+        response("r4", status="cancelled", usage=Usage(completion_tokens=2, total_tokens=2)),
+    ]
+    folded = rebuild(t.USAGE, events)
+
+    class CountingDict(dict[str, object]):
+        writes = 0
+
+        def __setitem__(self, key: str, value: object) -> None:
+            CountingDict.writes += 1
+            super().__setitem__(key, value)
+
+    batched = CountingDict()
+    t.add_usage(batched, t.usage_increments([e.payload for e in events[:2]]))
+    t.add_usage(batched, t.usage_increments([e.payload for e in events[2:]]))
+    assert dict(batched) == dict(folded)
+    keys = {k for e in events for k in t.usage_keys(e.payload)}
+    assert CountingDict.writes < 3 * len(events)
+    assert CountingDict.writes == len(
+        {k for e in events[:2] for k in t.usage_keys(e.payload)}
+    ) + len({k for e in events[2:] for k in t.usage_keys(e.payload)})
+    assert set(batched) == keys
