@@ -76,6 +76,21 @@ class Gauge:
         return await self.count() >= n
 
 
+async def open_transaction_records(bootstrap: str, topic: str) -> int:
+    """Records written but not yet committed or aborted (high watermark - LSO)."""
+    counts = []
+    for isolation in ("read_uncommitted", "read_committed"):
+        consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, isolation_level=isolation)
+        await consumer.start()
+        try:
+            parts = consumer.partitions_for_topic(topic) or set()
+            tps = [TopicPartition(topic, p) for p in parts]
+            counts.append(sum((await consumer.end_offsets(tps)).values()) if tps else 0)
+        finally:
+            await consumer.stop()
+    return counts[0] - counts[1]
+
+
 def input_id(ev: Event[Any]) -> str:
     """The id consumers deduplicate on: an output caused by an input carries the input's
     event id as causation_id; an input forwarded unchanged keeps its own event id."""
@@ -159,9 +174,12 @@ async def test_exactly_once_kill9_restart_no_duplicates_tables_equal_rebuild(
             # Seen in about one run in four (and once with two at-least-once workers after
             # a rebalance): the restarted worker is Ready, logs no error, and forwards
             # nothing more. Reported, not understood yet; see the audit engineer's report.
+            open_tx = await open_transaction_records(settings.bootstrap, accepted_topic)
             pytest.xfail(
                 f"after the restart {len(want) - len(got)} of {len(want)} inputs were not "
-                "forwarded within 90 s (read_committed); the worker is alive and logs no error"
+                "forwarded within 90 s (read_committed); the worker is alive and logs no "
+                f"error; {open_tx} record(s) sit in open transactions (high watermark minus "
+                "last stable offset)"
             )
         ids = [input_id(ev) for ev in outputs]
         assert set(ids) == want
