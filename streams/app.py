@@ -62,6 +62,19 @@ def tune_gc() -> None:
     gc.set_threshold(max(GC_GEN0_THRESHOLD, gc.get_threshold()[0]), gen1, gen2)
 
 
+#: Delivery errors of produced records (see `streams.processing.emit`). Once non-empty the
+#: consumer commits no more offsets and the app crashes.
+DELIVERY_FAILURES: list[BaseException] = []
+
+
+def delivery_failed(exc: BaseException) -> None:
+    """Record an undeliverable output and crash the worker (a supervisor restarts it and
+    the uncommitted inputs are consumed again)."""
+    DELIVERY_FAILURES.append(exc)
+    if len(DELIVERY_FAILURES) == 1:
+        asyncio.ensure_future(app.crash(exc))
+
+
 class BatchDeliveryConsumer:
     """Faust's consumer, delivering each fetched batch under ONE `wait_first`.
 
@@ -73,6 +86,20 @@ class BatchDeliveryConsumer:
     records left undelivered then are fetched again from the committed offset, exactly
     as when Faust cancels a single record's delivery.
     """
+
+    async def _commit(self: Any, offsets: Any) -> bool:
+        # After an output could not be delivered, committing any further input offset
+        # could acknowledge the input behind the lost output: commit nothing more, and
+        # let the crash restart us from the last committed offsets (at-least-once).
+        if DELIVERY_FAILURES:
+            self.log.error(
+                "refusing to commit: %d output record(s) were not delivered (first: %r)",
+                len(DELIVERY_FAILURES),
+                DELIVERY_FAILURES[0],
+            )
+            return False
+        ok: bool = await super()._commit(offsets)  # type: ignore[misc]
+        return ok
 
     async def _drain_messages(self: Any, fetcher: Any) -> None:  # pragma: no cover - worker
         callback = self.callback

@@ -27,7 +27,7 @@ from typing import Any
 
 from schemas import DeadLetter, Event, encode, registry
 from schemas.errors import InvalidEvent, PipelineError
-from streams.app import app, catalogue_topic, settings
+from streams.app import app, catalogue_topic, delivery_failed, settings
 from streams.observability import DEAD_LETTERS, EVENTS_IN, EVENTS_OUT, SEND_FAILURES
 from streams.topics import PIPELINE_DEADLETTER
 
@@ -237,10 +237,20 @@ def _events_out(topic: str) -> Any:
     return EVENTS_OUT.labels(topic)
 
 
+def watch_delivery(fut: asyncio.Future[Any], topic: str) -> None:
+    """Treat a failed delivery of `fut` like one of `emit`'s: count, log, stop committing
+    and crash the worker. For agents that hand record batches to the producer themselves."""
+    fut.add_done_callback(partial(_delivered, topic))
+
+
 def _delivered(topic: str, fut: asyncio.Future[Any]) -> None:
-    if not fut.cancelled() and fut.exception() is not None:
+    if fut.cancelled():
+        return
+    exc = fut.exception()
+    if exc is not None:
         SEND_FAILURES.labels(topic).inc()
-        log.error("publishing to %s failed: %r", topic, fut.exception())
+        log.error("publishing to %s failed: %r", topic, exc)
+        delivery_failed(exc)
 
 
 async def guarded(
@@ -257,4 +267,13 @@ async def guarded(
     return True
 
 
-__all__ = ["Inbound", "app", "dead_letter", "decoded_batches", "emit", "event_batches", "guarded"]
+__all__ = [
+    "Inbound",
+    "app",
+    "dead_letter",
+    "decoded_batches",
+    "emit",
+    "event_batches",
+    "guarded",
+    "watch_delivery",
+]

@@ -40,7 +40,7 @@ from streams.credentials import KeychainCredentialsProvider
 from streams.errors import CredentialsError
 from streams.health import register_check
 from streams.observability import DECISIONS, EVENTS_IN, EVENTS_OUT
-from streams.processing import Inbound, dead_letter, emit
+from streams.processing import Inbound, dead_letter, emit, watch_delivery
 from streams.tables.security import decision_counts_table, keys_for
 from streams.topics import (
     AGENT_MESSAGES,
@@ -300,11 +300,15 @@ async def _send_batches(
         for key, value in items:
             if batch.append(key=key, value=value, timestamp=None) is None:
                 futures.append(await producer.send_batch(batch, topic, partition=partition))
+                watch_delivery(futures[-1], topic)
                 batch = producer.create_batch()
                 if batch.append(key=key, value=value, timestamp=None) is None:
                     raise ValueError(f"a record of {len(value)} bytes does not fit a batch")
         if batch.record_count():
             futures.append(await producer.send_batch(batch, topic, partition=partition))
+            # Noticed at once, not only when the next batch awaits these futures: the
+            # offsets behind a lost record must never be committed.
+            watch_delivery(futures[-1], topic)
     return futures
 
 
