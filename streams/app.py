@@ -65,6 +65,7 @@ def tune_gc() -> None:
 #: Delivery errors of produced records (see `streams.processing.emit`). Once non-empty the
 #: consumer commits no more offsets and the app crashes.
 DELIVERY_FAILURES: list[BaseException] = []
+_CRASHING: list[asyncio.Future[None]] = []  # keeps the crash task referenced
 
 
 def delivery_failed(exc: BaseException) -> None:
@@ -72,7 +73,7 @@ def delivery_failed(exc: BaseException) -> None:
     the uncommitted inputs are consumed again)."""
     DELIVERY_FAILURES.append(exc)
     if len(DELIVERY_FAILURES) == 1:
-        asyncio.ensure_future(app.crash(exc))
+        _CRASHING.append(asyncio.ensure_future(app.crash(exc)))
 
 
 class BatchDeliveryConsumer:
