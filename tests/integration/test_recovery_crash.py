@@ -203,7 +203,12 @@ async def test_exactly_once_kill9_restart_no_duplicates_tables_equal_rebuild(
             spec = spec_for("accepted_by_sender")
             rebuilt = await rebuild_from_history(settings, spec)
             live = await read_changelog(settings, "accepted_by_sender")
-            raise AssertionError(f"{exc}: rebuilt {rebuilt} live {live}") from None
+            changelog = f"{settings.app_id}-accepted_by_sender-changelog"
+            open_tx = await open_transaction_records(settings.bootstrap, changelog)
+            raise AssertionError(
+                f"{exc}: rebuilt {rebuilt} live {live}; {open_tx} changelog record(s) in "
+                "open transactions"
+            ) from None
         # tables of other domains: compared too, reported below if they differ
         others = [c.table for c in results if c.live_available and not c.equal]
         live = await read_changelog(settings, "accepted_by_sender")
