@@ -42,6 +42,8 @@ from streams.topics import LLM_REQUESTS, LLM_RESPONSES
 NAME = "llm"
 IN_FLIGHT = 200
 ROUNDS = 4
+#: sequential single requests (each side) measuring the pipeline's fixed added latency
+SINGLES = 20
 WORDS = [f"w{i}" for i in range(8)]
 CHUNK_DELAY_S = 0.005
 
@@ -51,7 +53,7 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-async def direct_round(pool: ClientPool, url: str) -> list[float]:
+async def direct_round(pool: ClientPool, url: str, n: int = IN_FLIGHT) -> list[float]:
     """200 streaming completions at once, straight with httpx (leasing connections like
     the provider does, so the baseline does not suffer httpcore's burst serialisation)."""
     body = {
@@ -71,7 +73,7 @@ async def direct_round(pool: ClientPool, url: str) -> list[float]:
                 pass
         return time.perf_counter() - t0
 
-    return list(await asyncio.gather(*(one() for _ in range(IN_FLIGHT))))
+    return list(await asyncio.gather(*(one() for _ in range(n))))
 
 
 class ResponseWatch:
@@ -149,11 +151,11 @@ def requests(n: int) -> list[Event[Any]]:
 
 
 async def pipeline_round(
-    producer: AIOKafkaProducer, topic: str, watch: ResponseWatch
+    producer: AIOKafkaProducer, topic: str, watch: ResponseWatch, n: int = IN_FLIGHT
 ) -> list[float]:
-    """200 requests sent at once through an already-started producer (starting one per
+    """`n` requests sent at once through an already-started producer (starting one per
     round would count the producer's own metadata round trips as pipeline latency)."""
-    events = requests(IN_FLIGHT)
+    events = requests(n)
     payloads = [(e.key.encode(), encode(e)) for e in events]
     sent = time.time()
     futures = [await producer.send(topic, value, key=key) for key, value in payloads]
@@ -162,10 +164,11 @@ async def pipeline_round(
     await watch.wait(ids, 60)
     pre = sorted(watch.built[i] - sent for i in ids)
     post = sorted(watch.seen[i] - watch.built[i] for i in ids)
-    log(
-        f"llm: produce->outcome p50 {pre[len(pre) // 2] * 1000:.0f} ms, "
-        f"outcome->seen p50 {post[len(post) // 2] * 1000:.0f} ms"
-    )
+    if n > 1:
+        log(
+            f"llm: produce->outcome p50 {pre[len(pre) // 2] * 1000:.0f} ms, "
+            f"outcome->seen p50 {post[len(post) // 2] * 1000:.0f} ms"
+        )
     return [watch.seen[i] - sent for i in ids]
 
 
@@ -250,6 +253,13 @@ async def run(ctx: BenchContext) -> dict[str, float]:
                     worker_cpu += (sum(proc.cpu_times()[:2]) - wcpu0) if proc else 0.0
                 direct_cpu_ms = direct_cpu * 1000 / (ROUNDS * IN_FLIGHT)
                 worker_cpu_ms = worker_cpu * 1000 / (ROUNDS * IN_FLIGHT)
+                # one request at a time: the pipeline's fixed cost (Kafka hops, linger,
+                # fetches) without the CPU contention of a burst
+                single_direct: list[float] = []
+                single_piped: list[float] = []
+                for _ in range(SINGLES):
+                    single_direct += await direct_round(pool, url, 1)
+                    single_piped += await pipeline_round(producer, topic, watch, 1)
             finally:
                 await producer.stop()
                 await pool.aclose()
@@ -265,7 +275,7 @@ async def run(ctx: BenchContext) -> dict[str, float]:
         f"llm: CPU per request: direct httpx client {direct_cpu_ms:.2f} ms, "
         f"pipeline worker {worker_cpu_ms:.2f} ms"
     )
-    calls = watch.call_ms[IN_FLIGHT:]  # after the warm-up round
+    calls = watch.call_ms[IN_FLIGHT : IN_FLIGHT * (ROUNDS + 1)]  # the measured rounds
     log(f"llm: in-worker call latency p50 {pct(calls, 0.5):.1f} ms p99 {pct(calls, 0.99):.1f} ms")
     log(f"llm: pipeline p50 {pct(piped, 0.5) * 1000:.1f} ms p99 {pct(piped, 0.99) * 1000:.1f} ms")
     return {
@@ -273,6 +283,9 @@ async def run(ctx: BenchContext) -> dict[str, float]:
         "llm_added_p50_ms": round((pct(piped, 0.5) - pct(direct, 0.5)) * 1000, 2),
         "llm_added_p99_ms": round((pct(piped, 0.99) - pct(direct, 0.99)) * 1000, 2),
         "llm_direct_p50_ms": round(statistics.median(direct) * 1000, 2),
+        "llm_single_added_p50_ms": round(
+            (statistics.median(single_piped) - statistics.median(single_direct)) * 1000, 2
+        ),
         "llm_worker_cpu_ms_per_request": round(worker_cpu_ms, 3),
         "llm_direct_cpu_ms_per_request": round(direct_cpu_ms, 3),
     }
