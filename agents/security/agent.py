@@ -40,7 +40,7 @@ from streams.credentials import KeychainCredentialsProvider
 from streams.errors import CredentialsError
 from streams.health import register_check
 from streams.observability import DECISIONS, EVENTS_IN, EVENTS_OUT
-from streams.processing import Inbound, dead_letter, emit, watch_delivery
+from streams.processing import Inbound, dead_letter, emit, event_batches, watch_delivery
 from streams.tables.security import decision_counts_table, keys_for
 from streams.topics import (
     AGENT_MESSAGES,
@@ -112,7 +112,7 @@ KEYS = KeyCache(KEYCHAIN.fetch)
 
 @app.task
 async def _fold_policies() -> None:
-    await STORE.run()
+    await STORE.run_forever()
 
 
 async def _keychain_health() -> tuple[Any, str]:
@@ -347,7 +347,7 @@ class _Redacted:
 async def _decoded_batches(stream: Any) -> AsyncIterator[list[Inbound]]:
     """`streams.processing.decoded_batches`, except that dead letters are redacted."""
     limit = settings.max_event_bytes
-    async for events in stream.take_events(settings.batch_max, within=settings.batch_within_s):
+    async for events in event_batches(stream, settings.batch_max, settings.batch_within_s):
         good: list[Inbound] = []
         for ev in events:
             msg = ev.message

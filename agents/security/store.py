@@ -38,6 +38,7 @@ class PolicyStore:
         self.policy_set = self._build()
         self.records = 0
         self.invalid_records = 0
+        self.failures = 0
         self.updated_at: float | None = None
         self._ready: asyncio.Event | None = None
 
@@ -54,12 +55,16 @@ class PolicyStore:
             default_action=self.settings.security_default_action,
         )
 
-    def apply_record(self, key: bytes | None, value: bytes | None) -> None:
-        """Fold one record of `security.policies` (no rebuild; see `commit`)."""
+    def apply_record(
+        self, key: bytes | None, value: bytes | None, state: dict[str, Any] | None = None
+    ) -> None:
+        """Fold one record of `security.policies` into `state` (default: the live state;
+        no rebuild, see `commit`)."""
+        target = self.state if state is None else state
         self.records += 1
         if value is None:  # a tombstone: compaction's way of removing a key
             if key is not None:
-                self.state.pop(key.decode(errors="replace"), None)
+                target.pop(key.decode(errors="replace"), None)
             return
         try:
             event = registry.decode(value, max_bytes=self.settings.max_event_bytes)
@@ -70,15 +75,38 @@ class PolicyStore:
             log.warning("ignored an invalid record on %s: %s", SECURITY_POLICIES, exc)
             return
         if event.type in POLICIES.types:
-            apply_policy_event(self.state, event)
+            apply_policy_event(target, event)
 
-    def commit(self) -> None:
+    def commit(self, state: dict[str, Any] | None = None) -> None:
+        if state is not None:
+            self.state = state
         self.policy_set = self._build()
         self.updated_at = time.time()
         for key, problem in self.policy_set.invalid.items():
             log.error("policy record %s is not valid and is not applied: %s", key, problem)
 
+    async def run_forever(self, backoff_s: float = 1.0, max_backoff_s: float = 30.0) -> None:
+        """`run`, restarted after a broker error: the policies in force stay in force
+        meanwhile, and the topic is read again from the beginning."""
+        delay = backoff_s
+        while True:
+            try:
+                await self.run()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.failures += 1
+                log.error(
+                    "reading %s failed (%r); retrying in %.1fs", SECURITY_POLICIES, exc, delay
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, max_backoff_s)
+            else:
+                delay = backoff_s
+
     async def run(self, poll_ms: int = 250) -> None:
+        """Fold the topic from the beginning into a fresh state, swap it in once caught up
+        with the end the topic had when we started, then follow it."""
         topic = self.settings.topic(SECURITY_POLICIES)
         consumer = AIOKafkaConsumer(
             bootstrap_servers=self.settings.bootstrap,
@@ -96,25 +124,26 @@ class PolicyStore:
             consumer.assign([tp])
             await consumer.seek_to_beginning(tp)
             end = (await consumer.end_offsets([tp]))[tp]
-            if end == 0:
-                self.commit()
-                self.ready.set()
+            fresh: dict[str, Any] = {}
+            caught_up = False
             while True:
+                if not caught_up and await consumer.position(tp) >= end:
+                    caught_up = True
+                    self.commit(fresh)  # a partial state is never put in force
+                    if not self.ready.is_set():
+                        self.ready.set()
+                        log.info(
+                            "policy store ready: %d policies, security %s, default %s",
+                            len(self.policy_set.policies),
+                            "enabled" if self.policy_set.enabled else "disabled",
+                            self.policy_set.default_action.value,
+                        )
                 batch = await consumer.getmany(tp, timeout_ms=poll_ms)
                 records = batch.get(tp, [])
                 for rec in records:
-                    self.apply_record(rec.key, rec.value)
-                if records:
+                    self.apply_record(rec.key, rec.value, fresh if not caught_up else None)
+                if records and caught_up:
                     self.commit()
-                if not self.ready.is_set() and await consumer.position(tp) >= end:
-                    self.commit()
-                    self.ready.set()
-                    log.info(
-                        "policy store ready: %d policies, security %s, default %s",
-                        len(self.policy_set.policies),
-                        "enabled" if self.policy_set.enabled else "disabled",
-                        self.policy_set.default_action.value,
-                    )
         finally:
             await consumer.stop()
 
