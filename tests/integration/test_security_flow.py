@@ -267,6 +267,14 @@ async def test_policies_enforced_live_and_secrets_never_leave(
     finally:
         worker.stop()
 
+    # -- remove: the policy leaves the table, the others stay ------------------------------
+    res = cli(env, "policy", "remove", "std-restricted")
+    assert res.returncode == 0, res.stderr
+    assert cli(env, "policy", "remove", "std-restricted").returncode == 1  # no longer in force
+    listed = cli(env, "policy", "list")
+    assert "std-restricted" not in listed.stdout and "std-words" in listed.stdout
+    assert "config: security enabled, default deny" in listed.stdout
+
     # -- no secret on any output topic nor in the log ---------------------------------------
     needles = [
         token,
