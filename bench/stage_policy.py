@@ -3,15 +3,18 @@
 The policies are published to `security.policies` first, the run's messages pre-filled
 into `agent.messages`, then a pipeline worker running only `agents.security` is started;
 ``policy_eps`` is accepted + rejected messages per second from the first output record to
-the N-th (start-up excluded). Every message is evaluated against all 200 patterns (RE2,
-one union scan per pattern list), its size and its roles, and leaves a hash-chained
-decision on `security.decisions` besides the forwarded message.
+the N-th (start-up excluded). Every message is evaluated against all 200 patterns, its
+size and its roles; every 10th carries a blocked credential and is rejected with its
+reasons. Each leaves a hash-chained decision on `security.decisions` besides the
+forwarded message. The stage fails if the rejected count is not exactly N/10.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+
+import orjson
 
 from bench.context import BenchContext, BenchError, log
 from schemas import Event, encode
@@ -27,6 +30,8 @@ NAME = "policy"
 POLICIES = 20
 PATTERNS = 10
 STAGE_TIMEOUT_S = 600.0
+#: every 10th message is denied (blocked pattern of policy bench-00)
+DENY_EVERY = 10
 
 
 def bench_policies() -> list[SecurityPolicy]:
@@ -69,7 +74,8 @@ async def run(ctx: BenchContext) -> dict[str, float]:
         [encode(e) for e in events],
         [e.key.encode() for e in events],
     )
-    values, keys = ctx.payloads()
+    shared, keys = ctx.payloads()
+    values = with_denied(shared)
     n = len(values)
     source = ctx.topic(env, AGENT_MESSAGES)
     log(f"policy: {POLICIES} policies x {PATTERNS} patterns; producing {n} events to {source}")
@@ -84,8 +90,24 @@ async def run(ctx: BenchContext) -> dict[str, float]:
         )
     finally:
         worker.stop()
-    log(f"policy: {rate:,.0f} ev/s")
+    rejected = await ctx.count(ctx.topic(env, AGENT_MESSAGES_REJECTED))
+    expected = sum(1 for i in range(n) if i % DENY_EVERY == 0)
+    if rejected != expected:
+        raise BenchError(f"policy: {rejected} rejected, expected {expected}")
+    log(f"policy: {rate:,.0f} ev/s ({rejected} of {n} rejected)")
     return {"policy_eps": rate}
+
+
+def with_denied(values: list[bytes]) -> list[bytes]:
+    """The run's messages, every DENY_EVERY-th carrying a credential a policy blocks, so
+    the full evaluation (all reasons) and the rejected path are part of the measurement."""
+    out = list(values)
+    for i in range(0, len(out), DENY_EVERY):
+        data = orjson.loads(out[i])
+        payload = data["payload"]
+        payload["content"] = "password0: hunter2 " + payload.get("content", "")[19:]
+        out[i] = orjson.dumps(data)
+    return out
 
 
 async def _watch_sum(ctx: BenchContext, topics: list[str], n: int, worker: object) -> float:
