@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+from functools import partial
 from typing import Any
 
 import orjson
@@ -92,16 +93,29 @@ class ChainWriter:
     async def emit(self, event: Event[Any], partition: int) -> Event[Any]:
         from streams.app import catalogue_topic, settings
         from streams.observability import EVENTS_OUT
+        from streams.processing import _delivered, _producer
 
+        catalogue_topic(self.topic)  # unknown names fail here
+        # The producer Topic.send would use, fetched before taking the lock: getting it
+        # through `app.maybe_start_producer()` (as Topic.send does) can yield to the
+        # loop, and every record queued on this partition's lock waited for that — tens
+        # of ms per response with 200 LLM calls in flight (bench/stage_llm.py).
+        producer = await _producer()
         lock = self._locks.setdefault(partition, asyncio.Lock())
         async with lock:
             prev = self._last.get(partition)
             if prev is None:
                 prev = await last_hash(settings.bootstrap, settings.topic(self.topic), partition)
             sealed = seal(event, prev)
-            await catalogue_topic(self.topic).send(
-                key=sealed.key.encode(), value=encode(sealed), partition=partition
+            fut = await producer.send(
+                settings.topic(self.topic),
+                sealed.key.encode(),
+                encode(sealed),
+                partition,
+                None,
+                None,
             )
+            fut.add_done_callback(partial(_delivered, self.topic))
             self._last[partition] = sealed.payload.hash
             EVENTS_OUT.labels(self.topic).inc()
             return sealed
