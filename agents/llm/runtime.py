@@ -26,7 +26,7 @@ from schemas.llm import (
 from streams.app import app, settings
 from streams.audit_chain import chain_writer
 from streams.observability import BREAKER_STATE, EVENTS_OUT, LLM_CALLS, LLM_LATENCY, LLM_TOKENS
-from streams.processing import Inbound, dead_letter, emit
+from streams.processing import Inbound, _producer, dead_letter, emit
 from streams.resilience import RetryPolicy, Transition
 from streams.tables import llm as tables
 from streams.topics import LLM_BREAKER, LLM_CHUNKS, LLM_RESPONSES
@@ -141,7 +141,9 @@ class CallRuntime:
         request_event = inbound.event
         causation = str(request_event.event_id)
         correlation = request_event.correlation_id or causation
-        producer = await app.maybe_start_producer()
+        # the producer Faust's Topic.send uses (cached: app.maybe_start_producer() can
+        # yield to the loop, a wasted turn per call)
+        producer = await _producer()
         chunks_out = _chunks_out()
 
         async def publish(sequence: int, delta: str, provider: str, attempt: int) -> None:
