@@ -26,7 +26,7 @@ from schemas.llm import (
 from streams.app import app, settings
 from streams.audit_chain import chain_writer
 from streams.observability import BREAKER_STATE, EVENTS_OUT, LLM_CALLS, LLM_LATENCY, LLM_TOKENS
-from streams.processing import Inbound, _producer, dead_letter, emit
+from streams.processing import Inbound, _producer, dead_letter, emit, watch_delivery
 from streams.resilience import RetryPolicy, Transition
 from streams.tables import llm as tables
 from streams.topics import LLM_BREAKER, LLM_CHUNKS, LLM_RESPONSES
@@ -161,7 +161,7 @@ class CallRuntime:
                 causation_id=causation,
             )
             fut = await producer.send(chunk_topic, key, value, partition, None, None)
-            fut.add_done_callback(_chunk_delivered)
+            watch_delivery(fut, LLM_CHUNKS)
             chunks_out.inc()
 
         chunks = ChunkCoalescer(publish, settings.llm_chunk_coalesce_ms / 1000)
@@ -304,11 +304,6 @@ def _latency(provider: str) -> Any:
 @cache
 def _chunks_out() -> Any:
     return EVENTS_OUT.labels(LLM_CHUNKS)
-
-
-def _chunk_delivered(fut: asyncio.Future[Any]) -> None:
-    if not fut.cancelled() and fut.exception() is not None:
-        log.error("publishing an llm chunk failed: %r", fut.exception())
 
 
 @cache
