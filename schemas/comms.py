@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import AwareDatetime, Field
 
@@ -10,7 +10,7 @@ from schemas.base import MAX_ID_LENGTH, Payload
 from schemas.registry import registry
 
 CommKind = Literal["communication", "blockchain", "model", "token", "wallet", "resource"]
-COMM_KINDS: tuple[str, ...] = ("communication", "blockchain", "model", "token", "wallet", "resource")
+COMM_KINDS: tuple[CommKind, ...] = get_args(CommKind)
 
 
 @registry.register
