@@ -76,6 +76,11 @@ def delivery_failed(exc: BaseException) -> None:
         _CRASHING.append(asyncio.ensure_future(app.crash(exc)))
 
 
+#: how long an exactly-once commit waits for the batches in progress before it gives up
+#: (a later commit catches up); bounded so that a stuck agent cannot stall a rebalance
+EOS_COMMIT_WAIT_S = 10.0
+
+
 class BatchDeliveryConsumer:
     """Faust's consumer, delivering each fetched batch under ONE `wait_first`.
 
@@ -87,6 +92,44 @@ class BatchDeliveryConsumer:
     records left undelivered then are fetched again from the committed offset, exactly
     as when Faust cancels a single record's delivery.
     """
+
+    async def commit(self: Any, topics: Any = None, start_new_transaction: bool = True) -> bool:
+        """Under exactly_once, commit only between batches (see streams/eos.py).
+
+        A transaction holds every record produced for its partition so far; committed
+        mid-batch it would publish outputs of events whose offsets it does not commit,
+        which are then processed again after a crash. So new batches wait, the ones in
+        progress finish and are acknowledged, buffered table updates are flushed into
+        their transactions, and only then does Faust commit.
+        """
+        if not self.app.in_transaction:
+            return bool(
+                await super().commit(  # type: ignore[misc]
+                    topics, start_new_transaction=start_new_transaction
+                )
+            )
+        from streams.eos import GATE
+
+        if DELIVERY_FAILURES:
+            self.log.error(
+                "refusing to commit: %d output record(s) were not delivered (first: %r)",
+                len(DELIVERY_FAILURES),
+                DELIVERY_FAILURES[0],
+            )
+            return False
+        async with GATE.commit_window(EOS_COMMIT_WAIT_S) as quiet:
+            if not quiet:
+                # nothing is lost: the open transactions are committed by a later commit
+                self.log.warning(
+                    "commit skipped: batches still in progress after %.0f s", EOS_COMMIT_WAIT_S
+                )
+                return False
+            await self.app.producer.buffer.flush()  # table changelog records
+            return bool(
+                await super().commit(  # type: ignore[misc]
+                    topics, start_new_transaction=start_new_transaction
+                )
+            )
 
     async def _commit(self: Any, offsets: Any) -> bool:
         # After an output could not be delivered, committing any further input offset

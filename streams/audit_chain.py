@@ -93,7 +93,7 @@ class ChainWriter:
     async def emit(self, event: Event[Any], partition: int) -> Event[Any]:
         from streams.app import catalogue_topic, settings
         from streams.observability import EVENTS_OUT
-        from streams.processing import _delivered, _producer
+        from streams.processing import _EOS, _delivered, _producer, send_record
 
         catalogue_topic(self.topic)  # unknown names fail here
         # The producer Topic.send would use, fetched before taking the lock: getting it
@@ -107,14 +107,20 @@ class ChainWriter:
             if prev is None:
                 prev = await last_hash(settings.bootstrap, settings.topic(self.topic), partition)
             sealed = seal(event, prev)
-            fut = await producer.send(
-                settings.topic(self.topic),
-                sealed.key.encode(),
-                encode(sealed),
-                partition,
-                None,
-                None,
-            )
+            if _EOS:
+                # in the transaction of the input being processed (streams/eos.py)
+                fut = await send_record(
+                    settings.topic(self.topic), sealed.key.encode(), encode(sealed), partition
+                )
+            else:
+                fut = await producer.send(
+                    settings.topic(self.topic),
+                    sealed.key.encode(),
+                    encode(sealed),
+                    partition,
+                    None,
+                    None,
+                )
             fut.add_done_callback(partial(_delivered, self.topic))
             self._last[partition] = sealed.payload.hash
             EVENTS_OUT.labels(self.topic).inc()

@@ -28,6 +28,7 @@ from typing import Any
 from schemas import DeadLetter, Event, encode, registry
 from schemas.errors import InvalidEvent, PipelineError
 from streams.app import app, catalogue_topic, delivery_failed, settings
+from streams.eos import GATE, SOURCE, transactional_id_for
 from streams.observability import DEAD_LETTERS, EVENTS_IN, EVENTS_OUT, SEND_FAILURES
 from streams.topics import PIPELINE_DEADLETTER
 
@@ -65,26 +66,34 @@ async def decoded_batches(
     async for events in event_batches(
         stream, max_batch or settings.batch_max, within_s or settings.batch_within_s
     ):
-        good: list[Inbound] = []
-        topic_name = ""
-        for ev in events:
-            msg = ev.message
-            topic_name = msg.topic
-            try:
-                decoded = registry.decode(ev.value, max_bytes=limit)
-                if accepted is not None and decoded.type not in accepted:
-                    raise InvalidEvent(
-                        f"event type {decoded.type!r} does not belong on {msg.topic}",
-                        type=decoded.type,
-                    )
-            except PipelineError as exc:
-                await dead_letter(msg, exc, consumer)
-                continue
-            good.append(Inbound(decoded, msg))
-        if events:
-            EVENTS_IN.labels(topic_name, consumer).inc(len(events))
-        if good:
-            yield good
+        if _EOS:
+            # held until the caller asks for the next batch: `event_batches` then acks
+            # this one before any other task runs, so no commit sees its outputs unacked
+            await GATE.enter()
+        try:
+            good: list[Inbound] = []
+            topic_name = ""
+            for ev in events:
+                msg = ev.message
+                topic_name = msg.topic
+                try:
+                    decoded = registry.decode(ev.value, max_bytes=limit)
+                    if accepted is not None and decoded.type not in accepted:
+                        raise InvalidEvent(
+                            f"event type {decoded.type!r} does not belong on {msg.topic}",
+                            type=decoded.type,
+                        )
+                except PipelineError as exc:
+                    await dead_letter(msg, exc, consumer)
+                    continue
+                good.append(Inbound(decoded, msg))
+            if events:
+                EVENTS_IN.labels(topic_name, consumer).inc(len(events))
+            if good:
+                yield good
+        finally:
+            if _EOS:
+                GATE.leave()
 
 
 async def event_batches(stream: Any, max_batch: int, within_s: float) -> AsyncIterator[list[Any]]:
@@ -193,6 +202,14 @@ async def dead_letter(message: Any, exc: BaseException, consumer: str) -> None:
         consumer,
         str(exc)[:200],
     )
+    if _EOS and isinstance(message.partition, int):
+        # in the transaction that commits the bad record's offset
+        token = SOURCE.set((message.topic, message.partition))
+        try:
+            await emit(PIPELINE_DEADLETTER, Event.of(letter, source=consumer))
+        finally:
+            SOURCE.reset(token)
+        return
     await emit(PIPELINE_DEADLETTER, Event.of(letter, source=consumer))
 
 
@@ -201,20 +218,59 @@ async def emit(topic: str, event: Event[Any], *, key: str | None = None) -> None
 
     Goes to the producer `Topic.send` would use (`app.maybe_start_producer()`, the
     transaction manager under exactly_once), so Faust's flush-before-commit still covers
-    it; a delivery failure is logged and counted instead of vanishing in a future.
+    it; a delivery failure is logged and counted instead of vanishing in a future. Under
+    exactly_once it joins the transaction of the input being processed (`SOURCE`).
     """
     catalogue_topic(topic)  # unknown names fail here, as before
-    producer = await _producer()
-    fut = await producer.send(
-        settings.topic(topic),
-        (key if key is not None else event.key).encode(),
-        encode(event),
-        None,
-        None,
-        None,
-    )
+    name = settings.topic(topic)
+    record_key = (key if key is not None else event.key).encode()
+    if _EOS:
+        fut = await send_record(name, record_key, encode(event))
+    else:
+        producer = await _producer()
+        fut = await producer.send(name, record_key, encode(event), None, None, None)
     fut.add_done_callback(partial(_delivered, topic))
     _events_out(topic).inc()
+
+
+_EOS = settings.processing_guarantee == "exactly_once"
+
+
+async def send_record(
+    topic: str, key: bytes | None, value: bytes, partition: int | None = None
+) -> Any:
+    """Hand one record to the producer; returns its delivery future.
+
+    Under exactly_once, while an input is being processed (`SOURCE` set), the record goes
+    into the transaction that will commit that input's offset, whatever its destination.
+    Faust alone would pick the destination partition's transaction, or none for a topic
+    this worker does not consume (see streams/eos.py).
+    """
+    producer = await _producer()
+    if _EOS:
+        source = SOURCE.get()
+        tid = _source_transaction(producer, source) if source is not None else None
+        if tid is not None:
+            return await producer.producer.send(
+                topic, key, value, partition, None, None, transactional_id=tid
+            )
+    return await producer.send(topic, key, value, partition, None, None)
+
+
+def _source_transaction(manager: Any, source: tuple[str, int]) -> str | None:
+    """The open transaction of the source partition, if this worker holds one (not after
+    the partition was revoked: the record then takes Faust's own path)."""
+    topic, partition = source
+    try:
+        group = app.assignor.group_for_topic(topic)
+    except KeyError:
+        return None
+    tid = transactional_id_for(app.conf.id, group, partition)
+    producers = getattr(getattr(manager, "producer", None), "_transaction_producers", None)
+    if producers is None or tid not in producers:
+        log.warning("no open transaction %s for %s:%s", tid, topic, partition)
+        return None
+    return tid
 
 
 _started_producer: list[Any] = []
@@ -258,12 +314,16 @@ async def guarded(
 ) -> bool:
     """Run `handler`; on an unexpected error dead-letter the input instead of crashing the
     agent (Faust would ack it and move on without a trace). Returns True on success."""
+    token = SOURCE.set((inbound.message.topic, inbound.message.partition)) if _EOS else None
     try:
         await handler(inbound)
     except Exception as exc:  # a bug or bad data in one event must not stop the stream
         log.exception("%s failed on %s", consumer, inbound.origin)
         await dead_letter(inbound.message, exc, consumer)
         return False
+    finally:
+        if token is not None:
+            SOURCE.reset(token)
     return True
 
 
@@ -275,5 +335,6 @@ __all__ = [
     "emit",
     "event_batches",
     "guarded",
+    "send_record",
     "watch_delivery",
 ]

@@ -37,6 +37,7 @@ from schemas.security import Verdict
 from streams.app import app, catalogue_topic, settings
 from streams.audit_chain import ChainWriter, chain_writer, last_hash
 from streams.credentials import KeychainCredentialsProvider
+from streams.eos import GATE, SOURCE
 from streams.errors import CredentialsError
 from streams.health import register_check
 from streams.observability import DECISIONS, EVENTS_IN, EVENTS_OUT
@@ -238,8 +239,9 @@ async def _publish(outcomes: list[Outcome], writer: ChainWriter) -> None:
     flushes the producer before it commits any offset. Decisions are sealed with
     the chain writer's per-partition head and lock, exactly as `ChainWriter.emit` would,
     and forwarded messages go to the same partition number as their input (the same key
-    on topics of equal partition count). Under exactly-once, Faust's transactional send
-    path is kept.
+    on topics of equal partition count). Under exactly-once each record goes into the
+    transaction that commits its input's offset, and the batch holds the commit gate from
+    here until its events are acknowledged (streams/eos.py).
     """
     if not outcomes:
         return
@@ -251,9 +253,7 @@ async def _publish(outcomes: list[Outcome], writer: ChainWriter) -> None:
         and hasattr(writer, "_locks")
     )
     if not fast:
-        for o in outcomes:
-            await writer.emit(registry.from_dict(o.decision), partition=o.partition)
-            await emit(o.topic, registry.decode(o.forwarded))
+        await _publish_in_transactions(outcomes, writer)
         return
     by_partition: dict[int, list[Outcome]] = {}
     for o in outcomes:
@@ -285,6 +285,28 @@ async def _publish(outcomes: list[Outcome], writer: ChainWriter) -> None:
     for o in outcomes:
         EVENTS_OUT.labels(o.topic).inc()
     EVENTS_OUT.labels(SECURITY_DECISIONS).inc(len(outcomes))
+
+
+async def _publish_in_transactions(outcomes: list[Outcome], writer: ChainWriter) -> None:
+    """One record at a time, each in its input partition's transaction. The gate is left
+    on return, with no await after it: `enforce_policy` then goes straight on to the acks
+    of this batch (its table updates are buffered and flushed by the commit), so no commit
+    can take these outputs without their offsets."""
+    source_topic = settings.topic(AGENT_MESSAGES)
+    eos = settings.processing_guarantee == "exactly_once"
+    if eos:
+        await GATE.enter()
+    try:
+        for o in outcomes:
+            token = SOURCE.set((source_topic, o.partition))
+            try:
+                await writer.emit(registry.from_dict(o.decision), partition=o.partition)
+                await emit(o.topic, registry.decode(o.forwarded))
+            finally:
+                SOURCE.reset(token)
+    finally:
+        if eos:
+            GATE.leave()
 
 
 #: delivery futures of the batch sent last (awaited while the next one is decided)
