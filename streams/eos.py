@@ -87,7 +87,8 @@ class CommitGate:
             opened.clear()
             try:
                 try:
-                    await asyncio.wait_for(idle.wait(), wait_s)
+                    if not idle.is_set():
+                        await asyncio.wait_for(idle.wait(), wait_s)
                 except TimeoutError:
                     yield False
                 else:
