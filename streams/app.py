@@ -24,6 +24,8 @@ from typing import Any
 import faust
 from faust.transport import by_url
 from faust.transport.consumer import CONSUMER_FETCHING
+from mode.utils.objects import cached_property
+from mode.utils.queues import FlowControlEvent
 
 from streams.logging_setup import file_handler
 from streams.settings import Settings, get_settings
@@ -47,6 +49,42 @@ class AgentStreamApp(faust.App):
         base = by_url(self.conf.broker_consumer[0])
         consumer = type("Consumer", (BatchDeliveryConsumer, base.Consumer), {})
         return type("Transport", (base,), {"Consumer": consumer})(self.conf.broker_consumer, self)
+
+    @cached_property
+    def flow_control(self) -> FlowControlEvent:
+        return RefetchingFlowControl(self, loop=self.loop)
+
+
+class RefetchingFlowControl(FlowControlEvent):
+    """Faust's flow control, except that records it drops are fetched again.
+
+    `flow_control.resume()` empties every stream queue, on every call, to drop what was
+    fetched before a rebalance. But Faust's recovery resumes flow twice: once before it
+    reads the changelogs (the fetcher starts), and again after `on_recovery_completed`
+    has resumed the stream partitions and awaited `perform_seek`. Records fetched from
+    the stream partitions in between reach an agent's queue and are wiped by the second
+    resume, while the consumer position is already past them and nothing acked them:
+    without a committed offset to seek back to, the worker neither processes nor
+    commits them (seen right after a quick restart). So the consumer is told what is
+    dropped here and seeks back to it before its next fetch.
+    """
+
+    def __init__(self, app: faust.App, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._app = app
+
+    def clear(self) -> None:
+        dropped = [
+            item.message
+            for queue in self._queues
+            for item in queue._queue
+            if getattr(item, "message", None) is not None
+        ]
+        super().clear()
+        if dropped:
+            consumer = self._app.consumer
+            if isinstance(consumer, BatchDeliveryConsumer):
+                consumer.refetch(dropped)
 
 
 #: CPython collects generation 0 every 700 allocations; an agent holding a decoded batch
@@ -88,10 +126,90 @@ class BatchDeliveryConsumer:
     four tasks and an `asyncio.wait` per record, which caps any Faust worker at roughly
     13k records/s here however cheap the agent is (see docs/bench.md). This does the
     same per-record work (read offsets, gaps, commit_every, the conductor callback) in
-    one task per batch that a rebalance (`suspend_flow`), stop or crash still cancels;
-    records left undelivered then are fetched again from the committed offset, exactly
-    as when Faust cancels a single record's delivery.
+    one task per batch that a rebalance (`suspend_flow`), stop or crash still cancels.
+
+    Faust drops fetched records in several places and counts on its next seek to the
+    committed offsets to fetch them again: `getmany` drops records of a partition paused
+    (or flow stopped, generation changed) while the fetch waited, a cancelled delivery
+    drops the rest of its batch, `flow_control.resume()` empties the stream queues. But
+    aiokafka's `seek_to_committed` does not seek a partition without a committed offset
+    (nor one at 0), so there those records were simply skipped: after a crash before
+    the first commit, the restarted worker stalled on its input. Here every such drop
+    is noted (`refetch`) and the partition is sought back to it before the next fetch.
     """
+
+    #: per partition, the lowest offset of a record dropped before any stream read it
+    _refetch_from: dict[Any, int] | None = None
+    #: bumped by every `refetch`: a batch being delivered then stops, see `deliver`
+    _refetch_epoch = 0
+
+    def refetch(self: Any, messages: list[Any]) -> None:
+        """Fetch these records again: they were dropped before a stream read them."""
+        self._refetch_offsets([(message.tp, message.offset) for message in messages])
+
+    def _refetch_offsets(self: Any, offsets: list[tuple[Any, int]]) -> None:
+        pending = self._refetch_from
+        if pending is None:
+            pending = self._refetch_from = {}
+        for tp, offset in offsets:
+            if self._is_changelog_tp(tp):
+                continue  # recovery and standbys keep their own positions
+            if tp not in pending or offset < pending[tp]:
+                pending[tp] = offset
+        self._refetch_epoch += 1
+
+    #: the records the last `_getmany` returned, to find those `getmany` then dropped
+    _last_fetch: Any = None
+
+    async def _getmany(self: Any, active_partitions: Any, timeout: float) -> Any:  # noqa: ASYNC109
+        # Faust passes its live set of active partitions, which recovery mutates while the
+        # fetch waits; aiokafka reads an EMPTY set as "every assigned partition" and hands
+        # back records of paused stream partitions. A snapshot keeps the filter.
+        if active_partitions is not None:
+            active_partitions = set(active_partitions)
+            if not active_partitions:
+                return {}
+        records = await super()._getmany(active_partitions, timeout)  # type: ignore[misc]
+        self._last_fetch = records
+        return records
+
+    def _refetch_undelivered(self: Any, fetched: Any, batch: list[tuple[Any, Any]]) -> None:
+        """`getmany` silently drops fetched records (partition paused meanwhile, flow
+        stopped, generation changed) although the consumer position has moved past them;
+        Faust counts on the next seek to committed offsets to fetch them again, which
+        does not happen for a partition without a committed offset."""
+        yielded: dict[Any, int] = {}
+        for tp, _ in batch:
+            yielded[tp] = yielded.get(tp, 0) + 1
+        self._refetch_offsets(
+            [
+                (tp, records[yielded.get(tp, 0)].offset)
+                for tp, records in fetched.items()
+                if yielded.get(tp, 0) < len(records)
+            ]
+        )
+
+    async def _seek_back_to_dropped(self: Any) -> None:
+        pending, self._refetch_from = self._refetch_from, None
+        assigned = self.assignment()
+        for tp, offset in (pending or {}).items():
+            if tp not in assigned:
+                continue  # revoked: its new owner starts from the committed offset
+            try:
+                position = await self.position(tp)
+                # Only ever backwards: a seek to the committed offset since may already
+                # have rewound further, and skipping records would lose them.
+                if position is None or offset < position:
+                    self.log.info(
+                        "fetching %s again from offset %d (was at %s): records were "
+                        "dropped from stream queues before they were read",
+                        tp,
+                        offset,
+                        position,
+                    )
+                    await self.seek(tp, offset)
+            except Exception as exc:  # a rebalance under way: it seeks to committed
+                self.log.warning("could not seek %s back to %d: %r", tp, offset, exc)
 
     async def commit(self: Any, topics: Any = None, start_new_transaction: bool = True) -> bool:
         """Under exactly_once, commit only between batches (see streams/eos.py).
@@ -153,9 +271,15 @@ class BatchDeliveryConsumer:
         acks_enabled_for = self.app.topics.acks_enabled_for
 
         async def deliver(batch: list[tuple[Any, Any]]) -> None:
+            epoch = self._refetch_epoch
             for i, (tp, message) in enumerate(batch, 1):
                 if i % 100 == 0:
                     await asyncio.sleep(0)  # let web views and timers run
+                if self._refetch_epoch != epoch:
+                    # Queues were just emptied and will be refilled from a lower offset:
+                    # delivering the rest now would deliver it twice.
+                    self.refetch([m for _, m in batch[i - 1 :]])
+                    return
                 offset = message.offset
                 r_offset = get_read_offset(tp)
                 if r_offset is None or offset >= r_offset:
@@ -165,16 +289,27 @@ class BatchDeliveryConsumer:
                     if commit_every is not None and self._n_acked >= commit_every:
                         self._n_acked = 0
                         await self.commit()
-                    await callback(message)
+                    try:
+                        await callback(message)
+                    except asyncio.CancelledError:
+                        # a rebalance (suspend_flow), stop or crash: the rest of the batch
+                        # must be fetched again
+                        self.refetch([m for _, m in batch[i - 1 :]])
+                        raise
                     set_read_offset(tp, offset)
 
         try:
             while not (self._stopped.is_set() or fetcher._stopped.is_set()):
+                if self._refetch_from:
+                    await self._seek_back_to_dropped()
                 self.diag.set_flag(CONSUMER_FETCHING)
                 ait = self.getmany(timeout=1.0)
                 await self.sleep(0)
                 if not self.should_stop:
                     batch = [item async for item in ait]
+                    fetched, self._last_fetch = self._last_fetch, None
+                    if fetched and len(batch) != sum(map(len, fetched.values())):
+                        self._refetch_undelivered(fetched, batch)
                     if batch:
                         await self.wait_first(deliver(batch), self.suspend_flow.wait())
                     self.diag.unset_flag(CONSUMER_FETCHING)

@@ -101,15 +101,19 @@ async def event_batches(stream: Any, max_batch: int, within_s: float) -> AsyncIt
     `within_s` after the first one to fill a batch; each batch is acked once the caller
     asks for the next one (or stops), like `take_events`.
 
-    Per event this keeps what Faust's stream iterator does: skip (and ack) events of a
-    stale consumer generation or while flow is suspended (rebalance), track the message
-    for commit, and call the stream sensors — but without one loop turn per event.
+    Per event this keeps what Faust's stream iterator does: skip events of a stale
+    consumer generation or while flow is suspended (rebalance), track the message for
+    commit, and call the stream sensors — but without one loop turn per event. Unlike
+    Faust, a skipped event is not acked but handed back to the consumer to be fetched
+    again: its offset in the acked set could otherwise be committed before the record
+    is processed (and with no committed offset yet, nothing would fetch it again).
     """
     app_ = stream.app
     queue = stream.channel.queue
     sensors = app_.sensors
     acking_topics = app_.topics.acking_topics
     unacked = app_.consumer.unacked
+    refetch = getattr(app_.consumer, "refetch", None)
     loop = asyncio.get_running_loop()
     started = await stream.maybe_start()
     try:
@@ -149,6 +153,9 @@ async def event_batches(stream: Any, max_batch: int, within_s: float) -> AsyncIt
                     sensors.on_message_in(msg.tp, msg.offset, msg)
                 states.append(sensors.on_stream_event_in(msg.tp, msg.offset, stream, ev))
                 events.append(ev)
+            if skipped and refetch is not None:
+                refetch([ev.message for ev in skipped])
+                skipped = []
             try:
                 if events:
                     yield events

@@ -1,0 +1,65 @@
+"""Records Faust fetched and then dropped — wiped from stream queues by
+`flow_control.resume()`, or not handed out by `getmany` — must be fetched again, not left
+behind the consumer position (with no committed offset nothing else rewinds to them).
+
+The end-to-end case (a quick restart after a crash, before any commit) is
+timing-dependent: `test_delivery_failure` runs it against the broker. These check the
+mechanism itself on the app's real flow control, queues and consumer, deterministically."""
+
+from __future__ import annotations
+
+from aiokafka import ConsumerRecord
+from faust.types import TP, Message
+
+from streams.app import RefetchingFlowControl, app
+
+TOPIC = "redelivery.agent.messages"
+
+
+def _event(partition: int, offset: int) -> object:
+    message = Message(TOPIC, partition, offset, 0.0, 0, None, None, b"v", None, generation_id=1)
+    return app.create_event(None, b"v", {}, message)
+
+
+def test_resume_hands_dropped_records_back_to_the_consumer() -> None:
+    assert isinstance(app.flow_control, RefetchingFlowControl)
+    consumer = app.consumer
+    consumer._refetch_from = None
+    epoch = consumer._refetch_epoch
+    queue = app.FlowControlQueue(maxsize=0, clear_on_resume=True)
+    other = app.FlowControlQueue(maxsize=0, clear_on_resume=True)
+    for partition, offset in [(1, 7), (1, 5), (1, 9), (0, 3)]:
+        queue.put_nowait(_event(partition, offset))
+    other.put_nowait(_event(1, 4))
+
+    app.flow_control.resume()
+
+    assert queue.empty() and other.empty()
+    # the lowest dropped offset of each partition, across all queues
+    assert consumer._refetch_from == {TP(TOPIC, 1): 4, TP(TOPIC, 0): 3}
+    # a batch being delivered stops, so its rest is not delivered twice
+    assert consumer._refetch_epoch > epoch
+
+    # nothing dropped, nothing to fetch again
+    consumer._refetch_from = None
+    epoch = consumer._refetch_epoch
+    app.flow_control.resume()
+    assert consumer._refetch_from is None and consumer._refetch_epoch == epoch
+
+
+def _record(partition: int, offset: int) -> ConsumerRecord[bytes, bytes]:
+    return ConsumerRecord(TOPIC, partition, offset, 0, 0, None, b"v", None, 0, 1, [])
+
+
+def test_records_fetched_but_not_handed_out_are_fetched_again() -> None:
+    # Faust's getmany drops what it fetched for a partition paused meanwhile (or when flow
+    # stops, or the generation changes): the consumer position is already past them.
+    consumer = app.consumer
+    consumer._refetch_from = None
+    p0, p1 = TP(TOPIC, 0), TP(TOPIC, 1)
+    fetched = {p0: [_record(0, 10), _record(0, 11)], p1: [_record(1, 3), _record(1, 4)]}
+    handed_out = [(p0, fetched[p0][0])]
+
+    consumer._refetch_undelivered(fetched, handed_out)
+
+    assert consumer._refetch_from == {p0: 11, p1: 3}
