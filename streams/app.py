@@ -164,11 +164,9 @@ class BatchDeliveryConsumer:
     async def _getmany(self: Any, active_partitions: Any, timeout: float) -> Any:  # noqa: ASYNC109
         # Faust passes its live set of active partitions, which recovery mutates while the
         # fetch waits; aiokafka reads an EMPTY set as "every assigned partition" and hands
-        # back records of paused stream partitions. A snapshot keeps the filter.
+        # back records of paused stream partitions (which getmany then drops).
         if active_partitions is not None:
-            active_partitions = set(active_partitions)
-            if not active_partitions:
-                return {}
+            active_partitions = _NeverEmpty(active_partitions)
         records = await super()._getmany(active_partitions, timeout)  # type: ignore[misc]
         self._last_fetch = records
         return records
@@ -326,6 +324,23 @@ class BatchDeliveryConsumer:
             raise
         finally:
             self.diag.unset_flag(CONSUMER_FETCHING)
+
+
+class _NeverEmpty:
+    """A live set of partitions as aiokafka's fetch filter (`if partitions and tp not in
+    partitions`): membership as the set has it when records arrive, but never falsy, so
+    that no partition becoming paused widens the filter to every partition."""
+
+    __slots__ = ("tps",)
+
+    def __init__(self, tps: Any) -> None:
+        self.tps = tps
+
+    def __bool__(self) -> bool:
+        return True
+
+    def __contains__(self, tp: object) -> bool:
+        return tp in self.tps
 
 
 def create_app(settings: Settings) -> AgentStreamApp:
