@@ -139,10 +139,14 @@ def test_server_properties_for_kraft_single_node(tmp_path: Path) -> None:
 
 
 def test_wait_ready_gives_up_on_a_closed_port() -> None:
-    (port,) = _free_ports(1)
-    began = time.monotonic()
-    assert launcher.wait_ready(f"127.0.0.1:{port}", timeout=0.5) is False
-    assert time.monotonic() - began < 5
+    # Bound but not listening: connections are refused, and no other process can take
+    # the port while the probe runs (a merely "free" port could be grabbed meanwhile).
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", 0))
+        port = blocker.getsockname()[1]
+        began = time.monotonic()
+        assert launcher.wait_ready(f"127.0.0.1:{port}", timeout=0.5) is False
+        assert time.monotonic() - began < 5
     assert launcher.status(BrokerConfig(pid_file=Path("/nonexistent/x.pid")))["running"] is False
 
 
