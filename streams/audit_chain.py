@@ -17,8 +17,11 @@ state that could be lost: the chain continues from what is actually on the broke
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -78,6 +81,13 @@ async def last_hash(bootstrap: str, topic: str, partition: int, lookback: int = 
         await consumer.stop()
 
 
+@dataclass
+class ChainHead:
+    """The hash of the newest record of one partition's chain (see `ChainWriter.head`)."""
+
+    hash: str
+
+
 class ChainWriter:
     """Seals and sends records of one chained catalogue topic, one lock per partition."""
 
@@ -90,6 +100,22 @@ class ChainWriter:
         """Forget cached heads (on rebalance another worker may have written since)."""
         self._last.clear()
 
+    @contextlib.asynccontextmanager
+    async def head(self, partition: int) -> AsyncIterator[ChainHead]:
+        """Hold `partition`'s lock with its current head. Seal and send records in order
+        inside the block, setting `head.hash` to each sealed record's hash; the last one
+        becomes the partition's head when the block exits normally."""
+        from streams.app import settings
+
+        lock = self._locks.setdefault(partition, asyncio.Lock())
+        async with lock:
+            prev = self._last.get(partition)
+            if prev is None:
+                prev = await last_hash(settings.bootstrap, settings.topic(self.topic), partition)
+            head = ChainHead(prev)
+            yield head
+            self._last[partition] = head.hash
+
     async def emit(self, event: Event[Any], partition: int) -> Event[Any]:
         from streams.app import catalogue_topic, settings
         from streams.observability import EVENTS_OUT
@@ -101,12 +127,8 @@ class ChainWriter:
         # loop, and every record queued on this partition's lock waited for that — tens
         # of ms per response with 200 LLM calls in flight (bench/stage_llm.py).
         producer = await _producer()
-        lock = self._locks.setdefault(partition, asyncio.Lock())
-        async with lock:
-            prev = self._last.get(partition)
-            if prev is None:
-                prev = await last_hash(settings.bootstrap, settings.topic(self.topic), partition)
-            sealed = seal(event, prev)
+        async with self.head(partition) as head:
+            sealed = seal(event, head.hash)
             if _EOS:
                 # in the transaction of the input being processed (streams/eos.py)
                 fut = await send_record(
@@ -122,7 +144,7 @@ class ChainWriter:
                     None,
                 )
             fut.add_done_callback(partial(_delivered, self.topic))
-            self._last[partition] = sealed.payload.hash
+            head.hash = sealed.payload.hash
             EVENTS_OUT.labels(self.topic).inc()
             return sealed
 

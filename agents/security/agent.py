@@ -35,7 +35,7 @@ from schemas import AgentMessage, Event, encode, registry, utc_now
 from schemas.errors import InvalidEvent, PipelineError
 from schemas.security import Verdict
 from streams.app import app, catalogue_topic, settings
-from streams.audit_chain import ChainWriter, chain_writer, last_hash
+from streams.audit_chain import ChainWriter, chain_writer
 from streams.credentials import KeychainCredentialsProvider
 from streams.eos import GATE, SOURCE
 from streams.errors import CredentialsError
@@ -246,12 +246,7 @@ async def _publish(outcomes: list[Outcome], writer: ChainWriter) -> None:
     if not outcomes:
         return
     producer = getattr(app.producer, "_producer", None)
-    fast = (
-        settings.processing_guarantee == "at_least_once"
-        and producer is not None
-        and hasattr(writer, "_last")
-        and hasattr(writer, "_locks")
-    )
+    fast = settings.processing_guarantee == "at_least_once" and producer is not None
     if not fast:
         await _publish_in_transactions(outcomes, writer)
         return
@@ -261,21 +256,15 @@ async def _publish(outcomes: list[Outcome], writer: ChainWriter) -> None:
     decisions_topic = settings.topic(SECURITY_DECISIONS)
     futures: list[Any] = []
     for partition, group in by_partition.items():
-        lock = writer._locks.setdefault(partition, asyncio.Lock())
-        async with lock:
-            prev = writer._last.get(partition)
-            if prev is None:
-                prev = await last_hash(settings.bootstrap, decisions_topic, partition)
+        async with writer.head(partition) as head:
             records: dict[str, list[tuple[bytes, bytes]]] = {}
-            head = prev
             decisions = records[decisions_topic] = []
             for o in group:
-                value, head = seal_record(o.decision, head)
+                value, head.hash = seal_record(o.decision, head.hash)
                 decisions.append((o.decision["payload"]["sender_id"].encode(), value))
             for o in group:
                 records.setdefault(settings.topic(o.topic), []).append((o.key, o.forwarded))
             futures += await _send_batches(producer, records, partition)
-            writer._last[partition] = head
     previous, _IN_FLIGHT[:] = list(_IN_FLIGHT), futures
     try:
         await asyncio.gather(*previous)
