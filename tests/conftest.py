@@ -16,6 +16,17 @@ REPO = Path(__file__).resolve().parent.parent
 TEST_KAFKA_PORT = int(os.environ.get("AGENTSTREAM_TEST_KAFKA_PORT", "19192"))
 
 
+@pytest.fixture(autouse=True)
+def _restore_environ() -> Iterator[None]:
+    """Some tests point this process at their namespace through AGENTSTREAM_* variables;
+    never let that leak into the next test (e.g. a leaked AGENTSTREAM_KAFKA_BOOTSTRAP
+    makes the launcher report an external cluster)."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 @pytest.fixture(scope="session")
 def kafka_bootstrap() -> Iterator[str]:
     from infra.kafka import launcher

@@ -4,7 +4,6 @@ dead-letters every bad one with its original bytes and coordinates, and keeps ru
 from __future__ import annotations
 
 import base64
-import os
 from pathlib import Path
 
 import pytest
@@ -35,7 +34,6 @@ async def test_valid_forwarded_and_bad_dead_lettered(
     settings_env: dict[str, str], tmp_path: Path
 ) -> None:
     settings = Settings.from_env(settings_env)
-    os.environ.update({k: v for k, v in settings_env.items() if k.startswith("AGENTSTREAM_")})
     env = {
         **settings_env,
         "AGENTSTREAM_AGENTS": "agents.security",

@@ -55,7 +55,7 @@ def _config(
     )
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def no_external(monkeypatch: pytest.MonkeyPatch) -> None:
     """These tests are about the launcher's own broker, whatever the shell says."""
     monkeypatch.delenv(launcher.ENV_BOOTSTRAP, raising=False)
