@@ -26,7 +26,7 @@ def cli() -> None:
 
 
 def run(coro: Coroutine[Any, Any, T]) -> T:
-    """Run a coroutine for a command; pipeline errors become a clean message + exit 2."""
+    """Run a coroutine for a command; pipeline errors become a clean message + exit 1."""
     try:
         return asyncio.run(coro)
     except PipelineError as exc:
