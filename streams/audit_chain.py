@@ -26,10 +26,11 @@ from functools import partial
 from typing import Any
 
 import orjson
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import TopicPartition
 
 from schemas import Event, encode, registry
 from schemas.errors import SchemaError
+from streams.client import group_less_consumer
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +53,7 @@ def seal(event: Event[Any], prev_hash: str) -> Event[Any]:
 
 async def last_hash(bootstrap: str, topic: str, partition: int, lookback: int = 64) -> str:
     """The `hash` of the newest sealed record in a partition (GENESIS when empty)."""
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap, enable_auto_commit=False, isolation_level="read_committed"
-    )
+    consumer = group_less_consumer(bootstrap, "chain-head")
     await consumer.start()
     try:
         tp = TopicPartition(topic, partition)

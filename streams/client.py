@@ -43,6 +43,20 @@ class Received:
     error: SchemaError | None
 
 
+def group_less_consumer(bootstrap: str, purpose: str, **options: Any) -> AIOKafkaConsumer:
+    """A consumer for reading history (replay, audit, chain heads, policy folds): it joins no
+    group and commits nothing, so it disturbs no consumer group, and it reads only committed
+    transactions."""
+    return AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        group_id=None,
+        enable_auto_commit=False,
+        isolation_level="read_committed",
+        client_id=f"agentstream-{purpose}-{uuid4().hex[:8]}",
+        **options,
+    )
+
+
 def build_event(topic: str, data: Any, *, source: str, event_type: str | None = None) -> Event[Any]:
     """A JSON object → a validated event for `topic`.
 

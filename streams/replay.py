@@ -28,13 +28,13 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
-from uuid import uuid4
 
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from schemas import Event, registry
 from schemas.errors import SchemaError
+from streams.client import group_less_consumer
 from streams.errors import BrokerError
 from streams.settings import Settings
 from streams.topics import CATALOGUE
@@ -304,12 +304,9 @@ async def replay_batches(
     hi = until_ms if until_ms is not None else 2**63
     filtered = agent is not None or type is not None or correlation_id is not None
     keep_invalid = include_invalid and not filtered
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.bootstrap,
-        group_id=None,
-        enable_auto_commit=False,
-        isolation_level="read_committed",
-        client_id=f"agentstream-replay-{uuid4().hex[:8]}",
+    consumer = group_less_consumer(
+        settings.bootstrap,
+        "replay",
         max_partition_fetch_bytes=2 * 1024 * 1024,
         fetch_max_bytes=16 * 1024 * 1024,
     )

@@ -13,13 +13,13 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from typing import Any
-from uuid import uuid4
 
 import orjson
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import TopicPartition
 
 from schemas import Event
 from schemas.errors import SchemaError
+from streams.client import group_less_consumer
 from streams.errors import BrokerError
 from streams.replay import replay
 from streams.settings import Settings
@@ -100,13 +100,7 @@ async def _read_changelog(
     settings: Settings, table: str, timeout_s: float
 ) -> dict[str, Any] | None:
     topic = changelog_topic(settings, table)
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.bootstrap,
-        group_id=None,
-        enable_auto_commit=False,
-        isolation_level="read_committed",
-        client_id=f"agentstream-rebuild-{uuid4().hex[:8]}",
-    )
+    consumer = group_less_consumer(settings.bootstrap, "rebuild")
     await consumer.start()
     try:
         parts = consumer.partitions_for_topic(topic)

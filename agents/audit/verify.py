@@ -26,7 +26,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
-from uuid import uuid4
 
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -34,6 +33,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from schemas import registry
 from schemas.errors import SchemaError
 from streams.audit_chain import GENESIS, compute_hash
+from streams.client import group_less_consumer
 from streams.replay import full_topic_names, parse_time, plan_ranges, to_ms
 from streams.settings import Settings
 from streams.topics import LLM_RESPONSES, SECURITY_DECISIONS
@@ -228,13 +228,7 @@ async def verify(
     names = full_topic_names(settings, topics)
     since_ms = to_ms(parse_time(since)) if since is not None else None
     until_ms = to_ms(parse_time(until)) if until is not None else None
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.bootstrap,
-        group_id=None,
-        enable_auto_commit=False,
-        isolation_level="read_committed",
-        client_id=f"agentstream-verify-{uuid4().hex[:8]}",
-    )
+    consumer = group_less_consumer(settings.bootstrap, "verify")
     await consumer.start()
     reports: list[PartitionReport] = []
     try:

@@ -16,7 +16,7 @@ from schemas import Event, registry
 from schemas.errors import SchemaError
 from schemas.llm import ChatMessage, LLMConfig, LLMContext, LLMRequest, LLMResponse, LLMStreamChunk
 from streams.cli import cli, run
-from streams.client import Client
+from streams.client import Client, group_less_consumer
 from streams.settings import get_settings
 from streams.topics import LLM_CHUNKS, LLM_REQUESTS, LLM_RESPONSES
 
@@ -90,15 +90,11 @@ def ask(
 
 
 async def _ask(request: LLMRequest, wait_s: float, *, quiet: bool) -> LLMResponse:
-    from aiokafka import AIOKafkaConsumer, TopicPartition
+    from aiokafka import TopicPartition
 
     settings = get_settings()
     topics = [settings.topic(LLM_CHUNKS), settings.topic(LLM_RESPONSES)]
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.bootstrap,
-        enable_auto_commit=False,
-        isolation_level="read_committed",
-    )
+    consumer = group_less_consumer(settings.bootstrap, "llm-cli")
     await consumer.start()
     try:
         await consumer._client.force_metadata_update()

@@ -16,7 +16,7 @@ from typing import Any
 import click
 import orjson
 import yaml
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer, TopicPartition
 from pydantic import ValidationError
 
 from agents.security.patterns import validate_patterns
@@ -24,6 +24,7 @@ from agents.security.store import PolicyStore
 from schemas import Event, encode
 from schemas.security import SecurityConfig, SecurityPolicy, SecurityPolicyRemoved
 from streams.cli import cli, run
+from streams.client import group_less_consumer
 from streams.settings import Settings, get_settings
 from streams.tables.security import CONFIG_KEY
 from streams.topics import SECURITY_POLICIES
@@ -127,11 +128,7 @@ async def read_policies(settings: Settings, timeout_s: float = 30.0) -> dict[str
     """The folded state of security.policies as it is on the broker now."""
     store = PolicyStore(settings)
     topic = settings.topic(SECURITY_POLICIES)
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.bootstrap,
-        enable_auto_commit=False,
-        isolation_level="read_committed",
-    )
+    consumer = group_less_consumer(settings.bootstrap, "policy-cli")
     await consumer.start()
     try:
         tp = TopicPartition(topic, 0)

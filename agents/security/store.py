@@ -19,11 +19,12 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import TopicPartition
 
 from agents.security.policy import KeyRequest, PolicySet, StaticKeys
 from schemas import registry
 from schemas.errors import SchemaError
+from streams.client import group_less_consumer
 from streams.settings import Settings
 from streams.tables.security import POLICIES, apply_policy_event
 from streams.topics import SECURITY_POLICIES
@@ -108,12 +109,8 @@ class PolicyStore:
         """Fold the topic from the beginning into a fresh state, swap it in once caught up
         with the end the topic had when we started, then follow it."""
         topic = self.settings.topic(SECURITY_POLICIES)
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.settings.bootstrap,
-            group_id=None,
-            enable_auto_commit=False,
-            isolation_level="read_committed",
-            client_id=f"{self.settings.app_id}-policy-store",
+        consumer = group_less_consumer(
+            self.settings.bootstrap, f"{self.settings.app_id}-policy-store"
         )
         await consumer.start()
         try:
