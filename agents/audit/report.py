@@ -249,6 +249,21 @@ svg .value{fill:#5b6b7c}.empty{color:#8795a4;font-style:italic}
 """
 
 
+def _token_rows(rows: Any) -> list[tuple[Any, ...]]:
+    """Token usage rows (provider, model, calls, prompt, completion, total) for a table."""
+    return [
+        (
+            r["provider"],
+            r["model"],
+            r.get("calls", 0),
+            r.get("prompt_tokens", 0),
+            r.get("completion_tokens", 0),
+            r.get("total_tokens", 0),
+        )
+        for r in rows
+    ]
+
+
 def _table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     body = "".join(
         "<tr>"
@@ -322,17 +337,7 @@ def render_html(data: dict[str, Any]) -> str:
         bar_chart("tokens", "Tokens by provider and model", token_rows),
         _table(
             ["provider", "model", "calls", "prompt tokens", "completion tokens", "total"],
-            [
-                (
-                    r["provider"],
-                    r["model"],
-                    r.get("calls", 0),
-                    r.get("prompt_tokens", 0),
-                    r.get("completion_tokens", 0),
-                    r.get("total_tokens", 0),
-                )
-                for r in data["tokens"]
-            ],
+            _token_rows(data["tokens"]),
         ),
         "<h2>Communication records</h2>",
         bar_chart("comms", "Communication records by kind, per agent", comms_rows),
@@ -355,17 +360,7 @@ def render_html(data: dict[str, Any]) -> str:
             parts.append(
                 _table(
                     ["provider", "model", "calls", "prompt", "completion", "total"],
-                    [
-                        (
-                            r["provider"],
-                            r["model"],
-                            r.get("calls", 0),
-                            r.get("prompt_tokens", 0),
-                            r.get("completion_tokens", 0),
-                            r.get("total_tokens", 0),
-                        )
-                        for r in llm["tokens"]
-                    ],
+                    _token_rows(llm["tokens"]),
                 )
             )
         if llm["by_status"]:
