@@ -234,10 +234,11 @@ def full_topic_names(settings: Settings, topics: Iterable[str]) -> list[str]:
     return out
 
 
-def heap_key(rec: ReplayRecord, source_index: int) -> tuple[int, int, int, int]:
-    """Merge order: timestamp, then partition, then offset; `source_index` (topic position)
-    breaks the tie between equal partitions of different topics."""
-    return (rec.timestamp_ms, rec.partition, source_index, rec.offset)
+def heap_key(raw: Any, source_index: int) -> tuple[int, int, int, int]:
+    """Merge order of a fetched record: timestamp, then partition, then offset;
+    `source_index` (topic position) breaks the tie between equal partitions of different
+    topics."""
+    return (raw.timestamp, raw.partition, source_index, raw.offset)
 
 
 async def replay(
@@ -336,9 +337,7 @@ async def replay_batches(
                 await _fill(consumer, needy, bufs, stop, last_pos, buffer, progress)
                 for tp in list(needy):
                     if bufs[tp]:
-                        raw = bufs[tp][0]
-                        key = (raw.timestamp, tp.partition, topic_index[tp.topic], raw.offset)
-                        heapq.heappush(heap, (key, tp))
+                        heapq.heappush(heap, (heap_key(bufs[tp][0], topic_index[tp.topic]), tp))
                         needy.discard(tp)
                     elif tp not in stop:  # finished
                         needy.discard(tp)
@@ -372,7 +371,7 @@ async def replay_batches(
                 run.append(rec)
             if buf:
                 raw = buf[0]
-                heapq.heappush(heap, ((raw.timestamp, part, ti, raw.offset), tp))
+                heapq.heappush(heap, (heap_key(raw, ti), tp))
             elif tp in stop:
                 needy.add(tp)
             if run:

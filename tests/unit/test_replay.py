@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
 
 import orjson
 import pytest
@@ -78,10 +79,13 @@ def test_json_line_embeds_the_wire_event_or_the_error() -> None:
 
 
 def test_heap_key_orders_by_timestamp_then_partition_then_offset() -> None:
-    a = ReplayRecord("t", 1, 5, 1000, None, b"", {}, None)
-    b = ReplayRecord("t", 0, 9, 1000, None, b"", {}, None)
-    c = ReplayRecord("u", 0, 1, 999, None, b"", {}, None)
+    # fetched records as the merge sees them (aiokafka ConsumerRecord fields)
+    a = SimpleNamespace(partition=1, offset=5, timestamp=1000)
+    b = SimpleNamespace(partition=0, offset=9, timestamp=1000)
+    c = SimpleNamespace(partition=0, offset=1, timestamp=999)
     assert sorted([a, b, c], key=lambda r: heap_key(r, 0)) == [c, b, a]
+    # equal timestamp and partition number on two topics: the topic's position decides
+    assert heap_key(b, 0) < heap_key(b, 1)
 
 
 def test_progress_bar() -> None:
