@@ -1,0 +1,259 @@
+"""Web views that answer for the whole cluster, not only this worker's partitions.
+
+A Faust table is split over the workers of the consumer group: each holds the partitions
+assigned to it (plus standby copies). So a view that reads its local table answers for a
+fraction of the keys. Two helpers make views cluster-wide:
+
+``key_route(table, match_info=...)`` — a view reading ONE key forwards the request to the
+worker that actively owns that key's partition (found in the assignor's metadata, the one
+Faust's ``/router/`` shows) and returns that worker's answer as is.
+
+``gather(request, local_body, table=...)`` — an aggregate view asks every other worker
+owning partitions of its table for their share (``?local=1``), with a short timeout, and
+merges; a worker that does not answer is reported (``"partial": true, "missing": [...]``)
+instead of silently dropped.
+
+Why not Faust's ``@app.table_route``: it finds a key's partition by hashing the key as the
+*changelog* serializes it (JSON, ``b'"agent-1"'``), while our tables keep every key in the
+partition of the input record it was folded from — the Kafka default partitioner (murmur2)
+on the raw key bytes, as producers of the catalogue topics use it. Hashing the JSON bytes
+picks another partition for about half the keys, so ``table_route`` would forward those to
+a worker that does not hold them. It also reads the partition count from the *producer's*
+metadata, which lacks topics that worker never produced to (faust issue #499). Here the
+partition is computed the way the records were partitioned, the count comes from the
+consumer's metadata, and forwarded requests carry ``?local=1`` so two workers with a
+different view of a rebalance in progress cannot bounce a request back and forth.
+
+Every worker must advertise a URL the others can reach: Faust's ``canonical_url``
+(``http://{web_host}:{web_port}``; ``agentstream worker --web-host NAME`` or Faust's
+``NODE_CANONICAL_URL`` when the bind address is not reachable from other hosts).
+
+Local answers cover only the partitions this worker actively owns (``owned(table)``):
+standby copies would otherwise be counted twice in a merge.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from functools import wraps
+from typing import Any, TypeVar
+
+import httpx
+from aiokafka.partitioner import murmur2
+from yarl import URL
+
+from streams.app import app, settings
+
+#: query parameter asking a worker to answer from its own partitions only (no fan-out,
+#: no forwarding)
+LOCAL_PARAM = "local"
+#: how long a worker waits for another one; a view answers within about this long even
+#: when a worker hangs
+PEER_TIMEOUT_S = 3.0
+
+V = TypeVar("V", bound=Callable[..., Awaitable[Any]])
+
+
+def is_local(request: Any) -> bool:
+    return str(request.query.get(LOCAL_PARAM, "")).lower() in ("1", "true", "yes")
+
+
+def key_partition(key: str, partitions: int) -> int:
+    """The partition Kafka's default partitioner (murmur2, like Java's) picks for `key`."""
+    return (murmur2(key.encode()) & 0x7FFFFFFF) % partitions
+
+
+def _ident(url: str | URL) -> tuple[str, int]:
+    u = URL(str(url))
+    return (u.host or "", int(u.port or 80))
+
+
+def self_url() -> str:
+    return str(app.conf.canonical_url).rstrip("/")
+
+
+def is_self(url: str) -> bool:
+    return _ident(url) == _ident(self_url())
+
+
+def changelog_topic(table: Any) -> str:
+    return str(table.changelog_topic.get_topic_name())
+
+
+def partition_count(table: Any) -> int:
+    name = changelog_topic(table)
+    try:
+        n = app.consumer.topic_partitions(name)
+    except Exception:  # consumer not started (no metadata yet)
+        n = None
+    return int(n or getattr(table, "partitions", None) or settings.topic_partitions)
+
+
+def owners(table: Any) -> dict[int, str]:
+    """Partition of `table` → URL of the worker actively owning it (assignor metadata)."""
+    name = changelog_topic(table)
+    out: dict[int, str] = {}
+    for url, topics in app.router.tables_metadata().items():
+        for p in topics.get(name, ()):
+            out[int(p)] = str(url).rstrip("/")
+    return out
+
+
+def members() -> list[str]:
+    """Every worker of the group (its advertised URL), this one included."""
+    urls = set(app.router.tables_metadata()) | set(app.router.external_topics_metadata())
+    return sorted({str(u).rstrip("/") for u in urls} | {self_url()})
+
+
+def active_partitions(table: Any) -> set[int]:
+    name = changelog_topic(table)
+    return {tp.partition for tp in app.assignor.assigned_actives() if tp.topic == name}
+
+
+def owned(table: Any) -> Callable[[str], bool]:
+    """A predicate: does this worker actively own the partition of this (raw) key?"""
+    actives = active_partitions(table)
+    n = partition_count(table)
+    return lambda key: key_partition(key, n) in actives
+
+
+def owned_partition(table: Any) -> Callable[[int], bool]:
+    """For tables whose keys carry their partition (``"<partition>|..."``)."""
+    actives = active_partitions(table)
+    return lambda p: p in actives
+
+
+def _peer_url(base: str, request: Any) -> str:
+    return base + str(request.rel_url.update_query({LOCAL_PARAM: "1"}))
+
+
+async def _fetch(http: httpx.AsyncClient, url: str) -> httpx.Response:
+    return await http.get(url)
+
+
+async def forward(view: Any, request: Any, owner: str, partition: int) -> Any:
+    """The owner's answer to this request (status and body as it gave them)."""
+    try:
+        async with httpx.AsyncClient(timeout=PEER_TIMEOUT_S) as http:
+            resp = await _fetch(http, _peer_url(owner, request))
+    except httpx.HTTPError as exc:
+        return view.json(
+            {
+                "error": f"the worker owning partition {partition} did not answer: "
+                f"{type(exc).__name__}: {exc}",
+                "worker": owner,
+                "partition": partition,
+            },
+            status=503,
+        )
+    content_type = resp.headers.get("content-type", "application/json").split(";")[0]
+    return view.bytes(resp.content, content_type=content_type, status=resp.status_code)
+
+
+async def route(view: Any, request: Any, table: Any, key: str) -> Any | None:
+    """The owner's answer when another worker owns `key`'s partition of `table`, a 503
+    when nobody does right now; None when this worker should answer itself."""
+    if is_local(request):
+        return None
+    partition = key_partition(key, partition_count(table))
+    owner = owners(table).get(partition)
+    if owner is None:
+        return view.json(
+            {
+                "error": f"no worker owns partition {partition} of {changelog_topic(table)} "
+                "right now (rebalancing?); retry",
+                "partition": partition,
+            },
+            status=503,
+        )
+    if is_self(owner):
+        return None
+    return await forward(view, request, owner, partition)
+
+
+def key_route(table: Any, *, match_info: str) -> Callable[[V], V]:
+    """Decorate a view method reading the key `request.match_info[match_info]` of `table`:
+    answered here when this worker owns the key's partition, else by its owner."""
+
+    def decorator(fun: V) -> V:
+        @wraps(fun)
+        async def handler(view: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
+            routed = await route(view, request, table, str(request.match_info[match_info]))
+            if routed is not None:
+                return routed
+            return await fun(view, request, *args, **kwargs)
+
+        return handler  # type: ignore[return-value]
+
+    return decorator
+
+
+@dataclass
+class Gathered:
+    """The answers of every worker to an aggregate view, this one's first."""
+
+    answers: list[tuple[str, Any]]
+    missing: list[dict[str, Any]] = field(default_factory=list)
+    #: partitions no worker owns right now (before the first assignment, mid-rebalance)
+    unowned: list[int] = field(default_factory=list)
+    #: members asked without a table that do not serve the view (they run other agents)
+    not_serving: list[str] = field(default_factory=list)
+
+    @property
+    def bodies(self) -> list[Any]:
+        return [body for _, body in self.answers]
+
+    @property
+    def partial(self) -> bool:
+        return bool(self.missing or self.unowned)
+
+    def meta(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "workers": [url for url, _ in self.answers],
+            "partial": self.partial,
+            "missing": self.missing,
+        }
+        if self.unowned:
+            out["unowned_partitions"] = self.unowned
+        if self.not_serving:
+            out["not_serving"] = self.not_serving
+        return out
+
+
+async def gather(request: Any, local_body: Any, table: Any | None = None) -> Gathered:
+    """This worker's answer plus every other worker's (``?local=1``).
+
+    With `table`, only the workers owning partitions of it are asked — a worker running
+    other agents does not serve the view at all; without, every member of the group, and
+    one answering 404 is noted as not serving the view rather than missing.
+    """
+    me = self_url()
+    if table is not None:
+        by_partition = owners(table)
+        peers = sorted({u for u in by_partition.values() if not is_self(u)})
+        unowned = sorted(set(range(partition_count(table))) - set(by_partition))
+    else:
+        peers = [u for u in members() if not is_self(u)]
+        unowned = []
+    result = Gathered(answers=[(me, local_body)], unowned=unowned)
+    if not peers:
+        return result
+    async with httpx.AsyncClient(timeout=PEER_TIMEOUT_S) as http:
+        replies = await asyncio.gather(
+            *(_fetch(http, _peer_url(u, request)) for u in peers), return_exceptions=True
+        )
+    for url, reply in zip(peers, replies, strict=True):
+        if isinstance(reply, BaseException):
+            result.missing.append({"worker": url, "error": f"{type(reply).__name__}: {reply}"})
+        elif reply.status_code == 404 and table is None:
+            result.not_serving.append(url)
+        elif reply.status_code != 200:
+            result.missing.append({"worker": url, "error": f"HTTP {reply.status_code}"})
+        else:
+            try:
+                result.answers.append((url, reply.json()))
+            except ValueError as exc:
+                result.missing.append({"worker": url, "error": f"not JSON: {exc}"})
+    return result

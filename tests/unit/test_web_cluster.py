@@ -1,0 +1,68 @@
+"""streams.web_cluster without a broker: which partition a key lives in, why Faust's
+table_route would look elsewhere, and how a gathered answer reports missing workers."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from aiokafka.partitioner import DefaultPartitioner
+from yarl import URL
+
+from streams.tables.monitoring import heartbeats_writer
+from streams.web_cluster import Gathered, _peer_url, is_local, key_partition
+
+
+def test_key_partition_is_the_producers_default_partitioner() -> None:
+    partitioner = DefaultPartitioner()
+    for n in (1, 2, 4, 12):
+        for key in ("agent-1", "cpu.load", "req-Ω", ""):
+            assert key_partition(key, n) == partitioner(key.encode(), list(range(n)), [])
+
+
+def test_table_route_would_hash_the_json_key_not_the_records_key() -> None:
+    # Our tables keep a key in the partition of the record it was folded from (the raw
+    # key's hash); Faust's router hashes the changelog's serialized key, which is JSON.
+    table = heartbeats_writer().table
+    serialized = table.changelog_topic.prepare_key("agent-1", None)[0]
+    assert serialized == b'"agent-1"'
+    partitioner = DefaultPartitioner()
+    misrouted = [
+        k
+        for k in (f"agent-{i}" for i in range(20))
+        if partitioner(table.changelog_topic.prepare_key(k, None)[0], [0, 1, 2, 3], [])
+        != key_partition(k, 4)
+    ]
+    assert misrouted  # table_route would send these to a worker that does not hold them
+
+
+def test_local_marker() -> None:
+    assert is_local(SimpleNamespace(query={"local": "1"}))
+    assert is_local(SimpleNamespace(query={"local": "true"}))
+    assert not is_local(SimpleNamespace(query={}))
+    assert not is_local(SimpleNamespace(query={"local": "0"}))
+
+
+def test_peer_url_keeps_path_and_query_and_asks_for_the_local_answer() -> None:
+    request = SimpleNamespace(rel_url=URL("/comms?kind=token&since=-15m"))
+    url = URL(_peer_url("http://10.0.0.2:6066", request))
+    assert (url.host, url.port, url.path) == ("10.0.0.2", 6066, "/comms")
+    assert dict(url.query) == {"kind": "token", "since": "-15m", "local": "1"}
+    escaped = SimpleNamespace(rel_url=URL("/agents/status/a%2Fb"))
+    assert _peer_url("http://h:1", escaped) == "http://h:1/agents/status/a%2Fb?local=1"
+
+
+def test_gathered_reports_what_did_not_answer() -> None:
+    whole = Gathered(answers=[("http://a:1", {}), ("http://b:1", {})])
+    assert whole.meta() == {
+        "workers": ["http://a:1", "http://b:1"],
+        "partial": False,
+        "missing": [],
+    }
+    down = Gathered(
+        answers=[("http://a:1", {})], missing=[{"worker": "http://b:1", "error": "ConnectError"}]
+    )
+    assert down.meta()["partial"] is True
+    assert down.meta()["missing"] == [{"worker": "http://b:1", "error": "ConnectError"}]
+    rebalancing = Gathered(answers=[("http://a:1", {})], unowned=[1])
+    assert rebalancing.meta()["partial"] is True
+    assert rebalancing.meta()["unowned_partitions"] == [1]
