@@ -24,6 +24,7 @@ from streams.replay import ReplayRecord, replay
 from streams.settings import Settings
 from streams.tables import TABLES, digest
 from streams.topics import PIPELINE_CHECKPOINTS
+from streams.web_cluster import gather, is_local
 
 log = logging.getLogger(__name__)
 SOURCE = "checkpointer"
@@ -96,10 +97,16 @@ def _preview() -> CheckpointWritten:
 
 @app.page("/checkpoints")
 class CheckpointsView(View):
-    """GET: this worker's current digests (nothing written); POST: write a checkpoint."""
+    """GET: this worker's current digests (nothing written), and every other worker's in
+    ``by_worker`` (``?local=1``: this worker's only); POST: this worker writes a
+    checkpoint (each worker checkpoints the tables it holds: ask each one)."""
 
     async def get(self, request: Any) -> Any:
-        return self.json(_preview().model_dump(mode="json"))
+        body = _preview().model_dump(mode="json")
+        if is_local(request):
+            return self.json(body)
+        got = await gather(request, body)
+        return self.json({**body, "by_worker": dict(got.answers), **got.meta()})
 
     async def post(self, request: Any) -> Any:
         cp = await write_checkpoint("on_demand")

@@ -1,8 +1,15 @@
-"""``GET /comms?agent=&kind=&since=&until=&limit=`` → records and per-agent counts."""
+"""``GET /comms?agent=&kind=&since=&until=&limit=`` → records and per-agent counts.
+
+Cluster-wide (see `streams.web_cluster`): with ``agent`` the worker owning that agent's
+partition answers; without, every worker's records are merged (oldest first, the newest
+`limit`) and the answer says which workers answered (``workers``, ``partial``,
+``missing``). ``?local=1`` answers from this worker's own partitions only.
+"""
 
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from faust.web import Request, Response, View
 
@@ -10,6 +17,19 @@ from agents.comms.agent import writer
 from agents.comms.tracker import COMM_KINDS, counts, query
 from streams.app import app, settings
 from streams.replay import TimeParseError, parse_time
+from streams.tables.monitoring import SEP
+from streams.web_cluster import gather, is_local, owned, route
+
+
+def _agent_of(key: str) -> str:
+    # "r␟agent␟kind␟ms␟id" and "c␟agent": both live in the partition of the agent id
+    parts = key.split(SEP, 2)
+    return parts[1] if len(parts) > 1 else key
+
+
+def owned_items() -> list[tuple[str, Any]]:
+    mine = owned(writer.table)
+    return [(k, v) for k, v in list(writer.items()) if mine(_agent_of(str(k)))]
 
 
 @app.page("/comms")
@@ -26,21 +46,43 @@ class CommsView(View):
         except (TimeParseError, ValueError) as exc:
             return self.json({"error": str(exc)}, status=400)
         agent = q.get("agent") or None
-        items = list(writer.items())
-        records = query(
-            items,
-            agent_id=agent,
-            kind=kind,
-            since=since,
-            until=until,
-            now=time.time(),
-            retention_s=settings.comms_retention_s,
-            limit=limit,
+        if agent is not None:
+            routed = await route(self, request, writer.table, agent)
+            if routed is not None:
+                return routed
+        items = owned_items()
+        body: dict[str, Any] = {
+            "records": query(
+                items,
+                agent_id=agent,
+                kind=kind,
+                since=since,
+                until=until,
+                now=time.time(),
+                retention_s=settings.comms_retention_s,
+                limit=limit,
+            ),
+            "counts": counts(items, agent_id=agent),
+            "retention_s": settings.comms_retention_s,
+        }
+        if is_local(request) or agent is not None:
+            return self.json(body)
+        got = await gather(request, body, writer.table)
+        records = sorted(
+            (r for b in got.bodies for r in b["records"]),
+            key=lambda r: (r["recorded_at"], r["agent_id"], r["record_id"]),
         )
+        merged_counts: dict[str, dict[str, int]] = {}
+        for b in got.bodies:
+            for a, per_kind in b["counts"].items():
+                mine = merged_counts.setdefault(a, {})
+                for k, n in per_kind.items():
+                    mine[k] = mine.get(k, 0) + int(n)
         return self.json(
             {
-                "records": records,
-                "counts": counts(items, agent_id=agent),
+                "records": records[-limit:] if limit and len(records) > limit else records,
+                "counts": merged_counts,
                 "retention_s": settings.comms_retention_s,
+                **got.meta(),
             }
         )

@@ -1,7 +1,9 @@
 """Web views of agent status: ``GET /agents/status`` and ``GET /agents/status/{agent_id}``.
 
-A worker answers for the agents in its table (its assigned partitions, plus standby
-copies); with several workers ask each, or read `agent.status`.
+Both answer for the whole cluster (see `streams.web_cluster`): one agent is answered by
+the worker owning its partition (forwarded there), the list merges every worker's share
+and says which workers answered (``workers``, ``partial``, ``missing``). ``?local=1``
+answers from this worker's own partitions only.
 """
 
 from __future__ import annotations
@@ -10,8 +12,9 @@ from typing import Any
 
 from faust.web import Request, Response, View
 
-from agents.heartbeat.agent import gate, monitor
+from agents.heartbeat.agent import gate, monitor, writer
 from streams.app import app
+from streams.web_cluster import gather, is_local, key_route, owned
 
 
 def get_agent_status(agent_id: str) -> dict[str, Any] | None:
@@ -20,25 +23,58 @@ def get_agent_status(agent_id: str) -> dict[str, Any] | None:
 
 
 def list_agent_status(state: str | None = None) -> list[dict[str, Any]]:
+    """Agents of the partitions this worker owns (standby copies are another's answer)."""
+    mine = owned(writer.table)
     out = []
     for agent_id in sorted(monitor.state.keys()):
+        if not mine(agent_id):
+            continue
         d = monitor.describe(agent_id)
         if d is not None and (state is None or d["status"] == state):
             out.append(d)
     return out
 
 
+def _counts(agents: list[dict[str, Any]]) -> dict[str, int]:
+    c = {"up": 0, "down": 0}
+    for d in agents:
+        if d["status"] in c:
+            c[d["status"]] += 1
+    return c
+
+
 @app.page("/agents/status")
 class AgentsStatusView(View):
     async def get(self, request: Request) -> Response:
         state = request.query.get("state") or None
-        agents = list_agent_status(state)
-        counts = monitor.counts()
-        return self.json({"deciding": gate.open, "counts": counts, "agents": agents})
+        every = list_agent_status()
+        body: dict[str, Any] = {
+            "deciding": gate.open,
+            "counts": _counts(every),
+            "agents": [d for d in every if state is None or d["status"] == state],
+        }
+        if is_local(request):
+            return self.json(body)
+        got = await gather(request, body, writer.table)
+        agents = sorted((d for b in got.bodies for d in b["agents"]), key=lambda d: d["agent_id"])
+        counts = {"up": 0, "down": 0}
+        for b in got.bodies:
+            for k in counts:
+                counts[k] += int(b["counts"].get(k, 0))
+        return self.json(
+            {
+                # one worker still catching up is enough for "not deciding everywhere"
+                "deciding": all(b["deciding"] for b in got.bodies),
+                "counts": counts,
+                "agents": agents,
+                **got.meta(),
+            }
+        )
 
 
 @app.page("/agents/status/{agent_id}")
 class AgentStatusView(View):
+    @key_route(writer.table, match_info="agent_id")
     async def get(self, request: Request, agent_id: str) -> Response:
         found = get_agent_status(agent_id)
         if found is None:

@@ -1,46 +1,103 @@
-"""Web views of the LLM stage (JSON):
+"""Web views of the LLM stage (JSON), answering for the whole cluster (see
+`streams.web_cluster`; ``?local=1`` answers from this worker's own partitions only):
 
-* ``GET /llm/breakers`` — per provider: this worker's live breaker and the last
-  transition recorded in the `llm_breakers` table.
+* ``GET /llm/breakers`` — per provider: the last transition recorded in the
+  `llm_breakers` table (by the worker owning the provider's partition) and the live
+  breaker — every worker running this stage keeps its own, so ``live`` is the most open
+  one of the workers that answered and ``live_by_worker`` has each.
 * ``GET /llm/usage`` — token totals per agent, provider and model (`llm_usage` table,
-  summed over this worker's partitions).
-* ``GET /llm/requests/{request_id}`` — in flight / answered (status) / cancelled.
+  summed over every worker's partitions).
+* ``GET /llm/requests/{request_id}`` — in flight / answered (status) / cancelled, from the
+  worker owning the request's partition.
+
+Aggregates say which workers answered: ``workers``, ``partial``, ``missing``.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from faust.web import Request, Response, View
 
 from agents.llm.runtime import runtime
 from streams.app import app
 from streams.tables import llm as tables
+from streams.web_cluster import gather, is_local, key_route, owned, owned_partition
+
+#: how open a breaker is; a merged view shows the most open one
+_SEVERITY = {"closed": 0, "half_open": 1, "open": 2}
+_CLOSED = {"state": "closed", "failures": 0}
+
+
+def _severity(live: dict[str, Any]) -> int:
+    return _SEVERITY.get(str(live.get("state")), 0)
+
+
+def _usage_partition(key: Any) -> int | None:
+    head = str(key).split("|", 1)[0]
+    return int(head) if head.isdigit() else None
 
 
 @app.page("/llm/breakers")
 class BreakersView(View):
     async def get(self, request: Request) -> Response:
         rt = runtime()
-        recorded = dict(tables.table(tables.BREAKERS.name).items())
+        table = tables.table(tables.BREAKERS.name)
+        mine = owned(table)
+        recorded = {k: v for k, v in list(table.items()) if mine(str(k))}
         names = sorted(set(rt.registry.names()) | set(rt.processor.breakers) | set(recorded))
         out = {}
         for name in names:
             live = rt.processor.breakers.get(name)
             out[name] = {
-                "live": live.snapshot() if live else {"state": "closed", "failures": 0},
+                "live": live.snapshot() if live else dict(_CLOSED),
                 "recorded": recorded.get(name),
             }
-        return self.json({"breakers": out})
+        if is_local(request):
+            return self.json({"breakers": out})
+        # every worker calling providers has live breakers of its own: ask each one that
+        # owns requests (the partitions of the LLM tables)
+        got = await gather(request, {"breakers": out}, table)
+        merged: dict[str, dict[str, Any]] = {}
+        for url, body in got.answers:
+            for name, b in body["breakers"].items():
+                m = merged.setdefault(name, {"live": None, "recorded": None, "live_by_worker": {}})
+                theirs = b.get("live") or dict(_CLOSED)
+                m["live_by_worker"][url] = theirs
+                if m["live"] is None or _severity(theirs) > _severity(m["live"]):
+                    m["live"] = theirs
+                if b.get("recorded") is not None:
+                    m["recorded"] = b["recorded"]
+        return self.json({"breakers": dict(sorted(merged.items())), **got.meta()})
 
 
 @app.page("/llm/usage")
 class UsageView(View):
     async def get(self, request: Request) -> Response:
-        items = list(tables.table(tables.USAGE.name).items())
-        return self.json(tables.summarise_usage(items))
+        table = tables.table(tables.USAGE.name)
+        mine = owned_partition(table)
+        items = [
+            (k, v)
+            for k, v in list(table.items())
+            if (p := _usage_partition(k)) is not None and mine(p)
+        ]
+        body = tables.summarise_usage(items)
+        if is_local(request):
+            return self.json(body)
+        got = await gather(request, body, table)
+        merged: dict[str, dict[str, dict[str, int]]] = {"agent": {}, "provider": {}, "model": {}}
+        for b in got.bodies:
+            for kind, names in b.items():
+                for name, totals in names.items():
+                    bucket = merged.setdefault(kind, {}).setdefault(name, {})
+                    for f, v in totals.items():
+                        bucket[f] = bucket.get(f, 0) + int(v)
+        return self.json({**merged, **got.meta()})
 
 
 @app.page("/llm/requests/{request_id}")
 class RequestView(View):
+    @key_route(tables.table(tables.RESPONSES_DONE.name), match_info="request_id")
     async def get(self, request: Request, request_id: str) -> Response:
         rt = runtime()
         return self.json(

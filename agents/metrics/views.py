@@ -1,7 +1,9 @@
 """``GET /metrics/series/{series}?since=...&until=...&label=k=v`` → the series' windows.
 
 `since`/`until` accept what `agentstream replay` does (`-15m`, ISO-8601, epoch ms, `now`);
-default: the whole retention.
+default: the whole retention. A series lives in the partition of its name (the key of
+`metrics.samples`): the worker owning it answers, whichever worker was asked (see
+`streams.web_cluster`); ``?local=1`` answers from this worker's partitions only.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from agents.metrics.agent import writer
 from agents.metrics.windows import series_between
 from streams.app import app, settings
 from streams.replay import TimeParseError, parse_time
+from streams.web_cluster import key_route
 
 
 def parse_labels(values: list[str]) -> dict[str, str]:
@@ -28,6 +31,7 @@ def parse_labels(values: list[str]) -> dict[str, str]:
 
 @app.page("/metrics/series/{series}")
 class SeriesView(View):
+    @key_route(writer.table, match_info="series")
     async def get(self, request: Request, series: str) -> Response:
         now = time.time()
         try:

@@ -1,8 +1,11 @@
 """Web views: the policies in force on this worker, and decision counts.
 
 ``GET /security/policies/``  config, policies (with versions) and records that are invalid
+                             (a global table: every worker holds all of it)
 ``GET /security/decisions/`` {verdict: {rule: count}} ("*" = all decisions of a verdict),
-                             over the agent.messages partitions this worker owns
+                             summed over every worker's agent.messages partitions (see
+                             `streams.web_cluster`: ``workers``, ``partial``, ``missing``;
+                             ``?local=1``: this worker's own partitions only)
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from typing import Any
 from agents.security.agent import COUNTS, STORE
 from streams.app import app
 from streams.tables.security import summarise_counts
+from streams.web_cluster import gather, is_local, owned_partition
 
 
 @app.page("/security/policies/")
@@ -34,6 +38,26 @@ async def policies_view(web: Any, request: Any) -> Any:
 
 @app.page("/security/decisions/")
 async def decisions_view(web: Any, request: Any) -> Any:
-    items = list(COUNTS.data.items())
-    partitions = sorted({str(k).split("|", 1)[0] for k, _ in items})
-    return web.json({"counts": summarise_counts(items), "partitions": partitions})
+    mine = owned_partition(COUNTS)
+    items = [(k, v) for k, v in list(COUNTS.data.items()) if mine(_partition(k))]
+    partitions = sorted({str(k).split("|", 1)[0] for k, _ in items}, key=_partition)
+    body = {"counts": summarise_counts(items), "partitions": partitions}
+    if is_local(request):
+        return web.json(body)
+    got = await gather(request, body, COUNTS)
+    counts: dict[str, dict[str, int]] = {}
+    for b in got.bodies:
+        for verdict, rules in b["counts"].items():
+            bucket = counts.setdefault(verdict, {})
+            for rule, n in rules.items():
+                bucket[rule] = bucket.get(rule, 0) + int(n)
+    every = sorted({p for b in got.bodies for p in b["partitions"]}, key=_partition)
+    return web.json({"counts": counts, "partitions": every, **got.meta()})
+
+
+def _partition(key: Any) -> int:
+    head = str(key).split("|", 1)[0]
+    try:
+        return int(head)
+    except ValueError:
+        return -1

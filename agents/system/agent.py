@@ -1,6 +1,7 @@
 """A timer every `system_monitoring_interval_s` publishes this worker's `SystemStats` to
-`system.stats`; ``GET /system/stats`` returns the latest one. Also attaches the rotating
-log file handler (`streams.logging_setup`) once the worker has set up logging."""
+`system.stats`; ``GET /system/stats`` returns the latest one, plus every worker's in
+``by_worker`` (``?local=1``: this worker's only; see `streams.web_cluster`). Also attaches
+the rotating log file handler (`streams.logging_setup`) once the worker has set up logging."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from streams.logging_setup import attach_file_handler, logs_dir
 from streams.processing import emit
 from streams.settings import REPO_ROOT
 from streams.topics import SYSTEM_STATS
+from streams.web_cluster import gather, is_local
 
 SOURCE = "system_monitor"
 monitor = SystemMonitor(
@@ -43,4 +45,7 @@ class SystemStatsView(View):
             latest = await asyncio.to_thread(monitor.sample)
         body: dict[str, Any] = latest.model_dump(mode="json")
         body["paths"] = monitor.describe()
-        return self.json(body)
+        if is_local(request):
+            return self.json(body)
+        got = await gather(request, body)
+        return self.json({**body, "by_worker": dict(got.answers), **got.meta()})
