@@ -6,10 +6,11 @@ whose live state the crash tests compare with a rebuild from history, whatever o
 domains' tables exist.
 
 The changelog key is the raw sender id — the same bytes as the source topic's key — and
-the table uses the producer's partitioner, so a key's changelog record lands in the same
-partition number as its source records. (With batches spanning partitions, Faust's default
-of "the current event's partition" would scatter keys over changelog partitions, and a
-worker restoring only its own partitions after a rebalance would miss them.)
+each write goes (`streams.tables.TableWriter`) to the partition of the accepted message
+being folded, so a key's changelog record lands in the same partition number as its
+source records. (With batches spanning partitions, Faust's default of "the current
+event's partition" would scatter keys over changelog partitions, and a worker restoring
+only its own partitions after a rebalance would miss them.)
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 from schemas import AgentMessage, Event
 from streams.app import app, catalogue_topic, settings
 from streams.processing import Inbound, decoded_batches, guarded
-from streams.tables import TableSpec, register
+from streams.tables import TableSpec, TableWriter, register
 from streams.topics import AGENT_MESSAGES_ACCEPTED
 
 CONSUMER = "track_accepted"
@@ -62,14 +63,15 @@ accepted_by_sender = app.Table(
     default=None,
     partitions=settings.topic_partitions,
     key_type=str,
-    use_partitioner=True,
     help=SPEC.description,
 )
-# Faust derives "json" from key_type=str; raw keys hash like the source topic's keys.
-# The changelog topic object was already built with "json" when the table registered
-# itself, and recovery decodes with the topic's serializer: build it again.
+# Faust derives "json" from key_type=str; the changelog keeps the source's raw key bytes
+# (what changelogs written before hold). The changelog topic object was already built
+# with "json" when the table registered itself, and recovery decodes with the topic's
+# serializer: build it again.
 accepted_by_sender.key_serializer = "raw"
 accepted_by_sender.changelog_topic = accepted_by_sender._new_changelog_topic()
+_writer = TableWriter(accepted_by_sender)
 
 
 @app.agent(catalogue_topic(AGENT_MESSAGES_ACCEPTED), name=CONSUMER)
@@ -80,4 +82,4 @@ async def track_accepted(stream: Any) -> None:
 
 
 async def _apply(inbound: Inbound) -> None:
-    apply_accepted(accepted_by_sender, inbound.event)
+    apply_accepted(_writer.at(inbound.message.partition), inbound.event)

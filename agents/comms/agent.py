@@ -29,5 +29,8 @@ async def track_communications(stream: Any) -> None:
 
 
 async def _fold(inbound: Inbound) -> None:
-    writer.partition = inbound.message.partition
-    fold_record(writer, inbound.event.payload, retention_s=settings.comms_retention_s)
+    fold_record(
+        writer.at(inbound.message.partition),
+        inbound.event.payload,
+        retention_s=settings.comms_retention_s,
+    )

@@ -129,7 +129,7 @@ async def track_heartbeats(stream: Any) -> None:
 async def _fold(inbound: Inbound) -> None:
     msg = inbound.message
     payload = inbound.event.payload
-    writer.partition = msg.partition
+    writer.at(msg.partition)  # the monitor folds into `writer`
     if isinstance(payload, Heartbeat):
         if msg.topic != HEARTBEATS_TOPIC:
             raise InvalidEvent(f"a heartbeat does not belong on {msg.topic}", type=Heartbeat.TYPE)

@@ -37,9 +37,8 @@ async def collect_metrics(stream: Any) -> None:
 
 async def _fold(inbound: Inbound) -> None:
     p: MetricSample = inbound.event.payload
-    writer.partition = inbound.message.partition
     fold_sample(
-        writer,
+        writer.at(inbound.message.partition),
         p.series,
         p.labels,
         p.timestamp,

@@ -42,6 +42,7 @@ from streams.errors import CredentialsError
 from streams.health import register_check
 from streams.observability import DECISIONS, EVENTS_IN, EVENTS_OUT
 from streams.processing import Inbound, dead_letter, emit, event_batches, watch_delivery
+from streams.tables import write
 from streams.tables.security import decision_counts_table, keys_for
 from streams.topics import (
     AGENT_MESSAGES,
@@ -324,12 +325,11 @@ async def _send_batches(
 
 
 def _count(counts: Counter[tuple[int, str]]) -> None:
-    """Apply a batch's counter deltas to the table: one changelog record per key."""
+    """Apply a batch's counter deltas to the table: one changelog record per key, in the
+    partition of the messages counted (the one their key names)."""
     data = COUNTS.data
     for (partition, key), delta in counts.items():
-        value = int(data.get(key, 0)) + delta
-        data[key] = value
-        COUNTS.send_changelog(partition, key, value)
+        write(COUNTS, key, int(data.get(key, 0)) + delta, partition=partition)
 
 
 # -- decoding with secrets kept out of dead letters -------------------------------------

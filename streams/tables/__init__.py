@@ -7,7 +7,10 @@ through it into a plain dict — so "rebuild from history" and "live state" cann
 apart without the digest comparison showing it.
 
 Domain modules (`streams.tables.security`, `.llm`, `.monitoring` ...) declare their Faust
-tables and register their specs here.
+tables and register their specs here. Live tables are written only through `write`,
+`delete` and `TableWriter` (`streams.tables.writer`), which send each changelog record to
+the partition of the input being folded (or one derived from the key) instead of the
+partition of Faust's "current event", which is wrong inside a batch and absent in a task.
 """
 
 from __future__ import annotations
@@ -20,6 +23,19 @@ from typing import Any
 import orjson
 
 from schemas import Event
+from streams.tables.writer import TableWriter, delete, write
+
+__all__ = [
+    "TABLES",
+    "Fold",
+    "TableSpec",
+    "TableWriter",
+    "delete",
+    "digest",
+    "rebuild",
+    "register",
+    "write",
+]
 
 Fold = Callable[[MutableMapping[str, Any], Event[Any]], None]
 

@@ -28,7 +28,7 @@ from aiokafka.partitioner import murmur2
 
 from schemas import Event
 from schemas.llm import BreakerStateChanged, LLMCancelRequested, LLMResponse
-from streams.tables import TableSpec, register
+from streams.tables import TableSpec, delete, register, write
 from streams.topics import LLM_BREAKER, LLM_CANCELLATIONS, LLM_RESPONSES
 
 USAGE_FIELDS = ("prompt_tokens", "completion_tokens", "total_tokens")
@@ -171,14 +171,22 @@ def _table_class() -> type:
 
     class KeyPartitionedTable(faust.Table):
         """A table writable from tasks outside stream iteration (the LLM calls run as
-        tasks): the changelog partition comes from the key, never the current event."""
+        tasks): ``table[key] = value`` and ``del table[key]`` go through
+        `streams.tables.write` / `delete` to the partition the key names, never the
+        current event's."""
 
-        def partition_for_key(self, key: Any) -> int | None:
+        def partition_for_key(self, key: Any) -> int:
             text = str(key)
             head, sep, _ = text.partition("|")
             if sep and head.isdigit():
                 return int(head)
             return partition_of(text, self.partitions)
+
+        def __setitem__(self, key: Any, value: Any) -> None:
+            write(self, key, value, partition=self.partition_for_key(key))
+
+        def __delitem__(self, key: Any) -> None:
+            delete(self, key, partition=self.partition_for_key(key))
 
     return KeyPartitionedTable
 

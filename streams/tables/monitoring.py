@@ -24,9 +24,9 @@ than the retention relative to the wall clock.
 counts are of the records currently retained. Retention is by event time per agent,
 like the metric windows.
 
-Writes to these Faust tables go through `PartitionedWriter`, which sends each changelog
-record to the partition of the *input record being folded*: agents fold batches
-(`take_events`), where Faust's "current event" is just the last one of the batch.
+The agents fold into these Faust tables through a `TableWriter` (`streams.tables.writer`)
+set to the partition of the *input record being folded* (``writer.at(partition)``):
+they fold batches, where Faust's "current event" is just the last one of the batch.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ import orjson
 
 from schemas import AgentStatusChanged, CommunicationRecord, Event, Heartbeat, MetricSample
 from streams.settings import get_settings
-from streams.tables import TableSpec, register
+from streams.tables import TableSpec, TableWriter, register
 from streams.topics import AGENT_HEARTBEATS, AGENT_STATUS, COMMS_RECORDS, METRICS_SAMPLES
 
 SEP = "\x1f"  # cannot occur in series names, agent ids in practice, or JSON text
@@ -394,48 +394,6 @@ COMMS = register(
 
 
 # -- the live Faust tables ---------------------------------------------------------------------
-class PartitionedWriter(MutableMapping[str, Any]):
-    """A Faust table seen as a plain mapping whose writes go to the changelog partition
-    `partition` (set it to the input record's partition before folding)."""
-
-    def __init__(self, table: Any) -> None:
-        self.table = table
-        self.partition: int | None = None
-
-    def __getitem__(self, key: str) -> Any:
-        return self.table.data[key]
-
-    def get(self, key: str, default: Any = None) -> Any:
-        return self.table.data.get(key, default)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self.table.data
-
-    def __setitem__(self, key: str, value: Any) -> None:
-        if self.partition is None:
-            raise RuntimeError("PartitionedWriter: no input partition set")
-        self.table.data[key] = value
-        self.table.send_changelog(self.partition, key, value)
-
-    def __delitem__(self, key: str) -> None:
-        if self.partition is None:
-            raise RuntimeError("PartitionedWriter: no input partition set")
-        del self.table.data[key]
-        self.table.send_changelog(self.partition, key, None, value_serializer="raw")
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.table.data)
-
-    def __len__(self) -> int:
-        return len(self.table.data)
-
-    def items(self) -> Any:
-        return self.table.data.items()
-
-    def keys(self) -> Any:
-        return self.table.data.keys()
-
-
 def _table(name: str, help_: str) -> Any:
     import faust
 
@@ -453,15 +411,15 @@ def _table(name: str, help_: str) -> Any:
 
 
 @lru_cache(maxsize=1)
-def heartbeats_writer() -> PartitionedWriter:
-    return PartitionedWriter(_table(HEARTBEATS.name, HEARTBEATS.description))
+def heartbeats_writer() -> TableWriter:
+    return TableWriter(_table(HEARTBEATS.name, HEARTBEATS.description))
 
 
 @lru_cache(maxsize=1)
-def metrics_writer() -> PartitionedWriter:
-    return PartitionedWriter(_table(METRICS.name, METRICS.description))
+def metrics_writer() -> TableWriter:
+    return TableWriter(_table(METRICS.name, METRICS.description))
 
 
 @lru_cache(maxsize=1)
-def comms_writer() -> PartitionedWriter:
-    return PartitionedWriter(_table(COMMS.name, COMMS.description))
+def comms_writer() -> TableWriter:
+    return TableWriter(_table(COMMS.name, COMMS.description))

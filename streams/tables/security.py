@@ -12,7 +12,8 @@ beginning before deciding anything, so a restart loses nothing. State layout::
 by `enforce_policy`), keyed ``"<partition>|<verdict>|<rule>"`` with rule ``*`` for the total
 of a verdict. The partition is part of the key because a Faust table's changelog is
 partitioned like its source: the same key written from two partitions would overwrite
-itself on recovery.
+itself on recovery. Each counter is written (`streams.tables.write`) to the changelog
+partition its key names, the partition of the messages it counts.
 """
 
 from __future__ import annotations

@@ -1,0 +1,94 @@
+"""Partition-correct writes to Faust tables: `write`, `delete` and the `TableWriter` mapping.
+
+Faust sends a table write's changelog record to the partition of the *current event*,
+assuming one event at a time inside stream iteration. Our agents fold batches
+(`streams.processing.decoded_batches`), where Faust's current event is just the last one
+Faust handed out, and some tables are written from tasks and timers, where there is none.
+A record in the wrong changelog partition is restored by the wrong worker after a
+rebalance, and under exactly-once it joins the transaction of another source partition.
+
+So every table write goes through `write` / `delete`: the local data is updated and the
+changelog record goes to the partition the caller names —
+
+* for a table co-partitioned with its source (same partition count, the table's entries
+  only ever written while folding records of one source partition): the partition of the
+  input record being folded. Folds take a `TableWriter` set to it with
+  ``writer.at(message.partition)``; the security counters pass it to `write` directly.
+* for a table written outside any input (the LLM tables, written by call tasks): a
+  partition derived from the key (`streams.tables.llm`'s table class routes its
+  ``table[key] = value`` through `write` that way).
+
+Writes bypass Faust's ``Table.__setitem__`` and with it Faust's own table sensors; reads
+go straight to the local data. Neither matters for the memory store these tables use.
+"""
+
+from __future__ import annotations
+
+from collections.abc import ItemsView, Iterator, KeysView, MutableMapping
+from typing import Any
+
+
+def write(table: Any, key: Any, value: Any, *, partition: int) -> None:
+    """Set `key` to `value` in the Faust table's local data and send the changelog record
+    to `partition`."""
+    table.data[key] = value
+    table.send_changelog(partition, key, value)
+
+
+def delete(table: Any, key: Any, *, partition: int) -> None:
+    """Remove `key` from the local data (KeyError when absent, like ``del``) and send its
+    tombstone to `partition`."""
+    del table.data[key]
+    # a tombstone is a null value, which the table's JSON serializer would write as "null"
+    table.send_changelog(partition, key, None, value_serializer="raw")
+
+
+class TableWriter(MutableMapping[str, Any]):
+    """A Faust table as the plain mapping a fold takes (see `streams.tables.TableSpec`):
+    reads from the local data, writes through `write` / `delete` to the changelog
+    partition of the input record being folded — set it with `at` before each fold."""
+
+    __slots__ = ("partition", "table")
+
+    def __init__(self, table: Any) -> None:
+        self.table = table
+        #: changelog partition of the writes: the input record's partition
+        self.partition: int | None = None
+
+    def at(self, partition: int) -> TableWriter:
+        """Send the following writes to `partition`; returns self, to pass to a fold."""
+        self.partition = partition
+        return self
+
+    def _target(self) -> int:
+        if self.partition is None:
+            # no silent default: a guessed partition is lost on the next rebalance
+            raise RuntimeError(f"table {self.table.name!r} written with no input partition set")
+        return self.partition
+
+    def __getitem__(self, key: str) -> Any:
+        return self.table.data[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.table.data.get(key, default)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.table.data
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        write(self.table, key, value, partition=self._target())
+
+    def __delitem__(self, key: str) -> None:
+        delete(self.table, key, partition=self._target())
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.table.data)
+
+    def __len__(self) -> int:
+        return len(self.table.data)
+
+    def items(self) -> ItemsView[str, Any]:
+        return self.table.data.items()
+
+    def keys(self) -> KeysView[str]:
+        return self.table.data.keys()
