@@ -1,15 +1,18 @@
 """Helpers for integration tests: worker subprocesses, polling with deadlines, and
-reading topics directly with aiokafka."""
+reading topics directly with aiokafka (once with read_topic, or followed for a whole test
+with Follower)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -17,9 +20,11 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from schemas import Event, registry
 from schemas.errors import SchemaError
+from streams.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
+P = TypeVar("P")
 
 
 def wait_until(pred: Callable[[], T], timeout: float, interval: float = 0.1, what: str = "") -> T:
@@ -179,3 +184,86 @@ def _decode_or_none(value: bytes) -> Event[Any] | None:
         return registry.decode(value)
     except SchemaError:
         return None
+
+
+async def cancel(task: asyncio.Task[Any] | None) -> None:
+    """Cancel a test's background task and wait until it has ended: a task still pending
+    when pytest-asyncio closes the test's loop is destroyed mid-await, with a warning and
+    without its cleanup. An exception the task died of is raised here."""
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+class Follower:
+    """Follows catalogue topics from the beginning with one consumer for the whole test,
+    decoding every record in the background, so that a test can poll what has arrived so
+    far (read_topic starts a consumer on every call: too slow to poll with).
+
+    `events(name)` and `payloads(kind)` are what arrived, in order per partition;
+    `undecodable` keeps the records that are not events, for a test that forbids them."""
+
+    def __init__(self, settings: Settings, names: Iterable[str]) -> None:
+        self.settings = settings
+        self.seen: dict[str, list[Event[Any]]] = {name: [] for name in names}
+        self.undecodable: list[Any] = []
+        self._consumer: AIOKafkaConsumer | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Follower:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def start(self, timeout: float = 30) -> Follower:
+        """Returns once every topic exists (the worker creates them) and is assigned."""
+        consumer = self._consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.settings.bootstrap, enable_auto_commit=False
+        )
+        await consumer.start()
+
+        async def partitions(topic: str) -> set[int]:
+            await consumer._client.force_metadata_update()
+            return consumer.partitions_for_topic(topic) or set()
+
+        tps = []
+        for name in self.seen:
+            topic = self.settings.topic(name)
+            parts = await await_until(functools.partial(partitions, topic), timeout, what=topic)
+            tps += [TopicPartition(topic, p) for p in sorted(parts)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        self._task = asyncio.create_task(self._poll(consumer))
+        return self
+
+    async def _poll(self, consumer: AIOKafkaConsumer) -> None:
+        names = {self.settings.topic(name): name for name in self.seen}
+        while True:
+            for tp, records in (await consumer.getmany(timeout_ms=100)).items():
+                events = self.seen[names[tp.topic]]
+                for rec in records:
+                    ev = _decode_or_none(rec.value)
+                    if ev is None:
+                        self.undecodable.append(rec)
+                    else:
+                        events.append(ev)
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        try:
+            await cancel(task)
+        finally:
+            if self._consumer is not None:
+                await self._consumer.stop()
+                self._consumer = None
+
+    def events(self, name: str) -> list[Event[Any]]:
+        return list(self.seen[name])
+
+    def payloads(self, kind: type[P]) -> list[P]:
+        """Payloads of one type from every followed topic."""
+        return [
+            ev.payload for evs in self.seen.values() for ev in evs if isinstance(ev.payload, kind)
+        ]

@@ -4,19 +4,17 @@ a worker restart, with the views and the CLI answering over HTTP."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from aiokafka import AIOKafkaConsumer
 
-from schemas import AgentStatusChanged, ComponentHealthChanged, Heartbeat, registry
+from schemas import AgentStatusChanged, ComponentHealthChanged, Heartbeat
 from streams.client import Client
 from streams.settings import Settings
-from tests.support import Worker, await_until, cli
+from tests.support import Follower, Worker, await_until, cancel, cli
 
 pytestmark = pytest.mark.integration
 
@@ -43,48 +41,7 @@ class Beater:
         self.task = asyncio.create_task(self._run())
 
     async def stop(self) -> None:
-        if self.task:
-            self.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self.task
-
-
-class Collector:
-    """Reads topics from the beginning in the background, decoding every record."""
-
-    def __init__(self, bootstrap: str, topics: list[str]) -> None:
-        self.bootstrap = bootstrap
-        self.topics = topics
-        self.events: list[Any] = []
-        self.task: asyncio.Task[None] | None = None
-
-    async def _run(self) -> None:
-        consumer = AIOKafkaConsumer(
-            *self.topics,
-            bootstrap_servers=self.bootstrap,
-            auto_offset_reset="earliest",
-            enable_auto_commit=False,
-            metadata_max_age_ms=1000,
-        )
-        await consumer.start()
-        try:
-            while True:
-                for records in (await consumer.getmany(timeout_ms=200)).values():
-                    self.events += [registry.decode(r.value).payload for r in records]
-        finally:
-            await consumer.stop()
-
-    def start(self) -> None:
-        self.task = asyncio.create_task(self._run())
-
-    async def stop(self) -> None:
-        if self.task:
-            self.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self.task
-
-    def of(self, kind: type) -> list[Any]:
-        return [e for e in self.events if isinstance(e, kind)]
+        await cancel(self.task)
 
 
 def by_agent(changes: list[AgentStatusChanged]) -> dict[str, list[tuple[Any, str]]]:
@@ -116,13 +73,10 @@ async def test_transitions_exactly_once_across_restarts(
     beater = Beater(client)
     http = httpx.AsyncClient(base_url=base, timeout=10)
 
-    collector = Collector(
-        settings.bootstrap, [settings.topic("agent.status"), settings.topic("pipeline.health")]
-    )
-    collector.start()
+    follower = Follower(settings, ["agent.status", "pipeline.health"])
 
     def statuses() -> list[AgentStatusChanged]:
-        return collector.of(AgentStatusChanged)
+        return follower.payloads(AgentStatusChanged)
 
     async def count_status(n: int) -> bool:
         return len(statuses()) >= n
@@ -132,6 +86,7 @@ async def test_transitions_exactly_once_across_restarts(
         return r.status_code == 200 and r.json()["deciding"]
 
     try:
+        await follower.start()
         beater.active = {"a", "b"}
         beater.start()
         await await_until(lambda: count_status(2), 30, 0.5, "a and b up")
@@ -197,8 +152,10 @@ async def test_transitions_exactly_once_across_restarts(
         assert reasons[1] in ("timeout", "missed_beats")
 
         # degradation of the "agents" component was published for audit
-        agent_changes = [c for c in collector.of(ComponentHealthChanged) if c.component == "agents"]
+        health = follower.payloads(ComponentHealthChanged)
+        agent_changes = [c for c in health if c.component == "agents"]
         assert any(c.current == "degraded" for c in agent_changes), agent_changes
+        assert not follower.undecodable, follower.undecodable[:3]
         assert worker.alive(), worker.tail()
 
         # quiesce (everyone silent and down, the last transition folded back), then a
@@ -223,7 +180,7 @@ async def test_transitions_exactly_once_across_restarts(
         )
     finally:
         await beater.stop()
-        await collector.stop()
+        await follower.stop()
         await http.aclose()
         await client.stop()
         worker.stop()
