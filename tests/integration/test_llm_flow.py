@@ -5,7 +5,6 @@ cancellation mid-stream and before the call, dedup on redelivery and after a cra
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import time
@@ -15,8 +14,7 @@ from typing import Any
 
 import pytest
 
-from schemas import Event, registry
-from schemas.errors import SchemaError
+from schemas import Event
 from schemas.llm import (
     BreakerStateChanged,
     ChatMessage,
@@ -31,7 +29,7 @@ from streams.audit_chain import GENESIS
 from streams.client import Client
 from streams.settings import Settings
 from tests.llm_server import LLMServer, Reply
-from tests.support import Worker, await_until, cli
+from tests.support import Follower, Worker, await_until, cli
 
 pytestmark = pytest.mark.integration
 
@@ -56,67 +54,23 @@ def view(port: str, path: str) -> Any:
         return json.loads(resp.read())
 
 
-class Topics:
-    """One consumer following the output topics for the whole test (re-reading topics
-    from the beginning on every poll costs a consumer start each time)."""
-
-    NAMES = ("llm.chunks", "llm.responses", "llm.breaker")
+class Topics(Follower):
+    """The LLM stage's output topics, followed for the whole test."""
 
     def __init__(self, settings: Settings) -> None:
-        self.s = settings
-        self.seen: dict[str, list[Event[Any]]] = {n: [] for n in self.NAMES}
-        self._task: asyncio.Task[None] | None = None
+        super().__init__(settings, ("llm.chunks", "llm.responses", "llm.breaker"))
 
-    async def start(self) -> None:
-        from aiokafka import AIOKafkaConsumer, TopicPartition
-
-        self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.s.bootstrap, enable_auto_commit=False
-        )
-        await self._consumer.start()
-        tps = []
-        for name in self.NAMES:
-            topic = self.s.topic(name)
-            parts = await await_until(lambda t=topic: self._parts(t), 30, what=topic)
-            tps += [TopicPartition(topic, p) for p in sorted(parts)]
-        self._consumer.assign(tps)
-        await self._consumer.seek_to_beginning(*tps)
-        self._task = asyncio.create_task(self._poll())
-
-    async def _parts(self, topic: str) -> Any:
-        await self._consumer._client.force_metadata_update()
-        return self._consumer.partitions_for_topic(topic)
-
-    async def _poll(self) -> None:
-        prefix = self.s.topic("")
-        while True:
-            batch = await self._consumer.getmany(timeout_ms=100)
-            for tp, records in batch.items():
-                for rec in records:
-                    with contextlib.suppress(SchemaError):
-                        self.seen[tp.topic[len(prefix) :]].append(registry.decode(rec.value))
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        await self._consumer.stop()
-
-    async def events(self, name: str) -> list[Event[Any]]:
-        return list(self.seen[name])
-
-    async def responses(self, rid: str) -> list[LLMResponse]:
+    def responses(self, rid: str) -> list[LLMResponse]:
         return [e.payload for e in self.seen["llm.responses"] if e.payload.request_id == rid]
 
     async def response(self, rid: str, timeout: float = 30) -> LLMResponse:
         async def one() -> list[LLMResponse]:
-            return await self.responses(rid)
+            return self.responses(rid)
 
         found = await await_until(one, timeout, interval=0.05, what=f"response for {rid}")
         return found[0]
 
-    async def chunks(self, rid: str) -> list[LLMStreamChunk]:
+    def chunks(self, rid: str) -> list[LLMStreamChunk]:
         return [e.payload for e in self.seen["llm.chunks"] if e.payload.request_id == rid]
 
 
@@ -165,14 +119,12 @@ async def test_llm_stage_end_to_end(settings_env: dict[str, str], tmp_path: Path
         assert r.usage is not None and r.usage.total_tokens == 12 and not r.usage.estimated
         assert [a.outcome for a in r.attempts] == ["ok"]
         assert r.hash and r.prev_hash == GENESIS
-        chunks = await topics.chunks("s1")
+        chunks = topics.chunks("s1")
         # the five words arrive at once: coalesced into fewer events, same text, in order
         assert 1 <= len(chunks) <= 5 and r.chunks == len(chunks)
         assert [c.sequence for c in chunks] == list(range(len(chunks)))
         assert "".join(c.delta for c in chunks) == r.content
-        resp_events = [
-            e for e in await topics.events("llm.responses") if e.payload.request_id == "s1"
-        ]
+        resp_events = [e for e in topics.events("llm.responses") if e.payload.request_id == "s1"]
         assert resp_events[0].causation_id == str(s1.event_id)
 
         # -- non-streaming: only the final response; ollama; local; missing usage -------------
@@ -185,7 +137,7 @@ async def test_llm_stage_end_to_end(settings_env: dict[str, str], tmp_path: Path
         await client.publish("llm.requests", req("l1", "local"))
         l1 = await topics.response("l1")
         assert l1.status == "completed" and l1.provider == "local" and l1.content
-        assert not await topics.chunks("n1")
+        assert not topics.chunks("n1")
 
         # -- retries: 429 honours Retry-After, 500 backs off, 400 fails at once --------------
         server.script(
@@ -224,7 +176,7 @@ async def test_llm_stage_end_to_end(settings_env: dict[str, str], tmp_path: Path
         await client.publish("llm.requests", req("c1"))
 
         async def two_words() -> bool:
-            return "".join(c.delta for c in await topics.chunks("c1")) == "alpha beta"
+            return "".join(c.delta for c in topics.chunks("c1")) == "alpha beta"
 
         await await_until(two_words, 20, what="first chunks of c1")
         aborted_before = server.aborted
@@ -260,7 +212,7 @@ async def test_llm_stage_end_to_end(settings_env: dict[str, str], tmp_path: Path
             20,
             what="redelivered s1 deduplicated",
         )
-        assert len(await topics.responses("s1")) == 1 and seen_for(server, "s1") == 1
+        assert len(topics.responses("s1")) == 1 and seen_for(server, "s1") == 1
 
         # -- breaker: opens after 3 failures, fails fast, half-opens, closes ------------------
         server.script(*[Reply(kind="status", status=503) for _ in range(3)])
@@ -283,8 +235,9 @@ async def test_llm_stage_end_to_end(settings_env: dict[str, str], tmp_path: Path
         assert (await topics.response("b3")).status == "completed"
 
         async def transitions() -> list[tuple[str, str]]:
-            evs = [e.payload for e in await topics.events("llm.breaker")]
-            pairs = [(p.previous, p.current) for p in evs if isinstance(p, BreakerStateChanged)]
+            pairs: list[tuple[str, str]] = [
+                (p.previous, p.current) for p in topics.payloads(BreakerStateChanged)
+            ]
             return pairs if len(pairs) >= 3 else []
 
         assert await await_until(transitions, 20, what="breaker transitions") == [
@@ -343,7 +296,7 @@ async def test_llm_stage_end_to_end(settings_env: dict[str, str], tmp_path: Path
         assert k1.status == "completed" and seen_for(server, "k1") == 2
         # requests answered before the crash are not called again, whether replayed or not
         for rid in ("s1", "r1", "b3"):
-            assert len(await topics.responses(rid)) == 1, rid
+            assert len(topics.responses(rid)) == 1, rid
         assert seen_for(server, "s1") == 1
         assert worker.alive(), worker.tail()
     finally:
