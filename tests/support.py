@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import inspect
 import os
 import signal
 import subprocess
@@ -14,7 +15,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
@@ -38,12 +39,26 @@ def wait_until(pred: Callable[[], T], timeout: float, interval: float = 0.1, wha
         time.sleep(interval)
 
 
+@overload
 async def await_until(
-    pred: Callable[[], Awaitable[T]], timeout: float, interval: float = 0.2, what: str = ""
-) -> T:
+    pred: Callable[[], Awaitable[T]], timeout: float, interval: float = ..., what: str = ...
+) -> T: ...
+@overload
+async def await_until(
+    pred: Callable[[], T], timeout: float, interval: float = ..., what: str = ...
+) -> T: ...
+async def await_until(
+    pred: Callable[[], Any], timeout: float, interval: float = 0.2, what: str = ""
+) -> Any:
+    """Poll `pred` until it returns something truthy, and return that. `pred` may be a
+    coroutine function or a plain one: a plain one reads state that something else updates
+    meanwhile (a Follower's task, a server thread), and unlike wait_until this keeps the
+    event loop running between polls."""
     deadline = time.monotonic() + timeout
     while True:
-        value = await pred()
+        value = pred()
+        if inspect.isawaitable(value):
+            value = await value
         if value:
             return value
         if time.monotonic() > deadline:

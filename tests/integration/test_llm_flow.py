@@ -64,10 +64,9 @@ class Topics(Follower):
         return [e.payload for e in self.seen["llm.responses"] if e.payload.request_id == rid]
 
     async def response(self, rid: str, timeout: float = 30) -> LLMResponse:
-        async def one() -> list[LLMResponse]:
-            return self.responses(rid)
-
-        found = await await_until(one, timeout, interval=0.05, what=f"response for {rid}")
+        found = await await_until(
+            lambda: self.responses(rid), timeout, interval=0.05, what=f"response for {rid}"
+        )
         return found[0]
 
     def chunks(self, rid: str) -> list[LLMStreamChunk]:
@@ -196,7 +195,7 @@ async def test_llm_stage_end_to_end(settings_env: dict[str, str], tmp_path: Path
             "llm.cancellations", Event.of(LLMCancelRequested(request_id="c2"), source="test")
         )
         await await_until(
-            lambda: _async(view(port, "/llm/requests/c2")["cancelled"]),
+            lambda: view(port, "/llm/requests/c2")["cancelled"],
             20,
             what="c2 cancellation recorded",
         )
@@ -208,7 +207,7 @@ async def test_llm_stage_end_to_end(settings_env: dict[str, str], tmp_path: Path
         before = view(port, "/llm/requests/s1")["deduplicated_total"]
         await client.publish("llm.requests", s1)
         await await_until(
-            lambda: _async(view(port, "/llm/requests/s1")["deduplicated_total"] > before),
+            lambda: view(port, "/llm/requests/s1")["deduplicated_total"] > before,
             20,
             what="redelivered s1 deduplicated",
         )
@@ -225,9 +224,7 @@ async def test_llm_stage_end_to_end(settings_env: dict[str, str], tmp_path: Path
         assert b2.error is not None and b2.error.error_class == "CircuitOpen"
         assert seen_for(server, "b2") == 0
         await await_until(
-            lambda: _async(
-                view(port, "/llm/breakers")["breakers"]["loop"]["live"]["retry_in_s"] == 0
-            ),
+            lambda: view(port, "/llm/breakers")["breakers"]["loop"]["live"]["retry_in_s"] == 0,
             10,
             what="breaker reset timeout",
         )
@@ -261,7 +258,7 @@ async def test_llm_stage_end_to_end(settings_env: dict[str, str], tmp_path: Path
         for rid in ("p1", "p2", "p3"):
             await client.publish("llm.requests", req(rid, "slow"))
         await await_until(
-            lambda: _async(seen_for(server, "p1") == 1 and seen_for(server, "p2") == 1),
+            lambda: seen_for(server, "p1") == 1 and seen_for(server, "p2") == 1,
             20,
             what="p1 and p2 in flight together",
         )
@@ -289,7 +286,7 @@ async def test_llm_stage_end_to_end(settings_env: dict[str, str], tmp_path: Path
         # then waits out the dead member's session timeout, too slow for this suite) --------
         server.script(Reply(kind="hang", after=1))
         await client.publish("llm.requests", req("k1"))
-        await await_until(lambda: _async(seen_for(server, "k1") == 1), 20, what="k1 in flight")
+        await await_until(lambda: seen_for(server, "k1") == 1, 20, what="k1 in flight")
         worker.stop()
         worker.start()
         k1 = await topics.response("k1", timeout=60)
@@ -304,7 +301,3 @@ async def test_llm_stage_end_to_end(settings_env: dict[str, str], tmp_path: Path
         await client.stop()
         worker.stop()
         server.stop()
-
-
-async def _async(value: Any) -> Any:
-    return value

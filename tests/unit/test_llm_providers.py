@@ -25,6 +25,7 @@ from streams.errors import (
 )
 from streams.settings import Settings, SettingsError
 from tests.llm_server import LLMServer, Reply
+from tests.support import await_until
 
 CTX = LLMContext(
     messages=[ChatMessage(role="user", content="Say hello")], system_prompt="Be brief."
@@ -181,9 +182,7 @@ async def test_cancelling_the_consumer_aborts_the_http_stream(server: LLMServer)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    deadline = time.monotonic() + 1.0
-    while server.aborted < 1 and time.monotonic() < deadline:
-        await asyncio.sleep(0.02)
+    await await_until(lambda: server.aborted >= 1, 1.0, 0.02, "the server to see the abort")
     await p.aclose()
     assert server.aborted == 1
 
