@@ -76,6 +76,23 @@ class Settings(BaseModel):
     batch_within_s: float = Field(
         default=0.02, gt=0, description="Max seconds an agent waits to fill a batch."
     )
+    producer_linger_ms: float = Field(
+        default=5.0,
+        ge=0,
+        le=1000,
+        description="How long the producer waits to fill a batch before sending (Kafka's "
+        "linger.ms): throughput against latency. Every hop through the broker can wait this "
+        "long; LLM-serving workers are latency-bound and do better with 0-1.",
+    )
+    consumer_fetch_max_wait_ms: int = Field(
+        default=100,
+        ge=1,
+        le=10_000,
+        description="Longest a fetch waits at the broker for new records (Kafka's "
+        "fetch.max.wait.ms). aiokafka keeps one fetch per broker in flight, so a partition "
+        "left out of it waits up to this long for its next records; Faust's own 1500 made "
+        "LLM requests wait up to 1.5 s.",
+    )
     max_event_bytes: int = Field(
         default=1_000_000, ge=1024, description="Events larger than this are dead-lettered."
     )

@@ -1,0 +1,52 @@
+"""The Kafka clients a worker builds carry our settings, not Faust's hard-coded ones.
+
+Faust creates the worker's aiokafka consumer with fetch.max.wait.ms = 1500; with one
+fetch per broker in flight that let LLM requests wait up to 1.5 s (see
+`streams.app.FetchWaitConsumerThread`). These build the clients (never started) from an
+app made by `create_app`, as a worker would.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from streams.app import create_app
+from streams.settings import Settings
+
+
+def _settings(tmp_path: Path, **env: str) -> Settings:
+    return Settings.from_env(
+        {
+            "AGENTSTREAM_KAFKA_BOOTSTRAP": "127.0.0.1:1",
+            "AGENTSTREAM_DATA_DIR": str(tmp_path),
+            "AGENTSTREAM_APP_ID": "unit-clients",
+            **env,
+        }
+    )
+
+
+async def test_worker_consumer_uses_the_configured_fetch_wait(tmp_path: Path) -> None:
+    app = create_app(_settings(tmp_path, AGENTSTREAM_CONSUMER_FETCH_MAX_WAIT_MS="37"))
+    consumer = app.consumer._thread._create_worker_consumer(app.transport)
+    try:
+        assert consumer._fetch_max_wait_ms == 37
+        # everything else still comes from Faust (group, offsets, assignor)
+        assert consumer._group_id == "unit-clients"
+        assert consumer._enable_auto_commit is False
+    finally:
+        await consumer.stop()
+
+
+async def test_default_fetch_wait_is_latency_friendly(tmp_path: Path) -> None:
+    app = create_app(_settings(tmp_path))
+    consumer = app.consumer._thread._create_worker_consumer(app.transport)
+    try:
+        assert consumer._fetch_max_wait_ms == Settings().consumer_fetch_max_wait_ms == 100
+    finally:
+        await consumer.stop()
+
+
+def test_producer_linger_is_configurable(tmp_path: Path) -> None:
+    assert create_app(_settings(tmp_path)).conf.producer_linger == 0.005
+    app = create_app(_settings(tmp_path, AGENTSTREAM_PRODUCER_LINGER_MS="0"))
+    assert app.conf.producer_linger == 0
