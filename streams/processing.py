@@ -35,6 +35,24 @@ from streams.topics import PIPELINE_DEADLETTER
 log = logging.getLogger(__name__)
 
 
+#: turns a dead letter's original bytes into what it may carry (secrets blanked)
+Redactor = Callable[[bytes], bytes]
+
+#: consumer name → its redactor (`redact_dead_letters`)
+_REDACTORS: dict[str, Redactor] = {}
+
+
+def redact_dead_letters(consumer: str, redact: Redactor) -> None:
+    """Have every dead letter of `consumer` carry ``redact(original bytes)`` instead of the
+    original bytes, for consumers whose input holds secrets (access tokens).
+
+    Per consumer rather than per call, so that no path can forget it: records that do
+    not decode (`decoded_batches`), handlers that raise (`guarded`) and direct
+    `dead_letter` calls are all redacted alike. The coordinates (topic, partition,
+    offset) still point at the original record."""
+    _REDACTORS[consumer] = redact
+
+
 @dataclass(slots=True)
 class Inbound:
     """A decoded event together with where it came from."""
@@ -176,29 +194,10 @@ async def event_batches(stream: Any, max_batch: int, within_s: float) -> AsyncIt
 
 
 async def dead_letter(message: Any, exc: BaseException, consumer: str) -> None:
-    """Publish a DeadLetter carrying the original bytes and the record's coordinates."""
-    raw = message.value if isinstance(message.value, bytes | bytearray) else b""
-    if message.value is not None and not isinstance(message.value, bytes | bytearray):
-        raw = str(message.value).encode()
-    cap = settings.deadletter_max_original_bytes
-    truncated = len(raw) > cap
-    key = message.key if isinstance(message.key, bytes | bytearray) else None
-    error_class = type(exc).__name__
-    retriable = bool(getattr(exc, "retriable", False))
-    letter = DeadLetter(
-        original_b64=base64.b64encode(raw[:cap]).decode(),
-        original_size=len(raw),
-        original_truncated=truncated,
-        key_b64=base64.b64encode(key).decode() if key is not None else None,
-        topic=message.topic,
-        partition=message.partition,
-        offset=message.offset,
-        timestamp_ms=int(message.timestamp * 1000) if message.timestamp else None,
-        error_class=error_class,
-        error_message=str(exc)[:8192] or error_class,
-        consumer=consumer,
-        retriable=retriable,
-    )
+    """Publish a DeadLetter carrying the original bytes (redacted if the consumer asked
+    for it, see `redact_dead_letters`) and the record's coordinates."""
+    letter = dead_letter_of(message, exc, consumer)
+    error_class = letter.error_class
     DEAD_LETTERS.labels(message.topic, consumer, error_class).inc()
     log.warning(
         "dead-lettered %s:%s:%s (%s) in %s: %s",
@@ -218,6 +217,46 @@ async def dead_letter(message: Any, exc: BaseException, consumer: str) -> None:
             SOURCE.reset(token)
         return
     await emit(PIPELINE_DEADLETTER, Event.of(letter, source=consumer))
+
+
+def dead_letter_of(message: Any, exc: BaseException, consumer: str) -> DeadLetter:
+    """The DeadLetter `dead_letter` publishes for `message` (a Faust message or anything
+    with its topic, partition, offset, key, value and timestamp)."""
+    value = message.value
+    if isinstance(value, bytes | bytearray):
+        raw = bytes(value)
+    else:
+        raw = str(value).encode() if value is not None else b""
+    withheld = False
+    redact = _REDACTORS.get(consumer)
+    if redact is not None:
+        try:
+            raw = bytes(redact(raw))
+        except Exception:
+            # no bytes rather than possibly a secret; the coordinates still lead to them
+            log.exception("%s: redacting a dead letter failed, its bytes are left out", consumer)
+            withheld = True
+    size = len(raw)
+    cap = settings.deadletter_max_original_bytes
+    truncated = withheld or size > cap
+    if withheld:
+        raw = b""
+    key = message.key if isinstance(message.key, bytes | bytearray) else None
+    error_class = type(exc).__name__
+    return DeadLetter(
+        original_b64=base64.b64encode(raw[:cap]).decode(),
+        original_size=size,
+        original_truncated=truncated,
+        key_b64=base64.b64encode(key).decode() if key is not None else None,
+        topic=message.topic,
+        partition=message.partition,
+        offset=message.offset,
+        timestamp_ms=int(message.timestamp * 1000) if message.timestamp else None,
+        error_class=error_class,
+        error_message=str(exc)[:8192] or error_class,
+        consumer=consumer,
+        retriable=bool(getattr(exc, "retriable", False)),
+    )
 
 
 async def emit(topic: str, event: Event[Any], *, key: str | None = None) -> None:
@@ -338,10 +377,12 @@ __all__ = [
     "Inbound",
     "app",
     "dead_letter",
+    "dead_letter_of",
     "decoded_batches",
     "emit",
     "event_batches",
     "guarded",
+    "redact_dead_letters",
     "send_record",
     "watch_delivery",
 ]

@@ -4,7 +4,8 @@ and every decoded one leaves exactly one hash-chained `PolicyDecision`.
 Per batch: take the policy set in force (an immutable snapshot), fetch the keys the batch
 needs from the keychain (cached), then decide each message with the pure evaluator in
 `agents.security.policy`. Access tokens never leave this agent: forwarded messages carry
-a redacted proof, and dead letters of this topic get the token field blanked.
+a redacted proof, and every dead letter of this consumer gets the token field blanked
+(`redact_dead_letters`, applied by the shared `streams.processing` path).
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,16 +32,22 @@ from agents.security.policy import (
 )
 from agents.security.store import KeyCache, PolicyStore
 from schemas import AgentMessage, Event, encode, registry, utc_now
-from schemas.errors import InvalidEvent, PipelineError
 from schemas.security import Verdict
 from streams.app import app, catalogue_topic, settings
 from streams.audit_chain import ChainWriter, chain_writer
 from streams.credentials import KeychainCredentialsProvider
-from streams.eos import GATE, SOURCE
+from streams.eos import SOURCE
 from streams.errors import CredentialsError
 from streams.health import register_check
-from streams.observability import DECISIONS, EVENTS_IN, EVENTS_OUT
-from streams.processing import Inbound, dead_letter, emit, event_batches, watch_delivery
+from streams.observability import DECISIONS, EVENTS_OUT
+from streams.processing import (
+    Inbound,
+    dead_letter,
+    decoded_batches,
+    emit,
+    redact_dead_letters,
+    watch_delivery,
+)
 from streams.tables import write
 from streams.tables.security import decision_counts_table, keys_for
 from streams.topics import (
@@ -57,6 +63,9 @@ CONSUMER = "enforce_policy"
 
 STORE = PolicyStore(settings)
 COUNTS = decision_counts_table()
+# whatever path dead-letters a message (undecodable, misplaced, a bug in deciding it),
+# an access token in it must not travel on to pipeline.deadletter
+redact_dead_letters(CONSUMER, redact_raw)
 
 
 class _Keychain:
@@ -138,7 +147,7 @@ register_check("security.policies", _policies_health)
 async def enforce_policy(stream: Any) -> None:
     await STORE.ready.wait()
     writer = chain_writer(SECURITY_DECISIONS)
-    async for batch in _decoded_batches(stream):
+    async for batch in decoded_batches(stream, consumer=CONSUMER, accept=[AgentMessage.TYPE]):
         policies = STORE.policy_set
         needed: set[KeyRequest] = set()
         for inbound in batch:
@@ -150,7 +159,7 @@ async def enforce_policy(stream: Any) -> None:
                 outcomes.append(decide(inbound, policies, keys))
             except Exception as exc:  # a bug on one message must not stop the stream
                 log.exception("%s failed on %s", CONSUMER, inbound.origin)
-                await dead_letter(_Redacted.of(inbound.message), exc, CONSUMER)
+                await dead_letter(inbound.message, exc, CONSUMER)
         await _publish(outcomes, writer)
         counts: Counter[tuple[int, str]] = Counter()
         verdicts: Counter[str] = Counter()
@@ -242,7 +251,7 @@ async def _publish(outcomes: list[Outcome], writer: ChainWriter) -> None:
     and forwarded messages go to the same partition number as their input (the same key
     on topics of equal partition count). Under exactly-once each record goes into the
     transaction that commits its input's offset, and the batch holds the commit gate from
-    here until its events are acknowledged (streams/eos.py).
+    its decoding until its events are acknowledged (`decoded_batches`, streams/eos.py).
     """
     if not outcomes:
         return
@@ -278,25 +287,18 @@ async def _publish(outcomes: list[Outcome], writer: ChainWriter) -> None:
 
 
 async def _publish_in_transactions(outcomes: list[Outcome], writer: ChainWriter) -> None:
-    """One record at a time, each in its input partition's transaction. The gate is left
-    on return, with no await after it: `enforce_policy` then goes straight on to the acks
-    of this batch (its table updates are buffered and flushed by the commit), so no commit
-    can take these outputs without their offsets."""
+    """One record at a time, each in its input partition's transaction. The batch holds
+    the commit gate from its decoding (`decoded_batches`) until its events are acked, so
+    no commit can take these outputs, its dead letters or its table updates (buffered,
+    flushed by the commit) without their offsets."""
     source_topic = settings.topic(AGENT_MESSAGES)
-    eos = settings.processing_guarantee == "exactly_once"
-    if eos:
-        await GATE.enter()
-    try:
-        for o in outcomes:
-            token = SOURCE.set((source_topic, o.partition))
-            try:
-                await writer.emit(registry.from_dict(o.decision), partition=o.partition)
-                await emit(o.topic, registry.decode(o.forwarded))
-            finally:
-                SOURCE.reset(token)
-    finally:
-        if eos:
-            GATE.leave()
+    for o in outcomes:
+        token = SOURCE.set((source_topic, o.partition))
+        try:
+            await writer.emit(registry.from_dict(o.decision), partition=o.partition)
+            await emit(o.topic, registry.decode(o.forwarded))
+        finally:
+            SOURCE.reset(token)
 
 
 #: delivery futures of the batch sent last (awaited while the next one is decided)
@@ -330,50 +332,3 @@ def _count(counts: Counter[tuple[int, str]]) -> None:
     data = COUNTS.data
     for (partition, key), delta in counts.items():
         write(COUNTS, key, int(data.get(key, 0)) + delta, partition=partition)
-
-
-# -- decoding with secrets kept out of dead letters -------------------------------------
-@dataclass(frozen=True, slots=True)
-class _Redacted:
-    """A record whose value has access tokens blanked, for `dead_letter` (the source
-    offset still points at the original record)."""
-
-    topic: str
-    partition: int
-    offset: int
-    key: Any
-    value: Any
-    timestamp: Any
-
-    @classmethod
-    def of(cls, message: Any) -> Any:
-        value = message.value
-        if isinstance(value, bytes | bytearray):
-            value = redact_raw(bytes(value))
-        return cls(
-            message.topic, message.partition, message.offset, message.key, value, message.timestamp
-        )
-
-
-async def _decoded_batches(stream: Any) -> AsyncIterator[list[Inbound]]:
-    """`streams.processing.decoded_batches`, except that dead letters are redacted."""
-    limit = settings.max_event_bytes
-    async for events in event_batches(stream, settings.batch_max, settings.batch_within_s):
-        good: list[Inbound] = []
-        for ev in events:
-            msg = ev.message
-            try:
-                decoded = registry.decode(ev.value, max_bytes=limit)
-                if decoded.type != AgentMessage.TYPE:
-                    raise InvalidEvent(
-                        f"event type {decoded.type!r} does not belong on {msg.topic}",
-                        type=decoded.type,
-                    )
-            except PipelineError as exc:
-                await dead_letter(_Redacted.of(msg), exc, CONSUMER)
-                continue
-            good.append(Inbound(decoded, msg))
-        if events:
-            EVENTS_IN.labels(events[0].message.topic, CONSUMER).inc(len(events))
-        if good:
-            yield good

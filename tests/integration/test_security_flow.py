@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from agents.security.crypto import encrypt_content, new_key, sign_message
+from agents.security.policy import redact_raw
 from schemas import AgentMessage, Event, encode
 from schemas.messages import AuthProof
 from streams.audit_chain import GENESIS, compute_hash
@@ -170,10 +171,12 @@ async def test_policies_enforced_live_and_secrets_never_leave(
         invalid = Event.of(by_token.model_copy(update={"message_id": "c-invalid"}), source="t")
         invalid_raw = encode(invalid).replace(b'"recipient_id":"bob",', b"")  # schema error
         truncated = encode(invalid)[: encode(invalid).index(token.encode()) + 10]
+        bad_sent: list[tuple[bytes, int, int]] = []
         async with Client(settings) as client:
             for raw in (invalid_raw, truncated):  # dead letters must not carry the token
                 assert token.encode() in raw[:-1] or token[:6].encode() in raw
-                await client.publish_raw("agent.messages", raw, key=b"signer")
+                md = await client.publish_raw("agent.messages", raw, key=b"signer")
+                bad_sent.append((raw, md.partition, md.offset))
             for mid, (msg, _) in cases.items():
                 sent[mid] = Event.of(msg, source="test")
                 await client.publish("agent.messages", sent[mid])
@@ -221,6 +224,16 @@ async def test_policies_enforced_live_and_secrets_never_leave(
             "InvalidEvent",
             "UndecodableEvent",
         ]
+        # each carries its record's bytes with the token blanked (the output topics are
+        # searched for secrets below, but a dead letter holds its bytes base64-encoded)
+        by_coord = {(ev.payload.partition, ev.payload.offset): ev.payload for _, ev in letters}
+        for raw, partition, offset in bad_sent:
+            letter = by_coord[(partition, offset)]
+            assert letter.topic == settings.topic("agent.messages")
+            assert letter.consumer == "enforce_policy" and letter.error_message
+            kept = base64.b64decode(letter.original_b64)
+            assert kept == redact_raw(raw) and letter.original_size == len(kept)
+            assert token[:8].encode() not in kept and b'"token":"[REDACTED]"' in kept
         assert {ev.payload.message_id for _, ev in accepted} == want_ok
         by_mid = {ev.payload.message_id: ev for _, ev in rejected}
         assert set(by_mid) == set(cases) - want_ok

@@ -1,0 +1,108 @@
+"""What a dead letter carries (`streams.processing.dead_letter_of`), and the per-consumer
+redaction hook (`redact_dead_letters`) — no Kafka: the letter is built, not sent."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from schemas.errors import InvalidEvent, UndecodableEvent
+from streams import processing
+from streams.processing import dead_letter_of, redact_dead_letters
+from streams.settings import get_settings
+
+TOKEN_RECORD = b'{"type":"agent.message","payload":{"auth":{"token":"tok-secret","user_id":7}'
+
+
+@dataclass
+class Record:
+    """The fields of a Faust message a dead letter reads."""
+
+    value: Any
+    topic: str = "ns.agent.messages"
+    partition: int = 3
+    offset: int = 41
+    key: Any = b"sender-1"
+    timestamp: float | None = 1_700_000_000.5
+
+
+@pytest.fixture
+def consumer() -> Iterator[str]:
+    """A consumer name of this test only; its redactor is removed afterwards."""
+    name = "test-consumer"
+    yield name
+    processing._REDACTORS.pop(name, None)
+
+
+def original(letter: Any) -> bytes:
+    return base64.b64decode(letter.original_b64)
+
+
+def test_letter_carries_original_bytes_and_coordinates(consumer: str) -> None:
+    letter = dead_letter_of(Record(TOKEN_RECORD), UndecodableEvent("truncated"), consumer)
+    assert original(letter) == TOKEN_RECORD and letter.original_size == len(TOKEN_RECORD)
+    assert not letter.original_truncated
+    assert (letter.topic, letter.partition, letter.offset) == ("ns.agent.messages", 3, 41)
+    assert base64.b64decode(letter.key_b64 or "") == b"sender-1"
+    assert letter.timestamp_ms == 1_700_000_000_500
+    assert letter.error_class == "UndecodableEvent" and "truncated" in letter.error_message
+    assert letter.consumer == consumer and not letter.retriable
+
+
+def test_redactor_applies_to_its_consumer_only(consumer: str) -> None:
+    redact_dead_letters(consumer, lambda raw: raw.replace(b"tok-secret", b"[REDACTED]"))
+    exc = InvalidEvent("event type 'x' does not belong on ns.agent.messages", type="x")
+    letter = dead_letter_of(Record(TOKEN_RECORD), exc, consumer)
+    want = TOKEN_RECORD.replace(b"tok-secret", b"[REDACTED]")
+    assert original(letter) == want and letter.original_size == len(want)
+    # the coordinates still point at the original record, the reason is kept
+    assert (letter.topic, letter.partition, letter.offset) == ("ns.agent.messages", 3, 41)
+    assert letter.error_class == "InvalidEvent" and "does not belong" in letter.error_message
+    other = dead_letter_of(Record(TOKEN_RECORD), exc, consumer + "-other")
+    assert original(other) == TOKEN_RECORD
+
+
+def test_enforce_policy_blanks_access_tokens_on_every_path() -> None:
+    """The security agent registers its redactor on import: dead letters written by
+    decoding (`decoded_batches`), by `guarded` or by the agent itself all go through
+    `dead_letter_of` with its consumer name."""
+    from agents.security.agent import CONSUMER
+
+    for exc in (UndecodableEvent("bad json"), RuntimeError("a bug in deciding")):
+        letter = dead_letter_of(Record(TOKEN_RECORD), exc, CONSUMER)
+        assert b"tok-secret" not in original(letter)
+        assert b'"token":"[REDACTED]"' in original(letter)
+        assert letter.consumer == CONSUMER and letter.offset == 41
+
+
+def test_a_failing_redactor_withholds_the_bytes(consumer: str) -> None:
+    def broken(raw: bytes) -> bytes:
+        raise ValueError("cannot parse")
+
+    redact_dead_letters(consumer, broken)
+    letter = dead_letter_of(Record(TOKEN_RECORD), UndecodableEvent("x"), consumer)
+    assert original(letter) == b""
+    assert letter.original_truncated and letter.original_size == len(TOKEN_RECORD)
+    assert (letter.partition, letter.offset) == (3, 41)
+
+
+def test_the_cap_applies_to_the_redacted_bytes(consumer: str) -> None:
+    cap = get_settings().deadletter_max_original_bytes
+    redact_dead_letters(consumer, lambda raw: raw[:-10])
+    big = b"x" * (cap + 5)
+    letter = dead_letter_of(Record(big), UndecodableEvent("x"), consumer)
+    assert letter.original_size == cap - 5 and not letter.original_truncated
+    letter = dead_letter_of(Record(big + b"y" * 20), UndecodableEvent("x"), consumer)
+    assert letter.original_truncated and letter.original_size == cap + 15
+    assert len(original(letter)) == cap
+
+
+def test_non_bytes_and_missing_values(consumer: str) -> None:
+    assert original(dead_letter_of(Record(None), UndecodableEvent("x"), consumer)) == b""
+    assert original(dead_letter_of(Record("text"), UndecodableEvent("x"), consumer)) == b"text"
+    letter = dead_letter_of(Record(b"v", key="not-bytes"), UndecodableEvent("x"), consumer)
+    assert letter.key_b64 is None
