@@ -37,6 +37,8 @@ class Reply:
     words: list[str] = field(default_factory=lambda: ["hello", "from", "the", "loopback"])
     usage: bool = True
     chunk_delay_s: float = 0.0
+    #: extra wait before the first word: a hosted model's time to first token
+    first_delay_s: float = 0.0
     #: hang / drop: after this many streamed words
     after: int = 2
     body: str = '{"error": {"message": "scripted failure"}}'
@@ -209,7 +211,7 @@ class LLMServer:
             if reply.kind == "hang":
                 await self._hang(request)
                 return web.Response(status=499)
-            await asyncio.sleep(reply.chunk_delay_s * len(reply.words))
+            await asyncio.sleep(reply.first_delay_s + reply.chunk_delay_s * len(reply.words))
             payload: dict[str, Any] = {
                 "id": "cmpl-1",
                 "object": "chat.completion",
@@ -237,8 +239,10 @@ class LLMServer:
                     assert request.transport is not None
                     request.transport.close()  # mid-stream, no terminating chunk
                     return resp
-                if reply.chunk_delay_s:
-                    await asyncio.sleep(reply.chunk_delay_s)
+                if reply.chunk_delay_s or (i == 0 and reply.first_delay_s):
+                    await asyncio.sleep(
+                        reply.chunk_delay_s + (reply.first_delay_s if i == 0 else 0)
+                    )
                 delta = word if i == 0 else " " + word
                 event = {
                     "id": "cmpl-1",
@@ -301,8 +305,10 @@ class LLMServer:
                     assert request.transport is not None
                     request.transport.close()
                     return resp
-                if reply.chunk_delay_s:
-                    await asyncio.sleep(reply.chunk_delay_s)
+                if reply.chunk_delay_s or (i == 0 and reply.first_delay_s):
+                    await asyncio.sleep(
+                        reply.chunk_delay_s + (reply.first_delay_s if i == 0 else 0)
+                    )
                 delta = word if i == 0 else " " + word
                 line = {
                     "model": model,
@@ -331,18 +337,25 @@ class LLMServer:
 
 
 def main() -> None:
-    """``python -m tests.llm_server --port N [--words 8] [--delay 0.005]``: serve until
-    killed (the benchmark runs it in its own process so that the server does not share a
-    GIL with the client it is measured against)."""
+    """``python -m tests.llm_server --port N [--words 8] [--delay 0.005] [--first-delay 0.1]``:
+    serve until killed (the benchmark runs it in its own process so that the server does not
+    share a GIL with the client it is measured against)."""
     import argparse
     import signal
 
     p = argparse.ArgumentParser()
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--words", type=int, default=8)
-    p.add_argument("--delay", type=float, default=0.0)
+    p.add_argument("--delay", type=float, default=0.0, help="seconds before each word")
+    p.add_argument("--first-delay", type=float, default=0.0, help="extra before the first")
     args = p.parse_args()
-    srv = LLMServer(Reply(words=[f"w{i}" for i in range(args.words)], chunk_delay_s=args.delay))
+    srv = LLMServer(
+        Reply(
+            words=[f"w{i}" for i in range(args.words)],
+            chunk_delay_s=args.delay,
+            first_delay_s=args.first_delay,
+        )
+    )
     srv.start_on(args.port)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
