@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import socket
 import sys
 from functools import cache
 from typing import Any
@@ -381,8 +382,19 @@ class _NeverEmpty:
         return tp in self.tps
 
 
+def advertised_url(settings: Settings) -> str | None:
+    """What the other workers use to reach this one's web views (None: Faust's default,
+    http://<web_host>:<web_port>). A wildcard bind address is no address to give out."""
+    if settings.web_advertised_url:
+        return settings.web_advertised_url.rstrip("/")
+    if settings.web_host in ("0.0.0.0", "::", ""):
+        return f"http://{socket.getfqdn()}:{settings.web_port}"
+    return None
+
+
 def create_app(settings: Settings) -> AgentStreamApp:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    canonical = advertised_url(settings)
     new = AgentStreamApp(
         settings.app_id,
         broker=f"kafka://{settings.bootstrap}",
@@ -419,6 +431,7 @@ def create_app(settings: Settings) -> AgentStreamApp:
         value_serializer="raw",
         # Faust resets the root handlers at worker start; ours must be passed in here.
         loghandlers=[h for h in [file_handler(settings)] if h is not None],
+        **({"canonical_url": canonical} if canonical else {}),
     )
     new.fetch_max_wait_ms = settings.consumer_fetch_max_wait_ms
     return new

@@ -8,6 +8,7 @@ app made by `create_app`, as a worker would.
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 from streams.app import create_app
@@ -50,3 +51,17 @@ def test_producer_linger_is_configurable(tmp_path: Path) -> None:
     assert create_app(_settings(tmp_path)).conf.producer_linger == 0.005
     app = create_app(_settings(tmp_path, AGENTSTREAM_PRODUCER_LINGER_MS="0"))
     assert app.conf.producer_linger == 0
+
+
+def test_advertised_web_url(tmp_path: Path) -> None:
+    """Other workers forward key lookups to this URL (streams.web_cluster)."""
+    plain = create_app(_settings(tmp_path, AGENTSTREAM_WEB_PORT="7001"))
+    assert str(plain.conf.canonical_url) == "http://127.0.0.1:7001"
+    wildcard = create_app(
+        _settings(tmp_path, AGENTSTREAM_WEB_HOST="0.0.0.0", AGENTSTREAM_WEB_PORT="7002")
+    )
+    assert str(wildcard.conf.canonical_url) == f"http://{socket.getfqdn()}:7002"
+    explicit = create_app(
+        _settings(tmp_path, AGENTSTREAM_WEB_ADVERTISED_URL="http://worker-3.internal:8080/")
+    )
+    assert str(explicit.conf.canonical_url).rstrip("/") == "http://worker-3.internal:8080"
