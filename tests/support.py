@@ -80,6 +80,17 @@ def cli(
     )
 
 
+def assert_rebuild_equal(env: dict[str, str], table: str) -> subprocess.CompletedProcess[str]:
+    """`agentstream rebuild TABLE` finds the table rebuilt from its source topics equal to
+    the live one (the command is agents.audit's: env's AGENTSTREAM_AGENTS must include it).
+    Returns the run, for checks of its output."""
+    out = cli(env, "rebuild", table)
+    assert out.returncode == 0 and "equal to the live table: yes" in out.stdout, (
+        out.stdout + out.stderr
+    )
+    return out
+
+
 class Worker:
     """An `agentstream worker` subprocess, ready when Faust logs that it is."""
 

@@ -14,7 +14,7 @@ import pytest
 from schemas import AgentStatusChanged, ComponentHealthChanged, Heartbeat
 from streams.client import Client
 from streams.settings import Settings
-from tests.support import Follower, Worker, await_until, cancel, cli
+from tests.support import Follower, Worker, assert_rebuild_equal, await_until, cancel, cli
 
 pytestmark = pytest.mark.integration
 
@@ -169,14 +169,10 @@ async def test_transitions_exactly_once_across_restarts(
 
         await await_until(all_down_confirmed, 30, 0.3, "a and b down and folded")
         await asyncio.to_thread(worker.stop)
-        out = await asyncio.to_thread(
-            cli,
+        await asyncio.to_thread(
+            assert_rebuild_equal,
             {**env, "AGENTSTREAM_AGENTS": "agents.heartbeat,agents.audit"},
-            "rebuild",
             "agent_heartbeats",
-        )
-        assert out.returncode == 0 and "equal to the live table: yes" in out.stdout, (
-            out.stdout + out.stderr
         )
     finally:
         await beater.stop()
