@@ -185,12 +185,8 @@ async def read_topic(
         while time.monotonic() < deadline:
             batch = await consumer.getmany(timeout_ms=300)
             for records in batch.values():
-                for rec in records:
-                    try:
-                        ev: Event[Any] | None = registry.decode(rec.value)
-                    except SchemaError:
-                        ev = None
-                    out.append((rec, ev))
+                out += [(rec, _decode_or_none(rec.value)) for rec in records]
+                if records:
                     last = time.monotonic()
             if expect is not None and len(out) >= expect:
                 # a short grace period shows any surplus (duplicates) too
