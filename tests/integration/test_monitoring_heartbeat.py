@@ -79,7 +79,9 @@ async def test_transitions_exactly_once_across_restarts(
         return follower.payloads(AgentStatusChanged)
 
     async def count_status(n: int) -> bool:
-        return len(statuses()) >= n
+        # a's and b's only: the x* backlog agents may come up (and go down) after the
+        # restart too, depending on how fast the worker reads their heartbeats
+        return len([c for c in statuses() if not c.agent_id.startswith("x")]) >= n
 
     async def deciding() -> bool:
         r = await http.get("/agents/status")
@@ -162,12 +164,21 @@ async def test_transitions_exactly_once_across_restarts(
         # rebuild of the table from both source topics equals the live table
         await beater.stop()
 
-        async def all_down_confirmed() -> bool:
+        async def settled() -> bool:
+            # every transition the monitor decided is folded back into the table (the
+            # x* agents' too: one published but not yet folded when the worker stops is
+            # in agent.status, hence in the rebuild, but not yet in the changelog)
             body = (await http.get("/agents/status")).json()
-            ours = [x for x in body["agents"] if not x["agent_id"].startswith("x")]
-            return bool(ours) and all(x["confirmed_status"] == "down" for x in ours)
+            agents = body["agents"]
+            ours = [x for x in agents if not x["agent_id"].startswith("x")]
+            return (
+                bool(ours)
+                and all(x["confirmed_status"] == "down" for x in ours)
+                and all(x["status"] == x["confirmed_status"] for x in agents)
+                and not any(x["confirmed_status"] == "up" for x in agents)
+            )
 
-        await await_until(all_down_confirmed, 30, 0.3, "a and b down and folded")
+        await await_until(settled, 45, 0.3, "every agent down and folded")
         await asyncio.to_thread(worker.stop)
         await asyncio.to_thread(
             assert_rebuild_equal,
