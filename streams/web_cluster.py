@@ -190,6 +190,17 @@ def key_route(table: Any, *, match_info: str) -> Callable[[V], V]:
     return decorator
 
 
+def add_counts(into: dict[str, Any], counts: dict[str, Any]) -> dict[str, Any]:
+    """Add nested counters (``{a: {b: n}}``, any depth) of one worker's answer into `into`:
+    each worker counts only the partitions it owns, so the cluster's count is the sum."""
+    for k, v in counts.items():
+        if isinstance(v, dict):
+            add_counts(into.setdefault(k, {}), v)
+        else:
+            into[k] = into.get(k, 0) + int(v)
+    return into
+
+
 @dataclass
 class Gathered:
     """The answers of every worker to an aggregate view, this one's first."""

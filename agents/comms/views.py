@@ -18,7 +18,7 @@ from agents.comms.tracker import COMM_KINDS, counts, query
 from streams.app import app, settings
 from streams.replay import TimeParseError, parse_time
 from streams.tables.monitoring import SEP
-from streams.web_cluster import gather, is_local, owned, route
+from streams.web_cluster import add_counts, gather, is_local, owned, route
 
 
 def _agent_of(key: str) -> str:
@@ -72,12 +72,9 @@ class CommsView(View):
             (r for b in got.bodies for r in b["records"]),
             key=lambda r: (r["recorded_at"], r["agent_id"], r["record_id"]),
         )
-        merged_counts: dict[str, dict[str, int]] = {}
+        merged_counts: dict[str, Any] = {}
         for b in got.bodies:
-            for a, per_kind in b["counts"].items():
-                mine = merged_counts.setdefault(a, {})
-                for k, n in per_kind.items():
-                    mine[k] = mine.get(k, 0) + int(n)
+            add_counts(merged_counts, b["counts"])
         return self.json(
             {
                 "records": records[-limit:] if limit and len(records) > limit else records,

@@ -22,7 +22,7 @@ from faust.web import Request, Response, View
 from agents.llm.runtime import runtime
 from streams.app import app
 from streams.tables import llm as tables
-from streams.web_cluster import gather, is_local, key_route, owned, owned_partition
+from streams.web_cluster import add_counts, gather, is_local, key_route, owned, owned_partition
 
 #: how open a breaker is; a merged view shows the most open one
 _SEVERITY = {"closed": 0, "half_open": 1, "open": 2}
@@ -85,13 +85,9 @@ class UsageView(View):
         if is_local(request):
             return self.json(body)
         got = await gather(request, body, table)
-        merged: dict[str, dict[str, dict[str, int]]] = {"agent": {}, "provider": {}, "model": {}}
+        merged: dict[str, Any] = {"agent": {}, "provider": {}, "model": {}}
         for b in got.bodies:
-            for kind, names in b.items():
-                for name, totals in names.items():
-                    bucket = merged.setdefault(kind, {}).setdefault(name, {})
-                    for f, v in totals.items():
-                        bucket[f] = bucket.get(f, 0) + int(v)
+            add_counts(merged, b)
         return self.json({**merged, **got.meta()})
 
 

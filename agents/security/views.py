@@ -15,7 +15,7 @@ from typing import Any
 from agents.security.agent import COUNTS, STORE
 from streams.app import app
 from streams.tables.security import summarise_counts
-from streams.web_cluster import gather, is_local, owned_partition
+from streams.web_cluster import add_counts, gather, is_local, owned_partition
 
 
 @app.page("/security/policies/")
@@ -45,12 +45,9 @@ async def decisions_view(web: Any, request: Any) -> Any:
     if is_local(request):
         return web.json(body)
     got = await gather(request, body, COUNTS)
-    counts: dict[str, dict[str, int]] = {}
+    counts: dict[str, Any] = {}
     for b in got.bodies:
-        for verdict, rules in b["counts"].items():
-            bucket = counts.setdefault(verdict, {})
-            for rule, n in rules.items():
-                bucket[rule] = bucket.get(rule, 0) + int(n)
+        add_counts(counts, b["counts"])
     every = sorted({p for b in got.bodies for p in b["partitions"]}, key=_partition)
     return web.json({"counts": counts, "partitions": every, **got.meta()})
 

@@ -66,3 +66,16 @@ def test_gathered_reports_what_did_not_answer() -> None:
     rebalancing = Gathered(answers=[("http://a:1", {})], unowned=[1])
     assert rebalancing.meta()["partial"] is True
     assert rebalancing.meta()["unowned_partitions"] == [1]
+
+
+def test_add_counts_sums_nested_counters_of_every_worker() -> None:
+    from streams.web_cluster import add_counts
+
+    merged: dict[str, object] = {}
+    add_counts(merged, {"deny": {"r1": 2, "*": 3}, "allow": {"*": 1}})
+    add_counts(merged, {"deny": {"r1": 1, "r2": 4}, "audit": {"*": 5}})
+    assert merged == {
+        "deny": {"r1": 3, "*": 3, "r2": 4},
+        "allow": {"*": 1},
+        "audit": {"*": 5},
+    }
