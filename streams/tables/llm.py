@@ -177,9 +177,13 @@ def _table_class() -> type:
 
         def partition_for_key(self, key: Any) -> int:
             text = str(key)
-            head, sep, _ = text.partition("|")
-            if sep and head.isdigit():
-                return int(head)
+            if self.name == USAGE.name:
+                # usage keys carry the partition they are counted in ("<p>|agent|<id>");
+                # the other tables are keyed by request ids, which are user input: a
+                # request id "7|x" must hash like any other, never name a partition
+                head, sep, _ = text.partition("|")
+                if sep and head.isdigit() and int(head) < self.partitions:
+                    return int(head)
             return partition_of(text, self.partitions)
 
         def __setitem__(self, key: Any, value: Any) -> None:

@@ -160,9 +160,9 @@ async def test_llm_tables_route_by_key_outside_any_stream() -> None:
     """Written from call tasks (no current event): the request id's partition, or the
     partition a usage key starts with."""
     app = _app()
-    cancelled = _llm_table(app, "cancelled")
-    usage = _llm_table(app, "usage")
-    breakers = _llm_table(app, "breakers")
+    cancelled = _llm_table(app, llm_tables.CANCELLED.name)
+    usage = _llm_table(app, llm_tables.USAGE.name)
+    breakers = _llm_table(app, llm_tables.BREAKERS.name)
     event = Event.of(LLMCancelRequested(request_id="req-42", reason="user"), source="t")
     llm_tables.apply_cancel(cancelled, event)
     resp = LLMResponse(
@@ -178,12 +178,32 @@ async def test_llm_tables_route_by_key_outside_any_stream() -> None:
     by_table: dict[str, list[tuple[int, bytes]]] = {}
     for topic, partition, key, _ in sent(app):
         by_table.setdefault(topic.split("-")[-2], []).append((partition, key))
-    assert by_table["cancelled"] == [(want, b'"req-42"')]
-    assert sorted(p for p, _ in by_table["usage"]) == [want] * 3
-    assert all(orjson.loads(key).startswith(f"{want}|") for _, key in by_table["usage"])
-    assert by_table["breakers"] == [(llm_tables.partition_of("p", PARTITIONS), b'"p"')]
+    assert by_table["llm_cancelled"] == [(want, b'"req-42"')]
+    assert sorted(p for p, _ in by_table["llm_usage"]) == [want] * 3
+    assert all(orjson.loads(key).startswith(f"{want}|") for _, key in by_table["llm_usage"])
+    assert by_table["llm_breakers"] == [(llm_tables.partition_of("p", PARTITIONS), b'"p"')]
     assert cancelled.data["req-42"] == {"reason": "user"}
     # a plain item assignment (what call_llm does for the dedup table) and a delete
-    cancelled["0|x"] = {"reason": "r"}
-    del cancelled["0|x"]
-    assert [(p, v) for _, p, _, v in sent(app)] == [(0, b'{"reason":"r"}'), (0, None)]
+    cancelled["req-7"] = {"reason": "r"}
+    del cancelled["req-7"]
+    seven = llm_tables.partition_of("req-7", PARTITIONS)
+    assert [(p, v) for _, p, _, v in sent(app)] == [(seven, b'{"reason":"r"}'), (seven, None)]
+
+
+async def test_request_ids_never_name_a_partition() -> None:
+    """Request ids are user input: one shaped like a usage key ("<p>|...") is hashed like
+    any other id, even when <p> is beyond the partition count (it once crashed the send)."""
+    app = _app()
+    cancelled = _llm_table(app, llm_tables.CANCELLED.name)
+    usage = _llm_table(app, llm_tables.USAGE.name)
+    for rid in ("0|x", f"{PARTITIONS + 3}|agent|x", "1|"):
+        cancelled[rid] = {"reason": "r"}
+    assert [p for _, p, _, _ in sent(app)] == [
+        llm_tables.partition_of(rid, PARTITIONS)
+        for rid in ("0|x", f"{PARTITIONS + 3}|agent|x", "1|")
+    ]
+    usage[f"{PARTITIONS + 3}|agent|x"] = {"total_tokens": 1}  # out of range: hashed
+    usage["1|agent|x"] = {"total_tokens": 1}
+    *_, (_, beyond, _, _), (_, one, _, _) = sent(app)
+    assert beyond == llm_tables.partition_of(f"{PARTITIONS + 3}|agent|x", PARTITIONS)
+    assert one == 1
