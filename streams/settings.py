@@ -83,8 +83,8 @@ class Settings(BaseModel):
     batch_within_s: float = Field(
         default=0.02, gt=0, description="Max seconds an agent waits to fill a batch."
     )
-    producer_linger_ms: float = Field(
-        default=5.0,
+    producer_linger_ms: int = Field(
+        default=5,
         ge=0,
         le=1000,
         description="How long the producer waits to fill a batch before sending (Kafka's "
