@@ -129,16 +129,25 @@ def _peer_url(base: str, request: Any) -> str:
     return base + str(request.rel_url.update_query({LOCAL_PARAM: "1"}))
 
 
+def _peer_client() -> httpx.AsyncClient:
+    # workers talk to each other directly: a proxy from the environment (HTTP_PROXY)
+    # would route loopback and cluster-internal addresses through it
+    return httpx.AsyncClient(timeout=PEER_TIMEOUT_S, trust_env=False)
+
+
 async def _fetch(http: httpx.AsyncClient, url: str) -> httpx.Response:
-    return await http.get(url)
+    # httpx's timeout bounds each phase; a peer dripping its answer byte by byte could
+    # hold the view much longer without a bound on the whole call
+    async with asyncio.timeout(PEER_TIMEOUT_S):
+        return await http.get(url)
 
 
 async def forward(view: Any, request: Any, owner: str, partition: int) -> Any:
     """The owner's answer to this request (status and body as it gave them)."""
     try:
-        async with httpx.AsyncClient(timeout=PEER_TIMEOUT_S) as http:
+        async with _peer_client() as http:
             resp = await _fetch(http, _peer_url(owner, request))
-    except httpx.HTTPError as exc:
+    except Exception as exc:  # any failure of the peer call is a 503 (not a 500)
         return view.json(
             {
                 "error": f"the worker owning partition {partition} did not answer: "
@@ -251,7 +260,7 @@ async def gather(request: Any, local_body: Any, table: Any | None = None) -> Gat
     result = Gathered(answers=[(me, local_body)], unowned=unowned)
     if not peers:
         return result
-    async with httpx.AsyncClient(timeout=PEER_TIMEOUT_S) as http:
+    async with _peer_client() as http:
         replies = await asyncio.gather(
             *(_fetch(http, _peer_url(u, request)) for u in peers), return_exceptions=True
         )
