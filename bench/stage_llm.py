@@ -138,7 +138,7 @@ class ResponseWatch:
         try:
             while True:
                 batch = await self.consumer.getmany(timeout_ms=50)
-                now = time.time()
+                now = time.perf_counter()  # the same clock as the direct side
                 for records in batch.values():
                     for rec in records:
                         payload = orjson.loads(rec.value)["payload"]
@@ -191,7 +191,7 @@ def pipeline_call(
         event = request_event(provider, next(counter))
         key, value = event.key.encode(), encode(event)
         seen = watch.expect(event.payload.request_id)
-        sent = time.time()
+        sent = time.perf_counter()
         await producer.send(topic, value, key=key)
         return await asyncio.wait_for(seen, 60) - sent
 
@@ -206,8 +206,9 @@ async def closed_loop(
     window_s: float = WINDOW_S,
 ) -> tuple[list[float], float]:
     """`clients` loops calling back to back for `warmup_s` + `window_s`, client i starting
-    `stagger_s * i / clients` late; the latencies of the calls started after the warm-up,
-    and how many of those completed per second of the window."""
+    `stagger_s * i / clients` late; the latencies of the calls started after the warm-up
+    and within the window (each waited for to its end), and how many of them there were
+    per second of the window."""
     t0 = time.monotonic()
     measure_from, end = t0 + warmup_s, t0 + warmup_s + window_s
     latencies: list[float] = []
