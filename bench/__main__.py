@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import importlib
 import json
+import os
 import pkgutil
 import sys
 import time
@@ -120,6 +121,13 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    # the harness runs on the loop the LLM stage's worker runs on (uvloop), so that the
+    # direct httpx baseline is measured on equal terms; BENCH_EVENT_LOOP=asyncio for both
+    loop_name = os.environ.get("BENCH_EVENT_LOOP", "uvloop")
+    if loop_name == "uvloop":
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     result = asyncio.run(main_async(args))
     line = json.dumps(result, sort_keys=False)
     if args.out:

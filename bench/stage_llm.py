@@ -297,6 +297,8 @@ async def _measure(
         # a latency-bound stage: every broker hop would otherwise wait for a batch
         AGENTSTREAM_PRODUCER_LINGER_MS=os.environ.get("BENCH_LLM_LINGER_MS", "0"),
         AGENTSTREAM_LLM_CHUNK_COALESCE_MS=os.environ.get("BENCH_LLM_COALESCE_MS", "5"),
+        # as recommended for LLM workers (docs/llm.md); the harness runs on the same loop
+        AGENTSTREAM_EVENT_LOOP=os.environ.get("BENCH_EVENT_LOOP", "uvloop"),
     )
     await ctx.ensure_topics(env)
     topic = ctx.topic(env, LLM_REQUESTS)

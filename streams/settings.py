@@ -109,6 +109,11 @@ class Settings(BaseModel):
         description="Original bytes kept in a dead letter; beyond this they are truncated "
         "and the dead letter says so (the source offset still points at the full record).",
     )
+    event_loop: Literal["asyncio", "uvloop"] = Field(
+        default="asyncio",
+        description="Event loop of the worker: uvloop (libuv) costs less per socket read and "
+        "callback; LLM-serving workers, bound by their event loop, gain most (docs/llm.md).",
+    )
     log_level: str = Field(default="WARNING", description="Log level of the worker.")
     log_file: Path | None = Field(
         default=None, description="Also log to this file (rotated by size and age)."

@@ -122,6 +122,11 @@ async def evaluate_health() -> None:
     await evaluate()
 
 
+def _loop_name() -> str:
+    loop = asyncio.get_running_loop()
+    return f"{type(loop).__module__.split('.')[0]}.{type(loop).__name__}"
+
+
 @app.page("/health")
 class HealthView(View):
     async def get(self, request: Request) -> Response:
@@ -130,6 +135,8 @@ class HealthView(View):
                 "status": "alive",
                 "worker_id": settings.worker_id,
                 "uptime_s": round(time.time() - STARTED, 3),
+                # the loop actually running (AGENTSTREAM_EVENT_LOOP), e.g. "uvloop.Loop"
+                "event_loop": _loop_name(),
             }
         )
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
 from pathlib import Path
@@ -31,8 +32,18 @@ def run_worker(faust_args: list[str]) -> None:
 
     if not any(a.startswith(("-l", "--loglevel")) for a in faust_args):
         faust_args = ["--loglevel", settings.log_level.lower(), *faust_args]
+    use_event_loop(settings.event_loop)
     sys.argv = ["agentstream", "worker", *faust_args]
     app.main()
+
+
+def use_event_loop(name: str) -> None:
+    """Make `name` the event loop the worker creates (before anything made one: Faust's
+    worker and its consumer thread each create theirs through the policy)."""
+    if name == "uvloop":
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
 @cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
