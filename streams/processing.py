@@ -133,6 +133,15 @@ async def event_batches(stream: Any, max_batch: int, within_s: float) -> AsyncIt
     unacked = app_.consumer.unacked
     refetch = getattr(app_.consumer, "refetch", None)
     loop = asyncio.get_running_loop()
+    #: per partition: (consumer generation, highest offset handed to this agent). Within
+    #: one assignment a partition can be delivered twice from the same offset: Faust's
+    #: recovery seeks every stream partition back to its committed offset after the
+    #: fetcher already ran (and resets its own read offsets), and our seek back to
+    #: records dropped from a queue starts at the lowest dropped offset, which can be a
+    #: second copy of a record this agent already processed. Seen as an entire stretch
+    #: of input forwarded twice after a quick restart (tests/integration/
+    #: test_security_accounting.py). Records at or below the mark are such copies.
+    handed: dict[Any, tuple[int, int]] = {}
     started = await stream.maybe_start()
     try:
         while not stream.should_stop:
@@ -165,6 +174,13 @@ async def event_batches(stream: Any, max_batch: int, within_s: float) -> AsyncIt
                 if not active or msg.generation_id != generation:
                     skipped.append(ev)
                     continue
+                mark = handed.get(msg.tp)
+                if mark is not None and mark[0] == generation and msg.offset <= mark[1]:
+                    # a second copy: the first was handed out (and is or was acked) in
+                    # this assignment; neither processed nor acked again (an ack here
+                    # could count the offset done while the first is still in progress)
+                    continue
+                handed[msg.tp] = (generation, msg.offset)
                 if msg.topic in acking_topics and not msg.tracked:
                     msg.tracked = True
                     unacked.add(msg)
