@@ -9,9 +9,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import os
 import pkgutil
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +91,89 @@ async def open_transaction_records(bootstrap: str, topic: str) -> int:
         finally:
             await consumer.stop()
     return counts[0] - counts[1]
+
+
+async def diagnosis(what: str, coro: Awaitable[Any], timeout: float = 30) -> Any:
+    """The result of a diagnostic step, or what went wrong in it: a diagnosis that fails
+    (a broker hiccup, aiokafka's group-less coordinator cancelled while stopping) must not
+    hide the failure it was about."""
+    try:
+        return await asyncio.wait_for(coro, timeout)
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise  # the test itself is being cancelled
+        return f"<{what}: cancelled inside aiokafka>"
+    except Exception as exc:
+        return f"<{what}: {type(exc).__name__}: {exc}>"
+
+
+async def changelog_records(settings: Settings, table: str) -> dict[str, dict[int, Any]]:
+    """{key: {changelog partition: its last committed value there}}: a key in two
+    partitions is restored by whichever worker owns each, so which value wins depends on
+    the assignment."""
+    from agents.audit.rebuild import changelog_topic, decode_key
+    from streams.client import group_less_consumer
+
+    topic = changelog_topic(settings, table)
+    consumer = group_less_consumer(settings.bootstrap, "diagnosis")
+    await consumer.start()
+    try:
+        await consumer._client.force_metadata_update()
+        tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        if not tps:
+            return {}
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        end = await consumer.end_offsets(tps)
+        out: dict[str, dict[int, Any]] = {}
+        pending = {tp for tp in tps if end[tp] > 0}
+        while pending:
+            batch = await consumer.getmany(*pending, timeout_ms=500)
+            for tp, recs in batch.items():
+                for rec in recs:
+                    if rec.offset < end[tp]:
+                        value = None if rec.value is None else orjson.loads(rec.value)
+                        out.setdefault(decode_key(rec.key), {})[tp.partition] = value
+            for tp in list(pending):
+                if await consumer.position(tp) >= end[tp]:
+                    pending.discard(tp)
+        return out
+    finally:
+        await consumer.stop()
+
+
+def _short(value: Any, limit: int = 300) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+async def describe_table(settings: Settings, name: str) -> str:
+    """How the live table (its changelog) differs from its rebuild, key by key, and where
+    each differing key's changelog records are."""
+    from agents.audit.rebuild import diff_keys, read_changelog, rebuild_from_history, spec_for
+
+    rebuilt = await rebuild_from_history(settings, spec_for(name))
+    live = await read_changelog(settings, name)
+    keys = diff_keys(rebuilt, live, limit=15)
+    records = await changelog_records(settings, name)
+    split = sorted(k for k, parts in records.items() if len(parts) > 1)
+    changelog = f"{settings.app_id}-{name}-changelog"
+    open_tx = await diagnosis(
+        "open transactions", open_transaction_records(settings.bootstrap, changelog)
+    )
+    lines = [
+        f"{name}: rebuilt {len(rebuilt)} key(s), live {len(live)}; "
+        f"{open_tx} changelog record(s) in open transactions; "
+        f"keys in more than one changelog partition: {split[:15]}"
+    ]
+    for k in keys:
+        lines.append(
+            f"  {k!r}: rebuilt {_short(rebuilt.get(k, '<absent>'))} "
+            f"live {_short(live.get(k, '<absent>'))} "
+            f"changelog by partition {_short(records.get(k, {}))}"
+        )
+    return "\n".join(lines)
 
 
 def input_id(ev: Event[Any]) -> str:
@@ -174,7 +259,9 @@ async def test_exactly_once_kill9_restart_no_duplicates_tables_equal_rebuild(
             # whether records sit in open transactions or the agent is idle.
             recs = await read_topic(settings.bootstrap, accepted_topic, timeout=10, idle=1.0)
             got = {input_id(ev) for _, ev in recs if ev is not None}
-            open_tx = await open_transaction_records(settings.bootstrap, accepted_topic)
+            open_tx = await diagnosis(
+                "open transactions", open_transaction_records(settings.bootstrap, accepted_topic)
+            )
             raise AssertionError(
                 f"after the restart {len(want) - len(got)} of {len(want)} inputs were not "
                 f"forwarded within 90 s (read_committed); worker alive: {worker.alive()}; "
@@ -196,7 +283,7 @@ async def test_exactly_once_kill9_restart_no_duplicates_tables_equal_rebuild(
         assert set(decided) == want
         assert len(decided) == len(want), f"{len(decided) - len(want)} duplicate decision(s)"
 
-        from agents.audit.rebuild import read_changelog, rebuild_from_history, spec_for
+        from agents.audit.rebuild import read_changelog
 
         compared: list[Any] = []
         try:
@@ -208,14 +295,18 @@ async def test_exactly_once_kill9_restart_no_duplicates_tables_equal_rebuild(
             )
         except AssertionError as exc:
             differ = [c.table for c in compared if c.live_available and not c.equal]
-            spec = spec_for("accepted_by_sender")
-            rebuilt = await rebuild_from_history(settings, spec)
-            live = await read_changelog(settings, "accepted_by_sender")
-            changelog = f"{settings.app_id}-accepted_by_sender-changelog"
-            open_tx = await open_transaction_records(settings.bootstrap, changelog)
+            if not any(c.table == "accepted_by_sender" and c.live_available for c in compared):
+                differ.append("accepted_by_sender")  # no changelog yet counts as differing
+            report = [
+                await diagnosis(f"describing {name}", describe_table(settings, name), 60)
+                for name in sorted(set(differ))
+            ]
+            seen = [c.to_dict() for c in compared]
             raise AssertionError(
-                f"{exc}: differ {differ}; accepted_by_sender rebuilt {rebuilt} live {live}; "
-                f"{open_tx} changelog record(s) in open transactions"
+                f"{exc}: differ {differ}\n"
+                + "\n".join(map(str, report))
+                + f"\nlast comparison {seen}\nworker alive: {worker.alive()}\n"
+                + worker.tail()
             ) from None
         # every table with a changelog (the security decision counts too) equals its
         # rebuild: table updates commit in the same transactions as their inputs' offsets
