@@ -14,6 +14,10 @@ So, under exactly-once only:
 * `GATE` lets the consumer commit only between batches: a batch holds it from before its
   first output until its events are acknowledged, and a commit waits until no batch
   holds it while new batches wait for the commit to finish.
+* Table changelog records are handed to the producer before the batch that wrote them
+  leaves the gate, and before a commit (`streams.tables.writer.flush_pending`): Faust's
+  own buffer flush can return with a record still on its way, which then lands in the
+  next transaction, after its input's offset was committed.
 
 Neither is used in at-least-once mode, which keeps its per-event cost.
 """
@@ -24,6 +28,8 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
+
+from streams.tables.writer import flush_pending
 
 #: the (topic, partition) of the input whose outputs are being produced
 SOURCE: ContextVar[tuple[str, int] | None] = ContextVar("agentstream_source", default=None)
@@ -92,6 +98,9 @@ class CommitGate:
                 except TimeoutError:
                     yield False
                 else:
+                    # table updates made outside any batch (tasks, timers) join the
+                    # transactions this commit ends (streams.tables.writer)
+                    await flush_pending()
                     yield True
             finally:
                 opened.set()

@@ -30,6 +30,7 @@ from schemas.errors import InvalidEvent, PipelineError
 from streams.app import app, catalogue_topic, delivery_failed, settings
 from streams.eos import GATE, SOURCE, transactional_id_for
 from streams.observability import DEAD_LETTERS, EVENTS_IN, EVENTS_OUT, SEND_FAILURES
+from streams.tables.writer import flush_pending, pending_writes
 from streams.topics import PIPELINE_DEADLETTER
 
 log = logging.getLogger(__name__)
@@ -109,6 +110,10 @@ async def decoded_batches(
                 EVENTS_IN.labels(topic_name, consumer).inc(len(events))
             if good:
                 yield good
+            if _EOS and pending_writes():
+                # the batch's table updates into their transactions while it still holds
+                # the gate: the next commit, which commits its offsets, then has them too
+                await flush_pending()
         finally:
             if _EOS:
                 GATE.leave()

@@ -289,8 +289,8 @@ async def _publish(outcomes: list[Outcome], writer: ChainWriter) -> None:
 async def _publish_in_transactions(outcomes: list[Outcome], writer: ChainWriter) -> None:
     """One record at a time, each in its input partition's transaction. The batch holds
     the commit gate from its decoding (`decoded_batches`) until its events are acked, so
-    no commit can take these outputs, its dead letters or its table updates (buffered,
-    flushed by the commit) without their offsets."""
+    no commit can take these outputs, its dead letters or its table updates (handed to
+    the producer before the batch leaves the gate) without their offsets."""
     source_topic = settings.topic(AGENT_MESSAGES)
     for o in outcomes:
         token = SOURCE.set((source_topic, o.partition))

@@ -20,19 +20,38 @@ changelog record goes to the partition the caller names —
 
 Writes bypass Faust's ``Table.__setitem__`` and with it Faust's own table sensors; reads
 go straight to the local data. Neither matters for the memory store these tables use.
+
+Under exactly-once a changelog record must be in the transaction that commits the offset
+of the input it folds. Faust hands table records to the producer from a buffer task, and
+the flush before a commit (`ProducerBuffer.flush`) returns when the buffer is empty — with
+the record that task took last still on its way to the producer, or after 0.1 s without
+progress with records still buffered. Such a record waits for the commit (the
+transaction's lock) and lands in the *next* transaction: after a kill -9 before that one
+commits, the input's offset is committed and its table update is gone (seen as a
+decision counter short by one batch after a crash). So under exactly-once the records are
+kept here instead and handed to the producer by `flush_pending`, which returns only when
+every one of them is in its transaction: each batch calls it before it leaves the commit
+gate (`streams.processing.decoded_batches`), and the gate's commit window calls it for
+writes made outside any batch (`streams.eos`).
 """
 
 from __future__ import annotations
 
+import asyncio
+from collections import deque
 from collections.abc import ItemsView, Iterator, KeysView, MutableMapping
 from typing import Any
+
+#: changelog records written under exactly-once, not yet handed to the producer
+_PENDING: deque[Any] = deque()
+_FLUSHING: list[asyncio.Lock] = []
 
 
 def write(table: Any, key: Any, value: Any, *, partition: int) -> None:
     """Set `key` to `value` in the Faust table's local data and send the changelog record
     to `partition`."""
     table.data[key] = value
-    table.send_changelog(partition, key, value)
+    _send(table, partition, key, value)
 
 
 def delete(table: Any, key: Any, *, partition: int) -> None:
@@ -40,7 +59,45 @@ def delete(table: Any, key: Any, *, partition: int) -> None:
     tombstone to `partition`."""
     del table.data[key]
     # a tombstone is a null value, which the table's JSON serializer would write as "null"
-    table.send_changelog(partition, key, None, value_serializer="raw")
+    _send(table, partition, key, None, value_serializer="raw")
+
+
+def _send(table: Any, partition: int, key: Any, value: Any, **serializers: Any) -> None:
+    if not getattr(table.app, "in_transaction", False):
+        # at-least-once: Faust's buffer, flushed with the producer before a commit
+        table.send_changelog(partition, key, value, **serializers)
+        return
+    # what Table.send_changelog builds, kept for `flush_pending` instead of Faust's buffer
+    _PENDING.append(
+        table.changelog_topic.as_future_message(
+            key=key,
+            value=value,
+            partition=partition,
+            key_serializer=serializers.get("key_serializer", table.key_serializer),
+            value_serializer=serializers.get("value_serializer", table.value_serializer),
+            callback=table._on_changelog_sent,
+            eager_partitioning=True,
+        )
+    )
+
+
+def pending_writes() -> int:
+    """Changelog records written under exactly-once and not yet handed to the producer."""
+    return len(_PENDING)
+
+
+async def flush_pending() -> None:
+    """Hand every pending changelog record to the producer, in write order; returns once
+    each is in its partition's open transaction (not yet delivered). Concurrent callers
+    wait for each other, so none returns while a record another one took is still on its
+    way."""
+    if not _FLUSHING:
+        _FLUSHING.append(asyncio.Lock())
+    async with _FLUSHING[0]:
+        while _PENDING:
+            fut = _PENDING[0]
+            await fut.message.channel.publish_message(fut, wait=False)
+            _PENDING.popleft()
 
 
 class TableWriter(MutableMapping[str, Any]):
