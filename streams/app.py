@@ -279,7 +279,8 @@ class BatchDeliveryConsumer:
                     "commit skipped: batches still in progress after %.0f s", EOS_COMMIT_WAIT_S
                 )
                 return False
-            await self.app.producer.buffer.flush()  # table changelog records
+            # table records Faust buffers itself (ours: streams.tables.writer.flush_pending)
+            await self.app.producer.buffer.flush()
             return bool(
                 await super().commit(  # type: ignore[misc]
                     topics, start_new_transaction=start_new_transaction
