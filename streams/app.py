@@ -265,12 +265,7 @@ class BatchDeliveryConsumer:
             )
         from streams.eos import GATE
 
-        if DELIVERY_FAILURES:
-            self.log.error(
-                "refusing to commit: %d output record(s) were not delivered (first: %r)",
-                len(DELIVERY_FAILURES),
-                DELIVERY_FAILURES[0],
-            )
+        if self._delivery_failed():
             return False
         async with GATE.commit_window(EOS_COMMIT_WAIT_S) as quiet:
             if not quiet:
@@ -287,16 +282,22 @@ class BatchDeliveryConsumer:
                 )
             )
 
-    async def _commit(self: Any, offsets: Any) -> bool:
-        # After an output could not be delivered, committing any further input offset
-        # could acknowledge the input behind the lost output: commit nothing more, and
-        # let the crash restart us from the last committed offsets (at-least-once).
+    def _delivery_failed(self: Any) -> bool:
+        """An output was refused by the broker: no further offset may be committed."""
         if DELIVERY_FAILURES:
             self.log.error(
                 "refusing to commit: %d output record(s) were not delivered (first: %r)",
                 len(DELIVERY_FAILURES),
                 DELIVERY_FAILURES[0],
             )
+            return True
+        return False
+
+    async def _commit(self: Any, offsets: Any) -> bool:
+        # After an output could not be delivered, committing any further input offset
+        # could acknowledge the input behind the lost output: commit nothing more, and
+        # let the crash restart us from the last committed offsets (at-least-once).
+        if self._delivery_failed():
             return False
         ok: bool = await super()._commit(offsets)  # type: ignore[misc]
         return ok
