@@ -12,8 +12,10 @@ from datetime import UTC
 from typing import Any
 from urllib.parse import urlsplit
 
+import httpcore
 import httpx
 
+from agents.llm.providers._net import AsyncioBackend
 from agents.llm.providers.base import LLMProvider, ProviderConfig, SecretSource
 from streams.errors import (
     ProviderConnectionError,
@@ -132,6 +134,22 @@ def origin(url: str) -> str:
     return f"{parts.scheme}://{parts.netloc}".lower()
 
 
+_BACKEND = AsyncioBackend()
+
+
+def use_asyncio_backend(client: httpx.AsyncClient) -> bool:
+    """Direct connections of `client` (not those through a proxy from the environment,
+    which keep httpx's own backend) use the plain-asyncio backend of `_net`. httpx offers
+    no parameter for httpcore's `network_backend`, so it is set on the pool httpx built
+    with every other setting of the client (TLS context, limits, keep-alive). Returns
+    whether it could; a test fails if an httpx upgrade moves the attribute."""
+    pool = getattr(getattr(client, "_transport", None), "_pool", None)
+    if type(pool) is httpcore.AsyncConnectionPool and hasattr(pool, "_network_backend"):
+        pool._network_backend = _BACKEND
+        return True
+    return False
+
+
 class ClientPool:
     """Connections as a LIFO free-list of single-connection httpx clients.
 
@@ -162,11 +180,13 @@ class ClientPool:
             return httpx.AsyncClient(transport=self._transport, timeout=self._timeout)
         if self._ssl is None:
             self._ssl = httpx.create_ssl_context()  # ~10 ms each: build it once
-        return httpx.AsyncClient(
+        client = httpx.AsyncClient(
             verify=self._ssl,
             timeout=self._timeout,
             limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
         )
+        use_asyncio_backend(client)
+        return client
 
     @contextlib.asynccontextmanager
     async def lease(self) -> AsyncIterator[httpx.AsyncClient]:
