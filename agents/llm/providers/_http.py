@@ -150,6 +150,22 @@ def use_asyncio_backend(client: httpx.AsyncClient) -> bool:
     return False
 
 
+_NO_STREAM = httpx.ByteStream(b"")
+
+
+def free_cycle(resp: httpx.Response) -> None:
+    """Let reference counting free a finished call at once.
+
+    An `httpx.Response` and the stream it reads from refer to each other, so every call
+    left ~40 objects (request, headers, URL, httpcore's pool request, events …) that
+    only the cyclic garbage collector could free. At a few hundred calls per second
+    that garbage was nearly all the worker's, and it set off collections that paused
+    the event loop 10-50 ms several times a second (the LLM stage's latency tail). A
+    closed response's stream is never read again: replacing it breaks the cycle."""
+    if resp.is_closed:
+        resp.stream = _NO_STREAM
+
+
 class ClientPool:
     """Connections as a LIFO free-list of single-connection httpx clients.
 
@@ -297,6 +313,7 @@ class HTTPProvider(LLMProvider):
                     params=params,
                     timeout=self._timeout(timeout_s),
                 )
+                free_cycle(resp)
         except httpx.HTTPError as exc:
             raise error_for_transport(self.name, exc) from None
         if resp.status_code >= 400:
@@ -320,6 +337,7 @@ class HTTPProvider(LLMProvider):
         params: dict[str, str] | None = None,
     ) -> AsyncIterator[httpx.Response]:
         pool = await self.pool()
+        resp: httpx.Response | None = None
         try:
             async with (
                 pool.lease() as client,
@@ -340,6 +358,9 @@ class HTTPProvider(LLMProvider):
                 yield resp
         except httpx.HTTPError as exc:
             raise error_for_transport(self.name, exc) from None
+        finally:
+            if resp is not None:
+                free_cycle(resp)
 
     async def check_setup(self) -> bool:
         try:
@@ -350,6 +371,7 @@ class HTTPProvider(LLMProvider):
                 resp = await client.get(
                     self.health_url(), headers=self.auth_headers(), timeout=self._timeout(5.0)
                 )
+                free_cycle(resp)
             return resp.status_code < 500
         except Exception:  # a health probe reports, it never raises
             return False
