@@ -52,32 +52,58 @@ def seal(event: Event[Any], prev_hash: str) -> Event[Any]:
 
 
 async def last_hash(bootstrap: str, topic: str, partition: int, lookback: int = 64) -> str:
-    """The `hash` of the newest sealed record in a partition (GENESIS when empty)."""
+    """The `hash` of the newest sealed record in a partition (GENESIS when it has none).
+
+    Reads the last `lookback` offsets, and further back, eight times as far each round,
+    while they hold no sealed record. Under exactly-once a crash leaves aborted
+    transactions (and their commit markers) at the end of the log, which a read-committed
+    reader skips: a worker killed with more than `lookback` records in flight would
+    otherwise find nothing, restart the chain at GENESIS and break it for `verify`.
+    """
     consumer = group_less_consumer(bootstrap, "chain-head")
     await consumer.start()
     try:
         tp = TopicPartition(topic, partition)
         consumer.assign([tp])
         end = (await consumer.end_offsets([tp]))[tp]
-        if end == 0:
-            return GENESIS
-        consumer.seek(tp, max(0, end - lookback))
-        newest = GENESIS
-        while await consumer.position(tp) < end:
-            batch = await consumer.getmany(tp, timeout_ms=1000)
-            if not batch:
-                break
-            for rec in batch.get(tp, []):
-                try:
-                    ev = registry.decode(rec.value)
-                except SchemaError:
-                    continue
-                h = getattr(ev.payload, "hash", "")
-                if h:
-                    newest = h
-        return newest
+        start = end
+        while start > 0:
+            start, stop = max(0, start - lookback), start
+            newest = await _newest_hash(consumer, tp, start, stop)
+            if newest is not None:
+                return newest
+            lookback *= 8
+        return GENESIS
     finally:
         await consumer.stop()
+
+
+async def _newest_hash(consumer: Any, tp: TopicPartition, start: int, stop: int) -> str | None:
+    """The hash of the newest sealed record at offsets [start, stop), if any."""
+    consumer.seek(tp, start)
+    newest = None
+    idle = 0
+    # short polls: a transaction marker ends the range under exactly-once, and reading
+    # past it returns no record, only a new position
+    while await consumer.position(tp) < stop:
+        batch = await consumer.getmany(tp, timeout_ms=100)
+        if not batch:
+            idle += 1
+            if idle >= 20:  # 2 s without progress: the broker is not answering
+                break
+            continue
+        idle = 0
+        for rec in batch.get(tp, []):
+            if rec.offset >= stop:
+                return newest
+            try:
+                ev = registry.decode(rec.value)
+            except SchemaError:
+                continue
+            h = getattr(ev.payload, "hash", "")
+            if h:
+                newest = h
+    return newest
 
 
 @dataclass

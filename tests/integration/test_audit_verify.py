@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from schemas import Event, PolicyDecision, encode
+from schemas import Event, PolicyDecision, encode, registry
 from schemas.security import Verdict
-from streams.audit_chain import GENESIS, seal
+from streams.audit_chain import GENESIS, last_hash, seal
 from streams.settings import Settings
+from streams.topics import SECURITY_DECISIONS
 from tests.support import cli
 
 pytestmark = pytest.mark.integration
@@ -100,3 +101,38 @@ async def test_forged_chain_reports_each_kind(settings_env: dict[str, str], tmp_
     # a time range that starts mid-partition anchors on the record before it
     res = cli(env, "audit", "verify", "--topics", "security.decisions", "--since", "-10m", "--json")
     assert len(json.loads(res.stdout)["findings"]) == 4
+
+
+async def test_chain_head_found_behind_a_long_aborted_transaction(
+    settings_env: dict[str, str],
+) -> None:
+    """A worker killed under exactly-once leaves an aborted transaction at the end of
+    the partition. The next writer must continue the chain from the last committed
+    sealed record, however many aborted records follow it."""
+    settings = Settings.from_env(settings_env)
+    assert cli(settings_env, "topics", "create").returncode == 0
+    topic = settings.topic(SECURITY_DECISIONS)
+    committed = chain(3, "c")
+    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap)
+    await producer.start()
+    try:
+        for value in committed:
+            await producer.send_and_wait(topic, value, partition=1)
+    finally:
+        await producer.stop()
+    head = registry.decode(committed[-1]).payload.hash
+    assert await last_hash(settings.bootstrap, topic, 1) == head
+
+    zombie = AIOKafkaProducer(
+        bootstrap_servers=settings.bootstrap, transactional_id=f"{settings.app_id}-zombie"
+    )
+    await zombie.start()
+    try:
+        await zombie.begin_transaction()
+        for value in chain(150, "z"):  # more than the first lookback of 64
+            await zombie.send(topic, value, partition=1)
+        await zombie.abort_transaction()
+    finally:
+        await zombie.stop()
+    assert await last_hash(settings.bootstrap, topic, 1) == head
+    assert await last_hash(settings.bootstrap, topic, 0) == GENESIS  # empty partition
