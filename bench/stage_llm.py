@@ -45,7 +45,7 @@ import orjson
 import psutil
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from agents.llm.providers._http import ClientPool
+from agents.llm.providers._http import ClientPool, free_cycle
 from bench.context import REPO, BenchContext, BenchError, free_port, log
 from schemas import Event, encode
 from schemas.llm import ChatMessage, LLMConfig, LLMContext, LLMRequest
@@ -101,6 +101,7 @@ def direct_call(pool: ClientPool, url: str) -> Callable[[], Awaitable[float]]:
             # never does more work than the pipeline)
             async for _data in resp.aiter_bytes():
                 pass
+        free_cycle(resp)  # like the provider: a call is freed by reference counting
         return time.perf_counter() - t0
 
     return one
