@@ -167,6 +167,14 @@ class Settings(BaseModel):
         description="Deltas of one request arriving within this many ms of the last llm.chunk "
         "sent are merged into the next one (0: one chunk event per delta).",
     )
+    llm_dedup_retention_s: float = Field(
+        default=86400.0,
+        ge=0,
+        description="How long a request id stays in the llm_responses_done / llm_cancelled "
+        "tables after its response or cancellation (event time): a redelivery or a "
+        "republished request within it is not called again. 0: kept forever (the tables "
+        "then grow with every request).",
+    )
     web_search_url: str | None = Field(
         default=None, description="JSON web search endpoint (e.g. SearxNG /search) for the adapter."
     )

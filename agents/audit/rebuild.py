@@ -10,6 +10,7 @@ records of aborted exactly-once transactions count on neither.
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,7 +24,7 @@ from streams.client import group_less_consumer
 from streams.errors import BrokerError
 from streams.replay import replay
 from streams.settings import Settings
-from streams.tables import TABLES, TableSpec, digest
+from streams.tables import TABLES, TableSpec, digest, unexpired
 
 
 class UnknownTable(LookupError):
@@ -115,8 +116,6 @@ async def _read_changelog(
         end = await consumer.end_offsets(tps)
         state: dict[str, Any] = {}
         pending = {tp for tp in tps if end[tp] > 0}
-        import time
-
         deadline = time.monotonic() + timeout_s
         while pending:
             batch = await consumer.getmany(*pending, timeout_ms=500, max_records=5000)
@@ -176,6 +175,10 @@ async def compare(settings: Settings, name: str) -> Comparison:
     rebuilt = await rebuild_from_history(settings, spec)
     found = await _read_changelog(settings, name, 30)
     live = found or {}
+    # a table with a retention: what the worker may already have deleted is left out
+    # on both sides (the same clock for both)
+    now = time.time()
+    rebuilt, live = unexpired(spec, rebuilt, now), unexpired(spec, live, now)
     return Comparison(
         table=name,
         rebuilt_digest=digest(rebuilt.items()),

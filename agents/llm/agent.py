@@ -95,6 +95,16 @@ async def _publish_breaker_transitions() -> None:
     await runtime().publish_transitions()
 
 
+#: seconds between sweeps for dedup entries past their retention: often enough that an
+#: entry outlives its retention by little, rarely enough to cost nothing
+EXPIRE_EVERY_S = max(1.0, min(60.0, settings.llm_dedup_retention_s / 4 or 60.0))
+
+
+@app.timer(interval=EXPIRE_EVERY_S)
+async def _expire_dedup_entries() -> None:
+    runtime().expire()
+
+
 @app.on_partitions_revoked.connect
 async def _revoke_calls(app: Any, revoked: Any, **kwargs: Any) -> None:
     runtime().revoke(set(revoked))

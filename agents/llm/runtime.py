@@ -29,7 +29,7 @@ from streams.observability import BREAKER_STATE, EVENTS_OUT, LLM_CALLS, LLM_LATE
 from streams.processing import Inbound, _producer, dead_letter, emit, watch_delivery
 from streams.resilience import RetryPolicy, Transition
 from streams.tables import llm as tables
-from streams.topics import LLM_BREAKER, LLM_CHUNKS, LLM_RESPONSES
+from streams.topics import LLM_BREAKER, LLM_CHUNKS, LLM_REQUESTS, LLM_RESPONSES
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ class CallRuntime:
         #: request ids whose final response is out but whose table entries (dedup,
         #: usage) are not written yet; they count as answered for dedup
         self.answered: set[str] = set()
-        self._unwritten: list[tuple[LLMResponse, str, Any]] = []
+        self._unwritten: list[tuple[LLMResponse, dict[str, Any], Any]] = []
         self._flush_handle: asyncio.TimerHandle | None = None
 
     # -- admission -------------------------------------------------------------------------
@@ -217,7 +217,7 @@ class CallRuntime:
             )
         # last: from here on write_tables owns the request's ack
         self.answered.add(request.request_id)
-        self._unwritten.append((sealed.payload, str(sealed.event_id), inbound.message))
+        self._unwritten.append((sealed.payload, tables.done_entry(sealed), inbound.message))
         if self._flush_handle is None:
             self._flush_handle = asyncio.get_running_loop().call_later(
                 TABLE_WRITE_DELAY_S, self.write_tables
@@ -238,8 +238,8 @@ class CallRuntime:
             return
         try:
             done = tables.table(tables.RESPONSES_DONE.name)
-            for response, event_id, _ in batch:
-                done[response.request_id] = {"status": response.status, "event_id": event_id}
+            for response, entry, _ in batch:
+                done[response.request_id] = entry
             tables.add_usage(
                 tables.table(tables.USAGE.name), tables.usage_increments(r for r, _, _ in batch)
             )
@@ -264,6 +264,35 @@ class CallRuntime:
         except BaseException:
             inbound.message.ack(app.consumer)
             raise
+
+    # -- retention of the dedup and cancellation entries ----------------------------------
+    def expire(self, now: float | None = None) -> int:
+        """Delete the dedup and cancellation entries past `AGENTSTREAM_LLM_DEDUP_RETENTION_S`
+        in the partitions this worker owns (tombstones in the changelog, so a recovering
+        worker does not bring them back). Returns how many were deleted."""
+        retention = settings.llm_dedup_retention_s
+        if retention <= 0:
+            return 0
+        now = time.time() if now is None else now
+        requests_topic = settings.topic(LLM_REQUESTS)
+        actives = app.assignor.assigned_actives()
+        owned = {tp.partition for tp in actives if tp.topic == requests_topic}
+        if not owned:
+            return 0
+        n = tables.partitions()
+        removed = 0
+        for spec in (tables.RESPONSES_DONE, tables.CANCELLED):
+            table = tables.table(spec.name)
+            keys = tables.expired_keys(
+                table.items(), now, retention, lambda k: tables.partition_of(k, n) in owned
+            )
+            for key in keys:
+                if not self.answered_or_inflight(key):
+                    del table[key]
+                    removed += 1
+        if removed:
+            log.info("call_llm: deleted %d dedup/cancellation entries past retention", removed)
+        return removed
 
     # -- breaker transitions -----------------------------------------------------------------
     def _on_transition(self, t: Transition) -> None:

@@ -34,6 +34,7 @@ __all__ = [
     "digest",
     "rebuild",
     "register",
+    "unexpired",
     "write",
 ]
 
@@ -51,6 +52,10 @@ class TableSpec:
     description: str = ""
     #: event types the fold consumes (others on the source topics are ignored)
     types: frozenset[str] = field(default_factory=frozenset)
+    #: a retention: ``(value, now) -> True`` when the live table may already have
+    #: dropped the entry at epoch time `now`; comparisons with a rebuild leave such
+    #: entries out on both sides (the fold keeps everything)
+    expired: Callable[[Any, float], bool] | None = None
 
 
 TABLES: dict[str, TableSpec] = {}
@@ -75,6 +80,14 @@ def digest(items: Iterable[tuple[Any, Any]]) -> str:
         h.update(value)
         h.update(b"\x01")
     return h.hexdigest()
+
+
+def unexpired(spec: TableSpec, state: dict[str, Any], now: float) -> dict[str, Any]:
+    """`state` without the entries `spec`'s retention lets go of by `now`."""
+    expired = spec.expired
+    if expired is None:
+        return state
+    return {k: v for k, v in state.items() if not expired(v, now)}
 
 
 def rebuild(spec: TableSpec, events: Iterable[Event[Any]]) -> dict[str, Any]:

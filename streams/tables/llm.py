@@ -3,10 +3,13 @@
 All four are folds over topics (see `streams.tables`), so `agentstream rebuild` can
 recompute them from history:
 
-``llm_responses_done`` — {request id: {"status", "event_id"}} from `llm.responses`: a
-request id in here already has its final response and is never sent to a provider again.
-``llm_cancelled`` — {request id: {"reason"}} from `llm.cancellations`: a request that
+``llm_responses_done`` — {request id: {"status", "event_id", "at"}} from `llm.responses`: a
+request id in here already has its final response and is not sent to a provider again.
+``llm_cancelled`` — {request id: {"reason", "at"}} from `llm.cancellations`: a request that
 arrives after its cancellation is answered "cancelled" without calling the provider.
+Both keep an entry for `AGENTSTREAM_LLM_DEDUP_RETENTION_S` after its event time `at`
+(default one day), then the worker owning its partition deletes it (`expired_keys`);
+without that they would grow with every request, in memory and in the changelog.
 ``llm_breakers`` — {provider: last transition} from `llm.breaker`.
 ``llm_usage`` — {"<partition>|agent|<id>", "<partition>|provider|<p>",
 "<partition>|model|<p>|<m>": totals} from `llm.responses`.
@@ -20,7 +23,7 @@ partition, and two workers never read-modify-write the same counter.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, MutableMapping
+from collections.abc import Callable, Iterable, MutableMapping
 from functools import cache
 from typing import Any
 
@@ -45,16 +48,74 @@ def partition_of(key: str, n: int | None = None) -> int:
     return (murmur2(key.encode()) & 0x7FFFFFFF) % (n or partitions())
 
 
+def done_entry(event: Event[Any]) -> dict[str, Any]:
+    """The dedup entry of a final response event. `at` (its event time, whole seconds)
+    dates the entry for the retention, the same in the live table and in a rebuild."""
+    return {
+        "status": event.payload.status,
+        "event_id": str(event.event_id),
+        "at": int(event.occurred_at.timestamp()),
+    }
+
+
 def apply_response(state: MutableMapping[str, Any], event: Event[Any]) -> None:
-    p = event.payload
-    if isinstance(p, LLMResponse):
-        state[p.request_id] = {"status": p.status, "event_id": str(event.event_id)}
+    if isinstance(event.payload, LLMResponse):
+        state[event.payload.request_id] = done_entry(event)
 
 
 def apply_cancel(state: MutableMapping[str, Any], event: Event[Any]) -> None:
     p = event.payload
     if isinstance(p, LLMCancelRequested):
-        state[p.request_id] = {"reason": p.reason}
+        state[p.request_id] = {"reason": p.reason, "at": int(event.occurred_at.timestamp())}
+
+
+def retention_s() -> float:
+    from streams.settings import get_settings
+
+    return get_settings().llm_dedup_retention_s
+
+
+def entry_expired(value: Any, now: float, retention: float | None = None) -> bool:
+    """Whether a dedup or cancellation entry is past the retention at epoch time `now`
+    (`AGENTSTREAM_LLM_DEDUP_RETENTION_S`; 0 keeps entries forever, and entries written
+    before they carried `at` are kept too)."""
+    r = retention_s() if retention is None else retention
+    if r <= 0 or not isinstance(value, dict):
+        return False
+    at = value.get("at")
+    return isinstance(at, int | float) and at + r <= now
+
+
+def expired_keys(
+    items: Iterable[tuple[str, Any]],
+    now: float,
+    retention: float,
+    owned: Callable[[str], bool],
+    *,
+    limit: int = 10_000,
+) -> list[str]:
+    """Keys of owned entries past the retention, in table order, at most `limit`.
+
+    Entries are scanned in insertion order, which is event-time order for what this
+    worker wrote and per-partition order for what it recovered, and the scan stops at
+    the first owned entry that is still within the retention: a sweep costs about what
+    it removes, not the table's size. So an entry lives at least `retention` and, when a
+    recovered partition sits behind younger entries, at most about twice that. Entries
+    of partitions this worker does not own (standby copies) are skipped, never removed:
+    their owner writes their tombstones.
+    """
+    out: list[str] = []
+    if retention <= 0:
+        return out
+    for key, value in items:
+        if not owned(key):
+            continue
+        if not entry_expired(value, now, retention):
+            break
+        out.append(key)
+        if len(out) >= limit:
+            break
+    return out
 
 
 def apply_breaker(state: MutableMapping[str, Any], event: Event[Any]) -> None:
@@ -135,6 +196,7 @@ RESPONSES_DONE = register(
         apply=apply_response,
         description="Request ids that have their final response (dedup on redelivery)",
         types=frozenset({LLMResponse.TYPE}),
+        expired=entry_expired,
     )
 )
 CANCELLED = register(
@@ -144,6 +206,7 @@ CANCELLED = register(
         apply=apply_cancel,
         description="Request ids with a cancellation",
         types=frozenset({LLMCancelRequested.TYPE}),
+        expired=entry_expired,
     )
 )
 BREAKERS = register(

@@ -38,10 +38,52 @@ def test_partition_matches_kafka_default_partitioner() -> None:
 def test_done_and_cancelled_folds() -> None:
     done = rebuild(t.RESPONSES_DONE, [response("r1"), response("r2", status="failed")])
     assert done["r1"]["status"] == "completed" and done["r2"]["status"] == "failed"
-    cancelled = rebuild(
-        t.CANCELLED, [Event.of(LLMCancelRequested(request_id="r9", reason="x"), source="t")]
-    )
-    assert cancelled == {"r9": {"reason": "x"}}
+    cancel = Event.of(LLMCancelRequested(request_id="r9", reason="x"), source="t")
+    cancelled = rebuild(t.CANCELLED, [cancel])
+    assert cancelled == {"r9": {"reason": "x", "at": int(cancel.occurred_at.timestamp())}}
+
+
+def test_entries_are_dated_by_event_time_for_the_retention() -> None:
+    old = response("r1").model_copy(update={"occurred_at": datetime(2026, 1, 1, tzinfo=UTC)})
+    entry = rebuild(t.RESPONSES_DONE, [old])["r1"]
+    assert entry == {"status": "completed", "event_id": str(old.event_id), "at": 1767225600}
+    assert t.done_entry(old) == entry  # what the live agent writes
+    day = 86400.0
+    assert not t.entry_expired(entry, 1767225600 + day - 1, day)
+    assert t.entry_expired(entry, 1767225600 + day, day)
+    assert not t.entry_expired(entry, 1767225600 + 10 * day, 0)  # 0: kept forever
+    assert not t.entry_expired({"status": "completed"}, 2e9, day)  # written before `at`
+
+
+def test_expired_keys_scan_owned_entries_oldest_first_and_stop_at_a_young_one() -> None:
+    day = 86400.0
+    now = 1767225600 + 3 * day
+    items = [
+        ("old-mine-1", {"at": 1767225600}),
+        ("old-theirs", {"at": 1767225600}),  # a standby copy: never ours to delete
+        ("old-mine-2", {"at": 1767225600 + day}),
+        ("young-mine", {"at": now - 60}),
+        ("old-after-young", {"at": 1767225600}),  # behind a young one: a later sweep
+    ]
+    mine = {"old-mine-1", "old-mine-2", "young-mine", "old-after-young"}
+    keys = t.expired_keys(items, now, day, mine.__contains__)
+    assert keys == ["old-mine-1", "old-mine-2"]
+    assert t.expired_keys(items, now, day, mine.__contains__, limit=1) == ["old-mine-1"]
+    assert t.expired_keys(items, now, 0, mine.__contains__) == []
+    # once the young one is gone, the next sweep reaches what was behind it
+    rest = [kv for kv in items if kv[0] not in {"old-mine-1", "old-mine-2", "young-mine"}]
+    assert t.expired_keys(rest, now, day, mine.__contains__) == ["old-after-young"]
+
+
+def test_rebuild_comparison_leaves_out_what_the_retention_dropped() -> None:
+    from streams.tables import unexpired
+
+    rebuilt = {"gone": {"at": 100}, "kept": {"at": 10_000}}
+    live = {"kept": {"at": 10_000}}  # the worker already deleted "gone"
+    spec = t.RESPONSES_DONE
+    assert unexpired(spec, rebuilt, 100 + t.retention_s()) == live
+    assert unexpired(spec, live, 100 + t.retention_s()) == live
+    assert unexpired(t.USAGE, rebuilt, 1e12) == rebuilt  # no retention: untouched
 
 
 def test_usage_totals_per_agent_provider_model() -> None:

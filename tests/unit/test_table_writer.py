@@ -182,7 +182,7 @@ async def test_llm_tables_route_by_key_outside_any_stream() -> None:
     assert sorted(p for p, _ in by_table["llm_usage"]) == [want] * 3
     assert all(orjson.loads(key).startswith(f"{want}|") for _, key in by_table["llm_usage"])
     assert by_table["llm_breakers"] == [(llm_tables.partition_of("p", PARTITIONS), b'"p"')]
-    assert cancelled.data["req-42"] == {"reason": "user"}
+    assert cancelled.data["req-42"]["reason"] == "user"
     # a plain item assignment (what call_llm does for the dedup table) and a delete
     cancelled["req-7"] = {"reason": "r"}
     del cancelled["req-7"]
