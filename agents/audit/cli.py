@@ -10,7 +10,7 @@ from typing import Any
 import click
 import orjson
 
-from streams.cli import cli, run
+from streams.cli import cli, run, worker_call
 from streams.settings import get_settings
 
 
@@ -68,14 +68,7 @@ def checkpoints_cmd(
     """List checkpoints on pipeline.checkpoints, or (--take) have a worker write one."""
     settings = get_settings()
     if take:
-        import httpx
-
-        base = url or f"http://{settings.web_host}:{settings.web_port}"
-        try:
-            resp = httpx.post(base.rstrip("/") + "/checkpoints", timeout=30)
-            resp.raise_for_status()
-        except httpx.HTTPError as exc:
-            raise click.ClickException(f"cannot reach the worker at {base}: {exc}") from exc
+        resp = worker_call("/checkpoints", method="POST", base=url, timeout=30)
         click.echo(resp.text)
         return
     from agents.audit.checkpoints import list_checkpoints

@@ -7,9 +7,8 @@ from datetime import UTC, datetime
 
 import click
 
-from agents.heartbeat.cli import worker_get
 from schemas.comms import COMM_KINDS
-from streams.cli import cli
+from streams.cli import cli, worker_call
 
 
 @cli.command("comms")
@@ -39,10 +38,7 @@ def comms(
         }.items()
         if v
     }
-    resp = worker_get("/comms", params)
-    if resp.status_code == 400:
-        raise click.ClickException(resp.json().get("error", resp.text))
-    resp.raise_for_status()
+    resp = worker_call("/comms", params=params)  # a bad filter: HTTP 400 with its reason
     data = resp.json()
     if as_json:
         click.echo(json.dumps(data, indent=2))

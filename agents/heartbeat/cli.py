@@ -7,21 +7,8 @@ import time
 from typing import Any
 
 import click
-import httpx
 
-from streams.cli import cli
-from streams.settings import get_settings
-
-
-def worker_get(path: str, params: dict[str, str] | None = None) -> httpx.Response:
-    """GET a worker web view (AGENTSTREAM_WEB_HOST/PORT); a clean error if none runs."""
-    s = get_settings()
-    host = "127.0.0.1" if s.web_host in ("0.0.0.0", "::", "") else s.web_host
-    url = f"http://{host}:{s.web_port}{path}"
-    try:
-        return httpx.get(url, params=params, timeout=10)
-    except httpx.HTTPError as exc:
-        raise click.ClickException(f"no worker answering at {url}: {exc}") from exc
+from streams.cli import cli, worker_call
 
 
 def _ago(ts: float | None) -> str:
@@ -40,15 +27,13 @@ def agents_group() -> None:
 def agents_status(agent_id: str | None, state: str | None, as_json: bool) -> None:
     """Show the status of AGENT_ID, or of every agent."""
     if agent_id:
-        resp = worker_get(f"/agents/status/{agent_id}")
+        resp = worker_call(f"/agents/status/{agent_id}", allow=(404,))
         if resp.status_code == 404:
             raise click.ClickException(f"unknown agent {agent_id!r}")
-        resp.raise_for_status()
         data: Any = resp.json()
         rows = [data]
     else:
-        resp = worker_get("/agents/status", {"state": state} if state else None)
-        resp.raise_for_status()
+        resp = worker_call("/agents/status", params={"state": state} if state else None)
         data = resp.json()
         rows = data["agents"]
     if as_json:

@@ -10,12 +10,11 @@ import uuid
 from typing import Any
 
 import click
-import httpx
 
 from schemas import Event, registry
 from schemas.errors import SchemaError
 from schemas.llm import ChatMessage, LLMConfig, LLMContext, LLMRequest, LLMResponse, LLMStreamChunk
-from streams.cli import cli, run
+from streams.cli import cli, run, worker_call
 from streams.client import Client, group_less_consumer
 from streams.settings import get_settings
 from streams.topics import LLM_CHUNKS, LLM_REQUESTS, LLM_RESPONSES
@@ -168,15 +167,7 @@ def providers(check: bool) -> None:
 
 
 def _view(path: str) -> Any:
-    s = get_settings()
-    host = "127.0.0.1" if s.web_host in ("0.0.0.0", "::", "") else s.web_host
-    url = f"http://{host}:{s.web_port}{path}"
-    try:
-        resp = httpx.get(url, timeout=10)
-        resp.raise_for_status()
-    except httpx.HTTPError as exc:
-        raise click.ClickException(f"no worker answering at {url}: {exc}") from exc
-    return resp.json()
+    return worker_call(path).json()
 
 
 @llm_group.command("breakers")

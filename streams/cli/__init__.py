@@ -33,6 +33,62 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
         raise click.ClickException(f"{type(exc).__name__}: {exc}") from exc
 
 
+def web_root() -> str:
+    """This host's worker web root (AGENTSTREAM_WEB_HOST/PORT; a wildcard bind is asked
+    on loopback)."""
+    from streams.settings import get_settings
+
+    s = get_settings()
+    host = "127.0.0.1" if s.web_host in ("0.0.0.0", "::", "") else s.web_host
+    return f"http://{host}:{s.web_port}"
+
+
+def worker_call(
+    path: str,
+    *,
+    method: str = "GET",
+    params: dict[str, str] | None = None,
+    base: str | None = None,
+    timeout: float = 10,
+    allow: tuple[int, ...] = (),
+) -> Any:
+    """Call a worker web view; every failure becomes a clean message and exit 1.
+
+    No worker listening, a timeout, a 503 (the worker cannot answer for the whole
+    cluster right now: a rebalance, or the partition owner not answering; the view's
+    reason is quoted) and any other error status are told apart. Statuses in `allow`
+    (a 404 the command explains itself) are returned to the caller.
+    """
+    import httpx
+
+    url = (base or web_root()).rstrip("/") + path
+    try:
+        resp = httpx.request(method, url, params=params, timeout=timeout)
+    except httpx.TimeoutException as exc:
+        raise click.ClickException(f"the worker at {url} did not answer in {timeout:g}s") from exc
+    except httpx.HTTPError as exc:
+        raise click.ClickException(f"no worker answering at {url}: {exc}") from exc
+    if resp.status_code < 400 or resp.status_code in allow:
+        return resp
+    reason = _error_text(resp)
+    if resp.status_code == 503:
+        raise click.ClickException(
+            f"the worker at {url} cannot answer now: {reason} "
+            "(a rebalance may be in progress; try again in a few seconds)"
+        )
+    raise click.ClickException(f"{url}: HTTP {resp.status_code}: {reason}")
+
+
+def _error_text(resp: Any) -> str:
+    try:
+        body = resp.json()
+    except ValueError:
+        body = None
+    if isinstance(body, dict) and body.get("error"):
+        return str(body["error"])[:500]
+    return (resp.text or resp.reason_phrase or "").strip()[:500]
+
+
 def load_commands() -> None:
     """Import every command module of this package, then the agents' (via Faust
     autodiscovery, so `streams` never names an agent package)."""

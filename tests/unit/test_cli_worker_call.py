@@ -1,0 +1,97 @@
+"""Commands that read a worker's web views, against a real HTTP server on loopback: a
+503 during a rebalance, an unknown key, a bad filter and no worker at all each end in a
+clear message and exit 1, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from click.testing import CliRunner
+
+import agents.comms.cli
+import agents.heartbeat.cli
+from streams.cli import cli
+from streams.settings import get_settings
+
+COMMANDS = (agents.comms.cli, agents.heartbeat.cli)  # imported: they register `comms`, `agents`
+ROW = {"agent_id": "a1", "status": "up", "last_heartbeat_at": None, "missed_beats": 0}
+
+
+class Handler(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        if self.path.startswith("/agents/status/rebalancing"):
+            self._send(503, {"error": "partition 3 has no owner right now", "partition": 3})
+        elif self.path.startswith("/agents/status/nobody"):
+            self._send(404, {"error": "unknown agent"})
+        elif self.path.startswith("/agents/status/a1"):
+            self._send(200, {**ROW, "beats": 4})
+        elif self.path.startswith("/comms"):
+            self._send(400, {"error": "since: cannot parse 'yesterday'"})
+        else:
+            self._send(500, {"error": "boom"})
+
+    def _send(self, status: int, body: object) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def worker_port(monkeypatch: pytest.MonkeyPatch) -> Iterator[int]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    port = server.server_address[1]
+    monkeypatch.setenv("AGENTSTREAM_WEB_PORT", str(port))
+    monkeypatch.setenv("AGENTSTREAM_WEB_HOST", "127.0.0.1")
+    get_settings.cache_clear()
+    try:
+        yield port
+    finally:
+        server.shutdown()
+        server.server_close()
+        get_settings.cache_clear()
+
+
+def test_answers_and_errors_of_a_worker_view(worker_port: int) -> None:
+    runner = CliRunner()
+    ok = runner.invoke(cli, ["agents", "status", "a1"])
+    assert ok.exit_code == 0 and "a1" in ok.output and "beats 4" in ok.output
+
+    busy = runner.invoke(cli, ["agents", "status", "rebalancing"])
+    assert busy.exit_code == 1
+    assert "cannot answer now: partition 3 has no owner right now" in busy.output
+    assert "try again" in busy.output and "Traceback" not in busy.output
+
+    unknown = runner.invoke(cli, ["agents", "status", "nobody"])
+    assert unknown.exit_code == 1 and "unknown agent 'nobody'" in unknown.output
+
+    bad = runner.invoke(cli, ["comms", "--since", "yesterday"])
+    assert bad.exit_code == 1 and "HTTP 400: since: cannot parse" in bad.output
+
+    broken = runner.invoke(cli, ["agents", "status"])
+    assert broken.exit_code == 1 and "HTTP 500: boom" in broken.output
+
+
+def test_no_worker_listening(monkeypatch: pytest.MonkeyPatch) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again when the block ends: nobody listens
+    monkeypatch.setenv("AGENTSTREAM_WEB_PORT", str(port))
+    get_settings.cache_clear()
+    try:
+        res = CliRunner().invoke(cli, ["agents", "status", "a1"])
+    finally:
+        get_settings.cache_clear()
+    assert res.exit_code == 1 and f"no worker answering at http://127.0.0.1:{port}" in res.output
