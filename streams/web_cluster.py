@@ -24,9 +24,11 @@ partition is computed the way the records were partitioned, the count comes from
 consumer's metadata, and forwarded requests carry ``?local=1`` so two workers with a
 different view of a rebalance in progress cannot bounce a request back and forth.
 
-Every worker must advertise a URL the others can reach: Faust's ``canonical_url``
-(``http://{web_host}:{web_port}``; ``agentstream worker --web-host NAME`` or Faust's
-``NODE_CANONICAL_URL`` when the bind address is not reachable from other hosts).
+Every worker must advertise a URL the others can reach, and its own: Faust's
+``canonical_url`` (``AGENTSTREAM_WEB_ADVERTISED_URL``, by default from the bind address).
+Two workers advertising the same URL collapse into one entry of the assignment's URL map;
+a worker then finds partitions assigned to "its" URL that it does not hold, and answers
+503 for them (``unheld``) instead of answering from data it does not have.
 
 Local answers cover only the partitions this worker actively owns (``owned(table)``):
 standby copies would otherwise be counted twice in a merge.
@@ -178,8 +180,32 @@ async def route(view: Any, request: Any, table: Any, key: str) -> Any | None:
             status=503,
         )
     if is_self(owner):
+        if partition not in active_partitions(table):
+            return view.json(
+                {"error": unheld_message(table, [partition]), "partition": partition},
+                status=503,
+            )
         return None
     return await forward(view, request, owner, partition)
+
+
+def unheld(table: Any, by_partition: dict[int, str]) -> list[int]:
+    """Partitions the group's assignment gives to this worker's advertised URL that this
+    worker does not actively own. Faust keys the assignment's URL map by URL, so two
+    workers advertising the same one (e.g. the default 127.0.0.1 on two hosts) collapse
+    into one entry, and the partitions of one of them seem to be the other's. Also true
+    for a moment while an assignment changes."""
+    actives = active_partitions(table)
+    return sorted(p for p, url in by_partition.items() if is_self(url) and p not in actives)
+
+
+def unheld_message(table: Any, partitions: list[int]) -> str:
+    return (
+        f"partition(s) {partitions} of {changelog_topic(table)} are assigned to "
+        f"{self_url()}, this worker's advertised URL, but this worker does not hold them: "
+        "another worker advertises the same URL (give each worker its own "
+        "AGENTSTREAM_WEB_ADVERTISED_URL), or a rebalance is in progress; retry"
+    )
 
 
 def key_route(table: Any, *, match_info: str) -> Callable[[V], V]:
@@ -220,6 +246,9 @@ class Gathered:
     unowned: list[int] = field(default_factory=list)
     #: members asked without a table that do not serve the view (they run other agents)
     not_serving: list[str] = field(default_factory=list)
+    #: partitions assigned to this worker's URL that it does not hold (see `unheld`)
+    unheld: list[int] = field(default_factory=list)
+    unheld_reason: str = ""
 
     @property
     def bodies(self) -> list[Any]:
@@ -227,7 +256,7 @@ class Gathered:
 
     @property
     def partial(self) -> bool:
-        return bool(self.missing or self.unowned)
+        return bool(self.missing or self.unowned or self.unheld)
 
     def meta(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -239,6 +268,9 @@ class Gathered:
             out["unowned_partitions"] = self.unowned
         if self.not_serving:
             out["not_serving"] = self.not_serving
+        if self.unheld:
+            out["unheld_partitions"] = self.unheld
+            out["error"] = self.unheld_reason
         return out
 
 
@@ -250,14 +282,18 @@ async def gather(request: Any, local_body: Any, table: Any | None = None) -> Gat
     one answering 404 is noted as not serving the view rather than missing.
     """
     me = self_url()
+    missing_here: list[int] = []
     if table is not None:
         by_partition = owners(table)
         peers = sorted({u for u in by_partition.values() if not is_self(u)})
         unowned = sorted(set(range(partition_count(table))) - set(by_partition))
+        missing_here = unheld(table, by_partition)
     else:
         peers = [u for u in members() if not is_self(u)]
         unowned = []
-    result = Gathered(answers=[(me, local_body)], unowned=unowned)
+    result = Gathered(answers=[(me, local_body)], unowned=unowned, unheld=missing_here)
+    if missing_here and table is not None:
+        result.unheld_reason = unheld_message(table, missing_here)
     if not peers:
         return result
     async with _peer_client() as http:

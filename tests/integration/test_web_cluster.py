@@ -205,3 +205,73 @@ async def test_both_workers_answer_for_every_key(
         await http.aclose()
         await asyncio.to_thread(w2.stop)
         await asyncio.to_thread(w1.stop)
+
+
+async def test_two_workers_advertising_one_url_say_so_instead_of_answering_wrong(
+    settings_env: dict[str, str], tmp_path: Path
+) -> None:
+    """The mistake the docs warn about — the same advertised URL on two workers (the
+    default 127.0.0.1 on two hosts) — must not make a worker answer "unknown" for keys it
+    does not hold: Faust's assignment map collapses the two into one entry."""
+    from tests.conftest import _free_port
+
+    shared = f"http://127.0.0.1:{settings_env['AGENTSTREAM_WEB_PORT']}"
+    base = {
+        **settings_env,
+        "AGENTSTREAM_AGENTS": "agents.heartbeat",
+        "AGENTSTREAM_TOPIC_PARTITIONS": str(PARTITIONS),
+        "AGENTSTREAM_STANDBY_REPLICAS": "0",
+        "AGENTSTREAM_HEARTBEAT_TIMEOUT_S": "3600",
+        "AGENTSTREAM_WEB_ADVERTISED_URL": shared,
+    }
+    env1 = {**base, "AGENTSTREAM_DATA_DIR": str(tmp_path / "w1")}
+    env2 = {
+        **base,
+        "AGENTSTREAM_DATA_DIR": str(tmp_path / "w2"),
+        "AGENTSTREAM_WEB_PORT": str(_free_port()),
+    }
+    settings = Settings.from_env(env1)
+    urls = [f"http://127.0.0.1:{e['AGENTSTREAM_WEB_PORT']}" for e in (env1, env2)]
+    w1 = Worker(env1, tmp_path / "w1.log")
+    w2 = Worker(env2, tmp_path / "w2.log")
+    await asyncio.to_thread(w1.start)
+    await asyncio.to_thread(w2.start)
+    http = httpx.AsyncClient(timeout=10)
+    try:
+        agents = spread("agent-", 6)
+        async with Client(settings, source="test") as client:
+            await client.publish_many(
+                "agent.heartbeats",
+                [Heartbeat(agent_id=a, sent_at=datetime.now(UTC), sequence=1) for a in agents],
+            )
+
+        async def split() -> bool:  # each worker folds the agents of its own partition
+            shares = []
+            for u in urls:
+                r = await http.get(u + "/agents/status", params={"local": "1"})
+                shares.append({d["agent_id"] for d in r.json()["agents"]})
+            return all(shares) and shares[0] | shares[1] == set(agents)
+
+        await await_until(split, 90, interval=0.5, what="agents split over both workers")
+        statuses: list[int] = []
+        for u in urls:
+            for a in agents:
+                r = await http.get(f"{u}/agents/status/{a}")
+                statuses.append(r.status_code)
+                # the owner's answer, or a 503 that says what is wrong: never a 404 for
+                # an agent that exists, answered from a table that lacks its partition
+                assert r.status_code in (200, 503), (u, a, r.status_code, r.text)
+                if r.status_code == 200:
+                    assert r.json()["agent_id"] == a
+            listing = (await http.get(u + "/agents/status")).json()
+            if len(listing["agents"]) < len(agents):
+                assert listing["partial"] is True, listing
+        assert 503 in statuses
+        conflicts = [
+            (await http.get(f"{u}/agents/status/{a}")).json() for u in urls for a in agents
+        ]
+        assert any("advertises the same URL" in c.get("error", "") for c in conflicts), conflicts
+    finally:
+        await http.aclose()
+        await asyncio.to_thread(w2.stop)
+        await asyncio.to_thread(w1.stop)
