@@ -34,19 +34,21 @@ def spread(prefix: str, count: int) -> list[str]:
     return keys
 
 
-async def test_both_workers_answer_for_every_key(
-    settings_env: dict[str, str], tmp_path: Path
-) -> None:
+async def two_workers(
+    settings_env: dict[str, str], tmp_path: Path, agents: str, **extra: str
+) -> tuple[Settings, list[str], Worker, Worker]:
+    """Two started workers of one group on `PARTITIONS` partitions, each with its own web
+    port and data dir, and no standby copies: a worker holds nothing of the other's
+    partitions, so an answer for a key it does not own can only have come from the owner."""
     from tests.conftest import _free_port
 
     base = {
         **settings_env,
-        "AGENTSTREAM_AGENTS": "agents.heartbeat,agents.metrics,agents.comms,agents.llm",
+        "AGENTSTREAM_AGENTS": agents,
         "AGENTSTREAM_TOPIC_PARTITIONS": str(PARTITIONS),
-        # without standby copies a worker holds nothing of the other's partitions: an
-        # answer for a key it does not own can only have come from the owner
         "AGENTSTREAM_STANDBY_REPLICAS": "0",
         "AGENTSTREAM_HEARTBEAT_TIMEOUT_S": "3600",
+        **extra,
     }
     env1 = {**base, "AGENTSTREAM_DATA_DIR": str(tmp_path / "w1")}
     env2 = {
@@ -54,12 +56,20 @@ async def test_both_workers_answer_for_every_key(
         "AGENTSTREAM_DATA_DIR": str(tmp_path / "w2"),
         "AGENTSTREAM_WEB_PORT": str(_free_port()),
     }
-    settings = Settings.from_env(env1)
     urls = [f"http://127.0.0.1:{e['AGENTSTREAM_WEB_PORT']}" for e in (env1, env2)]
     w1 = Worker(env1, tmp_path / "w1.log")
     w2 = Worker(env2, tmp_path / "w2.log")
     await asyncio.to_thread(w1.start)
     await asyncio.to_thread(w2.start)
+    return Settings.from_env(env1), urls, w1, w2
+
+
+async def test_both_workers_answer_for_every_key(
+    settings_env: dict[str, str], tmp_path: Path
+) -> None:
+    settings, urls, w1, w2 = await two_workers(
+        settings_env, tmp_path, "agents.heartbeat,agents.metrics,agents.comms,agents.llm"
+    )
     http = httpx.AsyncClient(timeout=10)
     try:
         # publish once both workers own a partition (Faust's /router/, on each): a worker
@@ -213,29 +223,10 @@ async def test_two_workers_advertising_one_url_say_so_instead_of_answering_wrong
     """The mistake the docs warn about — the same advertised URL on two workers (the
     default 127.0.0.1 on two hosts) — must not make a worker answer "unknown" for keys it
     does not hold: Faust's assignment map collapses the two into one entry."""
-    from tests.conftest import _free_port
-
     shared = f"http://127.0.0.1:{settings_env['AGENTSTREAM_WEB_PORT']}"
-    base = {
-        **settings_env,
-        "AGENTSTREAM_AGENTS": "agents.heartbeat",
-        "AGENTSTREAM_TOPIC_PARTITIONS": str(PARTITIONS),
-        "AGENTSTREAM_STANDBY_REPLICAS": "0",
-        "AGENTSTREAM_HEARTBEAT_TIMEOUT_S": "3600",
-        "AGENTSTREAM_WEB_ADVERTISED_URL": shared,
-    }
-    env1 = {**base, "AGENTSTREAM_DATA_DIR": str(tmp_path / "w1")}
-    env2 = {
-        **base,
-        "AGENTSTREAM_DATA_DIR": str(tmp_path / "w2"),
-        "AGENTSTREAM_WEB_PORT": str(_free_port()),
-    }
-    settings = Settings.from_env(env1)
-    urls = [f"http://127.0.0.1:{e['AGENTSTREAM_WEB_PORT']}" for e in (env1, env2)]
-    w1 = Worker(env1, tmp_path / "w1.log")
-    w2 = Worker(env2, tmp_path / "w2.log")
-    await asyncio.to_thread(w1.start)
-    await asyncio.to_thread(w2.start)
+    settings, urls, w1, w2 = await two_workers(
+        settings_env, tmp_path, "agents.heartbeat", AGENTSTREAM_WEB_ADVERTISED_URL=shared
+    )
     http = httpx.AsyncClient(timeout=10)
     try:
         agents = spread("agent-", 6)

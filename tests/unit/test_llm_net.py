@@ -9,7 +9,7 @@ import datetime
 import gc
 import ipaddress
 import ssl
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import httpcore
@@ -30,12 +30,6 @@ from schemas.llm import ChatMessage, LLMConfig, LLMContext
 from tests.llm_server import LLMServer, Reply
 
 BODY = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[LLMServer]:
-    with LLMServer() as srv:
-        yield srv
 
 
 @pytest.fixture(autouse=True)
@@ -86,28 +80,23 @@ def test_streams_the_same_on_uvloop(server: LLMServer) -> None:
     assert b"loopback" in body and body.rstrip().endswith(b"data: [DONE]")
 
 
-async def test_a_silent_server_is_a_read_timeout(server: LLMServer) -> None:
-    server.reset(Reply(kind="hang", after=1))
-    pool = ClientPool(timeout=httpx.Timeout(0.3))
-    try:
-        with pytest.raises(httpx.ReadTimeout):
-            async with (
-                pool.lease() as client,
-                client.stream("POST", server.url + "/v1/chat/completions", json=BODY) as resp,
-            ):
-                async for _ in resp.aiter_bytes():
-                    pass
-    finally:
-        await pool.aclose()
-
-
-async def test_a_connection_dropped_mid_body_is_an_error_not_a_short_body(
-    server: LLMServer,
+@pytest.mark.parametrize(
+    ("reply", "timeout_s", "errors"),
+    [
+        # a silent server: a read timeout
+        (Reply(kind="hang", after=1), 0.3, (httpx.ReadTimeout,)),
+        # a connection dropped mid-body: an error, never a short body taken as whole
+        (Reply(kind="drop", after=2), 5.0, (httpx.RemoteProtocolError, httpx.ReadError)),
+    ],
+    ids=["hang", "drop"],
+)
+async def test_a_broken_stream_is_an_error(
+    server: LLMServer, reply: Reply, timeout_s: float, errors: tuple[type[Exception], ...]
 ) -> None:
-    server.reset(Reply(kind="drop", after=2))
-    pool = ClientPool(timeout=httpx.Timeout(5))
+    server.reset(reply)
+    pool = ClientPool(timeout=httpx.Timeout(timeout_s))
     try:
-        with pytest.raises((httpx.RemoteProtocolError, httpx.ReadError)):
+        with pytest.raises(errors):
             async with (
                 pool.lease() as client,
                 client.stream("POST", server.url + "/v1/chat/completions", json=BODY) as resp,

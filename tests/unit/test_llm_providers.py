@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -40,12 +39,6 @@ CFG = LLMConfig(
     stop=["\n\n"],
     organization="org-7",
 )
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[LLMServer]:
-    with LLMServer() as srv:
-        yield srv
 
 
 @pytest.fixture(autouse=True)

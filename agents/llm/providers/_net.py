@@ -85,15 +85,17 @@ def _expire(fut: asyncio.Future[None]) -> None:
         fut.set_exception(TimeoutError())
 
 
-async def _wait(fut: asyncio.Future[None], limit_s: float | None) -> None:
-    """Wait for `fut`; TimeoutError after `limit_s` seconds (None: no limit). One timer
-    handle, where `asyncio.wait_for` would wrap the wait in a task."""
+async def _wait(fut: asyncio.Future[None], limit_s: float | None, timed_out: Exception) -> None:
+    """Wait for `fut`; raise `timed_out` after `limit_s` seconds (None: no limit). One
+    timer handle, where `asyncio.wait_for` would wrap the wait in a task."""
     if limit_s is None:
         await fut
         return
     timer = asyncio.get_running_loop().call_later(limit_s, _expire, fut)
     try:
         await fut
+    except TimeoutError:
+        raise timed_out from None
     finally:
         timer.cancel()
 
@@ -110,9 +112,7 @@ class AsyncioStream(httpcore.AsyncNetworkStream):
         if not p.buffer and not p.eof:
             p.readable = asyncio.get_running_loop().create_future()
             try:
-                await _wait(p.readable, timeout)
-            except TimeoutError:
-                raise httpcore.ReadTimeout("timed out reading from the server") from None
+                await _wait(p.readable, timeout, httpcore.ReadTimeout("timed out reading"))
             finally:
                 p.readable = None
         if not p.buffer:
@@ -141,9 +141,7 @@ class AsyncioStream(httpcore.AsyncNetworkStream):
         if p.writing_paused:
             p.drained = asyncio.get_running_loop().create_future()
             try:
-                await _wait(p.drained, timeout)
-            except TimeoutError:
-                raise httpcore.WriteTimeout("timed out writing to the server") from None
+                await _wait(p.drained, timeout, httpcore.WriteTimeout("timed out writing"))
             finally:
                 p.drained = None
             if p.error is not None or self._transport.is_closing():
@@ -206,24 +204,13 @@ class AsyncioBackend(httpcore.AsyncNetworkBackend):
         local_address: str | None = None,
         socket_options: typing.Iterable[httpcore.SOCKET_OPTION] | None = None,
     ) -> httpcore.AsyncNetworkStream:
-        loop = asyncio.get_running_loop()
-        protocol = _Protocol()
-        try:
-            transport, _ = await asyncio.wait_for(
-                loop.create_connection(
-                    lambda: protocol,
-                    host,
-                    port,
-                    local_addr=(local_address, 0) if local_address else None,
-                ),
-                timeout,
-            )
-        except TimeoutError:
-            raise httpcore.ConnectTimeout(f"timed out connecting to {host}:{port}") from None
-        except OSError as exc:
-            raise httpcore.ConnectError(f"cannot connect to {host}:{port}: {exc}") from None
-        _set_options(transport, socket_options)
-        return AsyncioStream(transport, protocol)
+        local = (local_address, 0) if local_address else None
+        return await _connect(
+            lambda loop, factory: loop.create_connection(factory, host, port, local_addr=local),
+            f"{host}:{port}",
+            timeout,
+            socket_options,
+        )
 
     async def connect_unix_socket(
         self,
@@ -231,21 +218,37 @@ class AsyncioBackend(httpcore.AsyncNetworkBackend):
         timeout: float | None = None,
         socket_options: typing.Iterable[httpcore.SOCKET_OPTION] | None = None,
     ) -> httpcore.AsyncNetworkStream:
-        loop = asyncio.get_running_loop()
-        protocol = _Protocol()
-        try:
-            transport, _ = await asyncio.wait_for(
-                loop.create_unix_connection(lambda: protocol, path), timeout
-            )
-        except TimeoutError:
-            raise httpcore.ConnectTimeout(f"timed out connecting to {path}") from None
-        except OSError as exc:
-            raise httpcore.ConnectError(f"cannot connect to {path}: {exc}") from None
-        _set_options(transport, socket_options)
-        return AsyncioStream(transport, protocol)
+        return await _connect(
+            lambda loop, factory: loop.create_unix_connection(factory, path),
+            path,
+            timeout,
+            socket_options,
+        )
 
     async def sleep(self, seconds: float) -> None:
         await asyncio.sleep(seconds)
+
+
+async def _connect(
+    opener: typing.Callable[
+        [asyncio.AbstractEventLoop, typing.Callable[[], _Protocol]],
+        typing.Awaitable[tuple[asyncio.BaseTransport, typing.Any]],
+    ],
+    target: str,
+    timeout: float | None,
+    socket_options: typing.Iterable[httpcore.SOCKET_OPTION] | None,
+) -> httpcore.AsyncNetworkStream:
+    protocol = _Protocol()
+    try:
+        transport, _ = await asyncio.wait_for(
+            opener(asyncio.get_running_loop(), lambda: protocol), timeout
+        )
+    except TimeoutError:
+        raise httpcore.ConnectTimeout(f"timed out connecting to {target}") from None
+    except OSError as exc:
+        raise httpcore.ConnectError(f"cannot connect to {target}: {exc}") from None
+    _set_options(transport, socket_options)
+    return AsyncioStream(typing.cast(asyncio.Transport, transport), protocol)
 
 
 def _set_options(
