@@ -74,38 +74,48 @@ async def decoded_batches(
     accept: Iterable[str] | None = None,
     max_batch: int | None = None,
     within_s: float | None = None,
+    prepare: Callable[[list[Inbound]], Awaitable[None]] | None = None,
 ) -> AsyncIterator[list[Inbound]]:
     """Yield batches of decoded events; dead-letter everything else.
 
     `accept` restricts the event types this consumer handles; another type on its topic
     is a dead letter (UnknownEventType would be wrong: the type exists, it's misplaced).
+    `prepare` runs on each batch's decoded events before the batch takes the
+    exactly-once commit gate: for I/O the batch needs that produces nothing (keychain
+    lookups), which would otherwise hold every commit of the worker back while it waits.
+    The batch's records are not acked before the gate, so no commit can count them yet.
     """
     accepted = frozenset(accept) if accept is not None else None
     limit = settings.max_event_bytes
     async for events in event_batches(
         stream, max_batch or settings.batch_max, within_s or settings.batch_within_s
     ):
+        good: list[Inbound] = []
+        bad: list[tuple[Any, PipelineError]] = []
+        topic_name = ""
+        for ev in events:
+            msg = ev.message
+            topic_name = msg.topic
+            try:
+                decoded = registry.decode(ev.value, max_bytes=limit)
+                if accepted is not None and decoded.type not in accepted:
+                    raise InvalidEvent(
+                        f"event type {decoded.type!r} does not belong on {msg.topic}",
+                        type=decoded.type,
+                    )
+            except PipelineError as exc:
+                bad.append((msg, exc))
+                continue
+            good.append(Inbound(decoded, msg))
+        if good and prepare is not None:
+            await prepare(good)
         if _EOS:
             # held until the caller asks for the next batch: `event_batches` then acks
             # this one before any other task runs, so no commit sees its outputs unacked
             await GATE.enter()
         try:
-            good: list[Inbound] = []
-            topic_name = ""
-            for ev in events:
-                msg = ev.message
-                topic_name = msg.topic
-                try:
-                    decoded = registry.decode(ev.value, max_bytes=limit)
-                    if accepted is not None and decoded.type not in accepted:
-                        raise InvalidEvent(
-                            f"event type {decoded.type!r} does not belong on {msg.topic}",
-                            type=decoded.type,
-                        )
-                except PipelineError as exc:
-                    await dead_letter(msg, exc, consumer)
-                    continue
-                good.append(Inbound(decoded, msg))
+            for msg, reason in bad:  # dead letters are outputs: inside the gate
+                await dead_letter(msg, reason, consumer)
             if events:
                 EVENTS_IN.labels(topic_name, consumer).inc(len(events))
             if good:

@@ -147,11 +147,15 @@ register_check("security.policies", _policies_health)
 async def enforce_policy(stream: Any) -> None:
     await STORE.ready.wait()
     writer = chain_writer(SECURITY_DECISIONS)
-    async for batch in decoded_batches(stream, consumer=CONSUMER, accept=[AgentMessage.TYPE]):
+    async for batch in decoded_batches(
+        stream,
+        consumer=CONSUMER,
+        accept=[AgentMessage.TYPE],
+        # under exactly-once a batch holds the commit gate: look keys up before it
+        prepare=_warm_keys if settings.processing_guarantee == "exactly_once" else None,
+    ):
         policies = STORE.policy_set
-        needed: set[KeyRequest] = set()
-        for inbound in batch:
-            needed |= required_keys(inbound.event.payload, policies)
+        needed = _needed(batch, policies)
         keys: KeyView = await KEYS.view(needed) if needed else _NO_KEYS
         outcomes: list[Outcome] = []
         for inbound in batch:
@@ -171,6 +175,21 @@ async def enforce_policy(stream: Any) -> None:
         for verdict, n in verdicts.items():
             DECISIONS.labels(verdict).inc(n)
         _count(counts)
+
+
+def _needed(batch: list[Inbound], policies: PolicySet) -> set[KeyRequest]:
+    needed: set[KeyRequest] = set()
+    for inbound in batch:
+        needed |= required_keys(inbound.event.payload, policies)
+    return needed
+
+
+async def _warm_keys(batch: list[Inbound]) -> None:
+    """Fetch the keys a batch will need into the cache, outside the commit gate (a slow
+    keychain then delays this agent, not every commit of the worker)."""
+    needed = _needed(batch, STORE.policy_set)
+    if needed:
+        await KEYS.view(needed)
 
 
 @dataclass(slots=True)
