@@ -29,7 +29,7 @@ from streams.observability import BREAKER_STATE, EVENTS_OUT, LLM_CALLS, LLM_LATE
 from streams.processing import Inbound, _producer, dead_letter, emit, watch_delivery
 from streams.resilience import RetryPolicy, Transition
 from streams.tables import llm as tables
-from streams.topics import LLM_BREAKER, LLM_CHUNKS, LLM_REQUESTS, LLM_RESPONSES
+from streams.topics import LLM_BREAKER, LLM_CHUNKS, LLM_RESPONSES
 
 log = logging.getLogger(__name__)
 
@@ -271,20 +271,27 @@ class CallRuntime:
         in the partitions this worker owns (tombstones in the changelog, so a recovering
         worker does not bring them back). Returns how many were deleted."""
         retention = settings.llm_dedup_retention_s
-        if retention <= 0:
+        if retention <= 0 or app.rebalancing or getattr(app, "in_recovery", False):
+            # partitions are moving: a tombstone could go to a partition this worker is
+            # losing (under exactly-once, to a transaction that no longer exists), or
+            # overtake a newer value still being recovered; the next sweep catches up
             return 0
         now = time.time() if now is None else now
-        requests_topic = settings.topic(LLM_REQUESTS)
         actives = app.assignor.assigned_actives()
-        owned = {tp.partition for tp in actives if tp.topic == requests_topic}
-        if not owned:
-            return 0
         n = tables.partitions()
         removed = 0
         for spec in (tables.RESPONSES_DONE, tables.CANCELLED):
             table = tables.table(spec.name)
+            changelog = table.changelog_topic.get_topic_name()
+            # the worker actively owning a key's changelog partition writes its tombstone
+            owned = {tp.partition for tp in actives if tp.topic == changelog}
+            if not owned:
+                continue
             keys = tables.expired_keys(
-                table.items(), now, retention, lambda k: tables.partition_of(k, n) in owned
+                table.items(),
+                now,
+                retention,
+                lambda k, owned=owned: tables.partition_of(k, n) in owned,  # type: ignore[misc]
             )
             for key in keys:
                 if not self.answered_or_inflight(key):

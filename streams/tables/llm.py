@@ -8,8 +8,9 @@ request id in here already has its final response and is not sent to a provider 
 ``llm_cancelled`` — {request id: {"reason", "at"}} from `llm.cancellations`: a request that
 arrives after its cancellation is answered "cancelled" without calling the provider.
 Both keep an entry for `AGENTSTREAM_LLM_DEDUP_RETENTION_S` after its event time `at`
-(default one day), then the worker owning its partition deletes it (`expired_keys`);
-without that they would grow with every request, in memory and in the changelog.
+(default one day), then the worker owning its changelog partition deletes it
+(`expired_keys`); without that they would grow with every request, in memory and in the
+changelog.
 ``llm_breakers`` — {provider: last transition} from `llm.breaker`.
 ``llm_usage`` — {"<partition>|agent|<id>", "<partition>|provider|<p>",
 "<partition>|model|<p>|<m>": totals} from `llm.responses`.
@@ -77,13 +78,14 @@ def retention_s() -> float:
 
 def entry_expired(value: Any, now: float, retention: float | None = None) -> bool:
     """Whether a dedup or cancellation entry is past the retention at epoch time `now`
-    (`AGENTSTREAM_LLM_DEDUP_RETENTION_S`; 0 keeps entries forever, and entries written
-    before they carried `at` are kept too)."""
+    (`AGENTSTREAM_LLM_DEDUP_RETENTION_S`; 0 keeps entries forever). An entry without
+    `at` (written by a version before the retention) counts as expired: its age is
+    unknown, and keeping it would keep it forever."""
     r = retention_s() if retention is None else retention
     if r <= 0 or not isinstance(value, dict):
         return False
     at = value.get("at")
-    return isinstance(at, int | float) and at + r <= now
+    return not isinstance(at, int | float) or at + r <= now
 
 
 def expired_keys(
@@ -98,11 +100,12 @@ def expired_keys(
 
     Entries are scanned in insertion order, which is event-time order for what this
     worker wrote and per-partition order for what it recovered, and the scan stops at
-    the first owned entry that is still within the retention: a sweep costs about what
-    it removes, not the table's size. So an entry lives at least `retention` and, when a
-    recovered partition sits behind younger entries, at most about twice that. Entries
-    of partitions this worker does not own (standby copies) are skipped, never removed:
-    their owner writes their tombstones.
+    the first owned entry that is within the retention: a sweep costs about what it
+    removes, not the table's size. So an entry lives at least `retention` and, when a
+    recovered partition sits behind younger entries, at most about twice that. An entry
+    dated in the future (a cancellation's event time comes from its producer's clock) is
+    passed over, not stopped at. Entries of partitions this worker does not own (standby
+    copies) are skipped, never removed: their owner writes their tombstones.
     """
     out: list[str] = []
     if retention <= 0:
@@ -111,6 +114,8 @@ def expired_keys(
         if not owned(key):
             continue
         if not entry_expired(value, now, retention):
+            if value["at"] > now:
+                continue
             break
         out.append(key)
         if len(out) >= limit:

@@ -52,26 +52,30 @@ def test_entries_are_dated_by_event_time_for_the_retention() -> None:
     assert not t.entry_expired(entry, 1767225600 + day - 1, day)
     assert t.entry_expired(entry, 1767225600 + day, day)
     assert not t.entry_expired(entry, 1767225600 + 10 * day, 0)  # 0: kept forever
-    assert not t.entry_expired({"status": "completed"}, 2e9, day)  # written before `at`
+    # written before entries were dated: age unknown, so it goes (or it would stay forever)
+    assert t.entry_expired({"status": "completed"}, 1767225600, day)
 
 
 def test_expired_keys_scan_owned_entries_oldest_first_and_stop_at_a_young_one() -> None:
     day = 86400.0
     now = 1767225600 + 3 * day
     items = [
+        ("legacy-mine", {"status": "completed"}),  # undated (older version): goes
+        ("future-mine", {"at": now + day}),  # a producer's clock ahead: passed over
         ("old-mine-1", {"at": 1767225600}),
         ("old-theirs", {"at": 1767225600}),  # a standby copy: never ours to delete
         ("old-mine-2", {"at": 1767225600 + day}),
         ("young-mine", {"at": now - 60}),
         ("old-after-young", {"at": 1767225600}),  # behind a young one: a later sweep
     ]
-    mine = {"old-mine-1", "old-mine-2", "young-mine", "old-after-young"}
+    mine = {k for k, _ in items} - {"old-theirs"}
     keys = t.expired_keys(items, now, day, mine.__contains__)
-    assert keys == ["old-mine-1", "old-mine-2"]
-    assert t.expired_keys(items, now, day, mine.__contains__, limit=1) == ["old-mine-1"]
+    assert keys == ["legacy-mine", "old-mine-1", "old-mine-2"]
+    assert t.expired_keys(items, now, day, mine.__contains__, limit=1) == ["legacy-mine"]
     assert t.expired_keys(items, now, 0, mine.__contains__) == []
     # once the young one is gone, the next sweep reaches what was behind it
-    rest = [kv for kv in items if kv[0] not in {"old-mine-1", "old-mine-2", "young-mine"}]
+    gone = {"legacy-mine", "old-mine-1", "old-mine-2", "young-mine"}
+    rest = [kv for kv in items if kv[0] not in gone]
     assert t.expired_keys(rest, now, day, mine.__contains__) == ["old-after-young"]
 
 
