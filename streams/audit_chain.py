@@ -31,6 +31,7 @@ from aiokafka import TopicPartition
 from schemas import Event, encode, registry
 from schemas.errors import SchemaError
 from streams.client import group_less_consumer
+from streams.errors import BrokerError
 
 log = logging.getLogger(__name__)
 
@@ -55,20 +56,23 @@ async def last_hash(bootstrap: str, topic: str, partition: int, lookback: int = 
     """The `hash` of the newest sealed record in a partition (GENESIS when it has none).
 
     Reads the last `lookback` offsets, and further back, eight times as far each round,
-    while they hold no sealed record. Under exactly-once a crash leaves aborted
-    transactions (and their commit markers) at the end of the log, which a read-committed
-    reader skips: a worker killed with more than `lookback` records in flight would
-    otherwise find nothing, restart the chain at GENESIS and break it for `verify`.
+    while they hold no sealed record, down to the partition's first retained offset.
+    Under exactly-once a crash leaves aborted transactions (and their commit markers) at
+    the end of the log, which a read-committed reader skips: a worker killed with more
+    than `lookback` records in flight would otherwise find nothing, restart the chain at
+    GENESIS and break it for `verify`. A partition that stops answering raises
+    `BrokerError` rather than return an older head, which would fork the chain.
     """
-    consumer = group_less_consumer(bootstrap, "chain-head")
+    consumer = group_less_consumer(bootstrap, "chain-head", auto_offset_reset="earliest")
     await consumer.start()
     try:
         tp = TopicPartition(topic, partition)
         consumer.assign([tp])
         end = (await consumer.end_offsets([tp]))[tp]
+        first = (await consumer.beginning_offsets([tp]))[tp]
         start = end
-        while start > 0:
-            start, stop = max(0, start - lookback), start
+        while start > first:
+            start, stop = max(first, start - lookback), start
             newest = await _newest_hash(consumer, tp, start, stop)
             if newest is not None:
                 return newest
@@ -78,21 +82,28 @@ async def last_hash(bootstrap: str, topic: str, partition: int, lookback: int = 
         await consumer.stop()
 
 
+#: seconds a chain-head read may go without its position moving before it gives up
+STALL_S = 10.0
+
+
 async def _newest_hash(consumer: Any, tp: TopicPartition, start: int, stop: int) -> str | None:
     """The hash of the newest sealed record at offsets [start, stop), if any."""
     consumer.seek(tp, start)
     newest = None
-    idle = 0
+    loop = asyncio.get_running_loop()
+    position = start
+    moved = loop.time()
     # short polls: a transaction marker ends the range under exactly-once, and reading
     # past it returns no record, only a new position
-    while await consumer.position(tp) < stop:
+    while (now_at := await consumer.position(tp)) < stop:
+        if now_at != position:
+            position, moved = now_at, loop.time()
+        elif loop.time() - moved > STALL_S:
+            raise BrokerError(
+                f"reading the chain head of {tp.topic}[{tp.partition}] made no progress "
+                f"for {STALL_S:g}s at offset {position}"
+            )
         batch = await consumer.getmany(tp, timeout_ms=100)
-        if not batch:
-            idle += 1
-            if idle >= 20:  # 2 s without progress: the broker is not answering
-                break
-            continue
-        idle = 0
         for rec in batch.get(tp, []):
             if rec.offset >= stop:
                 return newest

@@ -9,7 +9,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, RecordsToDelete
 
 from schemas import Event, PolicyDecision, encode, registry
 from schemas.security import Verdict
@@ -134,5 +135,15 @@ async def test_chain_head_found_behind_a_long_aborted_transaction(
         await zombie.abort_transaction()
     finally:
         await zombie.stop()
+    assert await last_hash(settings.bootstrap, topic, 1) == head
+
+    # retention deleted the older records: the search must stop at the log start, not
+    # seek below it (out of range, the reader would jump to the end and find nothing)
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap)
+    await admin.start()
+    try:
+        await admin.delete_records({TopicPartition(topic, 1): RecordsToDelete(2)})
+    finally:
+        await admin.close()
     assert await last_hash(settings.bootstrap, topic, 1) == head
     assert await last_hash(settings.bootstrap, topic, 0) == GENESIS  # empty partition
