@@ -84,6 +84,8 @@ async def decoded_batches(
     exactly-once commit gate: for I/O the batch needs that produces nothing (keychain
     lookups), which would otherwise hold every commit of the worker back while it waits.
     The batch's records are not acked before the gate, so no commit can count them yet.
+    An error in `prepare` is logged and the batch goes on (it must not lose the batch's
+    dead letters, which are sent inside the gate).
     """
     accepted = frozenset(accept) if accept is not None else None
     limit = settings.max_event_bytes
@@ -108,7 +110,10 @@ async def decoded_batches(
                 continue
             good.append(Inbound(decoded, msg))
         if good and prepare is not None:
-            await prepare(good)
+            try:
+                await prepare(good)
+            except Exception:  # an optimisation: the batch still does what it needs itself
+                log.exception("%s: preparing a batch of %d failed", consumer, len(good))
         if _EOS:
             # held until the caller asks for the next batch: `event_batches` then acks
             # this one before any other task runs, so no commit sees its outputs unacked

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from typing import Any
+from urllib.parse import quote
 
 import click
 
@@ -27,7 +28,7 @@ def agents_group() -> None:
 def agents_status(agent_id: str | None, state: str | None, as_json: bool) -> None:
     """Show the status of AGENT_ID, or of every agent."""
     if agent_id:
-        resp = worker_call(f"/agents/status/{agent_id}", allow=(404,))
+        resp = worker_call(f"/agents/status/{quote(agent_id, safe='')}", allow=(404,))
         if resp.status_code == 404:
             raise click.ClickException(f"unknown agent {agent_id!r}")
         data: Any = resp.json()

@@ -63,7 +63,10 @@ def worker_call(
 
     url = (base or web_root()).rstrip("/") + path
     try:
-        resp = httpx.request(method, url, params=params, timeout=timeout)
+        # a worker is reached directly: HTTP_PROXY from the environment would route
+        # loopback and cluster-internal addresses through a proxy
+        with httpx.Client(trust_env=False, timeout=timeout) as http:
+            resp = http.request(method, url, params=params)
     except httpx.TimeoutException as exc:
         raise click.ClickException(f"the worker at {url} did not answer in {timeout:g}s") from exc
     except httpx.HTTPError as exc:

@@ -28,6 +28,8 @@ class Handler(BaseHTTPRequestHandler):
             self._send(503, {"error": "partition 3 has no owner right now", "partition": 3})
         elif self.path.startswith("/agents/status/nobody"):
             self._send(404, {"error": "unknown agent"})
+        elif self.path == "/agents/status/team%2Fa1":  # an id with a slash, quoted
+            self._send(200, {**ROW, "agent_id": "team/a1", "beats": 1})
         elif self.path.startswith("/agents/status/a1"):
             self._send(200, {**ROW, "beats": 4})
         elif self.path.startswith("/comms"):
@@ -68,6 +70,9 @@ def test_answers_and_errors_of_a_worker_view(worker_port: int) -> None:
     runner = CliRunner()
     ok = runner.invoke(cli, ["agents", "status", "a1"])
     assert ok.exit_code == 0 and "a1" in ok.output and "beats 4" in ok.output
+
+    slash = runner.invoke(cli, ["agents", "status", "team/a1"])
+    assert slash.exit_code == 0 and "team/a1" in slash.output, slash.output
 
     busy = runner.invoke(cli, ["agents", "status", "rebalancing"])
     assert busy.exit_code == 1

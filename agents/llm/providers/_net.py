@@ -23,6 +23,7 @@ own exceptions (which httpx maps onto its own), exactly as the anyio backend doe
 from __future__ import annotations
 
 import asyncio
+import collections
 import ssl
 import typing
 
@@ -36,7 +37,7 @@ HIGH_WATER = 1 << 20
 class _Protocol(asyncio.Protocol):
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
-        self.buffer: list[bytes] = []
+        self.buffer: collections.deque[bytes] = collections.deque()
         self.buffered = 0
         self.eof = False
         self.error: Exception | None = None
@@ -120,12 +121,20 @@ class AsyncioStream(httpcore.AsyncNetworkStream):
                 raise httpcore.ReadError(f"connection lost: {p.error}")
             return b""  # closed by the peer
         buf = p.buffer
-        data = buf[0] if len(buf) == 1 else b"".join(buf)
-        buf.clear()
-        if len(data) > max_bytes:
-            buf.append(data[max_bytes:])
-            data = data[:max_bytes]
-        p.buffered = len(buf[0]) if buf else 0
+        # whole chunks up to max_bytes (a token stream: one chunk), splitting only the
+        # last one: a backlog is copied once, not once per read
+        parts: list[bytes] = []
+        size = 0
+        while buf and size < max_bytes:
+            chunk = buf.popleft()
+            if size + len(chunk) > max_bytes:
+                cut = max_bytes - size
+                buf.appendleft(chunk[cut:])
+                chunk = chunk[:cut]
+            parts.append(chunk)
+            size += len(chunk)
+        data = parts[0] if len(parts) == 1 else b"".join(parts)
+        p.buffered -= size
         if p.reading_paused and p.buffered <= HIGH_WATER // 2:
             p.reading_paused = False
             self._transport.resume_reading()
@@ -205,12 +214,20 @@ class AsyncioBackend(httpcore.AsyncNetworkBackend):
         socket_options: typing.Iterable[httpcore.SOCKET_OPTION] | None = None,
     ) -> httpcore.AsyncNetworkStream:
         local = (local_address, 0) if local_address else None
-        return await _connect(
-            lambda loop, factory: loop.create_connection(factory, host, port, local_addr=local),
-            f"{host}:{port}",
-            timeout,
-            socket_options,
-        )
+
+        def opener(
+            loop: asyncio.AbstractEventLoop, factory: typing.Callable[[], _Protocol]
+        ) -> typing.Awaitable[tuple[asyncio.BaseTransport, typing.Any]]:
+            if type(loop).__module__.startswith("uvloop"):
+                # uvloop has no happy_eyeballs_delay: it tries the addresses in turn
+                return loop.create_connection(factory, host, port, local_addr=local)
+            # race a host's addresses 250 ms apart (RFC 8305), as anyio's backend does:
+            # a silently dropped IPv6 route falls back to IPv4 instead of timing out
+            return loop.create_connection(
+                factory, host, port, local_addr=local, happy_eyeballs_delay=0.25
+            )
+
+        return await _connect(opener, f"{host}:{port}", timeout, socket_options)
 
     async def connect_unix_socket(
         self,
