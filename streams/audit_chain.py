@@ -66,20 +66,30 @@ async def last_hash(bootstrap: str, topic: str, partition: int, lookback: int = 
     consumer = group_less_consumer(bootstrap, "chain-head", auto_offset_reset="earliest")
     await consumer.start()
     try:
-        tp = TopicPartition(topic, partition)
-        consumer.assign([tp])
-        end = (await consumer.end_offsets([tp]))[tp]
-        first = (await consumer.beginning_offsets([tp]))[tp]
-        start = end
-        while start > first:
-            start, stop = max(first, start - lookback), start
-            newest = await _newest_hash(consumer, tp, start, stop)
-            if newest is not None:
-                return newest
-            lookback *= 8
-        return GENESIS
+        # bounded as a whole: a chain writer waits for this with its partition locked
+        async with asyncio.timeout(HEAD_TIMEOUT_S):
+            tp = TopicPartition(topic, partition)
+            consumer.assign([tp])
+            end = (await consumer.end_offsets([tp]))[tp]
+            first = (await consumer.beginning_offsets([tp]))[tp]
+            start = end
+            while start > first:
+                start, stop = max(first, start - lookback), start
+                newest = await _newest_hash(consumer, tp, start, stop)
+                if newest is not None:
+                    return newest
+                lookback *= 8
+            return GENESIS
+    except TimeoutError:
+        raise BrokerError(
+            f"reading the chain head of {topic}[{partition}] took over {HEAD_TIMEOUT_S:g}s"
+        ) from None
     finally:
         await consumer.stop()
+
+
+#: seconds a chain-head lookup may take in all
+HEAD_TIMEOUT_S = 60.0
 
 
 #: seconds a chain-head read may go without its position moving before it gives up
