@@ -81,5 +81,11 @@ async def test_uvloop_worker_answers_llm_requests(
             assert [c.sequence for c in seq] == list(range(len(seq)))
             assert "".join(c.delta for c in seq) == response.content
         assert worker.alive(), worker.tail()
+
+        # SIGUSR1 (Faust's worker) prints every task's stack: the stall diagnosis the
+        # crash tests rely on, on uvloop too; the worker keeps running
+        dump = worker.task_dump()
+        assert "call_llm" in dump and "agents/llm/agent.py" in dump, dump[:2000]
+        assert worker.alive()
     finally:
         worker.stop()

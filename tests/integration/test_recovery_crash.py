@@ -262,10 +262,12 @@ async def test_exactly_once_kill9_restart_no_duplicates_tables_equal_rebuild(
             open_tx = await diagnosis(
                 "open transactions", open_transaction_records(settings.bootstrap, accepted_topic)
             )
+            tail = worker.tail()
             raise AssertionError(
                 f"after the restart {len(want) - len(got)} of {len(want)} inputs were not "
                 f"forwarded within 90 s (read_committed); worker alive: {worker.alive()}; "
-                f"{open_tx} record(s) in open transactions\n{worker.tail()}"
+                f"{open_tx} record(s) in open transactions\n{tail}\n"
+                f"--- asyncio tasks of the stalled worker ---\n{worker.task_dump()}"
             ) from None
         ids = [input_id(ev) for ev in outputs]
         assert set(ids) == want
