@@ -3,7 +3,6 @@ the batch takes the commit gate, and its dead letters are sent inside it."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
@@ -11,18 +10,7 @@ import pytest
 import streams.processing as processing
 from schemas import AgentMessage, Event, encode
 from streams.processing import Inbound, decoded_batches
-from tests.unit.test_event_batches import App, Msg, Stream
-
-
-@dataclass(eq=False)
-class Ev:
-    message: Msg
-    value: bytes
-    acks: list[int] = field(default_factory=list)
-
-    def ack(self) -> bool:
-        self.acks.append(self.message.offset)
-        return True
+from tests.unit.test_event_batches import App, Ev, Msg, Stream
 
 
 class Gate:

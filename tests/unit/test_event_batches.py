@@ -32,6 +32,8 @@ class Msg:
 @dataclass(eq=False)
 class Ev:
     message: Msg
+    #: the record's bytes (for tests that decode them)
+    value: bytes = b""
     acks: list[int] = field(default_factory=list)
 
     def ack(self) -> bool:
