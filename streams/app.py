@@ -443,6 +443,14 @@ settings = get_settings()
 app = create_app(settings)
 
 
+@app.task
+async def _dump_tasks_on_sigusr2() -> None:
+    """`kill -USR2 <worker>` logs every task's await chain (streams.diagnostics)."""
+    from streams import diagnostics
+
+    diagnostics.install(asyncio.get_running_loop())
+
+
 @cache
 def catalogue_topic(name: str) -> Any:
     """The Faust topic for a catalogue entry (raw bytes in, raw bytes out)."""

@@ -138,29 +138,27 @@ class Worker:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def task_dump(self, timeout: float = 10, max_chars: int = 20_000) -> str:
-        """The stacks of every thread and asyncio task of the running worker: SIGUSR1
-        makes Faust's worker (mode) print them to its log. For the diagnosis of a stall:
-        which await each agent is stuck in. Empty when the worker is not running."""
+    def task_dump(self, timeout: float = 20) -> str:
+        """What every asyncio task of the running worker waits for: SIGUSR2 makes it log
+        each task's await chain (`streams.diagnostics`). For the diagnosis of a stall:
+        the line each agent is suspended at. Empty when the worker is not running."""
+        from streams.diagnostics import MARK
+
         if not self.alive() or self.proc is None:
             return ""
         start = self.log_path.stat().st_size
-        os.kill(self.proc.pid, signal.SIGUSR1)
+        os.kill(self.proc.pid, signal.SIGUSR2)
         deadline = time.monotonic() + timeout
-        size = start
+        text = ""
         while time.monotonic() < deadline:
-            time.sleep(0.2)  # polling the log file a subprocess writes (no event to await)
-            now = self.log_path.stat().st_size
-            if now > start and now == size:
-                break  # the dump was written and nothing more came in 0.2 s
-            size = now
-        with self.log_path.open("rb") as f:
-            f.seek(start)
-            text = f.read().decode(errors="replace")
-        # the task stacks, not mode's pretty-printed frame locals
-        tasks = text.split("TASKS", 1)
-        text = "TASKS" + tasks[1] if len(tasks) == 2 else text
-        return text[:max_chars]
+            time.sleep(0.1)  # polling a file a subprocess writes: there is no event to await
+            with self.log_path.open("rb") as f:
+                f.seek(start)
+                text = f.read().decode(errors="replace")
+            if f"end of {MARK}" in text:
+                break
+        begin = text.find(MARK)
+        return text[begin:] if begin >= 0 else text
 
     def kill(self) -> None:
         """kill -9, as a crash would."""

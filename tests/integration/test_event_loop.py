@@ -82,10 +82,10 @@ async def test_uvloop_worker_answers_llm_requests(
             assert "".join(c.delta for c in seq) == response.content
         assert worker.alive(), worker.tail()
 
-        # SIGUSR1 (Faust's worker) prints every task's stack: the stall diagnosis the
-        # crash tests rely on, on uvloop too; the worker keeps running
+        # SIGUSR2 logs every task's await chain, down to the agent's own line: the stall
+        # diagnosis the crash tests rely on, on uvloop too; the worker keeps running
         dump = worker.task_dump()
-        assert "call_llm" in dump and "agents/llm/agent.py" in dump, dump[:2000]
+        assert "agents/llm/agent.py" in dump and "in call_llm" in dump, dump[:3000]
         assert worker.alive()
     finally:
         worker.stop()

@@ -267,7 +267,7 @@ async def test_exactly_once_kill9_restart_no_duplicates_tables_equal_rebuild(
                 f"after the restart {len(want) - len(got)} of {len(want)} inputs were not "
                 f"forwarded within 90 s (read_committed); worker alive: {worker.alive()}; "
                 f"{open_tx} record(s) in open transactions\n{tail}\n"
-                f"--- asyncio tasks of the stalled worker ---\n{worker.task_dump()}"
+                f"--- await chains of the stalled worker ---\n{worker.task_dump()}"
             ) from None
         ids = [input_id(ev) for ev in outputs]
         assert set(ids) == want
