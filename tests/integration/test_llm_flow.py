@@ -81,6 +81,21 @@ def seen_for(server: LLMServer, rid: str) -> int:
     )
 
 
+async def start_llm_worker(
+    env: dict[str, str], tmp_path: Path
+) -> tuple[Settings, str, Topics, Worker, Client]:
+    """A worker with `env` (its AGENTSTREAM_* also set here, for the in-process client),
+    its web port, the output topics followed, and a started client."""
+    settings = Settings.from_env(env)
+    os.environ.update({k: v for k, v in env.items() if k.startswith("AGENTSTREAM_")})
+    topics = Topics(settings)
+    worker = Worker(env, tmp_path / "worker.log").start()
+    client = Client(settings)
+    await client.start()
+    await topics.start()
+    return settings, env["AGENTSTREAM_WEB_PORT"], topics, worker, client
+
+
 async def test_llm_stage_end_to_end(settings_env: dict[str, str], tmp_path: Path) -> None:
     server = LLMServer().start()
     providers = tmp_path / "providers.yaml"
@@ -99,14 +114,7 @@ async def test_llm_stage_end_to_end(settings_env: dict[str, str], tmp_path: Path
         "AGENTSTREAM_LLM_BREAKER_FAILURES": "3",
         "AGENTSTREAM_LLM_BREAKER_RESET_S": "1.5",
     }
-    settings = Settings.from_env(env)
-    os.environ.update({k: v for k, v in env.items() if k.startswith("AGENTSTREAM_")})
-    port = env["AGENTSTREAM_WEB_PORT"]
-    topics = Topics(settings)
-    worker = Worker(env, tmp_path / "worker.log").start()
-    client = Client(settings)
-    await client.start()
-    await topics.start()
+    _, port, topics, worker, client = await start_llm_worker(env, tmp_path)
     try:
         # -- streamed: chunks in order, then one sealed final response ------------------------
         server.script(Reply(words=["one", "two", "three", "four", "five"]))

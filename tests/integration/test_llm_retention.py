@@ -4,7 +4,6 @@ rebuild still equals the live table. Without this both tables grow with every re
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -12,10 +11,8 @@ import pytest
 from agents.audit.rebuild import read_changelog
 from schemas import Event
 from schemas.llm import LLMCancelRequested
-from streams.client import Client
-from streams.settings import Settings
-from tests.integration.test_llm_flow import Topics, req, view
-from tests.support import Worker, assert_rebuild_equal, await_until
+from tests.integration.test_llm_flow import req, start_llm_worker, view
+from tests.support import assert_rebuild_equal, await_until
 
 pytestmark = pytest.mark.integration
 
@@ -31,14 +28,7 @@ async def test_dedup_entries_expire_after_the_retention(
         "AGENTSTREAM_LLM_DEDUP_RETENTION_S": str(RETENTION_S),
     }
     audit_env = {**env, "AGENTSTREAM_AGENTS": "agents.audit"}
-    settings = Settings.from_env(env)
-    os.environ.update({k: v for k, v in env.items() if k.startswith("AGENTSTREAM_")})
-    port = env["AGENTSTREAM_WEB_PORT"]
-    topics = Topics(settings)
-    worker = Worker(env, tmp_path / "worker.log").start()
-    client = Client(settings)
-    await client.start()
-    await topics.start()
+    settings, port, topics, worker, client = await start_llm_worker(env, tmp_path)
     try:
         k1 = req("k1", "local")
         await client.publish("llm.requests", k1)
