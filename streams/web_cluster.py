@@ -281,19 +281,16 @@ async def gather(request: Any, local_body: Any, table: Any | None = None) -> Gat
     other agents does not serve the view at all; without, every member of the group, and
     one answering 404 is noted as not serving the view rather than missing.
     """
-    me = self_url()
-    missing_here: list[int] = []
+    result = Gathered(answers=[(self_url(), local_body)])
     if table is not None:
         by_partition = owners(table)
         peers = sorted({u for u in by_partition.values() if not is_self(u)})
-        unowned = sorted(set(range(partition_count(table))) - set(by_partition))
-        missing_here = unheld(table, by_partition)
+        result.unowned = sorted(set(range(partition_count(table))) - set(by_partition))
+        result.unheld = unheld(table, by_partition)
+        if result.unheld:
+            result.unheld_reason = unheld_message(table, result.unheld)
     else:
         peers = [u for u in members() if not is_self(u)]
-        unowned = []
-    result = Gathered(answers=[(me, local_body)], unowned=unowned, unheld=missing_here)
-    if missing_here and table is not None:
-        result.unheld_reason = unheld_message(table, missing_here)
     if not peers:
         return result
     async with _peer_client() as http:

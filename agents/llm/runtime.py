@@ -30,6 +30,7 @@ from streams.processing import Inbound, _producer, dead_letter, emit, watch_deli
 from streams.resilience import RetryPolicy, Transition
 from streams.tables import llm as tables
 from streams.topics import LLM_BREAKER, LLM_CHUNKS, LLM_RESPONSES
+from streams.web_cluster import active_partitions
 
 log = logging.getLogger(__name__)
 
@@ -277,14 +278,12 @@ class CallRuntime:
             # overtake a newer value still being recovered; the next sweep catches up
             return 0
         now = time.time() if now is None else now
-        actives = app.assignor.assigned_actives()
         n = tables.partitions()
         removed = 0
         for spec in (tables.RESPONSES_DONE, tables.CANCELLED):
             table = tables.table(spec.name)
-            changelog = table.changelog_topic.get_topic_name()
             # the worker actively owning a key's changelog partition writes its tombstone
-            owned = {tp.partition for tp in actives if tp.topic == changelog}
+            owned = active_partitions(table)
             if not owned:
                 continue
             keys = tables.expired_keys(
