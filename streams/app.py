@@ -26,6 +26,7 @@ import faust
 from faust.transport import by_url
 from faust.transport.consumer import CONSUMER_FETCHING
 from faust.transport.drivers import aiokafka as aiokafka_driver
+from faust.types import TP
 from mode.utils.objects import cached_property
 from mode.utils.queues import FlowControlEvent
 
@@ -448,7 +449,28 @@ async def _dump_tasks_on_sigusr2() -> None:
     """`kill -USR2 <worker>` logs every task's await chain (streams.diagnostics)."""
     from streams import diagnostics
 
-    diagnostics.install(asyncio.get_running_loop())
+    diagnostics.install(asyncio.get_running_loop(), _consumer_state)
+
+
+def _consumer_state() -> list[str]:
+    """Per assigned partition: paused in Faust / in aiokafka, aiokafka's fetch position
+    and highwater, records fetched but not yet handed to a stream (read from the
+    consumer thread's objects without locking: a diagnosis, not a decision)."""
+    consumer: Any = app.consumer
+    aio = consumer._thread._ensure_consumer()
+    assignment = aio._subscription.subscription.assignment
+    fetched = aio._fetcher._records
+    faust_paused = set(consumer._paused_partitions)
+    aio_paused = set(aio.paused())
+    lines = ["CONSUMER topic[partition] faust_paused aiokafka_paused position highwater fetched"]
+    for tp in sorted(assignment.tps):
+        state = assignment.state_value(tp)
+        lines.append(
+            f"    {tp.topic}[{tp.partition}] {TP(tp.topic, tp.partition) in faust_paused} "
+            f"{tp in aio_paused} {state.position if state.has_valid_position else None} "
+            f"{state.highwater} {tp in fetched}"
+        )
+    return lines
 
 
 @cache

@@ -16,6 +16,7 @@ import contextlib
 import gc
 import logging
 import signal
+from collections.abc import Callable
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -69,24 +70,34 @@ def _frame(obj: Any) -> Any:
     )
 
 
-def dump_tasks(loop: asyncio.AbstractEventLoop | None = None) -> str:
-    """Every task of the loop with its await chain, as text."""
+def dump_tasks(
+    loop: asyncio.AbstractEventLoop | None = None,
+    extra: Callable[[], list[str]] | None = None,
+) -> str:
+    """Every task of the loop with its await chain, as text; then `extra`'s lines (the
+    worker adds its consumer's partition state: an agent idle on its queue is only half
+    the story)."""
     tasks = sorted(asyncio.all_tasks(loop), key=lambda t: t.get_name())
     lines = [f"{MARK}: {len(tasks)} tasks"]
     for task in tasks:
         lines.append(f"TASK {task.get_name()} {_short(task.get_coro())}")
         lines.extend(f"    {frame}" for frame in await_chain(task))
+    if extra is not None:
+        try:
+            lines.extend(extra())
+        except Exception as exc:  # a diagnosis must not fail on what it diagnoses
+            lines.append(f"(more state unavailable: {type(exc).__name__}: {exc})")
     lines.append(f"end of {MARK}")
     return "\n".join(lines)
 
 
-def install(loop: asyncio.AbstractEventLoop) -> bool:
+def install(loop: asyncio.AbstractEventLoop, extra: Callable[[], list[str]] | None = None) -> bool:
     """Log `dump_tasks` on SIGUSR2 (where the platform has it); returns whether it could."""
     sig = getattr(signal, "SIGUSR2", None)
     if sig is None:
         return False
     with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-        loop.add_signal_handler(sig, lambda: log.warning("%s", dump_tasks(loop)))
+        loop.add_signal_handler(sig, lambda: log.warning("%s", dump_tasks(loop, extra)))
         return True
     return False
 

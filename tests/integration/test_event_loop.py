@@ -86,6 +86,11 @@ async def test_uvloop_worker_answers_llm_requests(
         # diagnosis the crash tests rely on, on uvloop too; the worker keeps running
         dump = worker.task_dump()
         assert "agents/llm/agent.py" in dump and "in call_llm" in dump, dump[:3000]
+        # and the consumer's state of each assigned partition (False = not paused)
+        requests = settings.topic("llm.requests")
+        assert any(
+            line.strip().startswith(f"{requests}[0] False False") for line in dump.splitlines()
+        ), dump[-3000:]
         assert worker.alive()
     finally:
         worker.stop()
