@@ -452,24 +452,45 @@ async def _dump_tasks_on_sigusr2() -> None:
     diagnostics.install(asyncio.get_running_loop(), _consumer_state)
 
 
+#: per agent stream, `streams.processing.event_batches`' marks {partition: (consumer
+#: generation, highest offset handed to the agent)}, shown by the task dump
+HANDED_MARKS: dict[str, dict[Any, tuple[int, int]]] = {}
+
+
 def _consumer_state() -> list[str]:
     """Per assigned partition: paused in Faust / in aiokafka, aiokafka's fetch position
-    and highwater, records fetched but not yet handed to a stream (read from the
-    consumer thread's objects without locking: a diagnosis, not a decision)."""
+    and highwater, records fetched but not yet handed to a stream, Faust's committed and
+    read offsets and acked offsets not yet committed (read from the consumer thread's
+    objects without locking: a diagnosis, not a decision); then what each agent was
+    handed and the exactly-once commit gate."""
+    from streams.eos import GATE
+
     consumer: Any = app.consumer
     aio = consumer._thread._ensure_consumer()
     assignment = aio._subscription.subscription.assignment
     fetched = aio._fetcher._records
     faust_paused = set(consumer._paused_partitions)
     aio_paused = set(aio.paused())
-    lines = ["CONSUMER topic[partition] faust_paused aiokafka_paused position highwater fetched"]
+    lines = [
+        f"CONSUMER generation {app.consumer_generation_id}; topic[partition] faust_paused "
+        "aiokafka_paused position highwater fetched committed read acked(n min..max)"
+    ]
     for tp in sorted(assignment.tps):
         state = assignment.state_value(tp)
+        ftp = TP(tp.topic, tp.partition)
+        acked = list(consumer._acked.get(ftp, ()))
+        span = f"{len(acked)} {min(acked)}..{max(acked)}" if acked else "0"
         lines.append(
-            f"    {tp.topic}[{tp.partition}] {TP(tp.topic, tp.partition) in faust_paused} "
+            f"    {tp.topic}[{tp.partition}] {ftp in faust_paused} "
             f"{tp in aio_paused} {state.position if state.has_valid_position else None} "
-            f"{state.highwater} {tp in fetched}"
+            f"{state.highwater} {tp in fetched} {consumer._committed_offset.get(ftp)} "
+            f"{consumer._read_offset.get(ftp)} {span}"
         )
+    lines.append(f"UNACKED {len(consumer._unacked_messages)} message(s)")
+    for stream, marks in HANDED_MARKS.items():
+        handed = ", ".join(f"{tp.topic}[{tp.partition}]={m[1]}@{m[0]}" for tp, m in marks.items())
+        lines.append(f"HANDED {stream}: {handed or '-'}")
+    lines.append(f"GATE active {GATE.active} committing {GATE.committing}")
     return lines
 
 

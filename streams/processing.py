@@ -27,7 +27,7 @@ from typing import Any
 
 from schemas import DeadLetter, Event, encode, registry
 from schemas.errors import InvalidEvent, PipelineError
-from streams.app import app, catalogue_topic, delivery_failed, settings
+from streams.app import HANDED_MARKS, app, catalogue_topic, delivery_failed, settings
 from streams.eos import GATE, SOURCE, transactional_id_for
 from streams.observability import DEAD_LETTERS, EVENTS_IN, EVENTS_OUT, SEND_FAILURES
 from streams.tables.writer import flush_pending, pending_writes
@@ -162,6 +162,8 @@ async def event_batches(stream: Any, max_batch: int, within_s: float) -> AsyncIt
     #: of input forwarded twice after a quick restart (tests/integration/
     #: test_security_accounting.py). Records at or below the mark are such copies.
     handed: dict[Any, tuple[int, int]] = {}
+    mark_key = str(getattr(stream, "shortlabel", None) or id(stream))
+    HANDED_MARKS[mark_key] = handed
     started = await stream.maybe_start()
     try:
         while not stream.should_stop:
@@ -224,6 +226,7 @@ async def event_batches(stream: Any, max_batch: int, within_s: float) -> AsyncIt
                     if ev.ack():
                         sensors.on_message_out(ev.message.tp, ev.message.offset, ev.message)
     finally:
+        HANDED_MARKS.pop(mark_key, None)
         if started:
             await stream.stop()
             stream.service_reset()

@@ -91,6 +91,8 @@ async def test_uvloop_worker_answers_llm_requests(
         assert any(
             line.strip().startswith(f"{requests}[0] False False") for line in dump.splitlines()
         ), dump[-3000:]
+        # what each agent was handed and the exactly-once gate (idle: at-least-once)
+        assert "GATE active 0 committing False" in dump, dump[-3000:]
         assert worker.alive()
     finally:
         worker.stop()
