@@ -19,6 +19,7 @@ import asyncio
 import gc
 import socket
 import sys
+import weakref
 from functools import cache
 from typing import Any
 
@@ -121,10 +122,28 @@ class RefetchingFlowControl(FlowControlEvent):
             if getattr(item, "message", None) is not None
         ]
         super().clear()
+        consumer = self._app.consumer
+        if not isinstance(consumer, BatchDeliveryConsumer):
+            return
+        # The record being delivered right now is past the await at which this clear ran
+        # (Faust's on_message waits for flow control and for the producer buffer to
+        # ebb): it lands in a queue AFTER the clear, ahead of the cleared records before
+        # it, which are fetched again. Handed out first, it would make those look like
+        # copies of records already handed (`streams.processing.event_batches`), skipped
+        # and never processed, and the commit would pass over them (seen as a kill -9
+        # test losing a partition's first few hundred records). So it is stale: agents
+        # drop it and it is fetched again with the others.
+        delivering = consumer._delivering
+        if delivering is not None:
+            STALE_DELIVERIES.add(delivering)
+            dropped.append(delivering)
         if dropped:
-            consumer = self._app.consumer
-            if isinstance(consumer, BatchDeliveryConsumer):
-                consumer.refetch(dropped)
+            consumer.refetch(dropped)
+
+
+#: Records delivered to stream queues after those queues were cleared, which agents must
+#: not handle (`RefetchingFlowControl.clear`); held weakly: a record's entry goes with it.
+STALE_DELIVERIES: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
 #: CPython collects generation 0 every 700 allocations; an agent holding a decoded batch
@@ -180,8 +199,10 @@ class BatchDeliveryConsumer:
 
     #: per partition, the lowest offset of a record dropped before any stream read it
     _refetch_from: dict[Any, int] | None = None
-    #: bumped by every `refetch`: a batch being delivered then stops, see `deliver`
+    #: bumped by every `refetch`: a batch being delivered then stops, see `_deliver`
     _refetch_epoch = 0
+    #: the record whose delivery to the streams (Faust's on_message) is under way
+    _delivering: Any = None
 
     def refetch(self: Any, messages: list[Any]) -> None:
         """Fetch these records again: they were dropped before a stream read them."""
@@ -303,41 +324,46 @@ class BatchDeliveryConsumer:
         ok: bool = await super()._commit(offsets)  # type: ignore[misc]
         return ok
 
-    async def _drain_messages(self: Any, fetcher: Any) -> None:  # pragma: no cover - worker
+    async def _deliver(self: Any, batch: list[tuple[Any, Any]]) -> None:
+        """Hand a fetched batch to the streams (Faust's per-record work, see the class)."""
         callback = self.callback
         get_read_offset = self._read_offset.__getitem__
         set_read_offset = self._read_offset.__setitem__
         commit_every = self._commit_every
         acks_enabled_for = self.app.topics.acks_enabled_for
-
-        async def deliver(batch: list[tuple[Any, Any]]) -> None:
-            epoch = self._refetch_epoch
-            for i, (tp, message) in enumerate(batch, 1):
-                if i % 100 == 0:
-                    await asyncio.sleep(0)  # let web views and timers run
+        epoch = self._refetch_epoch
+        for i, (tp, message) in enumerate(batch, 1):
+            if i % 100 == 0:
+                await asyncio.sleep(0)  # let web views and timers run
+            offset = message.offset
+            r_offset = get_read_offset(tp)
+            if r_offset is None or offset >= r_offset:
+                gap = offset - (r_offset or 0)
+                if gap > 1 and r_offset and acks_enabled_for(message.topic):
+                    await self._add_gap(tp, r_offset + 1, offset)
+                if commit_every is not None and self._n_acked >= commit_every:
+                    self._n_acked = 0
+                    await self.commit()
+                # checked after the awaits above, right before the record goes out
                 if self._refetch_epoch != epoch:
                     # Queues were just emptied and will be refilled from a lower offset:
                     # delivering the rest now would deliver it twice.
                     self.refetch([m for _, m in batch[i - 1 :]])
                     return
-                offset = message.offset
-                r_offset = get_read_offset(tp)
-                if r_offset is None or offset >= r_offset:
-                    gap = offset - (r_offset or 0)
-                    if gap > 1 and r_offset and acks_enabled_for(message.topic):
-                        await self._add_gap(tp, r_offset + 1, offset)
-                    if commit_every is not None and self._n_acked >= commit_every:
-                        self._n_acked = 0
-                        await self.commit()
-                    try:
-                        await callback(message)
-                    except asyncio.CancelledError:
-                        # a rebalance (suspend_flow), stop or crash: the rest of the batch
-                        # must be fetched again
-                        self.refetch([m for _, m in batch[i - 1 :]])
-                        raise
-                    set_read_offset(tp, offset)
+                self._delivering = message
+                try:
+                    await callback(message)
+                except asyncio.CancelledError:
+                    # a rebalance (suspend_flow), stop or crash: the rest of the batch
+                    # must be fetched again
+                    self.refetch([m for _, m in batch[i - 1 :]])
+                    raise
+                finally:
+                    self._delivering = None
+                set_read_offset(tp, offset)
 
+    async def _drain_messages(self: Any, fetcher: Any) -> None:  # pragma: no cover - worker
+        deliver = self._deliver
         try:
             while not (self._stopped.is_set() or fetcher._stopped.is_set()):
                 if self._refetch_from:

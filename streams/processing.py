@@ -27,7 +27,14 @@ from typing import Any
 
 from schemas import DeadLetter, Event, encode, registry
 from schemas.errors import InvalidEvent, PipelineError
-from streams.app import HANDED_MARKS, app, catalogue_topic, delivery_failed, settings
+from streams.app import (
+    HANDED_MARKS,
+    STALE_DELIVERIES,
+    app,
+    catalogue_topic,
+    delivery_failed,
+    settings,
+)
 from streams.eos import GATE, SOURCE, transactional_id_for
 from streams.observability import DEAD_LETTERS, EVENTS_IN, EVENTS_OUT, SEND_FAILURES
 from streams.tables.writer import flush_pending, pending_writes
@@ -193,6 +200,10 @@ async def event_batches(stream: Any, max_batch: int, within_s: float) -> AsyncIt
             generation = app_.consumer_generation_id
             for ev in raw:
                 msg = ev.message
+                if STALE_DELIVERIES and msg in STALE_DELIVERIES:
+                    # put in the queue after a clear that dropped records before it: it
+                    # is fetched again with them (streams.app.RefetchingFlowControl)
+                    continue
                 if not active or msg.generation_id != generation:
                     skipped.append(ev)
                     continue

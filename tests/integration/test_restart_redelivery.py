@@ -8,10 +8,14 @@ mechanism itself on the app's real flow control, queues and consumer, determinis
 
 from __future__ import annotations
 
+import asyncio
+
+import pytest
 from aiokafka import ConsumerRecord
 from faust.types import TP, Message
 
-from streams.app import RefetchingFlowControl, app
+from streams.app import STALE_DELIVERIES, RefetchingFlowControl, app
+from tests.support import await_until
 
 TOPIC = "redelivery.agent.messages"
 
@@ -63,3 +67,46 @@ def test_records_fetched_but_not_handed_out_are_fetched_again() -> None:
     consumer._refetch_undelivered(fetched, handed_out)
 
     assert consumer._refetch_from == {p0: 11, p1: 3}
+
+
+async def test_a_record_delivered_across_a_clear_is_fetched_again_not_handed_out(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Faust's on_message can await (flow control, the producer buffer ebbing) before it
+    # puts a record into the stream queues; a clear meanwhile drops the records before it
+    # and the record lands in the queue after them. Handed out, it would make the
+    # refetched records before it look like copies already handed (never processed).
+    consumer = app.consumer
+    consumer._refetch_from = None
+    tp = TP(TOPIC, 0)
+    consumer._read_offset.pop(tp, None)
+    queue = app.FlowControlQueue(maxsize=0, clear_on_resume=True)
+    for offset in (3, 4):  # delivered earlier, not yet read by the agent
+        queue.put_nowait(_event(0, offset))
+    ebb = asyncio.Event()
+    put: list[int] = []
+
+    async def on_message(message: Message) -> None:
+        await ebb.wait()
+        queue.put_nowait(app.create_event(None, b"v", {}, message))
+        put.append(message.offset)
+
+    monkeypatch.setattr(consumer, "callback", on_message)
+    batch = [
+        (tp, Message(TOPIC, 0, o, 0.0, 0, None, None, b"v", None, generation_id=1)) for o in (5, 6)
+    ]
+    delivery = asyncio.create_task(consumer._deliver(batch))
+    await await_until(
+        lambda: consumer._delivering is batch[0][1], 2, interval=0.01, what="delivery under way"
+    )
+
+    app.flow_control.resume()  # recovery resumes flow: the queues are cleared
+    ebb.set()
+    await asyncio.wait_for(delivery, 2)
+
+    assert put == [5]  # the record under way went out; the rest of the batch did not
+    [late] = [item.message for item in queue._queue]
+    assert late.offset == 5 and late in STALE_DELIVERIES
+    # everything from the lowest dropped offset is fetched again, the late record too
+    assert consumer._refetch_from == {tp: 3}
+    assert consumer._delivering is None

@@ -13,6 +13,7 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
+from streams.app import STALE_DELIVERIES
 from streams.processing import event_batches
 
 
@@ -106,3 +107,25 @@ async def test_second_copies_are_skipped_until_the_generation_changes() -> None:
         assert [e.acks for e in copies] == [[], [], [], [13]]
     finally:
         await gen.aclose()
+
+
+async def test_a_record_put_after_a_queue_clear_is_dropped_so_the_records_before_it_count() -> None:
+    # 3 and 4 were cleared from the queue while 5 was being delivered; 5 landed after the
+    # clear (streams.app.RefetchingFlowControl marks it stale) and all three come again.
+    # Handed out first, 5 would make the refetched 3 and 4 look like copies.
+    stream = Stream(App())
+    late = Ev(Msg("in", 0, 5, 1))
+    STALE_DELIVERIES.add(late.message)
+    refetched = events([3, 4, 5, 6])
+    q = stream.channel.queue
+    for ev in [late, *refetched]:
+        q.put_nowait(ev)
+    gen = event_batches(stream, max_batch=100, within_s=0.001)
+    try:
+        batch = await asyncio.wait_for(gen.__anext__(), 2)
+        assert [e.message.offset for e in batch] == [3, 4, 5, 6]
+    finally:
+        await gen.aclose()
+    # the stale record is neither processed nor acked: its offset counts once, by its copy
+    assert late.acks == []
+    assert [e.acks for e in refetched] == [[3], [4], [5], [6]]
