@@ -9,9 +9,11 @@ mechanism itself on the app's real flow control, queues and consumer, determinis
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 from aiokafka import ConsumerRecord
+from faust.transport.consumer import Consumer as FaustConsumer
 from faust.types import TP, Message
 
 from streams.app import STALE_DELIVERIES, RefetchingFlowControl, app
@@ -110,3 +112,54 @@ async def test_a_record_delivered_across_a_clear_is_fetched_again_not_handed_out
     # everything from the lowest dropped offset is fetched again, the late record too
     assert consumer._refetch_from == {tp: 3}
     assert consumer._delivering is None
+
+
+async def test_a_commit_the_broker_does_not_show_yet_is_not_forgotten_by_the_seek(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Recovery seeks to the committed offsets after the agents already ran: under
+    # exactly-once the broker answers the offset from before a commit whose transaction
+    # markers are not written yet. Taken as committed, it left Faust waiting for acks of
+    # records the agents skip as copies: no further commit, every output held back.
+    consumer = app.consumer
+    tp = TP(TOPIC, 1)
+    monkeypatch.setattr(consumer, "assignment", lambda: {tp})
+    monkeypatch.setattr(FaustConsumer, "_commit_offsets", _committed_upstream)
+    await consumer._commit_offsets({tp: 1521})  # records up to 1520 processed, committed
+
+    async def stale(*partitions: Any) -> dict[TP, int]:
+        return {tp: 1473}
+
+    monkeypatch.setattr(consumer, "seek_to_committed", stale)
+    await consumer.perform_seek()
+
+    assert consumer._committed_offset[tp] == 1521
+    assert consumer._read_offset[tp] == 1473  # the position Faust sought to (copies follow)
+    # the agents ack what follows the commit (the copies below it are skipped unacked):
+    # the next commit goes on from there
+    consumer._acked[tp].extend(range(1521, 1526))
+    consumer._acked_index[tp].update(range(1521, 1526))
+    assert consumer._new_offset(tp) == 1526
+
+    # an answer newer than this worker's own commit (another worker's) stands
+    async def newer(*partitions: Any) -> dict[TP, int]:
+        return {tp: 1600}
+
+    monkeypatch.setattr(consumer, "seek_to_committed", newer)
+    await consumer.perform_seek()
+    assert consumer._committed_offset[tp] == 1600
+
+    # a revoked partition's commits no longer count (Faust's own part, which drives the
+    # whole app through a rebalance, is not the point here)
+    monkeypatch.setattr(FaustConsumer, "on_partitions_revoked", _revoked_upstream)
+    await consumer.on_partitions_revoked({tp})
+    assert not consumer._committed_high
+
+
+async def _committed_upstream(self: Any, offsets: Any, start_new_transaction: bool = True) -> bool:
+    self._committed_offset.update(offsets)
+    return True
+
+
+async def _revoked_upstream(self: Any, revoked: Any) -> None:
+    return None
