@@ -258,8 +258,21 @@ class BatchDeliveryConsumer:
         output since: the exactly-once crash test saw it as a stall after a restart, with
         committed 1473 and acked 1521..2571 on one partition.
         """
+        before = {tp: self._committed_offset.get(tp) for tp in self.assignment()}
         await super().perform_seek()  # type: ignore[misc]
-        high = self._committed_high
+        high = self._committed_high or {}
+        for tp, was in sorted(before.items()):
+            if not self._is_changelog_tp(tp):
+                # a restart's recovery is where records were lost or held before: say
+                # what the seek found, once per stream partition
+                self.log.info(
+                    "seek to committed: %s[%d] committed %s before, broker %s, ours %s",
+                    tp.topic,
+                    tp.partition,
+                    was,
+                    self._committed_offset.get(tp),
+                    high.get(tp),
+                )
         if not high:
             return
         assignment = self.assignment()
@@ -542,6 +555,27 @@ async def _dump_tasks_on_sigusr2() -> None:
 HANDED_MARKS: dict[str, dict[Any, tuple[int, int]]] = {}
 
 
+def offset_runs(offsets: Any) -> str:
+    """`n a..b c..d (+k repeated)`: acked offsets as runs, so a gap shows."""
+    values = sorted(offsets)
+    if not values:
+        return "0"
+    runs: list[str] = []
+    start = prev = values[0]
+    repeated = 0
+    for v in values[1:]:
+        if v == prev:
+            repeated += 1
+            continue
+        if v != prev + 1:
+            runs.append(f"{start}..{prev}")
+            start = v
+        prev = v
+    runs.append(f"{start}..{prev}")
+    extra = f" (+{repeated} repeated)" if repeated else ""
+    return f"{len(values)} {' '.join(runs[:20])}{' ...' if len(runs) > 20 else ''}{extra}"
+
+
 def _consumer_state() -> list[str]:
     """Per assigned partition: paused in Faust / in aiokafka, aiokafka's fetch position
     and highwater, records fetched but not yet handed to a stream, Faust's committed and
@@ -563,8 +597,7 @@ def _consumer_state() -> list[str]:
     for tp in sorted(assignment.tps):
         state = assignment.state_value(tp)
         ftp = TP(tp.topic, tp.partition)
-        acked = list(consumer._acked.get(ftp, ()))
-        span = f"{len(acked)} {min(acked)}..{max(acked)}" if acked else "0"
+        span = offset_runs(consumer._acked.get(ftp, ()))
         lines.append(
             f"    {tp.topic}[{tp.partition}] {ftp in faust_paused} "
             f"{tp in aio_paused} {state.position if state.has_valid_position else None} "
@@ -572,6 +605,7 @@ def _consumer_state() -> list[str]:
             f"{consumer._read_offset.get(ftp)} {span}"
         )
     lines.append(f"UNACKED {len(consumer._unacked_messages)} message(s)")
+    lines.append(f"COMMITTED BY THIS WORKER {consumer._committed_high}")
     for stream, marks in HANDED_MARKS.items():
         handed = ", ".join(f"{tp.topic}[{tp.partition}]={m[1]}@{m[0]}" for tp, m in marks.items())
         lines.append(f"HANDED {stream}: {handed or '-'}")

@@ -93,6 +93,19 @@ async def open_transaction_records(bootstrap: str, topic: str) -> int:
     return counts[0] - counts[1]
 
 
+async def group_offsets(settings: Settings) -> dict[str, int]:
+    """The worker group's committed offsets as the broker has them."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap)
+    await admin.start()
+    try:
+        offsets = await admin.list_consumer_group_offsets(settings.app_id)
+        return {f"{tp.topic}[{tp.partition}]": meta.offset for tp, meta in sorted(offsets.items())}
+    finally:
+        await admin.close()
+
+
 async def diagnosis(what: str, coro: Awaitable[Any], timeout: float = 30) -> Any:
     """The result of a diagnostic step, or what went wrong in it: a diagnosis that fails
     (a broker hiccup, aiokafka's group-less coordinator cancelled while stopping) must not
@@ -262,11 +275,13 @@ async def test_exactly_once_kill9_restart_no_duplicates_tables_equal_rebuild(
             open_tx = await diagnosis(
                 "open transactions", open_transaction_records(settings.bootstrap, accepted_topic)
             )
+            committed = await diagnosis("committed offsets", group_offsets(settings))
             tail = worker.tail()
             raise AssertionError(
                 f"after the restart {len(want) - len(got)} of {len(want)} inputs were not "
                 f"forwarded within 90 s (read_committed); worker alive: {worker.alive()}; "
-                f"{open_tx} record(s) in open transactions\n{tail}\n"
+                f"{open_tx} record(s) in open transactions; the group's committed offsets "
+                f"on the broker: {committed}\n{tail}\n"
                 f"--- await chains of the stalled worker ---\n{worker.task_dump()}"
             ) from None
         ids = [input_id(ev) for ev in outputs]
