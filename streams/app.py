@@ -129,10 +129,10 @@ class RefetchingFlowControl(FlowControlEvent):
         # (Faust's on_message waits for flow control and for the producer buffer to
         # ebb): it lands in a queue AFTER the clear, ahead of the cleared records before
         # it, which are fetched again. Handed out first, it would make those look like
-        # copies of records already handed (`streams.processing.event_batches`), skipped
-        # and never processed, and the commit would pass over them (seen as a kill -9
-        # test losing a partition's first few hundred records). So it is stale: agents
-        # drop it and it is fetched again with the others.
+        # copies of records already handed (`streams.processing.event_batches`): skipped,
+        # never processed, and Faust's commit either stalls at the gap or, with nothing
+        # committed yet, passes over it. So it is stale: agents drop it and it is fetched
+        # again with the others.
         delivering = consumer._delivering
         if delivering is not None:
             STALE_DELIVERIES.add(delivering)
@@ -592,7 +592,7 @@ def _consumer_state() -> list[str]:
     aio_paused = set(aio.paused())
     lines = [
         f"CONSUMER generation {app.consumer_generation_id}; topic[partition] faust_paused "
-        "aiokafka_paused position highwater fetched committed read acked(n min..max)"
+        "aiokafka_paused position highwater fetched committed read acked(n runs)"
     ]
     for tp in sorted(assignment.tps):
         state = assignment.state_value(tp)
