@@ -260,6 +260,8 @@ class BatchDeliveryConsumer:
         """
         before = {tp: self._committed_offset.get(tp) for tp in self.assignment()}
         await super().perform_seek()  # type: ignore[misc]
+        # records fetched before the seek are not delivered after it (see `_deliver`)
+        self._refetch_epoch += 1
         high = self._committed_high or {}
         for tp, was in sorted(before.items()):
             if not self._is_changelog_tp(tp):
@@ -432,6 +434,14 @@ class BatchDeliveryConsumer:
                     raise
                 finally:
                     self._delivering = None
+                if self._refetch_epoch != epoch:
+                    # Queues were cleared (or partitions sought back) while this record was
+                    # handed over: it is stale (RefetchingFlowControl.clear) and fetched
+                    # again. Its offset must not become the read offset: the seek set that,
+                    # and records below it would then be passed over when fetched again
+                    # (seen: a restart's refetched records skipped, the commit stuck).
+                    self.refetch([m for _, m in batch[i - 1 :]])
+                    return
                 set_read_offset(tp, offset)
 
     async def _drain_messages(self: Any, fetcher: Any) -> None:  # pragma: no cover - worker

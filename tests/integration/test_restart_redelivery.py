@@ -102,7 +102,10 @@ async def test_a_record_delivered_across_a_clear_is_fetched_again_not_handed_out
         lambda: consumer._delivering is batch[0][1], 2, interval=0.01, what="delivery under way"
     )
 
-    app.flow_control.resume()  # recovery resumes flow: the queues are cleared
+    # recovery seeks the partition back (Faust's perform_seek sets the read offset),
+    # then resumes flow: the queues are cleared
+    consumer._read_offset[tp] = 2
+    app.flow_control.resume()
     ebb.set()
     await asyncio.wait_for(delivery, 2)
 
@@ -112,6 +115,9 @@ async def test_a_record_delivered_across_a_clear_is_fetched_again_not_handed_out
     # everything from the lowest dropped offset is fetched again, the late record too
     assert consumer._refetch_from == {tp: 3}
     assert consumer._delivering is None
+    # and the seek's read offset stands: had the late record's offset become the read
+    # offset, the refetched 3 and 4 would be passed over as already delivered
+    assert consumer._read_offset[tp] == 2
 
 
 async def test_a_commit_the_broker_does_not_show_yet_is_not_forgotten_by_the_seek(
