@@ -253,10 +253,10 @@ class BatchDeliveryConsumer:
         committed offsets with what the broker answers, and the broker can answer the
         offset from before that commit: under exactly-once a transaction's offsets become
         visible only once its markers are written, after `commit_transaction` returned.
-        Faust's commit then waits forever for acks of offsets below the one it committed
-        (the agents skip those records as copies), while the open transaction holds every
-        output since: the exactly-once crash test saw it as a stall after a restart, with
-        committed 1473 and acked 1521..2571 on one partition.
+        Faust's commit would then wait forever for acks of offsets below the one it
+        committed (the agents skip those records as copies), while the open transaction
+        holds every output since. The seek also bumps the refetch epoch: records fetched
+        before it are not delivered after it (`_deliver`).
         """
         before = {tp: self._committed_offset.get(tp) for tp in self.assignment()}
         await super().perform_seek()  # type: ignore[misc]
