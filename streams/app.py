@@ -275,12 +275,7 @@ class BatchDeliveryConsumer:
                     self._committed_offset.get(tp),
                     high.get(tp),
                 )
-        if not high:
-            return
-        assignment = self.assignment()
-        for tp in [tp for tp in high if tp not in assignment]:
-            del high[tp]
-        for tp, offset in high.items():
+        for tp, offset in high.items():  # assigned partitions only (on_partitions_revoked)
             known = self._committed_offset.get(tp)
             if known is None or known < offset:
                 self.log.info(
