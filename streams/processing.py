@@ -198,9 +198,11 @@ async def event_batches(stream: Any, max_batch: int, within_s: float) -> AsyncIt
             skipped: list[Any] = []
             active = app_.flow_control.is_active()
             generation = app_.consumer_generation_id
+            # almost always empty: looked at once per batch, not per event
+            stale = STALE_DELIVERIES if STALE_DELIVERIES else ()
             for ev in raw:
                 msg = ev.message
-                if STALE_DELIVERIES and msg in STALE_DELIVERIES:
+                if stale and msg in stale:
                     # put in the queue after a clear that dropped records before it: it
                     # is fetched again with them (streams.app.RefetchingFlowControl)
                     continue
