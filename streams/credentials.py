@@ -40,7 +40,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 from keyring.backend import KeyringBackend
-from keyring.errors import KeyringError, PasswordDeleteError
+from keyring.errors import PasswordDeleteError
 from pydantic import BaseModel, ConfigDict, SecretStr
 
 from streams.errors import CredentialsError, CredentialsNotFound
@@ -151,10 +151,17 @@ class EncryptedFileKeyring(KeyringBackend):
             raise CredentialsError(f"cannot read keyring file {self.path}: {exc}") from None
         if not isinstance(data, dict) or data.get("format") != "agentstream-keyring":
             raise CredentialsError(f"{self.path} is not an agentstream keyring file")
-        aead = self._cipher(data)
+        if not isinstance(data.get("entries"), dict) or not isinstance(data.get("salt"), str):
+            raise CredentialsError(f"keyring file {self.path} is corrupt")
+        try:
+            aead = self._cipher(data)
+        except Exception as exc:  # a salt or work factor that is not one: fail closed
+            raise CredentialsError(
+                f"keyring file {self.path} is corrupt ({type(exc).__name__})"
+            ) from None
         try:
             ok = self._open(aead, data["check"], b"check") == self.CHECK
-        except (InvalidTag, KeyError, ValueError, binascii.Error):
+        except (InvalidTag, KeyError, ValueError, TypeError, binascii.Error):
             ok = False
         if not ok:
             raise CredentialsError(f"wrong master password for keyring file {self.path}")
@@ -202,7 +209,7 @@ class EncryptedFileKeyring(KeyringBackend):
             return None
         try:
             return self._open(self._cipher(data), sealed, entry.encode()).decode()
-        except (InvalidTag, ValueError, binascii.Error):
+        except (InvalidTag, ValueError, TypeError, binascii.Error):
             raise CredentialsError(f"entry {username!r} in {self.path} is corrupt") from None
 
     def set_password(self, service: str, username: str, password: str) -> None:
@@ -345,8 +352,11 @@ class KeychainCredentialsProvider:
             raise
         except PasswordDeleteError:
             raise CredentialsNotFound("no such entry in the keychain") from None
-        except (KeyringError, OSError, RuntimeError, ValueError) as exc:
-            # the exception text of a backend never contains the value; the type says enough
+        except Exception as exc:
+            # Whatever a backend raises on a corrupt or unreadable store (KeyringError,
+            # OSError, KeyError, ValueError, InvalidTag, a JSON error...) fails closed as
+            # a CredentialsError. Only the type is reported: a backend's exception text
+            # could quote what it read.
             raise CredentialsError(
                 f"keychain {self.backend_name} failed: {type(exc).__name__}"
             ) from None

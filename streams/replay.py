@@ -36,6 +36,7 @@ from schemas import Event, registry
 from schemas.errors import SchemaError
 from streams.client import group_less_consumer
 from streams.errors import BrokerError
+from streams.redaction import redact_event_dict, redact_raw
 from streams.settings import Settings
 from streams.topics import CATALOGUE
 
@@ -138,10 +139,14 @@ class ReplayRecord:
         t = self.data.get("type") if self.data else None
         return t if isinstance(t, str) else None
 
-    def json_line(self) -> bytes:
+    def json_line(self, *, show_secrets: bool = False) -> bytes:
         """One JSON line: coordinates plus the event exactly as it is on the wire (the
         raw JSON is embedded without re-encoding), or the error and the value base64.
-        Kafka topic names are [a-zA-Z0-9._-] only, so they need no escaping."""
+        Kafka topic names are [a-zA-Z0-9._-] only, so they need no escaping.
+
+        Unless `show_secrets`, secrets are replaced (`streams.redaction`): an event
+        holding one is re-encoded from its redacted dict, and the bytes of an
+        undecodable record are redacted before they are base64-encoded."""
         key = b"null" if self.key is None else orjson.dumps(self.key.decode("utf-8", "replace"))
         head = b'{"topic":"%s","partition":%d,"offset":%d,"timestamp_ms":%d,"key":%s,' % (
             self.topic.encode(),
@@ -151,10 +156,14 @@ class ReplayRecord:
             key,
         )
         if self.data is not None and self.value is not None:
+            shown = self.data if show_secrets else redact_event_dict(self.data)
+            if shown is not self.data:
+                return head + b'"event":' + orjson.dumps(shown) + b"}\n"
             return head + b'"event":' + self.value.strip() + b"}\n"
-        tail = orjson.dumps(
-            {"error": self.error, "value_b64": base64.b64encode(self.value or b"").decode()}
-        )
+        value = self.value or b""
+        if not show_secrets:
+            value = redact_raw(value)
+        tail = orjson.dumps({"error": self.error, "value_b64": base64.b64encode(value).decode()})
         return head + tail[1:] + b"\n"
 
     def __repr__(self) -> str:

@@ -17,6 +17,7 @@ from streams.admin import ensure_topics, list_topics
 from streams.cli import cli, run
 from streams.client import Client, build_event
 from streams.errors import BrokerError
+from streams.redaction import redact_event_dict
 from streams.settings import REPO_ROOT, Settings, get_settings
 
 
@@ -176,20 +177,41 @@ async def _publish(
 @click.option("--from-beginning", is_flag=True, help="Start at the oldest record.")
 @click.option("--max", "max_events", type=int, help="Stop after N records.")
 @click.option("--timeout", "timeout_s", type=float, help="Stop after S seconds without a record.")
-def tail(topic: str, from_beginning: bool, max_events: int | None, timeout_s: float | None) -> None:
-    """Print events of TOPIC as JSON lines (undecodable records as error lines on stderr)."""
-    run(_tail(topic, from_beginning, max_events, timeout_s))
+@click.option(
+    "--show-secrets",
+    is_flag=True,
+    help="Print access tokens, passwords, API keys... as they are (default: [REDACTED]).",
+)
+def tail(
+    topic: str,
+    from_beginning: bool,
+    max_events: int | None,
+    timeout_s: float | None,
+    show_secrets: bool,
+) -> None:
+    """Print events of TOPIC as JSON lines (undecodable records as error lines on stderr).
+
+    Secrets (`auth.token` and the other secret keys of `streams.redaction`) are printed
+    as "[REDACTED]" unless --show-secrets."""
+    run(_tail(topic, from_beginning, max_events, timeout_s, show_secrets))
 
 
 async def _tail(
-    topic: str, from_beginning: bool, max_events: int | None, timeout_s: float | None
+    topic: str,
+    from_beginning: bool,
+    max_events: int | None,
+    timeout_s: float | None,
+    show_secrets: bool = False,
 ) -> None:
     out = sys.stdout
     async for rec in Client().subscribe(
         topic, from_beginning=from_beginning, max_events=max_events, timeout_s=timeout_s
     ):
         if rec.event is not None:
-            out.write(orjson.dumps(rec.event.model_dump(mode="json")).decode() + "\n")
+            data = rec.event.model_dump(mode="json")
+            if not show_secrets:
+                data = redact_event_dict(data)
+            out.write(orjson.dumps(data).decode() + "\n")
         else:
             where = f"{rec.topic}:{rec.partition}:{rec.offset}"
             click.echo(f"{where}: {type(rec.error).__name__}: {rec.error}", err=True)

@@ -86,6 +86,11 @@ def _time(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
     type=click.Path(dir_okay=False, path_type=Path),
     help="Write to FILE (default: stdout).",
 )
+@click.option(
+    "--show-secrets",
+    is_flag=True,
+    help="Write access tokens, passwords, API keys... as they are (default: [REDACTED]).",
+)
 def replay_cmd(
     topics: str,
     since: str | None,
@@ -94,16 +99,31 @@ def replay_cmd(
     event_type: str | None,
     correlation_id: str | None,
     out_path: Path | None,
+    show_secrets: bool,
 ) -> None:
     """Replay a time range of TOPICS as JSON lines, merged in timestamp order.
 
     Reads with its own consumer: no consumer group is joined and no offset is committed,
     so a replay never disturbs the workers. Each line holds the record's coordinates and
-    the event as it is on the wire (or `error` + `value_b64` for an undecodable record).
+    the event as it is on the wire (or `error` + `value_b64` for an undecodable record);
+    secrets (`auth.token` and the other secret keys of `streams.redaction`) are written
+    as "[REDACTED]" unless --show-secrets.
     """
     names = [t for t in topics.split(",") if t.strip()]
     bar_stream = sys.stderr if sys.stderr.isatty() else None
-    n = run(_replay(names, since, until, agent, event_type, correlation_id, out_path, bar_stream))
+    n = run(
+        _replay(
+            names,
+            since,
+            until,
+            agent,
+            event_type,
+            correlation_id,
+            out_path,
+            bar_stream,
+            show_secrets=show_secrets,
+        )
+    )
     if out_path is not None:
         click.echo(f"wrote {n} record(s) to {out_path}", err=True)
 
@@ -117,6 +137,8 @@ async def _replay(
     correlation_id: str | None,
     out_path: Path | None,
     bar_stream: IO[str] | None,
+    *,
+    show_secrets: bool = False,
 ) -> int:
     settings = get_settings()
     progress = Progress()
@@ -135,7 +157,7 @@ async def _replay(
             correlation_id=correlation_id,
             progress=progress,
         ):
-            pending.extend(rec.json_line() for rec in batch)
+            pending.extend(rec.json_line(show_secrets=show_secrets) for rec in batch)
             n += len(batch)
             if len(pending) >= 2000:
                 out.write(b"".join(pending))
