@@ -115,6 +115,9 @@ class LLMResponse(Payload):
     metadata: dict[str, Any] = Field(default_factory=dict)
     prev_hash: str = ""
     hash: str = ""
+    #: the writing worker's Ed25519 signature over `hash` (see streams.audit_chain)
+    signed_by: str = Field(default="", max_length=MAX_ID_LENGTH)
+    signature: str = Field(default="", max_length=256)
 
 
 @registry.register

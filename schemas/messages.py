@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import AwareDatetime, Field, field_validator, model_validator
 
 from schemas.base import MAX_ID_LENGTH, Payload
 from schemas.registry import registry
@@ -29,7 +29,11 @@ class AuthProof(Payload):
     #: agent.messages topic, which `enforce_policy` strips before forwarding.
     token: str | None = Field(default=None, max_length=4096)
     user_id: int | None = None
+    #: which key signed (hmac-sha256: the keychain id ``signing_key.<key_id>``, granted to
+    #: the sender by its identity; unset = the key stored under the sender's own id)
     key_id: str | None = Field(default=None, max_length=MAX_ID_LENGTH)
+    #: when the sender issued the message; signed, and checked against the replay window
+    issued_at: AwareDatetime | None = None
     #: set by `enforce_policy` when it removed the token before forwarding the message
     redacted: bool = False
 
@@ -51,7 +55,9 @@ class AgentMessage(Payload):
     message_id: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
     sender_id: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
     recipient_id: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
-    sender_role: str = Field(default="agent", max_length=128)
+    #: the role the sender claims; "" = none (its granted roles apply). A claim is only
+    #: honoured when the verified sender is granted that role (agents/security/identity.py)
+    sender_role: str = Field(default="", max_length=128)
     #: the security level the sender claims for this message (selects policies)
     security_level: str = Field(default="standard", max_length=64)
     #: plaintext; empty when `encryption` carries the content
@@ -60,6 +66,37 @@ class AgentMessage(Payload):
     encryption: EncryptionEnvelope | None = None
     auth: AuthProof | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("metadata")
+    @classmethod
+    def _bounded_metadata(cls, value: dict[str, Any]) -> dict[str, Any]:
+        # Bounded so that every decoded message can be scanned, re-encoded (orjson stops
+        # at 255 levels) and decided: a deeper or larger tree is a dead letter instead.
+        check_tree(value, max_depth=MAX_METADATA_DEPTH, max_items=MAX_METADATA_ITEMS)
+        return value
+
+
+#: how deep `AgentMessage.metadata` may nest, and how many keys and values it may hold
+MAX_METADATA_DEPTH = 16
+MAX_METADATA_ITEMS = 10_000
+
+
+def check_tree(value: Any, *, max_depth: int, max_items: int) -> None:
+    """Raise ValueError when a JSON tree nests deeper or holds more items than allowed
+    (iterative: a hostile tree cannot exhaust the stack)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    items = 0
+    while stack:
+        node, depth = stack.pop()
+        children = node.values() if isinstance(node, dict) else node
+        if depth > max_depth:
+            raise ValueError(f"nested deeper than {max_depth} levels")
+        for child in children:
+            items += 1
+            if items > max_items:
+                raise ValueError(f"holds more than {max_items} keys and values")
+            if isinstance(child, dict | list):
+                stack.append((child, depth + 1))
 
 
 @registry.upcaster("agent.message", 1)

@@ -129,6 +129,22 @@ class Settings(BaseModel):
     security_default_action: Literal["allow", "deny"] = Field(
         default="deny", description="Initial default action until a config event is published."
     )
+    security_admin_keys: str = Field(
+        default="",
+        description="Admin public keys whose signature a rule change (policy, config, "
+        "identity, worker key) must carry to be applied: `id=base64,...` (Ed25519, as "
+        "printed by `agentstream admin keygen`). Unset: no change is applied (fail closed).",
+    )
+    security_admin_key_id: str = Field(
+        default="admin",
+        description="The admin key the CLI signs rule changes with (private key in the "
+        "keychain entry `admin_key.<id>`).",
+    )
+    chain_key_id: str = Field(
+        default="worker",
+        description="The key this worker signs hash chains with (private key in the keychain "
+        "entry `chain_key.<id>`; public key on security.worker_keys).",
+    )
     keyring_service: str = Field(
         default="agentstream", description="Service name under which secrets live in the keychain."
     )

@@ -45,6 +45,11 @@ AGENT_MESSAGES_ACCEPTED = "agent.messages.accepted"
 AGENT_MESSAGES_REJECTED = "agent.messages.rejected"
 SECURITY_POLICIES = "security.policies"
 SECURITY_DECISIONS = "security.decisions"
+SECURITY_IDENTITIES = "security.identities"
+SECURITY_WORKER_KEYS = "security.worker_keys"
+SECURITY_CHANGES_REJECTED = "security.changes.rejected"
+#: the rule topics: every record on them must carry an admin signature to be applied
+SIGNED_TOPICS = ("security.policies", "security.identities", "security.worker_keys")
 AGENT_HEARTBEATS = "agent.heartbeats"
 AGENT_STATUS = "agent.status"
 METRICS_SAMPLES = "metrics.samples"
@@ -87,6 +92,32 @@ CATALOGUE: dict[str, TopicSpec] = {
             ("security.policy", "security.policy_removed", "security.config"),
             retention_ms=None,
             compacted=True,
+            partitions=1,
+        ),
+        TopicSpec(
+            SECURITY_IDENTITIES,
+            "What each agent is granted: roles, levels, keys, token user (latest per agent)",
+            "agent id",
+            ("security.identity", "security.identity_revoked"),
+            retention_ms=None,
+            compacted=True,
+            partitions=1,
+        ),
+        TopicSpec(
+            SECURITY_WORKER_KEYS,
+            "Public keys workers sign hash chains with (latest per key id)",
+            "key id",
+            ("security.worker_key",),
+            retention_ms=None,
+            compacted=True,
+            partitions=1,
+        ),
+        TopicSpec(
+            SECURITY_CHANGES_REJECTED,
+            "Records on the rule topics that workers ignore, with the reason",
+            "the ignored record's key",
+            ("security.change_rejected",),
+            retention_ms=90 * DAY_MS,
             partitions=1,
         ),
         TopicSpec(
