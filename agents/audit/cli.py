@@ -93,34 +93,208 @@ def audit() -> None:
 @click.option("--since", help="Start (ISO-8601, now, -2h ...); default: oldest record.")
 @click.option("--until", default="now", show_default=True, help="End.")
 @click.option("--topics", help="Comma-separated chained topics (default: all chained topics).")
+@click.option(
+    "--trust-key",
+    "trust_keys",
+    multiple=True,
+    metavar="ID=BASE64",
+    help="Trust this chain key (repeatable). With pinned keys, only those are trusted.",
+)
+@click.option(
+    "--trusted-keys",
+    "trusted_file",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="File of pinned chain keys, `id=base64` per line (or comma-separated).",
+)
+@click.option(
+    "--require-signatures/--no-require-signatures",
+    default=None,
+    help="Report unsigned records in partitions with no signed record too. "
+    "Default: on whenever a chain key is trusted.",
+)
 @click.option("--json", "as_json", is_flag=True, help="One JSON document.")
-def verify_cmd(since: str | None, until: str, topics: str | None, as_json: bool) -> None:
-    """Check the hash chains; report altered, deleted, inserted and reordered records.
+def verify_cmd(
+    since: str | None,
+    until: str,
+    topics: str | None,
+    trust_keys: tuple[str, ...],
+    trusted_file: Path | None,
+    require_signatures: bool | None,
+    as_json: bool,
+) -> None:
+    """Check the hash chains and their signatures; report altered, deleted, inserted,
+    reordered, forged and unsigned records, and the signed policy versions that decided
+    the messages.
 
-    Exits 1 if anything was found.
+    Chain keys are trusted when published on security.worker_keys with a valid admin
+    signature (AGENTSTREAM_SECURITY_ADMIN_KEYS), unless keys are pinned with --trust-key
+    or --trusted-keys. Exits 1 if anything was found.
     """
-    from agents.audit.verify import CHAINED_TOPICS, summary, verify
+    from agents.audit.verify import CHAINED_TOPICS, policy_versions, resolve_trust, summary, verify
+    from streams.signing import SigningError, parse_public_keys
 
+    settings = get_settings()
+    spec = ",".join(trust_keys)
+    if trusted_file is not None:
+        spec += "," + trusted_file.read_text(encoding="utf-8")
+    try:
+        pinned = parse_public_keys(spec)
+    except SigningError as exc:
+        raise click.BadParameter(str(exc), param_hint="--trust-key/--trusted-keys") from None
     names = [t for t in (topics or "").split(",") if t.strip()] or list(CHAINED_TOPICS)
-    reports = run(verify(get_settings(), names, since, until))
-    result = summary(reports)
+
+    async def _run() -> tuple[Any, Any, Any]:
+        trust = await resolve_trust(settings, pinned)
+        reports = await verify(
+            settings, names, since, until, trust=trust, require_signatures=require_signatures
+        )
+        return trust, reports, await policy_versions(settings, reports)
+
+    trust, reports, policies = run(_run())
+    result = summary(reports, trust=trust, require_signatures=require_signatures, policies=policies)
     if as_json:
         click.echo(json.dumps(result))
     else:
-        for rep in reports:
-            state = "ok" if not rep.findings else f"{len(rep.findings)} finding(s)"
-            anchor = "" if rep.anchored or not rep.records else " (start not anchored: expired)"
-            click.echo(f"{rep.topic}:{rep.partition}  {rep.records} record(s)  {state}{anchor}")
-            for f in rep.findings:
-                click.echo(f"  {f.kind.upper():9} offset {f.offset}  {f.detail}")
-        c = result["counts"]
-        click.echo(
-            f"{result['records']} record(s) in {result['partitions']} partition(s): "
-            f"{c['altered']} altered, {c['deleted']} deleted, {c['inserted']} inserted, "
-            f"{c['reordered']} reordered"
-        )
+        _print_verify(reports, result, trust)
     if not result["ok"]:
         sys.exit(1)
+
+
+#: findings printed per partition in the text report (--json has them all)
+MAX_PRINTED = 200
+
+
+def _print_verify(reports: Any, result: dict[str, Any], trust: Any) -> None:
+    for rep in reports:
+        state = "ok" if not rep.findings else f"{len(rep.findings)} finding(s)"
+        anchor = "" if rep.anchored or not rep.records else " (start not anchored: expired)"
+        signed = f", {rep.signed} signed" if rep.signed else ""
+        click.echo(f"{rep.topic}:{rep.partition}  {rep.records} record(s){signed}  {state}{anchor}")
+        for f in rep.findings[:MAX_PRINTED]:
+            click.echo(f"  {f.kind.upper():9} offset {f.offset}  {f.detail}")
+        if len(rep.findings) > MAX_PRINTED:
+            click.echo(f"  … and {len(rep.findings) - MAX_PRINTED} more (--json lists all)")
+    c = result["counts"]
+    click.echo(
+        f"{result['records']} record(s) in {result['partitions']} partition(s): "
+        + ", ".join(f"{c[k]} {k}" for k in c)
+    )
+    keys = ", ".join(result["trusted_keys"]) or "none"
+    required = "required" if result["require_signatures"] else "not required where none is"
+    click.echo(f"trusted chain keys ({trust.source}): {keys}; signatures {required}")
+    if trust.problem:
+        click.echo(f"  {trust.problem}")
+    rows = result["policy_versions"]
+    if rows:
+        click.echo("signed policy versions that decided the messages:")
+        width = max(len("policy"), *(len(r["policy_id"]) for r in rows))
+        swidth = max(len("signed by"), *(len(r["signed_by"] or "-") for r in rows))
+        head = f"  {'policy':{width}}  version  {'signed by':{swidth}}  decisions"
+        click.echo(f"{head}  on security.policies")
+        for r in rows:
+            if not r["on_topic"]:
+                where = "no (compacted away by a newer version, or never published)"
+            elif r["signature_valid"] is None:
+                where = "yes (signature not checked: no admin key configured)"
+            else:
+                where = "yes" if r["signature_valid"] else "yes, but its signature does NOT verify"
+            click.echo(
+                f"  {r['policy_id']:{width}}  {r['version']:>7}  {r['signed_by'] or '-':{swidth}}"
+                f"  {r['decisions']:>9}  {where}"
+            )
+
+
+@audit.group("worker-key")
+def worker_key() -> None:
+    """Chain keys: the public halves workers sign hash chains with, admin-signed on
+    security.worker_keys."""
+
+
+@worker_key.command("publish")
+@click.option("--key-id", help="Chain key id (default: AGENTSTREAM_CHAIN_KEY_ID).")
+def worker_key_publish(key_id: str | None) -> None:
+    """Publish this host's chain key (keychain entry chain_key.ID, created when missing),
+    signed with the admin key admin_key.<AGENTSTREAM_SECURITY_ADMIN_KEY_ID> from the
+    keychain."""
+    settings = get_settings()
+    kid, public, version = run(_publish_worker_key(settings, key_id or settings.chain_key_id))
+    click.echo(f"published chain key {kid!r} v{version}: {kid}={public}")
+
+
+@worker_key.command("revoke")
+@click.argument("key_id")
+def worker_key_revoke(key_id: str) -> None:
+    """Revoke a published chain key: records it signed are reported as forged."""
+    settings = get_settings()
+    kid, _public, version = run(_publish_worker_key(settings, key_id, revoke=True))
+    click.echo(f"revoked chain key {kid!r} (v{version})")
+
+
+@worker_key.command("list")
+@click.option("--json", "as_json", is_flag=True, help="JSON lines.")
+def worker_key_list(as_json: bool) -> None:
+    """The chain keys in force on security.worker_keys, and the records ignored there."""
+    from streams.audit_chain import read_worker_keys
+
+    published = run(read_worker_keys(get_settings()))
+    if published.problem:
+        click.echo(published.problem, err=True)
+    for kid, raw in sorted(published.keys.items()):
+        if as_json:
+            click.echo(orjson.dumps({**raw, "signature": None}).decode())
+            continue
+        state = "REVOKED" if raw.get("revoked") else "active"
+        click.echo(
+            f"{kid}  v{raw.get('version')}  {state}  signed by {raw.get('signed_by')!r}  "
+            f"{raw.get('public_key')}"
+        )
+    for offset, reason in published.ignored:
+        click.echo(f"ignored record at offset {offset}: {reason}", err=True)
+
+
+async def _publish_worker_key(
+    settings: Any, key_id: str, *, revoke: bool = False
+) -> tuple[str, str, int]:
+    from schemas import Event
+    from schemas.security import WorkerKeyPublished
+    from streams.audit_chain import load_chain_key, read_worker_keys
+    from streams.client import Client
+    from streams.credentials import KeychainCredentialsProvider
+    from streams.errors import PipelineError
+    from streams.signing import ADMIN_ENTRY, private_from_b64, sign_change
+    from streams.topics import SECURITY_WORKER_KEYS
+
+    try:
+        provider = KeychainCredentialsProvider(settings)
+        admin_id = settings.security_admin_key_id
+        admin_b64 = await provider.get_secret(ADMIN_ENTRY.format(admin_id))
+        if admin_b64 is None:
+            raise click.ClickException(
+                f"no admin key {admin_id!r} in the keychain ({ADMIN_ENTRY.format(admin_id)}): "
+                "rule changes are signed with it; run this where the admin key is"
+            )
+        admin = private_from_b64(admin_b64)
+        current = (await read_worker_keys(settings)).keys.get(key_id)
+        if revoke:
+            if current is None:
+                raise click.ClickException(f"chain key {key_id!r} is not published")
+            public = str(current.get("public_key") or "")
+        else:
+            signer, created = await load_chain_key(settings, key_id, provider=provider)
+            public = signer.public_b64
+            if created:
+                click.echo(f"created chain key {key_id!r} in the keychain", err=True)
+    except PipelineError as exc:
+        raise click.ClickException(str(exc)) from None
+    version = int(current.get("version") or 0) + 1 if current is not None else 1
+    body = WorkerKeyPublished(
+        key_id=key_id, public_key=public, version=version, revoked=revoke
+    ).model_dump(mode="json")
+    signed = sign_change(WorkerKeyPublished.TYPE, body, admin, admin_id)
+    event = Event.of(WorkerKeyPublished.model_validate(signed), source="agentstream-cli")
+    async with Client(settings, source="agentstream-cli") as client:
+        await client.publish(SECURITY_WORKER_KEYS, event)
+    return key_id, public, version
 
 
 @audit.command("report")

@@ -1,9 +1,11 @@
 """`agentstream audit verify`: walk hash-chained topics partition by partition and report
-every record that was altered, deleted, inserted or reordered.
+every record that was altered, deleted, inserted, reordered, forged or left unsigned.
 
-A sealed record carries `hash` (sha256 of the record with `hash` blanked, see
-`streams.audit_chain`) and `prev_hash` (the `hash` of the record before it in the same
-partition). The classification, per partition:
+A sealed record carries `hash` (sha256 of the record as it is on the wire with `hash` and
+`signature` blanked, see `streams.audit_chain.record_hash`), `prev_hash` (the `hash` of
+the record before it in the same partition) and, on the last record of each batch a
+worker writes to a partition, `signed_by` and `signature` (Ed25519 over the hash by the
+worker's chain key). The classification, per partition:
 
 * **altered** — the recomputed hash differs from the stored one (a field was changed),
   or the record no longer decodes at all.
@@ -15,34 +17,59 @@ partition). The classification, per partition:
   cannot tell those apart: both break the link at the same place).
 * **reordered** — a record's predecessor is present but elsewhere: reported once per
   displaced run, at the record that appears before its own predecessor.
+* **forged** — a signature that does not verify, or by a key that is not trusted
+  (unknown, revoked, or not among the pinned keys).
+* **unsigned** — a record no valid signature vouches for. A signature vouches for its
+  own record and, following `prev_hash` back, for the unsigned records before it up to
+  the previous signed record (its batch); a record whose batch signature is forged, a
+  tail no signed record follows (a batch cut short by a crash, or an append by someone
+  without a chain key) and a run the chain skips are unsigned. A record that is both
+  skipped by the chain and unsigned (or forged) is reported once, as unsigned (forged).
 
-What the chain cannot show: the chain is unkeyed sha256, so records *appended* at the
-tail with correct hashes, or a whole tail rewritten consistently, look valid; compare with
-a copy of the heads kept elsewhere (checkpoints, an external notary) for that.
+Trusted chain keys are the keys published on `security.worker_keys` whose records verify
+against the admin keys (`AGENTSTREAM_SECURITY_ADMIN_KEYS`) and are not revoked; keys
+pinned by the auditor (`--trust-key`, `--trusted-keys`) replace them. ``unsigned`` is
+reported in a partition that holds at least one signature, and — with
+`require_signatures`, by default whenever any chain key is trusted — in partitions with
+no signature at all too: otherwise a forger could write a whole partition the workers
+never wrote to (or that predates signing) without a signature and pass.
+
+What the chain cannot show: records deleted from the *end* of a partition (the newest
+batches) leave a valid chain behind; compare with a copy of the heads kept elsewhere
+(checkpoints, an external notary) for that. Anyone holding a trusted chain key can of
+course sign what they like.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from schemas import registry
 from schemas.errors import SchemaError
-from streams.audit_chain import GENESIS, compute_hash
+from streams.audit_chain import GENESIS, read_worker_keys, record_hash, signature_problem
 from streams.client import group_less_consumer
 from streams.replay import full_topic_names, parse_time, plan_ranges, to_ms
 from streams.settings import Settings
-from streams.topics import LLM_RESPONSES, SECURITY_DECISIONS
+from streams.topics import LLM_RESPONSES, SECURITY_DECISIONS, SECURITY_POLICIES
 
 #: the topics whose records are sealed into a hash chain
 CHAINED_TOPICS: tuple[str, ...] = (SECURITY_DECISIONS, LLM_RESPONSES)
 
-Kind = Literal["altered", "deleted", "inserted", "reordered"]
-KINDS: tuple[Kind, ...] = ("altered", "deleted", "inserted", "reordered")
+Kind = Literal["altered", "deleted", "inserted", "reordered", "forged", "unsigned"]
+KINDS: tuple[Kind, ...] = ("altered", "deleted", "inserted", "reordered", "forged", "unsigned")
+
+#: records read past the end of a range to find the signature vouching for its last ones
+LOOKAHEAD = 10_000
+
+#: {(policy_id, version, admin key id that signed it): decisions}
+PolicyCounts = Counter[tuple[str, int, str]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +83,32 @@ class ChainRecord:
     computed: str | None
     event_id: str = ""
     error: str = ""
+    signed_by: str = ""
+    signature: str = ""
+
+
+@dataclass(frozen=True)
+class ChainTrust:
+    """The chain keys signatures are checked against."""
+
+    keys: Mapping[str, Ed25519PublicKey] = field(default_factory=dict)
+    #: key ids published as revoked (for the report's wording)
+    revoked: frozenset[str] = frozenset()
+    #: where the keys come from: "pinned" or "security.worker_keys"
+    source: str = "security.worker_keys"
+    #: why no published key could be trusted (no admin keys ...), if so
+    problem: str | None = None
+
+    def check(self, rec: ChainRecord) -> str | None:
+        """None when `rec` carries a valid signature by a trusted key; else why not."""
+        problem = signature_problem(
+            {"signed_by": rec.signed_by, "signature": rec.signature}, rec.hash, self.keys
+        )
+        if problem is not None and rec.signed_by in self.revoked:
+            return f"signed by {rec.signed_by!r}, whose key is revoked on security.worker_keys"
+        if problem is not None and rec.signed_by not in self.keys and self.source == "pinned":
+            return f"signed by {rec.signed_by!r}, which is not among the pinned chain keys"
+        return problem
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,24 +133,56 @@ class PartitionReport:
     records: int
     anchored: bool
     findings: list[Finding]
+    #: records in range that carry a valid signature by a trusted key
+    signed: int = 0
+    #: decisions per signed policy version (security.decisions only)
+    policies: PolicyCounts = field(default_factory=Counter)
 
 
-def chain_record(offset: int, value: bytes | None) -> ChainRecord:
-    """Decode and re-hash one record of a chained topic."""
+def chain_record(
+    offset: int, value: bytes | None, tally: PolicyCounts | None = None
+) -> ChainRecord:
+    """Decode and re-hash one record of a chained topic (the hash of its raw JSON: see
+    `streams.audit_chain.record_hash`). With `tally`, count the signed policy versions a
+    decision names."""
     try:
         if value is None:
             raise SchemaError("empty value")
         event = registry.decode(value)
+        data = orjson.loads(value)
     except SchemaError as exc:
         # keep whatever hashes the raw JSON still shows, so that the links around a
         # damaged record are judged on their own
         stored, prev = _raw_hashes(value)
         return ChainRecord(offset, stored, prev, None, error=f"undecodable: {exc}")
-    stored = str(getattr(event.payload, "hash", "") or "")
-    prev = str(getattr(event.payload, "prev_hash", "") or "")
+    payload = data["payload"]
+    stored = str(payload.get("hash") or "")
+    prev = str(payload.get("prev_hash") or "")
+    eid = str(event.event_id)
     if not stored:
-        return ChainRecord(offset, "", prev, None, str(event.event_id), "record is not sealed")
-    return ChainRecord(offset, stored, prev, compute_hash(event), str(event.event_id))
+        return ChainRecord(offset, "", prev, None, eid, "record is not sealed")
+    if tally is not None:
+        _tally(payload, tally)
+    return ChainRecord(
+        offset,
+        stored,
+        prev,
+        record_hash(data),
+        eid,
+        signed_by=str(payload.get("signed_by") or ""),
+        signature=str(payload.get("signature") or ""),
+    )
+
+
+def _tally(payload: Mapping[str, Any], tally: PolicyCounts) -> None:
+    policies = payload.get("policies")
+    signers = payload.get("policy_signers")
+    if not isinstance(policies, Mapping):
+        return
+    signers = signers if isinstance(signers, Mapping) else {}
+    for pid, version in policies.items():
+        if isinstance(version, int):
+            tally[(str(pid), version, str(signers.get(pid) or ""))] += 1
 
 
 def _raw_hashes(value: bytes | None) -> tuple[str, str]:
@@ -110,12 +195,43 @@ def _raw_hashes(value: bytes | None) -> tuple[str, str]:
 
 
 def check_chain(
-    records: Sequence[ChainRecord], anchor: str | None, *, topic: str = "", partition: int = 0
+    records: Sequence[ChainRecord],
+    anchor: str | None,
+    *,
+    topic: str = "",
+    partition: int = 0,
+    trust: ChainTrust | None = None,
+    require_signatures: bool = False,
+    following: Sequence[ChainRecord] = (),
 ) -> list[Finding]:
     """Findings for one partition's records in offset order. `anchor` is the hash the
     first record must point at (GENESIS at the start of a partition, the previous
-    record's hash when the range starts later); None = unknown (records expired)."""
+    record's hash when the range starts later); None = unknown (records expired).
+    `following` are records after the range, read only to find the signatures that
+    vouch for its last records (never reported)."""
+    return _check(records, anchor, topic, partition, trust, require_signatures, following)[0]
 
+
+def _check(
+    records: Sequence[ChainRecord],
+    anchor: str | None,
+    topic: str,
+    partition: int,
+    trust: ChainTrust | None,
+    require_signatures: bool,
+    following: Sequence[ChainRecord],
+) -> tuple[list[Finding], int]:
+    """(findings, records in range validly signed by a trusted key)."""
+    structural = _structural(records, anchor, topic, partition)
+    signatures, valid = _signatures(
+        records, following, trust or ChainTrust(), require_signatures, topic, partition
+    )
+    return _merge(structural, signatures), valid
+
+
+def _structural(
+    records: Sequence[ChainRecord], anchor: str | None, topic: str, partition: int
+) -> list[Finding]:
     def finding(kind: Kind, rec: ChainRecord, detail: str) -> Finding:
         return Finding(kind, topic, partition, rec.offset, detail, rec.event_id)
 
@@ -190,8 +306,99 @@ def check_chain(
                 finding("reordered", rec, f"its predecessor is at {at}, not right before it")
             )
             covered.update(range(p + 1, k + 1))
-    found.sort(key=lambda f: (f.offset, KINDS.index(f.kind)))
     return found
+
+
+def _signatures(
+    records: Sequence[ChainRecord],
+    following: Sequence[ChainRecord],
+    trust: ChainTrust,
+    require: bool,
+    topic: str,
+    partition: int,
+) -> tuple[list[Finding], int]:
+    """`forged` and `unsigned` findings (see the module docstring), and the number of
+    records in range validly signed."""
+    every = [*records, *following]
+    #: offset -> "valid" | "forged" | "broken" (signed, but altered) | "none"
+    state: dict[int, str] = {}
+    found: list[Finding] = []
+    in_range = {r.offset for r in records}
+    for rec in every:
+        if not rec.signature:
+            state[rec.offset] = "none"
+        elif rec.computed is None or rec.computed != rec.hash:
+            state[rec.offset] = "broken"  # reported as altered; vouches for nothing
+        else:
+            problem = trust.check(rec)
+            state[rec.offset] = "valid" if problem is None else "forged"
+            if problem is not None and rec.offset in in_range:
+                found.append(Finding("forged", topic, partition, rec.offset, problem, rec.event_id))
+    valid = sum(1 for r in records if state[r.offset] == "valid")
+    signed_any = any(s != "none" for s in state.values())
+    if not (signed_any or require):
+        return found, valid
+
+    # each signed record claims the unsigned records before it in the chain, up to the
+    # previous signed one; a valid claim wins over an invalid one (a fork)
+    by_hash: dict[str, ChainRecord] = {}
+    for rec in every:
+        if rec.hash:
+            by_hash.setdefault(rec.hash, rec)
+    claimed: dict[int, ChainRecord] = {}
+    for rec in every:
+        st = state[rec.offset]
+        if st == "none":
+            continue
+        cur = by_hash.get(rec.prev_hash)
+        while cur is not None and state[cur.offset] == "none":
+            holder = claimed.get(cur.offset)
+            if holder is not None and (holder is rec or state[holder.offset] == "valid"):
+                break
+            claimed[cur.offset] = rec
+            cur = by_hash.get(cur.prev_hash)
+
+    for rec in records:
+        if state[rec.offset] != "none":
+            continue
+        holder = claimed.get(rec.offset)
+        if holder is not None and state[holder.offset] == "valid":
+            continue
+        if holder is not None:
+            why = "altered" if state[holder.offset] == "broken" else "forged"
+            detail = f"not signed, and the signature covering it (offset {holder.offset}) is {why}"
+        elif not signed_any:
+            detail = "not signed: no record of this partition in range is signed"
+        else:
+            detail = (
+                "not signed, and no validly signed record after it links back to it "
+                "(a batch cut short by a worker crash, or appended without a chain key)"
+            )
+        found.append(Finding("unsigned", topic, partition, rec.offset, detail, rec.event_id))
+    return found, valid
+
+
+def _merge(structural: list[Finding], signatures: list[Finding]) -> list[Finding]:
+    """One finding per record and kind; a record skipped by the chain that is also
+    unsigned or forged is reported as the latter (with the skip in its detail), an
+    altered one is not reported unsigned as well."""
+    altered = {f.offset for f in structural if f.kind == "altered"}
+    inserted = {f.offset: f for f in structural if f.kind == "inserted"}
+    out = [f for f in structural if f.kind != "inserted"]
+    merged: set[int] = set()
+    for f in signatures:
+        if f.kind == "unsigned" and f.offset in altered:
+            continue
+        skip = inserted.get(f.offset)
+        if skip is not None:
+            f = Finding(
+                f.kind, f.topic, f.partition, f.offset, f"{f.detail}; {skip.detail}", f.event_id
+            )
+            merged.add(f.offset)
+        out.append(f)
+    out += [f for off, f in inserted.items() if off not in merged]
+    out.sort(key=lambda f: (f.offset, KINDS.index(f.kind)))
+    return out
 
 
 def _inserted(linked: Sequence[ChainRecord], anchor: str | None) -> set[int]:
@@ -217,15 +424,40 @@ def _inserted(linked: Sequence[ChainRecord], anchor: str | None) -> set[int]:
     return out
 
 
+# -- trust ----------------------------------------------------------------------------------
+async def resolve_trust(
+    settings: Settings, pinned: Mapping[str, Ed25519PublicKey] | None = None
+) -> ChainTrust:
+    """The pinned keys when any are given (only those), else the published ones."""
+    if pinned:
+        return ChainTrust(dict(pinned), source="pinned")
+    published = await read_worker_keys(settings)
+    return ChainTrust(
+        published.trusted(),
+        revoked=published.revoked(),
+        source="security.worker_keys",
+        problem=published.problem,
+    )
+
+
+# -- the walk -------------------------------------------------------------------------------
 async def verify(
     settings: Settings,
     topics: Sequence[str] = CHAINED_TOPICS,
     since: Any = None,
     until: Any = "now",
+    *,
+    trust: ChainTrust | None = None,
+    require_signatures: bool | None = None,
 ) -> list[PartitionReport]:
     """Walk every partition of `topics` within [since, until] (offsets-for-times), with
-    its own group-less consumer, and check each chain."""
+    its own group-less consumer, and check each chain. `trust` None = the published keys
+    (`resolve_trust`); `require_signatures` None = whenever a chain key is trusted."""
+    if trust is None:
+        trust = await resolve_trust(settings)
+    require = bool(trust.keys) if require_signatures is None else require_signatures
     names = full_topic_names(settings, topics)
+    decisions_topic = settings.topic(SECURITY_DECISIONS)
     since_ms = to_ms(parse_time(since)) if since is not None else None
     until_ms = to_ms(parse_time(until)) if until is not None else None
     consumer = group_less_consumer(settings.bootstrap, "verify")
@@ -233,15 +465,27 @@ async def verify(
     reports: list[PartitionReport] = []
     try:
         ranges = await plan_ranges(consumer, names, since_ms, until_ms)
-        begin = await consumer.beginning_offsets([r.tp for r in ranges])
+        tps = [r.tp for r in ranges]
+        begin = await consumer.beginning_offsets(tps)
+        end = await consumer.end_offsets(tps)
         for r in ranges:
             anchor: str | None
             if r.start <= begin[r.tp]:
                 anchor = GENESIS if begin[r.tp] == 0 else None
             else:
                 anchor = await _hash_before(consumer, r.tp, r.start, begin[r.tp])
-            recs = await _read(consumer, r.tp, r.start, r.stop)
-            findings = check_chain(recs, anchor, topic=r.tp.topic, partition=r.tp.partition)
+            tally: PolicyCounts = Counter()
+            recs = await _read(
+                consumer, r.tp, r.start, r.stop, tally if r.tp.topic == decisions_topic else None
+            )
+            following: list[ChainRecord] = []
+            if recs and not recs[-1].signature and r.stop < end[r.tp]:
+                following = await _read(
+                    consumer, r.tp, r.stop, min(end[r.tp], r.stop + LOOKAHEAD), until_signed=True
+                )
+            findings, signed = _check(
+                recs, anchor, r.tp.topic, r.tp.partition, trust, require, following
+            )
             reports.append(
                 PartitionReport(
                     r.tp.topic,
@@ -251,6 +495,8 @@ async def verify(
                     len(recs),
                     anchor is not None,
                     findings,
+                    signed,
+                    tally,
                 )
             )
     finally:
@@ -259,7 +505,13 @@ async def verify(
 
 
 async def _read(
-    consumer: AIOKafkaConsumer, tp: TopicPartition, start: int, stop: int
+    consumer: AIOKafkaConsumer,
+    tp: TopicPartition,
+    start: int,
+    stop: int,
+    tally: PolicyCounts | None = None,
+    *,
+    until_signed: bool = False,
 ) -> list[ChainRecord]:
     out: list[ChainRecord] = []
     if stop <= start:
@@ -272,7 +524,9 @@ async def _read(
         for rec in recs:
             if rec.offset >= stop:
                 return out
-            out.append(chain_record(rec.offset, rec.value))
+            out.append(chain_record(rec.offset, rec.value, tally))
+            if until_signed and out[-1].signature:
+                return out
         if await consumer.position(tp) >= stop:
             return out
         if not recs and await consumer.position(tp) >= (await consumer.end_offsets([tp]))[tp]:
@@ -291,16 +545,122 @@ async def _hash_before(
     return GENESIS if lookback == 0 and not recs else None
 
 
-def summary(reports: Sequence[PartitionReport]) -> dict[str, Any]:
+# -- the signed policy versions that decided ------------------------------------------------
+async def policy_versions(
+    settings: Settings, reports: Sequence[PartitionReport]
+) -> list[dict[str, Any]]:
+    """Per (policy id, version, admin key that signed it): how many decisions in range
+    applied it, and whether that signed version is still on `security.policies` (a
+    compacted topic keeps only the latest record per policy, so an older version is
+    normally gone) with a signature that verifies against the admin keys configured here
+    (None when no admin key is configured)."""
+    counts: PolicyCounts = Counter()
+    for rep in reports:
+        counts.update(rep.policies)
+    if not counts:
+        return []
+    on_topic = await _published_policy_versions(settings)
+    rows = []
+    for (pid, version, signer), n in sorted(counts.items()):
+        rows.append(
+            {
+                "policy_id": pid,
+                "version": version,
+                "signed_by": signer,
+                "decisions": n,
+                "on_topic": (pid, version, signer) in on_topic,
+                "signature_valid": on_topic.get((pid, version, signer)),
+            }
+        )
+    return rows
+
+
+async def _published_policy_versions(settings: Settings) -> dict[tuple[str, int, str], bool | None]:
+    """{(policy id, version, signer): signature valid (None: no admin key to check)} of
+    every policy on `security.policies`, inline config policies included."""
+    from schemas.security import SecurityConfig, SecurityPolicy
+    from streams.signing import check_change
+    from streams.tables.security import trusted_admin_keys
+
+    admin, _problem = trusted_admin_keys(settings.security_admin_keys)
+    topic = settings.topic(SECURITY_POLICIES)
+    consumer = group_less_consumer(settings.bootstrap, "verify-policies")
+    await consumer.start()
+    out: dict[tuple[str, int, str], bool | None] = {}
+    try:
+        await consumer._client.force_metadata_update()
+        parts = consumer.partitions_for_topic(topic)
+        if not parts:
+            return out
+        tps = [TopicPartition(topic, p) for p in sorted(parts)]
+        begin = await consumer.beginning_offsets(tps)
+        end = await consumer.end_offsets(tps)
+        for tp in tps:
+            for rec in await _raw(consumer, tp, begin[tp], end[tp]):
+                try:
+                    event = registry.decode(rec)
+                except SchemaError:
+                    continue
+                payload = event.payload
+                if isinstance(payload, SecurityPolicy):
+                    entries = [(payload.policy_id, payload.version)]
+                elif isinstance(payload, SecurityConfig):
+                    entries = [(p.policy_id, p.version) for p in payload.policies]
+                else:
+                    continue
+                valid: bool | None = None
+                if admin:
+                    signed = payload.model_dump(mode="json", exclude_unset=True)
+                    valid = check_change(event.type, signed, admin) is None
+                for pid, version in entries:
+                    key = (pid, version, payload.signed_by)
+                    # one valid copy is enough
+                    out[key] = valid if valid is None else bool(out.get(key)) or valid
+    finally:
+        await consumer.stop()
+    return out
+
+
+async def _raw(
+    consumer: AIOKafkaConsumer, tp: TopicPartition, start: int, stop: int
+) -> list[bytes]:
+    out: list[bytes] = []
+    if stop <= start:
+        return out
+    consumer.assign([tp])
+    consumer.seek(tp, start)
+    while await consumer.position(tp) < stop:
+        batch = await consumer.getmany(tp, timeout_ms=500)
+        out += [r.value for r in batch.get(tp, []) if r.offset < stop and r.value is not None]
+    return out
+
+
+def summary(
+    reports: Sequence[PartitionReport],
+    *,
+    trust: ChainTrust | None = None,
+    require_signatures: bool | None = None,
+    policies: Sequence[Mapping[str, Any]] = (),
+) -> dict[str, Any]:
     counts = {k: 0 for k in KINDS}
     for rep in reports:
         for f in rep.findings:
             counts[f.kind] += 1
-    return {
+    out: dict[str, Any] = {
         "ok": not any(counts.values()),
         "records": sum(r.records for r in reports),
+        "signed": sum(r.signed for r in reports),
         "partitions": len(reports),
         "counts": counts,
         "findings": [f.to_dict() for r in reports for f in r.findings],
         "unanchored": [f"{r.topic}:{r.partition}" for r in reports if not r.anchored and r.records],
+        "policy_versions": [dict(p) for p in policies],
     }
+    if trust is not None:
+        out["trusted_keys"] = sorted(trust.keys)
+        out["trust_source"] = trust.source
+        out["trust_problem"] = trust.problem
+        out["require_signatures"] = (
+            bool(trust.keys) if require_signatures is None else require_signatures
+        )
+    return out

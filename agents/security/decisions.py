@@ -4,9 +4,10 @@ A decision per message is the hot path of `enforce_policy`; building a `PolicyDe
 its envelope and then `audit_chain.seal` (three model copies and two dumps) costs more
 than evaluating 200 patterns. The record built here is exactly
 ``Event.caused(PolicyDecision(...)).model_dump(mode="json")`` and it is sealed exactly
-as `streams.audit_chain.seal` would (sha256 of the sorted JSON with ``hash = ""``), so
-`agentstream audit verify` and `compute_hash` see no difference; the unit tests check
-both against the pydantic path.
+as `streams.audit_chain.seal` would (sha256 of the sorted JSON with ``hash`` and
+``signature`` blanked: `streams.audit_chain.record_hash`), so `agentstream audit verify`
+and `compute_hash` see no difference; the unit tests check both against the pydantic
+path.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import orjson
 from agents.security.policy import Evaluation
 from schemas import Event
 from schemas.security import PolicyDecision
+from streams.audit_chain import ChainSigner
 
 
 def iso(ts: datetime) -> str:
@@ -38,6 +40,7 @@ def decision_record(
     partition: int | None,
     offset: int | None,
     event_id: str | None = None,
+    signers: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     message = event.payload
     input_id = str(event.event_id)
@@ -67,15 +70,33 @@ def decision_record(
             "hash": "",
             "source_partition": partition,
             "source_offset": offset,
+            "verified": result.verified,
+            "claimed_role": result.claimed_role,
+            "roles": list(result.roles),
+            "issued_at": iso(result.issued_at) if result.issued_at is not None else None,
+            "policy_signers": {
+                pid: signers[pid] for pid in result.policies if signers and pid in signers
+            },
+            "signed_by": "",
+            "signature": "",
         },
     }
 
 
-def seal_record(record: dict[str, Any], prev_hash: str) -> tuple[bytes, str]:
-    """(wire bytes, hash) of the record chained after `prev_hash`."""
+def seal_record(
+    record: dict[str, Any], prev_hash: str, signer: ChainSigner | None = None
+) -> tuple[bytes, str]:
+    """(wire bytes, hash) of the record chained after `prev_hash`; with a `signer`, also
+    signed (`signed_by` is set before hashing, so the hash covers it; the signature is
+    over the hash). Sign the last record a batch writes to a partition: its signature
+    vouches for the records before it through `prev_hash`."""
     payload = record["payload"]
     payload["prev_hash"] = prev_hash
     payload["hash"] = ""
+    payload["signed_by"] = signer.key_id if signer is not None else ""
+    payload["signature"] = ""
     digest = hashlib.sha256(orjson.dumps(record, option=orjson.OPT_SORT_KEYS)).hexdigest()
     payload["hash"] = digest
+    if signer is not None:
+        payload["signature"] = signer.sign(digest)
     return orjson.dumps(record), digest

@@ -65,6 +65,10 @@ def test_record_equals_the_pydantic_event_and_seals_identically(micro: int, cont
             evaluation_us=17,
             source_partition=3,
             source_offset=99,
+            verified=result.verified,
+            claimed_role=result.claimed_role,
+            roles=list(result.roles),
+            issued_at=result.issued_at,
         ),
         source="enforce_policy",
     ).model_copy(update={"event_id": uuid.UUID(eid), "occurred_at": at})
