@@ -1,10 +1,12 @@
 """enforce_policy: every message on agent.messages ends accepted, rejected or dead-lettered,
 and every decoded one leaves exactly one hash-chained `PolicyDecision`.
 
-Per batch: take the policy set in force (an immutable snapshot), fetch the keys the batch
-needs from the keychain (cached), then decide each message with the pure evaluator in
-`agents.security.policy`. Access tokens never leave this agent: forwarded messages carry
-a redacted proof, and every dead letter of this consumer gets the token field blanked
+Per batch: take the policy set and the identities in force (immutable snapshots), fetch
+the keys the batch needs from the keychain (cached), then decide each message with the
+pure evaluator in `agents.security.policy`, against the replay table of verified
+(sender, message id) pairs (`agents.security.replay`). Access tokens never leave this
+agent: forwarded messages carry a redacted proof, rejected ones carry what a blocked
+pattern matched masked, and every dead letter of this consumer gets its secrets removed
 (`redact_dead_letters`, applied by the shared `streams.processing` path).
 """
 
@@ -19,15 +21,19 @@ from typing import Any
 
 import orjson
 
+from agents.security import replay
 from agents.security.decisions import decision_record, seal_record
+from agents.security.identity import IdentityRegistry
+from agents.security.normalize import confusables_source
 from agents.security.policy import (
+    Context,
     Evaluation,
     KeyRequest,
     KeyView,
     PolicySet,
     evaluate,
+    masked_copy,
     redact,
-    redact_raw,
     required_keys,
 )
 from agents.security.store import KeyCache, PolicyStore
@@ -48,6 +54,7 @@ from streams.processing import (
     redact_dead_letters,
     watch_delivery,
 )
+from streams.redaction import redact_raw
 from streams.tables import write
 from streams.tables.security import decision_counts_table, keys_for
 from streams.topics import (
@@ -63,6 +70,7 @@ CONSUMER = "enforce_policy"
 
 STORE = PolicyStore(settings)
 COUNTS = decision_counts_table()
+REPLAY = replay.table()  # declared at import: Faust needs every table before it starts
 # whatever path dead-letters a message (undecodable, misplaced, a bug in deciding it),
 # an access token in it must not travel on to pipeline.deadletter
 redact_dead_letters(CONSUMER, redact_raw)
@@ -126,6 +134,12 @@ async def _fold_policies() -> None:
     await STORE.run_forever()
 
 
+@app.task
+async def _warm_normaliser() -> None:
+    # the confusables table is built on first use (~50 ms): not on a message's time
+    await asyncio.to_thread(confusables_source)
+
+
 async def _keychain_health() -> tuple[Any, str]:
     KEYCHAIN.get()
     if KEYCHAIN.error:
@@ -136,6 +150,9 @@ async def _keychain_health() -> tuple[Any, str]:
 async def _policies_health() -> tuple[Any, str]:
     if not STORE.ready.is_set():
         return "down", "reading security.policies"
+    problem = getattr(STORE, "problem", None)
+    if problem:
+        return "degraded", problem
     return "ok", f"{len(STORE.policy_set.policies)} policies"
 
 
@@ -154,13 +171,15 @@ async def enforce_policy(stream: Any) -> None:
         # under exactly-once a batch holds the commit gate: look keys up before it
         prepare=_warm_keys if settings.processing_guarantee == "exactly_once" else None,
     ):
-        policies = STORE.policy_set
-        needed = _needed(batch, policies)
+        policies, identities = STORE.policy_set, _identities()
+        replay.set_window(policies.replay_window_s)
+        needed = _needed(batch, policies, identities)
         keys: KeyView = await KEYS.view(needed) if needed else _NO_KEYS
+        seen = _SeenInBatch()
         outcomes: list[Outcome] = []
         for inbound in batch:
             try:
-                outcomes.append(decide(inbound, policies, keys))
+                outcomes.append(decide(inbound, policies, keys, identities, seen))
             except Exception as exc:  # a bug on one message must not stop the stream
                 log.exception("%s failed on %s", CONSUMER, inbound.origin)
                 await dead_letter(inbound.message, exc, CONSUMER)
@@ -177,17 +196,42 @@ async def enforce_policy(stream: Any) -> None:
         _count(counts)
 
 
-def _needed(batch: list[Inbound], policies: PolicySet) -> set[KeyRequest]:
+def _identities() -> IdentityRegistry:
+    found = getattr(STORE, "identities", None)
+    return found if isinstance(found, IdentityRegistry) else IdentityRegistry()
+
+
+def _needed(
+    batch: list[Inbound], policies: PolicySet, identities: IdentityRegistry
+) -> set[KeyRequest]:
     needed: set[KeyRequest] = set()
     for inbound in batch:
-        needed |= required_keys(inbound.event.payload, policies)
+        needed |= required_keys(inbound.event.payload, policies, identities)
     return needed
+
+
+class _SeenInBatch:
+    """The replay table, plus the verified messages of the batch being decided (a replay
+    within one batch is caught before the table has its entry)."""
+
+    def __init__(self) -> None:
+        self.table = replay.table()
+        self.added: dict[str, replay.Seen] = {}
+
+    def get(self, key: str) -> replay.Seen | None:
+        hit = self.added.get(key)
+        return hit if hit is not None else replay.seen_of(self.table.data.get(key))
+
+    def remember(self, key: str, partition: int, offset: int, at: float) -> None:
+        if self.get(key) is None:
+            self.added[key] = replay.Seen(partition, offset, at)
+            replay.remember(key, replay.entry(partition, offset, at), partition)
 
 
 async def _warm_keys(batch: list[Inbound]) -> None:
     """Fetch the keys a batch will need into the cache, outside the commit gate (a slow
     keychain then delays this agent, not every commit of the worker)."""
-    needed = _needed(batch, STORE.policy_set)
+    needed = _needed(batch, STORE.policy_set, _identities())
     if needed:
         await KEYS.view(needed)
 
@@ -206,27 +250,54 @@ class Outcome:
     forwarded: bytes
 
 
-def decide(inbound: Inbound, policies: PolicySet, keys: KeyView) -> Outcome:
+def decide(
+    inbound: Inbound,
+    policies: PolicySet,
+    keys: KeyView,
+    identities: IdentityRegistry | None = None,
+    seen: _SeenInBatch | None = None,
+) -> Outcome:
     event: Event[Any] = inbound.event
     message: AgentMessage = event.payload
+    partition, offset = inbound.message.partition, inbound.message.offset
+    key = replay.replay_key(message.sender_id, message.message_id)
+    now = utc_now()
     started = time.perf_counter()
-    result: Evaluation = evaluate(message, policies, keys)
+    ctx = Context(
+        identities=identities or IdentityRegistry(),
+        now=now,
+        seen=seen.get(key) if seen is not None else None,
+        partition=partition,
+        offset=offset,
+        expected_partition=replay.partition_of(message.sender_id, _partitions(inbound)),
+    )
+    result: Evaluation = evaluate(message, policies, keys, ctx=ctx)
     elapsed_us = int((time.perf_counter() - started) * 1_000_000)
+    if (
+        seen is not None
+        and result.verified
+        and result.issued_at is not None
+        and partition == ctx.expected_partition
+    ):
+        # a copy on another partition must not make the genuine message look replayed
+        seen.remember(key, partition, offset, result.issued_at.timestamp())
     decision = decision_record(
         event,
         result,
         source=CONSUMER,
-        evaluated_at=utc_now(),
+        evaluated_at=now,
         evaluation_us=elapsed_us,
-        partition=inbound.message.partition,
-        offset=inbound.message.offset,
+        partition=partition,
+        offset=offset,
+        signers=policies.signers,
     )
     if result.verdict is Verdict.ALLOW:
         topic, forwarded = AGENT_MESSAGES_ACCEPTED, redact(message)
     else:
         topic = AGENT_MESSAGES_REJECTED
         forwarded = redact(
-            message, {"rejection_reasons": result.reasons, "rejection_rules": result.rules}
+            masked_copy(message, result.masked),
+            {"rejection_reasons": result.reasons, "rejection_rules": result.rules},
         )
     return Outcome(
         inbound.message.partition,
@@ -236,6 +307,41 @@ def decide(inbound: Inbound, policies: PolicySet, keys: KeyView) -> Outcome:
         message.sender_id.encode(),
         forward_bytes(event, forwarded, inbound.message.value),
     )
+
+
+def _partitions(inbound: Inbound) -> int:
+    """The partition count of the input's topic (what the producer's partitioner used)."""
+    topic = inbound.message.topic
+    hit = _PARTITIONS.get(topic)
+    if hit is None:
+        found = None
+        client = getattr(app.consumer, "_client", None) or getattr(
+            getattr(app.producer, "_producer", None), "client", None
+        )
+        try:
+            found = client.cluster.partitions_for_topic(topic) if client is not None else None
+        except Exception:  # metadata is an optimisation here; the setting is the fallback
+            found = None
+        hit = len(found) if found else settings.topic_partitions
+        _PARTITIONS[topic] = hit
+    return hit
+
+
+_PARTITIONS: dict[str, int] = {}
+
+
+@app.timer(interval=30.0)
+async def _expire_replay_entries() -> None:
+    """Replay entries past the window go (tombstones, so recovery does not bring them
+    back); not while partitions move, as for the LLM dedup tables."""
+    if app.rebalancing or getattr(app, "in_recovery", False):
+        return
+    from streams.web_cluster import active_partitions
+
+    table = replay.table()
+    owned = active_partitions(table)
+    if owned:
+        replay.expire(owned, settings.topic_partitions)
 
 
 def forward_bytes(event: Event[Any], message: AgentMessage, raw: Any) -> bytes:
@@ -283,13 +389,17 @@ async def _publish(outcomes: list[Outcome], writer: ChainWriter) -> None:
     for o in outcomes:
         by_partition.setdefault(o.partition, []).append(o)
     decisions_topic = settings.topic(SECURITY_DECISIONS)
+    from streams.audit_chain import chain_signer
+
+    signer = await chain_signer()  # signs the last decision of each partition's group
     futures: list[Any] = []
     for partition, group in by_partition.items():
         async with writer.head(partition) as head:
             records: dict[str, list[tuple[bytes, bytes]]] = {}
             decisions = records[decisions_topic] = []
+            last = group[-1]
             for o in group:
-                value, head.hash = seal_record(o.decision, head.hash)
+                value, head.hash = seal_record(o.decision, head.hash, signer if o is last else None)
                 decisions.append((o.decision["payload"]["sender_id"].encode(), value))
             for o in group:
                 records.setdefault(settings.topic(o.topic), []).append((o.key, o.forwarded))

@@ -1,46 +1,87 @@
-"""Policy evaluation: pure functions of (message, policies in force, keys), no I/O.
+"""Policy evaluation: pure functions of (message, policies in force, identities, keys,
+replay state), no I/O.
+
+Who sends (before any policy; agents/security/identity.py)
+----------------------------------------------------------
+The sender is *verified* when it has an identity (`security.identities`) and its proof
+verifies with a credential that identity grants: an HMAC signature by a granted key id,
+or the access token of its token user. Roles come from the identity, never from the
+message: a claimed `sender_role` narrows the roles to that one and is denied (rule
+``role_not_granted``) unless granted; an unverified sender's only role is ``anonymous``.
+Then, once per message:
+
+* ``security_level``  the level (normalised) is one the config or a policy knows, and
+                      one the sender may use (its identity's levels; for unverified
+                      senders the config's `anonymous_levels`)
+* ``issued_at``       a verified message carries a signed issue time within the config's
+                      replay window of the deciding worker's clock
+* ``replay``          a verified (sender, message id) was not decided before within the
+                      window at another offset (the same offset again is a redelivery)
+* ``misrouted``       a verified message sits in the partition its sender id hashes to
+                      (the replay state of a sender lives there)
+* ``decryption``      an envelope is well formed, travels without plaintext, uses a key id
+                      granted to the sender, and decrypts with that key when it is in the
+                      keychain
 
 Which policies apply
 --------------------
-A policy *fits* a message when its `level` equals the message's `security_level` (or is
-``"*"``) and its `applies_to_roles` is empty or lists the sender's role. Every fitting
-policy is applied and every violated rule of every one of them is reported. When none
-fits, the config's `default_action` decides. When security is disabled, every message is
-allowed (and the decision still recorded).
+A policy *fits* a message when its `level` equals the message's normalised
+`security_level` (or is ``"*"``) and its `applies_to_roles` is empty or names one of the
+sender's roles. Every fitting policy is applied and every violated rule of every one of
+them is reported. When none fits, the config's `default_action` decides. When security is
+disabled, every message is allowed (and the decision still recorded).
 
 Checks, in this order, per fitting policy (ordered by policy id)
 ----------------------------------------------------------------
-1. ``allowed_roles``          the sender's role is listed (empty list = any role)
-2. ``require_authentication`` a valid HMAC-SHA256 signature by the sender's key, or the
-                              access token stored for `auth.user_id`
-3. ``require_encryption``     a well-formed AES-256-GCM envelope and no plaintext content
+1. ``allowed_roles``          one of the sender's roles is listed (empty list = any role)
+2. ``require_authentication`` the sender is verified
+3. ``require_encryption``     a valid envelope under a key the keychain holds, no plaintext
 4. ``max_message_size``       content size in UTF-8 bytes (of the plaintext: for an
-                              envelope, ciphertext size minus the GCM tag)
-5. ``blocked_patterns``       no pattern matches the content
-6. ``allowed_patterns``       when non-empty, at least one pattern matches the content
+                              envelope, ciphertext size minus the GCM tag); the other
+                              scanned text (metadata, ids) is held to the same limit.
+                              Over it, no pattern is run at all: the cost of a decision is
+                              bounded by the limits, not by what the sender sends
+5. ``forbidden_characters``   with `deny_control_characters`: no bidi override/isolate or
+                              NUL in the content
+6. ``blocked_patterns``       no pattern matches any field of `scan_fields` (content,
+                              metadata keys and values, content type, ids), each matched
+                              after normalisation (agents/security/normalize.py)
+7. ``allowed_patterns``       when non-empty, at least one pattern matches the content
 
-Before the policies, once per message: an envelope that is malformed, travels with
-plaintext content, or fails to decrypt with a key from the keychain denies the message
-(rule ``decryption``), whatever the policies say. Encrypted content whose key is not in the
-keychain cannot be checked against patterns: a fitting policy with patterns then denies it
-(rule ``content_unreadable``) — unreadable content never slips past a blocked pattern.
+Encrypted content whose key is not in the keychain cannot be checked against patterns: a
+fitting policy with patterns then denies it (rule ``content_unreadable``).
 """
 
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import orjson
 from pydantic import ValidationError
 
 from agents.security import crypto
+from agents.security.identity import EMPTY, Identity, IdentityRegistry, norm_name, norm_names
+from agents.security.normalize import (
+    byte_spans_to_char_spans,
+    forbidden_controls,
+    mask_spans,
+    scanned_fields,
+)
 from agents.security.patterns import PatternError, PatternList
 from schemas.messages import AgentMessage
-from schemas.security import ANY_LEVEL, SecurityConfig, SecurityPolicy, Verdict
+from schemas.security import (
+    ANONYMOUS_ROLE,
+    ANY_LEVEL,
+    SCAN_FIELDS,
+    SecurityConfig,
+    SecurityLevel,
+    SecurityPolicy,
+    Verdict,
+)
 from streams.tables.security import CONFIG_KEY
 
 RULES = (
@@ -48,19 +89,25 @@ RULES = (
     "require_authentication",
     "require_encryption",
     "max_message_size",
+    "forbidden_characters",
     "blocked_patterns",
     "allowed_patterns",
     "content_unreadable",
     "decryption",
     "invalid_policy",
     "default_action",
+    "role_not_granted",
+    "security_level",
+    "issued_at",
+    "replay",
+    "misrouted",
 )
 
 
 class KeyView(Protocol):
     """The secrets an evaluation may need, already fetched (see `required_keys`)."""
 
-    def signing_key(self, agent_id: str) -> bytes | None: ...
+    def signing_key(self, key_id: str) -> bytes | None: ...
 
     def encryption_key(self, key_id: str) -> bytes | None: ...
 
@@ -81,14 +128,42 @@ class StaticKeys:
     encryption: Mapping[str, bytes | None] = field(default_factory=dict)
     tokens: Mapping[int, str | None] = field(default_factory=dict)
 
-    def signing_key(self, agent_id: str) -> bytes | None:
-        return self.signing.get(agent_id)
+    def signing_key(self, key_id: str) -> bytes | None:
+        return self.signing.get(key_id)
 
     def encryption_key(self, key_id: str) -> bytes | None:
         return self.encryption.get(key_id)
 
     def access_token(self, user_id: int) -> str | None:
         return self.tokens.get(user_id)
+
+
+@dataclass(frozen=True)
+class Seen:
+    """Where a verified (sender, message id) was decided first (the replay table)."""
+
+    partition: int
+    offset: int
+    #: its signed issue time, epoch seconds (dates the entry for the table's retention)
+    at: float
+
+
+@dataclass(frozen=True)
+class Context:
+    """What deciding a message needs besides the message, the policies and the keys."""
+
+    identities: IdentityRegistry = EMPTY
+    #: the deciding worker's clock (the replay window is measured against it)
+    now: datetime | None = None
+    #: the replay table's entry for this message's (sender, message id), if any
+    seen: Seen | None = None
+    #: where the message was read, and where its sender's key hashes to
+    partition: int | None = None
+    offset: int | None = None
+    expected_partition: int | None = None
+
+
+NO_CONTEXT = Context()
 
 
 @dataclass(frozen=True)
@@ -112,6 +187,16 @@ class Evaluation:
     policies: dict[str, int]
     default_applied: bool
     security_enabled: bool
+    #: whether the sender's proof verified against a credential its identity grants
+    verified: bool = False
+    #: the role the message claimed, normalised ("" = none)
+    claimed_role: str = ""
+    #: the roles policies were fitted and checked with
+    roles: tuple[str, ...] = ()
+    #: the signed issue time, when the message is verified and carries one
+    issued_at: datetime | None = None
+    #: {field path: the normalised text with what a blocked pattern matched masked}
+    masked: dict[str, str] = field(default_factory=dict)
 
     @property
     def reasons(self) -> list[str]:
@@ -129,6 +214,10 @@ class CompiledPolicy:
     blocked: PatternList
     allowed_roles: frozenset[str]
     applies_to_roles: frozenset[str]
+    #: the normalised level ("*" = every level)
+    level: str
+    #: (scan fields, fold confusables): how its blocked patterns see a message
+    view: tuple[tuple[str, ...], bool]
     #: set when the stored policy cannot be compiled: it then denies what it fits
     broken: str | None = None
 
@@ -144,10 +233,10 @@ class CompiledPolicy:
     def has_patterns(self) -> bool:
         return bool(self.allowed) or bool(self.blocked)
 
-    def fits(self, level: str, role: str) -> bool:
-        if self.policy.level != ANY_LEVEL and self.policy.level != level:
+    def fits(self, level: str, roles: frozenset[str]) -> bool:
+        if self.level != ANY_LEVEL and self.level != level:
             return False
-        return not self.applies_to_roles or role in self.applies_to_roles
+        return not self.applies_to_roles or not self.applies_to_roles.isdisjoint(roles)
 
     @classmethod
     def build(cls, policy: SecurityPolicy) -> CompiledPolicy:
@@ -158,23 +247,28 @@ class CompiledPolicy:
         except PatternError as exc:
             allowed = blocked = PatternList.build(())
             broken = str(exc)
+        level = policy.level if policy.level == ANY_LEVEL else norm_name(policy.level)
+        fields = tuple(f for f in SCAN_FIELDS if f in policy.scan_fields)
         return cls(
             policy,
             allowed,
             blocked,
-            frozenset(policy.allowed_roles),
-            frozenset(policy.applies_to_roles),
+            norm_names(policy.allowed_roles),
+            norm_names(policy.applies_to_roles),
+            level,
+            (fields, policy.fold_confusables),
             broken,
         )
 
 
 @dataclass(frozen=True)
 class FitGroup:
-    """The policies fitting one (level, role), with what lets most messages be allowed
-    in one scan: their blocked patterns as one union, the smallest size limit, and
-    whether anything (roles, authentication, encryption, a broken policy) needs the
-    full per-policy evaluation anyway. The result is the same either way; the fast path
-    only skips work for messages that violate nothing."""
+    """The policies fitting one (level, roles), with what lets most messages be allowed
+    in one scan per field: their blocked patterns as one list, the smallest size limit,
+    and whether anything (roles, authentication, encryption, control characters, a
+    broken policy, policies that see a message differently) needs the full per-policy
+    evaluation anyway. The result is the same either way (a property test checks it);
+    the fast path only skips work for messages that violate nothing."""
 
     policies: tuple[CompiledPolicy, ...]
     versions: dict[str, int]
@@ -182,14 +276,18 @@ class FitGroup:
     min_size: int
     blocked: PatternList
     allowed: tuple[PatternList, ...]
+    #: how every fitting policy sees a message (fast path only)
+    view: tuple[tuple[str, ...], bool]
 
     @classmethod
-    def build(cls, policies: tuple[CompiledPolicy, ...], role: str) -> FitGroup:
-        fast = all(
+    def build(cls, policies: tuple[CompiledPolicy, ...], roles: frozenset[str]) -> FitGroup:
+        views = {p.view for p in policies}
+        fast = len(views) == 1 and all(
             p.broken is None
             and not p.policy.require_authentication
             and not p.policy.require_encryption
-            and (not p.allowed_roles or role in p.allowed_roles)
+            and not p.policy.deny_control_characters
+            and (not p.allowed_roles or not p.allowed_roles.isdisjoint(roles))
             for p in policies
         )
         blocked = PatternList.build(())
@@ -205,15 +303,7 @@ class FitGroup:
             min((p.policy.max_message_size for p in policies), default=0),
             blocked,
             tuple(p.allowed for p in policies if p.allowed),
-        )
-
-    def allows_plaintext(self, content: bytes) -> bool:
-        """True when no fitting policy can object to this plaintext message."""
-        return (
-            self.fast
-            and len(content) <= self.min_size
-            and not (self.blocked and self.blocked.any_match(content))
-            and all(a.any_match(content) for a in self.allowed)
+            next(iter(views)) if len(views) == 1 else ((), True),
         )
 
 
@@ -233,6 +323,9 @@ def compiled(policy: SecurityPolicy) -> CompiledPolicy:
     return hit
 
 
+_DEFAULT_CONFIG = SecurityConfig()
+
+
 class PolicySet:
     """The policies in force and the config, compiled; immutable — a change builds a new one."""
 
@@ -243,17 +336,36 @@ class PolicySet:
         enabled: bool,
         default_action: Verdict,
         invalid: Mapping[str, str] | None = None,
+        config: SecurityConfig = _DEFAULT_CONFIG,
+        signers: Mapping[str, str] | None = None,
     ) -> None:
         self.policies = tuple(sorted(policies, key=lambda p: p.id))
         self.enabled = enabled
         self.default_action = default_action
         #: stored records that are not valid policies at all: {key: problem}
         self.invalid = dict(invalid or {})
-        self._fitting: dict[tuple[str, str], FitGroup] = {}
+        self.trust_claimed_roles = config.trust_claimed_roles
+        self.replay_window_s = config.replay_window_s
+        self.rejected_redaction = config.rejected_redaction
+        #: every level a message may name: the config's and those policies name
+        self.levels = norm_names(config.levels) | {
+            p.level for p in self.policies if p.level != ANY_LEVEL
+        }
+        self.anonymous_levels = (
+            None if config.anonymous_levels is None else norm_names(config.anonymous_levels)
+        )
+        #: {policy id: admin key id that signed the version in force}
+        self.signers = dict(signers or {})
+        self._fitting: dict[tuple[str, frozenset[str]], FitGroup] = {}
 
     @classmethod
     def from_state(
-        cls, state: Mapping[str, Any], *, enabled: bool = True, default_action: str = "deny"
+        cls,
+        state: Mapping[str, Any],
+        *,
+        enabled: bool = True,
+        default_action: str = "deny",
+        signers: Mapping[str, str] | None = None,
     ) -> PolicySet:
         """Build from the materialised table (see `streams.tables.security`).
 
@@ -262,6 +374,7 @@ class PolicySet:
         """
         invalid: dict[str, str] = {}
         by_id: dict[str, SecurityPolicy] = {}
+        config = _DEFAULT_CONFIG
         raw_config = state.get(CONFIG_KEY)
         if raw_config is not None:
             try:
@@ -284,17 +397,19 @@ class PolicySet:
             enabled=enabled,
             default_action=Verdict(default_action),
             invalid=invalid,
+            config=config,
+            signers=signers,
         )
 
-    def fitting(self, level: str, role: str) -> tuple[CompiledPolicy, ...]:
-        return self.group(level, role).policies
+    def fitting(self, level: str, roles: frozenset[str]) -> tuple[CompiledPolicy, ...]:
+        return self.group(level, roles).policies
 
-    def group(self, level: str, role: str) -> FitGroup:
-        key = (level, role)
+    def group(self, level: str, roles: frozenset[str]) -> FitGroup:
+        key = (level, roles)
         hit = self._fitting.get(key)
         if hit is None:
-            hit = FitGroup.build(tuple(p for p in self.policies if p.fits(level, role)), role)
-            if len(self._fitting) < 10_000:  # levels and roles are few; bound it anyway
+            hit = FitGroup.build(tuple(p for p in self.policies if p.fits(level, roles)), roles)
+            if len(self._fitting) < 10_000:  # levels and role sets are few; bound it anyway
                 self._fitting[key] = hit
         return hit
 
@@ -302,96 +417,276 @@ class PolicySet:
         return {p.id: p.version for p in self.policies}
 
 
-def required_keys(message: AgentMessage, policies: PolicySet) -> set[KeyRequest]:
-    """The secrets evaluating `message` may need (so the agent fetches them in one go)."""
+# -- who sends ------------------------------------------------------------------------
+
+
+def signing_key_id(message: AgentMessage) -> str:
+    """The keychain id of the key a signed message names (default: the sender's own)."""
+    auth = message.auth
+    return (auth.key_id if auth is not None and auth.key_id else None) or message.sender_id
+
+
+def required_keys(
+    message: AgentMessage, policies: PolicySet, identities: IdentityRegistry = EMPTY
+) -> set[KeyRequest]:
+    """The secrets evaluating `message` may need (so the agent fetches them in one go).
+
+    Only credentials the sender's identity grants are ever looked up: a flood of
+    messages naming made-up senders or key ids costs no keychain access."""
     if not policies.enabled:
         return set()
     needed: set[KeyRequest] = set()
-    if message.encryption is not None:
+    identity = identities.get(message.sender_id)
+    if message.encryption is not None and (
+        identity is not None and message.encryption.key_id in identity.encryption_key_ids
+    ):
         needed.add(KeyRequest("encryption", message.encryption.key_id))
     auth = message.auth
-    if auth is not None and any(
-        p.policy.require_authentication
-        for p in policies.fitting(message.security_level, message.sender_role)
-    ):
+    if auth is not None and identity is not None:
         if auth.method == "hmac-sha256":
-            needed.add(KeyRequest("signing", message.sender_id))
-        elif auth.user_id is not None:
+            key_id = signing_key_id(message)
+            if key_id in identity.signing_key_ids:
+                needed.add(KeyRequest("signing", key_id))
+        elif auth.user_id is not None and auth.user_id == identity.token_user_id:
             needed.add(KeyRequest("token", str(auth.user_id)))
     return needed
 
 
+def authenticate(
+    message: AgentMessage, identity: Identity | None, keys: KeyView
+) -> tuple[bool, str]:
+    """(verified, why not): the proof must verify with a credential `identity` grants."""
+    auth = message.auth
+    if auth is None:
+        return False, "the message carries no proof of identity"
+    if identity is None:
+        return False, f"sender {message.sender_id!r} has no identity (agentstream identity grant)"
+    if auth.method == "hmac-sha256":
+        key_id = signing_key_id(message)
+        if key_id not in identity.signing_key_ids:
+            return False, f"signing key {key_id!r} is not granted to {message.sender_id!r}"
+        key = keys.signing_key(key_id)
+        if key is None:
+            return False, f"no signing key {key_id!r} in the keychain"
+        if not crypto.verify_signature(message, key, auth.signature or ""):
+            return False, "the signature does not verify"
+        return True, ""
+    if auth.user_id is None:
+        return False, "an access-token proof needs user_id"
+    if auth.user_id != identity.token_user_id:
+        return False, f"the token of user {auth.user_id} is not granted to {message.sender_id!r}"
+    stored = keys.access_token(auth.user_id)
+    if stored is None:
+        return False, f"no access token stored for user {auth.user_id}"
+    if not crypto.tokens_equal(stored, auth.token or ""):
+        return False, f"the access token of user {auth.user_id} does not match"
+    return True, ""
+
+
+@dataclass(frozen=True)
+class Sender:
+    verified: bool
+    why_not: str
+    claimed: str
+    roles: frozenset[str]
+    identity: Identity | None
+    violations: tuple[Violation, ...]
+
+
+def resolve_sender(
+    message: AgentMessage, policies: PolicySet, keys: KeyView, identities: IdentityRegistry
+) -> Sender:
+    """Verification, roles and level: the checks made once per message, before policies."""
+    identity = identities.get(message.sender_id)
+    verified, why_not = authenticate(message, identity, keys)
+    claimed = norm_name(message.sender_role)
+    violations: list[Violation] = []
+    if policies.trust_claimed_roles:
+        roles = frozenset({claimed or ANONYMOUS_ROLE})
+    else:
+        granted = identity.roles if verified and identity is not None else frozenset()
+        roles = granted or frozenset({ANONYMOUS_ROLE})
+        if claimed and claimed in roles:
+            roles = frozenset({claimed})
+        elif claimed:
+            who = "its verified sender" if verified else "an unverified sender"
+            violations.append(
+                Violation(
+                    "role_not_granted",
+                    f"role {claimed!r} is not granted to {who} "
+                    f"(roles: {', '.join(sorted(roles))})" + ("" if verified else f"; {why_not}"),
+                )
+            )
+    level = norm_name(message.security_level)
+    if level not in policies.levels:
+        violations.append(Violation("security_level", f"unknown security level {level!r}"))
+    elif verified and identity is not None and identity.levels and level not in identity.levels:
+        violations.append(
+            Violation("security_level", f"{message.sender_id!r} may not send at level {level!r}")
+        )
+    elif (
+        not verified
+        and policies.anonymous_levels is not None
+        and level not in policies.anonymous_levels
+    ):
+        violations.append(
+            Violation("security_level", f"unverified senders may not send at level {level!r}")
+        )
+    return Sender(verified, why_not, claimed, roles, identity, tuple(violations))
+
+
+def freshness(
+    message: AgentMessage, policies: PolicySet, ctx: Context
+) -> tuple[datetime | None, list[Violation]]:
+    """(issued_at, violations) of the replay protection of a verified message."""
+    auth = message.auth
+    issued = auth.issued_at if auth is not None else None
+    if issued is None:
+        return None, [Violation("issued_at", "a verified message needs a signed issue time")]
+    now = ctx.now or datetime.now(UTC)
+    skew = (now - issued).total_seconds()
+    window = policies.replay_window_s
+    out: list[Violation] = []
+    if abs(skew) > window:
+        when = "old" if skew > 0 else "in the future"
+        out.append(Violation("issued_at", f"issued {abs(skew):.0f}s {when} (window {window:g}s)"))
+    seen = ctx.seen
+    if seen is not None and (seen.partition, seen.offset) != (ctx.partition, ctx.offset):
+        out.append(
+            Violation(
+                "replay",
+                f"message {message.message_id!r} of {message.sender_id!r} was decided before "
+                f"(partition {seen.partition}, offset {seen.offset})",
+            )
+        )
+    if (
+        ctx.expected_partition is not None
+        and ctx.partition is not None
+        and ctx.partition != ctx.expected_partition
+    ):
+        out.append(
+            Violation(
+                "misrouted",
+                f"read from partition {ctx.partition}; messages of {message.sender_id!r} "
+                f"belong in partition {ctx.expected_partition} (keyed by the sender id)",
+            )
+        )
+    return issued, out
+
+
+# -- the decision ---------------------------------------------------------------------
+
+
 def evaluate(
-    message: AgentMessage, policies: PolicySet, keys: KeyView, *, fast: bool = True
+    message: AgentMessage,
+    policies: PolicySet,
+    keys: KeyView,
+    *,
+    fast: bool = True,
+    ctx: Context = NO_CONTEXT,
 ) -> Evaluation:
     """Decide one message. `fast=False` skips the one-scan shortcut (tests compare both)."""
     if not policies.enabled:
         return Evaluation(Verdict.ALLOW, (), {}, False, False)
-    group = policies.group(message.security_level, message.sender_role)
+    sender = resolve_sender(message, policies, keys, ctx.identities)
+    violations = list(sender.violations)
+    issued_at = None
+    if sender.verified:
+        issued_at, stale = freshness(message, policies, ctx)
+        violations += stale
+    level = norm_name(message.security_level)
+    group = policies.group(level, sender.roles)
+
+    def result(verdict: Verdict, found: list[Violation], masked: dict[str, str]) -> Evaluation:
+        return Evaluation(
+            verdict,
+            tuple(found),
+            dict(group.versions),
+            not group.policies,
+            True,
+            sender.verified,
+            sender.claimed,
+            tuple(sorted(sender.roles)),
+            issued_at,
+            masked,
+        )
+
     if (
         fast
         and group.fast
+        and not violations
         and message.encryption is None
-        and group.allows_plaintext(message.content.encode())
+        and _fast_allows(message, group)
     ):
-        return Evaluation(Verdict.ALLOW, (), dict(group.versions), False, True)
-    violations: list[Violation] = []
+        return result(Verdict.ALLOW, [], {})
 
     # -- content: plaintext, or the envelope's (decrypted when the key is known) ---------
-    content: bytes | None
+    plain: str | None
     size: int
     envelope = message.encryption
-    envelope_ok = envelope is not None
+    envelope_ok = False  # a valid envelope under a key the keychain holds
+    envelope_bad = False  # malformed, not granted, or fails to decrypt
     if envelope is None:
-        content = message.content.encode()
-        size = len(content)
+        plain = message.content
+        size = len(plain.encode())
     else:
-        content = None
+        plain = None
         try:
             size = crypto.plaintext_size(envelope)
             if message.content:
                 raise crypto.EnvelopeError("plaintext content travels next to the envelope")
+            identity = sender.identity
+            if identity is None or envelope.key_id not in identity.encryption_key_ids:
+                raise crypto.EnvelopeError(
+                    f"encryption key {envelope.key_id!r} is not granted to {message.sender_id!r}"
+                )
             key = keys.encryption_key(envelope.key_id)
             if key is not None:
-                content = crypto.decrypt_content(message, key).encode()
+                plain = crypto.decrypt_content(message, key)
+                envelope_ok = True
         except crypto.EnvelopeError as exc:
-            envelope_ok = False
+            envelope_bad = True
             size = len(message.content.encode())
             violations.append(Violation("decryption", str(exc)))
 
     fitting = group.policies
-    authenticated: tuple[bool, str] | None = None  # computed at most once
+    scanned = _Scanned(message, plain)
+    masked: dict[str, str] = {}
     for policy in fitting:
         p = policy.policy
         pid, ver = policy.id, policy.version
         if policy.broken is not None:
             violations.append(Violation("invalid_policy", policy.broken, pid, ver))
             continue
-        if policy.allowed_roles and message.sender_role not in policy.allowed_roles:
-            violations.append(
-                Violation("allowed_roles", f"role {message.sender_role!r} is not allowed", pid, ver)
-            )
-        if p.require_authentication:
-            if authenticated is None:
-                authenticated = _authenticate(message, keys)
-            if not authenticated[0]:
-                violations.append(Violation("require_authentication", authenticated[1], pid, ver))
-        if p.require_encryption and not envelope_ok:
-            detail = "no encryption envelope" if envelope is None else "envelope is not valid"
-            violations.append(Violation("require_encryption", detail, pid, ver))
-        if size > p.max_message_size:
+        if policy.allowed_roles and policy.allowed_roles.isdisjoint(sender.roles):
             violations.append(
                 Violation(
-                    "max_message_size",
-                    f"content is {size} bytes, limit {p.max_message_size}",
+                    "allowed_roles",
+                    f"role {', '.join(sorted(sender.roles))!r} is not allowed",
                     pid,
                     ver,
                 )
             )
-        if not policy.has_patterns:
+        if p.require_authentication and not sender.verified:
+            violations.append(Violation("require_authentication", sender.why_not, pid, ver))
+        if p.require_encryption and not envelope_ok:
+            if envelope is None:
+                detail = "no encryption envelope"
+            elif envelope_bad:
+                detail = "envelope is not valid"
+            else:
+                detail = f"key {envelope.key_id!r} is not in the keychain: cannot be checked"
+            violations.append(Violation("require_encryption", detail, pid, ver))
+        limit = p.max_message_size
+        if size > limit:
+            violations.append(
+                Violation("max_message_size", f"content is {size} bytes, limit {limit}", pid, ver)
+            )
+            continue  # never scan what is over the limit: the cost stays bounded
+        if not policy.has_patterns and not p.deny_control_characters:
             continue
-        if content is None:
-            if envelope_ok:  # a broken envelope is already reported once
+        if plain is None:
+            if not envelope_bad and policy.has_patterns:  # a broken one is reported once
                 violations.append(
                     Violation(
                         "content_unreadable",
@@ -401,50 +696,108 @@ def evaluate(
                     )
                 )
             continue
-        if policy.blocked and policy.blocked.any_match(content):
-            shown = ", ".join(repr(x) for x in policy.blocked.matching(content)[:5])
-            violations.append(Violation("blocked_patterns", f"matched {shown}", pid, ver))
-        if policy.allowed and not policy.allowed.any_match(content):
+        if p.deny_control_characters:
+            bad = forbidden_controls(plain)
+            if bad:
+                violations.append(Violation("forbidden_characters", ", ".join(bad), pid, ver))
+        fields = scanned.fields(policy.view)
+        meta = _metadata_size(fields)
+        if meta > limit:
+            violations.append(
+                Violation("max_message_size", f"metadata is {meta} bytes, limit {limit}", pid, ver)
+            )
+            continue
+        if policy.blocked:
+            hits: dict[str, list[str]] = {}
+            for path, text in fields:
+                data = text.encode()
+                if policy.blocked.any_match(data):
+                    hits[path] = policy.blocked.matching(data)
+                    spans = byte_spans_to_char_spans(text, policy.blocked.spans(data))
+                    masked[path] = mask_spans(
+                        masked.get(path, text), spans, policies.rejected_redaction
+                    )
+            if hits:
+                shown = sorted({x for found in hits.values() for x in found})[:5]
+                where = ", ".join(sorted(hits)[:5])
+                violations.append(
+                    Violation(
+                        "blocked_patterns",
+                        f"matched {', '.join(repr(x) for x in shown)} in {where}",
+                        pid,
+                        ver,
+                    )
+                )
+        if policy.allowed and not policy.allowed.any_match(scanned.content(policy.view)):
             violations.append(Violation("allowed_patterns", "no allowed pattern matches", pid, ver))
 
-    default_applied = not fitting
-    if default_applied and policies.default_action is Verdict.DENY:
+    if not fitting and policies.default_action is Verdict.DENY:
         violations.append(
             Violation(
                 "default_action",
-                f"no policy fits level {message.security_level!r} and role "
-                f"{message.sender_role!r}; the default action is deny",
+                f"no policy fits level {level!r} and roles "
+                f"{', '.join(sorted(sender.roles))!r}; the default action is deny",
             )
         )
-    verdict = Verdict.DENY if violations else Verdict.ALLOW
-    return Evaluation(
-        verdict,
-        tuple(violations),
-        {p.id: p.version for p in fitting},
-        default_applied,
-        True,
-    )
+    return result(Verdict.DENY if violations else Verdict.ALLOW, violations, masked)
 
 
-def _authenticate(message: AgentMessage, keys: KeyView) -> tuple[bool, str]:
-    auth = message.auth
-    if auth is None:
-        return False, "the message carries no proof of identity"
-    if auth.method == "hmac-sha256":
-        key = keys.signing_key(message.sender_id)
-        if key is None:
-            return False, f"no signing key for sender {message.sender_id!r} in the keychain"
-        if not crypto.verify_signature(message, key, auth.signature or ""):
-            return False, "the signature does not verify"
-        return True, ""
-    if auth.user_id is None:
-        return False, "an access-token proof needs user_id"
-    stored = keys.access_token(auth.user_id)
-    if stored is None:
-        return False, f"no access token stored for user {auth.user_id}"
-    if not crypto.tokens_equal(stored, auth.token or ""):
-        return False, f"the access token of user {auth.user_id} does not match"
-    return True, ""
+#: constrained by other checks (a level must be known, a role granted), so a pattern
+#: matching them could only deny every message at a level or in a role
+_UNSCANNED = frozenset({"security_level", "sender_role"})
+
+
+def _fields(message: AgentMessage, view: tuple[tuple[str, ...], bool]) -> list[tuple[str, str]]:
+    return [
+        (path, text)
+        for path, text in scanned_fields(message, view[0], fold_confusables=view[1])
+        if path not in _UNSCANNED
+    ]
+
+
+def _metadata_size(fields: list[tuple[str, str]]) -> int:
+    """What a policy's size limit holds metadata to (ids are bounded by the schema)."""
+    return sum(len(t.encode()) for path, t in fields if path.startswith("metadata"))
+
+
+class _Scanned:
+    """The normalised fields of one message, computed once per way of seeing it."""
+
+    def __init__(self, message: AgentMessage, plain: str) -> None:
+        self.message = (
+            message if plain == message.content else message.model_copy(update={"content": plain})
+        )
+        self._views: dict[tuple[tuple[str, ...], bool], list[tuple[str, str]]] = {}
+
+    def fields(self, view: tuple[tuple[str, ...], bool]) -> list[tuple[str, str]]:
+        hit = self._views.get(view)
+        if hit is None:
+            hit = self._views[view] = _fields(self.message, view)
+        return hit
+
+    def content(self, view: tuple[tuple[str, ...], bool]) -> bytes:
+        for path, text in self.fields((("content",), view[1])):
+            if path == "content":
+                return text.encode()
+        return b""
+
+
+def _fast_allows(message: AgentMessage, group: FitGroup) -> bool:
+    """True when no fitting policy can object to this plaintext message (every fitting
+    policy sees it the same way: `FitGroup.fast`)."""
+    content = message.content.encode()
+    if len(content) > group.min_size:
+        return False
+    fields = _fields(message, group.view)
+    if _metadata_size(fields) > group.min_size:
+        return False
+    text = next((t for path, t in fields if path == "content"), None)
+    if text is None:
+        text = scanned_fields(message, ("content",), fold_confusables=group.view[1])[0][1]
+    data = text.encode()
+    if group.blocked and any(group.blocked.any_match(t.encode()) for _, t in fields):
+        return False
+    return all(a.any_match(data) for a in group.allowed)
 
 
 def redact(message: AgentMessage, extra_metadata: Mapping[str, Any] | None = None) -> AgentMessage:
@@ -458,13 +811,21 @@ def redact(message: AgentMessage, extra_metadata: Mapping[str, Any] | None = Non
     return message.model_copy(update=update) if update else message
 
 
-#: a JSON "token" member; also an unterminated one at the end (truncated input)
-_TOKEN_MEMBER = re.compile(rb'("token"\s*:\s*)"(?:[^"\\]|\\.)*(?:"|\\?$)')
+def masked_copy(message: AgentMessage, masked: Mapping[str, str]) -> AgentMessage:
+    """A rejected message without the text its blocked patterns matched: each matched
+    field carries its normalised text with the matches masked (or hashed); metadata in
+    which anything matched is replaced as a whole by its masked leaves."""
+    if not masked:
+        return message
+    update: dict[str, Any] = {}
+    for name in ("content", "content_type", "message_id", "recipient_id"):
+        if name in masked:
+            update[name] = masked[name]
+    meta = {path: text for path, text in masked.items() if path.startswith("metadata")}
+    if meta:
+        update["metadata"] = {"masked": meta}
+    return message.model_copy(update=update)
 
 
-def redact_raw(value: bytes) -> bytes:
-    """Raw record bytes with every "token" string blanked (for dead letters of input that
-    could not be decoded: the access token must not travel on with it)."""
-    if b'"token"' not in value:
-        return value
-    return _TOKEN_MEMBER.sub(rb'\1"[REDACTED]"', value)
+# the level names the schema knows, normalised (for docs and the CLI)
+STANDARD_LEVELS = tuple(level.value for level in SecurityLevel)

@@ -15,7 +15,9 @@ pytestmark = pytest.mark.integration
 def test_topics_create_is_idempotent_and_listed(settings_env: dict[str, str], ns: str) -> None:
     first = cli(settings_env, "topics", "create")
     assert first.returncode == 0, first.stderr
-    assert "created 18 topic(s)" in first.stdout
+    from streams.topics import CATALOGUE
+
+    assert f"created {len(CATALOGUE)} topic(s)" in first.stdout
     second = cli(settings_env, "topics", "create")
     assert second.returncode == 0, second.stderr
     assert "created 0 topic(s)" in second.stdout
@@ -25,6 +27,7 @@ def test_topics_create_is_idempotent_and_listed(settings_env: dict[str, str], ns
     assert "2 partitions" in lines[f"{ns}.agent.messages"]
     assert "1 partitions" in lines[f"{ns}.security.policies"]
     assert "compacted" in lines[f"{ns}.security.policies"]
+    assert "compacted" in lines[f"{ns}.security.identities"]
     assert "MISSING" not in listing.stdout
 
 

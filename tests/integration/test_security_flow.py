@@ -16,14 +16,14 @@ import httpx
 import pytest
 
 from agents.security.crypto import encrypt_content, new_key, sign_message
-from agents.security.policy import redact_raw
+from streams.redaction import redact_raw
 from schemas import AgentMessage, Event, encode
 from schemas.messages import AuthProof
 from streams.audit_chain import GENESIS, compute_hash
 from streams.client import Client
 from streams.credentials import KeychainCredentialsProvider
 from streams.settings import Settings
-from tests.support import Worker, await_until, cli, read_topic
+from tests.support import Worker, await_until, cli, read_topic, with_admin_key
 
 pytestmark = pytest.mark.integration
 
@@ -70,13 +70,16 @@ async def test_policies_enforced_live_and_secrets_never_leave(
 ) -> None:
     token = "tok-" + secrets.token_urlsafe(24)
     master = secrets.token_urlsafe(16)
-    env = {
-        **settings_env,
-        "AGENTSTREAM_KEYRING_BACKEND": "encrypted-file",
-        "AGENTSTREAM_KEYRING_FILE": str(tmp_path / "keyring.json"),
-        "AGENTSTREAM_KEYRING_PASSWORD": master,
-        "AGENTSTREAM_AGENTS": "agents.security",
-    }
+    env = with_admin_key(
+        {
+            **settings_env,
+            "AGENTSTREAM_KEYRING_BACKEND": "encrypted-file",
+            "AGENTSTREAM_KEYRING_FILE": str(tmp_path / "keyring.json"),
+            "AGENTSTREAM_KEYRING_PASSWORD": master,
+            "AGENTSTREAM_AGENTS": "agents.security",
+        },
+        tmp_path,
+    )
     settings = Settings.from_env(env)
     provider = KeychainCredentialsProvider(settings)
     signing_key, enc_key = new_key(), new_key()

@@ -1,4 +1,7 @@
-"""The pure policy evaluator: each rule, all reasons at once, fitting, defaults."""
+"""The pure policy evaluator: each rule, all reasons at once, fitting, defaults.
+
+Roles come from identities: `IDS` grants alice her roles, signing key, token user and
+encryption key; a message that is not verified is anonymous."""
 
 from __future__ import annotations
 
@@ -7,7 +10,10 @@ from typing import Any
 import pytest
 
 from agents.security.crypto import encrypt_content, new_key, sign_message
+from agents.security.identity import Identity, IdentityRegistry
 from agents.security.policy import (
+    Context,
+    Evaluation,
     KeyRequest,
     PolicySet,
     StaticKeys,
@@ -16,12 +22,30 @@ from agents.security.policy import (
     redact,
     required_keys,
 )
+from schemas import utc_now
 from schemas.messages import AgentMessage, AuthProof
-from schemas.security import SecurityPolicy, Verdict
+from schemas.security import AgentIdentity, SecurityPolicy, Verdict
 
 SIGNING = new_key()
 ENC = new_key()
 KEYS = StaticKeys(signing={"alice": SIGNING}, encryption={"k1": ENC}, tokens={7: "tok-seven"})
+IDS = IdentityRegistry(
+    [
+        Identity.of(
+            AgentIdentity(
+                agent_id="alice",
+                roles=["planner", "intern"],
+                token_user_id=7,
+                encryption_key_ids=["k1"],
+            )
+        )
+    ]
+)
+CTX = Context(identities=IDS)
+
+
+def _eval(message: AgentMessage, policies: PolicySet, keys: StaticKeys = KEYS) -> Evaluation:
+    return evaluate(message, policies, keys, ctx=CTX)
 
 
 def _set(*policies: SecurityPolicy, enabled: bool = True, default: str = "deny") -> PolicySet:
@@ -41,7 +65,7 @@ def _msg(content: str = "hello", **kw: Any) -> AgentMessage:
 
 
 def _rules(message: AgentMessage, policies: PolicySet, keys: StaticKeys = KEYS) -> list[str]:
-    return evaluate(message, policies, keys).rules
+    return _eval(message, policies, keys).rules
 
 
 def test_each_rule_denies_on_its_own() -> None:
@@ -59,8 +83,9 @@ def test_each_rule_denies_on_its_own() -> None:
     assert _rules(_msg("chit chat"), allowed) == ["allowed_patterns"]
 
     roles = _set(SecurityPolicy(policy_id="r", allowed_roles=["planner"]))
-    assert _rules(_msg(sender_role="planner"), roles) == []
-    assert _rules(_msg(sender_role="intern"), roles) == ["allowed_roles"]
+    assert _rules(sign_message(_msg(sender_role="planner"), SIGNING), roles) == []
+    assert _rules(sign_message(_msg(sender_role="intern"), SIGNING), roles) == ["allowed_roles"]
+    assert _rules(_msg(sender_role="planner"), roles) == ["allowed_roles", "role_not_granted"]
 
     enc = _set(SecurityPolicy(policy_id="e", require_encryption=True))
     assert _rules(_msg("x"), enc) == ["require_encryption"]
@@ -71,19 +96,27 @@ def test_each_rule_denies_on_its_own() -> None:
     assert _rules(sign_message(_msg(), SIGNING), auth) == []
     assert _rules(sign_message(_msg(), new_key()), auth) == ["require_authentication"]
     token = _msg().model_copy(
-        update={"auth": AuthProof(method="access-token", token="tok-seven", user_id=7)}
+        update={
+            "auth": AuthProof(
+                method="access-token", token="tok-seven", user_id=7, issued_at=utc_now()
+            )
+        }
     )
     assert _rules(token, auth) == []
     wrong = token.model_copy(
-        update={"auth": AuthProof(method="access-token", token="tok-sevem", user_id=7)}
+        update={
+            "auth": AuthProof(
+                method="access-token", token="tok-sevem", user_id=7, issued_at=utc_now()
+            )
+        }
     )
     assert _rules(wrong, auth) == ["require_authentication"]
     unknown_user = token.model_copy(
         update={"auth": AuthProof(method="access-token", token="x", user_id=8)}
     )
     assert _rules(unknown_user, auth) == ["require_authentication"]
-    no_key = sign_message(_msg(sender_id="mallory"), SIGNING)
-    assert "no signing key" in evaluate(no_key, auth, KEYS).reasons[0]
+    no_identity = sign_message(_msg(sender_id="mallory"), SIGNING)
+    assert "has no identity" in _eval(no_identity, auth).reasons[0]
 
 
 def test_signature_covers_the_content_and_the_routing() -> None:
@@ -107,13 +140,17 @@ def test_all_violations_are_reported_not_only_the_first() -> None:
         SecurityPolicy(
             policy_id="p1",
             max_message_size=10,
-            blocked_patterns=["secret", "token"],
             allowed_roles=["planner"],
             require_authentication=True,
         ),
-        SecurityPolicy(policy_id="p2", version=3, allowed_patterns=["^report:"]),
+        SecurityPolicy(
+            policy_id="p2",
+            version=3,
+            allowed_patterns=["^report:"],
+            blocked_patterns=["secret", "token"],
+        ),
     )
-    result = evaluate(_msg("a secret token, long enough", sender_role="intern"), policies, KEYS)
+    result = _eval(_msg("a secret token, long enough", sender_role="intern"), policies)
     assert result.verdict is Verdict.DENY
     assert result.rules == [
         "allowed_patterns",
@@ -121,11 +158,12 @@ def test_all_violations_are_reported_not_only_the_first() -> None:
         "blocked_patterns",
         "max_message_size",
         "require_authentication",
+        "role_not_granted",
     ]
     assert result.policies == {"p1": 1, "p2": 3}
     blocked = next(r for r in result.reasons if r.startswith("blocked_patterns"))
-    assert "'secret'" in blocked and "'token'" in blocked and "[policy p1 v1]" in blocked
-    assert any(r.endswith("[policy p2 v3]") for r in result.reasons)
+    assert "'secret'" in blocked and "'token'" in blocked and "[policy p2 v3]" in blocked
+    assert any(r.startswith("max_message_size") and "[policy p1 v1]" in r for r in result.reasons)
 
 
 def test_policies_fit_by_level_and_role() -> None:
@@ -137,25 +175,29 @@ def test_policies_fit_by_level_and_role() -> None:
             policy_id="interns", level="*", applies_to_roles=["intern"], blocked_patterns=["intern"]
         ),
     )
-    assert evaluate(_msg(), policies, KEYS).policies == {"std": 1, "any": 1}
-    conf = evaluate(_msg("std", security_level="confidential"), policies, KEYS)
+    assert _eval(_msg(), policies).policies == {"std": 1, "any": 1}
+    conf = _eval(_msg("std", security_level="confidential"), policies)
     assert conf.policies == {"conf": 1, "any": 1} and conf.verdict is Verdict.ALLOW
-    intern = evaluate(_msg("intern", sender_role="intern"), policies, KEYS)
+    intern = _eval(sign_message(_msg("intern", sender_role="intern"), SIGNING), policies)
     assert intern.policies == {"std": 1, "any": 1, "interns": 1}
     assert intern.rules == ["blocked_patterns"]
+    # no claim: every granted role (intern among them); a claim narrows to that role
+    assert "interns" in _eval(sign_message(_msg("x"), SIGNING), policies).policies
+    planner = _eval(sign_message(_msg("x", sender_role="planner"), SIGNING), policies)
+    assert "interns" not in planner.policies
 
 
 @pytest.mark.parametrize(("default", "verdict"), [("allow", Verdict.ALLOW), ("deny", Verdict.DENY)])
 def test_no_fitting_policy_applies_the_default(default: str, verdict: Verdict) -> None:
     policies = _set(SecurityPolicy(policy_id="conf", level="confidential"), default=default)
-    result = evaluate(_msg(), policies, KEYS)
+    result = _eval(_msg(), policies)
     assert result.verdict is verdict and result.default_applied and result.policies == {}
     assert result.rules == ([] if default == "allow" else ["default_action"])
 
 
 def test_disabled_security_allows_everything() -> None:
     policies = _set(SecurityPolicy(policy_id="size", max_message_size=1), enabled=False)
-    result = evaluate(_msg("far too long"), policies, KEYS)
+    result = _eval(_msg("far too long"), policies)
     assert result.verdict is Verdict.ALLOW and not result.security_enabled
     assert required_keys(sign_message(_msg(), SIGNING), policies) == set()
 
@@ -224,14 +266,19 @@ def test_state_with_config_and_inline_policies() -> None:
 def test_required_keys_and_redaction() -> None:
     policies = _set(SecurityPolicy(policy_id="au", require_authentication=True))
     signed = encrypt_content(sign_message(_msg(), SIGNING), ENC, "k1")
-    assert required_keys(signed, policies) == {
+    assert required_keys(signed, policies, IDS) == {
         KeyRequest("signing", "alice"),
         KeyRequest("encryption", "k1"),
     }
+    assert required_keys(signed, policies) == set()  # no identity: nothing is looked up
     token = _msg().model_copy(
-        update={"auth": AuthProof(method="access-token", token="tok-seven", user_id=7)}
+        update={
+            "auth": AuthProof(
+                method="access-token", token="tok-seven", user_id=7, issued_at=utc_now()
+            )
+        }
     )
-    assert required_keys(token, policies) == {KeyRequest("token", "7")}
+    assert required_keys(token, policies, IDS) == {KeyRequest("token", "7")}
     forwarded = redact(token, {"rejection_reasons": ["x"]})
     assert forwarded.auth is not None and forwarded.auth.token is None and forwarded.auth.redacted
     assert "tok-seven" not in forwarded.model_dump_json()
@@ -259,22 +306,10 @@ def test_fast_path_and_full_evaluation_agree() -> None:
             sender_role=rng.choice(["agent", "intern"]),
             security_level=rng.choice(["standard", "public"]),
         )
-        fast, full = evaluate(msg, policies, KEYS), evaluate(msg, policies, KEYS, fast=False)
+        fast = evaluate(msg, policies, KEYS, ctx=CTX)
+        full = evaluate(msg, policies, KEYS, fast=False, ctx=CTX)
         assert (fast.verdict, fast.policies, fast.default_applied) == (
             full.verdict,
             full.policies,
             full.default_applied,
         ), msg
-
-
-def test_raw_bytes_lose_their_tokens_even_when_truncated() -> None:
-    from agents.security.policy import redact_raw
-
-    assert redact_raw(b'{"auth": {"token": "abc\\"def", "user_id": 1}}') == (
-        b'{"auth": {"token": "[REDACTED]", "user_id": 1}}'
-    )
-    assert redact_raw(b'{"a":{"token" : "tok-123') == b'{"a":{"token" : "[REDACTED]"'
-    assert redact_raw(b'{"token":"a","b":{"token":"b"}}') == (
-        b'{"token":"[REDACTED]","b":{"token":"[REDACTED]"}}'
-    )
-    assert redact_raw(b"not json, no secret") == b"not json, no secret"
