@@ -20,8 +20,8 @@ ANONYMOUS_ROLE = "anonymous"
 RESERVED_PREFIX = "__"
 #: the fields a policy's blocked patterns apply to (`scan_fields`); "ids" = message,
 #: sender and recipient ids, the claimed role and the security level
-SCAN_FIELDS = ("content", "metadata", "content_type", "ids")
 ScanField = Literal["content", "metadata", "content_type", "ids"]
+SCAN_FIELDS: tuple[ScanField, ...] = ("content", "metadata", "content_type", "ids")
 MAX_SIGNATURE_LENGTH = 256
 
 

@@ -650,7 +650,7 @@ def evaluate(
             violations.append(Violation("decryption", str(exc)))
 
     fitting = group.policies
-    scanned = _Scanned(message, plain)
+    scanned = _Scanned(message, plain if plain is not None else "")
     masked: dict[str, str] = {}
     for policy in fitting:
         p = policy.policy

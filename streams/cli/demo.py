@@ -1,10 +1,16 @@
 """`agentstream demo`: the whole pipeline on a local broker with synthetic agents.
 
 Starts the local broker unless a cluster is configured, creates the topics, runs a worker
-as a subprocess, publishes a few security policies, then drives traffic from simulated
-agents — messages (some denied, some oversized, some undecodable), heartbeats (a few
-agents fall silent and come back), metrics, communication records and LLM requests to the
-offline `local` provider — while printing a live summary read back from the result topics.
+as a subprocess, publishes admin-signed security policies and agent identities, then
+drives traffic from simulated agents — messages (most signed by their sender, some denied,
+some oversized, some undecodable, one agent claiming a role it was never granted),
+heartbeats (a few agents fall silent and come back), metrics, communication records and
+LLM requests to the offline `local` provider — while printing a live summary read back
+from the result topics.
+
+The security side (keys, signed rule changes, signed messages) is the security agent's
+(`agents/security/demo.py`, registered with `register_demo_security` when the agents'
+commands load): `streams` does not import `agents`.
 """
 
 from __future__ import annotations
@@ -18,8 +24,9 @@ import sys
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import click
 
@@ -30,8 +37,6 @@ from schemas import (
     Heartbeat,
     LLMRequest,
     MetricSample,
-    SecurityConfig,
-    SecurityPolicy,
     utc_now,
 )
 from schemas.comms import COMM_KINDS
@@ -53,7 +58,6 @@ from streams.topics import (
     METRICS_SAMPLES,
     PIPELINE_DEADLETTER,
     SECURITY_DECISIONS,
-    SECURITY_POLICIES,
 )
 
 WATCHED = {
@@ -65,6 +69,29 @@ WATCHED = {
     LLM_CHUNKS: "llm chunks",
     LLM_RESPONSES: "llm responses",
 }
+
+
+class DemoSecurity(Protocol):
+    """What the demo needs of the security agent."""
+
+    #: settings the worker needs (keychain, trusted admin key)
+    env: dict[str, str]
+
+    async def publish_rules(self, client: Client) -> None:
+        """Publish the signed policies, config and identities of the simulated agents."""
+
+    def sign(self, message: AgentMessage) -> AgentMessage:
+        """The message as its sender would publish it (signed when it holds a key)."""
+
+
+DemoSecurityFactory = Callable[[Path, list[str]], Coroutine[Any, Any, DemoSecurity]]
+_SECURITY: list[DemoSecurityFactory] = []
+
+
+def register_demo_security(factory: DemoSecurityFactory) -> None:
+    """Called by agents.security when its commands load."""
+    _SECURITY[:] = [factory]
+
 
 DEMO_ENV = {
     # short intervals so that agents visibly go down and come back within a minute
@@ -108,7 +135,12 @@ def demo(rate: float, n_agents: int, duration: float, keep_broker: bool, seed: i
     log_dir = REPO_ROOT / "var" / "demo"
     log_dir.mkdir(parents=True, exist_ok=True)
     worker_log = log_dir / "worker.log"
+    if not _SECURITY:
+        raise click.ClickException("the security agent's commands did not load")
+    agents = [f"agent-{i}" for i in range(n_agents)]
+    security = run(_SECURITY[0](log_dir, agents))
     env = {**os.environ, **{k: v for k, v in DEMO_ENV.items() if k not in os.environ}}
+    env.update(security.env)
     env["AGENTSTREAM_KAFKA_BOOTSTRAP"] = settings.bootstrap
     with worker_log.open("ab") as log:
         worker = subprocess.Popen(
@@ -123,7 +155,7 @@ def demo(rate: float, n_agents: int, duration: float, keep_broker: bool, seed: i
         f"http://{settings.web_host}:{settings.web_port}/"
     )
     try:
-        run(_drive(settings, worker, worker_log, rate, n_agents, duration, seed))
+        run(_drive(settings, worker, worker_log, rate, agents, duration, seed, security))
     except KeyboardInterrupt:
         click.echo("\ninterrupted")
     finally:
@@ -156,9 +188,10 @@ async def _drive(
     worker: subprocess.Popen[bytes],
     log: Path,
     rate: float,
-    n_agents: int,
+    agents: list[str],
     duration: float,
     seed: int,
+    security: DemoSecurity,
 ) -> None:
     counts: Counter[str] = Counter()
     sent: Counter[str] = Counter()
@@ -166,10 +199,9 @@ async def _drive(
     async with Client(settings, source="demo") as client:
         watcher = asyncio.create_task(_watch(client, counts, transitions))
         await _wait_ready(worker, log)
-        await _publish_policies(client)
+        await security.publish_rules(client)
         click.echo("worker ready; driving traffic (Ctrl-C to stop)\n")
         rng = random.Random(seed)
-        agents = [f"agent-{i}" for i in range(n_agents)]
         silent: dict[str, float] = {}
         start = time.monotonic()
         tick = 0
@@ -193,7 +225,7 @@ async def _drive(
                             wait=False,
                         )
                         sent["heartbeats"] += 1
-            await _one_message(client, rng, agents, sent)
+            await _one_message(client, rng, agents, sent, security)
             if tick % 5 == 0:
                 await client.publish(
                     METRICS_SAMPLES,
@@ -233,29 +265,12 @@ async def _drive(
         watcher.cancel()
 
 
-async def _publish_policies(client: Client) -> None:
-    policies = [
-        SecurityPolicy(
-            policy_id="no-secrets",
-            description="Never pass credentials around",
-            level="standard",
-            blocked_patterns=[r"(?i)password\s*[:=]", r"sk-[A-Za-z0-9]{20,}"],
-            max_message_size=2048,
-        ),
-        SecurityPolicy(
-            policy_id="confidential-roles",
-            level="confidential",
-            allowed_roles=["planner", "auditor"],
-            max_message_size=4096,
-        ),
-    ]
-    for policy in policies:
-        await client.publish(SECURITY_POLICIES, policy)
-    await client.publish(SECURITY_POLICIES, SecurityConfig(enabled=True, default_action="allow"))
-
-
 async def _one_message(
-    client: Client, rng: random.Random, agents: list[str], sent: Counter[str]
+    client: Client,
+    rng: random.Random,
+    agents: list[str],
+    sent: Counter[str],
+    security: DemoSecurity,
 ) -> None:
     roll = rng.random()
     sender, recipient = rng.sample(agents, 2) if len(agents) > 1 else (agents[0], agents[0])
@@ -276,11 +291,8 @@ async def _one_message(
     )
     if roll > 0.97:
         content = "x" * 3000  # over the 2 KiB limit of the demo policy
-    level, role = (
-        ("confidential", rng.choice(["planner", "worker"]))
-        if roll > 0.8
-        else ("standard", "worker")
-    )
+    # confidential messages claim a role: planners are granted it, workers are not
+    level, role = ("confidential", "planner") if roll > 0.8 else ("standard", "")
     msg = AgentMessage(
         message_id=uuid.uuid4().hex,
         sender_id=sender,
@@ -289,6 +301,7 @@ async def _one_message(
         security_level=level,
         content=content,
     )
+    msg = security.sign(msg)
     await client.publish(AGENT_MESSAGES, Event.of(msg, source=sender), wait=False)
     sent["messages"] += 1
 
