@@ -19,8 +19,9 @@ from typing import Any, TypeVar, overload
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from schemas import Event, registry
+from schemas import Event, encode, registry
 from schemas.errors import SchemaError
+from schemas.security import SignedChange
 from streams.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent
@@ -78,6 +79,74 @@ def cli(
         text=True,
         timeout=timeout,
     )
+
+
+class AdminSigner:
+    """A fresh Ed25519 admin key, for tests that publish signed rule changes themselves
+    (the CLI signs with the one `with_admin_key` puts in the keychain)."""
+
+    def __init__(self, key_id: str = "admin") -> None:
+        from streams.signing import new_private_key, public_b64
+
+        self.key_id = key_id
+        self.key = new_private_key()
+        self.public = public_b64(self.key)
+
+    @property
+    def trusted(self) -> dict[str, Any]:
+        return {self.key_id: self.key.public_key()}
+
+    @property
+    def setting(self) -> str:
+        """The `AGENTSTREAM_SECURITY_ADMIN_KEYS` item that trusts this key."""
+        return f"{self.key_id}={self.public}"
+
+    def sign(self, payload: SignedChange) -> Any:
+        from streams.signing import sign_change
+
+        body = sign_change(payload.TYPE, payload.model_dump(mode="json"), self.key, self.key_id)
+        return type(payload).model_validate(body)
+
+    def event(self, payload: SignedChange, source: str = "test") -> Event[Any]:
+        return Event.of(self.sign(payload), source=source)
+
+    def record(self, payload: SignedChange) -> tuple[bytes, bytes]:
+        """(Kafka key, value) of the signed change, as the CLI publishes it."""
+        event = self.event(payload)
+        return event.key.encode(), encode(event)
+
+
+def with_admin_key(
+    env: dict[str, str], tmp_path: Path, signer: AdminSigner | None = None
+) -> dict[str, str]:
+    """`env` set up for signed rule changes: a keychain (an encrypted-file keyring in
+    `tmp_path`, unless `env` names one already) holding a fresh admin key (or `signer`'s)
+    under `admin_key.<id>` for the CLI, and `AGENTSTREAM_SECURITY_ADMIN_KEYS` /
+    `AGENTSTREAM_SECURITY_ADMIN_KEY_ID` so that workers trust it."""
+    import secrets
+
+    from streams.credentials import KeychainCredentialsProvider
+    from streams.signing import ADMIN_ENTRY, private_to_b64
+
+    signer = signer or AdminSigner()
+    out = dict(env)
+    if "AGENTSTREAM_KEYRING_BACKEND" not in out:
+        out.update(
+            {
+                "AGENTSTREAM_KEYRING_BACKEND": "encrypted-file",
+                "AGENTSTREAM_KEYRING_FILE": str(tmp_path / "keyring.json"),
+                "AGENTSTREAM_KEYRING_PASSWORD": secrets.token_urlsafe(12),
+            }
+        )
+    existing = out.get("AGENTSTREAM_SECURITY_ADMIN_KEYS", "")
+    out["AGENTSTREAM_SECURITY_ADMIN_KEYS"] = ",".join(x for x in (existing, signer.setting) if x)
+    out["AGENTSTREAM_SECURITY_ADMIN_KEY_ID"] = signer.key_id
+    settings = Settings.from_env(out)
+    provider = KeychainCredentialsProvider(settings)
+    provider.backend.set_password(
+        settings.keyring_service, ADMIN_ENTRY.format(signer.key_id), private_to_b64(signer.key)
+    )
+    return out
 
 
 def assert_rebuild_equal(env: dict[str, str], table: str) -> subprocess.CompletedProcess[str]:

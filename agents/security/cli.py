@@ -1,33 +1,68 @@
-"""`agentstream policy apply FILE | list | remove ID`.
+"""`agentstream policy apply FILE | list | remove ID`, `agentstream identity grant | revoke
+| list` and `agentstream admin keygen`.
 
 `apply` validates the whole file first — every policy against its schema and every
 pattern compiled with RE2 — and publishes nothing if anything is wrong, so the policies
 in force stay as they were. What it publishes goes out in one Kafka transaction: a
 worker sees all of a file's changes or none.
+
+Every rule change is signed with the admin key in the keychain entry
+``admin_key.<AGENTSTREAM_SECURITY_ADMIN_KEY_ID>`` (`admin keygen` makes one): workers apply
+only changes signed by a key of `AGENTSTREAM_SECURITY_ADMIN_KEYS` and newer than the
+version in force (see streams.tables.security). Without the admin key a command that
+publishes stops with one line and exit code 2, publishing nothing.
 """
 
 from __future__ import annotations
 
 import sys
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import click
 import orjson
 import yaml
-from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from pydantic import ValidationError
 
-from agents.security.patterns import validate_patterns
-from agents.security.store import PolicyStore
+from agents.security.patterns import cost_problems, validate_patterns
+from agents.security.store import fold_topic
 from schemas import Event, encode
-from schemas.security import SecurityConfig, SecurityPolicy, SecurityPolicyRemoved
+from schemas.base import Payload
+from schemas.security import (
+    AgentIdentity,
+    AgentIdentityRevoked,
+    SecurityConfig,
+    SecurityPolicy,
+    SecurityPolicyRemoved,
+    SignedChange,
+)
 from streams.cli import cli, run
-from streams.client import group_less_consumer
+from streams.credentials import KeychainCredentialsProvider
+from streams.errors import CredentialsError
 from streams.settings import Settings, get_settings
-from streams.tables.security import CONFIG_KEY
-from streams.topics import SECURITY_POLICIES
+from streams.signing import (
+    ADMIN_ENTRY,
+    SigningError,
+    new_private_key,
+    private_from_b64,
+    private_to_b64,
+    public_b64,
+    sign_change,
+)
+from streams.tables.security import (
+    CONFIG_KEY,
+    REMOVED_KEY,
+    REVOKED_KEY,
+    Checked,
+    identity_view,
+    policy_view,
+    trusted_admin_keys,
+)
+from streams.topics import SECURITY_IDENTITIES, SECURITY_POLICIES
 
 SOURCE = "agentstream-policy-cli"
 
@@ -36,11 +71,70 @@ class PolicyFileError(click.ClickException):
     exit_code = 1
 
 
+class NoAdminKey(click.ClickException):
+    """The admin key to sign with is missing (or the keychain is unusable)."""
+
+    exit_code = 2
+
+
 @cli.group()
 def policy() -> None:
-    """Security policies (published to the compacted security.policies topic)."""
+    """Security policies (signed, on the compacted security.policies topic)."""
 
 
+# -- signing --------------------------------------------------------------------------------
+class AdminKey:
+    """The admin key the CLI signs with (`admin_key.<id>` in the keychain)."""
+
+    def __init__(self, key_id: str, key: Ed25519PrivateKey) -> None:
+        self.key_id = key_id
+        self.key = key
+
+    def sign(self, payload: SignedChange) -> SignedChange:
+        body = sign_change(payload.TYPE, payload.model_dump(mode="json"), self.key, self.key_id)
+        return type(payload).model_validate(body)
+
+    def event(self, payload: SignedChange) -> Event[Any]:
+        return Event.of(self.sign(payload), source=SOURCE)
+
+
+def _provider(settings: Settings) -> KeychainCredentialsProvider:
+    try:
+        return KeychainCredentialsProvider(settings)
+    except CredentialsError as exc:
+        raise NoAdminKey(f"no usable keychain for the admin key: {exc}") from None
+
+
+def load_admin_key(settings: Settings) -> AdminKey:
+    """The admin key from the keychain, or a one-line `NoAdminKey` (exit 2)."""
+    key_id = settings.security_admin_key_id
+    entry = ADMIN_ENTRY.format(key_id)
+    try:
+        text = run(_provider(settings).get_secret(entry))
+    except click.ClickException as exc:
+        raise NoAdminKey(f"reading {entry} from the keychain failed: {exc.message}") from None
+    if not text:
+        raise NoAdminKey(
+            f"no admin key {entry!r} in the keychain (AGENTSTREAM_SECURITY_ADMIN_KEY_ID="
+            f"{key_id}); create one with `agentstream admin keygen --id {key_id}`: "
+            "nothing published"
+        )
+    try:
+        return AdminKey(key_id, private_from_b64(text))
+    except SigningError as exc:
+        raise NoAdminKey(f"keychain entry {entry!r}: {exc}: nothing published") from None
+
+
+def trusted_keys(settings: Settings, admin: AdminKey | None = None) -> dict[str, Ed25519PublicKey]:
+    """The admin keys a worker with these settings trusts, plus the CLI's own key: what
+    is in force is read as the workers read it, and versions count from there."""
+    keys, _problem = trusted_admin_keys(settings.security_admin_keys)
+    if admin is not None:
+        keys.setdefault(admin.key_id, admin.key.public_key())
+    return keys
+
+
+# -- policy files ---------------------------------------------------------------------------
 def parse_policy_file(text: str) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
     """(policy mappings, config mapping or None) from YAML or JSON text.
 
@@ -51,6 +145,8 @@ def parse_policy_file(text: str) -> tuple[list[dict[str, Any]], dict[str, Any] |
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise PolicyFileError(f"not YAML or JSON: {exc}") from None
+    except RecursionError:
+        raise PolicyFileError("not a policy file: nested too deeply") from None
     config: dict[str, Any] | None = None
     if isinstance(data, list):
         items = data
@@ -59,7 +155,7 @@ def parse_policy_file(text: str) -> tuple[list[dict[str, Any]], dict[str, Any] |
     elif isinstance(data, dict):
         unknown = set(data) - {"policies", "enabled", "default_action"}
         if unknown:
-            raise PolicyFileError(f"unknown top-level keys: {', '.join(sorted(unknown))}")
+            raise PolicyFileError(f"unknown top-level keys: {', '.join(sorted(map(str, unknown)))}")
         items = data.get("policies") or []
         config = {k: data[k] for k in ("enabled", "default_action") if k in data} or None
     else:
@@ -69,18 +165,46 @@ def parse_policy_file(text: str) -> tuple[list[dict[str, Any]], dict[str, Any] |
     return items, config
 
 
+def pattern_problems(policy: SecurityPolicy) -> list[str]:
+    """Every problem with a policy's patterns — the one place `validate_policies` checks
+    them: syntax and program size (RE2), then their worst-case matching cost on a message
+    of the policy's `max_message_size` (`cost_problems`, default budget)."""
+    problems: list[str] = []
+    for field in ("allowed_patterns", "blocked_patterns"):
+        found = validate_patterns(getattr(policy, field))
+        problems += [f"{field}: {p}" for p in found]
+        if not found and getattr(policy, field):
+            problems += [
+                f"{field}: {p}"
+                for p in cost_problems(getattr(policy, field), policy.max_message_size)
+            ]
+    return problems
+
+
+def version_floor(state: dict[str, Any], ident: str, marks_key: str) -> int:
+    """The version a change of `ident` must exceed: the one in force, or its removal."""
+    in_force = state.get(ident)
+    version = int(in_force.get("version") or 0) if isinstance(in_force, dict) else 0
+    marks = state.get(marks_key)
+    removed = int(marks.get(ident) or 0) if isinstance(marks, dict) else 0
+    return max(version, removed)
+
+
 def validate_policies(
     items: list[dict[str, Any]], current: dict[str, Any]
 ) -> tuple[list[SecurityPolicy], list[str], list[str]]:
     """(policies to publish, unchanged ids, problems). Versions: a policy without one gets
-    the version in force + 1; an explicit version must be newer than the one in force."""
+    the version in force (or of its removal) + 1; an explicit version must be newer."""
     problems: list[str] = []
     out: list[SecurityPolicy] = []
     unchanged: list[str] = []
     seen: set[str] = set()
     for n, item in enumerate(items, 1):
-        label = f"policy #{n} ({item.get('policy_id', '?')})"
+        label = f"policy #{n} ({str(item.get('policy_id', '?'))[:80]})"
         explicit = "version" in item
+        if "signed_by" in item or "signature" in item:
+            problems.append(f"{label}: signed_by/signature are set by the CLI, not the file")
+            continue
         try:
             parsed = SecurityPolicy.model_validate({**item, "version": item.get("version", 1)})
         except ValidationError as exc:
@@ -92,65 +216,52 @@ def validate_policies(
             problems.append(f"{label}: policy id appears twice in the file")
             continue
         seen.add(parsed.policy_id)
-        for field in ("allowed_patterns", "blocked_patterns"):
-            problems += [
-                f"{label}: {field}: {p}" for p in validate_patterns(getattr(parsed, field))
-            ]
+        problems += [f"{label}: {p}" for p in pattern_problems(parsed)]
         in_force = current.get(parsed.policy_id)
-        in_force_version = int(in_force.get("version", 0)) if isinstance(in_force, dict) else 0
+        floor = version_floor(current, parsed.policy_id, REMOVED_KEY)
         if explicit:
-            if parsed.version <= in_force_version:
+            if parsed.version <= floor:
                 problems.append(
-                    f"{label}: version {parsed.version} is not newer than "
-                    f"v{in_force_version} in force"
+                    f"{label}: version {parsed.version} is not newer than v{floor} in force"
                 )
                 continue
         else:
-            if in_force is not None and _same(in_force, parsed):
+            if isinstance(in_force, dict) and _same(in_force, parsed):
                 unchanged.append(parsed.policy_id)
                 continue
-            parsed = parsed.model_copy(update={"version": in_force_version + 1})
+            parsed = parsed.model_copy(update={"version": floor + 1})
         out.append(parsed)
     return out, unchanged, problems
 
 
+_UNSIGNED = ("version", "signed_by", "signature")
+
+
 def _same(in_force: dict[str, Any], policy: SecurityPolicy) -> bool:
-    mine = policy.model_dump(mode="json")
-    mine.pop("version")
-    theirs = dict(in_force)
-    theirs.pop("version", None)
+    mine = {k: v for k, v in policy.model_dump(mode="json").items() if k not in _UNSIGNED}
+    theirs = {k: v for k, v in in_force.items() if k not in _UNSIGNED}
     return orjson.dumps(mine, option=orjson.OPT_SORT_KEYS) == orjson.dumps(
         theirs, option=orjson.OPT_SORT_KEYS
     )
 
 
-async def read_policies(settings: Settings, timeout_s: float = 30.0) -> dict[str, Any]:
-    """The folded state of security.policies as it is on the broker now."""
-    store = PolicyStore(settings)
-    topic = settings.topic(SECURITY_POLICIES)
-    consumer = group_less_consumer(settings.bootstrap, "policy-cli")
-    await consumer.start()
+async def read_policies(
+    settings: Settings, timeout_s: float = 30.0, *, admin: AdminKey | None = None
+) -> dict[str, Any]:
+    """The folded state of security.policies as it is on the broker now: what a worker
+    trusting these settings' admin keys (and `admin`'s) holds, with the removal marks
+    (`REMOVED_KEY`); `policy_view` strips them."""
     try:
-        tp = TopicPartition(topic, 0)
-        if not consumer.partitions_for_topic(topic):
-            await consumer._client.force_metadata_update()
-            if not consumer.partitions_for_topic(topic):
-                return {}
-        consumer.assign([tp])
-        await consumer.seek_to_beginning(tp)
-        end = (await consumer.end_offsets([tp]))[tp]
-        while await consumer.position(tp) < end:
-            batch = await consumer.getmany(tp, timeout_ms=int(timeout_s * 1000))
-            if not batch:
-                raise click.ClickException(f"timed out reading {topic}")
-            for rec in batch.get(tp, []):
-                store.apply_record(rec.key, rec.value)
-        return store.state
-    finally:
-        await consumer.stop()
+        return await fold_topic(
+            settings, SECURITY_POLICIES, trusted_keys(settings, admin), timeout_s=timeout_s
+        )
+    except TimeoutError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
-async def publish(settings: Settings, events: list[Event[Any]]) -> None:
+async def publish(
+    settings: Settings, events: list[Event[Any]], topic: str = SECURITY_POLICIES
+) -> None:
     """All events in one transaction (a reader sees the whole file applied, or nothing)."""
     from streams.admin import ensure_topics
 
@@ -166,13 +277,19 @@ async def publish(settings: Settings, events: list[Event[Any]]) -> None:
         async with producer.transaction():
             for event in events:
                 await producer.send(
-                    settings.topic(SECURITY_POLICIES),
+                    settings.topic(topic),
                     key=event.key.encode(),
                     value=encode(event),
                     partition=0,
                 )
     finally:
         await producer.stop()
+
+
+def _config_update(current: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+    base = {k: v for k, v in (current.get(CONFIG_KEY) or {}).items() if k not in _UNSIGNED}
+    version = version_floor(current, CONFIG_KEY, "") + 1
+    return {**base, **config, "version": version}
 
 
 @policy.command("apply")
@@ -182,16 +299,17 @@ async def publish(settings: Settings, events: list[Event[Any]]) -> None:
 )
 def policy_apply(file: Path, dry_run: bool) -> None:
     """Validate FILE (YAML or JSON: one policy, a list, or {policies, enabled,
-    default_action}) and publish its policies; nothing is published if any is invalid."""
+    default_action}) and publish its policies, signed; nothing is published if any is
+    invalid."""
     settings = get_settings()
     items, config = parse_policy_file(file.read_text(encoding="utf-8"))
-    current = run(read_policies(settings))
+    admin = None if dry_run else load_admin_key(settings)
+    current = run(read_policies(settings, admin=admin))
     policies, unchanged, problems = validate_policies(items, current)
     new_config: SecurityConfig | None = None
     if config is not None:
-        base = current.get(CONFIG_KEY) or {}
         try:
-            new_config = SecurityConfig.model_validate({**base, **config})
+            new_config = SecurityConfig.model_validate(_config_update(current, config))
         except ValidationError as exc:
             problems += [
                 f"config: {'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
@@ -204,34 +322,40 @@ def policy_apply(file: Path, dry_run: bool) -> None:
             f"{file}: {len(problems)} problem(s); nothing published, "
             "the policies in force are unchanged"
         )
-    events: list[Event[Any]] = [Event.of(p, source=SOURCE) for p in policies]
+    changes: list[SignedChange] = [*policies]
     if new_config is not None:
-        events.append(Event.of(new_config, source=SOURCE))
+        changes.append(new_config)
     for p in policies:
         click.echo(f"{'would apply' if dry_run else 'applying'} {p.policy_id} v{p.version}")
     for pid in unchanged:
         click.echo(f"unchanged {pid}")
     if new_config is not None:
         click.echo(
-            f"config: security {'enabled' if new_config.enabled else 'disabled'}, "
+            f"config v{new_config.version}: security "
+            f"{'enabled' if new_config.enabled else 'disabled'}, "
             f"default {new_config.default_action}"
         )
-    if events and not dry_run:
-        run(publish(settings, events))
-        click.echo(f"published {len(events)} event(s) to {settings.topic(SECURITY_POLICIES)}")
+    if changes and admin is not None:
+        run(publish(settings, [admin.event(c) for c in changes]))
+        click.echo(
+            f"published {len(changes)} event(s) to {settings.topic(SECURITY_POLICIES)}, "
+            f"signed by {admin.key_id}"
+        )
 
 
 @policy.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Print the state as JSON.")
 def policy_list(as_json: bool) -> None:
-    """Show the policies in force and the security config."""
+    """Show the signed policies and security config in force."""
     settings = get_settings()
-    state = run(read_policies(settings))
+    state = policy_view(run(read_policies(settings)))
     if as_json:
         sys.stdout.write(
             orjson.dumps(state, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS).decode() + "\n"
         )
         return
+    if not trusted_keys(settings):
+        click.echo("warning: no admin key is trusted (AGENTSTREAM_SECURITY_ADMIN_KEYS)", err=True)
     cfg = state.get(CONFIG_KEY)
     if cfg is None:
         click.echo(
@@ -241,8 +365,9 @@ def policy_list(as_json: bool) -> None:
         )
     else:
         click.echo(
-            f"config: security {'enabled' if cfg.get('enabled') else 'disabled'}, "
-            f"default {cfg.get('default_action')}"
+            f"config v{cfg.get('version')}: security "
+            f"{'enabled' if cfg.get('enabled') else 'disabled'}, "
+            f"default {cfg.get('default_action')}, signed by {cfg.get('signed_by')}"
         )
     rows = [(k, v) for k, v in sorted(state.items()) if k != CONFIG_KEY]
     if not rows:
@@ -260,17 +385,207 @@ def policy_list(as_json: bool) -> None:
         click.echo(
             f"{pid:24} v{p.get('version')!s:<4} level={p.get('level')!s:12} roles={roles:16} "
             f"max={p.get('max_message_size')!s:8} allowed={len(p.get('allowed_patterns') or [])} "
-            f"blocked={len(p.get('blocked_patterns') or [])} {flags}"
+            f"blocked={len(p.get('blocked_patterns') or [])} {flags} by={p.get('signed_by')}"
         )
 
 
 @policy.command("remove")
 @click.argument("policy_id")
 def policy_remove(policy_id: str) -> None:
-    """Remove a policy (publishes security.policy_removed for POLICY_ID)."""
+    """Remove a policy (publishes a signed security.policy_removed for POLICY_ID)."""
     settings = get_settings()
-    state = run(read_policies(settings))
-    if policy_id == CONFIG_KEY or policy_id not in state:
+    admin = load_admin_key(settings)
+    state = run(read_policies(settings, admin=admin))
+    if policy_id.startswith("__") or policy_id not in state:
         raise PolicyFileError(f"no policy {policy_id!r} in force")
-    run(publish(settings, [Event.of(SecurityPolicyRemoved(policy_id=policy_id), source=SOURCE)]))
-    click.echo(f"removed {policy_id}")
+    version = version_floor(state, policy_id, REMOVED_KEY) + 1
+    removal = SecurityPolicyRemoved(policy_id=policy_id, version=version)
+    run(publish(settings, [admin.event(removal)]))
+    click.echo(f"removed {policy_id} (v{version}, signed by {admin.key_id})")
+
+
+# -- admin keys -----------------------------------------------------------------------------
+@cli.group()
+def admin() -> None:
+    """Admin keys: the Ed25519 keys rule changes are signed with."""
+
+
+@admin.command("keygen")
+@click.option(
+    "--id", "key_id", default=None, help="Key id (default AGENTSTREAM_SECURITY_ADMIN_KEY_ID)."
+)
+@click.option("--force", is_flag=True, help="Replace an existing key of that id.")
+def admin_keygen(key_id: str | None, force: bool) -> None:
+    """Generate an admin key into the keychain (`admin_key.<id>`) and print the line that
+    makes workers trust it."""
+    settings = get_settings()
+    key_id = key_id or settings.security_admin_key_id
+    if not key_id or "," in key_id or "=" in key_id or key_id != key_id.strip():
+        raise click.UsageError("a key id must be non-empty, without ',', '=' or edge spaces")
+    entry = ADMIN_ENTRY.format(key_id)
+    provider = _provider(settings)
+    existing = run(provider.get_secret(entry))
+    if existing and not force:
+        raise PolicyFileError(
+            f"the keychain already holds {entry!r}; --force replaces it (changes it signed "
+            "stay valid only while workers still trust its public key)"
+        )
+    key = new_private_key()
+    run(provider.set_secret(entry, private_to_b64(key)))
+    click.echo(f"stored {entry} in the keychain ({provider.backend_name})", err=True)
+    click.echo("workers trust it with (append to the list if there are others):", err=True)
+    click.echo(f"AGENTSTREAM_SECURITY_ADMIN_KEYS={key_id}={public_b64(key)}")
+
+
+# -- identities -----------------------------------------------------------------------------
+@cli.group()
+def identity() -> None:
+    """Agent identities (signed, on the compacted security.identities topic)."""
+
+
+async def read_identities(
+    settings: Settings,
+    *,
+    admin: AdminKey | None = None,
+    records: list[tuple[Any, Checked]] | None = None,
+) -> dict[str, Any]:
+    """The folded state of security.identities (with revocation marks), as a worker with
+    these settings holds it; `records` collects every record and its verdict."""
+    try:
+        return await fold_topic(
+            settings,
+            SECURITY_IDENTITIES,
+            trusted_keys(settings, admin),
+            on_record=None if records is None else lambda rec, c: records.append((rec, c)),
+        )
+    except TimeoutError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _names(values: Sequence[str]) -> list[str]:
+    return [v for v in (v.strip() for v in values) if v]
+
+
+@identity.command("grant")
+@click.argument("agent_id")
+@click.option("--role", "roles", multiple=True, help="A role the agent may act in (repeatable).")
+@click.option("--level", "levels", multiple=True, help="A level it may send at (none = all).")
+@click.option(
+    "--signing-key-id",
+    "signing_key_ids",
+    multiple=True,
+    help="Keychain id of an HMAC key that may sign for it (none = its own id).",
+)
+@click.option(
+    "--encryption-key-id",
+    "encryption_key_ids",
+    multiple=True,
+    help="Keychain id of an AES key it may encrypt with.",
+)
+@click.option("--token-user", type=int, default=None, help="The user whose token authenticates it.")
+@click.option("--description", default="", help="Free text.")
+def identity_grant(
+    agent_id: str,
+    roles: tuple[str, ...],
+    levels: tuple[str, ...],
+    signing_key_ids: tuple[str, ...],
+    encryption_key_ids: tuple[str, ...],
+    token_user: int | None,
+    description: str,
+) -> None:
+    """Grant AGENT_ID its roles, levels and keys (replaces its current grant)."""
+    settings = get_settings()
+    admin = load_admin_key(settings)
+    state = run(read_identities(settings, admin=admin))
+    version = version_floor(state, agent_id, REVOKED_KEY) + 1
+    try:
+        grant = AgentIdentity(
+            agent_id=agent_id,
+            version=version,
+            description=description,
+            roles=_names(roles),
+            levels=_names(levels),
+            signing_key_ids=_names(signing_key_ids),
+            encryption_key_ids=_names(encryption_key_ids),
+            token_user_id=token_user,
+        )
+    except ValidationError as exc:
+        err = exc.errors(include_url=False)[0]
+        loc = ".".join(str(p) for p in err["loc"])
+        raise PolicyFileError(f"{loc}: {err['msg']}") from None
+    run(publish(settings, [admin.event(grant)], SECURITY_IDENTITIES))
+    click.echo(
+        f"granted {agent_id} v{version}: roles={','.join(grant.roles) or '-'} "
+        f"levels={','.join(grant.levels) or '*'} (signed by {admin.key_id})"
+    )
+
+
+@identity.command("revoke")
+@click.argument("agent_id")
+def identity_revoke(agent_id: str) -> None:
+    """Revoke AGENT_ID's identity (its messages then come from an anonymous sender)."""
+    settings = get_settings()
+    admin = load_admin_key(settings)
+    state = run(read_identities(settings, admin=admin))
+    if agent_id.startswith("__") or agent_id not in state:
+        raise PolicyFileError(f"no identity {agent_id!r} in force")
+    version = version_floor(state, agent_id, REVOKED_KEY) + 1
+    run(
+        publish(
+            settings,
+            [admin.event(AgentIdentityRevoked(agent_id=agent_id, version=version))],
+            SECURITY_IDENTITIES,
+        )
+    )
+    click.echo(f"revoked {agent_id} (v{version}, signed by {admin.key_id})")
+
+
+def _record_row(rec: Any, checked: Checked) -> dict[str, Any]:
+    event = checked.event
+    payload: dict[str, Any] = {}
+    if event is not None and isinstance(event.payload, Payload):
+        payload = event.payload.model_dump(mode="json")
+        payload.pop("signature", None)
+    return {
+        "offset": rec.offset,
+        "key": (rec.key or b"").decode("utf-8", "replace"),
+        "type": event.type if event is not None else None,
+        "signed_by": checked.signed_by,
+        "applied": checked.apply,
+        "reason": checked.refusal.text if checked.refusal is not None else None,
+        "payload": payload,
+    }
+
+
+@identity.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+def identity_list(as_json: bool) -> None:
+    """The identities in force, and every record on security.identities with whether its
+    signature verifies (and it applies)."""
+    settings = get_settings()
+    records: list[tuple[Any, Checked]] = []
+    state = identity_view(run(read_identities(settings, records=records)))
+    rows = [_record_row(rec, checked) for rec, checked in records]
+    if as_json:
+        doc = {"identities": state, "records": rows}
+        sys.stdout.write(
+            orjson.dumps(doc, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS).decode() + "\n"
+        )
+        return
+    if not trusted_keys(settings):
+        click.echo("warning: no admin key is trusted (AGENTSTREAM_SECURITY_ADMIN_KEYS)", err=True)
+    if not state:
+        click.echo("no identities in force")
+    for agent_id, grant in sorted(state.items()):
+        click.echo(
+            f"{agent_id:24} v{grant.get('version')!s:<4} "
+            f"roles={','.join(grant.get('roles') or []) or '-':16} "
+            f"levels={','.join(grant.get('levels') or []) or '*':12} "
+            f"keys={','.join(grant.get('signing_key_ids') or []) or agent_id} "
+            f"token_user={grant.get('token_user_id')} signed_by={grant.get('signed_by')}"
+        )
+    if rows:
+        click.echo("records:")
+    for row in rows:
+        verdict = "verified, applied" if row["applied"] else f"IGNORED ({row['reason']})"
+        click.echo(f"  @{row['offset']:<6} {row['key'][:40]:24} {row['type'] or '?':28} {verdict}")

@@ -1,11 +1,19 @@
-"""The policies in force on this worker, and the keys `enforce_policy` needs.
+"""The rule changes in force on this worker, and the keys `enforce_policy` needs.
 
-`PolicyStore` folds the whole compacted `security.policies` topic (one partition) with
-its own consumer, outside the app's consumer group: every worker must hold every policy,
-whichever `agent.messages` partitions it is assigned, and a change must reach every
-worker without a restart. `ready` is set once the topic has been read up to the end it
-had at start, and `enforce_policy` waits for it: deciding on a partial policy set would
-apply the default action to messages a policy should have judged.
+`PolicyStore` folds the whole compacted `security.policies` and `security.identities`
+topics (one partition each) with its own consumer, outside the app's consumer group:
+every worker must hold every policy and identity, whichever `agent.messages` partitions
+it is assigned, and a change must reach every worker without a restart. `ready` is set
+once both topics have been read up to the ends they had at start, and `enforce_policy`
+waits for it: deciding on a partial policy set would apply the default action to
+messages a policy should have judged.
+
+Only signed changes apply (`streams.tables.security.check_record`): a record must carry
+a valid Ed25519 signature by an admin key of `AGENTSTREAM_SECURITY_ADMIN_KEYS` (parsed
+once; unset or unreadable = no key trusted, nothing published applies and `problem`
+says so) and be newer than the version in force for its id. Every ignored record is
+counted (`ignored`, by reason code) and logged; the `reject_unsigned_changes` agent
+(agents/security/changes.py) publishes the same verdicts to `security.changes.rejected`.
 
 `KeyCache` keeps keychain lookups in memory for a short while, so the keychain (a file or
 D-Bus call in a thread) is asked once per key and TTL, not once per message.
@@ -16,29 +24,62 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections import Counter
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from aiokafka import TopicPartition
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from agents.security.identity import IdentityRegistry
 from agents.security.policy import KeyRequest, PolicySet, StaticKeys
-from schemas import registry
-from schemas.errors import SchemaError
 from streams.client import group_less_consumer
 from streams.settings import Settings
-from streams.tables.security import POLICIES, apply_policy_event
-from streams.topics import SECURITY_POLICIES
+from streams.tables.security import (
+    Checked,
+    apply_change,
+    check_record,
+    identity_view,
+    policy_view,
+    signers_of,
+    trusted_admin_keys,
+)
+from streams.topics import SECURITY_IDENTITIES, SECURITY_POLICIES
 
 log = logging.getLogger(__name__)
 
+#: the topics the store folds, in the order they are read
+STORE_TOPICS = (SECURITY_POLICIES, SECURITY_IDENTITIES)
+
 
 class PolicyStore:
-    def __init__(self, settings: Settings) -> None:
+    """The signed policies, config and identities in force (immutable snapshots:
+    `policy_set`, `identities`, `signers`), rebuilt on every change."""
+
+    def __init__(
+        self, settings: Settings, *, trusted: Mapping[str, Ed25519PublicKey] | None = None
+    ) -> None:
         self.settings = settings
+        if trusted is None:
+            # logged when the store runs (`run`), not here: every CLI command builds one
+            keys, problem = trusted_admin_keys(settings.security_admin_keys)
+        else:
+            keys, problem = dict(trusted), None
+        #: the admin public keys a change must be signed by
+        self.trusted: dict[str, Ed25519PublicKey] = keys
+        #: why nothing published can apply (no trusted admin key), for /ready
+        self.problem: str | None = problem
+        #: the folded `security.policies` (see streams.tables.security for the layout)
         self.state: dict[str, Any] = {}
+        #: the folded `security.identities`
+        self.identity_state: dict[str, Any] = {}
         self.policy_set = self._build()
+        self.identities = IdentityRegistry.from_state(identity_view(self.identity_state))
+        #: {policy_id: the admin key id that signed the version in force}
+        self.signers: dict[str, str] = {}
         self.records = 0
-        self.invalid_records = 0
+        #: records not applied, by reason code (streams.tables.security.REASON_CODES)
+        self.ignored: Counter[str] = Counter()
         self.failures = 0
         self.updated_at: float | None = None
         self._ready: asyncio.Event | None = None
@@ -49,46 +90,75 @@ class PolicyStore:
             self._ready = asyncio.Event()
         return self._ready
 
+    @property
+    def invalid_records(self) -> int:
+        """Records that did not decode (kept for the views and older callers)."""
+        return self.ignored["undecodable"]
+
     def _build(self) -> PolicySet:
         return PolicySet.from_state(
-            self.state,
+            policy_view(self.state),
             enabled=self.settings.security_enabled,
             default_action=self.settings.security_default_action,
+            signers=signers_of(self.state),
         )
 
     def apply_record(
-        self, key: bytes | None, value: bytes | None, state: dict[str, Any] | None = None
-    ) -> None:
-        """Fold one record of `security.policies` into `state` (default: the live state;
-        no rebuild, see `commit`)."""
-        target = self.state if state is None else state
+        self,
+        key: bytes | None,
+        value: bytes | None,
+        state: dict[str, Any] | None = None,
+        *,
+        topic: str = SECURITY_POLICIES,
+        offset: int | None = None,
+    ) -> Checked:
+        """Judge one record of `topic` (a catalogue name) and fold it into `state`
+        (default: the live state of that topic; no rebuild, see `commit`) when it is a
+        signed change newer than the one in force. Returns the verdict."""
+        if state is not None:
+            target = state
+        else:
+            target = self.identity_state if topic == SECURITY_IDENTITIES else self.state
         self.records += 1
-        if value is None:  # a tombstone: compaction's way of removing a key
-            if key is not None:
-                target.pop(key.decode(errors="replace"), None)
-            return
-        try:
-            event = registry.decode(value, max_bytes=self.settings.max_event_bytes)
-        except SchemaError as exc:
-            # Every worker reads this topic: a dead letter from each would duplicate it.
-            # `policy apply` validates before publishing, so this is a bypassing producer.
-            self.invalid_records += 1
-            log.warning("ignored an invalid record on %s: %s", SECURITY_POLICIES, exc)
-            return
-        if event.type in POLICIES.types:
-            apply_policy_event(target, event)
+        checked = check_record(
+            topic, key, value, target, self.trusted, max_bytes=self.settings.max_event_bytes
+        )
+        if checked.apply:
+            assert checked.event is not None
+            apply_change(target, checked.event)
+        else:
+            assert checked.refusal is not None
+            self.ignored[checked.refusal.code] += 1
+            # Every worker reads these topics: a dead letter from each would duplicate
+            # it; `reject_unsigned_changes` reports each once on security.changes.rejected.
+            log.warning(
+                "ignored a record on %s%s (key %r): %s",
+                topic,
+                f" at offset {offset}" if offset is not None else "",
+                (key or b"").decode("utf-8", "replace")[:80],
+                checked.refusal.text,
+            )
+        return checked
 
-    def commit(self, state: dict[str, Any] | None = None) -> None:
+    def commit(
+        self, state: dict[str, Any] | None = None, identity_state: dict[str, Any] | None = None
+    ) -> None:
         if state is not None:
             self.state = state
+        if identity_state is not None:
+            self.identity_state = identity_state
         self.policy_set = self._build()
+        self.identities = IdentityRegistry.from_state(identity_view(self.identity_state))
+        self.signers = signers_of(self.state)
         self.updated_at = time.time()
         for key, problem in self.policy_set.invalid.items():
             log.error("policy record %s is not valid and is not applied: %s", key, problem)
+        for key, problem in self.identities.invalid.items():
+            log.error("identity record %s is not valid and is not applied: %s", key, problem)
 
     async def run_forever(self, backoff_s: float = 1.0, max_backoff_s: float = 30.0) -> None:
-        """`run`, restarted after a broker error: the policies in force stay in force
-        meanwhile, and the topic is read again from the beginning."""
+        """`run`, restarted after a broker error: the changes in force stay in force
+        meanwhile, and the topics are read again from the beginning."""
         delay = backoff_s
         while True:
             try:
@@ -98,7 +168,10 @@ class PolicyStore:
             except Exception as exc:
                 self.failures += 1
                 log.error(
-                    "reading %s failed (%r); retrying in %.1fs", SECURITY_POLICIES, exc, delay
+                    "reading %s failed (%r); retrying in %.1fs",
+                    " and ".join(STORE_TOPICS),
+                    exc,
+                    delay,
                 )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, max_backoff_s)
@@ -106,43 +179,111 @@ class PolicyStore:
                 delay = backoff_s
 
     async def run(self, poll_ms: int = 250) -> None:
-        """Fold the topic from the beginning into a fresh state, swap it in once caught up
-        with the end the topic had when we started, then follow it."""
-        topic = self.settings.topic(SECURITY_POLICIES)
+        """Fold both topics from the beginning into fresh states, swap them in once both
+        are caught up with the ends they had when we started, then follow them."""
+        if self.problem:
+            log.error("policy store: %s", self.problem)
+        names = {self.settings.topic(t): t for t in STORE_TOPICS}
         consumer = group_less_consumer(
             self.settings.bootstrap, f"{self.settings.app_id}-policy-store"
         )
         await consumer.start()
         try:
-            tp = TopicPartition(topic, 0)
-            while not consumer.partitions_for_topic(topic):
-                await consumer._client.force_metadata_update()
-                await asyncio.sleep(0.2)
-            consumer.assign([tp])
-            await consumer.seek_to_beginning(tp)
-            end = (await consumer.end_offsets([tp]))[tp]
-            fresh: dict[str, Any] = {}
+            tps = [TopicPartition(topic, 0) for topic in names]
+            for topic in names:
+                while not consumer.partitions_for_topic(topic):
+                    await consumer._client.force_metadata_update()
+                    await asyncio.sleep(0.2)
+            consumer.assign(tps)
+            await consumer.seek_to_beginning(*tps)
+            end = await consumer.end_offsets(tps)
+            fresh: dict[str, dict[str, Any]] = {t: {} for t in STORE_TOPICS}
             caught_up = False
             while True:
-                if not caught_up and await consumer.position(tp) >= end:
+                if not caught_up and all([await consumer.position(tp) >= end[tp] for tp in tps]):
                     caught_up = True
-                    self.commit(fresh)  # a partial state is never put in force
+                    # a partial state is never put in force
+                    self.commit(fresh[SECURITY_POLICIES], fresh[SECURITY_IDENTITIES])
                     if not self.ready.is_set():
                         self.ready.set()
                         log.info(
-                            "policy store ready: %d policies, security %s, default %s",
+                            "policy store ready: %d policies, %d identities, security %s, "
+                            "default %s, %d records ignored",
                             len(self.policy_set.policies),
+                            len(self.identities),
                             "enabled" if self.policy_set.enabled else "disabled",
                             self.policy_set.default_action.value,
+                            sum(self.ignored.values()),
                         )
-                batch = await consumer.getmany(tp, timeout_ms=poll_ms)
-                records = batch.get(tp, [])
-                for rec in records:
-                    self.apply_record(rec.key, rec.value, fresh if not caught_up else None)
-                if records and caught_up:
+                batch = await consumer.getmany(*tps, timeout_ms=poll_ms)
+                changed = False
+                for tp, records in batch.items():
+                    name = names[tp.topic]
+                    for rec in records:
+                        checked = self.apply_record(
+                            rec.key,
+                            rec.value,
+                            fresh[name] if not caught_up else None,
+                            topic=name,
+                            offset=rec.offset,
+                        )
+                        changed = changed or checked.apply
+                if changed and caught_up:
                     self.commit()
         finally:
             await consumer.stop()
+
+
+async def fold_topic(
+    settings: Settings,
+    topic: str,
+    trusted: Mapping[str, Ed25519PublicKey],
+    *,
+    until: int | None = None,
+    timeout_s: float = 30.0,
+    on_record: Callable[[Any, Checked], None] | None = None,
+) -> dict[str, Any]:
+    """The state of the signed `topic` (a catalogue name) folded from its beginning up to
+    offset `until` (exclusive; None = its end now), applying only what `check_record`
+    accepts. `on_record(record, verdict)` sees every record read. A topic that does not
+    exist yet is empty. Raises TimeoutError when the broker stops delivering."""
+    name = settings.topic(topic)
+    consumer = group_less_consumer(settings.bootstrap, f"fold-{topic}")
+    await consumer.start()
+    state: dict[str, Any] = {}
+    try:
+        tp = TopicPartition(name, 0)
+        if not consumer.partitions_for_topic(name):
+            await consumer._client.force_metadata_update()
+            if not consumer.partitions_for_topic(name):
+                return state
+        consumer.assign([tp])
+        await consumer.seek_to_beginning(tp)
+        end = (await consumer.end_offsets([tp]))[tp]
+        stop = end if until is None else min(until, end)
+        while await consumer.position(tp) < stop:
+            batch = await consumer.getmany(tp, timeout_ms=int(timeout_s * 1000))
+            if not batch:
+                raise TimeoutError(f"timed out reading {name}")
+            for rec in batch.get(tp, []):
+                if rec.offset >= stop:
+                    return state
+                checked = check_record(
+                    topic,
+                    rec.key,
+                    rec.value,
+                    state,
+                    trusted,
+                    max_bytes=settings.max_event_bytes,
+                )
+                if checked.apply:
+                    assert checked.event is not None
+                    apply_change(state, checked.event)
+                if on_record is not None:
+                    on_record(rec, checked)
+        return state
+    finally:
+        await consumer.stop()
 
 
 Fetch = Callable[[KeyRequest], Awaitable[bytes | str | None]]
@@ -170,16 +311,34 @@ class KeyCache:
         self.fetches = 0
 
     async def view(self, requests: set[KeyRequest]) -> StaticKeys:
+        """The keys of `requests`. A fetch that fails (a corrupt or unreachable keychain)
+        counts as a miss: the key is unknown, so whatever needs it fails closed, and it is
+        asked again after `miss_ttl_s`. The failures of one call are logged once, by kind
+        and exception type only (never a value)."""
         now = self._clock()
         missing = [r for r in requests if (hit := self._entries.get(r)) is None or hit[0] <= now]
         if missing:
-            results = await asyncio.gather(*(self._fetch(r) for r in missing))
+            results = await asyncio.gather(
+                *(self._fetch(r) for r in missing), return_exceptions=True
+            )
             self.fetches += len(missing)
             if len(self._entries) + len(missing) > self._max:
                 self._entries.clear()
-            for request, value in zip(missing, results, strict=True):
+            failed: set[str] = set()
+            for request, result in zip(missing, results, strict=True):
+                if isinstance(result, BaseException):
+                    if not isinstance(result, Exception):
+                        raise result  # cancellation and the like are not a lookup failure
+                    failed.add(f"{request.kind} key ({type(result).__name__})")
+                    value = None
+                else:
+                    value = result
                 ttl = self.ttl_s if value is not None else self.miss_ttl_s
                 self._entries[request] = (now + ttl, value)
+            if failed:
+                log.error(
+                    "keychain lookup failed, counted as unknown: %s", ", ".join(sorted(failed))
+                )
         signing: dict[str, bytes | None] = {}
         encryption: dict[str, bytes | None] = {}
         tokens: dict[int, str | None] = {}

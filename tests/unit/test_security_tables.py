@@ -19,42 +19,54 @@ from schemas.security import (
     SecurityPolicyRemoved,
     Verdict,
 )
-from streams.settings import Settings
+from streams.settings import Settings, get_settings
 from streams.tables import TABLES, rebuild
 from streams.tables.security import (
     DECISION_COUNTS,
     POLICIES,
     apply_decision,
+    policy_view,
     summarise_counts,
 )
+from tests.support import AdminSigner
 
 
 def _ev(payload: Any) -> Event[Any]:
     return Event.of(payload, source="test")
 
 
-def test_policy_fold_and_rebuild_agree() -> None:
+def test_policy_fold_and_rebuild_agree(monkeypatch: pytest.MonkeyPatch) -> None:
+    # rule changes apply only when signed by a trusted admin key (tests/unit/
+    # test_security_store.py has the refusals)
+    admin = AdminSigner()
+    monkeypatch.setenv("AGENTSTREAM_SECURITY_ADMIN_KEYS", admin.setting)
+    get_settings.cache_clear()
     events = [
-        _ev(SecurityPolicy(policy_id="a", max_message_size=10)),
-        _ev(SecurityPolicy(policy_id="b")),
-        _ev(SecurityPolicy(policy_id="a", version=2, max_message_size=20)),
-        _ev(SecurityPolicyRemoved(policy_id="b")),
-        _ev(SecurityConfig(enabled=False, default_action="allow")),
+        admin.event(SecurityPolicy(policy_id="a", max_message_size=10)),
+        admin.event(SecurityPolicy(policy_id="b")),
+        admin.event(SecurityPolicy(policy_id="a", version=2, max_message_size=20)),
+        admin.event(SecurityPolicyRemoved(policy_id="b", version=2)),
+        admin.event(SecurityConfig(enabled=False, default_action="allow")),
     ]
-    state = rebuild(POLICIES, events)
+    state = policy_view(rebuild(POLICIES, events))
+    get_settings.cache_clear()
     assert set(state) == {"a", "__config__"}
     assert state["a"]["version"] == 2 and state["a"]["max_message_size"] == 20
     assert state["__config__"]["enabled"] is False
     assert TABLES["security_policies"] is POLICIES
     assert TABLES["security_decision_counts"] is DECISION_COUNTS
 
-    store = PolicyStore(Settings())
+    store = PolicyStore(Settings(), trusted=admin.trusted)
     for ev in events:
         store.apply_record(ev.key.encode(), encode(ev))
     store.apply_record(b"x", b"not json")
     store.apply_record(b"a", None)  # tombstone
     store.commit()
-    assert store.state == {"__config__": state["__config__"]}
+    assert store.state == {
+        "a": state["a"],
+        "__config__": state["__config__"],
+        "__removed__": {"b": 2},
+    }
     assert store.invalid_records == 1 and not store.policy_set.enabled
 
 
