@@ -17,11 +17,12 @@ import pytest
 
 from agents.security.crypto import encrypt_content, new_key, sign_message
 from schemas import AgentMessage, Event, encode
+from schemas.security import AgentIdentity
 from streams.audit_chain import GENESIS
 from streams.client import Client
 from streams.credentials import KeychainCredentialsProvider
 from streams.settings import Settings
-from tests.support import Worker, cli, read_topic
+from tests.support import AdminSigner, Worker, cli, read_topic, with_admin_key
 
 pytestmark = pytest.mark.integration
 
@@ -34,7 +35,7 @@ POLICY_FILE = {
             "level": "standard",
             "max_message_size": 500,
             "blocked_patterns": ["forbidden", "(a+)+$"],
-            "allowed_roles": ["agent", "restricted"],
+            "allowed_roles": ["anonymous", "agent", "restricted"],
         },
         {
             "policy_id": "restricted",
@@ -103,9 +104,9 @@ def _build(i: int, cat: str, sign_key: bytes, enc_key: bytes) -> tuple[bytes, by
     elif cat == "blocked":
         msg = AgentMessage(**{**base, "content": f"{i} is forbidden"})
     elif cat == "not_allowed":
-        msg = AgentMessage(**base, sender_role="restricted")
+        msg = sign_message(AgentMessage(**base, sender_role="restricted"), sign_key)
     elif cat == "role":
-        msg = AgentMessage(**base, sender_role="intern")
+        msg = sign_message(AgentMessage(**base, sender_role="intern"), sign_key)
     elif cat == "plaintext":
         msg = sign_message(AgentMessage(**base, **conf), sign_key)
     elif cat == "unsigned":
@@ -122,15 +123,20 @@ def _build(i: int, cat: str, sign_key: bytes, enc_key: bytes) -> tuple[bytes, by
 async def test_every_input_accounted_for_exactly_once(
     settings_env: dict[str, str], tmp_path: Path
 ) -> None:
-    env = {
-        **settings_env,
-        "AGENTSTREAM_KEYRING_BACKEND": "encrypted-file",
-        "AGENTSTREAM_KEYRING_FILE": str(tmp_path / "keyring.json"),
-        "AGENTSTREAM_KEYRING_PASSWORD": secrets.token_urlsafe(12),
-        "AGENTSTREAM_AGENTS": "agents.security",
-        "AGENTSTREAM_LOG_LEVEL": "WARNING",
-        "AGENTSTREAM_MAX_EVENT_BYTES": str(MAX_EVENT_BYTES),
-    }
+    signer = AdminSigner()
+    env = with_admin_key(
+        {
+            **settings_env,
+            "AGENTSTREAM_KEYRING_BACKEND": "encrypted-file",
+            "AGENTSTREAM_KEYRING_FILE": str(tmp_path / "keyring.json"),
+            "AGENTSTREAM_KEYRING_PASSWORD": secrets.token_urlsafe(12),
+            "AGENTSTREAM_AGENTS": "agents.security",
+            "AGENTSTREAM_LOG_LEVEL": "WARNING",
+            "AGENTSTREAM_MAX_EVENT_BYTES": str(MAX_EVENT_BYTES),
+        },
+        tmp_path,
+        signer,
+    )
     settings = Settings.from_env(env)
     sign_key, enc_key = new_key(), new_key()
     provider = KeychainCredentialsProvider(settings)
@@ -141,6 +147,15 @@ async def test_every_input_accounted_for_exactly_once(
     policy_file.write_text(json.dumps(POLICY_FILE))
     res = cli(env, "policy", "apply", str(policy_file))
     assert res.returncode == 0, res.stderr
+    # roles come from identities: every agent may act as agent, restricted or intern
+    async with Client(settings) as client:
+        for n in range(13):
+            grant = AgentIdentity(
+                agent_id=f"agent-{n}",
+                roles=["agent", "restricted", "intern"],
+                encryption_key_ids=["k1"],
+            )
+            await client.publish("security.identities", signer.event(grant))
 
     category = {i: "oversized" if i % 1000 == 999 else ORDER[i % len(ORDER)] for i in range(TOTAL)}
     inputs = [_build(i, category[i], sign_key, enc_key) for i in range(TOTAL)]

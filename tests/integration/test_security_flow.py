@@ -16,12 +16,12 @@ import httpx
 import pytest
 
 from agents.security.crypto import encrypt_content, new_key, sign_message
-from streams.redaction import redact_raw
-from schemas import AgentMessage, Event, encode
+from schemas import AgentMessage, Event, encode, utc_now
 from schemas.messages import AuthProof
 from streams.audit_chain import GENESIS, compute_hash
 from streams.client import Client
 from streams.credentials import KeychainCredentialsProvider
+from streams.redaction import redact_raw
 from streams.settings import Settings
 from tests.support import Worker, await_until, cli, read_topic, with_admin_key
 
@@ -103,6 +103,24 @@ async def test_policies_enforced_live_and_secrets_never_leave(
     assert res.returncode == 1
     assert "(a)\\\\1" in res.stderr or "(a)\\1" in res.stderr, res.stderr
     assert "nothing published" in res.stderr
+    # roles come from the sender's identity, never from what a message claims
+    granted = cli(
+        env,
+        "identity",
+        "grant",
+        "signer",
+        "--role",
+        "planner",
+        "--role",
+        "restricted",
+        "--role",
+        "intern",
+        "--token-user",
+        "7",
+        "--encryption-key-id",
+        "k1",
+    )
+    assert granted.returncode == 0, granted.stderr + granted.stdout
     listed = cli(env, "policy", "list", "--json")
     state = json.loads(listed.stdout)
     assert set(state) == {"__config__", "std-basic", "std-restricted", "conf"}
@@ -120,30 +138,51 @@ async def test_policies_enforced_live_and_secrets_never_leave(
             encrypt_content(_msg("c-wrongkey", "x", **conf), new_key(), "k1"), signing_key
         )
         by_token = encrypt_content(_msg("c-token", "the plan", **conf), enc_key, "k1").model_copy(
-            update={"auth": AuthProof(method="access-token", token=token, user_id=7)}
+            update={
+                "auth": AuthProof(
+                    method="access-token", token=token, user_id=7, issued_at=utc_now()
+                )
+            }
         )
         bad_token = encrypt_content(
             _msg("c-badtoken", "the plan", **conf), enc_key, "k1"
         ).model_copy(
-            update={"auth": AuthProof(method="access-token", token=token + "x", user_id=7)}
+            update={
+                "auth": AuthProof(
+                    method="access-token", token=token + "x", user_id=7, issued_at=utc_now()
+                )
+            }
         )
         cases: dict[str, tuple[AgentMessage, set[str]]] = {
             "s-ok": (_msg("s-ok", "all good"), set()),
             "s-big": (_msg("s-big", "y" * 201), {"max_message_size"}),
             "s-pw": (_msg("s-pw", "my Password: x"), {"blocked_patterns"}),
-            "s-big-pw": (
-                _msg("s-big-pw", "password=" + "z" * 300),
-                {"blocked_patterns", "max_message_size"},
-            ),
+            # over the size limit: denied without running a pattern (bounded cost)
+            "s-big-pw": (_msg("s-big-pw", "password=" + "z" * 300), {"max_message_size"}),
             "s-redos": (_msg("s-redos", "a" * 150 + "!"), set()),
-            "r-ok": (_msg("r-ok", "report: fine", sender_role="restricted"), set()),
-            "r-no": (_msg("r-no", "chatter", sender_role="restricted"), {"allowed_patterns"}),
+            "r-ok": (
+                sign_message(_msg("r-ok", "report: fine", sender_role="restricted"), signing_key),
+                set(),
+            ),
+            "r-no": (
+                sign_message(_msg("r-no", "chatter", sender_role="restricted"), signing_key),
+                {"allowed_patterns"},
+            ),
+            # an unverified sender claiming a role: denied for the claim, and anonymous
+            "r-claim": (
+                _msg("r-claim", "report: fine", sender_role="restricted"),
+                {"role_not_granted"},
+            ),
             "c-ok": (good_conf, set()),
             "c-token": (by_token, set()),
-            "c-badtoken": (bad_token, {"require_authentication"}),
+            "c-badtoken": (
+                bad_token,
+                {"require_authentication", "role_not_granted", "allowed_roles"},
+            ),
             "c-plain": (
                 _msg("c-plain", "x", **conf),
-                {"require_encryption", "require_authentication"},
+                {"require_encryption", "require_authentication", "role_not_granted"}
+                | {"allowed_roles"},
             ),
             "c-role": (
                 sign_message(
@@ -158,7 +197,8 @@ async def test_policies_enforced_live_and_secrets_never_leave(
             ),
             "c-tampered": (
                 tampered,
-                {"decryption", "require_encryption", "require_authentication"},
+                {"decryption", "require_encryption", "require_authentication"}
+                | {"role_not_granted", "allowed_roles"},
             ),
             "c-wrongkey": (wrong_key, {"decryption", "require_encryption"}),
             "c-launch": (
@@ -289,7 +329,7 @@ async def test_policies_enforced_live_and_secrets_never_leave(
     assert cli(env, "policy", "remove", "std-restricted").returncode == 1  # no longer in force
     listed = cli(env, "policy", "list")
     assert "std-restricted" not in listed.stdout and "std-words" in listed.stdout
-    assert "config: security enabled, default deny" in listed.stdout
+    assert "config v1: security enabled, default deny, signed by admin" in listed.stdout
 
     # -- no secret on any output topic nor in the log ---------------------------------------
     needles = [

@@ -17,6 +17,7 @@ from aiokafka.partitioner import murmur2
 from agents.security.crypto import new_key, sign_message
 from schemas import AgentMessage, Event, encode, utc_now
 from schemas.security import AgentIdentity, SecurityConfig, SecurityPolicy
+from streams.admin import ensure_topics
 from streams.credentials import KeychainCredentialsProvider
 from streams.settings import Settings
 from streams.topics import SECURITY_IDENTITIES, SECURITY_POLICIES
@@ -46,6 +47,7 @@ async def test_spoofed_roles_replays_and_stale_signatures_are_denied(
     await provider.set_signing_key("intern-1", intern_key)
     await provider.set_signing_key("planner-1", planner_key)
 
+    await ensure_topics(settings)
     producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap, acks="all")
     await producer.start()
     try:
