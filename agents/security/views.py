@@ -1,7 +1,9 @@
 """Web views: the policies in force on this worker, and decision counts.
 
-``GET /security/policies/``  config, policies (with versions) and records that are invalid
-                             (a global table: every worker holds all of it)
+``GET /security/policies/``  config, policies (with versions and signers), records that
+                             are invalid, rule-topic records ignored by reason (unsigned,
+                             rollback ...), the number of identities and any problem with
+                             the trusted admin keys (every worker holds all of it)
 ``GET /security/decisions/`` {verdict: {rule: count}} ("*" = all decisions of a verdict),
                              summed over every worker's agent.messages partitions (see
                              `streams.web_cluster`: ``workers``, ``partial``, ``missing``;
@@ -28,10 +30,19 @@ async def policies_view(web: Any, request: Any) -> Any:
             "default_action": policy_set.default_action.value,
             "updated_at": STORE.updated_at,
             "policies": [
-                {**p.policy.model_dump(mode="json"), "broken": p.broken}
+                {
+                    **p.policy.model_dump(mode="json"),
+                    "broken": p.broken,
+                    "signed_by": STORE.signers.get(p.id, ""),
+                }
                 for p in policy_set.policies
             ],
             "invalid": policy_set.invalid,
+            "identities": len(STORE.identities),
+            "ignored": dict(STORE.ignored),
+            "problem": STORE.problem,
+            "replay_window_s": policy_set.replay_window_s,
+            "trust_claimed_roles": policy_set.trust_claimed_roles,
         }
     )
 
