@@ -315,9 +315,8 @@ def _partitions(inbound: Inbound) -> int:
     hit = _PARTITIONS.get(topic)
     if hit is None:
         found = None
-        client = getattr(app.consumer, "_client", None) or getattr(
-            getattr(app.producer, "_producer", None), "client", None
-        )
+        # the aiokafka producer's metadata (Faust's consumer wraps its client deeper)
+        client = getattr(getattr(app.producer, "_producer", None), "client", None)
         try:
             found = client.cluster.partitions_for_topic(topic) if client is not None else None
         except Exception:  # metadata is an optimisation here; the setting is the fallback

@@ -20,8 +20,8 @@ Then, once per message:
 * ``misrouted``       a verified message sits in the partition its sender id hashes to
                       (the replay state of a sender lives there)
 * ``decryption``      an envelope is well formed, travels without plaintext, uses a key id
-                      granted to the sender, and decrypts with that key when it is in the
-                      keychain
+                      granted to the sender (and to the recipient, when it has an
+                      identity), and decrypts with that key when it is in the keychain
 
 Which policies apply
 --------------------
@@ -639,6 +639,14 @@ def evaluate(
             if identity is None or envelope.key_id not in identity.encryption_key_ids:
                 raise crypto.EnvelopeError(
                     f"encryption key {envelope.key_id!r} is not granted to {message.sender_id!r}"
+                )
+            # a key shared with one peer must not carry messages to another: a recipient
+            # with an identity must be granted the key too
+            peer = ctx.identities.get(message.recipient_id)
+            if peer is not None and envelope.key_id not in peer.encryption_key_ids:
+                raise crypto.EnvelopeError(
+                    f"encryption key {envelope.key_id!r} is not granted to recipient "
+                    f"{message.recipient_id!r}"
                 )
             key = keys.encryption_key(envelope.key_id)
             if key is not None:

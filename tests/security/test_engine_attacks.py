@@ -338,6 +338,11 @@ def test_an_encryption_key_is_scoped_to_the_senders_it_is_granted_to() -> None:
     policies = _set(SecurityPolicy(policy_id="enc", level="*", require_encryption=True))
     other = encrypt_content(_msg("hi", sender_id="planner-1"), ENC, "k-pair")
     assert set(_eval(other, policies).rules) == {"decryption", "require_encryption"}
+    # granted to the sender, but the recipient has an identity without that key
+    to_planner = encrypt_content(_msg("hi", recipient_id="planner-1"), ENC, "k-pair")
+    result = _eval(to_planner, policies)
+    assert set(result.rules) == {"decryption", "require_encryption"}
+    assert "recipient" in result.reasons[0]
 
 
 # -- one meaning for a policy set: the fast path agrees with checking every rule -----------
