@@ -1,0 +1,1072 @@
+"""Upgrade contracts: the private (and undocumented) members of Faust, mode, aiokafka and
+httpcore/httpx that our delivery layer overrides, reads, writes or calls.
+
+faust-streaming, mode-streaming and aiokafka are pinned to exact versions in
+pyproject.toml. Bumping a pin must fail here first, naming every member the new release
+removed, renamed or re-signed, before the fault-injection suite (`make chaos`) is
+re-run — see docs/reliability.md, "Upgrading Faust and aiokafka".
+
+Each `Contract` row is one test (its id is the library member). It checks, on the
+installed library CLASS (never an instance talking to a broker):
+
+* the member still exists — as a class attribute, or assigned to ``self.<name>`` in the
+  source of the methods that set it up (``__init__`` and the like);
+* for a method: the parameter names and kinds we override or call with (annotations
+  are ignored). ``override``/``implement`` rows need the exact parameter list (the
+  library calls our method, and we call ``super()`` with it); ``call`` rows need our
+  parameters in order, with the same kinds, and any other parameter to have a default;
+* ``contains``: source snippets the behaviour we rely on is built from (compared with
+  the library source normalised by ``ast.unparse``, without docstrings);
+* ``fingerprint``: a hash of the normalised source of a method we re-implement or
+  whose exact behaviour our code compensates for: any change to it needs a review.
+
+`where` names our uses as ``path::anchor`` (the anchor is a text on that line; the
+line number is looked up when a test fails, since these files change often).
+`test_contract_table_matches_the_tree` keeps the table honest in the other direction.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import importlib
+import importlib.metadata
+import inspect
+import re
+import textwrap
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+#: distributions pinned to an exact version in pyproject.toml (and checked below)
+PINNED_DISTRIBUTIONS = ("faust-streaming", "mode-streaming", "aiokafka")
+
+#: top-level module → distribution, for the failure messages
+DISTRIBUTION_OF = {
+    "faust": "faust-streaming",
+    "mode": "mode-streaming",
+    "aiokafka": "aiokafka",
+    "httpcore": "httpcore",
+    "httpx": "httpx",
+    "asyncio": "python",
+}
+
+APP = "streams/app.py"
+PROC = "streams/processing.py"
+WRITER = "streams/tables/writer.py"
+LLM_TABLES = "streams/tables/llm.py"
+SEC_AGENT = "agents/security/agent.py"
+NET = "agents/llm/providers/_net.py"
+HTTP = "agents/llm/providers/_http.py"
+
+D_AIO = "faust.transport.drivers.aiokafka"
+CONSUMER = f"{D_AIO}.Consumer"  # the class BatchDeliveryConsumer is mixed into
+THREAD = f"{D_AIO}.AIOKafkaConsumerThread"
+PRODUCER = f"{D_AIO}.Producer"
+TXN = "faust.transport.consumer.TransactionManager"
+SUB = "aiokafka.consumer.subscription_state"
+FORCE_METADATA = (
+    "streams/client.py::_client.force_metadata_update",
+    "streams/replay.py::_client.force_metadata_update",
+    "streams/audit_chain.py::_client.force_metadata_update",
+    "agents/llm/cli.py::_client.force_metadata_update",
+    "agents/audit/verify.py::_client.force_metadata_update",
+    "agents/audit/rebuild.py::_client.force_metadata_update",
+    "agents/security/store.py::_client.force_metadata_update",
+    "bench/context.py::_client.force_metadata_update",
+    "bench/stage_core.py::_client.force_metadata_update",
+    "bench/stage_llm.py::_client.force_metadata_update",
+    "bench/stage_policy.py::_client.force_metadata_update",
+    "tests/support.py::_client.force_metadata_update",
+)
+COMMITTED_READERS = (
+    f"{APP}::self._committed_offset.get(tp)",
+    f"{APP}::consumer._committed_offset.get(ftp)",
+    "agents/audit/checkpoints.py::_committed_offset",
+    "agents/health/views.py::_committed_offset",
+    "agents/heartbeat/agent.py::_committed_offset",
+)
+
+
+@dataclass(frozen=True)
+class Contract:
+    #: dotted path of the library member: module[.Class].member
+    target: str
+    #: override | implement | call | read | write | subclass
+    use: str
+    #: our uses, "path::anchor" (the first one is named in failure messages)
+    where: tuple[str, ...]
+    #: for methods: the parameters we rely on, as a def's parameter list
+    params: str | None = None
+    #: for instance attributes: the methods (on the class or its bases) assigning them
+    assigned_in: tuple[str, ...] = ("__init__",)
+    #: snippets of the normalised source of `source_of` (default: the member itself)
+    contains: tuple[str, ...] = ()
+    source_of: str | None = None
+    #: sha256[:16] of the normalised source of the member (see `normalised_source`)
+    fingerprint: str | None = None
+
+    @property
+    def id(self) -> str:
+        return self.target
+
+
+def c(target: str, use: str, *where: str, **kw: Any) -> Contract:
+    return Contract(target, use, where, **kw)
+
+
+CONTRACTS: list[Contract] = [
+    # -- streams/app.py: AgentStreamApp(faust.App) -------------------------------------
+    c(
+        "faust.App._on_autodiscovery_error",
+        "override",
+        f"{APP}::def _on_autodiscovery_error",
+        params="(self, name)",
+        contains=("onerror=self._on_autodiscovery_error",),
+        source_of="faust.App.discover",
+    ),
+    c("faust.App.on_first_start", "override", f"{APP}::def on_first_start", params="(self)"),
+    c(
+        "faust.App._new_transport",
+        "override",
+        f"{APP}::def _new_transport",
+        params="(self)",
+        contains=("self._transport = self._new_transport()",),
+        source_of="faust.App.transport",
+    ),
+    c(
+        "faust.App.flow_control",
+        "override",
+        f"{APP}::def flow_control",
+        f"{PROC}::app_.flow_control.is_active()",
+    ),
+    c("faust.transport.by_url", "call", f"{APP}::by_url(self.conf", params="(url)"),
+    c("faust.transport.consumer.CONSUMER_FETCHING", "read", f"{APP}::CONSUMER_FETCHING)"),
+    c(
+        "faust.transport.base.Transport.__init__",
+        "call",
+        f'{APP}::{{"Consumer": consumer}})(self.conf.broker_consumer, self)',
+        params="(self, url, app)",
+    ),
+    c(f"{D_AIO}.Transport.Consumer", "subclass", f"{APP}::(BatchDeliveryConsumer, base.Consumer)"),
+    c(
+        f"{CONSUMER}._new_consumer_thread",
+        "override",
+        f'{APP}::{{"_new_consumer_thread": new_thread}}',
+        params="(self)",
+        contains=("AIOKafkaConsumerThread(self, loop=self.loop, beacon=self.beacon)",),
+        fingerprint="877e2653465d6a07",
+    ),
+    c(
+        "faust.transport.consumer.ConsumerThread.__init__",
+        "call",
+        f"{APP}::thread(consumer, loop=consumer.loop, beacon=consumer.beacon)",
+        params="(self, consumer, **kwargs)",
+    ),
+    c(
+        "mode.Service.__init__",
+        "call",
+        f"{APP}::thread(consumer, loop=consumer.loop, beacon=consumer.beacon)",
+        params="(self, *, beacon, loop)",
+    ),
+    c(
+        f"{THREAD}._create_worker_consumer",
+        "override",
+        f"{APP}::def _create_worker_consumer",
+        params="(self, transport)",
+    ),
+    c(f"{THREAD}.app", "read", f"{APP}::getattr(self.app"),
+    c(
+        "aiokafka.AIOKafkaConsumer._fetch_max_wait_ms",
+        "write",
+        f"{APP}::consumer._fetch_max_wait_ms =",
+        contains=("fetch_max_wait_ms=self._fetch_max_wait_ms",),
+        source_of="aiokafka.AIOKafkaConsumer.start",
+    ),
+    # -- streams/app.py: RefetchingFlowControl(mode FlowControlEvent) ------------------
+    c(
+        "mode.utils.queues.FlowControlEvent.__init__",
+        "call",
+        f"{APP}::super().__init__(**kwargs)",
+        params="(self, *, loop)",
+    ),
+    c(
+        "mode.utils.queues.FlowControlEvent.clear",
+        "override",
+        f"{APP}::def clear(self)",
+        params="(self)",
+        fingerprint="a05004862c3967cc",
+    ),
+    c("mode.utils.queues.FlowControlEvent._queues", "read", f"{APP}::self._queues"),
+    c(
+        "mode.utils.queues.ThrowableQueue._queue",
+        "read",
+        f"{APP}::queue._queue",
+        assigned_in=("_init",),
+    ),
+    c("faust.App.consumer", "read", f"{APP}::self._app.consumer", f"{PROC}::app_.consumer"),
+    # -- streams/app.py: BatchDeliveryConsumer(aiokafka driver Consumer) ---------------
+    c(
+        f"{CONSUMER}._is_changelog_tp",
+        "call",
+        f"{APP}::self._is_changelog_tp(tp)",
+        params="(self, tp)",
+    ),
+    c(
+        f"{CONSUMER}._commit_offsets",
+        "override",
+        f"{APP}::def _commit_offsets",
+        params="(self, offsets, start_new_transaction)",
+    ),
+    c(f"{CONSUMER}.assignment", "call", f"{APP}::self.assignment()", params="(self)"),
+    c(
+        f"{CONSUMER}.on_partitions_revoked",
+        "override",
+        f"{APP}::def on_partitions_revoked",
+        params="(self, revoked)",
+    ),
+    c(f"{CONSUMER}.perform_seek", "override", f"{APP}::def perform_seek", params="(self)"),
+    c(
+        f"{CONSUMER}._committed_offset",
+        "write",
+        f"{APP}::self._committed_offset[tp] = offset",
+        *COMMITTED_READERS,
+        contains=("self._committed_offset = defaultdict(lambda: None)",),
+        source_of="faust.transport.consumer.Consumer.__init__",
+    ),
+    c(
+        f"{CONSUMER}._getmany",
+        "override",
+        f"{APP}::def _getmany",
+        params="(self, active_partitions, timeout)",
+    ),
+    c(
+        f"{THREAD}._fetch_records",
+        "read",
+        f"{APP}::class _NeverEmpty",
+        contains=("await fetcher.fetched_records(active_partitions",),
+    ),
+    c(
+        "aiokafka.consumer.fetcher.Fetcher.fetched_records",
+        "read",
+        f"{APP}::class _NeverEmpty",
+        params="(self, partitions, timeout, max_records)",
+        contains=("if partitions and tp not in partitions:",),
+    ),
+    c(f"{CONSUMER}.position", "call", f"{APP}::await self.position(tp)", params="(self, tp)"),
+    c(
+        f"{CONSUMER}.seek",
+        "call",
+        f"{APP}::await self.seek(tp, offset)",
+        params="(self, partition, offset)",
+    ),
+    c(
+        f"{CONSUMER}.commit",
+        "override",
+        f"{APP}::async def commit(self",
+        params="(self, topics, start_new_transaction)",
+    ),
+    c("faust.App.in_transaction", "read", f"{APP}::self.app.in_transaction"),
+    c("faust.App.producer", "read", f"{APP}::self.app.producer", f"{PROC}::app.producer"),
+    c("faust.transport.producer.Producer.buffer", "read", f"{APP}::producer.buffer.flush()"),
+    c(
+        "faust.transport.producer.ProducerBuffer.flush",
+        "call",
+        f"{APP}::producer.buffer.flush()",
+        f"{WRITER}::ProducerBuffer.flush",
+        params="(self)",
+        fingerprint="43009db9ef4e67ba",
+    ),
+    c(
+        f"{CONSUMER}._commit",
+        "override",
+        f"{APP}::async def _commit(self",
+        params="(self, offsets)",
+    ),
+    c(f"{CONSUMER}.callback", "read", f"{APP}::self.callback"),
+    c(
+        f"{CONSUMER}._read_offset",
+        "write",
+        f"{APP}::self._read_offset.__setitem__",
+        contains=("self._read_offset = defaultdict(lambda: None)",),
+        source_of="faust.transport.consumer.Consumer.__init__",
+    ),
+    c(f"{CONSUMER}._commit_every", "read", f"{APP}::self._commit_every"),
+    c(f"{CONSUMER}._n_acked", "write", f"{APP}::self._n_acked = 0"),
+    c(
+        f"{CONSUMER}._add_gap",
+        "call",
+        f"{APP}::await self._add_gap(",
+        params="(self, tp, offset_from, offset_to)",
+    ),
+    c(
+        "faust.transport.conductor.Conductor.acks_enabled_for",
+        "call",
+        f"{APP}::self.app.topics.acks_enabled_for",
+        params="(self, topic)",
+    ),
+    c(f"{CONSUMER}._stopped", "read", f"{APP}::self._stopped.is_set()"),
+    c("faust.transport.consumer.Fetcher._stopped", "read", f"{APP}::fetcher._stopped.is_set()"),
+    c(f"{CONSUMER}.diag", "read", f"{APP}::self.diag.set_flag(CONSUMER_FETCHING)"),
+    c(
+        "mode.services.Diag.set_flag",
+        "call",
+        f"{APP}::self.diag.set_flag(CONSUMER_FETCHING)",
+        params="(self, flag)",
+    ),
+    c(
+        "mode.services.Diag.unset_flag",
+        "call",
+        f"{APP}::self.diag.unset_flag(CONSUMER_FETCHING)",
+        params="(self, flag)",
+    ),
+    c(
+        f"{CONSUMER}.getmany",
+        "call",
+        f"{APP}::self.getmany(timeout=1.0)",
+        params="(self, timeout)",
+        fingerprint="6c19542375aa0e31",
+    ),
+    c(
+        f"{CONSUMER}.wait_first",
+        "call",
+        f"{APP}::await self.wait_first(deliver(batch)",
+        params="(self, *coros)",
+    ),
+    c(f"{CONSUMER}.suspend_flow", "read", f"{APP}::self.suspend_flow.wait()"),
+    c(f"{CONSUMER}.consumer_stopped_errors", "read", f"{APP}::except self.consumer_stopped_errors"),
+    c(f"{CONSUMER}.transport", "read", f"{APP}::self.transport.app.should_stop"),
+    c(
+        f"{CONSUMER}._drain_messages",
+        "override",
+        f"{APP}::async def _drain_messages",
+        params="(self, fetcher)",
+        fingerprint="3e3742ba998ee65d",
+    ),
+    # -- streams/app.py: _consumer_state (the SIGUSR2 task dump) ----------------------
+    c(f"{CONSUMER}._thread", "read", f"{APP}::consumer._thread._ensure_consumer()"),
+    c(
+        f"{THREAD}._ensure_consumer",
+        "call",
+        f"{APP}::consumer._thread._ensure_consumer()",
+        params="(self)",
+    ),
+    c("aiokafka.AIOKafkaConsumer._subscription", "read", f"{APP}::aio._subscription"),
+    c(f"{SUB}.SubscriptionState.subscription", "read", f"{APP}::_subscription.subscription"),
+    c(f"{SUB}.Subscription.assignment", "read", f"{APP}::subscription.assignment"),
+    c(f"{SUB}.Assignment.tps", "read", f"{APP}::assignment.tps"),
+    c(
+        f"{SUB}.Assignment.state_value",
+        "call",
+        f"{APP}::assignment.state_value(tp)",
+        params="(self, tp)",
+    ),
+    c(f"{SUB}.TopicPartitionState.position", "read", f"{APP}::state.position"),
+    c(f"{SUB}.TopicPartitionState.has_valid_position", "read", f"{APP}::state.has_valid_position"),
+    c(f"{SUB}.TopicPartitionState.highwater", "read", f"{APP}::state.highwater"),
+    c(
+        "aiokafka.AIOKafkaConsumer._fetcher",
+        "read",
+        f"{APP}::aio._fetcher._records",
+        contains=("self._fetcher = Fetcher(",),
+        source_of="aiokafka.AIOKafkaConsumer.start",
+    ),
+    c("aiokafka.consumer.fetcher.Fetcher._records", "read", f"{APP}::aio._fetcher._records"),
+    c(
+        f"{CONSUMER}._paused_partitions",
+        "read",
+        f"{APP}::consumer._paused_partitions",
+        assigned_in=("_reset_state",),
+    ),
+    c("aiokafka.AIOKafkaConsumer.paused", "call", f"{APP}::aio.paused()", params="(self)"),
+    c(
+        "faust.App.consumer_generation_id",
+        "read",
+        f"{APP}::app.consumer_generation_id",
+        f"{PROC}::app_.consumer_generation_id",
+    ),
+    c(f"{CONSUMER}._acked", "read", f"{APP}::consumer._acked.get"),
+    c(f"{CONSUMER}._unacked_messages", "read", f"{APP}::consumer._unacked_messages"),
+    # -- streams/processing.py: event_batches, emit, send_record -----------------------
+    c("faust.Stream.channel", "read", f"{PROC}::stream.channel.queue"),
+    c(
+        "faust.channels.Channel.queue",
+        "read",
+        f"{PROC}::stream.channel.queue",
+        f"{APP}::for queue in self._queues",
+        # the agents' queues are the ones flow control clears (RefetchingFlowControl)
+        contains=("clear_on_resume=True",),
+    ),
+    c("faust.App.sensors", "read", f"{PROC}::app_.sensors"),
+    c(
+        "faust.sensors.SensorDelegate.on_message_in",
+        "call",
+        f"{PROC}::sensors.on_message_in(",
+        params="(self, tp, offset, message)",
+    ),
+    c(
+        "faust.sensors.SensorDelegate.on_stream_event_in",
+        "call",
+        f"{PROC}::sensors.on_stream_event_in(",
+        params="(self, tp, offset, stream, event)",
+    ),
+    c(
+        "faust.sensors.SensorDelegate.on_stream_event_out",
+        "call",
+        f"{PROC}::sensors.on_stream_event_out(",
+        params="(self, tp, offset, stream, event, state)",
+    ),
+    c(
+        "faust.sensors.SensorDelegate.on_message_out",
+        "call",
+        f"{PROC}::sensors.on_message_out(",
+        params="(self, tp, offset, message)",
+    ),
+    c("faust.App.topics", "read", f"{PROC}::app_.topics.acking_topics"),
+    c("faust.transport.conductor.Conductor.acking_topics", "read", f"{PROC}::.acking_topics"),
+    c(f"{CONSUMER}.unacked", "read", f"{PROC}::app_.consumer.unacked"),
+    c(
+        "mode.utils.queues.FlowControlEvent.is_active",
+        "call",
+        f"{PROC}::flow_control.is_active()",
+        params="(self)",
+    ),
+    c("faust.types.Message.generation_id", "read", f"{PROC}::msg.generation_id"),
+    c("faust.types.Message.tracked", "write", f"{PROC}::msg.tracked = True"),
+    c("faust.types.Message.tp", "read", f"{PROC}::msg.tp"),
+    c("faust.Event.ack", "call", f"{PROC}::ev.ack()", params="(self)"),
+    c("faust.Stream.maybe_start", "call", f"{PROC}::stream.maybe_start()", params="(self)"),
+    c("faust.Stream.service_reset", "call", f"{PROC}::stream.service_reset()", params="(self)"),
+    c("faust.Stream.shortlabel", "read", f"{PROC}::shortlabel"),
+    c(
+        "faust.App.maybe_start_producer",
+        "call",
+        f"{PROC}::app.maybe_start_producer()",
+        params="(self)",
+    ),
+    c(
+        f"{PRODUCER}.send",
+        "call",
+        f"{PROC}::producer.send(topic, key, value, partition, None, None)",
+        params="(self, topic, key, value, partition, timestamp, headers, *, transactional_id)",
+    ),
+    c(
+        f"{TXN}.send",
+        "call",
+        f"{PROC}::producer.send(topic, key, value, partition, None, None)",
+        params="(self, topic, key, value, partition, timestamp, headers, *, transactional_id)",
+    ),
+    c(f"{TXN}.producer", "read", f'{PROC}::getattr(manager, "producer"'),
+    c(
+        f"{TXN}.transactional_id_format",
+        "read",
+        "streams/eos.py::def transactional_id_for",
+        contains=("transactional_id = f'{group_id}-{group}-{tp.partition}'",),
+        source_of=f"{TXN}.commit",
+    ),
+    c(f"{PRODUCER}._transaction_producers", "read", f'{PROC}::"_transaction_producers"'),
+    c(
+        "faust.assignor.PartitionAssignor.group_for_topic",
+        "call",
+        f"{PROC}::app.assignor.group_for_topic(topic)",
+        params="(self, topic)",
+    ),
+    c("faust.transport.producer.Producer.maybe_start", "call", f"{PROC}::producer.maybe_start()"),
+    # -- streams/tables/writer.py, streams/tables/llm.py, agents/audit/activity.py -----
+    c("faust.Table.data", "read", f"{WRITER}::table.data[key] = value"),
+    c(
+        "faust.Table.send_changelog",
+        "call",
+        f"{WRITER}::table.send_changelog(partition, key, value, **serializers)",
+        params="(self, partition, key, value, key_serializer, value_serializer)",
+        fingerprint="7978a5436e0fe81e",
+    ),
+    c(
+        "faust.Table.changelog_topic",
+        "write",
+        f"{WRITER}::table.changelog_topic.as_future_message(",
+        "agents/audit/activity.py::accepted_by_sender.changelog_topic =",
+    ),
+    c(
+        "faust.topics.Topic.as_future_message",
+        "call",
+        f"{WRITER}::table.changelog_topic.as_future_message(",
+        params=(
+            "(self, key, value, partition, timestamp, headers, schema, key_serializer,"
+            " value_serializer, callback, eager_partitioning)"
+        ),
+    ),
+    c(
+        "faust.Table._on_changelog_sent",
+        "read",
+        f"{WRITER}::callback=table._on_changelog_sent",
+        params="(self, fut)",
+    ),
+    c(
+        "faust.channels.Channel.publish_message",
+        "call",
+        f"{WRITER}::.channel.publish_message(fut, wait=False)",
+        params="(self, fut, wait)",
+    ),
+    c(
+        "faust.Table.key_serializer",
+        "write",
+        "agents/audit/activity.py::accepted_by_sender.key_serializer =",
+        f"{WRITER}::table.key_serializer",
+    ),
+    c("faust.Table.value_serializer", "read", f"{WRITER}::table.value_serializer"),
+    c("faust.Table.name", "read", f"{WRITER}::self.table.name"),
+    c("faust.Table.partitions", "read", f"{LLM_TABLES}::self.partitions"),
+    c(
+        "faust.Table.partition_for_key",
+        "override",
+        f"{LLM_TABLES}::def partition_for_key",
+        params="(self, key)",
+    ),
+    c(
+        "faust.Table.__setitem__",
+        "override",
+        f"{LLM_TABLES}::def __setitem__",
+        params="(self, key, value)",
+    ),
+    c(
+        "faust.Table.__delitem__",
+        "override",
+        f"{LLM_TABLES}::def __delitem__",
+        params="(self, key)",
+    ),
+    c(
+        "faust.Table.__init__",
+        "call",
+        f"{LLM_TABLES}::cls(",
+        params="(self, app, *, name, default, key_type, partitions, help)",
+    ),
+    c(
+        "faust.tables.TableManager.add",
+        "call",
+        f"{LLM_TABLES}::app.tables.add(",
+        params="(self, table)",
+    ),
+    c("faust.tables.TableManager.beacon", "read", f"{LLM_TABLES}::app.tables.beacon"),
+    c(
+        "faust.Table._new_changelog_topic",
+        "call",
+        "agents/audit/activity.py::._new_changelog_topic()",
+        params="(self)",
+    ),
+    # -- agents/security/agent.py: the aiokafka producer behind Faust's -----------------
+    c(f"{PRODUCER}._producer", "read", f'{SEC_AGENT}::getattr(app.producer, "_producer", None)'),
+    c("aiokafka.AIOKafkaProducer.client", "read", f'{SEC_AGENT}::"_producer", None), "client"'),
+    c("aiokafka.client.AIOKafkaClient.cluster", "read", f"{SEC_AGENT}::client.cluster"),
+    c(
+        "aiokafka.cluster.ClusterMetadata.partitions_for_topic",
+        "call",
+        f"{SEC_AGENT}::client.cluster.partitions_for_topic(topic)",
+        params="(self, topic)",
+    ),
+    c(
+        "aiokafka.AIOKafkaProducer.create_batch",
+        "call",
+        f"{SEC_AGENT}::producer.create_batch()",
+        params="(self)",
+    ),
+    c(
+        "aiokafka.AIOKafkaProducer.send_batch",
+        "call",
+        f"{SEC_AGENT}::producer.send_batch(batch, topic, partition=partition)",
+        params="(self, batch, topic, *, partition)",
+    ),
+    c(
+        "aiokafka.producer.message_accumulator.BatchBuilder.append",
+        "call",
+        f"{SEC_AGENT}::batch.append(key=key, value=value, timestamp=None)",
+        params="(self, *, timestamp, key, value)",
+    ),
+    c(
+        "aiokafka.producer.message_accumulator.BatchBuilder.record_count",
+        "call",
+        f"{SEC_AGENT}::batch.record_count()",
+        params="(self)",
+    ),
+    # -- every plain aiokafka consumer of ours: metadata refresh before assign ----------
+    c("aiokafka.AIOKafkaConsumer._client", "read", *FORCE_METADATA),
+    c(
+        "aiokafka.client.AIOKafkaClient.force_metadata_update",
+        "call",
+        *FORCE_METADATA,
+        params="(self)",
+    ),
+    # -- agents/llm/providers: httpcore's network backend, set on httpx's pool ----------
+    c(
+        "httpcore.AsyncNetworkBackend.connect_tcp",
+        "implement",
+        f"{NET}::async def connect_tcp",
+        params="(self, host, port, timeout, local_address, socket_options)",
+    ),
+    c(
+        "httpcore.AsyncNetworkBackend.connect_unix_socket",
+        "implement",
+        f"{NET}::async def connect_unix_socket",
+        params="(self, path, timeout, socket_options)",
+    ),
+    c(
+        "httpcore.AsyncNetworkBackend.sleep",
+        "implement",
+        f"{NET}::async def sleep",
+        params="(self, seconds)",
+    ),
+    c(
+        "httpcore.AsyncNetworkStream.read",
+        "implement",
+        f"{NET}::async def read",
+        params="(self, max_bytes, timeout)",
+    ),
+    c(
+        "httpcore.AsyncNetworkStream.write",
+        "implement",
+        f"{NET}::async def write",
+        params="(self, buffer, timeout)",
+    ),
+    c(
+        "httpcore.AsyncNetworkStream.aclose",
+        "implement",
+        f"{NET}::async def aclose",
+        params="(self)",
+    ),
+    c(
+        "httpcore.AsyncNetworkStream.start_tls",
+        "implement",
+        f"{NET}::async def start_tls",
+        params="(self, ssl_context, server_hostname, timeout)",
+    ),
+    c(
+        "httpcore.AsyncNetworkStream.get_extra_info",
+        "implement",
+        f"{NET}::def get_extra_info",
+        params="(self, info)",
+        contains=("self._network_stream.get_extra_info('is_readable')",),
+        source_of="httpcore._async.http11.AsyncHTTP11Connection.has_expired",
+    ),
+    c("httpx.AsyncClient._transport", "read", f'{HTTP}::getattr(client, "_transport", None)'),
+    c("httpx.AsyncHTTPTransport._pool", "read", f'{HTTP}::"_pool", None)'),
+    c("httpcore.AsyncConnectionPool._network_backend", "write", f"{HTTP}::pool._network_backend ="),
+]
+
+
+# -- resolving members -----------------------------------------------------------------
+
+
+def _import_prefix(dotted: str) -> tuple[Any, list[str]]:
+    parts = dotted.split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            return importlib.import_module(".".join(parts[:i])), parts[i:]
+        except ImportError:
+            continue
+    raise ImportError(dotted)
+
+
+def owner_and_name(dotted: str) -> tuple[Any, str]:
+    """The object (module or class) holding the member, and the member's name."""
+    obj, rest = _import_prefix(dotted)
+    for part in rest[:-1]:
+        obj = getattr(obj, part)
+    return obj, rest[-1]
+
+
+def lookup(dotted: str) -> Any:
+    """The member as stored on its class (no descriptor invoked) or module."""
+    holder, name = owner_and_name(dotted)
+    if inspect.isclass(holder):
+        return inspect.getattr_static(holder, name)
+    return getattr(holder, name)
+
+
+def function_of(member: Any) -> Callable[..., Any] | None:
+    """The plain function behind a method, property, cached_property, stampede..."""
+    for attr in ("fget", "func", "__wrapped__"):
+        inner = getattr(member, attr, None)
+        if inner is not None and callable(inner):
+            return function_of(inner) or inner
+    if isinstance(member, staticmethod | classmethod):
+        return member.__func__
+    if inspect.isfunction(member) or inspect.ismethod(member):
+        return member  # a bound method (module-level API object): no self to compare
+    return None
+
+
+def assigned_in_source(cls: type, name: str, methods: tuple[str, ...]) -> list[str]:
+    """Which of `methods` (on `cls` or any base) assign ``self.<name>``."""
+    found = []
+    for klass in cls.__mro__:
+        for method in methods:
+            fn = vars(klass).get(method)
+            if fn is None or not inspect.isfunction(fn):
+                continue
+            for node in ast.walk(_parse(fn)):
+                targets: list[ast.expr] = []
+                if isinstance(node, ast.Assign):
+                    targets = node.targets
+                elif isinstance(node, ast.AnnAssign | ast.AugAssign):
+                    targets = [node.target]
+                for target in targets:
+                    elts = target.elts if isinstance(target, ast.Tuple) else [target]
+                    for t in elts:
+                        if (
+                            isinstance(t, ast.Attribute)
+                            and t.attr == name
+                            and isinstance(t.value, ast.Name)
+                            and t.value.id == "self"
+                        ):
+                            found.append(f"{klass.__module__}.{klass.__qualname__}.{method}")
+    return found
+
+
+def _parse(fn: Callable[..., Any]) -> ast.AST:
+    return ast.parse(textwrap.dedent(inspect.getsource(fn)))
+
+
+def normalised_source(fn: Callable[..., Any]) -> str:
+    """The function's source as `ast.unparse` writes it, docstrings dropped: comments,
+    formatting and docs do not count as a change."""
+    tree = _parse(fn)
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (
+            isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef)
+            and body
+            and isinstance(body[0], ast.Expr)
+            and isinstance(body[0].value, ast.Constant)
+            and isinstance(body[0].value.value, str)
+        ):
+            node.body = body[1:] or [ast.Pass()]
+    return ast.unparse(tree)
+
+
+def fingerprint(fn: Callable[..., Any]) -> str:
+    return hashlib.sha256(normalised_source(fn).encode()).hexdigest()[:16]
+
+
+_KINDS = inspect.Parameter
+
+
+def expected_params(spec: str) -> list[tuple[str, Any]]:
+    fn = ast.parse(f"def f{spec}: pass").body[0]
+    assert isinstance(fn, ast.FunctionDef)
+    a = fn.args
+    out = [(p.arg, _KINDS.POSITIONAL_ONLY) for p in a.posonlyargs]
+    out += [(p.arg, _KINDS.POSITIONAL_OR_KEYWORD) for p in a.args]
+    if a.vararg:
+        out.append((a.vararg.arg, _KINDS.VAR_POSITIONAL))
+    out += [(p.arg, _KINDS.KEYWORD_ONLY) for p in a.kwonlyargs]
+    if a.kwarg:
+        out.append((a.kwarg.arg, _KINDS.VAR_KEYWORD))
+    return out
+
+
+def signature_problems(fn: Callable[..., Any], spec: str, exact: bool) -> list[str]:
+    actual = list(inspect.signature(fn).parameters.values())
+    got = [(p.name, p.kind) for p in actual]
+    want = expected_params(spec)
+    shown = f"library has {_show(got)}, we rely on {_show(want)}"
+    if exact:
+        return [] if got == want else [f"parameters differ: {shown}"]
+    problems = []
+    position = 0
+    names = [name for name, _ in got]
+    for wanted_index, (name, kind) in enumerate(want):
+        if name not in names:
+            problems.append(f"parameter {name!r} is gone")
+            continue
+        index = names.index(name)
+        positional = (_KINDS.POSITIONAL_ONLY, _KINDS.POSITIONAL_OR_KEYWORD)
+        if kind in positional and index != wanted_index:
+            # we may pass it by position: a parameter inserted before it shifts our args
+            problems.append(f"parameter {name!r} is at position {index}, not {wanted_index}")
+        if got[index][1] != kind:
+            problems.append(
+                f"parameter {name!r} is {got[index][1].description}, not {kind.description}"
+            )
+        if index < position:
+            problems.append(f"parameter {name!r} moved")
+        position = max(position, index)
+    wanted = {name for name, _ in want}
+    for p in actual:
+        variadic = p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+        if p.name not in wanted and p.default is p.empty and not variadic:
+            problems.append(f"new required parameter {p.name!r}")
+    return [f"{problem}: {shown}" for problem in problems]
+
+
+def _show(params: list[tuple[str, Any]]) -> str:
+    marks = {_KINDS.VAR_POSITIONAL: "*", _KINDS.VAR_KEYWORD: "**"}
+    out, star = [], False
+    for name, kind in params:
+        if kind is _KINDS.KEYWORD_ONLY and not star:
+            out.append("*")
+            star = True
+        star = star or kind is _KINDS.VAR_POSITIONAL
+        out.append(marks.get(kind, "") + name)
+    return f"({', '.join(out)})"
+
+
+# -- where we use it -------------------------------------------------------------------
+
+
+@cache
+def _lines(path: str) -> tuple[str, ...]:
+    return tuple((REPO / path).read_text(encoding="utf-8").splitlines())
+
+
+def locate(where: str) -> str | None:
+    """``path:line`` of a use (None when the anchor is no longer in the file)."""
+    path, _, anchor = where.partition("::")
+    try:
+        lines = _lines(path)
+    except FileNotFoundError:
+        return None
+    for number, line in enumerate(lines, 1):
+        if anchor in line:
+            return f"{path}:{number}"
+    return None
+
+
+def installed(distribution: str) -> str:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return "(not installed)"
+
+
+def failure(contract: Contract, detail: str) -> str:
+    top = contract.target.split(".", 1)[0]
+    dist = DISTRIBUTION_OF.get(top, top)
+    first = contract.where[0]
+    at = locate(first) or first.partition("::")[0]
+    more = f" (and {len(contract.where) - 1} more place(s))" if len(contract.where) > 1 else ""
+    verb = {
+        "override": "we override it",
+        "implement": "we implement it",
+        "call": "we call it",
+        "read": "we read it",
+        "write": "we write it",
+        "subclass": "we subclass it",
+    }[contract.use]
+    return (
+        f"{dist} {installed(dist)} changed {contract.target}: {verb} in {at}{more} — "
+        f"re-run `make chaos` and adapt. {detail}"
+    )
+
+
+# -- the tests -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("contract", CONTRACTS, ids=lambda k: k.id)
+def test_member_contract(contract: Contract) -> None:
+    try:
+        holder, name = owner_and_name(contract.target)
+    except (ImportError, AttributeError) as exc:
+        pytest.fail(failure(contract, f"its module or class is gone: {exc!r}"))
+    try:
+        member = lookup(contract.target)
+    except AttributeError:
+        if not inspect.isclass(holder):
+            pytest.fail(failure(contract, "it is gone from its module"))
+        setters = assigned_in_source(holder, name, contract.assigned_in)
+        if not setters:
+            pytest.fail(
+                failure(
+                    contract,
+                    f"no class attribute {name!r}, and no `self.{name} =` in "
+                    f"{'/'.join(contract.assigned_in)} of {holder.__qualname__} or its bases",
+                )
+            )
+        member = None
+    fn = function_of(member) if member is not None else None
+    if contract.params is not None:
+        if fn is None:
+            pytest.fail(failure(contract, f"it is no longer a function: {member!r}"))
+        exact = contract.use in ("override", "implement")
+        problems = signature_problems(fn, contract.params, exact)
+        if problems:
+            pytest.fail(failure(contract, "; ".join(problems)))
+    if contract.contains:
+        source_fn = function_of(lookup(contract.source_of)) if contract.source_of else fn
+        assert source_fn is not None, contract
+        source = normalised_source(source_fn)
+        missing = [snippet for snippet in contract.contains if snippet not in source]
+        if missing:
+            where = contract.source_of or contract.target
+            pytest.fail(failure(contract, f"{where} no longer contains {missing}"))
+    if contract.fingerprint is not None:
+        assert fn is not None, contract
+        now = fingerprint(fn)
+        if now != contract.fingerprint:
+            pytest.fail(
+                failure(
+                    contract,
+                    f"its source changed (fingerprint {contract.fingerprint} -> {now}): "
+                    "read the new code against our use, then update the fingerprint",
+                )
+            )
+
+
+def _pins() -> dict[str, str]:
+    data = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
+    pins = {}
+    for requirement in data["project"]["dependencies"]:
+        match = re.fullmatch(r"\s*([A-Za-z0-9_.\-]+)\s*==\s*([^\s;,]+)\s*", requirement)
+        if match:
+            pins[match.group(1).lower()] = match.group(2)
+    return pins
+
+
+def test_installed_versions_are_the_pinned_ones() -> None:
+    """An accidental upgrade (a stale venv, a resolver picking something else) is caught
+    here; the contracts above were checked against exactly these versions."""
+    pins = _pins()
+    not_pinned = [d for d in PINNED_DISTRIBUTIONS if d not in pins]
+    assert not not_pinned, f"pyproject.toml must pin these exactly (==): {not_pinned}"
+    wrong = {d: (pins[d], installed(d)) for d in PINNED_DISTRIBUTIONS if installed(d) != pins[d]}
+    assert not wrong, (
+        "installed versions differ from the pins in pyproject.toml (pinned, installed): "
+        f"{wrong} — reinstall (`make install`), or follow docs/reliability.md "
+        "'Upgrading Faust and aiokafka' if this is an upgrade"
+    )
+
+
+def test_transactional_ids_are_fausts() -> None:
+    """streams.eos names the transaction that commits a partition's offsets as Faust
+    does; a different name sends outputs into another (or no) transaction."""
+    from faust.transport.consumer import TopicPartitionGroup, TransactionManager
+
+    from streams.eos import transactional_id_for
+
+    tpg = TopicPartitionGroup(topic="t", partition=5, group=3)
+    faust_id = TransactionManager.transactional_id_format.format(group_id="app", tpg=tpg)
+    assert transactional_id_for("app", 3, 5) == faust_id, failure(
+        CONTRACTS[[k.target for k in CONTRACTS].index(f"{TXN}.transactional_id_format")],
+        f"Faust names it {faust_id!r}",
+    )
+
+
+def test_flow_control_clears_the_queues_it_manages() -> None:
+    """RefetchingFlowControl.clear reads the records out of each managed queue's
+    ``_queue`` before mode's clear() drops them: built here without a broker."""
+    import collections
+
+    from mode.utils.queues import FlowControlEvent, ThrowableQueue
+
+    event = FlowControlEvent()
+    queue = ThrowableQueue(flow_control=event, clear_on_resume=True)  # as Channel.queue
+    queue.put_nowait("record")
+    assert queue in event._queues, "FlowControlEvent no longer keeps its queues in _queues"
+    assert isinstance(queue._queue, collections.deque), "the queue's items are not in _queue"
+    assert list(queue._queue) == ["record"]
+    event.clear()
+    assert not queue._queue, "FlowControlEvent.clear no longer empties the managed queues"
+
+
+# -- the table vs the tree -------------------------------------------------------------
+
+#: our classes built on a library class (module:qualname → the library class they patch)
+OUR_SUBCLASSES = {
+    "streams.app:AgentStreamApp": "faust.App",
+    "streams.app:FetchWaitConsumerThread": THREAD,
+    "streams.app:RefetchingFlowControl": "mode.utils.queues.FlowControlEvent",
+    "streams.app:BatchDeliveryConsumer": CONSUMER,
+    "agents.llm.providers._net:AsyncioBackend": "httpcore.AsyncNetworkBackend",
+    "agents.llm.providers._net:AsyncioStream": "httpcore.AsyncNetworkStream",
+}
+
+#: names our subclasses define that the library base has too but that are no override
+#: to check (class plumbing)
+_NOT_OVERRIDES = {"__init__", "__module__", "__doc__", "__qualname__", "__annotations__"}
+_NOT_OVERRIDES |= {
+    "__slots__",
+    "__dict__",
+    "__weakref__",
+    "__firstlineno__",
+    "__static_attributes__",
+}
+_NOT_OVERRIDES |= {"logger", "_abc_impl", "__abstractmethods__", "__parameters__", "__orig_bases__"}
+
+
+def _ours(spec: str) -> type:
+    module, _, name = spec.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+@pytest.mark.parametrize("ours", sorted(OUR_SUBCLASSES))
+def test_every_override_is_in_the_contract_table(ours: str) -> None:
+    """A method one of our subclasses or mixins defines that the library class has too
+    is an override: it needs its row above (this catches overrides added later), and
+    our method must take the parameters the row says (so the row describes our code)."""
+    cls = _ours(ours)
+    base_path = OUR_SUBCLASSES[ours]
+    base = lookup(base_path)
+    rows = {
+        k.target.rsplit(".", 1)[1]: k
+        for k in CONTRACTS
+        if k.target.startswith(base_path + ".") and k.use in ("override", "implement")
+    }
+    missing, differing = [], []
+    for name, value in vars(cls).items():
+        if name in _NOT_OVERRIDES or not hasattr(base, name):
+            continue
+        row = rows.get(name)
+        if row is None:
+            missing.append(name)
+            continue
+        fn = function_of(value)
+        if row.params is not None and fn is not None:
+            differing += [f"{name}: {p}" for p in signature_problems(fn, row.params, True)]
+    assert not missing, (
+        f"{ours} overrides {missing} of {base_path} with no row in CONTRACTS "
+        "(tests/unit/test_upgrade_contracts.py): add one"
+    )
+    assert not differing, f"{ours} no longer matches its CONTRACTS rows: {differing}"
+
+
+#: names our mixins add to the library classes they are mixed into
+OUR_ADDITIONS = {
+    CONSUMER: "streams.app:BatchDeliveryConsumer",
+    "mode.utils.queues.FlowControlEvent": "streams.app:RefetchingFlowControl",
+}
+
+
+@pytest.mark.parametrize("base_path", sorted(OUR_ADDITIONS))
+def test_our_additions_do_not_shadow_library_members(base_path: str) -> None:
+    """Names our mixin adds for itself must stay unknown to the library class: one the
+    library gains in an upgrade would silently be replaced by ours (or ours by its)."""
+    ours = OUR_ADDITIONS[base_path]
+    base = lookup(base_path)
+    rows = {k.target.rsplit(".", 1)[1] for k in CONTRACTS if k.target.startswith(base_path + ".")}
+    clashes = [
+        name
+        for name in vars(_ours(ours))
+        if name not in _NOT_OVERRIDES
+        and name not in rows
+        and (hasattr(base, name) or assigned_in_source(base, name, ("__init__", "__post_init__")))
+    ]
+    dist = DISTRIBUTION_OF[base_path.split(".", 1)[0]]
+    assert not clashes, (
+        f"{dist} {installed(dist)}: {base_path} now has {clashes}, which {ours} defines "
+        "for itself — rename ours, re-run `make chaos`"
+    )
+
+
+def test_contract_table_matches_the_tree() -> None:
+    """Every use the table names is still in our code (else the row is stale: remove or
+    re-anchor it)."""
+    stale = [
+        f"{k.target} @ {where}" for k in CONTRACTS for where in k.where if locate(where) is None
+    ]
+    assert not stale, "CONTRACTS rows whose use is no longer in the tree:\n" + "\n".join(stale)
