@@ -22,6 +22,7 @@ from __future__ import annotations
 import unicodedata
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 from pydantic import ValidationError
@@ -29,6 +30,7 @@ from pydantic import ValidationError
 from schemas.security import AgentIdentity
 
 
+@lru_cache(maxsize=4096)  # roles and levels are few; every message names one of each
 def norm_name(value: str) -> str:
     """A role or level as compared: NFKC, case folded, inner white space collapsed."""
     return " ".join(unicodedata.normalize("NFKC", value).casefold().split())

@@ -69,6 +69,7 @@ from agents.security.normalize import (
     byte_spans_to_char_spans,
     forbidden_controls,
     mask_spans,
+    normalize,
     scanned_fields,
 )
 from agents.security.patterns import PatternError, PatternList
@@ -278,6 +279,9 @@ class FitGroup:
     allowed: tuple[PatternList, ...]
     #: how every fitting policy sees a message (fast path only)
     view: tuple[tuple[str, ...], bool]
+    #: {normalised text: matches the blocked union} for fields that repeat across
+    #: messages (sender, recipient, content type): scanned once, not once per message
+    seen_clean: dict[str, bool] = field(default_factory=dict, compare=False)
 
     @classmethod
     def build(cls, policies: tuple[CompiledPolicy, ...], roles: frozenset[str]) -> FitGroup:
@@ -755,12 +759,31 @@ def evaluate(
 _UNSCANNED = frozenset({"security_level", "sender_role"})
 
 
+_ID_FIELDS = ("message_id", "sender_id", "recipient_id")
+#: fields whose values repeat from message to message (their scan results are cached)
+_REPEATING = frozenset({"sender_id", "recipient_id", "content_type"})
+
+
 def _fields(message: AgentMessage, view: tuple[tuple[str, ...], bool]) -> list[tuple[str, str]]:
-    return [
-        (path, text)
-        for path, text in scanned_fields(message, view[0], fold_confusables=view[1])
-        if path not in _UNSCANNED
-    ]
+    """The normalised fields a policy with this view scans, in `scanned_fields`' order.
+    Without metadata (most messages) they are built directly: the same list, without a
+    walk that has nothing to walk (a unit test checks both agree)."""
+    names, fold = view
+    if message.metadata:
+        return [
+            (path, text)
+            for path, text in scanned_fields(message, names, fold_confusables=fold)
+            if path not in _UNSCANNED
+        ]
+    out: list[tuple[str, str]] = []
+    if "content" in names:
+        out.append(("content", normalize(message.content, fold_confusables=fold)))
+    if "content_type" in names:
+        out.append(("content_type", normalize(message.content_type, fold_confusables=fold)))
+    if "ids" in names:
+        for name in _ID_FIELDS:
+            out.append((name, normalize(getattr(message, name), fold_confusables=fold)))
+    return out
 
 
 def _metadata_size(fields: list[tuple[str, str]]) -> int:
@@ -797,14 +820,25 @@ def _fast_allows(message: AgentMessage, group: FitGroup) -> bool:
     if len(content) > group.min_size:
         return False
     fields = _fields(message, group.view)
-    if _metadata_size(fields) > group.min_size:
+    if message.metadata and _metadata_size(fields) > group.min_size:
         return False
     text = next((t for path, t in fields if path == "content"), None)
     if text is None:
         text = scanned_fields(message, ("content",), fold_confusables=group.view[1])[0][1]
     data = text.encode()
-    if group.blocked and any(group.blocked.any_match(t.encode()) for _, t in fields):
-        return False
+    if group.blocked:
+        cache = group.seen_clean
+        for path, t in fields:
+            if path in _REPEATING:
+                hit = cache.get(t)
+                if hit is None:
+                    if len(cache) > 10_000:
+                        cache.clear()
+                    hit = cache[t] = group.blocked.any_match(t.encode())
+            else:
+                hit = group.blocked.any_match(t.encode())
+            if hit:
+                return False
     return all(a.any_match(data) for a in group.allowed)
 
 

@@ -386,3 +386,27 @@ def test_fast_path_and_full_evaluation_agree(
     fast = evaluate(msg, policies, KEYS, ctx=CTX)
     full = evaluate(msg, policies, KEYS, ctx=CTX, fast=False)
     assert (fast.verdict, fast.policies, fast.roles) == (full.verdict, full.policies, full.roles)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    text=st.text(max_size=40),
+    ident=st.text(min_size=1, max_size=20),
+    fields=st.lists(st.sampled_from(["content", "metadata", "content_type", "ids"]), unique=True),
+    fold=st.booleans(),
+)
+def test_the_direct_field_list_is_the_normaliser_s(
+    text: str, ident: str, fields: list[str], fold: bool
+) -> None:
+    """Messages without metadata skip the walk (`policy._fields`): same fields, same text."""
+    from agents.security.normalize import scanned_fields
+    from agents.security.policy import _UNSCANNED, _fields
+
+    msg = _msg(text, message_id=ident, recipient_id=ident + "r", content_type=text[:100] or "x")
+    view = (tuple(f for f in ("content", "metadata", "content_type", "ids") if f in fields), fold)
+    walked = [
+        (p, t)
+        for p, t in scanned_fields(msg, view[0], fold_confusables=fold)
+        if p not in _UNSCANNED
+    ]
+    assert _fields(msg, view) == walked

@@ -288,3 +288,19 @@ def test_tokens_compare_by_value() -> None:
     assert crypto.tokens_equal("abc", "abc")
     assert not crypto.tokens_equal("abc", "abd")
     assert not crypto.tokens_equal("abc", "abcd")
+
+
+@pytest.mark.parametrize(
+    "when",
+    [
+        datetime(2026, 12, 4, 12, 0, tzinfo=UTC),
+        datetime(2026, 12, 4, 12, 0, 0, 123456, tzinfo=UTC),
+        datetime(2026, 12, 4, 13, 0, 0, 5, tzinfo=timezone(timedelta(hours=1))),
+        datetime(1999, 1, 1, 23, 59, 59, 999999, tzinfo=timezone(timedelta(hours=-7))),
+    ],
+)
+def test_the_issue_time_is_written_exactly_as_pydantic_writes_it(when: datetime) -> None:
+    from pydantic import AwareDatetime, TypeAdapter
+
+    expected = TypeAdapter(AwareDatetime).dump_python(when.astimezone(UTC), mode="json")
+    assert crypto.issued_at_text(when) == expected
