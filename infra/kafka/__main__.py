@@ -1,7 +1,12 @@
 """``python -m infra.kafka start|stop|status|fetch``: manage the local Kafka broker.
 
 A thin shell over :mod:`infra.kafka.launcher`; settings come from the
-``AGENTSTREAM_KAFKA_*`` environment variables.  Exit codes: 0 success, 1 failure,
+``AGENTSTREAM_KAFKA_*`` environment variables.  ``--nodes N`` (or
+``AGENTSTREAM_KAFKA_NODES=N``) with N > 1 manages a local N-node KRaft cluster
+instead (:class:`~infra.kafka.launcher.ClusterConfig`: ports from
+``AGENTSTREAM_KAFKA_CLUSTER_BASE_PORT``, default 29092, state in
+``AGENTSTREAM_KAFKA_CLUSTER_DIR``, default ``var/kafka-cluster``); pass the same
+``--nodes`` to ``stop`` and ``status``.  Exit codes: 0 success, 1 failure,
 3 for ``status`` when the broker is not running (the LSB convention, so scripts can
 test it).
 """
@@ -10,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -24,14 +30,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Run a local single-node Apache Kafka broker (KRaft) without Docker.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("start", help="start the broker (fetching jars on first use)")
-    sub.add_parser("stop", help="stop the broker started by 'start'")
+    start_parser = sub.add_parser("start", help="start the broker (fetching jars on first use)")
+    stop_parser = sub.add_parser("stop", help="stop the broker started by 'start'")
     status_parser = sub.add_parser("status", help="show whether the broker runs")
     status_parser.add_argument("--json", action="store_true", help="machine-readable output")
+    for command_parser in (start_parser, stop_parser, status_parser):
+        command_parser.add_argument(
+            "--nodes",
+            type=int,
+            default=None,
+            help=f"N > 1: a local N-node KRaft cluster (default: ${launcher.ENV_NODES} or 1)",
+        )
     sub.add_parser("fetch", help="only download the Kafka jars into the cache")
     args = parser.parse_args(argv)
 
     try:
+        cluster = _cluster(getattr(args, "nodes", None))
+        if cluster is not None:
+            return _cluster_command(args.command, cluster, as_json=getattr(args, "json", False))
         if args.command == "start":
             return _start()
         if args.command == "stop":
@@ -50,6 +66,42 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:  # bad AGENTSTREAM_KAFKA_* value
         print(f"error: {exc}", file=sys.stderr)
         return 1
+
+
+def _cluster(nodes: int | None) -> launcher.ClusterConfig | None:
+    """The cluster to manage, or ``None`` for the single broker (N = 1)."""
+    if nodes is None:
+        raw = os.environ.get(launcher.ENV_NODES, "").strip()
+        try:
+            nodes = int(raw) if raw else 1
+        except ValueError:
+            raise ValueError(f"{launcher.ENV_NODES}={raw!r} is not a number") from None
+    if nodes < 1:
+        raise ValueError(f"--nodes {nodes}: must be at least 1")
+    if nodes == 1:
+        return None
+    return launcher.ClusterConfig.from_env(nodes=nodes)
+
+
+def _cluster_command(command: str, cluster: launcher.ClusterConfig, *, as_json: bool) -> int:
+    if command == "start":
+        print(
+            f"Starting a {cluster.nodes}-node Kafka {cluster.version} cluster at "
+            f"{cluster.bootstrap} (state: {cluster.root}) ..."
+        )
+        began = time.monotonic()
+        bootstrap = launcher.start_cluster(cluster)
+        print(f"Kafka cluster is ready at {bootstrap} after {time.monotonic() - began:.1f}s.")
+        return 0
+    if command == "stop":
+        if launcher.stop_cluster(cluster):
+            print(f"Kafka cluster at {cluster.bootstrap} stopped.")
+        else:
+            print("Kafka cluster was not running.")
+        return 0
+    info = launcher.cluster_status(cluster)
+    print(json.dumps(info, indent=2) if as_json else launcher.format_cluster_status(info))
+    return 0 if info["running"] else 3
 
 
 def _start() -> int:

@@ -33,6 +33,18 @@ The flow of :func:`start`:
 :func:`stop` sends SIGTERM (a clean, controlled shutdown flushes the logs), waits, and
 falls back to SIGKILL.  :func:`status` reports without changing anything.
 
+Multi-node clusters (for fault injection): :class:`ClusterConfig` describes N
+combined broker+controller nodes forming one KRaft quorum (node ids 1..N, four ports
+per node from ``base_port``, one folder per node under ``root``, replication factor 3
+and ``min.insync.replicas=2`` from :func:`cluster_settings`, heap
+:data:`CLUSTER_NODE_HEAP` each).  :func:`start_cluster` / :func:`stop_cluster` manage
+them, :func:`kill_node` (SIGKILL by default), :func:`restart_node` and
+:func:`node_pid` are the chaos primitives, and ``python -m infra.kafka start --nodes
+3`` is the shell form.  Who leads a partition or coordinates a group/transaction is
+asked over the Kafka protocol in :mod:`infra.kafka.cluster` (needs aiokafka).  With
+``ClusterConfig(proxied=True)`` every node advertises a Toxiproxy port to clients
+(:mod:`infra.toxiproxy.kafka`).
+
 Kafka 3.x (slf4j + reload4j, ``log4j.properties``) and 4.x (log4j2,
 ``log4j2.properties``) are both supported; the Maven profile and logging flags follow
 the major version.  Only the standard library is used so that the launcher works
@@ -57,6 +69,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -64,6 +77,10 @@ from typing import Any, Final
 
 __all__ = [
     "BROKER_SETTINGS",
+    "CLUSTER_NODE_HEAP",
+    "DEFAULT_CLUSTER_BASE_PORT",
+    "DEFAULT_CLUSTER_DIR",
+    "DEFAULT_CLUSTER_NODES",
     "DEFAULT_CONTROLLER_PORT",
     "DEFAULT_HEAP",
     "DEFAULT_HOST",
@@ -72,28 +89,42 @@ __all__ = [
     "DEFAULT_START_TIMEOUT_S",
     "DEFAULT_STATE_DIR",
     "ENV_BOOTSTRAP",
+    "ENV_CLUSTER_BASE_PORT",
+    "ENV_CLUSTER_DIR",
     "ENV_CONTROLLER_PORT",
     "ENV_DATA_DIR",
     "ENV_HEAP",
     "ENV_LOG_FILE",
+    "ENV_NODES",
     "ENV_PORT",
     "ENV_VERSION",
     "NODE_ID",
+    "PORTS_PER_NODE",
     "REPLICATION_SETTINGS",
     "BrokerConfig",
     "BrokerInfo",
     "BrokerStartError",
+    "ClusterConfig",
     "ClusterMetadata",
+    "cluster_settings",
+    "cluster_status",
     "external_bootstrap",
     "fetch_jars",
+    "format_cluster_status",
     "format_status",
+    "free_port_block",
     "kafka_cache_dir",
+    "kill_node",
     "new_cluster_id",
+    "node_pid",
     "probe_metadata",
+    "restart_node",
     "server_properties",
     "start",
+    "start_cluster",
     "status",
     "stop",
+    "stop_cluster",
     "wait_ready",
     "write_server_properties",
 ]
@@ -208,15 +239,38 @@ class BrokerConfig:
     start_timeout_s: float = DEFAULT_START_TIMEOUT_S
     #: Extra or overriding ``server.properties`` entries (tests, experiments).
     extra_settings: Mapping[str, str] = field(default_factory=dict, hash=False)
+    #: KRaft node id.  A single broker keeps :data:`NODE_ID`; cluster nodes are 1..n.
+    node_id: int = NODE_ID
+    #: ``controller.quorum.voters``; ``None`` means this node alone (single node).
+    quorum_voters: str | None = None
+    #: Port clients are told to use (``advertised.listeners``), when it is not ``port``:
+    #: a Toxiproxy listener in front of the broker.  ``None`` advertises ``port``.
+    advertised_port: int | None = None
+    #: Port of a separate ``INTERNAL`` listener for broker-to-broker traffic
+    #: (replication, transaction markers), so that it bypasses a proxy in front of
+    #: ``port``.  ``None``: brokers talk to each other over the client listener.
+    internal_port: int | None = None
+    #: Cluster id for formatting a fresh data dir; ``None`` draws a new one.  All nodes
+    #: of one cluster must be formatted with the same id.
+    cluster_id: str | None = None
 
     def __post_init__(self) -> None:
         """Reject settings Kafka would only fail on later, with a vaguer message."""
         _major(self.version)
-        for name, port in (("port", self.port), ("controller_port", self.controller_port)):
+        ports = [("port", self.port), ("controller_port", self.controller_port)]
+        if self.advertised_port is not None:
+            ports.append(("advertised_port", self.advertised_port))
+        if self.internal_port is not None:
+            ports.append(("internal_port", self.internal_port))
+        for name, port in ports:
             if not 0 < port < 65536:
                 raise ValueError(f"{name}={port} is out of the port range 1-65535")
         if self.port == self.controller_port:
             raise ValueError(f"port and controller_port must differ (both {self.port})")
+        if self.internal_port in (self.port, self.controller_port):
+            raise ValueError(f"internal_port={self.internal_port} must differ from the others")
+        if self.node_id < 0:
+            raise ValueError(f"node_id={self.node_id} must not be negative")
         if self.start_timeout_s <= 0:
             raise ValueError("start_timeout_s must be positive")
 
@@ -307,18 +361,36 @@ def new_cluster_id() -> str:
 
 
 def server_properties(cfg: BrokerConfig) -> dict[str, str]:
-    """The full broker configuration for ``cfg``, as ``server.properties`` keys."""
+    """The full broker configuration for ``cfg``, as ``server.properties`` keys.
+
+    With ``cfg.internal_port`` set, a third listener ``INTERNAL`` carries all
+    broker-to-broker traffic, and ``PLAINTEXT`` (advertised as ``advertised_port``)
+    only the clients: this is how a proxy in front of the client port sees every
+    client connection and none of the replication.
+    """
+    advertised = cfg.advertised_port if cfg.advertised_port is not None else cfg.port
+    listeners = [
+        f"PLAINTEXT://{cfg.host}:{cfg.port}",
+        f"CONTROLLER://{cfg.host}:{cfg.controller_port}",
+    ]
+    advertised_listeners = [f"PLAINTEXT://{cfg.host}:{advertised}"]
+    protocols = ["PLAINTEXT:PLAINTEXT", "CONTROLLER:PLAINTEXT"]
+    inter_broker = "PLAINTEXT"
+    if cfg.internal_port is not None:
+        listeners.append(f"INTERNAL://{cfg.host}:{cfg.internal_port}")
+        advertised_listeners.append(f"INTERNAL://{cfg.host}:{cfg.internal_port}")
+        protocols.append("INTERNAL:PLAINTEXT")
+        inter_broker = "INTERNAL"
+    voters = cfg.quorum_voters or f"{cfg.node_id}@{cfg.host}:{cfg.controller_port}"
     props = {
-        "node.id": str(NODE_ID),
+        "node.id": str(cfg.node_id),
         "process.roles": "broker,controller",
-        "controller.quorum.voters": f"{NODE_ID}@{cfg.host}:{cfg.controller_port}",
-        "listeners": (
-            f"PLAINTEXT://{cfg.host}:{cfg.port},CONTROLLER://{cfg.host}:{cfg.controller_port}"
-        ),
-        "advertised.listeners": f"PLAINTEXT://{cfg.host}:{cfg.port}",
-        "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+        "controller.quorum.voters": voters,
+        "listeners": ",".join(listeners),
+        "advertised.listeners": ",".join(advertised_listeners),
+        "listener.security.protocol.map": ",".join(protocols),
         "controller.listener.names": "CONTROLLER",
-        "inter.broker.listener.name": "PLAINTEXT",
+        "inter.broker.listener.name": inter_broker,
         "log.dirs": str(cfg.data_dir),
     }
     props.update(BROKER_SETTINGS)
@@ -711,7 +783,7 @@ def _format_storage(cfg: BrokerConfig, libs: Path, properties: Path) -> None:
         "kafka.tools.StorageTool",
         "format",
         "-t",
-        new_cluster_id(),
+        cfg.cluster_id or new_cluster_id(),
         "-c",
         str(properties),
         "--ignore-formatted",
@@ -788,7 +860,7 @@ def start(cfg: BrokerConfig | None = None) -> str:
     with _file_lock(cfg.pid_file.with_name(cfg.pid_file.name + ".lock")):
         pid = _running_pid(cfg)
         if pid is not None:
-            if wait_ready(cfg.bootstrap, cfg.start_timeout_s, node_id=NODE_ID):
+            if wait_ready(cfg.bootstrap, cfg.start_timeout_s, node_id=cfg.node_id):
                 return cfg.bootstrap
             raise BrokerStartError(
                 f"broker pid {pid} is running but {cfg.bootstrap} does not answer; "
@@ -796,20 +868,60 @@ def start(cfg: BrokerConfig | None = None) -> str:
                 f"{_log_tail(cfg.log_file)}"
             )
         cfg.pid_file.unlink(missing_ok=True)  # stale
-        for port in (cfg.port, cfg.controller_port):
-            if _port_in_use(cfg.host, port):
-                raise BrokerStartError(
-                    f"{cfg.host}:{port} is already in use by another process; pick other "
-                    f"ports with {ENV_PORT} / {ENV_CONTROLLER_PORT}, or point "
-                    f"{ENV_BOOTSTRAP} at an existing cluster"
-                )
+        _check_ports_free(cfg)
         libs = fetch_jars(cfg.version)
         properties = write_server_properties(cfg)
         _format_storage(cfg, libs, properties)
         return _launch(cfg, libs, properties)
 
 
+def _check_ports_free(cfg: BrokerConfig) -> None:
+    ports = [cfg.port, cfg.controller_port]
+    if cfg.internal_port is not None:
+        ports.append(cfg.internal_port)
+    for port in ports:
+        if _port_in_use(cfg.host, port):
+            raise BrokerStartError(
+                f"{cfg.host}:{port} is already in use by another process; pick other "
+                f"ports with {ENV_PORT} / {ENV_CONTROLLER_PORT}, or point "
+                f"{ENV_BOOTSTRAP} at an existing cluster"
+            )
+
+
 def _launch(cfg: BrokerConfig, libs: Path, properties: Path) -> str:
+    proc = _spawn(cfg, libs, properties)
+    try:
+        ready = wait_ready(
+            cfg.bootstrap,
+            cfg.start_timeout_s,
+            node_id=cfg.node_id,
+            abort=lambda: proc.poll() is not None,
+        )
+    except BaseException:
+        _abandon(cfg, proc)
+        raise
+    if ready:
+        return cfg.bootstrap
+    raise _start_failure(cfg, proc)
+
+
+def _start_failure(cfg: BrokerConfig, proc: subprocess.Popen[bytes]) -> BrokerStartError:
+    """Kill a broker that did not come up and describe why (with its log tail)."""
+    exited = proc.poll()
+    _abandon(cfg, proc)
+    reason = (
+        f"the JVM exited with code {exited}"
+        if exited is not None
+        else f"it did not answer on {cfg.bootstrap} within {cfg.start_timeout_s:.0f}s"
+    )
+    return BrokerStartError(
+        f"Kafka {cfg.version} failed to start: {reason}.\n"
+        f"--- last lines of {cfg.log_file} ---\n{_log_tail(cfg.log_file)}"
+    )
+
+
+def _spawn(cfg: BrokerConfig, libs: Path, properties: Path) -> subprocess.Popen[bytes]:
+    """Start the JVM detached and write its pid file; does not wait for readiness."""
     cfg.log_file.parent.mkdir(parents=True, exist_ok=True)
     _rotate_log(cfg.log_file)
     cmd = _java_command(cfg, libs, cfg.heap, "kafka.Kafka", str(properties))
@@ -827,28 +939,10 @@ def _launch(cfg: BrokerConfig, libs: Path, properties: Path) -> str:
     _CHILDREN[proc.pid] = proc
     try:
         _atomic_write(cfg.pid_file, f"{proc.pid}\n")
-        ready = wait_ready(
-            cfg.bootstrap,
-            cfg.start_timeout_s,
-            node_id=NODE_ID,
-            abort=lambda: proc.poll() is not None,
-        )
     except BaseException:
         _abandon(cfg, proc)
         raise
-    if ready:
-        return cfg.bootstrap
-    exited = proc.poll()
-    _abandon(cfg, proc)
-    reason = (
-        f"the JVM exited with code {exited}"
-        if exited is not None
-        else f"it did not answer on {cfg.bootstrap} within {cfg.start_timeout_s:.0f}s"
-    )
-    raise BrokerStartError(
-        f"Kafka {cfg.version} failed to start: {reason}.\n"
-        f"--- last lines of {cfg.log_file} ---\n{_log_tail(cfg.log_file)}"
-    )
+    return proc
 
 
 def _abandon(cfg: BrokerConfig, proc: subprocess.Popen[bytes]) -> None:
@@ -913,7 +1007,7 @@ def status(cfg: BrokerConfig | None = None) -> dict[str, Any]:
     meta = _try_metadata(cfg.bootstrap) if pid is not None else None
     return {
         "running": pid is not None,
-        "ready": meta is not None and any(b.node_id == NODE_ID for b in meta.brokers),
+        "ready": meta is not None and any(b.node_id == cfg.node_id for b in meta.brokers),
         "bootstrap": cfg.bootstrap,
         "pid": pid,
         "version": cfg.version,
@@ -948,6 +1042,488 @@ def format_status(info: Mapping[str, Any]) -> str:
         f"  data: {info['data_dir']}",
         f"  log:  {info['log_file']}",
     ]
+    if info.get("cluster_id"):
+        lines.append(f"  cluster id: {info['cluster_id']}")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ multi-node clusters
+
+#: ``python -m infra.kafka start --nodes N`` default and environment override.
+DEFAULT_CLUSTER_NODES: Final = 3
+#: Node ``i`` (1-based) uses ports ``base + 4*(i-1)`` .. ``+3``; see :class:`ClusterConfig`.
+#: Far from the single broker's 19092 and the test broker's 19192.
+DEFAULT_CLUSTER_BASE_PORT: Final = 29092
+DEFAULT_CLUSTER_DIR: Final = REPO_ROOT / "var" / "kafka-cluster"
+#: Heap per cluster node.  Three JVMs share a 2-core machine with the tests; 512 MiB
+#: holds a test workload with room to spare (the single broker's 1 GiB is for demos).
+CLUSTER_NODE_HEAP: Final = "-Xms256m -Xmx512m"
+#: Three JVMs starting at once on two cores are slower than one.
+DEFAULT_CLUSTER_START_TIMEOUT_S: Final = 150.0
+PORTS_PER_NODE: Final = 4
+ENV_NODES: Final = "AGENTSTREAM_KAFKA_NODES"
+ENV_CLUSTER_BASE_PORT: Final = "AGENTSTREAM_KAFKA_CLUSTER_BASE_PORT"
+ENV_CLUSTER_DIR: Final = "AGENTSTREAM_KAFKA_CLUSTER_DIR"
+_CLUSTER_ID_FILE: Final = "cluster.id"
+
+
+def cluster_settings(nodes: int) -> dict[str, str]:
+    """Replication and failure-detection settings for a cluster of ``nodes`` brokers.
+
+    Three or more nodes: replication factor 3 everywhere and ``min.insync.replicas=2``
+    (an ``acks=all`` write survives the loss of any one node).  Fewer nodes scale both
+    down (RF = nodes, min ISR = RF - 1, at least 1).  Failure detection is quicker
+    than Kafka's defaults (session 6 s instead of 9 s) so that a killed leader is
+    replaced within seconds, yet slow enough not to fence a node on a busy machine.
+    """
+    rf = max(1, min(nodes, 3))
+    min_isr = max(1, rf - 1)
+    return {
+        "default.replication.factor": str(rf),
+        "min.insync.replicas": str(min_isr),
+        "offsets.topic.replication.factor": str(rf),
+        "transaction.state.log.replication.factor": str(rf),
+        "transaction.state.log.min.isr": str(min_isr),
+        "share.coordinator.state.topic.replication.factor": str(rf),
+        "share.coordinator.state.topic.min.isr": str(min_isr),
+        "broker.session.timeout.ms": "6000",
+        "broker.heartbeat.interval.ms": "1000",
+        "replica.lag.time.max.ms": "10000",
+    }
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """A local KRaft cluster of ``nodes`` combined broker+controller processes.
+
+    Node ids are ``1..nodes`` (Kafka's own broker ids: what metadata, leader and
+    coordinator lookups return, and what :func:`kill_node` takes).  Node ``i`` keeps
+    everything in ``<root>/node-<i>/`` (``data/``, ``broker.log``, ``broker.pid``,
+    ``server.properties``) and uses four consecutive ports from
+    ``base_port + 4*(i-1)``:
+
+    ====  ===================================================================
+    +0    client listener ``PLAINTEXT`` (what clients use unless ``proxied``)
+    +1    KRaft controller listener
+    +2    ``INTERNAL`` broker-to-broker listener (only when ``proxied``)
+    +3    Toxiproxy listener in front of +0 (only when ``proxied``): advertised
+    ====  ===================================================================
+
+    With ``proxied=True`` every broker advertises its proxy port to clients, so
+    that every client connection (bootstrap *and* the per-leader connections that
+    follow) passes through Toxiproxy, while replication uses the direct
+    ``INTERNAL`` listener.  Creating the proxies is up to the caller
+    (:mod:`infra.toxiproxy.kafka` does it).
+    """
+
+    nodes: int = DEFAULT_CLUSTER_NODES
+    base_port: int = DEFAULT_CLUSTER_BASE_PORT
+    root: Path = DEFAULT_CLUSTER_DIR
+    host: str = DEFAULT_HOST
+    version: str = DEFAULT_KAFKA_VERSION
+    heap: str = CLUSTER_NODE_HEAP
+    start_timeout_s: float = DEFAULT_CLUSTER_START_TIMEOUT_S
+    proxied: bool = False
+    #: Extra or overriding ``server.properties`` entries for every node.
+    extra_settings: Mapping[str, str] = field(default_factory=dict, hash=False)
+
+    def __post_init__(self) -> None:
+        """Reject impossible layouts before any process starts."""
+        _major(self.version)
+        if self.nodes < 1:
+            raise ValueError(f"nodes={self.nodes} must be at least 1")
+        last = self.base_port + PORTS_PER_NODE * self.nodes - 1
+        if not self.base_port > 0 or last > 65535:
+            raise ValueError(f"ports {self.base_port}-{last} are out of the range 1-65535")
+        if self.start_timeout_s <= 0:
+            raise ValueError("start_timeout_s must be positive")
+
+    @classmethod
+    def from_env(
+        cls, environ: Mapping[str, str] | None = None, *, nodes: int | None = None
+    ) -> ClusterConfig:
+        """Defaults plus ``AGENTSTREAM_KAFKA_{NODES,CLUSTER_BASE_PORT,CLUSTER_DIR,VERSION}``.
+
+        ``nodes`` (the CLI's ``--nodes``) wins over ``AGENTSTREAM_KAFKA_NODES``.
+        """
+        env = os.environ if environ is None else environ
+        if nodes is None:
+            raw = env.get(ENV_NODES, "").strip()
+            try:
+                nodes = int(raw) if raw else DEFAULT_CLUSTER_NODES
+            except ValueError:
+                raise ValueError(f"{ENV_NODES}={raw!r} is not a number") from None
+        root_env = env.get(ENV_CLUSTER_DIR, "").strip()
+        return cls(
+            nodes=nodes,
+            base_port=_env_port(env, ENV_CLUSTER_BASE_PORT, DEFAULT_CLUSTER_BASE_PORT),
+            root=Path(root_env).expanduser().resolve() if root_env else DEFAULT_CLUSTER_DIR,
+            version=env.get(ENV_VERSION, "").strip() or DEFAULT_KAFKA_VERSION,
+        )
+
+    @property
+    def node_ids(self) -> tuple[int, ...]:
+        """``(1, ..., nodes)``."""
+        return tuple(range(1, self.nodes + 1))
+
+    def _check(self, node_id: int) -> int:
+        if node_id not in self.node_ids:
+            raise ValueError(f"node {node_id} is not in this cluster (ids {self.node_ids})")
+        return self.base_port + PORTS_PER_NODE * (node_id - 1)
+
+    def port(self, node_id: int) -> int:
+        """The broker's own client listener (direct, never proxied)."""
+        return self._check(node_id)
+
+    def controller_port(self, node_id: int) -> int:
+        """The KRaft controller listener of ``node_id``."""
+        return self._check(node_id) + 1
+
+    def internal_port(self, node_id: int) -> int:
+        """The broker-to-broker listener of ``node_id`` (used only when ``proxied``)."""
+        return self._check(node_id) + 2
+
+    def proxy_port(self, node_id: int) -> int:
+        """Where the Toxiproxy proxy for ``node_id`` listens (only when ``proxied``)."""
+        return self._check(node_id) + 3
+
+    def client_port(self, node_id: int) -> int:
+        """The port ``node_id`` advertises to clients: its proxy port when proxied."""
+        return self.proxy_port(node_id) if self.proxied else self.port(node_id)
+
+    def node_dir(self, node_id: int) -> Path:
+        """``<root>/node-<id>``: data dir, log, pid file and server.properties."""
+        self._check(node_id)
+        return self.root / f"node-{node_id}"
+
+    @property
+    def quorum_voters(self) -> str:
+        """``controller.quorum.voters``: every node is a voter."""
+        return ",".join(f"{n}@{self.host}:{self.controller_port(n)}" for n in self.node_ids)
+
+    @property
+    def bootstrap(self) -> str:
+        """Client bootstrap list (through the proxies when ``proxied``)."""
+        return ",".join(f"{self.host}:{self.client_port(n)}" for n in self.node_ids)
+
+    @property
+    def direct_bootstrap(self) -> str:
+        """Bootstrap list of the brokers' own ports (never through a proxy).
+
+        Note that brokers still *advertise* the proxy ports when ``proxied``, so a
+        client bootstrapping here is redirected to the proxies after its first request.
+        """
+        return ",".join(f"{self.host}:{self.port(n)}" for n in self.node_ids)
+
+    def broker(self, node_id: int, cluster_id: str | None = None) -> BrokerConfig:
+        """The :class:`BrokerConfig` of node ``node_id`` (1-based)."""
+        node_dir = self.node_dir(node_id)
+        return BrokerConfig(
+            version=self.version,
+            data_dir=node_dir / "data",
+            host=self.host,
+            port=self.port(node_id),
+            controller_port=self.controller_port(node_id),
+            log_file=node_dir / "broker.log",
+            pid_file=node_dir / "broker.pid",
+            heap=self.heap,
+            start_timeout_s=self.start_timeout_s,
+            extra_settings={**cluster_settings(self.nodes), **self.extra_settings},
+            node_id=node_id,
+            quorum_voters=self.quorum_voters,
+            advertised_port=self.proxy_port(node_id) if self.proxied else None,
+            internal_port=self.internal_port(node_id) if self.proxied else None,
+            cluster_id=cluster_id,
+        )
+
+
+ClusterLike = ClusterConfig | int
+
+
+def free_port_block(
+    count: int,
+    start: int = DEFAULT_CLUSTER_BASE_PORT,
+    *,
+    host: str = DEFAULT_HOST,
+    stop: int = 40000,
+) -> int:
+    """First port ``p >= start`` such that ``p .. p+count-1`` are all free right now.
+
+    For tests and chaos runs that need a cluster layout (``count =
+    PORTS_PER_NODE * nodes``) without colliding with another run on the machine.
+    Free "right now" only: another process may still take a port before it is used.
+    """
+    port = start
+    while port + count <= stop:
+        busy = next((p for p in range(port, port + count) if _port_in_use(host, p)), None)
+        if busy is None:
+            return port
+        port = busy + 1
+    raise BrokerStartError(f"no {count} consecutive free ports between {start} and {stop}")
+
+
+def _as_cluster(
+    cluster: ClusterLike, base_port: int | None = None, data_dir: Path | None = None
+) -> ClusterConfig:
+    if isinstance(cluster, ClusterConfig):
+        if base_port is not None or data_dir is not None:
+            raise TypeError("pass base_port/data_dir only with a node count, not a ClusterConfig")
+        return cluster
+    return ClusterConfig(
+        nodes=cluster,
+        base_port=DEFAULT_CLUSTER_BASE_PORT if base_port is None else base_port,
+        root=DEFAULT_CLUSTER_DIR if data_dir is None else Path(data_dir),
+    )
+
+
+def _cluster_id(cluster: ClusterConfig) -> str:
+    """The cluster's id: remembered in ``<root>/cluster.id``, else taken from a node's
+    ``meta.properties``, else drawn anew (first start)."""
+    id_file = cluster.root / _CLUSTER_ID_FILE
+    known = (_read_text(id_file) or "").strip()
+    if not known:
+        for node_id in cluster.node_ids:
+            meta = _read_text(cluster.node_dir(node_id) / "data" / "meta.properties") or ""
+            found = re.search(r"^cluster\.id=(\S+)", meta, re.MULTILINE)
+            if found:
+                known = found.group(1)
+                break
+    if not known:
+        known = new_cluster_id()
+    cluster.root.mkdir(parents=True, exist_ok=True)
+    _atomic_write(id_file, known + "\n")
+    return known
+
+
+def start_cluster(
+    cluster: ClusterLike = DEFAULT_CLUSTER_NODES,
+    base_port: int | None = None,
+    data_dir: Path | None = None,
+) -> str:
+    """Start every node of a local KRaft cluster and return the client bootstrap list.
+
+    ``start_cluster(3, 29092, Path("var/c"))`` and
+    ``start_cluster(ClusterConfig(nodes=3, base_port=29092, root=Path("var/c")))`` are
+    the same; use the :class:`ClusterConfig` form (and keep it) to reach the other
+    cluster functions.  Idempotent: running nodes are kept, missing ones started.
+    Data dirs are formatted on first use with one shared cluster id.  Returns once
+    every node lists itself in its Metadata (the quorum has formed and all brokers
+    are registered and unfenced); on failure every node this call started is killed
+    and :class:`BrokerStartError` carries the failing node's log tail.
+    ``AGENTSTREAM_KAFKA_BOOTSTRAP`` is ignored: a cluster is always local.
+    """
+    cfg = _as_cluster(cluster, base_port, data_dir)
+    cfg.root.mkdir(parents=True, exist_ok=True)
+    with _file_lock(cfg.root / "cluster.lock"):
+        cluster_id = _cluster_id(cfg)
+        libs = fetch_jars(cfg.version)
+        todo: list[tuple[BrokerConfig, Path]] = []
+        for node_id in cfg.node_ids:
+            node = cfg.broker(node_id, cluster_id)
+            if _running_pid(node) is not None:
+                continue
+            node.pid_file.unlink(missing_ok=True)  # stale
+            _check_ports_free(node)
+            todo.append((node, write_server_properties(node)))
+        # One JVM per format: run them side by side.
+        with ThreadPoolExecutor(max_workers=max(1, len(todo))) as pool:
+            for future in [pool.submit(_format_storage, n, libs, p) for n, p in todo]:
+                future.result()
+        spawned: dict[int, subprocess.Popen[bytes]] = {}
+        try:
+            for node, properties in todo:
+                spawned[node.node_id] = _spawn(node, libs, properties)
+            deadline = time.monotonic() + cfg.start_timeout_s
+            for node_id in cfg.node_ids:
+                node = cfg.broker(node_id, cluster_id)
+                proc = spawned.get(node_id)
+                ready = wait_ready(
+                    node.bootstrap,
+                    max(deadline - time.monotonic(), 0.1),
+                    node_id=node_id,
+                    abort=None if proc is None else _exited(proc),
+                )
+                if not ready:
+                    if proc is None:
+                        raise BrokerStartError(
+                            f"node {node_id} runs but does not answer on {node.bootstrap}; "
+                            f"stop the cluster first.\n--- last lines of {node.log_file} ---\n"
+                            f"{_log_tail(node.log_file)}"
+                        )
+                    raise _start_failure(node, proc)
+        except BaseException:
+            for node_id, proc in spawned.items():
+                _abandon(cfg.broker(node_id), proc)
+            raise
+    return cfg.bootstrap
+
+
+def _exited(proc: subprocess.Popen[bytes]) -> Callable[[], bool]:
+    return lambda: proc.poll() is not None
+
+
+def stop_cluster(cluster: ClusterLike, timeout: float = DEFAULT_STOP_TIMEOUT_S) -> bool:
+    """Stop every node (SIGTERM to all at once, SIGKILL after ``timeout``).
+
+    True if any node was running.  Data dirs are kept: a later :func:`start_cluster`
+    finds the same topics and records.
+    """
+    cfg = _as_cluster(cluster)
+    if not cfg.root.is_dir():
+        return False
+    with _file_lock(cfg.root / "cluster.lock"):
+        pids: dict[int, int] = {}
+        for node_id in cfg.node_ids:
+            node = cfg.broker(node_id)
+            pid = _running_pid(node)
+            if pid is None:
+                node.pid_file.unlink(missing_ok=True)
+            else:
+                pids[node_id] = pid
+                _signal_group(pid, signal.SIGCONT)  # a paused node cannot shut down
+                _signal_group(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for node_id, pid in pids.items():
+            node = cfg.broker(node_id)
+            if not _wait_exit(pid, max(deadline - time.monotonic(), 0.0)):
+                _signal_group(pid, signal.SIGKILL)
+                _wait_exit(pid, 10.0)
+                _append_log(node.log_file, f"node {node_id} ignored SIGTERM; killed")
+            _CHILDREN.pop(pid, None)
+            node.pid_file.unlink(missing_ok=True)
+    return bool(pids)
+
+
+def node_pid(cluster: ClusterLike, node_id: int) -> int | None:
+    """The pid of node ``node_id``'s JVM, or ``None`` when it is not running."""
+    return _running_pid(_as_cluster(cluster).broker(node_id))
+
+
+def kill_node(
+    cluster: ClusterLike,
+    node_id: int,
+    sig: signal.Signals = signal.SIGKILL,
+    timeout: float = DEFAULT_STOP_TIMEOUT_S,
+) -> int | None:
+    """Send ``sig`` to node ``node_id``'s process group; returns the pid, or ``None``
+    when the node was not running.
+
+    For SIGKILL, SIGTERM and SIGINT it waits until the process is gone (a SIGTERM
+    that is ignored for ``timeout`` seconds is followed by SIGKILL) and removes the
+    pid file, so :func:`restart_node` can follow at once.  Other signals return
+    immediately: ``SIGSTOP`` freezes the node (a "hung broker": sockets stay open,
+    nothing answers) and ``SIGCONT`` resumes it.  Takes no lock, so it may be called
+    while another thread waits in :func:`restart_node`.
+    """
+    node = _as_cluster(cluster).broker(node_id)
+    pid = _running_pid(node)
+    if pid is None:
+        return None
+    if sig not in (signal.SIGKILL, signal.SIGTERM, signal.SIGINT):
+        _signal_group(pid, sig)
+        return pid
+    if sig != signal.SIGKILL:
+        _signal_group(pid, signal.SIGCONT)  # a stopped JVM cannot handle SIGTERM
+    _signal_group(pid, sig)
+    if not _wait_exit(pid, timeout if sig != signal.SIGKILL else 10.0):
+        _signal_group(pid, signal.SIGKILL)
+        _wait_exit(pid, 10.0)
+    _append_log(node.log_file, f"node {node_id} (pid {pid}) sent {sig.name}")
+    _CHILDREN.pop(pid, None)
+    node.pid_file.unlink(missing_ok=True)
+    return pid
+
+
+def restart_node(cluster: ClusterLike, node_id: int, timeout: float | None = None) -> int:
+    """(Re)start node ``node_id`` and return its new pid once it has rejoined.
+
+    A running node is first stopped with SIGTERM; a killed one is simply started.
+    Its data dir is reused (a wiped one is formatted again with the cluster's id).
+    Returns when the node answers Metadata listing itself, i.e. it has caught up
+    with the metadata log and the controller has unfenced it; partition replicas may
+    still be catching up (see :func:`infra.kafka.cluster.wait_for_isr`).  Raises
+    :class:`BrokerStartError` with the log tail when it does not rejoin within
+    ``timeout`` (default: the cluster's ``start_timeout_s``).  Blocking; from async
+    code call it with ``await asyncio.to_thread(restart_node, cfg, i)``.
+    """
+    cfg = _as_cluster(cluster)
+    if node_pid(cfg, node_id) is not None:
+        kill_node(cfg, node_id, signal.SIGTERM)
+    with _file_lock(cfg.root / "cluster.lock"):
+        node = cfg.broker(node_id, _cluster_id(cfg))
+        node.pid_file.unlink(missing_ok=True)
+        _check_ports_free(node)
+        libs = fetch_jars(cfg.version)
+        properties = write_server_properties(node)
+        _format_storage(node, libs, properties)
+        proc = _spawn(node, libs, properties)
+    try:
+        ready = wait_ready(
+            node.bootstrap,
+            cfg.start_timeout_s if timeout is None else timeout,
+            node_id=node_id,
+            abort=lambda: proc.poll() is not None,
+        )
+    except BaseException:
+        _abandon(node, proc)
+        raise
+    if not ready:
+        raise _start_failure(node, proc)
+    return proc.pid
+
+
+def cluster_status(cluster: ClusterLike) -> dict[str, Any]:
+    """Describe every node without changing anything.
+
+    Keys: ``bootstrap``, ``running`` (any node alive), ``ready`` (every node alive
+    and listed by its own Metadata), ``cluster_id`` and ``nodes``: node id → dict
+    with ``pid``, ``ready``, ``port``, ``client_port``, ``log_file``, ``data_dir``.
+    """
+    cfg = _as_cluster(cluster)
+    nodes: dict[int, dict[str, Any]] = {}
+    cluster_id = None
+    for node_id in cfg.node_ids:
+        node = cfg.broker(node_id)
+        pid = _running_pid(node)
+        meta = _try_metadata(node.bootstrap) if pid is not None else None
+        if meta is not None:
+            cluster_id = cluster_id or meta.cluster_id
+        nodes[node_id] = {
+            "pid": pid,
+            "ready": meta is not None and any(b.node_id == node_id for b in meta.brokers),
+            "port": node.port,
+            "client_port": cfg.client_port(node_id),
+            "log_file": str(node.log_file),
+            "data_dir": str(node.data_dir),
+        }
+    return {
+        "bootstrap": cfg.bootstrap,
+        "version": cfg.version,
+        "running": any(n["pid"] is not None for n in nodes.values()),
+        "ready": all(n["ready"] for n in nodes.values()),
+        "cluster_id": cluster_id,
+        "nodes": nodes,
+    }
+
+
+def format_cluster_status(info: Mapping[str, Any]) -> str:
+    """Human-readable lines for a :func:`cluster_status` result (CLI output)."""
+    nodes: Mapping[int, Mapping[str, Any]] = info["nodes"]
+    if not info["running"]:
+        return f"Kafka cluster is not running (would serve {info['bootstrap']})."
+    state = "ready" if info["ready"] else "partly running or unresponsive"
+    lines = [
+        f"Kafka {info['version']} cluster ({len(nodes)} nodes, {state}) at {info['bootstrap']}"
+    ]
+    for node_id, node in nodes.items():
+        if node["pid"] is None:
+            lines.append(f"  node {node_id}: not running (log: {node['log_file']})")
+        else:
+            readiness = "ready" if node["ready"] else "not answering"
+            lines.append(
+                f"  node {node_id}: pid {node['pid']}, {readiness}, port {node['port']}, "
+                f"log {node['log_file']}"
+            )
     if info.get("cluster_id"):
         lines.append(f"  cluster id: {info['cluster_id']}")
     return "\n".join(lines)

@@ -69,23 +69,38 @@ def _kafka(*argv: str) -> None:
         sys.exit(code)
 
 
+NODES = click.option(
+    "--nodes",
+    type=click.IntRange(1, 9),
+    default=None,
+    help="A local KRaft cluster of N nodes (RF 3, min ISR 2 at 3 nodes); default one broker.",
+)
+
+
+def _nodes(nodes: int | None) -> list[str]:
+    return ["--nodes", str(nodes)] if nodes else []
+
+
 @kafka.command("start")
-def kafka_start() -> None:
+@NODES
+def kafka_start(nodes: int | None) -> None:
     """Start the local broker (first use fetches jars and formats storage)."""
-    _kafka("start")
+    _kafka("start", *_nodes(nodes))
 
 
 @kafka.command("stop")
-def kafka_stop() -> None:
+@NODES
+def kafka_stop(nodes: int | None) -> None:
     """Stop the local broker started by `kafka start`."""
-    _kafka("stop")
+    _kafka("stop", *_nodes(nodes))
 
 
 @kafka.command("status")
+@NODES
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def kafka_status(as_json: bool) -> None:
+def kafka_status(nodes: int | None, as_json: bool) -> None:
     """Say whether the local broker runs, and where (exit 3 when stopped)."""
-    _kafka("status", *(["--json"] if as_json else []))
+    _kafka("status", *_nodes(nodes), *(["--json"] if as_json else []))
 
 
 @kafka.command("fetch")
