@@ -8,7 +8,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint typecheck unit integration bench clean install system-deps
+.PHONY: demo test lint typecheck unit integration bench chaos clean install system-deps
 
 install: $(STAMP)
 
@@ -45,6 +45,12 @@ test: install system-deps
 
 bench: install system-deps
 	$(PY) -m bench $(BENCH_ARGS)
+
+# The fault-injection suite (tests/chaos): every scenario K times, a JSON + Markdown report
+# under var/chaos/. CHAOS_ARGS="--scenario worker_kill --runs 1 --messages 5000" runs less.
+chaos: install system-deps
+	$(PY) -m infra.toxiproxy install
+	$(PY) -m tests.chaos $(CHAOS_ARGS)
 
 clean:
 	-$(VENV)/bin/agentstream kafka stop

@@ -1,0 +1,215 @@
+"""Reading a chaos run as it happens: one read_committed consumer over the input topic and
+every output topic (accepted, rejected, dead letters, decisions), kept for the whole run
+(`Collector`), and the consumer group's assignment per worker (`GroupWatcher`), which
+says whose partitions a kill takes away."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import Counter
+from typing import Any
+
+import orjson
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from tests.chaos.checker import InputRecord, OutputRecord, parse_input, parse_output
+
+#: catalogue topic -> the checker's kind
+OUTPUT_TOPICS = {
+    "agent.messages.accepted": "accepted",
+    "agent.messages.rejected": "rejected",
+    "pipeline.deadletter": "deadletter",
+    "security.decisions": "decision",
+}
+INPUT_TOPIC = "agent.messages"
+
+
+class Collector:
+    """Follows the input and output topics of one run from the beginning."""
+
+    def __init__(self, bootstrap: str, prefix: str) -> None:
+        self.bootstrap = bootstrap
+        self.input_topic = f"{prefix}{INPUT_TOPIC}"
+        self.kinds = {f"{prefix}{name}": kind for name, kind in OUTPUT_TOPICS.items()}
+        self.inputs: list[InputRecord] = []
+        self.outputs: list[OutputRecord] = []
+        self.garbage: Counter[str] = Counter()
+        self.input_ids: set[str] = set()
+        self.outcome_ids: set[str] = set()
+        self.decided_ids: set[str] = set()
+        self._dead_sources: set[tuple[int | None, int | None]] = set()
+        self._offset_id: dict[tuple[int, int], str] = {}
+        self.last_record_at = 0.0
+        self._consumer: AIOKafkaConsumer | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.error: BaseException | None = None
+
+    async def start(self, timeout: float = 60) -> Collector:
+        consumer = self._consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap,
+            enable_auto_commit=False,
+            isolation_level="read_committed",
+            max_partition_fetch_bytes=4 * 1024 * 1024,
+        )
+        await consumer.start()
+        topics = [self.input_topic, *self.kinds]
+        deadline = time.monotonic() + timeout
+        tps: list[TopicPartition] = []
+        for topic in topics:
+            while True:
+                parts = consumer.partitions_for_topic(topic)
+                if parts:
+                    tps += [TopicPartition(topic, p) for p in sorted(parts)]
+                    break
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"topic {topic} does not exist")
+                await consumer._client.force_metadata_update()
+                await asyncio.sleep(0.3)
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        self._task = asyncio.create_task(self._poll(consumer))
+        return self
+
+    async def _poll(self, consumer: AIOKafkaConsumer) -> None:
+        while True:
+            try:
+                batch = await consumer.getmany(timeout_ms=200, max_records=5000)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # broker restart: the consumer reconnects by itself
+                self.error = exc
+                await asyncio.sleep(0.5)
+                continue
+            now = time.time()
+            for tp, records in batch.items():
+                if records:
+                    self.last_record_at = now
+                if tp.topic == self.input_topic:
+                    for rec in records:
+                        inp = parse_input(tp.partition, rec.offset, rec.value)
+                        if inp is None:
+                            self.garbage["input"] += 1
+                            continue
+                        self.inputs.append(inp)
+                        self.input_ids.add(inp.id)
+                        self._offset_id[(inp.partition, inp.offset)] = inp.id
+                        if (inp.partition, inp.offset) in self._dead_sources:
+                            self.outcome_ids.add(inp.id)
+                    continue
+                kind = self.kinds[tp.topic]
+                for rec in records:
+                    out = parse_output(
+                        kind, tp.partition, rec.offset, rec.value, rec.timestamp, now
+                    )
+                    if out is None:
+                        self.garbage[kind] += 1
+                        continue
+                    self.outputs.append(out)
+                    self._note(out)
+
+    def _note(self, out: OutputRecord) -> None:
+        if out.kind == "deadletter":
+            src = (out.source_partition, out.source_offset)
+            self._dead_sources.add(src)
+            ident = self._offset_id.get(src)  # type: ignore[arg-type]
+            if ident is not None:
+                self.outcome_ids.add(ident)
+        elif out.kind == "decision":
+            if out.id is not None:
+                self.decided_ids.add(out.id)
+        elif out.id is not None:
+            self.outcome_ids.add(out.id)
+
+    def pending(self, expected: int | None = None) -> int:
+        """Inputs seen (or `expected`, when more) without an outcome so far."""
+        missing = len(self.input_ids - self.outcome_ids)
+        if expected is not None:
+            missing = max(missing, expected - len(self.input_ids & self.outcome_ids))
+        return missing
+
+    def decisions(self) -> list[OutputRecord]:
+        return [o for o in self.outputs if o.kind == "decision"]
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._consumer is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._consumer.stop(), 30)
+            self._consumer = None
+
+
+class GroupWatcher:
+    """The worker group's current assignment of the input topic, per worker web port
+    (Faust puts each member's URL, with its web port, in its group metadata)."""
+
+    def __init__(self, bootstrap: str, group: str, input_topic: str) -> None:
+        self.bootstrap = bootstrap
+        self.group = group
+        self.input_topic = input_topic
+        #: web port -> input partitions, from the last stable (non-empty) description
+        self.by_port: dict[int, frozenset[int]] = {}
+        self.state = ""
+        self.generation_changes = 0
+        self._task: asyncio.Task[None] | None = None
+        self._admin: Any = None
+
+    async def start(self) -> GroupWatcher:
+        from aiokafka.admin import AIOKafkaAdminClient
+
+        self._admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap)
+        await self._admin.start()
+        self._task = asyncio.create_task(self._loop())
+        return self
+
+    async def _loop(self) -> None:
+        while True:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.refresh(), 5)
+            await asyncio.sleep(1.0)
+
+    async def refresh(self) -> None:
+        from aiokafka.coordinator.protocol import (
+            ConsumerProtocolMemberAssignment,
+            ConsumerProtocolMemberMetadata,
+        )
+
+        responses = await self._admin.describe_consumer_groups([self.group])
+        for resp in responses:
+            for group in resp.groups:
+                state, members = group[2], group[5]
+                self.state = state
+                found: dict[int, frozenset[int]] = {}
+                for member in members:
+                    meta_raw, assign_raw = member[3], member[4]
+                    if not assign_raw:
+                        continue
+                    meta = ConsumerProtocolMemberMetadata.decode(meta_raw)
+                    url = str(orjson.loads(meta.user_data).get("url", ""))
+                    port = int(url.rstrip("/").rsplit(":", 1)[-1])
+                    assign = ConsumerProtocolMemberAssignment.decode(assign_raw)
+                    parts = frozenset(
+                        p for t, ps in assign.assignment if t == self.input_topic for p in ps
+                    )
+                    found[port] = parts
+                if state == "Stable" and found and found != self.by_port:
+                    self.generation_changes += 1
+                    self.by_port = found
+
+    def partitions(self, port: int) -> frozenset[int]:
+        return self.by_port.get(port, frozenset())
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._admin is not None:
+            with contextlib.suppress(Exception):
+                await self._admin.close()

@@ -1,0 +1,499 @@
+"""One chaos run: a fresh namespace on a broker, signed policies and identities, the
+chain key published, N workers of one group, the load, a scenario's faults, the drain,
+then the checks (checker, `agentstream rebuild --all`, `agentstream audit verify`)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import random
+import resource
+import socket
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from tests.chaos import checker
+from tests.chaos.cluster import ChaosWorker, OwnBroker
+from tests.chaos.collect import INPUT_TOPIC, Collector, GroupWatcher
+from tests.chaos.load import BLOCKED_WORD, Load
+from tests.support import REPO, AdminSigner, cli, with_admin_key
+
+GUARANTEES = (checker.AT_LEAST_ONCE, checker.EXACTLY_ONCE)
+#: Faust's broker_commit_interval in streams/app.py (the at-least-once duplicate bound)
+COMMIT_INTERVAL_S = 1.0
+#: Faust's default broker_session_timeout: what BROKER_SESSION_TIMEOUT unset means
+DEFAULT_SESSION_TIMEOUT_S = 60.0
+SENDERS = 24
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class RunOptions:
+    """What one run is: the scenario's shape and the runner's knobs."""
+
+    scenario: str
+    guarantee: str
+    messages: int
+    out_dir: Path
+    bootstrap: str
+    workers: int = 1
+    partitions: int = 4
+    rate: float = 500.0
+    poison_ratio: float = 0.0
+    standby_replicas: int = 0
+    #: BROKER_SESSION_TIMEOUT for the workers (None: Faust's default, 60 s)
+    session_timeout_s: float | None = 10.0
+    drain_timeout_s: float = 180.0
+    #: how long a restarted worker may take to be Ready (a crash loop never is)
+    ready_timeout_s: float = 120.0
+    #: the scenario's faults are cut off after this long (None: no limit)
+    faults_deadline_s: float | None = None
+    seed: int | None = None
+    keep_topics: bool = False
+    #: print fault events as they happen
+    verbose: bool = False
+    #: the broker the run is on, when the suite owns it (scenarios may kill it)
+    broker: OwnBroker | None = None
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class RunContext:
+    """What a scenario function gets: the workers, the load, the group's assignment, and
+    ways to inject faults that are recorded for the report."""
+
+    opts: RunOptions
+    ns: str
+    env: dict[str, str]
+    cli_env: dict[str, str]
+    workers: list[ChaosWorker]
+    load: Load
+    collector: Collector
+    watch: GroupWatcher
+    rng: random.Random
+    faults: list[checker.FaultMark] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    events: list[dict[str, Any]] = field(default_factory=list)
+    t0: float = field(default_factory=time.time)
+    ready_timeout_s: float = 120.0
+
+    @property
+    def session_timeout_s(self) -> float:
+        return self.opts.session_timeout_s or DEFAULT_SESSION_TIMEOUT_S
+
+    @property
+    def broker(self) -> OwnBroker | None:
+        return self.opts.broker
+
+    def log(self, what: str, **kw: Any) -> None:
+        event = {"t": round(time.time() - self.t0, 3), "what": what, **kw}
+        self.events.append(event)
+        if self.opts.verbose:
+            extra = " ".join(f"{k}={v}" for k, v in kw.items())
+            print(
+                f"    [{event['t']:7.1f}s] {what} {extra} (sent {self.load.issued}, "
+                f"pending {self.collector.pending()})",
+                flush=True,
+            )
+
+    def note(self, text: str) -> None:
+        if text not in self.notes:
+            self.notes.append(text)
+
+    def fault(self, kind: str, target: str, partitions: frozenset[int]) -> checker.FaultMark:
+        mark = checker.FaultMark(kind, target, time.time(), partitions)
+        self.faults.append(mark)
+        self.log(kind, target=target, partitions=sorted(partitions))
+        return mark
+
+    async def kill_worker(self, w: ChaosWorker) -> checker.FaultMark:
+        """kill -9 `w` (left down: restart it with `restart_worker`)."""
+        w.expected_down = True
+        mark = self.fault("kill -9", w.name, self.watch.partitions(w.port))
+        await asyncio.to_thread(w.kill)
+        return mark
+
+    async def restart_worker(self, w: ChaosWorker, wait_ready: bool = True) -> None:
+        w.launch()
+        self.log("restart", target=w.name)
+        try:
+            if wait_ready:
+                await w.ready(timeout=self.ready_timeout_s)
+                self.log("ready", target=w.name)
+        except AssertionError:
+            # a crash loop: the run goes on (the supervisor keeps restarting it) and the
+            # drain deadline decides; the crash reasons are in the notes
+            self.log("not ready", target=w.name, after_s=self.ready_timeout_s)
+            self.note(f"{w.name} not Ready within {self.ready_timeout_s:.0f}s of a restart")
+        finally:
+            w.expected_down = False
+
+    async def wait_all_ready(self, timeout: float = 120) -> bool:
+        """Every worker running and Ready (a crashed one relaunched); False if one is not
+        within `timeout` (a crash loop)."""
+        try:
+            await asyncio.gather(*(w.ready(timeout) for w in self.workers))
+            return True
+        except AssertionError:
+            self.note(f"not every worker Ready within {timeout:.0f}s after the faults")
+            return False
+
+
+ScenarioFunc = Callable[[RunContext], Awaitable[None]]
+
+
+def _base_env(opts: RunOptions, ns: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTSTREAM_")}
+    env.update(
+        {
+            "AGENTSTREAM_KAFKA_BOOTSTRAP": opts.bootstrap,
+            "AGENTSTREAM_TOPIC_PREFIX": f"{ns}.",
+            "AGENTSTREAM_APP_ID": f"{ns}-app",
+            "AGENTSTREAM_TOPIC_PARTITIONS": str(opts.partitions),
+            "AGENTSTREAM_LOG_LEVEL": "INFO",
+            "AGENTSTREAM_STANDBY_REPLICAS": str(opts.standby_replicas),
+            "AGENTSTREAM_AGENTS": "agents.security",
+            "AGENTSTREAM_PROCESSING_GUARANTEE": opts.guarantee,
+            "AGENTSTREAM_CHECKPOINT_INTERVAL_S": "3600",
+            "AGENTSTREAM_DATA_DIR": str(opts.out_dir / "cli-data"),
+            "AGENTSTREAM_WEB_PORT": str(free_port()),
+            "PYTHONPATH": str(REPO),
+        }
+    )
+    env.pop("BROKER_SESSION_TIMEOUT", None)
+    if opts.session_timeout_s is not None:
+        env["BROKER_SESSION_TIMEOUT"] = str(opts.session_timeout_s)
+    env.update(opts.extra_env)
+    return env
+
+
+async def _signed_setup(env: dict[str, str], signer: AdminSigner) -> None:
+    """Admin-signed policy, config and identities on their topics (as in
+    tests/security/test_pipeline_attacks.py)."""
+    from aiokafka import AIOKafkaProducer
+
+    from schemas.security import AgentIdentity, SecurityConfig, SecurityPolicy
+    from streams.admin import ensure_topics
+    from streams.settings import Settings
+    from streams.topics import SECURITY_IDENTITIES, SECURITY_POLICIES
+
+    settings = Settings.from_env(env)
+    await ensure_topics(settings)
+    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap, acks="all")
+    await producer.start()
+    try:
+        rules = [
+            SecurityPolicy(policy_id="chaos-std", level="*", blocked_patterns=[BLOCKED_WORD]),
+            SecurityConfig(default_action="deny"),
+        ]
+        for payload in rules:
+            key, value = signer.record(payload)
+            await producer.send_and_wait(settings.topic(SECURITY_POLICIES), value, key=key)
+        for n in range(SENDERS):
+            key, value = signer.record(AgentIdentity(agent_id=f"agent-{n}", roles=["agent"]))
+            await producer.send_and_wait(settings.topic(SECURITY_IDENTITIES), value, key=key)
+    finally:
+        await producer.stop()
+
+
+async def _cli(env: dict[str, str], *args: str, timeout: float = 300) -> Any:
+    return await asyncio.to_thread(cli, env, *args, timeout=timeout)
+
+
+async def _delete_topics(bootstrap: str, ns: str) -> None:
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    try:
+        await admin.start()
+        mine = [t for t in await admin.list_topics() if t.startswith(ns)]
+        if mine:
+            await admin.delete_topics(mine)
+    except Exception as exc:
+        print(f"topic cleanup for {ns} failed: {exc!r}")
+    finally:
+        with contextlib.suppress(Exception):
+            await admin.close()
+
+
+async def _supervise(ctx: RunContext) -> None:
+    """Restart a worker that exited on its own (as a process supervisor would), unless a
+    scenario is restarting it itself."""
+    while True:
+        for w in ctx.workers:
+            code = w.reap()
+            if code is not None:
+                ctx.log("crash", target=w.name, code=code)
+                ctx.note(f"{w.name} exited by itself (code {code}); restarted by the supervisor")
+                await asyncio.sleep(1.0)
+                w.launch()
+        await asyncio.sleep(0.5)
+
+
+def _cpu_now(broker: OwnBroker | None) -> float:
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    total = own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+    return total + (broker.cpu_seconds() if broker is not None else 0.0)
+
+
+async def run_once(opts: RunOptions, scenario: ScenarioFunc) -> dict[str, Any]:
+    """Run `scenario` once under `opts`; returns the run's result (also written as
+    run.json in its directory)."""
+    ns = f"chaos{uuid.uuid4().hex[:8]}"
+    run_dir = opts.out_dir.resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "keyring.json").unlink(missing_ok=True)  # a fresh keychain per run
+    seed = opts.seed if opts.seed is not None else random.randrange(1 << 30)
+    signer = AdminSigner()
+    env = with_admin_key(_base_env(opts, ns), run_dir, signer)
+    cli_env = {**env, "AGENTSTREAM_AGENTS": "agents.security,agents.audit"}
+    cpu0 = _cpu_now(opts.broker)
+    started = time.time()
+    await _signed_setup(env, signer)
+    # the chain key every worker signs with (they share the keychain), published
+    # admin-signed before any worker writes, so `audit verify` trusts their signatures
+    pub = await _cli(cli_env, "audit", "worker-key", "publish")
+    if pub.returncode != 0:
+        raise RuntimeError(f"worker-key publish failed: {pub.stdout}{pub.stderr}")
+
+    workers = []
+    for i in range(opts.workers):
+        wenv = {
+            **env,
+            "AGENTSTREAM_DATA_DIR": str(run_dir / f"w{i}"),
+            "AGENTSTREAM_WEB_PORT": str(free_port()),
+            "AGENTSTREAM_WORKER_ID": f"{ns}-w{i}",
+        }
+        workers.append(ChaosWorker(f"w{i}", wenv, run_dir / f"w{i}.log"))
+    prefix = f"{ns}."
+    collector = await Collector(opts.bootstrap, prefix).start()
+    watch = await GroupWatcher(opts.bootstrap, f"{ns}-app", f"{prefix}{INPUT_TOPIC}").start()
+    load = Load(
+        bootstrap=opts.bootstrap,
+        topic=f"{prefix}{INPUT_TOPIC}",
+        total=opts.messages,
+        rate=opts.rate,
+        tag=ns,
+        poison_ratio=opts.poison_ratio,
+    )
+    ctx = RunContext(
+        opts=opts,
+        ns=ns,
+        env=env,
+        cli_env=cli_env,
+        workers=workers,
+        load=load,
+        collector=collector,
+        watch=watch,
+        rng=random.Random(seed),
+        t0=started,
+        ready_timeout_s=opts.ready_timeout_s,
+    )
+    ctx.log("setup done", seed=seed)
+    supervisor: asyncio.Task[None] | None = None
+    load_task: asyncio.Task[None] | None = None
+    result: dict[str, Any] = {
+        "scenario": opts.scenario,
+        "guarantee": opts.guarantee,
+        "namespace": ns,
+        "seed": seed,
+        "messages": opts.messages,
+        "workers": opts.workers,
+        "partitions": opts.partitions,
+        "rate": opts.rate,
+        "session_timeout_s": ctx.session_timeout_s,
+        "dir": str(run_dir),
+    }
+    error: str | None = None
+    try:
+        await asyncio.gather(*(w.start_async(180) for w in workers))
+        ctx.log("workers ready")
+        # the first assignment, so the first fault knows whose partitions it takes
+        with contextlib.suppress(AssertionError):
+            await _await(lambda: len(watch.by_port) == len(workers), 60, 0.5)
+        supervisor = asyncio.create_task(_supervise(ctx))
+        load_task = asyncio.create_task(load.run())
+        try:
+            await asyncio.wait_for(scenario(ctx), opts.faults_deadline_s)
+        except TimeoutError:
+            ctx.note(f"the faults were cut off after {opts.faults_deadline_s:.0f}s")
+            for w in workers:
+                w.expected_down = False  # the supervisor's again
+        faults_done = time.time()
+        ctx.log("faults done")
+        await load_task
+        ctx.log("load done", acked=load.acked, resent=load.resent, unsent=load.unsent)
+        await ctx.wait_all_ready(opts.ready_timeout_s)
+        drain_from = max(faults_done, load.finished_at)
+        drained = await _drain(ctx, opts.drain_timeout_s)
+        drain_s = (drained - drain_from) if drained else None
+        result["drain_s"] = None if drain_s is None else round(max(0.0, drain_s), 2)
+        result["drained"] = drained is not None
+        ctx.log("drained" if drained else "drain timed out")
+        # a quiet period shows trailing duplicates too
+        with contextlib.suppress(AssertionError):
+            await _await(lambda: time.time() - collector.last_record_at > 3.0, 20, 0.5)
+        end = drained or time.time()
+        result["throughput_eps"] = round(
+            len(collector.input_ids) / max(1e-3, end - load.started_at), 1
+        )
+    except Exception as exc:
+        error = f"{type(exc).__name__}: {exc}"
+        ctx.note(f"run aborted: {error}"[:2000])
+    finally:
+        for task in (supervisor, load_task):
+            if task is not None and not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        await watch.stop()
+        await asyncio.gather(*(asyncio.to_thread(_stop, w) for w in workers))
+    try:
+        result.update(await _post_checks(ctx, result))
+    finally:
+        await collector.stop()
+        if not opts.keep_topics:
+            await _delete_topics(opts.bootstrap, ns)
+    if error:
+        result["error"] = error
+        result["ok"] = False
+    result["cpu_s"] = round(_cpu_now(opts.broker) - cpu0, 1)
+    result["wall_s"] = round(time.time() - started, 1)
+    result["notes"] = ctx.notes
+    result["events"] = ctx.events
+    result["workers_detail"] = {
+        w.name: {
+            "starts": w.starts,
+            "kills": w.kills,
+            "crashes": w.crashes,
+            "crash_reasons": w.crash_reasons(),
+        }
+        for w in workers
+    }
+    reasons: dict[str, int] = {}
+    for w in workers:
+        for reason, n in w.crash_reasons().items():
+            reasons[reason] = reasons.get(reason, 0) + n
+    for reason, n in reasons.items():
+        ctx.note(f"worker crash x{n}: {reason}")
+    result["load"] = {
+        "acked": load.acked,
+        "resent": load.resent,
+        "unsent": load.unsent,
+        "send_errors": load.send_errors[:5],
+    }
+    (run_dir / "run.json").write_text(json.dumps(result, indent=1, default=str))
+    return result
+
+
+def _stop(w: ChaosWorker) -> None:
+    if w.proc is not None and w.proc.poll() is None:
+        with contextlib.suppress(Exception):
+            w.resume()  # a SIGSTOP'ed worker would ignore SIGTERM
+    w.stop(30)
+
+
+async def _await(pred: Callable[[], Any], timeout: float, interval: float) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s")
+        await asyncio.sleep(interval)
+
+
+async def _drain(ctx: RunContext, timeout: float) -> float | None:
+    """Wall time at which every input had its outcome and every decodable one its
+    decision, or None at the deadline."""
+    col = ctx.collector
+    total = ctx.load.total
+
+    def done() -> bool:
+        if len(col.input_ids) < total or col.pending(total):
+            return False
+        valid = {i for i in col.input_ids if checker.poison_kind(i) is None}
+        return valid <= col.decided_ids
+
+    try:
+        await _await(done, timeout, 0.5)
+        return time.time()
+    except AssertionError:
+        return None
+
+
+async def _post_checks(ctx: RunContext, result: dict[str, Any]) -> dict[str, Any]:
+    opts = ctx.opts
+    col = ctx.collector
+    out: dict[str, Any] = {}
+    res = checker.check(
+        col.inputs,
+        col.outputs,
+        guarantee=opts.guarantee,
+        input_topic=col.input_topic,
+        faults=len(ctx.faults),
+        throughput_eps=result.get("throughput_eps"),
+        commit_interval_s=COMMIT_INTERVAL_S,
+    )
+    out["check"] = res.to_dict()
+    resumes = checker.resume_times(ctx.faults, col.decisions())
+    out["faults"] = [
+        {
+            "kind": f.kind,
+            "target": f.target,
+            "at_s": round(f.at - ctx.t0, 2),
+            "partitions": sorted(f.partitions),
+            "resume_s": None if r is None else round(r, 2),
+        }
+        for f, r in zip(ctx.faults, resumes, strict=True)
+    ]
+    measured = [
+        r for r, f in zip(resumes, ctx.faults, strict=True) if r is not None and f.partitions
+    ]
+    out["resume_after_kill_s"] = measured
+    if any(f.partitions and r is None for f, r in zip(ctx.faults, resumes, strict=True)):
+        ctx.note("a fault's partitions saw no output produced after it (resume not measured)")
+    if col.garbage:
+        ctx.note(f"records that are not events: {dict(col.garbage)}")
+
+    rebuild = await _cli(ctx.cli_env, "rebuild", "--all", "--json")
+    rv = checker.judge_rebuild(rebuild.stdout.splitlines(), opts.guarantee, rebuild.returncode)
+    if not rv.details.get("compared"):
+        rv.details["stderr"] = rebuild.stderr[-1500:]
+    out["rebuild"] = {"ok": rv.ok, "summary": rv.summary, "tolerated": rv.tolerated, **rv.details}
+    audit = await _cli(ctx.cli_env, "audit", "verify", "--json")
+    doc = None
+    with contextlib.suppress(orjson.JSONDecodeError):
+        doc = orjson.loads(audit.stdout) if audit.stdout.strip() else None
+    av = checker.judge_audit(doc, opts.guarantee)
+    out["audit"] = {"ok": av.ok, "summary": av.summary, "tolerated": av.tolerated, **av.details}
+    if doc is None:
+        out["audit"]["stderr"] = audit.stderr[-1500:]
+    for name, verdict in (("rebuild", rv), ("audit verify", av)):
+        if verdict.tolerated:
+            ctx.note(f"{name}: {verdict.summary} — tolerated: {verdict.tolerated}")
+    failures = list(res.failures)
+    if not rv.ok:
+        failures.append(f"rebuild: {rv.summary}")
+    if not av.ok:
+        failures.append(f"audit verify: {av.summary}")
+    if result.get("drain_s") is None and "drain_s" in result:
+        failures.append(f"not drained within {opts.drain_timeout_s:.0f}s")
+    out["failures"] = failures
+    out["ok"] = not failures
+    return out

@@ -1,0 +1,132 @@
+"""report.json and report.md: per scenario and guarantee, the runs, failed runs, lost,
+duplicates, resume_after_kill_s p50/max, drain time and notes."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from tests.chaos.checker import percentile
+
+
+def summarise(runs: list[dict[str, Any]], skipped: dict[str, str]) -> dict[str, Any]:
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for r in runs:
+        groups[(r["scenario"], r["guarantee"])].append(r)
+    rows = []
+    for (name, guarantee), rs in groups.items():
+        resumes = [x for r in rs for x in r.get("resume_after_kill_s", [])]
+        drains = [r["drain_s"] for r in rs if r.get("drain_s") is not None]
+        checks = [r.get("check", {}) for r in rs]
+        notes: list[str] = []
+        for r in rs:
+            for n in r.get("notes", []):
+                if n not in notes:
+                    notes.append(n)
+            for f in r.get("failures", []):
+                line = f"failed: {f}"
+                if line not in notes:
+                    notes.append(line)
+            for w in r.get("check", {}).get("warnings", []):
+                if w not in notes:
+                    notes.append(w)
+        rows.append(
+            {
+                "scenario": name,
+                "guarantee": guarantee,
+                "runs": len(rs),
+                "failed_runs": sum(1 for r in rs if not r.get("ok")),
+                "messages_per_run": rs[0].get("messages"),
+                "lost": sum(c.get("lost", 0) for c in checks),
+                "lost_per_run": [c.get("lost") for c in checks],
+                #: runs whose pipeline had not drained at the deadline (stalled or crash-
+                #: looping workers): their "lost" inputs were not processed in time
+                "not_drained_runs": sum(1 for r in rs if not r.get("drained")),
+                "duplicates": sum(c.get("duplicates", 0) for c in checks),
+                "duplicates_per_run": [c.get("duplicates") for c in checks],
+                "decision_duplicates": sum(c.get("decision_duplicates", 0) for c in checks),
+                "dup_bound_per_run": [c.get("dup_bound") for c in checks],
+                "order_violations": sum(c.get("order_violations", 0) for c in checks),
+                "faults": sum(len(r.get("faults", [])) for r in rs),
+                "resume_after_kill_s": {
+                    "n": len(resumes),
+                    "p50": _round(percentile(resumes, 50)),
+                    "max": _round(max(resumes) if resumes else None),
+                },
+                "drain_s": {
+                    "p50": _round(percentile(drains, 50)),
+                    "max": _round(max(drains) if drains else None),
+                    "timed_out": sum(1 for r in rs if r.get("drain_s") is None),
+                },
+                "cpu_s_per_run": _round(sum(r.get("cpu_s", 0) for r in rs) / len(rs)),
+                "wall_s_per_run": _round(sum(r.get("wall_s", 0) for r in rs) / len(rs)),
+                "notes": notes,
+            }
+        )
+    return {"generated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "rows": rows, "skipped": skipped}
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(x, 2)
+
+
+def write(
+    out: Path, runs: list[dict[str, Any]], skipped: dict[str, str], meta: dict[str, Any]
+) -> dict[str, Any]:
+    out.mkdir(parents=True, exist_ok=True)
+    summary = summarise(runs, skipped)
+    summary["meta"] = meta
+    brief = [{k: v for k, v in r.items() if k != "events"} for r in runs]
+    (out / "report.json").write_text(json.dumps({**summary, "runs": brief}, indent=1, default=str))
+    (out / "report.md").write_text(markdown(summary))
+    return summary
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    lines = [
+        "# Chaos report",
+        "",
+        f"Generated {summary['generated_at']}. "
+        + ", ".join(f"{k}: {v}" for k, v in summary.get("meta", {}).items()),
+        "",
+        "| scenario | guarantee | runs | failed | msgs/run | lost "
+        "| duplicates (outcomes/decisions) "
+        "| order viol. | faults | resume_after_kill_s p50 / max | drain s p50 / max | CPU s/run |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in summary["rows"]:
+        res, dr = r["resume_after_kill_s"], r["drain_s"]
+        drain = f"{_fmt(dr['p50'])} / {_fmt(dr['max'])}"
+        if dr["timed_out"]:
+            drain += f" ({dr['timed_out']} not drained)"
+        lost = str(r["lost"])
+        if r["not_drained_runs"] and r["lost"]:
+            lost += " (unprocessed at the drain deadline)"
+        lines.append(
+            f"| {r['scenario']} | {r['guarantee']} | {r['runs']} | {r['failed_runs']} "
+            f"| {r['messages_per_run']} | {lost} | {r['duplicates']} / "
+            f"{r['decision_duplicates']} | {r['order_violations']} | {r['faults']} "
+            f"| {_fmt(res['p50'])} / {_fmt(res['max'])} (n={res['n']}) | {drain} "
+            f"| {_fmt(r['cpu_s_per_run'])} |"
+        )
+    for r in summary["rows"]:
+        if r["notes"]:
+            lines += ["", f"**{r['scenario']} / {r['guarantee']}**", ""]
+            lines += [f"- {n}" for n in r["notes"]]
+            lines.append(
+                f"- per run: lost {r['lost_per_run']}, duplicates {r['duplicates_per_run']}, "
+                f"at-least-once bound {[_fmt(b) for b in r['dup_bound_per_run']]}"
+            )
+    if summary.get("skipped"):
+        lines += ["", "## Not run (hooks waiting for infrastructure)", ""]
+        lines += [f"- `{k}`: {v}" for k, v in summary["skipped"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(x: Any) -> str:
+    if x is None:
+        return "-"
+    return f"{x:.1f}" if isinstance(x, float) else str(x)

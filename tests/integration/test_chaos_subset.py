@@ -1,0 +1,111 @@
+"""The CI-sized subset of the fault-injection suite (`python -m tests.chaos`, see
+tests/chaos/): one run each of worker_kill (3 workers, a few kill -9 cycles), poison (1%
+poison input) and broker_restart (kill -9 of a broker of its own, never the shared one)
+under exactly-once, and worker_kill under at-least-once, with 5,000 inputs per run
+(worker_kill under exactly-once fails today: see `test_worker_kill`).
+
+Each fails on any lost input, on any exactly-once duplicate (read_committed), on a
+decision out of source order, on a table that differs from its rebuild (at-least-once:
+counting tables may drift, documented) and on `audit verify` findings (at-least-once:
+unsigned tails after kill -9 are the documented caveat). The full suite's numbers are
+in its report (report.json / report.md)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.chaos import scenarios
+from tests.chaos.cluster import PORT_BASE, OwnBroker
+from tests.chaos.harness import RunOptions, run_once
+
+pytestmark = pytest.mark.integration
+
+MESSAGES = 5000
+#: a kill -9'ed member's partitions stall until its session times out: 10 s, not 60
+SESSION_TIMEOUT_S = 10.0
+
+
+def options(name: str, guarantee: str, bootstrap: str, out: Path, **kw: Any) -> RunOptions:
+    sc = scenarios.SCENARIOS[name]
+    return RunOptions(
+        scenario=name,
+        guarantee=guarantee,
+        messages=MESSAGES,
+        out_dir=out,
+        bootstrap=bootstrap,
+        workers=sc.workers,
+        partitions=sc.partitions,
+        rate=sc.rate,
+        poison_ratio=sc.poison_ratio,
+        session_timeout_s=SESSION_TIMEOUT_S,
+        # bounded so that a stalled or crash-looping pipeline fails the test by itself,
+        # with its report, before pytest's timeout
+        ready_timeout_s=45.0,
+        faults_deadline_s=120.0,
+        drain_timeout_s=60.0,
+        **kw,
+    )
+
+
+def assert_clean(result: dict[str, Any]) -> None:
+    brief = {k: v for k, v in result.items() if k not in ("events",)}
+    text = json.dumps(brief, indent=1, default=str)[:6000]
+    check = result.get("check", {})
+    assert check.get("lost") == 0, f"inputs lost:\n{text}"
+    if result["guarantee"] == "exactly_once":
+        assert check.get("duplicates") == 0 and check.get("decision_duplicates") == 0, (
+            f"exactly-once duplicates:\n{text}"
+        )
+    assert result.get("ok"), f"chaos run failed: {result.get('failures')}\n{text}"
+
+
+#: Exactly-once with several workers and kill -9 is not in the CI subset: the suite shows
+#: it losing nothing but duplicating outputs across the rebalance and crash-looping on
+#: Faust's recovery consistency check (docs/reliability.md). Run it with
+#: `python -m tests.chaos --scenario worker_kill --guarantee exactly_once`.
+@pytest.mark.timeout(280)
+@pytest.mark.parametrize("guarantee", ["at_least_once"])
+async def test_worker_kill(kafka_bootstrap: str, tmp_path: Path, guarantee: str) -> None:
+    # 3 workers, each kill -9'ed twice (one of them again while recovering, another
+    # twice in a row); standby replicas 0: with standbys, exactly-once workers crash in
+    # Faust's standby recovery (see the chaos report), which is not this test's subject
+    opts = options(
+        "worker_kill",
+        guarantee,
+        kafka_bootstrap,
+        tmp_path,
+        standby_replicas=0,
+        extra_env={"CHAOS_KILLS_PER_WORKER": "2"},
+    )
+    opts.rate = 120.0  # the load lasts ~40 s: the kills land mid-stream
+    result = await run_once(opts, scenarios.worker_kill)
+    assert len(result["faults"]) >= 6
+    assert_clean(result)
+
+
+@pytest.mark.timeout(200)
+async def test_poison(kafka_bootstrap: str, tmp_path: Path) -> None:
+    result = await run_once(
+        options("poison", "exactly_once", kafka_bootstrap, tmp_path), scenarios.poison
+    )
+    assert result["check"]["dead_letters"] == result["check"]["poison_inputs"] == MESSAGES // 100
+    assert_clean(result)
+
+
+@pytest.mark.timeout(280)
+async def test_broker_restart(tmp_path: Path) -> None:
+    # a broker of its own on the chaos port range: the shared one is never killed
+    broker = OwnBroker(tmp_path / "kafka", PORT_BASE + 40, heap="-Xms128m -Xmx512m")
+    try:
+        bootstrap = broker.start()
+        opts = options("broker_restart", "exactly_once", bootstrap, tmp_path / "run", broker=broker)
+        opts.rate = 250.0  # ~20 s of load, the broker killed in its middle
+        result = await run_once(opts, scenarios.broker_restart)
+    finally:
+        broker.stop(wipe=True)
+    assert broker.kills == 1
+    assert_clean(result)
