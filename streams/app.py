@@ -159,8 +159,10 @@ def tune_gc() -> None:
     gc.set_threshold(max(GC_GEN0_THRESHOLD, gc.get_threshold()[0]), gen1, gen2)
 
 
-#: Delivery errors of produced records (see `streams.processing.emit`). Once non-empty the
-#: consumer commits no more offsets and the app crashes.
+#: Why no further offset may be committed: delivery errors of produced records (see
+#: `streams.processing.emit`) and batches an agent left unfinished (see
+#: `streams.processing.abandon_open_batch`). Once non-empty the consumer commits no more
+#: offsets and the app crashes (unless it was stopping anyway).
 DELIVERY_FAILURES: list[BaseException] = []
 _CRASHING: list[asyncio.Future[None]] = []  # keeps the crash task referenced
 
@@ -168,13 +170,48 @@ _CRASHING: list[asyncio.Future[None]] = []  # keeps the crash task referenced
 def delivery_failed(exc: BaseException) -> None:
     """Record an undeliverable output and crash the worker (a supervisor restarts it and
     the uncommitted inputs are consumed again)."""
-    DELIVERY_FAILURES.append(exc)
+    refuse_commits(exc)
     if len(DELIVERY_FAILURES) == 1:
         _CRASHING.append(asyncio.ensure_future(app.crash(exc)))
 
 
+def processing_failed(exc: BaseException) -> None:
+    """An agent left a batch unfinished by an exception: its outputs may be partly sent,
+    or not at all, so the offsets behind it must never be committed. Same as an
+    undeliverable output: commit nothing more and crash; after the restart the inputs
+    since the last commit are processed again (under exactly-once the restarted
+    producers fence and abort the open transactions that may hold part of them)."""
+    delivery_failed(exc)
+
+
+def refuse_commits(exc: BaseException) -> None:
+    """Commit no further offset in this process (without crashing it)."""
+    DELIVERY_FAILURES.append(exc)
+
+
+class BatchAgent(faust.Agent):
+    """Faust's agent, except that when the agent body raises, the batch it holds is
+    abandoned at once: not acked, and the worker crashes unless a revoke or the
+    worker's stop explains it (`streams.processing.abandon_open_batch`). Faust would log
+    the error and restart the agent, and the batch iterator's clean-up, whenever the
+    collector ran it, acked the batch: its inputs were lost."""
+
+    async def _execute_actor(self, coro: Any, aref: Any) -> None:
+        await super()._execute_actor(self._abandoning(coro), aref)
+
+    async def _abandoning(self, coro: Any) -> None:
+        try:
+            await coro
+        except BaseException as exc:
+            from streams.processing import abandon_open_batch
+
+            await abandon_open_batch(exc, stopping=bool(self.should_stop or app.should_stop))
+            raise
+
+
 #: how long an exactly-once commit waits for the batches in progress before it gives up
-#: (a later commit catches up); bounded so that a stuck agent cannot stall a rebalance
+#: (a later commit catches up); bounded so that a stuck agent cannot stall a rebalance.
+#: A revoke waits as long for them (`BatchDeliveryConsumer.on_partitions_revoked`).
 EOS_COMMIT_WAIT_S = 10.0
 
 
@@ -237,12 +274,66 @@ class BatchDeliveryConsumer:
                     high[tp] = offset
         return did
 
+    #: exactly-once: revokes so far; a batch taken before the last one is abandoned
+    #: (`streams.processing`, delivery model 3)
+    _revokes = 0
+
     async def on_partitions_revoked(self: Any, revoked: Any) -> None:
+        if self.app.in_transaction and self.assignment():
+            await self._finish_batches_before_revoke()
         high = self._committed_high
         if high:
             for tp in revoked:
                 high.pop(tp, None)
         await super().on_partitions_revoked(revoked)  # type: ignore[misc]
+
+    async def _finish_batches_before_revoke(self: Any) -> None:
+        """Exactly-once: let the batches in progress finish (at most EOS_COMMIT_WAIT_S)
+        and commit them, then mark every batch taken so far as stale.
+
+        Faust stops the revoked partitions' transactional producers without committing
+        (and `stream_wait_empty=False` does not wait for the agents), so a batch running
+        through a revoke used to send the rest of its outputs outside any transaction:
+        duplicated when the next owner processed its inputs again. Now a batch either
+        finishes here and is committed with its outputs, or is abandoned at its next
+        output (`streams.processing.check_batch_current`) and processed by the next
+        owner; what it sent before stays in a transaction that is never committed.
+        New batches wait at the gate meanwhile and are abandoned when they enter it."""
+        from streams.eos import GATE
+
+        async with GATE.commit_window(EOS_COMMIT_WAIT_S) as quiet:
+            try:
+                if not quiet:
+                    self.log.warning(
+                        "revoke: batches still in progress after %.0f s are abandoned",
+                        EOS_COMMIT_WAIT_S,
+                    )
+                elif not self._delivery_failed():
+                    await self.app.producer.buffer.flush()
+                    await super().commit()  # type: ignore[misc]
+            except Exception as exc:  # the revoke goes on; nothing uncommitted is lost
+                self.log.warning("revoke: committing the finished batches failed: %r", exc)
+                quiet = False
+            finally:
+                # inside the window: batches waiting to enter the gate see it first
+                self._revokes += 1
+                if not quiet:
+                    # The open transactions may hold outputs of the abandoned batches.
+                    # Faust keeps the producer of a partition assigned again to this
+                    # worker, and would commit them with the next offsets: end them all
+                    # (still inside the window, so no commit runs before); the next
+                    # owner of each partition, this worker included, starts a producer
+                    # with the same transactional id, which aborts them (seen: ~250
+                    # duplicates per rebalance with batches longer than the wait).
+                    await self._end_transactions()
+
+    async def _end_transactions(self: Any) -> None:
+        producer = self.transactions.producer
+        for tid in list(getattr(producer, "_transaction_producers", None) or ()):
+            try:
+                await producer.stop_transaction(tid)
+            except Exception as exc:  # fenced or broken already: aborted either way
+                self.log.warning("revoke: stopping transaction %s failed: %r", tid, exc)
 
     async def perform_seek(self: Any) -> None:
         """Faust's seek of every partition to its committed offset, except that a commit
@@ -374,10 +465,12 @@ class BatchDeliveryConsumer:
             )
 
     def _delivery_failed(self: Any) -> bool:
-        """An output was refused by the broker: no further offset may be committed."""
+        """An output was refused by the broker, or an agent left a batch unfinished: no
+        further offset may be committed."""
         if DELIVERY_FAILURES:
             self.log.error(
-                "refusing to commit: %d output record(s) were not delivered (first: %r)",
+                "refusing to commit: %d output record(s) were not delivered or batch(es) "
+                "not finished (first: %r)",
                 len(DELIVERY_FAILURES),
                 DELIVERY_FAILURES[0],
             )
@@ -509,6 +602,8 @@ def create_app(settings: Settings) -> AgentStreamApp:
         store="memory://",
         datadir=str(settings.data_dir / settings.app_id),
         processing_guarantee=settings.processing_guarantee,
+        # an agent that raises abandons its batch unacked (`BatchAgent`)
+        Agent=BatchAgent,
         topic_partitions=settings.topic_partitions,
         topic_replication_factor=settings.topic_replication,
         table_standby_replicas=settings.standby_replicas,
@@ -524,6 +619,15 @@ def create_app(settings: Settings) -> AgentStreamApp:
         # bench/ (8 MiB was no faster; aiokafka caps a whole fetch at 50 MiB).
         consumer_max_fetch_size=4 * 1024 * 1024,
         broker_commit_every=10_000,
+        # fail-over after a kill -9: Faust's 60 s session left a dead member's partitions
+        # idle for a minute; static membership hands a restarted worker its partitions
+        broker_session_timeout=settings.broker_session_timeout_s,
+        broker_heartbeat_interval=settings.broker_heartbeat_interval_s,
+        **(
+            {"consumer_group_instance_id": settings.group_instance_id}
+            if settings.group_instance_id
+            else {}
+        ),
         broker_commit_interval=1.0,
         stream_buffer_maxsize=16_384,
         stream_wait_empty=False,

@@ -13,17 +13,56 @@ naive one-event-at-a-time agent (see `bench/` and docs/bench.md). `event_batches
 the agent's channel queue in bulk instead of iterating the stream event by event (as
 `take_events` does), and `emit` hands records straight to the Faust producer instead of
 going through `Topic.send`'s per-message future and sensor bookkeeping.
+
+Delivery model (invariants first; every change here must keep them)
+-------------------------------------------------------------------
+1. A batch is acked only when its agent comes back for the next one: the agent finished
+   it. A batch its agent left by an exception (a bug, a broker error, a cancellation) is
+   never acked, so no commit can count its records, whatever outputs it sent or did not.
+2. Such an *abandoned* batch is processed again from the last committed offset, by this
+   worker after a restart or by whoever gets its partitions: an abandoned batch that is
+   not explained by a revoke (below) or by the worker stopping stops every further offset
+   commit of this worker and crashes it (`streams.app.processing_failed`), like an
+   output the broker refused. At-least-once may then repeat outputs; nothing is lost.
+   (Faust alone, and this module before, acked the batch in a `finally`: its outputs
+   were lost. Restarting just the agent is not enough: the records after it in the queue
+   would be processed and acked, and a commit passes over the gap when the partition has
+   no committed offset yet, or, under exactly-once, commits its partial outputs.)
+3. Exactly-once: every output of a batch goes into the transaction of its input's
+   partition that was open when the batch was taken, and that transaction commits only
+   with the batch's offsets, or never. A revoke (every partition: the rebalance
+   protocol is eager) first lets the batches in progress finish and commits them
+   (`BatchDeliveryConsumer.on_partitions_revoked`, at most EOS_COMMIT_WAIT_S). A batch
+   taken before the revoke (or in an earlier consumer generation) that is still
+   running, or has not yet entered the commit gate, is *stale*: `BatchAbandoned` at its
+   next output, gate entry or table flush, and it is not acked (1); its agent is
+   restarted by Faust's supervisor (its path for a cancelled agent). When the wait ran
+   out, the open transactions, which may hold part of such a batch's outputs, are ended
+   uncommitted right there: Faust would keep the producer of a partition assigned to
+   this worker again and commit them with later offsets. The next owner of each
+   partition starts a producer with the same transactional id, which aborts them, and
+   processes the stale batches' records again. Before, outputs of a batch running
+   through a revoke took Faust's non-transactional path and were duplicated.
+   Limit: a stale batch's in-memory table updates are not rolled back (only its
+   changelog records are aborted); with batches shorter than the wait, none is stale.
+4. Mechanics: the agent's batch iterator (`decoded_batches` / `event_batches`) marks the
+   batch it handed out in context variables of the agent's task (`_TAKEN`, `_OPEN`);
+   `streams.app.BatchAgent` calls `abandon_open_batch` when the agent body raises, which
+   closes the iterator at once (releasing the commit gate, not acking) and applies (2).
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+import os
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable
+from contextvars import ContextVar
 from dataclasses import dataclass
 from functools import cache, partial
-from typing import Any
+from typing import Any, TypeVar
 
 from schemas import DeadLetter, Event, encode, registry
 from schemas.errors import InvalidEvent, PipelineError
@@ -33,6 +72,8 @@ from streams.app import (
     app,
     catalogue_topic,
     delivery_failed,
+    processing_failed,
+    refuse_commits,
     settings,
 )
 from streams.eos import GATE, SOURCE, transactional_id_for
@@ -41,6 +82,151 @@ from streams.tables.writer import flush_pending, pending_writes
 from streams.topics import PIPELINE_DEADLETTER
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class BatchAbandoned(asyncio.CancelledError):
+    """Exactly-once: the batch being processed was taken before its partitions were
+    revoked; none of its outputs may leave the transactions of that assignment (see the
+    module's delivery model, 3). A cancellation, so that no `except Exception` of a
+    handler swallows it and Faust's supervisor restarts the agent as after a rebalance."""
+
+
+#: the batch the agent of this task has been handed and not finished: (the agent's
+#: task, its app, the consumer's revoke count and the consumer generation when taken)
+_TAKEN: ContextVar[tuple[asyncio.Task[Any] | None, Any, int, int] | None] = ContextVar(
+    "agentstream_batch_taken", default=None
+)
+#: the outermost batch iterator of this task's agent, to close it when the agent fails
+_OPEN: ContextVar[AsyncGenerator[Any, None] | None] = ContextVar(
+    "agentstream_batch_iterator", default=None
+)
+
+
+class _Batches(AsyncIterator[T]):
+    """An agent's batch iterator (`event_batches`, `decoded_batches`): the generator, plus
+    a note in the agent task's context of which generator holds its open batch."""
+
+    __slots__ = ("_gen",)
+
+    def __init__(self, gen: AsyncGenerator[T, None]) -> None:
+        self._gen = gen
+
+    def __aiter__(self) -> _Batches[T]:
+        return self
+
+    async def __anext__(self) -> T:
+        item = await self._gen.__anext__()
+        _OPEN.set(self._gen)  # set after any inner iterator: the outermost one wins
+        return item
+
+    async def aclose(self) -> None:
+        await self._gen.aclose()
+
+
+def _own_batch() -> tuple[asyncio.Task[Any] | None, Any, int, int] | None:
+    """The open batch of the agent running in this task (None in other tasks, such as
+    the LLM calls an agent starts, which inherit its context)."""
+    taken = _TAKEN.get()
+    if taken is None or taken[0] is not asyncio.current_task():
+        return None
+    return taken
+
+
+def check_batch_current() -> None:
+    """Exactly-once: raise `BatchAbandoned` when this task's open batch was taken before
+    a revoke (streams.app.BatchDeliveryConsumer.on_partitions_revoked)."""
+    if not _EOS:
+        return
+    taken = _own_batch()
+    if taken is not None and _stale(taken):
+        raise BatchAbandoned("the batch was taken before its partitions were revoked")
+
+
+def _stale(taken: tuple[asyncio.Task[Any] | None, Any, int, int]) -> bool:
+    """Taken before the last revoke (`BatchDeliveryConsumer._revokes`), or in an earlier
+    consumer generation (between that revoke's count and Faust suspending the flow)."""
+    _, app_, revokes, generation = taken
+    return (
+        getattr(app_.consumer, "_revokes", 0) != revokes
+        or app_.consumer_generation_id != generation
+    )
+
+
+async def abandon_open_batch(exc: BaseException, *, stopping: bool) -> None:
+    """The agent of this task left its batch by `exc` (called by `streams.app.BatchAgent`
+    before Faust's supervisor sees the exception): close the batch iterator now, without
+    acking the batch, and decide what the unfinished batch means (module docstring, 2).
+    """
+    gen, taken = _OPEN.get(), _own_batch()
+    _OPEN.set(None)
+    _TAKEN.set(None)
+    if gen is not None:
+        try:
+            await gen.aclose()  # releases the commit gate; the batch is not acked
+        except Exception:
+            log.exception("closing an abandoned batch iterator failed")
+    if taken is None:
+        return  # no batch in hand: nothing taken from the queue is lost, Faust restarts it
+    if _EOS and _stale(taken):
+        # whatever it failed of (its producer stopped under it, say): taken before a
+        # revoke, its outputs are in ended transactions and its records go to the owner
+        exc = BatchAbandoned(f"taken before a revoke: {exc!r}")
+    if isinstance(exc, BatchAbandoned):
+        log.info("abandoned a batch taken before a rebalance; its records are processed again")
+        return
+    if stopping and isinstance(exc, asyncio.CancelledError):
+        if _EOS:
+            # part of its outputs may be in the open transactions: commit none of them
+            refuse_commits(exc)
+        return
+    log.error("an agent failed with a batch in hand (not acked, crashing the worker): %r", exc)
+    processing_failed(exc)
+
+
+#: Test hook, off by default: ``AGENTSTREAM_TEST_FAULTS=point@n,...`` makes the n-th call
+#: of `fault_point(point)` raise `InjectedFault` (once). For the delivery tests only
+#: (tests/integration/test_delivery_failure.py); not a setting.
+_FAULTS: dict[str, int] = {
+    name.strip(): int(n)
+    for name, _, n in (
+        item.partition("@") for item in os.environ.get("AGENTSTREAM_TEST_FAULTS", "").split(",")
+    )
+    if name.strip() and n.strip().isdigit()
+}
+_FAULT_CALLS: dict[str, int] = {}
+
+
+class InjectedFault(RuntimeError):
+    """Raised by `fault_point` when ``AGENTSTREAM_TEST_FAULTS`` asks for it."""
+
+
+#: Test hook, off by default: ``AGENTSTREAM_TEST_DELAYS=point@seconds,...`` makes every
+#: `delay_point(point)` sleep that long (slow agents, for rebalance tests).
+_DELAYS: dict[str, float] = {
+    name.strip(): float(s)
+    for name, _, s in (
+        item.partition("@") for item in os.environ.get("AGENTSTREAM_TEST_DELAYS", "").split(",")
+    )
+    if name.strip() and s.strip()
+}
+
+
+async def delay_point(name: str) -> None:
+    """A place a test can make slow (see `_DELAYS`)."""
+    delay = _DELAYS.get(name)
+    if delay:
+        await asyncio.sleep(delay)
+
+
+def fault_point(name: str) -> None:
+    """A place a test can make fail (see `_FAULTS`); costs one dict lookup otherwise."""
+    if not _FAULTS or name not in _FAULTS:
+        return
+    calls = _FAULT_CALLS[name] = _FAULT_CALLS.get(name, 0) + 1
+    if calls == _FAULTS[name]:
+        raise InjectedFault(f"injected fault at {name} (call {calls})")
 
 
 #: turns a dead letter's original bytes into what it may carry (secrets blanked)
@@ -74,7 +260,7 @@ class Inbound:
         return f"{m.topic}:{m.partition}:{m.offset}"
 
 
-async def decoded_batches(
+def decoded_batches(
     stream: Any,
     *,
     consumer: str,
@@ -93,58 +279,87 @@ async def decoded_batches(
     The batch's records are not acked before the gate, so no commit can count them yet.
     An error in `prepare` is logged and the batch goes on (it must not lose the batch's
     dead letters, which are sent inside the gate).
+
+    A batch is acked when the caller asks for the next one, never when the caller leaves
+    it by an exception (the module's delivery model).
     """
-    accepted = frozenset(accept) if accept is not None else None
+    return _Batches(
+        _decoded_batches(
+            stream,
+            consumer,
+            frozenset(accept) if accept is not None else None,
+            max_batch or settings.batch_max,
+            within_s or settings.batch_within_s,
+            prepare,
+        )
+    )
+
+
+async def _decoded_batches(
+    stream: Any,
+    consumer: str,
+    accepted: frozenset[str] | None,
+    max_batch: int,
+    within_s: float,
+    prepare: Callable[[list[Inbound]], Awaitable[None]] | None,
+) -> AsyncGenerator[list[Inbound], None]:
     limit = settings.max_event_bytes
-    async for events in event_batches(
-        stream, max_batch or settings.batch_max, within_s or settings.batch_within_s
-    ):
-        good: list[Inbound] = []
-        bad: list[tuple[Any, PipelineError]] = []
-        topic_name = ""
-        for ev in events:
-            msg = ev.message
-            topic_name = msg.topic
-            try:
-                decoded = registry.decode(ev.value, max_bytes=limit)
-                if accepted is not None and decoded.type not in accepted:
-                    raise InvalidEvent(
-                        f"event type {decoded.type!r} does not belong on {msg.topic}",
-                        type=decoded.type,
-                    )
-            except PipelineError as exc:
-                bad.append((msg, exc))
-                continue
-            good.append(Inbound(decoded, msg))
-        if good and prepare is not None:
-            try:
-                await prepare(good)
-            except Exception:  # an optimisation: the batch still does what it needs itself
-                log.exception("%s: preparing a batch of %d failed", consumer, len(good))
-        if _EOS:
-            # held until the caller asks for the next batch: `event_batches` then acks
-            # this one before any other task runs, so no commit sees its outputs unacked
-            await GATE.enter()
-        try:
-            for msg, reason in bad:  # dead letters are outputs: inside the gate
-                await dead_letter(msg, reason, consumer)
-            if events:
-                EVENTS_IN.labels(topic_name, consumer).inc(len(events))
-            if good:
-                yield good
-            if _EOS and pending_writes():
-                # the batch's table updates into their transactions while it still holds
-                # the gate: the next commit, which commits its offsets, then has them too
-                await flush_pending()
-        finally:
+    batches = _event_batches(stream, max_batch, within_s)
+    # closed together with this generator: an abandoned batch is not acked, and its
+    # iterator must not wait for the garbage collector to say so
+    async with contextlib.aclosing(batches):
+        async for events in batches:
+            good: list[Inbound] = []
+            bad: list[tuple[Any, PipelineError]] = []
+            topic_name = ""
+            for ev in events:
+                msg = ev.message
+                topic_name = msg.topic
+                try:
+                    decoded = registry.decode(ev.value, max_bytes=limit)
+                    if accepted is not None and decoded.type not in accepted:
+                        raise InvalidEvent(
+                            f"event type {decoded.type!r} does not belong on {msg.topic}",
+                            type=decoded.type,
+                        )
+                except PipelineError as exc:
+                    bad.append((msg, exc))
+                    continue
+                good.append(Inbound(decoded, msg))
+            if good and prepare is not None:
+                try:
+                    await prepare(good)
+                except Exception:  # an optimisation: the batch still does what it needs
+                    log.exception("%s: preparing a batch of %d failed", consumer, len(good))
             if _EOS:
-                GATE.leave()
+                # held until the caller asks for the next batch: `event_batches` then acks
+                # this one before any other task runs, so no commit sees its outputs unacked
+                await GATE.enter()
+            try:
+                # a revoke while the batch waited for the gate: abandoned before it starts
+                check_batch_current()
+                for msg, reason in bad:  # dead letters are outputs: inside the gate
+                    await dead_letter(msg, reason, consumer)
+                if events:
+                    EVENTS_IN.labels(topic_name, consumer).inc(len(events))
+                if good:
+                    yield good
+                if _EOS and pending_writes():
+                    # the batch's table updates into their transactions while it still
+                    # holds the gate: the next commit, which commits its offsets, has them
+                    check_batch_current()
+                    await flush_pending()
+            finally:
+                if _EOS:
+                    GATE.leave()
 
 
-async def event_batches(stream: Any, max_batch: int, within_s: float) -> AsyncIterator[list[Any]]:
+def event_batches(stream: Any, max_batch: int, within_s: float) -> AsyncIterator[list[Any]]:
     """Faust events of an agent's stream in batches of up to `max_batch`, waiting at most
     `within_s` after the first one to fill a batch; each batch is acked once the caller
-    asks for the next one (or stops), like `take_events`.
+    asks for the next one, like `take_events` — but not when the caller leaves it by an
+    exception or closes the iterator (the module's delivery model, 1), nor, under
+    exactly-once, when its partitions were revoked meanwhile (3).
 
     Per event this keeps what Faust's stream iterator does: skip events of a stale
     consumer generation or while flow is suspended (rebalance), track the message for
@@ -153,13 +368,21 @@ async def event_batches(stream: Any, max_batch: int, within_s: float) -> AsyncIt
     again: its offset in the acked set could otherwise be committed before the record
     is processed (and with no committed offset yet, nothing would fetch it again).
     """
+    return _Batches(_event_batches(stream, max_batch, within_s))
+
+
+async def _event_batches(
+    stream: Any, max_batch: int, within_s: float
+) -> AsyncGenerator[list[Any], None]:
     app_ = stream.app
     queue = stream.channel.queue
     sensors = app_.sensors
     acking_topics = app_.topics.acking_topics
+    consumer = app_.consumer
     unacked = app_.consumer.unacked
-    refetch = getattr(app_.consumer, "refetch", None)
+    refetch = getattr(consumer, "refetch", None)
     loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
     #: per partition: (consumer generation, highest offset handed to this agent). Within
     #: one assignment a partition can be delivered twice from the same offset: Faust's
     #: recovery seeks every stream partition back to its committed offset after the
@@ -193,11 +416,15 @@ async def event_batches(stream: Any, max_batch: int, within_s: float) -> AsyncIt
                     raw.append(await asyncio.wait_for(queue.get(), remaining))
                 except (TimeoutError, StopAsyncIteration):
                     break
+            # from here until the caller finishes it, the batch is this agent's: an
+            # exception leaves it unacked (`abandon_open_batch`)
+            active = app_.flow_control.is_active()
+            generation = app_.consumer_generation_id
+            taken = (task, app_, getattr(consumer, "_revokes", 0), generation)
+            _TAKEN.set(taken)
             events: list[Any] = []
             states: list[Any] = []
             skipped: list[Any] = []
-            active = app_.flow_control.is_active()
-            generation = app_.consumer_generation_id
             # almost always empty: looked at once per batch, not per event
             stale = STALE_DELIVERIES if STALE_DELIVERIES else ()
             for ev in raw:
@@ -225,21 +452,29 @@ async def event_batches(stream: Any, max_batch: int, within_s: float) -> AsyncIt
             if skipped and refetch is not None:
                 refetch([ev.message for ev in skipped])
                 skipped = []
-            try:
-                if events:
-                    yield events
-            finally:
-                for ev, state in zip(events, states, strict=True):
-                    msg = ev.message
-                    last = ev.ack()
-                    sensors.on_stream_event_out(msg.tp, msg.offset, stream, ev, state)
-                    if last:
-                        sensors.on_message_out(msg.tp, msg.offset, msg)
-                for ev in skipped:
-                    if ev.ack():
-                        sensors.on_message_out(ev.message.tp, ev.message.offset, ev.message)
+            if events:
+                # Not in a `finally`: a batch is done only when the caller comes back for
+                # the next one. Left by an exception (GeneratorExit here) it is not acked.
+                yield events
+                if _EOS and _stale(taken):
+                    # Taken before a revoke: whatever it sent is in the revoked
+                    # transactions, which are not committed; the next owner of its
+                    # partitions processes it (module docstring, 3).
+                    log.info("not acking a batch of %d taken before a revoke", len(events))
+                else:
+                    for ev, state in zip(events, states, strict=True):
+                        msg = ev.message
+                        last = ev.ack()
+                        sensors.on_stream_event_out(msg.tp, msg.offset, stream, ev, state)
+                        if last:
+                            sensors.on_message_out(msg.tp, msg.offset, msg)
+            _TAKEN.set(None)
+            for ev in skipped:
+                if ev.ack():
+                    sensors.on_message_out(ev.message.tp, ev.message.offset, ev.message)
     finally:
-        HANDED_MARKS.pop(mark_key, None)
+        if HANDED_MARKS.get(mark_key) is handed:  # a restarted agent may have its own now
+            HANDED_MARKS.pop(mark_key, None)
         if started:
             await stream.stop()
             stream.service_reset()
@@ -344,20 +579,38 @@ async def send_record(
     Faust alone would pick the destination partition's transaction, or none for a topic
     this worker does not consume (see streams/eos.py).
     """
+    if _DELAYS:
+        await delay_point("send_record")
     producer = await _producer()
     if _EOS:
         source = SOURCE.get()
-        tid = _source_transaction(producer, source) if source is not None else None
-        if tid is not None:
-            return await producer.producer.send(
-                topic, key, value, partition, None, None, transactional_id=tid
-            )
+        if source is not None:
+            own = _own_batch() is not None
+            if own:
+                # taken before a revoke: its outputs must stay in the revoked transactions
+                check_batch_current()
+            tid = _source_transaction(producer, source, warn=not own)
+            if tid is not None:
+                return await producer.producer.send(
+                    topic, key, value, partition, None, None, transactional_id=tid
+                )
+            if own:
+                # An agent's output outside its input's transaction would be duplicated
+                # by whoever processes the input again: never send it that way.
+                if getattr(app, "rebalancing", False):
+                    raise BatchAbandoned("no open transaction during a rebalance")
+                raise RuntimeError(
+                    f"no open transaction for {source[0]}:{source[1]}, although no "
+                    "rebalance happened since the batch was taken"
+                )
     return await producer.send(topic, key, value, partition, None, None)
 
 
-def _source_transaction(manager: Any, source: tuple[str, int]) -> str | None:
+def _source_transaction(manager: Any, source: tuple[str, int], *, warn: bool = True) -> str | None:
     """The open transaction of the source partition, if this worker holds one (not after
-    the partition was revoked: the record then takes Faust's own path)."""
+    the partition was revoked). An agent's own batch then is abandoned (`send_record`);
+    a record sent by another task (an LLM call holding its request's offset, which is
+    at-least-once) takes Faust's own path."""
     topic, partition = source
     try:
         group = app.assignor.group_for_topic(topic)
@@ -366,7 +619,8 @@ def _source_transaction(manager: Any, source: tuple[str, int]) -> str | None:
     tid = transactional_id_for(app.conf.id, group, partition)
     producers = getattr(getattr(manager, "producer", None), "_transaction_producers", None)
     if producers is None or tid not in producers:
-        log.warning("no open transaction %s for %s:%s", tid, topic, partition)
+        if warn:
+            log.warning("no open transaction %s for %s:%s", tid, topic, partition)
         return None
     return tid
 
@@ -426,13 +680,17 @@ async def guarded(
 
 
 __all__ = [
+    "BatchAbandoned",
     "Inbound",
+    "abandon_open_batch",
     "app",
+    "check_batch_current",
     "dead_letter",
     "dead_letter_of",
     "decoded_batches",
     "emit",
     "event_batches",
+    "fault_point",
     "guarded",
     "redact_dead_letters",
     "send_record",

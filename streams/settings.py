@@ -100,6 +100,35 @@ class Settings(BaseModel):
         "left out of it waits up to this long for its next records; Faust's own 1500 made "
         "LLM requests wait up to 1.5 s.",
     )
+    broker_session_timeout_s: float = Field(
+        default=10.0,
+        ge=6.0,
+        le=300.0,
+        description="How long the group waits for a silent worker before its partitions "
+        "move to the others (Kafka's session.timeout.ms; the broker's "
+        "group.min.session.timeout.ms, 6 s by default, is the floor): a kill -9'ed worker's "
+        "partitions stall about this long unless it comes back with the same "
+        "AGENTSTREAM_GROUP_INSTANCE_ID. Lower fails over faster; a worker whose heartbeats "
+        "stop this long (swapping, a stopped VM) is then taken out of the group. Faust's "
+        "default is 60.",
+    )
+    broker_heartbeat_interval_s: float = Field(
+        default=1.0,
+        gt=0,
+        le=100.0,
+        description="How often each worker heartbeats to the group (Kafka's "
+        "heartbeat.interval.ms): members notice a rebalance at their next heartbeat. Keep "
+        "it well under a third of AGENTSTREAM_BROKER_SESSION_TIMEOUT_S.",
+    )
+    group_instance_id: str | None = Field(
+        default=None,
+        description="Static group membership (Kafka's group.instance.id): a worker "
+        "restarted with the same id gets its partitions back at once, without a rebalance "
+        "and without waiting out the session timeout. Must be unique per worker and stable "
+        "across its restarts (e.g. the pod or host name plus a slot); a second worker with "
+        "the same id fences the first out. Stopping such a worker does not leave the group "
+        "either: its partitions move after the session timeout. Unset: dynamic membership.",
+    )
     max_event_bytes: int = Field(
         default=1_000_000, ge=1024, description="Events larger than this are dead-lettered."
     )

@@ -51,6 +51,7 @@ from streams.processing import (
     dead_letter,
     decoded_batches,
     emit,
+    fault_point,
     redact_dead_letters,
     watch_delivery,
 )
@@ -377,6 +378,7 @@ async def _publish(outcomes: list[Outcome], writer: ChainWriter) -> None:
     transaction that commits its input's offset, and the batch holds the commit gate from
     its decoding until its events are acknowledged (`decoded_batches`, streams/eos.py).
     """
+    fault_point("enforce_policy.publish")  # a test hook, off by default (streams.processing)
     if not outcomes:
         return
     producer = getattr(app.producer, "_producer", None)

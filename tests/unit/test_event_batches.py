@@ -13,6 +13,8 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
+import pytest
+
 from streams.app import STALE_DELIVERIES
 from streams.processing import event_batches
 
@@ -124,6 +126,9 @@ async def test_a_record_put_after_a_queue_clear_is_dropped_so_the_records_before
     try:
         batch = await asyncio.wait_for(gen.__anext__(), 2)
         assert [e.message.offset for e in batch] == [3, 4, 5, 6]
+        stream.should_stop = True  # the batch is done: asking for the next one acks it
+        with pytest.raises(StopAsyncIteration):
+            await asyncio.wait_for(gen.__anext__(), 2)
     finally:
         await gen.aclose()
     # the stale record is neither processed nor acked: its offset counts once, by its copy

@@ -1,0 +1,97 @@
+"""Exactly-once across rebalances: two workers, partitions moving while batches are in
+flight. A batch still running when its partitions are revoked used to find no
+transaction and send the rest of its outputs through Faust's non-transactional path;
+the next owner then processed its inputs again: duplicates for read_committed readers.
+Now a revoke lets the batches in progress finish and commits them, and a batch taken
+before the revoke that is still running is abandoned with its outputs in the revoked
+(never committed) transactions (streams.processing, delivery model 3)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from streams.settings import Settings
+from tests.conftest import _free_port
+from tests.integration.test_recovery_crash import Gauge, input_id, messages, publish, use_env
+from tests.support import Worker, await_until, read_topic
+
+pytestmark = pytest.mark.integration
+
+N = 3000
+
+
+@pytest.mark.parametrize(
+    "record_delay_s",
+    [
+        # batches of ~2 s: a revoke waits for them and commits them
+        0.002,
+        # batches of ~15 s: longer than a revoke waits (EOS_COMMIT_WAIT_S), so abandoned
+        0.015,
+    ],
+)
+async def test_exactly_once_two_workers_rebalance_mid_load_no_duplicates_no_loss(
+    settings_env: dict[str, str], tmp_path: Path, record_delay_s: float
+) -> None:
+    base = {
+        **settings_env,
+        "AGENTSTREAM_AGENTS": "agents.security",
+        "AGENTSTREAM_SECURITY_ENABLED": "false",
+        "AGENTSTREAM_PROCESSING_GUARANTEE": "exactly_once",
+        "AGENTSTREAM_TOPIC_PARTITIONS": "4",
+        "AGENTSTREAM_CHECKPOINT_INTERVAL_S": "3600",
+        "BROKER_SESSION_TIMEOUT": "10",
+        # test hook (streams.processing): every output takes this long, so that batches
+        # are in flight whenever the partitions move
+        "AGENTSTREAM_TEST_DELAYS": f"send_record@{record_delay_s}",
+    }
+    settings: Settings = use_env(base)
+    accepted = settings.topic("agent.messages.accepted")
+    first = Worker(base, tmp_path / "w1.log").start()
+    second = Worker({**base, "AGENTSTREAM_WEB_PORT": str(_free_port())}, tmp_path / "w2.log")
+    try:
+        inputs = messages(N)
+        await publish(settings, inputs)
+        async with Gauge(settings.bootstrap, accepted) as gauge:
+            # a second member joins while the first is busy: every partition is revoked
+            await await_until(lambda: gauge.over(N // 20), 90, interval=0.05, what="outputs")
+            second.start()
+            # and leaves again while work remains: a second rebalance
+            if await gauge.count() < N * 3 // 4:
+                await await_until(lambda: gauge.over(N // 2), 180, interval=0.05, what="more")
+                second.stop()
+        want = {str(e.event_id) for e in inputs}
+        got: list[str] = []
+
+        async def complete() -> bool:
+            recs = await read_topic(settings.bootstrap, accepted, timeout=10, idle=1.0)
+            got[:] = [input_id(ev) for _, ev in recs if ev is not None]
+            return set(got) >= want
+
+        try:
+            await await_until(complete, 240, interval=1, what="every input forwarded")
+        except AssertionError:
+            missing = want - set(got)
+            raise AssertionError(
+                f"{len(missing)} of {N} inputs not forwarded (read_committed)\n"
+                f"--- w1 ---\n{first.tail(80)}\n--- w2 ---\n{second.tail(80)}"
+            ) from None
+        dups = {k: c for k, c in Counter(got).items() if c > 1}
+        log = (tmp_path / "w1.log").read_text(errors="replace") + (tmp_path / "w2.log").read_text(
+            errors="replace"
+        )
+        assert not dups, (
+            f"{sum(dups.values()) - len(dups)} duplicate forwarded message(s) across the "
+            f"rebalances ({log.count('no open transaction')} 'no open transaction' warnings)"
+        )
+        decisions = await read_topic(
+            settings.bootstrap, settings.topic("security.decisions"), timeout=10, idle=1.0
+        )
+        decided = Counter(ev.causation_id for _, ev in decisions if ev is not None)
+        assert set(decided) == want
+        assert len(decisions) == N, f"{len(decisions) - N} duplicate decision(s)"
+    finally:
+        second.stop()
+        first.stop()
