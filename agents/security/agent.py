@@ -184,7 +184,7 @@ async def enforce_policy(stream: Any) -> None:
             except Exception as exc:  # a bug on one message must not stop the stream
                 log.exception("%s failed on %s", CONSUMER, inbound.origin)
                 await dead_letter(inbound.message, exc, CONSUMER)
-        await _publish(outcomes, writer)
+        await _publish(outcomes, writer, seen.writes)
         counts: Counter[tuple[int, str]] = Counter()
         verdicts: Counter[str] = Counter()
         for outcome in outcomes:
@@ -218,6 +218,9 @@ class _SeenInBatch:
     def __init__(self) -> None:
         self.table = replay.table()
         self.added: dict[str, replay.Seen] = {}
+        #: (partition, key, value) of the table entries this batch adds, in order: sent
+        #: with the batch's outputs (`_publish`), not one Faust changelog send each
+        self.writes: list[tuple[int, str, dict[str, Any]]] = []
 
     def get(self, key: str) -> replay.Seen | None:
         hit = self.added.get(key)
@@ -226,7 +229,7 @@ class _SeenInBatch:
     def remember(self, key: str, partition: int, offset: int, at: float) -> None:
         if self.get(key) is None:
             self.added[key] = replay.Seen(partition, offset, at)
-            replay.remember(key, replay.entry(partition, offset, at), partition)
+            self.writes.append((partition, key, replay.entry(partition, offset, at)))
 
 
 async def _warm_keys(batch: list[Inbound]) -> None:
@@ -270,7 +273,7 @@ def decide(
         seen=seen.get(key) if seen is not None else None,
         partition=partition,
         offset=offset,
-        expected_partition=replay.partition_of(message.sender_id, _partitions(inbound)),
+        expected_partition=_home_partition(message.sender_id, _partitions(inbound)),
     )
     result: Evaluation = evaluate(message, policies, keys, ctx=ctx)
     elapsed_us = int((time.perf_counter() - started) * 1_000_000)
@@ -330,6 +333,21 @@ def _partitions(inbound: Inbound) -> int:
 _PARTITIONS: dict[str, int] = {}
 
 
+def _home_partition(sender_id: str, partitions: int) -> int:
+    """The partition Kafka's default partitioner puts a sender's messages in (murmur2 in
+    Python costs more than a lookup: senders repeat, so it is computed once each)."""
+    key = (sender_id, partitions)
+    hit = _HOMES.get(key)
+    if hit is None:
+        if len(_HOMES) > 100_000:
+            _HOMES.clear()
+        hit = _HOMES[key] = replay.partition_of(sender_id, partitions)
+    return hit
+
+
+_HOMES: dict[tuple[str, int], int] = {}
+
+
 @app.timer(interval=30.0)
 async def _expire_replay_entries() -> None:
     """Replay entries past the window go (tombstones, so recovery does not bring them
@@ -364,7 +382,11 @@ def forward_bytes(event: Event[Any], message: AgentMessage, raw: Any) -> bytes:
     return encode(event.model_copy(update=update))
 
 
-async def _publish(outcomes: list[Outcome], writer: ChainWriter) -> None:
+async def _publish(
+    outcomes: list[Outcome],
+    writer: ChainWriter,
+    table_writes: list[tuple[int, str, dict[str, Any]]] = (),  # type: ignore[assignment]
+) -> None:
     """Seal the decisions and send everything of one batch.
 
     Faust's per-record `send` costs more than deciding a message, so in at-least-once mode
@@ -384,11 +406,20 @@ async def _publish(outcomes: list[Outcome], writer: ChainWriter) -> None:
     producer = getattr(app.producer, "_producer", None)
     fast = settings.processing_guarantee == "at_least_once" and producer is not None
     if not fast:
+        for partition, key, entry in table_writes:  # into the batch's transactions
+            replay.remember(key, entry, partition)
         await _publish_in_transactions(outcomes, writer)
         return
     by_partition: dict[int, list[Outcome]] = {}
     for o in outcomes:
         by_partition.setdefault(o.partition, []).append(o)
+    # the replay table's entries travel like the outputs: one record batch per partition
+    # (a Faust changelog send each would cost more than deciding the message)
+    changelog: dict[int, list[tuple[bytes, bytes]]] = {}
+    for partition, key, entry in table_writes:
+        REPLAY.data[key] = entry
+        changelog.setdefault(partition, []).append((orjson.dumps(key), orjson.dumps(entry)))
+    changelog_topic = REPLAY.changelog_topic.get_topic_name()
     decisions_topic = settings.topic(SECURITY_DECISIONS)
     from streams.audit_chain import chain_signer
 
@@ -404,6 +435,8 @@ async def _publish(outcomes: list[Outcome], writer: ChainWriter) -> None:
                 decisions.append((o.decision["payload"]["sender_id"].encode(), value))
             for o in group:
                 records.setdefault(settings.topic(o.topic), []).append((o.key, o.forwarded))
+            if partition in changelog:
+                records[changelog_topic] = changelog[partition]
             futures += await _send_batches(producer, records, partition)
     previous, _IN_FLIGHT[:] = list(_IN_FLIGHT), futures
     try:
