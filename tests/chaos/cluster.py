@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from tests.support import REPO, Worker
 
@@ -240,3 +241,95 @@ class ChaosWorker(Worker):
         self._ready_seen = self.ready_count()
         self.crashes.append(code)
         return code
+
+
+#: ports of the suite's proxied brokers and clusters (4 per node, then Toxiproxy's API):
+#: above the single brokers' range, below the test broker's 19090
+INFRA_PORT_BASE = PORT_BASE + PORT_SPAN + 10
+INFRA_PORT_STOP = 19090
+
+
+class OwnKafka:
+    """A Kafka of the suite's own built with `infra.kafka.cluster` (`nodes` brokers on a
+    free port block in 18900..19089), optionally behind Toxiproxy (`proxied`: every
+    client connection, bootstrap and per-leader, crosses a proxy; replication does not).
+    `bootstrap` is what the run's clients use (the proxies when proxied), `direct` the
+    brokers' own listeners. `stop()` removes brokers, proxies and server, also after a
+    failed start."""
+
+    def __init__(self, state_dir: Path, nodes: int = 1, proxied: bool = False) -> None:
+        from infra.kafka import cluster as kc
+
+        self.state_dir = state_dir = state_dir.resolve()  # the JVM runs elsewhere
+        base = kc.free_port_block(
+            kc.PORTS_PER_NODE * nodes + 1, start=INFRA_PORT_BASE, stop=INFRA_PORT_STOP
+        )
+        self.cfg = kc.ClusterConfig(
+            nodes=nodes, base_port=base, root=state_dir / "cluster", proxied=proxied
+        )
+        self.api_port = base + kc.PORTS_PER_NODE * nodes  # Toxiproxy's API
+        self.kafka: Any = None  # infra.toxiproxy.kafka.ProxiedKafka
+        self._server: Any = None
+        self.kills = 0
+
+    @property
+    def bootstrap(self) -> str:
+        return str(self.cfg.bootstrap)
+
+    @property
+    def direct(self) -> str:
+        return ",".join(f"{self.cfg.host}:{self.cfg.port(i)}" for i in self.cfg.node_ids)
+
+    def worker_env(self) -> dict[str, str]:
+        """What the workers need on this Kafka (RF 3 topics on a 3-node cluster)."""
+        return {"AGENTSTREAM_TOPIC_REPLICATION": str(min(3, self.cfg.nodes))}
+
+    def start(self) -> str:
+        from infra.kafka import cluster as kc
+
+        if not self.cfg.proxied:
+            return str(kc.start_cluster(self.cfg))
+        from infra.toxiproxy.client import Toxiproxy
+        from infra.toxiproxy.kafka import start_behind_proxy
+        from infra.toxiproxy.server import ServerConfig, start_server
+
+        self._server = ServerConfig(port=self.api_port, state_dir=self.state_dir / "toxiproxy")
+        tp = Toxiproxy(start_server(self._server))
+        self.kafka = start_behind_proxy(tp, self.cfg)
+        return self.bootstrap
+
+    def proxies(self) -> list[Any]:
+        if self.kafka is None:
+            raise RuntimeError("this Kafka is not behind Toxiproxy")
+        return list(self.kafka.proxies.values())
+
+    def heal(self) -> None:
+        if self.kafka is not None:
+            self.kafka.heal()
+
+    def cpu_seconds(self) -> float:
+        from infra.kafka import cluster as kc
+
+        total = 0.0
+        for i in self.cfg.node_ids:
+            pid = kc.node_pid(self.cfg, i)
+            total += _proc_cpu(pid) if pid else 0.0
+        return total
+
+    def stop(self, wipe: bool = False) -> None:
+        from infra.kafka import cluster as kc
+
+        try:
+            if self.kafka is not None:
+                from infra.toxiproxy.kafka import stop_behind_proxy
+
+                stop_behind_proxy(self.kafka)
+            else:
+                kc.stop_cluster(self.cfg)
+        finally:
+            if self._server is not None:
+                from infra.toxiproxy.server import stop_server
+
+                stop_server(self._server)
+            if wipe:
+                shutil.rmtree(self.cfg.root, ignore_errors=True)

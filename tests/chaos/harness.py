@@ -21,7 +21,7 @@ from typing import Any
 import orjson
 
 from tests.chaos import checker
-from tests.chaos.cluster import ChaosWorker, OwnBroker
+from tests.chaos.cluster import ChaosWorker, OwnBroker, OwnKafka
 from tests.chaos.collect import INPUT_TOPIC, Collector, GroupWatcher
 from tests.chaos.load import BLOCKED_WORD, Load
 from tests.support import REPO, AdminSigner, cli, with_admin_key
@@ -66,7 +66,7 @@ class RunOptions:
     #: print fault events as they happen
     verbose: bool = False
     #: the broker the run is on, when the suite owns it (scenarios may kill it)
-    broker: OwnBroker | None = None
+    broker: OwnBroker | OwnKafka | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
 
 
@@ -95,7 +95,7 @@ class RunContext:
         return self.opts.session_timeout_s or DEFAULT_SESSION_TIMEOUT_S
 
     @property
-    def broker(self) -> OwnBroker | None:
+    def broker(self) -> OwnBroker | OwnKafka | None:
         return self.opts.broker
 
     def log(self, what: str, **kw: Any) -> None:
@@ -243,7 +243,7 @@ async def _supervise(ctx: RunContext) -> None:
         await asyncio.sleep(0.5)
 
 
-def _cpu_now(broker: OwnBroker | None) -> float:
+def _cpu_now(broker: OwnBroker | OwnKafka | None) -> float:
     own = resource.getrusage(resource.RUSAGE_SELF)
     kids = resource.getrusage(resource.RUSAGE_CHILDREN)
     total = own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime

@@ -12,14 +12,26 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.chaos.cluster import PORT_BASE, OwnBroker
+from tests.chaos.cluster import PORT_BASE, OwnBroker, OwnKafka
 from tests.chaos.harness import GUARANTEES, RunOptions, run_once
 from tests.chaos.report import write
 from tests.chaos.scenarios import SCENARIOS, Scenario
 from tests.support import REPO
 
 DEFAULT_MESSAGES = 100_000
-DEFAULT_ORDER = ("worker_kill", "worker_stop", "broker_restart", "poison", "output_refused")
+DEFAULT_ORDER = (
+    "worker_kill",
+    "worker_stop",
+    "broker_restart",
+    "poison",
+    "output_refused",
+    "network_latency",
+    "network_bandwidth",
+    "network_reset",
+    "network_blackhole",
+    "leader_kill",
+    "coordinator_kill",
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -127,12 +139,22 @@ async def _one(
 ) -> dict[str, Any]:
     assert sc.func is not None
     run_dir = out / sc.name / guarantee / f"run{i + 1}"
-    own: OwnBroker | None = None
-    broker = shared
+    own: OwnBroker | OwnKafka | None = None
+    broker: OwnBroker | OwnKafka | None = shared
+    extra_env = {"CHAOS_KILLS_PER_WORKER": str(args.kills_per_worker)}
     if sc.own_broker:  # a broker to kill: never the shared or an external one
-        own = OwnBroker(run_dir / "kafka", PORT_BASE + 20)
-        print(f"{sc.name}: starting its own broker on {own.bootstrap} …", flush=True)
-        bootstrap = await asyncio.to_thread(own.start)
+        if sc.kafka == "broker":
+            own = OwnBroker(run_dir / "kafka", PORT_BASE + 20)
+        else:  # "proxied": one broker behind Toxiproxy; "cluster": 3 nodes
+            proxied = sc.kafka == "proxied"
+            own = OwnKafka(run_dir / "kafka", nodes=1 if proxied else 3, proxied=proxied)
+            extra_env.update(own.worker_env())
+        print(f"{sc.name}: starting its own {sc.kafka} on {own.bootstrap} …", flush=True)
+        try:
+            bootstrap = await asyncio.to_thread(own.start)
+        except BaseException:
+            await asyncio.to_thread(own.stop, True)
+            raise
         broker = own
     assert bootstrap is not None
     opts = RunOptions(
@@ -151,7 +173,7 @@ async def _one(
         seed=None if args.seed is None else args.seed + i,
         keep_topics=args.keep_topics or own is not None,
         broker=broker if (own is not None) else None,
-        extra_env={"CHAOS_KILLS_PER_WORKER": str(args.kills_per_worker)},
+        extra_env=extra_env,
         verbose=True,
     )
     print(f"{sc.name} / {guarantee} / run {i + 1}: {args.messages} messages …", flush=True)

@@ -10,10 +10,16 @@ what is missing) and reported as skipped."""
 from __future__ import annotations
 
 import asyncio
+import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
+from tests.chaos.cluster import OwnKafka
+from tests.chaos.collect import INPUT_TOPIC
 from tests.chaos.harness import RunContext, ScenarioFunc
 
 
@@ -31,6 +37,9 @@ class Scenario:
     standby_replicas: int = 0
     #: the run needs a broker of its own, which it may kill
     own_broker: bool = False
+    #: with own_broker, which Kafka: "broker" (one node, `OwnBroker`), "proxied" (one
+    #: node behind Toxiproxy, `OwnKafka`) or "cluster" (3 nodes, RF 3, `OwnKafka`)
+    kafka: str = "broker"
     #: what is missing before the scenario can run (None: implemented)
     needs: str | None = None
 
@@ -198,46 +207,307 @@ async def output_refused(ctx: RunContext) -> None:
     ctx.log("output accepted again")
 
 
+# --------------------------------------------------------------------------- network faults
+# One broker behind Toxiproxy, started by the run (`OwnKafka(proxied=True)`): the broker
+# advertises the proxy's port, so every connection of the workers, the load's producer,
+# the collector, the group watcher and the CLI checks crosses the proxy.
+
+
+def _load_s(ctx: RunContext) -> float:
+    """How long the load lasts at the scenario's rate."""
+    return ctx.opts.messages / ctx.opts.rate if ctx.opts.rate > 0 else 60.0
+
+
+def fault_span(ctx: RunContext, full_s: float, low_s: float = 10.0) -> float:
+    """A fault's length scaled to the run: `full_s` on a long run, half the load's
+    duration on a short one (a 2,000-5,000 message run), never under `low_s`.
+    CHAOS_FAULT_S in the run's extra env overrides it."""
+    forced = ctx.opts.extra_env.get("CHAOS_FAULT_S")
+    if forced:
+        return float(forced)
+    return max(low_s, min(full_s, 0.5 * _load_s(ctx)))
+
+
+def _own_kafka(ctx: RunContext, what: str, nodes: int = 1) -> OwnKafka:
+    kafka = ctx.broker
+    if not isinstance(kafka, OwnKafka) or kafka.cfg.nodes < nodes:
+        raise RuntimeError(f"{what} needs a Kafka of its own ({nodes} node(s), OwnKafka)")
+    return kafka
+
+
+def _everything(ctx: RunContext) -> frozenset[int]:
+    return frozenset(range(ctx.opts.partitions))
+
+
+class _Rate:
+    """Decisions per second between two marks (the throughput dip of a fault)."""
+
+    def __init__(self, ctx: RunContext) -> None:
+        self.ctx = ctx
+        self.mark()
+
+    def mark(self) -> None:
+        self.n, self.t = len(self.ctx.collector.decided_ids), time.time()
+
+    def since(self) -> float:
+        n, t = len(self.ctx.collector.decided_ids), time.time()
+        return (n - self.n) / max(1e-3, t - self.t)
+
+
+async def _toxics_for(
+    ctx: RunContext, kind: str, toxics: list[tuple[str, dict[str, Any], str]], full_s: float
+) -> None:
+    """`toxics` ((type, attributes, stream)) on every proxy for `fault_span(full_s)`
+    from a quarter of the load on, then healed; notes the decision rate before and
+    during the fault."""
+    kafka = _own_kafka(ctx, kind)
+    await ctx.load.reached(0.05)
+    rate = _Rate(ctx)
+    await ctx.load.reached(0.25)
+    before = rate.since()
+    span = fault_span(ctx, full_s)
+    ctx.fault(kind, "every client<->broker connection", _everything(ctx))
+    rate.mark()
+    try:
+        for proxy in kafka.proxies():
+            for type_, attributes, stream in toxics:
+                await asyncio.to_thread(proxy.add_toxic, type_, attributes, stream=stream)
+        await asyncio.sleep(span)
+    finally:
+        await asyncio.to_thread(kafka.heal)
+    during = rate.since()
+    ctx.log("healed", after_s=round(span, 1), eps_before=round(before), eps_during=round(during))
+    ctx.note(
+        f"{kind}: {span:.0f}s; decisions/s before {before:.0f}, during {during:.0f} "
+        f"(input rate {ctx.opts.rate:.0f}/s)"
+    )
+
+
+@scenario("network_latency", workers=2, runs=3, rate=40.0, own_broker=True, kafka="proxied")
+async def network_latency(ctx: RunContext) -> None:
+    """200 ms +- 100 ms latency (broker -> client, so every request's round trip) on every
+    connection of the workers, the producer and the readers, for 60 s mid-load (half
+    the load on a short run), through Toxiproxy in front of a broker of the run's own.
+    Proves: slow links lose nothing and exactly-once writes no committed duplicate
+    (at-least-once: duplicates only if a commit or session times out). Notes the
+    throughput dip (decisions/s before vs during)."""
+    await _toxics_for(
+        ctx, "latency", [("latency", {"latency": 200, "jitter": 100}, "downstream")], 60.0
+    )
+
+
+@scenario("network_bandwidth", workers=2, runs=3, rate=40.0, own_broker=True, kafka="proxied")
+async def network_bandwidth(ctx: RunContext) -> None:
+    """Every client<->broker connection capped at 64 KB/s each way for 60 s mid-load (half
+    the load on a short run). Proves: producers and workers back-pressure instead of
+    failing — nothing lost, exactly-once no duplicate — and the pipeline catches up
+    after. Notes the throughput during the cap."""
+    await _toxics_for(
+        ctx,
+        "bandwidth 64KB/s",
+        [("bandwidth", {"rate": 64}, "downstream"), ("bandwidth", {"rate": 64}, "upstream")],
+        60.0,
+    )
+
+
+@scenario("network_reset", workers=2, runs=3, rate=40.0, own_broker=True, kafka="proxied")
+async def network_reset(ctx: RunContext) -> None:
+    """Every client<->broker connection reset (TCP RST, Toxiproxy reset_peer) every 2-5 s
+    for 60 s mid-load (half the load on a short run): in-flight produces, fetches,
+    commits and transaction requests die with the connection. Proves: clients
+    reconnect by themselves, the idempotent/transactional producers write no
+    duplicate on their retries (exactly-once: none committed), nothing is lost.
+    Each reset is a fault (resume = reset -> next decision)."""
+    kafka = _own_kafka(ctx, "network_reset")
+    await ctx.load.reached(0.25)
+    span = fault_span(ctx, 60.0)
+    end = time.monotonic() + span
+    resets = 0
+    try:
+        while time.monotonic() < end:
+            ctx.fault("reset_peer", "every client<->broker connection", _everything(ctx))
+            for proxy in kafka.proxies():
+                for stream in ("downstream", "upstream"):
+                    await asyncio.to_thread(proxy.reset_peer, 0, stream=stream)
+            await asyncio.sleep(0.3)  # connections opened meanwhile are reset too
+            await asyncio.to_thread(kafka.heal)
+            resets += 1
+            await asyncio.sleep(ctx.rng.uniform(2.0, 5.0))
+    finally:
+        await asyncio.to_thread(kafka.heal)
+    ctx.note(f"network_reset: {resets} resets in {span:.0f}s")
+
+
+@scenario("network_blackhole", workers=2, runs=3, rate=40.0, own_broker=True, kafka="proxied")
+async def network_blackhole(ctx: RunContext) -> None:
+    """A 30 s blackhole (Toxiproxy timeout toxic, both ways: connections stay open and
+    nothing arrives) between every client and the broker mid-load (half the load, at
+    least 10 s, on a short run). Longer than the workers' session timeout: the broker
+    expels them, their transactions time out or are fenced, the load's sends time out
+    and are resent. Proves: once healed the workers rejoin and resume by themselves,
+    nothing is lost, exactly-once writes no committed duplicate (a worker that wakes
+    up with a batch in hand is fenced). Measures resume = heal -> first decision."""
+    kafka = _own_kafka(ctx, "network_blackhole")
+    await ctx.load.reached(ctx.rng.uniform(0.25, 0.35))
+    span = fault_span(ctx, 30.0)
+    ctx.fault("blackhole", "every client<->broker connection", frozenset())
+    try:
+        for proxy in kafka.proxies():
+            for stream in ("downstream", "upstream"):
+                await asyncio.to_thread(proxy.timeout, 0, stream=stream)
+        await asyncio.sleep(span)
+    finally:
+        await asyncio.to_thread(kafka.heal)
+    ctx.fault("blackhole healed", f"after {span:.0f}s", _everything(ctx))
+
+
+# --------------------------------------------------------------------------- node kills
+# A 3-node KRaft cluster of the run's own (`OwnKafka(nodes=3)`: RF 3 topics,
+# min.insync.replicas 2, broker.session.timeout 6 s); a node is kill -9'ed, left down
+# past its session timeout (so leadership and coordinators move), then restarted.
+
+
+async def _down_and_back(
+    ctx: RunContext, kafka: OwnKafka, node: int, watch: list[tuple[str, int]]
+) -> None:
+    """kill -9 `node` (the fault is already marked), note when `watch`'s partitions
+    have a new leader, keep it down 8-12 s, restart it and wait until their ISR is
+    full again."""
+    from infra.kafka import cluster as kc
+
+    t0 = time.monotonic()
+    await asyncio.to_thread(kc.kill_node, kafka.cfg, node)
+    kafka.kills += 1
+    bootstrap = ctx.opts.bootstrap
+    for topic, p in watch:
+        try:
+            new = await kc.wait_for_leader(bootstrap, topic, p, not_in={node}, timeout_s=30)
+            ctx.log(
+                "leader moved",
+                partition=f"{topic}-{p}",
+                to=new,
+                after_s=round(time.monotonic() - t0, 2),
+            )
+        except kc.LookupTimeout as exc:
+            ctx.note(f"no new leader for {topic}-{p} within 30s: {exc}")
+    await asyncio.sleep(max(0.0, ctx.rng.uniform(8.0, 12.0) - (time.monotonic() - t0)))
+    await asyncio.to_thread(kc.restart_node, kafka.cfg, node)
+    ctx.log("node rejoined", node=node, down_s=round(time.monotonic() - t0, 1))
+    for topic, p in watch:
+        try:
+            await kc.wait_for_isr(bootstrap, topic, p, size=3, timeout_s=60)
+        except kc.LookupTimeout:
+            ctx.note(f"{topic}-{p}: ISR not back to 3 within 60s of the restart")
+    ctx.log("ISR full", after_s=round(time.monotonic() - t0, 1))
+
+
+@scenario("leader_kill", workers=2, runs=3, rate=60.0, own_broker=True, kafka="cluster")
+async def leader_kill(ctx: RunContext) -> None:
+    """kill -9 of the node leading agent.messages-0 (and whichever other input
+    partitions it leads) on a 3-node cluster (RF 3, min.insync.replicas 2) at 30-50% of
+    the load; restarted 8-12 s later (after the controller fenced it and moved
+    leadership). Proves: leadership moves, the load's acks=all producer, the workers'
+    fetches and produces follow it, no acknowledged input is lost (nothing acked was
+    only on the dead node), exactly-once writes no committed duplicate, and the node
+    catches up (ISR back to 3). Logs leader failover time; resume = kill -> first
+    decision on a partition it led."""
+    from infra.kafka import cluster as kc
+
+    kafka = _own_kafka(ctx, "leader_kill", nodes=3)
+    topic = f"{ctx.ns}.{INPUT_TOPIC}"
+    await ctx.load.reached(ctx.rng.uniform(0.3, 0.5))
+    leaders = {
+        p: await kc.partition_leader(ctx.opts.bootstrap, topic, p)
+        for p in range(ctx.opts.partitions)
+    }
+    node = leaders[0]
+    led = frozenset(p for p, n in leaders.items() if n == node)
+    ctx.fault("leader kill -9", f"node {node}", led)
+    await _down_and_back(ctx, kafka, node, [(topic, p) for p in sorted(led)])
+
+
+def _find_key(doc: Any, key: str = "topic_groups") -> Any:
+    if isinstance(doc, dict):
+        if key in doc:
+            return doc[key]
+        doc = list(doc.values())
+    if isinstance(doc, list):
+        for item in doc:
+            found = _find_key(item, key)
+            if found is not None:
+                return found
+    return None
+
+
+async def _topic_group(ctx: RunContext, topic: str) -> int | None:
+    """Faust's topic group of `topic` (part of its transactional ids), from the group's
+    assignment (each member's ClientAssignment carries `topic_groups`)."""
+    from aiokafka.admin import AIOKafkaAdminClient
+    from aiokafka.coordinator.protocol import ConsumerProtocolMemberAssignment
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=ctx.opts.bootstrap)
+    await admin.start()
+    try:
+        for resp in await admin.describe_consumer_groups([f"{ctx.ns}-app"]):
+            for group in resp.groups:
+                for member in group[5]:
+                    if not member[4]:
+                        continue
+                    assign = ConsumerProtocolMemberAssignment.decode(member[4])
+                    # Faust's ClientMetadata, zlib-compressed JSON
+                    groups = _find_key(orjson.loads(zlib.decompress(assign.user_data)))
+                    if groups and topic in groups:
+                        return int(groups[topic])
+    except Exception as exc:
+        ctx.note(f"topic group of {topic} unknown: {exc!r}")
+    finally:
+        await admin.close()
+    return None
+
+
+@scenario("coordinator_kill", workers=2, runs=3, rate=60.0, own_broker=True, kafka="cluster")
+async def coordinator_kill(ctx: RunContext) -> None:
+    """kill -9 of a coordinator on a 3-node cluster at 30-50% of the load, restarted 8-12 s
+    later: under exactly-once the transaction coordinator of the transactional id of
+    agent.messages-0 (`<app id>-<topic group>-0`, Faust's format; marked: every input
+    partition whose transactional id it coordinates), under at-least-once the group
+    coordinator of the workers' group (marked: every partition). Proves: the
+    coordinator moves (the __transaction_state / __consumer_offsets partition's
+    leadership), open transactions are completed or aborted by the new coordinator,
+    commits resume, nothing is lost, exactly-once writes no committed duplicate
+    (at-least-once: duplicates within a commit interval)."""
+    from infra.kafka import cluster as kc
+
+    kafka = _own_kafka(ctx, "coordinator_kill", nodes=3)
+    topic = f"{ctx.ns}.{INPUT_TOPIC}"
+    bootstrap = ctx.opts.bootstrap
+    await ctx.load.reached(ctx.rng.uniform(0.3, 0.5))
+    if ctx.opts.guarantee == "exactly_once":
+        tg = await _topic_group(ctx, topic)
+        if tg is None:
+            tg = 0
+            ctx.note("coordinator_kill: topic group not found, assumed 0")
+        tids = {p: f"{ctx.ns}-app-{tg}-{p}" for p in range(ctx.opts.partitions)}
+        coords = {p: await kc.transaction_coordinator(bootstrap, t) for p, t in tids.items()}
+        node = coords[0]
+        parts = frozenset(p for p, n in coords.items() if n == node)
+        what = f"transaction coordinator of {tids[0]}"
+    else:
+        node = await kc.group_coordinator(bootstrap, f"{ctx.ns}-app")
+        parts = _everything(ctx)
+        what = f"group coordinator of {ctx.ns}-app"
+    leads = [
+        p
+        for p in range(ctx.opts.partitions)
+        if await kc.partition_leader(bootstrap, topic, p) == node
+    ]
+    ctx.log("coordinator", node=node, of=what, also_leads_input=leads)
+    ctx.fault("coordinator kill -9", f"node {node} ({what})", parts)
+    await _down_and_back(ctx, kafka, node, [])
+
+
 # --------------------------------------------------------------------------- hooks
 
-TOXIPROXY = "Toxiproxy between workers and broker (infra/toxiproxy/, not there yet)"
-CLUSTER = "a 3-node KRaft cluster (infra/kafka/launcher.py cluster mode, not there yet)"
-
-hook(
-    "network_latency",
-    TOXIPROXY,
-    "200 ms +- 100 ms latency on every worker<->broker connection for 60 s mid-load: "
-    "no loss, no exactly-once duplicate; measures the throughput dip.",
-)
-hook(
-    "network_bandwidth",
-    TOXIPROXY,
-    "Bandwidth capped at 64 KB/s for 60 s: producers back-pressure, nothing lost.",
-)
-hook(
-    "network_reset",
-    TOXIPROXY,
-    "Connections reset (reset_peer) every few seconds for 60 s: clients reconnect, "
-    "idempotent producers do not duplicate, nothing lost.",
-)
-hook(
-    "network_blackhole",
-    TOXIPROXY,
-    "A 30 s blackhole (timeout toxic) between one worker and the broker: its partitions "
-    "move, the worker is fenced when it comes back; exactly-once: no duplicate.",
-)
-hook(
-    "leader_kill",
-    CLUSTER,
-    "kill -9 of the leader of the input partitions on a 3-node cluster (RF 3, "
-    "min.insync.replicas 2): leadership moves, no acknowledged input lost.",
-)
-hook(
-    "coordinator_kill",
-    CLUSTER,
-    "kill -9 of the group/transaction coordinator: the group and its transactions move "
-    "to another node; no loss, exactly-once: no duplicate.",
-)
 hook(
     "agent_raises",
     "a fault hook that makes an agent body raise outside `guarded` (none in agents/ or "
