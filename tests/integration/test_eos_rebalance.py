@@ -24,16 +24,17 @@ N = 3000
 
 
 @pytest.mark.parametrize(
-    "record_delay_s",
+    ("record_delay_s", "n"),
     [
         # batches of ~2 s: a revoke waits for them and commits them
-        0.002,
-        # batches of ~15 s: longer than a revoke waits (EOS_COMMIT_WAIT_S), so abandoned
-        0.015,
+        (0.002, N),
+        # batches of ~15 s: longer than a revoke waits (EOS_COMMIT_WAIT_S), so abandoned;
+        # fewer inputs: every one takes 15 ms, and two rebalances still fall mid-load
+        (0.015, N // 2),
     ],
 )
 async def test_exactly_once_two_workers_rebalance_mid_load_no_duplicates_no_loss(
-    settings_env: dict[str, str], tmp_path: Path, record_delay_s: float
+    settings_env: dict[str, str], tmp_path: Path, record_delay_s: float, n: int
 ) -> None:
     base = {
         **settings_env,
@@ -52,15 +53,15 @@ async def test_exactly_once_two_workers_rebalance_mid_load_no_duplicates_no_loss
     first = Worker(base, tmp_path / "w1.log").start()
     second = Worker({**base, "AGENTSTREAM_WEB_PORT": str(_free_port())}, tmp_path / "w2.log")
     try:
-        inputs = messages(N)
+        inputs = messages(n)
         await publish(settings, inputs)
         async with Gauge(settings.bootstrap, accepted) as gauge:
             # a second member joins while the first is busy: every partition is revoked
-            await await_until(lambda: gauge.over(N // 20), 90, interval=0.05, what="outputs")
+            await await_until(lambda: gauge.over(n // 20), 90, interval=0.05, what="outputs")
             second.start()
             # and leaves again while work remains: a second rebalance
-            if await gauge.count() < N * 3 // 4:
-                await await_until(lambda: gauge.over(N // 2), 180, interval=0.05, what="more")
+            if await gauge.count() < n * 3 // 4:
+                await await_until(lambda: gauge.over(n // 2), 180, interval=0.05, what="more")
                 second.stop()
         want = {str(e.event_id) for e in inputs}
         got: list[str] = []
@@ -75,7 +76,7 @@ async def test_exactly_once_two_workers_rebalance_mid_load_no_duplicates_no_loss
         except AssertionError:
             missing = want - set(got)
             raise AssertionError(
-                f"{len(missing)} of {N} inputs not forwarded (read_committed)\n"
+                f"{len(missing)} of {n} inputs not forwarded (read_committed)\n"
                 f"--- w1 ---\n{first.tail(80)}\n--- w2 ---\n{second.tail(80)}"
             ) from None
         dups = {k: c for k, c in Counter(got).items() if c > 1}
@@ -91,7 +92,7 @@ async def test_exactly_once_two_workers_rebalance_mid_load_no_duplicates_no_loss
         )
         decided = Counter(ev.causation_id for _, ev in decisions if ev is not None)
         assert set(decided) == want
-        assert len(decisions) == N, f"{len(decisions) - N} duplicate decision(s)"
+        assert len(decisions) == n, f"{len(decisions) - n} duplicate decision(s)"
     finally:
         second.stop()
         first.stop()
