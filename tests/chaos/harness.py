@@ -24,7 +24,7 @@ from tests.chaos import checker
 from tests.chaos.cluster import ChaosWorker, OwnBroker, OwnKafka
 from tests.chaos.collect import INPUT_TOPIC, Collector, GroupWatcher
 from tests.chaos.load import BLOCKED_WORD, Load
-from tests.support import REPO, AdminSigner, cli, with_admin_key
+from tests.support import REPO, AdminSigner, await_until, cli, with_admin_key
 
 GUARANTEES = (checker.AT_LEAST_ONCE, checker.EXACTLY_ONCE)
 #: Faust's broker_commit_interval in streams/app.py (the at-least-once duplicate bound)
@@ -324,7 +324,7 @@ async def run_once(opts: RunOptions, scenario: ScenarioFunc) -> dict[str, Any]:
         ctx.log("workers ready")
         # the first assignment, so the first fault knows whose partitions it takes
         with contextlib.suppress(AssertionError):
-            await _await(lambda: len(watch.by_port) == len(workers), 60, 0.5)
+            await await_until(lambda: len(watch.by_port) == len(workers), 60, 0.5)
         supervisor = asyncio.create_task(_supervise(ctx))
         load_task = asyncio.create_task(load.run())
         try:
@@ -346,7 +346,7 @@ async def run_once(opts: RunOptions, scenario: ScenarioFunc) -> dict[str, Any]:
         ctx.log("drained" if drained else "drain timed out")
         # a quiet period shows trailing duplicates too
         with contextlib.suppress(AssertionError):
-            await _await(lambda: time.time() - collector.last_record_at > 3.0, 20, 0.5)
+            await await_until(lambda: time.time() - collector.last_record_at > 3.0, 20, 0.5)
         end = drained or time.time()
         result["throughput_eps"] = round(
             len(collector.input_ids) / max(1e-3, end - load.started_at), 1
@@ -407,17 +407,6 @@ def _stop(w: ChaosWorker) -> None:
     w.stop(30)
 
 
-async def _await(pred: Callable[[], Any], timeout: float, interval: float) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s")
-        await asyncio.sleep(interval)
-
-
 async def _drain(ctx: RunContext, timeout: float) -> float | None:
     """Wall time at which every input had its outcome and every decodable one its
     decision, or None at the deadline."""
@@ -431,7 +420,7 @@ async def _drain(ctx: RunContext, timeout: float) -> float | None:
         return valid <= col.decided_ids
 
     try:
-        await _await(done, timeout, 0.5)
+        await await_until(done, timeout, 0.5)
         return time.time()
     except AssertionError:
         return None
