@@ -48,6 +48,8 @@ class AgentStreamApp(faust.App):
     async def on_first_start(self) -> None:
         await super().on_first_start()
         tune_gc()
+        if self.in_transaction:
+            self.add_future(end_recovery_at_log_end(self))
 
     #: fetch.max.wait.ms of the worker's consumer (`Settings.consumer_fetch_max_wait_ms`)
     fetch_max_wait_ms = 100
@@ -57,7 +59,13 @@ class AgentStreamApp(faust.App):
         if not issubclass(base, aiokafka_driver.Transport):
             raise ValueError(f"unsupported broker transport: {self.conf.broker_consumer[0]}")
         thread = type(
-            "ConsumerThread", (FetchWaitConsumerThread, aiokafka_driver.AIOKafkaConsumerThread), {}
+            "ConsumerThread",
+            (
+                FetchWaitConsumerThread,
+                RecoveryOffsetsConsumerThread,
+                aiokafka_driver.AIOKafkaConsumerThread,
+            ),
+            {},
         )
 
         def new_thread(consumer: Any) -> Any:
@@ -94,6 +102,106 @@ class FetchWaitConsumerThread:
         consumer = super()._create_worker_consumer(transport)  # type: ignore[misc]
         consumer._fetch_max_wait_ms = int(getattr(self.app, "fetch_max_wait_ms", 100))
         return consumer
+
+
+class RecoveryOffsetsConsumerThread:
+    """Faust's consumer thread, with the changelog end offsets and seeks its table
+    recovery needs under exactly-once.
+
+    * **Highwaters.** In a transaction Faust takes a changelog partition's end from
+      `last_stable_offset`, which aiokafka knows only once a fetch from that partition
+      returned: right after a rebalance it is unknown (-1), while the recovery still
+      holds the offset it read up to before the rebalance. Faust's consistency check
+      (`persisted offset N > highwater -1`) then crashed the worker in every recovery
+      that followed a kill or stop of another member, again and again. Here the end is
+      asked of the broker (ListOffsets); under `read_committed` the broker answers the
+      last stable offset, which is what recovery must read up to.
+    * **Seeks.** A standby partition whose start offset was never built (assigned while
+      a rebalance interrupted the recovery) reaches `seek_wait` as None, and aiokafka
+      refuses it (`ValueError: Offset must be a positive integer`), crashing the worker
+      as soon as a group with standby replicas formed. An unknown start is the start of
+      the log: it is sought to the beginning.
+    """
+
+    async def _highwaters(self, partitions: Any) -> Any:
+        consumer = self._ensure_consumer()  # type: ignore[attr-defined]
+        return await consumer.end_offsets(list(partitions))
+
+    async def _seek_wait(self, consumer: Any, partitions: Any) -> None:
+        unknown = [tp for tp, offset in partitions.items() if offset is None]
+        if unknown:
+            consumer.seek_to_beginning(*unknown)
+            for tp in unknown:
+                self.consumer._read_offset.pop(tp, None)  # type: ignore[attr-defined]
+        known = {tp: offset for tp, offset in partitions.items() if offset is not None}
+        await super()._seek_wait(consumer, known)  # type: ignore[misc]
+        if unknown:
+            await asyncio.wait_for(
+                asyncio.gather(*[consumer.position(tp) for tp in unknown]),
+                timeout=self.app.conf.broker_request_timeout,  # type: ignore[attr-defined]
+            )
+
+
+#: how often an exactly-once table recovery checks whether it has read its changelogs to
+#: their end: each check is a position lookup per changelog partition still behind
+RECOVERY_END_POLL_S = 0.2
+
+
+async def end_recovery_at_log_end(app: Any) -> None:
+    """Exactly-once: end a table recovery as soon as every changelog is read to its end.
+
+    Faust recovers a changelog partition until it has applied the record at the end
+    offset minus one. Written in transactions, a changelog ends with a transaction
+    marker — and, after a kill, with the aborted records of the killed worker's open
+    transaction and their abort marker — none of which a `read_committed` consumer ever
+    receives. Faust notices only when its changelog queue has stayed empty for two 5 s
+    timeouts (`Recovery._slurp_changelogs`, "Aborted tx until highwater"): every restart
+    or rebalance of an exactly-once worker held its partitions for 10 s more. A partition
+    is read to its end when the consumer's position has reached the last stable offset
+    and nothing fetched is still on its way to the tables: no batch is being handed over
+    and the changelog queue is empty. Then it is marked done as Faust's own check would,
+    and once all are done recovery ends the way Faust ends it.
+    """
+    recovery = app.tables.recovery
+    consumer = app.consumer
+    queue = app.tables.changelog_queue
+
+    def in_flight() -> bool:
+        return bool(getattr(consumer, "_handing_over", False)) or not queue.empty()
+
+    while not app.should_stop:
+        await asyncio.sleep(RECOVERY_END_POLL_S)
+        if not recovery.in_recovery or not recovery.need_recovery() or in_flight():
+            continue
+        offsets = recovery.active_offsets
+        behind = [
+            (tp, last)
+            for tp, last in recovery.active_highwaters.items()
+            if last is not None and last >= 0 and (offsets.get(tp) or -1) < last
+        ]
+        try:
+            positions = [await consumer.position(tp) for tp, _ in behind]
+        except Exception as exc:  # a rebalance under way: recovery restarts anyway
+            recovery.log.debug("changelog positions unavailable: %r", exc)
+            continue
+        at_end = [
+            pos is not None and pos > last for pos, (_, last) in zip(positions, behind, strict=True)
+        ]
+        if not behind or not all(at_end):
+            continue
+        if in_flight() or not recovery.in_recovery:
+            continue  # records arrived while the positions were read: check again
+        for tp, last in behind:
+            offsets[tp] = last
+        if not recovery.need_recovery():
+            recovery.log.info(
+                "changelogs read to their end (%d partition(s) end in transaction "
+                "markers or aborted records): recovery complete",
+                len(behind),
+            )
+            recovery.flush_buffers()
+            recovery._set_recovery_ended()
+            recovery.signal_recovery_end.set()
 
 
 class RefetchingFlowControl(FlowControlEvent):
@@ -240,6 +348,8 @@ class BatchDeliveryConsumer:
     _refetch_epoch = 0
     #: the record whose delivery to the streams (Faust's on_message) is under way
     _delivering: Any = None
+    #: a fetched batch is being handed to the streams and changelog queue (`_deliver`)
+    _handing_over = False
 
     def refetch(self: Any, messages: list[Any]) -> None:
         """Fetch these records again: they were dropped before a stream read them."""
@@ -547,7 +657,11 @@ class BatchDeliveryConsumer:
                     if fetched and len(batch) != sum(map(len, fetched.values())):
                         self._refetch_undelivered(fetched, batch)
                     if batch:
-                        await self.wait_first(deliver(batch), self.suspend_flow.wait())
+                        self._handing_over = True
+                        try:
+                            await self.wait_first(deliver(batch), self.suspend_flow.wait())
+                        finally:
+                            self._handing_over = False
                     self.diag.unset_flag(CONSUMER_FETCHING)
         except self.consumer_stopped_errors:
             if self.transport.app.should_stop:

@@ -182,6 +182,113 @@ CONTRACTS: list[Contract] = [
         f"{APP}::def _create_worker_consumer",
         params="(self, transport)",
     ),
+    # -- streams/app.py: RecoveryOffsetsConsumerThread --------------------------------
+    c(
+        f"{THREAD}._highwaters",
+        "override",
+        f"{APP}::async def _highwaters(self, partitions",
+        params="(self, partitions)",
+        # the transactional branch we replace: LSO known only after a fetch
+        contains=("return {tp: consumer.last_stable_offset(tp) for tp in partitions}",),
+        fingerprint="6a6d54f09c7082aa",
+    ),
+    c(
+        f"{THREAD}._seek_wait",
+        "override",
+        f"{APP}::async def _seek_wait(self, consumer: Any, partitions",
+        f"{APP}::await super()._seek_wait(consumer, known)",
+        params="(self, consumer, partitions)",
+        fingerprint="ab2734df6c08ed87",
+    ),
+    c(
+        "faust.tables.recovery.Recovery._build_highwaters",
+        "read",
+        f"{APP}::class RecoveryOffsetsConsumerThread",
+        # recovery's highwaters come from consumer.highwaters (our _highwaters)
+        contains=("highwaters = await consumer.highwaters(*tps)",),
+        fingerprint="78fba816b8e9683d",
+    ),
+    c(
+        "faust.tables.recovery.Recovery._seek_offsets",
+        "read",
+        f"{APP}::class RecoveryOffsetsConsumerThread",
+        # a None start offset reaches seek_wait unchanged (our _seek_wait)
+        contains=("await consumer.seek_wait(new_offsets)",),
+        fingerprint="5854b9698ff9e802",
+    ),
+    c(
+        "aiokafka.AIOKafkaConsumer.end_offsets",
+        "call",
+        f"{APP}::await consumer.end_offsets(list(partitions))",
+        params="(self, partitions)",
+    ),
+    c(
+        "aiokafka.AIOKafkaConsumer.seek_to_beginning",
+        "call",
+        f"{APP}::consumer.seek_to_beginning(*unknown)",
+        params="(self, *partitions)",
+    ),
+    # -- streams/app.py: end_recovery_at_log_end ---------------------------------------
+    c(
+        "faust.tables.recovery.Recovery._slurp_changelogs",
+        "read",
+        f"{APP}::async def end_recovery_at_log_end",
+        # the wait we cut short: two empty 5 s polls before the aborted-tx check
+        contains=(
+            "changelog_queue.get(), timeout=5.0",
+            "if timeout and self.app.in_transaction and (timeout_count > 1):",
+            "self.flush_buffers()",
+            "self._set_recovery_ended()",
+            "self.signal_recovery_end.set()",
+        ),
+        fingerprint="37b7821eba6e4d7b",
+    ),
+    c("faust.tables.recovery.Recovery.in_recovery", "read", f"{APP}::not recovery.in_recovery"),
+    c(
+        "faust.tables.recovery.Recovery.need_recovery",
+        "call",
+        f"{APP}::recovery.need_recovery()",
+        params="(self)",
+        fingerprint="732d19f8b9a3d479",
+    ),
+    c("faust.tables.recovery.Recovery.active_offsets", "write", f"{APP}::offsets[tp] = last"),
+    c(
+        "faust.tables.recovery.Recovery.active_highwaters",
+        "read",
+        f"{APP}::recovery.active_highwaters.items()",
+    ),
+    c(
+        "faust.tables.recovery.Recovery.flush_buffers",
+        "call",
+        f"{APP}::recovery.flush_buffers()",
+        params="(self)",
+        fingerprint="56b72a47b67767c2",
+    ),
+    c(
+        "faust.tables.recovery.Recovery._set_recovery_ended",
+        "call",
+        f"{APP}::recovery._set_recovery_ended()",
+        params="(self)",
+        fingerprint="2c2f08980c1b4886",
+    ),
+    c(
+        "faust.tables.recovery.Recovery.signal_recovery_end",
+        "read",
+        f"{APP}::recovery.signal_recovery_end.set()",
+    ),
+    c("faust.tables.manager.TableManager.recovery", "read", f"{APP}::app.tables.recovery"),
+    c(
+        "faust.tables.manager.TableManager.changelog_queue",
+        "read",
+        f"{APP}::app.tables.changelog_queue",
+    ),
+    c(f"{CONSUMER}.position", "call", f"{APP}::await consumer.position(tp)", params="(self, tp)"),
+    c(
+        "mode.Service.add_future",
+        "call",
+        f"{APP}::self.add_future(end_recovery_at_log_end(self))",
+        params="(self, coro)",
+    ),
     c(f"{THREAD}.app", "read", f"{APP}::getattr(self.app"),
     c(
         "aiokafka.AIOKafkaConsumer._fetch_max_wait_ms",
@@ -691,7 +798,7 @@ def lookup(dotted: str) -> Any:
 
 def function_of(member: Any) -> Callable[..., Any] | None:
     """The plain function behind a method, property, cached_property, stampede..."""
-    for attr in ("fget", "func", "__wrapped__"):
+    for attr in ("fget", "func", "__wrapped__", "fun"):  # fun: mode's ServiceTask
         inner = getattr(member, attr, None)
         if inner is not None and callable(inner):
             return function_of(inner) or inner
