@@ -22,7 +22,7 @@ Delivery model (invariants first; every change here must keep them)
 2. Such an *abandoned* batch is processed again from the last committed offset, by this
    worker after a restart or by whoever gets its partitions: an abandoned batch that is
    not explained by a revoke (below) or by the worker stopping stops every further offset
-   commit of this worker and crashes it (`streams.app.processing_failed`), like an
+   commit of this worker and crashes it (`streams.delivery.processing_failed`), like an
    output the broker refused. At-least-once may then repeat outputs; nothing is lost.
    (Faust alone, and this module before, acked the batch in a `finally`: its outputs
    were lost. Restarting just the agent is not enough: the records after it in the queue
@@ -47,7 +47,7 @@ Delivery model (invariants first; every change here must keep them)
    changelog records are aborted); with batches shorter than the wait, none is stale.
 4. Mechanics: the agent's batch iterator (`decoded_batches` / `event_batches`) marks the
    batch it handed out in context variables of the agent's task (`_TAKEN`, `_OPEN`);
-   `streams.app.BatchAgent` calls `abandon_open_batch` when the agent body raises, which
+   `streams.delivery.BatchAgent` calls `abandon_open_batch` when the agent body raises, which
    closes the iterator at once (releasing the commit gate, not acking) and applies (2).
 """
 
@@ -66,15 +66,13 @@ from typing import Any, TypeVar
 
 from schemas import DeadLetter, Event, encode, registry
 from schemas.errors import InvalidEvent, PipelineError
-from streams.app import (
+from streams.app import app, catalogue_topic, settings
+from streams.delivery import (
     HANDED_MARKS,
     STALE_DELIVERIES,
-    app,
-    catalogue_topic,
     delivery_failed,
     processing_failed,
     refuse_commits,
-    settings,
 )
 from streams.eos import GATE, SOURCE, transactional_id_for
 from streams.observability import DEAD_LETTERS, EVENTS_IN, EVENTS_OUT, SEND_FAILURES
@@ -136,7 +134,7 @@ def _own_batch() -> tuple[asyncio.Task[Any] | None, Any, int, int] | None:
 
 def check_batch_current() -> None:
     """Exactly-once: raise `BatchAbandoned` when this task's open batch was taken before
-    a revoke (streams.app.BatchDeliveryConsumer.on_partitions_revoked)."""
+    a revoke (streams.delivery.BatchDeliveryConsumer.on_partitions_revoked)."""
     if not _EOS:
         return
     taken = _own_batch()
@@ -155,7 +153,7 @@ def _stale(taken: tuple[asyncio.Task[Any] | None, Any, int, int]) -> bool:
 
 
 async def abandon_open_batch(exc: BaseException, *, stopping: bool) -> None:
-    """The agent of this task left its batch by `exc` (called by `streams.app.BatchAgent`
+    """The agent of this task left its batch by `exc` (called by `streams.delivery.BatchAgent`
     before Faust's supervisor sees the exception): close the batch iterator now, without
     acking the batch, and decide what the unfinished batch means (module docstring, 2).
     """
@@ -431,7 +429,7 @@ async def _event_batches(
                 msg = ev.message
                 if stale and msg in stale:
                     # put in the queue after a clear that dropped records before it: it
-                    # is fetched again with them (streams.app.RefetchingFlowControl)
+                    # is fetched again with them (streams.delivery.RefetchingFlowControl)
                     continue
                 if not active or msg.generation_id != generation:
                     skipped.append(ev)

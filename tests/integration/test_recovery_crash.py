@@ -268,7 +268,7 @@ async def test_exactly_once_kill9_restart_no_duplicates_tables_equal_rebuild(
             )
         except AssertionError:
             # Diagnose before failing: a stall (restarted worker Ready, no error, nothing
-            # forwarded) was seen before the refetch fix in streams/app.py; this says
+            # forwarded) was seen before the refetch fix (streams/delivery.py); this says
             # whether records sit in open transactions or the agent is idle.
             recs = await read_topic(settings.bootstrap, accepted_topic, timeout=10, idle=1.0)
             got = {input_id(ev) for _, ev in recs if ev is not None}

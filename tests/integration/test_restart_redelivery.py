@@ -16,7 +16,8 @@ from aiokafka import ConsumerRecord
 from faust.transport.consumer import Consumer as FaustConsumer
 from faust.types import TP, Message
 
-from streams.app import STALE_DELIVERIES, RefetchingFlowControl, app
+from streams.app import app
+from streams.delivery import STALE_DELIVERIES, RefetchingFlowControl
 from tests.support import await_until
 
 TOPIC = "redelivery.agent.messages"

@@ -2,7 +2,7 @@
 
 Faust creates the worker's aiokafka consumer with fetch.max.wait.ms = 1500; with one
 fetch per broker in flight that let LLM requests wait up to 1.5 s (see
-`streams.app.FetchWaitConsumerThread`). These build the clients (never started) from an
+`streams.delivery.FetchWaitConsumerThread`). These build the clients (never started) from an
 app made by `create_app`, as a worker would.
 """
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from streams.app import STALE_DELIVERIES
+from streams.delivery import STALE_DELIVERIES
 from streams.processing import event_batches
 
 
@@ -113,7 +113,7 @@ async def test_second_copies_are_skipped_until_the_generation_changes() -> None:
 
 async def test_a_record_put_after_a_queue_clear_is_dropped_so_the_records_before_it_count() -> None:
     # 3 and 4 were cleared from the queue while 5 was being delivered; 5 landed after the
-    # clear (streams.app.RefetchingFlowControl marks it stale) and all three come again.
+    # clear (streams.delivery.RefetchingFlowControl marks it stale) and all three come again.
     # Handed out first, 5 would make the refetched 3 and 4 look like copies.
     stream = Stream(App())
     late = Ev(Msg("in", 0, 5, 1))

@@ -1,0 +1,719 @@
+"""The delivery core of the worker, moved unchanged out of `streams/app.py`: the consumer
+(`BatchDeliveryConsumer`, mixed into Faust's aiokafka consumer by `new_transport`), its
+consumer thread (`FetchWaitConsumerThread`, `RecoveryOffsetsConsumerThread`), flow control
+(`RefetchingFlowControl`), the agent class (`BatchAgent`), what stops commits
+(`DELIVERY_FAILURES`), the exactly-once recovery end (`end_recovery_at_log_end`) and the
+consumer's state for the SIGUSR2 task dump (`consumer_state`). The delivery model is at
+the top of `streams.processing`.
+
+`streams.app` imports this module, so this module never imports `streams.app` at import
+time: what needs the app takes it from its objects (`self.app`) or as an argument, and
+`delivery_failed` imports it when called.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import weakref
+from typing import Any
+
+import faust
+from faust.transport import by_url
+from faust.transport.consumer import CONSUMER_FETCHING
+from faust.transport.drivers import aiokafka as aiokafka_driver
+from faust.types import TP
+from mode.utils.queues import FlowControlEvent
+
+
+class FetchWaitConsumerThread:
+    """Faust's consumer thread with a configurable fetch.max.wait.ms (Faust hard-codes
+    1500 ms).
+
+    aiokafka keeps one fetch request per broker in flight and builds it only from the
+    partitions whose previously fetched records have all been consumed. A partition
+    consumed while that fetch waits at the broker is not in it, so its next records wait
+    until the fetch returns: up to fetch.max.wait.ms when the partitions in the fetch
+    stay quiet. Under a steady LLM load this stalled `llm.requests` for up to 1.5 s at a
+    time (bench: pipeline p99 2.3 s); an idle worker pays for the lower wait with a few
+    more empty fetches per second.
+    """
+
+    app: Any
+
+    def _create_worker_consumer(self, transport: Any) -> Any:
+        consumer = super()._create_worker_consumer(transport)  # type: ignore[misc]
+        consumer._fetch_max_wait_ms = int(getattr(self.app, "fetch_max_wait_ms", 100))
+        return consumer
+
+
+class RecoveryOffsetsConsumerThread:
+    """Faust's consumer thread, with the changelog end offsets and seeks its table
+    recovery needs under exactly-once.
+
+    * **Highwaters.** In a transaction Faust takes a changelog partition's end from
+      `last_stable_offset`, which aiokafka knows only once a fetch from that partition
+      returned: right after a rebalance it is unknown (-1), while the recovery still
+      holds the offset it read up to before the rebalance. Faust's consistency check
+      (`persisted offset N > highwater -1`) then crashed the worker in every recovery
+      that followed a kill or stop of another member, again and again. Here the end is
+      asked of the broker (ListOffsets); under `read_committed` the broker answers the
+      last stable offset, which is what recovery must read up to.
+    * **Seeks.** A standby partition whose start offset was never built (assigned while
+      a rebalance interrupted the recovery) reaches `seek_wait` as None, and aiokafka
+      refuses it (`ValueError: Offset must be a positive integer`), crashing the worker
+      as soon as a group with standby replicas formed. An unknown start is the start of
+      the log: it is sought to the beginning.
+    """
+
+    async def _highwaters(self, partitions: Any) -> Any:
+        consumer = self._ensure_consumer()  # type: ignore[attr-defined]
+        return await consumer.end_offsets(list(partitions))
+
+    async def _seek_wait(self, consumer: Any, partitions: Any) -> None:
+        unknown = [tp for tp, offset in partitions.items() if offset is None]
+        if unknown:
+            consumer.seek_to_beginning(*unknown)
+            for tp in unknown:
+                self.consumer._read_offset.pop(tp, None)  # type: ignore[attr-defined]
+        known = {tp: offset for tp, offset in partitions.items() if offset is not None}
+        await super()._seek_wait(consumer, known)  # type: ignore[misc]
+        if unknown:
+            await asyncio.wait_for(
+                asyncio.gather(*[consumer.position(tp) for tp in unknown]),
+                timeout=self.app.conf.broker_request_timeout,  # type: ignore[attr-defined]
+            )
+
+
+#: how often an exactly-once table recovery checks whether it has read its changelogs to
+#: their end: each check is a position lookup per changelog partition still behind
+RECOVERY_END_POLL_S = 0.2
+
+
+async def end_recovery_at_log_end(app: Any) -> None:
+    """Exactly-once: end a table recovery as soon as every changelog is read to its end.
+
+    Faust recovers a changelog partition until it has applied the record at the end
+    offset minus one. Written in transactions, a changelog ends with a transaction
+    marker — and, after a kill, with the aborted records of the killed worker's open
+    transaction and their abort marker — none of which a `read_committed` consumer ever
+    receives. Faust notices only when its changelog queue has stayed empty for two 5 s
+    timeouts (`Recovery._slurp_changelogs`, "Aborted tx until highwater"): every restart
+    or rebalance of an exactly-once worker held its partitions for 10 s more. A partition
+    is read to its end when the consumer's position has reached the last stable offset
+    and nothing fetched is still on its way to the tables: no batch is being handed over
+    and the changelog queue is empty. Then it is marked done as Faust's own check would,
+    and once all are done recovery ends the way Faust ends it.
+    """
+    recovery = app.tables.recovery
+    consumer = app.consumer
+    queue = app.tables.changelog_queue
+
+    def in_flight() -> bool:
+        return bool(getattr(consumer, "_handing_over", False)) or not queue.empty()
+
+    while not app.should_stop:
+        await asyncio.sleep(RECOVERY_END_POLL_S)
+        if not recovery.in_recovery or not recovery.need_recovery() or in_flight():
+            continue
+        offsets = recovery.active_offsets
+        behind = [
+            (tp, last)
+            for tp, last in recovery.active_highwaters.items()
+            if last is not None and last >= 0 and (offsets.get(tp) or -1) < last
+        ]
+        try:
+            positions = [await consumer.position(tp) for tp, _ in behind]
+        except Exception as exc:  # a rebalance under way: recovery restarts anyway
+            recovery.log.debug("changelog positions unavailable: %r", exc)
+            continue
+        at_end = [
+            pos is not None and pos > last for pos, (_, last) in zip(positions, behind, strict=True)
+        ]
+        if not behind or not all(at_end):
+            continue
+        if in_flight() or not recovery.in_recovery:
+            continue  # records arrived while the positions were read: check again
+        for tp, last in behind:
+            offsets[tp] = last
+        if not recovery.need_recovery():
+            recovery.log.info(
+                "changelogs read to their end (%d partition(s) end in transaction "
+                "markers or aborted records): recovery complete",
+                len(behind),
+            )
+            recovery.flush_buffers()
+            recovery._set_recovery_ended()
+            recovery.signal_recovery_end.set()
+
+
+class RefetchingFlowControl(FlowControlEvent):
+    """Faust's flow control, except that records it drops are fetched again.
+
+    `flow_control.resume()` empties every stream queue, on every call, to drop what was
+    fetched before a rebalance. But Faust's recovery resumes flow twice: once before it
+    reads the changelogs (the fetcher starts), and again after `on_recovery_completed`
+    has resumed the stream partitions and awaited `perform_seek`. Records fetched from
+    the stream partitions in between reach an agent's queue and are wiped by the second
+    resume, while the consumer position is already past them and nothing acked them:
+    without a committed offset to seek back to, the worker neither processes nor
+    commits them (seen right after a quick restart). So the consumer is told what is
+    dropped here and seeks back to it before its next fetch.
+    """
+
+    def __init__(self, app: faust.App, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._app = app
+
+    def clear(self) -> None:
+        dropped = [
+            item.message
+            for queue in self._queues
+            for item in queue._queue
+            if getattr(item, "message", None) is not None
+        ]
+        super().clear()
+        consumer = self._app.consumer
+        if not isinstance(consumer, BatchDeliveryConsumer):
+            return
+        # The record being delivered right now is past the await at which this clear ran
+        # (Faust's on_message waits for flow control and for the producer buffer to
+        # ebb): it lands in a queue AFTER the clear, ahead of the cleared records before
+        # it, which are fetched again. Handed out first, it would make those look like
+        # copies of records already handed (`streams.processing.event_batches`): skipped,
+        # never processed, and Faust's commit either stalls at the gap or, with nothing
+        # committed yet, passes over it. So it is stale: agents drop it and it is fetched
+        # again with the others.
+        delivering = consumer._delivering
+        if delivering is not None:
+            STALE_DELIVERIES.add(delivering)
+            dropped.append(delivering)
+        if dropped:
+            consumer.refetch(dropped)
+
+
+#: Records delivered to stream queues after those queues were cleared, which agents must
+#: not handle (`RefetchingFlowControl.clear`); held weakly: a record's entry goes with it.
+STALE_DELIVERIES: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+#: Why no further offset may be committed: delivery errors of produced records (see
+#: `streams.processing.emit`) and batches an agent left unfinished (see
+#: `streams.processing.abandon_open_batch`). Once non-empty the consumer commits no more
+#: offsets and the app crashes (unless it was stopping anyway).
+DELIVERY_FAILURES: list[BaseException] = []
+_CRASHING: list[asyncio.Future[None]] = []  # keeps the crash task referenced
+
+
+def delivery_failed(exc: BaseException) -> None:
+    """Record an undeliverable output and crash the worker (a supervisor restarts it and
+    the uncommitted inputs are consumed again)."""
+    refuse_commits(exc)
+    if len(DELIVERY_FAILURES) == 1:
+        # the worker's app, imported here: streams.app imports this module
+        from streams.app import app
+
+        _CRASHING.append(asyncio.ensure_future(app.crash(exc)))
+
+
+def processing_failed(exc: BaseException) -> None:
+    """An agent left a batch unfinished by an exception: its outputs may be partly sent,
+    or not at all, so the offsets behind it must never be committed. Same as an
+    undeliverable output: commit nothing more and crash; after the restart the inputs
+    since the last commit are processed again (under exactly-once the restarted
+    producers fence and abort the open transactions that may hold part of them)."""
+    delivery_failed(exc)
+
+
+def refuse_commits(exc: BaseException) -> None:
+    """Commit no further offset in this process (without crashing it)."""
+    DELIVERY_FAILURES.append(exc)
+
+
+class BatchAgent(faust.Agent):
+    """Faust's agent, except that when the agent body raises, the batch it holds is
+    abandoned at once: not acked, and the worker crashes unless a revoke or the
+    worker's stop explains it (`streams.processing.abandon_open_batch`). Faust would log
+    the error and restart the agent, and the batch iterator's clean-up, whenever the
+    collector ran it, acked the batch: its inputs were lost."""
+
+    async def _execute_actor(self, coro: Any, aref: Any) -> None:
+        await super()._execute_actor(self._abandoning(coro), aref)
+
+    async def _abandoning(self, coro: Any) -> None:
+        try:
+            await coro
+        except BaseException as exc:
+            from streams.processing import abandon_open_batch
+
+            await abandon_open_batch(exc, stopping=bool(self.should_stop or self.app.should_stop))
+            raise
+
+
+#: how long an exactly-once commit waits for the batches in progress before it gives up
+#: (a later commit catches up); bounded so that a stuck agent cannot stall a rebalance.
+#: A revoke waits as long for them (`BatchDeliveryConsumer.on_partitions_revoked`).
+EOS_COMMIT_WAIT_S = 10.0
+
+
+class BatchDeliveryConsumer:
+    """Faust's consumer, delivering each fetched batch under ONE `wait_first`.
+
+    Faust wraps every single record in `wait_first(callback, suspend_flow.wait())`:
+    four tasks and an `asyncio.wait` per record, which caps any Faust worker at roughly
+    13k records/s here however cheap the agent is (see docs/bench.md). This does the
+    same per-record work (read offsets, gaps, commit_every, the conductor callback) in
+    one task per batch that a rebalance (`suspend_flow`), stop or crash still cancels.
+
+    Faust drops fetched records in several places and counts on its next seek to the
+    committed offsets to fetch them again: `getmany` drops records of a partition paused
+    (or flow stopped, generation changed) while the fetch waited, a cancelled delivery
+    drops the rest of its batch, `flow_control.resume()` empties the stream queues. But
+    aiokafka's `seek_to_committed` does not seek a partition without a committed offset
+    (nor one at 0), so there those records were simply skipped: after a crash before
+    the first commit, the restarted worker stalled on its input. Here every such drop
+    is noted (`refetch`) and the partition is sought back to it before the next fetch.
+    """
+
+    #: per partition, the lowest offset of a record dropped before any stream read it
+    _refetch_from: dict[Any, int] | None = None
+    #: bumped by every `refetch`: a batch being delivered then stops, see `_deliver`
+    _refetch_epoch = 0
+    #: the record whose delivery to the streams (Faust's on_message) is under way
+    _delivering: Any = None
+    #: a fetched batch is being handed to the streams and changelog queue (`_deliver`)
+    _handing_over = False
+
+    def refetch(self: Any, messages: list[Any]) -> None:
+        """Fetch these records again: they were dropped before a stream read them."""
+        self._refetch_offsets([(message.tp, message.offset) for message in messages])
+
+    def _refetch_offsets(self: Any, offsets: list[tuple[Any, int]]) -> None:
+        pending = self._refetch_from
+        if pending is None:
+            pending = self._refetch_from = {}
+        for tp, offset in offsets:
+            if self._is_changelog_tp(tp):
+                continue  # recovery and standbys keep their own positions
+            if tp not in pending or offset < pending[tp]:
+                pending[tp] = offset
+        self._refetch_epoch += 1
+
+    #: per assigned partition, the highest offset this consumer has committed since the
+    #: partition was assigned (see `perform_seek`)
+    _committed_high: dict[Any, int] | None = None
+
+    async def _commit_offsets(self: Any, offsets: Any, start_new_transaction: bool = True) -> bool:
+        did: bool = await super()._commit_offsets(  # type: ignore[misc]
+            offsets, start_new_transaction=start_new_transaction
+        )
+        if did:
+            high = self._committed_high
+            if high is None:
+                high = self._committed_high = {}
+            assignment = self.assignment()
+            for tp, offset in offsets.items():
+                if tp in assignment and offset > high.get(tp, -1):
+                    high[tp] = offset
+        return did
+
+    #: exactly-once: revokes so far; a batch taken before the last one is abandoned
+    #: (`streams.processing`, delivery model 3)
+    _revokes = 0
+
+    async def on_partitions_revoked(self: Any, revoked: Any) -> None:
+        if self.app.in_transaction and self.assignment():
+            await self._finish_batches_before_revoke()
+        high = self._committed_high
+        if high:
+            for tp in revoked:
+                high.pop(tp, None)
+        await super().on_partitions_revoked(revoked)  # type: ignore[misc]
+
+    async def _finish_batches_before_revoke(self: Any) -> None:
+        """Exactly-once: let the batches in progress finish (at most EOS_COMMIT_WAIT_S)
+        and commit them, then mark every batch taken so far as stale.
+
+        Faust stops the revoked partitions' transactional producers without committing
+        (and `stream_wait_empty=False` does not wait for the agents), so a batch running
+        through a revoke used to send the rest of its outputs outside any transaction:
+        duplicated when the next owner processed its inputs again. Now a batch either
+        finishes here and is committed with its outputs, or is abandoned at its next
+        output (`streams.processing.check_batch_current`) and processed by the next
+        owner; what it sent before stays in a transaction that is never committed.
+        New batches wait at the gate meanwhile and are abandoned when they enter it."""
+        from streams.eos import GATE
+
+        async with GATE.commit_window(EOS_COMMIT_WAIT_S) as quiet:
+            try:
+                if not quiet:
+                    self.log.warning(
+                        "revoke: batches still in progress after %.0f s are abandoned",
+                        EOS_COMMIT_WAIT_S,
+                    )
+                elif not self._delivery_failed():
+                    await self.app.producer.buffer.flush()
+                    await super().commit()  # type: ignore[misc]
+            except Exception as exc:  # the revoke goes on; nothing uncommitted is lost
+                self.log.warning("revoke: committing the finished batches failed: %r", exc)
+                quiet = False
+            finally:
+                # inside the window: batches waiting to enter the gate see it first
+                self._revokes += 1
+                if not quiet:
+                    # The open transactions may hold outputs of the abandoned batches.
+                    # Faust keeps the producer of a partition assigned again to this
+                    # worker, and would commit them with the next offsets: end them all
+                    # (still inside the window, so no commit runs before); the next
+                    # owner of each partition, this worker included, starts a producer
+                    # with the same transactional id, which aborts them (seen: ~250
+                    # duplicates per rebalance with batches longer than the wait).
+                    await self._end_transactions()
+
+    async def _end_transactions(self: Any) -> None:
+        producer = self.transactions.producer
+        for tid in list(getattr(producer, "_transaction_producers", None) or ()):
+            try:
+                await producer.stop_transaction(tid)
+            except Exception as exc:  # fenced or broken already: aborted either way
+                self.log.warning("revoke: stopping transaction %s failed: %r", tid, exc)
+
+    async def perform_seek(self: Any) -> None:
+        """Faust's seek of every partition to its committed offset, except that a commit
+        this worker made is not forgotten because the broker does not show it yet.
+
+        Recovery calls this after the stream partitions were resumed, so the agents may
+        already have processed and committed records meanwhile. Faust then replaces its
+        committed offsets with what the broker answers, and the broker can answer the
+        offset from before that commit: under exactly-once a transaction's offsets become
+        visible only once its markers are written, after `commit_transaction` returned.
+        Faust's commit would then wait forever for acks of offsets below the one it
+        committed (the agents skip those records as copies), while the open transaction
+        holds every output since. The seek also bumps the refetch epoch: records fetched
+        before it are not delivered after it (`_deliver`).
+        """
+        before = {tp: self._committed_offset.get(tp) for tp in self.assignment()}
+        await super().perform_seek()  # type: ignore[misc]
+        # records fetched before the seek are not delivered after it (see `_deliver`)
+        self._refetch_epoch += 1
+        high = self._committed_high or {}
+        for tp, was in sorted(before.items()):
+            if not self._is_changelog_tp(tp):
+                # a restart's recovery is where records were lost or held before: say
+                # what the seek found, once per stream partition
+                self.log.info(
+                    "seek to committed: %s[%d] committed %s before, broker %s, ours %s",
+                    tp.topic,
+                    tp.partition,
+                    was,
+                    self._committed_offset.get(tp),
+                    high.get(tp),
+                )
+        for tp, offset in high.items():  # assigned partitions only (on_partitions_revoked)
+            known = self._committed_offset.get(tp)
+            if known is None or known < offset:
+                self.log.info(
+                    "%s: the broker answered committed offset %s, this worker committed %d "
+                    "already; keeping %d",
+                    tp,
+                    known,
+                    offset,
+                    offset,
+                )
+                self._committed_offset[tp] = offset
+
+    #: the records the last `_getmany` returned, to find those `getmany` then dropped
+    _last_fetch: Any = None
+
+    async def _getmany(self: Any, active_partitions: Any, timeout: float) -> Any:  # noqa: ASYNC109
+        # Faust passes its live set of active partitions, which recovery mutates while the
+        # fetch waits; aiokafka reads an EMPTY set as "every assigned partition" and hands
+        # back records of paused stream partitions (which getmany then drops).
+        if active_partitions is not None:
+            active_partitions = _NeverEmpty(active_partitions)
+        records = await super()._getmany(active_partitions, timeout)  # type: ignore[misc]
+        self._last_fetch = records
+        return records
+
+    def _refetch_undelivered(self: Any, fetched: Any, batch: list[tuple[Any, Any]]) -> None:
+        """`getmany` silently drops fetched records (partition paused meanwhile, flow
+        stopped, generation changed) although the consumer position has moved past them;
+        Faust counts on the next seek to committed offsets to fetch them again, which
+        does not happen for a partition without a committed offset."""
+        yielded: dict[Any, int] = {}
+        for tp, _ in batch:
+            yielded[tp] = yielded.get(tp, 0) + 1
+        self._refetch_offsets(
+            [
+                (tp, records[yielded.get(tp, 0)].offset)
+                for tp, records in fetched.items()
+                if yielded.get(tp, 0) < len(records)
+            ]
+        )
+
+    async def _seek_back_to_dropped(self: Any) -> None:
+        pending, self._refetch_from = self._refetch_from, None
+        assigned = self.assignment()
+        for tp, offset in (pending or {}).items():
+            if tp not in assigned:
+                continue  # revoked: its new owner starts from the committed offset
+            try:
+                position = await self.position(tp)
+                # Only ever backwards: a seek to the committed offset since may already
+                # have rewound further, and skipping records would lose them.
+                if position is None or offset < position:
+                    self.log.info(
+                        "fetching %s again from offset %d (was at %s): records were "
+                        "dropped from stream queues before they were read",
+                        tp,
+                        offset,
+                        position,
+                    )
+                    await self.seek(tp, offset)
+            except Exception as exc:  # a rebalance under way: it seeks to committed
+                self.log.warning("could not seek %s back to %d: %r", tp, offset, exc)
+
+    async def commit(self: Any, topics: Any = None, start_new_transaction: bool = True) -> bool:
+        """Under exactly_once, commit only between batches (see streams/eos.py).
+
+        A transaction holds every record produced for its partition so far; committed
+        mid-batch it would publish outputs of events whose offsets it does not commit,
+        which are then processed again after a crash. So new batches wait, the ones in
+        progress finish and are acknowledged, buffered table updates are flushed into
+        their transactions, and only then does Faust commit.
+        """
+        if not self.app.in_transaction:
+            return bool(
+                await super().commit(  # type: ignore[misc]
+                    topics, start_new_transaction=start_new_transaction
+                )
+            )
+        from streams.eos import GATE
+
+        if self._delivery_failed():
+            return False
+        async with GATE.commit_window(EOS_COMMIT_WAIT_S) as quiet:
+            if not quiet:
+                # nothing is lost: the open transactions are committed by a later commit
+                self.log.warning(
+                    "commit skipped: batches still in progress after %.0f s", EOS_COMMIT_WAIT_S
+                )
+                return False
+            # table records Faust buffers itself (ours: streams.tables.writer.flush_pending)
+            await self.app.producer.buffer.flush()
+            return bool(
+                await super().commit(  # type: ignore[misc]
+                    topics, start_new_transaction=start_new_transaction
+                )
+            )
+
+    def _delivery_failed(self: Any) -> bool:
+        """An output was refused by the broker, or an agent left a batch unfinished: no
+        further offset may be committed."""
+        if DELIVERY_FAILURES:
+            self.log.error(
+                "refusing to commit: %d output record(s) were not delivered or batch(es) "
+                "not finished (first: %r)",
+                len(DELIVERY_FAILURES),
+                DELIVERY_FAILURES[0],
+            )
+            return True
+        return False
+
+    async def _commit(self: Any, offsets: Any) -> bool:
+        # After an output could not be delivered, committing any further input offset
+        # could acknowledge the input behind the lost output: commit nothing more, and
+        # let the crash restart us from the last committed offsets (at-least-once).
+        if self._delivery_failed():
+            return False
+        ok: bool = await super()._commit(offsets)  # type: ignore[misc]
+        return ok
+
+    async def _deliver(self: Any, batch: list[tuple[Any, Any]]) -> None:
+        """Hand a fetched batch to the streams (Faust's per-record work, see the class)."""
+        callback = self.callback
+        get_read_offset = self._read_offset.__getitem__
+        set_read_offset = self._read_offset.__setitem__
+        commit_every = self._commit_every
+        acks_enabled_for = self.app.topics.acks_enabled_for
+        epoch = self._refetch_epoch
+        for i, (tp, message) in enumerate(batch, 1):
+            if i % 100 == 0:
+                await asyncio.sleep(0)  # let web views and timers run
+            offset = message.offset
+            r_offset = get_read_offset(tp)
+            if r_offset is None or offset >= r_offset:
+                gap = offset - (r_offset or 0)
+                if gap > 1 and r_offset and acks_enabled_for(message.topic):
+                    await self._add_gap(tp, r_offset + 1, offset)
+                if commit_every is not None and self._n_acked >= commit_every:
+                    self._n_acked = 0
+                    await self.commit()
+                # checked after the awaits above, right before the record goes out
+                if self._refetch_epoch != epoch:
+                    # Queues were just emptied and will be refilled from a lower offset:
+                    # delivering the rest now would deliver it twice.
+                    self.refetch([m for _, m in batch[i - 1 :]])
+                    return
+                self._delivering = message
+                try:
+                    await callback(message)
+                except asyncio.CancelledError:
+                    # a rebalance (suspend_flow), stop or crash: the rest of the batch
+                    # must be fetched again
+                    self.refetch([m for _, m in batch[i - 1 :]])
+                    raise
+                finally:
+                    self._delivering = None
+                if self._refetch_epoch != epoch:
+                    # Queues were cleared (or partitions sought back) while this record was
+                    # handed over: it is stale (RefetchingFlowControl.clear) and fetched
+                    # again. Its offset must not become the read offset: the seek set that,
+                    # and records below it would then be passed over when fetched again
+                    # (seen: a restart's refetched records skipped, the commit stuck).
+                    self.refetch([m for _, m in batch[i - 1 :]])
+                    return
+                set_read_offset(tp, offset)
+
+    async def _drain_messages(self: Any, fetcher: Any) -> None:  # pragma: no cover - worker
+        deliver = self._deliver
+        try:
+            while not (self._stopped.is_set() or fetcher._stopped.is_set()):
+                if self._refetch_from:
+                    await self._seek_back_to_dropped()
+                self.diag.set_flag(CONSUMER_FETCHING)
+                ait = self.getmany(timeout=1.0)
+                await self.sleep(0)
+                if not self.should_stop:
+                    batch = [item async for item in ait]
+                    fetched, self._last_fetch = self._last_fetch, None
+                    if fetched and len(batch) != sum(map(len, fetched.values())):
+                        self._refetch_undelivered(fetched, batch)
+                    if batch:
+                        self._handing_over = True
+                        try:
+                            await self.wait_first(deliver(batch), self.suspend_flow.wait())
+                        finally:
+                            self._handing_over = False
+                    self.diag.unset_flag(CONSUMER_FETCHING)
+        except self.consumer_stopped_errors:
+            if self.transport.app.should_stop:
+                return
+            raise
+        except asyncio.CancelledError:
+            if self.transport.app.should_stop:
+                return
+            raise
+        except Exception as exc:
+            self.log.exception("Drain messages raised: %r", exc)
+            raise
+        finally:
+            self.diag.unset_flag(CONSUMER_FETCHING)
+
+
+class _NeverEmpty:
+    """A live set of partitions as aiokafka's fetch filter (`if partitions and tp not in
+    partitions`): membership as the set has it when records arrive, but never falsy, so
+    that no partition becoming paused widens the filter to every partition."""
+
+    __slots__ = ("tps",)
+
+    def __init__(self, tps: Any) -> None:
+        self.tps = tps
+
+    def __bool__(self) -> bool:
+        return True
+
+    def __contains__(self, tp: object) -> bool:
+        return tp in self.tps
+
+
+def new_transport(app: Any) -> Any:
+    """The worker's transport (`AgentStreamApp._new_transport`): Faust's aiokafka
+    transport, its consumer a `BatchDeliveryConsumer` whose consumer thread is a
+    `FetchWaitConsumerThread` and a `RecoveryOffsetsConsumerThread`."""
+    base = by_url(app.conf.broker_consumer[0])
+    if not issubclass(base, aiokafka_driver.Transport):
+        raise ValueError(f"unsupported broker transport: {app.conf.broker_consumer[0]}")
+    thread = type(
+        "ConsumerThread",
+        (
+            FetchWaitConsumerThread,
+            RecoveryOffsetsConsumerThread,
+            aiokafka_driver.AIOKafkaConsumerThread,
+        ),
+        {},
+    )
+
+    def new_thread(consumer: Any) -> Any:
+        return thread(consumer, loop=consumer.loop, beacon=consumer.beacon)
+
+    consumer = type(
+        "Consumer",
+        (BatchDeliveryConsumer, base.Consumer),
+        {"_new_consumer_thread": new_thread},
+    )
+    return type("Transport", (base,), {"Consumer": consumer})(app.conf.broker_consumer, app)
+
+
+#: per agent stream, `streams.processing.event_batches`' marks {partition: (consumer
+#: generation, highest offset handed to the agent)}, shown by the task dump
+HANDED_MARKS: dict[str, dict[Any, tuple[int, int]]] = {}
+
+
+def offset_runs(offsets: Any) -> str:
+    """`n a..b c..d (+k repeated)`: acked offsets as runs, so a gap shows."""
+    values = sorted(offsets)
+    if not values:
+        return "0"
+    runs: list[str] = []
+    start = prev = values[0]
+    repeated = 0
+    for v in values[1:]:
+        if v == prev:
+            repeated += 1
+            continue
+        if v != prev + 1:
+            runs.append(f"{start}..{prev}")
+            start = v
+        prev = v
+    runs.append(f"{start}..{prev}")
+    extra = f" (+{repeated} repeated)" if repeated else ""
+    return f"{len(values)} {' '.join(runs[:20])}{' ...' if len(runs) > 20 else ''}{extra}"
+
+
+def consumer_state(app: Any) -> list[str]:
+    """The worker's consumer, for the SIGUSR2 task dump (`streams.diagnostics`). Per
+    assigned partition: paused in Faust / in aiokafka, aiokafka's fetch position
+    and highwater, records fetched but not yet handed to a stream, Faust's committed and
+    read offsets and acked offsets not yet committed (read from the consumer thread's
+    objects without locking: a diagnosis, not a decision); then what each agent was
+    handed and the exactly-once commit gate."""
+    from streams.eos import GATE
+
+    consumer: Any = app.consumer
+    aio = consumer._thread._ensure_consumer()
+    assignment = aio._subscription.subscription.assignment
+    fetched = aio._fetcher._records
+    faust_paused = set(consumer._paused_partitions)
+    aio_paused = set(aio.paused())
+    lines = [
+        f"CONSUMER generation {app.consumer_generation_id}; topic[partition] faust_paused "
+        "aiokafka_paused position highwater fetched committed read acked(n runs)"
+    ]
+    for tp in sorted(assignment.tps):
+        state = assignment.state_value(tp)
+        ftp = TP(tp.topic, tp.partition)
+        span = offset_runs(consumer._acked.get(ftp, ()))
+        lines.append(
+            f"    {tp.topic}[{tp.partition}] {ftp in faust_paused} "
+            f"{tp in aio_paused} {state.position if state.has_valid_position else None} "
+            f"{state.highwater} {tp in fetched} {consumer._committed_offset.get(ftp)} "
+            f"{consumer._read_offset.get(ftp)} {span}"
+        )
+    lines.append(f"UNACKED {len(consumer._unacked_messages)} message(s)")
+    lines.append(f"COMMITTED BY THIS WORKER {consumer._committed_high}")
+    for stream, marks in HANDED_MARKS.items():
+        handed = ", ".join(f"{tp.topic}[{tp.partition}]={m[1]}@{m[0]}" for tp, m in marks.items())
+        lines.append(f"HANDED {stream}: {handed or '-'}")
+    lines.append(f"GATE active {GATE.active} committing {GATE.committing}")
+    return lines
