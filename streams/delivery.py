@@ -1,10 +1,118 @@
-"""The delivery core of the worker, moved unchanged out of `streams/app.py`: the consumer
-(`BatchDeliveryConsumer`, mixed into Faust's aiokafka consumer by `new_transport`), its
-consumer thread (`FetchWaitConsumerThread`, `RecoveryOffsetsConsumerThread`), flow control
-(`RefetchingFlowControl`), the agent class (`BatchAgent`), what stops commits
-(`DELIVERY_FAILURES`), the exactly-once recovery end (`end_recovery_at_log_end`) and the
-consumer's state for the SIGUSR2 task dump (`consumer_state`). The delivery model is at
-the top of `streams.processing`.
+"""The delivery core: how fetched records reach the agents, and when their input
+offsets may be committed.
+
+`streams.app` builds the worker's Faust app from the classes here; the agent side
+(batches, `emit`, `guarded`, abandoning a batch) is `streams.processing`, the
+exactly-once commit gate `streams.eos`. Terms: a record is *acked* once Faust may commit
+its offset (`Event.ack`); a batch is *taken* when an agent's batch iterator hands it out;
+under exactly-once a batch is *stale* when it was taken before the last revoke or in an
+earlier consumer generation.
+
+Invariants (every change here must keep them)
+---------------------------------------------
+Commits
+
+1. An input offset may be committed only once its record is acked, and a record is
+   acked only when the agent that took its batch comes back for the next one: the batch
+   is finished (`streams.processing.event_batches`). A batch its agent left by an
+   exception, and a stale batch, are never acked.
+2. No offset is committed after an undelivered output or an abandoned batch. An output
+   the broker refused (`delivery_failed`, from the producer's future: `emit`,
+   `watch_delivery`) or a batch abandoned without a revoke (9) or the worker's stop (10)
+   to explain it (`processing_failed`) goes into `DELIVERY_FAILURES`; from then on this
+   process commits nothing (`BatchDeliveryConsumer._commit`, `commit`, the revoke's
+   commit) and crashes (`app.crash`), and its restart consumes again from the last
+   committed offsets. `refuse_commits` stops the commits without crashing.
+3. Exactly-once commits only between batches (`BatchDeliveryConsumer.commit`): new
+   batches wait at `streams.eos.GATE`, the batches in progress finish and are acked
+   within `EOS_COMMIT_WAIT_S` (else the commit is skipped: a later one catches up),
+   pending table records are handed to the producer, then Faust commits. A transaction
+   commits a batch's outputs together with its offsets, or neither.
+4. A commit this worker made is never forgotten: `_commit_offsets` keeps, per assigned
+   partition, the highest offset it committed, and `perform_seek` never sets Faust's
+   committed offset below it (under exactly-once the broker shows a transaction's
+   offsets only once its markers are written).
+
+Records in flight
+
+5. A record dropped before an agent took it is fetched again: records `getmany` drops
+   (partition paused, flow stopped or generation changed while the fetch waited), the
+   rest of a batch whose delivery was cancelled (rebalance, stop, crash), what a
+   flow-control clear empties from the stream queues (6), and records an agent skips
+   (old generation, flow suspended) go to `BatchDeliveryConsumer.refetch`. Before its
+   next fetch the consumer seeks each partition still assigned back to the lowest such
+   offset, never forward (`_seek_back_to_dropped`); changelog partitions keep their own
+   positions. Why: aiokafka's seek to committed skips a partition with no commit yet.
+6. A flow-control clear (`RefetchingFlowControl.clear`, on every `flow_control.resume()`)
+   empties the agents' queues and refetches what they held (5). The record being
+   delivered meanwhile lands in a queue after the clear: it is marked stale
+   (`STALE_DELIVERIES`), dropped unacked by its agent and refetched too. Batches that
+   agents already took are not touched.
+7. A refetch (5) or a seek to the committed offsets (`perform_seek`, run by recovery)
+   bumps the refetch epoch. The delivery under way (`_deliver`) then stops: the record
+   handed over across the bump and the rest of its batch are refetched, and that record
+   does not set the read offset (the seek did). Nothing fetched before a seek is
+   delivered after it.
+8. Within one consumer generation an agent is handed each offset once: a copy at or
+   below the highest offset handed out on its partition (a seek or refetch that starts
+   lower) is neither processed nor acked (`streams.processing.event_batches`, marks in
+   `HANDED_MARKS`). A new generation starts afresh.
+9. A revoke under exactly-once (of every partition: the protocol is eager;
+   `BatchDeliveryConsumer.on_partitions_revoked`) closes the gate, waits at most
+   `EOS_COMMIT_WAIT_S` for the batches in progress and commits them (batches that finish
+   within the wait are never stale). Then, still inside the window, it counts the
+   revoke: every batch taken so far is stale and is abandoned (`BatchAbandoned`) at its
+   next output, gate entry or table flush, unacked, for the partition's next owner to
+   process. If the wait ran out or the commit failed, the open transactions are ended
+   uncommitted (`_end_transactions`) before any commit can run (Faust keeps the
+   producer of a partition assigned to this worker again and would commit them with
+   later offsets); the next owner's producer (same transactional id) aborts them.
+   Revoked partitions leave (4). Under at-least-once a revoke adds nothing: the next
+   owner starts from the last commit.
+10. A stop or crash cancels the delivery under way (5). An agent cancelled by the stop
+    with a batch in hand leaves it unacked (exactly-once: also `refuse_commits`, since
+    the open transactions may hold part of its outputs); an agent that raises otherwise
+    abandons its batch and crashes the worker (`BatchAgent`, 2). After a crash everything
+    since the last commit is consumed again; under exactly-once the restarted producers
+    fence and abort the open transactions.
+
+Guarantees
+
+11. At-least-once: every input ends accepted, rejected or dead-lettered, at least once.
+    Its offset is committed only after its batch finished (1) and Faust flushed the
+    producer, never after a refused output (2). What was processed since the last commit
+    may be processed again after a crash, revoke or restart (consumers deduplicate on
+    the event id / `causation_id`).
+12. Exactly-once: the same, exactly once for a `read_committed` reader, for what a batch
+    sends into its input partition's transaction (outputs, dead letters, table
+    changelogs). Records other tasks send (LLM calls, timers) stay at-least-once; a stale
+    batch's in-memory table updates are not rolled back (its changelog records are).
+
+Recovery (tables from their changelogs)
+
+13. A changelog partition's end is asked of the broker (`RecoveryOffsetsConsumerThread.
+    _highwaters`; the last stable offset under `read_committed`), not taken from the
+    fetcher, which knows it only after a fetch from that partition. A start offset never
+    built (None) is the start of the log (`_seek_wait`).
+14. Under exactly-once, recovery ends as soon as every changelog partition is read to
+    its end (`end_recovery_at_log_end`, started by `AgentStreamApp.on_first_start`): its
+    position has reached the last stable offset and nothing fetched is on its way (no
+    batch being handed over, the changelog queue empty), checked again after the
+    positions were read. Why: a changelog ends in transaction markers (and aborted
+    records) that a `read_committed` consumer never receives.
+
+Components
+
+* `BatchDeliveryConsumer`, mixed into Faust's aiokafka consumer by `new_transport`:
+  fetching, delivering one batch per task, refetch, commits, seek, revoke (2-5, 7, 9).
+* `RefetchingFlowControl`, the app's `flow_control` (6); `BatchAgent`, the app's agent
+  class (10); `DELIVERY_FAILURES` with `delivery_failed`, `processing_failed` and
+  `refuse_commits` (2).
+* `FetchWaitConsumerThread` (fetch.max.wait.ms from the settings) and
+  `RecoveryOffsetsConsumerThread` (13), the consumer thread; `end_recovery_at_log_end`
+  (14).
+* `streams.processing`: taking, acking and abandoning batches (1, 8-10), outputs (3, 12).
+* `consumer_state`: the consumer's partitions and offsets in the SIGUSR2 task dump.
 
 `streams.app` imports this module, so this module never imports `streams.app` at import
 time: what needs the app takes it from its objects (`self.app`) or as an argument, and
@@ -317,7 +425,7 @@ class BatchDeliveryConsumer:
         return did
 
     #: exactly-once: revokes so far; a batch taken before the last one is abandoned
-    #: (`streams.processing`, delivery model 3)
+    #: (module docstring, 9)
     _revokes = 0
 
     async def on_partitions_revoked(self: Any, revoked: Any) -> None:

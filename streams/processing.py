@@ -14,41 +14,48 @@ the agent's channel queue in bulk instead of iterating the stream event by event
 `take_events` does), and `emit` hands records straight to the Faust producer instead of
 going through `Topic.send`'s per-message future and sensor bookkeeping.
 
-Delivery model (invariants first; every change here must keep them)
--------------------------------------------------------------------
+Agent side of the delivery model
+--------------------------------
+The delivery invariants (when an input offset may be committed, what a flow-control
+clear, a seek, a revoke, a stop or a crash does to records in flight, what each
+guarantee promises) are numbered in `streams.delivery`; this module keeps its part:
+
 1. A batch is acked only when its agent comes back for the next one: the agent finished
-   it. A batch its agent left by an exception (a bug, a broker error, a cancellation) is
-   never acked, so no commit can count its records, whatever outputs it sent or did not.
+   it (`event_batches`). A batch its agent left by an exception (a bug, a broker error,
+   a cancellation) is never acked, so no commit can count its records, whatever outputs
+   it sent or did not (delivery 1). Restarting just the agent would not do: the records
+   after it in the queue would be processed and acked, and a commit passes over the gap
+   when the partition has no committed offset yet, or, under exactly-once, commits its
+   partial outputs.
 2. Such an *abandoned* batch is processed again from the last committed offset, by this
-   worker after a restart or by whoever gets its partitions: an abandoned batch that is
-   not explained by a revoke (below) or by the worker stopping stops every further offset
-   commit of this worker and crashes it (`streams.delivery.processing_failed`), like an
-   output the broker refused. At-least-once may then repeat outputs; nothing is lost.
-   (Faust alone, and this module before, acked the batch in a `finally`: its outputs
-   were lost. Restarting just the agent is not enough: the records after it in the queue
-   would be processed and acked, and a commit passes over the gap when the partition has
-   no committed offset yet, or, under exactly-once, commits its partial outputs.)
-3. Exactly-once: every output of a batch goes into the transaction of its input's
-   partition that was open when the batch was taken, and that transaction commits only
-   with the batch's offsets, or never. A revoke (every partition: the rebalance
-   protocol is eager) first lets the batches in progress finish and commits them
-   (`BatchDeliveryConsumer.on_partitions_revoked`, at most EOS_COMMIT_WAIT_S). A batch
-   taken before the revoke (or in an earlier consumer generation) that is still
-   running, or has not yet entered the commit gate, is *stale*: `BatchAbandoned` at its
-   next output, gate entry or table flush, and it is not acked (1); its agent is
-   restarted by Faust's supervisor (its path for a cancelled agent). When the wait ran
-   out, the open transactions, which may hold part of such a batch's outputs, are ended
-   uncommitted right there: Faust would keep the producer of a partition assigned to
-   this worker again and commit them with later offsets. The next owner of each
-   partition starts a producer with the same transactional id, which aborts them, and
-   processes the stale batches' records again. Before, outputs of a batch running
-   through a revoke took Faust's non-transactional path and were duplicated.
-   Limit: a stale batch's in-memory table updates are not rolled back (only its
-   changelog records are aborted); with batches shorter than the wait, none is stale.
-4. Mechanics: the agent's batch iterator (`decoded_batches` / `event_batches`) marks the
+   worker after a restart or by whoever gets its partitions. `abandon_open_batch`
+   decides what it means: a stale batch (exactly-once, taken before a revoke) is
+   `BatchAbandoned` and nothing more; one cancelled by the worker's stop is left
+   unacked (under exactly-once also `streams.delivery.refuse_commits`); any other stops
+   every further offset commit of this worker and crashes it
+   (`streams.delivery.processing_failed`, delivery 2), like an output the broker
+   refused. At-least-once may then repeat outputs; nothing is lost.
+3. Exactly-once: every output of a batch (`emit`, `send_record`, `dead_letter`) goes into
+   the transaction of its input's partition (`SOURCE`) that was open when the batch was
+   taken, never outside a transaction, and that transaction commits only with the
+   batch's offsets, or never. A batch taken before a revoke (or in an earlier consumer
+   generation) that is still running, or has not yet entered the commit gate, is
+   *stale*: `BatchAbandoned` at its next output, gate entry or table flush
+   (`check_batch_current`), and it is not acked (1); its agent is restarted by Faust's
+   supervisor (its path for a cancelled agent). What happens to its outputs and
+   records is delivery 9.
+4. A handler that raises (`guarded`) does not fail its batch: its input is
+   dead-lettered (inside the batch, so under exactly-once in its transaction) and the
+   batch goes on.
+5. `event_batches` hands each record to its agent once per partition and consumer
+   generation: a stale delivery (delivery 6) and a copy at or below the partition's
+   handed mark (delivery 8) are dropped unacked; records of an old generation or taken
+   while flow is suspended go back to the consumer to be fetched again (delivery 5).
+6. Mechanics: the agent's batch iterator (`decoded_batches` / `event_batches`) marks the
    batch it handed out in context variables of the agent's task (`_TAKEN`, `_OPEN`);
-   `streams.delivery.BatchAgent` calls `abandon_open_batch` when the agent body raises, which
-   closes the iterator at once (releasing the commit gate, not acking) and applies (2).
+   `streams.delivery.BatchAgent` calls `abandon_open_batch` when the agent body raises,
+   which closes the iterator at once (releasing the commit gate, not acking) and
+   applies (2).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ transaction and send the rest of its outputs through Faust's non-transactional p
 the next owner then processed its inputs again: duplicates for read_committed readers.
 Now a revoke lets the batches in progress finish and commits them, and a batch taken
 before the revoke that is still running is abandoned with its outputs in the revoked
-(never committed) transactions (streams.processing, delivery model 3)."""
+(never committed) transactions (streams.delivery, invariant 9)."""
 
 from __future__ import annotations
 

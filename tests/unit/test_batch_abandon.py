@@ -1,7 +1,8 @@
-"""A batch its agent leaves by an exception is never acked (streams.processing, delivery
-model): before, `event_batches` acked it in a `finally`, so an exception outside
-`guarded` (e.g. in `enforce_policy._publish`) lost the batch's inputs. Under exactly-once
-a batch taken before a revoke is abandoned: no output of it may leave its transaction."""
+"""A batch its agent leaves by an exception is never acked (streams.delivery, invariant 1;
+the agent side is streams.processing): before, `event_batches` acked it in a `finally`, so
+an exception outside `guarded` (e.g. in `enforce_policy._publish`) lost the batch's
+inputs. Under exactly-once a batch taken before a revoke is abandoned: no output of it may
+leave its transaction."""
 
 from __future__ import annotations
 
