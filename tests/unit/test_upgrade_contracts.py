@@ -480,6 +480,14 @@ CONTRACTS: list[Contract] = [
         params="(self, fetcher)",
         fingerprint="3e3742ba998ee65d",
     ),
+    # -- streams/delivery.py: BatchAgent(faust.Agent) ----------------------------------
+    c(
+        "faust.Agent._execute_actor",
+        "override",
+        f"{DELIVERY}::async def _execute_actor",
+        params="(self, coro, aref)",
+    ),
+    c("faust.Agent.app", "read", f"{DELIVERY}::self.app.should_stop"),
     # -- streams/delivery.py: consumer_state (the SIGUSR2 task dump) -------------------
     c(f"{CONSUMER}._thread", "read", f"{DELIVERY}::consumer._thread._ensure_consumer()"),
     c(
@@ -1114,6 +1122,8 @@ def test_flow_control_clears_the_queues_it_manages() -> None:
 OUR_SUBCLASSES = {
     "streams.app:AgentStreamApp": "faust.App",
     "streams.delivery:FetchWaitConsumerThread": THREAD,
+    "streams.delivery:RecoveryOffsetsConsumerThread": THREAD,
+    "streams.delivery:BatchAgent": "faust.Agent",
     "streams.delivery:RefetchingFlowControl": "mode.utils.queues.FlowControlEvent",
     "streams.delivery:BatchDeliveryConsumer": CONSUMER,
     "agents.llm.providers._net:AsyncioBackend": "httpcore.AsyncNetworkBackend",
@@ -1173,6 +1183,7 @@ def test_every_override_is_in_the_contract_table(ours: str) -> None:
 OUR_ADDITIONS = {
     CONSUMER: "streams.delivery:BatchDeliveryConsumer",
     "mode.utils.queues.FlowControlEvent": "streams.delivery:RefetchingFlowControl",
+    "faust.Agent": "streams.delivery:BatchAgent",
 }
 
 
