@@ -52,7 +52,11 @@ Records in flight
    bumps the refetch epoch. The delivery under way (`_deliver`) then stops: the record
    handed over across the bump and the rest of its batch are refetched, and that record
    does not set the read offset (the seek did). Nothing fetched before a seek is
-   delivered after it.
+   delivered after it: a batch is delivered only in the epoch its fetch was issued in
+   (a fetch can wait in the consumer thread across the bump), else it is refetched.
+   So records reach the streams in offset order from the read offset on, and a gap
+   between the read offset and the next record means offsets that hold no record
+   (transaction markers, compaction), which Faust counts as done.
 8. Within one consumer generation an agent is handed each offset once: a copy at or
    below the highest offset handed out on its partition (a seek or refetch that starts
    lower) is neither processed nor acked (`streams.processing.event_batches`, marks in
@@ -636,14 +640,22 @@ class BatchDeliveryConsumer:
         ok: bool = await super()._commit(offsets)  # type: ignore[misc]
         return ok
 
-    async def _deliver(self: Any, batch: list[tuple[Any, Any]]) -> None:
-        """Hand a fetched batch to the streams (Faust's per-record work, see the class)."""
+    async def _deliver(self: Any, batch: list[tuple[Any, Any]], epoch: int | None = None) -> None:
+        """Hand a fetched batch to the streams (Faust's per-record work, see the class).
+
+        `epoch` is the refetch epoch when the fetch that returned `batch` was issued: a
+        seek or refetch since (the fetch waited in the consumer thread meanwhile) means
+        the batch may come from the position before the seek, and none of it is
+        delivered. Delivered after a seek to the committed offset, a record from above
+        it made the offsets in between look like a gap with nothing to fetch: counted as
+        done, committed, and lost (seen after restarts under both guarantees)."""
         callback = self.callback
         get_read_offset = self._read_offset.__getitem__
         set_read_offset = self._read_offset.__setitem__
         commit_every = self._commit_every
         acks_enabled_for = self.app.topics.acks_enabled_for
-        epoch = self._refetch_epoch
+        if epoch is None:
+            epoch = self._refetch_epoch
         for i, (tp, message) in enumerate(batch, 1):
             if i % 100 == 0:
                 await asyncio.sleep(0)  # let web views and timers run
@@ -652,6 +664,15 @@ class BatchDeliveryConsumer:
             if r_offset is None or offset >= r_offset:
                 gap = offset - (r_offset or 0)
                 if gap > 1 and r_offset and acks_enabled_for(message.topic):
+                    # offsets no record was fetched for (transaction markers, compaction)
+                    # count as done; on a plain input topic a gap means records skipped
+                    self.log.info(
+                        "%s[%d]: offsets %d..%d not delivered, counted as done",
+                        tp.topic,
+                        tp.partition,
+                        r_offset + 1,
+                        offset - 1,
+                    )
                     await self._add_gap(tp, r_offset + 1, offset)
                 if commit_every is not None and self._n_acked >= commit_every:
                     self._n_acked = 0
@@ -689,6 +710,7 @@ class BatchDeliveryConsumer:
                 if self._refetch_from:
                     await self._seek_back_to_dropped()
                 self.diag.set_flag(CONSUMER_FETCHING)
+                epoch = self._refetch_epoch  # as the fetch is issued (see `_deliver`)
                 ait = self.getmany(timeout=1.0)
                 await self.sleep(0)
                 if not self.should_stop:
@@ -699,7 +721,7 @@ class BatchDeliveryConsumer:
                     if batch:
                         self._handing_over = True
                         try:
-                            await self.wait_first(deliver(batch), self.suspend_flow.wait())
+                            await self.wait_first(deliver(batch, epoch), self.suspend_flow.wait())
                         finally:
                             self._handing_over = False
                     self.diag.unset_flag(CONSUMER_FETCHING)

@@ -432,6 +432,7 @@ async def _event_batches(
             skipped: list[Any] = []
             # almost always empty: looked at once per batch, not per event
             stale = STALE_DELIVERIES if STALE_DELIVERIES else ()
+            copies = 0
             for ev in raw:
                 msg = ev.message
                 if stale and msg in stale:
@@ -446,6 +447,7 @@ async def _event_batches(
                     # a second copy: the first was handed out (and is or was acked) in
                     # this assignment; neither processed nor acked again (an ack here
                     # could count the offset done while the first is still in progress)
+                    copies += 1
                     continue
                 handed[msg.tp] = (generation, msg.offset)
                 if msg.topic in acking_topics and not msg.tracked:
@@ -454,6 +456,12 @@ async def _event_batches(
                     sensors.on_message_in(msg.tp, msg.offset, msg)
                 states.append(sensors.on_stream_event_in(msg.tp, msg.offset, stream, ev))
                 events.append(ev)
+            if copies:
+                log.info(
+                    "%s: %d record(s) handed out before in this generation skipped",
+                    mark_key,
+                    copies,
+                )
             if skipped and refetch is not None:
                 refetch([ev.message for ev in skipped])
                 skipped = []
