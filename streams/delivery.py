@@ -504,8 +504,14 @@ class BatchDeliveryConsumer:
         before it are not delivered after it (`_deliver`).
         """
         before = {tp: self._committed_offset.get(tp) for tp in self.assignment()}
+        # Records fetched before the seek are not delivered after it (see `_deliver`).
+        # Bumped before: the seek sets the read offsets first and then awaits the
+        # consumer thread, and a batch fetched from the old position that started its
+        # delivery meanwhile made the offsets between the new read offset and its records
+        # a gap counted as done. And after: a fetch issued while the seek was on its way
+        # to the consumer thread can still return records from the old position.
+        self._refetch_epoch += 1
         await super().perform_seek()  # type: ignore[misc]
-        # records fetched before the seek are not delivered after it (see `_deliver`)
         self._refetch_epoch += 1
         high = self._committed_high or {}
         for tp, was in sorted(before.items()):
@@ -659,6 +665,14 @@ class BatchDeliveryConsumer:
         for i, (tp, message) in enumerate(batch, 1):
             if i % 100 == 0:
                 await asyncio.sleep(0)  # let web views and timers run
+            if self._refetch_epoch != epoch:
+                # A seek or clear while this batch waited (the await above, the previous
+                # record's hand-over, or the fetch itself): the read offset below may be
+                # the seek's, and measured against it this record would make the offsets
+                # in between a gap counted as done (seen: 45-224 inputs lost after a
+                # restart). The rest of the batch is fetched again.
+                self.refetch([m for _, m in batch[i - 1 :]])
+                return
             offset = message.offset
             r_offset = get_read_offset(tp)
             if r_offset is None or offset >= r_offset:

@@ -145,6 +145,7 @@ async def test_a_batch_fetched_before_a_seek_is_not_delivered_after_it(
         gaps.append((start, end))
 
     monkeypatch.setattr(consumer, "_add_gap", add_gap)
+    monkeypatch.setattr(app.topics, "acks_enabled_for", lambda topic: True)
     epoch = consumer._refetch_epoch  # the fetch is issued
     consumer._read_offset[tp] = 951  # recovery's seek to the committed offset ...
     consumer._refetch_epoch += 1  # ... bumps the epoch (perform_seek)
@@ -163,6 +164,47 @@ async def test_a_batch_fetched_before_a_seek_is_not_delivered_after_it(
     fresh = [(tp, Message(TOPIC, 1, 951, 0.0, 0, None, None, b"v", None, generation_id=1))]
     await asyncio.wait_for(consumer._deliver(fresh, consumer._refetch_epoch), 2)
     assert handed == [951] and gaps == []
+
+
+async def test_a_seek_while_a_batch_is_delivered_leaves_no_gap(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A batch of 150 records yields to the loop every 100: recovery's seek to the
+    # committed offset (read offset 951, epoch bumped) lands in that pause. Measured
+    # against the new read offset, record 1099 made 952..1098 a gap counted as done.
+    consumer = app.consumer
+    consumer._refetch_from = None
+    tp = TP(TOPIC, 2)
+    consumer._read_offset[tp] = 999
+    handed: list[int] = []
+    loop = asyncio.get_running_loop()
+
+    def seek() -> None:
+        consumer._read_offset[tp] = 951
+        consumer._refetch_epoch += 1
+
+    async def on_message(message: Message) -> None:
+        handed.append(message.offset)
+        if message.offset == 1098:
+            loop.call_soon(seek)  # runs in the pause before record 1099
+
+    monkeypatch.setattr(consumer, "callback", on_message)
+    gaps: list[tuple[int, int]] = []
+
+    async def add_gap(tp_: TP, start: int, end: int) -> None:
+        gaps.append((start, end))
+
+    monkeypatch.setattr(consumer, "_add_gap", add_gap)
+    monkeypatch.setattr(app.topics, "acks_enabled_for", lambda topic: True)
+    batch = [
+        (tp, Message(TOPIC, 2, o, 0.0, 0, None, None, b"v", None, generation_id=1))
+        for o in range(1000, 1150)
+    ]
+    await asyncio.wait_for(consumer._deliver(batch, consumer._refetch_epoch), 2)
+
+    assert handed == list(range(1000, 1099)) and gaps == []
+    assert consumer._read_offset[tp] == 951  # the seek's
+    assert consumer._refetch_from == {tp: 1099}
 
 
 async def test_a_commit_the_broker_does_not_show_yet_is_not_forgotten_by_the_seek(
