@@ -489,3 +489,202 @@ def judge_audit(doc: Mapping[str, Any] | None, guarantee: str) -> Verdict:
     if guarantee != EXACTLY_ONCE and not other and counts.get("unsigned"):
         return Verdict(True, summary, details, tolerated="unsigned tails after kill -9")
     return Verdict(False, summary, details)
+
+
+# --------------------------------------------------------------------------- LLM stage
+# `llm_saturated`: every `llm.request` must end in exactly one final `llm.response`
+# (any status: completed, failed — a typed failure carrying its `error` — or cancelled)
+# or, if the agent could not publish one, a dead letter. call_llm holds a request's
+# offset until its response is out, outside the exactly-once commit gate, so its outputs
+# are at-least-once by design (docs/audit.md): duplicate responses are counted under
+# both guarantees and judged against the at-least-once bound under both.
+
+LLM_STATUSES = ("completed", "failed", "cancelled")
+
+
+@dataclass(frozen=True, slots=True)
+class LlmResponseRecord:
+    """One record on `llm.responses`."""
+
+    partition: int
+    offset: int
+    request_id: str
+    status: str
+    #: the typed error of a failed response (`ErrorInfo.error_class`)
+    error_class: str | None = None
+    content: str = ""
+    timestamp_ms: int = 0
+    seen_at: float = 0.0
+
+
+def parse_llm_request(partition: int, offset: int, value: bytes | None) -> InputRecord | None:
+    """An `llm.requests` record as an input (its id: the request id)."""
+    if value is None:
+        return None
+    try:
+        ident = orjson.loads(value)["payload"]["request_id"]
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return None
+    return InputRecord(partition, offset, ident) if isinstance(ident, str) else None
+
+
+def parse_llm_response(
+    partition: int, offset: int, value: bytes | None, timestamp_ms: int = 0, seen_at: float = 0.0
+) -> LlmResponseRecord | None:
+    if value is None:
+        return None
+    try:
+        doc = orjson.loads(value)
+        payload = doc["payload"]
+        ident, status = payload["request_id"], payload["status"]
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return None
+    if not isinstance(ident, str) or not isinstance(status, str):
+        return None
+    error = payload.get("error")
+    error_class = error.get("error_class") if isinstance(error, dict) else None
+    return LlmResponseRecord(
+        partition,
+        offset,
+        ident,
+        status,
+        error_class if isinstance(error_class, str) else None,
+        str(payload.get("content") or ""),
+        timestamp_ms,
+        seen_at,
+    )
+
+
+@dataclass
+class LlmCheckResult:
+    guarantee: str
+    requests: int = 0
+    request_copies: int = 0
+    responses: int = 0
+    by_status: dict[str, int] = field(default_factory=dict)
+    lost: int = 0
+    lost_ids: list[str] = field(default_factory=list)
+    #: final responses beyond one per request id (the agent deduplicates re-sent copies)
+    duplicates: int = 0
+    duplicate_ids: list[str] = field(default_factory=list)
+    dead_lettered: int = 0
+    dead_lettered_ids: list[str] = field(default_factory=list)
+    unknown_responses: int = 0
+    unresolved_dead_letters: int = 0
+    failed_untyped: int = 0
+    completed_empty: int = 0
+    faults: int = 0
+    throughput_rps: float | None = None
+    dup_bound: float | None = None
+    failures: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["ok"] = self.ok
+        return out
+
+
+def check_llm(
+    requests: Sequence[InputRecord],
+    responses: Sequence[LlmResponseRecord],
+    dead_letters: Sequence[OutputRecord] = (),
+    *,
+    guarantee: str,
+    request_topic: str | None = None,
+    faults: int = 0,
+    throughput_rps: float | None = None,
+    commit_interval_s: float = 1.0,
+    cancellations: bool = False,
+    min_completed_share: float = 0.0,
+) -> LlmCheckResult:
+    """Requests against their final responses (see the section comment). Fails on: a
+    request without a final response nor a dead letter (lost), a well-formed request
+    dead-lettered, a response naming no request of the run, a failed response without
+    its typed error, a completed one without content, a cancelled one when the run sent
+    no cancellation, fewer completed responses than `min_completed_share` of the
+    requests, and duplicate responses beyond the at-least-once bound (one commit
+    interval's worth of responses per fault) — under both guarantees: LLM outputs are
+    at-least-once by design."""
+    res = LlmCheckResult(guarantee=guarantee, faults=faults, throughput_rps=throughput_rps)
+    copies: Counter[str] = Counter(r.id for r in requests)
+    by_offset = {(r.partition, r.offset): r for r in requests}
+    res.requests, res.request_copies = len(copies), len(requests)
+    answered: Counter[str] = Counter()
+    statuses: Counter[str] = Counter()
+    for resp in responses:
+        if resp.request_id not in copies:
+            res.unknown_responses += 1
+            continue
+        res.responses += 1
+        answered[resp.request_id] += 1
+        statuses[resp.status] += 1
+        if resp.status == "failed" and not resp.error_class:
+            res.failed_untyped += 1
+        if resp.status == "completed" and not resp.content:
+            res.completed_empty += 1
+    res.by_status = {s: statuses[s] for s in sorted(statuses)}
+    dead: set[str] = set()
+    for d in dead_letters:
+        if d.kind != "deadletter":
+            continue
+        if request_topic is not None and d.source_topic != request_topic:
+            continue
+        src = (d.source_partition, d.source_offset)
+        found = by_offset.get(src) if None not in src else None  # type: ignore[arg-type]
+        if found is None:
+            res.unresolved_dead_letters += 1
+            continue
+        dead.add(found.id)
+    lost = sorted(i for i in copies if not answered[i] and i not in dead)
+    res.lost, res.lost_ids = len(lost), lost[:SAMPLE]
+    dups = sorted(i for i, n in answered.items() if n > 1)
+    res.duplicates = sum(answered[i] - 1 for i in dups)
+    res.duplicate_ids = dups[:SAMPLE]
+    res.dead_lettered, res.dead_lettered_ids = len(dead), sorted(dead)[:SAMPLE]
+    res.dup_bound = dup_bound(faults, throughput_rps, commit_interval_s)
+    _judge_llm(res, cancellations, min_completed_share)
+    return res
+
+
+def _judge_llm(res: LlmCheckResult, cancellations: bool, min_completed_share: float) -> None:
+    if res.lost:
+        res.failures.append(f"{res.lost} LLM request(s) lost (no final response, no dead letter)")
+    if res.dead_lettered:
+        res.failures.append(f"{res.dead_lettered} well-formed LLM request(s) dead-lettered")
+    if res.unknown_responses:
+        res.failures.append(f"{res.unknown_responses} response(s) naming no request of the run")
+    if res.failed_untyped:
+        res.failures.append(f"{res.failed_untyped} failed response(s) without a typed error")
+    if res.completed_empty:
+        res.failures.append(f"{res.completed_empty} completed response(s) without content")
+    unknown = {s: n for s, n in res.by_status.items() if s not in LLM_STATUSES}
+    if unknown:
+        res.failures.append(f"responses of unknown status: {unknown}")
+    cancelled = res.by_status.get("cancelled", 0)
+    if cancelled and not cancellations:
+        res.failures.append(f"{cancelled} response(s) cancelled though nothing was cancelled")
+    completed = res.by_status.get("completed", 0)
+    if res.requests and completed < min_completed_share * res.requests:
+        res.failures.append(
+            f"only {completed} of {res.requests} request(s) completed (< "
+            f"{min_completed_share:.0%}): the stage did not get its calls through"
+        )
+    if res.unresolved_dead_letters:
+        res.warnings.append(
+            f"{res.unresolved_dead_letters} LLM dead letter(s) whose (partition, offset) is "
+            "no request record"
+        )
+    if res.duplicates:
+        bound = res.dup_bound
+        within = bound is not None and res.duplicates <= bound
+        text = (
+            f"{res.duplicates} duplicate final response(s) under {res.guarantee} "
+            f"(at-least-once bound {'-' if bound is None else f'{bound:.0f}'}: LLM outputs "
+            "are at-least-once under both guarantees)"
+        )
+        (res.warnings if within else res.failures).append(text)

@@ -14,7 +14,15 @@ from typing import Any
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from tests.chaos.checker import InputRecord, OutputRecord, parse_input, parse_output
+from tests.chaos.checker import (
+    InputRecord,
+    LlmResponseRecord,
+    OutputRecord,
+    parse_input,
+    parse_llm_request,
+    parse_llm_response,
+    parse_output,
+)
 
 #: catalogue topic -> the checker's kind
 OUTPUT_TOPICS = {
@@ -24,6 +32,38 @@ OUTPUT_TOPICS = {
     "security.decisions": "decision",
 }
 INPUT_TOPIC = "agent.messages"
+
+
+async def _reader(bootstrap: str, topics: list[str], timeout: float) -> AIOKafkaConsumer:
+    """A read_committed consumer assigned every partition of `topics` (once they exist),
+    from the beginning."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        enable_auto_commit=False,
+        isolation_level="read_committed",
+        max_partition_fetch_bytes=4 * 1024 * 1024,
+    )
+    await consumer.start()
+    try:
+        deadline = time.monotonic() + timeout
+        tps: list[TopicPartition] = []
+        for topic in topics:
+            while True:
+                parts = consumer.partitions_for_topic(topic)
+                if parts:
+                    tps += [TopicPartition(topic, p) for p in sorted(parts)]
+                    break
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"topic {topic} does not exist")
+                await consumer._client.force_metadata_update()
+                await asyncio.sleep(0.3)
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            await consumer.stop()
+        raise
+    return consumer
 
 
 class Collector:
@@ -47,28 +87,9 @@ class Collector:
         self.error: BaseException | None = None
 
     async def start(self, timeout: float = 60) -> Collector:
-        consumer = self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.bootstrap,
-            enable_auto_commit=False,
-            isolation_level="read_committed",
-            max_partition_fetch_bytes=4 * 1024 * 1024,
+        consumer = self._consumer = await _reader(
+            self.bootstrap, [self.input_topic, *self.kinds], timeout
         )
-        await consumer.start()
-        topics = [self.input_topic, *self.kinds]
-        deadline = time.monotonic() + timeout
-        tps: list[TopicPartition] = []
-        for topic in topics:
-            while True:
-                parts = consumer.partitions_for_topic(topic)
-                if parts:
-                    tps += [TopicPartition(topic, p) for p in sorted(parts)]
-                    break
-                if time.monotonic() > deadline:
-                    raise AssertionError(f"topic {topic} does not exist")
-                await consumer._client.force_metadata_update()
-                await asyncio.sleep(0.3)
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
         self._task = asyncio.create_task(self._poll(consumer))
         return self
 
@@ -131,6 +152,105 @@ class Collector:
 
     def decisions(self) -> list[OutputRecord]:
         return [o for o in self.outputs if o.kind == "decision"]
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._consumer is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._consumer.stop(), 30)
+            self._consumer = None
+
+
+LLM_REQUESTS = "llm.requests"
+LLM_RESPONSES = "llm.responses"
+DEADLETTER = "pipeline.deadletter"
+
+
+class LlmCollector:
+    """Follows `llm.requests`, `llm.responses` and the dead letters of requests (those
+    whose source topic is `llm.requests`) of one run from the beginning, read_committed.
+    `llm.chunks` is not read: the checker judges final responses only."""
+
+    def __init__(self, bootstrap: str, prefix: str) -> None:
+        self.bootstrap = bootstrap
+        self.request_topic = f"{prefix}{LLM_REQUESTS}"
+        self.response_topic = f"{prefix}{LLM_RESPONSES}"
+        self.deadletter_topic = f"{prefix}{DEADLETTER}"
+        self.requests: list[InputRecord] = []
+        self.responses: list[LlmResponseRecord] = []
+        self.dead_letters: list[OutputRecord] = []
+        self.request_ids: set[str] = set()
+        #: request ids with a final response or a dead letter
+        self.ended_ids: set[str] = set()
+        self.garbage: Counter[str] = Counter()
+        self.first_response_at = 0.0
+        self.last_response_at = 0.0
+        self._offset_id: dict[tuple[int, int], str] = {}
+        self._dead_sources: set[tuple[int | None, int | None]] = set()
+        self._consumer: AIOKafkaConsumer | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self, timeout: float = 60) -> LlmCollector:
+        topics = [self.request_topic, self.response_topic, self.deadletter_topic]
+        consumer = self._consumer = await _reader(self.bootstrap, topics, timeout)
+        self._task = asyncio.create_task(self._poll(consumer))
+        return self
+
+    async def _poll(self, consumer: AIOKafkaConsumer) -> None:
+        while True:
+            try:
+                batch = await consumer.getmany(timeout_ms=200, max_records=5000)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a broker restart: the consumer reconnects by itself
+                await asyncio.sleep(0.5)
+                continue
+            now = time.time()
+            for tp, records in batch.items():
+                for rec in records:
+                    self._take(tp.topic, tp.partition, rec.offset, rec.value, rec.timestamp, now)
+
+    def _take(
+        self, topic: str, partition: int, offset: int, value: bytes | None, ts: int, now: float
+    ) -> None:
+        if topic == self.request_topic:
+            req = parse_llm_request(partition, offset, value)
+            if req is None:
+                self.garbage["llm.requests"] += 1
+                return
+            self.requests.append(req)
+            self.request_ids.add(req.id)
+            self._offset_id[(partition, offset)] = req.id
+            if (partition, offset) in self._dead_sources:
+                self.ended_ids.add(req.id)
+        elif topic == self.response_topic:
+            resp = parse_llm_response(partition, offset, value, ts, now)
+            if resp is None:
+                self.garbage["llm.responses"] += 1
+                return
+            self.responses.append(resp)
+            self.ended_ids.add(resp.request_id)
+            self.first_response_at = self.first_response_at or now
+            self.last_response_at = now
+        else:
+            dead = parse_output("deadletter", partition, offset, value, ts, now)
+            if dead is None or dead.source_topic != self.request_topic:
+                return
+            self.dead_letters.append(dead)
+            src = (dead.source_partition, dead.source_offset)
+            self._dead_sources.add(src)
+            ident = self._offset_id.get(src)  # type: ignore[arg-type]
+            if ident is not None:
+                self.ended_ids.add(ident)
+
+    def pending(self, expected: int) -> int:
+        """Requests (at least `expected`) without a final response or dead letter yet."""
+        done = len(self.request_ids & self.ended_ids)
+        return max(len(self.request_ids) - done, expected - done)
 
     async def stop(self) -> None:
         task, self._task = self._task, None

@@ -10,6 +10,7 @@ import json
 import os
 import random
 import resource
+import signal
 import socket
 import time
 import uuid
@@ -70,6 +71,28 @@ class RunOptions:
     extra_env: dict[str, str] = field(default_factory=dict)
 
 
+class RunHooks:
+    """What a scenario may add to a run besides its faults (`scenarios.scenario(...,
+    hooks=...)`; one instance per run, as `RunContext.hooks`): `setup` runs before the
+    workers start (their `env` may still change, a worker may be replaced by a
+    subclass), `drained` is an extra condition of the drain, `check` returns sections
+    of the run's result ({name: {..., "failures": [...]}}: their failures fail the run)
+    once the workers stopped, before the outputs are checked (so it may still record
+    the faults it saw), and `teardown` runs last, whatever happened."""
+
+    async def setup(self, ctx: RunContext) -> None:
+        return None
+
+    def drained(self, ctx: RunContext) -> bool:
+        return True
+
+    async def check(self, ctx: RunContext) -> dict[str, Any]:
+        return {}
+
+    async def teardown(self, ctx: RunContext) -> None:
+        return None
+
+
 @dataclass
 class RunContext:
     """What a scenario function gets: the workers, the load, the group's assignment, and
@@ -89,6 +112,7 @@ class RunContext:
     events: list[dict[str, Any]] = field(default_factory=list)
     t0: float = field(default_factory=time.time)
     ready_timeout_s: float = 120.0
+    hooks: RunHooks = field(default_factory=RunHooks)
 
     @property
     def session_timeout_s(self) -> float:
@@ -113,10 +137,14 @@ class RunContext:
         if text not in self.notes:
             self.notes.append(text)
 
-    def fault(self, kind: str, target: str, partitions: frozenset[int]) -> checker.FaultMark:
-        mark = checker.FaultMark(kind, target, time.time(), partitions)
+    def fault(
+        self, kind: str, target: str, partitions: frozenset[int], at: float | None = None
+    ) -> checker.FaultMark:
+        """Record a fault (now, or at wall time `at` when it was seen after the fact)."""
+        mark = checker.FaultMark(kind, target, time.time() if at is None else at, partitions)
         self.faults.append(mark)
-        self.log(kind, target=target, partitions=sorted(partitions))
+        extra = {} if at is None else {"at_s": round(at - self.t0, 3)}
+        self.log(kind, target=target, partitions=sorted(partitions), **extra)
         return mark
 
     async def kill_worker(self, w: ChaosWorker) -> checker.FaultMark:
@@ -239,6 +267,11 @@ async def _supervise(ctx: RunContext) -> None:
                 ctx.log("crash", target=w.name, code=code)
                 ctx.note(f"{w.name} exited by itself (code {code}); restarted by the supervisor")
                 await asyncio.sleep(1.0)
+                if w.waiting or w.alive():
+                    # a `ready()` began waiting meanwhile: it relaunches the dead process
+                    # itself (a second launch would run two processes of one worker, the
+                    # first one orphaned)
+                    continue
                 w.launch()
         await asyncio.sleep(0.5)
 
@@ -277,6 +310,9 @@ async def run_once(opts: RunOptions, scenario: ScenarioFunc) -> dict[str, Any]:
             "AGENTSTREAM_DATA_DIR": str(run_dir / f"w{i}"),
             "AGENTSTREAM_WEB_PORT": str(free_port()),
             "AGENTSTREAM_WORKER_ID": f"{ns}-w{i}",
+            # a worker slot restarted by its supervisor keeps its identity, as a
+            # StatefulSet pod does: it gets its partitions back without a rebalance
+            "AGENTSTREAM_GROUP_INSTANCE_ID": f"{ns}-w{i}",
         }
         workers.append(ChaosWorker(f"w{i}", wenv, run_dir / f"w{i}.log"))
     prefix = f"{ns}."
@@ -303,6 +339,9 @@ async def run_once(opts: RunOptions, scenario: ScenarioFunc) -> dict[str, Any]:
         t0=started,
         ready_timeout_s=opts.ready_timeout_s,
     )
+    hooks_factory: Callable[[], RunHooks] | None = getattr(scenario, "hooks", None)
+    if hooks_factory is not None:
+        ctx.hooks = hooks_factory()
     ctx.log("setup done", seed=seed)
     supervisor: asyncio.Task[None] | None = None
     load_task: asyncio.Task[None] | None = None
@@ -320,6 +359,7 @@ async def run_once(opts: RunOptions, scenario: ScenarioFunc) -> dict[str, Any]:
     }
     error: str | None = None
     try:
+        await ctx.hooks.setup(ctx)
         await asyncio.gather(*(w.start_async(180) for w in workers))
         ctx.log("workers ready")
         # the first assignment, so the first fault knows whose partitions it takes
@@ -344,6 +384,24 @@ async def run_once(opts: RunOptions, scenario: ScenarioFunc) -> dict[str, Any]:
         result["drain_s"] = None if drain_s is None else round(max(0.0, drain_s), 2)
         result["drained"] = drained is not None
         ctx.log("drained" if drained else "drain timed out")
+        if drained is None:
+            # what each stuck worker holds: its consumer's positions, read, acked and
+            # committed offsets and its agents' marks (streams.diagnostics), in its log
+            from streams.diagnostics import MARK
+
+            live = [w for w in ctx.workers if w.alive() and w.proc is not None]
+            seen = {w.name: w.log_path.read_bytes().count(b"end of " + MARK.encode()) for w in live}
+            for w in live:
+                os.kill(w.proc.pid, signal.SIGUSR2)  # type: ignore[union-attr]
+
+            def dumped() -> bool:
+                return all(
+                    w.log_path.read_bytes().count(b"end of " + MARK.encode()) > seen[w.name]
+                    for w in live
+                )
+
+            with contextlib.suppress(AssertionError):
+                await await_until(dumped, 10, 0.2)
         # a quiet period shows trailing duplicates too
         with contextlib.suppress(AssertionError):
             await await_until(lambda: time.time() - collector.last_record_at > 3.0, 20, 0.5)
@@ -365,6 +423,10 @@ async def run_once(opts: RunOptions, scenario: ScenarioFunc) -> dict[str, Any]:
     try:
         result.update(await _post_checks(ctx, result))
     finally:
+        try:
+            await ctx.hooks.teardown(ctx)
+        except Exception as exc:
+            ctx.note(f"scenario teardown failed: {exc!r}"[:2000])
         await collector.stop()
         if not opts.keep_topics:
             await _delete_topics(opts.bootstrap, ns)
@@ -417,7 +479,7 @@ async def _drain(ctx: RunContext, timeout: float) -> float | None:
         if len(col.input_ids) < total or col.pending(total):
             return False
         valid = {i for i in col.input_ids if checker.poison_kind(i) is None}
-        return valid <= col.decided_ids
+        return valid <= col.decided_ids and ctx.hooks.drained(ctx)
 
     try:
         await await_until(done, timeout, 0.5)
@@ -430,6 +492,11 @@ async def _post_checks(ctx: RunContext, result: dict[str, Any]) -> dict[str, Any
     opts = ctx.opts
     col = ctx.collector
     out: dict[str, Any] = {}
+    # first: a scenario's own check may still record the faults it saw (resume, bound)
+    try:
+        extra = await ctx.hooks.check(ctx)
+    except Exception as exc:
+        extra = {"scenario_check": {"failures": [f"failed: {exc!r}"[:2000]]}}
     res = checker.check(
         col.inputs,
         col.outputs,
@@ -477,6 +544,10 @@ async def _post_checks(ctx: RunContext, result: dict[str, Any]) -> dict[str, Any
         if verdict.tolerated:
             ctx.note(f"{name}: {verdict.summary} — tolerated: {verdict.tolerated}")
     failures = list(res.failures)
+    for key, value in extra.items():
+        out[key] = value
+        if isinstance(value, dict):
+            failures += [f"{key}: {f}" for f in value.get("failures", [])]
     if not rv.ok:
         failures.append(f"rebuild: {rv.summary}")
     if not av.ok:

@@ -3,7 +3,10 @@ rate, from a producer task that survives broker restarts (a failed send is sent 
 checker then sees two input copies), with an optional share of poison records.
 
 Every input carries its id: a valid message as its `message_id` (`<tag>.<n>`), a poison
-record marked `chaos-id=<tag>.<n>.<kind>` in its bytes (it has no decodable id)."""
+record marked `chaos-id=<tag>.<n>.<kind>` in its bytes (it has no decodable id).
+
+`LlmLoad` is the same producer for `llm.request` events (`call_llm`'s input), each with
+its request id `<tag>.llm.<n>`, keyed by it as the project's client keys them."""
 
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from aiokafka import AIOKafkaProducer
 
 from schemas import AgentMessage, Event, encode, utc_now
 from schemas.health import Heartbeat
+from schemas.llm import ChatMessage, LLMConfig, LLMContext, LLMRequest
 from tests.chaos.checker import POISON_KINDS
 
 #: every n-th valid message carries the blocked word: a rejection
@@ -165,3 +169,34 @@ class Load:
     def _error(self, exc: BaseException) -> None:
         if len(self.send_errors) < 20:
             self.send_errors.append(f"{type(exc).__name__}: {exc}"[:300])
+
+
+#: the model name of the chaos LLM requests (the loopback server answers any)
+LLM_MODEL = "loop-model"
+
+
+def llm_request_record(tag: str, n: int, provider: str, senders: int = 24) -> tuple[bytes, bytes]:
+    """(key, value) of LLM request number n: an `llm.request` event, keyed by its request
+    id (`Event.key`, as `streams.client.Client.publish` keys it); streamed and
+    non-streamed in turn."""
+    request = LLMRequest(
+        request_id=f"{tag}.llm.{n}",
+        agent_id=f"agent-{n % senders}",
+        provider=provider,
+        stream=n % 2 == 0,
+        context=LLMContext(messages=[ChatMessage(role="user", content=f"chaos question {n}")]),
+        config=LLMConfig(model=LLM_MODEL, max_tokens=32),
+    )
+    event = Event.of(request, source="chaos-load")
+    return event.key.encode(), encode(event)
+
+
+@dataclass
+class LlmLoad(Load):
+    """`total` LLM requests to `topic` (the run's `llm.requests`) at `rate` per second,
+    for `provider`."""
+
+    provider: str = "local"
+
+    def record(self, n: int) -> tuple[bytes, bytes]:
+        return llm_request_record(self.tag, n, self.provider)

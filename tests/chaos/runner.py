@@ -25,6 +25,8 @@ DEFAULT_ORDER = (
     "broker_restart",
     "poison",
     "output_refused",
+    "agent_raises",
+    "llm_saturated",
     "network_latency",
     "network_bandwidth",
     "network_reset",

@@ -10,6 +10,7 @@ what is missing) and reported as skipped."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 import zlib
 from collections.abc import Callable
@@ -18,9 +19,11 @@ from typing import Any
 
 import orjson
 
-from tests.chaos.cluster import OwnKafka
+from tests.chaos.cluster import OwnBroker, OwnKafka
 from tests.chaos.collect import INPUT_TOPIC
-from tests.chaos.harness import RunContext, ScenarioFunc
+from tests.chaos.harness import RunContext, RunHooks, ScenarioFunc
+from tests.chaos.llm import CALL_S, PROVIDER, RATE_LIMITED, SLOTS, LlmSaturation
+from tests.chaos.raises import RaisePlan
 
 
 @dataclass(frozen=True)
@@ -51,8 +54,16 @@ class Scenario:
 SCENARIOS: dict[str, Scenario] = {}
 
 
-def scenario(name: str, **kw: Any) -> Callable[[ScenarioFunc], ScenarioFunc]:
+def scenario(
+    name: str, hooks: Callable[[], RunHooks] | None = None, **kw: Any
+) -> Callable[[ScenarioFunc], ScenarioFunc]:
+    """Register `func` as scenario `name`; `hooks` makes the per-run `RunHooks` the
+    scenario needs besides its faults (set-up before the workers start, a drain
+    condition, a check of its own; the harness finds it as `func.hooks`)."""
+
     def register(func: ScenarioFunc) -> ScenarioFunc:
+        if hooks is not None:
+            setattr(func, "hooks", hooks)  # noqa: B010 - an attribute of a function
         SCENARIOS[name] = Scenario(name, func, (func.__doc__ or "").strip(), **kw)
         return func
 
@@ -149,8 +160,8 @@ async def broker_restart(ctx: RunContext) -> None:
     acknowledged input is lost, exactly-once writes no committed duplicate, and chains
     and tables stay consistent. resume_after_kill_s here is kill -> first output after."""
     broker = ctx.broker
-    if broker is None:
-        raise RuntimeError("broker_restart needs a broker of its own")
+    if not isinstance(broker, OwnBroker):
+        raise RuntimeError("broker_restart needs a broker of its own (OwnBroker)")
     await ctx.load.reached(ctx.rng.uniform(0.3, 0.5))
     everything = frozenset(range(ctx.opts.partitions))
     ctx.fault("broker kill -9", "broker", everything)
@@ -506,19 +517,74 @@ async def coordinator_kill(ctx: RunContext) -> None:
     await _down_and_back(ctx, kafka, node, [])
 
 
-# --------------------------------------------------------------------------- hooks
+# --------------------------------------------------------------------------- agent_raises
 
-hook(
-    "agent_raises",
-    "a fault hook that makes an agent body raise outside `guarded` (none in agents/ or "
-    "streams/ yet)",
-    "enforce_policy raises outside `guarded` on some batches: the batch must not be "
-    "acknowledged (today it is: loss, the known issue), the worker restarts, nothing lost.",
-)
-hook(
-    "llm_saturated",
-    "agents.llm against a saturating provider (tests/llm_server.py) and a checker for "
-    "llm.requests -> llm.responses",
-    "The LLM provider at its concurrency limit with 429s: requests wait, none is lost, "
-    "one final response per request.",
-)
+
+@scenario("agent_raises", hooks=RaisePlan, workers=1, partitions=4, runs=3, rate=100.0)
+async def agent_raises(ctx: RunContext) -> None:
+    """The enforce_policy agent body raises outside `guarded` (`InjectedFault` from the
+    product's test hook `fault_point("enforce_policy.publish")`, at the start of a
+    batch's publish, through AGENTSTREAM_TEST_FAULTS): every worker process is launched
+    with the fault at a call number of its own, drawn so that it fires a few seconds to a
+    minute after Ready (3-10% of the load's duration), so a run sees several raises;
+    processes launched once the whole load is issued get none. Proves: the batch in hand
+    is not acknowledged — the worker exits by itself with a non-zero code within 30 s of
+    the raise (checked from its log and exit code), the supervisor restarts it, and its
+    inputs are processed again: nothing lost, exactly-once leaves no duplicate
+    (at-least-once: duplicates within one commit interval per raise). Each raise is a
+    fault: resume_after_kill_s = raise -> first decision produced after it on a
+    partition the worker held. Fails when no raise happened."""
+    await ctx.load.reached(1.0)
+
+
+# --------------------------------------------------------------------------- llm_saturated
+
+
+@scenario("llm_saturated", hooks=LlmSaturation, workers=1, partitions=4, runs=3, rate=200.0)
+async def llm_saturated(ctx: RunContext) -> None:
+    """The LLM stage at its concurrency limit while the agent.message load (and, under
+    exactly-once, its transactions) runs: the worker runs agents.security and agents.llm
+    against a loopback OpenAI-style server started by the run (tests/llm_server.py) with
+    4 call slots per worker; while the loads run the server answers every call after
+    0.8 s and a quarter of them at once with 429 (Retry-After 0.3 s, honoured while the
+    slot stays taken; 8 attempts, the breaker kept closed), and `llm.request` events
+    arrive (one per 20 agent.messages, same pace) faster than the slots serve them, so
+    every slot is busy and requests wait in Kafka; then it answers at once and the
+    backlog drains. Proves: every request id ends in exactly one final llm.responses
+    event (completed, or failed with its typed error; >= 95% completed) or a dead
+    letter — none lost, no well-formed one dead-lettered; the provider never sees more
+    calls at once than the slots allow and does see that many (saturated); the
+    agent.message checks still pass. LLM outputs are at-least-once by design, under
+    exactly-once too (docs/audit.md: call_llm holds a request's offset past its batch,
+    outside the commit gate): duplicate final responses are counted under both
+    guarantees and judged against the at-least-once bound (one commit interval's worth
+    of responses per fault), a failure above it. Notes the decision rate during the
+    saturation."""
+    llm = ctx.hooks
+    if not isinstance(llm, LlmSaturation):
+        raise RuntimeError("llm_saturated runs with its LlmSaturation hooks")
+    rate = _Rate(ctx)
+    llm_load = llm.start_load()
+    ctx.fault(
+        "llm saturated",
+        f"{PROVIDER}: {SLOTS} slot(s)/worker, {CALL_S}s calls, {RATE_LIMITED:.0%} answered 429",
+        frozenset(),
+    )
+    issued = asyncio.gather(ctx.load.reached(1.0), llm_load.reached(1.0))
+    t0 = time.time()
+    await llm.saturate(issued)
+    during = rate.since()
+    pending = ctx.collector.pending(ctx.load.total)
+    seen = sorted({d.seen_at for d in ctx.collector.decisions() if d.seen_at >= t0})
+    marks = [t0, *seen, time.time()]
+    pause = max(b - a for a, b in itertools.pairwise(marks))
+    ctx.log("llm answers at once again", after_s=round(llm.saturated_s, 1), pending=pending)
+    ctx.note(
+        f"llm_saturated: decisions/s while saturated {during:.0f} (agent.message input rate "
+        f"{ctx.opts.rate:.0f}/s), longest pause between visible decisions {pause:.1f}s, "
+        f"{pending} input(s) without an outcome when the LLM answered at once again"
+    )
+
+
+# --------------------------------------------------------------------------- hooks
+# (none left: every registered scenario runs; `hook(...)` registers the next one)
