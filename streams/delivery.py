@@ -774,7 +774,8 @@ class _NeverEmpty:
 def new_transport(app: Any) -> Any:
     """The worker's transport (`AgentStreamApp._new_transport`): Faust's aiokafka
     transport, its consumer a `BatchDeliveryConsumer` whose consumer thread is a
-    `FetchWaitConsumerThread` and a `RecoveryOffsetsConsumerThread`."""
+    `FetchWaitConsumerThread` and a `RecoveryOffsetsConsumerThread`, its producer an
+    `IdempotentProducer`."""
     base = by_url(app.conf.broker_consumer[0])
     if not issubclass(base, aiokafka_driver.Transport):
         raise ValueError(f"unsupported broker transport: {app.conf.broker_consumer[0]}")
@@ -796,7 +797,28 @@ def new_transport(app: Any) -> Any:
         (BatchDeliveryConsumer, base.Consumer),
         {"_new_consumer_thread": new_thread},
     )
-    return type("Transport", (base,), {"Consumer": consumer})(app.conf.broker_consumer, app)
+    producer = type("Producer", (IdempotentProducer, base.Producer), {})
+    return type("Transport", (base,), {"Consumer": consumer, "Producer": producer})(
+        app.conf.broker_consumer, app
+    )
+
+
+class IdempotentProducer:
+    """Faust's producer, idempotent under at-least-once too (Faust turns idempotence on
+    only with exactly-once; Kafka's own clients have it on by default since 3.0).
+
+    Without it a produce request whose response was lost (a reset connection, a broker
+    failing over) is sent again and written twice: a duplicate decision in the signed
+    hash chain, which `audit verify` rightly reports as inserted (chaos network_reset).
+    With it the broker drops the retry by its producer id and sequence number. Outputs
+    repeated because their input is processed again after a crash are still possible:
+    that is what at-least-once means, and consumers deduplicate on the event id."""
+
+    def _settings_extra(self) -> Any:
+        extra = dict(super()._settings_extra())  # type: ignore[misc]
+        extra.setdefault("acks", "all")
+        extra.setdefault("enable_idempotence", True)
+        return extra
 
 
 #: per agent stream, `streams.processing.event_batches`' marks {partition: (consumer

@@ -47,6 +47,20 @@ async def test_default_fetch_wait_is_latency_friendly(tmp_path: Path) -> None:
         await consumer.stop()
 
 
+async def test_worker_producer_is_idempotent_under_both_guarantees(tmp_path: Path) -> None:
+    # a produce retried after a lost response (a reset connection) must not be written
+    # twice: a duplicate decision breaks the signed chain (`audit verify`: inserted)
+    for guarantee in ("at_least_once", "exactly_once"):
+        app = create_app(_settings(tmp_path, AGENTSTREAM_PROCESSING_GUARANTEE=guarantee))
+        producer = app.producer._new_producer()
+        try:
+            # aiokafka keeps a producer id and sequence numbers only when idempotent
+            assert producer._txn_manager is not None, guarantee
+            assert producer._sender._acks == -1  # acks=all, which idempotence needs
+        finally:
+            await producer.stop()
+
+
 def test_producer_linger_is_configurable(tmp_path: Path) -> None:
     assert create_app(_settings(tmp_path)).conf.producer_linger == 0.005
     app = create_app(_settings(tmp_path, AGENTSTREAM_PRODUCER_LINGER_MS="0"))

@@ -154,13 +154,35 @@ CONTRACTS: list[Contract] = [
     c(
         "faust.transport.base.Transport.__init__",
         "call",
-        f'{DELIVERY}::{{"Consumer": consumer}})(app.conf.broker_consumer, app)',
+        f'{DELIVERY}::{{"Consumer": consumer, "Producer": producer}})(',
         params="(self, url, app)",
     ),
     c(
         f"{D_AIO}.Transport.Consumer",
         "subclass",
         f"{DELIVERY}::(BatchDeliveryConsumer, base.Consumer)",
+    ),
+    c(
+        f"{D_AIO}.Transport.Producer",
+        "subclass",
+        f"{DELIVERY}::(IdempotentProducer, base.Producer)",
+    ),
+    c(
+        f"{PRODUCER}._settings_extra",
+        "override",
+        f"{DELIVERY}::def _settings_extra(self)",
+        params="(self)",
+        # what we extend: idempotence only in a transaction; the settings reach the
+        # aiokafka producer through _new_producer
+        contains=("return {'acks': 'all', 'enable_idempotence': True}",),
+        fingerprint="3371b470381d46a7",
+    ),
+    c(
+        f"{PRODUCER}._new_producer",
+        "read",
+        f"{DELIVERY}::class IdempotentProducer",
+        contains=("**self._settings_extra()",),
+        fingerprint="4703f30d76d025ff",
     ),
     c(
         f"{CONSUMER}._new_consumer_thread",
@@ -463,7 +485,7 @@ CONTRACTS: list[Contract] = [
     c(
         f"{CONSUMER}.wait_first",
         "call",
-        f"{DELIVERY}::await self.wait_first(deliver(batch)",
+        f"{DELIVERY}::await self.wait_first(deliver(batch, epoch)",
         params="(self, *coros)",
     ),
     c(f"{CONSUMER}.suspend_flow", "read", f"{DELIVERY}::self.suspend_flow.wait()"),
@@ -1126,6 +1148,7 @@ OUR_SUBCLASSES = {
     "streams.delivery:BatchAgent": "faust.Agent",
     "streams.delivery:RefetchingFlowControl": "mode.utils.queues.FlowControlEvent",
     "streams.delivery:BatchDeliveryConsumer": CONSUMER,
+    "streams.delivery:IdempotentProducer": PRODUCER,
     "agents.llm.providers._net:AsyncioBackend": "httpcore.AsyncNetworkBackend",
     "agents.llm.providers._net:AsyncioStream": "httpcore.AsyncNetworkStream",
 }
