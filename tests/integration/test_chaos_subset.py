@@ -1,8 +1,9 @@
 """The CI-sized subset of the fault-injection suite (`python -m tests.chaos`, see
-tests/chaos/): one run each of poison (1% poison input) and broker_restart (kill -9 of a
-broker of its own, never the shared one) under exactly-once, with 5,000 inputs per run;
-worker_kill (3 workers, a few kill -9 cycles each) runs only on request until it passes
-(see `test_worker_kill`).
+tests/chaos/), one run each under exactly-once, 5,000 inputs per run unless said:
+worker_kill (3 workers, two kill -9 cycles each), broker_restart (kill -9 of a broker of
+its own, never the shared one), network_reset (TCP resets through Toxiproxy, 1,500
+inputs), poison (1% poison input); agent_raises (the agent body raising outside
+`guarded`, 3,000 inputs) under at-least-once.
 
 Each fails on any lost input, on any exactly-once duplicate (read_committed), on a
 decision out of source order, on a table that differs from its rebuild (at-least-once:
@@ -12,15 +13,15 @@ in its report (report.json / report.md)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.chaos import scenarios
-from tests.chaos.cluster import PORT_BASE, OwnBroker
+from tests.chaos.cluster import PORT_BASE, OwnBroker, OwnKafka
 from tests.chaos.harness import RunOptions, run_once
 
 pytestmark = pytest.mark.integration
@@ -64,32 +65,60 @@ def assert_clean(result: dict[str, Any]) -> None:
     assert result.get("ok"), f"chaos run failed: {result.get('failures')}\n{text}"
 
 
-#: worker_kill is not in the CI subset until it passes reliably: exactly-once with several
-#: workers crash-loops on Faust's recovery consistency check, and at-least-once left 141
-#: of 5,000 inputs undecided at the 60 s drain deadline in one of two runs
-#: (docs/reliability.md). `python -m tests.chaos --scenario worker_kill` runs it; this test
-#: runs with CHAOS_CI_WORKER_KILL=1.
-@pytest.mark.skipif(
-    os.environ.get("CHAOS_CI_WORKER_KILL") != "1",
-    reason="worker_kill fails today (docs/reliability.md); CHAOS_CI_WORKER_KILL=1 runs it",
-)
 @pytest.mark.timeout(280)
-@pytest.mark.parametrize("guarantee", ["at_least_once", "exactly_once"])
-async def test_worker_kill(kafka_bootstrap: str, tmp_path: Path, guarantee: str) -> None:
-    # 3 workers, each kill -9'ed twice (one of them again while recovering, another
-    # twice in a row); standby replicas 0: with standbys, exactly-once workers crash in
-    # Faust's standby recovery (see the chaos report), which is not this test's subject
+async def test_worker_kill(kafka_bootstrap: str, tmp_path: Path) -> None:
+    # 3 workers with a standby replica each, each kill -9'ed twice (one of them again
+    # while recovering, another twice in a row), restarted under the same group
+    # instance id as a supervisor would; exactly-once, the stricter guarantee
+    # (`make chaos` runs both)
     opts = options(
         "worker_kill",
-        guarantee,
+        "exactly_once",
         kafka_bootstrap,
         tmp_path,
-        standby_replicas=0,
+        standby_replicas=1,
         extra_env={"CHAOS_KILLS_PER_WORKER": "2"},
     )
     opts.rate = 120.0  # the load lasts ~40 s: the kills land mid-stream
     result = await run_once(opts, scenarios.worker_kill)
     assert len(result["faults"]) >= 6
+    assert_clean(result)
+
+
+@pytest.mark.timeout(280)
+async def test_network_reset(tmp_path: Path) -> None:
+    # a broker of its own behind Toxiproxy: every connection of the workers, the load,
+    # the readers and the CLI is reset every 2-5 s for half the load
+    kafka = OwnKafka(tmp_path / "kafka", nodes=1, proxied=True)
+    try:
+        bootstrap = await asyncio.to_thread(kafka.start)
+        opts = options(
+            "network_reset",
+            "exactly_once",
+            bootstrap,
+            tmp_path / "run",
+            broker=kafka,
+            extra_env=kafka.worker_env(),
+            keep_topics=True,
+        )
+        opts.messages = 1500
+        opts.rate = 60.0  # ~25 s of load, ~12 s of it under resets
+        result = await run_once(opts, scenarios.network_reset)
+    finally:
+        await asyncio.to_thread(kafka.stop, True)
+    assert len(result["faults"]) >= 2
+    assert_clean(result)
+
+
+@pytest.mark.timeout(240)
+async def test_agent_raises(kafka_bootstrap: str, tmp_path: Path) -> None:
+    # enforce_policy raises outside `guarded` a few times (each worker process at a call
+    # number of its own); at-least-once, where an acked batch of a raising agent would be
+    # a loss nothing else repairs
+    opts = options("agent_raises", "at_least_once", kafka_bootstrap, tmp_path)
+    opts.messages = 3000  # ~30 s of load at the scenario's 100/s
+    result = await run_once(opts, scenarios.agent_raises)
+    assert len(result["faults"]) >= 2
     assert_clean(result)
 
 
