@@ -630,9 +630,11 @@ class ChainWriter:
         last record of the block (`chain_signer`): an unsigned tail is abandoned by the
         next writer that reads the head back from the topic."""
         from streams.app import settings
+        from streams.processing import check_not_frozen
 
         lock = self._locks.setdefault(partition, asyncio.Lock())
         async with lock:
+            check_not_frozen()  # a zombie's batch would fork the chain
             prev = self._last.get(partition)
             if prev is None:
                 trusted = await worker_trust(settings)

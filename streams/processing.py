@@ -65,6 +65,7 @@ import base64
 import contextlib
 import logging
 import os
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -103,6 +104,69 @@ class BatchAbandoned(asyncio.CancelledError):
 _TAKEN: ContextVar[tuple[asyncio.Task[Any] | None, Any, int, int] | None] = ContextVar(
     "agentstream_batch_taken", default=None
 )
+
+
+class WorkerFroze(RuntimeError):
+    """The worker's event loop stood still for longer than the group's session timeout
+    (SIGSTOP, a frozen VM or container): its partitions have most likely moved to another
+    worker, which continued their hash chains from the topic, while this process still
+    holds the old heads, fetched records and batches. Under at-least-once nothing fences
+    its producer: whatever it wrote on, before its consumer noticed the rebalance, forked
+    the signed chains (`audit verify`: hundreds of records inserted, chaos worker_stop).
+    So it writes no further chain record and restarts; nothing it took is acked."""
+
+
+#: the event loop's last tick (`watch_freezes`; None while nothing watches, as in tests
+#: that run agents without a worker) and when a freeze was last noticed
+_LAST_TICK: list[float | None] = [None]
+_LAST_FREEZE = [0.0]
+#: how often `watch_freezes` ticks
+FREEZE_TICK_S = 0.5
+
+
+def _freeze_limit() -> float:
+    return float(settings.broker_session_timeout_s)
+
+
+def _notice_freeze() -> float:
+    """When the loop was last seen frozen (0.0: never); a gap since the last tick counts
+    even before the watcher's own timer ran again."""
+    now, last = time.monotonic(), _LAST_TICK[0]
+    if last is not None and now - last > _freeze_limit():
+        _LAST_FREEZE[0] = now
+        _LAST_TICK[0] = now
+    return _LAST_FREEZE[0]
+
+
+async def watch_freezes() -> None:
+    """Tick while the worker runs; after a freeze, crash the worker (`WorkerFroze`)."""
+    _LAST_TICK[0] = time.monotonic()
+    while True:
+        await asyncio.sleep(FREEZE_TICK_S)
+        gap = time.monotonic() - (_LAST_TICK[0] or 0.0)
+        if _notice_freeze():
+            exc = WorkerFroze(f"the event loop stood still for {gap:.1f} s")
+            log.error("%s (longer than the session timeout): restarting the worker", exc)
+            processing_failed(exc)  # commits nothing more, crashes: a restart rejoins
+            return
+        _LAST_TICK[0] = time.monotonic()
+
+
+@app.task
+async def _watch_freezes() -> None:
+    await watch_freezes()
+
+
+def check_not_frozen() -> None:
+    """Raise `WorkerFroze` once the event loop has stood still for longer than the
+    session timeout: no chain record may be written on (the worker is crashing; see
+    `watch_freezes`, which may run after the first task to wake up). Called before
+    chain records are written (`streams.audit_chain.ChainWriter.head`, `enforce_policy`'s
+    sends)."""
+    if _notice_freeze():
+        raise WorkerFroze("the event loop stood still past the session timeout")
+
+
 #: the outermost batch iterator of this task's agent, to close it when the agent fails
 _OPEN: ContextVar[AsyncGenerator[Any, None] | None] = ContextVar(
     "agentstream_batch_iterator", default=None
@@ -695,9 +759,11 @@ async def guarded(
 __all__ = [
     "BatchAbandoned",
     "Inbound",
+    "WorkerFroze",
     "abandon_open_batch",
     "app",
     "check_batch_current",
+    "check_not_frozen",
     "dead_letter",
     "dead_letter_of",
     "decoded_batches",

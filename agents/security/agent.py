@@ -48,6 +48,7 @@ from streams.health import register_check
 from streams.observability import DECISIONS, EVENTS_OUT
 from streams.processing import (
     Inbound,
+    check_not_frozen,
     dead_letter,
     decoded_batches,
     emit,
@@ -471,6 +472,7 @@ _IN_FLIGHT: list[Any] = []
 async def _send_batches(
     producer: Any, records: dict[str, list[tuple[bytes, bytes]]], partition: int
 ) -> list[Any]:
+    check_not_frozen()  # sealed before a freeze, these must not be sent after it
     futures = []
     for topic, items in records.items():
         batch = producer.create_batch()
