@@ -66,10 +66,12 @@ async def _resumed(settings: Settings, killed_at: float, seen: dict[int, float])
     return len(seen) == PARTITIONS
 
 
+# A worker restarted under its group instance id (static membership) is measured by the
+# chaos subset's worker_kill (tests/integration/test_chaos_subset.py), six kills a run.
 @pytest.mark.parametrize(
     ("restart", "static"),
-    [(True, True), (True, False), (False, True)],
-    ids=["restarted-static", "restarted-dynamic", "survivor"],
+    [(True, False), (False, True)],
+    ids=["restarted-dynamic", "survivor"],
 )
 async def test_resume_after_kill(
     settings_env: dict[str, str], tmp_path: Path, restart: bool, static: bool
