@@ -188,8 +188,23 @@ def order_check(source_offsets: Iterable[int]) -> tuple[list[tuple[int, int, int
 # --------------------------------------------------------------------------- result
 
 
+class _Verdict:
+    """What both result types share: failed when any failure was found."""
+
+    failures: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)  # type: ignore[call-overload]
+        out["ok"] = self.ok
+        return out
+
+
 @dataclass
-class CheckResult:
+class CheckResult(_Verdict):
     guarantee: str
     inputs: int = 0
     input_copies: int = 0  # records on the input topic (> inputs: the producer re-sent)
@@ -215,15 +230,6 @@ class CheckResult:
     dup_bound: float | None = None
     failures: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not self.failures
-
-    def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["ok"] = self.ok
-        return out
 
 
 def dup_bound(faults: int, throughput_eps: float | None, commit_interval_s: float) -> float | None:
@@ -556,7 +562,7 @@ def parse_llm_response(
 
 
 @dataclass
-class LlmCheckResult:
+class LlmCheckResult(_Verdict):
     guarantee: str
     requests: int = 0
     request_copies: int = 0
@@ -578,15 +584,6 @@ class LlmCheckResult:
     dup_bound: float | None = None
     failures: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not self.failures
-
-    def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["ok"] = self.ok
-        return out
 
 
 def check_llm(

@@ -66,7 +66,25 @@ async def _reader(bootstrap: str, topics: list[str], timeout: float) -> AIOKafka
     return consumer
 
 
-class Collector:
+class _Reading:
+    """A reader kept for the whole run: its reading task and its consumer."""
+
+    _task: asyncio.Task[None] | None
+    _consumer: AIOKafkaConsumer | None
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._consumer is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._consumer.stop(), 30)
+            self._consumer = None
+
+
+class Collector(_Reading):
     """Follows the input and output topics of one run from the beginning."""
 
     def __init__(self, bootstrap: str, prefix: str) -> None:
@@ -153,24 +171,13 @@ class Collector:
     def decisions(self) -> list[OutputRecord]:
         return [o for o in self.outputs if o.kind == "decision"]
 
-    async def stop(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        if self._consumer is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._consumer.stop(), 30)
-            self._consumer = None
-
 
 LLM_REQUESTS = "llm.requests"
 LLM_RESPONSES = "llm.responses"
 DEADLETTER = "pipeline.deadletter"
 
 
-class LlmCollector:
+class LlmCollector(_Reading):
     """Follows `llm.requests`, `llm.responses` and the dead letters of requests (those
     whose source topic is `llm.requests`) of one run from the beginning, read_committed.
     `llm.chunks` is not read: the checker judges final responses only."""
@@ -251,17 +258,6 @@ class LlmCollector:
         """Requests (at least `expected`) without a final response or dead letter yet."""
         done = len(self.request_ids & self.ended_ids)
         return max(len(self.request_ids) - done, expected - done)
-
-    async def stop(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        if self._consumer is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._consumer.stop(), 30)
-            self._consumer = None
 
 
 class GroupWatcher:
