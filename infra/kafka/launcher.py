@@ -75,6 +75,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final
 
+from infra.procs import pid_alive
+
 __all__ = [
     "BROKER_SETTINGS",
     "CLUSTER_NODE_HEAP",
@@ -678,27 +680,7 @@ def _read_pid(pid_file: Path) -> int | None:
 
 def _pid_alive(pid: int) -> bool:
     """True if ``pid`` is a live (non-zombie) Kafka broker process."""
-    child = _CHILDREN.get(pid)
-    if child is not None:
-        if child.poll() is None:
-            return True
-        del _CHILDREN[pid]
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # exists, owned by someone else
-    proc = Path("/proc") / str(pid)
-    if not proc.is_dir():
-        return True  # no procfs (macOS): trust the signal check
-    stat = _read_text(proc / "stat") or ""
-    if stat.rpartition(")")[2].strip().startswith(("Z", "X")):
-        return False
-    # Guard against pid reuse: the process must still be a Kafka JVM.
-    cmdline = (_read_bytes(proc / "cmdline") or b"").split(b"\0")
-    return b"kafka.Kafka" in cmdline
+    return pid_alive(pid, _CHILDREN, lambda cmdline: b"kafka.Kafka" in cmdline)
 
 
 def _running_pid(cfg: BrokerConfig) -> int | None:
@@ -1536,13 +1518,6 @@ def _read_text(path: Path, errors: str = "strict") -> str | None:
     try:
         return path.read_text(encoding="utf-8", errors=errors)
     except (FileNotFoundError, NotADirectoryError, UnicodeDecodeError):
-        return None
-
-
-def _read_bytes(path: Path) -> bytes | None:
-    try:
-        return path.read_bytes()
-    except OSError:
         return None
 
 

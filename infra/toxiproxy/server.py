@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+from infra.procs import pid_alive
+
 __all__ = [
     "DEFAULT_API_PORT",
     "MIN_GO_VERSION",
@@ -210,29 +212,12 @@ _CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
 
 
 def _alive(pid: int) -> bool:
-    child = _CHILDREN.get(pid)
-    if child is not None:
-        if child.poll() is None:
-            return True
-        del _CHILDREN[pid]
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    proc = Path("/proc") / str(pid)
-    if not proc.is_dir():
-        return True
-    try:
-        stat = (proc / "stat").read_text()
-        cmdline = (proc / "cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return False
-    if stat.rpartition(")")[2].strip().startswith(("Z", "X")):
-        return False
-    return bool(cmdline) and cmdline[0].endswith(_BINARY_NAME.encode())  # pid reuse guard
+    return pid_alive(
+        pid,
+        _CHILDREN,
+        # pid reuse guard: still the server binary
+        lambda cmdline: bool(cmdline) and cmdline[0].endswith(_BINARY_NAME.encode()),
+    )
 
 
 def server_pid(cfg: ServerConfig | None = None) -> int | None:
