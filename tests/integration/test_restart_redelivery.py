@@ -9,6 +9,7 @@ mechanism itself on the app's real flow control, queues and consumer, determinis
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -121,6 +122,29 @@ async def test_a_record_delivered_across_a_clear_is_fetched_again_not_handed_out
     assert consumer._read_offset[tp] == 2
 
 
+def _record_delivery(
+    monkeypatch: pytest.MonkeyPatch, after: Callable[[Message], None] | None = None
+) -> tuple[list[int], list[tuple[int, int]]]:
+    """The offsets `_deliver` hands to the streams (then calls `after`), and the gaps it
+    counts as done, on a topic with acks on (as the agents' input topics are)."""
+    consumer = app.consumer
+    handed: list[int] = []
+    gaps: list[tuple[int, int]] = []
+
+    async def on_message(message: Message) -> None:
+        handed.append(message.offset)
+        if after is not None:
+            after(message)
+
+    async def add_gap(tp: TP, start: int, end: int) -> None:
+        gaps.append((start, end))
+
+    monkeypatch.setattr(consumer, "callback", on_message)
+    monkeypatch.setattr(consumer, "_add_gap", add_gap)
+    monkeypatch.setattr(app.topics, "acks_enabled_for", lambda topic: True)
+    return handed, gaps
+
+
 async def test_a_batch_fetched_before_a_seek_is_not_delivered_after_it(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -133,19 +157,7 @@ async def test_a_batch_fetched_before_a_seek_is_not_delivered_after_it(
     consumer = app.consumer
     consumer._refetch_from = None
     tp = TP(TOPIC, 1)
-    handed: list[int] = []
-
-    async def on_message(message: Message) -> None:
-        handed.append(message.offset)
-
-    monkeypatch.setattr(consumer, "callback", on_message)
-    gaps: list[tuple[int, int]] = []
-
-    async def add_gap(tp_: TP, start: int, end: int) -> None:
-        gaps.append((start, end))
-
-    monkeypatch.setattr(consumer, "_add_gap", add_gap)
-    monkeypatch.setattr(app.topics, "acks_enabled_for", lambda topic: True)
+    handed, gaps = _record_delivery(monkeypatch)
     epoch = consumer._refetch_epoch  # the fetch is issued
     consumer._read_offset[tp] = 951  # recovery's seek to the committed offset ...
     consumer._refetch_epoch += 1  # ... bumps the epoch (perform_seek)
@@ -176,26 +188,17 @@ async def test_a_seek_while_a_batch_is_delivered_leaves_no_gap(
     consumer._refetch_from = None
     tp = TP(TOPIC, 2)
     consumer._read_offset[tp] = 999
-    handed: list[int] = []
     loop = asyncio.get_running_loop()
 
     def seek() -> None:
         consumer._read_offset[tp] = 951
         consumer._refetch_epoch += 1
 
-    async def on_message(message: Message) -> None:
-        handed.append(message.offset)
+    def after(message: Message) -> None:
         if message.offset == 1098:
             loop.call_soon(seek)  # runs in the pause before record 1099
 
-    monkeypatch.setattr(consumer, "callback", on_message)
-    gaps: list[tuple[int, int]] = []
-
-    async def add_gap(tp_: TP, start: int, end: int) -> None:
-        gaps.append((start, end))
-
-    monkeypatch.setattr(consumer, "_add_gap", add_gap)
-    monkeypatch.setattr(app.topics, "acks_enabled_for", lambda topic: True)
+    handed, gaps = _record_delivery(monkeypatch, after)
     batch = [
         (tp, Message(TOPIC, 2, o, 0.0, 0, None, None, b"v", None, generation_id=1))
         for o in range(1000, 1150)
