@@ -67,10 +67,33 @@ async def _reader(bootstrap: str, topics: list[str], timeout: float) -> AIOKafka
 
 
 class _Reading:
-    """A reader kept for the whole run: its reading task and its consumer."""
+    """A reader kept for the whole run: its consumer and the task that polls it, handing
+    each fetched batch to `_took`."""
 
-    _task: asyncio.Task[None] | None
-    _consumer: AIOKafkaConsumer | None
+    bootstrap: str
+    _task: asyncio.Task[None] | None = None
+    _consumer: AIOKafkaConsumer | None = None
+    #: the last error of a poll (a broker restart: the consumer reconnects by itself)
+    error: BaseException | None = None
+
+    async def _read(self, topics: list[str], timeout: float) -> None:
+        consumer = self._consumer = await _reader(self.bootstrap, topics, timeout)
+        self._task = asyncio.create_task(self._poll(consumer))
+
+    async def _poll(self, consumer: AIOKafkaConsumer) -> None:
+        while True:
+            try:
+                batch = await consumer.getmany(timeout_ms=200, max_records=5000)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # broker restart: the consumer reconnects by itself
+                self.error = exc
+                await asyncio.sleep(0.5)
+                continue
+            self._took(batch, time.time())
+
+    def _took(self, batch: dict[TopicPartition, list[Any]], now: float) -> None:
+        raise NotImplementedError
 
     async def stop(self) -> None:
         task, self._task = self._task, None
@@ -100,53 +123,35 @@ class Collector(_Reading):
         self._dead_sources: set[tuple[int | None, int | None]] = set()
         self._offset_id: dict[tuple[int, int], str] = {}
         self.last_record_at = 0.0
-        self._consumer: AIOKafkaConsumer | None = None
-        self._task: asyncio.Task[None] | None = None
-        self.error: BaseException | None = None
 
     async def start(self, timeout: float = 60) -> Collector:
-        consumer = self._consumer = await _reader(
-            self.bootstrap, [self.input_topic, *self.kinds], timeout
-        )
-        self._task = asyncio.create_task(self._poll(consumer))
+        await self._read([self.input_topic, *self.kinds], timeout)
         return self
 
-    async def _poll(self, consumer: AIOKafkaConsumer) -> None:
-        while True:
-            try:
-                batch = await consumer.getmany(timeout_ms=200, max_records=5000)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # broker restart: the consumer reconnects by itself
-                self.error = exc
-                await asyncio.sleep(0.5)
-                continue
-            now = time.time()
-            for tp, records in batch.items():
-                if records:
-                    self.last_record_at = now
-                if tp.topic == self.input_topic:
-                    for rec in records:
-                        inp = parse_input(tp.partition, rec.offset, rec.value)
-                        if inp is None:
-                            self.garbage["input"] += 1
-                            continue
-                        self.inputs.append(inp)
-                        self.input_ids.add(inp.id)
-                        self._offset_id[(inp.partition, inp.offset)] = inp.id
-                        if (inp.partition, inp.offset) in self._dead_sources:
-                            self.outcome_ids.add(inp.id)
-                    continue
-                kind = self.kinds[tp.topic]
+    def _took(self, batch: dict[TopicPartition, list[Any]], now: float) -> None:
+        for tp, records in batch.items():
+            if records:
+                self.last_record_at = now
+            if tp.topic == self.input_topic:
                 for rec in records:
-                    out = parse_output(
-                        kind, tp.partition, rec.offset, rec.value, rec.timestamp, now
-                    )
-                    if out is None:
-                        self.garbage[kind] += 1
+                    inp = parse_input(tp.partition, rec.offset, rec.value)
+                    if inp is None:
+                        self.garbage["input"] += 1
                         continue
-                    self.outputs.append(out)
-                    self._note(out)
+                    self.inputs.append(inp)
+                    self.input_ids.add(inp.id)
+                    self._offset_id[(inp.partition, inp.offset)] = inp.id
+                    if (inp.partition, inp.offset) in self._dead_sources:
+                        self.outcome_ids.add(inp.id)
+                continue
+            kind = self.kinds[tp.topic]
+            for rec in records:
+                out = parse_output(kind, tp.partition, rec.offset, rec.value, rec.timestamp, now)
+                if out is None:
+                    self.garbage[kind] += 1
+                    continue
+                self.outputs.append(out)
+                self._note(out)
 
     def _note(self, out: OutputRecord) -> None:
         if out.kind == "deadletter":
@@ -198,28 +203,15 @@ class LlmCollector(_Reading):
         self.last_response_at = 0.0
         self._offset_id: dict[tuple[int, int], str] = {}
         self._dead_sources: set[tuple[int | None, int | None]] = set()
-        self._consumer: AIOKafkaConsumer | None = None
-        self._task: asyncio.Task[None] | None = None
 
     async def start(self, timeout: float = 60) -> LlmCollector:
-        topics = [self.request_topic, self.response_topic, self.deadletter_topic]
-        consumer = self._consumer = await _reader(self.bootstrap, topics, timeout)
-        self._task = asyncio.create_task(self._poll(consumer))
+        await self._read([self.request_topic, self.response_topic, self.deadletter_topic], timeout)
         return self
 
-    async def _poll(self, consumer: AIOKafkaConsumer) -> None:
-        while True:
-            try:
-                batch = await consumer.getmany(timeout_ms=200, max_records=5000)
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # a broker restart: the consumer reconnects by itself
-                await asyncio.sleep(0.5)
-                continue
-            now = time.time()
-            for tp, records in batch.items():
-                for rec in records:
-                    self._take(tp.topic, tp.partition, rec.offset, rec.value, rec.timestamp, now)
+    def _took(self, batch: dict[TopicPartition, list[Any]], now: float) -> None:
+        for tp, records in batch.items():
+            for rec in records:
+                self._take(tp.topic, tp.partition, rec.offset, rec.value, rec.timestamp, now)
 
     def _take(
         self, topic: str, partition: int, offset: int, value: bytes | None, ts: int, now: float
