@@ -13,11 +13,13 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 from schemas.errors import PipelineError
 
 ENV_PREFIX = "AGENTSTREAM_"
+#: what AGENTSTREAM_SECRET_SOURCES may name
+SECRET_SOURCES = ("keychain", "env", "dir")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -35,6 +37,47 @@ class Settings(BaseModel):
         "started by `agentstream kafka start` (127.0.0.1:$AGENTSTREAM_KAFKA_PORT).",
     )
     kafka_port: int = Field(default=19092, description="Port of the local broker.")
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        default="PLAINTEXT",
+        description="How every Kafka client (worker, CLI, admin, bench) connects: Kafka's "
+        "security.protocol. SSL: TLS (add a client certificate for mTLS); SASL_SSL: "
+        "username/password over TLS; SASL_PLAINTEXT: without TLS (testing only).",
+    )
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = Field(
+        default=None,
+        description="SASL mechanism (Kafka's sasl.mechanism); required with SASL_SSL / "
+        "SASL_PLAINTEXT. The password is the secret `kafka.sasl_password` from the "
+        "credentials chain (AGENTSTREAM_SECRET_SOURCES), never a setting.",
+    )
+    kafka_sasl_username: str | None = Field(
+        default=None, description="SASL username; required with SASL_SSL / SASL_PLAINTEXT."
+    )
+    kafka_ssl_cafile: Path | None = Field(
+        default=None,
+        description="PEM file of the CA(s) that signed the brokers' certificates. Unset: the "
+        "system trust store (managed services with public certificates).",
+    )
+    kafka_ssl_certfile: Path | None = Field(
+        default=None,
+        description="PEM client certificate (chain) for mutual TLS; with "
+        "AGENTSTREAM_KAFKA_SSL_KEYFILE. Its key's password, if any, is the secret "
+        "`kafka.ssl_key_password`.",
+    )
+    kafka_ssl_keyfile: Path | None = Field(
+        default=None, description="PEM private key of AGENTSTREAM_KAFKA_SSL_CERTFILE."
+    )
+    kafka_ssl_check_hostname: bool = Field(
+        default=True,
+        description="Check that a broker's certificate names the host connected to. Turn "
+        "off only for brokers reached by an address their certificate does not name.",
+    )
+    kafka_connect_timeout_s: float = Field(
+        default=15.0,
+        gt=0,
+        le=300.0,
+        description="How long a CLI command or client waits for the cluster (connection, "
+        "TLS and SASL handshakes, metadata) before it gives up with the cause.",
+    )
     app_id: str = Field(
         default="agentstream",
         description="Faust app id: consumer group and prefix of table changelog topics.",
@@ -70,6 +113,25 @@ class Settings(BaseModel):
         default=6066, description="Port of the web views (/health, /metrics ...)."
     )
     web_enabled: bool = Field(default=True, description="Serve the web views.")
+    web_auth: Literal["token", "off"] = Field(
+        default="token",
+        description="token: every web view but /health (and /ready with "
+        "AGENTSTREAM_WEB_READY_PUBLIC) needs `Authorization: Bearer <token>`, a token made "
+        "by `agentstream web token create` with scope read or admin (non-GET requests need "
+        "admin). off: no authentication (only behind a proxy that does it).",
+    )
+    web_ready_public: bool = Field(
+        default=True,
+        description="Answer /ready without a token (orchestrators' readiness probes).",
+    )
+    web_tls_certfile: Path | None = Field(
+        default=None,
+        description="PEM certificate (chain) to serve the web views over HTTPS; with "
+        "AGENTSTREAM_WEB_TLS_KEYFILE. Unset: plain HTTP.",
+    )
+    web_tls_keyfile: Path | None = Field(
+        default=None, description="PEM private key of AGENTSTREAM_WEB_TLS_CERTFILE."
+    )
     web_advertised_url: str | None = Field(
         default=None,
         description="URL the other workers reach this worker's web views at (forwarded "
@@ -174,6 +236,19 @@ class Settings(BaseModel):
         description="The key this worker signs hash chains with (private key in the keychain "
         "entry `chain_key.<id>`; public key on security.worker_keys).",
     )
+    secret_sources: str = Field(
+        default="keychain",
+        description="Where secrets are looked up, in this order (comma-separated): "
+        "`keychain` (the OS keychain or AGENTSTREAM_KEYRING_BACKEND), `env` (variables "
+        "AGENTSTREAM_SECRET_<ENTRY>, the entry name upper-cased with every other character "
+        "as `_`), `dir` (one file per entry in AGENTSTREAM_SECRETS_DIR, e.g. Docker or "
+        "Kubernetes secrets). A secret found in none of them is missing: fail closed.",
+    )
+    secrets_dir: Path = Field(
+        default=Path("/run/secrets"),
+        description="The `dir` secret source: the file `<dir>/<entry>` holds the secret "
+        "(one trailing newline ignored).",
+    )
     keyring_service: str = Field(
         default="agentstream", description="Service name under which secrets live in the keychain."
     )
@@ -254,6 +329,38 @@ class Settings(BaseModel):
     )
     standby_replicas: int = Field(default=1, ge=0, description="Faust table standby replicas.")
 
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        # one clear line at start, not a handshake failure minutes later
+        if self.kafka_security_protocol.startswith("SASL_"):
+            for name in ("kafka_sasl_mechanism", "kafka_sasl_username"):
+                if not getattr(self, name):
+                    raise ValueError(
+                        f"{self.env_name(name)} is required with "
+                        f"AGENTSTREAM_KAFKA_SECURITY_PROTOCOL={self.kafka_security_protocol}"
+                    )
+        for cert, key, what in (
+            ("kafka_ssl_certfile", "kafka_ssl_keyfile", "a client certificate"),
+            ("web_tls_certfile", "web_tls_keyfile", "the web server's certificate"),
+        ):
+            if bool(getattr(self, cert)) != bool(getattr(self, key)):
+                raise ValueError(
+                    f"{self.env_name(cert)} and {self.env_name(key)} go together ({what} "
+                    "and its key)"
+                )
+        sources = self.secret_source_list
+        bad = [x for x in sources if x not in SECRET_SOURCES]
+        if bad or not sources or len(set(sources)) != len(sources):
+            raise ValueError(
+                f"AGENTSTREAM_SECRET_SOURCES={self.secret_sources!r}: a comma-separated "
+                f"order of {', '.join(SECRET_SOURCES)}, each at most once"
+            )
+        return self
+
+    @property
+    def secret_source_list(self) -> list[str]:
+        return [x.strip() for x in self.secret_sources.split(",") if x.strip()]
+
     @property
     def bootstrap(self) -> str:
         return self.kafka_bootstrap or f"127.0.0.1:{self.kafka_port}"
@@ -278,7 +385,10 @@ class Settings(BaseModel):
             return cls.model_validate(values)
         except ValidationError as exc:
             first = exc.errors(include_url=False)[0]
-            field = str(first["loc"][0]) if first["loc"] else "?"
+            if not first["loc"]:  # a rule across fields (`_consistent`): its own message
+                msg = str(first["msg"]).removeprefix("Value error, ")
+                raise SettingsError(msg, field="?") from None
+            field = str(first["loc"][0])
             raise SettingsError(f"{cls.env_name(field)}: {first['msg']}", field=field) from None
 
     def describe(self) -> list[tuple[str, str, str]]:
