@@ -19,6 +19,24 @@ Locker, KWallet). With no acceptable backend the provider fails closed with a
 `fail`/`null` backends, and none of those is ever taken unless named explicitly.
 
 All keyring calls run in a thread (`asyncio.to_thread`): backends do file or D-Bus I/O.
+
+The credentials chain
+---------------------
+Containers have no keychain. `AGENTSTREAM_SECRET_SOURCES` names where an entry is
+looked up, in order; the first source that has it wins:
+
+* ``keychain`` — the backend above (the default, and the only source when unset);
+* ``env`` — the variable ``AGENTSTREAM_SECRET_<ENTRY>``: the entry upper-cased, every
+  character other than A-Z and 0-9 as ``_`` (``kafka.sasl_password`` →
+  ``AGENTSTREAM_SECRET_KAFKA_SASL_PASSWORD``);
+* ``dir`` — the file ``$AGENTSTREAM_SECRETS_DIR/<entry>`` (Docker and Kubernetes
+  secrets), one trailing newline ignored.
+
+An entry none of them has is missing (None): callers fail closed on it. Writes and
+deletes go to the first *writable* source of the list (keychain, then dir); env is
+read-only. Without ``keychain`` in the list no keyring backend is even resolved, so a
+container without one starts. Values are never logged: errors name the entry and the
+source, never what was read.
 """
 
 from __future__ import annotations
@@ -31,8 +49,9 @@ import fcntl
 import importlib
 import json
 import os
+import re
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -333,45 +352,211 @@ def _alt_encrypted(settings: Settings, name: str) -> KeyringBackend:
 
 
 # -- the provider -----------------------------------------------------------------------
+#: prefix of the `env` secret source's variables
+SECRET_ENV_PREFIX = "AGENTSTREAM_SECRET_"  # noqa: S105 - a name
+#: what an entry name may be in the `dir` source: no separators, no dot-files, no `..`
+_ENTRY_FILE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.@=+-]*")
+
+
+def secret_env_name(entry: str) -> str:
+    """The `env` source's variable for an entry (`kafka.sasl_password` →
+    `AGENTSTREAM_SECRET_KAFKA_SASL_PASSWORD`)."""
+    return SECRET_ENV_PREFIX + re.sub(r"[^A-Z0-9]", "_", entry.upper())
+
+
+class SecretSource:
+    """One place secrets are read from (and maybe written to); all calls are blocking."""
+
+    name = ""
+    writable = False
+
+    def get(self, entry: str) -> str | None:
+        raise NotImplementedError
+
+    def set(self, entry: str, value: str) -> None:
+        raise CredentialsError(f"the {self.name} secret source is read-only")
+
+    def delete(self, entry: str) -> None:
+        raise CredentialsError(f"the {self.name} secret source is read-only")
+
+
+class KeychainSource(SecretSource):
+    name = "keychain"
+    writable = True
+
+    def __init__(self, backend: KeyringBackend, service: str) -> None:
+        self.backend, self.service = backend, service
+
+    def get(self, entry: str) -> str | None:
+        return self.backend.get_password(self.service, entry)
+
+    def set(self, entry: str, value: str) -> None:
+        self.backend.set_password(self.service, entry, value)
+
+    def delete(self, entry: str) -> None:
+        try:
+            self.backend.delete_password(self.service, entry)
+        except PasswordDeleteError:
+            raise CredentialsNotFound(f"no entry {entry!r} in the keychain") from None
+
+
+class EnvSource(SecretSource):
+    """`AGENTSTREAM_SECRET_<ENTRY>` variables, read when asked (never cached)."""
+
+    name = "env"
+
+    def __init__(self, environ: Mapping[str, str] | None = None) -> None:
+        self.environ = environ
+
+    def get(self, entry: str) -> str | None:
+        env = os.environ if self.environ is None else self.environ
+        value = env.get(secret_env_name(entry))
+        return value or None  # an empty variable is no secret
+
+
+class DirSource(SecretSource):
+    """One file per entry (`/run/secrets/<entry>`), as Docker and Kubernetes mount them."""
+
+    name = "dir"
+    writable = True
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def _file(self, entry: str) -> Path:
+        # an entry is a file name, never a path: `../x` or `a/b` would read elsewhere
+        if not _ENTRY_FILE.fullmatch(entry) or ".." in entry:
+            raise CredentialsError(f"entry {entry!r} cannot be a file in the secrets dir")
+        return self.path / entry
+
+    def get(self, entry: str) -> str | None:
+        try:
+            text = self._file(entry).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return None
+        except IsADirectoryError:
+            raise CredentialsError(f"secrets dir entry {entry!r} is a directory") from None
+        text = text[:-1] if text.endswith("\n") else text
+        text = text[:-1] if text.endswith("\r") else text
+        return text or None
+
+    def set(self, entry: str, value: str) -> None:
+        target = self._file(entry)
+        self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tmp = target.with_name(f".{entry}.{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(value)
+        os.replace(tmp, target)
+
+    def delete(self, entry: str) -> None:
+        try:
+            self._file(entry).unlink()
+        except FileNotFoundError:
+            raise CredentialsNotFound(f"no entry {entry!r} in {self.path}") from None
+
+
+def secret_sources(
+    settings: Settings, *, backend: KeyringBackend | None = None
+) -> list[SecretSource]:
+    """The chain AGENTSTREAM_SECRET_SOURCES names, in its order. The keyring backend is
+    resolved only when `keychain` is in it (a container has none to resolve)."""
+    out: list[SecretSource] = []
+    for name in settings.secret_source_list:
+        if name == "keychain":
+            out.append(
+                KeychainSource(
+                    backend if backend is not None else resolve_backend(settings),
+                    settings.keyring_service,
+                )
+            )
+        elif name == "env":
+            out.append(EnvSource())
+        elif name == "dir":
+            out.append(DirSource(settings.secrets_dir))
+    return out
+
+
 class KeychainCredentialsProvider:
-    """Async access to the pipeline's secrets in the keychain (see the module doc)."""
+    """Async access to the pipeline's secrets through the credentials chain (see the
+    module doc); the name stays from when the keychain was the only source."""
 
     def __init__(self, settings: Settings | None = None, *, backend: KeyringBackend | None = None):
         self.settings = settings or get_settings()
         self.service = self.settings.keyring_service
-        self.backend = backend if backend is not None else resolve_backend(self.settings)
+        self.sources = secret_sources(self.settings, backend=backend)
+        keychains = [s for s in self.sources if isinstance(s, KeychainSource)]
+        #: the keyring backend, when the chain has one
+        self.backend: KeyringBackend | None = keychains[0].backend if keychains else None
 
     @property
     def backend_name(self) -> str:
-        return _class_path(self.backend)
+        names = [
+            _class_path(s.backend) if isinstance(s, KeychainSource) else s.name
+            for s in self.sources
+        ]
+        return " > ".join(names)
 
-    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+    def _source_name(self, source: SecretSource) -> str:
+        if isinstance(source, KeychainSource):
+            return f"keychain {_class_path(source.backend)}"
+        return f"secret source {source.name}"
+
+    async def _call(self, source: SecretSource, fn: Callable[..., T], *args: Any) -> T:
         try:
             return await asyncio.to_thread(fn, *args)
         except CredentialsError:
             raise
-        except PasswordDeleteError:
-            raise CredentialsNotFound("no such entry in the keychain") from None
         except Exception as exc:
-            # Whatever a backend raises on a corrupt or unreadable store (KeyringError,
+            # Whatever a source raises on a corrupt or unreadable store (KeyringError,
             # OSError, KeyError, ValueError, InvalidTag, a JSON error...) fails closed as
-            # a CredentialsError. Only the type is reported: a backend's exception text
-            # could quote what it read.
+            # a CredentialsError. Only the type is reported: an exception's text could
+            # quote what it read.
             raise CredentialsError(
-                f"keychain {self.backend_name} failed: {type(exc).__name__}"
+                f"{self._source_name(source)} failed: {type(exc).__name__}"
             ) from None
 
+    def _writable(self) -> SecretSource:
+        for source in self.sources:
+            if source.writable:
+                return source
+        raise CredentialsError(
+            f"no writable secret source in AGENTSTREAM_SECRET_SOURCES="
+            f"{self.settings.secret_sources!r} (keychain or dir)"
+        )
+
     async def _get(self, entry: str) -> str | None:
-        return await self._call(self.backend.get_password, self.service, entry)
+        for source in self.sources:
+            value = await self._call(source, source.get, entry)
+            if value is not None:
+                return value
+        return None
+
+    def get_secret_sync(self, name: str) -> str | None:
+        """`get_secret` for code that builds clients outside an event loop."""
+        for source in self.sources:
+            try:
+                value = source.get(name)
+            except CredentialsError:
+                raise
+            except Exception as exc:  # as `_call`: the type only
+                raise CredentialsError(
+                    f"{self._source_name(source)} failed: {type(exc).__name__}"
+                ) from None
+            if value is not None:
+                return value
+        return None
 
     async def _set(self, entry: str, value: str) -> None:
         if not value:
             raise CredentialsError(f"refusing to store an empty value for {entry!r}")
-        await self._call(self.backend.set_password, self.service, entry, value)
+        source = self._writable()
+        await self._call(source, source.set, entry, value)
 
     async def _delete(self, entry: str, *, missing_ok: bool = True) -> None:
+        source = self._writable()
         try:
-            await self._call(self.backend.delete_password, self.service, entry)
+            await self._call(source, source.delete, entry)
         except CredentialsNotFound:
             if not missing_ok:
                 raise
@@ -455,6 +640,9 @@ __all__ = [
     "CredentialsNotFound",
     "EncryptedFileKeyring",
     "KeychainCredentialsProvider",
+    "SecretSource",
     "mask",
     "resolve_backend",
+    "secret_env_name",
+    "secret_sources",
 ]
