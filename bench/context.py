@@ -24,12 +24,14 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 from aiokafka.partitioner import DefaultPartitioner
 
 from schemas import AgentMessage, Event, registry
+from streams.kafka_security import new_admin, new_consumer, new_producer
+from streams.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -138,6 +140,22 @@ class Worker:
             self._log = None
 
 
+#: variables a secured cluster needs, passed on to every worker the bench starts
+CONNECTION_VARS = (
+    "AGENTSTREAM_KAFKA_SECURITY_PROTOCOL",
+    "AGENTSTREAM_KAFKA_SASL_",
+    "AGENTSTREAM_KAFKA_SSL_",
+    "AGENTSTREAM_KAFKA_CONNECT_TIMEOUT_S",
+    "AGENTSTREAM_SECRET",  # _SOURCES, _<ENTRY> and SECRETS_DIR
+    "AGENTSTREAM_KEYRING_",
+)
+
+
+def _connection_settings(bootstrap: str) -> Settings:
+    env = {k: v for k, v in os.environ.items() if k.startswith(CONNECTION_VARS)}
+    return Settings.from_env({**env, "AGENTSTREAM_KAFKA_BOOTSTRAP": bootstrap})
+
+
 class BenchContext:
     """One benchmark run: broker address, sizes, results so far, and helpers."""
 
@@ -150,6 +168,8 @@ class BenchContext:
         work_dir: Path | None = None,
     ) -> None:
         self.bootstrap = bootstrap
+        #: how the harness's own clients connect (TLS/SASL from AGENTSTREAM_KAFKA_*)
+        self.settings = _connection_settings(bootstrap)
         self.events = events
         self.payload_bytes = payload_bytes
         self.partitions = partitions
@@ -169,6 +189,8 @@ class BenchContext:
         ns = f"b{self.run_id}x{self._n_env}"
         self.work_dir.mkdir(parents=True, exist_ok=True)  # stages keep files there
         env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTSTREAM_")}
+        # a secured cluster: the workers connect as the harness does
+        env.update({k: v for k, v in os.environ.items() if k.startswith(CONNECTION_VARS)})
         env.update(
             {
                 "AGENTSTREAM_KAFKA_BOOTSTRAP": self.bootstrap,
@@ -194,13 +216,12 @@ class BenchContext:
     async def ensure_topics(self, env: dict[str, str]) -> None:
         """Every catalogue topic under env's prefix (what a worker would create)."""
         from streams.admin import ensure_topics
-        from streams.settings import Settings
 
         await ensure_topics(Settings.from_env(env))
 
     async def create_topic(self, name: str, partitions: int | None = None) -> None:
         """A plain topic outside the catalogue (the broker does not auto-create)."""
-        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap)
+        admin = new_admin(self.settings, "bench")
         await admin.start()
         try:
             with contextlib.suppress(TopicAlreadyExistsError):
@@ -272,8 +293,9 @@ class BenchContext:
         Records are partitioned like Faust's producer would (murmur2 of the key) and
         packed into per-partition batches sent without awaiting each message.
         """
-        producer = AIOKafkaProducer(
-            bootstrap_servers=self.bootstrap,
+        producer = new_producer(
+            self.settings,
+            "bench",
             acks=1,
             linger_ms=20,
             max_batch_size=1024 * 1024,
@@ -354,9 +376,7 @@ class BenchContext:
 
     async def _offsets_consumer(self) -> AIOKafkaConsumer:
         if self._offsets is None:
-            self._offsets = AIOKafkaConsumer(
-                bootstrap_servers=self.bootstrap, enable_auto_commit=False
-            )
+            self._offsets = new_consumer(self.settings, "bench", enable_auto_commit=False)
             await self._offsets.start()
         return self._offsets
 
@@ -386,7 +406,7 @@ class BenchContext:
 
     async def delete_topics(self) -> list[str]:
         ours = f"b{self.run_id}x"  # every prefix and app id new_env hands out
-        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap)
+        admin = new_admin(self.settings, "bench")
         await admin.start()
         try:
             names = [t for t in await admin.list_topics() if t.startswith(ours)]

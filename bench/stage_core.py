@@ -22,9 +22,10 @@ import time
 from typing import Any
 
 import orjson
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from bench.context import BenchContext, BenchError, log
+from streams.kafka_security import new_consumer, new_producer
 from streams.topics import AGENT_MESSAGES, AGENT_MESSAGES_ACCEPTED
 
 NAME = "core"
@@ -82,8 +83,9 @@ async def _timed(ctx: BenchContext, worker: Any, topic: str, n: int) -> float:
 
 
 def _consumer(ctx: BenchContext) -> AIOKafkaConsumer:
-    return AIOKafkaConsumer(
-        bootstrap_servers=ctx.bootstrap,
+    return new_consumer(
+        ctx.settings,
+        "bench",
         enable_auto_commit=False,
         max_partition_fetch_bytes=4 * 1024 * 1024,
         fetch_max_bytes=16 * 1024 * 1024,
@@ -125,8 +127,9 @@ async def ceiling(ctx: BenchContext, source: str, sink: str, n: int) -> float:
     """Consume → orjson.loads → orjson.dumps → produce (same partition, per-partition
     batches, acks=all like the pipeline), until n records are acknowledged."""
     consumer = _consumer(ctx)
-    producer = AIOKafkaProducer(
-        bootstrap_servers=ctx.bootstrap,
+    producer = new_producer(
+        ctx.settings,
+        "bench",
         acks="all",
         linger_ms=5,
         max_batch_size=512 * 1024,

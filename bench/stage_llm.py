@@ -43,12 +43,14 @@ from typing import Any
 import httpx
 import orjson
 import psutil
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer, TopicPartition
 
 from agents.llm.providers._http import ClientPool, free_cycle
 from bench.context import REPO, BenchContext, BenchError, free_port, log
 from schemas import Event, encode
 from schemas.llm import ChatMessage, LLMConfig, LLMContext, LLMRequest
+from streams.kafka_security import new_consumer, new_producer
+from streams.settings import Settings
 from streams.topics import LLM_REQUESTS, LLM_RESPONSES
 
 NAME = "llm"
@@ -110,16 +112,16 @@ def direct_call(pool: ClientPool, url: str) -> Callable[[], Awaitable[float]]:
 class ResponseWatch:
     """Resolves a future per request id when its final response is consumed."""
 
-    def __init__(self, bootstrap: str, topic: str) -> None:
-        self.bootstrap, self.topic = bootstrap, topic
+    def __init__(self, settings: Settings, topic: str) -> None:
+        self.settings, self.topic = settings, topic
         self.waiting: dict[str, asyncio.Future[float]] = {}
         #: each response's own latency_ms (admission to final outcome, inside the worker)
         self.call_ms: list[float] = []
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        self.consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.bootstrap, enable_auto_commit=False, fetch_max_wait_ms=5
+        self.consumer = new_consumer(
+            self.settings, "bench", enable_auto_commit=False, fetch_max_wait_ms=5
         )
         await self.consumer.start()
         parts = self.consumer.partitions_for_topic(self.topic)
@@ -303,7 +305,7 @@ async def _measure(
     )
     await ctx.ensure_topics(env)
     topic = ctx.topic(env, LLM_REQUESTS)
-    watch = ResponseWatch(ctx.bootstrap, ctx.topic(env, LLM_RESPONSES))
+    watch = ResponseWatch(ctx.settings, ctx.topic(env, LLM_RESPONSES))
     await watch.start()
     if os.environ.get("BENCH_LLM_PROFILE"):  # e.g. `-m pyinstrument -o FILE` around it
         worker = ctx.start_process(
@@ -326,7 +328,7 @@ async def _measure(
     try:
         for w in [worker, *others]:
             await w.wait_ready()
-        producer = AIOKafkaProducer(bootstrap_servers=ctx.bootstrap, acks=1, linger_ms=1)
+        producer = new_producer(ctx.settings, "bench", acks=1, linger_ms=1)
         await producer.start()
         try:
             direct_paced = direct_call(pool, paced_base + "/v1/chat/completions")

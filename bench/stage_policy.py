@@ -178,7 +178,7 @@ async def _check_verified(ctx: BenchContext, topic: str, sample: int = 2000) -> 
 
     from streams.client import group_less_consumer
 
-    consumer = group_less_consumer(ctx.bootstrap, "bench-verified", auto_offset_reset="earliest")
+    consumer = group_less_consumer(ctx.settings, "bench-verified", auto_offset_reset="earliest")
     await consumer.start()
     unverified = seen = 0
     try:

@@ -6,9 +6,10 @@ import asyncio
 from dataclasses import dataclass
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
 from streams.errors import BrokerError
+from streams.kafka_security import new_admin
 from streams.settings import Settings
 from streams.topics import CATALOGUE
 
@@ -21,14 +22,8 @@ class TopicState:
 
 
 async def _admin(settings: Settings, timeout_s: float) -> AIOKafkaAdminClient:
-    admin = AIOKafkaAdminClient(
-        bootstrap_servers=settings.bootstrap, request_timeout_ms=int(timeout_s * 1000)
-    )
-    try:
-        await asyncio.wait_for(admin.start(), timeout_s)
-    except (TimeoutError, KafkaConnectionError, OSError) as exc:
-        await admin.close()
-        raise BrokerError(f"cannot reach Kafka at {settings.bootstrap}: {exc}") from exc
+    admin = new_admin(settings, "topic administration", request_timeout_ms=int(timeout_s * 1000))
+    await admin.start()  # a BrokerError naming the cause, within the connect timeout
     return admin
 
 

@@ -36,6 +36,7 @@ from streams.delivery import (
     end_recovery_at_log_end,
     new_transport,
 )
+from streams.kafka_security import faust_credentials
 from streams.logging_setup import file_handler
 from streams.settings import Settings, get_settings
 from streams.topics import CATALOGUE
@@ -96,6 +97,8 @@ def create_app(settings: Settings) -> AgentStreamApp:
     new = AgentStreamApp(
         settings.app_id,
         broker=f"kafka://{settings.bootstrap}",
+        # TLS / SASL for every client the worker builds (consumer, producers, admin)
+        broker_credentials=faust_credentials(settings),
         autodiscover=[m.strip() for m in settings.agents.split(",") if m.strip()],
         origin="streams",
         store="memory://",

@@ -234,7 +234,7 @@ async def read_worker_keys(settings: Settings) -> PublishedKeys:
     admin, problem = trusted_admin_keys(settings.security_admin_keys)
     out = PublishedKeys(problem=problem)
     topic = settings.topic(SECURITY_WORKER_KEYS)
-    consumer = group_less_consumer(settings.bootstrap, "worker-keys", auto_offset_reset="earliest")
+    consumer = group_less_consumer(settings, "worker-keys", auto_offset_reset="earliest")
     await consumer.start()
     try:
         async with asyncio.timeout(KEYS_TIMEOUT_S):
@@ -486,7 +486,7 @@ class _HeadScan:
 
 
 async def last_hash(
-    bootstrap: str,
+    settings: Settings,
     topic: str,
     partition: int,
     lookback: int = 64,
@@ -518,7 +518,7 @@ async def last_hash(
     """
     scan = _HeadScan(trusted or {})
     known = _UNSIGNED_BELOW.get((topic, partition))
-    consumer = group_less_consumer(bootstrap, "chain-head", auto_offset_reset="earliest")
+    consumer = group_less_consumer(settings, "chain-head", auto_offset_reset="earliest")
     await consumer.start()
     try:
         # bounded as a whole: a chain writer waits for this with its partition locked
@@ -639,7 +639,7 @@ class ChainWriter:
             if prev is None:
                 trusted = await worker_trust(settings)
                 prev = await last_hash(
-                    settings.bootstrap, settings.topic(self.topic), partition, trusted=trusted
+                    settings, settings.topic(self.topic), partition, trusted=trusted
                 )
             head = ChainHead(prev)
             yield head

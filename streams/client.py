@@ -20,11 +20,11 @@ from typing import Any
 from uuid import uuid4
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.errors import KafkaConnectionError, KafkaError
 
 from schemas import Event, Payload, encode, registry
 from schemas.errors import InvalidEvent, SchemaError
 from streams.errors import BrokerError
+from streams.kafka_security import new_consumer, new_producer
 from streams.settings import Settings, get_settings
 from streams.topics import CATALOGUE
 
@@ -43,12 +43,13 @@ class Received:
     error: SchemaError | None
 
 
-def group_less_consumer(bootstrap: str, purpose: str, **options: Any) -> AIOKafkaConsumer:
+def group_less_consumer(settings: Settings, purpose: str, **options: Any) -> AIOKafkaConsumer:
     """A consumer for reading history (replay, audit, chain heads, policy folds): it joins no
     group and commits nothing, so it disturbs no consumer group, and it reads only committed
-    transactions."""
-    return AIOKafkaConsumer(
-        bootstrap_servers=bootstrap,
+    transactions. Connects as the settings say (`streams.kafka_security`)."""
+    return new_consumer(
+        settings,
+        purpose,
         group_id=None,
         enable_auto_commit=False,
         isolation_level="read_committed",
@@ -116,19 +117,16 @@ class Client:
     async def start(self) -> None:
         if self._producer is not None:
             return
-        producer = AIOKafkaProducer(
-            bootstrap_servers=self.settings.bootstrap,
+        producer = new_producer(
+            self.settings,
+            "publishing",
             acks="all",
             enable_idempotence=True,
             linger_ms=10,
             max_batch_size=256 * 1024,
             request_timeout_ms=30_000,
         )
-        try:
-            await producer.start()
-        except (KafkaConnectionError, KafkaError, OSError) as exc:
-            await producer.stop()
-            raise BrokerError(f"cannot reach Kafka at {self.settings.bootstrap}: {exc}") from exc
+        await producer.start()  # a BrokerError naming the cause, within the connect timeout
         self._producer = producer
 
     async def stop(self) -> None:
@@ -182,19 +180,16 @@ class Client:
         """Yield records as they arrive. Without `group_id` nothing is committed and no
         group is disturbed. Stops after `max_events`, or `timeout_s` without a record."""
         names = [topics] if isinstance(topics, str) else list(topics)
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.settings.bootstrap,
+        consumer = new_consumer(
+            self.settings,
+            "subscribing",
             group_id=group_id,
             enable_auto_commit=group_id is not None,
             auto_offset_reset="earliest" if from_beginning else "latest",
             client_id=f"agentstream-sub-{uuid4().hex[:8]}",
             isolation_level="read_committed",
         )
-        try:
-            await consumer.start()
-        except (KafkaConnectionError, KafkaError, OSError) as exc:
-            await consumer.stop()
-            raise BrokerError(f"cannot reach Kafka at {self.settings.bootstrap}: {exc}") from exc
+        await consumer.start()
         try:
             if group_id is None:
                 tps = []

@@ -5,6 +5,7 @@ PipelineError                         retriable: bool — retry logic reads only
 ├── SchemaError …                     (schemas.errors: undecodable, unknown type, invalid)
 ├── SettingsError                     (streams.settings) bad configuration
 ├── BrokerError                       Kafka unreachable or refused            retriable
+│   └── BrokerAuthError               TLS or SASL refused (who we are)        not retriable
 ├── ProcessingError                   an agent failed on one decoded event    not retriable
 ├── CredentialsError                  keychain missing, backend refused       not retriable
 │   └── CredentialsNotFound
@@ -35,6 +36,7 @@ from schemas.errors import (
 from streams.settings import SettingsError
 
 __all__ = [
+    "BrokerAuthError",
     "BrokerError",
     "CircuitOpen",
     "CredentialsError",
@@ -60,6 +62,13 @@ __all__ = [
 
 class BrokerError(PipelineError):
     retriable = True
+
+
+class BrokerAuthError(BrokerError):
+    """The broker refused who we are (SASL login, client certificate) or we refused its
+    certificate: retrying with the same settings cannot help."""
+
+    retriable = False
 
 
 class ProcessingError(PipelineError):

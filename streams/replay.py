@@ -315,16 +315,12 @@ async def replay_batches(
     filtered = agent is not None or type is not None or correlation_id is not None
     keep_invalid = include_invalid and not filtered
     consumer = group_less_consumer(
-        settings.bootstrap,
+        settings,
         "replay",
         max_partition_fetch_bytes=2 * 1024 * 1024,
         fetch_max_bytes=16 * 1024 * 1024,
     )
-    try:
-        await consumer.start()
-    except Exception as exc:
-        await consumer.stop()
-        raise BrokerError(f"cannot reach Kafka at {settings.bootstrap}: {exc}") from exc
+    await consumer.start()  # a BrokerError naming the cause, within the connect timeout
     try:
         ranges = await plan_ranges(consumer, names, since_ms, until_ms)
         if progress is not None:

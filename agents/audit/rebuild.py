@@ -101,7 +101,7 @@ async def _read_changelog(
     settings: Settings, table: str, timeout_s: float
 ) -> dict[str, Any] | None:
     topic = changelog_topic(settings, table)
-    consumer = group_less_consumer(settings.bootstrap, "rebuild")
+    consumer = group_less_consumer(settings, "rebuild")
     await consumer.start()
     try:
         parts = consumer.partitions_for_topic(topic)

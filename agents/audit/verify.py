@@ -460,7 +460,7 @@ async def verify(
     decisions_topic = settings.topic(SECURITY_DECISIONS)
     since_ms = to_ms(parse_time(since)) if since is not None else None
     until_ms = to_ms(parse_time(until)) if until is not None else None
-    consumer = group_less_consumer(settings.bootstrap, "verify")
+    consumer = group_less_consumer(settings, "verify")
     await consumer.start()
     reports: list[PartitionReport] = []
     try:
@@ -584,7 +584,7 @@ async def _published_policy_versions(settings: Settings) -> dict[tuple[str, int,
 
     admin, _problem = trusted_admin_keys(settings.security_admin_keys)
     topic = settings.topic(SECURITY_POLICIES)
-    consumer = group_less_consumer(settings.bootstrap, "verify-policies")
+    consumer = group_less_consumer(settings, "verify-policies")
     await consumer.start()
     out: dict[tuple[str, int, str], bool | None] = {}
     try:

@@ -93,7 +93,7 @@ async def _ask(request: LLMRequest, wait_s: float, *, quiet: bool) -> LLMRespons
 
     settings = get_settings()
     topics = [settings.topic(LLM_CHUNKS), settings.topic(LLM_RESPONSES)]
-    consumer = group_less_consumer(settings.bootstrap, "llm-cli")
+    consumer = group_less_consumer(settings, "llm-cli")
     await consumer.start()
     try:
         await consumer._client.force_metadata_update()

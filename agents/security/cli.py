@@ -24,7 +24,6 @@ from typing import Any
 import click
 import orjson
 import yaml
-from aiokafka import AIOKafkaProducer
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from pydantic import ValidationError
 
@@ -43,6 +42,7 @@ from schemas.security import (
 from streams.cli import cli, run
 from streams.credentials import KeychainCredentialsProvider
 from streams.errors import CredentialsError
+from streams.kafka_security import new_producer
 from streams.settings import Settings, get_settings
 from streams.signing import (
     ADMIN_ENTRY,
@@ -266,8 +266,9 @@ async def publish(
     from streams.admin import ensure_topics
 
     await ensure_topics(settings)
-    producer = AIOKafkaProducer(
-        bootstrap_servers=settings.bootstrap,
+    producer = new_producer(
+        settings,
+        "publishing rule changes",
         transactional_id=f"{SOURCE}-{uuid.uuid4().hex}",
         enable_idempotence=True,
         acks="all",

@@ -184,9 +184,7 @@ class PolicyStore:
         if self.problem:
             log.error("policy store: %s", self.problem)
         names = {self.settings.topic(t): t for t in STORE_TOPICS}
-        consumer = group_less_consumer(
-            self.settings.bootstrap, f"{self.settings.app_id}-policy-store"
-        )
+        consumer = group_less_consumer(self.settings, f"{self.settings.app_id}-policy-store")
         await consumer.start()
         try:
             tps = [TopicPartition(topic, 0) for topic in names]
@@ -248,7 +246,7 @@ async def fold_topic(
     accepts. `on_record(record, verdict)` sees every record read. A topic that does not
     exist yet is empty. Raises TimeoutError when the broker stops delivering."""
     name = settings.topic(topic)
-    consumer = group_less_consumer(settings.bootstrap, f"fold-{topic}")
+    consumer = group_less_consumer(settings, f"fold-{topic}")
     await consumer.start()
     state: dict[str, Any] = {}
     try:

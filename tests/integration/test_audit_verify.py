@@ -132,7 +132,7 @@ async def test_chain_head_found_behind_a_long_aborted_transaction(
     finally:
         await producer.stop()
     head = registry.decode(committed[-1]).payload.hash
-    assert await last_hash(settings.bootstrap, topic, 1) == head
+    assert await last_hash(settings, topic, 1) == head
 
     zombie = AIOKafkaProducer(
         bootstrap_servers=settings.bootstrap, transactional_id=f"{settings.app_id}-zombie"
@@ -145,7 +145,7 @@ async def test_chain_head_found_behind_a_long_aborted_transaction(
         await zombie.abort_transaction()
     finally:
         await zombie.stop()
-    assert await last_hash(settings.bootstrap, topic, 1) == head
+    assert await last_hash(settings, topic, 1) == head
 
     # retention deleted the older records: the search must stop at the log start, not
     # seek below it (out of range, the reader would jump to the end and find nothing)
@@ -155,5 +155,5 @@ async def test_chain_head_found_behind_a_long_aborted_transaction(
         await admin.delete_records({TopicPartition(topic, 1): RecordsToDelete(2)})
     finally:
         await admin.close()
-    assert await last_hash(settings.bootstrap, topic, 1) == head
-    assert await last_hash(settings.bootstrap, topic, 0) == GENESIS  # empty partition
+    assert await last_hash(settings, topic, 1) == head
+    assert await last_hash(settings, topic, 0) == GENESIS  # empty partition

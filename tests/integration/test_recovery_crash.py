@@ -129,7 +129,7 @@ async def changelog_records(settings: Settings, table: str) -> dict[str, dict[in
     from streams.client import group_less_consumer
 
     topic = changelog_topic(settings, table)
-    consumer = group_less_consumer(settings.bootstrap, "diagnosis")
+    consumer = group_less_consumer(settings, "diagnosis")
     await consumer.start()
     try:
         await consumer._client.force_metadata_update()

@@ -1,0 +1,326 @@
+"""How every Kafka client of the pipeline connects: TLS, SASL, and the secrets they need.
+
+Every client — the Faust worker (`faust_credentials`, handed to `faust.App` as its
+broker credentials), `streams.client`, `streams.admin`, the CLI commands and the bench —
+is built by the factories here (`new_producer`, `new_consumer`, `new_admin`), so none is
+left connecting in plaintext to a secured cluster.
+
+Settings (``AGENTSTREAM_KAFKA_*``, see `streams.settings`): the security protocol, the
+SASL mechanism and username, a CA file (unset: the system trust store), a client
+certificate and key for mutual TLS, hostname checking. Secrets come from the credentials
+chain (`streams.credentials`), never from a setting: the SASL password is the entry
+``kafka.sasl_password``, a client key's password ``kafka.ssl_key_password``.
+
+Failing fast, with the cause
+----------------------------
+aiokafka logs why a bootstrap connection failed and raises a bare "Unable to bootstrap";
+a client whose password is wrong or whose CA does not match the broker would leave the
+user guessing (or, in a worker, retrying forever). The factories' clients start within
+``AGENTSTREAM_KAFKA_CONNECT_TIMEOUT_S`` or raise one of:
+
+* `BrokerAuthError` (not retriable) — the broker refused who we are: SASL credentials
+  rejected, a mechanism it does not enable, a client certificate it does not accept, or
+  its own certificate not trusted by us. The message names which.
+* `BrokerError` (retriable) — the broker could not be reached at all.
+
+The cause of a failed TLS connection is found by `probe_tls`, one handshake with the
+same SSL context against the first bootstrap address, only after aiokafka failed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import (
+    AuthenticationFailedError,
+    KafkaConnectionError,
+    KafkaError,
+    SaslAuthenticationFailed,
+    UnsupportedSaslMechanismError,
+)
+from aiokafka.helpers import create_ssl_context
+from pydantic import SecretStr
+
+from streams.errors import BrokerAuthError, BrokerError, CredentialsError
+from streams.settings import Settings, SettingsError
+
+PASSWORD_ENTRY = "kafka.sasl_password"  # noqa: S105 - an entry name
+KEY_PASSWORD_ENTRY = "kafka.ssl_key_password"  # noqa: S105 - an entry name
+
+
+@dataclass(frozen=True)
+class KafkaSecurity:
+    """The resolved connection options of one settings object (secrets included: never
+    log or print this; its repr masks the password)."""
+
+    protocol: str
+    mechanism: str | None = None
+    username: str | None = None
+    password: SecretStr | None = field(default=None, repr=False)
+    ssl_context: ssl.SSLContext | None = field(default=None, repr=False)
+
+    @property
+    def uses_tls(self) -> bool:
+        return self.protocol in ("SSL", "SASL_SSL")
+
+    @property
+    def uses_sasl(self) -> bool:
+        return self.protocol.startswith("SASL_")
+
+    def client_options(self) -> dict[str, Any]:
+        """Keyword arguments for aiokafka's producer, consumer and admin client."""
+        opts: dict[str, Any] = {"security_protocol": self.protocol}
+        if self.ssl_context is not None:
+            opts["ssl_context"] = self.ssl_context
+        if self.uses_sasl:
+            assert self.password is not None  # `resolve` refuses SASL without one
+            opts.update(
+                sasl_mechanism=self.mechanism,
+                sasl_plain_username=self.username,
+                sasl_plain_password=self.password.get_secret_value(),
+            )
+        return opts
+
+    def faust_credentials(self) -> Any:
+        """The same for `faust.App(broker_credentials=...)` (None: plaintext)."""
+        import faust
+
+        if self.uses_sasl:
+            assert self.password is not None
+            return faust.SASLCredentials(
+                username=self.username,
+                password=self.password.get_secret_value(),
+                ssl_context=self.ssl_context,
+                mechanism=self.mechanism,
+            )
+        if self.uses_tls:
+            return faust.SSLCredentials(self.ssl_context)
+        return None
+
+
+def ssl_context(settings: Settings, key_password: str | None = None) -> ssl.SSLContext:
+    """The client SSL context of the settings; a bad file is one `SettingsError` line."""
+    for name in ("kafka_ssl_cafile", "kafka_ssl_certfile", "kafka_ssl_keyfile"):
+        path = getattr(settings, name)
+        if path is not None and not path.is_file():
+            raise SettingsError(f"{Settings.env_name(name)}: no such file {path}", field=name)
+    try:
+        ctx = create_ssl_context(cafile=settings.kafka_ssl_cafile)
+    except (ssl.SSLError, OSError) as exc:
+        raise SettingsError(
+            f"AGENTSTREAM_KAFKA_SSL_CAFILE: not a PEM CA file ({_ssl_reason(exc)})",
+            field="kafka_ssl_cafile",
+        ) from None
+    if settings.kafka_ssl_certfile is not None:
+        try:
+            ctx.load_cert_chain(
+                settings.kafka_ssl_certfile, settings.kafka_ssl_keyfile, password=key_password
+            )
+        except (ssl.SSLError, OSError) as exc:
+            hint = (
+                ""
+                if key_password
+                else f" (encrypted? its password is the secret {KEY_PASSWORD_ENTRY})"
+            )
+            raise SettingsError(
+                "AGENTSTREAM_KAFKA_SSL_CERTFILE/KEYFILE: cannot load the client certificate "
+                f"and key ({_ssl_reason(exc)}){hint}",
+                field="kafka_ssl_certfile",
+            ) from None
+    # Hostname checking off still verifies the chain: it only drops the name match.
+    ctx.check_hostname = settings.kafka_ssl_check_hostname
+    return ctx
+
+
+def _ssl_reason(exc: BaseException) -> str:
+    reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None)
+    return str(reason or type(exc).__name__)
+
+
+def resolve(settings: Settings, secrets: Any | None = None) -> KafkaSecurity:
+    """Settings + secrets → connection options. `secrets` (a credentials provider, for
+    tests) defaults to the chain of the settings; it is asked only for what the
+    protocol needs, so a plaintext client never touches the keychain."""
+    protocol = settings.kafka_security_protocol
+    if protocol == "PLAINTEXT":
+        return KafkaSecurity(protocol)
+    if secrets is None:
+        from streams.credentials import KeychainCredentialsProvider
+
+        secrets = KeychainCredentialsProvider(settings)
+    ctx = None
+    if protocol in ("SSL", "SASL_SSL"):
+        key_password = (
+            secrets.get_secret_sync(KEY_PASSWORD_ENTRY) if settings.kafka_ssl_keyfile else None
+        )
+        ctx = ssl_context(settings, key_password)
+    password = None
+    if protocol.startswith("SASL_"):
+        raw = secrets.get_secret_sync(PASSWORD_ENTRY)
+        if not raw:
+            raise CredentialsError(
+                f"AGENTSTREAM_KAFKA_SECURITY_PROTOCOL={protocol} needs the secret "
+                f"{PASSWORD_ENTRY} (the SASL password of {settings.kafka_sasl_username}); "
+                f"none of the secret sources ({settings.secret_sources}) has it"
+            )
+        password = SecretStr(raw)
+    return KafkaSecurity(
+        protocol,
+        mechanism=settings.kafka_sasl_mechanism,
+        username=settings.kafka_sasl_username,
+        password=password,
+        ssl_context=ctx,
+    )
+
+
+@lru_cache(maxsize=8)
+def security_of(settings: Settings) -> KafkaSecurity:
+    """`resolve`, once per settings object: a worker builds clients often (chain heads,
+    policy folds) and a keychain read can cost a key derivation."""
+    return resolve(settings)
+
+
+def client_options(settings: Settings) -> dict[str, Any]:
+    """bootstrap_servers plus the security options, for any aiokafka client."""
+    return {"bootstrap_servers": settings.bootstrap, **security_of(settings).client_options()}
+
+
+def faust_credentials(settings: Settings) -> Any:
+    return security_of(settings).faust_credentials()
+
+
+# -- failing fast with the cause ---------------------------------------------------------
+async def probe_tls(settings: Settings, timeout_s: float = 5.0) -> str | None:
+    """One TLS handshake with the clients' SSL context against the first bootstrap
+    address: why it fails (None: it does not, or nothing to probe)."""
+    sec = security_of(settings)
+    if sec.ssl_context is None:
+        return None
+    host, _, port = settings.bootstrap.split(",")[0].strip().rpartition(":")
+    host = host.strip("[]")
+    try:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(host, int(port), ssl=sec.ssl_context), timeout_s
+        )
+    except ssl.SSLCertVerificationError as exc:
+        where = settings.kafka_ssl_cafile or "the system trust store"
+        return (
+            f"the broker's certificate is not trusted ({exc.verify_message}; CA from {where}, "
+            f"hostname check {'on' if settings.kafka_ssl_check_hostname else 'off'})"
+        )
+    except ssl.SSLError as exc:
+        return f"the TLS handshake failed ({_ssl_reason(exc)})"
+    except (OSError, TimeoutError) as exc:
+        return f"no TLS connection ({_ssl_reason(exc)})"
+    try:
+        # Under TLS 1.3 a broker refuses a client certificate (or its absence) after the
+        # handshake, with an alert the first read raises; a broker that accepted us just
+        # waits for a request, and the read times out.
+        await asyncio.wait_for(reader.read(1), 1.0)
+    except ssl.SSLError as exc:
+        text = str(exc).upper()
+        if "CERTIFICATE_REQUIRED" in text:
+            return "the broker requires a client certificate (AGENTSTREAM_KAFKA_SSL_CERTFILE)"
+        if "UNKNOWN_CA" in text or "BAD_CERTIFICATE" in text:
+            return (
+                "the broker does not accept our client certificate (unknown CA or bad certificate)"
+            )
+        return f"the broker closed the TLS connection ({_ssl_reason(exc)})"
+    except (OSError, TimeoutError):
+        pass
+    finally:
+        writer.close()
+    return None
+
+
+async def connect_error(settings: Settings, exc: BaseException, what: str) -> BrokerError:
+    """The one-line error for a client that could not start (see the module doc)."""
+    where = f"Kafka at {settings.bootstrap} ({settings.kafka_security_protocol})"
+    if isinstance(exc, SaslAuthenticationFailed | AuthenticationFailedError):
+        return BrokerAuthError(
+            f"{what}: {where} refused the SASL login of {settings.kafka_sasl_username!r} "
+            f"({settings.kafka_sasl_mechanism}): wrong username or password "
+            f"(secret {PASSWORD_ENTRY})"
+        )
+    if isinstance(exc, UnsupportedSaslMechanismError):
+        return BrokerAuthError(
+            f"{what}: {where} does not enable SASL mechanism {settings.kafka_sasl_mechanism}"
+        )
+    tls = await probe_tls(settings)
+    if tls is not None:
+        return BrokerAuthError(f"{what}: {where}: {tls}")
+    if isinstance(exc, TimeoutError):
+        return BrokerError(
+            f"{what}: {where} did not answer within {settings.kafka_connect_timeout_s:g}s "
+            "(AGENTSTREAM_KAFKA_CONNECT_TIMEOUT_S); is the protocol right for that port?"
+        )
+    return BrokerError(f"cannot reach {where}: {exc}")
+
+
+async def start_client(client: Any, settings: Settings, what: str) -> None:
+    """Start an aiokafka client within the connect timeout, or close it and raise the
+    error that names the cause."""
+    try:
+        await asyncio.wait_for(client._start_unguarded(), settings.kafka_connect_timeout_s)
+    except (TimeoutError, KafkaConnectionError, KafkaError, OSError) as exc:
+        error = await connect_error(settings, exc, what)
+        with contextlib.suppress(Exception):  # the cause is what the caller needs
+            await asyncio.wait_for(_close(client), 5.0)
+        raise error from None
+
+
+async def _close(client: Any) -> None:
+    if isinstance(client, AIOKafkaAdminClient):
+        await client.close()
+    else:
+        await client.stop()
+
+
+class _Guarded:
+    """`start()` through `start_client`: a bounded start and an error with its cause."""
+
+    _settings: Settings
+    _what: str
+
+    async def start(self) -> None:
+        await start_client(self, self._settings, self._what)
+
+    async def _start_unguarded(self) -> None:
+        await super().start()  # type: ignore[misc]
+
+
+class Producer(_Guarded, AIOKafkaProducer):
+    pass
+
+
+class Consumer(_Guarded, AIOKafkaConsumer):
+    pass
+
+
+class Admin(_Guarded, AIOKafkaAdminClient):
+    pass
+
+
+def new_producer(settings: Settings, what: str = "producer", **options: Any) -> Producer:
+    p = Producer(**client_options(settings), **options)
+    p._settings, p._what = settings, what
+    return p
+
+
+def new_consumer(settings: Settings, what: str = "consumer", **options: Any) -> Consumer:
+    c = Consumer(**client_options(settings), **options)
+    c._settings, c._what = settings, what
+    return c
+
+
+def new_admin(settings: Settings, what: str = "admin", **options: Any) -> Admin:
+    a = Admin(**client_options(settings), **options)
+    a._settings, a._what = settings, what
+    return a
