@@ -34,6 +34,7 @@ import contextlib
 import ssl
 from dataclasses import dataclass, field
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
@@ -139,6 +140,15 @@ def ssl_context(settings: Settings, key_password: str | None = None) -> ssl.SSLC
     return ctx
 
 
+def _encrypted_key(settings: Settings) -> bool:
+    """Whether the client key is a password-protected PEM (only then is its password
+    looked up: an unencrypted key needs no keychain)."""
+    try:
+        return b"ENCRYPTED" in Path(settings.kafka_ssl_keyfile or "").read_bytes()[:4096]
+    except OSError:
+        return False  # `ssl_context` reports the missing file
+
+
 def _ssl_reason(exc: BaseException) -> str:
     reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None)
     return str(reason or type(exc).__name__)
@@ -151,19 +161,23 @@ def resolve(settings: Settings, secrets: Any | None = None) -> KafkaSecurity:
     protocol = settings.kafka_security_protocol
     if protocol == "PLAINTEXT":
         return KafkaSecurity(protocol)
-    if secrets is None:
-        from streams.credentials import KeychainCredentialsProvider
 
-        secrets = KeychainCredentialsProvider(settings)
+    def secret(entry: str) -> str | None:
+        nonlocal secrets
+        if secrets is None:  # built only when a secret is needed: TLS alone needs none
+            from streams.credentials import KeychainCredentialsProvider
+
+            secrets = KeychainCredentialsProvider(settings)
+        value: str | None = secrets.get_secret_sync(entry)
+        return value
+
     ctx = None
     if protocol in ("SSL", "SASL_SSL"):
-        key_password = (
-            secrets.get_secret_sync(KEY_PASSWORD_ENTRY) if settings.kafka_ssl_keyfile else None
-        )
+        key_password = secret(KEY_PASSWORD_ENTRY) if _encrypted_key(settings) else None
         ctx = ssl_context(settings, key_password)
     password = None
     if protocol.startswith("SASL_"):
-        raw = secrets.get_secret_sync(PASSWORD_ENTRY)
+        raw = secret(PASSWORD_ENTRY)
         if not raw:
             raise CredentialsError(
                 f"AGENTSTREAM_KAFKA_SECURITY_PROTOCOL={protocol} needs the secret "
