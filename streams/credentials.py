@@ -534,6 +534,11 @@ class KeychainCredentialsProvider:
 
     def get_secret_sync(self, name: str) -> str | None:
         """`get_secret` for code that builds clients outside an event loop."""
+        found = self.locate(name)
+        return found[1] if found else None
+
+    def locate(self, name: str) -> tuple[str, str] | None:
+        """(source name, value) of the first source that has the entry (blocking)."""
         for source in self.sources:
             try:
                 value = source.get(name)
@@ -544,7 +549,7 @@ class KeychainCredentialsProvider:
                     f"{self._source_name(source)} failed: {type(exc).__name__}"
                 ) from None
             if value is not None:
-                return value
+                return source.name, value
         return None
 
     async def _set(self, entry: str, value: str) -> None:

@@ -12,7 +12,7 @@ import click
 import orjson
 
 from schemas import registry
-from schemas.errors import SchemaError
+from schemas.errors import PipelineError, SchemaError
 from streams.admin import ensure_topics, list_topics
 from streams.cli import cli, run
 from streams.client import Client, build_event
@@ -273,6 +273,35 @@ def config(markdown: bool) -> None:
         raise click.ClickException(str(exc)) from exc
     for var, value, desc in Settings.describe(settings):
         click.echo(f"{var:40} {value:30} {desc}")
+    _show_secrets(settings)
+
+
+def _show_secrets(settings: Settings) -> None:
+    """Where each secret these settings need comes from — never its value."""
+    from streams.credentials import KeychainCredentialsProvider
+    from streams.kafka_security import PASSWORD_ENTRY
+
+    needed = []
+    if settings.kafka_security_protocol.startswith("SASL_"):
+        needed.append(PASSWORD_ENTRY)
+    if settings.web_enabled and settings.web_auth == "token":
+        needed += ["web.tokens", "web.cluster_token"]
+    if not needed:
+        return
+    click.echo(f"\nsecrets (sources: {settings.secret_sources}):")
+    try:
+        provider = KeychainCredentialsProvider(settings)
+    except PipelineError as exc:
+        click.echo(f"  cannot open the secret sources: {exc}")
+        return
+    for entry in needed:
+        try:
+            found = provider.locate(entry)
+        except PipelineError as exc:
+            state = f"unreadable ({exc})"
+        else:
+            state = f"set (from {found[0]})" if found else "MISSING"
+        click.echo(f"  {entry:38} {state}")
 
 
 __all__ = ["BrokerError", "cli"]
