@@ -207,7 +207,45 @@ def client_options(settings: Settings) -> dict[str, Any]:
 
 
 def faust_credentials(settings: Settings) -> Any:
-    return security_of(settings).faust_credentials()
+    """Faust broker credentials for the settings, resolved when a client is built.
+
+    `streams.app` creates the app at import, and every CLI command imports it (agent
+    commands are found through autodiscovery): resolving here would read the keychain,
+    and fail on a missing password, for `agentstream kafka stop` too. The worker reaches
+    these only after `ensure_topics` connected with the same settings, so a problem is
+    reported there first, as one line.
+    """
+    import faust
+    from faust.types.auth import AuthProtocol, SASLMechanism
+
+    protocol = settings.kafka_security_protocol
+    if protocol == "PLAINTEXT":
+        return None
+    if protocol.startswith("SASL_"):
+
+        class LazySASLCredentials(faust.SASLCredentials):
+            @property
+            def password(self) -> str:
+                sec = security_of(settings)
+                assert sec.password is not None
+                return sec.password.get_secret_value()
+
+            @property
+            def ssl_context(self) -> ssl.SSLContext | None:
+                return security_of(settings).ssl_context
+
+        sasl = LazySASLCredentials.__new__(LazySASLCredentials)
+        sasl.username = settings.kafka_sasl_username
+        sasl.mechanism = SASLMechanism(settings.kafka_sasl_mechanism)
+        sasl.protocol = AuthProtocol(protocol)
+        return sasl
+
+    class LazySSLCredentials(faust.SSLCredentials):
+        @property
+        def context(self) -> ssl.SSLContext | None:
+            return security_of(settings).ssl_context
+
+    return LazySSLCredentials.__new__(LazySSLCredentials)
 
 
 # -- failing fast with the cause ---------------------------------------------------------

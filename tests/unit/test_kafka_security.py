@@ -194,3 +194,41 @@ def test_client_options_carry_the_bootstrap_and_the_security(tmp_path: Path) -> 
     opts = client_options(settings)
     assert opts["bootstrap_servers"] == "b1:9093,b2:9093"
     assert opts["security_protocol"] == "SSL"
+
+
+def test_faust_credentials_resolve_only_when_a_client_is_built(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every CLI command imports the app: a missing password must not break
+    `agentstream kafka stop`; the worker's clients get the password when built."""
+    from faust.transport.drivers.aiokafka import credentials_to_aiokafka_auth
+
+    from streams.app import create_app
+    from streams.kafka_security import faust_credentials, security_of
+
+    cert, _ = _pem_pair(tmp_path)
+    settings = _settings(
+        kafka_security_protocol="SASL_SSL",
+        kafka_sasl_mechanism="SCRAM-SHA-256",
+        kafka_sasl_username="worker",
+        kafka_ssl_cafile=str(cert),
+        secret_sources="env",
+        data_dir=str(tmp_path / "worker"),
+    )
+    security_of.cache_clear()
+    app = create_app(settings)  # no password anywhere yet: still fine
+    creds = app.conf.broker_credentials
+    with pytest.raises(CredentialsError, match=r"kafka\.sasl_password"):
+        credentials_to_aiokafka_auth(creds)
+    monkeypatch.setenv("AGENTSTREAM_SECRET_KAFKA_SASL_PASSWORD", "pw-2")
+    auth = credentials_to_aiokafka_auth(faust_credentials(settings))
+    assert auth["security_protocol"] == "SASL_SSL"
+    assert auth["sasl_mechanism"] == "SCRAM-SHA-256"
+    assert (auth["sasl_plain_username"], auth["sasl_plain_password"]) == ("worker", "pw-2")
+    assert isinstance(auth["ssl_context"], ssl.SSLContext)
+    assert "pw-2" not in repr(creds)
+    mtls = _settings(kafka_security_protocol="SSL", kafka_ssl_cafile=str(cert))
+    auth = credentials_to_aiokafka_auth(faust_credentials(mtls))
+    assert auth["security_protocol"] == "SSL"
+    assert isinstance(auth["ssl_context"], ssl.SSLContext)
+    security_of.cache_clear()
