@@ -516,6 +516,14 @@ class KeychainCredentialsProvider:
                 f"{self._source_name(source)} failed: {type(exc).__name__}"
             ) from None
 
+    @property
+    def write_target(self) -> str:
+        """Where `set_*` stores an entry (the first writable source), for messages."""
+        source = self._writable()
+        if isinstance(source, DirSource):
+            return f"the secrets dir {source.path}"
+        return self._source_name(source)
+
     def _writable(self) -> SecretSource:
         for source in self.sources:
             if source.writable:

@@ -120,7 +120,7 @@ def credentials_set(
         run(provider.set_encryption_key(entry.name, key))
     else:
         run(provider.set_secret(entry.name, value))
-    click.echo(f"stored {entry.kind} {entry.name} in {provider.backend_name}")
+    click.echo(f"stored {entry.kind} {entry.name} in {provider.write_target}")
 
 
 @credentials.command("get")

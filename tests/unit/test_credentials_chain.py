@@ -144,3 +144,10 @@ def test_an_unreadable_secret_file_fails_closed_without_its_text(tmp_path: Path)
 def test_bad_source_lists_are_one_line_setting_errors(value: str, message: str) -> None:
     with pytest.raises(SettingsError, match=message):
         Settings.from_env({"AGENTSTREAM_SECRET_SOURCES": value})
+
+
+def test_write_target_names_the_source_a_write_goes_to(tmp_path: Path) -> None:
+    assert _provider(tmp_path, "env,dir").write_target == f"the secrets dir {tmp_path / 'secrets'}"
+    assert _provider(tmp_path, "env,keychain,dir").write_target.startswith("keychain ")
+    with pytest.raises(CredentialsError, match="no writable secret source"):
+        _ = _provider(tmp_path, "env").write_target
