@@ -23,8 +23,10 @@ user guessing (or, in a worker, retrying forever). The factories' clients start 
   its own certificate not trusted by us. The message names which.
 * `BrokerError` (retriable) — the broker could not be reached at all.
 
-The cause of a failed TLS connection is found by `probe_tls`, one handshake with the
-same SSL context against the first bootstrap address, only after aiokafka failed.
+aiokafka's bootstrap only logs the cause (SASL errors included). So once a start has
+failed, the cause is found by probing the first bootstrap address: `probe_tls` (one TLS
+handshake with the same SSL context), then `probe_sasl` (one connection through
+aiokafka's own SASL handshake, which raises what the broker said).
 """
 
 from __future__ import annotations
@@ -292,6 +294,41 @@ async def probe_tls(settings: Settings, timeout_s: float = 5.0) -> str | None:
     return None
 
 
+_SASL_REFUSED = (SaslAuthenticationFailed, AuthenticationFailedError, UnsupportedSaslMechanismError)
+
+
+async def probe_sasl(settings: Settings, timeout_s: float = 5.0) -> BaseException | None:
+    """One connection with aiokafka's own handshake against the first bootstrap address:
+    the SASL error it raises (aiokafka's bootstrap only logs it), or None."""
+    from aiokafka.conn import create_conn
+
+    sec = security_of(settings)
+    host, _, port = settings.bootstrap.split(",")[0].strip().rpartition(":")
+    try:
+        conn = await asyncio.wait_for(
+            create_conn(
+                host.strip("[]"),
+                int(port),
+                ssl_context=sec.ssl_context,
+                security_protocol=sec.protocol,
+                sasl_mechanism=sec.mechanism,
+                sasl_plain_username=sec.username,
+                sasl_plain_password=sec.password.get_secret_value() if sec.password else None,
+            ),
+            timeout_s,
+        )
+    except (
+        SaslAuthenticationFailed,
+        AuthenticationFailedError,
+        UnsupportedSaslMechanismError,
+    ) as e:
+        return e
+    except (OSError, KafkaError, TimeoutError):
+        return None
+    conn.close()
+    return None
+
+
 async def connect_error(settings: Settings, exc: BaseException, what: str) -> BrokerError:
     """The one-line error for a client that could not start (see the module doc)."""
     where = f"Kafka at {settings.bootstrap} ({settings.kafka_security_protocol})"
@@ -308,6 +345,10 @@ async def connect_error(settings: Settings, exc: BaseException, what: str) -> Br
     tls = await probe_tls(settings)
     if tls is not None:
         return BrokerAuthError(f"{what}: {where}: {tls}")
+    if security_of(settings).uses_sasl:
+        sasl = await probe_sasl(settings)
+        if sasl is not None:
+            return await connect_error(settings, sasl, what)
     if isinstance(exc, TimeoutError):
         return BrokerError(
             f"{what}: {where} did not answer within {settings.kafka_connect_timeout_s:g}s "
