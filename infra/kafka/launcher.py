@@ -45,6 +45,13 @@ asked over the Kafka protocol in :mod:`infra.kafka.cluster` (needs aiokafka).  W
 ``ClusterConfig(proxied=True)`` every node advertises a Toxiproxy port to clients
 (:mod:`infra.toxiproxy.kafka`).
 
+Secured brokers (TLS, SASL, ACLs) are built on three hooks of :class:`BrokerConfig`:
+``extra_settings`` replaces the listener layout, ``format_args`` adds StorageTool
+arguments (SCRAM users must exist from the first start) and ``probe_tls`` makes the
+readiness probe speak TLS with a client certificate.  :mod:`infra.kafka.secured` uses
+them; this module stays free of any security policy.  :func:`tool_command` runs
+Kafka's own command-line classes (``kafka.admin.AclCommand`` ...) with the same jars.
+
 Kafka 3.x (slf4j + reload4j, ``log4j.properties``) and 4.x (log4j2,
 ``log4j2.properties``) are both supported; the Maven profile and logging flags follow
 the major version.  Only the standard library is used so that the launcher works
@@ -64,6 +71,7 @@ import shlex
 import shutil
 import signal
 import socket
+import ssl
 import struct
 import subprocess
 import time
@@ -108,6 +116,7 @@ __all__ = [
     "BrokerStartError",
     "ClusterConfig",
     "ClusterMetadata",
+    "ProbeTLS",
     "cluster_settings",
     "cluster_status",
     "external_bootstrap",
@@ -127,6 +136,7 @@ __all__ = [
     "status",
     "stop",
     "stop_cluster",
+    "tool_command",
     "wait_ready",
     "write_server_properties",
 ]
@@ -222,6 +232,22 @@ class BrokerStartError(RuntimeError):
 
 
 @dataclass(frozen=True)
+class ProbeTLS:
+    """How the readiness probe reaches a TLS listener: PEM files of the CA that signed
+    the broker and of a client certificate the broker accepts (mutual TLS)."""
+
+    cafile: Path
+    certfile: Path
+    keyfile: Path
+
+    def context(self) -> ssl.SSLContext:
+        """A client context that verifies the broker's chain and host name."""
+        ctx = ssl.create_default_context(cafile=str(self.cafile))
+        ctx.load_cert_chain(str(self.certfile), str(self.keyfile))
+        return ctx
+
+
+@dataclass(frozen=True)
 class BrokerConfig:
     """Everything needed to run one local broker; build it with :meth:`from_env`.
 
@@ -255,6 +281,15 @@ class BrokerConfig:
     #: Cluster id for formatting a fresh data dir; ``None`` draws a new one.  All nodes
     #: of one cluster must be formatted with the same id.
     cluster_id: str | None = None
+    #: Extra ``kafka.tools.StorageTool format`` arguments, used on the first start only
+    #: (e.g. ``--add-scram`` users, which may carry passwords: hence no repr).
+    format_args: tuple[str, ...] = field(default=(), repr=False)
+    #: Ports of further listeners that ``extra_settings`` declares; checked free
+    #: before the broker starts, like ``port`` and ``controller_port``.
+    extra_ports: tuple[int, ...] = ()
+    #: Set when the ``port`` listener speaks TLS (and wants a client certificate):
+    #: readiness and status probes then handshake with these files.
+    probe_tls: ProbeTLS | None = None
 
     def __post_init__(self) -> None:
         """Reject settings Kafka would only fail on later, with a vaguer message."""
@@ -264,6 +299,7 @@ class BrokerConfig:
             ports.append(("advertised_port", self.advertised_port))
         if self.internal_port is not None:
             ports.append(("internal_port", self.internal_port))
+        ports.extend(("extra_ports", p) for p in self.extra_ports)
         for name, port in ports:
             if not 0 < port < 65536:
                 raise ValueError(f"{name}={port} is out of the port range 1-65535")
@@ -271,6 +307,12 @@ class BrokerConfig:
             raise ValueError(f"port and controller_port must differ (both {self.port})")
         if self.internal_port in (self.port, self.controller_port):
             raise ValueError(f"internal_port={self.internal_port} must differ from the others")
+        if self.extra_ports:
+            own = [self.port, self.controller_port, *self.extra_ports]
+            if self.internal_port is not None:
+                own.append(self.internal_port)
+            if len(set(own)) != len(own):
+                raise ValueError(f"listener ports must all differ: {sorted(own)}")
         if self.node_id < 0:
             raise ValueError(f"node_id={self.node_id} must not be negative")
         if self.start_timeout_s <= 0:
@@ -302,7 +344,8 @@ class BrokerConfig:
 
     @property
     def bootstrap(self) -> str:
-        """``host:port`` for clients (the PLAINTEXT listener)."""
+        """``host:port`` of the ``port`` listener (PLAINTEXT unless the config says
+        otherwise through ``extra_settings``)."""
         return f"{self.host}:{self.port}"
 
     @property
@@ -314,6 +357,10 @@ class BrokerConfig:
     def major_version(self) -> int:
         """Kafka major version; it decides the logging stack and Maven profile."""
         return _major(self.version)
+
+    def probe_context(self) -> ssl.SSLContext | None:
+        """The readiness probe's TLS context (``None``: the probe speaks plaintext)."""
+        return None if self.probe_tls is None else self.probe_tls.context()
 
 
 def _env_port(env: Mapping[str, str], name: str, default: int) -> int:
@@ -505,6 +552,52 @@ def fetch_jars(version: str = DEFAULT_KAFKA_VERSION, *, force: bool = False) -> 
     return libs
 
 
+def tool_command(cfg: BrokerConfig, main: str, *args: str, heap: str = "-Xmx256m") -> list[str]:
+    """The argv that runs one of Kafka's command-line classes with ``cfg``'s jars.
+
+    For example ``tool_command(cfg, "kafka.admin.AclCommand", "--bootstrap-server",
+    ..., "--list")``.  Fetches the jars if needed.  Logging is at WARN on stderr (as
+    with Kafka's own ``bin/`` scripts), so stdout carries only the tool's output.
+    """
+    libs = fetch_jars(cfg.version)
+    return _java_command(cfg, libs, heap, main, *args, log_config=_tools_log_config(cfg))
+
+
+_TOOLS_LOG4J1: Final = """\
+# Written by infra/kafka/launcher.py: Kafka's command-line tools log warnings to stderr.
+log4j.rootLogger=WARN, stderr
+log4j.appender.stderr=org.apache.log4j.ConsoleAppender
+log4j.appender.stderr.Target=System.err
+log4j.appender.stderr.layout=org.apache.log4j.PatternLayout
+log4j.appender.stderr.layout.ConversionPattern=[%d] %p %m (%c)%n
+"""
+_TOOLS_LOG4J2: Final = """\
+# Written by infra/kafka/launcher.py: Kafka's command-line tools log warnings to stderr.
+status = warn
+appender.stderr.type = Console
+appender.stderr.name = STDERR
+appender.stderr.target = SYSTEM_ERR
+appender.stderr.layout.type = PatternLayout
+appender.stderr.layout.pattern = [%d] %p %m (%c)%n
+rootLogger.level = WARN
+rootLogger.appenderRef.stderr.ref = STDERR
+"""
+
+
+def _tools_log_config(cfg: BrokerConfig) -> Path:
+    """The tools' logging config, written once into the jar cache folder (it is not
+    worth a file in the repository for each logging stack)."""
+    log4j2 = cfg.major_version >= 4
+    path = kafka_cache_dir(cfg.version) / (
+        "tools-log4j2.properties" if log4j2 else "tools-log4j.properties"
+    )
+    text = _TOOLS_LOG4J2 if log4j2 else _TOOLS_LOG4J1
+    if _read_text(path) != text:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write(path, text)
+    return path
+
+
 # ------------------------------------------------------------------------- protocol
 
 
@@ -579,13 +672,17 @@ class _Reader:
         return value
 
 
-def probe_metadata(bootstrap: str, timeout: float = 2.0) -> ClusterMetadata:
+def probe_metadata(
+    bootstrap: str, timeout: float = 2.0, *, ssl_context: ssl.SSLContext | None = None
+) -> ClusterMetadata:
     """Send one Kafka Metadata (v4, no topics) request and decode the broker list.
 
     This is the cheapest request proving that the broker has finished starting: it
     answers only once its socket server accepts requests, and lists itself only once
-    it has registered with the controller.  Raises ``OSError`` or ``struct.error``
-    when the broker is not (yet) answering properly.
+    it has registered with the controller.  With ``ssl_context`` the request goes over
+    TLS (an SSL listener; with a client certificate in the context, an authenticated
+    one).  Raises ``OSError`` (``ssl.SSLError`` included) or ``struct.error`` when the
+    broker is not (yet) answering properly.
     """
     host, port = _split_bootstrap(bootstrap)
     correlation_id = int.from_bytes(os.urandom(4), "big") & 0x7FFFFFFF
@@ -599,8 +696,11 @@ def probe_metadata(bootstrap: str, timeout: float = 2.0) -> ClusterMetadata:
     )
     body = struct.pack(">ib", 0, 0)  # topics: empty array; allow_auto_topic_creation
     request = header + body
-    with socket.create_connection((host, port), timeout=timeout) as sock:
+    with contextlib.ExitStack() as stack:
+        sock = stack.enter_context(socket.create_connection((host, port), timeout=timeout))
         sock.settimeout(timeout)
+        if ssl_context is not None:
+            sock = stack.enter_context(ssl_context.wrap_socket(sock, server_hostname=host))
         sock.sendall(struct.pack(">i", len(request)) + request)
         (size,) = struct.unpack(">i", _recv_exact(sock, 4))
         if not 8 <= size <= 16 * 1024 * 1024:
@@ -622,9 +722,14 @@ def probe_metadata(bootstrap: str, timeout: float = 2.0) -> ClusterMetadata:
     return ClusterMetadata(cluster_id, controller_id, tuple(brokers))
 
 
-def _is_ready(bootstrap: str, timeout: float, node_id: int | None = None) -> bool:
+def _is_ready(
+    bootstrap: str,
+    timeout: float,
+    node_id: int | None = None,
+    ssl_context: ssl.SSLContext | None = None,
+) -> bool:
     try:
-        meta = probe_metadata(bootstrap, timeout=timeout)
+        meta = probe_metadata(bootstrap, timeout=timeout, ssl_context=ssl_context)
     except (OSError, struct.error, ValueError, UnicodeDecodeError):
         return False
     if node_id is None:
@@ -638,13 +743,15 @@ def wait_ready(
     *,
     node_id: int | None = None,
     abort: Callable[[], bool] | None = None,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> bool:
     """Poll ``bootstrap`` with Metadata requests until it lists a broker.
 
     Returns ``True`` once ready, ``False`` when ``timeout`` seconds pass or when
     ``abort()`` turns true (the launcher passes "the JVM has exited", so a crash is
     reported at once instead of after the full timeout).  ``node_id`` narrows the
-    check to one broker.
+    check to one broker; ``ssl_context`` probes a TLS listener (see
+    :func:`probe_metadata`).
     """
     deadline = time.monotonic() + timeout
     delay = 0.05
@@ -652,7 +759,8 @@ def wait_ready(
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             return False
-        if _is_ready(bootstrap, timeout=min(2.0, max(remaining, 0.1)), node_id=node_id):
+        probe_timeout = min(2.0, max(remaining, 0.1))
+        if _is_ready(bootstrap, probe_timeout, node_id=node_id, ssl_context=ssl_context):
             return True
         if abort is not None and abort():
             return False
@@ -730,11 +838,18 @@ def _java() -> str:
     return found
 
 
-def _java_command(cfg: BrokerConfig, libs: Path, heap: str, main: str, *args: str) -> list[str]:
+def _java_command(
+    cfg: BrokerConfig,
+    libs: Path,
+    heap: str,
+    main: str,
+    *args: str,
+    log_config: Path | None = None,
+) -> list[str]:
     if cfg.major_version >= 4:
-        logging = [f"-Dlog4j2.configurationFile={LOG4J2_CONFIG}"]
+        logging = [f"-Dlog4j2.configurationFile={log_config or LOG4J2_CONFIG}"]
     else:
-        logging = [f"-Dlog4j.configuration={LOG4J1_CONFIG.as_uri()}"]
+        logging = [f"-Dlog4j.configuration={(log_config or LOG4J1_CONFIG).as_uri()}"]
     return [
         _java(),
         *shlex.split(heap),
@@ -769,6 +884,7 @@ def _format_storage(cfg: BrokerConfig, libs: Path, properties: Path) -> None:
         "-c",
         str(properties),
         "--ignore-formatted",
+        *cfg.format_args,
     )
     try:
         done = subprocess.run(
@@ -826,15 +942,16 @@ def _port_in_use(host: str, port: int) -> bool:
 # ---------------------------------------------------------------------- public api
 
 
-def start(cfg: BrokerConfig | None = None) -> str:
+def start(cfg: BrokerConfig | None = None, *, use_external: bool = True) -> str:
     """Start the local broker (if needed) and return its bootstrap ``host:port``.
 
     Idempotent: a running broker is reused.  Returns only once the broker answers a
     Metadata request; otherwise raises :class:`BrokerStartError` (with the log tail)
     after killing the half-started JVM.  With ``AGENTSTREAM_KAFKA_BOOTSTRAP`` set,
-    nothing is started and that address is returned.
+    nothing is started and that address is returned, unless ``use_external=False``
+    (a broker that must be this one, such as the secured test broker).
     """
-    external = external_bootstrap()
+    external = external_bootstrap() if use_external else None
     if external is not None:
         return external
     cfg = cfg or BrokerConfig.from_env()
@@ -842,7 +959,12 @@ def start(cfg: BrokerConfig | None = None) -> str:
     with _file_lock(cfg.pid_file.with_name(cfg.pid_file.name + ".lock")):
         pid = _running_pid(cfg)
         if pid is not None:
-            if wait_ready(cfg.bootstrap, cfg.start_timeout_s, node_id=cfg.node_id):
+            if wait_ready(
+                cfg.bootstrap,
+                cfg.start_timeout_s,
+                node_id=cfg.node_id,
+                ssl_context=cfg.probe_context(),
+            ):
                 return cfg.bootstrap
             raise BrokerStartError(
                 f"broker pid {pid} is running but {cfg.bootstrap} does not answer; "
@@ -858,7 +980,7 @@ def start(cfg: BrokerConfig | None = None) -> str:
 
 
 def _check_ports_free(cfg: BrokerConfig) -> None:
-    ports = [cfg.port, cfg.controller_port]
+    ports = [cfg.port, cfg.controller_port, *cfg.extra_ports]
     if cfg.internal_port is not None:
         ports.append(cfg.internal_port)
     for port in ports:
@@ -878,6 +1000,7 @@ def _launch(cfg: BrokerConfig, libs: Path, properties: Path) -> str:
             cfg.start_timeout_s,
             node_id=cfg.node_id,
             abort=lambda: proc.poll() is not None,
+            ssl_context=cfg.probe_context(),
         )
     except BaseException:
         _abandon(cfg, proc)
@@ -937,14 +1060,20 @@ def _abandon(cfg: BrokerConfig, proc: subprocess.Popen[bytes]) -> None:
     cfg.pid_file.unlink(missing_ok=True)
 
 
-def stop(cfg: BrokerConfig | None = None, timeout: float = DEFAULT_STOP_TIMEOUT_S) -> bool:
+def stop(
+    cfg: BrokerConfig | None = None,
+    timeout: float = DEFAULT_STOP_TIMEOUT_S,
+    *,
+    use_external: bool = True,
+) -> bool:
     """Stop the broker this launcher started; True if one was running.
 
     SIGTERM lets Kafka shut down cleanly (it flushes and closes its logs, so the
     next start skips log recovery); SIGKILL follows after ``timeout`` seconds.  An
-    external cluster (``AGENTSTREAM_KAFKA_BOOTSTRAP``) is never touched.
+    external cluster (``AGENTSTREAM_KAFKA_BOOTSTRAP``) is never touched; with it set,
+    nothing is stopped unless ``use_external=False``.
     """
-    if external_bootstrap() is not None:
+    if use_external and external_bootstrap() is not None:
         return False
     cfg = cfg or BrokerConfig.from_env()
     if not cfg.pid_file.parent.is_dir():
@@ -963,14 +1092,16 @@ def stop(cfg: BrokerConfig | None = None, timeout: float = DEFAULT_STOP_TIMEOUT_
         return True
 
 
-def status(cfg: BrokerConfig | None = None) -> dict[str, Any]:
+def status(cfg: BrokerConfig | None = None, *, use_external: bool = True) -> dict[str, Any]:
     """Describe the broker without changing anything.
 
     Keys: ``running`` (a broker process is alive, or the external cluster answers),
     ``ready`` (it answers Metadata requests), ``bootstrap``, ``pid``, ``version``,
     ``data_dir``, ``log_file``, ``external`` and ``cluster_id`` (when ready).
+    ``use_external=False`` describes ``cfg``'s local broker even when
+    ``AGENTSTREAM_KAFKA_BOOTSTRAP`` is set.
     """
-    external = external_bootstrap()
+    external = external_bootstrap() if use_external else None
     if external is not None:
         meta = _try_metadata(external)
         return {
@@ -986,7 +1117,7 @@ def status(cfg: BrokerConfig | None = None) -> dict[str, Any]:
         }
     cfg = cfg or BrokerConfig.from_env()
     pid = _running_pid(cfg)
-    meta = _try_metadata(cfg.bootstrap) if pid is not None else None
+    meta = _try_metadata(cfg.bootstrap, cfg.probe_tls) if pid is not None else None
     return {
         "running": pid is not None,
         "ready": meta is not None and any(b.node_id == cfg.node_id for b in meta.brokers),
@@ -1000,9 +1131,11 @@ def status(cfg: BrokerConfig | None = None) -> dict[str, Any]:
     }
 
 
-def _try_metadata(bootstrap: str) -> ClusterMetadata | None:
+def _try_metadata(bootstrap: str, probe_tls: ProbeTLS | None = None) -> ClusterMetadata | None:
     try:
-        return probe_metadata(bootstrap, timeout=2.0)
+        # The context is made here: missing or broken PEM files mean "not ready".
+        ssl_context = None if probe_tls is None else probe_tls.context()
+        return probe_metadata(bootstrap, timeout=2.0, ssl_context=ssl_context)
     except (OSError, struct.error, ValueError, UnicodeDecodeError):
         return None
 
