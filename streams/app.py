@@ -40,6 +40,7 @@ from streams.kafka_security import faust_credentials
 from streams.logging_setup import file_handler
 from streams.settings import Settings, get_settings
 from streams.topics import CATALOGUE
+from streams.web_auth import server_ssl_context
 
 
 class AgentStreamApp(faust.App):
@@ -137,6 +138,8 @@ def create_app(settings: Settings) -> AgentStreamApp:
         web_bind=settings.web_host,
         web_host=settings.web_host,
         web_port=settings.web_port,
+        # HTTPS with AGENTSTREAM_WEB_TLS_CERTFILE/KEYFILE (None: plain HTTP)
+        web_ssl_context=server_ssl_context(settings),
         # Every table over HTTP without auth would leak agent state: only our views.
         web_tables_enabled=False,
         key_serializer="raw",
