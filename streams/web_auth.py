@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import hmac
 import json
@@ -636,14 +637,22 @@ def server_ssl_context(settings: Settings) -> ssl.SSLContext | None:
     return ctx
 
 
-def client_verify(settings: Settings) -> ssl.SSLContext | bool:
+def client_verify(settings: Settings) -> ssl.SSLContext:
     """How a client of the web views (another worker, the CLI) checks the server: the
     system's CAs, plus the configured certificate itself, so that a cluster sharing one
     self-signed certificate works without a CA."""
+    certfile = settings.web_tls_certfile
+    return _client_context(None if certfile is None else str(certfile))
+
+
+@functools.lru_cache(maxsize=4)
+def _client_context(certfile: str | None) -> ssl.SSLContext:
+    # one per certificate: loading the system's CAs for every forwarded lookup costs
+    # more than the lookup
     ctx = ssl.create_default_context()
-    if settings.web_tls_certfile is not None:
+    if certfile is not None:
         with contextlib.suppress(OSError, ssl.SSLError):
-            ctx.load_verify_locations(cafile=str(settings.web_tls_certfile))
+            ctx.load_verify_locations(cafile=certfile)
     return ctx
 
 

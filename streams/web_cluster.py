@@ -32,6 +32,13 @@ a worker then finds partitions assigned to "its" URL that it does not hold, and 
 
 Local answers cover only the partitions this worker actively owns (``owned(table)``):
 standby copies would otherwise be counted twice in a merge.
+
+Requests to another worker carry the cluster token (secret ``web.cluster_token``, scope
+read, accepted by every worker; see `streams.web_auth`), not the caller's token: a
+worker never hands a client's credential on. Without a usable cluster token (and with
+auth on) nothing is sent: a forwarded lookup answers 503 and an aggregate lists every
+other worker as missing, each saying why. A peer refusing the cluster token (401/403)
+is reported the same way — the caller's own token was fine.
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ import httpx
 from aiokafka.partitioner import murmur2
 from yarl import URL
 
+from streams import web_auth
 from streams.app import app, settings
 
 #: query parameter asking a worker to answer from its own partitions only (no fan-out,
@@ -131,10 +139,31 @@ def _peer_url(base: str, request: Any) -> str:
     return base + str(request.rel_url.update_query({LOCAL_PARAM: "1"}))
 
 
-def _peer_client() -> httpx.AsyncClient:
+def _peer_client(headers: dict[str, str]) -> httpx.AsyncClient:
     # workers talk to each other directly: a proxy from the environment (HTTP_PROXY)
     # would route loopback and cluster-internal addresses through it
-    return httpx.AsyncClient(timeout=PEER_TIMEOUT_S, trust_env=False)
+    return httpx.AsyncClient(
+        timeout=PEER_TIMEOUT_S,
+        trust_env=False,
+        headers=headers,
+        verify=web_auth.client_verify(settings),
+    )
+
+
+async def _peer_headers() -> dict[str, str]:
+    """The cluster token as bearer; `web_auth.PeerAuthError` (with the reason) when this
+    worker has none to send and auth is on."""
+    return await web_auth.gate(settings).peer_headers()
+
+
+def _refused(resp: httpx.Response) -> str:
+    """Why a peer refused this worker's request (401/403), from its JSON answer."""
+    try:
+        body = resp.json()
+    except ValueError:
+        body = {}
+    reason = (body.get("reason") or body.get("error")) if isinstance(body, dict) else ""
+    return f"it refused this worker's cluster token: HTTP {resp.status_code}: {reason or '?'}"
 
 
 async def _fetch(http: httpx.AsyncClient, url: str) -> httpx.Response:
@@ -146,19 +175,28 @@ async def _fetch(http: httpx.AsyncClient, url: str) -> httpx.Response:
 
 async def forward(view: Any, request: Any, owner: str, partition: int) -> Any:
     """The owner's answer to this request (status and body as it gave them)."""
-    try:
-        async with _peer_client() as http:
-            resp = await _fetch(http, _peer_url(owner, request))
-    except Exception as exc:  # any failure of the peer call is a 503 (not a 500)
+
+    def unavailable(why: str) -> Any:
         return view.json(
             {
-                "error": f"the worker owning partition {partition} did not answer: "
-                f"{type(exc).__name__}: {exc}",
+                "error": f"the worker owning partition {partition} {why}",
                 "worker": owner,
                 "partition": partition,
             },
             status=503,
         )
+
+    try:
+        headers = await _peer_headers()
+    except web_auth.PeerAuthError as exc:
+        return unavailable(f"cannot be asked: {exc}")
+    try:
+        async with _peer_client(headers) as http:
+            resp = await _fetch(http, _peer_url(owner, request))
+    except Exception as exc:  # any failure of the peer call is a 503 (not a 500)
+        return unavailable(f"did not answer: {type(exc).__name__}: {exc}")
+    if resp.status_code in (401, 403):
+        return unavailable(_refused(resp))
     content_type = resp.headers.get("content-type", "application/json").split(";")[0]
     return view.bytes(resp.content, content_type=content_type, status=resp.status_code)
 
@@ -293,13 +331,20 @@ async def gather(request: Any, local_body: Any, table: Any | None = None) -> Gat
         peers = [u for u in members() if not is_self(u)]
     if not peers:
         return result
-    async with _peer_client() as http:
+    try:
+        headers = await _peer_headers()
+    except web_auth.PeerAuthError as exc:
+        result.missing += [{"worker": u, "error": f"not asked: {exc}"} for u in peers]
+        return result
+    async with _peer_client(headers) as http:
         replies = await asyncio.gather(
             *(_fetch(http, _peer_url(u, request)) for u in peers), return_exceptions=True
         )
     for url, reply in zip(peers, replies, strict=True):
         if isinstance(reply, BaseException):
             result.missing.append({"worker": url, "error": f"{type(reply).__name__}: {reply}"})
+        elif reply.status_code in (401, 403):
+            result.missing.append({"worker": url, "error": _refused(reply)})
         elif reply.status_code == 404 and table is None:
             result.not_serving.append(url)
         elif reply.status_code != 200:

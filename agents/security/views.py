@@ -3,7 +3,10 @@
 ``GET /security/policies/``  config, policies (with versions and signers), records that
                              are invalid, rule-topic records ignored by reason (unsigned,
                              rollback ...), the number of identities and any problem with
-                             the trusted admin keys (every worker holds all of it)
+                             the trusted admin keys (every worker holds all of it). The
+                             patterns (and a broken pattern's error, which quotes it) only
+                             for a token of scope admin: knowing exactly what is blocked is
+                             how to get around them
 ``GET /security/decisions/`` {verdict: {rule: count}} ("*" = all decisions of a verdict),
                              summed over every worker's agent.messages partitions (see
                              `streams.web_cluster`: ``workers``, ``partial``, ``missing``;
@@ -17,22 +20,29 @@ from typing import Any
 from agents.security.agent import COUNTS, STORE
 from streams.app import app
 from streams.tables.security import summarise_counts
+from streams.web_auth import is_admin
 from streams.web_cluster import add_counts, gather, is_local, owned_partition
+
+#: what a read token does not see of a policy
+PATTERNS = {"allowed_patterns", "blocked_patterns"}
+HIDDEN_BROKEN = "a pattern does not compile (the error quotes it: scope admin sees it)"
 
 
 @app.page("/security/policies/")
 async def policies_view(web: Any, request: Any) -> Any:
     policy_set = STORE.policy_set
+    admin = is_admin(request)
     return web.json(
         {
             "ready": STORE.ready.is_set(),
             "enabled": policy_set.enabled,
             "default_action": policy_set.default_action.value,
             "updated_at": STORE.updated_at,
+            "patterns_shown": admin,
             "policies": [
                 {
-                    **p.policy.model_dump(mode="json"),
-                    "broken": p.broken,
+                    **p.policy.model_dump(mode="json", exclude=None if admin else PATTERNS),
+                    "broken": p.broken if admin or p.broken is None else HIDDEN_BROKEN,
                     "signed_by": STORE.signers.get(p.id, ""),
                 }
                 for p in policy_set.policies
