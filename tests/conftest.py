@@ -62,7 +62,14 @@ def ns() -> str:
 @pytest.fixture
 def settings_env(kafka_bootstrap: str, ns: str, tmp_path: Path) -> Iterator[dict[str, str]]:
     """Environment for a worker/CLI subprocess isolated to this test; the test's topics
-    (catalogue and changelogs) are deleted afterwards so the broker stays small."""
+    (catalogue and changelogs) are deleted afterwards so the broker stays small.
+
+    Its keychain (an encrypted-file keyring in `tmp_path`) holds web view tokens, as an
+    operator would create them: read and admin tokens for the test's own HTTP clients
+    (`tests.support.web_tokens`, `web_client`), the admin one also as the CLI's
+    `web.token`, and a cluster token for the workers' forwarded lookups."""
+    from tests.support import with_web_tokens
+
     env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTSTREAM_")}
     env.update(
         {
@@ -77,6 +84,7 @@ def settings_env(kafka_bootstrap: str, ns: str, tmp_path: Path) -> Iterator[dict
             "PYTHONPATH": str(REPO),
         }
     )
+    env = with_web_tokens(env, tmp_path)
     yield env
     asyncio.run(_delete_topics(kafka_bootstrap, ns))
 

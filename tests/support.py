@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar, overload
 
@@ -123,12 +124,43 @@ def with_admin_key(
     `tmp_path`, unless `env` names one already) holding a fresh admin key (or `signer`'s)
     under `admin_key.<id>` for the CLI, and `AGENTSTREAM_SECURITY_ADMIN_KEYS` /
     `AGENTSTREAM_SECURITY_ADMIN_KEY_ID` so that workers trust it."""
-    import secrets
-
     from streams.credentials import KeychainCredentialsProvider
     from streams.signing import ADMIN_ENTRY, private_to_b64
 
     signer = signer or AdminSigner()
+    out = with_keychain(env, tmp_path)
+    existing = out.get("AGENTSTREAM_SECURITY_ADMIN_KEYS", "")
+    out["AGENTSTREAM_SECURITY_ADMIN_KEYS"] = ",".join(x for x in (existing, signer.setting) if x)
+    out["AGENTSTREAM_SECURITY_ADMIN_KEY_ID"] = signer.key_id
+    settings = Settings.from_env(out)
+    provider = KeychainCredentialsProvider(settings)
+    assert provider.backend is not None, "with_admin_key needs the keychain secret source"
+    provider.backend.set_password(
+        settings.keyring_service, ADMIN_ENTRY.format(signer.key_id), private_to_b64(signer.key)
+    )
+    return out
+
+
+@dataclass(frozen=True)
+class WebTokens:
+    """The web view tokens of one test's keychain (values: the test plays every client)."""
+
+    read: str
+    admin: str
+    cluster: str
+
+    def headers(self, scope: str = "read") -> dict[str, str]:
+        return {"Authorization": f"Bearer {getattr(self, scope)}"}
+
+
+#: keyring file -> the tokens `with_web_tokens` created in it
+_WEB_TOKENS: dict[str, WebTokens] = {}
+
+
+def with_keychain(env: dict[str, str], tmp_path: Path) -> dict[str, str]:
+    """`env` with an encrypted-file keyring in `tmp_path` (unless it names one already)."""
+    import secrets
+
     out = dict(env)
     if "AGENTSTREAM_KEYRING_BACKEND" not in out:
         out.update(
@@ -138,15 +170,63 @@ def with_admin_key(
                 "AGENTSTREAM_KEYRING_PASSWORD": secrets.token_urlsafe(12),
             }
         )
-    existing = out.get("AGENTSTREAM_SECURITY_ADMIN_KEYS", "")
-    out["AGENTSTREAM_SECURITY_ADMIN_KEYS"] = ",".join(x for x in (existing, signer.setting) if x)
-    out["AGENTSTREAM_SECURITY_ADMIN_KEY_ID"] = signer.key_id
-    settings = Settings.from_env(out)
-    provider = KeychainCredentialsProvider(settings)
-    provider.backend.set_password(
-        settings.keyring_service, ADMIN_ENTRY.format(signer.key_id), private_to_b64(signer.key)
-    )
     return out
+
+
+def with_web_tokens(env: dict[str, str], tmp_path: Path) -> dict[str, str]:
+    """`env` whose keychain holds a web token index with a read and an admin token, the
+    admin one also as the CLI's `web.token`, and a cluster token — made the way
+    `agentstream web token create` and `web cluster-token rotate` make them. The values
+    are kept here for the tests' own HTTP clients (`web_tokens`, `web_client`)."""
+    from streams.credentials import KeychainCredentialsProvider
+    from streams.web_auth import CLI_ENTRY, create_token, rotate_cluster_token
+
+    out = with_keychain(env, tmp_path)
+    provider = KeychainCredentialsProvider(Settings.from_env(out))
+
+    async def make() -> WebTokens:
+        read, _ = await create_token(provider, "read", "tests-read")
+        admin, _ = await create_token(provider, "admin", "tests-admin")
+        await provider.set_secret(CLI_ENTRY, admin)
+        return WebTokens(read=read, admin=admin, cluster=await rotate_cluster_token(provider))
+
+    _WEB_TOKENS[out["AGENTSTREAM_KEYRING_FILE"]] = run_sync(make())
+    return out
+
+
+def run_sync(coro: Awaitable[T]) -> T:
+    """Run a coroutine to the end from sync code, also when called from inside a test's
+    event loop (then in a thread of its own: asyncio.run refuses a running loop)."""
+
+    async def main() -> T:
+        return await coro
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(main())
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, main()).result()
+
+
+def web_tokens(env: dict[str, str]) -> WebTokens:
+    """The tokens `with_web_tokens` (the `settings_env` fixture) made for `env`'s keychain."""
+    return _WEB_TOKENS[env["AGENTSTREAM_KEYRING_FILE"]]
+
+
+def web_url(env: dict[str, str]) -> str:
+    return f"http://127.0.0.1:{env['AGENTSTREAM_WEB_PORT']}"
+
+
+def web_client(env: dict[str, str], scope: str = "read", **kw: Any) -> Any:
+    """An httpx.AsyncClient for the worker of `env`, sending the token of `scope`."""
+    import httpx
+
+    kw.setdefault("timeout", 10)
+    kw.setdefault("base_url", web_url(env))
+    return httpx.AsyncClient(headers=web_tokens(env).headers(scope), **kw)
 
 
 def assert_rebuild_equal(env: dict[str, str], table: str) -> subprocess.CompletedProcess[str]:
