@@ -110,3 +110,23 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+# Imported here, not at the top, so that this fixture stays one block of its own.
+from infra.kafka.secured import SecuredKafka  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def secured_kafka() -> Iterator[SecuredKafka]:
+    """A secured single-node broker for the TLS/SASL/ACL tests (infra/kafka/secured.py):
+    mutual TLS on `ssl_bootstrap`, SCRAM-SHA-256/512 on `sasl_ssl_bootstrap`, ACLs enforced,
+    no PLAINTEXT listener. Ports from AGENTSTREAM_TEST_KAFKA_PORT + 100 upward, state in
+    var/test-kafka-secured/. Like `kafka_bootstrap`, it is stopped at the end unless it
+    was already running or AGENTSTREAM_TEST_KEEP_BROKER=1, and a broker that cannot start
+    is an error in every test that uses it."""
+    kafka = SecuredKafka(REPO / "var" / "test-kafka-secured", port_base=TEST_KAFKA_PORT + 100)
+    already_running = kafka.running()
+    kafka.start()
+    yield kafka
+    if not already_running and os.environ.get("AGENTSTREAM_TEST_KEEP_BROKER") != "1":
+        kafka.stop()
