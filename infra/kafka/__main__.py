@@ -6,7 +6,11 @@ A thin shell over :mod:`infra.kafka.launcher`; settings come from the
 instead (:class:`~infra.kafka.launcher.ClusterConfig`: ports from
 ``AGENTSTREAM_KAFKA_CLUSTER_BASE_PORT``, default 29092, state in
 ``AGENTSTREAM_KAFKA_CLUSTER_DIR``, default ``var/kafka-cluster``); pass the same
-``--nodes`` to ``stop`` and ``status``.  Exit codes: 0 success, 1 failure,
+``--nodes`` to ``stop`` and ``status``.  ``--secured`` manages a single broker that
+authenticates every client instead (:class:`~infra.kafka.secured.SecuredKafka`: mutual
+TLS and SCRAM over SASL_SSL, ACLs enforced; ports from
+``AGENTSTREAM_KAFKA_SECURED_PORT``, default 19392, state in ``var/kafka-secured``).
+Exit codes: 0 success, 1 failure,
 3 for ``status`` when the broker is not running (the LSB convention, so scripts can
 test it).
 """
@@ -21,6 +25,12 @@ import time
 from collections.abc import Sequence
 
 from infra.kafka import launcher
+
+ENV_SECURED_PORT = "AGENTSTREAM_KAFKA_SECURED_PORT"
+#: Between the test broker's 19192 and the cluster's 29092; the test secured broker
+#: takes 19292-19294.
+DEFAULT_SECURED_PORT = 19392
+DEFAULT_SECURED_DIR = launcher.REPO_ROOT / "var" / "kafka-secured"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -41,10 +51,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             default=None,
             help=f"N > 1: a local N-node KRaft cluster (default: ${launcher.ENV_NODES} or 1)",
         )
+        command_parser.add_argument(
+            "--secured",
+            action="store_true",
+            help="a broker with mutual TLS, SCRAM over SASL_SSL and ACLs (no PLAINTEXT)",
+        )
     sub.add_parser("fetch", help="only download the Kafka jars into the cache")
     args = parser.parse_args(argv)
 
     try:
+        if getattr(args, "secured", False):
+            if args.nodes not in (None, 1):
+                raise ValueError("--secured runs a single broker; drop --nodes")
+            return _secured_command(args.command, as_json=getattr(args, "json", False))
         cluster = _cluster(getattr(args, "nodes", None))
         if cluster is not None:
             return _cluster_command(args.command, cluster, as_json=getattr(args, "json", False))
@@ -101,6 +120,46 @@ def _cluster_command(command: str, cluster: launcher.ClusterConfig, *, as_json: 
         return 0
     info = launcher.cluster_status(cluster)
     print(json.dumps(info, indent=2) if as_json else launcher.format_cluster_status(info))
+    return 0 if info["running"] else 3
+
+
+def _secured_command(command: str, *, as_json: bool) -> int:
+    # Imported here: the plaintext commands must work without `cryptography`.
+    from infra.kafka.secured import SecuredKafka
+
+    port = launcher._env_port(os.environ, ENV_SECURED_PORT, DEFAULT_SECURED_PORT)
+    kafka = SecuredKafka(DEFAULT_SECURED_DIR, port_base=port)
+    if command == "stop":
+        was_running = kafka.running()
+        kafka.stop()
+        print("Secured Kafka stopped." if was_running else "Secured Kafka was not running.")
+        return 0
+    if command == "start":
+        print(f"Starting secured Kafka {kafka.version} (log: {kafka.log_file}) ...")
+        began = time.monotonic()
+        kafka.start()
+        print(f"Secured Kafka is ready after {time.monotonic() - began:.1f}s.")
+    info = {
+        "running": kafka.running(),
+        "ssl_bootstrap": kafka.ssl_bootstrap,
+        "sasl_ssl_bootstrap": kafka.sasl_ssl_bootstrap,
+        "ca_file": str(kafka.ca_file),
+        "password_file": str(kafka.password_file),
+        "client_certs": str(kafka.tls_dir / "clients"),
+        "log_file": str(kafka.log_file),
+    }
+    if as_json:
+        print(json.dumps(info, indent=2))
+    else:
+        print(
+            f"Secured Kafka is {'running' if info['running'] else 'not running'}.\n"
+            f"  mutual TLS (SSL):           {info['ssl_bootstrap']}\n"
+            f"  SCRAM-SHA-256/512 SASL_SSL: {info['sasl_ssl_bootstrap']}\n"
+            f"  CA: {info['ca_file']}\n"
+            f"  SCRAM passwords (0600): {info['password_file']}\n"
+            f"  client certificates: {info['client_certs']}\n"
+            f"  log: {info['log_file']}"
+        )
     return 0 if info["running"] else 3
 
 

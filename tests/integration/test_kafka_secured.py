@@ -185,6 +185,23 @@ def test_busy_port_is_a_clear_start_error(tmp_path: Path) -> None:
     assert not kafka.running()
 
 
+def test_cli_reports_a_secured_broker_that_is_not_running(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from infra.kafka import __main__ as cli
+
+    monkeypatch.setattr(cli, "DEFAULT_SECURED_DIR", tmp_path / "secured")
+    monkeypatch.setenv(cli.ENV_SECURED_PORT, "29492")
+    assert cli.main(["status", "--secured", "--json"]) == 3  # LSB "not running"
+    info = json.loads(capsys.readouterr().out)
+    assert info["running"] is False
+    assert info["ssl_bootstrap"] == "127.0.0.1:29492"
+    assert info["sasl_ssl_bootstrap"] == "127.0.0.1:29493"
+    assert not (tmp_path / "secured").exists(), "status must not create anything"
+    assert cli.main(["start", "--secured", "--nodes", "3"]) == 1
+    assert "single broker" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------ the session's broker
 
 
