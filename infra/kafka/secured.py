@@ -353,13 +353,18 @@ class SecuredKafka:
         try:
             broker = tls.load_cert_key(self._broker_cert, self._broker_key)
             broker.cert.verify_directly_issued_by(ca.cert)
-            if not self._keystore.is_file():
-                raise ValueError("no key store")
         except (OSError, ValueError, TypeError, InvalidSignature):
             broker = tls.make_cert(ca, BROKER_PRINCIPAL, [self.host, "localhost"])
             tls.write_cert_key(broker, self._broker_cert, self._broker_key)
-            # Kafka's PEM key store: the PKCS#8 key, then the chain (leaf, CA).
-            tls.write_file(self._keystore, broker.key_pem + broker.cert_pem + ca.cert_pem)
+        # Kafka's PEM key store: the PKCS#8 key, then the chain (leaf, CA).  Compared
+        # and rewritten on every call, so a damaged one never keeps the broker down.
+        keystore = broker.key_pem + broker.cert_pem + ca.cert_pem
+        try:
+            current = self._keystore.read_bytes()
+        except OSError:
+            current = b""
+        if current != keystore:
+            tls.write_file(self._keystore, keystore)
         return ca
 
     def _stored_passwords(self) -> dict[str, str]:

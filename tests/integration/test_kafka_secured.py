@@ -354,7 +354,9 @@ async def test_acls_decide_and_a_certificate_cn_is_its_principal(
 
 
 @pytest.mark.integration
-def test_secrets_are_private_and_start_is_idempotent(secured_kafka: SecuredKafka) -> None:
+def test_secrets_are_private_and_start_is_idempotent(
+    secured_kafka: SecuredKafka, monkeypatch: pytest.MonkeyPatch
+) -> None:
     private = [
         secured_kafka.password_file,
         secured_kafka.admin_command_config(),
@@ -374,6 +376,9 @@ def test_secrets_are_private_and_start_is_idempotent(secured_kafka: SecuredKafka
     assert config["ssl.truststore.location"] == str(secured_kafka.ca_file)
 
     pid = launcher.status(secured_kafka.config, use_external=False)["pid"]
+    # The plaintext cluster named here is not this broker: start() must not be fooled.
+    monkeypatch.setenv(launcher.ENV_BOOTSTRAP, "127.0.0.1:1")
+    assert secured_kafka.running()
     began = time.monotonic()
     secured_kafka.start()
     assert time.monotonic() - began < 10, "a running broker must be reused, not restarted"
