@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
+import logging
 import ssl
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -280,9 +282,17 @@ async def probe_tls(settings: Settings, timeout_s: float = 5.0) -> str | None:
         await asyncio.wait_for(reader.read(1), 1.0)
     except ssl.SSLError as exc:
         text = str(exc).upper()
-        if "CERTIFICATE_REQUIRED" in text:
+        refused = (
+            "CERTIFICATE_REQUIRED",
+            "BAD_CERTIFICATE",
+            "CERTIFICATE_UNKNOWN",
+            "UNKNOWN_CA",
+            "HANDSHAKE_FAILURE",
+        )
+        if settings.kafka_ssl_certfile is None and any(x in text for x in refused):
+            # we sent none: whatever the alert's name (Java says bad_certificate)
             return "the broker requires a client certificate (AGENTSTREAM_KAFKA_SSL_CERTFILE)"
-        if "UNKNOWN_CA" in text or "BAD_CERTIFICATE" in text:
+        if any(x in text for x in refused):
             return (
                 "the broker does not accept our client certificate (unknown CA or bad certificate)"
             )
@@ -357,9 +367,26 @@ async def connect_error(settings: Settings, exc: BaseException, what: str) -> Br
     return BrokerError(f"cannot reach {where}: {exc}")
 
 
+#: set while `start_client` runs: aiokafka's bootstrap errors are then ours to report
+_STARTING: contextvars.ContextVar[bool] = contextvars.ContextVar("_STARTING", default=False)
+
+
+class _QuietWhileStarting(logging.Filter):
+    """Drops aiokafka's "Unable connect to ..." records of a start `start_client` guards:
+    its error names the same cause once (a CLI user gets one line, not three)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (_STARTING.get() and record.levelno >= logging.WARNING)
+
+
+for _name in ("aiokafka", "aiokafka.conn"):  # aiokafka.client logs as "aiokafka"
+    logging.getLogger(_name).addFilter(_QuietWhileStarting())
+
+
 async def start_client(client: Any, settings: Settings, what: str) -> None:
     """Start an aiokafka client within the connect timeout, or close it and raise the
     error that names the cause."""
+    token = _STARTING.set(True)
     try:
         await asyncio.wait_for(client._start_unguarded(), settings.kafka_connect_timeout_s)
     except (TimeoutError, KafkaConnectionError, KafkaError, OSError) as exc:
@@ -367,6 +394,8 @@ async def start_client(client: Any, settings: Settings, what: str) -> None:
         with contextlib.suppress(Exception):  # the cause is what the caller needs
             await asyncio.wait_for(_close(client), 5.0)
         raise error from None
+    finally:
+        _STARTING.reset(token)
 
 
 async def _close(client: Any) -> None:
