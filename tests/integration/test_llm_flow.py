@@ -8,10 +8,10 @@ import asyncio
 import json
 import os
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from schemas import Event
@@ -29,7 +29,7 @@ from streams.audit_chain import GENESIS
 from streams.client import Client
 from streams.settings import Settings
 from tests.llm_server import LLMServer, Reply
-from tests.support import Follower, Worker, await_until, cli
+from tests.support import Follower, Worker, await_until, cli, web_tokens, web_url
 
 pytestmark = pytest.mark.integration
 
@@ -49,9 +49,11 @@ def req(rid: str, provider: str = "loop", *, stream: bool = True, **kw: Any) -> 
     )
 
 
-def view(port: str, path: str) -> Any:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
-        return json.loads(resp.read())
+def view(env: dict[str, str], path: str) -> Any:
+    """A worker view's JSON, asked with the test's read token."""
+    resp = httpx.get(web_url(env) + path, headers=web_tokens(env).headers("read"), timeout=5)
+    resp.raise_for_status()
+    return resp.json()
 
 
 class Topics(Follower):
@@ -114,7 +116,7 @@ async def test_llm_stage_end_to_end(settings_env: dict[str, str], tmp_path: Path
         "AGENTSTREAM_LLM_BREAKER_FAILURES": "3",
         "AGENTSTREAM_LLM_BREAKER_RESET_S": "1.5",
     }
-    _, port, topics, worker, client = await start_llm_worker(env, tmp_path)
+    _, _port, topics, worker, client = await start_llm_worker(env, tmp_path)
     try:
         # -- streamed: chunks in order, then one sealed final response ------------------------
         server.script(Reply(words=["one", "two", "three", "four", "five"]))
@@ -203,7 +205,7 @@ async def test_llm_stage_end_to_end(settings_env: dict[str, str], tmp_path: Path
             "llm.cancellations", Event.of(LLMCancelRequested(request_id="c2"), source="test")
         )
         await await_until(
-            lambda: view(port, "/llm/requests/c2")["cancelled"],
+            lambda: view(env, "/llm/requests/c2")["cancelled"],
             20,
             what="c2 cancellation recorded",
         )
@@ -212,10 +214,10 @@ async def test_llm_stage_end_to_end(settings_env: dict[str, str], tmp_path: Path
         assert c2.status == "cancelled" and not c2.attempts and seen_for(server, "c2") == 0
 
         # -- dedup: the same request again is not sent to the provider ------------------------
-        before = view(port, "/llm/requests/s1")["deduplicated_total"]
+        before = view(env, "/llm/requests/s1")["deduplicated_total"]
         await client.publish("llm.requests", s1)
         await await_until(
-            lambda: view(port, "/llm/requests/s1")["deduplicated_total"] > before,
+            lambda: view(env, "/llm/requests/s1")["deduplicated_total"] > before,
             20,
             what="redelivered s1 deduplicated",
         )
@@ -232,7 +234,7 @@ async def test_llm_stage_end_to_end(settings_env: dict[str, str], tmp_path: Path
         assert b2.error is not None and b2.error.error_class == "CircuitOpen"
         assert seen_for(server, "b2") == 0
         await await_until(
-            lambda: view(port, "/llm/breakers")["breakers"]["loop"]["live"]["retry_in_s"] == 0,
+            lambda: view(env, "/llm/breakers")["breakers"]["loop"]["live"]["retry_in_s"] == 0,
             10,
             what="breaker reset timeout",
         )
@@ -250,11 +252,11 @@ async def test_llm_stage_end_to_end(settings_env: dict[str, str], tmp_path: Path
             ("open", "half_open"),
             ("half_open", "closed"),
         ]
-        breakers = view(port, "/llm/breakers")["breakers"]["loop"]
+        breakers = view(env, "/llm/breakers")["breakers"]["loop"]
         assert breakers["live"]["state"] == "closed"
         assert breakers["recorded"]["state"] == "closed"
 
-        usage = view(port, "/llm/usage")
+        usage = view(env, "/llm/usage")
         assert usage["agent"]["agent-7"]["requests"] >= 10
         assert usage["provider"]["loop"]["total_tokens"] > 0
         assert "loop/loop-model" in usage["model"]

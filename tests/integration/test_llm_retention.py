@@ -28,7 +28,7 @@ async def test_dedup_entries_expire_after_the_retention(
         "AGENTSTREAM_LLM_DEDUP_RETENTION_S": str(RETENTION_S),
     }
     audit_env = {**env, "AGENTSTREAM_AGENTS": "agents.audit"}
-    settings, port, topics, worker, client = await start_llm_worker(env, tmp_path)
+    settings, _port, topics, worker, client = await start_llm_worker(env, tmp_path)
     try:
         k1 = req("k1", "local")
         await client.publish("llm.requests", k1)
@@ -37,18 +37,18 @@ async def test_dedup_entries_expire_after_the_retention(
             "llm.cancellations", Event.of(LLMCancelRequested(request_id="k2"), source="test")
         )
         entry = await await_until(
-            lambda: view(port, "/llm/requests/k1")["final"], 20, what="k1 dedup entry"
+            lambda: view(env, "/llm/requests/k1")["final"], 20, what="k1 dedup entry"
         )
         assert entry["status"] == "completed" and isinstance(entry["at"], int)
         await await_until(
-            lambda: view(port, "/llm/requests/k2")["cancelled"], 20, what="k2 cancellation"
+            lambda: view(env, "/llm/requests/k2")["cancelled"], 20, what="k2 cancellation"
         )
 
         # within the retention: a redelivery is not called again
-        before = view(port, "/llm/requests/k1")["deduplicated_total"]
+        before = view(env, "/llm/requests/k1")["deduplicated_total"]
         await client.publish("llm.requests", k1)
         await await_until(
-            lambda: view(port, "/llm/requests/k1")["deduplicated_total"] > before,
+            lambda: view(env, "/llm/requests/k1")["deduplicated_total"] > before,
             RETENTION_S - 1,
             what="k1 deduplicated within the retention",
         )
@@ -57,8 +57,8 @@ async def test_dedup_entries_expire_after_the_retention(
         # past it: both entries deleted, in the live table and in the changelog
         def both_gone() -> bool:
             return (
-                view(port, "/llm/requests/k1")["final"] is None
-                and view(port, "/llm/requests/k2")["cancelled"] is None
+                view(env, "/llm/requests/k1")["final"] is None
+                and view(env, "/llm/requests/k2")["cancelled"] is None
             )
 
         await await_until(both_gone, RETENTION_S + 20, interval=0.2, what="entries expired")

@@ -14,7 +14,15 @@ import pytest
 from schemas import AgentStatusChanged, ComponentHealthChanged, Heartbeat
 from streams.client import Client
 from streams.settings import Settings
-from tests.support import Follower, Worker, assert_rebuild_equal, await_until, cancel, cli
+from tests.support import (
+    Follower,
+    Worker,
+    assert_rebuild_equal,
+    await_until,
+    cancel,
+    cli,
+    web_tokens,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -71,7 +79,7 @@ async def test_transitions_exactly_once_across_restarts(
     client = Client(settings, source="test")
     await client.start()
     beater = Beater(client)
-    http = httpx.AsyncClient(base_url=base, timeout=10)
+    http = httpx.AsyncClient(base_url=base, timeout=10, headers=web_tokens(env).headers())
 
     follower = Follower(settings, ["agent.status", "pipeline.health"])
 

@@ -9,14 +9,20 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-import httpx
 import pytest
 
 from schemas import CommunicationRecord, DeadLetter, MetricSample, SystemStats
 from streams.client import Client
 from streams.settings import Settings
 from streams.tables.monitoring import split_window_key
-from tests.support import Worker, assert_rebuild_equal, await_until, cli, read_topic
+from tests.support import (
+    Worker,
+    assert_rebuild_equal,
+    await_until,
+    cli,
+    read_topic,
+    web_client,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -40,7 +46,7 @@ async def test_metrics_comms_system_and_health_views(
     settings = Settings.from_env(env)
     worker = Worker(env, tmp_path / "worker.log")
     await asyncio.to_thread(worker.start)
-    http = httpx.AsyncClient(base_url=f"http://127.0.0.1:{env['AGENTSTREAM_WEB_PORT']}", timeout=10)
+    http = web_client(env)
     try:
         async with Client(settings, source="test") as client:
             now = time.time()

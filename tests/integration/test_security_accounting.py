@@ -6,7 +6,6 @@ the restart without being published again."""
 from __future__ import annotations
 
 import json
-import secrets
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from streams.audit_chain import GENESIS
 from streams.client import Client
 from streams.credentials import KeychainCredentialsProvider
 from streams.settings import Settings
-from tests.support import AdminSigner, Worker, cli, read_topic, with_admin_key
+from tests.support import AdminSigner, Worker, cli, read_topic, web_tokens, with_admin_key
 
 pytestmark = pytest.mark.integration
 
@@ -127,9 +126,6 @@ async def test_every_input_accounted_for_exactly_once(
     env = with_admin_key(
         {
             **settings_env,
-            "AGENTSTREAM_KEYRING_BACKEND": "encrypted-file",
-            "AGENTSTREAM_KEYRING_FILE": str(tmp_path / "keyring.json"),
-            "AGENTSTREAM_KEYRING_PASSWORD": secrets.token_urlsafe(12),
             "AGENTSTREAM_AGENTS": "agents.security",
             "AGENTSTREAM_LOG_LEVEL": "WARNING",
             "AGENTSTREAM_MAX_EVENT_BYTES": str(MAX_EVENT_BYTES),
@@ -209,7 +205,7 @@ async def test_every_input_accounted_for_exactly_once(
             timeout=30,
         )
         web = f"http://127.0.0.1:{env['AGENTSTREAM_WEB_PORT']}"
-        async with httpx.AsyncClient() as http:
+        async with httpx.AsyncClient(headers=web_tokens(env).headers()) as http:
             in_force = (await http.get(f"{web}/security/policies/")).json()
         assert worker.alive(), worker.tail()
     finally:

@@ -23,7 +23,7 @@ from streams.client import Client
 from streams.credentials import KeychainCredentialsProvider
 from streams.redaction import redact_raw
 from streams.settings import Settings
-from tests.support import Worker, await_until, cli, read_topic, with_admin_key
+from tests.support import Worker, await_until, cli, read_topic, web_tokens, with_admin_key
 
 pytestmark = pytest.mark.integration
 
@@ -69,17 +69,9 @@ async def test_policies_enforced_live_and_secrets_never_leave(
     settings_env: dict[str, str], tmp_path: Path
 ) -> None:
     token = "tok-" + secrets.token_urlsafe(24)
-    master = secrets.token_urlsafe(16)
-    env = with_admin_key(
-        {
-            **settings_env,
-            "AGENTSTREAM_KEYRING_BACKEND": "encrypted-file",
-            "AGENTSTREAM_KEYRING_FILE": str(tmp_path / "keyring.json"),
-            "AGENTSTREAM_KEYRING_PASSWORD": master,
-            "AGENTSTREAM_AGENTS": "agents.security",
-        },
-        tmp_path,
-    )
+    # the fixture's encrypted-file keyring (tmp_path/keyring.json, holding the web tokens)
+    master = settings_env["AGENTSTREAM_KEYRING_PASSWORD"]
+    env = with_admin_key({**settings_env, "AGENTSTREAM_AGENTS": "agents.security"}, tmp_path)
     settings = Settings.from_env(env)
     provider = KeychainCredentialsProvider(settings)
     signing_key, enc_key = new_key(), new_key()
@@ -233,7 +225,7 @@ async def test_policies_enforced_live_and_secrets_never_leave(
             assert res.returncode == 0, res.stderr
 
             async def _live() -> bool:
-                async with httpx.AsyncClient() as http:
+                async with httpx.AsyncClient(headers=web_tokens(env).headers()) as http:
                     body = (await http.get(f"{web}/security/policies/")).json()
                 return any(p["policy_id"] == "std-words" for p in body["policies"])
 
@@ -312,7 +304,7 @@ async def test_policies_enforced_live_and_secrets_never_leave(
             )
             heads[rec.partition] = ev.payload.hash
 
-        async with httpx.AsyncClient() as http:
+        async with httpx.AsyncClient(headers=web_tokens(env).headers()) as http:
             counts = (await http.get(f"{web}/security/decisions/")).json()["counts"]
         assert counts["allow"]["*"] == len(want_ok)
         assert counts["deny"]["*"] == n - len(want_ok)

@@ -33,6 +33,7 @@ from tests.support import (
     await_until,
     cli,
     read_topic,
+    web_tokens,
     with_admin_key,
 )
 
@@ -95,7 +96,8 @@ async def test_forged_rule_changes_are_ignored_and_reported(
     web = f"http://127.0.0.1:{env['AGENTSTREAM_WEB_PORT']}"
 
     async def in_force() -> dict[str, Any]:
-        async with httpx.AsyncClient() as http:
+        # admin: the test compares the patterns in force, which a read token does not see
+        async with httpx.AsyncClient(headers=web_tokens(env).headers("admin")) as http:
             body: dict[str, Any] = (await http.get(f"{web}/security/policies/")).json()
         return body
 

@@ -18,7 +18,7 @@ from schemas.llm import ChatMessage, LLMConfig, LLMContext, LLMRequest
 from streams.client import Client
 from streams.settings import Settings
 from streams.tables.llm import partition_of
-from tests.support import Worker, await_until
+from tests.support import Worker, await_until, web_tokens
 
 pytestmark = pytest.mark.integration
 
@@ -27,7 +27,8 @@ PARTITIONS = 2
 
 def spread(prefix: str, count: int) -> list[str]:
     """`count` keys, at least one in each partition (Kafka's default partitioner)."""
-    keys, i = [], 0
+    keys: list[str] = []
+    i = 0
     while len(keys) < count or {partition_of(k, PARTITIONS) for k in keys} != {0, 1}:
         keys.append(f"{prefix}{i}")
         i += 1
@@ -70,7 +71,7 @@ async def test_both_workers_answer_for_every_key(
     settings, urls, w1, w2 = await two_workers(
         settings_env, tmp_path, "agents.heartbeat,agents.metrics,agents.comms,agents.llm"
     )
-    http = httpx.AsyncClient(timeout=10)
+    http = httpx.AsyncClient(timeout=10, headers=web_tokens(settings_env).headers())
     try:
         # publish once both workers own a partition (Faust's /router/, on each): a worker
         # that folded records of a partition before handing it over keeps them in memory
@@ -227,7 +228,7 @@ async def test_two_workers_advertising_one_url_say_so_instead_of_answering_wrong
     settings, urls, w1, w2 = await two_workers(
         settings_env, tmp_path, "agents.heartbeat", AGENTSTREAM_WEB_ADVERTISED_URL=shared
     )
-    http = httpx.AsyncClient(timeout=10)
+    http = httpx.AsyncClient(timeout=10, headers=web_tokens(settings_env).headers())
     try:
         agents = spread("agent-", 6)
         async with Client(settings, source="test") as client:

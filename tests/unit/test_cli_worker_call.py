@@ -22,9 +22,18 @@ COMMANDS = (agents.comms.cli, agents.heartbeat.cli)  # imported: they register `
 ROW = {"agent_id": "a1", "status": "up", "last_heartbeat_at": None, "missed_beats": 0}
 
 
+#: the Authorization header of every request the fake worker got
+SEEN_AUTH: list[str | None] = []
+
+
 class Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
-        if self.path.startswith("/agents/status/rebalancing"):
+        SEEN_AUTH.append(self.headers.get("Authorization"))
+        if self.path.startswith("/agents/status/anon"):
+            self._send(401, {"error": "authentication required", "reason": "unknown token"})
+        elif self.path.startswith("/agents/status/readonly"):
+            self._send(403, {"error": "forbidden", "reason": "GET needs scope admin"})
+        elif self.path.startswith("/agents/status/rebalancing"):
             self._send(503, {"error": "partition 3 has no owner right now", "partition": 3})
         elif self.path.startswith("/agents/status/nobody"):
             self._send(404, {"error": "unknown agent"})
@@ -100,3 +109,33 @@ def test_no_worker_listening(monkeypatch: pytest.MonkeyPatch) -> None:
     finally:
         get_settings.cache_clear()
     assert res.exit_code == 1 and f"no worker answering at http://127.0.0.1:{port}" in res.output
+
+
+def test_the_cli_sends_its_token_and_says_what_a_401_or_403_means(
+    worker_port: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the CLI's token from the env secret source (AGENTSTREAM_SECRET_WEB_TOKEN)
+    monkeypatch.setenv("AGENTSTREAM_SECRET_SOURCES", "env")
+    monkeypatch.setenv("AGENTSTREAM_SECRET_WEB_TOKEN", "ast_cli-token")
+    get_settings.cache_clear()
+    runner = CliRunner()
+    SEEN_AUTH.clear()
+    ok = runner.invoke(cli, ["agents", "status", "a1"])
+    assert ok.exit_code == 0 and SEEN_AUTH == ["Bearer ast_cli-token"]
+
+    anon = runner.invoke(cli, ["agents", "status", "anon"])
+    assert anon.exit_code == 1 and "Traceback" not in anon.output
+    assert len(anon.output.strip().splitlines()) == 1, anon.output
+    assert "HTTP 401: authentication required: unknown token" in anon.output
+    assert "secret web.token) was refused" in anon.output and "--for-cli" in anon.output
+    assert "ast_cli-token" not in anon.output
+
+    ro = runner.invoke(cli, ["agents", "status", "readonly"])
+    assert ro.exit_code == 1 and len(ro.output.strip().splitlines()) == 1
+    assert "HTTP 403: forbidden: GET needs scope admin" in ro.output
+
+    monkeypatch.delenv("AGENTSTREAM_SECRET_WEB_TOKEN")
+    SEEN_AUTH.clear()
+    none = runner.invoke(cli, ["agents", "status", "anon"])
+    assert SEEN_AUTH == [None]
+    assert none.exit_code == 1 and "there is no secret web.token" in none.output
