@@ -11,10 +11,12 @@ from pathlib import Path
 from infra.compose.material import DEFAULT_DIR, OPERATOR_ENV_FILE, MaterialError, check, init
 
 NEXT_STEPS = """\
-next, with the profile's brokers up (docs/deploy.md):
-  . {root}/{env}
-  agentstream web token create --scope read --name prometheus > {root}/secrets/prometheus_token
-  python -m infra.compose check --dir {root}"""
+next (docs/deploy.md): Prometheus' token, a check, then up
+  AGENTSTREAM_SECRET_SOURCES=dir AGENTSTREAM_SECRETS_DIR={root}/secrets \\
+    agentstream web token create --scope read --name prometheus > {root}/secrets/prometheus_token
+  python -m infra.compose check --dir {root}
+  docker compose -f docker-compose.kafka.yml --profile cluster up -d --build
+the host CLI against the cluster: . {root}/{env}"""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
