@@ -19,6 +19,8 @@ from infra.kafka import launcher
 
 COMPOSE_FILE = Path(__file__).resolve().parents[2] / "docker-compose.kafka.yml"
 REPLICATED = ("kafka-1", "kafka-2", "kafka-3")
+#: the brokers of the profile "cluster" (workers in containers; tests/unit/test_container_files.py)
+CLUSTER = ("cluster-kafka-1", "cluster-kafka-2", "cluster-kafka-3")
 
 
 def _compose() -> dict[str, Any]:
@@ -108,8 +110,8 @@ def test_single_node_spells_out_the_important_defaults() -> None:
 
 
 def test_cluster_ids_are_valid_kraft_ids() -> None:
-    ids = {_service(name)["environment"]["CLUSTER_ID"] for name in ("kafka", *REPLICATED)}
-    assert len(ids) == 2, "one id for the single node, one shared by the 3 brokers"
+    ids = {_service(name)["environment"]["CLUSTER_ID"] for name in ("kafka", *REPLICATED, *CLUSTER)}
+    assert len(ids) == 3, "one id for the single node, one per cluster of 3 brokers"
     for cluster_id in ids:
         assert len(cluster_id) == 22
         assert len(base64.urlsafe_b64decode(cluster_id + "==")) == 16
@@ -168,3 +170,58 @@ def test_named_volumes_are_declared() -> None:
             source = volume.split(":")[0]
             if not source.startswith((".", "/")):
                 assert source in declared, f"{name}: volume {source} is not declared"
+
+
+def test_cluster_profile_brokers_have_the_replicated_settings_and_tls_on_every_listener() -> None:
+    replicated = _properties("kafka-1")
+    node_ids = []
+    host_ports = []
+    for name in CLUSTER:
+        service = _service(name)
+        assert service["profiles"] == ["cluster"]
+        assert service["image"] == f"apache/kafka:{launcher.DEFAULT_KAFKA_VERSION}"
+        assert service["hostname"] == name
+        props = _properties(name)
+        node_ids.append(props["node.id"])
+        # what the replicated profile sets (RF 3, min ISR 2, the launcher's settings) holds
+        for key in (*launcher.BROKER_SETTINGS, "default.replication.factor", "process.roles"):
+            assert props[key] == replicated[key], f"{name}: {key}"
+        voters = ",".join(f"{i}@{broker}:19093" for i, broker in enumerate(CLUSTER, 1))
+        assert props["controller.quorum.voters"] == voters
+        # no plaintext anywhere: SCRAM over TLS, controllers with client certificates
+        protocols = dict(p.split(":") for p in props["listener.security.protocol.map"].split(","))
+        assert set(_listener_ports(props["listeners"])) == set(protocols), name
+        assert set(protocols.values()) <= {"SSL", "SASL_SSL"}, f"{name}: {protocols}"
+        assert protocols[props["inter.broker.listener.name"]] == "SASL_SSL"
+        controller = props["controller.listener.names"]
+        assert protocols[controller] == "SSL"
+        assert props[f"listener.name.{controller.lower()}.ssl.client.auth"] == "required"
+        mechanisms = props["sasl.enabled.mechanisms"].split(",")
+        assert mechanisms == ["SCRAM-SHA-512"], "SCRAM only: PLAIN would send passwords"
+        assert props["sasl.mechanism.inter.broker.protocol"] in mechanisms
+        # containers use INTERNAL by the service name; the host CLI EXTERNAL on loopback
+        advertised = dict(
+            (listener, address)
+            for listener, address in re.findall(
+                r"([A-Z_]+)://([^,]+)", props["advertised.listeners"]
+            )
+        )
+        internal = props["inter.broker.listener.name"]
+        assert advertised[internal] == f"{name}:{_listener_ports(props['listeners'])[internal]}"
+        (external,) = set(advertised) - {internal}
+        port = _listener_ports(props["listeners"])[external]
+        assert advertised[external] == f"{launcher.DEFAULT_HOST}:{port}"
+        assert service["ports"] == [f"{launcher.DEFAULT_HOST}:{port}:{port}"]
+        host_ports.append(port)
+    assert sorted(node_ids) == ["1", "2", "3"]
+    assert len(set(host_ports)) == 3
+
+
+def test_published_host_ports_do_not_clash() -> None:
+    # profiles may run side by side (single node + cluster, monitoring + cluster)
+    published = [
+        port.rsplit(":", 1)[0]
+        for service in _compose()["services"].values()
+        for port in service.get("ports", [])
+    ]
+    assert len(published) == len(set(published)), published
