@@ -26,7 +26,7 @@ from schemas import AgentMessage, Event
 from streams.client import Client
 from streams.settings import Settings
 from streams.tables import digest
-from tests.support import Worker, assert_rebuild_equal, await_until, cli, read_topic
+from tests.support import Worker, assert_rebuild_equal, await_until, cli, read_topic, web_tokens
 
 pytestmark = pytest.mark.integration
 
@@ -346,9 +346,14 @@ async def test_exactly_once_kill9_restart_no_duplicates_tables_equal_rebuild(
         assert on_demand[-1]["sizes"]["accepted_by_sender"] == SENDERS
         assert any(k.startswith(accepted_topic) for k in on_demand[-1]["offsets"])
 
-        from agents.audit.verify import summary, verify
+        from agents.audit.verify import ChainTrust, summary, verify
+        from streams.audit_chain import load_chain_key
 
-        result = summary(await verify(settings))
+        # the test's keychain (settings_env) holds the worker's chain key, so its records
+        # are signed: check them against that key, pinned as an auditor would (--trust-key)
+        signer, _ = await load_chain_key(settings, create=False)
+        trust = ChainTrust(keys={signer.key_id: signer.public_key}, source="pinned")
+        result = summary(await verify(settings, trust=trust))
         assert result["ok"], result["findings"][:5]
     finally:
         worker.stop()
@@ -390,7 +395,7 @@ async def test_two_workers_kill_one_survivor_tables_complete(
 
         async def survivor_complete() -> dict[str, Any]:
             live = await read_changelog(settings, "accepted_by_sender")
-            async with httpx.AsyncClient() as http:
+            async with httpx.AsyncClient(headers=web_tokens(base).headers()) as http:
                 view = (
                     await http.get(
                         f"http://127.0.0.1:{base['AGENTSTREAM_WEB_PORT']}/checkpoints", timeout=10
