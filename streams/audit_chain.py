@@ -333,7 +333,12 @@ async def _load_signer(settings: Settings) -> None:
     )
     if created:
         log.warning(
-            "created chain key %r in the keychain; publish its public half: %s", kid, publish
+            "created chain key %r (secret chain_key.%s, in the first writable of the secret "
+            "sources %s); publish its public half: %s",
+            kid,
+            kid,
+            settings.secret_sources,
+            publish,
         )
         return
     # in the background: the first batch waits for the key, not for this check

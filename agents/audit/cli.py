@@ -283,7 +283,7 @@ async def _publish_worker_key(
             signer, created = await load_chain_key(settings, key_id, provider=provider)
             public = signer.public_b64
             if created:
-                click.echo(f"created chain key {key_id!r} in the keychain", err=True)
+                click.echo(f"created chain key {key_id!r} in {provider.write_target}", err=True)
     except PipelineError as exc:
         raise click.ClickException(str(exc)) from None
     version = int(current.get("version") or 0) + 1 if current is not None else 1
