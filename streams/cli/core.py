@@ -77,30 +77,41 @@ NODES = click.option(
 )
 
 
-def _nodes(nodes: int | None) -> list[str]:
-    return ["--nodes", str(nodes)] if nodes else []
+SECURED = click.option(
+    "--secured",
+    is_flag=True,
+    help="The local broker that authenticates every client: mutual TLS and SCRAM over "
+    "SASL_SSL, ACLs enforced (var/kafka-secured; see docs/cluster.md).",
+)
+
+
+def _nodes(nodes: int | None, secured: bool = False) -> list[str]:
+    return (["--nodes", str(nodes)] if nodes else []) + (["--secured"] if secured else [])
 
 
 @kafka.command("start")
 @NODES
-def kafka_start(nodes: int | None) -> None:
+@SECURED
+def kafka_start(nodes: int | None, secured: bool) -> None:
     """Start the local broker (first use fetches jars and formats storage)."""
-    _kafka("start", *_nodes(nodes))
+    _kafka("start", *_nodes(nodes, secured))
 
 
 @kafka.command("stop")
 @NODES
-def kafka_stop(nodes: int | None) -> None:
+@SECURED
+def kafka_stop(nodes: int | None, secured: bool) -> None:
     """Stop the local broker started by `kafka start`."""
-    _kafka("stop", *_nodes(nodes))
+    _kafka("stop", *_nodes(nodes, secured))
 
 
 @kafka.command("status")
 @NODES
+@SECURED
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def kafka_status(nodes: int | None, as_json: bool) -> None:
+def kafka_status(nodes: int | None, secured: bool, as_json: bool) -> None:
     """Say whether the local broker runs, and where (exit 3 when stopped)."""
-    _kafka("status", *_nodes(nodes), *(["--json"] if as_json else []))
+    _kafka("status", *_nodes(nodes, secured), *(["--json"] if as_json else []))
 
 
 @kafka.command("fetch")
