@@ -613,17 +613,28 @@ def install(app: Any, settings: Settings | None = None) -> Gate:
     the_gate = gate(settings)
     if not installed(app):
         app.web.web_app.middlewares.insert(0, middleware(the_gate))
-        if the_gate.enabled:
-            public = sorted(public_routes(the_gate.settings.web_ready_public))
-            log.info("web auth: bearer tokens required on every view but %s", ", ".join(public))
-        else:
+        app.web.web_app.on_startup.append(_started(the_gate))
+    return the_gate
+
+
+def _started(the_gate: Gate) -> Callable[[Any], Awaitable[None]]:
+    async def on_startup(_web_app: Any) -> None:
+        # when the server starts (the worker's logging is set up by then), not at
+        # install; the first read of the index here shows a missing or broken one at
+        # start in the log, not at the first request
+        if not the_gate.enabled:
             log.warning(
                 "web auth: OFF (AGENTSTREAM_WEB_AUTH=off): every view answers anyone who "
                 "reaches %s:%s",
                 the_gate.settings.web_host,
                 the_gate.settings.web_port,
             )
-    return the_gate
+            return
+        public = sorted(public_routes(the_gate.settings.web_ready_public))
+        log.info("web auth: bearer tokens required on every view but %s", ", ".join(public))
+        await the_gate.cache.get()
+
+    return on_startup
 
 
 # -- TLS --------------------------------------------------------------------------------------

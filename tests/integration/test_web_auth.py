@@ -252,6 +252,8 @@ async def test_every_route_needs_a_token_and_scopes_hold(
         assert "HTTP 403" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
 
         log_text = (tmp_path / "worker.log").read_text(errors="replace")
+        assert "web auth: bearer tokens required on every view but /health, /ready" in log_text
+        assert "web auth: 2 token(s) accepted" in log_text  # read at start, ids only
         no_token_in(log_text, tokens.read, tokens.admin, tokens.cluster, *created)
     finally:
         for c in (anon, read, admin):
@@ -323,6 +325,8 @@ async def test_no_index_fails_closed_then_a_token_works_without_restart(
         assert "not valid" in broken["reason"], broken
         assert (await http.get("/health")).status_code == 200
         log_text = (tmp_path / "worker.log").read_text(errors="replace")
+        assert "web auth: no token index (web.tokens): no token is accepted" in log_text
+        assert "web auth: the token index (web.tokens) is not valid" in log_text
         no_token_in(log_text, made.stdout.strip())
     finally:
         await http.aclose()

@@ -619,3 +619,78 @@ def test_the_worker_command_installs_the_middleware_before_the_worker_starts(
     monkeypatch.setattr(streams.cli.core, "run_worker", fake_run_worker)
     streams.cli.main(["worker"])
     assert seen == [True]
+
+
+# -- HTTPS ---------------------------------------------------------------------------------------
+def self_signed(tmp_path: Any) -> tuple[str, str]:
+    """A certificate for 127.0.0.1 (IP SAN) and its key, as PEM files."""
+    import ipaddress
+    from datetime import timedelta
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "agentstream-test")])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(NOW - timedelta(days=1))
+        .not_valid_after(datetime.now(UTC) + timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    certfile, keyfile = tmp_path / "web.pem", tmp_path / "web.key"
+    certfile.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    keyfile.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return str(certfile), str(keyfile)
+
+
+async def test_https_with_the_configured_certificate(tmp_path: Any) -> None:
+    """The worker's server context and the client side (peers, CLI) fit together with one
+    self-signed certificate, and Faust gets the context (create_app)."""
+    import httpx
+
+    from streams.app import create_app
+
+    certfile, keyfile = self_signed(tmp_path)
+    tls = settings(
+        web_tls_certfile=certfile, web_tls_keyfile=keyfile, data_dir=str(tmp_path / "data")
+    )
+    assert web_auth.web_scheme(tls) == "https"
+    assert isinstance(create_app(tls).conf.web_ssl_context, web_auth.ssl.SSLContext)
+
+    async def hello(request: web.Request) -> web.Response:
+        return web.json_response({"ok": True})
+
+    app = web.Application()
+    app.router.add_get("/health", hello)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=web_auth.server_ssl_context(tls))
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        async with httpx.AsyncClient(verify=web_auth.client_verify(tls)) as http:
+            assert (await http.get(f"https://127.0.0.1:{port}/health")).json() == {"ok": True}
+        # a client that trusts only the system's CAs refuses this certificate
+        async with httpx.AsyncClient(verify=web_auth.client_verify(settings())) as http:
+            with pytest.raises(httpx.ConnectError):
+                await http.get(f"https://127.0.0.1:{port}/health")
+    finally:
+        await runner.cleanup()
