@@ -6,7 +6,9 @@ drives traffic from simulated agents — messages (most signed by their sender, 
 some oversized, some undecodable, one agent claiming a role it was never granted),
 heartbeats (a few agents fall silent and come back), metrics, communication records and
 LLM requests to the offline `local` provider — while printing a live summary read back
-from the result topics.
+from the result topics. The worker's web views need a token like any deployment's: the
+demo puts a token index with one read token (its value in ``var/demo/web-token``) and a
+cluster token in its throwaway keychain.
 
 The security side (keys, signed rule changes, signed messages) is the security agent's
 (`agents/security/demo.py`, registered with `register_demo_security` when the agents'
@@ -44,6 +46,7 @@ from schemas.llm import ChatMessage, LLMConfig, LLMContext
 from streams.admin import ensure_topics
 from streams.cli import cli, run
 from streams.client import Client
+from streams.credentials import KeychainCredentialsProvider
 from streams.settings import REPO_ROOT, Settings, get_settings
 from streams.topics import (
     AGENT_HEARTBEATS,
@@ -59,6 +62,7 @@ from streams.topics import (
     PIPELINE_DEADLETTER,
     SECURITY_DECISIONS,
 )
+from streams.web_auth import create_token, rotate_cluster_token, web_scheme
 
 WATCHED = {
     AGENT_MESSAGES_ACCEPTED: "accepted",
@@ -142,6 +146,7 @@ def demo(rate: float, n_agents: int, duration: float, keep_broker: bool, seed: i
     env = {**os.environ, **{k: v for k, v in DEMO_ENV.items() if k not in os.environ}}
     env.update(security.env)
     env["AGENTSTREAM_KAFKA_BOOTSTRAP"] = settings.bootstrap
+    token_file = run(_web_tokens(env, log_dir))
     with worker_log.open("ab") as log:
         worker = subprocess.Popen(
             [sys.executable, "-m", "streams", "worker", "--loglevel", "info"],
@@ -150,10 +155,13 @@ def demo(rate: float, n_agents: int, duration: float, keep_broker: bool, seed: i
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    click.echo(
-        f"worker pid {worker.pid} (log {worker_log}); web views on "
-        f"http://{settings.web_host}:{settings.web_port}/"
-    )
+    root = f"{web_scheme(settings)}://{settings.web_host}:{settings.web_port}"
+    click.echo(f"worker pid {worker.pid} (log {worker_log}); web views on {root}/")
+    if token_file is not None:
+        click.echo(
+            f'  they need a token: curl -H "Authorization: Bearer $(cat {token_file})" '
+            f"{root}/agents/status"
+        )
     try:
         run(_drive(settings, worker, worker_log, rate, agents, duration, seed, security))
     except KeyboardInterrupt:
@@ -168,6 +176,25 @@ def demo(rate: float, n_agents: int, duration: float, keep_broker: bool, seed: i
         if started_broker is not None and not keep_broker:
             launcher.stop(started_broker)
             click.echo("local broker stopped (use --keep-broker to keep it)")
+
+
+async def _web_tokens(env: dict[str, str], directory: Path) -> Path | None:
+    """What the demo's worker needs for its web views, in the demo's throwaway keychain:
+    a token index with one read token (written to `directory`/web-token, mode 0600, for
+    whoever wants to look: printing it would leave it in terminal scrollback and CI logs)
+    and a cluster token. None when the views need no token (AGENTSTREAM_WEB_AUTH=off)."""
+    settings = Settings.from_env(env)
+    if settings.web_auth == "off":
+        return None
+    provider = KeychainCredentialsProvider(settings)
+    value, _ = await create_token(provider, "read", "demo")
+    await rotate_cluster_token(provider)
+    path = directory / "web-token"
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(value + "\n")
+    return path
 
 
 async def _wait_ready(worker: subprocess.Popen[bytes], log: Path, limit_s: float = 120) -> None:
