@@ -6,17 +6,19 @@
 # server.properties and formats the storage, but adds no SCRAM user, and brokers that
 # authenticate each other with SCRAM could then never start. So, before handing over:
 #
-#  1. the key store and its password file are linked into /etc/kafka/secrets, where the
-#     image's start looks for KAFKA_SSL_KEYSTORE_FILENAME and the ..._CREDENTIALS files;
-#  2. every SASL listener's login (user `broker`, password from the secret
-#     kafka-broker-password) is set as a variable of this process only: never in the
-#     compose file, so never in `docker inspect` or `docker compose config`;
-#  3. the storage is formatted with every user of SCRAM_USERS (password: the secret
+#  1. the key store's password (the secret KAFKA_SSL_KEYSTORE_CREDENTIALS names) and
+#     every SASL listener's login (user `broker`, password from the secret
+#     kafka-broker-password) are set as variables of this process only: never in the
+#     compose file, so never in `docker inspect` or `docker compose config`. The image's
+#     start would set the key store itself only for listeners it takes for TLS ones
+#     ("SSL://" in KAFKA_ADVERTISED_LISTENERS; named listeners are not); in case it
+#     does, the files are also linked into /etc/kafka/secrets, where it looks for them;
+#  2. the storage is formatted with every user of SCRAM_USERS (password: the secret
 #     kafka-<user>-password), from a server.properties rendered from the same KAFKA_*
 #     variables by the image's rule; a formatted storage is left as it is (changing a
 #     password later: kafka-configs.sh --alter --add-config, see docs/deploy.md);
-#  4. a client config for the healthcheck is written (user `broker`, mode 0600);
-#  5. the image's own start runs; its format step finds the storage formatted, says
+#  3. a client config for the healthcheck is written (user `broker`, mode 0600);
+#  4. the image's own start runs; its format step finds the storage formatted, says
 #     "already formatted", and accepts that.
 #
 # BROKER_SECRETS, BROKER_IMAGE_SECRETS, BROKER_KAFKA_DIR and BROKER_RUN point elsewhere
@@ -72,8 +74,11 @@ for name in "${KAFKA_SSL_KEYSTORE_FILENAME:?}" "${KAFKA_SSL_KEYSTORE_CREDENTIALS
     [[ -r $secrets/$name ]] || die "$secrets/$name is missing (python -m infra.compose check)"
     ln -sfn "$secrets/$name" "$image_secrets/$name"
 done
-
-# 2.
+[[ ${KAFKA_SSL_KEYSTORE_LOCATION:?} -ef $secrets/$KAFKA_SSL_KEYSTORE_FILENAME ]] ||
+    die "KAFKA_SSL_KEYSTORE_LOCATION and KAFKA_SSL_KEYSTORE_FILENAME name different files"
+KAFKA_SSL_KEYSTORE_PASSWORD=$(password "$KAFKA_SSL_KEYSTORE_CREDENTIALS")
+KAFKA_SSL_KEY_PASSWORD=$(password "$KAFKA_SSL_KEY_CREDENTIALS")
+export KAFKA_SSL_KEYSTORE_PASSWORD KAFKA_SSL_KEY_PASSWORD
 broker_password=$(password kafka-broker-password)
 jaas="org.apache.kafka.common.security.scram.ScramLoginModule required username=\"broker\" password=\"$broker_password\";"
 mechanism_key=${mechanism//-/___}
@@ -87,7 +92,7 @@ for pair in "${protocol_map[@]}"; do
 done
 ((sasl_listeners > 0)) || die "no SASL listener in KAFKA_LISTENER_SECURITY_PROTOCOL_MAP"
 
-# 3.
+# 2.
 saved_umask=$(umask)
 umask 077
 properties=$(mktemp)
@@ -103,7 +108,7 @@ done
 rm -f "$properties"
 trap - EXIT
 
-# 4.
+# 3.
 cat >"$kafka/config/healthcheck.properties" <<EOF
 security.protocol=SASL_SSL
 sasl.mechanism=$mechanism
@@ -112,6 +117,6 @@ ssl.truststore.type=${KAFKA_SSL_TRUSTSTORE_TYPE:-PEM}
 ssl.truststore.location=${KAFKA_SSL_TRUSTSTORE_LOCATION:?}
 EOF
 
-# 5.
+# 4.
 umask "$saved_umask"
 exec "$run"

@@ -657,6 +657,10 @@ def test_brokers_mount_what_kafka_broker_sh_and_the_image_read() -> None:
         env = environment(service)
         targets = secret_targets(service)
         assert targets[env["KAFKA_SSL_KEYSTORE_FILENAME"]] == f"kafka_keystore_{index}", name
+        # set here: the image sets it only for listeners named like TLS protocols
+        keystore = f"{SECRETS_MOUNT}/{env['KAFKA_SSL_KEYSTORE_FILENAME']}"
+        assert env["KAFKA_SSL_KEYSTORE_LOCATION"] == keystore
+        assert "SSL://" not in env["KAFKA_ADVERTISED_LISTENERS"]
         assert targets[env["KAFKA_SSL_KEYSTORE_CREDENTIALS"]] == "kafka_keystore_password"
         assert targets[env["KAFKA_SSL_KEY_CREDENTIALS"]] == "kafka_keystore_password"
         assert env["KAFKA_SSL_TRUSTSTORE_LOCATION"] == f"{SECRETS_MOUNT}/kafka-ca.pem"
@@ -874,6 +878,7 @@ def _broker_run(tmp_path: Path, made: Path, **overrides: str) -> subprocess.Comp
         "PATH": os.environ["PATH"],
         **environment(service),
         "KAFKA_SSL_TRUSTSTORE_LOCATION": str(secrets_dir / "kafka-ca.pem"),
+        "KAFKA_SSL_KEYSTORE_LOCATION": str(secrets_dir / "kafka-keystore.p12"),
         "BROKER_SECRETS": str(secrets_dir),
         "BROKER_IMAGE_SECRETS": str(tmp_path / "etc-secrets"),
         "BROKER_KAFKA_DIR": str(kafka),
@@ -909,9 +914,13 @@ def test_broker_script_formats_with_every_scram_user_then_starts_the_image(
         line.split("=", 1) for line in (tmp_path / "format-props").read_text().splitlines()
     )
     expected = properties(brokers()["cluster-kafka-1"])
-    assert {k: props[k] for k in expected if k != "ssl.truststore.location"} == {
-        k: v for k, v in expected.items() if k != "ssl.truststore.location"
+    moved = ("ssl.truststore.location", "ssl.keystore.location")  # stand-in paths
+    assert {k: props[k] for k in expected if k not in moved} == {
+        k: v for k, v in expected.items() if k not in moved
     }
+    # the key store's password comes from its secret file, whatever the image does
+    keystore_password = material.read_secret(secrets_dir / material.KEYSTORE_PASSWORD_FILE)
+    assert props["ssl.keystore.password"] == props["ssl.key.password"] == keystore_password
     broker_password = material.read_secret(secrets_dir / "kafka-broker-password")
     jaas = props["listener.name.internal.scram-sha-512.sasl.jaas.config"]
     assert f'username="broker" password="{broker_password}"' in jaas
@@ -920,6 +929,7 @@ def test_broker_script_formats_with_every_scram_user_then_starts_the_image(
     # handed over to the image's start with the logins set and the key store linked
     run_env = (tmp_path / "run-env").read_text()
     assert "KAFKA_LISTENER_NAME_INTERNAL_SCRAM___SHA___512_SASL_JAAS_CONFIG=" in run_env
+    assert f"KAFKA_SSL_KEYSTORE_PASSWORD={keystore_password}" in run_env.splitlines()
     link = tmp_path / "etc-secrets" / "kafka-keystore.p12"
     assert link.is_symlink() and link.resolve() == (tmp_path / "run-secrets/kafka-keystore.p12")
     client = tmp_path / "kafka" / "config" / "healthcheck.properties"
