@@ -75,7 +75,7 @@ INDEX_VERSION = 1
 INDEX_TTL_S = 5.0
 #: what a read token may do; everything else (POST, PUT, DELETE, HEAD, OPTIONS ...) needs
 #: admin — HEAD and OPTIONS included: a method no view implements grants nothing to read
-READ_METHODS = frozenset({"GET"})
+READ_METHODS = frozenset({"GET", "HEAD"})  # HEAD: GET's answer without the body (probes)
 #: the id the cluster token is reported as (403s, logs)
 CLUSTER_ID = "cluster"
 #: a cluster token is a shared secret an operator may set by hand: not a weak one

@@ -214,7 +214,9 @@ def test_read_and_admin_scopes() -> None:
     assert post.status == 403 and "needs scope admin" in post.reason
     assert post.body() == {"error": "forbidden", "reason": post.reason}
     assert d("POST", "/checkpoints", auth(admin)).scope == "admin"
-    for method in ("HEAD", "OPTIONS", "PUT", "DELETE", "PATCH", "TRACE"):
+    # HEAD is GET without the body (load-balancer probes send it): the read scope
+    assert d("HEAD", "/comms", auth(read)).allowed
+    for method in ("OPTIONS", "PUT", "DELETE", "PATCH", "TRACE"):
         assert d(method, "/comms", auth(read)).status == 403, method
         assert d(method, "/comms", auth(admin)).allowed, method
     # a lower-case method is the same method
@@ -241,7 +243,8 @@ def test_missing_unknown_and_revoked_tokens_are_401() -> None:
         ("GET", "/ready", True, True),
         ("GET", "/ready", False, False),
         ("POST", "/health", True, False),
-        ("HEAD", "/health", True, False),
+        ("HEAD", "/health", True, True),
+        ("HEAD", "/ready", False, False),
         ("OPTIONS", "/ready", True, False),
         # nothing resolved (a 404 or 405): not public, whatever the path looked like
         ("GET", None, True, False),
@@ -445,8 +448,8 @@ SECRET = "SECRET-BODY"
 @pytest.fixture
 async def server() -> AsyncIterator[tuple[TestServer, dict[str, str]]]:
     """An aiohttp app with our route shapes (Faust registers views the same way: one
-    route per method) behind the real middleware, and an index with a read and an admin
-    token."""
+    route per method, HEAD included) behind the real middleware, and an index with a
+    read and an admin token."""
     index, (read, admin) = index_with("read", "admin")
 
     async def load() -> Snapshot:
@@ -469,6 +472,8 @@ async def server() -> AsyncIterator[tuple[TestServer, dict[str, str]]]:
         ("POST", "/checkpoints", protected),
     ]:
         app.router.add_route(method, path, handler)
+        if method == "GET":  # Faust adds HEAD to every view, answered by its get()
+            app.router.add_route("HEAD", path, handler)
     app.middlewares.insert(0, web_auth.middleware(Gate(settings(), TokenCache(load))))
     srv = TestServer(app)
     await srv.start_server()
@@ -513,6 +518,13 @@ async def test_the_server_answers_with_a_token(server: tuple[TestServer, dict[st
     assert json.loads(body.split("\r\n\r\n", 1)[1])["error"] == "forbidden"
     status, body = await raw(srv, "GET /health HTTP/1.1")
     assert status == 200 and "alive" in body
+    # a load balancer's HEAD probe: the status without a token, and no body
+    status, body = await raw(srv, "HEAD /health HTTP/1.1")
+    assert status == 200 and "alive" not in body
+    status, body = await raw(
+        srv, "HEAD /checkpoints HTTP/1.1", f"Authorization: Bearer {tokens['read']}"
+    )
+    assert status == 200 and SECRET not in body
 
 
 ATTACKS = [
@@ -539,7 +551,7 @@ ATTACKS = [
     "POST /checkpoints HTTP/1.1",
     "POST /health HTTP/1.1",
     "HEAD /security/policies/ HTTP/1.1",
-    "HEAD /health HTTP/1.1",
+    "HEAD /health/../security/policies/ HTTP/1.1",
     "OPTIONS /security/policies/ HTTP/1.1",
     "OPTIONS * HTTP/1.1",
     "PUT /security/policies/ HTTP/1.1",
