@@ -87,8 +87,12 @@ def advertised_url(settings: Settings) -> str | None:
     http://<web_host>:<web_port>). A wildcard bind address is no address to give out."""
     if settings.web_advertised_url:
         return settings.web_advertised_url.rstrip("/")
+    # a worker serving HTTPS must be called over HTTPS (Faust's default says http)
+    scheme = "https" if settings.web_tls_certfile else "http"
     if settings.web_host in ("0.0.0.0", "::", ""):
-        return f"http://{socket.getfqdn()}:{settings.web_port}"
+        return f"{scheme}://{socket.getfqdn()}:{settings.web_port}"
+    if scheme == "https":
+        return f"https://{settings.web_host}:{settings.web_port}"
     return None
 
 

@@ -136,8 +136,8 @@ class Settings(BaseModel):
         default=None,
         description="URL the other workers reach this worker's web views at (forwarded "
         "key lookups, cluster-wide views; Faust's canonical_url). Unset: "
-        "http://<web_host>:<web_port>, with this machine's host name when web_host is "
-        "0.0.0.0 or ::.",
+        "http://<web_host>:<web_port> (https:// with AGENTSTREAM_WEB_TLS_CERTFILE), with "
+        "this machine's host name when web_host is 0.0.0.0 or ::.",
     )
     batch_max: int = Field(
         default=1000, ge=1, description="Max events an agent takes from its stream at once."

@@ -297,6 +297,7 @@ def _show_secrets(settings: Settings) -> None:
         needed.append(PASSWORD_ENTRY)
     if settings.web_enabled and settings.web_auth == "token":
         needed += ["web.tokens", "web.cluster_token"]
+    needed.append("web.token")  # what CLI commands send to the views
     if not needed:
         return
     click.echo(f"\nsecrets (sources: {settings.secret_sources}):")

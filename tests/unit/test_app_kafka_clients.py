@@ -79,3 +79,20 @@ def test_advertised_web_url(tmp_path: Path) -> None:
         _settings(tmp_path, AGENTSTREAM_WEB_ADVERTISED_URL="http://worker-3.internal:8080/")
     )
     assert str(explicit.conf.canonical_url).rstrip("/") == "http://worker-3.internal:8080"
+
+
+def test_advertised_web_url_is_https_when_the_views_serve_tls(tmp_path: Path) -> None:
+    """A worker serving HTTPS must be reached over HTTPS by the others' forwarded
+    lookups: Faust's default canonical URL says http."""
+    from infra.kafka import tls
+
+    pair = tls.make_cert(tls.make_ca(), "worker-1", ["127.0.0.1"])
+    cert, key = tmp_path / "web.pem", tmp_path / "web.key"
+    tls.write_cert_key(pair, cert, key)
+    served = {"AGENTSTREAM_WEB_TLS_CERTFILE": str(cert), "AGENTSTREAM_WEB_TLS_KEYFILE": str(key)}
+    app = create_app(_settings(tmp_path, AGENTSTREAM_WEB_PORT="7003", **served))
+    assert str(app.conf.canonical_url) == "https://127.0.0.1:7003"
+    wildcard = create_app(
+        _settings(tmp_path, AGENTSTREAM_WEB_HOST="::", AGENTSTREAM_WEB_PORT="7004", **served)
+    )
+    assert str(wildcard.conf.canonical_url) == f"https://{socket.getfqdn()}:7004"
