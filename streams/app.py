@@ -54,12 +54,21 @@ class AgentStreamApp(faust.App):
 
     async def on_first_start(self) -> None:
         await super().on_first_start()
+        if self.conf.web_enabled:
+            # `agentstream worker` installed it already; any other way of starting this
+            # app (`faust -A streams.app worker`) gets it here, before the web server
+            # starts — or fails loudly (aiohttp refuses a late middleware), never open
+            from streams import web_auth
+
+            web_auth.install(self, self.agentstream_settings)
         tune_gc()
         if self.in_transaction:
             self.add_future(end_recovery_at_log_end(self))
 
     #: fetch.max.wait.ms of the worker's consumer (`Settings.consumer_fetch_max_wait_ms`)
     fetch_max_wait_ms = 100
+    #: the settings `create_app` built this app from
+    agentstream_settings: Settings
 
     def _new_transport(self) -> Any:
         return new_transport(self)
@@ -153,6 +162,7 @@ def create_app(settings: Settings) -> AgentStreamApp:
         **({"canonical_url": canonical} if canonical else {}),
     )
     new.fetch_max_wait_ms = settings.consumer_fetch_max_wait_ms
+    new.agentstream_settings = settings
     return new
 
 
