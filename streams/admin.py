@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
-from streams.errors import BrokerError
-from streams.kafka_security import new_admin
+from streams.errors import BrokerAuthError, BrokerError
+from streams.kafka_security import new_admin, principal
 from streams.settings import Settings
 from streams.topics import CATALOGUE
 
@@ -60,6 +60,12 @@ async def ensure_topics(
                 topic, code = item[0], item[1]
                 if code == 0:
                     created.append(topic)
+                elif code in (29, 31):  # TOPIC_/CLUSTER_AUTHORIZATION_FAILED
+                    raise BrokerAuthError(
+                        f"{principal(settings)} is not authorized to create topic {topic}: "
+                        "grant Create (`agentstream acls`), or have an admin run "
+                        "`agentstream topics create` first"
+                    )
                 elif code != 36:  # TOPIC_ALREADY_EXISTS: another process won the race
                     raise BrokerError(f"creating topic {topic} failed with error code {code}")
         await _wait_visible(admin, [settings.topic(n) for n in wanted], timeout_s)

@@ -45,9 +45,13 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import (
     AuthenticationFailedError,
+    ClusterAuthorizationFailedError,
+    GroupAuthorizationFailedError,
     KafkaConnectionError,
     KafkaError,
     SaslAuthenticationFailed,
+    TopicAuthorizationFailedError,
+    TransactionalIdAuthorizationFailed,
     UnsupportedSaslMechanismError,
 )
 from aiokafka.helpers import create_ssl_context
@@ -307,6 +311,24 @@ async def probe_tls(settings: Settings, timeout_s: float = 5.0) -> str | None:
 _SASL_REFUSED = (SaslAuthenticationFailed, AuthenticationFailedError, UnsupportedSaslMechanismError)
 
 
+#: the broker knows who we are but its ACLs do not let us do this
+_NOT_AUTHORIZED = (
+    ClusterAuthorizationFailedError,
+    TopicAuthorizationFailedError,
+    GroupAuthorizationFailedError,
+    TransactionalIdAuthorizationFailed,
+)
+
+
+def principal(settings: Settings) -> str:
+    """Who these settings connect as, for messages (the broker may map it further)."""
+    if settings.kafka_security_protocol.startswith("SASL_"):
+        return f"User:{settings.kafka_sasl_username}"
+    if settings.kafka_ssl_certfile is not None:
+        return f"the client certificate {settings.kafka_ssl_certfile.name}"
+    return "User:ANONYMOUS"
+
+
 async def probe_sasl(settings: Settings, timeout_s: float = 5.0) -> BaseException | None:
     """One connection with aiokafka's own handshake against the first bootstrap address:
     the SASL error it raises (aiokafka's bootstrap only logs it), or None."""
@@ -347,6 +369,11 @@ async def connect_error(settings: Settings, exc: BaseException, what: str) -> Br
             f"{what}: {where} refused the SASL login of {settings.kafka_sasl_username!r} "
             f"({settings.kafka_sasl_mechanism}): wrong username or password "
             f"(secret {PASSWORD_ENTRY})"
+        )
+    if isinstance(exc, _NOT_AUTHORIZED):
+        return BrokerAuthError(
+            f"{what}: {where}: {principal(settings)} is not authorized "
+            f"({type(exc).__name__}); the ACLs each role needs: `agentstream acls`"
         )
     if isinstance(exc, UnsupportedSaslMechanismError):
         return BrokerAuthError(

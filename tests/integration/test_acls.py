@@ -37,7 +37,7 @@ from aiokafka.errors import (
 from schemas import AgentMessage, Event
 from streams.acls import PRODUCER_READS, PRODUCER_WRITES
 from streams.client import Client, group_less_consumer
-from streams.errors import BrokerError
+from streams.errors import BrokerAuthError
 from streams.kafka_security import new_admin, new_producer
 from streams.settings import Settings
 from streams.topics import CATALOGUE, SECURITY_POLICIES
@@ -380,7 +380,9 @@ async def test_the_auditor_reads_every_topic_and_changes_nothing(deployment: Dep
     assert unreadable == dict.fromkeys(CATALOGUE, False)
     assert await write_refused(auditor, CATALOGUE) == dict.fromkeys(CATALOGUE, True)
     # nor may it start an idempotent producer (no IdempotentWrite, no Write anywhere)
-    with pytest.raises(BrokerError, match="ClusterAuthorizationFailed"):
+    with pytest.raises(
+        BrokerAuthError, match=r"User:auditor is not authorized \(ClusterAuthorizationFailed"
+    ):
         async with Client(auditor, source="acl-test"):
             pass
     assert await create_refused(auditor, dep.topic("auditor-made"))
