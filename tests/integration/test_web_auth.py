@@ -160,12 +160,14 @@ async def test_every_route_needs_a_token_and_scopes_hold(
     created: list[str] = []
     try:
         # -- every registered route: 401 without a token (and with a wrong one) ------------
-        public = {("GET", "/health"), ("GET", "/ready")}
+        # HEAD is GET without the body (Faust answers it with get()): probes may send it
+        public = {(m, p) for m in ("GET", "HEAD") for p in ("/health", "/ready")}
         for method, pattern in routes:
             path = concrete(pattern)
             if (method, pattern) in public:
                 r = await anon.request(method, path)
-                assert r.status_code in (200, 503) and "status" in r.json(), (pattern, r.text)
+                assert r.status_code in (200, 503), (method, pattern, r.text)
+                assert method == "HEAD" or "status" in r.json(), (pattern, r.text)
                 continue
             assert_401(await anon.request(method, path), f"{method} {pattern}")
             wrong = {"Authorization": "Bearer ast_" + "A" * 43}
@@ -180,13 +182,16 @@ async def test_every_route_needs_a_token_and_scopes_hold(
             assert status in (400, 401), (target, status, rest[:300])
             assert '"policies"' not in rest and "launch" not in rest, target
 
-        # -- scopes: read cannot POST, admin can; HEAD/OPTIONS are not reads ---------------
+        # -- scopes: read cannot POST, admin can; HEAD is a read, OPTIONS is not ------------
         denied = await read.post("/checkpoints")
         assert denied.status_code == 403, denied.text
         assert denied.json()["error"] == "forbidden" and "admin" in denied.json()["reason"]
         taken = await admin.post("/checkpoints")
         assert taken.status_code == 200 and taken.json()["reason"] == "on_demand", taken.text
-        assert (await read.head("/comms")).status_code == 403
+        # HEAD is a read (GET without the body); OPTIONS is not
+        assert (await read.head("/comms")).status_code == 200
+        assert (await anon.head("/comms")).status_code == 401
+        assert (await read.options("/comms")).status_code == 403
         cluster = {"Authorization": f"Bearer {tokens.cluster}"}
         assert (await anon.get("/comms", headers=cluster)).status_code == 200
         assert (await anon.post("/checkpoints", headers=cluster)).status_code == 403
