@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import ipaddress
 import json
 import os
 import re
@@ -60,8 +59,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import pkcs12
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from infra.kafka import tls
 from streams.signing import SigningError, new_private_key, private_from_b64, private_to_b64
 
 DEFAULT_DIR = Path("var") / "compose"
@@ -170,49 +169,12 @@ def read_secret(path: Path) -> str:
     return text.removesuffix("\n").removesuffix("\r")
 
 
-# -- certificates -----------------------------------------------------------------------
-def _name(cn: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-
-def _validity(days: int) -> tuple[dt.datetime, dt.datetime]:
-    # back-dated an hour: a JVM whose clock lags a little must already accept it
-    now = dt.datetime.now(dt.UTC)
-    return now - dt.timedelta(hours=1), now + dt.timedelta(days=days)
-
-
+# -- certificates (the same as the local secured broker's: infra/kafka/tls.py) ----------
 def make_ca(
     cn: str = "agentstream compose cluster CA",
 ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    start, end = _validity(CA_DAYS)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name(cn))
-        .issuer_name(_name(cn))
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(start)
-        .not_valid_after(end)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=False,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    return key, cert
+    pair = tls.make_ca(cn, days=CA_DAYS)
+    return pair.key, pair.cert
 
 
 def broker_names(host: str) -> list[str]:
@@ -224,39 +186,10 @@ def broker_names(host: str) -> list[str]:
 def make_broker_cert(
     host: str, ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate
 ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    start, end = _validity(CERT_DAYS)
-    sans: list[x509.GeneralName] = []
-    for name in broker_names(host):
-        try:
-            sans.append(x509.IPAddress(ipaddress.ip_address(name)))
-        except ValueError:
-            sans.append(x509.DNSName(name))
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name(host))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(start)
-        .not_valid_after(end)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        # clientAuth too: a broker presents the same certificate to the other
-        # controllers (the CONTROLLER listener requires client certificates)
-        .add_extension(
-            x509.ExtendedKeyUsage(
-                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
-            ),
-            critical=False,
-        )
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
-            critical=False,
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    return key, cert
+    # serverAuth and clientAuth: a broker presents the same certificate to the other
+    # controllers (the CONTROLLER listener requires client certificates)
+    pair = tls.make_cert(tls.CertKey(ca_cert, ca_key), host, broker_names(host), days=CERT_DAYS)
+    return pair.key, pair.cert
 
 
 def keystore_bytes(

@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import ssl
 from pathlib import Path
 from typing import Any
 
 import faust
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from streams.errors import CredentialsError
 from streams.kafka_security import (
@@ -22,6 +17,7 @@ from streams.kafka_security import (
     resolve,
 )
 from streams.settings import Settings, SettingsError
+from tests.tls_files import self_signed
 
 
 class Secrets:
@@ -38,31 +34,7 @@ class Secrets:
 
 def _pem_pair(tmp: Path, password: bytes | None = None) -> tuple[Path, Path]:
     """A self-signed certificate and its key (encrypted with `password` when given)."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "client")])
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=1))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    enc = (
-        serialization.BestAvailableEncryption(password)
-        if password
-        else serialization.NoEncryption()
-    )
-    cert_file, key_file = tmp / "client.pem", tmp / "client.key"
-    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, enc)
-    )
-    return cert_file, key_file
+    return self_signed(tmp, ("client",), password=password)
 
 
 def _settings(**env: str) -> Settings:

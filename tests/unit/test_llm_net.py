@@ -5,9 +5,7 @@ really uses it (an httpx upgrade that moved the attribute would silently fall ba
 from __future__ import annotations
 
 import asyncio
-import datetime
 import gc
-import ipaddress
 import ssl
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -16,10 +14,6 @@ import httpcore
 import httpx
 import pytest
 import uvloop
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from agents.llm.providers import _net
 from agents.llm.providers._http import ClientPool, use_asyncio_backend
@@ -28,6 +22,7 @@ from agents.llm.providers.base import ProviderConfig
 from agents.llm.providers.openai import OpenAICompatibleProvider
 from schemas.llm import ChatMessage, LLMConfig, LLMContext
 from tests.llm_server import LLMServer, Reply
+from tests.tls_files import self_signed
 
 BODY = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
 
@@ -180,36 +175,7 @@ async def test_a_fast_sender_is_paused_not_buffered_without_bound() -> None:
 
 
 def _self_signed(tmp: Path) -> tuple[Path, Path]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_file, key_file = tmp / "cert.pem", tmp / "key.pem"
-    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_file, key_file
+    return self_signed(tmp, ("localhost", "127.0.0.1"), stem="cert")
 
 
 @pytest.fixture

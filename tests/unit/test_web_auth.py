@@ -34,6 +34,7 @@ from streams.web_auth import (
     load_snapshot,
     snapshot_of,
 )
+from tests import tls_files
 
 NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 CLUSTER_VALUE = "c" * 43
@@ -636,41 +637,8 @@ def test_the_worker_command_installs_the_middleware_before_the_worker_starts(
 # -- HTTPS ---------------------------------------------------------------------------------------
 def self_signed(tmp_path: Any) -> tuple[str, str]:
     """A certificate for 127.0.0.1 (IP SAN) and its key, as PEM files."""
-    import ipaddress
-    from datetime import timedelta
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "agentstream-test")])
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(NOW - timedelta(days=1))
-        .not_valid_after(datetime.now(UTC) + timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    certfile, keyfile = tmp_path / "web.pem", tmp_path / "web.key"
-    certfile.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    keyfile.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return str(certfile), str(keyfile)
+    cert, key = tls_files.self_signed(tmp_path, ("agentstream-test", "127.0.0.1"), stem="web")
+    return str(cert), str(key)
 
 
 async def test_https_with_the_configured_certificate(tmp_path: Any) -> None:
