@@ -24,7 +24,12 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 class SettingsError(PipelineError):
-    """An environment variable holds a value the settings cannot accept."""
+    """Environment variables hold values the settings cannot accept: the message has one
+    line per problem (`problems`), each naming its variable."""
+
+    @property
+    def problems(self) -> list[str]:
+        return list(self.context.get("problems") or [self.message])
 
 
 class Settings(BaseModel):
@@ -331,11 +336,13 @@ class Settings(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
-        # one clear line at start, not a handshake failure minutes later
+        # one clear line at start, not a handshake failure minutes later; every rule
+        # broken is told at once (`from_env` makes each line its own problem)
+        problems: list[str] = []
         if self.kafka_security_protocol.startswith("SASL_"):
             for name in ("kafka_sasl_mechanism", "kafka_sasl_username"):
                 if not getattr(self, name):
-                    raise ValueError(
+                    problems.append(
                         f"{self.env_name(name)} is required with "
                         f"AGENTSTREAM_KAFKA_SECURITY_PROTOCOL={self.kafka_security_protocol}"
                     )
@@ -344,17 +351,19 @@ class Settings(BaseModel):
             ("web_tls_certfile", "web_tls_keyfile", "the web server's certificate"),
         ):
             if bool(getattr(self, cert)) != bool(getattr(self, key)):
-                raise ValueError(
+                problems.append(
                     f"{self.env_name(cert)} and {self.env_name(key)} go together ({what} "
                     "and its key)"
                 )
         sources = self.secret_source_list
         bad = [x for x in sources if x not in SECRET_SOURCES]
         if bad or not sources or len(set(sources)) != len(sources):
-            raise ValueError(
+            problems.append(
                 f"AGENTSTREAM_SECRET_SOURCES={self.secret_sources!r}: a comma-separated "
                 f"order of {', '.join(SECRET_SOURCES)}, each at most once"
             )
+        if problems:
+            raise ValueError("\n".join(problems))
         return self
 
     @property
@@ -374,6 +383,8 @@ class Settings(BaseModel):
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """The settings of `environ` (default: the process environment), or one
+        `SettingsError` listing every problem, one line per variable."""
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {}
         for name in cls.model_fields:
@@ -384,12 +395,51 @@ class Settings(BaseModel):
         try:
             return cls.model_validate(values)
         except ValidationError as exc:
-            first = exc.errors(include_url=False)[0]
-            if not first["loc"]:  # a rule across fields (`_consistent`): its own message
-                msg = str(first["msg"]).removeprefix("Value error, ")
-                raise SettingsError(msg, field="?") from None
-            field = str(first["loc"][0])
-            raise SettingsError(f"{cls.env_name(field)}: {first['msg']}", field=field) from None
+            problems, fields = cls._problems(values, exc)
+        raise SettingsError("\n".join(problems), field=fields[0], problems=problems) from None
+
+    @classmethod
+    def _problems(cls, values: dict[str, Any], exc: ValidationError) -> tuple[list[str], list[str]]:
+        """Every problem of `values`, one line each, and the fields they concern ("?" for
+        a rule across fields).
+
+        Pydantic checks the rules across fields (`_consistent`) only once every field is
+        valid, so the fields found bad are dropped and the rest validated again: a user
+        fixing one variable should not discover the next one only on the next run."""
+        problems: list[str] = []
+        fields: list[str] = []
+        pending = dict(values)
+        error: ValidationError | None = exc
+        while error is not None:
+            errors = error.errors(include_url=False)
+            bad = [e for e in errors if e["loc"]]
+            if not bad:  # rules across fields: `_consistent`'s lines
+                for e in errors:
+                    for line in str(e["msg"]).removeprefix("Value error, ").splitlines():
+                        # a rule about a variable already reported bad says nothing new
+                        if not any(cls.env_name(f) in line for f in fields):
+                            problems.append(line)
+                            fields.append("?")
+                break
+            for e in bad:
+                field = str(e["loc"][0])
+                if field in fields:  # one line per variable
+                    continue
+                fields.append(field)
+                problems.append(cls._field_problem(field, pending.pop(field, None), e["msg"]))
+            try:
+                cls.model_validate(pending)
+                error = None
+            except ValidationError as again:
+                error = again
+        return problems, fields
+
+    @classmethod
+    def _field_problem(cls, field: str, raw: Any, msg: str) -> str:
+        info = cls.model_fields.get(field)
+        secret = info is not None and "SecretStr" in str(info.annotation)
+        shown = "" if secret or raw is None else f"={str(raw)[:80]!r}"
+        return f"{cls.env_name(field)}{shown}: {msg}"
 
     def describe(self) -> list[tuple[str, str, str]]:
         """(variable, effective value, description); secrets masked."""

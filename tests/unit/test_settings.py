@@ -60,3 +60,56 @@ def test_every_variable_is_documented_in_readme() -> None:
         if Settings.env_name(f) not in documented
     ]
     assert not missing, f"README configuration table lacks {missing}"
+
+
+def test_every_bad_variable_is_reported_at_once() -> None:
+    with pytest.raises(SettingsError) as info:
+        Settings.from_env({"AGENTSTREAM_TOPIC_PARTITIONS": "zero", "AGENTSTREAM_WEB_PORT": "http"})
+    lines = str(info.value).splitlines()
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("AGENTSTREAM_TOPIC_PARTITIONS='zero': ")
+    assert lines[1].startswith("AGENTSTREAM_WEB_PORT='http': ")
+    assert info.value.problems == lines
+    assert info.value.context["field"] == "topic_partitions"
+
+
+def test_rules_across_fields_are_reported_with_the_bad_fields() -> None:
+    # pydantic checks `_consistent` only once every field is valid: still one run
+    # tells the user both the bad value and the missing username
+    with pytest.raises(SettingsError) as info:
+        Settings.from_env(
+            {
+                "AGENTSTREAM_KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
+                "AGENTSTREAM_KAFKA_SASL_MECHANISM": "SCRAM-SHA-512",
+                "AGENTSTREAM_TOPIC_PARTITIONS": "0",
+                "AGENTSTREAM_SECRET_SOURCES": "vault",
+            }
+        )
+    lines = info.value.problems
+    assert [line.split("=")[0].split(" ")[0] for line in lines] == [
+        "AGENTSTREAM_TOPIC_PARTITIONS",
+        "AGENTSTREAM_KAFKA_SASL_USERNAME",
+        "AGENTSTREAM_SECRET_SOURCES",
+    ], lines
+
+
+def test_a_rule_about_a_variable_already_reported_is_not_repeated() -> None:
+    with pytest.raises(SettingsError) as info:
+        Settings.from_env(
+            {
+                "AGENTSTREAM_KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
+                "AGENTSTREAM_KAFKA_SASL_MECHANISM": "SCRAM",
+                "AGENTSTREAM_KAFKA_SASL_USERNAME": "me",
+            }
+        )
+    assert info.value.problems == [
+        "AGENTSTREAM_KAFKA_SASL_MECHANISM='SCRAM': Input should be 'PLAIN', "
+        "'SCRAM-SHA-256' or 'SCRAM-SHA-512'"
+    ]
+
+
+def test_a_secret_value_is_never_echoed_in_an_error() -> None:
+    with pytest.raises(SettingsError) as info:
+        Settings.from_env({"AGENTSTREAM_TOPIC_PARTITIONS": "0"}, keyring_password=5)
+    assert "AGENTSTREAM_KEYRING_PASSWORD:" in str(info.value)
+    assert "5" not in str(info.value).split("AGENTSTREAM_KEYRING_PASSWORD")[1]
