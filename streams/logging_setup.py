@@ -13,6 +13,13 @@ replaces the root logger's handlers while it starts): `agents.system` does it in
 task (`attach_file_handler`). Equivalent, and independent of which agents a worker runs:
 ``loghandlers=[h for h in [file_handler(settings)] if h]`` in `streams.app.create_app`
 (the handler opens its file lazily, so CLI processes never create it).
+
+Importing this module also quiets aiokafka's complaints about a topic whose metadata the
+brokers are still spreading (`NewTopicNoise`): right after topics are created, a client
+sees "Topic ... not found in cluster metadata" and produce retries on
+`NotLeaderForPartitionError` for a second or two, retries them itself, and the user can do
+nothing about it. Every process imports it through `streams.app` (the worker, and the CLI
+when it loads its commands).
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ import logging.handlers
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -140,3 +147,103 @@ def attach_file_handler(settings: Settings, logger: logging.Logger | None = None
     handler.setLevel(logging.getLevelName(settings.log_level.upper()))
     root.addHandler(handler)
     return True
+
+
+# -- transient metadata noise of new topics ------------------------------------------------
+
+#: how long a topic's transient metadata messages stay at DEBUG, from the first one
+NEW_TOPIC_GRACE_S = 30.0
+
+#: the retriable produce errors of a partition whose leader the client does not know yet
+_LEADER_ERRORS = frozenset(
+    {"NotLeaderForPartitionError", "LeaderNotAvailableError", "UnknownTopicOrPartitionError"}
+)
+
+
+def _first_arg(args: tuple[Any, ...]) -> str | None:
+    return args[0] if args and isinstance(args[0], str) else None
+
+
+def _retried_produce(args: tuple[Any, ...]) -> str | None:
+    """The topic of a produce batch aiokafka retries because of a leader error."""
+    if len(args) != 2:
+        return None
+    tp, error = args
+    name = getattr(error if isinstance(error, type) else type(error), "__name__", "")
+    topic = getattr(tp, "topic", None)
+    return topic if name in _LEADER_ERRORS and isinstance(topic, str) else None
+
+
+#: (logger, message template) -> the topic the record is about, None if it is not a
+#: transient case. The templates are aiokafka's (test_log_noise.py checks its source has
+#: them): a reworded message just passes through at its own level.
+TRANSIENT_MESSAGES: dict[tuple[str, str], Callable[[tuple[Any, ...]], str | None]] = {
+    # aiokafka.cluster: a metadata response without the topic (or its leader) yet
+    ("aiokafka.cluster", "Topic %s not found in cluster metadata"): _first_arg,
+    ("aiokafka.cluster", "Topic %s is not available during auto-create initialization"): (
+        _first_arg
+    ),
+    # aiokafka.producer.sender: a batch sent to a broker that is not (yet) its leader; the
+    # sender refreshes the metadata and sends it again
+    (
+        "aiokafka.producer.sender",
+        "Got error produce response on topic-partition %s, retrying. Error: %s",
+    ): _retried_produce,
+}
+
+
+class NewTopicNoise(logging.Filter):
+    """Demotes aiokafka's transient metadata messages about a topic to DEBUG during its
+    first `grace_s` seconds, counted from the first such message for that topic.
+
+    Why per topic and from its first message: that is when the topic is new to the
+    cluster or to this client (the worker's own topics, changelogs Faust creates while it
+    starts); the messages stop by themselves once the metadata has spread. A topic that
+    is still missing, or a leader still unknown, after the grace keeps being reported at
+    aiokafka's level (it logs again at every retry and metadata refresh), so a persistent
+    problem is never hidden, only its first `grace_s` seconds. A demoted record is still
+    logged when DEBUG is enabled for its logger."""
+
+    def __init__(
+        self, grace_s: float = NEW_TOPIC_GRACE_S, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        super().__init__()
+        self.grace_s = grace_s
+        self.clock = clock
+        # topic -> when its first transient message was seen; written from aiokafka's
+        # threads too (Faust's consumer thread): setdefault is atomic
+        self._first_seen: dict[str, float] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno <= logging.DEBUG:
+            return True
+        topic_of = TRANSIENT_MESSAGES.get((record.name, str(record.msg)))
+        args = record.args if isinstance(record.args, tuple) else ()
+        topic = topic_of(args) if topic_of is not None else None
+        if topic is None:
+            return True
+        now = self.clock()
+        if now - self._first_seen.setdefault(topic, now) >= self.grace_s:
+            return True
+        record.levelno = logging.DEBUG
+        record.levelname = logging.getLevelName(logging.DEBUG)
+        # the logger checked the record's original level: check the new one
+        return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+
+
+#: the loggers `NewTopicNoise` goes on
+NOISY_LOGGERS = tuple(sorted({logger for logger, _ in TRANSIENT_MESSAGES}))
+
+
+def install_noise_filter(loggers: Iterable[str] = NOISY_LOGGERS) -> None:
+    """Put one `NewTopicNoise` on each of aiokafka's loggers that emit such messages
+    (logger filters, not handler ones: Faust's worker replaces the root handlers while it
+    starts, and keeps loggers' filters). Idempotent."""
+    noise = NewTopicNoise()
+    for name in loggers:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, NewTopicNoise) for f in logger.filters):
+            logger.addFilter(noise)
+
+
+install_noise_filter()

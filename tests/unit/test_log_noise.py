@@ -1,0 +1,202 @@
+"""aiokafka's transient metadata messages about a new topic stay out of the default log
+level for a grace period (`streams.logging_setup.NewTopicNoise`); anything that persists
+past it, and every other message, keeps its level."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import logging
+import uuid
+from collections.abc import Iterator
+from types import ModuleType
+
+import aiokafka.cluster
+import aiokafka.producer.sender
+import pytest
+from aiokafka import errors
+from aiokafka.protocol.metadata import MetadataResponse_v0
+from aiokafka.structs import TopicPartition
+
+from streams import logging_setup
+from streams.logging_setup import NOISY_LOGGERS, TRANSIENT_MESSAGES, NewTopicNoise
+
+NOT_FOUND = "Topic %s not found in cluster metadata"
+RETRYING = "Got error produce response on topic-partition %s, retrying. Error: %s"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Capture(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.NOTSET)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def lines(self) -> list[str]:
+        return [f"{r.levelname} {r.getMessage()}" for r in self.records]
+
+
+@pytest.fixture
+def capture() -> Iterator[Capture]:
+    """A handler on the root logger at INFO (the default level of a worker and the CLI),
+    with aiokafka's loggers propagating to it."""
+    root = logging.getLogger()
+    handler = Capture()
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        yield handler
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+
+
+def record(name: str, level: int, msg: str, *args: object) -> logging.LogRecord:
+    return logging.getLogger(name).makeRecord(name, level, __file__, 1, msg, args, None)
+
+
+def test_a_new_topics_messages_are_debug_for_the_grace_then_at_their_level() -> None:
+    clock = Clock()
+    noise = NewTopicNoise(grace_s=30, clock=clock)
+    first = record("aiokafka.cluster", logging.ERROR, NOT_FOUND, "t.new")
+    assert noise.filter(first) is False  # DEBUG is not enabled: dropped
+    assert first.levelno == logging.DEBUG and first.levelname == "DEBUG"
+
+    clock.now += 29.9
+    assert noise.filter(record("aiokafka.cluster", logging.ERROR, NOT_FOUND, "t.new")) is False
+
+    clock.now += 0.1  # still missing after the grace: a real problem, shown as aiokafka says
+    late = record("aiokafka.cluster", logging.ERROR, NOT_FOUND, "t.new")
+    assert noise.filter(late) is True
+    assert late.levelno == logging.ERROR and late.levelname == "ERROR"
+
+
+def test_the_grace_is_counted_per_topic() -> None:
+    clock = Clock()
+    noise = NewTopicNoise(grace_s=30, clock=clock)
+    assert not noise.filter(record("aiokafka.cluster", logging.ERROR, NOT_FOUND, "t.a"))
+    clock.now += 40
+    # t.a's grace is over; t.b appears only now and gets its own
+    assert noise.filter(record("aiokafka.cluster", logging.ERROR, NOT_FOUND, "t.a"))
+    assert not noise.filter(record("aiokafka.cluster", logging.ERROR, NOT_FOUND, "t.b"))
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        errors.NotLeaderForPartitionError,
+        errors.LeaderNotAvailableError,
+        errors.UnknownTopicOrPartitionError,
+        errors.NotLeaderForPartitionError(),
+    ],
+)
+def test_produce_retries_on_a_leader_error_are_demoted(error: object) -> None:
+    noise = NewTopicNoise(grace_s=30, clock=Clock())
+    tp = TopicPartition("t.out", 3)
+    r = record("aiokafka.producer.sender", logging.WARNING, RETRYING, tp, error)
+    assert noise.filter(r) is False
+
+
+@pytest.mark.parametrize(
+    ("name", "level", "msg", "args"),
+    [
+        # another retriable produce error: says something about the cluster, not the topic
+        (
+            "aiokafka.producer.sender",
+            logging.WARNING,
+            RETRYING,
+            (TopicPartition("t", 0), errors.NotEnoughReplicasError),
+        ),
+        # a broker's record error text instead of an error class
+        ("aiokafka.producer.sender", logging.WARNING, RETRYING, (TopicPartition("t", 0), "x")),
+        # not transient: no retry makes it go away
+        ("aiokafka.cluster", logging.ERROR, "Topic %s is not authorized for this client", ("t",)),
+        ("aiokafka.cluster", logging.ERROR, "'%s' is not a valid topic name", ("t",)),
+        # the same text from another logger is not aiokafka's metadata
+        ("streams.admin", logging.ERROR, NOT_FOUND, ("t",)),
+    ],
+)
+def test_other_messages_keep_their_level(
+    name: str, level: int, msg: str, args: tuple[object, ...]
+) -> None:
+    noise = NewTopicNoise(grace_s=30, clock=Clock())
+    r = record(name, level, msg, *args)
+    assert noise.filter(r) is True
+    assert r.levelno == level
+
+
+def test_a_demoted_message_is_still_logged_when_debug_is_on() -> None:
+    logger = logging.getLogger("aiokafka.cluster")
+    before = logger.level
+    logger.setLevel(logging.DEBUG)
+    try:
+        r = record("aiokafka.cluster", logging.ERROR, NOT_FOUND, "t.debug")
+        assert NewTopicNoise(grace_s=30, clock=Clock()).filter(r) is True
+        assert r.levelname == "DEBUG"
+    finally:
+        logger.setLevel(before)
+
+
+def test_aiokafkas_own_metadata_error_is_quiet_at_info_and_loud_with_no_grace(
+    capture: Capture,
+) -> None:
+    """End to end through aiokafka's ClusterMetadata and the filter importing
+    streams.logging_setup installs: a metadata response that lacks a new topic."""
+    topic = f"t{uuid.uuid4().hex[:8]}.new"
+    response = MetadataResponse_v0(
+        brokers=[(1, "localhost", 9092)],
+        topics=[(errors.UnknownTopicOrPartitionError.errno, topic, [])],
+    )
+    aiokafka.cluster.ClusterMetadata().update_metadata(response)
+    assert not any(topic in line for line in capture.lines())
+
+    logger = logging.getLogger("aiokafka.cluster")
+    installed = [f for f in logger.filters if isinstance(f, NewTopicNoise)]
+    assert len(installed) == 1
+    grace = installed[0].grace_s
+    installed[0].grace_s = 0
+    try:
+        aiokafka.cluster.ClusterMetadata().update_metadata(response)
+    finally:
+        installed[0].grace_s = grace
+    assert f"ERROR Topic {topic} not found in cluster metadata" in capture.lines()
+
+
+def test_installing_twice_adds_one_filter() -> None:
+    logging_setup.install_noise_filter()
+    for name in NOISY_LOGGERS:
+        filters = logging.getLogger(name).filters
+        assert sum(isinstance(f, NewTopicNoise) for f in filters) == 1, name
+
+
+def _string_constants(module: ModuleType) -> set[str]:
+    # ast joins implicitly concatenated literals, as the message aiokafka logs
+    tree = ast.parse(inspect.getsource(module))
+    return {
+        n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)
+    }
+
+
+MODULE_OF = {
+    "aiokafka.cluster": aiokafka.cluster,
+    "aiokafka.producer.sender": aiokafka.producer.sender,
+}
+
+
+@pytest.mark.parametrize(("name", "msg"), list(TRANSIENT_MESSAGES))
+def test_the_templates_are_aiokafkas(name: str, msg: str) -> None:
+    """An aiokafka upgrade that rewords or moves a message fails here: the filter would
+    silently stop matching it (the noise would be back, nothing hidden)."""
+    module = MODULE_OF[name]
+    assert module.log.name == name
+    assert msg in _string_constants(module), f"aiokafka no longer logs {msg!r} in {name}"
