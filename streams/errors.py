@@ -6,6 +6,8 @@ PipelineError                         retriable: bool — retry logic reads only
 ├── SettingsError                     (streams.settings) bad configuration
 ├── BrokerError                       Kafka unreachable or refused            retriable
 │   └── BrokerAuthError               TLS or SASL refused (who we are)        not retriable
+├── PublishError                      the broker refused or never acked a      per cause
+│                                     record (streams.client); topic, key, cause
 ├── ProcessingError                   an agent failed on one decoded event    not retriable
 ├── CredentialsError                  keychain missing, backend refused       not retriable
 │   └── CredentialsNotFound
@@ -51,6 +53,7 @@ __all__ = [
     "ProviderRequestError",
     "ProviderServerError",
     "ProviderTimeout",
+    "PublishError",
     "RequestCancelled",
     "SchemaError",
     "SettingsError",
@@ -69,6 +72,44 @@ class BrokerAuthError(BrokerError):
     certificate: retrying with the same settings cannot help."""
 
     retriable = False
+
+
+class PublishError(PipelineError):
+    """The broker refused a record, or did not acknowledge it in time: topic not
+    authorized, record too large, unknown topic, delivery timeout. Not a `BrokerError`:
+    the connection is fine, this record is not (a caller that reconnects on `BrokerError`
+    would not help). `retriable` follows the cause: a timeout or a leader change may pass,
+    an authorization or a size refusal will not."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        topic: str,
+        key: str | bytes | None = None,
+        cause: BaseException | None = None,
+        retriable: bool | None = None,
+        **context: Any,
+    ) -> None:
+        if retriable is None:
+            retriable = _retriable_cause(cause)
+        super().__init__(message, retriable=retriable, **context)
+        self.topic = topic
+        self.key = key
+        self.cause = cause
+
+
+def _retriable_cause(cause: BaseException | None) -> bool:
+    # aiokafka's errors carry `retriable` themselves, except that its KafkaTimeoutError
+    # (a record not acknowledged within the request timeout) says False: for the sender
+    # another try is worth it, as for any timeout. Matched by name so that this module
+    # imports nothing of aiokafka, as before.
+    if isinstance(cause, TimeoutError) or any(
+        c.__name__ == "KafkaTimeoutError" and c.__module__.startswith("aiokafka")
+        for c in type(cause).__mro__
+    ):
+        return True
+    return bool(getattr(cause, "retriable", False))
 
 
 class ProcessingError(PipelineError):
