@@ -1,32 +1,84 @@
-"""A small async client for services that publish to and consume from the pipeline.
+"""Clients for services that publish to and consume from the pipeline.
 
-    async with Client() as client:
-        await client.publish("agent.messages", AgentMessage(...), source="agent-7")
+`AsyncClient` is for asyncio code, `Client` for everything else (scripts, Jupyter, web
+frameworks without an event loop of their own): the same methods, blocking.
+
+    with Client(source="agent-7") as client:
+        client.publish("agent.messages", AgentMessage(...))
+        for rec in client.subscribe("agent.messages.accepted", from_beginning=True):
+            print(rec.event.payload)
+
+    async with AsyncClient(source="agent-7") as client:
+        await client.publish("agent.messages", AgentMessage(...))
         async for rec in client.subscribe("agent.messages.accepted", from_beginning=True):
             print(rec.event.payload)
 
+Connection settings come from the environment (`streams.settings`), or from constructor
+arguments, which override it (`bootstrap=`, `security_protocol=`, `sasl_password=`, ...).
+A password given as an argument is kept in memory only: not in the settings, not in a
+repr, not in a log.
+
 Publishing validates the event first (a `SchemaError` never reaches the broker), batches
 in the producer, waits for acks from all in-sync replicas and uses the idempotent
-producer, so a retried send cannot duplicate a record. The CLI's `publish` and `tail` are
-built on this class.
+producer, so a retried send cannot duplicate a record. A record the broker refuses or does
+not acknowledge raises `PublishError` (topic, key, cause, `retriable`); a broker that
+cannot be reached or refuses who we are raises `BrokerError` / `BrokerAuthError`. The
+CLI's `publish` and `tail` are built on `AsyncClient`; docs/client.md is the user guide.
+
+`Client` runs an `AsyncClient` on an event loop of its own in a daemon thread, started at
+its first use and stopped by `stop()` (or the `with` block, or when the client is
+garbage-collected or the interpreter exits): so it also works from code that is itself
+running in an event loop, where `asyncio.run` would refuse.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterable, Sequence
+import concurrent.futures
+import contextlib
+import re
+import threading
+import weakref
+from collections.abc import AsyncIterator, Coroutine, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal, TypeVar
 from uuid import uuid4
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import (
+    KafkaError,
+    KafkaTimeoutError,
+    MessageSizeTooLargeError,
+    RecordTooLargeError,
+    TopicAuthorizationFailedError,
+    UnknownTopicOrPartitionError,
+)
+from pydantic import SecretStr
 
 from schemas import Event, Payload, encode, registry
 from schemas.errors import InvalidEvent, SchemaError
-from streams.errors import BrokerError
-from streams.kafka_security import new_consumer, new_producer
-from streams.settings import Settings, get_settings
+from streams.errors import BrokerAuthError, BrokerError, PublishError
+from streams.kafka_security import (
+    PASSWORD_ENTRY,
+    Consumer,
+    KafkaSecurity,
+    Producer,
+    connect_error,
+    new_consumer,
+    new_producer,
+    principal,
+    resolve,
+    start_client,
+)
+from streams.settings import Settings, SettingsError, get_settings
 from streams.topics import CATALOGUE
+
+T = TypeVar("T")
+
+#: how long `subscribe` waits for a topic to appear when its `timeout_s` does not say
+UNKNOWN_TOPIC_TIMEOUT_S = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,36 +150,321 @@ def _base_name(topic: str) -> str:
     return topic[len(prefix) :] if prefix and topic.startswith(prefix) else topic
 
 
-class Client:
-    """Publish and subscribe with typed events. Topic names are catalogue names; the
-    settings' topic prefix is applied for you."""
+# -- constructor arguments -----------------------------------------------------------
+#: constructor argument → the `Settings` field it overrides
+ARGUMENT_FIELDS: dict[str, str] = {
+    "bootstrap": "kafka_bootstrap",
+    "security_protocol": "kafka_security_protocol",
+    "sasl_mechanism": "kafka_sasl_mechanism",
+    "sasl_username": "kafka_sasl_username",
+    "ssl_cafile": "kafka_ssl_cafile",
+    "ssl_certfile": "kafka_ssl_certfile",
+    "ssl_keyfile": "kafka_ssl_keyfile",
+    "ssl_check_hostname": "kafka_ssl_check_hostname",
+    "connect_timeout_s": "kafka_connect_timeout_s",
+    "topic_prefix": "topic_prefix",
+}
 
-    def __init__(self, settings: Settings | None = None, *, source: str = "agentstream-client"):
-        self.settings = settings or get_settings()
+SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
+
+
+def client_settings(settings: Settings | None = None, **arguments: Any) -> Settings:
+    """The settings a client runs with: `settings` (default: the environment's) with the
+    constructor arguments that were given (not None) over them. A value the settings
+    refuse is a `SettingsError` naming the argument."""
+    unknown = set(arguments) - set(ARGUMENT_FIELDS)
+    if unknown:
+        raise TypeError(f"unexpected client arguments: {', '.join(sorted(unknown))}")
+    overrides = {ARGUMENT_FIELDS[k]: v for k, v in arguments.items() if v is not None}
+    if not overrides:
+        return settings or get_settings()
+    try:
+        if settings is None:
+            return Settings.from_env(**overrides)
+        # through from_env (with no environment) for its one-line errors
+        current = {name: getattr(settings, name) for name in Settings.model_fields}
+        return Settings.from_env({}, **{**current, **overrides})
+    except SettingsError as exc:
+        raise SettingsError(_argument_names(exc.message), **exc.context) from None
+
+
+def _argument_names(message: str) -> str:
+    """A settings error in the terms of the constructor: `AGENTSTREAM_KAFKA_BOOTSTRAP` →
+    `bootstrap (AGENTSTREAM_KAFKA_BOOTSTRAP)` (the value may come from either)."""
+    for arg, field in ARGUMENT_FIELDS.items():
+        env = Settings.env_name(field)
+        message = re.sub(rf"\b{env}=", f"{arg}=", message)
+        message = re.sub(rf"\b{env}\b", f"{arg} ({env})", message)
+    return message
+
+
+class _GivenSecrets:
+    """A secrets provider for `kafka_security.resolve`: the SASL password given to the
+    constructor, and the credentials chain for anything else (a client key's password),
+    asked only if needed. The password never enters the settings, which are printed
+    (`agentstream config`), hashed as cache keys and handed to every component."""
+
+    def __init__(self, settings: Settings, sasl_password: SecretStr) -> None:
+        self._settings = settings
+        self._given = {PASSWORD_ENTRY: sasl_password}
+        self._chain: Any = None
+
+    def get_secret_sync(self, name: str) -> str | None:
+        if name in self._given:
+            return self._given[name].get_secret_value()
+        if self._chain is None:
+            from streams.credentials import KeychainCredentialsProvider
+
+            self._chain = KeychainCredentialsProvider(self._settings)
+        value: str | None = self._chain.get_secret_sync(name)
+        return value
+
+    def __repr__(self) -> str:
+        return f"_GivenSecrets({', '.join(f'{k}=**********' for k in self._given)})"
+
+
+# -- clients whose password was given as an argument -----------------------------------
+# `kafka_security`'s factories take the password from the chain (`security_of(settings)`),
+# and so do the probes that name the cause of a failed start. These clients are the
+# factories' own classes, built with the options `resolve` makes from the given password,
+# and started through the same `start_client`, with settings whose SASL part is taken out
+# for its probes (TLS probed as the factories would); SASL is probed here.
+# TODO(kafka_security): a `secrets=` parameter on new_producer/new_consumer/connect_error
+# would make this section one argument.
+
+
+class _GivenSecretsStart:
+    """`start()` as the factories' clients have it, probing SASL with the given password."""
+
+    _settings: Settings
+    _what: str
+    _security: KafkaSecurity
+
+    async def start(self) -> None:
+        settings, security, what = self._settings, self._security, self._what
+        without_sasl = settings.model_copy(
+            update={"kafka_security_protocol": "SSL" if security.uses_tls else "PLAINTEXT"}
+        )
+        try:
+            await start_client(self, without_sasl, what)
+        except BrokerError as exc:
+            if not isinstance(exc, BrokerAuthError):  # TLS refused is named already
+                refused = await _probe_sasl(settings, security)
+                if refused is not None:
+                    raise await connect_error(settings, refused, what) from None
+            # the message names the protocol of `without_sasl`: name the real one
+            label = f"{settings.bootstrap} ({without_sasl.kafka_security_protocol})"
+            real = f"{settings.bootstrap} ({settings.kafka_security_protocol})"
+            raise type(exc)(
+                str(exc).replace(label, real), retriable=exc.retriable, **exc.context
+            ) from None
+
+
+class _GivenSecretsProducer(_GivenSecretsStart, Producer):
+    pass
+
+
+class _GivenSecretsConsumer(_GivenSecretsStart, Consumer):
+    pass
+
+
+def _given_client(
+    cls: type[_GivenSecretsProducer] | type[_GivenSecretsConsumer],
+    settings: Settings,
+    security: KafkaSecurity,
+    what: str,
+    **options: Any,
+) -> Any:
+    client = cls(bootstrap_servers=settings.bootstrap, **security.client_options(), **options)
+    client._settings, client._what, client._security = settings, what, security
+    return client
+
+
+async def _probe_sasl(
+    settings: Settings, security: KafkaSecurity, timeout_s: float = 5.0
+) -> BaseException | None:
+    """`kafka_security.probe_sasl` with the given password: the SASL error one connection
+    to the first bootstrap address raises (aiokafka's bootstrap only logs it), or None."""
+    from aiokafka.conn import create_conn
+    from aiokafka.errors import (
+        AuthenticationFailedError,
+        SaslAuthenticationFailed,
+        UnsupportedSaslMechanismError,
+    )
+
+    host, _, port = settings.bootstrap.split(",")[0].strip().rpartition(":")
+    opts = security.client_options()
+    try:
+        conn = await asyncio.wait_for(
+            create_conn(
+                host.strip("[]"),
+                int(port),
+                ssl_context=security.ssl_context,
+                security_protocol=security.protocol,
+                sasl_mechanism=opts["sasl_mechanism"],
+                sasl_plain_username=opts["sasl_plain_username"],
+                sasl_plain_password=opts["sasl_plain_password"],
+            ),
+            timeout_s,
+        )
+    except (
+        SaslAuthenticationFailed,
+        AuthenticationFailedError,
+        UnsupportedSaslMechanismError,
+    ) as e:
+        return e
+    except (OSError, KafkaError, TimeoutError):
+        return None
+    conn.close()
+    return None
+
+
+# -- publish errors ----------------------------------------------------------------------
+def _publish_error(
+    settings: Settings, topic: str, key: str | bytes | None, size: int, cause: BaseException
+) -> PublishError:
+    if isinstance(cause, TopicAuthorizationFailedError):
+        why = (
+            f"{principal(settings)} may not write to it (TopicAuthorizationFailedError); "
+            "the ACLs each role needs: `agentstream acls`"
+        )
+    elif isinstance(cause, MessageSizeTooLargeError | RecordTooLargeError):
+        why = (
+            f"the record ({size} bytes) is larger than the topic's max.message.bytes or "
+            f"the producer's max_request_size ({type(cause).__name__})"
+        )
+    elif isinstance(cause, UnknownTopicOrPartitionError):
+        why = "the topic does not exist (`agentstream topics create`; auto-creation is off)"
+    elif isinstance(cause, KafkaTimeoutError | TimeoutError):
+        why = f"not acknowledged in time ({type(cause).__name__})"
+    else:
+        why = f"{type(cause).__name__}: {cause}"
+    return PublishError(f"publishing to {topic} failed: {why}", topic=topic, key=key, cause=cause)
+
+
+#: what publish maps to PublishError: every aiokafka error of a send or its delivery
+#: (a closed producer included), and timeouts
+_REFUSED = (KafkaError, TimeoutError)
+
+
+class AsyncClient:
+    """Publish and subscribe with typed events, in asyncio code. Topic names are
+    catalogue names; the settings' topic prefix is applied for you.
+
+    `settings` defaults to the environment's (`AGENTSTREAM_*`); every other argument but
+    `source` overrides one of its fields (see `ARGUMENT_FIELDS`), and `sasl_password` is
+    the SASL password, used instead of the credentials chain's `kafka.sasl_password`."""
+
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        source: str = "agentstream-client",
+        bootstrap: str | None = None,
+        security_protocol: SecurityProtocol | None = None,
+        sasl_mechanism: SaslMechanism | None = None,
+        sasl_username: str | None = None,
+        sasl_password: str | SecretStr | None = None,
+        ssl_cafile: str | Path | None = None,
+        ssl_certfile: str | Path | None = None,
+        ssl_keyfile: str | Path | None = None,
+        ssl_check_hostname: bool | None = None,
+        connect_timeout_s: float | None = None,
+        topic_prefix: str | None = None,
+    ) -> None:
+        self.settings = client_settings(
+            settings,
+            bootstrap=bootstrap,
+            security_protocol=security_protocol,
+            sasl_mechanism=sasl_mechanism,
+            sasl_username=sasl_username,
+            ssl_cafile=ssl_cafile,
+            ssl_certfile=ssl_certfile,
+            ssl_keyfile=ssl_keyfile,
+            ssl_check_hostname=ssl_check_hostname,
+            connect_timeout_s=connect_timeout_s,
+            topic_prefix=topic_prefix,
+        )
         self.source = source
-        self._producer: AIOKafkaProducer | None = None
+        self._secrets: _GivenSecrets | None = None
+        if sasl_password is not None:
+            if not self.settings.kafka_security_protocol.startswith("SASL_"):
+                # a password that would silently not be sent is a mistake in the caller
+                raise SettingsError(
+                    "sasl_password is given but security_protocol (AGENTSTREAM_KAFKA_"
+                    f"SECURITY_PROTOCOL) is {self.settings.kafka_security_protocol}: "
+                    "SASL_SSL (or SASL_PLAINTEXT) sends it",
+                    field="kafka_security_protocol",
+                )
+            secret = (
+                sasl_password if isinstance(sasl_password, SecretStr) else SecretStr(sasl_password)
+            )
+            self._secrets = _GivenSecrets(self.settings, secret)
+        self._security: KafkaSecurity | None = None
+        self._producer: Any = None
+        self._starting: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
 
-    async def __aenter__(self) -> Client:
+    def __repr__(self) -> str:
+        s = self.settings
+        parts = [f"bootstrap={s.bootstrap!r}", f"security_protocol={s.kafka_security_protocol!r}"]
+        if s.kafka_security_protocol.startswith("SASL_"):
+            parts += [
+                f"sasl_mechanism={s.kafka_sasl_mechanism!r}",
+                f"sasl_username={s.kafka_sasl_username!r}",
+                "sasl_password="
+                + ("'**********'" if self._secrets else f"<secret {PASSWORD_ENTRY}>"),
+            ]
+        if s.topic_prefix:
+            parts.append(f"topic_prefix={s.topic_prefix!r}")
+        parts.append(f"source={self.source!r}")
+        return f"{type(self).__name__}({', '.join(parts)})"
+
+    async def __aenter__(self) -> AsyncClient:
         await self.start()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
-    async def start(self) -> None:
-        if self._producer is not None:
-            return
-        producer = new_producer(
-            self.settings,
-            "publishing",
-            acks="all",
-            enable_idempotence=True,
-            linger_ms=10,
-            max_batch_size=256 * 1024,
-            request_timeout_ms=30_000,
+    def _new_producer(self, what: str, **options: Any) -> Any:
+        if self._secrets is None:
+            return new_producer(self.settings, what, **options)
+        return _given_client(
+            _GivenSecretsProducer, self.settings, self._given_security(), what, **options
         )
-        await producer.start()  # a BrokerError naming the cause, within the connect timeout
-        self._producer = producer
+
+    def _new_consumer(self, what: str, **options: Any) -> Any:
+        if self._secrets is None:
+            return new_consumer(self.settings, what, **options)
+        return _given_client(
+            _GivenSecretsConsumer, self.settings, self._given_security(), what, **options
+        )
+
+    def _given_security(self) -> KafkaSecurity:
+        if self._security is None:
+            self._security = resolve(self.settings, self._secrets)
+        return self._security
+
+    async def start(self) -> None:
+        # a lock: publishes racing to the first start would each build a producer (one
+        # per loop: a client may be used from one `asyncio.run` after another)
+        loop = asyncio.get_running_loop()
+        if self._starting is None or self._starting[0] is not loop:
+            self._starting = (loop, asyncio.Lock())
+        async with self._starting[1]:
+            if self._producer is not None:
+                return
+            producer = self._new_producer(
+                "publishing",
+                acks="all",
+                enable_idempotence=True,
+                linger_ms=10,
+                max_batch_size=256 * 1024,
+                request_timeout_ms=30_000,
+            )
+            await producer.start()  # a BrokerError naming the cause, within the connect timeout
+            self._producer = producer
 
     async def stop(self) -> None:
         if self._producer is not None:
@@ -144,29 +481,66 @@ class Client:
         self, topic: str, item: Event[Any] | Payload, *, key: str | None = None, wait: bool = True
     ) -> Any:
         """Send one event (a bare payload gets an envelope). Returns the record metadata
-        when `wait`, else the delivery future."""
-        if self._producer is None:
-            await self.start()
-        assert self._producer is not None
+        when `wait`, else the delivery future (which raises `PublishError` the same way)."""
         event = item if isinstance(item, Event) else self.event(item)
-        fut = await self._producer.send(
-            self._full(topic), value=encode(event), key=(key or event.key).encode()
-        )
-        return await fut if wait else fut
+        key = key or event.key
+        return await self._send(topic, encode(event), key.encode(), key, wait)
 
     async def publish_many(self, topic: str, items: Iterable[Event[Any] | Payload]) -> int:
-        """Send many events, batched; returns when all are acknowledged."""
+        """Send many events, batched; returns when all are acknowledged (or raises the
+        first `PublishError`, once every send has an outcome)."""
         futures = [await self.publish(topic, item, wait=False) for item in items]
         if futures:
-            await asyncio.gather(*futures)
+            outcomes = await asyncio.gather(*futures, return_exceptions=True)
+            for outcome in outcomes:
+                if isinstance(outcome, BaseException):
+                    raise outcome
         return len(futures)
 
     async def publish_raw(self, topic: str, value: bytes | None, key: bytes | None = None) -> Any:
         """Send bytes as they are (for tests of hostile input and for replays)."""
+        return await self._send(topic, value, key, key, wait=True)
+
+    async def _send(
+        self, topic: str, value: bytes | None, key: bytes | None, shown_key: Any, wait: bool
+    ) -> Any:
         if self._producer is None:
             await self.start()
         assert self._producer is not None
-        return await (await self._producer.send(self._full(topic), value=value, key=key))
+        full = self._full(topic)
+        size = len(value or b"") + len(key or b"")
+        try:
+            fut = await self._producer.send(full, value=value, key=key)
+        except _REFUSED as exc:
+            raise _publish_error(self.settings, full, shown_key, size, exc) from exc
+        if not wait:
+            return self._delivery(fut, full, shown_key, size)
+        try:
+            return await fut
+        except _REFUSED as exc:
+            raise _publish_error(self.settings, full, shown_key, size, exc) from exc
+
+    def _delivery(self, fut: asyncio.Future[Any], topic: str, key: Any, size: int) -> Any:
+        """The delivery future, its error mapped (a callback, not a task per record)."""
+        out: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+        def done(f: asyncio.Future[Any]) -> None:
+            if out.done():
+                return
+            if f.cancelled():
+                out.cancel()
+            elif (exc := f.exception()) is not None:
+                err = (
+                    _publish_error(self.settings, topic, key, size, exc)
+                    if isinstance(exc, _REFUSED)
+                    else exc
+                )
+                out.set_exception(err)
+            else:
+                out.set_result(f.result())
+
+        fut.add_done_callback(done)
+        return out
 
     async def subscribe(
         self,
@@ -178,10 +552,11 @@ class Client:
         max_events: int | None = None,
     ) -> AsyncIterator[Received]:
         """Yield records as they arrive. Without `group_id` nothing is committed and no
-        group is disturbed. Stops after `max_events`, or `timeout_s` without a record."""
+        group is disturbed. Stops after `max_events`, or `timeout_s` without a record.
+        Without `group_id`, a topic that does not exist raises `BrokerError` after
+        `timeout_s` (default `UNKNOWN_TOPIC_TIMEOUT_S`)."""
         names = [topics] if isinstance(topics, str) else list(topics)
-        consumer = new_consumer(
-            self.settings,
+        consumer = self._new_consumer(
             "subscribing",
             group_id=group_id,
             enable_auto_commit=group_id is not None,
@@ -192,10 +567,11 @@ class Client:
         await consumer.start()
         try:
             if group_id is None:
+                wait_s = UNKNOWN_TOPIC_TIMEOUT_S if timeout_s is None else timeout_s
                 tps = []
                 for name in names:
                     full = self._full(name)
-                    parts = await _partitions(consumer, full)
+                    parts = await _partitions(consumer, full, wait_s)
                     tps += [TopicPartition(full, p) for p in parts]
                 consumer.assign(tps)
                 if from_beginning:
@@ -221,17 +597,296 @@ class Client:
             await consumer.stop()
 
 
-async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> list[int]:
+async def _partitions(consumer: AIOKafkaConsumer, topic: str, timeout_s: float) -> list[int]:
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + 30
+    deadline = loop.time() + timeout_s
     while True:
         parts = consumer.partitions_for_topic(topic)
         if parts:
             return sorted(parts)
         if loop.time() > deadline:
-            raise BrokerError(f"topic {topic} does not exist (run `agentstream topics create`)")
+            raise BrokerError(
+                f"topic {topic} does not exist (waited {timeout_s:g}s; "
+                "run `agentstream topics create`)"
+            )
         await consumer._client.force_metadata_update()
         await asyncio.sleep(0.1)
+
+
+# -- the sync client ------------------------------------------------------------------
+class _LoopThread:
+    """An event loop running in a daemon thread, and the way to run coroutines on it
+    from other threads. Daemon: a script that forgets `stop()` still exits (its client's
+    finalizer stops the loop at exit, after flushing)."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.closed = False
+        self.subscriptions: weakref.WeakSet[Subscription] = weakref.WeakSet()
+        self._thread = threading.Thread(
+            target=self._run, name=f"agentstream-client-{uuid4().hex[:6]}", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_forever()
+        finally:
+            # what is left (a subscription whose iterator was never closed) is ended
+            # here, so no consumer outlives the client
+            tasks = asyncio.all_tasks(self.loop)
+            for task in tasks:
+                task.cancel()
+            self.loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+            self.loop.run_until_complete(self.loop.shutdown_asyncgens())
+            self.loop.close()
+
+    @property
+    def in_loop_thread(self) -> bool:
+        return threading.current_thread() is self._thread
+
+    def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        if self.closed or self.in_loop_thread:
+            coro.close()  # never awaited: no "coroutine was never awaited" warning either
+            raise RuntimeError(
+                "the client is stopped"
+                if self.closed
+                else "a sync Client called from its own "
+                "event loop would wait for itself: use AsyncClient there"
+            )
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        fut = self.submit(coro)
+        try:
+            return fut.result()
+        except BaseException:
+            fut.cancel()  # an interrupted caller (Ctrl-C) leaves nothing running on the loop
+            raise
+
+    def close(self, final: Coroutine[Any, Any, Any] | None = None) -> None:
+        """Close the subscriptions, run `final` (the async client's stop), stop the
+        loop and wait for the thread."""
+        if self.closed:
+            if final is not None:
+                final.close()
+            return
+        if self.in_loop_thread:  # a finalizer run by the garbage collector in the loop
+            if final is not None:
+                final.close()
+            self.closed = True
+            self.loop.stop()
+            return
+        try:
+            for sub in list(self.subscriptions):
+                sub.close()
+            if final is not None:
+                self.run(final)
+        finally:
+            self.closed = True
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(30)
+
+
+def _close_loop(runner: _LoopThread, client: AsyncClient) -> None:
+    runner.close(client.stop())
+
+
+class Subscription(Iterator[Received]):
+    """The iterator `Client.subscribe` returns: records as `AsyncClient.subscribe` yields
+    them. Its consumer is stopped when the iteration ends, when `close()` is called (or
+    the `with` block ends), when the iterator is garbage-collected (a `break` out of a
+    `for` loop over `client.subscribe(...)`), or when the client stops."""
+
+    def __init__(self, runner: _LoopThread, records: AsyncIterator[Received]) -> None:
+        self._runner = runner
+        self._records = records
+        self._step: asyncio.Task[Any] | None = None
+        self._done = False
+        runner.subscriptions.add(self)
+
+    def __iter__(self) -> Subscription:
+        return self
+
+    def __next__(self) -> Received:
+        if self._done:
+            raise StopIteration
+        try:
+            return self._runner.run(self._next())
+        except StopAsyncIteration:
+            self._done = True
+            raise StopIteration from None
+        except BaseException:
+            self.close()  # an error ends the subscription; an interrupt, too
+            raise
+
+    async def _next(self) -> Received:
+        # `__anext__` is called here, in the loop's thread: the async generator is then
+        # known to this loop (shutdown_asyncgens), not to a loop the caller may be in
+        self._step = asyncio.current_task()
+        return await self._records.__anext__()
+
+    async def _close(self) -> None:
+        step = self._step
+        if step is not None and not step.done():  # a `next` interrupted, still unwinding
+            step.cancel()
+            await asyncio.wait([step])
+        await self._records.aclose()  # type: ignore[attr-defined]
+
+    def close(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        if not self._runner.closed and not self._runner.in_loop_thread:
+            self._runner.run(self._close())
+
+    def __enter__(self) -> Subscription:
+        return self
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        # a finalizer cannot raise; what it could not close, the client's stop ends
+        with contextlib.suppress(Exception):
+            self.close()
+
+
+class Client:
+    """`AsyncClient` for code that is not async: the same constructor and methods,
+    blocking; `subscribe` returns a plain iterator (`Subscription`).
+
+    The async client runs on an event loop of this client's own, in a daemon thread
+    started at the first call; `stop()` (or the end of the `with` block) stops the
+    producer, ends open subscriptions and the thread. A stopped client starts again at
+    its next call."""
+
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        source: str = "agentstream-client",
+        bootstrap: str | None = None,
+        security_protocol: SecurityProtocol | None = None,
+        sasl_mechanism: SaslMechanism | None = None,
+        sasl_username: str | None = None,
+        sasl_password: str | SecretStr | None = None,
+        ssl_cafile: str | Path | None = None,
+        ssl_certfile: str | Path | None = None,
+        ssl_keyfile: str | Path | None = None,
+        ssl_check_hostname: bool | None = None,
+        connect_timeout_s: float | None = None,
+        topic_prefix: str | None = None,
+    ) -> None:
+        self._async = AsyncClient(
+            settings,
+            source=source,
+            bootstrap=bootstrap,
+            security_protocol=security_protocol,
+            sasl_mechanism=sasl_mechanism,
+            sasl_username=sasl_username,
+            sasl_password=sasl_password,
+            ssl_cafile=ssl_cafile,
+            ssl_certfile=ssl_certfile,
+            ssl_keyfile=ssl_keyfile,
+            ssl_check_hostname=ssl_check_hostname,
+            connect_timeout_s=connect_timeout_s,
+            topic_prefix=topic_prefix,
+        )
+        self._runner: _LoopThread | None = None
+        self._finalizer: weakref.finalize[Any, Any] | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def settings(self) -> Settings:
+        return self._async.settings
+
+    @property
+    def source(self) -> str:
+        return self._async.source
+
+    def __repr__(self) -> str:
+        return "Client" + repr(self._async).removeprefix("AsyncClient")
+
+    def _loop(self) -> _LoopThread:
+        with self._lock:
+            if self._runner is None or self._runner.closed:
+                self._runner = _LoopThread()
+                # without stop(): stopped when this client is collected or at exit; the
+                # callback holds the loop and the async client, not this object
+                self._finalizer = weakref.finalize(self, _close_loop, self._runner, self._async)
+            return self._runner
+
+    def __enter__(self) -> Client:
+        self.start()
+        return self
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        self._loop().run(self._async.start())
+
+    def stop(self) -> None:
+        with self._lock:
+            finalizer, self._finalizer, self._runner = self._finalizer, None, None
+        if finalizer is not None:
+            finalizer()  # _close_loop, once
+
+    close = stop
+
+    def event(self, payload: Payload, **kw: Any) -> Event[Any]:
+        return self._async.event(payload, **kw)
+
+    def publish(
+        self, topic: str, item: Event[Any] | Payload, *, key: str | None = None, wait: bool = True
+    ) -> Any:
+        """Send one event (a bare payload gets an envelope). Returns the record metadata
+        when `wait`, else a `concurrent.futures.Future` of it."""
+        runner = self._loop()
+        if wait:
+            return runner.run(self._async.publish(topic, item, key=key))
+        delivery = runner.run(self._async.publish(topic, item, key=key, wait=False))
+        return runner.submit(_awaited(delivery))
+
+    def publish_many(self, topic: str, items: Iterable[Event[Any] | Payload]) -> int:
+        """Send many events, batched; returns when all are acknowledged."""
+        # taken here: an iterable may depend on the caller's thread (a generator reading
+        # a file, a DB cursor)
+        return self._loop().run(self._async.publish_many(topic, list(items)))
+
+    def publish_raw(self, topic: str, value: bytes | None, key: bytes | None = None) -> Any:
+        """Send bytes as they are (for tests of hostile input and for replays)."""
+        return self._loop().run(self._async.publish_raw(topic, value, key))
+
+    def subscribe(
+        self,
+        topics: str | Sequence[str],
+        *,
+        from_beginning: bool = False,
+        group_id: str | None = None,
+        timeout_s: float | None = None,
+        max_events: int | None = None,
+    ) -> Subscription:
+        """Records as they arrive, as `AsyncClient.subscribe`; the consumer starts at the
+        first `next()`."""
+        records = self._async.subscribe(
+            topics,
+            from_beginning=from_beginning,
+            group_id=group_id,
+            timeout_s=timeout_s,
+            max_events=max_events,
+        )
+        return Subscription(self._loop(), records)
+
+
+async def _awaited(fut: asyncio.Future[T]) -> T:
+    return await fut
 
 
 def _received(topic: str, rec: Any, max_bytes: int) -> Received:

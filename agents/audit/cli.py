@@ -258,7 +258,7 @@ async def _publish_worker_key(
     from schemas import Event
     from schemas.security import WorkerKeyPublished
     from streams.audit_chain import load_chain_key, read_worker_keys
-    from streams.client import Client
+    from streams.client import AsyncClient
     from streams.credentials import KeychainCredentialsProvider
     from streams.errors import PipelineError
     from streams.signing import ADMIN_ENTRY, private_from_b64, sign_change
@@ -292,7 +292,7 @@ async def _publish_worker_key(
     ).model_dump(mode="json")
     signed = sign_change(WorkerKeyPublished.TYPE, body, admin, admin_id)
     event = Event.of(WorkerKeyPublished.model_validate(signed), source="agentstream-cli")
-    async with Client(settings, source="agentstream-cli") as client:
+    async with AsyncClient(settings, source="agentstream-cli") as client:
         await client.publish(SECURITY_WORKER_KEYS, event)
     return key_id, public, version
 

@@ -15,7 +15,7 @@ from schemas import Event, registry
 from schemas.errors import SchemaError
 from schemas.llm import ChatMessage, LLMConfig, LLMContext, LLMRequest, LLMResponse, LLMStreamChunk
 from streams.cli import cli, run, worker_call
-from streams.client import Client, group_less_consumer
+from streams.client import AsyncClient, group_less_consumer
 from streams.settings import get_settings
 from streams.topics import LLM_CHUNKS, LLM_REQUESTS, LLM_RESPONSES
 
@@ -106,7 +106,7 @@ async def _ask(request: LLMRequest, wait_s: float, *, quiet: bool) -> LLMRespons
         await consumer.seek_to_end(*tps)
         for tp in tps:  # resolve positions now, before the request exists
             await consumer.position(tp)
-        async with Client(settings, source="agentstream-cli") as client:
+        async with AsyncClient(settings, source="agentstream-cli") as client:
             await client.publish(LLM_REQUESTS, Event.of(request, source="agentstream-cli"))
         deadline = time.monotonic() + wait_s
         final: LLMResponse | None = None

@@ -24,7 +24,7 @@ from schemas import AgentMessage
 from schemas.security import AgentIdentity, SecurityConfig, SecurityPolicy, SignedChange
 from streams import signing
 from streams.cli.demo import register_demo_security
-from streams.client import Client
+from streams.client import AsyncClient
 from streams.credentials import KeychainCredentialsProvider
 from streams.settings import Settings
 from streams.topics import SECURITY_IDENTITIES, SECURITY_POLICIES
@@ -75,7 +75,7 @@ class DemoSecurity:
         )
         return type(payload).model_validate(body)
 
-    async def publish_rules(self, client: Client) -> None:
+    async def publish_rules(self, client: AsyncClient) -> None:
         for policy in POLICIES:
             await client.publish(SECURITY_POLICIES, self._signed(policy))
         config = SecurityConfig(enabled=True, default_action="allow")

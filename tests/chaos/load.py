@@ -177,7 +177,7 @@ LLM_MODEL = "loop-model"
 
 def llm_request_record(tag: str, n: int, provider: str, senders: int = 24) -> tuple[bytes, bytes]:
     """(key, value) of LLM request number n: an `llm.request` event, keyed by its request
-    id (`Event.key`, as `streams.client.Client.publish` keys it); streamed and
+    id (`Event.key`, as `streams.client.AsyncClient.publish` keys it); streamed and
     non-streamed in turn."""
     request = LLMRequest(
         request_id=f"{tag}.llm.{n}",

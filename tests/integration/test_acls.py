@@ -36,7 +36,7 @@ from aiokafka.errors import (
 
 from schemas import AgentMessage, Event
 from streams.acls import PRODUCER_READS, PRODUCER_WRITES
-from streams.client import Client, group_less_consumer
+from streams.client import AsyncClient, group_less_consumer
 from streams.errors import BrokerAuthError
 from streams.kafka_security import new_admin, new_producer
 from streams.settings import Settings
@@ -285,7 +285,7 @@ async def test_the_pipeline_runs_end_to_end_under_the_printed_acls(
     worker = Worker(worker_env, tmp_path / "worker.log").start(timeout=150)
     try:
         # a producer publishes: one message the policy allows, one it denies, an LLM call
-        async with Client(dep.settings("producer"), source="acl-test") as client:
+        async with AsyncClient(dep.settings("producer"), source="acl-test") as client:
             await client.publish("agent.messages", _message("m-ok", "hello"))
             await client.publish("agent.messages", _message("m-bad", "a forbidden word"))
         asked = await asyncio.to_thread(
@@ -319,7 +319,7 @@ async def test_the_pipeline_runs_end_to_end_under_the_printed_acls(
             await await_until(written, 60, interval=1, what=f"records on {name}")
 
         # the producer reads what was delivered; a CLI reader as the auditor replays it
-        producer_client = Client(dep.settings("producer"))
+        producer_client = AsyncClient(dep.settings("producer"))
         seen = [
             rec.event.payload.message_id
             async for rec in producer_client.subscribe(
@@ -352,7 +352,7 @@ async def test_the_pipeline_runs_end_to_end_under_the_printed_acls(
 async def seed(dep: Deployment, names: Any) -> None:
     """One record on each catalogue topic of `names`, as the admin: a read that is
     allowed then returns something, so an allowed read is told from a mere Describe."""
-    async with Client(dep.settings("admin"), source="acl-test") as client:
+    async with AsyncClient(dep.settings("admin"), source="acl-test") as client:
         for name in names:
             await client.publish_raw(name, b"acl-seed", b"acl-seed")
 
@@ -361,7 +361,7 @@ async def test_a_producer_writes_agent_inputs_and_nothing_else(deployment: Deplo
     dep = deployment
     producer = dep.settings("producer")
     await seed(dep, CATALOGUE)
-    async with Client(producer, source="acl-test") as client:
+    async with AsyncClient(producer, source="acl-test") as client:
         await client.publish("agent.messages", _message("p-1", "hello"))
         with pytest.raises(TopicAuthorizationFailedError):
             await client.publish_raw(SECURITY_POLICIES, b"x", b"__config__")
@@ -383,13 +383,13 @@ async def test_the_auditor_reads_every_topic_and_changes_nothing(deployment: Dep
     with pytest.raises(
         BrokerAuthError, match=r"User:auditor is not authorized \(ClusterAuthorizationFailed"
     ):
-        async with Client(auditor, source="acl-test"):
+        async with AsyncClient(auditor, source="acl-test"):
             pass
     assert await create_refused(auditor, dep.topic("auditor-made"))
     # the worker's consumer group is not the auditor's to join (and commit in)
     with pytest.raises(GroupAuthorizationFailedError):
         async with asyncio.timeout(60):
-            async for _rec in Client(auditor).subscribe(
+            async for _rec in AsyncClient(auditor).subscribe(
                 "agent.messages", group_id=dep.app_id, from_beginning=True, timeout_s=10
             ):
                 break

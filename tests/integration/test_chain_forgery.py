@@ -16,7 +16,7 @@ from aiokafka import AIOKafkaProducer
 from schemas import AgentMessage, Event, PolicyDecision, encode
 from schemas.security import ANY_LEVEL, SecurityPolicy
 from streams.audit_chain import ChainSigner, seal
-from streams.client import Client
+from streams.client import AsyncClient
 from streams.settings import Settings
 from streams.signing import new_private_key
 from streams.topics import AGENT_MESSAGES, SECURITY_DECISIONS, SECURITY_POLICIES
@@ -35,7 +35,7 @@ def message(i: int, tag: str) -> AgentMessage:
 
 
 async def send(settings: Settings, tag: str, n: int) -> None:
-    async with Client(settings, source="test") as client:
+    async with AsyncClient(settings, source="test") as client:
         await client.publish_many(AGENT_MESSAGES, [message(i, tag) for i in range(n)])
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from schemas import AgentMessage, DeadLetter, Event, encode
-from streams.client import Client
+from streams.client import AsyncClient
 from streams.settings import Settings
 from tests.support import Worker, read_topic
 
@@ -42,7 +42,7 @@ async def test_valid_forwarded_and_bad_dead_lettered(
     }
     worker = Worker(env, tmp_path / "worker.log").start()
     try:
-        client = Client(settings)
+        client = AsyncClient(settings)
         await client.start()
         sent_ids: set[str] = set()
         bad_sent: list[tuple[bytes, int, int]] = []

@@ -14,7 +14,7 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from schemas import AgentMessage, DeadLetter, Event, registry
 from streams.admin import ensure_topics
-from streams.client import Client
+from streams.client import AsyncClient
 from streams.settings import Settings
 from tests.support import Worker, await_until, read_topic, wait_until
 
@@ -54,7 +54,7 @@ async def test_refused_output_is_redelivered_after_restart(
         AgentMessage(message_id="big", sender_id="a1", recipient_id="a2", content="x" * 4000),
         source="test",
     )
-    async with Client(settings) as client:
+    async with AsyncClient(settings) as client:
         await client.publish("agent.messages", event)
 
     worker = Worker(env, tmp_path / "w1.log").start()
@@ -134,7 +134,7 @@ async def test_a_batch_whose_processing_raised_is_not_lost(
         )
         for i in range(n)
     ]
-    async with Client(settings) as client:
+    async with AsyncClient(settings) as client:
         await client.publish_many("agent.messages", inputs)
     want = {str(e.event_id) for e in inputs}
 

@@ -17,7 +17,7 @@ from schemas.llm import (
     LLMResponse,
     LLMStreamChunk,
 )
-from streams.client import Client
+from streams.client import AsyncClient
 from streams.settings import Settings
 from tests.support import Worker, read_topic
 
@@ -41,7 +41,7 @@ async def test_uvloop_worker_answers_llm_requests(
             health = (await http.get("/health")).json()
         assert health["event_loop"] == "uvloop.Loop", health
 
-        client = Client(settings)
+        client = AsyncClient(settings)
         await client.start()
         try:
             for i in range(3):

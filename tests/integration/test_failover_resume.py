@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from schemas import AgentMessage, Event
-from streams.client import Client
+from streams.client import AsyncClient
 from streams.settings import Settings
 from tests.conftest import _free_port
 from tests.support import Worker, await_until, read_topic
@@ -33,7 +33,7 @@ RESUME_BOUND_S = 30.0
 async def _load(settings: Settings, stop: asyncio.Event) -> None:
     """~200 messages/s over 64 senders (every partition) until `stop`."""
     i = 0
-    async with Client(settings) as client:
+    async with AsyncClient(settings) as client:
         while not stop.is_set():
             batch = [
                 Event.of(

@@ -26,7 +26,7 @@ from schemas.llm import (
     LLMStreamChunk,
 )
 from streams.audit_chain import GENESIS
-from streams.client import Client
+from streams.client import AsyncClient
 from streams.settings import Settings
 from tests.llm_server import LLMServer, Reply
 from tests.support import Follower, Worker, await_until, cli, web_tokens, web_url
@@ -85,14 +85,14 @@ def seen_for(server: LLMServer, rid: str) -> int:
 
 async def start_llm_worker(
     env: dict[str, str], tmp_path: Path
-) -> tuple[Settings, str, Topics, Worker, Client]:
+) -> tuple[Settings, str, Topics, Worker, AsyncClient]:
     """A worker with `env` (its AGENTSTREAM_* also set here, for the in-process client),
     its web port, the output topics followed, and a started client."""
     settings = Settings.from_env(env)
     os.environ.update({k: v for k, v in env.items() if k.startswith("AGENTSTREAM_")})
     topics = Topics(settings)
     worker = Worker(env, tmp_path / "worker.log").start()
-    client = Client(settings)
+    client = AsyncClient(settings)
     await client.start()
     await topics.start()
     return settings, env["AGENTSTREAM_WEB_PORT"], topics, worker, client

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from schemas import AgentStatusChanged, ComponentHealthChanged, Heartbeat
-from streams.client import Client
+from streams.client import AsyncClient
 from streams.settings import Settings
 from tests.support import (
     Follower,
@@ -30,7 +30,7 @@ pytestmark = pytest.mark.integration
 class Beater:
     """Sends a heartbeat for every active agent every `period` seconds."""
 
-    def __init__(self, client: Client, period: float = 0.2) -> None:
+    def __init__(self, client: AsyncClient, period: float = 0.2) -> None:
         self.client = client
         self.period = period
         self.active: set[str] = set()
@@ -76,7 +76,7 @@ async def test_transitions_exactly_once_across_restarts(
     log = tmp_path / "worker.log"
     worker = Worker(env, log)
     await asyncio.to_thread(worker.start)
-    client = Client(settings, source="test")
+    client = AsyncClient(settings, source="test")
     await client.start()
     beater = Beater(client)
     http = httpx.AsyncClient(base_url=base, timeout=10, headers=web_tokens(env).headers())

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from schemas import CommunicationRecord, DeadLetter, MetricSample, SystemStats
-from streams.client import Client
+from streams.client import AsyncClient
 from streams.settings import Settings
 from streams.tables.monitoring import split_window_key
 from tests.support import (
@@ -48,7 +48,7 @@ async def test_metrics_comms_system_and_health_views(
     await asyncio.to_thread(worker.start)
     http = web_client(env)
     try:
-        async with Client(settings, source="test") as client:
+        async with AsyncClient(settings, source="test") as client:
             now = time.time()
             # two minutes of samples, one per second, in time order: the oldest windows
             # must be pruned from the table as newer samples arrive

@@ -23,7 +23,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from schemas import AgentMessage, Event
-from streams.client import Client
+from streams.client import AsyncClient
 from streams.settings import Settings
 from streams.tables import digest
 from tests.support import Worker, assert_rebuild_equal, await_until, cli, read_topic, web_tokens
@@ -214,7 +214,7 @@ def use_env(env: dict[str, str]) -> Settings:
 
 
 async def publish(settings: Settings, events: list[Event[Any]]) -> None:
-    async with Client(settings) as client:
+    async with AsyncClient(settings) as client:
         await client.publish_many("agent.messages", events)
 
 
@@ -380,7 +380,7 @@ async def test_two_workers_kill_one_survivor_tables_complete(
     victim = Worker(env2, tmp_path / "w2.log").start()
     try:
         inputs = messages(N)
-        async with Client(settings) as client:
+        async with AsyncClient(settings) as client:
             await client.publish_many("agent.messages.accepted", inputs)
         # kill while the victim's table is being written, i.e. its changelog is growing
         changelog = f"{settings.app_id}-accepted_by_sender-changelog"

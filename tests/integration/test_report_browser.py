@@ -15,7 +15,7 @@ import pytest
 
 from schemas import AgentMessage, CommunicationRecord, Event, LLMResponse
 from schemas.llm import Usage
-from streams.client import Client
+from streams.client import AsyncClient
 from streams.settings import Settings
 from tests.support import cli
 
@@ -47,7 +47,7 @@ def chromium(tmp: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 async def seed(settings: Settings) -> None:
     now = datetime.now(UTC)
-    async with Client(settings) as client:
+    async with AsyncClient(settings) as client:
         inputs = [
             Event.of(
                 AgentMessage(

@@ -15,7 +15,7 @@ import pytest
 
 from schemas import AgentMessage, DeadLetter, Event
 from schemas.messages import AuthProof
-from streams.client import Client
+from streams.client import AsyncClient
 from streams.settings import Settings
 from tests.support import Worker, cli, read_topic
 
@@ -55,7 +55,7 @@ async def test_tail_and_replay_redact_access_tokens(
     undecodable = b'{"type": "agent.message", "payload": {"auth": {"token": "%s' % (
         garbage_token.encode()
     )
-    async with Client(settings) as client:
+    async with AsyncClient(settings) as client:
         await client.publish("agent.messages", Event.of(message, source="test"))
         await client.publish_raw("agent.messages", undecodable, key=b"agent-7")
 
@@ -143,7 +143,7 @@ async def test_dead_letters_keep_the_bytes_but_no_token(
     orjson.loads(raw)  # valid JSON, not a valid event (sender_id, message_id)
     worker = Worker(env, tmp_path / "worker.log").start()
     try:
-        async with Client(settings) as client:
+        async with AsyncClient(settings) as client:
             md = await client.publish_raw("agent.messages", raw, key=b"hostile")
         letters = await read_topic(
             settings.bootstrap, settings.topic("pipeline.deadletter"), expect=1, timeout=60

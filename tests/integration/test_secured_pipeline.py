@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from schemas import AgentMessage, Event
-from streams.client import Client
+from streams.client import AsyncClient
 from streams.settings import Settings
 from streams.topics import CATALOGUE
 from tests.support import Worker, cli
@@ -73,7 +73,7 @@ def _mtls_env(env: dict[str, str], kafka: Any, principal: str = "admin") -> dict
 
 async def _read_all(settings: Settings, *topics: str) -> list[Any]:
     """Every record of these catalogue topics, read over the secured connection."""
-    async with Client(settings) as client:
+    async with AsyncClient(settings) as client:
         return [
             rec async for rec in client.subscribe(list(topics), from_beginning=True, timeout_s=1.5)
         ]
@@ -86,7 +86,7 @@ async def _run_pipeline(env: dict[str, str], tmp_path: Path, secret: str) -> Non
     worker = Worker(env, tmp_path / "worker.log").start()
     try:
         ids = [f"m-{i}" for i in range(N)]
-        async with Client(settings) as client:
+        async with AsyncClient(settings) as client:
             for mid in ids:
                 msg = AgentMessage(
                     message_id=mid, sender_id="agent-1", recipient_id="agent-2", content="hi"

@@ -18,7 +18,7 @@ from agents.security.crypto import encrypt_content, new_key, sign_message
 from schemas import AgentMessage, Event, encode
 from schemas.security import AgentIdentity
 from streams.audit_chain import GENESIS
-from streams.client import Client
+from streams.client import AsyncClient
 from streams.credentials import KeychainCredentialsProvider
 from streams.settings import Settings
 from tests.support import AdminSigner, Worker, cli, read_topic, web_tokens, with_admin_key
@@ -144,7 +144,7 @@ async def test_every_input_accounted_for_exactly_once(
     res = cli(env, "policy", "apply", str(policy_file))
     assert res.returncode == 0, res.stderr
     # roles come from identities: every agent may act as agent, restricted or intern
-    async with Client(settings) as client:
+    async with AsyncClient(settings) as client:
         for n in range(13):
             grant = AgentIdentity(
                 agent_id=f"agent-{n}",
@@ -160,7 +160,7 @@ async def test_every_input_accounted_for_exactly_once(
     n_ok = expected["valid"] + expected["valid_conf"]
 
     async def send(part: range) -> None:
-        async with Client(settings) as client:
+        async with AsyncClient(settings) as client:
             futures = [
                 await client._producer.send(
                     settings.topic("agent.messages"),  # type: ignore[union-attr]

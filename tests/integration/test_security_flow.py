@@ -19,7 +19,7 @@ from agents.security.crypto import encrypt_content, new_key, sign_message
 from schemas import AgentMessage, Event, encode, utc_now
 from schemas.messages import AuthProof
 from streams.audit_chain import GENESIS, compute_hash
-from streams.client import Client
+from streams.client import AsyncClient
 from streams.credentials import KeychainCredentialsProvider
 from streams.redaction import redact_raw
 from streams.settings import Settings
@@ -207,7 +207,7 @@ async def test_policies_enforced_live_and_secrets_never_leave(
         invalid_raw = encode(invalid).replace(b'"recipient_id":"bob",', b"")  # schema error
         truncated = encode(invalid)[: encode(invalid).index(token.encode()) + 10]
         bad_sent: list[tuple[bytes, int, int]] = []
-        async with Client(settings) as client:
+        async with AsyncClient(settings) as client:
             for raw in (invalid_raw, truncated):  # dead letters must not carry the token
                 assert token.encode() in raw[:-1] or token[:6].encode() in raw
                 md = await client.publish_raw("agent.messages", raw, key=b"signer")

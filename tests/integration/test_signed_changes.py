@@ -24,7 +24,7 @@ from schemas.security import (
     SecurityPolicy,
     SecurityPolicyRemoved,
 )
-from streams.client import Client
+from streams.client import AsyncClient
 from streams.settings import Settings
 from tests.support import (
     AdminSigner,
@@ -110,7 +110,7 @@ async def test_forged_rule_changes_are_ignored_and_reported(
                 settings,
                 ["security.changes.rejected", "agent.messages.accepted", "agent.messages.rejected"],
             ) as follow,
-            Client(settings) as client,
+            AsyncClient(settings) as client,
         ):
             res = cli(
                 env,

@@ -17,7 +17,7 @@ import pytest
 from aiokafka import AIOKafkaProducer
 
 from schemas import AgentMessage, CommunicationRecord, Event, Heartbeat, MetricSample, encode
-from streams.client import Client
+from streams.client import AsyncClient
 from streams.settings import Settings
 from streams.tables.llm import partition_of
 from streams.tables.monitoring import SEP
@@ -70,7 +70,7 @@ async def test_changelog_partition_is_the_input_partition(
     await asyncio.to_thread(worker.start)
     try:
         now = time.time()
-        async with Client(settings, source="test") as client:
+        async with AsyncClient(settings, source="test") as client:
             await client.publish_many(
                 "agent.messages",
                 [

@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from schemas import Heartbeat, utc_now
-from streams.client import Client
+from streams.client import AsyncClient
 from streams.credentials import KeychainCredentialsProvider
 from streams.settings import Settings
 from streams.web_auth import CLUSTER_ENTRY, INDEX_ENTRY
@@ -374,7 +374,7 @@ async def test_forwarded_lookups_carry_the_cluster_token(
     try:
         assert (await http.get(urls[1] + "/agents/status")).status_code == 401  # not w2's
         agents = spread("agent-", 6)
-        async with Client(Settings.from_env(env1), source="test") as client:
+        async with AsyncClient(Settings.from_env(env1), source="test") as client:
             await client.publish_many(
                 "agent.heartbeats",
                 [Heartbeat(agent_id=a, sent_at=utc_now(), sequence=1) for a in agents],

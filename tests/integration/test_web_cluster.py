@@ -15,7 +15,7 @@ import pytest
 
 from schemas import CommunicationRecord, Heartbeat, MetricSample
 from schemas.llm import ChatMessage, LLMConfig, LLMContext, LLMRequest
-from streams.client import Client
+from streams.client import AsyncClient
 from streams.settings import Settings
 from streams.tables.llm import partition_of
 from tests.support import Worker, await_until, web_tokens
@@ -90,7 +90,7 @@ async def test_both_workers_answer_for_every_key(
         series = spread("series.", 4)
         requests = spread("req-", 4)
         now = datetime.now(UTC)
-        async with Client(settings, source="test") as client:
+        async with AsyncClient(settings, source="test") as client:
             await client.publish_many(
                 "agent.heartbeats",
                 [Heartbeat(agent_id=a, sent_at=now, sequence=1) for a in agents],
@@ -231,7 +231,7 @@ async def test_two_workers_advertising_one_url_say_so_instead_of_answering_wrong
     http = httpx.AsyncClient(timeout=10, headers=web_tokens(settings_env).headers())
     try:
         agents = spread("agent-", 6)
-        async with Client(settings, source="test") as client:
+        async with AsyncClient(settings, source="test") as client:
             await client.publish_many(
                 "agent.heartbeats",
                 [Heartbeat(agent_id=a, sent_at=datetime.now(UTC), sequence=1) for a in agents],

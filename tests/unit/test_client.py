@@ -1,0 +1,528 @@
+"""streams.client without Kafka: constructor arguments → settings, the SASL password kept
+out of settings, reprs and logs, PublishError and the publish error mapping, the sync
+client's thread (start, stop, use from a running loop, abandoned subscriptions), the
+unknown-topic wait, and the py.typed markers."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import importlib.resources
+import logging
+import threading
+import time
+import tomllib
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiokafka.errors import (
+    KafkaTimeoutError,
+    MessageSizeTooLargeError,
+    NotLeaderForPartitionError,
+    TopicAuthorizationFailedError,
+    UnknownTopicOrPartitionError,
+)
+
+import streams.errors
+from schemas import AgentMessage
+from schemas.errors import PipelineError
+from streams.client import (
+    AsyncClient,
+    Client,
+    Subscription,
+    _LoopThread,
+    _partitions,
+    client_settings,
+)
+from streams.errors import BrokerError, CredentialsError, PublishError
+from streams.kafka_security import Producer, resolve
+from streams.settings import Settings, SettingsError
+
+REPO = Path(__file__).resolve().parents[2]
+PASSWORD = "pw-7f3c-never-printed"
+
+
+@pytest.fixture(autouse=True)
+def _no_agentstream_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test says what its environment holds; the developer's own is not in it."""
+    import os
+
+    for name in list(os.environ):
+        if name.startswith("AGENTSTREAM_"):
+            monkeypatch.delenv(name)
+    # a chain that has no Kafka password: only the argument can supply one
+    monkeypatch.setenv("AGENTSTREAM_SECRET_SOURCES", "env")
+
+
+def _message(i: int = 1) -> AgentMessage:
+    return AgentMessage(
+        message_id=f"m{i}", sender_id="planner-1", recipient_id="coder-2", content="hello"
+    )
+
+
+def _threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("agentstream-client-")]
+
+
+def _wait(pred: Callable[[], Any], timeout: float = 10.0, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+# -- constructor arguments → settings ----------------------------------------------------
+def test_arguments_become_settings() -> None:
+    client = AsyncClient(
+        bootstrap="kafka.example.com:9093",
+        security_protocol="SASL_SSL",
+        sasl_mechanism="SCRAM-SHA-512",
+        sasl_username="svc-planner",
+        sasl_password=PASSWORD,
+        ssl_cafile="/etc/kafka/ca.pem",
+        ssl_certfile="/etc/kafka/client.pem",
+        ssl_keyfile="/etc/kafka/client.key",
+        ssl_check_hostname=False,
+        connect_timeout_s=3,
+        topic_prefix="staging.",
+    )
+    s = client.settings
+    assert s.bootstrap == "kafka.example.com:9093"
+    assert s.kafka_security_protocol == "SASL_SSL"
+    assert s.kafka_sasl_mechanism == "SCRAM-SHA-512"
+    assert s.kafka_sasl_username == "svc-planner"
+    assert s.kafka_ssl_cafile == Path("/etc/kafka/ca.pem")
+    assert s.kafka_ssl_certfile == Path("/etc/kafka/client.pem")
+    assert s.kafka_ssl_keyfile == Path("/etc/kafka/client.key")
+    assert s.kafka_ssl_check_hostname is False
+    assert s.kafka_connect_timeout_s == 3
+    assert s.topic("agent.messages") == "staging.agent.messages"
+    assert Client(bootstrap="kafka.example.com:9093").settings.bootstrap == (
+        "kafka.example.com:9093"
+    )
+
+
+def test_arguments_override_the_environment_and_keep_the_rest(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("AGENTSTREAM_KAFKA_BOOTSTRAP", "from-env:9092")
+    monkeypatch.setenv("AGENTSTREAM_TOPIC_PREFIX", "envprefix.")
+    monkeypatch.setenv("AGENTSTREAM_KAFKA_CONNECT_TIMEOUT_S", "7")
+    s = AsyncClient(bootstrap="from-arg:9092").settings
+    assert s.bootstrap == "from-arg:9092"
+    assert (s.topic_prefix, s.kafka_connect_timeout_s) == ("envprefix.", 7)
+
+
+def test_arguments_override_given_settings_without_changing_them() -> None:
+    base = Settings.from_env({"AGENTSTREAM_APP_ID": "mine", "AGENTSTREAM_TOPIC_PREFIX": "a."})
+    s = AsyncClient(base, topic_prefix="b.", bootstrap="h:1").settings
+    assert (s.app_id, s.topic_prefix, s.bootstrap) == ("mine", "b.", "h:1")
+    assert (base.topic_prefix, base.kafka_bootstrap) == ("a.", None)
+    assert s.worker_id == base.worker_id  # the rest is the same settings, not new defaults
+
+
+def test_no_arguments_take_the_settings_as_they_are() -> None:
+    base = Settings.from_env({})
+    assert AsyncClient(base).settings is base
+    assert client_settings(base, bootstrap=None) is base
+
+
+def test_a_bad_argument_is_a_settings_error_naming_it() -> None:
+    with pytest.raises(SettingsError) as exc:
+        AsyncClient(bootstrap="h:1", security_protocol="SASL_SSL", sasl_username="u")
+    assert "sasl_mechanism" in str(exc.value)
+    assert "security_protocol=SASL_SSL" in str(exc.value)
+    with pytest.raises(SettingsError, match="connect_timeout_s"):
+        AsyncClient(connect_timeout_s=-1)
+    with pytest.raises(TypeError):
+        client_settings(None, sasl_password=PASSWORD)  # a secret is never a setting
+
+
+def test_a_password_without_sasl_is_refused() -> None:
+    with pytest.raises(SettingsError, match="sasl_password is given"):
+        AsyncClient(bootstrap="h:1", security_protocol="SSL", sasl_password=PASSWORD)
+
+
+# -- the password ------------------------------------------------------------------------
+def _sasl_client(cls: Any = AsyncClient) -> Any:
+    return cls(
+        bootstrap="127.0.0.1:1",
+        security_protocol="SASL_PLAINTEXT",
+        sasl_mechanism="SCRAM-SHA-512",
+        sasl_username="svc",
+        sasl_password=PASSWORD,
+    )
+
+
+def test_the_password_is_in_no_settings_and_no_repr() -> None:
+    for client in (_sasl_client(), _sasl_client(Client)):
+        s = client.settings
+        assert PASSWORD not in s.model_dump_json()
+        assert PASSWORD not in repr(s)
+        assert PASSWORD not in str(s.describe())
+        assert PASSWORD not in repr(client)
+        assert "sasl_password='**********'" in repr(client)
+        assert "sasl_username='svc'" in repr(client)
+        inner = client if isinstance(client, AsyncClient) else client._async
+        assert PASSWORD not in repr(vars(inner))
+
+
+def test_the_password_argument_works_without_the_chain() -> None:
+    client = _sasl_client()
+    # the chain (env source, no AGENTSTREAM_SECRET_KAFKA_SASL_PASSWORD) has none ...
+    with pytest.raises(CredentialsError):
+        resolve(client.settings)
+    # ... the client connects with the argument
+    security = client._given_security()
+    assert security.password is not None
+    assert security.password.get_secret_value() == PASSWORD
+    assert PASSWORD not in repr(security)
+
+
+async def test_the_clients_are_built_with_the_given_password() -> None:
+    client = _sasl_client()
+    producer = client._new_producer("publishing")
+    consumer = client._new_consumer("subscribing", group_id=None)
+    try:
+        # the factories' classes: the same bounded, cause-naming start
+        assert isinstance(producer, Producer)
+        assert producer.client._sasl_plain_password == PASSWORD
+        assert producer.client._sasl_plain_username == "svc"
+        assert producer.client._security_protocol == "SASL_PLAINTEXT"
+        assert consumer._client._sasl_plain_password == PASSWORD
+    finally:
+        await producer.stop()
+        await consumer.stop()
+
+
+async def test_a_failed_start_names_the_real_protocol_and_never_the_password(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    client = AsyncClient(
+        bootstrap=f"127.0.0.1:{port}",
+        security_protocol="SASL_PLAINTEXT",
+        sasl_mechanism="PLAIN",
+        sasl_username="svc",
+        sasl_password=PASSWORD,
+        connect_timeout_s=2,
+    )
+    caplog.set_level(logging.DEBUG)
+    with pytest.raises(BrokerError) as exc:
+        await client.start()
+    assert f"127.0.0.1:{port} (SASL_PLAINTEXT)" in str(exc.value)
+    assert PASSWORD not in str(exc.value)
+    assert PASSWORD not in caplog.text
+
+
+# -- PublishError ------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("cause", "retriable"),
+    [
+        (TopicAuthorizationFailedError(), False),
+        (MessageSizeTooLargeError(), False),
+        (UnknownTopicOrPartitionError(), True),
+        (NotLeaderForPartitionError(), True),
+        (KafkaTimeoutError(), True),
+        (TimeoutError(), True),
+        (ValueError("x"), False),
+        (None, False),
+    ],
+)
+def test_publish_error_is_retriable_as_its_cause(
+    cause: BaseException | None, retriable: bool
+) -> None:
+    err = PublishError("m", topic="t", key="k", cause=cause)
+    assert (err.topic, err.key, err.cause, err.retriable) == ("t", "k", cause, retriable)
+    assert isinstance(err, PipelineError)
+    assert not isinstance(err, BrokerError)  # the connection is fine, the record is not
+
+
+def test_publish_error_retriable_can_be_said() -> None:
+    assert (
+        PublishError("m", topic="t", cause=KafkaTimeoutError(), retriable=False).retriable is False
+    )
+
+
+def test_the_error_tree_draws_publish_error() -> None:
+    assert streams.errors.__doc__ is not None
+    assert "├── PublishError" in streams.errors.__doc__
+    assert "PublishError" in streams.errors.__all__
+
+
+class FakeProducer:
+    """send() as aiokafka's: raises, or returns a delivery future that fails or succeeds."""
+
+    def __init__(
+        self, on_send: BaseException | None = None, on_delivery: BaseException | None = None
+    ) -> None:
+        self.on_send, self.on_delivery = on_send, on_delivery
+        self.sent: list[tuple[str, bytes | None, bytes | None]] = []
+        self.stopped = False
+
+    async def send(self, topic: str, value: bytes | None = None, key: bytes | None = None) -> Any:
+        if self.on_send is not None:
+            raise self.on_send
+        self.sent.append((topic, value, key))
+        fut = asyncio.get_running_loop().create_future()
+        if self.on_delivery is not None:
+            fut.set_exception(self.on_delivery)
+        else:
+            fut.set_result(f"md-{len(self.sent)}")
+        return fut
+
+    async def stop(self) -> None:
+        self.stopped = True
+
+
+def _with_producer(producer: FakeProducer, **kw: Any) -> AsyncClient:
+    client = AsyncClient(Settings.from_env({"AGENTSTREAM_TOPIC_PREFIX": "p."}), **kw)
+    client._producer = producer
+    return client
+
+
+async def test_publish_maps_a_refused_send() -> None:
+    cause = TopicAuthorizationFailedError()
+    client = _with_producer(FakeProducer(on_send=cause))
+    with pytest.raises(PublishError) as exc:
+        await client.publish("agent.messages", _message(), key="k1")
+    err = exc.value
+    assert (err.topic, err.key, err.cause, err.retriable) == (
+        "p.agent.messages",
+        "k1",
+        cause,
+        False,
+    )
+    assert err.__cause__ is cause
+    assert "User:ANONYMOUS may not write" in str(err)
+
+
+async def test_publish_maps_a_failed_delivery_waited_or_not() -> None:
+    cause = MessageSizeTooLargeError()
+    client = _with_producer(FakeProducer(on_delivery=cause))
+    with pytest.raises(PublishError, match=r"larger than the topic's max\.message\.bytes"):
+        await client.publish("agent.messages", _message())
+    fut = await client.publish("agent.messages", _message(), wait=False)
+    with pytest.raises(PublishError) as exc:
+        await fut
+    assert exc.value.cause is cause
+    with pytest.raises(PublishError):
+        await client.publish_many("agent.messages", [_message(1), _message(2)])
+    with pytest.raises(PublishError) as raw:
+        await client.publish_raw("no.such", b"x", key=b"rk")
+    assert (raw.value.topic, raw.value.key) == ("no.such", b"rk")
+
+
+async def test_publish_unknown_topic_and_timeouts_are_retriable() -> None:
+    client = _with_producer(FakeProducer(on_send=UnknownTopicOrPartitionError()))
+    with pytest.raises(PublishError, match="does not exist") as exc:
+        await client.publish_raw("no.such", b"x")
+    assert exc.value.retriable
+    client = _with_producer(FakeProducer(on_delivery=KafkaTimeoutError()))
+    with pytest.raises(PublishError, match="not acknowledged in time") as exc:
+        await client.publish("agent.messages", _message())
+    assert exc.value.retriable
+
+
+async def test_publish_still_sends_and_returns_metadata() -> None:
+    producer = FakeProducer()
+    client = _with_producer(producer)
+    assert await client.publish("agent.messages", _message(), key="k") == "md-1"
+    assert await client.publish_many("agent.messages", [_message(2), _message(3)]) == 2
+    assert [(t, k) for t, _, k in producer.sent] == [
+        ("p.agent.messages", b"k"),
+        ("p.agent.messages", b"planner-1"),  # an AgentMessage's key: its sender
+        ("p.agent.messages", b"planner-1"),
+    ]
+
+
+# -- the sync client's thread --------------------------------------------------------------
+def _sync_with_producer(producer: FakeProducer) -> Client:
+    client = Client(Settings.from_env({"AGENTSTREAM_TOPIC_PREFIX": "p."}))
+    client._async._producer = producer
+    return client
+
+
+def test_sync_client_starts_its_thread_at_first_use_and_stop_ends_it() -> None:
+    before = set(_threads())
+    producer = FakeProducer()
+    client = _sync_with_producer(producer)
+    assert set(_threads()) == before  # constructing starts nothing
+    assert client.publish("agent.messages", _message()) == "md-1"
+    fut = client.publish("agent.messages", _message(2), wait=False)
+    assert fut.result(timeout=5) == "md-2"
+    assert client.publish_many("agent.messages", iter([_message(3)])) == 1
+    (mine,) = set(_threads()) - before
+    client.stop()
+    assert not mine.is_alive()
+    assert producer.stopped
+    client.stop()  # twice is fine
+
+
+def test_sync_client_raises_the_typed_error() -> None:
+    client = _sync_with_producer(FakeProducer(on_send=TopicAuthorizationFailedError()))
+    try:
+        with pytest.raises(PublishError) as exc:
+            client.publish("agent.messages", _message())
+        assert exc.value.topic == "p.agent.messages"
+    finally:
+        client.stop()
+    client = _sync_with_producer(FakeProducer(on_delivery=MessageSizeTooLargeError()))
+    try:
+        fut = client.publish("agent.messages", _message(), wait=False)
+        with pytest.raises(PublishError):
+            fut.result(timeout=5)
+    finally:
+        client.stop()
+
+
+async def test_sync_client_works_inside_a_running_loop() -> None:
+    # as in Jupyter: the caller's own loop is running; asyncio.run would refuse here
+    with _sync_with_producer(FakeProducer()) as client:
+        assert client.publish("agent.messages", _message()) == "md-1"
+
+
+def test_a_dropped_client_stops_its_thread() -> None:
+    before = set(_threads())
+    client = _sync_with_producer(FakeProducer())
+    client.publish("agent.messages", _message())
+    (mine,) = set(_threads()) - before
+    del client
+    gc.collect()
+    _wait(lambda: not mine.is_alive(), what="the thread of a collected client to end")
+
+
+def test_a_stopped_client_starts_again() -> None:
+    producer = FakeProducer()
+    client = _sync_with_producer(producer)
+    client.publish("agent.messages", _message())
+    client.stop()
+    client._async._producer = producer  # stop() dropped it; no broker to start a new one
+    assert client.publish("agent.messages", _message(2)) == "md-2"
+    client.stop()
+
+
+class Records:
+    """An async generator of records whose end (the consumer's stop) is observable."""
+
+    def __init__(self) -> None:
+        self.closed = threading.Event()
+
+    async def gen(self) -> AsyncIterator[int]:
+        try:
+            i = 0
+            while True:
+                i += 1
+                await asyncio.sleep(0)
+                yield i
+        finally:
+            self.closed.set()
+
+
+def test_an_abandoned_subscription_stops_its_consumer() -> None:
+    runner = _LoopThread()
+    try:
+        records = Records()
+        for i in Subscription(runner, records.gen()):  # type: ignore[arg-type]
+            if i == 2:
+                break
+        gc.collect()
+        _wait(records.closed.is_set, what="the abandoned subscription to close")
+    finally:
+        runner.close()
+
+
+def test_a_subscription_kept_open_ends_with_the_client() -> None:
+    client = Client(Settings.from_env({}))
+    records = Records()
+    sub = Subscription(client._loop(), records.gen())  # type: ignore[arg-type]
+    assert next(sub) == 1
+    client.stop()
+    assert records.closed.is_set()
+    with pytest.raises(StopIteration):
+        next(sub)
+
+
+def test_a_subscription_ends_with_its_with_block() -> None:
+    runner = _LoopThread()
+    try:
+        records = Records()
+        with Subscription(runner, records.gen()) as sub:  # type: ignore[arg-type]
+            assert next(sub) == 1
+        assert records.closed.is_set()
+    finally:
+        runner.close()
+
+
+def test_the_sync_subscribe_is_a_plain_iterator(monkeypatch: pytest.MonkeyPatch) -> None:
+    records = Records()
+    client = Client(Settings.from_env({}))
+    seen: dict[str, Any] = {}
+
+    def subscribe(topics: Any, **kw: Any) -> AsyncIterator[int]:
+        seen.update(kw, topics=topics)
+        return records.gen()
+
+    monkeypatch.setattr(client._async, "subscribe", subscribe)
+    try:
+        sub = client.subscribe("agent.messages", from_beginning=True, timeout_s=2, max_events=3)
+        assert isinstance(sub, Iterator)
+        assert [next(sub), next(sub)] == [1, 2]
+        assert seen == {
+            "topics": "agent.messages",
+            "from_beginning": True,
+            "group_id": None,
+            "timeout_s": 2,
+            "max_events": 3,
+        }
+    finally:
+        client.stop()
+
+
+def test_the_loop_refuses_to_wait_for_itself() -> None:
+    runner = _LoopThread()
+    try:
+
+        async def inner() -> None:
+            runner.run(asyncio.sleep(0))
+
+        with pytest.raises(RuntimeError, match="its own event loop"):
+            runner.run(inner())
+    finally:
+        runner.close()
+
+
+# -- the unknown-topic wait ---------------------------------------------------------------
+class NoTopicConsumer:
+    def __init__(self) -> None:
+        class _Client:
+            async def force_metadata_update(self) -> None:
+                return None
+
+        self._client = _Client()
+
+    def partitions_for_topic(self, topic: str) -> None:
+        return None
+
+
+async def test_an_unknown_topic_fails_after_the_given_timeout() -> None:
+    t0 = time.monotonic()
+    with pytest.raises(BrokerError, match=r"topic p\.nope does not exist"):
+        await _partitions(NoTopicConsumer(), "p.nope", 0.3)
+    assert 0.3 <= time.monotonic() - t0 < 2
+
+
+# -- py.typed ------------------------------------------------------------------------------
+@pytest.mark.parametrize("package", ["schemas", "streams"])
+def test_the_packages_ship_py_typed(package: str) -> None:
+    assert importlib.resources.files(package).joinpath("py.typed").is_file()
+    config = tomllib.loads((REPO / "pyproject.toml").read_text())
+    package_data = config["tool"]["setuptools"]["package-data"]
+    assert "py.typed" in package_data[package]
