@@ -38,7 +38,7 @@ from streams.delivery import (
 )
 from streams.kafka_security import faust_credentials
 from streams.logging_setup import file_handler
-from streams.settings import Settings, get_settings
+from streams.settings import Settings, SettingsError, get_settings
 from streams.topics import CATALOGUE
 from streams.web_auth import server_ssl_context
 
@@ -166,7 +166,20 @@ def create_app(settings: Settings) -> AgentStreamApp:
     return new
 
 
-settings = get_settings()
+def _settings_or_exit() -> Settings:
+    """The settings this module builds the app from. `agentstream` validates them before
+    it imports this module (and `--help` never does); anything else importing it with a
+    bad environment — `faust -A streams.app worker` — ends with the CLI's `Error:` lines
+    and exit 2 instead of a traceback: no app can be built from them."""
+    try:
+        return get_settings()
+    except SettingsError as exc:
+        for line in exc.problems:
+            print(f"Error: {line}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+settings = _settings_or_exit()
 app = create_app(settings)
 
 

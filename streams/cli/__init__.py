@@ -2,35 +2,153 @@
 
 `agentstream worker` is Faust's own worker for this app (all of Faust's worker options
 apply). Every other command is ours and built on `streams.client`. Agent packages add
-their commands (`policy`, `agents`, `audit` ...) to the `cli` group at import time; the
-entry point imports them through Faust's autodiscovery, so `streams` never names them.
+their commands (`policy`, `agents`, `audit` ...) to the `cli` group from their modules
+named `cli`; `streams` never names them: they are found in the packages of
+AGENTSTREAM_AGENTS, as Faust's autodiscovery finds the agents.
+
+Settings, and what `--help` touches
+-----------------------------------
+Settings are read when a command runs, never when the CLI starts: `--help` (of the CLI,
+and of every command, `worker` included) needs none, contacts no broker and creates no
+file or directory. So the command tree is built from the `cli` modules alone, without
+the Faust app (whose creation makes the worker's data directory). When a command runs,
+`CheckedCommand` first validates every setting — all problems at once, `Error:` one line
+each, exit 2 — then loads the app and discovers the agents, whose tables and topics the
+commands read.
+
+Exit codes: 0 done; 1 rejected input or a pipeline error (broker, schema, credentials:
+one line, `Error: <class>: <message>`); 2 usage and configuration errors (unknown command
+or option, bad option value, missing file, bad settings).
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib
+import importlib.util
+import os
+import pkgutil
 import sys
-from collections.abc import Coroutine
-from typing import Any, TypeVar
+from collections.abc import Coroutine, Mapping
+from typing import IO, Any, TypeVar
 
 import click
 
 from schemas.errors import PipelineError
+from streams.settings import Settings, SettingsError
 
 T = TypeVar("T")
 
+#: exit status of a rejected input or a pipeline error (click's own for ClickException)
+EXIT_FAILED = 1
+#: exit status of a usage or configuration error (click's own for UsageError)
+EXIT_USAGE = 2
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+
+class ConfigError(click.ClickException):
+    """A configuration problem (bad settings, a file a setting names): exit 2, one
+    `Error:` line per problem."""
+
+    exit_code = EXIT_USAGE
+
+    def show(self, file: IO[Any] | None = None) -> None:
+        for line in self.format_message().splitlines() or [""]:
+            click.echo(f"Error: {line}", file=file, err=file is None)
+
+
+def settings_error(exc: SettingsError) -> ConfigError:
+    return ConfigError("\n".join(exc.problems))
+
+
+def checked_settings() -> Settings:
+    """The process-wide settings, or a `ConfigError` naming every bad variable."""
+    from streams.settings import get_settings
+
+    try:
+        return get_settings()
+    except SettingsError as exc:
+        raise settings_error(exc) from None
+
+
+#: the start of `streams.kafka_security.connect_error`'s message when nothing answered
+_UNREACHABLE = "cannot reach Kafka at "
+
+
+def error_text(exc: PipelineError, settings: Settings | None = None) -> str:
+    """The one line a pipeline error ends a command with: `<class>: <message>`; a
+    broker that does not answer is named with what to do about it."""
+    from streams.errors import BrokerError
+
+    text = str(exc)
+    if type(exc) is BrokerError and text.startswith(_UNREACHABLE):
+        where, _, cause = text.removeprefix(_UNREACHABLE).partition(": ")
+        # aiokafka's "Unable to bootstrap from [(host, port, family)]" only repeats where
+        detail = "" if not cause or "Unable to bootstrap" in cause else f" ({cause})"
+        configured = settings is not None and settings.kafka_bootstrap
+        hint = (
+            "is it running, and is AGENTSTREAM_KAFKA_BOOTSTRAP right?"
+            if configured
+            else "start one with 'agentstream kafka start' or set AGENTSTREAM_KAFKA_BOOTSTRAP"
+        )
+        text = f"no broker at {where}{detail} — {hint}"
+    return f"{type(exc).__name__}: {text}"
+
+
+def _current_settings() -> Settings | None:
+    from streams.settings import get_settings
+
+    try:
+        return get_settings()
+    except SettingsError:
+        return None
+
+
+def pipeline_error(exc: BaseException) -> click.ClickException | None:
+    """The click error an exception of a command's work becomes (None: a bug, shown
+    with its traceback): bad settings exit 2, every other pipeline error and aiokafka's
+    own errors past a client's start exit 1."""
+    if isinstance(exc, SettingsError):
+        return settings_error(exc)
+    if isinstance(exc, PipelineError):
+        return click.ClickException(error_text(exc, _current_settings()))
+    from aiokafka.errors import KafkaError
+
+    if isinstance(exc, KafkaError):
+        return click.ClickException(f"BrokerError: Kafka refused the request: {exc}")
+    return None
+
+
+class CheckedCommand(click.Command):
+    """A command that runs only with valid settings: they are checked after its
+    arguments are parsed (so `--help` needs none), before its callback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        prepare_run()
+        return super().invoke(ctx)
+
+
+class CliGroup(click.Group):
+    """Every command below it, however deep, is a `CheckedCommand`."""
+
+    command_class = CheckedCommand
+    group_class = type  # subgroups are CliGroups too
+
+
+@click.group(cls=CliGroup, context_settings={"help_option_names": ["-h", "--help"]})
 def cli() -> None:
     """agentstream: event-sourced stream processing for multi-agent LLM platforms."""
 
 
 def run(coro: Coroutine[Any, Any, T]) -> T:
-    """Run a coroutine for a command; pipeline errors become a clean message + exit 1."""
+    """Run a coroutine for a command; its errors become one clean line (`pipeline_error`:
+    exit 1, or 2 for bad settings)."""
     try:
         return asyncio.run(coro)
-    except PipelineError as exc:
-        raise click.ClickException(f"{type(exc).__name__}: {exc}") from exc
+    except Exception as exc:
+        error = pipeline_error(exc)
+        if error is None:
+            raise
+        raise error from exc
 
 
 def web_root() -> str:
@@ -136,22 +254,69 @@ def _error_text(resp: Any) -> str:
     return (resp.text or resp.reason_phrase or "").strip()[:500]
 
 
-def load_commands() -> None:
-    """Import every command module of this package, then the agents' (via Faust
-    autodiscovery, so `streams` never names an agent package)."""
-    import importlib
-    import pkgutil
+def agent_packages(environ: Mapping[str, str] | None = None) -> list[str]:
+    """The agent packages of AGENTSTREAM_AGENTS, read from the environment itself: the
+    command tree is built before (and without) validating the settings."""
+    env = os.environ if environ is None else environ
+    raw = env.get(Settings.env_name("agents")) or str(Settings.model_fields["agents"].default)
+    return [p.strip() for p in raw.split(",") if p.strip()]
 
+
+def command_modules(package: str) -> list[str]:
+    """The modules named `cli` in `package` and its subpackages, found on disk without
+    importing any of them (an agent's other modules build tables on the app)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    found: list[str] = []
+
+    def walk(paths: list[str], prefix: str) -> None:
+        for info in sorted(pkgutil.iter_modules(paths), key=lambda i: i.name):
+            if info.ispkg:
+                walk([os.path.join(p, info.name) for p in paths], f"{prefix}{info.name}.")
+            elif info.name == "cli":
+                found.append(prefix + info.name)
+
+    walk(list(spec.submodule_search_locations), f"{package}.")
+    return found
+
+
+def load_commands(environ: Mapping[str, str] | None = None) -> None:
+    """Import every command module of this package, then the agent packages' `cli`
+    modules — no settings needed, nothing created (see the module doc)."""
     for info in pkgutil.iter_modules(__path__):
         importlib.import_module(f"{__name__}.{info.name}")
+    for package in agent_packages(environ):
+        try:
+            for name in command_modules(package):
+                importlib.import_module(name)
+        except ImportError as exc:
+            # A broken agent package must not take `kafka stop` or `tail` down with it;
+            # the worker itself still refuses to start (AgentStreamApp fails loudly).
+            _unavailable(exc)
+
+
+def _unavailable(exc: ImportError) -> None:
+    click.echo(f"warning: some commands are unavailable: {exc.__cause__ or exc}", err=True)
+
+
+_loaded = False
+
+
+def prepare_run() -> None:
+    """Before a command runs: every setting valid (else exit 2), then the app and its
+    agents loaded, as a worker has them (tables registered, topics declared)."""
+    global _loaded
+    checked_settings()
+    if _loaded:
+        return
+    _loaded = True
     from streams.app import app
 
     try:
         app.discover()
     except ImportError as exc:
-        # A broken agent package must not take `kafka stop` or `tail` down with it; the
-        # worker itself still refuses to start (AgentStreamApp fails loudly).
-        click.echo(f"warning: some commands are unavailable: {exc.__cause__ or exc}", err=True)
+        _unavailable(exc)
 
 
 def install_web_auth() -> None:
@@ -166,11 +331,26 @@ def install_web_auth() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
-    if args[:1] == ["worker"]:
-        from streams.cli.core import run_worker
+    try:
+        if args[:1] == ["worker"]:
+            from streams.cli.core import check_worker, run_worker
 
-        install_web_auth()
-        run_worker(args[1:])
-        return
-    load_commands()
-    cli.main(args=args, prog_name="agentstream")
+            check_worker(args[1:])  # --help, bad options, bad settings: nothing built yet
+            install_web_auth()
+            run_worker(args[1:])
+            return
+        load_commands()
+        cli.main(args=args, prog_name="agentstream")
+    except click.ClickException as exc:  # raised outside click's own main (the worker)
+        exc.show()
+        sys.exit(exc.exit_code)
+    except (PipelineError, OSError) as exc:
+        # raised by a command outside `run`; an OSError naming a file is a path the
+        # user gave (or a setting did) that cannot be read or written
+        error = pipeline_error(exc)
+        if error is None and isinstance(exc, OSError) and exc.filename is not None:
+            error = click.UsageError(f"{exc.filename}: {exc.strerror or exc}")
+        if error is None:
+            raise
+        error.show()
+        sys.exit(error.exit_code)

@@ -3,39 +3,86 @@
 from __future__ import annotations
 
 import asyncio
+import difflib
 import json
 import sys
 from pathlib import Path
-from typing import Any, TextIO
+from typing import IO, Any
 
 import click
 import orjson
 
-from schemas import registry
+from schemas import Event, registry
 from schemas.errors import PipelineError, SchemaError
 from streams.admin import ensure_topics, list_topics
-from streams.cli import cli, run
-from streams.client import Client, build_event
+from streams.cli import ConfigError, checked_settings, cli, install_web_auth, run
+from streams.client import AsyncClient, build_event
 from streams.errors import BrokerError
 from streams.redaction import redact_event_dict
 from streams.settings import REPO_ROOT, Settings, get_settings
+from streams.topics import CATALOGUE
+
+
+def check_worker(faust_args: list[str]) -> Settings:
+    """The settings a worker with these options runs with, once both are known good
+    (else a click error: exit 2). `--help` prints Faust's worker help and exits 0,
+    touching nothing: no settings read, no app built, no broker contacted."""
+    try:
+        check_worker_args(faust_args)
+    except click.exceptions.Exit as exc:  # --help, printed
+        sys.exit(exc.exit_code)
+    settings = checked_settings()
+    faust_loglevel(settings.log_level)
+    return settings
 
 
 def run_worker(faust_args: list[str]) -> None:
-    """Create missing topics, then hand over to Faust's `worker` command for this app."""
-    settings = get_settings()
-    try:
-        run(ensure_topics(settings))
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(2)
+    """Check the options and the settings, create missing topics, then hand over to
+    Faust's `worker` command for this app."""
+    settings = check_worker(faust_args)
+    if not any(a.startswith(("-l", "--loglevel")) for a in faust_args):
+        faust_args = ["--loglevel", faust_loglevel(settings.log_level), *faust_args]
+    install_web_auth()
+    run(ensure_topics(settings))
     from streams.app import app
 
-    if not any(a.startswith(("-l", "--loglevel")) for a in faust_args):
-        faust_args = ["--loglevel", settings.log_level.lower(), *faust_args]
     use_event_loop(settings.event_loop)
     sys.argv = ["agentstream", "worker", *faust_args]
     app.main()
+
+
+def check_worker_args(faust_args: list[str]) -> None:
+    """Parse the worker's options as Faust will, before anything is read or contacted:
+    a bad one is a `click.UsageError` (exit 2); `--help` prints Faust's worker help and
+    raises `click.exceptions.Exit`. Faust's command needs no app to be parsed."""
+    from faust.cli.faust import cli as faust_cli
+
+    with faust_cli.make_context("agentstream", ["worker"], resilient_parsing=True) as root:
+        faust_cli.commands["worker"].make_context("worker", list(faust_args), parent=root)
+
+
+#: AGENTSTREAM_LOG_LEVEL (Python's level names) -> Faust's --loglevel choices: Faust
+#: refuses `warning`, the default's own name
+FAUST_LOGLEVELS = {
+    "DEBUG": "debug",
+    "INFO": "info",
+    "WARN": "warn",
+    "WARNING": "warn",
+    "ERROR": "error",
+    "CRIT": "crit",
+    "CRITICAL": "crit",
+    "FATAL": "crit",
+}
+
+
+def faust_loglevel(level: str) -> str:
+    """Faust's name of a log level, or a `ConfigError` naming the variable."""
+    try:
+        return FAUST_LOGLEVELS[level.strip().upper()]
+    except KeyError:
+        raise ConfigError(
+            f"AGENTSTREAM_LOG_LEVEL={level!r}: one of DEBUG, INFO, WARNING, ERROR, CRITICAL"
+        ) from None
 
 
 def use_event_loop(name: str) -> None:
@@ -148,61 +195,108 @@ def topics_list() -> None:
 
 
 # -- publish / tail ----------------------------------------------------------------------
+def check_topic(topic: str, prefix: str = "") -> str:
+    """The catalogue name of `topic` (its name, or with the settings' prefix), else a
+    `UsageError` naming the closest one: a typo must not reach the broker, which may
+    create it."""
+    base = topic[len(prefix) :] if prefix and topic.startswith(prefix) else topic
+    if base in CATALOGUE:
+        return base
+    close = difflib.get_close_matches(base, list(CATALOGUE), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise click.UsageError(
+        f"unknown topic {topic!r}{hint}; `agentstream topics list` shows the catalogue"
+    )
+
+
+def parse_line(topic: str, line: bytes, *, source: str, event_type: str | None) -> Event[Any]:
+    """One JSON line -> a validated event for `topic`; `orjson.JSONDecodeError` (also for
+    bytes that are not UTF-8) or `SchemaError` when it is not one."""
+    return build_event(topic, orjson.loads(line), source=source, event_type=event_type)
+
+
 @cli.command()
 @click.argument("topic")
 @click.option(
     "--file",
     "-f",
     "path",
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="JSON lines file (default: stdin).",
 )
 @click.option("--type", "event_type", help="Event type for bare payloads.")
 @click.option("--source", default="agentstream-cli", show_default=True, help="Envelope source.")
-def publish(topic: str, path: Path | None, event_type: str | None, source: str) -> None:
+@click.option(
+    "--dry-run", is_flag=True, help="Validate every line and send nothing (no broker contact)."
+)
+def publish(
+    topic: str, path: Path | None, event_type: str | None, source: str, dry_run: bool
+) -> None:
     """Publish JSON lines to TOPIC, each validated against its schema first.
 
     Invalid lines are reported on stderr with line number and reason and not sent; valid
-    lines are sent anyway; the exit status is 1 if any line was invalid.
+    lines are sent anyway; the exit status is 1 if any line was invalid. The broker is
+    contacted only once a line is valid, never with --dry-run.
     """
-    stream: TextIO = path.open(encoding="utf-8") if path else sys.stdin
+    events = CATALOGUE[check_topic(topic, get_settings().topic_prefix)].events
+    if event_type is not None and event_type not in events:
+        raise click.BadParameter(
+            f"{event_type!r} does not go on {topic} (its types: {', '.join(events)})",
+            param_hint="'--type'",
+        )
+    stream: IO[bytes] = path.open("rb") if path else sys.stdin.buffer
     try:
-        sent, bad = run(_publish(topic, stream, event_type, source))
+        sent, bad = run(_publish(topic, stream, event_type, source, dry_run=dry_run))
     finally:
         if path:
             stream.close()
-    click.echo(f"sent {sent} event(s) to {topic}, {bad} invalid line(s)", err=True)
+    verb = "would send" if dry_run else "sent"
+    click.echo(f"{verb} {sent} event(s) to {topic}, {bad} invalid line(s)", err=True)
     if bad:
         sys.exit(1)
 
 
 async def _publish(
-    topic: str, lines: TextIO, event_type: str | None, source: str
+    topic: str, lines: IO[bytes], event_type: str | None, source: str, *, dry_run: bool = False
 ) -> tuple[int, int]:
-    bad = 0
+    bad = valid = 0
     pending: list[Any] = []
-    async with Client(source=source) as client:
+    client: AsyncClient | None = None
+    try:
         for lineno, line in enumerate(lines, 1):
             if not line.strip():
                 continue
             try:
-                data = orjson.loads(line)
-                event = build_event(topic, data, source=source, event_type=event_type)
+                event = parse_line(topic, line, source=source, event_type=event_type)
             except (orjson.JSONDecodeError, SchemaError) as exc:
                 bad += 1
                 click.echo(f"line {lineno}: {type(exc).__name__}: {exc}", err=True)
                 continue
+            valid += 1
+            if dry_run:
+                continue
+            if client is None:  # connect once there is something to send
+                client = AsyncClient(source=source)
+                await client.start()
             pending.append(await client.publish(topic, event, wait=False))
         for fut in pending:
             await fut
-    return len(pending), bad
+    finally:
+        if client is not None:
+            await client.stop()
+    return valid, bad
 
 
 @cli.command()
 @click.argument("topic")
 @click.option("--from-beginning", is_flag=True, help="Start at the oldest record.")
-@click.option("--max", "max_events", type=int, help="Stop after N records.")
-@click.option("--timeout", "timeout_s", type=float, help="Stop after S seconds without a record.")
+@click.option("--max", "max_events", type=click.IntRange(min=1), help="Stop after N records.")
+@click.option(
+    "--timeout",
+    "timeout_s",
+    type=click.FloatRange(min=0, min_open=True),
+    help="Stop after S seconds without a record.",
+)
 @click.option(
     "--show-secrets",
     is_flag=True,
@@ -219,6 +313,7 @@ def tail(
 
     Secrets (`auth.token` and the other secret keys of `streams.redaction`) are printed
     as "[REDACTED]" unless --show-secrets."""
+    check_topic(topic, get_settings().topic_prefix)
     run(_tail(topic, from_beginning, max_events, timeout_s, show_secrets))
 
 
@@ -230,7 +325,7 @@ async def _tail(
     show_secrets: bool = False,
 ) -> None:
     out = sys.stdout
-    async for rec in Client().subscribe(
+    async for rec in AsyncClient().subscribe(
         topic, from_beginning=from_beginning, max_events=max_events, timeout_s=timeout_s
     ):
         if rec.event is not None:
@@ -278,10 +373,7 @@ def config(markdown: bool) -> None:
             shown = shown.replace(str(REPO_ROOT), "<repo>")
             click.echo(f"| `{Settings.env_name(name)}` | `{shown}` | {info.description} |")
         return
-    try:
-        settings = get_settings()
-    except Exception as exc:
-        raise click.ClickException(str(exc)) from exc
+    settings = get_settings()  # valid: checked before any command runs
     for var, value, desc in Settings.describe(settings):
         click.echo(f"{var:40} {value:30} {desc}")
     _show_secrets(settings)
