@@ -717,6 +717,11 @@ class Subscription(Iterator[Received]):
         except StopAsyncIteration:
             self._done = True
             raise StopIteration from None
+        except concurrent.futures.CancelledError:
+            if self._done:  # closed from another thread (the client stopped): the end
+                raise StopIteration from None
+            self.close()
+            raise
         except BaseException:
             self.close()  # an error ends the subscription; an interrupt, too
             raise

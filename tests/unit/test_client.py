@@ -526,3 +526,31 @@ def test_the_packages_ship_py_typed(package: str) -> None:
     config = tomllib.loads((REPO / "pyproject.toml").read_text())
     package_data = config["tool"]["setuptools"]["package-data"]
     assert "py.typed" in package_data[package]
+
+
+def test_a_subscription_waiting_in_another_thread_ends_when_the_client_stops() -> None:
+    client = Client(Settings.from_env({}))
+    closed = threading.Event()
+
+    async def waiting() -> AsyncIterator[int]:
+        try:
+            yield 1
+            await asyncio.Event().wait()  # a consumer with nothing to read
+            yield 2
+        finally:
+            closed.set()
+
+    sub = Subscription(client._loop(), waiting())  # type: ignore[arg-type]
+    assert next(sub) == 1
+    outcome: list[Any] = []
+
+    def iterate() -> None:
+        outcome.append(list(sub))
+
+    reader = threading.Thread(target=iterate)
+    reader.start()
+    _wait(lambda: sub._step is not None and not sub._step.done(), what="the reader to wait")
+    client.stop()
+    reader.join(10)
+    assert outcome == [[]]  # the iteration ended, no CancelledError in the reader
+    assert closed.is_set()
