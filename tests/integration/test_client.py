@@ -1,0 +1,225 @@
+"""The sync Client against the real broker: a publish/subscribe round trip (from settings
+and from constructor arguments alone), use from inside a running event loop, a record the
+broker refuses as PublishError, a subscription abandoned mid-iteration, the unknown-topic
+wait bounded by `timeout_s`; and, on the secured broker, a SASL password given as an
+argument with none in the credentials chain."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import os
+import secrets
+import time
+from typing import Any
+
+import pytest
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from aiokafka.errors import MessageSizeTooLargeError
+
+import streams.client
+from infra.kafka.secured import SecuredKafka
+from schemas import AgentMessage, Event
+from streams.admin import ensure_topics
+from streams.client import Client
+from streams.errors import BrokerAuthError, BrokerError, PublishError
+from streams.settings import Settings
+from tests.support import wait_until
+
+pytestmark = pytest.mark.integration
+
+
+def _message(i: int, content: str = "hello") -> AgentMessage:
+    return AgentMessage(
+        message_id=f"m{i}", sender_id="planner-1", recipient_id="coder-2", content=content
+    )
+
+
+@pytest.fixture
+async def settings(settings_env: dict[str, str]) -> Settings:
+    s = Settings.from_env(settings_env)
+    await ensure_topics(s)
+    return s
+
+
+def _round_trip(client: Client) -> None:
+    md = client.publish("agent.messages", _message(1))
+    assert md.topic == client.settings.topic("agent.messages")
+    assert client.publish_many("agent.messages", [_message(2), _message(3)]) == 2
+    assert client.publish("agent.messages", _message(4), wait=False).result(timeout=30)
+    records = list(
+        client.subscribe("agent.messages", from_beginning=True, max_events=4, timeout_s=10)
+    )
+    assert [r.event.payload.message_id for r in records if r.event is not None] == [
+        "m1",
+        "m2",
+        "m3",
+        "m4",
+    ]
+    assert {r.topic for r in records} == {client.settings.topic("agent.messages")}
+
+
+def test_sync_round_trip(settings: Settings) -> None:
+    with Client(settings, source="test") as client:
+        _round_trip(client)
+
+
+def test_sync_round_trip_from_constructor_arguments_alone(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in list(os.environ):
+        if name.startswith("AGENTSTREAM_"):
+            monkeypatch.delenv(name)
+    client = Client(bootstrap=settings.bootstrap, topic_prefix=settings.topic_prefix)
+    try:
+        _round_trip(client)
+    finally:
+        client.stop()
+
+
+async def test_sync_client_inside_a_running_loop(settings: Settings) -> None:
+    # as in a Jupyter cell: this coroutine's loop is running, asyncio.run would refuse
+    asyncio.get_running_loop()
+    with Client(settings, source="test") as client:
+        _round_trip(client)
+
+
+async def _set_max_message_bytes(settings: Settings, topic: str, value: int) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap)
+    await admin.start()
+    try:
+        await admin.alter_configs(
+            [ConfigResource(ConfigResourceType.TOPIC, topic, {"max.message.bytes": str(value)})]
+        )
+    finally:
+        await admin.close()
+
+
+async def test_a_record_the_broker_refuses_is_a_publish_error(settings: Settings) -> None:
+    topic = settings.topic("agent.messages")
+    await _set_max_message_bytes(settings, topic, 1024)
+    big = Event.of(_message(1, content="x" * 4000), source="test")
+    with Client(settings) as client:
+        with pytest.raises(PublishError) as exc:
+            client.publish("agent.messages", big)  # under the producer's limit: the broker
+        err = exc.value
+        assert (err.topic, err.key, err.retriable) == (topic, "planner-1", False)
+        assert isinstance(err.cause, MessageSizeTooLargeError)
+        assert "max.message.bytes" in str(err)
+        # the client is still usable: a record within the limit goes through
+        assert client.publish("agent.messages", _message(2))
+
+
+def _loop_tasks(client: Client) -> int:
+    async def count() -> int:
+        return len(asyncio.all_tasks()) - 1  # not this one
+
+    return client._loop().run(count())
+
+
+def test_an_abandoned_subscription_stops_its_consumer(settings: Settings) -> None:
+    with Client(settings) as client:
+        client.publish_many("agent.messages", [_message(i) for i in range(5)])
+        idle = _loop_tasks(client)
+        for i, _rec in enumerate(client.subscribe("agent.messages", from_beginning=True)):
+            if i == 0:
+                assert _loop_tasks(client) > idle  # the consumer's fetcher and co.
+            if i == 1:
+                break
+        gc.collect()
+        wait_until(lambda: _loop_tasks(client) <= idle, 15, what="the consumer to stop")
+
+
+@pytest.mark.parametrize("timeout_s", [2.0, None])
+def test_an_unknown_topic_fails_within_the_timeout(
+    settings: Settings, timeout_s: float | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the default (10 s) made short here: what is measured is that it is used at all
+    monkeypatch.setattr(streams.client, "UNKNOWN_TOPIC_TIMEOUT_S", 2.0)
+    kw: dict[str, Any] = {} if timeout_s is None else {"timeout_s": timeout_s}
+    with Client(settings) as client:
+        t0 = time.monotonic()
+        with pytest.raises(BrokerError, match=r"topic no\.such\.topic does not exist"):
+            next(client.subscribe("no.such.topic", **kw))
+        took = time.monotonic() - t0
+    assert 2.0 <= took < 6.0, took
+
+
+# -- the password as an argument, against the secured broker -------------------------------
+def _secured_settings(
+    settings_env: dict[str, str], kafka: SecuredKafka, monkeypatch: pytest.MonkeyPatch
+) -> Settings:
+    """The test's namespace on the secured broker, as `admin` over mutual TLS (no
+    password needed to create its topics); the chain is the env source and has no
+    Kafka password, in the environment of this process too."""
+    for name in list(os.environ):
+        if name.startswith("AGENTSTREAM_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("AGENTSTREAM_SECRET_SOURCES", "env")
+    cert, key = kafka.client_cert("admin")
+    return Settings.from_env(
+        {
+            "AGENTSTREAM_TOPIC_PREFIX": settings_env["AGENTSTREAM_TOPIC_PREFIX"],
+            "AGENTSTREAM_TOPIC_PARTITIONS": "2",
+            "AGENTSTREAM_SECRET_SOURCES": "env",
+            "AGENTSTREAM_KAFKA_BOOTSTRAP": kafka.ssl_bootstrap,
+            "AGENTSTREAM_KAFKA_SECURITY_PROTOCOL": "SSL",
+            "AGENTSTREAM_KAFKA_SSL_CAFILE": str(kafka.ca_file),
+            "AGENTSTREAM_KAFKA_SSL_CERTFILE": str(cert),
+            "AGENTSTREAM_KAFKA_SSL_KEYFILE": str(key),
+        }
+    )
+
+
+def _scram_client(settings: Settings, kafka: SecuredKafka, password: str) -> Client:
+    return Client(
+        bootstrap=kafka.sasl_ssl_bootstrap,
+        security_protocol="SASL_SSL",
+        sasl_mechanism="SCRAM-SHA-512",
+        sasl_username="admin",
+        sasl_password=password,
+        ssl_cafile=kafka.ca_file,
+        topic_prefix=settings.topic_prefix,
+        connect_timeout_s=10,
+    )
+
+
+async def test_a_password_argument_connects_without_the_chain(
+    settings_env: dict[str, str],
+    secured_kafka: SecuredKafka,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    mtls = _secured_settings(settings_env, secured_kafka, monkeypatch)
+    await ensure_topics(mtls)
+    password = secured_kafka.password("admin")
+    caplog.set_level(logging.DEBUG)
+    client = _scram_client(mtls, secured_kafka, password)
+    try:
+        await asyncio.to_thread(_round_trip, client)
+        assert password not in repr(client)
+    finally:
+        client.stop()
+    assert password not in caplog.text
+
+
+def test_a_wrong_password_argument_is_refused_naming_the_login(
+    settings_env: dict[str, str],
+    secured_kafka: SecuredKafka,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    mtls = _secured_settings(settings_env, secured_kafka, monkeypatch)
+    wrong = "wrong-" + secrets.token_urlsafe(12)
+    client = _scram_client(mtls, secured_kafka, wrong)
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(BrokerAuthError) as exc:
+            client.start()
+    finally:
+        client.stop()
+    assert time.monotonic() - t0 < 15
+    assert "refused the SASL login of 'admin'" in str(exc.value)
+    assert "(SASL_SSL)" in str(exc.value)
+    assert wrong not in str(exc.value)
