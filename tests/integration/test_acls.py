@@ -37,7 +37,7 @@ from aiokafka.errors import (
 from schemas import AgentMessage, Event
 from streams.acls import PRODUCER_READS, PRODUCER_WRITES
 from streams.client import AsyncClient, group_less_consumer
-from streams.errors import BrokerAuthError
+from streams.errors import BrokerAuthError, PublishError
 from streams.kafka_security import new_admin, new_producer
 from streams.settings import Settings
 from streams.topics import CATALOGUE, SECURITY_POLICIES
@@ -363,8 +363,9 @@ async def test_a_producer_writes_agent_inputs_and_nothing_else(deployment: Deplo
     await seed(dep, CATALOGUE)
     async with AsyncClient(producer, source="acl-test") as client:
         await client.publish("agent.messages", _message("p-1", "hello"))
-        with pytest.raises(TopicAuthorizationFailedError):
+        with pytest.raises(PublishError) as refused_write:
             await client.publish_raw(SECURITY_POLICIES, b"x", b"__config__")
+        assert isinstance(refused_write.value.cause, TopicAuthorizationFailedError)
     refused = await write_refused(producer, CATALOGUE)
     assert refused == {name: name not in PRODUCER_WRITES for name in CATALOGUE}
     unreadable = {name: await read_refused(producer, dep.topic(name)) for name in CATALOGUE}
