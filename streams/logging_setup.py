@@ -14,12 +14,13 @@ task (`attach_file_handler`). Equivalent, and independent of which agents a work
 ``loghandlers=[h for h in [file_handler(settings)] if h]`` in `streams.app.create_app`
 (the handler opens its file lazily, so CLI processes never create it).
 
-Importing this module also quiets aiokafka's complaints about a topic whose metadata the
-brokers are still spreading (`NewTopicNoise`): right after topics are created, a client
-sees "Topic ... not found in cluster metadata" and produce retries on
-`NotLeaderForPartitionError` for a second or two, retries them itself, and the user can do
-nothing about it. Every process imports it through `streams.app` (the worker, and the CLI
-when it loads its commands).
+Importing this module also quiets aiokafka's (and Faust's) complaints about a topic whose
+metadata the brokers are still spreading (`NewTopicNoise`): right after topics are
+created, a client sees "Topic ... not found in cluster metadata", `NotLeaderForPartitionError`
+on its first ListOffsets or produce requests, and a fresh broker has no group coordinator
+for a moment; the clients retry by themselves within a second or two and the user can do
+nothing about it. Every process imports this module through `streams.app` (the worker, and
+the CLI when it loads its commands).
 """
 
 from __future__ import annotations
@@ -154,55 +155,105 @@ def attach_file_handler(settings: Settings, logger: logging.Logger | None = None
 #: how long a topic's transient metadata messages stay at DEBUG, from the first one
 NEW_TOPIC_GRACE_S = 30.0
 
-#: the retriable produce errors of a partition whose leader the client does not know yet
+#: the retriable errors of a partition whose leader the client (or the broker it asked)
+#: does not know yet
 _LEADER_ERRORS = frozenset(
     {"NotLeaderForPartitionError", "LeaderNotAvailableError", "UnknownTopicOrPartitionError"}
 )
 
+#: the key `NewTopicNoise` files a group coordinator's absence under: a fresh broker
+#: creates the offsets topic at the first group's first request, and has no coordinator
+#: until that topic has a leader
+OFFSETS_TOPIC = "__consumer_offsets"
 
-def _first_arg(args: tuple[Any, ...]) -> str | None:
-    return args[0] if args and isinstance(args[0], str) else None
+
+def _error_name(error: object) -> str:
+    return getattr(error if isinstance(error, type) else type(error), "__name__", "")
+
+
+def _topic(tp: object) -> str | None:
+    topic = getattr(tp, "topic", None)
+    return topic if isinstance(topic, str) else None
+
+
+def _named_topic(args: tuple[Any, ...]) -> str | None:
+    """(topic,)"""
+    return args[0] if len(args) == 1 and isinstance(args[0], str) else None
+
+
+def _partition(args: tuple[Any, ...]) -> str | None:
+    """(TopicPartition,)"""
+    return _topic(args[0]) if len(args) == 1 else None
 
 
 def _retried_produce(args: tuple[Any, ...]) -> str | None:
-    """The topic of a produce batch aiokafka retries because of a leader error."""
-    if len(args) != 2:
+    """(TopicPartition, error class or a broker's error text)"""
+    if len(args) != 2 or _error_name(args[1]) not in _LEADER_ERRORS:
         return None
-    tp, error = args
-    name = getattr(error if isinstance(error, type) else type(error), "__name__", "")
-    topic = getattr(tp, "topic", None)
-    return topic if name in _LEADER_ERRORS and isinstance(topic, str) else None
+    return _topic(args[0])
 
 
-#: (logger, message template) -> the topic the record is about, None if it is not a
-#: transient case. The templates are aiokafka's (test_log_noise.py checks its source has
-#: them): a reworded message just passes through at its own level.
+def _failed_list_offsets(args: tuple[Any, ...]) -> str | None:
+    """(node id, error raised with its TopicPartition)"""
+    if len(args) != 2 or _error_name(args[1]) not in _LEADER_ERRORS:
+        return None
+    error_args: tuple[Any, ...] = getattr(args[1], "args", ())
+    return _topic(error_args[0]) if len(error_args) == 1 else None
+
+
+def _no_coordinator_yet(args: tuple[Any, ...]) -> str | None:
+    """(error,)"""
+    if len(args) == 1 and _error_name(args[0]) == "GroupCoordinatorNotAvailableError":
+        return OFFSETS_TOPIC
+    return None
+
+
+#: (logger, message template) -> the topic the record is about, None when that record is
+#: not the transient case. The templates are the libraries' own (test_log_noise.py checks
+#: their source still has them): a reworded message passes through at its own level.
 TRANSIENT_MESSAGES: dict[tuple[str, str], Callable[[tuple[Any, ...]], str | None]] = {
-    # aiokafka.cluster: a metadata response without the topic (or its leader) yet
-    ("aiokafka.cluster", "Topic %s not found in cluster metadata"): _first_arg,
+    # a metadata response without the topic (or its leader) yet
+    ("aiokafka.cluster", "Topic %s not found in cluster metadata"): _named_topic,
     ("aiokafka.cluster", "Topic %s is not available during auto-create initialization"): (
-        _first_arg
+        _named_topic
     ),
-    # aiokafka.producer.sender: a batch sent to a broker that is not (yet) its leader; the
-    # sender refreshes the metadata and sends it again
+    # a batch sent to a broker that is not (yet) its leader: the sender refreshes the
+    # metadata and sends it again
     (
         "aiokafka.producer.sender",
         "Got error produce response on topic-partition %s, retrying. Error: %s",
     ): _retried_produce,
+    # a consumer's first position on a new partition (ListOffsets) asked of a broker that
+    # does not know its leader yet: the fetcher retries after its backoff
+    ("aiokafka.consumer.fetcher", "Failed fetch offsets from %s: %s"): _failed_list_offsets,
+    (
+        "aiokafka.consumer.fetcher",
+        "Received unknown topic or partition error in ListOffset request for partition %s. "
+        "The topic/partition may not exist or the user may not have Describe access to it.",
+    ): _partition,
+    # the first consumer group on a fresh broker: no coordinator until the offsets topic
+    # exists; aiokafka asks again after its backoff
+    ("aiokafka.consumer.group_coordinator", "Group Coordinator Request failed: %s"): (
+        _no_coordinator_yet
+    ),
+    # Faust's assignor leaves out a topic the metadata does not have yet (a changelog it is
+    # creating); the metadata change that follows triggers a rebalance that includes it
+    ("faust.assignor.partition_assignor", "Ignoring missing topic: %r"): _named_topic,
 }
 
 
 class NewTopicNoise(logging.Filter):
-    """Demotes aiokafka's transient metadata messages about a topic to DEBUG during its
-    first `grace_s` seconds, counted from the first such message for that topic.
+    """Demotes the transient metadata messages of `TRANSIENT_MESSAGES` about a topic to
+    DEBUG during its first `grace_s` seconds, counted from the first such message for
+    that topic.
 
     Why per topic and from its first message: that is when the topic is new to the
     cluster or to this client (the worker's own topics, changelogs Faust creates while it
-    starts); the messages stop by themselves once the metadata has spread. A topic that
-    is still missing, or a leader still unknown, after the grace keeps being reported at
-    aiokafka's level (it logs again at every retry and metadata refresh), so a persistent
-    problem is never hidden, only its first `grace_s` seconds. A demoted record is still
-    logged when DEBUG is enabled for its logger."""
+    starts, the offsets topic of a fresh broker); the messages stop by themselves once the
+    metadata has spread. A topic still missing, or a leader still unknown, after the grace
+    is reported at the library's level again (aiokafka logs at every retry and metadata
+    refresh), so a persistent problem is not hidden, only its first `grace_s` seconds.
+    A demoted record is still logged when DEBUG is enabled for its logger."""
 
     def __init__(
         self, grace_s: float = NEW_TOPIC_GRACE_S, clock: Callable[[], float] = time.monotonic

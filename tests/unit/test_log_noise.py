@@ -12,17 +12,32 @@ from collections.abc import Iterator
 from types import ModuleType
 
 import aiokafka.cluster
+import aiokafka.consumer.fetcher
+import aiokafka.consumer.group_coordinator
 import aiokafka.producer.sender
+import faust.assignor.partition_assignor
 import pytest
 from aiokafka import errors
 from aiokafka.protocol.metadata import MetadataResponse_v0
 from aiokafka.structs import TopicPartition
 
 from streams import logging_setup
-from streams.logging_setup import NOISY_LOGGERS, TRANSIENT_MESSAGES, NewTopicNoise
+from streams.logging_setup import (
+    NOISY_LOGGERS,
+    OFFSETS_TOPIC,
+    TRANSIENT_MESSAGES,
+    NewTopicNoise,
+)
 
 NOT_FOUND = "Topic %s not found in cluster metadata"
 RETRYING = "Got error produce response on topic-partition %s, retrying. Error: %s"
+LIST_OFFSETS = "Failed fetch offsets from %s: %s"
+UNKNOWN_IN_LIST_OFFSETS = (
+    "Received unknown topic or partition error in ListOffset request for partition %s. "
+    "The topic/partition may not exist or the user may not have Describe access to it."
+)
+NO_COORDINATOR = "Group Coordinator Request failed: %s"
+MISSING = "Ignoring missing topic: %r"
 
 
 class Clock:
@@ -108,6 +123,55 @@ def test_produce_retries_on_a_leader_error_are_demoted(error: object) -> None:
 
 
 @pytest.mark.parametrize(
+    ("name", "level", "msg", "args", "topic"),
+    [
+        # the demo's first lines: its consumer's first ListOffsets on a new topic
+        (
+            "aiokafka.consumer.fetcher",
+            logging.ERROR,
+            LIST_OFFSETS,
+            (1, errors.NotLeaderForPartitionError(TopicPartition("t.dl", 1))),
+            "t.dl",
+        ),
+        (
+            "aiokafka.consumer.fetcher",
+            logging.WARNING,
+            UNKNOWN_IN_LIST_OFFSETS,
+            (TopicPartition("t.dl", 2),),
+            "t.dl",
+        ),
+        # a worker's first group on a fresh broker
+        (
+            "aiokafka.consumer.group_coordinator",
+            logging.ERROR,
+            NO_COORDINATOR,
+            (errors.GroupCoordinatorNotAvailableError(),),
+            OFFSETS_TOPIC,
+        ),
+        # a changelog Faust is creating while the group forms
+        (
+            "faust.assignor.partition_assignor",
+            logging.WARNING,
+            MISSING,
+            ("app-t-changelog",),
+            "app-t-changelog",
+        ),
+    ],
+)
+def test_other_transient_messages_are_demoted_per_topic(
+    name: str, level: int, msg: str, args: tuple[object, ...], topic: str
+) -> None:
+    clock = Clock()
+    noise = NewTopicNoise(grace_s=30, clock=clock)
+    assert noise.filter(record(name, level, msg, *args)) is False
+    clock.now += 30
+    late = record(name, level, msg, *args)
+    assert noise.filter(late) is True and late.levelno == level
+    # the grace was counted for `topic`: the cluster's own message about it is late too
+    assert noise.filter(record("aiokafka.cluster", logging.ERROR, NOT_FOUND, topic)) is True
+
+
+@pytest.mark.parametrize(
     ("name", "level", "msg", "args"),
     [
         # another retriable produce error: says something about the cluster, not the topic
@@ -124,6 +188,26 @@ def test_produce_retries_on_a_leader_error_are_demoted(error: object) -> None:
         ("aiokafka.cluster", logging.ERROR, "'%s' is not a valid topic name", ("t",)),
         # the same text from another logger is not aiokafka's metadata
         ("streams.admin", logging.ERROR, NOT_FOUND, ("t",)),
+        # ListOffsets failing for a reason no retry fixes, or no leader error
+        (
+            "aiokafka.consumer.fetcher",
+            logging.ERROR,
+            LIST_OFFSETS,
+            (1, errors.TopicAuthorizationFailedError(TopicPartition("t", 0))),
+        ),
+        (
+            "aiokafka.consumer.fetcher",
+            logging.ERROR,
+            LIST_OFFSETS,
+            (1, errors.KafkaTimeoutError(TopicPartition("t", 0))),
+        ),
+        # no coordinator for another reason
+        (
+            "aiokafka.consumer.group_coordinator",
+            logging.ERROR,
+            NO_COORDINATOR,
+            (errors.GroupAuthorizationFailedError("g"),),
+        ),
     ],
 )
 def test_other_messages_keep_their_level(
@@ -187,16 +271,20 @@ def _string_constants(module: ModuleType) -> set[str]:
     }
 
 
-MODULE_OF = {
-    "aiokafka.cluster": aiokafka.cluster,
-    "aiokafka.producer.sender": aiokafka.producer.sender,
-}
+MODULES = (
+    aiokafka.cluster,
+    aiokafka.producer.sender,
+    aiokafka.consumer.fetcher,
+    aiokafka.consumer.group_coordinator,
+    faust.assignor.partition_assignor,
+)
 
 
 @pytest.mark.parametrize(("name", "msg"), list(TRANSIENT_MESSAGES))
-def test_the_templates_are_aiokafkas(name: str, msg: str) -> None:
-    """An aiokafka upgrade that rewords or moves a message fails here: the filter would
-    silently stop matching it (the noise would be back, nothing hidden)."""
-    module = MODULE_OF[name]
-    assert module.log.name == name
-    assert msg in _string_constants(module), f"aiokafka no longer logs {msg!r} in {name}"
+def test_the_templates_are_the_libraries(name: str, msg: str) -> None:
+    """An upgrade that rewords or moves a message fails here: the filter would silently
+    stop matching it (the noise would be back, nothing hidden)."""
+    (module,) = [m for m in MODULES if m.__name__ == name]
+    loggers = [v for v in vars(module).values() if isinstance(v, logging.Logger)]
+    assert [lg.name for lg in loggers] == [name], "the module logs under its own name"
+    assert msg in _string_constants(module), f"{name} no longer logs {msg!r}"
