@@ -8,15 +8,34 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint typecheck unit integration bench chaos clean install system-deps
+.PHONY: demo test lint typecheck unit integration bench chaos clean install lock system-deps
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+# constraints.txt holds the exact version of every package the project and its dev extra
+# pull in, as tested together: a fresh machine and CI install those, not whatever PyPI has
+# newest that day (pyproject.toml keeps the ranges the code needs).
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
+
+# Rewrites constraints.txt from a fresh resolve of pyproject.toml in a throwaway virtualenv
+# (the newest releases pyproject.toml allows), never from .venv, which may hold leftovers
+# and hand-installed tools. Then `make test` (it reinstalls .venv from the new file) before
+# committing it (docs/development.md).
+lock:
+	set -e; tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	$(PYTHON) -m venv "$$tmp/venv"; \
+	"$$tmp/venv/bin/python" -m pip install --quiet --upgrade pip; \
+	"$$tmp/venv/bin/python" -m pip install --quiet -e '.[dev]'; \
+	{ sed -n '/^# /p' constraints.txt; \
+	  printf '#: resolved with %s\n' "$$("$$tmp/venv/bin/python" -c 'import platform as p; \
+	    print(p.python_implementation(), p.python_version(), "on", p.system(), p.machine())')"; \
+	  "$$tmp/venv/bin/python" -m pip freeze --exclude-editable; } > "$$tmp/constraints.txt"; \
+	mv "$$tmp/constraints.txt" constraints.txt
+	@git diff --stat -- constraints.txt 2>/dev/null || true
 
 system-deps:
 	@bash infra/system-deps.sh
