@@ -29,7 +29,11 @@ class SettingsError(PipelineError):
 
     @property
     def problems(self) -> list[str]:
-        return list(self.context.get("problems") or [self.message])
+        """One line per problem; a message of several lines (a parser's excerpt) is one."""
+        found = self.context.get("problems")
+        if found:
+            return list(found)
+        return ["; ".join(x.strip() for x in self.message.splitlines() if x.strip())]
 
 
 class Settings(BaseModel):

@@ -10,7 +10,7 @@ from typing import Any
 import click
 import orjson
 
-from streams.cli import cli, run, worker_call
+from streams.cli import check_time_range, cli, output_file, run, time_option, worker_call
 from streams.settings import get_settings
 
 
@@ -57,7 +57,9 @@ def rebuild_cmd(table: str | None, all_tables: bool, as_json: bool) -> None:
 
 
 @cli.command("checkpoints")
-@click.option("--since", help="Only checkpoints after this time (ISO-8601 or -2h ...).")
+@click.option(
+    "--since", callback=time_option, help="Only checkpoints after this time (ISO-8601 or -2h ...)."
+)
 @click.option("--worker", help="Only this worker's checkpoints.")
 @click.option("--take", is_flag=True, help="Ask the worker at --url to write one now.")
 @click.option("--url", help="Worker web root for --take (default: this host's web port).")
@@ -90,8 +92,10 @@ def audit() -> None:
 
 
 @audit.command("verify")
-@click.option("--since", help="Start (ISO-8601, now, -2h ...); default: oldest record.")
-@click.option("--until", default="now", show_default=True, help="End.")
+@click.option(
+    "--since", callback=time_option, help="Start (ISO-8601, now, -2h ...); default: oldest record."
+)
+@click.option("--until", callback=time_option, default="now", show_default=True, help="End.")
 @click.option("--topics", help="Comma-separated chained topics (default: all chained topics).")
 @click.option(
     "--trust-key",
@@ -133,6 +137,7 @@ def verify_cmd(
     from agents.audit.verify import CHAINED_TOPICS, policy_versions, resolve_trust, summary, verify
     from streams.signing import SigningError, parse_public_keys
 
+    check_time_range(since, until)
     settings = get_settings()
     spec = ",".join(trust_keys)
     if trusted_file is not None:
@@ -298,12 +303,15 @@ async def _publish_worker_key(
 
 
 @audit.command("report")
-@click.option("--since", help="Start (ISO-8601, now, -2h ...); default: oldest record.")
-@click.option("--until", default="now", show_default=True, help="End.")
+@click.option(
+    "--since", callback=time_option, help="Start (ISO-8601, now, -2h ...); default: oldest record."
+)
+@click.option("--until", callback=time_option, default="now", show_default=True, help="End.")
 @click.option(
     "--out",
     "out_path",
     type=click.Path(dir_okay=False, path_type=Path),
+    callback=output_file,
     help="Output file (default: stdout).",
 )
 @click.option(
@@ -318,6 +326,7 @@ def report_cmd(since: str | None, until: str, out_path: Path | None, fmt: str | 
     tokens by provider and model, status changes, communication records by kind."""
     from agents.audit.report import build_report, render_html
 
+    check_time_range(since, until)
     if fmt is None:
         fmt = "json" if out_path is not None and out_path.suffix == ".json" else "html"
     data: dict[str, Any] = run(build_report(get_settings(), since, until))

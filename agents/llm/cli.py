@@ -10,6 +10,7 @@ import uuid
 from typing import Any
 
 import click
+from pydantic import ValidationError
 
 from schemas import Event, registry
 from schemas.errors import SchemaError
@@ -53,19 +54,24 @@ def ask(
     as_json: bool,
 ) -> None:
     """Publish an LLMRequest, print its chunks as they stream, then the final response."""
-    request = LLMRequest(
-        request_id=uuid.uuid4().hex,
-        agent_id=agent_id,
-        provider=provider,
-        fallback=list(fallback),
-        stream=not no_stream,
-        context=LLMContext(
-            messages=[ChatMessage(role="user", content=prompt)],
-            system_prompt=system_prompt,
-            web_search_query=web_search_query,
-        ),
-        config=LLMConfig(model=model, max_tokens=max_tokens, temperature=temperature),
-    )
+    try:
+        request = LLMRequest(
+            request_id=uuid.uuid4().hex,
+            agent_id=agent_id,
+            provider=provider,
+            fallback=list(fallback),
+            stream=not no_stream,
+            context=LLMContext(
+                messages=[ChatMessage(role="user", content=prompt)],
+                system_prompt=system_prompt,
+                web_search_query=web_search_query,
+            ),
+            config=LLMConfig(model=model, max_tokens=max_tokens, temperature=temperature),
+        )
+    except ValidationError as exc:  # an option out of bounds, before anything connects
+        err = exc.errors(include_url=False)[0]
+        option = "--" + str(err["loc"][-1]).replace("_", "-") if err["loc"] else "an option"
+        raise click.BadParameter(err["msg"], param_hint=f"'{option}'") from None
     response = run(_ask(request, wait_s, quiet=as_json))
     if as_json:
         click.echo(json.dumps(response.model_dump(mode="json"), indent=2))

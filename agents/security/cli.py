@@ -135,18 +135,33 @@ def trusted_keys(settings: Settings, admin: AdminKey | None = None) -> dict[str,
 
 
 # -- policy files ---------------------------------------------------------------------------
-def parse_policy_file(text: str) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+#: nesting a policy file may have: a policy is three levels deep; deeper is a mistake, and
+#: building it would exhaust the stack (checked on the parser's events, without recursion)
+MAX_NESTING = 64
+
+
+def parse_policy_file(
+    text: str, source: str = "policy file"
+) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
     """(policy mappings, config mapping or None) from YAML or JSON text.
 
     Accepted shapes: one policy mapping; a list of policies; or a mapping with
-    ``policies: [...]`` and optionally ``enabled`` and ``default_action``.
+    ``policies: [...]`` and optionally ``enabled`` and ``default_action``. A syntax error
+    or a document nested deeper than `MAX_NESTING` is one `PolicyFileError` naming
+    `source` (the file) and the line.
     """
     try:
+        _check_nesting(text, source)
         data = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        at = f"{source}, line {mark.line + 1}, column {mark.column + 1}" if mark else source
+        what = "; ".join(str(x) for x in (exc.context, exc.problem) if x) or str(exc)
+        raise PolicyFileError(f"{at}: not YAML or JSON: {what}") from None
     except yaml.YAMLError as exc:
-        raise PolicyFileError(f"not YAML or JSON: {exc}") from None
-    except RecursionError:
-        raise PolicyFileError("not a policy file: nested too deeply") from None
+        raise PolicyFileError(f"{source}: not YAML or JSON: {exc}") from None
+    except RecursionError:  # a last resort: `_check_nesting` stops these first
+        raise PolicyFileError(f"{source}: not a policy file: nested too deeply") from None
     config: dict[str, Any] | None = None
     if isinstance(data, list):
         items = data
@@ -155,14 +170,42 @@ def parse_policy_file(text: str) -> tuple[list[dict[str, Any]], dict[str, Any] |
     elif isinstance(data, dict):
         unknown = set(data) - {"policies", "enabled", "default_action"}
         if unknown:
-            raise PolicyFileError(f"unknown top-level keys: {', '.join(sorted(map(str, unknown)))}")
+            raise PolicyFileError(
+                f"{source}: unknown top-level keys: {', '.join(sorted(map(str, unknown)))}"
+            )
         items = data.get("policies") or []
         config = {k: data[k] for k in ("enabled", "default_action") if k in data} or None
     else:
-        raise PolicyFileError("expected a policy, a list of policies or {policies: [...]}")
+        raise PolicyFileError(
+            f"{source}: expected a policy, a list of policies or {{policies: [...]}}"
+        )
     if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
-        raise PolicyFileError("policies must be a list of mappings")
+        raise PolicyFileError(f"{source}: policies must be a list of mappings")
     return items, config
+
+
+def _check_nesting(text: str, source: str) -> None:
+    depth = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.MappingStartEvent | yaml.SequenceStartEvent):
+            depth += 1
+            if depth > MAX_NESTING:
+                line = event.start_mark.line + 1 if event.start_mark else "?"
+                raise PolicyFileError(
+                    f"{source}, line {line}: not a policy file: nested "
+                    f"too deeply (more than {MAX_NESTING} levels)"
+                )
+        elif isinstance(event, yaml.MappingEndEvent | yaml.SequenceEndEvent):
+            depth -= 1
+
+
+def read_policy_file(path: Path) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """`parse_policy_file` of the file at `path`."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise PolicyFileError(f"{path}: not YAML or JSON: not UTF-8 (byte {exc.start})") from None
+    return parse_policy_file(text, str(path))
 
 
 def pattern_problems(policy: SecurityPolicy) -> list[str]:
@@ -303,9 +346,11 @@ def policy_apply(file: Path, dry_run: bool) -> None:
     default_action}) and publish its policies, signed; nothing is published if any is
     invalid."""
     settings = get_settings()
-    items, config = parse_policy_file(file.read_text(encoding="utf-8"))
+    items, config = read_policy_file(file)
     admin = None if dry_run else load_admin_key(settings)
-    current = run(read_policies(settings, admin=admin))
+    # a dry run contacts no broker: the file is validated on its own, and the versions
+    # (and which policies are unchanged) are decided against those in force at apply
+    current = {} if admin is None else run(read_policies(settings, admin=admin))
     policies, unchanged, problems = validate_policies(items, current)
     new_config: SecurityConfig | None = None
     if config is not None:
@@ -327,14 +372,19 @@ def policy_apply(file: Path, dry_run: bool) -> None:
     if new_config is not None:
         changes.append(new_config)
     for p in policies:
-        click.echo(f"{'would apply' if dry_run else 'applying'} {p.policy_id} v{p.version}")
+        click.echo(f"{'valid' if dry_run else 'applying'} {p.policy_id}" + _version(p, dry_run))
     for pid in unchanged:
         click.echo(f"unchanged {pid}")
     if new_config is not None:
         click.echo(
-            f"config v{new_config.version}: security "
+            f"config{_version(new_config, dry_run)}: security "
             f"{'enabled' if new_config.enabled else 'disabled'}, "
             f"default {new_config.default_action}"
+        )
+    if dry_run:
+        click.echo(
+            f"{file}: {len(changes)} change(s) valid, nothing published (checked offline: "
+            "versions and unchanged policies are decided against the broker at apply)"
         )
     if changes and admin is not None:
         run(publish(settings, [admin.event(c) for c in changes]))
@@ -342,6 +392,11 @@ def policy_apply(file: Path, dry_run: bool) -> None:
             f"published {len(changes)} event(s) to {settings.topic(SECURITY_POLICIES)}, "
             f"signed by {admin.key_id}"
         )
+
+
+def _version(change: SecurityPolicy | SecurityConfig, dry_run: bool) -> str:
+    # offline the versions in force are unknown: the one computed here means nothing
+    return "" if dry_run else f" v{change.version}"
 
 
 @policy.command("list")

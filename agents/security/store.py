@@ -29,11 +29,13 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from aiokafka import TopicPartition
+from aiokafka.errors import KafkaError
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agents.security.identity import IdentityRegistry
 from agents.security.policy import KeyRequest, PolicySet, StaticKeys
 from streams.client import group_less_consumer
+from streams.errors import BrokerError
 from streams.settings import Settings
 from streams.tables.security import (
     Checked,
@@ -244,7 +246,8 @@ async def fold_topic(
     """The state of the signed `topic` (a catalogue name) folded from its beginning up to
     offset `until` (exclusive; None = its end now), applying only what `check_record`
     accepts. `on_record(record, verdict)` sees every record read. A topic that does not
-    exist yet is empty. Raises TimeoutError when the broker stops delivering."""
+    exist yet is empty. Raises TimeoutError when the broker stops delivering, BrokerError
+    when it fails (a client that cannot start: `streams.kafka_security`)."""
     name = settings.topic(topic)
     consumer = group_less_consumer(settings, f"fold-{topic}")
     await consumer.start()
@@ -280,6 +283,10 @@ async def fold_topic(
                 if on_record is not None:
                     on_record(rec, checked)
         return state
+    except KafkaError as exc:
+        # the broker went away or refused us mid-read: one line naming the topic, for
+        # the CLI to print (the consumer is stopped below either way)
+        raise BrokerError(f"reading {name} failed: {type(exc).__name__}: {exc}") from exc
     finally:
         await consumer.stop()
 

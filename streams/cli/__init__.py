@@ -151,6 +151,44 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
         raise error from exc
 
 
+def time_option(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """Callback of a time option (ISO-8601, `now`, -15m / -2h / -1d, epoch ms): a value
+    that is none of these is a usage error when parsed, before anything connects."""
+    if value is not None:
+        parse_time_or_usage(value)
+    return value
+
+
+def parse_time_or_usage(value: str) -> Any:
+    from streams.replay import TimeParseError, parse_time
+
+    try:
+        return parse_time(value)
+    except TimeParseError as exc:
+        raise click.BadParameter(str(exc)) from None
+    except (ValueError, OverflowError, OSError):  # epoch milliseconds beyond any date
+        raise click.BadParameter(f"cannot parse time {value!r}: out of range") from None
+
+
+def check_time_range(since: str | None, until: str | None) -> None:
+    """`--until` before `--since` is a usage error (each is checked by `time_option`)."""
+    if since is None or until is None:
+        return
+    from streams.replay import parse_time
+
+    now = parse_time("now")
+    if parse_time(until, now=now) < parse_time(since, now=now):
+        raise click.UsageError(f"--until {until} is before --since {since}")
+
+
+def output_file(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    """Callback of an output file option: its directory must exist, checked before the
+    command reads anything (not after minutes of work)."""
+    if value is not None and not os.path.isdir(os.path.dirname(os.path.abspath(value))):
+        raise click.BadParameter(f"{value}: no such directory {os.path.dirname(str(value))!r}")
+    return value
+
+
 def web_root() -> str:
     """This host's worker web root (AGENTSTREAM_WEB_HOST/PORT; a wildcard bind is asked
     on loopback; https with AGENTSTREAM_WEB_TLS_CERTFILE)."""
@@ -297,7 +335,13 @@ def load_commands(environ: Mapping[str, str] | None = None) -> None:
 
 
 def _unavailable(exc: ImportError) -> None:
-    click.echo(f"warning: some commands are unavailable: {exc.__cause__ or exc}", err=True)
+    click.echo(f"warning: some commands are unavailable: {one_line(exc)}", err=True)
+
+
+def one_line(exc: BaseException) -> str:
+    """An import failure's cause on one line (a parser's message quotes the file)."""
+    text = str(exc.__cause__ or exc)
+    return "; ".join(x.strip() for x in text.splitlines() if x.strip())
 
 
 _loaded = False
@@ -316,7 +360,9 @@ def prepare_run() -> None:
     try:
         app.discover()
     except ImportError as exc:
-        _unavailable(exc)
+        # as a worker would refuse to start; a command not reading that agent's tables
+        # still works
+        click.echo(f"warning: the agents did not all load: {one_line(exc)}", err=True)
 
 
 def install_web_auth() -> None:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 import click
 
-from streams.cli import cli, run
-from streams.replay import Progress, TimeParseError, parse_time, replay_batches
+from streams.cli import check_time_range, cli, output_file, run, time_option
+from streams.replay import Progress, replay_batches
 from streams.settings import get_settings
 
 
@@ -59,24 +59,16 @@ def _dur(seconds: float) -> str:
     return f"{s // 3600}h{(s % 3600) // 60:02d}m"
 
 
-def _time(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
-    if value is None:
-        return None
-    try:
-        parse_time(value)
-    except TimeParseError as exc:
-        raise click.BadParameter(str(exc)) from None
-    return value
-
-
 @cli.command("replay")
 @click.option("--topics", required=True, help="Comma-separated topics (catalogue names).")
 @click.option(
     "--since",
-    callback=_time,
+    callback=time_option,
     help="Start: ISO-8601, `now`, or -15m/-2h/-1d (default: the oldest record).",
 )
-@click.option("--until", callback=_time, default="now", show_default=True, help="End (inclusive).")
+@click.option(
+    "--until", callback=time_option, default="now", show_default=True, help="End (inclusive)."
+)
 @click.option("--agent", help="Only events naming this agent (source, sender, recipient, key).")
 @click.option("--type", "event_type", help="Only events of this type.")
 @click.option("--correlation-id", help="Only events with this correlation id.")
@@ -84,6 +76,7 @@ def _time(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
     "--out",
     "out_path",
     type=click.Path(dir_okay=False, path_type=Path),
+    callback=output_file,
     help="Write to FILE (default: stdout).",
 )
 @click.option(
@@ -109,7 +102,10 @@ def replay_cmd(
     secrets (`auth.token` and the other secret keys of `streams.redaction`) are written
     as "[REDACTED]" unless --show-secrets.
     """
-    names = [t for t in topics.split(",") if t.strip()]
+    names = [t.strip() for t in topics.split(",") if t.strip()]
+    if not names:
+        raise click.BadParameter("name at least one topic", param_hint="'--topics'")
+    check_time_range(since, until)
     bar_stream = sys.stderr if sys.stderr.isatty() else None
     n = run(
         _replay(

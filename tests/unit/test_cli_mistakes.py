@@ -1,0 +1,538 @@
+"""What a new user's common mistakes get from the CLI: one clear message, the exit code
+the README documents (1 rejected input or pipeline error, 2 usage or configuration), and
+never a traceback. `--help` needs no settings and touches nothing.
+
+The CLI runs as a subprocess (`python -m streams`), as a user runs it, in a directory and
+HOME of its own, pointed at a local port where no broker listens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import click
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+VALID_MESSAGE = '{"message_id": "m1", "sender_id": "a1", "recipient_id": "a2", "content": "hi"}'
+
+
+@dataclass(frozen=True)
+class Mistake:
+    id: str
+    args: tuple[str, ...]
+    expect: tuple[str, ...]  # substrings of stdout + stderr
+    code: int
+    env: dict[str, str] = field(default_factory=dict)
+    stdin: str = ""
+
+
+NO_BROKER = "no broker at 127.0.0.1:{port}"
+
+MISTAKES = [
+    # -- settings: a command ends with every bad variable named, exit 2 ------------------
+    Mistake(
+        "setting-not-an-int",
+        ("topics", "list"),
+        ("Error: AGENTSTREAM_TOPIC_PARTITIONS='zero': Input should be a valid integer",),
+        2,
+        {"AGENTSTREAM_TOPIC_PARTITIONS": "zero"},
+    ),
+    Mistake(
+        "setting-not-a-bool",
+        ("policy", "list"),
+        ("Error: AGENTSTREAM_SECURITY_ENABLED='maybe'",),
+        2,
+        {"AGENTSTREAM_SECURITY_ENABLED": "maybe"},
+    ),
+    Mistake(
+        "setting-not-a-choice",
+        ("config",),
+        ("Error: AGENTSTREAM_PROCESSING_GUARANTEE='maybe_once'", "'exactly_once'"),
+        2,
+        {"AGENTSTREAM_PROCESSING_GUARANTEE": "maybe_once"},
+    ),
+    Mistake(
+        "setting-out-of-range",
+        ("tail", "agent.messages"),
+        ("Error: AGENTSTREAM_KAFKA_CONNECT_TIMEOUT_S='0': Input should be greater than 0",),
+        2,
+        {"AGENTSTREAM_KAFKA_CONNECT_TIMEOUT_S": "0"},
+    ),
+    Mistake(
+        "two-bad-settings-both-named",
+        ("kafka", "status"),
+        ("Error: AGENTSTREAM_TOPIC_PARTITIONS='0'", "Error: AGENTSTREAM_WEB_PORT='http'"),
+        2,
+        {"AGENTSTREAM_TOPIC_PARTITIONS": "0", "AGENTSTREAM_WEB_PORT": "http"},
+    ),
+    Mistake(
+        "bad-secret-sources",
+        ("credentials", "get"),
+        ("Error: AGENTSTREAM_SECRET_SOURCES='vault': a comma-separated order of keychain",),
+        2,
+        {"AGENTSTREAM_SECRET_SOURCES": "vault"},
+    ),
+    Mistake(
+        "sasl-without-username",
+        ("topics", "list"),
+        (
+            "Error: AGENTSTREAM_KAFKA_SASL_USERNAME is required with "
+            "AGENTSTREAM_KAFKA_SECURITY_PROTOCOL=SASL_SSL",
+        ),
+        2,
+        {
+            "AGENTSTREAM_KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
+            "AGENTSTREAM_KAFKA_SASL_MECHANISM": "PLAIN",
+        },
+    ),
+    Mistake(
+        "bad-setting-worker",
+        ("worker",),
+        ("Error: AGENTSTREAM_BATCH_MAX='-1'",),
+        2,
+        {"AGENTSTREAM_BATCH_MAX": "-1"},
+    ),
+    Mistake(
+        "worker-log-level-unknown",
+        ("worker",),
+        ("Error: AGENTSTREAM_LOG_LEVEL='verbose': one of DEBUG, INFO, WARNING",),
+        2,
+        {"AGENTSTREAM_LOG_LEVEL": "verbose"},
+    ),
+    Mistake(
+        "ca-file-missing",
+        ("topics", "list"),
+        ("Error: AGENTSTREAM_KAFKA_SSL_CAFILE: no such file",),
+        2,
+        {"AGENTSTREAM_KAFKA_SECURITY_PROTOCOL": "SSL", "AGENTSTREAM_KAFKA_SSL_CAFILE": "nope.pem"},
+    ),
+    # -- usage: exit 2 before anything connects -------------------------------------------
+    Mistake("unknown-command", ("topic", "list"), ("No such command 'topic'",), 2),
+    Mistake(
+        "bad-option-value",
+        ("tail", "agent.messages", "--max", "zero"),
+        ("Invalid value for '--max'",),
+        2,
+    ),
+    Mistake("worker-bad-option", ("worker", "--loglevel", "loud"), ("'--loglevel'",), 2),
+    Mistake(
+        "bad-time",
+        ("replay", "--topics", "agent.messages", "--since", "yesterday"),
+        ("cannot parse time 'yesterday'",),
+        2,
+    ),
+    Mistake(
+        "until-before-since",
+        ("audit", "verify", "--since", "-1h", "--until", "-2h"),
+        ("--until -2h is before --since -1h",),
+        2,
+    ),
+    Mistake(
+        "llm-option-out-of-bounds",
+        ("llm", "ask", "hi", "--temperature", "9"),
+        ("Invalid value for '--temperature'",),
+        2,
+    ),
+    Mistake(
+        "missing-policy-file",
+        ("policy", "apply", "--dry-run", "missing.yaml"),
+        ("'missing.yaml' does not exist",),
+        2,
+    ),
+    Mistake(
+        "missing-publish-file",
+        ("publish", "agent.messages", "-f", "missing.jsonl"),
+        ("'missing.jsonl' does not exist",),
+        2,
+    ),
+    Mistake(
+        "output-directory-missing",
+        ("replay", "--topics", "agent.messages", "--out", "no/such/dir/out.jsonl"),
+        ("no such directory",),
+        2,
+    ),
+    Mistake(
+        "unknown-topic-publish",
+        ("publish", "agent.mesages"),
+        ("unknown topic 'agent.mesages' (did you mean 'agent.messages'?)",),
+        2,
+        stdin=VALID_MESSAGE,
+    ),
+    Mistake("unknown-topic-tail", ("tail", "nope"), ("unknown topic 'nope'",), 2),
+    Mistake(
+        "publish-type-not-on-topic",
+        ("publish", "agent.messages", "--type", "llm.request"),
+        ("'llm.request' does not go on agent.messages",),
+        2,
+    ),
+    # -- rejected input: exit 1, and validated before (or without) any broker -------------
+    Mistake(
+        "malformed-json-to-publish",
+        ("publish", "agent.messages"),
+        ("line 1: JSONDecodeError", "sent 0 event(s) to agent.messages, 1 invalid line(s)"),
+        1,
+        stdin="{not json\n",
+    ),
+    Mistake(
+        "publish-dry-run-offline",
+        ("publish", "agent.messages", "--dry-run"),
+        ("would send 1 event(s) to agent.messages, 1 invalid line(s)", "line 2: InvalidEvent"),
+        1,
+        stdin=VALID_MESSAGE + '\n{"message_id": "x"}\n',
+    ),
+    Mistake(
+        "policy-file-bad-yaml",
+        ("policy", "apply", "--dry-run", "bad.yaml"),
+        ("Error: bad.yaml, line 2, column 8: not YAML or JSON: mapping values are not allowed",),
+        1,
+    ),
+    Mistake(
+        "policy-file-nested-deeply",
+        ("policy", "apply", "--dry-run", "deep.json"),
+        ("Error: deep.json, line 1: not a policy file: nested too deeply",),
+        1,
+    ),
+    Mistake(
+        "policy-file-invalid-policy",
+        ("policy", "apply", "--dry-run", "invalid.yaml"),
+        ("error: policy #1 (p1): max_message_size", "nothing published"),
+        1,
+    ),
+    Mistake(
+        "policy-dry-run-needs-no-broker",
+        ("policy", "apply", "--dry-run", "good.yaml"),
+        ("valid p1", "nothing published (checked offline"),
+        0,
+    ),
+    # -- no broker: one line naming it, with what to do, exit 1 ---------------------------
+    *(
+        Mistake(f"no-broker-{'-'.join(args[:2])}", args, (NO_BROKER,), 1, stdin=VALID_MESSAGE)
+        for args in (
+            ("policy", "list"),
+            ("policy", "apply", "good.yaml"),  # an admin key is needed first: see below
+            ("identity", "list"),
+            ("audit", "verify"),
+            ("rebuild", "--all"),
+            ("replay", "--topics", "agent.messages"),
+            ("tail", "agent.messages"),
+            ("publish", "agent.messages"),
+            ("topics", "list"),
+            ("llm", "ask", "hi"),
+            ("worker",),
+        )
+        if args[:2] != ("policy", "apply")
+    ),
+]
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def base_env(home: Path, bootstrap: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTSTREAM_")}
+    env.update(
+        {
+            "HOME": str(home),
+            "PYTHONPATH": str(REPO),
+            "AGENTSTREAM_KAFKA_BOOTSTRAP": bootstrap,
+            "AGENTSTREAM_KAFKA_CONNECT_TIMEOUT_S": "10",
+            "AGENTSTREAM_DATA_DIR": str(home / "data"),
+            "AGENTSTREAM_KEYRING_BACKEND": "encrypted-file",
+            "AGENTSTREAM_KEYRING_FILE": str(home / "keyring.json"),
+            "AGENTSTREAM_KEYRING_PASSWORD": "test",
+        }
+    )
+    return env
+
+
+def agentstream(
+    args: tuple[str, ...], env: dict[str, str], cwd: Path, stdin: str = ""
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "streams", *args],
+        env=env,
+        cwd=cwd,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.fixture(scope="module")
+def outcomes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """Every mistake run once, a few at a time (each is a Python start-up)."""
+    work = tmp_path_factory.mktemp("mistakes")
+    (work / "bad.yaml").write_text("policy_id: p1\n  level: [\n")
+    (work / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    (work / "invalid.yaml").write_text("policy_id: p1\nmax_message_size: -5\n")
+    (work / "good.yaml").write_text('policy_id: p1\nlevel: "*"\n')
+    port = closed_port()
+    env = base_env(work, f"127.0.0.1:{port}")
+
+    def one(m: Mistake) -> subprocess.CompletedProcess[str]:
+        return agentstream(m.args, {**env, **m.env}, work, m.stdin)
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = dict(zip([m.id for m in MISTAKES], pool.map(one, MISTAKES), strict=True))
+    yield {"port": port, "results": results}
+
+
+def test_the_table_has_the_common_mistakes() -> None:
+    assert len(MISTAKES) >= 15
+    assert len({m.id for m in MISTAKES}) == len(MISTAKES)
+
+
+@pytest.mark.parametrize("mistake", MISTAKES, ids=[m.id for m in MISTAKES])
+def test_a_mistake_gets_a_clear_message_and_its_exit_code(
+    mistake: Mistake, outcomes: dict[str, Any]
+) -> None:
+    res = outcomes["results"][mistake.id]
+    out = res.stdout + res.stderr
+    assert "Traceback" not in out, out
+    assert "Unclosed" not in out, out
+    for text in mistake.expect:
+        assert text.format(port=outcomes["port"]) in out, out
+    assert res.returncode == mistake.code, out
+
+
+def test_no_broker_is_one_line_with_what_to_do(outcomes: dict[str, Any]) -> None:
+    res = outcomes["results"]["no-broker-topics-list"]
+    assert res.stderr.splitlines() == [
+        f"Error: BrokerError: no broker at 127.0.0.1:{outcomes['port']} (PLAINTEXT) — is it "
+        "running, and is AGENTSTREAM_KAFKA_BOOTSTRAP right?"
+    ]
+
+
+# -- --help: no settings needed, nothing touched --------------------------------------------
+HELPS = [
+    ("--help",),
+    ("-h",),
+    ("policy", "--help"),
+    ("policy", "apply", "--help"),
+    ("publish", "--help"),
+    ("audit", "verify", "--help"),
+    ("llm", "ask", "--help"),
+    ("kafka", "start", "--help"),
+    ("worker", "--help"),
+]
+
+
+def listing(tmp: Path) -> list[str]:
+    """Everything under `tmp`, and what the repository's var/ holds (its top level: brokers
+    of other test runs write below it meanwhile)."""
+    var = REPO / "var"
+    return sorted(
+        [str(p) for p in tmp.rglob("*")] + [str(p) for p in var.iterdir() if var.exists()]
+    )
+
+
+def test_help_needs_no_settings_and_touches_nothing(tmp_path: Path) -> None:
+    # a "broker" that only listens: any connection attempt shows up in its backlog
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+        listener.setblocking(False)
+        host, port = listener.getsockname()
+        env = {
+            **base_env(tmp_path / "home", f"{host}:{port}"),
+            "AGENTSTREAM_TOPIC_PARTITIONS": "zero",  # a bad setting: help needs none
+            "AGENTSTREAM_LOG_FILE": str(tmp_path / "log" / "worker.log"),
+            "PYTHONDONTWRITEBYTECODE": "1",
+        }
+        (tmp_path / "home").mkdir()
+        cwd = tmp_path / "cwd"
+        cwd.mkdir()
+        before = listing(tmp_path)
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            runs = list(pool.map(lambda args: agentstream(args, env, cwd), HELPS))
+        for args, res in zip(HELPS, runs, strict=True):
+            assert res.returncode == 0, (args, res.stderr)
+            assert res.stdout.startswith("Usage: agentstream"), (args, res.stdout)
+            assert res.stderr == "", (args, res.stderr)
+        assert listing(tmp_path) == before
+        with pytest.raises(BlockingIOError):
+            listener.accept()  # nobody knocked
+
+
+def test_worker_help_is_fausts_worker_help(tmp_path: Path) -> None:
+    res = agentstream(("worker", "--help"), base_env(tmp_path, "127.0.0.1:1"), tmp_path)
+    assert res.returncode == 0
+    assert res.stdout.startswith("Usage: agentstream worker [OPTIONS]")
+    assert "--web-port" in res.stdout and "--loglevel" in res.stdout
+
+
+# -- the pure parts ---------------------------------------------------------------------------
+def test_an_unreachable_broker_error_says_what_to_do() -> None:
+    from aiokafka.errors import KafkaConnectionError
+
+    from streams.cli import error_text
+    from streams.kafka_security import connect_error
+    from streams.settings import Settings
+
+    port = closed_port()
+    local = Settings.from_env({"AGENTSTREAM_KAFKA_PORT": str(port)})
+    exc = asyncio.run(connect_error(local, KafkaConnectionError("Unable to bootstrap"), "x"))
+    assert error_text(exc, local) == (
+        f"BrokerError: no broker at 127.0.0.1:{port} (PLAINTEXT) — start one with "
+        "'agentstream kafka start' or set AGENTSTREAM_KAFKA_BOOTSTRAP"
+    )
+    there = Settings.from_env({"AGENTSTREAM_KAFKA_BOOTSTRAP": f"127.0.0.1:{port}"})
+    assert error_text(exc, there).endswith("is AGENTSTREAM_KAFKA_BOOTSTRAP right?")
+
+
+def test_other_pipeline_errors_keep_their_class_and_message() -> None:
+    from streams.cli import error_text
+    from streams.errors import BrokerAuthError, BrokerError
+
+    assert error_text(BrokerAuthError("refused")) == "BrokerAuthError: refused"
+    assert error_text(BrokerError("topic x does not exist")) == (
+        "BrokerError: topic x does not exist"
+    )
+
+
+def test_settings_errors_exit_2_one_error_line_each() -> None:
+    from click.testing import CliRunner
+
+    from streams.cli import pipeline_error
+    from streams.settings import Settings, SettingsError
+
+    with pytest.raises(SettingsError) as info:
+        Settings.from_env({"AGENTSTREAM_WEB_PORT": "x", "AGENTSTREAM_BATCH_MAX": "0"})
+    error = pipeline_error(info.value)
+    assert error is not None and error.exit_code == 2
+
+    @click.command()
+    def fails() -> None:
+        raise error
+
+    res = CliRunner().invoke(fails)
+    assert res.exit_code == 2
+    assert [line.split("=")[0] for line in res.output.splitlines()] == [
+        "Error: AGENTSTREAM_WEB_PORT",
+        "Error: AGENTSTREAM_BATCH_MAX",
+    ]
+
+
+def test_faust_log_levels() -> None:
+    from streams.cli import ConfigError
+    from streams.cli.core import faust_loglevel
+
+    assert faust_loglevel("WARNING") == "warn"  # the default, which Faust refuses as is
+    assert faust_loglevel("critical") == "crit"
+    assert faust_loglevel(" info ") == "info"
+    with pytest.raises(ConfigError, match="AGENTSTREAM_LOG_LEVEL='loud'"):
+        faust_loglevel("loud")
+
+
+def test_worker_options_are_checked_without_an_app() -> None:
+    from streams.cli.core import check_worker_args
+
+    check_worker_args(["-l", "info", "--web-port", "6067", "--without-web"])
+    with pytest.raises(click.BadParameter, match="'http' is not a valid range"):
+        check_worker_args(["--web-port", "http"])
+    with pytest.raises(click.NoSuchOption):
+        check_worker_args(["--bogus"])
+
+
+def test_check_topic() -> None:
+    from streams.cli.core import check_topic
+
+    assert check_topic("agent.messages") == "agent.messages"
+    assert check_topic("stg.agent.messages", "stg.") == "agent.messages"
+    with pytest.raises(click.UsageError, match=r"did you mean 'agent.messages'\?"):
+        check_topic("agent.mesages")
+    with pytest.raises(click.UsageError, match=r"unknown topic 'stg\.agent\.messages'"):
+        check_topic("stg.agent.messages")
+
+
+def test_the_command_tree_needs_no_app() -> None:
+    """Agent commands live in modules named `cli`: the tree built from those alone is the
+    one a full autodiscovery gives."""
+    from streams.cli import cli, command_modules, load_commands
+
+    assert command_modules("agents") == [
+        "agents.audit.cli",
+        "agents.comms.cli",
+        "agents.heartbeat.cli",
+        "agents.llm.cli",
+        "agents.security.cli",
+    ]
+    assert command_modules("agents.security") == ["agents.security.cli"]
+    load_commands({})
+
+    def tree(group: click.Group) -> set[str]:
+        names = set()
+        for name, cmd in group.commands.items():
+            names.add(name)
+            if isinstance(cmd, click.Group):
+                names |= {f"{name} {sub}" for sub in tree(cmd)}
+        return names
+
+    before = tree(cli)
+    from streams.app import app
+
+    app.discover()
+    assert tree(cli) == before
+    assert {"policy apply", "audit verify", "llm ask", "agents status", "comms"} <= before
+
+
+def test_policy_file_errors_name_the_file_and_line() -> None:
+    from agents.security.cli import PolicyFileError, parse_policy_file
+
+    with pytest.raises(PolicyFileError, match=r"^p\.yaml, line 3, column 6: not YAML or JSON"):
+        parse_policy_file("policy_id: a\nlevel: x\n  bad: y\n", "p.yaml")
+    with pytest.raises(PolicyFileError, match=r"^p\.json, line 2: not a policy file: nested"):
+        parse_policy_file('{"policies":\n' + "[" * 65 + "]" * 65 + "}", "p.json")
+    items, _ = parse_policy_file('{"policies": ' + "[" * 1 + '{"policy_id": "a"}]}', "p.json")
+    assert items == [{"policy_id": "a"}]
+
+
+def test_fold_topic_names_a_broker_failure_and_stops_its_consumer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from aiokafka.errors import KafkaConnectionError
+
+    from agents.security import store
+    from streams.errors import BrokerError
+    from streams.settings import Settings
+
+    class Consumer:
+        stopped = False
+
+        async def start(self) -> None:
+            pass
+
+        def partitions_for_topic(self, name: str) -> set[int]:
+            return {0}
+
+        def assign(self, tps: Any) -> None:
+            pass
+
+        async def seek_to_beginning(self, *tps: Any) -> None:
+            pass
+
+        async def end_offsets(self, tps: Any) -> dict[Any, int]:
+            raise KafkaConnectionError("connection lost")
+
+        async def stop(self) -> None:
+            Consumer.stopped = True
+
+    monkeypatch.setattr(store, "group_less_consumer", lambda *a, **k: Consumer())
+    with pytest.raises(BrokerError, match=r"reading security\.policies failed: KafkaConnection"):
+        asyncio.run(store.fold_topic(Settings.from_env({}), "security.policies", {}))
+    assert Consumer.stopped
