@@ -59,18 +59,12 @@ from pydantic import SecretStr
 
 from schemas import Event, Payload, encode, registry
 from schemas.errors import InvalidEvent, SchemaError
-from streams.errors import BrokerAuthError, BrokerError, PublishError
+from streams.errors import BrokerError, PublishError
 from streams.kafka_security import (
     PASSWORD_ENTRY,
-    Consumer,
-    KafkaSecurity,
-    Producer,
-    connect_error,
     new_consumer,
     new_producer,
     principal,
-    resolve,
-    start_client,
 )
 from streams.settings import Settings, SettingsError, get_settings
 from streams.topics import CATALOGUE
@@ -224,102 +218,6 @@ class _GivenSecrets:
         return f"_GivenSecrets({', '.join(f'{k}=**********' for k in self._given)})"
 
 
-# -- clients whose password was given as an argument -----------------------------------
-# `kafka_security`'s factories take the password from the chain (`security_of(settings)`),
-# and so do the probes that name the cause of a failed start. These clients are the
-# factories' own classes, built with the options `resolve` makes from the given password,
-# and started through the same `start_client`, with settings whose SASL part is taken out
-# for its probes (TLS probed as the factories would); SASL is probed here.
-# TODO(kafka_security): a `secrets=` parameter on new_producer/new_consumer/connect_error
-# would make this section one argument.
-
-
-class _GivenSecretsStart:
-    """`start()` as the factories' clients have it, probing SASL with the given password."""
-
-    _settings: Settings
-    _what: str
-    _security: KafkaSecurity
-
-    async def start(self) -> None:
-        settings, security, what = self._settings, self._security, self._what
-        without_sasl = settings.model_copy(
-            update={"kafka_security_protocol": "SSL" if security.uses_tls else "PLAINTEXT"}
-        )
-        try:
-            await start_client(self, without_sasl, what)
-        except BrokerError as exc:
-            if not isinstance(exc, BrokerAuthError):  # TLS refused is named already
-                refused = await _probe_sasl(settings, security)
-                if refused is not None:
-                    raise await connect_error(settings, refused, what) from None
-            # the message names the protocol of `without_sasl`: name the real one
-            label = f"{settings.bootstrap} ({without_sasl.kafka_security_protocol})"
-            real = f"{settings.bootstrap} ({settings.kafka_security_protocol})"
-            raise type(exc)(
-                str(exc).replace(label, real), retriable=exc.retriable, **exc.context
-            ) from None
-
-
-class _GivenSecretsProducer(_GivenSecretsStart, Producer):
-    pass
-
-
-class _GivenSecretsConsumer(_GivenSecretsStart, Consumer):
-    pass
-
-
-def _given_client(
-    cls: type[_GivenSecretsProducer] | type[_GivenSecretsConsumer],
-    settings: Settings,
-    security: KafkaSecurity,
-    what: str,
-    **options: Any,
-) -> Any:
-    client = cls(bootstrap_servers=settings.bootstrap, **security.client_options(), **options)
-    client._settings, client._what, client._security = settings, what, security
-    return client
-
-
-async def _probe_sasl(
-    settings: Settings, security: KafkaSecurity, timeout_s: float = 5.0
-) -> BaseException | None:
-    """`kafka_security.probe_sasl` with the given password: the SASL error one connection
-    to the first bootstrap address raises (aiokafka's bootstrap only logs it), or None."""
-    from aiokafka.conn import create_conn
-    from aiokafka.errors import (
-        AuthenticationFailedError,
-        SaslAuthenticationFailed,
-        UnsupportedSaslMechanismError,
-    )
-
-    host, _, port = settings.bootstrap.split(",")[0].strip().rpartition(":")
-    opts = security.client_options()
-    try:
-        conn = await asyncio.wait_for(
-            create_conn(
-                host.strip("[]"),
-                int(port),
-                ssl_context=security.ssl_context,
-                security_protocol=security.protocol,
-                sasl_mechanism=opts["sasl_mechanism"],
-                sasl_plain_username=opts["sasl_plain_username"],
-                sasl_plain_password=opts["sasl_plain_password"],
-            ),
-            timeout_s,
-        )
-    except (
-        SaslAuthenticationFailed,
-        AuthenticationFailedError,
-        UnsupportedSaslMechanismError,
-    ) as e:
-        return e
-    except (OSError, KafkaError, TimeoutError):
-        return None
-    conn.close()
-    return None
-
-
 # -- publish errors ----------------------------------------------------------------------
 def _publish_error(
     settings: Settings, topic: str, key: str | bytes | None, size: int, cause: BaseException
@@ -401,7 +299,6 @@ class AsyncClient:
                 sasl_password if isinstance(sasl_password, SecretStr) else SecretStr(sasl_password)
             )
             self._secrets = _GivenSecrets(self.settings, secret)
-        self._security: KafkaSecurity | None = None
         self._producer: Any = None
         self._starting: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
 
@@ -428,23 +325,10 @@ class AsyncClient:
         await self.stop()
 
     def _new_producer(self, what: str, **options: Any) -> Any:
-        if self._secrets is None:
-            return new_producer(self.settings, what, **options)
-        return _given_client(
-            _GivenSecretsProducer, self.settings, self._given_security(), what, **options
-        )
+        return new_producer(self.settings, what, secrets=self._secrets, **options)
 
     def _new_consumer(self, what: str, **options: Any) -> Any:
-        if self._secrets is None:
-            return new_consumer(self.settings, what, **options)
-        return _given_client(
-            _GivenSecretsConsumer, self.settings, self._given_security(), what, **options
-        )
-
-    def _given_security(self) -> KafkaSecurity:
-        if self._security is None:
-            self._security = resolve(self.settings, self._secrets)
-        return self._security
+        return new_consumer(self.settings, what, secrets=self._secrets, **options)
 
     async def start(self) -> None:
         # a lock: publishes racing to the first start would each build a producer (one
@@ -501,9 +385,20 @@ class AsyncClient:
         """Send bytes as they are (for tests of hostile input and for replays)."""
         return await self._send(topic, value, key, key, wait=True)
 
+    #: a delivery failed: the producer is replaced before the next send (see `_send`)
+    _renew_producer = False
+
     async def _send(
         self, topic: str, value: bytes | None, key: bytes | None, shown_key: Any, wait: bool
     ) -> Any:
+        if self._renew_producer and self._producer is not None:
+            # A batch the broker refused (too large, not authorized ...) leaves the
+            # idempotent producer's sequence numbers for its partition out of step with
+            # the broker's: every later record there fails with OutOfOrderSequenceNumber.
+            # Java's producer bumps its epoch; aiokafka does not, so: a new producer id.
+            self._renew_producer = False
+            old, self._producer = self._producer, None
+            await old.stop()
         if self._producer is None:
             await self.start()
         assert self._producer is not None
@@ -518,6 +413,7 @@ class AsyncClient:
         try:
             return await fut
         except _REFUSED as exc:
+            self._renew_producer = True
             raise _publish_error(self.settings, full, shown_key, size, exc) from exc
 
     def _delivery(self, fut: asyncio.Future[Any], topic: str, key: Any, size: int) -> Any:
@@ -530,6 +426,7 @@ class AsyncClient:
             if f.cancelled():
                 out.cancel()
             elif (exc := f.exception()) is not None:
+                self._renew_producer = True
                 err = (
                     _publish_error(self.settings, topic, key, size, exc)
                     if isinstance(exc, _REFUSED)

@@ -39,7 +39,7 @@ import ssl
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
@@ -59,6 +59,8 @@ from pydantic import SecretStr
 
 from streams.errors import BrokerAuthError, BrokerError, CredentialsError
 from streams.settings import Settings, SettingsError
+
+T = TypeVar("T")
 
 PASSWORD_ENTRY = "kafka.sasl_password"  # noqa: S105 - an entry name
 KEY_PASSWORD_ENTRY = "kafka.ssl_key_password"  # noqa: S105 - an entry name
@@ -209,9 +211,11 @@ def security_of(settings: Settings) -> KafkaSecurity:
     return resolve(settings)
 
 
-def client_options(settings: Settings) -> dict[str, Any]:
-    """bootstrap_servers plus the security options, for any aiokafka client."""
-    return {"bootstrap_servers": settings.bootstrap, **security_of(settings).client_options()}
+def client_options(settings: Settings, security: KafkaSecurity | None = None) -> dict[str, Any]:
+    """bootstrap_servers plus the security options (of `security`, default the settings'
+    own: `security_of`), for any aiokafka client."""
+    sec = security or security_of(settings)
+    return {"bootstrap_servers": settings.bootstrap, **sec.client_options()}
 
 
 def faust_credentials(settings: Settings) -> Any:
@@ -257,10 +261,12 @@ def faust_credentials(settings: Settings) -> Any:
 
 
 # -- failing fast with the cause ---------------------------------------------------------
-async def probe_tls(settings: Settings, timeout_s: float = 5.0) -> str | None:
+async def probe_tls(
+    settings: Settings, security: KafkaSecurity | None = None, timeout_s: float = 5.0
+) -> str | None:
     """One TLS handshake with the clients' SSL context against the first bootstrap
     address: why it fails (None: it does not, or nothing to probe)."""
-    sec = security_of(settings)
+    sec = security or security_of(settings)
     if sec.ssl_context is None:
         return None
     host, _, port = settings.bootstrap.split(",")[0].strip().rpartition(":")
@@ -329,12 +335,14 @@ def principal(settings: Settings) -> str:
     return "User:ANONYMOUS"
 
 
-async def probe_sasl(settings: Settings, timeout_s: float = 5.0) -> BaseException | None:
+async def probe_sasl(
+    settings: Settings, security: KafkaSecurity | None = None, timeout_s: float = 5.0
+) -> BaseException | None:
     """One connection with aiokafka's own handshake against the first bootstrap address:
     the SASL error it raises (aiokafka's bootstrap only logs it), or None."""
     from aiokafka.conn import create_conn
 
-    sec = security_of(settings)
+    sec = security or security_of(settings)
     host, _, port = settings.bootstrap.split(",")[0].strip().rpartition(":")
     try:
         conn = await asyncio.wait_for(
@@ -361,8 +369,11 @@ async def probe_sasl(settings: Settings, timeout_s: float = 5.0) -> BaseExceptio
     return None
 
 
-async def connect_error(settings: Settings, exc: BaseException, what: str) -> BrokerError:
-    """The one-line error for a client that could not start (see the module doc)."""
+async def connect_error(
+    settings: Settings, exc: BaseException, what: str, security: KafkaSecurity | None = None
+) -> BrokerError:
+    """The one-line error for a client that could not start (see the module doc);
+    `security`: the client's own (default: the settings')."""
     where = f"Kafka at {settings.bootstrap} ({settings.kafka_security_protocol})"
     if isinstance(exc, SaslAuthenticationFailed | AuthenticationFailedError):
         return BrokerAuthError(
@@ -379,13 +390,14 @@ async def connect_error(settings: Settings, exc: BaseException, what: str) -> Br
         return BrokerAuthError(
             f"{what}: {where} does not enable SASL mechanism {settings.kafka_sasl_mechanism}"
         )
-    tls = await probe_tls(settings)
+    sec = security or security_of(settings)
+    tls = await probe_tls(settings, sec)
     if tls is not None:
         return BrokerAuthError(f"{what}: {where}: {tls}")
-    if security_of(settings).uses_sasl:
-        sasl = await probe_sasl(settings)
+    if sec.uses_sasl:
+        sasl = await probe_sasl(settings, sec)
         if sasl is not None:
-            return await connect_error(settings, sasl, what)
+            return await connect_error(settings, sasl, what, sec)
     if isinstance(exc, TimeoutError):
         return BrokerError(
             f"{what}: {where} did not answer within {settings.kafka_connect_timeout_s:g}s "
@@ -410,14 +422,16 @@ for _name in ("aiokafka", "aiokafka.conn"):  # aiokafka.client logs as "aiokafka
     logging.getLogger(_name).addFilter(_QuietWhileStarting())
 
 
-async def start_client(client: Any, settings: Settings, what: str) -> None:
+async def start_client(
+    client: Any, settings: Settings, what: str, security: KafkaSecurity | None = None
+) -> None:
     """Start an aiokafka client within the connect timeout, or close it and raise the
     error that names the cause."""
     token = _STARTING.set(True)
     try:
         await asyncio.wait_for(client._start_unguarded(), settings.kafka_connect_timeout_s)
     except (TimeoutError, KafkaConnectionError, KafkaError, OSError) as exc:
-        error = await connect_error(settings, exc, what)
+        error = await connect_error(settings, exc, what, security)
         with contextlib.suppress(Exception):  # the cause is what the caller needs
             await asyncio.wait_for(_close(client), 5.0)
         raise error from None
@@ -437,9 +451,10 @@ class _Guarded:
 
     _settings: Settings
     _what: str
+    _security: KafkaSecurity
 
     async def start(self) -> None:
-        await start_client(self, self._settings, self._what)
+        await start_client(self, self._settings, self._what, self._security)
 
     async def _start_unguarded(self) -> None:
         await super().start()  # type: ignore[misc]
@@ -457,19 +472,28 @@ class Admin(_Guarded, AIOKafkaAdminClient):
     pass
 
 
-def new_producer(settings: Settings, what: str = "producer", **options: Any) -> Producer:
-    p = Producer(**client_options(settings), **options)
-    p._settings, p._what = settings, what
-    return p
+def _guarded(cls: type[T], settings: Settings, what: str, secrets: Any, options: Any) -> T:
+    # `secrets`: a provider for `resolve` (e.g. a password given to `streams.client`);
+    # the client then connects, and names a failure, with what it resolves to
+    sec = security_of(settings) if secrets is None else resolve(settings, secrets)
+    client: Any = cls(**client_options(settings, sec), **options)
+    client._settings, client._what, client._security = settings, what, sec
+    return client
 
 
-def new_consumer(settings: Settings, what: str = "consumer", **options: Any) -> Consumer:
-    c = Consumer(**client_options(settings), **options)
-    c._settings, c._what = settings, what
-    return c
+def new_producer(
+    settings: Settings, what: str = "producer", *, secrets: Any = None, **options: Any
+) -> Producer:
+    return _guarded(Producer, settings, what, secrets, options)
 
 
-def new_admin(settings: Settings, what: str = "admin", **options: Any) -> Admin:
-    a = Admin(**client_options(settings), **options)
-    a._settings, a._what = settings, what
-    return a
+def new_consumer(
+    settings: Settings, what: str = "consumer", *, secrets: Any = None, **options: Any
+) -> Consumer:
+    return _guarded(Consumer, settings, what, secrets, options)
+
+
+def new_admin(
+    settings: Settings, what: str = "admin", *, secrets: Any = None, **options: Any
+) -> Admin:
+    return _guarded(Admin, settings, what, secrets, options)

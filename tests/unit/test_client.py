@@ -170,13 +170,15 @@ def test_the_password_is_in_no_settings_and_no_repr() -> None:
         assert PASSWORD not in repr(vars(inner))
 
 
-def test_the_password_argument_works_without_the_chain() -> None:
+async def test_the_password_argument_works_without_the_chain() -> None:
     client = _sasl_client()
     # the chain (env source, no AGENTSTREAM_SECRET_KAFKA_SASL_PASSWORD) has none ...
     with pytest.raises(CredentialsError):
         resolve(client.settings)
     # ... the client connects with the argument
-    security = client._given_security()
+    producer = client._new_producer("publishing")
+    await producer.stop()
+    security = producer._security
     assert security.password is not None
     assert security.password.get_secret_value() == PASSWORD
     assert PASSWORD not in repr(security)
@@ -187,8 +189,10 @@ async def test_the_clients_are_built_with_the_given_password() -> None:
     producer = client._new_producer("publishing")
     consumer = client._new_consumer("subscribing", group_id=None)
     try:
-        # the factories' classes: the same bounded, cause-naming start
+        # the factories' classes: the same bounded, cause-naming start, probing with the
+        # given password (`_security`) when a start fails
         assert isinstance(producer, Producer)
+        assert producer._security.password.get_secret_value() == PASSWORD
         assert producer.client._sasl_plain_password == PASSWORD
         assert producer.client._sasl_plain_username == "svc"
         assert producer.client._security_protocol == "SASL_PLAINTEXT"
