@@ -45,7 +45,7 @@ from schemas.comms import COMM_KINDS
 from schemas.llm import ChatMessage, LLMConfig, LLMContext
 from streams.admin import ensure_topics
 from streams.cli import cli, run
-from streams.client import Client
+from streams.client import AsyncClient
 from streams.credentials import KeychainCredentialsProvider
 from streams.settings import REPO_ROOT, Settings, get_settings
 from streams.topics import (
@@ -81,7 +81,7 @@ class DemoSecurity(Protocol):
     #: settings the worker needs (keychain, trusted admin key)
     env: dict[str, str]
 
-    async def publish_rules(self, client: Client) -> None:
+    async def publish_rules(self, client: AsyncClient) -> None:
         """Publish the signed policies, config and identities of the simulated agents."""
 
     def sign(self, message: AgentMessage) -> AgentMessage:
@@ -223,7 +223,7 @@ async def _drive(
     counts: Counter[str] = Counter()
     sent: Counter[str] = Counter()
     transitions: list[str] = []
-    async with Client(settings, source="demo") as client:
+    async with AsyncClient(settings, source="demo") as client:
         watcher = asyncio.create_task(_watch(client, counts, transitions))
         await _wait_ready(worker, log)
         await security.publish_rules(client)
@@ -293,7 +293,7 @@ async def _drive(
 
 
 async def _one_message(
-    client: Client,
+    client: AsyncClient,
     rng: random.Random,
     agents: list[str],
     sent: Counter[str],
@@ -345,7 +345,7 @@ def _llm_request(rng: random.Random, agents: list[str]) -> LLMRequest:
     )
 
 
-async def _watch(client: Client, counts: Counter[str], transitions: list[str]) -> None:
+async def _watch(client: AsyncClient, counts: Counter[str], transitions: list[str]) -> None:
     async for rec in client.subscribe(list(WATCHED), from_beginning=False):
         base = rec.topic[len(client.settings.topic_prefix) :]
         counts[WATCHED.get(base, base)] += 1
