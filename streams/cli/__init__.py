@@ -30,6 +30,7 @@ import os
 import pkgutil
 import sys
 from collections.abc import Coroutine, Mapping
+from pathlib import Path
 from typing import IO, Any, TypeVar
 
 import click
@@ -61,13 +62,52 @@ def settings_error(exc: SettingsError) -> ConfigError:
 
 
 def checked_settings() -> Settings:
-    """The process-wide settings, or a `ConfigError` naming every bad variable."""
+    """The process-wide settings, or a `ConfigError` naming every bad variable (files the
+    settings name that do not exist included)."""
     from streams.settings import get_settings
 
     try:
-        return get_settings()
+        settings = get_settings()
     except SettingsError as exc:
         raise settings_error(exc) from None
+    missing = missing_files(settings)
+    if missing:
+        raise ConfigError("\n".join(missing))
+    return settings
+
+
+#: settings naming a file that must exist when a command runs (the log file, keyring
+#: file and secrets directory may not: they are created, or asked only when needed)
+INPUT_FILES = (
+    "kafka_ssl_cafile",
+    "kafka_ssl_certfile",
+    "kafka_ssl_keyfile",
+    "web_tls_certfile",
+    "web_tls_keyfile",
+    "llm_providers_file",
+)
+
+
+def missing_files(settings: Settings) -> list[str]:
+    """One line per file a setting names that is not there: said before the app is built
+    (its TLS context would fail with a bare "No such file or directory")."""
+    problems = []
+    for name in INPUT_FILES:
+        path = getattr(settings, name)
+        if path is not None and not Path(path).is_file():
+            what = "is a directory" if Path(path).is_dir() else "no such file"
+            problems.append(f"{Settings.env_name(name)}={str(path)!r}: {what}")
+    return problems
+
+
+def load_app() -> Any:
+    """The Faust app, built from the checked settings; a file they name that cannot be
+    used (a certificate that is no PEM) is a `ConfigError`, not a traceback."""
+    try:
+        from streams.app import app
+    except OSError as exc:  # ssl.SSLError too
+        raise ConfigError(f"the app cannot be built from these settings: {exc}") from None
+    return app
 
 
 #: the start of `streams.kafka_security.connect_error`'s message when nothing answered
@@ -355,8 +395,7 @@ def prepare_run() -> None:
     if _loaded:
         return
     _loaded = True
-    from streams.app import app
-
+    app = load_app()
     try:
         app.discover()
     except ImportError as exc:
@@ -370,9 +409,9 @@ def install_web_auth() -> None:
     middleware goes on Faust's web application here, before any view module is imported
     or the server started, so no view has to remember it."""
     from streams import web_auth
-    from streams.app import app, settings
 
-    web_auth.install(app, settings)
+    app = load_app()
+    web_auth.install(app, app.agentstream_settings)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -113,9 +113,26 @@ MISTAKES = [
     Mistake(
         "ca-file-missing",
         ("topics", "list"),
-        ("Error: AGENTSTREAM_KAFKA_SSL_CAFILE: no such file",),
+        ("Error: AGENTSTREAM_KAFKA_SSL_CAFILE='nope.pem': no such file",),
         2,
         {"AGENTSTREAM_KAFKA_SECURITY_PROTOCOL": "SSL", "AGENTSTREAM_KAFKA_SSL_CAFILE": "nope.pem"},
+    ),
+    Mistake(
+        "web-certificate-missing",
+        ("worker",),
+        (
+            "Error: AGENTSTREAM_WEB_TLS_CERTFILE='web.pem': no such file",
+            "Error: AGENTSTREAM_WEB_TLS_KEYFILE='web.key': no such file",
+        ),
+        2,
+        {"AGENTSTREAM_WEB_TLS_CERTFILE": "web.pem", "AGENTSTREAM_WEB_TLS_KEYFILE": "web.key"},
+    ),
+    Mistake(
+        "web-certificate-not-pem",
+        ("topics", "list"),
+        ("Error: the app cannot be built from these settings: [SSL]",),
+        2,
+        {"AGENTSTREAM_WEB_TLS_CERTFILE": "bad.yaml", "AGENTSTREAM_WEB_TLS_KEYFILE": "bad.yaml"},
     ),
     # -- usage: exit 2 before anything connects -------------------------------------------
     Mistake("unknown-command", ("topic", "list"), ("No such command 'topic'",), 2),
@@ -425,6 +442,23 @@ def test_settings_errors_exit_2_one_error_line_each() -> None:
     assert [line.split("=")[0] for line in res.output.splitlines()] == [
         "Error: AGENTSTREAM_WEB_PORT",
         "Error: AGENTSTREAM_BATCH_MAX",
+    ]
+
+
+def test_missing_files_are_named_with_their_variable(tmp_path: Path) -> None:
+    from streams.cli import missing_files
+    from streams.settings import Settings
+
+    (tmp_path / "ca.pem").write_text("")
+    settings = Settings.from_env(
+        {
+            "AGENTSTREAM_KAFKA_SSL_CAFILE": str(tmp_path / "ca.pem"),
+            "AGENTSTREAM_LLM_PROVIDERS_FILE": str(tmp_path),
+            "AGENTSTREAM_LOG_FILE": str(tmp_path / "not-yet.log"),  # created when needed
+        }
+    )
+    assert missing_files(settings) == [
+        f"AGENTSTREAM_LLM_PROVIDERS_FILE={str(tmp_path)!r}: is a directory"
     ]
 
 
