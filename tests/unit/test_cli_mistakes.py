@@ -570,3 +570,22 @@ def test_fold_topic_names_a_broker_failure_and_stops_its_consumer(
     with pytest.raises(BrokerError, match=r"reading security\.policies failed: KafkaConnection"):
         asyncio.run(store.fold_topic(Settings.from_env({}), "security.policies", {}))
     assert Consumer.stopped
+
+
+def test_importing_the_app_with_bad_settings_is_the_same_error_lines(tmp_path: Path) -> None:
+    """`faust -A streams.app worker` imports the app itself: no traceback there either."""
+    env = {**base_env(tmp_path, "127.0.0.1:1"), "AGENTSTREAM_WEB_PORT": "http"}
+    res = subprocess.run(
+        [sys.executable, "-c", "import streams.app"],
+        env={**env, "AGENTSTREAM_TOPIC_PARTITIONS": "0"},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.splitlines() == [
+        "Error: AGENTSTREAM_TOPIC_PARTITIONS='0': Input should be greater than or equal to 1",
+        "Error: AGENTSTREAM_WEB_PORT='http': Input should be a valid integer, unable to parse "
+        "string as an integer",
+    ]
