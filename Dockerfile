@@ -22,13 +22,14 @@ ENV PIP_NO_CACHE_DIR=1 \
 WORKDIR /src
 # What the wheel is made of, and nothing else: pyproject.toml names README.md as the
 # readme, and [tool.setuptools.packages.find] these packages.
-COPY pyproject.toml README.md ./
+# the tested versions (constraints.txt) and the licence the wheel carries
+COPY pyproject.toml README.md LICENSE constraints.txt ./
 COPY schemas/ schemas/
 COPY streams/ streams/
 COPY agents/ agents/
 COPY infra/ infra/
 COPY bench/ bench/
-RUN python -m pip wheel --wheel-dir /wheels .
+RUN python -m pip wheel --constraint constraints.txt --wheel-dir /wheels .
 
 FROM ${PYTHON_IMAGE} AS runtime
 # PYTHONSAFEPATH: `python -m` (the healthcheck) never imports from the writable workdir.

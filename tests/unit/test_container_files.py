@@ -342,10 +342,18 @@ def test_build_stage_copies_exactly_what_the_wheel_is_made_of() -> None:
         *sources, _dest = ins.words()
         copied |= {s.rstrip("/") for s in sources}
     assert "." not in copied, "COPY . copies var/, .venv/ ... into the build"
-    expected = {"pyproject.toml", PYPROJECT["project"]["readme"], *project_packages()}
+    expected = {
+        "pyproject.toml",
+        PYPROJECT["project"]["readme"],
+        *PYPROJECT["project"].get("license-files", []),
+        "constraints.txt",  # the image gets the tested versions, as `make install` does
+        *project_packages(),
+    }
     assert copied == expected
     assert not build.all("ADD")
     assert any(re.search(r"pip wheel|-m build --wheel", r.args) for r in build.all("RUN"))
+    wheel = next(r for r in build.all("RUN") if "pip wheel" in r.args)
+    assert re.search(r"(-c|--constraint)\s+constraints\.txt", wheel.args), wheel.args
 
 
 def test_runtime_stage_installs_the_wheel_only() -> None:
