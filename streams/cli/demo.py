@@ -174,7 +174,9 @@ def demo(rate: float, n_agents: int, duration: float, keep_broker: bool, seed: i
             except subprocess.TimeoutExpired:
                 os.killpg(worker.pid, signal.SIGKILL)
         if started_broker is not None and not keep_broker:
-            launcher.stop(started_broker)
+            # the demo exported the broker's address as AGENTSTREAM_KAFKA_BOOTSTRAP, which
+            # stop() would take for an external cluster and leave running
+            launcher.stop(started_broker, use_external=False)
             click.echo("local broker stopped (use --keep-broker to keep it)")
 
 
