@@ -40,17 +40,12 @@ from streams.settings import Settings, SettingsError
 
 T = TypeVar("T")
 
-#: exit status of a rejected input or a pipeline error (click's own for ClickException)
-EXIT_FAILED = 1
-#: exit status of a usage or configuration error (click's own for UsageError)
-EXIT_USAGE = 2
-
 
 class ConfigError(click.ClickException):
     """A configuration problem (bad settings, a file a setting names): exit 2, one
     `Error:` line per problem."""
 
-    exit_code = EXIT_USAGE
+    exit_code = 2  # as click's UsageError: see the module doc
 
     def show(self, file: IO[Any] | None = None) -> None:
         for line in self.format_message().splitlines() or [""]:
