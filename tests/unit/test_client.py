@@ -287,9 +287,36 @@ class FakeProducer:
 
 
 def _with_producer(producer: FakeProducer, **kw: Any) -> AsyncClient:
+    """A client whose producer is `producer`; one it builds anew (after a failed
+    delivery) behaves the same, and is appended to `client.fakes`."""
     client = AsyncClient(Settings.from_env({"AGENTSTREAM_TOPIC_PREFIX": "p."}), **kw)
     client._producer = producer
+    fakes = [producer]
+
+    async def start() -> None:
+        if client._producer is None:
+            fakes.append(FakeProducer(producer.on_send, producer.on_delivery))
+            client._producer = fakes[-1]
+
+    client.start = start  # type: ignore[method-assign]
+    client.fakes = fakes  # type: ignore[attr-defined]
     return client
+
+
+async def test_a_failed_delivery_renews_the_producer() -> None:
+    """aiokafka's idempotent producer keeps the sequence numbers of a batch the broker
+    refused: later records of that partition would fail with OutOfOrderSequenceNumber."""
+    client = _with_producer(FakeProducer(on_delivery=MessageSizeTooLargeError()))
+    with pytest.raises(PublishError):
+        await client.publish("agent.messages", _message())
+    fakes = client.fakes  # type: ignore[attr-defined]
+    first = fakes[0]
+    assert not first.stopped and len(fakes) == 1  # replaced lazily, at the next send
+    first.on_delivery = None  # the broker takes records again
+    assert await client.publish("agent.messages", _message()) == "md-1"
+    assert first.stopped and len(fakes) == 2  # a new producer (a new producer id)
+    assert await client.publish("agent.messages", _message()) == "md-2"
+    assert len(fakes) == 2  # nothing failed: kept
 
 
 async def test_publish_maps_a_refused_send() -> None:
