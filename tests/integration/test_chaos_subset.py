@@ -26,7 +26,7 @@ from tests.chaos.harness import RunOptions, run_once
 
 pytestmark = pytest.mark.integration
 
-MESSAGES = 5000
+MESSAGES = 3000  # poison: 30 poison records, each of its three kinds 10 times
 #: kill -9 -> first output on the killed worker's partitions, at most (see test_worker_kill)
 RESUME_BOUND_S = 30.0
 #: a kill -9'ed member's partitions stall until its session times out: 10 s, not 60
