@@ -403,7 +403,17 @@ async def connect_error(
             f"{what}: {where} did not answer within {settings.kafka_connect_timeout_s:g}s "
             "(AGENTSTREAM_KAFKA_CONNECT_TIMEOUT_S); is the protocol right for that port?"
         )
-    return BrokerError(f"cannot reach {where}: {exc}")
+    # nothing answered: say what to do about it. aiokafka's "Unable to bootstrap from
+    # [(host, port, family)]" only repeats the address.
+    detail = "" if "Unable to bootstrap" in str(exc) else f" ({exc})"
+    hint = (
+        "is it running, and is AGENTSTREAM_KAFKA_BOOTSTRAP right?"
+        if settings.kafka_bootstrap
+        else "start one with 'agentstream kafka start' or set AGENTSTREAM_KAFKA_BOOTSTRAP"
+    )
+    return BrokerError(
+        f"no broker at {settings.bootstrap} ({settings.kafka_security_protocol}){detail} — {hint}"
+    )
 
 
 #: set while `start_client` runs: aiokafka's bootstrap errors are then ours to report

@@ -105,37 +105,10 @@ def load_app() -> Any:
     return app
 
 
-#: the start of `streams.kafka_security.connect_error`'s message when nothing answered
-_UNREACHABLE = "cannot reach Kafka at "
-
-
-def error_text(exc: PipelineError, settings: Settings | None = None) -> str:
-    """The one line a pipeline error ends a command with: `<class>: <message>`; a
-    broker that does not answer is named with what to do about it."""
-    from streams.errors import BrokerError
-
-    text = str(exc)
-    if type(exc) is BrokerError and text.startswith(_UNREACHABLE):
-        where, _, cause = text.removeprefix(_UNREACHABLE).partition(": ")
-        # aiokafka's "Unable to bootstrap from [(host, port, family)]" only repeats where
-        detail = "" if not cause or "Unable to bootstrap" in cause else f" ({cause})"
-        configured = settings is not None and settings.kafka_bootstrap
-        hint = (
-            "is it running, and is AGENTSTREAM_KAFKA_BOOTSTRAP right?"
-            if configured
-            else "start one with 'agentstream kafka start' or set AGENTSTREAM_KAFKA_BOOTSTRAP"
-        )
-        text = f"no broker at {where}{detail} — {hint}"
-    return f"{type(exc).__name__}: {text}"
-
-
-def _current_settings() -> Settings | None:
-    from streams.settings import get_settings
-
-    try:
-        return get_settings()
-    except SettingsError:
-        return None
+def error_text(exc: PipelineError) -> str:
+    """The one line a pipeline error ends a command with: `<class>: <message>` (a broker
+    that does not answer says what to do about it: `kafka_security.connect_error`)."""
+    return f"{type(exc).__name__}: {exc}"
 
 
 def pipeline_error(exc: BaseException) -> click.ClickException | None:
@@ -145,7 +118,7 @@ def pipeline_error(exc: BaseException) -> click.ClickException | None:
     if isinstance(exc, SettingsError):
         return settings_error(exc)
     if isinstance(exc, PipelineError):
-        return click.ClickException(error_text(exc, _current_settings()))
+        return click.ClickException(error_text(exc))
     from aiokafka.errors import KafkaError
 
     if isinstance(exc, KafkaError):
