@@ -21,14 +21,15 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 # What the wheel is made of, and nothing else: pyproject.toml names README.md as the
-# readme, and [tool.setuptools.packages.find] these packages.
+# readme, and [tool.setuptools.packages.find] the package `agentstream`, whose
+# subpackages are symlinks (kept as such by COPY) to the folders copied next to it.
 # the tested versions (constraints.txt) and the licence the wheel carries
 COPY pyproject.toml README.md LICENSE constraints.txt ./
+COPY agentstream/ agentstream/
 COPY schemas/ schemas/
 COPY streams/ streams/
 COPY agents/ agents/
 COPY infra/ infra/
-COPY bench/ bench/
 RUN python -m pip wheel --constraint constraints.txt --wheel-dir /wheels .
 
 FROM ${PYTHON_IMAGE} AS runtime
@@ -60,6 +61,6 @@ EXPOSE 6066
 # GET /health (no token needed) on this container's web port, without proxies, with a
 # timeout shorter than Docker's (infra/compose/healthcheck.py says why not curl or -c).
 HEALTHCHECK --interval=15s --timeout=10s --start-period=60s --retries=3 \
-    CMD ["python", "-m", "infra.compose.healthcheck"]
+    CMD ["python", "-m", "agentstream.infra.compose.healthcheck"]
 ENTRYPOINT ["agentstream"]
 CMD ["worker"]

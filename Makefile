@@ -44,8 +44,8 @@ demo: install system-deps
 	$(VENV)/bin/agentstream demo $(DEMO_ARGS)
 
 lint: install
-	$(VENV)/bin/ruff check schemas streams agents infra bench tests
-	$(VENV)/bin/ruff format --check schemas streams agents infra bench tests
+	$(VENV)/bin/ruff check agentstream schemas streams agents infra bench tests
+	$(VENV)/bin/ruff format --check agentstream schemas streams agents infra bench tests
 
 typecheck: install
 	$(VENV)/bin/mypy
@@ -57,8 +57,8 @@ integration: install system-deps
 	$(PY) -m pytest tests/integration -q
 
 test: install system-deps
-	$(VENV)/bin/ruff check schemas streams agents infra bench tests
-	$(VENV)/bin/ruff format --check schemas streams agents infra bench tests
+	$(VENV)/bin/ruff check agentstream schemas streams agents infra bench tests
+	$(VENV)/bin/ruff format --check agentstream schemas streams agents infra bench tests
 	$(VENV)/bin/mypy
 	$(PY) -m pytest -q -p no:cacheprovider --durations=15
 
@@ -68,7 +68,7 @@ bench: install system-deps
 # The fault-injection suite (tests/chaos): every scenario K times, a JSON + Markdown report
 # under var/chaos/. CHAOS_ARGS="--scenario worker_kill --runs 1 --messages 5000" runs less.
 chaos: install system-deps
-	$(PY) -m infra.toxiproxy install
+	$(PY) -m agentstream.infra.toxiproxy install
 	$(PY) -m tests.chaos $(CHAOS_ARGS)
 
 clean:

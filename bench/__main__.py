@@ -63,7 +63,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def start_broker() -> str:
-    from infra.kafka import launcher
+    from agentstream.infra.kafka import launcher
 
     external = launcher.external_bootstrap()
     if external:

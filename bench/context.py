@@ -29,9 +29,9 @@ from aiokafka.admin import NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 from aiokafka.partitioner import DefaultPartitioner
 
-from schemas import AgentMessage, Event, registry
-from streams.kafka_security import new_admin, new_consumer, new_producer
-from streams.settings import Settings
+from agentstream.schemas import AgentMessage, Event, registry
+from agentstream.streams.kafka_security import new_admin, new_consumer, new_producer
+from agentstream.streams.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -215,7 +215,7 @@ class BenchContext:
 
     async def ensure_topics(self, env: dict[str, str]) -> None:
         """Every catalogue topic under env's prefix (what a worker would create)."""
-        from streams.admin import ensure_topics
+        from agentstream.streams.admin import ensure_topics
 
         await ensure_topics(Settings.from_env(env))
 
@@ -383,7 +383,7 @@ class BenchContext:
     # -- workers -------------------------------------------------------------------------
     def start_worker(self, env: dict[str, str], *extra: str) -> Worker:
         """`agentstream worker` (the real pipeline worker) under env."""
-        return self.start_process(env, "-m", "streams", "worker", "--loglevel", "info", *extra)
+        return self.start_process(env, "-m", "agentstream", "worker", "--loglevel", "info", *extra)
 
     def start_process(self, env: dict[str, str], *python_args: str) -> Worker:
         name = f"{env.get('AGENTSTREAM_APP_ID', 'proc')}-{len(self.workers)}.log"

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from schemas import AgentMessage
-from streams.app import app, catalogue_topic
-from streams.processing import Inbound, decoded_batches, emit, guarded
-from streams.topics import AGENT_MESSAGES, AGENT_MESSAGES_ACCEPTED
+from agentstream.schemas import AgentMessage
+from agentstream.streams.app import app, catalogue_topic
+from agentstream.streams.processing import Inbound, decoded_batches, emit, guarded
+from agentstream.streams.topics import AGENT_MESSAGES, AGENT_MESSAGES_ACCEPTED
 
 CONSUMER = "bench_passthrough"
 

@@ -24,9 +24,9 @@ from typing import Any
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from agentstream.streams.kafka_security import new_consumer, new_producer
+from agentstream.streams.topics import AGENT_MESSAGES, AGENT_MESSAGES_ACCEPTED
 from bench.context import BenchContext, BenchError, log
-from streams.kafka_security import new_consumer, new_producer
-from streams.topics import AGENT_MESSAGES, AGENT_MESSAGES_ACCEPTED
 
 NAME = "core"
 

@@ -19,9 +19,9 @@ from __future__ import annotations
 import time
 from datetime import UTC, datetime
 
+from agentstream.schemas import Event, Heartbeat, encode
+from agentstream.streams.topics import AGENT_HEARTBEATS, AGENT_STATUS
 from bench.context import BenchContext, log
-from schemas import Event, Heartbeat, encode
-from streams.topics import AGENT_HEARTBEATS, AGENT_STATUS
 
 NAME = "heartbeat"
 AGENTS = 10_000
@@ -43,7 +43,7 @@ def heartbeats(round_no: int, sent_at: float) -> tuple[list[bytes], list[bytes]]
 
 async def run(ctx: BenchContext) -> dict[str, float]:
     env = ctx.new_env(
-        AGENTSTREAM_AGENTS="agents.heartbeat",
+        AGENTSTREAM_AGENTS="heartbeat",
         AGENTSTREAM_HEARTBEAT_INTERVAL_S=str(INTERVAL_S),
         AGENTSTREAM_HEARTBEAT_TIMEOUT_S=str(TIMEOUT_S),
         AGENTSTREAM_HEARTBEAT_MAX_MISSED="3",

@@ -45,13 +45,13 @@ import orjson
 import psutil
 from aiokafka import AIOKafkaProducer, TopicPartition
 
-from agents.llm.providers._http import ClientPool, free_cycle
+from agentstream.agents.llm.providers._http import ClientPool, free_cycle
+from agentstream.schemas import Event, encode
+from agentstream.schemas.llm import ChatMessage, LLMConfig, LLMContext, LLMRequest
+from agentstream.streams.kafka_security import new_consumer, new_producer
+from agentstream.streams.settings import Settings
+from agentstream.streams.topics import LLM_REQUESTS, LLM_RESPONSES
 from bench.context import REPO, BenchContext, BenchError, free_port, log
-from schemas import Event, encode
-from schemas.llm import ChatMessage, LLMConfig, LLMContext, LLMRequest
-from streams.kafka_security import new_consumer, new_producer
-from streams.settings import Settings
-from streams.topics import LLM_REQUESTS, LLM_RESPONSES
 
 NAME = "llm"
 IN_FLIGHT = 200
@@ -294,7 +294,7 @@ async def _measure(
 ) -> dict[str, float]:
     pool = ClientPool(timeout=httpx.Timeout(30))
     env = ctx.new_env(
-        AGENTSTREAM_AGENTS="agents.llm",
+        AGENTSTREAM_AGENTS="llm",
         AGENTSTREAM_LLM_PROVIDERS_FILE=str(providers),
         AGENTSTREAM_LLM_MAX_CONCURRENCY="256",
         # a latency-bound stage: every broker hop would otherwise wait for a batch
@@ -309,7 +309,13 @@ async def _measure(
     await watch.start()
     if os.environ.get("BENCH_LLM_PROFILE"):  # e.g. `-m pyinstrument -o FILE` around it
         worker = ctx.start_process(
-            env, *os.environ["BENCH_LLM_PROFILE"].split(), "-m", "streams", "worker", "-l", "info"
+            env,
+            *os.environ["BENCH_LLM_PROFILE"].split(),
+            "-m",
+            "agentstream",
+            "worker",
+            "-l",
+            "info",
         )
     else:
         worker = ctx.start_worker(env)

@@ -29,14 +29,13 @@ from typing import Any
 
 import orjson
 
-from agents.security.crypto import new_key, sign_message
-from bench.context import SENDERS, BenchContext, BenchError, log
-from schemas import AgentMessage, Event, encode, registry, utc_now
-from schemas.security import AgentIdentity, SecurityConfig, SecurityPolicy
-from streams import signing
-from streams.credentials import KeychainCredentialsProvider
-from streams.settings import Settings
-from streams.topics import (
+from agentstream.agents.security.crypto import new_key, sign_message
+from agentstream.schemas import AgentMessage, Event, encode, registry, utc_now
+from agentstream.schemas.security import AgentIdentity, SecurityConfig, SecurityPolicy
+from agentstream.streams import signing
+from agentstream.streams.credentials import KeychainCredentialsProvider
+from agentstream.streams.settings import Settings
+from agentstream.streams.topics import (
     AGENT_MESSAGES,
     AGENT_MESSAGES_ACCEPTED,
     AGENT_MESSAGES_REJECTED,
@@ -44,6 +43,7 @@ from streams.topics import (
     SECURITY_IDENTITIES,
     SECURITY_POLICIES,
 )
+from bench.context import SENDERS, BenchContext, BenchError, log
 
 NAME = "policy"
 POLICIES = 20
@@ -92,7 +92,7 @@ async def run(ctx: BenchContext) -> dict[str, float]:
     admin = signing.new_private_key()
     keyring = ctx.work_dir / f"policy-keyring-{ctx.run_id}.json"
     env = ctx.new_env(
-        AGENTSTREAM_AGENTS="agents.security",
+        AGENTSTREAM_AGENTS="security",
         AGENTSTREAM_SECURITY_ADMIN_KEYS=f"bench={signing.public_b64(admin)}",
         AGENTSTREAM_KEYRING_BACKEND="encrypted-file",
         AGENTSTREAM_KEYRING_FILE=str(keyring),
@@ -149,7 +149,7 @@ def worst_case_us(policies: list[SecurityPolicy]) -> float:
     """The slowest scan of one evaluation over content of the policies' max size: the
     union of every fitting policy's blocked patterns (what a message that violates
     nothing is cleared with), on the generated worst-case inputs."""
-    from agents.security.patterns import worst_case_scan
+    from agentstream.agents.security.patterns import worst_case_scan
 
     patterns = [x for p in policies for x in p.blocked_patterns]
     size = max(p.max_message_size for p in policies)
@@ -176,7 +176,7 @@ async def _check_verified(ctx: BenchContext, topic: str, sample: int = 2000) -> 
     measured the signed path, not the anonymous one."""
     from aiokafka import TopicPartition
 
-    from streams.client import group_less_consumer
+    from agentstream.streams.client import group_less_consumer
 
     consumer = group_less_consumer(ctx.settings, "bench-verified", auto_offset_reset="earliest")
     await consumer.start()

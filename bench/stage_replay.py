@@ -18,10 +18,10 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+from agentstream.streams.replay import replay_batches
+from agentstream.streams.settings import Settings
+from agentstream.streams.topics import AGENT_MESSAGES_ACCEPTED
 from bench.context import BenchContext, BenchError, log
-from streams.replay import replay_batches
-from streams.settings import Settings
-from streams.topics import AGENT_MESSAGES_ACCEPTED
 
 NAME = "replay"
 STAGE_TIMEOUT_S = 300.0
@@ -30,7 +30,7 @@ _TS = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\]")
 
 async def run(ctx: BenchContext) -> dict[str, float]:
     env = ctx.new_env(
-        AGENTSTREAM_AGENTS="agents.audit",
+        AGENTSTREAM_AGENTS="audit",
         AGENTSTREAM_LOG_LEVEL="INFO",
         AGENTSTREAM_CHECKPOINT_INTERVAL_S="3600",
     )

@@ -4,10 +4,10 @@
 reverse. Importing this package registers every event type.
 """
 
-from schemas import comms, health, llm, messages, pipeline, security
-from schemas.base import Event, Payload, utc_now
-from schemas.comms import CommunicationRecord
-from schemas.errors import (
+from agentstream.schemas import comms, health, llm, messages, pipeline, security
+from agentstream.schemas.base import Event, Payload, utc_now
+from agentstream.schemas.comms import CommunicationRecord
+from agentstream.schemas.errors import (
     InvalidEvent,
     PipelineError,
     SchemaError,
@@ -15,14 +15,14 @@ from schemas.errors import (
     UnknownEventType,
     UnsupportedSchemaVersion,
 )
-from schemas.health import (
+from agentstream.schemas.health import (
     AgentStatusChanged,
     ComponentHealthChanged,
     Heartbeat,
     MetricSample,
     SystemStats,
 )
-from schemas.llm import (
+from agentstream.schemas.llm import (
     BreakerStateChanged,
     LLMCancelRequested,
     LLMConfig,
@@ -31,10 +31,15 @@ from schemas.llm import (
     LLMResponse,
     LLMStreamChunk,
 )
-from schemas.messages import AgentMessage
-from schemas.pipeline import CheckpointWritten, DeadLetter
-from schemas.registry import EventRegistry, encode, registry
-from schemas.security import PolicyDecision, SecurityConfig, SecurityPolicy, SecurityPolicyRemoved
+from agentstream.schemas.messages import AgentMessage
+from agentstream.schemas.pipeline import CheckpointWritten, DeadLetter
+from agentstream.schemas.registry import EventRegistry, encode, registry
+from agentstream.schemas.security import (
+    PolicyDecision,
+    SecurityConfig,
+    SecurityPolicy,
+    SecurityPolicyRemoved,
+)
 
 __all__ = [
     "AgentMessage",

@@ -6,8 +6,8 @@ from typing import Any, Literal, get_args
 
 from pydantic import AwareDatetime, Field
 
-from schemas.base import MAX_ID_LENGTH, Payload
-from schemas.registry import registry
+from agentstream.schemas.base import MAX_ID_LENGTH, Payload
+from agentstream.schemas.registry import registry
 
 CommKind = Literal["communication", "blockchain", "model", "token", "wallet", "resource"]
 COMM_KINDS: tuple[CommKind, ...] = get_args(CommKind)

@@ -6,8 +6,8 @@ from typing import Any, Literal
 
 from pydantic import AwareDatetime, Field
 
-from schemas.base import MAX_ID_LENGTH, Payload
-from schemas.registry import registry
+from agentstream.schemas.base import MAX_ID_LENGTH, Payload
+from agentstream.schemas.registry import registry
 
 
 class ChatMessage(Payload):

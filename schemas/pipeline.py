@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pydantic import AwareDatetime, Field
 
-from schemas.base import Payload
-from schemas.registry import registry
+from agentstream.schemas.base import Payload
+from agentstream.schemas.registry import registry
 
 
 @registry.register

@@ -16,8 +16,8 @@ from typing import Any
 import orjson
 from pydantic import ValidationError
 
-from schemas.base import Event, Payload
-from schemas.errors import (
+from agentstream.schemas.base import Event, Payload
+from agentstream.schemas.errors import (
     InvalidEvent,
     UndecodableEvent,
     UnknownEventType,

@@ -7,8 +7,8 @@ from typing import Literal
 
 from pydantic import AwareDatetime, Field, field_validator
 
-from schemas.base import MAX_ID_LENGTH, Payload
-from schemas.registry import registry
+from agentstream.schemas.base import MAX_ID_LENGTH, Payload
+from agentstream.schemas.registry import registry
 
 MAX_PATTERNS = 256
 MAX_PATTERN_LENGTH = 1024

@@ -1,6 +1,6 @@
-"""`python -m streams` and the `agentstream` console script."""
+"""`python -m agentstream` and the `agentstream` console script."""
 
-from streams.cli import main
+from agentstream.streams.cli import main
 
 if __name__ == "__main__":
     main()

@@ -38,8 +38,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from schemas.errors import PipelineError
-from streams.topics import (
+from agentstream.schemas.errors import PipelineError
+from agentstream.streams.topics import (
     AGENT_HEARTBEATS,
     AGENT_MESSAGES,
     AGENT_MESSAGES_ACCEPTED,

@@ -8,10 +8,10 @@ from dataclasses import dataclass
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
-from streams.errors import BrokerAuthError, BrokerError
-from streams.kafka_security import new_admin, principal
-from streams.settings import Settings
-from streams.topics import CATALOGUE
+from agentstream.streams.errors import BrokerAuthError, BrokerError
+from agentstream.streams.kafka_security import new_admin, principal
+from agentstream.streams.settings import Settings
+from agentstream.streams.topics import CATALOGUE
 
 
 @dataclass(frozen=True)

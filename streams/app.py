@@ -29,18 +29,18 @@ import faust
 from mode.utils.objects import cached_property
 from mode.utils.queues import FlowControlEvent
 
-from streams.delivery import (
+from agentstream.streams.delivery import (
     BatchAgent,
     RefetchingFlowControl,
     consumer_state,
     end_recovery_at_log_end,
     new_transport,
 )
-from streams.kafka_security import faust_credentials
-from streams.logging_setup import file_handler
-from streams.settings import Settings, SettingsError, get_settings
-from streams.topics import CATALOGUE
-from streams.web_auth import server_ssl_context
+from agentstream.streams.kafka_security import faust_credentials
+from agentstream.streams.logging_setup import file_handler
+from agentstream.streams.settings import Settings, SettingsError, get_settings
+from agentstream.streams.topics import CATALOGUE
+from agentstream.streams.web_auth import server_ssl_context
 
 
 class AgentStreamApp(faust.App):
@@ -56,9 +56,9 @@ class AgentStreamApp(faust.App):
         await super().on_first_start()
         if self.conf.web_enabled:
             # `agentstream worker` installed it already; any other way of starting this
-            # app (`faust -A streams.app worker`) gets it here, before the web server
+            # app (`faust -A agentstream.streams.app worker`) gets it here, before the web server
             # starts — or fails loudly (aiohttp refuses a late middleware), never open
-            from streams import web_auth
+            from agentstream.streams import web_auth
 
             web_auth.install(self, self.agentstream_settings)
         tune_gc()
@@ -113,8 +113,8 @@ def create_app(settings: Settings) -> AgentStreamApp:
         broker=f"kafka://{settings.bootstrap}",
         # TLS / SASL for every client the worker builds (consumer, producers, admin)
         broker_credentials=faust_credentials(settings),
-        autodiscover=[m.strip() for m in settings.agents.split(",") if m.strip()],
-        origin="streams",
+        autodiscover=settings.agent_modules,
+        origin="agentstream.streams",
         store="memory://",
         datadir=str(settings.data_dir / settings.app_id),
         processing_guarantee=settings.processing_guarantee,
@@ -169,7 +169,7 @@ def create_app(settings: Settings) -> AgentStreamApp:
 def _settings_or_exit() -> Settings:
     """The settings this module builds the app from. `agentstream` validates them before
     it imports this module (and `--help` never does); anything else importing it with a
-    bad environment — `faust -A streams.app worker` — ends with the CLI's `Error:` lines
+    bad environment — `faust -A agentstream.streams.app worker` — ends with the CLI's `Error:` lines
     and exit 2 instead of a traceback: no app can be built from them."""
     try:
         return get_settings()
@@ -186,7 +186,7 @@ app = create_app(settings)
 @app.task
 async def _dump_tasks_on_sigusr2() -> None:
     """`kill -USR2 <worker>` logs every task's await chain (streams.diagnostics)."""
-    from streams import diagnostics
+    from agentstream.streams import diagnostics
 
     diagnostics.install(asyncio.get_running_loop(), partial(consumer_state, app))
 

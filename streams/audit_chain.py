@@ -73,12 +73,12 @@ import orjson
 from aiokafka import TopicPartition
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from schemas import Event, encode, registry
-from schemas.errors import SchemaError
-from streams import signing
-from streams.client import group_less_consumer
-from streams.errors import BrokerError
-from streams.settings import Settings
+from agentstream.schemas import Event, encode, registry
+from agentstream.schemas.errors import SchemaError
+from agentstream.streams import signing
+from agentstream.streams.client import group_less_consumer
+from agentstream.streams.errors import BrokerError
+from agentstream.streams.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +173,7 @@ async def load_chain_key(
     """(the chain key `key_id` — default `settings.chain_key_id` — from the keychain,
     whether it was created now). A missing key is generated and stored when `create`;
     raises `CredentialsError` (no keychain) or `SigningError` (missing, or unreadable)."""
-    from streams.credentials import KeychainCredentialsProvider
+    from agentstream.streams.credentials import KeychainCredentialsProvider
 
     kid = key_id or settings.chain_key_id
     entry = signing.CHAIN_ENTRY.format(kid)
@@ -228,8 +228,8 @@ async def read_worker_keys(settings: Settings) -> PublishedKeys:
     """Fold `security.worker_keys` from its beginning with the same checks as every rule
     topic (`streams.tables.security.check_record`: admin-signed, newer version wins). A
     missing topic holds no key."""
-    from streams.tables.security import apply_change, check_record, trusted_admin_keys
-    from streams.topics import SECURITY_WORKER_KEYS
+    from agentstream.streams.tables.security import apply_change, check_record, trusted_admin_keys
+    from agentstream.streams.topics import SECURITY_WORKER_KEYS
 
     admin, problem = trusted_admin_keys(settings.security_admin_keys)
     out = PublishedKeys(problem=problem)
@@ -285,7 +285,7 @@ SIGNER_RETRY_S = 60.0
 
 
 def _app_settings() -> Settings:
-    from streams.app import settings
+    from agentstream.streams.app import settings
 
     return settings
 
@@ -634,8 +634,8 @@ class ChainWriter:
         becomes the partition's head when the block exits normally. Sign (at least) the
         last record of the block (`chain_signer`): an unsigned tail is abandoned by the
         next writer that reads the head back from the topic."""
-        from streams.app import settings
-        from streams.processing import check_not_frozen
+        from agentstream.streams.app import settings
+        from agentstream.streams.processing import check_not_frozen
 
         lock = self._locks.setdefault(partition, asyncio.Lock())
         async with lock:
@@ -652,9 +652,9 @@ class ChainWriter:
 
     async def emit(self, event: Event[Any], partition: int) -> Event[Any]:
         """Seal, sign and send one record."""
-        from streams.app import catalogue_topic, settings
-        from streams.observability import EVENTS_OUT
-        from streams.processing import _EOS, _delivered, _producer, send_record
+        from agentstream.streams.app import catalogue_topic, settings
+        from agentstream.streams.observability import EVENTS_OUT
+        from agentstream.streams.processing import _EOS, _delivered, _producer, send_record
 
         catalogue_topic(self.topic)  # unknown names fail here
         # The producer Topic.send would use, fetched before taking the lock: getting it
@@ -699,8 +699,8 @@ def chain_writer(topic: str) -> ChainWriter:
 
 
 def _connect_rebalance_reset() -> None:
-    from streams.app import app
-    from streams.health import register_check
+    from agentstream.streams.app import app
+    from agentstream.streams.health import register_check
 
     register_check("audit.chain_key", _chain_key_health)
 

@@ -57,17 +57,17 @@ from aiokafka.errors import (
 )
 from pydantic import SecretStr
 
-from schemas import Event, Payload, encode, registry
-from schemas.errors import InvalidEvent, SchemaError
-from streams.errors import BrokerError, PublishError
-from streams.kafka_security import (
+from agentstream.schemas import Event, Payload, encode, registry
+from agentstream.schemas.errors import InvalidEvent, SchemaError
+from agentstream.streams.errors import BrokerError, PublishError
+from agentstream.streams.kafka_security import (
     PASSWORD_ENTRY,
     new_consumer,
     new_producer,
     principal,
 )
-from streams.settings import Settings, SettingsError, get_settings
-from streams.topics import CATALOGUE
+from agentstream.streams.settings import Settings, SettingsError, get_settings
+from agentstream.streams.topics import CATALOGUE
 
 T = TypeVar("T")
 
@@ -208,7 +208,7 @@ class _GivenSecrets:
         if name in self._given:
             return self._given[name].get_secret_value()
         if self._chain is None:
-            from streams.credentials import KeychainCredentialsProvider
+            from agentstream.streams.credentials import KeychainCredentialsProvider
 
             self._chain = KeychainCredentialsProvider(self._settings)
         value: str | None = self._chain.get_secret_sync(name)

@@ -62,12 +62,12 @@ from keyring.backend import KeyringBackend
 from keyring.errors import PasswordDeleteError
 from pydantic import BaseModel, ConfigDict, SecretStr
 
-from streams.errors import CredentialsError, CredentialsNotFound
-from streams.settings import Settings, get_settings
+from agentstream.streams.errors import CredentialsError, CredentialsNotFound
+from agentstream.streams.settings import Settings, get_settings
 
 T = TypeVar("T")
 
-ENCRYPTED_FILE = "streams.credentials.EncryptedFileKeyring"
+ENCRYPTED_FILE = "agentstream.streams.credentials.EncryptedFileKeyring"
 PLAINTEXT_FILE = "keyrings.alt.file.PlaintextKeyring"
 ALT_ENCRYPTED_FILE = "keyrings.alt.file.EncryptedKeyring"
 

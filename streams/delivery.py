@@ -322,7 +322,7 @@ def delivery_failed(exc: BaseException) -> None:
     refuse_commits(exc)
     if len(DELIVERY_FAILURES) == 1:
         # the worker's app, imported here: streams.app imports this module
-        from streams.app import app
+        from agentstream.streams.app import app
 
         _CRASHING.append(asyncio.ensure_future(app.crash(exc)))
 
@@ -355,7 +355,7 @@ class BatchAgent(faust.Agent):
         try:
             await coro
         except BaseException as exc:
-            from streams.processing import abandon_open_batch
+            from agentstream.streams.processing import abandon_open_batch
 
             await abandon_open_batch(exc, stopping=bool(self.should_stop or self.app.should_stop))
             raise
@@ -453,7 +453,7 @@ class BatchDeliveryConsumer:
         output (`streams.processing.check_batch_current`) and processed by the next
         owner; what it sent before stays in a transaction that is never committed.
         New batches wait at the gate meanwhile and are abandoned when they enter it."""
-        from streams.eos import GATE
+        from agentstream.streams.eos import GATE
 
         async with GATE.commit_window(EOS_COMMIT_WAIT_S) as quiet:
             try:
@@ -605,7 +605,7 @@ class BatchDeliveryConsumer:
                     topics, start_new_transaction=start_new_transaction
                 )
             )
-        from streams.eos import GATE
+        from agentstream.streams.eos import GATE
 
         if self._delivery_failed():
             return False
@@ -854,7 +854,7 @@ def consumer_state(app: Any) -> list[str]:
     read offsets and acked offsets not yet committed (read from the consumer thread's
     objects without locking: a diagnosis, not a decision); then what each agent was
     handed and the exactly-once commit gate."""
-    from streams.eos import GATE
+    from agentstream.streams.eos import GATE
 
     consumer: Any = app.consumer
     aio = consumer._thread._ensure_consumer()

@@ -29,7 +29,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
 
-from streams.tables.writer import flush_pending
+from agentstream.streams.tables.writer import flush_pending
 
 #: the (topic, partition) of the input whose outputs are being produced
 SOURCE: ContextVar[tuple[str, int] | None] = ContextVar("agentstream_source", default=None)

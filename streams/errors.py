@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from schemas.errors import (
+from agentstream.schemas.errors import (
     InvalidEvent,
     PipelineError,
     SchemaError,
@@ -35,7 +35,7 @@ from schemas.errors import (
     UnknownEventType,
     UnsupportedSchemaVersion,
 )
-from streams.settings import SettingsError
+from agentstream.streams.settings import SettingsError
 
 __all__ = [
     "BrokerAuthError",

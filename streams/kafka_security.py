@@ -57,8 +57,8 @@ from aiokafka.errors import (
 from aiokafka.helpers import create_ssl_context
 from pydantic import SecretStr
 
-from streams.errors import BrokerAuthError, BrokerError, CredentialsError
-from streams.settings import Settings, SettingsError
+from agentstream.streams.errors import BrokerAuthError, BrokerError, CredentialsError
+from agentstream.streams.settings import Settings, SettingsError
 
 T = TypeVar("T")
 
@@ -175,7 +175,7 @@ def resolve(settings: Settings, secrets: Any | None = None) -> KafkaSecurity:
     def secret(entry: str) -> str | None:
         nonlocal secrets
         if secrets is None:  # built only when a secret is needed: TLS alone needs none
-            from streams.credentials import KeychainCredentialsProvider
+            from agentstream.streams.credentials import KeychainCredentialsProvider
 
             secrets = KeychainCredentialsProvider(settings)
         value: str | None = secrets.get_secret_sync(entry)

@@ -72,20 +72,20 @@ from dataclasses import dataclass
 from functools import cache, partial
 from typing import Any, TypeVar
 
-from schemas import DeadLetter, Event, encode, registry
-from schemas.errors import InvalidEvent, PipelineError
-from streams.app import app, catalogue_topic, settings
-from streams.delivery import (
+from agentstream.schemas import DeadLetter, Event, encode, registry
+from agentstream.schemas.errors import InvalidEvent, PipelineError
+from agentstream.streams.app import app, catalogue_topic, settings
+from agentstream.streams.delivery import (
     HANDED_MARKS,
     STALE_DELIVERIES,
     delivery_failed,
     processing_failed,
     refuse_commits,
 )
-from streams.eos import GATE, SOURCE, transactional_id_for
-from streams.observability import DEAD_LETTERS, EVENTS_IN, EVENTS_OUT, SEND_FAILURES
-from streams.tables.writer import flush_pending, pending_writes
-from streams.topics import PIPELINE_DEADLETTER
+from agentstream.streams.eos import GATE, SOURCE, transactional_id_for
+from agentstream.streams.observability import DEAD_LETTERS, EVENTS_IN, EVENTS_OUT, SEND_FAILURES
+from agentstream.streams.tables.writer import flush_pending, pending_writes
+from agentstream.streams.topics import PIPELINE_DEADLETTER
 
 log = logging.getLogger(__name__)
 

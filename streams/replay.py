@@ -32,13 +32,13 @@ from typing import Any
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from schemas import Event, registry
-from schemas.errors import SchemaError
-from streams.client import group_less_consumer
-from streams.errors import BrokerError
-from streams.redaction import redact_event_dict, redact_raw
-from streams.settings import Settings
-from streams.topics import CATALOGUE
+from agentstream.schemas import Event, registry
+from agentstream.schemas.errors import SchemaError
+from agentstream.streams.client import group_less_consumer
+from agentstream.streams.errors import BrokerError
+from agentstream.streams.redaction import redact_event_dict, redact_raw
+from agentstream.streams.settings import Settings
+from agentstream.streams.topics import CATALOGUE
 
 #: payload fields that name an agent; `--agent` matches any of them (or the source/key)
 AGENT_FIELDS = ("agent_id", "sender_id", "recipient_id", "worker_id")

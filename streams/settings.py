@@ -7,6 +7,8 @@ and ``agentstream config`` prints the effective values with secrets masked).
 
 from __future__ import annotations
 
+import difflib
+import importlib.util
 import os
 from collections.abc import Mapping
 from functools import lru_cache
@@ -15,12 +17,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
-from schemas.errors import PipelineError
+from agentstream.infra.paths import state_home
+from agentstream.schemas.errors import PipelineError
 
 ENV_PREFIX = "AGENTSTREAM_"
 #: what AGENTSTREAM_SECRET_SOURCES may name
 SECRET_SOURCES = ("keychain", "env", "dir")
-REPO_ROOT = Path(__file__).resolve().parent.parent
+#: the agent packages of this distribution, which AGENTSTREAM_AGENTS may name by their
+#: short name (`security`); a unit test keeps it equal to the subpackages of `agents/`
+BUILTIN_AGENTS = ("audit", "comms", "health", "heartbeat", "llm", "metrics", "security", "system")
 
 
 class SettingsError(PipelineError):
@@ -92,9 +97,10 @@ class Settings(BaseModel):
         description="Faust app id: consumer group and prefix of table changelog topics.",
     )
     agents: str = Field(
-        default="agents",
-        description="Comma-separated agent packages this worker runs (Faust autodiscovery), "
-        "e.g. `agents.security,agents.llm` to split stages over deployments; empty = none.",
+        default="all",
+        description="Comma-separated agents this worker runs (Faust autodiscovery): `all`, "
+        "short names of the built-in ones (`security,llm` to split stages over "
+        "deployments) or module paths of your own; empty = none.",
     )
     topic_prefix: str = Field(
         default="",
@@ -114,8 +120,10 @@ class Settings(BaseModel):
         description="Identifies this worker in events it emits (stats, checkpoints).",
     )
     data_dir: Path = Field(
-        default=REPO_ROOT / "var" / "worker",
-        description="Worker state directory (Faust tables' local data, logs).",
+        default_factory=lambda: state_home() / "worker",
+        description="Worker state directory (Faust tables' local data, logs); default "
+        "`<state>/worker`, where `<state>` is AGENTSTREAM_STATE_DIR, `var/` in a source "
+        "checkout, else `$XDG_STATE_HOME/agentstream`.",
     )
     web_host: str = Field(default="127.0.0.1", description="Bind address of the web views.")
     web_port: int = Field(
@@ -359,6 +367,10 @@ class Settings(BaseModel):
                     f"{self.env_name(cert)} and {self.env_name(key)} go together ({what} "
                     "and its key)"
                 )
+        try:
+            agent_modules(self.agents)
+        except ValueError as exc:
+            problems.append(f"AGENTSTREAM_AGENTS={self.agents!r}: {exc}")
         sources = self.secret_source_list
         bad = [x for x in sources if x not in SECRET_SOURCES]
         if bad or not sources or len(set(sources)) != len(sources):
@@ -369,6 +381,11 @@ class Settings(BaseModel):
         if problems:
             raise ValueError("\n".join(problems))
         return self
+
+    @property
+    def agent_modules(self) -> list[str]:
+        """The modules Faust's autodiscovery imports for AGENTSTREAM_AGENTS."""
+        return agent_modules(self.agents)
 
     @property
     def secret_source_list(self) -> list[str]:
@@ -457,6 +474,39 @@ class Settings(BaseModel):
             )
             rows.append((self.env_name(name), shown, info.description or ""))
         return rows
+
+
+def agent_modules(raw: str) -> list[str]:
+    """Module paths of an AGENTSTREAM_AGENTS value: `all` is every built-in agent,
+    a short name one of them, anything else a module path of the user's. ValueError for a
+    path under the top-level name `agents`: that is the OpenAI Agents SDK's import name
+    (ours is `agentstream.agents`), and importing it would load the wrong package."""
+    modules: list[str] = []
+    for name in (x.strip() for x in raw.split(",")):
+        if not name:
+            continue
+        if name == "all":
+            modules.append("agentstream.agents")
+        elif name in BUILTIN_AGENTS:
+            modules.append(f"agentstream.agents.{name}")
+        elif name.split(".")[0] == "agents":
+            short = name.split(".")[1] if name.count(".") == 1 else ""
+            hint = f"`{short}`" if short in BUILTIN_AGENTS else "`all` or a short name"
+            raise ValueError(
+                f"{name!r} is not an agentstream module (the built-in agents are "
+                f"`agentstream.agents.*`): write {hint}"
+            )
+        elif "." not in name and importlib.util.find_spec(name) is None:
+            # a top-level name is looked up without importing anything: a typo of a
+            # built-in's name is told here, not as an ImportError in the worker's start
+            close = difflib.get_close_matches(name, BUILTIN_AGENTS, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(
+                f"no agent or module {name!r} (built-in: all, {', '.join(BUILTIN_AGENTS)}){hint}"
+            )
+        else:
+            modules.append(name)
+    return modules
 
 
 @lru_cache(maxsize=1)

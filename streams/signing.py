@@ -44,7 +44,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from streams.errors import PipelineError
+from agentstream.streams.errors import PipelineError
 
 CHANGE_PREFIX = b"agentstream.change.v1\n"
 CHAIN_PREFIX = b"agentstream.chain.v1\n"

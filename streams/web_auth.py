@@ -58,7 +58,7 @@ from typing import Any, Literal, cast
 
 from aiohttp import web
 
-from streams.settings import Settings, get_settings
+from agentstream.streams.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
@@ -479,7 +479,7 @@ class TokenCache:
 async def load_snapshot(provider: Any) -> Snapshot:
     """Read both entries through the credentials chain (its calls run in a thread).
     A failing chain is an error of the entry (fail closed), not an exception."""
-    from streams.errors import CredentialsError
+    from agentstream.streams.errors import CredentialsError
 
     async def read(entry: str) -> tuple[str | None, str]:
         try:
@@ -499,8 +499,8 @@ def provider_loader(settings: Settings) -> Loader:
     """A loader reading through `KeychainCredentialsProvider(settings)`, built on first
     use in a thread (resolving a keyring backend can probe D-Bus) and kept: an encrypted
     file keyring derives its key once per instance."""
-    from streams.credentials import KeychainCredentialsProvider
-    from streams.errors import CredentialsError
+    from agentstream.streams.credentials import KeychainCredentialsProvider
+    from agentstream.streams.errors import CredentialsError
 
     provider: list[Any] = []
 

@@ -53,8 +53,8 @@ import httpx
 from aiokafka.partitioner import murmur2
 from yarl import URL
 
-from streams import web_auth
-from streams.app import app, settings
+from agentstream.streams import web_auth
+from agentstream.streams.app import app, settings
 
 #: query parameter asking a worker to answer from its own partitions only (no fan-out,
 #: no forwarding)

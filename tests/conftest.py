@@ -29,7 +29,7 @@ def _restore_environ() -> Iterator[None]:
 
 @pytest.fixture(scope="session")
 def kafka_bootstrap() -> Iterator[str]:
-    from infra.kafka import launcher
+    from agentstream.infra.kafka import launcher
 
     external = launcher.external_bootstrap()
     if external:
@@ -113,7 +113,7 @@ def _free_port() -> int:
 
 
 # Imported here, not at the top, so that this fixture stays one block of its own.
-from infra.kafka.secured import SecuredKafka  # noqa: E402
+from agentstream.infra.kafka.secured import SecuredKafka  # noqa: E402
 
 
 @pytest.fixture(scope="session")

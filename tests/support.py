@@ -20,10 +20,10 @@ from typing import Any, TypeVar, overload
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from schemas import Event, encode, registry
-from schemas.errors import SchemaError
-from schemas.security import SignedChange
-from streams.settings import Settings
+from agentstream.schemas import Event, encode, registry
+from agentstream.schemas.errors import SchemaError
+from agentstream.schemas.security import SignedChange
+from agentstream.streams.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
@@ -72,7 +72,7 @@ def cli(
     env: dict[str, str], *args: str, input: str | None = None, timeout: float = 120
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "streams", *args],
+        [sys.executable, "-m", "agentstream", *args],
         env=env,
         cwd=REPO,
         input=input,
@@ -87,7 +87,7 @@ class AdminSigner:
     (the CLI signs with the one `with_admin_key` puts in the keychain)."""
 
     def __init__(self, key_id: str = "admin") -> None:
-        from streams.signing import new_private_key, public_b64
+        from agentstream.streams.signing import new_private_key, public_b64
 
         self.key_id = key_id
         self.key = new_private_key()
@@ -103,7 +103,7 @@ class AdminSigner:
         return f"{self.key_id}={self.public}"
 
     def sign(self, payload: SignedChange) -> Any:
-        from streams.signing import sign_change
+        from agentstream.streams.signing import sign_change
 
         body = sign_change(payload.TYPE, payload.model_dump(mode="json"), self.key, self.key_id)
         return type(payload).model_validate(body)
@@ -124,8 +124,8 @@ def with_admin_key(
     `tmp_path`, unless `env` names one already) holding a fresh admin key (or `signer`'s)
     under `admin_key.<id>` for the CLI, and `AGENTSTREAM_SECURITY_ADMIN_KEYS` /
     `AGENTSTREAM_SECURITY_ADMIN_KEY_ID` so that workers trust it."""
-    from streams.credentials import KeychainCredentialsProvider
-    from streams.signing import ADMIN_ENTRY, private_to_b64
+    from agentstream.streams.credentials import KeychainCredentialsProvider
+    from agentstream.streams.signing import ADMIN_ENTRY, private_to_b64
 
     signer = signer or AdminSigner()
     out = with_keychain(env, tmp_path)
@@ -178,8 +178,8 @@ def with_web_tokens(env: dict[str, str], tmp_path: Path) -> dict[str, str]:
     admin one also as the CLI's `web.token`, and a cluster token — made the way
     `agentstream web token create` and `web cluster-token rotate` make them. The values
     are kept here for the tests' own HTTP clients (`web_tokens`, `web_client`)."""
-    from streams.credentials import KeychainCredentialsProvider
-    from streams.web_auth import CLI_ENTRY, create_token, rotate_cluster_token
+    from agentstream.streams.credentials import KeychainCredentialsProvider
+    from agentstream.streams.web_auth import CLI_ENTRY, create_token, rotate_cluster_token
 
     out = with_keychain(env, tmp_path)
     provider = KeychainCredentialsProvider(Settings.from_env(out))
@@ -252,7 +252,7 @@ class Worker:
     def start(self, timeout: float = 90) -> Worker:
         self._log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "streams", "worker", "--loglevel", "info", *self.extra],
+            [sys.executable, "-m", "agentstream", "worker", "--loglevel", "info", *self.extra],
             env=self.env,
             cwd=REPO,
             stdout=self._log,
@@ -291,7 +291,7 @@ class Worker:
         """What every asyncio task of the running worker waits for: SIGUSR2 makes it log
         each task's await chain (`streams.diagnostics`). For the diagnosis of a stall:
         the line each agent is suspended at. Empty when the worker is not running."""
-        from streams.diagnostics import MARK
+        from agentstream.streams.diagnostics import MARK
 
         if not self.alive() or self.proc is None:
             return ""

@@ -18,11 +18,11 @@ from __future__ import annotations
 from collections.abc import MutableMapping
 from typing import Any
 
-from schemas import AgentMessage, Event
-from streams.app import app, catalogue_topic, settings
-from streams.processing import Inbound, decoded_batches, guarded
-from streams.tables import TableSpec, TableWriter, register
-from streams.topics import AGENT_MESSAGES_ACCEPTED
+from agentstream.schemas import AgentMessage, Event
+from agentstream.streams.app import app, catalogue_topic, settings
+from agentstream.streams.processing import Inbound, decoded_batches, guarded
+from agentstream.streams.tables import TableSpec, TableWriter, register
+from agentstream.streams.topics import AGENT_MESSAGES_ACCEPTED
 
 CONSUMER = "track_accepted"
 TABLE = "accepted_by_sender"

@@ -17,14 +17,14 @@ from uuid import uuid4
 
 from faust.web import View
 
-from schemas import CheckpointWritten, Event, utc_now
-from streams.app import app, settings
-from streams.processing import emit
-from streams.replay import ReplayRecord, replay
-from streams.settings import Settings
-from streams.tables import TABLES, digest
-from streams.topics import PIPELINE_CHECKPOINTS
-from streams.web_cluster import gather, is_local
+from agentstream.schemas import CheckpointWritten, Event, utc_now
+from agentstream.streams.app import app, settings
+from agentstream.streams.processing import emit
+from agentstream.streams.replay import ReplayRecord, replay
+from agentstream.streams.settings import Settings
+from agentstream.streams.tables import TABLES, digest
+from agentstream.streams.topics import PIPELINE_CHECKPOINTS
+from agentstream.streams.web_cluster import gather, is_local
 
 log = logging.getLogger(__name__)
 SOURCE = "checkpointer"

@@ -10,8 +10,15 @@ from typing import Any
 import click
 import orjson
 
-from streams.cli import check_time_range, cli, output_file, run, time_option, worker_call
-from streams.settings import get_settings
+from agentstream.streams.cli import (
+    check_time_range,
+    cli,
+    output_file,
+    run,
+    time_option,
+    worker_call,
+)
+from agentstream.streams.settings import get_settings
 
 
 @cli.command("rebuild")
@@ -25,8 +32,8 @@ def rebuild_cmd(table: str | None, all_tables: bool, as_json: bool) -> None:
     the result and of the live table (read from its changelog topic), and exits 1 when
     they differ. A live table of a running worker may lag the sources by a few events.
     """
-    from agents.audit.rebuild import UnknownTable, compare_all
-    from streams.tables import TABLES
+    from agentstream.agents.audit.rebuild import UnknownTable, compare_all
+    from agentstream.streams.tables import TABLES
 
     if not table and not all_tables:
         names = ", ".join(sorted(TABLES)) or "none"
@@ -73,7 +80,7 @@ def checkpoints_cmd(
         resp = worker_call("/checkpoints", method="POST", base=url, timeout=30)
         click.echo(resp.text)
         return
-    from agents.audit.checkpoints import list_checkpoints
+    from agentstream.agents.audit.checkpoints import list_checkpoints
 
     for _rec, cp in run(list_checkpoints(settings, since=since, worker=worker)):
         if as_json:
@@ -134,8 +141,14 @@ def verify_cmd(
     signature (AGENTSTREAM_SECURITY_ADMIN_KEYS), unless keys are pinned with --trust-key
     or --trusted-keys. Exits 1 if anything was found.
     """
-    from agents.audit.verify import CHAINED_TOPICS, policy_versions, resolve_trust, summary, verify
-    from streams.signing import SigningError, parse_public_keys
+    from agentstream.agents.audit.verify import (
+        CHAINED_TOPICS,
+        policy_versions,
+        resolve_trust,
+        summary,
+        verify,
+    )
+    from agentstream.streams.signing import SigningError, parse_public_keys
 
     check_time_range(since, until)
     settings = get_settings()
@@ -239,7 +252,7 @@ def worker_key_revoke(key_id: str) -> None:
 @click.option("--json", "as_json", is_flag=True, help="JSON lines.")
 def worker_key_list(as_json: bool) -> None:
     """The chain keys in force on security.worker_keys, and the records ignored there."""
-    from streams.audit_chain import read_worker_keys
+    from agentstream.streams.audit_chain import read_worker_keys
 
     published = run(read_worker_keys(get_settings()))
     if published.problem:
@@ -260,14 +273,14 @@ def worker_key_list(as_json: bool) -> None:
 async def _publish_worker_key(
     settings: Any, key_id: str, *, revoke: bool = False
 ) -> tuple[str, str, int]:
-    from schemas import Event
-    from schemas.security import WorkerKeyPublished
-    from streams.audit_chain import load_chain_key, read_worker_keys
-    from streams.client import AsyncClient
-    from streams.credentials import KeychainCredentialsProvider
-    from streams.errors import PipelineError
-    from streams.signing import ADMIN_ENTRY, private_from_b64, sign_change
-    from streams.topics import SECURITY_WORKER_KEYS
+    from agentstream.schemas import Event
+    from agentstream.schemas.security import WorkerKeyPublished
+    from agentstream.streams.audit_chain import load_chain_key, read_worker_keys
+    from agentstream.streams.client import AsyncClient
+    from agentstream.streams.credentials import KeychainCredentialsProvider
+    from agentstream.streams.errors import PipelineError
+    from agentstream.streams.signing import ADMIN_ENTRY, private_from_b64, sign_change
+    from agentstream.streams.topics import SECURITY_WORKER_KEYS
 
     try:
         provider = KeychainCredentialsProvider(settings)
@@ -324,7 +337,7 @@ async def _publish_worker_key(
 def report_cmd(since: str | None, until: str, out_path: Path | None, fmt: str | None) -> None:
     """Per-agent activity: messages sent/accepted/rejected (with reasons), LLM calls and
     tokens by provider and model, status changes, communication records by kind."""
-    from agents.audit.report import build_report, render_html
+    from agentstream.agents.audit.report import build_report, render_html
 
     check_time_range(since, until)
     if fmt is None:

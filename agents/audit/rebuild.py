@@ -18,13 +18,13 @@ from typing import Any
 import orjson
 from aiokafka import TopicPartition
 
-from schemas import Event
-from schemas.errors import SchemaError
-from streams.client import group_less_consumer
-from streams.errors import BrokerError
-from streams.replay import replay
-from streams.settings import Settings
-from streams.tables import TABLES, TableSpec, digest, unexpired
+from agentstream.schemas import Event
+from agentstream.schemas.errors import SchemaError
+from agentstream.streams.client import group_less_consumer
+from agentstream.streams.errors import BrokerError
+from agentstream.streams.replay import replay
+from agentstream.streams.settings import Settings
+from agentstream.streams.tables import TABLES, TableSpec, digest, unexpired
 
 
 class UnknownTable(LookupError):

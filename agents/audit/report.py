@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from schemas import Event
-from streams.replay import parse_time, replay
-from streams.settings import Settings
-from streams.topics import (
+from agentstream.schemas import Event
+from agentstream.streams.replay import parse_time, replay
+from agentstream.streams.settings import Settings
+from agentstream.streams.topics import (
     AGENT_MESSAGES,
     AGENT_MESSAGES_ACCEPTED,
     AGENT_MESSAGES_REJECTED,

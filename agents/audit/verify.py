@@ -51,13 +51,18 @@ import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from schemas import registry
-from schemas.errors import SchemaError
-from streams.audit_chain import GENESIS, read_worker_keys, record_hash, signature_problem
-from streams.client import group_less_consumer
-from streams.replay import full_topic_names, parse_time, plan_ranges, to_ms
-from streams.settings import Settings
-from streams.topics import LLM_RESPONSES, SECURITY_DECISIONS, SECURITY_POLICIES
+from agentstream.schemas import registry
+from agentstream.schemas.errors import SchemaError
+from agentstream.streams.audit_chain import (
+    GENESIS,
+    read_worker_keys,
+    record_hash,
+    signature_problem,
+)
+from agentstream.streams.client import group_less_consumer
+from agentstream.streams.replay import full_topic_names, parse_time, plan_ranges, to_ms
+from agentstream.streams.settings import Settings
+from agentstream.streams.topics import LLM_RESPONSES, SECURITY_DECISIONS, SECURITY_POLICIES
 
 #: the topics whose records are sealed into a hash chain
 CHAINED_TOPICS: tuple[str, ...] = (SECURITY_DECISIONS, LLM_RESPONSES)
@@ -578,9 +583,9 @@ async def policy_versions(
 async def _published_policy_versions(settings: Settings) -> dict[tuple[str, int, str], bool | None]:
     """{(policy id, version, signer): signature valid (None: no admin key to check)} of
     every policy on `security.policies`, inline config policies included."""
-    from schemas.security import SecurityConfig, SecurityPolicy
-    from streams.signing import check_change
-    from streams.tables.security import trusted_admin_keys
+    from agentstream.schemas.security import SecurityConfig, SecurityPolicy
+    from agentstream.streams.signing import check_change
+    from agentstream.streams.tables.security import trusted_admin_keys
 
     admin, _problem = trusted_admin_keys(settings.security_admin_keys)
     topic = settings.topic(SECURITY_POLICIES)

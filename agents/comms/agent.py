@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from schemas import CommunicationRecord
-from streams.app import app, catalogue_topic, settings
-from streams.processing import Inbound, decoded_batches, guarded
-from streams.tables.monitoring import comms_writer, fold_record, invalidate_indexes
-from streams.topics import COMMS_RECORDS
+from agentstream.schemas import CommunicationRecord
+from agentstream.streams.app import app, catalogue_topic, settings
+from agentstream.streams.processing import Inbound, decoded_batches, guarded
+from agentstream.streams.tables.monitoring import comms_writer, fold_record, invalidate_indexes
+from agentstream.streams.topics import COMMS_RECORDS
 
 CONSUMER = "track_communications"
 writer = comms_writer()

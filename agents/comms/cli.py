@@ -7,8 +7,8 @@ from datetime import UTC, datetime
 
 import click
 
-from schemas.comms import COMM_KINDS
-from streams.cli import cli, worker_call
+from agentstream.schemas.comms import COMM_KINDS
+from agentstream.streams.cli import cli, worker_call
 
 
 @cli.command("comms")

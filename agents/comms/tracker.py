@@ -13,8 +13,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from schemas.comms import COMM_KINDS
-from streams.tables.monitoring import SEP, count_key, fold_record, split_record_key
+from agentstream.schemas.comms import COMM_KINDS
+from agentstream.streams.tables.monitoring import SEP, count_key, fold_record, split_record_key
 
 __all__ = ["COMM_KINDS", "counts", "fold_record", "query"]
 

@@ -13,12 +13,12 @@ from typing import Any
 
 from faust.web import Request, Response, View
 
-from agents.comms.agent import writer
-from agents.comms.tracker import COMM_KINDS, counts, query
-from streams.app import app, settings
-from streams.replay import TimeParseError, parse_time
-from streams.tables.monitoring import SEP
-from streams.web_cluster import add_counts, gather, is_local, owned, route
+from agentstream.agents.comms.agent import writer
+from agentstream.agents.comms.tracker import COMM_KINDS, counts, query
+from agentstream.streams.app import app, settings
+from agentstream.streams.replay import TimeParseError, parse_time
+from agentstream.streams.tables.monitoring import SEP
+from agentstream.streams.web_cluster import add_counts, gather, is_local, owned, route
 
 
 def _agent_of(key: str) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from schemas.health import ComponentHealthChanged
+from agentstream.schemas.health import ComponentHealthChanged
 
 Status = Literal["ok", "degraded", "down"]
 _RANK = {"ok": 0, "degraded": 1, "down": 2}

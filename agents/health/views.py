@@ -20,13 +20,13 @@ from typing import Any
 from faust.web import Request, Response, View
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from agents.health.status import Component, HealthTracker, lag_status, overall
-from schemas import Event
-from streams.app import app, settings
-from streams.health import CHECKS
-from streams.observability import CONSUMER_LAG
-from streams.processing import emit
-from streams.topics import CATALOGUE, PIPELINE_HEALTH
+from agentstream.agents.health.status import Component, HealthTracker, lag_status, overall
+from agentstream.schemas import Event
+from agentstream.streams.app import app, settings
+from agentstream.streams.health import CHECKS
+from agentstream.streams.observability import CONSUMER_LAG
+from agentstream.streams.processing import emit
+from agentstream.streams.topics import CATALOGUE, PIPELINE_HEALTH
 
 log = logging.getLogger(__name__)
 SOURCE = "health_monitor"

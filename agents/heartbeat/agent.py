@@ -18,15 +18,15 @@ from typing import Any
 from aiokafka.partitioner import murmur2
 from faust.types import TP
 
-from agents.heartbeat.monitor import HeartbeatMonitor, Transition, to_event_payload
-from schemas import AgentStatusChanged, Event, Heartbeat
-from schemas.errors import InvalidEvent
-from streams.app import app, settings
-from streams.health import register_check
-from streams.observability import AGENTS
-from streams.processing import Inbound, decoded_batches, emit, guarded
-from streams.tables.monitoring import heartbeats_writer
-from streams.topics import AGENT_HEARTBEATS, AGENT_STATUS
+from agentstream.agents.heartbeat.monitor import HeartbeatMonitor, Transition, to_event_payload
+from agentstream.schemas import AgentStatusChanged, Event, Heartbeat
+from agentstream.schemas.errors import InvalidEvent
+from agentstream.streams.app import app, settings
+from agentstream.streams.health import register_check
+from agentstream.streams.observability import AGENTS
+from agentstream.streams.processing import Inbound, decoded_batches, emit, guarded
+from agentstream.streams.tables.monitoring import heartbeats_writer
+from agentstream.streams.topics import AGENT_HEARTBEATS, AGENT_STATUS
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from urllib.parse import quote
 
 import click
 
-from streams.cli import cli, worker_call
+from agentstream.streams.cli import cli, worker_call
 
 
 def _ago(ts: float | None) -> str:

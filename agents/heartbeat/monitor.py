@@ -24,8 +24,8 @@ from collections.abc import Callable, Iterable, MutableMapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from schemas import AgentStatusChanged, Heartbeat
-from streams.tables.monitoring import fold_heartbeat, fold_status
+from agentstream.schemas import AgentStatusChanged, Heartbeat
+from agentstream.streams.tables.monitoring import fold_heartbeat, fold_status
 
 State = Literal["up", "down"]
 Reason = Literal["first_seen", "heartbeat", "timeout", "missed_beats"]

@@ -12,9 +12,9 @@ from typing import Any
 
 from faust.web import Request, Response, View
 
-from agents.heartbeat.agent import gate, monitor, writer
-from streams.app import app
-from streams.web_cluster import gather, is_local, key_route, owned
+from agentstream.agents.heartbeat.agent import gate, monitor, writer
+from agentstream.streams.app import app
+from agentstream.streams.web_cluster import gather, is_local, key_route, owned
 
 
 def get_agent_status(agent_id: str) -> dict[str, Any] | None:

@@ -16,14 +16,14 @@ from typing import Any
 import httpx
 from prometheus_client import Counter, Histogram
 
-from agents.llm.providers.base import (
+from agentstream.agents.llm.providers.base import (
     LLMProvider,
     LLMResult,
     StreamChunk,
     estimate_tokens,
 )
-from schemas.llm import ChatMessage, LLMConfig, LLMContext, Usage
-from streams.observability import LLM_TOKENS
+from agentstream.schemas.llm import ChatMessage, LLMConfig, LLMContext, Usage
+from agentstream.streams.observability import LLM_TOKENS
 
 log = logging.getLogger(__name__)
 

@@ -18,13 +18,13 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from agents.llm.runtime import CANCEL_CONSUMER, CONSUMER, runtime
-from schemas.llm import LLMCancelRequested, LLMRequest
-from streams.app import app, catalogue_topic, settings
-from streams.health import Status, register_check
-from streams.processing import Inbound, decoded_batches, guarded
-from streams.tables import llm as tables
-from streams.topics import LLM_CANCELLATIONS, LLM_REQUESTS
+from agentstream.agents.llm.runtime import CANCEL_CONSUMER, CONSUMER, runtime
+from agentstream.schemas.llm import LLMCancelRequested, LLMRequest
+from agentstream.streams.app import app, catalogue_topic, settings
+from agentstream.streams.health import Status, register_check
+from agentstream.streams.processing import Inbound, decoded_batches, guarded
+from agentstream.streams.tables import llm as tables
+from agentstream.streams.topics import LLM_CANCELLATIONS, LLM_REQUESTS
 
 for _spec in (tables.RESPONSES_DONE, tables.CANCELLED, tables.BREAKERS, tables.USAGE):
     tables.table(_spec.name)
@@ -164,6 +164,6 @@ def _provider_check(name: str) -> Any:
 for _name in runtime().registry.names():
     register_check(f"provider:{_name}", _provider_check(_name))
 
-from agents.llm import views as _views  # noqa: E402,F401 - registers the web views
+from agentstream.agents.llm import views as _views  # noqa: E402,F401 - registers the web views
 
 __all__ = ["call_llm", "cancel_llm", "settings"]

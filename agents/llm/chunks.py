@@ -28,7 +28,7 @@ from uuid import uuid4
 
 import orjson
 
-from schemas.llm import LLMStreamChunk
+from agentstream.schemas.llm import LLMStreamChunk
 
 log = logging.getLogger(__name__)
 

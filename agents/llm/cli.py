@@ -12,13 +12,20 @@ from typing import Any
 import click
 from pydantic import ValidationError
 
-from schemas import Event, registry
-from schemas.errors import SchemaError
-from schemas.llm import ChatMessage, LLMConfig, LLMContext, LLMRequest, LLMResponse, LLMStreamChunk
-from streams.cli import cli, run, worker_call
-from streams.client import AsyncClient, group_less_consumer
-from streams.settings import get_settings
-from streams.topics import LLM_CHUNKS, LLM_REQUESTS, LLM_RESPONSES
+from agentstream.schemas import Event, registry
+from agentstream.schemas.errors import SchemaError
+from agentstream.schemas.llm import (
+    ChatMessage,
+    LLMConfig,
+    LLMContext,
+    LLMRequest,
+    LLMResponse,
+    LLMStreamChunk,
+)
+from agentstream.streams.cli import cli, run, worker_call
+from agentstream.streams.client import AsyncClient, group_less_consumer
+from agentstream.streams.settings import get_settings
+from agentstream.streams.topics import LLM_CHUNKS, LLM_REQUESTS, LLM_RESPONSES
 
 
 @cli.group("llm")
@@ -153,7 +160,7 @@ async def _ask(request: LLMRequest, wait_s: float, *, quiet: bool) -> LLMRespons
 @click.option("--check", is_flag=True, help="Also run each provider's setup check.")
 def providers(check: bool) -> None:
     """The providers this configuration declares (`local` is always there)."""
-    from agents.llm.registry import LLMRegistry
+    from agentstream.agents.llm.registry import LLMRegistry
 
     reg = LLMRegistry.from_settings(get_settings())
 

@@ -21,12 +21,17 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from agents.llm.adapter import MidsceneAdapter, WebSearchService
-from agents.llm.providers.base import LLMProvider, estimate_tokens, estimate_usage
-from agents.llm.registry import LLMRegistry
-from schemas.llm import AttemptRecord, ErrorInfo, LLMRequest, Usage
-from streams.errors import CircuitOpen, ProviderError, ProviderRateLimited, ProviderTimeout
-from streams.resilience import CircuitBreaker, RetryPolicy, Transition
+from agentstream.agents.llm.adapter import MidsceneAdapter, WebSearchService
+from agentstream.agents.llm.providers.base import LLMProvider, estimate_tokens, estimate_usage
+from agentstream.agents.llm.registry import LLMRegistry
+from agentstream.schemas.llm import AttemptRecord, ErrorInfo, LLMRequest, Usage
+from agentstream.streams.errors import (
+    CircuitOpen,
+    ProviderError,
+    ProviderRateLimited,
+    ProviderTimeout,
+)
+from agentstream.streams.resilience import CircuitBreaker, RetryPolicy, Transition
 
 #: (delta, provider, attempt) → published as an llm.chunk
 ChunkSink = Callable[[str, str, int], Awaitable[None]]
@@ -248,7 +253,7 @@ class AgentProcessor:
                     decision = self.policy.decide(exc, n, timeouts)
                     if not decision.retry or breaker.state == "open":
                         break
-                    from streams.observability import LLM_RETRIES
+                    from agentstream.streams.observability import LLM_RETRIES
 
                     LLM_RETRIES.labels(name, decision.reason or type(exc).__name__).inc()
                     try:

@@ -25,13 +25,13 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from agents.llm.providers._http import HTTPProvider
-from agents.llm.providers.base import LLMProvider, ProviderConfig, SecretSource
-from agents.llm.providers.local import LocalProvider
-from agents.llm.providers.ollama import OllamaProvider
-from agents.llm.providers.openai import OpenAICompatibleProvider
-from streams.errors import ProviderRequestError
-from streams.settings import Settings, SettingsError
+from agentstream.agents.llm.providers._http import HTTPProvider
+from agentstream.agents.llm.providers.base import LLMProvider, ProviderConfig, SecretSource
+from agentstream.agents.llm.providers.local import LocalProvider
+from agentstream.agents.llm.providers.ollama import OllamaProvider
+from agentstream.agents.llm.providers.openai import OpenAICompatibleProvider
+from agentstream.streams.errors import ProviderRequestError
+from agentstream.streams.settings import Settings, SettingsError
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +40,8 @@ LOCAL = "local"
 
 async def keychain_secret(name: str) -> str | None:
     """A secret from the OS keychain (the credentials provider of the security domain)."""
-    from streams.credentials import KeychainCredentialsProvider
-    from streams.errors import CredentialsNotFound
+    from agentstream.streams.credentials import KeychainCredentialsProvider
+    from agentstream.streams.errors import CredentialsNotFound
 
     try:
         value = await KeychainCredentialsProvider().get_secret(name)

@@ -12,25 +12,31 @@ from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
 
-from agents.llm.adapter import WebSearchService
-from agents.llm.chunks import ChunkCoalescer, chunk_record
-from agents.llm.processor import AgentProcessor, Outcome
-from agents.llm.registry import LLMRegistry
-from schemas import Event
-from schemas.llm import (
+from agentstream.agents.llm.adapter import WebSearchService
+from agentstream.agents.llm.chunks import ChunkCoalescer, chunk_record
+from agentstream.agents.llm.processor import AgentProcessor, Outcome
+from agentstream.agents.llm.registry import LLMRegistry
+from agentstream.schemas import Event
+from agentstream.schemas.llm import (
     BreakerStateChanged,
     LLMRequest,
     LLMResponse,
     Usage,
 )
-from streams.app import app, settings
-from streams.audit_chain import chain_writer
-from streams.observability import BREAKER_STATE, EVENTS_OUT, LLM_CALLS, LLM_LATENCY, LLM_TOKENS
-from streams.processing import Inbound, _producer, dead_letter, emit, watch_delivery
-from streams.resilience import RetryPolicy, Transition
-from streams.tables import llm as tables
-from streams.topics import LLM_BREAKER, LLM_CHUNKS, LLM_RESPONSES
-from streams.web_cluster import active_partitions
+from agentstream.streams.app import app, settings
+from agentstream.streams.audit_chain import chain_writer
+from agentstream.streams.observability import (
+    BREAKER_STATE,
+    EVENTS_OUT,
+    LLM_CALLS,
+    LLM_LATENCY,
+    LLM_TOKENS,
+)
+from agentstream.streams.processing import Inbound, _producer, dead_letter, emit, watch_delivery
+from agentstream.streams.resilience import RetryPolicy, Transition
+from agentstream.streams.tables import llm as tables
+from agentstream.streams.topics import LLM_BREAKER, LLM_CHUNKS, LLM_RESPONSES
+from agentstream.streams.web_cluster import active_partitions
 
 log = logging.getLogger(__name__)
 

@@ -19,10 +19,17 @@ from typing import Any
 
 from faust.web import Request, Response, View
 
-from agents.llm.runtime import runtime
-from streams.app import app
-from streams.tables import llm as tables
-from streams.web_cluster import add_counts, gather, is_local, key_route, owned, owned_partition
+from agentstream.agents.llm.runtime import runtime
+from agentstream.streams.app import app
+from agentstream.streams.tables import llm as tables
+from agentstream.streams.web_cluster import (
+    add_counts,
+    gather,
+    is_local,
+    key_route,
+    owned,
+    owned_partition,
+)
 
 #: how open a breaker is; a merged view shows the most open one
 _SEVERITY = {"closed": 0, "half_open": 1, "open": 2}

@@ -11,12 +11,12 @@ from typing import Any
 from prometheus_client.core import REGISTRY, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from agents.metrics.windows import latest_values
-from schemas import MetricSample
-from streams.app import app, catalogue_topic, settings
-from streams.processing import Inbound, decoded_batches, guarded
-from streams.tables.monitoring import fold_sample, invalidate_indexes, metrics_writer
-from streams.topics import METRICS_SAMPLES
+from agentstream.agents.metrics.windows import latest_values
+from agentstream.schemas import MetricSample
+from agentstream.streams.app import app, catalogue_topic, settings
+from agentstream.streams.processing import Inbound, decoded_batches, guarded
+from agentstream.streams.tables.monitoring import fold_sample, invalidate_indexes, metrics_writer
+from agentstream.streams.topics import METRICS_SAMPLES
 
 CONSUMER = "collect_metrics"
 writer = metrics_writer()

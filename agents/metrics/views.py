@@ -12,11 +12,11 @@ import time
 
 from faust.web import Request, Response, View
 
-from agents.metrics.agent import writer
-from agents.metrics.windows import series_between
-from streams.app import app, settings
-from streams.replay import TimeParseError, parse_time
-from streams.web_cluster import key_route
+from agentstream.agents.metrics.agent import writer
+from agentstream.agents.metrics.windows import series_between
+from agentstream.streams.app import app, settings
+from agentstream.streams.replay import TimeParseError, parse_time
+from agentstream.streams.web_cluster import key_route
 
 
 def parse_labels(values: list[str]) -> dict[str, str]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from streams.tables.monitoring import (
+from agentstream.streams.tables.monitoring import (
     SEP,
     fold_sample,
     labels_key,

@@ -21,11 +21,11 @@ from typing import Any
 
 import orjson
 
-from agents.security import replay
-from agents.security.decisions import decision_record, seal_record
-from agents.security.identity import IdentityRegistry
-from agents.security.normalize import confusables_source
-from agents.security.policy import (
+from agentstream.agents.security import replay
+from agentstream.agents.security.decisions import decision_record, seal_record
+from agentstream.agents.security.identity import IdentityRegistry
+from agentstream.agents.security.normalize import confusables_source
+from agentstream.agents.security.policy import (
     Context,
     Evaluation,
     KeyRequest,
@@ -36,17 +36,17 @@ from agents.security.policy import (
     redact,
     required_keys,
 )
-from agents.security.store import KeyCache, PolicyStore
-from schemas import AgentMessage, Event, encode, registry, utc_now
-from schemas.security import Verdict
-from streams.app import app, catalogue_topic, settings
-from streams.audit_chain import ChainWriter, chain_writer
-from streams.credentials import KeychainCredentialsProvider
-from streams.eos import SOURCE
-from streams.errors import CredentialsError
-from streams.health import register_check
-from streams.observability import DECISIONS, EVENTS_OUT
-from streams.processing import (
+from agentstream.agents.security.store import KeyCache, PolicyStore
+from agentstream.schemas import AgentMessage, Event, encode, registry, utc_now
+from agentstream.schemas.security import Verdict
+from agentstream.streams.app import app, catalogue_topic, settings
+from agentstream.streams.audit_chain import ChainWriter, chain_writer
+from agentstream.streams.credentials import KeychainCredentialsProvider
+from agentstream.streams.eos import SOURCE
+from agentstream.streams.errors import CredentialsError
+from agentstream.streams.health import register_check
+from agentstream.streams.observability import DECISIONS, EVENTS_OUT
+from agentstream.streams.processing import (
     Inbound,
     check_not_frozen,
     dead_letter,
@@ -56,10 +56,10 @@ from streams.processing import (
     redact_dead_letters,
     watch_delivery,
 )
-from streams.redaction import redact_raw
-from streams.tables import write
-from streams.tables.security import decision_counts_table, keys_for
-from streams.topics import (
+from agentstream.streams.redaction import redact_raw
+from agentstream.streams.tables import write
+from agentstream.streams.tables.security import decision_counts_table, keys_for
+from agentstream.streams.topics import (
     AGENT_MESSAGES,
     AGENT_MESSAGES_ACCEPTED,
     AGENT_MESSAGES_REJECTED,
@@ -355,7 +355,7 @@ async def _expire_replay_entries() -> None:
     back); not while partitions move, as for the LLM dedup tables."""
     if app.rebalancing or getattr(app, "in_recovery", False):
         return
-    from streams.web_cluster import active_partitions
+    from agentstream.streams.web_cluster import active_partitions
 
     table = replay.table()
     owned = active_partitions(table)
@@ -422,7 +422,7 @@ async def _publish(
         changelog.setdefault(partition, []).append((orjson.dumps(key), orjson.dumps(entry)))
     changelog_topic = REPLAY.changelog_topic.get_topic_name()
     decisions_topic = settings.topic(SECURITY_DECISIONS)
-    from streams.audit_chain import chain_signer
+    from agentstream.streams.audit_chain import chain_signer
 
     signer = await chain_signer()  # signs the last decision of each partition's group
     futures: list[Any] = []

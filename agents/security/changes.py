@@ -24,15 +24,20 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from agents.security.store import fold_topic
-from schemas import Event
-from schemas.security import SecurityChangeRejected
-from streams.app import app, settings
-from streams.eos import GATE, SOURCE
-from streams.observability import EVENTS_IN
-from streams.processing import emit, event_batches
-from streams.tables.security import Checked, apply_change, check_record, trusted_admin_keys
-from streams.topics import SECURITY_CHANGES_REJECTED, SIGNED_TOPICS
+from agentstream.agents.security.store import fold_topic
+from agentstream.schemas import Event
+from agentstream.schemas.security import SecurityChangeRejected
+from agentstream.streams.app import app, settings
+from agentstream.streams.eos import GATE, SOURCE
+from agentstream.streams.observability import EVENTS_IN
+from agentstream.streams.processing import emit, event_batches
+from agentstream.streams.tables.security import (
+    Checked,
+    apply_change,
+    check_record,
+    trusted_admin_keys,
+)
+from agentstream.streams.topics import SECURITY_CHANGES_REJECTED, SIGNED_TOPICS
 
 log = logging.getLogger(__name__)
 

@@ -27,11 +27,11 @@ import yaml
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from pydantic import ValidationError
 
-from agents.security.patterns import cost_problems, validate_patterns
-from agents.security.store import fold_topic
-from schemas import Event, encode
-from schemas.base import Payload
-from schemas.security import (
+from agentstream.agents.security.patterns import cost_problems, validate_patterns
+from agentstream.agents.security.store import fold_topic
+from agentstream.schemas import Event, encode
+from agentstream.schemas.base import Payload
+from agentstream.schemas.security import (
     AgentIdentity,
     AgentIdentityRevoked,
     SecurityConfig,
@@ -39,12 +39,12 @@ from schemas.security import (
     SecurityPolicyRemoved,
     SignedChange,
 )
-from streams.cli import cli, run
-from streams.credentials import KeychainCredentialsProvider
-from streams.errors import CredentialsError
-from streams.kafka_security import new_producer
-from streams.settings import Settings, get_settings
-from streams.signing import (
+from agentstream.streams.cli import cli, run
+from agentstream.streams.credentials import KeychainCredentialsProvider
+from agentstream.streams.errors import CredentialsError
+from agentstream.streams.kafka_security import new_producer
+from agentstream.streams.settings import Settings, get_settings
+from agentstream.streams.signing import (
     ADMIN_ENTRY,
     SigningError,
     new_private_key,
@@ -53,7 +53,7 @@ from streams.signing import (
     public_b64,
     sign_change,
 )
-from streams.tables.security import (
+from agentstream.streams.tables.security import (
     CONFIG_KEY,
     REMOVED_KEY,
     REVOKED_KEY,
@@ -62,7 +62,7 @@ from streams.tables.security import (
     policy_view,
     trusted_admin_keys,
 )
-from streams.topics import SECURITY_IDENTITIES, SECURITY_POLICIES
+from agentstream.streams.topics import SECURITY_IDENTITIES, SECURITY_POLICIES
 
 SOURCE = "agentstream-policy-cli"
 
@@ -306,7 +306,7 @@ async def publish(
     settings: Settings, events: list[Event[Any]], topic: str = SECURITY_POLICIES
 ) -> None:
     """All events in one transaction (a reader sees the whole file applied, or nothing)."""
-    from streams.admin import ensure_topics
+    from agentstream.streams.admin import ensure_topics
 
     await ensure_topics(settings)
     producer = new_producer(

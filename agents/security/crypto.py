@@ -76,8 +76,8 @@ import orjson
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from schemas.base import utc_now
-from schemas.messages import AgentMessage, AuthProof, EncryptionEnvelope
+from agentstream.schemas.base import utc_now
+from agentstream.schemas.messages import AgentMessage, AuthProof, EncryptionEnvelope
 
 CANONICAL_PREFIX = b"agentstream.agent-message.v2\n"
 AAD_PREFIX = b"agentstream.content.v2"

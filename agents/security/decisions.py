@@ -19,10 +19,10 @@ from uuid import uuid4
 
 import orjson
 
-from agents.security.policy import Evaluation
-from schemas import Event
-from schemas.security import PolicyDecision
-from streams.audit_chain import ChainSigner
+from agentstream.agents.security.policy import Evaluation
+from agentstream.schemas import Event
+from agentstream.schemas.security import PolicyDecision
+from agentstream.streams.audit_chain import ChainSigner
 
 
 def iso(ts: datetime) -> str:

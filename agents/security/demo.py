@@ -19,15 +19,15 @@ import secrets
 from pathlib import Path
 from typing import Any
 
-from agents.security.crypto import new_key, sign_message
-from schemas import AgentMessage
-from schemas.security import AgentIdentity, SecurityConfig, SecurityPolicy, SignedChange
-from streams import signing
-from streams.cli.demo import register_demo_security
-from streams.client import AsyncClient
-from streams.credentials import KeychainCredentialsProvider
-from streams.settings import Settings
-from streams.topics import SECURITY_IDENTITIES, SECURITY_POLICIES
+from agentstream.agents.security.crypto import new_key, sign_message
+from agentstream.schemas import AgentMessage
+from agentstream.schemas.security import AgentIdentity, SecurityConfig, SecurityPolicy, SignedChange
+from agentstream.streams import signing
+from agentstream.streams.cli.demo import register_demo_security
+from agentstream.streams.client import AsyncClient
+from agentstream.streams.credentials import KeychainCredentialsProvider
+from agentstream.streams.settings import Settings
+from agentstream.streams.topics import SECURITY_IDENTITIES, SECURITY_POLICIES
 
 ADMIN_KEY_ID = "demo-admin"
 

@@ -27,7 +27,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from schemas.security import AgentIdentity
+from agentstream.schemas.security import AgentIdentity
 
 
 @lru_cache(maxsize=4096)  # roles and levels are few; every message names one of each

@@ -64,7 +64,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Literal
 
-from schemas.messages import AgentMessage
+from agentstream.schemas.messages import AgentMessage
 
 #: Default_Ignorable_Code_Point, inclusive ranges, as in DerivedCoreProperties.txt of Unicode
 #: 14.0.0: the version of Python 3.11's `unicodedata`, so that NFKC and this table agree.

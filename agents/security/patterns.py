@@ -37,7 +37,7 @@ from typing import Any
 
 import re2
 
-from schemas.security import MAX_PATTERN_LENGTH, MAX_PATTERNS
+from agentstream.schemas.security import MAX_PATTERN_LENGTH, MAX_PATTERNS
 
 #: RE2's compiled program size ("instructions"): ``\w{100}`` is ~300, ``\pL{100}`` ~120,000.
 #: Bounds memory and build time; it does not bound the scan time (see `worst_case_scan`).

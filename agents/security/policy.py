@@ -63,18 +63,24 @@ from typing import Any, Protocol
 import orjson
 from pydantic import ValidationError
 
-from agents.security import crypto
-from agents.security.identity import EMPTY, Identity, IdentityRegistry, norm_name, norm_names
-from agents.security.normalize import (
+from agentstream.agents.security import crypto
+from agentstream.agents.security.identity import (
+    EMPTY,
+    Identity,
+    IdentityRegistry,
+    norm_name,
+    norm_names,
+)
+from agentstream.agents.security.normalize import (
     byte_spans_to_char_spans,
     forbidden_controls,
     mask_spans,
     normalize,
     scanned_fields,
 )
-from agents.security.patterns import PatternError, PatternList
-from schemas.messages import AgentMessage
-from schemas.security import (
+from agentstream.agents.security.patterns import PatternError, PatternList
+from agentstream.schemas.messages import AgentMessage
+from agentstream.schemas.security import (
     ANONYMOUS_ROLE,
     ANY_LEVEL,
     SCAN_FIELDS,
@@ -83,7 +89,7 @@ from schemas.security import (
     SecurityPolicy,
     Verdict,
 )
-from streams.tables.security import CONFIG_KEY
+from agentstream.streams.tables.security import CONFIG_KEY
 
 RULES = (
     "allowed_roles",

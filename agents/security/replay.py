@@ -29,12 +29,12 @@ from typing import Any
 
 import orjson
 
-from agents.security.policy import Seen
-from schemas import Event
-from schemas.security import PolicyDecision
-from streams.tables import TableSpec, delete, register, write
-from streams.tables.llm import entry_expired, expired_keys, partition_of
-from streams.topics import SECURITY_DECISIONS
+from agentstream.agents.security.policy import Seen
+from agentstream.schemas import Event
+from agentstream.schemas.security import PolicyDecision
+from agentstream.streams.tables import TableSpec, delete, register, write
+from agentstream.streams.tables.llm import entry_expired, expired_keys, partition_of
+from agentstream.streams.topics import SECURITY_DECISIONS
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ SPEC = register(
 @cache
 def table() -> Any:
     """The live Faust table (created on first use, in the worker)."""
-    from streams.app import app, settings
+    from agentstream.streams.app import app, settings
 
     return app.Table(
         TABLE,

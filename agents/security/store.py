@@ -32,12 +32,12 @@ from aiokafka import TopicPartition
 from aiokafka.errors import KafkaError
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from agents.security.identity import IdentityRegistry
-from agents.security.policy import KeyRequest, PolicySet, StaticKeys
-from streams.client import group_less_consumer
-from streams.errors import BrokerError
-from streams.settings import Settings
-from streams.tables.security import (
+from agentstream.agents.security.identity import IdentityRegistry
+from agentstream.agents.security.policy import KeyRequest, PolicySet, StaticKeys
+from agentstream.streams.client import group_less_consumer
+from agentstream.streams.errors import BrokerError
+from agentstream.streams.settings import Settings
+from agentstream.streams.tables.security import (
     Checked,
     apply_change,
     check_record,
@@ -46,7 +46,7 @@ from streams.tables.security import (
     signers_of,
     trusted_admin_keys,
 )
-from streams.topics import SECURITY_IDENTITIES, SECURITY_POLICIES
+from agentstream.streams.topics import SECURITY_IDENTITIES, SECURITY_POLICIES
 
 log = logging.getLogger(__name__)
 

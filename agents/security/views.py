@@ -17,11 +17,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from agents.security.agent import COUNTS, STORE
-from streams.app import app
-from streams.tables.security import summarise_counts
-from streams.web_auth import is_admin
-from streams.web_cluster import add_counts, gather, is_local, owned_partition
+from agentstream.agents.security.agent import COUNTS, STORE
+from agentstream.streams.app import app
+from agentstream.streams.tables.security import summarise_counts
+from agentstream.streams.web_auth import is_admin
+from agentstream.streams.web_cluster import add_counts, gather, is_local, owned_partition
 
 #: what a read token does not see of a policy
 PATTERNS = {"allowed_patterns", "blocked_patterns"}

@@ -10,18 +10,20 @@ from typing import Any
 
 from faust.web import Request, Response, View
 
-from agents.system.monitor import SystemMonitor
-from schemas import Event
-from streams.app import app, settings
-from streams.logging_setup import attach_file_handler, logs_dir
-from streams.processing import emit
-from streams.settings import REPO_ROOT
-from streams.topics import SYSTEM_STATS
-from streams.web_cluster import gather, is_local
+from agentstream.agents.system.monitor import SystemMonitor
+from agentstream.infra.paths import source_checkout, state_home
+from agentstream.schemas import Event
+from agentstream.streams.app import app, settings
+from agentstream.streams.logging_setup import attach_file_handler, logs_dir
+from agentstream.streams.processing import emit
+from agentstream.streams.topics import SYSTEM_STATS
+from agentstream.streams.web_cluster import gather, is_local
 
 SOURCE = "system_monitor"
 monitor = SystemMonitor(
-    worker_id=settings.worker_id, logs_dir=logs_dir(settings), project_root=REPO_ROOT
+    worker_id=settings.worker_id,
+    logs_dir=logs_dir(settings),
+    project_root=source_checkout() or state_home(),
 )
 
 

@@ -37,7 +37,7 @@ from typing import Any
 
 import psutil
 
-from schemas.health import DiskUsage, MemoryUsage, SystemStats
+from agentstream.schemas.health import DiskUsage, MemoryUsage, SystemStats
 
 
 class _MallInfo2(ctypes.Structure):

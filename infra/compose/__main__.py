@@ -1,4 +1,4 @@
-"""``python -m infra.compose init|check [--dir DIR]``: the files the compose profile
+"""``python -m agentstream.infra.compose init|check [--dir DIR]``: the files the compose profile
 ``cluster`` mounts (see `infra.compose.material` and docs/deploy.md)."""
 
 from __future__ import annotations
@@ -8,19 +8,27 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from infra.compose.material import DEFAULT_DIR, OPERATOR_ENV_FILE, MaterialError, check, init
+from agentstream.infra.compose.material import (
+    DEFAULT_DIR,
+    OPERATOR_ENV_FILE,
+    MaterialError,
+    check,
+    init,
+)
 
 NEXT_STEPS = """\
 next (docs/deploy.md): Prometheus' token, a check, then up
   AGENTSTREAM_SECRET_SOURCES=dir AGENTSTREAM_SECRETS_DIR={root}/secrets \\
     agentstream web token create --scope read --name prometheus > {root}/secrets/prometheus_token
-  python -m infra.compose check --dir {root}
+  python -m agentstream.infra.compose check --dir {root}
   docker compose -f docker-compose.kafka.yml --profile cluster up -d --build
 the host CLI against the cluster: . {root}/{env}"""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m infra.compose", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m agentstream.infra.compose", description=__doc__
+    )
     parser.add_argument("command", choices=("init", "check"))
     parser.add_argument(
         "--dir", type=Path, default=DEFAULT_DIR, help=f"where the files live ({DEFAULT_DIR})"

@@ -1,6 +1,6 @@
 """The worker image's ``HEALTHCHECK``: ``GET /health`` on this container's web port.
 
-    python -m infra.compose.healthcheck     # exit 0: alive; 1: not (one line says why)
+    python -m agentstream.infra.compose.healthcheck     # exit 0: alive; 1: not (one line says why)
 
 A module rather than ``curl`` (slim images have none) or a ``python -c`` one-liner,
 because three things need handling that a one-liner gets wrong:

@@ -38,7 +38,7 @@ die() {
 # A password from a secret file, if --add-scram and a quoted JAAS option can carry it.
 password() {
     local file=$secrets/$1 value
-    [[ -r $file ]] || die "$file is missing or unreadable (python -m infra.compose check)"
+    [[ -r $file ]] || die "$file is missing or unreadable (python -m agentstream.infra.compose check)"
     value=$(<"$file")
     [[ $value =~ ^[A-Za-z0-9_.~-]{16,}$ ]] ||
         die "$file: a password here is 16 or more of A-Z a-z 0-9 _ . ~ -"
@@ -71,7 +71,7 @@ mechanism=${KAFKA_SASL_MECHANISM_INTER_BROKER_PROTOCOL:?the SCRAM mechanism brok
 # 1.
 for name in "${KAFKA_SSL_KEYSTORE_FILENAME:?}" "${KAFKA_SSL_KEYSTORE_CREDENTIALS:?}" \
     "${KAFKA_SSL_KEY_CREDENTIALS:?}"; do
-    [[ -r $secrets/$name ]] || die "$secrets/$name is missing (python -m infra.compose check)"
+    [[ -r $secrets/$name ]] || die "$secrets/$name is missing (python -m agentstream.infra.compose check)"
     ln -sfn "$secrets/$name" "$image_secrets/$name"
 done
 [[ ${KAFKA_SSL_KEYSTORE_LOCATION:?} -ef $secrets/$KAFKA_SSL_KEYSTORE_FILENAME ]] ||

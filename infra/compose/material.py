@@ -1,7 +1,9 @@
 """Everything the compose profile ``cluster`` mounts, made on the host before ``up``.
 
-    python -m infra.compose init  [--dir var/compose]   # make what is missing, never replace
-    python -m infra.compose check [--dir var/compose]   # all there, valid, readable in containers
+    python -m agentstream.infra.compose init  [--dir var/compose]  # make what is missing
+    python -m agentstream.infra.compose check [--dir var/compose]  # valid, readable in containers
+
+``init`` never replaces a file that exists.
 
 Layout (``var/`` is ignored by git and by the image build)::
 
@@ -60,8 +62,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import pkcs12
 
-from infra.kafka import tls
-from streams.signing import SigningError, new_private_key, private_from_b64, private_to_b64
+from agentstream.infra.kafka import tls
+from agentstream.streams.signing import (
+    SigningError,
+    new_private_key,
+    private_from_b64,
+    private_to_b64,
+)
 
 DEFAULT_DIR = Path("var") / "compose"
 SECRETS = "secrets"
@@ -402,7 +409,7 @@ def check(root: Path = DEFAULT_DIR, *, now: dt.datetime | None = None) -> Report
         how = (
             "`agentstream web token create`, see docs/deploy.md"
             if name in MADE_BY_OPERATOR
-            else "`python -m infra.compose init`"
+            else "`python -m agentstream.infra.compose init`"
         )
         report.problems.append(f"{secrets_dir / name} is missing: made by {how}")
     for directory in (root, secrets_dir):

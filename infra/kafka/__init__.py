@@ -1,6 +1,6 @@
 """Local Apache Kafka broker for development and tests (see :mod:`infra.kafka.launcher`).
 
-``python -m infra.kafka start|stop|status`` runs it from a shell; the project's own
+``python -m agentstream.infra.kafka start|stop|status`` runs it from a shell; the project's own
 CLI calls the same functions.  :class:`~infra.kafka.secured.SecuredKafka` runs a broker
 with mutual TLS, SCRAM over SASL_SSL and ACLs; it is imported on first use, because it
 needs ``cryptography`` and the plaintext launcher must work before the project's
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from infra.kafka.launcher import (
+from agentstream.infra.kafka.launcher import (
     BrokerConfig,
     BrokerStartError,
     external_bootstrap,
@@ -22,7 +22,7 @@ from infra.kafka.launcher import (
 )
 
 if TYPE_CHECKING:
-    from infra.kafka.secured import SecuredKafka
+    from agentstream.infra.kafka.secured import SecuredKafka
 
 __all__ = [
     "BrokerConfig",
@@ -38,7 +38,7 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     if name == "SecuredKafka":
-        from infra.kafka.secured import SecuredKafka
+        from agentstream.infra.kafka.secured import SecuredKafka
 
         return SecuredKafka
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,4 +1,4 @@
-"""``python -m infra.kafka start|stop|status|fetch``: manage the local Kafka broker.
+"""``python -m agentstream.infra.kafka start|stop|status|fetch``: manage the local Kafka broker.
 
 A thin shell over :mod:`infra.kafka.launcher`; settings come from the
 ``AGENTSTREAM_KAFKA_*`` environment variables.  ``--nodes N`` (or
@@ -24,19 +24,20 @@ import sys
 import time
 from collections.abc import Sequence
 
-from infra.kafka import launcher
+from agentstream.infra.kafka import launcher
+from agentstream.infra.paths import state_home
 
 ENV_SECURED_PORT = "AGENTSTREAM_KAFKA_SECURED_PORT"
 #: Between the test broker's 19192 and the cluster's 29092; the test secured broker
 #: takes 19292-19294.
 DEFAULT_SECURED_PORT = 19392
-DEFAULT_SECURED_DIR = launcher.REPO_ROOT / "var" / "kafka-secured"
+DEFAULT_SECURED_DIR = state_home() / "kafka-secured"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` and run one command; returns the process exit code."""
     parser = argparse.ArgumentParser(
-        prog="python -m infra.kafka",
+        prog="python -m agentstream.infra.kafka",
         description="Run a local single-node Apache Kafka broker (KRaft) without Docker.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
@@ -125,7 +126,7 @@ def _cluster_command(command: str, cluster: launcher.ClusterConfig, *, as_json: 
 
 def _secured_command(command: str, *, as_json: bool) -> int:
     # Imported here: the plaintext commands must work without `cryptography`.
-    from infra.kafka.secured import SecuredKafka
+    from agentstream.infra.kafka.secured import SecuredKafka
 
     port = launcher._env_port(os.environ, ENV_SECURED_PORT, DEFAULT_SECURED_PORT)
     kafka = SecuredKafka(DEFAULT_SECURED_DIR, port_base=port)

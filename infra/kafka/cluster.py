@@ -13,7 +13,7 @@ error.  Node ids are Kafka broker ids, the ones :func:`kill_node` takes.
 The process-level primitives live in :mod:`infra.kafka.launcher` (standard library
 only) and are re-exported here, so a chaos runner needs one import::
 
-    from infra.kafka import cluster
+    from agentstream.infra.kafka import cluster
 
     cfg = cluster.ClusterConfig(nodes=3, base_port=29092, root=tmp_path)
     bootstrap = cluster.start_cluster(cfg)
@@ -37,7 +37,7 @@ from typing import Any, Final, TypeVar
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
-from infra.kafka.launcher import (
+from agentstream.infra.kafka.launcher import (
     PORTS_PER_NODE,
     ClusterConfig,
     cluster_settings,

@@ -39,7 +39,7 @@ per node from ``base_port``, one folder per node under ``root``, replication fac
 and ``min.insync.replicas=2`` from :func:`cluster_settings`, heap
 :data:`CLUSTER_NODE_HEAP` each).  :func:`start_cluster` / :func:`stop_cluster` manage
 them, :func:`kill_node` (SIGKILL by default), :func:`restart_node` and
-:func:`node_pid` are the chaos primitives, and ``python -m infra.kafka start --nodes
+:func:`node_pid` are the chaos primitives, and ``python -m agentstream.infra.kafka start --nodes
 3`` is the shell form.  Who leads a partition or coordinates a group/transaction is
 asked over the Kafka protocol in :mod:`infra.kafka.cluster` (needs aiokafka).  With
 ``ClusterConfig(proxied=True)`` every node advertises a Toxiproxy port to clients
@@ -83,7 +83,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final
 
-from infra.procs import pid_alive
+from agentstream.infra.paths import cache_home, state_home
+from agentstream.infra.procs import pid_alive
 
 __all__ = [
     "BROKER_SETTINGS",
@@ -162,12 +163,11 @@ ENV_HEAP: Final = "AGENTSTREAM_KAFKA_HEAP"
 ENV_BOOTSTRAP: Final = "AGENTSTREAM_KAFKA_BOOTSTRAP"
 
 _HERE: Final = Path(__file__).resolve().parent
-REPO_ROOT: Final = _HERE.parents[1]
 POM_FILE: Final = _HERE / "pom.xml"
 LOG4J1_CONFIG: Final = _HERE / "log4j.properties"
 LOG4J2_CONFIG: Final = _HERE / "log4j2.properties"
-#: Gitignored state folder for the development broker.
-DEFAULT_STATE_DIR: Final = REPO_ROOT / "var" / "kafka"
+#: State folder of the development broker (`infra.paths.state_home`: ``var/`` in a checkout).
+DEFAULT_STATE_DIR: Final = state_home() / "kafka"
 
 #: Broker settings that do not depend on ports or paths.  ``docker-compose.kafka.yml``
 #: mirrors them as ``KAFKA_*`` variables, and a unit test keeps the two in step.
@@ -469,9 +469,7 @@ def _escape_property(value: str) -> str:
 
 def kafka_cache_dir(version: str) -> Path:
     """``$XDG_CACHE_HOME/agentstream/kafka-<version>`` (default ``~/.cache/...``)."""
-    base = os.environ.get("XDG_CACHE_HOME", "").strip()
-    root = Path(base) if base else Path.home() / ".cache"
-    return root / "agentstream" / f"kafka-{version}"
+    return cache_home() / f"kafka-{version}"
 
 
 def _maven_profile(version: str) -> str:
@@ -1164,12 +1162,12 @@ def format_status(info: Mapping[str, Any]) -> str:
 
 # ------------------------------------------------------------------ multi-node clusters
 
-#: ``python -m infra.kafka start --nodes N`` default and environment override.
+#: ``python -m agentstream.infra.kafka start --nodes N`` default and environment override.
 DEFAULT_CLUSTER_NODES: Final = 3
 #: Node ``i`` (1-based) uses ports ``base + 4*(i-1)`` .. ``+3``; see :class:`ClusterConfig`.
 #: Far from the single broker's 19092 and the test broker's 19192.
 DEFAULT_CLUSTER_BASE_PORT: Final = 29092
-DEFAULT_CLUSTER_DIR: Final = REPO_ROOT / "var" / "kafka-cluster"
+DEFAULT_CLUSTER_DIR: Final = state_home() / "kafka-cluster"
 #: Heap per cluster node.  Three JVMs share a 2-core machine with the tests; 512 MiB
 #: holds a test workload with room to spare (the single broker's 1 GiB is for demos).
 CLUSTER_NODE_HEAP: Final = "-Xms256m -Xmx512m"

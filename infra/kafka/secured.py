@@ -66,8 +66,8 @@ from typing import Final
 
 from cryptography.exceptions import InvalidSignature
 
-from infra.kafka import launcher, tls
-from infra.kafka.launcher import BrokerConfig, BrokerStartError, ProbeTLS
+from agentstream.infra.kafka import launcher, tls
+from agentstream.infra.kafka.launcher import BrokerConfig, BrokerStartError, ProbeTLS
 
 __all__ = [
     "BROKER_PRINCIPAL",

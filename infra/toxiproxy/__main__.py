@@ -1,4 +1,4 @@
-"""``python -m infra.toxiproxy install|start|stop|status [--port N]``.
+"""``python -m agentstream.infra.toxiproxy install|start|stop|status [--port N]``.
 
 ``install`` builds the pinned Toxiproxy once into the cache and prints the path
 (exit 1 with one line on stderr when Go is missing or too old); ``start`` runs the
@@ -12,12 +12,12 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from infra.toxiproxy import server
+from agentstream.infra.toxiproxy import server
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` and run one command; returns the exit code."""
-    parser = argparse.ArgumentParser(prog="python -m infra.toxiproxy")
+    parser = argparse.ArgumentParser(prog="python -m agentstream.infra.toxiproxy")
     parser.add_argument("command", choices=["install", "start", "stop", "status"])
     parser.add_argument("--port", type=int, default=server.DEFAULT_API_PORT, help="API port")
     args = parser.parse_args(argv)

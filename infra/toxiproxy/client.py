@@ -29,7 +29,7 @@ from typing import Any, Final, Literal
 
 import httpx
 
-from infra.toxiproxy.server import DEFAULT_API_PORT, DEFAULT_HOST, ToxiproxyError
+from agentstream.infra.toxiproxy.server import DEFAULT_API_PORT, DEFAULT_HOST, ToxiproxyError
 
 __all__ = ["DEFAULT_API_URL", "Proxy", "Stream", "Toxic", "Toxiproxy", "ToxiproxyAPIError"]
 

@@ -32,8 +32,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from infra.kafka.launcher import ClusterConfig, start_cluster, stop_cluster
-from infra.toxiproxy.client import Proxy, Toxiproxy
+from agentstream.infra.kafka.launcher import ClusterConfig, start_cluster, stop_cluster
+from agentstream.infra.toxiproxy.client import Proxy, Toxiproxy
 
 __all__ = [
     "ProxiedKafka",

@@ -6,7 +6,7 @@ connections.  There is no Debian package and prebuilt binaries cannot be fetched
 these machines, so :func:`install` builds the pinned version from the Go module proxy
 with the machine's Go, once, into ``$XDG_CACHE_HOME/agentstream/toxiproxy/<version>/``
 (default ``~/.cache/...``).  Only the standard library is used here, so that
-``python -m infra.toxiproxy install`` works before the project is installed.
+``python -m agentstream.infra.toxiproxy install`` works before the project is installed.
 
 :func:`start_server` runs the binary detached on a loopback port (pid and log file
 in ``var/toxiproxy/``, one pair per API port) and returns once its API answers;
@@ -30,7 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from infra.procs import pid_alive
+from agentstream.infra.paths import cache_home, state_home
+from agentstream.infra.procs import pid_alive
 
 __all__ = [
     "DEFAULT_API_PORT",
@@ -55,8 +56,7 @@ DEFAULT_API_PORT: Final = 8474
 DEFAULT_HOST: Final = "127.0.0.1"
 _BINARY_NAME: Final = "toxiproxy-server"
 _BUILD_TIMEOUT_S: Final = 900.0
-REPO_ROOT: Final = Path(__file__).resolve().parents[2]
-DEFAULT_STATE_DIR: Final = REPO_ROOT / "var" / "toxiproxy"
+DEFAULT_STATE_DIR: Final = state_home() / "toxiproxy"
 
 
 class ToxiproxyError(RuntimeError):
@@ -65,9 +65,7 @@ class ToxiproxyError(RuntimeError):
 
 def cache_dir(version: str = TOXIPROXY_VERSION) -> Path:
     """``$XDG_CACHE_HOME/agentstream/toxiproxy/<version>`` (default ``~/.cache/...``)."""
-    base = os.environ.get("XDG_CACHE_HOME", "").strip()
-    root = Path(base) if base else Path.home() / ".cache"
-    return root / "agentstream" / "toxiproxy" / version
+    return cache_home() / "toxiproxy" / version
 
 
 def binary_path(version: str = TOXIPROXY_VERSION) -> Path:

@@ -35,8 +35,8 @@ from typing import IO, Any, TypeVar
 
 import click
 
-from schemas.errors import PipelineError
-from streams.settings import Settings, SettingsError
+from agentstream.schemas.errors import PipelineError
+from agentstream.streams.settings import Settings, SettingsError, agent_modules
 
 T = TypeVar("T")
 
@@ -59,7 +59,7 @@ def settings_error(exc: SettingsError) -> ConfigError:
 def checked_settings() -> Settings:
     """The process-wide settings, or a `ConfigError` naming every bad variable (files the
     settings name that do not exist included)."""
-    from streams.settings import get_settings
+    from agentstream.streams.settings import get_settings
 
     try:
         settings = get_settings()
@@ -99,7 +99,7 @@ def load_app() -> Any:
     """The Faust app, built from the checked settings; a file they name that cannot be
     used (a certificate that is no PEM) is a `ConfigError`, not a traceback."""
     try:
-        from streams.app import app
+        from agentstream.streams.app import app
     except OSError as exc:  # ssl.SSLError too
         raise ConfigError(f"the app cannot be built from these settings: {exc}") from None
     return app
@@ -168,7 +168,7 @@ def time_option(ctx: click.Context, param: click.Parameter, value: str | None) -
 
 
 def parse_time_or_usage(value: str) -> Any:
-    from streams.replay import TimeParseError, parse_time
+    from agentstream.streams.replay import TimeParseError, parse_time
 
     try:
         return parse_time(value)
@@ -182,7 +182,7 @@ def check_time_range(since: str | None, until: str | None) -> None:
     """`--until` before `--since` is a usage error (each is checked by `time_option`)."""
     if since is None or until is None:
         return
-    from streams.replay import parse_time
+    from agentstream.streams.replay import parse_time
 
     now = parse_time("now")
     if parse_time(until, now=now) < parse_time(since, now=now):
@@ -200,8 +200,8 @@ def output_file(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
 def web_root() -> str:
     """This host's worker web root (AGENTSTREAM_WEB_HOST/PORT; a wildcard bind is asked
     on loopback; https with AGENTSTREAM_WEB_TLS_CERTFILE)."""
-    from streams.settings import get_settings
-    from streams.web_auth import web_scheme
+    from agentstream.streams.settings import get_settings
+    from agentstream.streams.web_auth import web_scheme
 
     s = get_settings()
     host = "127.0.0.1" if s.web_host in ("0.0.0.0", "::", "") else s.web_host
@@ -212,10 +212,10 @@ def cli_token() -> tuple[str | None, str]:
     """The token the CLI sends to worker views (secret `web.token` of the credentials
     chain), or None and why there is none — said only if a worker then asks for one
     (with AGENTSTREAM_WEB_AUTH=off nothing is needed)."""
-    from streams.credentials import KeychainCredentialsProvider
-    from streams.errors import CredentialsError
-    from streams.settings import get_settings
-    from streams.web_auth import CLI_ENTRY
+    from agentstream.streams.credentials import KeychainCredentialsProvider
+    from agentstream.streams.errors import CredentialsError
+    from agentstream.streams.settings import get_settings
+    from agentstream.streams.web_auth import CLI_ENTRY
 
     try:
         value = KeychainCredentialsProvider(get_settings()).get_secret_sync(CLI_ENTRY)
@@ -254,8 +254,8 @@ def worker_call(
     """
     import httpx
 
-    from streams.settings import get_settings
-    from streams.web_auth import client_verify
+    from agentstream.streams.settings import get_settings
+    from agentstream.streams.web_auth import client_verify
 
     url = (base or web_root()).rstrip("/") + path
     token, no_token = cli_token()
@@ -305,7 +305,10 @@ def agent_packages(environ: Mapping[str, str] | None = None) -> list[str]:
     command tree is built before (and without) validating the settings."""
     env = os.environ if environ is None else environ
     raw = env.get(Settings.env_name("agents")) or str(Settings.model_fields["agents"].default)
-    return [p.strip() for p in raw.split(",") if p.strip()]
+    try:
+        return agent_modules(raw)
+    except ValueError:  # told, with the other settings' problems, before any command runs
+        return []
 
 
 def command_modules(package: str) -> list[str]:
@@ -376,7 +379,7 @@ def install_web_auth() -> None:
     """The worker's web views authenticate every request (`streams.web_auth`): the
     middleware goes on Faust's web application here, before any view module is imported
     or the server started, so no view has to remember it."""
-    from streams import web_auth
+    from agentstream.streams import web_auth
 
     app = load_app()
     web_auth.install(app, app.agentstream_settings)
@@ -386,7 +389,7 @@ def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     try:
         if args[:1] == ["worker"]:
-            from streams.cli.core import check_worker, run_worker
+            from agentstream.streams.cli.core import check_worker, run_worker
 
             check_worker(args[1:])  # --help, bad options, bad settings: nothing built yet
             install_web_auth()

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import click
 
-from schemas.errors import PipelineError
-from streams.acls import ROLES, AclScope, RoleAcls, render, role_acls
-from streams.cli import cli
+from agentstream.schemas.errors import PipelineError
+from agentstream.streams.acls import ROLES, AclScope, RoleAcls, render, role_acls
+from agentstream.streams.cli import cli
 
 
 class AclUsageError(click.ClickException):
@@ -79,7 +79,7 @@ def acls_cmd(
     if not chosen:
         chosen = {r: f"User:{r}" for r in ROLES}
     try:
-        from streams.settings import get_settings
+        from agentstream.streams.settings import get_settings
 
         settings = get_settings()
         scope = AclScope(

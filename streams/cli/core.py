@@ -12,15 +12,15 @@ from typing import IO, Any
 import click
 import orjson
 
-from schemas import Event, registry
-from schemas.errors import PipelineError, SchemaError
-from streams.admin import ensure_topics, list_topics
-from streams.cli import ConfigError, checked_settings, cli, install_web_auth, run
-from streams.client import AsyncClient, build_event
-from streams.errors import BrokerError
-from streams.redaction import redact_event_dict
-from streams.settings import REPO_ROOT, Settings, get_settings
-from streams.topics import CATALOGUE
+from agentstream.schemas import Event, registry
+from agentstream.schemas.errors import PipelineError, SchemaError
+from agentstream.streams.admin import ensure_topics, list_topics
+from agentstream.streams.cli import ConfigError, checked_settings, cli, install_web_auth, run
+from agentstream.streams.client import AsyncClient, build_event
+from agentstream.streams.errors import BrokerError
+from agentstream.streams.redaction import redact_event_dict
+from agentstream.streams.settings import Settings, get_settings
+from agentstream.streams.topics import CATALOGUE
 
 
 def check_worker(faust_args: list[str]) -> Settings:
@@ -44,7 +44,7 @@ def run_worker(faust_args: list[str]) -> None:
         faust_args = ["--loglevel", faust_loglevel(settings.log_level), *faust_args]
     install_web_auth()
     run(ensure_topics(settings))
-    from streams.app import app
+    from agentstream.streams.app import app
 
     use_event_loop(settings.event_loop)
     sys.argv = ["agentstream", "worker", *faust_args]
@@ -109,7 +109,7 @@ def kafka() -> None:
 
 def _kafka(*argv: str) -> None:
     # One implementation of the broker commands: the launcher's own CLI.
-    from infra.kafka.__main__ import main as launcher_main
+    from agentstream.infra.kafka.__main__ import main as launcher_main
 
     code = launcher_main(list(argv))
     if code:
@@ -183,7 +183,7 @@ def topics_create() -> None:
 @topics.command("list")
 def topics_list() -> None:
     """List catalogue topics with their partition counts."""
-    from streams.topics import CATALOGUE
+    from agentstream.streams.topics import CATALOGUE
 
     settings = get_settings()
     for st in run(list_topics(settings)):
@@ -370,7 +370,8 @@ def config(markdown: bool) -> None:
             shown = (
                 "(generated)" if info.default_factory else ("" if default is None else str(default))
             )
-            shown = shown.replace(str(REPO_ROOT), "<repo>")
+            if name == "data_dir":  # depends on where the code runs (see its description)
+                shown = "<state>/worker"
             click.echo(f"| `{Settings.env_name(name)}` | `{shown}` | {info.description} |")
         return
     settings = get_settings()  # valid: checked before any command runs
@@ -381,8 +382,8 @@ def config(markdown: bool) -> None:
 
 def _show_secrets(settings: Settings) -> None:
     """Where each secret these settings need comes from — never its value."""
-    from streams.credentials import KeychainCredentialsProvider
-    from streams.kafka_security import PASSWORD_ENTRY
+    from agentstream.streams.credentials import KeychainCredentialsProvider
+    from agentstream.streams.kafka_security import PASSWORD_ENTRY
 
     needed = []
     if settings.kafka_security_protocol.startswith("SASL_"):

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import click
 
-from streams.cli import cli, run
-from streams.credentials import KeychainCredentialsProvider, mask
-from streams.errors import CredentialsError, CredentialsNotFound
+from agentstream.streams.cli import cli, run
+from agentstream.streams.credentials import KeychainCredentialsProvider, mask
+from agentstream.streams.errors import CredentialsError, CredentialsNotFound
 
 
 @dataclass(frozen=True)

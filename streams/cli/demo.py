@@ -7,8 +7,8 @@ some oversized, some undecodable, one agent claiming a role it was never granted
 heartbeats (a few agents fall silent and come back), metrics, communication records and
 LLM requests to the offline `local` provider — while printing a live summary read back
 from the result topics. The worker's web views need a token like any deployment's: the
-demo puts a token index with one read token (its value in ``var/demo/web-token``) and a
-cluster token in its throwaway keychain.
+demo puts a token index with one read token (its value in ``<state>/demo/web-token``;
+``<state>`` is ``var/`` in a checkout) and a cluster token in its throwaway keychain.
 
 The security side (keys, signed rule changes, signed messages) is the security agent's
 (`agents/security/demo.py`, registered with `register_demo_security` when the agents'
@@ -32,7 +32,8 @@ from typing import Any, Protocol
 
 import click
 
-from schemas import (
+from agentstream.infra.paths import state_home
+from agentstream.schemas import (
     AgentMessage,
     CommunicationRecord,
     Event,
@@ -41,14 +42,14 @@ from schemas import (
     MetricSample,
     utc_now,
 )
-from schemas.comms import COMM_KINDS
-from schemas.llm import ChatMessage, LLMConfig, LLMContext
-from streams.admin import ensure_topics
-from streams.cli import cli, run
-from streams.client import AsyncClient
-from streams.credentials import KeychainCredentialsProvider
-from streams.settings import REPO_ROOT, Settings, get_settings
-from streams.topics import (
+from agentstream.schemas.comms import COMM_KINDS
+from agentstream.schemas.llm import ChatMessage, LLMConfig, LLMContext
+from agentstream.streams.admin import ensure_topics
+from agentstream.streams.cli import cli, run
+from agentstream.streams.client import AsyncClient
+from agentstream.streams.credentials import KeychainCredentialsProvider
+from agentstream.streams.settings import Settings, get_settings
+from agentstream.streams.topics import (
     AGENT_HEARTBEATS,
     AGENT_MESSAGES,
     AGENT_MESSAGES_ACCEPTED,
@@ -62,7 +63,7 @@ from streams.topics import (
     PIPELINE_DEADLETTER,
     SECURITY_DECISIONS,
 )
-from streams.web_auth import create_token, rotate_cluster_token, web_scheme
+from agentstream.streams.web_auth import create_token, rotate_cluster_token, web_scheme
 
 WATCHED = {
     AGENT_MESSAGES_ACCEPTED: "accepted",
@@ -118,7 +119,7 @@ DEMO_ENV = {
 @click.option("--seed", default=7, show_default=True, help="Random seed of the traffic.")
 def demo(rate: float, n_agents: int, duration: float, keep_broker: bool, seed: int) -> None:
     """Run the pipeline on a local broker with synthetic multi-agent traffic."""
-    from infra.kafka import launcher
+    from agentstream.infra.kafka import launcher
 
     started_broker = None
     if get_settings().kafka_bootstrap is None and not launcher.external_bootstrap():
@@ -136,7 +137,7 @@ def demo(rate: float, n_agents: int, duration: float, keep_broker: bool, seed: i
     click.echo(f"kafka at {settings.bootstrap}; creating topics ...")
     run(ensure_topics(settings))
 
-    log_dir = REPO_ROOT / "var" / "demo"
+    log_dir = state_home() / "demo"
     log_dir.mkdir(parents=True, exist_ok=True)
     worker_log = log_dir / "worker.log"
     if not _SECURITY:
@@ -149,7 +150,7 @@ def demo(rate: float, n_agents: int, duration: float, keep_broker: bool, seed: i
     token_file = run(_web_tokens(env, log_dir))
     with worker_log.open("ab") as log:
         worker = subprocess.Popen(
-            [sys.executable, "-m", "streams", "worker", "--loglevel", "info"],
+            [sys.executable, "-m", "agentstream", "worker", "--loglevel", "info"],
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,

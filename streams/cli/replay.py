@@ -9,9 +9,9 @@ from typing import IO
 
 import click
 
-from streams.cli import check_time_range, cli, output_file, run, time_option
-from streams.replay import Progress, replay_batches
-from streams.settings import get_settings
+from agentstream.streams.cli import check_time_range, cli, output_file, run, time_option
+from agentstream.streams.replay import Progress, replay_batches
+from agentstream.streams.settings import get_settings
 
 
 class ProgressBar:

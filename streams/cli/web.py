@@ -13,10 +13,10 @@ from typing import Any
 
 import click
 
-from streams.cli import cli, run
-from streams.credentials import KeychainCredentialsProvider
-from streams.errors import CredentialsError
-from streams.web_auth import (
+from agentstream.streams.cli import cli, run
+from agentstream.streams.credentials import KeychainCredentialsProvider
+from agentstream.streams.errors import CredentialsError
+from agentstream.streams.web_auth import (
     CLI_ENTRY,
     CLUSTER_ENTRY,
     INDEX_ENTRY,

@@ -4,7 +4,7 @@ Both are pure classes (no I/O, injectable clock and randomness) so their decisio
 unit-tested without sleeping; the LLM processor wires them to real calls.
 """
 
-from streams.resilience.breaker import BreakerState, CircuitBreaker, Transition
-from streams.resilience.retry import RetryDecision, RetryPolicy
+from agentstream.streams.resilience.breaker import BreakerState, CircuitBreaker, Transition
+from agentstream.streams.resilience.retry import RetryDecision, RetryPolicy
 
 __all__ = ["BreakerState", "CircuitBreaker", "RetryDecision", "RetryPolicy", "Transition"]

@@ -17,7 +17,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from streams.errors import ProviderRateLimited, ProviderTimeout
+from agentstream.streams.errors import ProviderRateLimited, ProviderTimeout
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,8 +22,8 @@ from typing import Any
 
 import orjson
 
-from schemas import Event
-from streams.tables.writer import TableWriter, delete, write
+from agentstream.schemas import Event
+from agentstream.streams.tables.writer import TableWriter, delete, write
 
 __all__ = [
     "TABLES",

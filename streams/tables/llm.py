@@ -30,16 +30,16 @@ from typing import Any
 
 from aiokafka.partitioner import murmur2
 
-from schemas import Event
-from schemas.llm import BreakerStateChanged, LLMCancelRequested, LLMResponse
-from streams.tables import TableSpec, delete, register, write
-from streams.topics import LLM_BREAKER, LLM_CANCELLATIONS, LLM_RESPONSES
+from agentstream.schemas import Event
+from agentstream.schemas.llm import BreakerStateChanged, LLMCancelRequested, LLMResponse
+from agentstream.streams.tables import TableSpec, delete, register, write
+from agentstream.streams.topics import LLM_BREAKER, LLM_CANCELLATIONS, LLM_RESPONSES
 
 USAGE_FIELDS = ("prompt_tokens", "completion_tokens", "total_tokens")
 
 
 def partitions() -> int:
-    from streams.settings import get_settings
+    from agentstream.streams.settings import get_settings
 
     return get_settings().topic_partitions
 
@@ -71,7 +71,7 @@ def apply_cancel(state: MutableMapping[str, Any], event: Event[Any]) -> None:
 
 
 def retention_s() -> float:
-    from streams.settings import get_settings
+    from agentstream.streams.settings import get_settings
 
     return get_settings().llm_dedup_retention_s
 
@@ -266,7 +266,7 @@ def _table_class() -> type:
 @cache
 def table(spec_name: str) -> Any:
     """The live Faust table of a spec (created on first use, in the worker)."""
-    from streams.app import app
+    from agentstream.streams.app import app
 
     spec = {s.name: s for s in (RESPONSES_DONE, CANCELLED, BREAKERS, USAGE)}[spec_name]
     cls = _table_class()

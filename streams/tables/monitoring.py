@@ -40,10 +40,21 @@ from typing import Any
 
 import orjson
 
-from schemas import AgentStatusChanged, CommunicationRecord, Event, Heartbeat, MetricSample
-from streams.settings import get_settings
-from streams.tables import TableSpec, TableWriter, register
-from streams.topics import AGENT_HEARTBEATS, AGENT_STATUS, COMMS_RECORDS, METRICS_SAMPLES
+from agentstream.schemas import (
+    AgentStatusChanged,
+    CommunicationRecord,
+    Event,
+    Heartbeat,
+    MetricSample,
+)
+from agentstream.streams.settings import get_settings
+from agentstream.streams.tables import TableSpec, TableWriter, register
+from agentstream.streams.topics import (
+    AGENT_HEARTBEATS,
+    AGENT_STATUS,
+    COMMS_RECORDS,
+    METRICS_SAMPLES,
+)
 
 SEP = "\x1f"  # cannot occur in series names, agent ids in practice, or JSON text
 
@@ -397,7 +408,7 @@ COMMS = register(
 def _table(name: str, help_: str) -> Any:
     import faust
 
-    from streams.app import app
+    from agentstream.streams.app import app
 
     return app.Table(
         name,

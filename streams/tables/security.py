@@ -42,9 +42,9 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from schemas import Event, registry
-from schemas.errors import SchemaError
-from schemas.security import (
+from agentstream.schemas import Event, registry
+from agentstream.schemas.errors import SchemaError
+from agentstream.schemas.security import (
     RESERVED_PREFIX,
     AgentIdentity,
     AgentIdentityRevoked,
@@ -55,9 +55,9 @@ from schemas.security import (
     SignedChange,
     WorkerKeyPublished,
 )
-from streams.signing import SigningError, check_change, parse_public_keys
-from streams.tables import TableSpec, register
-from streams.topics import (
+from agentstream.streams.signing import SigningError, check_change, parse_public_keys
+from agentstream.streams.tables import TableSpec, register
+from agentstream.streams.topics import (
     SECURITY_DECISIONS,
     SECURITY_IDENTITIES,
     SECURITY_POLICIES,
@@ -340,7 +340,7 @@ def _settings_keys(spec: str) -> tuple[dict[str, Ed25519PublicKey], str | None]:
 
 def settings_admin_keys() -> dict[str, Ed25519PublicKey]:
     """The admin keys of this process's settings (parsed once per distinct setting)."""
-    from streams.settings import get_settings
+    from agentstream.streams.settings import get_settings
 
     return _settings_keys(get_settings().security_admin_keys)[0]
 
@@ -429,7 +429,7 @@ DECISION_COUNTS = register(
 def decision_counts_table() -> Any:
     """The live Faust table (created on first use so that importing the folds stays free
     of the app)."""
-    from streams.app import app
+    from agentstream.streams.app import app
 
     return app.Table(
         DECISION_COUNTS.name,

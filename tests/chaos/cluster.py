@@ -53,7 +53,7 @@ class OwnBroker:
     the same data dir (log recovery after the unclean stop)."""
 
     def __init__(self, state_dir: Path, port_base: int = PORT_BASE, heap: str = "") -> None:
-        from infra.kafka import launcher
+        from agentstream.infra.kafka import launcher
 
         port, controller = free_port_pair(port_base)
         self.state_dir = state_dir
@@ -72,7 +72,7 @@ class OwnBroker:
         return self.cfg.bootstrap
 
     def start(self) -> str:
-        from infra.kafka import launcher
+        from agentstream.infra.kafka import launcher
 
         env_bootstrap = os.environ.pop(launcher.ENV_BOOTSTRAP, None)
         try:  # the launcher would return an external cluster instead of starting ours
@@ -82,7 +82,7 @@ class OwnBroker:
                 os.environ[launcher.ENV_BOOTSTRAP] = env_bootstrap
 
     def pid(self) -> int | None:
-        from infra.kafka import launcher
+        from agentstream.infra.kafka import launcher
 
         return launcher._running_pid(self.cfg)
 
@@ -105,7 +105,7 @@ class OwnBroker:
         return _proc_cpu(pid) if pid else 0.0
 
     def stop(self, wipe: bool = False) -> None:
-        from infra.kafka import launcher
+        from agentstream.infra.kafka import launcher
 
         env_bootstrap = os.environ.pop(launcher.ENV_BOOTSTRAP, None)
         try:
@@ -152,7 +152,7 @@ class ChaosWorker(Worker):
             self._log.close()
         self._log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "streams", "worker", "--loglevel", "info"],
+            [sys.executable, "-m", "agentstream", "worker", "--loglevel", "info"],
             env=self.env,
             cwd=REPO,
             stdout=self._log,
@@ -258,7 +258,7 @@ class OwnKafka:
     failed start."""
 
     def __init__(self, state_dir: Path, nodes: int = 1, proxied: bool = False) -> None:
-        from infra.kafka import cluster as kc
+        from agentstream.infra.kafka import cluster as kc
 
         self.state_dir = state_dir = state_dir.resolve()  # the JVM runs elsewhere
         base = kc.free_port_block(
@@ -285,13 +285,13 @@ class OwnKafka:
         return {"AGENTSTREAM_TOPIC_REPLICATION": str(min(3, self.cfg.nodes))}
 
     def start(self) -> str:
-        from infra.kafka import cluster as kc
+        from agentstream.infra.kafka import cluster as kc
 
         if not self.cfg.proxied:
             return str(kc.start_cluster(self.cfg))
-        from infra.toxiproxy.client import Toxiproxy
-        from infra.toxiproxy.kafka import start_behind_proxy
-        from infra.toxiproxy.server import ServerConfig, start_server
+        from agentstream.infra.toxiproxy.client import Toxiproxy
+        from agentstream.infra.toxiproxy.kafka import start_behind_proxy
+        from agentstream.infra.toxiproxy.server import ServerConfig, start_server
 
         self._server = ServerConfig(port=self.api_port, state_dir=self.state_dir / "toxiproxy")
         tp = Toxiproxy(start_server(self._server))
@@ -308,7 +308,7 @@ class OwnKafka:
             self.kafka.heal()
 
     def cpu_seconds(self) -> float:
-        from infra.kafka import cluster as kc
+        from agentstream.infra.kafka import cluster as kc
 
         total = 0.0
         for i in self.cfg.node_ids:
@@ -317,18 +317,18 @@ class OwnKafka:
         return total
 
     def stop(self, wipe: bool = False) -> None:
-        from infra.kafka import cluster as kc
+        from agentstream.infra.kafka import cluster as kc
 
         try:
             if self.kafka is not None:
-                from infra.toxiproxy.kafka import stop_behind_proxy
+                from agentstream.infra.toxiproxy.kafka import stop_behind_proxy
 
                 stop_behind_proxy(self.kafka)
             else:
                 kc.stop_cluster(self.cfg)
         finally:
             if self._server is not None:
-                from infra.toxiproxy.server import stop_server
+                from agentstream.infra.toxiproxy.server import stop_server
 
                 stop_server(self._server)
             if wipe:

@@ -193,7 +193,7 @@ def _base_env(opts: RunOptions, ns: str) -> dict[str, str]:
             "AGENTSTREAM_TOPIC_PARTITIONS": str(opts.partitions),
             "AGENTSTREAM_LOG_LEVEL": "INFO",
             "AGENTSTREAM_STANDBY_REPLICAS": str(opts.standby_replicas),
-            "AGENTSTREAM_AGENTS": "agents.security",
+            "AGENTSTREAM_AGENTS": "security",
             "AGENTSTREAM_PROCESSING_GUARANTEE": opts.guarantee,
             "AGENTSTREAM_CHECKPOINT_INTERVAL_S": "3600",
             "AGENTSTREAM_DATA_DIR": str(opts.out_dir / "cli-data"),
@@ -213,10 +213,10 @@ async def _signed_setup(env: dict[str, str], signer: AdminSigner) -> None:
     tests/security/test_pipeline_attacks.py)."""
     from aiokafka import AIOKafkaProducer
 
-    from schemas.security import AgentIdentity, SecurityConfig, SecurityPolicy
-    from streams.admin import ensure_topics
-    from streams.settings import Settings
-    from streams.topics import SECURITY_IDENTITIES, SECURITY_POLICIES
+    from agentstream.schemas.security import AgentIdentity, SecurityConfig, SecurityPolicy
+    from agentstream.streams.admin import ensure_topics
+    from agentstream.streams.settings import Settings
+    from agentstream.streams.topics import SECURITY_IDENTITIES, SECURITY_POLICIES
 
     settings = Settings.from_env(env)
     await ensure_topics(settings)
@@ -387,7 +387,7 @@ async def run_once(opts: RunOptions, scenario: ScenarioFunc) -> dict[str, Any]:
         if drained is None:
             # what each stuck worker holds: its consumer's positions, read, acked and
             # committed offsets and its agents' marks (streams.diagnostics), in its log
-            from streams.diagnostics import MARK
+            from agentstream.streams.diagnostics import MARK
 
             live = [w for w in ctx.workers if w.alive() and w.proc is not None]
             seen = {w.name: w.log_path.read_bytes().count(b"end of " + MARK.encode()) for w in live}

@@ -20,9 +20,9 @@ from typing import Any
 import orjson
 from aiokafka import AIOKafkaProducer
 
-from schemas import AgentMessage, Event, encode, utc_now
-from schemas.health import Heartbeat
-from schemas.llm import ChatMessage, LLMConfig, LLMContext, LLMRequest
+from agentstream.schemas import AgentMessage, Event, encode, utc_now
+from agentstream.schemas.health import Heartbeat
+from agentstream.schemas.llm import ChatMessage, LLMConfig, LLMContext, LLMRequest
 from tests.chaos.checker import POISON_KINDS
 
 #: every n-th valid message carries the blocked word: a rejection

@@ -384,7 +384,7 @@ async def _down_and_back(
     """kill -9 `node` (the fault is already marked), note when `watch`'s partitions
     have a new leader, keep it down 8-12 s, restart it and wait until their ISR is
     full again."""
-    from infra.kafka import cluster as kc
+    from agentstream.infra.kafka import cluster as kc
 
     t0 = time.monotonic()
     await asyncio.to_thread(kc.kill_node, kafka.cfg, node)
@@ -422,7 +422,7 @@ async def leader_kill(ctx: RunContext) -> None:
     only on the dead node), exactly-once writes no committed duplicate, and the node
     catches up (ISR back to 3). Logs leader failover time; resume = kill -> first
     decision on a partition it led."""
-    from infra.kafka import cluster as kc
+    from agentstream.infra.kafka import cluster as kc
 
     kafka = _own_kafka(ctx, "leader_kill", nodes=3)
     topic = f"{ctx.ns}.{INPUT_TOPIC}"
@@ -487,7 +487,7 @@ async def coordinator_kill(ctx: RunContext) -> None:
     leadership), open transactions are completed or aborted by the new coordinator,
     commits resume, nothing is lost, exactly-once writes no committed duplicate
     (at-least-once: duplicates within a commit interval)."""
-    from infra.kafka import cluster as kc
+    from agentstream.infra.kafka import cluster as kc
 
     kafka = _own_kafka(ctx, "coordinator_kill", nodes=3)
     topic = f"{ctx.ns}.{INPUT_TOPIC}"

@@ -35,13 +35,13 @@ from aiokafka.errors import (
     TopicAuthorizationFailedError,
 )
 
-from schemas import AgentMessage, Event
-from streams.acls import PRODUCER_READS, PRODUCER_WRITES
-from streams.client import AsyncClient, group_less_consumer
-from streams.errors import BrokerAuthError, PublishError
-from streams.kafka_security import new_admin, new_producer
-from streams.settings import Settings
-from streams.topics import CATALOGUE, SECURITY_POLICIES
+from agentstream.schemas import AgentMessage, Event
+from agentstream.streams.acls import PRODUCER_READS, PRODUCER_WRITES
+from agentstream.streams.client import AsyncClient, group_less_consumer
+from agentstream.streams.errors import BrokerAuthError, PublishError
+from agentstream.streams.kafka_security import new_admin, new_producer
+from agentstream.streams.settings import Settings
+from agentstream.streams.topics import CATALOGUE, SECURITY_POLICIES
 from tests.support import REPO, Worker, await_until, cli, with_admin_key
 
 pytestmark = pytest.mark.integration

@@ -12,11 +12,11 @@ import pytest
 from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, RecordsToDelete
 
-from schemas import Event, PolicyDecision, encode, registry
-from schemas.security import Verdict
-from streams.audit_chain import GENESIS, last_hash, seal
-from streams.settings import Settings
-from streams.topics import SECURITY_DECISIONS
+from agentstream.schemas import Event, PolicyDecision, encode, registry
+from agentstream.schemas.security import Verdict
+from agentstream.streams.audit_chain import GENESIS, last_hash, seal
+from agentstream.streams.settings import Settings
+from agentstream.streams.topics import SECURITY_DECISIONS
 from tests.support import cli
 
 pytestmark = pytest.mark.integration
@@ -47,7 +47,7 @@ def chain(n: int, tag: str) -> list[bytes]:
 
 async def test_forged_chain_reports_each_kind(settings_env: dict[str, str], tmp_path: Path) -> None:
     settings = Settings.from_env(settings_env)
-    env = {**settings_env, "AGENTSTREAM_AGENTS": "agents.audit"}
+    env = {**settings_env, "AGENTSTREAM_AGENTS": "audit"}
     assert cli(env, "topics", "create").returncode == 0
 
     good = chain(6, "g")

@@ -13,13 +13,13 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from schemas import AgentMessage, Event, PolicyDecision, encode
-from schemas.security import ANY_LEVEL, SecurityPolicy
-from streams.audit_chain import ChainSigner, seal
-from streams.client import AsyncClient
-from streams.settings import Settings
-from streams.signing import new_private_key
-from streams.topics import AGENT_MESSAGES, SECURITY_DECISIONS, SECURITY_POLICIES
+from agentstream.schemas import AgentMessage, Event, PolicyDecision, encode
+from agentstream.schemas.security import ANY_LEVEL, SecurityPolicy
+from agentstream.streams.audit_chain import ChainSigner, seal
+from agentstream.streams.client import AsyncClient
+from agentstream.streams.settings import Settings
+from agentstream.streams.signing import new_private_key
+from agentstream.streams.topics import AGENT_MESSAGES, SECURITY_DECISIONS, SECURITY_POLICIES
 from tests.support import AdminSigner, Worker, cli, read_topic, with_admin_key
 
 pytestmark = pytest.mark.integration

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.integration
 def test_topics_create_is_idempotent_and_listed(settings_env: dict[str, str], ns: str) -> None:
     first = cli(settings_env, "topics", "create")
     assert first.returncode == 0, first.stderr
-    from streams.topics import CATALOGUE
+    from agentstream.streams.topics import CATALOGUE
 
     assert f"created {len(CATALOGUE)} topic(s)" in first.stdout
     second = cli(settings_env, "topics", "create")

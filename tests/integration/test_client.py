@@ -19,13 +19,13 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import MessageSizeTooLargeError
 
-import streams.client
-from infra.kafka.secured import SecuredKafka
-from schemas import AgentMessage, Event
-from streams.admin import ensure_topics
-from streams.client import Client
-from streams.errors import BrokerAuthError, BrokerError, PublishError
-from streams.settings import Settings
+import agentstream.streams.client as streams_client
+from agentstream.infra.kafka.secured import SecuredKafka
+from agentstream.schemas import AgentMessage, Event
+from agentstream.streams.admin import ensure_topics
+from agentstream.streams.client import Client
+from agentstream.streams.errors import BrokerAuthError, BrokerError, PublishError
+from agentstream.streams.settings import Settings
 from tests.support import wait_until
 
 pytestmark = pytest.mark.integration
@@ -145,7 +145,7 @@ def test_an_unknown_topic_fails_within_the_timeout(
     settings: Settings, timeout_s: float | None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # the default (10 s) made short here: what is measured is that it is used at all
-    monkeypatch.setattr(streams.client, "UNKNOWN_TOPIC_TIMEOUT_S", 2.0)
+    monkeypatch.setattr(streams_client, "UNKNOWN_TOPIC_TIMEOUT_S", 2.0)
     kw: dict[str, Any] = {} if timeout_s is None else {"timeout_s": timeout_s}
     with Client(settings) as client:
         t0 = time.monotonic()

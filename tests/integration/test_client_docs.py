@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from streams.admin import ensure_topics
-from streams.settings import Settings
+from agentstream.streams.admin import ensure_topics
+from agentstream.streams.settings import Settings
 
 pytestmark = pytest.mark.integration
 

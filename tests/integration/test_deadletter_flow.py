@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from schemas import AgentMessage, DeadLetter, Event, encode
-from streams.client import AsyncClient
-from streams.settings import Settings
+from agentstream.schemas import AgentMessage, DeadLetter, Event, encode
+from agentstream.streams.client import AsyncClient
+from agentstream.streams.settings import Settings
 from tests.support import Worker, read_topic
 
 pytestmark = pytest.mark.integration
@@ -36,7 +36,7 @@ async def test_valid_forwarded_and_bad_dead_lettered(
     settings = Settings.from_env(settings_env)
     env = {
         **settings_env,
-        "AGENTSTREAM_AGENTS": "agents.security",
+        "AGENTSTREAM_AGENTS": "security",
         "AGENTSTREAM_SECURITY_ENABLED": "false",
         "AGENTSTREAM_MAX_EVENT_BYTES": "100000",
     }

@@ -12,10 +12,10 @@ import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
-from schemas import AgentMessage, DeadLetter, Event, registry
-from streams.admin import ensure_topics
-from streams.client import AsyncClient
-from streams.settings import Settings
+from agentstream.schemas import AgentMessage, DeadLetter, Event, registry
+from agentstream.streams.admin import ensure_topics
+from agentstream.streams.client import AsyncClient
+from agentstream.streams.settings import Settings
 from tests.support import Worker, await_until, read_topic, wait_until
 
 pytestmark = pytest.mark.integration
@@ -44,7 +44,7 @@ async def test_refused_output_is_redelivered_after_restart(
     settings = Settings.from_env(settings_env)
     env = {
         **settings_env,
-        "AGENTSTREAM_AGENTS": "agents.security",
+        "AGENTSTREAM_AGENTS": "security",
         "AGENTSTREAM_SECURITY_ENABLED": "false",
     }
     await ensure_topics(settings)
@@ -117,7 +117,7 @@ async def test_a_batch_whose_processing_raised_is_not_lost(
     n = 1000
     base = {
         **settings_env,
-        "AGENTSTREAM_AGENTS": "agents.security",
+        "AGENTSTREAM_AGENTS": "security",
         "AGENTSTREAM_SECURITY_ENABLED": "false",
         "AGENTSTREAM_PROCESSING_GUARANTEE": guarantee,
         "AGENTSTREAM_BATCH_MAX": "50",

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from streams.settings import Settings
+from agentstream.streams.settings import Settings
 from tests.conftest import _free_port
 from tests.integration.test_recovery_crash import Gauge, input_id, messages, publish, use_env
 from tests.support import Worker, await_until, read_topic
@@ -38,7 +38,7 @@ async def test_exactly_once_two_workers_rebalance_mid_load_no_duplicates_no_loss
 ) -> None:
     base = {
         **settings_env,
-        "AGENTSTREAM_AGENTS": "agents.security",
+        "AGENTSTREAM_AGENTS": "security",
         "AGENTSTREAM_SECURITY_ENABLED": "false",
         "AGENTSTREAM_PROCESSING_GUARANTEE": "exactly_once",
         "AGENTSTREAM_TOPIC_PARTITIONS": "4",

@@ -8,8 +8,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from schemas import Event
-from schemas.llm import (
+from agentstream.schemas import Event
+from agentstream.schemas.llm import (
     ChatMessage,
     LLMConfig,
     LLMContext,
@@ -17,8 +17,8 @@ from schemas.llm import (
     LLMResponse,
     LLMStreamChunk,
 )
-from streams.client import AsyncClient
-from streams.settings import Settings
+from agentstream.streams.client import AsyncClient
+from agentstream.streams.settings import Settings
 from tests.support import Worker, read_topic
 
 pytestmark = pytest.mark.integration

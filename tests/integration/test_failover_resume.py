@@ -18,9 +18,9 @@ from typing import Any
 
 import pytest
 
-from schemas import AgentMessage, Event
-from streams.client import AsyncClient
-from streams.settings import Settings
+from agentstream.schemas import AgentMessage, Event
+from agentstream.streams.client import AsyncClient
+from agentstream.streams.settings import Settings
 from tests.conftest import _free_port
 from tests.support import Worker, await_until, read_topic
 
@@ -78,7 +78,7 @@ async def test_resume_after_kill(
 ) -> None:
     base = {
         **settings_env,
-        "AGENTSTREAM_AGENTS": "agents.security",
+        "AGENTSTREAM_AGENTS": "security",
         "AGENTSTREAM_SECURITY_ENABLED": "false",
         "AGENTSTREAM_TOPIC_PARTITIONS": str(PARTITIONS),
         "AGENTSTREAM_CHECKPOINT_INTERVAL_S": "3600",

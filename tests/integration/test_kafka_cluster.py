@@ -20,8 +20,8 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from infra.kafka import cluster, launcher
-from infra.kafka.cluster import ClusterConfig
+from agentstream.infra.kafka import cluster, launcher
+from agentstream.infra.kafka.cluster import ClusterConfig
 
 pytestmark = [pytest.mark.chaos_infra, pytest.mark.timeout(240)]
 

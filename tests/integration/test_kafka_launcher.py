@@ -23,8 +23,8 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from infra.kafka import launcher
-from infra.kafka.launcher import BrokerConfig, BrokerStartError
+from agentstream.infra.kafka import launcher
+from agentstream.infra.kafka.launcher import BrokerConfig, BrokerStartError
 
 
 def _free_ports(count: int) -> list[int]:

@@ -38,9 +38,9 @@ from aiokafka.errors import (
 )
 from aiokafka.helpers import create_ssl_context
 
-from infra.kafka import launcher, tls
-from infra.kafka.launcher import BrokerStartError
-from infra.kafka.secured import BROKER_PRINCIPAL, SecuredKafka
+from agentstream.infra.kafka import launcher, tls
+from agentstream.infra.kafka.launcher import BrokerStartError
+from agentstream.infra.kafka.secured import BROKER_PRINCIPAL, SecuredKafka
 
 #: A refused client must learn it within this many seconds, never hang.
 REFUSAL_BOUND_S = 10.0
@@ -188,7 +188,7 @@ def test_busy_port_is_a_clear_start_error(tmp_path: Path) -> None:
 def test_cli_reports_a_secured_broker_that_is_not_running(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from infra.kafka import __main__ as cli
+    from agentstream.infra.kafka import __main__ as cli
 
     monkeypatch.setattr(cli, "DEFAULT_SECURED_DIR", tmp_path / "secured")
     monkeypatch.setenv(cli.ENV_SECURED_PORT, "29492")

@@ -14,8 +14,8 @@ from typing import Any
 import httpx
 import pytest
 
-from schemas import Event
-from schemas.llm import (
+from agentstream.schemas import Event
+from agentstream.schemas.llm import (
     BreakerStateChanged,
     ChatMessage,
     LLMCancelRequested,
@@ -25,9 +25,9 @@ from schemas.llm import (
     LLMResponse,
     LLMStreamChunk,
 )
-from streams.audit_chain import GENESIS
-from streams.client import AsyncClient
-from streams.settings import Settings
+from agentstream.streams.audit_chain import GENESIS
+from agentstream.streams.client import AsyncClient
+from agentstream.streams.settings import Settings
 from tests.llm_server import LLMServer, Reply
 from tests.support import Follower, Worker, await_until, cli, web_tokens, web_url
 
@@ -109,7 +109,7 @@ async def test_llm_stage_end_to_end(settings_env: dict[str, str], tmp_path: Path
     )
     env = {
         **settings_env,
-        "AGENTSTREAM_AGENTS": "agents.llm",
+        "AGENTSTREAM_AGENTS": "llm",
         "AGENTSTREAM_LLM_PROVIDERS_FILE": str(providers),
         "AGENTSTREAM_LLM_MAX_ATTEMPTS": "3",
         "AGENTSTREAM_LLM_BACKOFF_BASE_S": "0.05",

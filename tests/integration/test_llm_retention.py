@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from agents.audit.rebuild import read_changelog
-from schemas import Event
-from schemas.llm import LLMCancelRequested
+from agentstream.agents.audit.rebuild import read_changelog
+from agentstream.schemas import Event
+from agentstream.schemas.llm import LLMCancelRequested
 from tests.integration.test_llm_flow import req, start_llm_worker, view
 from tests.support import assert_rebuild_equal, await_until
 
@@ -24,10 +24,10 @@ async def test_dedup_entries_expire_after_the_retention(
 ) -> None:
     env = {
         **settings_env,
-        "AGENTSTREAM_AGENTS": "agents.llm",
+        "AGENTSTREAM_AGENTS": "llm",
         "AGENTSTREAM_LLM_DEDUP_RETENTION_S": str(RETENTION_S),
     }
-    audit_env = {**env, "AGENTSTREAM_AGENTS": "agents.audit"}
+    audit_env = {**env, "AGENTSTREAM_AGENTS": "audit"}
     settings, _port, topics, worker, client = await start_llm_worker(env, tmp_path)
     try:
         k1 = req("k1", "local")

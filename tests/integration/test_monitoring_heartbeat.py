@@ -11,9 +11,9 @@ from typing import Any
 import httpx
 import pytest
 
-from schemas import AgentStatusChanged, ComponentHealthChanged, Heartbeat
-from streams.client import AsyncClient
-from streams.settings import Settings
+from agentstream.schemas import AgentStatusChanged, ComponentHealthChanged, Heartbeat
+from agentstream.streams.client import AsyncClient
+from agentstream.streams.settings import Settings
 from tests.support import (
     Follower,
     Worker,

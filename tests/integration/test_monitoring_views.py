@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from schemas import CommunicationRecord, DeadLetter, MetricSample, SystemStats
-from streams.client import AsyncClient
-from streams.settings import Settings
-from streams.tables.monitoring import split_window_key
+from agentstream.schemas import CommunicationRecord, DeadLetter, MetricSample, SystemStats
+from agentstream.streams.client import AsyncClient
+from agentstream.streams.settings import Settings
+from agentstream.streams.tables.monitoring import split_window_key
 from tests.support import (
     Worker,
     assert_rebuild_equal,

@@ -22,10 +22,10 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from schemas import AgentMessage, Event
-from streams.client import AsyncClient
-from streams.settings import Settings
-from streams.tables import digest
+from agentstream.schemas import AgentMessage, Event
+from agentstream.streams.client import AsyncClient
+from agentstream.streams.settings import Settings
+from agentstream.streams.tables import digest
 from tests.support import Worker, assert_rebuild_equal, await_until, cli, read_topic, web_tokens
 
 pytestmark = pytest.mark.integration
@@ -125,8 +125,8 @@ async def changelog_records(settings: Settings, table: str) -> dict[str, dict[in
     """{key: {changelog partition: its last committed value there}}: a key in two
     partitions is restored by whichever worker owns each, so which value wins depends on
     the assignment."""
-    from agents.audit.rebuild import changelog_topic, decode_key
-    from streams.client import group_less_consumer
+    from agentstream.agents.audit.rebuild import changelog_topic, decode_key
+    from agentstream.streams.client import group_less_consumer
 
     topic = changelog_topic(settings, table)
     consumer = group_less_consumer(settings, "diagnosis")
@@ -164,7 +164,12 @@ def _short(value: Any, limit: int = 300) -> str:
 async def describe_table(settings: Settings, name: str) -> str:
     """How the live table (its changelog) differs from its rebuild, key by key, and where
     each differing key's changelog records are."""
-    from agents.audit.rebuild import diff_keys, read_changelog, rebuild_from_history, spec_for
+    from agentstream.agents.audit.rebuild import (
+        diff_keys,
+        read_changelog,
+        rebuild_from_history,
+        spec_for,
+    )
 
     rebuilt = await rebuild_from_history(settings, spec_for(name))
     live = await read_changelog(settings, name)
@@ -222,7 +227,7 @@ async def tables_equal_rebuild(settings: Settings, last: list[Any]) -> list[Any]
     """Every registered table compared, once the audit agent's own table and every other
     table with a changelog equal their rebuild (tables without a changelog, state every
     worker folds for itself, have no live side); `last` keeps the latest comparison."""
-    from agents.audit.rebuild import compare_all
+    from agentstream.agents.audit.rebuild import compare_all
 
     results = await compare_all(settings)
     last[:] = results
@@ -300,7 +305,7 @@ async def test_exactly_once_kill9_restart_no_duplicates_tables_equal_rebuild(
         assert set(decided) == want
         assert len(decided) == len(want), f"{len(decided) - len(want)} duplicate decision(s)"
 
-        from agents.audit.rebuild import read_changelog
+        from agentstream.agents.audit.rebuild import read_changelog
 
         compared: list[Any] = []
         try:
@@ -346,8 +351,8 @@ async def test_exactly_once_kill9_restart_no_duplicates_tables_equal_rebuild(
         assert on_demand[-1]["sizes"]["accepted_by_sender"] == SENDERS
         assert any(k.startswith(accepted_topic) for k in on_demand[-1]["offsets"])
 
-        from agents.audit.verify import ChainTrust, summary, verify
-        from streams.audit_chain import load_chain_key
+        from agentstream.agents.audit.verify import ChainTrust, summary, verify
+        from agentstream.streams.audit_chain import load_chain_key
 
         # the test's keychain (settings_env) holds the worker's chain key, so its records
         # are signed: check them against that key, pinned as an auditor would (--trust-key)
@@ -368,7 +373,7 @@ async def test_two_workers_kill_one_survivor_tables_complete(
         **settings_env,
         # the audit agent alone: its table's source is fed directly (see the report for a
         # stall of enforce_policy after a rebalance that is not this test's subject)
-        "AGENTSTREAM_AGENTS": "agents.audit",
+        "AGENTSTREAM_AGENTS": "audit",
         "AGENTSTREAM_STANDBY_REPLICAS": "1",
         "AGENTSTREAM_CHECKPOINT_INTERVAL_S": "3600",
         # Faust's own env setting: a killed member leaves the group after 10 s, not 60 s
@@ -389,7 +394,7 @@ async def test_two_workers_kill_one_survivor_tables_complete(
             victim.kill()
 
         # the survivor holds every key of every table, recovered from changelog/standby
-        from agents.audit.rebuild import read_changelog, rebuild_from_history, spec_for
+        from agentstream.agents.audit.rebuild import read_changelog, rebuild_from_history, spec_for
 
         rebuilt = await rebuild_from_history(settings, spec_for("accepted_by_sender"))
 

@@ -13,9 +13,9 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 
-from schemas import AgentMessage, Event, encode
-from streams.replay import Progress, collect
-from streams.settings import Settings
+from agentstream.schemas import AgentMessage, Event, encode
+from agentstream.streams.replay import Progress, collect
+from agentstream.streams.settings import Settings
 from tests.support import cli
 
 pytestmark = pytest.mark.integration
@@ -25,7 +25,7 @@ async def test_replay_time_range_merge_filters_and_cli(
     settings_env: dict[str, str], tmp_path: Path
 ) -> None:
     settings = Settings.from_env(settings_env)
-    env = {**settings_env, "AGENTSTREAM_AGENTS": "agents.audit"}
+    env = {**settings_env, "AGENTSTREAM_AGENTS": "audit"}
     assert cli(env, "topics", "create").returncode == 0
     base = int(datetime.now(UTC).timestamp() * 1000) - 600_000  # ten minutes ago
     rng = random.Random(7)

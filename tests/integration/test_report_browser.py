@@ -13,10 +13,10 @@ from typing import Any
 import orjson
 import pytest
 
-from schemas import AgentMessage, CommunicationRecord, Event, LLMResponse
-from schemas.llm import Usage
-from streams.client import AsyncClient
-from streams.settings import Settings
+from agentstream.schemas import AgentMessage, CommunicationRecord, Event, LLMResponse
+from agentstream.schemas.llm import Usage
+from agentstream.streams.client import AsyncClient
+from agentstream.streams.settings import Settings
 from tests.support import cli
 
 pytestmark = [pytest.mark.integration, pytest.mark.browser]
@@ -105,7 +105,7 @@ async def test_report_html_renders_charts_in_chromium(
     settings_env: dict[str, str], tmp_path: Path
 ) -> None:
     settings = Settings.from_env(settings_env)
-    env = {**settings_env, "AGENTSTREAM_AGENTS": "agents.audit"}
+    env = {**settings_env, "AGENTSTREAM_AGENTS": "audit"}
     created = cli(env, "topics", "create")
     assert created.returncode == 0, created.stderr
     await seed(settings)

@@ -17,8 +17,8 @@ from aiokafka import ConsumerRecord
 from faust.transport.consumer import Consumer as FaustConsumer
 from faust.types import TP, Message
 
-from streams.app import app
-from streams.delivery import STALE_DELIVERIES, RefetchingFlowControl
+from agentstream.streams.app import app
+from agentstream.streams.delivery import STALE_DELIVERIES, RefetchingFlowControl
 from tests.support import await_until
 
 TOPIC = "redelivery.agent.messages"

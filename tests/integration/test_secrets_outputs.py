@@ -13,10 +13,10 @@ from pathlib import Path
 import orjson
 import pytest
 
-from schemas import AgentMessage, DeadLetter, Event
-from schemas.messages import AuthProof
-from streams.client import AsyncClient
-from streams.settings import Settings
+from agentstream.schemas import AgentMessage, DeadLetter, Event
+from agentstream.schemas.messages import AuthProof
+from agentstream.streams.client import AsyncClient
+from agentstream.streams.settings import Settings
 from tests.support import Worker, cli, read_topic
 
 pytestmark = pytest.mark.integration
@@ -121,7 +121,7 @@ async def test_dead_letters_keep_the_bytes_but_no_token(
     settings = Settings.from_env(settings_env)
     env = {
         **settings_env,
-        "AGENTSTREAM_AGENTS": "agents.security",
+        "AGENTSTREAM_AGENTS": "security",
         "AGENTSTREAM_SECURITY_ENABLED": "false",
     }
     escaped, in_list, deep_in_list = _secret(), _secret(), _secret()

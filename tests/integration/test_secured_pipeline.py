@@ -16,10 +16,10 @@ from typing import Any
 
 import pytest
 
-from schemas import AgentMessage, Event
-from streams.client import AsyncClient
-from streams.settings import Settings
-from streams.topics import CATALOGUE
+from agentstream.schemas import AgentMessage, Event
+from agentstream.streams.client import AsyncClient
+from agentstream.streams.settings import Settings
+from agentstream.streams.topics import CATALOGUE
 from tests.support import Worker, cli
 
 pytestmark = pytest.mark.integration
@@ -37,7 +37,7 @@ def _base_env(settings_env: dict[str, str], tmp_path: Path, kafka: Any) -> dict[
             "AGENTSTREAM_SECRET_SOURCES": "env,dir",
             "AGENTSTREAM_SECRETS_DIR": str(secrets_dir),
             "AGENTSTREAM_KAFKA_SSL_CAFILE": str(kafka.ca_file),
-            "AGENTSTREAM_AGENTS": "agents.security",
+            "AGENTSTREAM_AGENTS": "security",
             "AGENTSTREAM_SECURITY_DEFAULT_ACTION": "allow",
             # a keyring the chain must never touch: it is not in the sources
             "AGENTSTREAM_KEYRING_BACKEND": "no-such-backend",
@@ -160,7 +160,7 @@ def _refused(env: dict[str, str], *args: str) -> tuple[str, float]:
 @pytest.fixture
 def other_ca(tmp_path: Path) -> Any:
     """A CA the broker does not know."""
-    from infra.kafka import tls
+    from agentstream.infra.kafka import tls
 
     return tls.make_ca("not-the-brokers-ca")
 
@@ -191,7 +191,7 @@ def test_a_wrong_scram_password_fails_in_seconds_naming_it(
 def test_an_untrusted_broker_certificate_fails_naming_it(
     settings_env: dict[str, str], secured_kafka: Any, tmp_path: Path, other_ca: Any
 ) -> None:
-    from infra.kafka import tls
+    from agentstream.infra.kafka import tls
 
     ca_file = tmp_path / "other-ca.pem"
     tls.write_file(ca_file, other_ca.cert_pem, 0o644)
@@ -209,7 +209,7 @@ def test_an_untrusted_broker_certificate_fails_naming_it(
 def test_mtls_without_a_certificate_or_with_a_foreign_one_fails_naming_it(
     settings_env: dict[str, str], secured_kafka: Any, tmp_path: Path, other_ca: Any
 ) -> None:
-    from infra.kafka import tls
+    from agentstream.infra.kafka import tls
 
     base = _base_env(settings_env, tmp_path, secured_kafka)
     no_cert = {

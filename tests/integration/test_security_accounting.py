@@ -14,13 +14,13 @@ import httpx
 import orjson
 import pytest
 
-from agents.security.crypto import encrypt_content, new_key, sign_message
-from schemas import AgentMessage, Event, encode
-from schemas.security import AgentIdentity
-from streams.audit_chain import GENESIS
-from streams.client import AsyncClient
-from streams.credentials import KeychainCredentialsProvider
-from streams.settings import Settings
+from agentstream.agents.security.crypto import encrypt_content, new_key, sign_message
+from agentstream.schemas import AgentMessage, Event, encode
+from agentstream.schemas.security import AgentIdentity
+from agentstream.streams.audit_chain import GENESIS
+from agentstream.streams.client import AsyncClient
+from agentstream.streams.credentials import KeychainCredentialsProvider
+from agentstream.streams.settings import Settings
 from tests.support import AdminSigner, Worker, cli, read_topic, web_tokens, with_admin_key
 
 pytestmark = pytest.mark.integration
@@ -126,7 +126,7 @@ async def test_every_input_accounted_for_exactly_once(
     env = with_admin_key(
         {
             **settings_env,
-            "AGENTSTREAM_AGENTS": "agents.security",
+            "AGENTSTREAM_AGENTS": "security",
             "AGENTSTREAM_LOG_LEVEL": "WARNING",
             "AGENTSTREAM_MAX_EVENT_BYTES": str(MAX_EVENT_BYTES),
         },

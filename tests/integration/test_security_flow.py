@@ -15,14 +15,14 @@ from typing import Any
 import httpx
 import pytest
 
-from agents.security.crypto import encrypt_content, new_key, sign_message
-from schemas import AgentMessage, Event, encode, utc_now
-from schemas.messages import AuthProof
-from streams.audit_chain import GENESIS, compute_hash
-from streams.client import AsyncClient
-from streams.credentials import KeychainCredentialsProvider
-from streams.redaction import redact_raw
-from streams.settings import Settings
+from agentstream.agents.security.crypto import encrypt_content, new_key, sign_message
+from agentstream.schemas import AgentMessage, Event, encode, utc_now
+from agentstream.schemas.messages import AuthProof
+from agentstream.streams.audit_chain import GENESIS, compute_hash
+from agentstream.streams.client import AsyncClient
+from agentstream.streams.credentials import KeychainCredentialsProvider
+from agentstream.streams.redaction import redact_raw
+from agentstream.streams.settings import Settings
 from tests.support import Worker, await_until, cli, read_topic, web_tokens, with_admin_key
 
 pytestmark = pytest.mark.integration
@@ -71,7 +71,7 @@ async def test_policies_enforced_live_and_secrets_never_leave(
     token = "tok-" + secrets.token_urlsafe(24)
     # the fixture's encrypted-file keyring (tmp_path/keyring.json, holding the web tokens)
     master = settings_env["AGENTSTREAM_KEYRING_PASSWORD"]
-    env = with_admin_key({**settings_env, "AGENTSTREAM_AGENTS": "agents.security"}, tmp_path)
+    env = with_admin_key({**settings_env, "AGENTSTREAM_AGENTS": "security"}, tmp_path)
     settings = Settings.from_env(env)
     provider = KeychainCredentialsProvider(settings)
     signing_key, enc_key = new_key(), new_key()

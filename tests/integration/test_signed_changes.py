@@ -16,16 +16,16 @@ import httpx
 import orjson
 import pytest
 
-from schemas import AgentMessage, Event, encode
-from schemas.security import (
+from agentstream.schemas import AgentMessage, Event, encode
+from agentstream.schemas.security import (
     AgentIdentity,
     SecurityChangeRejected,
     SecurityConfig,
     SecurityPolicy,
     SecurityPolicyRemoved,
 )
-from streams.client import AsyncClient
-from streams.settings import Settings
+from agentstream.streams.client import AsyncClient
+from agentstream.streams.settings import Settings
 from tests.support import (
     AdminSigner,
     Follower,
@@ -71,7 +71,7 @@ def _message(mid: str, content: str) -> Event[Any]:
 async def test_forged_rule_changes_are_ignored_and_reported(
     settings_env: dict[str, str], tmp_path: Path
 ) -> None:
-    env = with_admin_key({**settings_env, "AGENTSTREAM_AGENTS": "agents.security"}, tmp_path)
+    env = with_admin_key({**settings_env, "AGENTSTREAM_AGENTS": "security"}, tmp_path)
     settings = Settings.from_env(env)
     topic = settings.topic("security.policies")
 

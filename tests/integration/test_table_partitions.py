@@ -16,11 +16,18 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from schemas import AgentMessage, CommunicationRecord, Event, Heartbeat, MetricSample, encode
-from streams.client import AsyncClient
-from streams.settings import Settings
-from streams.tables.llm import partition_of
-from streams.tables.monitoring import SEP
+from agentstream.schemas import (
+    AgentMessage,
+    CommunicationRecord,
+    Event,
+    Heartbeat,
+    MetricSample,
+    encode,
+)
+from agentstream.streams.client import AsyncClient
+from agentstream.streams.settings import Settings
+from agentstream.streams.tables.llm import partition_of
+from agentstream.streams.tables.monitoring import SEP
 from tests.support import Worker, await_until, read_topic
 
 pytestmark = pytest.mark.integration
@@ -171,9 +178,9 @@ async def test_changelog_partition_is_the_input_partition(
             assert inputs["accepted_by_sender"][name] == {want}
         assert len(used) > 1, "every name hashed to one partition: the test proves little"
 
-        import agents.audit.activity  # noqa: F401  (registers its table's spec)
-        import streams.tables.security  # noqa: F401
-        from agents.audit.rebuild import compare_all
+        import agentstream.agents.audit.activity
+        import agentstream.streams.tables.security  # noqa: F401
+        from agentstream.agents.audit.rebuild import compare_all
 
         last: list[Any] = []
 

@@ -18,11 +18,16 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError
 
-from infra.kafka import launcher
-from infra.kafka.cluster import PORTS_PER_NODE, free_port_block
-from infra.toxiproxy.client import Toxiproxy
-from infra.toxiproxy.kafka import ProxiedKafka, broker_behind_proxy, stop_behind_proxy
-from infra.toxiproxy.server import TOXIPROXY_VERSION, ServerConfig, start_server, stop_server
+from agentstream.infra.kafka import launcher
+from agentstream.infra.kafka.cluster import PORTS_PER_NODE, free_port_block
+from agentstream.infra.toxiproxy.client import Toxiproxy
+from agentstream.infra.toxiproxy.kafka import ProxiedKafka, broker_behind_proxy, stop_behind_proxy
+from agentstream.infra.toxiproxy.server import (
+    TOXIPROXY_VERSION,
+    ServerConfig,
+    start_server,
+    stop_server,
+)
 
 pytestmark = [pytest.mark.chaos_infra, pytest.mark.timeout(180)]
 

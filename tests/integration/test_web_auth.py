@@ -19,11 +19,11 @@ from typing import Any
 import httpx
 import pytest
 
-from schemas import Heartbeat, utc_now
-from streams.client import AsyncClient
-from streams.credentials import KeychainCredentialsProvider
-from streams.settings import Settings
-from streams.web_auth import CLUSTER_ENTRY, INDEX_ENTRY
+from agentstream.schemas import Heartbeat, utc_now
+from agentstream.streams.client import AsyncClient
+from agentstream.streams.credentials import KeychainCredentialsProvider
+from agentstream.streams.settings import Settings
+from agentstream.streams.web_auth import CLUSTER_ENTRY, INDEX_ENTRY
 from tests.conftest import _free_port
 from tests.integration.test_web_cluster import spread
 from tests.support import (
@@ -80,7 +80,7 @@ ATTACKS = [
 
 ROUTES_SCRIPT = """
 import json
-from streams.app import app
+from agentstream.streams.app import app
 app.discover()
 app.web.init_server()
 routes = app.web.web_app.router.routes()
@@ -144,7 +144,7 @@ POLICY = (
 async def test_every_route_needs_a_token_and_scopes_hold(
     settings_env: dict[str, str], tmp_path: Path
 ) -> None:
-    env = with_admin_key({**settings_env, "AGENTSTREAM_AGENTS": "agents"}, tmp_path)
+    env = with_admin_key({**settings_env, "AGENTSTREAM_AGENTS": "all"}, tmp_path)
     tokens = web_tokens(env)
     routes = registered_routes(env)
     assert set(routes) >= KNOWN, sorted(KNOWN - set(routes))
@@ -347,7 +347,7 @@ async def test_forwarded_lookups_carry_the_cluster_token(
     it fails with a reason instead."""
     base = {
         **settings_env,
-        "AGENTSTREAM_AGENTS": "agents.heartbeat",
+        "AGENTSTREAM_AGENTS": "heartbeat",
         "AGENTSTREAM_TOPIC_PARTITIONS": "2",
         "AGENTSTREAM_HEARTBEAT_TIMEOUT_S": "3600",
     }
@@ -449,7 +449,7 @@ async def test_chromium_without_a_token_sees_the_401_json(
     from tests.integration.test_report_browser import CHROMIUM, chromium
 
     assert shutil.which(CHROMIUM), "chromium is missing (apt-get install -y chromium)"
-    env = {**settings_env, "AGENTSTREAM_AGENTS": "agents.health"}
+    env = {**settings_env, "AGENTSTREAM_AGENTS": "health"}
     worker = Worker(env, tmp_path / "worker.log")
     await asyncio.to_thread(worker.start)
     try:

@@ -1,6 +1,6 @@
 """The views stay authenticated however the app is started: `agentstream worker`
 installs the middleware, and so does the app itself at its first start — a worker run
-as `faust -A streams.app worker` once served every view to anyone."""
+as `faust -A agentstream.streams.app worker` once served every view to anyone."""
 
 from __future__ import annotations
 
@@ -19,11 +19,11 @@ pytestmark = pytest.mark.integration
 def test_faust_s_own_entry_point_serves_no_view_without_a_token(
     settings_env: dict[str, str], tmp_path: Path
 ) -> None:
-    env = {**settings_env, "AGENTSTREAM_AGENTS": "agents.health"}
+    env = {**settings_env, "AGENTSTREAM_AGENTS": "health"}
     tokens = web_tokens(env)
     log = (tmp_path / "worker.log").open("wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "faust", "-A", "streams.app", "worker", "-l", "info"],
+        [sys.executable, "-m", "faust", "-A", "agentstream.streams.app", "worker", "-l", "info"],
         env=env,
         cwd=REPO,
         stdout=log,

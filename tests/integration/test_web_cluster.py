@@ -13,11 +13,11 @@ from typing import Any
 import httpx
 import pytest
 
-from schemas import CommunicationRecord, Heartbeat, MetricSample
-from schemas.llm import ChatMessage, LLMConfig, LLMContext, LLMRequest
-from streams.client import AsyncClient
-from streams.settings import Settings
-from streams.tables.llm import partition_of
+from agentstream.schemas import CommunicationRecord, Heartbeat, MetricSample
+from agentstream.schemas.llm import ChatMessage, LLMConfig, LLMContext, LLMRequest
+from agentstream.streams.client import AsyncClient
+from agentstream.streams.settings import Settings
+from agentstream.streams.tables.llm import partition_of
 from tests.support import Worker, await_until, web_tokens
 
 pytestmark = pytest.mark.integration
@@ -226,7 +226,7 @@ async def test_two_workers_advertising_one_url_say_so_instead_of_answering_wrong
     does not hold: Faust's assignment map collapses the two into one entry."""
     shared = f"http://127.0.0.1:{settings_env['AGENTSTREAM_WEB_PORT']}"
     settings, urls, w1, w2 = await two_workers(
-        settings_env, tmp_path, "agents.heartbeat", AGENTSTREAM_WEB_ADVERTISED_URL=shared
+        settings_env, tmp_path, "heartbeat", AGENTSTREAM_WEB_ADVERTISED_URL=shared
     )
     http = httpx.AsyncClient(timeout=10, headers=web_tokens(settings_env).headers())
     try:

@@ -15,9 +15,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agents.security.crypto import encrypt_content, new_key, sign_message
-from agents.security.identity import Identity, IdentityRegistry
-from agents.security.policy import (
+from agentstream.agents.security.crypto import encrypt_content, new_key, sign_message
+from agentstream.agents.security.identity import Identity, IdentityRegistry
+from agentstream.agents.security.policy import (
     CompiledPolicy,
     Context,
     Evaluation,
@@ -28,10 +28,10 @@ from agents.security.policy import (
     evaluate,
     masked_copy,
 )
-from schemas import Event, encode, registry
-from schemas.errors import SchemaError
-from schemas.messages import AgentMessage, AuthProof
-from schemas.security import AgentIdentity, SecurityConfig, SecurityPolicy, Verdict
+from agentstream.schemas import Event, encode, registry
+from agentstream.schemas.errors import SchemaError
+from agentstream.schemas.messages import AgentMessage, AuthProof
+from agentstream.schemas.security import AgentIdentity, SecurityConfig, SecurityPolicy, Verdict
 
 INTERN_KEY = new_key()
 PLANNER_KEY = new_key()
@@ -294,7 +294,7 @@ def test_content_over_the_limit_is_denied_without_scanning() -> None:
 
 
 def test_metadata_nested_too_deep_is_refused_by_the_schema() -> None:
-    from schemas import Event, encode
+    from agentstream.schemas import Event, encode
 
     deep: dict[str, Any] = {}
     node = deep
@@ -399,8 +399,8 @@ def test_the_direct_field_list_is_the_normaliser_s(
     text: str, ident: str, fields: list[str], fold: bool
 ) -> None:
     """Messages without metadata skip the walk (`policy._fields`): same fields, same text."""
-    from agents.security.normalize import scanned_fields
-    from agents.security.policy import _UNSCANNED, _fields
+    from agentstream.agents.security.normalize import scanned_fields
+    from agentstream.agents.security.policy import _UNSCANNED, _fields
 
     msg = _msg(text, message_id=ident, recipient_id=ident + "r", content_type=text[:100] or "x")
     view = (tuple(f for f in ("content", "metadata", "content_type", "ids") if f in fields), fold)

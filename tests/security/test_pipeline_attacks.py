@@ -14,13 +14,13 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import murmur2
 
-from agents.security.crypto import new_key, sign_message
-from schemas import AgentMessage, Event, encode, utc_now
-from schemas.security import AgentIdentity, SecurityConfig, SecurityPolicy
-from streams.admin import ensure_topics
-from streams.credentials import KeychainCredentialsProvider
-from streams.settings import Settings
-from streams.topics import SECURITY_IDENTITIES, SECURITY_POLICIES
+from agentstream.agents.security.crypto import new_key, sign_message
+from agentstream.schemas import AgentMessage, Event, encode, utc_now
+from agentstream.schemas.security import AgentIdentity, SecurityConfig, SecurityPolicy
+from agentstream.streams.admin import ensure_topics
+from agentstream.streams.credentials import KeychainCredentialsProvider
+from agentstream.streams.settings import Settings
+from agentstream.streams.topics import SECURITY_IDENTITIES, SECURITY_POLICIES
 from tests.support import AdminSigner, Worker, read_topic, with_admin_key
 
 pytestmark = pytest.mark.integration
@@ -38,9 +38,7 @@ async def test_spoofed_roles_replays_and_stale_signatures_are_denied(
     settings_env: dict[str, str], tmp_path: Path
 ) -> None:
     signer = AdminSigner()
-    env = with_admin_key(
-        {**settings_env, "AGENTSTREAM_AGENTS": "agents.security"}, tmp_path, signer
-    )
+    env = with_admin_key({**settings_env, "AGENTSTREAM_AGENTS": "security"}, tmp_path, signer)
     settings = Settings.from_env(env)
     intern_key, planner_key = new_key(), new_key()
     provider = KeychainCredentialsProvider(settings)

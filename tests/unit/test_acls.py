@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from streams.acls import (
+from agentstream.streams.acls import (
     CLUSTER,
     MUTATING,
     POLICY_CLI_TRANSACTIONAL_PREFIX,
@@ -26,8 +26,8 @@ from streams.acls import (
     render,
     role_acls,
 )
-from streams.eos import transactional_id_for
-from streams.topics import (
+from agentstream.streams.eos import transactional_id_for
+from agentstream.streams.topics import (
     AGENT_MESSAGES,
     AGENT_MESSAGES_REJECTED,
     CATALOGUE,
@@ -131,7 +131,7 @@ def test_operator_sees_every_catalogue_topic() -> None:
 
 
 def test_operator_transactions_are_the_policy_clis() -> None:
-    from agents.security.cli import SOURCE
+    from agentstream.agents.security.cli import SOURCE
 
     operator = acls("operator")
     tid = f"{SOURCE}-0123456789abcdef"
@@ -173,7 +173,7 @@ def test_worker_faust_internals_follow_the_app_id() -> None:
 def test_worker_reads_what_its_agents_subscribe_to_and_tables_are_under_the_app_id() -> None:
     """The model against the real app: every topic an agent consumes is readable, and every
     table changelog is in the worker's prefixed grant."""
-    from streams.app import app, settings
+    from agentstream.streams.app import app, settings
 
     app.discover()
     scope = AclScope(topic_prefix=settings.topic_prefix, app_id=settings.app_id)
@@ -308,9 +308,9 @@ def test_render_round_trips_through_a_shell_parse() -> None:
 
 # -- the command ---------------------------------------------------------------------------
 def _cli(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
-    from streams.cli import acls as _  # noqa: F401 - registers the command
-    from streams.cli import cli
-    from streams.settings import get_settings
+    from agentstream.streams.cli import acls as _  # noqa: F401 - registers the command
+    from agentstream.streams.cli import cli
+    from agentstream.streams.settings import get_settings
 
     get_settings.cache_clear()
     try:

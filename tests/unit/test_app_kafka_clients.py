@@ -11,8 +11,8 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
-from streams.app import create_app
-from streams.settings import Settings
+from agentstream.streams.app import create_app
+from agentstream.streams.settings import Settings
 
 
 def _settings(tmp_path: Path, **env: str) -> Settings:
@@ -84,7 +84,7 @@ def test_advertised_web_url(tmp_path: Path) -> None:
 def test_advertised_web_url_is_https_when_the_views_serve_tls(tmp_path: Path) -> None:
     """A worker serving HTTPS must be reached over HTTPS by the others' forwarded
     lookups: Faust's default canonical URL says http."""
-    from infra.kafka import tls
+    from agentstream.infra.kafka import tls
 
     pair = tls.make_cert(tls.make_ca(), "worker-1", ["127.0.0.1"])
     cert, key = tmp_path / "web.pem", tmp_path / "web.key"

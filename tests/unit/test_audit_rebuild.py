@@ -5,12 +5,12 @@ from __future__ import annotations
 from collections import namedtuple
 from typing import Any
 
-from agents.audit.activity import SPEC, apply_accepted
-from agents.audit.checkpoints import snapshot
-from agents.audit.rebuild import _fold_into, decode_key, diff_keys
-from schemas import AgentMessage, Event
-from streams.app import settings
-from streams.tables import digest, rebuild
+from agentstream.agents.audit.activity import SPEC, apply_accepted
+from agentstream.agents.audit.checkpoints import snapshot
+from agentstream.agents.audit.rebuild import _fold_into, decode_key, diff_keys
+from agentstream.schemas import AgentMessage, Event
+from agentstream.streams.app import settings
+from agentstream.streams.tables import digest, rebuild
 
 TP = namedtuple("TP", "topic partition")
 

@@ -7,15 +7,15 @@ import re
 from datetime import UTC, datetime
 from typing import Any
 
-from agents.audit.report import ReportBuilder, bar_chart, render_html
-from schemas import (
+from agentstream.agents.audit.report import ReportBuilder, bar_chart, render_html
+from agentstream.schemas import (
     AgentMessage,
     AgentStatusChanged,
     CommunicationRecord,
     Event,
     LLMResponse,
 )
-from schemas.llm import Usage
+from agentstream.schemas.llm import Usage
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from agents.audit.verify import ChainRecord, chain_record, check_chain
-from schemas import Event, PolicyDecision, encode
-from schemas.security import Verdict
-from streams.audit_chain import GENESIS, seal
+from agentstream.agents.audit.verify import ChainRecord, chain_record, check_chain
+from agentstream.schemas import Event, PolicyDecision, encode
+from agentstream.schemas.security import Verdict
+from agentstream.streams.audit_chain import GENESIS, seal
 
 
 def decision(i: int) -> Event[PolicyDecision]:

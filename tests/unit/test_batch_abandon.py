@@ -11,8 +11,13 @@ from typing import Any
 
 import pytest
 
-import streams.processing as processing
-from streams.processing import BatchAbandoned, abandon_open_batch, decoded_batches, event_batches
+import agentstream.streams.processing as processing
+from agentstream.streams.processing import (
+    BatchAbandoned,
+    abandon_open_batch,
+    decoded_batches,
+    event_batches,
+)
 from tests.unit.test_decoded_batches import Gate, message
 from tests.unit.test_event_batches import App, Ev, Msg, Stream, events
 

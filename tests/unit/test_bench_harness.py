@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from agentstream.schemas import AgentMessage, registry
 from bench.__main__ import discover, parse_args, ratios
 from bench.context import BenchContext, BenchError, Throughput
-from schemas import AgentMessage, registry
 
 
 def test_defaults_match_the_issue() -> None:

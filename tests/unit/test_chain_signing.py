@@ -13,12 +13,12 @@ from typing import Any
 import orjson
 import pytest
 
-from agents.audit.verify import ChainTrust, chain_record, check_chain
-from agents.security.decisions import seal_record
-from schemas import Event, PolicyDecision, encode, registry
-from schemas.security import Verdict
-from streams import audit_chain, signing
-from streams.audit_chain import (
+from agentstream.agents.audit.verify import ChainTrust, chain_record, check_chain
+from agentstream.agents.security.decisions import seal_record
+from agentstream.schemas import Event, PolicyDecision, encode, registry
+from agentstream.schemas.security import Verdict
+from agentstream.streams import audit_chain, signing
+from agentstream.streams.audit_chain import (
     GENESIS,
     ChainSigner,
     _HeadScan,
@@ -27,8 +27,8 @@ from streams.audit_chain import (
     record_hash,
     seal,
 )
-from streams.credentials import KeychainCredentialsProvider
-from streams.settings import Settings
+from agentstream.streams.credentials import KeychainCredentialsProvider
+from agentstream.streams.settings import Settings
 
 
 def signer(key_id: str = "worker") -> ChainSigner:

@@ -8,8 +8,8 @@ import time
 
 import orjson
 
-from schemas import Event, encode
-from schemas.llm import ErrorInfo, LLMResponse
+from agentstream.schemas import Event, encode
+from agentstream.schemas.llm import ErrorInfo, LLMResponse
 from tests.chaos.checker import (
     AT_LEAST_ONCE,
     EXACTLY_ONCE,

@@ -2,7 +2,7 @@
 the README documents (1 rejected input or pipeline error, 2 usage or configuration), and
 never a traceback. `--help` needs no settings and touches nothing.
 
-The CLI runs as a subprocess (`python -m streams`), as a user runs it, in a directory and
+The CLI runs as a subprocess (`python -m agentstream`), as a user runs it, in a directory and
 HOME of its own, pointed at a local port where no broker listens.
 """
 
@@ -280,7 +280,7 @@ def agentstream(
     args: tuple[str, ...], env: dict[str, str], cwd: Path, stdin: str = ""
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "streams", *args],
+        [sys.executable, "-m", "agentstream", *args],
         env=env,
         cwd=cwd,
         input=stdin,
@@ -397,9 +397,9 @@ def test_worker_help_is_fausts_worker_help(tmp_path: Path) -> None:
 def test_an_unreachable_broker_error_says_what_to_do() -> None:
     from aiokafka.errors import KafkaConnectionError
 
-    from streams.cli import error_text
-    from streams.kafka_security import connect_error
-    from streams.settings import Settings
+    from agentstream.streams.cli import error_text
+    from agentstream.streams.kafka_security import connect_error
+    from agentstream.streams.settings import Settings
 
     port = closed_port()
     local = Settings.from_env({"AGENTSTREAM_KAFKA_PORT": str(port)})
@@ -414,8 +414,8 @@ def test_an_unreachable_broker_error_says_what_to_do() -> None:
 
 
 def test_other_pipeline_errors_keep_their_class_and_message() -> None:
-    from streams.cli import error_text
-    from streams.errors import BrokerAuthError, BrokerError
+    from agentstream.streams.cli import error_text
+    from agentstream.streams.errors import BrokerAuthError, BrokerError
 
     assert error_text(BrokerAuthError("refused")) == "BrokerAuthError: refused"
     assert error_text(BrokerError("topic x does not exist")) == (
@@ -426,8 +426,8 @@ def test_other_pipeline_errors_keep_their_class_and_message() -> None:
 def test_settings_errors_exit_2_one_error_line_each() -> None:
     from click.testing import CliRunner
 
-    from streams.cli import pipeline_error
-    from streams.settings import Settings, SettingsError
+    from agentstream.streams.cli import pipeline_error
+    from agentstream.streams.settings import Settings, SettingsError
 
     with pytest.raises(SettingsError) as info:
         Settings.from_env({"AGENTSTREAM_WEB_PORT": "x", "AGENTSTREAM_BATCH_MAX": "0"})
@@ -447,8 +447,8 @@ def test_settings_errors_exit_2_one_error_line_each() -> None:
 
 
 def test_missing_files_are_named_with_their_variable(tmp_path: Path) -> None:
-    from streams.cli import missing_files
-    from streams.settings import Settings
+    from agentstream.streams.cli import missing_files
+    from agentstream.streams.settings import Settings
 
     (tmp_path / "ca.pem").write_text("")
     settings = Settings.from_env(
@@ -464,8 +464,8 @@ def test_missing_files_are_named_with_their_variable(tmp_path: Path) -> None:
 
 
 def test_faust_log_levels() -> None:
-    from streams.cli import ConfigError
-    from streams.cli.core import faust_loglevel
+    from agentstream.streams.cli import ConfigError
+    from agentstream.streams.cli.core import faust_loglevel
 
     assert faust_loglevel("WARNING") == "warn"  # the default, which Faust refuses as is
     assert faust_loglevel("critical") == "crit"
@@ -475,7 +475,7 @@ def test_faust_log_levels() -> None:
 
 
 def test_worker_options_are_checked_without_an_app() -> None:
-    from streams.cli.core import check_worker_args
+    from agentstream.streams.cli.core import check_worker_args
 
     check_worker_args(["-l", "info", "--web-port", "6067", "--without-web"])
     with pytest.raises(click.BadParameter, match="'http' is not a valid range"):
@@ -485,7 +485,7 @@ def test_worker_options_are_checked_without_an_app() -> None:
 
 
 def test_check_topic() -> None:
-    from streams.cli.core import check_topic
+    from agentstream.streams.cli.core import check_topic
 
     assert check_topic("agent.messages") == "agent.messages"
     assert check_topic("stg.agent.messages", "stg.") == "agent.messages"
@@ -498,16 +498,16 @@ def test_check_topic() -> None:
 def test_the_command_tree_needs_no_app() -> None:
     """Agent commands live in modules named `cli`: the tree built from those alone is the
     one a full autodiscovery gives."""
-    from streams.cli import cli, command_modules, load_commands
+    from agentstream.streams.cli import cli, command_modules, load_commands
 
-    assert command_modules("agents") == [
-        "agents.audit.cli",
-        "agents.comms.cli",
-        "agents.heartbeat.cli",
-        "agents.llm.cli",
-        "agents.security.cli",
+    assert command_modules("agentstream.agents") == [
+        "agentstream.agents.audit.cli",
+        "agentstream.agents.comms.cli",
+        "agentstream.agents.heartbeat.cli",
+        "agentstream.agents.llm.cli",
+        "agentstream.agents.security.cli",
     ]
-    assert command_modules("agents.security") == ["agents.security.cli"]
+    assert command_modules("agentstream.agents.security") == ["agentstream.agents.security.cli"]
     load_commands({})
 
     def tree(group: click.Group) -> set[str]:
@@ -519,7 +519,7 @@ def test_the_command_tree_needs_no_app() -> None:
         return names
 
     before = tree(cli)
-    from streams.app import app
+    from agentstream.streams.app import app
 
     app.discover()
     assert tree(cli) == before
@@ -527,7 +527,7 @@ def test_the_command_tree_needs_no_app() -> None:
 
 
 def test_policy_file_errors_name_the_file_and_line() -> None:
-    from agents.security.cli import PolicyFileError, parse_policy_file
+    from agentstream.agents.security.cli import PolicyFileError, parse_policy_file
 
     with pytest.raises(PolicyFileError, match=r"^p\.yaml, line 3, column 6: not YAML or JSON"):
         parse_policy_file("policy_id: a\nlevel: x\n  bad: y\n", "p.yaml")
@@ -542,9 +542,9 @@ def test_fold_topic_names_a_broker_failure_and_stops_its_consumer(
 ) -> None:
     from aiokafka.errors import KafkaConnectionError
 
-    from agents.security import store
-    from streams.errors import BrokerError
-    from streams.settings import Settings
+    from agentstream.agents.security import store
+    from agentstream.streams.errors import BrokerError
+    from agentstream.streams.settings import Settings
 
     class Consumer:
         stopped = False
@@ -574,10 +574,11 @@ def test_fold_topic_names_a_broker_failure_and_stops_its_consumer(
 
 
 def test_importing_the_app_with_bad_settings_is_the_same_error_lines(tmp_path: Path) -> None:
-    """`faust -A streams.app worker` imports the app itself: no traceback there either."""
+    """`faust -A agentstream.streams.app worker` imports the app itself: no traceback there
+    either."""
     env = {**base_env(tmp_path, "127.0.0.1:1"), "AGENTSTREAM_WEB_PORT": "http"}
     res = subprocess.run(
-        [sys.executable, "-c", "import streams.app"],
+        [sys.executable, "-c", "import agentstream.streams.app"],
         env={**env, "AGENTSTREAM_TOPIC_PARTITIONS": "0"},
         cwd=tmp_path,
         capture_output=True,

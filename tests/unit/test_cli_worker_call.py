@@ -13,12 +13,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from click.testing import CliRunner
 
-import agents.comms.cli
-import agents.heartbeat.cli
-from streams.cli import cli
-from streams.settings import get_settings
+import agentstream.agents.comms.cli as comms_cli
+import agentstream.agents.heartbeat.cli as heartbeat_cli
+from agentstream.streams.cli import cli
+from agentstream.streams.settings import get_settings
 
-COMMANDS = (agents.comms.cli, agents.heartbeat.cli)  # imported: they register `comms`, `agents`
+COMMANDS = (comms_cli, heartbeat_cli)  # imported: they register `comms`, `agents`
 ROW = {"agent_id": "a1", "status": "up", "last_heartbeat_at": None, "missed_beats": 0}
 
 

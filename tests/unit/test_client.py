@@ -25,10 +25,10 @@ from aiokafka.errors import (
     UnknownTopicOrPartitionError,
 )
 
-import streams.errors
-from schemas import AgentMessage
-from schemas.errors import PipelineError
-from streams.client import (
+import agentstream.streams.errors as streams_errors
+from agentstream.schemas import AgentMessage
+from agentstream.schemas.errors import PipelineError
+from agentstream.streams.client import (
     AsyncClient,
     Client,
     Subscription,
@@ -36,9 +36,9 @@ from streams.client import (
     _partitions,
     client_settings,
 )
-from streams.errors import BrokerError, CredentialsError, PublishError
-from streams.kafka_security import Producer, resolve
-from streams.settings import Settings, SettingsError
+from agentstream.streams.errors import BrokerError, CredentialsError, PublishError
+from agentstream.streams.kafka_security import Producer, resolve
+from agentstream.streams.settings import Settings, SettingsError
 
 REPO = Path(__file__).resolve().parents[2]
 PASSWORD = "pw-7f3c-never-printed"
@@ -256,9 +256,9 @@ def test_publish_error_retriable_can_be_said() -> None:
 
 
 def test_the_error_tree_draws_publish_error() -> None:
-    assert streams.errors.__doc__ is not None
-    assert "├── PublishError" in streams.errors.__doc__
-    assert "PublishError" in streams.errors.__all__
+    assert streams_errors.__doc__ is not None
+    assert "├── PublishError" in streams_errors.__doc__
+    assert "PublishError" in streams_errors.__all__
 
 
 class FakeProducer:
@@ -551,12 +551,12 @@ async def test_an_unknown_topic_fails_after_the_given_timeout() -> None:
 
 
 # -- py.typed ------------------------------------------------------------------------------
-@pytest.mark.parametrize("package", ["schemas", "streams"])
-def test_the_packages_ship_py_typed(package: str) -> None:
-    assert importlib.resources.files(package).joinpath("py.typed").is_file()
+def test_the_package_ships_py_typed() -> None:
+    # PEP 561: one marker at the top of the package covers its subpackages
+    assert importlib.resources.files("agentstream").joinpath("py.typed").is_file()
     config = tomllib.loads((REPO / "pyproject.toml").read_text())
     package_data = config["tool"]["setuptools"]["package-data"]
-    assert "py.typed" in package_data[package]
+    assert "py.typed" in package_data["agentstream"]
 
 
 def test_a_subscription_waiting_in_another_thread_ends_when_the_client_stops() -> None:

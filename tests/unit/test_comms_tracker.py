@@ -7,10 +7,10 @@ from datetime import UTC, datetime
 import pytest
 from pydantic import ValidationError
 
-from agents.comms.tracker import COMM_KINDS, counts, fold_record, query
-from schemas import CommunicationRecord, Event
-from streams.tables import TableSpec, digest, rebuild
-from streams.tables.monitoring import make_comms_fold
+from agentstream.agents.comms.tracker import COMM_KINDS, counts, fold_record, query
+from agentstream.schemas import CommunicationRecord, Event
+from agentstream.streams.tables import TableSpec, digest, rebuild
+from agentstream.streams.tables.monitoring import make_comms_fold
 
 RET = 100.0
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from infra.kafka import launcher
+from agentstream.infra.kafka import launcher
 
 COMPOSE_FILE = Path(__file__).resolve().parents[2] / "docker-compose.kafka.yml"
 REPLICATED = ("kafka-1", "kafka-2", "kafka-3")

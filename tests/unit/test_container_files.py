@@ -16,7 +16,7 @@ or starts a container. What is checked instead, from the files themselves:
   SCRAM-SHA-512 as a user the brokers create, gets every secret as a compose secret (no
   environment value looks like one), and has a stable identity of its own (group instance
   id, advertised URL, chain key); every AGENTSTREAM_* variable is a real setting (a typo
-  fails here); the secrets are the files `python -m infra.compose init` makes.
+  fails here); the secrets are the files `python -m agentstream.infra.compose init` makes.
 * **infra/prometheus/prometheus.cluster.yml**: every worker is a target, and scrapes
   carry the token compose mounts.
 * **infra/compose**: `init`/`check` (certificates name the broker hosts, key stores open,
@@ -54,9 +54,9 @@ import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import pkcs12
 
-from infra.compose import healthcheck, material
-from infra.kafka import launcher
-from streams.settings import Settings
+from agentstream.infra.compose import healthcheck, material
+from agentstream.infra.kafka import launcher
+from agentstream.streams.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
 DOCKERFILE = REPO / "Dockerfile"
@@ -187,6 +187,17 @@ def build_and_runtime() -> tuple[Stage, Stage]:
 def project_packages() -> set[str]:
     patterns = PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"]
     return {p.rstrip("*").rstrip(".") for p in patterns}
+
+
+def package_folders() -> set[str]:
+    """The folders the wheel is built from: the packages, and the repository folders
+    their symlinked subpackages point at (agentstream/streams -> ../streams ...)."""
+    folders = set(project_packages())
+    for package in project_packages():
+        for entry in (REPO / package).iterdir():
+            if entry.is_symlink():
+                folders.add(entry.resolve().relative_to(REPO).as_posix())
+    return folders
 
 
 def runtime_env() -> dict[str, str]:
@@ -347,7 +358,7 @@ def test_build_stage_copies_exactly_what_the_wheel_is_made_of() -> None:
         PYPROJECT["project"]["readme"],
         *PYPROJECT["project"].get("license-files", []),
         "constraints.txt",  # the image gets the tested versions, as `make install` does
-        *project_packages(),
+        *package_folders(),
     }
     assert copied == expected
     assert not build.all("ADD")
@@ -473,8 +484,13 @@ def test_wheel_builds_from_what_the_build_stage_copies(tmp_path: Path) -> None:
     for ins in build.all("COPY"):
         for source in ins.words()[:-1]:
             path = REPO / source.rstrip("/")
-            if path.is_dir():
-                shutil.copytree(path, src / path.name, ignore=shutil.ignore_patterns("__pycache__"))
+            if path.is_dir():  # symlinks kept, as COPY keeps them
+                shutil.copytree(
+                    path,
+                    src / path.name,
+                    symlinks=True,
+                    ignore=shutil.ignore_patterns("__pycache__"),
+                )
             else:
                 shutil.copy2(path, src / path.name)
     out = tmp_path / "wheels"
@@ -488,13 +504,21 @@ def test_wheel_builds_from_what_the_build_stage_copies(tmp_path: Path) -> None:
     (wheel,) = out.glob("agentstream-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     tops = {n.split("/")[0] for n in names}
-    assert project_packages() <= tops
-    assert not {"tests", "var", "docs"} & tops
-    assert "infra/compose/healthcheck.py" in names
-    assert "streams/__main__.py" in names
+    assert tops - {n for n in tops if n.endswith(".dist-info")} == {"agentstream"}
+    assert "agentstream/infra/compose/healthcheck.py" in names
+    assert "agentstream/streams/__main__.py" in names
+    # what the installed code reads besides Python (`agentstream kafka start`, monitoring)
+    assert {
+        "agentstream/py.typed",
+        "agentstream/infra/kafka/pom.xml",
+        "agentstream/infra/kafka/log4j.properties",
+        "agentstream/infra/kafka/log4j2.properties",
+        "agentstream/infra/prometheus/prometheus.yml",
+        "agentstream/infra/grafana/dashboards/agentstream.json",
+    } <= set(names)
     (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
     text = zipfile.ZipFile(wheel).read(entry_points).decode()
-    assert "agentstream = streams.__main__:main" in text
+    assert "agentstream = agentstream.streams.__main__:main" in text
 
 
 # == compose: profile "cluster" ==========================================================

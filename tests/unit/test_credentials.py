@@ -14,14 +14,14 @@ from click.testing import CliRunner
 from keyring.backends import fail, null
 from keyrings.alt.file import PlaintextKeyring
 
-from streams.credentials import (
+from agentstream.streams.credentials import (
     EncryptedFileKeyring,
     KeychainCredentialsProvider,
     mask,
     resolve_backend,
 )
-from streams.errors import CredentialsError
-from streams.settings import Settings, get_settings
+from agentstream.streams.errors import CredentialsError
+from agentstream.streams.settings import Settings, get_settings
 
 TOKEN = "tok-0123456789abcdef-secret"
 
@@ -176,8 +176,8 @@ def test_mask_hides_all_but_the_tail() -> None:
 def test_cli_set_get_delete_masks_unless_revealed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from streams.cli import cli
-    from streams.cli import credentials as _commands  # noqa: F401 - registers the group
+    from agentstream.streams.cli import cli
+    from agentstream.streams.cli import credentials as _commands  # noqa: F401 - registers the group
 
     for key, value in {
         "AGENTSTREAM_KEYRING_BACKEND": "encrypted-file",

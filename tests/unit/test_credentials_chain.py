@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from streams.credentials import (
+from agentstream.streams.credentials import (
     KeychainCredentialsProvider,
     secret_env_name,
 )
-from streams.errors import CredentialsError
-from streams.settings import Settings, SettingsError
+from agentstream.streams.errors import CredentialsError
+from agentstream.streams.settings import Settings, SettingsError
 
 
 def _provider(tmp_path: Path, sources: str, **env: str) -> KeychainCredentialsProvider:

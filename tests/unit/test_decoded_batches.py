@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-import streams.processing as processing
-from schemas import AgentMessage, Event, encode
-from streams.processing import Inbound, decoded_batches
+import agentstream.streams.processing as processing
+from agentstream.schemas import AgentMessage, Event, encode
+from agentstream.streams.processing import Inbound, decoded_batches
 from tests.unit.test_event_batches import App, Ev, Msg, Stream
 
 

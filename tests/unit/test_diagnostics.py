@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from streams.diagnostics import MARK, await_chain, dump_tasks
+from agentstream.streams.diagnostics import MARK, await_chain, dump_tasks
 
 
 async def inner(fut: asyncio.Future[None]) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from streams.eos import SOURCE, CommitGate, transactional_id_for
+from agentstream.streams.eos import SOURCE, CommitGate, transactional_id_for
 
 
 async def test_commit_waits_for_batches_in_progress_and_new_batches_wait_for_it() -> None:

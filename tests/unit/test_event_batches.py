@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from streams.delivery import STALE_DELIVERIES
-from streams.processing import event_batches
+from agentstream.streams.delivery import STALE_DELIVERIES
+from agentstream.streams.processing import event_batches
 
 
 @dataclass(eq=False)

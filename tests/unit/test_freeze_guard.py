@@ -13,9 +13,9 @@ from collections.abc import Iterator
 
 import pytest
 
-import streams.processing as processing
-from streams.audit_chain import ChainWriter
-from streams.processing import WorkerFroze, check_not_frozen
+import agentstream.streams.processing as processing
+from agentstream.streams.audit_chain import ChainWriter
+from agentstream.streams.processing import WorkerFroze, check_not_frozen
 
 
 @pytest.fixture(autouse=True)

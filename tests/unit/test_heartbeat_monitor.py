@@ -7,10 +7,10 @@ from datetime import UTC, datetime
 
 import pytest
 
-from agents.heartbeat.monitor import HeartbeatMonitor, Transition, to_event_payload
-from schemas import AgentStatusChanged, Event, Heartbeat
-from streams.tables import digest, rebuild
-from streams.tables.monitoring import HEARTBEATS
+from agentstream.agents.heartbeat.monitor import HeartbeatMonitor, Transition, to_event_payload
+from agentstream.schemas import AgentStatusChanged, Event, Heartbeat
+from agentstream.streams.tables import digest, rebuild
+from agentstream.streams.tables.monitoring import HEARTBEATS
 
 
 class Clock:

@@ -9,14 +9,14 @@ from typing import Any
 import faust
 import pytest
 
-from streams.errors import CredentialsError
-from streams.kafka_security import (
+from agentstream.streams.errors import CredentialsError
+from agentstream.streams.kafka_security import (
     KEY_PASSWORD_ENTRY,
     PASSWORD_ENTRY,
     client_options,
     resolve,
 )
-from streams.settings import Settings, SettingsError
+from agentstream.streams.settings import Settings, SettingsError
 from tests.tls_files import self_signed
 
 
@@ -175,8 +175,8 @@ def test_faust_credentials_resolve_only_when_a_client_is_built(
     `agentstream kafka stop`; the worker's clients get the password when built."""
     from faust.transport.drivers.aiokafka import credentials_to_aiokafka_auth
 
-    from streams.app import create_app
-    from streams.kafka_security import faust_credentials, security_of
+    from agentstream.streams.app import create_app
+    from agentstream.streams.kafka_security import faust_credentials, security_of
 
     cert, _ = _pem_pair(tmp_path)
     settings = _settings(

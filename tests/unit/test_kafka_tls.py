@@ -16,7 +16,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from infra.kafka import tls
+from agentstream.infra.kafka import tls
 
 
 @pytest.fixture(scope="module")

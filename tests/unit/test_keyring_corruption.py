@@ -13,11 +13,11 @@ from typing import Any
 
 import pytest
 
-from agents.security.policy import KeyRequest
-from agents.security.store import KeyCache
-from streams.credentials import EncryptedFileKeyring, KeychainCredentialsProvider
-from streams.errors import CredentialsError
-from streams.settings import Settings
+from agentstream.agents.security.policy import KeyRequest
+from agentstream.agents.security.store import KeyCache
+from agentstream.streams.credentials import EncryptedFileKeyring, KeychainCredentialsProvider
+from agentstream.streams.errors import CredentialsError
+from agentstream.streams.settings import Settings
 
 TOKEN = "tok-QZXJVW-0123456789-corrupt-me"
 SIGNING_KEY = b"s" * 32

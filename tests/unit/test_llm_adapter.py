@@ -6,15 +6,15 @@ from collections.abc import Iterator
 
 import pytest
 
-from agents.llm.adapter import (
+from agentstream.agents.llm.adapter import (
     MidsceneAdapter,
     WebSearchService,
     context_tokens,
     trim_to_budget,
 )
-from agents.llm.providers.base import ProviderConfig
-from agents.llm.providers.local import LocalProvider
-from schemas.llm import ChatMessage, LLMConfig, LLMContext
+from agentstream.agents.llm.providers.base import ProviderConfig
+from agentstream.agents.llm.providers.local import LocalProvider
+from agentstream.schemas.llm import ChatMessage, LLMConfig, LLMContext
 from tests.llm_server import LLMServer
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 
-from agents.llm.chunks import ChunkCoalescer, chunk_record
-from schemas import Event, encode, registry
-from schemas.llm import ChatMessage, LLMConfig, LLMContext, LLMRequest, LLMStreamChunk
+from agentstream.agents.llm.chunks import ChunkCoalescer, chunk_record
+from agentstream.schemas import Event, encode, registry
+from agentstream.schemas.llm import ChatMessage, LLMConfig, LLMContext, LLMRequest, LLMStreamChunk
 
 
 class Clock:

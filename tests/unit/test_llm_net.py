@@ -15,12 +15,12 @@ import httpx
 import pytest
 import uvloop
 
-from agents.llm.providers import _net
-from agents.llm.providers._http import ClientPool, use_asyncio_backend
-from agents.llm.providers._net import AsyncioBackend
-from agents.llm.providers.base import ProviderConfig
-from agents.llm.providers.openai import OpenAICompatibleProvider
-from schemas.llm import ChatMessage, LLMConfig, LLMContext
+from agentstream.agents.llm.providers import _net
+from agentstream.agents.llm.providers._http import ClientPool, use_asyncio_backend
+from agentstream.agents.llm.providers._net import AsyncioBackend
+from agentstream.agents.llm.providers.base import ProviderConfig
+from agentstream.agents.llm.providers.openai import OpenAICompatibleProvider
+from agentstream.schemas.llm import ChatMessage, LLMConfig, LLMContext
 from tests.llm_server import LLMServer, Reply
 from tests.tls_files import self_signed
 

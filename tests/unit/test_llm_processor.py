@@ -7,17 +7,17 @@ import time
 
 import pytest
 
-from agents.llm.processor import AgentProcessor
-from agents.llm.providers.mock import ScriptedProvider, Step
-from agents.llm.registry import LLMRegistry
-from schemas.llm import ChatMessage, LLMConfig, LLMContext, LLMRequest, Usage
-from streams.errors import (
+from agentstream.agents.llm.processor import AgentProcessor
+from agentstream.agents.llm.providers.mock import ScriptedProvider, Step
+from agentstream.agents.llm.registry import LLMRegistry
+from agentstream.schemas.llm import ChatMessage, LLMConfig, LLMContext, LLMRequest, Usage
+from agentstream.streams.errors import (
     ProviderRateLimited,
     ProviderRequestError,
     ProviderServerError,
     ProviderTimeout,
 )
-from streams.resilience import RetryPolicy, Transition
+from agentstream.streams.resilience import RetryPolicy, Transition
 
 
 class Clock:

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from agents.llm.providers.base import LLMProvider, ProviderConfig, StreamChunk
-from agents.llm.providers.local import LocalProvider
-from agents.llm.providers.ollama import OllamaProvider
-from agents.llm.providers.openai import OpenAICompatibleProvider
-from agents.llm.registry import LLMRegistry, keychain_secret, load_providers_file
-from schemas.llm import ChatMessage, LLMConfig, LLMContext
-from streams.errors import (
+from agentstream.agents.llm.providers.base import LLMProvider, ProviderConfig, StreamChunk
+from agentstream.agents.llm.providers.local import LocalProvider
+from agentstream.agents.llm.providers.ollama import OllamaProvider
+from agentstream.agents.llm.providers.openai import OpenAICompatibleProvider
+from agentstream.agents.llm.registry import LLMRegistry, keychain_secret, load_providers_file
+from agentstream.schemas.llm import ChatMessage, LLMConfig, LLMContext
+from agentstream.streams.errors import (
     ProviderConnectionError,
     ProviderProtocolError,
     ProviderRateLimited,
@@ -22,7 +22,7 @@ from streams.errors import (
     ProviderServerError,
     ProviderTimeout,
 )
-from streams.settings import Settings, SettingsError
+from agentstream.streams.settings import Settings, SettingsError
 from tests.llm_server import LLMServer, Reply
 from tests.support import await_until
 
@@ -301,11 +301,11 @@ def test_providers_file(tmp_path: Path) -> None:
 async def test_key_from_a_real_file_keyring(
     server: LLMServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from streams.credentials import KeychainCredentialsProvider
+    from agentstream.streams.credentials import KeychainCredentialsProvider
 
     monkeypatch.setenv("AGENTSTREAM_KEYRING_BACKEND", "plaintext-file")
     monkeypatch.setenv("AGENTSTREAM_KEYRING_FILE", str(tmp_path / "keyring.cfg"))
-    from streams import settings as settings_mod
+    from agentstream.streams import settings as settings_mod
 
     settings_mod.get_settings.cache_clear()
     try:

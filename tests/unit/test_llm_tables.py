@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from schemas import Event
-from schemas.llm import (
+from agentstream.schemas import Event
+from agentstream.schemas.llm import (
     BreakerStateChanged,
     LLMCancelRequested,
     LLMResponse,
     Usage,
 )
-from streams.tables import TABLES, rebuild
-from streams.tables import llm as t
+from agentstream.streams.tables import TABLES, rebuild
+from agentstream.streams.tables import llm as t
 
 
 def response(rid: str, agent: str = "a1", status: str = "completed", **kw: object) -> Event:
@@ -80,7 +80,7 @@ def test_expired_keys_scan_owned_entries_oldest_first_and_stop_at_a_young_one() 
 
 
 def test_rebuild_comparison_leaves_out_what_the_retention_dropped() -> None:
-    from streams.tables import unexpired
+    from agentstream.streams.tables import unexpired
 
     rebuilt = {"gone": {"at": 100}, "kept": {"at": 10_000}}
     live = {"kept": {"at": 10_000}}  # the worker already deleted "gone"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from agents.llm.providers._http import LineSplitter
-from agents.llm.providers.openai import SSEParser
+from agentstream.agents.llm.providers._http import LineSplitter
+from agentstream.agents.llm.providers.openai import SSEParser
 
 
 def split_all(chunks: list[bytes]) -> list[bytes]:

@@ -21,8 +21,8 @@ from aiokafka import errors
 from aiokafka.protocol.metadata import MetadataResponse_v0
 from aiokafka.structs import TopicPartition
 
-from streams import logging_setup
-from streams.logging_setup import (
+from agentstream.streams import logging_setup
+from agentstream.streams.logging_setup import (
     NOISY_LOGGERS,
     OFFSETS_TOPIC,
     TRANSIENT_MESSAGES,

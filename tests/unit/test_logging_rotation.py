@@ -6,8 +6,8 @@ import gzip
 import logging
 from pathlib import Path
 
-from streams.logging_setup import SizeAndAgeRotatingFileHandler, attach_file_handler
-from streams.settings import Settings
+from agentstream.streams.logging_setup import SizeAndAgeRotatingFileHandler, attach_file_handler
+from agentstream.streams.settings import Settings
 
 
 def _logger(handler: logging.Handler, name: str) -> logging.Logger:

@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 from prometheus_client.metrics import MetricWrapperBase
 
-import streams.observability as observability
+import agentstream.streams.observability as observability
 
 REPO = Path(__file__).resolve().parents[2]
 DASHBOARD = REPO / "infra" / "grafana" / "dashboards" / "agentstream.json"

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import random
 
-from agents.metrics.windows import latest_values, series_between
-from schemas import Event, MetricSample
-from streams.tables import TableSpec, digest, rebuild
-from streams.tables.monitoring import fold_sample, make_metrics_fold
+from agentstream.agents.metrics.windows import latest_values, series_between
+from agentstream.schemas import Event, MetricSample
+from agentstream.streams.tables import TableSpec, digest, rebuild
+from agentstream.streams.tables.monitoring import fold_sample, make_metrics_fold
 
 INTERVAL = 10.0
 RETENTION = 60.0

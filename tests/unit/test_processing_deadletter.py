@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
-from schemas.errors import InvalidEvent, UndecodableEvent
-from streams import processing
-from streams.processing import dead_letter_of, redact_dead_letters
-from streams.settings import get_settings
+from agentstream.schemas.errors import InvalidEvent, UndecodableEvent
+from agentstream.streams import processing
+from agentstream.streams.processing import dead_letter_of, redact_dead_letters
+from agentstream.streams.settings import get_settings
 
 TOKEN_RECORD = b'{"type":"agent.message","payload":{"auth":{"token":"tok-secret","user_id":7}'
 
@@ -70,7 +70,7 @@ def test_enforce_policy_blanks_access_tokens_on_every_path() -> None:
     """The security agent registers its redactor on import: dead letters written by
     decoding (`decoded_batches`), by `guarded` or by the agent itself all go through
     `dead_letter_of` with its consumer name."""
-    from agents.security.agent import CONSUMER
+    from agentstream.agents.security.agent import CONSUMER
 
     for exc in (UndecodableEvent("bad json"), RuntimeError("a bug in deciding")):
         letter = dead_letter_of(Record(TOKEN_RECORD), exc, CONSUMER)

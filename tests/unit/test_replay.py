@@ -8,9 +8,9 @@ from types import SimpleNamespace
 import orjson
 import pytest
 
-from schemas import AgentMessage, Event, encode
-from streams.cli.replay import render_bar
-from streams.replay import ReplayRecord, TimeParseError, heap_key, matches, parse_time
+from agentstream.schemas import AgentMessage, Event, encode
+from agentstream.streams.cli.replay import render_bar
+from agentstream.streams.replay import ReplayRecord, TimeParseError, heap_key, matches, parse_time
 
 NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from streams.resilience import CircuitBreaker, Transition
+from agentstream.streams.resilience import CircuitBreaker, Transition
 
 
 class Clock:

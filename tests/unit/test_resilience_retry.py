@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from streams.errors import (
+from agentstream.streams.errors import (
     CircuitOpen,
     ProviderConnectionError,
     ProviderProtocolError,
@@ -14,7 +14,7 @@ from streams.errors import (
     ProviderTimeout,
     RequestCancelled,
 )
-from streams.resilience import RetryPolicy
+from agentstream.streams.resilience import RetryPolicy
 
 
 def policy(rng: float = 0.5, **kw: float) -> RetryPolicy:

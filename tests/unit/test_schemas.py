@@ -9,7 +9,7 @@ from typing import Any
 import orjson
 import pytest
 
-from schemas import (
+from agentstream.schemas import (
     AgentMessage,
     DeadLetter,
     Event,
@@ -20,7 +20,7 @@ from schemas import (
     encode,
     registry,
 )
-from schemas.errors import (
+from agentstream.schemas.errors import (
     InvalidEvent,
     PipelineError,
     SchemaError,

@@ -10,8 +10,8 @@ from typing import Any
 import orjson
 import pytest
 
-from agents.security import crypto
-from schemas.messages import AgentMessage, AuthProof
+from agentstream.agents.security import crypto
+from agentstream.schemas.messages import AgentMessage, AuthProof
 
 ISSUED = datetime(2026, 12, 4, 22, 10, 0, 123456, tzinfo=UTC)
 

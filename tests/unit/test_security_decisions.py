@@ -9,11 +9,11 @@ from datetime import UTC, datetime
 import orjson
 import pytest
 
-from agents.security.decisions import decision_record, seal_record
-from agents.security.policy import PolicySet, StaticKeys, compiled, evaluate
-from schemas import AgentMessage, Event, registry
-from schemas.security import PolicyDecision, SecurityPolicy, Verdict
-from streams.audit_chain import GENESIS, compute_hash, seal
+from agentstream.agents.security.decisions import decision_record, seal_record
+from agentstream.agents.security.policy import PolicySet, StaticKeys, compiled, evaluate
+from agentstream.schemas import AgentMessage, Event, registry
+from agentstream.schemas.security import PolicyDecision, SecurityPolicy, Verdict
+from agentstream.streams.audit_chain import GENESIS, compute_hash, seal
 
 
 @pytest.mark.parametrize("micro", [0, 456, 120000])

@@ -16,7 +16,7 @@ import re2
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agents.security.normalize import (
+from agentstream.agents.security.normalize import (
     DEFAULT_IGNORABLE_RANGES,
     FORBIDDEN_CONTROLS,
     ScanLimitExceeded,
@@ -28,7 +28,7 @@ from agents.security.normalize import (
     normalize,
     scanned_fields,
 )
-from schemas.messages import AgentMessage
+from agentstream.schemas.messages import AgentMessage
 
 PASSWORD = re.compile("password")
 

@@ -11,7 +11,7 @@ import re2
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from agents.security.patterns import (
+from agentstream.agents.security.patterns import (
     DEFAULT_SCAN_BUDGET_MS,
     MAX_PROGRAM_SIZE,
     MAX_SPAN_SEARCHES,
@@ -25,7 +25,7 @@ from agents.security.patterns import (
     worst_case_inputs,
     worst_case_scan,
 )
-from schemas.security import MAX_PATTERN_LENGTH, MAX_PATTERNS
+from agentstream.schemas.security import MAX_PATTERN_LENGTH, MAX_PATTERNS
 
 
 def test_catastrophic_backtracking_pattern_finishes_in_milliseconds() -> None:

@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from agents.security.crypto import encrypt_content, new_key, sign_message
-from agents.security.identity import Identity, IdentityRegistry
-from agents.security.policy import (
+from agentstream.agents.security.crypto import encrypt_content, new_key, sign_message
+from agentstream.agents.security.identity import Identity, IdentityRegistry
+from agentstream.agents.security.policy import (
     Context,
     Evaluation,
     KeyRequest,
@@ -22,9 +22,9 @@ from agents.security.policy import (
     redact,
     required_keys,
 )
-from schemas import utc_now
-from schemas.messages import AgentMessage, AuthProof
-from schemas.security import AgentIdentity, SecurityPolicy, Verdict
+from agentstream.schemas import utc_now
+from agentstream.schemas.messages import AgentMessage, AuthProof
+from agentstream.schemas.security import AgentIdentity, SecurityPolicy, Verdict
 
 SIGNING = new_key()
 ENC = new_key()

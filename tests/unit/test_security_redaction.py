@@ -11,10 +11,17 @@ import time
 import orjson
 import pytest
 
-from schemas import AgentMessage, DeadLetter, Event, encode
-from schemas.llm import ChatMessage, LLMConfig, LLMContext, LLMRequest, LLMResponse, Usage
-from schemas.messages import AuthProof
-from streams.redaction import (
+from agentstream.schemas import AgentMessage, DeadLetter, Event, encode
+from agentstream.schemas.llm import (
+    ChatMessage,
+    LLMConfig,
+    LLMContext,
+    LLMRequest,
+    LLMResponse,
+    Usage,
+)
+from agentstream.schemas.messages import AuthProof
+from agentstream.streams.redaction import (
     MAX_DEPTH,
     REDACTED,
     SECRET_KEYS,
@@ -22,7 +29,7 @@ from streams.redaction import (
     redact_event_dict,
     redact_raw,
 )
-from streams.replay import ReplayRecord
+from agentstream.streams.replay import ReplayRecord
 
 SECRET = "QZXJVWQZXJVW-s3cret"  # no 5-letter run of it occurs in an event's other fields
 

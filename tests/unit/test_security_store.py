@@ -12,15 +12,15 @@ import orjson
 import pytest
 from click.testing import CliRunner
 
-from agents.security.cli import (
+from agentstream.agents.security.cli import (
     PolicyFileError,
     parse_policy_file,
     validate_policies,
     version_floor,
 )
-from agents.security.store import PolicyStore
-from schemas import Event, encode
-from schemas.security import (
+from agentstream.agents.security.store import PolicyStore
+from agentstream.schemas import Event, encode
+from agentstream.schemas.security import (
     AgentIdentity,
     AgentIdentityRevoked,
     SecurityConfig,
@@ -28,10 +28,10 @@ from schemas.security import (
     SecurityPolicyRemoved,
     WorkerKeyPublished,
 )
-from streams.cli import cli
-from streams.settings import Settings, get_settings
-from streams.tables import rebuild
-from streams.tables.security import (
+from agentstream.streams.cli import cli
+from agentstream.streams.settings import Settings, get_settings
+from agentstream.streams.tables import rebuild
+from agentstream.streams.tables.security import (
     BAD_SIGNATURE,
     CONFIG_KEY,
     IDENTITIES,
@@ -52,7 +52,7 @@ from streams.tables.security import (
     signers_of,
     trusted_admin_keys,
 )
-from streams.topics import SECURITY_IDENTITIES, SECURITY_POLICIES, SECURITY_WORKER_KEYS
+from agentstream.streams.topics import SECURITY_IDENTITIES, SECURITY_POLICIES, SECURITY_WORKER_KEYS
 from tests.support import AdminSigner, with_admin_key
 
 MAX = 1 << 20

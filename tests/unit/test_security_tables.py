@@ -8,20 +8,20 @@ from typing import Any
 
 import pytest
 
-from agents.security.cli import PolicyFileError, parse_policy_file, validate_policies
-from agents.security.policy import KeyRequest
-from agents.security.store import KeyCache, PolicyStore
-from schemas import Event, encode
-from schemas.security import (
+from agentstream.agents.security.cli import PolicyFileError, parse_policy_file, validate_policies
+from agentstream.agents.security.policy import KeyRequest
+from agentstream.agents.security.store import KeyCache, PolicyStore
+from agentstream.schemas import Event, encode
+from agentstream.schemas.security import (
     PolicyDecision,
     SecurityConfig,
     SecurityPolicy,
     SecurityPolicyRemoved,
     Verdict,
 )
-from streams.settings import Settings, get_settings
-from streams.tables import TABLES, rebuild
-from streams.tables.security import (
+from agentstream.streams.settings import Settings, get_settings
+from agentstream.streams.tables import TABLES, rebuild
+from agentstream.streams.tables.security import (
     DECISION_COUNTS,
     POLICIES,
     apply_decision,

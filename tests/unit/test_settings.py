@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from streams.settings import Settings, SettingsError
+from agentstream.streams.settings import Settings, SettingsError
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 

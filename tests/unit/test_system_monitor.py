@@ -5,9 +5,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from agents.health.status import Component, HealthTracker, lag_status, overall
-from agents.system.monitor import SystemMonitor, dependencies_dir, dir_size, memory_usage
-from schemas import Event, SystemStats, encode, registry
+from agentstream.agents.health.status import Component, HealthTracker, lag_status, overall
+from agentstream.agents.system.monitor import (
+    SystemMonitor,
+    dependencies_dir,
+    dir_size,
+    memory_usage,
+)
+from agentstream.schemas import Event, SystemStats, encode, registry
 
 
 def test_dir_size_counts_regular_files_only(tmp_path: Path) -> None:

@@ -12,12 +12,12 @@ import faust
 import orjson
 import pytest
 
-from schemas import AgentMessage, Event
-from schemas.llm import BreakerStateChanged, LLMCancelRequested, LLMResponse, Usage
-from streams.tables import TableWriter, delete, write
-from streams.tables import llm as llm_tables
-from streams.tables.monitoring import fold_record, fold_sample
-from streams.tables.security import keys_for
+from agentstream.schemas import AgentMessage, Event
+from agentstream.schemas.llm import BreakerStateChanged, LLMCancelRequested, LLMResponse, Usage
+from agentstream.streams.tables import TableWriter, delete, write
+from agentstream.streams.tables import llm as llm_tables
+from agentstream.streams.tables.monitoring import fold_record, fold_sample
+from agentstream.streams.tables.security import keys_for
 
 PARTITIONS = 4
 _ids = itertools.count()
@@ -77,7 +77,7 @@ async def test_delete_sends_a_tombstone_not_json_null() -> None:
 async def test_writer_sends_each_fold_to_its_input_partition() -> None:
     """A batch mixing partitions (what `decoded_batches` yields): every write of a fold goes
     to the partition of the input being folded, deletes (retention) included."""
-    from schemas import CommunicationRecord
+    from agentstream.schemas import CommunicationRecord
 
     app = _app()
     writer = TableWriter(json_table(app))
@@ -115,7 +115,7 @@ async def test_writer_refuses_a_write_with_no_input_partition() -> None:
 
 async def test_raw_keyed_table_keeps_raw_changelog_keys() -> None:
     """`accepted_by_sender`: raw sender ids as changelog keys, the input's partition."""
-    from agents.audit.activity import apply_accepted
+    from agentstream.agents.audit.activity import apply_accepted
 
     app = _app()
     table = app.Table("accepted", default=None, key_type=str, partitions=PARTITIONS)

@@ -12,8 +12,8 @@ from typing import Any
 import faust
 import pytest
 
-from streams.tables import delete, write
-from streams.tables.writer import flush_pending, pending_writes
+from agentstream.streams.tables import delete, write
+from agentstream.streams.tables.writer import flush_pending, pending_writes
 
 _ids = itertools.count()
 

@@ -1111,7 +1111,7 @@ def test_transactional_ids_are_fausts() -> None:
     does; a different name sends outputs into another (or no) transaction."""
     from faust.transport.consumer import TopicPartitionGroup, TransactionManager
 
-    from streams.eos import transactional_id_for
+    from agentstream.streams.eos import transactional_id_for
 
     tpg = TopicPartitionGroup(topic="t", partition=5, group=3)
     faust_id = TransactionManager.transactional_id_format.format(group_id="app", tpg=tpg)

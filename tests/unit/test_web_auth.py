@@ -16,10 +16,10 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from streams import web_auth
-from streams.errors import CredentialsError
-from streams.settings import Settings
-from streams.web_auth import (
+from agentstream.streams import web_auth
+from agentstream.streams.errors import CredentialsError
+from agentstream.streams.settings import Settings
+from agentstream.streams.web_auth import (
     CLUSTER_ENTRY,
     INDEX_ENTRY,
     Decision,
@@ -619,18 +619,18 @@ async def test_lower_case_scheme_works(server: tuple[TestServer, dict[str, str]]
 def test_the_worker_command_installs_the_middleware_before_the_worker_starts(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import streams.cli
-    import streams.cli.core
+    import agentstream.streams.cli as streams_cli
+    import agentstream.streams.cli.core as streams_cli_core
 
     seen: list[bool] = []
 
     def fake_run_worker(args: list[str]) -> None:
-        from streams.app import app
+        from agentstream.streams.app import app
 
         seen.append(web_auth.installed(app))
 
-    monkeypatch.setattr(streams.cli.core, "run_worker", fake_run_worker)
-    streams.cli.main(["worker"])
+    monkeypatch.setattr(streams_cli_core, "run_worker", fake_run_worker)
+    streams_cli.main(["worker"])
     assert seen == [True]
 
 
@@ -646,7 +646,7 @@ async def test_https_with_the_configured_certificate(tmp_path: Any) -> None:
     self-signed certificate, and Faust gets the context (create_app)."""
     import httpx
 
-    from streams.app import create_app
+    from agentstream.streams.app import create_app
 
     certfile, keyfile = self_signed(tmp_path)
     tls = settings(

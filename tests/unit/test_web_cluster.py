@@ -8,8 +8,8 @@ from types import SimpleNamespace
 from aiokafka.partitioner import DefaultPartitioner
 from yarl import URL
 
-from streams.tables.monitoring import heartbeats_writer
-from streams.web_cluster import Gathered, _peer_url, is_local, key_partition
+from agentstream.streams.tables.monitoring import heartbeats_writer
+from agentstream.streams.web_cluster import Gathered, _peer_url, is_local, key_partition
 
 
 def test_key_partition_is_the_producers_default_partitioner() -> None:
@@ -69,7 +69,7 @@ def test_gathered_reports_what_did_not_answer() -> None:
 
 
 def test_add_counts_sums_nested_counters_of_every_worker() -> None:
-    from streams.web_cluster import add_counts
+    from agentstream.streams.web_cluster import add_counts
 
     merged: dict[str, object] = {}
     add_counts(merged, {"deny": {"r1": 2, "*": 3}, "allow": {"*": 1}})

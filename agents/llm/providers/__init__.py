@@ -1,6 +1,6 @@
 """LLM providers behind one narrow async interface (`LLMProvider`)."""
 
-from agents.llm.providers.base import (
+from agentstream.agents.llm.providers.base import (
     LLMProvider,
     LLMResult,
     ProviderConfig,

@@ -15,9 +15,9 @@ from urllib.parse import urlsplit
 import httpcore
 import httpx
 
-from agents.llm.providers._net import AsyncioBackend
-from agents.llm.providers.base import LLMProvider, ProviderConfig, SecretSource
-from streams.errors import (
+from agentstream.agents.llm.providers._net import AsyncioBackend
+from agentstream.agents.llm.providers.base import LLMProvider, ProviderConfig, SecretSource
+from agentstream.streams.errors import (
     ProviderConnectionError,
     ProviderError,
     ProviderRateLimited,
@@ -321,7 +321,7 @@ class HTTPProvider(LLMProvider):
         try:
             return resp.json()
         except ValueError as exc:
-            from streams.errors import ProviderProtocolError
+            from agentstream.streams.errors import ProviderProtocolError
 
             raise ProviderProtocolError(
                 f"{self.name}: response is not JSON: {exc}", provider=self.name

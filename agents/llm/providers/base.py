@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from schemas.llm import LLMConfig, LLMContext, Usage
+from agentstream.schemas.llm import LLMConfig, LLMContext, Usage
 
 #: fetches a secret by name (e.g. "llm.openai.api_key"); None when there is none
 SecretSource = Callable[[str], Awaitable[str | None]]

@@ -11,7 +11,7 @@ import hashlib
 import random
 from collections.abc import AsyncIterator
 
-from agents.llm.providers.base import (
+from agentstream.agents.llm.providers.base import (
     LLMProvider,
     LLMResult,
     ProviderConfig,
@@ -19,7 +19,7 @@ from agents.llm.providers.base import (
     chat_messages,
     estimate_tokens,
 )
-from schemas.llm import LLMConfig, LLMContext, Usage
+from agentstream.schemas.llm import LLMConfig, LLMContext, Usage
 
 _PROSE = (
     "the stream carries every event in order while agents fold state into tables and "

@@ -11,8 +11,13 @@ import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from agents.llm.providers.base import LLMProvider, LLMResult, ProviderConfig, StreamChunk
-from schemas.llm import LLMConfig, LLMContext, Usage
+from agentstream.agents.llm.providers.base import (
+    LLMProvider,
+    LLMResult,
+    ProviderConfig,
+    StreamChunk,
+)
+from agentstream.schemas.llm import LLMConfig, LLMContext, Usage
 
 
 @dataclass

@@ -11,10 +11,10 @@ from typing import Any
 
 import orjson
 
-from agents.llm.providers._http import HTTPProvider, LineSplitter
-from agents.llm.providers.base import LLMResult, StreamChunk, chat_messages
-from schemas.llm import LLMConfig, LLMContext, Usage
-from streams.errors import ProviderProtocolError, ProviderServerError
+from agentstream.agents.llm.providers._http import HTTPProvider, LineSplitter
+from agentstream.agents.llm.providers.base import LLMResult, StreamChunk, chat_messages
+from agentstream.schemas.llm import LLMConfig, LLMContext, Usage
+from agentstream.streams.errors import ProviderProtocolError, ProviderServerError
 
 _OPTIONS = {
     "temperature": "temperature",
