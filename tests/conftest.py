@@ -16,6 +16,21 @@ REPO = Path(__file__).resolve().parent.parent
 TEST_KAFKA_PORT = int(os.environ.get("AGENTSTREAM_TEST_KAFKA_PORT", "19192"))
 
 
+#: the repository folders under their own names: importable here (the root is on sys.path)
+#: but never ours to import — `agentstream.<name>` is; a test that imported one would run
+#: a second copy of our modules (and, for `agents`, shadow the OpenAI Agents SDK)
+BARE_NAMES = ("agents", "streams", "schemas", "infra")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _only_agentstream_imports() -> Iterator[None]:
+    yield
+    import sys
+
+    bare = [n for n in BARE_NAMES if n in sys.modules]
+    assert not bare, f"imported outside `agentstream`: {bare}"
+
+
 @pytest.fixture(autouse=True)
 def _restore_environ() -> Iterator[None]:
     """Some tests point this process at their namespace through AGENTSTREAM_* variables;

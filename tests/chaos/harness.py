@@ -293,7 +293,7 @@ async def run_once(opts: RunOptions, scenario: ScenarioFunc) -> dict[str, Any]:
     seed = opts.seed if opts.seed is not None else random.randrange(1 << 30)
     signer = AdminSigner()
     env = with_admin_key(_base_env(opts, ns), run_dir, signer)
-    cli_env = {**env, "AGENTSTREAM_AGENTS": "agents.security,agents.audit"}
+    cli_env = {**env, "AGENTSTREAM_AGENTS": "security,audit"}
     cpu0 = _cpu_now(opts.broker)
     started = time.time()
     await _signed_setup(env, signer)

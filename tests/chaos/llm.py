@@ -130,7 +130,7 @@ class LlmSaturation(RunHooks):
             f"max_concurrency: {SLOTS}}}\n"
         )
         settings = {
-            "AGENTSTREAM_AGENTS": "agents.security,agents.llm",
+            "AGENTSTREAM_AGENTS": "security,llm",
             "AGENTSTREAM_LLM_PROVIDERS_FILE": str(providers),
             "AGENTSTREAM_LLM_DEFAULT_PROVIDER": PROVIDER,
             "AGENTSTREAM_LLM_MAX_ATTEMPTS": str(MAX_ATTEMPTS),

@@ -82,9 +82,7 @@ async def test_forged_decisions_are_reported_and_never_continued(
     settings_env: dict[str, str], tmp_path: Path
 ) -> None:
     admin = AdminSigner()
-    env = with_admin_key(
-        {**settings_env, "AGENTSTREAM_AGENTS": "agents.security,agents.audit"}, tmp_path, admin
-    )
+    env = with_admin_key({**settings_env, "AGENTSTREAM_AGENTS": "security,audit"}, tmp_path, admin)
     settings = Settings.from_env(env)
     assert cli(env, "topics", "create").returncode == 0
 

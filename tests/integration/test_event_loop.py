@@ -29,7 +29,7 @@ async def test_uvloop_worker_answers_llm_requests(
 ) -> None:
     env = {
         **settings_env,
-        "AGENTSTREAM_AGENTS": "agents.llm,agents.health",
+        "AGENTSTREAM_AGENTS": "llm,health",
         "AGENTSTREAM_EVENT_LOOP": "uvloop",
     }
     settings = Settings.from_env(env)

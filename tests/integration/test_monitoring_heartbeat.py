@@ -64,7 +64,7 @@ async def test_transitions_exactly_once_across_restarts(
 ) -> None:
     env = {
         **settings_env,
-        "AGENTSTREAM_AGENTS": "agents.heartbeat,agents.health",
+        "AGENTSTREAM_AGENTS": "heartbeat,health",
         # Short enough to keep the test quick, long enough that a loaded 2-core CI
         # machine stalling the beater or the worker for a second is not a real silence.
         "AGENTSTREAM_HEARTBEAT_INTERVAL_S": "0.5",
@@ -190,7 +190,7 @@ async def test_transitions_exactly_once_across_restarts(
         await asyncio.to_thread(worker.stop)
         await asyncio.to_thread(
             assert_rebuild_equal,
-            {**env, "AGENTSTREAM_AGENTS": "agents.heartbeat,agents.audit"},
+            {**env, "AGENTSTREAM_AGENTS": "heartbeat,audit"},
             "agent_heartbeats",
         )
     finally:

@@ -36,7 +36,7 @@ async def test_metrics_comms_system_and_health_views(
     log_file = tmp_path / "logs" / "worker.log"
     env = {
         **settings_env,
-        "AGENTSTREAM_AGENTS": "agents.metrics,agents.comms,agents.system,agents.health",
+        "AGENTSTREAM_AGENTS": "metrics,comms,system,health",
         "AGENTSTREAM_METRICS_COLLECTION_INTERVAL_S": str(INTERVAL),
         "AGENTSTREAM_METRICS_RETENTION_S": str(RETENTION),
         "AGENTSTREAM_COMMS_RETENTION_S": "3600",
@@ -193,7 +193,7 @@ async def test_metrics_comms_system_and_health_views(
 
         # both tables rebuilt from their source topics equal the live ones (changelogs)
         await asyncio.to_thread(worker.stop)
-        rebuild_env = {**env, "AGENTSTREAM_AGENTS": "agents.metrics,agents.comms,agents.audit"}
+        rebuild_env = {**env, "AGENTSTREAM_AGENTS": "metrics,comms,audit"}
         for table in ("metric_windows", "comms_records"):
             await asyncio.to_thread(assert_rebuild_equal, rebuild_env, table)
     finally:

@@ -241,7 +241,7 @@ async def test_exactly_once_kill9_restart_no_duplicates_tables_equal_rebuild(
 ) -> None:
     env = {
         **settings_env,
-        "AGENTSTREAM_AGENTS": "agents.security,agents.audit",
+        "AGENTSTREAM_AGENTS": "security,audit",
         "AGENTSTREAM_SECURITY_ENABLED": "false",
         "AGENTSTREAM_PROCESSING_GUARANTEE": "exactly_once",
         "AGENTSTREAM_CHECKPOINT_INTERVAL_S": "3600",

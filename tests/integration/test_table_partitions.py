@@ -65,9 +65,7 @@ async def test_changelog_partition_is_the_input_partition(
 ) -> None:
     env = {
         **settings_env,
-        "AGENTSTREAM_AGENTS": (
-            "agents.security,agents.audit,agents.metrics,agents.comms,agents.heartbeat"
-        ),
+        "AGENTSTREAM_AGENTS": ("security,audit,metrics,comms,heartbeat"),
         "AGENTSTREAM_TOPIC_PARTITIONS": str(PARTITIONS),
         "AGENTSTREAM_SECURITY_ENABLED": "false",
         "AGENTSTREAM_CHECKPOINT_INTERVAL_S": "3600",

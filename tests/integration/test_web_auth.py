@@ -287,7 +287,7 @@ async def test_no_index_fails_closed_then_a_token_works_without_restart(
     fresh.mkdir()
     env = {
         **settings_env,
-        "AGENTSTREAM_AGENTS": "agents.health,agents.comms",
+        "AGENTSTREAM_AGENTS": "health,comms",
         "AGENTSTREAM_WEB_READY_PUBLIC": "false",
         "AGENTSTREAM_KEYRING_FILE": str(fresh / "keyring.json"),
     }

@@ -69,7 +69,7 @@ async def test_both_workers_answer_for_every_key(
     settings_env: dict[str, str], tmp_path: Path
 ) -> None:
     settings, urls, w1, w2 = await two_workers(
-        settings_env, tmp_path, "agents.heartbeat,agents.metrics,agents.comms,agents.llm"
+        settings_env, tmp_path, "heartbeat,metrics,comms,llm"
     )
     http = httpx.AsyncClient(timeout=10, headers=web_tokens(settings_env).headers())
     try:

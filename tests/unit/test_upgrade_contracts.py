@@ -1142,15 +1142,15 @@ def test_flow_control_clears_the_queues_it_manages() -> None:
 
 #: our classes built on a library class (module:qualname → the library class they patch)
 OUR_SUBCLASSES = {
-    "streams.app:AgentStreamApp": "faust.App",
-    "streams.delivery:FetchWaitConsumerThread": THREAD,
-    "streams.delivery:RecoveryOffsetsConsumerThread": THREAD,
-    "streams.delivery:BatchAgent": "faust.Agent",
-    "streams.delivery:RefetchingFlowControl": "mode.utils.queues.FlowControlEvent",
-    "streams.delivery:BatchDeliveryConsumer": CONSUMER,
-    "streams.delivery:IdempotentProducer": PRODUCER,
-    "agents.llm.providers._net:AsyncioBackend": "httpcore.AsyncNetworkBackend",
-    "agents.llm.providers._net:AsyncioStream": "httpcore.AsyncNetworkStream",
+    "agentstream.streams.app:AgentStreamApp": "faust.App",
+    "agentstream.streams.delivery:FetchWaitConsumerThread": THREAD,
+    "agentstream.streams.delivery:RecoveryOffsetsConsumerThread": THREAD,
+    "agentstream.streams.delivery:BatchAgent": "faust.Agent",
+    "agentstream.streams.delivery:RefetchingFlowControl": "mode.utils.queues.FlowControlEvent",
+    "agentstream.streams.delivery:BatchDeliveryConsumer": CONSUMER,
+    "agentstream.streams.delivery:IdempotentProducer": PRODUCER,
+    "agentstream.agents.llm.providers._net:AsyncioBackend": "httpcore.AsyncNetworkBackend",
+    "agentstream.agents.llm.providers._net:AsyncioStream": "httpcore.AsyncNetworkStream",
 }
 
 #: names our subclasses define that the library base has too but that are no override
@@ -1204,9 +1204,9 @@ def test_every_override_is_in_the_contract_table(ours: str) -> None:
 
 #: names our mixins add to the library classes they are mixed into
 OUR_ADDITIONS = {
-    CONSUMER: "streams.delivery:BatchDeliveryConsumer",
-    "mode.utils.queues.FlowControlEvent": "streams.delivery:RefetchingFlowControl",
-    "faust.Agent": "streams.delivery:BatchAgent",
+    CONSUMER: "agentstream.streams.delivery:BatchDeliveryConsumer",
+    "mode.utils.queues.FlowControlEvent": "agentstream.streams.delivery:RefetchingFlowControl",
+    "faust.Agent": "agentstream.streams.delivery:BatchAgent",
 }
 
 
