@@ -8,6 +8,9 @@ How it reads
 * Start offsets come from offsets-for-times on every partition; the stop offset of each
   partition is fixed when the replay starts (the first offset at or after `until`, capped
   by the end offset snapshot), so a replay of a live topic terminates.
+* Time ranges are half-open, ``[since, until)``, in every command and view that takes
+  one: ``--since 10:00 --until 11:00`` and ``--since 11:00 --until 12:00`` share no
+  record and miss none.
 * Its own consumer is *assigned* the partitions and seeks: it joins no consumer group and
   commits nothing, so a replay never moves any worker's offsets or triggers a rebalance.
 * Partitions are merged in ``(timestamp, partition, offset)`` order with a k-way heap
@@ -166,6 +169,20 @@ class ReplayRecord:
         tail = orjson.dumps({"error": self.error, "value_b64": base64.b64encode(value).decode()})
         return head + tail[1:] + b"\n"
 
+    def event_line(self, *, show_secrets: bool = False) -> bytes | None:
+        """The event alone as one JSON line (secrets redacted unless `show_secrets`), or
+        None for a record that is no event (`error` says why)."""
+        if self.data is None:
+            return None
+        shown = self.data if show_secrets else redact_event_dict(self.data)
+        return orjson.dumps(shown) + b"\n"
+
+    def line(self, fmt: str, *, show_secrets: bool = False) -> bytes | None:
+        """The line of output format `fmt` (`OUTPUT_FORMATS`); None: nothing to write."""
+        if fmt == "event":
+            return self.event_line(show_secrets=show_secrets)
+        return self.json_line(show_secrets=show_secrets)
+
     def __repr__(self) -> str:
         return f"<ReplayRecord {self.topic}:{self.partition}:{self.offset} {self.type}>"
 
@@ -194,6 +211,12 @@ def matches(
         if agent not in names and (rec.key is None or rec.key.decode("utf-8", "replace") != agent):
             return False
     return True
+
+
+#: what `tail` and `replay` print per record: `record` = coordinates (topic, partition,
+#: offset, timestamp_ms, key) + the event as on the wire, or `error` + `value_b64`;
+#: `event` = the event alone (records that are no event go to stderr)
+OUTPUT_FORMATS = ("record", "event")
 
 
 def parse_record(topic: str, rec: Any) -> ReplayRecord:
@@ -264,7 +287,7 @@ async def replay(
     progress: Progress | None = None,
     now: datetime | None = None,
 ) -> AsyncIterator[ReplayRecord]:
-    """Yield the records of `topics` with timestamps in [since, until], in
+    """Yield the records of `topics` with timestamps in [since, until), in
     (timestamp, partition, offset) order. `since=None` = from the beginning.
 
     Undecodable records are yielded (with `.error`) when no filter is set and
@@ -364,7 +387,7 @@ async def replay_batches(
                     if ts > limit[0] or (ts == limit[0] and (ts, part, ti, raw.offset) > limit):
                         break
                 buf.popleft()
-                if raw.timestamp < lo or raw.timestamp > hi:
+                if raw.timestamp < lo or raw.timestamp >= hi:
                     continue
                 rec = parse_record(topic, raw)
                 if rec.data is None and not keep_invalid:
@@ -437,7 +460,8 @@ async def _fill(
 async def plan_ranges(
     consumer: AIOKafkaConsumer, topics: Sequence[str], since_ms: int | None, until_ms: int | None
 ) -> list[PartitionRange]:
-    """Per partition: [first offset at/after since, first offset after until) ∩ [begin, end)."""
+    """Per partition: [first offset at/after since, first offset at/after until) ∩
+    [begin, end)."""
     tps: list[TopicPartition] = []
     for topic in topics:
         parts = consumer.partitions_for_topic(topic)
@@ -457,7 +481,7 @@ async def plan_ranges(
             starts[tp] = ot.offset if ot is not None else end[tp]
     stops = dict(end)
     if until_ms is not None:
-        found = await consumer.offsets_for_times({tp: until_ms + 1 for tp in tps})
+        found = await consumer.offsets_for_times({tp: until_ms for tp in tps})
         for tp in tps:
             ot = found.get(tp)
             if ot is not None:

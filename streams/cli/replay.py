@@ -10,7 +10,7 @@ from typing import IO
 import click
 
 from agentstream.streams.cli import check_time_range, cli, output_file, run, time_option
-from agentstream.streams.replay import Progress, replay_batches
+from agentstream.streams.replay import OUTPUT_FORMATS, Progress, replay_batches
 from agentstream.streams.settings import get_settings
 
 
@@ -67,7 +67,11 @@ def _dur(seconds: float) -> str:
     help="Start: ISO-8601, `now`, or -15m/-2h/-1d (default: the oldest record).",
 )
 @click.option(
-    "--until", callback=time_option, default="now", show_default=True, help="End (inclusive)."
+    "--until",
+    callback=time_option,
+    default="now",
+    show_default=True,
+    help="End (exclusive: ranges are [since, until)).",
 )
 @click.option("--agent", help="Only events naming this agent (source, sender, recipient, key).")
 @click.option("--type", "event_type", help="Only events of this type.")
@@ -78,6 +82,14 @@ def _dur(seconds: float) -> str:
     type=click.Path(dir_okay=False, path_type=Path),
     callback=output_file,
     help="Write to FILE (default: stdout).",
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(OUTPUT_FORMATS),
+    default="record",
+    show_default=True,
+    help="record: coordinates, key and event (as `tail` prints); event: the event alone.",
 )
 @click.option(
     "--show-secrets",
@@ -92,13 +104,15 @@ def replay_cmd(
     event_type: str | None,
     correlation_id: str | None,
     out_path: Path | None,
+    fmt: str,
     show_secrets: bool,
 ) -> None:
     """Replay a time range of TOPICS as JSON lines, merged in timestamp order.
 
     Reads with its own consumer: no consumer group is joined and no offset is committed,
     so a replay never disturbs the workers. Each line holds the record's coordinates and
-    the event as it is on the wire (or `error` + `value_b64` for an undecodable record);
+    the event as it is on the wire (or `error` + `value_b64` for an undecodable record;
+    --format event writes the event alone, and the undecodable records to stderr);
     secrets (`auth.token` and the other secret keys of `streams.redaction`) are written
     as "[REDACTED]" unless --show-secrets.
     """
@@ -118,6 +132,7 @@ def replay_cmd(
             out_path,
             bar_stream,
             show_secrets=show_secrets,
+            fmt=fmt,
         )
     )
     if out_path is not None:
@@ -135,6 +150,7 @@ async def _replay(
     bar_stream: IO[str] | None,
     *,
     show_secrets: bool = False,
+    fmt: str = "record",
 ) -> int:
     settings = get_settings()
     progress = Progress()
@@ -153,8 +169,14 @@ async def _replay(
             correlation_id=correlation_id,
             progress=progress,
         ):
-            pending.extend(rec.json_line(show_secrets=show_secrets) for rec in batch)
-            n += len(batch)
+            for rec in batch:
+                line = rec.line(fmt, show_secrets=show_secrets)
+                if line is not None:
+                    pending.append(line)
+                    n += 1
+                else:
+                    where = f"{rec.topic}:{rec.partition}:{rec.offset}"
+                    click.echo(f"{where}: {rec.error}", err=True)
             if len(pending) >= 2000:
                 out.write(b"".join(pending))
                 pending.clear()

@@ -64,6 +64,8 @@ async def test_tail_and_replay_redact_access_tokens(
             settings_env,
             "tail",
             "agent.messages",
+            "--format",
+            "event",  # the events alone; the undecodable record is told on stderr
             "--from-beginning",
             "--max",
             "2",

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import orjson
 import pytest
 
-from agentstream.schemas import AgentMessage, Event, encode
+from agentstream.schemas import AgentMessage, Event, SchemaError, encode
 from agentstream.streams.cli.replay import render_bar
 from agentstream.streams.replay import ReplayRecord, TimeParseError, heap_key, matches, parse_time
 
@@ -92,3 +92,38 @@ def test_progress_bar() -> None:
     bar = render_bar(done=500, total=1000, emitted=400, elapsed=2.0)
     assert "50.0%" in bar and "250 ev/s" in bar and "ETA 2s" in bar and "400 written" in bar
     assert "100.0%" in render_bar(done=0, total=0, emitted=0, elapsed=0)
+
+
+def test_output_formats_record_and_event() -> None:
+    ev = message()
+    rec = record(ev)
+    assert rec.line("record") == rec.json_line()
+    assert orjson.loads(rec.line("event") or b"") == orjson.loads(encode(ev))
+    junk = record(value=b"junk")
+    assert junk.line("event") is None  # told on stderr by the commands
+    assert orjson.loads(junk.line("record") or b"")["error"] == "not JSON"
+
+
+def test_event_format_redacts_secrets_unless_asked() -> None:
+    raw = orjson.loads(encode(message()))
+    raw["payload"]["metadata"] = {"auth": {"token": "s3cret"}}
+    rec = ReplayRecord("t", 0, 1, 1, None, orjson.dumps(raw), raw, None)
+    assert b"s3cret" not in (rec.line("event") or b"")
+    assert b"s3cret" not in rec.line("record")
+    assert b"s3cret" in (rec.line("event", show_secrets=True) or b"")
+
+
+def test_tail_prints_the_lines_replay_writes() -> None:
+    from agentstream.schemas import registry
+    from agentstream.streams.cli.core import received_record
+    from agentstream.streams.client import Received
+
+    ev = message()
+    raw = encode(ev)
+    got = received_record(Received("t", 1, 42, 1000, b"k", raw, registry.decode(raw), None))
+    assert got.json_line() == record(ev).json_line()
+    assert got.line("event") == record(ev).line("event")
+    bad = received_record(Received("t", 1, 43, 1000, None, b"junk", None, SchemaError("nope")))
+    line = orjson.loads(bad.json_line())
+    assert line["key"] is None and line["value_b64"] == "anVuaw=="
+    assert line["error"] == "SchemaError: nope"
