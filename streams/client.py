@@ -41,6 +41,7 @@ import threading
 import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, TypeVar
@@ -448,7 +449,7 @@ class AsyncClient:
         timeout_s: float | None = None,
         max_events: int | None = None,
         partitions: Sequence[int] | None = None,
-        offset: str | int | None = None,
+        offset: StartOffset | None = None,
     ) -> AsyncGenerator[Received, None]:
         """Yield records as they arrive. Stops after `max_events`, or `timeout_s`
         without a record. A topic that does not exist raises `BrokerError` after
@@ -457,15 +458,15 @@ class AsyncClient:
         Without `group_id` the consumer is assigned `partitions` (default: all) and
         commits nothing, so no group is disturbed; it starts at `offset` (as kcat's
         ``-o``): ``"beginning"``, ``"end"`` (the default), an absolute offset ``n >= 0``,
-        or ``-n``, the last n records of each partition. `from_beginning` is
-        ``offset="beginning"``.
+        ``-n``, the last n records of each partition, or a datetime, the first record at
+        or after it. `from_beginning` is ``offset="beginning"``.
 
         With `group_id` it joins that consumer group and commits what it has read: the
         group assigns the partitions (`partitions` is refused) and a partition without
         a committed offset starts at ``"beginning"`` or ``"end"`` (`offset`)."""
         names = [topics] if isinstance(topics, str) else list(topics)
         start = check_start_offset("beginning" if from_beginning else offset)
-        if group_id is not None and (partitions or not isinstance(start, str)):
+        if group_id is not None and (partitions or start not in ("beginning", "end")):
             raise ValueError(
                 "with a consumer group the group assigns partitions and starts at its "
                 "committed offsets: only offset='beginning' or 'end' applies"
@@ -517,11 +518,20 @@ class AsyncClient:
             await consumer.stop()
 
 
-def check_start_offset(offset: str | int | None) -> str | int:
-    """`offset` of `subscribe` as ``"beginning"``, ``"end"`` or an int; ValueError
-    otherwise (strings of digits, ``"-10"``, are accepted: they come from a command line)."""
+#: where a subscription starts: "beginning", "end", an offset (>= 0), the last n records
+#: of each partition (-n), or the first record at or after a time
+StartOffset = str | int | datetime
+
+
+def check_start_offset(offset: str | int | datetime | None) -> StartOffset:
+    """`offset` of `subscribe` as ``"beginning"``, ``"end"``, an int or an aware
+    datetime; ValueError otherwise. Strings come from a command line: ``"42"``,
+    ``"-10"``, a time as `replay` takes it (ISO-8601, ``-15m``; a number is an offset,
+    never a time) or kcat's ``s@<epoch ms>``."""
     if offset is None:
         return "end"
+    if isinstance(offset, datetime):
+        return offset if offset.tzinfo else offset.replace(tzinfo=UTC)
     if isinstance(offset, int) and not isinstance(offset, bool):
         return offset
     if isinstance(offset, str):
@@ -532,17 +542,33 @@ def check_start_offset(offset: str | int | None) -> str | int:
             return int(text)
         except ValueError:
             pass
+        from agentstream.streams.replay import TimeParseError, parse_time
+
+        try:
+            if text.startswith("s@") and text[2:].isdigit():
+                return parse_time(int(text[2:]))
+            if text:
+                return parse_time(offset)
+        except (TimeParseError, ValueError, OverflowError, OSError):
+            pass
     raise ValueError(
-        f"offset {offset!r}: 'beginning', 'end', an offset n, or -n (the last n records "
-        "of each partition)"
+        f"offset {offset!r}: 'beginning', 'end', an offset n, -n (the last n records of "
+        "each partition), or a time (ISO-8601, -15m, s@<epoch ms>)"
     )
 
 
-async def _seek(consumer: AIOKafkaConsumer, tps: list[TopicPartition], start: str | int) -> None:
+async def _seek(consumer: AIOKafkaConsumer, tps: list[TopicPartition], start: StartOffset) -> None:
     if start == "beginning":
         await consumer.seek_to_beginning(*tps)
     elif start == "end":
         await consumer.seek_to_end(*tps)
+    elif isinstance(start, datetime):
+        ms = int(start.timestamp() * 1000)
+        found = await consumer.offsets_for_times({tp: ms for tp in tps})
+        end = await consumer.end_offsets(tps)
+        for tp in tps:
+            hit = found.get(tp)  # None: no record at or after that time yet
+            consumer.seek(tp, hit.offset if hit is not None else end[tp])
     else:
         assert isinstance(start, int)
         begin = await consumer.beginning_offsets(tps)
@@ -836,7 +862,7 @@ class Client:
         timeout_s: float | None = None,
         max_events: int | None = None,
         partitions: Sequence[int] | None = None,
-        offset: str | int | None = None,
+        offset: StartOffset | None = None,
     ) -> Subscription:
         """Records as they arrive, as `AsyncClient.subscribe`; the consumer starts at the
         first `next()`."""

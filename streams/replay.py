@@ -158,30 +158,49 @@ class ReplayRecord:
             self.timestamp_ms,
             key,
         )
+        body = self.event_json(show_secrets=show_secrets)
+        if self.data is not None and self.value is not None:
+            return head + b'"event":' + body + b"}\n"
+        return head + body[1:] + b"\n"  # {"error": ..., "value_b64": ...} merged in
+
+    def event_json(self, *, show_secrets: bool = False) -> bytes:
+        """The event as it is on the wire (re-encoded only to redact a secret), or, for a
+        record that is no event, ``{"error": ..., "value_b64": ...}``."""
         if self.data is not None and self.value is not None:
             shown = self.data if show_secrets else redact_event_dict(self.data)
-            if shown is not self.data:
-                return head + b'"event":' + orjson.dumps(shown) + b"}\n"
-            return head + b'"event":' + self.value.strip() + b"}\n"
+            return self.value.strip() if shown is self.data else orjson.dumps(shown)
         value = self.value or b""
         if not show_secrets:
             value = redact_raw(value)
-        tail = orjson.dumps({"error": self.error, "value_b64": base64.b64encode(value).decode()})
-        return head + tail[1:] + b"\n"
+        return orjson.dumps({"error": self.error, "value_b64": base64.b64encode(value).decode()})
 
-    def event_line(self, *, show_secrets: bool = False) -> bytes | None:
-        """The event alone as one JSON line (secrets redacted unless `show_secrets`), or
-        None for a record that is no event (`error` says why)."""
-        if self.data is None:
-            return None
-        shown = self.data if show_secrets else redact_event_dict(self.data)
-        return orjson.dumps(shown) + b"\n"
-
-    def line(self, fmt: str, *, show_secrets: bool = False) -> bytes | None:
-        """The line of output format `fmt` (`OUTPUT_FORMATS`); None: nothing to write."""
-        if fmt == "event":
-            return self.event_line(show_secrets=show_secrets)
-        return self.json_line(show_secrets=show_secrets)
+    def render(self, fmt: str = "json", *, meta: bool = False, show_secrets: bool = False) -> bytes:
+        """The output of `tail` and `replay` for this record (see `OUTPUT_FORMATS`), one
+        line (`pretty`: one indented block) ending in a newline. `meta` adds the
+        record's topic, partition, offset, timestamp_ms and key."""
+        if fmt == "raw":
+            value = self.value or b""
+            if not show_secrets:
+                value = redact_raw(value)
+            if not meta:
+                return value + b"\n"
+            key = b"" if self.key is None else self.key
+            head = b"%s\t%d\t%d\t%d\t" % (
+                self.topic.encode(),
+                self.partition,
+                self.offset,
+                self.timestamp_ms,
+            )
+            return head + key + b"\t" + value + b"\n"
+        line = self.json_line(show_secrets=show_secrets) if meta else None
+        if fmt == "pretty":
+            body = (
+                orjson.loads(line)
+                if line
+                else orjson.loads(self.event_json(show_secrets=show_secrets))
+            )
+            return orjson.dumps(body, option=orjson.OPT_INDENT_2) + b"\n"
+        return line if line is not None else self.event_json(show_secrets=show_secrets) + b"\n"
 
     def __repr__(self) -> str:
         return f"<ReplayRecord {self.topic}:{self.partition}:{self.offset} {self.type}>"
@@ -213,10 +232,14 @@ def matches(
     return True
 
 
-#: what `tail` and `replay` print per record: `record` = coordinates (topic, partition,
-#: offset, timestamp_ms, key) + the event as on the wire, or `error` + `value_b64`;
-#: `event` = the event alone (records that are no event go to stderr)
-OUTPUT_FORMATS = ("record", "event")
+#: what `tail` and `replay` print per record (`ReplayRecord.render`):
+#: json   one JSON line: the event as it is on the wire, or, for a record that is no
+#:        event, {"error", "value_b64"}; with --meta {"topic", "partition", "offset",
+#:        "timestamp_ms", "key", "event" | "error"+"value_b64"}
+#: pretty the same JSON, indented
+#: raw    the value's bytes as they are on the wire, one record per line; with --meta
+#:        preceded by topic, partition, offset, timestamp_ms and key, tab-separated
+OUTPUT_FORMATS = ("json", "pretty", "raw")
 
 
 def parse_record(topic: str, rec: Any) -> ReplayRecord:

@@ -16,7 +16,13 @@ from agentstream.schemas import Event, registry
 from agentstream.schemas.errors import PipelineError, SchemaError
 from agentstream.streams.admin import ensure_topics, list_topics
 from agentstream.streams.cli import ConfigError, checked_settings, cli, install_web_auth, run
-from agentstream.streams.client import AsyncClient, Received, build_event, check_start_offset
+from agentstream.streams.client import (
+    AsyncClient,
+    Received,
+    StartOffset,
+    build_event,
+    check_start_offset,
+)
 from agentstream.streams.errors import BrokerError
 from agentstream.streams.replay import OUTPUT_FORMATS, ReplayRecord
 from agentstream.streams.settings import Settings, get_settings
@@ -293,7 +299,7 @@ async def _publish(
     return valid, bad
 
 
-def start_offset(ctx: click.Context, param: click.Parameter, value: str | None) -> str | int:
+def start_offset(ctx: click.Context, param: click.Parameter, value: str | None) -> StartOffset:
     """Callback of `tail --offset`: `beginning`, `end`, n or -n (checked before any
     connection)."""
     try:
@@ -309,9 +315,10 @@ def start_offset(ctx: click.Context, param: click.Parameter, value: str | None) 
     "-o",
     default="end",
     callback=start_offset,
-    metavar="beginning|end|N|-N",
-    help="Where to start: the oldest record, new records only (default), offset N, or the "
-    "last N records of each partition.",
+    metavar="beginning|end|N|-N|TIME",
+    help="Where to start: the oldest record, new records only (default), offset N, the "
+    "last N records of each partition, or the first record at or after TIME (ISO-8601, "
+    "-15m / -2h, or s@<epoch ms> as in kcat).",
 )
 @click.option("--from-beginning", is_flag=True, help="Same as --offset beginning.")
 @click.option(
@@ -342,9 +349,15 @@ def start_offset(ctx: click.Context, param: click.Parameter, value: str | None) 
     "--format",
     "fmt",
     type=click.Choice(OUTPUT_FORMATS),
-    default="record",
+    default="json",
     show_default=True,
-    help="record: coordinates, key and event, as `replay` writes; event: the event alone.",
+    help="json: one line per record, the event as on the wire; pretty: indented JSON; "
+    "raw: the value's bytes.",
+)
+@click.option(
+    "--meta",
+    is_flag=True,
+    help="Also print each record's topic, partition, offset, timestamp_ms and key.",
 )
 @click.option(
     "--show-secrets",
@@ -353,7 +366,7 @@ def start_offset(ctx: click.Context, param: click.Parameter, value: str | None) 
 )
 def tail(
     topic: str,
-    offset: str | int,
+    offset: StartOffset,
     from_beginning: bool,
     partitions: tuple[int, ...],
     key: str | None,
@@ -361,25 +374,25 @@ def tail(
     max_events: int | None,
     timeout_s: float | None,
     fmt: str,
+    meta: bool,
     show_secrets: bool,
 ) -> None:
-    """Print the records of TOPIC as JSON lines, as they arrive.
+    """Print the records of TOPIC as they arrive, in the format `replay` writes.
 
-    Each line is the record's topic, partition, offset, timestamp_ms and key with the
-    event as it is on the wire (--format record, the lines `replay` writes), or the event
-    alone (--format event). A record that is no event is a line with `error` and
-    `value_b64` (--format event: a line on stderr). Secrets (`auth.token` and the other
-    secret keys of `streams.redaction`) are printed as "[REDACTED]" unless
-    --show-secrets. --max counts the records printed."""
+    --format json (one line per record: the event as it is on the wire, or `error` and
+    `value_b64` for a record that is no event), pretty or raw; --meta adds topic,
+    partition, offset, timestamp_ms and key. Secrets (`auth.token` and the other secret
+    keys of `streams.redaction`) are printed as "[REDACTED]" unless --show-secrets.
+    --max counts the records printed."""
     check_topic(topic, get_settings().topic_prefix)
     if from_beginning:
         if offset != "end":
             raise click.UsageError("--from-beginning and --offset: give one of them")
         offset = "beginning"
-    if group_id is not None and (partitions or not isinstance(offset, str)):
+    if group_id is not None and (partitions or offset not in ("beginning", "end")):
         raise click.UsageError(
             "--group: the group assigns the partitions and starts at its committed "
-            "offsets; --partition and --offset N/-N apply only without a group"
+            "offsets; --partition and --offset N/-N/TIME apply only without a group"
         )
     run(
         _tail(
@@ -391,6 +404,7 @@ def tail(
             max_events=max_events,
             timeout_s=timeout_s,
             fmt=fmt,
+            meta=meta,
             show_secrets=show_secrets,
         )
     )
@@ -399,13 +413,14 @@ def tail(
 async def _tail(
     topic: str,
     *,
-    offset: str | int = "end",
+    offset: StartOffset = "end",
     partitions: tuple[int, ...] = (),
     key: str | None = None,
     group_id: str | None = None,
     max_events: int | None = None,
     timeout_s: float | None = None,
-    fmt: str = "record",
+    fmt: str = "json",
+    meta: bool = False,
     show_secrets: bool = False,
 ) -> None:
     out = sys.stdout.buffer
@@ -424,13 +439,8 @@ async def _tail(
         async for rec in records:
             if wanted is not None and rec.key != wanted:
                 continue
-            line = received_record(rec).line(fmt, show_secrets=show_secrets)
-            if line is None:
-                where = f"{rec.topic}:{rec.partition}:{rec.offset}"
-                click.echo(f"{where}: {type(rec.error).__name__}: {rec.error}", err=True)
-            else:
-                out.write(line)
-                out.flush()
+            out.write(received_record(rec).render(fmt, meta=meta, show_secrets=show_secrets))
+            out.flush()
             printed += 1
             if max_events is not None and printed >= max_events:
                 break

@@ -87,9 +87,15 @@ def _dur(seconds: float) -> str:
     "--format",
     "fmt",
     type=click.Choice(OUTPUT_FORMATS),
-    default="record",
+    default="json",
     show_default=True,
-    help="record: coordinates, key and event (as `tail` prints); event: the event alone.",
+    help="json: one line per record, the event as on the wire; pretty: indented JSON; "
+    "raw: the value's bytes.",
+)
+@click.option(
+    "--meta",
+    is_flag=True,
+    help="Also print each record's topic, partition, offset, timestamp_ms and key.",
 )
 @click.option(
     "--show-secrets",
@@ -105,16 +111,18 @@ def replay_cmd(
     correlation_id: str | None,
     out_path: Path | None,
     fmt: str,
+    meta: bool,
     show_secrets: bool,
 ) -> None:
-    """Replay a time range of TOPICS as JSON lines, merged in timestamp order.
+    """Replay a time range [--since, --until) of TOPICS, merged in timestamp order.
 
     Reads with its own consumer: no consumer group is joined and no offset is committed,
-    so a replay never disturbs the workers. Each line holds the record's coordinates and
-    the event as it is on the wire (or `error` + `value_b64` for an undecodable record;
-    --format event writes the event alone, and the undecodable records to stderr);
-    secrets (`auth.token` and the other secret keys of `streams.redaction`) are written
-    as "[REDACTED]" unless --show-secrets.
+    so a replay never disturbs the workers. Records are written as `tail` prints them:
+    --format json (one line per record: the event as it is on the wire, or `error` +
+    `value_b64` for an undecodable record), pretty or raw; --meta adds each record's
+    topic, partition, offset, timestamp_ms and key (what an audit trail keeps). Secrets
+    (`auth.token` and the other secret keys of `streams.redaction`) are written as
+    "[REDACTED]" unless --show-secrets.
     """
     names = [t.strip() for t in topics.split(",") if t.strip()]
     if not names:
@@ -133,6 +141,7 @@ def replay_cmd(
             bar_stream,
             show_secrets=show_secrets,
             fmt=fmt,
+            meta=meta,
         )
     )
     if out_path is not None:
@@ -150,7 +159,8 @@ async def _replay(
     bar_stream: IO[str] | None,
     *,
     show_secrets: bool = False,
-    fmt: str = "record",
+    fmt: str = "json",
+    meta: bool = False,
 ) -> int:
     settings = get_settings()
     progress = Progress()
@@ -169,14 +179,8 @@ async def _replay(
             correlation_id=correlation_id,
             progress=progress,
         ):
-            for rec in batch:
-                line = rec.line(fmt, show_secrets=show_secrets)
-                if line is not None:
-                    pending.append(line)
-                    n += 1
-                else:
-                    where = f"{rec.topic}:{rec.partition}:{rec.offset}"
-                    click.echo(f"{where}: {rec.error}", err=True)
+            pending.extend(rec.render(fmt, meta=meta, show_secrets=show_secrets) for rec in batch)
+            n += len(batch)
             if len(pending) >= 2000:
                 out.write(b"".join(pending))
                 pending.clear()

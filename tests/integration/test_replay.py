@@ -109,6 +109,7 @@ async def test_replay_time_range_merge_filters_and_cli(
         iso(until),
         "--out",
         str(out),
+        "--meta",
     )
     assert res.returncode == 0, res.stderr
     lines = [orjson.loads(line) for line in out.read_bytes().splitlines()]
@@ -129,7 +130,7 @@ async def test_replay_time_range_merge_filters_and_cli(
         "agent-2",
     )
     rows = [orjson.loads(line) for line in res.stdout.splitlines()]
-    assert rows and {r["event"]["payload"]["sender_id"] for r in rows} == {"agent-2"}
+    assert rows and {r["payload"]["sender_id"] for r in rows} == {"agent-2"}
 
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap)
     await admin.start()

@@ -16,6 +16,7 @@ import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -237,7 +238,7 @@ MISTAKES = [
     Mistake(
         "tail-offset-unknown",
         ("tail", "agent.messages", "--offset", "soon"),
-        ("offset 'soon': 'beginning', 'end', an offset n, or -n",),
+        ("offset 'soon': 'beginning', 'end', an offset n, -n (the last n records",),
         2,
     ),
     Mistake(
@@ -255,7 +256,7 @@ MISTAKES = [
     Mistake(
         "replay-format-unknown",
         ("replay", "--topics", "agent.messages", "--format", "xml"),
-        ("Invalid value for '--format': 'xml' is not one of 'record', 'event'.",),
+        ("Invalid value for '--format': 'xml' is not one of 'json', 'pretty', 'raw'.",),
         2,
     ),
     Mistake(
@@ -471,7 +472,11 @@ def test_start_offsets_as_kcat_takes_them() -> None:
     assert check_start_offset("-10") == -10
     assert check_start_offset("42") == 42
     assert check_start_offset(7) == 7
-    for bad in ("soon", "", True, 1.5):
+    assert check_start_offset("s@1733380000000") == datetime(2024, 12, 5, 6, 26, 40, tzinfo=UTC)
+    assert check_start_offset("2026-01-01T00:00:00Z") == datetime(2026, 1, 1, tzinfo=UTC)
+    ago = check_start_offset("-15m")
+    assert isinstance(ago, datetime) and ago < datetime.now(UTC)
+    for bad in ("soon", "", "s@x", True, 1.5):
         with pytest.raises(ValueError, match="'beginning', 'end'"):
             check_start_offset(bad)  # type: ignore[arg-type]
 

@@ -94,23 +94,29 @@ def test_progress_bar() -> None:
     assert "100.0%" in render_bar(done=0, total=0, emitted=0, elapsed=0)
 
 
-def test_output_formats_record_and_event() -> None:
+def test_output_formats() -> None:
     ev = message()
     rec = record(ev)
-    assert rec.line("record") == rec.json_line()
-    assert orjson.loads(rec.line("event") or b"") == orjson.loads(encode(ev))
+    assert rec.render("json", meta=True) == rec.json_line()
+    assert orjson.loads(rec.render("json")) == orjson.loads(encode(ev))
+    assert rec.render("raw") == encode(ev) + b"\n"
+    assert rec.render("raw", meta=True) == b"t\t1\t42\t1000\tk\t" + encode(ev) + b"\n"
+    pretty = rec.render("pretty", meta=True)
+    assert b"\n  " in pretty and orjson.loads(pretty) == orjson.loads(rec.json_line())
     junk = record(value=b"junk")
-    assert junk.line("event") is None  # told on stderr by the commands
-    assert orjson.loads(junk.line("record") or b"")["error"] == "not JSON"
+    assert orjson.loads(junk.render("json")) == {"error": "not JSON", "value_b64": "anVuaw=="}
+    assert orjson.loads(junk.render("json", meta=True))["offset"] == 42
+    assert junk.render("raw") == b"junk\n"
 
 
-def test_event_format_redacts_secrets_unless_asked() -> None:
+def test_every_format_redacts_secrets_unless_asked() -> None:
     raw = orjson.loads(encode(message()))
     raw["payload"]["metadata"] = {"auth": {"token": "s3cret"}}
     rec = ReplayRecord("t", 0, 1, 1, None, orjson.dumps(raw), raw, None)
-    assert b"s3cret" not in (rec.line("event") or b"")
-    assert b"s3cret" not in rec.line("record")
-    assert b"s3cret" in (rec.line("event", show_secrets=True) or b"")
+    for fmt in ("json", "pretty", "raw"):
+        for meta in (False, True):
+            assert b"s3cret" not in rec.render(fmt, meta=meta), (fmt, meta)
+            assert b"s3cret" in rec.render(fmt, meta=meta, show_secrets=True), (fmt, meta)
 
 
 def test_tail_prints_the_lines_replay_writes() -> None:
@@ -122,7 +128,7 @@ def test_tail_prints_the_lines_replay_writes() -> None:
     raw = encode(ev)
     got = received_record(Received("t", 1, 42, 1000, b"k", raw, registry.decode(raw), None))
     assert got.json_line() == record(ev).json_line()
-    assert got.line("event") == record(ev).line("event")
+    assert got.render("raw", meta=True) == record(ev).render("raw", meta=True)
     bad = received_record(Received("t", 1, 43, 1000, None, b"junk", None, SchemaError("nope")))
     line = orjson.loads(bad.json_line())
     assert line["key"] is None and line["value_b64"] == "anVuaw=="
