@@ -115,6 +115,10 @@ def create_app(settings: Settings) -> AgentStreamApp:
         broker_credentials=faust_credentials(settings),
         autodiscover=settings.agent_modules,
         origin="agentstream.streams",
+        # Faust reads ~80 variables of its own (BROKER_SESSION_TIMEOUT, WEB_PORT,
+        # APP_DATADIR ...) from the environment *over* what is passed here: a WEB_PORT
+        # set for another program would move the views. AGENTSTREAM_* is the one source.
+        env={},
         store="memory://",
         datadir=str(settings.data_dir / settings.app_id),
         processing_guarantee=settings.processing_guarantee,

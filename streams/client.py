@@ -39,8 +39,9 @@ import contextlib
 import re
 import threading
 import weakref
-from collections.abc import AsyncIterator, Coroutine, Iterable, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, TypeVar
@@ -447,34 +448,57 @@ class AsyncClient:
         group_id: str | None = None,
         timeout_s: float | None = None,
         max_events: int | None = None,
-    ) -> AsyncIterator[Received]:
-        """Yield records as they arrive. Without `group_id` nothing is committed and no
-        group is disturbed. Stops after `max_events`, or `timeout_s` without a record.
-        Without `group_id`, a topic that does not exist raises `BrokerError` after
-        `timeout_s` (default `UNKNOWN_TOPIC_TIMEOUT_S`)."""
+        partitions: Sequence[int] | None = None,
+        offset: StartOffset | None = None,
+    ) -> AsyncGenerator[Received, None]:
+        """Yield records as they arrive. Stops after `max_events`, or `timeout_s`
+        without a record. A topic that does not exist raises `BrokerError` after
+        `timeout_s` (default `UNKNOWN_TOPIC_TIMEOUT_S`).
+
+        Without `group_id` the consumer is assigned `partitions` (default: all) and
+        commits nothing, so no group is disturbed; it starts at `offset` (as kcat's
+        ``-o``): ``"beginning"``, ``"end"`` (the default), an absolute offset ``n >= 0``,
+        ``-n``, the last n records of each partition, or a datetime, the first record at
+        or after it. `from_beginning` is ``offset="beginning"``.
+
+        With `group_id` it joins that consumer group and commits what it has read: the
+        group assigns the partitions (`partitions` is refused) and a partition without
+        a committed offset starts at ``"beginning"`` or ``"end"`` (`offset`)."""
         names = [topics] if isinstance(topics, str) else list(topics)
+        start = check_start_offset("beginning" if from_beginning else offset)
+        if group_id is not None and (partitions or start not in ("beginning", "end")):
+            raise ValueError(
+                "with a consumer group the group assigns partitions and starts at its "
+                "committed offsets: only offset='beginning' or 'end' applies"
+            )
         consumer = self._new_consumer(
             "subscribing",
             group_id=group_id,
             enable_auto_commit=group_id is not None,
-            auto_offset_reset="earliest" if from_beginning else "latest",
+            auto_offset_reset="earliest" if start != "end" else "latest",
             client_id=f"agentstream-sub-{uuid4().hex[:8]}",
             isolation_level="read_committed",
         )
         await consumer.start()
         try:
+            wait_s = UNKNOWN_TOPIC_TIMEOUT_S if timeout_s is None else timeout_s
+            tps = []
+            for name in names:
+                full = self._full(name)
+                # also with a group: subscribing to a missing topic would wait forever
+                parts = await _partitions(consumer, full, wait_s)
+                if partitions:
+                    unknown = sorted(set(partitions) - set(parts))
+                    if unknown:
+                        raise ValueError(
+                            f"{full} has partitions {parts[0]}-{parts[-1]}: no partition "
+                            f"{', '.join(map(str, unknown))}"
+                        )
+                    parts = sorted(set(partitions))
+                tps += [TopicPartition(full, p) for p in parts]
             if group_id is None:
-                wait_s = UNKNOWN_TOPIC_TIMEOUT_S if timeout_s is None else timeout_s
-                tps = []
-                for name in names:
-                    full = self._full(name)
-                    parts = await _partitions(consumer, full, wait_s)
-                    tps += [TopicPartition(full, p) for p in parts]
                 consumer.assign(tps)
-                if from_beginning:
-                    await consumer.seek_to_beginning(*tps)
-                else:
-                    await consumer.seek_to_end(*tps)
+                await _seek(consumer, tps, start)
             else:
                 consumer.subscribe([self._full(n) for n in names])
             seen = 0
@@ -492,6 +516,69 @@ class AsyncClient:
                             return
         finally:
             await consumer.stop()
+
+
+#: where a subscription starts: "beginning", "end", an offset (>= 0), the last n records
+#: of each partition (-n), or the first record at or after a time
+StartOffset = str | int | datetime
+
+
+def check_start_offset(offset: str | int | datetime | None) -> StartOffset:
+    """`offset` of `subscribe` as ``"beginning"``, ``"end"``, an int or an aware
+    datetime; ValueError otherwise. Strings come from a command line: ``"42"``,
+    ``"-10"``, a time as `replay` takes it (ISO-8601, ``-15m``; a number is an offset,
+    never a time) or kcat's ``s@<epoch ms>``."""
+    if offset is None:
+        return "end"
+    if isinstance(offset, datetime):
+        return offset if offset.tzinfo else offset.replace(tzinfo=UTC)
+    if isinstance(offset, int) and not isinstance(offset, bool):
+        return offset
+    if isinstance(offset, str):
+        text = offset.strip().lower()
+        if text in ("beginning", "end"):
+            return text
+        try:
+            return int(text)
+        except ValueError:
+            pass
+        from agentstream.streams.replay import TimeParseError, parse_time
+
+        try:
+            if text.startswith("s@") and text[2:].isdigit():
+                return parse_time(int(text[2:]))
+            if text:
+                return parse_time(offset)
+        except (TimeParseError, ValueError, OverflowError, OSError):
+            pass
+    raise ValueError(
+        f"offset {offset!r}: 'beginning', 'end', an offset n, -n (the last n records of "
+        "each partition), or a time (ISO-8601, -15m, s@<epoch ms>)"
+    )
+
+
+async def _seek(consumer: AIOKafkaConsumer, tps: list[TopicPartition], start: StartOffset) -> None:
+    if start == "beginning":
+        await consumer.seek_to_beginning(*tps)
+    elif start == "end":
+        await consumer.seek_to_end(*tps)
+    elif isinstance(start, datetime):
+        ms = int(start.timestamp() * 1000)
+        found = await consumer.offsets_for_times({tp: ms for tp in tps})
+        end = await consumer.end_offsets(tps)
+        for tp in tps:
+            hit = found.get(tp)  # None: no record at or after that time yet
+            consumer.seek(tp, hit.offset if hit is not None else end[tp])
+    else:
+        assert isinstance(start, int)
+        begin = await consumer.beginning_offsets(tps)
+        end = await consumer.end_offsets(tps)
+        for tp in tps:
+            # -n: the last n records (not below the log start); n: that offset, or the
+            # log start if it was deleted (a seek below it would reset to `earliest`
+            # anyway, silently)
+            wanted = end[tp] + start if start < 0 else start
+            consumer.seek(tp, max(begin[tp], wanted))
 
 
 async def _partitions(consumer: AIOKafkaConsumer, topic: str, timeout_s: float) -> list[int]:
@@ -774,6 +861,8 @@ class Client:
         group_id: str | None = None,
         timeout_s: float | None = None,
         max_events: int | None = None,
+        partitions: Sequence[int] | None = None,
+        offset: StartOffset | None = None,
     ) -> Subscription:
         """Records as they arrive, as `AsyncClient.subscribe`; the consumer starts at the
         first `next()`."""
@@ -783,6 +872,8 @@ class Client:
             group_id=group_id,
             timeout_s=timeout_s,
             max_events=max_events,
+            partitions=partitions,
+            offset=offset,
         )
         return Subscription(self._loop(), records)
 

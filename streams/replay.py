@@ -8,6 +8,9 @@ How it reads
 * Start offsets come from offsets-for-times on every partition; the stop offset of each
   partition is fixed when the replay starts (the first offset at or after `until`, capped
   by the end offset snapshot), so a replay of a live topic terminates.
+* Time ranges are half-open, ``[since, until)``, in every command and view that takes
+  one: ``--since 10:00 --until 11:00`` and ``--since 11:00 --until 12:00`` share no
+  record and miss none.
 * Its own consumer is *assigned* the partitions and seeks: it joins no consumer group and
   commits nothing, so a replay never moves any worker's offsets or triggers a rebalance.
 * Partitions are merged in ``(timestamp, partition, offset)`` order with a k-way heap
@@ -155,16 +158,49 @@ class ReplayRecord:
             self.timestamp_ms,
             key,
         )
+        body = self.event_json(show_secrets=show_secrets)
+        if self.data is not None and self.value is not None:
+            return head + b'"event":' + body + b"}\n"
+        return head + body[1:] + b"\n"  # {"error": ..., "value_b64": ...} merged in
+
+    def event_json(self, *, show_secrets: bool = False) -> bytes:
+        """The event as it is on the wire (re-encoded only to redact a secret), or, for a
+        record that is no event, ``{"error": ..., "value_b64": ...}``."""
         if self.data is not None and self.value is not None:
             shown = self.data if show_secrets else redact_event_dict(self.data)
-            if shown is not self.data:
-                return head + b'"event":' + orjson.dumps(shown) + b"}\n"
-            return head + b'"event":' + self.value.strip() + b"}\n"
+            return self.value.strip() if shown is self.data else orjson.dumps(shown)
         value = self.value or b""
         if not show_secrets:
             value = redact_raw(value)
-        tail = orjson.dumps({"error": self.error, "value_b64": base64.b64encode(value).decode()})
-        return head + tail[1:] + b"\n"
+        return orjson.dumps({"error": self.error, "value_b64": base64.b64encode(value).decode()})
+
+    def render(self, fmt: str = "json", *, meta: bool = False, show_secrets: bool = False) -> bytes:
+        """The output of `tail` and `replay` for this record (see `OUTPUT_FORMATS`), one
+        line (`pretty`: one indented block) ending in a newline. `meta` adds the
+        record's topic, partition, offset, timestamp_ms and key."""
+        if fmt == "raw":
+            value = self.value or b""
+            if not show_secrets:
+                value = redact_raw(value)
+            if not meta:
+                return value + b"\n"
+            key = b"" if self.key is None else self.key
+            head = b"%s\t%d\t%d\t%d\t" % (
+                self.topic.encode(),
+                self.partition,
+                self.offset,
+                self.timestamp_ms,
+            )
+            return head + key + b"\t" + value + b"\n"
+        line = self.json_line(show_secrets=show_secrets) if meta else None
+        if fmt == "pretty":
+            body = (
+                orjson.loads(line)
+                if line
+                else orjson.loads(self.event_json(show_secrets=show_secrets))
+            )
+            return orjson.dumps(body, option=orjson.OPT_INDENT_2) + b"\n"
+        return line if line is not None else self.event_json(show_secrets=show_secrets) + b"\n"
 
     def __repr__(self) -> str:
         return f"<ReplayRecord {self.topic}:{self.partition}:{self.offset} {self.type}>"
@@ -194,6 +230,16 @@ def matches(
         if agent not in names and (rec.key is None or rec.key.decode("utf-8", "replace") != agent):
             return False
     return True
+
+
+#: what `tail` and `replay` print per record (`ReplayRecord.render`):
+#: json   one JSON line: the event as it is on the wire, or, for a record that is no
+#:        event, {"error", "value_b64"}; with --meta {"topic", "partition", "offset",
+#:        "timestamp_ms", "key", "event" | "error"+"value_b64"}
+#: pretty the same JSON, indented
+#: raw    the value's bytes as they are on the wire, one record per line; with --meta
+#:        preceded by topic, partition, offset, timestamp_ms and key, tab-separated
+OUTPUT_FORMATS = ("json", "pretty", "raw")
 
 
 def parse_record(topic: str, rec: Any) -> ReplayRecord:
@@ -264,7 +310,7 @@ async def replay(
     progress: Progress | None = None,
     now: datetime | None = None,
 ) -> AsyncIterator[ReplayRecord]:
-    """Yield the records of `topics` with timestamps in [since, until], in
+    """Yield the records of `topics` with timestamps in [since, until), in
     (timestamp, partition, offset) order. `since=None` = from the beginning.
 
     Undecodable records are yielded (with `.error`) when no filter is set and
@@ -364,7 +410,7 @@ async def replay_batches(
                     if ts > limit[0] or (ts == limit[0] and (ts, part, ti, raw.offset) > limit):
                         break
                 buf.popleft()
-                if raw.timestamp < lo or raw.timestamp > hi:
+                if raw.timestamp < lo or raw.timestamp >= hi:
                     continue
                 rec = parse_record(topic, raw)
                 if rec.data is None and not keep_invalid:
@@ -437,7 +483,8 @@ async def _fill(
 async def plan_ranges(
     consumer: AIOKafkaConsumer, topics: Sequence[str], since_ms: int | None, until_ms: int | None
 ) -> list[PartitionRange]:
-    """Per partition: [first offset at/after since, first offset after until) ∩ [begin, end)."""
+    """Per partition: [first offset at/after since, first offset at/after until) ∩
+    [begin, end)."""
     tps: list[TopicPartition] = []
     for topic in topics:
         parts = consumer.partitions_for_topic(topic)
@@ -457,7 +504,7 @@ async def plan_ranges(
             starts[tp] = ot.offset if ot is not None else end[tp]
     stops = dict(end)
     if until_ms is not None:
-        found = await consumer.offsets_for_times({tp: until_ms + 1 for tp in tps})
+        found = await consumer.offsets_for_times({tp: until_ms for tp in tps})
         for tp in tps:
             ot = found.get(tp)
             if ot is not None:

@@ -455,7 +455,7 @@ async def verify(
     trust: ChainTrust | None = None,
     require_signatures: bool | None = None,
 ) -> list[PartitionReport]:
-    """Walk every partition of `topics` within [since, until] (offsets-for-times), with
+    """Walk every partition of `topics` within [since, until) (offsets-for-times), with
     its own group-less consumer, and check each chain. `trust` None = the published keys
     (`resolve_trust`); `require_signatures` None = whenever a chain key is trusted."""
     if trust is None:

@@ -142,9 +142,81 @@ class CliGroup(click.Group):
     group_class = type  # subgroups are CliGroups too
 
 
+#: options of `agentstream` itself (before the command), each a setting's variable:
+#: option -> (short form, metavar, variable, help). `main` applies them before anything reads the
+#: settings, for every command, `worker` included.
+GLOBAL_OPTIONS = {
+    "--bootstrap-server": (
+        "-b",
+        "HOST:PORT",
+        "AGENTSTREAM_KAFKA_BOOTSTRAP",
+        "Kafka bootstrap servers, HOST:PORT[,HOST:PORT...] (AGENTSTREAM_KAFKA_BOOTSTRAP).",
+    ),
+    "--topic-prefix": (
+        None,
+        "PREFIX",
+        "AGENTSTREAM_TOPIC_PREFIX",
+        "Prefix of every catalogue topic, e.g. `staging.` (AGENTSTREAM_TOPIC_PREFIX).",
+    ),
+}
+
+
+def split_global_options(args: list[str]) -> tuple[dict[str, str], list[str]]:
+    """The settings the leading global options of `args` set, and the rest of `args`
+    (the command and its own options). `--opt value`, `--opt=value` and `-b value`; a
+    global option without its value is a `click.UsageError`."""
+    by_flag: dict[str, str] = {}
+    for long, (short, _, variable, _) in GLOBAL_OPTIONS.items():
+        by_flag[long] = variable
+        if short:
+            by_flag[short] = variable
+    env: dict[str, str] = {}
+    rest = list(args)
+    while rest:
+        flag, eq, inline = rest[0].partition("=")
+        if flag not in by_flag:
+            break
+        if eq:
+            value, rest = inline, rest[1:]
+        elif len(rest) > 1 and not rest[1].startswith("-"):
+            value, rest = rest[1], rest[2:]
+        else:
+            raise click.UsageError(f"Option '{flag}' requires an argument.")
+        env[by_flag[flag]] = value
+    return env, rest
+
+
+def _set_global(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    # `main` has applied the leading ones; this covers `cli` invoked directly (tests)
+    if value is not None and param.name is not None:
+        os.environ[GLOBAL_OPTIONS["--" + param.name.replace("_", "-")][2]] = value
+        from agentstream.streams.settings import get_settings
+
+        get_settings.cache_clear()
+
+
+def _global_options(f: Any) -> Any:
+    for long, (short, metavar, _, text) in reversed(GLOBAL_OPTIONS.items()):
+        names = [long, short] if short else [long]
+        f = click.option(
+            *names,
+            metavar=metavar,
+            expose_value=False,
+            is_eager=True,
+            callback=_set_global,
+            help=text,
+        )(f)
+    return f
+
+
 @click.group(cls=CliGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="agentstream", prog_name="agentstream")
+@_global_options
 def cli() -> None:
-    """agentstream: event-sourced stream processing for multi-agent LLM platforms."""
+    """agentstream: event-sourced stream processing for multi-agent LLM platforms.
+
+    Settings come from AGENTSTREAM_* environment variables (`agentstream config` shows
+    them); the options above set the most common ones for one command."""
 
 
 def run(coro: Coroutine[Any, Any, T]) -> T:
@@ -388,12 +460,23 @@ def install_web_auth() -> None:
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     try:
-        if args[:1] == ["worker"]:
-            from agentstream.streams.cli.core import check_worker, run_worker
+        try:
+            env, args = split_global_options(args)
+        except click.UsageError as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+        if env:
+            os.environ.update(env)
+            from agentstream.streams.settings import get_settings
 
-            check_worker(args[1:])  # --help, bad options, bad settings: nothing built yet
+            get_settings.cache_clear()
+        if args[:1] == ["worker"]:
+            from agentstream.streams.cli.core import check_worker, run_worker, worker_args
+
+            faust_args = worker_args(args[1:])
+            check_worker(faust_args)  # --help, bad options, bad settings: nothing built yet
             install_web_auth()
-            run_worker(args[1:])
+            run_worker(faust_args)
             return
         load_commands()
         cli.main(args=args, prog_name="agentstream")

@@ -16,9 +16,15 @@ from agentstream.schemas import Event, registry
 from agentstream.schemas.errors import PipelineError, SchemaError
 from agentstream.streams.admin import ensure_topics, list_topics
 from agentstream.streams.cli import ConfigError, checked_settings, cli, install_web_auth, run
-from agentstream.streams.client import AsyncClient, build_event
+from agentstream.streams.client import (
+    AsyncClient,
+    Received,
+    StartOffset,
+    build_event,
+    check_start_offset,
+)
 from agentstream.streams.errors import BrokerError
-from agentstream.streams.redaction import redact_event_dict
+from agentstream.streams.replay import OUTPUT_FORMATS, ReplayRecord
 from agentstream.streams.settings import Settings, get_settings
 from agentstream.streams.topics import CATALOGUE
 
@@ -49,6 +55,12 @@ def run_worker(faust_args: list[str]) -> None:
     use_event_loop(settings.event_loop)
     sys.argv = ["agentstream", "worker", *faust_args]
     app.main()
+
+
+def worker_args(faust_args: list[str]) -> list[str]:
+    """Faust's worker options as given, but `-h` is help, as in every other command
+    (Faust's own `-h` is `--web-host`, which stays available under its long name)."""
+    return ["--help" if a == "-h" else a for a in faust_args]
 
 
 def check_worker_args(faust_args: list[str]) -> None:
@@ -287,9 +299,45 @@ async def _publish(
     return valid, bad
 
 
+def start_offset(ctx: click.Context, param: click.Parameter, value: str | None) -> StartOffset:
+    """Callback of `tail --offset`: `beginning`, `end`, n or -n (checked before any
+    connection)."""
+    try:
+        return check_start_offset(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
 @cli.command()
 @click.argument("topic")
-@click.option("--from-beginning", is_flag=True, help="Start at the oldest record.")
+@click.option(
+    "--offset",
+    "-o",
+    default="end",
+    callback=start_offset,
+    metavar="beginning|end|N|-N|TIME",
+    help="Where to start: the oldest record, new records only (default), offset N, the "
+    "last N records of each partition, or the first record at or after TIME (ISO-8601, "
+    "-15m / -2h, or s@<epoch ms> as in kcat).",
+)
+@click.option("--from-beginning", is_flag=True, help="Same as --offset beginning.")
+@click.option(
+    "--partition",
+    "-p",
+    "partitions",
+    type=click.IntRange(min=0),
+    multiple=True,
+    help="Only this partition (repeat for more; default: all).",
+)
+@click.option("--key", "-k", help="Only records with this key (an agent id, a request id...).")
+@click.option(
+    "--group",
+    "-G",
+    "group_id",
+    help="Read as a member of this consumer group and commit its offsets (default: no "
+    "group, nothing committed). Partitions are the group's; --offset then only applies "
+    "to partitions without a committed offset (beginning or end).",
+)
 @click.option("--max", "max_events", type=click.IntRange(min=1), help="Stop after N records.")
 @click.option(
     "--timeout",
@@ -298,45 +346,119 @@ async def _publish(
     help="Stop after S seconds without a record.",
 )
 @click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(OUTPUT_FORMATS),
+    default="json",
+    show_default=True,
+    help="json: one line per record, the event as on the wire; pretty: indented JSON; "
+    "raw: the value's bytes.",
+)
+@click.option(
+    "--meta",
+    is_flag=True,
+    help="Also print each record's topic, partition, offset, timestamp_ms and key.",
+)
+@click.option(
     "--show-secrets",
     is_flag=True,
     help="Print access tokens, passwords, API keys... as they are (default: [REDACTED]).",
 )
 def tail(
     topic: str,
+    offset: StartOffset,
     from_beginning: bool,
+    partitions: tuple[int, ...],
+    key: str | None,
+    group_id: str | None,
     max_events: int | None,
     timeout_s: float | None,
+    fmt: str,
+    meta: bool,
     show_secrets: bool,
 ) -> None:
-    """Print events of TOPIC as JSON lines (undecodable records as error lines on stderr).
+    """Print the records of TOPIC as they arrive, in the format `replay` writes.
 
-    Secrets (`auth.token` and the other secret keys of `streams.redaction`) are printed
-    as "[REDACTED]" unless --show-secrets."""
+    --format json (one line per record: the event as it is on the wire, or `error` and
+    `value_b64` for a record that is no event), pretty or raw; --meta adds topic,
+    partition, offset, timestamp_ms and key. Secrets (`auth.token` and the other secret
+    keys of `streams.redaction`) are printed as "[REDACTED]" unless --show-secrets.
+    --max counts the records printed."""
     check_topic(topic, get_settings().topic_prefix)
-    run(_tail(topic, from_beginning, max_events, timeout_s, show_secrets))
+    if from_beginning:
+        if offset != "end":
+            raise click.UsageError("--from-beginning and --offset: give one of them")
+        offset = "beginning"
+    if group_id is not None and (partitions or offset not in ("beginning", "end")):
+        raise click.UsageError(
+            "--group: the group assigns the partitions and starts at its committed "
+            "offsets; --partition and --offset N/-N/TIME apply only without a group"
+        )
+    run(
+        _tail(
+            topic,
+            offset=offset,
+            partitions=partitions,
+            key=key,
+            group_id=group_id,
+            max_events=max_events,
+            timeout_s=timeout_s,
+            fmt=fmt,
+            meta=meta,
+            show_secrets=show_secrets,
+        )
+    )
 
 
 async def _tail(
     topic: str,
-    from_beginning: bool,
-    max_events: int | None,
-    timeout_s: float | None,
+    *,
+    offset: StartOffset = "end",
+    partitions: tuple[int, ...] = (),
+    key: str | None = None,
+    group_id: str | None = None,
+    max_events: int | None = None,
+    timeout_s: float | None = None,
+    fmt: str = "json",
+    meta: bool = False,
     show_secrets: bool = False,
 ) -> None:
-    out = sys.stdout
-    async for rec in AsyncClient().subscribe(
-        topic, from_beginning=from_beginning, max_events=max_events, timeout_s=timeout_s
-    ):
-        if rec.event is not None:
-            data = rec.event.model_dump(mode="json")
-            if not show_secrets:
-                data = redact_event_dict(data)
-            out.write(orjson.dumps(data).decode() + "\n")
-        else:
-            where = f"{rec.topic}:{rec.partition}:{rec.offset}"
-            click.echo(f"{where}: {type(rec.error).__name__}: {rec.error}", err=True)
-        out.flush()
+    out = sys.stdout.buffer
+    wanted = key.encode() if key is not None else None
+    printed = 0
+    records = AsyncClient().subscribe(
+        topic,
+        offset=offset,
+        partitions=partitions or None,
+        group_id=group_id,
+        # with a key filter --max counts what is printed, so the client does not stop
+        max_events=max_events if wanted is None else None,
+        timeout_s=timeout_s,
+    )
+    try:
+        async for rec in records:
+            if wanted is not None and rec.key != wanted:
+                continue
+            out.write(received_record(rec).render(fmt, meta=meta, show_secrets=show_secrets))
+            out.flush()
+            printed += 1
+            if max_events is not None and printed >= max_events:
+                break
+    except ValueError as exc:  # a partition the topic does not have
+        raise click.BadParameter(str(exc), param_hint="'--partition'") from None
+    finally:
+        await records.aclose()
+
+
+def received_record(rec: Received) -> ReplayRecord:
+    """A subscription's record as `replay` has it, so both print the same lines. The
+    event is the validated one (a record that does not validate is shown with its
+    error, as bytes)."""
+    data = None if rec.event is None or rec.raw is None else orjson.loads(rec.raw)
+    error = None if rec.error is None else f"{type(rec.error).__name__}: {rec.error}"
+    return ReplayRecord(
+        rec.topic, rec.partition, rec.offset, rec.timestamp_ms, rec.key, rec.raw, data, error
+    )
 
 
 # -- schemas / config --------------------------------------------------------------------

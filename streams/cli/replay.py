@@ -10,7 +10,7 @@ from typing import IO
 import click
 
 from agentstream.streams.cli import check_time_range, cli, output_file, run, time_option
-from agentstream.streams.replay import Progress, replay_batches
+from agentstream.streams.replay import OUTPUT_FORMATS, Progress, replay_batches
 from agentstream.streams.settings import get_settings
 
 
@@ -67,7 +67,11 @@ def _dur(seconds: float) -> str:
     help="Start: ISO-8601, `now`, or -15m/-2h/-1d (default: the oldest record).",
 )
 @click.option(
-    "--until", callback=time_option, default="now", show_default=True, help="End (inclusive)."
+    "--until",
+    callback=time_option,
+    default="now",
+    show_default=True,
+    help="End (exclusive: ranges are [since, until)).",
 )
 @click.option("--agent", help="Only events naming this agent (source, sender, recipient, key).")
 @click.option("--type", "event_type", help="Only events of this type.")
@@ -78,6 +82,20 @@ def _dur(seconds: float) -> str:
     type=click.Path(dir_okay=False, path_type=Path),
     callback=output_file,
     help="Write to FILE (default: stdout).",
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(OUTPUT_FORMATS),
+    default="json",
+    show_default=True,
+    help="json: one line per record, the event as on the wire; pretty: indented JSON; "
+    "raw: the value's bytes.",
+)
+@click.option(
+    "--meta",
+    is_flag=True,
+    help="Also print each record's topic, partition, offset, timestamp_ms and key.",
 )
 @click.option(
     "--show-secrets",
@@ -92,15 +110,19 @@ def replay_cmd(
     event_type: str | None,
     correlation_id: str | None,
     out_path: Path | None,
+    fmt: str,
+    meta: bool,
     show_secrets: bool,
 ) -> None:
-    """Replay a time range of TOPICS as JSON lines, merged in timestamp order.
+    """Replay a time range [--since, --until) of TOPICS, merged in timestamp order.
 
     Reads with its own consumer: no consumer group is joined and no offset is committed,
-    so a replay never disturbs the workers. Each line holds the record's coordinates and
-    the event as it is on the wire (or `error` + `value_b64` for an undecodable record);
-    secrets (`auth.token` and the other secret keys of `streams.redaction`) are written
-    as "[REDACTED]" unless --show-secrets.
+    so a replay never disturbs the workers. Records are written as `tail` prints them:
+    --format json (one line per record: the event as it is on the wire, or `error` +
+    `value_b64` for an undecodable record), pretty or raw; --meta adds each record's
+    topic, partition, offset, timestamp_ms and key (what an audit trail keeps). Secrets
+    (`auth.token` and the other secret keys of `streams.redaction`) are written as
+    "[REDACTED]" unless --show-secrets.
     """
     names = [t.strip() for t in topics.split(",") if t.strip()]
     if not names:
@@ -118,6 +140,8 @@ def replay_cmd(
             out_path,
             bar_stream,
             show_secrets=show_secrets,
+            fmt=fmt,
+            meta=meta,
         )
     )
     if out_path is not None:
@@ -135,6 +159,8 @@ async def _replay(
     bar_stream: IO[str] | None,
     *,
     show_secrets: bool = False,
+    fmt: str = "json",
+    meta: bool = False,
 ) -> int:
     settings = get_settings()
     progress = Progress()
@@ -153,7 +179,7 @@ async def _replay(
             correlation_id=correlation_id,
             progress=progress,
         ):
-            pending.extend(rec.json_line(show_secrets=show_secrets) for rec in batch)
+            pending.extend(rec.render(fmt, meta=meta, show_secrets=show_secrets) for rec in batch)
             n += len(batch)
             if len(pending) >= 2000:
                 out.write(b"".join(pending))

@@ -21,6 +21,7 @@ from typing import Any
 
 import orjson
 
+from agentstream.streams.settings import Settings
 from tests.chaos import checker
 from tests.chaos.cluster import ChaosWorker, OwnBroker, OwnKafka
 from tests.chaos.collect import INPUT_TOPIC, Collector, GroupWatcher
@@ -30,8 +31,8 @@ from tests.support import REPO, AdminSigner, await_until, cli, with_admin_key
 GUARANTEES = (checker.AT_LEAST_ONCE, checker.EXACTLY_ONCE)
 #: Faust's broker_commit_interval in streams/app.py (the at-least-once duplicate bound)
 COMMIT_INTERVAL_S = 1.0
-#: Faust's default broker_session_timeout: what BROKER_SESSION_TIMEOUT unset means
-DEFAULT_SESSION_TIMEOUT_S = 60.0
+#: the worker's session timeout when a run does not set one (the setting's default)
+DEFAULT_SESSION_TIMEOUT_S = Settings.model_fields["broker_session_timeout_s"].default
 SENDERS = 24
 
 
@@ -201,9 +202,8 @@ def _base_env(opts: RunOptions, ns: str) -> dict[str, str]:
             "PYTHONPATH": str(REPO),
         }
     )
-    env.pop("BROKER_SESSION_TIMEOUT", None)
     if opts.session_timeout_s is not None:
-        env["BROKER_SESSION_TIMEOUT"] = str(opts.session_timeout_s)
+        env["AGENTSTREAM_BROKER_SESSION_TIMEOUT_S"] = str(opts.session_timeout_s)
     env.update(opts.extra_env)
     return env
 

@@ -88,15 +88,102 @@ def test_publish_validates_each_line_and_tail_round_trips(settings_env: dict[str
     assert "sent 3 event(s)" in res.stderr
 
     out = cli(
-        settings_env, "tail", "agent.messages", "--from-beginning", "--max", "3", "--timeout", "20"
+        settings_env,
+        "tail",
+        "agent.messages",
+        "--from-beginning",
+        "--max",
+        "3",
+        "--timeout",
+        "20",
+        "--meta",
     )
     assert out.returncode == 0, out.stderr
-    events = [json.loads(line) for line in out.stdout.splitlines()]
+    records = [json.loads(line) for line in out.stdout.splitlines()]
+    assert all({"topic", "partition", "offset", "timestamp_ms", "key"} <= set(r) for r in records)
+    events = [r["event"] for r in records]
     assert sorted(e["payload"]["message_id"] for e in events) == sorted(ids)
     by_id = {e["payload"]["message_id"]: e for e in events}
     assert by_id[ids[0]]["source"] == "agentstream-cli"
     assert by_id[ids[1]]["source"] == "cli-test"
     assert by_id[ids[2]]["schema_version"] == 2 and by_id[ids[2]]["payload"]["content"] == "three"
+
+
+def test_tail_offsets_partitions_keys_and_groups(settings_env: dict[str, str], ns: str) -> None:
+    """kcat's options: -o beginning|end|N|-N, -p, a key filter, a committing group; and
+    tail prints the lines replay writes for the same records."""
+    assert cli(settings_env, "topics", "create").returncode == 0
+    # 2 partitions; the key decides the partition, so each agent's messages share one
+    lines = [
+        json.dumps({"message_id": f"m{i}", "sender_id": f"a{i % 5}", "recipient_id": "r"})
+        for i in range(10)
+    ]
+    res = cli(settings_env, "publish", "agent.messages", input="\n".join(lines) + "\n")
+    assert res.returncode == 0, res.stderr
+
+    def tail(*args: str) -> list[dict]:
+        out = cli(settings_env, "tail", "agent.messages", "--timeout", "5", *args)
+        assert out.returncode == 0, out.stderr
+        return [json.loads(line) for line in out.stdout.splitlines()]
+
+    every = tail("-o", "beginning", "--meta")
+    assert len(every) == 10
+    by_partition: dict[int, list[dict]] = {}
+    for r in every:
+        by_partition.setdefault(r["partition"], []).append(r)
+    assert len(by_partition) == 2, "publish keys by sender: both partitions used"
+    # -N: the last N records of each partition
+    last = tail("-o", "-2", "--meta")
+    want = sorted(r["offset"] for rs in by_partition.values() for r in rs[-2:])
+    assert len(last) == 4 and sorted(r["offset"] for r in last) == want
+    # -p and an absolute offset: that partition only, from that offset on
+    part, recs = next(iter(by_partition.items()))
+    got = tail("-p", str(part), "-o", str(recs[1]["offset"]), "--meta")
+    assert [r["offset"] for r in got] == [r["offset"] for r in recs[1:]]
+    assert {r["partition"] for r in got} == {part}
+    # --key: only that key's records (the sender id), --max counting what is printed
+    key = recs[0]["key"]
+    keyed = tail("-o", "beginning", "--key", key, "--max", "2", "--meta")
+    assert len(keyed) == 2 and {r["key"] for r in keyed} == {key}
+    # a time: in each partition, from the first record stamped at or after it (Kafka's
+    # offsets-for-times; the records after it follow, whatever their stamps)
+    since = max(r["timestamp_ms"] for r in every)
+    want_from_time = []
+    for rs in by_partition.values():
+        first = next(i for i, r in enumerate(rs) if r["timestamp_ms"] >= since)
+        want_from_time += [(r["partition"], r["offset"]) for r in rs[first:]]
+    from_time = tail("-o", f"s@{since}", "--meta")
+    assert sorted((r["partition"], r["offset"]) for r in from_time) == sorted(want_from_time)
+    # without --meta: the events alone; raw: the bytes as on the wire
+    assert [r["event"] for r in every] == tail("-o", "beginning")
+    raw = cli(
+        settings_env,
+        "tail",
+        "agent.messages",
+        "-o",
+        "beginning",
+        "--timeout",
+        "5",
+        "--format",
+        "raw",
+    )
+    assert sorted(map(json.loads, raw.stdout.splitlines()), key=str) == sorted(
+        (r["event"] for r in every), key=str
+    )
+    # tail and replay print the same line for the same record
+    replayed = cli(settings_env, "replay", "--topics", "agent.messages", "--meta")
+    assert replayed.returncode == 0, replayed.stderr
+
+    def coordinates(r: dict) -> tuple[int, int]:
+        return r["partition"], r["offset"]
+
+    assert sorted(map(json.loads, replayed.stdout.splitlines()), key=coordinates) == sorted(
+        every, key=coordinates
+    )
+    # a group commits what it read: the same group again gets nothing new
+    group = f"{ns}-tail"
+    assert len(tail("-G", group, "-o", "beginning")) == 10
+    assert tail("-G", group, "-o", "beginning") == []
 
 
 def test_tail_times_out_on_an_empty_topic(settings_env: dict[str, str]) -> None:

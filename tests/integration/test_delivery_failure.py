@@ -121,7 +121,7 @@ async def test_a_batch_whose_processing_raised_is_not_lost(
         "AGENTSTREAM_SECURITY_ENABLED": "false",
         "AGENTSTREAM_PROCESSING_GUARANTEE": guarantee,
         "AGENTSTREAM_BATCH_MAX": "50",
-        "BROKER_SESSION_TIMEOUT": "10",
+        "AGENTSTREAM_BROKER_SESSION_TIMEOUT_S": "10",
     }
     settings = Settings.from_env(base)
     await ensure_topics(settings)

@@ -43,7 +43,7 @@ async def test_exactly_once_two_workers_rebalance_mid_load_no_duplicates_no_loss
         "AGENTSTREAM_PROCESSING_GUARANTEE": "exactly_once",
         "AGENTSTREAM_TOPIC_PARTITIONS": "4",
         "AGENTSTREAM_CHECKPOINT_INTERVAL_S": "3600",
-        "BROKER_SESSION_TIMEOUT": "10",
+        "AGENTSTREAM_BROKER_SESSION_TIMEOUT_S": "10",
         # test hook (streams.processing): every output takes this long, so that batches
         # are in flight whenever the partitions move
         "AGENTSTREAM_TEST_DELAYS": f"send_record@{record_delay_s}",

@@ -247,7 +247,7 @@ async def test_exactly_once_kill9_restart_no_duplicates_tables_equal_rebuild(
         "AGENTSTREAM_CHECKPOINT_INTERVAL_S": "3600",
         # Faust's own env setting: the killed member leaves the group after 10 s, not 60 s,
         # so the restarted worker's rebalance does not wait for it
-        "BROKER_SESSION_TIMEOUT": "10",
+        "AGENTSTREAM_BROKER_SESSION_TIMEOUT_S": "10",
     }
     settings = use_env(env)
     accepted_topic = settings.topic("agent.messages.accepted")
@@ -377,7 +377,7 @@ async def test_two_workers_kill_one_survivor_tables_complete(
         "AGENTSTREAM_STANDBY_REPLICAS": "1",
         "AGENTSTREAM_CHECKPOINT_INTERVAL_S": "3600",
         # Faust's own env setting: a killed member leaves the group after 10 s, not 60 s
-        "BROKER_SESSION_TIMEOUT": "10",
+        "AGENTSTREAM_BROKER_SESSION_TIMEOUT_S": "10",
     }
     settings = use_env(base)
     env2 = {**base, "AGENTSTREAM_WEB_PORT": str(_free_port())}

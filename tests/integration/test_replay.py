@@ -56,7 +56,8 @@ async def test_replay_time_range_merge_filters_and_cli(
     finally:
         await producer.stop()
 
-    since, until = base + 100_000, base + 299_999
+    # [since, until): the record at `since` is in, the one at `until` out
+    since, until = sent[100][0], sent[300][0]
     progress = Progress()
     recs = await collect(
         settings,
@@ -67,8 +68,8 @@ async def test_replay_time_range_merge_filters_and_cli(
     )
     keys = [(r.timestamp_ms, r.partition, r.offset) for r in recs]
     assert keys == sorted(keys), "not merged in (timestamp, partition, offset) order"
-    assert all(since <= r.timestamp_ms <= until for r in recs)
-    want = sorted(m for ts, _, m in sent if since <= ts <= until)
+    assert all(since <= r.timestamp_ms < until for r in recs)
+    want = sorted(m for ts, _, m in sent if since <= ts < until)
     got = sorted(r.data["payload"]["message_id"] for r in recs if r.data is not None)
     assert got == want and len(want) == 200
     bad = [r for r in recs if r.data is None]
@@ -90,7 +91,7 @@ async def test_replay_time_range_merge_filters_and_cli(
         [
             1
             for ts, _, m in sent
-            if since <= ts <= until and int(m[1:]) % 3 == 1 and int(m[1:]) % 10 == 4
+            if since <= ts < until and int(m[1:]) % 3 == 1 and int(m[1:]) % 10 == 4
         ]
     )
 
@@ -108,6 +109,7 @@ async def test_replay_time_range_merge_filters_and_cli(
         iso(until),
         "--out",
         str(out),
+        "--meta",
     )
     assert res.returncode == 0, res.stderr
     lines = [orjson.loads(line) for line in out.read_bytes().splitlines()]
@@ -128,7 +130,7 @@ async def test_replay_time_range_merge_filters_and_cli(
         "agent-2",
     )
     rows = [orjson.loads(line) for line in res.stdout.splitlines()]
-    assert rows and {r["event"]["payload"]["sender_id"] for r in rows} == {"agent-2"}
+    assert rows and {r["payload"]["sender_id"] for r in rows} == {"agent-2"}
 
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap)
     await admin.start()

@@ -72,7 +72,9 @@ async def test_tail_and_replay_redact_access_tokens(
             *extra,
         )
         assert res.returncode == 0, res.stderr
-        return [json.loads(line) for line in res.stdout.splitlines()], res.stdout + res.stderr
+        lines = [json.loads(line) for line in res.stdout.splitlines()]
+        assert sum("error" in x for x in lines) == 1  # the undecodable one, bytes redacted
+        return [x for x in lines if "error" not in x], res.stdout + res.stderr
 
     events, output = tail()
     assert not _leaks(output, token) and not _leaks(output, garbage_token), output
@@ -84,7 +86,7 @@ async def test_tail_and_replay_redact_access_tokens(
     assert events[0]["payload"]["auth"]["token"] == token  # type: ignore[index]
 
     def replay(*extra: str) -> tuple[list[dict[str, object]], str]:
-        res = cli(settings_env, "replay", "--topics", "agent.messages", *extra)
+        res = cli(settings_env, "replay", "--topics", "agent.messages", "--meta", *extra)
         assert res.returncode == 0, res.stderr
         return [json.loads(line) for line in res.stdout.splitlines()], res.stdout + res.stderr
 
@@ -100,7 +102,9 @@ async def test_tail_and_replay_redact_access_tokens(
     assert shown.startswith(b'{"type": "agent.message", "payload": {"auth": {"token": ')
 
     out_file = tmp_path / "replay.jsonl"
-    res = cli(settings_env, "replay", "--topics", "agent.messages", "--out", str(out_file))
+    res = cli(
+        settings_env, "replay", "--topics", "agent.messages", "--meta", "--out", str(out_file)
+    )
     assert res.returncode == 0, res.stderr
     assert not _leaks(out_file.read_bytes(), token)
     assert not _leaks(out_file.read_bytes(), garbage_token)

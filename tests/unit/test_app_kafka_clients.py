@@ -11,6 +11,8 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
+import pytest
+
 from agentstream.streams.app import create_app
 from agentstream.streams.settings import Settings
 
@@ -36,6 +38,20 @@ async def test_worker_consumer_uses_the_configured_fetch_wait(tmp_path: Path) ->
         assert consumer._enable_auto_commit is False
     finally:
         await consumer.stop()
+
+
+def test_fausts_own_environment_variables_are_not_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # set for some other program: they must not change the worker (AGENTSTREAM_* only)
+    monkeypatch.setenv("BROKER_SESSION_TIMEOUT", "99")
+    monkeypatch.setenv("WEB_PORT", "1")
+    monkeypatch.setenv("APP_DATADIR", str(tmp_path / "elsewhere"))
+    settings = _settings(tmp_path)
+    conf = create_app(settings).conf
+    assert conf.broker_session_timeout == settings.broker_session_timeout_s != 99
+    assert conf.web_port == settings.web_port != 1
+    assert str(conf.datadir).startswith(str(tmp_path)) and "elsewhere" not in str(conf.datadir)
 
 
 async def test_default_fetch_wait_is_latency_friendly(tmp_path: Path) -> None:

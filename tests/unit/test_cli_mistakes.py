@@ -16,6 +16,7 @@ import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -232,6 +233,39 @@ MISTAKES = [
         ("valid p1", "nothing published (checked offline"),
         0,
     ),
+    # -- options a Kafka user expects (kcat, kafka-console-consumer) ----------------------
+    Mistake("bootstrap-without-value", ("-b",), ("Error: Option '-b' requires an argument.",), 2),
+    Mistake(
+        "tail-offset-unknown",
+        ("tail", "agent.messages", "--offset", "soon"),
+        ("offset 'soon': 'beginning', 'end', an offset n, -n (the last n records",),
+        2,
+    ),
+    Mistake(
+        "tail-two-starts",
+        ("tail", "agent.messages", "--from-beginning", "-o", "5"),
+        ("--from-beginning and --offset: give one of them",),
+        2,
+    ),
+    Mistake(
+        "tail-group-and-partition",
+        ("tail", "agent.messages", "--group", "g", "-p", "1"),
+        ("--group: the group assigns the partitions",),
+        2,
+    ),
+    Mistake(
+        "replay-format-unknown",
+        ("replay", "--topics", "agent.messages", "--format", "xml"),
+        ("Invalid value for '--format': 'xml' is not one of 'json', 'pretty', 'raw'.",),
+        2,
+    ),
+    Mistake(
+        # -b wins over AGENTSTREAM_KAFKA_BOOTSTRAP (the closed port of the others)
+        "bootstrap-option-is-used",
+        ("-b", "127.0.0.1:1", "topics", "list"),
+        ("Error: BrokerError: no broker at 127.0.0.1:1 (PLAINTEXT)",),
+        1,
+    ),
     # -- no broker: one line naming it, with what to do, exit 1 ---------------------------
     *(
         Mistake(f"no-broker-{'-'.join(args[:2])}", args, (NO_BROKER,), 1, stdin=VALID_MESSAGE)
@@ -346,6 +380,8 @@ HELPS = [
     ("llm", "ask", "--help"),
     ("kafka", "start", "--help"),
     ("worker", "--help"),
+    ("worker", "-h"),  # help, as everywhere (Faust's own -h is --web-host)
+    ("-b", "127.0.0.1:9", "--topic-prefix", "stg.", "tail", "--help"),
 ]
 
 
@@ -393,7 +429,58 @@ def test_worker_help_is_fausts_worker_help(tmp_path: Path) -> None:
     assert "--web-port" in res.stdout and "--loglevel" in res.stdout
 
 
+def test_version_is_the_installed_distributions(tmp_path: Path) -> None:
+    from importlib.metadata import version
+
+    res = agentstream(("--version",), base_env(tmp_path, "127.0.0.1:1"), tmp_path)
+    assert (res.returncode, res.stdout) == (0, f"agentstream, version {version('agentstream')}\n")
+
+
 # -- the pure parts ---------------------------------------------------------------------------
+def test_global_options_are_split_from_the_command() -> None:
+    from agentstream.streams.cli import split_global_options
+
+    env, rest = split_global_options(
+        ["-b", "k1:9092,k2:9092", "--topic-prefix=stg.", "tail", "-b", "x"]
+    )
+    assert env == {
+        "AGENTSTREAM_KAFKA_BOOTSTRAP": "k1:9092,k2:9092",
+        "AGENTSTREAM_TOPIC_PREFIX": "stg.",
+    }
+    assert rest == ["tail", "-b", "x"]  # a command's own options are not ours
+    assert split_global_options(["--bootstrap-server", "h:1", "worker"]) == (
+        {"AGENTSTREAM_KAFKA_BOOTSTRAP": "h:1"},
+        ["worker"],
+    )
+    assert split_global_options(["--help"]) == ({}, ["--help"])
+    with pytest.raises(click.UsageError, match="'--topic-prefix' requires an argument"):
+        split_global_options(["--topic-prefix", "--help"])
+
+
+def test_worker_dash_h_is_help() -> None:
+    from agentstream.streams.cli.core import worker_args
+
+    assert worker_args(["-l", "info", "-h"]) == ["-l", "info", "--help"]
+    assert worker_args(["--web-host", "0.0.0.0"]) == ["--web-host", "0.0.0.0"]
+
+
+def test_start_offsets_as_kcat_takes_them() -> None:
+    from agentstream.streams.client import check_start_offset
+
+    assert check_start_offset(None) == "end"
+    assert check_start_offset("Beginning") == "beginning"
+    assert check_start_offset("-10") == -10
+    assert check_start_offset("42") == 42
+    assert check_start_offset(7) == 7
+    assert check_start_offset("s@1733380000000") == datetime(2024, 12, 5, 6, 26, 40, tzinfo=UTC)
+    assert check_start_offset("2026-01-01T00:00:00Z") == datetime(2026, 1, 1, tzinfo=UTC)
+    ago = check_start_offset("-15m")
+    assert isinstance(ago, datetime) and ago < datetime.now(UTC)
+    for bad in ("soon", "", "s@x", True, 1.5):
+        with pytest.raises(ValueError, match="'beginning', 'end'"):
+            check_start_offset(bad)  # type: ignore[arg-type]
+
+
 def test_an_unreachable_broker_error_says_what_to_do() -> None:
     from aiokafka.errors import KafkaConnectionError
 

@@ -503,7 +503,9 @@ def test_the_sync_subscribe_is_a_plain_iterator(monkeypatch: pytest.MonkeyPatch)
 
     monkeypatch.setattr(client._async, "subscribe", subscribe)
     try:
-        sub = client.subscribe("agent.messages", from_beginning=True, timeout_s=2, max_events=3)
+        sub = client.subscribe(
+            "agent.messages", from_beginning=True, timeout_s=2, max_events=3, partitions=[1]
+        )
         assert isinstance(sub, Iterator)
         assert [next(sub), next(sub)] == [1, 2]
         assert seen == {
@@ -512,6 +514,8 @@ def test_the_sync_subscribe_is_a_plain_iterator(monkeypatch: pytest.MonkeyPatch)
             "group_id": None,
             "timeout_s": 2,
             "max_events": 3,
+            "partitions": [1],
+            "offset": None,
         }
     finally:
         client.stop()

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import orjson
 import pytest
 
-from agentstream.schemas import AgentMessage, Event, encode
+from agentstream.schemas import AgentMessage, Event, SchemaError, encode
 from agentstream.streams.cli.replay import render_bar
 from agentstream.streams.replay import ReplayRecord, TimeParseError, heap_key, matches, parse_time
 
@@ -92,3 +92,44 @@ def test_progress_bar() -> None:
     bar = render_bar(done=500, total=1000, emitted=400, elapsed=2.0)
     assert "50.0%" in bar and "250 ev/s" in bar and "ETA 2s" in bar and "400 written" in bar
     assert "100.0%" in render_bar(done=0, total=0, emitted=0, elapsed=0)
+
+
+def test_output_formats() -> None:
+    ev = message()
+    rec = record(ev)
+    assert rec.render("json", meta=True) == rec.json_line()
+    assert orjson.loads(rec.render("json")) == orjson.loads(encode(ev))
+    assert rec.render("raw") == encode(ev) + b"\n"
+    assert rec.render("raw", meta=True) == b"t\t1\t42\t1000\tk\t" + encode(ev) + b"\n"
+    pretty = rec.render("pretty", meta=True)
+    assert b"\n  " in pretty and orjson.loads(pretty) == orjson.loads(rec.json_line())
+    junk = record(value=b"junk")
+    assert orjson.loads(junk.render("json")) == {"error": "not JSON", "value_b64": "anVuaw=="}
+    assert orjson.loads(junk.render("json", meta=True))["offset"] == 42
+    assert junk.render("raw") == b"junk\n"
+
+
+def test_every_format_redacts_secrets_unless_asked() -> None:
+    raw = orjson.loads(encode(message()))
+    raw["payload"]["metadata"] = {"auth": {"token": "s3cret"}}
+    rec = ReplayRecord("t", 0, 1, 1, None, orjson.dumps(raw), raw, None)
+    for fmt in ("json", "pretty", "raw"):
+        for meta in (False, True):
+            assert b"s3cret" not in rec.render(fmt, meta=meta), (fmt, meta)
+            assert b"s3cret" in rec.render(fmt, meta=meta, show_secrets=True), (fmt, meta)
+
+
+def test_tail_prints_the_lines_replay_writes() -> None:
+    from agentstream.schemas import registry
+    from agentstream.streams.cli.core import received_record
+    from agentstream.streams.client import Received
+
+    ev = message()
+    raw = encode(ev)
+    got = received_record(Received("t", 1, 42, 1000, b"k", raw, registry.decode(raw), None))
+    assert got.json_line() == record(ev).json_line()
+    assert got.render("raw", meta=True) == record(ev).render("raw", meta=True)
+    bad = received_record(Received("t", 1, 43, 1000, None, b"junk", None, SchemaError("nope")))
+    line = orjson.loads(bad.json_line())
+    assert line["key"] is None and line["value_b64"] == "anVuaw=="
+    assert line["error"] == "SchemaError: nope"
