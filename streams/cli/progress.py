@@ -125,12 +125,12 @@ class ProgressBar:
             bar.set_postfix_str(f"{self.p.emitted:,} written", refresh=False)
         bar.update(self.p.done - bar.n)  # miniters=0: redraws even when nothing moved
 
-    def close(self, *, failed: bool = False) -> None:
-        """The last state, left on its own line; a bar that never had anything to count
-        is erased when the command failed (its error line says it all)."""
+    def close(self) -> None:
+        """The last state, left on its own line; a bar that had nothing to count (the
+        ranges were empty, or the command failed before it knew them) is erased."""
         self.refresh(final=True)
         if self._bar is not None:
-            if failed and not self.p.total:
+            if not self.p.total:
                 self._bar.leave = False
             self._bar.close()
             self._bar = None
@@ -171,13 +171,10 @@ def run_with_progress(
 
     drawer = threading.Thread(target=redraw, name="progress-bar", daemon=True)
     drawer.start()
-    failed = True
     try:
-        result = run(coro)
-        failed = False
-        return result
+        return run(coro)
     finally:
         stop.set()
         drawer.join()
         with contextlib.suppress(OSError):
-            bar.close(failed=failed)
+            bar.close()

@@ -294,18 +294,25 @@ def test_the_bar_shows_read_of_total_written_rate_and_eta() -> None:
     assert out.getvalue().endswith("\n")  # the last state stays on its own line
 
 
-def test_a_failed_command_erases_a_bar_that_counted_nothing() -> None:
-    out = io.StringIO()
-
+def test_a_bar_that_counted_nothing_is_erased() -> None:
     async def fails() -> None:
         raise BrokerError("no broker at 127.0.0.1:1")
 
+    async def reads(progress: Progress, spans: list[int]) -> None:
+        progress.plan(spans)
+        progress.advance(sum(spans))
+
+    failed, empty, read = io.StringIO(), io.StringIO(), io.StringIO()
     with pytest.raises(Exception, match="no broker"):
-        run_with_progress(fails(), Progress(), True, desc="verify", stream=out)
-    text = out.getvalue()
-    assert "verify:" in text  # it was drawn ...
-    assert not text.rstrip("\r").split("\r")[-1].strip()  # ... and erased
-    assert "\n" not in text
+        run_with_progress(fails(), Progress(), True, desc="verify", stream=failed)
+    p = Progress()
+    run_with_progress(reads(p, [0, 0]), p, True, desc="verify", stream=empty)
+    for out in (failed, empty):
+        assert "verify:" in out.getvalue()  # it was drawn ...
+        assert screen(out.getvalue()) == []  # ... and erased
+    p = Progress()
+    run_with_progress(reads(p, [3, 4]), p, True, desc="verify", stream=read)
+    assert screen(read.getvalue())[-1].startswith("verify: 100%|")
 
 
 # -- the commands: stdout the same with and without the bar -----------------------------------
