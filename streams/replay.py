@@ -272,11 +272,32 @@ class PartitionRange:
 
 @dataclass(slots=True)
 class Progress:
-    """What a progress bar needs; `total` is an upper bound (offsets, not records)."""
+    """How far a read of whole topics has come: a plain counter that the readers update
+    (`replay`, and the audit's verify, report and rebuild) and a progress bar only looks
+    at (`streams.cli.progress`), so the counting is tested without a terminal.
+
+    `total` is the sum of (stop offset - start offset) over the partitions planned so
+    far: an upper bound on the records, since compaction, expired records and transaction
+    markers leave offsets without one. Each read adds its partitions once it has fetched
+    their end offsets, so one `Progress` can follow several reads in turn (its `total`
+    then grows as they start). `done` counts the offsets of `total` consumed, `emitted`
+    the records passed on (a replay's records after its filters), and `stage` names what
+    is being read when a command reads several things in turn.
+    """
 
     total: int = 0
     done: int = 0
     emitted: int = 0
+    stage: str = ""
+
+    def plan(self, spans: Iterable[int]) -> None:
+        """Add the offset spans of partitions about to be read to `total`."""
+        self.total += sum(max(0, n) for n in spans)
+
+    def advance(self, n: int) -> None:
+        """`n` more offsets of `total` consumed."""
+        if n > 0:
+            self.done += n
 
 
 def full_topic_names(settings: Settings, topics: Iterable[str]) -> list[str]:
@@ -370,7 +391,7 @@ async def replay_batches(
     try:
         ranges = await plan_ranges(consumer, names, since_ms, until_ms)
         if progress is not None:
-            progress.total = sum(r.stop - r.start for r in ranges)
+            progress.plan(r.stop - r.start for r in ranges)
         active = [r for r in ranges if r.stop > r.start]
         if not active:
             return
@@ -463,7 +484,7 @@ async def _fill(
             dq.extend(r for r in records if r.offset < end)
         pos = records[-1].offset + 1
         if progress is not None:
-            progress.done += max(0, min(pos, end) - last_pos[tp])
+            progress.advance(min(pos, end) - last_pos[tp])
         last_pos[tp] = pos
         if pos >= end:
             del stop[tp]
@@ -475,7 +496,7 @@ async def _fill(
             pos = await consumer.position(tp)
             if pos >= stop[tp]:
                 if progress is not None:
-                    progress.done += max(0, stop[tp] - last_pos[tp])
+                    progress.advance(stop[tp] - last_pos[tp])
                 del stop[tp]
                 consumer.pause(tp)
 

@@ -18,6 +18,8 @@ from agentstream.streams.cli import (
     time_option,
     worker_call,
 )
+from agentstream.streams.cli.progress import progress_option, run_with_progress
+from agentstream.streams.replay import Progress
 from agentstream.streams.settings import get_settings
 
 
@@ -25,23 +27,33 @@ from agentstream.streams.settings import get_settings
 @click.argument("table", required=False)
 @click.option("--all", "all_tables", is_flag=True, help="Every registered table.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def rebuild_cmd(table: str | None, all_tables: bool, as_json: bool) -> None:
+@progress_option
+def rebuild_cmd(table: str | None, all_tables: bool, as_json: bool, progress: bool | None) -> None:
     """Rebuild TABLE from its source topics and compare with the live table.
 
     Folds every retained source event through the table's own fold, prints the digest of
     the result and of the live table (read from its changelog topic), and exits 1 when
     they differ. A live table of a running worker may lag the sources by a few events.
     """
-    from agentstream.agents.audit.rebuild import UnknownTable, compare_all
+    from agentstream.agents.audit.rebuild import UnknownTable, compare_all, spec_for
     from agentstream.streams.tables import TABLES
 
     if not table and not all_tables:
         names = ", ".join(sorted(TABLES)) or "none"
         raise click.UsageError(f"name a TABLE or pass --all (tables: {names})")
+    wanted = None if all_tables else [table or ""]
     try:
-        results = run(compare_all(get_settings(), None if all_tables else [table or ""]))
+        for name in wanted or ():
+            spec_for(name)  # an unknown name is said before anything is read or drawn
     except UnknownTable as exc:
         raise click.ClickException(str(exc)) from exc
+    counter = Progress()
+    results = run_with_progress(
+        compare_all(get_settings(), wanted, progress=counter),
+        counter,
+        progress,
+        desc="rebuild",
+    )
     for c in results:
         if as_json:
             click.echo(json.dumps(c.to_dict()))
@@ -124,6 +136,7 @@ def audit() -> None:
     "Default: on whenever a chain key is trusted.",
 )
 @click.option("--json", "as_json", is_flag=True, help="One JSON document.")
+@progress_option
 def verify_cmd(
     since: str | None,
     until: str,
@@ -132,6 +145,7 @@ def verify_cmd(
     trusted_file: Path | None,
     require_signatures: bool | None,
     as_json: bool,
+    progress: bool | None,
 ) -> None:
     """Check the hash chains and their signatures; report altered, deleted, inserted,
     reordered, forged and unsigned records, and the signed policy versions that decided
@@ -161,14 +175,22 @@ def verify_cmd(
         raise click.BadParameter(str(exc), param_hint="--trust-key/--trusted-keys") from None
     names = [t for t in (topics or "").split(",") if t.strip()] or list(CHAINED_TOPICS)
 
+    counter = Progress()
+
     async def _run() -> tuple[Any, Any, Any]:
         trust = await resolve_trust(settings, pinned)
         reports = await verify(
-            settings, names, since, until, trust=trust, require_signatures=require_signatures
+            settings,
+            names,
+            since,
+            until,
+            trust=trust,
+            require_signatures=require_signatures,
+            progress=counter,
         )
         return trust, reports, await policy_versions(settings, reports)
 
-    trust, reports, policies = run(_run())
+    trust, reports, policies = run_with_progress(_run(), counter, progress, desc="verify")
     result = summary(reports, trust=trust, require_signatures=require_signatures, policies=policies)
     if as_json:
         click.echo(json.dumps(result))
@@ -334,7 +356,14 @@ async def _publish_worker_key(
     default=None,
     help="Default: from --out's suffix, else html.",
 )
-def report_cmd(since: str | None, until: str, out_path: Path | None, fmt: str | None) -> None:
+@progress_option
+def report_cmd(
+    since: str | None,
+    until: str,
+    out_path: Path | None,
+    fmt: str | None,
+    progress: bool | None,
+) -> None:
     """Per-agent activity: messages sent/accepted/rejected (with reasons), LLM calls and
     tokens by provider and model, status changes, communication records by kind."""
     from agentstream.agents.audit.report import build_report, render_html
@@ -342,7 +371,13 @@ def report_cmd(since: str | None, until: str, out_path: Path | None, fmt: str | 
     check_time_range(since, until)
     if fmt is None:
         fmt = "json" if out_path is not None and out_path.suffix == ".json" else "html"
-    data: dict[str, Any] = run(build_report(get_settings(), since, until))
+    counter = Progress()
+    data: dict[str, Any] = run_with_progress(
+        build_report(get_settings(), since, until, progress=counter),
+        counter,
+        progress,
+        desc="report",
+    )
     body = json.dumps(data, indent=2, sort_keys=True) + "\n" if fmt == "json" else render_html(data)
     if out_path is None:
         sys.stdout.write(body)

@@ -22,7 +22,7 @@ from agentstream.schemas import Event
 from agentstream.schemas.errors import SchemaError
 from agentstream.streams.client import group_less_consumer
 from agentstream.streams.errors import BrokerError
-from agentstream.streams.replay import replay
+from agentstream.streams.replay import Progress, replay
 from agentstream.streams.settings import Settings
 from agentstream.streams.tables import TABLES, TableSpec, digest, unexpired
 
@@ -43,13 +43,20 @@ def spec_for(name: str) -> TableSpec:
         raise UnknownTable(f"unknown table {name!r} (known: {known})") from None
 
 
-async def source_events(settings: Settings, spec: TableSpec) -> AsyncIterator[Event[Any]]:
+async def source_events(
+    settings: Settings, spec: TableSpec, progress: Progress | None = None
+) -> AsyncIterator[Event[Any]]:
     """The decodable events of the table's sources, each partition in log order.
 
     Records that do not decode are skipped: the live agent dead-letters them, so they
     never reach its fold either."""
     async for rec in replay(
-        settings, list(spec.sources), since=None, until=None, include_invalid=False
+        settings,
+        list(spec.sources),
+        since=None,
+        until=None,
+        include_invalid=False,
+        progress=progress,
     ):
         if spec.types and rec.type not in spec.types:
             continue
@@ -59,12 +66,14 @@ async def source_events(settings: Settings, spec: TableSpec) -> AsyncIterator[Ev
             continue
 
 
-async def rebuild_from_history(settings: Settings, spec: TableSpec) -> dict[str, Any]:
+async def rebuild_from_history(
+    settings: Settings, spec: TableSpec, progress: Progress | None = None
+) -> dict[str, Any]:
     """What `streams.tables.rebuild` computes, folded as the events stream in so that
     memory holds the state, not the history."""
     state: dict[str, Any] = {}
     chunk: list[Event[Any]] = []
-    async for ev in source_events(settings, spec):
+    async for ev in source_events(settings, spec, progress):
         chunk.append(ev)
         if len(chunk) >= 1000:
             _fold_into(state, spec, chunk)
@@ -90,15 +99,15 @@ def decode_key(raw: bytes | None) -> str:
 
 
 async def read_changelog(
-    settings: Settings, table: str, *, timeout_s: float = 30
+    settings: Settings, table: str, *, timeout_s: float = 30, progress: Progress | None = None
 ) -> dict[str, Any]:
     """The table as its changelog says: last value per key, None values delete (empty
     when no worker has created the changelog yet)."""
-    return await _read_changelog(settings, table, timeout_s) or {}
+    return await _read_changelog(settings, table, timeout_s, progress) or {}
 
 
 async def _read_changelog(
-    settings: Settings, table: str, timeout_s: float
+    settings: Settings, table: str, timeout_s: float, progress: Progress | None = None
 ) -> dict[str, Any] | None:
     topic = changelog_topic(settings, table)
     consumer = group_less_consumer(settings, "rebuild")
@@ -114,8 +123,11 @@ async def _read_changelog(
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
         end = await consumer.end_offsets(tps)
+        counted = await consumer.beginning_offsets(tps)  # offsets consumed up to, per tp
+        if progress is not None:
+            progress.plan(end[tp] - counted[tp] for tp in tps)
         state: dict[str, Any] = {}
-        pending = {tp for tp in tps if end[tp] > 0}
+        pending = {tp for tp in tps if end[tp] > counted[tp]}
         deadline = time.monotonic() + timeout_s
         while pending:
             batch = await consumer.getmany(*pending, timeout_ms=500, max_records=5000)
@@ -129,7 +141,11 @@ async def _read_changelog(
                     else:
                         state[key] = orjson.loads(rec.value)
             for tp in list(pending):
-                if await consumer.position(tp) >= end[tp]:
+                position = min(await consumer.position(tp), end[tp])
+                if progress is not None:
+                    progress.advance(position - counted[tp])
+                counted[tp] = max(counted[tp], position)
+                if position >= end[tp]:
                     pending.discard(tp)
             if time.monotonic() > deadline:
                 raise BrokerError(f"reading {topic} took longer than {timeout_s}s")
@@ -170,10 +186,14 @@ def diff_keys(a: dict[str, Any], b: dict[str, Any], limit: int = 20) -> list[str
     return [k for k in keys if a.get(k) != b.get(k)][:limit]
 
 
-async def compare(settings: Settings, name: str) -> Comparison:
+async def compare(settings: Settings, name: str, progress: Progress | None = None) -> Comparison:
+    """Rebuild table `name` and compare it with its changelog; `progress` counts the
+    offsets of both reads (its `stage` names the table)."""
     spec = spec_for(name)
-    rebuilt = await rebuild_from_history(settings, spec)
-    found = await _read_changelog(settings, name, 30)
+    if progress is not None:
+        progress.stage = name
+    rebuilt = await rebuild_from_history(settings, spec, progress)
+    found = await _read_changelog(settings, name, 30, progress)
     live = found or {}
     # a table with a retention: what the worker may already have deleted is left out
     # on both sides (the same clock for both)
@@ -190,5 +210,9 @@ async def compare(settings: Settings, name: str) -> Comparison:
     )
 
 
-async def compare_all(settings: Settings, names: Iterable[str] | None = None) -> list[Comparison]:
-    return [await compare(settings, n) for n in (names or sorted(TABLES))]
+async def compare_all(
+    settings: Settings, names: Iterable[str] | None = None, *, progress: Progress | None = None
+) -> list[Comparison]:
+    """`compare` for each table of `names` (None: every registered table), in turn: with
+    `progress`, the total grows as each table's reads start."""
+    return [await compare(settings, n, progress) for n in (names or sorted(TABLES))]

@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from agentstream.schemas import Event
-from agentstream.streams.replay import parse_time, replay
+from agentstream.streams.replay import Progress, parse_time, replay
 from agentstream.streams.settings import Settings
 from agentstream.streams.topics import (
     AGENT_MESSAGES,
@@ -160,12 +160,17 @@ class ReportBuilder:
         }
 
 
-async def build_report(settings: Settings, since: Any = None, until: Any = "now") -> dict[str, Any]:
+async def build_report(
+    settings: Settings, since: Any = None, until: Any = "now", *, progress: Progress | None = None
+) -> dict[str, Any]:
+    """The report of [since, until]; `progress` counts the offsets of the replay."""
     start = parse_time(since) if since is not None else None
     end = parse_time(until) if until is not None else None
     builder = ReportBuilder()
     base = {settings.topic(t): t for t in REPORT_TOPICS}
-    async for rec in replay(settings, list(REPORT_TOPICS), start, end, include_invalid=False):
+    async for rec in replay(
+        settings, list(REPORT_TOPICS), start, end, include_invalid=False, progress=progress
+    ):
         ev = rec.event_or_none()
         if ev is not None:
             builder.add(base[rec.topic], ev)

@@ -60,7 +60,13 @@ from agentstream.streams.audit_chain import (
     signature_problem,
 )
 from agentstream.streams.client import group_less_consumer
-from agentstream.streams.replay import full_topic_names, parse_time, plan_ranges, to_ms
+from agentstream.streams.replay import (
+    Progress,
+    full_topic_names,
+    parse_time,
+    plan_ranges,
+    to_ms,
+)
 from agentstream.streams.settings import Settings
 from agentstream.streams.topics import LLM_RESPONSES, SECURITY_DECISIONS, SECURITY_POLICIES
 
@@ -454,10 +460,13 @@ async def verify(
     *,
     trust: ChainTrust | None = None,
     require_signatures: bool | None = None,
+    progress: Progress | None = None,
 ) -> list[PartitionReport]:
     """Walk every partition of `topics` within [since, until) (offsets-for-times), with
     its own group-less consumer, and check each chain. `trust` None = the published keys
-    (`resolve_trust`); `require_signatures` None = whenever a chain key is trusted."""
+    (`resolve_trust`); `require_signatures` None = whenever a chain key is trusted.
+    `progress` counts the offsets of the ranges (not the few records read around them
+    for an anchor or a signature)."""
     if trust is None:
         trust = await resolve_trust(settings)
     require = bool(trust.keys) if require_signatures is None else require_signatures
@@ -470,6 +479,8 @@ async def verify(
     reports: list[PartitionReport] = []
     try:
         ranges = await plan_ranges(consumer, names, since_ms, until_ms)
+        if progress is not None:
+            progress.plan(r.stop - r.start for r in ranges)
         tps = [r.tp for r in ranges]
         begin = await consumer.beginning_offsets(tps)
         end = await consumer.end_offsets(tps)
@@ -481,7 +492,12 @@ async def verify(
                 anchor = await _hash_before(consumer, r.tp, r.start, begin[r.tp])
             tally: PolicyCounts = Counter()
             recs = await _read(
-                consumer, r.tp, r.start, r.stop, tally if r.tp.topic == decisions_topic else None
+                consumer,
+                r.tp,
+                r.start,
+                r.stop,
+                tally if r.tp.topic == decisions_topic else None,
+                progress=progress,
             )
             following: list[ChainRecord] = []
             if recs and not recs[-1].signature and r.stop < end[r.tp]:
@@ -517,10 +533,22 @@ async def _read(
     tally: PolicyCounts | None = None,
     *,
     until_signed: bool = False,
+    progress: Progress | None = None,
 ) -> list[ChainRecord]:
+    """The records of [start, stop); with `until_signed`, up to the first signed one.
+    `progress` is advanced by the offsets consumed, all of [start, stop) once it is read
+    through (compacted or expired offsets, transaction markers included)."""
     out: list[ChainRecord] = []
     if stop <= start:
         return out
+    counted = start
+
+    def consumed(upto: int) -> None:
+        nonlocal counted
+        if progress is not None and upto > counted:
+            progress.advance(min(upto, stop) - counted)
+            counted = min(upto, stop)
+
     consumer.assign([tp])
     consumer.seek(tp, start)
     while True:
@@ -528,13 +556,17 @@ async def _read(
         recs = batch.get(tp, [])
         for rec in recs:
             if rec.offset >= stop:
+                consumed(stop)
                 return out
             out.append(chain_record(rec.offset, rec.value, tally))
             if until_signed and out[-1].signature:
                 return out
-        if await consumer.position(tp) >= stop:
+        position = await consumer.position(tp)
+        consumed(position)
+        if position >= stop:
             return out
-        if not recs and await consumer.position(tp) >= (await consumer.end_offsets([tp]))[tp]:
+        if not recs and position >= (await consumer.end_offsets([tp]))[tp]:
+            consumed(stop)  # the partition ends before `stop` now: nothing more to read
             return out
 
 

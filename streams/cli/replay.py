@@ -3,60 +3,14 @@
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
-from typing import IO
 
 import click
 
-from agentstream.streams.cli import check_time_range, cli, output_file, run, time_option
+from agentstream.streams.cli import check_time_range, cli, output_file, time_option
+from agentstream.streams.cli.progress import progress_option, run_with_progress
 from agentstream.streams.replay import OUTPUT_FORMATS, Progress, replay_batches
 from agentstream.streams.settings import get_settings
-
-
-class ProgressBar:
-    """`[#####.....]  42% 12,345/29,000  8,120 ev/s  ETA 2s` on a terminal, redrawn at
-    most every `every_s`; the total is an offset span, so the bar can end below 100%
-    when filters drop records (it counts records *read*, not written)."""
-
-    def __init__(self, progress: Progress, stream: IO[str], every_s: float = 0.2) -> None:
-        self.p = progress
-        self.stream = stream
-        self.every_s = every_s
-        self.started = time.monotonic()
-        self._last = 0.0
-
-    def draw(self, *, final: bool = False) -> None:
-        now = time.monotonic()
-        if not final and now - self._last < self.every_s:
-            return
-        self._last = now
-        self.stream.write(
-            "\r"
-            + render_bar(self.p.done, self.p.total, self.p.emitted, now - self.started)
-            + ("\n" if final else "")
-        )
-        self.stream.flush()
-
-
-def render_bar(done: int, total: int, emitted: int, elapsed: float, width: int = 24) -> str:
-    frac = min(1.0, done / total) if total else 1.0
-    filled = int(frac * width)
-    rate = done / elapsed if elapsed > 0 else 0.0
-    eta = (total - done) / rate if rate > 0 and total > done else 0.0
-    return (
-        f"[{'#' * filled}{'.' * (width - filled)}] {frac * 100:5.1f}% "
-        f"{done:,}/{total:,} read, {emitted:,} written  {rate:,.0f} ev/s  ETA {_dur(eta)}"
-    )
-
-
-def _dur(seconds: float) -> str:
-    s = int(seconds + 0.5)
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    return f"{s // 3600}h{(s % 3600) // 60:02d}m"
 
 
 @cli.command("replay")
@@ -102,6 +56,7 @@ def _dur(seconds: float) -> str:
     is_flag=True,
     help="Write access tokens, passwords, API keys... as they are (default: [REDACTED]).",
 )
+@progress_option
 def replay_cmd(
     topics: str,
     since: str | None,
@@ -113,6 +68,7 @@ def replay_cmd(
     fmt: str,
     meta: bool,
     show_secrets: bool,
+    progress: bool | None,
 ) -> None:
     """Replay a time range [--since, --until) of TOPICS, merged in timestamp order.
 
@@ -128,8 +84,8 @@ def replay_cmd(
     if not names:
         raise click.BadParameter("name at least one topic", param_hint="'--topics'")
     check_time_range(since, until)
-    bar_stream = sys.stderr if sys.stderr.isatty() else None
-    n = run(
+    counter = Progress()
+    n = run_with_progress(
         _replay(
             names,
             since,
@@ -138,11 +94,15 @@ def replay_cmd(
             event_type,
             correlation_id,
             out_path,
-            bar_stream,
+            counter,
             show_secrets=show_secrets,
             fmt=fmt,
             meta=meta,
-        )
+        ),
+        counter,
+        progress,
+        desc="replay",
+        written=True,
     )
     if out_path is not None:
         click.echo(f"wrote {n} record(s) to {out_path}", err=True)
@@ -156,15 +116,13 @@ async def _replay(
     event_type: str | None,
     correlation_id: str | None,
     out_path: Path | None,
-    bar_stream: IO[str] | None,
+    progress: Progress,
     *,
     show_secrets: bool = False,
     fmt: str = "json",
     meta: bool = False,
 ) -> int:
     settings = get_settings()
-    progress = Progress()
-    bar = ProgressBar(progress, bar_stream) if bar_stream is not None else None
     out = out_path.open("wb") if out_path is not None else sys.stdout.buffer
     pending: list[bytes] = []
     n = 0
@@ -184,12 +142,8 @@ async def _replay(
             if len(pending) >= 2000:
                 out.write(b"".join(pending))
                 pending.clear()
-                if bar is not None:
-                    bar.draw()
         out.write(b"".join(pending))
         out.flush()
-        if bar is not None:
-            bar.draw(final=True)
     finally:
         if out_path is not None:
             out.close()

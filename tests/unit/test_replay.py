@@ -1,4 +1,4 @@
-"""Time parsing, filters, JSON lines and the progress bar of `streams.replay`."""
+"""Time parsing, filters and JSON lines of `streams.replay` (its progress: test_progress.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import orjson
 import pytest
 
 from agentstream.schemas import AgentMessage, Event, SchemaError, encode
-from agentstream.streams.cli.replay import render_bar
 from agentstream.streams.replay import ReplayRecord, TimeParseError, heap_key, matches, parse_time
 
 NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
@@ -86,12 +85,6 @@ def test_heap_key_orders_by_timestamp_then_partition_then_offset() -> None:
     assert sorted([a, b, c], key=lambda r: heap_key(r, 0)) == [c, b, a]
     # equal timestamp and partition number on two topics: the topic's position decides
     assert heap_key(b, 0) < heap_key(b, 1)
-
-
-def test_progress_bar() -> None:
-    bar = render_bar(done=500, total=1000, emitted=400, elapsed=2.0)
-    assert "50.0%" in bar and "250 ev/s" in bar and "ETA 2s" in bar and "400 written" in bar
-    assert "100.0%" in render_bar(done=0, total=0, emitted=0, elapsed=0)
 
 
 def test_output_formats() -> None:
