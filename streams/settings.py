@@ -1,8 +1,9 @@
 """All configuration, read once from the environment into one frozen object.
 
 Every field maps to ``AGENTSTREAM_<FIELD_NAME_UPPER>``; its description is the
-documentation (README's configuration table is checked against these fields by a test,
-and ``agentstream config`` prints the effective values with secrets masked).
+documentation (``agentstream config --markdown`` prints it as the table of
+docs/configuration.md, which a test keeps equal, and ``agentstream config`` prints the
+effective values with secrets masked).
 """
 
 from __future__ import annotations
@@ -282,7 +283,7 @@ class Settings(BaseModel):
 
     # -- LLM -------------------------------------------------------------------------------
     llm_providers_file: Path | None = Field(
-        default=None, description="YAML/JSON file declaring providers (see README)."
+        default=None, description="YAML/JSON file declaring providers (see docs/llm.md)."
     )
     llm_default_provider: str = Field(
         default="local", description="Provider used when a request names none."

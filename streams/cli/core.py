@@ -482,7 +482,9 @@ def schemas_export(directory: Path) -> None:
 
 
 @cli.command()
-@click.option("--markdown", is_flag=True, help="Print the defaults as README's Markdown table.")
+@click.option(
+    "--markdown", is_flag=True, help="Print the defaults as the table of docs/configuration.md."
+)
 def config(markdown: bool) -> None:
     """Show the effective configuration (secrets masked)."""
     if markdown:

@@ -432,7 +432,7 @@ class Verdict:
 
 
 #: tables that count events: under at-least-once they over-count by the replayed inputs
-#: (docs/audit.md "Tables after a crash"), so a difference there is reported, not failed
+#: (docs/guarantees.md "Tables after a crash"), so a difference there is reported, not failed
 COUNTING_TABLES = frozenset({"security_decision_counts"})
 
 
@@ -502,7 +502,7 @@ def judge_audit(doc: Mapping[str, Any] | None, guarantee: str) -> Verdict:
 # (any status: completed, failed — a typed failure carrying its `error` — or cancelled)
 # or, if the agent could not publish one, a dead letter. call_llm holds a request's
 # offset until its response is out, outside the exactly-once commit gate, so its outputs
-# are at-least-once by design (docs/audit.md): duplicate responses are counted under
+# are at-least-once by design (docs/guarantees.md): duplicate responses are counted under
 # both guarantees and judged against the at-least-once bound under both.
 
 LLM_STATUSES = ("completed", "failed", "cancelled")

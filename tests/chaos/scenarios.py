@@ -555,7 +555,7 @@ async def llm_saturated(ctx: RunContext) -> None:
     letter — none lost, no well-formed one dead-lettered; the provider never sees more
     calls at once than the slots allow and does see that many (saturated); the
     agent.message checks still pass. LLM outputs are at-least-once by design, under
-    exactly-once too (docs/audit.md: call_llm holds a request's offset past its batch,
+    exactly-once too (docs/guarantees.md: call_llm holds a request's offset past its batch,
     outside the commit gate): duplicate final responses are counted under both
     guarantees and judged against the at-least-once bound (one commit interval's worth
     of responses per fault), a failure above it. Notes the decision rate during the

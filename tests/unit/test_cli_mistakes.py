@@ -1,5 +1,5 @@
 """What a new user's common mistakes get from the CLI: one clear message, the exit code
-the README documents (1 rejected input or pipeline error, 2 usage or configuration), and
+docs/cli.md documents (1 rejected input or pipeline error, 2 usage or configuration), and
 never a traceback. `--help` needs no settings and touches nothing.
 
 The CLI runs as a subprocess (`python -m agentstream`), as a user runs it, in a directory and

@@ -1,15 +1,31 @@
-"""Settings: environment parsing, validation errors, masking, and README documentation."""
+"""Settings: environment parsing, validation errors, masking, and their documentation
+(the table of docs/configuration.md)."""
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from agentstream.streams.settings import Settings, SettingsError
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+REPO = Path(__file__).resolve().parents[2]
+CONFIGURATION = REPO / "docs" / "configuration.md"
+TABLE_HEADER = "| Variable | Default | Meaning |"
+
+
+def documented_table() -> list[str]:
+    """The settings table of docs/configuration.md: its header to its last row."""
+    lines = CONFIGURATION.read_text().splitlines()
+    start = lines.index(TABLE_HEADER)
+    end = start
+    while end < len(lines) and lines[end].startswith("|"):
+        end += 1
+    return lines[start:end]
 
 
 def test_reads_prefixed_environment() -> None:
@@ -52,14 +68,38 @@ def test_secrets_are_masked_everywhere() -> None:
     assert s.keyring_password.get_secret_value() == "hunter2-very-secret"
 
 
-def test_every_variable_is_documented_in_readme() -> None:
-    documented = set(re.findall(r"`(AGENTSTREAM_[A-Z0-9_]+)`", README.read_text()))
+def test_every_variable_is_in_the_configuration_table() -> None:
+    documented = set(
+        re.findall(r"^\| `(AGENTSTREAM_[A-Z0-9_]+)` \|", "\n".join(documented_table()), re.M)
+    )
     missing = [
         Settings.env_name(f)
         for f in Settings.model_fields
         if Settings.env_name(f) not in documented
     ]
-    assert not missing, f"README configuration table lacks {missing}"
+    assert not missing, f"docs/configuration.md's settings table lacks {missing}"
+
+
+def test_configuration_table_is_what_config_markdown_prints(tmp_path: Path) -> None:
+    """The table is generated, never edited by hand: `agentstream config --markdown`
+    prints it, from a clean environment (defaults only)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTSTREAM_")}
+    env.update(
+        HOME=str(tmp_path), PYTHONPATH=str(REPO), AGENTSTREAM_STATE_DIR=str(tmp_path / "state")
+    )
+    res = subprocess.run(
+        [sys.executable, "-m", "agentstream", "config", "--markdown"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines() == documented_table(), (
+        "docs/configuration.md's table differs from `agentstream config --markdown`: "
+        "paste the command's output over it"
+    )
 
 
 def test_every_bad_variable_is_reported_at_once() -> None:
