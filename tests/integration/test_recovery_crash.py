@@ -211,11 +211,12 @@ def use_env(env: dict[str, str]) -> Settings:
     """This process sees the worker's settings, and registers the same tables the worker
     does (Faust autodiscovery imports every module of the agent packages)."""
     os.environ.update({k: v for k, v in env.items() if k.startswith("AGENTSTREAM_")})
-    for pkg in env["AGENTSTREAM_AGENTS"].split(","):
+    settings = Settings.from_env(env)
+    for pkg in settings.agent_modules:
         root = importlib.import_module(pkg)
         for mod in pkgutil.walk_packages(root.__path__, prefix=f"{pkg}."):
             importlib.import_module(mod.name)
-    return Settings.from_env(env)
+    return settings
 
 
 async def publish(settings: Settings, events: list[Event[Any]]) -> None:
