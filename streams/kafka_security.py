@@ -407,9 +407,10 @@ async def connect_error(
     # [(host, port, family)]" only repeats the address.
     detail = "" if "Unable to bootstrap" in str(exc) else f" ({exc})"
     hint = (
-        "is it running, and is AGENTSTREAM_KAFKA_BOOTSTRAP right?"
+        "is it running, and is AGENTSTREAM_KAFKA_BOOTSTRAP (the CLI's -b) right?"
         if settings.kafka_bootstrap
-        else "start one with 'agentstream kafka start' or set AGENTSTREAM_KAFKA_BOOTSTRAP"
+        else "start one with 'agentstream kafka start', or name one in "
+        "AGENTSTREAM_KAFKA_BOOTSTRAP (the CLI's -b)"
     )
     return BrokerError(
         f"no broker at {settings.bootstrap} ({settings.kafka_security_protocol}){detail} — {hint}"

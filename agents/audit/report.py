@@ -163,7 +163,7 @@ class ReportBuilder:
 async def build_report(
     settings: Settings, since: Any = None, until: Any = "now", *, progress: Progress | None = None
 ) -> dict[str, Any]:
-    """The report of [since, until]; `progress` counts the offsets of the replay."""
+    """The report of [since, until); `progress` counts the offsets of the replay."""
     start = parse_time(since) if since is not None else None
     end = parse_time(until) if until is not None else None
     builder = ReportBuilder()

@@ -365,7 +365,7 @@ def test_no_broker_is_one_line_with_what_to_do(outcomes: dict[str, Any]) -> None
     res = outcomes["results"]["no-broker-topics-list"]
     assert res.stderr.splitlines() == [
         f"Error: BrokerError: no broker at 127.0.0.1:{outcomes['port']} (PLAINTEXT) — is it "
-        "running, and is AGENTSTREAM_KAFKA_BOOTSTRAP right?"
+        "running, and is AGENTSTREAM_KAFKA_BOOTSTRAP (the CLI's -b) right?"
     ]
 
 
@@ -493,11 +493,11 @@ def test_an_unreachable_broker_error_says_what_to_do() -> None:
     exc = asyncio.run(connect_error(local, KafkaConnectionError("Unable to bootstrap"), "x"))
     assert error_text(exc) == (
         f"BrokerError: no broker at 127.0.0.1:{port} (PLAINTEXT) — start one with "
-        "'agentstream kafka start' or set AGENTSTREAM_KAFKA_BOOTSTRAP"
+        "'agentstream kafka start', or name one in AGENTSTREAM_KAFKA_BOOTSTRAP (the CLI's -b)"
     )
     there = Settings.from_env({"AGENTSTREAM_KAFKA_BOOTSTRAP": f"127.0.0.1:{port}"})
     exc = asyncio.run(connect_error(there, KafkaConnectionError("Unable to bootstrap"), "x"))
-    assert error_text(exc).endswith("is AGENTSTREAM_KAFKA_BOOTSTRAP right?")
+    assert error_text(exc).endswith("is AGENTSTREAM_KAFKA_BOOTSTRAP (the CLI's -b) right?")
 
 
 def test_other_pipeline_errors_keep_their_class_and_message() -> None:
