@@ -13,6 +13,7 @@ import orjson
 from agentstream.streams.cli import (
     check_time_range,
     cli,
+    json_option,
     output_file,
     run,
     time_option,
@@ -26,7 +27,7 @@ from agentstream.streams.settings import get_settings
 @cli.command("rebuild")
 @click.argument("table", required=False)
 @click.option("--all", "all_tables", is_flag=True, help="Every registered table.")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@json_option()
 @progress_option
 def rebuild_cmd(table: str | None, all_tables: bool, as_json: bool, progress: bool | None) -> None:
     """Rebuild TABLE from its source topics and compare with the live table.
@@ -82,7 +83,7 @@ def rebuild_cmd(table: str | None, all_tables: bool, as_json: bool, progress: bo
 @click.option("--worker", help="Only this worker's checkpoints.")
 @click.option("--take", is_flag=True, help="Ask the worker at --url to write one now.")
 @click.option("--url", help="Worker web root for --take (default: this host's web port).")
-@click.option("--json", "as_json", is_flag=True, help="JSON lines.")
+@json_option(lines=True)
 def checkpoints_cmd(
     since: str | None, worker: str | None, take: bool, url: str | None, as_json: bool
 ) -> None:
@@ -135,7 +136,7 @@ def audit() -> None:
     help="Report unsigned records in partitions with no signed record too. "
     "Default: on whenever a chain key is trusted.",
 )
-@click.option("--json", "as_json", is_flag=True, help="One JSON document.")
+@json_option()
 @progress_option
 def verify_cmd(
     since: str | None,
@@ -271,7 +272,7 @@ def worker_key_revoke(key_id: str) -> None:
 
 
 @worker_key.command("list")
-@click.option("--json", "as_json", is_flag=True, help="JSON lines.")
+@json_option(lines=True)
 def worker_key_list(as_json: bool) -> None:
     """The chain keys in force on security.worker_keys, and the records ignored there."""
     from agentstream.streams.audit_chain import read_worker_keys

@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 import click
 
 from agentstream.schemas.comms import COMM_KINDS
-from agentstream.streams.cli import cli, worker_call
+from agentstream.streams.cli import cli, json_option, worker_call
 
 
 @cli.command("comms")
@@ -17,7 +17,7 @@ from agentstream.streams.cli import cli, worker_call
 @click.option("--since", help="Start: -15m, -2h, ISO-8601, epoch ms (default: retention).")
 @click.option("--until", help="End (exclusive), same formats (default: now).")
 @click.option("--limit", type=int, default=1000, show_default=True, help="Newest N records.")
-@click.option("--json", "as_json", is_flag=True, help="Print the raw JSON.")
+@json_option()
 def comms(
     agent: str | None,
     kind: str | None,

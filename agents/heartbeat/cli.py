@@ -9,7 +9,7 @@ from urllib.parse import quote
 
 import click
 
-from agentstream.streams.cli import cli, worker_call
+from agentstream.streams.cli import cli, json_option, worker_call
 
 
 def _ago(ts: float | None) -> str:
@@ -24,7 +24,7 @@ def agents_group() -> None:
 @agents_group.command("status")
 @click.argument("agent_id", required=False)
 @click.option("--state", type=click.Choice(["up", "down"]), help="Only agents in this state.")
-@click.option("--json", "as_json", is_flag=True, help="Print the raw JSON.")
+@json_option()
 def agents_status(agent_id: str | None, state: str | None, as_json: bool) -> None:
     """Show the status of AGENT_ID, or of every agent."""
     if agent_id:

@@ -22,7 +22,7 @@ from agentstream.schemas.llm import (
     LLMResponse,
     LLMStreamChunk,
 )
-from agentstream.streams.cli import cli, run, worker_call
+from agentstream.streams.cli import cli, json_option, run, worker_call
 from agentstream.streams.client import AsyncClient, group_less_consumer
 from agentstream.streams.settings import get_settings
 from agentstream.streams.topics import LLM_CHUNKS, LLM_REQUESTS, LLM_RESPONSES
@@ -45,7 +45,7 @@ def llm_group() -> None:
 @click.option("--agent", "agent_id", default="cli", show_default=True)
 @click.option("--no-stream", is_flag=True, help="Ask for the whole answer at once.")
 @click.option("--timeout", "wait_s", type=float, default=120, show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="Print the final response as JSON.")
+@json_option()
 def ask(
     prompt: str,
     provider: str | None,
@@ -197,7 +197,7 @@ def breakers() -> None:
 
 
 @llm_group.command("usage")
-@click.option("--json", "as_json", is_flag=True)
+@json_option()
 def usage(as_json: bool) -> None:
     """Token totals per agent, provider and model (from a running worker)."""
     data = _view("/llm/usage")

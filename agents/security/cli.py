@@ -39,7 +39,7 @@ from agentstream.schemas.security import (
     SecurityPolicyRemoved,
     SignedChange,
 )
-from agentstream.streams.cli import cli, run
+from agentstream.streams.cli import cli, json_option, run
 from agentstream.streams.credentials import KeychainCredentialsProvider
 from agentstream.streams.errors import CredentialsError
 from agentstream.streams.kafka_security import new_producer
@@ -400,7 +400,7 @@ def _version(change: SecurityPolicy | SecurityConfig, dry_run: bool) -> str:
 
 
 @policy.command("list")
-@click.option("--json", "as_json", is_flag=True, help="Print the state as JSON.")
+@json_option()
 def policy_list(as_json: bool) -> None:
     """Show the signed policies and security config in force."""
     settings = get_settings()
@@ -614,7 +614,7 @@ def _record_row(rec: Any, checked: Checked) -> dict[str, Any]:
 
 
 @identity.command("list")
-@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+@json_option()
 def identity_list(as_json: bool) -> None:
     """The identities in force, and every record on security.identities with whether its
     signature verifies (and it applies)."""

@@ -9,7 +9,8 @@ instead (:class:`~infra.kafka.launcher.ClusterConfig`: ports from
 ``--nodes`` to ``stop`` and ``status``.  ``--secured`` manages a single broker that
 authenticates every client instead (:class:`~infra.kafka.secured.SecuredKafka`: mutual
 TLS and SCRAM over SASL_SSL, ACLs enforced; ports from
-``AGENTSTREAM_KAFKA_SECURED_PORT``, default 19392, state in ``var/kafka-secured``).
+``AGENTSTREAM_KAFKA_SECURED_PORT``, default 19392, state in ``<state>/kafka-secured``:
+see `infra.paths`).
 Exit codes: 0 success, 1 failure,
 3 for ``status`` when the broker is not running (the LSB convention, so scripts can
 test it).

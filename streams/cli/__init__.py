@@ -219,6 +219,17 @@ def cli() -> None:
     them); the options above set the most common ones for one command."""
 
 
+def json_option(*, lines: bool = False) -> Any:
+    """`--json`, with one meaning in every command: the result as JSON on stdout instead
+    of text — one JSON line per item for a listing (`lines`), else one JSON document."""
+    text = (
+        "Print one JSON object per line instead of text."
+        if lines
+        else "Print the result as one JSON document instead of text."
+    )
+    return click.option("--json", "as_json", is_flag=True, help=text)
+
+
 def run(coro: Coroutine[Any, Any, T]) -> T:
     """Run a coroutine for a command; its errors become one clean line (`pipeline_error`:
     exit 1, or 2 for bad settings)."""

@@ -15,7 +15,14 @@ import orjson
 from agentstream.schemas import Event, registry
 from agentstream.schemas.errors import PipelineError, SchemaError
 from agentstream.streams.admin import ensure_topics, list_topics
-from agentstream.streams.cli import ConfigError, checked_settings, cli, install_web_auth, run
+from agentstream.streams.cli import (
+    ConfigError,
+    checked_settings,
+    cli,
+    install_web_auth,
+    json_option,
+    run,
+)
 from agentstream.streams.client import (
     AsyncClient,
     Received,
@@ -140,7 +147,7 @@ SECURED = click.option(
     "--secured",
     is_flag=True,
     help="The local broker that authenticates every client: mutual TLS and SCRAM over "
-    "SASL_SSL, ACLs enforced (var/kafka-secured; see docs/cluster.md).",
+    "SASL_SSL, ACLs enforced (state in <state>/kafka-secured; see docs/cluster.md).",
 )
 
 
@@ -167,7 +174,7 @@ def kafka_stop(nodes: int | None, secured: bool) -> None:
 @kafka.command("status")
 @NODES
 @SECURED
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@json_option()
 def kafka_status(nodes: int | None, secured: bool, as_json: bool) -> None:
     """Say whether the local broker runs, and where (exit 3 when stopped)."""
     _kafka("status", *_nodes(nodes, secured), *(["--json"] if as_json else []))

@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from agentstream.streams.cli import cli, run
+from agentstream.streams.cli import cli, json_option, run
 from agentstream.streams.credentials import KeychainCredentialsProvider
 from agentstream.streams.errors import CredentialsError
 from agentstream.streams.web_auth import (
@@ -108,7 +108,7 @@ def token_revoke(token_id: str) -> None:
 
 
 @token.command("list")
-@click.option("--json", "as_json", is_flag=True, help="JSON lines.")
+@json_option(lines=True)
 def token_list(as_json: bool) -> None:
     """Ids, names, scopes and creation times (never values)."""
     try:

@@ -678,3 +678,28 @@ def test_importing_the_app_with_bad_settings_is_the_same_error_lines(tmp_path: P
         "Error: AGENTSTREAM_WEB_PORT='http': Input should be a valid integer, unable to parse "
         "string as an integer",
     ]
+
+
+def test_json_has_one_meaning_in_every_command() -> None:
+    """`--json` is the command's result as JSON on stdout: one document, or one object per
+    line for a listing, said the same way everywhere (`json_option`)."""
+    from agentstream.streams.cli import cli, load_commands
+
+    load_commands({})
+    texts = {
+        "Print the result as one JSON document instead of text.",
+        "Print one JSON object per line instead of text.",
+    }
+    found: dict[str, str] = {}
+
+    def walk(group: click.Group, path: str) -> None:
+        for name, cmd in group.commands.items():
+            if isinstance(cmd, click.Group):
+                walk(cmd, f"{path}{name} ")
+            for param in cmd.params:
+                if "--json" in getattr(param, "opts", []):
+                    found[f"{path}{name}"] = str(getattr(param, "help", ""))
+
+    walk(cli, "")
+    assert len(found) >= 12, found
+    assert {cmd: text for cmd, text in found.items() if text not in texts} == {}
