@@ -56,7 +56,7 @@ class RunOptions:
     rate: float = 500.0
     poison_ratio: float = 0.0
     standby_replicas: int = 0
-    #: BROKER_SESSION_TIMEOUT for the workers (None: Faust's default, 60 s)
+    #: AGENTSTREAM_BROKER_SESSION_TIMEOUT_S for the workers (None: the setting's default)
     session_timeout_s: float | None = 10.0
     drain_timeout_s: float = 180.0
     #: how long a restarted worker may take to be Ready (a crash loop never is)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.chaos.cluster import PORT_BASE, OwnBroker, OwnKafka
-from tests.chaos.harness import GUARANTEES, RunOptions, run_once
+from tests.chaos.harness import DEFAULT_SESSION_TIMEOUT_S, GUARANTEES, RunOptions, run_once
 from tests.chaos.report import write
 from tests.chaos.scenarios import SCENARIOS, Scenario
 from tests.support import REPO
@@ -62,7 +62,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--session-timeout",
         type=float,
         default=10.0,
-        help="Workers' BROKER_SESSION_TIMEOUT in s (default 10; 0 = Faust's 60).",
+        help="Workers' AGENTSTREAM_BROKER_SESSION_TIMEOUT_S (default 10; 0 = the setting's "
+        "default).",
     )
     p.add_argument("--kills-per-worker", type=int, default=5, help="worker_kill: kills per worker.")
     p.add_argument(
@@ -101,7 +102,7 @@ async def main_async(args: argparse.Namespace) -> int:
         bootstrap = await asyncio.to_thread(shared.start)
     meta: dict[str, Any] = {
         "broker": external or (shared.bootstrap if shared else "per scenario"),
-        "session_timeout_s": args.session_timeout or 60.0,
+        "session_timeout_s": args.session_timeout or DEFAULT_SESSION_TIMEOUT_S,
         "messages": args.messages,
     }
     runs: list[dict[str, Any]] = []
