@@ -240,14 +240,19 @@ class SecuredKafka:
         _check_name("principal", principal)
         ca = self._ensure_tls()
         cert_file, key_file = self._client_paths(principal)
-        try:
-            cached = tls.load_cert_key(cert_file, key_file)
-            cached.cert.verify_directly_issued_by(ca.cert)
-            if cached.common_name == principal:
-                return cert_file, key_file
-        except (OSError, ValueError, TypeError, InvalidSignature):
-            pass  # missing, unreadable or from another CA: replace it
-        tls.write_cert_key(tls.make_cert(ca, principal, client=True), cert_file, key_file)
+        # Processes sharing this broker (parallel test workers) ask for the same principal
+        # at once: one checks and writes at a time, so nobody reads a certificate next to
+        # the key of another or replaces a pair someone just got. Not `secured.lock`:
+        # start() holds that one while it calls this.
+        with launcher._file_lock(cert_file.parent / ".lock"):
+            try:
+                cached = tls.load_cert_key(cert_file, key_file)
+                cached.cert.verify_directly_issued_by(ca.cert)
+                if cached.common_name == principal:
+                    return cert_file, key_file
+            except (OSError, ValueError, TypeError, InvalidSignature):
+                pass  # missing, unreadable or from another CA: replace it
+            tls.write_cert_key(tls.make_cert(ca, principal, client=True), cert_file, key_file)
         return cert_file, key_file
 
     def admin_command_config(self) -> Path:
