@@ -1,6 +1,15 @@
 """Shared fixtures. Integration tests run against a real Apache Kafka broker started by the
 project's launcher (or the cluster in AGENTSTREAM_KAFKA_BOOTSTRAP); if it cannot start,
-they fail — they never skip."""
+they fail — they never skip.
+
+Under pytest-xdist (`-n N`, docs/development.md) every worker is a pytest session of its
+own, yet all of them share one broker of each kind (`kafka_bootstrap`, `secured_kafka`):
+the first worker to need one starts it (the launcher's start is idempotent and holds a
+file lock, so a second worker waits for it and then reuses it), no worker stops it, and
+the controller process, which outlives the workers, stops at the end of the run the
+brokers that were not running when the run began (`pytest_sessionstart` /
+`pytest_unconfigure` below). Without xdist (`-n 0`) the session fixtures stop them, as
+they always did."""
 
 from __future__ import annotations
 
@@ -9,8 +18,12 @@ import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from agentstream.infra.kafka.launcher import BrokerConfig
 
 REPO = Path(__file__).resolve().parent.parent
 TEST_KAFKA_PORT = int(os.environ.get("AGENTSTREAM_TEST_KAFKA_PORT", "19192"))
@@ -42,15 +55,11 @@ def _restore_environ() -> Iterator[None]:
     os.environ.update(saved)
 
 
-@pytest.fixture(scope="session")
-def kafka_bootstrap() -> Iterator[str]:
+def _test_broker_config() -> BrokerConfig:
+    """The launcher's config of the plain test broker (AGENTSTREAM_TEST_KAFKA_PORT)."""
     from agentstream.infra.kafka import launcher
 
-    external = launcher.external_bootstrap()
-    if external:
-        yield external
-        return
-    cfg = launcher.BrokerConfig.from_env(
+    return launcher.BrokerConfig.from_env(
         {
             "AGENTSTREAM_KAFKA_PORT": str(TEST_KAFKA_PORT),
             "AGENTSTREAM_KAFKA_CONTROLLER_PORT": str(TEST_KAFKA_PORT + 1),
@@ -59,12 +68,99 @@ def kafka_bootstrap() -> Iterator[str]:
             **{k: v for k, v in os.environ.items() if k == "AGENTSTREAM_KAFKA_VERSION"},
         }
     )
+
+
+def _keep_brokers() -> bool:
+    return os.environ.get("AGENTSTREAM_TEST_KEEP_BROKER") == "1"
+
+
+def _xdist_worker(config: pytest.Config) -> bool:
+    """This session is one of pytest-xdist's workers (the controller stops the brokers)."""
+    return hasattr(config, "workerinput")
+
+
+def _xdist_controller(config: pytest.Config) -> bool:
+    """This process hands tests to pytest-xdist workers and runs none itself."""
+    return config.pluginmanager.has_plugin("dsession")
+
+
+#: The pytest-xdist groups (docs/development.md, "Running tests in parallel"). The tests of
+#: one group run on one worker, one after another; everything else is spread freely.
+XDIST_GROUPS = {
+    "own-kafka": "starts a Kafka broker, cluster or Toxiproxy of its own: their ports come "
+    "from free_port_block, free when asked but not reserved, and they are heavy",
+    "fault-injection": "kills or rebalances workers on the shared broker and bounds how "
+    "long they take to resume: not two of them at once on a 2-core machine",
+    "acls": "test_acls.py's module fixture (a deployment with ACLs, ~30 s): set up once",
+    "repo-var": "writes below the repository's var/, or checks that `--help` does not",
+}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A misspelt group would silently be a group of its own: refuse it."""
+    for item in items:
+        for mark in item.iter_markers("xdist_group"):
+            name = mark.args[0] if mark.args else mark.kwargs.get("name")
+            if name not in XDIST_GROUPS:
+                raise pytest.UsageError(
+                    f"{item.nodeid}: xdist_group {name!r} is none of {sorted(XDIST_GROUPS)}"
+                )
+
+
+#: controller only: which shared brokers were running before the run (never ours to stop)
+_RUNNING_BEFORE = pytest.StashKey[dict[str, bool]]()
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """xdist controller, before the workers start: note which shared brokers run already,
+    and create their state folders, so that the top level of var/ stays as it is while
+    tests run (tests/unit/test_cli_mistakes.py checks that `--help` adds nothing there)."""
+    config = session.config
+    if not _xdist_controller(config):
+        return
+    from agentstream.infra.kafka import launcher
+
+    external = launcher.external_bootstrap() is not None
+    secured = _secured_broker()
+    config.stash[_RUNNING_BEFORE] = {
+        "plain": external or bool(launcher.status(_test_broker_config())["running"]),
+        "secured": secured.running(),
+    }
+    (REPO / "var" / "test-kafka").mkdir(parents=True, exist_ok=True)
+    secured.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """xdist controller, once every worker has ended: stop the shared brokers a worker
+    started in this run, as a serial session's fixtures do."""
+    before = config.stash.get(_RUNNING_BEFORE, None)
+    if before is None or _keep_brokers():
+        return
+    from agentstream.infra.kafka import launcher
+
+    if not before["plain"]:
+        launcher.stop(_test_broker_config())
+    if not before["secured"]:
+        _secured_broker().stop()
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(request: pytest.FixtureRequest) -> Iterator[str]:
+    from agentstream.infra.kafka import launcher
+
+    external = launcher.external_bootstrap()
+    if external:
+        yield external
+        return
+    cfg = _test_broker_config()
     already_running = launcher.status(cfg)["running"]
     # A failure here is an error in every integration test, by design: no broker, no pass.
+    # Under xdist, workers race here: start() serialises them and reuses a running broker.
     bootstrap = launcher.start(cfg)
     yield bootstrap
-    # Stop only a broker this session started: another session may be using it.
-    if not already_running and os.environ.get("AGENTSTREAM_TEST_KEEP_BROKER") != "1":
+    # Stop only a broker this session started: another session may be using it. An xdist
+    # worker never stops it: the other workers may still use it (the controller stops it).
+    if not already_running and not _keep_brokers() and not _xdist_worker(request.config):
         launcher.stop(cfg)
 
 
@@ -131,17 +227,21 @@ def _free_port() -> int:
 from agentstream.infra.kafka.secured import SecuredKafka  # noqa: E402
 
 
+def _secured_broker() -> SecuredKafka:
+    return SecuredKafka(REPO / "var" / "test-kafka-secured", port_base=TEST_KAFKA_PORT + 100)
+
+
 @pytest.fixture(scope="session")
-def secured_kafka() -> Iterator[SecuredKafka]:
+def secured_kafka(request: pytest.FixtureRequest) -> Iterator[SecuredKafka]:
     """A secured single-node broker for the TLS/SASL/ACL tests (infra/kafka/secured.py):
     mutual TLS on `ssl_bootstrap`, SCRAM-SHA-256/512 on `sasl_ssl_bootstrap`, ACLs enforced,
     no PLAINTEXT listener. Ports from AGENTSTREAM_TEST_KAFKA_PORT + 100 upward, state in
     var/test-kafka-secured/. Like `kafka_bootstrap`, it is stopped at the end unless it
-    was already running or AGENTSTREAM_TEST_KEEP_BROKER=1, and a broker that cannot start
-    is an error in every test that uses it."""
-    kafka = SecuredKafka(REPO / "var" / "test-kafka-secured", port_base=TEST_KAFKA_PORT + 100)
+    was already running or AGENTSTREAM_TEST_KEEP_BROKER=1 (under xdist by the controller),
+    and a broker that cannot start is an error in every test that uses it."""
+    kafka = _secured_broker()
     already_running = kafka.running()
-    kafka.start()
+    kafka.start()  # idempotent, under a file lock: xdist workers share one broker
     yield kafka
-    if not already_running and os.environ.get("AGENTSTREAM_TEST_KEEP_BROKER") != "1":
+    if not already_running and not _keep_brokers() and not _xdist_worker(request.config):
         kafka.stop()
