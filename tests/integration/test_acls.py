@@ -44,7 +44,8 @@ from agentstream.streams.settings import Settings
 from agentstream.streams.topics import CATALOGUE, SECURITY_POLICIES
 from tests.support import REPO, Worker, await_until, cli, with_admin_key
 
-pytestmark = pytest.mark.integration
+# one worker runs the whole module: `deployment` (module scope) takes ~30 s to set up
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("acls")]
 
 ROLES = ("worker", "producer", "auditor", "operator")
 POLICIES = {

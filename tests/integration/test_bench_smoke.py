@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 
-pytestmark = pytest.mark.integration
+# "repo-var": writes var/bench/, beside which test_cli_mistakes checks var/ untouched
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("repo-var")]
 
 REPO = Path(__file__).resolve().parents[2]
 CORE_KEYS = {

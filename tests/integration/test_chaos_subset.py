@@ -67,6 +67,7 @@ def assert_clean(result: dict[str, Any]) -> None:
     assert result.get("ok"), f"chaos run failed: {result.get('failures')}\n{text}"
 
 
+@pytest.mark.xdist_group("fault-injection")
 @pytest.mark.timeout(280)
 async def test_worker_kill(kafka_bootstrap: str, tmp_path: Path) -> None:
     # 3 workers with a standby replica each, each kill -9'ed twice (one of them again
@@ -93,6 +94,7 @@ async def test_worker_kill(kafka_bootstrap: str, tmp_path: Path) -> None:
     assert resumes and max(resumes) < RESUME_BOUND_S, resumes
 
 
+@pytest.mark.xdist_group("own-kafka")
 @pytest.mark.timeout(280)
 async def test_network_reset(tmp_path: Path) -> None:
     # a broker of its own behind Toxiproxy: every connection of the workers, the load,
@@ -118,6 +120,7 @@ async def test_network_reset(tmp_path: Path) -> None:
     assert_clean(result)
 
 
+@pytest.mark.xdist_group("fault-injection")
 @pytest.mark.timeout(240)
 async def test_agent_raises(kafka_bootstrap: str, tmp_path: Path) -> None:
     # enforce_policy raises outside `guarded` a few times (each worker process at a call
@@ -130,6 +133,7 @@ async def test_agent_raises(kafka_bootstrap: str, tmp_path: Path) -> None:
     assert_clean(result)
 
 
+@pytest.mark.xdist_group("fault-injection")
 @pytest.mark.timeout(200)
 async def test_poison(kafka_bootstrap: str, tmp_path: Path) -> None:
     result = await run_once(
@@ -139,6 +143,7 @@ async def test_poison(kafka_bootstrap: str, tmp_path: Path) -> None:
     assert_clean(result)
 
 
+@pytest.mark.xdist_group("own-kafka")
 @pytest.mark.timeout(280)
 async def test_broker_restart(tmp_path: Path) -> None:
     # a broker of its own on the chaos port range: the shared one is never killed

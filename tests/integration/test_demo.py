@@ -9,7 +9,8 @@ import pytest
 
 from tests.support import cli
 
-pytestmark = pytest.mark.integration
+# "repo-var": writes var/demo/, beside which test_cli_mistakes checks var/ untouched
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("repo-var")]
 
 
 def _counts(line: str) -> dict[str, int]:

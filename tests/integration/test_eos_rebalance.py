@@ -18,7 +18,7 @@ from tests.conftest import _free_port
 from tests.integration.test_recovery_crash import Gauge, input_id, messages, publish, use_env
 from tests.support import Worker, await_until, read_topic
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("fault-injection")]
 
 N = 3000
 

@@ -24,7 +24,7 @@ from agentstream.streams.settings import Settings
 from tests.conftest import _free_port
 from tests.support import Worker, await_until, read_topic
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("fault-injection")]
 
 PARTITIONS = 4
 RESUME_BOUND_S = 30.0

@@ -23,7 +23,11 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from agentstream.infra.kafka import cluster, launcher
 from agentstream.infra.kafka.cluster import ClusterConfig
 
-pytestmark = [pytest.mark.chaos_infra, pytest.mark.timeout(240)]
+pytestmark = [
+    pytest.mark.chaos_infra,
+    pytest.mark.timeout(240),
+    pytest.mark.xdist_group("own-kafka"),
+]
 
 
 @pytest.fixture

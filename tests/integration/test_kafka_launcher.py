@@ -198,6 +198,7 @@ async def _topics_and_records(bootstrap: str, topic: str) -> tuple[set[str], lis
 
 
 @pytest.mark.integration
+@pytest.mark.xdist_group("own-kafka")
 def test_start_produce_restart_keeps_data(broker_cfg: BrokerConfig) -> None:
     cfg = broker_cfg
     topic = f"launcher-{uuid.uuid4().hex[:8]}"
@@ -244,6 +245,7 @@ def test_start_produce_restart_keeps_data(broker_cfg: BrokerConfig) -> None:
 
 
 @pytest.mark.integration
+@pytest.mark.xdist_group("own-kafka")
 def test_start_failure_raises_with_log_tail_and_cleans_up(broker_cfg: BrokerConfig) -> None:
     # A heap far too small for Kafka: the JVM dies at once.  start() must notice the
     # exit instead of waiting out its timeout, and report why.
@@ -260,6 +262,7 @@ def test_start_failure_raises_with_log_tail_and_cleans_up(broker_cfg: BrokerConf
 
 
 @pytest.mark.integration
+@pytest.mark.xdist_group("own-kafka")
 def test_start_refuses_a_port_in_use(broker_cfg: BrokerConfig) -> None:
     with socket.socket() as squatter:
         squatter.bind((broker_cfg.host, broker_cfg.port))

@@ -171,6 +171,7 @@ def test_names_that_could_become_super_users_are_refused(tmp_path: Path) -> None
             kafka.client_cert(bad)
 
 
+@pytest.mark.xdist_group("own-kafka")  # free_port_block(start=39092), as own_broker
 def test_busy_port_is_a_clear_start_error(tmp_path: Path) -> None:
     base = launcher.free_port_block(3, start=39092)
     with socket.socket() as busy:
@@ -400,6 +401,7 @@ def own_broker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Secu
 
 
 @pytest.mark.integration
+@pytest.mark.xdist_group("own-kafka")
 async def test_restart_keeps_users_and_certs_and_adds_new_users(own_broker: SecuredKafka) -> None:
     began = time.monotonic()
     own_broker.start()

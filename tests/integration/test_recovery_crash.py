@@ -28,7 +28,7 @@ from agentstream.streams.settings import Settings
 from agentstream.streams.tables import digest
 from tests.support import Worker, assert_rebuild_equal, await_until, cli, read_topic, web_tokens
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("fault-injection")]
 
 N = 3000
 SENDERS = 7

@@ -29,7 +29,11 @@ from agentstream.infra.toxiproxy.server import (
     stop_server,
 )
 
-pytestmark = [pytest.mark.chaos_infra, pytest.mark.timeout(180)]
+pytestmark = [
+    pytest.mark.chaos_infra,
+    pytest.mark.timeout(180),
+    pytest.mark.xdist_group("own-kafka"),
+]
 
 
 @pytest.fixture(scope="module")
