@@ -14,11 +14,14 @@ they always did."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -95,20 +98,106 @@ XDIST_GROUPS = {
     "repo-var": "writes below the repository's var/, or checks that `--help` does not",
 }
 
+# `--dist loadgroup` as pytest-xdist 3.8 implements it appends "@group" to a grouped test's
+# node id on the worker, and its scheduler reads the group back from the id. Since pytest 9.2
+# node ids are no longer a plain attribute and the suffix is silently lost
+# (pytest-dev/pytest-xdist#1386): every test would be scheduled on its own. So the groups
+# take another way: each worker writes {node id: group} into a folder the controller names
+# in its workerinput, and the controller's scheduler (`pytest_xdist_make_scheduler`) reads
+# that table when it distributes the tests, which is after every worker reported its
+# collection. `pytest_runtest_logreport` checks afterwards that each group ran on one worker.
+_GROUPS_DIR = "agentstream_xdist_groups_dir"
+_GROUP_TABLE = pytest.StashKey[dict[str, str]]()
+_GROUP_WORKERS = pytest.StashKey[dict[str, set[str]]]()
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """A misspelt group would silently be a group of its own: refuse it."""
-    for item in items:
-        for mark in item.iter_markers("xdist_group"):
-            name = mark.args[0] if mark.args else mark.kwargs.get("name")
-            if name not in XDIST_GROUPS:
-                raise pytest.UsageError(
-                    f"{item.nodeid}: xdist_group {name!r} is none of {sorted(XDIST_GROUPS)}"
-                )
+
+def _group_of(item: pytest.Item) -> str | None:
+    names = set()
+    for mark in item.iter_markers("xdist_group"):
+        name = mark.args[0] if mark.args else mark.kwargs.get("name")
+        if name not in XDIST_GROUPS:
+            # a misspelt group would silently be a group of its own
+            raise pytest.UsageError(
+                f"{item.nodeid}: xdist_group {name!r} is none of {sorted(XDIST_GROUPS)}"
+            )
+        names.add(name)
+    return "_".join(sorted(names)) or None  # several groups join, as in pytest-xdist
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    groups = {item.nodeid: g for item in items if (g := _group_of(item)) is not None}
+    folder = getattr(config, "workerinput", {}).get(_GROUPS_DIR)
+    if folder:
+        out = Path(folder) / f"{config.workerinput['workerid']}.json"
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(groups), encoding="utf-8")
+        tmp.replace(out)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node: Any) -> None:
+    """xdist controller, for each worker it starts: where to write the group table."""
+    config = node.config
+    if _GROUPS_DIR not in config.stash.get(_XDIST_STATE, {}):
+        config.stash.setdefault(_XDIST_STATE, {})[_GROUPS_DIR] = tempfile.mkdtemp(
+            prefix="agentstream-xdist-groups-"
+        )
+    node.workerinput[_GROUPS_DIR] = config.stash[_XDIST_STATE][_GROUPS_DIR]
+
+
+def _group_table(config: pytest.Config) -> dict[str, str]:
+    """xdist controller, once every worker has collected: node id -> group."""
+    if _GROUP_TABLE not in config.stash:
+        table: dict[str, str] = {}
+        folder = config.stash.get(_XDIST_STATE, {}).get(_GROUPS_DIR)
+        for written in sorted(Path(folder).glob("*.json")) if folder else ():
+            table.update(json.loads(written.read_text(encoding="utf-8")))
+        config.stash[_GROUP_TABLE] = table
+    return config.stash[_GROUP_TABLE]
+
+
+@pytest.hookimpl(tryfirst=True, optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    if config.getoption("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadGroupScheduling
+
+    class TableGroupScheduling(LoadGroupScheduling):
+        """LoadGroupScheduling whose groups come from the workers' table."""
+
+        def _split_scope(self, nodeid: str) -> str:
+            group = _group_table(config).get(nodeid)
+            return group if group is not None else str(super()._split_scope(nodeid))
+
+    return TableGroupScheduling(config, log)
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """xdist controller: note which worker ran each grouped test."""
+    node = getattr(report, "node", None)
+    if node is None:
+        return
+    group = _group_table(node.config).get(report.nodeid)
+    if group is not None:
+        workers = node.config.stash.setdefault(_GROUP_WORKERS, {})
+        workers.setdefault(group, set()).add(node.gateway.id)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """xdist controller: a group that ran on two workers makes the run fail, loudly."""
+    split = {g: w for g, w in session.config.stash.get(_GROUP_WORKERS, {}).items() if len(w) > 1}
+    if split:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.ensure_newline()
+            reporter.write_line(f"ERROR: xdist groups ran on several workers: {split}", red=True)
+        session.exitstatus = pytest.ExitCode.INTERNAL_ERROR
 
 
 #: controller only: which shared brokers were running before the run (never ours to stop)
 _RUNNING_BEFORE = pytest.StashKey[dict[str, bool]]()
+#: controller only: the folder of the group tables
+_XDIST_STATE = pytest.StashKey[dict[str, str]]()
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
@@ -133,6 +222,9 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 def pytest_unconfigure(config: pytest.Config) -> None:
     """xdist controller, once every worker has ended: stop the shared brokers a worker
     started in this run, as a serial session's fixtures do."""
+    folder = config.stash.get(_XDIST_STATE, {}).get(_GROUPS_DIR)
+    if folder:
+        shutil.rmtree(folder, ignore_errors=True)
     before = config.stash.get(_RUNNING_BEFORE, None)
     if before is None or _keep_brokers():
         return
