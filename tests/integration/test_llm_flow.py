@@ -252,7 +252,14 @@ async def test_llm_stage_end_to_end(settings_env: dict[str, str], tmp_path: Path
             ("open", "half_open"),
             ("half_open", "closed"),
         ]
-        breakers = view(env, "/llm/breakers")["breakers"]["loop"]
+
+        def recorded_closed() -> dict[str, Any] | None:
+            loop: dict[str, Any] = view(env, "/llm/breakers")["breakers"]["loop"]
+            return loop if (loop["recorded"] or {}).get("state") == "closed" else None
+
+        # the worker records a transition in its table just after publishing it, so the
+        # table may lag the topic that the test read it from: wait for it to catch up
+        breakers = await await_until(recorded_closed, 10, what="the closing recorded")
         assert breakers["live"]["state"] == "closed"
         assert breakers["recorded"]["state"] == "closed"
 
