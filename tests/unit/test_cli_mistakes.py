@@ -348,6 +348,7 @@ def test_the_table_has_the_common_mistakes() -> None:
     assert len({m.id for m in MISTAKES}) == len(MISTAKES)
 
 
+@pytest.mark.xdist_group("cli-mistakes")  # `outcomes` once, not on every worker
 @pytest.mark.parametrize("mistake", MISTAKES, ids=[m.id for m in MISTAKES])
 def test_a_mistake_gets_a_clear_message_and_its_exit_code(
     mistake: Mistake, outcomes: dict[str, Any]
@@ -361,6 +362,7 @@ def test_a_mistake_gets_a_clear_message_and_its_exit_code(
     assert res.returncode == mistake.code, out
 
 
+@pytest.mark.xdist_group("cli-mistakes")
 def test_no_broker_is_one_line_with_what_to_do(outcomes: dict[str, Any]) -> None:
     res = outcomes["results"]["no-broker-topics-list"]
     assert res.stderr.splitlines() == [
