@@ -7,6 +7,11 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
+# pytest-xdist workers of `make test` and `make integration`. The integration tests mostly
+# wait (Kafka sessions, polling, worker start-ups), so two workers on the 2-core machines
+# nearly halve the time; groups keep apart what must not run side by side
+# (docs/development.md, "Running tests in parallel"). TEST_WORKERS=0 runs serially.
+TEST_WORKERS ?= 2
 
 .PHONY: demo test lint typecheck unit integration bench chaos clean install lock system-deps
 
@@ -54,13 +59,13 @@ unit: install
 	$(PY) -m pytest tests/unit -q
 
 integration: install system-deps
-	$(PY) -m pytest tests/integration -q
+	$(PY) -m pytest tests/integration -q -n $(TEST_WORKERS)
 
 test: install system-deps
 	$(VENV)/bin/ruff check agentstream schemas streams agents infra bench tests
 	$(VENV)/bin/ruff format --check agentstream schemas streams agents infra bench tests
 	$(VENV)/bin/mypy
-	$(PY) -m pytest -q -p no:cacheprovider --durations=15
+	$(PY) -m pytest -q -p no:cacheprovider --durations=15 -n $(TEST_WORKERS)
 
 bench: install system-deps
 	$(PY) -m bench $(BENCH_ARGS)
