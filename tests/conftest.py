@@ -176,7 +176,7 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     """xdist controller: note which worker ran each grouped test."""
     node = getattr(report, "node", None)
-    if node is None:
+    if node is None or node.config.getoption("dist") != "loadgroup":
         return
     group = _group_table(node.config).get(report.nodeid)
     if group is not None:
