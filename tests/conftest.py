@@ -95,7 +95,7 @@ XDIST_GROUPS = {
     "fault-injection": "kills or rebalances workers on the shared broker and bounds how "
     "long they take to resume: not two of them at once on a 2-core machine",
     "acls": "test_acls.py's module fixture (a deployment with ACLs, ~30 s): set up once",
-    "cli-mistakes": "test_cli_mistakes.py's module fixture (~20 CLI start-ups): run once",
+    "cli-mistakes": "test_cli_mistakes.py's module fixture (46 CLI start-ups): run once",
     "repo-var": "writes below the repository's var/, or checks that `--help` does not",
 }
 
