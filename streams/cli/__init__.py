@@ -230,6 +230,32 @@ def json_option(*, lines: bool = False) -> Any:
     return click.option("--json", "as_json", is_flag=True, help=text)
 
 
+def record_output_options(f: Any) -> Any:
+    """`--format`, `--meta`, `--show-secrets`: how `tail` and `replay` print a record (the
+    same way: `ReplayRecord.render`)."""
+    from agentstream.streams.replay import OUTPUT_FORMATS
+
+    f = click.option(
+        "--show-secrets",
+        is_flag=True,
+        help="Print access tokens, passwords, API keys... as they are (default: [REDACTED]).",
+    )(f)
+    f = click.option(
+        "--meta",
+        is_flag=True,
+        help="Also print each record's topic, partition, offset, timestamp_ms and key.",
+    )(f)
+    return click.option(
+        "--format",
+        "fmt",
+        type=click.Choice(OUTPUT_FORMATS),
+        default="json",
+        show_default=True,
+        help="json: one line per record, the event as on the wire; pretty: indented JSON; "
+        "raw: the value's bytes.",
+    )(f)
+
+
 def run(coro: Coroutine[Any, Any, T]) -> T:
     """Run a coroutine for a command; its errors become one clean line (`pipeline_error`:
     exit 1, or 2 for bad settings)."""

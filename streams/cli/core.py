@@ -21,6 +21,7 @@ from agentstream.streams.cli import (
     cli,
     install_web_auth,
     json_option,
+    record_output_options,
     run,
 )
 from agentstream.streams.client import (
@@ -31,7 +32,7 @@ from agentstream.streams.client import (
     check_start_offset,
 )
 from agentstream.streams.errors import BrokerError
-from agentstream.streams.replay import OUTPUT_FORMATS, ReplayRecord
+from agentstream.streams.replay import ReplayRecord
 from agentstream.streams.settings import Settings, get_settings
 from agentstream.streams.topics import CATALOGUE
 
@@ -352,25 +353,7 @@ def start_offset(ctx: click.Context, param: click.Parameter, value: str | None) 
     type=click.FloatRange(min=0, min_open=True),
     help="Stop after S seconds without a record.",
 )
-@click.option(
-    "--format",
-    "fmt",
-    type=click.Choice(OUTPUT_FORMATS),
-    default="json",
-    show_default=True,
-    help="json: one line per record, the event as on the wire; pretty: indented JSON; "
-    "raw: the value's bytes.",
-)
-@click.option(
-    "--meta",
-    is_flag=True,
-    help="Also print each record's topic, partition, offset, timestamp_ms and key.",
-)
-@click.option(
-    "--show-secrets",
-    is_flag=True,
-    help="Print access tokens, passwords, API keys... as they are (default: [REDACTED]).",
-)
+@record_output_options
 def tail(
     topic: str,
     offset: StartOffset,

@@ -7,9 +7,15 @@ from pathlib import Path
 
 import click
 
-from agentstream.streams.cli import check_time_range, cli, output_file, time_option
+from agentstream.streams.cli import (
+    check_time_range,
+    cli,
+    output_file,
+    record_output_options,
+    time_option,
+)
 from agentstream.streams.cli.progress import progress_option, run_with_progress
-from agentstream.streams.replay import OUTPUT_FORMATS, Progress, replay_batches
+from agentstream.streams.replay import Progress, replay_batches
 from agentstream.streams.settings import get_settings
 
 
@@ -37,25 +43,7 @@ from agentstream.streams.settings import get_settings
     callback=output_file,
     help="Write to FILE (default: stdout).",
 )
-@click.option(
-    "--format",
-    "fmt",
-    type=click.Choice(OUTPUT_FORMATS),
-    default="json",
-    show_default=True,
-    help="json: one line per record, the event as on the wire; pretty: indented JSON; "
-    "raw: the value's bytes.",
-)
-@click.option(
-    "--meta",
-    is_flag=True,
-    help="Also print each record's topic, partition, offset, timestamp_ms and key.",
-)
-@click.option(
-    "--show-secrets",
-    is_flag=True,
-    help="Write access tokens, passwords, API keys... as they are (default: [REDACTED]).",
-)
+@record_output_options
 @progress_option
 def replay_cmd(
     topics: str,

@@ -246,7 +246,7 @@ async def test_exactly_once_kill9_restart_no_duplicates_tables_equal_rebuild(
         "AGENTSTREAM_SECURITY_ENABLED": "false",
         "AGENTSTREAM_PROCESSING_GUARANTEE": "exactly_once",
         "AGENTSTREAM_CHECKPOINT_INTERVAL_S": "3600",
-        # Faust's own env setting: the killed member leaves the group after 10 s, not 60 s,
+        # the killed member leaves the group after 10 s,
         # so the restarted worker's rebalance does not wait for it
         "AGENTSTREAM_BROKER_SESSION_TIMEOUT_S": "10",
     }
@@ -377,7 +377,7 @@ async def test_two_workers_kill_one_survivor_tables_complete(
         "AGENTSTREAM_AGENTS": "audit",
         "AGENTSTREAM_STANDBY_REPLICAS": "1",
         "AGENTSTREAM_CHECKPOINT_INTERVAL_S": "3600",
-        # Faust's own env setting: a killed member leaves the group after 10 s, not 60 s
+        # a killed member leaves the group after 10 s
         "AGENTSTREAM_BROKER_SESSION_TIMEOUT_S": "10",
     }
     settings = use_env(base)
