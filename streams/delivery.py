@@ -83,8 +83,10 @@ Records in flight
 Guarantees
 
 11. At-least-once: every input ends accepted, rejected or dead-lettered, at least once.
-    Its offset is committed only after its batch finished (1) and Faust flushed the
-    producer, never after a refused output (2). What was processed since the last commit
+    Its offset is committed only after its batch finished (1), the batch's table
+    records were handed to the producer (`streams.tables.writer.flush_pending`, before
+    the ack and again before every commit) and Faust flushed the producer, never after
+    a refused output (2). What was processed since the last commit
     may be processed again after a crash, revoke or restart (consumers deduplicate on
     the event id / `causation_id`).
 12. Exactly-once: the same, exactly once for a `read_committed` reader, for what a batch
@@ -135,6 +137,8 @@ from faust.transport.consumer import CONSUMER_FETCHING
 from faust.transport.drivers import aiokafka as aiokafka_driver
 from faust.types import TP
 from mode.utils.queues import FlowControlEvent
+
+from agentstream.streams.tables.writer import flush_pending
 
 
 class FetchWaitConsumerThread:
@@ -415,6 +419,11 @@ class BatchDeliveryConsumer:
     _committed_high: dict[Any, int] | None = None
 
     async def _commit_offsets(self: Any, offsets: Any, start_new_transaction: bool = True) -> bool:
+        if not self.app.in_transaction:
+            # Table records not yet in the producer: Faust's producer flush, next in
+            # super(), waits only for what the producer holds (streams/tables/writer.py).
+            # Under exactly-once the commit window has done this (streams/eos.py).
+            await flush_pending()
         did: bool = await super()._commit_offsets(  # type: ignore[misc]
             offsets, start_new_transaction=start_new_transaction
         )

@@ -413,10 +413,12 @@ async def _decoded_batches(
                     EVENTS_IN.labels(topic_name, consumer).inc(len(events))
                 if good:
                     yield good
-                if _EOS and pending_writes():
-                    # the batch's table updates into their transactions while it still
-                    # holds the gate: the next commit, which commits its offsets, has them
-                    check_batch_current()
+                if pending_writes():
+                    # the batch's table updates into the producer before it is acked;
+                    # under exactly-once into their transactions while it still holds
+                    # the gate: the next commit, which commits its offsets, has them
+                    if _EOS:
+                        check_batch_current()
                     await flush_pending()
             finally:
                 if _EOS:

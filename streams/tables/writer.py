@@ -21,30 +21,47 @@ changelog record goes to the partition the caller names —
 Writes bypass Faust's ``Table.__setitem__`` and with it Faust's own table sensors; reads
 go straight to the local data. Neither matters for the memory store these tables use.
 
-Under exactly-once a changelog record must be in the transaction that commits the offset
-of the input it folds. Faust hands table records to the producer from a buffer task, and
-the flush before a commit (`ProducerBuffer.flush`) returns when the buffer is empty — with
-the record that task took last still on its way to the producer, or after 0.1 s without
-progress with records still buffered. Such a record waits for the commit (the
-transaction's lock) and lands in the *next* transaction: after a kill -9 before that one
-commits, the input's offset is committed and its table update is gone (seen as a
-decision counter short by one batch after a crash). So under exactly-once the records are
-kept here instead and handed to the producer by `flush_pending`, which returns only when
-every one of them is in its transaction: each batch calls it before it leaves the commit
-gate (`streams.processing.decoded_batches`), and the gate's commit window calls it for
-writes made outside any batch (`streams.eos`).
+A changelog record must reach the producer before the offset of the input it folds is
+committed. Faust hands table records to the producer from a buffer task, and the flush
+before a commit (`ProducerBuffer.flush`) returns when the buffer is empty — with the
+record that task took last still on its way to the producer, or after 0.1 s without
+progress with records still buffered. Such a record is not covered by the commit that
+follows: after a kill -9 the input's offset is committed and its table update is gone.
+Under exactly-once it lands in the *next* transaction (seen as a decision counter short
+by one batch after a crash); under at-least-once the producer flush the commit waits for
+does not include it (seen as a survivor's table one batch behind its rebuild after the
+other worker was killed, with every input offset committed).
+
+So the records are kept here instead of in Faust's buffer, in write order, and handed to
+the producer by `flush_pending`, which returns only when every one of them is in the
+producer (under exactly-once: in its transaction):
+
+* each batch calls it before it is acked (`streams.processing.decoded_batches`; under
+  exactly-once before it leaves the commit gate);
+* every commit calls it first: the exactly-once gate's commit window (`streams.eos`),
+  and under at-least-once `BatchDeliveryConsumer._commit_offsets`, right before Faust's
+  producer flush, which then waits for these records' delivery too;
+* under at-least-once a write made outside any batch (a timer, an LLM call task) also
+  schedules a flush, so its record goes out as soon as Faust's buffer would have sent it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import weakref
 from collections import deque
 from collections.abc import ItemsView, Iterator, KeysView, MutableMapping
 from typing import Any
 
-#: changelog records written under exactly-once, not yet handed to the producer
+log = logging.getLogger(__name__)
+
+#: changelog records written, not yet handed to the producer
 _PENDING: deque[Any] = deque()
-_FLUSHING: list[asyncio.Lock] = []
+#: one flush at a time, per event loop (a worker has one; tests run several in turn)
+_FLUSHING: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def write(table: Any, key: Any, value: Any, *, partition: int) -> None:
@@ -63,10 +80,6 @@ def delete(table: Any, key: Any, *, partition: int) -> None:
 
 
 def _send(table: Any, partition: int, key: Any, value: Any, **serializers: Any) -> None:
-    if not getattr(table.app, "in_transaction", False):
-        # at-least-once: Faust's buffer, flushed with the producer before a commit
-        table.send_changelog(partition, key, value, **serializers)
-        return
     # what Table.send_changelog builds, kept for `flush_pending` instead of Faust's buffer
     _PENDING.append(
         table.changelog_topic.as_future_message(
@@ -79,10 +92,38 @@ def _send(table: Any, partition: int, key: Any, value: Any, **serializers: Any) 
             eager_partitioning=True,
         )
     )
+    if not getattr(table.app, "in_transaction", False):
+        _schedule_flush()
+
+
+#: at-least-once: the flush scheduled by a write, while it has not run yet
+_SCHEDULED: list[asyncio.Task[None]] = []
+
+
+def _schedule_flush() -> None:
+    """At-least-once: hand the pending records over soon, as Faust's buffer task would,
+    without waiting for the next batch end or commit (a timer's write may have neither
+    for a while). One flush at a time is scheduled; a write while it runs is taken by
+    its loop (`flush_pending` empties the queue) or by the next one."""
+    if _SCHEDULED and not _SCHEDULED[0].done():
+        return
+    try:
+        task = asyncio.get_running_loop().create_task(flush_pending())
+    except RuntimeError:  # no loop (a script folding into a table): the next flush takes it
+        return
+    _SCHEDULED[:] = [task]
+    task.add_done_callback(_flush_done)
+
+
+def _flush_done(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        # the records stay pending: the next batch end or commit hands them over or fails
+        # the same way where it is seen (the commit then does not happen)
+        log.warning("handing table changelog records to the producer failed: %r", task.exception())
 
 
 def pending_writes() -> int:
-    """Changelog records written under exactly-once and not yet handed to the producer."""
+    """Changelog records written and not yet handed to the producer."""
     return len(_PENDING)
 
 
@@ -91,9 +132,11 @@ async def flush_pending() -> None:
     each is in its partition's open transaction (not yet delivered). Concurrent callers
     wait for each other, so none returns while a record another one took is still on its
     way."""
-    if not _FLUSHING:
-        _FLUSHING.append(asyncio.Lock())
-    async with _FLUSHING[0]:
+    loop = asyncio.get_running_loop()
+    lock = _FLUSHING.get(loop)
+    if lock is None:
+        lock = _FLUSHING[loop] = asyncio.Lock()
+    async with lock:
         while _PENDING:
             fut = _PENDING[0]
             await fut.message.channel.publish_message(fut, wait=False)

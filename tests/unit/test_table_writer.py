@@ -1,6 +1,6 @@
 """`streams.tables.write` / `delete` / `TableWriter`: which changelog partition each table
 write goes to, with real Faust tables (an app that is never started: the changelog records
-wait in its producer buffer, where we read them)."""
+wait in the writer's pending queue, where we read them)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 
 from agentstream.schemas import AgentMessage, Event
 from agentstream.schemas.llm import BreakerStateChanged, LLMCancelRequested, LLMResponse, Usage
-from agentstream.streams.tables import TableWriter, delete, write
+from agentstream.streams.tables import TableWriter, delete, write, writer
 from agentstream.streams.tables import llm as llm_tables
 from agentstream.streams.tables.monitoring import fold_record, fold_sample
 from agentstream.streams.tables.security import keys_for
@@ -41,9 +41,9 @@ def json_table(app: faust.App, name: str = "t") -> Any:
 def sent(app: faust.App) -> list[tuple[str, int, bytes, bytes | None]]:
     """(changelog topic, partition, key bytes, value bytes) of every record sent so far."""
     out = []
-    queue = app.producer.buffer.pending
-    while not queue.empty():
-        msg = queue.get_nowait().message
+    assert app.producer.buffer.pending.empty(), "a table record went to Faust's buffer"
+    while writer._PENDING:
+        msg = writer._PENDING.popleft().message
         key = msg.channel.prepare_key(msg.key, msg.key_serializer, None)[0]
         value = msg.channel.prepare_value(msg.value, msg.value_serializer, None)[0]
         out.append((msg.channel.get_topic_name(), msg.partition, key, value))

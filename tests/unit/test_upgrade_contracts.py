@@ -368,6 +368,11 @@ CONTRACTS: list[Contract] = [
         "override",
         f"{DELIVERY}::def _commit_offsets",
         params="(self, offsets, start_new_transaction)",
+        # at-least-once: the producer is flushed after our flush_pending, before _commit
+        contains=(
+            "await self.app.producer.flush()\n            did_commit = await self._commit("
+            "committable_offsets)",
+        ),
     ),
     c(f"{CONSUMER}.assignment", "call", f"{DELIVERY}::self.assignment()", params="(self)"),
     c(
@@ -646,10 +651,10 @@ CONTRACTS: list[Contract] = [
     # -- streams/tables/writer.py, streams/tables/llm.py, agents/audit/activity.py -----
     c("faust.Table.data", "read", f"{WRITER}::table.data[key] = value"),
     c(
+        # re-implemented: `_send` builds the future message it would, and keeps it
         "faust.Table.send_changelog",
-        "call",
-        f"{WRITER}::table.send_changelog(partition, key, value, **serializers)",
-        params="(self, partition, key, value, key_serializer, value_serializer)",
+        "read",
+        f"{WRITER}::# what Table.send_changelog builds",
         fingerprint="7978a5436e0fe81e",
     ),
     c(
