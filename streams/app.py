@@ -39,6 +39,7 @@ from agentstream.streams.delivery import (
 from agentstream.streams.kafka_security import faust_credentials
 from agentstream.streams.logging_setup import file_handler
 from agentstream.streams.settings import Settings, SettingsError, get_settings
+from agentstream.streams.tables.restore import BulkRestoringTableManager
 from agentstream.streams.topics import CATALOGUE
 from agentstream.streams.web_auth import server_ssl_context
 
@@ -124,6 +125,8 @@ def create_app(settings: Settings) -> AgentStreamApp:
         processing_guarantee=settings.processing_guarantee,
         # an agent that raises abandons its batch unacked (`BatchAgent`)
         Agent=BatchAgent,
+        # active tables restored from their changelogs in bulk (streams.tables.restore)
+        TableManager=BulkRestoringTableManager,
         topic_partitions=settings.topic_partitions,
         topic_replication_factor=settings.topic_replication,
         table_standby_replicas=settings.standby_replicas,

@@ -13,6 +13,7 @@ import asyncio
 import importlib
 import os
 import pkgutil
+import re
 from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
@@ -334,6 +335,12 @@ async def test_exactly_once_kill9_restart_no_duplicates_tables_equal_rebuild(
         # every table with a changelog (the security decision counts too) equals its
         # rebuild: table updates commit in the same transactions as their inputs' offsets
         assert [c.table for c in results if c.live_available], "no table compared"
+        # the restarted worker restored its tables in bulk (streams.tables.restore), and
+        # the checkpoint below shows what it restored equals the rebuild
+        restored = re.findall(
+            r"bulk restore: (\d+) changelog record", worker.log_path.read_text(errors="replace")
+        )
+        assert restored and int(restored[-1]) > 0, worker.tail()
         live = await read_changelog(settings, "accepted_by_sender")
         assert len(live) == SENDERS
         last = {f"agent-{i % SENDERS}": f"m{i}" for i in range(N)}

@@ -62,6 +62,7 @@ APP = "streams/app.py"
 DELIVERY = "streams/delivery.py"
 PROC = "streams/processing.py"
 WRITER = "streams/tables/writer.py"
+RESTORE = "streams/tables/restore.py"
 LLM_TABLES = "streams/tables/llm.py"
 SEC_AGENT = "agents/security/agent.py"
 NET = "agents/llm/providers/_net.py"
@@ -648,6 +649,73 @@ CONTRACTS: list[Contract] = [
         params="(self, topic)",
     ),
     c("faust.transport.producer.Producer.maybe_start", "call", f"{PROC}::producer.maybe_start()"),
+    # -- streams/tables/restore.py: the bulk restore inside Faust's recovery ------------
+    c(
+        # runs `_build_offsets` for the actives after their highwaters, before the seek
+        # and `need_recovery`, each step inside `_wait` (rebalance cancels, a timeout)
+        "faust.tables.recovery.Recovery._restart_recovery",
+        "read",
+        f"{RESTORE}::async def _build_offsets(",
+        fingerprint="3ba9ce22ae2dd2a9",
+    ),
+    c(
+        "faust.tables.recovery.Recovery._build_offsets",
+        "override",
+        f"{RESTORE}::async def _build_offsets(",
+        params="(self, consumer, tps, destination, title)",
+    ),
+    c("faust.tables.recovery.Recovery.tp_to_table", "read", f"{RESTORE}::recovery.tp_to_table"),
+    c(
+        "faust.tables.recovery.Recovery.active_highwaters",
+        "read",
+        f"{RESTORE}::self.active_highwaters",
+    ),
+    c(
+        "faust.tables.TableManager.recovery",
+        "override",
+        f"{RESTORE}::def recovery(self)",
+        fingerprint="6cd0e8bb0bfe3e3d",
+    ),
+    c("faust.tables.TableManager._recovery", "write", f"{RESTORE}::self._recovery ="),
+    c(
+        # fed our `_Record`s: reads .key, .value, .message.value, .message.partition
+        "faust.stores.memory.Store._create_batch_iterator",
+        "read",
+        f"{RESTORE}::class _Record:",
+        fingerprint="cecb5e0e52e108d0",
+    ),
+    c(
+        "faust.stores.memory.Store.apply_changelog_batch",
+        "call",
+        f"{RESTORE}::table.apply_changelog_batch(batch)",
+        fingerprint="de48aa2aa54b6a0f",
+    ),
+    c("faust.Table._on_changelog_event", "read", f'{RESTORE}::"_on_changelog_event"'),
+    c(
+        # `_direct` computes these for plain codecs and types (tests/unit/test_table_restore.py)
+        "faust.serializers.registry.Registry._prepare_payload",
+        "read",
+        f"{RESTORE}::def _direct(",
+        fingerprint="d671dd655022f1f2",
+    ),
+    c(
+        "faust.serializers.codecs.json._loads",
+        "read",
+        f"{RESTORE}::codecs.json",
+        fingerprint="9f1e1c2b9b88d715",
+    ),
+    c(
+        "faust.serializers.codecs.raw._loads",
+        "read",
+        f"{RESTORE}::codecs.raw",
+        fingerprint="f6890457b2363390",
+    ),
+    c(
+        "faust.utils.json.loads",
+        "read",
+        f"{RESTORE}::faust_json.orjson",
+        fingerprint="c827e95b2118b910",
+    ),
     # -- streams/tables/writer.py, streams/tables/llm.py, agents/audit/activity.py -----
     c("faust.Table.data", "read", f"{WRITER}::table.data[key] = value"),
     c(
