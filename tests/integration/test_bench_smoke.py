@@ -1,5 +1,6 @@
 """`python -m bench` end to end on a tiny run: the core stage measures all three
-variants against the real broker and the last stdout line is the JSON result."""
+variants and the peers stage its two runners against the real broker, and the last stdout
+line is the JSON result."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ CORE_KEYS = {
     "pipeline_vs_naive",
     "pipeline_vs_ceiling",
 }
+PEER_KEYS = {"quix_eps", "samework_ceiling_eps", "pipeline_vs_quix", "pipeline_vs_samework"}
 
 
 async def test_core_stage_prints_json_last(kafka_bootstrap: str, tmp_path: Path) -> None:
@@ -40,7 +42,7 @@ async def test_core_stage_prints_json_last(kafka_bootstrap: str, tmp_path: Path)
             "--partitions",
             "2",
             "--stages",
-            "core",
+            "core,peers",
             "--out",
             str(out_file),
         ],
@@ -48,21 +50,26 @@ async def test_core_stage_prints_json_last(kafka_bootstrap: str, tmp_path: Path)
         env=env,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=180,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     last = proc.stdout.strip().splitlines()[-1]
     result = json.loads(last)
-    assert set(result) >= CORE_KEYS, result
+    assert set(result) >= CORE_KEYS | PEER_KEYS, result
+    assert "policy_vs_quix" not in result  # the policy stage did not run
     assert not [k for k in result if k.endswith("_error")], result
     assert (result["events"], result["partitions"]) == (4000, 2)
-    for key in CORE_KEYS:
+    for key in CORE_KEYS | PEER_KEYS:
         assert result[key] > 0, key
     assert result["pipeline_vs_naive"] == pytest.approx(
         result["pipeline_eps"] / result["naive_faust_eps"], rel=0.01
     )
+    assert result["pipeline_vs_quix"] == pytest.approx(
+        result["pipeline_eps"] / result["quix_eps"], rel=0.01
+    )
     assert json.loads(out_file.read_text()) == result
     assert "core: (c) pipeline" in proc.stderr  # progress goes to stderr, not stdout
+    assert "peers: quix_eps" in proc.stderr
 
     # the run cleaned up after itself
     run_dirs = [line for line in proc.stderr.splitlines() if "logs in " in line]
