@@ -11,8 +11,8 @@ beginning, the consumer group (fresh per run) and the state directory
 (``BENCH_PEER_STATE_DIR``, under the run's work dir). It runs until stopped; the harness
 times it by the output topic's end offsets, as it times the pipeline.
 
-Run as ``python -m bench.peer_quix`` under the environment described in
-`bench.peers_common`.
+Run as ``python -m bench.peer_quix`` with the python of the peers' virtualenv
+(`bench.peers_venv`) under the environment described in `bench.peers_common`.
 """
 
 from __future__ import annotations

@@ -9,8 +9,8 @@ producer with librdkafka's defaults (acks=all, linger 5 ms) writes the output. A
 last record is flushed it waits to be stopped, so that the harness, which times it by the
 output topic's end offsets like the pipeline, sees it alive until it has seen all N.
 
-Run as ``python -m bench.peer_samework`` under the environment described in
-`bench.peers_common`.
+Run as ``python -m bench.peer_samework`` with the python of the peers' virtualenv
+(`bench.peers_venv`) under the environment described in `bench.peers_common`.
 """
 
 from __future__ import annotations

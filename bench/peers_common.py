@@ -2,10 +2,11 @@
 how they find (and refuse) the broker.
 
 The peers are Quix Streams (`bench.peer_quix`) and a plain confluent-kafka loop
-(`bench.peer_samework`). Both run as subprocesses under an environment built by
-`BenchContext.new_env` plus ``BENCH_PEER_IN`` / ``BENCH_PEER_OUT`` (full topic names) and
-``BENCH_PEER_EVENTS`` (how many input records there are). Their consumer group is the
-environment's ``AGENTSTREAM_APP_ID``, fresh for every runner.
+(`bench.peer_samework`). Both run as subprocesses with the python of the peers' own
+virtualenv (`bench.peers_venv`; this module is imported in both environments) under an
+environment built by `BenchContext.new_env` plus ``BENCH_PEER_IN`` / ``BENCH_PEER_OUT``
+(full topic names) and ``BENCH_PEER_EVENTS`` (how many input records there are). Their
+consumer group is the environment's ``AGENTSTREAM_APP_ID``, fresh for every runner.
 
 They are built on client libraries other than aiokafka, so `streams.kafka_security`
 cannot build their clients. Rather than translate the TLS/SASL settings into librdkafka's
@@ -18,7 +19,8 @@ be secured.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+import time
+from collections.abc import Mapping, Sequence
 
 from agentstream.schemas import encode, registry
 from agentstream.streams.settings import Settings
@@ -32,6 +34,18 @@ def work(value: bytes) -> bytes:
     """The same work per event as the pipeline's passthrough: decode and validate with this
     project's schemas (size limit, orjson, upcasting, pydantic), then re-encode."""
     return encode(registry.decode(value))
+
+
+def work_us(values: Sequence[bytes], rounds: int = 5) -> float:
+    """Microseconds of `work` per event over values, the best of a few rounds (the least
+    disturbed by other processes on the machine)."""
+    best = float("inf")
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for value in values:
+            work(value)
+        best = min(best, time.perf_counter() - t0)
+    return best / len(values) * 1e6
 
 
 def peer_bootstrap(settings: Settings) -> str:
