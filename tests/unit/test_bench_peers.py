@@ -1,9 +1,13 @@
-"""The peers stage's pure parts: the ratios to the peers, the runners' work and how they
-find (or refuse) the broker (no Kafka)."""
+"""The peers stage's parts that need no Kafka: the ratios to the peers, the runners' work
+and how they find (or refuse) the broker, the peers' virtualenv (what it is built from,
+when it is reused) and the probe that checks it does the pipeline's work."""
 
 from __future__ import annotations
 
 import asyncio
+import re
+import sys
+import tomllib
 from pathlib import Path
 
 import orjson
@@ -11,9 +15,9 @@ import pytest
 
 from agentstream.schemas import SchemaError, encode, registry
 from agentstream.streams.settings import Settings
-from bench import stage_peers
+from bench import peers_venv, stage_peers
 from bench.__main__ import PEER_RATIOS, discover, ratios
-from bench.context import BenchContext
+from bench.context import REPO, BenchContext, BenchError
 from bench.peers_common import PeerSecurityError, peer_bootstrap, peer_env, work
 
 
@@ -116,3 +120,103 @@ def test_a_runner_reads_its_environment(tmp_path: Path) -> None:
     assert peer_env(env) == ("127.0.0.1:7", env["AGENTSTREAM_APP_ID"], "p.in", "p.out", 10)
     other = ctx.new_env(BENCH_PEER_IN="p.in", BENCH_PEER_OUT="p.out2", BENCH_PEER_EVENTS="10")
     assert peer_env(other)[1] != peer_env(env)[1]  # a fresh consumer group per runner
+
+
+# -- the peers' own virtualenv -------------------------------------------------------------
+
+
+def test_the_project_environment_never_gets_the_peers() -> None:
+    """Quix Streams caps pydantic below the project's: it must stay out of the project's
+    dependencies and constraints, in the peers' virtualenv only."""
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    declared = [
+        *pyproject["project"]["dependencies"],
+        *(d for extra in pyproject["project"]["optional-dependencies"].values() for d in extra),
+    ]
+    names = {peers_venv.canonical(re.split(r"[=<>!~\[; ]", d, maxsplit=1)[0]) for d in declared}
+    pinned = peers_venv._pins((REPO / "constraints.txt").read_text())
+    for peer in peers_venv.PEERS:
+        assert peer not in names and peer not in pinned, peer
+
+
+def test_the_peers_file_pins_the_peers_and_only_what_differs() -> None:
+    project = peers_venv._pins(peers_venv.PROJECT_CONSTRAINTS.read_text())
+    peers = peers_venv._pins(peers_venv.PEERS_CONSTRAINTS.read_text())
+    for peer in peers_venv.PEERS:
+        assert re.fullmatch(rf"{peer}==[\w.]+", peers[peer], re.IGNORECASE), peers.get(peer)
+    assert not [line for name, line in peers.items() if project.get(name) == line]
+
+
+def test_merged_constraints_take_the_peers_pins_over_the_projects(tmp_path: Path) -> None:
+    project = tmp_path / "constraints.txt"
+    project.write_text("# header\norjson==3.13.0\npydantic==2.14.4\npydantic_core==2.50.5\n")
+    peers = tmp_path / "peers.txt"
+    peers.write_text("#: resolved with X\npydantic==2.13.5\npydantic-core==2.46.5\nrich==15\n")
+    merged = peers_venv.merged_constraints(project, peers).splitlines()
+    assert merged == ["orjson==3.13.0", "pydantic==2.13.5", "pydantic-core==2.46.5", "rich==15"]
+
+
+def test_the_venv_gets_the_projects_runtime_dependencies_and_the_peers() -> None:
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    reqs = peers_venv.requirements()
+    assert reqs == [*pyproject["project"]["dependencies"], *peers_venv.PEERS]
+    assert not [r for r in reqs if r.startswith("agentstream")]  # imported from the checkout
+
+
+def test_the_stamp_changes_with_what_the_venv_is_built_from(tmp_path: Path) -> None:
+    reqs = peers_venv.requirements()
+    constraints = peers_venv.merged_constraints()
+    same = peers_venv.stamp(constraints, reqs)
+    assert peers_venv.stamp(constraints, reqs) == same
+    assert peers_venv.stamp(constraints.replace("==", "==0", 1), reqs) != same
+    assert peers_venv.stamp(constraints, [*reqs, "extra"]) != same
+
+
+def test_a_venv_is_reused_only_while_its_stamp_matches(tmp_path: Path) -> None:
+    venv = tmp_path / "venv"
+    expected = peers_venv.stamp(peers_venv.merged_constraints(), peers_venv.requirements())
+    assert not peers_venv.is_current(venv, expected)
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").symlink_to(sys.executable)
+    (venv / peers_venv.STAMP_NAME).write_text(expected)
+    assert peers_venv.is_current(venv, expected)
+    # current: no pip, no rebuild (the folder is returned as it is)
+    assert peers_venv.ensure(venv) == venv / "bin" / "python"
+    assert sorted(p.name for p in venv.iterdir()) == sorted(["bin", peers_venv.STAMP_NAME])
+    (venv / peers_venv.STAMP_NAME).write_text(expected.replace("requirements", "other"))
+    assert not peers_venv.is_current(venv, expected)
+
+
+def test_the_probe_reports_the_same_work_and_its_cost(tmp_path: Path) -> None:
+    ctx = BenchContext("127.0.0.1:1", events=50, work_dir=tmp_path)
+    got = stage_peers.check_work(ctx, Path(sys.executable), ctx.payloads()[0])
+    assert set(got) == {"peers_env_work_us", "pipeline_env_work_us"}
+    assert all(0 < us < 10_000 for us in got.values()), got
+
+
+@pytest.mark.parametrize(
+    ("change", "error"),
+    [
+        ("probe['outputs'][3] = probe['outputs'][3].replace('agent-', 'agent_')", "differently"),
+        ("probe['agentstream'] = '/elsewhere/agentstream/__init__.py'", "/elsewhere"),
+    ],
+)
+def test_the_stage_refuses_peers_that_do_not_do_the_pipelines_work(
+    tmp_path: Path, change: str, error: str
+) -> None:
+    """A python whose probe output differs (another encoding, another checkout's schemas)
+    must stop the stage before it measures anything."""
+    python = tmp_path / "python"
+    python.write_text(
+        f"#!{sys.executable}\n"
+        "import io, json, runpy, sys\n"
+        "out, sys.stdout = sys.stdout, io.StringIO()\n"
+        "runpy.run_module('bench.peers_probe', run_name='__main__')\n"
+        "probe = json.loads(sys.stdout.getvalue())\n"
+        f"{change}\n"
+        "out.write(json.dumps(probe))\n"
+    )
+    python.chmod(0o755)
+    ctx = BenchContext("127.0.0.1:1", events=10, work_dir=tmp_path)
+    with pytest.raises(BenchError, match=error):
+        stage_peers.check_work(ctx, python, ctx.payloads()[0])
