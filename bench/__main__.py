@@ -20,7 +20,23 @@ from typing import Any
 from bench.context import BenchContext, log
 
 #: Rates that are references, not stages to compare against the naive agent.
-REFERENCE_KEYS = frozenset({"naive_faust_eps", "ceiling_eps", "raw_consume_eps", "produce_eps"})
+REFERENCE_KEYS = frozenset(
+    {
+        "naive_faust_eps",
+        "ceiling_eps",
+        "raw_consume_eps",
+        "produce_eps",
+        "quix_eps",
+        "samework_ceiling_eps",
+    }
+)
+
+#: ratio key → (numerator, denominator): our stages against the peers stage's runners
+PEER_RATIOS = {
+    "pipeline_vs_quix": ("pipeline_eps", "quix_eps"),
+    "pipeline_vs_samework": ("pipeline_eps", "samework_ceiling_eps"),
+    "policy_vs_quix": ("policy_eps", "quix_eps"),
+}
 
 
 def discover() -> dict[str, ModuleType]:
@@ -35,7 +51,8 @@ def discover() -> dict[str, ModuleType]:
 
 
 def ratios(results: dict[str, float | str]) -> dict[str, float]:
-    """`<x>_vs_naive` for every measured `<x>_eps`, and `pipeline_vs_ceiling`."""
+    """`<x>_vs_naive` for every measured `<x>_eps`, `pipeline_vs_ceiling`, and the
+    `PEER_RATIOS` whose two rates were both measured (in this run)."""
     rates = {k: v for k, v in results.items() if k.endswith("_eps") and isinstance(v, int | float)}
     out: dict[str, float] = {}
     naive = rates.get("naive_faust_eps")
@@ -46,6 +63,9 @@ def ratios(results: dict[str, float | str]) -> dict[str, float]:
     ceiling = rates.get("ceiling_eps")
     if ceiling and "pipeline_eps" in rates:
         out["pipeline_vs_ceiling"] = round(rates["pipeline_eps"] / ceiling, 3)
+    for key, (ours, peer) in PEER_RATIOS.items():
+        if rates.get(ours) and rates.get(peer):
+            out[key] = round(rates[ours] / rates[peer], 3)
     return out
 
 

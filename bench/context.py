@@ -385,9 +385,14 @@ class BenchContext:
         """`agentstream worker` (the real pipeline worker) under env."""
         return self.start_process(env, "-m", "agentstream", "worker", "--loglevel", "info", *extra)
 
-    def start_process(self, env: dict[str, str], *python_args: str) -> Worker:
+    def start_process(
+        self, env: dict[str, str], *python_args: str, python: str | Path | None = None
+    ) -> Worker:
+        """`python *python_args` under env; python is this interpreter unless given (the
+        peers stage runs its own virtualenv's)."""
         name = f"{env.get('AGENTSTREAM_APP_ID', 'proc')}-{len(self.workers)}.log"
-        worker = Worker(env, self.work_dir / name, [sys.executable, *python_args]).start()
+        argv = [str(python or sys.executable), *python_args]
+        worker = Worker(env, self.work_dir / name, argv).start()
         self.workers.append(worker)
         return worker
 

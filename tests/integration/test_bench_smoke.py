@@ -1,5 +1,6 @@
 """`python -m bench` end to end on a tiny run: the core stage measures all three
-variants against the real broker and the last stdout line is the JSON result."""
+variants and the peers stage its two runners against the real broker, and the last stdout
+line is the JSON result."""
 
 from __future__ import annotations
 
@@ -24,9 +25,35 @@ CORE_KEYS = {
     "pipeline_vs_naive",
     "pipeline_vs_ceiling",
 }
+PEER_KEYS = {
+    "quix_eps",
+    "samework_ceiling_eps",
+    "pipeline_vs_quix",
+    "pipeline_vs_samework",
+    "peers_env_work_us",
+    "pipeline_env_work_us",
+}
 
 
-async def test_core_stage_prints_json_last(kafka_bootstrap: str, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def peers_python() -> Path:
+    """The peers stage's virtualenv, built here rather than inside the bench run, so that
+    pip's half minute or so is not spent in the run's time budget and a failure says
+    what went wrong. It is cached under the user cache dir (bench.peers_venv), so only the
+    first run on a machine, or after a constraints change, builds it."""
+    from bench import peers_venv
+
+    try:
+        return peers_venv.ensure()
+    except peers_venv.PeersVenvError as exc:
+        pytest.fail(f"the peers stage's virtualenv could not be built, so bench cannot run: {exc}")
+
+
+# building the peers' virtualenv (first run only) comes on top of the run itself
+@pytest.mark.timeout(600)
+async def test_core_stage_prints_json_last(
+    kafka_bootstrap: str, tmp_path: Path, peers_python: Path
+) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTSTREAM_")}
     env["AGENTSTREAM_KAFKA_BOOTSTRAP"] = kafka_bootstrap
     out_file = tmp_path / "bench.json"
@@ -40,7 +67,7 @@ async def test_core_stage_prints_json_last(kafka_bootstrap: str, tmp_path: Path)
             "--partitions",
             "2",
             "--stages",
-            "core",
+            "core,peers",
             "--out",
             str(out_file),
         ],
@@ -48,21 +75,29 @@ async def test_core_stage_prints_json_last(kafka_bootstrap: str, tmp_path: Path)
         env=env,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=180,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     last = proc.stdout.strip().splitlines()[-1]
     result = json.loads(last)
-    assert set(result) >= CORE_KEYS, result
+    assert set(result) >= CORE_KEYS | PEER_KEYS, result
+    assert "policy_vs_quix" not in result  # the policy stage did not run
     assert not [k for k in result if k.endswith("_error")], result
     assert (result["events"], result["partitions"]) == (4000, 2)
-    for key in CORE_KEYS:
+    for key in CORE_KEYS | PEER_KEYS:
         assert result[key] > 0, key
     assert result["pipeline_vs_naive"] == pytest.approx(
         result["pipeline_eps"] / result["naive_faust_eps"], rel=0.01
     )
+    assert result["pipeline_vs_quix"] == pytest.approx(
+        result["pipeline_eps"] / result["quix_eps"], rel=0.01
+    )
     assert json.loads(out_file.read_text()) == result
     assert "core: (c) pipeline" in proc.stderr  # progress goes to stderr, not stdout
+    assert "peers: quix_eps" in proc.stderr
+    # the peers ran in their own virtualenv and re-encoded the events as the pipeline does
+    assert f"peers: {peers_python} (" in proc.stderr
+    assert "same output on 4000 events" in proc.stderr
 
     # the run cleaned up after itself
     run_dirs = [line for line in proc.stderr.splitlines() if "logs in " in line]
