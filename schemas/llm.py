@@ -28,7 +28,9 @@ class LLMContext(Payload):
 class LLMConfig(Payload):
     """The design's LLMConfig — without `api_key`: keys live in the OS keychain only."""
 
-    model: str = Field(min_length=1, max_length=256)
+    #: a logical model (an alias of the providers file), or `provider/model` for one
+    #: provider's own model; None = the configured default (see docs/llm.md, "Models")
+    model: str | None = Field(default=None, min_length=1, max_length=256)
     temperature: float | None = Field(default=None, ge=0, le=2)
     max_tokens: int | None = Field(default=None, ge=1)
     top_p: float | None = Field(default=None, ge=0, le=1)
@@ -42,8 +44,10 @@ class LLMConfig(Payload):
 
 @registry.register
 class LLMRequest(Payload):
+    """v2: `config` and its `model` may be left out (the configured default model)."""
+
     TYPE = "llm.request"
-    VERSION = 1
+    VERSION = 2
     KEY_FIELD = "request_id"
 
     request_id: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
@@ -54,7 +58,7 @@ class LLMRequest(Payload):
     fallback: list[str] = Field(default_factory=list, max_length=8)
     stream: bool = True
     context: LLMContext
-    config: LLMConfig
+    config: LLMConfig = Field(default_factory=LLMConfig)
     timeout_s: float | None = Field(default=None, gt=0, le=3600)
 
 
@@ -82,7 +86,11 @@ class Usage(Payload):
 class AttemptRecord(Payload):
     provider: str
     attempt: int = Field(ge=1)
-    outcome: Literal["ok", "error", "cancelled", "circuit_open"]
+    #: skipped: the provider serves no model for the request's (error says why); it was
+    #: not called
+    outcome: Literal["ok", "error", "cancelled", "circuit_open", "skipped"]
+    #: the provider's own model this attempt asked for ("" when skipped or unknown)
+    model: str = ""
     error: str | None = None
     status_code: int | None = None
     latency_ms: float = 0.0
@@ -97,8 +105,10 @@ class ErrorInfo(Payload):
 
 @registry.register
 class LLMResponse(Payload):
+    """v2: `alias`, and attempts carry their `model` and may be `skipped`."""
+
     TYPE = "llm.response"
-    VERSION = 1
+    VERSION = 2
     KEY_FIELD = "request_id"
 
     request_id: str = Field(max_length=MAX_ID_LENGTH)
@@ -107,7 +117,11 @@ class LLMResponse(Payload):
     content: str = ""
     usage: Usage | None = None
     provider: str = ""
+    #: the model the provider answered with (its own name, e.g. gpt-4o-mini)
     model: str = ""
+    #: the logical model the request asked for ("" when it named a provider's model
+    #: itself, or the providers file declares no aliases)
+    alias: str = Field(default="", max_length=256)
     attempts: list[AttemptRecord] = Field(default_factory=list)
     latency_ms: float = 0.0
     chunks: int = 0
@@ -142,3 +156,15 @@ class BreakerStateChanged(Payload):
     failures: int = 0
     changed_at: AwareDatetime
     reason: str = ""
+
+
+@registry.upcaster(LLMRequest.TYPE, 1)
+def _llm_request_v1_to_v2(payload: dict[str, Any]) -> dict[str, Any]:
+    """v1 always named a model; every v1 request is a valid v2 one as it is."""
+    return payload
+
+
+@registry.upcaster(LLMResponse.TYPE, 1)
+def _llm_response_v1_to_v2(payload: dict[str, Any]) -> dict[str, Any]:
+    """v1 had no alias and no skipped attempts; what it has means the same in v2."""
+    return payload

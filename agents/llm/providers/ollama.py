@@ -57,7 +57,7 @@ class OllamaProvider(HTTPProvider):
             if getattr(config, field) is not None
         }
         body: dict[str, Any] = {
-            "model": config.model or self.config.model,
+            "model": self.model_for(config),
             "messages": chat_messages(context),
             "stream": stream,
         }
@@ -79,7 +79,7 @@ class OllamaProvider(HTTPProvider):
         return LLMResult(
             content=str(data["message"].get("content") or ""),
             usage=ollama_usage(data),
-            model=str(data.get("model") or config.model),
+            model=str(data.get("model") or self.model_for(config)),
             finish_reason=data.get("done_reason"),
         )
 
