@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
-from pydantic import AwareDatetime, Field
+from pydantic import AwareDatetime, Field, model_validator
 
 from agentstream.schemas.base import MAX_ID_LENGTH, Payload
+from agentstream.schemas.messages import check_tree
 from agentstream.schemas.registry import registry
 
 
@@ -25,6 +27,44 @@ class LLMContext(Payload):
     metadata: dict[str, Any] = Field(default_factory=dict)
 
 
+#: the keys OpenAI's `json_schema` object takes
+JSON_SCHEMA_KEYS = frozenset({"name", "schema", "strict", "description"})
+#: a response schema's size: deep or huge schemas cost every answer's check
+MAX_SCHEMA_DEPTH = 32
+MAX_SCHEMA_ITEMS = 10_000
+_SCHEMA_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+class ResponseFormat(Payload):
+    """Structured output, in OpenAI's shape (as LiteLLM takes it too): `json_schema` — the
+    answer must be JSON matching ``json_schema.schema``; `json_object` — any JSON object;
+    `text` — no constraint."""
+
+    type: Literal["json_schema", "json_object", "text"]
+    #: ``{"name": ..., "schema": {...}, "strict": true, "description": ...}``
+    json_schema: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_json_schema(self) -> ResponseFormat:
+        spec = self.json_schema
+        if self.type != "json_schema":
+            if spec is not None:
+                raise ValueError(f"json_schema is given with type {self.type!r}")
+            return self
+        if spec is None or not isinstance(spec.get("schema"), dict):
+            raise ValueError("type json_schema needs json_schema.schema, a JSON Schema object")
+        unknown = sorted(set(spec) - JSON_SCHEMA_KEYS)
+        if unknown:
+            raise ValueError(f"json_schema: unknown key {unknown[0]!r}")
+        name = spec.get("name")
+        if name is not None and not (isinstance(name, str) and _SCHEMA_NAME.fullmatch(name)):
+            raise ValueError("json_schema.name: 1-64 letters, digits, _ or -")
+        if not isinstance(spec.get("strict", False), bool):
+            raise ValueError("json_schema.strict: true or false")
+        check_tree(spec["schema"], max_depth=MAX_SCHEMA_DEPTH, max_items=MAX_SCHEMA_ITEMS)
+        return self
+
+
 class LLMConfig(Payload):
     """The design's LLMConfig — without `api_key`: keys live in the OS keychain only."""
 
@@ -40,11 +80,14 @@ class LLMConfig(Payload):
     api_endpoint: str | None = Field(default=None, max_length=2048)
     api_version: str | None = Field(default=None, max_length=64)
     organization: str | None = Field(default=None, max_length=256)
+    #: structured output: passed to providers that take it, the answer checked against it
+    response_format: ResponseFormat | None = None
 
 
 @registry.register
 class LLMRequest(Payload):
-    """v2: `config` and its `model` may be left out (the configured default model)."""
+    """v2: `config` and its `model` may be left out (the configured default model);
+    `config.response_format`."""
 
     TYPE = "llm.request"
     VERSION = 2
@@ -105,7 +148,8 @@ class ErrorInfo(Payload):
 
 @registry.register
 class LLMResponse(Payload):
-    """v2: `alias`, and attempts carry their `model` and may be `skipped`."""
+    """v2: `alias`, `schema_valid` / `schema_error`, and attempts carry their `model` and
+    may be `skipped`."""
 
     TYPE = "llm.response"
     VERSION = 2
@@ -126,6 +170,11 @@ class LLMResponse(Payload):
     latency_ms: float = 0.0
     chunks: int = 0
     error: ErrorInfo | None = None
+    #: with a `response_format` of json_schema / json_object and status completed: did
+    #: `content` satisfy it (None: nothing was checked)
+    schema_valid: bool | None = None
+    #: why not, when `schema_valid` is False (where in the answer, and what)
+    schema_error: str = Field(default="", max_length=1000)
     metadata: dict[str, Any] = Field(default_factory=dict)
     prev_hash: str = ""
     hash: str = ""
@@ -166,5 +215,5 @@ def _llm_request_v1_to_v2(payload: dict[str, Any]) -> dict[str, Any]:
 
 @registry.upcaster(LLMResponse.TYPE, 1)
 def _llm_response_v1_to_v2(payload: dict[str, Any]) -> dict[str, Any]:
-    """v1 had no alias and no skipped attempts; what it has means the same in v2."""
+    """v1 had no alias, schema check nor skipped attempts; what it has means the same."""
     return payload

@@ -22,10 +22,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
+from agentstream.agents.llm import structured
 from agentstream.agents.llm.adapter import MidsceneAdapter, WebSearchService
 from agentstream.agents.llm.models import Route, route
 from agentstream.agents.llm.providers.base import LLMProvider, estimate_tokens, estimate_usage
 from agentstream.agents.llm.registry import LLMRegistry
+from agentstream.agents.llm.structured import InvalidResponseFormat
 from agentstream.schemas.llm import AttemptRecord, ErrorInfo, LLMConfig, LLMRequest, Usage
 from agentstream.streams.errors import (
     CircuitOpen,
@@ -54,6 +56,9 @@ class Outcome:
     error: ErrorInfo | None = None
     #: the logical model the request asked for ("" when it named none of them)
     alias: str = ""
+    #: completed with a response_format to check: did the content satisfy it
+    schema_valid: bool | None = None
+    schema_error: str = ""
 
 
 @dataclass
@@ -193,6 +198,12 @@ class AgentProcessor:
                 **kw,  # type: ignore[arg-type]
             )
 
+        fmt = request.config.response_format
+        try:
+            structured.prepare(fmt)  # a schema that cannot be checked: no call at all
+        except InvalidResponseFormat as exc:
+            return done("failed", provider="", model="", error=error_info(exc))
+
         for hop in plan.hops:
             name, model = hop.provider, hop.model
             if cancel is not None and cancel.is_set():
@@ -308,12 +319,15 @@ class AgentProcessor:
                 )
                 content = partial.content
                 usage = partial.usage or estimate_usage(request.context, content)
+                verdict = structured.check(fmt, content)
                 return done(
                     "completed",
                     content=content,
                     usage=usage,
                     provider=name,
                     model=partial.model or model,
+                    schema_valid=verdict.valid if verdict else None,
+                    schema_error=verdict.error if verdict else "",
                 )
         err = last_error or CircuitOpen("no provider available")
         # the provider that was last asked (skipped ones were not): usage counts the

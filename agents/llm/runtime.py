@@ -209,6 +209,8 @@ class CallRuntime:
             provider=outcome.provider,
             model=outcome.model,
             alias=outcome.alias,
+            schema_valid=outcome.schema_valid,
+            schema_error=outcome.schema_error,
             attempts=outcome.attempts,
             latency_ms=outcome.latency_ms,
             chunks=outcome.chunks,

@@ -24,6 +24,7 @@ from agentstream.schemas.llm import (
     LLMRequest,
     LLMResponse,
     LLMStreamChunk,
+    ResponseFormat,
 )
 from agentstream.streams.audit_chain import GENESIS
 from agentstream.streams.client import AsyncClient
@@ -35,7 +36,13 @@ pytestmark = pytest.mark.integration
 
 
 def req(
-    rid: str, provider: str = "loop", *, stream: bool = True, model: str = "chat", **kw: Any
+    rid: str,
+    provider: str = "loop",
+    *,
+    stream: bool = True,
+    model: str = "chat",
+    response_format: ResponseFormat | None = None,
+    **kw: Any,
 ) -> Event[Any]:
     return Event.of(
         LLMRequest(
@@ -44,7 +51,7 @@ def req(
             provider=provider,
             stream=stream,
             context=LLMContext(messages=[ChatMessage(role="user", content=f"hello {rid}")]),
-            config=LLMConfig(model=model, max_tokens=64),
+            config=LLMConfig(model=model, max_tokens=64, response_format=response_format),
             **kw,
         ),
         source="test",
@@ -216,6 +223,20 @@ async def test_llm_stage_end_to_end(settings_env: dict[str, str], tmp_path: Path
         assert fb3.error is not None and fb3.error.error_class == "ModelUnavailable"
         assert "unknown model 'gpt-4o-mini'" in fb3.error.message
         assert calls_for(server, "fb3") == []
+
+        # -- structured output: the schema sent on, the streamed answer checked -------------
+        answer = {"type": "object", "required": ["n"], "properties": {"n": {"type": "integer"}}}
+        schema = ResponseFormat(type="json_schema", json_schema={"name": "n", "schema": answer})
+        server.script(Reply(words=['{"n":', "7}"]), Reply(words=['{"n":', '"seven"}']))
+        await client.publish("llm.requests", req("j1", response_format=schema))
+        await client.publish("llm.requests", req("j2", "olla", response_format=schema))
+        j1, j2 = await topics.response("j1"), await topics.response("j2")
+        assert (j1.status, j1.schema_valid, j1.content) == ("completed", True, '{"n": 7}')
+        assert (j2.status, j2.schema_valid) == ("completed", False)
+        assert j2.schema_error == "at /n: 'seven' is not of type 'integer'"
+        wire = {r.path: r.body for r in server.requests if "hello j" in json.dumps(r.body)}
+        assert wire["/v1/chat/completions"]["response_format"]["json_schema"]["schema"] == answer
+        assert wire["/api/chat"]["format"] == answer
 
         # -- cancellation mid-stream: abort within a second, partial content ------------------
         server.script(Reply(kind="hang", after=2, words=["alpha", "beta", "gamma", "delta"]))

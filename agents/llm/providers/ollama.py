@@ -63,6 +63,10 @@ class OllamaProvider(HTTPProvider):
         }
         if options:
             body["options"] = options
+        fmt = config.response_format
+        if fmt is not None and fmt.type != "text":
+            # Ollama's `format`: the JSON Schema itself, or "json" for any JSON
+            body["format"] = fmt.json_schema["schema"] if fmt.json_schema else "json"
         return body
 
     async def generate(

@@ -21,7 +21,7 @@ import orjson
 
 from agentstream.agents.llm.providers._http import HTTPProvider, LineSplitter
 from agentstream.agents.llm.providers.base import LLMResult, StreamChunk, chat_messages
-from agentstream.schemas.llm import LLMConfig, LLMContext, Usage
+from agentstream.schemas.llm import LLMConfig, LLMContext, ResponseFormat, Usage
 from agentstream.streams.errors import (
     ProviderError,
     ProviderProtocolError,
@@ -105,6 +105,9 @@ class OpenAICompatibleProvider(HTTPProvider):
                 body[field] = value
         if stream and self.config.stream_usage:
             body["stream_options"] = {"include_usage": True}
+        fmt = config.response_format
+        if fmt is not None:
+            body["response_format"] = openai_response_format(fmt)
         return body
 
     async def generate(
@@ -188,6 +191,14 @@ class OpenAICompatibleProvider(HTTPProvider):
         if not delta and usage is None and finish is None:
             return None
         return StreamChunk(delta=delta, usage=usage, finish_reason=finish, model=obj.get("model"))
+
+
+def openai_response_format(fmt: ResponseFormat) -> dict[str, Any]:
+    """`response_format` as the chat completions API takes it (its `json_schema` needs a
+    name: "response" when the request gave none)."""
+    if fmt.json_schema is None:
+        return {"type": fmt.type}
+    return {"type": fmt.type, "json_schema": {"name": "response", **fmt.json_schema}}
 
 
 def _text(data: bytes | str) -> str:
