@@ -185,9 +185,9 @@ class MidsceneAdapter(LLMProvider):
         try:
             result = await self.inner.generate(ctx, config, timeout_s=timeout_s)
         except BaseException:
-            self._record(started, "error", None, config.model)
+            self._record(started, "error", None, self.model_for(config))
             raise
-        self._record(started, "ok", result.usage, result.model or config.model)
+        self._record(started, "ok", result.usage, result.model or self.model_for(config))
         return result
 
     async def stream(
@@ -204,4 +204,4 @@ class MidsceneAdapter(LLMProvider):
                 yield chunk
             outcome = "ok"
         finally:
-            self._record(started, outcome, usage, config.model)
+            self._record(started, outcome, usage, self.model_for(config))

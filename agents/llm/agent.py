@@ -65,7 +65,7 @@ async def _wait_for_slot(batch: list[Inbound]) -> None:
     rt = runtime()
     for inbound in batch:
         request: LLMRequest = inbound.event.payload
-        sem = rt.slot(request.provider or settings.llm_default_provider)
+        sem = rt.slot(rt.processor.route(request).head)
         await sem.acquire()  # only this agent acquires slots: it stays free until admit
         sem.release()
 

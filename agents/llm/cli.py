@@ -37,7 +37,11 @@ def llm_group() -> None:
 @click.argument("prompt")
 @click.option("--provider", default=None, help="Registered provider (default: the configured).")
 @click.option("--fallback", multiple=True, help="Fallback providers, in order (repeatable).")
-@click.option("--model", default="local-echo", show_default=True)
+@click.option(
+    "--model",
+    default=None,
+    help="An alias of the providers file, or provider/model (default: the worker's default model).",
+)
 @click.option("--max-tokens", type=int, default=None)
 @click.option("--temperature", type=float, default=None)
 @click.option("--system", "system_prompt", default=None, help="System prompt.")
@@ -50,7 +54,7 @@ def ask(
     prompt: str,
     provider: str | None,
     fallback: tuple[str, ...],
-    model: str,
+    model: str | None,
     max_tokens: int | None,
     temperature: float | None,
     system_prompt: str | None,
@@ -92,8 +96,9 @@ def ask(
         if usage
         else "no usage"
     )
+    alias = f" ({response.alias})" if response.alias else ""
     click.echo(
-        f"\n[{response.status}] {response.provider}/{response.model} "
+        f"\n[{response.status}] {response.provider}/{response.model}{alias} "
         f"{response.latency_ms:.0f} ms, {len(response.attempts)} attempt(s), {tokens}",
         err=True,
     )
@@ -170,12 +175,24 @@ def providers(check: bool) -> None:
         return out
 
     status = run(checks()) if check else {}
+    catalog = reg.catalog
     for name in reg.names():
         cfg = reg.config(name)
         mark = "" if not check else ("  ok" if status[name] else "  NOT READY")
         click.echo(
             f"{name:16} {cfg.kind:9} {cfg.base_url or '-':40} "
             f"key={'keychain' if cfg.requires_key else 'none'}{mark}"
+        )
+        served = {a: catalog.serves(name, a) for a in sorted(catalog.aliases)}
+        models = [f"{a}={m}" for a, m in served.items() if m]
+        if cfg.default_model:
+            models.append(f"default={cfg.default_model}")
+        if models:
+            click.echo(f"{'':16} models: {', '.join(models)}")
+    if catalog.aliases:
+        click.echo(
+            f"aliases: {', '.join(sorted(catalog.aliases))}; "
+            f"default: {catalog.default_alias or 'none (each provider has its own)'}"
         )
 
 

@@ -3,7 +3,8 @@ fallback providers and cancellation. No Kafka here; the agent feeds it requests 
 publishes what it reports (`on_chunk` for deltas, the returned `Outcome` for the final
 response), so every recovery path is unit-tested in-process.
 
-    for provider in [request.provider or default, *request.fallback]:
+    for provider, its model in route(request)     (agents/llm/models.py)
+        serves no such model?    → attempt "skipped", next provider
         breaker open?            → attempt "circuit_open", next provider
         attempt 1..max_attempts: stream / generate
             ok                   → completed
@@ -21,14 +22,18 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
+from agentstream.agents.llm import structured
 from agentstream.agents.llm.adapter import MidsceneAdapter, WebSearchService
+from agentstream.agents.llm.models import Route, route
 from agentstream.agents.llm.providers.base import LLMProvider, estimate_tokens, estimate_usage
 from agentstream.agents.llm.registry import LLMRegistry
-from agentstream.schemas.llm import AttemptRecord, ErrorInfo, LLMRequest, Usage
+from agentstream.agents.llm.structured import InvalidResponseFormat
+from agentstream.schemas.llm import AttemptRecord, ErrorInfo, LLMConfig, LLMRequest, Usage
 from agentstream.streams.errors import (
     CircuitOpen,
     ProviderError,
     ProviderRateLimited,
+    ProviderRequestError,
     ProviderTimeout,
 )
 from agentstream.streams.resilience import CircuitBreaker, RetryPolicy, Transition
@@ -49,6 +54,11 @@ class Outcome:
     latency_ms: float = 0.0
     chunks: int = 0
     error: ErrorInfo | None = None
+    #: the logical model the request asked for ("" when it named none of them)
+    alias: str = ""
+    #: completed with a response_format to check: did the content satisfy it
+    schema_valid: bool | None = None
+    schema_error: str = ""
 
 
 @dataclass
@@ -66,6 +76,10 @@ class _Partial:
 
 class _Cancelled(Exception):
     pass
+
+
+class ModelUnavailable(ProviderRequestError):
+    """No provider of the chain serves the request's model (each one was skipped)."""
 
 
 def error_info(exc: BaseException) -> ErrorInfo:
@@ -145,12 +159,15 @@ class AgentProcessor:
             )
         return adapter
 
-    def chain(self, request: LLMRequest) -> list[str]:
-        out: list[str] = []
-        for name in [request.provider or self.default_provider, *request.fallback]:
-            if name not in out:
-                out.append(name)
-        return out
+    def route(self, request: LLMRequest) -> Route:
+        """Which model each provider of the request's chain is sent (`models.route`)."""
+        return route(
+            self.registry.catalog,
+            model=request.config.model,
+            provider=request.provider,
+            fallback=request.fallback,
+            default_provider=self.default_provider,
+        )
 
     async def process_request(
         self,
@@ -163,6 +180,7 @@ class AgentProcessor:
         attempts: list[AttemptRecord] = []
         last_error: BaseException | None = None
         chunks = 0
+        plan = self.route(request)
 
         async def sink(delta: str, provider: str, attempt: int) -> None:
             nonlocal chunks
@@ -176,17 +194,41 @@ class AgentProcessor:
                 attempts=attempts,
                 chunks=chunks,
                 latency_ms=round((time.perf_counter() - started) * 1000, 3),
+                alias=plan.alias,
                 **kw,  # type: ignore[arg-type]
             )
 
-        for name in self.chain(request):
+        fmt = request.config.response_format
+        try:
+            structured.prepare(fmt)  # a schema that cannot be checked: no call at all
+        except InvalidResponseFormat as exc:
+            return done("failed", provider="", model="", error=error_info(exc))
+
+        for hop in plan.hops:
+            name, model = hop.provider, hop.model
             if cancel is not None and cancel.is_set():
-                return done(
-                    "cancelled",
-                    provider=name,
-                    model=request.config.model,
-                    usage=Usage(estimated=True),
+                return done("cancelled", provider=name, model=model, usage=Usage(estimated=True))
+            if hop.skip:
+                # not called: no breaker, no slot; an unknown provider is the request's
+                # mistake (an error, as when it was looked up), a model it does not serve
+                # is the configuration's answer (skipped)
+                last_error = (
+                    ModelUnavailable(f"{name}: {hop.skip}", provider=name)
+                    if hop.known
+                    else ProviderRequestError(hop.skip, provider=name)
                 )
+                attempts.append(
+                    AttemptRecord(
+                        provider=name,
+                        attempt=len(attempts) + 1,
+                        outcome="skipped" if hop.known else "error",
+                        error=str(last_error)[:2000],
+                    )
+                )
+                continue
+            config = request.config
+            if config.model != model:
+                config = config.model_copy(update={"model": model})
             breaker = self.breaker(name)
             timeouts = 0
             for n in range(1, self.policy.max_attempts + 1):
@@ -200,6 +242,7 @@ class AgentProcessor:
                             provider=name,
                             attempt=len(attempts) + 1,
                             outcome="circuit_open",
+                            model=model,
                             error=str(last_error),
                         )
                     )
@@ -208,7 +251,7 @@ class AgentProcessor:
                 partial = _Partial()
                 t0 = time.perf_counter()
                 try:
-                    await _race(self._attempt(name, request, number, partial, sink), cancel)
+                    await _race(self._attempt(name, request, config, number, partial, sink), cancel)
                 except _Cancelled:
                     breaker.release()
                     attempts.append(
@@ -216,6 +259,7 @@ class AgentProcessor:
                             provider=name,
                             attempt=number,
                             outcome="cancelled",
+                            model=model,
                             latency_ms=_ms(t0),
                         )
                     )
@@ -226,7 +270,7 @@ class AgentProcessor:
                         content=content,
                         usage=usage,
                         provider=name,
-                        model=partial.model or request.config.model,
+                        model=partial.model or model,
                     )
                 except Exception as exc:
                     last_error = exc
@@ -238,6 +282,7 @@ class AgentProcessor:
                             provider=name,
                             attempt=number,
                             outcome="error",
+                            model=model,
                             error=f"{type(exc).__name__}: {exc}"[:2000],
                             status_code=getattr(exc, "status_code", None),
                             latency_ms=_ms(t0),
@@ -262,43 +307,57 @@ class AgentProcessor:
                         return done(
                             "cancelled",
                             provider=name,
-                            model=request.config.model,
+                            model=model,
                             usage=_estimated_partial(request, ""),
                         )
                     continue
                 breaker.record_success()
                 attempts.append(
-                    AttemptRecord(provider=name, attempt=number, outcome="ok", latency_ms=_ms(t0))
+                    AttemptRecord(
+                        provider=name, attempt=number, outcome="ok", model=model, latency_ms=_ms(t0)
+                    )
                 )
                 content = partial.content
                 usage = partial.usage or estimate_usage(request.context, content)
+                verdict = structured.check(fmt, content)
                 return done(
                     "completed",
                     content=content,
                     usage=usage,
                     provider=name,
-                    model=partial.model or request.config.model,
+                    model=partial.model or model,
+                    schema_valid=verdict.valid if verdict else None,
+                    schema_error=verdict.error if verdict else "",
                 )
         err = last_error or CircuitOpen("no provider available")
+        # the provider that was last asked (skipped ones were not): usage counts the
+        # failure against it, not against a provider that was never called
+        tried = next((a for a in reversed(attempts) if a.outcome != "skipped"), None)
         return done(
             "failed",
-            provider=attempts[-1].provider if attempts else "",
-            model=request.config.model,
+            provider=tried.provider if tried else "",
+            model=tried.model if tried else "",
             error=error_info(err),
         )
 
     async def _attempt(
-        self, name: str, request: LLMRequest, number: int, partial: _Partial, sink: ChunkSink
+        self,
+        name: str,
+        request: LLMRequest,
+        config: LLMConfig,
+        number: int,
+        partial: _Partial,
+        sink: ChunkSink,
     ) -> None:
         provider = self.provider(name)
         timeout = request.timeout_s or self.timeout_s
         if not request.stream:
-            result = await provider.generate(request.context, request.config, timeout_s=timeout)
+            result = await provider.generate(request.context, config, timeout_s=timeout)
             partial.parts.append(result.content)
             partial.usage = result.usage
             partial.model = result.model
             return
-        await self.call_with_streaming(provider, request, number, partial, sink, timeout)
+        await self.call_with_streaming(provider, request, number, partial, sink, timeout, config)
 
     async def call_with_streaming(
         self,
@@ -308,8 +367,10 @@ class AgentProcessor:
         partial: _Partial,
         sink: ChunkSink,
         timeout_s: float,
+        config: LLMConfig | None = None,
     ) -> None:
-        async for chunk in provider.stream(request.context, request.config, timeout_s=timeout_s):
+        config = config or request.config
+        async for chunk in provider.stream(request.context, config, timeout_s=timeout_s):
             if chunk.model and not partial.model:
                 partial.model = chunk.model
             if chunk.usage is not None:

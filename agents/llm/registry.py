@@ -12,6 +12,19 @@ Providers are declared in a YAML or JSON file (`AGENTSTREAM_LLM_PROVIDERS_FILE`)
 `local` (the deterministic offline provider) is always registered. Keys are never in
 the file: a provider with `requires_key: true` reads `llm.<name>.api_key` from the OS
 keychain through `streams.credentials.KeychainCredentialsProvider`.
+
+Logical models (`agents/llm/models.py`): top-level `aliases` (the model names requests
+use) and `default_alias`, and per provider `models` (alias → its own model) and `model`
+(its default)::
+
+    aliases: [fast, smart]
+    default_alias: fast
+    providers:
+      openai: {kind: openai, base_url: ..., models: {fast: gpt-4o-mini, smart: gpt-4o}}
+      ollama: {kind: ollama, base_url: ..., model: llama3.2}   # serves the default alias
+
+The file has no version: these keys are optional, and a file without `aliases` sends
+every provider the request's model as it is, as before they existed.
 """
 
 from __future__ import annotations
@@ -19,14 +32,21 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import ValidationError
 
+from agentstream.agents.llm.models import ModelCatalog, ModelsError
 from agentstream.agents.llm.providers._http import HTTPProvider
-from agentstream.agents.llm.providers.base import LLMProvider, ProviderConfig, SecretSource
+from agentstream.agents.llm.providers.base import (
+    LOCAL_MODEL,
+    LLMProvider,
+    ProviderConfig,
+    SecretSource,
+)
 from agentstream.agents.llm.providers.local import LocalProvider
 from agentstream.agents.llm.providers.ollama import OllamaProvider
 from agentstream.agents.llm.providers.openai import OpenAICompatibleProvider
@@ -50,7 +70,22 @@ async def keychain_secret(name: str) -> str | None:
     return str(value) if value else None
 
 
-def load_providers_file(path: Path) -> list[ProviderConfig]:
+#: top-level keys of the providers file; others are refused (a misspelt `aliases` would
+#: otherwise be ignored and every provider sent the same name), except `x-...` keys,
+#: the usual place for YAML anchors (as in compose files)
+FILE_KEYS = ("providers", "aliases", "default_alias")
+
+
+@dataclass(frozen=True)
+class ProvidersFile:
+    providers: list[ProviderConfig]
+    aliases: list[str] = field(default_factory=list)
+    default_alias: str | None = None
+
+
+def read_providers_file(path: Path) -> ProvidersFile:
+    """The providers file, checked: every mistake is a `SettingsError` of one line naming
+    the file."""
     try:
         text = path.read_text()
     except OSError as exc:
@@ -58,10 +93,26 @@ def load_providers_file(path: Path) -> list[ProviderConfig]:
     try:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (ValueError, yaml.YAMLError) as exc:
-        raise SettingsError(f"providers file {path} is not valid YAML/JSON: {exc}") from None
+        raise SettingsError(
+            f"providers file {path} is not valid YAML/JSON: {_one_line(exc)}"
+        ) from None
     entries = (data or {}).get("providers") if isinstance(data, dict) else None
-    if not isinstance(entries, dict):
+    if not isinstance(data, dict) or not isinstance(entries, dict):
         raise SettingsError(f"providers file {path}: expected a top-level `providers:` mapping")
+    unknown = [k for k in data if k not in FILE_KEYS and not str(k).startswith("x-")]
+    if unknown:
+        raise SettingsError(
+            f"providers file {path}: unknown top-level key {unknown[0]!r} "
+            f"(known: {', '.join(FILE_KEYS)})"
+        )
+    aliases = data.get("aliases")
+    if aliases is None:
+        aliases = []
+    if not isinstance(aliases, list) or (not aliases and "aliases" in data):
+        raise SettingsError(f"providers file {path}: `aliases` must be a non-empty list of names")
+    default_alias = data.get("default_alias")
+    if default_alias is not None and not isinstance(default_alias, str):
+        raise SettingsError(f"providers file {path}: `default_alias` must be one of the aliases")
     configs = []
     for name, cfg in entries.items():
         if not isinstance(cfg, dict):
@@ -72,10 +123,46 @@ def load_providers_file(path: Path) -> list[ProviderConfig]:
                 f"keychain (agentstream credentials set --secret llm.{name}.api_key)"
             )
         try:
-            configs.append(ProviderConfig(name=str(name), **cfg))
+            configs.append(ProviderConfig.model_validate({**cfg, "name": str(name)}))
         except ValidationError as exc:
-            raise SettingsError(f"providers file {path}: provider {name!r}: {exc}") from None
-    return configs
+            raise SettingsError(
+                f"providers file {path}: provider {name!r}: {_validation_line(exc)}"
+            ) from None
+    out = ProvidersFile(configs, list(aliases), default_alias)
+    try:
+        catalog(out.providers, out.aliases, out.default_alias)
+    except ModelsError as exc:
+        raise SettingsError(f"providers file {path}: {exc}") from None
+    return out
+
+
+def load_providers_file(path: Path) -> list[ProviderConfig]:
+    return read_providers_file(path).providers
+
+
+def catalog(
+    configs: list[ProviderConfig], aliases: list[str], default_alias: str | None
+) -> ModelCatalog:
+    """The model catalog of these providers, with `local` (always there) among them."""
+    by_name = {c.name: c for c in configs}
+    by_name.setdefault(LOCAL, ProviderConfig(name=LOCAL, kind="local"))
+    return ModelCatalog.build(
+        providers={n: (c.models, c.default_model) for n, c in by_name.items()},
+        aliases=aliases,
+        default_alias=default_alias,
+    )
+
+
+def _validation_line(exc: ValidationError) -> str:
+    err = exc.errors(include_url=False)[0]
+    loc = ".".join(str(p) for p in err["loc"])
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    more = exc.error_count() - 1
+    return (f"{loc}: " if loc else "") + msg + (f" (+{more} more)" if more > 0 else "")
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
 
 
 class LLMRegistry:
@@ -91,15 +178,35 @@ class LLMRegistry:
         self._configs: dict[str, ProviderConfig] = {}
         self._providers: dict[str, LLMProvider] = {}
         self._transport_factory = transport_factory
-        self.register_provider(LOCAL, {"kind": "local", "model": "local-echo"})
+        self._aliases: list[str] = []
+        self._default_alias: str | None = None
+        self._catalog: ModelCatalog | None = None
+        self.register_provider(LOCAL, {"kind": "local", "model": LOCAL_MODEL})
 
     @classmethod
     def from_settings(cls, settings: Settings, **kw: Any) -> LLMRegistry:
         reg = cls(default_timeout_s=settings.llm_timeout_s, **kw)
         if settings.llm_providers_file is not None:
-            for cfg in load_providers_file(settings.llm_providers_file):
+            file = read_providers_file(settings.llm_providers_file)
+            for cfg in file.providers:
                 reg.register_provider(cfg.name, cfg)
+            reg.set_aliases(file.aliases, file.default_alias)
         return reg
+
+    def set_aliases(self, aliases: list[str], default_alias: str | None = None) -> None:
+        """Declare the logical models (raises `ModelsError` when they do not fit the
+        providers registered so far)."""
+        built = catalog(list(self._configs.values()), aliases, default_alias)
+        self._aliases, self._default_alias, self._catalog = list(aliases), default_alias, built
+
+    @property
+    def catalog(self) -> ModelCatalog:
+        """Aliases and per-provider models, for `models.route` (rebuilt after changes)."""
+        if self._catalog is None:
+            self._catalog = catalog(
+                list(self._configs.values()), self._aliases, self._default_alias
+            )
+        return self._catalog
 
     def register_provider(
         self, name: str, config: ProviderConfig | Mapping[str, Any] | LLMProvider
@@ -108,6 +215,7 @@ class LLMRegistry:
         old = self._providers.pop(name, None)
         if old is not None:
             log.info("provider %s re-registered", name)
+        self._catalog = None
         if isinstance(config, LLMProvider):
             self._providers[name] = config
             self._configs[name] = config.config

@@ -109,7 +109,7 @@ class CallRuntime:
         if tables.table(tables.CANCELLED.name).get(rid):
             flight.cancel.set()
         self.inflight[rid] = flight
-        sem = self.slot(request.provider or settings.llm_default_provider)
+        sem = self.slot(self.processor.route(request).head)
         try:
             await sem.acquire()
         except BaseException:
@@ -208,6 +208,9 @@ class CallRuntime:
             usage=outcome.usage,
             provider=outcome.provider,
             model=outcome.model,
+            alias=outcome.alias,
+            schema_valid=outcome.schema_valid,
+            schema_error=outcome.schema_error,
             attempts=outcome.attempts,
             latency_ms=outcome.latency_ms,
             chunks=outcome.chunks,
@@ -259,11 +262,13 @@ class CallRuntime:
 
     async def answer_cancelled_early(self, inbound: Inbound) -> None:
         request: LLMRequest = inbound.event.payload
+        plan = self.processor.route(request)
         outcome = Outcome(
             "cancelled",
-            provider=request.provider or settings.llm_default_provider,
-            model=request.config.model,
+            provider=plan.head,
+            model=plan.model_of(plan.head),
             usage=Usage(estimated=True),
+            alias=plan.alias,
         )
         inbound.message.incref()  # acked by write_tables, like a call's request
         try:

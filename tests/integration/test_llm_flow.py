@@ -24,6 +24,7 @@ from agentstream.schemas.llm import (
     LLMRequest,
     LLMResponse,
     LLMStreamChunk,
+    ResponseFormat,
 )
 from agentstream.streams.audit_chain import GENESIS
 from agentstream.streams.client import AsyncClient
@@ -34,7 +35,15 @@ from tests.support import Follower, Worker, await_until, cli, web_tokens, web_ur
 pytestmark = pytest.mark.integration
 
 
-def req(rid: str, provider: str = "loop", *, stream: bool = True, **kw: Any) -> Event[Any]:
+def req(
+    rid: str,
+    provider: str = "loop",
+    *,
+    stream: bool = True,
+    model: str = "chat",
+    response_format: ResponseFormat | None = None,
+    **kw: Any,
+) -> Event[Any]:
     return Event.of(
         LLMRequest(
             request_id=rid,
@@ -42,7 +51,7 @@ def req(rid: str, provider: str = "loop", *, stream: bool = True, **kw: Any) -> 
             provider=provider,
             stream=stream,
             context=LLMContext(messages=[ChatMessage(role="user", content=f"hello {rid}")]),
-            config=LLMConfig(model="loop-model", max_tokens=64),
+            config=LLMConfig(model=model, max_tokens=64, response_format=response_format),
             **kw,
         ),
         source="test",
@@ -76,11 +85,16 @@ class Topics(Follower):
 
 
 def seen_for(server: LLMServer, rid: str) -> int:
-    return sum(
-        1
+    return len(calls_for(server, rid))
+
+
+def calls_for(server: LLMServer, rid: str) -> list[tuple[str, str]]:
+    """(path, model in the body) of each call the server received for request `rid`."""
+    return [
+        (r.path, r.body.get("model"))
         for r in server.requests
         if r.body and f"hello {rid}" in json.dumps(r.body.get("messages"))
-    )
+    ]
 
 
 async def start_llm_worker(
@@ -101,11 +115,17 @@ async def start_llm_worker(
 async def test_llm_stage_end_to_end(settings_env: dict[str, str], tmp_path: Path) -> None:
     server = LLMServer().start()
     providers = tmp_path / "providers.yaml"
+    # logical models: `chat` (the default) is loop-model on the vLLM-style providers and
+    # Ollama's own default model there; `tiny` only Ollama serves
     providers.write_text(
+        "aliases: [chat, tiny]\n"
+        "default_alias: chat\n"
         "providers:\n"
-        f"  loop: {{kind: vllm, base_url: '{server.url}/v1'}}\n"
-        f"  olla: {{kind: ollama, base_url: '{server.url}'}}\n"
-        f"  slow: {{kind: vllm, base_url: '{server.url}/v1', max_concurrency: 2}}\n"
+        f"  loop: {{kind: vllm, base_url: '{server.url}/v1', models: {{chat: loop-model}}}}\n"
+        f"  olla: {{kind: ollama, base_url: '{server.url}', model: llama3.2,\n"
+        "         models: {tiny: 'qwen2.5:0.5b'}}\n"
+        f"  slow: {{kind: vllm, base_url: '{server.url}/v1', max_concurrency: 2,\n"
+        "         models: {chat: loop-model}}\n"
     )
     env = {
         **settings_env,
@@ -124,7 +144,7 @@ async def test_llm_stage_end_to_end(settings_env: dict[str, str], tmp_path: Path
         await client.publish("llm.requests", s1)
         r = await topics.response("s1")
         assert r.status == "completed" and r.content == "one two three four five"
-        assert r.provider == "loop" and r.model == "loop-model"
+        assert r.provider == "loop" and r.model == "loop-model" and r.alias == "chat"
         assert r.usage is not None and r.usage.total_tokens == 12 and not r.usage.estimated
         assert [a.outcome for a in r.attempts] == ["ok"]
         assert r.hash and r.prev_hash == GENESIS
@@ -143,9 +163,11 @@ async def test_llm_stage_end_to_end(settings_env: dict[str, str], tmp_path: Path
         await client.publish("llm.requests", req("o1", "olla"))
         o1 = await topics.response("o1")
         assert o1.status == "completed" and o1.usage is not None and o1.usage.estimated
+        assert o1.model == "llama3.2" and calls_for(server, "o1") == [("/api/chat", "llama3.2")]
         await client.publish("llm.requests", req("l1", "local"))
         l1 = await topics.response("l1")
         assert l1.status == "completed" and l1.provider == "local" and l1.content
+        assert l1.model == "local-echo"  # the default alias: local's own default model
         assert not topics.chunks("n1")
 
         # -- retries: 429 honours Retry-After, 500 backs off, 400 fails at once --------------
@@ -171,14 +193,50 @@ async def test_llm_stage_end_to_end(settings_env: dict[str, str], tmp_path: Path
         assert f1.status == "failed" and len(f1.attempts) == 1
         assert f1.error is not None and f1.error.error_class == "ProviderRequestError"
 
+        # -- fallback: each provider is sent its own model for the alias -------------------
         server.script(Reply(kind="status", status=401))
         await client.publish("llm.requests", req("fb1", fallback=["olla"]))
         fb1 = await topics.response("fb1")
         assert fb1.status == "completed" and fb1.provider == "olla"
-        assert [(a.provider, a.outcome, a.status_code) for a in fb1.attempts] == [
-            ("loop", "error", 401),
-            ("olla", "ok", None),
+        assert fb1.model == "llama3.2" and fb1.alias == "chat"
+        assert [(a.provider, a.model, a.outcome, a.status_code) for a in fb1.attempts] == [
+            ("loop", "loop-model", "error", 401),
+            ("olla", "llama3.2", "ok", None),
         ]
+        assert calls_for(server, "fb1") == [
+            ("/v1/chat/completions", "loop-model"),
+            ("/api/chat", "llama3.2"),
+        ]
+        # an alias the first provider does not serve: skipped, never called
+        await client.publish("llm.requests", req("fb2", model="tiny", fallback=["olla"]))
+        fb2 = await topics.response("fb2")
+        assert fb2.status == "completed" and fb2.model == "qwen2.5:0.5b"
+        assert [(a.provider, a.outcome) for a in fb2.attempts] == [
+            ("loop", "skipped"),
+            ("olla", "ok"),
+        ]
+        assert calls_for(server, "fb2") == [("/api/chat", "qwen2.5:0.5b")]
+        # a model no provider of the chain serves: failed, no call at all
+        await client.publish("llm.requests", req("fb3", model="gpt-4o-mini", fallback=["olla"]))
+        fb3 = await topics.response("fb3")
+        assert fb3.status == "failed" and [a.outcome for a in fb3.attempts] == ["skipped"] * 2
+        assert fb3.error is not None and fb3.error.error_class == "ModelUnavailable"
+        assert "unknown model 'gpt-4o-mini'" in fb3.error.message
+        assert calls_for(server, "fb3") == []
+
+        # -- structured output: the schema sent on, the streamed answer checked -------------
+        answer = {"type": "object", "required": ["n"], "properties": {"n": {"type": "integer"}}}
+        schema = ResponseFormat(type="json_schema", json_schema={"name": "n", "schema": answer})
+        server.script(Reply(words=['{"n":', "7}"]), Reply(words=['{"n":', '"seven"}']))
+        await client.publish("llm.requests", req("j1", response_format=schema))
+        await client.publish("llm.requests", req("j2", "olla", response_format=schema))
+        j1, j2 = await topics.response("j1"), await topics.response("j2")
+        assert (j1.status, j1.schema_valid, j1.content) == ("completed", True, '{"n": 7}')
+        assert (j2.status, j2.schema_valid) == ("completed", False)
+        assert j2.schema_error == "at /n: 'seven' is not of type 'integer'"
+        wire = {r.path: r.body for r in server.requests if "hello j" in json.dumps(r.body)}
+        assert wire["/v1/chat/completions"]["response_format"]["json_schema"]["schema"] == answer
+        assert wire["/api/chat"]["format"] == answer
 
         # -- cancellation mid-stream: abort within a second, partial content ------------------
         server.script(Reply(kind="hang", after=2, words=["alpha", "beta", "gamma", "delta"]))
@@ -296,7 +354,9 @@ async def test_llm_stage_end_to_end(settings_env: dict[str, str], tmp_path: Path
             cli, env, "llm", "ask", "what is a stream?", "--provider", "local", timeout=60
         )
         assert done.returncode == 0, done.stderr
-        assert "what is a stream?" in done.stdout and "[completed] local/" in done.stderr
+        assert "what is a stream?" in done.stdout
+        # no --model: the worker's default alias, served by local's own default model
+        assert "[completed] local/local-echo (chat)" in done.stderr
 
         # -- restart with a call in flight: its offset was not committed, so the restarted
         # worker replays it and answers it once (kill -9 takes the same path, but the group

@@ -163,6 +163,42 @@ MISTAKES = [
         2,
     ),
     Mistake(
+        "llm-ask-empty-model",
+        ("llm", "ask", "hi", "--model", ""),
+        ("Invalid value for '--model'",),
+        2,
+    ),
+    Mistake(
+        "llm-providers-alias-misspelt",
+        ("llm", "providers"),
+        (
+            "Error: providers file providers-typo.yaml: provider 'openai' maps 'fsat', which "
+            "is not one of the aliases (did you mean 'fast'?)",
+        ),
+        2,
+        {"AGENTSTREAM_LLM_PROVIDERS_FILE": "providers-typo.yaml"},
+    ),
+    Mistake(
+        "llm-providers-unknown-key",
+        ("llm", "providers"),
+        (
+            "Error: providers file providers-key.yaml: unknown top-level key 'alias' "
+            "(known: providers, aliases, default_alias)",
+        ),
+        2,
+        {"AGENTSTREAM_LLM_PROVIDERS_FILE": "providers-key.yaml"},
+    ),
+    Mistake(
+        "llm-providers-default-not-an-alias",
+        ("llm", "providers", "--check"),
+        (
+            "Error: providers file providers-default.yaml: default_alias: 'gpt-4o-mini' is "
+            "not one of the aliases",
+        ),
+        2,
+        {"AGENTSTREAM_LLM_PROVIDERS_FILE": "providers-default.yaml"},
+    ),
+    Mistake(
         "missing-policy-file",
         ("policy", "apply", "--dry-run", "missing.yaml"),
         ("'missing.yaml' does not exist",),
@@ -332,6 +368,12 @@ def outcomes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any
     (work / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
     (work / "invalid.yaml").write_text("policy_id: p1\nmax_message_size: -5\n")
     (work / "good.yaml").write_text('policy_id: p1\nlevel: "*"\n')
+    openai = "openai: {kind: openai, base_url: 'http://127.0.0.1:9/v1', models: {%s: gpt-4o-mini}}"
+    (work / "providers-typo.yaml").write_text(f"aliases: [fast]\nproviders:\n  {openai % 'fsat'}\n")
+    (work / "providers-key.yaml").write_text(f"alias: [fast]\nproviders:\n  {openai % 'fast'}\n")
+    (work / "providers-default.yaml").write_text(
+        f"aliases: [fast]\ndefault_alias: gpt-4o-mini\nproviders:\n  {openai % 'fast'}\n"
+    )
     port = closed_port()
     env = base_env(work, f"127.0.0.1:{port}")
 

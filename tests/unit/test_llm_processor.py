@@ -221,3 +221,89 @@ async def test_local_provider_through_processor(stream: bool) -> None:
     )
     assert out.status == "completed" and out.content and out.usage is not None
     assert not out.usage.estimated and out.provider == "local"
+
+
+# -- logical models ---------------------------------------------------------------------------
+def aliased(*providers: ScriptedProvider, default: str | None = "fast") -> AgentProcessor:
+    proc = processor(*providers)
+    proc.registry.set_aliases(["fast", "smart"], default)
+    return proc
+
+
+def asking(
+    model: str | None, provider: str | None = "big", fallback: list[str] | None = None
+) -> LLMRequest:
+    r = request(provider or "big", fallback=fallback)
+    return r.model_copy(
+        update={"provider": provider, "config": r.config.model_copy(update={"model": model})}
+    )
+
+
+async def test_fallback_sends_each_provider_its_own_model() -> None:
+    big = ScriptedProvider(
+        "big",
+        [Step(error=ProviderServerError("HTTP 503", status_code=503))],
+        model="",
+        models={"fast": "gpt-4o-mini", "smart": "gpt-4o"},
+    )
+    small = ScriptedProvider("small", [Step(deltas=["from small"])], model="llama3.2")
+    proc = aliased(big, small)
+    proc.policy = RetryPolicy(max_attempts=1)
+    out = await proc.process_request(asking("fast", fallback=["small"]))
+    assert out.status == "completed" and out.provider == "small" and out.alias == "fast"
+    assert [c.model for _, c in big.calls] == ["gpt-4o-mini"]
+    assert [c.model for _, c in small.calls] == ["llama3.2"]
+    assert out.model == "llama3.2"  # the scripted provider answers with what it was sent
+    assert [(a.provider, a.model, a.outcome) for a in out.attempts] == [
+        ("big", "gpt-4o-mini", "error"),
+        ("small", "llama3.2", "ok"),
+    ]
+
+
+async def test_a_provider_without_the_model_is_skipped_not_called() -> None:
+    big = ScriptedProvider("big", [], models={"fast": "gpt-4o-mini", "smart": "gpt-4o"})
+    small = ScriptedProvider("small", [], model="llama3.2")
+    out = await aliased(big, small).process_request(
+        asking("smart", provider="small", fallback=["big"])
+    )
+    assert out.status == "completed" and out.provider == "big" and out.model == "gpt-4o"
+    assert not small.calls
+    skipped = out.attempts[0]
+    assert (skipped.provider, skipped.outcome, skipped.model) == ("small", "skipped", "")
+    assert skipped.error == "small: 'small' serves no model for 'smart'"
+
+
+async def test_no_provider_serves_the_model_fails_without_calling_any() -> None:
+    big = ScriptedProvider("big", [], models={"fast": "gpt-4o-mini", "smart": "gpt-4o"})
+    small = ScriptedProvider("small", [], model="llama3.2")
+    proc = aliased(big, small)
+    out = await proc.process_request(asking("fsat", fallback=["small"]))
+    assert out.status == "failed" and not big.calls and not small.calls
+    assert [a.outcome for a in out.attempts] == ["skipped", "skipped"]
+    assert out.error is not None and out.error.error_class == "ModelUnavailable"
+    assert "did you mean 'fast'" in out.error.message and not out.error.retriable
+    assert out.provider == "" and out.model == ""  # no provider was asked
+    assert not proc.breakers  # nor a breaker made for one
+
+
+async def test_no_model_asks_for_the_default_alias() -> None:
+    big = ScriptedProvider("big", [], models={"fast": "gpt-4o-mini", "smart": "gpt-4o"})
+    out = await aliased(big).process_request(asking(None))
+    assert out.status == "completed" and out.alias == "fast"
+    assert [c.model for _, c in big.calls] == ["gpt-4o-mini"]
+
+
+async def test_provider_slash_model_heads_the_chain() -> None:
+    big = ScriptedProvider("big", [], models={"fast": "gpt-4o-mini", "smart": "gpt-4o"})
+    small = ScriptedProvider("small", [], model="llama3.2")
+    out = await aliased(big, small).process_request(asking("small/qwen2.5:7b", provider=None))
+    assert out.provider == "small" and out.alias == "" and not big.calls
+    assert [c.model for _, c in small.calls] == ["qwen2.5:7b"]
+
+
+async def test_unknown_provider_is_an_error_attempt_without_a_breaker() -> None:
+    proc = processor()
+    out = await proc.process_request(request("nope"))
+    assert [(a.provider, a.outcome) for a in out.attempts] == [("nope", "error")]
+    assert out.error is not None and out.error.error_class == "ProviderRequestError"
+    assert "nope" not in proc.breakers

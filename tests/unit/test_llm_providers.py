@@ -336,3 +336,38 @@ async def test_a_key_echoed_in_an_error_body_is_scrubbed(server: LLMServer) -> N
         await collect(p)
     for err in (json_err.value, stream_err.value):
         assert "sk-test-123" not in str(err) and "***" in str(err)
+
+
+async def test_a_request_naming_no_model_gets_the_providers_default(server: LLMServer) -> None:
+    no_model = CFG.model_copy(update={"model": None})
+    p = openai(server, model="gpt-4o-mini")
+    assert (await p.generate(CTX, no_model)).model == "gpt-4o-mini"
+    await p.aclose()
+    o = OllamaProvider(
+        ProviderConfig(name="ol", kind="ollama", base_url=server.url, model="llama3.2")
+    )
+    await collect_with(o, no_model)
+    assert [r.body["model"] for r in server.requests] == ["gpt-4o-mini", "llama3.2"]
+
+
+async def test_azure_routes_to_the_deployment_a_model_names(server: LLMServer) -> None:
+    cfg = ProviderConfig(
+        name="az",
+        kind="azure",
+        base_url=server.url,
+        models={"fast": "mini-deployment"},
+        requires_key=True,
+    )
+    p = OpenAICompatibleProvider(cfg, secrets=secret)
+    await p.generate(CTX, CFG.model_copy(update={"model": "mini-deployment"}))
+    assert server.requests[-1].path == "/openai/deployments/mini-deployment/chat/completions"
+    with pytest.raises(ProviderRequestError, match="no deployment"):
+        await p.generate(CTX, CFG.model_copy(update={"model": None}))
+    await p.aclose()
+    assert len(server.requests) == 1
+
+
+async def collect_with(provider: LLMProvider, config: LLMConfig) -> list[StreamChunk]:
+    out = [chunk async for chunk in provider.stream(CTX, config)]
+    await provider.aclose()
+    return out

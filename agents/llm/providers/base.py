@@ -20,12 +20,15 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from agentstream.schemas.llm import LLMConfig, LLMContext, Usage
 
 #: fetches a secret by name (e.g. "llm.openai.api_key"); None when there is none
 SecretSource = Callable[[str], Awaitable[str | None]]
+
+#: the built-in `local` provider's model when it is configured with none
+LOCAL_MODEL = "local-echo"
 
 ProviderKind = Literal["openai", "azure", "vllm", "llamacpp", "lmstudio", "ollama", "local"]
 
@@ -40,9 +43,13 @@ class ProviderConfig(BaseModel):
     #: e.g. https://api.openai.com/v1, http://127.0.0.1:8000/v1 (vLLM),
     #: https://<resource>.openai.azure.com (Azure), http://127.0.0.1:11434 (Ollama)
     base_url: str = ""
-    #: model used when a request's config names none (requests always name one today)
-    model: str = ""
-    #: Azure: the deployment; defaults to the request's model
+    #: this provider's default model: sent when a request names no model and no default
+    #: alias is set, and for the default alias when `models` names none for it
+    model: str = Field(default="", max_length=256)
+    #: alias (declared in the file's `aliases`) → this provider's own model for it
+    models: dict[str, str] = Field(default_factory=dict)
+    #: Azure: the deployment every call goes to; without it, the model a request is
+    #: routed to (an alias's entry in `models`) is the deployment
     deployment: str | None = None
     api_version: str | None = None
     organization: str | None = None
@@ -60,6 +67,32 @@ class ProviderConfig(BaseModel):
     headers: dict[str, str] = Field(default_factory=dict)
     #: local provider only: seconds between streamed words (demo visibility)
     word_delay_s: float = Field(default=0.0, ge=0)
+
+    @field_validator("models")
+    @classmethod
+    def _models_named(cls, models: dict[str, str]) -> dict[str, str]:
+        for alias, model in models.items():
+            if not model.strip() or len(model) > 256:
+                raise ValueError(f"models: {alias!r} maps to {model[:40]!r}, not a model name")
+        return models
+
+    @model_validator(mode="after")
+    def _one_deployment_or_a_map(self) -> ProviderConfig:
+        if self.kind == "azure" and self.deployment and self.models:
+            raise ValueError(
+                "give either `deployment` (every call goes to it) or `models` (a deployment "
+                "per alias), not both"
+            )
+        return self
+
+    @property
+    def default_model(self) -> str:
+        """The model this provider is sent when routing gives it its default."""
+        if self.model:
+            return self.model
+        if self.deployment:
+            return self.deployment
+        return LOCAL_MODEL if self.kind == "local" else ""
 
 
 @dataclass(slots=True)
@@ -89,6 +122,11 @@ class LLMProvider(ABC):
     @property
     def name(self) -> str:
         return self.config.name
+
+    def model_for(self, config: LLMConfig) -> str:
+        """The model to ask for: the request's (the processor routes every request to a
+        provider model), else this provider's default (direct calls naming none)."""
+        return config.model or self.config.default_model
 
     async def initialize(self) -> None:  # noqa: B027 - optional hook
         """Open clients, fetch credentials. Idempotent."""

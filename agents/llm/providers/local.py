@@ -12,6 +12,7 @@ import random
 from collections.abc import AsyncIterator
 
 from agentstream.agents.llm.providers.base import (
+    LOCAL_MODEL,
     LLMProvider,
     LLMResult,
     ProviderConfig,
@@ -34,10 +35,11 @@ DEFAULT_WORDS = 48
 
 class LocalProvider(LLMProvider):
     def __init__(self, config: ProviderConfig | None = None) -> None:
-        super().__init__(config or ProviderConfig(name="local", kind="local", model="local-echo"))
+        super().__init__(config or ProviderConfig(name="local", kind="local", model=LOCAL_MODEL))
 
     def words(self, context: LLMContext, config: LLMConfig) -> list[str]:
-        seed_src = repr((chat_messages(context), config.model, config.temperature, config.stop))
+        model = self.model_for(config)
+        seed_src = repr((chat_messages(context), model, config.temperature, config.stop))
         seed = int.from_bytes(hashlib.sha256(seed_src.encode()).digest()[:8], "big")
         rng = random.Random(seed)
         last_user = next(
@@ -47,9 +49,7 @@ class LocalProvider(LLMProvider):
         topic = " ".join(last_user.split()[:8])
         limit = config.max_tokens or DEFAULT_WORDS
         n = min(limit, DEFAULT_WORDS)
-        words = [f"[{config.model}]", "re:", *topic.split()] + [
-            rng.choice(_VOCAB) for _ in range(n)
-        ]
+        words = [f"[{model}]", "re:", *topic.split()] + [rng.choice(_VOCAB) for _ in range(n)]
         words = words[: max(1, limit)]
         if config.stop:
             text = " ".join(words)
@@ -72,7 +72,7 @@ class LocalProvider(LLMProvider):
         self, context: LLMContext, config: LLMConfig, *, timeout_s: float | None = None
     ) -> LLMResult:
         text = " ".join(self.words(context, config))
-        return LLMResult(text, self.usage(context, text), config.model, "stop")
+        return LLMResult(text, self.usage(context, text), self.model_for(config), "stop")
 
     async def stream(
         self, context: LLMContext, config: LLMConfig, *, timeout_s: float | None = None
@@ -85,4 +85,6 @@ class LocalProvider(LLMProvider):
                 await asyncio.sleep(0)  # a cancellation point, like a real stream
             yield StreamChunk(delta=word if i == 0 else " " + word)
         text = " ".join(words)
-        yield StreamChunk(usage=self.usage(context, text), finish_reason="stop", model=config.model)
+        yield StreamChunk(
+            usage=self.usage(context, text), finish_reason="stop", model=self.model_for(config)
+        )

@@ -30,8 +30,16 @@ class Step:
 
 
 class ScriptedProvider(LLMProvider):
-    def __init__(self, name: str, script: list[Step], *, healthy: bool = True) -> None:
-        super().__init__(ProviderConfig(name=name, kind="local", model="mock"))
+    def __init__(
+        self,
+        name: str,
+        script: list[Step],
+        *,
+        healthy: bool = True,
+        model: str = "mock",
+        models: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(ProviderConfig(name=name, kind="local", model=model, models=models or {}))
         self.script = list(script)
         self.calls: list[tuple[LLMContext, LLMConfig]] = []
         self.healthy = healthy
@@ -52,7 +60,7 @@ class ScriptedProvider(LLMProvider):
             await asyncio.sleep(step.delay_s)
         if step.error is not None:
             raise step.error
-        return LLMResult("".join(step.deltas), step.usage, config.model, "stop")
+        return LLMResult("".join(step.deltas), step.usage, self.model_for(config), "stop")
 
     async def stream(
         self, context: LLMContext, config: LLMConfig, *, timeout_s: float | None = None

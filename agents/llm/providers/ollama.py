@@ -57,12 +57,16 @@ class OllamaProvider(HTTPProvider):
             if getattr(config, field) is not None
         }
         body: dict[str, Any] = {
-            "model": config.model or self.config.model,
+            "model": self.model_for(config),
             "messages": chat_messages(context),
             "stream": stream,
         }
         if options:
             body["options"] = options
+        fmt = config.response_format
+        if fmt is not None and fmt.type != "text":
+            # Ollama's `format`: the JSON Schema itself, or "json" for any JSON
+            body["format"] = fmt.json_schema["schema"] if fmt.json_schema else "json"
         return body
 
     async def generate(
@@ -79,7 +83,7 @@ class OllamaProvider(HTTPProvider):
         return LLMResult(
             content=str(data["message"].get("content") or ""),
             usage=ollama_usage(data),
-            model=str(data.get("model") or config.model),
+            model=str(data.get("model") or self.model_for(config)),
             finish_reason=data.get("done_reason"),
         )
 

@@ -21,8 +21,13 @@ import orjson
 
 from agentstream.agents.llm.providers._http import HTTPProvider, LineSplitter
 from agentstream.agents.llm.providers.base import LLMResult, StreamChunk, chat_messages
-from agentstream.schemas.llm import LLMConfig, LLMContext, Usage
-from agentstream.streams.errors import ProviderError, ProviderProtocolError, ProviderServerError
+from agentstream.schemas.llm import LLMConfig, LLMContext, ResponseFormat, Usage
+from agentstream.streams.errors import (
+    ProviderError,
+    ProviderProtocolError,
+    ProviderRequestError,
+    ProviderServerError,
+)
 
 DEFAULT_AZURE_API_VERSION = "2024-06-01"
 
@@ -47,7 +52,13 @@ class OpenAICompatibleProvider(HTTPProvider):
     def endpoint(self, config: LLMConfig) -> tuple[str, dict[str, str] | None]:
         base = self.resolve_base(config.api_endpoint)
         if self.is_azure:
-            deployment = self.config.deployment or config.model
+            deployment = self.config.deployment or self.model_for(config)
+            if not deployment:
+                raise ProviderRequestError(
+                    f"{self.name}: no deployment (the request names no model and the "
+                    "provider has no `deployment`)",
+                    provider=self.name,
+                )
             version = config.api_version or self.config.api_version or DEFAULT_AZURE_API_VERSION
             return (
                 f"{base}/openai/deployments/{deployment}/chat/completions",
@@ -80,7 +91,7 @@ class OpenAICompatibleProvider(HTTPProvider):
     def body(self, context: LLMContext, config: LLMConfig, stream: bool) -> dict[str, Any]:
         body: dict[str, Any] = {"messages": chat_messages(context), "stream": stream}
         if not self.is_azure:
-            body["model"] = config.model or self.config.model
+            body["model"] = self.model_for(config)
         for field in (
             "temperature",
             "max_tokens",
@@ -94,6 +105,9 @@ class OpenAICompatibleProvider(HTTPProvider):
                 body[field] = value
         if stream and self.config.stream_usage:
             body["stream_options"] = {"include_usage": True}
+        fmt = config.response_format
+        if fmt is not None:
+            body["response_format"] = openai_response_format(fmt)
         return body
 
     async def generate(
@@ -114,7 +128,7 @@ class OpenAICompatibleProvider(HTTPProvider):
         return LLMResult(
             content=str(content),
             usage=parse_usage(data.get("usage")),
-            model=str(data.get("model") or config.model),
+            model=str(data.get("model") or self.model_for(config)),
             finish_reason=choice.get("finish_reason"),
         )
 
@@ -177,6 +191,14 @@ class OpenAICompatibleProvider(HTTPProvider):
         if not delta and usage is None and finish is None:
             return None
         return StreamChunk(delta=delta, usage=usage, finish_reason=finish, model=obj.get("model"))
+
+
+def openai_response_format(fmt: ResponseFormat) -> dict[str, Any]:
+    """`response_format` as the chat completions API takes it (its `json_schema` needs a
+    name: "response" when the request gave none)."""
+    if fmt.json_schema is None:
+        return {"type": fmt.type}
+    return {"type": fmt.type, "json_schema": {"name": "response", **fmt.json_schema}}
 
 
 def _text(data: bytes | str) -> str:
