@@ -58,15 +58,25 @@ def tables_component() -> Component:
     return Component("tables", "ok", f"{len(app.tables)} table(s) recovered")
 
 
+#: (topic, partition) label values of the consumer-lag series this worker exports
+_lag_series: set[tuple[str, str]] = set()
+
+
 def consumer_lags() -> dict[str, int]:
-    """Records behind per assigned catalogue partition ("topic:partition"); sets the gauge."""
+    """Records behind per assigned catalogue partition ("topic:partition"); sets the gauge.
+
+    The gauge keeps only these partitions: the series of one this worker no longer holds
+    (moved to another worker, which reports it) or whose end offset it does not know is
+    removed. Left behind, it would repeat its last value forever, and the lag alerts
+    would fire for a partition nobody is behind on."""
     out: dict[str, int] = {}
+    shown: set[tuple[str, str]] = set()
     consumer = app.consumer
     committed = getattr(consumer, "_committed_offset", {})
     try:
         assignment = consumer.assignment()
-    except Exception:  # consumer not started yet
-        return out
+    except Exception:  # consumer not started yet (or stopped): nothing assigned
+        assignment = set()
     for tp in assignment:
         if tp.topic not in _catalogue_topics:
             continue
@@ -79,7 +89,13 @@ def consumer_lags() -> dict[str, int]:
         done = committed.get(tp) or 0
         lag = max(0, int(high) - int(done))
         out[f"{tp.topic}:{tp.partition}"] = lag
-        CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(lag)
+        labels = (tp.topic, str(tp.partition))
+        CONSUMER_LAG.labels(*labels).set(lag)
+        shown.add(labels)
+    for gone in _lag_series - shown:
+        CONSUMER_LAG.remove(*gone)
+    _lag_series.clear()
+    _lag_series.update(shown)
     return out
 
 
