@@ -266,6 +266,21 @@ def test_ready_alert_uses_the_bound_of_ready() -> None:
     assert int(m.group(1)) == Settings.model_fields["ready_max_lag"].default
 
 
+def test_decision_latency_threshold_is_a_bucket_bound() -> None:
+    # histogram_quantile interpolates inside a bucket: only at a bucket's bound does
+    # "p99 above the threshold" mean exactly "more than 1 % of decisions took longer"
+    from agentstream.streams.observability import DECISION_SECONDS
+
+    expr = " ".join(alerts()["AgentstreamDecisionLatencyHigh"]["expr"].split())
+    m = re.fullmatch(
+        r"histogram_quantile\(0\.99, sum without \(verdict\) "
+        r"\(rate\(agentstream_security_decision_seconds_bucket\[\w+\]\)\) \) > ([\d.]+)",
+        expr,
+    )
+    assert m, expr
+    assert float(m.group(1)) in DECISION_SECONDS._upper_bounds
+
+
 # == where the rules are loaded and shown ===============================================
 @pytest.mark.parametrize("service", PROMETHEUS_SERVICES)
 def test_compose_prometheus_loads_the_rules(service: str, tmp_path: Path) -> None:
