@@ -75,3 +75,8 @@ CONSUMER_LAG = Gauge(
     "Records behind the end of each assigned partition",
     ["topic", "partition"],
 )
+READY_COMPONENT = Gauge(
+    "agentstream_ready_component",
+    "Status of each /ready component when last evaluated (0 ok, 1 degraded, 2 down)",
+    ["component"],
+)

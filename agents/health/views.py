@@ -7,7 +7,8 @@ more than `ready_max_lag` records behind), plus every check registered in
 `streams.health.CHECKS` (LLM providers' `check_setup`, the heartbeat monitor's ``agents``
 — degraded while agents are down ...). A timer re-evaluates them every
 `heartbeat_interval_s` and publishes a `ComponentHealthChanged` on `pipeline.health` for
-every change, so degradation is recorded even when nobody polls /ready.
+every change, so degradation is recorded even when nobody polls /ready; every evaluation
+also sets the gauge ``agentstream_ready_component{component}`` (0 ok, 1 degraded, 2 down).
 """
 
 from __future__ import annotations
@@ -20,11 +21,11 @@ from typing import Any
 from faust.web import Request, Response, View
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from agentstream.agents.health.status import Component, HealthTracker, lag_status, overall
+from agentstream.agents.health.status import RANK, Component, HealthTracker, lag_status, overall
 from agentstream.schemas import Event
 from agentstream.streams.app import app, settings
 from agentstream.streams.health import CHECKS
-from agentstream.streams.observability import CONSUMER_LAG
+from agentstream.streams.observability import CONSUMER_LAG, READY_COMPONENT
 from agentstream.streams.processing import emit
 from agentstream.streams.topics import CATALOGUE, PIPELINE_HEALTH
 
@@ -120,8 +121,25 @@ async def components() -> list[Component]:
     return found
 
 
+#: component label values of the readiness series this worker exports
+_ready_series: set[str] = set()
+
+
+def export_readiness(found: list[Component]) -> None:
+    """Set agentstream_ready_component to each component's status as just evaluated;
+    a component no longer evaluated loses its series instead of keeping its last status."""
+    for c in found:
+        READY_COMPONENT.labels(c.name).set(RANK[c.status])
+    names = {c.name for c in found}
+    for gone in _ready_series - names:
+        READY_COMPONENT.remove(gone)
+    _ready_series.clear()
+    _ready_series.update(names)
+
+
 async def evaluate() -> tuple[str, list[Component]]:
     found = await components()
+    export_readiness(found)
     for c in found:
         change = tracker.observe(c)
         if change is not None:
@@ -135,6 +153,7 @@ async def evaluate() -> tuple[str, list[Component]]:
 
 @app.timer(settings.heartbeat_interval_s, name="evaluate_health")
 async def evaluate_health() -> None:
+    # also what keeps agentstream_ready_component current when nobody asks /ready
     await evaluate()
 
 

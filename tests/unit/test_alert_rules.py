@@ -21,7 +21,8 @@ import yaml
 from prometheus_client import REGISTRY
 from prometheus_client.metrics import MetricWrapperBase
 
-from agentstream.streams.settings import Settings
+from agentstream.agents.health.status import RANK, Component, overall
+from agentstream.streams.observability import DECISION_SECONDS
 
 REPO = Path(__file__).resolve().parents[2]
 PROM_DIR = REPO / "infra" / "prometheus"
@@ -257,20 +258,22 @@ def test_job_matchers_name_the_configs_job() -> None:
     assert matched <= jobs, f"{matched - jobs} is no scrape job of the Prometheus configs"
 
 
-def test_ready_alert_uses_the_bound_of_ready() -> None:
-    # AgentstreamWorkerNotReady fires when /ready says consumer_lag is down: both must
-    # use the same number of records
+def test_ready_alert_fires_on_what_makes_ready_answer_503() -> None:
+    # AgentstreamWorkerNotReady compares agentstream_ready_component with the value the
+    # worker exports for "down", the status that makes /ready answer 503
     expr = alerts()["AgentstreamWorkerNotReady"]["expr"]
-    m = re.fullmatch(r"agentstream_consumer_lag > (\d+)", expr.strip())
+    m = re.fullmatch(r"agentstream_ready_component == (\d+)", expr.strip())
     assert m, expr
-    assert int(m.group(1)) == Settings.model_fields["ready_max_lag"].default
+    assert int(m.group(1)) == RANK["down"]
+    # and only "down" makes a worker unready: a degraded component must not fire it
+    for status in RANK:
+        unready = overall([Component("x", status)]) == "down"
+        assert unready == (RANK[status] == int(m.group(1))), status
 
 
 def test_decision_latency_threshold_is_a_bucket_bound() -> None:
     # histogram_quantile interpolates inside a bucket: only at a bucket's bound does
     # "p99 above the threshold" mean exactly "more than 1 % of decisions took longer"
-    from agentstream.streams.observability import DECISION_SECONDS
-
     expr = " ".join(alerts()["AgentstreamDecisionLatencyHigh"]["expr"].split())
     m = re.fullmatch(
         r"histogram_quantile\(0\.99, sum without \(verdict\) "

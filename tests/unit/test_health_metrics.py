@@ -1,5 +1,6 @@
 """What agents.health exports to Prometheus, without a broker: the consumer-lag gauge
-holds only the partitions the worker holds now."""
+holds only the partitions the worker holds now, and every evaluation of /ready's
+components sets the readiness gauge."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from aiokafka import TopicPartition as TP
 from prometheus_client import REGISTRY
 
 import agentstream.agents.health.views as views
-from agentstream.streams.observability import CONSUMER_LAG
+from agentstream.agents.health.status import Component, HealthTracker
+from agentstream.streams.observability import CONSUMER_LAG, READY_COMPONENT
 
 TOPICS = ("test.lag.a", "test.lag.b")
 
@@ -82,3 +84,52 @@ def test_lag_series_are_the_partitions_held_now(consumer: Consumer) -> None:
     consumer.assigned = None
     assert views.consumer_lags() == {}
     assert lag("test.lag.a", 1) is None
+
+
+def ready(component: str) -> float | None:
+    return REGISTRY.get_sample_value("agentstream_ready_component", {"component": component})
+
+
+@pytest.fixture
+def evaluated(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Component]]:
+    """The components evaluate() finds (set by the test), without a broker or Faust: the
+    health changes it would publish are collected instead."""
+    found: list[Component] = []
+
+    async def components() -> list[Component]:
+        return list(found)
+
+    async def emit(topic: str, event: object) -> None:
+        return None
+
+    monkeypatch.setattr(views, "components", components)
+    monkeypatch.setattr(views, "emit", emit)
+    monkeypatch.setattr(views, "tracker", HealthTracker("test-worker"))
+    monkeypatch.setattr(views, "_ready_series", set(), raising=False)
+    yield found
+    for name in ("test.broker", "test.tables", "test.provider"):
+        with contextlib.suppress(KeyError):
+            READY_COMPONENT.remove(name)
+
+
+async def test_each_evaluation_sets_the_readiness_gauge(evaluated: list[Component]) -> None:
+    evaluated += [
+        Component("test.broker", "ok", "reachable"),
+        Component("test.tables", "down", "rebalancing"),
+        Component("test.provider", "degraded", "slow"),
+    ]
+    status, _ = await views.evaluate()
+    assert status == "down"
+    # the values the alert rules compare with: 2 is what makes /ready answer 503
+    assert (ready("test.broker"), ready("test.provider"), ready("test.tables")) == (0, 1, 2)
+
+    # the next evaluation (the timer's, or a /ready request) overwrites them; a component
+    # no longer evaluated loses its series rather than keep saying "down"
+    evaluated[:] = [
+        Component("test.broker", "down", "refused"),
+        Component("test.tables", "ok", "3 table(s) recovered"),
+    ]
+    status, _ = await views.evaluate()
+    assert status == "down"
+    assert (ready("test.broker"), ready("test.tables")) == (2, 0)
+    assert ready("test.provider") is None
