@@ -106,3 +106,16 @@ def test_provisioning_matches_compose_mounts() -> None:
     dash = json.loads(DASHBOARD.read_text())
     for panel in dash["panels"]:
         assert panel["datasource"]["uid"] == ds["uid"], panel["title"]
+
+
+def test_monitoring_docs_name_every_metric() -> None:
+    # the `GET /metrics` item of docs/monitoring.md lists what it exports, with the common
+    # prefix left off after the first names ("`agentstream_events_in_total`, `_events_out_total`")
+    doc = (REPO / "docs" / "monitoring.md").read_text(encoding="utf-8")
+    start = doc.index("- `GET /metrics`")
+    listed = doc[start : doc.index("\n\n", start)]
+    for obj in vars(observability).values():
+        if isinstance(obj, MetricWrapperBase):
+            name = obj._name + ("_total" if obj._type == "counter" else "")
+            short = name.removeprefix("agentstream")
+            assert f"`{name}" in listed or f"`{short}`" in listed, f"{name} is not listed"
