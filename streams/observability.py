@@ -23,6 +23,32 @@ DEAD_LETTERS = Counter(
 DECISIONS = Counter(
     "agentstream_security_decisions_total", "Policy decisions by verdict", ["verdict"]
 )
+# A decision is pure CPU work of ~50 µs (docs/security.md): the buckets resolve that range
+# finely and reach 1 s for pathological inputs. The threshold of AgentstreamDecisionLatencyHigh
+# (10 ms, infra/prometheus/alerts.yml) must stay a bound: its p99 comparison is then exact.
+# Labelled by verdict only (2 values): per-agent labels would grow with the agents.
+DECISION_SECONDS = Histogram(
+    "agentstream_security_decision_seconds",
+    "Time enforce_policy takes to evaluate one message against the policies, by verdict",
+    ["verdict"],
+    buckets=(
+        0.000025,
+        0.00005,
+        0.0001,
+        0.00025,
+        0.0005,
+        0.001,
+        0.0025,
+        0.005,
+        0.01,
+        0.025,
+        0.05,
+        0.1,
+        0.25,
+        0.5,
+        1.0,
+    ),
+)
 LLM_CALLS = Counter(
     "agentstream_llm_calls_total",
     "Final LLM responses by provider and status",
@@ -48,4 +74,9 @@ CONSUMER_LAG = Gauge(
     "agentstream_consumer_lag",
     "Records behind the end of each assigned partition",
     ["topic", "partition"],
+)
+READY_COMPONENT = Gauge(
+    "agentstream_ready_component",
+    "Status of each /ready component when last evaluated (0 ok, 1 degraded, 2 down)",
+    ["component"],
 )

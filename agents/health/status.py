@@ -8,7 +8,8 @@ from typing import Literal
 from agentstream.schemas.health import ComponentHealthChanged
 
 Status = Literal["ok", "degraded", "down"]
-_RANK = {"ok": 0, "degraded": 1, "down": 2}
+#: how bad each status is; also the value agentstream_ready_component exports for it
+RANK: dict[Status, int] = {"ok": 0, "degraded": 1, "down": 2}
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,7 +23,7 @@ def overall(components: list[Component]) -> Status:
     """The worst status; "ready" means nothing is down (degraded is visible, not fatal)."""
     worst: Status = "ok"
     for c in components:
-        if _RANK[c.status] > _RANK[worst]:
+        if RANK[c.status] > RANK[worst]:
             worst = c.status
     return worst
 

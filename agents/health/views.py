@@ -7,7 +7,8 @@ more than `ready_max_lag` records behind), plus every check registered in
 `streams.health.CHECKS` (LLM providers' `check_setup`, the heartbeat monitor's ``agents``
 — degraded while agents are down ...). A timer re-evaluates them every
 `heartbeat_interval_s` and publishes a `ComponentHealthChanged` on `pipeline.health` for
-every change, so degradation is recorded even when nobody polls /ready.
+every change, so degradation is recorded even when nobody polls /ready; every evaluation
+also sets the gauge ``agentstream_ready_component{component}`` (0 ok, 1 degraded, 2 down).
 """
 
 from __future__ import annotations
@@ -20,11 +21,11 @@ from typing import Any
 from faust.web import Request, Response, View
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from agentstream.agents.health.status import Component, HealthTracker, lag_status, overall
+from agentstream.agents.health.status import RANK, Component, HealthTracker, lag_status, overall
 from agentstream.schemas import Event
 from agentstream.streams.app import app, settings
 from agentstream.streams.health import CHECKS
-from agentstream.streams.observability import CONSUMER_LAG
+from agentstream.streams.observability import CONSUMER_LAG, READY_COMPONENT
 from agentstream.streams.processing import emit
 from agentstream.streams.topics import CATALOGUE, PIPELINE_HEALTH
 
@@ -58,15 +59,25 @@ def tables_component() -> Component:
     return Component("tables", "ok", f"{len(app.tables)} table(s) recovered")
 
 
+#: (topic, partition) label values of the consumer-lag series this worker exports
+_lag_series: set[tuple[str, str]] = set()
+
+
 def consumer_lags() -> dict[str, int]:
-    """Records behind per assigned catalogue partition ("topic:partition"); sets the gauge."""
+    """Records behind per assigned catalogue partition ("topic:partition"); sets the gauge.
+
+    The gauge keeps only these partitions: the series of one this worker no longer holds
+    (moved to another worker, which reports it) or whose end offset it does not know is
+    removed. Left behind, it would repeat its last value forever, and the lag alerts
+    would fire for a partition nobody is behind on."""
     out: dict[str, int] = {}
+    shown: set[tuple[str, str]] = set()
     consumer = app.consumer
     committed = getattr(consumer, "_committed_offset", {})
     try:
         assignment = consumer.assignment()
-    except Exception:  # consumer not started yet
-        return out
+    except Exception:  # consumer not started yet (or stopped): nothing assigned
+        assignment = set()
     for tp in assignment:
         if tp.topic not in _catalogue_topics:
             continue
@@ -79,7 +90,13 @@ def consumer_lags() -> dict[str, int]:
         done = committed.get(tp) or 0
         lag = max(0, int(high) - int(done))
         out[f"{tp.topic}:{tp.partition}"] = lag
-        CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(lag)
+        labels = (tp.topic, str(tp.partition))
+        CONSUMER_LAG.labels(*labels).set(lag)
+        shown.add(labels)
+    for gone in _lag_series - shown:
+        CONSUMER_LAG.remove(*gone)
+    _lag_series.clear()
+    _lag_series.update(shown)
     return out
 
 
@@ -104,8 +121,25 @@ async def components() -> list[Component]:
     return found
 
 
+#: component label values of the readiness series this worker exports
+_ready_series: set[str] = set()
+
+
+def export_readiness(found: list[Component]) -> None:
+    """Set agentstream_ready_component to each component's status as just evaluated;
+    a component no longer evaluated loses its series instead of keeping its last status."""
+    for c in found:
+        READY_COMPONENT.labels(c.name).set(RANK[c.status])
+    names = {c.name for c in found}
+    for gone in _ready_series - names:
+        READY_COMPONENT.remove(gone)
+    _ready_series.clear()
+    _ready_series.update(names)
+
+
 async def evaluate() -> tuple[str, list[Component]]:
     found = await components()
+    export_readiness(found)
     for c in found:
         change = tracker.observe(c)
         if change is not None:
@@ -119,6 +153,7 @@ async def evaluate() -> tuple[str, list[Component]]:
 
 @app.timer(settings.heartbeat_interval_s, name="evaluate_health")
 async def evaluate_health() -> None:
+    # also what keeps agentstream_ready_component current when nobody asks /ready
     await evaluate()
 
 

@@ -1,5 +1,6 @@
 """A worker fed valid events mixed with undecodable ones forwards every valid one,
-dead-letters every bad one with its original bytes and coordinates, and keeps running."""
+dead-letters every bad one with its original bytes and coordinates, and keeps running;
+its /metrics times every decision it made, and none of the dead letters."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 from agentstream.schemas import AgentMessage, DeadLetter, Event, encode
 from agentstream.streams.client import AsyncClient
 from agentstream.streams.settings import Settings
-from tests.support import Worker, read_topic
+from tests.support import Worker, await_until, read_topic, web_client
 
 pytestmark = pytest.mark.integration
 
@@ -36,7 +37,7 @@ async def test_valid_forwarded_and_bad_dead_lettered(
     settings = Settings.from_env(settings_env)
     env = {
         **settings_env,
-        "AGENTSTREAM_AGENTS": "security",
+        "AGENTSTREAM_AGENTS": "security,health",  # health serves /metrics
         "AGENTSTREAM_SECURITY_ENABLED": "false",
         "AGENTSTREAM_MAX_EVENT_BYTES": "100000",
     }
@@ -74,6 +75,18 @@ async def test_valid_forwarded_and_bad_dead_lettered(
         assert worker.alive(), worker.tail()
         got = {str(ev.event_id) for _, ev in accepted if ev is not None}
         assert got == sent_ids
+        # one observation per decided message: the 1000 valid ones, allowed (security is
+        # off), none of the undecodable ones. Observed right after a batch is sent, so
+        # possibly a moment after its records can be read.
+        async with web_client(env) as http:
+
+            async def timed() -> str:
+                prom = (await http.get("/metrics")).text
+                done = 'agentstream_security_decision_seconds_count{verdict="allow"} 1000.0'
+                return prom if done in prom else ""
+
+            prom = await await_until(timed, 10, 0.2, "1000 decisions timed on /metrics")
+        assert 'agentstream_security_decision_seconds_count{verdict="deny"} 0.0' in prom
 
         letters = await read_topic(
             settings.bootstrap, settings.topic("pipeline.deadletter"), expect=50, timeout=30

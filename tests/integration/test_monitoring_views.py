@@ -124,6 +124,15 @@ async def test_metrics_comms_system_and_health_views(
         assert 'series="cpu.load"} -1.0' in prom
         assert "agentstream_events_in_total" in prom
 
+        # nobody has asked /ready yet: the health timer alone exports its components
+        async def readiness() -> str:
+            text = (await http.get("/metrics")).text
+            return text if 'agentstream_ready_component{component="tables"} 0.0' in text else ""
+
+        prom = await await_until(readiness, 30, 0.5, "readiness on /metrics")
+        assert 'agentstream_ready_component{component="broker"} 0.0' in prom
+        assert 'agentstream_ready_component{component="consumer_lag"} 0.0' in prom
+
         letters = await read_topic(
             settings.bootstrap, settings.topic("pipeline.deadletter"), expect=1
         )

@@ -1,6 +1,7 @@
 """The Grafana dashboard and the Prometheus config match the code: every metric a panel
-queries is one the pipeline exports, with the labels the panel groups by, and the
-provisioning files are where docker-compose.kafka.yml mounts them."""
+queries is one the pipeline exports, with the labels the panel groups by, or Prometheus's
+`up` of the workers' scrape job; and the provisioning files are where
+docker-compose.kafka.yml mounts them."""
 
 from __future__ import annotations
 
@@ -15,6 +16,9 @@ import agentstream.streams.observability as observability
 
 REPO = Path(__file__).resolve().parents[2]
 DASHBOARD = REPO / "infra" / "grafana" / "dashboards" / "agentstream.json"
+#: the one series a panel may query that no worker exports: whether Prometheus reaches
+#: each worker, written by Prometheus for the scrape job of prometheus.yml
+WORKERS_UP = 'up{job="agentstream"}'
 SUFFIXES = {
     "counter": ("_total", "_created"),
     "gauge": ("",),
@@ -43,8 +47,15 @@ def test_every_panel_queries_exported_metrics_and_labels() -> None:
         assert panel["targets"], panel["title"]
         for target in panel["targets"]:
             expr = target["expr"]
+            if WORKERS_UP in expr:
+                seen.add(WORKERS_UP)
+            # any other `up` (another job's, or every job's) is not the workers'; label
+            # values such as state="up" are no series
+            rest = expr.replace(WORKERS_UP, "")
+            unquoted = re.sub(r'"(?:[^"\\]|\\.)*"', '""', rest)
+            assert not re.search(r"(?<![\w.])up\b", unquoted), f"{panel['title']}: {expr}"
             names = set(re.findall(r"\bagentstream_[a-z0-9_]+", expr))
-            assert names, f"{panel['title']}: no agentstream metric in {expr}"
+            assert names or rest != expr, f"{panel['title']}: no agentstream metric in {expr}"
             for name in names:
                 assert name in metrics, f"{panel['title']}: {name} is not exported"
             grouped = {
@@ -67,6 +78,7 @@ def test_every_panel_queries_exported_metrics_and_labels() -> None:
         "agentstream_breaker_state",
         "agentstream_agents",
         "agentstream_consumer_lag",
+        WORKERS_UP,
     ):
         assert must in seen, must
 
@@ -83,6 +95,7 @@ def test_provisioning_matches_compose_mounts() -> None:
     prom = yaml.safe_load(mounts["/etc/prometheus/prometheus.yml"].read_text())
     job = prom["scrape_configs"][0]
     assert job["metrics_path"] == "/metrics"
+    assert f'up{{job="{job["job_name"]}"}}' == WORKERS_UP  # what the panel selects
     assert job["static_configs"][0]["targets"]
     prov = mounts["/etc/grafana/provisioning"]
     ds = yaml.safe_load((prov / "datasources" / "prometheus.yml").read_text())["datasources"][0]
@@ -93,3 +106,16 @@ def test_provisioning_matches_compose_mounts() -> None:
     dash = json.loads(DASHBOARD.read_text())
     for panel in dash["panels"]:
         assert panel["datasource"]["uid"] == ds["uid"], panel["title"]
+
+
+def test_monitoring_docs_name_every_metric() -> None:
+    # the `GET /metrics` item of docs/monitoring.md lists what it exports, with the common
+    # prefix left off after the first names ("`agentstream_events_in_total`, `_events_out_total`")
+    doc = (REPO / "docs" / "monitoring.md").read_text(encoding="utf-8")
+    start = doc.index("- `GET /metrics`")
+    listed = doc[start : doc.index("\n\n", start)]
+    for obj in vars(observability).values():
+        if isinstance(obj, MetricWrapperBase):
+            name = obj._name + ("_total" if obj._type == "counter" else "")
+            short = name.removeprefix("agentstream")
+            assert f"`{name}" in listed or f"`{short}`" in listed, f"{name} is not listed"
