@@ -51,8 +51,9 @@ def discover() -> dict[str, ModuleType]:
 
 
 def ratios(results: dict[str, float | str]) -> dict[str, float]:
-    """`<x>_vs_naive` for every measured `<x>_eps`, `pipeline_vs_ceiling`, and the
-    `PEER_RATIOS` whose two rates were both measured (in this run)."""
+    """`<x>_vs_naive` for every measured `<x>_eps`, `pipeline_vs_ceiling`, the
+    `PEER_RATIOS` whose two rates were both measured (in this run), and the soak's
+    `rss_growth`."""
     rates = {k: v for k, v in results.items() if k.endswith("_eps") and isinstance(v, int | float)}
     out: dict[str, float] = {}
     naive = rates.get("naive_faust_eps")
@@ -66,6 +67,10 @@ def ratios(results: dict[str, float | str]) -> dict[str, float]:
     for key, (ours, peer) in PEER_RATIOS.items():
         if rates.get(ours) and rates.get(peer):
             out[key] = round(rates[ours] / rates[peer], 3)
+    start, end = results.get("rss_start_mb"), results.get("rss_end_mb")
+    if isinstance(start, int | float) and isinstance(end, int | float) and start > 0:
+        # the soak stage's memory goal: within ±10 % over the run
+        out["rss_growth"] = round(end / start, 3)
     return out
 
 

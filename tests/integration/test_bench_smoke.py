@@ -67,7 +67,7 @@ async def test_core_stage_prints_json_last(
             "--partitions",
             "2",
             "--stages",
-            "core,peers",
+            "core,peers,soak",
             "--out",
             str(out_file),
         ],
@@ -75,7 +75,7 @@ async def test_core_stage_prints_json_last(
         env=env,
         capture_output=True,
         text=True,
-        timeout=180,
+        timeout=240,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     last = proc.stdout.strip().splitlines()[-1]
@@ -91,6 +91,11 @@ async def test_core_stage_prints_json_last(
     )
     assert result["pipeline_vs_quix"] == pytest.approx(
         result["pipeline_eps"] / result["quix_eps"], rel=0.01
+    )
+    # the soak stage sampled the pipeline worker's memory
+    assert result["rss_start_mb"] > 20 and result["rss_end_mb"] > 20, result
+    assert result["rss_growth"] == pytest.approx(
+        result["rss_end_mb"] / result["rss_start_mb"], rel=0.01
     )
     assert json.loads(out_file.read_text()) == result
     assert "core: (c) pipeline" in proc.stderr  # progress goes to stderr, not stdout

@@ -123,3 +123,9 @@ def test_a_failing_stage_is_reported_in_the_json_not_a_crash() -> None:
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["core_error"].startswith("BrokerError")
     assert "pipeline_eps" not in result
+
+
+def test_soak_memory_growth_is_end_over_start_and_only_when_both_were_measured() -> None:
+    assert ratios({"rss_start_mb": 200.0, "rss_end_mb": 230.0})["rss_growth"] == 1.15
+    assert "rss_growth" not in ratios({"rss_start_mb": 200.0, "soak_error": "stalled"})
+    assert "rss_growth" not in ratios({"rss_start_mb": 0.0, "rss_end_mb": 10.0})
