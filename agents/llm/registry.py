@@ -41,6 +41,7 @@ from pydantic import ValidationError
 
 from agentstream.agents.llm.models import ModelCatalog, ModelsError
 from agentstream.agents.llm.providers._http import HTTPProvider
+from agentstream.agents.llm.providers.anthropic import AnthropicProvider
 from agentstream.agents.llm.providers.base import (
     LOCAL_MODEL,
     LLMProvider,
@@ -248,9 +249,11 @@ class LLMRegistry:
         if cfg.kind == "local":
             return LocalProvider(cfg)
         transport = self._transport_factory(cfg) if self._transport_factory else None
-        cls: type[HTTPProvider] = (
-            OllamaProvider if cfg.kind == "ollama" else OpenAICompatibleProvider
-        )
+        cls: type[HTTPProvider] = OpenAICompatibleProvider
+        if cfg.kind == "ollama":
+            cls = OllamaProvider
+        elif cfg.kind == "anthropic":
+            cls = AnthropicProvider
         return cls(
             cfg,
             secrets=self._secrets,
