@@ -8,6 +8,7 @@ Providers are declared in a YAML or JSON file (`AGENTSTREAM_LLM_PROVIDERS_FILE`)
                  deployment: gpt4o, api_version: "2024-06-01", requires_key: true}
       vllm:     {kind: vllm, base_url: "http://127.0.0.1:8000/v1"}
       ollama:   {kind: ollama, base_url: "http://127.0.0.1:11434"}
+      claude:   {kind: anthropic, base_url: "https://api.anthropic.com", requires_key: true}
 
 `local` (the deterministic offline provider) is always registered. Keys are never in
 the file: a provider with `requires_key: true` reads `llm.<name>.api_key` from the OS

@@ -593,3 +593,38 @@ def test_v2_requests_and_responses_read_as_v3() -> None:
         ev = events.decode(json.dumps(raw).encode())
         assert ev.schema_version == 3
     assert ev.payload.tool_calls == [] and ev.payload.finish_reason == ""
+
+
+def test_the_documented_tool_request_and_round_trip(tmp_path: Any) -> None:
+    """docs/llm.md's tool request (routed to the Anthropic provider of its providers
+    file), response fragment and messages sent back, as a user would copy them."""
+    import re
+    from pathlib import Path
+
+    from agentstream.agents.llm.models import route
+    from agentstream.streams.settings import Settings
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "llm.md").read_text()
+    files = doc[doc.index("### Providers file") :]
+    yaml_text = re.search(r"```yaml\n(.*?)```", files, re.S)
+    assert yaml_text is not None
+    (tmp_path / "p.yaml").write_text(yaml_text.group(1))
+    r = LLMRegistry.from_settings(Settings(llm_providers_file=tmp_path / "p.yaml"))
+    section = doc[doc.index("### Tool calling") :]
+    blocks = re.findall(r"```json\n(.*?)```", section, re.S)[:3]
+    request = LLMRequest.model_validate(json.loads(blocks[0]))
+    hops = route(
+        r.catalog,
+        model=request.config.model,
+        provider=request.provider,
+        fallback=[],
+        default_provider="local",
+    ).hops
+    assert [(h.provider, h.model) for h in hops] == [("anthropic", "claude-3-5-haiku-latest")]
+    response = json.loads("{" + blocks[1] + "}")
+    calls = [ToolCall.model_validate(c) for c in response["tool_calls"]]
+    assert calls[0].arguments_valid and response["finish_reason"] == "tool_calls"
+    messages = [ChatMessage.model_validate(m) for m in json.loads("[" + blocks[2] + "]")]
+    ctx = LLMContext(messages=[*request.context.messages, *messages])
+    body = anthropic_body("anthropic", ctx, request.config, "m", 10, True)
+    assert body["messages"][2]["content"][0]["tool_use_id"] == "toolu_01A"
