@@ -300,10 +300,10 @@ class AnthropicProvider(HTTPProvider):
         await self.pool()
         body = self.body(context, config, False)
         data = await self.post_json(self.url(config), body, self.auth_headers(), timeout_s)
+        if isinstance(data, dict) and data.get("type") == "error":
+            raise stream_error(self.name, data.get("error"))
         if not isinstance(data, dict) or not isinstance(data.get("content"), list):
             raise ProviderProtocolError(f"{self.name}: response has no content", provider=self.name)
-        if data.get("type") == "error":
-            raise stream_error(self.name, data.get("error"))
         text: list[str] = []
         acc = tools.ToolCallAccumulator(self.name)
         calls = 0
