@@ -5,16 +5,77 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import AwareDatetime, Field, model_validator
+from pydantic import AwareDatetime, Field, field_validator, model_validator
 
 from agentstream.schemas.base import MAX_ID_LENGTH, Payload
 from agentstream.schemas.messages import check_tree
 from agentstream.schemas.registry import registry
 
+#: a tool (function) name, as OpenAI and Anthropic accept it
+TOOL_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
+#: tools a request may declare, and tool calls one answer may carry (OpenAI's limit: 128)
+MAX_TOOLS = 128
+MAX_TOOL_CALLS = 128
+#: a tool's parameters schema: bounded like a response schema
+MAX_TOOL_SCHEMA_DEPTH = 32
+MAX_TOOL_SCHEMA_ITEMS = 10_000
+
+
+def _tool_name(name: str) -> str:
+    if not TOOL_NAME.fullmatch(name):
+        raise ValueError(f"tool name {name[:80]!r}: 1-64 letters, digits, _ or -")
+    return name
+
+
+class FunctionCall(Payload):
+    """What a model asked to call: a tool's name and its arguments, a JSON text as the
+    model wrote it (it may not parse)."""
+
+    name: str
+    arguments: str = ""
+
+    _name = field_validator("name")(_tool_name)
+
+
+class ToolCall(Payload):
+    """One complete tool call, in OpenAI's shape: a final response carries them, and an
+    assistant message sent back with the tools' results carries them again."""
+
+    id: str = Field(min_length=1, max_length=256)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+    #: do `function.arguments` parse as JSON (set on a response; ignored when sent back)
+    arguments_valid: bool | None = None
+
+
+class ToolCallDelta(Payload):
+    """A streamed piece of tool call number `index`: its first piece names `id` and
+    `name`, every piece may add a fragment of `arguments` (concatenated in order)."""
+
+    index: int = Field(ge=0, lt=MAX_TOOL_CALLS)
+    id: str = Field(default="", max_length=256)
+    name: str = Field(default="", max_length=64)
+    arguments: str = ""
+
 
 class ChatMessage(Payload):
+    """v3 of the request added `tool_calls` (assistant) and `tool_call_id` (tool): the
+    model's calls and a tool's result sent back."""
+
     role: Literal["system", "user", "assistant", "tool"]
-    content: str
+    content: str = ""
+    #: assistant: the tool calls the model made in this turn
+    tool_calls: list[ToolCall] | None = Field(default=None, max_length=MAX_TOOL_CALLS)
+    #: tool: the id of the call this message answers
+    tool_call_id: str | None = Field(default=None, min_length=1, max_length=256)
+
+    @model_validator(mode="after")
+    def _tool_fields_on_their_roles(self) -> ChatMessage:
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError(f"tool_calls on a {self.role} message (only assistant ones)")
+        if self.tool_call_id is not None and self.role != "tool":
+            raise ValueError(f"tool_call_id on a {self.role} message (only tool ones)")
+        return self
 
 
 class LLMContext(Payload):
@@ -65,6 +126,44 @@ class ResponseFormat(Payload):
         return self
 
 
+class FunctionSpec(Payload):
+    name: str
+    description: str | None = Field(default=None, max_length=16 * 1024)
+    #: the arguments' JSON Schema (an object schema)
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+    _name = field_validator("name")(_tool_name)
+
+    @field_validator("parameters")
+    @classmethod
+    def _bounded(cls, parameters: dict[str, Any] | None) -> dict[str, Any] | None:
+        if parameters is not None:
+            check_tree(parameters, max_depth=MAX_TOOL_SCHEMA_DEPTH, max_items=MAX_TOOL_SCHEMA_ITEMS)
+        return parameters
+
+
+class Tool(Payload):
+    """A tool the model may call, in OpenAI's function-tool shape."""
+
+    type: Literal["function"] = "function"
+    function: FunctionSpec
+
+
+class NamedFunction(Payload):
+    name: str
+
+
+class NamedToolChoice(Payload):
+    """`tool_choice` naming the one function the model must call."""
+
+    type: Literal["function"] = "function"
+    function: NamedFunction
+
+
+ToolChoice = Literal["auto", "none", "required"] | NamedToolChoice
+
+
 class LLMConfig(Payload):
     """The design's LLMConfig — without `api_key`: keys live in the OS keychain only."""
 
@@ -82,15 +181,32 @@ class LLMConfig(Payload):
     organization: str | None = Field(default=None, max_length=256)
     #: structured output: passed to providers that take it, the answer checked against it
     response_format: ResponseFormat | None = None
+    #: tools the model may call (OpenAI's function tools; each provider is sent its shape)
+    tools: list[Tool] | None = Field(default=None, max_length=MAX_TOOLS)
+    #: auto (the model decides), none, required (some tool), or one named function
+    tool_choice: ToolChoice | None = None
+
+    @model_validator(mode="after")
+    def _choice_among_tools(self) -> LLMConfig:
+        names = [t.function.name for t in self.tools or ()]
+        if len(set(names)) != len(names):
+            raise ValueError("tools: two tools have the same name")
+        choice = self.tool_choice
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise ValueError(f"tool_choice names {choice.function.name[:80]!r}, not a tool given")
+        if choice == "required" and not names:
+            raise ValueError("tool_choice required without tools")
+        return self
 
 
 @registry.register
 class LLMRequest(Payload):
     """v2: `config` and its `model` may be left out (the configured default model);
-    `config.response_format`."""
+    `config.response_format`. v3: `config.tools` / `tool_choice`, and messages carrying
+    tool calls and tool results."""
 
     TYPE = "llm.request"
-    VERSION = 2
+    VERSION = 3
     KEY_FIELD = "request_id"
 
     request_id: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
@@ -107,8 +223,10 @@ class LLMRequest(Payload):
 
 @registry.register
 class LLMStreamChunk(Payload):
+    """v2: `tool_calls`, the streamed pieces of tool calls, in the order they came."""
+
     TYPE = "llm.chunk"
-    VERSION = 1
+    VERSION = 2
     KEY_FIELD = "request_id"
 
     request_id: str = Field(max_length=MAX_ID_LENGTH)
@@ -116,6 +234,7 @@ class LLMStreamChunk(Payload):
     delta: str
     provider: str = ""
     attempt: int = 1
+    tool_calls: list[ToolCallDelta] = Field(default_factory=list)
 
 
 class Usage(Payload):
@@ -149,10 +268,10 @@ class ErrorInfo(Payload):
 @registry.register
 class LLMResponse(Payload):
     """v2: `alias`, `schema_valid` / `schema_error`, and attempts carry their `model` and
-    may be `skipped`."""
+    may be `skipped`. v3: `tool_calls` and `finish_reason`."""
 
     TYPE = "llm.response"
-    VERSION = 2
+    VERSION = 3
     KEY_FIELD = "request_id"
 
     request_id: str = Field(max_length=MAX_ID_LENGTH)
@@ -175,6 +294,10 @@ class LLMResponse(Payload):
     schema_valid: bool | None = None
     #: why not, when `schema_valid` is False (where in the answer, and what)
     schema_error: str = Field(default="", max_length=1000)
+    #: the complete tool calls of the answer, in index order
+    tool_calls: list[ToolCall] = Field(default_factory=list, max_length=MAX_TOOL_CALLS)
+    #: why the model stopped: stop, tool_calls, length, content_filter … ("" unknown)
+    finish_reason: str = Field(default="", max_length=64)
     metadata: dict[str, Any] = Field(default_factory=dict)
     prev_hash: str = ""
     hash: str = ""
@@ -216,4 +339,22 @@ def _llm_request_v1_to_v2(payload: dict[str, Any]) -> dict[str, Any]:
 @registry.upcaster(LLMResponse.TYPE, 1)
 def _llm_response_v1_to_v2(payload: dict[str, Any]) -> dict[str, Any]:
     """v1 had no alias, schema check nor skipped attempts; what it has means the same."""
+    return payload
+
+
+@registry.upcaster(LLMRequest.TYPE, 2)
+def _llm_request_v2_to_v3(payload: dict[str, Any]) -> dict[str, Any]:
+    """v2 had no tools; every v2 request is a valid v3 one as it is."""
+    return payload
+
+
+@registry.upcaster(LLMResponse.TYPE, 2)
+def _llm_response_v2_to_v3(payload: dict[str, Any]) -> dict[str, Any]:
+    """v2 had no tool calls nor finish reason (read as none and unknown)."""
+    return payload
+
+
+@registry.upcaster(LLMStreamChunk.TYPE, 1)
+def _llm_chunk_v1_to_v2(payload: dict[str, Any]) -> dict[str, Any]:
+    """v1 chunks carried text only."""
     return payload

@@ -15,7 +15,7 @@ PipelineError                         retriable: bool — retry logic reads only
     ├── ProviderTimeout                                                        retriable
     ├── ProviderConnectionError                                                retriable
     ├── ProviderRateLimited           429; carries retry_after_s               retriable
-    ├── ProviderServerError           5xx                                      retriable
+    ├── ProviderServerError           5xx; may carry retry_after_s             retriable
     ├── ProviderRequestError          other 4xx                                not retriable
     ├── ProviderProtocolError         malformed SSE / JSON from the provider   retriable
     ├── CircuitOpen                   breaker open, failing fast               not retriable
@@ -159,6 +159,11 @@ class ProviderRateLimited(ProviderError):
 
 class ProviderServerError(ProviderError):
     retriable = True
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None, **kw: Any) -> None:
+        super().__init__(message, **kw)
+        #: 503 / Anthropic's 529 (overloaded) may say when to come back, as 429 does
+        self.retry_after_s = retry_after_s
 
 
 class ProviderRequestError(ProviderError):

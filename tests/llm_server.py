@@ -1,4 +1,5 @@
-"""A real HTTP server on loopback speaking the OpenAI-compatible and Ollama chat protocols.
+"""A real HTTP server on loopback speaking the OpenAI-compatible, Ollama and Anthropic
+Messages chat protocols.
 
     with LLMServer() as srv:
         srv.script(Reply(kind="status", status=429, retry_after="1"), Reply())
@@ -26,7 +27,21 @@ from typing import Any, Literal
 
 from aiohttp import web
 
-Kind = Literal["ok", "status", "hang", "drop", "malformed", "no_done"]
+Kind = Literal["ok", "status", "hang", "drop", "malformed", "no_done", "error_event"]
+
+
+@dataclass
+class Call:
+    """A tool call the scripted model makes: its arguments are streamed in `fragments`
+    (joined, they are the arguments; Ollama and whole answers get them joined)."""
+
+    id: str
+    name: str
+    fragments: list[str]
+
+    @property
+    def arguments(self) -> str:
+        return "".join(self.fragments)
 
 
 @dataclass
@@ -42,6 +57,10 @@ class Reply:
     #: hang / drop: after this many streamed words
     after: int = 2
     body: str = '{"error": {"message": "scripted failure"}}'
+    #: tool calls after the words (OpenAI: their fragments interleaved across calls)
+    calls: list[Call] = field(default_factory=list)
+    #: Anthropic: the stop_reason (default: tool_use with calls, else end_turn)
+    stop_reason: str | None = None
 
 
 @dataclass
@@ -125,6 +144,7 @@ class LLMServer:
         app.router.add_post("/v1/chat/completions", self._openai)
         app.router.add_post("/openai/deployments/{deployment}/chat/completions", self._openai)
         app.router.add_post("/api/chat", self._ollama)
+        app.router.add_post("/v1/messages", self._anthropic)
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/api/tags", self._models)
         app.router.add_get("/search", self._search)
@@ -219,8 +239,25 @@ class LLMServer:
                 "choices": [
                     {
                         "index": 0,
-                        "finish_reason": "stop",
-                        "message": {"role": "assistant", "content": " ".join(reply.words)},
+                        "finish_reason": "tool_calls" if reply.calls else "stop",
+                        "message": {
+                            "role": "assistant",
+                            "content": " ".join(reply.words) or None,
+                            **(
+                                {
+                                    "tool_calls": [
+                                        {
+                                            "id": c.id,
+                                            "type": "function",
+                                            "function": {"name": c.name, "arguments": c.arguments},
+                                        }
+                                        for c in reply.calls
+                                    ]
+                                }
+                                if reply.calls
+                                else {}
+                            ),
+                        },
                     }
                 ],
             }
@@ -252,11 +289,26 @@ class LLMServer:
                 await resp.write(b"data: " + json.dumps(event).encode() + b"\n\n")
                 if reply.kind == "malformed" and i == 0:
                     await resp.write(b"data: {this is not json\n\n")
+            for piece in openai_tool_deltas(reply.calls):
+                event = {
+                    "id": "cmpl-1",
+                    "model": model,
+                    "choices": [
+                        {"index": 0, "delta": {"tool_calls": [piece]}, "finish_reason": None}
+                    ],
+                }
+                await resp.write(b"data: " + json.dumps(event).encode() + b"\n\n")
             await resp.write(b": keep-alive comment\n\n")
             final = {
                 "id": "cmpl-1",
                 "model": model,
-                "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+                "choices": [
+                    {
+                        "index": 0,
+                        "delta": {},
+                        "finish_reason": "tool_calls" if reply.calls else "stop",
+                    }
+                ],
             }
             await resp.write(b"data: " + json.dumps(final).encode() + b"\n\n")
             if reply.usage and ((body or {}).get("stream_options") or {}).get("include_usage"):
@@ -290,7 +342,11 @@ class LLMServer:
                     "model": model,
                     "done": True,
                     "done_reason": "stop",
-                    "message": {"role": "assistant", "content": " ".join(reply.words)},
+                    "message": {
+                        "role": "assistant",
+                        "content": " ".join(reply.words),
+                        **ollama_calls(reply.calls),
+                    },
                     **counts,
                 }
             )
@@ -318,6 +374,13 @@ class LLMServer:
                 await resp.write(json.dumps(line).encode() + b"\n")
                 if reply.kind == "malformed" and i == 0:
                     await resp.write(b"{not json\n")
+            for call in reply.calls:  # Ollama sends each call whole, a line each
+                line = {
+                    "model": model,
+                    "message": {"role": "assistant", "content": "", **ollama_calls([call])},
+                    "done": False,
+                }
+                await resp.write(json.dumps(line).encode() + b"\n")
             if reply.kind != "no_done":
                 last = {
                     "model": model,
@@ -334,6 +397,179 @@ class LLMServer:
                 self.aborted += 1
             raise
         return resp
+
+    async def _anthropic(self, request: web.Request) -> web.StreamResponse:
+        """Anthropic's Messages API: JSON, or SSE with named events as it sends them."""
+        body = await self._record(request)
+        reply = self._next()
+        if reply.kind == "status":
+            headers = {"retry-after": reply.retry_after} if reply.retry_after else {}
+            kind = "overloaded_error" if reply.status == 529 else "api_error"
+            err = {"type": "error", "error": {"type": kind, "message": "scripted failure"}}
+            return web.json_response(err, status=reply.status, headers=headers)
+        model = (body or {}).get("model") or "loop-model"
+        stop = reply.stop_reason or ("tool_use" if reply.calls else "end_turn")
+        usage_in = {"input_tokens": 11, "cache_read_input_tokens": 2}
+        if not (body or {}).get("stream"):
+            content: list[dict[str, Any]] = []
+            if reply.words:
+                content.append({"type": "text", "text": " ".join(reply.words)})
+            content += [
+                {"type": "tool_use", "id": c.id, "name": c.name, "input": json.loads(c.arguments)}
+                for c in reply.calls
+            ]
+            self.completed += 1
+            return web.json_response(
+                {
+                    "id": "msg_1",
+                    "type": "message",
+                    "role": "assistant",
+                    "model": model,
+                    "content": content,
+                    "stop_reason": stop,
+                    "usage": {**usage_in, "output_tokens": len(reply.words)},
+                }
+            )
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+
+        async def send(name: str, data: dict[str, Any]) -> None:
+            await resp.write(f"event: {name}\ndata: {json.dumps(data)}\n\n".encode())
+
+        try:
+            await send(
+                "message_start",
+                {
+                    "type": "message_start",
+                    "message": {
+                        "id": "msg_1",
+                        "type": "message",
+                        "role": "assistant",
+                        "model": model,
+                        "content": [],
+                        "stop_reason": None,
+                        "usage": {**usage_in, "output_tokens": 1},
+                    },
+                },
+            )
+            block = 0
+            if reply.words:
+                await send(
+                    "content_block_start",
+                    {
+                        "type": "content_block_start",
+                        "index": 0,
+                        "content_block": {"type": "text", "text": ""},
+                    },
+                )
+                await send("ping", {"type": "ping"})
+                for i, word in enumerate(reply.words):
+                    if reply.kind in ("hang", "drop", "error_event") and i == reply.after:
+                        if reply.kind == "hang":
+                            await self._hang(request)
+                            return resp
+                        if reply.kind == "error_event":
+                            await send(
+                                "error",
+                                {
+                                    "type": "error",
+                                    "error": {"type": "overloaded_error", "message": "Overloaded"},
+                                },
+                            )
+                            await resp.write_eof()
+                            return resp
+                        assert request.transport is not None
+                        request.transport.close()
+                        return resp
+                    if reply.chunk_delay_s or (i == 0 and reply.first_delay_s):
+                        await asyncio.sleep(
+                            reply.chunk_delay_s + (reply.first_delay_s if i == 0 else 0)
+                        )
+                    await send(
+                        "content_block_delta",
+                        {
+                            "type": "content_block_delta",
+                            "index": 0,
+                            "delta": {"type": "text_delta", "text": word if i == 0 else " " + word},
+                        },
+                    )
+                    if reply.kind == "malformed" and i == 0:
+                        await resp.write(b"event: content_block_delta\ndata: {not json\n\n")
+                await send("content_block_stop", {"type": "content_block_stop", "index": 0})
+                block = 1
+            # an event type this client does not know: Anthropic may add some, and they
+            # are to be ignored
+            await send("future_event", {"type": "future_event", "detail": {"x": 1}})
+            for call in reply.calls:
+                await send(
+                    "content_block_start",
+                    {
+                        "type": "content_block_start",
+                        "index": block,
+                        "content_block": {
+                            "type": "tool_use",
+                            "id": call.id,
+                            "name": call.name,
+                            "input": {},
+                        },
+                    },
+                )
+                for fragment in call.fragments:
+                    await send(
+                        "content_block_delta",
+                        {
+                            "type": "content_block_delta",
+                            "index": block,
+                            "delta": {"type": "input_json_delta", "partial_json": fragment},
+                        },
+                    )
+                await send("content_block_stop", {"type": "content_block_stop", "index": block})
+                block += 1
+            await send(
+                "message_delta",
+                {
+                    "type": "message_delta",
+                    "delta": {"stop_reason": stop, "stop_sequence": None},
+                    "usage": {"output_tokens": len(reply.words) + len(reply.calls)}
+                    if reply.usage
+                    else {},
+                },
+            )
+            if reply.kind != "no_done":
+                await send("message_stop", {"type": "message_stop"})
+            await resp.write_eof()
+            self.completed += 1
+        except (asyncio.CancelledError, ConnectionResetError):
+            with self._lock:
+                self.aborted += 1
+            raise
+        return resp
+
+
+def openai_tool_deltas(calls: list[Call]) -> list[dict[str, Any]]:
+    """OpenAI's streamed tool-call pieces: each call's first piece (index, id, name, empty
+    arguments), then the fragments round-robin across calls, so two parallel calls are
+    interleaved as OpenAI streams them."""
+    out: list[dict[str, Any]] = [
+        {"index": i, "id": c.id, "type": "function", "function": {"name": c.name, "arguments": ""}}
+        for i, c in enumerate(calls)
+    ]
+    longest = max((len(c.fragments) for c in calls), default=0)
+    for k in range(longest):
+        for i, c in enumerate(calls):
+            if k < len(c.fragments):
+                out.append({"index": i, "function": {"arguments": c.fragments[k]}})
+    return out
+
+
+def ollama_calls(calls: list[Call]) -> dict[str, Any]:
+    if not calls:
+        return {}
+    return {
+        "tool_calls": [
+            {"function": {"name": c.name, "arguments": json.loads(c.arguments)}} for c in calls
+        ]
+    }
 
 
 def main() -> None:

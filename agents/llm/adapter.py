@@ -90,7 +90,11 @@ class WebSearchService:
 
 
 def message_tokens(m: ChatMessage) -> int:
-    return estimate_tokens(m.content) + MESSAGE_OVERHEAD
+    calls = sum(
+        estimate_tokens(c.function.name) + estimate_tokens(c.function.arguments)
+        for c in m.tool_calls or ()
+    )
+    return estimate_tokens(m.content) + calls + MESSAGE_OVERHEAD
 
 
 def context_tokens(context: LLMContext) -> int:
@@ -117,7 +121,16 @@ def trim_to_budget(context: LLMContext, budget: int) -> LLMContext:
             i += 1
         if i >= len(messages) - 1:
             break
-        messages.pop(i)
+        dropped = messages.pop(i)
+        # a tool's result without the call it answers is refused by providers (Anthropic):
+        # the results of a dropped turn's calls go with it (unless one is the last message)
+        ids = {c.id for c in dropped.tool_calls or ()}
+        if ids:
+            messages = [
+                m
+                for k, m in enumerate(messages)
+                if m.tool_call_id not in ids or k == len(messages) - 1
+            ]
     ctx = context.model_copy(update={"messages": messages})
     excess = context_tokens(ctx) - budget
     if excess > 0:

@@ -28,12 +28,13 @@ from uuid import uuid4
 
 import orjson
 
-from agentstream.schemas.llm import LLMStreamChunk
+from agentstream.schemas.llm import LLMStreamChunk, ToolCallDelta
 
 log = logging.getLogger(__name__)
 
-#: (sequence, delta, provider, attempt) → the event is on its way to the producer
-Publish = Callable[[int, str, str, int], Awaitable[None]]
+#: (sequence, delta, provider, attempt, tool-call pieces) → the event is on its way to
+#: the producer
+Publish = Callable[[int, str, str, int, list[ToolCallDelta]], Awaitable[None]]
 
 _CHUNK_TYPE = LLMStreamChunk.TYPE
 _CHUNK_VERSION = LLMStreamChunk.VERSION
@@ -49,6 +50,7 @@ def chunk_record(
     source: str,
     correlation_id: str,
     causation_id: str,
+    tool_calls: list[ToolCallDelta] | None = None,
 ) -> bytes:
     """Wire bytes of an `llm.chunk` event caused by the request event `causation_id`."""
     return orjson.dumps(
@@ -66,6 +68,10 @@ def chunk_record(
                 "delta": delta,
                 "provider": provider,
                 "attempt": attempt,
+                "tool_calls": [
+                    {"index": t.index, "id": t.id, "name": t.name, "arguments": t.arguments}
+                    for t in tool_calls or ()
+                ],
             },
         },
         option=orjson.OPT_UTC_Z,
@@ -93,6 +99,7 @@ class ChunkCoalescer:
         #: events published so far (= the next sequence number)
         self.published = 0
         self._parts: list[str] = []
+        self._tools: list[ToolCallDelta] = []
         self._provider = ""
         self._attempt = 0
         self._last_sent = -math.inf
@@ -105,10 +112,18 @@ class ChunkCoalescer:
         """Deltas waiting to be sent."""
         return len(self._parts)
 
-    async def add(self, delta: str, provider: str, attempt: int) -> None:
+    async def add(
+        self,
+        delta: str,
+        provider: str,
+        attempt: int,
+        tool_calls: list[ToolCallDelta] | None = None,
+    ) -> None:
         if self._parts and (provider != self._provider or attempt != self._attempt):
             await self.flush()  # one event never mixes attempts
         self._parts.append(delta)
+        if tool_calls:
+            self._merge(tool_calls)
         self._provider, self._attempt = provider, attempt
         wait = self._last_sent + self.window_s - self._clock()
         if wait <= 0:
@@ -125,11 +140,29 @@ class ChunkCoalescer:
             if not self._parts:
                 return
             parts, self._parts = self._parts, []
+            tools, self._tools = self._tools, []
             sequence = self.published
             self.published += 1
             self._last_sent = self._clock()
             delta = parts[0] if len(parts) == 1 else "".join(parts)
-            await self._publish(sequence, delta, self._provider, self._attempt)
+            await self._publish(sequence, delta, self._provider, self._attempt, tools)
+
+    def _merge(self, pieces: list[ToolCallDelta]) -> None:
+        """Append tool-call pieces; a fragment continuing the call of the piece before it
+        joins it (the concatenated arguments per call are unchanged), so a burst of
+        argument fragments is one piece, not one per provider event."""
+        tools = self._tools
+        for piece in pieces:
+            last = tools[-1] if tools else None
+            if last is not None and last.index == piece.index and not piece.id and not piece.name:
+                tools[-1] = ToolCallDelta.model_construct(
+                    index=last.index,
+                    id=last.id,
+                    name=last.name,
+                    arguments=last.arguments + piece.arguments,
+                )
+            else:
+                tools.append(piece)
 
     def discard(self) -> None:
         """The call ends without a response (worker stopping, partition revoked)."""
@@ -139,6 +172,7 @@ class ChunkCoalescer:
         if self._timed is not None:
             self._timed.cancel()
         self._parts.clear()
+        self._tools.clear()
 
     def _on_timer(self) -> None:
         self._timer = None

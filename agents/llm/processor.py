@@ -28,18 +28,28 @@ from agentstream.agents.llm.models import Route, route
 from agentstream.agents.llm.providers.base import LLMProvider, estimate_tokens, estimate_usage
 from agentstream.agents.llm.registry import LLMRegistry
 from agentstream.agents.llm.structured import InvalidResponseFormat
-from agentstream.schemas.llm import AttemptRecord, ErrorInfo, LLMConfig, LLMRequest, Usage
+from agentstream.agents.llm.tools import ToolCallAccumulator
+from agentstream.schemas.llm import (
+    AttemptRecord,
+    ErrorInfo,
+    LLMConfig,
+    LLMRequest,
+    ToolCall,
+    ToolCallDelta,
+    Usage,
+)
 from agentstream.streams.errors import (
     CircuitOpen,
     ProviderError,
-    ProviderRateLimited,
     ProviderRequestError,
     ProviderTimeout,
 )
 from agentstream.streams.resilience import CircuitBreaker, RetryPolicy, Transition
+from agentstream.streams.resilience.retry import retry_after_of
 
-#: (delta, provider, attempt) → published as an llm.chunk
-ChunkSink = Callable[[str, str, int], Awaitable[None]]
+#: (delta, provider, attempt) → published as an llm.chunk; pieces of tool calls come
+#: as the keyword argument `tool_calls` (only when there are some)
+ChunkSink = Callable[..., Awaitable[None]]
 Status = Literal["completed", "cancelled", "failed"]
 
 
@@ -59,6 +69,9 @@ class Outcome:
     #: completed with a response_format to check: did the content satisfy it
     schema_valid: bool | None = None
     schema_error: str = ""
+    #: completed: the answer's complete tool calls
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    finish_reason: str = ""
 
 
 @dataclass
@@ -68,6 +81,9 @@ class _Partial:
     parts: list[str] = field(default_factory=list)
     usage: Usage | None = None
     model: str = ""
+    tools: ToolCallAccumulator = field(default_factory=ToolCallAccumulator)
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    finish_reason: str = ""
 
     @property
     def content(self) -> str:
@@ -182,11 +198,16 @@ class AgentProcessor:
         chunks = 0
         plan = self.route(request)
 
-        async def sink(delta: str, provider: str, attempt: int) -> None:
+        async def sink(
+            delta: str, provider: str, attempt: int, tool_calls: list[ToolCallDelta] | None = None
+        ) -> None:
             nonlocal chunks
             chunks += 1
             if on_chunk is not None:
-                await on_chunk(delta, provider, attempt)
+                if tool_calls:
+                    await on_chunk(delta, provider, attempt, tool_calls=tool_calls)
+                else:
+                    await on_chunk(delta, provider, attempt)
 
         def done(status: Status, **kw: object) -> Outcome:
             return Outcome(
@@ -248,7 +269,7 @@ class AgentProcessor:
                     )
                     break
                 number = len(attempts) + 1
-                partial = _Partial()
+                partial = _Partial(tools=ToolCallAccumulator(name))
                 t0 = time.perf_counter()
                 try:
                     await _race(self._attempt(name, request, config, number, partial, sink), cancel)
@@ -274,9 +295,7 @@ class AgentProcessor:
                     )
                 except Exception as exc:
                     last_error = exc
-                    retry_after = (
-                        exc.retry_after_s if isinstance(exc, ProviderRateLimited) else None
-                    )
+                    retry_after = retry_after_of(exc)
                     attempts.append(
                         AttemptRecord(
                             provider=name,
@@ -328,6 +347,8 @@ class AgentProcessor:
                     model=partial.model or model,
                     schema_valid=verdict.valid if verdict else None,
                     schema_error=verdict.error if verdict else "",
+                    tool_calls=partial.tool_calls,
+                    finish_reason=partial.finish_reason,
                 )
         err = last_error or CircuitOpen("no provider available")
         # the provider that was last asked (skipped ones were not): usage counts the
@@ -356,6 +377,8 @@ class AgentProcessor:
             partial.parts.append(result.content)
             partial.usage = result.usage
             partial.model = result.model
+            partial.tool_calls = result.tool_calls
+            partial.finish_reason = result.finish_reason or ""
             return
         await self.call_with_streaming(provider, request, number, partial, sink, timeout, config)
 
@@ -375,9 +398,20 @@ class AgentProcessor:
                 partial.model = chunk.model
             if chunk.usage is not None:
                 partial.usage = chunk.usage
-            if chunk.delta:
+            if chunk.finish_reason:
+                partial.finish_reason = chunk.finish_reason
+            if chunk.tool_calls:
+                for piece in chunk.tool_calls:
+                    partial.tools.add(piece)
+                if chunk.delta:
+                    partial.parts.append(chunk.delta)
+                await sink(chunk.delta, provider.name, number, chunk.tool_calls)
+            elif chunk.delta:
                 partial.parts.append(chunk.delta)
                 await sink(chunk.delta, provider.name, number)
+        # inside the attempt: a call that cannot be completed (no name) fails it, and
+        # the retry policy decides as for any malformed stream
+        partial.tool_calls = partial.tools.finish()
 
 
 def _ms(t0: float) -> float:

@@ -8,6 +8,7 @@ Providers are declared in a YAML or JSON file (`AGENTSTREAM_LLM_PROVIDERS_FILE`)
                  deployment: gpt4o, api_version: "2024-06-01", requires_key: true}
       vllm:     {kind: vllm, base_url: "http://127.0.0.1:8000/v1"}
       ollama:   {kind: ollama, base_url: "http://127.0.0.1:11434"}
+      claude:   {kind: anthropic, base_url: "https://api.anthropic.com", requires_key: true}
 
 `local` (the deterministic offline provider) is always registered. Keys are never in
 the file: a provider with `requires_key: true` reads `llm.<name>.api_key` from the OS
@@ -41,6 +42,7 @@ from pydantic import ValidationError
 
 from agentstream.agents.llm.models import ModelCatalog, ModelsError
 from agentstream.agents.llm.providers._http import HTTPProvider
+from agentstream.agents.llm.providers.anthropic import AnthropicProvider
 from agentstream.agents.llm.providers.base import (
     LOCAL_MODEL,
     LLMProvider,
@@ -248,9 +250,11 @@ class LLMRegistry:
         if cfg.kind == "local":
             return LocalProvider(cfg)
         transport = self._transport_factory(cfg) if self._transport_factory else None
-        cls: type[HTTPProvider] = (
-            OllamaProvider if cfg.kind == "ollama" else OpenAICompatibleProvider
-        )
+        cls: type[HTTPProvider] = OpenAICompatibleProvider
+        if cfg.kind == "ollama":
+            cls = OllamaProvider
+        elif cfg.kind == "anthropic":
+            cls = AnthropicProvider
         return cls(
             cfg,
             secrets=self._secrets,

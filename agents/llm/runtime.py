@@ -21,6 +21,7 @@ from agentstream.schemas.llm import (
     BreakerStateChanged,
     LLMRequest,
     LLMResponse,
+    ToolCallDelta,
     Usage,
 )
 from agentstream.streams.app import app, settings
@@ -153,7 +154,13 @@ class CallRuntime:
         producer = await _producer()
         chunks_out = _chunks_out()
 
-        async def publish(sequence: int, delta: str, provider: str, attempt: int) -> None:
+        async def publish(
+            sequence: int,
+            delta: str,
+            provider: str,
+            attempt: int,
+            tool_calls: list[ToolCallDelta],
+        ) -> None:
             # straight to the producer Faust's Topic.send would use (so flush-before-
             # commit covers it), without Topic.send's per-message overhead: a chunk is
             # the hottest path of this stage
@@ -166,6 +173,7 @@ class CallRuntime:
                 source=source,
                 correlation_id=correlation,
                 causation_id=causation,
+                tool_calls=tool_calls,
             )
             fut = await producer.send(chunk_topic, key, value, partition, None, None)
             watch_delivery(fut, LLM_CHUNKS)
@@ -211,6 +219,8 @@ class CallRuntime:
             alias=outcome.alias,
             schema_valid=outcome.schema_valid,
             schema_error=outcome.schema_error,
+            tool_calls=outcome.tool_calls,
+            finish_reason=outcome.finish_reason,
             attempts=outcome.attempts,
             latency_ms=outcome.latency_ms,
             chunks=outcome.chunks,

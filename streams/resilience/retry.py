@@ -3,8 +3,9 @@
 The strategy follows the error type, read through `PipelineError.retriable` and the
 provider error classes:
 
-* 429 rate limited: wait what `Retry-After` says (if it is longer than `max_delay_s`, give
-  up on this provider instead of stalling the request); without the header, back off.
+* 429 rate limited, and 5xx with a `Retry-After` (503, Anthropic's 529 overloaded): wait
+  what it says (if it is longer than `max_delay_s`, give up on this provider instead of
+  stalling the request); without the header, back off.
 * 5xx, connection errors, malformed streams: exponential backoff with jitter.
 * timeouts: backoff too, but at most `max_timeout_retries` times (a hung provider eats
   the whole per-attempt timeout every time).
@@ -17,7 +18,14 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from agentstream.streams.errors import ProviderRateLimited, ProviderTimeout
+from agentstream.streams.errors import ProviderRateLimited, ProviderServerError, ProviderTimeout
+
+
+def retry_after_of(exc: BaseException) -> float | None:
+    """The wait a provider asked for: a 429's Retry-After, or a 503's / 529's."""
+    if isinstance(exc, ProviderRateLimited | ProviderServerError):
+        return exc.retry_after_s
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,13 +57,14 @@ class RetryPolicy:
             return RetryDecision(False, reason=f"{kind} is not retriable")
         if attempt >= self.max_attempts:
             return RetryDecision(False, reason=f"{attempt} of {self.max_attempts} attempts used")
-        if isinstance(exc, ProviderRateLimited) and exc.retry_after_s is not None:
-            if exc.retry_after_s > self.max_delay_s:
+        retry_after = retry_after_of(exc)
+        if retry_after is not None:
+            if retry_after > self.max_delay_s:
                 return RetryDecision(
                     False,
-                    reason=f"Retry-After {exc.retry_after_s:g}s exceeds {self.max_delay_s:g}s",
+                    reason=f"Retry-After {retry_after:g}s exceeds {self.max_delay_s:g}s",
                 )
-            return RetryDecision(True, max(0.0, exc.retry_after_s), "retry-after")
+            return RetryDecision(True, max(0.0, retry_after), "retry-after")
         if isinstance(exc, ProviderTimeout) and timeouts_so_far > self.max_timeout_retries:
             return RetryDecision(False, reason=f"{timeouts_so_far} timeouts")
         return RetryDecision(True, self.backoff(attempt), kind)

@@ -199,6 +199,27 @@ MISTAKES = [
         {"AGENTSTREAM_LLM_PROVIDERS_FILE": "providers-default.yaml"},
     ),
     Mistake(
+        "llm-providers-kind-misspelt",
+        ("llm", "providers"),
+        (
+            "Error: providers file providers-kind.yaml: provider 'claude': kind: Input should "
+            "be 'openai', 'azure', 'vllm', 'llamacpp', 'lmstudio', 'ollama', 'anthropic' or "
+            "'local'",
+        ),
+        2,
+        {"AGENTSTREAM_LLM_PROVIDERS_FILE": "providers-kind.yaml"},
+    ),
+    Mistake(
+        "llm-providers-anthropic-max-tokens",
+        ("llm", "providers"),
+        (
+            "Error: providers file providers-max.yaml: provider 'claude': max_tokens: Input "
+            "should be greater than or equal to 1",
+        ),
+        2,
+        {"AGENTSTREAM_LLM_PROVIDERS_FILE": "providers-max.yaml"},
+    ),
+    Mistake(
         "missing-policy-file",
         ("policy", "apply", "--dry-run", "missing.yaml"),
         ("'missing.yaml' does not exist",),
@@ -374,6 +395,9 @@ def outcomes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any
     (work / "providers-default.yaml").write_text(
         f"aliases: [fast]\ndefault_alias: gpt-4o-mini\nproviders:\n  {openai % 'fast'}\n"
     )
+    claude = "claude: {kind: %s, base_url: 'https://api.anthropic.com', max_tokens: %d}"
+    (work / "providers-kind.yaml").write_text(f"providers:\n  {claude % ('antropic', 1024)}\n")
+    (work / "providers-max.yaml").write_text(f"providers:\n  {claude % ('anthropic', 0)}\n")
     port = closed_port()
     env = base_env(work, f"127.0.0.1:{port}")
 

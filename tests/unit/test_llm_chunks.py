@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 from agentstream.agents.llm.chunks import ChunkCoalescer, chunk_record
 from agentstream.schemas import Event, encode, registry
-from agentstream.schemas.llm import ChatMessage, LLMConfig, LLMContext, LLMRequest, LLMStreamChunk
+from agentstream.schemas.llm import (
+    ChatMessage,
+    LLMConfig,
+    LLMContext,
+    LLMRequest,
+    LLMStreamChunk,
+    ToolCallDelta,
+)
 
 
 class Clock:
@@ -18,12 +26,89 @@ class Clock:
 
 
 def recorder() -> tuple[list[tuple[int, str, str, int]], object]:
-    sent: list[tuple[int, str, str, int]] = []
-
-    async def publish(seq: int, delta: str, provider: str, attempt: int) -> None:
-        sent.append((seq, delta, provider, attempt))
-
+    sent, _tools, publish = recorder_with_tools()
     return sent, publish
+
+
+def recorder_with_tools() -> tuple[
+    list[tuple[int, str, str, int]], list[list[ToolCallDelta]], object
+]:
+    sent: list[tuple[int, str, str, int]] = []
+    tools: list[list[ToolCallDelta]] = []
+
+    async def publish(
+        seq: int, delta: str, provider: str, attempt: int, tool_calls: list[ToolCallDelta]
+    ) -> None:
+        sent.append((seq, delta, provider, attempt))
+        tools.append(tool_calls)
+
+    return sent, tools, publish
+
+
+def piece(index: int, args: str = "", id_: str = "", name: str = "") -> ToolCallDelta:
+    return ToolCallDelta(index=index, id=id_, name=name, arguments=args)
+
+
+async def test_tool_call_pieces_merged_per_call_in_order() -> None:
+    sent, tools, publish = recorder_with_tools()
+    clock = Clock()
+    c = ChunkCoalescer(publish, 0.005, clock=clock)  # type: ignore[arg-type]
+    await c.add("", "p", 1, [piece(0, "", "c0", "f")])  # first: at once
+    await c.add("", "p", 1, [piece(0, '{"a"')])
+    await c.add("", "p", 1, [piece(0, ": 1")])
+    await c.add("", "p", 1, [piece(1, "", "c1", "g"), piece(0, "}")])
+    await c.add("", "p", 1, [piece(1, "{}")])
+    await c.flush()
+    # only a fragment directly after a piece of the same call joins it: the order of
+    # pieces across calls is kept
+    assert tools[1] == [
+        piece(0, '{"a": 1'),
+        piece(1, "", "c1", "g"),
+        piece(0, "}"),
+        piece(1, "{}"),
+    ]
+    assert [s[0] for s in sent] == [0, 1]
+
+
+def test_chunk_record_with_tool_calls_equals_the_model_path() -> None:
+    pieces = [piece(0, '{"x', "call_1", "get_weather"), piece(1, "", "call_2", "g")]
+    raw = chunk_record(
+        request_id="r-1",
+        sequence=0,
+        delta="",
+        provider="p",
+        attempt=1,
+        source="s",
+        correlation_id="c",
+        causation_id="k",
+        tool_calls=pieces,
+    )
+    ev = registry.decode(raw)
+    assert ev.schema_version == 2 and ev.payload.tool_calls == pieces
+    model = Event.of(
+        LLMStreamChunk(request_id="r-1", sequence=0, delta="", provider="p", tool_calls=pieces),
+        source="s",
+    )
+    aligned = model.model_copy(
+        update={
+            "event_id": ev.event_id,
+            "occurred_at": ev.occurred_at,
+            "correlation_id": "c",
+            "causation_id": "k",
+        }
+    )
+    assert encode(aligned) == raw
+
+
+def test_v1_chunks_read_as_v2() -> None:
+    v1 = {
+        "type": "llm.chunk",
+        "schema_version": 1,
+        "source": "old",
+        "payload": {"request_id": "r", "sequence": 0, "delta": "hi", "provider": "p"},
+    }
+    ev = registry.decode(json.dumps(v1).encode())
+    assert ev.schema_version == 2 and ev.payload.delta == "hi" and ev.payload.tool_calls == []
 
 
 async def test_first_delta_at_once_then_merged_within_the_window() -> None:

@@ -349,7 +349,7 @@ def test_a_request_may_leave_out_its_model_and_its_config() -> None:
     )
     assert r.config.model is None
     back = registry.decode(encode(Event.of(r, source="t")))
-    assert back.schema_version == 2 and back.payload == r
+    assert back.schema_version == LLMRequest.VERSION and back.payload == r
 
 
 def test_version_1_requests_and_responses_still_decode() -> None:
@@ -365,7 +365,7 @@ def test_version_1_requests_and_responses_still_decode() -> None:
         },
     }
     ev = registry.from_dict(req_v1)
-    assert ev.schema_version == 2 and ev.payload.config.model == "gpt-4o-mini"
+    assert ev.schema_version == 3 and ev.payload.config.model == "gpt-4o-mini"
     resp_v1 = {
         "type": "llm.response",
         "schema_version": 1,

@@ -26,6 +26,16 @@ def test_rate_limit_honours_retry_after() -> None:
     assert d.retry and d.delay_s == 1.5
 
 
+def test_overloaded_server_retry_after_is_honoured_too() -> None:
+    """503 / Anthropic's 529 with Retry-After: the server said when; without, backoff."""
+    d = policy().decide(ProviderServerError("529", retry_after_s=0.7), attempt=1)
+    assert d.retry and d.delay_s == 0.7 and d.reason == "retry-after"
+    d = policy(max_delay_s=2.0).decide(ProviderServerError("x", retry_after_s=30), attempt=1)
+    assert not d.retry
+    d = policy(rng=1.0, base_delay_s=0.1).decide(ProviderServerError("x"), attempt=1)
+    assert d.retry and d.delay_s == pytest.approx(0.1)
+
+
 def test_rate_limit_longer_than_max_delay_gives_up() -> None:
     d = policy(max_delay_s=2.0).decide(ProviderRateLimited("x", retry_after_s=30), attempt=1)
     assert not d.retry and "Retry-After" in d.reason

@@ -85,7 +85,12 @@ def error_for_status(
     if status == 408:
         return ProviderTimeout(msg, provider=provider, status_code=status)
     if status >= 500:
-        return ProviderServerError(msg, provider=provider, status_code=status)
+        return ProviderServerError(
+            msg,
+            provider=provider,
+            status_code=status,
+            retry_after_s=parse_retry_after(headers.get("retry-after")),
+        )
     return ProviderRequestError(msg, provider=provider, status_code=status)
 
 

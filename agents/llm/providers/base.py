@@ -17,12 +17,12 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from agentstream.schemas.llm import LLMConfig, LLMContext, Usage
+from agentstream.schemas.llm import LLMConfig, LLMContext, ToolCall, ToolCallDelta, Usage
 
 #: fetches a secret by name (e.g. "llm.openai.api_key"); None when there is none
 SecretSource = Callable[[str], Awaitable[str | None]]
@@ -30,7 +30,9 @@ SecretSource = Callable[[str], Awaitable[str | None]]
 #: the built-in `local` provider's model when it is configured with none
 LOCAL_MODEL = "local-echo"
 
-ProviderKind = Literal["openai", "azure", "vllm", "llamacpp", "lmstudio", "ollama", "local"]
+ProviderKind = Literal[
+    "openai", "azure", "vllm", "llamacpp", "lmstudio", "ollama", "anthropic", "local"
+]
 
 
 class ProviderConfig(BaseModel):
@@ -64,6 +66,8 @@ class ProviderConfig(BaseModel):
     stream_usage: bool = True
     #: tokens the model accepts in total (prompt + completion): the adapter trims to it
     context_window: int = Field(default=8192, ge=256)
+    #: Anthropic: max_tokens for requests that give none (its API requires one; 4096)
+    max_tokens: int | None = Field(default=None, ge=1)
     headers: dict[str, str] = Field(default_factory=dict)
     #: local provider only: seconds between streamed words (demo visibility)
     word_delay_s: float = Field(default=0.0, ge=0)
@@ -97,12 +101,14 @@ class ProviderConfig(BaseModel):
 
 @dataclass(slots=True)
 class StreamChunk:
-    """One streamed piece: a text delta and/or the usage (which often comes last)."""
+    """One streamed piece: a text delta, pieces of tool calls, and/or the usage (which
+    often comes last)."""
 
     delta: str = ""
     usage: Usage | None = None
     finish_reason: str | None = None
     model: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 @dataclass(slots=True)
@@ -111,6 +117,7 @@ class LLMResult:
     usage: Usage | None
     model: str
     finish_reason: str | None = None
+    tool_calls: list[ToolCall] = field(default_factory=list)
 
 
 class LLMProvider(ABC):

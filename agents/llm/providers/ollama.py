@@ -11,8 +11,9 @@ from typing import Any
 
 import orjson
 
+from agentstream.agents.llm import tools
 from agentstream.agents.llm.providers._http import HTTPProvider, LineSplitter
-from agentstream.agents.llm.providers.base import LLMResult, StreamChunk, chat_messages
+from agentstream.agents.llm.providers.base import LLMResult, StreamChunk
 from agentstream.schemas.llm import LLMConfig, LLMContext, Usage
 from agentstream.streams.errors import ProviderProtocolError, ProviderServerError
 
@@ -58,7 +59,7 @@ class OllamaProvider(HTTPProvider):
         }
         body: dict[str, Any] = {
             "model": self.model_for(config),
-            "messages": chat_messages(context),
+            "messages": tools.ollama_messages(self.name, context),
             "stream": stream,
         }
         if options:
@@ -67,6 +68,10 @@ class OllamaProvider(HTTPProvider):
         if fmt is not None and fmt.type != "text":
             # Ollama's `format`: the JSON Schema itself, or "json" for any JSON
             body["format"] = fmt.json_schema["schema"] if fmt.json_schema else "json"
+        if config.tools and config.tool_choice != "none":
+            # Ollama has no tool_choice: `none` is honoured by sending no tools, the others
+            # leave the choice to the model
+            body["tools"] = [t.model_dump(exclude_none=True) for t in config.tools]
         return body
 
     async def generate(
@@ -80,11 +85,16 @@ class OllamaProvider(HTTPProvider):
             raise ProviderProtocolError(f"{self.name}: response has no message", provider=self.name)
         if "error" in data:
             raise ProviderServerError(f"{self.name}: {data['error']}", provider=self.name)
+        acc = tools.ToolCallAccumulator(self.name)
+        for piece in tools.ollama_deltas(self.name, data["message"].get("tool_calls") or [], 0):
+            acc.add(piece)
+        calls = acc.finish()
         return LLMResult(
             content=str(data["message"].get("content") or ""),
             usage=ollama_usage(data),
             model=str(data.get("model") or self.model_for(config)),
-            finish_reason=data.get("done_reason"),
+            finish_reason=_finish(data.get("done_reason"), bool(calls)),
+            tool_calls=calls,
         )
 
     async def stream(
@@ -96,16 +106,17 @@ class OllamaProvider(HTTPProvider):
         ) as resp:
             done = False
             splitter = LineSplitter()
+            calls = [0]  # tool calls so far: Ollama sends each whole, numbered here
             async for raw in resp.aiter_bytes():
                 for line in splitter.feed(raw):
                     if not done and line.strip():
-                        chunk, done = self._line(line)
+                        chunk, done = self._line(line, calls)
                         if chunk is not None:
                             yield chunk
                     # after done: read to the end, the connection is reused
             for line in splitter.end():
                 if not done and line.strip():
-                    chunk, done = self._line(line)
+                    chunk, done = self._line(line, calls)
                     if chunk is not None:
                         yield chunk
             if not done:
@@ -113,7 +124,7 @@ class OllamaProvider(HTTPProvider):
                     f"{self.name}: stream ended before done: true", provider=self.name
                 )
 
-    def _line(self, line: bytes) -> tuple[StreamChunk | None, bool]:
+    def _line(self, line: bytes, calls: list[int]) -> tuple[StreamChunk | None, bool]:
         """One NDJSON line → (chunk or None, done)."""
         try:
             obj = orjson.loads(line)
@@ -130,12 +141,26 @@ class OllamaProvider(HTTPProvider):
             raise ProviderServerError(f"{self.name}: {obj['error']}", provider=self.name)
         message = obj.get("message")
         delta = str(message.get("content") or "") if isinstance(message, dict) else ""
+        pieces = None
+        if isinstance(message, dict) and message.get("tool_calls"):
+            pieces = tools.ollama_deltas(self.name, message["tool_calls"], calls[0])
+            calls[0] += len(pieces)
         if obj.get("done"):
             chunk = StreamChunk(
                 delta=delta,
                 usage=ollama_usage(obj),
-                finish_reason=obj.get("done_reason") or "stop",
+                finish_reason=_finish(obj.get("done_reason"), calls[0] > 0),
                 model=obj.get("model"),
+                tool_calls=pieces,
             )
             return chunk, True
-        return (StreamChunk(delta=delta, model=obj.get("model")) if delta else None), False
+        if not delta and not pieces:
+            return None, False
+        return StreamChunk(delta=delta, model=obj.get("model"), tool_calls=pieces), False
+
+
+def _finish(done_reason: object, called: bool) -> str:
+    """Ollama says `stop` also when the model called tools: `tool_calls` then, as the
+    other providers say."""
+    reason = done_reason if isinstance(done_reason, str) and done_reason else "stop"
+    return "tool_calls" if called and reason == "stop" else reason

@@ -19,8 +19,9 @@ from typing import Any
 
 import orjson
 
+from agentstream.agents.llm import tools
 from agentstream.agents.llm.providers._http import HTTPProvider, LineSplitter
-from agentstream.agents.llm.providers.base import LLMResult, StreamChunk, chat_messages
+from agentstream.agents.llm.providers.base import LLMResult, StreamChunk
 from agentstream.schemas.llm import LLMConfig, LLMContext, ResponseFormat, Usage
 from agentstream.streams.errors import (
     ProviderError,
@@ -89,7 +90,7 @@ class OpenAICompatibleProvider(HTTPProvider):
         return self.config.base_url.rstrip("/") + "/models"
 
     def body(self, context: LLMContext, config: LLMConfig, stream: bool) -> dict[str, Any]:
-        body: dict[str, Any] = {"messages": chat_messages(context), "stream": stream}
+        body: dict[str, Any] = {"messages": tools.openai_messages(context), "stream": stream}
         if not self.is_azure:
             body["model"] = self.model_for(config)
         for field in (
@@ -108,6 +109,7 @@ class OpenAICompatibleProvider(HTTPProvider):
         fmt = config.response_format
         if fmt is not None:
             body["response_format"] = openai_response_format(fmt)
+        body.update(tools.openai_tools(config))
         return body
 
     async def generate(
@@ -121,6 +123,7 @@ class OpenAICompatibleProvider(HTTPProvider):
         try:
             choice = data["choices"][0]
             content = choice["message"].get("content") or ""
+            calls = choice["message"].get("tool_calls")
         except (KeyError, IndexError, TypeError, AttributeError):
             raise ProviderProtocolError(
                 f"{self.name}: response has no choices[0].message", provider=self.name
@@ -130,6 +133,7 @@ class OpenAICompatibleProvider(HTTPProvider):
             usage=parse_usage(data.get("usage")),
             model=str(data.get("model") or self.model_for(config)),
             finish_reason=choice.get("finish_reason"),
+            tool_calls=tools.openai_message_calls(self.name, calls),
         )
 
     async def stream(
@@ -182,15 +186,21 @@ class OpenAICompatibleProvider(HTTPProvider):
             raise _stream_error(self.name, obj["error"])
         delta = ""
         finish = None
+        calls = None
         choices = obj.get("choices") or []
         if choices and isinstance(choices[0], dict):
             d = choices[0].get("delta") or {}
-            delta = str(d.get("content") or "") if isinstance(d, dict) else ""
+            if isinstance(d, dict):
+                delta = str(d.get("content") or "")
+                if d.get("tool_calls") is not None:
+                    calls = tools.openai_deltas(self.name, d["tool_calls"]) or None
             finish = choices[0].get("finish_reason")
         usage = parse_usage(obj.get("usage"))
-        if not delta and usage is None and finish is None:
+        if not delta and usage is None and finish is None and calls is None:
             return None
-        return StreamChunk(delta=delta, usage=usage, finish_reason=finish, model=obj.get("model"))
+        return StreamChunk(
+            delta=delta, usage=usage, finish_reason=finish, model=obj.get("model"), tool_calls=calls
+        )
 
 
 def openai_response_format(fmt: ResponseFormat) -> dict[str, Any]:
