@@ -33,6 +33,8 @@ SOURCE = "health_monitor"
 STARTED = time.time()
 CHECK_TIMEOUT_S = 5.0
 tracker = HealthTracker(settings.worker_id)
+#: the components of the last evaluation (the console shows them without re-checking)
+latest: list[Component] = []
 _catalogue_topics = {settings.topic(name) for name in CATALOGUE}
 
 
@@ -106,6 +108,7 @@ async def components() -> list[Component]:
 
 async def evaluate() -> tuple[str, list[Component]]:
     found = await components()
+    latest[:] = found
     for c in found:
         change = tracker.observe(c)
         if change is not None:
