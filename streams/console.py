@@ -310,6 +310,13 @@ def _iso(at: float) -> str:
     return datetime.fromtimestamp(at, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def _when(value: Any) -> Any:
+    """A time the views give as epoch seconds, as ISO-8601 (anything else as it is)."""
+    if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
+        return _iso(float(value))
+    return value
+
+
 def _strip(topic: str, prefix: str) -> str:
     return topic[len(prefix) :] if prefix and topic.startswith(prefix) else topic
 
@@ -563,8 +570,8 @@ def build(
             "agent_id": d.get("agent_id"),
             "status": d.get("status"),
             "seconds_since_heartbeat": d.get("seconds_since_heartbeat"),
-            "last_heartbeat_at": d.get("last_heartbeat_at"),
-            "status_changed_at": d.get("status_changed_at"),
+            "last_heartbeat_at": _when(d.get("last_heartbeat_at")),
+            "status_changed_at": _when(d.get("status_changed_at")),
             "missed_beats": d.get("missed_beats"),
             "reason": d.get("reason"),
         }
@@ -643,6 +650,8 @@ def build(
         "at": _iso(now),
         "interval_s": interval_s,
         "served_by": self_url,
+        #: rates need two samples: the first snapshot of a hub has none yet
+        "rates_measured": len(history) >= 2,
         "workers": [u for u, _ in answers],
         "partial": bool(problems),
         "problems": problems,
@@ -690,7 +699,7 @@ def build(
             "ready": pol.get("ready"),
             "enabled": pol.get("enabled"),
             "default_action": pol.get("default_action"),
-            "updated_at": pol.get("updated_at"),
+            "updated_at": _when(pol.get("updated_at")),
             "patterns_shown": patterns is not None,
             "policies": policies,
         },
