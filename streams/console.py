@@ -37,6 +37,7 @@ from __future__ import annotations
 import base64
 import binascii
 import math
+import re
 import shlex
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -374,7 +375,7 @@ def top_rejections(
         if p.get("verdict") != "deny":
             continue
         named = list((p.get("policies") or {}).keys()) or (
-            ["(default action)"] if p.get("default_applied") else []
+            ["(no policy)"] if p.get("default_applied") else []
         )
         for pid in named:
             by_policy[pid] = by_policy.get(pid, 0) + 1
@@ -706,19 +707,31 @@ def build(
     }
 
 
-def _read_reasons(d: Mapping[str, Any]) -> list[str]:
-    rules = set(d.get("rules") or [])
-    if "invalid_policy" in rules:
-        return [HIDDEN_BROKEN]
-    # a blocked_patterns reason is "matched 'pattern', ... in field": it names the pattern
-    return [HIDDEN_REASON if r.startswith("matched ") else r for r in d.get("reasons") or []]
+#: the rules whose reasons quote a policy's pattern: a ``blocked_patterns`` reason names
+#: the patterns that matched, an ``invalid_policy`` one a broken pattern's error
+QUOTING_RULES = ("blocked_patterns", "invalid_policy")
+#: the end of a reason naming its policy (`agents.security.policy.Violation.reason`)
+_POLICY_SUFFIX = re.compile(r" \[policy [A-Za-z0-9._:-]+ v\d+\]$")
+
+
+def read_reason(reason: str) -> str:
+    """A decision reason (``rule: detail [policy p vN]``) as a read token sees it: the
+    detail of a rule that quotes a pattern replaced, the rule and policy kept."""
+    rule = reason.partition(": ")[0]
+    if rule not in QUOTING_RULES:
+        return reason
+    suffix = _POLICY_SUFFIX.search(reason)
+    hidden = HIDDEN_REASON if rule == "blocked_patterns" else HIDDEN_BROKEN
+    return f"{rule}: {hidden}{suffix.group(0) if suffix else ''}"
 
 
 def for_read(doc: Mapping[str, Any]) -> dict[str, Any]:
     """What a read token sees of an admin snapshot: no patterns, no reason quoting one."""
     out = dict(doc)
     msgs = dict(doc["messages"])
-    msgs["recent"] = [{**d, "reasons": _read_reasons(d)} for d in msgs["recent"]]
+    msgs["recent"] = [
+        {**d, "reasons": [read_reason(r) for r in d["reasons"]]} for d in msgs["recent"]
+    ]
     out["messages"] = msgs
     pols = dict(doc["policies"])
     pols["patterns_shown"] = False

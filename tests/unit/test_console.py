@@ -143,7 +143,10 @@ def build(**kw: Any) -> dict[str, Any]:
         "recipient_id": "b",
         "verdict": "deny",
         "rules": ["blocked_patterns"],
-        "reasons": ["matched 'hunter2' in content"],
+        "reasons": [
+            "blocked_patterns: matched 'hunter2' in content [policy no-pw v2]",
+            "max_message_size: content is 9 bytes, limit 8 [policy no-pw v2]",
+        ],
         "policies": {"no-pw": 2},
     }
     args: dict[str, Any] = {
@@ -225,9 +228,17 @@ def test_the_snapshot_gathers_every_section() -> None:
 def test_a_read_token_sees_no_pattern() -> None:
     doc = console.for_read(build())
     assert "hunter2" not in str(doc)
-    assert doc["messages"]["recent"][0]["reasons"] == [console.HIDDEN_REASON]
+    assert doc["messages"]["recent"][0]["reasons"] == [
+        f"blocked_patterns: {console.HIDDEN_REASON} [policy no-pw v2]",
+        "max_message_size: content is 9 bytes, limit 8 [policy no-pw v2]",
+    ]
     assert doc["policies"]["patterns_shown"] is False
     assert "blocked_patterns" not in doc["policies"]["policies"][0]
+
+
+def test_a_broken_policys_error_is_hidden_from_read() -> None:
+    got = console.read_reason("invalid_policy: bad regex '(unclosed' [policy p-1 v3]")
+    assert got == f"invalid_policy: {console.HIDDEN_BROKEN} [policy p-1 v3]"
 
 
 def test_a_view_that_does_not_answer_is_a_problem_not_a_failure() -> None:
