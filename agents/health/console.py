@@ -382,6 +382,8 @@ class DeadLettersView(View):
 @app.page("/ui/api/stream")
 class StreamView(View):
     async def get(self, request: Request) -> Any:
+        if request.method == "HEAD":  # the headers only: no stream to hold open
+            return self.bytes(b"", content_type="text/event-stream")
         admin = web_auth.is_admin(request)
         authorization = request.headers.getall("Authorization", [])
         route = web_auth.resolved_route(request)
