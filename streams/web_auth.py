@@ -330,8 +330,14 @@ class Decision:
         return {"error": self.error, "reason": self.reason}
 
 
+#: the operator console's static files (`agents.health.console`): the same for everyone
+#: and holding no data, they are public because a browser's navigation to a page cannot
+#: send an Authorization header; the data the page shows comes from routes that need one
+PUBLIC_ASSETS = frozenset({"/ui", "/ui/", "/ui/console.js", "/ui/console.css"})
+
+
 def public_routes(ready_public: bool) -> frozenset[str]:
-    return frozenset({"/health", "/ready"} if ready_public else {"/health"})
+    return frozenset({"/health", "/ready"} if ready_public else {"/health"}) | PUBLIC_ASSETS
 
 
 def required_scope(method: str) -> Scope:
@@ -630,8 +636,12 @@ def _started(the_gate: Gate) -> Callable[[Any], Awaitable[None]]:
                 the_gate.settings.web_port,
             )
             return
-        public = sorted(public_routes(the_gate.settings.web_ready_public))
-        log.info("web auth: bearer tokens required on every view but %s", ", ".join(public))
+        public = sorted(public_routes(the_gate.settings.web_ready_public) - PUBLIC_ASSETS)
+        log.info(
+            "web auth: bearer tokens required on every view but %s (and the console's "
+            "static files under /ui/)",
+            ", ".join(public),
+        )
         await the_gate.cache.get()
 
     return on_startup

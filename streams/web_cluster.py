@@ -355,3 +355,30 @@ async def gather(request: Any, local_body: Any, table: Any | None = None) -> Gat
             except ValueError as exc:
                 result.missing.append({"worker": url, "error": f"not JSON: {exc}"})
     return result
+
+
+async def ask_self(paths: list[str]) -> dict[str, tuple[int, Any]]:
+    """This worker's own views `paths` as a client sees them — each an aggregate that
+    answers for the whole cluster — asked over HTTP with the cluster token (scope read),
+    as a peer would: path → (status, JSON body). Status 0: not asked or no answer, the
+    body saying why. For the operator console, which shows what the views show."""
+    try:
+        headers = await _peer_headers()
+    except web_auth.PeerAuthError as exc:
+        why = {"error": "not asked", "reason": str(exc)}
+        return {p: (0, why) for p in paths}
+    base = self_url()
+    async with _peer_client(headers) as http:
+        replies = await asyncio.gather(
+            *(_fetch(http, base + p) for p in paths), return_exceptions=True
+        )
+    out: dict[str, tuple[int, Any]] = {}
+    for path, reply in zip(paths, replies, strict=True):
+        if isinstance(reply, BaseException):
+            out[path] = (0, {"error": "no answer", "reason": f"{type(reply).__name__}: {reply}"})
+            continue
+        try:
+            out[path] = (reply.status_code, reply.json())
+        except ValueError:
+            out[path] = (reply.status_code, {"error": "not JSON"})
+    return out

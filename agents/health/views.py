@@ -34,6 +34,8 @@ SOURCE = "health_monitor"
 STARTED = time.time()
 CHECK_TIMEOUT_S = 5.0
 tracker = HealthTracker(settings.worker_id)
+#: the components of the last evaluation (the console shows them without re-checking)
+latest: list[Component] = []
 _catalogue_topics = {settings.topic(name) for name in CATALOGUE}
 
 
@@ -140,6 +142,7 @@ def export_readiness(found: list[Component]) -> None:
 async def evaluate() -> tuple[str, list[Component]]:
     found = await components()
     export_readiness(found)
+    latest[:] = found
     for c in found:
         change = tracker.observe(c)
         if change is not None:

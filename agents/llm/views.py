@@ -20,6 +20,7 @@ from typing import Any
 from faust.web import Request, Response, View
 
 from agentstream.agents.llm.runtime import runtime
+from agentstream.streams import console
 from agentstream.streams.app import app
 from agentstream.streams.tables import llm as tables
 from agentstream.streams.web_cluster import (
@@ -30,6 +31,8 @@ from agentstream.streams.web_cluster import (
     owned,
     owned_partition,
 )
+
+console.register_probe("llm", lambda: {"in_flight": len(runtime().inflight)})
 
 #: how open a breaker is; a merged view shows the most open one
 _SEVERITY = {"closed": 0, "half_open": 1, "open": 2}

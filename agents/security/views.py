@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 from agentstream.agents.security.agent import COUNTS, STORE
+from agentstream.streams import console
 from agentstream.streams.app import app
 from agentstream.streams.tables.security import summarise_counts
 from agentstream.streams.web_auth import is_admin
@@ -71,6 +72,21 @@ async def decisions_view(web: Any, request: Any) -> Any:
         add_counts(counts, b["counts"])
     every = sorted({p for b in got.bodies for p in b["partitions"]}, key=_partition)
     return web.json({"counts": counts, "partitions": every, **got.meta()})
+
+
+def policy_patterns() -> dict[str, dict[str, Any]]:
+    """The patterns of every policy in force (every worker holds them all), for the
+    console's admin snapshots: {policy_id: {allowed_patterns, blocked_patterns, broken}}."""
+    return {
+        p.id: {
+            **p.policy.model_dump(mode="json", include=PATTERNS),
+            "broken": p.broken,
+        }
+        for p in STORE.policy_set.policies
+    }
+
+
+console.register_patterns(policy_patterns)
 
 
 def _partition(key: Any) -> int:

@@ -323,6 +323,19 @@ MISTAKES = [
         ("Error: BrokerError: no broker at 127.0.0.1:1 (PLAINTEXT)",),
         1,
     ),
+    # -- `top`: no worker, not a URL ----------------------------------------------------
+    Mistake(
+        "top-no-worker",
+        ("top", "--url", "http://127.0.0.1:1"),
+        ("Error: no worker answering at http://127.0.0.1:1/ui/api/stream",),
+        1,
+    ),
+    Mistake(
+        "top-url-without-scheme",
+        ("top", "--url", "127.0.0.1:6066"),
+        ("Invalid value for '--url': '127.0.0.1:6066' is not a URL (http://HOST:PORT)",),
+        2,
+    ),
     # -- no broker: one line naming it, with what to do, exit 1 ---------------------------
     *(
         Mistake(f"no-broker-{'-'.join(args[:2])}", args, (NO_BROKER,), 1, stdin=VALID_MESSAGE)

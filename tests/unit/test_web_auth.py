@@ -252,6 +252,12 @@ def test_missing_unknown_and_revoked_tokens_are_401() -> None:
         ("GET", "/health/", True, False),
         ("GET", "/metrics", True, False),
         ("GET", "/", True, False),
+        # the console's static files are public; its data is not
+        ("GET", "/ui/", False, True),
+        ("GET", "/ui/console.js", False, True),
+        ("POST", "/ui/", True, False),
+        ("GET", "/ui/api/stream", True, False),
+        ("GET", "/ui/api/snapshot", True, False),
     ],
 )
 def test_public_routes(method: str, route: str | None, ready_public: bool, public: bool) -> None:
