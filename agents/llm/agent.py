@@ -26,7 +26,13 @@ from agentstream.streams.processing import Inbound, decoded_batches, guarded
 from agentstream.streams.tables import llm as tables
 from agentstream.streams.topics import LLM_CANCELLATIONS, LLM_REQUESTS
 
-for _spec in (tables.RESPONSES_DONE, tables.CANCELLED, tables.BREAKERS, tables.USAGE):
+for _spec in (
+    tables.RESPONSES_DONE,
+    tables.CANCELLED,
+    tables.BREAKERS,
+    tables.USAGE,
+    tables.SPEND,
+):
     tables.table(_spec.name)
 
 
