@@ -133,6 +133,7 @@ EXPIRE_EVERY_S = max(1.0, min(60.0, settings.llm_dedup_retention_s / 4 or 60.0))
 @app.timer(interval=EXPIRE_EVERY_S)
 async def _expire_dedup_entries() -> None:
     runtime().expire()
+    runtime().expire_spend()  # windows that have ended
 
 
 @app.on_partitions_revoked.connect
