@@ -207,3 +207,17 @@ def test_the_providers_file_carries_prices_and_budgets(tmp_path: Path) -> None:
     )
     with pytest.raises(SettingsError, match=r"providers file .*: budgets\[0\]: window '1w'"):
         read_providers_file(path)
+
+
+def test_the_documented_example_is_a_valid_file(tmp_path: Path) -> None:
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "llm.md").read_text()
+    section = doc[doc.index("## Budgets") :]
+    example = section[section.index("```yaml\n") + 8 : section.index("```\n", 8)]
+    path = tmp_path / "providers.yaml"
+    path.write_text(example)
+    cfg = read_providers_file(path).budgets
+    assert cfg.prices[("openai", "gpt-4o")] == b.Price(2.5, 10.0)
+    star, planner, planner_cost, gpt4o = cfg.budgets
+    # planner's own daily budget replaces the default; the others add to it
+    assert cfg.applicable("planner", "openai", ("gpt-4o",)) == [planner, planner_cost, gpt4o]
+    assert cfg.applicable("other", "ollama", ("llama3.2",)) == [star]
