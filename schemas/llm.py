@@ -268,15 +268,16 @@ class ErrorInfo(Payload):
 @registry.register
 class LLMResponse(Payload):
     """v2: `alias`, `schema_valid` / `schema_error`, and attempts carry their `model` and
-    may be `skipped`. v3: `tool_calls` and `finish_reason`."""
+    may be `skipped`. v3: `tool_calls` and `finish_reason`. v4: status `budget_exceeded`
+    (refused before any provider call; `error` names the budget)."""
 
     TYPE = "llm.response"
-    VERSION = 3
+    VERSION = 4
     KEY_FIELD = "request_id"
 
     request_id: str = Field(max_length=MAX_ID_LENGTH)
     agent_id: str = Field(default="", max_length=MAX_ID_LENGTH)
-    status: Literal["completed", "cancelled", "failed"]
+    status: Literal["completed", "cancelled", "failed", "budget_exceeded"]
     content: str = ""
     usage: Usage | None = None
     provider: str = ""
@@ -351,6 +352,12 @@ def _llm_request_v2_to_v3(payload: dict[str, Any]) -> dict[str, Any]:
 @registry.upcaster(LLMResponse.TYPE, 2)
 def _llm_response_v2_to_v3(payload: dict[str, Any]) -> dict[str, Any]:
     """v2 had no tool calls nor finish reason (read as none and unknown)."""
+    return payload
+
+
+@registry.upcaster(LLMResponse.TYPE, 3)
+def _llm_response_v3_to_v4(payload: dict[str, Any]) -> dict[str, Any]:
+    """v3 had no budget refusals; its statuses mean the same."""
     return payload
 
 

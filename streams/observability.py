@@ -57,6 +57,13 @@ LLM_CALLS = Counter(
 LLM_RETRIES = Counter(
     "agentstream_llm_retries_total", "LLM attempts retried", ["provider", "reason"]
 )
+LLM_BUDGET_DENIED = Counter(
+    "agentstream_llm_budget_denied_total",
+    "LLM requests refused before any provider call because a budget is spent "
+    "(limit: tokens or cost; window: 1h, 1d, 30d or <n>s) — agent ids are left out, "
+    "they are unbounded; the final response's error names the budget",
+    ["limit", "window"],
+)
 LLM_LATENCY = Histogram(
     "agentstream_llm_latency_seconds",
     "End-to-end LLM request latency",

@@ -26,7 +26,13 @@ from agentstream.streams.processing import Inbound, decoded_batches, guarded
 from agentstream.streams.tables import llm as tables
 from agentstream.streams.topics import LLM_CANCELLATIONS, LLM_REQUESTS
 
-for _spec in (tables.RESPONSES_DONE, tables.CANCELLED, tables.BREAKERS, tables.USAGE):
+for _spec in (
+    tables.RESPONSES_DONE,
+    tables.CANCELLED,
+    tables.BREAKERS,
+    tables.USAGE,
+    tables.SPEND,
+):
     tables.table(_spec.name)
 
 
@@ -127,6 +133,7 @@ EXPIRE_EVERY_S = max(1.0, min(60.0, settings.llm_dedup_retention_s / 4 or 60.0))
 @app.timer(interval=EXPIRE_EVERY_S)
 async def _expire_dedup_entries() -> None:
     runtime().expire()
+    runtime().expire_spend()  # windows that have ended
 
 
 @app.on_partitions_revoked.connect

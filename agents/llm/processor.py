@@ -50,7 +50,7 @@ from agentstream.streams.resilience.retry import retry_after_of
 #: (delta, provider, attempt) → published as an llm.chunk; pieces of tool calls come
 #: as the keyword argument `tool_calls` (only when there are some)
 ChunkSink = Callable[..., Awaitable[None]]
-Status = Literal["completed", "cancelled", "failed"]
+Status = Literal["completed", "cancelled", "failed", "budget_exceeded"]
 
 
 @dataclass
@@ -191,12 +191,15 @@ class AgentProcessor:
         *,
         on_chunk: ChunkSink | None = None,
         cancel: asyncio.Event | None = None,
+        plan: Route | None = None,
     ) -> Outcome:
+        """`plan`: the route to take instead of `route(request)` (the runtime's, with the
+        providers whose budget is spent skipped)."""
         started = time.perf_counter()
         attempts: list[AttemptRecord] = []
         last_error: BaseException | None = None
         chunks = 0
-        plan = self.route(request)
+        plan = plan or self.route(request)
 
         async def sink(
             delta: str, provider: str, attempt: int, tool_calls: list[ToolCallDelta] | None = None

@@ -52,7 +52,9 @@ from agentstream.agents.llm.providers.base import (
 from agentstream.agents.llm.providers.local import LocalProvider
 from agentstream.agents.llm.providers.ollama import OllamaProvider
 from agentstream.agents.llm.providers.openai import OpenAICompatibleProvider
+from agentstream.streams import llm_budgets
 from agentstream.streams.errors import ProviderRequestError
+from agentstream.streams.llm_budgets import BudgetConfig
 from agentstream.streams.settings import Settings, SettingsError
 
 log = logging.getLogger(__name__)
@@ -75,7 +77,7 @@ async def keychain_secret(name: str) -> str | None:
 #: top-level keys of the providers file; others are refused (a misspelt `aliases` would
 #: otherwise be ignored and every provider sent the same name), except `x-...` keys,
 #: the usual place for YAML anchors (as in compose files)
-FILE_KEYS = ("providers", "aliases", "default_alias")
+FILE_KEYS = ("providers", "aliases", "default_alias", "prices", "budgets")
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,8 @@ class ProvidersFile:
     providers: list[ProviderConfig]
     aliases: list[str] = field(default_factory=list)
     default_alias: str | None = None
+    #: prices and budgets (`streams.llm_budgets`; docs/llm.md, "Budgets")
+    budgets: BudgetConfig = field(default_factory=BudgetConfig)
 
 
 def read_providers_file(path: Path) -> ProvidersFile:
@@ -130,7 +134,11 @@ def read_providers_file(path: Path) -> ProvidersFile:
             raise SettingsError(
                 f"providers file {path}: provider {name!r}: {_validation_line(exc)}"
             ) from None
-    out = ProvidersFile(configs, list(aliases), default_alias)
+    try:
+        budgets = llm_budgets.parse(data, {c.name for c in configs} | {LOCAL})
+    except llm_budgets.BudgetError as exc:
+        raise SettingsError(f"providers file {path}: {exc}") from None
+    out = ProvidersFile(configs, list(aliases), default_alias, budgets)
     try:
         catalog(out.providers, out.aliases, out.default_alias)
     except ModelsError as exc:
@@ -183,6 +191,8 @@ class LLMRegistry:
         self._aliases: list[str] = []
         self._default_alias: str | None = None
         self._catalog: ModelCatalog | None = None
+        #: prices and budgets (none unless the providers file declares them)
+        self.budgets = BudgetConfig()
         self.register_provider(LOCAL, {"kind": "local", "model": LOCAL_MODEL})
 
     @classmethod
@@ -193,6 +203,7 @@ class LLMRegistry:
             for cfg in file.providers:
                 reg.register_provider(cfg.name, cfg)
             reg.set_aliases(file.aliases, file.default_alias)
+            reg.budgets = file.budgets
         return reg
 
     def set_aliases(self, aliases: list[str], default_alias: str | None = None) -> None:

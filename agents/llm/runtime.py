@@ -14,21 +14,25 @@ from typing import Any
 
 from agentstream.agents.llm.adapter import WebSearchService
 from agentstream.agents.llm.chunks import ChunkCoalescer, chunk_record
+from agentstream.agents.llm.models import Hop, Route
 from agentstream.agents.llm.processor import AgentProcessor, Outcome
 from agentstream.agents.llm.registry import LLMRegistry
 from agentstream.schemas import Event
 from agentstream.schemas.llm import (
     BreakerStateChanged,
+    ErrorInfo,
     LLMRequest,
     LLMResponse,
     ToolCallDelta,
     Usage,
 )
+from agentstream.streams import llm_budgets
 from agentstream.streams.app import app, settings
 from agentstream.streams.audit_chain import chain_writer
 from agentstream.streams.observability import (
     BREAKER_STATE,
     EVENTS_OUT,
+    LLM_BUDGET_DENIED,
     LLM_CALLS,
     LLM_LATENCY,
     LLM_TOKENS,
@@ -55,6 +59,8 @@ class Flight:
     cancel: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
     revoked: bool = False
+    #: the route, with the providers whose budget is spent skipped
+    plan: Route | None = None
     started: float = field(default_factory=time.perf_counter)
 
 
@@ -106,7 +112,11 @@ class CallRuntime:
             self.deduplicated += 1
             log.info("request %s already answered or in flight: not calling again", rid)
             return
-        flight = Flight(request, inbound)
+        plan, denial = self.budget_plan(request)
+        if denial is not None:
+            await self.refuse(inbound, request, plan, denial)  # never reaches a provider
+            return
+        flight = Flight(request, inbound, plan=plan)
         if tables.table(tables.CANCELLED.name).get(rid):
             flight.cancel.set()
         self.inflight[rid] = flight
@@ -119,6 +129,71 @@ class CallRuntime:
         # the offset may be committed only once the final response is out: hold a ref
         inbound.message.incref()
         flight.task = asyncio.create_task(self._run(flight, sem), name=f"llm:{rid}")
+
+    # -- budgets ----------------------------------------------------------------------------
+    def spent(self, budget: llm_budgets.Budget, agent: str, start: int) -> llm_budgets.Spent:
+        """What `agent` spent of `budget` in the window starting at `start`, over every
+        partition this worker holds: its own and its standby copies of the others' (with
+        their changelog's delay). With `AGENTSTREAM_STANDBY_REPLICAS` at least the number
+        of workers minus one every worker holds all of them; with fewer, only part."""
+        data = tables.table(tables.SPEND.name).data
+        total = llm_budgets.Spent()
+        for p in range(tables.partitions()):
+            value = data.get(llm_budgets.spend_key(p, budget, start, agent))
+            if value is not None:
+                total += llm_budgets.spent_of(value)
+        return total
+
+    def budget_plan(
+        self, request: LLMRequest, now: float | None = None
+    ) -> tuple[Route, llm_budgets.Denial | None]:
+        """The request's route with each provider whose budget is spent skipped, and the
+        denial when that leaves none to call. Check-then-spend: the spend is what final
+        responses recorded, so calls in flight (and responses not yet written, a few ms)
+        are not in it and can take a window past its limit by their own usage."""
+        plan = self.processor.route(request)
+        config = self.registry.budgets
+        if not config.budgets:
+            return plan, None
+        now = time.time() if now is None else now
+        hops: list[Hop] = []
+        first: llm_budgets.Denial | None = None
+        for hop in plan.hops:
+            denial = None
+            if not hop.skip:
+                denial = llm_budgets.over_budget(
+                    config, self.spent, request.agent_id, hop.provider, hop.model, now
+                )
+            if denial is None:
+                hops.append(hop)
+                continue
+            first = first or denial
+            hops.append(Hop(hop.provider, hop.model, skip=denial.reason))
+        if first is None:
+            return plan, None
+        limited = Route(tuple(hops), plan.alias)
+        callable_left = any(not h.skip for h in hops)
+        return limited, None if callable_left else first
+
+    async def refuse(
+        self, inbound: Inbound, request: LLMRequest, plan: Route, denial: llm_budgets.Denial
+    ) -> None:
+        """The final response `budget_exceeded`, naming the budget; no provider called."""
+        _denied(denial.limit, denial.budget.window).inc()
+        provider = next((h.provider for h in plan.hops if h.skip == denial.reason), plan.head)
+        outcome = Outcome(
+            "budget_exceeded",
+            provider=provider,
+            model=plan.model_of(provider),
+            alias=plan.alias,
+            error=ErrorInfo(error_class="BudgetExceeded", message=denial.reason[:2000]),
+        )
+        inbound.message.incref()  # acked by write_tables, like a call's request
+        try:
+            await self.finish(inbound, request, outcome)
+        except BaseException:
+            inbound.message.ack(app.consumer)
+            raise
 
     def answered_or_inflight(self, request_id: str) -> bool:
         return request_id in self.inflight or request_id in self.answered
@@ -183,7 +258,7 @@ class CallRuntime:
 
         try:
             outcome = await self.processor.process_request(
-                request, on_chunk=chunks.add, cancel=flight.cancel
+                request, on_chunk=chunks.add, cancel=flight.cancel, plan=flight.plan
             )
             await chunks.flush()  # every chunk before the final response
             outcome.chunks = chunks.published
@@ -263,6 +338,13 @@ class CallRuntime:
             tables.add_usage(
                 tables.table(tables.USAGE.name), tables.usage_increments(r for r, _, _ in batch)
             )
+            if self.registry.budgets.budgets:
+                llm_budgets.add_spend(
+                    tables.table(tables.SPEND.name),
+                    tables.spend_increments(
+                        ((r, e["at"]) for r, e, _ in batch), self.registry.budgets
+                    ),
+                )
         except Exception:  # keep acking: a stuck offset would stall the partition
             log.exception("call_llm could not write dedup/usage entries of %d", len(batch))
         finally:
@@ -321,6 +403,25 @@ class CallRuntime:
             log.info("call_llm: deleted %d dedup/cancellation entries past retention", removed)
         return removed
 
+    def expire_spend(self, now: float | None = None) -> int:
+        """Delete the budget spend entries whose window has ended, in the partitions this
+        worker owns (the others' owners delete theirs). Returns how many were deleted."""
+        if app.rebalancing or getattr(app, "in_recovery", False):
+            return 0  # as for the dedup entries: the next sweep catches up
+        now = time.time() if now is None else now
+        table = tables.table(tables.SPEND.name)
+        owned = active_partitions(table)
+        stale = [
+            key
+            for key, value in list(table.items())
+            if (parsed := llm_budgets.parse_spend_key(key)) is not None
+            and parsed[0] in owned
+            and llm_budgets.spend_expired(value, now)
+        ]
+        for key in stale:
+            del table[key]
+        return len(stale)
+
     # -- breaker transitions -----------------------------------------------------------------
     def _on_transition(self, t: Transition) -> None:
         BREAKER_STATE.labels(t.name).set(BREAKER_LEVEL[t.current])
@@ -350,6 +451,11 @@ class CallRuntime:
 @cache
 def _calls(provider: str, status: str) -> Any:
     return LLM_CALLS.labels(provider, status)
+
+
+@cache
+def _denied(limit: str, window: str) -> Any:
+    return LLM_BUDGET_DENIED.labels(limit, window)
 
 
 @cache

@@ -6,7 +6,9 @@
   breaker — every worker running this stage keeps its own, so ``live`` is the most open
   one of the workers that answered and ``live_by_worker`` has each.
 * ``GET /llm/usage`` — token totals per agent, provider and model (`llm_usage` table,
-  summed over every worker's partitions).
+  summed over every worker's partitions), and ``budgets``: each budget of the providers
+  file (per agent for ``*`` ones) with its current window, spend and what remains
+  (`llm_budget_spend`, summed the same way).
 * ``GET /llm/requests/{request_id}`` — in flight / answered (status) / cancelled, from the
   worker owning the request's partition.
 
@@ -15,12 +17,13 @@ Aggregates say which workers answered: ``workers``, ``partial``, ``missing``.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from faust.web import Request, Response, View
 
 from agentstream.agents.llm.runtime import runtime
-from agentstream.streams import console
+from agentstream.streams import console, llm_budgets
 from agentstream.streams.app import app
 from agentstream.streams.tables import llm as tables
 from agentstream.streams.web_cluster import (
@@ -91,13 +94,27 @@ class UsageView(View):
             for k, v in list(table.items())
             if (p := _usage_partition(k)) is not None and mine(p)
         ]
-        body = tables.summarise_usage(items)
+        body: dict[str, Any] = dict(tables.summarise_usage(items))
+        config = runtime().registry.budgets
+        now = time.time()
+        spend_table = tables.table(tables.SPEND.name)
+        spend_mine = owned_partition(spend_table)
+        # this worker's own partitions only (no standby copies), without `until`: the
+        # workers' answers are summed
+        body["budget_spend"] = {
+            k: {f: n for f, n in v.items() if f != "until"}
+            for k, v in list(spend_table.items())
+            if (sk := llm_budgets.parse_spend_key(k)) is not None and spend_mine(sk[0])
+        }
         if is_local(request):
+            body["budgets"] = llm_budgets.budget_report(config, body["budget_spend"].items(), now)
             return self.json(body)
         got = await gather(request, body, table)
-        merged: dict[str, Any] = {"agent": {}, "provider": {}, "model": {}}
+        merged: dict[str, Any] = {"agent": {}, "provider": {}, "model": {}, "budget_spend": {}}
         for b in got.bodies:
-            add_counts(merged, b)
+            add_counts(merged, {k: v for k, v in b.items() if k != "budgets"})
+        spend = merged.pop("budget_spend")
+        merged["budgets"] = llm_budgets.budget_report(config, spend.items(), now)
         return self.json({**merged, **got.meta()})
 
 

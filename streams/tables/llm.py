@@ -14,6 +14,12 @@ changelog.
 ``llm_breakers`` — {provider: last transition} from `llm.breaker`.
 ``llm_usage`` — {"<partition>|agent|<id>", "<partition>|provider|<p>",
 "<partition>|model|<p>|<m>": totals} from `llm.responses`.
+``llm_budget_spend`` — {"<partition>|<budget id>|<window start>|<agent>": {"requests",
+"tokens", "cost_nusd", "unpriced", "until"}} from `llm.responses`: what each budget of the
+providers file (`streams.llm_budgets`) has spent per agent and window. The fold reads the
+budgets and prices of `AGENTSTREAM_LLM_PROVIDERS_FILE`, as the stage does, so a rebuild
+equals the live table when both use the same file. An entry is deleted once its window
+has ended (`until`).
 
 Keys live in the changelog partition of the request they come from (the Kafka default
 partitioner on the request id, exactly like the producer of `llm.requests`), and the usage
@@ -32,6 +38,7 @@ from aiokafka.partitioner import murmur2
 
 from agentstream.schemas import Event
 from agentstream.schemas.llm import BreakerStateChanged, LLMCancelRequested, LLMResponse
+from agentstream.streams import llm_budgets
 from agentstream.streams.tables import TableSpec, delete, register, write
 from agentstream.streams.topics import LLM_BREAKER, LLM_CANCELLATIONS, LLM_RESPONSES
 
@@ -178,6 +185,57 @@ def apply_usage(state: MutableMapping[str, Any], event: Event[Any]) -> None:
         add_usage(state, usage_increments([p]))
 
 
+def charge_of(response: LLMResponse, at: int) -> llm_budgets.Charge:
+    """What a final response spends, at its event time `at` (epoch seconds). Its models:
+    the one the stage sent (the providers file's name, which prices and budgets use) and
+    the one the provider answered with."""
+    sent = next(
+        (
+            a.model
+            for a in reversed(response.attempts)
+            if a.provider == response.provider and a.model
+        ),
+        "",
+    )
+    models = tuple(dict.fromkeys(m for m in (sent, response.model) if m))
+    usage = response.usage
+    return llm_budgets.Charge(
+        agent=response.agent_id or "-",
+        provider=response.provider or "-",
+        models=models,
+        prompt_tokens=usage.prompt_tokens if usage else 0,
+        completion_tokens=usage.completion_tokens if usage else 0,
+        total_tokens=usage.total_tokens if usage else 0,
+        at=at,
+    )
+
+
+def spend_increments(
+    dated: Iterable[tuple[LLMResponse, int]],
+    config: llm_budgets.BudgetConfig | None = None,
+    n: int | None = None,
+) -> dict[str, Any]:
+    """{spend key: increments} of final responses with their event times. A response
+    refused for its budget spent nothing and is not counted."""
+    cfg = llm_budgets.configured() if config is None else config
+    if not cfg.budgets:
+        return {}
+    return llm_budgets.spend_increments(
+        cfg,
+        (
+            (partition_of(r.request_id, n), charge_of(r, at))
+            for r, at in dated
+            if r.status != "budget_exceeded"
+        ),
+    )
+
+
+def apply_spend(state: MutableMapping[str, Any], event: Event[Any]) -> None:
+    p = event.payload
+    if isinstance(p, LLMResponse):
+        llm_budgets.add_spend(state, spend_increments([(p, int(event.occurred_at.timestamp()))]))
+
+
 def summarise_usage(items: Any) -> dict[str, dict[str, dict[str, int]]]:
     """{"agent"|"provider"|"model": {name: totals}} summed over partitions."""
     out: dict[str, dict[str, dict[str, int]]] = {"agent": {}, "provider": {}, "model": {}}
@@ -232,6 +290,18 @@ USAGE = register(
         types=frozenset({LLMResponse.TYPE}),
     )
 )
+SPEND = register(
+    TableSpec(
+        name="llm_budget_spend",
+        sources=(LLM_RESPONSES,),
+        apply=apply_spend,
+        description="Tokens and cost spent per partition, budget, window and agent",
+        types=frozenset({LLMResponse.TYPE}),
+        expired=llm_budgets.spend_expired,
+    )
+)
+#: tables whose keys name their partition ("<partition>|...")
+PARTITIONED_KEYS = frozenset({USAGE.name, SPEND.name})
 
 
 def _table_class() -> type:
@@ -245,7 +315,7 @@ def _table_class() -> type:
 
         def partition_for_key(self, key: Any) -> int:
             text = str(key)
-            if self.name == USAGE.name:
+            if self.name in PARTITIONED_KEYS:
                 # usage keys carry the partition they are counted in ("<p>|agent|<id>");
                 # the other tables are keyed by request ids, which are user input: a
                 # request id "7|x" must hash like any other, never name a partition
@@ -268,7 +338,7 @@ def table(spec_name: str) -> Any:
     """The live Faust table of a spec (created on first use, in the worker)."""
     from agentstream.streams.app import app
 
-    spec = {s.name: s for s in (RESPONSES_DONE, CANCELLED, BREAKERS, USAGE)}[spec_name]
+    spec = {s.name: s for s in (RESPONSES_DONE, CANCELLED, BREAKERS, USAGE, SPEND)}[spec_name]
     cls = _table_class()
     return app.tables.add(
         cls(

@@ -183,7 +183,7 @@ MISTAKES = [
         ("llm", "providers"),
         (
             "Error: providers file providers-key.yaml: unknown top-level key 'alias' "
-            "(known: providers, aliases, default_alias)",
+            "(known: providers, aliases, default_alias, prices, budgets)",
         ),
         2,
         {"AGENTSTREAM_LLM_PROVIDERS_FILE": "providers-key.yaml"},
@@ -218,6 +218,30 @@ MISTAKES = [
         ),
         2,
         {"AGENTSTREAM_LLM_PROVIDERS_FILE": "providers-max.yaml"},
+    ),
+    Mistake(
+        "llm-prices-unknown-provider",
+        ("llm", "providers"),
+        ("Error: providers file providers-prices.yaml: prices: unknown provider 'opneai'",),
+        2,
+        {"AGENTSTREAM_LLM_PROVIDERS_FILE": "providers-prices.yaml"},
+    ),
+    Mistake(
+        "llm-budget-negative",
+        ("llm", "providers"),
+        ("Error: providers file providers-negative.yaml: budgets[0].max_cost_usd: -5 is negative",),
+        2,
+        {"AGENTSTREAM_LLM_PROVIDERS_FILE": "providers-negative.yaml"},
+    ),
+    Mistake(
+        "llm-budget-bad-window",
+        ("llm", "providers"),
+        (
+            "Error: providers file providers-window.yaml: budgets[0]: window '1w': 1h, 1d, "
+            "30d or a number of seconds",
+        ),
+        2,
+        {"AGENTSTREAM_LLM_PROVIDERS_FILE": "providers-window.yaml"},
     ),
     Mistake(
         "missing-policy-file",
@@ -411,6 +435,16 @@ def outcomes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any
     claude = "claude: {kind: %s, base_url: 'https://api.anthropic.com', max_tokens: %d}"
     (work / "providers-kind.yaml").write_text(f"providers:\n  {claude % ('antropic', 1024)}\n")
     (work / "providers-max.yaml").write_text(f"providers:\n  {claude % ('anthropic', 0)}\n")
+    plain = f"providers:\n  {openai % 'fast'}\naliases: [fast]\n"
+    (work / "providers-prices.yaml").write_text(
+        plain + "prices: {opneai: {gpt-4o-mini: {input: 0.15, output: 0.6}}}\n"
+    )
+    (work / "providers-negative.yaml").write_text(
+        plain + "budgets: [{agent: '*', window: 1d, max_cost_usd: -5}]\n"
+    )
+    (work / "providers-window.yaml").write_text(
+        plain + "budgets: [{agent: planner, window: 1w, max_tokens: 1000}]\n"
+    )
     port = closed_port()
     env = base_env(work, f"127.0.0.1:{port}")
 

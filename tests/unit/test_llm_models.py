@@ -297,7 +297,8 @@ def test_an_old_file_still_loads_and_passes_names_through(tmp_path: Path) -> Non
     [
         (
             "alias: [fast]\nproviders: {}\n",
-            "unknown top-level key 'alias' (known: providers, aliases, default_alias)",
+            "unknown top-level key 'alias' "
+            "(known: providers, aliases, default_alias, prices, budgets)",
         ),
         ("aliases: fast\nproviders: {}\n", "`aliases` must be a non-empty list of names"),
         ("aliases:\nproviders: {}\n", "`aliases` must be a non-empty list of names"),

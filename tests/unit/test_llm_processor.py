@@ -307,3 +307,20 @@ async def test_unknown_provider_is_an_error_attempt_without_a_breaker() -> None:
     assert [(a.provider, a.outcome) for a in out.attempts] == [("nope", "error")]
     assert out.error is not None and out.error.error_class == "ProviderRequestError"
     assert "nope" not in proc.breakers
+
+
+async def test_a_provider_over_its_budget_is_skipped_and_never_called() -> None:
+    from agentstream.agents.llm.models import Hop, Route
+
+    spent = ScriptedProvider("p", [Step(deltas=["never"])])
+    other = ScriptedProvider("q", [Step(deltas=["from q"])])
+    proc = processor(spent, other)
+    req = request("p", fallback=["q"])
+    plan = proc.route(req)
+    reason = "budget agent=agent-1 provider=p model=* window=1h: 10 of 10 tokens spent"
+    limited = Route((Hop("p", plan.model_of("p"), skip=reason), *plan.hops[1:]), plan.alias)
+    out = await proc.process_request(req, plan=limited)
+    assert out.status == "completed" and out.provider == "q" and out.content == "from q"
+    assert [(a.provider, a.outcome) for a in out.attempts] == [("p", "skipped"), ("q", "ok")]
+    assert reason in (out.attempts[0].error or "")
+    assert spent.calls == [] and len(other.calls) == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any
 
 from agentstream.schemas import Event
 from agentstream.schemas.llm import (
@@ -23,7 +24,13 @@ def response(rid: str, agent: str = "a1", status: str = "completed", **kw: objec
 
 
 def test_specs_registered() -> None:
-    for name in ("llm_responses_done", "llm_cancelled", "llm_breakers", "llm_usage"):
+    for name in (
+        "llm_responses_done",
+        "llm_cancelled",
+        "llm_breakers",
+        "llm_usage",
+        "llm_budget_spend",
+    ):
         assert name in TABLES
 
 
@@ -152,3 +159,44 @@ def test_batched_usage_writes_equal_the_fold_with_one_write_per_key() -> None:
         {k for e in events[:2] for k in t.usage_keys(e.payload)}
     ) + len({k for e in events[2:] for k in t.usage_keys(e.payload)})
     assert set(batched) == keys
+
+
+def test_budget_spend_fold_equals_the_batched_live_writes(monkeypatch: Any) -> None:
+    from agentstream.schemas.llm import AttemptRecord
+    from agentstream.streams import llm_budgets
+
+    cfg = llm_budgets.parse(
+        {
+            "prices": {"p": {"m-sent": {"input": 1.0, "output": 2.0}}},
+            "budgets": [{"agent": "*", "window": "1h", "max_tokens": 100}],
+        },
+        {"p"},
+    )
+    monkeypatch.setattr(llm_budgets, "configured", lambda: cfg)
+    at = datetime(2026, 1, 1, 10, 30, tzinfo=UTC)
+    # priced by the model the stage sent, though the provider answered with another name
+    ok = [AttemptRecord(provider="p", attempt=1, outcome="ok", model="m-sent")]
+    events = [
+        response(
+            f"r{i}",
+            usage=Usage(prompt_tokens=10, completion_tokens=5, total_tokens=15),
+            attempts=ok,
+        )
+        for i in range(4)
+    ] + [response("r9", status="budget_exceeded"), response("r8", status="failed")]
+    events = [e.model_copy(update={"occurred_at": at}) for e in events]
+    rebuilt = rebuild(t.SPEND, events)
+    live: dict[str, Any] = {}
+    dated = [(e.payload, int(at.timestamp())) for e in events]
+    llm_budgets.add_spend(live, t.spend_increments(dated[:3], n=t.partitions()))
+    llm_budgets.add_spend(live, t.spend_increments(dated[3:], n=t.partitions()))
+    assert rebuilt == live
+    total = llm_budgets.budget_report(cfg, rebuilt.items(), at.timestamp())[0]
+    # refused responses spent nothing; the failed one is a request without tokens
+    assert (total["requests"], total["spent_tokens"]) == (5, 60)
+    assert total["spent_cost_usd"] == 4 * (10 * 1.0 + 5 * 2.0) / 1e6
+    assert total["window_start"] == int(datetime(2026, 1, 1, 10, tzinfo=UTC).timestamp())
+    assert all(v["until"] == total["window_end"] for v in rebuilt.values())
+    assert t.SPEND.expired is not None and t.SPEND.expired(
+        next(iter(rebuilt.values())), total["window_end"]
+    )
