@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import sys
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 
 
 def main() -> None:
@@ -28,9 +28,18 @@ def main() -> None:
         "outputs": outputs,
         "work_us": work_us(values),
         "agentstream": agentstream.__file__,
-        "versions": {name: version(name) for name in packages},
+        "versions": {name: _version(name) for name in packages},
     }
     json.dump(result, sys.stdout)
+
+
+def _version(name: str) -> str | None:
+    """The installed version, or None: the probe also runs in the project's own
+    environment (the pipeline's side of the comparison), which has no peers installed."""
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
 
 
 if __name__ == "__main__":

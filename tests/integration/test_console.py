@@ -434,9 +434,12 @@ async def test_top_in_a_terminal(settings_env: dict[str, str], tmp_path: Path) -
                     screens.append(s)
                     return s if pred(s) else None
 
-                return await await_until(
-                    check, 60, interval=0.5, what=f"top's screen {screens[-1:]}"
-                )
+                try:
+                    return await await_until(check, 60, interval=0.5, what="top's screen")
+                except AssertionError as exc:
+                    # the last screen says why (an error line, a zero that never moved)
+                    last = screens[-1] if screens else "(never captured)"
+                    raise AssertionError(f"{exc}; last screen:\n{last}\n{worker.tail()}") from None
 
             first = await screen_with(lambda s: (accepted(s) or 0) > 0)
             assert "EXITED" not in first
