@@ -188,7 +188,15 @@ class CallRuntime:
             alias=plan.alias,
             error=ErrorInfo(error_class="BudgetExceeded", message=denial.reason[:2000]),
         )
-        inbound.message.incref()  # acked by write_tables, like a call's request
+        await self.finish_without_call(inbound, request, outcome)
+
+    async def finish_without_call(
+        self, inbound: Inbound, request: LLMRequest, outcome: Outcome
+    ) -> None:
+        """`finish` for a request answered without any provider call (cancelled before
+        it started, refused by a budget): its message is held like a call's request and
+        acked by write_tables, or at once if the answer cannot be sent."""
+        inbound.message.incref()
         try:
             await self.finish(inbound, request, outcome)
         except BaseException:
@@ -362,12 +370,7 @@ class CallRuntime:
             usage=Usage(estimated=True),
             alias=plan.alias,
         )
-        inbound.message.incref()  # acked by write_tables, like a call's request
-        try:
-            await self.finish(inbound, request, outcome)
-        except BaseException:
-            inbound.message.ack(app.consumer)
-            raise
+        await self.finish_without_call(inbound, request, outcome)
 
     # -- retention of the dedup and cancellation entries ----------------------------------
     def expire(self, now: float | None = None) -> int:
