@@ -21,6 +21,11 @@ are CPU-bound (one core for the direct client; the worker, the broker, the serve
 this harness share two), so the latency of a burst is its CPU time and the difference
 measures CPU per request, not waiting: ``llm_saturated_rps`` is the stage's capacity.
 
+**Half load (``llm_half_load_*``).** Requests to the fast server started at half of
+``llm_saturated_rps``, evenly spaced (an open loop), direct and pipeline windows
+alternating: ``llm_half_load_added_p99_ms`` is the pipeline's p99 minus the direct p99
+there — the stage's added latency when it is busy but not saturated.
+
 Direct and pipeline windows alternate, so both see the same load on a shared machine.
 The direct client reads each stream to its end as raw bytes (the cheapest way with
 httpx), leasing connections from the same `ClientPool` as the provider.
@@ -227,6 +232,32 @@ async def closed_loop(
     return latencies, len(latencies) / window_s
 
 
+async def open_loop(
+    call: Callable[[], Awaitable[float]], rate: float, warmup_s: float, window_s: float
+) -> list[float]:
+    """Calls started at a fixed `rate` per second whatever the answers' pace (an open
+    loop, as independent clients arrive), for `warmup_s` + `window_s`; the latencies of
+    those started after the warm-up, each waited for to its end."""
+    t0 = time.monotonic()
+    measure_from = t0 + warmup_s
+    calls = int(rate * (warmup_s + window_s))
+    latencies: list[float] = []
+
+    async def one(started: float) -> None:
+        latency = await call()
+        if started >= measure_from:
+            latencies.append(latency)
+
+    tasks = []
+    for i in range(calls):
+        delay = t0 + i / rate - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(time.monotonic())))
+    await asyncio.gather(*tasks)
+    return latencies
+
+
 async def burst(call: Callable[[], Awaitable[float]], n: int = IN_FLIGHT) -> list[float]:
     return list(await asyncio.gather(*(call() for _ in range(n))))
 
@@ -414,6 +445,24 @@ async def _measure(
                 ),
                 llm_worker_cpu_ms_per_request=round(worker_cpu_ms, 3),
                 llm_direct_cpu_ms_per_request=round(direct_cpu_ms, 3),
+            )
+
+            # half the saturated rate, steadily: the added latency when the stage is
+            # busy but not saturated (the saturated p99 is mostly queueing for the CPU)
+            half = out["llm_saturated_rps"] / 2
+            half_direct: list[float] = []
+            half_piped: list[float] = []
+            for _ in range(WINDOWS):
+                half_direct += await open_loop(direct_fast, half, WARMUP_S, WINDOW_S)
+                half_piped += await open_loop(piped_fast, half, WARMUP_S, WINDOW_S)
+            out["llm_half_load_rps"] = round(half, 1)
+            out["llm_half_load_added_p99_ms"] = round(
+                (pct(half_piped, 0.99) - pct(half_direct, 0.99)) * 1000, 2
+            )
+            log(
+                f"llm at half load ({half:.0f} req/s): direct p99 "
+                f"{pct(half_direct, 0.99) * 1000:.1f} ms, pipeline p99 "
+                f"{pct(half_piped, 0.99) * 1000:.1f} ms"
             )
 
             # one request at a time: the pipeline's fixed cost (Kafka hops, fetches)
