@@ -412,7 +412,11 @@ async def test_top_in_a_terminal(settings_env: dict[str, str], tmp_path: Path) -
         async with traffic(env):
             # the CLI's token is the admin one (settings_env makes it web.token)
             command = shlex.join([sys.executable, "-m", "agentstream", "top"])
-            exports = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
+            # the pane's terminal, not the test runner's: a CI job's TERM=dumb (or a
+            # COLUMNS of its own) made rich draw 80 columns in the 160-column pane
+            pane = {k: v for k, v in env.items() if k not in ("TERM", "COLUMNS", "LINES")}
+            pane["TERM"] = "screen-256color"
+            exports = " ".join(f"{k}={shlex.quote(v)}" for k, v in pane.items())
             tmux(
                 "new-session",
                 "-d",
