@@ -229,3 +229,24 @@ def usage(as_json: bool) -> None:
                 f"completion={t.get('completion_tokens', 0):8} "
                 f"estimated={t.get('estimated_requests', 0)}"
             )
+    for line in budget_lines(data.get("budgets") or []):
+        click.echo(line)
+
+
+def budget_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """One line per budget row of `/llm/usage`: who, what it covers, the window, spent
+    against each limit the budget has, and EXCEEDED once a request would be refused."""
+    lines = []
+    for r in rows:
+        scope = f"{r.get('agent')} {r.get('provider', '*')}/{r.get('model', '*')} {r.get('window')}"
+        spent = []
+        if r.get("max_tokens") is not None:
+            spent.append(f"tokens={r.get('spent_tokens', 0)}/{r['max_tokens']}")
+        if r.get("max_cost_usd") is not None:
+            cost = f"cost=${r.get('spent_cost_usd', 0.0):.4f}/${r['max_cost_usd']:.4f}"
+            if r.get("unpriced_requests"):
+                cost += f" (+{r['unpriced_requests']} unpriced)"
+            spent.append(cost)
+        state = "EXCEEDED" if r.get("exceeded") else "ok"
+        lines.append(f"budget   {scope:40} {' '.join(spent)} {state}")
+    return lines

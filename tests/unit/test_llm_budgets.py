@@ -221,3 +221,29 @@ def test_the_documented_example_is_a_valid_file(tmp_path: Path) -> None:
     # planner's own daily budget replaces the default; the others add to it
     assert cfg.applicable("planner", "openai", ("gpt-4o",)) == [planner, planner_cost, gpt4o]
     assert cfg.applicable("other", "ollama", ("llama3.2",)) == [star]
+
+
+def test_llm_usage_prints_each_budget_against_its_limits() -> None:
+    """`agentstream llm usage` prints the view's budget rows: spent against each limit,
+    unpriced requests, and EXCEEDED once requests are refused."""
+    from agentstream.agents.llm.cli import budget_lines
+
+    cfg = config(
+        prices={"openai": {"gpt-4o": {"input": 2.5, "output": 10}}},
+        budgets=[
+            {"agent": "*", "window": "1h", "max_tokens": 20},
+            {"agent": "a1", "provider": "openai", "window": "1d", "max_cost_usd": 1},
+        ],
+    )
+    state = spend_table(cfg, [charge("a1"), charge("a1"), charge("a2"), charge("a1", model="o1")])
+    rows = b.budget_report(cfg, state.items(), 7300)
+    lines = budget_lines(rows)
+    assert len(lines) == len(rows) == 3
+    by_agent = {(ln.split()[1], ln.split()[3]): ln for ln in lines}
+    assert by_agent[("a1", "1h")].endswith("tokens=45/20 EXCEEDED")
+    assert by_agent[("a2", "1h")].endswith("tokens=15/20 ok")
+    daily = by_agent[("a1", "1d")]
+    assert "openai/*" in daily and "(+1 unpriced)" in daily and daily.endswith(" ok")
+    (cost_row,) = [r for r in rows if r["window"] == "1d"]
+    assert cost_row["spent_cost_usd"] > 0
+    assert f"cost=${cost_row['spent_cost_usd']:.4f}/$1.0000" in daily
