@@ -41,8 +41,9 @@ producer (under exactly-once: in its transaction):
 * every commit calls it first: the exactly-once gate's commit window (`streams.eos`),
   and under at-least-once `BatchDeliveryConsumer._commit_offsets`, right before Faust's
   producer flush, which then waits for these records' delivery too;
-* under at-least-once a write made outside any batch (a timer, an LLM call task) also
-  schedules a flush, so its record goes out as soon as Faust's buffer would have sent it.
+* under at-least-once every write also schedules a flush, so a record written outside
+  any batch (a timer, an LLM call task) goes out as soon as Faust's buffer would have
+  sent it; inside a batch the batch's own flush may take it first.
 """
 
 from __future__ import annotations
