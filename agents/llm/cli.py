@@ -4,12 +4,15 @@ show breaker states and token usage from a running worker."""
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import click
+import yaml
 from pydantic import ValidationError
 
 from agentstream.schemas import Event, registry
@@ -21,6 +24,11 @@ from agentstream.schemas.llm import (
     LLMRequest,
     LLMResponse,
     LLMStreamChunk,
+    NamedFunction,
+    NamedToolChoice,
+    ResponseFormat,
+    Tool,
+    ToolChoice,
 )
 from agentstream.streams.cli import cli, json_option, run, worker_call
 from agentstream.streams.client import AsyncClient, group_less_consumer
@@ -48,6 +56,26 @@ def llm_group() -> None:
 @click.option("--search", "web_search_query", default=None, help="Web search query to add.")
 @click.option("--agent", "agent_id", default="cli", show_default=True)
 @click.option("--no-stream", is_flag=True, help="Ask for the whole answer at once.")
+@click.option(
+    "--tools",
+    "tools_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="JSON or YAML file: a list of tools the model may call (OpenAI's function tools, "
+    "or just their functions: name, description, parameters).",
+)
+@click.option(
+    "--tool-choice",
+    default=None,
+    help="auto, none, required, or the name of the one tool to call (needs --tools).",
+)
+@click.option(
+    "--schema",
+    "schema_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="JSON or YAML file: a JSON Schema the answer must match (response_format).",
+)
 @click.option("--timeout", "wait_s", type=float, default=120, show_default=True)
 @json_option()
 def ask(
@@ -61,10 +89,19 @@ def ask(
     web_search_query: str | None,
     agent_id: str,
     no_stream: bool,
+    tools_file: Path | None,
+    tool_choice: str | None,
+    schema_file: Path | None,
     wait_s: float,
     as_json: bool,
 ) -> None:
-    """Publish an LLMRequest, print its chunks as they stream, then the final response."""
+    """Publish an LLMRequest, print its chunks as they stream, then the final response.
+
+    Tool calls the model makes are printed one per line, `tool <id> <name> <arguments>`;
+    with --schema the status line says whether the answer matched it."""
+    tools = _tools(tools_file) if tools_file is not None else None
+    choice = _tool_choice(tool_choice, tools)
+    response_format = _response_format(schema_file) if schema_file is not None else None
     try:
         request = LLMRequest(
             request_id=uuid.uuid4().hex,
@@ -77,7 +114,14 @@ def ask(
                 system_prompt=system_prompt,
                 web_search_query=web_search_query,
             ),
-            config=LLMConfig(model=model, max_tokens=max_tokens, temperature=temperature),
+            config=LLMConfig(
+                model=model,
+                max_tokens=max_tokens,
+                temperature=temperature,
+                tools=tools,
+                tool_choice=choice,
+                response_format=response_format,
+            ),
         )
     except ValidationError as exc:  # an option out of bounds, before anything connects
         err = exc.errors(include_url=False)[0]
@@ -97,13 +141,84 @@ def ask(
         else "no usage"
     )
     alias = f" ({response.alias})" if response.alias else ""
+    for call in response.tool_calls:
+        click.echo(f"\ntool {call.id} {call.function.name} {call.function.arguments}", nl=False)
+    checked = ""
+    if response.schema_valid is not None:
+        checked = ", schema valid" if response.schema_valid else ", schema INVALID: "
+        checked += response.schema_error if not response.schema_valid else ""
+    finish = f", {response.finish_reason}" if response.finish_reason else ""
     click.echo(
         f"\n[{response.status}] {response.provider}/{response.model}{alias} "
-        f"{response.latency_ms:.0f} ms, {len(response.attempts)} attempt(s), {tokens}",
+        f"{response.latency_ms:.0f} ms, {len(response.attempts)} attempt(s), {tokens}"
+        f"{finish}{checked}",
         err=True,
     )
     if response.error is not None:
         raise click.ClickException(f"{response.error.error_class}: {response.error.message}")
+
+
+def _document(path: Path, option: str) -> Any:
+    """A JSON or YAML file's content; a mistake is one line naming the option."""
+    try:
+        text = path.read_text()
+        return json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except OSError as exc:
+        raise click.BadParameter(f"{path}: {exc.strerror}", param_hint=option) from None
+    except (ValueError, yaml.YAMLError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise click.BadParameter(f"{path}: not JSON or YAML: {first}", param_hint=option) from None
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors(include_url=False)[0]
+    where = ".".join(str(p) for p in err["loc"])
+    return f"{where}: {err['msg']}" if where else str(err["msg"])
+
+
+def _tools(path: Path) -> list[Tool]:
+    data = _document(path, "'--tools'")
+    if isinstance(data, dict) and isinstance(data.get("tools"), list):
+        data = data["tools"]  # a file holding {"tools": [...]}, as a request body does
+    if not isinstance(data, list) or not data:
+        raise click.BadParameter(f"{path}: expected a list of tools", param_hint="'--tools'")
+    tools = []
+    for i, item in enumerate(data):
+        spec = item if isinstance(item, dict) and "function" in item else {"function": item}
+        try:
+            tools.append(Tool.model_validate(spec))
+        except ValidationError as exc:
+            raise click.BadParameter(
+                f"{path}: tool {i + 1}: {_first_error(exc)}", param_hint="'--tools'"
+            ) from None
+    return tools
+
+
+def _tool_choice(choice: str | None, tools: list[Tool] | None) -> ToolChoice | None:
+    if choice is None:
+        return None
+    if not tools:
+        raise click.BadParameter("needs --tools", param_hint="'--tool-choice'")
+    if choice in ("auto", "none", "required"):
+        return choice  # type: ignore[return-value]
+    names = [t.function.name for t in tools]
+    if choice not in names:
+        raise click.BadParameter(
+            f"{choice!r} is not auto, none, required or a tool of --tools ({', '.join(names)})",
+            param_hint="'--tool-choice'",
+        )
+    return NamedToolChoice(function=NamedFunction(name=choice))
+
+
+def _response_format(path: Path) -> ResponseFormat:
+    schema = _document(path, "'--schema'")
+    if not isinstance(schema, dict):
+        raise click.BadParameter(f"{path}: expected a JSON Schema object", param_hint="'--schema'")
+    name = re.sub(r"[^A-Za-z0-9_-]", "_", path.stem)[:64] or "answer"
+    try:
+        return ResponseFormat(type="json_schema", json_schema={"name": name, "schema": schema})
+    except ValidationError as exc:
+        raise click.BadParameter(f"{path}: {_first_error(exc)}", param_hint="'--schema'") from None
 
 
 async def _ask(request: LLMRequest, wait_s: float, *, quiet: bool) -> LLMResponse:

@@ -357,6 +357,39 @@ async def test_llm_stage_end_to_end(settings_env: dict[str, str], tmp_path: Path
         assert "what is a stream?" in done.stdout
         # no --model: the worker's default alias, served by local's own default model
         assert "[completed] local/local-echo (chat)" in done.stderr
+        # tools and a schema from files, answered offline by local: the call (its
+        # arguments match the tool's parameters), then a structured answer the worker
+        # checked against the schema
+        tools = tmp_path / "tools.yaml"
+        tools.write_text(
+            "- name: search_web\n"
+            "- name: get_weather\n"
+            "  description: the weather forecast of a city\n"
+            "  parameters: {type: object, required: [city],\n"
+            "               properties: {city: {type: string}}}\n"
+        )
+        called = await asyncio.to_thread(
+            cli, env, "llm", "ask", "weather in oslo?", "--provider", "local",
+            "--tools", str(tools), timeout=60,
+        )  # fmt: skip
+        assert called.returncode == 0, called.stderr
+        [line] = [x for x in called.stdout.splitlines() if x.startswith("tool ")]
+        _, call_id, name, arguments = line.split(" ", 3)
+        assert call_id.startswith("call_") and name == "get_weather"
+        assert isinstance(json.loads(arguments)["city"], str)
+        assert "tool_calls" in called.stderr
+        schema = tmp_path / "forecast.json"
+        schema.write_text(
+            '{"type": "object", "required": ["summary", "celsius"], "properties": '
+            '{"summary": {"type": "string"}, "celsius": {"type": "number"}}}'
+        )
+        shaped = await asyncio.to_thread(
+            cli, env, "llm", "ask", "weather in oslo?", "--provider", "local",
+            "--schema", str(schema), timeout=60,
+        )  # fmt: skip
+        assert shaped.returncode == 0, shaped.stderr
+        assert set(json.loads(shaped.stdout)) >= {"summary", "celsius"}
+        assert "schema valid" in shaped.stderr
 
         # -- restart with a call in flight: its offset was not committed, so the restarted
         # worker replays it and answers it once (kill -9 takes the same path, but the group

@@ -163,6 +163,45 @@ MISTAKES = [
         2,
     ),
     Mistake(
+        "llm-ask-tools-missing",
+        ("llm", "ask", "hi", "--tools", "no-such-tools.json"),
+        ("Invalid value for '--tools': no-such-tools.json: No such file or directory",),
+        2,
+    ),
+    Mistake(
+        "llm-ask-tools-not-a-list",
+        ("llm", "ask", "hi", "--tools", "good.yaml"),
+        ("Invalid value for '--tools': good.yaml: expected a list of tools",),
+        2,
+    ),
+    Mistake(
+        "llm-ask-tool-bad-name",
+        ("llm", "ask", "hi", "--tools", "tools-bad-name.yaml"),
+        (
+            "Invalid value for '--tools': tools-bad-name.yaml: tool 2: function.name: "
+            "Value error, tool name 'get weather': 1-64 letters, digits, _ or -",
+        ),
+        2,
+    ),
+    Mistake(
+        "llm-ask-tool-choice-unknown",
+        ("llm", "ask", "hi", "--tools", "tools.yaml", "--tool-choice", "get_wether"),
+        ("Invalid value for '--tool-choice': 'get_wether' is not auto, none, required or",),
+        2,
+    ),
+    Mistake(
+        "llm-ask-tool-choice-without-tools",
+        ("llm", "ask", "hi", "--tool-choice", "auto"),
+        ("Invalid value for '--tool-choice': needs --tools",),
+        2,
+    ),
+    Mistake(
+        "llm-ask-schema-not-json",
+        ("llm", "ask", "hi", "--schema", "bad.yaml"),
+        ("Invalid value for '--schema': bad.yaml: not JSON or YAML:",),
+        2,
+    ),
+    Mistake(
         "llm-ask-empty-model",
         ("llm", "ask", "hi", "--model", ""),
         ("Invalid value for '--model'",),
@@ -426,6 +465,8 @@ def outcomes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any
     (work / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
     (work / "invalid.yaml").write_text("policy_id: p1\nmax_message_size: -5\n")
     (work / "good.yaml").write_text('policy_id: p1\nlevel: "*"\n')
+    (work / "tools.yaml").write_text("- name: get_weather\n- name: search\n")
+    (work / "tools-bad-name.yaml").write_text("- name: search\n- name: get weather\n")
     openai = "openai: {kind: openai, base_url: 'http://127.0.0.1:9/v1', models: {%s: gpt-4o-mini}}"
     (work / "providers-typo.yaml").write_text(f"aliases: [fast]\nproviders:\n  {openai % 'fsat'}\n")
     (work / "providers-key.yaml").write_text(f"alias: [fast]\nproviders:\n  {openai % 'fast'}\n")
