@@ -468,11 +468,22 @@ async def _measure(
             # one request at a time: the pipeline's fixed cost (Kafka hops, fetches)
             single_direct: list[float] = []
             single_piped: list[float] = []
+            calls_before = len(watch.call_ms)
             for _ in range(SINGLES):
                 single_direct += await burst(direct_fast, 1)
                 single_piped += await burst(piped_fast, 1)
+            single_calls = watch.call_ms[calls_before:]
             out["llm_single_added_p50_ms"] = round(
                 (statistics.median(single_piped) - statistics.median(single_direct)) * 1000, 2
+            )
+            # the worker's own time per call (admission to final outcome): the rest of
+            # the added latency is the Kafka hops (request in, response out)
+            if single_calls:
+                out["llm_single_worker_call_p50_ms"] = round(statistics.median(single_calls), 2)
+            log(
+                f"llm one at a time: direct p50 {statistics.median(single_direct) * 1000:.1f} "
+                f"ms, pipeline p50 {statistics.median(single_piped) * 1000:.1f} ms, of which "
+                f"the worker's call {statistics.median(single_calls or [0]):.1f} ms"
             )
         finally:
             await producer.stop()
