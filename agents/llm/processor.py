@@ -295,6 +295,7 @@ class AgentProcessor:
                         usage=usage,
                         provider=name,
                         model=partial.model or model,
+                        tool_calls=_calls_so_far(partial),
                     )
                 except Exception as exc:
                     last_error = exc
@@ -415,6 +416,14 @@ class AgentProcessor:
         # inside the attempt: a call that cannot be completed (no name) fails it, and
         # the retry policy decides as for any malformed stream
         partial.tool_calls = partial.tools.finish()
+
+
+def _calls_so_far(partial: _Partial) -> list[ToolCall]:
+    """The tool calls of an attempt cut short, as far as they were streamed (their chunks
+    are out already): the last one's arguments are usually unfinished
+    (`arguments_valid` false). A piece that never got its call's name is left out — no
+    consumer could call it — rather than failing the cancellation."""
+    return partial.tools.finish(skip_unnamed=True)
 
 
 def _ms(t0: float) -> float:

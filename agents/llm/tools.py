@@ -83,11 +83,16 @@ class ToolCallAccumulator:
                 raise self._error(f"tool call arguments exceed {MAX_ARGUMENTS_CHARS} characters")
             args.append(delta.arguments)
 
-    def finish(self) -> list[ToolCall]:
+    def finish(self, *, skip_unnamed: bool = False) -> list[ToolCall]:
+        """The complete calls, in index order. A call that got arguments but never a name
+        fails the stream (a `ProviderProtocolError`), or is left out with `skip_unnamed`
+        (a stream cut short, where the rest will never come)."""
         out = []
         for index in sorted(self._calls):
             ids, names, args = self._calls[index]
             if not names:
+                if skip_unnamed:
+                    continue
                 raise self._error(f"tool call {index} has arguments but no name")
             arguments = "".join(args)
             out.append(

@@ -4,6 +4,7 @@ same request always gets the same answer, and the worker's own checks accept it.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import orjson
@@ -11,7 +12,7 @@ import pytest
 from jsonschema import Draft202012Validator
 
 from agentstream.agents.llm.processor import AgentProcessor
-from agentstream.agents.llm.providers.base import StreamChunk
+from agentstream.agents.llm.providers.base import ProviderConfig, StreamChunk
 from agentstream.agents.llm.providers.local import LocalProvider, tool_to_call
 from agentstream.agents.llm.registry import LLMRegistry
 from agentstream.agents.llm.tools import ToolCallAccumulator
@@ -155,3 +156,39 @@ async def _process(config: LLMConfig, stream: bool) -> Any:
         return None
 
     return await proc.process_request(request, on_chunk=on_chunk)
+
+
+async def test_a_call_cancelled_mid_stream_keeps_the_tool_call_streamed_so_far() -> None:
+    """The chunks already carried the call's first pieces; the final (cancelled) response
+    must carry them too — cut off, so `arguments_valid` is false — not drop them."""
+    slow = LocalProvider(ProviderConfig(name="slow", kind="local", word_delay_s=0.02))
+    reg = LLMRegistry(secrets=None)
+    reg.register_provider("slow", slow)
+    proc = AgentProcessor(
+        reg,
+        policy=RetryPolicy(base_delay_s=0.001, max_delay_s=0.01),
+        breaker_failures=3,
+        breaker_window_s=60,
+        breaker_reset_s=10,
+    )
+    cancel = asyncio.Event()
+    pieces: list[Any] = []
+
+    async def on_chunk(delta: str, provider: str, attempt: int, **kw: Any) -> None:
+        pieces.extend(kw.get("tool_calls") or ())
+        if len(pieces) == 2:  # the call's name, then a first fragment of its arguments
+            cancel.set()
+
+    request = LLMRequest(
+        request_id="r-cut",
+        agent_id="agent-1",
+        provider="slow",
+        context=ctx(USER),
+        config=LLMConfig(tools=TOOLS),
+    )
+    out = await proc.process_request(request, on_chunk=on_chunk, cancel=cancel)
+    assert out.status == "cancelled"
+    [call] = out.tool_calls
+    assert call.function.name == "get_weather" and call.id == pieces[0].id
+    assert call.function.arguments == "".join(p.arguments for p in pieces)
+    assert call.function.arguments and call.arguments_valid is False

@@ -629,3 +629,14 @@ def test_the_documented_tool_request_and_round_trip(tmp_path: Any) -> None:
     ctx = LLMContext(messages=[*request.context.messages, *messages])
     body = anthropic_body("anthropic", ctx, request.config, "m", 10, True)
     assert body["messages"][2]["content"][0]["tool_use_id"] == "toolu_01A"
+
+
+def test_a_stream_cut_short_keeps_its_named_calls_and_drops_a_nameless_piece() -> None:
+    acc = tools.ToolCallAccumulator("p")
+    acc.add(ToolCallDelta(index=0, id="c0", name="get_weather", arguments='{"ci'))
+    acc.add(ToolCallDelta(index=1, arguments='{"q": '))  # its name never came
+    with pytest.raises(ProviderProtocolError):
+        acc.finish()
+    [kept] = acc.finish(skip_unnamed=True)
+    assert (kept.id, kept.function.name, kept.function.arguments) == ("c0", "get_weather", '{"ci')
+    assert kept.arguments_valid is False
