@@ -74,6 +74,11 @@ T = TypeVar("T")
 
 #: how long `subscribe` waits for a topic to appear when its `timeout_s` does not say
 UNKNOWN_TOPIC_TIMEOUT_S = 10.0
+#: how long the first publish to a topic waits for the topic's metadata. Auto-creation is
+#: off, so a topic the cluster does not know will not appear by itself: this covers only
+#: a topic created a moment ago reaching every broker's metadata (milliseconds), where
+#: aiokafka would wait its whole request timeout (30 s) before saying the topic is missing
+PUBLISH_UNKNOWN_TOPIC_S = 3.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -405,6 +410,8 @@ class AsyncClient:
         assert self._producer is not None
         full = self._full(topic)
         size = len(value or b"") + len(key or b"")
+        if self._producer.client.cluster.partitions_for_topic(full) is None:
+            await self._await_topic(full, shown_key, size)
         try:
             fut = await self._producer.send(full, value=value, key=key)
         except _REFUSED as exc:
@@ -416,6 +423,28 @@ class AsyncClient:
         except _REFUSED as exc:
             self._renew_producer = True
             raise _publish_error(self.settings, full, shown_key, size, exc) from exc
+
+    async def _await_topic(self, full: str, shown_key: Any, size: int) -> None:
+        """Until the producer's metadata knows `full`; a PublishError when it is missing
+        after `PUBLISH_UNKNOWN_TOPIC_S` or not ours to write."""
+        client = self._producer.client
+        client.add_topic(full)  # metadata is asked for the topics the client tracks
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + PUBLISH_UNKNOWN_TOPIC_S
+        while client.cluster.partitions_for_topic(full) is None:
+            if full in client.cluster.unauthorized_topics:
+                raise _publish_error(
+                    self.settings, full, shown_key, size, TopicAuthorizationFailedError()
+                )
+            if loop.time() > deadline:
+                raise _publish_error(
+                    self.settings, full, shown_key, size, UnknownTopicOrPartitionError()
+                )
+            try:
+                await client.force_metadata_update()
+            except _REFUSED as exc:
+                raise _publish_error(self.settings, full, shown_key, size, exc) from exc
+            await asyncio.sleep(0.1)
 
     def _delivery(self, fut: asyncio.Future[Any], topic: str, key: Any, size: int) -> Any:
         """The delivery future, its error mapped (a callback, not a task per record)."""

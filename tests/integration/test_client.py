@@ -23,7 +23,7 @@ import agentstream.streams.client as streams_client
 from agentstream.infra.kafka.secured import SecuredKafka
 from agentstream.schemas import AgentMessage, Event
 from agentstream.streams.admin import ensure_topics
-from agentstream.streams.client import Client
+from agentstream.streams.client import AsyncClient, Client
 from agentstream.streams.errors import BrokerAuthError, BrokerError, PublishError
 from agentstream.streams.settings import Settings
 from tests.support import wait_until
@@ -153,6 +153,19 @@ def test_an_unknown_topic_fails_within_the_timeout(
             next(client.subscribe("no.such.topic", **kw))
         took = time.monotonic() - t0
     assert 2.0 <= took < 6.0, took
+
+
+async def test_publishing_to_a_missing_topic_fails_at_once(settings: Settings) -> None:
+    """Auto-creation is off: a topic the cluster does not know will not appear, and the
+    publish says so after a short look (PUBLISH_UNKNOWN_TOPIC_S), not after aiokafka's
+    30 s request timeout. A topic created meanwhile is found."""
+    async with AsyncClient(settings) as client:
+        t0 = time.monotonic()
+        with pytest.raises(PublishError, match=r"no\.such\.topic failed: the topic does not exist"):
+            await client.publish_raw("no.such.topic", b"x")
+        took = time.monotonic() - t0
+        assert streams_client.PUBLISH_UNKNOWN_TOPIC_S <= took < 15.0, took
+        assert (await client.publish("agent.messages", _message(1))).offset >= 0
 
 
 # -- the password as an argument, against the secured broker -------------------------------

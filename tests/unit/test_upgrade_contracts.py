@@ -838,7 +838,30 @@ CONTRACTS: list[Contract] = [
         "aiokafka.client.AIOKafkaClient.force_metadata_update",
         "call",
         *FORCE_METADATA,
+        "streams/client.py::await client.force_metadata_update()",
         params="(self)",
+    ),
+    # -- streams/client.py: the first publish to a topic looks for it, briefly ----------
+    c(
+        "aiokafka.AIOKafkaProducer.client",
+        "read",
+        "streams/client.py::client = self._producer.client",
+    ),
+    c(
+        "aiokafka.client.AIOKafkaClient.cluster",
+        "read",
+        "streams/client.py::client.cluster.partitions_for_topic",
+    ),
+    c(
+        "aiokafka.client.AIOKafkaClient.add_topic",
+        "call",
+        "streams/client.py::client.add_topic(full)",
+        params="(self, topic)",
+    ),
+    c(
+        "aiokafka.cluster.ClusterMetadata.unauthorized_topics",
+        "read",
+        "streams/client.py::client.cluster.unauthorized_topics",
     ),
     # -- agents/llm/providers: httpcore's network backend, set on httpx's pool ----------
     c(
