@@ -58,7 +58,7 @@ from typing import Any, Literal, cast
 
 from aiohttp import web
 
-from agentstream.streams.settings import Settings, get_settings
+from agentstream.streams.settings import Settings, SettingsError, get_settings
 
 log = logging.getLogger(__name__)
 
@@ -654,7 +654,19 @@ def server_ssl_context(settings: Settings) -> ssl.SSLContext | None:
         return None
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(str(settings.web_tls_certfile), str(settings.web_tls_keyfile))
+    try:
+        ctx.load_cert_chain(str(settings.web_tls_certfile), str(settings.web_tls_keyfile))
+    except (ssl.SSLError, OSError) as exc:
+        # OpenSSL says only "[SSL] PEM lib" or "KEY_VALUES_MISMATCH": name the settings
+        # and what they must hold
+        reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or str(exc)
+        reason = re.sub(r"\s*\(_ssl\.c:\d+\)", "", str(reason))
+        raise SettingsError(
+            "AGENTSTREAM_WEB_TLS_CERTFILE/KEYFILE: cannot load the web server's certificate "
+            f"and key ({reason}): both must be PEM files (-----BEGIN ...-----), the key "
+            "unencrypted and matching the certificate",
+            field="web_tls_certfile",
+        ) from None
     return ctx
 
 

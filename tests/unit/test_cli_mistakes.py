@@ -202,6 +202,16 @@ MISTAKES = [
         2,
     ),
     Mistake(
+        "web-certificate-not-pem",
+        ("worker",),
+        (
+            "Error: AGENTSTREAM_WEB_TLS_CERTFILE/KEYFILE: cannot load the web server's "
+            "certificate and key ([SSL] PEM lib): both must be PEM files",
+        ),
+        2,
+        {"AGENTSTREAM_WEB_TLS_CERTFILE": "tools.yaml", "AGENTSTREAM_WEB_TLS_KEYFILE": "good.yaml"},
+    ),
+    Mistake(
         "llm-ask-empty-model",
         ("llm", "ask", "hi", "--model", ""),
         ("Invalid value for '--model'",),

@@ -18,7 +18,7 @@ from aiohttp.test_utils import TestServer
 
 from agentstream.streams import web_auth
 from agentstream.streams.errors import CredentialsError
-from agentstream.streams.settings import Settings
+from agentstream.streams.settings import Settings, SettingsError
 from agentstream.streams.web_auth import (
     CLUSTER_ENTRY,
     INDEX_ENTRY,
@@ -442,7 +442,15 @@ async def test_peer_headers() -> None:
 def test_server_tls_context(tmp_path: Any) -> None:
     assert web_auth.server_ssl_context(settings()) is None
     assert web_auth.web_scheme(settings()) == "http"
-    with pytest.raises(OSError):  # a missing certificate stops the worker, never plain HTTP
+    # a missing or unreadable certificate stops the worker (one settings line), never
+    # plain HTTP
+    with pytest.raises(SettingsError, match=r"WEB_TLS_CERTFILE/KEYFILE: .*No such file"):
+        web_auth.server_ssl_context(
+            settings(web_tls_certfile=str(tmp_path / "c.pem"), web_tls_keyfile=str(tmp_path / "k"))
+        )
+    (tmp_path / "c.pem").write_text("not a certificate\n")
+    (tmp_path / "k").write_text("not a key\n")
+    with pytest.raises(SettingsError, match=r"\(\[SSL\] PEM lib\): both must be PEM files"):
         web_auth.server_ssl_context(
             settings(web_tls_certfile=str(tmp_path / "c.pem"), web_tls_keyfile=str(tmp_path / "k"))
         )
