@@ -128,6 +128,7 @@ time: what needs the app takes it from its objects (`self.app`) or as an argumen
 from __future__ import annotations
 
 import asyncio
+import os
 import weakref
 from typing import Any
 
@@ -664,6 +665,10 @@ class BatchDeliveryConsumer:
         delivered. Delivered after a seek to the committed offset, a record from above
         it made the offsets in between look like a gap with nothing to fetch: counted as
         done, committed, and lost (seen after restarts under both guarantees)."""
+        if epoch is None:
+            epoch = self._refetch_epoch
+        if NATIVE_CHANNELS:
+            batch = await self._deliver_native(batch, epoch)
         callback = self.callback
         get_read_offset = self._read_offset.__getitem__
         set_read_offset = self._read_offset.__setitem__
@@ -725,6 +730,66 @@ class BatchDeliveryConsumer:
                     self.refetch([m for _, m in batch[i - 1 :]])
                     return
                 set_read_offset(tp, offset)
+
+    async def _deliver_native(
+        self: Any, batch: list[tuple[Any, Any]], epoch: int
+    ) -> list[tuple[Any, Any]]:
+        """EXPERIMENTAL (`NATIVE_ENABLED`, docs/design/batch-delivery.md): hand the records
+        of topics with a native batch channel to it as one list per topic, without the
+        conductor; returns the records of every other topic, for the per-record path.
+
+        Keeps: the refetch epoch (7), the read offsets and gaps, `commit_every`, flow
+        control and the producer buffer's ebb, once per batch. Skips (prototype): a
+        flow-control clear does not empty the native channels (6), records are not
+        tracked as unacked (`wait_empty`), and exactly-once (never enabled under it)."""
+        channels = NATIVE_CHANNELS
+        rest: list[tuple[Any, Any]] = []
+        per_topic: dict[str, dict[Any, list[Any]]] = {}
+        for tp, message in batch:
+            if tp.topic in channels:
+                per_topic.setdefault(tp.topic, {}).setdefault(tp, []).append(message)
+            else:
+                rest.append((tp, message))
+        if not per_topic:
+            return rest
+        await self.app.flow_control.acquire()
+        await self.app.producer.buffer.wait_until_ebb()
+        read_offset = self._read_offset
+        acks_enabled_for = self.app.topics.acks_enabled_for
+        topics = list(per_topic.items())
+        for i, (topic, by_tp) in enumerate(topics):
+            if self._refetch_epoch != epoch:
+                self.refetch([m for _, tps in topics[i:] for ms in tps.values() for m in ms])
+                return rest
+            out: list[Any] = []
+            last: dict[Any, int] = {}
+            gaps = acks_enabled_for(topic)
+            for tp, messages in by_tp.items():
+                r_offset = read_offset[tp]
+                for message in messages:
+                    offset = message.offset
+                    if r_offset is not None and offset < r_offset:
+                        continue  # as the per-record path: below the read offset
+                    if gaps and r_offset and offset - r_offset > 1:
+                        await self._add_gap(tp, r_offset + 1, offset)
+                    out.append(message)
+                    r_offset = offset
+                if r_offset is not None:
+                    last[tp] = r_offset
+            if not out:
+                continue
+            try:
+                await channels[topic].put(out)
+            except asyncio.CancelledError:
+                self.refetch([m for _, tps in topics[i:] for ms in tps.values() for m in ms])
+                raise
+            for tp, offset in last.items():
+                read_offset[tp] = offset
+        commit_every = self._commit_every
+        if commit_every is not None and self._n_acked >= commit_every:
+            self._n_acked = 0
+            await self.commit()
+        return rest
 
     async def _drain_messages(self: Any, fetcher: Any) -> None:  # pragma: no cover - worker
         deliver = self._deliver
@@ -828,6 +893,14 @@ class IdempotentProducer:
         extra.setdefault("acks", "all")
         extra.setdefault("enable_idempotence", True)
         return extra
+
+
+#: EXPERIMENTAL batch-native delivery (docs/design/batch-delivery.md), at-least-once only:
+#: ``AGENTSTREAM_EXPERIMENTAL_BATCH_DELIVERY=1`` lets an agent's `decoded_batches` take
+#: its topic's fetched records as lists (`BatchDeliveryConsumer._deliver_native`)
+NATIVE_ENABLED = os.environ.get("AGENTSTREAM_EXPERIMENTAL_BATCH_DELIVERY", "") == "1"
+#: topic name → the queue of record lists its one native agent takes
+NATIVE_CHANNELS: dict[str, asyncio.Queue[list[Any]]] = {}
 
 
 #: per agent stream, `streams.processing.event_batches`' marks {partition: (consumer

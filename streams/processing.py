@@ -77,6 +77,8 @@ from agentstream.schemas.errors import InvalidEvent, PipelineError
 from agentstream.streams.app import app, catalogue_topic, settings
 from agentstream.streams.delivery import (
     HANDED_MARKS,
+    NATIVE_CHANNELS,
+    NATIVE_ENABLED,
     STALE_DELIVERIES,
     delivery_failed,
     processing_failed,
@@ -373,7 +375,12 @@ async def _decoded_batches(
     prepare: Callable[[list[Inbound]], Awaitable[None]] | None,
 ) -> AsyncGenerator[list[Inbound], None]:
     limit = settings.max_event_bytes
-    batches = _event_batches(stream, max_batch, within_s)
+    channel = _native_channel(stream)
+    batches = (
+        _native_batches(stream, channel, max_batch)
+        if channel is not None
+        else _event_batches(stream, max_batch, within_s)
+    )
     # closed together with this generator: an abandoned batch is not acked, and its
     # iterator must not wait for the garbage collector to say so
     async with contextlib.aclosing(batches):
@@ -381,11 +388,15 @@ async def _decoded_batches(
             good: list[Inbound] = []
             bad: list[tuple[Any, PipelineError]] = []
             topic_name = ""
-            for ev in events:
-                msg = ev.message
+            pairs = (
+                [(m, m.value) for m in events]
+                if channel is not None
+                else [(ev.message, ev.value) for ev in events]
+            )
+            for msg, value in pairs:
                 topic_name = msg.topic
                 try:
-                    decoded = registry.decode(ev.value, max_bytes=limit)
+                    decoded = registry.decode(value, max_bytes=limit)
                     if accepted is not None and decoded.type not in accepted:
                         raise InvalidEvent(
                             f"event type {decoded.type!r} does not belong on {msg.topic}",
@@ -559,6 +570,153 @@ async def _event_batches(
             stream.service_reset()
 
 
+# -- EXPERIMENTAL batch-native delivery (docs/design/batch-delivery.md) -------------------
+# At-least-once only, behind AGENTSTREAM_EXPERIMENTAL_BATCH_DELIVERY=1: the consumer hands
+# an agent's topic's fetched records to it as lists (`streams.delivery.NATIVE_CHANNELS`),
+# without the conductor, Faust `Event`s, per-event sensors or `Event.ack`; the batch's
+# `emit`s are kept in an outbox and produced per (topic, partition) with `send_batch`
+# before the batch is acked. What the prototype skips is listed in the design note.
+
+#: (the agent's task, its outbox) while a native batch is out: `emit` appends to it
+_OUTBOX: ContextVar[tuple[asyncio.Task[Any] | None, list[tuple[str, bytes, bytes, str]]] | None] = (
+    ContextVar("agentstream_outbox", default=None)
+)
+#: native channels' capacity, in fetched batches (backpressure on the consumer)
+NATIVE_QUEUE_BATCHES = 2
+
+
+def _native_channel(stream: Any) -> asyncio.Queue[list[Any]] | None:
+    if not NATIVE_ENABLED or _EOS:
+        return None
+    topics: tuple[str, ...] = tuple(getattr(stream.channel, "topics", None) or ())
+    if len(topics) != 1:
+        return None
+    name = topics[0]
+    channel = NATIVE_CHANNELS.get(name)
+    if channel is None:
+        channel = NATIVE_CHANNELS[name] = asyncio.Queue(NATIVE_QUEUE_BATCHES)
+        log.warning("EXPERIMENTAL batch-native delivery for %s", name)
+    return channel
+
+
+async def _native_batches(
+    stream: Any, channel: asyncio.Queue[list[Any]], max_batch: int
+) -> AsyncGenerator[list[Any], None]:
+    app_ = stream.app
+    consumer = app_.consumer
+    refetch = consumer.refetch
+    flow_control = app_.flow_control
+    task = asyncio.current_task()
+    handed: dict[Any, tuple[int, int]] = {}
+    mark_key = str(getattr(stream, "shortlabel", None) or id(stream))
+    HANDED_MARKS[mark_key] = handed
+    started = await stream.maybe_start()
+    try:
+        while not stream.should_stop:
+            delivered = await channel.get()
+            for start in range(0, len(delivered), max_batch):
+                chunk = delivered[start : start + max_batch]
+                active = flow_control.is_active()
+                generation = app_.consumer_generation_id
+                taken = (task, app_, getattr(consumer, "_revokes", 0), generation)
+                _TAKEN.set(taken)
+                events: list[Any] = []
+                skipped: list[Any] = []
+                for msg in chunk:
+                    if not active or msg.generation_id != generation:
+                        skipped.append(msg)
+                        continue
+                    mark = handed.get(msg.tp)
+                    if mark is not None and mark[0] == generation and msg.offset <= mark[1]:
+                        continue
+                    handed[msg.tp] = (generation, msg.offset)
+                    events.append(msg)
+                if skipped:
+                    refetch(skipped)
+                if events:
+                    outbox: list[tuple[str, bytes, bytes, str]] = []
+                    _OUTBOX.set((task, outbox))
+                    yield events
+                    _OUTBOX.set(None)
+                    if outbox:
+                        await _send_outbox(outbox)
+                    _ack_all(app_, consumer, events)
+                _TAKEN.set(None)
+    finally:
+        _OUTBOX.set(None)
+        if HANDED_MARKS.get(mark_key) is handed:
+            HANDED_MARKS.pop(mark_key, None)
+        if started:
+            await stream.stop()
+            stream.service_reset()
+
+
+def _ack_all(app_: Any, consumer: Any, messages: list[Any]) -> None:
+    """`Consumer.ack` for a whole batch under one lock, and the one sensor value the
+    consumer's health check reads (`stream_inbound_time`), once per partition."""
+    from faust.types.tuples import ack_lock
+    from mode.utils.futures import notify
+
+    committed = consumer._committed_offset
+    acked_index = consumer._acked_index
+    acked = consumer._acked
+    acks_enabled_for = app_.topics.acks_enabled_for
+    n = 0
+    tps: set[Any] = set()
+    with ack_lock:
+        for msg in messages:
+            if msg.acked:
+                continue
+            msg.acked = True
+            tp = msg.tp
+            tps.add(tp)
+            if not acks_enabled_for(msg.topic):
+                continue
+            offset = msg.offset
+            c = committed[tp]
+            if c is None or offset >= c:
+                index = acked_index[tp]
+                if offset not in index:
+                    index.add(offset)
+                    acked[tp].append(offset)
+                    n += 1
+        consumer._n_acked += n
+    notify(consumer._waiting_for_ack)
+    monitor = app_.monitor
+    if monitor is not None and monitor.stream_inbound_time is not None:
+        now = time.monotonic()
+        for tp in tps:
+            monitor.stream_inbound_time[tp] = now
+
+
+_KNOWN_TOPICS: set[str] = set()
+
+
+async def _send_outbox(outbox: list[tuple[str, bytes, bytes, str]]) -> None:
+    """Produce a batch's outputs per (topic, partition) with aiokafka's batch API; the
+    partition is the one `Producer.send` would pick (aiokafka's partitioner of the
+    worker's producer). Faust's flush before a commit covers these batches."""
+    producer = (await _producer())._ensure_producer()
+    by_tp: dict[tuple[str, int, str], list[tuple[bytes, bytes]]] = {}
+    for name, key, value, topic in outbox:
+        if name not in _KNOWN_TOPICS:
+            await producer.partitions_for(name)
+            _KNOWN_TOPICS.add(name)
+        p = producer._partition(name, None, None, None, key, None)
+        by_tp.setdefault((name, p, topic), []).append((key, value))
+    for (name, p, topic), records in by_tp.items():
+        batch = producer.create_batch()
+        for key, value in records:
+            if batch.append(key=key, value=value, timestamp=None) is None:
+                fut = await producer.send_batch(batch, name, partition=p)
+                fut.add_done_callback(partial(_delivered, topic))
+                batch = producer.create_batch()
+                batch.append(key=key, value=value, timestamp=None)
+        fut = await producer.send_batch(batch, name, partition=p)
+        fut.add_done_callback(partial(_delivered, topic))
+        _events_out(topic).inc(len(records))
+
+
 async def dead_letter(message: Any, exc: BaseException, consumer: str) -> None:
     """Publish a DeadLetter carrying the original bytes (redacted if the consumer asked
     for it, see `redact_dead_letters`) and the record's coordinates."""
@@ -636,6 +794,11 @@ async def emit(topic: str, event: Event[Any], *, key: str | None = None) -> None
     catalogue_topic(topic)  # unknown names fail here, as before
     name = settings.topic(topic)
     record_key = (key if key is not None else event.key).encode()
+    if NATIVE_ENABLED:
+        box = _OUTBOX.get()
+        if box is not None and box[0] is asyncio.current_task():
+            box[1].append((name, record_key, encode(event), topic))
+            return
     if _EOS:
         fut = await send_record(name, record_key, encode(event))
     else:
