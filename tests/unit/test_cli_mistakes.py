@@ -131,7 +131,10 @@ MISTAKES = [
     Mistake(
         "web-certificate-not-pem",
         ("topics", "list"),
-        ("Error: the app cannot be built from these settings: [SSL]",),
+        (
+            "Error: AGENTSTREAM_WEB_TLS_CERTFILE/KEYFILE: cannot load the web server's "
+            "certificate and key ([SSL] PEM lib): both must be PEM files",
+        ),
         2,
         {"AGENTSTREAM_WEB_TLS_CERTFILE": "bad.yaml", "AGENTSTREAM_WEB_TLS_KEYFILE": "bad.yaml"},
     ),
@@ -200,16 +203,6 @@ MISTAKES = [
         ("llm", "ask", "hi", "--schema", "bad.yaml"),
         ("Invalid value for '--schema': bad.yaml: not JSON or YAML:",),
         2,
-    ),
-    Mistake(
-        "web-certificate-not-pem",
-        ("worker",),
-        (
-            "Error: AGENTSTREAM_WEB_TLS_CERTFILE/KEYFILE: cannot load the web server's "
-            "certificate and key ([SSL] PEM lib): both must be PEM files",
-        ),
-        2,
-        {"AGENTSTREAM_WEB_TLS_CERTFILE": "tools.yaml", "AGENTSTREAM_WEB_TLS_KEYFILE": "good.yaml"},
     ),
     Mistake(
         "llm-ask-empty-model",
