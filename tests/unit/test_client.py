@@ -12,6 +12,7 @@ import logging
 import threading
 import time
 import tomllib
+import types
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -261,6 +262,16 @@ def test_the_error_tree_draws_publish_error() -> None:
     assert "PublishError" in streams_errors.__all__
 
 
+class _EveryTopic:
+    """The metadata of a cluster that has every topic (the look for a missing topic
+    before a first publish is tested against a real broker, tests/integration)."""
+
+    unauthorized_topics: frozenset[str] = frozenset()
+
+    def partitions_for_topic(self, topic: str) -> set[int]:
+        return {0}
+
+
 class FakeProducer:
     """send() as aiokafka's: raises, or returns a delivery future that fails or succeeds."""
 
@@ -270,6 +281,7 @@ class FakeProducer:
         self.on_send, self.on_delivery = on_send, on_delivery
         self.sent: list[tuple[str, bytes | None, bytes | None]] = []
         self.stopped = False
+        self.client = types.SimpleNamespace(cluster=_EveryTopic())
 
     async def send(self, topic: str, value: bytes | None = None, key: bytes | None = None) -> Any:
         if self.on_send is not None:
