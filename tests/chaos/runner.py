@@ -65,6 +65,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Workers' AGENTSTREAM_BROKER_SESSION_TIMEOUT_S (default 10; 0 = the setting's "
         "default).",
     )
+    p.add_argument(
+        "--fault-s",
+        type=float,
+        help="Length of the network scenarios' fault window (default: 60 s, 30 s for the "
+        "blackhole, halved on a short run); forces the full window on a short run.",
+    )
     p.add_argument("--kills-per-worker", type=int, default=5, help="worker_kill: kills per worker.")
     p.add_argument(
         "--standby",
@@ -145,6 +151,8 @@ async def _one(
     own: OwnBroker | OwnKafka | None = None
     broker: OwnBroker | OwnKafka | None = shared
     extra_env = {"CHAOS_KILLS_PER_WORKER": str(args.kills_per_worker)}
+    if args.fault_s:
+        extra_env["CHAOS_FAULT_S"] = str(args.fault_s)
     if sc.own_broker:  # a broker to kill: never the shared or an external one
         if sc.kafka == "broker":
             own = OwnBroker(run_dir / "kafka", PORT_BASE + 20)
