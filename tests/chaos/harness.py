@@ -17,7 +17,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 
@@ -34,6 +34,7 @@ COMMIT_INTERVAL_S = 1.0
 #: the worker's session timeout when a run does not set one (the setting's default)
 DEFAULT_SESSION_TIMEOUT_S = Settings.model_fields["broker_session_timeout_s"].default
 SENDERS = 24
+T = TypeVar("T")
 
 
 def free_port() -> int:
@@ -343,8 +344,6 @@ async def run_once(opts: RunOptions, scenario: ScenarioFunc) -> dict[str, Any]:
     if hooks_factory is not None:
         ctx.hooks = hooks_factory()
     ctx.log("setup done", seed=seed)
-    supervisor: asyncio.Task[None] | None = None
-    load_task: asyncio.Task[None] | None = None
     result: dict[str, Any] = {
         "scenario": opts.scenario,
         "guarantee": opts.guarantee,
@@ -358,6 +357,63 @@ async def run_once(opts: RunOptions, scenario: ScenarioFunc) -> dict[str, Any]:
         "dir": str(run_dir),
     }
     error: str | None = None
+    try:
+        await _load_and_faults(ctx, scenario, result)
+    except Exception as exc:
+        error = f"{type(exc).__name__}: {exc}"
+        ctx.note(f"run aborted: {error}"[:2000])
+    except BaseException:
+        # interrupted (Ctrl-C, SIGTERM): the workers are stopped, the run is not recorded
+        await _release(ctx)
+        raise
+    try:
+        result.update(await _post_checks(ctx, result))
+    finally:
+        await _release(ctx)
+    if error:
+        result["error"] = error
+        result["ok"] = False
+    result["cpu_s"] = round(_cpu_now(opts.broker) - cpu0, 1)
+    result["wall_s"] = round(time.time() - started, 1)
+    result["notes"] = ctx.notes
+    result["events"] = ctx.events
+    result["workers_detail"] = {
+        w.name: {
+            "starts": w.starts,
+            "kills": w.kills,
+            "crashes": w.crashes,
+            "crash_reasons": w.crash_reasons(),
+        }
+        for w in workers
+    }
+    reasons: dict[str, int] = {}
+    for w in workers:
+        for reason, n in w.crash_reasons().items():
+            reasons[reason] = reasons.get(reason, 0) + n
+    for reason, n in reasons.items():
+        ctx.note(f"worker crash x{n}: {reason}")
+    result["load"] = {
+        "acked": load.acked,
+        "resent": load.resent,
+        "unsent": load.unsent,
+        "send_errors": load.send_errors[:5],
+    }
+    (run_dir / "run.json").write_text(json.dumps(result, indent=1, default=str))
+    return result
+
+
+async def _load_and_faults(ctx: RunContext, scenario: ScenarioFunc, result: dict[str, Any]) -> None:
+    """The workers, the load and the scenario's faults, then the drain (recorded in
+    `result`); the workers are stopped when it returns or raises."""
+    opts, workers, watch, collector, load = (
+        ctx.opts,
+        ctx.workers,
+        ctx.watch,
+        ctx.collector,
+        ctx.load,
+    )
+    supervisor: asyncio.Task[None] | None = None
+    load_task: asyncio.Task[None] | None = None
     try:
         await ctx.hooks.setup(ctx)
         await asyncio.gather(*(w.start_async(180) for w in workers))
@@ -409,57 +465,39 @@ async def run_once(opts: RunOptions, scenario: ScenarioFunc) -> dict[str, Any]:
         result["throughput_eps"] = round(
             len(collector.input_ids) / max(1e-3, end - load.started_at), 1
         )
-    except Exception as exc:
-        error = f"{type(exc).__name__}: {exc}"
-        ctx.note(f"run aborted: {error}"[:2000])
     finally:
         for task in (supervisor, load_task):
             if task is not None and not task.done():
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
+        # first, and to their end even if the run is interrupted meanwhile: the workers
+        # run in sessions of their own, nothing else would stop them
+        await uninterrupted(asyncio.gather(*(asyncio.to_thread(_stop, w) for w in workers)))
         await watch.stop()
-        await asyncio.gather(*(asyncio.to_thread(_stop, w) for w in workers))
+
+
+async def _release(ctx: RunContext) -> None:
+    """What a run holds in this process, released whatever happened: the scenario's
+    tear-down, the collector, the run's topics (unless kept)."""
     try:
-        result.update(await _post_checks(ctx, result))
-    finally:
-        try:
-            await ctx.hooks.teardown(ctx)
-        except Exception as exc:
-            ctx.note(f"scenario teardown failed: {exc!r}"[:2000])
-        await collector.stop()
-        if not opts.keep_topics:
-            await _delete_topics(opts.bootstrap, ns)
-    if error:
-        result["error"] = error
-        result["ok"] = False
-    result["cpu_s"] = round(_cpu_now(opts.broker) - cpu0, 1)
-    result["wall_s"] = round(time.time() - started, 1)
-    result["notes"] = ctx.notes
-    result["events"] = ctx.events
-    result["workers_detail"] = {
-        w.name: {
-            "starts": w.starts,
-            "kills": w.kills,
-            "crashes": w.crashes,
-            "crash_reasons": w.crash_reasons(),
-        }
-        for w in workers
-    }
-    reasons: dict[str, int] = {}
-    for w in workers:
-        for reason, n in w.crash_reasons().items():
-            reasons[reason] = reasons.get(reason, 0) + n
-    for reason, n in reasons.items():
-        ctx.note(f"worker crash x{n}: {reason}")
-    result["load"] = {
-        "acked": load.acked,
-        "resent": load.resent,
-        "unsent": load.unsent,
-        "send_errors": load.send_errors[:5],
-    }
-    (run_dir / "run.json").write_text(json.dumps(result, indent=1, default=str))
-    return result
+        await ctx.hooks.teardown(ctx)
+    except Exception as exc:
+        ctx.note(f"scenario teardown failed: {exc!r}"[:2000])
+    await ctx.collector.stop()
+    if not ctx.opts.keep_topics:
+        await _delete_topics(ctx.opts.bootstrap, ctx.ns)
+
+
+async def uninterrupted(aw: Awaitable[T]) -> T:
+    """Await `aw` to its end even when the awaiting task is cancelled meanwhile (the
+    cancellation is raised after it): for stopping processes on an interruption."""
+    fut = asyncio.ensure_future(aw)
+    try:
+        return await asyncio.shield(fut)
+    except asyncio.CancelledError:
+        await fut
+        raise
 
 
 def _stop(w: ChaosWorker) -> None:
