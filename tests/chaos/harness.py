@@ -435,6 +435,8 @@ async def _load_and_faults(ctx: RunContext, scenario: ScenarioFunc, result: dict
         ctx.log("load done", acked=load.acked, resent=load.resent, unsent=load.unsent)
         await ctx.wait_all_ready(opts.ready_timeout_s)
         drain_from = max(faults_done, load.finished_at)
+        # the load and the faults: what the rest of the run (its overhead) is measured from
+        result["load_phase_s"] = round(drain_from - load.started_at, 1)
         drained = await _drain(ctx, opts.drain_timeout_s)
         drain_s = (drained - drain_from) if drained else None
         result["drain_s"] = None if drain_s is None else round(max(0.0, drain_s), 2)

@@ -74,7 +74,9 @@ def run_overhead_s(run: Mapping[str, Any]) -> float | None:
     if wall is None or not messages or not rate:
         return None
     wall = float(wall) + float(run.get("broker_start_s") or 0.0)
-    return max(0.0, wall - messages / rate - PER_MESSAGE_S * messages)
+    # a fault window longer than a short run's load makes its load phase the longer one
+    phase = max(messages / rate, float(run.get("load_phase_s") or 0.0))
+    return max(0.0, wall - phase - PER_MESSAGE_S * messages)
 
 
 def measured_overheads(reports: Iterable[Path]) -> dict[str, float]:

@@ -139,6 +139,9 @@ def test_the_overhead_of_a_recorded_run(tmp_path: Path) -> None:
     path.write_text(json.dumps({"runs": [r, r2, bad]}))
     assert plan.measured_overheads([path]) == {"x": round(60.0 - plan.PER_MESSAGE_S * 10_000, 1)}
     assert plan.overhead_s("x", 0, {"x": 5.0}) == 5.0
+    # a fault that outlasted the load: the run's overhead starts after the fault
+    spill = {**r, "load_phase_s": 130.0}
+    assert plan.run_overhead_s(spill) == pytest.approx(20.0 - plan.PER_MESSAGE_S * 10_000)
 
 
 def test_the_plan_of_a_resumed_run_counts_the_runs_left(
