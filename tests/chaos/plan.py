@@ -28,17 +28,17 @@ PER_MESSAGE_S = 0.0003
 FIXED_OVERHEAD_S: dict[str, float] = {
     "worker_kill": 23.0,
     "worker_stop": 27.0,
-    "broker_restart": 40.0,
+    "broker_restart": 40.0,  # no measured run yet: its own broker plus a restart, guessed
     "poison": 18.0,
     "output_refused": 28.0,
-    "agent_raises": 15.0,
+    "agent_raises": 21.0,
     "llm_saturated": 25.0,
-    "network_latency": 40.0,
-    "network_bandwidth": 40.0,
-    "network_reset": 40.0,
-    "network_blackhole": 40.0,
-    "leader_kill": 60.0,
-    "coordinator_kill": 60.0,
+    "network_latency": 22.0,
+    "network_bandwidth": 29.0,
+    "network_reset": 21.0,
+    "network_blackhole": 41.0,
+    "leader_kill": 34.0,
+    "coordinator_kill": 64.0,
 }
 DEFAULT_FIXED_OVERHEAD_S = 40.0
 
