@@ -10,6 +10,7 @@ kill -9'ed, SIGSTOP'ed and SIGCONT'ed."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import shutil
@@ -159,6 +160,8 @@ class ChaosWorker(Worker):
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+        # for `sweep`: a runner killed with -9 leaves its workers (own sessions) running
+        self.log_path.with_suffix(".pid").write_text(f"{self.proc.pid}\n")
         self.starts += 1
         self._stopped = False
 
@@ -333,3 +336,50 @@ class OwnKafka:
                 stop_server(self._server)
             if wipe:
                 shutil.rmtree(self.cfg.root, ignore_errors=True)
+
+
+#: what a pid file under a chaos run's directory may name: a worker, a Kafka JVM, Toxiproxy
+_OURS = (b"agentstream\x00worker", b"kafka.Kafka", b"toxiproxy")
+
+
+def sweep(root: Path) -> list[int]:
+    """Kill (SIGTERM, then SIGKILL after 10 s) every process group named by a pid file
+    under `root` that is still one of ours (its command line says worker, Kafka or
+    Toxiproxy: a recycled pid is left alone): what a runner that was killed -9, or
+    interrupted while a broker was being (re)started in a thread, left behind. Returns
+    the pids it signalled."""
+    pids = []
+    for pid_file in root.rglob("*.pid") if root.is_dir() else ():
+        try:
+            pid = int(pid_file.read_text().split()[0])
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (OSError, ValueError, IndexError):
+            continue
+        if any(mark in cmdline for mark in _OURS):
+            pids.append(pid)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        alive = []
+        for pid in pids:
+            try:
+                os.killpg(pid, sig)
+                alive.append(pid)
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+                    alive.append(pid)
+        deadline = time.monotonic() + 10
+        while alive and time.monotonic() < deadline:
+            alive = [p for p in alive if Path(f"/proc/{p}").exists() and not _zombie(p)]
+            time.sleep(0.1)
+        if not alive:
+            break
+    return pids
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True

@@ -17,7 +17,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 
@@ -34,6 +34,7 @@ COMMIT_INTERVAL_S = 1.0
 #: the worker's session timeout when a run does not set one (the setting's default)
 DEFAULT_SESSION_TIMEOUT_S = Settings.model_fields["broker_session_timeout_s"].default
 SENDERS = 24
+T = TypeVar("T")
 
 
 def free_port() -> int:
@@ -343,8 +344,6 @@ async def run_once(opts: RunOptions, scenario: ScenarioFunc) -> dict[str, Any]:
     if hooks_factory is not None:
         ctx.hooks = hooks_factory()
     ctx.log("setup done", seed=seed)
-    supervisor: asyncio.Task[None] | None = None
-    load_task: asyncio.Task[None] | None = None
     result: dict[str, Any] = {
         "scenario": opts.scenario,
         "guarantee": opts.guarantee,
@@ -359,77 +358,18 @@ async def run_once(opts: RunOptions, scenario: ScenarioFunc) -> dict[str, Any]:
     }
     error: str | None = None
     try:
-        await ctx.hooks.setup(ctx)
-        await asyncio.gather(*(w.start_async(180) for w in workers))
-        ctx.log("workers ready")
-        # the first assignment, so the first fault knows whose partitions it takes
-        with contextlib.suppress(AssertionError):
-            await await_until(lambda: len(watch.by_port) == len(workers), 60, 0.5)
-        supervisor = asyncio.create_task(_supervise(ctx))
-        load_task = asyncio.create_task(load.run())
-        try:
-            await asyncio.wait_for(scenario(ctx), opts.faults_deadline_s)
-        except TimeoutError:
-            ctx.note(f"the faults were cut off after {opts.faults_deadline_s:.0f}s")
-            for w in workers:
-                w.expected_down = False  # the supervisor's again
-        faults_done = time.time()
-        ctx.log("faults done")
-        await load_task
-        ctx.log("load done", acked=load.acked, resent=load.resent, unsent=load.unsent)
-        await ctx.wait_all_ready(opts.ready_timeout_s)
-        drain_from = max(faults_done, load.finished_at)
-        drained = await _drain(ctx, opts.drain_timeout_s)
-        drain_s = (drained - drain_from) if drained else None
-        result["drain_s"] = None if drain_s is None else round(max(0.0, drain_s), 2)
-        result["drained"] = drained is not None
-        ctx.log("drained" if drained else "drain timed out")
-        if drained is None:
-            # what each stuck worker holds: its consumer's positions, read, acked and
-            # committed offsets and its agents' marks (streams.diagnostics), in its log
-            from agentstream.streams.diagnostics import MARK
-
-            live = [w for w in ctx.workers if w.alive() and w.proc is not None]
-            seen = {w.name: w.log_path.read_bytes().count(b"end of " + MARK.encode()) for w in live}
-            for w in live:
-                os.kill(w.proc.pid, signal.SIGUSR2)  # type: ignore[union-attr]
-
-            def dumped() -> bool:
-                return all(
-                    w.log_path.read_bytes().count(b"end of " + MARK.encode()) > seen[w.name]
-                    for w in live
-                )
-
-            with contextlib.suppress(AssertionError):
-                await await_until(dumped, 10, 0.2)
-        # a quiet period shows trailing duplicates too
-        with contextlib.suppress(AssertionError):
-            await await_until(lambda: time.time() - collector.last_record_at > 3.0, 20, 0.5)
-        end = drained or time.time()
-        result["throughput_eps"] = round(
-            len(collector.input_ids) / max(1e-3, end - load.started_at), 1
-        )
+        await _load_and_faults(ctx, scenario, result)
     except Exception as exc:
         error = f"{type(exc).__name__}: {exc}"
         ctx.note(f"run aborted: {error}"[:2000])
-    finally:
-        for task in (supervisor, load_task):
-            if task is not None and not task.done():
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
-        await watch.stop()
-        await asyncio.gather(*(asyncio.to_thread(_stop, w) for w in workers))
+    except BaseException:
+        # interrupted (Ctrl-C, SIGTERM): the workers are stopped, the run is not recorded
+        await _release(ctx)
+        raise
     try:
         result.update(await _post_checks(ctx, result))
     finally:
-        try:
-            await ctx.hooks.teardown(ctx)
-        except Exception as exc:
-            ctx.note(f"scenario teardown failed: {exc!r}"[:2000])
-        await collector.stop()
-        if not opts.keep_topics:
-            await _delete_topics(opts.bootstrap, ns)
+        await _release(ctx)
     if error:
         result["error"] = error
         result["ok"] = False
@@ -460,6 +400,106 @@ async def run_once(opts: RunOptions, scenario: ScenarioFunc) -> dict[str, Any]:
     }
     (run_dir / "run.json").write_text(json.dumps(result, indent=1, default=str))
     return result
+
+
+async def _load_and_faults(ctx: RunContext, scenario: ScenarioFunc, result: dict[str, Any]) -> None:
+    """The workers, the load and the scenario's faults, then the drain (recorded in
+    `result`); the workers are stopped when it returns or raises."""
+    opts, workers, watch, collector, load = (
+        ctx.opts,
+        ctx.workers,
+        ctx.watch,
+        ctx.collector,
+        ctx.load,
+    )
+    supervisor: asyncio.Task[None] | None = None
+    load_task: asyncio.Task[None] | None = None
+    try:
+        await ctx.hooks.setup(ctx)
+        await asyncio.gather(*(w.start_async(180) for w in workers))
+        ctx.log("workers ready")
+        # the first assignment, so the first fault knows whose partitions it takes
+        with contextlib.suppress(AssertionError):
+            await await_until(lambda: len(watch.by_port) == len(workers), 60, 0.5)
+        supervisor = asyncio.create_task(_supervise(ctx))
+        load_task = asyncio.create_task(load.run())
+        try:
+            await asyncio.wait_for(scenario(ctx), opts.faults_deadline_s)
+        except TimeoutError:
+            ctx.note(f"the faults were cut off after {opts.faults_deadline_s:.0f}s")
+            for w in workers:
+                w.expected_down = False  # the supervisor's again
+        faults_done = time.time()
+        ctx.log("faults done")
+        await load_task
+        ctx.log("load done", acked=load.acked, resent=load.resent, unsent=load.unsent)
+        await ctx.wait_all_ready(opts.ready_timeout_s)
+        drain_from = max(faults_done, load.finished_at)
+        # the load and the faults: what the rest of the run (its overhead) is measured from
+        result["load_phase_s"] = round(drain_from - load.started_at, 1)
+        drained = await _drain(ctx, opts.drain_timeout_s)
+        drain_s = (drained - drain_from) if drained else None
+        result["drain_s"] = None if drain_s is None else round(max(0.0, drain_s), 2)
+        result["drained"] = drained is not None
+        ctx.log("drained" if drained else "drain timed out")
+        if drained is None:
+            # what each stuck worker holds: its consumer's positions, read, acked and
+            # committed offsets and its agents' marks (streams.diagnostics), in its log
+            from agentstream.streams.diagnostics import MARK
+
+            live = [w for w in ctx.workers if w.alive() and w.proc is not None]
+            seen = {w.name: w.log_path.read_bytes().count(b"end of " + MARK.encode()) for w in live}
+            for w in live:
+                os.kill(w.proc.pid, signal.SIGUSR2)  # type: ignore[union-attr]
+
+            def dumped() -> bool:
+                return all(
+                    w.log_path.read_bytes().count(b"end of " + MARK.encode()) > seen[w.name]
+                    for w in live
+                )
+
+            with contextlib.suppress(AssertionError):
+                await await_until(dumped, 10, 0.2)
+        # a quiet period shows trailing duplicates too
+        with contextlib.suppress(AssertionError):
+            await await_until(lambda: time.time() - collector.last_record_at > 3.0, 20, 0.5)
+        end = drained or time.time()
+        result["throughput_eps"] = round(
+            len(collector.input_ids) / max(1e-3, end - load.started_at), 1
+        )
+    finally:
+        for task in (supervisor, load_task):
+            if task is not None and not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        # first, and to their end even if the run is interrupted meanwhile: the workers
+        # run in sessions of their own, nothing else would stop them
+        await uninterrupted(asyncio.gather(*(asyncio.to_thread(_stop, w) for w in workers)))
+        await watch.stop()
+
+
+async def _release(ctx: RunContext) -> None:
+    """What a run holds in this process, released whatever happened: the scenario's
+    tear-down, the collector, the run's topics (unless kept)."""
+    try:
+        await ctx.hooks.teardown(ctx)
+    except Exception as exc:
+        ctx.note(f"scenario teardown failed: {exc!r}"[:2000])
+    await ctx.collector.stop()
+    if not ctx.opts.keep_topics:
+        await _delete_topics(ctx.opts.bootstrap, ctx.ns)
+
+
+async def uninterrupted(aw: Awaitable[T]) -> T:
+    """Await `aw` to its end even when the awaiting task is cancelled meanwhile (the
+    cancellation is raised after it): for stopping processes on an interruption."""
+    fut = asyncio.ensure_future(aw)
+    try:
+        return await asyncio.shield(fut)
+    except asyncio.CancelledError:
+        await fut
+        raise
 
 
 def _stop(w: ChaosWorker) -> None:

@@ -4,6 +4,7 @@ duplicates, resume_after_kill_s p50/max, drain time and notes."""
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -79,10 +80,42 @@ def write(
     out.mkdir(parents=True, exist_ok=True)
     summary = summarise(runs, skipped)
     summary["meta"] = meta
+    summary["commits"] = commits(runs)
     brief = [{k: v for k, v in r.items() if k != "events"} for r in runs]
-    (out / "report.json").write_text(json.dumps({**summary, "runs": brief}, indent=1, default=str))
-    (out / "report.md").write_text(markdown(summary))
+    _replace(out / "report.json", json.dumps({**summary, "runs": brief}, indent=1, default=str))
+    _replace(out / "report.md", markdown(summary))
     return summary
+
+
+def _replace(path: Path, text: str) -> None:
+    """Write `path` whole or not at all (a runner killed mid-write leaves the last one)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def commits(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The code the runs ran: each (commit, dirty) with its number of runs, in order."""
+    found: dict[tuple[str | None, bool], int] = {}
+    for r in runs:
+        key = (r.get("commit"), bool(r.get("dirty")))
+        found[key] = found.get(key, 0) + 1
+    return [{"commit": c, "dirty": d, "runs": n} for (c, d), n in found.items()]
+
+
+def code_line(spans: list[dict[str, Any]]) -> str:
+    """One line on the code the runs ran; says so plainly when it was not one commit."""
+
+    def name(s: dict[str, Any]) -> str:
+        c = (s["commit"] or "unknown commit")[:12]
+        return f"{c}{' (uncommitted changes)' if s['dirty'] else ''}"
+
+    if not spans:
+        return "Code: no run yet."
+    if len(spans) == 1:
+        return f"Code: every run on {name(spans[0])}."
+    parts = ", ".join(f"{name(s)}: {s['runs']} run(s)" for s in spans)
+    return f"**Code: the runs span {len(spans)} different versions** — {parts}."
 
 
 def markdown(summary: dict[str, Any]) -> str:
@@ -90,7 +123,16 @@ def markdown(summary: dict[str, Any]) -> str:
         "# Chaos report",
         "",
         f"Generated {summary['generated_at']}. "
-        + ", ".join(f"{k}: {v}" for k, v in summary.get("meta", {}).items()),
+        + ", ".join(f"{k}: {v}" for k, v in summary.get("meta", {}).items() if k != "options"),
+        "",
+        "Options: "
+        + ", ".join(
+            f"{k} {v}"
+            for k, v in summary.get("meta", {}).get("options", {}).items()
+            if v is not None
+        ),
+        "",
+        code_line(summary.get("commits", [])),
         "",
         "| scenario | guarantee | runs | failed | msgs/run | lost "
         "| duplicates (outcomes/decisions) "

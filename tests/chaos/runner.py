@@ -5,15 +5,27 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
+import shutil
+import signal
+import subprocess
 import sys
 import time
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
-from tests.chaos.cluster import PORT_BASE, OwnBroker, OwnKafka
-from tests.chaos.harness import DEFAULT_SESSION_TIMEOUT_S, GUARANTEES, RunOptions, run_once
+from tests.chaos import plan
+from tests.chaos.cluster import PORT_BASE, OwnBroker, OwnKafka, sweep
+from tests.chaos.harness import (
+    DEFAULT_SESSION_TIMEOUT_S,
+    GUARANTEES,
+    RunOptions,
+    run_once,
+    uninterrupted,
+)
 from tests.chaos.report import write
 from tests.chaos.scenarios import SCENARIOS, Scenario
 from tests.support import REPO
@@ -36,7 +48,33 @@ DEFAULT_ORDER = (
 )
 
 
+#: the options a run is made with, recorded in report.json (meta.options) and taken
+#: from there by --resume; None where the scenario decides (--runs, --rate, --standby)
+DEFAULTS: dict[str, Any] = {
+    "scenario": None,
+    "runs": None,
+    "guarantee": "both",
+    "messages": DEFAULT_MESSAGES,
+    "rate": None,
+    "session_timeout": 10.0,
+    "fault_s": None,
+    "kills_per_worker": 5,
+    "standby": None,
+    "drain_timeout": 240.0,
+    "seed": None,
+    "keep_topics": False,
+}
+#: exit code of a command line that cannot be run (argparse's own)
+USAGE_ERROR = 2
+
+
+class OptionConflict(Exception):
+    """An explicit option differs from the one the resumed run was started with."""
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line; every option of DEFAULTS is None unless given (`resolve` fills
+    in the defaults, or the resumed run's options)."""
     p = argparse.ArgumentParser(prog="python -m tests.chaos", description=__doc__)
     p.add_argument(
         "--scenario",
@@ -47,104 +85,284 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--runs", type=int, help="Runs per scenario and guarantee (default 3; worker_kill 10)."
     )
-    p.add_argument("--guarantee", choices=[*GUARANTEES, "both"], default="both")
+    p.add_argument("--guarantee", choices=[*GUARANTEES, "both"], help="Default: both.")
     p.add_argument(
-        "--messages",
-        type=int,
-        default=DEFAULT_MESSAGES,
-        help="agent.message inputs per run (default 100000).",
+        "--messages", type=int, help=f"agent.message inputs per run (default {DEFAULT_MESSAGES})."
     )
     p.add_argument("--rate", type=float, help="Input rate per second (default: per scenario).")
+    p.add_argument("--out", type=Path, help="Report directory (default var/chaos/<timestamp>).")
     p.add_argument(
-        "--out", type=Path, default=REPO / "var" / "chaos" / time.strftime("%Y%m%d-%H%M%S")
+        "--resume",
+        type=Path,
+        metavar="DIR",
+        help="Continue the run in DIR (its report.json): its options, every run it has not "
+        "recorded yet; options given as well must agree with it.",
     )
     p.add_argument(
         "--session-timeout",
         type=float,
-        default=10.0,
         help="Workers' AGENTSTREAM_BROKER_SESSION_TIMEOUT_S (default 10; 0 = the setting's "
         "default).",
     )
-    p.add_argument("--kills-per-worker", type=int, default=5, help="worker_kill: kills per worker.")
+    p.add_argument(
+        "--fault-s",
+        type=float,
+        help="Length of the network scenarios' fault window (default: 60 s, 30 s for the "
+        "blackhole, halved on a short run); forces the full window on a short run.",
+    )
+    p.add_argument(
+        "--kills-per-worker", type=int, help="worker_kill: kills per worker (default 5)."
+    )
     p.add_argument(
         "--standby",
         type=int,
         help="AGENTSTREAM_STANDBY_REPLICAS for the workers (default: per scenario; "
         "worker_kill and worker_stop use the product default, 1).",
     )
-    p.add_argument("--drain-timeout", type=float, default=240.0)
+    p.add_argument("--drain-timeout", type=float, help="Default 240 s.")
     p.add_argument("--seed", type=int, help="Seed of the fault moments (default: random).")
-    p.add_argument("--keep-topics", action="store_true")
+    p.add_argument("--keep-topics", action="store_true", default=None)
     p.add_argument("--list", action="store_true", help="List the scenarios and exit.")
+    p.add_argument(
+        "--plan",
+        action="store_true",
+        help="Print the runs, load and estimated wall time per scenario (with --resume: "
+        "of the runs left) and exit.",
+    )
     return p.parse_args(argv)
+
+
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def resolve(args: argparse.Namespace) -> argparse.Namespace:
+    """`args` with every option set: the explicit ones, then (with --resume) the resumed
+    run's, then the defaults. Raises OptionConflict when an explicit option differs from
+    the resumed run's."""
+    explicit = {k: getattr(args, k) for k in DEFAULTS if getattr(args, k) is not None}
+    if explicit.get("scenario"):
+        explicit["scenario"] = list(dict.fromkeys(explicit["scenario"]))
+    recorded: dict[str, Any] = {}
+    previous: list[dict[str, Any]] = []
+    if args.resume is not None:
+        doc = load_report(args.resume)
+        recorded = recorded_options(doc)
+        previous = list(doc.get("runs", []))
+        if args.out is not None and args.out.resolve() != args.resume.resolve():
+            raise OptionConflict(f"--out {args.out} differs from --resume {args.resume}")
+        for key, value in explicit.items():
+            if key in recorded and recorded[key] != value:
+                raise OptionConflict(
+                    f"{_flag(key)} {_show(value)} conflicts with {_show(recorded[key])}, "
+                    f"which the run in {args.resume} was started with"
+                )
+    opts = {**DEFAULTS, **recorded, **explicit}
+    if not opts["scenario"]:
+        opts["scenario"] = [n for n in DEFAULT_ORDER if SCENARIOS[n].implemented]
+    out = args.resume or args.out or REPO / "var" / "chaos" / time.strftime("%Y%m%d-%H%M%S")
+    return argparse.Namespace(
+        **opts, out=out, resume=args.resume, previous=previous, list=args.list, plan=args.plan
+    )
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, list):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
+def load_report(out: Path) -> dict[str, Any]:
+    path = out / "report.json"
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise OptionConflict(f"--resume {out}: no report.json there") from None
+    except ValueError as exc:
+        raise OptionConflict(f"--resume {out}: report.json is not JSON ({exc})") from None
+    if not isinstance(doc, dict):
+        raise OptionConflict(f"--resume {out}: report.json is not a chaos report")
+    return doc
+
+
+def recorded_options(doc: dict[str, Any]) -> dict[str, Any]:
+    """The options a report was made with: meta.options, or for a report written before
+    they were recorded, what its meta and runs show (the inputs per run, the session
+    timeout, the scenarios and guarantees of its runs)."""
+    meta = doc.get("meta", {})
+    if "options" in meta:
+        return dict(meta["options"])
+    found: dict[str, Any] = {}
+    if "messages" in meta:
+        found["messages"] = meta["messages"]
+    if "session_timeout_s" in meta:
+        found["session_timeout"] = meta["session_timeout_s"]
+    return found
+
+
+def run_key(r: dict[str, Any]) -> tuple[str, str, int]:
+    """(scenario, guarantee, run number) of a recorded run (older reports: from its
+    directory, <out>/<scenario>/<guarantee>/run<n>)."""
+    number = r.get("run")
+    if number is None:
+        number = int(Path(str(r.get("dir", "run0"))).name.removeprefix("run") or 0)
+    return (r["scenario"], r["guarantee"], int(number))
+
+
+def scheduled(args: argparse.Namespace) -> list[tuple[Scenario, str, int]]:
+    """Every (scenario, guarantee, run number) of the options, in running order."""
+    guarantees = list(GUARANTEES) if args.guarantee == "both" else [args.guarantee]
+    out = []
+    for name in args.scenario:
+        sc = SCENARIOS[name]
+        if not sc.implemented:
+            continue
+        for guarantee in guarantees:
+            out += [(sc, guarantee, i + 1) for i in range(args.runs or sc.runs)]
+    return out
+
+
+def remaining(args: argparse.Namespace) -> list[tuple[Scenario, str, int]]:
+    """The scheduled runs the report does not record yet."""
+    recorded = {run_key(r) for r in args.previous}
+    return [(sc, g, n) for sc, g, n in scheduled(args) if (sc.name, g, n) not in recorded]
+
+
+def options_record(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: getattr(args, k) for k in DEFAULTS}
+
+
+def code_version(repo: Path = REPO) -> dict[str, Any]:
+    """The commit of the code that runs and whether its tree differs from it."""
+
+    def git(*cmd: str) -> str:
+        return subprocess.run(
+            ["git", "-C", str(repo), *cmd], capture_output=True, text=True, timeout=30
+        ).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD") or None
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = None, False
+    return {"commit": commit, "dirty": dirty}
 
 
 def list_scenarios() -> str:
     out = []
     for s in SCENARIOS.values():
         state = "ready" if s.implemented else f"hook — needs {s.needs}"
-        out.append(f"{s.name} ({state})\n    " + " ".join(s.doc.split()))
+        out.append(f"{s.name} ({state}, {s.rate:.0f} inputs/s)\n    " + " ".join(s.doc.split()))
     return "\n".join(out)
 
 
+def plan_text(args: argparse.Namespace) -> str:
+    guarantees = 2 if args.guarantee == "both" else 1
+    left = remaining(args)
+    done: dict[str, int] = {}
+    for sc, guarantee, number in scheduled(args):
+        if (sc, guarantee, number) not in left:
+            done[sc.name] = done.get(sc.name, 0) + 1
+    names = [n for n in args.scenario if SCENARIOS[n].implemented]
+    rows = plan.plan(
+        [(n, args.rate or SCENARIOS[n].rate, args.runs or SCENARIOS[n].runs) for n in names],
+        guarantees,
+        args.messages,
+        fixed=plan.measured_overheads(sorted((REPO / "var" / "chaos").glob("*/report.json"))),
+        done=done,
+    )
+    head = f"runs left in {args.out}: " if args.resume else ""
+    return head + plan.render(rows, args.messages, guarantees)
+
+
 async def main_async(args: argparse.Namespace) -> int:
-    names = args.scenario or [n for n in DEFAULT_ORDER if SCENARIOS[n].implemented]
-    guarantees = list(GUARANTEES) if args.guarantee == "both" else [args.guarantee]
+    names = args.scenario
     skipped = {n: s.needs or "" for n, s in SCENARIOS.items() if not s.implemented}
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
+    recorded = {run_key(r) for r in args.previous}
+    todo = remaining(args)
+    if args.resume is not None:
+        print(f"resuming {out}: {len(recorded)} run(s) recorded, {len(todo)} to make", flush=True)
     external = os.environ.get("AGENTSTREAM_KAFKA_BOOTSTRAP", "").strip() or None
     shared: OwnBroker | None = None
     bootstrap = external
-    if bootstrap is None and any(not SCENARIOS[n].own_broker for n in names):
-        shared = OwnBroker(REPO / "var" / "chaos-kafka", PORT_BASE)
-        print(f"starting the chaos broker on {shared.bootstrap} …", flush=True)
-        bootstrap = await asyncio.to_thread(shared.start)
+    version = code_version()
     meta: dict[str, Any] = {
-        "broker": external or (shared.bootstrap if shared else "per scenario"),
+        "broker": external or "chaos broker / per scenario",
         "session_timeout_s": args.session_timeout or DEFAULT_SESSION_TIMEOUT_S,
         "messages": args.messages,
+        "options": options_record(args),
     }
-    runs: list[dict[str, Any]] = []
-    failed = 0
+    runs: list[dict[str, Any]] = list(args.previous)
+    write(out, runs, skipped, meta)  # the options are on record before the first run
+    for name in names:
+        if not SCENARIOS[name].implemented:
+            print(f"{name}: skipped — needs {SCENARIOS[name].needs}", flush=True)
     try:
-        for name in names:
-            sc = SCENARIOS[name]
-            if not sc.implemented:
-                print(f"{name}: skipped — needs {sc.needs}", flush=True)
-                continue
-            k = args.runs or sc.runs
-            for guarantee in guarantees:
-                for i in range(k):
-                    result = await _one(args, sc, guarantee, i, out, bootstrap, shared)
-                    runs.append(result)
-                    failed += 0 if result.get("ok") else 1
-                    _print_run(result)
-                    write(out, runs, skipped, meta)
+        if bootstrap is None and any(not sc.own_broker for sc, _, _ in todo):
+            shared = OwnBroker(REPO / "var" / "chaos-kafka", PORT_BASE)
+            print(f"starting the chaos broker on {shared.bootstrap} …", flush=True)
+            bootstrap = await _start(shared)
+        for sc, guarantee, number in todo:
+            result = await _one(args, sc, guarantee, number, out, bootstrap, shared)
+            result.update(run=number, **version)
+            runs.append({k: v for k, v in result.items() if k != "events"})
+            _print_run(result)
+            write(out, runs, skipped, meta)
+    except asyncio.CancelledError:
+        print(
+            f"interrupted: {len(runs)} run(s) recorded in {out / 'report.json'}; "
+            f"the rest with: python -m tests.chaos --resume {out}",
+            flush=True,
+        )
+        return INTERRUPTED
     finally:
         if shared is not None:
-            await asyncio.to_thread(shared.stop)
-    summary = write(out, runs, skipped, meta)
+            await uninterrupted(asyncio.to_thread(shared.stop))
+    write(out, runs, skipped, meta)
     print((out / "report.md").read_text())
     print(f"report: {out / 'report.json'}, {out / 'report.md'}")
-    del summary
+    failed = sum(1 for r in runs if not r.get("ok"))
     return 1 if failed else 0
+
+
+#: exit code of an interrupted run (as a shell reports SIGINT)
+INTERRUPTED = 130
+
+
+async def _start(broker: OwnBroker | OwnKafka) -> str:
+    """Start `broker` in a thread; interrupted meanwhile, let the start finish and stop
+    it (a thread cannot be cancelled: it would start the broker after the stop)."""
+    try:
+        return await uninterrupted(asyncio.to_thread(broker.start))
+    except BaseException:
+        await uninterrupted(asyncio.to_thread(broker.stop, True))
+        raise
 
 
 async def _one(
     args: argparse.Namespace,
     sc: Scenario,
     guarantee: str,
-    i: int,
+    number: int,
     out: Path,
     bootstrap: str | None,
     shared: OwnBroker | None,
 ) -> dict[str, Any]:
     assert sc.func is not None
-    run_dir = out / sc.name / guarantee / f"run{i + 1}"
+    run_dir = out / sc.name / guarantee / f"run{number}"
+    if run_dir.exists():
+        # what an interrupted attempt left: its processes, and logs a new worker would
+        # be judged by (Ready is read from the log)
+        await asyncio.to_thread(sweep, run_dir)
+        await asyncio.to_thread(shutil.rmtree, run_dir, True)
     own: OwnBroker | OwnKafka | None = None
     broker: OwnBroker | OwnKafka | None = shared
     extra_env = {"CHAOS_KILLS_PER_WORKER": str(args.kills_per_worker)}
+    if args.fault_s:
+        extra_env["CHAOS_FAULT_S"] = str(args.fault_s)
+    broker_start_s = 0.0
     if sc.own_broker:  # a broker to kill: never the shared or an external one
         if sc.kafka == "broker":
             own = OwnBroker(run_dir / "kafka", PORT_BASE + 20)
@@ -153,11 +371,9 @@ async def _one(
             own = OwnKafka(run_dir / "kafka", nodes=1 if proxied else 3, proxied=proxied)
             extra_env.update(own.worker_env())
         print(f"{sc.name}: starting its own {sc.kafka} on {own.bootstrap} …", flush=True)
-        try:
-            bootstrap = await asyncio.to_thread(own.start)
-        except BaseException:
-            await asyncio.to_thread(own.stop, True)
-            raise
+        t0 = time.monotonic()
+        bootstrap = await _start(own)
+        broker_start_s = time.monotonic() - t0
         broker = own
     assert bootstrap is not None
     opts = RunOptions(
@@ -173,18 +389,20 @@ async def _one(
         standby_replicas=sc.standby_replicas if args.standby is None else args.standby,
         session_timeout_s=args.session_timeout or None,
         drain_timeout_s=args.drain_timeout,
-        seed=None if args.seed is None else args.seed + i,
+        seed=None if args.seed is None else args.seed + number - 1,
         keep_topics=args.keep_topics or own is not None,
         broker=broker if (own is not None) else None,
         extra_env=extra_env,
         verbose=True,
     )
-    print(f"{sc.name} / {guarantee} / run {i + 1}: {args.messages} messages …", flush=True)
+    print(f"{sc.name} / {guarantee} / run {number}: {args.messages} messages …", flush=True)
     try:
-        return await run_once(opts, sc.func)
+        result = await run_once(opts, sc.func)
+        result["broker_start_s"] = round(broker_start_s, 1)
+        return result
     finally:
         if own is not None:
-            await asyncio.to_thread(own.stop, True)
+            await uninterrupted(asyncio.to_thread(own.stop, True))
 
 
 def _print_run(r: dict[str, Any]) -> None:
@@ -204,13 +422,53 @@ def _print_run(r: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    try:
+        args = resolve(parse_args(argv))
+    except OptionConflict as exc:
+        print(f"python -m tests.chaos: {exc}", file=sys.stderr)
+        return USAGE_ERROR
     # aiokafka logs every retried produce (e.g. right after a topic is created)
     logging.getLogger("aiokafka").setLevel(logging.ERROR)
     if args.list:
         print(list_scenarios())
         return 0
-    return asyncio.run(main_async(args))
+    if args.plan:
+        print(plan_text(args))
+        return 0
+    try:
+        return asyncio.run(_interruptible(main_async(args)))
+    finally:
+        # a broker (re)started in a thread while the run was interrupted may have come
+        # up after its stop: nothing of this run may outlive it
+        for name in args.scenario:
+            sweep(args.out / name)
+
+
+async def _interruptible(main: Coroutine[Any, Any, int]) -> int:
+    """Run `main`; the first SIGINT or SIGTERM cancels it, so every run's finally blocks
+    stop their workers and brokers and nothing half-done is recorded; later ones only
+    say that it is stopping."""
+    task = asyncio.ensure_future(main)
+    loop = asyncio.get_running_loop()
+    stopping: list[int] = []
+
+    def interrupt(sig: int) -> None:
+        if stopping:
+            print("still stopping the run's workers and brokers …", flush=True)
+            return
+        stopping.append(sig)
+        print(f"\n{signal.Signals(sig).name}: stopping the run in progress …", flush=True)
+        task.cancel()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, interrupt, sig)
+    try:
+        return await task
+    except asyncio.CancelledError:
+        return INTERRUPTED
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
 
 
 if __name__ == "__main__":

@@ -127,7 +127,8 @@ async def test_agent_raises(kafka_bootstrap: str, tmp_path: Path) -> None:
     # number of its own); at-least-once, where an acked batch of a raising agent would be
     # a loss nothing else repairs
     opts = options("agent_raises", "at_least_once", kafka_bootstrap, tmp_path)
-    opts.messages = 2000  # ~20 s of load at the scenario's 100/s
+    opts.messages = 2000
+    opts.rate = 100.0  # ~20 s of load: time for a few raises (3-10% of it apart, >= 3 s)
     result = await run_once(opts, scenarios.agent_raises)
     assert len(result["faults"]) >= 2
     assert_clean(result)

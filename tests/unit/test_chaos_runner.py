@@ -1,0 +1,177 @@
+"""The chaos runner's command line without Kafka: --resume (which runs it skips, the
+options it takes from the report, the options it refuses), the --plan arithmetic and the
+report's line on the code the runs ran."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.chaos import plan
+from tests.chaos.cluster import sweep
+from tests.chaos.report import code_line, commits
+from tests.chaos.runner import (
+    USAGE_ERROR,
+    main,
+    parse_args,
+    remaining,
+    resolve,
+    run_key,
+    scheduled,
+)
+
+
+def report(tmp_path: Path, runs: list[dict[str, Any]], **options: Any) -> Path:
+    recorded = {
+        "scenario": ["poison", "agent_raises"],
+        "runs": 2,
+        "guarantee": "both",
+        "messages": 3000,
+        "rate": None,
+        "session_timeout": 10.0,
+        "fault_s": None,
+        "kills_per_worker": 5,
+        "standby": None,
+        "drain_timeout": 240.0,
+        "seed": 7,
+        "keep_topics": False,
+        **options,
+    }
+    doc = {"meta": {"messages": recorded["messages"], "options": recorded}, "runs": runs}
+    (tmp_path / "report.json").write_text(json.dumps(doc))
+    return tmp_path
+
+
+def run(scenario: str, guarantee: str, number: int, ok: bool = True) -> dict[str, Any]:
+    return {"scenario": scenario, "guarantee": guarantee, "run": number, "ok": ok}
+
+
+def test_resume_takes_the_reports_options_and_skips_its_runs(tmp_path: Path) -> None:
+    done = [run("poison", "at_least_once", 1), run("poison", "at_least_once", 2, ok=False)]
+    args = resolve(parse_args(["--resume", str(report(tmp_path, done))]))
+    assert (args.messages, args.runs, args.seed) == (3000, 2, 7)
+    assert args.scenario == ["poison", "agent_raises"] and args.out == tmp_path
+    assert len(scheduled(args)) == 8
+    left = [(sc.name, g, n) for sc, g, n in remaining(args)]
+    # a recorded run is not made again, failed or not
+    assert left == [
+        ("poison", "exactly_once", 1),
+        ("poison", "exactly_once", 2),
+        ("agent_raises", "at_least_once", 1),
+        ("agent_raises", "at_least_once", 2),
+        ("agent_raises", "exactly_once", 1),
+        ("agent_raises", "exactly_once", 2),
+    ]
+
+
+def test_resume_accepts_explicit_options_that_agree(tmp_path: Path) -> None:
+    out = report(tmp_path, [])
+    argv = ["--resume", str(out), "--messages", "3000", "--scenario", "poison"]
+    argv += ["--scenario", "agent_raises", "--guarantee", "both"]
+    args = resolve(parse_args(argv))
+    assert args.messages == 3000 and len(remaining(args)) == 8
+
+
+@pytest.mark.parametrize(
+    ("extra", "said"),
+    [
+        (["--messages", "5000"], "--messages 5000 conflicts with 3000"),
+        (["--scenario", "poison"], "--scenario poison conflicts with poison,agent_raises"),
+        (["--guarantee", "exactly_once"], "--guarantee exactly_once conflicts with both"),
+        (["--runs", "3"], "--runs 3 conflicts with 2"),
+    ],
+)
+def test_resume_refuses_conflicting_options_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], said: str
+) -> None:
+    out = report(tmp_path, [])
+    assert main(["--resume", str(out), *extra]) == USAGE_ERROR
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and said in err and str(out) in err
+
+
+def test_resume_refuses_a_dir_without_a_report(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["--resume", str(tmp_path), "--plan"]) == USAGE_ERROR
+    assert "no report.json" in capsys.readouterr().err
+
+
+def test_resume_of_an_older_report_reads_its_meta_and_run_dirs(tmp_path: Path) -> None:
+    old = {
+        "scenario": "poison",
+        "guarantee": "exactly_once",
+        "dir": str(tmp_path / "poison" / "exactly_once" / "run2"),
+    }
+    doc = {"meta": {"messages": 1500, "session_timeout_s": 10.0}, "runs": [old]}
+    (tmp_path / "report.json").write_text(json.dumps(doc))
+    args = resolve(parse_args(["--resume", str(tmp_path), "--scenario", "poison"]))
+    assert args.messages == 1500 and run_key(old) == ("poison", "exactly_once", 2)
+    assert ("poison", "exactly_once", 2) not in [(s.name, g, n) for s, g, n in remaining(args)]
+
+
+def test_the_plan_is_runs_times_load_plus_overhead() -> None:
+    rows = plan.plan([("x", 100.0, 3), ("y", 50.0, 1)], 2, 10_000, fixed={"x": 10.0, "y": 20.0})
+    x, y = rows
+    per_msg = plan.PER_MESSAGE_S * 10_000
+    assert (x.runs, x.load_s, x.overhead_s) == (6, 100.0, 10.0 + per_msg)
+    assert x.total_s == pytest.approx(6 * (110.0 + per_msg))
+    assert (y.runs, y.load_s) == (2, 200.0)
+    assert y.total_s == pytest.approx(2 * (220.0 + per_msg))
+    # runs already made are left out
+    (left,) = plan.plan([("x", 100.0, 3)], 2, 10_000, done={"x": 4})
+    assert left.runs == 2
+    text = plan.render(rows, 10_000, 2)
+    assert text.splitlines()[-1].split()[:2] == ["total", "8"]
+
+
+def test_the_overhead_of_a_recorded_run(tmp_path: Path) -> None:
+    r = {"ok": True, "scenario": "x", "messages": 10_000, "rate": 100.0, "wall_s": 150.0}
+    assert plan.run_overhead_s(r) == pytest.approx(50.0 - plan.PER_MESSAGE_S * 10_000)
+    r2 = {**r, "wall_s": 160.0, "broker_start_s": 10.0}
+    bad = {**r, "wall_s": 900.0, "ok": False}
+    path = tmp_path / "report.json"
+    path.write_text(json.dumps({"runs": [r, r2, bad]}))
+    assert plan.measured_overheads([path]) == {"x": round(60.0 - plan.PER_MESSAGE_S * 10_000, 1)}
+    assert plan.overhead_s("x", 0, {"x": 5.0}) == 5.0
+    # a fault that outlasted the load: the run's overhead starts after the fault
+    spill = {**r, "load_phase_s": 130.0}
+    assert plan.run_overhead_s(spill) == pytest.approx(20.0 - plan.PER_MESSAGE_S * 10_000)
+
+
+def test_the_plan_of_a_resumed_run_counts_the_runs_left(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = report(tmp_path, [run("poison", "at_least_once", 1), run("poison", "exactly_once", 1)])
+    assert main(["--resume", str(out), "--plan"]) == 0
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()}
+    assert rows["poison"][1] == "2" and rows["agent_raises"][1] == "4"
+    assert rows["total"][1] == "6"
+
+
+def test_the_report_says_when_the_runs_span_several_commits() -> None:
+    same = commits([{"commit": "a" * 40, "dirty": False}] * 2)
+    assert code_line(same) == f"Code: every run on {'a' * 12}."
+    mixed = commits([{"commit": "a" * 40, "dirty": False}, {"commit": "b" * 40, "dirty": True}])
+    assert [m["runs"] for m in mixed] == [1, 1]
+    line = code_line(mixed)
+    assert "span 2 different versions" in line and "(uncommitted changes)" in line
+
+
+def test_sweep_kills_only_processes_of_ours(tmp_path: Path) -> None:
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / "run1").mkdir()
+        (tmp_path / "run1" / "w0.pid").write_text(f"{other.pid}\n")
+        (tmp_path / "run1" / "broker.pid").write_text("not a pid\n")
+        assert sweep(tmp_path) == []
+        assert other.poll() is None
+    finally:
+        other.kill()
+        other.wait()
+    assert sweep(tmp_path / "missing") == []
