@@ -36,13 +36,14 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.partitioner import DefaultPartitioner
 
 from agentstream.schemas import encode, registry
 from agentstream.streams.kafka_security import new_consumer, new_producer
 from bench import peers_venv
 from bench.context import BenchContext, BenchError, log
+from bench.stage_core import _assign_all
 
 #: records per fetch, as the core stage's ceiling
 MAX_RECORDS = 10_000
@@ -75,19 +76,6 @@ def _producer(ctx: BenchContext, **extra: Any) -> AIOKafkaProducer:
         max_request_size=4 * 1024 * 1024,
         **extra,
     )
-
-
-async def _assign_all(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:
-    parts = consumer.partitions_for_topic(topic)
-    if not parts:
-        await consumer._client.force_metadata_update()
-        parts = consumer.partitions_for_topic(topic)
-    if not parts:
-        raise BenchError(f"topic {topic} does not exist")
-    tps = [TopicPartition(topic, p) for p in sorted(parts)]
-    consumer.assign(tps)
-    await consumer.seek_to_beginning(*tps)
-    return tps
 
 
 Produce = Callable[[AIOKafkaProducer, str, dict[Any, list[Any]]], Awaitable[list[Any]]]
