@@ -36,14 +36,14 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import DefaultPartitioner
 
 from agentstream.schemas import encode, registry
-from agentstream.streams.kafka_security import new_consumer, new_producer
+from agentstream.streams.kafka_security import new_producer
 from bench import peers_venv
 from bench.context import BenchContext, BenchError, log
-from bench.stage_core import _assign_all
+from bench.stage_core import _assign_all, _consumer
 
 #: records per fetch, as the core stage's ceiling
 MAX_RECORDS = 10_000
@@ -52,17 +52,6 @@ TIMEOUT_S = 300.0
 
 def _work(value: bytes) -> bytes:
     return encode(registry.decode(value))
-
-
-def _consumer(ctx: BenchContext, **extra: Any) -> AIOKafkaConsumer:
-    return new_consumer(
-        ctx.settings,
-        "bench",
-        enable_auto_commit=False,
-        max_partition_fetch_bytes=4 * 1024 * 1024,
-        fetch_max_bytes=16 * 1024 * 1024,
-        **extra,
-    )
 
 
 def _producer(ctx: BenchContext, **extra: Any) -> AIOKafkaProducer:

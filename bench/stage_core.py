@@ -82,13 +82,14 @@ async def _timed(ctx: BenchContext, worker: Any, topic: str, n: int) -> float:
         worker.stop()
 
 
-def _consumer(ctx: BenchContext) -> AIOKafkaConsumer:
+def _consumer(ctx: BenchContext, **extra: Any) -> AIOKafkaConsumer:
     return new_consumer(
         ctx.settings,
         "bench",
         enable_auto_commit=False,
         max_partition_fetch_bytes=4 * 1024 * 1024,
         fetch_max_bytes=16 * 1024 * 1024,
+        **extra,
     )
 
 
