@@ -16,6 +16,7 @@ from tests.chaos import plan
 from tests.chaos.cluster import sweep
 from tests.chaos.report import code_line, commits
 from tests.chaos.runner import (
+    DEFAULTS,
     USAGE_ERROR,
     main,
     parse_args,
@@ -28,18 +29,11 @@ from tests.chaos.runner import (
 
 def report(tmp_path: Path, runs: list[dict[str, Any]], **options: Any) -> Path:
     recorded = {
+        **DEFAULTS,
         "scenario": ["poison", "agent_raises"],
         "runs": 2,
-        "guarantee": "both",
         "messages": 3000,
-        "rate": None,
-        "session_timeout": 10.0,
-        "fault_s": None,
-        "kills_per_worker": 5,
-        "standby": None,
-        "drain_timeout": 240.0,
         "seed": 7,
-        "keep_topics": False,
         **options,
     }
     doc = {"meta": {"messages": recorded["messages"], "options": recorded}, "runs": runs}
