@@ -405,9 +405,15 @@ class BatchDeliveryConsumer:
         self._refetch_offsets([(message.tp, message.offset) for message in messages])
 
     def _refetch_offsets(self: Any, offsets: list[tuple[Any, int]]) -> None:
+        """Note offsets to fetch again and bump the refetch epoch. Records waiting in
+        the native channels join them in the same step: once the partitions are sought
+        back, records handed out from above the seek would make the refetched ones below
+        look like copies (invariant 8) and be skipped, never processed."""
         pending = self._refetch_from
         if pending is None:
             pending = self._refetch_from = {}
+        if NATIVE_CHANNELS:
+            offsets = [*offsets, *drain_native_channels()]
         for tp, offset in offsets:
             if self._is_changelog_tp(tp):
                 continue  # recovery and standbys keep their own positions
@@ -520,9 +526,9 @@ class BatchDeliveryConsumer:
         # delivery meanwhile made the offsets between the new read offset and its records
         # a gap counted as done. And after: a fetch issued while the seek was on its way
         # to the consumer thread can still return records from the old position.
-        self._refetch_epoch += 1
+        self._refetch_offsets([])
         await super().perform_seek()  # type: ignore[misc]
-        self._refetch_epoch += 1
+        self._refetch_offsets([])
         high = self._committed_high or {}
         for tp, was in sorted(before.items()):
             if not self._is_changelog_tp(tp):
@@ -735,13 +741,17 @@ class BatchDeliveryConsumer:
         self: Any, batch: list[tuple[Any, Any]], epoch: int
     ) -> list[tuple[Any, Any]]:
         """EXPERIMENTAL (`NATIVE_ENABLED`, docs/design/batch-delivery.md): hand the records
-        of topics with a native batch channel to it as one list per topic, without the
-        conductor; returns the records of every other topic, for the per-record path.
+        of topics with a native channel to it as one `FetchedList` per topic, without
+        the conductor; returns the records of every other topic, for the per-record path.
 
-        Keeps: the refetch epoch (7), the read offsets and gaps, `commit_every`, flow
-        control and the producer buffer's ebb, once per batch. Skips (prototype): a
-        flow-control clear does not empty the native channels (6), records are not
-        tracked as unacked (`wait_empty`), and exactly-once (never enabled under it)."""
+        Per topic, as the per-record path does per record: records below the read offset
+        are passed over, a gap on an acking topic is counted as done, and the read
+        offsets move only once the list is in its channel in the epoch it was fetched in
+        (7). A bump before or during the `put` refetches this list (the bump drained it,
+        `drain_native_channels`) and the topics after it; a cancel during the `put` does
+        too. Flow control and the producer buffer's ebb are waited for once per batch.
+        Not covered (prototype): records are not tracked as unacked (`wait_empty`, off in
+        this app) and exactly-once (never enabled under it)."""
         channels = NATIVE_CHANNELS
         rest: list[tuple[Any, Any]] = []
         per_topic: dict[str, dict[Any, list[Any]]] = {}
@@ -757,15 +767,19 @@ class BatchDeliveryConsumer:
         read_offset = self._read_offset
         acks_enabled_for = self.app.topics.acks_enabled_for
         topics = list(per_topic.items())
+
+        def refetch_from(i: int) -> None:
+            self.refetch([m for _, tps in topics[i:] for ms in tps.values() for m in ms])
+
         for i, (topic, by_tp) in enumerate(topics):
             if self._refetch_epoch != epoch:
-                self.refetch([m for _, tps in topics[i:] for ms in tps.values() for m in ms])
+                refetch_from(i)
                 return rest
             out: list[Any] = []
             last: dict[Any, int] = {}
             gaps = acks_enabled_for(topic)
             for tp, messages in by_tp.items():
-                r_offset = read_offset[tp]
+                r_offset = read_offset.get(tp)
                 for message in messages:
                     offset = message.offset
                     if r_offset is not None and offset < r_offset:
@@ -778,11 +792,23 @@ class BatchDeliveryConsumer:
                     last[tp] = r_offset
             if not out:
                 continue
+            if self._refetch_epoch != epoch:  # bumped during `_add_gap`
+                refetch_from(i)
+                return rest
+            channel = channels[topic]
+            fetched = FetchedList(out, epoch)
             try:
-                await channels[topic].put(out)
+                await channel.put(fetched)
             except asyncio.CancelledError:
-                self.refetch([m for _, tps in topics[i:] for ms in tps.values() for m in ms])
+                # a rebalance, stop or crash: the list may already be in its channel
+                fetched.stale = True
+                refetch_from(i)
                 raise
+            if self._refetch_epoch != epoch:
+                # bumped while the list was on its way in: that bump drained it (stale,
+                # never handed out); the seek sets the read offsets, not this list
+                refetch_from(i + 1)
+                return rest
             for tp, offset in last.items():
                 read_offset[tp] = offset
         commit_every = self._commit_every
@@ -899,8 +925,87 @@ class IdempotentProducer:
 #: ``AGENTSTREAM_EXPERIMENTAL_BATCH_DELIVERY=1`` lets an agent's `decoded_batches` take
 #: its topic's fetched records as lists (`BatchDeliveryConsumer._deliver_native`)
 NATIVE_ENABLED = os.environ.get("AGENTSTREAM_EXPERIMENTAL_BATCH_DELIVERY", "") == "1"
-#: topic name → the queue of record lists its one native agent takes
-NATIVE_CHANNELS: dict[str, asyncio.Queue[list[Any]]] = {}
+
+
+class FetchedList:
+    """The records of one topic from one fetch, on their way to the topic's native
+    agent (`streams.processing`), in per-partition offset order.
+
+    `taken` counts the records the agent has taken so far (it takes a list in chunks of
+    `batch_max`); `stale` is set when a refetch drained the rest (`NativeChannel.drain`),
+    which the agent then never hands out."""
+
+    __slots__ = ("epoch", "messages", "stale", "taken")
+
+    def __init__(self, messages: list[Any], epoch: int) -> None:
+        self.messages = messages
+        #: the refetch epoch the records were fetched in
+        self.epoch = epoch
+        self.taken = 0
+        self.stale = False
+
+    def untaken(self) -> list[Any]:
+        return self.messages[self.taken :]
+
+
+class NativeChannel:
+    """One topic's records on their way to its native agent: a bounded queue of
+    `FetchedList`s (the bound is the backpressure on the consumer) that knows every
+    record not yet taken, wherever it is: on its way in (`putting`), queued, or the
+    rest of the list the agent holds (`holding`). A refetch takes them all at once
+    (`drain`), so that none is handed out after the partitions are sought back."""
+
+    def __init__(self, capacity: int) -> None:
+        self._queue: asyncio.Queue[FetchedList] = asyncio.Queue(capacity)
+        #: the list the consumer is putting (a `put` waiting for room)
+        self.putting: FetchedList | None = None
+        #: the list the agent is taking chunks of
+        self.holding: FetchedList | None = None
+
+    async def put(self, fetched: FetchedList) -> None:
+        self.putting = fetched
+        try:
+            await self._queue.put(fetched)
+        finally:
+            self.putting = None
+
+    async def get(self) -> FetchedList:
+        """The next list that is not stale; the agent holds it until `release`."""
+        while True:
+            fetched = await self._queue.get()
+            if not fetched.stale:
+                self.holding = fetched
+                return fetched
+
+    def release(self, fetched: FetchedList) -> None:
+        if self.holding is fetched:
+            self.holding = None
+
+    def qsize(self) -> int:
+        return self._queue.qsize()
+
+    def drain(self) -> list[Any]:
+        """Every record not yet taken, its list marked stale; the queue is emptied."""
+        lists = []
+        while not self._queue.empty():
+            lists.append(self._queue.get_nowait())
+        lists.extend(x for x in (self.putting, self.holding) if x is not None)
+        dropped: list[Any] = []
+        for fetched in lists:
+            if not fetched.stale:
+                fetched.stale = True
+                dropped.extend(fetched.untaken())
+        return dropped
+
+
+def drain_native_channels() -> list[tuple[Any, int]]:
+    """(partition, offset) of every record in the native channels not yet taken by its
+    agent; they are dropped (`NativeChannel.drain`) and must be fetched again."""
+    return [(m.tp, m.offset) for channel in NATIVE_CHANNELS.values() for m in channel.drain()]
+
+
+#: topic name → the channel its one native agent takes record lists from
+NATIVE_CHANNELS: dict[str, NativeChannel] = {}
 
 
 #: per agent stream, `streams.processing.event_batches`' marks {partition: (consumer
@@ -963,5 +1068,11 @@ def consumer_state(app: Any) -> list[str]:
     for stream, marks in HANDED_MARKS.items():
         handed = ", ".join(f"{tp.topic}[{tp.partition}]={m[1]}@{m[0]}" for tp, m in marks.items())
         lines.append(f"HANDED {stream}: {handed or '-'}")
+    for topic, channel in NATIVE_CHANNELS.items():
+        holding = channel.holding
+        rest = len(holding.messages) - holding.taken if holding is not None else 0
+        lines.append(
+            f"NATIVE {topic}: {channel.qsize()} list(s) queued, {rest} record(s) held untaken"
+        )
     lines.append(f"GATE active {GATE.active} committing {GATE.committing}")
     return lines

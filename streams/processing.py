@@ -80,6 +80,7 @@ from agentstream.streams.delivery import (
     NATIVE_CHANNELS,
     NATIVE_ENABLED,
     STALE_DELIVERIES,
+    NativeChannel,
     delivery_failed,
     processing_failed,
     refuse_commits,
@@ -585,23 +586,42 @@ _OUTBOX: ContextVar[tuple[asyncio.Task[Any] | None, list[tuple[str, bytes, bytes
 NATIVE_QUEUE_BATCHES = 2
 
 
-def _native_channel(stream: Any) -> asyncio.Queue[list[Any]] | None:
+def _native_channel(stream: Any) -> NativeChannel | None:
+    """The native channel of the one topic `stream` reads, or None for the conductor
+    path: under exactly-once (not finished), for a stream of several topics, and for a
+    topic that another agent reads too (each would need every record; the consumer
+    diverts a native topic's records to its one channel). Agents are all defined before
+    the first one iterates (autodiscovery at import), so the count is complete."""
     if not NATIVE_ENABLED or _EOS:
         return None
     topics: tuple[str, ...] = tuple(getattr(stream.channel, "topics", None) or ())
     if len(topics) != 1:
         return None
     name = topics[0]
+    readers = [
+        agent
+        for agent in getattr(stream.app, "agents", {}).values()
+        if name in (getattr(getattr(agent, "channel", None), "topics", None) or ())
+    ]
+    if len(readers) > 1:
+        log.warning("%s is read by %d agents: per-record delivery", name, len(readers))
+        return None
     channel = NATIVE_CHANNELS.get(name)
     if channel is None:
-        channel = NATIVE_CHANNELS[name] = asyncio.Queue(NATIVE_QUEUE_BATCHES)
+        channel = NATIVE_CHANNELS[name] = NativeChannel(NATIVE_QUEUE_BATCHES)
         log.warning("EXPERIMENTAL batch-native delivery for %s", name)
     return channel
 
 
 async def _native_batches(
-    stream: Any, channel: asyncio.Queue[list[Any]], max_batch: int
+    stream: Any, channel: NativeChannel, max_batch: int
 ) -> AsyncGenerator[list[Any], None]:
+    """Batches of at most `max_batch` records from the lists in `channel`, each acked
+    when the caller comes back for the next (after its outbox was sent). A list a
+    refetch drained (`NativeChannel.drain`) is left where the drain found it: its
+    records not yet taken are fetched again, none is handed out twice or out of order.
+    Per record, as `_event_batches`: an old generation or flow stopped refetches it, a
+    copy at or below the partition's handed mark is skipped (delivery 8)."""
     app_ = stream.app
     consumer = app_.consumer
     refetch = consumer.refetch
@@ -613,35 +633,44 @@ async def _native_batches(
     started = await stream.maybe_start()
     try:
         while not stream.should_stop:
-            delivered = await channel.get()
-            for start in range(0, len(delivered), max_batch):
-                chunk = delivered[start : start + max_batch]
-                active = flow_control.is_active()
-                generation = app_.consumer_generation_id
-                taken = (task, app_, getattr(consumer, "_revokes", 0), generation)
-                _TAKEN.set(taken)
-                events: list[Any] = []
-                skipped: list[Any] = []
-                for msg in chunk:
-                    if not active or msg.generation_id != generation:
-                        skipped.append(msg)
-                        continue
-                    mark = handed.get(msg.tp)
-                    if mark is not None and mark[0] == generation and msg.offset <= mark[1]:
-                        continue
-                    handed[msg.tp] = (generation, msg.offset)
-                    events.append(msg)
-                if skipped:
-                    refetch(skipped)
-                if events:
-                    outbox: list[tuple[str, bytes, bytes, str]] = []
-                    _OUTBOX.set((task, outbox))
-                    yield events
-                    _OUTBOX.set(None)
-                    if outbox:
-                        await _send_outbox(outbox)
-                    _ack_all(app_, consumer, events)
-                _TAKEN.set(None)
+            fetched = await channel.get()
+            try:
+                messages = fetched.messages
+                while not fetched.stale and fetched.taken < len(messages):
+                    chunk = messages[fetched.taken : fetched.taken + max_batch]
+                    fetched.taken += len(chunk)
+                    active = flow_control.is_active()
+                    generation = app_.consumer_generation_id
+                    taken = (task, app_, getattr(consumer, "_revokes", 0), generation)
+                    _TAKEN.set(taken)
+                    events: list[Any] = []
+                    skipped: list[Any] = []
+                    for msg in chunk:
+                        if not active or msg.generation_id != generation:
+                            skipped.append(msg)
+                            continue
+                        mark = handed.get(msg.tp)
+                        if mark is not None and mark[0] == generation and msg.offset <= mark[1]:
+                            continue
+                        handed[msg.tp] = (generation, msg.offset)
+                        events.append(msg)
+                    if skipped:
+                        refetch(skipped)  # drains this list's rest too: the loop ends
+                    if events:
+                        outbox: list[tuple[str, bytes, bytes, str]] = []
+                        _OUTBOX.set((task, outbox))
+                        yield events
+                        _OUTBOX.set(None)
+                        if outbox:
+                            await _send_outbox(outbox)
+                        _ack_all(app_, consumer, events)
+                    _TAKEN.set(None)
+            finally:
+                channel.release(fetched)
+                if not fetched.stale and fetched.taken < len(fetched.messages):
+                    # left mid-list (the generator closed): the rest was never taken
+                    fetched.stale = True
+                    refetch(fetched.untaken())
     finally:
         _OUTBOX.set(None)
         if HANDED_MARKS.get(mark_key) is handed:

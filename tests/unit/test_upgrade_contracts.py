@@ -416,6 +416,10 @@ CONTRACTS: list[Contract] = [
         "call",
         f"{DELIVERY}::await self.seek(tp, offset)",
         params="(self, partition, offset)",
+        # a refetch's seek back moves the read offset with it, so the records fetched
+        # again are not passed over as below it (`_deliver`, `_deliver_native`)
+        contains=("self._read_offset[ensure_TP(partition)] = offset if offset else None",),
+        source_of="faust.transport.consumer.Consumer.seek",
     ),
     c(
         f"{CONSUMER}.commit",
@@ -649,6 +653,48 @@ CONTRACTS: list[Contract] = [
         params="(self, topic)",
     ),
     c("faust.transport.producer.Producer.maybe_start", "call", f"{PROC}::producer.maybe_start()"),
+    # -- the experimental batch-native path (docs/design/batch-delivery.md) -------------
+    c(
+        # our bulk ack (`_ack_all`) writes exactly what this writes, per record
+        "faust.transport.consumer.Consumer.ack",
+        "read",
+        f"{PROC}::def _ack_all(",
+        fingerprint="3cc87f1e31e7f0d9",
+    ),
+    c(f"{CONSUMER}._acked_index", "write", f"{PROC}::acked_index = consumer._acked_index"),
+    c(f"{CONSUMER}._waiting_for_ack", "read", f"{PROC}::notify(consumer._waiting_for_ack)"),
+    c(
+        "mode.utils.futures.notify",
+        "call",
+        f"{PROC}::notify(consumer._waiting_for_ack)",
+        params="(fut)",
+    ),
+    c("faust.types.tuples.ack_lock", "read", f"{PROC}::with ack_lock:"),
+    c("faust.types.Message.acked", "write", f"{PROC}::msg.acked = True"),
+    c(
+        "faust.sensors.monitor.Monitor.stream_inbound_time",
+        "write",
+        f"{PROC}::monitor.stream_inbound_time[tp] = now",
+    ),
+    c(
+        "faust.transport.producer.ProducerBuffer.wait_until_ebb",
+        "call",
+        f"{DELIVERY}::producer.buffer.wait_until_ebb()",
+        params="(self)",
+    ),
+    c(
+        "mode.utils.queues.FlowControlEvent.acquire",
+        "call",
+        f"{DELIVERY}::self.app.flow_control.acquire()",
+        params="(self)",
+    ),
+    c(f"{PRODUCER}._ensure_producer", "call", f"{PROC}::._ensure_producer()", params="(self)"),
+    c(
+        "aiokafka.AIOKafkaProducer._partition",
+        "call",
+        f"{PROC}::producer._partition(",
+        params="(self, topic, partition, key, value, serialized_key, serialized_value)",
+    ),
     # -- streams/tables/restore.py: the bulk restore inside Faust's recovery ------------
     c(
         # runs `_build_offsets` for the actives after their highwaters, before the seek
