@@ -751,7 +751,7 @@ class BatchDeliveryConsumer:
         `drain_native_channels`) and the topics after it; a cancel during the `put` does
         too. Flow control and the producer buffer's ebb are waited for once per batch.
         Not covered (prototype): records are not tracked as unacked (`wait_empty`, off in
-        this app) and exactly-once (never enabled under it)."""
+        this app)."""
         channels = NATIVE_CHANNELS
         rest: list[tuple[Any, Any]] = []
         per_topic: dict[str, dict[Any, list[Any]]] = {}
@@ -921,7 +921,7 @@ class IdempotentProducer:
         return extra
 
 
-#: EXPERIMENTAL batch-native delivery (docs/design/batch-delivery.md), at-least-once only:
+#: EXPERIMENTAL batch-native delivery (docs/design/batch-delivery.md):
 #: ``AGENTSTREAM_EXPERIMENTAL_BATCH_DELIVERY=1`` lets an agent's `decoded_batches` take
 #: its topic's fetched records as lists (`BatchDeliveryConsumer._deliver_native`)
 NATIVE_ENABLED = os.environ.get("AGENTSTREAM_EXPERIMENTAL_BATCH_DELIVERY", "") == "1"

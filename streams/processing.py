@@ -377,7 +377,7 @@ async def _decoded_batches(
 ) -> AsyncGenerator[list[Inbound], None]:
     limit = settings.max_event_bytes
     channel = _native_channel(stream)
-    batches = (
+    batches: AsyncGenerator[Any, None] = (
         _native_batches(stream, channel, max_batch)
         if channel is not None
         else _event_batches(stream, max_batch, within_s)
@@ -389,9 +389,10 @@ async def _decoded_batches(
             good: list[Inbound] = []
             bad: list[tuple[Any, PipelineError]] = []
             topic_name = ""
+            native = events if isinstance(events, NativeBatch) else None
             pairs = (
-                [(m, m.value) for m in events]
-                if channel is not None
+                [(m, m.value) for m in native.messages]
+                if native is not None
                 else [(ev.message, ev.value) for ev in events]
             )
             for msg, value in pairs:
@@ -421,10 +422,14 @@ async def _decoded_batches(
                 check_batch_current()
                 for msg, reason in bad:  # dead letters are outputs: inside the gate
                     await dead_letter(msg, reason, consumer)
-                if events:
-                    EVENTS_IN.labels(topic_name, consumer).inc(len(events))
+                if pairs:
+                    EVENTS_IN.labels(topic_name, consumer).inc(len(pairs))
                 if good:
                     yield good
+                if native is not None:
+                    # its outputs, held until now, into the producer (under exactly-once
+                    # into their inputs' transactions, while the batch holds the gate)
+                    await native.send()
                 if pending_writes():
                     # the batch's table updates into the producer before it is acked;
                     # under exactly-once into their transactions while it still holds
@@ -432,6 +437,8 @@ async def _decoded_batches(
                     if _EOS:
                         check_batch_current()
                     await flush_pending()
+                if native is not None:
+                    native.ack()  # inside the gate: no commit sees its outputs unacked
             finally:
                 if _EOS:
                     GATE.leave()
@@ -572,27 +579,29 @@ async def _event_batches(
 
 
 # -- EXPERIMENTAL batch-native delivery (docs/design/batch-delivery.md) -------------------
-# At-least-once only, behind AGENTSTREAM_EXPERIMENTAL_BATCH_DELIVERY=1: the consumer hands
-# an agent's topic's fetched records to it as lists (`streams.delivery.NATIVE_CHANNELS`),
-# without the conductor, Faust `Event`s, per-event sensors or `Event.ack`; the batch's
-# `emit`s are kept in an outbox and produced per (topic, partition) with `send_batch`
-# before the batch is acked. What the prototype skips is listed in the design note.
+# Behind AGENTSTREAM_EXPERIMENTAL_BATCH_DELIVERY=1: the consumer hands an agent's topic's
+# fetched records to it as lists (`streams.delivery.NATIVE_CHANNELS`), without the
+# conductor, Faust `Event`s, per-event sensors or `Event.ack`; the batch's `emit`s are
+# kept in an outbox and produced per (topic, partition) with `send_batch` before the
+# batch is acked, under exactly-once into the transaction of the input partition each
+# was emitted for. What the prototype skips is listed in the design note.
 
 #: (the agent's task, its outbox) while a native batch is out: `emit` appends to it
-_OUTBOX: ContextVar[tuple[asyncio.Task[Any] | None, list[tuple[str, bytes, bytes, str]]] | None] = (
-    ContextVar("agentstream_outbox", default=None)
-)
+_OUTBOX: ContextVar[
+    tuple[asyncio.Task[Any] | None, list[tuple[str, bytes, bytes, str, tuple[str, int] | None]]]
+    | None
+] = ContextVar("agentstream_outbox", default=None)
 #: native channels' capacity, in fetched batches (backpressure on the consumer)
 NATIVE_QUEUE_BATCHES = 2
 
 
 def _native_channel(stream: Any) -> NativeChannel | None:
     """The native channel of the one topic `stream` reads, or None for the conductor
-    path: under exactly-once (not finished), for a stream of several topics, and for a
+    path: for a stream of several topics, and for a
     topic that another agent reads too (each would need every record; the consumer
     diverts a native topic's records to its one channel). Agents are all defined before
     the first one iterates (autodiscovery at import), so the count is complete."""
-    if not NATIVE_ENABLED or _EOS:
+    if not NATIVE_ENABLED:
         return None
     topics: tuple[str, ...] = tuple(getattr(stream.channel, "topics", None) or ())
     if len(topics) != 1:
@@ -613,11 +622,45 @@ def _native_channel(stream: Any) -> NativeChannel | None:
     return channel
 
 
+class NativeBatch:
+    """A batch of fetched records handed to a native agent (`_native_batches`), with the
+    outputs its `emit`s kept back (the outbox: name, key, value, catalogue topic, and
+    under exactly-once the input partition `SOURCE` named). `_decoded_batches` finishes
+    it inside the commit gate: `send` the outbox, the table records, then `ack`; a batch
+    left by an exception is neither sent nor acked (delivery 1, 2)."""
+
+    __slots__ = ("app", "messages", "outbox", "taken")
+
+    def __init__(self, app_: Any, messages: list[Any], taken: Any) -> None:
+        self.app = app_
+        self.messages = messages
+        self.outbox: list[tuple[str, bytes, bytes, str, tuple[str, int] | None]] = []
+        #: `_TAKEN` when it was handed out (exactly-once: stale after a revoke)
+        self.taken = taken
+
+    async def send(self) -> None:
+        outbox, self.outbox = self.outbox, []
+        if not outbox:
+            return
+        if _EOS:
+            check_batch_current()  # taken before a revoke: none of it is sent
+            await _send_outbox_in_transactions(outbox)
+        else:
+            await _send_outbox(outbox)
+
+    def ack(self) -> None:
+        if _EOS and _stale(self.taken):
+            # its outputs are in ended transactions: the next owner processes it
+            log.info("not acking a batch of %d taken before a revoke", len(self.messages))
+            return
+        _ack_all(self.app, self.app.consumer, self.messages)
+
+
 async def _native_batches(
     stream: Any, channel: NativeChannel, max_batch: int
-) -> AsyncGenerator[list[Any], None]:
-    """Batches of at most `max_batch` records from the lists in `channel`, each acked
-    when the caller comes back for the next (after its outbox was sent). A list a
+) -> AsyncGenerator[NativeBatch, None]:
+    """Batches of at most `max_batch` records from the lists in `channel`; the caller
+    sends and acks each (`NativeBatch`) before it comes back for the next. A list a
     refetch drained (`NativeChannel.drain`) is left where the drain found it: its
     records not yet taken are fetched again, none is handed out twice or out of order.
     Per record, as `_event_batches`: an old generation or flow stopped refetches it, a
@@ -657,13 +700,10 @@ async def _native_batches(
                     if skipped:
                         refetch(skipped)  # drains this list's rest too: the loop ends
                     if events:
-                        outbox: list[tuple[str, bytes, bytes, str]] = []
-                        _OUTBOX.set((task, outbox))
-                        yield events
+                        batch = NativeBatch(app_, events, taken)
+                        _OUTBOX.set((task, batch.outbox))
+                        yield batch
                         _OUTBOX.set(None)
-                        if outbox:
-                            await _send_outbox(outbox)
-                        _ack_all(app_, consumer, events)
                     _TAKEN.set(None)
             finally:
                 channel.release(fetched)
@@ -718,32 +758,98 @@ def _ack_all(app_: Any, consumer: Any, messages: list[Any]) -> None:
             monitor.stream_inbound_time[tp] = now
 
 
-_KNOWN_TOPICS: set[str] = set()
+#: an outbox entry: topic name, key, value, catalogue topic, the input partition it was
+#: emitted for (`SOURCE`, exactly-once only)
+Output = tuple[str, bytes, bytes, str, tuple[str, int] | None]
 
 
-async def _send_outbox(outbox: list[tuple[str, bytes, bytes, str]]) -> None:
+async def _send_outbox(outbox: list[Output]) -> None:
     """Produce a batch's outputs per (topic, partition) with aiokafka's batch API; the
     partition is the one `Producer.send` would pick (aiokafka's partitioner of the
     worker's producer). Faust's flush before a commit covers these batches."""
     producer = (await _producer())._ensure_producer()
+    partition_of = await _partitioner(producer)
     by_tp: dict[tuple[str, int, str], list[tuple[bytes, bytes]]] = {}
-    for name, key, value, topic in outbox:
-        if name not in _KNOWN_TOPICS:
-            await producer.partitions_for(name)
-            _KNOWN_TOPICS.add(name)
-        p = producer._partition(name, None, None, None, key, None)
-        by_tp.setdefault((name, p, topic), []).append((key, value))
+    for name, key, value, topic, _ in outbox:
+        by_tp.setdefault((name, await partition_of(name, key), topic), []).append((key, value))
     for (name, p, topic), records in by_tp.items():
-        batch = producer.create_batch()
-        for key, value in records:
-            if batch.append(key=key, value=value, timestamp=None) is None:
-                fut = await producer.send_batch(batch, name, partition=p)
+        await _send_records(producer, name, p, topic, records)
+
+
+async def _send_outbox_in_transactions(outbox: list[Output]) -> None:
+    """Exactly-once: a batch's outputs into the transaction of the input partition each
+    was emitted for (`SOURCE`), as record batches per (transaction, topic, partition),
+    each transaction's under Faust's lock for it (its commit takes the same lock). An
+    output emitted with no `SOURCE` takes Faust's own path, as `send_record` sends it.
+    Called inside the commit gate after `check_batch_current`: a batch taken before a
+    revoke sends none of its outputs."""
+    manager = await _producer()  # the transaction manager
+    faust_producer = manager.producer
+    groups: dict[str | None, list[Output]] = {}
+    for entry in outbox:
+        source = entry[4]
+        tid = None
+        if source is not None:
+            tid = _source_transaction(manager, source, warn=False)
+            if tid is None:
+                # an agent's output outside its input's transaction would be duplicated
+                # by whoever processes the input again: never send it that way
+                if getattr(app, "rebalancing", False):
+                    raise BatchAbandoned("no open transaction during a rebalance")
+                raise RuntimeError(
+                    f"no open transaction for {source[0]}:{source[1]}, although no "
+                    "rebalance happened since the batch was taken"
+                )
+        groups.setdefault(tid, []).append(entry)
+    for tid, entries in groups.items():
+        if tid is None:
+            for name, key, value, topic, _ in entries:
+                fut = await manager.send(name, key, value, None, None, None)
                 fut.add_done_callback(partial(_delivered, topic))
-                batch = producer.create_batch()
-                batch.append(key=key, value=value, timestamp=None)
-        fut = await producer.send_batch(batch, name, partition=p)
-        fut.add_done_callback(partial(_delivered, topic))
-        _events_out(topic).inc(len(records))
+                _events_out(topic).inc()
+            continue
+        producer = faust_producer._transaction_producers[tid]
+        partition_of = await _partitioner(producer)
+        by_tp: dict[tuple[str, int, str], list[tuple[bytes, bytes]]] = {}
+        for name, key, value, topic, _ in entries:
+            by_tp.setdefault((name, await partition_of(name, key), topic), []).append((key, value))
+        async with faust_producer._trn_locks[tid]:
+            for (name, p, topic), records in by_tp.items():
+                await _send_records(producer, name, p, topic, records)
+
+
+async def _partitioner(producer: Any) -> Callable[[str, bytes], Awaitable[int]]:
+    """The partition aiokafka's partitioner (Faust's DefaultPartitioner) of `producer`
+    picks for a key; each topic's metadata is made sure of once per call of this (per
+    batch: a transaction's producer is replaced after a fence, and knows only its own)."""
+    known: set[str] = set()
+
+    async def partition_of(name: str, key: bytes) -> int:
+        if name not in known:
+            await producer.partitions_for(name)
+            known.add(name)
+        p: int = producer._partition(name, None, None, None, key, None)
+        return p
+
+    return partition_of
+
+
+async def _send_records(
+    producer: Any, name: str, partition: int, topic: str, records: list[tuple[bytes, bytes]]
+) -> None:
+    """Records as aiokafka record batches to one partition, each batch's future watched
+    (`_delivered`: a refused output crashes the worker before any commit)."""
+    batch = producer.create_batch()
+    for key, value in records:
+        if batch.append(key=key, value=value, timestamp=None) is None:
+            fut = await producer.send_batch(batch, name, partition=partition)
+            fut.add_done_callback(partial(_delivered, topic))
+            batch = producer.create_batch()
+            if batch.append(key=key, value=value, timestamp=None) is None:
+                raise ValueError(f"a record of {len(value)} bytes does not fit a batch")
+    fut = await producer.send_batch(batch, name, partition=partition)
+    fut.add_done_callback(partial(_delivered, topic))
+    _events_out(topic).inc(len(records))
 
 
 async def dead_letter(message: Any, exc: BaseException, consumer: str) -> None:
@@ -826,7 +932,7 @@ async def emit(topic: str, event: Event[Any], *, key: str | None = None) -> None
     if NATIVE_ENABLED:
         box = _OUTBOX.get()
         if box is not None and box[0] is asyncio.current_task():
-            box[1].append((name, record_key, encode(event), topic))
+            box[1].append((name, record_key, encode(event), topic, SOURCE.get() if _EOS else None))
             return
     if _EOS:
         fut = await send_record(name, record_key, encode(event))

@@ -26,7 +26,7 @@ from agentstream.streams.delivery import (
     FetchedList,
     NativeChannel,
 )
-from agentstream.streams.processing import _native_batches, _native_channel
+from agentstream.streams.processing import NativeBatch, _native_batches, _native_channel
 
 #: a deadline for what must happen now; never reached when the code is right
 SOON_S = 5.0
@@ -145,8 +145,9 @@ def records(offsets: range | list[int], topic: str = "in", partition: int = 0) -
     return [(TP(topic, partition), Msg(topic, partition, o)) for o in offsets]
 
 
-def offsets_of(batch: list[Any]) -> list[tuple[int, int]]:
-    return [(m.partition, m.offset) for m in batch]
+def offsets_of(batch: Any) -> list[tuple[int, int]]:
+    messages = batch.messages if isinstance(batch, NativeBatch) else batch
+    return [(m.partition, m.offset) for m in messages]
 
 
 async def test_a_batch_is_split_by_topic_in_partition_order(
@@ -198,6 +199,7 @@ async def test_a_refetch_takes_the_untaken_rest_of_the_list_the_agent_holds(
     first = await asyncio.wait_for(agent.__anext__(), SOON_S)
     assert offsets_of(first) == [(0, 0), (0, 1), (0, 2), (0, 3)]
     consumer.refetch([Msg("other", 0, 0)])  # while the agent works on its first chunk
+    first.ack()  # finished (`_decoded_batches` acks it inside the gate)
     assert consumer._refetch_from is not None
     assert consumer._refetch_from[TP("in", 0)] == 4  # not 0..3: the agent has those
     await consumer._seek_back_to_dropped()
@@ -319,3 +321,185 @@ def test_the_switch_is_off_by_default() -> None:
     assert delivery.NATIVE_ENABLED is (
         __import__("os").environ.get("AGENTSTREAM_EXPERIMENTAL_BATCH_DELIVERY") == "1"
     )
+
+
+class RecordBatch:
+    def __init__(self, capacity: int) -> None:
+        self.records: list[tuple[bytes, bytes]] = []
+        self.capacity = capacity
+
+    def append(self, *, key: bytes, value: bytes, timestamp: None) -> object | None:
+        if len(self.records) == self.capacity:
+            return None
+        self.records.append((key, value))
+        return object()
+
+    def record_count(self) -> int:
+        return len(self.records)
+
+
+class AioProducer:
+    """aiokafka's producer as the batch sends use it: metadata, partitioner, batches."""
+
+    def __init__(self, name: str, log: list[Any], lock: asyncio.Lock | None = None) -> None:
+        self.name, self.log, self.lock = name, log, lock
+
+    async def partitions_for(self, topic: str) -> set[int]:
+        return {0, 1}
+
+    def _partition(self, topic: str, partition: None, *args: Any) -> int:
+        key = args[2]
+        return int(key.decode()[-1]) % 2
+
+    def create_batch(self) -> RecordBatch:
+        return RecordBatch(capacity=2)
+
+    async def send_batch(self, batch: RecordBatch, topic: str, *, partition: int) -> Any:
+        assert self.lock is None or self.lock.locked(), "sent outside the transaction's lock"
+        self.log.append((self.name, topic, partition, [k for k, _ in batch.records]))
+        fut = asyncio.get_running_loop().create_future()
+        fut.set_result(None)
+        return fut
+
+
+async def test_exactly_once_outputs_go_into_the_transaction_of_the_input_they_came_from(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    sent: list[Any] = []
+    locks = {"tx-0": asyncio.Lock(), "tx-1": asyncio.Lock()}
+    faust_producer = type(
+        "FaustProducer",
+        (),
+        {
+            "_transaction_producers": {
+                tid: AioProducer(tid, sent, lock) for tid, lock in locks.items()
+            },
+            "_trn_locks": locks,
+        },
+    )()
+    manager = type("Manager", (), {"producer": faust_producer})()
+
+    async def producer() -> Any:
+        return manager
+
+    monkeypatch.setattr(processing, "_producer", producer)
+    monkeypatch.setattr(
+        processing, "_source_transaction", lambda m, source, warn: f"tx-{source[1]}"
+    )
+    outbox = [
+        ("out", f"k{i}".encode(), b"v", "agent.messages.accepted", ("in", i % 2)) for i in range(6)
+    ]
+    await processing._send_outbox_in_transactions(outbox)
+    # per transaction, per output partition, emit order kept, at most 2 per record batch
+    assert sent == [
+        ("tx-0", "out", 0, [b"k0", b"k2"]),
+        ("tx-0", "out", 0, [b"k4"]),
+        ("tx-1", "out", 1, [b"k1", b"k3"]),
+        ("tx-1", "out", 1, [b"k5"]),
+    ]
+
+
+async def test_exactly_once_an_output_without_its_transaction_is_never_sent(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    sent: list[Any] = []
+    faust_producer = type(
+        "FaustProducer",
+        (),
+        {"_transaction_producers": {"tx-0": AioProducer("tx-0", sent)}, "_trn_locks": {}},
+    )()
+    manager = type("Manager", (), {"producer": faust_producer})()
+
+    async def producer() -> Any:
+        return manager
+
+    monkeypatch.setattr(processing, "_producer", producer)
+    monkeypatch.setattr(processing, "_source_transaction", lambda m, source, warn: None)
+    monkeypatch.setattr(processing.app, "rebalancing", True, raising=False)
+    outbox = [("out", b"k0", b"v", "agent.messages.accepted", ("in", 0))]
+    with pytest.raises(processing.BatchAbandoned):
+        await processing._send_outbox_in_transactions(outbox)
+    assert sent == []
+
+
+async def test_exactly_once_a_batch_taken_before_a_revoke_sends_and_acks_nothing(
+    monkeypatch: pytest.MonkeyPatch, consumer: Consumer
+) -> None:
+    monkeypatch.setattr(processing, "_EOS", True)
+    sent: list[Any] = []
+
+    async def send(outbox: list[Any]) -> None:
+        sent.extend(outbox)
+
+    monkeypatch.setattr(processing, "_send_outbox_in_transactions", send)
+    consumer._revokes = 0
+    task = asyncio.current_task()
+    taken = (task, consumer.app, 0, consumer.app.consumer_generation_id)
+    batch = NativeBatch(consumer.app, [Msg("in", 0, 5)], taken)
+    batch.outbox.append(("out", b"k", b"v", "agent.messages.accepted", ("in", 0)))
+    token = processing._TAKEN.set(taken)
+    try:
+        consumer._revokes = 1  # the revoke's window counted it: the batch is stale
+        with pytest.raises(processing.BatchAbandoned):
+            await batch.send()
+        batch.ack()
+    finally:
+        processing._TAKEN.reset(token)
+    assert sent == []
+    assert consumer._acked[TP("in", 0)] == []
+
+
+async def test_decoded_batches_sends_a_native_batch_and_acks_it_inside_the_gate(
+    monkeypatch: pytest.MonkeyPatch, consumer: Consumer, channel: NativeChannel
+) -> None:
+    """The whole native path through `decoded_batches` under exactly-once: the dead
+    letter and the agent's `emit` wait in the outbox, which is sent (with the input
+    partition each came from) after the body and before the ack, all inside the gate."""
+    from agentstream.schemas import AgentMessage, Event, encode
+
+    log: list[str] = []
+
+    class Gate:
+        async def enter(self) -> None:
+            log.append("enter")
+
+        def leave(self) -> None:
+            log.append(f"leave, acked:{consumer._acked[TP('in', 0)]}")
+
+    async def send(outbox: list[Any]) -> None:
+        log.append(f"send:{[(o[3], o[4]) for o in outbox]}")
+        log.append(f"acked before send:{consumer._acked[TP('in', 0)]}")
+
+    def message(n: int) -> bytes:
+        event = AgentMessage(message_id=f"m{n}", sender_id="a", recipient_id="b", content="hi")
+        return encode(Event.of(event, source="test"))
+
+    monkeypatch.setattr(processing, "NATIVE_ENABLED", True)
+    monkeypatch.setattr(processing, "_EOS", True)
+    monkeypatch.setattr(processing, "GATE", Gate())
+    monkeypatch.setattr(processing, "_send_outbox_in_transactions", send)
+    consumer._revokes = 0
+    msgs = [Msg("in", 0, 0), Msg("in", 0, 1), Msg("in", 0, 2)]
+    for m, value in zip(msgs, [message(0), b"{not json", message(2)], strict=True):
+        m.value = value  # type: ignore[attr-defined]
+        m.key = b"k"  # type: ignore[attr-defined]
+        m.timestamp = None  # type: ignore[attr-defined]
+    await channel.put(FetchedList(msgs, consumer._refetch_epoch))
+    stream = Stream(consumer.app)
+    async for batch in processing.decoded_batches(stream, consumer="c", max_batch=10):
+        log.append(f"body:{[i.message.offset for i in batch]}")
+        for inbound in batch:
+            await processing.guarded(
+                inbound,
+                "c",
+                lambda i: processing.emit("agent.messages.accepted", i.event),
+            )
+        stream.should_stop = True
+    assert log == [
+        "enter",
+        "body:[0, 2]",
+        "send:[('pipeline.deadletter', ('in', 0)), ('agent.messages.accepted', ('in', 0)), "
+        "('agent.messages.accepted', ('in', 0))]",
+        "acked before send:[]",
+        "leave, acked:[0, 1, 2]",  # the dead letter's offset too
+    ]

@@ -635,6 +635,7 @@ CONTRACTS: list[Contract] = [
         f"{TXN}.send",
         "call",
         f"{PROC}::producer.send(topic, key, value, partition, None, None)",
+        f"{PROC}::manager.send(name, key, value, None, None, None)",
         params="(self, topic, key, value, partition, timestamp, headers, *, transactional_id)",
     ),
     c(f"{TXN}.producer", "read", f'{PROC}::getattr(manager, "producer"'),
@@ -645,7 +646,20 @@ CONTRACTS: list[Contract] = [
         contains=("transactional_id = f'{group_id}-{group}-{tp.partition}'",),
         source_of=f"{TXN}.commit",
     ),
-    c(f"{PRODUCER}._transaction_producers", "read", f'{PROC}::"_transaction_producers"'),
+    c(
+        f"{PRODUCER}._transaction_producers",
+        "read",
+        f'{PROC}::"_transaction_producers"',
+        f"{PROC}::faust_producer._transaction_producers[tid]",
+    ),
+    c(
+        # the lock Faust's send and commit of a transaction take; our batch sends too
+        f"{PRODUCER}._trn_locks",
+        "read",
+        f"{PROC}::faust_producer._trn_locks[tid]",
+        contains=("async with self._trn_locks[transactional_id]:",),
+        source_of=f"{PRODUCER}.commit_transactions",
+    ),
     c(
         "faust.assignor.PartitionAssignor.group_for_topic",
         "call",
