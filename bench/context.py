@@ -188,7 +188,12 @@ class BenchContext:
         self._n_env += 1
         ns = f"b{self.run_id}x{self._n_env}"
         self.work_dir.mkdir(parents=True, exist_ok=True)  # stages keep files there
-        env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTSTREAM_")}
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            # the experimental delivery switch passes: a whole bench run on that path
+            if not k.startswith("AGENTSTREAM_") or k == "AGENTSTREAM_EXPERIMENTAL_BATCH_DELIVERY"
+        }
         # a secured cluster: the workers connect as the harness does
         env.update({k: v for k, v in os.environ.items() if k.startswith(CONNECTION_VARS)})
         env.update(

@@ -597,10 +597,10 @@ NATIVE_QUEUE_BATCHES = 2
 
 def _native_channel(stream: Any) -> NativeChannel | None:
     """The native channel of the one topic `stream` reads, or None for the conductor
-    path: for a stream of several topics, and for a
-    topic that another agent reads too (each would need every record; the consumer
-    diverts a native topic's records to its one channel). Agents are all defined before
-    the first one iterates (autodiscovery at import), so the count is complete."""
+    path: for a stream of several topics, and for a topic another agent reads too (each
+    would need every record; the consumer diverts a native topic's records to its one
+    channel). Agents are all defined before the first one iterates (autodiscovery at
+    import), so the count is complete."""
     if not NATIVE_ENABLED:
         return None
     topics: tuple[str, ...] = tuple(getattr(stream.channel, "topics", None) or ())
