@@ -619,7 +619,29 @@ def _native_channel(stream: Any) -> NativeChannel | None:
     if channel is None:
         channel = NATIVE_CHANNELS[name] = NativeChannel(NATIVE_QUEUE_BATCHES)
         log.warning("EXPERIMENTAL batch-native delivery for %s", name)
+        _refetch_conducted(stream)
     return channel
+
+
+def _refetch_conducted(stream: Any) -> None:
+    """Records of a topic fetched before its agent first asked for a native batch went
+    the conductor's way, into the stream's queue, which the native agent never reads
+    (an agent may do seconds of start-up work first: `enforce_policy` loads its
+    policies and chain keys). They are taken out and fetched again, as a flow-control
+    clear does (delivery 5, 6); the refetch's epoch bump stops a delivery of that topic
+    under way, whose record then landing in the queue is refetched by it too. Emptying
+    the queue also frees a delivery blocked on it while full."""
+    queue = getattr(stream.channel, "queue", None)
+    dropped: list[Any] = []
+    while queue is not None and not queue.empty():
+        message = getattr(queue.get_nowait(), "message", None)
+        if message is not None:
+            dropped.append(message)
+    if dropped:
+        log.info(
+            "%d record(s) delivered before the native channel existed: refetched", len(dropped)
+        )
+        stream.app.consumer.refetch(dropped)
 
 
 class NativeBatch:

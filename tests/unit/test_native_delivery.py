@@ -503,3 +503,28 @@ async def test_decoded_batches_sends_a_native_batch_and_acks_it_inside_the_gate(
         "acked before send:[]",
         "leave, acked:[0, 1, 2]",  # the dead letter's offset too
     ]
+
+
+async def test_records_conducted_before_the_channel_existed_are_fetched_again(
+    monkeypatch: pytest.MonkeyPatch, consumer: Consumer
+) -> None:
+    """An agent with seconds of start-up work asks for its first batch after the
+    consumer's first fetches: those records went the conductor's way, into the stream's
+    queue, which a native agent never reads (seen: the first 173 records of a partition
+    neither forwarded nor dead-lettered)."""
+    monkeypatch.setattr(processing, "NATIVE_ENABLED", True)
+    NATIVE_CHANNELS.clear()
+    stream = Stream(consumer.app)
+    queue: asyncio.Queue[Any] = asyncio.Queue()
+    for offset in (7, 8, 9):
+        queue.put_nowait(type("Event", (), {"message": Msg("in", 0, offset)})())
+    stream.channel.queue = queue  # type: ignore[attr-defined]
+    try:
+        assert _native_channel(stream) is NATIVE_CHANNELS["in"]
+        assert queue.empty()
+        assert consumer._refetch_from == {TP("in", 0): 7}
+        consumer._refetch_from = None
+        assert _native_channel(stream) is NATIVE_CHANNELS["in"]  # once, at registration
+        assert consumer._refetch_from is None
+    finally:
+        NATIVE_CHANNELS.clear()
