@@ -718,6 +718,9 @@ async def _native_batches(
                         if mark is not None and mark[0] == generation and msg.offset <= mark[1]:
                             continue
                         handed[msg.tp] = (generation, msg.offset)
+                        # the batch's hold, as the conductor's per stream: a task that
+                        # holds it longer (an LLM call: `incref`, later `ack`) acks it
+                        msg.refcount += 1
                         events.append(msg)
                     if skipped:
                         refetch(skipped)  # drains this list's rest too: the loop ends
@@ -743,8 +746,12 @@ async def _native_batches(
 
 
 def _ack_all(app_: Any, consumer: Any, messages: list[Any]) -> None:
-    """`Consumer.ack` for a whole batch under one lock, and the one sensor value the
-    consumer's health check reads (`stream_inbound_time`), once per partition."""
+    """`Message.ack` for a whole batch under one lock: the batch's hold is released
+    (`_native_batches` took one per record, as the conductor does per stream), and a
+    record no other task holds gets `Consumer.ack`'s bookkeeping; one still held (an LLM
+    call's request until its final response is out) is acked by its holder. Then the
+    one sensor value the consumer's health check reads (`stream_inbound_time`), once per
+    partition."""
     from faust.types.tuples import ack_lock
     from mode.utils.futures import notify
 
@@ -757,6 +764,9 @@ def _ack_all(app_: Any, consumer: Any, messages: list[Any]) -> None:
     with ack_lock:
         for msg in messages:
             if msg.acked:
+                continue
+            held = msg.refcount = max(msg.refcount - 1, 0)
+            if held:
                 continue
             msg.acked = True
             tp = msg.tp

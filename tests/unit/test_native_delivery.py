@@ -44,6 +44,7 @@ class Msg:
     offset: int
     generation_id: int = 1
     acked: bool = False
+    refcount: int = 0
 
     @property
     def tp(self) -> TP:
@@ -528,3 +529,21 @@ async def test_records_conducted_before_the_channel_existed_are_fetched_again(
         assert consumer._refetch_from is None
     finally:
         NATIVE_CHANNELS.clear()
+
+
+async def test_a_record_another_task_holds_is_acked_by_that_task_not_by_its_batch(
+    consumer: Consumer, channel: NativeChannel
+) -> None:
+    """An LLM request is held (`incref`) by its call until the final response is out:
+    the batch that admitted it must not make its offset committable (seen: a worker
+    stopped with a call in flight had committed the request, and its restart never
+    answered it)."""
+    agent = _native_batches(Stream(consumer.app), channel, 10)
+    await consumer._deliver_native(records(range(3)), consumer._refetch_epoch)
+    batch = await asyncio.wait_for(agent.__anext__(), SOON_S)
+    held = batch.messages[1]
+    held.refcount += 1  # the call's hold (Faust's Message.incref)
+    batch.ack()
+    assert consumer._acked[TP("in", 0)] == [0, 2]
+    assert (held.acked, held.refcount) == (False, 1)  # its holder's Message.ack ends it
+    await agent.aclose()

@@ -686,6 +686,16 @@ CONTRACTS: list[Contract] = [
     c("faust.types.tuples.ack_lock", "read", f"{PROC}::with ack_lock:"),
     c("faust.types.Message.acked", "write", f"{PROC}::msg.acked = True"),
     c(
+        # a hold per stream, released by `Message.ack`; the final release acks: the bulk
+        # ack takes and releases the batch's hold the same way
+        "faust.types.Message.refcount",
+        "write",
+        f"{PROC}::msg.refcount += 1",
+        f"{PROC}::held = msg.refcount = max(msg.refcount - 1, 0)",
+        contains=("if not self.decref(n):", "return self.on_final_ack(consumer)"),
+        source_of="faust.types.Message.ack",
+    ),
+    c(
         "faust.sensors.monitor.Monitor.stream_inbound_time",
         "write",
         f"{PROC}::monitor.stream_inbound_time[tp] = now",
