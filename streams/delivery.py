@@ -44,7 +44,8 @@ Records in flight
    offset, never forward (`_seek_back_to_dropped`); changelog partitions keep their own
    positions. Why: aiokafka's seek to committed skips a partition with no commit yet.
 6. A flow-control clear (`RefetchingFlowControl.clear`, on every `flow_control.resume()`)
-   empties the agents' queues and refetches what they held (5). The record being
+   empties the agents' queues (and the native channels, when the experimental path is
+   on) and refetches what they held (5). The record being
    delivered meanwhile lands in a queue after the clear: it is marked stale
    (`STALE_DELIVERIES`), dropped unacked by its agent and refetched too. Batches that
    agents already took are not touched.
@@ -304,7 +305,8 @@ class RefetchingFlowControl(FlowControlEvent):
         if delivering is not None:
             STALE_DELIVERIES.add(delivering)
             dropped.append(delivering)
-        if dropped:
+        if dropped or NATIVE_CHANNELS:
+            # the native channels are emptied too (their refetch drains them)
             consumer.refetch(dropped)
 
 

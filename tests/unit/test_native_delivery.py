@@ -387,7 +387,7 @@ async def test_exactly_once_outputs_go_into_the_transaction_of_the_input_they_ca
     monkeypatch.setattr(
         processing, "_source_transaction", lambda m, source, warn: f"tx-{source[1]}"
     )
-    outbox = [
+    outbox: list[processing.Output] = [
         ("out", f"k{i}".encode(), b"v", "agent.messages.accepted", ("in", i % 2)) for i in range(6)
     ]
     await processing._send_outbox_in_transactions(outbox)
@@ -417,7 +417,7 @@ async def test_exactly_once_an_output_without_its_transaction_is_never_sent(
     monkeypatch.setattr(processing, "_producer", producer)
     monkeypatch.setattr(processing, "_source_transaction", lambda m, source, warn: None)
     monkeypatch.setattr(processing.app, "rebalancing", True, raising=False)
-    outbox = [("out", b"k0", b"v", "agent.messages.accepted", ("in", 0))]
+    outbox: list[processing.Output] = [("out", b"k0", b"v", "agent.messages.accepted", ("in", 0))]
     with pytest.raises(processing.BatchAbandoned):
         await processing._send_outbox_in_transactions(outbox)
     assert sent == []
@@ -519,7 +519,7 @@ async def test_records_conducted_before_the_channel_existed_are_fetched_again(
     queue: asyncio.Queue[Any] = asyncio.Queue()
     for offset in (7, 8, 9):
         queue.put_nowait(type("Event", (), {"message": Msg("in", 0, offset)})())
-    stream.channel.queue = queue  # type: ignore[attr-defined]
+    stream.channel.queue = queue
     try:
         assert _native_channel(stream) is NATIVE_CHANNELS["in"]
         assert queue.empty()
@@ -547,3 +547,19 @@ async def test_a_record_another_task_holds_is_acked_by_that_task_not_by_its_batc
     assert consumer._acked[TP("in", 0)] == [0, 2]
     assert (held.acked, held.refcount) == (False, 1)  # its holder's Message.ack ends it
     await agent.aclose()
+
+
+async def test_a_flow_control_clear_empties_the_native_channels(
+    consumer: Consumer, channel: NativeChannel
+) -> None:
+    """Delivery 6 for the native path: what a resume's clear finds in a channel is
+    fetched again, like what it finds in the stream queues, even when those are empty."""
+    from agentstream.streams.delivery import RefetchingFlowControl
+
+    flow = RefetchingFlowControl(consumer.app)
+    await consumer._deliver_native(records(range(20, 25)), consumer._refetch_epoch)
+    epoch = consumer._refetch_epoch
+    flow.clear()
+    assert channel.qsize() == 0
+    assert consumer._refetch_from == {TP("in", 0): 20}
+    assert consumer._refetch_epoch == epoch + 1
