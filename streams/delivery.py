@@ -802,7 +802,8 @@ class BatchDeliveryConsumer:
             try:
                 await channel.put(fetched)
             except asyncio.CancelledError:
-                # a rebalance, stop or crash: the list may already be in its channel
+                # a rebalance, stop or crash while the put waited for room: the list never
+                # reached its channel; its records and the later topics' are fetched again
                 fetched.stale = True
                 refetch_from(i)
                 raise
