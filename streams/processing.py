@@ -824,14 +824,7 @@ async def _send_outbox_in_transactions(outbox: list[Output]) -> None:
         if source is not None:
             tid = _source_transaction(manager, source, warn=False)
             if tid is None:
-                # an agent's output outside its input's transaction would be duplicated
-                # by whoever processes the input again: never send it that way
-                if getattr(app, "rebalancing", False):
-                    raise BatchAbandoned("no open transaction during a rebalance")
-                raise RuntimeError(
-                    f"no open transaction for {source[0]}:{source[1]}, although no "
-                    "rebalance happened since the batch was taken"
-                )
+                raise _missing_transaction(source)
         groups.setdefault(tid, []).append(entry)
     for tid, entries in groups.items():
         if tid is None:
@@ -1004,15 +997,20 @@ async def send_record(
                     topic, key, value, partition, None, None, transactional_id=tid
                 )
             if own:
-                # An agent's output outside its input's transaction would be duplicated
-                # by whoever processes the input again: never send it that way.
-                if getattr(app, "rebalancing", False):
-                    raise BatchAbandoned("no open transaction during a rebalance")
-                raise RuntimeError(
-                    f"no open transaction for {source[0]}:{source[1]}, although no "
-                    "rebalance happened since the batch was taken"
-                )
+                raise _missing_transaction(source)
     return await producer.send(topic, key, value, partition, None, None)
+
+
+def _missing_transaction(source: tuple[str, int]) -> BaseException:
+    """What an agent's own output meets when its input's transaction is gone: it would
+    be duplicated by whoever processes the input again outside it, so it is never sent
+    that way. During a rebalance the batch is abandoned; otherwise it is a bug."""
+    if getattr(app, "rebalancing", False):
+        return BatchAbandoned("no open transaction during a rebalance")
+    return RuntimeError(
+        f"no open transaction for {source[0]}:{source[1]}, although no rebalance "
+        "happened since the batch was taken"
+    )
 
 
 def _source_transaction(manager: Any, source: tuple[str, int], *, warn: bool = True) -> str | None:
