@@ -31,7 +31,7 @@ from aiokafka.partitioner import DefaultPartitioner
 
 from agentstream.schemas import AgentMessage, Event, registry
 from agentstream.streams.kafka_security import new_admin, new_consumer, new_producer
-from agentstream.streams.settings import Settings
+from agentstream.streams.settings import Settings, child_environ
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -188,12 +188,7 @@ class BenchContext:
         self._n_env += 1
         ns = f"b{self.run_id}x{self._n_env}"
         self.work_dir.mkdir(parents=True, exist_ok=True)  # stages keep files there
-        env = {
-            k: v
-            for k, v in os.environ.items()
-            # the experimental delivery switch passes: a whole bench run on that path
-            if not k.startswith("AGENTSTREAM_") or k == "AGENTSTREAM_EXPERIMENTAL_BATCH_DELIVERY"
-        }
+        env = child_environ(os.environ)
         # a secured cluster: the workers connect as the harness does
         env.update({k: v for k, v in os.environ.items() if k.startswith(CONNECTION_VARS)})
         env.update(

@@ -140,6 +140,7 @@ from faust.transport.drivers import aiokafka as aiokafka_driver
 from faust.types import TP
 from mode.utils.queues import FlowControlEvent
 
+from agentstream.streams.settings import BATCH_DELIVERY_SWITCH
 from agentstream.streams.tables.writer import flush_pending
 
 
@@ -927,7 +928,7 @@ class IdempotentProducer:
 #: EXPERIMENTAL batch-native delivery (docs/design/batch-delivery.md):
 #: ``AGENTSTREAM_EXPERIMENTAL_BATCH_DELIVERY=1`` lets an agent's `decoded_batches` take
 #: its topic's fetched records as lists (`BatchDeliveryConsumer._deliver_native`)
-NATIVE_ENABLED = os.environ.get("AGENTSTREAM_EXPERIMENTAL_BATCH_DELIVERY", "") == "1"
+NATIVE_ENABLED = os.environ.get(BATCH_DELIVERY_SWITCH, "") == "1"
 
 
 class FetchedList:

@@ -22,6 +22,24 @@ from agentstream.infra.paths import state_home
 from agentstream.schemas.errors import PipelineError
 
 ENV_PREFIX = "AGENTSTREAM_"
+
+#: ``=1`` turns on the experimental batch-native delivery path (`streams.delivery`,
+#: docs/design/batch-delivery.md); not a setting, so a child process keeps it
+#: (`child_environ`)
+BATCH_DELIVERY_SWITCH = "AGENTSTREAM_EXPERIMENTAL_BATCH_DELIVERY"
+
+
+def child_environ(environ: Mapping[str, str]) -> dict[str, str]:
+    """The environment a test's or bench's worker starts from: the caller's without this
+    project's settings (the caller sets those for the child), except the experimental
+    delivery switch, so that a whole suite or bench run can be made on that path."""
+    return {
+        k: v
+        for k, v in environ.items()
+        if not k.startswith(ENV_PREFIX) or k == BATCH_DELIVERY_SWITCH
+    }
+
+
 #: what AGENTSTREAM_SECRET_SOURCES may name
 SECRET_SOURCES = ("keychain", "env", "dir")
 #: the agent packages of this distribution, which AGENTSTREAM_AGENTS may name by their

@@ -272,14 +272,10 @@ def settings_env(kafka_bootstrap: str, ns: str, tmp_path: Path) -> Iterator[dict
     operator would create them: read and admin tokens for the test's own HTTP clients
     (`tests.support.web_tokens`, `web_client`), the admin one also as the CLI's
     `web.token`, and a cluster token for the workers' forwarded lookups."""
+    from agentstream.streams.settings import child_environ
     from tests.support import with_web_tokens
 
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        # the experimental delivery switch passes: the suite can run on that path too
-        if not k.startswith("AGENTSTREAM_") or k == "AGENTSTREAM_EXPERIMENTAL_BATCH_DELIVERY"
-    }
+    env = child_environ(os.environ)
     env.update(
         {
             "AGENTSTREAM_KAFKA_BOOTSTRAP": kafka_bootstrap,

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 import orjson
 
-from agentstream.streams.settings import Settings
+from agentstream.streams.settings import Settings, child_environ
 from tests.chaos import checker
 from tests.chaos.cluster import ChaosWorker, OwnBroker, OwnKafka
 from tests.chaos.collect import INPUT_TOPIC, Collector, GroupWatcher
@@ -186,12 +186,7 @@ ScenarioFunc = Callable[[RunContext], Awaitable[None]]
 
 
 def _base_env(opts: RunOptions, ns: str) -> dict[str, str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        # the experimental delivery switch passes: the suite can judge that path too
-        if not k.startswith("AGENTSTREAM_") or k == "AGENTSTREAM_EXPERIMENTAL_BATCH_DELIVERY"
-    }
+    env = child_environ(os.environ)
     env.update(
         {
             "AGENTSTREAM_KAFKA_BOOTSTRAP": opts.bootstrap,

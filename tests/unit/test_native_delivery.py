@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -27,6 +28,7 @@ from agentstream.streams.delivery import (
     NativeChannel,
 )
 from agentstream.streams.processing import NativeBatch, _native_batches, _native_channel
+from agentstream.streams.settings import BATCH_DELIVERY_SWITCH, child_environ
 
 #: a deadline for what must happen now; never reached when the code is right
 SOON_S = 5.0
@@ -319,9 +321,7 @@ async def test_a_topic_read_by_two_agents_keeps_per_record_delivery(
 
 
 def test_the_switch_is_off_by_default() -> None:
-    assert delivery.NATIVE_ENABLED is (
-        __import__("os").environ.get("AGENTSTREAM_EXPERIMENTAL_BATCH_DELIVERY") == "1"
-    )
+    assert delivery.NATIVE_ENABLED is (os.environ.get(BATCH_DELIVERY_SWITCH) == "1")
 
 
 class RecordBatch:
@@ -563,3 +563,8 @@ async def test_a_flow_control_clear_empties_the_native_channels(
     assert channel.qsize() == 0
     assert consumer._refetch_from == {TP("in", 0): 20}
     assert consumer._refetch_epoch == epoch + 1
+
+
+def test_child_processes_keep_the_switch_but_not_the_settings() -> None:
+    env = child_environ({"PATH": "/bin", "AGENTSTREAM_APP_ID": "mine", BATCH_DELIVERY_SWITCH: "1"})
+    assert env == {"PATH": "/bin", BATCH_DELIVERY_SWITCH: "1"}
