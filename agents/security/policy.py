@@ -190,7 +190,7 @@ class Violation:
 class Evaluation:
     verdict: Verdict
     violations: tuple[Violation, ...]
-    #: {policy_id: version} of every applied policy
+    #: {policy_id: version} of every applied policy (the fit group's own map: read-only)
     policies: dict[str, int]
     default_applied: bool
     security_enabled: bool
@@ -611,7 +611,7 @@ def evaluate(
         return Evaluation(
             verdict,
             tuple(found),
-            dict(group.versions),
+            group.versions,  # shared by every decision of the group: read-only
             not group.policies,
             True,
             sender.verified,
