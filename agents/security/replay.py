@@ -23,11 +23,12 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from functools import cache
 from typing import Any
 
 import orjson
+from mode.utils.collections import FastUserDict
 
 from agentstream.agents.security.policy import Seen
 from agentstream.schemas import Event
@@ -68,6 +69,18 @@ def sender_of(key: str) -> str:
 
 def entry(partition: int, offset: int, issued_at: float) -> dict[str, Any]:
     return {"p": partition, "o": offset, "at": int(issued_at)}
+
+
+def lookup(store: Any) -> Callable[[str], Any]:
+    """`store.get`, or for Faust's in-memory store the `get` of the dict behind it: the
+    store's own is `Mapping.get`, which raises and catches a KeyError on every miss, and
+    every new message is a miss. Its `__getitem__` is the dict's when the store has no
+    `__missing__`, so both answer the same."""
+    inner = getattr(store, "data", None)
+    plain = isinstance(store, FastUserDict) and not hasattr(store, "__missing__")
+    if plain and type(inner) is dict:
+        return inner.get
+    return store.get
 
 
 def seen_of(value: Any) -> Seen | None:

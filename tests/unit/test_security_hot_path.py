@@ -1,0 +1,154 @@
+"""What enforce_policy saves per message must not change what it writes: event ids stay
+random version-4 UUIDs (and a forked child never repeats its parent's), each record names
+the signers of exactly the policies it applied, decision times are real UTC times to the
+millisecond, the replay lookup answers as the table does, and the decision counts per
+batch are what counting each decision gives."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections import Counter
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from faust.stores.memory import Store
+
+import agentstream.agents.security.agent as agent
+from agentstream.agents.security import replay
+from agentstream.agents.security.decisions import decision_record, new_event_id
+from agentstream.agents.security.policy import PolicySet, StaticKeys, compiled, evaluate
+from agentstream.schemas import AgentMessage, Event
+from agentstream.schemas.security import SecurityPolicy, Verdict
+from agentstream.streams.tables.security import keys_for
+
+
+def test_event_ids_are_distinct_uuid4_text() -> None:
+    ids = [new_event_id() for _ in range(100_000)]
+    assert len(set(ids)) == len(ids)
+    for text in ids[:2000] + ids[-2000:]:
+        parsed = uuid.UUID(text)
+        assert parsed.version == 4 and parsed.variant == uuid.RFC_4122
+        assert str(parsed) == text
+    # every variant nibble and version-4 position is drawn, not fixed by the formatting
+    assert {text[19] for text in ids} == set("89ab")
+    assert {text[14] for text in ids} == {"4"}
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_does_not_reuse_its_parents_ids() -> None:
+    new_event_id()  # the parent's pool now holds the next ids
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report its next ids and leave at once
+        try:
+            os.write(write, ",".join(new_event_id() for _ in range(10)).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        child = set(pipe.read().split(","))
+    os.waitpid(pid, 0)
+    parent = {new_event_id() for _ in range(10)}
+    assert len(child) == 10 and not child & parent
+
+
+def _policies(signers: dict[str, str]) -> PolicySet:
+    return PolicySet(
+        [
+            compiled(SecurityPolicy(policy_id=pid, blocked_patterns=["secret"]))
+            for pid in ("a", "b", "c")
+        ],
+        enabled=True,
+        default_action=Verdict.DENY,
+        signers=signers,
+    )
+
+
+def _record(policies: PolicySet, content: str = "fine") -> dict[str, Any]:
+    event = Event.of(
+        AgentMessage(message_id="m", sender_id="s", recipient_id="r", content=content),
+        source="s",
+    )
+    result = evaluate(event.payload, policies, StaticKeys())
+    return decision_record(
+        event,
+        result,
+        source="enforce_policy",
+        evaluated_at=datetime(2026, 12, 5, tzinfo=UTC),
+        evaluation_us=1,
+        partition=0,
+        offset=0,
+        signers=policies.signers,
+    )
+
+
+def test_each_record_names_the_signers_of_its_policy_set() -> None:
+    first = _policies({"a": "admin-1", "b": "admin-1", "x": "admin-9"})
+    one, two = _record(first), _record(first, "a secret")
+    assert one["payload"]["policies"] == {"a": 1, "b": 1, "c": 1}
+    # only applied policies, and only those with a known signer
+    assert one["payload"]["policy_signers"] == {"a": "admin-1", "b": "admin-1"}
+    assert two["payload"]["policy_signers"] == one["payload"]["policy_signers"]
+    # a new policy set (re-signed by another admin) is not answered from the old one
+    second = _policies({"a": "admin-2", "c": "admin-2"})
+    assert _record(second)["payload"]["policy_signers"] == {"a": "admin-2", "c": "admin-2"}
+    assert _record(_policies({}))["payload"]["policy_signers"] == {}
+    assert _record(first)["payload"]["policy_signers"] == {"a": "admin-1", "b": "admin-1"}
+
+
+def test_the_decision_clock_is_utc_to_the_millisecond() -> None:
+    clock = agent._MillisecondClock()
+    before = datetime.now(UTC).replace(microsecond=0)
+    times = [clock() for _ in range(20_000)]
+    after = datetime.now(UTC)
+    assert all(t.tzinfo is UTC and t.microsecond % 1000 == 0 for t in times)
+    assert before <= times[0] and times[-1] <= after
+    assert times == sorted(times)
+    # within one millisecond the same object, so its text is formatted once
+    assert len({id(t) for t in times}) == len(set(times))
+
+
+def test_the_replay_lookup_answers_as_the_store() -> None:
+    store: Any = Store(url="memory://", app=agent.app, table=replay.table())
+    store["k"] = {"p": 1, "o": 2, "at": 3}
+    fast = replay.lookup(store)
+    assert fast == store.data.get  # the dict's own get, not Mapping.get
+    for key in ("k", "missing", ""):
+        assert fast(key) == store.get(key)
+
+    plain: dict[str, Any] = {"k": 1}
+    assert replay.lookup(plain)("k") == 1 and replay.lookup(plain)("x") is None
+
+
+@dataclass
+class _Result:
+    verdict: Verdict
+    rules: list[str]
+
+
+@dataclass
+class _Outcome:
+    partition: int
+    result: _Result
+    evaluation_s: float = 0.001
+
+
+def test_batch_counts_equal_counting_each_decision() -> None:
+    outcomes: list[Any] = [
+        _Outcome(p, _Result(v, rules))
+        for p in (0, 1, 3)
+        for v, rules in (
+            (Verdict.ALLOW, []),
+            (Verdict.DENY, ["blocked_pattern"]),
+            (Verdict.DENY, ["blocked_pattern", "size"]),
+            (Verdict.ALLOW, []),
+        )
+    ]
+    expected: Counter[tuple[int, str]] = Counter()
+    for o in outcomes:
+        for key in keys_for(o.partition, o.result.verdict.value, o.result.rules):
+            expected[(o.partition, key)] += 1
+    assert agent._tally(outcomes) == expected
