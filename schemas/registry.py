@@ -76,6 +76,16 @@ class EventRegistry:
     # -- decoding ---------------------------------------------------------------------
     def decode(self, raw: bytes | str, *, max_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> Event[Any]:
         """Bytes from Kafka → a validated, upcast event, or a `SchemaError`."""
+        return self.parse(raw, max_bytes=max_bytes)[0]
+
+    def parse(
+        self, raw: bytes | str, *, max_bytes: int = DEFAULT_MAX_EVENT_BYTES
+    ) -> tuple[Event[Any], dict[str, Any] | None]:
+        """`decode`, plus the JSON object the event was validated from when it came at
+        its current schema version (None when it was upcast): a stage forwarding the
+        event unchanged writes that back instead of parsing the bytes a second time.
+        The object is the caller's to change; the event holds no reference to its top
+        level (nested values of `Any` fields may be shared with it)."""
         if raw is None:
             raise UndecodableEvent("empty value (tombstone or null)")
         if len(raw) > max_bytes:
@@ -84,7 +94,8 @@ class EventRegistry:
             data = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
             raise UndecodableEvent(f"not JSON: {exc}") from None
-        return self.from_dict(data)
+        event = self.from_dict(data)
+        return event, data if data["schema_version"] == event.schema_version else None
 
     def from_dict(self, data: Any) -> Event[Any]:
         if not isinstance(data, dict):

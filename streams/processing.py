@@ -325,6 +325,9 @@ class Inbound:
 
     event: Event[Any]
     message: Any  # faust.types.Message: topic, partition, offset, key, value, timestamp
+    #: the JSON object `event` was validated from, when it came at its current schema
+    #: version (`registry.parse`): the caller's to change, e.g. to forward it
+    data: dict[str, Any] | None = None
 
     @property
     def origin(self) -> str:
@@ -398,7 +401,7 @@ async def _decoded_batches(
             for msg, value in pairs:
                 topic_name = msg.topic
                 try:
-                    decoded = registry.decode(value, max_bytes=limit)
+                    decoded, data = registry.parse(value, max_bytes=limit)
                     if accepted is not None and decoded.type not in accepted:
                         raise InvalidEvent(
                             f"event type {decoded.type!r} does not belong on {msg.topic}",
@@ -407,7 +410,7 @@ async def _decoded_batches(
                 except PipelineError as exc:
                     bad.append((msg, exc))
                     continue
-                good.append(Inbound(decoded, msg))
+                good.append(Inbound(decoded, msg, data))
             if good and prepare is not None:
                 try:
                     await prepare(good)

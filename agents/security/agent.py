@@ -337,7 +337,7 @@ def decide(
         decision,
         topic,
         message.sender_id.encode(),
-        forward_bytes(event, forwarded, inbound.message.value),
+        forward_bytes(event, forwarded, inbound.data),
         elapsed,
     )
 
@@ -414,20 +414,19 @@ async def _expire_replay_entries() -> None:
         replay.expire(owned, settings.topic_partitions)
 
 
-def forward_bytes(event: Event[Any], message: AgentMessage, raw: Any) -> bytes:
+def forward_bytes(event: Event[Any], message: AgentMessage, data: dict[str, Any] | None) -> bytes:
     """The forwarded message keeps the input's envelope — same event id, so consumers of
     accepted/rejected can deduplicate at-least-once redeliveries by it — and points at
     the input with causation_id.
 
-    An unchanged message at the current schema version is forwarded as its own JSON with
-    `causation_id` set (a pydantic copy costs more than deciding it); a redacted,
-    annotated or upcast one is re-encoded from the model."""
+    An unchanged message at the current schema version is forwarded as the JSON object
+    it was decoded from (`data`, changed in place), with `causation_id` set: a pydantic
+    copy costs more than deciding it. A redacted, annotated or upcast one (no `data`) is
+    re-encoded from the model."""
     input_id = str(event.event_id)
-    if message is event.payload and isinstance(raw, bytes | bytearray):
-        data = orjson.loads(raw)
-        if data.get("schema_version") == AgentMessage.VERSION:
-            data["causation_id"] = input_id
-            return orjson.dumps(data)
+    if message is event.payload and data is not None:
+        data["causation_id"] = input_id
+        return orjson.dumps(data)
     update: dict[str, Any] = {"causation_id": input_id}
     if message is not event.payload:
         update["payload"] = message

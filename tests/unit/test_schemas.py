@@ -92,6 +92,20 @@ def test_v1_agent_message_is_upcast_on_read() -> None:
     assert ev.payload.content == "old text"
     assert ev.payload.sender_role == "planner"
     assert ev.payload.security_level == "standard"
+    # parse hands back no object for it: what was read is not the current version
+    assert registry.parse(json.dumps(v1).encode()) == (ev, None)
+
+
+def test_parse_hands_back_the_object_a_current_event_was_read_from() -> None:
+    raw = encode(Event.of(_msg(), source="s"))
+    event, data = registry.parse(raw)
+    assert event == registry.decode(raw)
+    assert data == orjson.loads(raw)
+    # the caller's own: changing it leaves the event as it was
+    assert data is not None
+    data["source"] = "changed"
+    data["payload"]["content"] = "changed"
+    assert event == registry.decode(raw)
 
 
 @pytest.mark.parametrize(

@@ -20,7 +20,7 @@ import agentstream.agents.security.agent as agent
 from agentstream.agents.security import replay
 from agentstream.agents.security.decisions import decision_record, new_event_id
 from agentstream.agents.security.policy import PolicySet, StaticKeys, compiled, evaluate
-from agentstream.schemas import AgentMessage, Event
+from agentstream.schemas import AgentMessage, Event, encode, registry
 from agentstream.schemas.security import SecurityPolicy, Verdict
 from agentstream.streams.tables.security import keys_for
 
@@ -152,3 +152,23 @@ def test_batch_counts_equal_counting_each_decision() -> None:
         for key in keys_for(o.partition, o.result.verdict.value, o.result.rules):
             expected[(o.partition, key)] += 1
     assert agent._tally(outcomes) == expected
+
+
+def test_an_unchanged_message_is_forwarded_as_the_object_it_was_read_from() -> None:
+    event = Event.of(
+        AgentMessage(message_id="m", sender_id="s", recipient_id="r", content="hi"),
+        source="s",
+        correlation_id="c",
+    )
+    raw = encode(event)
+    decoded, data = registry.parse(raw)
+    from_data = agent.forward_bytes(decoded, decoded.payload, data)
+    from_model = agent.forward_bytes(decoded, decoded.payload, None)
+    forwarded = registry.decode(from_data)
+    assert forwarded == registry.decode(from_model)
+    assert forwarded.event_id == event.event_id and forwarded.causation_id == str(event.event_id)
+    # a changed (e.g. redacted) message is written from the model, not from the input
+    redacted = decoded.payload.model_copy(update={"content": "[redacted]"})
+    assert registry.decode(agent.forward_bytes(decoded, redacted, data)).payload.content == (
+        "[redacted]"
+    )
