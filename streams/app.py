@@ -151,7 +151,7 @@ def create_app(settings: Settings) -> AgentStreamApp:
             if settings.group_instance_id
             else {}
         ),
-        broker_commit_interval=1.0,
+        broker_commit_interval=settings.commit_interval_s,
         stream_buffer_maxsize=16_384,
         stream_wait_empty=False,
         web_enabled=settings.web_enabled,

@@ -72,8 +72,10 @@ Records in flight
    uncommitted (`_end_transactions`) before any commit can run (Faust keeps the
    producer of a partition assigned to this worker again and would commit them with
    later offsets); the next owner's producer (same transactional id) aborts them.
-   Revoked partitions leave (4). Under at-least-once a revoke adds nothing: the next
-   owner starts from the last commit.
+   Revoked partitions leave (4). Under at-least-once a revoke commits what is acked
+   (within `REVOKE_COMMIT_TIMEOUT_S`, through the same path as every commit: 2, 11) and
+   waits for nothing: the batches in progress stay unacked, and the next owner starts
+   from that commit.
 10. A stop or crash cancels the delivery under way (5). An agent cancelled by the stop
     with a batch in hand leaves it unacked (exactly-once: also `refuse_commits`, since
     the open transactions may hold part of its outputs); an agent that raises otherwise
@@ -374,6 +376,12 @@ class BatchAgent(faust.Agent):
 #: A revoke waits as long for them (`BatchDeliveryConsumer.on_partitions_revoked`).
 EOS_COMMIT_WAIT_S = 10.0
 
+#: how long an at-least-once revoke may spend committing (a producer flush and one offset
+#: commit: milliseconds with a healthy broker). Bounded because every member waits for
+#: the slowest one's revoke before partitions are assigned again; giving up costs only
+#: duplicates, never loss (the last commit stays in force).
+REVOKE_COMMIT_TIMEOUT_S = 5.0
+
 
 class BatchDeliveryConsumer:
     """Faust's consumer, delivering each fetched batch under ONE `wait_first`.
@@ -452,13 +460,32 @@ class BatchDeliveryConsumer:
     _revokes = 0
 
     async def on_partitions_revoked(self: Any, revoked: Any) -> None:
-        if self.app.in_transaction and self.assignment():
-            await self._finish_batches_before_revoke()
+        if self.assignment():
+            if self.app.in_transaction:
+                await self._finish_batches_before_revoke()
+            else:
+                await self._commit_before_revoke()
         high = self._committed_high
         if high:
             for tp in revoked:
                 high.pop(tp, None)
         await super().on_partitions_revoked(revoked)  # type: ignore[misc]
+
+    async def _commit_before_revoke(self: Any) -> None:
+        """At-least-once: commit what the agents finished before the partitions move, so
+        their next owner starts after the last finished batch, not at the last periodic
+        commit. Without it every rebalance processed up to a commit interval's worth of
+        every member's input twice (Faust commits on revoke only from `wait_empty`, which
+        this app turns off; one SIGSTOP'ed worker causes up to four rebalances). Batches
+        in progress are not waited for: their records are not acked, and their next
+        owner processes them (11). Bounded by `REVOKE_COMMIT_TIMEOUT_S`; a commit that
+        fails or times out leaves the last one in force, which is where the next owner
+        would have started anyway."""
+        try:
+            async with asyncio.timeout(REVOKE_COMMIT_TIMEOUT_S):
+                await self.commit()
+        except Exception as exc:  # the revoke goes on; the next owner starts earlier
+            self.log.warning("revoke: committing the finished batches failed: %r", exc)
 
     async def _finish_batches_before_revoke(self: Any) -> None:
         """Exactly-once: let the batches in progress finish (at most EOS_COMMIT_WAIT_S)

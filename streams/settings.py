@@ -218,6 +218,18 @@ class Settings(BaseModel):
         "heartbeat.interval.ms): members notice a rebalance at their next heartbeat. Keep "
         "it well under a third of AGENTSTREAM_BROKER_SESSION_TIMEOUT_S.",
     )
+    commit_interval_s: float = Field(
+        default=1.0,
+        gt=0,
+        le=3600.0,
+        description="How often a worker commits the input offsets of finished batches "
+        "(Faust's broker_commit_interval; Kafka Streams' commit.interval.ms). Under "
+        "at-least-once, a crash processes again what was finished since the last commit: "
+        "up to this long's worth of input. A worker also commits when 10,000 records were "
+        "finished since, and before its partitions move to another worker. Under "
+        "exactly-once each commit ends a transaction: longer means larger transactions "
+        "and outputs visible to read_committed readers later.",
+    )
     group_instance_id: str | None = Field(
         default=None,
         description="Static group membership (Kafka's group.instance.id): a worker "
