@@ -201,7 +201,7 @@ class PatternList:
     def __bool__(self) -> bool:
         return bool(self.patterns)
 
-    def _indices(self, text: bytes) -> list[int]:
+    def indices(self, text: bytes) -> list[int]:
         """Indices (in list order) of the patterns that match `text`."""
         if self.matcher is not None:
             hits = self.matcher.Match(text)
@@ -221,7 +221,7 @@ class PatternList:
         """The patterns that match, in list order."""
         if not self.patterns:
             return []
-        return [self.patterns[i] for i in self._indices(text)]
+        return [self.patterns[i] for i in self.indices(text)]
 
     def spans(self, text: bytes) -> list[tuple[int, int]]:
         """Byte ``[start, end)`` of every non-empty, non-overlapping match (leftmost first,
@@ -230,9 +230,15 @@ class PatternList:
         pattern, the rest of the text from its next match on is one span (a pattern
         matching at every byte cannot cost a search per byte; masking errs on the side of
         hiding more)."""
+        return self.spans_of(text, self.indices(text) if self.patterns else ())
+
+    def spans_of(self, text: bytes, indices: Iterable[int]) -> list[tuple[int, int]]:
+        """`spans` of the patterns at `indices` only (ones `indices` found matching
+        `text`): for a caller that scanned `text` already and needs the spans of some of
+        its matches."""
         out: set[tuple[int, int]] = set()
         end = len(text)
-        for i in self._indices(text) if self.patterns else ():
+        for i in indices:
             compiled = self.compiled[i]
             pos = 0
             for _ in range(MAX_SPAN_SEARCHES):

@@ -214,6 +214,10 @@ class Evaluation:
         return sorted({v.rule for v in self.violations})
 
 
+#: how a policy's blocked patterns see a message: (scan fields, fold confusables)
+View = tuple[tuple[str, ...], bool]
+
+
 @dataclass(frozen=True)
 class CompiledPolicy:
     policy: SecurityPolicy
@@ -223,8 +227,7 @@ class CompiledPolicy:
     applies_to_roles: frozenset[str]
     #: the normalised level ("*" = every level)
     level: str
-    #: (scan fields, fold confusables): how its blocked patterns see a message
-    view: tuple[tuple[str, ...], bool]
+    view: View
     #: set when the stored policy cannot be compiled: it then denies what it fits
     broken: str | None = None
 
@@ -269,13 +272,69 @@ class CompiledPolicy:
 
 
 @dataclass(frozen=True)
+class BlockedUnion:
+    """The blocked patterns of the (not broken) policies of a group that see messages
+    one way, as one list: a field is scanned once for all of them, and `owners` says whose
+    patterns matched. A pattern matches in the union exactly when it matches in its own
+    policy's list (`PatternList.indices` is exact either way)."""
+
+    blocked: PatternList
+    #: per pattern of `blocked`: (position in the group, index in its blocked list) of
+    #: each policy listing it
+    owners: tuple[tuple[tuple[int, int], ...], ...]
+    #: the smallest size limit of those policies. A message within it is scanned by every
+    #: one of them, so one union scan costs no more than theirs; over it, some of them
+    #: never scan it and each policy that does scans its own list (cost bounded by limits)
+    min_size: int
+
+    @classmethod
+    def build(cls, policies: tuple[CompiledPolicy, ...], view: View) -> BlockedUnion | None:
+        owners: dict[str, list[tuple[int, int]]] = {}
+        limits = []
+        for position, policy in enumerate(policies):
+            if policy.broken is None and policy.view == view and policy.blocked:
+                limits.append(policy.policy.max_message_size)
+                for index, pattern in enumerate(policy.blocked.patterns):
+                    owners.setdefault(pattern, []).append((position, index))
+        try:
+            # already unique: the list's indices are `owners`' order
+            blocked = PatternList.build(owners)
+        except PatternError:  # each compiled alone already; a union cannot add errors
+            return None
+        return cls(blocked, tuple(map(tuple, owners.values())), min(limits, default=0))
+
+    def covers(self, size: int, metadata_size: int) -> bool:
+        """Whether a message of these sizes is scanned with the union: within every
+        limit, and the list is one RE2::Set (otherwise its policies' own Sets are
+        faster than a search per pattern)."""
+        return (
+            self.blocked.matcher is not None
+            and size <= self.min_size
+            and metadata_size <= self.min_size
+        )
+
+
+def blocked_unions(policies: tuple[CompiledPolicy, ...]) -> dict[View, BlockedUnion]:
+    """A `BlockedUnion` per way `policies` see messages; a view whose union cannot be
+    built has none (its policies scan their own lists)."""
+    out = {}
+    for view in dict.fromkeys(p.view for p in policies):
+        union = BlockedUnion.build(policies, view)
+        if union is not None:
+            out[view] = union
+    return out
+
+
+@dataclass(frozen=True)
 class FitGroup:
     """The policies fitting one (level, roles), with what lets most messages be allowed
     in one scan per field: their blocked patterns as one list, the smallest size limit,
     and whether anything (roles, authentication, encryption, control characters, a
     broken policy, policies that see a message differently) needs the full per-policy
     evaluation anyway. The result is the same either way (a property test checks it);
-    the fast path only skips work for messages that violate nothing."""
+    the fast path only skips work for messages that violate nothing. The full
+    evaluation scans each field once per view too (`unions`), and matches, spans and
+    masks per policy only for the policies whose patterns matched."""
 
     policies: tuple[CompiledPolicy, ...]
     versions: dict[str, int]
@@ -284,13 +343,20 @@ class FitGroup:
     blocked: PatternList
     allowed: tuple[PatternList, ...]
     #: how every fitting policy sees a message (fast path only)
-    view: tuple[tuple[str, ...], bool]
+    view: View
+    #: the blocked patterns of the policies, one union per view (`blocked_unions`)
+    unions: Mapping[View, BlockedUnion]
     #: {normalised text: matches the blocked union} for fields that repeat across
     #: messages (sender, recipient, content type): scanned once, not once per message
     seen_clean: dict[str, bool] = field(default_factory=dict, compare=False)
 
     @classmethod
-    def build(cls, policies: tuple[CompiledPolicy, ...], roles: frozenset[str]) -> FitGroup:
+    def build(
+        cls,
+        policies: tuple[CompiledPolicy, ...],
+        roles: frozenset[str],
+        unions: Mapping[View, BlockedUnion],
+    ) -> FitGroup:
         views = {p.view for p in policies}
         fast = len(views) == 1 and all(
             p.broken is None
@@ -300,20 +366,17 @@ class FitGroup:
             and (not p.allowed_roles or not p.allowed_roles.isdisjoint(roles))
             for p in policies
         )
-        blocked = PatternList.build(())
-        if fast:
-            try:
-                blocked = PatternList.build(x for p in policies for x in p.blocked.patterns)
-            except PatternError:  # each compiled alone already; a union cannot add errors
-                fast = False
+        view = next(iter(views)) if len(views) == 1 else ((), True)
+        union = unions.get(view)
         return cls(
             policies,
             {p.id: p.version for p in policies},
-            fast and bool(policies),
+            fast and union is not None and bool(policies),
             min((p.policy.max_message_size for p in policies), default=0),
-            blocked,
+            union.blocked if fast and union is not None else PatternList.build(()),
             tuple(p.allowed for p in policies if p.allowed),
-            next(iter(views)) if len(views) == 1 else ((), True),
+            view,
+            unions,
         )
 
 
@@ -367,6 +430,11 @@ class PolicySet:
         #: {policy id: admin key id that signed the version in force}
         self.signers = dict(signers or {})
         self._fitting: dict[tuple[str, frozenset[str]], FitGroup] = {}
+        #: {ids of the fitting policies: their unions}: groups of the same policies share
+        #: them, so a flood of new role sets (claimed roles, when trusted) compiles
+        #: nothing. Few keys: which policies fit depends on the level (one of `levels`,
+        #: or unknown) and on which `applies_to_roles` names the roles include
+        self._unions: dict[tuple[str, ...], dict[View, BlockedUnion]] = {}
 
     @classmethod
     def from_state(
@@ -418,7 +486,12 @@ class PolicySet:
         key = (level, roles)
         hit = self._fitting.get(key)
         if hit is None:
-            hit = FitGroup.build(tuple(p for p in self.policies if p.fits(level, roles)), roles)
+            fitting = tuple(p for p in self.policies if p.fits(level, roles))
+            ids = tuple(p.id for p in fitting)
+            unions = self._unions.get(ids)
+            if unions is None:
+                unions = self._unions[ids] = blocked_unions(fitting)
+            hit = FitGroup.build(fitting, roles, unions)
             if len(self._fitting) < 10_000:  # levels and role sets are few; bound it anyway
                 self._fitting[key] = hit
         return hit
@@ -593,9 +666,12 @@ def evaluate(
     keys: KeyView,
     *,
     fast: bool = True,
+    union: bool = True,
     ctx: Context = NO_CONTEXT,
 ) -> Evaluation:
-    """Decide one message. `fast=False` skips the one-scan shortcut (tests compare both)."""
+    """Decide one message. `fast=False` skips the one-scan shortcut; `union=False` has
+    every policy scan the fields with its own patterns instead of reading what the one
+    scan per view found (the reference: tests compare them)."""
     if not policies.enabled:
         return Evaluation(Verdict.ALLOW, (), {}, False, False)
     sender = resolve_sender(message, policies, keys, ctx.identities)
@@ -670,7 +746,7 @@ def evaluate(
     fitting = group.policies
     scanned = _Scanned(message, plain if plain is not None else "")
     masked: dict[str, str] = {}
-    for policy in fitting:
+    for position, policy in enumerate(fitting):
         p = policy.policy
         pid, ver = policy.id, policy.version
         if policy.broken is not None:
@@ -726,15 +802,21 @@ def evaluate(
             )
             continue
         if policy.blocked:
+            shared = group.unions.get(policy.view) if union else None
+            if shared is not None and shared.covers(size, meta):
+                matches = _union_hits(
+                    policy.blocked, scanned.union_scan(policy.view, shared), position
+                )
+            else:
+                matches = _own_hits(policy.blocked, fields)
             hits: dict[str, list[str]] = {}
-            for path, text in fields:
-                data = text.encode()
-                if policy.blocked.any_match(data):
-                    hits[path] = policy.blocked.matching(data)
-                    spans = byte_spans_to_char_spans(text, policy.blocked.spans(data))
-                    masked[path] = mask_spans(
-                        masked.get(path, text), spans, policies.rejected_redaction
-                    )
+            for path, text, matched, spans in matches:
+                hits[path] = matched
+                masked[path] = mask_spans(
+                    masked.get(path, text),
+                    byte_spans_to_char_spans(text, spans),
+                    policies.rejected_redaction,
+                )
             if hits:
                 shown = sorted({x for found in hits.values() for x in found})[:5]
                 where = ", ".join(sorted(hits)[:5])
@@ -770,7 +852,7 @@ _ID_FIELDS = ("message_id", "sender_id", "recipient_id")
 _REPEATING = frozenset({"sender_id", "recipient_id", "content_type"})
 
 
-def _fields(message: AgentMessage, view: tuple[tuple[str, ...], bool]) -> list[tuple[str, str]]:
+def _fields(message: AgentMessage, view: View) -> list[tuple[str, str]]:
     """The normalised fields a policy with this view scans, in `scanned_fields`' order.
     Without metadata (most messages) they are built directly: the same list, without a
     walk that has nothing to walk (a unit test checks both agree)."""
@@ -797,6 +879,15 @@ def _metadata_size(fields: list[tuple[str, str]]) -> int:
     return sum(len(t.encode()) for path, t in fields if path.startswith("metadata"))
 
 
+#: one field a blocked pattern matched: (path, normalised text, the matching patterns (in
+#: no particular order: a reason sorts them), byte spans of their matches)
+_Hit = tuple[str, str, list[str], list[tuple[int, int]]]
+#: a union scan of one view: {position of a policy in the group: (path, normalised text,
+#: its UTF-8, indices in the policy's own blocked list of its patterns that match) per
+#: field in which some matched, in field order}
+_UnionScan = dict[int, list[tuple[str, str, bytes, list[int]]]]
+
+
 class _Scanned:
     """The normalised fields of one message, computed once per way of seeing it."""
 
@@ -804,19 +895,57 @@ class _Scanned:
         self.message = (
             message if plain == message.content else message.model_copy(update={"content": plain})
         )
-        self._views: dict[tuple[tuple[str, ...], bool], list[tuple[str, str]]] = {}
+        self._views: dict[View, list[tuple[str, str]]] = {}
+        self._scans: dict[View, _UnionScan] = {}
 
-    def fields(self, view: tuple[tuple[str, ...], bool]) -> list[tuple[str, str]]:
+    def fields(self, view: View) -> list[tuple[str, str]]:
         hit = self._views.get(view)
         if hit is None:
             hit = self._views[view] = _fields(self.message, view)
         return hit
 
-    def content(self, view: tuple[tuple[str, ...], bool]) -> bytes:
+    def union_scan(self, view: View, union: BlockedUnion) -> _UnionScan:
+        """What the view's union found in each field: one scan per field for all of the
+        view's policies, made when the first of them needs it."""
+        hit = self._scans.get(view)
+        if hit is None:
+            hit = self._scans[view] = {}
+            for path, text in self.fields(view):
+                data = text.encode()
+                mine: dict[int, list[int]] = {}
+                for found in union.blocked.indices(data):
+                    for position, index in union.owners[found]:
+                        mine.setdefault(position, []).append(index)
+                for position, indices in mine.items():
+                    hit.setdefault(position, []).append((path, text, data, indices))
+        return hit
+
+    def content(self, view: View) -> bytes:
         for path, text in self.fields((("content",), view[1])):
             if path == "content":
                 return text.encode()
         return b""
+
+
+def _own_hits(blocked: PatternList, fields: list[tuple[str, str]]) -> list[_Hit]:
+    """The fields a policy's blocked patterns match, scanned with its own list: where a
+    view has no union to read (and the reference the union scan is tested against)."""
+    out = []
+    for path, text in fields:
+        data = text.encode()
+        if blocked.any_match(data):
+            out.append((path, text, blocked.matching(data), blocked.spans(data)))
+    return out
+
+
+def _union_hits(blocked: PatternList, scan: _UnionScan, position: int) -> list[_Hit]:
+    """`_own_hits` of the policy at `position` (its list `blocked`), with which of its
+    patterns match each field read from the union's scan: its own list then only finds
+    the spans, in the fields where something matched."""
+    return [
+        (path, text, [blocked.patterns[i] for i in indices], blocked.spans_of(data, indices))
+        for path, text, data, indices in scan.get(position, ())
+    ]
 
 
 def _fast_allows(message: AgentMessage, group: FitGroup) -> bool:
