@@ -795,7 +795,7 @@ def evaluate(
             if bad:
                 violations.append(Violation("forbidden_characters", ", ".join(bad), pid, ver))
         fields = scanned.fields(policy.view)
-        meta = _metadata_size(fields)
+        meta = scanned.metadata_size(policy.view)
         if meta > limit:
             violations.append(
                 Violation("max_message_size", f"metadata is {meta} bytes, limit {limit}", pid, ver)
@@ -896,12 +896,19 @@ class _Scanned:
             message if plain == message.content else message.model_copy(update={"content": plain})
         )
         self._views: dict[View, list[tuple[str, str]]] = {}
+        self._sizes: dict[View, int] = {}
         self._scans: dict[View, _UnionScan] = {}
 
     def fields(self, view: View) -> list[tuple[str, str]]:
         hit = self._views.get(view)
         if hit is None:
             hit = self._views[view] = _fields(self.message, view)
+        return hit
+
+    def metadata_size(self, view: View) -> int:
+        hit = self._sizes.get(view)
+        if hit is None:
+            hit = self._sizes[view] = _metadata_size(self.fields(view))
         return hit
 
     def union_scan(self, view: View, union: BlockedUnion) -> _UnionScan:
