@@ -745,7 +745,11 @@ def evaluate(
 
     fitting = group.policies
     scanned = _Scanned(message, plain if plain is not None else "")
-    masked: dict[str, str] = {}
+    #: {field path: (its text as the first policy to block something in it saw it, the
+    #: character spans to mask)}: masked once, after every policy, with every policy's
+    #: spans; masking policy by policy applied a later policy's spans to text an earlier
+    #: one had already shortened, leaving blocked text readable or raising
+    blocked_spans: dict[str, tuple[str, list[tuple[int, int]]]] = {}
     for position, policy in enumerate(fitting):
         p = policy.policy
         pid, ver = policy.id, policy.version
@@ -812,11 +816,16 @@ def evaluate(
             hits: dict[str, list[str]] = {}
             for path, text, matched, spans in matches:
                 hits[path] = matched
-                masked[path] = mask_spans(
-                    masked.get(path, text),
-                    byte_spans_to_char_spans(text, spans),
-                    policies.rejected_redaction,
-                )
+                chars = byte_spans_to_char_spans(text, spans)
+                kept = blocked_spans.get(path)
+                if kept is None:
+                    blocked_spans[path] = (text, chars)
+                elif kept[0] == text:
+                    kept[1].extend(chars)
+                else:
+                    # a policy that normalises differently (confusables): its spans do
+                    # not index the kept text, so none of that text may be shown
+                    kept[1].append((0, len(kept[0])))
             if hits:
                 shown = sorted({x for found in hits.values() for x in found})[:5]
                 where = ", ".join(sorted(hits)[:5])
@@ -839,6 +848,10 @@ def evaluate(
                 f"{', '.join(sorted(sender.roles))!r}; the default action is deny",
             )
         )
+    masked = {
+        path: mask_spans(text, spans, policies.rejected_redaction)
+        for path, (text, spans) in blocked_spans.items()
+    }
     return result(Verdict.DENY if violations else Verdict.ALLOW, violations, masked)
 
 
