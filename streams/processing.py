@@ -808,7 +808,8 @@ async def _send_outbox(outbox: list[Output]) -> None:
     for name, key, value, topic, _ in outbox:
         by_tp.setdefault((name, await partition_of(name, key), topic), []).append((key, value))
     for (name, p, topic), records in by_tp.items():
-        await _send_records(producer, name, p, topic, records)
+        await send_record_batches(producer, name, p, records, topic)
+        _events_out(topic).inc(len(records))
 
 
 async def _send_outbox_in_transactions(outbox: list[Output]) -> None:
@@ -843,7 +844,8 @@ async def _send_outbox_in_transactions(outbox: list[Output]) -> None:
             by_tp.setdefault((name, await partition_of(name, key), topic), []).append((key, value))
         async with faust_producer._trn_locks[tid]:
             for (name, p, topic), records in by_tp.items():
-                await _send_records(producer, name, p, topic, records)
+                await send_record_batches(producer, name, p, records, topic)
+                _events_out(topic).inc(len(records))
 
 
 async def _partitioner(producer: Any) -> Callable[[str, bytes], Awaitable[int]]:
@@ -862,22 +864,27 @@ async def _partitioner(producer: Any) -> Callable[[str, bytes], Awaitable[int]]:
     return partition_of
 
 
-async def _send_records(
-    producer: Any, name: str, partition: int, topic: str, records: list[tuple[bytes, bytes]]
-) -> None:
-    """Records as aiokafka record batches to one partition, each batch's future watched
-    (`_delivered`: a refused output crashes the worker before any commit)."""
+async def send_record_batches(
+    producer: Any, name: str, partition: int, records: list[tuple[bytes, bytes]], label: str
+) -> list[asyncio.Future[Any]]:
+    """(key, value) records to one partition of topic `name` as aiokafka record batches
+    (Faust's per-record send costs more than most stages' work on a record), in order.
+    Each batch's future is watched (`watch_delivery`, `label` naming the topic in the
+    metrics and logs): a refused output crashes the worker before any commit. Returns
+    the futures, for a caller that awaits its outputs' acks."""
+    futures: list[asyncio.Future[Any]] = []
     batch = producer.create_batch()
     for key, value in records:
         if batch.append(key=key, value=value, timestamp=None) is None:
-            fut = await producer.send_batch(batch, name, partition=partition)
-            fut.add_done_callback(partial(_delivered, topic))
+            futures.append(await producer.send_batch(batch, name, partition=partition))
+            watch_delivery(futures[-1], label)
             batch = producer.create_batch()
             if batch.append(key=key, value=value, timestamp=None) is None:
                 raise ValueError(f"a record of {len(value)} bytes does not fit a batch")
-    fut = await producer.send_batch(batch, name, partition=partition)
-    fut.add_done_callback(partial(_delivered, topic))
-    _events_out(topic).inc(len(records))
+    if batch.record_count():
+        futures.append(await producer.send_batch(batch, name, partition=partition))
+        watch_delivery(futures[-1], label)
+    return futures
 
 
 async def dead_letter(message: Any, exc: BaseException, consumer: str) -> None:
@@ -1106,5 +1113,6 @@ __all__ = [
     "guarded",
     "redact_dead_letters",
     "send_record",
+    "send_record_batches",
     "watch_delivery",
 ]

@@ -56,7 +56,7 @@ from agentstream.streams.processing import (
     emit,
     fault_point,
     redact_dead_letters,
-    watch_delivery,
+    send_record_batches,
 )
 from agentstream.streams.redaction import redact_raw
 from agentstream.streams.tables import write
@@ -525,19 +525,9 @@ async def _send_batches(
     check_not_frozen()  # sealed before a freeze, these must not be sent after it
     futures = []
     for topic, items in records.items():
-        batch = producer.create_batch()
-        for key, value in items:
-            if batch.append(key=key, value=value, timestamp=None) is None:
-                futures.append(await producer.send_batch(batch, topic, partition=partition))
-                watch_delivery(futures[-1], topic)
-                batch = producer.create_batch()
-                if batch.append(key=key, value=value, timestamp=None) is None:
-                    raise ValueError(f"a record of {len(value)} bytes does not fit a batch")
-        if batch.record_count():
-            futures.append(await producer.send_batch(batch, topic, partition=partition))
-            # Noticed at once, not only when the next batch awaits these futures: the
-            # offsets behind a lost record must never be committed.
-            watch_delivery(futures[-1], topic)
+        # each future watched at once, not only when the next batch awaits them: the
+        # offsets behind a lost record must never be committed
+        futures += await send_record_batches(producer, topic, partition, items, topic)
     return futures
 
 
