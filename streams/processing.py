@@ -66,7 +66,14 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Mapping,
+)
 from contextvars import ContextVar
 from dataclasses import dataclass
 from functools import cache, partial
@@ -820,32 +827,64 @@ async def _send_outbox_in_transactions(outbox: list[Output]) -> None:
     Called inside the commit gate after `check_batch_current`: a batch taken before a
     revoke sends none of its outputs."""
     manager = await _producer()  # the transaction manager
-    faust_producer = manager.producer
-    groups: dict[str | None, list[Output]] = {}
+    groups: dict[tuple[str, int] | None, list[Output]] = {}
     for entry in outbox:
-        source = entry[4]
-        tid = None
-        if source is not None:
-            tid = _source_transaction(manager, source, warn=False)
-            if tid is None:
-                raise _missing_transaction(source)
-        groups.setdefault(tid, []).append(entry)
-    for tid, entries in groups.items():
-        if tid is None:
+        groups.setdefault(entry[4], []).append(entry)
+    # every transaction first: a batch that cannot send all its outputs sends none
+    transactions = await source_transactions([s for s in groups if s is not None])
+    for source, entries in groups.items():
+        if source is None:
             for name, key, value, topic, _ in entries:
                 fut = await manager.send(name, key, value, None, None, None)
                 fut.add_done_callback(partial(_delivered, topic))
                 _events_out(topic).inc()
             continue
-        producer = faust_producer._transaction_producers[tid]
-        partition_of = await _partitioner(producer)
+        transaction = transactions[source]
+        partition_of = await _partitioner(transaction[1])
         by_tp: dict[tuple[str, int, str], list[tuple[bytes, bytes]]] = {}
         for name, key, value, topic, _ in entries:
             by_tp.setdefault((name, await partition_of(name, key), topic), []).append((key, value))
-        async with faust_producer._trn_locks[tid]:
-            for (name, p, topic), records in by_tp.items():
-                await send_record_batches(producer, name, p, records, topic)
-                _events_out(topic).inc(len(records))
+        await send_in_transaction(transaction, by_tp)
+        for (_, _, topic), records in by_tp.items():
+            _events_out(topic).inc(len(records))
+
+
+#: (transactional id, its aiokafka producer): an input partition's open transaction
+Transaction = tuple[str, Any]
+
+
+async def source_transactions(sources: Iterable[tuple[str, int]]) -> dict[tuple[str, int], Any]:
+    """Exactly-once: the open transaction of each input partition in `sources` (the one
+    that commits its offsets), all looked up before anything is sent. Raises
+    `BatchAbandoned` for a batch taken before a revoke and `_missing_transaction` when
+    a transaction is gone (revoked): outputs sent outside it would be duplicated by the
+    partition's next owner. Call with the batch inside the commit gate."""
+    check_batch_current()
+    manager = await _producer()  # the transaction manager
+    found: dict[tuple[str, int], Transaction] = {}
+    for source in sources:
+        tid = _source_transaction(manager, source, warn=False)
+        if tid is None:
+            raise _missing_transaction(source)
+        found[source] = (tid, manager.producer._transaction_producers[tid])
+    return found
+
+
+async def send_in_transaction(
+    transaction: Transaction, records: Mapping[tuple[str, int, str], list[tuple[bytes, bytes]]]
+) -> list[asyncio.Future[Any]]:
+    """Record batches into `transaction` (`source_transactions`), `records` keyed by
+    (topic name, partition, label for metrics and logs), under Faust's lock for that
+    transaction (its commit takes the same one). A batch taken before a revoke that
+    happened since the lookup raises `BatchAbandoned` here, before sending."""
+    check_batch_current()
+    tid, producer = transaction
+    manager = await _producer()
+    futures: list[asyncio.Future[Any]] = []
+    async with manager.producer._trn_locks[tid]:
+        for (name, partition, label), items in records.items():
+            futures += await send_record_batches(producer, name, partition, items, label)
+    return futures
 
 
 async def _partitioner(producer: Any) -> Callable[[str, bytes], Awaitable[int]]:
@@ -1112,7 +1151,9 @@ __all__ = [
     "fault_point",
     "guarded",
     "redact_dead_letters",
+    "send_in_transaction",
     "send_record",
     "send_record_batches",
+    "source_transactions",
     "watch_delivery",
 ]

@@ -39,24 +39,25 @@ from agentstream.agents.security.policy import (
     required_keys,
 )
 from agentstream.agents.security.store import KeyCache, PolicyStore
-from agentstream.schemas import AgentMessage, Event, encode, registry, utc_now
+from agentstream.schemas import AgentMessage, Event, encode, utc_now
 from agentstream.schemas.security import Verdict
 from agentstream.streams.app import app, catalogue_topic, settings
 from agentstream.streams.audit_chain import ChainWriter, chain_writer
 from agentstream.streams.credentials import KeychainCredentialsProvider
-from agentstream.streams.eos import SOURCE
 from agentstream.streams.errors import CredentialsError
 from agentstream.streams.health import register_check
 from agentstream.streams.observability import DECISION_SECONDS, DECISIONS, EVENTS_OUT
 from agentstream.streams.processing import (
     Inbound,
+    _producer,
     check_not_frozen,
     dead_letter,
     decoded_batches,
-    emit,
     fault_point,
     redact_dead_letters,
+    send_in_transaction,
     send_record_batches,
+    source_transactions,
 )
 from agentstream.streams.redaction import redact_raw
 from agentstream.streams.tables import write
@@ -440,36 +441,42 @@ async def _publish(
 ) -> None:
     """Seal the decisions and send everything of one batch.
 
-    Faust's per-record `send` costs more than deciding a message, so in at-least-once mode
-    a batch goes out as one aiokafka record batch per (topic, partition). The acks of a
+    Faust's per-record `send` costs more than deciding a message, so a batch goes out
+    as one aiokafka record batch per (topic, partition): decisions sealed with the chain
+    writer's per-partition head and lock, exactly as `ChainWriter.emit` would (the last
+    one of each partition signed), forwarded messages to the same partition number as
+    their input (the same key on topics of equal partition count).
+
+    At-least-once: the replay table's entries travel the same way, and the acks of a
     batch are awaited while the next batch is being decided (one batch in flight); a
     failed send crashes the agent instead of being logged and forgotten, and Faust
-    flushes the producer before it commits any offset. Decisions are sealed with
-    the chain writer's per-partition head and lock, exactly as `ChainWriter.emit` would,
-    and forwarded messages go to the same partition number as their input (the same key
-    on topics of equal partition count). Under exactly-once each record goes into the
-    transaction that commits its input's offset, and the batch holds the commit gate from
-    its decoding until its events are acknowledged (`decoded_batches`, streams/eos.py).
+    flushes the producer before it commits any offset. Exactly-once: every record goes
+    into the transaction that commits its input's offset (`send_in_transaction`), the
+    replay entries through the table (into the same transactions), and the batch holds
+    the commit gate from its decoding until its events are acknowledged
+    (`decoded_batches`, streams/eos.py).
     """
     fault_point("enforce_policy.publish")  # a test hook, off by default (streams.processing)
     if not outcomes:
         return
-    producer = getattr(app.producer, "_producer", None)
-    fast = settings.processing_guarantee == "at_least_once" and producer is not None
-    if not fast:
-        for partition, key, entry in table_writes:  # into the batch's transactions
-            replay.remember(key, entry, partition)
-        await _publish_in_transactions(outcomes, writer)
-        return
+    eos = settings.processing_guarantee == "exactly_once"
     by_partition: dict[int, list[Outcome]] = {}
     for o in outcomes:
         by_partition.setdefault(o.partition, []).append(o)
-    # the replay table's entries travel like the outputs: one record batch per partition
-    # (a Faust changelog send each would cost more than deciding the message)
+    source_topic = settings.topic(AGENT_MESSAGES)
     changelog: dict[int, list[tuple[bytes, bytes]]] = {}
-    for partition, key, entry in table_writes:
-        REPLAY.data[key] = entry
-        changelog.setdefault(partition, []).append((orjson.dumps(key), orjson.dumps(entry)))
+    if eos:
+        for partition, key, entry in table_writes:  # into the batch's transactions
+            replay.remember(key, entry, partition)
+        # every transaction before anything is sent (a batch sends all or nothing)
+        transactions = await source_transactions((source_topic, p) for p in by_partition)
+    else:
+        producer = (await _producer())._ensure_producer()
+        # the replay table's entries travel like the outputs: one record batch per
+        # partition (a Faust changelog send each would cost more than deciding the message)
+        for partition, key, entry in table_writes:
+            REPLAY.data[key] = entry
+            changelog.setdefault(partition, []).append((orjson.dumps(key), orjson.dumps(entry)))
     changelog_topic = REPLAY.changelog_topic.get_topic_name()
     decisions_topic = settings.topic(SECURITY_DECISIONS)
     from agentstream.streams.audit_chain import chain_signer
@@ -488,31 +495,23 @@ async def _publish(
                 records.setdefault(settings.topic(o.topic), []).append((o.key, o.forwarded))
             if partition in changelog:
                 records[changelog_topic] = changelog[partition]
-            futures += await _send_batches(producer, records, partition)
-    previous, _IN_FLIGHT[:] = list(_IN_FLIGHT), futures
-    try:
-        await asyncio.gather(*previous)
-    except BaseException:
-        writer.reset()  # what reached the broker is unknown: re-read the heads
-        raise
+            if eos:
+                await send_in_transaction(
+                    transactions[(source_topic, partition)],
+                    {(name, partition, name): items for name, items in records.items()},
+                )
+            else:
+                futures += await _send_batches(producer, records, partition)
+    if not eos:
+        previous, _IN_FLIGHT[:] = list(_IN_FLIGHT), futures
+        try:
+            await asyncio.gather(*previous)
+        except BaseException:
+            writer.reset()  # what reached the broker is unknown: re-read the heads
+            raise
     for topic, n in Counter(o.topic for o in outcomes).items():
         EVENTS_OUT.labels(topic).inc(n)
     EVENTS_OUT.labels(SECURITY_DECISIONS).inc(len(outcomes))
-
-
-async def _publish_in_transactions(outcomes: list[Outcome], writer: ChainWriter) -> None:
-    """One record at a time, each in its input partition's transaction. The batch holds
-    the commit gate from its decoding (`decoded_batches`) until its events are acked, so
-    no commit can take these outputs, its dead letters or its table updates (handed to
-    the producer before the batch leaves the gate) without their offsets."""
-    source_topic = settings.topic(AGENT_MESSAGES)
-    for o in outcomes:
-        token = SOURCE.set((source_topic, o.partition))
-        try:
-            await writer.emit(registry.from_dict(o.decision), partition=o.partition)
-            await emit(o.topic, registry.decode(o.forwarded))
-        finally:
-            SOURCE.reset(token)
 
 
 #: delivery futures of the batch sent last (awaited while the next one is decided)

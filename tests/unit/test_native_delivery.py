@@ -423,6 +423,39 @@ async def test_exactly_once_an_output_without_its_transaction_is_never_sent(
     assert sent == []
 
 
+async def test_exactly_once_a_batch_missing_one_transaction_sends_into_none(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # outputs sent into the transactions still open would be committed with later
+    # offsets while the abandoned batch's inputs are processed again: duplicates
+    sent: list[Any] = []
+    lock = asyncio.Lock()
+    faust_producer = type(
+        "FaustProducer",
+        (),
+        {"_transaction_producers": {"tx-0": AioProducer("tx-0", sent, lock)}, "_trn_locks": {}},
+    )()
+    faust_producer._trn_locks = {"tx-0": lock}
+    manager = type("Manager", (), {"producer": faust_producer})()
+
+    async def producer() -> Any:
+        return manager
+
+    monkeypatch.setattr(processing, "_producer", producer)
+    monkeypatch.setattr(
+        processing,
+        "_source_transaction",
+        lambda m, source, warn: "tx-0" if source[1] == 0 else None,
+    )
+    monkeypatch.setattr(processing.app, "rebalancing", True, raising=False)
+    outbox: list[processing.Output] = [
+        ("out", f"k{i}".encode(), b"v", "agent.messages.accepted", ("in", i % 2)) for i in range(4)
+    ]
+    with pytest.raises(processing.BatchAbandoned):
+        await processing._send_outbox_in_transactions(outbox)
+    assert sent == []
+
+
 async def test_exactly_once_a_batch_taken_before_a_revoke_sends_and_acks_nothing(
     monkeypatch: pytest.MonkeyPatch, consumer: Consumer
 ) -> None:
