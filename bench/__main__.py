@@ -81,6 +81,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--partitions", type=int, default=4, help="partitions of the bench topics")
     p.add_argument("--stages", default="", help="comma-separated stage names (default: all found)")
     p.add_argument("--out", type=Path, default=None, help="also write the JSON to this file")
+    p.add_argument(
+        "--guarantee",
+        choices=("at_least_once", "exactly_once"),
+        default="at_least_once",
+        help="the workers' AGENTSTREAM_PROCESSING_GUARANTEE (the peers run at-least-once)",
+    )
     args = p.parse_args(argv)
     if args.events < 1 or args.payload_bytes < 1 or args.partitions < 1:
         p.error("--events, --payload-bytes and --partitions must be positive")
@@ -124,10 +130,12 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         if unknown:
             raise SystemExit(f"unknown stage(s) {unknown}; found {sorted(stages)}")
         stages = {k: v for k, v in stages.items() if k in wanted}
-    ctx = BenchContext(bootstrap, args.events, args.payload_bytes, args.partitions)
+    ctx = BenchContext(
+        bootstrap, args.events, args.payload_bytes, args.partitions, guarantee=args.guarantee
+    )
     log(
         f"stages {list(stages)}; {args.events} events of ~{args.payload_bytes} B, "
-        f"{args.partitions} partitions; logs in {ctx.work_dir}"
+        f"{args.partitions} partitions, {args.guarantee}; logs in {ctx.work_dir}"
     )
     try:
         await run_stages(ctx, stages)
@@ -137,6 +145,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "events": args.events,
         "payload_bytes": args.payload_bytes,
         "partitions": args.partitions,
+        "guarantee": args.guarantee,
     }
     for key, value in ctx.results.items():
         result[key] = round(value, 1) if isinstance(value, float) else value

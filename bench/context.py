@@ -166,8 +166,11 @@ class BenchContext:
         payload_bytes: int = 300,
         partitions: int = 4,
         work_dir: Path | None = None,
+        guarantee: str = "at_least_once",
     ) -> None:
         self.bootstrap = bootstrap
+        #: the workers' processing guarantee (`--guarantee`)
+        self.guarantee = guarantee
         #: how the harness's own clients connect (TLS/SASL from AGENTSTREAM_KAFKA_*)
         self.settings = _connection_settings(bootstrap)
         self.events = events
@@ -194,6 +197,7 @@ class BenchContext:
         env.update(
             {
                 "AGENTSTREAM_KAFKA_BOOTSTRAP": self.bootstrap,
+                "AGENTSTREAM_PROCESSING_GUARANTEE": self.guarantee,
                 "AGENTSTREAM_TOPIC_PREFIX": f"{ns}.",
                 "AGENTSTREAM_APP_ID": f"{ns}-app",
                 "AGENTSTREAM_DATA_DIR": str(self.work_dir / ns),

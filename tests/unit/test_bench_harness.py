@@ -15,7 +15,7 @@ from bench.context import BenchContext, BenchError, Throughput
 def test_defaults_match_the_issue() -> None:
     args = parse_args([])
     assert (args.events, args.payload_bytes, args.partitions) == (200_000, 300, 4)
-    assert args.stages == "" and args.out is None
+    assert args.stages == "" and args.out is None and args.guarantee == "at_least_once"
 
 
 def test_options_parse_and_reject_nonsense() -> None:
@@ -41,6 +41,15 @@ def test_options_parse_and_reject_nonsense() -> None:
     )
     with pytest.raises(SystemExit):
         parse_args(["--events", "0"])
+    with pytest.raises(SystemExit):
+        parse_args(["--guarantee", "at_most_once"])
+
+
+def test_the_workers_run_under_the_chosen_guarantee(tmp_path: Path) -> None:
+    assert parse_args([]).guarantee == "at_least_once"
+    ctx = BenchContext("127.0.0.1:1", events=50, work_dir=tmp_path, guarantee="exactly_once")
+    env = ctx.new_env()
+    assert env["AGENTSTREAM_PROCESSING_GUARANTEE"] == "exactly_once"
 
 
 def test_discover_runs_core_first_and_every_stage_has_the_contract() -> None:
