@@ -650,13 +650,13 @@ CONTRACTS: list[Contract] = [
         f"{PRODUCER}._transaction_producers",
         "read",
         f'{PROC}::"_transaction_producers"',
-        f"{PROC}::faust_producer._transaction_producers[tid]",
+        f"{PROC}::manager.producer._transaction_producers[tid]",
     ),
     c(
         # the lock Faust's send and commit of a transaction take; our batch sends too
         f"{PRODUCER}._trn_locks",
         "read",
-        f"{PROC}::faust_producer._trn_locks[tid]",
+        f"{PROC}::manager.producer._trn_locks[tid]",
         contains=("async with self._trn_locks[transactional_id]:",),
         source_of=f"{PRODUCER}.commit_transactions",
     ),
@@ -712,7 +712,13 @@ CONTRACTS: list[Contract] = [
         f"{DELIVERY}::self.app.flow_control.acquire()",
         params="(self)",
     ),
-    c(f"{PRODUCER}._ensure_producer", "call", f"{PROC}::._ensure_producer()", params="(self)"),
+    c(
+        f"{PRODUCER}._ensure_producer",
+        "call",
+        f"{PROC}::._ensure_producer()",
+        f"{SEC_AGENT}::._ensure_producer()",
+        params="(self)",
+    ),
     c(
         "aiokafka.AIOKafkaProducer._partition",
         "call",
@@ -878,28 +884,29 @@ CONTRACTS: list[Contract] = [
         f"{SEC_AGENT}::client.cluster.partitions_for_topic(topic)",
         params="(self, topic)",
     ),
+    # -- streams/processing.py send_record_batches (enforce_policy, the native outbox) ---
     c(
         "aiokafka.AIOKafkaProducer.create_batch",
         "call",
-        f"{SEC_AGENT}::producer.create_batch()",
+        f"{PROC}::producer.create_batch()",
         params="(self)",
     ),
     c(
         "aiokafka.AIOKafkaProducer.send_batch",
         "call",
-        f"{SEC_AGENT}::producer.send_batch(batch, topic, partition=partition)",
+        f"{PROC}::producer.send_batch(batch, name, partition=partition)",
         params="(self, batch, topic, *, partition)",
     ),
     c(
         "aiokafka.producer.message_accumulator.BatchBuilder.append",
         "call",
-        f"{SEC_AGENT}::batch.append(key=key, value=value, timestamp=None)",
+        f"{PROC}::batch.append(key=key, value=value, timestamp=None)",
         params="(self, *, timestamp, key, value)",
     ),
     c(
         "aiokafka.producer.message_accumulator.BatchBuilder.record_count",
         "call",
-        f"{SEC_AGENT}::batch.record_count()",
+        f"{PROC}::batch.record_count()",
         params="(self)",
     ),
     # -- every plain aiokafka consumer of ours: metadata refresh before assign ----------
