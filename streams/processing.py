@@ -853,7 +853,9 @@ async def _send_outbox_in_transactions(outbox: list[Output]) -> None:
 Transaction = tuple[str, Any]
 
 
-async def source_transactions(sources: Iterable[tuple[str, int]]) -> dict[tuple[str, int], Any]:
+async def source_transactions(
+    sources: Iterable[tuple[str, int]],
+) -> dict[tuple[str, int], Transaction]:
     """Exactly-once: the open transaction of each input partition in `sources` (the one
     that commits its offsets), all looked up before anything is sent. Raises
     `BatchAbandoned` for a batch taken before a revoke and `_missing_transaction` when
