@@ -350,6 +350,7 @@ def decoded_batches(
     max_batch: int | None = None,
     within_s: float | None = None,
     prepare: Callable[[list[Inbound]], Awaitable[None]] | None = None,
+    keep_json: bool = False,
 ) -> AsyncIterator[list[Inbound]]:
     """Yield batches of decoded events; dead-letter everything else.
 
@@ -361,6 +362,9 @@ def decoded_batches(
     The batch's records are not acked before the gate, so no commit can count them yet.
     An error in `prepare` is logged and the batch goes on (it must not lose the batch's
     dead letters, which are sent inside the gate).
+    `keep_json` keeps, on each `Inbound`, the JSON object its event was validated from
+    (`Inbound.data`), for a consumer that forwards inputs unchanged; others leave it
+    off, since holding every input's object until its batch ends costs the collector.
 
     A batch is acked when the caller asks for the next one, never when the caller leaves
     it by an exception (the module's delivery model).
@@ -373,6 +377,7 @@ def decoded_batches(
             max_batch or settings.batch_max,
             within_s or settings.batch_within_s,
             prepare,
+            keep_json,
         )
     )
 
@@ -384,6 +389,7 @@ async def _decoded_batches(
     max_batch: int,
     within_s: float,
     prepare: Callable[[list[Inbound]], Awaitable[None]] | None,
+    keep_json: bool,
 ) -> AsyncGenerator[list[Inbound], None]:
     limit = settings.max_event_bytes
     channel = _native_channel(stream)
@@ -417,7 +423,7 @@ async def _decoded_batches(
                 except PipelineError as exc:
                     bad.append((msg, exc))
                     continue
-                good.append(Inbound(decoded, msg, data))
+                good.append(Inbound(decoded, msg, data if keep_json else None))
             if good and prepare is not None:
                 try:
                     await prepare(good)

@@ -175,6 +175,7 @@ async def enforce_policy(stream: Any) -> None:
         accept=[AgentMessage.TYPE],
         # under exactly-once a batch holds the commit gate: look keys up before it
         prepare=_warm_keys if settings.processing_guarantee == "exactly_once" else None,
+        keep_json=True,  # forwarded from it (`forward_bytes`)
     ):
         policies, identities = STORE.policy_set, _identities()
         replay.set_window(policies.replay_window_s)
