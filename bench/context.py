@@ -337,6 +337,31 @@ class BenchContext:
         tps = await _tps(consumer, topic_full)
         return sum((await consumer.end_offsets(tps)).values())
 
+    async def count_committed(self, topic_full: str, timeout: float = 120.0) -> int:  # noqa: ASYNC109
+        """Records a read_committed reader gets from a topic. Under exactly-once the end
+        offsets (`count`) also count transaction markers and aborted records, so the
+        records are read."""
+        consumer = new_consumer(
+            self.settings, "bench", enable_auto_commit=False, isolation_level="read_committed"
+        )
+        await consumer.start()
+        try:
+            tps = await _tps(consumer, topic_full)
+            consumer.assign(tps)
+            await consumer.seek_to_beginning(*tps)
+            ends = await consumer.end_offsets(tps)  # the last stable offsets
+            deadline = time.monotonic() + timeout
+            n = 0
+            for tp in tps:
+                while await consumer.position(tp) < ends[tp]:
+                    if time.monotonic() > deadline:
+                        raise BenchError(f"reading {topic_full} took over {timeout:.0f}s")
+                    got = await consumer.getmany(tp, timeout_ms=500)
+                    n += sum(len(records) for records in got.values())
+            return n
+        finally:
+            await consumer.stop()
+
     async def wait_for_count(
         self,
         topic_full: str,

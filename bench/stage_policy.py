@@ -124,17 +124,21 @@ async def run(ctx: BenchContext) -> dict[str, float]:
     source = ctx.topic(env, AGENT_MESSAGES)
     log(f"policy: {POLICIES} policies x {PATTERNS} patterns; producing {n} events to {source}")
     await ctx.produce(source, values, keys)
+    accepted = ctx.topic(env, AGENT_MESSAGES_ACCEPTED)
+    rejected_topic = ctx.topic(env, AGENT_MESSAGES_REJECTED)
     worker = ctx.start_worker(env)
     try:
-        rate = await _watch_sum(
-            ctx,
-            [ctx.topic(env, AGENT_MESSAGES_ACCEPTED), ctx.topic(env, AGENT_MESSAGES_REJECTED)],
-            n,
-            worker,
-        )
+        rate = await _watch_sum(ctx, [accepted, rejected_topic], n, worker)
+        if ctx.guarantee == "exactly_once":
+            # the end offsets `_watch_sum` read include transaction markers: let the
+            # last transactions commit before the worker stops
+            await _await_committed(ctx, [accepted, rejected_topic], n, worker)
     finally:
         worker.stop()
-    rejected = await ctx.count(ctx.topic(env, AGENT_MESSAGES_REJECTED))
+    if ctx.guarantee == "exactly_once":
+        rejected = await ctx.count_committed(rejected_topic)
+    else:
+        rejected = await ctx.count(rejected_topic)
     expected = sum(1 for i in range(n) if i % DENY_EVERY == 0)
     if rejected != expected:
         raise BenchError(f"policy: {rejected} rejected, expected {expected}")
@@ -214,6 +218,25 @@ def with_denied(values: list[bytes]) -> list[bytes]:
         payload["content"] = "password0: hunter2 " + payload.get("content", "")[19:]
         out[i] = orjson.dumps(data)
     return out
+
+
+async def _await_committed(ctx: BenchContext, topics: list[str], n: int, worker: object) -> None:
+    """Exactly-once: wait until a read_committed reader gets all n decisions' outputs
+    (a transaction commits within a commit interval; two minutes is far beyond it)."""
+    timeout = 120.0
+    deadline = time.monotonic() + timeout
+    while True:
+        total = 0
+        for topic in topics:
+            total += await ctx.count_committed(topic)
+        if total >= n:
+            return
+        if time.monotonic() > deadline:
+            raise BenchError(f"policy: {total} of {n} decisions committed after {timeout:.0f}s")
+        check = getattr(worker, "check_alive", None)
+        if check is not None:
+            check()
+        await asyncio.sleep(0.5)
 
 
 async def _watch_sum(ctx: BenchContext, topics: list[str], n: int, worker: object) -> float:
