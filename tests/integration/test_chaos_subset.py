@@ -14,7 +14,11 @@ in its report (report.json / report.md)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
+import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -51,8 +55,64 @@ def options(name: str, guarantee: str, bootstrap: str, out: Path, **kw: Any) -> 
         ready_timeout_s=45.0,
         faults_deadline_s=120.0,
         drain_timeout_s=60.0,
+        # the run's progress on stdout: pytest shows it with a failure
+        verbose=True,
         **kw,
     )
+
+
+def awaiting(aw: Any, depth: int = 0) -> list[str]:
+    """The chain of awaits `aw` is suspended in (`Task.get_stack` shows only its top
+    frame): through coroutines, tasks and the children of a gather."""
+    lines: list[str] = []
+    while aw is not None and depth < 60:
+        depth += 1
+        if isinstance(aw, asyncio.Task):
+            aw = aw.get_coro()
+            continue
+        children = getattr(aw, "_children", None)
+        if children is not None:  # asyncio.gather
+            for child in children:
+                lines += [f"[gather] {x}" for x in awaiting(child, depth)]
+            break
+        frame = getattr(aw, "cr_frame", None) or getattr(aw, "ag_frame", None)
+        if frame is not None:
+            where = frame.f_code.co_filename.rpartition("/tests/")[2]
+            lines.append(f"{where}:{frame.f_lineno} {frame.f_code.co_name}")
+        nxt = getattr(aw, "cr_await", None) or getattr(aw, "ag_await", None)
+        if nxt is None and frame is None:
+            lines.append(repr(aw)[:200])
+        aw = nxt
+    return lines
+
+
+async def run_within(opts: RunOptions, scenario: Any, budget_s: float) -> dict[str, Any]:
+    """`run_once`, failed after `budget_s` (below the test's pytest timeout, which would
+    leave nothing to read) with what it was waiting on: the awaits of the run at that
+    moment, its progress so far (on stdout) and the tail of each worker's log, after
+    asking each worker for its delivery state (SIGUSR2, `streams.diagnostics`)."""
+    task = asyncio.ensure_future(run_once(opts, scenario))
+    done, _ = await asyncio.wait({task}, timeout=budget_s)
+    if done:
+        return task.result()
+    frames = "".join(f"  {line}\n" for line in awaiting(task))
+    run_dir = opts.out_dir.resolve()
+    for pid_file in run_dir.glob("w*.pid"):
+        with contextlib.suppress(ValueError, OSError):
+            os.kill(int(pid_file.read_text()), signal.SIGUSR2)
+    deadline = time.monotonic() + 3.0  # the dump is written from the worker's loop
+    while time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+    logs = "".join(
+        f"--- {log.name} (last 60 lines)\n"
+        + "\n".join(log.read_text(errors="replace").splitlines()[-60:])
+        + "\n"
+        for log in sorted(run_dir.glob("w*.log"))
+    )
+    task.cancel()  # the run stops its workers and releases what it holds
+    with contextlib.suppress(BaseException):
+        await task
+    pytest.fail(f"the run did not end within {budget_s:.0f}s; waiting in:\n{frames}{logs}")
 
 
 def assert_clean(result: dict[str, Any]) -> None:
@@ -84,7 +144,7 @@ async def test_worker_kill(kafka_bootstrap: str, tmp_path: Path) -> None:
     )
     opts.messages = 3000
     opts.rate = 120.0  # the load lasts ~25 s: the kills land mid-stream
-    result = await run_once(opts, scenarios.worker_kill)
+    result = await run_within(opts, scenarios.worker_kill, 240)
     assert len(result["faults"]) >= 6
     assert_clean(result)
     # each killed worker is restarted at once under its group instance id: its
@@ -113,7 +173,7 @@ async def test_network_reset(tmp_path: Path) -> None:
         )
         opts.messages = 1500
         opts.rate = 60.0  # ~25 s of load, ~12 s of it under resets
-        result = await run_once(opts, scenarios.network_reset)
+        result = await run_within(opts, scenarios.network_reset, 220)
     finally:
         await asyncio.to_thread(kafka.stop, True)
     assert len(result["faults"]) >= 2
@@ -129,7 +189,7 @@ async def test_agent_raises(kafka_bootstrap: str, tmp_path: Path) -> None:
     opts = options("agent_raises", "at_least_once", kafka_bootstrap, tmp_path)
     opts.messages = 2000
     opts.rate = 100.0  # ~20 s of load: time for a few raises (3-10% of it apart, >= 3 s)
-    result = await run_once(opts, scenarios.agent_raises)
+    result = await run_within(opts, scenarios.agent_raises, 200)
     assert len(result["faults"]) >= 2
     assert_clean(result)
 
@@ -137,8 +197,8 @@ async def test_agent_raises(kafka_bootstrap: str, tmp_path: Path) -> None:
 @pytest.mark.xdist_group("fault-injection")
 @pytest.mark.timeout(200)
 async def test_poison(kafka_bootstrap: str, tmp_path: Path) -> None:
-    result = await run_once(
-        options("poison", "exactly_once", kafka_bootstrap, tmp_path), scenarios.poison
+    result = await run_within(
+        options("poison", "exactly_once", kafka_bootstrap, tmp_path), scenarios.poison, 160
     )
     assert result["check"]["dead_letters"] == result["check"]["poison_inputs"] == MESSAGES // 100
     assert_clean(result)
@@ -154,7 +214,7 @@ async def test_broker_restart(tmp_path: Path) -> None:
         opts = options("broker_restart", "exactly_once", bootstrap, tmp_path / "run", broker=broker)
         opts.messages = 3000
         opts.rate = 200.0  # ~15 s of load, the broker killed in its middle
-        result = await run_once(opts, scenarios.broker_restart)
+        result = await run_within(opts, scenarios.broker_restart, 220)
     finally:
         broker.stop(wipe=True)
     assert broker.kills == 1
