@@ -416,7 +416,9 @@ async def _load_and_faults(ctx: RunContext, scenario: ScenarioFunc, result: dict
     load_task: asyncio.Task[None] | None = None
     try:
         await ctx.hooks.setup(ctx)
-        await asyncio.gather(*(w.start_async(180) for w in workers))
+        # a first start recovers nothing: bounded like a restart (a run that cannot start
+        # fails with its workers' logs instead of waiting out a caller's timeout)
+        await asyncio.gather(*(w.start_async(max(60.0, opts.ready_timeout_s)) for w in workers))
         ctx.log("workers ready")
         # the first assignment, so the first fault knows whose partitions it takes
         with contextlib.suppress(AssertionError):
