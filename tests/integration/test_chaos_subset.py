@@ -18,21 +18,25 @@ import contextlib
 import json
 import os
 import signal
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from agentstream.streams.diagnostics import MARK
 from tests.chaos import scenarios
 from tests.chaos.cluster import PORT_BASE, OwnBroker, OwnKafka
 from tests.chaos.harness import RunOptions, run_once
+from tests.support import await_until
 
 pytestmark = pytest.mark.integration
 
 MESSAGES = 3000  # poison: 30 poison records, each of its three kinds 10 times
 #: kill -9 -> first output on the killed worker's partitions, at most (see test_worker_kill)
 RESUME_BOUND_S = 30.0
+#: what a run cancelled past its budget gets to stop its workers and release its topics
+#: before the test fails (each budget leaves this and ~10 s below the pytest timeout)
+CLEANUP_S = 25.0
 #: a kill -9'ed member's partitions stall until its session times out: 10 s, not 60
 SESSION_TIMEOUT_S = 10.0
 
@@ -97,21 +101,31 @@ async def run_within(opts: RunOptions, scenario: Any, budget_s: float) -> dict[s
         return task.result()
     frames = "".join(f"  {line}\n" for line in awaiting(task))
     run_dir = opts.out_dir.resolve()
+    end_of_dump = b"end of " + MARK.encode()
+
+    def dumps() -> int:
+        return sum(log.read_bytes().count(end_of_dump) for log in run_dir.glob("w*.log"))
+
+    before, asked = dumps(), 0
     for pid_file in run_dir.glob("w*.pid"):
         with contextlib.suppress(ValueError, OSError):
             os.kill(int(pid_file.read_text()), signal.SIGUSR2)
-    deadline = time.monotonic() + 3.0  # the dump is written from the worker's loop
-    while time.monotonic() < deadline:
-        await asyncio.sleep(0.2)
+            asked += 1
+    # written from each worker's loop: a stuck loop never writes it
+    with contextlib.suppress(AssertionError):
+        await await_until(lambda: dumps() >= before + asked, 5, 0.2)
     logs = "".join(
         f"--- {log.name} (last 60 lines)\n"
         + "\n".join(log.read_text(errors="replace").splitlines()[-60:])
         + "\n"
         for log in sorted(run_dir.glob("w*.log"))
     )
-    task.cancel()  # the run stops its workers and releases what it holds
-    with contextlib.suppress(BaseException):
-        await task
+    task.cancel()  # the run stops its workers and releases what it holds ...
+    await asyncio.wait({task}, timeout=CLEANUP_S)
+    if not task.done():  # ... or, stuck too, they are killed: the report comes first
+        for pid_file in run_dir.glob("w*.pid"):
+            with contextlib.suppress(ValueError, OSError):
+                os.killpg(int(pid_file.read_text()), signal.SIGKILL)
     pytest.fail(f"the run did not end within {budget_s:.0f}s; waiting in:\n{frames}{logs}")
 
 
