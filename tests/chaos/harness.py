@@ -452,21 +452,8 @@ async def _load_and_faults(ctx: RunContext, scenario: ScenarioFunc, result: dict
         if drained is None:
             # what each stuck worker holds: its consumer's positions, read, acked and
             # committed offsets and its agents' marks (streams.diagnostics), in its log
-            from agentstream.streams.diagnostics import MARK
-
             live = [w for w in ctx.workers if w.alive() and w.proc is not None]
-            seen = {w.name: w.log_path.read_bytes().count(b"end of " + MARK.encode()) for w in live}
-            for w in live:
-                os.kill(w.proc.pid, signal.SIGUSR2)  # type: ignore[union-attr]
-
-            def dumped() -> bool:
-                return all(
-                    w.log_path.read_bytes().count(b"end of " + MARK.encode()) > seen[w.name]
-                    for w in live
-                )
-
-            with contextlib.suppress(AssertionError):
-                await await_until(dumped, 10, 0.2)
+            await dump_delivery_state([(w.proc.pid, w.log_path) for w in live], 10)  # type: ignore[union-attr]
         # a quiet period shows trailing duplicates too
         with contextlib.suppress(AssertionError):
             await await_until(lambda: time.time() - collector.last_record_at > 3.0, 20, 0.5)
@@ -484,6 +471,27 @@ async def _load_and_faults(ctx: RunContext, scenario: ScenarioFunc, result: dict
         # run in sessions of their own, nothing else would stop them
         await uninterrupted(asyncio.gather(*(asyncio.to_thread(_stop, w) for w in workers)))
         await watch.stop()
+
+
+async def dump_delivery_state(workers: list[tuple[int, Path]], timeout: float) -> None:
+    """Ask each worker, (pid, log), for its delivery state (SIGUSR2,
+    `streams.diagnostics`) and wait at most `timeout` until each log holds one more dump:
+    written from the worker's loop, a stuck loop never writes it."""
+    from agentstream.streams.diagnostics import MARK
+
+    end = b"end of " + MARK.encode()
+    asked: dict[Path, int] = {}
+    for pid, log in workers:
+        before = log.read_bytes().count(end)
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGUSR2)
+            asked[log] = before
+
+    def dumped() -> bool:
+        return all(log.read_bytes().count(end) > n for log, n in asked.items())
+
+    with contextlib.suppress(AssertionError):
+        await await_until(dumped, timeout, 0.2)
 
 
 async def _release(ctx: RunContext) -> None:

@@ -23,11 +23,9 @@ from typing import Any
 
 import pytest
 
-from agentstream.streams.diagnostics import MARK
 from tests.chaos import scenarios
 from tests.chaos.cluster import PORT_BASE, OwnBroker, OwnKafka
-from tests.chaos.harness import RunOptions, run_once
-from tests.support import await_until
+from tests.chaos.harness import RunOptions, dump_delivery_state, run_once
 
 pytestmark = pytest.mark.integration
 
@@ -101,19 +99,11 @@ async def run_within(opts: RunOptions, scenario: Any, budget_s: float) -> dict[s
         return task.result()
     frames = "".join(f"  {line}\n" for line in awaiting(task))
     run_dir = opts.out_dir.resolve()
-    end_of_dump = b"end of " + MARK.encode()
-
-    def dumps() -> int:
-        return sum(log.read_bytes().count(end_of_dump) for log in run_dir.glob("w*.log"))
-
-    before, asked = dumps(), 0
+    workers = []
     for pid_file in run_dir.glob("w*.pid"):
         with contextlib.suppress(ValueError, OSError):
-            os.kill(int(pid_file.read_text()), signal.SIGUSR2)
-            asked += 1
-    # written from each worker's loop: a stuck loop never writes it
-    with contextlib.suppress(AssertionError):
-        await await_until(lambda: dumps() >= before + asked, 5, 0.2)
+            workers.append((int(pid_file.read_text()), pid_file.with_suffix(".log")))
+    await dump_delivery_state(workers, 5)
     logs = "".join(
         f"--- {log.name} (last 60 lines)\n"
         + "\n".join(log.read_text(errors="replace").splitlines()[-60:])
