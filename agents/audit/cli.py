@@ -11,6 +11,7 @@ import click
 import orjson
 
 from agentstream.streams.cli import (
+    NoAdminKey,
     check_time_range,
     cli,
     json_option,
@@ -301,32 +302,47 @@ async def _publish_worker_key(
     from agentstream.streams.audit_chain import load_chain_key, read_worker_keys
     from agentstream.streams.client import AsyncClient
     from agentstream.streams.credentials import KeychainCredentialsProvider
-    from agentstream.streams.errors import PipelineError
-    from agentstream.streams.signing import ADMIN_ENTRY, private_from_b64, sign_change
+    from agentstream.streams.errors import CredentialsError
+    from agentstream.streams.signing import (
+        ADMIN_ENTRY,
+        SigningError,
+        private_from_b64,
+        sign_change,
+    )
     from agentstream.streams.topics import SECURITY_WORKER_KEYS
 
+    # Pipeline errors (the broker, a chain key that cannot be stored) reach `run`, which
+    # ends the command with their class and message, exit 1, as every other command.
     try:
         provider = KeychainCredentialsProvider(settings)
-        admin_id = settings.security_admin_key_id
-        admin_b64 = await provider.get_secret(ADMIN_ENTRY.format(admin_id))
-        if admin_b64 is None:
-            raise click.ClickException(
-                f"no admin key {admin_id!r} in the keychain ({ADMIN_ENTRY.format(admin_id)}): "
-                "rule changes are signed with it; run this where the admin key is"
-            )
+    except CredentialsError as exc:
+        raise NoAdminKey(f"no usable keychain for the admin key: {exc}") from None
+    admin_id = settings.security_admin_key_id
+    entry = ADMIN_ENTRY.format(admin_id)
+    try:
+        admin_b64 = await provider.get_secret(entry)
+    except CredentialsError as exc:
+        raise NoAdminKey(f"reading {entry} from the keychain failed: {exc}") from None
+    if not admin_b64:
+        raise NoAdminKey(
+            f"no admin key {entry!r} in the keychain (AGENTSTREAM_SECURITY_ADMIN_KEY_ID="
+            f"{admin_id}): chain keys are published signed with it; run this where the "
+            "admin key is: nothing published"
+        )
+    try:
         admin = private_from_b64(admin_b64)
-        current = (await read_worker_keys(settings)).keys.get(key_id)
-        if revoke:
-            if current is None:
-                raise click.ClickException(f"chain key {key_id!r} is not published")
-            public = str(current.get("public_key") or "")
-        else:
-            signer, created = await load_chain_key(settings, key_id, provider=provider)
-            public = signer.public_b64
-            if created:
-                click.echo(f"created chain key {key_id!r} in {provider.write_target}", err=True)
-    except PipelineError as exc:
-        raise click.ClickException(str(exc)) from None
+    except SigningError as exc:
+        raise NoAdminKey(f"keychain entry {entry!r}: {exc}: nothing published") from None
+    current = (await read_worker_keys(settings)).keys.get(key_id)
+    if revoke:
+        if current is None:
+            raise click.ClickException(f"chain key {key_id!r} is not published")
+        public = str(current.get("public_key") or "")
+    else:
+        signer, created = await load_chain_key(settings, key_id, provider=provider)
+        public = signer.public_b64
+        if created:
+            click.echo(f"created chain key {key_id!r} in {provider.write_target}", err=True)
     version = int(current.get("version") or 0) + 1 if current is not None else 1
     body = WorkerKeyPublished(
         key_id=key_id, public_key=public, version=version, revoked=revoke

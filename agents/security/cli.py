@@ -39,7 +39,7 @@ from agentstream.schemas.security import (
     SecurityPolicyRemoved,
     SignedChange,
 )
-from agentstream.streams.cli import cli, json_option, run
+from agentstream.streams.cli import NoAdminKey, cli, json_option, run
 from agentstream.streams.credentials import KeychainCredentialsProvider
 from agentstream.streams.errors import CredentialsError
 from agentstream.streams.kafka_security import new_producer
@@ -69,12 +69,6 @@ SOURCE = "agentstream-policy-cli"
 
 class PolicyFileError(click.ClickException):
     exit_code = 1
-
-
-class NoAdminKey(click.ClickException):
-    """The admin key to sign with is missing (or the keychain is unusable)."""
-
-    exit_code = 2
 
 
 @cli.group()

@@ -11,9 +11,11 @@ authenticates every client instead (:class:`~infra.kafka.secured.SecuredKafka`: 
 TLS and SCRAM over SASL_SSL, ACLs enforced; ports from
 ``AGENTSTREAM_KAFKA_SECURED_PORT``, default 19392, state in ``<state>/kafka-secured``:
 see `infra.paths`).
-Exit codes: 0 success, 1 failure,
-3 for ``status`` when the broker is not running (the LSB convention, so scripts can
-test it).
+Exit codes, as the ``agentstream`` command's (``agentstream kafka`` runs this): 0 success,
+1 a broker that could not start (``Error: BrokerStartError: <why>``), 2 a usage or
+configuration mistake (a bad ``AGENTSTREAM_KAFKA_*`` value, ``--secured`` with
+``--nodes``: ``Error: <what>``), 3 for ``status`` when the broker is not running (the
+LSB convention, so scripts can test it).
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if getattr(args, "secured", False):
             if args.nodes not in (None, 1):
-                raise ValueError("--secured runs a single broker; drop --nodes")
+                raise ValueError("--secured runs a single broker: drop --nodes")
             return _secured_command(args.command, as_json=getattr(args, "json", False))
         cluster = _cluster(getattr(args, "nodes", None))
         if cluster is not None:
@@ -82,11 +84,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(info, indent=2) if args.json else launcher.format_status(info))
         return 0 if info["running"] else 3
     except launcher.BrokerStartError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"Error: BrokerStartError: {exc}", file=sys.stderr)
         return 1
-    except ValueError as exc:  # bad AGENTSTREAM_KAFKA_* value
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    except ValueError as exc:  # a bad AGENTSTREAM_KAFKA_* value or option: the user's to fix
+        print(f"Error: {exc}", file=sys.stderr)
+        return 2
 
 
 def _cluster(nodes: int | None) -> launcher.ClusterConfig | None:

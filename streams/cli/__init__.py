@@ -52,6 +52,14 @@ class ConfigError(click.ClickException):
             click.echo(f"Error: {line}", file=file, err=file is None)
 
 
+class NoAdminKey(click.ClickException):
+    """The admin key a rule change or chain key is signed with is missing, or the keychain
+    that holds it is unusable: a credentials setup problem, exit 2 (as `ConfigError`),
+    nothing published."""
+
+    exit_code = 2
+
+
 def settings_error(exc: SettingsError) -> ConfigError:
     return ConfigError("\n".join(exc.problems))
 

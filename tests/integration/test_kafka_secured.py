@@ -199,8 +199,8 @@ def test_cli_reports_a_secured_broker_that_is_not_running(
     assert info["ssl_bootstrap"] == "127.0.0.1:29492"
     assert info["sasl_ssl_bootstrap"] == "127.0.0.1:29493"
     assert not (tmp_path / "secured").exists(), "status must not create anything"
-    assert cli.main(["start", "--secured", "--nodes", "3"]) == 1
-    assert "single broker" in capsys.readouterr().err
+    assert cli.main(["start", "--secured", "--nodes", "3"]) == 2  # a usage mistake
+    assert capsys.readouterr().err == "Error: --secured runs a single broker: drop --nodes\n"
 
 
 # ------------------------------------------------------------ the session's broker

@@ -402,6 +402,33 @@ MISTAKES = [
         ("Invalid value for '--url': '127.0.0.1:6066' is not a URL (http://HOST:PORT)",),
         2,
     ),
+    # -- the local broker's commands: the same lines and exit codes -----------------------
+    Mistake(
+        "kafka-secured-with-nodes",
+        ("kafka", "start", "--secured", "--nodes", "3"),
+        ("Error: --secured runs a single broker: drop --nodes",),
+        2,
+    ),
+    Mistake(
+        "kafka-nodes-not-a-number",
+        ("kafka", "status"),
+        ("Error: AGENTSTREAM_KAFKA_NODES='three' is not a number",),
+        2,
+        {"AGENTSTREAM_KAFKA_NODES": "three"},
+    ),
+    # -- signing without the admin key: a credentials setup problem, exit 2 ---------------
+    Mistake(
+        "worker-key-without-admin-key",
+        ("audit", "worker-key", "publish"),
+        ("Error: no admin key 'admin_key.", "nothing published"),
+        2,
+    ),
+    Mistake(
+        "policy-without-admin-key",
+        ("policy", "apply", "good.yaml"),
+        ("Error: no admin key 'admin_key.", "nothing published"),
+        2,
+    ),
     # -- no broker: one line naming it, with what to do, exit 1 ---------------------------
     *(
         Mistake(f"no-broker-{'-'.join(args[:2])}", args, (NO_BROKER,), 1, stdin=VALID_MESSAGE)
