@@ -12,6 +12,7 @@ from pathlib import Path
 import yaml
 from prometheus_client.metrics import MetricWrapperBase
 
+import agentstream.agents.llm.adapter as llm_adapter
 import agentstream.streams.observability as observability
 
 REPO = Path(__file__).resolve().parents[2]
@@ -108,14 +109,21 @@ def test_provisioning_matches_compose_mounts() -> None:
         assert panel["datasource"]["uid"] == ds["uid"], panel["title"]
 
 
-def test_monitoring_docs_name_every_metric() -> None:
-    # the `GET /metrics` item of docs/monitoring.md lists what it exports, with the common
-    # prefix left off after the first names ("`agentstream_events_in_total`, `_events_out_total`")
+def test_monitoring_docs_name_every_metric_with_its_labels() -> None:
+    # the `GET /metrics` item of docs/monitoring.md lists what it exports with its labels,
+    # the common prefix left off after the first names ("`_events_out_total{topic}`")
     doc = (REPO / "docs" / "monitoring.md").read_text(encoding="utf-8")
     start = doc.index("- `GET /metrics`")
     listed = doc[start : doc.index("\n\n", start)]
-    for obj in vars(observability).values():
-        if isinstance(obj, MetricWrapperBase):
-            name = obj._name + ("_total" if obj._type == "counter" else "")
-            short = name.removeprefix("agentstream")
-            assert f"`{name}" in listed or f"`{short}`" in listed, f"{name} is not listed"
+    found = 0
+    for module in (observability, llm_adapter):  # every module that defines a metric
+        for obj in vars(module).values():
+            if isinstance(obj, MetricWrapperBase):
+                found += 1
+                name = obj._name + ("_total" if obj._type == "counter" else "")
+                labels = "{" + ",".join(obj._labelnames) + "}" if obj._labelnames else ""
+                short = name.removeprefix("agentstream")
+                assert f"`{name}{labels}`" in listed or f"`{short}{labels}`" in listed, (
+                    f"{name}{labels} is not listed"
+                )
+    assert found >= 17
