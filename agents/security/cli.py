@@ -134,13 +134,23 @@ def trusted_keys(settings: Settings, admin: AdminKey | None = None) -> dict[str,
 MAX_NESTING = 64
 
 
+#: the security config's fields a policy file may set (the rest the CLI sets itself: the
+#: key, the version, the signature; `policies` in a file are published one by one)
+CONFIG_FIELDS = tuple(
+    f
+    for f in SecurityConfig.model_fields
+    if f not in ("config_id", "version", "signed_by", "signature", "policies")
+)
+
+
 def parse_policy_file(
     text: str, source: str = "policy file"
 ) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
     """(policy mappings, config mapping or None) from YAML or JSON text.
 
     Accepted shapes: one policy mapping; a list of policies; or a mapping with
-    ``policies: [...]`` and optionally ``enabled`` and ``default_action``. A syntax error
+    ``policies: [...]`` and optionally any of the security config's fields
+    (`CONFIG_FIELDS`: ``enabled``, ``default_action``, ``levels`` ...). A syntax error
     or a document nested deeper than `MAX_NESTING` is one `PolicyFileError` naming
     `source` (the file) and the line.
     """
@@ -162,13 +172,13 @@ def parse_policy_file(
     elif isinstance(data, dict) and "policy_id" in data:
         items = [data]
     elif isinstance(data, dict):
-        unknown = set(data) - {"policies", "enabled", "default_action"}
+        unknown = set(data) - {"policies", *CONFIG_FIELDS}
         if unknown:
             raise PolicyFileError(
                 f"{source}: unknown top-level keys: {', '.join(sorted(map(str, unknown)))}"
             )
         items = data.get("policies") or []
-        config = {k: data[k] for k in ("enabled", "default_action") if k in data} or None
+        config = {k: data[k] for k in CONFIG_FIELDS if k in data} or None
     else:
         raise PolicyFileError(
             f"{source}: expected a policy, a list of policies or {{policies: [...]}}"
@@ -336,9 +346,11 @@ def _config_update(current: dict[str, Any], config: dict[str, Any]) -> dict[str,
     "--dry-run", is_flag=True, help="Validate and show what would change; publish nothing."
 )
 def policy_apply(file: Path, dry_run: bool) -> None:
-    """Validate FILE (YAML or JSON: one policy, a list, or {policies, enabled,
-    default_action}) and publish its policies, signed; nothing is published if any is
-    invalid."""
+    """Validate FILE (YAML or JSON: one policy, a list, or {policies, and the security
+    config's fields: enabled, default_action, levels, anonymous_levels, replay_window_s,
+    rejected_redaction, trust_claimed_roles}) and publish its policies and config,
+    signed; nothing is published if any is invalid. A config given in part keeps the
+    rest of the one in force."""
     settings = get_settings()
     items, config = read_policy_file(file)
     admin = None if dry_run else load_admin_key(settings)
@@ -370,11 +382,13 @@ def policy_apply(file: Path, dry_run: bool) -> None:
     for pid in unchanged:
         click.echo(f"unchanged {pid}")
     if new_config is not None:
-        click.echo(
-            f"config{_version(new_config, dry_run)}: security "
-            f"{'enabled' if new_config.enabled else 'disabled'}, "
-            f"default {new_config.default_action}"
-        )
+        click.echo(f"config{_version(new_config, dry_run)}: {config_summary(new_config)}")
+        if new_config.trust_claimed_roles:
+            click.echo(
+                "warning: trust_claimed_roles is on: a message's claimed role is taken "
+                "instead of its sender's granted roles (unsafe; for migrating producers)",
+                err=True,
+            )
     if dry_run:
         click.echo(
             f"{file}: {len(changes)} change(s) valid, nothing published (checked offline: "
@@ -386,6 +400,24 @@ def policy_apply(file: Path, dry_run: bool) -> None:
             f"published {len(changes)} event(s) to {settings.topic(SECURITY_POLICIES)}, "
             f"signed by {admin.key_id}"
         )
+
+
+def config_summary(config: SecurityConfig) -> str:
+    """One line of what a security config decides: the switch and the default, then
+    every other field that differs from its default."""
+    parts = [
+        f"security {'enabled' if config.enabled else 'disabled'}",
+        f"default {config.default_action}",
+    ]
+    defaults = SecurityConfig()
+    for name in ("levels", "anonymous_levels", "replay_window_s", "rejected_redaction"):
+        value = getattr(config, name)
+        if value != getattr(defaults, name):
+            shown = ",".join(value) if isinstance(value, list) else value
+            parts.append(f"{name} {shown}")
+    if config.trust_claimed_roles:
+        parts.append("trust_claimed_roles UNSAFE")
+    return ", ".join(parts)
 
 
 def _version(change: SecurityPolicy | SecurityConfig, dry_run: bool) -> str:
@@ -414,11 +446,11 @@ def policy_list(as_json: bool) -> None:
             f"default {settings.security_default_action})"
         )
     else:
-        click.echo(
-            f"config v{cfg.get('version')}: security "
-            f"{'enabled' if cfg.get('enabled') else 'disabled'}, "
-            f"default {cfg.get('default_action')}, signed by {cfg.get('signed_by')}"
-        )
+        try:
+            summary = config_summary(SecurityConfig.model_validate(cfg))
+        except ValidationError:  # shown as the worker reads it: unreadable counts as deny
+            summary = "unreadable (workers decide as enabled, default deny)"
+        click.echo(f"config v{cfg.get('version')}: {summary}, signed by {cfg.get('signed_by')}")
     rows = [(k, v) for k, v in sorted(state.items()) if k != CONFIG_KEY]
     if not rows:
         click.echo("no policies")

@@ -351,6 +351,21 @@ MISTAKES = [
         1,
     ),
     Mistake(
+        "policy-config-fields",
+        ("policy", "apply", "--dry-run", "config.yaml"),
+        (
+            "config: security enabled, default deny, anonymous_levels public, "
+            "replay_window_s 60.0, rejected_redaction hash",
+        ),
+        0,
+    ),
+    Mistake(
+        "policy-config-field-out-of-range",
+        ("policy", "apply", "--dry-run", "config-bad.yaml"),
+        ("error: config: replay_window_s: Input should be greater than 0", "nothing published"),
+        1,
+    ),
+    Mistake(
         "policy-dry-run-needs-no-broker",
         ("policy", "apply", "--dry-run", "good.yaml"),
         ("valid p1", "nothing published (checked offline"),
@@ -495,6 +510,10 @@ def outcomes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any
     (work / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
     (work / "invalid.yaml").write_text("policy_id: p1\nmax_message_size: -5\n")
     (work / "good.yaml").write_text('policy_id: p1\nlevel: "*"\n')
+    (work / "config.yaml").write_text(
+        "anonymous_levels: [public]\nreplay_window_s: 60\nrejected_redaction: hash\n"
+    )
+    (work / "config-bad.yaml").write_text("replay_window_s: 0\npolicies: []\n")
     (work / "tools.yaml").write_text("- name: get_weather\n- name: search\n")
     (work / "tools-bad-name.yaml").write_text("- name: search\n- name: get weather\n")
     openai = "openai: {kind: openai, base_url: 'http://127.0.0.1:9/v1', models: {%s: gpt-4o-mini}}"
