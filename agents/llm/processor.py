@@ -375,7 +375,9 @@ class AgentProcessor:
         sink: ChunkSink,
     ) -> None:
         provider = self.provider(name)
-        timeout = request.timeout_s or self.timeout_s
+        # the request's own timeout, else the provider's (`timeout_s` in the providers
+        # file: a slow self-hosted model), else AGENTSTREAM_LLM_TIMEOUT_S
+        timeout = request.timeout_s or provider.config.timeout_s or self.timeout_s
         if not request.stream:
             result = await provider.generate(request.context, config, timeout_s=timeout)
             partial.parts.append(result.content)

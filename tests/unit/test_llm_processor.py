@@ -324,3 +324,21 @@ async def test_a_provider_over_its_budget_is_skipped_and_never_called() -> None:
     assert [(a.provider, a.outcome) for a in out.attempts] == [("p", "skipped"), ("q", "ok")]
     assert reason in (out.attempts[0].error or "")
     assert spent.calls == [] and len(other.calls) == 1
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_a_call_gets_the_requests_timeout_else_its_providers_else_the_settings(
+    stream: bool,
+) -> None:
+    # docs/llm.md: a provider's `timeout_s` is its calls' timeout unless the request gives one
+    tuned = ScriptedProvider("tuned", [Step(deltas=["a"])] * 2, timeout_s=7.0)
+    plain = ScriptedProvider("plain", [Step(deltas=["a"])])
+    proc = AgentProcessor(LLMRegistry(secrets=None), timeout_s=60.0)
+    proc.registry.register_provider("tuned", tuned)
+    proc.registry.register_provider("plain", plain)
+    await proc.process_request(request("tuned", stream=stream))
+    asked = request("tuned", stream=stream, rid="r2").model_copy(update={"timeout_s": 3.0})
+    await proc.process_request(asked)
+    await proc.process_request(request("plain", stream=stream, rid="r3"))
+    assert tuned.timeouts == [7.0, 3.0]
+    assert plain.timeouts == [60.0]

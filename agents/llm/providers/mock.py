@@ -38,10 +38,17 @@ class ScriptedProvider(LLMProvider):
         healthy: bool = True,
         model: str = "mock",
         models: dict[str, str] | None = None,
+        timeout_s: float | None = None,
     ) -> None:
-        super().__init__(ProviderConfig(name=name, kind="local", model=model, models=models or {}))
+        super().__init__(
+            ProviderConfig(
+                name=name, kind="local", model=model, models=models or {}, timeout_s=timeout_s
+            )
+        )
         self.script = list(script)
         self.calls: list[tuple[LLMContext, LLMConfig]] = []
+        #: the timeout each call was given
+        self.timeouts: list[float | None] = []
         self.healthy = healthy
         self.initialized = False
 
@@ -56,6 +63,7 @@ class ScriptedProvider(LLMProvider):
         self, context: LLMContext, config: LLMConfig, *, timeout_s: float | None = None
     ) -> LLMResult:
         step = self._next(context, config)
+        self.timeouts.append(timeout_s)
         if step.delay_s:
             await asyncio.sleep(step.delay_s)
         if step.error is not None:
@@ -66,6 +74,7 @@ class ScriptedProvider(LLMProvider):
         self, context: LLMContext, config: LLMConfig, *, timeout_s: float | None = None
     ) -> AsyncIterator[StreamChunk]:
         step = self._next(context, config)
+        self.timeouts.append(timeout_s)
         for delta in step.deltas:
             await asyncio.sleep(step.delay_s)
             yield StreamChunk(delta=delta)
