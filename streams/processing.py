@@ -78,6 +78,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from functools import cache, partial
 from typing import Any, TypeVar
+from uuid import UUID, uuid5
 
 from agentstream.schemas import DeadLetter, Event, encode, registry
 from agentstream.schemas.errors import InvalidEvent, PipelineError
@@ -953,11 +954,25 @@ async def dead_letter(message: Any, exc: BaseException, consumer: str) -> None:
         # in the transaction that commits the bad record's offset
         token = SOURCE.set((message.topic, message.partition))
         try:
-            await emit(PIPELINE_DEADLETTER, Event.of(letter, source=consumer))
+            await emit(PIPELINE_DEADLETTER, dead_letter_event(letter))
         finally:
             SOURCE.reset(token)
         return
-    await emit(PIPELINE_DEADLETTER, Event.of(letter, source=consumer))
+    await emit(PIPELINE_DEADLETTER, dead_letter_event(letter))
+
+
+#: the namespace of dead letters' event ids (`dead_letter_event`); never change it
+DEAD_LETTER_IDS = UUID("5d0c8a0e-7f4b-4c61-9a52-6e3f1d2b8c47")
+
+
+def dead_letter_event(letter: DeadLetter) -> Event[DeadLetter]:
+    """The event a dead letter is published as. Its id is derived from the consumer and
+    the record's coordinates (UUIDv5), not drawn: a record dead-lettered again after a
+    crash (at-least-once) is the same event, which consumers deduplicating on the event
+    id, and `audit report`, count once. A bad record has no event id of its own to be
+    the causation id (it may not even be JSON)."""
+    name = f"{letter.consumer}\n{letter.topic}\n{letter.partition}\n{letter.offset}"
+    return Event.of(letter, source=letter.consumer, event_id=uuid5(DEAD_LETTER_IDS, name))
 
 
 def dead_letter_of(message: Any, exc: BaseException, consumer: str) -> DeadLetter:

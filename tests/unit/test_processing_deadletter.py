@@ -106,3 +106,28 @@ def test_non_bytes_and_missing_values(consumer: str) -> None:
     assert original(dead_letter_of(Record("text"), UndecodableEvent("x"), consumer)) == b"text"
     letter = dead_letter_of(Record(b"v", key="not-bytes"), UndecodableEvent("x"), consumer)
     assert letter.key_b64 is None
+
+
+def test_a_record_dead_lettered_again_is_the_same_event(consumer: str) -> None:
+    # At-least-once replays a crash's records: the same bad record dead-lettered twice
+    # must be one event to a consumer deduplicating on event ids (docs/guarantees.md)
+    # and to `audit report`, which counts dead letters.
+    from agentstream.agents.audit.report import ReportBuilder
+    from agentstream.streams.processing import dead_letter_event
+
+    bad = UndecodableEvent("truncated")
+    first = dead_letter_event(dead_letter_of(Record(b"{"), bad, consumer))
+    again = dead_letter_event(dead_letter_of(Record(b"{"), InvalidEvent("other"), consumer))
+    assert first.event_id == again.event_id
+    others = [
+        dead_letter_event(dead_letter_of(Record(b"{", offset=42), bad, consumer)),
+        dead_letter_event(dead_letter_of(Record(b"{", partition=4), bad, consumer)),
+        dead_letter_event(dead_letter_of(Record(b"{", topic="ns.llm.requests"), bad, consumer)),
+        dead_letter_event(dead_letter_of(Record(b"{"), bad, "another-consumer")),
+    ]
+    assert len({first.event_id, *(o.event_id for o in others)}) == 5
+    report = ReportBuilder()
+    for event in (first, again, *others):
+        report.add("pipeline.deadletter", event)
+    assert report.dead_letters[consumer] == 4
+    assert report.duplicates == 1
