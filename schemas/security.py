@@ -19,7 +19,7 @@ ANONYMOUS_ROLE = "anonymous"
 #: ids beginning with this are reserved for the pipeline's own keys (``__config__``)
 RESERVED_PREFIX = "__"
 #: the fields a policy's blocked patterns apply to (`scan_fields`); "ids" = message,
-#: sender and recipient ids, the claimed role and the security level
+#: sender and recipient ids (the claimed role and the level are checked, not scanned)
 ScanField = Literal["content", "metadata", "content_type", "ids"]
 SCAN_FIELDS: tuple[ScanField, ...] = ("content", "metadata", "content_type", "ids")
 MAX_SIGNATURE_LENGTH = 256
