@@ -272,18 +272,29 @@ async def probe_tls(
     host, _, port = settings.bootstrap.split(",")[0].strip().rpartition(":")
     host = host.strip("[]")
     try:
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(host, int(port), ssl=sec.ssl_context), timeout_s
-        )
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), timeout_s)
+    except (OSError, TimeoutError):
+        # Nothing answers at that address (refused, unreachable, no such host, silent):
+        # an outage, not a TLS problem. `connect_error` says so with a retriable
+        # BrokerError, as for a plaintext client; a caller retrying on `retriable` must
+        # not give up on a cluster that is down because it speaks TLS.
+        return None
+    try:
+        await asyncio.wait_for(writer.start_tls(sec.ssl_context, server_hostname=host), timeout_s)
     except ssl.SSLCertVerificationError as exc:
+        writer.close()
         where = settings.kafka_ssl_cafile or "the system trust store"
         return (
             f"the broker's certificate is not trusted ({exc.verify_message}; CA from {where}, "
             f"hostname check {'on' if settings.kafka_ssl_check_hostname else 'off'})"
         )
     except ssl.SSLError as exc:
+        writer.close()
         return f"the TLS handshake failed ({_ssl_reason(exc)})"
     except (OSError, TimeoutError) as exc:
+        # something accepted the connection but no TLS came of it: a plaintext listener
+        # (the wrong protocol for the port) or a proxy that cuts it
+        writer.close()
         return f"no TLS connection ({_ssl_reason(exc)})"
     try:
         # Under TLS 1.3 a broker refuses a client certificate (or its absence) after the

@@ -204,3 +204,32 @@ def test_faust_credentials_resolve_only_when_a_client_is_built(
     assert auth["security_protocol"] == "SSL"
     assert isinstance(auth["ssl_context"], ssl.SSLContext)
     security_of.cache_clear()
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.parametrize("protocol", ["SSL", "SASL_SSL"])
+async def test_nothing_listening_over_tls_is_retriable_not_an_auth_error(protocol: str) -> None:
+    # A cluster that is down is a retriable BrokerError under every protocol: a caller
+    # that retries on `retriable` (a worker, a client) must not give up on an outage
+    # because the client happens to speak TLS (it got BrokerAuthError "no TLS connection").
+    from aiokafka.errors import KafkaConnectionError
+
+    from agentstream.streams.errors import BrokerAuthError, BrokerError
+    from agentstream.streams.kafka_security import connect_error
+
+    env = {"kafka_security_protocol": protocol, "kafka_bootstrap": f"127.0.0.1:{_closed_port()}"}
+    if protocol == "SASL_SSL":
+        env |= {"kafka_sasl_mechanism": "SCRAM-SHA-512", "kafka_sasl_username": "u"}
+    settings = _settings(**env)
+    sec = resolve(settings, Secrets(kafka__sasl_password="p"))
+    err = await connect_error(settings, KafkaConnectionError("Unable to bootstrap"), "x", sec)
+    assert type(err) is BrokerError and not isinstance(err, BrokerAuthError), err
+    assert err.retriable
+    assert f"no broker at {settings.bootstrap} ({protocol})" in str(err)
