@@ -167,7 +167,12 @@ class EncryptedFileKeyring(KeyringBackend):
             data["check"] = self._seal(aead, self.CHECK, b"check")
             return data
         except (OSError, ValueError) as exc:
-            raise CredentialsError(f"cannot read keyring file {self.path}: {exc}") from None
+            # the OS's reason, or only the exception type: a decoding error's text quotes
+            # bytes of the file, and no error here shows what was read
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else None
+            raise CredentialsError(
+                f"cannot read keyring file {self.path}: {reason or type(exc).__name__}"
+            ) from None
         if not isinstance(data, dict) or data.get("format") != "agentstream-keyring":
             raise CredentialsError(f"{self.path} is not an agentstream keyring file")
         if not isinstance(data.get("entries"), dict) or not isinstance(data.get("salt"), str):

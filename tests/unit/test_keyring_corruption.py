@@ -167,3 +167,21 @@ async def test_the_key_cache_survives_any_exception_of_a_fetch() -> None:
     cache = KeyCache(fetch)
     view = await cache.view({KeyRequest("signing", "broken"), KeyRequest("signing", "fine")})
     assert view.signing_key("broken") is None and view.signing_key("fine") == b"k" * 32
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"\xffsecret-bytes", b'{"format": "agentstream-keyring", "entries": {"tok-sec'],
+    ids=["not-utf8", "cut-json"],
+)
+async def test_an_unreadable_file_is_named_without_what_was_read(
+    tmp_path: Path, content: bytes
+) -> None:
+    (tmp_path / "keyring.json").write_bytes(content)
+    provider = KeychainCredentialsProvider(_settings(tmp_path))
+    with pytest.raises(CredentialsError) as caught:
+        await provider.get_secret("web.tokens")
+    text = str(caught.value)
+    assert str(tmp_path / "keyring.json") in text
+    assert "0xff" not in text and "secret" not in text and "tok-sec" not in text, text
+    assert (tmp_path / "keyring.json").read_bytes() == content  # nothing overwritten
