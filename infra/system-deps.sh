@@ -2,7 +2,8 @@
 # System packages the project needs beyond Python: Java 17 + Maven (to assemble and run
 # Apache Kafka from Maven Central), Debian's chromium (browser tests of the HTML audit
 # report) and Debian's prometheus, for its promtool (tests/unit/test_alert_rules.py checks
-# and unit-tests infra/prometheus/alerts.yml with it). Installs only what is missing, and
+# and unit-tests infra/prometheus/alerts.yml with it), and tmux, the terminal
+# tests/integration/test_console.py runs `agentstream top` in. Installs only what is missing, and
 # only where apt-get can (root on Debian).
 set -euo pipefail
 need=()
@@ -10,6 +11,7 @@ command -v java >/dev/null 2>&1 || need+=(openjdk-17-jre-headless)
 command -v mvn >/dev/null 2>&1 || need+=(maven)
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
+command -v tmux >/dev/null 2>&1 || need+=(tmux)
 if [ ${#need[@]} -eq 0 ]; then
   exit 0
 fi
