@@ -305,7 +305,7 @@ async function copyReplay() {
 }
 
 async function searchDeadLetters() {
-  const params = new URLSearchParams({ limit: "500" });
+  const params = new URLSearchParams({ limit: "1000" });  // every kept one (TAILED, 1,000)
   const [since, until] = dlRange();
   if ($("#dl-reason").value) params.set("reason", $("#dl-reason").value);
   if ($("#dl-topic").value) params.set("topic", $("#dl-topic").value);
