@@ -35,6 +35,8 @@ ENV_SECURED_PORT = "AGENTSTREAM_KAFKA_SECURED_PORT"
 #: takes 19292-19294.
 DEFAULT_SECURED_PORT = 19392
 DEFAULT_SECURED_DIR = state_home() / "kafka-secured"
+#: the most nodes a local cluster may have (each a JVM and 4 ports on this machine)
+MAX_NODES = 9
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -99,8 +101,8 @@ def _cluster(nodes: int | None) -> launcher.ClusterConfig | None:
             nodes = int(raw) if raw else 1
         except ValueError:
             raise ValueError(f"{launcher.ENV_NODES}={raw!r} is not a number") from None
-    if nodes < 1:
-        raise ValueError(f"--nodes {nodes}: must be at least 1")
+    if not 1 <= nodes <= MAX_NODES:  # as `agentstream kafka --nodes` (click.IntRange)
+        raise ValueError(f"{nodes} nodes: a local cluster has 1 to {MAX_NODES}")
     if nodes == 1:
         return None
     return launcher.ClusterConfig.from_env(nodes=nodes)

@@ -431,6 +431,13 @@ MISTAKES = [
         2,
         {"AGENTSTREAM_KAFKA_NODES": "three"},
     ),
+    Mistake(
+        "kafka-nodes-too-many",
+        ("kafka", "status"),
+        ("Error: 12 nodes: a local cluster has 1 to 9",),
+        2,
+        {"AGENTSTREAM_KAFKA_NODES": "12"},
+    ),
     # -- signing without the admin key: a credentials setup problem, exit 2 ---------------
     Mistake(
         "worker-key-without-admin-key",
