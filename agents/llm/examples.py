@@ -13,6 +13,11 @@ first branch), `allOf` (merged), and `$ref` inside the schema (`#/$defs/...`,
 `#/definitions/...`, `#`). A `pattern` cannot be satisfied in general: the value may
 not match it, and the final response then says `schema_valid: false`, as it would for
 a model that got it wrong. Recursion through `$ref` and nesting are bounded (`MAX_DEPTH`).
+
+The schema is the sender's, so the value's size is bounded too: a schema asking for more
+than `MAX_ITEMS` items in an array, `MAX_STRING` characters in a string, or more than
+`MAX_VALUES` values / `MAX_CHARS` characters in all is refused (`ExampleTooLarge`) as soon
+as that is known, never built on the event loop.
 """
 
 from __future__ import annotations
@@ -25,6 +30,20 @@ from typing import Any
 #: below this depth optional properties are left out (arrays stop at their minItems at
 #: half of it); required parts go on to twice it, where a chain that never ends is cut
 MAX_DEPTH = 12
+#: the most items one array may need (`minItems`), characters one string (`minLength`)
+MAX_ITEMS = 10_000
+MAX_STRING = 100_000
+#: the most values, and characters of strings, one example may hold in all (nested
+#: arrays multiply: 900 items of 900 items is 810,000 values)
+MAX_VALUES = 100_000
+MAX_CHARS = 1_000_000
+#: the JSON Schema types a value is built for (`type` is the sender's: never a method name)
+_KINDS = frozenset({"object", "array", "string", "integer", "number", "boolean", "null"})
+
+
+class ExampleTooLarge(ValueError):
+    """The schema asks for a value larger than the offline provider builds."""
+
 
 _FORMATS = {
     "date-time": "2026-01-01T00:00:00Z",
@@ -52,10 +71,15 @@ class _Builder:
         self.root = root
         self.rng = rng
         self.words = words
+        self.values_left = MAX_VALUES
+        self.chars_left = MAX_CHARS
 
     def value(self, schema: Any, depth: int) -> Any:
         if depth > 2 * MAX_DEPTH:  # a chain of required parts with no end
             return None
+        self.values_left -= 1
+        if self.values_left < 0:
+            raise ExampleTooLarge(f"the schema's value is too large: over {MAX_VALUES} values")
         if schema is True or not isinstance(schema, dict):
             return None if schema is False else self.word()
         schema = self.resolve(schema, depth)
@@ -90,6 +114,8 @@ class _Builder:
         if kind is None:
             kind = "object" if "properties" in schema else "string"
             kind = "array" if "items" in schema or "prefixItems" in schema else kind
+        if not isinstance(kind, str) or kind not in _KINDS:
+            return None
         build = getattr(self, f"_{kind}", None)
         return build(schema, depth) if build is not None else None
 
@@ -139,11 +165,16 @@ class _Builder:
         given = schema.get("prefixItems")
         prefix: list[Any] = given if isinstance(given, list) else []
         items = schema.get("items", {})
-        low = max(int(schema.get("minItems", 0) or 0), len(prefix))
+        low = max(_count(schema, "minItems"), len(prefix))
         high = schema.get("maxItems")
         n = low if depth >= MAX_DEPTH // 2 else max(low, 1)
         if isinstance(high, int):
             n = min(n, high)
+        if n > min(MAX_ITEMS, self.values_left):
+            raise ExampleTooLarge(
+                f"the schema's value is too large: an array of {n} items (at most "
+                f"{MAX_ITEMS}, and {MAX_VALUES} values in all)"
+            )
         out = [self.value(prefix[i], depth + 1) for i in range(min(n, len(prefix)))]
         while len(out) < n:
             out.append(self.value(items if isinstance(items, dict) else {}, depth + 1))
@@ -155,12 +186,18 @@ class _Builder:
         if text is None:  # a few words in a row, as a phrase of the prompt
             start = self.rng.randrange(len(self.words))
             text = " ".join(self.words[start : start + self.rng.randint(1, 3)])
-        low = int(schema.get("minLength", 0) or 0)
+        low = _count(schema, "minLength")
         high = schema.get("maxLength")
+        if low > min(MAX_STRING, self.chars_left):
+            raise ExampleTooLarge(
+                f"the schema's value is too large: a string of {low} characters (at most "
+                f"{MAX_STRING}, and {MAX_CHARS} in all)"
+            )
         while len(text) < low:
             text += " " + self.word()
         if isinstance(high, int) and len(text) > high:
             text = text[:high]
+        self.chars_left -= len(text)
         return text
 
     def _integer(self, schema: dict[str, Any], depth: int) -> int:
@@ -218,3 +255,12 @@ def _bounds(schema: dict[str, Any], *, integer: bool) -> tuple[Any, Any]:
     if integer:
         low, high = math.ceil(low), math.floor(high)
     return low, high
+
+
+def _count(schema: dict[str, Any], key: str) -> int:
+    """A `minItems` / `minLength` as a count: what is no number counts as 0 (the
+    structured-output check refuses such a schema for a model; here it builds nothing)."""
+    value = schema.get(key)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        return 0
+    return int(min(value, 2**62))

@@ -160,3 +160,66 @@ def test_a_self_reference_that_requires_itself_stops_at_the_depth_bound() -> Non
 def test_a_reference_outside_the_schema_is_not_followed() -> None:
     # structured.py resolves nothing outside the schema either; the value is a plain one
     assert example({"$ref": "https://example.com/schema.json"}, "r") is not None
+
+
+# A request's schema is the sender's: one that asks the offline provider for a value of
+# unbounded size must be refused at once, never built on the event loop (a 200-byte
+# request that stalled the worker and, replayed after the crash, stalled it again).
+HOSTILE_SCHEMAS = {
+    "many-items": {"type": "array", "minItems": 1_000_000_000},
+    "long-string": {"type": "string", "minLength": 10**12},
+    "nested-items": {
+        "type": "array",
+        "minItems": 900,
+        "items": {"type": "array", "minItems": 900, "items": {"type": "string"}},
+    },
+    "wide-required": {
+        "type": "object",
+        "required": [f"k{i}" for i in range(200)],
+        "additionalProperties": {"type": "string", "minLength": 9_000},
+    },
+}
+
+
+@pytest.mark.parametrize("schema", HOSTILE_SCHEMAS.values(), ids=HOSTILE_SCHEMAS.keys())
+def test_a_value_too_large_to_build_is_refused_quickly(schema: dict[str, Any]) -> None:
+    import time
+
+    from agentstream.agents.llm.examples import ExampleTooLarge
+
+    began = time.process_time()
+    with pytest.raises(ExampleTooLarge, match="too large"):
+        example(schema, "seed")
+    assert time.process_time() - began < 2.0
+
+
+def test_the_local_provider_fails_such_a_request_without_a_retry() -> None:
+    import asyncio
+
+    from agentstream.agents.llm.providers.local import LocalProvider
+    from agentstream.schemas.llm import ChatMessage, LLMConfig, LLMContext
+    from agentstream.streams.errors import ProviderRequestError
+
+    fmt = ResponseFormat.model_validate(
+        {
+            "type": "json_schema",
+            "json_schema": {"name": "r", "schema": HOSTILE_SCHEMAS["many-items"]},
+        }
+    )
+    context = LLMContext(messages=[ChatMessage(role="user", content="list everything")])
+    provider = LocalProvider()
+    with pytest.raises(ProviderRequestError) as caught:
+        asyncio.run(provider.generate(context, LLMConfig(model="m", response_format=fmt)))
+    assert not caught.value.retriable
+
+
+def test_large_but_bounded_values_are_still_built() -> None:
+    value = example({"type": "array", "minItems": 1000, "items": {"type": "integer"}}, "s")
+    assert isinstance(value, list) and len(value) == 1000
+    assert len(example({"type": "string", "minLength": 10_000}, "s")) >= 10_000
+
+
+@pytest.mark.parametrize("kind", ["_init__", "_class__", "_setattr__", "resolve", {"a": 1}, [{}]])
+def test_a_type_is_never_taken_for_a_method_name(kind: Any) -> None:
+    # `type` picks the builder method by name: a hostile one must not reach a dunder
+    assert example({"type": kind}, "seed") is None

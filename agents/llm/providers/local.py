@@ -26,7 +26,7 @@ from collections.abc import AsyncIterator
 
 import orjson
 
-from agentstream.agents.llm.examples import example
+from agentstream.agents.llm.examples import ExampleTooLarge, example
 from agentstream.agents.llm.providers.base import (
     LOCAL_MODEL,
     LLMProvider,
@@ -46,6 +46,7 @@ from agentstream.schemas.llm import (
     ToolCallDelta,
     Usage,
 )
+from agentstream.streams.errors import ProviderRequestError
 
 _PROSE = (
     "the stream carries every event in order while agents fold state into tables and "
@@ -126,7 +127,7 @@ class LocalProvider(LLMProvider):
             return None
         seed = self._seed(context, config) + tool.function.name
         words = _WORD.findall(context.messages[-1].content.lower())
-        arguments = example(tool.function.parameters or {"type": "object"}, seed, words)
+        arguments = _example(tool.function.parameters or {"type": "object"}, seed, words)
         return ToolCall(
             id="call_" + hashlib.sha256(seed.encode()).hexdigest()[:24],
             function=FunctionCall(name=tool.function.name, arguments=_json(arguments)),
@@ -141,7 +142,7 @@ class LocalProvider(LLMProvider):
         if fmt.type == "json_object":
             return _json({"answer": " ".join(words)})
         schema = (fmt.json_schema or {}).get("schema", {})
-        return _json(example(schema, self._seed(context, config), words[2:] or words))
+        return _json(_example(schema, self._seed(context, config), words[2:] or words))
 
     async def generate(
         self, context: LLMContext, config: LLMConfig, *, timeout_s: float | None = None
@@ -196,3 +197,12 @@ class LocalProvider(LLMProvider):
 
 def _json(value: object) -> str:
     return orjson.dumps(value).decode()
+
+
+def _example(schema: object, seed: str, words: list[str]) -> object:
+    """`example`, its refusal of an oversized schema a request error: not retried (the
+    same schema gets the same answer) and not counted against the breaker."""
+    try:
+        return example(schema, seed, words)
+    except ExampleTooLarge as exc:
+        raise ProviderRequestError(f"local: {exc}", provider="local") from None
