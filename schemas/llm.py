@@ -218,6 +218,7 @@ class LLMRequest(Payload):
     stream: bool = True
     context: LLMContext
     config: LLMConfig = Field(default_factory=LLMConfig)
+    #: shortens the operator's per-attempt timeout for this request (never lengthens it)
     timeout_s: float | None = Field(default=None, gt=0, le=3600)
 
 

@@ -167,6 +167,21 @@ class AgentProcessor:
             )
         return b
 
+    def _operator_timeout(self, name: str) -> float:
+        """The provider's `timeout_s` (providers file: a slow self-hosted model), else
+        AGENTSTREAM_LLM_TIMEOUT_S."""
+        return self.provider(name).config.timeout_s or self.timeout_s
+
+    def _timeout(self, name: str, request: LLMRequest) -> float:
+        """A call's timeout: the operator's, which a request may shorten, never lengthen
+        (a request's `timeout_s` of an hour would hold a slot, or the breaker's single
+        half-open probe, that long)."""
+        operator = self._operator_timeout(name)
+        return min(request.timeout_s, operator) if request.timeout_s else operator
+
+    def _shortened(self, name: str, request: LLMRequest) -> bool:
+        return request.timeout_s is not None and request.timeout_s < self._operator_timeout(name)
+
     def provider(self, name: str) -> LLMProvider:
         adapter = self._adapters.get(name)
         if adapter is None:
@@ -312,14 +327,20 @@ class AgentProcessor:
                             retry_after_s=retry_after,
                         )
                     )
-                    if isinstance(exc, ProviderError) and exc.retriable:
+                    # A timeout the request chose shorter than the operator's says nothing
+                    # about the provider: not a breaker failure (else any sender could open
+                    # every provider's breaker with timeout_s 0.001), and not retried.
+                    own_timeout = isinstance(exc, ProviderTimeout) and self._shortened(
+                        name, request
+                    )
+                    if isinstance(exc, ProviderError) and exc.retriable and not own_timeout:
                         breaker.record_failure(type(exc).__name__)
                     else:
                         breaker.release()
                     if isinstance(exc, ProviderTimeout):
                         timeouts += 1
                     decision = self.policy.decide(exc, n, timeouts)
-                    if not decision.retry or breaker.state == "open":
+                    if own_timeout or not decision.retry or breaker.state == "open":
                         break
                     from agentstream.streams.observability import LLM_RETRIES
 
@@ -375,9 +396,7 @@ class AgentProcessor:
         sink: ChunkSink,
     ) -> None:
         provider = self.provider(name)
-        # the request's own timeout, else the provider's (`timeout_s` in the providers
-        # file: a slow self-hosted model), else AGENTSTREAM_LLM_TIMEOUT_S
-        timeout = request.timeout_s or provider.config.timeout_s or self.timeout_s
+        timeout = self._timeout(name, request)
         if not request.stream:
             result = await provider.generate(request.context, config, timeout_s=timeout)
             partial.parts.append(result.content)

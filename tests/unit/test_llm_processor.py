@@ -327,18 +327,36 @@ async def test_a_provider_over_its_budget_is_skipped_and_never_called() -> None:
 
 
 @pytest.mark.parametrize("stream", [True, False])
-async def test_a_call_gets_the_requests_timeout_else_its_providers_else_the_settings(
+async def test_a_call_gets_the_operators_timeout_which_a_request_may_only_shorten(
     stream: bool,
 ) -> None:
-    # docs/llm.md: a provider's `timeout_s` is its calls' timeout unless the request gives one
-    tuned = ScriptedProvider("tuned", [Step(deltas=["a"])] * 2, timeout_s=7.0)
+    # docs/llm.md: a provider's `timeout_s`, else AGENTSTREAM_LLM_TIMEOUT_S; a request's
+    # own `timeout_s` shortens it, never lengthens it (an hour-long call would hold a
+    # slot, or the breaker's one half-open probe, that long)
+    tuned = ScriptedProvider("tuned", [Step(deltas=["a"])] * 3, timeout_s=7.0)
     plain = ScriptedProvider("plain", [Step(deltas=["a"])])
     proc = AgentProcessor(LLMRegistry(secrets=None), timeout_s=60.0)
     proc.registry.register_provider("tuned", tuned)
     proc.registry.register_provider("plain", plain)
     await proc.process_request(request("tuned", stream=stream))
-    asked = request("tuned", stream=stream, rid="r2").model_copy(update={"timeout_s": 3.0})
-    await proc.process_request(asked)
-    await proc.process_request(request("plain", stream=stream, rid="r3"))
-    assert tuned.timeouts == [7.0, 3.0]
+    for rid, own in (("r2", 3.0), ("r3", 3600.0)):
+        asked = request("tuned", stream=stream, rid=rid).model_copy(update={"timeout_s": own})
+        await proc.process_request(asked)
+    await proc.process_request(request("plain", stream=stream, rid="r4"))
+    assert tuned.timeouts == [7.0, 3.0, 7.0]
     assert plain.timeouts == [60.0]
+
+
+async def test_a_requests_own_short_timeout_neither_opens_the_breaker_nor_retries() -> None:
+    # A hostile sender with timeout_s 0.001 on every provider must not open the breakers
+    # the other agents use; the operator's own timeout still counts.
+    p = ScriptedProvider("p", [Step(error=ProviderTimeout("slow", provider="p"))] * 20)
+    proc = processor(p)  # breaker: 3 failures
+    for i in range(5):
+        short = request("p", rid=f"s{i}").model_copy(update={"timeout_s": 0.001})
+        out = await proc.process_request(short)
+        assert out.status == "failed"
+        assert len(out.attempts) == 1, "a timeout the request chose is not retried"
+    assert proc.breaker("p").state == "closed"
+    out = await proc.process_request(request("p", rid="op"))  # the operator's timeout
+    assert proc.breaker("p").state == "open", out.attempts
