@@ -142,6 +142,8 @@ class LLMServer:
         self._stop = asyncio.Event()
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self._openai)
+        # a second OpenAI base URL on the same host (a provider's `allowed_endpoints`)
+        app.router.add_post("/eu/v1/chat/completions", self._openai)
         app.router.add_post("/openai/deployments/{deployment}/chat/completions", self._openai)
         app.router.add_post("/api/chat", self._ollama)
         app.router.add_post("/v1/messages", self._anthropic)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from agentstream.agents.llm.registry import LLMRegistry, keychain_secret, load_p
 from agentstream.schemas.llm import ChatMessage, LLMConfig, LLMContext
 from agentstream.streams.errors import (
     ProviderConnectionError,
+    ProviderError,
     ProviderProtocolError,
     ProviderRateLimited,
     ProviderRequestError,
@@ -371,3 +373,47 @@ async def collect_with(provider: LLMProvider, config: LLMConfig) -> list[StreamC
     out = [chunk async for chunk in provider.stream(CTX, config)]
     await provider.aclose()
     return out
+
+
+@pytest.mark.parametrize(
+    "endpoint",
+    [
+        "{url}/api/pull?",  # the appended /api/chat becomes a query: Ollama's pull API
+        "{url}/api/pull#",
+        "{url}/other",  # another path of the allowed origin
+        "{url}/v1/../api",
+        "{url}/v1?x=1",
+        "http://user:pw@{host}/v1",
+    ],
+)
+async def test_an_endpoint_override_is_a_whole_allowed_base_url(
+    server: LLMServer, endpoint: str
+) -> None:
+    # The key travels with the call: a request may choose among the base URLs the
+    # operator allowed, not any path of their hosts (SSRF with the provider's key).
+    p = openai(server)
+    url = endpoint.format(url=server.url, host=server.url.split("//", 1)[1])
+    evil = CFG.model_copy(update={"api_endpoint": url})
+    with pytest.raises(ProviderRequestError, match="not an allowed endpoint"):
+        await p.generate(CTX, evil)
+    await p.aclose()
+    assert not server.requests
+
+
+async def test_an_allowed_endpoint_is_reached_at_its_own_path(server: LLMServer) -> None:
+    p = openai(server, allowed_endpoints=[server.url + "/eu/v1/"])
+    eu = CFG.model_copy(update={"api_endpoint": server.url + "/eu/v1"})
+    assert (await p.generate(CTX, eu)).content
+    await p.aclose()
+    assert server.requests[-1].path == "/eu/v1/chat/completions"
+
+
+async def test_a_requested_azure_deployment_is_one_path_segment(server: LLMServer) -> None:
+    cfg = ProviderConfig(name="az", kind="azure", base_url=server.url, requires_key=True)
+    p = OpenAICompatibleProvider(cfg, secrets=secret)
+    with contextlib.suppress(ProviderError):  # the loopback server knows no such path
+        await p.generate(CTX, CFG.model_copy(update={"model": "../../admin?x="}))
+    await p.aclose()
+    # the server decodes the path: one segment holding the whole name, not ../../admin
+    # resolved to /admin with a query
+    assert server.requests[-1].path == "/openai/deployments/../../admin?x=/chat/completions"

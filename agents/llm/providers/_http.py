@@ -139,6 +139,12 @@ def origin(url: str) -> str:
     return f"{parts.scheme}://{parts.netloc}".lower()
 
 
+def endpoint(url: str) -> tuple[str, str]:
+    """A base URL as compared for `api_endpoint`: its origin and its path (no trailing
+    slash; the path's case kept, as servers route by it)."""
+    return origin(url), urlsplit(url).path.rstrip("/")
+
+
 _BACKEND = AsyncioBackend()
 
 
@@ -285,14 +291,27 @@ class HTTPProvider(LLMProvider):
         return exc
 
     def resolve_base(self, override: str | None) -> str:
-        """The base URL for a call; a request may only redirect to allowed origins, since
-        the provider's key travels with the call."""
+        """The base URL for a call. The provider's key travels with the call, so a
+        request's `api_endpoint` must be the provider's own base URL or one listed in
+        `allowed_endpoints`, whole: origin and path (any path of an allowed origin would
+        let a request reach another API of that host with the key, e.g. Ollama's
+        `/api/pull?` swallowing the `/api/chat` appended after it), and never with a
+        query, fragment or user info."""
         base = self.config.base_url
         if override and override.rstrip("/") != base.rstrip("/"):
-            allowed = {origin(base), *(origin(u) for u in self.config.allowed_endpoints)}
-            if origin(override) not in allowed:
+            allowed = {endpoint(base), *(endpoint(u) for u in self.config.allowed_endpoints)}
+            parts = urlsplit(override)
+            if (
+                parts.query
+                or parts.fragment
+                or "?" in override
+                or "#" in override
+                or parts.username is not None
+                or endpoint(override) not in allowed
+            ):
                 raise ProviderRequestError(
-                    f"{self.name}: api_endpoint {origin(override)} is not an allowed endpoint",
+                    f"{self.name}: api_endpoint {origin(override)}{parts.path} is not an "
+                    "allowed endpoint",
                     provider=self.name,
                 )
             base = override

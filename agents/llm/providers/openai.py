@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import quote
 
 import orjson
 
@@ -61,8 +62,10 @@ class OpenAICompatibleProvider(HTTPProvider):
                     provider=self.name,
                 )
             version = config.api_version or self.config.api_version or DEFAULT_AZURE_API_VERSION
+            # the deployment may come from the request's model: one path segment, never
+            # a way to another path of the endpoint
             return (
-                f"{base}/openai/deployments/{deployment}/chat/completions",
+                f"{base}/openai/deployments/{quote(deployment, safe='')}/chat/completions",
                 {"api-version": version},
             )
         return f"{base}/chat/completions", None
