@@ -111,26 +111,40 @@ def _truncate(text: str, tokens: int) -> str:
 
 def trim_to_budget(context: LLMContext, budget: int) -> LLMContext:
     """Fit the context into `budget` tokens: drop the oldest turns first (never the
-    system messages nor the last message), then shorten the longest remaining message."""
-    if context_tokens(context) <= budget:
-        return context
+    system messages nor the last message), then shorten the longest remaining message.
+
+    Each message is counted once and the total kept as messages are dropped: the context
+    is the sender's, and recounting it after every drop made a request of thousands of
+    messages block the event loop for seconds (quadratic)."""
     messages = list(context.messages)
-    i = 0
-    while context_tokens(context.model_copy(update={"messages": messages})) > budget:
-        while i < len(messages) - 1 and messages[i].role == "system":
-            i += 1
-        if i >= len(messages) - 1:
+    sizes = [message_tokens(m) for m in messages]
+    system = (
+        estimate_tokens(context.system_prompt) + MESSAGE_OVERHEAD if context.system_prompt else 0
+    )
+    total = sum(sizes) + system
+    if total <= budget:
+        return context
+    last = len(messages) - 1
+    # a tool's result without the call it answers is refused by providers (Anthropic):
+    # the results of a dropped turn's calls go with it (unless one is the last message)
+    results: dict[str, list[int]] = {}
+    for k, m in enumerate(messages[:last]):
+        if m.tool_call_id is not None:
+            results.setdefault(m.tool_call_id, []).append(k)
+    kept = [True] * len(messages)
+    for k in range(last):
+        if total <= budget:
             break
-        dropped = messages.pop(i)
-        # a tool's result without the call it answers is refused by providers (Anthropic):
-        # the results of a dropped turn's calls go with it (unless one is the last message)
-        ids = {c.id for c in dropped.tool_calls or ()}
-        if ids:
-            messages = [
-                m
-                for k, m in enumerate(messages)
-                if m.tool_call_id not in ids or k == len(messages) - 1
-            ]
+        if not kept[k] or messages[k].role == "system":
+            continue
+        kept[k] = False
+        total -= sizes[k]
+        for call in messages[k].tool_calls or ():
+            for j in results.get(call.id, ()):
+                if kept[j]:
+                    kept[j] = False
+                    total -= sizes[j]
+    messages = [m for m, keep in zip(messages, kept, strict=True) if keep]
     ctx = context.model_copy(update={"messages": messages})
     excess = context_tokens(ctx) - budget
     if excess > 0:
