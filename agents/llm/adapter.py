@@ -173,6 +173,9 @@ class MidsceneAdapter(LLMProvider):
     async def initialize(self) -> None:
         await self.inner.initialize()
 
+    def redact(self, text: str) -> str:
+        return self.inner.redact(text)
+
     async def check_setup(self) -> bool:
         return await self.inner.check_setup()
 

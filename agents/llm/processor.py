@@ -29,6 +29,7 @@ from agentstream.agents.llm.providers.base import LLMProvider, estimate_tokens, 
 from agentstream.agents.llm.registry import LLMRegistry
 from agentstream.agents.llm.structured import InvalidResponseFormat
 from agentstream.agents.llm.tools import ToolCallAccumulator
+from agentstream.schemas.errors import PipelineError
 from agentstream.schemas.llm import (
     AttemptRecord,
     ErrorInfo,
@@ -96,6 +97,19 @@ class _Cancelled(Exception):
 
 class ModelUnavailable(ProviderRequestError):
     """No provider of the chain serves the request's model (each one was skipped)."""
+
+
+def _redact(exc: BaseException, redact: Callable[[str], str]) -> None:
+    """Rewrite `exc`'s message without the provider's secrets (in place: it is ours now),
+    before an attempt record or the final response quotes it. Errors from a stream, a
+    200 answer or a transport carry whatever the server sent, not only HTTP bodies."""
+    text = str(exc)
+    clean = redact(text)
+    if clean == text:
+        return
+    if isinstance(exc, PipelineError):
+        exc.message = clean
+    exc.args = (clean,)
 
 
 def error_info(exc: BaseException) -> ErrorInfo:
@@ -313,6 +327,7 @@ class AgentProcessor:
                         tool_calls=_calls_so_far(partial),
                     )
                 except Exception as exc:
+                    _redact(exc, self.provider(name).redact)
                     last_error = exc
                     retry_after = retry_after_of(exc)
                     attempts.append(

@@ -360,3 +360,21 @@ async def test_a_requests_own_short_timeout_neither_opens_the_breaker_nor_retrie
     assert proc.breaker("p").state == "closed"
     out = await proc.process_request(request("p", rid="op"))  # the operator's timeout
     assert proc.breaker("p").state == "open", out.attempts
+
+
+async def test_every_error_a_provider_raises_is_redacted_before_it_is_recorded() -> None:
+    # Errors from a stream, a 200 answer or a transport carry whatever the server sent:
+    # the processor passes each through the provider's `redact` before an attempt or the
+    # final response (both on llm.responses) quotes it.
+    class Echoing(ScriptedProvider):
+        def redact(self, text: str) -> str:
+            return text.replace("sk-live-42", "***")
+
+    p = Echoing(
+        "p", [Step(error=ProviderServerError("upstream said sk-live-42", provider="p"))] * 3
+    )
+    out = await processor(p).process_request(request("p"))
+    assert out.status == "failed"
+    texts = [a.error or "" for a in out.attempts] + [out.error.message if out.error else ""]
+    assert texts and all("sk-live-42" not in t for t in texts), texts
+    assert any("***" in t for t in texts)

@@ -417,3 +417,27 @@ async def test_a_requested_azure_deployment_is_one_path_segment(server: LLMServe
     # the server decodes the path: one segment holding the whole name, not ../../admin
     # resolved to /admin with a query
     assert server.requests[-1].path == "/openai/deployments/../../admin?x=/chat/completions"
+
+
+async def test_a_key_across_the_error_snippets_end_is_scrubbed_first(server: LLMServer) -> None:
+    # The body is cut to ERROR_BODY_CHARS for the message: cut before scrubbing, a key
+    # spanning the cut left its first characters in the event.
+    from agentstream.agents.llm.providers._http import ERROR_BODY_CHARS
+
+    body = "x" * (ERROR_BODY_CHARS - 8) + " sk-test-123 rest"  # "sk-test" before the cut
+    server.script(Reply(kind="status", status=401, body=body))
+    p = openai(server)
+    with pytest.raises(ProviderRequestError) as caught:
+        await p.generate(CTX, CFG)
+    await p.aclose()
+    assert "sk-test" not in str(caught.value), str(caught.value)[-40:]
+
+
+async def test_secret_header_values_are_scrubbed_too(server: LLMServer) -> None:
+    # an operator's own `headers` (a gateway's key) are as secret as the API key
+    server.script(Reply(kind="status", status=403, body='{"error": "gw-secret-4711 refused"}'))
+    p = openai(server, headers={"X-Gateway-Key": "gw-secret-4711"})
+    with pytest.raises(ProviderRequestError) as caught:
+        await p.generate(CTX, CFG)
+    await p.aclose()
+    assert "gw-secret-4711" not in str(caught.value)

@@ -282,13 +282,21 @@ class HTTPProvider(LLMProvider):
             )
         return self._key
 
-    def scrub(self, exc: ProviderError) -> ProviderError:
-        """Error bodies are quoted in responses and logs: a server echoing the key back
-        (some do, in 401 messages) must not put it into an event."""
-        if self._key and self._key in exc.message:
-            exc.message = exc.message.replace(self._key, "***")
-            exc.args = (exc.message,)
-        return exc
+    def redact(self, text: str) -> str:
+        """`text` without the provider's secrets: its API key and the values of the
+        operator's own `headers` (a gateway's key), each `***`. Error bodies are quoted
+        in responses and logs, and a server may echo what it was sent (some do, in 401
+        messages)."""
+        for secret in self._secrets_to_redact():
+            if secret in text:
+                text = text.replace(secret, "***")
+        return text
+
+    def _secrets_to_redact(self) -> list[str]:
+        # header values shorter than 8 characters are no secrets worth hiding (and would
+        # blank out common words); longest first, so that one containing another goes whole
+        values = [v for v in self.config.headers.values() if len(v) >= 8]
+        return sorted({*values, *([self._key] if self._key else [])}, key=len, reverse=True)
 
     def resolve_base(self, override: str | None) -> str:
         """The base URL for a call. The provider's key travels with the call, so a
@@ -341,7 +349,9 @@ class HTTPProvider(LLMProvider):
         except httpx.HTTPError as exc:
             raise error_for_transport(self.name, exc) from None
         if resp.status_code >= 400:
-            raise self.scrub(error_for_status(self.name, resp.status_code, resp.text, resp.headers))
+            raise error_for_status(
+                self.name, resp.status_code, self.redact(resp.text), resp.headers
+            )
         try:
             return resp.json()
         except ValueError as exc:
@@ -375,10 +385,8 @@ class HTTPProvider(LLMProvider):
                 ) as resp,
             ):
                 if resp.status_code >= 400:
-                    text = (await resp.aread()).decode(errors="replace")
-                    raise self.scrub(
-                        error_for_status(self.name, resp.status_code, text, resp.headers)
-                    )
+                    text = self.redact((await resp.aread()).decode(errors="replace"))
+                    raise error_for_status(self.name, resp.status_code, text, resp.headers)
                 yield resp
         except httpx.HTTPError as exc:
             raise error_for_transport(self.name, exc) from None

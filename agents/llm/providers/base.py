@@ -152,6 +152,11 @@ class LLMProvider(ABC):
         """Is the provider usable (reachable, credentials present)? Never raises."""
         return True
 
+    def redact(self, text: str) -> str:
+        """`text` with this provider's secrets replaced (`***`). The processor passes every
+        error a call raised through it before an event quotes it."""
+        return text
+
     async def aclose(self) -> None:  # noqa: B027 - optional hook
         """Release clients."""
 
