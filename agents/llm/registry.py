@@ -245,6 +245,10 @@ class LLMRegistry:
     def names(self) -> list[str]:
         return sorted(self._configs)
 
+    def knows(self, name: str) -> bool:
+        """Is `name` a provider the operator declared (a request may name any)?"""
+        return name in self._configs or name in self._providers
+
     def config(self, name: str) -> ProviderConfig:
         try:
             return self._configs[name]

@@ -29,6 +29,7 @@ from agentstream.schemas.llm import (
 from agentstream.streams import llm_budgets
 from agentstream.streams.app import app, settings
 from agentstream.streams.audit_chain import chain_writer
+from agentstream.streams.errors import ProviderRequestError
 from agentstream.streams.observability import (
     BREAKER_STATE,
     EVENTS_OUT,
@@ -103,6 +104,29 @@ class CallRuntime:
             sem = self.slots[provider] = asyncio.Semaphore(limit)
         return sem
 
+    def slot_for(self, request: LLMRequest) -> asyncio.Semaphore:
+        """The slot a request waits for: its chain's head provider's. A provider name the
+        operator did not declare (the request's to choose) gets no slot of its own, nor
+        a lasting entry here: such requests share one and never call anything."""
+        head = self.processor.route(request).head
+        return self.slot(head if self.registry.knows(head) else "")
+
+    def provider_label(self, provider: str) -> str:
+        """A metric label: the provider's name if the operator declared it, else `-`
+        (names from requests would make a series each)."""
+        return provider if provider and self.registry.knows(provider) else "-"
+
+    def model_label(self, provider: str, model: str | None) -> str:
+        """A metric label for a model: one the providers file names for `provider`, else
+        `other` (a request may name any model; each would make a series)."""
+        if provider == "-" or not model:
+            return "-"
+        try:
+            cfg = self.registry.config(provider)
+        except ProviderRequestError:  # registered without a config (tests)
+            return model
+        return model if model == cfg.model or model in cfg.models.values() else "other"
+
     async def admit(self, inbound: Inbound) -> None:
         """Start the call for one request, after waiting for a slot of its provider (the
         backpressure: the agent takes no more requests while every slot is busy)."""
@@ -120,7 +144,7 @@ class CallRuntime:
         if tables.table(tables.CANCELLED.name).get(rid):
             flight.cancel.set()
         self.inflight[rid] = flight
-        sem = self.slot(self.processor.route(request).head)
+        sem = self.slot_for(request)
         try:
             await sem.acquire()
         except BaseException:
@@ -311,11 +335,12 @@ class CallRuntime:
         )
         event = inbound.event.caused(response, source=f"{CONSUMER}@{settings.worker_id}")
         sealed = await chain_writer(LLM_RESPONSES).emit(event, partition=inbound.message.partition)
-        _calls(outcome.provider or "-", outcome.status).inc()
-        _latency(outcome.provider or "-").observe(outcome.latency_ms / 1000)
+        label = self.provider_label(outcome.provider)
+        _calls(label, outcome.status).inc()
+        _latency(label).observe(outcome.latency_ms / 1000)
         if outcome.usage is not None and outcome.usage.estimated:
             # provider-reported usage is counted by the adapter; estimates only here
-            LLM_TOKENS.labels(outcome.provider, outcome.model, "estimated").inc(
+            LLM_TOKENS.labels(label, self.model_label(label, outcome.model), "estimated").inc(
                 outcome.usage.total_tokens
             )
         # last: from here on write_tables owns the request's ack

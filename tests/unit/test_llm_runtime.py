@@ -1,0 +1,34 @@
+"""What a request names that the operator did not configure costs the worker nothing
+that lasts: no concurrency slot of its own, no metric series (`CallRuntime`)."""
+
+from __future__ import annotations
+
+from agentstream.agents.llm.runtime import CallRuntime
+from agentstream.schemas.llm import ChatMessage, LLMContext, LLMRequest
+
+
+def _request(provider: str, rid: str) -> LLMRequest:
+    return LLMRequest(
+        request_id=rid,
+        agent_id="a",
+        provider=provider,
+        context=LLMContext(messages=[ChatMessage(role="user", content="hi")]),
+    )
+
+
+def test_unknown_providers_share_one_slot_and_one_label() -> None:
+    rt = CallRuntime()  # the settings' providers: `local` only
+    made = {rt.slot_for(_request(f"made-up-{i}", f"r{i}")) for i in range(100)}
+    assert len(made) == 1
+    assert len(rt.slots) == 1
+    assert rt.slot_for(_request("local", "l")) is not next(iter(made))
+    assert {rt.provider_label(f"made-up-{i}") for i in range(100)} == {"-"}
+    assert rt.provider_label("local") == "local"
+
+
+def test_models_a_request_makes_up_are_one_label() -> None:
+    rt = CallRuntime()
+    local = rt.registry.config("local")
+    assert rt.model_label("local", local.model) == local.model
+    assert {rt.model_label("local", f"x{i}") for i in range(50)} == {"other"}
+    assert rt.model_label("-", "anything") == "-"
