@@ -95,7 +95,7 @@ async def _admit(inbound: Inbound) -> None:
     rt = runtime()
     rid = inbound.event.payload.request_id
     done = tables.table(tables.RESPONSES_DONE.name).get(rid)
-    cancelled = tables.table(tables.CANCELLED.name).get(rid)
+    cancelled = tables.cancelled(rid)
     if done is None and not rt.answered_or_inflight(rid) and cancelled:
         await rt.answer_cancelled_early(inbound)  # never reaches a provider
         return

@@ -141,7 +141,7 @@ class CallRuntime:
             await self.refuse(inbound, request, plan, denial)  # never reaches a provider
             return
         flight = Flight(request, inbound, plan=plan)
-        if tables.table(tables.CANCELLED.name).get(rid):
+        if tables.cancelled(rid):
             flight.cancel.set()
         self.inflight[rid] = flight
         sem = self.slot_for(request)

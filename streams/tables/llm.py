@@ -30,6 +30,7 @@ partition, and two workers never read-modify-write the same counter.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, MutableMapping
 from functools import cache
 from typing import Any
@@ -83,16 +84,31 @@ def retention_s() -> float:
     return get_settings().llm_dedup_retention_s
 
 
+#: how far ahead of the worker's clock an entry's date is believed (clock skew between
+#: producers and workers); a cancellation is dated by its sender's `occurred_at`
+MAX_FUTURE_S = 300.0
+
+
 def entry_expired(value: Any, now: float, retention: float | None = None) -> bool:
     """Whether a dedup or cancellation entry is past the retention at epoch time `now`
     (`AGENTSTREAM_LLM_DEDUP_RETENTION_S`; 0 keeps entries forever). An entry without
     `at` (written by a version before the retention) counts as expired: its age is
-    unknown, and keeping it would keep it forever."""
+    unknown, and keeping it would keep it forever. So does one dated more than
+    `MAX_FUTURE_S` ahead: a sender dating its cancellation in the year 9999 would
+    otherwise cancel that request id for good, and grow the table with each such id."""
     r = retention_s() if retention is None else retention
     if r <= 0 or not isinstance(value, dict):
         return False
     at = value.get("at")
-    return not isinstance(at, int | float) or at + r <= now
+    return not isinstance(at, int | float) or at + r <= now or at > now + MAX_FUTURE_S
+
+
+def cancelled(request_id: str, now: float | None = None) -> bool:
+    """Is `request_id` cancelled in this worker's table (a cancellation that arrived
+    before the request)? Not by an entry past the retention or dated too far ahead, which
+    the next sweep removes."""
+    entry = table(CANCELLED.name).get(request_id)
+    return bool(entry) and not entry_expired(entry, time.time() if now is None else now)
 
 
 def expired_keys(
@@ -110,9 +126,10 @@ def expired_keys(
     the first owned entry that is within the retention: a sweep costs about what it
     removes, not the table's size. So an entry lives at least `retention` and, when a
     recovered partition sits behind younger entries, at most about twice that. An entry
-    dated in the future (a cancellation's event time comes from its producer's clock) is
-    passed over, not stopped at. Entries of partitions this worker does not own (standby
-    copies) are skipped, never removed: their owner writes their tombstones.
+    dated a little in the future (a cancellation's event time comes from its producer's
+    clock) is passed over, not stopped at; one dated further ahead is removed. Entries
+    of partitions this worker does not own (standby copies) are skipped, never removed:
+    their owner writes their tombstones.
     """
     out: list[str] = []
     if retention <= 0:

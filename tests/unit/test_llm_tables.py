@@ -5,6 +5,8 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
+import pytest
+
 from agentstream.schemas import Event
 from agentstream.schemas.llm import (
     BreakerStateChanged,
@@ -68,7 +70,9 @@ def test_expired_keys_scan_owned_entries_oldest_first_and_stop_at_a_young_one() 
     now = 1767225600 + 3 * day
     items = [
         ("legacy-mine", {"status": "completed"}),  # undated (older version): goes
-        ("future-mine", {"at": now + day}),  # a producer's clock ahead: passed over
+        ("future-mine", {"at": now + 60}),  # a producer's clock a little ahead: passed over
+        ("far-future-mine", {"at": now + day}),  # not believed: dated by a sender, it
+        # would outlive every retention (a request id cancelled for good)
         ("old-mine-1", {"at": 1767225600}),
         ("old-theirs", {"at": 1767225600}),  # a standby copy: never ours to delete
         ("old-mine-2", {"at": 1767225600 + day}),
@@ -77,11 +81,11 @@ def test_expired_keys_scan_owned_entries_oldest_first_and_stop_at_a_young_one() 
     ]
     mine = {k for k, _ in items} - {"old-theirs"}
     keys = t.expired_keys(items, now, day, mine.__contains__)
-    assert keys == ["legacy-mine", "old-mine-1", "old-mine-2"]
+    assert keys == ["legacy-mine", "far-future-mine", "old-mine-1", "old-mine-2"]
     assert t.expired_keys(items, now, day, mine.__contains__, limit=1) == ["legacy-mine"]
     assert t.expired_keys(items, now, 0, mine.__contains__) == []
     # once the young one is gone, the next sweep reaches what was behind it
-    gone = {"legacy-mine", "old-mine-1", "old-mine-2", "young-mine"}
+    gone = {"legacy-mine", "far-future-mine", "old-mine-1", "old-mine-2", "young-mine"}
     rest = [kv for kv in items if kv[0] not in gone]
     assert t.expired_keys(rest, now, day, mine.__contains__) == ["old-after-young"]
 
@@ -200,3 +204,16 @@ def test_budget_spend_fold_equals_the_batched_live_writes(monkeypatch: Any) -> N
     assert t.SPEND.expired is not None and t.SPEND.expired(
         next(iter(rebuilt.values())), total["window_end"]
     )
+
+
+def test_a_cancellation_dated_far_ahead_cancels_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A sender dates its cancellations; one in the year 9999 for a guessable request id
+    # (r-1) must not cancel that id's requests, neither now nor for ever.
+    now = 1767225600.0
+    entries = {
+        "r-1": {"reason": "", "at": 253402300799},
+        "r-2": {"reason": "", "at": int(now) + 30},  # a clock a little ahead: believed
+        "r-3": {"reason": "", "at": int(now) - 10},
+    }
+    monkeypatch.setattr(t, "table", lambda name: entries)
+    assert [rid for rid in ("r-1", "r-2", "r-3", "r-4") if t.cancelled(rid, now)] == ["r-2", "r-3"]
