@@ -53,6 +53,7 @@ async def secret(name: str) -> str | None:
 
 
 def openai(server: LLMServer, **kw: object) -> OpenAICompatibleProvider:
+    kw.setdefault("allowed_organizations", ["org-7"])  # CFG's
     cfg = ProviderConfig(
         name="oa", kind="openai", base_url=server.url + "/v1", requires_key=True, **kw
     )  # type: ignore[arg-type]
@@ -319,7 +320,7 @@ async def test_key_from_a_real_file_keyring(
             "oa", {"kind": "openai", "base_url": server.url + "/v1", "requires_key": True}
         )
         p = await reg.initialize_provider("oa")
-        await p.generate(CTX, CFG)
+        await p.generate(CTX, CFG.model_copy(update={"organization": None}))
         await reg.aclose()
         assert server.requests[-1].headers["Authorization"] == "Bearer sk-from-keyring"
     finally:
@@ -441,3 +442,16 @@ async def test_secret_header_values_are_scrubbed_too(server: LLMServer) -> None:
         await p.generate(CTX, CFG)
     await p.aclose()
     assert "gw-secret-4711" not in str(caught.value)
+
+
+async def test_a_request_may_bill_only_an_allowed_organization(server: LLMServer) -> None:
+    # the key may belong to several organizations: the header decides which one pays
+    p = openai(server, organization="org-main", allowed_organizations=["org-7"])
+    with pytest.raises(ProviderRequestError, match="organization 'org-other' is not allowed"):
+        await p.generate(CTX, CFG.model_copy(update={"organization": "org-other"}))
+    await p.generate(CTX, CFG.model_copy(update={"organization": None}))
+    assert server.requests[-1].headers["OpenAI-Organization"] == "org-main"
+    await p.generate(CTX, CFG)
+    assert server.requests[-1].headers["OpenAI-Organization"] == "org-7"
+    await p.aclose()
+    assert len(server.requests) == 2

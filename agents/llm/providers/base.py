@@ -55,6 +55,9 @@ class ProviderConfig(BaseModel):
     deployment: str | None = None
     api_version: str | None = None
     organization: str | None = None
+    #: other organizations a request's `organization` may name (OpenAI bills the one in
+    #: the header: a key of several organizations must not let a request choose freely)
+    allowed_organizations: list[str] = Field(default_factory=list)
     #: read `llm.<name>.api_key` from the keychain and send it
     requires_key: bool = False
     #: other origins a request's `api_endpoint` may point at (the key goes with the call)

@@ -78,7 +78,19 @@ class OpenAICompatibleProvider(HTTPProvider):
                 headers["api-key"] = key
             else:
                 headers["Authorization"] = f"Bearer {key}"
-        org = (config.organization if config else None) or self.config.organization
+        asked = config.organization if config else None
+        if (
+            asked
+            and asked != self.config.organization
+            and asked not in self.config.allowed_organizations
+            and not self.is_azure
+        ):
+            raise ProviderRequestError(
+                f"{self.name}: organization {asked!r} is not allowed "
+                "(the provider's organization or allowed_organizations)",
+                provider=self.name,
+            )
+        org = asked or self.config.organization
         if org and not self.is_azure:
             headers["OpenAI-Organization"] = org
         return headers
