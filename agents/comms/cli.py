@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 import click
 
 from agentstream.schemas.comms import COMM_KINDS
-from agentstream.streams.cli import cli, json_option, worker_call
+from agentstream.streams.cli import cli, json_option, term_safe, worker_call
 
 
 @cli.command("comms")
@@ -50,9 +50,12 @@ def comms(
             if r["amount"] is None
             else f" {r['amount']:g}{(' ' + r['unit']) if r['unit'] else ''}"
         )
+        # ids, counterparties and units are the senders': shown, never acted on
         click.echo(
-            f"{when} {r['agent_id']:24} {r['kind']:13} {r['record_id']}"
-            f"{(' -> ' + r['counterparty']) if r['counterparty'] else ''}{amount}"
+            term_safe(
+                f"{when} {r['agent_id']:24} {r['kind']:13} {r['record_id']}"
+                f"{(' -> ' + r['counterparty']) if r['counterparty'] else ''}{amount}"
+            )
         )
     for a, by_kind in sorted(data["counts"].items()):
-        click.echo(f"{a}: " + ", ".join(f"{k}={n}" for k, n in sorted(by_kind.items())))
+        click.echo(term_safe(f"{a}: " + ", ".join(f"{k}={n}" for k, n in sorted(by_kind.items()))))

@@ -9,7 +9,7 @@ from urllib.parse import quote
 
 import click
 
-from agentstream.streams.cli import cli, json_option, worker_call
+from agentstream.streams.cli import cli, json_option, term_safe, worker_call
 
 
 def _ago(ts: float | None) -> str:
@@ -41,9 +41,12 @@ def agents_status(agent_id: str | None, state: str | None, as_json: bool) -> Non
         click.echo(json.dumps(data, indent=2))
         return
     for r in rows:
-        click.echo(
-            f"{r['agent_id']:32} {r['status'] or 'unknown':8} last heartbeat "
-            f"{_ago(r['last_heartbeat_at']):>14}  missed {r['missed_beats']}  beats {r['beats']}"
+        click.echo(  # an agent id is its sender's: shown, never acted on
+            term_safe(
+                f"{r['agent_id']:32} {r['status'] or 'unknown':8} last heartbeat "
+                f"{_ago(r['last_heartbeat_at']):>14}  missed {r['missed_beats']}  "
+                f"beats {r['beats']}"
+            )
         )
     if not agent_id:
         c = data["counts"]

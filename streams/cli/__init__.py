@@ -28,6 +28,7 @@ import importlib
 import importlib.util
 import os
 import pkgutil
+import re
 import sys
 from collections.abc import Coroutine, Mapping
 from pathlib import Path
@@ -58,6 +59,22 @@ class NoAdminKey(click.ClickException):
     nothing published."""
 
     exit_code = 2
+
+
+#: C0 controls, DEL and C1 controls: what a terminal may act on (ESC starts CSI and OSC
+#: sequences; U+009B is a one-character CSI to some terminals; CR and LF rewrite lines)
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
+def term_safe(value: object) -> str:
+    """`value` as text a terminal only shows: every control character written as a
+    visible escape (`\\x1b`, `\\n` ...). For every field of an event a sender chose (agent
+    ids, model names, record ids) that a command prints as text rather than as JSON:
+    raw, an OSC 52 sequence writes the operator's clipboard, and cursor moves hide lines."""
+    text = str(value)
+    if not _CONTROL.search(text):
+        return text
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
 
 
 def settings_error(exc: SettingsError) -> ConfigError:

@@ -14,7 +14,14 @@ from typing import Any
 
 import click
 
-from agentstream.streams.cli import CLI_AUTH_HINT, cli, cli_token, json_option, web_root
+from agentstream.streams.cli import (
+    CLI_AUTH_HINT,
+    cli,
+    cli_token,
+    json_option,
+    term_safe,
+    web_root,
+)
 from agentstream.streams.settings import get_settings
 
 #: seconds without a frame after which the stream is taken for dead (frames come every
@@ -94,8 +101,18 @@ def render(doc: dict[str, Any]) -> Any:
     from rich.table import Table
     from rich.text import Text
 
+    class SafeTable(Table):
+        """Cells come from events senders wrote (agent ids, model names): each is plain
+        text, control characters visible (`term_safe`), never rich markup."""
+
+        def add_row(self, *cells: Any, **kw: Any) -> None:
+            super().add_row(*(Text(term_safe(c)) if isinstance(c, str) else c for c in cells), **kw)
+
+    def text(line: str, style: str = "") -> Text:
+        return Text(term_safe(line), style=style)
+
     def table(title: str, *cols: str) -> Table:
-        t = Table(title=title, title_justify="left", expand=False, pad_edge=False)
+        t = SafeTable(title=title, title_justify="left", expand=False, pad_edge=False)
         for c in cols:
             t.add_column(c)
         return t
@@ -109,31 +126,31 @@ def render(doc: dict[str, Any]) -> Any:
     )
     head = Text.assemble(
         ("agentstream top", "bold"),
-        f"  {doc['at']}  served by {doc['served_by']}  workers {len(doc['workers'])}",
+        term_safe(f"  {doc['at']}  served by {doc['served_by']}  workers {len(doc['workers'])}"),
         ("  PARTIAL" if doc["partial"] else "", "bold yellow"),
     )
     lines = [
         head,
-        Text(
+        text(
             f"agents  up {_n(a['counts'].get('up'))}  down {_n(a['counts'].get('down'))}"
             f"  detection delay {_n(a['detection_delay_s'])} s"
         ),
-        Text(
+        text(
             f"messages  accepted/s {_n(m['accepted_per_s'])}  rejected/s "
             f"{_n(m['rejected_per_s'])}  dead-lettered/s {_n(m['dead_lettered_per_s'])}"
             f"  accepted {m['accepted_total']}  rejected {m['rejected_total']}"
         ),
-        Text(
+        text(
             "top rejection rules  "
             + (", ".join(f"{r} {n}" for r, n in m["top_rules"][:5]) or "-")
             + "   policies  "
             + (", ".join(f"{r} {n}" for r, n in m["top_policies"][:5]) or "-")
         ),
-        Text(
+        text(
             f"dead letters  seen {dl['seen']}  by reason "
             + (", ".join(f"{k} {v}" for k, v in list(dl["by_reason"].items())[:4]) or "-")
         ),
-        Text(f"llm  in flight {_n(llm['in_flight'])}"),
+        text(f"llm  in flight {_n(llm['in_flight'])}"),
     ]
     down = [x for x in a["list"] if x["status"] == "down"]
     changes = table("agent status changes", "at", "agent", "change", "reason")
@@ -178,15 +195,15 @@ def render(doc: dict[str, Any]) -> Any:
         )
     pols = doc["policies"]
     lines.append(
-        Text(
+        text(
             f"policies  {len(pols['policies'])} in force, default {_n(pols['default_action'])}: "
             + (", ".join(f"{x['policy_id']} v{x['version']}" for x in pols["policies"]) or "-")
         )
     )
     if down:
-        lines.append(Text("down: " + ", ".join(str(x["agent_id"]) for x in down), style="red"))
+        lines.append(text("down: " + ", ".join(str(x["agent_id"]) for x in down), style="red"))
     for k, v in doc["problems"].items():
-        lines.append(Text(f"! {k}: {v}", style="yellow"))
+        lines.append(text(f"! {k}: {v}", style="yellow"))
     return Group(*lines, changes, lat, tokens, stages, lags, health)
 
 
