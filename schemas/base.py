@@ -13,12 +13,28 @@ payloads written with an older `schema_version` before validation (eventsourcing
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any, ClassVar, Generic, TypeVar, cast
+from typing import Annotated, Any, ClassVar, Generic, TypeVar, cast
 from uuid import UUID, uuid4
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, field_validator
 
 MAX_ID_LENGTH = 256
+
+
+def _in_utc_range(value: datetime) -> datetime:
+    """A time a sender wrote must exist in UTC: 9999-12-31T23:59:59-14:00 is year 10000
+    there, and converting it (`astimezone`, `fromtimestamp`, which tables and monitors
+    do) raises OverflowError or ValueError far from decoding, outside the dead-letter
+    path. Kept as written (a signed time's text is part of what was signed)."""
+    try:
+        value.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("out of the range of times in UTC") from None
+    return value
+
+
+#: an aware datetime that exists in UTC: every time field of a payload
+Time = Annotated[AwareDatetime, AfterValidator(_in_utc_range)]
 
 
 def utc_now() -> datetime:
@@ -61,7 +77,10 @@ class Event(BaseModel, Generic[P]):
     @field_validator("occurred_at")
     @classmethod
     def _to_utc(cls, value: datetime) -> datetime:
-        return value.astimezone(UTC)
+        try:
+            return value.astimezone(UTC)
+        except OverflowError:  # e.g. 9999-12-31T23:59:59-14:00: no such time in UTC
+            raise ValueError("out of the range of times in UTC") from None
 
     @classmethod
     def of(

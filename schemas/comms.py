@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any, Literal, get_args
 
-from pydantic import AwareDatetime, Field
+from pydantic import Field
 
-from agentstream.schemas.base import MAX_ID_LENGTH, Payload
+from agentstream.schemas.base import MAX_ID_LENGTH, Payload, Time
 from agentstream.schemas.registry import registry
 
 CommKind = Literal["communication", "blockchain", "model", "token", "wallet", "resource"]
@@ -23,7 +23,7 @@ class CommunicationRecord(Payload):
     kind: CommKind
     agent_id: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
     counterparty: str = Field(default="", max_length=MAX_ID_LENGTH)
-    recorded_at: AwareDatetime
+    recorded_at: Time
     #: e.g. tokens moved, bytes transferred, gas used
     amount: float | None = Field(default=None, allow_inf_nan=False)
     unit: str = Field(default="", max_length=64)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import AwareDatetime, Field
+from pydantic import Field
 
-from agentstream.schemas.base import MAX_ID_LENGTH, Payload
+from agentstream.schemas.base import MAX_ID_LENGTH, Payload, Time
 from agentstream.schemas.registry import registry
 
 AgentState = Literal["up", "down"]
@@ -19,7 +19,7 @@ class Heartbeat(Payload):
     KEY_FIELD = "agent_id"
 
     agent_id: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
-    sent_at: AwareDatetime
+    sent_at: Time
     sequence: int = Field(default=0, ge=0)
     info: dict[str, str] = Field(default_factory=dict)
 
@@ -34,9 +34,9 @@ class AgentStatusChanged(Payload):
     previous: AgentState | None
     current: AgentState
     reason: Literal["first_seen", "heartbeat", "timeout", "missed_beats"]
-    last_heartbeat_at: AwareDatetime | None = None
+    last_heartbeat_at: Time | None = None
     missed_beats: int = 0
-    changed_at: AwareDatetime
+    changed_at: Time
 
 
 @registry.register

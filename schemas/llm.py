@@ -5,9 +5,9 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import AwareDatetime, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from agentstream.schemas.base import MAX_ID_LENGTH, Payload
+from agentstream.schemas.base import MAX_ID_LENGTH, Payload, Time
 from agentstream.schemas.messages import check_tree
 from agentstream.schemas.registry import registry
 
@@ -328,7 +328,7 @@ class BreakerStateChanged(Payload):
     previous: Literal["closed", "open", "half_open"]
     current: Literal["closed", "open", "half_open"]
     failures: int = 0
-    changed_at: AwareDatetime
+    changed_at: Time
     reason: str = ""
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import AwareDatetime, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from agentstream.schemas.base import MAX_ID_LENGTH, Payload
+from agentstream.schemas.base import MAX_ID_LENGTH, Payload, Time
 from agentstream.schemas.registry import registry
 
 
@@ -33,7 +33,7 @@ class AuthProof(Payload):
     #: the sender by its identity; unset = the key stored under the sender's own id)
     key_id: str | None = Field(default=None, max_length=MAX_ID_LENGTH)
     #: when the sender issued the message; signed, and checked against the replay window
-    issued_at: AwareDatetime | None = None
+    issued_at: Time | None = None
     #: set by `enforce_policy` when it removed the token before forwarding the message
     redacted: bool = False
 

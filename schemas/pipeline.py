@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import AwareDatetime, Field
+from pydantic import Field
 
-from agentstream.schemas.base import Payload
+from agentstream.schemas.base import Payload, Time
 from agentstream.schemas.registry import registry
 
 
@@ -41,7 +41,7 @@ class CheckpointWritten(Payload):
 
     checkpoint_id: str
     worker_id: str
-    taken_at: AwareDatetime
+    taken_at: Time
     #: table name → sha256 hex digest of its sorted items
     tables: dict[str, str] = Field(default_factory=dict)
     #: table name → item count

@@ -118,6 +118,14 @@ class EventRegistry:
             return self._envelopes[type_].model_validate(data)
         except ValidationError as exc:
             raise InvalidEvent(_describe(type_, exc), type=type_) from None
+        except Exception as exc:
+            # pydantic passes some errors of its own conversions through (OverflowError
+            # for a time or an integer out of range): whatever the input makes it raise is
+            # this input's fault, a dead letter, never an exception that escapes decoding
+            # and brings the record back after every restart
+            raise InvalidEvent(
+                f"{type_}: {type(exc).__name__}: {str(exc)[:200]}", type=type_
+            ) from None
 
     def _upcast(
         self, type_: str, version: int, target: int, data: dict[str, Any]

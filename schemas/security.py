@@ -5,9 +5,9 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Literal
 
-from pydantic import AwareDatetime, Field, field_validator
+from pydantic import Field, field_validator
 
-from agentstream.schemas.base import MAX_ID_LENGTH, Payload
+from agentstream.schemas.base import MAX_ID_LENGTH, Payload, Time
 from agentstream.schemas.registry import registry
 
 MAX_PATTERNS = 256
@@ -245,7 +245,7 @@ class PolicyDecision(Payload):
     policies: dict[str, int] = Field(default_factory=dict)
     default_applied: bool = False
     security_enabled: bool = True
-    evaluated_at: AwareDatetime
+    evaluated_at: Time
     evaluation_us: int = Field(ge=0)
     #: where the message was read (the decision is written to the same partition number)
     source_partition: int | None = None
@@ -256,7 +256,7 @@ class PolicyDecision(Payload):
     claimed_role: str = Field(default="", max_length=128)
     roles: list[str] = Field(default_factory=list)
     #: the signed issue time of the message (replay window), when it had one
-    issued_at: AwareDatetime | None = None
+    issued_at: Time | None = None
     #: {policy_id: admin key id that signed the applied version}
     policy_signers: dict[str, str] = Field(default_factory=dict)
     #: tamper evidence: sha256 of the previous decision in this partition, and of this one

@@ -22,6 +22,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, MutableMapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 from agentstream.schemas import AgentStatusChanged, Heartbeat
@@ -239,18 +240,24 @@ class HeartbeatMonitor:
 
 
 def to_event_payload(tr: Transition) -> AgentStatusChanged:
-    from datetime import UTC, datetime
-
     return AgentStatusChanged(
         agent_id=tr.agent_id,
         previous=tr.previous,
         current=tr.current,
         reason=tr.reason,
-        last_heartbeat_at=(
-            datetime.fromtimestamp(tr.last_heartbeat_at, UTC)
-            if tr.last_heartbeat_at is not None
-            else None
-        ),
+        last_heartbeat_at=_utc_or_none(tr.last_heartbeat_at),
         missed_beats=tr.missed_beats,
-        changed_at=datetime.fromtimestamp(tr.at, UTC),
+        changed_at=datetime.fromtimestamp(tr.at, UTC),  # this worker's clock
     )
+
+
+def _utc_or_none(ts: float | None) -> datetime | None:
+    """A sender's time as a datetime, or None when it has none in UTC: the schema now
+    refuses such times, but a table restored from an older changelog may hold one, and
+    the transition must still be published rather than fail every check after a restart."""
+    if ts is None:
+        return None
+    try:
+        return datetime.fromtimestamp(ts, UTC)
+    except (ValueError, OverflowError, OSError):
+        return None

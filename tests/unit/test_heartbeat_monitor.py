@@ -263,3 +263,13 @@ def test_rebuild_order_across_topics_does_not_matter() -> None:
     hb_event = Event.of(hb, source="a")
     assert digest(rebuild(HEARTBEATS, [hb_event, status]).items()) == digest(live.items())
     assert digest(rebuild(HEARTBEATS, [status, hb_event]).items()) == digest(live.items())
+
+
+def test_a_transition_with_a_time_not_in_utc_is_still_published() -> None:
+    # a heartbeat table restored from an older changelog may hold such a time: the
+    # transition built from it must not fail (it did, on every check, after restarts)
+    from agentstream.agents.heartbeat.monitor import Transition, to_event_payload
+
+    tr = Transition("a", "up", "down", "timeout", 253402351199.0, 3, 1767225600.0)
+    payload = to_event_payload(tr)
+    assert payload.last_heartbeat_at is None and payload.current == "down"

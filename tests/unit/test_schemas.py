@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
@@ -218,3 +219,89 @@ def test_policy_and_deadletter_models_keep_design_fields() -> None:
     } <= set(DeadLetter.model_fields)
     hb = Heartbeat(agent_id="a", sent_at=datetime.now(UTC))
     assert Event.of(hb, source="a").key == "a"
+
+
+@pytest.mark.parametrize("occurred_at", ["9999-12-31T23:59:59-14:00", "0001-01-01T00:00:00+14:00"])
+def test_a_time_out_of_range_in_utc_is_an_invalid_event(occurred_at: str) -> None:
+    # astimezone(UTC) overflows for these; an OverflowError is no SchemaError, so it left
+    # the decoding stage before any dead letter and crash-looped every consumer on replay
+    raw = orjson.dumps(
+        {
+            "type": "agent.message",
+            "schema_version": 2,
+            "event_id": "00000000-0000-4000-8000-000000000001",
+            "occurred_at": occurred_at,
+            "source": "x",
+            "correlation_id": "c",
+            "payload": {"message_id": "m", "sender_id": "a", "recipient_id": "b", "content": ""},
+        }
+    )
+    with pytest.raises(InvalidEvent, match="occurred_at"):
+        registry.decode(raw)
+
+
+def test_no_envelope_or_payload_makes_decoding_raise_anything_but_a_schema_error() -> None:
+    # Every bad input must become a SchemaError (a dead letter); anything else escapes the
+    # decoding stage, is never acknowledged and comes back after every restart.
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from agentstream.schemas.errors import SchemaError
+
+    scalars = st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(min_value=-(2**63), max_value=2**63 - 1),  # what JSON bytes carry here
+        st.floats(allow_nan=False, allow_infinity=False),
+        st.text(max_size=40),
+        st.sampled_from(
+            ["9999-12-31T23:59:59-14:00", "0001-01-01T00:00:00+14:00", "1e400", "-0", "P1D"]
+        ),
+    )
+    values = st.recursive(
+        scalars,
+        lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=8), c, max_size=3),
+        max_leaves=8,
+    )
+    types = st.sampled_from(sorted(registry.types()))
+
+    @settings(max_examples=400, deadline=None)
+    @given(types, st.dictionaries(st.text(max_size=12), values, max_size=6), values)
+    def check(type_: str, payload: dict[str, Any], occurred: Any) -> None:
+        data = {
+            "type": type_,
+            "schema_version": 1,
+            "event_id": "00000000-0000-4000-8000-000000000001",
+            "occurred_at": occurred,
+            "source": "x",
+            "payload": payload,
+        }
+        with contextlib.suppress(SchemaError):  # a dead letter; anything else fails here
+            registry.decode(orjson.dumps(data))
+
+    check()
+
+
+@pytest.mark.parametrize(
+    ("type_", "payload"),
+    [
+        ("agent.heartbeat", {"agent_id": "victim", "sent_at": "9999-12-31T23:59:59-14:00"}),
+        (
+            "comms.record",
+            {
+                "record_id": "r",
+                "agent_id": "a",
+                "kind": "message",
+                "recorded_at": "0001-01-01T00:00:00+14:00",
+            },
+        ),
+    ],
+)
+def test_a_payload_time_out_of_range_in_utc_is_an_invalid_event(
+    type_: str, payload: dict[str, Any]
+) -> None:
+    # such a sent_at was accepted, then crash-looped the heartbeat monitor when it built
+    # a transition (fromtimestamp: year 10000), restored from the changelog each restart
+    raw = orjson.dumps({"type": type_, "schema_version": 1, "source": "x", "payload": payload})
+    with pytest.raises(InvalidEvent, match="range of times in UTC"):
+        registry.decode(raw)

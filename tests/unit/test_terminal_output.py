@@ -111,5 +111,5 @@ def test_agents_status_and_comms_print_hostile_ids_as_text(
         done = runner.invoke(command, [], standalone_mode=False)
         assert done.exception is None, done.output
         out = done.output
-        assert not any(ord(c) < 0x20 and c != "\n" or 0x7F <= ord(c) < 0xA0 for c in out)
+        assert not any((ord(c) < 0x20 and c != "\n") or 0x7F <= ord(c) < 0xA0 for c in out)
         assert len(out.splitlines()) == lines, out  # no line the sender added
