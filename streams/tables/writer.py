@@ -65,11 +65,36 @@ _FLUSHING: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = 
 )
 
 
+#: what a changelog record's key and value may take together: the producer's request
+#: limit (`producer_max_request_size`) less room for the record batch's own headers
+RECORD_OVERHEAD = 1024
+
+
 def write(table: Any, key: Any, value: Any, *, partition: int) -> None:
     """Set `key` to `value` in the Faust table's local data and send the changelog record
-    to `partition`."""
+    to `partition`.
+
+    The record is serialised first, and the table changes only if that works and the
+    record fits the producer's limit: else the write raises (`ProcessingError` when too
+    large, the encoder's error when it refuses the value) with the table as it was, in
+    the handler of the input that asked for it, whose dead letter it becomes. Found later,
+    at the flush, such a record stayed at the head of the pending queue and no agent of
+    the worker committed again; and a value in the live table that never reached its
+    changelog made live and rebuild differ."""
+    topic = table.changelog_topic
+    raw_key = topic.prepare_key(key, table.key_serializer, None)[0]
+    raw_value = topic.prepare_value(value, table.value_serializer, None)[0]
+    size = len(raw_key or b"") + len(raw_value or b"")
+    limit = table.app.conf.producer_max_request_size - RECORD_OVERHEAD
+    if size > limit:
+        from agentstream.streams.errors import ProcessingError
+
+        raise ProcessingError(
+            f"table {table.name}: a changelog record of {size} bytes is too large (at most "
+            f"{limit}, the producer's request limit): the input that made it is refused"
+        )
     table.data[key] = value
-    _send(table, partition, key, value)
+    _send(table, partition, raw_key, raw_value, key_serializer="raw", value_serializer="raw")
 
 
 def delete(table: Any, key: Any, *, partition: int) -> None:

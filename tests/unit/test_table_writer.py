@@ -207,3 +207,36 @@ async def test_request_ids_never_name_a_partition() -> None:
     *_, (_, beyond, _, _), (_, one, _, _) = sent(app)
     assert beyond == llm_tables.partition_of(f"{PARTITIONS + 3}|agent|x", PARTITIONS)
     assert one == 1
+
+
+async def test_a_record_too_large_for_the_producer_is_refused_before_the_table_changes() -> None:
+    # A 660 KB label value became a ~2 MB changelog record (the key holds the labels,
+    # JSON-encoded twice): aiokafka refused it at every flush, which never got past it,
+    # so no agent of the worker committed again. Refused in `write`, inside the input's
+    # handler, it is that input's dead letter and the table keeps its state.
+    from agentstream.streams.errors import ProcessingError
+
+    app = _app()
+    table = json_table(app)
+    write(table, "k", {"n": 1}, partition=1)
+    huge = "x" * app.conf.producer_max_request_size
+    with pytest.raises(ProcessingError, match="too large"):
+        write(table, "k", {"n": huge}, partition=1)
+    with pytest.raises(ProcessingError, match="too large"):
+        write(table, huge, 1, partition=1)
+    assert table.data["k"] == {"n": 1} and huge not in table.data
+    assert [v for *_, v in sent(app)] == [b'{"n":1}']
+
+
+async def test_a_value_the_serializer_refuses_leaves_the_table_unchanged() -> None:
+    # nested deeper than the changelog's JSON encoder goes: the live table took the value
+    # and the changelog never did (live and rebuild differed, GET views failed)
+    app = _app()
+    table = json_table(app)
+    deep: Any = 1
+    for _ in range(300):
+        deep = [deep]
+    with pytest.raises(Exception):  # noqa: B017 - whatever the encoder raises
+        write(table, "k", deep, partition=0)
+    assert "k" not in table.data
+    assert sent(app) == []
