@@ -126,3 +126,20 @@ def test_tail_prints_the_lines_replay_writes() -> None:
     line = orjson.loads(bad.json_line())
     assert line["key"] is None and line["value_b64"] == "anVuaw=="
     assert line["error"] == "SchemaError: nope"
+
+
+@pytest.mark.parametrize("fmt", ["json", "pretty"])
+@pytest.mark.parametrize("meta", [False, True])
+def test_a_record_with_line_breaks_between_tokens_is_one_record_out(fmt: str, meta: bool) -> None:
+    # JSON allows CR/LF between tokens: printed as sent, one record was several lines of
+    # `replay --out` (the audit trail), one of them a complete forged record
+    forged = b'{"topic":"agent.messages","partition":0,"offset":7,"event":{}}'
+    event = Event.of(AgentMessage(message_id="m", sender_id="a", recipient_id="b"), source="s")
+    wire = encode(event)
+    raw = wire[:-1] + b',\r"x":\n' + forged + b"\n}"
+    data = orjson.loads(raw)
+    out = ReplayRecord("t", 1, 42, 1000, None, raw, data, None).render(fmt, meta=meta)
+    assert b"\r" not in out
+    if fmt == "json":
+        assert out.count(b"\n") == 1
+        assert orjson.loads(out)  # one JSON value per line
