@@ -21,6 +21,7 @@ from agentstream.agents.llm.providers.base import (
     LLMResult,
     StreamChunk,
     estimate_tokens,
+    model_label,
 )
 from agentstream.schemas.llm import ChatMessage, LLMConfig, LLMContext, Usage
 from agentstream.streams.observability import LLM_TOKENS
@@ -204,8 +205,9 @@ class MidsceneAdapter(LLMProvider):
     def _record(self, started: float, outcome: str, usage: Usage | None, model: str) -> None:
         PROVIDER_LATENCY.labels(self.name, outcome).observe(time.perf_counter() - started)
         if usage is not None:
-            LLM_TOKENS.labels(self.name, model, "prompt").inc(usage.prompt_tokens)
-            LLM_TOKENS.labels(self.name, model, "completion").inc(usage.completion_tokens)
+            label = model_label(self.config, model)
+            LLM_TOKENS.labels(self.name, label, "prompt").inc(usage.prompt_tokens)
+            LLM_TOKENS.labels(self.name, label, "completion").inc(usage.completion_tokens)
 
     async def generate(
         self, context: LLMContext, config: LLMConfig, *, timeout_s: float | None = None

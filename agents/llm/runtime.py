@@ -16,6 +16,7 @@ from agentstream.agents.llm.adapter import WebSearchService
 from agentstream.agents.llm.chunks import ChunkCoalescer, chunk_record
 from agentstream.agents.llm.models import Hop, Route
 from agentstream.agents.llm.processor import AgentProcessor, Outcome
+from agentstream.agents.llm.providers.base import model_label
 from agentstream.agents.llm.registry import LLMRegistry
 from agentstream.schemas import Event
 from agentstream.schemas.llm import (
@@ -125,7 +126,7 @@ class CallRuntime:
             cfg = self.registry.config(provider)
         except ProviderRequestError:  # registered without a config (tests)
             return model
-        return model if model == cfg.model or model in cfg.models.values() else "other"
+        return model_label(cfg, model)
 
     async def admit(self, inbound: Inbound) -> None:
         """Start the call for one request, after waiting for a slot of its provider (the
@@ -134,7 +135,7 @@ class CallRuntime:
         rid = request.request_id
         if self.answered_or_inflight(rid) or tables.table(tables.RESPONSES_DONE.name).get(rid):
             self.deduplicated += 1
-            log.info("request %s already answered or in flight: not calling again", rid)
+            log.info("request %r already answered or in flight: not calling again", rid)
             return
         plan, denial = self.budget_plan(request)
         if denial is not None:
@@ -306,7 +307,7 @@ class CallRuntime:
             raise
         except Exception as exc:  # publishing failed: keep a trace rather than lose it
             chunks.discard()
-            log.exception("call_llm could not finish %s", request.request_id)
+            log.exception("call_llm could not finish %r", request.request_id)
             await dead_letter(inbound.message, exc, CONSUMER)
         finally:
             sem.release()

@@ -32,3 +32,25 @@ def test_models_a_request_makes_up_are_one_label() -> None:
     assert rt.model_label("local", local.model) == local.model
     assert {rt.model_label("local", f"x{i}") for i in range(50)} == {"other"}
     assert rt.model_label("-", "anything") == "-"
+
+
+async def test_the_adapters_token_counter_has_no_series_per_made_up_model() -> None:
+    from prometheus_client import REGISTRY
+
+    from agentstream.agents.llm.adapter import MidsceneAdapter
+    from agentstream.agents.llm.providers.local import LocalProvider
+    from agentstream.schemas.llm import LLMConfig
+
+    adapter = MidsceneAdapter(LocalProvider())
+    context = LLMContext(messages=[ChatMessage(role="user", content="hi")])
+    for i in range(5):
+        await adapter.generate(context, LLMConfig(model=f"made-up-{i}"))
+    models = {
+        s.labels["model"]
+        for m in REGISTRY.collect()
+        if m.name == "agentstream_llm_tokens"
+        for s in m.samples
+        if s.labels.get("provider") == "local"
+    }
+    assert not any(m.startswith("made-up-") for m in models), models
+    assert "other" in models

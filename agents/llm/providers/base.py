@@ -164,6 +164,14 @@ class LLMProvider(ABC):
         """Release clients."""
 
 
+def model_label(config: ProviderConfig, model: str | None) -> str:
+    """A metric label for a model of this provider: one its configuration names, else
+    `other` (a request may name any model; each name would make a series of its own)."""
+    if not model:
+        return "-"
+    return model if model == config.model or model in config.models.values() else "other"
+
+
 def chat_messages(context: LLMContext) -> list[dict[str, Any]]:
     """The context as OpenAI/Ollama-style message dicts, system prompt first."""
     out: list[dict[str, Any]] = []
