@@ -155,7 +155,12 @@ def encode(event: Event[Any]) -> bytes:
 def _describe(type_: str, exc: ValidationError) -> str:
     parts = []
     for err in exc.errors(include_url=False)[:5]:
-        loc = ".".join(str(p) for p in err["loc"]) or "<root>"
+        # a location holds the input's own keys: quoted when they are not plain names,
+        # so that no key can add a line or an escape to the message (logs, dead letters)
+        loc = ".".join(
+            p if isinstance(p, str) and p.isidentifier() else repr(p) for p in err["loc"]
+        )
+        loc = loc or "<root>"
         parts.append(f"{loc}: {err['msg']}")
     more = exc.error_count() - len(parts)
     suffix = f" (+{more} more)" if more > 0 else ""

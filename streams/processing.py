@@ -941,8 +941,8 @@ async def dead_letter(message: Any, exc: BaseException, consumer: str) -> None:
     letter = dead_letter_of(message, exc, consumer)
     error_class = letter.error_class
     DEAD_LETTERS.labels(message.topic, consumer, error_class).inc()
-    log.warning(
-        "dead-lettered %s:%s:%s (%s) in %s: %s",
+    log.warning(  # the reason quotes the input (%r: its line breaks stay on this line)
+        "dead-lettered %s:%s:%s (%s) in %s: %r",
         message.topic,
         message.partition,
         message.offset,

@@ -305,3 +305,22 @@ def test_a_payload_time_out_of_range_in_utc_is_an_invalid_event(
     raw = orjson.dumps({"type": type_, "schema_version": 1, "source": "x", "payload": payload})
     with pytest.raises(InvalidEvent, match="range of times in UTC"):
         registry.decode(raw)
+
+
+def test_a_reason_quotes_the_inputs_keys_without_their_line_breaks() -> None:
+    # the reason is logged and put into the dead letter: a key of the sender's must not
+    # add a forged log line or an escape sequence to it
+    key = "k\n[2030-01-01 00:00:00,000] [1] [WARNING] agentstream: all clear\x1b]0;x\x07"
+    raw = orjson.dumps(
+        {
+            "type": "agent.heartbeat",
+            "schema_version": 1,
+            "source": "x",
+            "payload": {"agent_id": "a", "sent_at": "2026-01-01T00:00:00Z", "info": {key: 1}},
+        }
+    )
+    with pytest.raises(InvalidEvent) as caught:
+        registry.decode(raw)
+    text = str(caught.value)
+    assert "\n" not in text and "\x1b" not in text, text
+    assert "all clear" in text  # shown, quoted
