@@ -126,6 +126,19 @@ async def track_heartbeats(stream: Any) -> None:
             await guarded(inbound, CONSUMER, _fold)
 
 
+def advance_watermark(
+    marks: dict[int, float], partition: int, record_ts: float | None, now: float
+) -> None:
+    """Move `partition`'s watermark (the newest record folded) to `record_ts`, taken no
+    later than `now`: a record's timestamp is its producer's (CreateTime), and one dated
+    ahead would pin the watermark in the future, where the lag check's horizon (never
+    past now) stops protecting that partition's agents from a false "down"."""
+    if record_ts:
+        ts = min(float(record_ts), now)
+        if ts > marks.get(partition, 0.0):
+            marks[partition] = ts
+
+
 async def _fold(inbound: Inbound) -> None:
     msg = inbound.message
     payload = inbound.event.payload
@@ -136,8 +149,7 @@ async def _fold(inbound: Inbound) -> None:
         _partition_of[payload.agent_id] = msg.partition
         accepted = monitor.record(payload)
         gate.note(msg.topic, msg.partition, msg.offset)
-        if msg.timestamp and msg.timestamp > _watermark.get(msg.partition, 0.0):
-            _watermark[msg.partition] = float(msg.timestamp)
+        advance_watermark(_watermark, msg.partition, msg.timestamp, time.time())
         if accepted and gate.open:
             tr = monitor.evaluate(payload.agent_id, allow_down=False)
             if tr is not None:

@@ -273,3 +273,15 @@ def test_a_transition_with_a_time_not_in_utc_is_still_published() -> None:
     tr = Transition("a", "up", "down", "timeout", 253402351199.0, 3, 1767225600.0)
     payload = to_event_payload(tr)
     assert payload.last_heartbeat_at is None and payload.current == "down"
+
+
+def test_a_record_dated_ahead_moves_the_watermark_only_to_now() -> None:
+    from agentstream.agents.heartbeat.agent import advance_watermark
+
+    marks: dict[int, float] = {}
+    advance_watermark(marks, 0, 100.0, now=150.0)
+    advance_watermark(marks, 0, 253402300799.0, now=160.0)  # a producer's clock in 9999
+    assert marks == {0: 160.0}
+    advance_watermark(marks, 0, 155.0, now=170.0)  # older than the mark: no move
+    advance_watermark(marks, 1, None, now=170.0)
+    assert marks == {0: 160.0}
