@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
@@ -171,7 +172,8 @@ class Settings(BaseModel):
     web_advertised_url: str | None = Field(
         default=None,
         description="URL the other workers reach this worker's web views at (forwarded "
-        "key lookups, cluster-wide views; Faust's canonical_url). Unset: "
+        "key lookups, cluster-wide views; Faust's canonical_url): scheme://host:port, no "
+        "path. Unset: "
         "http://<web_host>:<web_port> (https:// with AGENTSTREAM_WEB_TLS_CERTFILE), with "
         "this machine's host name when web_host is 0.0.0.0 or ::.",
     )
@@ -409,6 +411,23 @@ class Settings(BaseModel):
                 f"AGENTSTREAM_SECRET_SOURCES={self.secret_sources!r}: a comma-separated "
                 f"order of {', '.join(SECRET_SOURCES)}, each at most once"
             )
+        if self.web_advertised_url is not None:
+            advertised = urlsplit(self.web_advertised_url.rstrip("/"))
+            scheme = "https" if self.web_tls_certfile else "http"
+            if (
+                advertised.scheme != scheme
+                or not advertised.hostname
+                or advertised.path
+                or advertised.query
+                or advertised.fragment
+                or "@" in advertised.netloc
+            ):
+                problems.append(
+                    f"AGENTSTREAM_WEB_ADVERTISED_URL={self.web_advertised_url!r}: "
+                    f"{scheme}://HOST:PORT, the root of this worker's views (no path, "
+                    "query or user; https with AGENTSTREAM_WEB_TLS_CERTFILE): the other "
+                    "workers call no other URL"
+                )
         if problems:
             raise ValueError("\n".join(problems))
         return self

@@ -44,6 +44,7 @@ is reported the same way — the caller's own token was fine.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import wraps
@@ -55,6 +56,8 @@ from yarl import URL
 
 from agentstream.streams import web_auth
 from agentstream.streams.app import app, settings
+
+log = logging.getLogger(__name__)
 
 #: query parameter asking a worker to answer from its own partitions only (no fan-out,
 #: no forwarding)
@@ -101,20 +104,75 @@ def partition_count(table: Any) -> int:
     return int(n or getattr(table, "partitions", None) or settings.topic_partitions)
 
 
+def peer_root(url: object, *, scheme: str) -> str | None:
+    """`url` as the root of another worker's views, ``scheme://host:port``, or None when it
+    is not one: a path, query, fragment or user info, or another scheme than this
+    cluster's. Every member of the consumer group advertises its own URL and workers send
+    the cluster token to it; a URL with a path and a ``#`` made the view's path a
+    fragment, so a member could have workers fetch any page of any address with the token
+    and hand the answer to the caller. (Who may join the group is the ACLs' to decide:
+    docs/acls.md.)"""
+    try:
+        u = URL(str(url).rstrip("/"))
+    except (TypeError, ValueError):
+        return None
+    if (
+        u.scheme != scheme
+        or not u.host
+        or u.user is not None
+        or u.password is not None
+        or u.path not in ("", "/")
+        or u.query_string
+        or u.fragment
+        or "#" in str(url)
+        or "?" in str(url)
+    ):
+        return None
+    host = f"[{u.host}]" if ":" in u.host else u.host
+    return f"{u.scheme}://{host}:{u.port}"
+
+
+def _peers(urls: Any) -> dict[str, str]:
+    """Advertised URL → its root (`peer_root`), leaving out what is no worker root."""
+    scheme = web_auth.web_scheme(settings)
+    out: dict[str, str] = {}
+    for url in urls:
+        root = peer_root(url, scheme=scheme)
+        if root is None:
+            _refused_peer(str(url))
+        else:
+            out[str(url)] = root
+    return out
+
+
+_REFUSED: set[str] = set()
+
+
+def _refused_peer(url: str) -> None:
+    if url not in _REFUSED and len(_REFUSED) < 100:
+        _REFUSED.add(url)
+        log.error("a group member advertises %r, which is no worker URL: never called", url)
+
+
 def owners(table: Any) -> dict[int, str]:
     """Partition of `table` → URL of the worker actively owning it (assignor metadata)."""
     name = changelog_topic(table)
+    meta = app.router.tables_metadata()
+    roots = _peers(meta)
     out: dict[int, str] = {}
-    for url, topics in app.router.tables_metadata().items():
+    for url, topics in meta.items():
+        root = roots.get(str(url))
+        if root is None:
+            continue
         for p in topics.get(name, ()):
-            out[int(p)] = str(url).rstrip("/")
+            out[int(p)] = root
     return out
 
 
 def members() -> list[str]:
-    """Every worker of the group (its advertised URL), this one included."""
+    """Every worker of the group (its advertised URL, as a root), this one included."""
     urls = set(app.router.tables_metadata()) | set(app.router.external_topics_metadata())
-    return sorted({str(u).rstrip("/") for u in urls} | {self_url()})
+    return sorted(set(_peers(urls).values()) | {self_url()})
 
 
 def active_partitions(table: Any) -> set[int]:

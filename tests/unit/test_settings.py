@@ -153,3 +153,21 @@ def test_a_secret_value_is_never_echoed_in_an_error() -> None:
         Settings.from_env({"AGENTSTREAM_TOPIC_PARTITIONS": "0"}, keyring_password=5)
     assert "AGENTSTREAM_KEYRING_PASSWORD:" in str(info.value)
     assert "5" not in str(info.value).split("AGENTSTREAM_KEYRING_PASSWORD")[1]
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://w1:6066/views",
+        "http://w1:6066/#",
+        "http://u:p@w1:6066",
+        "https://w1:6066",  # https without the web server's certificate
+        "w1:6066",
+    ],
+)
+def test_the_advertised_url_is_a_worker_root(url: str) -> None:
+    # the other workers call this URL with the cluster token: nothing but a root
+    with pytest.raises(SettingsError, match="AGENTSTREAM_WEB_ADVERTISED_URL"):
+        Settings.from_env({"AGENTSTREAM_WEB_ADVERTISED_URL": url})
+    ok = Settings.from_env({"AGENTSTREAM_WEB_ADVERTISED_URL": "http://w1.internal:6066/"})
+    assert ok.web_advertised_url == "http://w1.internal:6066/"

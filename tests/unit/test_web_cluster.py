@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
 from aiokafka.partitioner import DefaultPartitioner
 from yarl import URL
 
@@ -79,3 +80,30 @@ def test_add_counts_sums_nested_counters_of_every_worker() -> None:
         "allow": {"*": 1},
         "audit": {"*": 5},
     }
+
+
+@pytest.mark.parametrize(
+    "advertised",
+    [
+        "http://169.254.169.254/latest/meta-data/iam/security-credentials/role#",
+        "http://10.0.0.5:8080/admin?x=",
+        "http://user:pw@10.0.0.5:6066",
+        "ftp://10.0.0.5:6066",
+        "https://10.0.0.5:6066",  # another scheme than the workers' own (http here)
+        "not a url",
+    ],
+)
+def test_an_advertised_url_that_is_no_worker_root_is_never_called(advertised: str) -> None:
+    # A member of the consumer group advertises its own URL, and workers send the cluster
+    # token to it; a path, query or fragment made them fetch another address's page with
+    # it (the appended view path became a fragment) and hand the answer to the caller.
+    from agentstream.streams.web_cluster import peer_root
+
+    assert peer_root(advertised, scheme="http") is None
+
+
+def test_a_worker_root_is_kept_as_scheme_host_and_port() -> None:
+    from agentstream.streams.web_cluster import peer_root
+
+    assert peer_root("http://w1.internal:6066/", scheme="http") == "http://w1.internal:6066"
+    assert peer_root("https://[::1]:6066", scheme="https") == "https://[::1]:6066"
