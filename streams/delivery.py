@@ -902,11 +902,46 @@ class _NeverEmpty:
         return tp in self.tps
 
 
+def install_produce_fence() -> None:
+    """Make every produce request of this process check first that the event loop has not
+    stood still past the session timeout (`streams.processing.check_not_frozen`); after
+    such a freeze the request's record batches fail with `WorkerFroze` instead of going
+    out (aiokafka's `SendProduceReqHandler.do`, which writes the request, patched once).
+
+    Why: a paused worker (SIGSTOP, a frozen VM) is evicted and its partitions move; on
+    waking it restarts before it writes another chain record, but the batches it had
+    already handed to the producer would still be sent - after the new owner continued
+    the partition's hash chain, forking it. Exactly-once fences them with the
+    transaction; at-least-once had nothing. The check is at the last step before the
+    request is written, so batches drained or requests created before the freeze are
+    fenced too (a request already written before it is on the wire: nothing to do)."""
+    from aiokafka.producer.sender import SendProduceReqHandler
+
+    if getattr(SendProduceReqHandler.do, "_agentstream_fence", False):
+        return
+    original = SendProduceReqHandler.do
+
+    async def do(self: Any, node_id: Any) -> None:
+        from agentstream.streams.processing import WorkerFroze, check_not_frozen
+
+        try:
+            check_not_frozen()
+        except WorkerFroze as exc:
+            for batch in self._batches.values():
+                batch.failure(exception=exc)
+            return
+        await original(self, node_id)
+
+    do._agentstream_fence = True  # type: ignore[attr-defined]
+    SendProduceReqHandler.do = do
+
+
 def new_transport(app: Any) -> Any:
     """The worker's transport (`AgentStreamApp._new_transport`): Faust's aiokafka
     transport, its consumer a `BatchDeliveryConsumer` whose consumer thread is a
     `FetchWaitConsumerThread` and a `RecoveryOffsetsConsumerThread`, its producer an
     `IdempotentProducer`."""
+    install_produce_fence()
     base = by_url(app.conf.broker_consumer[0])
     if not issubclass(base, aiokafka_driver.Transport):
         raise ValueError(f"unsupported broker transport: {app.conf.broker_consumer[0]}")

@@ -725,6 +725,33 @@ CONTRACTS: list[Contract] = [
         f"{PROC}::producer._partition(",
         params="(self, topic, partition, key, value, serialized_key, serialized_value)",
     ),
+    # -- streams/delivery.py: the produce fence of a worker that froze -----------------
+    c(
+        # wrapped: checks for a freeze, then calls it; it must be what writes the request
+        "aiokafka.producer.sender.SendProduceReqHandler.do",
+        "override",
+        f"{DELIVERY}::async def do(self: Any, node_id: Any)",
+        params="(self, node_id)",
+        contains=("response = await self._client.send(node_id, request)",),
+    ),
+    c(
+        # its caller: every drained batch goes through one handler's do()
+        "aiokafka.producer.sender.Sender._send_produce_req",
+        "read",
+        f"{DELIVERY}::SendProduceReqHandler.do = do",
+        contains=("handler = SendProduceReqHandler(self, batches)", "await handler.do(node_id)"),
+    ),
+    c(
+        "aiokafka.producer.sender.SendProduceReqHandler._batches",
+        "read",
+        f"{DELIVERY}::self._batches.values()",
+    ),
+    c(
+        "aiokafka.producer.message_accumulator.MessageBatch.failure",
+        "call",
+        f"{DELIVERY}::batch.failure(exception=exc)",
+        params="(self, exception)",
+    ),
     # -- streams/tables/restore.py: the bulk restore inside Faust's recovery ------------
     c(
         # runs `_build_offsets` for the actives after their highwaters, before the seek
