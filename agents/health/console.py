@@ -64,8 +64,17 @@ log = logging.getLogger(__name__)
 IDLE_S = 60.0
 #: how long a one-off request waits for the hub's first snapshot
 FIRST_WAIT_S = 20.0
-#: how often a stream re-checks its client's token: a revoked token ends the stream
-RECHECK_S = 5.0
+#: console streams one worker serves at once; more are answered 503 (each holds a
+#: connection, a frame and the hub's sampling of every worker)
+MAX_STREAMS = 32
+#: how long one frame may take to write: a client that stops reading is let go
+WRITE_TIMEOUT_S = 15.0
+
+
+class TooManyStreams(Exception):
+    """`MAX_STREAMS` clients are already watching."""
+
+
 #: topic → (the Tail list it fills, how many records to keep, how many to read back
 #: per partition at start)
 TAILED = {
@@ -216,6 +225,8 @@ class Hub:
             self._task = asyncio.ensure_future(self._run())
 
     def subscribe(self) -> asyncio.Queue[tuple[bytes, bytes]]:
+        if len(self.clients) >= MAX_STREAMS:
+            raise TooManyStreams(f"{MAX_STREAMS} console streams are open on this worker")
         q: asyncio.Queue[tuple[bytes, bytes]] = asyncio.Queue(maxsize=1)
         self.clients.add(q)
         self._ensure()
@@ -387,6 +398,10 @@ class StreamView(View):
         admin = web_auth.is_admin(request)
         authorization = request.headers.getall("Authorization", [])
         route = web_auth.resolved_route(request)
+        try:
+            queue = hub.subscribe()
+        except TooManyStreams as exc:
+            return self.json({"error": "too many streams", "reason": str(exc)}, status=503)
         resp = web.StreamResponse(
             headers={
                 "Content-Type": "text/event-stream",
@@ -394,29 +409,30 @@ class StreamView(View):
                 "X-Accel-Buffering": "no",  # a proxy in front must not hold frames back
             }
         )
-        await resp.prepare(request)
-        queue = hub.subscribe()
-        checked = time.monotonic()
         try:
+            await resp.prepare(request)
             await resp.write(b"retry: 2000\n\n")
             while True:
                 try:
                     async with asyncio.timeout(15):
                         read, full = await queue.get()
                 except TimeoutError:
-                    await resp.write(b": still here\n\n")  # keeps idle proxies from closing
-                    continue
-                if time.monotonic() - checked > RECHECK_S:
+                    frame = b": still here\n\n"  # keeps idle proxies from closing
+                else:
                     # the middleware checked the token when the stream opened; a token
-                    # revoked since must not keep watching
+                    # revoked since must not keep watching (the gate's own cache: 5 s)
                     decision = await web_auth.gate().check("GET", route, authorization)
                     if not decision.allowed:
-                        await resp.write(b"event: end\ndata: token no longer accepted\n\n")
+                        frame = b"event: end\ndata: token no longer accepted\n\n"
+                        async with asyncio.timeout(WRITE_TIMEOUT_S):
+                            await resp.write(frame)
                         break
-                    checked = time.monotonic()
-                await resp.write(full if admin else read)
-        except ConnectionResetError:
-            pass  # the client went away
+                    frame = full if admin else read
+                # a client that stops reading would hold this task and its frame for ever
+                async with asyncio.timeout(WRITE_TIMEOUT_S):
+                    await resp.write(frame)
+        except (ConnectionResetError, TimeoutError):
+            pass  # the client went away, or stopped reading
         finally:
             hub.unsubscribe(queue)
         return resp
