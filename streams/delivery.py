@@ -131,6 +131,7 @@ time: what needs the app takes it from its objects (`self.app`) or as an argumen
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import weakref
 from typing import Any
@@ -921,6 +922,7 @@ def install_produce_fence() -> None:
         return
     original = SendProduceReqHandler.do
 
+    @functools.wraps(original)  # __wrapped__: the upgrade contracts read the original
     async def do(self: Any, node_id: Any) -> None:
         from agentstream.streams.processing import WorkerFroze, check_not_frozen
 
