@@ -915,7 +915,8 @@ def install_produce_fence() -> None:
     the partition's hash chain, forking it. Exactly-once fences them with the
     transaction; at-least-once had nothing. The check is at the last step before the
     request is written, so batches drained or requests created before the freeze are
-    fenced too (a request already written before it is on the wire: nothing to do)."""
+    fenced too (a request already written before it is on the wire: nothing to do).
+    Transactional producers are left alone (see the comment inside)."""
     from aiokafka.producer.sender import SendProduceReqHandler
 
     if getattr(SendProduceReqHandler.do, "_agentstream_fence", False):
@@ -926,6 +927,14 @@ def install_produce_fence() -> None:
     async def do(self: Any, node_id: Any) -> None:
         from agentstream.streams.processing import WorkerFroze, check_not_frozen
 
+        txn = self._sender._txn_manager
+        if txn is not None and txn.transactional_id is not None:
+            # exactly-once: the transaction fences a zombie (its successor's producer
+            # bumps the epoch); failing its batches here would let a commit already
+            # under way send the offsets without them (aiokafka's flush_for_commit
+            # waits for failed batches too)
+            await original(self, node_id)
+            return
         try:
             check_not_frozen()
         except WorkerFroze as exc:

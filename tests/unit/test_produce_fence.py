@@ -34,10 +34,16 @@ class Client:
         raise RuntimeError("stop here: the request went out")  # not a KafkaError
 
 
+class Txn:
+    def __init__(self, transactional_id: str | None) -> None:
+        self.transactional_id = transactional_id
+
+
 class Sender:
-    def __init__(self) -> None:
+    def __init__(self, transactional_id: str | None = None) -> None:
         self.client = Client()
         self._retry_backoff = 0.1
+        self._txn_manager = Txn(transactional_id) if transactional_id else None
 
 
 @pytest.fixture
@@ -47,8 +53,10 @@ def freeze_state() -> Iterator[None]:
     processing._LAST_TICK[0], processing._LAST_FREEZE[0] = saved
 
 
-def _handler() -> tuple[SendProduceReqHandler, Sender, dict[str, Batch]]:
-    sender = Sender()
+def _handler(
+    transactional_id: str | None = None,
+) -> tuple[SendProduceReqHandler, Sender, dict[str, Batch]]:
+    sender = Sender(transactional_id)
     batches = {"tp0": Batch(), "tp1": Batch()}
     handler = SendProduceReqHandler(sender, batches)
     handler.create_request = lambda: "produce-request"  # type: ignore[method-assign]
@@ -70,6 +78,19 @@ async def test_without_a_freeze_requests_go_out_as_before(freeze_state: None) ->
     processing._LAST_FREEZE[0] = 0.0
     processing._LAST_TICK[0] = time.monotonic()
     handler, sender, batches = _handler()
+    with pytest.raises(RuntimeError, match="went out"):
+        await handler.do(1)
+    assert sender.client.sent == [(1, "produce-request")]
+    assert all(b.failed is None for b in batches.values())
+
+
+async def test_a_transactional_producer_is_left_to_its_transaction(freeze_state: None) -> None:
+    # exactly-once: failing the batches would let a commit under way send the offsets
+    # without their outputs; the successor's epoch fences the zombie instead
+    install_produce_fence()
+    processing._LAST_FREEZE[0] = 0.0
+    processing._LAST_TICK[0] = time.monotonic() - 10 * processing._freeze_limit()
+    handler, sender, batches = _handler("app-0-agent.messages-1")
     with pytest.raises(RuntimeError, match="went out"):
         await handler.do(1)
     assert sender.client.sent == [(1, "produce-request")]

@@ -742,6 +742,21 @@ CONTRACTS: list[Contract] = [
         contains=("handler = SendProduceReqHandler(self, batches)", "await handler.do(node_id)"),
     ),
     c(
+        "aiokafka.producer.sender.SendProduceReqHandler._sender",
+        "read",
+        f"{DELIVERY}::txn = self._sender._txn_manager",
+    ),
+    c(
+        "aiokafka.producer.sender.Sender._txn_manager",
+        "read",
+        f"{DELIVERY}::txn = self._sender._txn_manager",
+    ),
+    c(
+        "aiokafka.producer.transaction_manager.TransactionManager.transactional_id",
+        "read",
+        f"{DELIVERY}::txn.transactional_id is not None",
+    ),
+    c(
         "aiokafka.producer.sender.SendProduceReqHandler._batches",
         "read",
         f"{DELIVERY}::self._batches.values()",
