@@ -431,8 +431,13 @@ class StreamView(View):
                 # a client that stops reading would hold this task and its frame for ever
                 async with asyncio.timeout(WRITE_TIMEOUT_S):
                     await resp.write(frame)
-        except (ConnectionResetError, TimeoutError):
-            pass  # the client went away, or stopped reading
+        except ConnectionResetError:
+            pass  # the client went away
+        except TimeoutError:
+            # the client stopped reading: returning alone would leave aiohttp waiting to
+            # write the end of the response into its full socket buffer, for ever
+            if request.transport is not None:
+                request.transport.abort()
         finally:
             hub.unsubscribe(queue)
         return resp
