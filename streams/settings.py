@@ -15,7 +15,6 @@ from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
@@ -59,6 +58,36 @@ class SettingsError(PipelineError):
         if found:
             return list(found)
         return ["; ".join(x.strip() for x in self.message.splitlines() if x.strip())]
+
+
+def worker_root(url: object, *, scheme: str) -> str | None:
+    """`url` as the root of a worker's web views, ``scheme://host:port``, or None when it
+    is not one: a path, query, fragment or user info, a port that is no port, or another
+    scheme than `scheme`. Workers call each other's roots with the cluster token, and no
+    other URL (`streams.web_cluster.peer_root`); a worker's own advertised URL is checked
+    the same way, so that what it advertises is what the others accept."""
+    from yarl import URL
+
+    text = str(url).rstrip("/")
+    if "#" in text or "?" in text:
+        return None
+    try:
+        u = URL(text)
+        port = u.port
+    except (TypeError, ValueError):
+        return None
+    if (
+        u.scheme != scheme
+        or not u.host
+        or port is None
+        or not 0 < port < 65536
+        or u.user is not None
+        or u.password is not None
+        or u.path not in ("", "/")
+    ):
+        return None
+    host = f"[{u.host}]" if ":" in u.host else u.host
+    return f"{u.scheme}://{host}:{port}"
 
 
 class Settings(BaseModel):
@@ -412,16 +441,8 @@ class Settings(BaseModel):
                 f"order of {', '.join(SECRET_SOURCES)}, each at most once"
             )
         if self.web_advertised_url is not None:
-            advertised = urlsplit(self.web_advertised_url.rstrip("/"))
             scheme = "https" if self.web_tls_certfile else "http"
-            if (
-                advertised.scheme != scheme
-                or not advertised.hostname
-                or advertised.path
-                or advertised.query
-                or advertised.fragment
-                or "@" in advertised.netloc
-            ):
+            if worker_root(self.web_advertised_url, scheme=scheme) is None:
                 problems.append(
                     f"AGENTSTREAM_WEB_ADVERTISED_URL={self.web_advertised_url!r}: "
                     f"{scheme}://HOST:PORT, the root of this worker's views (no path, "

@@ -56,6 +56,7 @@ from yarl import URL
 
 from agentstream.streams import web_auth
 from agentstream.streams.app import app, settings
+from agentstream.streams.settings import worker_root
 
 log = logging.getLogger(__name__)
 
@@ -106,30 +107,12 @@ def partition_count(table: Any) -> int:
 
 def peer_root(url: object, *, scheme: str) -> str | None:
     """`url` as the root of another worker's views, ``scheme://host:port``, or None when it
-    is not one: a path, query, fragment or user info, or another scheme than this
-    cluster's. Every member of the consumer group advertises its own URL and workers send
-    the cluster token to it; a URL with a path and a ``#`` made the view's path a
-    fragment, so a member could have workers fetch any page of any address with the token
-    and hand the answer to the caller. (Who may join the group is the ACLs' to decide:
-    docs/acls.md.)"""
-    try:
-        u = URL(str(url).rstrip("/"))
-    except (TypeError, ValueError):
-        return None
-    if (
-        u.scheme != scheme
-        or not u.host
-        or u.user is not None
-        or u.password is not None
-        or u.path not in ("", "/")
-        or u.query_string
-        or u.fragment
-        or "#" in str(url)
-        or "?" in str(url)
-    ):
-        return None
-    host = f"[{u.host}]" if ":" in u.host else u.host
-    return f"{u.scheme}://{host}:{u.port}"
+    is not one (`streams.settings.worker_root`). Every member of the consumer group
+    advertises its own URL and workers send the cluster token to it; a URL with a path
+    and a ``#`` made the view's path a fragment, so a member could have workers fetch any
+    page of any address with the token and hand the answer to the caller. (Who may join
+    the group is the ACLs' to decide: docs/acls.md.)"""
+    return worker_root(url, scheme=scheme)
 
 
 def _peers(urls: Any) -> dict[str, str]:

@@ -171,3 +171,11 @@ def test_the_advertised_url_is_a_worker_root(url: str) -> None:
         Settings.from_env({"AGENTSTREAM_WEB_ADVERTISED_URL": url})
     ok = Settings.from_env({"AGENTSTREAM_WEB_ADVERTISED_URL": "http://w1.internal:6066/"})
     assert ok.web_advertised_url == "http://w1.internal:6066/"
+
+
+@pytest.mark.parametrize(
+    "url", ["http://w1:6066#", "http://w1:6066?", "http://w1:abc", "http://w1:99999"]
+)
+def test_an_advertised_url_the_other_workers_would_refuse_is_refused_here(url: str) -> None:
+    with pytest.raises(SettingsError, match="AGENTSTREAM_WEB_ADVERTISED_URL"):
+        Settings.from_env({"AGENTSTREAM_WEB_ADVERTISED_URL": url})
