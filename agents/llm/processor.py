@@ -194,7 +194,9 @@ class AgentProcessor:
         return min(request.timeout_s, operator) if request.timeout_s else operator
 
     def _shortened(self, name: str, request: LLMRequest) -> bool:
-        return request.timeout_s is not None and request.timeout_s < self._operator_timeout(name)
+        """Did the request cut the operator's timeout to less than half?"""
+        operator = self._operator_timeout(name)
+        return request.timeout_s is not None and request.timeout_s < operator / 2
 
     def provider(self, name: str) -> LLMProvider:
         adapter = self._adapters.get(name)
@@ -342,9 +344,12 @@ class AgentProcessor:
                             retry_after_s=retry_after,
                         )
                     )
-                    # A timeout the request chose shorter than the operator's says nothing
-                    # about the provider: not a breaker failure (else any sender could open
-                    # every provider's breaker with timeout_s 0.001), and not retried.
+                    # A timeout the request chose far shorter than the operator's says
+                    # nothing about the provider: not a breaker failure (else any sender
+                    # could open every provider's breaker with timeout_s 0.001), and not
+                    # retried. One of at least half the operator's still counts: requests
+                    # that all shorten it a little must not keep a hung provider's breaker
+                    # closed.
                     own_timeout = isinstance(exc, ProviderTimeout) and self._shortened(
                         name, request
                     )

@@ -106,11 +106,12 @@ class CallRuntime:
         return sem
 
     def slot_for(self, request: LLMRequest) -> asyncio.Semaphore:
-        """The slot a request waits for: its chain's head provider's. A provider name the
-        operator did not declare (the request's to choose) gets no slot of its own, nor
-        a lasting entry here: such requests share one and never call anything."""
-        head = self.processor.route(request).head
-        return self.slot(head if self.registry.knows(head) else "")
+        """The slot a request waits for: that of the first provider of its chain the
+        operator declared (a name the request made up gets no slot of its own, nor a
+        lasting entry here: it is never called). A chain with no declared provider calls
+        nothing and shares one slot."""
+        known = (h.provider for h in self.processor.route(request).hops)
+        return self.slot(next((p for p in known if self.registry.knows(p)), ""))
 
     def provider_label(self, provider: str) -> str:
         """A metric label: the provider's name if the operator declared it, else `-`

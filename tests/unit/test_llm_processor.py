@@ -362,6 +362,19 @@ async def test_a_requests_own_short_timeout_neither_opens_the_breaker_nor_retrie
     assert proc.breaker("p").state == "open", out.attempts
 
 
+async def test_timeouts_of_at_least_half_the_operators_still_count() -> None:
+    # requests that all shorten the timeout a little must not keep a hung provider's
+    # breaker closed for everyone
+    p = ScriptedProvider("p", [Step(error=ProviderTimeout("hung", provider="p"))] * 20)
+    proc = processor(p)  # operator 60 s, breaker: 3 failures
+    for i in range(3):
+        asked = request("p", rid=f"h{i}").model_copy(update={"timeout_s": 30.0})
+        await proc.process_request(asked)
+        if proc.breaker("p").state == "open":
+            break
+    assert proc.breaker("p").state == "open"
+
+
 async def test_every_error_a_provider_raises_is_redacted_before_it_is_recorded() -> None:
     # Errors from a stream, a 200 answer or a transport carry whatever the server sent:
     # the processor passes each through the provider's `redact` before an attempt or the

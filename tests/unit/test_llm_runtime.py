@@ -22,6 +22,9 @@ def test_unknown_providers_share_one_slot_and_one_label() -> None:
     assert len(made) == 1
     assert len(rt.slots) == 1
     assert rt.slot_for(_request("local", "l")) is not next(iter(made))
+    # a made-up head with a declared fallback waits for the fallback's slot
+    fallback = _request("made-up", "f").model_copy(update={"fallback": ["local"]})
+    assert rt.slot_for(fallback) is rt.slot_for(_request("local", "l2"))
     assert {rt.provider_label(f"made-up-{i}") for i in range(100)} == {"-"}
     assert rt.provider_label("local") == "local"
 
