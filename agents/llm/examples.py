@@ -16,8 +16,8 @@ a model that got it wrong. Recursion through `$ref` and nesting are bounded (`MA
 
 The schema is the sender's, so the value's size is bounded too: a schema asking for more
 than `MAX_ITEMS` items in an array, `MAX_STRING` characters in a string, or more than
-`MAX_VALUES` values / `MAX_CHARS` characters in all is refused (`ExampleTooLarge`) as soon
-as that is known, never built on the event loop.
+`MAX_VALUES` values / `MAX_CHARS` characters / `MAX_STEPS` steps of work in all is refused
+(`ExampleTooLarge`) as soon as that is known, never built on the event loop.
 """
 
 from __future__ import annotations
@@ -37,6 +37,10 @@ MAX_STRING = 100_000
 #: arrays multiply: 900 items of 900 items is 810,000 values)
 MAX_VALUES = 100_000
 MAX_CHARS = 1_000_000
+#: steps one example may take in all: a value, a `$ref` followed, an `allOf` part
+#: merged each count one (an item schema of 4,900 allOf parts, 10,000 times, was 12 s
+#: of the event loop within the value limits)
+MAX_STEPS = 1_000_000
 #: the JSON Schema types a value is built for (`type` is the sender's: never a method name)
 _KINDS = frozenset({"object", "array", "string", "integer", "number", "boolean", "null"})
 
@@ -73,6 +77,7 @@ class _Builder:
         self.words = words
         self.values_left = MAX_VALUES
         self.chars_left = MAX_CHARS
+        self.steps_left = MAX_STEPS
 
     def value(self, schema: Any, depth: int) -> Any:
         if depth > 2 * MAX_DEPTH:  # a chain of required parts with no end
@@ -80,6 +85,7 @@ class _Builder:
         self.values_left -= 1
         if self.values_left < 0:
             raise ExampleTooLarge(f"the schema's value is too large: over {MAX_VALUES} values")
+        self.step()
         if schema is True or not isinstance(schema, dict):
             return None if schema is False else self.word()
         schema = self.resolve(schema, depth)
@@ -97,10 +103,13 @@ class _Builder:
                 return self.value(branches[0], depth + 1)
         if isinstance(schema.get("allOf"), list):
             merged: dict[str, Any] = {k: v for k, v in schema.items() if k != "allOf"}
+            self.step(len(schema["allOf"]))
             for part in schema["allOf"]:
                 part = self.resolve(part, depth) if isinstance(part, dict) else {}
+                self.step(len(part))
                 for k, v in part.items():
                     if k == "properties" and isinstance(v, dict):
+                        self.step(len(v))
                         merged["properties"] = {**merged.get("properties", {}), **v}
                     elif k == "required" and isinstance(v, list):
                         merged["required"] = [*merged.get("required", []), *v]
@@ -122,6 +131,7 @@ class _Builder:
     def resolve(self, schema: dict[str, Any], depth: int) -> dict[str, Any]:
         seen = 0
         while isinstance(schema.get("$ref"), str) and seen < MAX_DEPTH:
+            self.step()
             target = self.pointer(schema["$ref"])
             if not isinstance(target, dict):
                 return {}
@@ -144,6 +154,13 @@ class _Builder:
                 return None
         return node
 
+    def step(self, n: int = 1) -> None:
+        self.steps_left -= n
+        if self.steps_left < 0:
+            raise ExampleTooLarge(
+                f"the schema's value is too large to build: over {MAX_STEPS} steps"
+            )
+
     def word(self) -> str:
         return self.words[self.rng.randrange(len(self.words))]
 
@@ -151,9 +168,11 @@ class _Builder:
         given = schema.get("properties")
         props: dict[str, Any] = given if isinstance(given, dict) else {}
         required = [r for r in schema.get("required") or () if isinstance(r, str)]
+        self.step(len(props) + len(required))
+        required_set = set(required)
         out: dict[str, Any] = {}
         for name, sub in props.items():
-            if depth < MAX_DEPTH or name in required:
+            if depth < MAX_DEPTH or name in required_set:
                 out[name] = self.value(sub, depth + 1)
         extra = schema.get("additionalProperties", True)
         for name in required:

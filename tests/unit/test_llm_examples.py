@@ -173,6 +173,20 @@ HOSTILE_SCHEMAS = {
         "minItems": 900,
         "items": {"type": "array", "minItems": 900, "items": {"type": "string"}},
     },
+    "costly-items": {  # few values, but every item re-merges thousands of allOf parts
+        "type": "array",
+        "minItems": 10_000,
+        "items": {"allOf": [{"type": "string"}] * 4900},
+    },
+    "wide-objects": {  # each item scans 10,000 properties (and a list of required)
+        "type": "array",
+        "minItems": 1000,
+        "items": {
+            "type": "object",
+            "properties": {f"p{i}": {"const": 1} for i in range(10_000)},
+            "required": [f"p{i}" for i in range(0, 10_000, 1000)],
+        },
+    },
     "wide-required": {
         "type": "object",
         "required": [f"k{i}" for i in range(200)],
