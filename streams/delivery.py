@@ -132,6 +132,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import os
 import weakref
 from typing import Any
@@ -903,6 +904,9 @@ class _NeverEmpty:
         return tp in self.tps
 
 
+_fence_log = logging.getLogger("agentstream.streams.delivery")
+
+
 def install_produce_fence() -> None:
     """Make every produce request of this process check first that the event loop has not
     stood still past the session timeout (`streams.processing.check_not_frozen`); after
@@ -940,6 +944,13 @@ def install_produce_fence() -> None:
         except WorkerFroze as exc:
             for batch in self._batches.values():
                 batch.failure(exception=exc)
+            _fence_log.error(
+                "not sending %d record batch(es) to broker %s: %s (they would land after "
+                "the partitions' new owners' records)",
+                len(self._batches),
+                node_id,
+                exc,
+            )
             return
         await original(self, node_id)
 

@@ -63,7 +63,9 @@ def _handler(
     return handler, sender, batches
 
 
-async def test_after_a_freeze_no_produce_request_goes_out(freeze_state: None) -> None:
+async def test_after_a_freeze_no_produce_request_goes_out(
+    freeze_state: None, caplog: pytest.LogCaptureFixture
+) -> None:
     install_produce_fence()
     processing._LAST_FREEZE[0] = 0.0
     processing._LAST_TICK[0] = time.monotonic() - 10 * processing._freeze_limit()
@@ -71,6 +73,7 @@ async def test_after_a_freeze_no_produce_request_goes_out(freeze_state: None) ->
     await handler.do(1)
     assert sender.client.sent == []
     assert all(isinstance(b.failed, processing.WorkerFroze) for b in batches.values())
+    assert "not sending 2 record batch(es) to broker 1" in caplog.text  # seen in the log
 
 
 async def test_without_a_freeze_requests_go_out_as_before(freeze_state: None) -> None:
