@@ -904,7 +904,7 @@ class _NeverEmpty:
         return tp in self.tps
 
 
-_fence_log = logging.getLogger("agentstream.streams.delivery")
+_fence_log = logging.getLogger(__name__)
 
 
 def install_produce_fence() -> None:
