@@ -77,10 +77,7 @@ class Event(BaseModel, Generic[P]):
     @field_validator("occurred_at")
     @classmethod
     def _to_utc(cls, value: datetime) -> datetime:
-        try:
-            return value.astimezone(UTC)
-        except OverflowError:  # e.g. 9999-12-31T23:59:59-14:00: no such time in UTC
-            raise ValueError("out of the range of times in UTC") from None
+        return _in_utc_range(value).astimezone(UTC)
 
     @classmethod
     def of(
