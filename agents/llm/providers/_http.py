@@ -310,9 +310,7 @@ class HTTPProvider(LLMProvider):
             allowed = {endpoint(base), *(endpoint(u) for u in self.config.allowed_endpoints)}
             parts = urlsplit(override)
             if (
-                parts.query
-                or parts.fragment
-                or "?" in override
+                "?" in override  # a query or fragment, even an empty one
                 or "#" in override
                 or parts.username is not None
                 or endpoint(override) not in allowed
