@@ -75,12 +75,21 @@ def _round(x: float | None) -> float | None:
 
 
 def write(
-    out: Path, runs: list[dict[str, Any]], skipped: dict[str, str], meta: dict[str, Any]
+    out: Path,
+    runs: list[dict[str, Any]],
+    skipped: dict[str, str],
+    meta: dict[str, Any],
+    superseded: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
+    """report.json and report.md in `out`. `superseded`: runs made again (`--redo`), which
+    the table no longer counts but the report still lists."""
     out.mkdir(parents=True, exist_ok=True)
     summary = summarise(runs, skipped)
     summary["meta"] = meta
     summary["commits"] = commits(runs)
+    summary["superseded"] = [
+        {k: v for k, v in r.items() if k != "events"} for r in superseded or []
+    ]
     brief = [{k: v for k, v in r.items() if k != "events"} for r in runs]
     _replace(out / "report.json", json.dumps({**summary, "runs": brief}, indent=1, default=str))
     _replace(out / "report.md", markdown(summary))
@@ -161,6 +170,23 @@ def markdown(summary: dict[str, Any]) -> str:
             lines.append(
                 f"- per run: lost {r['lost_per_run']}, duplicates {r['duplicates_per_run']}, "
                 f"at-least-once bound {[_fmt(b) for b in r['dup_bound_per_run']]}"
+            )
+    if summary.get("superseded"):
+        lines += [
+            "",
+            "## Superseded runs (made again with `--redo`; not counted above)",
+            "",
+            "| scenario | guarantee | run | code | passed | first failure | superseded at |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in summary["superseded"]:
+            failures = r.get("failures") or []
+            first = " ".join(str(failures[0]).split())[:160] if failures else "-"
+            code = str(r.get("commit") or "unknown")[:12] + (" (dirty)" if r.get("dirty") else "")
+            lines.append(
+                f"| {r.get('scenario')} | {r.get('guarantee')} | {r.get('run', '-')} | {code} "
+                f"| {'yes' if r.get('ok') else '**no**'} | {first.replace('|', '/')} "
+                f"| {r.get('superseded_at', '-')} |"
             )
     if summary.get("skipped"):
         lines += ["", "## Not run (hooks waiting for infrastructure)", ""]

@@ -99,6 +99,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "recorded yet; options given as well must agree with it.",
     )
     p.add_argument(
+        "--redo",
+        action="append",
+        metavar="SCENARIO[:GUARANTEE]",
+        help="With --resume: make the recorded runs of SCENARIO (of one guarantee, or both) "
+        "again, on the code checked out now, e.g. after a fix. The runs replaced stay in the "
+        "report, listed as superseded (repeatable).",
+    )
+    p.add_argument(
         "--session-timeout",
         type=float,
         help="Workers' AGENTSTREAM_BROKER_SESSION_TIMEOUT_S (default 10; 0 = the setting's "
@@ -145,6 +153,7 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         explicit["scenario"] = list(dict.fromkeys(explicit["scenario"]))
     recorded: dict[str, Any] = {}
     previous: list[dict[str, Any]] = []
+    doc: dict[str, Any] = {}
     if args.resume is not None:
         doc = load_report(args.resume)
         recorded = recorded_options(doc)
@@ -161,9 +170,52 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     if not opts["scenario"]:
         opts["scenario"] = [n for n in DEFAULT_ORDER if SCENARIOS[n].implemented]
     out = args.resume or args.out or REPO / "var" / "chaos" / time.strftime("%Y%m%d-%H%M%S")
+    superseded: list[dict[str, Any]] = list(doc.get("superseded", []))
+    if args.redo:
+        if args.resume is None:
+            raise OptionConflict("--redo needs --resume: it makes a report's runs again")
+        previous, replaced = split_redone(previous, [parse_redo(r) for r in args.redo])
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        superseded += [{**r, "superseded_at": stamp} for r in replaced]
     return argparse.Namespace(
-        **opts, out=out, resume=args.resume, previous=previous, list=args.list, plan=args.plan
+        **opts,
+        out=out,
+        resume=args.resume,
+        previous=previous,
+        superseded=superseded,
+        list=args.list,
+        plan=args.plan,
     )
+
+
+def parse_redo(text: str) -> tuple[str, str | None]:
+    """``SCENARIO`` or ``SCENARIO:GUARANTEE`` of --redo (OptionConflict when unknown)."""
+    name, _, guarantee = text.partition(":")
+    if name not in SCENARIOS:
+        raise OptionConflict(f"--redo {text}: no scenario {name!r}")
+    if guarantee and guarantee not in GUARANTEES:
+        raise OptionConflict(
+            f"--redo {text}: the guarantee is one of {', '.join(GUARANTEES)}, not {guarantee!r}"
+        )
+    return name, guarantee or None
+
+
+def split_redone(
+    runs: list[dict[str, Any]], redo: list[tuple[str, str | None]]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(the runs kept, the runs --redo replaces); a --redo that matches no recorded run is
+    an OptionConflict (a typo would otherwise redo nothing, silently)."""
+
+    def hit(r: dict[str, Any], name: str, guarantee: str | None) -> bool:
+        return r.get("scenario") == name and guarantee in (None, r.get("guarantee"))
+
+    for name, guarantee in redo:
+        if not any(hit(r, name, guarantee) for r in runs):
+            which = f"{name}:{guarantee}" if guarantee else name
+            raise OptionConflict(f"--redo {which}: the report records no such run")
+    replaced = [r for r in runs if any(hit(r, n, g) for n, g in redo)]
+    kept = [r for r in runs if not any(hit(r, n, g) for n, g in redo)]
+    return kept, replaced
 
 
 def _show(value: Any) -> str:
@@ -295,7 +347,9 @@ async def main_async(args: argparse.Namespace) -> int:
         "options": options_record(args),
     }
     runs: list[dict[str, Any]] = list(args.previous)
-    write(out, runs, skipped, meta)  # the options are on record before the first run
+    write(
+        out, runs, skipped, meta, superseded=args.superseded
+    )  # the options are on record before the first run
     for name in names:
         if not SCENARIOS[name].implemented:
             print(f"{name}: skipped — needs {SCENARIOS[name].needs}", flush=True)
@@ -309,7 +363,7 @@ async def main_async(args: argparse.Namespace) -> int:
             result.update(run=number, **version)
             runs.append({k: v for k, v in result.items() if k != "events"})
             _print_run(result)
-            write(out, runs, skipped, meta)
+            write(out, runs, skipped, meta, superseded=args.superseded)
     except asyncio.CancelledError:
         print(
             f"interrupted: {len(runs)} run(s) recorded in {out / 'report.json'}; "
@@ -320,7 +374,7 @@ async def main_async(args: argparse.Namespace) -> int:
     finally:
         if shared is not None:
             await uninterrupted(asyncio.to_thread(shared.stop))
-    write(out, runs, skipped, meta)
+    write(out, runs, skipped, meta, superseded=args.superseded)
     print((out / "report.md").read_text())
     print(f"report: {out / 'report.json'}, {out / 'report.md'}")
     failed = sum(1 for r in runs if not r.get("ok"))

@@ -14,7 +14,7 @@ import pytest
 
 from tests.chaos import plan
 from tests.chaos.cluster import sweep
-from tests.chaos.report import code_line, commits
+from tests.chaos.report import code_line, commits, write
 from tests.chaos.runner import (
     DEFAULTS,
     USAGE_ERROR,
@@ -107,6 +107,74 @@ def test_resume_of_an_older_report_reads_its_meta_and_run_dirs(tmp_path: Path) -
     args = resolve(parse_args(["--resume", str(tmp_path), "--scenario", "poison"]))
     assert args.messages == 1500 and run_key(old) == ("poison", "exactly_once", 2)
     assert ("poison", "exactly_once", 2) not in [(s.name, g, n) for s, g, n in remaining(args)]
+
+
+def test_redo_makes_a_scenarios_runs_again_and_keeps_the_old_ones_as_superseded(
+    tmp_path: Path,
+) -> None:
+    failed = {**run("poison", "at_least_once", 2, ok=False), "commit": "a" * 40}
+    done = [
+        run("poison", "at_least_once", 1),
+        failed,
+        run("poison", "exactly_once", 1),
+        run("agent_raises", "at_least_once", 1),
+    ]
+    out = report(tmp_path, done)
+    args = resolve(parse_args(["--resume", str(out), "--redo", "poison:at_least_once"]))
+    left = [(sc.name, g, n) for sc, g, n in remaining(args)]
+    # both at-least-once poison runs again (the passed one too: one commit per row)
+    assert left[:2] == [("poison", "at_least_once", 1), ("poison", "at_least_once", 2)]
+    assert ("poison", "exactly_once", 1) not in left
+    assert [run_key(r) for r in args.superseded] == [
+        ("poison", "at_least_once", 1),
+        ("poison", "at_least_once", 2),
+    ]
+    assert all("superseded_at" in r for r in args.superseded)
+    # the report counts only the runs kept, and lists the superseded ones
+    summary = write(tmp_path / "w", args.previous, {}, {}, superseded=args.superseded)
+    rows = {(r["scenario"], r["guarantee"]): r for r in summary["rows"]}
+    assert ("poison", "at_least_once") not in rows
+    md = (tmp_path / "w" / "report.md").read_text()
+    assert (
+        "## Superseded runs" in md and f"| poison | at_least_once | 2 | {'a' * 12} | **no** |" in md
+    )
+    kept = json.loads((tmp_path / "w" / "report.json").read_text())
+    assert len(kept["superseded"]) == 2 and len(kept["runs"]) == 2
+
+
+def test_a_resumed_report_keeps_its_superseded_runs(tmp_path: Path) -> None:
+    out = report(tmp_path, [run("poison", "exactly_once", 1)])
+    doc = json.loads((out / "report.json").read_text())
+    doc["superseded"] = [{**run("poison", "at_least_once", 1, ok=False), "superseded_at": "x"}]
+    (out / "report.json").write_text(json.dumps(doc))
+    args = resolve(parse_args(["--resume", str(out), "--redo", "poison:exactly_once"]))
+    assert [(r["guarantee"], r["run"]) for r in args.superseded] == [
+        ("at_least_once", 1),
+        ("exactly_once", 1),
+    ]
+    assert args.previous == []
+
+
+@pytest.mark.parametrize(
+    ("redo", "said"),
+    [
+        ("nosuch", "no scenario 'nosuch'"),
+        ("poison:maybe", "not 'maybe'"),
+        ("agent_raises", "records no such run"),
+    ],
+)
+def test_redo_refuses_what_it_cannot_redo_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], redo: str, said: str
+) -> None:
+    out = report(tmp_path, [run("poison", "at_least_once", 1)])
+    assert main(["--resume", str(out), "--redo", redo, "--plan"]) == USAGE_ERROR
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and said in err
+
+
+def test_redo_needs_resume(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--redo", "poison", "--plan"]) == USAGE_ERROR
+    assert "--redo needs --resume" in capsys.readouterr().err
 
 
 def test_the_plan_is_runs_times_load_plus_overhead() -> None:
