@@ -15,7 +15,12 @@ Commits
 1. An input offset may be committed only once its record is acked, and a record is
    acked only when the agent that took its batch comes back for the next one: the batch
    is finished (`streams.processing.event_batches`). A batch its agent left by an
-   exception, and a stale batch, are never acked.
+   exception, and a stale batch, are never acked. A record an agent holds past its
+   batch (`HOLDS`: an LLM request until its final response is out) is acked by its
+   holder, and no commit passes the lowest offset still held in its partition
+   (`BatchDeliveryConsumer._new_offset`: Faust's own check lets a commit pass one
+   unacked record at a partition's head, and any number before its first commit).
+   A revoke forgets the holds of the revoked partitions (their holders are cancelled).
 2. No offset is committed after an undelivered output or an abandoned batch. An output
    the broker refused (`delivery_failed`, from the producer's future: `emit`,
    `watch_delivery`) or a batch abandoned without a revoke (9) or the worker's stop (10)
@@ -320,6 +325,51 @@ class RefetchingFlowControl(FlowControlEvent):
 STALE_DELIVERIES: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
+class Holds:
+    """Records held past their batch, per partition (invariant 1): `hold` takes a
+    reference on the record (`Message.incref`) and notes its offset; `release` acks it
+    (`Message.ack`, which makes it committable once no reference is left) and drops the
+    note. `floor` is the lowest offset held in a partition: no commit may pass it."""
+
+    def __init__(self) -> None:
+        self._by_tp: dict[Any, dict[int, int]] = {}
+
+    def hold(self, message: Any) -> None:
+        message.incref()
+        held = self._by_tp.setdefault(message.tp, {})
+        held[message.offset] = held.get(message.offset, 0) + 1
+
+    def release(self, message: Any, consumer: Any) -> bool:
+        """Ack `message` for one `hold`; True when that made it committable."""
+        try:
+            return bool(message.ack(consumer))
+        finally:
+            held = self._by_tp.get(message.tp)
+            n = held.get(message.offset) if held is not None else None
+            if held is not None and n is not None:
+                if n > 1:
+                    held[message.offset] = n - 1
+                else:
+                    del held[message.offset]
+                    if not held:
+                        del self._by_tp[message.tp]
+
+    def floor(self, tp: Any) -> int | None:
+        held = self._by_tp.get(tp)
+        return min(held) if held else None
+
+    def forget(self, tps: Any) -> None:
+        """The partitions left this worker: their holders were cancelled unacked."""
+        for tp in tps:
+            self._by_tp.pop(tp, None)
+
+    def __len__(self) -> int:
+        return sum(len(h) for h in self._by_tp.values())
+
+
+#: the worker's held records (invariant 1)
+HOLDS = Holds()
+
 #: Why no further offset may be committed: delivery errors of produced records (see
 #: `streams.processing.emit`) and batches an agent left unfinished (see
 #: `streams.processing.abandon_open_batch`). Once non-empty the consumer commits no more
@@ -471,7 +521,33 @@ class BatchDeliveryConsumer:
         if high:
             for tp in revoked:
                 high.pop(tp, None)
+        HOLDS.forget(revoked)
         await super().on_partitions_revoked(revoked)  # type: ignore[misc]
+
+    def _new_offset(self: Any, tp: Any) -> int | None:
+        """Faust's next offset to commit for `tp`, never past the lowest held offset
+        (invariant 1). Faust's head check (`min(acked) - committed > 1`) takes its
+        committed offset for the last one processed, but it is the next one to read: with
+        10 committed, 10 held by an LLM call and 11 acked, Faust commits 12, and a crash
+        before 10's answer loses it. Before the first commit (None, or 0) it checks
+        nothing at all. The check is kept as it is otherwise: its slack of one lets a
+        transaction marker at the head pass, which no record is delivered for. The acked
+        offsets at or above the floor wait for a later commit."""
+        floor = HOLDS.floor(tp)
+        if floor is None:
+            return super()._new_offset(tp)  # type: ignore[misc]
+        acked = self._acked[tp]
+        above = [o for o in acked if o >= floor]
+        if not above:
+            return super()._new_offset(tp)  # type: ignore[misc]
+        acked[:] = [o for o in acked if o < floor]
+        try:
+            if not acked:
+                return None
+            return super()._new_offset(tp)  # type: ignore[misc]
+        finally:
+            acked.extend(above)
+            acked.sort()
 
     async def _commit_before_revoke(self: Any) -> None:
         """At-least-once: commit what the agents finished before the partitions move, so

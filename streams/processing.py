@@ -85,6 +85,7 @@ from agentstream.schemas.errors import InvalidEvent, PipelineError
 from agentstream.streams.app import app, catalogue_topic, settings
 from agentstream.streams.delivery import (
     HANDED_MARKS,
+    HOLDS,
     NATIVE_CHANNELS,
     NATIVE_ENABLED,
     STALE_DELIVERIES,
@@ -325,6 +326,17 @@ def redact_dead_letters(consumer: str, redact: Redactor) -> None:
     `dead_letter` calls are all redacted alike. The coordinates (topic, partition,
     offset) still point at the original record."""
     _REDACTORS[consumer] = redact
+
+
+def hold(message: Any) -> None:
+    """Keep `message` unacked past its batch (an LLM call holds its request until the
+    final response is out): no commit passes its offset until `release` (delivery 1)."""
+    HOLDS.hold(message)
+
+
+def release(message: Any, consumer: Any) -> bool:
+    """Ack a record `hold` kept; True when that made its offset committable."""
+    return HOLDS.release(message, consumer)
 
 
 @dataclass(slots=True)

@@ -39,7 +39,15 @@ from agentstream.streams.observability import (
     LLM_LATENCY,
     LLM_TOKENS,
 )
-from agentstream.streams.processing import Inbound, _producer, dead_letter, emit, watch_delivery
+from agentstream.streams.processing import (
+    Inbound,
+    _producer,
+    dead_letter,
+    emit,
+    hold,
+    release,
+    watch_delivery,
+)
 from agentstream.streams.resilience import RetryPolicy, Transition
 from agentstream.streams.tables import llm as tables
 from agentstream.streams.topics import LLM_BREAKER, LLM_CHUNKS, LLM_RESPONSES
@@ -153,7 +161,7 @@ class CallRuntime:
             self.inflight.pop(rid, None)
             raise
         # the offset may be committed only once the final response is out: hold a ref
-        inbound.message.incref()
+        hold(inbound.message)
         flight.task = asyncio.create_task(self._run(flight, sem), name=f"llm:{rid}")
 
     # -- budgets ----------------------------------------------------------------------------
@@ -222,11 +230,11 @@ class CallRuntime:
         """`finish` for a request answered without any provider call (cancelled before
         it started, refused by a budget): its message is held like a call's request and
         acked by write_tables, or at once if the answer cannot be sent."""
-        inbound.message.incref()
+        hold(inbound.message)
         try:
             await self.finish(inbound, request, outcome)
         except BaseException:
-            inbound.message.ack(app.consumer)
+            release(inbound.message, app.consumer)
             raise
 
     def answered_or_inflight(self, request_id: str) -> bool:
@@ -314,7 +322,7 @@ class CallRuntime:
             sem.release()
             self.inflight.pop(request.request_id, None)
             if ack:
-                inbound.message.ack(app.consumer)
+                release(inbound.message, app.consumer)
 
     async def finish(self, inbound: Inbound, request: LLMRequest, outcome: Outcome) -> None:
         response = LLMResponse(
@@ -385,7 +393,7 @@ class CallRuntime:
         finally:
             for response, _, message in batch:
                 self.answered.discard(response.request_id)
-                message.ack(app.consumer)
+                release(message, app.consumer)
 
     async def answer_cancelled_early(self, inbound: Inbound) -> None:
         request: LLMRequest = inbound.event.payload

@@ -566,7 +566,35 @@ CONTRACTS: list[Contract] = [
         f"{DELIVERY}::app.consumer_generation_id",
         f"{PROC}::app_.consumer_generation_id",
     ),
-    c(f"{CONSUMER}._acked", "read", f"{DELIVERY}::consumer._acked.get"),
+    c(f"{CONSUMER}._acked", "read", f"{DELIVERY}::consumer._acked.get", f"{DELIVERY}::acked[:] ="),
+    c(
+        # invariant 1: never past a held record. Its head check reads the committed
+        # offset as the last one processed (it is the next to read), and skips itself
+        # while that is None or 0; the override relies on both, and on the slack of one
+        # for a transaction marker at the head
+        f"{CONSUMER}._new_offset",
+        "override",
+        f"{DELIVERY}::def _new_offset",
+        params="(self, tp)",
+        contains=(
+            "if committed_offset:",
+            "if min(acked) - committed_offset > 1:",
+            "return batch[-1] + 1",
+        ),
+        fingerprint="d833d546002c6f44",
+    ),
+    c(
+        "faust.types.Message.incref",
+        "call",
+        f"{DELIVERY}::message.incref()",
+        params="(self, n=1)",
+    ),
+    c(
+        "faust.types.Message.ack",
+        "call",
+        f"{DELIVERY}::message.ack(consumer)",
+        params="(self, consumer, n=1)",
+    ),
     c(f"{CONSUMER}._unacked_messages", "read", f"{DELIVERY}::consumer._unacked_messages"),
     # -- streams/processing.py: event_batches, emit, send_record -----------------------
     c("faust.Stream.channel", "read", f"{PROC}::stream.channel.queue"),
