@@ -46,8 +46,10 @@ Records in flight
    flow-control clear empties from the stream queues (6), and records an agent skips
    (old generation, flow suspended) go to `BatchDeliveryConsumer.refetch`. Before its
    next fetch the consumer seeks each partition still assigned back to the lowest such
-   offset, never forward (`_seek_back_to_dropped`); changelog partitions keep their own
-   positions. Why: aiokafka's seek to committed skips a partition with no commit yet.
+   offset, never forward and never below the partition's committed offset, which was
+   committed as done since (`_seek_back_to_dropped`); changelog partitions keep their
+   own positions. Why: aiokafka's seek to committed skips a partition with no commit
+   yet.
 6. A flow-control clear (`RefetchingFlowControl.clear`, on every `flow_control.resume()`)
    empties the agents' queues (and the native channels, when the experimental path is
    on) and refetches what they held (5). The record being
@@ -698,6 +700,11 @@ class BatchDeliveryConsumer:
         for tp, offset in (pending or {}).items():
             if tp not in assigned:
                 continue  # revoked: its new owner starts from the committed offset
+            committed = self._committed_offset.get(tp)
+            if committed is not None and offset < committed:
+                # what lies below was committed since (by this worker or, while the
+                # partition was elsewhere, its owner then): done, not to be done twice
+                offset = committed
             try:
                 position = await self.position(tp)
                 # Only ever backwards: a seek to the committed offset since may already
@@ -870,8 +877,14 @@ class BatchDeliveryConsumer:
                 rest.append((tp, message))
         if not per_topic:
             return rest
-        await self.app.flow_control.acquire()
-        await self.app.producer.buffer.wait_until_ebb()
+        try:
+            await self.app.flow_control.acquire()
+            await self.app.producer.buffer.wait_until_ebb()
+        except asyncio.CancelledError:
+            # a rebalance, stop or crash before any list went out: the whole fetch,
+            # native and other topics alike, is fetched again (5)
+            self.refetch([m for _, m in batch])
+            raise
         read_offset = self._read_offset
         acks_enabled_for = self.app.topics.acks_enabled_for
         topics = list(per_topic.items())

@@ -626,10 +626,11 @@ NATIVE_QUEUE_BATCHES = 2
 
 def _native_channel(stream: Any) -> NativeChannel | None:
     """The native channel of the one topic `stream` reads, or None for the conductor
-    path: for a stream of several topics, and for a topic another agent reads too (each
+    path: for a stream of several topics, for a topic another agent reads too (each
     would need every record; the consumer diverts a native topic's records to its one
-    channel). Agents are all defined before the first one iterates (autodiscovery at
-    import), so the count is complete."""
+    channel), and for an agent of several instances (`concurrency`). Agents are all
+    defined before the first one iterates (autodiscovery at import), so the count is
+    complete."""
     if not NATIVE_ENABLED:
         return None
     topics: tuple[str, ...] = tuple(getattr(stream.channel, "topics", None) or ())
@@ -643,6 +644,10 @@ def _native_channel(stream: Any) -> NativeChannel | None:
     ]
     if len(readers) > 1:
         log.warning("%s is read by %d agents: per-record delivery", name, len(readers))
+        return None
+    if readers and int(getattr(readers[0], "concurrency", 1) or 1) > 1:
+        # a channel hands a list to one taker and tracks the one list it holds
+        log.warning("%s is read by an agent with concurrency > 1: per-record delivery", name)
         return None
     channel = NATIVE_CHANNELS.get(name)
     if channel is None:
@@ -794,12 +799,12 @@ def _ack_all(app_: Any, consumer: Any, messages: list[Any]) -> None:
         for msg in messages:
             if msg.acked:
                 continue
+            tp = msg.tp
+            tps.add(tp)  # read, whether or not a holder keeps it unacked (health check)
             held = msg.refcount = max(msg.refcount - 1, 0)
             if held:
                 continue
             msg.acked = True
-            tp = msg.tp
-            tps.add(tp)
             if not acks_enabled_for(msg.topic):
                 continue
             offset = msg.offset

@@ -320,6 +320,26 @@ async def test_a_topic_read_by_two_agents_keeps_per_record_delivery(
         NATIVE_CHANNELS.clear()
 
 
+async def test_an_agent_with_several_instances_keeps_per_record_delivery(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # a channel hands each list to one taker and tracks the list one taker holds: two
+    # instances of the agent (concurrency > 1) would take lists side by side
+    monkeypatch.setattr(processing, "NATIVE_ENABLED", True)
+    monkeypatch.setattr(processing, "_EOS", False)
+    NATIVE_CHANNELS.clear()
+    app = App()
+    topic = type("Topic", (), {"topics": ("in",)})()
+    try:
+        app.agents = {"a": type("Agent", (), {"channel": topic, "concurrency": 2})()}
+        assert _native_channel(Stream(app)) is None
+        assert "in" not in NATIVE_CHANNELS
+        app.agents = {"a": type("Agent", (), {"channel": topic, "concurrency": 1})()}
+        assert _native_channel(Stream(app)) is NATIVE_CHANNELS["in"]
+    finally:
+        NATIVE_CHANNELS.clear()
+
+
 def test_the_switch_is_off_by_default() -> None:
     assert delivery.NATIVE_ENABLED is (os.environ.get(BATCH_DELIVERY_SWITCH) == "1")
 
@@ -601,3 +621,58 @@ async def test_a_flow_control_clear_empties_the_native_channels(
 def test_child_processes_keep_the_switch_but_not_the_settings() -> None:
     env = child_environ({"PATH": "/bin", "AGENTSTREAM_APP_ID": "mine", BATCH_DELIVERY_SWITCH: "1"})
     assert env == {"PATH": "/bin", BATCH_DELIVERY_SWITCH: "1"}
+
+
+async def test_a_seek_back_never_goes_below_the_committed_offset(consumer: Consumer) -> None:
+    # copies of 15..19 were dropped and noted before a rebalance; the partition's owner
+    # meanwhile (another member, or this one) processed and committed up to 20: fetching
+    # 15..19 again would process them a second time (under exactly-once: committed twice)
+    tp = TP("in", 0)
+    consumer._committed_offset[tp] = 20
+    consumer._read_offset[tp] = 19  # position 20
+    consumer._refetch_from = {tp: 15}
+    await consumer._seek_back_to_dropped()
+    assert consumer._read_offset[tp] == 19  # not sought back
+    consumer._committed_offset[tp] = 17
+    consumer._refetch_from = {tp: 15}
+    await consumer._seek_back_to_dropped()
+    assert consumer._read_offset[tp] == 17  # back to the committed offset, no lower
+
+
+async def test_a_delivery_cancelled_while_it_waits_for_flow_control_refetches_its_batch(
+    consumer: Consumer, channel: Any
+) -> None:
+    # a rebalance suspends the flow while the delivery waits to hand lists over: the
+    # native records and the other topics' records of that fetch are all fetched again
+    entered = asyncio.Event()
+
+    async def blocked() -> None:
+        entered.set()
+        await asyncio.Event().wait()
+
+    consumer.app.flow_control.acquire = blocked  # type: ignore[method-assign]
+    batch = records(range(5)) + records([3], "other")
+    task = asyncio.ensure_future(consumer._deliver(batch, consumer._refetch_epoch))
+    await asyncio.wait_for(entered.wait(), SOON_S)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert consumer._refetch_from == {TP("in", 0): 0, TP("other", 0): 3}
+    assert channel.qsize() == 0
+
+
+async def test_a_batch_whose_records_are_all_held_still_counts_as_inbound(
+    consumer: Consumer, channel: Any
+) -> None:
+    # the health check reads stream_inbound_time per partition: a partition whose every
+    # record an LLM call still holds was read all the same (no false "stream idle")
+    monitor = type("Monitor", (), {"stream_inbound_time": {}})()
+    consumer.app.monitor = monitor
+    agent = _native_batches(Stream(consumer.app), channel, 10)
+    await consumer._deliver_native(records(range(3), partition=1), consumer._refetch_epoch)
+    batch = await asyncio.wait_for(agent.__anext__(), SOON_S)
+    for m in batch.messages:
+        m.refcount += 1  # every request's call holds it
+    batch.ack()
+    assert TP("in", 1) in monitor.stream_inbound_time
+    await agent.aclose()
