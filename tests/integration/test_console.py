@@ -317,11 +317,19 @@ async def test_console_in_chromium(settings_env: dict[str, str], tmp_path: Path)
                 "sections_without_heading": [],
                 "lang": "en",
             }, a11y
-            colours = await page.js(
-                COLOURS_JS.replace("SELECTORS", orjson.dumps(CONTRAST).decode())
+
+            # (no empty table to measure once every section has rows). An agent's row can
+            # be between states for a snapshot when heartbeats arrive late (a loaded
+            # machine): wait for an element of every selector rather than take one look.
+            async def every_selector_shown() -> dict[str, Any] | None:
+                got: dict[str, Any] = await page.js(
+                    COLOURS_JS.replace("SELECTORS", orjson.dumps(CONTRAST).decode())
+                )
+                return got if set(got) >= set(CONTRAST) - {"td.empty"} else None
+
+            colours = await await_until(
+                every_selector_shown, 30, interval=0.5, what="an element for every selector"
             )
-            # (no empty table to measure once every section has rows)
-            assert set(colours) >= set(CONTRAST) - {"td.empty"}, set(CONTRAST) - set(colours)
             low = {s: round(contrast(*c), 2) for s, c in colours.items() if contrast(*c) < 4.5}
             assert low == {}, low
 
