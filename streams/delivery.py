@@ -524,7 +524,37 @@ class BatchDeliveryConsumer:
             for tp in revoked:
                 high.pop(tp, None)
         HOLDS.forget(revoked)
+        self._revoked_since_assign = (self._revoked_since_assign or set()) | set(revoked)
         await super().on_partitions_revoked(revoked)  # type: ignore[misc]
+
+    #: partitions revoked and not assigned again since (see `counts_ack`)
+    _revoked_since_assign: set[Any] | None = None
+
+    async def on_partitions_assigned(self: Any, assigned: Any, generation_id: int = 0) -> None:
+        # the new generation is set on the app before this runs (Faust's rebalance
+        # listener): records of the old one are told apart by their generation from here
+        if self._revoked_since_assign:
+            self._revoked_since_assign.difference_update(assigned)
+        await super().on_partitions_assigned(assigned, generation_id)  # type: ignore[misc]
+
+    def counts_ack(self: Any, message: Any) -> bool:
+        """Whether an ack of `message` may count toward a commit (invariant 1): it was
+        fetched in the current consumer generation, and its partition was not revoked
+        since. A record taken before a revoke and acked after it (a batch or an LLM call
+        that finished late) is consumed again from the committed offset by whoever owns
+        its partition now; counted, it would land in the bookkeeping the revoke emptied
+        (`_acked` with no committed offset) and let a commit pass the records never
+        processed once the partition came back."""
+        revoked = self._revoked_since_assign
+        if revoked and message.tp in revoked:
+            return False
+        return bool(message.generation_id == self.app.consumer_generation_id)
+
+    def ack(self: Any, message: Any) -> bool:
+        if not self.counts_ack(message):
+            self._unacked_messages.discard(message)
+            return False
+        return bool(super().ack(message))  # type: ignore[misc]
 
     def _new_offset(self: Any, tp: Any) -> int | None:
         """Faust's next offset to commit for `tp`, never past the lowest held offset
@@ -812,7 +842,7 @@ class BatchDeliveryConsumer:
             r_offset = get_read_offset(tp)
             if r_offset is None or offset >= r_offset:
                 gap = offset - (r_offset or 0)
-                if gap > 1 and r_offset and acks_enabled_for(message.topic):
+                if gap > 1 and r_offset is not None and acks_enabled_for(message.topic):
                     # offsets no record was fetched for (transaction markers, compaction)
                     # count as done; on a plain input topic a gap means records skipped
                     self.log.info(
@@ -822,7 +852,10 @@ class BatchDeliveryConsumer:
                         r_offset + 1,
                         offset - 1,
                     )
-                    await self._add_gap(tp, r_offset + 1, offset)
+                    # up to the record before this one: Faust's upstream code passes
+                    # `offset`, which counts this record done before it is processed
+                    # (a commit could then pass it while a holder keeps it)
+                    await self._add_gap(tp, r_offset + 1, offset - 1)
                 if commit_every is not None and self._n_acked >= commit_every:
                     self._n_acked = 0
                     await self.commit()
@@ -905,8 +938,8 @@ class BatchDeliveryConsumer:
                     offset = message.offset
                     if r_offset is not None and offset < r_offset:
                         continue  # as the per-record path: below the read offset
-                    if gaps and r_offset and offset - r_offset > 1:
-                        await self._add_gap(tp, r_offset + 1, offset)
+                    if gaps and r_offset is not None and offset - r_offset > 1:
+                        await self._add_gap(tp, r_offset + 1, offset - 1)  # as `_deliver`
                     out.append(message)
                     r_offset = offset
                 if r_offset is not None:

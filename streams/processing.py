@@ -793,6 +793,7 @@ def _ack_all(app_: Any, consumer: Any, messages: list[Any]) -> None:
     acked_index = consumer._acked_index
     acked = consumer._acked
     acks_enabled_for = app_.topics.acks_enabled_for
+    counts_ack = consumer.counts_ack
     n = 0
     tps: set[Any] = set()
     with ack_lock:
@@ -805,7 +806,7 @@ def _ack_all(app_: Any, consumer: Any, messages: list[Any]) -> None:
             if held:
                 continue
             msg.acked = True
-            if not acks_enabled_for(msg.topic):
+            if not acks_enabled_for(msg.topic) or not counts_ack(msg):
                 continue
             offset = msg.offset
             c = committed[tp]

@@ -384,6 +384,37 @@ CONTRACTS: list[Contract] = [
     ),
     c(f"{CONSUMER}.perform_seek", "override", f"{DELIVERY}::def perform_seek", params="(self)"),
     c(
+        # the new generation is on the app before this runs (the listener sets it first):
+        # `counts_ack` tells records of the old generation apart from there on
+        f"{CONSUMER}.on_partitions_assigned",
+        "override",
+        f"{DELIVERY}::async def on_partitions_assigned",
+        params="(self, assigned, generation_id=0)",
+    ),
+    c(
+        f"{D_AIO}.ConsumerRebalanceListener.on_partitions_assigned",
+        "read",
+        f"{DELIVERY}::def counts_ack",
+        contains=(
+            "self._thread.app.consumer_generation_id = generation",
+            "await self._thread.on_partitions_assigned(ensure_TPset(assigned), generation)",
+        ),
+    ),
+    c(
+        # a late ack (`counts_ack` false) is dropped before Faust's bookkeeping; the
+        # revoke empties that bookkeeping (`_acked`, `_committed_offset`) for its partitions
+        f"{CONSUMER}.ack",
+        "override",
+        f"{DELIVERY}::def ack(self: Any, message: Any)",
+        params="(self, message)",
+    ),
+    c(
+        "faust.transport.consumer.Consumer.on_partitions_revoked",
+        "read",
+        f"{DELIVERY}::def counts_ack",
+        contains=("self._acked.pop(tp, None)", "self._committed_offset.pop(tp, None)"),
+    ),
+    c(
         f"{CONSUMER}._committed_offset",
         "write",
         f"{DELIVERY}::self._committed_offset[tp] = offset",

@@ -1,16 +1,29 @@
-"""No commit passes a record held past its batch (delivery invariant 1).
+"""Commit bookkeeping the worker's consumer gets right where Faust's alone does not.
 
-An LLM call holds its request's record until the final response is out (`hold`,
-`release`). Calls finish in any order, so a later request of a partition can be acked
-while an earlier one is still held. Faust's own `Consumer._new_offset` then commits past
-the held one when it is at the partition's head (it reads its committed offset, the next
-one to read, as the last one processed) or before the partition's first commit: a crash
-before that call answers loses the request. These tests use Faust's real consumer
-bookkeeping and messages under `BatchDeliveryConsumer._new_offset`.
+Holds (delivery invariant 1): an LLM call holds its request's record until the final
+response is out (`hold`, `release`). Calls finish in any order, so a later request of a
+partition can be acked while an earlier one is still held. Faust's own
+`Consumer._new_offset` then commits past the held one when it is at the partition's
+head (it reads its committed offset, the next one to read, as the last one processed)
+or before the partition's first commit: a crash before that call answers loses the
+request.
+
+Gaps after offset 0 (delivery invariant 7): offsets between two delivered records that
+hold none (transaction markers, aborted records, compaction) count as done; after a
+record at offset 0 they were never noted, and the partition stopped committing.
+
+Late acks (delivery invariant 1): a record taken before a revoke and acked after it
+(a batch or a call that finished late) counts for nothing: Faust emptied the
+partition's bookkeeping at the revoke, and a late ack there let a commit pass records
+never processed once the partition came back.
+
+These tests use Faust's real consumer bookkeeping and messages under the worker's
+consumer class.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import defaultdict
 from collections.abc import Iterator
@@ -37,6 +50,7 @@ class _Topics:
 
 class _App:
     topics = _Topics()
+    consumer_generation_id = 1
 
 
 class Consumer(BatchDeliveryConsumer, AIOKafkaConsumer):  # type: ignore[misc]
@@ -55,9 +69,11 @@ class Consumer(BatchDeliveryConsumer, AIOKafkaConsumer):  # type: ignore[misc]
         self._waiting_for_ack: Any = None
 
 
-def record(offset: int) -> ConsumerMessage:
+def record(offset: int, generation: int = 1) -> ConsumerMessage:
     """A fetched record as its batch has it: one reference, the batch's."""
-    m = ConsumerMessage(TOPIC, 0, offset, 0.0, 0, [], b"k", b"v", None, 1, 1, PART)
+    m = ConsumerMessage(
+        TOPIC, 0, offset, 0.0, 0, [], b"k", b"v", None, 1, 1, PART, generation_id=generation
+    )
     m.refcount = 1
     return m
 
@@ -164,3 +180,76 @@ def test_releases_from_threads_keep_the_count() -> None:
     for t in threads:
         t.join()
     assert len(HOLDS) == 0 and c._new_offset(PART) == 200
+
+
+async def test_a_gap_after_a_record_at_offset_0_counts_as_done() -> None:
+    # record 0, a commit marker at 1, an aborted transaction at 2-3 (read_committed
+    # delivers none of them), records from 4 on
+    c = Consumer(committed=None)
+    c._read_offset = defaultdict(lambda: None)
+    c._commit_every = None
+    c._refetch_epoch = 0
+    c.log = logging.getLogger("test.commit")
+    delivered: list[ConsumerMessage] = []
+
+    async def callback(message: ConsumerMessage) -> None:
+        delivered.append(message)
+
+    c.callback = callback
+    await c._deliver([(PART, record(o)) for o in (0, 4, 5, 6)])
+    assert [m.offset for m in delivered] == [0, 4, 5, 6]
+    batch_done(c, *delivered)
+    # without the gap noted: 1 committed, then nothing ever again (min(acked) 4 - 1 > 1)
+    assert c._new_offset(PART) == 7
+
+
+async def test_a_gap_never_counts_the_record_after_it_done() -> None:
+    # 0 delivered, 1-3 hold no record, 4 delivered and held by its call, 5 answered:
+    # Faust's own `_add_gap(tp, 1, 4)` counted 4 as done with the gap, and the gap's
+    # merge then committed 5, past the held record
+    c = Consumer(committed=None)
+    c._read_offset = defaultdict(lambda: None)
+    c._commit_every = None
+    c._refetch_epoch = 0
+    c.log = logging.getLogger("test.commit")
+
+    async def callback(message: ConsumerMessage) -> None:
+        return None
+
+    c.callback = callback
+    ms = {o: record(o) for o in (0, 4, 5)}
+    await c._deliver(list((PART, m) for m in ms.values()))
+    hold(ms[4])
+    batch_done(c, *ms.values())
+    # not past the held record (the gap before it waits with it: Faust merges only the
+    # gaps below the highest offset it is given)
+    assert c._new_offset(PART) == 1
+    release(ms[4], c)
+    assert c._new_offset(PART) == 6
+
+
+async def test_a_late_ack_of_a_revoked_partitions_record_counts_for_nothing() -> None:
+    c = Consumer(committed=10)
+    held, answered = record(10), record(11)
+    hold(held)
+    hold(answered)
+    batch_done(c, held, answered)
+    HOLDS.forget({PART})  # the revoke: its calls are cancelled, Faust empties the rest
+    c._revoked_since_assign = {PART}
+    c._acked.pop(PART, None)
+    c._acked_index.pop(PART, None)
+    c._committed_offset.pop(PART, None)
+    release(answered, c)  # its table write came after the revoke
+    assert c._acked.get(PART, []) == []
+    # the partition comes back (a new generation), before recovery seeks: nothing to
+    # commit, where the late ack made Faust commit 12 past the cancelled call's 10
+    c._revoked_since_assign.discard(PART)
+    _App.consumer_generation_id = 2
+    try:
+        assert c._new_offset(PART) is None
+        again = record(10, generation=2)  # consumed again from the committed offset
+        batch_done(c, again)
+        c._committed_offset[PART] = 10
+        assert c._new_offset(PART) == 11
+    finally:
+        _App.consumer_generation_id = 1
