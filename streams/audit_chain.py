@@ -652,6 +652,12 @@ class ChainWriter:
 
     async def emit(self, event: Event[Any], partition: int) -> Event[Any]:
         """Seal, sign and send one record."""
+        sealed, _ = await self.emit_sent(event, partition)
+        return sealed
+
+    async def emit_sent(self, event: Event[Any], partition: int) -> tuple[Event[Any], Any]:
+        """`emit`, with the send's future (done once the broker has the record, or
+        failed: `delivery_failed` has its error then)."""
         from agentstream.streams.app import catalogue_topic, settings
         from agentstream.streams.observability import EVENTS_OUT
         from agentstream.streams.processing import _EOS, _delivered, _producer, send_record
@@ -682,7 +688,7 @@ class ChainWriter:
             fut.add_done_callback(partial(_delivered, self.topic))
             head.hash = sealed.payload.hash
             EVENTS_OUT.labels(self.topic).inc()
-            return sealed
+            return sealed, fut
 
 
 _WRITERS: dict[str, ChainWriter] = {}

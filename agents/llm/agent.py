@@ -71,7 +71,7 @@ async def _wait_for_slot(batch: list[Inbound]) -> None:
     rt = runtime()
     for inbound in batch:
         request: LLMRequest = inbound.event.payload
-        sem = rt.slot(rt.processor.route(request).head)
+        sem = rt.slot_for(request)  # the one `admit` takes
         await sem.acquire()  # only this agent acquires slots: it stays free until admit
         sem.release()
 

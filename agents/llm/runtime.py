@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from agentstream.schemas.llm import (
 from agentstream.streams import llm_budgets
 from agentstream.streams.app import app, settings
 from agentstream.streams.audit_chain import chain_writer
+from agentstream.streams.delivery import processing_failed
 from agentstream.streams.errors import ProviderRequestError
 from agentstream.streams.observability import (
     BREAKER_STATE,
@@ -160,9 +162,25 @@ class CallRuntime:
         except BaseException:
             self.inflight.pop(rid, None)
             raise
+        if not app.consumer.counts_ack(inbound.message):
+            # its partition was revoked while the request waited for a slot: its owner
+            # now consumes it again from the committed offset
+            sem.release()
+            self.inflight.pop(rid, None)
+            log.info("request %r: partition revoked while it waited; not calling", rid)
+            return
         # the offset may be committed only once the final response is out: hold a ref
         hold(inbound.message)
-        flight.task = asyncio.create_task(self._run(flight, sem), name=f"llm:{rid}")
+        flight.task = task = asyncio.create_task(self._run(flight, sem), name=f"llm:{rid}")
+        # not in `_run`'s finally: a task cancelled before its first step (a revoke in
+        # the same loop turn) never runs it, and would keep its slot and its entry
+        task.add_done_callback(functools.partial(self._flight_over, flight, sem))
+
+    def _flight_over(self, flight: Flight, sem: asyncio.Semaphore, _task: Any) -> None:
+        sem.release()
+        rid = flight.request.request_id
+        if self.inflight.get(rid) is flight:
+            del self.inflight[rid]
 
     # -- budgets ----------------------------------------------------------------------------
     def spent(self, budget: llm_budgets.Budget, agent: str, start: int) -> llm_budgets.Spent:
@@ -317,10 +335,16 @@ class CallRuntime:
         except Exception as exc:  # publishing failed: keep a trace rather than lose it
             chunks.discard()
             log.exception("call_llm could not finish %r", request.request_id)
-            await dead_letter(inbound.message, exc, CONSUMER)
+            try:
+                await dead_letter(inbound.message, exc, CONSUMER)
+            except BaseException as failed:
+                # neither a response nor a dead letter: the request must be consumed
+                # again, so no commit may pass it (the worker restarts)
+                ack = False
+                if not isinstance(failed, asyncio.CancelledError):
+                    processing_failed(failed)
+                raise
         finally:
-            sem.release()
-            self.inflight.pop(request.request_id, None)
             if ack:
                 release(inbound.message, app.consumer)
 
@@ -344,7 +368,9 @@ class CallRuntime:
             error=outcome.error,
         )
         event = inbound.event.caused(response, source=f"{CONSUMER}@{settings.worker_id}")
-        sealed = await chain_writer(LLM_RESPONSES).emit(event, partition=inbound.message.partition)
+        sealed, sent = await chain_writer(LLM_RESPONSES).emit_sent(
+            event, partition=inbound.message.partition
+        )
         label = self.provider_label(outcome.provider)
         _calls(label, outcome.status).inc()
         _latency(label).observe(outcome.latency_ms / 1000)
@@ -353,9 +379,21 @@ class CallRuntime:
             LLM_TOKENS.labels(label, self.model_label(label, outcome.model), "estimated").inc(
                 outcome.usage.total_tokens
             )
-        # last: from here on write_tables owns the request's ack
+        # last: from here on the request's ack is `_response_sent`'s, then write_tables'
         self.answered.add(request.request_id)
-        self._unwritten.append((sealed.payload, tables.done_entry(sealed), inbound.message))
+        sent.add_done_callback(functools.partial(self._response_sent, sealed, inbound.message))
+
+    def _response_sent(self, sealed: Event[Any], message: Any, sent: Any) -> None:
+        """The final response reached the broker: its dedup and usage entries may be
+        written (write_tables, batched), then the request acked. Not before: a dedup
+        entry that outlived an undelivered response (it goes to another partition) made
+        the restarted worker skip the request, which was then never answered. A failed
+        delivery leaves the request held: `delivery_failed` stops every commit and the
+        worker restarts and consumes it again."""
+        if sent.cancelled() or sent.exception() is not None:
+            self.answered.discard(sealed.payload.request_id)
+            return
+        self._unwritten.append((sealed.payload, tables.done_entry(sealed), message))
         if self._flush_handle is None:
             self._flush_handle = asyncio.get_running_loop().call_later(
                 TABLE_WRITE_DELAY_S, self.write_tables
@@ -372,6 +410,16 @@ class CallRuntime:
             self._flush_handle.cancel()
             self._flush_handle = None
         batch, self._unwritten = self._unwritten, []
+        if not batch:
+            return
+        # a response of a partition revoked since: its owner answers the request again
+        # (its record is consumed again); no entry goes to a partition this worker left
+        stale = [b for b in batch if not app.consumer.counts_ack(b[2])]
+        if stale:
+            batch = [b for b in batch if app.consumer.counts_ack(b[2])]
+            for response, _, message in stale:
+                self.answered.discard(response.request_id)
+                release(message, app.consumer)  # counts for nothing (`counts_ack`)
         if not batch:
             return
         try:

@@ -3,7 +3,11 @@ that lasts: no concurrency slot of its own, no metric series (`CallRuntime`)."""
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
 from agentstream.agents.llm.runtime import CallRuntime
+from agentstream.schemas import Event
 from agentstream.schemas.llm import ChatMessage, LLMContext, LLMRequest
 
 
@@ -57,3 +61,27 @@ async def test_the_adapters_token_counter_has_no_series_per_made_up_model() -> N
     }
     assert not any(m.startswith("made-up-") for m in models), models
     assert "other" in models
+
+
+async def test_exactly_once_waits_for_the_slot_admit_takes(monkeypatch: Any) -> None:
+    """Under exactly-once a request is taken only once the slot `admit` will take is
+    free (`_wait_for_slot`, before the commit gate). It waited on its head provider's
+    slot instead: for a made-up head with a declared fallback, another semaphore than
+    admit's (admit then blocked inside the gate), and one more lasting slot per name."""
+    from agentstream.agents.llm import agent as llm_agent
+    from agentstream.streams.processing import Inbound
+
+    rt = CallRuntime()
+    monkeypatch.setattr(llm_agent, "runtime", lambda: rt)
+    request = _request("made-up", "f").model_copy(update={"fallback": ["local"]})
+    taken = rt.slot_for(request)
+    for _ in range(taken._value):
+        await taken.acquire()  # every slot admit would take is busy
+    waiting = asyncio.ensure_future(
+        llm_agent._wait_for_slot([Inbound(Event.of(request, source="t"), None)])
+    )
+    await asyncio.sleep(0.05)
+    assert not waiting.done()  # waits for the busy slot, not a fresh one of its own
+    assert "made-up" not in rt.slots
+    taken.release()
+    await asyncio.wait_for(waiting, 5)
