@@ -235,6 +235,18 @@ def _stale(taken: tuple[asyncio.Task[Any] | None, Any, int, int]) -> bool:
     )
 
 
+def written_by() -> Any:
+    """The batch the calling task holds (its `_TAKEN` token, None outside a batch): the
+    table writer tags each changelog record with it."""
+    return _TAKEN.get()
+
+
+def abandoned(taken: Any) -> bool:
+    """Exactly-once: whether the batch `taken` was taken before a revoke, so that
+    nothing it wrote may join a transaction (`streams.tables.writer.flush_pending`)."""
+    return _EOS and taken is not None and _stale(taken)
+
+
 async def abandon_open_batch(exc: BaseException, *, stopping: bool) -> None:
     """The agent of this task left its batch by `exc` (called by `streams.delivery.BatchAgent`
     before Faust's supervisor sees the exception): close the batch iterator now, without

@@ -49,6 +49,7 @@ producer (under exactly-once: in its transaction):
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import weakref
 from collections import deque
@@ -57,7 +58,8 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-#: changelog records written, not yet handed to the producer
+#: changelog records written, not yet handed to the producer, each with the batch that
+#: wrote it (`streams.processing`'s token; None outside a batch)
 _PENDING: deque[Any] = deque()
 #: one flush at a time, per event loop (a worker has one; tests run several in turn)
 _FLUSHING: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
@@ -106,16 +108,20 @@ def delete(table: Any, key: Any, *, partition: int) -> None:
 
 
 def _send(table: Any, partition: int, key: Any, value: Any, **serializers: Any) -> None:
-    # what Table.send_changelog builds, kept for `flush_pending` instead of Faust's buffer
+    # what Table.send_changelog builds, kept for `flush_pending` instead of Faust's buffer,
+    # with the batch that wrote it (see `flush_pending`)
     _PENDING.append(
-        table.changelog_topic.as_future_message(
-            key=key,
-            value=value,
-            partition=partition,
-            key_serializer=serializers.get("key_serializer", table.key_serializer),
-            value_serializer=serializers.get("value_serializer", table.value_serializer),
-            callback=table._on_changelog_sent,
-            eager_partitioning=True,
+        (
+            table.changelog_topic.as_future_message(
+                key=key,
+                value=value,
+                partition=partition,
+                key_serializer=serializers.get("key_serializer", table.key_serializer),
+                value_serializer=serializers.get("value_serializer", table.value_serializer),
+                callback=table._on_changelog_sent,
+                eager_partitioning=True,
+            ),
+            _batch_hooks().written_by(),
         )
     )
     if not getattr(table.app, "in_transaction", False):
@@ -162,11 +168,39 @@ async def flush_pending() -> None:
     lock = _FLUSHING.get(loop)
     if lock is None:
         lock = _FLUSHING[loop] = asyncio.Lock()
+    abandoned = _batch_hooks().abandoned
     async with lock:
         while _PENDING:
-            fut = _PENDING[0]
-            await fut.message.channel.publish_message(fut, wait=False)
+            fut, batch = _PENDING[0]
+            if abandoned(batch):
+                # exactly-once: written by a batch taken before a revoke, abandoned
+                # unacked; its inputs are folded again by their partitions' owners, so
+                # the record joins no transaction (in the next one it would count twice)
+                _PENDING.popleft()
+                log.info("dropping a table record of a batch abandoned at a revoke")
+                continue
+            channel = fut.message.channel
+            sent = await channel.publish_message(fut, wait=False)
             _PENDING.popleft()
+            # a refused record is a refused output (delivery invariant 2): Faust's own
+            # callback only logs it, and the commit's producer flush waits for the send
+            # to end, not to succeed, so the input's offset was committed without it
+            _watch(sent, channel.get_topic_name())
+
+
+@functools.cache
+def _batch_hooks() -> Any:
+    """`streams.processing` (which imports this module): `written_by()` names the batch
+    of the task writing, `abandoned(batch)` whether exactly-once abandoned it."""
+    from agentstream.streams import processing
+
+    return processing
+
+
+def _watch(sent: Any, topic: str) -> None:
+    from agentstream.streams.processing import watch_delivery  # imports this module
+
+    watch_delivery(sent, topic)
 
 
 class TableWriter(MutableMapping[str, Any]):

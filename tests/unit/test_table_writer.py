@@ -43,7 +43,7 @@ def sent(app: faust.App) -> list[tuple[str, int, bytes, bytes | None]]:
     out = []
     assert app.producer.buffer.pending.empty(), "a table record went to Faust's buffer"
     while writer._PENDING:
-        msg = writer._PENDING.popleft().message
+        msg = writer._PENDING.popleft()[0].message
         key = msg.channel.prepare_key(msg.key, msg.key_serializer, None)[0]
         value = msg.channel.prepare_value(msg.value, msg.value_serializer, None)[0]
         out.append((msg.channel.get_topic_name(), msg.partition, key, value))

@@ -47,9 +47,12 @@ def eos_table(
     table = app.Table("t", default=None, key_type=str, partitions=4)
     published: list[tuple[Any, ...]] = []
 
-    async def publish_message(topic: Any, fut: Any, wait: bool = False) -> None:
+    async def publish_message(topic: Any, fut: Any, wait: bool = False) -> Any:
         await asyncio.sleep(0.01)
         published.append((fut.message.partition, fut.message.key, fut.message.value))
+        sent: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        sent.set_result(None)  # delivered
+        return sent
 
     monkeypatch.setattr(type(table.changelog_topic), "publish_message", publish_message)
     return app, table, published
@@ -139,3 +142,73 @@ async def test_at_least_once_commit_hands_table_records_over_before_the_producer
     assert published == []
     assert await consumer._commit_offsets({tp: 10})
     assert seen == {"published at producer flush": 5, "published at offset commit": 5}
+
+
+async def test_a_changelog_record_the_broker_refuses_stops_every_commit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """At-least-once: Faust's callback for a changelog send only logs a failure, and the
+    producer flush before a commit waits for the send to end, not to succeed: the input
+    was committed without its table update. A refused record is a refused output."""
+    from agentstream.streams import processing
+
+    _, table, _ = eos_table(monkeypatch, "at_least_once")
+    refused: list[asyncio.Future[Any]] = []
+
+    async def publish_message(topic: Any, fut: Any, wait: bool = False) -> Any:
+        sent: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        refused.append(sent)
+        return sent
+
+    monkeypatch.setattr(type(table.changelog_topic), "publish_message", publish_message)
+    crashed: list[BaseException] = []
+    monkeypatch.setattr(processing, "delivery_failed", crashed.append)
+    write(table, "a", 1, partition=1)
+    await flush_pending()
+    assert len(refused) == 1 and crashed == []
+    refused[0].set_exception(RuntimeError("record too large for the changelog topic"))
+    await asyncio.sleep(0)
+    assert [str(e) for e in crashed] == ["record too large for the changelog topic"]
+
+
+async def test_a_batch_abandoned_at_a_revoke_sends_no_table_record_later(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Exactly-once: a batch taken before a revoke is abandoned unacked at its flush, and
+    its inputs are folded again by their partitions' owners. The record it wrote stayed
+    queued and went into the next transaction with the next flush: the fold counted
+    twice in the changelog (or, the partition gone, the send failed and crashed)."""
+    from agentstream.streams import processing
+    from agentstream.streams.processing import (
+        BatchAbandoned,
+        abandon_open_batch,
+        decoded_batches,
+    )
+    from tests.unit.test_decoded_batches import Gate, message
+    from tests.unit.test_event_batches import App, Ev, Msg, Stream
+
+    _, table, published = eos_table(monkeypatch)
+    monkeypatch.setattr(processing, "_EOS", True)
+    monkeypatch.setattr(processing, "GATE", Gate([]))
+    monkeypatch.setattr(processing, "processing_failed", lambda exc: None)
+    app = App()
+    app.consumer._revokes = 0
+    stream = Stream(app)
+    ev = Ev(Msg("in", 0, 0, 1), message(0))
+    stream.channel.queue.put_nowait(ev)
+
+    async def agent() -> None:
+        try:
+            async for _ in decoded_batches(stream, consumer="c", max_batch=10, within_s=0.01):
+                write(table, "count", 1, partition=0)  # the batch's fold
+                app.consumer._revokes += 1  # a revoke whose wait ran out: the batch is stale
+        except BaseException as exc:
+            await abandon_open_batch(exc, stopping=False)
+            raise
+
+    with pytest.raises(BatchAbandoned):
+        await asyncio.wait_for(asyncio.create_task(agent()), 2)
+    assert ev.acks == []  # its owner processes it again
+    write(table, "other", 2, partition=1)  # outside any batch: kept
+    await flush_pending()  # the next batch's, or the next commit window's
+    assert published == [(1, b'"other"', b"2")] and pending_writes() == 0

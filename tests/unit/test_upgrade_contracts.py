@@ -926,8 +926,17 @@ CONTRACTS: list[Contract] = [
     c(
         "faust.channels.Channel.publish_message",
         "call",
-        f"{WRITER}::.channel.publish_message(fut, wait=False)",
+        f"{WRITER}::channel.publish_message(fut, wait=False)",
         params="(self, fut, wait)",
+    ),
+    c(
+        # the changelog topic's: with wait=False it returns the producer's future, which
+        # `flush_pending` watches (a refused record stops every commit)
+        "faust.topics.Topic.publish_message",
+        "call",
+        f"{WRITER}::channel.publish_message(fut, wait=False)",
+        params="(self, fut, wait)",
+        contains=("return fut2",),
     ),
     c(
         "faust.Table.key_serializer",
