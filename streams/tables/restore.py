@@ -30,7 +30,12 @@ Invariants
    a store other than memory, a client error — ends the bulk read for that partition
    (or all of them), and Faust's recovery reads what is left record by record.
 4. The bulk read has a time budget below Faust's own timeout for the step it runs in
-   (`broker_request_timeout`): past it, Faust goes on from the offsets reached.
+   (`broker_request_timeout`), which covers the whole step, Faust's own start-offset
+   lookup included: past it, Faust goes on from the offsets reached. (Past Faust's
+   timeout, its recovery would stop for good and the worker stay paused.)
+5. A rebalance during the bulk read (`Recovery.on_rebalance` signals a new recovery;
+   Faust cancels this step a few loop turns later) ends it at once: nothing more is
+   applied and no start offset is noted, least of all for a partition that left.
 """
 
 from __future__ import annotations
@@ -183,6 +188,16 @@ async def restore_in_bulk(
     applied = 0
     started = time.monotonic()
     deadline = started + budget_s
+    # Faust's end offsets, read once: a rebalance (`Recovery.on_rebalance`) drops a
+    # revoked partition's entry, and its Counter then reads 0 for it
+    lasts = {tp: highwaters[tp] for tp in todo}
+    rebalanced = recovery.signal_recovery_start.is_set
+
+    def gone(tp: TP) -> bool:
+        # a rebalance since this restore started: Faust cancels it a few loop turns
+        # later, and meanwhile nothing more may be applied or noted (invariant 5)
+        return rebalanced() or tp not in recovery.active_tps
+
     try:
         await consumer.start()
         ktps = {tp: _kafka_tp(tp) for tp in todo}
@@ -197,12 +212,17 @@ async def restore_in_bulk(
                 timeout_ms=200,
                 max_records=FETCH_MAX_RECORDS,
             )
+            if rebalanced():
+                break
             for ktp, records in fetched.items():
                 tp = by_ktp[ktp]
                 table = todo.get(tp)
                 if table is None:
                     continue
-                last = highwaters[tp]
+                if gone(tp):
+                    del todo[tp]
+                    continue
+                last = lasts[tp]
                 wanted = [r for r in records if r.offset <= last]
                 if not wanted:
                     continue
@@ -222,8 +242,11 @@ async def restore_in_bulk(
                 # Read to its end: under read_committed the last records may be
                 # transaction markers or aborted records, never returned; the position
                 # moves past them all the same.
-                if await consumer.position(ktps[tp]) > highwaters[tp]:
-                    offsets[tp] = highwaters[tp]
+                position = await consumer.position(ktps[tp])
+                if gone(tp):
+                    del todo[tp]
+                elif position > lasts[tp]:
+                    offsets[tp] = lasts[tp]
                     del todo[tp]
         if todo:
             log.info(
@@ -256,16 +279,28 @@ class BulkRestoringRecovery(Recovery):
     (module docstring) once their start offsets are built."""
 
     async def _build_offsets(self, consumer: Any, tps: Any, destination: Any, title: str) -> None:
+        # Faust waits for this whole step at most broker_request_timeout (`_wait`; past
+        # it its recovery stops for good): the bulk read gets half of it, less what
+        # Faust's own start-offset lookup took, and is cut off at that, whatever it
+        # waits for (invariant 4); what is left is read by Faust's own path.
+        started = time.monotonic()
         await super()._build_offsets(consumer, tps, destination, title)
         if title != "active" or not tps:
             return
-        # Faust waits for this step at most broker_request_timeout (`_wait`): the budget
-        # stays well inside it, and what is left is read by Faust's own path.
-        budget = max(1.0, float(self.app.conf.broker_request_timeout) / 2)
+        budget = float(self.app.conf.broker_request_timeout) / 2 - (time.monotonic() - started)
+        if budget < 1.0:
+            self.log.info("bulk restore skipped: the start offsets took %.0f s", budget)
+            return
         try:
-            await restore_in_bulk(
-                self, set(tps), destination, self.active_highwaters, budget_s=budget
+            await asyncio.wait_for(
+                restore_in_bulk(
+                    self, set(tps), destination, self.active_highwaters, budget_s=budget
+                ),
+                # the loop's own deadline, plus the consumer's start and stop
+                timeout=budget + min(10.0, budget / 2),
             )
+        except TimeoutError:
+            self.log.warning("bulk restore cut off after %.0f s; Faust's recovery goes on", budget)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # Faust's recovery reads the rest (invariant 3)

@@ -4,6 +4,8 @@ own recovery does, for every table the agents declare, and applies them as Faust
 
 from __future__ import annotations
 
+import asyncio
+import time
 from typing import Any
 
 import orjson
@@ -116,3 +118,139 @@ def test_applied_batch_sets_deletes_and_remembers_partitions() -> None:
 
     asyncio.run(store.on_recovery_completed({TP(table.changelog_topic.get_topic_name(), 0)}, set()))
     assert dict(store.data) == {}
+
+
+class _Rec:
+    def __init__(self, offset: int, key: bytes, value: bytes) -> None:
+        self.offset, self.key, self.value = offset, key, value
+
+
+class _GatedConsumer:
+    """The restore's consumer: the first fetch returns records 0-2 at once, the second
+    waits for `gate` (the broker answering just as a rebalance lands)."""
+
+    def __init__(self, log: list[_Rec], gate: asyncio.Event) -> None:
+        self.log, self.gate, self.pos, self.calls = log, gate, {}, 0
+
+    async def start(self) -> None:
+        return None
+
+    async def stop(self) -> None:
+        return None
+
+    def assign(self, tps: Any) -> None:
+        return None
+
+    def seek(self, ktp: Any, offset: int) -> None:
+        self.pos[ktp] = offset
+
+    async def getmany(self, *ktps: Any, timeout_ms: int, max_records: int) -> Any:
+        self.calls += 1
+        if self.calls > 1:
+            await self.gate.wait()
+        out = {}
+        for k in ktps:
+            recs = [r for r in self.log if r.offset >= self.pos[k]][
+                : 3 if self.calls == 1 else None
+            ]
+            if recs:
+                self.pos[k] = recs[-1].offset + 1
+                out[k] = recs
+        return out
+
+    async def position(self, ktp: Any) -> int:
+        return int(self.pos[ktp])
+
+
+def test_a_rebalance_during_the_bulk_read_notes_no_start_offset(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A rebalance lands while the bulk read waits for a fetch; Faust cancels the read a
+    few loop turns later, but the fetch's answer came first. The read went on: applied
+    the records and noted a start offset for the partition just revoked (0 from the
+    end offsets' Counter, which Faust had emptied for it). The entry outlived the
+    revoke, and when the partition came straight back its restore began after it: the
+    record at offset 0 was never restored."""
+    from faust.tables.recovery import RebalanceAgain
+
+    import agentstream.streams.kafka_security as kafka_security
+    from agentstream.streams.tables.restore import restore_in_bulk
+
+    table = _app_tables()["accepted_by_sender"]
+    app = table.app
+    rec = app.tables.recovery
+    tp = TP(table.changelog_topic.get_topic_name(), 0)
+    log = [_Rec(i, f"k{i}".encode(), orjson.dumps({"n": i})) for i in range(10)]
+    gate = asyncio.Event()
+    monkeypatch.setattr(kafka_security, "new_consumer", lambda *a, **k: _GatedConsumer(log, gate))
+    rec.tp_to_table[tp] = table
+    rec.active_tps.add(tp)
+    rec.active_offsets[tp] = -1
+    rec.active_highwaters[tp] = 9
+    table.data.data.clear()
+
+    async def scenario() -> None:
+        read = asyncio.ensure_future(
+            rec._wait(
+                restore_in_bulk(rec, {tp}, rec.active_offsets, rec.active_highwaters, budget_s=5)
+            )
+        )
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert rec.active_offsets[tp] == 2  # the first fetch applied
+        # Recovery.on_rebalance's synchronous part: tp revoked, a new recovery signalled;
+        # the second fetch's answer arrives in the same instant
+        rec.revoke(tp)
+        rec.active_tps.discard(tp)
+        rec.signal_recovery_start.set()
+        gate.set()
+        with pytest.raises(RebalanceAgain):
+            await read
+
+    try:
+        rec.loop.run_until_complete(scenario())
+        assert tp not in rec.active_offsets
+        assert sorted(table.data.data) == ["k0", "k1", "k2"]  # nothing after the rebalance
+    finally:
+        rec.signal_recovery_start.clear()
+        rec.active_tps.discard(tp)
+        rec.tp_to_table.pop(tp, None)
+        rec.active_offsets.pop(tp, None)
+        rec.active_highwaters.pop(tp, None)
+        table.data.data.clear()
+
+
+@pytest.mark.filterwarnings("ignore:Setting new value for configuration key")
+def test_the_bulk_read_never_outlasts_fausts_timeout_for_its_step(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Faust waits for the start-offsets step at most broker_request_timeout, and past
+    it stops its recovery for good (the worker stays paused). The bulk read's own
+    deadline was checked only between fetches: a fetch, a position lookup or the
+    consumer's start that hung took the step past it."""
+    from faust.tables.recovery import Recovery
+
+    from agentstream.streams.tables import restore
+
+    table = _app_tables()["accepted_by_sender"]
+    rec = table.app.tables.recovery
+    tp = TP(table.changelog_topic.get_topic_name(), 0)
+
+    async def faust_offsets(*args: Any, **kwargs: Any) -> None:
+        return None
+
+    async def hangs(*args: Any, **kwargs: Any) -> int:
+        await asyncio.Event().wait()
+        return 0
+
+    monkeypatch.setattr(Recovery, "_build_offsets", faust_offsets)
+    monkeypatch.setattr(restore, "restore_in_bulk", hangs)
+    monkeypatch.setattr(table.app.conf, "broker_request_timeout", 3.0)
+
+    async def step() -> float:
+        started = time.monotonic()
+        await asyncio.wait_for(rec._build_offsets(None, {tp}, {}, "active"), 10)
+        return time.monotonic() - started
+
+    took = rec.loop.run_until_complete(step())
+    assert took < 3.0  # cut off inside Faust's timeout; Faust's recovery goes on
