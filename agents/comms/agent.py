@@ -19,6 +19,13 @@ async def _on_assigned(sender: Any, assigned: Any, **kwargs: Any) -> None:
     invalidate_indexes(writer)
 
 
+@app.on_rebalance_complete.connect
+async def _on_restored(sender: Any, **kwargs: Any) -> None:
+    # the table was restored from its changelog (after the assignment, where a batch
+    # still folding may have rebuilt the pruning index from the partial table): stale
+    invalidate_indexes(writer)
+
+
 @app.agent(catalogue_topic(COMMS_RECORDS), name=CONSUMER)
 async def track_communications(stream: Any) -> None:
     async for batch in decoded_batches(

@@ -24,7 +24,13 @@ writer = metrics_writer()
 
 @app.on_partitions_assigned.connect
 async def _on_assigned(sender: Any, assigned: Any, **kwargs: Any) -> None:
-    # the table may have been restored from its changelog: the pruning index is stale
+    invalidate_indexes(writer)
+
+
+@app.on_rebalance_complete.connect
+async def _on_restored(sender: Any, **kwargs: Any) -> None:
+    # the table was restored from its changelog (after the assignment, where a batch
+    # still folding may have rebuilt the pruning index from the partial table): stale
     invalidate_indexes(writer)
 
 

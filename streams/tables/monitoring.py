@@ -290,7 +290,11 @@ def fold_sample(
         if ts >= float(cur["last_ts"]):
             new["last"], new["last_ts"] = value, ts
         state[key] = new
-        idx.groups[group].newest = newest
+        g = idx.groups.get(group)
+        if g is None:  # a window the index never saw (restored behind its back)
+            idx.add(group, start, key, newest)
+        else:
+            g.newest = newest
     # expire windows with start + interval <= newest - retention (starts are multiples of
     # the interval, so a small epsilon turns the strict comparison into <=)
     for old in idx.expire(group, newest - retention_s - interval_s + 1e-6):

@@ -240,3 +240,22 @@ async def test_a_value_the_serializer_refuses_leaves_the_table_unchanged() -> No
         write(table, "k", deep, partition=0)
     assert "k" not in table.data
     assert sent(app) == []
+
+
+async def test_keys_written_live_leave_with_their_partition() -> None:
+    """When a recovery completes the memory store drops the keys of partitions this
+    worker no longer holds, but only those it saw in a restore: a key written live
+    stayed for good after its partition moved to another worker (memory, and stale
+    entries served by the views that read the whole local table)."""
+    from faust.types import TP
+
+    app = _app()
+    table = json_table(app)
+    write(table, "kept", {"n": 1}, partition=0)
+    write(table, "moved", {"n": 2}, partition=3)
+    write(table, "gone", {"n": 3}, partition=3)
+    delete(table, "gone", partition=3)
+    sent(app)
+    changelog = f"{app.conf.id}-t-changelog"
+    await table.data.on_recovery_completed({TP(changelog, 0)}, set())
+    assert dict(table.data.data) == {"kept": {"n": 1}}
