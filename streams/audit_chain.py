@@ -539,7 +539,15 @@ async def last_hash(
             start = end
             cut_short = False
             while start > floor:
-                start, stop = max(first, start - lookback), start
+                # the limits hold for the window about to be read too, not only between
+                # windows: the sixth (up to 2M records) alone could outlast the timeout,
+                # and then every lookup failed and the chain could never be continued
+                span = min(lookback, SCAN_LIMIT - scan.scanned)
+                elapsed = loop.time() - began
+                if scan.scanned and elapsed > 0:
+                    rate = scan.scanned / elapsed  # records/s read so far
+                    span = min(span, max(1, int(rate * (SCAN_BUDGET_S - elapsed))))
+                start, stop = max(first, start - span), start
                 await _scan(consumer, tp, start, stop, scan)
                 scan.end_window(stop - start)
                 if scan.head is not None:

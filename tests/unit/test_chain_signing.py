@@ -361,3 +361,83 @@ async def test_worker_creates_its_chain_key_and_logs_what_to_publish(
     assert "agentstream audit worker-key publish --key-id worker" in caplog.text
     assert f"worker={found.public_b64}" in caplog.text
     assert await audit_chain.chain_signer(settings) is found
+
+
+class _VirtualClock:
+    def __init__(self, t: float) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+class _UnsignedPartition:
+    """A consumer over a partition of `n` sealed, unsigned records (a chain written
+    before signing), reading `rate` records per second of the virtual clock."""
+
+    VALUE = b'{"payload":{"hash":"ab","prev_hash":"cd"}}'
+
+    def __init__(self, n: int, rate: float, clock: _VirtualClock) -> None:
+        self.n, self.rate, self.clock, self.pos, self.read = n, rate, clock, 0, 0
+
+    async def start(self) -> None:
+        return None
+
+    async def stop(self) -> None:
+        return None
+
+    def assign(self, tps: Any) -> None:
+        return None
+
+    async def end_offsets(self, tps: Any) -> Any:
+        return {tps[0]: self.n}
+
+    async def beginning_offsets(self, tps: Any) -> Any:
+        return {tps[0]: 0}
+
+    def seek(self, tp: Any, offset: int) -> None:
+        self.pos = offset
+
+    async def position(self, tp: Any) -> int:
+        return self.pos
+
+    async def getmany(self, tp: Any, timeout_ms: int = 0) -> Any:
+        import asyncio
+        from types import SimpleNamespace
+
+        k = min(8192, self.n - self.pos)
+        self.clock.t += k / self.rate
+        await asyncio.sleep(0)
+        recs = [SimpleNamespace(offset=self.pos + i, value=self.VALUE) for i in range(k)]
+        self.pos += k
+        self.read += k
+        return {tp: recs}
+
+
+async def test_the_head_search_of_a_long_unsigned_chain_keeps_to_its_limits(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """1.5M unsigned records read at 20k/s: the limits (SCAN_LIMIT records,
+    SCAN_BUDGET_S) were checked only between windows, so the sixth window (up to 2M
+    records) was read whole, past the 60 s timeout: every lookup raised BrokerError,
+    nothing was remembered, and the partition's chain could never be continued."""
+    import asyncio
+    from types import SimpleNamespace
+
+    loop = asyncio.get_running_loop()
+    clock = _VirtualClock(loop.time())
+    monkeypatch.setattr(loop, "time", clock)
+    audit_chain._UNSIGNED_BELOW.pop(("t", 0), None)
+    made: list[_UnsignedPartition] = []
+
+    def consumer(*args: Any, **kwargs: Any) -> _UnsignedPartition:
+        made.append(_UnsignedPartition(1_500_000, 20_000.0, clock))
+        return made[-1]
+
+    monkeypatch.setattr(audit_chain, "group_less_consumer", consumer)
+    try:
+        await audit_chain.last_hash(SimpleNamespace(), "t", 0)  # within its timeout
+        assert made[0].read <= audit_chain.SCAN_LIMIT
+        assert ("t", 0) in audit_chain._UNSIGNED_BELOW  # not searched again
+    finally:
+        audit_chain._UNSIGNED_BELOW.pop(("t", 0), None)
