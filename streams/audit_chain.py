@@ -643,20 +643,32 @@ class ChainWriter:
         last record of the block (`chain_signer`): an unsigned tail is abandoned by the
         next writer that reads the head back from the topic."""
         from agentstream.streams.app import settings
-        from agentstream.streams.processing import check_not_frozen
+        from agentstream.streams.processing import check_not_frozen, check_not_rebalanced
 
         lock = self._locks.setdefault(partition, asyncio.Lock())
         async with lock:
             check_not_frozen()  # a zombie's batch would fork the chain
+            # nor may a batch taken before a rebalance (or a call it started) extend a
+            # chain whose partition may have another writer now (both guarantees)
+            check_not_rebalanced()
             prev = self._last.get(partition)
             if prev is None:
                 trusted = await worker_trust(settings)
                 prev = await last_hash(
                     settings, settings.topic(self.topic), partition, trusted=trusted
                 )
+                check_not_rebalanced()  # the lookup can take seconds
             head = ChainHead(prev)
-            yield head
-            self._last[partition] = head.hash
+            try:
+                yield head
+            except BaseException:
+                # what the block sent before failing is not known to be the head
+                self._last.pop(partition, None)
+                raise
+            if written_by_stale_batch():
+                self._last.pop(partition, None)  # reset meanwhile: not this one's to keep
+            else:
+                self._last[partition] = head.hash
 
     async def emit(self, event: Event[Any], partition: int) -> Event[Any]:
         """Seal, sign and send one record."""
@@ -697,6 +709,13 @@ class ChainWriter:
             head.hash = sealed.payload.hash
             EVENTS_OUT.labels(self.topic).inc()
             return sealed, fut
+
+
+def written_by_stale_batch() -> bool:
+    from agentstream.streams.processing import _stale, written_by
+
+    taken = written_by()
+    return taken is not None and _stale(taken)
 
 
 _WRITERS: dict[str, ChainWriter] = {}

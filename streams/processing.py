@@ -215,6 +215,17 @@ def _own_batch() -> tuple[asyncio.Task[Any] | None, Any, int, int] | None:
     return taken
 
 
+def check_not_rebalanced() -> None:
+    """Raise `BatchAbandoned` when this task's batch (or the batch that started this
+    task: an LLM call) was taken before a rebalance, under either guarantee: for the
+    writers of the signed chains, whose partitions may have another writer since
+    (`streams.audit_chain.ChainWriter.head`). Under at-least-once the batch is then
+    not acked, and its records are processed again by their partitions' owners."""
+    taken = _TAKEN.get()
+    if taken is not None and _stale(taken):
+        raise BatchAbandoned("taken before a rebalance: the chain's partition may have moved")
+
+
 def check_batch_current() -> None:
     """Exactly-once: raise `BatchAbandoned` when this task's open batch was taken before
     a revoke (streams.delivery.BatchDeliveryConsumer.on_partitions_revoked)."""
@@ -1196,6 +1207,7 @@ __all__ = [
     "app",
     "check_batch_current",
     "check_not_frozen",
+    "check_not_rebalanced",
     "dead_letter",
     "dead_letter_of",
     "decoded_batches",

@@ -70,3 +70,45 @@ async def test_the_watchdog_fails_the_worker_after_a_freeze(
     _freeze(processing._freeze_limit() + 1)
     await asyncio.wait_for(watch, 2)  # it ends after failing the worker
     assert [type(f) for f in failed] == [WorkerFroze]
+
+
+async def test_a_batch_taken_before_a_rebalance_extends_no_chain(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """At-least-once does not wait for the batches in progress at a revoke: one still
+    running (or an LLM call it started) went on writing chain records after the
+    partition's new owner had read the head and continued the chain: a fork. Now a
+    writer whose batch was taken before a rebalance refuses before it reads or writes a
+    head (`check_not_rebalanced`), and a block that ends after a rebalance keeps no head."""
+    from agentstream.streams import audit_chain
+    from agentstream.streams.processing import BatchAbandoned
+
+    class App:
+        consumer_generation_id = 1
+        consumer = type("Consumer", (), {"_revokes": 0})()
+
+    app = App()
+
+    async def trust(settings: object) -> dict[str, object]:
+        return {}
+
+    async def head_of(*args: object, **kwargs: object) -> str:
+        return "h0"
+
+    monkeypatch.setattr(audit_chain, "worker_trust", trust)
+    monkeypatch.setattr(audit_chain, "last_hash", head_of)
+    writer = ChainWriter("security.decisions")
+    token = processing._TAKEN.set((None, app, 0, 1))
+    try:
+        async with writer.head(0) as head:  # taken in this generation: writes
+            head.hash = "h1"
+        assert writer._last[0] == "h1"
+        async with writer.head(0) as head:
+            app.consumer_generation_id = 2  # a rebalance while the block runs
+            head.hash = "h2"
+        assert 0 not in writer._last  # not kept: the next writer reads the topic
+        with pytest.raises(BatchAbandoned):
+            async with writer.head(0):
+                pass
+    finally:
+        processing._TAKEN.reset(token)
