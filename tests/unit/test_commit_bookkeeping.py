@@ -182,20 +182,26 @@ def test_releases_from_threads_keep_the_count() -> None:
     assert len(HOLDS) == 0 and c._new_offset(PART) == 200
 
 
-async def test_a_gap_after_a_record_at_offset_0_counts_as_done() -> None:
-    # record 0, a commit marker at 1, an aborted transaction at 2-3 (read_committed
-    # delivers none of them), records from 4 on
+def delivering(delivered: list[ConsumerMessage]) -> Consumer:
+    """A consumer before its first commit whose `_deliver` hands records to `delivered`."""
     c = Consumer(committed=None)
     c._read_offset = defaultdict(lambda: None)
     c._commit_every = None
     c._refetch_epoch = 0
     c.log = logging.getLogger("test.commit")
-    delivered: list[ConsumerMessage] = []
 
     async def callback(message: ConsumerMessage) -> None:
         delivered.append(message)
 
     c.callback = callback
+    return c
+
+
+async def test_a_gap_after_a_record_at_offset_0_counts_as_done() -> None:
+    # record 0, a commit marker at 1, an aborted transaction at 2-3 (read_committed
+    # delivers none of them), records from 4 on
+    delivered: list[ConsumerMessage] = []
+    c = delivering(delivered)
     await c._deliver([(PART, record(o)) for o in (0, 4, 5, 6)])
     assert [m.offset for m in delivered] == [0, 4, 5, 6]
     batch_done(c, *delivered)
@@ -207,16 +213,7 @@ async def test_a_gap_never_counts_the_record_after_it_done() -> None:
     # 0 delivered, 1-3 hold no record, 4 delivered and held by its call, 5 answered:
     # Faust's own `_add_gap(tp, 1, 4)` counted 4 as done with the gap, and the gap's
     # merge then committed 5, past the held record
-    c = Consumer(committed=None)
-    c._read_offset = defaultdict(lambda: None)
-    c._commit_every = None
-    c._refetch_epoch = 0
-    c.log = logging.getLogger("test.commit")
-
-    async def callback(message: ConsumerMessage) -> None:
-        return None
-
-    c.callback = callback
+    c = delivering([])
     ms = {o: record(o) for o in (0, 4, 5)}
     await c._deliver(list((PART, m) for m in ms.values()))
     hold(ms[4])
