@@ -509,11 +509,17 @@ class BatchDeliveryConsumer:
                     high[tp] = offset
         return did
 
-    #: exactly-once: revokes so far; a batch taken before the last one is abandoned
-    #: (module docstring, 9)
+    #: revokes so far: under exactly-once a batch taken before the last one is
+    #: abandoned (module docstring, 9); under either guarantee it extends no signed
+    #: chain (`streams.processing.check_not_rebalanced`)
     _revokes = 0
 
     async def on_partitions_revoked(self: Any, revoked: Any) -> None:
+        if not self.app.in_transaction:
+            # at-least-once: from here on a batch taken before is stale for the chain
+            # writers (`check_not_rebalanced`), not only once the next assignment's
+            # generation is known (exactly-once counts inside the revoke's window)
+            self._revokes += 1
         if self.assignment():
             if self.app.in_transaction:
                 await self._finish_batches_before_revoke()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import functools
 import logging
 import time
@@ -102,6 +103,9 @@ class CallRuntime:
         #: request ids whose final response is out but whose table entries (dedup,
         #: usage) are not written yet; they count as answered for dedup
         self.answered: set[str] = set()
+        #: request id -> its record, for responses handed to the producer and not yet
+        #: confirmed by the broker (`_response_sent`)
+        self._unconfirmed: dict[str, Any] = {}
         self._unwritten: list[tuple[LLMResponse, dict[str, Any], Any]] = []
         self._flush_handle: asyncio.TimerHandle | None = None
 
@@ -271,6 +275,12 @@ class CallRuntime:
             if flight.inbound.message.tp in revoked and flight.task is not None:
                 flight.revoked = True
                 flight.task.cancel()
+        # a response not yet confirmed no longer answers its request here: a copy of the
+        # request consumed after the rebalance (this worker may get the partition back)
+        # would be acked as answered while that response may still fail
+        for rid, message in list(self._unconfirmed.items()):
+            if message.tp in revoked:
+                self.answered.discard(rid)
         self.write_tables()
 
     # -- one call --------------------------------------------------------------------------
@@ -381,6 +391,7 @@ class CallRuntime:
             )
         # last: from here on the request's ack is `_response_sent`'s, then write_tables'
         self.answered.add(request.request_id)
+        self._unconfirmed[request.request_id] = inbound.message
         sent.add_done_callback(functools.partial(self._response_sent, sealed, inbound.message))
 
     def _response_sent(self, sealed: Event[Any], message: Any, sent: Any) -> None:
@@ -390,13 +401,19 @@ class CallRuntime:
         the restarted worker skip the request, which was then never answered. A failed
         delivery leaves the request held: `delivery_failed` stops every commit and the
         worker restarts and consumes it again."""
+        rid = sealed.payload.request_id
+        if self._unconfirmed.get(rid) is message:
+            del self._unconfirmed[rid]
         if sent.cancelled() or sent.exception() is not None:
-            self.answered.discard(sealed.payload.request_id)
+            self.answered.discard(rid)
             return
         self._unwritten.append((sealed.payload, tables.done_entry(sealed), message))
         if self._flush_handle is None:
+            # in a context of its own: the writes are no batch's (this callback runs in
+            # the context of the call that armed it, whose batch may be stale by now,
+            # and the table writer would drop every entry of the flush with it)
             self._flush_handle = asyncio.get_running_loop().call_later(
-                TABLE_WRITE_DELAY_S, self.write_tables
+                TABLE_WRITE_DELAY_S, self.write_tables, context=contextvars.Context()
             )
 
     def write_tables(self) -> None:

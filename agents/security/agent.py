@@ -62,6 +62,7 @@ from agentstream.streams.processing import (
 from agentstream.streams.redaction import redact_raw
 from agentstream.streams.tables import write
 from agentstream.streams.tables.security import decision_counts_table, keys_for
+from agentstream.streams.tables.writer import note_partition
 from agentstream.streams.topics import (
     AGENT_MESSAGES,
     AGENT_MESSAGES_ACCEPTED,
@@ -477,6 +478,7 @@ async def _publish(
         # partition (a Faust changelog send each would cost more than deciding the message)
         for partition, key, entry in table_writes:
             REPLAY.data[key] = entry
+            note_partition(REPLAY, key, partition)  # dropped with its partition (as `write`)
             changelog.setdefault(partition, []).append((orjson.dumps(key), orjson.dumps(entry)))
     changelog_topic = REPLAY.changelog_topic.get_topic_name()
     decisions_topic = settings.topic(SECURITY_DECISIONS)

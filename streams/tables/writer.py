@@ -96,11 +96,11 @@ def write(table: Any, key: Any, value: Any, *, partition: int) -> None:
             f"{limit}, the producer's request limit): the input that made it is refused"
         )
     table.data[key] = value
-    _note_partition(table, key, partition)
+    note_partition(table, key, partition)
     _send(table, partition, raw_key, raw_value, key_serializer="raw", value_serializer="raw")
 
 
-def _note_partition(table: Any, key: Any, partition: int | None) -> None:
+def note_partition(table: Any, key: Any, partition: int | None) -> None:
     """The memory store drops, when a recovery completes, the keys of partitions this
     worker no longer holds, but only keys it saw in a restore (`_key_partition`): a key
     written live stayed after its partition moved away (memory kept for good, stale
@@ -118,7 +118,7 @@ def delete(table: Any, key: Any, *, partition: int) -> None:
     """Remove `key` from the local data (KeyError when absent, like ``del``) and send its
     tombstone to `partition`."""
     del table.data[key]
-    _note_partition(table, key, None)
+    note_partition(table, key, None)
     # a tombstone is a null value, which the table's JSON serializer would write as "null"
     _send(table, partition, key, None, value_serializer="raw")
 

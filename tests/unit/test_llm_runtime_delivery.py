@@ -178,3 +178,55 @@ async def test_a_request_admitted_after_its_partition_was_revoked_is_not_called(
     await rt.admit(request)
     assert "r5" not in rt.inflight and sem._value == free
     assert HOLDS.floor(PART) is None
+
+
+async def test_a_response_not_yet_confirmed_answers_no_copy_after_a_revoke(
+    fake_app: FakeApp, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Until its response is confirmed a request counts as answered in this process. A
+    copy consumed after a rebalance that gave the partition back was then acked as
+    answered, and when the first response's send failed nothing answered it."""
+    writer = PendingWriter()
+    monkeypatch.setattr(rtmod, "chain_writer", lambda topic: writer)
+    rt = CallRuntime()
+    request = inbound("r6", 60)
+    await rt.admit(request)
+    flight = rt.inflight["r6"]
+    assert flight.task is not None
+    await asyncio.wait_for(flight.task, SOON_S)
+    assert rt.answered_or_inflight("r6")  # not called twice while it is on its way
+    rt.revoke({PART})
+    assert not rt.answered_or_inflight("r6")  # a copy is called again, not acked
+    writer.sent[0].set_exception(RuntimeError("refused"))
+    await asyncio.sleep(0)
+    assert not rt.answered_or_inflight("r6") and rt._unconfirmed == {}
+
+
+async def test_the_table_writes_of_responses_are_no_batchs(
+    fake_app: FakeApp, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The timer that writes the dedup and usage entries ran in the context of the call
+    that armed it, i.e. with its admitting batch as the writer of every entry of the
+    flush: under exactly-once, that batch gone stale, the table writer dropped them all,
+    a current request's entries too."""
+    from agentstream.streams import processing
+
+    writer = PendingWriter()
+    monkeypatch.setattr(rtmod, "chain_writer", lambda topic: writer)
+    seen: list[Any] = []
+    monkeypatch.setattr(
+        rtmod.tables, "add_usage", lambda *a, **k: seen.append(processing.written_by())
+    )
+    rt = CallRuntime()
+    token = processing._TAKEN.set(("batch", None, 0, 1))  # the admitting batch's
+    try:
+        request = inbound("r7", 70)
+        await rt.admit(request)
+    finally:
+        processing._TAKEN.reset(token)
+    flight = rt.inflight["r7"]
+    assert flight.task is not None
+    await asyncio.wait_for(flight.task, SOON_S)
+    writer.sent[0].set_result(None)
+    await asyncio.sleep(rtmod.TABLE_WRITE_DELAY_S * 5)
+    assert seen == [None]
