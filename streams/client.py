@@ -99,6 +99,9 @@ def group_less_consumer(settings: Settings, purpose: str, **options: Any) -> AIO
     """A consumer for reading history (replay, audit, chain heads, policy folds): it joins no
     group and commits nothing, so it disturbs no consumer group, and it reads only committed
     transactions. Connects as the settings say (`streams.kafka_security`)."""
+    # earliest: a position retention deleted under the reader (OffsetOutOfRange) moves to
+    # the log's start, not its end; at its end the rest of the partition was skipped
+    options.setdefault("auto_offset_reset", "earliest")
     return new_consumer(
         settings,
         purpose,

@@ -26,6 +26,7 @@ from __future__ import annotations
 import base64
 import heapq
 import re
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
@@ -56,7 +57,19 @@ class TimeParseError(ValueError):
 
 def parse_time(text: str | datetime | int | float, *, now: datetime | None = None) -> datetime:
     """`now`, relative (`-15m`, `-2h`, `+30s`, `-1d`), ISO-8601, or epoch milliseconds
-    → an aware UTC datetime. Naive ISO times are taken as UTC."""
+    (13 digits) → an aware UTC datetime. Naive ISO times are taken as UTC. A time before
+    1970 is refused: Kafka's record times start there (and a negative search time is
+    an error of the client's, not an empty range)."""
+    dt = _parse_time(text, now)
+    if dt < _EPOCH:
+        raise TimeParseError(f"time {text!r} is before 1970-01-01, where record times start")
+    return dt
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _parse_time(text: str | datetime | int | float, now: datetime | None) -> datetime:
     current = now or datetime.now(UTC)
     if isinstance(text, datetime):
         return text if text.tzinfo else text.replace(tzinfo=UTC)
@@ -71,8 +84,13 @@ def parse_time(text: str | datetime | int | float, *, now: datetime | None = Non
     if m:
         seconds = float(m.group(2)) * _UNITS[m.group(3)]
         return current + timedelta(seconds=seconds if m.group(1) == "+" else -seconds)
-    if s.isdigit() and len(s) >= 10:
+    if s.isdigit() and len(s) >= 13:
         return datetime.fromtimestamp(int(s) / 1000, UTC)
+    if s.isdigit() and len(s) >= 9:
+        raise TimeParseError(
+            f"cannot parse time {text!r}: epoch milliseconds have 13 digits (this looks "
+            "like seconds: add 000)"
+        )
     try:
         dt = datetime.fromisoformat(s.replace("Z", "+00:00") if s.endswith(("Z", "z")) else s)
     except ValueError:
@@ -506,11 +524,19 @@ async def _fill(
                 consumer.pause(tp)
 
 
+#: an `until` less than this long ago counts as now (see `plan_ranges`)
+UNTIL_NOW_SLACK_MS = 60_000
+
+
 async def plan_ranges(
     consumer: AIOKafkaConsumer, topics: Sequence[str], since_ms: int | None, until_ms: int | None
 ) -> list[PartitionRange]:
     """Per partition: [first offset at/after since, first offset at/after until) ∩
-    [begin, end)."""
+    [begin, end). An `until` not in the past (`now`, the default of the commands,
+    parsed when the command started: within `UNTIL_NOW_SLACK_MS`) is the end read here:
+    a record's timestamp is its producer's, and one dated ahead would otherwise end the
+    range at it, leaving every later record of the partition out (a forged chain record
+    hidden from `audit verify` that way)."""
     tps: list[TopicPartition] = []
     for topic in topics:
         parts = consumer.partitions_for_topic(topic)
@@ -529,7 +555,7 @@ async def plan_ranges(
             ot = found.get(tp)
             starts[tp] = ot.offset if ot is not None else end[tp]
     stops = dict(end)
-    if until_ms is not None:
+    if until_ms is not None and until_ms < time.time() * 1000 - UNTIL_NOW_SLACK_MS:
         found = await consumer.offsets_for_times({tp: until_ms for tp in tps})
         for tp in tps:
             ot = found.get(tp)

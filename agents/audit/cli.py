@@ -17,6 +17,7 @@ from agentstream.streams.cli import (
     json_option,
     output_file,
     run,
+    term_safe,
     time_option,
     worker_call,
 )
@@ -72,7 +73,8 @@ def rebuild_cmd(table: str | None, all_tables: bool, as_json: bool, progress: bo
         verdict = "yes" if c.equal else "NO"
         click.echo(f"{' ' * len(c.table)}  equal to the live table: {verdict}")
         if c.differing_keys:
-            click.echo(f"{' ' * len(c.table)}  differing keys: {', '.join(c.differing_keys)}")
+            keys = ", ".join(term_safe(k) for k in c.differing_keys)  # keys are input data
+            click.echo(f"{' ' * len(c.table)}  differing keys: {keys}")
     if not all(c.equal for c in results if c.live_available):
         sys.exit(1)
 
@@ -213,7 +215,7 @@ def _print_verify(reports: Any, result: dict[str, Any], trust: Any) -> None:
         signed = f", {rep.signed} signed" if rep.signed else ""
         click.echo(f"{rep.topic}:{rep.partition}  {rep.records} record(s){signed}  {state}{anchor}")
         for f in rep.findings[:MAX_PRINTED]:
-            click.echo(f"  {f.kind.upper():9} offset {f.offset}  {f.detail}")
+            click.echo(f"  {f.kind.upper():9} offset {f.offset}  {term_safe(f.detail)}")
         if len(rep.findings) > MAX_PRINTED:
             click.echo(f"  … and {len(rep.findings) - MAX_PRINTED} more (--json lists all)")
     c = result["counts"]
@@ -229,8 +231,17 @@ def _print_verify(reports: Any, result: dict[str, Any], trust: Any) -> None:
     rows = result["policy_versions"]
     if rows:
         click.echo("signed policy versions that decided the messages:")
+        # ids and signers come from the records, which anyone who can write them chose
+        rows = [
+            {
+                **r,
+                "policy_id": term_safe(r["policy_id"]),
+                "signed_by": term_safe(r["signed_by"] or "-"),
+            }
+            for r in rows
+        ]
         width = max(len("policy"), *(len(r["policy_id"]) for r in rows))
-        swidth = max(len("signed by"), *(len(r["signed_by"] or "-") for r in rows))
+        swidth = max(len("signed by"), *(len(r["signed_by"]) for r in rows))
         head = f"  {'policy':{width}}  version  {'signed by':{swidth}}  decisions"
         click.echo(f"{head}  on security.policies")
         for r in rows:
@@ -241,7 +252,7 @@ def _print_verify(reports: Any, result: dict[str, Any], trust: Any) -> None:
             else:
                 where = "yes" if r["signature_valid"] else "yes, but its signature does NOT verify"
             click.echo(
-                f"  {r['policy_id']:{width}}  {r['version']:>7}  {r['signed_by'] or '-':{swidth}}"
+                f"  {r['policy_id']:{width}}  {r['version']:>7}  {r['signed_by']:{swidth}}"
                 f"  {r['decisions']:>9}  {where}"
             )
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
+from typing import Any
 
 import orjson
 import pytest
@@ -33,7 +34,20 @@ def test_parse_time(text: str, expected: datetime) -> None:
     assert parse_time(text, now=NOW) == expected
 
 
-@pytest.mark.parametrize("text", ["", "yesterday", "-15x", "15m"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "yesterday",
+        "-15x",
+        "15m",
+        # before 1970: aiokafka's offsets_for_times raised ValueError (a traceback)
+        "1969-12-31",
+        "-30000d",
+        # epoch seconds were read as milliseconds: 1970-01-20, i.e. "everything"
+        "1700000000",
+    ],
+)
 def test_parse_time_rejects(text: str) -> None:
     with pytest.raises(TimeParseError):
         parse_time(text, now=NOW)
@@ -143,3 +157,36 @@ def test_a_record_with_line_breaks_between_tokens_is_one_record_out(fmt: str, me
     if fmt == "json":
         assert out.count(b"\n") == 1
         assert orjson.loads(out)  # one JSON value per line
+
+
+async def test_a_record_dated_ahead_does_not_end_a_range_until_now() -> None:
+    """`--until now` (the commands' default) took the first offset whose timestamp is at
+    or after now: the producer sets a record's timestamp, so one dated ahead ended the
+    range there and every later record of the partition was left out (a forgery hidden
+    from `audit verify` behind it)."""
+    from aiokafka import TopicPartition
+
+    from agentstream.streams.replay import plan_ranges, to_ms
+
+    tp = TopicPartition("t", 0)
+
+    class Consumer:
+        def partitions_for_topic(self, topic: str) -> set[int]:
+            return {0}
+
+        async def beginning_offsets(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
+            return {tp: 0}
+
+        async def end_offsets(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
+            return {tp: 6}
+
+        async def offsets_for_times(self, times: dict[TopicPartition, int]) -> Any:
+            # timestamps [past, past, FUTURE, past, past, past]: the first at/after any
+            # time up to the future one's is offset 2
+            return {tp: type("OffsetAndTimestamp", (), {"offset": 2})()}
+
+    now = to_ms(parse_time("now"))
+    [whole] = await plan_ranges(Consumer(), ["t"], None, now)  # type: ignore[arg-type]
+    assert (whole.start, whole.stop) == (0, 6)
+    [past] = await plan_ranges(Consumer(), ["t"], None, now - 3_600_000)  # type: ignore[arg-type]
+    assert past.stop == 2  # an `until` in the past still cuts by the broker's time index
