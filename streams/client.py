@@ -79,6 +79,13 @@ UNKNOWN_TOPIC_TIMEOUT_S = 10.0
 #: a topic created a moment ago reaching every broker's metadata (milliseconds), where
 #: aiokafka would wait its whole request timeout (30 s) before saying the topic is missing
 PUBLISH_UNKNOWN_TOPIC_S = 3.0
+#: how long a publish waits for the broker to acknowledge its record (and `stop` for the
+#: records accepted before it): the idempotent producer retries a retriable failure
+#: forever (aiokafka expires no batch then), so without it an unreachable broker or an
+#: unmet min.insync.replicas hung the caller. Java's delivery.timeout.ms default. The
+#: record may still be written after the error (at-least-once: consumers deduplicate on
+#: the event id).
+PUBLISH_DELIVERY_TIMEOUT_S = 120.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -361,8 +368,17 @@ class AsyncClient:
 
     async def stop(self) -> None:
         if self._producer is not None:
-            await self._producer.stop()
-            self._producer = None
+            producer, self._producer = self._producer, None
+            try:  # flushes what was accepted; bounded (PUBLISH_DELIVERY_TIMEOUT_S)
+                await asyncio.wait_for(producer.stop(), PUBLISH_DELIVERY_TIMEOUT_S)
+            except TimeoutError:
+                raise PublishError(
+                    f"closing the client: records not acknowledged within "
+                    f"{PUBLISH_DELIVERY_TIMEOUT_S:g}s (the broker unreachable?); they may "
+                    "or may not have been written",
+                    topic="*",
+                    cause=TimeoutError(),
+                ) from None
 
     def _full(self, topic: str) -> str:
         return self.settings.topic(topic) if topic in CATALOGUE else topic
@@ -377,17 +393,40 @@ class AsyncClient:
         when `wait`, else the delivery future (which raises `PublishError` the same way)."""
         event = item if isinstance(item, Event) else self.event(item)
         key = key or event.key
-        return await self._send(topic, encode(event), key.encode(), key, wait)
+        try:
+            value = encode(event)
+        except TypeError as exc:  # orjson's JSONEncodeError too: a value JSON cannot hold
+            raise InvalidEvent(f"the event cannot be encoded as JSON: {exc}") from exc
+        return await self._send(topic, value, key.encode(), key, wait)
 
     async def publish_many(self, topic: str, items: Iterable[Event[Any] | Payload]) -> int:
-        """Send many events, batched; returns when all are acknowledged (or raises the
-        first `PublishError`, once every send has an outcome)."""
-        futures = [await self.publish(topic, item, wait=False) for item in items]
+        """Send many events, batched; returns when all are acknowledged. On the first
+        error (an event refused before it was sent, or a send or delivery that failed)
+        no further event is sent, and the error is raised once every event sent before
+        it has an outcome: the events before it may have been published."""
+        futures: list[Any] = []
+        failed: BaseException | None = None
+        for item in items:
+            try:
+                futures.append(await self.publish(topic, item, wait=False))
+            except (SchemaError, PublishError) as exc:
+                failed = exc
+                break
         if futures:
-            outcomes = await asyncio.gather(*futures, return_exceptions=True)
-            for outcome in outcomes:
-                if isinstance(outcome, BaseException):
-                    raise outcome
+            try:
+                outcomes = await asyncio.wait_for(
+                    asyncio.gather(*futures, return_exceptions=True), PUBLISH_DELIVERY_TIMEOUT_S
+                )
+            except TimeoutError:
+                raise PublishError(
+                    f"publishing to {self._full(topic)} failed: not acknowledged within "
+                    f"{PUBLISH_DELIVERY_TIMEOUT_S:g}s; the events may still be written",
+                    topic=self._full(topic),
+                    cause=TimeoutError(),
+                ) from None
+            failed = failed or next((o for o in outcomes if isinstance(o, BaseException)), None)
+        if failed is not None:
+            raise failed
         return len(futures)
 
     async def publish_raw(self, topic: str, value: bytes | None, key: bytes | None = None) -> Any:
@@ -422,7 +461,7 @@ class AsyncClient:
         if not wait:
             return self._delivery(fut, full, shown_key, size)
         try:
-            return await fut
+            return await asyncio.wait_for(asyncio.shield(fut), PUBLISH_DELIVERY_TIMEOUT_S)
         except _REFUSED as exc:
             self._renew_producer = True
             raise _publish_error(self.settings, full, shown_key, size, exc) from exc

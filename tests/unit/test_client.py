@@ -28,7 +28,7 @@ from aiokafka.errors import (
 
 import agentstream.streams.errors as streams_errors
 from agentstream.schemas import AgentMessage
-from agentstream.schemas.errors import PipelineError
+from agentstream.schemas.errors import InvalidEvent, PipelineError
 from agentstream.streams.client import (
     AsyncClient,
     Client,
@@ -601,3 +601,65 @@ def test_a_subscription_waiting_in_another_thread_ends_when_the_client_stops() -
     reader.join(10)
     assert outcome == [[]]  # the iteration ended, no CancelledError in the reader
     assert closed.is_set()
+
+
+class _HangingProducer(FakeProducer):
+    """A broker that never answers: the idempotent producer retries for ever."""
+
+    async def send(self, topic: str, value: bytes | None = None, key: bytes | None = None) -> Any:
+        self.sent.append((topic, value, key))
+        return asyncio.get_running_loop().create_future()  # never done
+
+
+class _SecondSendRefused(FakeProducer):
+    """The first record's delivery comes later; the second send is refused."""
+
+    first: asyncio.Future[Any]
+
+    async def send(self, topic: str, value: bytes | None = None, key: bytes | None = None) -> Any:
+        self.sent.append((topic, value, key))
+        if len(self.sent) == 2:
+            raise KafkaTimeoutError()  # the send buffer stayed full
+        self.first = asyncio.get_running_loop().create_future()
+        asyncio.get_running_loop().call_later(0.05, self.first.set_result, "md-1")
+        return self.first
+
+
+async def test_a_publish_the_broker_never_acknowledges_fails_in_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """aiokafka expires no batch of an idempotent producer: an unreachable broker hung
+    `publish` and `stop` for good. Now a retriable PublishError after the timeout."""
+    from agentstream.streams import client as client_module
+
+    monkeypatch.setattr(client_module, "PUBLISH_DELIVERY_TIMEOUT_S", 0.05)
+    client = _with_producer(_HangingProducer())
+    with pytest.raises(PublishError) as caught:
+        await asyncio.wait_for(client.publish("agent.messages", _message()), 5)
+    assert caught.value.retriable
+    many = _with_producer(_HangingProducer())
+    with pytest.raises(PublishError):
+        await asyncio.wait_for(many.publish_many("agent.messages", [_message()]), 5)
+
+
+async def test_publish_many_stops_at_the_first_refusal_and_waits_for_the_rest() -> None:
+    """A send refused in the middle raised at once, the events before it still in
+    flight and those after it sent or not: now nothing after it is sent, and the error
+    comes once the events before it have an outcome."""
+    producer = _SecondSendRefused()
+    client = _with_producer(producer)
+    with pytest.raises(PublishError):
+        await client.publish_many("agent.messages", [_message(1), _message(2), _message(3)])
+    assert producer.first.done()  # the event before it has its outcome
+    assert len(producer.sent) == 2  # the third never sent
+
+
+async def test_an_event_json_cannot_hold_is_an_invalid_event_and_nothing_is_sent() -> None:
+    producer = FakeProducer()
+    client = _with_producer(producer)
+    message = _message().model_copy(update={"metadata": {"n": 2**70}})
+    with pytest.raises(InvalidEvent):
+        await client.publish("agent.messages", message)
+    with pytest.raises(InvalidEvent):
+        await client.publish_many("agent.messages", [_message(), message, _message()])
+    assert len(producer.sent) == 1  # only the event before it
