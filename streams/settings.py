@@ -60,6 +60,18 @@ class SettingsError(PipelineError):
         return ["; ".join(x.strip() for x in self.message.splitlines() if x.strip())]
 
 
+def _bootstrap_ok(bootstrap: str) -> bool:
+    """Whether every entry of a bootstrap list is HOST:PORT with a port in 1-65535."""
+    entries = [e.strip() for e in bootstrap.split(",")]
+    for entry in entries:
+        host, sep, port = entry.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            return False
+        if ":" in host and not (host.startswith("[") and host.endswith("]")):
+            return False  # a bare IPv6 address: its port is ambiguous
+    return bool(entries)
+
+
 def worker_root(url: object, *, scheme: str) -> str | None:
     """`url` as the root of a worker's web views, ``scheme://host:port``, or None when it
     is not one: a path, query, fragment or user info, a port that is no port, or another
@@ -439,6 +451,12 @@ class Settings(BaseModel):
             problems.append(
                 f"AGENTSTREAM_SECRET_SOURCES={self.secret_sources!r}: a comma-separated "
                 f"order of {', '.join(SECRET_SOURCES)}, each at most once"
+            )
+        if self.kafka_bootstrap is not None and not _bootstrap_ok(self.kafka_bootstrap):
+            # else a raw ValueError deep in a client (TLS and SASL probes read the port)
+            problems.append(
+                f"AGENTSTREAM_KAFKA_BOOTSTRAP={self.kafka_bootstrap!r}: comma-separated "
+                "HOST:PORT pairs, each port a number from 1 to 65535 (IPv6: [ADDRESS]:PORT)"
             )
         if self.web_advertised_url is not None:
             scheme = "https" if self.web_tls_certfile else "http"

@@ -179,3 +179,16 @@ def test_the_advertised_url_is_a_worker_root(url: str) -> None:
 def test_an_advertised_url_the_other_workers_would_refuse_is_refused_here(url: str) -> None:
     with pytest.raises(SettingsError, match="AGENTSTREAM_WEB_ADVERTISED_URL"):
         Settings.from_env({"AGENTSTREAM_WEB_ADVERTISED_URL": url})
+
+
+@pytest.mark.parametrize("bootstrap", ["kafka.invalid", "host:abc", "h:0", "h:70000", "::1:9092"])
+def test_a_bootstrap_without_a_port_is_one_settings_error(bootstrap: str) -> None:
+    """TLS and SASL clients read the port of each bootstrap entry: `kafka.invalid` was a
+    raw ValueError from int() deep in a client, with its producer left unclosed."""
+    with pytest.raises(SettingsError, match="AGENTSTREAM_KAFKA_BOOTSTRAP"):
+        Settings.from_env({"AGENTSTREAM_KAFKA_BOOTSTRAP": bootstrap})
+
+
+def test_bootstraps_as_clusters_write_them() -> None:
+    for ok in ("k:9", "b-1.example:9096, b-2.example:9096", "[::1]:9092"):
+        assert Settings.from_env({"AGENTSTREAM_KAFKA_BOOTSTRAP": ok}).kafka_bootstrap == ok
