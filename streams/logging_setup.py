@@ -298,3 +298,36 @@ def install_noise_filter(loggers: Iterable[str] = NOISY_LOGGERS) -> None:
 
 
 install_noise_filter()
+
+
+class RecordContentFilter(logging.Filter):
+    """Drops aiokafka's DEBUG lines that print records and requests whole: the values of
+    `agent.messages` may carry an access token (`auth.token`), and with the log level
+    at DEBUG those lines wrote it into every log. The rest of aiokafka's DEBUG output
+    stays."""
+
+    #: (logger, the start of the message format) of the lines that carry record content
+    LINES = (
+        ("aiokafka.producer.producer", "Sending (key="),
+        ("aiokafka.conn", "Request to "),
+        ("aiokafka.conn", "Response "),
+    )
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno > logging.DEBUG or not isinstance(record.msg, str):
+            return True
+        return not any(
+            record.name == name and record.msg.startswith(start) for name, start in self.LINES
+        )
+
+
+def install_record_content_filter() -> None:
+    """One `RecordContentFilter` on each logger it watches (idempotent)."""
+    content = RecordContentFilter()
+    for name in {name for name, _ in RecordContentFilter.LINES}:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, RecordContentFilter) for f in logger.filters):
+            logger.addFilter(content)
+
+
+install_record_content_filter()

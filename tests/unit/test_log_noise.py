@@ -27,6 +27,7 @@ from agentstream.streams.logging_setup import (
     OFFSETS_TOPIC,
     TRANSIENT_MESSAGES,
     NewTopicNoise,
+    RecordContentFilter,
 )
 
 NOT_FOUND = "Topic %s not found in cluster metadata"
@@ -288,3 +289,45 @@ def test_the_templates_are_the_libraries(name: str, msg: str) -> None:
     loggers = [v for v in vars(module).values() if isinstance(v, logging.Logger)]
     assert [lg.name for lg in loggers] == [name], "the module logs under its own name"
     assert msg in _string_constants(module), f"{name} no longer logs {msg!r}"
+
+
+def test_no_record_content_in_aiokafka_debug_lines() -> None:
+    """With the log level at DEBUG aiokafka prints every record it sends, and every
+    request and response whole: an `agent.messages` access token went into the logs."""
+    import agentstream.streams.logging_setup  # noqa: F401 - installs the filters
+
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    token = b'{"auth":{"token":"tok-SECRET"}}'
+    handler = Keep(level=logging.DEBUG)
+    loggers = [logging.getLogger(n) for n in ("aiokafka.producer.producer", "aiokafka.conn")]
+    saved = [(lg.level, lg.propagate) for lg in loggers]
+    for lg in loggers:
+        lg.addHandler(handler)
+        lg.setLevel(logging.DEBUG)
+    try:
+        logging.getLogger("aiokafka.producer.producer").debug(
+            "Sending (key=%s value=%s) to %s", b"k", token, "tp"
+        )
+        logging.getLogger("aiokafka.conn").debug("Request to %s:%d %d: %s", "h", 1, 2, token)
+        logging.getLogger("aiokafka.conn").debug("Response from %s:%d %d: %s", "h", 1, 2, token)
+        logging.getLogger("aiokafka.conn").debug("Closing connection at %s:%s", "h", 1)
+    finally:
+        for lg, (level, _) in zip(loggers, saved, strict=True):
+            lg.removeHandler(handler)
+            lg.setLevel(level)
+    assert not any("tok-SECRET" in line for line in seen), seen
+    assert seen == ["Closing connection at h:1"]  # the rest of the DEBUG output stays
+
+
+@pytest.mark.parametrize(("logger", "start"), RecordContentFilter.LINES)
+def test_the_record_content_lines_are_aiokafkas(logger: str, start: str) -> None:
+    # an upgrade that rewords them would let record content back into DEBUG logs
+    import importlib
+
+    source = inspect.getsource(importlib.import_module(logger))
+    assert f'"{start}' in source, (logger, start)
