@@ -393,10 +393,19 @@ class AsyncClient:
         when `wait`, else the delivery future (which raises `PublishError` the same way)."""
         event = item if isinstance(item, Event) else self.event(item)
         key = key or event.key
+        # what every consumer would dead-letter is refused here, before it is sent
+        expected = CATALOGUE[topic].events if topic in CATALOGUE else None
+        if expected is not None and event.type not in expected:
+            raise InvalidEvent(f"event type {event.type!r} does not belong on {topic}")
         try:
             value = encode(event)
         except TypeError as exc:  # orjson's JSONEncodeError too: a value JSON cannot hold
             raise InvalidEvent(f"the event cannot be encoded as JSON: {exc}") from exc
+        if len(value) > self.settings.max_event_bytes:
+            raise InvalidEvent(
+                f"the event is {len(value)} bytes, more than AGENTSTREAM_MAX_EVENT_BYTES "
+                f"({self.settings.max_event_bytes}): every consumer would dead-letter it"
+            )
         return await self._send(topic, value, key.encode(), key, wait)
 
     async def publish_many(self, topic: str, items: Iterable[Event[Any] | Payload]) -> int:

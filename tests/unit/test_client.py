@@ -663,3 +663,17 @@ async def test_an_event_json_cannot_hold_is_an_invalid_event_and_nothing_is_sent
     with pytest.raises(InvalidEvent):
         await client.publish_many("agent.messages", [_message(), message, _message()])
     assert len(producer.sent) == 1  # only the event before it
+
+
+async def test_what_every_consumer_would_dead_letter_is_refused_before_it_is_sent() -> None:
+    """An event larger than AGENTSTREAM_MAX_EVENT_BYTES (below the producer's own limit),
+    or of a type its catalogue topic does not carry, was reported as published and then
+    dead-lettered by every consumer. Now an InvalidEvent, and nothing is sent."""
+    producer = FakeProducer()
+    client = _with_producer(producer)
+    big = _message().model_copy(update={"content": "x" * client.settings.max_event_bytes})
+    with pytest.raises(InvalidEvent, match="MAX_EVENT_BYTES"):
+        await client.publish("agent.messages", big)
+    with pytest.raises(InvalidEvent, match=r"does not belong on llm\.requests"):
+        await client.publish("llm.requests", _message())
+    assert producer.sent == []
