@@ -88,6 +88,16 @@ def _fold_into(state: dict[str, Any], spec: TableSpec, events: list[Event[Any]])
             spec.apply(state, event)
 
 
+def _changelog_value(raw: bytes) -> Any:
+    """A changelog record's value; one that is not JSON (written by something else than a
+    worker) is kept as a marker, so that its key shows as differing rather than the
+    command ending in a traceback."""
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return {"undecodable_changelog_value": raw[:64].decode("utf-8", "replace")}
+
+
 def decode_key(raw: bytes | None) -> str:
     if raw is None:
         return ""
@@ -139,7 +149,7 @@ async def _read_changelog(
                     if rec.value is None:
                         state.pop(key, None)
                     else:
-                        state[key] = orjson.loads(rec.value)
+                        state[key] = _changelog_value(rec.value)
             for tp in list(pending):
                 position = min(await consumer.position(tp), end[tp])
                 if progress is not None:

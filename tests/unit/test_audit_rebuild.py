@@ -71,3 +71,11 @@ def test_snapshot_digests_tables_and_keeps_only_source_offsets() -> None:
     assert cp.sizes == {"accepted_by_sender": 3}
     assert cp.offsets == {f"{src}:0": 17}
     assert cp.worker_id == "w1" and cp.reason == "periodic"
+
+
+def test_a_changelog_value_that_is_not_json_is_a_differing_key_not_a_traceback() -> None:
+    from agentstream.agents.audit.rebuild import _changelog_value
+
+    assert _changelog_value(b'{"n": 1}') == {"n": 1}
+    marker = _changelog_value(b"\x00not json")
+    assert isinstance(marker, dict) and "undecodable_changelog_value" in marker
