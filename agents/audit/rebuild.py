@@ -48,8 +48,14 @@ async def source_events(
 ) -> AsyncIterator[Event[Any]]:
     """The decodable events of the table's sources, each partition in log order.
 
-    Records that do not decode are skipped: the live agent dead-letters them, so they
-    never reach its fold either."""
+    Records the live agent dead-letters are skipped, so that they reach neither fold:
+    those that do not decode, those larger than `max_event_bytes`, and those of a type
+    their topic does not carry (a heartbeat on agent.status)."""
+    from agentstream.streams.topics import CATALOGUE
+
+    carried = {
+        settings.topic(name): CATALOGUE[name].events for name in spec.sources if name in CATALOGUE
+    }
     async for rec in replay(
         settings,
         list(spec.sources),
@@ -59,6 +65,10 @@ async def source_events(
         progress=progress,
     ):
         if spec.types and rec.type not in spec.types:
+            continue
+        if rec.type not in carried.get(rec.topic, (rec.type,)):
+            continue
+        if rec.value is not None and len(rec.value) > settings.max_event_bytes:
             continue
         try:
             yield rec.event

@@ -79,3 +79,44 @@ def test_a_changelog_value_that_is_not_json_is_a_differing_key_not_a_traceback()
     assert _changelog_value(b'{"n": 1}') == {"n": 1}
     marker = _changelog_value(b"\x00not json")
     assert isinstance(marker, dict) and "undecodable_changelog_value" in marker
+
+
+async def test_rebuild_skips_what_the_live_agents_dead_letter(monkeypatch: Any) -> None:
+    """The rebuild folded a heartbeat found on agent.status (track_heartbeats dead-letters
+    it) and events over max_event_bytes (the live decoder refuses them): a false NO."""
+    import orjson
+
+    from agentstream.agents.audit import rebuild as rebuild_module
+    from agentstream.schemas import AgentStatusChanged, Heartbeat, encode
+    from agentstream.streams.replay import ReplayRecord
+    from agentstream.streams.tables.monitoring import HEARTBEATS
+
+    beat = Event.of(Heartbeat(agent_id="ghost", sent_at="2026-01-01T00:00:00Z"), source="t")
+    status = Event.of(
+        AgentStatusChanged(
+            agent_id="a",
+            previous=None,
+            current="up",
+            reason="first_seen",
+            changed_at="2026-01-01T00:00:00Z",
+        ),
+        source="t",
+    )
+
+    def rec(topic: str, event: Event[Any], pad: int = 0) -> ReplayRecord:
+        value = encode(event) + b" " * pad
+        return ReplayRecord(settings.topic(topic), 0, 0, 0, b"k", value, orjson.loads(value), None)
+
+    records = [
+        rec("agent.status", beat),  # misplaced
+        rec("agent.heartbeats", beat, pad=settings.max_event_bytes),  # too large
+        rec("agent.status", status),  # in place
+    ]
+
+    async def replay(*args: Any, **kwargs: Any) -> Any:
+        for r in records:
+            yield r
+
+    monkeypatch.setattr(rebuild_module, "replay", replay)
+    got = [e async for e in rebuild_module.source_events(settings, HEARTBEATS)]
+    assert [e.type for e in got] == [AgentStatusChanged.TYPE]
