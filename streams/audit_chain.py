@@ -643,7 +643,11 @@ class ChainWriter:
         last record of the block (`chain_signer`): an unsigned tail is abandoned by the
         next writer that reads the head back from the topic."""
         from agentstream.streams.app import settings
-        from agentstream.streams.processing import check_not_frozen, check_not_rebalanced
+        from agentstream.streams.processing import (
+            check_not_frozen,
+            check_not_rebalanced,
+            taken_before_rebalance,
+        )
 
         lock = self._locks.setdefault(partition, asyncio.Lock())
         async with lock:
@@ -665,7 +669,7 @@ class ChainWriter:
                 # what the block sent before failing is not known to be the head
                 self._last.pop(partition, None)
                 raise
-            if written_by_stale_batch():
+            if taken_before_rebalance():
                 self._last.pop(partition, None)  # reset meanwhile: not this one's to keep
             else:
                 self._last[partition] = head.hash
@@ -709,13 +713,6 @@ class ChainWriter:
             head.hash = sealed.payload.hash
             EVENTS_OUT.labels(self.topic).inc()
             return sealed, fut
-
-
-def written_by_stale_batch() -> bool:
-    from agentstream.streams.processing import _stale, written_by
-
-    taken = written_by()
-    return taken is not None and _stale(taken)
 
 
 _WRITERS: dict[str, ChainWriter] = {}

@@ -221,9 +221,15 @@ def check_not_rebalanced() -> None:
     writers of the signed chains, whose partitions may have another writer since
     (`streams.audit_chain.ChainWriter.head`). Under at-least-once the batch is then
     not acked, and its records are processed again by their partitions' owners."""
-    taken = _TAKEN.get()
-    if taken is not None and _stale(taken):
+    if taken_before_rebalance():
         raise BatchAbandoned("taken before a rebalance: the chain's partition may have moved")
+
+
+def taken_before_rebalance() -> bool:
+    """Whether this task's batch (or the batch that started this task) was taken before
+    a rebalance; False outside a batch."""
+    taken = _TAKEN.get()
+    return taken is not None and _stale(taken)
 
 
 def check_batch_current() -> None:
