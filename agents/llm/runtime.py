@@ -169,8 +169,7 @@ class CallRuntime:
         if not app.consumer.counts_ack(inbound.message):
             # its partition was revoked while the request waited for a slot: its owner
             # now consumes it again from the committed offset
-            sem.release()
-            self.inflight.pop(rid, None)
+            self._flight_over(flight, sem, None)
             log.info("request %r: partition revoked while it waited; not calling", rid)
             return
         # the offset may be committed only once the final response is out: hold a ref
