@@ -89,6 +89,7 @@ from agentstream.streams.delivery import (
     NATIVE_CHANNELS,
     NATIVE_ENABLED,
     STALE_DELIVERIES,
+    FetchedList,
     NativeChannel,
     delivery_failed,
     processing_failed,
@@ -295,17 +296,33 @@ async def abandon_open_batch(exc: BaseException, *, stopping: bool) -> None:
     processing_failed(exc)
 
 
+def parse_faults(spec: str) -> dict[str, int | float]:
+    """``point@n`` → int n (a call number); ``point@Ts`` → float T (seconds)."""
+    faults: dict[str, int | float] = {}
+    for item in spec.split(","):
+        name, _, when = (part.strip() for part in item.partition("@"))
+        if not name:
+            continue
+        if when.isdigit():
+            faults[name] = int(when)
+        elif when.endswith("s"):
+            with contextlib.suppress(ValueError):
+                faults[name] = float(when[:-1])
+    return faults
+
+
 #: Test hook, off by default: ``AGENTSTREAM_TEST_FAULTS=point@n,...`` makes the n-th call
-#: of `fault_point(point)` raise `InjectedFault` (once). For the delivery tests only
-#: (tests/integration/test_delivery_failure.py); not a setting.
-_FAULTS: dict[str, int] = {
-    name.strip(): int(n)
-    for name, _, n in (
-        item.partition("@") for item in os.environ.get("AGENTSTREAM_TEST_FAULTS", "").split(",")
-    )
-    if name.strip() and n.strip().isdigit()
-}
+#: of `fault_point(point)` raise `InjectedFault` (once); ``point@Ts`` makes the first call
+#: at least T seconds after that point's first call raise (independent of how many
+#: records a batch holds, so of the delivery path). For the delivery and fault-injection
+#: tests only (tests/integration/test_delivery_failure.py, tests/chaos/raises.py); not
+#: a setting.
+_FAULTS: dict[str, int | float] = parse_faults(os.environ.get("AGENTSTREAM_TEST_FAULTS", ""))
 _FAULT_CALLS: dict[str, int] = {}
+#: a timed fault's point → when it was first called (monotonic seconds)
+_FAULT_FIRST: dict[str, float] = {}
+#: points whose fault already fired (each fires once)
+_FAULT_FIRED: set[str] = set()
 
 
 class InjectedFault(RuntimeError):
@@ -332,11 +349,19 @@ async def delay_point(name: str) -> None:
 
 def fault_point(name: str) -> None:
     """A place a test can make fail (see `_FAULTS`); costs one dict lookup otherwise."""
-    if not _FAULTS or name not in _FAULTS:
+    if not _FAULTS or name not in _FAULTS or name in _FAULT_FIRED:
         return
     calls = _FAULT_CALLS[name] = _FAULT_CALLS.get(name, 0) + 1
-    if calls == _FAULTS[name]:
-        raise InjectedFault(f"injected fault at {name} (call {calls})")
+    when = _FAULTS[name]
+    if isinstance(when, float):
+        now = time.monotonic()
+        first = _FAULT_FIRST.setdefault(name, now)
+        if now - first < when:
+            return
+    elif calls != when:
+        return
+    _FAULT_FIRED.add(name)
+    raise InjectedFault(f"injected fault at {name} (call {calls})")
 
 
 #: turns a dead letter's original bytes into what it may carry (secrets blanked)
@@ -741,6 +766,31 @@ class NativeBatch:
         _ack_all(self.app, self.app.consumer, self.messages)
 
 
+async def _next_list(channel: NativeChannel, app_: Any) -> FetchedList | None:
+    """`channel`'s next list, or None once the worker stops or crashes. An agent whose
+    body raised is restarted by Faust's supervisor even while the worker stops; its new
+    actor, waiting on an empty channel nothing fills any more, held the worker's stop
+    forever (the stop waits for every actor), where it must exit for its supervisor to
+    restart it."""
+    if channel.qsize():
+        return await channel.get()
+    ending = (app_._stopped, app_._crashed)  # mode Service: set as the stop begins
+    if any(ev.is_set() for ev in ending):
+        return None
+    getting = asyncio.ensure_future(channel.get())
+    waiters = [asyncio.ensure_future(ev.wait()) for ev in ending]
+    try:
+        await asyncio.wait([getting, *waiters], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+        if not getting.done():
+            getting.cancel()  # Queue.get gives up its place: no list is taken
+    if not getting.done():
+        await asyncio.wait([getting])  # the cancel lands, or returns a list taken first
+    return None if getting.cancelled() else getting.result()
+
+
 async def _native_batches(
     stream: Any, channel: NativeChannel, max_batch: int
 ) -> AsyncGenerator[NativeBatch, None]:
@@ -761,7 +811,9 @@ async def _native_batches(
     started = await stream.maybe_start()
     try:
         while not stream.should_stop:
-            fetched = await channel.get()
+            fetched = await _next_list(channel, app_)
+            if fetched is None:
+                break
             try:
                 messages = fetched.messages
                 while not fetched.stale and fetched.taken < len(messages):

@@ -1,13 +1,14 @@
 """`agent_raises`: the enforce_policy agent body raises outside `guarded`.
 
 The product's test hook `streams.processing.fault_point("enforce_policy.publish")`
-(called once per batch, at the start of `_publish`) raises `InjectedFault` at its n-th
-call when the worker runs with ``AGENTSTREAM_TEST_FAULTS=enforce_policy.publish@n``. Every
-worker process of the run is launched with its own n (`RaisingWorker.launch`), drawn so
-that the raise comes some seconds after the process is Ready: `RaisePlan` estimates the
-batches per second from the raises already seen (n over the time from Ready to the raise
-in that process's log) and aims at a random moment of the load. A process launched once
-the whole load is issued gets no fault, so the drain is not interrupted by new raises.
+(called once per batch, at the start of `_publish`) raises `InjectedFault` at its first
+call T seconds or more after its first call when the worker runs with
+``AGENTSTREAM_TEST_FAULTS=enforce_policy.publish@Ts``. Every worker process of the run is
+launched with its own T (`RaisingWorker.launch`), a random share of the load's duration:
+a time, not a call number, so the raise lands within the load whatever the batch rate
+(the per-record and the native delivery paths cut the same load into very different
+numbers of batches). A process launched once the whole load is issued gets no fault, so
+the drain is not interrupted by new raises.
 
 `RaiseHooks` follows every process: when one ends it reads that process's part of the
 worker log for the raise (its timestamp) and records the raise as a fault at that moment,
@@ -34,14 +35,11 @@ FAULT_ENV = "AGENTSTREAM_TEST_FAULTS"
 FAULT_POINT = "enforce_policy.publish"
 #: a raise must end its process within this long (it crashes the worker)
 RAISE_EXIT_S = 30.0
-#: the first guess of enforce_policy batches per second, before a raise measured it
-PRIOR_CALLS_PER_S = 8.0
-#: a process raises this long after it is Ready, as a share of the load's duration,
-#: within [MIN_GAP_S, MAX_GAP_S]
+#: a process raises this long after its first batch, as a share of the load's duration,
+#: within [MIN_GAP_S, MAX_GAP_S] (at least a few seconds: a raise in the first batches
+#: after recovery would test recovery, not a raise under load)
 GAP_SHARE = (0.03, 0.10)
 MIN_GAP_S, MAX_GAP_S = 3.0, 60.0
-#: a fault at a call number below this would hit the first batches after recovery
-MIN_CALLS = 3
 
 _STAMP = r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3})\]"
 _RAISE = re.compile(
@@ -74,8 +72,8 @@ class Life:
     proc: subprocess.Popen[bytes]
     #: where its output starts in the worker's log
     log_from: int
-    #: the call of `fault_point` that raises in it (None: launched without a fault)
-    fault_call: int | None
+    #: seconds after its first batch at which it raises (None: launched without a fault)
+    fault_after_s: float | None
     launched_at: float
     ended_at: float | None = None
     code: int | None = None
@@ -102,15 +100,15 @@ class RaisingWorker(ChaosWorker):
             # a second process of one worker would orphan the first (never stopped)
             self.double_launches += 1
             return
-        call = self.plan.arm()
-        if call is None:
+        after = self.plan.arm()
+        if after is None:
             self.env.pop(FAULT_ENV, None)
         else:
-            self.env[FAULT_ENV] = f"{FAULT_POINT}@{call}"
+            self.env[FAULT_ENV] = f"{FAULT_POINT}@{after:.1f}s"
         start = self.log_path.stat().st_size if self.log_path.exists() else 0
         super().launch()
         assert self.proc is not None
-        self.lives.append(Life(self.proc, start, call, time.time()))
+        self.lives.append(Life(self.proc, start, after, time.time()))
 
     def stop(self, timeout: float = 30) -> None:
         self.stopping = True  # what ends now was ended by the harness, not by a raise
@@ -134,23 +132,21 @@ class RaisePlan(RunHooks):
 
     def __init__(self) -> None:
         self.ctx: RunContext | None = None
-        self.calls_per_s = PRIOR_CALLS_PER_S
         self.samples: list[float] = []
         self.workers: list[RaisingWorker] = []
         self._task: asyncio.Task[None] | None = None
         self.unexplained_exits = 0
 
     # -- arming --------------------------------------------------------------------------
-    def arm(self) -> int | None:
-        """The call number at which a process launched now raises; None once the whole
-        load was issued (no new raise during the drain)."""
+    def arm(self) -> float | None:
+        """Seconds after its first batch at which a process launched now raises; None
+        once the whole load was issued (no new raise during the drain)."""
         ctx = self.ctx
         if ctx is None or ctx.load.issued >= ctx.load.total:
             return None
         load_s = ctx.opts.messages / ctx.opts.rate if ctx.opts.rate > 0 else 60.0
         gap = ctx.rng.uniform(*GAP_SHARE) * load_s
-        gap = min(MAX_GAP_S, max(MIN_GAP_S, gap))
-        return max(MIN_CALLS, round(self.calls_per_s * gap))
+        return min(MAX_GAP_S, max(MIN_GAP_S, gap))
 
     # -- hooks ---------------------------------------------------------------------------
     async def setup(self, ctx: RunContext) -> None:
@@ -199,9 +195,8 @@ class RaisePlan(RunHooks):
             exit_after_s=None if exit_after is None else round(exit_after, 2),
         )
         if life.ready_at is not None and life.raised_call and life.raised_at > life.ready_at:
-            rate = life.raised_call / (life.raised_at - life.ready_at)
-            self.samples.append(rate)
-            self.calls_per_s = rate  # the latest: the load's rate does not change
+            # for the report: how the delivery path cut the load into batches
+            self.samples.append(life.raised_call / (life.raised_at - life.ready_at))
 
     async def check(self, ctx: RunContext) -> dict[str, Any]:
         task, self._task = self._task, None
@@ -213,7 +208,7 @@ class RaisePlan(RunHooks):
         raises = [life for w in self.workers for life in w.lives if life.raised_at is not None]
         failures: list[str] = []
         if not raises:
-            armed = sum(1 for w in self.workers for life in w.lives if life.fault_call)
+            armed = sum(1 for w in self.workers for life in w.lives if life.fault_after_s)
             failures.append(
                 f"no raise happened ({armed} process(es) armed): the run tested nothing "
                 "(a longer load, --messages, gives the faults time to fire)"
@@ -240,8 +235,8 @@ class RaisePlan(RunHooks):
                     )
         ctx.note(
             f"agent_raises: {len(raises)} raise(s) in "
-            f"{sum(len(w.lives) for w in self.workers)} process(es); "
-            f"~{self.calls_per_s:.1f} enforce_policy batches/s"
+            f"{sum(len(w.lives) for w in self.workers)} process(es)"
+            + (f"; ~{self.samples[-1]:.1f} enforce_policy batches/s" if self.samples else "")
         )
         if self.unexplained_exits:
             ctx.note(f"agent_raises: {self.unexplained_exits} exit(s) without an injected raise")

@@ -83,6 +83,9 @@ class App:
         self.monitor = None
         self.agents: dict[str, Any] = {}
         self.consumer: Consumer
+        # mode's Service events (set as the worker begins to stop, or crashes)
+        self._stopped = asyncio.Event()
+        self._crashed = asyncio.Event()
 
 
 class Consumer(BatchDeliveryConsumer):
@@ -175,6 +178,24 @@ async def test_records_below_the_read_offset_are_passed_over_and_a_gap_counts_as
     assert offsets_of(fetched.messages) == [(0, 5), (0, 6), (0, 9)]
     assert consumer.gaps == [(TP("in", 0), 7, 8)]  # 9 is a record, not a gap
     assert consumer._read_offset[TP("in", 0)] == 9
+
+
+@pytest.mark.parametrize("ending", ["_stopped", "_crashed"])
+async def test_an_agent_waiting_on_an_empty_channel_ends_when_the_worker_stops(
+    consumer: Consumer, channel: NativeChannel, ending: str
+) -> None:
+    # Faust's supervisor restarts an agent that raised even while the worker stops; the
+    # new actor waited on the empty channel and held the worker's stop forever
+    agent = _native_batches(Stream(consumer.app), channel, 100)
+    waiting = asyncio.ensure_future(agent.__anext__())
+    await asyncio.sleep(0.01)
+    assert not waiting.done()
+    getattr(consumer.app, ending).set()
+    with pytest.raises(StopAsyncIteration):
+        await asyncio.wait_for(waiting, SOON_S)
+    # nothing was taken from the channel on the way out
+    await channel.put(delivery.FetchedList([m for _, m in records([0])], 0))
+    assert channel.qsize() == 1
 
 
 async def test_a_refetch_drains_the_queued_lists_into_it(
