@@ -6,13 +6,20 @@ consumer) and returns a `CheckResult`; nothing here touches Kafka, so the unit t
 
 What it asserts, per run:
 
-* **nothing lost** — the set of input ids equals the set of ids that reached an outcome
-  topic (accepted + rejected + dead letters); a dead letter names its input by (partition,
-  offset) on the input topic and is mapped back to the input found there; every decodable
-  input also has a decision on `security.decisions`;
-* **duplicates** — outcomes (and decisions) beyond one per input copy: under exactly-once
-  any is a failure; under at-least-once they are counted and compared with the bound
-  "one commit interval's worth of input per fault";
+* **nothing lost** — every input record has an outcome (accepted + rejected + dead
+  letters): per message id, as many outcomes as the id has copies on the input topic (a
+  producer that re-sent wrote two copies, each processed on its own); a dead letter
+  names its input by (partition, offset) on the input topic and is mapped back to the
+  input found there; every decodable input *record* — (partition, offset), not merely
+  its id — has a decision on `security.decisions`, which names its source record, so a
+  copy lost while the other copy is decided twice does not pass as "one each";
+* **duplicates** — outcomes beyond one per input copy, decisions beyond one per input
+  record, and (exactly-once) any source offset decided again: under exactly-once any is
+  a failure; under at-least-once they are counted and compared with the bound "one
+  commit interval's worth of input per fault";
+* **right verdicts** — a valid message is accepted, or rejected when it carries the word
+  the run's policy blocks; a crash, a replay or a rebalance must not change a verdict (a
+  table update kept from an abandoned batch could, e.g. a false replay rejection);
 * **poison routing** — every poison input is a dead letter, no valid input is;
 * **order per partition** — within each partition the source offsets of the decisions
   (and of the outcomes) increase, except where an at-least-once replay goes back over
@@ -21,8 +28,8 @@ What it asserts, per run:
 * `judge_rebuild` / `judge_audit` read the JSON of `agentstream rebuild --all --json` and
   `agentstream audit verify --json`.
 
-It also computes `resume_times`: for each fault, how long until the first output on one of
-the partitions the faulted worker held (`resume_after_kill_s`).
+It also computes `resume_times`: for each fault, how long until every partition the faulted
+worker held had an output again (`resume_after_kill_s`).
 """
 
 from __future__ import annotations
@@ -48,6 +55,20 @@ ID_MARK = b"chaos-id="
 _ID_RE = re.compile(rb"chaos-id=([A-Za-z0-9._-]+)")
 #: ids and detail lists in results are capped at this many entries
 SAMPLE = 20
+#: valid message n carries the word the run's policy blocks when n % REJECT_EVERY is
+#: REJECTED_AT (`tests.chaos.load`): its outcome must be a rejection, every other one's
+#: an acceptance
+REJECT_EVERY, REJECTED_AT = 10, 3
+BLOCKED_WORD = "forbidden"
+
+
+def expected_outcome(input_id: str) -> str | None:
+    """ "accepted" or "rejected" for a valid load message id (`<tag>.<n>`); None for an
+    id the load did not number so."""
+    tail = input_id.rsplit(".", 1)[-1]
+    if not tail.isdigit():
+        return None
+    return "rejected" if int(tail) % REJECT_EVERY == REJECTED_AT else "accepted"
 
 
 # --------------------------------------------------------------------------- records
@@ -222,6 +243,8 @@ class CheckResult(_Verdict):
     poison_not_dead_lettered: int = 0
     valid_dead_lettered: int = 0
     unknown_outputs: int = 0  # outputs that name no input of this run
+    wrong_outcomes: int = 0  # accepted where the policy blocks, or rejected where not
+    wrong_outcome_ids: list[str] = field(default_factory=list)
     unresolved_dead_letters: int = 0
     order_violations: int = 0
     order_samples: list[dict[str, Any]] = field(default_factory=list)
@@ -256,19 +279,21 @@ def check(
     res = CheckResult(guarantee=guarantee, faults=faults)
     copies: Counter[str] = Counter()
     by_offset: dict[tuple[int, int], InputRecord] = {}
-    first_offset: dict[str, tuple[int, int]] = {}
+    #: id -> its copies' (partition, offset), in input order
+    copy_at: dict[str, list[tuple[int, int]]] = defaultdict(list)
     poison: dict[str, str | None] = {}
     for rec in inputs:
         copies[rec.id] += 1
         by_offset[(rec.partition, rec.offset)] = rec
-        first_offset.setdefault(rec.id, (rec.partition, rec.offset))
+        copy_at[rec.id].append((rec.partition, rec.offset))
         poison[rec.id] = rec.poison
     res.inputs = len(copies)
     res.input_copies = len(inputs)
     res.poison_inputs = sum(1 for p in poison.values() if p)
 
     outcome_count: Counter[str] = Counter()
-    decision_count: Counter[str] = Counter()
+    #: decisions per source record (partition, offset)
+    decided: Counter[tuple[int, int]] = Counter()
     dead_lettered: set[str] = set()
     # (stream, partition) -> source offsets in written order
     streams: dict[tuple[str, int], list[int]] = defaultdict(list)
@@ -295,29 +320,40 @@ def check(
             res.unknown_outputs += 1
             continue
         if out.kind == DECISION:
-            res.decisions += 1
-            decision_count[out.id] += 1
             sp, so = out.source_partition, out.source_offset
-            if sp is None or so is None:
-                sp, so = first_offset[out.id]
-            streams[(DECISION, sp)].append(so)
+            source = by_offset.get((sp, so)) if sp is not None and so is not None else None
+            if source is None or source.id != out.id:
+                res.unknown_outputs += 1  # a decision must name its input record
+                continue
+            res.decisions += 1
+            decided[(sp, so)] += 1  # type: ignore[index]
+            streams[(DECISION, sp)].append(so)  # type: ignore[index,arg-type]
             places[(DECISION, sp)].append(out.offset)
         elif out.kind in OUTCOME_KINDS:
+            expected = expected_outcome(out.id)
+            if expected is not None and out.kind != expected:
+                res.wrong_outcomes += 1
+                if len(res.wrong_outcome_ids) < SAMPLE:
+                    res.wrong_outcome_ids.append(out.id)
+            # an outcome names its id only: the n-th of an id stands for its n-th copy
+            at = copy_at[out.id]
+            sp, so = at[min(outcome_count[out.id], len(at) - 1)]
             res.outcomes += 1
             outcome_count[out.id] += 1
-            sp, so = first_offset[out.id]
             streams[(out.kind, sp)].append(so)
             places[(out.kind, sp)].append(out.offset)
 
-    lost = sorted(i for i in copies if outcome_count[i] == 0)
-    res.lost, res.lost_ids = len(lost), lost[:SAMPLE]
-    decodable = [i for i in copies if not poison[i]]
-    no_decision = sorted(i for i in decodable if decision_count[i] == 0)
+    short = sorted(i for i in copies if outcome_count[i] < copies[i])
+    res.lost = sum(copies[i] - outcome_count[i] for i in short)
+    res.lost_ids = short[:SAMPLE]
+    no_decision = sorted(
+        rec.id for rec in inputs if not rec.poison and not decided[(rec.partition, rec.offset)]
+    )
     res.missing_decisions, res.missing_decision_ids = len(no_decision), no_decision[:SAMPLE]
     dup_ids = sorted(i for i, n in outcome_count.items() if n > copies[i])
     res.duplicates = sum(outcome_count[i] - copies[i] for i in dup_ids)
     res.duplicate_ids = dup_ids[:SAMPLE]
-    res.decision_duplicates = sum(n - copies[i] for i, n in decision_count.items() if n > copies[i])
+    res.decision_duplicates = sum(n - 1 for n in decided.values() if n > 1)
     res.poison_not_dead_lettered = sum(
         1 for i, p in poison.items() if p and outcome_count[i] and i not in dead_lettered
     )
@@ -340,15 +376,23 @@ def check(
 def _judge(res: CheckResult) -> None:
     eos = res.guarantee == EXACTLY_ONCE
     if res.lost:
-        res.failures.append(f"{res.lost} input(s) lost (no accepted/rejected/dead letter)")
+        res.failures.append(
+            f"{res.lost} input record(s) lost (fewer accepted/rejected/dead letters than "
+            "copies on the input topic)"
+        )
     if res.missing_decisions:
-        res.failures.append(f"{res.missing_decisions} decodable input(s) without a decision")
+        res.failures.append(f"{res.missing_decisions} decodable input record(s) without a decision")
     if res.poison_not_dead_lettered:
         res.failures.append(f"{res.poison_not_dead_lettered} poison input(s) not dead-lettered")
     if res.valid_dead_lettered:
         res.failures.append(f"{res.valid_dead_lettered} valid input(s) dead-lettered")
     if res.order_violations:
         res.failures.append(f"{res.order_violations} per-partition order violation(s)")
+    if res.wrong_outcomes:
+        res.failures.append(
+            f"{res.wrong_outcomes} outcome(s) against the run's policy (accepted where it "
+            f"blocks, rejected where it does not): {res.wrong_outcome_ids[:3]}"
+        )
     if res.unknown_outputs:
         res.warnings.append(f"{res.unknown_outputs} output(s) naming no input of this run")
     if res.unresolved_dead_letters:
@@ -362,10 +406,11 @@ def _judge(res: CheckResult) -> None:
             "after a failed send); each copy is expected to have its own outcome"
         )
     dups = res.duplicates + res.decision_duplicates
-    if eos and dups:
+    if eos and (dups or res.replays):
         res.failures.append(
             f"exactly-once: {res.duplicates} duplicate outcome(s), "
-            f"{res.decision_duplicates} duplicate decision(s) (read_committed)"
+            f"{res.decision_duplicates} duplicate decision(s), {res.replays} source "
+            "offset(s) written again (read_committed)"
         )
     elif dups and res.dup_bound is not None and res.duplicates > res.dup_bound:
         res.warnings.append(
@@ -391,22 +436,28 @@ class FaultMark:
 def resume_times(
     faults: Sequence[FaultMark], decisions: Iterable[OutputRecord]
 ) -> list[float | None]:
-    """For each fault: seconds from the fault to the first decision on one of its
-    partitions that was *produced after* the fault (record timestamp > fault time, so an
-    output the dead worker produced before dying does not count), as seen by the
-    collector. None when no such output ever came (or the fault had no partitions)."""
+    """For each fault: seconds until *every* partition it took had a decision produced
+    after it (record timestamp > fault time), as seen by the collector; the fault is
+    marked once the process is gone, so no output of the dead worker counts. A partition
+    hit again by a later fault before it resumed is left to that fault (a worker killed
+    twice in a row: the second kill's wait is not the first's). None when no partition
+    is left to measure (no partitions, or none had an output after the fault: nothing
+    resumed, which the loss check judges)."""
     by_part: dict[int, list[tuple[float, float]]] = defaultdict(list)
     for d in decisions:
         p = d.source_partition if d.source_partition is not None else d.partition
         by_part[p].append((d.timestamp_ms / 1000.0, d.seen_at))
     out: list[float | None] = []
     for f in faults:
-        best: float | None = None
+        worst: float | None = None
         for p in f.partitions:
-            for ts, seen in by_part.get(p, ()):
-                if ts > f.at and (best is None or seen < best):
-                    best = seen
-        out.append(None if best is None else max(0.0, best - f.at))
+            first = min((seen for ts, seen in by_part.get(p, ()) if ts > f.at), default=None)
+            if first is None:
+                continue
+            if any(f.at < g.at < first and p in g.partitions for g in faults if g is not f):
+                continue  # superseded: a later fault on this partition came first
+            worst = first if worst is None else max(worst, first)
+        out.append(None if worst is None else max(0.0, worst - f.at))
     return out
 
 
@@ -478,9 +529,11 @@ def judge_rebuild(
     return Verdict(False, summary, details)
 
 
-def judge_audit(doc: Mapping[str, Any] | None, guarantee: str) -> Verdict:
+def judge_audit(doc: Mapping[str, Any] | None, guarantee: str, crashed: bool = True) -> Verdict:
     """`agentstream audit verify --json`. Under at-least-once an `unsigned` tail after a
-    kill -9 is the documented crash caveat (docs/audit.md): counted, tolerated."""
+    worker died without its clean stop (`crashed`: a kill -9, a raise, a crash) is the
+    documented crash caveat (docs/audit.md): counted, tolerated; without one, unsigned
+    records are a failure."""
     if doc is None:
         return Verdict(False, "audit verify produced no JSON")
     counts = {k: int(v) for k, v in (doc.get("counts") or {}).items() if v}
@@ -492,7 +545,7 @@ def judge_audit(doc: Mapping[str, Any] | None, guarantee: str) -> Verdict:
         return Verdict(True, f"chains intact ({doc.get('records')} record(s))", details)
     other = {k: v for k, v in counts.items() if k != "unsigned"}
     summary = ", ".join(f"{v} {k}" for k, v in counts.items()) or "not ok"
-    if guarantee != EXACTLY_ONCE and not other and counts.get("unsigned"):
+    if guarantee != EXACTLY_ONCE and crashed and not other and counts.get("unsigned"):
         return Verdict(True, summary, details, tolerated="unsigned tails after kill -9")
     return Verdict(False, summary, details)
 

@@ -42,6 +42,9 @@ async def _reader(bootstrap: str, topics: list[str], timeout: float) -> AIOKafka
         enable_auto_commit=False,
         isolation_level="read_committed",
         max_partition_fetch_bytes=4 * 1024 * 1024,
+        # an offset out of range raises (the poll keeps failing, the run does not drain)
+        # instead of jumping past records the check would then never see
+        auto_offset_reset="none",
     )
     await consumer.start()
     try:
@@ -95,6 +98,27 @@ class _Reading:
     def _took(self, batch: dict[TopicPartition, list[Any]], now: float) -> None:
         raise NotImplementedError
 
+    async def caught_up(self, timeout: float) -> bool:
+        """Wait until the reader has read every partition to its end as it is now (the
+        last stable offset: read_committed), so that what the stopped workers committed
+        last is checked too; False if it did not within `timeout`."""
+        consumer = self._consumer
+        if consumer is None:
+            return False
+        tps = list(consumer.assignment())
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                ends = await consumer.end_offsets(tps)
+                behind = [tp for tp in tps if await consumer.position(tp) < ends[tp]]
+            except Exception as exc:  # the broker still coming back: try again
+                self.error, behind = exc, tps
+            if not behind:
+                return True
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.2)
+
     async def stop(self) -> None:
         task, self._task = self._task, None
         if task is not None:
@@ -118,8 +142,13 @@ class Collector(_Reading):
         self.outputs: list[OutputRecord] = []
         self.garbage: Counter[str] = Counter()
         self.input_ids: set[str] = set()
-        self.outcome_ids: set[str] = set()
         self.decided_ids: set[str] = set()
+        #: id -> its copies on the input topic, and its outcomes so far
+        self.copies: Counter[str] = Counter()
+        self.outcomes_of: Counter[str] = Counter()
+        #: (partition, offset) of every decodable input record, and of those decided
+        self.valid_records: set[tuple[int, int]] = set()
+        self.decided_records: set[tuple[int, int]] = set()
         self._dead_sources: set[tuple[int | None, int | None]] = set()
         self._offset_id: dict[tuple[int, int], str] = {}
         self.last_record_at = 0.0
@@ -140,9 +169,13 @@ class Collector(_Reading):
                         continue
                     self.inputs.append(inp)
                     self.input_ids.add(inp.id)
-                    self._offset_id[(inp.partition, inp.offset)] = inp.id
-                    if (inp.partition, inp.offset) in self._dead_sources:
-                        self.outcome_ids.add(inp.id)
+                    self.copies[inp.id] += 1
+                    at = (inp.partition, inp.offset)
+                    self._offset_id[at] = inp.id
+                    if inp.poison is None:
+                        self.valid_records.add(at)
+                    if at in self._dead_sources:
+                        self.outcomes_of[inp.id] += 1
                 continue
             kind = self.kinds[tp.topic]
             for rec in records:
@@ -159,19 +192,28 @@ class Collector(_Reading):
             self._dead_sources.add(src)
             ident = self._offset_id.get(src)  # type: ignore[arg-type]
             if ident is not None:
-                self.outcome_ids.add(ident)
+                self.outcomes_of[ident] += 1
         elif out.kind == "decision":
             if out.id is not None:
                 self.decided_ids.add(out.id)
+            if out.source_partition is not None and out.source_offset is not None:
+                self.decided_records.add((out.source_partition, out.source_offset))
         elif out.id is not None:
-            self.outcome_ids.add(out.id)
+            self.outcomes_of[out.id] += 1
 
     def pending(self, expected: int | None = None) -> int:
-        """Inputs seen (or `expected`, when more) without an outcome so far."""
-        missing = len(self.input_ids - self.outcome_ids)
+        """Input records seen without an outcome so far (per id: copies on the input
+        topic less outcomes), or, when more, `expected` ids less those with theirs."""
+        copies, outcomes = self.copies, self.outcomes_of
+        missing = sum(n - outcomes[i] for i, n in copies.items() if outcomes[i] < n)
         if expected is not None:
-            missing = max(missing, expected - len(self.input_ids & self.outcome_ids))
+            done = sum(1 for i, n in copies.items() if outcomes[i] >= n)
+            missing = max(missing, expected - done)
         return missing
+
+    def undecided(self) -> int:
+        """Decodable input records without a decision naming them so far."""
+        return len(self.valid_records - self.decided_records)
 
     def decisions(self) -> list[OutputRecord]:
         return [o for o in self.outputs if o.kind == "decision"]

@@ -23,9 +23,10 @@ import orjson
 
 from agentstream.streams.settings import Settings, child_environ
 from tests.chaos import checker
+from tests.chaos.checker import BLOCKED_WORD
 from tests.chaos.cluster import ChaosWorker, OwnBroker, OwnKafka
 from tests.chaos.collect import INPUT_TOPIC, Collector, GroupWatcher
-from tests.chaos.load import BLOCKED_WORD, Load
+from tests.chaos.load import Load
 from tests.support import REPO, AdminSigner, await_until, cli, with_admin_key
 
 GUARANTEES = (checker.AT_LEAST_ONCE, checker.EXACTLY_ONCE)
@@ -34,6 +35,14 @@ COMMIT_INTERVAL_S = 1.0
 #: the worker's session timeout when a run does not set one (the setting's default)
 DEFAULT_SESSION_TIMEOUT_S = Settings.model_fields["broker_session_timeout_s"].default
 SENDERS = 24
+#: how long the reader may take, after the workers stopped, to reach the topics' ends
+#: (seconds of reading at most; a broker still recovering gets the rest)
+READ_TO_END_S = 60.0
+#: the goal for a worker's kill -9: every partition it held has output again this soon
+#: (a run fails past it); other faults' resume times are reported, not judged
+RESUME_GOAL_S = 15.0
+#: the fault kinds RESUME_GOAL_S judges
+KILL_KINDS = frozenset({"kill -9"})
 T = TypeVar("T")
 
 
@@ -64,6 +73,8 @@ class RunOptions:
     ready_timeout_s: float = 120.0
     #: the scenario's faults are cut off after this long (None: no limit)
     faults_deadline_s: float | None = None
+    #: a worker's kill -9 fails the run when its partitions resume later than this
+    resume_goal_s: float = RESUME_GOAL_S
     seed: int | None = None
     keep_topics: bool = False
     #: print fault events as they happen
@@ -152,9 +163,10 @@ class RunContext:
     async def kill_worker(self, w: ChaosWorker) -> checker.FaultMark:
         """kill -9 `w` (left down: restart it with `restart_worker`)."""
         w.expected_down = True
-        mark = self.fault("kill -9", w.name, self.watch.partitions(w.port))
-        await asyncio.to_thread(w.kill)
-        return mark
+        partitions = self.watch.partitions(w.port)
+        await asyncio.to_thread(w.kill)  # returns once the process is gone
+        # marked after: an output the worker produced before it died is no resume
+        return self.fault("kill -9", w.name, partitions)
 
     async def restart_worker(self, w: ChaosWorker, wait_ready: bool = True) -> None:
         w.launch()
@@ -368,6 +380,9 @@ async def run_once(opts: RunOptions, scenario: ScenarioFunc) -> dict[str, Any]:
         raise
     try:
         result.update(await _post_checks(ctx, result))
+    except Exception as exc:
+        # recorded as a failed run: not left for --resume to make again until it passes
+        result.update(ok=False, failures=[f"post-run checks failed: {exc!r}"[:2000]])
     finally:
         await _release(ctx)
     if error:
@@ -525,16 +540,15 @@ def _stop(w: ChaosWorker) -> None:
 
 
 async def _drain(ctx: RunContext, timeout: float) -> float | None:
-    """Wall time at which every input had its outcome and every decodable one its
-    decision, or None at the deadline."""
+    """Wall time at which every input record had its outcome and every decodable one
+    its decision, or None at the deadline."""
     col = ctx.collector
     total = ctx.load.total
 
     def done() -> bool:
-        if len(col.input_ids) < total or col.pending(total):
+        if len(col.input_ids) < total or col.pending(total) or col.undecided():
             return False
-        valid = {i for i in col.input_ids if checker.poison_kind(i) is None}
-        return valid <= col.decided_ids and ctx.hooks.drained(ctx)
+        return ctx.hooks.drained(ctx)
 
     try:
         await await_until(done, timeout, 0.5)
@@ -547,6 +561,8 @@ async def _post_checks(ctx: RunContext, result: dict[str, Any]) -> dict[str, Any
     opts = ctx.opts
     col = ctx.collector
     out: dict[str, Any] = {}
+    # the workers are stopped: read to the end (their last commits) before judging
+    caught_up = await col.caught_up(READ_TO_END_S)
     # first: a scenario's own check may still record the faults it saw (resume, bound)
     try:
         extra = await ctx.hooks.check(ctx)
@@ -577,6 +593,11 @@ async def _post_checks(ctx: RunContext, result: dict[str, Any]) -> dict[str, Any
         r for r, f in zip(resumes, ctx.faults, strict=True) if r is not None and f.partitions
     ]
     out["resume_after_kill_s"] = measured
+    slow = [
+        f"{f.kind} of {f.target} at {f.at - ctx.t0:.0f}s: {r:.1f}s"
+        for f, r in zip(ctx.faults, resumes, strict=True)
+        if f.kind in KILL_KINDS and r is not None and r > opts.resume_goal_s
+    ]
     if any(f.partitions and r is None for f, r in zip(ctx.faults, resumes, strict=True)):
         ctx.note("a fault's partitions saw no output produced after it (resume not measured)")
     if col.garbage:
@@ -591,7 +612,10 @@ async def _post_checks(ctx: RunContext, result: dict[str, Any]) -> dict[str, Any
     doc = None
     with contextlib.suppress(orjson.JSONDecodeError):
         doc = orjson.loads(audit.stdout) if audit.stdout.strip() else None
-    av = checker.judge_audit(doc, opts.guarantee)
+    crashed = any(w.kills or w.crashes for w in ctx.workers) or any(
+        f.kind == "agent raised" for f in ctx.faults
+    )
+    av = checker.judge_audit(doc, opts.guarantee, crashed)
     out["audit"] = {"ok": av.ok, "summary": av.summary, "tolerated": av.tolerated, **av.details}
     if doc is None:
         out["audit"]["stderr"] = audit.stderr[-1500:]
@@ -607,6 +631,12 @@ async def _post_checks(ctx: RunContext, result: dict[str, Any]) -> dict[str, Any
         failures.append(f"rebuild: {rv.summary}")
     if not av.ok:
         failures.append(f"audit verify: {av.summary}")
+    if slow:
+        failures.append(
+            f"resume over {opts.resume_goal_s:.0f}s after {len(slow)} kill(s): {slow[:3]}"
+        )
+    if not caught_up:
+        failures.append(f"the reader did not reach the end of the topics in {READ_TO_END_S:.0f}s")
     if result.get("drain_s") is None and "drain_s" in result:
         failures.append(f"not drained within {opts.drain_timeout_s:.0f}s")
     out["failures"] = failures

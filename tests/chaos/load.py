@@ -23,11 +23,7 @@ from aiokafka import AIOKafkaProducer
 from agentstream.schemas import AgentMessage, Event, encode, utc_now
 from agentstream.schemas.health import Heartbeat
 from agentstream.schemas.llm import ChatMessage, LLMConfig, LLMContext, LLMRequest
-from tests.chaos.checker import POISON_KINDS
-
-#: every n-th valid message carries the blocked word: a rejection
-REJECT_EVERY = 10
-BLOCKED_WORD = "forbidden"
+from tests.chaos.checker import BLOCKED_WORD, POISON_KINDS, REJECT_EVERY, REJECTED_AT
 
 
 def input_record(tag: str, n: int, poison_every: int = 0, senders: int = 24) -> tuple[bytes, bytes]:
@@ -48,7 +44,7 @@ def input_record(tag: str, n: int, poison_every: int = 0, senders: int = 24) -> 
             {"type": "agent.message", "schema_version": 2, "source": mark, "payload": {"x": n}}
         )
     content = f"message {n} from {sender}"
-    if n % REJECT_EVERY == 3:
+    if n % REJECT_EVERY == REJECTED_AT:
         content += f" {BLOCKED_WORD}"
     msg = AgentMessage(
         message_id=f"{tag}.{n}", sender_id=sender, recipient_id="hub", content=content

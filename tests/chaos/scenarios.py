@@ -140,8 +140,9 @@ async def worker_stop(ctx: RunContext) -> None:
     is lost either way; at-least-once counts the zombie's duplicates."""
     await ctx.load.reached(ctx.rng.uniform(0.2, 0.4))
     w = ctx.workers[0]
-    ctx.fault("SIGSTOP", w.name, ctx.watch.partitions(w.port))
+    partitions = ctx.watch.partitions(w.port)
     w.suspend()
+    ctx.fault("SIGSTOP", w.name, partitions)  # after: what it wrote before is no resume
     try:
         await asyncio.sleep(ctx.session_timeout_s + 5.0)
     finally:
@@ -164,8 +165,8 @@ async def broker_restart(ctx: RunContext) -> None:
         raise RuntimeError("broker_restart needs a broker of its own (OwnBroker)")
     await ctx.load.reached(ctx.rng.uniform(0.3, 0.5))
     everything = frozenset(range(ctx.opts.partitions))
+    await asyncio.to_thread(broker.kill)  # returns once the process is gone
     ctx.fault("broker kill -9", "broker", everything)
-    await asyncio.to_thread(broker.kill)
     await asyncio.sleep(ctx.rng.uniform(1.0, 3.0))
     await asyncio.to_thread(broker.restart)
     ctx.log("broker ready")
@@ -383,15 +384,20 @@ async def network_blackhole(ctx: RunContext) -> None:
 
 
 async def _down_and_back(
-    ctx: RunContext, kafka: OwnKafka, node: int, watch: list[tuple[str, int]]
+    ctx: RunContext,
+    kafka: OwnKafka,
+    node: int,
+    watch: list[tuple[str, int]],
+    fault: tuple[str, str, frozenset[int]],
 ) -> None:
-    """kill -9 `node` (the fault is already marked), note when `watch`'s partitions
-    have a new leader, keep it down 8-12 s, restart it and wait until their ISR is
-    full again."""
+    """kill -9 `node` and mark `fault` (kind, target, partitions) once it is down, note
+    when `watch`'s partitions have a new leader, keep it down 8-12 s, restart it and
+    wait until their ISR is full again."""
     from agentstream.infra.kafka import cluster as kc
 
     t0 = time.monotonic()
     await asyncio.to_thread(kc.kill_node, kafka.cfg, node)
+    ctx.fault(*fault)
     kafka.kills += 1
     bootstrap = ctx.opts.bootstrap
     for topic, p in watch:
@@ -439,8 +445,9 @@ async def leader_kill(ctx: RunContext) -> None:
     }
     node = leaders[0]
     led = frozenset(p for p, n in leaders.items() if n == node)
-    ctx.fault("leader kill -9", f"node {node}", led)
-    await _down_and_back(ctx, kafka, node, [(topic, p) for p in sorted(led)])
+    await _down_and_back(
+        ctx, kafka, node, [(topic, p) for p in sorted(led)], ("leader kill -9", f"node {node}", led)
+    )
 
 
 def _find_key(doc: Any, key: str = "topic_groups") -> Any:
@@ -519,8 +526,9 @@ async def coordinator_kill(ctx: RunContext) -> None:
         if await kc.partition_leader(bootstrap, topic, p) == node
     ]
     ctx.log("coordinator", node=node, of=what, also_leads_input=leads)
-    ctx.fault("coordinator kill -9", f"node {node} ({what})", parts)
-    await _down_and_back(ctx, kafka, node, [])
+    await _down_and_back(
+        ctx, kafka, node, [], ("coordinator kill -9", f"node {node} ({what})", parts)
+    )
 
 
 # --------------------------------------------------------------------------- agent_raises

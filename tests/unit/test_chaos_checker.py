@@ -218,6 +218,30 @@ def test_resume_times_count_only_outputs_produced_after_the_fault() -> None:
     assert checker.percentile([], 50) is None
 
 
+def test_resume_waits_for_every_partition_the_fault_took() -> None:
+    # partition 0 resumes at once, partition 1 only after 30 s: the fault resumed at 30
+    decisions = [
+        OutputRecord("decision", 0, 0, "a", None, 0, 0, timestamp_ms=10_100, seen_at=10.2),
+        OutputRecord("decision", 1, 0, "b", None, 1, 0, timestamp_ms=39_900, seen_at=40.0),
+    ]
+    got = resume_times([FaultMark("kill -9", "w0", 10.0, frozenset({0, 1}))], decisions)
+    assert got[0] is not None and abs(got[0] - 30.0) < 1e-9
+
+
+def test_a_partition_hit_again_before_it_resumed_is_left_to_the_later_fault() -> None:
+    decisions = [
+        OutputRecord("decision", 0, 0, "a", None, 0, 0, timestamp_ms=11_000, seen_at=11.0),
+        OutputRecord("decision", 1, 0, "b", None, 1, 0, timestamp_ms=25_000, seen_at=25.0),
+    ]
+    faults = [
+        FaultMark("kill -9", "w0", 10.0, frozenset({0, 1})),
+        FaultMark("kill -9", "w0", 12.0, frozenset({1})),  # killed again while recovering
+    ]
+    first, second = resume_times(faults, decisions)
+    assert first is not None and abs(first - 1.0) < 1e-9  # partition 1 is the second's
+    assert second is not None and abs(second - 13.0) < 1e-9
+
+
 def test_judge_rebuild() -> None:
     def line(table: str, equal: bool) -> str:
         return orjson.dumps({"table": table, "equal": equal}).decode()
@@ -241,5 +265,65 @@ def test_judge_audit() -> None:
     unsigned = {**ok, "ok": False, "counts": {"unsigned": 3, "forged": 0}}
     assert not checker.judge_audit(unsigned, EXACTLY_ONCE).ok
     assert checker.judge_audit(unsigned, AT_LEAST_ONCE).tolerated
+    # no worker died without its clean stop: nothing explains an unsigned record
+    assert not checker.judge_audit(unsigned, AT_LEAST_ONCE, crashed=False).ok
     forged = {**ok, "ok": False, "counts": {"unsigned": 3, "forged": 1}}
     assert not checker.judge_audit(forged, AT_LEAST_ONCE).ok
+
+
+def test_a_lost_copy_does_not_hide_behind_the_other_copy_decided_twice() -> None:
+    # m2 was re-sent: copy (0, 1) is never decided, copy (0, 50) is decided twice; the
+    # totals per id still match (two outcomes, two decisions for two copies)
+    ins = inputs(4)
+    again = InputRecord(0, 50, "m2")
+    first = ins[2]
+    assert (first.partition, first.offset, first.id) == (0, 1, "m2")
+    outs = [o for o in clean_run(ins) if o.id != "m2"]
+    outs += [outcome(again, 60), decision(again, 60), outcome(again, 61), decision(again, 61)]
+    for guarantee in (EXACTLY_ONCE, AT_LEAST_ONCE):
+        res = check([*ins, again], outs, guarantee=guarantee)
+        assert not res.ok
+        assert res.missing_decisions == 1 and res.missing_decision_ids == ["m2"]
+        assert res.decision_duplicates == 1
+
+
+def test_a_copy_without_any_outcome_is_lost() -> None:
+    ins = inputs(4)
+    again = InputRecord(0, 50, "m2")
+    res = check([*ins, again], clean_run(ins), guarantee=AT_LEAST_ONCE)
+    assert not res.ok and res.lost == 1 and res.lost_ids == ["m2"]
+
+
+def test_a_decision_naming_no_input_record_counts_for_nothing() -> None:
+    ins = inputs(2)
+    outs = [outcome(ins[0], 0), outcome(ins[1], 0)]
+    outs += [
+        decision(ins[0], 0),
+        OutputRecord("decision", 1, 1, "m1", None, 1, 7),  # no input at (1, 7)
+    ]
+    res = check(ins, outs, guarantee=EXACTLY_ONCE)
+    assert not res.ok and res.missing_decision_ids == ["m1"] and res.unknown_outputs == 1
+
+
+def test_an_outcome_against_the_policy_fails_the_run() -> None:
+    # t.3 carries the blocked word (tests.chaos.load): accepting it, or rejecting t.4,
+    # is a verdict a crash or a replay changed
+    ins = [InputRecord(0, n, f"t.{n}") for n in range(3, 6)]
+    right = [
+        OutputRecord("rejected", 0, 0, "t.3"),
+        OutputRecord("accepted", 0, 0, "t.4"),
+        OutputRecord("accepted", 0, 1, "t.5"),
+        *(decision(rec, i) for i, rec in enumerate(ins)),
+    ]
+    assert check(ins, right, guarantee=EXACTLY_ONCE).ok
+    wrong = [
+        OutputRecord("accepted", 0, 0, "t.3"),
+        OutputRecord("rejected", 0, 0, "t.4"),
+        *right[2:],
+    ]
+    res = check(ins, wrong, guarantee=EXACTLY_ONCE)
+    assert not res.ok and res.wrong_outcomes == 2
+    assert checker.expected_outcome("t.13") == "rejected"
+    assert checker.expected_outcome("t.14.invalid") is None
+    assert input_record("t", 13)[1].count(checker.BLOCKED_WORD.encode()) == 1
+    assert checker.BLOCKED_WORD.encode() not in input_record("t", 14)[1]
