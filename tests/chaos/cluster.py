@@ -10,6 +10,7 @@ kill -9'ed, SIGSTOP'ed and SIGCONT'ed."""
 from __future__ import annotations
 
 import asyncio
+import calendar
 import contextlib
 import os
 import re
@@ -21,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+import orjson
 
 from tests.support import REPO, Worker
 
@@ -67,6 +70,8 @@ class OwnBroker:
             heap=heap or "-Xms256m -Xmx768m",
         )
         self.kills = 0
+        #: the process the last kill ended
+        self.killed_pid: int | None = None
 
     @property
     def bootstrap(self) -> str:
@@ -96,10 +101,18 @@ class OwnBroker:
         deadline = time.monotonic() + 30
         while self.pid() is not None and time.monotonic() < deadline:
             time.sleep(0.05)
+        if self.pid() is not None:
+            raise RuntimeError(f"the chaos broker (pid {pid}) outlived its kill -9 by 30 s")
         self.kills += 1
+        self.killed_pid = pid
 
     def restart(self) -> str:
-        return self.start()
+        """Start it again on its data: a new process (a start that found the old one
+        still running would make the outage a pretence)."""
+        bootstrap = self.start()
+        if self.killed_pid is not None and self.pid() == self.killed_pid:
+            raise RuntimeError("the chaos broker was not restarted: its old process runs")
+        return bootstrap
 
     def cpu_seconds(self) -> float:
         pid = self.pid()
@@ -309,6 +322,27 @@ class OwnKafka:
     def heal(self) -> None:
         if self.kafka is not None:
             self.kafka.heal()
+
+    def accepted_clients(self, since: float, until: float) -> int:
+        """Client connections the proxies accepted within [since, until] (wall seconds,
+        whole seconds as Toxiproxy logs them): after a reset every client reconnects."""
+        if self._server is None:
+            return 0
+        try:
+            lines = self._server.log_file.read_bytes().splitlines()
+        except FileNotFoundError:
+            return 0
+        n = 0
+        lo, hi = int(since), int(until) + 1
+        for line in lines:
+            if b'"Accepted client"' not in line:
+                continue
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                at = calendar.timegm(
+                    time.strptime(orjson.loads(line)["time"], "%Y-%m-%dT%H:%M:%SZ")
+                )
+                n += lo <= at <= hi
+        return n
 
     def cpu_seconds(self) -> float:
         from agentstream.infra.kafka import cluster as kc

@@ -121,6 +121,8 @@ class RunContext:
     watch: GroupWatcher
     rng: random.Random
     faults: list[checker.FaultMark] = field(default_factory=list)
+    #: evidence a fault did not take effect (`fail`): each fails the run
+    fault_failures: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     events: list[dict[str, Any]] = field(default_factory=list)
     t0: float = field(default_factory=time.time)
@@ -149,6 +151,12 @@ class RunContext:
     def note(self, text: str) -> None:
         if text not in self.notes:
             self.notes.append(text)
+
+    def fail(self, text: str) -> None:
+        """The run's fault did not take effect as the scenario claims (a run that passes
+        because its fault never reached the workers proves nothing): the run fails."""
+        self.fault_failures.append(text)
+        self.log("fault without its effect", why=text)
 
     def fault(
         self, kind: str, target: str, partitions: frozenset[int], at: float | None = None
@@ -631,6 +639,14 @@ async def _post_checks(ctx: RunContext, result: dict[str, Any]) -> dict[str, Any
         failures.append(f"rebuild: {rv.summary}")
     if not av.ok:
         failures.append(f"audit verify: {av.summary}")
+    failures += [f"fault effect: {text}" for text in ctx.fault_failures]
+    out["fault_effect_failures"] = list(ctx.fault_failures)
+    expected_poison = int(opts.messages * opts.poison_ratio)
+    if res.poison_inputs < 0.9 * expected_poison:
+        failures.append(
+            f"fault effect: {res.poison_inputs} poison input(s) on the topic, "
+            f"{expected_poison} expected"
+        )
     if slow:
         failures.append(
             f"resume over {opts.resume_goal_s:.0f}s after {len(slow)} kill(s): {slow[:3]}"

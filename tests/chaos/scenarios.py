@@ -10,20 +10,23 @@ what is missing) and reported as skipped."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
+from tests.chaos import checker
 from tests.chaos.cluster import OwnBroker, OwnKafka
 from tests.chaos.collect import INPUT_TOPIC
 from tests.chaos.harness import RunContext, RunHooks, ScenarioFunc
 from tests.chaos.llm import CALL_S, PROVIDER, RATE_LIMITED, SLOTS, LlmSaturation
 from tests.chaos.raises import RaisePlan
+from tests.support import await_until
 
 
 @dataclass(frozen=True)
@@ -141,13 +144,24 @@ async def worker_stop(ctx: RunContext) -> None:
     await ctx.load.reached(ctx.rng.uniform(0.2, 0.4))
     w = ctx.workers[0]
     partitions = ctx.watch.partitions(w.port)
+    crashes = len(w.crashes)
     w.suspend()
-    ctx.fault("SIGSTOP", w.name, partitions)  # after: what it wrote before is no resume
+    mark = ctx.fault("SIGSTOP", w.name, partitions)  # after: what it wrote before is no resume
+    stopped_s = ctx.session_timeout_s + 5.0
     try:
-        await asyncio.sleep(ctx.session_timeout_s + 5.0)
+        await asyncio.sleep(stopped_s)
     finally:
         w.resume()
         ctx.log("SIGCONT", target=w.name)
+    # the evidence: its partitions moved to the other worker while it stood still, and
+    # on waking it knew it had frozen past its session (WorkerFroze: it restarts)
+    resumed = checker.resume_times([mark], ctx.collector.decisions())[0]
+    if partitions and (resumed is None or resumed > stopped_s):
+        ctx.fail(f"worker_stop: its partitions had no output while it was stopped {resumed=}")
+    with contextlib.suppress(AssertionError):
+        await await_until(lambda: len(w.crashes) > crashes, 60, 0.5)
+    if len(w.crashes) == crashes:
+        ctx.fail("worker_stop: the worker woke and did not restart (no freeze noticed)")
 
 
 # --------------------------------------------------------------------------- broker_restart
@@ -197,9 +211,14 @@ async def _set_max_message_bytes(bootstrap: str, topic: str, value: int) -> None
         resource = ConfigResource(
             ConfigResourceType.TOPIC, topic, {"max.message.bytes": str(value)}
         )
-        await admin.alter_configs([resource])
+        responses = await admin.alter_configs([resource])
     finally:
         await admin.close()
+    # aiokafka returns the broker's error codes without raising
+    for response in responses if isinstance(responses, list) else [responses]:
+        for error_code, message, *_ in response.resources:
+            if error_code:
+                raise RuntimeError(f"max.message.bytes of {topic} not set: {error_code} {message}")
 
 
 @scenario("output_refused", workers=1, partitions=4, runs=3, rate=500.0)
@@ -212,11 +231,18 @@ async def output_refused(ctx: RunContext) -> None:
     exactly-once leaves no duplicate."""
     topic = f"{ctx.ns}.agent.messages.accepted"
     await ctx.load.reached(ctx.rng.uniform(0.2, 0.4))
-    ctx.fault("output refused", topic, frozenset(range(ctx.opts.partitions)))
+    crashes = sum(len(w.crashes) for w in ctx.workers)
     await _set_max_message_bytes(ctx.opts.bootstrap, topic, 300)
+    ctx.fault("output refused", topic, frozenset(range(ctx.opts.partitions)))
     await asyncio.sleep(10.0)
     await _set_max_message_bytes(ctx.opts.bootstrap, topic, 1_048_588)
     ctx.log("output accepted again")
+    # the evidence: a worker whose output was refused crashed (it acks nothing it could
+    # not write); its supervisor notes the exit within a second
+    with contextlib.suppress(AssertionError):
+        await await_until(lambda: sum(len(w.crashes) for w in ctx.workers) > crashes, 30, 0.5)
+    if sum(len(w.crashes) for w in ctx.workers) == crashes:
+        ctx.fail("output_refused: no worker crashed while its outputs were refused")
 
 
 # --------------------------------------------------------------------------- network faults
@@ -266,33 +292,76 @@ class _Rate:
         return (n - self.n) / max(1e-3, t - self.t)
 
 
+class _Backlog:
+    """The highest backlog (inputs without an outcome, as the collector sees them) since
+    the last `mark`, sampled every quarter second: a link's added delay shows as a
+    backlog of about rate x delay."""
+
+    def __init__(self, ctx: RunContext) -> None:
+        self.ctx = ctx
+        self.high = 0
+        self._task = asyncio.create_task(self._sample())
+
+    async def _sample(self) -> None:
+        while True:
+            self.high = max(self.high, self.ctx.collector.pending())
+            await asyncio.sleep(0.25)
+
+    def mark(self) -> int:
+        high, self.high = self.high, 0
+        return high
+
+    def stop(self) -> None:
+        self._task.cancel()
+
+
+#: a latency fault must raise the backlog by this much delay's worth of input (its
+#: 200 +- 100 ms per round trip add far more: produce, fetch and commit each wait)
+LATENCY_EVIDENCE_S = 0.1
+#: a bandwidth cap must bring the decision rate below this share of the rate before
+BANDWIDTH_EVIDENCE = 0.8
+
+
 async def _toxics_for(
     ctx: RunContext, kind: str, toxics: list[tuple[str, dict[str, Any], str]], full_s: float
-) -> None:
+) -> tuple[float, float, int, int]:
     """`toxics` ((type, attributes, stream)) on every proxy for `fault_span(full_s)`
-    from a quarter of the load on, then healed; notes the decision rate before and
-    during the fault."""
+    from a quarter of the load on, then healed; notes and returns the decision rate and
+    the highest backlog before and during the fault."""
     kafka = _own_kafka(ctx, kind)
     await ctx.load.reached(0.05)
     rate = _Rate(ctx)
-    await ctx.load.reached(0.25)
-    before = rate.since()
-    span = fault_span(ctx, full_s)
-    ctx.fault(kind, "every client<->broker connection", _everything(ctx))
-    rate.mark()
+    backlog = _Backlog(ctx)
     try:
-        for proxy in kafka.proxies():
-            for type_, attributes, stream in toxics:
-                await asyncio.to_thread(proxy.add_toxic, type_, attributes, stream=stream)
-        await asyncio.sleep(span)
+        await ctx.load.reached(0.25)
+        before, high_before = rate.since(), backlog.mark()
+        span = fault_span(ctx, full_s)
+        ctx.fault(kind, "every client<->broker connection", _everything(ctx))
+        rate.mark()
+        try:
+            for proxy in kafka.proxies():
+                for type_, attributes, stream in toxics:
+                    await asyncio.to_thread(proxy.add_toxic, type_, attributes, stream=stream)
+            await asyncio.sleep(span)
+        finally:
+            await asyncio.to_thread(kafka.heal)
+        during, high_during = rate.since(), backlog.mark()
     finally:
-        await asyncio.to_thread(kafka.heal)
-    during = rate.since()
-    ctx.log("healed", after_s=round(span, 1), eps_before=round(before), eps_during=round(during))
+        backlog.stop()
+    ctx.log(
+        "healed",
+        after_s=round(span, 1),
+        eps_before=round(before),
+        eps_during=round(during),
+        backlog_before=high_before,
+        backlog_during=high_during,
+    )
     ctx.note(
         f"{kind}: {span:.0f}s; decisions/s before {before:.0f}, during {during:.0f} "
-        f"(input rate {ctx.opts.rate:.0f}/s)"
+        f"(input rate {ctx.opts.rate:.0f}/s); highest backlog before {high_before}, "
+        f"during {high_during}"
     )
+    return before, during, high_before, high_during
 
 
 # The network scenarios' rate: the highest tried at which 20,000-input runs with the full
@@ -307,9 +376,14 @@ async def network_latency(ctx: RunContext) -> None:
     Proves: slow links lose nothing and exactly-once writes no committed duplicate
     (at-least-once: duplicates only if a commit or session times out). Notes the
     throughput dip (decisions/s before vs during)."""
-    await _toxics_for(
+    _, _, high_before, high_during = await _toxics_for(
         ctx, "latency", [("latency", {"latency": 200, "jitter": 100}, "downstream")], 60.0
     )
+    if high_during < high_before + LATENCY_EVIDENCE_S * ctx.opts.rate:
+        ctx.fail(
+            f"latency: the backlog rose only from {high_before} to {high_during} inputs "
+            f"(under {LATENCY_EVIDENCE_S * 1000:.0f} ms of input): no delay reached the clients"
+        )
 
 
 @scenario("network_bandwidth", workers=2, runs=3, rate=500.0, own_broker=True, kafka="proxied")
@@ -318,12 +392,17 @@ async def network_bandwidth(ctx: RunContext) -> None:
     the load on a short run). Proves: producers and workers back-pressure instead of
     failing — nothing lost, exactly-once no duplicate — and the pipeline catches up
     after. Notes the throughput during the cap."""
-    await _toxics_for(
+    before, during, _, _ = await _toxics_for(
         ctx,
         "bandwidth 64KB/s",
         [("bandwidth", {"rate": 64}, "downstream"), ("bandwidth", {"rate": 64}, "upstream")],
         60.0,
     )
+    if during > BANDWIDTH_EVIDENCE * before:
+        ctx.fail(
+            f"bandwidth: {during:.0f} decisions/s during the cap against {before:.0f} "
+            "before: the cap did not reach the clients"
+        )
 
 
 @scenario("network_reset", workers=2, runs=3, rate=500.0, own_broker=True, kafka="proxied")
@@ -339,6 +418,7 @@ async def network_reset(ctx: RunContext) -> None:
     span = fault_span(ctx, 60.0)
     end = time.monotonic() + span
     resets = 0
+    started = time.time()
     try:
         while time.monotonic() < end:
             ctx.fault("reset_peer", "every client<->broker connection", _everything(ctx))
@@ -351,7 +431,21 @@ async def network_reset(ctx: RunContext) -> None:
             await asyncio.sleep(ctx.rng.uniform(2.0, 5.0))
     finally:
         await asyncio.to_thread(kafka.heal)
-    ctx.note(f"network_reset: {resets} resets in {span:.0f}s")
+    # a reset_peer toxic resets a connection only when data crosses it within the
+    # 0.3 s: the clients' reconnections are the evidence that resets happened
+    await asyncio.sleep(2.0)
+    accepted = await asyncio.to_thread(kafka.accepted_clients, started, time.time())
+    ctx.note(f"network_reset: {resets} resets in {span:.0f}s, {accepted} reconnections")
+    if accepted < resets:
+        ctx.fail(
+            f"network_reset: {accepted} client connection(s) accepted by the proxy over "
+            f"{resets} resets: the resets did not cut the clients' connections"
+        )
+
+
+#: a blackhole lets through at most this many seconds' worth of input (what was
+#: already on its way when it began)
+BLACKHOLE_EVIDENCE_S = 3.0
 
 
 @scenario("network_blackhole", workers=2, runs=3, rate=500.0, own_broker=True, kafka="proxied")
@@ -367,14 +461,23 @@ async def network_blackhole(ctx: RunContext) -> None:
     await ctx.load.reached(ctx.rng.uniform(0.25, 0.35))
     span = fault_span(ctx, 30.0)
     ctx.fault("blackhole", "every client<->broker connection", frozenset())
+    rate = _Rate(ctx)
     try:
         for proxy in kafka.proxies():
             for stream in ("downstream", "upstream"):
                 await asyncio.to_thread(proxy.timeout, 0, stream=stream)
+        rate.mark()
         await asyncio.sleep(span)
+        seen = rate.since() * span
     finally:
         await asyncio.to_thread(kafka.heal)
     ctx.fault("blackhole healed", f"after {span:.0f}s", _everything(ctx))
+    # what crossed the proxy while it held everything: at most what was on its way
+    if seen > BLACKHOLE_EVIDENCE_S * ctx.opts.rate:
+        ctx.fail(
+            f"blackhole: {seen:.0f} decisions arrived during the {span:.0f}s blackhole: "
+            "it did not hold the connections"
+        )
 
 
 # --------------------------------------------------------------------------- node kills
@@ -389,16 +492,32 @@ async def _down_and_back(
     node: int,
     watch: list[tuple[str, int]],
     fault: tuple[str, str, frozenset[int]],
+    moved: Callable[[], Awaitable[int]] | None = None,
 ) -> None:
-    """kill -9 `node` and mark `fault` (kind, target, partitions) once it is down, note
-    when `watch`'s partitions have a new leader, keep it down 8-12 s, restart it and
-    wait until their ISR is full again."""
+    """kill -9 `node` and mark `fault` (kind, target, partitions) once it is down, wait
+    until `watch`'s partitions have a new leader (and `moved`, when given, names a node
+    other than `node`: a coordinator's), keep it down 8-12 s, restart it and wait until
+    their ISR is full again. A node that was not running, a leader or coordinator that
+    did not move within 30 s, fail the run: its fault did not happen."""
     from agentstream.infra.kafka import cluster as kc
 
     t0 = time.monotonic()
-    await asyncio.to_thread(kc.kill_node, kafka.cfg, node)
+    pid = await asyncio.to_thread(kc.kill_node, kafka.cfg, node)
     ctx.fault(*fault)
+    if pid is None:
+        ctx.fail(f"{fault[0]}: node {node} was not running when it was to be killed")
     kafka.kills += 1
+    if moved is not None:
+        while True:
+            with contextlib.suppress(Exception):
+                now = await moved()
+                if now != node:
+                    ctx.log("coordinator moved", to=now, after_s=round(time.monotonic() - t0, 2))
+                    break
+            if time.monotonic() - t0 > 30:
+                ctx.fail(f"{fault[0]}: the coordinator did not move off node {node} in 30s")
+                break
+            await asyncio.sleep(0.5)
     bootstrap = ctx.opts.bootstrap
     for topic, p in watch:
         try:
@@ -410,7 +529,7 @@ async def _down_and_back(
                 after_s=round(time.monotonic() - t0, 2),
             )
         except kc.LookupTimeout as exc:
-            ctx.note(f"no new leader for {topic}-{p} within 30s: {exc}")
+            ctx.fail(f"no new leader for {topic}-{p} within 30s of its leader's kill: {exc}")
     await asyncio.sleep(max(0.0, ctx.rng.uniform(8.0, 12.0) - (time.monotonic() - t0)))
     await asyncio.to_thread(kc.restart_node, kafka.cfg, node)
     ctx.log("node rejoined", node=node, down_s=round(time.monotonic() - t0, 1))
@@ -509,17 +628,24 @@ async def coordinator_kill(ctx: RunContext) -> None:
     if ctx.opts.guarantee == "exactly_once":
         tg = await _topic_group(ctx, topic)
         if tg is None:
-            tg = 0
-            ctx.note("coordinator_kill: topic group not found, assumed 0")
+            # a guess would kill the coordinator of a transactional id nobody uses
+            raise RuntimeError(f"coordinator_kill: the topic group of {topic} was not found")
         tids = {p: f"{ctx.ns}-app-{tg}-{p}" for p in range(ctx.opts.partitions)}
         coords = {p: await kc.transaction_coordinator(bootstrap, t) for p, t in tids.items()}
         node = coords[0]
         parts = frozenset(p for p, n in coords.items() if n == node)
         what = f"transaction coordinator of {tids[0]}"
+
+        def moved() -> Awaitable[int]:
+            return kc.transaction_coordinator(bootstrap, tids[0], timeout_s=5)
     else:
         node = await kc.group_coordinator(bootstrap, f"{ctx.ns}-app")
         parts = _everything(ctx)
         what = f"group coordinator of {ctx.ns}-app"
+
+        def moved() -> Awaitable[int]:
+            return kc.group_coordinator(bootstrap, f"{ctx.ns}-app", timeout_s=5)
+
     leads = [
         p
         for p in range(ctx.opts.partitions)
@@ -527,7 +653,7 @@ async def coordinator_kill(ctx: RunContext) -> None:
     ]
     ctx.log("coordinator", node=node, of=what, also_leads_input=leads)
     await _down_and_back(
-        ctx, kafka, node, [], ("coordinator kill -9", f"node {node} ({what})", parts)
+        ctx, kafka, node, [], ("coordinator kill -9", f"node {node} ({what})", parts), moved
     )
 
 
