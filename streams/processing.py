@@ -330,7 +330,9 @@ class InjectedFault(RuntimeError):
 
 
 #: Test hook, off by default: ``AGENTSTREAM_TEST_DELAYS=point@seconds,...`` makes every
-#: `delay_point(point)` sleep that long (slow agents, for rebalance tests).
+#: `delay_point(point)` sleep that long (slow agents, for rebalance tests):
+#: ``send_record`` each output sent one by one, ``send_batch`` each exactly-once batch's
+#: outputs, inside the commit gate, before the check that a revoke abandoned it.
 _DELAYS: dict[str, float] = {
     name.strip(): float(s)
     for name, _, s in (
@@ -344,6 +346,8 @@ async def delay_point(name: str) -> None:
     """A place a test can make slow (see `_DELAYS`)."""
     delay = _DELAYS.get(name)
     if delay:
+        if delay >= 1.0:  # a test waits for it to begin (test_eos_rebalance)
+            log.info("test delay at %s: %.1f s", name, delay)
         await asyncio.sleep(delay)
 
 
@@ -967,6 +971,8 @@ async def source_transactions(
     `BatchAbandoned` for a batch taken before a revoke and `_missing_transaction` when
     a transaction is gone (revoked): outputs sent outside it would be duplicated by the
     partition's next owner. Call with the batch inside the commit gate."""
+    if _DELAYS:
+        await delay_point("send_batch")  # a long batch, for the rebalance tests
     check_batch_current()
     manager = await _producer()  # the transaction manager
     found: dict[tuple[str, int], Transaction] = {}
