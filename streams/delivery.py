@@ -78,11 +78,14 @@ Records in flight
    process. If the wait ran out or the commit failed, the open transactions are ended
    uncommitted (`_end_transactions`) before any commit can run (Faust keeps the
    producer of a partition assigned to this worker again and would commit them with
-   later offsets); the next owner's producer (same transactional id) aborts them.
-   Revoked partitions leave (4). Under at-least-once a revoke commits what is acked
-   (within `REVOKE_COMMIT_TIMEOUT_S`, through the same path as every commit: 2, 11) and
-   waits for nothing: the batches in progress stay unacked, and the next owner starts
-   from that commit.
+   later offsets); the next owner's producer (same transactional id) aborts them, and
+   every in-memory table forgets its data (`forget_uncommitted_folds`): this rebalance's
+   recovery reads every assigned changelog partition from its start, so the tables
+   come back without what the aborted transactions folded. Revoked partitions leave
+   (4). Under at-least-once a revoke commits what is acked (within
+   `REVOKE_COMMIT_TIMEOUT_S`, through the same path as every commit: 2, 11) and waits
+   for nothing: the batches in progress stay unacked, and the next owner starts from
+   that commit.
 10. A stop or crash cancels the delivery under way (5). An agent cancelled by the stop
     with a batch in hand leaves it unacked (exactly-once: also `refuse_commits`, since
     the open transactions may hold part of its outputs); an agent that raises otherwise
@@ -153,6 +156,8 @@ from mode.utils.queues import FlowControlEvent
 
 from agentstream.streams.settings import BATCH_DELIVERY_SWITCH
 from agentstream.streams.tables.writer import flush_pending
+
+log = logging.getLogger(__name__)
 
 
 class FetchWaitConsumerThread:
@@ -389,6 +394,38 @@ def delivery_failed(exc: BaseException) -> None:
         from agentstream.streams.app import app
 
         _CRASHING.append(asyncio.ensure_future(app.crash(exc)))
+
+
+def forget_uncommitted_folds(app: Any) -> int:
+    """Exactly-once, after a revoke ended transactions uncommitted: every in-memory
+    table forgets its data; returns the number of keys dropped.
+
+    Those transactions' changelog records are aborted, but the tables in memory kept
+    what their batches folded: a key only they created (an LLM request's dedup entry)
+    would outlive its aborted response, a counter would count the inputs again when
+    they are folded a second time. Dropping everything costs nothing extra: the
+    rebalance under way re-reads every assigned changelog partition from its start (the
+    protocol is eager, so every partition is revoked, and a memory store persists no
+    offset, so Faust's recovery starts each at the beginning, `read_committed`), and
+    the tables come back with what the changelogs committed and nothing else. A fold a
+    stale batch makes after that re-read, before its next output abandons it, is not
+    covered (docs/reliability.md, known limits)."""
+    from faust.stores.memory import Store
+
+    dropped = 0
+    for table in app.tables.values():
+        store = table.data
+        if isinstance(store, Store):
+            dropped += len(store.data)
+            store.data.clear()
+            store._key_partition.clear()
+    if dropped:
+        log.warning(
+            "revoke: transactions ended uncommitted; %d table key(s) in memory dropped, "
+            "restored from the committed changelogs by this rebalance's recovery",
+            dropped,
+        )
+    return dropped
 
 
 def processing_failed(exc: BaseException) -> None:
@@ -642,6 +679,7 @@ class BatchDeliveryConsumer:
                     # with the same transactional id, which aborts them (seen: ~250
                     # duplicates per rebalance with batches longer than the wait).
                     await self._end_transactions()
+                    forget_uncommitted_folds(self.app)
 
     async def _end_transactions(self: Any) -> None:
         producer = self.transactions.producer

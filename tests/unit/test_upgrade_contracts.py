@@ -868,6 +868,40 @@ CONTRACTS: list[Contract] = [
         fingerprint="de48aa2aa54b6a0f",
     ),
     c("faust.Table._on_changelog_event", "read", f'{RESTORE}::"_on_changelog_event"'),
+    # forget_uncommitted_folds empties a memory store: its keys and their partitions
+    c(
+        "faust.stores.memory.Store.data",
+        "write",
+        f"{DELIVERY}::store.data.clear()",
+        assigned_in=("__post_init__",),
+    ),
+    c(
+        "faust.stores.memory.Store._key_partition",
+        "write",
+        f"{DELIVERY}::store._key_partition.clear()",
+        assigned_in=("__post_init__",),
+    ),
+    c(
+        # why emptying is safe: a memory store persists no offset, so the recovery of
+        # every assigned changelog partition starts at its beginning
+        "faust.stores.memory.Store.persisted_offset",
+        "read",
+        f"{DELIVERY}::so Faust's recovery starts each at the beginning",
+        contains=("return None",),
+    ),
+    c(
+        # ... and a revoked partition's start offset is forgotten, to be built again
+        "faust.tables.recovery.Recovery.revoke",
+        "read",
+        f"{DELIVERY}::protocol is eager, so every partition is revoked",
+        contains=("self.active_offsets.pop(tp, None)", "self.standby_offsets.pop(tp, None)"),
+    ),
+    c(
+        "faust.tables.recovery.Recovery._add",
+        "read",
+        f"{DELIVERY}::protocol is eager, so every partition is revoked",
+        contains=("persisted_offset = table.persisted_offset(tp)",),
+    ),
     c(
         # `_direct` computes these for plain codecs and types (tests/unit/test_table_restore.py)
         "faust.serializers.registry.Registry._prepare_payload",
