@@ -403,13 +403,16 @@ def forget_uncommitted_folds(app: Any) -> int:
     Those transactions' changelog records are aborted, but the tables in memory kept
     what their batches folded: a key only they created (an LLM request's dedup entry)
     would outlive its aborted response, a counter would count the inputs again when
-    they are folded a second time. Dropping everything costs nothing extra: the
-    rebalance under way re-reads every assigned changelog partition from its start (the
-    protocol is eager, so every partition is revoked, and a memory store persists no
-    offset, so Faust's recovery starts each at the beginning, `read_committed`), and
-    the tables come back with what the changelogs committed and nothing else. A fold a
-    stale batch makes after that re-read, before its next output abandons it, is not
-    covered (docs/reliability.md, known limits)."""
+    they are folded a second time. So the stores are emptied and the recovery's start
+    offsets forgotten: the rebalance under way then reads every assigned changelog
+    partition from its start (a memory store persists no offset; without the reset,
+    Faust would start a partition this worker keeps where its last recovery ended, and
+    every key written before that would be gone), `read_committed`, and the tables come
+    back with what the changelogs committed and nothing else. The revoke comes before
+    the assignment that builds the new start offsets (`Recovery.on_rebalance`). Folds a
+    stale batch makes later are refused by the table writer (`streams.tables.writer`).
+    Indexes built over a table are rebuilt once the rebalance completes (the agents
+    that keep them invalidate them then)."""
     from faust.stores.memory import Store
 
     dropped = 0
@@ -419,6 +422,9 @@ def forget_uncommitted_folds(app: Any) -> int:
             dropped += len(store.data)
             store.data.clear()
             store._key_partition.clear()
+    recovery = app.tables.recovery
+    recovery.active_offsets.clear()  # so Faust's recovery starts each at the beginning
+    recovery.standby_offsets.clear()
     if dropped:
         log.warning(
             "revoke: transactions ended uncommitted; %d table key(s) in memory dropped, "
@@ -1230,6 +1236,16 @@ class NativeChannel:
             if not fetched.stale:
                 self.holding = fetched
                 return fetched
+
+    def get_nowait(self) -> FetchedList | None:
+        """The next list that is not stale, if one is queued (stale ones are dropped);
+        the agent holds it until `release`."""
+        while not self._queue.empty():
+            fetched = self._queue.get_nowait()
+            if not fetched.stale:
+                self.holding = fetched
+                return fetched
+        return None
 
     def release(self, fetched: FetchedList) -> None:
         if self.holding is fetched:

@@ -776,8 +776,9 @@ async def _next_list(channel: NativeChannel, app_: Any) -> FetchedList | None:
     actor, waiting on an empty channel nothing fills any more, held the worker's stop
     forever (the stop waits for every actor), where it must exit for its supervisor to
     restart it."""
-    if channel.qsize():
-        return await channel.get()
+    queued = channel.get_nowait()
+    if queued is not None:
+        return queued
     ending = (app_._stopped, app_._crashed)  # mode Service: set as the stop begins
     if any(ev.is_set() for ev in ending):
         return None

@@ -82,7 +82,10 @@ def write(table: Any, key: Any, value: Any, *, partition: int) -> None:
     the handler of the input that asked for it, whose dead letter it becomes. Found later,
     at the flush, such a record stayed at the head of the pending queue and no agent of
     the worker committed again; and a value in the live table that never reached its
-    changelog made live and rebuild differ."""
+    changelog made live and rebuild differ.
+
+    Exactly-once, a batch taken before a revoke changes no table (`_refuse_abandoned`)."""
+    _refuse_abandoned(table)
     topic = table.changelog_topic
     raw_key = topic.prepare_key(key, table.key_serializer, None)[0]
     raw_value = topic.prepare_value(value, table.value_serializer, None)[0]
@@ -98,6 +101,20 @@ def write(table: Any, key: Any, value: Any, *, partition: int) -> None:
     table.data[key] = value
     note_partition(table, key, partition)
     _send(table, partition, raw_key, raw_value, key_serializer="raw", value_serializer="raw")
+
+
+def _refuse_abandoned(table: Any) -> None:
+    """Exactly-once: raise `BatchAbandoned` when the writing task's batch was taken before
+    a revoke. Its changelog record would be dropped at the flush (`flush_pending`), but
+    the change to the table in memory would stay, after the revoke emptied the tables
+    for the rebalance's recovery (`streams.delivery.forget_uncommitted_folds`) or after
+    that recovery wrote the committed value back: counted twice once the input is
+    folded again, or a key nothing committed."""
+    hooks = _batch_hooks()
+    if hooks.abandoned(hooks.written_by()):
+        raise hooks.BatchAbandoned(
+            f"table {table.name}: a write of a batch taken before a revoke (abandoned)"
+        )
 
 
 def note_partition(table: Any, key: Any, partition: int | None) -> None:
@@ -117,6 +134,7 @@ def note_partition(table: Any, key: Any, partition: int | None) -> None:
 def delete(table: Any, key: Any, *, partition: int) -> None:
     """Remove `key` from the local data (KeyError when absent, like ``del``) and send its
     tombstone to `partition`."""
+    _refuse_abandoned(table)
     del table.data[key]
     note_partition(table, key, None)
     # a tombstone is a null value, which the table's JSON serializer would write as "null"

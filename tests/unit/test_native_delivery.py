@@ -198,6 +198,19 @@ async def test_an_agent_waiting_on_an_empty_channel_ends_when_the_worker_stops(
     assert channel.qsize() == 1
 
 
+async def test_an_agent_ends_when_the_worker_stops_with_only_stale_lists_queued(
+    consumer: Consumer, channel: NativeChannel
+) -> None:
+    # a refetch marks the queued lists stale (and may leave one behind in a blocked put)
+    stale = delivery.FetchedList([m for _, m in records([5])], 0)
+    stale.stale = True
+    await channel.put(stale)
+    consumer.app._stopped.set()
+    agent = _native_batches(Stream(consumer.app), channel, 100)
+    with pytest.raises(StopAsyncIteration):
+        await asyncio.wait_for(agent.__anext__(), SOON_S)
+
+
 async def test_a_refetch_drains_the_queued_lists_into_it(
     consumer: Consumer, channel: NativeChannel
 ) -> None:

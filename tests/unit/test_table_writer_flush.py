@@ -212,3 +212,42 @@ async def test_a_batch_abandoned_at_a_revoke_sends_no_table_record_later(
     write(table, "other", 2, partition=1)  # outside any batch: kept
     await flush_pending()  # the next batch's, or the next commit window's
     assert published == [(1, b'"other"', b"2")] and pending_writes() == 0
+
+
+async def test_a_batch_abandoned_at_a_revoke_changes_no_table_after_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Exactly-once: a write by a batch taken before a revoke raises `BatchAbandoned` with
+    the table as it was. Its changelog record would be dropped at the flush, but the
+    value in memory stayed: after the revoke emptied the tables for the rebalance's
+    recovery, a key nothing committed, or the input counted twice once folded again."""
+    from agentstream.streams import processing
+    from agentstream.streams.processing import BatchAbandoned, decoded_batches
+    from tests.unit.test_decoded_batches import Gate, message
+    from tests.unit.test_event_batches import App, Ev, Msg, Stream
+
+    _, table, _ = eos_table(monkeypatch)
+    monkeypatch.setattr(processing, "_EOS", True)
+    monkeypatch.setattr(processing, "GATE", Gate([]))
+    monkeypatch.setattr(processing, "processing_failed", lambda exc: None)
+    app = App()
+    app.consumer._revokes = 0
+    stream = Stream(app)
+    stream.channel.queue.put_nowait(Ev(Msg("in", 0, 0, 1), message(0)))
+    seen: list[str] = []
+
+    async def agent() -> None:
+        async for _ in decoded_batches(stream, consumer="c", max_batch=10, within_s=0.01):
+            write(table, "before", 1, partition=0)  # before the revoke: in memory
+            app.consumer._revokes += 1  # a revoke: the batch is stale from here on
+            try:
+                write(table, "after", 1, partition=0)
+            except BatchAbandoned:
+                seen.append("refused")
+                raise
+            delete(table, "before", partition=0)  # never reached
+
+    with pytest.raises(BatchAbandoned):
+        await asyncio.wait_for(asyncio.create_task(agent()), 2)
+    assert seen == ["refused"]
+    assert "after" not in table.data and table.data["before"] == 1

@@ -890,17 +890,25 @@ CONTRACTS: list[Contract] = [
         contains=("return None",),
     ),
     c(
-        # ... and a revoked partition's start offset is forgotten, to be built again
-        "faust.tables.recovery.Recovery.revoke",
-        "read",
-        f"{DELIVERY}::protocol is eager, so every partition is revoked",
-        contains=("self.active_offsets.pop(tp, None)", "self.standby_offsets.pop(tp, None)"),
-    ),
-    c(
+        # ... and with its start offset forgotten, the next assignment's `_add` sets it to
+        # None, which `_build_offsets` reads as the partition's beginning
         "faust.tables.recovery.Recovery._add",
         "read",
-        f"{DELIVERY}::protocol is eager, so every partition is revoked",
-        contains=("persisted_offset = table.persisted_offset(tp)",),
+        f"{DELIVERY}::so Faust's recovery starts each at the beginning",
+        contains=(
+            "persisted_offset = table.persisted_offset(tp)",
+            "offsets.setdefault(tp, None)",
+        ),
+    ),
+    c(
+        "faust.tables.recovery.Recovery.active_offsets",
+        "write",
+        f"{DELIVERY}::recovery.active_offsets.clear()",
+    ),
+    c(
+        "faust.tables.recovery.Recovery.standby_offsets",
+        "write",
+        f"{DELIVERY}::recovery.standby_offsets.clear()",
     ),
     c(
         # `_direct` computes these for plain codecs and types (tests/unit/test_table_restore.py)
