@@ -104,8 +104,11 @@ Guarantees
     the event id / `causation_id`).
 12. Exactly-once: the same, exactly once for a `read_committed` reader, for what a batch
     sends into its input partition's transaction (outputs, dead letters, table
-    changelogs). Records other tasks send (LLM calls, timers) stay at-least-once; a stale
-    batch's in-memory table updates are not rolled back (its changelog records are).
+    changelogs). Records other tasks send (LLM calls, timers) stay at-least-once; one
+    sent with no input in hand (a timer's) goes out in no transaction
+    (`streams.processing.send_record`). A stale batch's table writes are refused
+    (`streams.tables.writer`), and after a revoke that ended transactions uncommitted
+    the in-memory tables come back from the committed changelogs (9).
 
 Recovery (tables from their changelogs)
 

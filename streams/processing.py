@@ -1157,25 +1157,32 @@ async def send_record(
     Under exactly_once, while an input is being processed (`SOURCE` set), the record goes
     into the transaction that will commit that input's offset, whatever its destination.
     Faust alone would pick the destination partition's transaction, or none for a topic
-    this worker does not consume (see streams/eos.py).
+    this worker does not consume (see streams/eos.py). A record sent with no input being
+    processed (a timer's) goes out at-least-once, in no transaction (delivery 12): in
+    the destination partition's it became visible only when that partition's input next
+    committed, which for a quiet partition was never (the heartbeat monitor's "down"
+    transitions), and the broker aborted it at the transaction timeout.
     """
     if _DELAYS:
         await delay_point("send_record")
     producer = await _producer()
     if _EOS:
         source = SOURCE.get()
-        if source is not None:
-            own = _own_batch() is not None
-            if own:
-                # taken before a revoke: its outputs must stay in the revoked transactions
-                check_batch_current()
-            tid = _source_transaction(producer, source, warn=not own)
-            if tid is not None:
-                return await producer.producer.send(
-                    topic, key, value, partition, None, None, transactional_id=tid
-                )
-            if own:
-                raise _missing_transaction(source)
+        if source is None:
+            # the transaction manager's driver producer, with no transactional id: its
+            # plain (non-transactional) aiokafka producer
+            return await producer.producer.send(topic, key, value, partition, None, None)
+        own = _own_batch() is not None
+        if own:
+            # taken before a revoke: its outputs must stay in the revoked transactions
+            check_batch_current()
+        tid = _source_transaction(producer, source, warn=not own)
+        if tid is not None:
+            return await producer.producer.send(
+                topic, key, value, partition, None, None, transactional_id=tid
+            )
+        if own:
+            raise _missing_transaction(source)
     return await producer.send(topic, key, value, partition, None, None)
 
 

@@ -22,6 +22,7 @@ from agentstream.agents.heartbeat.monitor import HeartbeatMonitor, Transition, t
 from agentstream.schemas import AgentStatusChanged, Event, Heartbeat
 from agentstream.schemas.errors import InvalidEvent
 from agentstream.streams.app import app, settings
+from agentstream.streams.delivery import HANDED_MARKS
 from agentstream.streams.health import register_check
 from agentstream.streams.observability import AGENTS
 from agentstream.streams.processing import Inbound, decoded_batches, emit, guarded
@@ -53,17 +54,33 @@ source = app.topic(
 
 class CatchUpGate:
     """Open once every assigned partition of both topics has been folded up to the end
-    offset it had when the gate (re)started."""
+    offset it had when the gate (re)started.
+
+    A partition is folded to its end when its last record was folded (or committed), or
+    — as a topic written in transactions ends in a transaction marker that no
+    `read_committed` consumer receives (the monitor's own `agent.status` under
+    exactly-once) — when the consumer's position has passed the end, nothing is on its
+    way to the agent (its stream queue empty, no fetched batch being handed over), every
+    record handed to the agent is folded or committed, and all of that was so at the
+    previous check too (a batch still being formed is in no queue and not yet handed)."""
 
     def __init__(self, topics: tuple[str, ...]) -> None:
         self.topics = topics
         self.open = False
         self.targets: dict[tuple[str, int], int] | None = None
         self.folded: dict[tuple[str, int], int] = {}
+        #: the agent's stream (`watch`), for what is still on its way to it
+        self.stream: Any = None
+        #: what `_read_to_end` saw at the previous check
+        self._seen: list[tuple[Any, ...]] | None = None
+
+    def watch(self, stream: Any) -> None:
+        self.stream = stream
 
     def reset(self) -> None:
         self.open = False
         self.targets = None
+        self._seen = None
 
     def note(self, topic: str, partition: int, offset: int) -> None:
         key = (topic, partition)
@@ -87,16 +104,52 @@ class CatchUpGate:
                 if end is not None and int(end) > int(starts.get(tp) or 0)
             }
         committed = getattr(app.consumer, "_committed_offset", {})
+        short: list[tuple[TP, int, int]] = []
         for (topic, partition), end in self.targets.items():
             done = self.folded.get((topic, partition), -1)
             for tp, off in list(committed.items()):
                 if tp.topic == topic and tp.partition == partition and off is not None:
                     done = max(done, int(off) - 1)
             if done < end - 1:
-                return False
+                short.append((TP(topic, partition), end, done))
+        if short and not await self._read_to_end(short):
+            return False
         self.open = True
         log.info("heartbeat monitor caught up on %d partition(s): deciding", len(self.targets))
         return True
+
+    async def _read_to_end(self, short: list[tuple[TP, int, int]]) -> bool:
+        """Whether the partitions in `short` ((tp, end, done)), whose last offsets were
+        not folded, are read to their ends all the same (the class docstring)."""
+        stream, consumer = self.stream, app.consumer
+        if stream is None:
+            return False
+        queue = stream.channel.queue
+
+        def in_flight() -> bool:
+            return not queue.empty() or bool(getattr(consumer, "_handing_over", False))
+
+        if in_flight():
+            self._seen = None
+            return False
+        handed = HANDED_MARKS.get(str(getattr(stream, "shortlabel", None) or id(stream))) or {}
+        seen: list[tuple[Any, ...]] = []
+        for tp, end, done in short:
+            mark = handed.get(tp)
+            last_handed = mark[1] if mark is not None else -1
+            if done < last_handed:
+                self._seen = None
+                return False  # handed to the agent, not yet folded
+            position = await consumer.position(tp)
+            if position is None or position < end:
+                self._seen = None
+                return False
+            seen.append((tp, last_handed, done))
+        if in_flight():
+            self._seen = None
+            return False
+        settled, self._seen = seen == self._seen, seen
+        return settled
 
 
 gate = CatchUpGate((HEARTBEATS_TOPIC, STATUS_TOPIC))
@@ -119,6 +172,7 @@ async def _on_assigned(sender: Any, assigned: Any, **kwargs: Any) -> None:
 
 @app.agent(source, name=CONSUMER)
 async def track_heartbeats(stream: Any) -> None:
+    gate.watch(stream)
     async for batch in decoded_batches(
         stream, consumer=CONSUMER, accept=[Heartbeat.TYPE, AgentStatusChanged.TYPE]
     ):

@@ -1,0 +1,105 @@
+"""The heartbeat monitor's catch-up gate after a (re)assignment.
+
+Under exactly-once the monitor's own `agent.status` is written in transactions: a
+partition ends in a commit marker that no `read_committed` consumer receives. With its
+last status record at 10, the marker at 11 and the end at 12, the worker folds 10 and
+commits 11; a gate that waited for offset 11 never opened, and the monitor decided
+nothing after any restart or rebalance."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from faust.types import TP
+
+import agentstream.agents.heartbeat.agent as hb
+from agentstream.streams.delivery import HANDED_MARKS
+
+ST = hb.STATUS_TOPIC
+TP0 = TP(ST, 0)
+
+
+class Consumer:
+    def __init__(self) -> None:
+        self._committed_offset: dict[TP, int] = {TP0: 11}
+        self.at = 12
+        self._handing_over = False
+
+    async def highwaters(self, *tps: TP) -> dict[TP, int]:
+        return {TP0: 12}
+
+    async def earliest_offsets(self, *tps: TP) -> dict[TP, int]:
+        return {TP0: 0}
+
+    async def position(self, tp: TP) -> int:
+        return self.at
+
+
+class Stream:
+    shortlabel = "test-heartbeats"
+
+    def __init__(self) -> None:
+        self.channel = SimpleNamespace(queue=asyncio.Queue())
+
+
+@pytest.fixture
+def world(monkeypatch: pytest.MonkeyPatch) -> tuple[hb.CatchUpGate, Consumer, Stream]:
+    done = asyncio.Event()
+    done.set()
+    consumer = Consumer()
+    fake = SimpleNamespace(
+        rebalancing=False,
+        consumer=consumer,
+        tables=SimpleNamespace(recovery=SimpleNamespace(completed=done)),
+        assignor=SimpleNamespace(assigned_actives=lambda: {TP0}),
+    )
+    monkeypatch.setattr(hb, "app", fake)
+    gate = hb.CatchUpGate((hb.HEARTBEATS_TOPIC, ST))
+    stream = Stream()
+    gate.watch(stream)
+    HANDED_MARKS[stream.shortlabel] = {TP0: (1, 10)}
+    yield gate, consumer, stream
+    HANDED_MARKS.pop(stream.shortlabel, None)
+
+
+async def test_a_partition_ending_in_a_transaction_marker_opens_the_gate(world: Any) -> None:
+    gate, _, _ = world
+    gate.note(ST, 0, 10)
+    assert await gate.check() is False  # read to the end: once more to be sure
+    assert await gate.check() is True
+
+
+async def test_a_record_handed_to_the_agent_and_not_yet_folded_holds_it(world: Any) -> None:
+    gate, consumer, _ = world
+    consumer._committed_offset = {TP0: 10}
+    HANDED_MARKS["test-heartbeats"] = {TP0: (1, 10)}  # the record at 10 is in the batch
+    for _ in range(3):
+        assert await gate.check() is False
+    gate.note(ST, 0, 10)
+    await gate.check()
+    assert await gate.check() is True
+
+
+async def test_records_still_to_fetch_or_queued_hold_it(world: Any) -> None:
+    gate, consumer, stream = world
+    gate.note(ST, 0, 10)
+    consumer.at = 11  # the marker at 11 not yet passed: maybe a record
+    for _ in range(3):
+        assert await gate.check() is False
+    consumer.at = 12
+    stream.channel.queue.put_nowait("a record on its way to the agent")
+    for _ in range(3):
+        assert await gate.check() is False
+    stream.channel.queue.get_nowait()
+    await gate.check()
+    assert await gate.check() is True
+
+
+async def test_the_last_record_folded_opens_it_at_once(world: Any) -> None:
+    gate, consumer, _ = world
+    consumer._committed_offset = {}
+    gate.note(ST, 0, 11)  # at-least-once: no marker, the last record is at 11
+    assert await gate.check() is True
