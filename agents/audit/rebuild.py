@@ -19,7 +19,7 @@ import orjson
 from aiokafka import TopicPartition
 
 from agentstream.schemas import Event
-from agentstream.schemas.errors import SchemaError
+from agentstream.schemas.errors import InvalidEvent, SchemaError
 from agentstream.streams.client import group_less_consumer
 from agentstream.streams.errors import BrokerError
 from agentstream.streams.replay import Progress, replay
@@ -95,7 +95,10 @@ async def rebuild_from_history(
 def _fold_into(state: dict[str, Any], spec: TableSpec, events: list[Event[Any]]) -> None:
     for event in events:
         if not spec.types or event.type in spec.types:
-            spec.apply(state, event)
+            try:
+                spec.apply(state, event)
+            except InvalidEvent:
+                continue  # the live fold refused it too: a dead letter, no table change
 
 
 def _changelog_value(raw: bytes) -> Any:

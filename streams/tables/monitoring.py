@@ -47,6 +47,7 @@ from agentstream.schemas import (
     Heartbeat,
     MetricSample,
 )
+from agentstream.schemas.errors import InvalidEvent
 from agentstream.streams.settings import get_settings
 from agentstream.streams.tables import TableSpec, TableWriter, register
 from agentstream.streams.topics import (
@@ -282,9 +283,17 @@ def fold_sample(
         }
         idx.add(group, start, key, ts)
     else:
+        total = float(cur["sum"]) + value
+        if not math.isfinite(total):
+            # two finite values can sum to inf, which the changelog's JSON writes as
+            # null: the window would be unreadable after a restore. Refused (a dead
+            # letter), the window as it was; the rebuild skips it alike.
+            raise InvalidEvent(
+                f"metric {series}: adding {value!r} to the window's sum {cur['sum']!r} overflows"
+            )
         new = dict(cur)
         new["count"] = int(cur["count"]) + 1
-        new["sum"] = float(cur["sum"]) + value
+        new["sum"] = total
         new["min"] = min(float(cur["min"]), value)
         new["max"] = max(float(cur["max"]), value)
         if ts >= float(cur["last_ts"]):

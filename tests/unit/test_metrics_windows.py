@@ -119,3 +119,30 @@ def test_a_window_restored_behind_the_index_is_folded_into_and_pruned() -> None:
     assert [w["count"] for w in series_between(state.items(), "cpu", 0, 1000)] == [2]
     add(state, "cpu", 100.0 + RETENTION + INTERVAL + 1, 3.0, host="a")
     assert [w["start"] for w in series_between(state.items(), "cpu", 0, 1000)] == [170.0]
+
+
+def test_a_sample_whose_sum_overflows_is_refused_with_the_window_as_it_was() -> None:
+    # 1e308 + 1e308 is inf, which the changelog's JSON writes as null: after a restore
+    # the window failed every later sample and the series view answered 500
+    import pytest
+
+    from agentstream.agents.audit.rebuild import _fold_into
+    from agentstream.schemas.errors import InvalidEvent
+
+    s: dict = {}
+    add(s, "big", 100.0, 1e308)
+    before = dict(s)
+    with pytest.raises(InvalidEvent):
+        add(s, "big", 101.0, 1e308)
+    assert s == before
+    (w,) = series_between(s.items(), "big", 0, 1000)
+    assert w["count"] == 1 and w["sum"] == 1e308
+    # the rebuild skips it as the live fold does (a dead letter there)
+    spec = TableSpec("m", ("metrics.samples",), make_metrics_fold(INTERVAL, RETENTION))
+    events = [
+        Event.of(MetricSample(series="big", timestamp=t, value=1e308), source="t")
+        for t in (100.0, 101.0, 102.5)
+    ]
+    rebuilt: dict = {}
+    _fold_into(rebuilt, spec, events)
+    assert digest(rebuilt.items()) == digest(before.items())
