@@ -96,8 +96,13 @@ class CatchUpGate:
         if not tps:
             return False
         if self.targets is None:
-            ends = await app.consumer.highwaters(*tps)
-            starts = await app.consumer.earliest_offsets(*tps)
+            try:
+                ends = await app.consumer.highwaters(*tps)
+                starts = await app.consumer.earliest_offsets(*tps)
+            except Exception as exc:  # the broker away: the timer asks again (a raise
+                # in a timer crashes the worker)
+                log.info("heartbeat monitor: end offsets unavailable: %r", exc)
+                return False
             self.targets = {
                 (tp.topic, tp.partition): int(end)
                 for tp, end in ends.items()
@@ -140,7 +145,10 @@ class CatchUpGate:
             if done < last_handed:
                 self._seen = None
                 return False  # handed to the agent, not yet folded
-            position = await consumer.position(tp)
+            try:
+                position = await consumer.position(tp)
+            except Exception:  # a rebalance or the broker away: asked again next time
+                position = None
             if position is None or position < end:
                 self._seen = None
                 return False

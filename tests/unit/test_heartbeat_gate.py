@@ -27,14 +27,19 @@ class Consumer:
         self._committed_offset: dict[TP, int] = {TP0: 11}
         self.at = 12
         self._handing_over = False
+        self.away = False  # the broker does not answer
 
     async def highwaters(self, *tps: TP) -> dict[TP, int]:
+        if self.away:
+            raise ConnectionError("broker away")
         return {TP0: 12}
 
     async def earliest_offsets(self, *tps: TP) -> dict[TP, int]:
         return {TP0: 0}
 
     async def position(self, tp: TP) -> int:
+        if self.away:
+            raise ConnectionError("broker away")
         return self.at
 
 
@@ -102,4 +107,20 @@ async def test_the_last_record_folded_opens_it_at_once(world: Any) -> None:
     gate, consumer, _ = world
     consumer._committed_offset = {}
     gate.note(ST, 0, 11)  # at-least-once: no marker, the last record is at 11
+    assert await gate.check() is True
+
+
+async def test_a_broker_error_keeps_it_closed_without_raising(world: Any) -> None:
+    # a raise in the timer that calls the gate crashes the worker
+    gate, consumer, _ = world
+    consumer.away = True
+    assert await gate.check() is False  # the end offsets
+    consumer.away = False
+    gate.note(ST, 0, 10)
+    assert await gate.check() is False  # targets built; not yet settled
+    consumer.away = True
+    for _ in range(2):
+        assert await gate.check() is False  # the positions
+    consumer.away = False
+    await gate.check()
     assert await gate.check() is True
