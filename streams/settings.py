@@ -61,7 +61,9 @@ class SettingsError(PipelineError):
 
 
 def _bootstrap_ok(bootstrap: str) -> bool:
-    """Whether every entry of a bootstrap list is HOST:PORT with a port in 1-65535."""
+    """Whether every entry of a bootstrap list is HOST:PORT with a port in 1-65535 and a
+    host name the resolver can take (an empty or over-long label, as in `kafka..local`,
+    made the connect fail with an IDNA traceback)."""
     entries = [e.strip() for e in bootstrap.split(",")]
     for entry in entries:
         host, sep, port = entry.rpartition(":")
@@ -69,7 +71,20 @@ def _bootstrap_ok(bootstrap: str) -> bool:
             return False
         if ":" in host and not (host.startswith("[") and host.endswith("]")):
             return False  # a bare IPv6 address: its port is ambiguous
+        if not host.startswith("[") and not _host_name_ok(host):
+            return False
     return bool(entries)
+
+
+def _host_name_ok(host: str) -> bool:
+    """What `socket.getaddrinfo` takes: encodable with IDNA, no empty label, each label at
+    most 63 characters."""
+    try:
+        encoded = host.encode("idna")
+    except UnicodeError:
+        return False
+    labels = encoded.rstrip(b".").split(b".")
+    return len(encoded) <= 253 and all(0 < len(label) <= 63 for label in labels)
 
 
 def worker_root(url: object, *, scheme: str) -> str | None:
@@ -111,7 +126,7 @@ class Settings(BaseModel):
         description="host:port of an existing Kafka cluster. Unset: the local broker "
         "started by `agentstream kafka start` (127.0.0.1:$AGENTSTREAM_KAFKA_PORT).",
     )
-    kafka_port: int = Field(default=19092, description="Port of the local broker.")
+    kafka_port: int = Field(default=19092, ge=1, le=65535, description="Port of the local broker.")
     kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
         default="PLAINTEXT",
         description="How every Kafka client (worker, CLI, admin, bench) connects: Kafka's "
@@ -188,7 +203,7 @@ class Settings(BaseModel):
     )
     web_host: str = Field(default="127.0.0.1", description="Bind address of the web views.")
     web_port: int = Field(
-        default=6066, description="Port of the web views (/health, /metrics ...)."
+        default=6066, ge=1, le=65535, description="Port of the web views (/health, /metrics ...)."
     )
     web_enabled: bool = Field(default=True, description="Serve the web views.")
     web_auth: Literal["token", "off"] = Field(
@@ -456,7 +471,8 @@ class Settings(BaseModel):
             # else a raw ValueError deep in a client (TLS and SASL probes read the port)
             problems.append(
                 f"AGENTSTREAM_KAFKA_BOOTSTRAP={self.kafka_bootstrap!r}: comma-separated "
-                "HOST:PORT pairs, each port a number from 1 to 65535 (IPv6: [ADDRESS]:PORT)"
+                "HOST:PORT pairs, each host a valid name (no empty label, none over 63 "
+                "characters) and each port a number from 1 to 65535 (IPv6: [ADDRESS]:PORT)"
             )
         if self.web_advertised_url is not None:
             scheme = "https" if self.web_tls_certfile else "http"

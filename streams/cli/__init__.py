@@ -24,13 +24,14 @@ or option, bad option value, missing file, bad settings).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import importlib.util
 import os
 import pkgutil
 import re
 import sys
-from collections.abc import Coroutine, Mapping
+from collections.abc import Coroutine, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
@@ -329,6 +330,34 @@ def output_file(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
     if value is not None and not os.path.isdir(os.path.dirname(os.path.abspath(value))):
         raise click.BadParameter(f"{value}: no such directory {os.path.dirname(str(value))!r}")
     return value
+
+
+def finite_seconds(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    """Callback of a duration option: click's FloatRange lets nan and inf through (a nan
+    timeout never ran out; an inf one ended in an OverflowError traceback)."""
+    import math
+
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"{value}: a finite number of seconds")
+    return value
+
+
+@contextlib.contextmanager
+def atomic_output(path: Path) -> Iterator[IO[bytes]]:
+    """A file written next to `path` and renamed over it only when the block ends without
+    an error: a command that fails (the broker away, an interrupt) leaves an existing
+    file as it was, where opening `path` for writing cut an earlier replay to nothing."""
+    part = path.with_name(f".{path.name}.{os.getpid()}.part")
+    out = part.open("wb")
+    try:
+        yield out
+        out.close()
+        os.replace(part, path)
+    except BaseException:
+        out.close()
+        with contextlib.suppress(OSError):
+            part.unlink()
+        raise
 
 
 def web_root() -> str:

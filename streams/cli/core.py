@@ -19,6 +19,7 @@ from agentstream.streams.cli import (
     ConfigError,
     checked_settings,
     cli,
+    finite_seconds,
     install_web_auth,
     json_option,
     record_output_options,
@@ -351,6 +352,7 @@ def start_offset(ctx: click.Context, param: click.Parameter, value: str | None) 
     "--timeout",
     "timeout_s",
     type=click.FloatRange(min=0, min_open=True),
+    callback=finite_seconds,
     help="Stop after S seconds without a record.",
 )
 @record_output_options

@@ -41,6 +41,34 @@ class Mistake:
 NO_BROKER = "no broker at 127.0.0.1:{port}"
 
 MISTAKES = [
+    # -- found by a sweep of the CLI: a traceback or a wait where one line belongs -------
+    Mistake(
+        "bootstrap-empty-label",
+        ("topics", "list"),
+        ("Error: AGENTSTREAM_KAFKA_BOOTSTRAP='kafka..local:9092'", "valid name"),
+        2,
+        {"AGENTSTREAM_KAFKA_BOOTSTRAP": "kafka..local:9092"},
+    ),
+    Mistake(
+        "bootstrap-long-label",
+        ("topics", "list"),
+        ("Error: AGENTSTREAM_KAFKA_BOOTSTRAP=", "valid name"),
+        2,
+        {"AGENTSTREAM_KAFKA_BOOTSTRAP": "a" * 64 + ":9092"},
+    ),
+    Mistake(
+        "web-port-out-of-range",
+        ("agents", "status"),
+        ("Error: AGENTSTREAM_WEB_PORT='99999'", "65535"),
+        2,
+        {"AGENTSTREAM_WEB_PORT": "99999"},
+    ),
+    Mistake(
+        "tail-timeout-nan",
+        ("tail", "agent.messages", "--timeout", "nan"),
+        ("a finite number of seconds",),
+        2,
+    ),
     # -- settings: a command ends with every bad variable named, exit 2 ------------------
     Mistake(
         "setting-not-an-int",
@@ -916,3 +944,20 @@ def test_json_has_one_meaning_in_every_command() -> None:
     walk(cli, "")
     assert len(found) >= 12, found
     assert {cmd: text for cmd, text in found.items() if text not in texts} == {}
+
+
+def test_a_replay_that_fails_leaves_an_existing_output_file_as_it_was(tmp_path: Path) -> None:
+    # the file used to be opened for writing before the broker was reached: an earlier
+    # replay's output was cut to nothing by one that could not start
+    out = tmp_path / "old.jsonl"
+    out.write_bytes(b'{"earlier": "replay"}\n')
+    env = base_env(tmp_path, f"127.0.0.1:{closed_port()}")
+    res = agentstream(
+        ("replay", "--topics", "agent.messages", "--since", "-1h", "--out", str(out)),
+        env,
+        tmp_path,
+        "",
+    )
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
+    assert out.read_bytes() == b'{"earlier": "replay"}\n'
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".part")) == []
