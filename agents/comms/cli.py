@@ -8,15 +8,25 @@ from datetime import UTC, datetime
 import click
 
 from agentstream.schemas.comms import COMM_KINDS
-from agentstream.streams.cli import cli, json_option, term_safe, worker_call
+from agentstream.streams.cli import cli, json_option, term_safe, time_option, worker_call
 
 
 @cli.command("comms")
 @click.option("--agent", help="Only this agent's records.")
 @click.option("--kind", type=click.Choice(list(COMM_KINDS)), help="Only this kind.")
-@click.option("--since", help="Start: -15m, -2h, ISO-8601, epoch ms (default: retention).")
-@click.option("--until", help="End (exclusive), same formats (default: now).")
-@click.option("--limit", type=int, default=1000, show_default=True, help="Newest N records.")
+@click.option(
+    "--since",
+    callback=time_option,
+    help="Start: -15m, -2h, ISO-8601, epoch ms (default: retention).",
+)
+@click.option("--until", callback=time_option, help="End (exclusive), same formats (default: now).")
+@click.option(
+    "--limit",
+    type=click.IntRange(min=1),
+    default=1000,
+    show_default=True,
+    help="Newest N records.",
+)
 @json_option()
 def comms(
     agent: str | None,

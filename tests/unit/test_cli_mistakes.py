@@ -64,6 +64,12 @@ MISTAKES = [
         {"AGENTSTREAM_WEB_PORT": "99999"},
     ),
     Mistake(
+        "comms-since-not-a-time",
+        ("comms", "--since", "yesterday"),
+        ("Invalid value for '--since'",),
+        2,
+    ),
+    Mistake(
         "tail-timeout-nan",
         ("tail", "agent.messages", "--timeout", "nan"),
         ("a finite number of seconds",),

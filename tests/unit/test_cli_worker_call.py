@@ -42,7 +42,7 @@ class Handler(BaseHTTPRequestHandler):
         elif self.path.startswith("/agents/status/a1"):
             self._send(200, {**ROW, "beats": 4})
         elif self.path.startswith("/comms"):
-            self._send(400, {"error": "since: cannot parse 'yesterday'"})
+            self._send(400, {"error": "since: after until"})
         else:
             self._send(500, {"error": "boom"})
 
@@ -91,8 +91,10 @@ def test_answers_and_errors_of_a_worker_view(worker_port: int) -> None:
     unknown = runner.invoke(cli, ["agents", "status", "nobody"])
     assert unknown.exit_code == 1 and "unknown agent 'nobody'" in unknown.output
 
-    bad = runner.invoke(cli, ["comms", "--since", "yesterday"])
-    assert bad.exit_code == 1 and "HTTP 400: since: cannot parse" in bad.output
+    # a filter the worker refuses: its reason, exit 1 (one the CLI can judge alone, a
+    # time that is none, is a usage error before anything connects: test_cli_mistakes)
+    bad = runner.invoke(cli, ["comms", "--since", "now", "--until", "-1h"])
+    assert bad.exit_code == 1 and "HTTP 400: since: after until" in bad.output
 
     broken = runner.invoke(cli, ["agents", "status"])
     assert broken.exit_code == 1 and "HTTP 500: boom" in broken.output
