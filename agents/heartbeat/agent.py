@@ -81,6 +81,11 @@ class CatchUpGate:
         self.open = False
         self.targets = None
         self._seen = None
+        self._resets += 1
+
+    #: resets so far: a check that awaited across one drops what it found (targets of the
+    #: old assignment would open the gate early)
+    _resets = 0
 
     def note(self, topic: str, partition: int, offset: int) -> None:
         key = (topic, partition)
@@ -96,6 +101,7 @@ class CatchUpGate:
         if not tps:
             return False
         if self.targets is None:
+            resets = self._resets
             try:
                 ends = await app.consumer.highwaters(*tps)
                 starts = await app.consumer.earliest_offsets(*tps)
@@ -103,6 +109,8 @@ class CatchUpGate:
                 # in a timer crashes the worker)
                 log.info("heartbeat monitor: end offsets unavailable: %r", exc)
                 return False
+            if resets != self._resets:
+                return False  # reassigned meanwhile: these ends are the old assignment's
             self.targets = {
                 (tp.topic, tp.partition): int(end)
                 for tp, end in ends.items()
@@ -117,8 +125,11 @@ class CatchUpGate:
                     done = max(done, int(off) - 1)
             if done < end - 1:
                 short.append((TP(topic, partition), end, done))
+        resets = self._resets
         if short and not await self._read_to_end(short):
             return False
+        if resets != self._resets:
+            return False  # reassigned while the positions were read
         self.open = True
         log.info("heartbeat monitor caught up on %d partition(s): deciding", len(self.targets))
         return True

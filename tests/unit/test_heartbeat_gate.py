@@ -124,3 +124,18 @@ async def test_a_broker_error_keeps_it_closed_without_raising(world: Any) -> Non
     consumer.away = False
     await gate.check()
     assert await gate.check() is True
+
+
+async def test_a_reassignment_during_its_check_drops_what_the_check_found(world: Any) -> None:
+    gate, consumer, _ = world
+    gate.note(ST, 0, 11)  # folded to the end: it would open at once
+    real = consumer.highwaters
+
+    async def slow(*tps: TP) -> dict[TP, int]:
+        gate.reset()  # a rebalance while the end offsets are asked
+        return await real(*tps)
+
+    consumer.highwaters = slow
+    assert await gate.check() is False and gate.targets is None
+    consumer.highwaters = real
+    assert await gate.check() is True
