@@ -242,11 +242,25 @@ async def forward(view: Any, request: Any, owner: str, partition: int) -> Any:
     return view.bytes(resp.content, content_type=content_type, status=resp.status_code)
 
 
+def restoring(view: Any) -> Any | None:
+    """A 503 while this worker's tables are being restored (after an assignment, until its
+    recovery completes): a key not yet restored would read as unknown (404), a series as
+    empty. None when the tables are whole."""
+    recovery = app.tables.recovery
+    if getattr(app, "rebalancing", False) or not recovery.completed.is_set():
+        return view.json(
+            {"error": "this worker's tables are being restored after an assignment; retry"},
+            status=503,
+        )
+    return None
+
+
 async def route(view: Any, request: Any, table: Any, key: str) -> Any | None:
     """The owner's answer when another worker owns `key`'s partition of `table`, a 503
-    when nobody does right now; None when this worker should answer itself."""
+    when nobody does right now or this worker, its owner, is still restoring it; None
+    when this worker should answer itself."""
     if is_local(request):
-        return None
+        return restoring(view)
     partition = key_partition(key, partition_count(table))
     owner = owners(table).get(partition)
     if owner is None:
@@ -264,7 +278,7 @@ async def route(view: Any, request: Any, table: Any, key: str) -> Any | None:
                 {"error": unheld_message(table, [partition]), "partition": partition},
                 status=503,
             )
-        return None
+        return restoring(view)
     return await forward(view, request, owner, partition)
 
 

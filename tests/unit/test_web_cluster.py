@@ -107,3 +107,30 @@ def test_a_worker_root_is_kept_as_scheme_host_and_port() -> None:
 
     assert peer_root("http://w1.internal:6066/", scheme="http") == "http://w1.internal:6066"
     assert peer_root("https://[::1]:6066", scheme="https") == "https://[::1]:6066"
+
+
+async def test_a_key_view_answers_503_while_the_tables_are_restored(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # a key not yet restored read as "unknown agent" (404), a series as an empty list
+    import asyncio
+
+    from agentstream.streams import web_cluster
+
+    completed = asyncio.Event()
+    fake = SimpleNamespace(
+        rebalancing=False, tables=SimpleNamespace(recovery=SimpleNamespace(completed=completed))
+    )
+    monkeypatch.setattr(web_cluster, "app", fake)
+
+    class View:
+        def json(self, body: dict, status: int = 200) -> tuple[int, dict]:
+            return status, body
+
+    local = SimpleNamespace(query={"local": "1"})  # forwarded here by another worker
+    status, body = await web_cluster.route(View(), local, None, "agent-1")
+    assert status == 503 and "being restored" in body["error"]
+    completed.set()
+    assert await web_cluster.route(View(), local, None, "agent-1") is None
+    fake.rebalancing = True
+    assert (await web_cluster.route(View(), local, None, "agent-1"))[0] == 503
