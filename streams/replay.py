@@ -59,8 +59,14 @@ def parse_time(text: str | datetime | int | float, *, now: datetime | None = Non
     """`now`, relative (`-15m`, `-2h`, `+30s`, `-1d`), ISO-8601, or epoch milliseconds
     (13 digits) → an aware UTC datetime. Naive ISO times are taken as UTC. A time before
     1970 is refused: Kafka's record times start there (and a negative search time is
-    an error of the client's, not an empty range)."""
-    dt = _parse_time(text, now)
+    an error of the client's, not an empty range). A time beyond the calendar's range is
+    a TimeParseError too (a view answered it with a 500)."""
+    try:
+        dt = _parse_time(text, now)
+    except (OverflowError, OSError, ValueError) as exc:
+        if isinstance(exc, TimeParseError):
+            raise
+        raise TimeParseError(f"time {text!r} is out of range") from None
     if dt < _EPOCH:
         raise TimeParseError(f"time {text!r} is before 1970-01-01, where record times start")
     return dt

@@ -620,7 +620,22 @@ def install(app: Any, settings: Settings | None = None) -> Gate:
     if not installed(app):
         app.web.web_app.middlewares.insert(0, middleware(the_gate))
         app.web.web_app.on_startup.append(_started(the_gate))
+        app.web.web_app.on_response_prepare.append(secure_headers)
     return the_gate
+
+
+#: what every response carries unless its view set its own (the console page does)
+SECURE_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "Content-Security-Policy": "default-src 'none'; frame-ancestors 'none'",
+}
+
+
+async def secure_headers(request: Any, response: Any) -> None:
+    """aiohttp's on_response_prepare: no view's answer is sniffed into HTML by a browser
+    or framed by another page, whatever its content type."""
+    for name, value in SECURE_HEADERS.items():
+        response.headers.setdefault(name, value)
 
 
 def _started(the_gate: Gate) -> Callable[[Any], Awaitable[None]]:

@@ -51,6 +51,7 @@ from functools import wraps
 from typing import Any, TypeVar
 
 import httpx
+import orjson
 from aiokafka.partitioner import murmur2
 from yarl import URL
 
@@ -214,6 +215,10 @@ async def _fetch(http: httpx.AsyncClient, url: str) -> httpx.Response:
         return await http.get(url)
 
 
+#: the statuses a forwarded answer is passed on with (the views' own)
+PASSED_ON = frozenset({200, 400, 404, 503})
+
+
 async def forward(view: Any, request: Any, owner: str, partition: int) -> Any:
     """The owner's answer to this request (status and body as it gave them)."""
 
@@ -238,8 +243,16 @@ async def forward(view: Any, request: Any, owner: str, partition: int) -> Any:
         return unavailable(f"did not answer: {type(exc).__name__}: {exc}")
     if resp.status_code in (401, 403):
         return unavailable(_refused(resp))
-    content_type = resp.headers.get("content-type", "application/json").split(";")[0]
-    return view.bytes(resp.content, content_type=content_type, status=resp.status_code)
+    content_type = resp.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type != "application/json" or resp.status_code not in PASSED_ON:
+        # a worker's views answer JSON with these statuses: anything else (HTML from
+        # whatever listens at the advertised URL) is not served from this worker's origin
+        return unavailable(f"answered HTTP {resp.status_code} {content_type or '?'}")
+    try:
+        orjson.loads(resp.content)
+    except orjson.JSONDecodeError:
+        return unavailable("answered something that is not JSON")
+    return view.bytes(resp.content, content_type="application/json", status=resp.status_code)
 
 
 def restoring(view: Any) -> Any | None:

@@ -22,7 +22,7 @@ from agentstream.streams.cli import cli, json_option, term_safe, time_option, wo
 @click.option("--until", callback=time_option, help="End (exclusive), same formats (default: now).")
 @click.option(
     "--limit",
-    type=click.IntRange(min=1),
+    type=click.IntRange(min=1, max=1000),
     default=1000,
     show_default=True,
     help="Newest N records.",

@@ -20,6 +20,9 @@ from agentstream.streams.replay import TimeParseError, parse_time
 from agentstream.streams.tables.monitoring import SEP
 from agentstream.streams.web_cluster import add_counts, gather, is_local, owned, route
 
+#: the most records one answer holds (and the default)
+MAX_LIMIT = 1000
+
 
 def _agent_of(key: str) -> str:
     # "r␟agent␟kind␟ms␟id" and "c␟agent": both live in the partition of the agent id
@@ -42,9 +45,12 @@ class CommsView(View):
         try:
             since = parse_time(q["since"]).timestamp() if q.get("since") else None
             until = parse_time(q["until"]).timestamp() if q.get("until") else None
-            limit = int(q.get("limit") or 1000)
+            limit = int(q.get("limit") or MAX_LIMIT)
         except (TimeParseError, ValueError) as exc:
             return self.json({"error": str(exc)}, status=400)
+        if not 1 <= limit <= MAX_LIMIT:
+            # 0 or a negative limit returned every retained record of every worker
+            return self.json({"error": f"limit must be from 1 to {MAX_LIMIT}"}, status=400)
         agent = q.get("agent") or None
         if agent is not None:
             routed = await route(self, request, writer.table, agent)

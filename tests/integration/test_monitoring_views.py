@@ -182,6 +182,16 @@ async def test_metrics_comms_system_and_health_views(
         assert [r["record_id"] for r in json.loads(out.stdout)["records"]] == want
         bad = await http.get("/comms", params={"kind": "telepathy"})
         assert bad.status_code == 400
+        # no unbounded answer: limit 0 or below returned every record of every worker;
+        # a time beyond the calendar was a 500
+        for params in ({"limit": "0"}, {"limit": "-1"}, {"limit": "100000"}):
+            assert (await http.get("/comms", params=params)).status_code == 400, params
+        far = await http.get("/comms", params={"since": "-99999999999999d"})
+        assert far.status_code == 400 and "out of range" in far.json()["error"]
+        # a view's answer is not sniffed or framed
+        ok = await http.get("/comms")
+        assert ok.headers["x-content-type-options"] == "nosniff"
+        assert "frame-ancestors 'none'" in ok.headers["content-security-policy"]
 
         # -- system stats ---------------------------------------------------------------------
         stats = await read_topic(settings.bootstrap, settings.topic("system.stats"), expect=1)

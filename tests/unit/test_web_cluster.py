@@ -134,3 +134,64 @@ async def test_a_key_view_answers_503_while_the_tables_are_restored(
     assert await web_cluster.route(View(), local, None, "agent-1") is None
     fake.rebalancing = True
     assert (await web_cluster.route(View(), local, None, "agent-1"))[0] == 503
+
+
+@pytest.mark.parametrize(
+    ("status", "content_type", "body", "passed"),
+    [
+        (200, "application/json", b'{"agent_id": "x"}', True),
+        (404, "application/json; charset=utf-8", b'{"error": "unknown agent"}', True),
+        (200, "text/html", b"<script>alert(document.domain)</script>", False),
+        (200, "application/json", b"<script>alert(1)</script>", False),
+        (302, "application/json", b"{}", False),
+    ],
+)
+async def test_a_forwarded_answer_is_passed_on_only_as_a_views_json(
+    monkeypatch: pytest.MonkeyPatch, status: int, content_type: str, body: bytes, passed: bool
+) -> None:
+    # whatever listens at a member's advertised URL answered HTML, served from this
+    # worker's origin (the console's) with its own content type
+    import httpx
+
+    from agentstream.streams import web_cluster
+
+    def peer(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(status, headers={"content-type": content_type}, content=body)
+
+    async def headers() -> dict[str, str]:
+        return {"Authorization": "Bearer cluster"}
+
+    monkeypatch.setattr(web_cluster, "_peer_headers", headers)
+    monkeypatch.setattr(
+        web_cluster,
+        "_peer_client",
+        lambda h: httpx.AsyncClient(headers=h, transport=httpx.MockTransport(peer)),
+    )
+
+    class View:
+        def json(self, value: dict, status: int = 200) -> tuple[int, str, bytes]:
+            return status, "application/json", str(value).encode()
+
+        def bytes(self, value: bytes, content_type: str, status: int) -> tuple[int, str, bytes]:
+            return status, content_type, value
+
+    request = SimpleNamespace(rel_url=URL("/agents/status/x"))
+    got = await web_cluster.forward(View(), request, "http://peer.example:80", 3)
+    if passed:
+        assert got == (status, "application/json", body)
+    else:
+        assert got[0] == 503 and got[1] == "application/json" and b"<script>" not in got[2]
+
+
+async def test_every_response_is_neither_sniffed_nor_framed() -> None:
+    from aiohttp import web
+
+    from agentstream.streams.web_auth import secure_headers
+
+    plain = web.json_response({"a": 1})
+    await secure_headers(None, plain)
+    assert plain.headers["X-Content-Type-Options"] == "nosniff"
+    assert plain.headers["Content-Security-Policy"] == "default-src 'none'; frame-ancestors 'none'"
+    page = web.Response(text="<html>", headers={"Content-Security-Policy": "default-src 'self'"})
+    await secure_headers(None, page)
+    assert page.headers["Content-Security-Policy"] == "default-src 'self'"  # its own kept
