@@ -179,10 +179,31 @@ class HealthView(View):
         )
 
 
+#: /ready evaluates at most this often; requests meanwhile, or while one evaluation runs,
+#: share its answer. Each evaluation connects to every bootstrap broker and may call an
+#: LLM provider: /ready needs no token, and a flood of it cost the worker that much each.
+READY_REUSE_S = 1.0
+_ready: dict[str, Any] = {"at": float("-inf"), "answer": None, "running": None}
+
+
+async def evaluate_shared() -> tuple[str, list[Component]]:
+    """`evaluate`, shared by concurrent callers and reused for `READY_REUSE_S`."""
+    now = time.monotonic()
+    if _ready["answer"] is not None and now - _ready["at"] < READY_REUSE_S:
+        return _ready["answer"]
+    running = _ready["running"]
+    if running is None or running.done():
+        running = _ready["running"] = asyncio.ensure_future(evaluate())
+    answer = await asyncio.shield(running)
+    if _ready["running"] is running:
+        _ready.update(at=time.monotonic(), answer=answer, running=None)
+    return answer
+
+
 @app.page("/ready")
 class ReadyView(View):
     async def get(self, request: Request) -> Response:
-        status, found = await evaluate()
+        status, found = await evaluate_shared()
         body = {
             "ready": status != "down",
             "status": status,

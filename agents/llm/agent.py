@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections.abc import Iterator
@@ -153,15 +154,19 @@ SETUP_CHECK_TTL_S = 30.0
 
 def _provider_check(name: str) -> Any:
     cached: list[tuple[float, bool]] = []
+    # one setup check at a time: callers arriving while it runs wait for its result
+    # (each would otherwise make its own request to the provider)
+    checking = asyncio.Lock()
 
     async def check() -> tuple[Status, str]:
         rt = runtime()
         breaker = rt.processor.breakers.get(name)
         if breaker is not None and breaker.state == "open":
             return "degraded", f"circuit open, probe in {breaker.retry_in_s():.1f}s"
-        now = time.monotonic()
-        if not cached or now - cached[0][0] > SETUP_CHECK_TTL_S:
-            cached[:] = [(now, await rt.registry.check_provider_setup(name))]
+        async with checking:
+            now = time.monotonic()
+            if not cached or now - cached[0][0] > SETUP_CHECK_TTL_S:
+                cached[:] = [(now, await rt.registry.check_provider_setup(name))]
         ok = cached[0][1]
         return ("ok", "reachable") if ok else ("degraded", "setup check failed")
 

@@ -133,3 +133,28 @@ async def test_each_evaluation_sets_the_readiness_gauge(evaluated: list[Componen
     assert status == "down"
     assert (ready("test.broker"), ready("test.tables")) == (2, 0)
     assert ready("test.provider") is None
+
+
+async def test_ready_requests_share_one_evaluation(
+    evaluated: list[Component], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # /ready needs no token; each evaluation connects to every broker and may call an
+    # LLM provider: a flood of requests made one evaluation each
+    import asyncio
+
+    runs: list[int] = []
+
+    async def components() -> list[Component]:
+        runs.append(1)
+        await asyncio.sleep(0.05)
+        return [Component("test.broker", "ok", "reachable")]
+
+    monkeypatch.setattr(views, "components", components)
+    monkeypatch.setattr(views, "_ready", {"at": float("-inf"), "answer": None, "running": None})
+    answers = await asyncio.gather(*(views.evaluate_shared() for _ in range(50)))
+    assert len(runs) == 1 and {a[0] for a in answers} == {"ok"}
+    await views.evaluate_shared()  # within READY_REUSE_S: the same answer
+    assert len(runs) == 1
+    monkeypatch.setattr(views, "READY_REUSE_S", 0.0)
+    await views.evaluate_shared()
+    assert len(runs) == 2
