@@ -11,6 +11,7 @@ offsets are the *committed* ones, so the state covers at least the events before
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from typing import Any
 from uuid import uuid4
@@ -84,7 +85,23 @@ async def periodic_checkpoint() -> None:
         log.exception("periodic checkpoint failed")
 
 
+#: a preview's digests are reused this long: each one lists, sorts, serialises and hashes
+#: every table on the event loop, and a reader polling GET /checkpoints (which asks every
+#: worker) stalled processing and the group heartbeats of all of them
+PREVIEW_REUSE_S = 5.0
+_previewed: list[tuple[float, CheckpointWritten]] = []
+
+
 def _preview() -> CheckpointWritten:
+    now = time.monotonic()
+    if _previewed and now - _previewed[0][0] < PREVIEW_REUSE_S:
+        return _previewed[0][1]
+    cp = _snapshot_now()
+    _previewed[:] = [(time.monotonic(), cp)]
+    return cp
+
+
+def _snapshot_now() -> CheckpointWritten:
     consumer = app.consumer
     return snapshot(
         app.tables,

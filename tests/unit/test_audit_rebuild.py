@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections import namedtuple
 from typing import Any
 
+import pytest
+
 from agentstream.agents.audit.activity import SPEC, apply_accepted
 from agentstream.agents.audit.checkpoints import snapshot
 from agentstream.agents.audit.rebuild import _fold_into, decode_key, diff_keys
@@ -120,3 +122,22 @@ async def test_rebuild_skips_what_the_live_agents_dead_letter(monkeypatch: Any) 
     monkeypatch.setattr(rebuild_module, "replay", replay)
     got = [e async for e in rebuild_module.source_events(settings, HEARTBEATS)]
     assert [e.type for e in got] == [AgentStatusChanged.TYPE]
+
+
+def test_a_checkpoint_preview_is_reused_for_a_while(monkeypatch: pytest.MonkeyPatch) -> None:
+    # GET /checkpoints asks every worker, and each preview digests every table on the
+    # event loop: a reader polling it stalled processing on all of them
+    from agentstream.agents.audit import checkpoints
+
+    made: list[int] = []
+
+    def snapshot_now() -> object:
+        made.append(1)
+        return object()
+
+    monkeypatch.setattr(checkpoints, "_snapshot_now", snapshot_now)
+    monkeypatch.setattr(checkpoints, "_previewed", [])
+    first = checkpoints._preview()
+    assert checkpoints._preview() is first and len(made) == 1
+    monkeypatch.setattr(checkpoints, "PREVIEW_REUSE_S", 0.0)
+    assert checkpoints._preview() is not first and len(made) == 2
