@@ -401,7 +401,10 @@ def decide(
             return Decision(
                 503,
                 error="authentication unavailable",
-                reason=f"{snap.index_error}; no request is let through until it is fixed",
+                # why is in the worker's log: an anonymous caller learns no token ids,
+                # backend names or paths from it
+                reason="the web token store cannot be read (the worker's log says why); "
+                "no request is let through until it is fixed",
             )
         if snap.index is None:
             return _unauthorized(

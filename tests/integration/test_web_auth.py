@@ -339,7 +339,10 @@ async def test_no_index_fails_closed_then_a_token_works_without_restart(
         )
         broken = (await http.get("/comms", headers=mine)).json()
         assert broken["error"] == "authentication unavailable"
-        assert "not valid" in broken["reason"], broken
+        assert "the worker's log says why" in broken["reason"], broken
+        anon = (await http.get("/comms")).json()
+        assert "not valid" not in anon["reason"], anon  # the cause is not told to anyone
+        assert "web.tokens) is not valid" in (tmp_path / "worker.log").read_text(errors="replace")
         assert (await http.get("/health")).status_code == 200
         log_text = (tmp_path / "worker.log").read_text(errors="replace")
         assert "web auth: no token index (web.tokens): no token is accepted" in log_text
