@@ -101,7 +101,11 @@ def credentials_set(
         key = os.urandom(32)
     else:
         if from_stdin:
-            value = sys.stdin.read().strip()
+            try:
+                value = sys.stdin.buffer.read().decode("utf-8").strip()
+            except UnicodeDecodeError:
+                # else it reached the keychain as surrogates, which blamed the keychain
+                raise click.ClickException("the value on stdin is not UTF-8 text") from None
         else:
             value = click.prompt("value", hide_input=True, confirmation_prompt=True).strip()
         if not value:

@@ -967,3 +967,19 @@ def test_a_replay_that_fails_leaves_an_existing_output_file_as_it_was(tmp_path: 
     assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
     assert out.read_bytes() == b'{"earlier": "replay"}\n'
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".part")) == []
+
+
+def test_a_secret_on_stdin_that_is_not_text_is_named_so(tmp_path: Path) -> None:
+    # it reached the keychain as surrogates, and the keychain was blamed
+    env = base_env(tmp_path, f"127.0.0.1:{closed_port()}")
+    res = subprocess.run(
+        [sys.executable, "-m", "agentstream", "credentials", "set", "--secret", "k", "--stdin"],
+        env=env,
+        cwd=tmp_path,
+        input=b"\xff\xfe\x00binary",
+        capture_output=True,
+        timeout=120,
+    )
+    err = res.stderr.decode(errors="replace")
+    assert res.returncode == 1 and "Traceback" not in err, err
+    assert err.strip() == "Error: the value on stdin is not UTF-8 text"
