@@ -278,7 +278,11 @@ def _master_password(settings: Settings) -> str:
 def _keyring_file(settings: Settings, name: str) -> Path:
     if settings.keyring_file is None:
         raise CredentialsError(f"keyring backend {name!r} needs AGENTSTREAM_KEYRING_FILE")
-    return Path(settings.keyring_file)
+    path = Path(settings.keyring_file)
+    if path.is_dir():
+        # else reads say "not in the keychain" and writes name an IsADirectoryError
+        raise CredentialsError(f"AGENTSTREAM_KEYRING_FILE={str(path)!r} is a directory")
+    return path
 
 
 def resolve_backend(settings: Settings) -> KeyringBackend:

@@ -64,6 +64,13 @@ MISTAKES = [
         {"AGENTSTREAM_WEB_PORT": "99999"},
     ),
     Mistake(
+        "keyring-file-is-a-directory",
+        ("credentials", "get", "--secret", "x"),
+        ("AGENTSTREAM_KEYRING_FILE=", "is a directory"),
+        1,
+        {"AGENTSTREAM_KEYRING_FILE": "."},  # the mistakes' working directory
+    ),
+    Mistake(
         "comms-since-not-a-time",
         ("comms", "--since", "yesterday"),
         ("Invalid value for '--since'",),
