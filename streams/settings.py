@@ -467,6 +467,9 @@ class Settings(BaseModel):
                 f"AGENTSTREAM_SECRET_SOURCES={self.secret_sources!r}: a comma-separated "
                 f"order of {', '.join(SECRET_SOURCES)}, each at most once"
             )
+        if self.data_dir.exists() and not self.data_dir.is_dir():
+            # else "the app cannot be built ...: [Errno 17] File exists" naming no setting
+            problems.append(f"AGENTSTREAM_DATA_DIR={str(self.data_dir)!r}: not a directory")
         if self.kafka_bootstrap is not None and not _bootstrap_ok(self.kafka_bootstrap):
             # else a raw ValueError deep in a client (TLS and SASL probes read the port)
             problems.append(

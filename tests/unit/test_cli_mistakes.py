@@ -71,6 +71,13 @@ MISTAKES = [
         {"AGENTSTREAM_KEYRING_FILE": "."},  # the mistakes' working directory
     ),
     Mistake(
+        "data-dir-is-a-file",
+        ("config",),
+        ("Error: AGENTSTREAM_DATA_DIR=", "not a directory"),
+        2,
+        {"AGENTSTREAM_DATA_DIR": "good.yaml"},  # a file of the mistakes' directory
+    ),
+    Mistake(
         "comms-since-not-a-time",
         ("comms", "--since", "yesterday"),
         ("Invalid value for '--since'",),
