@@ -89,6 +89,8 @@ _NAME = re.compile(r"[^\x00-\x1f\x7f]{1,64}")
 _ID = re.compile(r"[a-z0-9]{4,32}")
 #: where the middleware leaves the granted scope on the request (see `scope_of`)
 SCOPE_KEY = web.RequestKey("agentstream.web_scope", str)
+#: ... and the id of the token that granted it ("" when none: auth off, a public route)
+TOKEN_ID_KEY = web.RequestKey("agentstream.web_token_id", str)
 REALM = 'Bearer realm="agentstream"'
 
 
@@ -583,6 +585,12 @@ def resolved_route(request: Any) -> str | None:
     return None if resource is None else str(resource.canonical)
 
 
+def token_id_of(request: Any) -> str:
+    """The id of the token the middleware accepted for this request ("" when none)."""
+    value = request.get(TOKEN_ID_KEY) if hasattr(request, "get") else None
+    return value if isinstance(value, str) else ""
+
+
 def scope_of(request: Any) -> Scope | None:
     """The scope the middleware granted this request (None: anonymous, a public route —
     or no middleware ran at all, which a view must treat as no privilege)."""
@@ -605,6 +613,7 @@ def middleware(the_gate: Gate) -> Any:
                 decision.body(), status=decision.status, headers=decision.headers
             )
         request[SCOPE_KEY] = decision.scope
+        request[TOKEN_ID_KEY] = decision.token_id
         return await handler(request)
 
     authenticate.agentstream_auth = True  # type: ignore[attr-defined]

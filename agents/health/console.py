@@ -67,6 +67,9 @@ FIRST_WAIT_S = 20.0
 #: console streams one worker serves at once; more are answered 503 (each holds a
 #: connection, a frame and the hub's sampling of every worker)
 MAX_STREAMS = 32
+#: ... and per token: one token (a read one is enough) held every stream, and the other
+#: operators got a 503
+MAX_STREAMS_PER_TOKEN = 8
 #: how long one frame may take to write: a client that stops reading is let go
 WRITE_TIMEOUT_S = 15.0
 
@@ -207,6 +210,9 @@ class Hub:
 
     def __init__(self) -> None:
         self.clients: set[asyncio.Queue[tuple[bytes, bytes]]] = set()
+        #: token id -> its open streams, and each stream's token id
+        self.owners: dict[str, int] = {}
+        self.owner_of: dict[asyncio.Queue[tuple[bytes, bytes]], str] = {}
         self.tail = TopicTail()
         self.history: deque[console.Sample] = deque(
             maxlen=int(console.LATENCY_WINDOW_S / console.INTERVAL_S) + 2
@@ -224,11 +230,19 @@ class Hub:
             self._ready = asyncio.Event()
             self._task = asyncio.ensure_future(self._run())
 
-    def subscribe(self) -> asyncio.Queue[tuple[bytes, bytes]]:
+    def subscribe(self, owner: str = "") -> asyncio.Queue[tuple[bytes, bytes]]:
+        """A queue of frames for one stream, opened with the token `owner` (its id)."""
         if len(self.clients) >= MAX_STREAMS:
             raise TooManyStreams(f"{MAX_STREAMS} console streams are open on this worker")
+        if owner and self.owners.get(owner, 0) >= MAX_STREAMS_PER_TOKEN:
+            raise TooManyStreams(
+                f"{MAX_STREAMS_PER_TOKEN} console streams are open with this token"
+            )
         q: asyncio.Queue[tuple[bytes, bytes]] = asyncio.Queue(maxsize=1)
         self.clients.add(q)
+        if owner:
+            self.owners[owner] = self.owners.get(owner, 0) + 1
+            self.owner_of[q] = owner
         self._ensure()
         if self.frames is not None:
             q.put_nowait(self.frames)
@@ -236,6 +250,13 @@ class Hub:
 
     def unsubscribe(self, q: asyncio.Queue[tuple[bytes, bytes]]) -> None:
         self.clients.discard(q)
+        owner = self.owner_of.pop(q, None)
+        if owner is not None:
+            left = self.owners.get(owner, 0) - 1
+            if left > 0:
+                self.owners[owner] = left
+            else:
+                self.owners.pop(owner, None)
         if not self.clients:
             self._left_at = time.monotonic()
 
@@ -399,7 +420,7 @@ class StreamView(View):
         authorization = request.headers.getall("Authorization", [])
         route = web_auth.resolved_route(request)
         try:
-            queue = hub.subscribe()
+            queue = hub.subscribe(web_auth.token_id_of(request))
         except TooManyStreams as exc:
             return self.json({"error": "too many streams", "reason": str(exc)}, status=503)
         resp = web.StreamResponse(

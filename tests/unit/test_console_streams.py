@@ -1,19 +1,34 @@
-"""The console's live stream (`/ui/api/stream`) holds a connection and a frame per
-client: a worker serves a bounded number of them, the rest get a 503."""
+"""The console's stream hub: a bound on streams per worker and per token. One token (a
+read one is enough) held all of a worker's streams, and every other operator got a 503."""
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 
-from agentstream.agents.health import console as ui
+from agentstream.agents.health import console
+from agentstream.agents.health.console import Hub, TooManyStreams
 
 
-async def test_streams_past_the_limit_are_refused_before_anything_starts() -> None:
-    hub = ui.Hub()
-    hub.clients.update(asyncio.Queue() for _ in range(ui.MAX_STREAMS))
-    with pytest.raises(ui.TooManyStreams, match=str(ui.MAX_STREAMS)):
-        hub.subscribe()
-    assert hub._task is None  # refused before the hub starts sampling for it
-    assert len(hub.clients) == ui.MAX_STREAMS
+async def test_one_token_holds_at_most_its_share_of_the_streams(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    hub = Hub()
+    monkeypatch.setattr(hub, "_ensure", lambda: None)  # no sampling task in a unit test
+    mine = [hub.subscribe("tok1") for _ in range(console.MAX_STREAMS_PER_TOKEN)]
+    with pytest.raises(TooManyStreams, match="with this token"):
+        hub.subscribe("tok1")
+    other = hub.subscribe("tok2")  # another operator still gets one
+    hub.unsubscribe(mine.pop())
+    mine.append(hub.subscribe("tok1"))  # a closed stream gives its place back
+    for q in [*mine, other]:
+        hub.unsubscribe(q)
+    assert hub.owners == {} and hub.owner_of == {} and hub.clients == set()
+
+
+async def test_the_worker_bound_holds_whatever_the_tokens(monkeypatch: pytest.MonkeyPatch) -> None:
+    hub = Hub()
+    monkeypatch.setattr(hub, "_ensure", lambda: None)
+    opened = [hub.subscribe(f"tok{i}") for i in range(console.MAX_STREAMS)]
+    with pytest.raises(TooManyStreams, match="on this worker"):
+        hub.subscribe("another")
+    assert len(opened) == console.MAX_STREAMS
