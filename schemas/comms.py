@@ -11,6 +11,8 @@ from agentstream.schemas.registry import registry
 
 CommKind = Literal["communication", "blockchain", "model", "token", "wallet", "resource"]
 COMM_KINDS: tuple[CommKind, ...] = get_args(CommKind)
+#: a string without control characters (C0 and DEL)
+NO_CONTROL = r"^[^\x00-\x1f\x7f]*$"
 
 
 @registry.register
@@ -19,10 +21,12 @@ class CommunicationRecord(Payload):
     VERSION = 1
     KEY_FIELD = "agent_id"
 
-    record_id: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
+    # no control characters: the table keys join agent and record id with one (\x1f),
+    # and a record whose id held it could not be found again after a restart
+    record_id: str = Field(min_length=1, max_length=MAX_ID_LENGTH, pattern=NO_CONTROL)
     kind: CommKind
-    agent_id: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
-    counterparty: str = Field(default="", max_length=MAX_ID_LENGTH)
+    agent_id: str = Field(min_length=1, max_length=MAX_ID_LENGTH, pattern=NO_CONTROL)
+    counterparty: str = Field(default="", max_length=MAX_ID_LENGTH, pattern=NO_CONTROL)
     recorded_at: Time
     #: e.g. tokens moved, bytes transferred, gas used
     amount: float | None = Field(default=None, allow_inf_nan=False)

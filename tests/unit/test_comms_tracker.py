@@ -78,3 +78,23 @@ def test_rebuild_matches_live() -> None:
 def test_unknown_kind_is_a_validation_error() -> None:
     with pytest.raises(ValidationError):
         rec("x", "a", "telepathy", 1)
+
+
+def test_ids_with_control_characters_are_refused_at_decoding() -> None:
+    # the table key joins agent and record id with \x1f: a record whose id held it was
+    # never found again by the index rebuilt after a restart (never expired, counted on)
+    from datetime import UTC, datetime
+
+    import pydantic
+    import pytest
+
+    from agentstream.schemas.comms import CommunicationRecord
+
+    now = datetime.now(UTC)
+    for field in ("record_id", "agent_id", "counterparty"):
+        for bad in ("a\x1fb", "line\nbreak", "del\x7f"):
+            fields = {"record_id": "r1", "agent_id": "a1", field: bad}
+            with pytest.raises(pydantic.ValidationError):
+                CommunicationRecord(kind="token", recorded_at=now, **fields)
+    kept = CommunicationRecord(record_id="r/1 Ω", kind="token", agent_id="a b", recorded_at=now)
+    assert kept.agent_id == "a b"
