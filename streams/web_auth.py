@@ -387,6 +387,12 @@ def decide(
     that an anonymous caller cannot even tell which paths exist)."""
     method = method.upper()
     if method in READ_METHODS and route is not None and route in public_routes(ready_public):
+        if authorization:
+            # public, but a valid token still grants its scope (/ready shows its details
+            # to a token holder only); any other header is an anonymous caller's
+            granted = decide("GET", None, authorization, snap, ready_public=False)
+            if granted.allowed:
+                return granted
         return Decision(200)
     token = bearer(authorization)
     if isinstance(token, Decision):
@@ -540,11 +546,13 @@ class Gate:
         if not self.enabled:
             # AGENTSTREAM_WEB_AUTH=off: whatever authenticates sits in front of the worker
             return Decision(200, scope="admin")
-        if method.upper() in READ_METHODS and route in public_routes(
-            self.settings.web_ready_public
+        if (
+            method.upper() in READ_METHODS
+            and route in public_routes(self.settings.web_ready_public)
+            and not authorization
         ):
             return Decision(200)  # without reading any secret: probes work while it is broken
-        snap = await self.cache.get()
+        snap = await self.cache.get()  # a public route with a token: `decide` grants its scope
         return decide(
             method, route, authorization, snap, ready_public=self.settings.web_ready_public
         )

@@ -23,6 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from agentstream.agents.health.status import RANK, Component, HealthTracker, lag_status, overall
 from agentstream.schemas import Event
+from agentstream.streams import web_auth
 from agentstream.streams.app import app, settings
 from agentstream.streams.health import CHECKS
 from agentstream.streams.observability import CONSUMER_LAG, READY_COMPONENT
@@ -204,11 +205,17 @@ async def evaluate_shared() -> tuple[str, list[Component]]:
 class ReadyView(View):
     async def get(self, request: Request) -> Response:
         status, found = await evaluate_shared()
+        # an anonymous caller (a readiness probe: /ready is public by default) gets the
+        # statuses only; the details name brokers, keychain errors, providers, counts
+        shown = web_auth.scope_of(request) is not None
         body = {
             "ready": status != "down",
             "status": status,
             "worker_id": settings.worker_id,
-            "components": {c.name: {"status": c.status, "detail": c.detail} for c in found},
+            "components": {
+                c.name: {"status": c.status, **({"detail": c.detail} if shown else {})}
+                for c in found
+            },
         }
         return self.json(body, status=200 if status != "down" else 503)
 

@@ -194,6 +194,12 @@ async def test_every_route_needs_a_token_and_scopes_hold(
             assert status in (400, 401), (target, status, rest[:300])
             assert '"policies"' not in rest and "launch" not in rest, target
 
+        # -- /ready: statuses for anyone, their details (brokers, errors) with a token -----
+        public_ready = (await anon.get("/ready")).json()["components"]
+        assert public_ready and all(set(c) == {"status"} for c in public_ready.values())
+        full_ready = (await read.get("/ready")).json()["components"]
+        assert all("detail" in c for c in full_ready.values()), full_ready
+
         # -- scopes: read cannot POST, admin can; HEAD is a read, OPTIONS is not ------------
         denied = await read.post("/checkpoints")
         assert denied.status_code == 403, denied.text

@@ -691,3 +691,14 @@ async def test_https_with_the_configured_certificate(tmp_path: Any) -> None:
                 await http.get(f"https://127.0.0.1:{port}/health")
     finally:
         await runner.cleanup()
+
+
+def test_a_public_route_still_grants_a_valid_tokens_scope() -> None:
+    # /ready is public (probes), and shows its components' details to token holders only
+    index, (value,) = index_with("read")
+    s = snap(index)
+    with_token = decide("GET", "/ready", auth(value), s, ready_public=True)
+    assert with_token.allowed and with_token.scope == "read"
+    wrong = decide("GET", "/ready", auth("ast_" + "b" * 43), s, ready_public=True)
+    assert wrong.allowed and wrong.scope is None  # public: an anonymous caller
+    assert decide("GET", "/ready", [], s, ready_public=True).scope is None
