@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import sys
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 import click
 
@@ -114,56 +114,30 @@ async def _replay(
     meta: bool = False,
 ) -> int:
     settings = get_settings()
-    with atomic_output(out_path) if out_path is not None else contextlib.nullcontext() as file:
-        out = file if file is not None else sys.stdout.buffer
-        return await _write_replay(
-            out,
+    # a file: written beside --out and renamed over it once complete (`atomic_output`)
+    target: contextlib.AbstractContextManager[IO[bytes]] = (
+        atomic_output(out_path)
+        if out_path is not None
+        else contextlib.nullcontext(sys.stdout.buffer)
+    )
+    pending: list[bytes] = []
+    n = 0
+    with target as out:
+        async for batch in replay_batches(
             settings,
             names,
             since,
             until,
-            agent,
-            event_type,
-            correlation_id,
-            progress,
-            show_secrets=show_secrets,
-            fmt=fmt,
-            meta=meta,
-        )
-
-
-async def _write_replay(
-    out: IO[bytes],
-    settings: Any,
-    names: list[str],
-    since: str | None,
-    until: str | None,
-    agent: str | None,
-    event_type: str | None,
-    correlation_id: str | None,
-    progress: Progress,
-    *,
-    show_secrets: bool,
-    fmt: str,
-    meta: bool,
-) -> int:
-    pending: list[bytes] = []
-    n = 0
-    async for batch in replay_batches(
-        settings,
-        names,
-        since,
-        until,
-        agent=agent,
-        type=event_type,
-        correlation_id=correlation_id,
-        progress=progress,
-    ):
-        pending.extend(rec.render(fmt, meta=meta, show_secrets=show_secrets) for rec in batch)
-        n += len(batch)
-        if len(pending) >= 2000:
-            out.write(b"".join(pending))
-            pending.clear()
-    out.write(b"".join(pending))
-    out.flush()
+            agent=agent,
+            type=event_type,
+            correlation_id=correlation_id,
+            progress=progress,
+        ):
+            pending.extend(rec.render(fmt, meta=meta, show_secrets=show_secrets) for rec in batch)
+            n += len(batch)
+            if len(pending) >= 2000:
+                out.write(b"".join(pending))
+                pending.clear()
+        out.write(b"".join(pending))
+        out.flush()
     return n

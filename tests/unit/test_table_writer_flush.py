@@ -171,19 +171,10 @@ async def test_a_changelog_record_the_broker_refuses_stops_every_commit(
     assert [str(e) for e in crashed] == ["record too large for the changelog topic"]
 
 
-async def test_a_batch_abandoned_at_a_revoke_sends_no_table_record_later(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """Exactly-once: a batch taken before a revoke is abandoned unacked at its flush, and
-    its inputs are folded again by their partitions' owners. The record it wrote stayed
-    queued and went into the next transaction with the next flush: the fold counted
-    twice in the changelog (or, the partition gone, the send failed and crashed)."""
+def stale_batch_world(monkeypatch: pytest.MonkeyPatch) -> tuple[Any, list[Any], Any, Any, Any]:
+    """Exactly-once, one input queued on a stream whose consumer counts revokes:
+    (table, what its changelog published, app, stream, the input)."""
     from agentstream.streams import processing
-    from agentstream.streams.processing import (
-        BatchAbandoned,
-        abandon_open_batch,
-        decoded_batches,
-    )
     from tests.unit.test_decoded_batches import Gate, message
     from tests.unit.test_event_batches import App, Ev, Msg, Stream
 
@@ -196,6 +187,23 @@ async def test_a_batch_abandoned_at_a_revoke_sends_no_table_record_later(
     stream = Stream(app)
     ev = Ev(Msg("in", 0, 0, 1), message(0))
     stream.channel.queue.put_nowait(ev)
+    return table, published, app, stream, ev
+
+
+async def test_a_batch_abandoned_at_a_revoke_sends_no_table_record_later(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Exactly-once: a batch taken before a revoke is abandoned unacked at its flush, and
+    its inputs are folded again by their partitions' owners. The record it wrote stayed
+    queued and went into the next transaction with the next flush: the fold counted
+    twice in the changelog (or, the partition gone, the send failed and crashed)."""
+    from agentstream.streams.processing import (
+        BatchAbandoned,
+        abandon_open_batch,
+        decoded_batches,
+    )
+
+    table, published, app, stream, ev = stale_batch_world(monkeypatch)
 
     async def agent() -> None:
         try:
@@ -221,19 +229,9 @@ async def test_a_batch_abandoned_at_a_revoke_changes_no_table_after_it(
     the table as it was. Its changelog record would be dropped at the flush, but the
     value in memory stayed: after the revoke emptied the tables for the rebalance's
     recovery, a key nothing committed, or the input counted twice once folded again."""
-    from agentstream.streams import processing
     from agentstream.streams.processing import BatchAbandoned, decoded_batches
-    from tests.unit.test_decoded_batches import Gate, message
-    from tests.unit.test_event_batches import App, Ev, Msg, Stream
 
-    _, table, _ = eos_table(monkeypatch)
-    monkeypatch.setattr(processing, "_EOS", True)
-    monkeypatch.setattr(processing, "GATE", Gate([]))
-    monkeypatch.setattr(processing, "processing_failed", lambda exc: None)
-    app = App()
-    app.consumer._revokes = 0
-    stream = Stream(app)
-    stream.channel.queue.put_nowait(Ev(Msg("in", 0, 0, 1), message(0)))
+    table, _, app, stream, _ = stale_batch_world(monkeypatch)
     seen: list[str] = []
 
     async def agent() -> None:
