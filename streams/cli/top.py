@@ -208,7 +208,17 @@ def render(doc: dict[str, Any]) -> Any:
 
 
 def _url(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
-    if value is not None and not value.startswith(("http://", "https://")):
+    from yarl import URL
+
+    if value is None:
+        return value
+    try:
+        # a port out of range read as "no worker answering"
+        ok = value.startswith(("http://", "https://")) and bool(URL(value).host)
+        URL(value).port  # noqa: B018 - raises ValueError when out of range
+    except ValueError:
+        ok = False
+    if not ok:
         raise click.BadParameter(f"{value!r} is not a URL (http://HOST:PORT)")
     return value
 

@@ -78,6 +78,12 @@ MISTAKES = [
         {"AGENTSTREAM_DATA_DIR": "good.yaml"},  # a file of the mistakes' directory
     ),
     Mistake(
+        "top-url-port-out-of-range",
+        ("top", "--once", "--url", "http://127.0.0.1:99999"),
+        ("Invalid value for '--url'", "is not a URL"),
+        2,
+    ),
+    Mistake(
         "comms-since-not-a-time",
         ("comms", "--since", "yesterday"),
         ("Invalid value for '--since'",),
