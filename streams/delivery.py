@@ -1079,9 +1079,6 @@ class _NeverEmpty:
         return tp in self.tps
 
 
-_fence_log = logging.getLogger(__name__)
-
-
 def install_produce_fence() -> None:
     """Make every produce request of this process check first that the event loop has not
     stood still past the session timeout (`streams.processing.check_not_frozen`); after
@@ -1119,7 +1116,7 @@ def install_produce_fence() -> None:
         except WorkerFroze as exc:
             for batch in self._batches.values():
                 batch.failure(exception=exc)
-            _fence_log.error(
+            log.error(
                 "not sending %d record batch(es) to broker %s: %s (they would land after "
                 "the partitions' new owners' records)",
                 len(self._batches),
