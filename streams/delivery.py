@@ -1283,6 +1283,11 @@ NATIVE_CHANNELS: dict[str, NativeChannel] = {}
 HANDED_MARKS: dict[str, dict[Any, tuple[int, int]]] = {}
 
 
+def marks_key(stream: Any) -> str:
+    """The key of `stream`'s marks in `HANDED_MARKS` (its label, else its identity)."""
+    return str(getattr(stream, "shortlabel", None) or id(stream))
+
+
 def offset_runs(offsets: Any) -> str:
     """`n a..b c..d (+k repeated)`: acked offsets as runs, so a gap shows."""
     values = sorted(offsets)

@@ -92,6 +92,7 @@ from agentstream.streams.delivery import (
     FetchedList,
     NativeChannel,
     delivery_failed,
+    marks_key,
     processing_failed,
     refuse_commits,
 )
@@ -569,7 +570,7 @@ async def _event_batches(
     #: of input forwarded twice after a quick restart (tests/integration/
     #: test_security_accounting.py). Records at or below the mark are such copies.
     handed: dict[Any, tuple[int, int]] = {}
-    mark_key = str(getattr(stream, "shortlabel", None) or id(stream))
+    mark_key = marks_key(stream)
     HANDED_MARKS[mark_key] = handed
     started = await stream.maybe_start()
     try:
@@ -811,7 +812,7 @@ async def _native_batches(
     flow_control = app_.flow_control
     task = asyncio.current_task()
     handed: dict[Any, tuple[int, int]] = {}
-    mark_key = str(getattr(stream, "shortlabel", None) or id(stream))
+    mark_key = marks_key(stream)
     HANDED_MARKS[mark_key] = handed
     started = await stream.maybe_start()
     try:

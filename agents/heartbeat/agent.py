@@ -22,7 +22,7 @@ from agentstream.agents.heartbeat.monitor import HeartbeatMonitor, Transition, t
 from agentstream.schemas import AgentStatusChanged, Event, Heartbeat
 from agentstream.schemas.errors import InvalidEvent
 from agentstream.streams.app import app, settings
-from agentstream.streams.delivery import HANDED_MARKS
+from agentstream.streams.delivery import HANDED_MARKS, marks_key
 from agentstream.streams.health import register_check
 from agentstream.streams.observability import AGENTS
 from agentstream.streams.processing import Inbound, decoded_batches, emit, guarded
@@ -148,7 +148,7 @@ class CatchUpGate:
         if in_flight():
             self._seen = None
             return False
-        handed = HANDED_MARKS.get(str(getattr(stream, "shortlabel", None) or id(stream))) or {}
+        handed = HANDED_MARKS.get(marks_key(stream)) or {}
         seen: list[tuple[Any, ...]] = []
         for tp, end, done in short:
             mark = handed.get(tp)

@@ -677,7 +677,7 @@ CONTRACTS: list[Contract] = [
     c("faust.Event.ack", "call", f"{PROC}::ev.ack()", params="(self)"),
     c("faust.Stream.maybe_start", "call", f"{PROC}::stream.maybe_start()", params="(self)"),
     c("faust.Stream.service_reset", "call", f"{PROC}::stream.service_reset()", params="(self)"),
-    c("faust.Stream.shortlabel", "read", f"{PROC}::shortlabel"),
+    c("faust.Stream.shortlabel", "read", f"{DELIVERY}::shortlabel"),
     c(
         "faust.App.maybe_start_producer",
         "call",
