@@ -42,6 +42,24 @@ def budget_row(env: dict[str, str], agent: str, provider: str = "*") -> dict[str
     return next(r for r in rows if r["agent"] == agent and r["provider"] == provider)
 
 
+async def spend_reaches(
+    env: dict[str, str], worker: Any, agent: str, provider: str, field: str, want: int
+) -> dict[str, Any]:
+    """The budget row once `field` is `want`; on timeout, the last row seen and the
+    worker's log (a spend counted twice or never is told apart from a slow one)."""
+    last: dict[str, Any] = {}
+
+    def reached() -> dict[str, Any] | None:
+        last.clear()
+        last.update(budget_row(env, agent, provider))
+        return dict(last) if last[field] == want else None
+
+    try:
+        return await await_until(reached, 20, what=f"{agent}'s {field} at {want}")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; last row {last}\n{worker.tail(120)}") from None
+
+
 async def test_budgets_refuse_in_stream(settings_env: dict[str, str], tmp_path: Path) -> None:
     server = LLMServer().start()
     providers = tmp_path / "providers.yaml"
@@ -67,11 +85,7 @@ async def test_budgets_refuse_in_stream(settings_env: dict[str, str], tmp_path: 
         for rid in ("t1", "t2", "t3"):
             await client.publish("llm.requests", ask(rid, "thrifty"))
             assert (await topics.response(rid)).status == "completed"
-        row = await await_until(
-            lambda: (r := budget_row(env, "thrifty"))["spent_tokens"] == 3 * TOKENS and r,
-            20,
-            what="thrifty's spend recorded",
-        )
+        row = await spend_reaches(env, worker, "thrifty", "*", "spent_tokens", 3 * TOKENS)
         assert row["max_tokens"] == 3 * TOKENS - 3 and row["remaining_tokens"] == 0
         assert row["exceeded"] and row["window"] == "30d" and row["requests"] == 3
         calls_before = len(server.requests)
@@ -93,11 +107,7 @@ async def test_budgets_refuse_in_stream(settings_env: dict[str, str], tmp_path: 
         for rid in ("p1", "p2"):
             await client.publish("llm.requests", ask(rid, "pricey"))
             assert (await topics.response(rid)).status == "completed"
-        cost = await await_until(
-            lambda: (r := budget_row(env, "pricey", "loop"))["requests"] == 2 and r,
-            20,
-            what="pricey's cost recorded",
-        )
+        cost = await spend_reaches(env, worker, "pricey", "loop", "requests", 2)
         assert cost["spent_cost_usd"] == pytest.approx(2 * TOKENS * 1000 / 1e6)
         assert cost["exceeded"] and cost["remaining_cost_usd"] == 0
         await client.publish("llm.requests", ask("p3", "pricey", fallback=["local"]))
@@ -116,9 +126,7 @@ async def test_budgets_refuse_in_stream(settings_env: dict[str, str], tmp_path: 
         assert flow.seen_for(server, "p3") == 0 and flow.seen_for(server, "p4") == 0
 
         # -- the view: spend against every budget; the refusals counted --------------------
-        await await_until(
-            lambda: budget_row(env, "generous")["spent_tokens"] == TOKENS, 20, what="g1 spend"
-        )
+        await spend_reaches(env, worker, "generous", "*", "spent_tokens", TOKENS)
         usage = flow.view(env, "/llm/usage")
         assert usage["agent"]["thrifty"]["budget_exceeded"] == 1
         default = {r["agent"]: r for r in usage["budgets"] if r["budget_agent"] == "*"}
