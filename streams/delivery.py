@@ -130,9 +130,10 @@ Components
 * `RefetchingFlowControl`, the app's `flow_control` (6); `BatchAgent`, the app's agent
   class (10); `DELIVERY_FAILURES` with `delivery_failed`, `processing_failed` and
   `refuse_commits` (2).
-* `FetchWaitConsumerThread` (fetch.max.wait.ms from the settings) and
-  `RecoveryOffsetsConsumerThread` (13), the consumer thread; `end_recovery_at_log_end`
-  (14).
+* `FetchWaitConsumerThread` (fetch.max.wait.ms from the settings),
+  `RecoveryOffsetsConsumerThread` (13) and `MetadataReadyConsumerThread` (the group is
+  joined once the broker lists every subscribed topic, so the first assignment holds the
+  changelogs created at start), the consumer thread; `end_recovery_at_log_end` (14).
 * `streams.processing`: taking, acking and abandoning batches (1, 8-10), outputs (3, 12).
 * `consumer_state`: the consumer's partitions and offsets in the SIGUSR2 task dump.
 
@@ -147,6 +148,7 @@ import asyncio
 import functools
 import logging
 import os
+import time
 import weakref
 from typing import Any
 
@@ -220,6 +222,88 @@ class RecoveryOffsetsConsumerThread:
                 asyncio.gather(*[consumer.position(tp) for tp in unknown]),
                 timeout=self.app.conf.broker_request_timeout,  # type: ignore[attr-defined]
             )
+
+
+#: seconds a worker waits, before it joins its group, for the broker's metadata to list
+#: every topic it subscribes to with a leader for each partition. A topic just created
+#: (the worker creates its changelogs at start) is listed within a second on a healthy
+#: cluster; one that stays unlisted (deleted, not authorised, a broker down) must not keep
+#: the worker from starting: it joins anyway, and its consumer rejoins once the topic's
+#: partitions show up in a metadata refresh.
+SUBSCRIBE_METADATA_WAIT_S = 30.0
+#: seconds between full metadata requests while waiting
+SUBSCRIBE_METADATA_POLL_S = 0.1
+
+
+def topics_without_leaders(cluster: Any, topics: Any) -> list[str]:
+    """The `topics` that aiokafka's `ClusterMetadata` does not list, or lists with a
+    partition that has no leader (a partition being created or electing one), sorted."""
+    missing = []
+    for topic in topics:
+        partitions = cluster.partitions_for_topic(topic)
+        if not partitions or any(
+            (cluster.leader_for_partition(TP(topic, p)) in (None, -1)) for p in partitions
+        ):
+            missing.append(topic)
+    return sorted(missing)
+
+
+async def await_topic_leaders(
+    client: Any,
+    topics: Any,
+    wait_s: float = SUBSCRIBE_METADATA_WAIT_S,
+    poll: float = SUBSCRIBE_METADATA_POLL_S,
+) -> list[str]:
+    """Wait until a full metadata request to `client` (an aiokafka client) lists every one
+    of `topics` with a leader for each partition; the topics still without after `wait_s`.
+    Topics the client may not describe are not waited for."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            # every topic, not the ones named: a metadata request naming a missing topic
+            # creates it on a broker with auto.create.topics.enable
+            cluster = await client.fetch_all_metadata()
+        except Exception as exc:  # no broker answered: the wait goes on to its deadline
+            log.debug("metadata before subscribing unavailable: %r", exc)
+            missing = sorted(topics)
+        else:
+            denied = set(cluster.unauthorized_topics)
+            missing = [t for t in topics_without_leaders(cluster, topics) if t not in denied]
+        if not missing or time.monotonic() >= deadline:
+            return missing
+        await asyncio.sleep(poll)
+
+
+class MetadataReadyConsumerThread:
+    """Faust's consumer thread, joining its group only once the broker's metadata lists
+    the topics it subscribes to.
+
+    Faust creates the changelog topics at start, then subscribes; the group leader assigns
+    the partitions of the topics its metadata lists. Asked right after the creation, a
+    broker may not list the new topics yet, and the leader silently left them out of the
+    assignment: the worker ran with no active changelog partition (views answered
+    `unowned_partitions`, the tables were neither recovered nor swept) until a metadata
+    refresh (`metadata.max.age.ms`, minutes) made it rejoin. A catalogue topic created by
+    this start would not have been consumed at all meanwhile."""
+
+    async def subscribe(self, topics: Any) -> None:
+        wanted = set(topics)
+        missing = await self.call_thread(  # type: ignore[attr-defined]
+            self._await_topic_leaders, wanted
+        )
+        if missing:
+            log.warning(
+                "joining without metadata for %s after %.0f s: their partitions are "
+                "assigned once a metadata refresh lists them",
+                ", ".join(missing),
+                SUBSCRIBE_METADATA_WAIT_S,
+            )
+        await super().subscribe(wanted)  # type: ignore[misc]
+
+    async def _await_topic_leaders(self, topics: Any) -> list[str]:
+        # in the consumer thread, whose event loop the aiokafka client belongs to
+        client = self._ensure_consumer()._client  # type: ignore[attr-defined]
+        return await await_topic_leaders(client, topics)
 
 
 #: how often an exactly-once table recovery checks whether it has read its changelogs to
@@ -1130,24 +1214,31 @@ def install_produce_fence() -> None:
     SendProduceReqHandler.do = do
 
 
-def new_transport(app: Any) -> Any:
-    """The worker's transport (`AgentStreamApp._new_transport`): Faust's aiokafka
-    transport, its consumer a `BatchDeliveryConsumer` whose consumer thread is a
-    `FetchWaitConsumerThread` and a `RecoveryOffsetsConsumerThread`, its producer an
-    `IdempotentProducer`."""
-    install_produce_fence()
-    base = by_url(app.conf.broker_consumer[0])
-    if not issubclass(base, aiokafka_driver.Transport):
-        raise ValueError(f"unsupported broker transport: {app.conf.broker_consumer[0]}")
-    thread = type(
+def consumer_thread_class() -> type:
+    """The worker consumer's thread: Faust's aiokafka consumer thread with
+    `FetchWaitConsumerThread`, `RecoveryOffsetsConsumerThread` and
+    `MetadataReadyConsumerThread`."""
+    return type(
         "ConsumerThread",
         (
             FetchWaitConsumerThread,
             RecoveryOffsetsConsumerThread,
+            MetadataReadyConsumerThread,
             aiokafka_driver.AIOKafkaConsumerThread,
         ),
         {},
     )
+
+
+def new_transport(app: Any) -> Any:
+    """The worker's transport (`AgentStreamApp._new_transport`): Faust's aiokafka
+    transport, its consumer a `BatchDeliveryConsumer` on a `consumer_thread_class`
+    thread, its producer an `IdempotentProducer`."""
+    install_produce_fence()
+    base = by_url(app.conf.broker_consumer[0])
+    if not issubclass(base, aiokafka_driver.Transport):
+        raise ValueError(f"unsupported broker transport: {app.conf.broker_consumer[0]}")
+    thread = consumer_thread_class()
 
     def new_thread(consumer: Any) -> Any:
         return thread(consumer, loop=consumer.loop, beacon=consumer.beacon)
