@@ -225,37 +225,31 @@ class RecoveryOffsetsConsumerThread:
 
 
 #: seconds a worker waits, before it joins its group, for the broker's metadata to list
-#: every topic it subscribes to with a leader for each partition. A topic just created
-#: (the worker creates its changelogs at start) is listed within a second on a healthy
-#: cluster; one that stays unlisted (deleted, not authorised, a broker down) must not keep
-#: the worker from starting: it joins anyway, and its consumer rejoins once the topic's
-#: partitions show up in a metadata refresh.
+#: every topic it subscribes to. A topic just created (the worker creates its changelogs
+#: at start) is listed within a second on a healthy cluster; one that stays unlisted
+#: (deleted, not authorised, its brokers down) must not keep the worker from starting: it
+#: joins anyway, and its consumer rejoins once a metadata refresh lists the topic.
 SUBSCRIBE_METADATA_WAIT_S = 30.0
 #: seconds between full metadata requests while waiting
 SUBSCRIBE_METADATA_POLL_S = 0.1
 
 
-def topics_without_leaders(cluster: Any, topics: Any) -> list[str]:
-    """The `topics` that aiokafka's `ClusterMetadata` does not list, or lists with a
-    partition that has no leader (a partition being created or electing one), sorted."""
-    missing = []
-    for topic in topics:
-        partitions = cluster.partitions_for_topic(topic)
-        if not partitions or any(
-            (cluster.leader_for_partition(TP(topic, p)) in (None, -1)) for p in partitions
-        ):
-            missing.append(topic)
-    return sorted(missing)
+def unlisted_topics(cluster: Any, topics: Any) -> list[str]:
+    """The `topics` that aiokafka's `ClusterMetadata` does not list with their partitions
+    (a topic being created is not listed, or listed with an error), sorted. A partition
+    without a leader still counts: the group assignment needs the partitions, not their
+    leaders, and a restart must not wait for a broker that is down."""
+    return sorted(t for t in topics if not cluster.partitions_for_topic(t))
 
 
-async def await_topic_leaders(
+async def await_topics_listed(
     client: Any,
     topics: Any,
     wait_s: float = SUBSCRIBE_METADATA_WAIT_S,
     poll: float = SUBSCRIBE_METADATA_POLL_S,
 ) -> list[str]:
     """Wait until a full metadata request to `client` (an aiokafka client) lists every one
-    of `topics` with a leader for each partition; the topics still without after `wait_s`.
+    of `topics`; the topics still unlisted after `wait_s`.
     Topics the client may not describe are not waited for."""
     deadline = time.monotonic() + wait_s
     while True:
@@ -268,7 +262,7 @@ async def await_topic_leaders(
             missing = sorted(topics)
         else:
             denied = set(cluster.unauthorized_topics)
-            missing = [t for t in topics_without_leaders(cluster, topics) if t not in denied]
+            missing = [t for t in unlisted_topics(cluster, topics) if t not in denied]
         if not missing or time.monotonic() >= deadline:
             return missing
         await asyncio.sleep(poll)
@@ -289,7 +283,7 @@ class MetadataReadyConsumerThread:
     async def subscribe(self, topics: Any) -> None:
         wanted = set(topics)
         missing = await self.call_thread(  # type: ignore[attr-defined]
-            self._await_topic_leaders, wanted
+            self._await_topics_listed, wanted
         )
         if missing:
             log.warning(
@@ -300,10 +294,10 @@ class MetadataReadyConsumerThread:
             )
         await super().subscribe(wanted)  # type: ignore[misc]
 
-    async def _await_topic_leaders(self, topics: Any) -> list[str]:
+    async def _await_topics_listed(self, topics: Any) -> list[str]:
         # in the consumer thread, whose event loop the aiokafka client belongs to
         client = self._ensure_consumer()._client  # type: ignore[attr-defined]
-        return await await_topic_leaders(client, topics)
+        return await await_topics_listed(client, topics)
 
 
 #: how often an exactly-once table recovery checks whether it has read its changelogs to
