@@ -208,6 +208,21 @@ def _refused(resp: httpx.Response) -> str:
     return f"it refused this worker's cluster token: HTTP {resp.status_code}: {reason or '?'}"
 
 
+def _failed(resp: httpx.Response) -> str:
+    """A peer's error answer: its status, and its reason when it gave one (a 503 while it
+    restores its tables says so)."""
+    try:
+        body = resp.json()
+    except ValueError:
+        body = {}
+    reason = body.get("error") if isinstance(body, dict) else None
+    return (
+        f"HTTP {resp.status_code}: {reason}"
+        if isinstance(reason, str)
+        else (f"HTTP {resp.status_code}")
+    )
+
+
 async def _fetch(http: httpx.AsyncClient, url: str) -> httpx.Response:
     # httpx's timeout bounds each phase; a peer dripping its answer byte by byte could
     # hold the view much longer without a bound on the whole call
@@ -255,17 +270,32 @@ async def forward(view: Any, request: Any, owner: str, partition: int) -> Any:
     return view.bytes(resp.content, content_type="application/json", status=resp.status_code)
 
 
-def restoring(view: Any) -> Any | None:
-    """A 503 while this worker's tables are being restored (after an assignment, until its
-    recovery completes): a key not yet restored would read as unknown (404), a series as
-    empty. None when the tables are whole."""
+def is_restoring() -> bool:
+    """Whether this worker's tables are being restored: after an assignment, until its
+    recovery completes. Meanwhile a key not yet restored reads as unknown, a count as too
+    low."""
     recovery = app.tables.recovery
-    if getattr(app, "rebalancing", False) or not recovery.completed.is_set():
-        return view.json(
-            {"error": "this worker's tables are being restored after an assignment; retry"},
-            status=503,
-        )
+    return bool(getattr(app, "rebalancing", False)) or not recovery.completed.is_set()
+
+
+RESTORING_ERROR = "this worker's tables are being restored after an assignment; retry"
+
+
+def restoring(view: Any) -> Any | None:
+    """A 503 while this worker's tables are being restored (`is_restoring`): a key not yet
+    restored would read as unknown (404), a series as empty. None when the tables are
+    whole."""
+    if is_restoring():
+        return view.json({"error": RESTORING_ERROR}, status=503)
     return None
+
+
+def local_answer(view: Any, body: Any) -> Any:
+    """This worker's part of an aggregate view, asked by the worker gathering it
+    (``?local=1``): a 503 while its tables are being restored, which the gatherer lists
+    under `missing` (the answer `partial`), rather than counts that are not whole."""
+    refused = restoring(view)
+    return view.json(body) if refused is None else refused
 
 
 async def route(view: Any, request: Any, table: Any, key: str) -> Any | None:
@@ -355,6 +385,8 @@ class Gathered:
     #: partitions assigned to this worker's URL that it does not hold (see `unheld`)
     unheld: list[int] = field(default_factory=list)
     unheld_reason: str = ""
+    #: this worker, when its own answer came from tables still being restored
+    restoring: list[str] = field(default_factory=list)
 
     @property
     def bodies(self) -> list[Any]:
@@ -362,7 +394,7 @@ class Gathered:
 
     @property
     def partial(self) -> bool:
-        return bool(self.missing or self.unowned or self.unheld)
+        return bool(self.missing or self.unowned or self.unheld or self.restoring)
 
     def meta(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -377,6 +409,8 @@ class Gathered:
         if self.unheld:
             out["unheld_partitions"] = self.unheld
             out["error"] = self.unheld_reason
+        if self.restoring:
+            out["restoring"] = self.restoring
         return out
 
 
@@ -385,10 +419,15 @@ async def gather(request: Any, local_body: Any, table: Any | None = None) -> Gat
 
     With `table`, only the workers owning partitions of it are asked — a worker running
     other agents does not serve the view at all; without, every member of the group, and
-    one answering 404 is noted as not serving the view rather than missing.
+    one answering 404 is noted as not serving the view rather than missing. A worker whose
+    tables are being restored makes the answer `partial`: this one is listed under
+    `restoring` (its counts kept, as far as they go), a peer under `missing` (it answers
+    503, `local_answer`).
     """
     result = Gathered(answers=[(self_url(), local_body)])
     if table is not None:
+        if is_restoring():
+            result.restoring.append(self_url())
         by_partition = owners(table)
         peers = sorted({u for u in by_partition.values() if not is_self(u)})
         result.unowned = sorted(set(range(partition_count(table))) - set(by_partition))
@@ -416,7 +455,7 @@ async def gather(request: Any, local_body: Any, table: Any | None = None) -> Gat
         elif reply.status_code == 404 and table is None:
             result.not_serving.append(url)
         elif reply.status_code != 200:
-            result.missing.append({"worker": url, "error": f"HTTP {reply.status_code}"})
+            result.missing.append({"worker": url, "error": _failed(reply)})
         else:
             try:
                 result.answers.append((url, reply.json()))

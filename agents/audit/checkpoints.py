@@ -25,7 +25,7 @@ from agentstream.streams.replay import ReplayRecord, replay
 from agentstream.streams.settings import Settings
 from agentstream.streams.tables import TABLES, digest
 from agentstream.streams.topics import PIPELINE_CHECKPOINTS
-from agentstream.streams.web_cluster import gather, is_local
+from agentstream.streams.web_cluster import gather, is_local, is_restoring, restoring
 
 log = logging.getLogger(__name__)
 SOURCE = "checkpointer"
@@ -79,6 +79,15 @@ async def write_checkpoint(reason: str = "on_demand") -> CheckpointWritten:
 
 @app.timer(settings.checkpoint_interval_s)
 async def periodic_checkpoint() -> None:
+    await take_periodic_checkpoint()
+
+
+async def take_periodic_checkpoint() -> None:
+    if is_restoring():
+        # tables being restored (or not yet assigned) would be checkpointed half empty:
+        # digests no rebuild matches; the next interval takes it
+        log.info("periodic checkpoint skipped: this worker's tables are being restored")
+        return
     try:
         await write_checkpoint("periodic")
     except Exception:  # a failed checkpoint must not stop the worker; the next one retries
@@ -119,6 +128,9 @@ class CheckpointsView(View):
     checkpoint (each worker checkpoints the tables it holds: ask each one)."""
 
     async def get(self, request: Any) -> Any:
+        refused = restoring(self)  # digests of tables still being restored
+        if refused is not None:
+            return refused
         body = _preview().model_dump(mode="json")
         if is_local(request):
             return self.json(body)
@@ -126,6 +138,9 @@ class CheckpointsView(View):
         return self.json({**body, "by_worker": dict(got.answers), **got.meta()})
 
     async def post(self, request: Any) -> Any:
+        refused = restoring(self)
+        if refused is not None:
+            return refused
         cp = await write_checkpoint("on_demand")
         return self.json(cp.model_dump(mode="json"))
 

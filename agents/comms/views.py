@@ -18,7 +18,7 @@ from agentstream.agents.comms.tracker import COMM_KINDS, counts, query
 from agentstream.streams.app import app, settings
 from agentstream.streams.replay import TimeParseError, parse_time
 from agentstream.streams.tables.monitoring import SEP
-from agentstream.streams.web_cluster import add_counts, gather, is_local, owned, route
+from agentstream.streams.web_cluster import add_counts, gather, is_local, local_answer, owned, route
 
 #: the most records one answer holds (and the default)
 MAX_LIMIT = 1000
@@ -71,8 +71,10 @@ class CommsView(View):
             "counts": counts(items, agent_id=agent),
             "retention_s": settings.comms_retention_s,
         }
-        if is_local(request) or agent is not None:
+        if agent is not None:  # routed to this worker, its owner (`route`)
             return self.json(body)
+        if is_local(request):
+            return local_answer(self, body)
         got = await gather(request, body, writer.table)
         records = sorted(
             (r for b in got.bodies for r in b["records"]),

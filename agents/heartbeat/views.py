@@ -14,7 +14,7 @@ from faust.web import Request, Response, View
 
 from agentstream.agents.heartbeat.agent import gate, monitor, writer
 from agentstream.streams.app import app
-from agentstream.streams.web_cluster import gather, is_local, key_route, owned
+from agentstream.streams.web_cluster import gather, is_local, key_route, local_answer, owned
 
 
 def get_agent_status(agent_id: str) -> dict[str, Any] | None:
@@ -54,7 +54,7 @@ class AgentsStatusView(View):
             "agents": [d for d in every if state is None or d["status"] == state],
         }
         if is_local(request):
-            return self.json(body)
+            return local_answer(self, body)
         got = await gather(request, body, writer.table)
         agents = sorted((d for b in got.bodies for d in b["agents"]), key=lambda d: d["agent_id"])
         counts = {"up": 0, "down": 0}

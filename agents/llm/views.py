@@ -31,6 +31,7 @@ from agentstream.streams.web_cluster import (
     gather,
     is_local,
     key_route,
+    local_answer,
     owned,
     owned_partition,
 )
@@ -67,7 +68,7 @@ class BreakersView(View):
                 "recorded": recorded.get(name),
             }
         if is_local(request):
-            return self.json({"breakers": out})
+            return local_answer(self, {"breakers": out})
         # every worker calling providers has live breakers of its own: ask each one that
         # owns requests (the partitions of the LLM tables)
         got = await gather(request, {"breakers": out}, table)
@@ -108,7 +109,7 @@ class UsageView(View):
         }
         if is_local(request):
             body["budgets"] = llm_budgets.budget_report(config, body["budget_spend"].items(), now)
-            return self.json(body)
+            return local_answer(self, body)
         got = await gather(request, body, table)
         merged: dict[str, Any] = {"agent": {}, "provider": {}, "model": {}, "budget_spend": {}}
         for b in got.bodies:

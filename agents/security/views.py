@@ -22,7 +22,13 @@ from agentstream.streams import console
 from agentstream.streams.app import app
 from agentstream.streams.tables.security import summarise_counts
 from agentstream.streams.web_auth import is_admin
-from agentstream.streams.web_cluster import add_counts, gather, is_local, owned_partition
+from agentstream.streams.web_cluster import (
+    add_counts,
+    gather,
+    is_local,
+    local_answer,
+    owned_partition,
+)
 
 #: what a read token does not see of a policy
 PATTERNS = {"allowed_patterns", "blocked_patterns"}
@@ -65,7 +71,7 @@ async def decisions_view(web: Any, request: Any) -> Any:
     partitions = sorted({str(k).split("|", 1)[0] for k, _ in items}, key=_partition)
     body = {"counts": summarise_counts(items), "partitions": partitions}
     if is_local(request):
-        return web.json(body)
+        return local_answer(web, body)
     got = await gather(request, body, COUNTS)
     counts: dict[str, Any] = {}
     for b in got.bodies:

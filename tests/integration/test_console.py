@@ -193,7 +193,14 @@ async def test_console_in_chromium(settings_env: dict[str, str], tmp_path: Path)
             await await_until(lambda: _eq(page, "2"), 60, what="both workers in the console")
             async with httpx.AsyncClient(headers=tokens.headers("admin"), timeout=20) as http:
                 for u in urls:  # a checkpoint from each worker, for the checkpoint ages
-                    assert (await http.post(u + "/checkpoints")).status_code == 200
+
+                    async def taken(u: str = u) -> bool:
+                        r = await http.post(u + "/checkpoints")
+                        # 503: a rebalance still restoring the worker's tables; retry
+                        assert r.status_code in (200, 503), r.text
+                        return r.status_code == 200
+
+                    await await_until(taken, 60, interval=0.5, what=f"a checkpoint by {u}")
 
             async def every_section_live() -> dict[str, Any] | None:
                 got = {
@@ -264,8 +271,10 @@ async def test_console_in_chromium(settings_env: dict[str, str], tmp_path: Path)
                 what=f"{gone} down in the page",
             )
             took = time.monotonic() - silenced
-            # the monitor's own delay, its check interval, and one snapshot interval
-            bound = delay + 1 + console.INTERVAL_S + 1
+            # the monitor's own delay, its check interval, and one snapshot interval, plus
+            # what two workers, the traffic and Chromium sharing two cores add to the path
+            # (forwarded lookup, stream frame, render, this poll)
+            bound = delay + 1 + console.INTERVAL_S + 1 + 4
             print(f"{gone} shown down {took:.1f} s after its last heartbeat (bound {bound:g})")
             assert took <= bound, (took, bound)
             # searchable by agent id, with the keyboard

@@ -141,3 +141,23 @@ def test_a_checkpoint_preview_is_reused_for_a_while(monkeypatch: pytest.MonkeyPa
     assert checkpoints._preview() is first and len(made) == 1
     monkeypatch.setattr(checkpoints, "PREVIEW_REUSE_S", 0.0)
     assert checkpoints._preview() is not first and len(made) == 2
+
+
+async def test_no_periodic_checkpoint_while_the_tables_are_restored(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # taken mid-restore, its digests are of half-empty tables: no rebuild matches them
+    from agentstream.agents.audit import checkpoints
+
+    written: list[str] = []
+
+    async def write_checkpoint(reason: str = "on_demand") -> None:
+        written.append(reason)
+
+    monkeypatch.setattr(checkpoints, "write_checkpoint", write_checkpoint)
+    monkeypatch.setattr(checkpoints, "is_restoring", lambda: True)
+    await checkpoints.take_periodic_checkpoint()
+    assert written == []
+    monkeypatch.setattr(checkpoints, "is_restoring", lambda: False)
+    await checkpoints.take_periodic_checkpoint()
+    assert written == ["periodic"]

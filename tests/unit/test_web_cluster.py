@@ -4,6 +4,7 @@ table_route would look elsewhere, and how a gathered answer reports missing work
 from __future__ import annotations
 
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from aiokafka.partitioner import DefaultPartitioner
@@ -134,6 +135,78 @@ async def test_a_key_view_answers_503_while_the_tables_are_restored(
     assert await web_cluster.route(View(), local, None, "agent-1") is None
     fake.rebalancing = True
     assert (await web_cluster.route(View(), local, None, "agent-1"))[0] == 503
+
+
+def _restoring_app(monkeypatch: pytest.MonkeyPatch) -> tuple[SimpleNamespace, Any]:
+    """web_cluster's `app` as a lone worker whose tables are being restored; set its
+    `completed` to end the restore."""
+    import asyncio
+
+    from agentstream.streams import web_cluster
+
+    completed = asyncio.Event()
+    router = SimpleNamespace(tables_metadata=dict, external_topics_metadata=dict)
+    fake = SimpleNamespace(
+        rebalancing=False,
+        tables=SimpleNamespace(recovery=SimpleNamespace(completed=completed)),
+        conf=SimpleNamespace(canonical_url="http://w1:6066"),
+        router=router,
+        assignor=SimpleNamespace(assigned_actives=set),
+        consumer=SimpleNamespace(topic_partitions=lambda name: 2),
+    )
+    monkeypatch.setattr(web_cluster, "app", fake)
+    return fake, completed
+
+
+class _Table:
+    partitions = 2
+    changelog_topic = SimpleNamespace(get_topic_name=lambda: "app-counts-changelog")
+
+
+async def test_an_aggregate_view_says_partial_while_this_worker_restores(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # its counts came from tables half restored: summed as they were and called whole
+    from agentstream.streams import web_cluster
+
+    fake, completed = _restoring_app(monkeypatch)
+    request = SimpleNamespace(query={})
+    got = await web_cluster.gather(request, {"n": 1}, _Table())
+    assert got.partial and got.meta()["restoring"] == ["http://w1:6066"]
+    assert got.bodies == [{"n": 1}]  # kept, as far as it goes
+    completed.set()
+    got = await web_cluster.gather(request, {"n": 1}, _Table())
+    assert "restoring" not in got.meta() and got.restoring == []
+    fake.rebalancing = True
+    assert (await web_cluster.gather(request, {"n": 1}, _Table())).restoring
+
+
+async def test_a_worker_asked_for_its_part_answers_503_while_it_restores(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # the gathering worker lists a 503 under `missing`: the answer is partial
+    from agentstream.streams import web_cluster
+
+    _fake, completed = _restoring_app(monkeypatch)
+
+    class View:
+        def json(self, body: dict, status: int = 200) -> tuple[int, dict]:
+            return status, body
+
+    status, body = web_cluster.local_answer(View(), {"n": 1})
+    assert status == 503 and body["error"] == web_cluster.RESTORING_ERROR
+    completed.set()
+    assert web_cluster.local_answer(View(), {"n": 1}) == (200, {"n": 1})
+
+
+def test_a_peer_error_is_listed_with_its_reason() -> None:
+    import httpx
+
+    from agentstream.streams import web_cluster
+
+    restoring = httpx.Response(503, json={"error": web_cluster.RESTORING_ERROR})
+    assert web_cluster._failed(restoring) == f"HTTP 503: {web_cluster.RESTORING_ERROR}"
+    assert web_cluster._failed(httpx.Response(502, text="<html>")) == "HTTP 502"
 
 
 @pytest.mark.parametrize(
