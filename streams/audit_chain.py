@@ -76,7 +76,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from agentstream.schemas import Event, encode, registry
 from agentstream.schemas.errors import SchemaError
 from agentstream.streams import signing
-from agentstream.streams.client import group_less_consumer
+from agentstream.streams.client import group_less_consumer, listed_partitions
 from agentstream.streams.errors import BrokerError
 from agentstream.streams.settings import Settings
 
@@ -238,8 +238,7 @@ async def read_worker_keys(settings: Settings) -> PublishedKeys:
     await consumer.start()
     try:
         async with asyncio.timeout(KEYS_TIMEOUT_S):
-            await consumer._client.force_metadata_update()
-            parts = consumer.partitions_for_topic(topic)
+            parts = await listed_partitions(consumer, topic)
             if not parts:
                 return out
             tps = [TopicPartition(topic, p) for p in sorted(parts)]

@@ -120,6 +120,17 @@ def group_less_consumer(settings: Settings, purpose: str, **options: Any) -> AIO
     )
 
 
+async def listed_partitions(consumer: AIOKafkaConsumer, topic: str) -> set[int] | None:
+    """`topic`'s partitions by a metadata answer asked now; None when the broker does not
+    list it (not created yet). Raises `BrokerError` when no broker answered: aiokafka
+    reports that as a False result, not an error, and "no answer" read as "no topic" made
+    a reader folding a topic from its beginning return an empty state (a worker's keys
+    read as none, so its chain went on past records it could not vouch for)."""
+    if not await consumer._client.force_metadata_update():
+        raise BrokerError(f"no broker answered a metadata request (for {topic})")
+    return consumer.partitions_for_topic(topic) or None
+
+
 def build_event(topic: str, data: Any, *, source: str, event_type: str | None = None) -> Event[Any]:
     """A JSON object → a validated event for `topic`.
 

@@ -34,7 +34,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agentstream.agents.security.identity import IdentityRegistry
 from agentstream.agents.security.policy import KeyRequest, PolicySet, StaticKeys
-from agentstream.streams.client import group_less_consumer
+from agentstream.streams.client import group_less_consumer, listed_partitions
 from agentstream.streams.errors import BrokerError
 from agentstream.streams.settings import Settings
 from agentstream.streams.tables.security import (
@@ -254,10 +254,8 @@ async def fold_topic(
     state: dict[str, Any] = {}
     try:
         tp = TopicPartition(name, 0)
-        if not consumer.partitions_for_topic(name):
-            await consumer._client.force_metadata_update()
-            if not consumer.partitions_for_topic(name):
-                return state
+        if not consumer.partitions_for_topic(name) and not await listed_partitions(consumer, name):
+            return state
         consumer.assign([tp])
         await consumer.seek_to_beginning(tp)
         end = (await consumer.end_offsets([tp]))[tp]
