@@ -76,6 +76,21 @@ WATCHED = {
 }
 
 
+#: seconds the demo waits, after its last input, for the outputs to catch up
+DRAIN_S = 30.0
+
+
+def caught_up(sent: Counter[str], seen: Counter[str]) -> bool:
+    """Whether every input sent has its outputs: a decision and a verdict per decodable
+    message, a dead letter per undecodable one, a final response per LLM request."""
+    return (
+        seen["accepted"] + seen["rejected"] >= sent["messages"]
+        and seen["decisions"] >= sent["messages"]
+        and seen["dead letters"] >= sent["undecodable"]
+        and seen["llm responses"] >= sent["llm requests"]
+    )
+
+
 class DemoSecurity(Protocol):
     """What the demo needs of the security agent."""
 
@@ -290,8 +305,15 @@ async def _drive(
                 next_print = now + 2
                 _print_summary(elapsed, sent, counts, transitions)
             await asyncio.sleep(max(0.0, start + tick / rate - time.monotonic()))
-        await asyncio.sleep(2)
+        # the last summary once the outputs have caught up with what was sent: a fixed
+        # wait printed a worker that was a few seconds behind as having lost messages
+        for _ in range(int(DRAIN_S / 0.2)):  # polled: the watcher task fills `counts`
+            if caught_up(sent, counts):
+                break
+            await asyncio.sleep(0.2)
         _print_summary(time.monotonic() - start, sent, counts, transitions)
+        if not caught_up(sent, counts):
+            click.echo(f"         (outputs still arriving {DRAIN_S:g} s after the last input)")
         watcher.cancel()
 
 
