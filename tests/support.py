@@ -333,7 +333,9 @@ async def read_topic(
     bootstrap: str, topic: str, *, expect: int | None = None, timeout: float = 30, idle: float = 1.5
 ) -> list[tuple[Any, Event[Any] | None]]:
     """Read a topic from the beginning. With `expect`, poll until that many records arrived
-    (or the deadline passes); otherwise until `idle` seconds pass without a new record."""
+    (or the deadline passes); otherwise until every partition is read up to where it ended
+    when the read began, and then `idle` seconds pass without a new record (a first fetch
+    slower than `idle` on a loaded broker returned nothing)."""
     consumer = AIOKafkaConsumer(
         bootstrap_servers=bootstrap, enable_auto_commit=False, isolation_level="read_committed"
     )
@@ -351,6 +353,7 @@ async def read_topic(
         tps = [TopicPartition(topic, p) for p in sorted(parts)]
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
+        ends = await consumer.end_offsets(tps)  # the last stable offsets (read_committed)
         out: list[tuple[Any, Event[Any] | None]] = []
         last = time.monotonic()
         while time.monotonic() < deadline:
@@ -365,7 +368,11 @@ async def read_topic(
                 for records in (await consumer.getmany(timeout_ms=300)).values():
                     out += [(r, _decode_or_none(r.value)) for r in records]
                 return out
-            if expect is None and time.monotonic() - last > idle:
+            if (
+                expect is None
+                and time.monotonic() - last > idle
+                and all([await consumer.position(tp) >= ends[tp] for tp in tps])
+            ):
                 return out
         return out
     finally:

@@ -152,7 +152,7 @@ def test_an_unknown_topic_fails_within_the_timeout(
         with pytest.raises(BrokerError, match=r"topic no\.such\.topic does not exist"):
             next(client.subscribe("no.such.topic", **kw))
         took = time.monotonic() - t0
-    assert 2.0 <= took < 6.0, took
+    assert 2.0 <= took < 8.0, took  # the 2 s given, not the default 10 s
 
 
 async def test_publishing_to_a_missing_topic_fails_at_once(settings: Settings) -> None:

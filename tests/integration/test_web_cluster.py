@@ -69,7 +69,11 @@ async def test_both_workers_answer_for_every_key(
     settings_env: dict[str, str], tmp_path: Path
 ) -> None:
     settings, urls, w1, w2 = await two_workers(
-        settings_env, tmp_path, "heartbeat,metrics,comms,llm"
+        settings_env,
+        tmp_path,
+        "heartbeat,metrics,comms,llm",
+        # the killed worker must stay a member while its absence is checked (below)
+        AGENTSTREAM_BROKER_SESSION_TIMEOUT_S="60",
     )
     http = httpx.AsyncClient(timeout=10, headers=web_tokens(settings_env).headers())
     try:
@@ -201,8 +205,8 @@ async def test_both_workers_answer_for_every_key(
             assert sorted(breakers["breakers"]["local"]["live_by_worker"]) == sorted(urls)
 
         # -- a worker that does not answer is reported, not dropped -------------------------
-        # killed, it stays a group member until its session times out (Faust's default
-        # 60 s): its partition stays assigned to it, and unanswered
+        # killed, it stays a group member until its session times out (60 s here): its
+        # partition stays assigned to it, and unanswered
         w2.kill()
         body = (await get(urls[0], "/agents/status")).json()
         assert body["partial"] is True, body
