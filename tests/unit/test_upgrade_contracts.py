@@ -77,7 +77,6 @@ SUB = "aiokafka.consumer.subscription_state"
 FORCE_METADATA = (
     "streams/client.py::_client.force_metadata_update",
     "streams/replay.py::_client.force_metadata_update",
-    "streams/audit_chain.py::_client.force_metadata_update",
     "agents/llm/cli.py::_client.force_metadata_update",
     "agents/audit/verify.py::_client.force_metadata_update",
     "agents/audit/rebuild.py::_client.force_metadata_update",
@@ -551,6 +550,52 @@ CONTRACTS: list[Contract] = [
         params="(self, coro, aref)",
     ),
     c("faust.Agent.app", "read", f"{DELIVERY}::self.app.should_stop"),
+    # -- streams/delivery.py: MetadataReadyConsumerThread ------------------------------
+    c(
+        f"{THREAD}.subscribe",
+        "override",
+        f"{DELIVERY}::async def subscribe(self, topics: Any)",
+        f"{DELIVERY}::await super().subscribe(wanted)",
+        params="(self, topics)",
+        contains=("self._ensure_consumer().subscribe",),
+    ),
+    c(
+        "faust.transport.consumer.ThreadDelegateConsumer.subscribe",
+        "call",
+        f"{DELIVERY}::async def subscribe(self, topics: Any)",
+        params="(self, topics)",
+        # Faust's consumer hands the subscription to its thread, by keyword
+        contains=("await self._thread.subscribe(topics=topics)",),
+    ),
+    c(
+        f"{THREAD}.call_thread",
+        "call",
+        f"{DELIVERY}::missing = await self.call_thread(",
+        params="(self, fun, *args, **kwargs)",
+    ),
+    c(
+        f"{THREAD}._ensure_consumer",
+        "call",
+        f"{DELIVERY}::client = self._ensure_consumer()._client",
+        params="(self)",
+    ),
+    c(
+        "aiokafka.AIOKafkaConsumer._client",
+        "read",
+        f"{DELIVERY}::client = self._ensure_consumer()._client",
+    ),
+    c(
+        "aiokafka.client.AIOKafkaClient.fetch_all_metadata",
+        "call",
+        f"{DELIVERY}::cluster = await client.fetch_all_metadata()",
+        params="(self)",
+    ),
+    c(
+        "aiokafka.cluster.ClusterMetadata.unauthorized_topics",
+        "read",
+        f"{DELIVERY}::cluster.unauthorized_topics",
+        assigned_in=("__init__", "update_metadata"),
+    ),
     # -- streams/delivery.py: consumer_state (the SIGUSR2 task dump) -------------------
     c(f"{CONSUMER}._thread", "read", f"{DELIVERY}::consumer._thread._ensure_consumer()"),
     c(
