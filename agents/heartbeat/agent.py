@@ -99,7 +99,12 @@ class CatchUpGate:
             return False
         tps = [tp for tp in app.assignor.assigned_actives() if tp.topic in self.topics]
         if not tps:
-            return False
+            # nothing of either topic assigned here (more workers than partitions): no
+            # agent to catch up on; closed, its /ready said "catching up" for good and the
+            # cluster-wide `deciding` stayed false. An assignment resets it.
+            self.open = True
+            log.info("heartbeat monitor holds no partition: nothing to catch up on")
+            return True
         if self.targets is None:
             resets = self._resets
             try:

@@ -139,3 +139,25 @@ async def test_a_reassignment_during_its_check_drops_what_the_check_found(world:
     assert await gate.check() is False and gate.targets is None
     consumer.highwaters = real
     assert await gate.check() is True
+
+
+async def test_a_worker_assigned_no_partition_of_either_topic_opens_it(world: Any) -> None:
+    # more workers than partitions: nothing to catch up on, and /ready and the cluster's
+    # `deciding` must not say "catching up" for good
+    gate, _consumer, _stream = world
+    hb.app.assignor.assigned_actives = lambda: {TP("other.topic", 0)}
+    assert await gate.check() is True and gate.open
+    gate.reset()  # an assignment: closed again until it is caught up on
+    hb.app.assignor.assigned_actives = lambda: {TP0}
+    assert gate.open is False
+    assert await gate.check() is False  # read to the end: once more to be sure
+    assert await gate.check() is True
+
+
+async def test_it_stays_closed_until_the_first_recovery_completes(world: Any) -> None:
+    gate, _consumer, _stream = world
+    hb.app.tables.recovery.completed = asyncio.Event()
+    hb.app.assignor.assigned_actives = set
+    assert await gate.check() is False
+    hb.app.tables.recovery.completed.set()
+    assert await gate.check() is True
