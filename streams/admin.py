@@ -10,7 +10,7 @@ from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
 from agentstream.streams.errors import BrokerAuthError, BrokerError
 from agentstream.streams.kafka_security import new_admin, principal
-from agentstream.streams.settings import Settings
+from agentstream.streams.settings import Settings, SettingsError
 from agentstream.streams.topics import CATALOGUE
 
 
@@ -35,6 +35,18 @@ async def ensure_topics(
     try:
         existing = set(await admin.list_topics())
         wanted = [n for n in (names or list(CATALOGUE))]
+        # before creating any: a run refused here must not leave the rest of the catalogue
+        # created with the count it refuses
+        present = [n for n in wanted if settings.topic(n) in existing]
+        wrong = await _partition_mismatches(admin, settings, present) if present else []
+        if wrong:
+            more = f" (and {len(wrong) - 1} other topic(s))" if len(wrong) > 1 else ""
+            raise SettingsError(
+                f"{wrong[0]}{more}: the workers partition their tables and place each "
+                "sender's state by AGENTSTREAM_TOPIC_PARTITIONS, so every catalogue topic "
+                "must have that many (set it to the topics' count, or recreate them)",
+                field="topic_partitions",
+            )
         new = []
         for name in wanted:
             spec = CATALOGUE[name]
@@ -74,6 +86,26 @@ async def ensure_topics(
         raise BrokerError(f"topic administration failed: {exc}") from exc
     finally:
         await admin.close()
+
+
+async def _partition_mismatches(
+    admin: AIOKafkaAdminClient, settings: Settings, names: list[str]
+) -> list[str]:
+    """The catalogue topics whose partition count is not the one this configuration gives
+    them (created beforehand by other means, or with another AGENTSTREAM_TOPIC_PARTITIONS):
+    a verified message homed by the setting's count sat in another partition and was
+    rejected `misrouted`, and tables were partitioned unlike their inputs."""
+    full = {settings.topic(n): n for n in names}
+    out = []
+    for meta in await admin.describe_topics(list(full)):
+        name = full.get(meta["topic"])
+        have = len(meta.get("partitions") or ())
+        if name is None or not have:
+            continue
+        want = CATALOGUE[name].partitions or settings.topic_partitions
+        if have != want:
+            out.append(f"topic {meta['topic']} has {have} partition(s), not {want}")
+    return out
 
 
 async def _wait_visible(admin: AIOKafkaAdminClient, names: list[str], timeout_s: float) -> None:

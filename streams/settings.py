@@ -183,7 +183,14 @@ class Settings(BaseModel):
         description="Prefix for every catalogue topic (e.g. `staging.`), to run several "
         "isolated pipelines on one cluster.",
     )
-    topic_partitions: int = Field(default=4, ge=1, description="Partitions for new topics.")
+    topic_partitions: int = Field(
+        default=4,
+        ge=1,
+        description="Partitions of the catalogue topics: new ones are created with it, and "
+        "existing ones must have it (a worker and `topics create` refuse to start "
+        "otherwise): tables and each sender's home partition follow it. Topics cannot be "
+        "resized in place without moving keys.",
+    )
     topic_replication: int = Field(
         default=1, ge=1, description="Replication factor for new topics."
     )
