@@ -590,12 +590,6 @@ CONTRACTS: list[Contract] = [
         f"{DELIVERY}::cluster = await client.fetch_all_metadata()",
         params="(self)",
     ),
-    c(
-        "aiokafka.cluster.ClusterMetadata.unauthorized_topics",
-        "read",
-        f"{DELIVERY}::cluster.unauthorized_topics",
-        assigned_in=("__init__", "update_metadata"),
-    ),
     # -- streams/delivery.py: consumer_state (the SIGUSR2 task dump) -------------------
     c(f"{CONSUMER}._thread", "read", f"{DELIVERY}::consumer._thread._ensure_consumer()"),
     c(
