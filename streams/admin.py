@@ -28,9 +28,18 @@ async def _admin(settings: Settings, timeout_s: float) -> AIOKafkaAdminClient:
 
 
 async def ensure_topics(
-    settings: Settings, names: list[str] | None = None, timeout_s: float = 30.0
+    settings: Settings,
+    names: list[str] | None = None,
+    timeout_s: float = 30.0,
+    *,
+    check_partitions: bool = False,
 ) -> list[str]:
-    """Create the missing catalogue topics; return the names created (empty when all exist)."""
+    """Create the missing catalogue topics; return the names created (empty when all exist).
+
+    With `check_partitions` (a worker's start, `topics create`, the demo), an existing topic
+    whose partition count is not the configured one is a `SettingsError`, raised before
+    anything is created. Commands that only publish to a topic (rule changes) do not
+    check: their AGENTSTREAM_TOPIC_PARTITIONS is not what the topics were made with."""
     admin = await _admin(settings, timeout_s)
     try:
         existing = set(await admin.list_topics())
@@ -38,13 +47,18 @@ async def ensure_topics(
         # before creating any: a run refused here must not leave the rest of the catalogue
         # created with the count it refuses
         present = [n for n in wanted if settings.topic(n) in existing]
-        wrong = await _partition_mismatches(admin, settings, present) if present else []
+        wrong = (
+            await _partition_mismatches(admin, settings, present)
+            if check_partitions and present
+            else []
+        )
         if wrong:
             more = f" (and {len(wrong) - 1} other topic(s))" if len(wrong) > 1 else ""
             raise SettingsError(
                 f"{wrong[0]}{more}: the workers partition their tables and place each "
                 "sender's state by AGENTSTREAM_TOPIC_PARTITIONS, so every catalogue topic "
-                "must have that many (set it to the topics' count, or recreate them)",
+                "must have that many (set it to the topics' count, or recreate them and "
+                "the app's -changelog topics)",
                 field="topic_partitions",
             )
         new = []

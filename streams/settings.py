@@ -187,7 +187,7 @@ class Settings(BaseModel):
         default=4,
         ge=1,
         description="Partitions of the catalogue topics: new ones are created with it, and "
-        "existing ones must have it (a worker and `topics create` refuse to start "
+        "existing ones must have it (a worker, `topics create` and `demo` refuse to start "
         "otherwise): tables and each sender's home partition follow it. Topics cannot be "
         "resized in place without moving keys.",
     )

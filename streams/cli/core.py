@@ -58,7 +58,7 @@ def run_worker(faust_args: list[str]) -> None:
     if not any(a.startswith(("-l", "--loglevel")) for a in faust_args):
         faust_args = ["--loglevel", faust_loglevel(settings.log_level), *faust_args]
     install_web_auth()
-    run(ensure_topics(settings))
+    run(ensure_topics(settings, check_partitions=True))
     from agentstream.streams.app import app
 
     use_event_loop(settings.event_loop)
@@ -197,7 +197,7 @@ def topics() -> None:
 @topics.command("create")
 def topics_create() -> None:
     """Create every missing catalogue topic (idempotent)."""
-    created = run(ensure_topics(get_settings()))
+    created = run(ensure_topics(get_settings(), check_partitions=True))
     click.echo(f"created {len(created)} topic(s)" + (": " + ", ".join(created) if created else ""))
 
 

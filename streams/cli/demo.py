@@ -150,7 +150,7 @@ def demo(rate: float, n_agents: int, duration: float, keep_broker: bool, seed: i
         get_settings.cache_clear()
     settings = get_settings()
     click.echo(f"kafka at {settings.bootstrap}; creating topics ...")
-    run(ensure_topics(settings))
+    run(ensure_topics(settings, check_partitions=True))
 
     log_dir = state_home() / "demo"
     log_dir.mkdir(parents=True, exist_ok=True)
