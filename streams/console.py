@@ -519,15 +519,22 @@ def _parse_iso(value: Any) -> float | None:
 
 
 # -- the document ---------------------------------------------------------------------------
+def partial_reasons(body: Mapping[str, Any]) -> list[str]:
+    """Why an aggregate view's answer is partial (`streams.web_cluster.Gathered.meta`)."""
+    out = [f"{m.get('worker')}: {m.get('error')}" for m in body.get("missing") or ()]
+    out += [f"{url}: restoring its tables" for url in body.get("restoring") or ()]
+    if body.get("unowned_partitions"):
+        out.append(f"partitions {body['unowned_partitions']} owned by no worker")
+    if body.get("unheld_partitions"):
+        out.append(str(body.get("error") or f"unheld partitions {body['unheld_partitions']}"))
+    return out
+
+
 def _view(views: Mapping[str, tuple[int, Any]], path: str, problems: dict[str, str]) -> Any:
     status, body = views.get(path, (0, None))
     if status == 200 and isinstance(body, dict):
         if body.get("partial"):
-            problems[path] = (
-                "partial: "
-                + "; ".join(f"{m.get('worker')}: {m.get('error')}" for m in body.get("missing", []))
-                or "partial"
-            )
+            problems[path] = "partial: " + ("; ".join(partial_reasons(body)) or "?")
         return body
     if status == 0:
         problems[path] = "not asked"

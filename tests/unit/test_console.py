@@ -250,6 +250,27 @@ def test_a_view_that_does_not_answer_is_a_problem_not_a_failure() -> None:
     assert doc["agents"]["list"] == []
 
 
+def test_a_partial_answer_says_why() -> None:
+    # a worker restoring its tables, a partition owned by nobody: the reasons, not "partial: "
+    status = {
+        "counts": {"up": 0, "down": 0},
+        "agents": [],
+        "partial": True,
+        "missing": [{"worker": "http://w2", "error": "HTTP 503: restoring"}],
+        "restoring": ["http://w1"],
+        "unowned_partitions": [3],
+    }
+    doc = build(views={"/agents/status": (200, status)})
+    assert doc["problems"]["/agents/status"] == (
+        "partial: http://w2: HTTP 503: restoring; http://w1: restoring its tables; "
+        "partitions [3] owned by no worker"
+    )
+    only = build(
+        views={"/agents/status": (200, {**status, "missing": [], "unowned_partitions": []})}
+    )
+    assert only["problems"]["/agents/status"] == "partial: http://w1: restoring its tables"
+
+
 def test_probes_report_their_own_failure() -> None:
     console.register_probe("t-broken", lambda: 1 / 0)
     try:
