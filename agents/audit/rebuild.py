@@ -20,7 +20,7 @@ from aiokafka import TopicPartition
 
 from agentstream.schemas import Event
 from agentstream.schemas.errors import InvalidEvent, SchemaError
-from agentstream.streams.client import group_less_consumer
+from agentstream.streams.client import group_less_consumer, listed_partitions
 from agentstream.streams.errors import BrokerError
 from agentstream.streams.replay import Progress, replay
 from agentstream.streams.settings import Settings
@@ -136,10 +136,7 @@ async def _read_changelog(
     consumer = group_less_consumer(settings, "rebuild")
     await consumer.start()
     try:
-        parts = consumer.partitions_for_topic(topic)
-        if not parts:
-            await consumer._client.force_metadata_update()
-            parts = consumer.partitions_for_topic(topic)
+        parts = consumer.partitions_for_topic(topic) or await listed_partitions(consumer, topic)
         if not parts:
             return None
         tps = [TopicPartition(topic, p) for p in sorted(parts)]

@@ -59,7 +59,7 @@ from agentstream.streams.audit_chain import (
     record_hash,
     signature_problem,
 )
-from agentstream.streams.client import group_less_consumer
+from agentstream.streams.client import group_less_consumer, listed_partitions
 from agentstream.streams.replay import (
     Progress,
     full_topic_names,
@@ -625,8 +625,7 @@ async def _published_policy_versions(settings: Settings) -> dict[tuple[str, int,
     await consumer.start()
     out: dict[tuple[str, int, str], bool | None] = {}
     try:
-        await consumer._client.force_metadata_update()
-        parts = consumer.partitions_for_topic(topic)
+        parts = await listed_partitions(consumer, topic)
         if not parts:
             return out
         tps = [TopicPartition(topic, p) for p in sorted(parts)]

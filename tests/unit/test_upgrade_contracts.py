@@ -78,8 +78,6 @@ FORCE_METADATA = (
     "streams/client.py::_client.force_metadata_update",
     "streams/replay.py::_client.force_metadata_update",
     "agents/llm/cli.py::_client.force_metadata_update",
-    "agents/audit/verify.py::_client.force_metadata_update",
-    "agents/audit/rebuild.py::_client.force_metadata_update",
     "agents/security/store.py::_client.force_metadata_update",
     "bench/context.py::_client.force_metadata_update",
     "bench/stage_core.py::_client.force_metadata_update",
