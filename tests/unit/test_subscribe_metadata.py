@@ -1,5 +1,5 @@
-"""`unlisted_topics`: which subscribed topics a metadata answer does not list with
-a leader for every partition — what a worker waits for before it joins its group
+"""`unlisted_topics`: which subscribed topics a metadata answer does not list with their
+partitions — what a worker waits for before it joins its group
 (`streams.delivery.MetadataReadyConsumerThread`). Real aiokafka `ClusterMetadata`, updated
 from real metadata responses."""
 
