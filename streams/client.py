@@ -36,8 +36,10 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import logging
 import re
 import threading
+import time
 import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -71,6 +73,7 @@ from agentstream.streams.settings import Settings, SettingsError, get_settings
 from agentstream.streams.topics import CATALOGUE
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 #: how long `subscribe` waits for a topic to appear when its `timeout_s` does not say
 UNKNOWN_TOPIC_TIMEOUT_S = 10.0
@@ -273,6 +276,13 @@ def _publish_error(
 _REFUSED = (KafkaError, TimeoutError)
 
 
+def _refused_by_broker(exc: BaseException) -> bool:
+    """A delivery the broker answered with an error (the producer is renewed after it),
+    not one that timed out: that batch is still being retried, its sequence numbers in
+    step, and stopping the producer would wait for it as long as the outage lasts."""
+    return not isinstance(exc, KafkaTimeoutError | TimeoutError)
+
+
 class AsyncClient:
     """Publish and subscribe with typed events, in asyncio code. Topic names are
     catalogue names; the settings' topic prefix is applied for you.
@@ -466,7 +476,14 @@ class AsyncClient:
             # Java's producer bumps its epoch; aiokafka does not, so: a new producer id.
             self._renew_producer = False
             old, self._producer = self._producer, None
-            await old.stop()
+            try:  # flushes what it still holds, bounded like a delivery
+                await asyncio.wait_for(old.stop(), PUBLISH_DELIVERY_TIMEOUT_S)
+            except TimeoutError:
+                log.warning(
+                    "the replaced producer did not close within %gs; publishing goes on "
+                    "with a new one",
+                    PUBLISH_DELIVERY_TIMEOUT_S,
+                )
         if self._producer is None:
             await self.start()
         assert self._producer is not None
@@ -483,7 +500,8 @@ class AsyncClient:
         try:
             return await asyncio.wait_for(asyncio.shield(fut), PUBLISH_DELIVERY_TIMEOUT_S)
         except _REFUSED as exc:
-            self._renew_producer = True
+            if _refused_by_broker(exc):
+                self._renew_producer = True
             raise _publish_error(self.settings, full, shown_key, size, exc) from exc
 
     async def _await_topic(self, full: str, shown_key: Any, size: int) -> None:
@@ -509,16 +527,27 @@ class AsyncClient:
             await asyncio.sleep(0.1)
 
     def _delivery(self, fut: asyncio.Future[Any], topic: str, key: Any, size: int) -> Any:
-        """The delivery future, its error mapped (a callback, not a task per record)."""
-        out: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        """The delivery future, its error mapped (a callback, not a task per record), and
+        failed with a retriable PublishError once `PUBLISH_DELIVERY_TIMEOUT_S` passed as
+        a waited publish is: aiokafka's idempotent producer never expires a batch."""
+        loop = asyncio.get_running_loop()
+        out: asyncio.Future[Any] = loop.create_future()
+
+        def expire() -> None:
+            if not out.done():
+                out.set_exception(_publish_error(self.settings, topic, key, size, TimeoutError()))
+
+        expiry = loop.call_later(PUBLISH_DELIVERY_TIMEOUT_S, expire)
 
         def done(f: asyncio.Future[Any]) -> None:
+            expiry.cancel()
             if out.done():
                 return
             if f.cancelled():
                 out.cancel()
             elif (exc := f.exception()) is not None:
-                self._renew_producer = True
+                if _refused_by_broker(exc):
+                    self._renew_producer = True
                 err = (
                     _publish_error(self.settings, topic, key, size, exc)
                     if isinstance(exc, _REFUSED)
@@ -552,9 +581,10 @@ class AsyncClient:
         ``-n``, the last n records of each partition, or a datetime, the first record at
         or after it. `from_beginning` is ``offset="beginning"``.
 
-        With `group_id` it joins that consumer group and commits what it has read: the
-        group assigns the partitions (`partitions` is refused) and a partition without
-        a committed offset starts at ``"beginning"`` or ``"end"`` (`offset`)."""
+        With `group_id` it joins that consumer group and commits what it has yielded
+        (every `GROUP_COMMIT_INTERVAL_S`, and when the iteration ends): the group assigns
+        the partitions (`partitions` is refused) and a partition without a committed
+        offset starts at ``"beginning"`` or ``"end"`` (`offset`)."""
         names = [topics] if isinstance(topics, str) else list(topics)
         start = check_start_offset("beginning" if from_beginning else offset)
         if group_id is not None and (partitions or start not in ("beginning", "end")):
@@ -565,12 +595,17 @@ class AsyncClient:
         consumer = self._new_consumer(
             "subscribing",
             group_id=group_id,
-            enable_auto_commit=group_id is not None,
+            # commits name what was yielded (`_commit_yielded`): aiokafka's auto-commit
+            # committed its position, past a fetched batch the caller never got to (a
+            # `break`, `max_events`), which the group's next run then skipped
+            enable_auto_commit=False,
             auto_offset_reset="earliest" if start != "end" else "latest",
             client_id=f"agentstream-sub-{uuid4().hex[:8]}",
             isolation_level="read_committed",
         )
         await consumer.start()
+        #: with a group: per partition, the offset after the last record yielded
+        yielded: dict[TopicPartition, int] = {}
         try:
             wait_s = UNKNOWN_TOPIC_TIMEOUT_S if timeout_s is None else timeout_s
             tps = []
@@ -593,20 +628,51 @@ class AsyncClient:
             else:
                 consumer.subscribe([self._full(n) for n in names])
             seen = 0
+            wait_ms = int((3600 if timeout_s is None else timeout_s) * 1000)
+            committed_at = time.monotonic()
             while max_events is None or seen < max_events:
-                batch = await consumer.getmany(timeout_ms=int((timeout_s or 3600) * 1000))
+                if yielded and time.monotonic() - committed_at >= GROUP_COMMIT_INTERVAL_S:
+                    await _commit_yielded(consumer, yielded)
+                    committed_at = time.monotonic()
+                batch = await consumer.getmany(timeout_ms=wait_ms)
                 if not batch:
                     if timeout_s is not None:
                         return
                     continue
                 for tp, records in batch.items():
                     for rec in records:
+                        if group_id is not None:
+                            # handed over at the yield: read, whatever the caller does next
+                            yielded[tp] = rec.offset + 1
                         yield _received(tp.topic, rec, self.settings.max_event_bytes)
                         seen += 1
                         if max_events is not None and seen >= max_events:
                             return
         finally:
-            await consumer.stop()
+            try:
+                if yielded:
+                    await _commit_yielded(consumer, yielded)
+            finally:
+                await consumer.stop()
+
+
+#: seconds between a group subscription's commits while it runs (aiokafka's auto-commit
+#: interval); it commits once more when the iteration ends
+GROUP_COMMIT_INTERVAL_S = 5.0
+
+
+async def _commit_yielded(consumer: Any, yielded: dict[TopicPartition, int]) -> None:
+    """Commit what a group subscription has yielded, of the partitions it still holds. A
+    commit the group refuses (a rebalance under way) is logged: the partitions' next
+    owner reads those records again (at-least-once)."""
+    held = consumer.assignment()
+    offsets = {tp: off for tp, off in yielded.items() if tp in held}
+    if not offsets:
+        return
+    try:
+        await consumer.commit(offsets)
+    except KafkaError as exc:
+        log.warning("subscription commit refused (%r): its records will be read again", exc)
 
 
 #: where a subscription starts: "beginning", "end", an offset (>= 0), the last n records

@@ -26,6 +26,7 @@ from aiokafka.errors import (
     UnknownTopicOrPartitionError,
 )
 
+import agentstream.streams.client as streams_client
 import agentstream.streams.errors as streams_errors
 from agentstream.schemas import AgentMessage
 from agentstream.schemas.errors import InvalidEvent, PipelineError
@@ -677,3 +678,58 @@ async def test_what_every_consumer_would_dead_letter_is_refused_before_it_is_sen
     with pytest.raises(InvalidEvent, match=r"does not belong on llm\.requests"):
         await client.publish("llm.requests", _message())
     assert producer.sent == []
+
+
+class StuckProducer(FakeProducer):
+    """A broker that never acknowledges (an unmet min.insync.replicas, a leader away):
+    deliveries never complete, and stop() waits for them as aiokafka's does."""
+
+    async def send(self, topic: str, value: bytes | None = None, key: bytes | None = None) -> Any:
+        self.sent.append((topic, value, key))
+        return asyncio.get_running_loop().create_future()
+
+    async def stop(self) -> None:
+        await asyncio.Event().wait()
+
+
+async def test_a_delivery_timeout_keeps_the_producer_so_the_retry_does_not_hang(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # a timed-out batch is still being retried, its sequence numbers in step: renewing
+    # the producer stopped it first, which waited for that batch as long as the outage
+    monkeypatch.setattr(streams_client, "PUBLISH_DELIVERY_TIMEOUT_S", 0.2)
+    client = _with_producer(StuckProducer())
+    for _ in range(2):
+        with pytest.raises(PublishError, match="not acknowledged in time") as exc:
+            await asyncio.wait_for(client.publish("agent.messages", _message()), 5)
+        assert exc.value.retriable
+    assert len(client.fakes) == 1  # type: ignore[attr-defined]
+
+
+async def test_an_unwaited_delivery_fails_in_time_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(streams_client, "PUBLISH_DELIVERY_TIMEOUT_S", 0.2)
+    client = _with_producer(StuckProducer())
+    fut = await client.publish("agent.messages", _message(), wait=False)
+    with pytest.raises(PublishError, match="not acknowledged in time") as exc:
+        await asyncio.wait_for(fut, 5)
+    assert exc.value.retriable
+
+
+async def test_a_producer_that_will_not_close_is_replaced_all_the_same(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # refused by the broker, the producer is renewed at the next send: closing the old
+    # one is bounded like a delivery
+    monkeypatch.setattr(streams_client, "PUBLISH_DELIVERY_TIMEOUT_S", 0.2)
+    client = _with_producer(FakeProducer(on_delivery=MessageSizeTooLargeError()))
+    with pytest.raises(PublishError):
+        await client.publish("agent.messages", _message())
+    first = client.fakes[0]  # type: ignore[attr-defined]
+    first.on_delivery = None  # what the next producer is built with: it delivers
+
+    async def never() -> None:
+        await asyncio.Event().wait()
+
+    first.stop = never
+    assert await asyncio.wait_for(client.publish("agent.messages", _message()), 5) == "md-1"
+    assert len(client.fakes) == 2  # type: ignore[attr-defined]
