@@ -51,6 +51,7 @@ from uuid import uuid4
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import (
+    KafkaConnectionError,
     KafkaError,
     KafkaTimeoutError,
     MessageSizeTooLargeError,
@@ -511,17 +512,21 @@ class AsyncClient:
         client.add_topic(full)  # metadata is asked for the topics the client tracks
         loop = asyncio.get_running_loop()
         deadline = loop.time() + PUBLISH_UNKNOWN_TOPIC_S
+        answered = False  # by any broker: else "missing" would only mean "nobody answered"
         while client.cluster.partitions_for_topic(full) is None:
             if full in client.cluster.unauthorized_topics:
                 raise _publish_error(
                     self.settings, full, shown_key, size, TopicAuthorizationFailedError()
                 )
             if loop.time() > deadline:
-                raise _publish_error(
-                    self.settings, full, shown_key, size, UnknownTopicOrPartitionError()
+                cause = (
+                    UnknownTopicOrPartitionError()
+                    if answered
+                    else KafkaConnectionError("no broker answered a metadata request")
                 )
+                raise _publish_error(self.settings, full, shown_key, size, cause)
             try:
-                await client.force_metadata_update()
+                answered = bool(await client.force_metadata_update()) or answered
             except _REFUSED as exc:
                 raise _publish_error(self.settings, full, shown_key, size, exc) from exc
             await asyncio.sleep(0.1)

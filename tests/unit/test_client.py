@@ -733,3 +733,29 @@ async def test_a_producer_that_will_not_close_is_replaced_all_the_same(
     first.stop = never
     assert await asyncio.wait_for(client.publish("agent.messages", _message()), 5) == "md-1"
     assert len(client.fakes) == 2  # type: ignore[attr-defined]
+
+
+async def test_a_first_publish_nobody_answers_is_not_a_missing_topic(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # aiokafka reports a metadata request no broker answered as False, not an error: read
+    # as "the topic does not exist", a retry loop reading `retriable` gave up on an outage
+    monkeypatch.setattr(streams_client, "PUBLISH_UNKNOWN_TOPIC_S", 0.3)
+    producer = FakeProducer()
+
+    class Unanswered:
+        unauthorized_topics: frozenset[str] = frozenset()
+
+        def partitions_for_topic(self, topic: str) -> None:
+            return None
+
+    async def no_answer() -> bool:
+        return False
+
+    producer.client = types.SimpleNamespace(
+        cluster=Unanswered(), add_topic=lambda t: None, force_metadata_update=no_answer
+    )
+    client = _with_producer(producer)
+    with pytest.raises(PublishError, match="no broker answered") as exc:
+        await client.publish("agent.messages", _message())
+    assert exc.value.retriable and "does not exist" not in str(exc.value)
