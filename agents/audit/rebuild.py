@@ -197,6 +197,9 @@ class Comparison:
             "live_digest": self.live_digest,
             "rebuilt_size": self.rebuilt_size,
             "live_size": self.live_size,
+            # without it a table with no changelog read as compared (and "equal" against
+            # an empty live table); the chaos checker reads it to skip such tables
+            "live_available": self.live_available,
             "differing_keys": self.differing_keys,
         }
 

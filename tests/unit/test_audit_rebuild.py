@@ -161,3 +161,13 @@ async def test_no_periodic_checkpoint_while_the_tables_are_restored(
     monkeypatch.setattr(checkpoints, "is_restoring", lambda: False)
     await checkpoints.take_periodic_checkpoint()
     assert written == ["periodic"]
+
+
+def test_the_json_comparison_says_whether_there_was_a_live_table() -> None:
+    # `rebuild --json` of a table with no changelog read "equal": false against an empty
+    # live table, with nothing saying there was none to compare with
+    from agentstream.agents.audit.rebuild import Comparison
+
+    none = Comparison("t", "d1", "d0", 3, 0, live_available=False).to_dict()
+    assert none["live_available"] is False
+    assert Comparison("t", "d1", "d1", 3, 3).to_dict()["live_available"] is True
