@@ -431,10 +431,11 @@ class AsyncClient:
         return await self._send(topic, value, key.encode(), key, wait)
 
     async def publish_many(self, topic: str, items: Iterable[Event[Any] | Payload]) -> int:
-        """Send many events, batched; returns when all are acknowledged. On the first
-        error (an event refused before it was sent, or a send or delivery that failed)
-        no further event is sent, and the error is raised once every event sent before
-        it has an outcome: the events before it may have been published."""
+        """Send many events, batched; returns when all are acknowledged. An event refused
+        before it was sent, or a send that failed, stops the sending; a delivery fails
+        after the events are handed over (batched, they all are before the first answer),
+        so the others may be published anyway. The first error is raised once every event
+        sent has an outcome."""
         futures: list[Any] = []
         failed: BaseException | None = None
         for item in items:
