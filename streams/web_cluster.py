@@ -198,29 +198,28 @@ async def _peer_headers() -> dict[str, str]:
     return await web_auth.gate(settings).peer_headers()
 
 
-def _refused(resp: httpx.Response) -> str:
-    """Why a peer refused this worker's request (401/403), from its JSON answer."""
+def _reason(resp: httpx.Response, *fields: str) -> str | None:
+    """The first of `fields` a peer's JSON answer gives as text, if any."""
     try:
         body = resp.json()
     except ValueError:
-        body = {}
-    reason = (body.get("reason") or body.get("error")) if isinstance(body, dict) else ""
+        return None
+    if not isinstance(body, dict):
+        return None
+    return next((v for f in fields if isinstance(v := body.get(f), str) and v), None)
+
+
+def _refused(resp: httpx.Response) -> str:
+    """Why a peer refused this worker's request (401/403), from its JSON answer."""
+    reason = _reason(resp, "reason", "error")
     return f"it refused this worker's cluster token: HTTP {resp.status_code}: {reason or '?'}"
 
 
 def _failed(resp: httpx.Response) -> str:
     """A peer's error answer: its status, and its reason when it gave one (a 503 while it
     restores its tables says so)."""
-    try:
-        body = resp.json()
-    except ValueError:
-        body = {}
-    reason = body.get("error") if isinstance(body, dict) else None
-    return (
-        f"HTTP {resp.status_code}: {reason}"
-        if isinstance(reason, str)
-        else (f"HTTP {resp.status_code}")
-    )
+    reason = _reason(resp, "error")
+    return f"HTTP {resp.status_code}: {reason}" if reason else f"HTTP {resp.status_code}"
 
 
 async def _fetch(http: httpx.AsyncClient, url: str) -> httpx.Response:

@@ -207,6 +207,9 @@ def test_a_peer_error_is_listed_with_its_reason() -> None:
     restoring = httpx.Response(503, json={"error": web_cluster.RESTORING_ERROR})
     assert web_cluster._failed(restoring) == f"HTTP 503: {web_cluster.RESTORING_ERROR}"
     assert web_cluster._failed(httpx.Response(502, text="<html>")) == "HTTP 502"
+    refused = httpx.Response(403, json={"error": "forbidden", "reason": "scope read"})
+    assert web_cluster._refused(refused).endswith("HTTP 403: scope read")
+    assert web_cluster._refused(httpx.Response(401, text="no")).endswith("HTTP 401: ?")
 
 
 @pytest.mark.parametrize(
