@@ -572,17 +572,6 @@ CONTRACTS: list[Contract] = [
         params="(self, fun, *args, **kwargs)",
     ),
     c(
-        f"{THREAD}._ensure_consumer",
-        "call",
-        f"{DELIVERY}::client = self._ensure_consumer()._client",
-        params="(self)",
-    ),
-    c(
-        "aiokafka.AIOKafkaConsumer._client",
-        "read",
-        f"{DELIVERY}::client = self._ensure_consumer()._client",
-    ),
-    c(
         "aiokafka.client.AIOKafkaClient.fetch_all_metadata",
         "call",
         f"{DELIVERY}::cluster = await client.fetch_all_metadata()",
@@ -594,6 +583,7 @@ CONTRACTS: list[Contract] = [
         f"{THREAD}._ensure_consumer",
         "call",
         f"{DELIVERY}::consumer._thread._ensure_consumer()",
+        f"{DELIVERY}::client = self._ensure_consumer()._client",
         params="(self)",
     ),
     c("aiokafka.AIOKafkaConsumer._subscription", "read", f"{DELIVERY}::aio._subscription"),
@@ -1099,7 +1089,12 @@ CONTRACTS: list[Contract] = [
         params="(self)",
     ),
     # -- every plain aiokafka consumer of ours: metadata refresh before assign ----------
-    c("aiokafka.AIOKafkaConsumer._client", "read", *FORCE_METADATA),
+    c(
+        "aiokafka.AIOKafkaConsumer._client",
+        "read",
+        *FORCE_METADATA,
+        f"{DELIVERY}::client = self._ensure_consumer()._client",
+    ),
     c(
         "aiokafka.client.AIOKafkaClient.force_metadata_update",
         "call",
