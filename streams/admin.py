@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
 from agentstream.streams.errors import BrokerAuthError, BrokerError
@@ -13,12 +16,19 @@ from agentstream.streams.kafka_security import new_admin, principal
 from agentstream.streams.settings import Settings, SettingsError
 from agentstream.streams.topics import CATALOGUE
 
+log = logging.getLogger(__name__)
+
+#: what every catalogue topic is created with (`TopicSpec.configs`): the broker's clock
+BROKER_CLOCK = "LogAppendTime"
+
 
 @dataclass(frozen=True)
 class TopicState:
     name: str
     partitions: int
     exists: bool
+    #: `message.timestamp.type`, or None when it could not be read (no DescribeConfigs)
+    timestamp_type: str | None = None
 
 
 async def _admin(settings: Settings, timeout_s: float) -> AIOKafkaAdminClient:
@@ -33,13 +43,16 @@ async def ensure_topics(
     timeout_s: float = 30.0,
     *,
     check_partitions: bool = False,
+    warn: Callable[[str], None] | None = None,
 ) -> list[str]:
     """Create the missing catalogue topics; return the names created (empty when all exist).
 
     With `check_partitions` (a worker's start, `topics create`, the demo), an existing topic
     whose partition count is not the configured one is a `SettingsError`, raised before
-    anything is created. Commands that only publish to a topic (rule changes) do not
-    check: their AGENTSTREAM_TOPIC_PARTITIONS is not what the topics were made with."""
+    anything is created, and existing topics that keep the producer's clock are named
+    through `warn` (default: a WARNING log line; see `producer_clock_warning`). Commands
+    that only publish to a topic (rule changes) do not check: their
+    AGENTSTREAM_TOPIC_PARTITIONS is not what the topics were made with."""
     admin = await _admin(settings, timeout_s)
     try:
         existing = set(await admin.list_topics())
@@ -95,6 +108,11 @@ async def ensure_topics(
                 elif code != 36:  # TOPIC_ALREADY_EXISTS: another process won the race
                     raise BrokerError(f"creating topic {topic} failed with error code {code}")
         await _wait_visible(admin, [settings.topic(n) for n in wanted], timeout_s)
+        if check_partitions and present:
+            types = await _timestamp_types(admin, [settings.topic(n) for n in present])
+            old = sorted(t for t, kind in types.items() if kind not in (None, BROKER_CLOCK))
+            if old:
+                (warn or log.warning)(producer_clock_warning(old))
         return sorted(created)
     except KafkaError as exc:
         raise BrokerError(f"topic administration failed: {exc}") from exc
@@ -122,6 +140,53 @@ async def _partition_mismatches(
     return out
 
 
+def producer_clock_warning(topics: list[str]) -> str:
+    """One line naming the topics whose records carry their producer's timestamp, and the
+    change that gives them the broker's (topic configs are altered in place; records
+    already written keep their timestamps)."""
+    more = f" (and {len(topics) - 1} more)" if len(topics) > 1 else ""
+    return (
+        f"topic {topics[0]}{more} keeps the producer's clock (message.timestamp.type="
+        "CreateTime): a sender can date its records out of replay and audit time ranges; "
+        "have an admin set message.timestamp.type=LogAppendTime on "
+        + ", ".join(topics)
+        + " (kafka-configs --alter --entity-type topics --entity-name T --add-config ...)"
+    )
+
+
+async def timestamp_types(
+    settings: Settings, names: Iterable[str], timeout_s: float = 30.0
+) -> dict[str, str | None]:
+    """`message.timestamp.type` of each existing topic among `names` (full names); None
+    for one whose configs this principal may not read."""
+    admin = await _admin(settings, timeout_s)
+    try:
+        existing = set(await admin.list_topics())
+        return await _timestamp_types(admin, [n for n in names if n in existing])
+    except KafkaError as exc:
+        raise BrokerError(f"topic administration failed: {exc}") from exc
+    finally:
+        await admin.close()
+
+
+async def _timestamp_types(admin: AIOKafkaAdminClient, names: list[str]) -> dict[str, str | None]:
+    if not names:
+        return {}
+    out: dict[str, str | None] = dict.fromkeys(names)
+    wanted = {"message.timestamp.type": None}  # the keys filter the answer
+    resources = [ConfigResource(ConfigResourceType.TOPIC, n, wanted) for n in names]
+    for response in await admin.describe_configs(resources):
+        # (error_code, error_message, resource_type, resource_name, config_entries, ...)
+        for resource in response.resources:
+            error, name, entries = resource[0], resource[3], resource[4]
+            if error or name not in out:
+                continue  # e.g. 29 TOPIC_AUTHORIZATION_FAILED: a worker without DescribeConfigs
+            for entry in entries:
+                if entry[0] == "message.timestamp.type":
+                    out[name] = entry[1]
+    return out
+
+
 async def _wait_visible(admin: AIOKafkaAdminClient, names: list[str], timeout_s: float) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
@@ -140,9 +205,11 @@ async def list_topics(settings: Settings, timeout_s: float = 30.0) -> list[Topic
         existing = set(await admin.list_topics())
         present = [n for n in names if n in existing]
         parts: dict[str, int] = {}
+        types: dict[str, str | None] = {}
         if present:
             for meta in await admin.describe_topics(present):
                 parts[meta["topic"]] = len(meta["partitions"])
-        return [TopicState(n, parts.get(n, 0), n in existing) for n in names]
+            types = await _timestamp_types(admin, present)
+        return [TopicState(n, parts.get(n, 0), n in existing, types.get(n)) for n in names]
     finally:
         await admin.close()

@@ -29,7 +29,12 @@ class TopicSpec:
         return None if self.retention_ms is None else timedelta(milliseconds=self.retention_ms)
 
     def configs(self) -> dict[str, str]:
-        cfg: dict[str, str] = {}
+        # The broker's clock, not the producer's: a record's timestamp is the one field a
+        # sender sets unchecked, and replays, `audit verify` and Kafka's time index select
+        # by it. Dated ahead or back, a record would drop out of a time range or cut a
+        # partition's range short, hiding the records after it (tests/security/
+        # test_timestamp_attacks.py). Events carry their own times (`occurred_at`).
+        cfg: dict[str, str] = {"message.timestamp.type": "LogAppendTime"}
         if self.compacted:
             cfg["cleanup.policy"] = "compact"
             cfg["min.compaction.lag.ms"] = "0"

@@ -197,7 +197,13 @@ def topics() -> None:
 @topics.command("create")
 def topics_create() -> None:
     """Create every missing catalogue topic (idempotent)."""
-    created = run(ensure_topics(get_settings(), check_partitions=True))
+    created = run(
+        ensure_topics(
+            get_settings(),
+            check_partitions=True,
+            warn=lambda line: click.echo(f"warning: {line}", err=True),
+        )
+    )
     click.echo(f"created {len(created)} topic(s)" + (": " + ", ".join(created) if created else ""))
 
 
@@ -212,6 +218,9 @@ def topics_list() -> None:
         spec = CATALOGUE[base]
         flags = "compacted" if spec.compacted else f"retention {spec.retention_ms or -1} ms"
         where = f"{st.partitions} partitions" if st.exists else "MISSING"
+        if st.timestamp_type not in (None, "LogAppendTime"):
+            # the producer's clock: see `streams.admin.producer_clock_warning`
+            flags += f", {st.timestamp_type}"
         click.echo(f"{st.name:32} {where:16} {flags:28} {spec.description}")
 
 

@@ -4,7 +4,9 @@ with the right kind; the intact partition is reported clean."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -76,11 +78,13 @@ async def test_forged_chain_reports_each_kind(settings_env: dict[str, str], tmp_
     producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap, acks="all")
     await producer.start()
     try:
-        hour_ago = int(datetime.now(UTC).timestamp() * 1000) - 3_600_000
-        for i, value in enumerate(good):  # the first three an hour old
-            await producer.send_and_wait(
-                topic, value, key=b"agent-1", partition=0, timestamp_ms=hour_ago if i < 3 else None
-            )
+        for i, value in enumerate(good):
+            meta = await producer.send_and_wait(topic, value, key=b"agent-1", partition=0)
+            if i == 2:  # a range can start after the first three (the broker's clock)
+                while int(time.time() * 1000) <= meta.timestamp:  # the broker counts whole ms
+                    await asyncio.sleep(0.0005)
+            elif i == 3:
+                mid_partition = datetime.fromtimestamp(meta.timestamp / 1000, UTC).isoformat()
         for value in forged:
             await producer.send_and_wait(topic, value, key=b"agent-1", partition=1)
     finally:
@@ -110,8 +114,12 @@ async def test_forged_chain_reports_each_kind(settings_env: dict[str, str], tmp_
     assert f"{topic}:0  6 record(s)  ok" in text.stdout
 
     # a time range that starts mid-partition anchors on the record before it
-    res = cli(env, "audit", "verify", "--topics", "security.decisions", "--since", "-10m", "--json")
-    assert len(json.loads(res.stdout)["findings"]) == 4
+    res = cli(
+        env, "audit", "verify", "--topics", "security.decisions", "--since", mid_partition, "--json"
+    )
+    result = json.loads(res.stdout)
+    assert len(result["findings"]) == 4
+    assert result["records"] == len(good) - 3 + len(forged)  # partition 0 from its 4th
 
 
 async def test_chain_head_found_behind_a_long_aborted_transaction(

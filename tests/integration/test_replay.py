@@ -4,7 +4,9 @@ joining a consumer group; the CLI writes the same as JSON lines."""
 
 from __future__ import annotations
 
+import asyncio
 import random
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -27,16 +29,26 @@ async def test_replay_time_range_merge_filters_and_cli(
     settings = Settings.from_env(settings_env)
     env = {**settings_env, "AGENTSTREAM_AGENTS": "audit"}
     assert cli(env, "topics", "create").returncode == 0
-    base = int(datetime.now(UTC).timestamp() * 1000) - 600_000  # ten minutes ago
     rng = random.Random(7)
     producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap, acks="all")
     await producer.start()
     sent: list[tuple[int, str, str]] = []  # (timestamp, topic, message id)
+
+    async def send(topic: str, value: bytes, partition: int) -> int:
+        # the catalogue topics take the broker's time (LogAppendTime): the record's
+        # timestamp is in the answer; the next record waits for the clock to move on, so
+        # every record has a timestamp of its own and the range bounds are exact
+        meta = await producer.send_and_wait(
+            settings.topic(topic), value, key=b"k", partition=partition
+        )
+        while int(time.time() * 1000) <= meta.timestamp:  # the broker counts whole ms
+            await asyncio.sleep(0.0005)
+        return int(meta.timestamp)
+
     try:
         for i in range(400):
-            topic = ("agent.messages", "agent.messages.accepted")[i % 2]
-            # timestamps rise per partition but interleave across partitions
-            ts = base + i * 1000 + rng.randint(0, 900)
+            # the topics and partitions in a shuffled order, so that the merge interleaves
+            topic = ("agent.messages", "agent.messages.accepted")[rng.randint(0, 1)]
             ev = Event.of(
                 AgentMessage(
                     message_id=f"m{i}", sender_id=f"agent-{i % 3}", recipient_id="x", content="hi"
@@ -44,15 +56,9 @@ async def test_replay_time_range_merge_filters_and_cli(
                 source="test",
                 correlation_id=f"c{i % 10}",
             )
-            await producer.send(
-                settings.topic(topic), encode(ev), key=b"k", partition=(i // 2) % 2, timestamp_ms=ts
-            )
-            sent.append((ts, topic, f"m{i}"))
-            if i == 150:  # in timestamp order in its partition, like any producer's record
-                await producer.send(
-                    settings.topic(topic), b"not json", partition=(i // 2) % 2, timestamp_ms=ts + 1
-                )
-        await producer.flush()
+            sent.append((await send(topic, encode(ev), rng.randint(0, 1)), topic, f"m{i}"))
+            if i == 150:  # undecodable bytes within the range
+                await send(topic, b"not json", rng.randint(0, 1))
     finally:
         await producer.stop()
 
