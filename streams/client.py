@@ -284,6 +284,38 @@ def _refused_by_broker(exc: BaseException) -> bool:
     return not isinstance(exc, KafkaTimeoutError | TimeoutError)
 
 
+class _Producing:
+    """A producer of the client's, and what replacing it needs to know: the event loop it
+    runs on, the sends handing it a record now (a renewal or stop waits for them: stopped
+    under them, their records were refused with ProducerClosed), and whether the broker
+    refused one of its deliveries (it is renewed before the next send; a flag of this
+    producer, not the client's, so that a late refusal of a replaced one does not renew
+    its successor)."""
+
+    def __init__(self, producer: Any, loop: asyncio.AbstractEventLoop) -> None:
+        self.producer = producer
+        self.loop = loop
+        self.refused = False
+        self._sending = 0
+        self._handed_over = asyncio.Event()
+        self._handed_over.set()
+
+    def begin_send(self) -> None:
+        self._sending += 1
+        self._handed_over.clear()
+
+    def end_send(self) -> None:
+        self._sending -= 1
+        if not self._sending:
+            self._handed_over.set()
+
+    async def retire(self) -> None:
+        """Stop the producer once the sends under way have handed it their records: its
+        stop flushes them."""
+        await self._handed_over.wait()
+        await self.producer.stop()
+
+
 class AsyncClient:
     """Publish and subscribe with typed events, in asyncio code. Topic names are
     catalogue names; the settings' topic prefix is applied for you.
@@ -337,8 +369,13 @@ class AsyncClient:
                 sasl_password if isinstance(sasl_password, SecretStr) else SecretStr(sasl_password)
             )
             self._secrets = _GivenSecrets(self.settings, secret)
-        self._producer: Any = None
-        self._starting: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
+        self._producing: _Producing | None = None
+        self._lock_of: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
+
+    @property
+    def _producer(self) -> Any:
+        """The producer publishes go to (None before the first start and after a stop)."""
+        return self._producing.producer if self._producing is not None else None
 
     def __repr__(self) -> str:
         s = self.settings
@@ -368,15 +405,41 @@ class AsyncClient:
     def _new_consumer(self, what: str, **options: Any) -> Any:
         return new_consumer(self.settings, what, secrets=self._secrets, **options)
 
-    async def start(self) -> None:
-        # a lock: publishes racing to the first start would each build a producer (one
-        # per loop: a client may be used from one `asyncio.run` after another)
+    def _lock(self) -> asyncio.Lock:
+        """The lock over the producer's start, renewal and stop, of the running loop (an
+        asyncio.Lock serves one loop; a client may serve one `asyncio.run` after
+        another). Without it a stop during a start returned before the producer it
+        started (never stopped then), and a send found none while one was renewed."""
         loop = asyncio.get_running_loop()
-        if self._starting is None or self._starting[0] is not loop:
-            self._starting = (loop, asyncio.Lock())
-        async with self._starting[1]:
-            if self._producer is not None:
-                return
+        if self._lock_of is None or self._lock_of[0] is not loop:
+            self._lock_of = (loop, asyncio.Lock())
+        return self._lock_of[1]
+
+    async def start(self) -> None:
+        async with self._lock():
+            await self._ready()
+
+    async def _ready(self) -> _Producing:
+        """The producer to send with: started if there is none, renewed after a delivery
+        the broker refused. Called with `_lock` held."""
+        loop = asyncio.get_running_loop()
+        current = self._producing
+        if current is not None and current.refused:
+            # A batch the broker refused (too large, not authorized ...) leaves the
+            # idempotent producer's sequence numbers for its partition out of step with
+            # the broker's: every later record there fails with OutOfOrderSequenceNumber.
+            # Java's producer bumps its epoch; aiokafka does not, so: a new producer id.
+            self._producing = None
+            try:  # flushes what it still holds, bounded like a delivery
+                await asyncio.wait_for(current.retire(), PUBLISH_DELIVERY_TIMEOUT_S)
+            except TimeoutError:
+                log.warning(
+                    "the replaced producer did not close within %gs; publishing goes on "
+                    "with a new one",
+                    PUBLISH_DELIVERY_TIMEOUT_S,
+                )
+            current = None
+        if current is None:
             producer = self._new_producer(
                 "publishing",
                 acks="all",
@@ -386,13 +449,17 @@ class AsyncClient:
                 request_timeout_ms=30_000,
             )
             await producer.start()  # a BrokerError naming the cause, within the connect timeout
-            self._producer = producer
+            current = self._producing = _Producing(producer, loop)
+        return current
 
     async def stop(self) -> None:
-        if self._producer is not None:
-            producer, self._producer = self._producer, None
+        async with self._lock():
+            current = self._producing
+            if current is None:
+                return
+            self._producing = None
             try:  # flushes what was accepted; bounded (PUBLISH_DELIVERY_TIMEOUT_S)
-                await asyncio.wait_for(producer.stop(), PUBLISH_DELIVERY_TIMEOUT_S)
+                await asyncio.wait_for(current.retire(), PUBLISH_DELIVERY_TIMEOUT_S)
             except TimeoutError:
                 raise PublishError(
                     f"closing the client: records not acknowledged within "
@@ -465,51 +532,39 @@ class AsyncClient:
         """Send bytes as they are (for tests of hostile input and for replays)."""
         return await self._send(topic, value, key, key, wait=True)
 
-    #: a delivery failed: the producer is replaced before the next send (see `_send`)
-    _renew_producer = False
-
     async def _send(
         self, topic: str, value: bytes | None, key: bytes | None, shown_key: Any, wait: bool
     ) -> Any:
-        if self._renew_producer and self._producer is not None:
-            # A batch the broker refused (too large, not authorized ...) leaves the
-            # idempotent producer's sequence numbers for its partition out of step with
-            # the broker's: every later record there fails with OutOfOrderSequenceNumber.
-            # Java's producer bumps its epoch; aiokafka does not, so: a new producer id.
-            self._renew_producer = False
-            old, self._producer = self._producer, None
-            try:  # flushes what it still holds, bounded like a delivery
-                await asyncio.wait_for(old.stop(), PUBLISH_DELIVERY_TIMEOUT_S)
-            except TimeoutError:
-                log.warning(
-                    "the replaced producer did not close within %gs; publishing goes on "
-                    "with a new one",
-                    PUBLISH_DELIVERY_TIMEOUT_S,
-                )
-        if self._producer is None:
-            await self.start()
-        assert self._producer is not None
         full = self._full(topic)
         size = len(value or b"") + len(key or b"")
-        if self._producer.client.cluster.partitions_for_topic(full) is None:
-            await self._await_topic(full, shown_key, size)
+        async with self._lock():
+            producing = await self._ready()
+            # counted before the lock is released: a renewal or stop waits for this send
+            # to hand its record over, and this send uses this producer to the end
+            producing.begin_send()
         try:
-            fut = await self._producer.send(full, value=value, key=key)
-        except _REFUSED as exc:
-            raise _publish_error(self.settings, full, shown_key, size, exc) from exc
+            producer = producing.producer
+            if producer.client.cluster.partitions_for_topic(full) is None:
+                await self._await_topic(producer, full, shown_key, size)
+            try:
+                fut = await producer.send(full, value=value, key=key)
+            except _REFUSED as exc:
+                raise _publish_error(self.settings, full, shown_key, size, exc) from exc
+        finally:
+            producing.end_send()
         if not wait:
-            return self._delivery(fut, full, shown_key, size)
+            return self._delivery(producing, fut, full, shown_key, size)
         try:
             return await asyncio.wait_for(asyncio.shield(fut), PUBLISH_DELIVERY_TIMEOUT_S)
         except _REFUSED as exc:
             if _refused_by_broker(exc):
-                self._renew_producer = True
+                producing.refused = True
             raise _publish_error(self.settings, full, shown_key, size, exc) from exc
 
-    async def _await_topic(self, full: str, shown_key: Any, size: int) -> None:
+    async def _await_topic(self, producer: Any, full: str, shown_key: Any, size: int) -> None:
         """Until the producer's metadata knows `full`; a PublishError when it is missing
         after `PUBLISH_UNKNOWN_TOPIC_S` or not ours to write."""
-        client = self._producer.client
+        client = producer.client
         client.add_topic(full)  # metadata is asked for the topics the client tracks
         loop = asyncio.get_running_loop()
         deadline = loop.time() + PUBLISH_UNKNOWN_TOPIC_S
@@ -532,7 +587,9 @@ class AsyncClient:
                 raise _publish_error(self.settings, full, shown_key, size, exc) from exc
             await asyncio.sleep(0.1)
 
-    def _delivery(self, fut: asyncio.Future[Any], topic: str, key: Any, size: int) -> Any:
+    def _delivery(
+        self, producing: _Producing, fut: asyncio.Future[Any], topic: str, key: Any, size: int
+    ) -> Any:
         """The delivery future, its error mapped (a callback, not a task per record), and
         failed with a retriable PublishError once `PUBLISH_DELIVERY_TIMEOUT_S` passed as
         a waited publish is: aiokafka's idempotent producer never expires a batch."""
@@ -553,7 +610,7 @@ class AsyncClient:
                 out.cancel()
             elif (exc := f.exception()) is not None:
                 if _refused_by_broker(exc):
-                    self._renew_producer = True
+                    producing.refused = True
                 err = (
                     _publish_error(self.settings, topic, key, size, exc)
                     if isinstance(exc, _REFUSED)

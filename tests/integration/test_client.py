@@ -273,3 +273,56 @@ async def test_a_group_subscription_resumes_after_what_it_yielded(settings: Sett
             assert rec.event is not None
             rest.append(rec.event.payload.message_id)
         assert len(first) == 2 and sorted(first + rest) == [f"m{i}" for i in range(6)], rest
+
+
+async def test_publishers_racing_a_refused_batch_each_deliver_once(settings: Settings) -> None:
+    """A record over its topic's max.message.bytes, refused by the broker amid concurrent
+    publishers: the producer is renewed under them (a new producer id), every other
+    record is written exactly once, and each replaced producer is stopped. (The big one
+    goes to a topic of its own: a refused batch fails every record in it.)"""
+    await _set_max_message_bytes(settings, settings.topic("agent.status"), 1024)
+    async with AsyncClient(settings) as client:
+        built: list[Any] = [client._producer]
+        new_producer = client._new_producer
+
+        def counted(what: str, **options: Any) -> Any:
+            built.append(new_producer(what, **options))
+            return built[-1]
+
+        client._new_producer = counted  # type: ignore[method-assign]
+        await _until_refused(client, "agent.status")
+
+        async def publisher(w: int) -> None:
+            for i in range(30):
+                if w == 0 and i == 10:
+                    with pytest.raises(PublishError, match=r"max\.message\.bytes"):
+                        await client.publish_raw("agent.status", b"x" * 4000)
+                await client.publish("agent.messages", _message(1000 * (w + 1) + i))
+
+        await asyncio.wait_for(asyncio.gather(*(publisher(w) for w in range(4))), 120)
+        running = client._producer
+    ids = sorted(
+        [
+            rec.event.payload.message_id
+            async for rec in AsyncClient(settings).subscribe(
+                "agent.messages", from_beginning=True, timeout_s=5
+            )
+            if rec.event is not None
+        ]
+    )
+    assert ids == sorted(f"m{1000 * (w + 1) + i}" for w in range(4) for i in range(30))
+    assert len(built) == 3 and running is built[-1]  # renewed after each refusal
+    assert all(p._closed for p in built)  # the replaced ones, and the last by the stop
+
+
+async def _until_refused(client: AsyncClient, topic: str) -> None:
+    """Until the broker refuses a record over `topic`'s max.message.bytes: it applies a
+    topic's new config a moment after AlterConfigs answers."""
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            await client.publish_raw(topic, b"x" * 4000)
+        except PublishError:
+            return
+        assert time.monotonic() < deadline, "the broker never refused the record"
+        await asyncio.sleep(0.2)

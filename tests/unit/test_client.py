@@ -295,23 +295,26 @@ class FakeProducer:
             fut.set_result(f"md-{len(self.sent)}")
         return fut
 
+    async def start(self) -> None:
+        self.started = True
+
     async def stop(self) -> None:
         self.stopped = True
 
 
 def _with_producer(producer: FakeProducer, **kw: Any) -> AsyncClient:
-    """A client whose producer is `producer`; one it builds anew (after a failed
-    delivery) behaves the same, and is appended to `client.fakes`."""
+    """A client whose first producer is `producer`; one it builds anew (after a failed
+    delivery) behaves the same. Built by the client's own start (its `_new_producer`
+    replaced), each is appended to `client.fakes`."""
     client = AsyncClient(Settings.from_env({"AGENTSTREAM_TOPIC_PREFIX": "p."}), **kw)
-    client._producer = producer
-    fakes = [producer]
+    fakes: list[FakeProducer] = []
 
-    async def start() -> None:
-        if client._producer is None:
-            fakes.append(FakeProducer(producer.on_send, producer.on_delivery))
-            client._producer = fakes[-1]
+    def new_producer(what: str, **options: Any) -> FakeProducer:
+        made = producer if not fakes else FakeProducer(producer.on_send, producer.on_delivery)
+        fakes.append(made)
+        return made
 
-    client.start = start  # type: ignore[method-assign]
+    client._new_producer = new_producer  # type: ignore[method-assign]
     client.fakes = fakes  # type: ignore[attr-defined]
     return client
 
@@ -389,8 +392,9 @@ async def test_publish_still_sends_and_returns_metadata() -> None:
 
 # -- the sync client's thread --------------------------------------------------------------
 def _sync_with_producer(producer: FakeProducer) -> Client:
+    """A sync client whose every producer is `producer` (built by its own start)."""
     client = Client(Settings.from_env({"AGENTSTREAM_TOPIC_PREFIX": "p."}))
-    client._async._producer = producer
+    client._async._new_producer = lambda what, **options: producer  # type: ignore[method-assign]
     return client
 
 
@@ -448,7 +452,8 @@ def test_a_stopped_client_starts_again() -> None:
     client = _sync_with_producer(producer)
     client.publish("agent.messages", _message())
     client.stop()
-    client._async._producer = producer  # stop() dropped it; no broker to start a new one
+    assert producer.stopped
+    producer.stopped = False  # what the client builds next (no broker to start a real one)
     assert client.publish("agent.messages", _message(2)) == "md-2"
     client.stop()
 
@@ -759,3 +764,182 @@ async def test_a_first_publish_nobody_answers_is_not_a_missing_topic(
     with pytest.raises(PublishError, match="no broker answered") as exc:
         await client.publish("agent.messages", _message())
     assert exc.value.retriable and "does not exist" not in str(exc.value)
+
+
+# -- the producer's start, renewal and stop under concurrent calls ------------------------
+class GatedProducer(FakeProducer):
+    """A producer whose slow steps wait, as aiokafka's do for a broker: each step named in
+    `hold` until its event is set: "send" to the topic "slow.send" (a full batch waiting
+    to drain), "metadata" (the first look for the topic "slow.meta"), "start", "stop"
+    (flushing). Stopped, it refuses sends as aiokafka's does (ProducerClosed); the broker
+    refuses every record sent to "refused"."""
+
+    def __init__(self, hold: dict[str, asyncio.Event]) -> None:
+        super().__init__()
+        self.hold = hold
+        self.waiting = 0
+        self.started = self.stop_done = False
+        self.known = {"slow.send", "refused", "other"}
+        self.unauthorized_topics: frozenset[str] = frozenset()
+        self.client = types.SimpleNamespace(
+            cluster=self, add_topic=lambda t: None, force_metadata_update=self._metadata
+        )
+
+    async def _held(self, step: str) -> None:
+        if step in self.hold:
+            self.waiting += 1
+            await self.hold[step].wait()
+            self.waiting -= 1
+
+    def partitions_for_topic(self, topic: str) -> set[int] | None:
+        return {0} if topic in self.known else None
+
+    async def _metadata(self) -> bool:
+        await self._held("metadata")
+        self.known.add("slow.meta")
+        return True
+
+    async def start(self) -> None:
+        await self._held("start")
+        self.started = True
+
+    async def send(self, topic: str, value: bytes | None = None, key: bytes | None = None) -> Any:
+        if topic == "slow.send":
+            await self._held("send")
+        if self.stopped:
+            from aiokafka.errors import ProducerClosed
+
+            raise ProducerClosed()
+        self.on_delivery = MessageSizeTooLargeError() if topic == "refused" else None
+        return await super().send(topic, value, key)
+
+    async def stop(self) -> None:
+        self.stopped = True  # at once, as aiokafka's: a send after it is refused
+        await self._held("stop")
+        self.stop_done = True
+
+
+def _gated_client(hold: dict[str, asyncio.Event]) -> tuple[AsyncClient, list[GatedProducer]]:
+    client = AsyncClient(Settings.from_env({}))
+    built: list[GatedProducer] = []
+
+    def new_producer(what: str, **options: Any) -> GatedProducer:
+        built.append(GatedProducer(hold))
+        return built[-1]
+
+    client._new_producer = new_producer  # type: ignore[method-assign]
+    return client, built
+
+
+async def _until(pred: Callable[[], Any], what: str) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 5
+    while not pred():
+        assert loop.time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.001)
+
+
+@pytest.mark.parametrize("held_in", ["send", "metadata"])
+async def test_a_renewal_lets_the_sends_under_way_finish(held_in: str) -> None:
+    """A publish refused by the broker renews the producer at the next send. A publish
+    still handing its record to the old producer failed: waiting for a full batch to
+    drain, the producer was stopped under it (ProducerClosed); waiting for a new topic's
+    metadata, it found no producer at all while the old one was flushing (AttributeError
+    on None). Now the renewal waits for it: its record goes out once, on the old
+    producer, and the next one on the new."""
+    go, flushed = asyncio.Event(), asyncio.Event()
+    client, built = _gated_client({held_in: go, "stop": flushed})
+    held = asyncio.create_task(client.publish_raw(f"slow.{held_in[:4]}", b"held"))
+    await _until(lambda: built and built[0].waiting == 1, "the held send")
+    with pytest.raises(PublishError):
+        await client.publish_raw("refused", b"too big")  # renewed at the next send
+    after = asyncio.create_task(client.publish_raw("other", b"after"))
+    await _until(lambda: client._producer is None or after.done(), "the renewal to begin")
+    go.set()
+    await _until(held.done, "the held publish")  # before the old producer's flush ends
+    flushed.set()
+    outcomes = await asyncio.wait_for(asyncio.gather(held, after, return_exceptions=True), 5)
+    assert not [o for o in outcomes if isinstance(o, BaseException)], outcomes
+    first, second = built  # one new producer, no more
+    assert sorted(v for _, v, _ in first.sent) == [b"held", b"too big"]
+    assert [v for _, v, _ in second.sent] == [b"after"]
+    assert first.stop_done and not second.stopped
+    await client.stop()
+    assert second.stop_done
+
+
+async def test_a_stop_during_the_start_stops_what_was_started() -> None:
+    """`stop()` while a publish is starting the producer found none and returned; the
+    producer started just after ran on, never stopped (its connections and tasks)."""
+    gate = asyncio.Event()
+    client, built = _gated_client({"start": gate})
+    publishing = asyncio.create_task(client.publish_raw("other", b"x"))
+    await _until(lambda: built and built[0].waiting == 1, "the start")
+    stopping = asyncio.create_task(client.stop())
+    await asyncio.sleep(0)  # its first step, while the producer is starting
+    gate.set()
+    md, _ = await asyncio.wait_for(asyncio.gather(publishing, stopping), 5)
+    assert md == "md-1"  # published before the stop, and flushed by it
+    assert [p.stop_done for p in built] == [True]
+
+
+async def test_a_second_stop_returns_once_the_producer_is_stopped() -> None:
+    """It returned at once, while the first one still flushed the producer."""
+    gate = asyncio.Event()
+    client, built = _gated_client({"stop": gate})
+    await client.start()
+    first = asyncio.create_task(client.stop())
+    await _until(lambda: built[0].waiting == 1, "the first stop to flush")
+
+    async def stop() -> bool:
+        await client.stop()
+        return built[0].stop_done
+
+    second = asyncio.create_task(stop())
+    await asyncio.sleep(0)  # its first step: returned, or waiting for the first stop
+    gate.set()
+    _, stopped_when_it_returned = await asyncio.wait_for(asyncio.gather(first, second), 5)
+    assert stopped_when_it_returned
+
+
+class LateRefusal(FakeProducer):
+    """Deliveries wait for the test to settle them (`pending`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pending: list[asyncio.Future[Any]] = []
+
+    async def send(self, topic: str, value: bytes | None = None, key: bytes | None = None) -> Any:
+        self.sent.append((topic, value, key))
+        self.pending.append(asyncio.get_running_loop().create_future())
+        return self.pending[-1]
+
+
+async def test_a_late_refusal_of_a_replaced_producer_does_not_renew_its_successor() -> None:
+    client = AsyncClient(Settings.from_env({}))
+    built: list[LateRefusal] = []
+
+    def new_producer(what: str, **options: Any) -> LateRefusal:
+        built.append(LateRefusal())
+        return built[-1]
+
+    client._new_producer = new_producer  # type: ignore[method-assign]
+    late = await client.publish("agent.messages", _message(1), wait=False)
+    refused = asyncio.create_task(client.publish("agent.messages", _message(2)))
+    await _until(lambda: len(built[0].pending) == 2, "the second send")
+    built[0].pending[1].set_exception(MessageSizeTooLargeError())
+    with pytest.raises(PublishError):
+        await refused
+    renewing = asyncio.create_task(client.publish("agent.messages", _message(3)))
+    await _until(lambda: len(built) == 2 and built[1].pending, "the renewal")
+    # the replaced producer's last delivery is refused after all (its stop gave up)
+    built[0].pending[0].set_exception(MessageSizeTooLargeError())
+    with pytest.raises(PublishError):
+        await late
+    built[1].pending[0].set_result("md")
+    assert await renewing == "md"
+    fourth = asyncio.create_task(client.publish("agent.messages", _message(4)))
+    await _until(lambda: sum(len(p.pending) for p in built) == 4, "the fourth send")
+    assert len(built) == 2  # the successor's sequence numbers are in step: kept
+    built[-1].pending[-1].set_result("md")
+    await fourth

@@ -1106,7 +1106,7 @@ CONTRACTS: list[Contract] = [
     c(
         "aiokafka.AIOKafkaProducer.client",
         "read",
-        "streams/client.py::client = self._producer.client",
+        "streams/client.py::client = producer.client",
     ),
     c(
         "aiokafka.client.AIOKafkaClient.cluster",
