@@ -25,6 +25,11 @@ not acknowledge raises `PublishError` (topic, key, cause, `retriable`); a broker
 cannot be reached or refuses who we are raises `BrokerError` / `BrokerAuthError`. The
 CLI's `publish` and `tail` are built on `AsyncClient`; docs/client.md is the user guide.
 
+An `AsyncClient` publishes on a producer of the running event loop: used from one
+`asyncio.run` after another, it starts a new one in each (aiokafka's objects work on
+their own loop only) and drops the last, which cannot be stopped once its loop ended.
+Publishes may run concurrently; the producer's start, renewal and stop are serialised.
+
 `Client` runs an `AsyncClient` on an event loop of its own in a daemon thread, started at
 its first use and stopped by `stop()` (or the `with` block, or when the client is
 garbage-collected or the interpreter exits): so it also works from code that is itself
@@ -286,16 +291,18 @@ def _refused_by_broker(exc: BaseException) -> bool:
 
 class _Producing:
     """A producer of the client's, and what replacing it needs to know: the event loop it
-    runs on, the sends handing it a record now (a renewal or stop waits for them: stopped
-    under them, their records were refused with ProducerClosed), and whether the broker
-    refused one of its deliveries (it is renewed before the next send; a flag of this
-    producer, not the client's, so that a late refusal of a replaced one does not renew
-    its successor)."""
+    runs on (aiokafka's objects work on that loop only), the sends handing it a record
+    now (a renewal or stop waits for them: stopped under them, their records were
+    refused with ProducerClosed), the records it was handed whose delivery has no outcome
+    yet (what dropping it may lose), and whether the broker refused one of its deliveries
+    (it is renewed before the next send; a flag of this producer, not the client's, so
+    that a late refusal of a replaced one does not renew its successor)."""
 
     def __init__(self, producer: Any, loop: asyncio.AbstractEventLoop) -> None:
         self.producer = producer
         self.loop = loop
         self.refused = False
+        self.unconfirmed = 0
         self._sending = 0
         self._handed_over = asyncio.Event()
         self._handed_over.set()
@@ -308,6 +315,14 @@ class _Producing:
         self._sending -= 1
         if not self._sending:
             self._handed_over.set()
+
+    def track(self, delivery: asyncio.Future[Any]) -> None:
+        self.unconfirmed += 1
+
+        def done(_: asyncio.Future[Any]) -> None:
+            self.unconfirmed -= 1
+
+        delivery.add_done_callback(done)
 
     async def retire(self) -> None:
         """Stop the producer once the sends under way have handed it their records: its
@@ -420,10 +435,14 @@ class AsyncClient:
             await self._ready()
 
     async def _ready(self) -> _Producing:
-        """The producer to send with: started if there is none, renewed after a delivery
-        the broker refused. Called with `_lock` held."""
+        """The producer to send with, on the running loop: started if there is none,
+        renewed after a delivery the broker refused, new in place of one of another
+        loop. Called with `_lock` held."""
         loop = asyncio.get_running_loop()
         current = self._producing
+        if current is not None and current.loop is not loop:
+            self._drop(current)  # raises if another thread's loop runs it: kept then
+            current = self._producing = None
         if current is not None and current.refused:
             # A batch the broker refused (too large, not authorized ...) leaves the
             # idempotent producer's sequence numbers for its partition out of step with
@@ -452,10 +471,38 @@ class AsyncClient:
             current = self._producing = _Producing(producer, loop)
         return current
 
+    def _drop(self, other: _Producing) -> None:
+        """Let go of the producer of another event loop. aiokafka's objects work on their
+        own loop only: once that loop stopped (an earlier `asyncio.run` ended) its
+        producer can neither send nor be flushed or stopped from this one, and its
+        sockets close when it is collected. A loop still running is another thread's:
+        its producer is not ours to take, nor can it serve this loop."""
+        if other.loop.is_running():
+            raise RuntimeError(
+                "this AsyncClient's producer runs on an event loop of another thread: "
+                "use one AsyncClient per event loop (or the thread-safe Client)"
+            )
+        # what aiokafka's finalizer reads: an "Unclosed AIOKafkaProducer" error at
+        # collection would report as a leak what is dropped here on purpose
+        other.producer._closed = True
+        if other.unconfirmed:
+            log.warning(
+                "dropped the producer of an event loop that has stopped: %d record(s) it "
+                "was handed were never confirmed delivered (they may or may not have been "
+                "written). Await the publishes, or the client's stop(), before a loop ends",
+                other.unconfirmed,
+            )
+        else:
+            log.debug("dropped the producer of an event loop that has stopped")
+
     async def stop(self) -> None:
         async with self._lock():
             current = self._producing
             if current is None:
+                return
+            if current.loop is not asyncio.get_running_loop():
+                self._drop(current)  # raises if another thread's loop runs it: kept then
+                self._producing = None
                 return
             self._producing = None
             try:  # flushes what was accepted; bounded (PUBLISH_DELIVERY_TIMEOUT_S)
@@ -550,6 +597,7 @@ class AsyncClient:
                 fut = await producer.send(full, value=value, key=key)
             except _REFUSED as exc:
                 raise _publish_error(self.settings, full, shown_key, size, exc) from exc
+            producing.track(fut)
         finally:
             producing.end_send()
         if not wait:

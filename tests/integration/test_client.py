@@ -275,6 +275,38 @@ async def test_a_group_subscription_resumes_after_what_it_yielded(settings: Sett
         assert len(first) == 2 and sorted(first + rest) == [f"m{i}" for i in range(6)], rest
 
 
+# -- one AsyncClient, one event loop after another ----------------------------------------
+def test_an_async_client_serves_one_asyncio_run_after_another(settings: Settings) -> None:
+    """A script or notebook makes one client and calls `asyncio.run` more than once. The
+    producer the first run started belongs to its loop, closed by the second run: that
+    run handed its record to that producer, which never sent it: it hung until the
+    delivery timeout (120 s). Now each run publishes on a
+    producer of its own loop, and every record is written once."""
+    client = AsyncClient(settings, source="test")
+
+    async def publish(i: int) -> Any:
+        # bounded: the old producer could also hang the run
+        return await asyncio.wait_for(client.publish("agent.messages", _message(i)), 60)
+
+    first = asyncio.run(publish(1))
+    second = asyncio.run(publish(2))  # the first run's loop is closed by now
+    assert first.offset >= 0 and second.offset >= 0
+
+    async def read_all() -> list[str]:
+        try:
+            return [
+                rec.event.payload.message_id
+                async for rec in client.subscribe(
+                    "agent.messages", from_beginning=True, max_events=3, timeout_s=5
+                )
+                if rec.event is not None
+            ]
+        finally:
+            await client.stop()
+
+    assert asyncio.run(asyncio.wait_for(read_all(), 60)) == ["m1", "m2"]
+
+
 async def test_publishers_racing_a_refused_batch_each_deliver_once(settings: Settings) -> None:
     """A record over its topic's max.message.bytes, refused by the broker amid concurrent
     publishers: the producer is renewed under them (a new producer id), every other

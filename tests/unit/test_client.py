@@ -943,3 +943,61 @@ async def test_a_late_refusal_of_a_replaced_producer_does_not_renew_its_successo
     assert len(built) == 2  # the successor's sequence numbers are in step: kept
     built[-1].pending[-1].set_result("md")
     await fourth
+
+
+# -- one AsyncClient, one event loop after another ----------------------------------------
+def test_each_asyncio_run_publishes_on_a_producer_of_its_own_loop(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The producer a first `asyncio.run` started belongs to its loop, closed when the
+    run ends: the next run's publish went to it and never completed. Now a run whose
+    loop is not the producer's starts a new one, and says so in a warning if the one it
+    drops still held records whose delivery nobody confirmed."""
+    monkeypatch.setattr(streams_client, "PUBLISH_DELIVERY_TIMEOUT_S", 2.0)
+    client = AsyncClient(Settings.from_env({}))
+    built: list[FakeProducer] = []
+
+    def new_producer(what: str, **options: Any) -> FakeProducer:
+        # the first never delivers: its loop ends with one record unconfirmed
+        built.append(_HangingProducer() if not built else FakeProducer())
+        return built[-1]
+
+    client._new_producer = new_producer  # type: ignore[method-assign]
+
+    async def unconfirmed() -> None:
+        await client.publish("agent.messages", _message(1), wait=False)
+
+    asyncio.run(unconfirmed())
+    caplog.set_level(logging.INFO, logger=streams_client.__name__)
+    assert asyncio.run(client.publish("agent.messages", _message(2))) == "md-1"
+    assert len(built) == 2 and built[0]._closed  # type: ignore[attr-defined]
+    (warning,) = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert "1 record" in warning.getMessage()
+    caplog.clear()
+
+    async def publish_and_stop() -> Any:
+        try:
+            return await client.publish("agent.messages", _message(3))
+        finally:
+            await client.stop()
+
+    # every delivery confirmed: a new producer again, and no warning
+    assert asyncio.run(publish_and_stop()) == "md-1"
+    assert len(built) == 3 and built[2].stopped
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+async def test_a_producer_of_a_loop_running_in_another_thread_is_left_to_it() -> None:
+    """Two loops at once (threads) sharing one AsyncClient: the producer cannot serve
+    both, and replacing it would pull it from under the other. A RuntimeError says so."""
+    runner = _LoopThread()
+    client = _with_producer(FakeProducer())
+    try:
+        runner.run(client.start())
+        with pytest.raises(RuntimeError, match="another thread"):
+            await client.publish("agent.messages", _message())
+        assert client.fakes == [client.fakes[0]] and not client.fakes[0].sent  # type: ignore[attr-defined]
+        runner.run(client.stop())
+        assert client.fakes[0].stopped  # type: ignore[attr-defined]
+    finally:
+        runner.close()

@@ -1124,6 +1124,15 @@ CONTRACTS: list[Contract] = [
         "read",
         "streams/client.py::client.cluster.unauthorized_topics",
     ),
+    # -- streams/client.py: a producer of an ended event loop is dropped, not stopped -----
+    c(
+        "aiokafka.AIOKafkaProducer._closed",
+        "write",
+        "streams/client.py::other.producer._closed = True",
+        # its finalizer reports an unclosed producer by this flag alone
+        contains=("if self._closed is False:",),
+        source_of="aiokafka.AIOKafkaProducer.__del__",
+    ),
     # -- agents/llm/providers: httpcore's network backend, set on httpx's pool ----------
     c(
         "httpcore.AsyncNetworkBackend.connect_tcp",
