@@ -6,6 +6,7 @@ import asyncio
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
@@ -100,14 +101,17 @@ async def ensure_topics(
                 if code == 0:
                     created.append(topic)
                 elif code in (29, 31):  # TOPIC_/CLUSTER_AUTHORIZATION_FAILED
+                    # not listed, so it is missing, or there but hidden from us: a
+                    # principal lacking Create and Describe cannot tell which
                     raise BrokerAuthError(
-                        f"{principal(settings)} is not authorized to create topic {topic}: "
-                        "grant Create (`agentstream acls`), or have an admin run "
-                        "`agentstream topics create` first"
+                        f"{principal(settings)} is not authorized to create topic {topic} "
+                        "(nor to describe it, if it exists): grant Create, and Read where "
+                        "the role consumes it (`agentstream acls`, docs/acls.md), or have "
+                        "an admin run `agentstream topics create` first"
                     )
                 elif code != 36:  # TOPIC_ALREADY_EXISTS: another process won the race
                     raise BrokerError(f"creating topic {topic} failed with error code {code}")
-        await _wait_visible(admin, [settings.topic(n) for n in wanted], timeout_s)
+        await _wait_visible(admin, settings, [settings.topic(n) for n in wanted], timeout_s)
         if check_partitions and present:
             types = await _timestamp_types(admin, [settings.topic(n) for n in present])
             old = sorted(t for t, kind in types.items() if kind not in (None, BROKER_CLOCK))
@@ -187,14 +191,44 @@ async def _timestamp_types(admin: AIOKafkaAdminClient, names: list[str]) -> dict
     return out
 
 
-async def _wait_visible(admin: AIOKafkaAdminClient, names: list[str], timeout_s: float) -> None:
+#: the metadata error code of a topic the principal may not describe
+TOPIC_AUTHORIZATION_FAILED = 29
+
+
+def undescribable(described: list[dict[str, Any]]) -> list[str]:
+    """The topics of a metadata answer (`describe_topics`) the broker refused to describe
+    to us, sorted."""
+    return sorted(t["topic"] for t in described if t["error_code"] == TOPIC_AUTHORIZATION_FAILED)
+
+
+def undescribable_message(who: str, topics: list[str]) -> str:
+    return (
+        f"{who} is not authorized to describe topic(s) {', '.join(topics)}: a worker without "
+        "Read on a topic it consumes would never process it; grant the role's ACLs "
+        "(`agentstream acls`, docs/acls.md)"
+    )
+
+
+async def _wait_visible(
+    admin: AIOKafkaAdminClient, settings: Settings, names: list[str], timeout_s: float
+) -> None:
+    """Wait until the broker lists every one of `names` (all exist: just created, or said
+    to exist). One we may not describe is left out of every listing, as a topic still
+    being created is, and would never show: asked for by name, the broker says why, and
+    that ends the wait at once instead of after `timeout_s`."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
     while True:
-        if set(names) <= set(await admin.list_topics()):
+        missing = sorted(set(names) - set(await admin.list_topics()))
+        if not missing:
             return
+        # named: safe here (a broker with auto.create.topics.enable creates a missing
+        # topic it is asked about, but these exist)
+        denied = undescribable(await admin.describe_topics(missing))
+        if denied:
+            raise BrokerAuthError(undescribable_message(principal(settings), denied))
         if loop.time() > deadline:
-            raise BrokerError(f"topics not visible after {timeout_s}s: {names}")
+            raise BrokerError(f"topics not visible after {timeout_s}s: {missing}")
         await asyncio.sleep(0.1)
 
 

@@ -227,8 +227,10 @@ class RecoveryOffsetsConsumerThread:
 #: seconds a worker waits, before it joins its group, for the broker's metadata to list
 #: every topic it subscribes to. A topic just created (the worker creates its changelogs
 #: at start) is listed within a second on a healthy cluster; one that stays unlisted
-#: (deleted, not authorised, its brokers down) must not keep the worker from starting: it
-#: joins anyway, and its consumer rejoins once a metadata refresh lists the topic.
+#: (deleted, its brokers down, an internal topic not described to the worker) must not keep
+#: the worker from starting: it joins anyway, and its consumer rejoins once a metadata
+#: refresh lists the topic. A catalogue topic not described to it never gets here:
+#: `agentstream worker` stops at once in `streams.admin.ensure_topics`.
 SUBSCRIBE_METADATA_WAIT_S = 30.0
 #: seconds between full metadata requests while waiting
 SUBSCRIBE_METADATA_POLL_S = 0.1
@@ -250,8 +252,10 @@ async def await_topics_listed(
 ) -> list[str]:
     """Wait until a full metadata request to `client` (an aiokafka client) lists every one
     of `topics`; the topics still unlisted after `wait_s`. A topic the worker may not
-    describe is left out of such an answer like one that does not exist: it costs the
-    whole wait, and the warning names it."""
+    describe is left out of such an answer like one that does not exist: it would cost
+    the whole wait, so `agentstream worker` asks about the catalogue topics by name before
+    (`streams.admin.ensure_topics` stops it at once, naming them); of Faust's own topics,
+    one not described to the worker still costs the wait, and the warning names it."""
     deadline = time.monotonic() + wait_s
     while True:
         try:

@@ -21,6 +21,7 @@ import json
 import os
 import shlex
 import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -67,6 +68,36 @@ def acl_main_class(kafka: Any) -> str:
     """kafka-acls.sh's main class: in Kafka's core up to 3.x, in tools from 4.0."""
     major = int(str(getattr(kafka, "version", "") or "3").split(".")[0])
     return "kafka.admin.AclCommand" if major < 4 else "org.apache.kafka.tools.AclCommand"
+
+
+def acl_commands(printed: str) -> list[list[str]]:
+    """The `kafka-acls.sh` commands `agentstream acls` printed, each as its argv."""
+    return [
+        shlex.split(line)
+        for line in printed.splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+
+
+def apply_acl_commands(kafka: Any, commands: list[list[str]]) -> None:
+    """Run `commands` with Kafka's own AclCommand (they name the admin's client config)."""
+    main = acl_main_class(kafka)
+
+    def apply(argv: list[str]) -> tuple[list[str], subprocess.CompletedProcess[str]]:
+        assert argv[0] == "kafka-acls.sh", argv
+        done = subprocess.run(
+            kafka.java_class_command(main, *argv[1:]),
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        return argv, done
+
+    # each command is its own JVM (~1.5 s of start-up): three at a time, they are
+    # independent bindings
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        for argv, done in pool.map(apply, commands):
+            assert done.returncode == 0, f"{shlex.join(argv)}\n{done.stdout}\n{done.stderr}"
 
 
 @dataclass
@@ -140,29 +171,9 @@ def deployment(
         admin_config,
     )
     assert printed.returncode == 0, printed.stderr
-    commands = [
-        shlex.split(line)
-        for line in printed.stdout.splitlines()
-        if line.strip() and not line.startswith("#")
-    ]
+    commands = acl_commands(printed.stdout)
     assert len(commands) >= 10, printed.stdout
-    main = acl_main_class(secured_kafka)
-
-    def apply(argv: list[str]) -> tuple[list[str], subprocess.CompletedProcess[str]]:
-        assert argv[0] == "kafka-acls.sh", argv
-        done = subprocess.run(
-            secured_kafka.java_class_command(main, *argv[1:]),
-            capture_output=True,
-            text=True,
-            timeout=180,
-        )
-        return argv, done
-
-    # each command is its own JVM (~1.5 s of start-up): three at a time, they are
-    # independent bindings
-    with concurrent.futures.ThreadPoolExecutor(3) as pool:
-        for argv, done in pool.map(apply, commands):
-            assert done.returncode == 0, f"{shlex.join(argv)}\n{done.stdout}\n{done.stderr}"
+    apply_acl_commands(secured_kafka, commands)
     secrets_dir = tmp / "secrets"
     for user in ("admin", *ROLES):
         (secrets_dir / user).mkdir(parents=True, mode=0o700)
@@ -176,11 +187,11 @@ def deployment(
     asyncio.run(_delete_topics(dep))
 
 
-async def _delete_topics(dep: Deployment) -> None:
+async def _delete_topics(dep: Deployment, ns: str | None = None) -> None:
     admin = new_admin(dep.settings("admin"), "test cleanup")
     try:
         await admin.start()
-        mine = [t for t in await admin.list_topics() if t.startswith(dep.ns)]
+        mine = [t for t in await admin.list_topics() if t.startswith(ns or dep.ns)]
         if mine:
             await admin.delete_topics(mine)
     except Exception as exc:  # cleanup must not turn a passing test red
@@ -403,3 +414,56 @@ async def test_the_auditor_reads_every_topic_and_changes_nothing(deployment: Dep
                 "agent.messages", group_id=dep.app_id, from_beginning=True, timeout_s=10
             ):
                 break
+
+
+async def test_a_worker_not_allowed_to_read_one_of_its_topics_stops_at_once(
+    deployment: Deployment, tmp_path: Path
+) -> None:
+    """Read implies Describe; without it (and without Write) the broker leaves the topic
+    out of every topic listing, as if it did not exist. The worker's start took it for
+    one still being created and waited 30 s for it to show, then failed naming every
+    catalogue topic; the metadata wait before joining the group would have waited 30 s
+    more for it and joined without it. An operator needs the missing grant named, now."""
+    dep = deployment
+    ns = f"t{uuid.uuid4().hex[:10]}"  # a namespace of its own: its own worker ACLs
+    own = {
+        "AGENTSTREAM_TOPIC_PREFIX": f"{ns}.",
+        "AGENTSTREAM_APP_ID": f"{ns}-app",
+        "AGENTSTREAM_DATA_DIR": str(tmp_path / "worker"),
+        "AGENTSTREAM_WEB_PORT": str(_free_port()),
+    }
+    printed = cli(
+        dep.env("worker", **own),
+        "acls",
+        "--worker",
+        "User:worker",
+        "--bootstrap-server",
+        dep.kafka.sasl_ssl_bootstrap,
+        "--command-config",
+        str(dep.kafka.admin_command_config()),
+    )
+    assert printed.returncode == 0, printed.stderr
+    denied = f"{ns}.comms.records"  # the worker only reads it: no Write implies Describe
+    commands = acl_commands(printed.stdout)
+    reads = [argv for argv in commands if "Read" in argv and denied in argv]
+    assert len(reads) == 1, printed.stdout
+    at = reads[0].index(denied)
+    del reads[0][at - 1 : at + 1]  # its `--topic NAME`
+    apply_acl_commands(dep.kafka, commands)
+    try:
+        made = cli(dep.env("admin", **own), "topics", "create")  # the topics exist
+        assert made.returncode == 0, made.stderr
+
+        started = time.monotonic()
+        run = cli(dep.env("worker", **own), "worker", timeout=120)
+        took = time.monotonic() - started
+        assert run.returncode == 1, run.stdout + run.stderr
+        assert "Traceback" not in run.stdout + run.stderr, run.stderr
+        errors = [line for line in run.stderr.splitlines() if line.startswith("Error:")]
+        assert len(errors) == 1, run.stderr
+        assert "User:worker" in errors[0] and denied in errors[0], errors[0]
+        assert f"{ns}.agent.messages," not in errors[0]  # only the one it may not read
+        assert "docs/acls.md" in errors[0], errors[0]
+        assert took < 20, f"{took:.1f} s before it said so"
+    finally:
+        await _delete_topics(dep, ns)
