@@ -232,6 +232,17 @@ async def _wait_visible(
         await asyncio.sleep(0.1)
 
 
+async def topic_names(settings: Settings, timeout_s: float = 30.0) -> set[str]:
+    """Every topic the broker lists to these settings' principal (catalogue or not)."""
+    admin = await _admin(settings, timeout_s)
+    try:
+        return set(await admin.list_topics())
+    except KafkaError as exc:
+        raise BrokerError(f"listing topics failed: {exc}") from exc
+    finally:
+        await admin.close()
+
+
 async def list_topics(settings: Settings, timeout_s: float = 30.0) -> list[TopicState]:
     admin = await _admin(settings, timeout_s)
     try:

@@ -37,8 +37,16 @@ def rebuild_cmd(table: str | None, all_tables: bool, as_json: bool, progress: bo
     Folds every retained source event through the table's own fold, prints the digest of
     the result and of the live table (read from its changelog topic), and exits 1 when
     they differ. A live table of a running worker may lag the sources by a few events.
+    With --all, finding no changelog of the app id at all exits 2 (a wrong app id, or
+    no worker has run).
     """
-    from agentstream.agents.audit.rebuild import UnknownTable, compare_all, spec_for
+    from agentstream.agents.audit.rebuild import (
+        Comparison,
+        UnknownTable,
+        compare_all,
+        require_a_changelog,
+        spec_for,
+    )
     from agentstream.streams.tables import TABLES
 
     if not table and not all_tables:
@@ -50,9 +58,16 @@ def rebuild_cmd(table: str | None, all_tables: bool, as_json: bool, progress: bo
             spec_for(name)  # an unknown name is said before anything is read or drawn
     except UnknownTable as exc:
         raise click.ClickException(str(exc)) from exc
+    settings = get_settings()
     counter = Progress()
+
+    async def compare() -> list[Comparison]:
+        if all_tables:  # a wrong app id is said before every source topic is read
+            await require_a_changelog(settings, TABLES)
+        return await compare_all(settings, wanted, progress=counter)
+
     results = run_with_progress(
-        compare_all(get_settings(), wanted, progress=counter),
+        compare(),
         counter,
         progress,
         desc="rebuild",

@@ -20,10 +20,11 @@ from aiokafka import TopicPartition
 
 from agentstream.schemas import Event
 from agentstream.schemas.errors import InvalidEvent, SchemaError
+from agentstream.streams.admin import topic_names
 from agentstream.streams.client import group_less_consumer, listed_partitions
 from agentstream.streams.errors import BrokerError
 from agentstream.streams.replay import Progress, replay
-from agentstream.streams.settings import Settings
+from agentstream.streams.settings import Settings, SettingsError
 from agentstream.streams.tables import TABLES, TableSpec, digest, unexpired
 
 
@@ -32,7 +33,36 @@ class UnknownTable(LookupError):
 
 
 def changelog_topic(settings: Settings, table: str) -> str:
-    return f"{settings.app_id}-{table}-changelog"
+    return changelog_topic_of(settings.app_id, table)
+
+
+def no_changelog_problem(app_id: str, tables: Iterable[str], listed: set[str]) -> str | None:
+    """The one line `rebuild --all` ends with when none of `tables` has its changelog
+    among the `listed` topics (None when one has). Tables a worker folds for itself have
+    none, so a table without one proves nothing; but with none at all, nothing live was
+    compared: the app id is not the workers' (changelogs carry it, not the topic prefix),
+    or no worker of it has run. Said before any source topic is read."""
+    names = sorted(tables)
+    if not names or any(changelog_topic_of(app_id, t) in listed for t in names):
+        return None
+    return (
+        f"AGENTSTREAM_APP_ID={app_id!r}: no table changelog of this app id on the cluster "
+        f"(expected topics {app_id}-<table>-changelog, such as "
+        f"{changelog_topic_of(app_id, names[0])!r}, which its workers create): set the "
+        "workers' app id, or start a worker first; nothing was compared"
+    )
+
+
+def changelog_topic_of(app_id: str, table: str) -> str:
+    return f"{app_id}-{table}-changelog"
+
+
+async def require_a_changelog(settings: Settings, tables: Iterable[str]) -> None:
+    """A `SettingsError` (`no_changelog_problem`) when no table of `tables` has a changelog
+    on the cluster."""
+    problem = no_changelog_problem(settings.app_id, tables, await topic_names(settings))
+    if problem is not None:
+        raise SettingsError(problem, field="app_id")
 
 
 def spec_for(name: str) -> TableSpec:

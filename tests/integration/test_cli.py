@@ -200,3 +200,35 @@ def test_unreachable_broker_is_a_clear_error(settings_env: dict[str, str]) -> No
     res = cli(env, "topics", "create", timeout=90)
     assert res.returncode != 0
     assert "BrokerError" in res.stderr and "127.0.0.1:1" in res.stderr
+
+
+async def test_rebuild_all_with_no_changelog_of_the_app_id_is_a_settings_mistake(
+    settings_env: dict[str, str], ns: str, kafka_bootstrap: str
+) -> None:
+    """Under an app id no worker ran with (a typo, the settings of another deployment),
+    `rebuild --all` found no live table, printed "no changelog topic" for each and exited
+    0: a script read that as checked. The changelogs are `<app id>-<table>-changelog`."""
+    assert cli(settings_env, "topics", "create").returncode == 0
+    out = cli(settings_env, "rebuild", "--all", "--json")
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert out.stdout == ""  # nothing read, nothing to parse as a result
+    assert "Traceback" not in out.stderr
+    errors = out.stderr.splitlines()
+    assert len(errors) == 1 and errors[0].startswith("Error: "), out.stderr
+    assert f"AGENTSTREAM_APP_ID='{ns}-app'" in errors[0], errors[0]
+    assert f"{ns}-app-<table>-changelog" in errors[0], errors[0]
+
+    # one changelog of that app id is enough: the command compares, as before
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(f"{ns}-app-accepted_by_sender-changelog", 2, 1)])
+    finally:
+        await admin.close()
+    out = cli(settings_env, "rebuild", "--all", "--json")
+    assert out.returncode == 0, out.stdout + out.stderr
+    compared = {row["table"]: row for row in map(json.loads, out.stdout.splitlines())}
+    assert compared["accepted_by_sender"]["live_available"] is True
+    assert compared["accepted_by_sender"]["equal"] is True  # both empty

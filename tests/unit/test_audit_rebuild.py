@@ -171,3 +171,17 @@ def test_the_json_comparison_says_whether_there_was_a_live_table() -> None:
     none = Comparison("t", "d1", "d0", 3, 0, live_available=False).to_dict()
     assert none["live_available"] is False
     assert Comparison("t", "d1", "d1", 3, 3).to_dict()["live_available"] is True
+
+
+def test_rebuild_all_needs_one_changelog_of_the_app_id() -> None:
+    # with none, nothing live was compared: a wrong app id (or no worker yet) exited 0
+    from agentstream.agents.audit.rebuild import no_changelog_problem
+
+    tables = ["security_policies", "accepted_by_sender"]
+    line = no_changelog_problem("prod", tables, {"other-accepted_by_sender-changelog", "x"})
+    assert line is not None and "\n" not in line
+    assert line.startswith("AGENTSTREAM_APP_ID='prod': ")
+    assert "prod-<table>-changelog" in line and "'prod-accepted_by_sender-changelog'" in line
+    # a table a worker folds for itself has no changelog: one other table's is enough
+    assert no_changelog_problem("prod", tables, {"prod-accepted_by_sender-changelog"}) is None
+    assert no_changelog_problem("prod", [], set()) is None
