@@ -126,7 +126,9 @@ Recovery (tables from their changelogs)
 Components
 
 * `BatchDeliveryConsumer`, mixed into Faust's aiokafka consumer by `new_transport`:
-  fetching, delivering one batch per task, refetch, commits, seek, revoke (2-5, 7, 9).
+  fetching, delivering one batch per task, refetch, commits, seek, revoke (2-5, 7, 9);
+  at each seek to the committed offsets, the ones retention removed unread
+  (`skipped_offsets`: a warning and `agentstream_offsets_skipped_total`).
 * `RefetchingFlowControl`, the app's `flow_control` (6); `BatchAgent`, the app's agent
   class (10); `DELIVERY_FAILURES` with `delivery_failed`, `processing_failed` and
   `refuse_commits` (2).
@@ -150,6 +152,8 @@ import logging
 import os
 import time
 import weakref
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import faust
@@ -159,6 +163,7 @@ from faust.transport.drivers import aiokafka as aiokafka_driver
 from faust.types import TP
 from mode.utils.queues import FlowControlEvent
 
+from agentstream.streams.observability import OFFSETS_SKIPPED
 from agentstream.streams.settings import BATCH_DELIVERY_SWITCH
 from agentstream.streams.tables.writer import flush_pending
 
@@ -565,6 +570,41 @@ EOS_COMMIT_WAIT_S = 10.0
 REVOKE_COMMIT_TIMEOUT_S = 5.0
 
 
+@dataclass(frozen=True)
+class SkippedOffsets:
+    """A stream partition whose committed offset the log no longer holds: retention (or
+    delete-records) removed `count` records the consumer group had not consumed, and the
+    consumer resumes at the log start (`auto_offset_reset=earliest`), past them."""
+
+    tp: Any
+    committed: int
+    log_start: int
+
+    @property
+    def count(self) -> int:
+        return self.log_start - self.committed
+
+
+def skipped_offsets(
+    committed: Mapping[Any, int | None],
+    log_start: Mapping[Any, int],
+    reported: Mapping[Any, int],
+) -> list[SkippedOffsets]:
+    """The partitions of `committed` (the group's committed offsets, None: no commit)
+    whose offset is below their `log_start`, sorted, leaving out those whose committed
+    offset is the one `reported` holds for them: Faust seeks to the committed offsets
+    several times per assignment (after recovery, on fetches while the flow is stopped),
+    and one gap is one loss. A partition without a commit is no loss: a new group starts
+    at the log start by design."""
+    out = []
+    for tp, offset in committed.items():
+        start = log_start.get(tp)
+        if offset is None or start is None or offset >= start or reported.get(tp) == offset:
+            continue
+        out.append(SkippedOffsets(tp, offset, start))
+    return sorted(out, key=lambda s: (s.tp.topic, s.tp.partition))
+
+
 class BatchDeliveryConsumer:
     """Faust's consumer, delivering each fetched batch under ONE `wait_first`.
 
@@ -779,6 +819,50 @@ class BatchDeliveryConsumer:
                 await producer.stop_transaction(tid)
             except Exception as exc:  # fenced or broken already: aborted either way
                 self.log.warning("revoke: stopping transaction %s failed: %r", tid, exc)
+
+    #: per stream partition, the committed offset whose skip was last reported
+    #: (`skipped_offsets`)
+    _skips_reported: dict[Any, int] | None = None
+
+    async def seek_to_committed(self: Any) -> Any:
+        """Faust's seek to the committed offsets (`perform_seek` calls it), saying which
+        of them the log no longer holds. aiokafka seeks there and, its fetch refused with
+        OffsetOutOfRange, resets to the log start with an INFO line at most: records that
+        retention removed before this group consumed them were skipped, never processed,
+        and nobody was told. Here: a WARNING per partition and
+        `agentstream_offsets_skipped_total` (docs/monitoring.md)."""
+        committed = await super().seek_to_committed()  # type: ignore[misc]
+        try:
+            await self._report_skipped_offsets(committed)
+        except Exception as exc:  # a failed check must not fail the seek (a rebalance)
+            self.log.warning("checking committed offsets against the log start: %r", exc)
+        return committed
+
+    async def _report_skipped_offsets(self: Any, committed: Any) -> None:
+        streams = {
+            tp: offset
+            for tp, offset in committed.items()
+            if offset is not None and not self._is_changelog_tp(tp)
+        }
+        if not streams:
+            return
+        reported = self._skips_reported
+        if reported is None:
+            reported = self._skips_reported = {}
+        log_start = await self.earliest_offsets(*streams)
+        for skip in skipped_offsets(streams, log_start, reported):
+            reported[skip.tp] = skip.committed
+            OFFSETS_SKIPPED.labels(skip.tp.topic).inc(skip.count)
+            self.log.warning(
+                "%s[%d]: committed offset %d is below the log start %d: %d offset(s) "
+                "removed (retention, delete-records) before this consumer group read "
+                "them are skipped, never processed",
+                skip.tp.topic,
+                skip.tp.partition,
+                skip.committed,
+                skip.log_start,
+                skip.count,
+            )
 
     async def perform_seek(self: Any) -> None:
         """Faust's seek of every partition to its committed offset, except that a commit

@@ -82,6 +82,14 @@ CONSUMER_LAG = Gauge(
     "Records behind the end of each assigned partition",
     ["topic", "partition"],
 )
+# Per topic only: the partition and the offsets are in the worker's warning, and a
+# partition label would multiply the series by the partition count for a rare event.
+OFFSETS_SKIPPED = Counter(
+    "agentstream_offsets_skipped_total",
+    "Offsets the worker's consumer group had committed up to but not read when retention "
+    "(or delete-records) removed them: skipped, never processed, per topic",
+    ["topic"],
+)
 READY_COMPONENT = Gauge(
     "agentstream_ready_component",
     "Status of each /ready component when last evaluated (0 ok, 1 degraded, 2 down)",

@@ -379,7 +379,35 @@ CONTRACTS: list[Contract] = [
         f"{DELIVERY}::def on_partitions_revoked",
         params="(self, revoked)",
     ),
-    c(f"{CONSUMER}.perform_seek", "override", f"{DELIVERY}::def perform_seek", params="(self)"),
+    c(
+        f"{CONSUMER}.perform_seek",
+        "override",
+        f"{DELIVERY}::def perform_seek",
+        params="(self)",
+        # every seek to the committed offsets goes through `seek_to_committed` (below)
+        contains=("_committed_offsets = await self.seek_to_committed()",),
+    ),
+    c(
+        # checks the committed offsets it returns against the log start
+        # (`skipped_offsets`): aiokafka's, None where the group has no commit
+        f"{CONSUMER}.seek_to_committed",
+        "override",
+        f"{DELIVERY}::async def seek_to_committed",
+        params="(self)",
+        contains=("return await self._thread.seek_to_committed()",),
+    ),
+    c(
+        f"{THREAD}.seek_to_committed",
+        "read",
+        f"{DELIVERY}::async def seek_to_committed",
+        contains=("return await self.call_thread(self._ensure_consumer().seek_to_committed)",),
+    ),
+    c(
+        f"{CONSUMER}.earliest_offsets",
+        "call",
+        f"{DELIVERY}::log_start = await self.earliest_offsets(*streams)",
+        params="(self, *partitions)",
+    ),
     c(
         # the new generation is on the app before this runs (the listener sets it first):
         # `counts_ack` tells records of the old generation apart from there on
