@@ -570,6 +570,10 @@ EOS_COMMIT_WAIT_S = 10.0
 REVOKE_COMMIT_TIMEOUT_S = 5.0
 
 
+#: how long the seek waits for the log start offsets it checks the committed ones against
+SKIPPED_OFFSETS_CHECK_TIMEOUT_S = 5.0
+
+
 @dataclass(frozen=True)
 class SkippedOffsets:
     """A stream partition whose committed offset the log no longer holds: retention (or
@@ -849,7 +853,11 @@ class BatchDeliveryConsumer:
         reported = self._skips_reported
         if reported is None:
             reported = self._skips_reported = {}
-        log_start = await self.earliest_offsets(*streams)
+        # bounded: this runs inside every assignment's seek, and a slow ListOffsets answer
+        # must not hold the partitions' resume (a missed report is logged by the caller)
+        log_start = await asyncio.wait_for(
+            self.earliest_offsets(*streams), SKIPPED_OFFSETS_CHECK_TIMEOUT_S
+        )
         for skip in skipped_offsets(streams, log_start, reported):
             reported[skip.tp] = skip.committed
             OFFSETS_SKIPPED.labels(skip.tp.topic).inc(skip.count)

@@ -405,7 +405,7 @@ CONTRACTS: list[Contract] = [
     c(
         f"{CONSUMER}.earliest_offsets",
         "call",
-        f"{DELIVERY}::log_start = await self.earliest_offsets(*streams)",
+        f"{DELIVERY}::self.earliest_offsets(*streams), SKIPPED_OFFSETS_CHECK_TIMEOUT_S",
         params="(self, *partitions)",
     ),
     c(
