@@ -19,16 +19,31 @@ How it reads
 * Records are parsed with orjson only; filters work on the parsed dict. The validated
   `Event` (pydantic, with upcasting) is built lazily when `rec.event` is first read — the
   difference is most of the cost of a replay to a file.
+
+When a read ends, and when it gives up
+--------------------------------------
+* A partition is read through when the consumer's *position* reaches its stop offset,
+  not when a record at stop - 1 arrives: the last offsets of a range may hold no record
+  ever fetched (a transaction's commit or abort marker, aborted records under
+  read_committed, offsets compacted away).
+* A read that moves no more — no record fetched, no position moving on the partitions it
+  still waits for — for `Settings.kafka_connect_timeout_s` raises a `BrokerError` naming
+  those partitions, their positions and stop offsets (`Stall`): a broker gone mid-read,
+  or a partition that can no longer reach its stop, ends the command with one line
+  instead of hanging it. `read_partition`, the reader of `audit verify`, does the same.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextvars
 import heapq
+import logging
 import re
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -297,6 +312,9 @@ class PartitionRange:
     tp: TopicPartition
     start: int  # first offset to read
     stop: int  # first offset not to read
+    #: the partition's first retained offset and end offset when the range was planned
+    begin: int = 0
+    end: int = 0
 
 
 @dataclass(slots=True)
@@ -327,6 +345,113 @@ class Progress:
         """`n` more offsets of `total` consumed."""
         if n > 0:
             self.done += n
+
+
+class Stall:
+    """When a read last moved, and whether it has stood still for `limit_s`. The clock is
+    passed in (`loop.time()`), so the rule is tested without waiting."""
+
+    __slots__ = ("limit_s", "since")
+
+    def __init__(self, limit_s: float, now: float) -> None:
+        self.limit_s = limit_s
+        self.since = now
+
+    def moved(self, now: float) -> None:
+        self.since = now
+
+    def left(self, now: float) -> float:
+        return self.limit_s - (now - self.since)
+
+    def stalled(self, now: float) -> bool:
+        return self.left(now) <= 0
+
+
+#: partitions a stall's message names (the rest are counted)
+STALL_NAMED = 8
+#: seconds one step of a read may overrun its stall limit before it is cut short: a step
+#: normally returns within its 0.5 s fetch wait, so only an await that hangs (a position
+#: the client waits for, offsets asked of a broker gone) ever reaches it
+STALL_GRACE_S = 1.0
+
+
+def stall_error(
+    what: str,
+    waiting: Mapping[TopicPartition, tuple[int, int]],
+    seconds: float,
+    last_complaint: str | None = None,
+) -> BrokerError:
+    """The error of a read that moved no more for `seconds`: `waiting` is {partition:
+    (position, stop offset)} of the partitions it still waited for, `last_complaint` the
+    client's last warning (`start_reader`). One line."""
+    rows = sorted(waiting.items(), key=lambda kv: (kv[0].topic, kv[0].partition))
+    named = ", ".join(
+        f"{tp.topic}:{tp.partition} at offset {pos} of stop {stop}"
+        for tp, (pos, stop) in rows[:STALL_NAMED]
+    )
+    if len(rows) > STALL_NAMED:
+        named += f" and {len(rows) - STALL_NAMED} more partition(s)"
+    # the client's own words, on the same line
+    said = f"; the client's last complaint: {' '.join((last_complaint or '').split())}"
+    return BrokerError(
+        f"{what} made no progress for {seconds:g}s on {named or 'its partitions'}: the "
+        "broker does not answer, or these partitions can no longer reach their stop "
+        "offsets (AGENTSTREAM_KAFKA_CONNECT_TIMEOUT_S sets how long a read waits)"
+        + (said if last_complaint else "")
+    )
+
+
+#: the last warning aiokafka logged in the tasks of a history reader (`start_reader`)
+_COMPLAINTS: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar(
+    "agentstream_reader_complaints", default=None
+)
+
+
+class _KeepReaderComplaints(logging.Filter):
+    """Keeps, instead of printing, the warnings and errors aiokafka logs in the tasks of
+    a history reader (`start_reader`): with its broker gone, the fetcher logs a line for
+    every fetch it tries (several a second) until the read's stall limit, while the
+    read's own `BrokerError` says what happened, the last of those lines included."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        kept = _COMPLAINTS.get()
+        if kept is None or record.levelno < logging.WARNING:
+            return True
+        kept[:] = [record.getMessage()]
+        return False
+
+
+# logger filters see only the records of their own logger, not of its children
+for _name in ("aiokafka", "aiokafka.conn", "aiokafka.consumer.fetcher"):
+    logging.getLogger(_name).addFilter(_KeepReaderComplaints())
+
+
+async def start_reader(consumer: AIOKafkaConsumer) -> list[str]:
+    """Start a history reader's consumer in a context of its own: the tasks it starts
+    (the fetcher, the connections) inherit it, and the warnings aiokafka logs in them are
+    kept in the list returned (the last one) rather than printed, for `stall_error`."""
+    kept: list[str] = []
+    context = contextvars.copy_context()
+    context.run(_COMPLAINTS.set, kept)
+    await asyncio.get_running_loop().create_task(consumer.start(), context=context)
+    return kept
+
+
+async def stop_reader(consumer: AIOKafkaConsumer) -> None:
+    """`consumer.stop()`, safe after the broker went away. aiokafka's `Fetcher.close`
+    awaits the fetch tasks it has just cancelled without catching their CancelledError
+    (aio-libs/aiokafka#647): with a request in flight — a broker that stopped answering —
+    `stop()` raised CancelledError before it closed the client, and that error replaced
+    the read's own (the stall's `BrokerError` never reached the command). Unless this task
+    itself is being cancelled, the stray CancelledError is dropped and the client closed,
+    the one step of `stop()` left undone."""
+    try:
+        await consumer.stop()
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
+        await consumer._client.close()
 
 
 def full_topic_names(settings: Settings, topics: Iterable[str]) -> list[str]:
@@ -365,6 +490,9 @@ async def replay(
 
     Undecodable records are yielded (with `.error`) when no filter is set and
     `include_invalid` — an audit wants to see them — and skipped otherwise.
+
+    A read that stops moving for `settings.kafka_connect_timeout_s` raises `BrokerError`
+    (module docstring).
     """
     async for batch in replay_batches(
         settings,
@@ -416,7 +544,8 @@ async def replay_batches(
         max_partition_fetch_bytes=2 * 1024 * 1024,
         fetch_max_bytes=16 * 1024 * 1024,
     )
-    await consumer.start()  # a BrokerError naming the cause, within the connect timeout
+    # a BrokerError naming the cause, within the connect timeout
+    complaints = await start_reader(consumer)
     try:
         ranges = await plan_ranges(consumer, names, since_ms, until_ms)
         if progress is not None:
@@ -433,9 +562,23 @@ async def replay_batches(
         needy = set(stop)  # partitions whose next record must be fetched before merging
         heap: list[tuple[tuple[int, int, int, int], TopicPartition]] = []
         last_pos = {r.tp: r.start for r in active}
+        loop = asyncio.get_running_loop()
+        stall_s = settings.kafka_connect_timeout_s
+        watch = Stall(stall_s, loop.time())
         while True:
             if needy:
-                await _fill(consumer, needy, bufs, stop, last_pos, buffer, progress)
+                moved = False
+                try:
+                    async with asyncio.timeout(watch.left(loop.time()) + STALL_GRACE_S):
+                        moved = await _fill(consumer, needy, bufs, stop, last_pos, buffer, progress)
+                except TimeoutError:
+                    pass  # an await hung past the limit: stalled, below
+                if moved:
+                    watch.moved(loop.time())
+                elif watch.stalled(loop.time()):
+                    waiting = {tp: (last_pos[tp], stop[tp]) for tp in needy if tp in stop}
+                    said = complaints[-1] if complaints else None
+                    raise stall_error("replay", waiting, stall_s, said)
                 for tp in list(needy):
                     if bufs[tp]:
                         heapq.heappush(heap, (heap_key(bufs[tp][0], topic_index[tp.topic]), tp))
@@ -479,8 +622,10 @@ async def replay_batches(
                 if progress is not None:
                     progress.emitted += len(run)
                 yield run
+                # the time the caller took with the run is no stall of the read
+                watch.moved(loop.time())
     finally:
-        await consumer.stop()
+        await stop_reader(consumer)
 
 
 async def _fill(
@@ -491,21 +636,26 @@ async def _fill(
     last_pos: dict[TopicPartition, int],
     buffer: int,
     progress: Progress | None,
-) -> None:
+) -> bool:
     """Fetch for the partitions that ran dry. The others are not paused: aiokafka keeps
     at most one fetch response per partition in hand, which bounds memory already, and
-    pausing would make it drop and fetch again what it had prefetched."""
+    pausing would make it drop and fetch again what it had prefetched.
+
+    Returns whether the read moved: a record fetched, a position moved, or a partition
+    read through."""
     wanted = [tp for tp in needy if tp in stop]
     if not wanted:
-        return
+        return True
     # Top up every partition with room, not only the dry ones, so that the fetcher
     # always has the next request in flight for each (it fetches for what is drained).
     room = [tp for tp in stop if len(bufs[tp]) < buffer]
     batch = await consumer.getmany(*room, timeout_ms=500, max_records=buffer * len(room))
+    moved = False
     for tp, records in batch.items():
         end = stop.get(tp)
         if end is None or not records:
             continue
+        moved = True
         dq = bufs[tp]
         if records[-1].offset < end:
             dq.extend(records)
@@ -518,16 +668,78 @@ async def _fill(
         if pos >= end:
             del stop[tp]
             consumer.pause(tp)
-    # A partition can end in transaction markers or aborted records that yield nothing:
-    # its position then moves past them without records.
+    # A range can end in transaction markers or aborted records that yield nothing (or
+    # compacted offsets): the position moves past them without a record, and it is the
+    # position reaching the stop offset that ends the partition.
     for tp in wanted:
         if tp in stop and not batch.get(tp):
             pos = await consumer.position(tp)
-            if pos >= stop[tp]:
+            if pos > last_pos[tp]:
+                moved = True
                 if progress is not None:
-                    progress.advance(stop[tp] - last_pos[tp])
+                    progress.advance(min(pos, stop[tp]) - last_pos[tp])
+                last_pos[tp] = min(pos, stop[tp])
+            if pos >= stop[tp]:
                 del stop[tp]
                 consumer.pause(tp)
+    return moved
+
+
+async def read_partition(
+    consumer: AIOKafkaConsumer,
+    tp: TopicPartition,
+    start: int,
+    stop: int,
+    *,
+    stall_s: float,
+    what: str,
+    progress: Progress | None = None,
+    complaints: Sequence[str] = (),
+    max_records: int = 2000,
+) -> AsyncGenerator[list[Any], None]:
+    """The fetched records of [start, stop) of one partition, in offset order and in
+    runs, with the consumer assigned to it alone (`audit verify` reads partition by
+    partition).
+
+    It ends when the consumer's position reaches `stop` (see the module docstring);
+    `progress` is advanced by the offsets consumed; no record and no position moving for
+    `stall_s` raise `BrokerError`
+    (`what` names the reader in its message, with the last of `complaints`, what
+    `start_reader` kept)."""
+    if stop <= start:
+        return
+    consumer.assign([tp])
+    consumer.seek(tp, start)
+    loop = asyncio.get_running_loop()
+    watch = Stall(stall_s, loop.time())
+    counted = start  # offsets of [start, stop) consumed
+    while True:
+        records: list[Any] = []
+        position = counted
+        try:
+            async with asyncio.timeout(watch.left(loop.time()) + STALL_GRACE_S):
+                batch = await consumer.getmany(tp, timeout_ms=500, max_records=max_records)
+                fetched = batch.get(tp, [])
+                records = [r for r in fetched if r.offset < stop]
+                if len(records) < len(fetched):
+                    position = stop  # fetched past the stop
+                else:
+                    position = await consumer.position(tp)
+        except TimeoutError:
+            pass  # an await hung past the limit: stalled, below
+        moved = bool(records) or position > counted
+        if progress is not None and position > counted:
+            progress.advance(min(position, stop) - counted)
+        counted = max(counted, min(position, stop))
+        if records:
+            yield records
+        if counted >= stop:
+            return
+        if moved:
+            watch.moved(loop.time())  # after the yield: the caller's time is no stall
+        elif watch.stalled(loop.time()):
+            said = complaints[-1] if complaints else None
+            raise stall_error(what, {tp: (counted, stop)}, stall_s, said)
 
 
 #: an `until` less than this long ago counts as now (see `plan_ranges`)
@@ -567,7 +779,9 @@ async def plan_ranges(
             ot = found.get(tp)
             if ot is not None:
                 stops[tp] = min(stops[tp], ot.offset)
-    return [PartitionRange(tp, max(starts[tp], begin[tp]), stops[tp]) for tp in tps]
+    return [
+        PartitionRange(tp, max(starts[tp], begin[tp]), stops[tp], begin[tp], end[tp]) for tp in tps
+    ]
 
 
 async def collect(settings: Settings, topics: Sequence[str] | str, **kw: Any) -> list[ReplayRecord]:
@@ -583,5 +797,8 @@ __all__ = [
     "heap_key",
     "matches",
     "parse_time",
+    "read_partition",
     "replay",
+    "start_reader",
+    "stop_reader",
 ]

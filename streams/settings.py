@@ -166,7 +166,9 @@ class Settings(BaseModel):
         gt=0,
         le=300.0,
         description="How long a CLI command or client waits for the cluster (connection, "
-        "TLS and SASL handshakes, metadata) before it gives up with the cause.",
+        "TLS and SASL handshakes, metadata) before it gives up with the cause, and how long "
+        "a read of history (replay, audit verify) may go without progress before it gives "
+        "up naming the partitions it waits for.",
     )
     app_id: str = Field(
         default="agentstream",

@@ -38,12 +38,16 @@ What the chain cannot show: records deleted from the *end* of a partition (the n
 batches) leave a valid chain behind; compare with a copy of the heads kept elsewhere
 (checkpoints, an external notary) for that. Anyone holding a trusted chain key can of
 course sign what they like.
+
+A read that stops moving (a broker gone mid-walk) raises `BrokerError` after
+`AGENTSTREAM_KAFKA_CONNECT_TIMEOUT_S` (`streams.replay.read_partition`).
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from contextlib import aclosing
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -65,6 +69,9 @@ from agentstream.streams.replay import (
     full_topic_names,
     parse_time,
     plan_ranges,
+    read_partition,
+    start_reader,
+    stop_reader,
     to_ms,
 )
 from agentstream.streams.settings import Settings
@@ -474,22 +481,20 @@ async def verify(
     decisions_topic = settings.topic(SECURITY_DECISIONS)
     since_ms = to_ms(parse_time(since)) if since is not None else None
     until_ms = to_ms(parse_time(until)) if until is not None else None
+    stall_s = settings.kafka_connect_timeout_s
     consumer = group_less_consumer(settings, "verify")
-    await consumer.start()
+    complaints = await start_reader(consumer)
     reports: list[PartitionReport] = []
     try:
         ranges = await plan_ranges(consumer, names, since_ms, until_ms)
         if progress is not None:
             progress.plan(r.stop - r.start for r in ranges)
-        tps = [r.tp for r in ranges]
-        begin = await consumer.beginning_offsets(tps)
-        end = await consumer.end_offsets(tps)
         for r in ranges:
             anchor: str | None
-            if r.start <= begin[r.tp]:
-                anchor = GENESIS if begin[r.tp] == 0 else None
+            if r.start <= r.begin:
+                anchor = GENESIS if r.begin == 0 else None
             else:
-                anchor = await _hash_before(consumer, r.tp, r.start, begin[r.tp])
+                anchor = await _hash_before(consumer, r.tp, r.start, r.begin, stall_s, complaints)
             tally: PolicyCounts = Counter()
             recs = await _read(
                 consumer,
@@ -497,12 +502,20 @@ async def verify(
                 r.start,
                 r.stop,
                 tally if r.tp.topic == decisions_topic else None,
+                stall_s=stall_s,
                 progress=progress,
+                complaints=complaints,
             )
             following: list[ChainRecord] = []
-            if recs and not recs[-1].signature and r.stop < end[r.tp]:
+            if recs and not recs[-1].signature and r.stop < r.end:
                 following = await _read(
-                    consumer, r.tp, r.stop, min(end[r.tp], r.stop + LOOKAHEAD), until_signed=True
+                    consumer,
+                    r.tp,
+                    r.stop,
+                    min(r.end, r.stop + LOOKAHEAD),
+                    stall_s=stall_s,
+                    until_signed=True,
+                    complaints=complaints,
                 )
             findings, signed = _check(
                 recs, anchor, r.tp.topic, r.tp.partition, trust, require, following
@@ -521,7 +534,7 @@ async def verify(
                 )
             )
     finally:
-        await consumer.stop()
+        await stop_reader(consumer)
     return reports
 
 
@@ -532,50 +545,45 @@ async def _read(
     stop: int,
     tally: PolicyCounts | None = None,
     *,
+    stall_s: float,
     until_signed: bool = False,
     progress: Progress | None = None,
+    complaints: Sequence[str] = (),
 ) -> list[ChainRecord]:
     """The records of [start, stop); with `until_signed`, up to the first signed one.
     `progress` is advanced by the offsets consumed, all of [start, stop) once it is read
     through (compacted or expired offsets, transaction markers included)."""
     out: list[ChainRecord] = []
-    if stop <= start:
-        return out
-    counted = start
-
-    def consumed(upto: int) -> None:
-        nonlocal counted
-        if progress is not None and upto > counted:
-            progress.advance(min(upto, stop) - counted)
-            counted = min(upto, stop)
-
-    consumer.assign([tp])
-    consumer.seek(tp, start)
-    while True:
-        batch = await consumer.getmany(tp, timeout_ms=1000, max_records=2000)
-        recs = batch.get(tp, [])
-        for rec in recs:
-            if rec.offset >= stop:
-                consumed(stop)
-                return out
-            out.append(chain_record(rec.offset, rec.value, tally))
-            if until_signed and out[-1].signature:
-                return out
-        position = await consumer.position(tp)
-        consumed(position)
-        if position >= stop:
-            return out
-        if not recs and position >= (await consumer.end_offsets([tp]))[tp]:
-            consumed(stop)  # the partition ends before `stop` now: nothing more to read
-            return out
+    runs = read_partition(
+        consumer,
+        tp,
+        start,
+        stop,
+        stall_s=stall_s,
+        what="audit verify",
+        progress=progress,
+        complaints=complaints,
+    )
+    async with aclosing(runs):
+        async for run in runs:
+            for rec in run:
+                out.append(chain_record(rec.offset, rec.value, tally))
+                if until_signed and out[-1].signature:
+                    return out
+    return out
 
 
 async def _hash_before(
-    consumer: AIOKafkaConsumer, tp: TopicPartition, start: int, begin: int
+    consumer: AIOKafkaConsumer,
+    tp: TopicPartition,
+    start: int,
+    begin: int,
+    stall_s: float,
+    complaints: Sequence[str] = (),
 ) -> str | None:
     """The hash of the last sealed record before `start` (the range's anchor)."""
     lookback = max(begin, start - 64)
-    recs = await _read(consumer, tp, lookback, start)
+    recs = await _read(consumer, tp, lookback, start, stall_s=stall_s, complaints=complaints)
     for rec in reversed(recs):
         if rec.hash:
             return rec.hash
@@ -622,8 +630,9 @@ async def _published_policy_versions(settings: Settings) -> dict[tuple[str, int,
     admin, _problem = trusted_admin_keys(settings.security_admin_keys)
     topic = settings.topic(SECURITY_POLICIES)
     consumer = group_less_consumer(settings, "verify-policies")
-    await consumer.start()
+    complaints = await start_reader(consumer)
     out: dict[tuple[str, int, str], bool | None] = {}
+    stall_s = settings.kafka_connect_timeout_s
     try:
         parts = await listed_partitions(consumer, topic)
         if not parts:
@@ -632,7 +641,7 @@ async def _published_policy_versions(settings: Settings) -> dict[tuple[str, int,
         begin = await consumer.beginning_offsets(tps)
         end = await consumer.end_offsets(tps)
         for tp in tps:
-            for rec in await _raw(consumer, tp, begin[tp], end[tp]):
+            for rec in await _raw(consumer, tp, begin[tp], end[tp], stall_s, complaints):
                 try:
                     event = registry.decode(rec)
                 except SchemaError:
@@ -653,21 +662,26 @@ async def _published_policy_versions(settings: Settings) -> dict[tuple[str, int,
                     # one valid copy is enough
                     out[key] = valid if valid is None else bool(out.get(key)) or valid
     finally:
-        await consumer.stop()
+        await stop_reader(consumer)
     return out
 
 
 async def _raw(
-    consumer: AIOKafkaConsumer, tp: TopicPartition, start: int, stop: int
+    consumer: AIOKafkaConsumer,
+    tp: TopicPartition,
+    start: int,
+    stop: int,
+    stall_s: float,
+    complaints: Sequence[str] = (),
 ) -> list[bytes]:
+    """The values of [start, stop)."""
     out: list[bytes] = []
-    if stop <= start:
-        return out
-    consumer.assign([tp])
-    consumer.seek(tp, start)
-    while await consumer.position(tp) < stop:
-        batch = await consumer.getmany(tp, timeout_ms=500)
-        out += [r.value for r in batch.get(tp, []) if r.offset < stop and r.value is not None]
+    runs = read_partition(
+        consumer, tp, start, stop, stall_s=stall_s, what="audit verify", complaints=complaints
+    )
+    async with aclosing(runs):
+        async for run in runs:
+            out += [r.value for r in run if r.value is not None]
     return out
 
 

@@ -15,12 +15,23 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 
+from agentstream.agents.audit.verify import ChainTrust, verify
 from agentstream.schemas import AgentMessage, Event, encode
 from agentstream.streams.replay import Progress, collect
 from agentstream.streams.settings import Settings
+from tests.integration.test_audit_verify import chain
 from tests.support import cli
 
 pytestmark = pytest.mark.integration
+
+
+def message(i: int) -> bytes:
+    return encode(
+        Event.of(
+            AgentMessage(message_id=f"m{i}", sender_id="a", recipient_id="b", content="hi"),
+            source="test",
+        )
+    )
 
 
 async def test_replay_time_range_merge_filters_and_cli(
@@ -148,3 +159,57 @@ async def test_replay_time_range_merge_filters_and_cli(
 
     bad_time = cli(env, "replay", "--topics", "agent.messages", "--since", "yesterday-ish")
     assert bad_time.returncode == 2 and "cannot parse time" in bad_time.stderr
+
+
+async def test_ranges_ending_on_transaction_markers_are_read_through(
+    settings_env: dict[str, str],
+) -> None:
+    """The last offset of a range can hold no record ever fetched: a transaction's commit
+    or abort marker, or aborted records under read_committed. A read ends when the
+    consumer's position reaches the stop offset, not when a record at stop - 1 arrives
+    (that never comes, and the read would wait for ever, or until its stall limit)."""
+    settings = Settings.from_env(settings_env)
+    env = {**settings_env, "AGENTSTREAM_AGENTS": "audit"}
+    assert cli(env, "topics", "create").returncode == 0
+    messages, decisions = settings.topic("agent.messages"), settings.topic("security.decisions")
+    sealed = chain(3, "a") + chain(3, "b")  # a chain per partition
+    plain = AIOKafkaProducer(bootstrap_servers=settings.bootstrap, acks="all")
+    txn = AIOKafkaProducer(
+        bootstrap_servers=settings.bootstrap, transactional_id=f"{settings.app_id}-markers"
+    )
+    await plain.start()
+    await txn.start()
+    try:
+        # partition 0 of each: records in a committed transaction, its marker last
+        async with txn.transaction():
+            for i in range(5):
+                await txn.send(messages, message(i), partition=0)
+            for value in sealed[:3]:
+                await txn.send(decisions, value, partition=0)
+        # partition 1 of each: committed records, then an aborted transaction and its marker
+        for i in range(5, 8):
+            await plain.send_and_wait(messages, message(i), partition=1)
+        for value in sealed[3:]:
+            await plain.send_and_wait(decisions, value, partition=1)
+        await txn.begin_transaction()
+        for i in range(8, 12):
+            await txn.send(messages, message(i), partition=1)
+        await txn.send(decisions, sealed[0], partition=1)
+        await txn.abort_transaction()
+    finally:
+        await txn.stop()
+        await plain.stop()
+
+    async with asyncio.timeout(60):  # each read ends at once, far within its stall limit
+        progress = Progress()
+        recs = await collect(settings, "agent.messages", progress=progress)
+        reports = await verify(
+            settings, ["security.decisions"], trust=ChainTrust(), require_signatures=False
+        )
+    assert sorted(r.data["payload"]["message_id"] for r in recs if r.data) == [
+        f"m{i}" for i in range(8)
+    ]
+    assert progress.done == progress.total == 6 + 8  # 5 records + marker, 3 + 4 + marker
+    assert [(r.partition, r.records, r.findings) for r in reports] == [(0, 3, []), (1, 3, [])]
+    res = cli(env, "replay", "--topics", "agent.messages", timeout=60)
+    assert res.returncode == 0 and len(res.stdout.splitlines()) == 8, res.stderr

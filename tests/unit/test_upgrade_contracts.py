@@ -63,6 +63,7 @@ DELIVERY = "streams/delivery.py"
 PROC = "streams/processing.py"
 WRITER = "streams/tables/writer.py"
 RESTORE = "streams/tables/restore.py"
+REPLAY = "streams/replay.py"
 LLM_TABLES = "streams/tables/llm.py"
 SEC_AGENT = "agents/security/agent.py"
 NET = "agents/llm/providers/_net.py"
@@ -1122,6 +1123,29 @@ CONTRACTS: list[Contract] = [
         "read",
         *FORCE_METADATA,
         f"{DELIVERY}::client = self._ensure_consumer()._client",
+        f"{REPLAY}::await consumer._client.close()",
+    ),
+    # -- streams/replay.py: a history reader stopped after its broker went away ---------
+    c(
+        "aiokafka.AIOKafkaConsumer.stop",
+        "call",
+        f"{REPLAY}::await consumer.stop()",
+        params="(self)",
+        # `stop_reader` finishes what stop() leaves undone when the fetcher's close raises
+        contains=("await self._fetcher.close()\n    await self._client.close()",),
+    ),
+    c(
+        "aiokafka.consumer.fetcher.Fetcher.close",
+        "read",
+        f"{REPLAY}::async def stop_reader",
+        # the stray CancelledError `stop_reader` drops: a fixed release needs no drop
+        contains=("x.cancel()\n        await x",),
+    ),
+    c(
+        "aiokafka.client.AIOKafkaClient.close",
+        "call",
+        f"{REPLAY}::await consumer._client.close()",
+        params="(self)",
     ),
     c(
         "aiokafka.client.AIOKafkaClient.force_metadata_update",

@@ -1,0 +1,217 @@
+"""The readers of history (`replay`, `audit verify`) when the broker goes silent under
+them — without a broker (`tests.unit.test_progress.FakeConsumer`; the same case on the
+real broker is in tests/integration/test_replay_stall.py).
+
+A silent broker used to hang both readers for ever: they now give up with one
+`BrokerError` line after `AGENTSTREAM_KAFKA_CONNECT_TIMEOUT_S` without progress.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterator
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from aiokafka import TopicPartition
+from click.testing import CliRunner, Result
+
+import agentstream.agents.audit.cli  # noqa: F401  (registers `audit` and `rebuild`)
+import agentstream.agents.audit.verify as verify_mod
+import agentstream.streams.replay as replay_mod
+from agentstream.agents.audit.verify import (
+    CHAINED_TOPICS,
+    ChainTrust,
+    verify,
+)
+from agentstream.streams.cli import cli, prepare_run
+from agentstream.streams.errors import BrokerError
+from agentstream.streams.replay import (
+    STALL_GRACE_S,
+    Stall,
+    replay_batches,
+    stall_error,
+    start_reader,
+    stop_reader,
+)
+from agentstream.streams.settings import Settings, get_settings
+from agentstream.streams.signing import new_private_key, public_b64
+from tests.unit.test_progress import FakeConsumer, cluster, screen
+
+#: the stall limit of these tests (seconds)
+LIMIT = 0.3
+#: how long past the limit the error may come: the limit, one fetch wait (0.5 s) and the
+#: grace of a hung step, with room for a loaded machine
+SLACK = 0.5 + STALL_GRACE_S + 3.0
+TRUST = ["--trust-key", f"k1={public_b64(new_private_key())}"]
+
+
+# -- the rules ----------------------------------------------------------------------------------
+def test_a_read_is_stalled_once_it_has_not_moved_for_the_limit() -> None:
+    watch = Stall(2.0, now=10.0)
+    assert not watch.stalled(11.9)
+    assert watch.stalled(12.0)
+    watch.moved(11.0)
+    assert watch.left(12.0) == 1.0 and not watch.stalled(12.0)
+
+
+def test_a_stall_names_the_partitions_their_positions_and_stops_on_one_line() -> None:
+    waiting = {TopicPartition("p.x", i): (5 + i, 9 + i) for i in range(10)}
+    text = str(stall_error("replay", waiting, 15.0))
+    assert text.startswith("replay made no progress for 15s on p.x:0 at offset 5 of stop 9, ")
+    assert "p.x:7 at offset 12 of stop 16 and 2 more partition(s)" in text
+    assert "AGENTSTREAM_KAFKA_CONNECT_TIMEOUT_S" in text and "\n" not in text
+    assert stall_error("replay", waiting, 1).retriable
+
+
+# -- a broker gone silent after planning ----------------------------------------------------------
+COMPLAINT = "Failed fetch messages from 1: NodeNotReadyError"
+
+
+class Silent(FakeConsumer):
+    """Plans as the cluster says, then never answers a fetch: each waits out its timeout
+    and returns nothing, and no position moves (a broker stopped, or partitioned away).
+    Its fetcher, a task started with it as aiokafka's is, complains in aiokafka's log
+    every 50 ms meanwhile."""
+
+    async def start(self) -> None:
+        async def fetcher() -> None:
+            while True:
+                await asyncio.sleep(0.05)
+                logging.getLogger("aiokafka.consumer.fetcher").error(COMPLAINT)
+
+        self.fetcher = asyncio.get_running_loop().create_task(fetcher())
+
+    async def stop(self) -> None:
+        self.fetcher.cancel()
+
+    async def getmany(
+        self, *tps: TopicPartition, timeout_ms: int = 0, max_records: int | None = None
+    ) -> dict[TopicPartition, list[Any]]:
+        await asyncio.sleep(timeout_ms / 1000)
+        return {}
+
+
+def fast() -> Settings:
+    return get_settings().model_copy(update={"kafka_connect_timeout_s": LIMIT})
+
+
+@pytest.fixture
+def silent(monkeypatch: pytest.MonkeyPatch) -> Iterator[Silent]:
+    prepare_run()
+    consumer = Silent(cluster(), [])
+    for module in (replay_mod, verify_mod):
+        monkeypatch.setattr(module, "group_less_consumer", lambda *a, **kw: consumer)
+    yield consumer
+
+
+async def test_replay_gives_up_on_a_silent_broker(
+    silent: Silent, caplog: pytest.LogCaptureFixture
+) -> None:
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    with pytest.raises(BrokerError) as caught:
+        async with asyncio.timeout(LIMIT + SLACK + 5):  # the old reader never returned
+            async for _ in replay_batches(fast(), ["agent.messages"]):
+                pass
+    assert loop.time() - began < LIMIT + SLACK
+    topic = fast().topic("agent.messages")
+    text = str(caught.value)
+    assert text.startswith(f"replay made no progress for {LIMIT:g}s on ")
+    # p0 is read from offset 0 to 12, p1 (its head expired) from 5 to 15
+    assert f"{topic}:0 at offset 0 of stop 12, {topic}:1 at offset 5 of stop 15:" in text
+    # the fetcher's complaints were kept for the error, not printed a few times a second
+    assert text.endswith(f"; the client's last complaint: {COMPLAINT}")
+    assert not [r for r in caplog.records if COMPLAINT in r.getMessage()]
+
+
+async def test_verify_gives_up_on_a_silent_broker(silent: Silent) -> None:
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    with pytest.raises(BrokerError, match="audit verify made no progress") as caught:
+        async with asyncio.timeout(LIMIT + SLACK + 5):
+            await verify(fast(), CHAINED_TOPICS, trust=ChainTrust(), require_signatures=False)
+    assert loop.time() - began < LIMIT + SLACK
+    first = fast().topic(CHAINED_TOPICS[0])
+    assert f"on {first}:0 at offset 0 of stop 12:" in str(caught.value)
+
+
+async def test_only_the_readers_own_tasks_have_their_complaints_kept(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    consumer = Silent(cluster(), [])
+    kept = await start_reader(consumer)  # type: ignore[arg-type]
+    try:
+        await asyncio.sleep(0.2)
+        logging.getLogger("aiokafka.consumer.fetcher").warning("someone else's")
+    finally:
+        await consumer.stop()
+    assert kept == [COMPLAINT]
+    assert [r.getMessage() for r in caplog.records] == ["someone else's"]
+
+
+class Stopping:
+    """A consumer whose `stop()` raises CancelledError, as aiokafka's does when its fetcher
+    had a request in flight (aio-libs/aiokafka#647), or hangs (`hang`)."""
+
+    def __init__(self, *, hang: bool = False) -> None:
+        self.hang = hang
+        self.closed = False
+        self._client = SimpleNamespace(close=self._close)
+
+    async def _close(self) -> None:
+        self.closed = True
+
+    async def stop(self) -> None:
+        if self.hang:
+            await asyncio.Event().wait()
+        raise asyncio.CancelledError
+
+
+async def test_stop_reader_finishes_a_stop_aiokafka_broke_off() -> None:
+    consumer = Stopping()
+    await stop_reader(consumer)  # type: ignore[arg-type]
+    assert consumer.closed  # the step stop() left undone
+
+
+async def test_stop_reader_is_still_cancellable() -> None:
+    consumer = Stopping(hang=True)
+    task = asyncio.get_running_loop().create_task(stop_reader(consumer))  # type: ignore[arg-type]
+    await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert not consumer.closed
+
+
+@pytest.fixture
+def short_limit(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.setenv("AGENTSTREAM_KAFKA_CONNECT_TIMEOUT_S", str(LIMIT))
+    get_settings.cache_clear()
+    yield
+    get_settings.cache_clear()
+
+
+def invoke(args: list[str]) -> Result:
+    result = CliRunner().invoke(cli, args)
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.output
+    return result
+
+
+@pytest.mark.parametrize(
+    ("args", "what"),
+    [
+        (["replay", "--topics", "agent.messages"], "replay"),
+        (["audit", "verify", *TRUST], "audit verify"),
+    ],
+)
+def test_a_stalled_command_ends_with_one_line_and_the_broker_error_status(
+    short_limit: None, silent: Silent, args: list[str], what: str
+) -> None:
+    result = invoke(args)
+    assert result.exit_code == 1  # as every BrokerError (docs/cli.md)
+    [line] = screen(result.stderr)
+    assert line.startswith(f"Error: BrokerError: {what} made no progress for {LIMIT:g}s on ")
+    assert result.stdout == ""
