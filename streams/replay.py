@@ -30,7 +30,13 @@ When a read ends, and when it gives up
   still waits for — for `Settings.kafka_connect_timeout_s` raises a `BrokerError` naming
   those partitions, their positions and stop offsets (`Stall`): a broker gone mid-read,
   or a partition that can no longer reach its stop, ends the command with one line
-  instead of hanging it. `read_partition`, the reader of `audit verify`, does the same.
+  instead of hanging it.
+* Offsets deleted after the ranges were planned and before the read reached them
+  (retention, `delete-records`, a log truncated under it) are never skipped silently.
+  The consumer resets no position (``auto_offset_reset="none"``): the fetch fails out of
+  range, and the read records a `Gap` — in `Progress.lost`, or as a logged warning
+  without a `Progress` — and goes on from the partition's new start. `read_partition`,
+  the reader of `audit verify`, reports its gaps the same way.
 """
 
 from __future__ import annotations
@@ -43,13 +49,14 @@ import logging
 import re
 import time
 from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import OffsetOutOfRangeError
 
 from agentstream.schemas import Event, registry
 from agentstream.schemas.errors import SchemaError
@@ -58,6 +65,8 @@ from agentstream.streams.errors import BrokerError
 from agentstream.streams.redaction import redact_event_dict, redact_raw
 from agentstream.streams.settings import Settings
 from agentstream.streams.topics import CATALOGUE
+
+log = logging.getLogger(__name__)
 
 #: payload fields that name an agent; `--agent` matches any of them (or the source/key)
 AGENT_FIELDS = ("agent_id", "sender_id", "recipient_id", "worker_id")
@@ -317,6 +326,40 @@ class PartitionRange:
     end: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class Gap:
+    """Offsets [first, stop) of one partition that were deleted after the read planned
+    its range and before it reached them (retention, `delete-records`, a log truncated
+    under it): their records are missing from what was read."""
+
+    topic: str
+    partition: int
+    first: int
+    stop: int
+
+    @property
+    def offsets(self) -> int:
+        return self.stop - self.first
+
+    def describe(self) -> str:
+        """One line, for the warning of a command (no newline)."""
+        last = self.stop - 1
+        where = f"offset {self.first}" if last == self.first else f"offsets {self.first}-{last}"
+        return (
+            f"{self.topic}:{self.partition} {where} ({self.offsets}) were deleted "
+            "(retention or delete-records) before they could be read: their records are "
+            "missing"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "topic": self.topic,
+            "partition": self.partition,
+            "first": self.first,
+            "stop": self.stop,
+        }
+
+
 @dataclass(slots=True)
 class Progress:
     """How far a read of whole topics has come: a plain counter that the readers update
@@ -327,15 +370,19 @@ class Progress:
     far: an upper bound on the records, since compaction, expired records and transaction
     markers leave offsets without one. Each read adds its partitions once it has fetched
     their end offsets, so one `Progress` can follow several reads in turn (its `total`
-    then grows as they start). `done` counts the offsets of `total` consumed, `emitted`
-    the records passed on (a replay's records after its filters), and `stage` names what
-    is being read when a command reads several things in turn.
+    then grows as they start). `done` counts the offsets of `total` consumed (offsets
+    deleted before they were read included), `emitted` the records passed on (a replay's
+    records after its filters), and `stage` names what is being read when a command
+    reads several things in turn. `lost` lists the offsets a `replay` found deleted
+    before it could read them (`Gap`): a command reports them, and its output lacks
+    their records.
     """
 
     total: int = 0
     done: int = 0
     emitted: int = 0
     stage: str = ""
+    lost: list[Gap] = field(default_factory=list)
 
     def plan(self, spans: Iterable[int]) -> None:
         """Add the offset spans of partitions about to be read to `total`."""
@@ -345,6 +392,10 @@ class Progress:
         """`n` more offsets of `total` consumed."""
         if n > 0:
             self.done += n
+
+    @property
+    def lost_offsets(self) -> int:
+        return sum(g.offsets for g in self.lost)
 
 
 class Stall:
@@ -437,6 +488,43 @@ async def start_reader(consumer: AIOKafkaConsumer) -> list[str]:
     return kept
 
 
+def lost_range(position: int, begin: int, end: int, stop: int) -> tuple[int, int | None] | None:
+    """A fetch at `position` failed out of range; the partition's log now holds [begin,
+    end) and the read stops at `stop`. Returns (upto, resume): offsets [position, upto)
+    are gone, and the read goes on at `resume` (None: nothing is left to read), or None
+    when `position` is inside the log (the error was another partition's)."""
+    if position < begin:
+        upto = min(begin, stop)
+        return upto, (begin if begin < stop else None)
+    if position > end:  # the log was truncated below the position: the rest is gone
+        return stop, None
+    return None
+
+
+async def _skip_deleted(
+    consumer: AIOKafkaConsumer, stops: Mapping[TopicPartition, int]
+) -> list[tuple[TopicPartition, Gap, int | None]]:
+    """After an `OffsetOutOfRangeError`: each partition of `stops` ({tp: stop offset})
+    whose position is outside its log now, the `Gap` of its deleted offsets and where it
+    resumes (already sought there; None: it is read through). The consumer's position
+    stays at the offset that failed (``auto_offset_reset="none"`` resets nothing), so
+    the error's own contents are not needed."""
+    tps = list(stops)
+    begin = await consumer.beginning_offsets(tps)
+    end = await consumer.end_offsets(tps)
+    out: list[tuple[TopicPartition, Gap, int | None]] = []
+    for tp in tps:
+        position = await consumer.position(tp)
+        found = lost_range(position, begin[tp], end[tp], stops[tp])
+        if found is None:
+            continue
+        upto, resume = found
+        if resume is not None:
+            consumer.seek(tp, resume)
+        out.append((tp, Gap(tp.topic, tp.partition, position, upto), resume))
+    return out
+
+
 async def stop_reader(consumer: AIOKafkaConsumer) -> None:
     """`consumer.stop()`, safe after the broker went away. aiokafka's `Fetcher.close`
     awaits the fetch tasks it has just cancelled without catching their CancelledError
@@ -452,6 +540,13 @@ async def stop_reader(consumer: AIOKafkaConsumer) -> None:
         if task is not None and task.cancelling():
             raise
         await consumer._client.close()
+
+
+def _report_gap(progress: Progress | None) -> Callable[[Gap], None]:
+    """Where a replay's gaps go: `progress.lost`, or a logged warning without one."""
+    if progress is not None:
+        return progress.lost.append
+    return lambda gap: log.warning("%s", gap.describe())
 
 
 def full_topic_names(settings: Settings, topics: Iterable[str]) -> list[str]:
@@ -491,8 +586,9 @@ async def replay(
     Undecodable records are yielded (with `.error`) when no filter is set and
     `include_invalid` — an audit wants to see them — and skipped otherwise.
 
-    A read that stops moving for `settings.kafka_connect_timeout_s` raises `BrokerError`
-    (module docstring).
+    Offsets deleted before the read reached them go to `progress.lost` (without a
+    `progress`, each is logged as a warning); a read that stops moving for
+    `settings.kafka_connect_timeout_s` raises `BrokerError` (module docstring).
     """
     async for batch in replay_batches(
         settings,
@@ -543,6 +639,9 @@ async def replay_batches(
         "replay",
         max_partition_fetch_bytes=2 * 1024 * 1024,
         fetch_max_bytes=16 * 1024 * 1024,
+        # offsets deleted under the read fail the fetch instead of moving it silently to
+        # the log's new start (`_skip_deleted` reports them)
+        auto_offset_reset="none",
     )
     # a BrokerError naming the cause, within the connect timeout
     complaints = await start_reader(consumer)
@@ -562,6 +661,7 @@ async def replay_batches(
         needy = set(stop)  # partitions whose next record must be fetched before merging
         heap: list[tuple[tuple[int, int, int, int], TopicPartition]] = []
         last_pos = {r.tp: r.start for r in active}
+        lost = _report_gap(progress)
         loop = asyncio.get_running_loop()
         stall_s = settings.kafka_connect_timeout_s
         watch = Stall(stall_s, loop.time())
@@ -570,7 +670,9 @@ async def replay_batches(
                 moved = False
                 try:
                     async with asyncio.timeout(watch.left(loop.time()) + STALL_GRACE_S):
-                        moved = await _fill(consumer, needy, bufs, stop, last_pos, buffer, progress)
+                        moved = await _fill(
+                            consumer, needy, bufs, stop, last_pos, buffer, progress, lost
+                        )
                 except TimeoutError:
                     pass  # an await hung past the limit: stalled, below
                 if moved:
@@ -636,20 +738,34 @@ async def _fill(
     last_pos: dict[TopicPartition, int],
     buffer: int,
     progress: Progress | None,
+    lost: Callable[[Gap], None],
 ) -> bool:
     """Fetch for the partitions that ran dry. The others are not paused: aiokafka keeps
     at most one fetch response per partition in hand, which bounds memory already, and
     pausing would make it drop and fetch again what it had prefetched.
 
-    Returns whether the read moved: a record fetched, a position moved, or a partition
-    read through."""
+    Returns whether the read moved: a record fetched, a position moved, a partition read
+    through, or deleted offsets skipped (`lost`)."""
     wanted = [tp for tp in needy if tp in stop]
     if not wanted:
         return True
     # Top up every partition with room, not only the dry ones, so that the fetcher
     # always has the next request in flight for each (it fetches for what is drained).
     room = [tp for tp in stop if len(bufs[tp]) < buffer]
-    batch = await consumer.getmany(*room, timeout_ms=500, max_records=buffer * len(room))
+    try:
+        batch = await consumer.getmany(*room, timeout_ms=500, max_records=buffer * len(room))
+    except OffsetOutOfRangeError:
+        # raised only when no partition's records were drained before it: none is lost
+        skipped = await _skip_deleted(consumer, {tp: stop[tp] for tp in room})
+        for tp, gap, resume in skipped:
+            lost(gap)
+            if progress is not None:
+                progress.advance(gap.stop - last_pos[tp])
+            last_pos[tp] = gap.stop
+            if resume is None:
+                del stop[tp]
+                consumer.pause(tp)
+        return bool(skipped)
     moved = False
     for tp, records in batch.items():
         end = stop.get(tp)
@@ -694,16 +810,18 @@ async def read_partition(
     stall_s: float,
     what: str,
     progress: Progress | None = None,
+    lost: Callable[[Gap], None] | None = None,
     complaints: Sequence[str] = (),
     max_records: int = 2000,
 ) -> AsyncGenerator[list[Any], None]:
     """The fetched records of [start, stop) of one partition, in offset order and in
     runs, with the consumer assigned to it alone (`audit verify` reads partition by
-    partition).
+    partition). The consumer must reset no position (``auto_offset_reset="none"``).
 
     It ends when the consumer's position reaches `stop` (see the module docstring);
-    `progress` is advanced by the offsets consumed; no record and no position moving for
-    `stall_s` raise `BrokerError`
+    `progress` is advanced by the offsets consumed. Offsets deleted before they were
+    read go to `lost` as a `Gap` (ignored without it) and the read goes on from the
+    log's new start; no record and no position moving for `stall_s` raise `BrokerError`
     (`what` names the reader in its message, with the last of `complaints`, what
     `start_reader` kept)."""
     if stop <= start:
@@ -716,15 +834,23 @@ async def read_partition(
     while True:
         records: list[Any] = []
         position = counted
+        done = False
         try:
             async with asyncio.timeout(watch.left(loop.time()) + STALL_GRACE_S):
-                batch = await consumer.getmany(tp, timeout_ms=500, max_records=max_records)
-                fetched = batch.get(tp, [])
-                records = [r for r in fetched if r.offset < stop]
-                if len(records) < len(fetched):
-                    position = stop  # fetched past the stop
+                try:
+                    batch = await consumer.getmany(tp, timeout_ms=500, max_records=max_records)
+                except OffsetOutOfRangeError:
+                    for _tp, gap, resume in await _skip_deleted(consumer, {tp: stop}):
+                        if lost is not None:
+                            lost(gap)
+                        position, done = gap.stop, resume is None
                 else:
-                    position = await consumer.position(tp)
+                    fetched = batch.get(tp, [])
+                    records = [r for r in fetched if r.offset < stop]
+                    if len(records) < len(fetched):
+                        position = stop  # fetched past the stop
+                    else:
+                        position = await consumer.position(tp)
         except TimeoutError:
             pass  # an await hung past the limit: stalled, below
         moved = bool(records) or position > counted
@@ -733,7 +859,7 @@ async def read_partition(
         counted = max(counted, min(position, stop))
         if records:
             yield records
-        if counted >= stop:
+        if done or counted >= stop:
             return
         if moved:
             watch.moved(loop.time())  # after the yield: the caller's time is no stall
@@ -790,6 +916,7 @@ async def collect(settings: Settings, topics: Sequence[str] | str, **kw: Any) ->
 
 
 __all__ = [
+    "Gap",
     "Progress",
     "ReplayRecord",
     "TimeParseError",

@@ -21,7 +21,12 @@ from agentstream.streams.cli import (
     time_option,
     worker_call,
 )
-from agentstream.streams.cli.progress import progress_option, run_with_progress
+from agentstream.streams.cli.progress import (
+    EXIT_LOST,
+    progress_option,
+    run_with_progress,
+    warn_lost,
+)
 from agentstream.streams.replay import Progress
 from agentstream.streams.settings import get_settings
 
@@ -39,6 +44,8 @@ def rebuild_cmd(table: str | None, all_tables: bool, as_json: bool, progress: bo
     they differ. A live table of a running worker may lag the sources by a few events.
     With --all, finding no changelog of the app id at all exits 2 (a wrong app id, or
     no worker has run).
+    Exits 3 (when they are equal) if source records were deleted before they could be
+    read, with a WARNING line each on stderr.
     """
     from agentstream.agents.audit.rebuild import (
         Comparison,
@@ -90,8 +97,11 @@ def rebuild_cmd(table: str | None, all_tables: bool, as_json: bool, progress: bo
         if c.differing_keys:
             keys = ", ".join(term_safe(k) for k in c.differing_keys)  # keys are input data
             click.echo(f"{' ' * len(c.table)}  differing keys: {keys}")
+    lost = warn_lost(counter)
     if not all(c.equal for c in results if c.live_available):
         sys.exit(1)
+    if lost:
+        sys.exit(EXIT_LOST)
 
 
 @cli.command("checkpoints")
@@ -172,7 +182,8 @@ def verify_cmd(
 
     Chain keys are trusted when published on security.worker_keys with a valid admin
     signature (AGENTSTREAM_SECURITY_ADMIN_KEYS), unless keys are pinned with --trust-key
-    or --trusted-keys. Exits 1 if anything was found.
+    or --trusted-keys. Exits 1 if anything was found, or if records of the range were
+    deleted (retention, delete-records) before they could be checked.
     """
     from agentstream.agents.audit.verify import (
         CHAINED_TOPICS,
@@ -225,18 +236,29 @@ MAX_PRINTED = 200
 
 def _print_verify(reports: Any, result: dict[str, Any], trust: Any) -> None:
     for rep in reports:
-        state = "ok" if not rep.findings else f"{len(rep.findings)} finding(s)"
+        states = [f"{len(rep.findings)} finding(s)"] if rep.findings else []
+        if rep.lost:
+            states.append(f"{sum(g.offsets for g in rep.lost)} offset(s) NOT CHECKED")
+        state = ", ".join(states) or "ok"
         anchor = "" if rep.anchored or not rep.records else " (start not anchored: expired)"
         signed = f", {rep.signed} signed" if rep.signed else ""
         click.echo(f"{rep.topic}:{rep.partition}  {rep.records} record(s){signed}  {state}{anchor}")
+        for g in rep.lost:
+            where = f"offsets {g.first}-{g.stop - 1}" if g.offsets > 1 else f"offset {g.first}"
+            click.echo(
+                f"  {'LOST':9} {where}  deleted (retention or delete-records) after the "
+                "walk planned its range and before it read them: not checked"
+            )
         for f in rep.findings[:MAX_PRINTED]:
             click.echo(f"  {f.kind.upper():9} offset {f.offset}  {term_safe(f.detail)}")
         if len(rep.findings) > MAX_PRINTED:
             click.echo(f"  … and {len(rep.findings) - MAX_PRINTED} more (--json lists all)")
     c = result["counts"]
+    lost = sum(g["stop"] - g["first"] for g in result["lost"])
     click.echo(
         f"{result['records']} record(s) in {result['partitions']} partition(s): "
         + ", ".join(f"{c[k]} {k}" for k in c)
+        + (f"; {lost} offset(s) deleted before they could be checked" if lost else "")
     )
     keys = ", ".join(result["trusted_keys"]) or "none"
     required = "required" if result["require_signatures"] else "not required where none is"
@@ -408,7 +430,10 @@ def report_cmd(
     progress: bool | None,
 ) -> None:
     """Per-agent activity: messages sent/accepted/rejected (with reasons), LLM calls and
-    tokens by provider and model, status changes, communication records by kind."""
+    tokens by provider and model, status changes, communication records by kind.
+
+    Exits 3 if records of the range were deleted before they could be read (a WARNING
+    line each on stderr): the report is written without them."""
     from agentstream.agents.audit.report import build_report, render_html
 
     check_time_range(since, until)
@@ -427,3 +452,5 @@ def report_cmd(
     else:
         out_path.write_text(body, encoding="utf-8")
         click.echo(f"wrote {fmt} report to {out_path}", err=True)
+    if warn_lost(counter):
+        sys.exit(EXIT_LOST)

@@ -39,14 +39,17 @@ batches) leave a valid chain behind; compare with a copy of the heads kept elsew
 (checkpoints, an external notary) for that. Anyone holding a trusted chain key can of
 course sign what they like.
 
-A read that stops moving (a broker gone mid-walk) raises `BrokerError` after
-`AGENTSTREAM_KAFKA_CONNECT_TIMEOUT_S` (`streams.replay.read_partition`).
+Offsets of a range deleted after the walk planned it and before it read them
+(retention, `delete-records`) are not skipped silently: each partition's report lists
+them (`PartitionReport.lost`, `streams.replay.Gap`) and the result is not ok — their
+records were never checked. A read that stops moving (a broker gone mid-walk) raises
+`BrokerError` after `AGENTSTREAM_KAFKA_CONNECT_TIMEOUT_S` (`streams.replay.read_partition`).
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import aclosing
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -65,6 +68,7 @@ from agentstream.streams.audit_chain import (
 )
 from agentstream.streams.client import group_less_consumer, listed_partitions
 from agentstream.streams.replay import (
+    Gap,
     Progress,
     full_topic_names,
     parse_time,
@@ -155,6 +159,8 @@ class PartitionReport:
     signed: int = 0
     #: decisions per signed policy version (security.decisions only)
     policies: PolicyCounts = field(default_factory=Counter)
+    #: offsets of the range deleted before they were read: not checked
+    lost: list[Gap] = field(default_factory=list)
 
 
 def chain_record(
@@ -482,7 +488,9 @@ async def verify(
     since_ms = to_ms(parse_time(since)) if since is not None else None
     until_ms = to_ms(parse_time(until)) if until is not None else None
     stall_s = settings.kafka_connect_timeout_s
-    consumer = group_less_consumer(settings, "verify")
+    # offsets deleted under the walk fail the fetch instead of moving it silently to the
+    # log's new start: `read_partition` reports them
+    consumer = group_less_consumer(settings, "verify", auto_offset_reset="none")
     complaints = await start_reader(consumer)
     reports: list[PartitionReport] = []
     try:
@@ -496,6 +504,7 @@ async def verify(
             else:
                 anchor = await _hash_before(consumer, r.tp, r.start, r.begin, stall_s, complaints)
             tally: PolicyCounts = Counter()
+            lost: list[Gap] = []
             recs = await _read(
                 consumer,
                 r.tp,
@@ -504,6 +513,7 @@ async def verify(
                 tally if r.tp.topic == decisions_topic else None,
                 stall_s=stall_s,
                 progress=progress,
+                lost=lost.append,
                 complaints=complaints,
             )
             following: list[ChainRecord] = []
@@ -531,6 +541,7 @@ async def verify(
                     findings,
                     signed,
                     tally,
+                    lost,
                 )
             )
     finally:
@@ -548,11 +559,13 @@ async def _read(
     stall_s: float,
     until_signed: bool = False,
     progress: Progress | None = None,
+    lost: Callable[[Gap], None] | None = None,
     complaints: Sequence[str] = (),
 ) -> list[ChainRecord]:
     """The records of [start, stop); with `until_signed`, up to the first signed one.
     `progress` is advanced by the offsets consumed, all of [start, stop) once it is read
-    through (compacted or expired offsets, transaction markers included)."""
+    through (compacted or expired offsets, transaction markers included); offsets
+    deleted before they were read go to `lost` (`streams.replay.read_partition`)."""
     out: list[ChainRecord] = []
     runs = read_partition(
         consumer,
@@ -562,6 +575,7 @@ async def _read(
         stall_s=stall_s,
         what="audit verify",
         progress=progress,
+        lost=lost,
         complaints=complaints,
     )
     async with aclosing(runs):
@@ -583,11 +597,22 @@ async def _hash_before(
 ) -> str | None:
     """The hash of the last sealed record before `start` (the range's anchor)."""
     lookback = max(begin, start - 64)
-    recs = await _read(consumer, tp, lookback, start, stall_s=stall_s, complaints=complaints)
+    gone: list[Gap] = []
+    recs = await _read(
+        consumer,
+        tp,
+        lookback,
+        start,
+        stall_s=stall_s,
+        lost=gone.append,
+        complaints=complaints,
+    )
     for rec in reversed(recs):
         if rec.hash:
             return rec.hash
-    return GENESIS if lookback == 0 and not recs else None
+    # nothing before the range from offset 0 on: the chain starts with it, unless those
+    # records were deleted while being read (then it cannot be anchored)
+    return GENESIS if lookback == 0 and not recs and not gone else None
 
 
 # -- the signed policy versions that decided ------------------------------------------------
@@ -629,7 +654,7 @@ async def _published_policy_versions(settings: Settings) -> dict[tuple[str, int,
 
     admin, _problem = trusted_admin_keys(settings.security_admin_keys)
     topic = settings.topic(SECURITY_POLICIES)
-    consumer = group_less_consumer(settings, "verify-policies")
+    consumer = group_less_consumer(settings, "verify-policies", auto_offset_reset="none")
     complaints = await start_reader(consumer)
     out: dict[tuple[str, int, str], bool | None] = {}
     stall_s = settings.kafka_connect_timeout_s
@@ -674,7 +699,8 @@ async def _raw(
     stall_s: float,
     complaints: Sequence[str] = (),
 ) -> list[bytes]:
-    """The values of [start, stop)."""
+    """The values of [start, stop). A policy record deleted before it was read is simply
+    not on the topic, which is what the report says of it."""
     out: list[bytes] = []
     runs = read_partition(
         consumer, tp, start, stop, stall_s=stall_s, what="audit verify", complaints=complaints
@@ -696,14 +722,17 @@ def summary(
     for rep in reports:
         for f in rep.findings:
             counts[f.kind] += 1
+    lost = [g for r in reports for g in r.lost]
     out: dict[str, Any] = {
-        "ok": not any(counts.values()),
+        # offsets deleted before they were read were never checked: not a pass
+        "ok": not any(counts.values()) and not lost,
         "records": sum(r.records for r in reports),
         "signed": sum(r.signed for r in reports),
         "partitions": len(reports),
         "counts": counts,
         "findings": [f.to_dict() for r in reports for f in r.findings],
         "unanchored": [f"{r.topic}:{r.partition}" for r in reports if not r.anchored and r.records],
+        "lost": [g.to_dict() for g in lost],
         "policy_versions": [dict(p) for p in policies],
     }
     if trust is not None:

@@ -8,6 +8,10 @@ runs. The bar is tqdm's, on stderr, and only when stderr is a terminal — never
 a CI log or a captured stderr — unless `--progress` / `--no-progress` says otherwise.
 Nothing of it ever goes to stdout, so a command's output (JSON, a report, replayed lines)
 is the same with or without it.
+
+Offsets a read found deleted before it could reach them (`Progress.lost`) are reported
+after it, one `WARNING:` line each on stderr (`warn_lost`), and the command exits
+`EXIT_LOST`.
 """
 
 from __future__ import annotations
@@ -39,6 +43,19 @@ BAR_FORMAT = (
     "{desc}: {percentage:3.0f}%|{bar}| {read}/{of} read{postfix}"
     " [{elapsed}<{remaining}, {rate_fmt}]"
 )
+
+
+#: the exit status of a command that read a range of history through, but without the
+#: records of offsets deleted before it could read them (`Progress.lost`): its output is
+#: written and incomplete, which is neither a failure (1: nothing written) nor a pass
+EXIT_LOST = 3
+
+
+def warn_lost(progress: Progress) -> bool:
+    """One `WARNING:` line on stderr per gap of `progress.lost`; whether there was any."""
+    for gap in progress.lost:
+        click.echo(f"WARNING: {gap.describe()}", err=True)
+    return bool(progress.lost)
 
 
 def progress_option(f: F) -> F:

@@ -17,7 +17,12 @@ from agentstream.streams.cli import (
     record_output_options,
     time_option,
 )
-from agentstream.streams.cli.progress import progress_option, run_with_progress
+from agentstream.streams.cli.progress import (
+    EXIT_LOST,
+    progress_option,
+    run_with_progress,
+    warn_lost,
+)
 from agentstream.streams.replay import Progress, replay_batches
 from agentstream.streams.settings import get_settings
 
@@ -70,6 +75,10 @@ def replay_cmd(
     topic, partition, offset, timestamp_ms and key (what an audit trail keeps). Secrets
     (`auth.token` and the other secret keys of `streams.redaction`) are written as
     "[REDACTED]" unless --show-secrets.
+
+    Exits 3 when records of the range were deleted (retention, delete-records) before
+    they could be read: the rest is written, and a WARNING line on stderr names each
+    topic-partition and the offsets lost.
     """
     names = [t.strip() for t in topics.split(",") if t.strip()]
     if not names:
@@ -95,8 +104,17 @@ def replay_cmd(
         desc="replay",
         written=True,
     )
+    lost = warn_lost(counter)
     if out_path is not None:
-        click.echo(f"wrote {n} record(s) to {out_path}", err=True)
+        missing = (
+            f"; {counter.lost_offsets} offset(s) of the range were deleted before they "
+            "could be read"
+            if lost
+            else ""
+        )
+        click.echo(f"wrote {n} record(s) to {out_path}{missing}", err=True)
+    if lost:
+        sys.exit(EXIT_LOST)
 
 
 async def _replay(

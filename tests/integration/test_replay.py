@@ -9,13 +9,16 @@ import random
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
-from aiokafka import AIOKafkaProducer
-from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, RecordsToDelete
 
-from agentstream.agents.audit.verify import ChainTrust, verify
+import agentstream.agents.audit.verify as verify_mod
+import agentstream.streams.replay as replay_mod
+from agentstream.agents.audit.verify import ChainTrust, summary, verify
 from agentstream.schemas import AgentMessage, Event, encode
 from agentstream.streams.replay import Progress, collect
 from agentstream.streams.settings import Settings
@@ -213,3 +216,71 @@ async def test_ranges_ending_on_transaction_markers_are_read_through(
     assert [(r.partition, r.records, r.findings) for r in reports] == [(0, 3, []), (1, 3, [])]
     res = cli(env, "replay", "--topics", "agent.messages", timeout=60)
     assert res.returncode == 0 and len(res.stdout.splitlines()) == 8, res.stderr
+
+
+async def test_records_deleted_between_planning_and_reading_are_reported(
+    settings_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Retention or `delete-records` removing the start of a partition after the read
+    planned its range used to move the reader silently to the new log start: the replay
+    lacked those records without a word, and `audit verify` of a range whose start was
+    not anchored passed. Both now report the deleted offsets."""
+    settings = Settings.from_env(settings_env)
+    env = {**settings_env, "AGENTSTREAM_AGENTS": "audit"}
+    assert cli(env, "topics", "create").returncode == 0
+    messages, decisions = settings.topic("agent.messages"), settings.topic("security.decisions")
+    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap, acks="all")
+    await producer.start()
+    try:
+        for i in range(20):
+            await producer.send_and_wait(messages, message(i), partition=i % 2)
+        for value in chain(8, "d"):
+            await producer.send_and_wait(decisions, value, partition=0)
+    finally:
+        await producer.stop()
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap)
+    await admin.start()
+    try:
+        # retention took offset 0 of the chain before the walk: its start is not anchored,
+        # so nothing but the reader can tell that more went missing under it
+        await admin.delete_records({TopicPartition(decisions, 0): RecordsToDelete(1)})
+
+        def deleting(module: Any, tp: TopicPartition, before: int) -> None:
+            real = replay_mod.plan_ranges
+
+            async def plan_then_delete(*a: Any, **kw: Any) -> Any:
+                ranges = await real(*a, **kw)
+                await admin.delete_records({tp: RecordsToDelete(before)})
+                return ranges
+
+            monkeypatch.setattr(module, "plan_ranges", plan_then_delete)
+
+        deleting(replay_mod, TopicPartition(messages, 0), 4)
+        progress = Progress()
+        recs = await collect(settings, "agent.messages", progress=progress)
+        deleting(verify_mod, TopicPartition(decisions, 0), 5)
+        reports = await verify(
+            settings, ["security.decisions"], trust=ChainTrust(), require_signatures=False
+        )
+    finally:
+        await admin.close()
+
+    # verify: offsets 1-4 were never checked, so the walk did not pass (it did: the chain
+    # from offset 5 on is intact, and its start is not anchored)
+    result = summary(reports)
+    assert not result["ok"]
+    assert result["lost"] == [{"topic": decisions, "partition": 0, "first": 1, "stop": 5}]
+    [p0, p1] = reports
+    assert (p0.first_offset, p0.records, p0.anchored, p0.findings) == (5, 3, False, [])
+    assert p1.lost == []
+
+    # replay: what is left is read, the rest named
+    assert sorted((r.partition, r.offset) for r in recs) == [
+        *((0, o) for o in range(4, 10)),
+        *((1, o) for o in range(10)),
+    ]
+    assert [g.to_dict() for g in progress.lost] == [
+        {"topic": messages, "partition": 0, "first": 0, "stop": 4}
+    ]
+    assert progress.done == progress.total == 20

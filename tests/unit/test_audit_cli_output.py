@@ -24,11 +24,13 @@ def test_verify_prints_policy_ids_signers_and_findings_as_visible_text(
         signed=1,
         findings=[finding],
         anchored=True,
+        lost=[],
     )
     result = {
         "counts": {"ok": 2, "forged": 1},
         "records": 3,
         "partitions": 1,
+        "lost": [],
         "trusted_keys": [],
         "require_signatures": False,
         "policy_versions": [

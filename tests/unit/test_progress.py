@@ -21,6 +21,7 @@ from typing import Any
 import orjson
 import pytest
 from aiokafka import TopicPartition
+from aiokafka.errors import OffsetOutOfRangeError
 from click.testing import CliRunner, Result
 
 import agentstream.agents.audit.cli  # noqa: F401  (registers `audit` and `rebuild`)
@@ -112,8 +113,9 @@ def span(logs: dict[TopicPartition, Log], topics: list[str]) -> int:
 
 class FakeConsumer:
     """The calls of aiokafka's consumer the readers make, over `Log`s: fetches return at
-    most 3 records per partition, and a partition's position passes offsets without a
-    record (gaps, markers) as Kafka's does."""
+    most 3 records per partition, a partition's position passes offsets without a
+    record (gaps, markers) as Kafka's does, and a fetch below a log's start fails out of
+    range (Kafka's answer, which a reader with auto_offset_reset="none" sees)."""
 
     def __init__(self, logs: dict[TopicPartition, Log], seen: list[tuple[int, int]]) -> None:
         self.logs = logs
@@ -168,9 +170,11 @@ class FakeConsumer:
         if self.watched is not None:
             self.seen.append((self.watched.done, self.watched.total))
         out = {}
-        for tp in tps or tuple(self.pos):
-            if tp in self.paused or tp not in self.pos:
-                continue
+        fetched = [tp for tp in tps or tuple(self.pos) if tp in self.pos and tp not in self.paused]
+        gone = {tp: self.pos[tp] for tp in fetched if self.pos[tp] < self.logs[tp].begin}
+        if gone:
+            raise OffsetOutOfRangeError(gone)
+        for tp in fetched:
             log = self.logs[tp]
             recs = [r for r in log.records if r.offset >= self.pos[tp]][:3]
             self.pos[tp] = recs[-1].offset + 1 if recs else log.end

@@ -1,9 +1,12 @@
 """The readers of history (`replay`, `audit verify`) when the broker goes silent under
-them — without a broker (`tests.unit.test_progress.FakeConsumer`; the same case on the
-real broker is in tests/integration/test_replay_stall.py).
+them, and when the first offsets of a partition are deleted between planning and
+reading — without a broker (`tests.unit.test_progress.FakeConsumer`; the same cases on
+the real broker are in tests/integration/test_replay.py and test_replay_stall.py).
 
 A silent broker used to hang both readers for ever: they now give up with one
-`BrokerError` line after `AGENTSTREAM_KAFKA_CONNECT_TIMEOUT_S` without progress.
+`BrokerError` line after `AGENTSTREAM_KAFKA_CONNECT_TIMEOUT_S` without progress. Deleted
+offsets used to be skipped silently: `replay` now names them on stderr and exits 3,
+`audit verify` lists them and fails.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterator
-from types import SimpleNamespace
+from types import ModuleType, SimpleNamespace
 from typing import Any
 
 import pytest
@@ -19,18 +22,24 @@ from aiokafka import TopicPartition
 from click.testing import CliRunner, Result
 
 import agentstream.agents.audit.cli  # noqa: F401  (registers `audit` and `rebuild`)
+import agentstream.agents.audit.rebuild as rebuild_mod
 import agentstream.agents.audit.verify as verify_mod
 import agentstream.streams.replay as replay_mod
 from agentstream.agents.audit.verify import (
     CHAINED_TOPICS,
     ChainTrust,
+    PartitionReport,
+    summary,
     verify,
 )
 from agentstream.streams.cli import cli, prepare_run
 from agentstream.streams.errors import BrokerError
 from agentstream.streams.replay import (
     STALL_GRACE_S,
+    Gap,
+    Progress,
     Stall,
+    lost_range,
     replay_batches,
     stall_error,
     start_reader,
@@ -38,7 +47,7 @@ from agentstream.streams.replay import (
 )
 from agentstream.streams.settings import Settings, get_settings
 from agentstream.streams.signing import new_private_key, public_b64
-from tests.unit.test_progress import FakeConsumer, cluster, screen
+from tests.unit.test_progress import FakeConsumer, Log, cluster, screen, span
 
 #: the stall limit of these tests (seconds)
 LIMIT = 0.3
@@ -64,6 +73,37 @@ def test_a_stall_names_the_partitions_their_positions_and_stops_on_one_line() ->
     assert "p.x:7 at offset 12 of stop 16 and 2 more partition(s)" in text
     assert "AGENTSTREAM_KAFKA_CONNECT_TIMEOUT_S" in text and "\n" not in text
     assert stall_error("replay", waiting, 1).retriable
+
+
+@pytest.mark.parametrize(
+    ("position", "begin", "end", "stop", "expected"),
+    [
+        (3, 5, 20, 10, (5, 5)),  # [3, 5) deleted: go on at 5
+        (3, 12, 20, 10, (10, None)),  # the rest of the range deleted: read through
+        (3, 10, 20, 10, (10, None)),
+        (15, 0, 12, 20, (20, None)),  # the log was truncated below the position
+        (7, 5, 20, 10, None),  # inside the log: another partition's error
+        (12, 0, 12, 20, None),  # at the end: a valid fetch position
+    ],
+)
+def test_lost_range(
+    position: int, begin: int, end: int, stop: int, expected: tuple[int, int | None] | None
+) -> None:
+    assert lost_range(position, begin, end, stop) == expected
+
+
+def test_a_gap_says_which_offsets_are_missing() -> None:
+    assert Gap("p.x", 1, 0, 9).describe().startswith("p.x:1 offsets 0-8 (9) were deleted")
+    assert Gap("p.x", 1, 4, 5).describe().startswith("p.x:1 offset 4 (1) were deleted")
+
+
+def test_verify_is_not_ok_when_offsets_were_lost() -> None:
+    clean = PartitionReport("t", 0, 9, 11, 2, True, [])
+    assert summary([clean])["ok"]
+    clean.lost.append(Gap("t", 0, 0, 9))
+    result = summary([clean])
+    assert not result["ok"]
+    assert result["lost"] == [{"topic": "t", "partition": 0, "first": 0, "stop": 9}]
 
 
 # -- a broker gone silent after planning ----------------------------------------------------------
@@ -215,3 +255,119 @@ def test_a_stalled_command_ends_with_one_line_and_the_broker_error_status(
     [line] = screen(result.stderr)
     assert line.startswith(f"Error: BrokerError: {what} made no progress for {LIMIT:g}s on ")
     assert result.stdout == ""
+
+
+# -- offsets deleted between planning and reading -----------------------------------------------
+def delete_after_planning(
+    monkeypatch: pytest.MonkeyPatch,
+    module: ModuleType,
+    logs: dict[TopicPartition, Log],
+    upto: dict[TopicPartition, int],
+) -> None:
+    """Once `module` has planned its ranges, the partitions of `upto` lose their offsets
+    below it (retention, or delete-records)."""
+    real = replay_mod.plan_ranges
+
+    async def plan_then_delete(*a: Any, **kw: Any) -> Any:
+        ranges = await real(*a, **kw)
+        for tp, first in upto.items():
+            log = logs[tp]
+            log.begin = first
+            log.records = [r for r in log.records if r.offset >= first]
+        return ranges
+
+    monkeypatch.setattr(module, "plan_ranges", plan_then_delete)
+
+
+@pytest.fixture
+def logs(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[TopicPartition, Log]]:
+    """The fake cluster; every reader's consumer reads it."""
+    prepare_run()
+    logs = cluster()
+    for module in (replay_mod, verify_mod, rebuild_mod):
+        monkeypatch.setattr(module, "group_less_consumer", lambda *a, **kw: FakeConsumer(logs, []))
+    yield logs
+
+
+async def test_replay_reports_offsets_deleted_before_it_read_them(
+    monkeypatch: pytest.MonkeyPatch, logs: dict[TopicPartition, Log]
+) -> None:
+    topic = get_settings().topic("agent.messages")
+    p0, p1 = TopicPartition(topic, 0), TopicPartition(topic, 1)
+    # p0 loses [0, 9) (offsets 0-3, 6-8 held records), p1 all of its range [5, 15)
+    planned = span(logs, [topic])
+    delete_after_planning(monkeypatch, replay_mod, logs, {p0: 9, p1: 15})
+    progress = Progress()
+    rows = [
+        r
+        async for batch in replay_batches(get_settings(), ["agent.messages"], progress=progress)
+        for r in batch
+    ]
+    assert [(r.partition, r.offset) for r in rows] == [(0, 9)]  # 10, 11: markers
+    assert progress.lost == [Gap(topic, 0, 0, 9), Gap(topic, 1, 5, 15)]
+    assert progress.lost_offsets == 19
+    assert progress.done == progress.total == planned  # counted through
+
+
+def test_the_replay_command_warns_and_exits_3(
+    monkeypatch: pytest.MonkeyPatch, logs: dict[TopicPartition, Log], tmp_path: Any
+) -> None:
+    topic = get_settings().topic("agent.messages")
+    delete_after_planning(monkeypatch, replay_mod, logs, {TopicPartition(topic, 0): 9})
+    out = tmp_path / "out.jsonl"
+    result = invoke(["replay", "--topics", "agent.messages", "--meta", "--out", str(out)])
+    assert result.exit_code == 3
+    assert screen(result.stderr) == [
+        f"WARNING: {topic}:0 offsets 0-8 (9) were deleted (retention or delete-records) "
+        "before they could be read: their records are missing",
+        f"wrote 10 record(s) to {out}; 9 offset(s) of the range were deleted before they "
+        "could be read",
+    ]
+    assert len(out.read_bytes().splitlines()) == 10  # what was left is written
+
+
+@pytest.mark.parametrize(
+    ("args", "status"),
+    [
+        (["audit", "report", "--format", "json"], {3}),
+        (["rebuild", "accepted_by_sender", "--json"], {1, 3}),  # 1 if the tables differ too
+    ],
+)
+def test_report_and_rebuild_warn_too(
+    monkeypatch: pytest.MonkeyPatch,
+    logs: dict[TopicPartition, Log],
+    args: list[str],
+    status: set[int],
+) -> None:
+    topic = get_settings().topic("agent.messages.accepted")
+    delete_after_planning(monkeypatch, replay_mod, logs, {TopicPartition(topic, 0): 9})
+    result = invoke(args)
+    assert result.exit_code in status and result.stdout
+    assert screen(result.stderr)[0].startswith(f"WARNING: {topic}:0 offsets 0-8 (9) were")
+
+
+async def test_verify_reports_offsets_deleted_before_it_read_them(
+    monkeypatch: pytest.MonkeyPatch, logs: dict[TopicPartition, Log]
+) -> None:
+    topic = get_settings().topic(CHAINED_TOPICS[0])
+    delete_after_planning(monkeypatch, verify_mod, logs, {TopicPartition(topic, 0): 9})
+    reports = await verify(
+        get_settings(), [CHAINED_TOPICS[0]], trust=ChainTrust(), require_signatures=False
+    )
+    by_partition = {r.partition: r for r in reports}
+    assert by_partition[0].lost == [Gap(topic, 0, 0, 9)]
+    assert [by_partition[0].first_offset, by_partition[0].records] == [9, 1]
+    assert by_partition[1].lost == []
+    assert summary(reports)["lost"] == [{"topic": topic, "partition": 0, "first": 0, "stop": 9}]
+
+
+def test_the_verify_command_names_the_offsets_it_could_not_check(
+    monkeypatch: pytest.MonkeyPatch, logs: dict[TopicPartition, Log]
+) -> None:
+    topic = get_settings().topic(CHAINED_TOPICS[0])
+    delete_after_planning(monkeypatch, verify_mod, logs, {TopicPartition(topic, 0): 9})
+    text = invoke(["audit", "verify", "--topics", CHAINED_TOPICS[0], *TRUST])
+    assert text.exit_code == 1
+    assert f"{topic}:0  1 record(s)  " in text.stdout
+    assert "9 offset(s) NOT CHECKED" in text.stdout
+    assert "  LOST      offsets 0-8  deleted (retention or delete-records)" in text.stdout
