@@ -878,9 +878,10 @@ async def plan_ranges(
     """Per partition: [first offset at/after since, first offset at/after until) ∩
     [begin, end). An `until` not in the past (`now`, the default of the commands,
     parsed when the command started: within `UNTIL_NOW_SLACK_MS`) is the end read here:
-    a record's timestamp is its producer's, and one dated ahead would otherwise end the
-    range at it, leaving every later record of the partition out (a forged chain record
-    hidden from `audit verify` that way)."""
+    on a topic that keeps the producer's clock (CreateTime: the catalogue's take the
+    broker's, `streams.topics.TopicSpec.configs`), a record dated ahead would otherwise
+    end the range at it, leaving every later record of the partition out (a forged chain
+    record hidden from `audit verify` that way)."""
     tps: list[TopicPartition] = []
     for topic in topics:
         parts = consumer.partitions_for_topic(topic)
