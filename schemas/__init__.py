@@ -4,7 +4,7 @@
 reverse. Importing this package registers every event type.
 """
 
-from agentstream.schemas import comms, health, llm, messages, pipeline, security
+from agentstream.schemas import comms, health, limits, llm, messages, pipeline, security
 from agentstream.schemas.base import Event, Payload, utc_now
 from agentstream.schemas.comms import CommunicationRecord
 from agentstream.schemas.errors import (
@@ -74,6 +74,7 @@ __all__ = [
     "comms",
     "encode",
     "health",
+    "limits",
     "llm",
     "messages",
     "pipeline",

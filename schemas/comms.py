@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Any, Literal, get_args
 
-from pydantic import Field
+from pydantic import Field, ValidationInfo, field_validator
 
 from agentstream.schemas.base import MAX_ID_LENGTH, Payload, Time
+from agentstream.schemas.limits import COMMS_DETAILS, limits_apply
 from agentstream.schemas.registry import registry
 
 CommKind = Literal["communication", "blockchain", "model", "token", "wallet", "resource"]
@@ -31,4 +32,12 @@ class CommunicationRecord(Payload):
     #: e.g. tokens moved, bytes transferred, gas used
     amount: float | None = Field(default=None, allow_inf_nan=False)
     unit: str = Field(default="", max_length=64)
-    details: dict[str, Any] = Field(default_factory=dict)
+    #: kept with the record in the comms table: bounded (`schemas.limits`)
+    details: dict[str, Any] = Field(
+        default_factory=dict, json_schema_extra=COMMS_DETAILS.json_schema()
+    )
+
+    @field_validator("details")
+    @classmethod
+    def _bounded_details(cls, value: dict[str, Any], validation: ValidationInfo) -> dict[str, Any]:
+        return COMMS_DETAILS.check(value) if limits_apply(validation) else value

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, ValidationInfo, field_validator
 
 from agentstream.schemas.base import MAX_ID_LENGTH, Payload, Time
+from agentstream.schemas.limits import HEARTBEAT_INFO, METRIC_LABELS, limits_apply
 from agentstream.schemas.registry import registry
 
 AgentState = Literal["up", "down"]
@@ -21,7 +22,15 @@ class Heartbeat(Payload):
     agent_id: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
     sent_at: Time
     sequence: int = Field(default=0, ge=0)
-    info: dict[str, str] = Field(default_factory=dict)
+    #: kept per agent in the heartbeats table: bounded (`schemas.limits`)
+    info: dict[str, str] = Field(
+        default_factory=dict, json_schema_extra=HEARTBEAT_INFO.json_schema()
+    )
+
+    @field_validator("info")
+    @classmethod
+    def _bounded_info(cls, value: dict[str, str], validation: ValidationInfo) -> dict[str, str]:
+        return HEARTBEAT_INFO.check(value) if limits_apply(validation) else value
 
 
 @registry.register
@@ -49,7 +58,15 @@ class MetricSample(Payload):
     #: seconds since the epoch (float), the design's MetricDataPoint.timestamp
     timestamp: float = Field(ge=0)
     value: float = Field(allow_inf_nan=False)
-    labels: dict[str, str] = Field(default_factory=dict, max_length=32)
+    #: part of the key of every window in the metrics table: bounded (`schemas.limits`)
+    labels: dict[str, str] = Field(
+        default_factory=dict, max_length=32, json_schema_extra=METRIC_LABELS.json_schema()
+    )
+
+    @field_validator("labels")
+    @classmethod
+    def _bounded_labels(cls, value: dict[str, str], validation: ValidationInfo) -> dict[str, str]:
+        return METRIC_LABELS.check(value) if limits_apply(validation) else value
 
 
 class DiskUsage(Payload):

@@ -5,10 +5,10 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from agentstream.schemas.base import MAX_ID_LENGTH, Payload, Time
-from agentstream.schemas.messages import check_tree
+from agentstream.schemas.limits import MESSAGE_METADATA, check_tree, limits_apply
 from agentstream.schemas.registry import registry
 
 #: a tool (function) name, as OpenAI and Anthropic accept it
@@ -85,7 +85,15 @@ class LLMContext(Payload):
     system_prompt: str | None = None
     #: the Midscene-style adapter adds web search results when set
     web_search_query: str | None = Field(default=None, max_length=1024)
-    metadata: dict[str, Any] = Field(default_factory=dict)
+    #: bounded like a message's metadata (`schemas.limits`)
+    metadata: dict[str, Any] = Field(
+        default_factory=dict, json_schema_extra=MESSAGE_METADATA.json_schema()
+    )
+
+    @field_validator("metadata")
+    @classmethod
+    def _bounded_metadata(cls, value: dict[str, Any], validation: ValidationInfo) -> dict[str, Any]:
+        return MESSAGE_METADATA.check(value) if limits_apply(validation) else value
 
 
 #: the keys OpenAI's `json_schema` object takes

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from agentstream.schemas.base import MAX_ID_LENGTH, Payload, Time
+from agentstream.schemas.limits import MESSAGE_METADATA, check_json_size, check_tree, limits_apply
 from agentstream.schemas.registry import registry
 
 
@@ -65,38 +66,26 @@ class AgentMessage(Payload):
     content_type: str = Field(default="text/plain", max_length=128)
     encryption: EncryptionEnvelope | None = None
     auth: AuthProof | None = None
-    metadata: dict[str, Any] = Field(default_factory=dict)
+    metadata: dict[str, Any] = Field(
+        default_factory=dict, json_schema_extra=MESSAGE_METADATA.json_schema()
+    )
 
     @field_validator("metadata")
     @classmethod
-    def _bounded_metadata(cls, value: dict[str, Any]) -> dict[str, Any]:
+    def _bounded_metadata(cls, value: dict[str, Any], validation: ValidationInfo) -> dict[str, Any]:
         # Bounded so that every decoded message can be scanned, re-encoded (orjson stops
         # at 255 levels) and decided: a deeper or larger tree is a dead letter instead.
+        # Depth and items always (a deeper tree cannot be re-encoded, history or not);
+        # the size is a producer limit (a rejected copy adds the reasons to it).
         check_tree(value, max_depth=MAX_METADATA_DEPTH, max_items=MAX_METADATA_ITEMS)
+        if limits_apply(validation):
+            check_json_size(value, MESSAGE_METADATA.json_bytes)
         return value
 
 
 #: how deep `AgentMessage.metadata` may nest, and how many keys and values it may hold
-MAX_METADATA_DEPTH = 16
-MAX_METADATA_ITEMS = 10_000
-
-
-def check_tree(value: Any, *, max_depth: int, max_items: int) -> None:
-    """Raise ValueError when a JSON tree nests deeper or holds more items than allowed
-    (iterative: a hostile tree cannot exhaust the stack)."""
-    stack: list[tuple[Any, int]] = [(value, 1)]
-    items = 0
-    while stack:
-        node, depth = stack.pop()
-        children = node.values() if isinstance(node, dict) else node
-        if depth > max_depth:
-            raise ValueError(f"nested deeper than {max_depth} levels")
-        for child in children:
-            items += 1
-            if items > max_items:
-                raise ValueError(f"holds more than {max_items} keys and values")
-            if isinstance(child, dict | list):
-                stack.append((child, depth + 1))
+MAX_METADATA_DEPTH = MESSAGE_METADATA.depth
+MAX_METADATA_ITEMS = MESSAGE_METADATA.items
 
 
 @registry.upcaster("agent.message", 1)

@@ -6,6 +6,10 @@ Decoding is the one door every consumer goes through::
 
 Every way that can fail ends in one `SchemaError` subclass, so a consumer catches one
 class and dead-letters the input with the reason.
+
+The producer limits (`schemas.limits`: bounds on free-form maps a worker keeps in its
+tables) hold by default; readers of history pass ``limits=False`` so that a record
+written before a bound existed stays readable.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from agentstream.schemas.errors import (
     UnknownEventType,
     UnsupportedSchemaVersion,
 )
+from agentstream.schemas.limits import HISTORY
 
 Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
 
@@ -74,12 +79,15 @@ class EventRegistry:
         return (self._models[t] for t in self.types())
 
     # -- decoding ---------------------------------------------------------------------
-    def decode(self, raw: bytes | str, *, max_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> Event[Any]:
-        """Bytes from Kafka → a validated, upcast event, or a `SchemaError`."""
-        return self.parse(raw, max_bytes=max_bytes)[0]
+    def decode(
+        self, raw: bytes | str, *, max_bytes: int = DEFAULT_MAX_EVENT_BYTES, limits: bool = True
+    ) -> Event[Any]:
+        """Bytes from Kafka → a validated, upcast event, or a `SchemaError`. `limits`:
+        whether the producer limits hold (`schemas.limits`; False to read history)."""
+        return self.parse(raw, max_bytes=max_bytes, limits=limits)[0]
 
     def parse(
-        self, raw: bytes | str, *, max_bytes: int = DEFAULT_MAX_EVENT_BYTES
+        self, raw: bytes | str, *, max_bytes: int = DEFAULT_MAX_EVENT_BYTES, limits: bool = True
     ) -> tuple[Event[Any], dict[str, Any] | None]:
         """`decode`, plus the JSON object the event was validated from when it came at
         its current schema version (None when it was upcast): a stage forwarding the
@@ -94,10 +102,10 @@ class EventRegistry:
             data = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
             raise UndecodableEvent(f"not JSON: {exc}") from None
-        event = self.from_dict(data)
+        event = self.from_dict(data, limits=limits)
         return event, data if data["schema_version"] == event.schema_version else None
 
-    def from_dict(self, data: Any) -> Event[Any]:
+    def from_dict(self, data: Any, *, limits: bool = True) -> Event[Any]:
         if not isinstance(data, dict):
             raise UndecodableEvent(f"expected a JSON object, got {type(data).__name__}")
         type_ = data.get("type")
@@ -115,7 +123,7 @@ class EventRegistry:
         if version < model.VERSION:
             data = self._upcast(type_, version, model.VERSION, data)
         try:
-            return self._envelopes[type_].model_validate(data)
+            return self._envelopes[type_].model_validate(data, context=None if limits else HISTORY)
         except ValidationError as exc:
             raise InvalidEvent(_describe(type_, exc), type=type_) from None
         except Exception as exc:

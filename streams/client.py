@@ -1152,7 +1152,9 @@ async def _awaited(fut: asyncio.Future[T]) -> T:
 
 def _received(topic: str, rec: Any, max_bytes: int) -> Received:
     try:
-        event: Event[Any] | None = registry.decode(rec.value, max_bytes=max_bytes)
+        # a subscriber reads what is on the topic, as it was accepted when written: not
+        # held to producer limits that came later (`schemas.limits`)
+        event: Event[Any] | None = registry.decode(rec.value, max_bytes=max_bytes, limits=False)
         error: SchemaError | None = None
     except SchemaError as exc:
         event, error = None, exc

@@ -136,7 +136,10 @@ def to_ms(dt: datetime) -> int:
 
 class ReplayRecord:
     """One record of a replay. `data` is the parsed JSON (None if unparseable);
-    `event` validates it into an `Event` on first access (raises `SchemaError`)."""
+    `event` validates it into an `Event` on first access (raises `SchemaError`), as
+    history: without the producer limits (`schemas.limits`), so that a record written
+    before a bound existed is read as it was accepted then. `checked_event` validates it
+    as a worker takes its input in."""
 
     __slots__ = (
         "_event",
@@ -176,8 +179,15 @@ class ReplayRecord:
         if self._event is None:
             if self.data is None:
                 raise SchemaError(self.error or "undecodable record")
-            self._event = registry.from_dict(self.data)
+            self._event = registry.from_dict(self.data, limits=False)
         return self._event
+
+    def checked_event(self) -> Event[Any]:
+        """The event as a worker decodes its input, the producer limits included (a
+        rebuild folds only what the live fold would take); raises `SchemaError`."""
+        if self.data is None:
+            raise SchemaError(self.error or "undecodable record")
+        return registry.from_dict(self.data)
 
     def event_or_none(self) -> Event[Any] | None:
         try:

@@ -79,8 +79,9 @@ async def source_events(
     """The decodable events of the table's sources, each partition in log order.
 
     Records the live agent dead-letters are skipped, so that they reach neither fold:
-    those that do not decode, those larger than `max_event_bytes`, and those of a type
-    their topic does not carry (a heartbeat on agent.status)."""
+    those that do not decode (the producer limits included, `ReplayRecord.checked_event`),
+    those larger than `max_event_bytes`, and those of a type their topic does not carry
+    (a heartbeat on agent.status)."""
     from agentstream.streams.topics import CATALOGUE
 
     carried = {
@@ -101,9 +102,10 @@ async def source_events(
         if rec.value is not None and len(rec.value) > settings.max_event_bytes:
             continue
         try:
-            yield rec.event
+            event = rec.checked_event()
         except SchemaError:
             continue
+        yield event
 
 
 async def rebuild_from_history(
