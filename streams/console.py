@@ -115,6 +115,20 @@ COUNTERS = {
     "agentstream_llm_calls": ("provider", "status"),
 }
 LATENCY_METRIC = "agentstream_llm_latency_seconds"
+#: the sample names `read_counters` reads
+COUNTER_SAMPLES = frozenset(
+    [f"{name}_total" for name in COUNTERS]
+    + [f"{LATENCY_METRIC}{suffix}" for suffix in ("_bucket", "_count", "_sum")]
+)
+
+
+def read_registry(registry: Any) -> dict[str, Any]:
+    """`read_counters` of a prometheus-client registry, collecting only the metrics it
+    reads: a whole registry's ``collect()`` also runs the collectors that build their
+    samples from tables at that moment (the latest value of every metric series,
+    `agents.metrics.agent.SeriesCollector`, scans the metrics table), which the console,
+    sampling every `INTERVAL_S`, never shows."""
+    return read_counters(registry.restricted_registry(COUNTER_SAMPLES).collect())
 
 
 def read_counters(families: Iterable[Any]) -> dict[str, Any]:

@@ -428,6 +428,15 @@ class Settings(BaseModel):
     metrics_retention_s: float = Field(
         default=3600.0, gt=0, description="How long metric windows are kept."
     )
+    metrics_export_max_series: int = Field(
+        default=1000,
+        ge=0,
+        description=(
+            "At most this many series and label sets in `agentstream_series_last_value` "
+            "on a worker's `/metrics` (the rest are counted in "
+            "`agentstream_series_export_dropped`)."
+        ),
+    )
     system_monitoring_interval_s: float = Field(
         default=15.0, gt=0, description="SystemStats period."
     )

@@ -200,7 +200,7 @@ def worker_share() -> dict[str, Any]:
         "status": overall(found) if found else None,
         "components": {c.name: {"status": c.status, "detail": c.detail} for c in found},
         "lag": health.consumer_lags(),
-        **console.read_counters(REGISTRY.collect()),
+        **console.read_registry(REGISTRY),
         "probes": console.run_probes(),
     }
 

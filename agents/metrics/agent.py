@@ -4,6 +4,7 @@ the latest value of every series to Prometheus (`agentstream_series_last_value`)
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -11,7 +12,7 @@ from typing import Any
 from prometheus_client.core import REGISTRY, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from agentstream.agents.metrics.windows import latest_values
+from agentstream.agents.metrics.windows import exported_series
 from agentstream.schemas import MetricSample
 from agentstream.streams.app import app, catalogue_topic, settings
 from agentstream.streams.processing import Inbound, decoded_batches, guarded
@@ -20,6 +21,7 @@ from agentstream.streams.topics import METRICS_SAMPLES
 
 CONSUMER = "collect_metrics"
 writer = metrics_writer()
+log = logging.getLogger(__name__)
 
 
 @app.on_partitions_assigned.connect
@@ -55,20 +57,51 @@ async def _fold(inbound: Inbound) -> None:
 
 
 class SeriesCollector(Collector):
-    """Latest value of each collected series and label set, at scrape time."""
+    """Latest value of each collected series and label set, at scrape time: at most
+    `metrics_export_max_series` of them, and how many more there were."""
+
+    def __init__(self) -> None:
+        self.dropping = False
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        # the names, without scanning the table (registering would collect() otherwise)
+        yield from self._families()
+
+    def _families(self) -> tuple[GaugeMetricFamily, GaugeMetricFamily]:
+        return (
+            GaugeMetricFamily(
+                "agentstream_series_last_value",
+                "Latest value of each collected metrics.samples series and label set",
+                labels=["series", "labels"],
+            ),
+            GaugeMetricFamily(
+                "agentstream_series_export_dropped",
+                "Series and label sets left out of agentstream_series_last_value (over "
+                "AGENTSTREAM_METRICS_EXPORT_MAX_SERIES) at this scrape",
+            ),
+        )
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        fam = GaugeMetricFamily(
-            "agentstream_series_last_value",
-            "Latest value of each collected metrics.samples series and label set",
-            labels=["series", "labels"],
+        fam, dropped_fam = self._families()
+        rows, dropped = exported_series(
+            list(writer.items()),
+            now=time.time(),
+            retention_s=settings.metrics_retention_s,
+            limit=settings.metrics_export_max_series,
         )
-        latest = latest_values(
-            list(writer.items()), now=time.time(), retention_s=settings.metrics_retention_s
-        )
-        for (series, labels_json), window in sorted(latest.items()):
-            fam.add_metric([series, labels_json], float(window["last"]))
+        for series, labels_json, value in rows:
+            fam.add_metric([series, labels_json], value)
+        dropped_fam.add_metric([], dropped)
+        if dropped and not self.dropping:
+            log.warning(
+                "/metrics exports %d series and label sets of metrics.samples and leaves "
+                "%d out (AGENTSTREAM_METRICS_EXPORT_MAX_SERIES); all are in the views",
+                len(rows),
+                dropped,
+            )
+        self.dropping = dropped > 0
         yield fam
+        yield dropped_fam
 
 
 _collector = SeriesCollector()

@@ -11,6 +11,7 @@ views even though no newer sample arrives to prune it).
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -22,7 +23,14 @@ from agentstream.streams.tables.monitoring import (
     split_window_key,
 )
 
-__all__ = ["fold_sample", "labels_key", "latest_values", "make_metrics_fold", "series_between"]
+__all__ = [
+    "exported_series",
+    "fold_sample",
+    "labels_key",
+    "latest_values",
+    "make_metrics_fold",
+    "series_between",
+]
 
 
 def _matches(labels: Mapping[str, str], wanted: Mapping[str, str] | None) -> bool:
@@ -78,6 +86,22 @@ def latest_values(
         if cur is None or float(value["last_ts"]) >= float(cur["last_ts"]):
             best[group] = value
     return best
+
+
+def exported_series(
+    items: Iterable[tuple[str, Any]], *, now: float, retention_s: float, limit: int
+) -> tuple[list[tuple[str, str, float]], int]:
+    """What `agentstream_series_last_value` exports: (series, labels-json, latest value)
+    of at most `limit` series and label sets, the first ones in (series, labels) order,
+    and how many more there were.
+
+    The table holds as many label sets as producers invent, and a scrape of every one
+    made Prometheus a series each (and the text of the answer as large as the table):
+    beyond `limit` they are counted, not exported. The order keeps the choice stable
+    from one scrape to the next, so no exported series flaps."""
+    latest = latest_values(items, now=now, retention_s=retention_s)
+    kept = sorted(latest) if len(latest) <= limit else heapq.nsmallest(limit, latest)
+    return [(s, lk, float(latest[(s, lk)]["last"])) for s, lk in kept], len(latest) - len(kept)
 
 
 def group_name(series: str, labels_json: str) -> str:
