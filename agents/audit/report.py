@@ -4,9 +4,10 @@ self-contained HTML page with inline SVG charts (no scripts, no CDN, no network)
 Per agent: messages sent / accepted / rejected (with the rejection reasons), LLM calls by
 status, tokens by provider and model, status changes, and communication records by kind.
 
-Counts are deduplicated: under at-least-once a crash can repeat outputs, so each record
-counts once per (topic, input id) — the input id being an output's `causation_id`, or the
-event id of an event that is not caused by another.
+Counts are deduplicated (`dedup_key`): under at-least-once a crash can repeat outputs, so
+an output counts once per input — by ids the pipeline sets, never by ids a sender chose
+alone (a sender reusing one event id for every message made them one message, its
+rejections hidden among "duplicates").
 """
 
 from __future__ import annotations
@@ -40,6 +41,40 @@ REPORT_TOPICS: tuple[str, ...] = (
     COMMS_RECORDS,
     PIPELINE_DEADLETTER,
 )
+
+
+#: records a producer writes: each is one input, whatever ids it carries
+INPUT_TOPICS = frozenset({AGENT_MESSAGES})
+#: records with an event id the pipeline derives from their input's coordinates (a
+#: forwarded message: `agents.security.agent.forwarded_id`; a dead letter)
+DERIVED_ID_TOPICS = frozenset(
+    {AGENT_MESSAGES_ACCEPTED, AGENT_MESSAGES_REJECTED, PIPELINE_DEADLETTER}
+)
+
+
+def dedup_key(topic: str, event: Event[Any], partition: int, offset: int) -> tuple[Any, ...]:
+    """What makes two records of `topic` one for the report.
+
+    * an input (`agent.messages`): its coordinates — a record is one message however
+      its sender filled its ids; the same record read again is the same coordinates;
+    * a forwarded message, a dead letter: its event id, derived from the coordinates of
+      the input it was made from, so the input decided again after a crash gives the
+      same id (forwarded messages written before their ids were derived carry the
+      input's event id: counted as before);
+    * a communication record: what the comms table stores it under (agent, kind, time,
+      record id), so the report counts what the table and `/comms` count;
+    * another output (an LLM response, a status change): the input it was caused by and
+      the key it is about (request id, agent id): a repeated output has both the same,
+      and outputs of inputs that share a sender-chosen event id stay apart.
+    """
+    if topic in INPUT_TOPICS:
+        return (topic, partition, offset)
+    if topic in DERIVED_ID_TOPICS:
+        return (topic, str(event.event_id))
+    p = event.payload
+    if topic == COMMS_RECORDS:
+        return (topic, p.agent_id, p.kind, p.recorded_at.timestamp(), p.record_id)
+    return (topic, event.causation_id or str(event.event_id), event.key)
 
 
 @dataclass
@@ -82,10 +117,11 @@ class ReportBuilder:
         self.dead_letters: Counter[str] = Counter()
         self.duplicates = 0
         self.events = 0
-        self._seen: set[tuple[str, str]] = set()
+        self._seen: set[tuple[Any, ...]] = set()
 
-    def add(self, topic: str, event: Event[Any]) -> None:
-        key = (topic, event.causation_id or str(event.event_id))
+    def add(self, topic: str, event: Event[Any], partition: int, offset: int) -> None:
+        """Fold the event read at `partition`/`offset` of `topic` (a catalogue name)."""
+        key = dedup_key(topic, event, partition, offset)
         if key in self._seen:
             self.duplicates += 1
             return
@@ -173,7 +209,7 @@ async def build_report(
     ):
         ev = rec.event_or_none()
         if ev is not None:
-            builder.add(base[rec.topic], ev)
+            builder.add(base[rec.topic], ev, rec.partition, rec.offset)
     return builder.result(start, end)
 
 

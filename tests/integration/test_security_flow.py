@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
+from agentstream.agents.security.agent import forwarded_id
 from agentstream.agents.security.crypto import encrypt_content, new_key, sign_message
 from agentstream.schemas import AgentMessage, Event, encode, utc_now
 from agentstream.schemas.messages import AuthProof
@@ -203,6 +204,8 @@ async def test_policies_enforced_live_and_secrets_never_leave(
             "u-level": (_msg("u-level", "x", security_level="public"), {"default_action"}),
         }
         sent: dict[str, Event[Any]] = {}
+        #: message id -> where its input was written
+        where: dict[str, tuple[int, int]] = {}
         invalid = Event.of(by_token.model_copy(update={"message_id": "c-invalid"}), source="t")
         invalid_raw = encode(invalid).replace(b'"recipient_id":"bob",', b"")  # schema error
         truncated = encode(invalid)[: encode(invalid).index(token.encode()) + 10]
@@ -214,7 +217,8 @@ async def test_policies_enforced_live_and_secrets_never_leave(
                 bad_sent.append((raw, md.partition, md.offset))
             for mid, (msg, _) in cases.items():
                 sent[mid] = Event.of(msg, source="test")
-                await client.publish("agent.messages", sent[mid])
+                md = await client.publish("agent.messages", sent[mid])
+                where[mid] = (md.partition, md.offset)
 
             # -- a policy applied at runtime reaches the running worker --------------------
             live = tmp_path / "live.yaml"
@@ -233,7 +237,8 @@ async def test_policies_enforced_live_and_secrets_never_leave(
             msg = _msg("s-live", "this is forbidden")
             sent["s-live"] = Event.of(msg, source="test")
             cases["s-live"] = (msg, {"blocked_patterns"})
-            await client.publish("agent.messages", sent["s-live"])
+            md = await client.publish("agent.messages", sent["s-live"])
+            where["s-live"] = (md.partition, md.offset)
 
         n = len(cases)
         want_ok = {m for m, (_, rules) in cases.items() if not rules}
@@ -276,13 +281,16 @@ async def test_policies_enforced_live_and_secrets_never_leave(
             rules = set(ev.payload.metadata["rejection_rules"])
             assert rules == cases[mid][1], (mid, ev.payload.metadata["rejection_reasons"])
             assert ev.causation_id == str(sent[mid].event_id)
+            assert str(ev.event_id) == forwarded_id(settings.topic("agent.messages"), *where[mid])
         assert any(
             "'forbidden'" in r and "std-words v1" in r
             for r in by_mid["s-live"].payload.metadata["rejection_reasons"]
         )
         for _, ev in accepted:
             assert ev.causation_id == str(sent[ev.payload.message_id].event_id)
-            assert ev.event_id == sent[ev.payload.message_id].event_id  # same message
+            # its own id, derived from where its input was read
+            expected = forwarded_id(settings.topic("agent.messages"), *where[ev.payload.message_id])
+            assert str(ev.event_id) == expected
             auth = ev.payload.auth
             assert auth is None or auth.token is None
         token_fwd = next(ev for _, ev in accepted if ev.payload.message_id == "c-token")

@@ -6,14 +6,17 @@ from __future__ import annotations
 import re
 from datetime import UTC, datetime
 from typing import Any
+from uuid import uuid4
 
 from agentstream.agents.audit.report import ReportBuilder, bar_chart, render_html
+from agentstream.agents.security.agent import forward_bytes
 from agentstream.schemas import (
     AgentMessage,
     AgentStatusChanged,
     CommunicationRecord,
     Event,
     LLMResponse,
+    registry,
 )
 from agentstream.schemas.llm import Usage
 
@@ -27,19 +30,35 @@ def msg(i: int, sender: str, **meta: Any) -> Event[Any]:
     )
 
 
+def forwarded(sent: Event[Any], offset: int, **meta: Any) -> Event[Any]:
+    """What `enforce_policy` forwards from `sent`, read at `offset` of agent.messages."""
+    message = sent.payload.model_copy(update={"metadata": meta}) if meta else sent.payload
+    return registry.decode(forward_bytes(sent, message, None, "agent.messages", 0, offset))
+
+
+class Offsets:
+    """The next offset of each topic, as records are written to it."""
+
+    def __init__(self) -> None:
+        self.next: dict[str, int] = {}
+
+    def __call__(self, topic: str) -> tuple[int, int]:
+        offset = self.next[topic] = self.next.get(topic, -1) + 1
+        return 0, offset
+
+
 def sample() -> ReportBuilder:
     b = ReportBuilder()
+    at = Offsets()
     inputs = [msg(i, "alice" if i < 3 else "bob") for i in range(5)]
     for ev in inputs:
-        b.add("agent.messages", ev)
-    for ev in inputs[:2] + inputs[3:4]:
-        b.add("agent.messages.accepted", ev.caused(ev.payload, source="enforce_policy"))
-    rejected = inputs[2].caused(
-        msg(2, "alice", rejection_reasons=["blocked pattern 'x'", "too large"]).payload,
-        source="enforce_policy",
-    )
-    b.add("agent.messages.rejected", rejected)
-    b.add("agent.messages.rejected", rejected)  # a repeated delivery counts once
+        b.add("agent.messages", ev, *at("agent.messages"))
+    for i in (0, 1, 3):
+        b.add("agent.messages.accepted", forwarded(inputs[i], i), *at("accepted"))
+    rejected = forwarded(inputs[2], 2, rejection_reasons=["blocked pattern 'x'", "too large"])
+    b.add("agent.messages.rejected", rejected, *at("rejected"))
+    # the input decided again after a crash: its copy written again counts once
+    b.add("agent.messages.rejected", rejected, *at("rejected"))
     for provider, model, tokens in (
         ("openai", "gpt-x", 10),
         ("openai", "gpt-x", 5),
@@ -60,6 +79,7 @@ def sample() -> ReportBuilder:
                 ),
                 source="llm",
             ),
+            *at("llm.responses"),
         )
     b.add(
         "agent.status",
@@ -69,6 +89,7 @@ def sample() -> ReportBuilder:
             ),
             source="hb",
         ),
+        *at("agent.status"),
     )
     for kind in ("token", "token", "wallet"):
         b.add(
@@ -82,6 +103,7 @@ def sample() -> ReportBuilder:
                 ),
                 source="comms",
             ),
+            *at("comms.records"),
         )
     return b
 
@@ -105,6 +127,62 @@ def test_counts_per_agent() -> None:
     assert alice["comms"] == {"token": 2, "wallet": 1}
     assert data["duplicates_ignored"] == 1
     assert data["totals"]["sent"] == 5 and data["totals"]["rejected"] == 1
+
+
+def test_a_sender_reusing_one_event_id_is_counted_message_by_message() -> None:
+    """Every message of a sender reusing one event id (and causation id) counts, with the
+    reasons of each rejection: inputs are told apart by their coordinates, forwarded
+    copies by the event id the worker derives from them. Before, the report counted them
+    as one message sent, one accepted, one rejected with the first rejection's reasons,
+    the rest under an unattributed `duplicates_ignored`."""
+    reused = uuid4()
+    b = ReportBuilder()
+    at = Offsets()
+    outcomes: list[list[str]] = [[], ["blocked pattern 'x'"], [], ["too large"], ["too large"]]
+    for i, reasons in enumerate(outcomes):
+        sent = Event.of(
+            AgentMessage(message_id=f"m{i}", sender_id="mallory", recipient_id="r"),
+            source="mallory",
+            event_id=reused,
+            causation_id=str(reused),
+        )
+        partition, offset = at("agent.messages")
+        b.add("agent.messages", sent, partition, offset)
+        if reasons:
+            copy = forwarded(sent, offset, rejection_reasons=reasons)
+            b.add("agent.messages.rejected", copy, *at("rejected"))
+        else:
+            b.add("agent.messages.accepted", forwarded(sent, offset), *at("accepted"))
+    # the last input decided again after a crash: one message still
+    b.add("agent.messages.rejected", forwarded(sent, 4, rejection_reasons=reasons), *at("rejected"))
+    data = b.result(T0, T0)
+    assert data["agents"]["mallory"]["messages"] == {
+        "sent": 5,
+        "accepted": 2,
+        "rejected": 3,
+        "rejection_reasons": {"too large": 2, "blocked pattern 'x'": 1},
+    }
+    assert data["duplicates_ignored"] == 1
+
+
+def test_outputs_of_inputs_sharing_an_event_id_stay_apart() -> None:
+    """LLM responses and status changes are told apart by what they are about, too: a
+    requester reusing one event id for many requests has each call counted."""
+    reused = str(uuid4())
+    b = ReportBuilder()
+    at = Offsets()
+    for rid in ("q1", "q2", "q1"):  # q1's response repeated after a crash
+        response = LLMResponse(request_id=rid, agent_id="eve", status="completed")
+        b.add("llm.responses", Event.of(response, source="llm", causation_id=reused), *at("r"))
+    for agent in ("a1", "a2"):
+        change = AgentStatusChanged(
+            agent_id=agent, previous=None, current="up", reason="first_seen", changed_at=T0
+        )
+        b.add("agent.status", Event.of(change, source="hb", causation_id=reused), *at("s"))
+    data = b.result(T0, T0)
+    assert data["agents"]["eve"]["llm"]["calls"] == 2
+    assert data["totals"]["status_changes"] == 2
+    assert data["duplicates_ignored"] == 1
 
 
 def test_html_is_self_contained_with_bars_carrying_values() -> None:

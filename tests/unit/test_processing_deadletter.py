@@ -127,7 +127,7 @@ def test_a_record_dead_lettered_again_is_the_same_event(consumer: str) -> None:
     ]
     assert len({first.event_id, *(o.event_id for o in others)}) == 5
     report = ReportBuilder()
-    for event in (first, again, *others):
-        report.add("pipeline.deadletter", event)
+    for offset, event in enumerate((first, again, *others)):
+        report.add("pipeline.deadletter", event, 0, offset)
     assert report.dead_letters[consumer] == 4
     assert report.duplicates == 1

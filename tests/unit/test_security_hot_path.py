@@ -162,13 +162,25 @@ def test_an_unchanged_message_is_forwarded_as_the_object_it_was_read_from() -> N
     )
     raw = encode(event)
     decoded, data = registry.parse(raw)
-    from_data = agent.forward_bytes(decoded, decoded.payload, data)
-    from_model = agent.forward_bytes(decoded, decoded.payload, None)
+    at = ("ns.agent.messages", 3, 41)
+    from_data = agent.forward_bytes(decoded, decoded.payload, data, *at)
+    from_model = agent.forward_bytes(decoded, decoded.payload, None, *at)
     forwarded = registry.decode(from_data)
     assert forwarded == registry.decode(from_model)
-    assert forwarded.event_id == event.event_id and forwarded.causation_id == str(event.event_id)
+    # its own event id, derived from the input's coordinates; the input's as causation id
+    assert forwarded.event_id == uuid.uuid5(agent.FORWARDED_IDS, "ns.agent.messages\n3\n41")
+    assert forwarded.causation_id == str(event.event_id)
+    assert forwarded.correlation_id == "c" and forwarded.payload == event.payload
     # a changed (e.g. redacted) message is written from the model, not from the input
     redacted = decoded.payload.model_copy(update={"content": "[redacted]"})
-    assert registry.decode(agent.forward_bytes(decoded, redacted, data)).payload.content == (
-        "[redacted]"
-    )
+    again = registry.decode(agent.forward_bytes(decoded, redacted, data, *at))
+    assert again.payload.content == "[redacted]" and again.event_id == forwarded.event_id
+
+
+def test_a_forwarded_id_is_the_uuid5_of_the_input_coordinates() -> None:
+    for topic, partition, offset in [("agent.messages", 0, 0), ("p.agent.messages", 7, 2**40)]:
+        assert agent.forwarded_id(topic, partition, offset) == str(
+            uuid.uuid5(agent.FORWARDED_IDS, f"{topic}\n{partition}\n{offset}")
+        )
+    ids = {agent.forwarded_id("t", p, o) for p in range(3) for o in range(3)}
+    assert len(ids) == 9
