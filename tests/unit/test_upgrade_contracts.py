@@ -1504,7 +1504,10 @@ def _pins() -> dict[str, str]:
     data = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
     pins = {}
     for requirement in data["project"]["dependencies"]:
-        match = re.fullmatch(r"\s*([A-Za-z0-9_.\-]+)\s*==\s*([^\s;,]+)\s*", requirement)
+        # `name[extras]==version`: aiokafka is pinned with its codec extras
+        match = re.fullmatch(
+            r"\s*([A-Za-z0-9_.\-]+)(?:\[[^\]]*\])?\s*==\s*([^\s;,]+)\s*", requirement
+        )
         if match:
             pins[match.group(1).lower()] = match.group(2)
     return pins
