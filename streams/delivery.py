@@ -123,6 +123,24 @@ Recovery (tables from their changelogs)
     positions were read. Why: a changelog ends in transaction markers (and aborted
     records) that a `read_committed` consumer never receives.
 
+Records the client cannot parse
+
+15. No record a producer wrote fails a fetch. Where aiokafka cannot parse what it
+    fetched (a header key that is not UTF-8, a codec it cannot decode), its fetcher hands
+    on a *stand-in* in its place (`streams.record_batches`, installed by
+    `new_transport`): a record that does not parse alone is a stand-in at its own offset;
+    the rest of a batch whose records cannot be found is one stand-in at the batch's last
+    offset. Its value is an `Unreadable` (the bytes kept: the record's value, or the raw
+    batch; the reason; the offsets it stands for), a type no producer can forge. To the
+    delivery it is an ordinary record (1-14): its agent dead-letters it
+    (`streams.processing.decoded_batches`) and it is acked with its batch. The offsets
+    before a batch's stand-in hold no record that will be delivered: they are a gap
+    counted as done (7), which Faust folds into a commit only below a higher acked
+    offset, so no commit passes them before the stand-in's dead letter is out (1, 11).
+    A crash before that fetches the batch again and makes the same stand-in (same
+    offset, same dead letter id). A batch whose CRC does not match still fails the
+    fetch (corrupted on the way, not as written: the broker checks the CRC), as before.
+
 Components
 
 * `BatchDeliveryConsumer`, mixed into Faust's aiokafka consumer by `new_transport`:
@@ -138,6 +156,7 @@ Components
   changelogs created at start), the consumer thread; `end_recovery_at_log_end` (14).
 * `streams.processing`: taking, acking and abandoning batches (1, 8-10), outputs (3, 12).
 * `consumer_state`: the consumer's partitions and offsets in the SIGUSR2 task dump.
+* `streams.record_batches`: stand-ins for what aiokafka cannot parse (15).
 
 `streams.app` imports this module, so this module never imports `streams.app` at import
 time: what needs the app takes it from its objects (`self.app`) or as an argument, and
@@ -163,6 +182,7 @@ from faust.transport.drivers import aiokafka as aiokafka_driver
 from faust.types import TP
 from mode.utils.queues import FlowControlEvent
 
+from agentstream.streams import record_batches
 from agentstream.streams.observability import OFFSETS_SKIPPED
 from agentstream.streams.settings import BATCH_DELIVERY_SWITCH
 from agentstream.streams.tables.writer import flush_pending
@@ -1325,6 +1345,8 @@ def new_transport(app: Any) -> Any:
     transport, its consumer a `BatchDeliveryConsumer` on a `consumer_thread_class`
     thread, its producer an `IdempotentProducer`."""
     install_produce_fence()
+    # what aiokafka cannot parse reaches the agents as stand-ins to dead-letter (15)
+    record_batches.install()
     base = by_url(app.conf.broker_consumer[0])
     if not issubclass(base, aiokafka_driver.Transport):
         raise ValueError(f"unsupported broker transport: {app.conf.broker_consumer[0]}")

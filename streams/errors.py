@@ -9,6 +9,8 @@ PipelineError                         retriable: bool — retry logic reads only
 ├── PublishError                      the broker refused or never acked a      per cause
 │                                     record (streams.client); topic, key, cause
 ├── ProcessingError                   an agent failed on one decoded event    not retriable
+├── UnreadableRecord                  the Kafka client could not parse a      not retriable
+│                                     record or batch (streams.record_batches)
 ├── CredentialsError                  keychain missing, backend refused       not retriable
 │   └── CredentialsNotFound
 └── ProviderError                     an LLM provider call failed             per status
@@ -59,6 +61,7 @@ __all__ = [
     "SettingsError",
     "UndecodableEvent",
     "UnknownEventType",
+    "UnreadableRecord",
     "UnsupportedSchemaVersion",
 ]
 
@@ -113,6 +116,14 @@ def _retriable_cause(cause: BaseException | None) -> bool:
 
 
 class ProcessingError(PipelineError):
+    retriable = False
+
+
+class UnreadableRecord(PipelineError):
+    """A record (or the rest of a record batch) the Kafka client could not parse: a
+    header key that is not UTF-8, a codec it cannot decode (`streams.record_batches`).
+    The same bytes fail the same way again."""
+
     retriable = False
 
 

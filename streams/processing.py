@@ -97,7 +97,9 @@ from agentstream.streams.delivery import (
     refuse_commits,
 )
 from agentstream.streams.eos import GATE, SOURCE, transactional_id_for
+from agentstream.streams.errors import UnreadableRecord
 from agentstream.streams.observability import DEAD_LETTERS, EVENTS_IN, EVENTS_OUT, SEND_FAILURES
+from agentstream.streams.record_batches import unreadable
 from agentstream.streams.tables.writer import flush_pending, pending_writes
 from agentstream.streams.topics import PIPELINE_DEADLETTER
 
@@ -485,6 +487,14 @@ async def _decoded_batches(
             )
             for msg, value in pairs:
                 topic_name = msg.topic
+                # the raw codec hands the message's value on as it is; the message's
+                # own is what the dead letter carries
+                stand_in = unreadable(value) or unreadable(getattr(msg, "value", None))
+                if stand_in is not None:
+                    # what the Kafka client could not parse (delivery 15): a dead letter
+                    # like any undecodable record, acked with its batch
+                    bad.append((msg, UnreadableRecord(stand_in.describe())))
+                    continue
                 try:
                     decoded, data = registry.parse(value, max_bytes=limit)
                     if accepted is not None and decoded.type not in accepted:

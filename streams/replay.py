@@ -60,8 +60,10 @@ from aiokafka.errors import OffsetOutOfRangeError
 
 from agentstream.schemas import Event, registry
 from agentstream.schemas.errors import SchemaError
+from agentstream.streams import record_batches
 from agentstream.streams.client import group_less_consumer
 from agentstream.streams.errors import BrokerError
+from agentstream.streams.record_batches import unreadable
 from agentstream.streams.redaction import redact_event_dict, redact_raw
 from agentstream.streams.settings import Settings
 from agentstream.streams.topics import CATALOGUE
@@ -385,7 +387,8 @@ class Progress:
     records after its filters), and `stage` names what is being read when a command
     reads several things in turn. `lost` lists the offsets a `replay` found deleted
     before it could read them (`Gap`): a command reports them, and its output lacks
-    their records.
+    their records. `unreadable` counts the records skipped because the Kafka client
+    could not parse them.
     """
 
     total: int = 0
@@ -393,6 +396,8 @@ class Progress:
     emitted: int = 0
     stage: str = ""
     lost: list[Gap] = field(default_factory=list)
+    #: records the Kafka client could not parse, skipped (`replay_batches`)
+    unreadable: int = 0
 
     def plan(self, spans: Iterable[int]) -> None:
         """Add the offset spans of partitions about to be read to `total`."""
@@ -589,12 +594,16 @@ async def replay(
     include_invalid: bool = True,
     progress: Progress | None = None,
     now: datetime | None = None,
+    on_unreadable: Callable[[str], None] | None = None,
 ) -> AsyncIterator[ReplayRecord]:
     """Yield the records of `topics` with timestamps in [since, until), in
     (timestamp, partition, offset) order. `since=None` = from the beginning.
 
     Undecodable records are yielded (with `.error`) when no filter is set and
-    `include_invalid` — an audit wants to see them — and skipped otherwise.
+    `include_invalid` — an audit wants to see them — and skipped otherwise. A record the
+    Kafka client cannot parse (`streams.record_batches`) is skipped, never yielded: it is
+    counted (`Progress.unreadable`) and described to `on_unreadable` (default: a
+    warning in the log), and the read goes on.
 
     Offsets deleted before the read reached them go to `progress.lost` (without a
     `progress`, each is logged as a warning); a read that stops moving for
@@ -612,6 +621,7 @@ async def replay(
         include_invalid=include_invalid,
         progress=progress,
         now=now,
+        on_unreadable=on_unreadable,
     ):
         for rec in batch:
             yield rec
@@ -630,9 +640,14 @@ async def replay_batches(
     include_invalid: bool = True,
     progress: Progress | None = None,
     now: datetime | None = None,
+    on_unreadable: Callable[[str], None] | None = None,
 ) -> AsyncIterator[list[ReplayRecord]]:
     """`replay` in runs of records (same order): one async step per run instead of one
     per record, which is what a replay to a file spends most of its time on."""
+    # what the client cannot parse comes as stand-ins, skipped below, not as an error
+    # that would end the read at that record
+    record_batches.install()
+    report = on_unreadable or _warn_unreadable
     names = full_topic_names(settings, [topics] if isinstance(topics, str) else topics)
     if not names:
         raise ValueError("no topics to replay")
@@ -717,6 +732,12 @@ async def replay_batches(
                 buf.popleft()
                 if raw.timestamp < lo or raw.timestamp >= hi:
                     continue
+                stand_in = unreadable(raw.value)
+                if stand_in is not None:
+                    if progress is not None:
+                        progress.unreadable += 1
+                    report(f"{topic}[{part}] {stand_in.describe()}")
+                    continue
                 rec = parse_record(topic, raw)
                 if rec.data is None and not keep_invalid:
                     continue
@@ -738,6 +759,10 @@ async def replay_batches(
                 watch.moved(loop.time())
     finally:
         await stop_reader(consumer)
+
+
+def _warn_unreadable(text: str) -> None:
+    log.warning("skipped a record the Kafka client cannot parse: %s", text)
 
 
 async def _fill(

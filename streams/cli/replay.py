@@ -113,8 +113,17 @@ def replay_cmd(
             else ""
         )
         click.echo(f"wrote {n} record(s) to {out_path}{missing}", err=True)
+    if counter.unreadable:
+        click.echo(
+            f"skipped {counter.unreadable} record(s) the Kafka client cannot parse", err=True
+        )
     if lost:
         sys.exit(EXIT_LOST)
+
+
+def _report_unreadable(text: str) -> None:
+    # one line each on stderr, as it is met; the count comes at the end
+    click.echo(f"replay: skipped a record the Kafka client cannot parse: {text}", err=True)
 
 
 async def _replay(
@@ -150,6 +159,7 @@ async def _replay(
             type=event_type,
             correlation_id=correlation_id,
             progress=progress,
+            on_unreadable=_report_unreadable,
         ):
             pending.extend(rec.render(fmt, meta=meta, show_secrets=show_secrets) for rec in batch)
             n += len(batch)

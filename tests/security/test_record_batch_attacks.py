@@ -1,22 +1,32 @@
 """A producer's record batches that the Kafka client may fail to parse, against a worker
-on the real broker: every codec Kafka has. Before, a zstd, lz4 or snappy batch crashed
-the worker (its decoders were not installed), again after every restart."""
+on the real broker: every codec Kafka has, and a header key that is not UTF-8 (which the
+broker accepts). Before, the first crashed the worker when a decoder library was
+missing, and the second always did, again after every restart (the offset was never
+committed): a poison pill that moved from worker to worker."""
 
 from __future__ import annotations
 
+import base64
+import json
+import struct
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaProducer
+from aiokafka.record.util import calc_crc32c
 
-from agentstream.schemas import AgentMessage, Event, encode
+from agentstream.schemas import AgentMessage, DeadLetter, Event, encode
 from agentstream.streams.admin import ensure_topics
 from agentstream.streams.settings import Settings
-from tests.support import Worker, read_topic
+from tests.support import Worker, cli, read_topic
 
 pytestmark = pytest.mark.integration
 
 CODECS = ("gzip", "snappy", "lz4", "zstd")
+#: a header key the test writes and then turns into bytes that are not UTF-8
+PLACEHOLDER = "BADKEY!!"
+NOT_UTF8 = b"\xff\xfe" * 4
 
 
 def _event(mid: str) -> Event[AgentMessage]:
@@ -67,3 +77,124 @@ async def test_inputs_in_every_codec_are_processed(
         assert worker.alive(), worker.tail()
     finally:
         worker.stop()
+
+
+def _tamper(buffer: bytearray) -> None:
+    """Turn every PLACEHOLDER header key of an uncompressed v2 batch into NOT_UTF8 and
+    recompute the batch's CRC (CRC-32C from the attributes on, at byte 17): the broker
+    then accepts it as any producer's batch."""
+    at = buffer.find(PLACEHOLDER.encode())
+    assert at > 0
+    while at > 0:
+        buffer[at : at + len(NOT_UTF8)] = NOT_UTF8
+        at = buffer.find(PLACEHOLDER.encode())
+    struct.pack_into(">I", buffer, 17, calc_crc32c(bytes(buffer[21:])))
+
+
+async def _send_batch_with_bad_header(
+    producer: AIOKafkaProducer, topic: str, events: list[Event[Any]], bad: int
+) -> list[int]:
+    """One record batch of `events` on partition 0, the one at index `bad` with a header
+    key that is not UTF-8; the offsets the broker gave them."""
+    batch = producer.create_batch()
+    for i, ev in enumerate(events):
+        headers = [(PLACEHOLDER, b"x")] if i == bad else [("ok", b"y")]
+        assert batch.append(key=b"k", value=encode(ev), timestamp=None, headers=headers)
+    batch.close()
+    _tamper(batch._build())
+    fut = await producer.send_batch(batch, topic, partition=0)
+    base = (await fut).offset  # the broker accepted it
+    return [base + i for i in range(len(events))]
+
+
+async def test_a_header_key_that_is_not_utf8_is_dead_lettered_and_the_worker_goes_on(
+    settings_env: dict[str, str], tmp_path: Path
+) -> None:
+    settings = Settings.from_env(settings_env)
+    env = _worker_env(settings_env)
+    topic = settings.topic("agent.messages")
+    await ensure_topics(settings)
+    worker = Worker(env, tmp_path / "worker.log").start()
+    try:
+        producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap, acks="all")
+        await producer.start()
+        try:
+            before = [_event(f"before-{i}") for i in range(10)]
+            for ev in before:
+                await producer.send_and_wait(topic, encode(ev), key=b"k", partition=0)
+            batch = [_event(f"batch-{i}") for i in range(12)]
+            offsets = await _send_batch_with_bad_header(producer, topic, batch, bad=5)
+            after = [_event(f"after-{i}") for i in range(10)]
+            for ev in after:
+                await producer.send_and_wait(topic, encode(ev), key=b"k", partition=0)
+        finally:
+            await producer.stop()
+        good = [ev for ev in (*before, *batch, *after) if ev is not batch[5]]
+        want = {str(ev.event_id) for ev in good}
+        assert await _accepted_ids(settings, len(want)) == want, worker.tail()
+
+        letters = await read_topic(
+            settings.bootstrap, settings.topic("pipeline.deadletter"), expect=1, timeout=30
+        )
+        dead = [ev.payload for _, ev in letters if ev is not None]
+        assert len(dead) == 1, dead
+        letter = dead[0]
+        assert isinstance(letter, DeadLetter)
+        assert (letter.topic, letter.partition, letter.offset) == (topic, 0, offsets[5])
+        assert letter.consumer == "enforce_policy"
+        assert letter.error_class == "UnreadableRecord"
+        assert "not UTF-8" in letter.error_message
+        assert base64.b64decode(letter.original_b64) == encode(batch[5])
+        assert worker.alive(), worker.tail()
+
+        # the commit covers the bad record: a restarted worker neither crashes on it nor
+        # dead-letters it again, and goes on with the partition
+        for restart in range(2):
+            worker.stop()
+            assert not worker.stop_killed
+            worker.start()
+            later = _event(f"restart-{restart}")
+            producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap, acks="all")
+            await producer.start()
+            try:
+                await producer.send_and_wait(topic, encode(later), key=b"k", partition=0)
+            finally:
+                await producer.stop()
+            want.add(str(later.event_id))
+            assert await _accepted_ids(settings, len(want)) >= want, worker.tail()
+            again = await read_topic(
+                settings.bootstrap, settings.topic("pipeline.deadletter"), timeout=10
+            )
+            assert len(again) == 1
+            assert worker.alive(), worker.tail()
+        assert "Drain messages raised" not in (tmp_path / "worker.log").read_text()
+    finally:
+        worker.stop()
+
+
+async def test_replay_reports_and_skips_a_record_it_cannot_parse(
+    settings_env: dict[str, str],
+) -> None:
+    settings = Settings.from_env(settings_env)
+    topic = settings.topic("agent.messages")
+    await ensure_topics(settings)
+    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap, acks="all")
+    await producer.start()
+    try:
+        batch = [_event(f"batch-{i}") for i in range(6)]
+        offsets = await _send_batch_with_bad_header(producer, topic, batch, bad=2)
+        after = _event("after")
+        await producer.send_and_wait(topic, encode(after), key=b"k", partition=0)
+    finally:
+        await producer.stop()
+
+    done = cli(settings_env, "replay", "--topics", "agent.messages", "--since", "-1h")
+    assert done.returncode == 0, done.stderr
+    replayed = [json.loads(line)["event_id"] for line in done.stdout.splitlines()]
+    good = [ev for ev in (*batch, after) if ev is not batch[2]]
+    assert replayed == [str(ev.event_id) for ev in good]
+    assert (
+        f"replay: skipped a record the Kafka client cannot parse: {topic}[0] "
+        f"offset {offsets[2]}: header key" in done.stderr
+    ), done.stderr
+    assert "skipped 1 record(s) the Kafka client cannot parse" in done.stderr

@@ -68,6 +68,7 @@ LLM_TABLES = "streams/tables/llm.py"
 SEC_AGENT = "agents/security/agent.py"
 NET = "agents/llm/providers/_net.py"
 HTTP = "agents/llm/providers/_http.py"
+BATCHES = "streams/record_batches.py"
 
 D_AIO = "faust.transport.drivers.aiokafka"
 CONSUMER = f"{D_AIO}.Consumer"  # the class BatchDeliveryConsumer is mixed into
@@ -881,6 +882,63 @@ CONTRACTS: list[Contract] = [
         "call",
         f"{DELIVERY}::batch.failure(exception=exc)",
         params="(self, exception)",
+    ),
+    # -- streams/record_batches.py: stand-ins for what aiokafka cannot parse -----------
+    c(
+        # wrapped: restarted after a batch it failed on, from the next batch; its state
+        # (the message set's position, aborted producers, the offset) lives on `self`,
+        # and a failure inside a batch comes after the CRC check and aborted-batch skip
+        "aiokafka.consumer.fetcher.PartitionRecords._unpack_records",
+        "override",
+        f"{BATCHES}::def _unpack_records(self: Any)",
+        params="(self)",
+        contains=(
+            "records = self._records",
+            "while records.has_next():",
+            "next_batch = records.next_batch()",
+            "if self._check_crcs and (not next_batch.validate_crc()):",
+            "if record.offset < self.next_fetch_offset:",
+            "self.next_fetch_offset = next_batch.next_offset",
+        ),
+        # `salvage` re-does its per-record part for the rest of a failed batch
+        fingerprint="199c30888a423c7b",
+    ),
+    c(
+        # the generator our wrapper replaces is made here, per fetched partition
+        "aiokafka.consumer.fetcher.PartitionRecords.__init__",
+        "read",
+        f"{BATCHES}::fetcher.PartitionRecords._unpack_records = _tolerant_unpack(",
+        contains=("self._records_iterator = self._unpack_records()",),
+    ),
+    c(
+        "aiokafka.consumer.fetcher.PartitionRecords.next_fetch_offset",
+        "write",
+        f"{BATCHES}::partition_records.next_fetch_offset = record.offset + 1",
+        f"{BATCHES}::self.next_fetch_offset = max(self.next_fetch_offset, batch.next_offset)",
+    ),
+    c(
+        "aiokafka.consumer.fetcher.PartitionRecords._tp",
+        "read",
+        f"{BATCHES}::tp = partition_records._tp",
+    ),
+    c(
+        "aiokafka.consumer.fetcher.PartitionRecords._records",
+        "read",
+        f"{BATCHES}::records = self._records",
+    ),
+    c(
+        "aiokafka.consumer.fetcher.PartitionRecords._consumer_record",
+        "call",
+        f"{BATCHES}::out = partition_records._consumer_record(tp, parsed)",
+        params="(self, tp, record)",
+        contains=("tuple(record.headers)", "record.checksum"),
+    ),
+    c(
+        # the module global we replace with a subclass that keeps the fetched bytes
+        "aiokafka.consumer.fetcher.Fetcher._proc_fetch_request",
+        "read",
+        f"{BATCHES}::fetcher.MemoryRecords = _memory_records_class()",
+        contains=("records = MemoryRecords(part_data[-1])",),
     ),
     # -- streams/tables/restore.py: the bulk restore inside Faust's recovery ------------
     c(

@@ -1,0 +1,429 @@
+"""Records aiokafka cannot parse, handed on as stand-ins instead of failing the fetch.
+
+A producer controls every byte of the record batches it writes, and the broker accepts
+some that aiokafka then cannot read: a header key that is not UTF-8 (the broker decodes
+header keys leniently, aiokafka's parser raises `UnicodeDecodeError`), a codec whose
+decoder is missing (`UnsupportedCodecError`), anything else its parser refuses. aiokafka
+raises such an error out of `getmany` on every fetch of the partition, without saying
+which record it was: a worker crashed on it, restarted from the same uncommitted offset
+and crashed again (a poison pill that moved from worker to worker), and every reader of
+the topic stopped there.
+
+`install` (once per process; the worker's transport and the CLI's readers) makes the
+fetcher hand on, in place of what it cannot parse, a *stand-in*: an ordinary
+`ConsumerRecord` whose value is an `Unreadable` (bytes: what could be kept of the
+original, with the reason and the offsets it covers), so that each reader decides what
+to do with it (`unreadable`): the worker's agents dead-letter it
+(`streams.processing.decoded_batches`), the CLI's readers report and skip it.
+
+* A record that does not parse alone (a header key that is not UTF-8, a key or value
+  deserializer that raised) is a stand-in at its own offset: its value bytes, its key.
+* A batch whose records cannot be found (the codec, a record that does not parse
+  structurally) is one stand-in from the first offset not handed on yet to the batch's
+  last offset, AT the last offset, its value the raw batch as the broker sent it. The
+  offsets before it hold no record the reader will ever see: the consumer counts them
+  as done like any offsets without a record (`streams.delivery`, 7), and only together
+  with a later acked offset, so that a commit covers the range once the stand-in itself
+  is acked (dead-lettered); a crash before that fetches the batch again, and the same
+  stand-in (same offset, same dead letter id) comes back.
+* The records of the batch that do parse are handed on unchanged, in offset order with
+  the stand-ins: aiokafka's parser stops at the first failure, and the rest of the
+  batch is parsed here (`salvage`, record format v2).
+* A batch whose checksum does not match is left to aiokafka (it raises, as before): that
+  is corruption on the way, not a record a producer wrote (the broker checks the CRC).
+
+The stand-in's type, not a header, marks it: a producer can forge any header but cannot
+make a value of a Python type. Nothing is dropped here: every offset of the partition is
+either a record, a stand-in, or an offset aiokafka itself skips (control batches,
+aborted transactions, compaction).
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+class Unreadable(bytes):
+    """The value of a stand-in record: the original bytes that could be kept (a record's
+    value, or the whole raw record batch), `reason`, and the offsets it stands for
+    (`first_offset`..`last_offset`; the stand-in's own offset is the last)."""
+
+    reason: str
+    first_offset: int
+    last_offset: int
+
+    def __new__(cls, raw: bytes, *, reason: str, first_offset: int, last_offset: int) -> Unreadable:
+        self = super().__new__(cls, raw)
+        self.reason = reason
+        self.first_offset = first_offset
+        self.last_offset = last_offset
+        return self
+
+    def describe(self) -> str:
+        """`offset N` or `offsets A..B`, then the reason."""
+        span = (
+            f"offset {self.last_offset}"
+            if self.first_offset == self.last_offset
+            else f"offsets {self.first_offset}..{self.last_offset}"
+        )
+        return f"{span}: {self.reason}"
+
+
+def unreadable(value: object) -> Unreadable | None:
+    """The `Unreadable` a stand-in record carries as its value, else None."""
+    return value if isinstance(value, Unreadable) else None
+
+
+# -- the record format v2 (KIP-98), parsed leniently -------------------------------------
+
+#: baseOffset int64, batchLength int32, partitionLeaderEpoch int32, magic int8, crc uint32,
+#: attributes int16, lastOffsetDelta int32, firstTimestamp int64, maxTimestamp int64,
+#: producerId int64, producerEpoch int16, baseSequence int32, recordCount int32
+_HEADER = struct.Struct(">qiibIhiqqqhii")
+_CODECS = {0: "none", 1: "gzip", 2: "snappy", 3: "lz4", 4: "zstd"}
+_LOG_APPEND_TIME = 1
+
+
+class BatchUnparseable(ValueError):
+    """The rest of a record batch cannot be split into records."""
+
+
+@dataclass(frozen=True, slots=True)
+class RawRecord:
+    """One record of a batch as `salvage` found it: header keys as bytes."""
+
+    offset: int
+    timestamp: int
+    timestamp_type: int
+    key: bytes | None
+    value: bytes | None
+    headers: tuple[tuple[bytes, bytes | None], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class BatchInfo:
+    base_offset: int
+    last_offset: int
+    magic: int
+    codec: int
+    timestamp_type: int
+    first_timestamp: int
+    max_timestamp: int
+
+    @property
+    def codec_name(self) -> str:
+        return _CODECS.get(self.codec, f"codec {self.codec}")
+
+
+def batch_info(raw: bytes) -> BatchInfo:
+    """The header fields of a record batch (`raw`: the whole batch, as fetched). A
+    legacy message set (magic 0 or 1) has no such header: only its first offset is read,
+    and it counts as one offset."""
+    if len(raw) < 17:
+        raise BatchUnparseable(f"record batch of {len(raw)} bytes")
+    base, _length, _epoch, magic = struct.unpack_from(">qiib", raw)
+    if magic < 2 or len(raw) < _HEADER.size:
+        return BatchInfo(base, base, magic, -1, 0, -1, -1)
+    (_, _, _, _, _, attributes, last_delta, first_ts, max_ts, *_rest) = _HEADER.unpack_from(raw)
+    return BatchInfo(
+        base_offset=base,
+        last_offset=base + last_delta,
+        magic=magic,
+        codec=attributes & 0x07,
+        timestamp_type=(attributes >> 3) & 1,
+        first_timestamp=first_ts,
+        max_timestamp=max_ts,
+    )
+
+
+def _decompress(codec: int, data: bytes) -> bytes:
+    from aiokafka import codec as codecs
+
+    if codec == 0:
+        return data
+    decoders: dict[int, Callable[[Any], bytes]] = {
+        1: codecs.gzip_decode,
+        2: codecs.snappy_decode,
+        3: codecs.lz4_decode,
+        4: codecs.zstd_decode,
+    }
+    decode = decoders.get(codec)
+    if decode is None:
+        raise BatchUnparseable(f"unknown compression codec {codec}")
+    try:
+        return bytes(decode(data))
+    except Exception as exc:  # a missing library, corrupt data
+        raise BatchUnparseable(
+            f"cannot decompress ({_CODECS[codec]}): {type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def _varint(buf: bytes, pos: int) -> tuple[int, int]:
+    """A zigzag varint (at most 10 bytes) at `pos`: (value, next position)."""
+    result = shift = 0
+    for i in range(10):
+        if pos + i >= len(buf):
+            raise BatchUnparseable("record ends inside a varint")
+        b = buf[pos + i]
+        result |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return (result >> 1) ^ -(result & 1), pos + i + 1
+        shift += 7
+    raise BatchUnparseable("varint longer than 10 bytes")
+
+
+def _bytes(buf: bytes, pos: int, end: int) -> tuple[bytes | None, int]:
+    n, pos = _varint(buf, pos)
+    if n < 0:
+        return None, pos
+    if pos + n > end:
+        raise BatchUnparseable("field runs past its record")
+    return bytes(buf[pos : pos + n]), pos + n
+
+
+def parse_records(raw: bytes) -> Iterator[RawRecord]:
+    """The records of the v2 record batch `raw`, in order, header keys as bytes; raises
+    `BatchUnparseable` where the rest cannot be split into records (a codec that cannot
+    be decoded, a record whose fields do not add up to its length)."""
+    info = batch_info(raw)
+    if info.magic != 2 or len(raw) < _HEADER.size:
+        raise BatchUnparseable(f"record batch of magic {info.magic}: not parsed here")
+    body = _decompress(info.codec, bytes(raw[_HEADER.size :]))
+    pos = 0
+    while pos < len(body):
+        length, pos = _varint(body, pos)
+        end = pos + length
+        if length < 0 or end > len(body):
+            raise BatchUnparseable(f"record length {length} past the batch's end")
+        pos += 1  # attributes (unused)
+        ts_delta, pos = _varint(body, pos)
+        offset_delta, pos = _varint(body, pos)
+        key, pos = _bytes(body, pos, end)
+        value, pos = _bytes(body, pos, end)
+        count, pos = _varint(body, pos)
+        if count < 0:
+            raise BatchUnparseable(f"negative header count {count}")
+        headers: list[tuple[bytes, bytes | None]] = []
+        for _ in range(count):
+            h_key, pos = _bytes(body, pos, end)
+            if h_key is None:
+                raise BatchUnparseable("header key of negative length")
+            h_value, pos = _bytes(body, pos, end)
+            headers.append((h_key, h_value))
+        if pos != end:
+            raise BatchUnparseable(f"record of {length} bytes holds {length + pos - end}")
+        timestamp = (
+            info.max_timestamp
+            if info.timestamp_type == _LOG_APPEND_TIME
+            else info.first_timestamp + ts_delta
+        )
+        yield RawRecord(
+            info.base_offset + offset_delta,
+            timestamp,
+            info.timestamp_type,
+            key,
+            value,
+            tuple(headers),
+        )
+
+
+def _undecodable_header(record: RawRecord) -> str | None:
+    for key, _ in record.headers:
+        try:
+            key.decode("utf-8")
+        except UnicodeDecodeError:
+            return f"header key {key[:64]!r} is not UTF-8"
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class Salvaged:
+    """What `salvage` found at one offset: a record that parses (`record`, header keys
+    decodable) or a stand-in (`record` is what is known of it, `stand_in` its value)."""
+
+    record: RawRecord
+    stand_in: Unreadable | None = None
+
+
+def salvage(raw: bytes, from_offset: int, error: BaseException) -> Iterator[Salvaged]:
+    """The records of the batch `raw` at or after `from_offset`, after aiokafka failed on
+    it with `error`: those that parse, a stand-in for each that does not alone, and one
+    stand-in (at the batch's last offset, its value `raw`) for the rest of the batch from
+    where it cannot be split into records."""
+    info = batch_info(raw)
+    where = f"record batch {info.base_offset}..{info.last_offset} ({info.codec_name})"
+    cause = f"{type(error).__name__}: {error}"
+    first = max(from_offset, info.base_offset)
+    try:
+        for record in parse_records(raw):
+            if record.offset < first:
+                continue  # handed on before aiokafka's parser failed
+            first = record.offset + 1
+            bad = _undecodable_header(record)
+            if bad is None:
+                yield Salvaged(record)
+                continue
+            stand_in = Unreadable(
+                record.value or b"",
+                reason=f"{bad} ({where})",
+                first_offset=record.offset,
+                last_offset=record.offset,
+            )
+            yield Salvaged(record, stand_in)
+    except BatchUnparseable as exc:
+        if first > info.last_offset:
+            return
+        reason = f"{where} unreadable from offset {first}: {exc}; the client: {cause}"
+        stand_in = Unreadable(raw, reason=reason, first_offset=first, last_offset=info.last_offset)
+        record = RawRecord(
+            info.last_offset, info.max_timestamp, info.timestamp_type, None, None, ()
+        )
+        yield Salvaged(record, stand_in)
+
+
+# -- the hook in aiokafka's fetcher ------------------------------------------------------
+
+
+def _memory_records_class() -> type:
+    from aiokafka.record.memory_records import MemoryRecords
+
+    class RawMemoryRecords(MemoryRecords):
+        """aiokafka's fetched message set, keeping its bytes: `current` is the batch
+        `next_batch` returned last, with where it lies in `raw`."""
+
+        def __init__(self, data: bytes) -> None:
+            super().__init__(data)
+            self.raw = data
+            self._at = 0
+            self.current: tuple[Any, int, int] | None = None
+
+        def next_batch(self, *args: Any) -> Any:
+            self.current = None
+            batch = super().next_batch(*args)
+            if batch is not None:
+                start = self._at
+                (length,) = struct.unpack_from(">i", self.raw, start + 8)
+                self._at = start + 12 + length
+                self.current = (batch, start, self._at)
+            return batch
+
+    return RawMemoryRecords
+
+
+def _stand_in_record(tp: Any, record: RawRecord, stand_in: Unreadable) -> Any:
+    from aiokafka.structs import ConsumerRecord
+
+    return ConsumerRecord(
+        tp.topic,
+        tp.partition,
+        record.offset,
+        record.timestamp,
+        record.timestamp_type,
+        record.key,
+        stand_in,
+        None,
+        len(record.key) if record.key is not None else -1,
+        len(stand_in),
+        (),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _Parsed:
+    """A salvaged record as aiokafka's `PartitionRecords._consumer_record` reads one."""
+
+    offset: int
+    timestamp: int
+    timestamp_type: int
+    key: bytes | None
+    value: bytes | None
+    headers: tuple[tuple[str, bytes | None], ...]
+    checksum: None = None
+
+
+def _salvaged_records(partition_records: Any, raw: bytes, error: BaseException) -> Iterator[Any]:
+    """`salvage` as aiokafka's consumer records, moving `next_fetch_offset` along."""
+    tp = partition_records._tp
+    for found in salvage(raw, partition_records.next_fetch_offset, error):
+        record, stand_in = found.record, found.stand_in
+        if stand_in is None:
+            parsed = _Parsed(
+                record.offset,
+                record.timestamp,
+                record.timestamp_type,
+                record.key,
+                record.value,
+                tuple((k.decode("utf-8"), v) for k, v in record.headers),
+            )
+            try:
+                out = partition_records._consumer_record(tp, parsed)
+            except Exception as exc:  # the consumer's key or value deserializer
+                stand_in = Unreadable(
+                    record.value or b"",
+                    reason=f"not deserializable: {type(exc).__name__}: {exc}",
+                    first_offset=record.offset,
+                    last_offset=record.offset,
+                )
+            else:
+                partition_records.next_fetch_offset = record.offset + 1
+                yield out
+                continue
+        log.warning(
+            "%s[%d] %s: handed on as an unreadable stand-in",
+            tp.topic,
+            tp.partition,
+            stand_in.describe(),
+        )
+        partition_records.next_fetch_offset = record.offset + 1
+        yield _stand_in_record(tp, record, stand_in)
+
+
+def _crc_valid(batch: Any) -> bool:
+    try:
+        return bool(batch.validate_crc())
+    except Exception:  # a legacy batch without a CRC check: not the reason it failed
+        return True
+
+
+def _tolerant_unpack(original: Callable[[Any], Iterator[Any]]) -> Callable[[Any], Iterator[Any]]:
+    def _unpack_records(self: Any) -> Iterator[Any]:
+        records = self._records
+        while True:
+            try:
+                yield from original(self)
+                return
+            except Exception as exc:
+                current = getattr(records, "current", None)
+                if current is None:
+                    raise  # not inside a batch (the message set itself), or not ours
+                batch, start, end = current
+                records.current = None
+                if not _crc_valid(batch):
+                    raise  # corrupted on the way: aiokafka's error, as before
+                yield from _salvaged_records(self, bytes(records.raw[start:end]), exc)
+                self.next_fetch_offset = max(self.next_fetch_offset, batch.next_offset)
+                # and on with the next batch: aiokafka's generator is restarted, its state
+                # (the message set's position, aborted producers) lives on `self`
+
+    _unpack_records._agentstream_tolerant = True  # type: ignore[attr-defined]
+    _unpack_records.__wrapped__ = original  # type: ignore[attr-defined]
+    return _unpack_records
+
+
+def install() -> None:
+    """Make every aiokafka consumer of this process hand on stand-ins for what it cannot
+    parse (module docstring). Idempotent."""
+    from aiokafka.consumer import fetcher
+
+    if getattr(fetcher.PartitionRecords._unpack_records, "_agentstream_tolerant", False):
+        return
+    fetcher.MemoryRecords = _memory_records_class()
+    fetcher.PartitionRecords._unpack_records = _tolerant_unpack(
+        fetcher.PartitionRecords._unpack_records
+    )
