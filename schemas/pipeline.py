@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import Field
 
 from agentstream.schemas.base import Payload, Time
@@ -13,14 +15,20 @@ class DeadLetter(Payload):
     """An input a consumer could not process, with everything needed to find and replay it."""
 
     TYPE = "pipeline.dead_letter"
-    VERSION = 1
+    VERSION = 2
     KEY_FIELD = "consumer"
 
-    #: the original value, base64; truncated only beyond `max_original_bytes` (then flagged)
+    #: the original value, base64; truncated beyond `deadletter_max_original_bytes` or
+    #: what the dead letter has room for (then flagged), empty when withheld (flagged too)
     original_b64: str
     original_size: int = Field(ge=0)
     original_truncated: bool = False
+    #: the record's key, base64 (None: it had none, or it was withheld); cut, and flagged,
+    #: only when the dead letter has no room for it whole
     key_b64: str | None = None
+    #: the key's size (None: no key, or a v1 dead letter)
+    key_size: int | None = Field(default=None, ge=0)
+    key_truncated: bool = False
     topic: str
     partition: int
     offset: int
@@ -29,6 +37,12 @@ class DeadLetter(Payload):
     error_message: str = Field(max_length=8192)
     consumer: str
     retriable: bool = False
+
+
+@registry.upcaster(DeadLetter.TYPE, 1)
+def _dead_letter_v1_to_v2(payload: dict[str, Any]) -> dict[str, Any]:
+    """v1 kept every key whole and did not say how large it was."""
+    return payload
 
 
 @registry.register

@@ -38,7 +38,12 @@ from agentstream.streams.delivery import (
 )
 from agentstream.streams.kafka_security import faust_credentials
 from agentstream.streams.logging_setup import file_handler
-from agentstream.streams.settings import Settings, SettingsError, get_settings
+from agentstream.streams.settings import (
+    PRODUCER_MAX_REQUEST_BYTES,
+    Settings,
+    SettingsError,
+    get_settings,
+)
 from agentstream.streams.tables.restore import BulkRestoringTableManager
 from agentstream.streams.topics import CATALOGUE
 from agentstream.streams.web_auth import server_ssl_context
@@ -136,6 +141,9 @@ def create_app(settings: Settings) -> AgentStreamApp:
         producer_acks=-1,
         producer_linger=settings.producer_linger_ms / 1000,
         producer_max_batch_size=512 * 1024,
+        # Faust's default, named: what every output must fit (dead letters are fitted to
+        # it, `streams.processing.dead_letter_of`; table writes, `streams.tables.write`)
+        producer_max_request_size=PRODUCER_MAX_REQUEST_BYTES,
         consumer_auto_offset_reset="earliest",
         # Faust's 1 MiB per partition leaves the worker idle between fetch rounds when
         # it has a backlog: 4 MiB took a 200k-event backlog from 13k to 22k events/s in

@@ -100,6 +100,7 @@ from agentstream.streams.eos import GATE, SOURCE, transactional_id_for
 from agentstream.streams.errors import UnreadableRecord
 from agentstream.streams.observability import DEAD_LETTERS, EVENTS_IN, EVENTS_OUT, SEND_FAILURES
 from agentstream.streams.record_batches import unreadable
+from agentstream.streams.settings import DEADLETTER_KEY_RESERVE, output_limit
 from agentstream.streams.tables.writer import flush_pending, pending_writes
 from agentstream.streams.topics import PIPELINE_DEADLETTER
 
@@ -1056,6 +1057,20 @@ async def dead_letter(message: Any, exc: BaseException, consumer: str) -> None:
     """Publish a DeadLetter carrying the original bytes (redacted if the consumer asked
     for it, see `redact_dead_letters`) and the record's coordinates."""
     letter = dead_letter_of(message, exc, consumer)
+    event = dead_letter_event(letter)
+    size = len(encode(event))
+    if size > output_limit(settings.max_event_bytes, len(event.key.encode())):
+        # The last line (`dead_letter_of` fits the bytes to the limit): one the producer
+        # refused crashed the worker, and again on the same record after every restart.
+        log.error(
+            "the dead letter of %s:%s:%s is %d bytes, too large: sent without its bytes",
+            message.topic,
+            message.partition,
+            message.offset,
+            size,
+        )
+        letter = withheld(letter)
+        event = dead_letter_event(letter)
     error_class = letter.error_class
     DEAD_LETTERS.labels(message.topic, consumer, error_class).inc()
     log.warning(  # the reason quotes the input (%r: its line breaks stay on this line)
@@ -1071,11 +1086,11 @@ async def dead_letter(message: Any, exc: BaseException, consumer: str) -> None:
         # in the transaction that commits the bad record's offset
         token = SOURCE.set((message.topic, message.partition))
         try:
-            await emit(PIPELINE_DEADLETTER, dead_letter_event(letter))
+            await emit(PIPELINE_DEADLETTER, event)
         finally:
             SOURCE.reset(token)
         return
-    await emit(PIPELINE_DEADLETTER, dead_letter_event(letter))
+    await emit(PIPELINE_DEADLETTER, event)
 
 
 #: the namespace of dead letters' event ids (`dead_letter_event`); never change it
@@ -1092,15 +1107,26 @@ def dead_letter_event(letter: DeadLetter) -> Event[DeadLetter]:
     return Event.of(letter, source=letter.consumer, event_id=uuid5(DEAD_LETTER_IDS, name))
 
 
+#: what a dead letter's fitting keeps back for its envelope, whose time is written anew
+#: when it is sent (with or without microseconds)
+_ENVELOPE_SLACK = 64
+
+
 def dead_letter_of(message: Any, exc: BaseException, consumer: str) -> DeadLetter:
     """The DeadLetter `dead_letter` publishes for `message` (a Faust message or anything
-    with its topic, partition, offset, key, value and timestamp)."""
+    with its topic, partition, offset, key, value and timestamp).
+
+    The original bytes (at most `deadletter_max_original_bytes`) and the key are cut to
+    what the dead letter has room for (`fit_dead_letter`), each flagged when cut: in
+    base64, next to a reason and names a sender partly chooses, they made dead letters
+    larger than the producer sends, and the worker crashed on the record after every
+    restart."""
     value = message.value
     if isinstance(value, bytes | bytearray):
         raw = bytes(value)
     else:
         raw = str(value).encode() if value is not None else b""
-    withheld = False
+    is_withheld = False
     redact = _REDACTORS.get(consumer)
     if redact is not None:
         try:
@@ -1108,19 +1134,17 @@ def dead_letter_of(message: Any, exc: BaseException, consumer: str) -> DeadLette
         except Exception:
             # no bytes rather than possibly a secret; the coordinates still lead to them
             log.exception("%s: redacting a dead letter failed, its bytes are left out", consumer)
-            withheld = True
+            is_withheld = True
     size = len(raw)
-    cap = settings.deadletter_max_original_bytes
-    truncated = withheld or size > cap
-    if withheld:
+    if is_withheld:
         raw = b""
-    key = message.key if isinstance(message.key, bytes | bytearray) else None
+    key = bytes(message.key) if isinstance(message.key, bytes | bytearray) else None
     error_class = type(exc).__name__
-    return DeadLetter(
-        original_b64=base64.b64encode(raw[:cap]).decode(),
+    bare = DeadLetter(
+        original_b64="",
         original_size=size,
-        original_truncated=truncated,
-        key_b64=base64.b64encode(key).decode() if key is not None else None,
+        key_b64="" if key is not None else None,
+        key_size=len(key) if key is not None else None,
         topic=message.topic,
         partition=message.partition,
         offset=message.offset,
@@ -1129,6 +1153,60 @@ def dead_letter_of(message: Any, exc: BaseException, consumer: str) -> DeadLette
         error_message=str(exc)[:8192] or error_class,
         consumer=consumer,
         retriable=bool(getattr(exc, "retriable", False)),
+    )
+    event = dead_letter_event(bare)
+    room = (
+        output_limit(settings.max_event_bytes, len(event.key.encode()))
+        - len(encode(event))
+        - _ENVELOPE_SLACK
+    )
+    kept, kept_key = fit_dead_letter(
+        len(raw),
+        len(key) if key is not None else None,
+        room,
+        settings.deadletter_max_original_bytes,
+    )
+    return bare.model_copy(
+        update={
+            "original_b64": base64.b64encode(raw[:kept]).decode(),
+            "original_truncated": is_withheld or kept < size,
+            "key_b64": base64.b64encode(key[:kept_key]).decode() if key is not None else None,
+            "key_truncated": key is not None and kept_key < len(key),
+        }
+    )
+
+
+def fit_dead_letter(original: int, key: int | None, room: int, cap: int) -> tuple[int, int]:
+    """How many of a bad record's `original` bytes and `key` bytes its dead letter keeps,
+    with `room` characters of base64 for both: a key of up to `DEADLETTER_KEY_RESERVE`
+    bytes whole first (it names the record's sender), then the original up to `cap`,
+    then as much of a longer key as the room left holds."""
+    key = key or 0
+    first = key if key <= DEADLETTER_KEY_RESERVE else 0  # a longer one is cut anyway
+    kept = min(original, cap, _b64_fits(room - _b64_size(first)))
+    return kept, min(key, _b64_fits(room - _b64_size(kept)))
+
+
+def _b64_size(n: int) -> int:
+    """Characters of the base64 of `n` bytes."""
+    return (n + 2) // 3 * 4
+
+
+def _b64_fits(chars: int) -> int:
+    """The most bytes whose base64 takes at most `chars` characters."""
+    return max(0, chars) // 4 * 3
+
+
+def withheld(letter: DeadLetter) -> DeadLetter:
+    """`letter` without the original bytes and the key (both flagged): the form a dead
+    letter too large to send goes out in. Its coordinates still lead to the record."""
+    return letter.model_copy(
+        update={
+            "original_b64": "",
+            "original_truncated": True,
+            "key_b64": None,
+            "key_truncated": letter.key_size is not None,
+        }
     )
 
 

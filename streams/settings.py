@@ -40,6 +40,42 @@ def child_environ(environ: Mapping[str, str]) -> dict[str, str]:
     }
 
 
+#: the producer's request limit (Faust's `producer_max_request_size`, which `create_app`
+#: sets to it): a record a worker writes, key, value and the record batch's own headers
+#: together, is at most this large
+PRODUCER_MAX_REQUEST_BYTES = 1_000_000
+#: Kafka's default `max.message.bytes` of a topic, above the producer's limit: the
+#: catalogue's topics are created without one of their own (an operator who lowers it
+#: on `pipeline.deadletter` below the producer's makes large dead letters fail: the
+#: worker cannot read a topic's limit without DescribeConfigs, docs/events.md)
+KAFKA_MAX_MESSAGE_BYTES = 1_048_588
+#: what the producer's limit leaves for a record's key and value: the rest is for the
+#: record batch's headers (aiokafka's estimate for one record is well below it)
+RECORD_OVERHEAD = 1024
+#: what a dead letter takes besides its original bytes, at most: the envelope, the
+#: coordinates, the reason (8,192 characters, each up to 6 bytes JSON-escaped), the topic
+#: and consumer names, and a record key of up to `DEADLETTER_KEY_RESERVE` bytes
+DEADLETTER_ROOM = 64 * 1024
+#: a record key up to this long is kept whole in a dead letter, before the original
+#: bytes take the room left (`streams.processing.fit_dead_letter`)
+DEADLETTER_KEY_RESERVE = 4096
+
+
+def deadletter_original_max(max_event_bytes: int) -> int:
+    """The most original bytes a dead letter can always carry: in base64 (4/3 of them)
+    next to its other fields (`DEADLETTER_ROOM`), it must be an event its readers take
+    (`max_event_bytes`) and a record the producer sends."""
+    return max(0, (output_limit(max_event_bytes) - DEADLETTER_ROOM) // 4 * 3)
+
+
+def output_limit(max_event_bytes: int, key_bytes: int = 0) -> int:
+    """The most bytes an event a worker writes under a record key of `key_bytes` may
+    take: what its readers take (`max_event_bytes`), and with its key what the producer
+    sends and a topic of Kafka's default limit stores, less the record batch's headers."""
+    sent = min(PRODUCER_MAX_REQUEST_BYTES, KAFKA_MAX_MESSAGE_BYTES) - RECORD_OVERHEAD
+    return min(max_event_bytes, sent - key_bytes)
+
+
 #: what AGENTSTREAM_SECRET_SOURCES may name
 SECRET_SOURCES = ("keychain", "env", "dir")
 #: the agent packages of this distribution, which AGENTSTREAM_AGENTS may name by their
@@ -310,10 +346,14 @@ class Settings(BaseModel):
         default=1_000_000, ge=1024, description="Events larger than this are dead-lettered."
     )
     deadletter_max_original_bytes: int = Field(
-        default=900_000,
+        default=700_000,
         ge=0,
-        description="Original bytes kept in a dead letter; beyond this they are truncated "
-        "and the dead letter says so (the source offset still points at the full record).",
+        description="Original bytes kept in a dead letter; beyond this, or beyond what the "
+        "dead letter has room for, they are truncated and the dead letter says so (the "
+        "source offset still points at the full record). In base64 (4/3 of them), with up "
+        "to 64 KiB of its other fields, they must fit AGENTSTREAM_MAX_EVENT_BYTES and the "
+        "producer's 1,000,000-byte requests: a value set above that is refused at start, "
+        "the default is lowered to it.",
     )
     event_loop: Literal["asyncio", "uvloop"] = Field(
         default="asyncio",
@@ -495,6 +535,19 @@ class Settings(BaseModel):
                 "HOST:PORT pairs, each host a valid name (no empty label, none over 63 "
                 "characters) and each port a number from 1 to 65535 (IPv6: [ADDRESS]:PORT)"
             )
+        if "deadletter_max_original_bytes" in self.model_fields_set:
+            # a dead letter is fitted to what its readers take and the producer sends:
+            # a cap it can never reach would be cut without a word
+            most = deadletter_original_max(self.max_event_bytes)
+            if self.deadletter_max_original_bytes > most:
+                problems.append(
+                    "AGENTSTREAM_DEADLETTER_MAX_ORIGINAL_BYTES="
+                    f"{self.deadletter_max_original_bytes}: a dead letter carries the "
+                    "original bytes in base64 (4/3 of them) next to up to 64 KiB of other "
+                    f"fields, and must fit AGENTSTREAM_MAX_EVENT_BYTES={self.max_event_bytes} "
+                    f"and the producer's {PRODUCER_MAX_REQUEST_BYTES}-byte requests: set it "
+                    f"to at most {most}"
+                )
         if self.web_advertised_url is not None:
             scheme = "https" if self.web_tls_certfile else "http"
             if worker_root(self.web_advertised_url, scheme=scheme) is None:

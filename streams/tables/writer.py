@@ -56,6 +56,8 @@ from collections import deque
 from collections.abc import ItemsView, Iterator, KeysView, MutableMapping
 from typing import Any
 
+from agentstream.streams.settings import RECORD_OVERHEAD
+
 log = logging.getLogger(__name__)
 
 #: changelog records written, not yet handed to the producer, each with the batch that
@@ -65,11 +67,6 @@ _PENDING: deque[Any] = deque()
 _FLUSHING: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
     weakref.WeakKeyDictionary()
 )
-
-
-#: what a changelog record's key and value may take together: the producer's request
-#: limit (`producer_max_request_size`) less room for the record batch's own headers
-RECORD_OVERHEAD = 1024
 
 
 def write(table: Any, key: Any, value: Any, *, partition: int) -> None:
@@ -90,6 +87,8 @@ def write(table: Any, key: Any, value: Any, *, partition: int) -> None:
     raw_key = topic.prepare_key(key, table.key_serializer, None)[0]
     raw_value = topic.prepare_value(value, table.value_serializer, None)[0]
     size = len(raw_key or b"") + len(raw_value or b"")
+    # what a changelog record's key and value may take together: the producer's request
+    # limit less room for the record batch's own headers
     limit = table.app.conf.producer_max_request_size - RECORD_OVERHEAD
     if size > limit:
         from agentstream.streams.errors import ProcessingError

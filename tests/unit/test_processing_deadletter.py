@@ -131,3 +131,26 @@ def test_a_record_dead_lettered_again_is_the_same_event(consumer: str) -> None:
         report.add("pipeline.deadletter", event, 0, offset)
     assert report.dead_letters[consumer] == 4
     assert report.duplicates == 1
+
+
+def test_the_room_goes_to_a_normal_key_then_the_original_then_the_rest_of_the_key() -> None:
+    from agentstream.streams.processing import fit_dead_letter
+
+    assert fit_dead_letter(100, 8, 10_000, cap=50) == (50, 8)  # the cap holds
+    assert fit_dead_letter(100, None, 10_000, cap=1000) == (100, 0)
+    # a key of a normal size stays whole however large the original
+    assert fit_dead_letter(10**6, 100, 1000, cap=10**6) == ((1000 - 136) // 4 * 3, 100)
+    # a huge key takes what the original leaves
+    assert fit_dead_letter(1, 750_000, 1000, cap=10**6) == (1, (1000 - 4) // 4 * 3)
+    kept, key = fit_dead_letter(10**6, 10**6, 100_000, cap=50_000)
+    assert kept == 50_000 and key == (100_000 - 66_668) // 4 * 3
+    assert fit_dead_letter(10, 10, -5, cap=100) == (0, 0)  # no room at all
+
+
+def test_a_dead_letter_withheld_keeps_its_coordinates(consumer: str) -> None:
+    letter = processing.withheld(dead_letter_of(Record(b"xyz"), UndecodableEvent("x"), consumer))
+    assert original(letter) == b"" and letter.original_truncated and letter.original_size == 3
+    assert letter.key_b64 is None and letter.key_truncated and letter.key_size == 8
+    assert (letter.topic, letter.partition, letter.offset) == ("ns.agent.messages", 3, 41)
+    keyless = dead_letter_of(Record(b"xyz", key=None), UndecodableEvent("x"), consumer)
+    assert not processing.withheld(keyless).key_truncated

@@ -192,3 +192,28 @@ def test_a_bootstrap_without_a_port_is_one_settings_error(bootstrap: str) -> Non
 def test_bootstraps_as_clusters_write_them() -> None:
     for ok in ("k:9", "b-1.example:9096, b-2.example:9096", "[::1]:9092"):
         assert Settings.from_env({"AGENTSTREAM_KAFKA_BOOTSTRAP": ok}).kafka_bootstrap == ok
+
+
+def test_a_dead_letter_cap_that_cannot_fit_names_both_settings() -> None:
+    # 900,000 original bytes are 1.2 MB in base64: every such dead letter was over the
+    # producer's request limit, refused, and the worker crashed on it after each restart
+    for env in (
+        {"AGENTSTREAM_DEADLETTER_MAX_ORIGINAL_BYTES": "900000"},
+        {
+            "AGENTSTREAM_DEADLETTER_MAX_ORIGINAL_BYTES": "100000",
+            "AGENTSTREAM_MAX_EVENT_BYTES": "100000",
+        },
+    ):
+        with pytest.raises(SettingsError) as info:
+            Settings.from_env(env)
+        [line] = info.value.problems
+        assert line.startswith("AGENTSTREAM_DEADLETTER_MAX_ORIGINAL_BYTES=")
+        assert "AGENTSTREAM_MAX_EVENT_BYTES=" in line and "at most " in line
+
+
+def test_a_dead_letter_cap_left_unset_follows_the_event_limit() -> None:
+    # the default fits the default event limit; a lower event limit alone is no mistake
+    # (the dead letters are fitted to it: `streams.processing.fit_dead_letter`)
+    assert Settings.from_env({}).deadletter_max_original_bytes == 700_000
+    assert Settings.from_env({"AGENTSTREAM_MAX_EVENT_BYTES": "100000"})
+    assert Settings.from_env({"AGENTSTREAM_DEADLETTER_MAX_ORIGINAL_BYTES": "700000"})
