@@ -63,6 +63,11 @@ MAX_TOP = 8
 #: characters of a dead letter's original bytes shown in a snapshot (the browser asks
 #: for the rest)
 DEAD_LETTER_PREVIEW = 2048
+#: bytes of a dead letter's original bytes (redacted) the console keeps: the most its
+#: search shows. The whole bytes of the last 1,000 dead letters came to a gigabyte.
+KEPT_ORIGINAL_BYTES = 65536
+#: the key under which a kept dead letter's payload holds them (`kept_dead_letter`)
+KEPT = "original_kept"
 #: what a read token sees instead of a reason that quotes a policy's pattern
 HIDDEN_REASON = "a blocked pattern matched (which one: scope admin)"
 HIDDEN_BROKEN = "a policy's pattern does not compile (its error quotes it: scope admin)"
@@ -409,25 +414,62 @@ def replay_command(dl: Mapping[str, Any], at_ms: int) -> str:
     )
 
 
+#: a dead letter's original bytes as the console keeps them: at most
+#: `KEPT_ORIGINAL_BYTES` of them, redacted (None: not base64), their size after redaction,
+#: and whether the bound cut them
+Kept = tuple[bytes | None, int, bool]
+
+
+def keep_original(original_b64: str, limit: int | None = KEPT_ORIGINAL_BYTES) -> Kept:
+    """A dead letter's original bytes, every secret value redacted (the whole bytes, then
+    cut: redaction reads the JSON they are), at most `limit` of them, cut between
+    characters."""
+    try:
+        raw = base64.b64decode(original_b64, validate=True)
+    except (binascii.Error, ValueError):
+        return None, 0, False
+    kept = redact_raw(raw)
+    if limit is None or len(kept) <= limit:
+        return kept, len(kept), False
+    end = limit
+    while end > 0 and kept[end] & 0xC0 == 0x80:
+        end -= 1  # not inside a character's UTF-8 sequence
+    return kept[:end], len(kept), True
+
+
+def kept_dead_letter(payload: Mapping[str, Any]) -> dict[str, Any]:
+    """A dead letter's payload as the console's tail keeps it: its original bytes as
+    `keep_original` keeps them (under `KEPT`), no base64 of them nor of the key."""
+    out = {k: v for k, v in payload.items() if k not in ("original_b64", "key_b64")}
+    out[KEPT] = keep_original(str(payload.get("original_b64", "")))
+    return out
+
+
 def original_text(original_b64: str, limit: int | None = None) -> tuple[str, int, bool]:
     """A dead letter's original bytes, every secret value redacted, as text (bytes that
     are not UTF-8 as ``\\xNN``); their size after redaction, and whether `limit`
     characters cut it."""
-    try:
-        raw = base64.b64decode(original_b64, validate=True)
-    except (binascii.Error, ValueError):
+    return _text(keep_original(original_b64, None), limit)
+
+
+def _text(kept: Kept, limit: int | None) -> tuple[str, int, bool]:
+    data, size, cut = kept
+    if data is None:
         return "(not base64)", 0, False
-    kept = redact_raw(raw)
-    text = kept.decode("utf-8", errors="backslashreplace")
+    text = data.decode("utf-8", errors="backslashreplace")
     if limit is not None and len(text) > limit:
-        return text[:limit], len(kept), True
-    return text, len(kept), False
+        return text[:limit], size, True
+    return text, size, cut
 
 
 def dead_letter(item: Mapping[str, Any], prefix: str, preview: int | None) -> dict[str, Any]:
-    """One dead letter as the console shows it."""
+    """One dead letter as the console shows it (its payload as the tail keeps it,
+    `kept_dead_letter`, or as it came)."""
     p = item["payload"]
-    text, size, cut = original_text(str(p.get("original_b64", "")), preview)
+    kept = p.get(KEPT)
+    text, size, cut = _text(
+        kept if kept is not None else keep_original(str(p.get("original_b64", ""))), preview
+    )
     at_ms = int(item["at"] * 1000)
     topic = str(p.get("topic", ""))
     return {

@@ -12,8 +12,8 @@ Routes
     token travels in the ``Authorization`` header (an ``EventSource`` cannot send one).
 ``GET /ui/api/snapshot``   the latest snapshot as one JSON document.
 ``GET /ui/api/deadletters`` dead letters from the tail, filtered (``reason``, ``topic``,
-    ``since``/``until`` in epoch ms, ``limit``), with their whole original bytes
-    (redacted).
+    ``since``/``until`` in epoch ms, ``limit``), with the first 64 KiB of their original
+    bytes (redacted: all the tail keeps of them, `streams.console.kept_dead_letter`).
 ``GET /ui/api/worker``     this worker's own share (counters, latency histograms, lag,
     health, probes); the sampler gathers it from every worker (`streams.web_cluster`).
 
@@ -180,6 +180,7 @@ class TopicTail:
             return
         if name == "dead_letters":
             self.dead_letters_seen += 1
+            payload = console.kept_dead_letter(payload)  # not a megabyte each
         self.lists[name].append(
             {
                 "at": rec.timestamp / 1000,
