@@ -61,6 +61,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import orjson
+from annotated_types import MaxLen
 from pydantic import ValidationError
 
 from agentstream.agents.security import crypto
@@ -1008,20 +1009,90 @@ def redact(message: AgentMessage, extra_metadata: Mapping[str, Any] | None = Non
     return message.model_copy(update=update) if update else message
 
 
+#: how much longer than the field it replaces a masked text of a rejected copy may be:
+#: room for the markers of short matches ("[MASKED]" for a 4-digit PIN). Past it the
+#: text is cut and ends in `CUT`: normalised text can be ten times its input (NFKC spells
+#: U+FDFA out in 18 characters, 33 bytes for 3), and a masked metadata text repeats its
+#: whole path, so that a rejected copy grew past what the broker takes and the worker
+#: crashed on the message after every restart.
+MASKED_SLACK = 1024
+#: ends a masked text cut to its bound
+CUT = "[TRUNCATED]"
+#: the fields a rejected copy carries masked, and the schema's length limit of each
+_MASKED_FIELDS: dict[str, int | None] = {
+    name: next(
+        (m.max_length for m in AgentMessage.model_fields[name].metadata if isinstance(m, MaxLen)),
+        None,
+    )
+    for name in ("content", "content_type", "message_id", "recipient_id")
+}
+
+
 def masked_copy(message: AgentMessage, masked: Mapping[str, str]) -> AgentMessage:
     """A rejected message without the text its blocked patterns matched: each matched
     field carries its normalised text with the matches masked (or hashed); metadata in
-    which anything matched is replaced as a whole by its masked leaves."""
+    which anything matched is replaced as a whole by its masked leaves.
+
+    Never much larger than `message`: a masked field is at most `MASKED_SLACK` bytes
+    longer than the field it replaces (and within the schema's length limit), the masked
+    metadata at most that much longer than the metadata; past that a text is cut
+    (`CUT`), and the metadata texts that find no room at all are left out and counted
+    (``metadata.masked_withheld``)."""
     if not masked:
         return message
     update: dict[str, Any] = {}
-    for name in ("content", "content_type", "message_id", "recipient_id"):
+    for name, max_chars in _MASKED_FIELDS.items():
         if name in masked:
-            update[name] = masked[name]
-    meta = {path: text for path, text in masked.items() if path.startswith("metadata")}
+            size = _utf8_size(getattr(message, name))
+            if name == "content" and message.encryption is not None:
+                size += len(message.encryption.ciphertext)  # the plaintext came in it
+            update[name] = cut_text(masked[name], size + MASKED_SLACK, max_chars)
+    meta = [(path, text) for path, text in masked.items() if path.startswith("metadata")]
     if meta:
-        update["metadata"] = {"masked": meta}
+        update["metadata"] = _masked_metadata(
+            meta, len(orjson.dumps(message.metadata)) + MASKED_SLACK
+        )
     return message.model_copy(update=update)
+
+
+def _masked_metadata(texts: list[tuple[str, str]], budget: int) -> dict[str, Any]:
+    """``{"masked": {path: masked text}}`` in about `budget` bytes of JSON: the texts in
+    order while they fit, the first that does not cut to the room left, and the number
+    of those left out (``masked_withheld``)."""
+    kept: dict[str, str] = {}
+    used = len('{"masked":{}}')
+    for path, text in texts:
+        # its JSON, "path":"text", (escapes aside: the input escaped the same characters)
+        cost = _utf8_size(path) + _utf8_size(text) + 6
+        if used + cost > budget:
+            room = budget - used - _utf8_size(path) - 6
+            if room >= len(CUT):
+                kept[path] = cut_text(text, room)
+            break
+        kept[path] = text
+        used += cost
+    left_out = len(texts) - len(kept)  # paths are unique
+    return {"masked": kept, "masked_withheld": left_out} if left_out else {"masked": kept}
+
+
+def _utf8_size(text: str) -> int:
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
+def cut_text(text: str, max_bytes: int, max_chars: int | None = None) -> str:
+    """`text`, or when it is longer than `max_bytes` in UTF-8 (or `max_chars` characters)
+    its longest prefix that fits with `CUT` after it. A cut only takes text away: what
+    a masked text hid stays hidden."""
+    data = text.encode("utf-8", "surrogatepass")
+    if len(data) <= max_bytes and (max_chars is None or len(text) <= max_chars):
+        return text
+    keep = max(0, max_bytes - len(CUT))
+    while 0 < keep < len(data) and data[keep] & 0xC0 == 0x80:
+        keep -= 1  # not inside a character's UTF-8 sequence
+    head = data[:keep].decode("utf-8", "surrogatepass")
+    if max_chars is not None:
+        head = head[: max(0, max_chars - len(CUT))]
+    return head + CUT
 
 
 # the level names the schema knows, normalised (for docs and the CLI)

@@ -103,3 +103,13 @@ def test_no_blocked_word_survives_in_the_rejected_copy(
     if hit:
         shown = result.masked["content"]
         assert not [w for w in hit if w in shown], shown
+
+
+def test_a_cut_masked_text_ends_between_characters() -> None:
+    # a rejected copy's masked text past its bound (tests/security/test_output_size_attacks.py)
+    from agentstream.agents.security.policy import cut_text
+
+    assert cut_text("abc", 3) == "abc"
+    assert cut_text("\u00e9" * 10, 15) == "\u00e9\u00e9[TRUNCATED]"
+    assert cut_text("\u00e9" * 10, 14) == "\u00e9[TRUNCATED]"  # not half of one
+    assert cut_text("a" * 300, 10_000, max_chars=256) == "a" * 245 + "[TRUNCATED]"
