@@ -73,7 +73,9 @@ async def test_valid_forwarded_and_bad_dead_lettered(
             settings.bootstrap, settings.topic("agent.messages.accepted"), expect=1000, timeout=60
         )
         assert worker.alive(), worker.tail()
-        got = {str(ev.event_id) for _, ev in accepted if ev is not None}
+        # a copy names the input it copies by its causation id (its own event id is
+        # derived from the input's coordinates)
+        got = {str(ev.causation_id) for _, ev in accepted if ev is not None}
         assert got == sent_ids
         # one observation per decided message: the 1000 valid ones, allowed (security is
         # off), none of the undecodable ones. Observed right after a batch is sent, so

@@ -196,8 +196,9 @@ async def describe_table(settings: Settings, name: str) -> str:
 
 
 def input_id(ev: Event[Any]) -> str:
-    """The id consumers deduplicate on: an output caused by an input carries the input's
-    event id as causation_id; an input forwarded unchanged keeps its own event id."""
+    """The input an output stands for: an output caused by an input (a forwarded copy
+    included, whose own event id is derived from the input's coordinates) carries the
+    input's event id as causation_id."""
     return ev.causation_id or str(ev.event_id)
 
 

@@ -48,7 +48,9 @@ async def _accepted_ids(settings: Settings, expect: int) -> set[str]:
     accepted = await read_topic(
         settings.bootstrap, settings.topic("agent.messages.accepted"), expect=expect, timeout=60
     )
-    return {str(ev.event_id) for _, ev in accepted if ev is not None}
+    # a copy names its input by its causation id (its own event id is derived from the
+    # input's coordinates)
+    return {str(ev.causation_id) for _, ev in accepted if ev is not None}
 
 
 async def test_inputs_in_every_codec_are_processed(
