@@ -39,6 +39,7 @@ import re
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from typing import Any
 
 import orjson
@@ -101,6 +102,16 @@ class OutputRecord:
     timestamp_ms: int = 0
     #: wall-clock time (s) the collector saw it (read_committed: when it became visible)
     seen_at: float = 0.0
+    #: when the worker made it, ms (a decision's `evaluated_at`), else None
+    made_at_ms: int | None = None
+
+    @property
+    def made_at(self) -> float:
+        """When the output was made, s: the worker's own time for a decision, else the
+        record's timestamp. The catalogue topics take the broker's append time, and a
+        produce request a killed worker had already sent is appended after the kill: by
+        its record timestamp it would look made by the worker that took over."""
+        return (self.made_at_ms if self.made_at_ms is not None else self.timestamp_ms) / 1000.0
 
 
 def poison_kind(input_id: str) -> str | None:
@@ -170,7 +181,18 @@ def parse_output(
         source_offset=payload.get("source_offset"),
         timestamp_ms=timestamp_ms,
         seen_at=seen_at,
+        made_at_ms=_ms(payload.get("evaluated_at")),
     )
+
+
+def _ms(text: object) -> int | None:
+    """An ISO 8601 time as ms since the epoch; None when it is not one."""
+    if not isinstance(text, str):
+        return None
+    try:
+        return int(datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp() * 1000)
+    except ValueError:
+        return None
 
 
 # --------------------------------------------------------------------------- order
@@ -436,8 +458,8 @@ class FaultMark:
 def resume_times(
     faults: Sequence[FaultMark], decisions: Iterable[OutputRecord]
 ) -> list[float | None]:
-    """For each fault: seconds until *every* partition it took had a decision produced
-    after it (record timestamp > fault time), as seen by the collector; the fault is
+    """For each fault: seconds until *every* partition it took had a decision made after
+    it (`OutputRecord.made_at` > fault time), as seen by the collector; the fault is
     marked once the process is gone, so no output of the dead worker counts. A partition
     hit again by a later fault before it resumed is left to that fault (a worker killed
     twice in a row: the second kill's wait is not the first's). None when no partition
@@ -446,7 +468,7 @@ def resume_times(
     by_part: dict[int, list[tuple[float, float]]] = defaultdict(list)
     for d in decisions:
         p = d.source_partition if d.source_partition is not None else d.partition
-        by_part[p].append((d.timestamp_ms / 1000.0, d.seen_at))
+        by_part[p].append((d.made_at, d.seen_at))
     out: list[float | None] = []
     for f in faults:
         worst: float | None = None

@@ -159,7 +159,7 @@ async def worker_stop(ctx: RunContext) -> None:
         d.seen_at
         for d in ctx.collector.decisions()
         if (d.source_partition if d.source_partition is not None else d.partition) in partitions
-        and d.timestamp_ms / 1000.0 > mark.at
+        and d.made_at > mark.at
         and d.seen_at < mark.at + stopped_s
     ]
     if partitions and not moved:

@@ -218,6 +218,36 @@ def test_resume_times_count_only_outputs_produced_after_the_fault() -> None:
     assert checker.percentile([], 50) is None
 
 
+def test_resume_times_go_by_when_a_decision_was_made_not_when_it_was_appended() -> None:
+    # The catalogue topics take the broker's append time: a decision the killed worker
+    # made before the kill but whose produce request the broker appended after it carries
+    # a record timestamp past the fault. It must not make the partition look resumed.
+    late = parse_output(
+        "decision",
+        0,
+        0,
+        orjson.dumps(
+            {
+                "payload": {
+                    "message_id": "a",
+                    "source_partition": 0,
+                    "source_offset": 0,
+                    "evaluated_at": "2026-12-06T12:00:09.900000Z",
+                }
+            }
+        ),
+        timestamp_ms=1_796_558_410_050,  # 12:00:10.050, appended after the fault at 10.0
+        seen_at=1_796_558_410.1,
+    )
+    assert late is not None
+    resumed = OutputRecord(
+        "decision", 0, 1, "b", None, 0, 1, timestamp_ms=1_796_558_414_000, seen_at=1_796_558_414.2
+    )
+    fault = FaultMark("kill -9", "w0", 1_796_558_410.0, frozenset({0}))
+    got = resume_times([fault], [late, resumed])
+    assert got[0] is not None and abs(got[0] - 4.2) < 1e-6
+
+
 def test_resume_waits_for_every_partition_the_fault_took() -> None:
     # partition 0 resumes at once, partition 1 only after 30 s: the fault resumed at 30
     decisions = [
