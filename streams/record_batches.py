@@ -57,12 +57,23 @@ class Unreadable(bytes):
     reason: str
     first_offset: int
     last_offset: int
+    #: the bytes are the raw record batch (compressed, if it was), not a record's value
+    whole_batch: bool
 
-    def __new__(cls, raw: bytes, *, reason: str, first_offset: int, last_offset: int) -> Unreadable:
+    def __new__(
+        cls,
+        raw: bytes,
+        *,
+        reason: str,
+        first_offset: int,
+        last_offset: int,
+        whole_batch: bool = False,
+    ) -> Unreadable:
         self = super().__new__(cls, raw)
         self.reason = reason
         self.first_offset = first_offset
         self.last_offset = last_offset
+        self.whole_batch = whole_batch
         return self
 
     def describe(self) -> str:
@@ -280,7 +291,9 @@ def salvage(raw: bytes, from_offset: int, error: BaseException) -> Iterator[Salv
         if first > info.last_offset:
             return
         reason = f"{where} unreadable from offset {first}: {exc}; the client: {cause}"
-        stand_in = Unreadable(raw, reason=reason, first_offset=first, last_offset=info.last_offset)
+        stand_in = Unreadable(
+            raw, reason=reason, first_offset=first, last_offset=info.last_offset, whole_batch=True
+        )
         record = RawRecord(
             info.last_offset, info.max_timestamp, info.timestamp_type, None, None, ()
         )
@@ -406,6 +419,11 @@ def _tolerant_unpack(original: Callable[[Any], Iterator[Any]]) -> Callable[[Any]
                 records.current = None
                 if not _crc_valid(batch):
                     raise  # corrupted on the way: aiokafka's error, as before
+                if getattr(batch, "is_control_batch", False):
+                    # the broker writes these (commit and abort markers): salvaged, an abort
+                    # marker would be handed on as data and its producer's later committed
+                    # batches skipped as aborted; a failure here is not a producer's doing
+                    raise
                 yield from _salvaged_records(self, bytes(records.raw[start:end]), exc)
                 self.next_fetch_offset = max(self.next_fetch_offset, batch.next_offset)
                 # and on with the next batch: aiokafka's generator is restarted, its state

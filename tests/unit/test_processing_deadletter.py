@@ -154,3 +154,29 @@ def test_a_dead_letter_withheld_keeps_its_coordinates(consumer: str) -> None:
     assert (letter.topic, letter.partition, letter.offset) == ("ns.agent.messages", 3, 41)
     keyless = dead_letter_of(Record(b"xyz", key=None), UndecodableEvent("x"), consumer)
     assert not processing.withheld(keyless).key_truncated
+
+
+def test_a_whole_record_batch_is_withheld_from_a_redacting_consumer(consumer: str) -> None:
+    """A stand-in for a record batch the client could not parse carries the raw batch,
+    compressed if it was: a redactor cannot see inside it, so a secret would pass."""
+    from agentstream.streams.record_batches import Unreadable
+
+    redact_dead_letters(consumer, lambda raw: raw.replace(b"tok-secret", b"[REDACTED]"))
+    raw_batch = Unreadable(
+        b"\x00compressed" + TOKEN_RECORD,
+        reason="record batch 5..8 (zstd) unreadable",
+        first_offset=5,
+        last_offset=8,
+        whole_batch=True,
+    )
+    letter = dead_letter_of(Record(raw_batch), UndecodableEvent("x"), consumer)
+    assert original(letter) == b"" and letter.original_truncated
+    assert letter.original_size == len(raw_batch) and letter.offset == 41
+    # one record's value is redacted as any value; a consumer without a redactor keeps
+    # the batch's bytes for whoever investigates
+    one = Unreadable(TOKEN_RECORD, reason="header key", first_offset=41, last_offset=41)
+    assert b"tok-secret" not in original(
+        dead_letter_of(Record(one), UndecodableEvent("x"), consumer)
+    )
+    kept = dead_letter_of(Record(raw_batch), UndecodableEvent("x"), consumer + "-other")
+    assert original(kept) == bytes(raw_batch)

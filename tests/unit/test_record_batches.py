@@ -122,6 +122,38 @@ def test_a_refetch_of_an_undecodable_batch_makes_the_same_stand_in_from_where_it
     assert stand_in is not None and (stand_in.first_offset, stand_in.last_offset) == (7, 8)
 
 
+def test_a_batch_stand_in_says_it_holds_the_whole_batch() -> None:
+    got, _ = fetch(zstd_flagged(5, 4))
+    stand_in = unreadable(got[0].value)
+    assert stand_in is not None and stand_in.whole_batch
+    one, _ = fetch(batch(0, 3, bad=[1]))
+    record_stand_in = unreadable(one[1].value)
+    assert record_stand_in is not None and not record_stand_in.whole_batch
+
+
+def test_a_control_batch_that_fails_is_not_salvaged() -> None:
+    """Commit and abort markers are the broker's: handed on as data, an abort marker
+    would be a record, and its producer's later committed batches skipped as aborted."""
+
+    class Control:
+        is_control_batch = True
+
+        def validate_crc(self) -> bool:
+            return True
+
+    class Failing:
+        def __init__(self) -> None:
+            self._records = type("Raw", (), {"current": (Control(), 0, 0), "raw": b""})()
+
+    def original(self: Any) -> Any:
+        raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
+        yield  # a generator, as aiokafka's
+
+    unpack = record_batches._tolerant_unpack(original)
+    with pytest.raises(UnicodeDecodeError):
+        list(unpack(Failing()))
+
+
 def test_a_batch_whose_crc_does_not_match_still_fails_as_before() -> None:
     buf = bytearray(batch(0, 2, bad=[1]))
     buf[-1] ^= 0xFF  # corrupted after the CRC was computed: not what a producer wrote
