@@ -656,7 +656,13 @@ async def replay_batches(
     if since_ms is not None and until_ms is not None and until_ms < since_ms:
         raise ValueError("--until is before --since")
     lo = since_ms if since_ms is not None else -(2**63)
-    hi = until_ms if until_ms is not None else 2**63
+    # `now` (every command's default) is the log's end when the read starts
+    # (`plan_ranges`), not a time: no record is left out for a timestamp at or past this
+    # host's clock. The broker's append time may run ahead of it (another host, or the
+    # same millisecond), and on a topic that keeps the producer's clock a sender can
+    # date its record ahead (tests/security/test_timestamp_attacks.py).
+    until_now = until is None or (isinstance(until, str) and until.strip().lower() == "now")
+    hi = 2**63 if until_now or until_ms is None else until_ms
     filtered = agent is not None or type is not None or correlation_id is not None
     keep_invalid = include_invalid and not filtered
     consumer = group_less_consumer(

@@ -385,3 +385,30 @@ def test_the_verify_command_names_the_offsets_it_could_not_check(
     assert f"{topic}:0  1 record(s)  " in text.stdout
     assert "9 offset(s) NOT CHECKED" in text.stdout
     assert "  LOST      offsets 0-8  deleted (retention or delete-records)" in text.stdout
+
+
+async def test_until_now_is_the_end_of_the_log_whatever_the_timestamps(
+    logs: dict[TopicPartition, Log],
+) -> None:
+    """`now` (every command's default) ends the read at the log's end when it starts: a
+    record is not left out for a timestamp at or past this host's clock — the broker's
+    append time may run ahead of it (another host, or the same millisecond), and on a
+    topic that keeps the producer's clock a sender can date its record ahead."""
+    topic = get_settings().topic("agent.messages")
+    ahead = logs[TopicPartition(topic, 0)].records[-1]
+    ahead.timestamp = 4_102_444_800_000  # 2100-01-01
+    rows = [
+        r
+        async for batch in replay_batches(get_settings(), ["agent.messages"], until="now")
+        for r in batch
+    ]
+    assert (0, ahead.offset) in [(r.partition, r.offset) for r in rows]
+    # an explicit end in the past still ends the range by time: [since, until)
+    past = [
+        r
+        async for batch in replay_batches(
+            get_settings(), ["agent.messages"], until=ahead.timestamp - 1
+        )
+        for r in batch
+    ]
+    assert (0, ahead.offset) not in [(r.partition, r.offset) for r in past]
