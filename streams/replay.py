@@ -37,6 +37,12 @@ When a read ends, and when it gives up
   range, and the read records a `Gap` — in `Progress.lost`, or as a logged warning
   without a `Progress` — and goes on from the partition's new start. `read_partition`,
   the reader of `audit verify`, reports its gaps the same way.
+* A record the Kafka client cannot parse comes as a stand-in (`streams.record_batches`):
+  `replay` never yields it but counts it (`Progress.unreadable`) and describes it to its
+  caller, `read_partition` hands it on. A batch's stand-in sits at the batch's last
+  offset and stands for the offsets from its first one: it belongs to a range its first
+  offset is in, however far past the stop the batch ends (`before_stop`), and to any
+  time range, since it carries the batch's max timestamp, not its records' times.
 """
 
 from __future__ import annotations
@@ -63,7 +69,7 @@ from agentstream.schemas.errors import SchemaError
 from agentstream.streams import record_batches
 from agentstream.streams.client import group_less_consumer
 from agentstream.streams.errors import BrokerError
-from agentstream.streams.record_batches import unreadable
+from agentstream.streams.record_batches import Unreadable, unreadable
 from agentstream.streams.redaction import redact_event_dict, redact_raw
 from agentstream.streams.settings import Settings
 from agentstream.streams.topics import CATALOGUE
@@ -603,7 +609,8 @@ async def replay(
     `include_invalid` — an audit wants to see them — and skipped otherwise. A record the
     Kafka client cannot parse (`streams.record_batches`) is skipped, never yielded: it is
     counted (`Progress.unreadable`) and described to `on_unreadable` (default: a
-    warning in the log), and the read goes on.
+    warning in the log), and the read goes on. A batch's stand-in is reported whenever
+    it overlaps the offset range, whatever its timestamp (module docstring).
 
     Offsets deleted before the read reached them go to `progress.lost` (without a
     `progress`, each is logged as a warning); a read that stops moving for
@@ -736,13 +743,16 @@ async def replay_batches(
                     if ts > limit[0] or (ts == limit[0] and (ts, part, ti, raw.offset) > limit):
                         break
                 buf.popleft()
-                if raw.timestamp < lo or raw.timestamp >= hi:
-                    continue
                 stand_in = unreadable(raw.value)
                 if stand_in is not None:
-                    if progress is not None:
-                        progress.unreadable += 1
-                    report(f"{topic}[{part}] {stand_in.describe()}")
+                    # before the time filter: a batch's stand-in carries the batch's
+                    # max timestamp, not its records' (`stand_in_in_time`)
+                    if stand_in_in_time(stand_in, raw.timestamp, lo, hi):
+                        if progress is not None:
+                            progress.unreadable += 1
+                        report(f"{topic}[{part}] {stand_in.describe()}")
+                    continue
+                if raw.timestamp < lo or raw.timestamp >= hi:
                     continue
                 rec = parse_record(topic, raw)
                 if rec.data is None and not keep_invalid:
@@ -769,6 +779,26 @@ async def replay_batches(
 
 def _warn_unreadable(text: str) -> None:
     log.warning("skipped a record the Kafka client cannot parse: %s", text)
+
+
+def before_stop(record: Any, stop: int) -> bool:
+    """Whether the fetched `record` belongs to a range that ends at `stop`. A batch's
+    stand-in (`streams.record_batches`) sits at the batch's last offset but stands for
+    the offsets from its first one: one that starts before `stop` holds offsets of the
+    range, however far past it the batch ends (an `until` inside the batch), and is
+    kept so that the reader reports it rather than dropping it unsaid."""
+    if record.offset < stop:
+        return True
+    stand_in = unreadable(record.value)
+    return stand_in is not None and stand_in.first_offset < stop
+
+
+def stand_in_in_time(stand_in: Unreadable, timestamp: int, lo: int, hi: int) -> bool:
+    """Whether a stand-in met within a read's offset range is in its time range
+    [lo, hi): a record's stand-in carries the record's own timestamp and is filtered as
+    the record would be; a batch's carries the batch's max timestamp, which says nothing
+    of when its records were written, so it is always in (its offsets are the range's)."""
+    return stand_in.whole_batch or lo <= timestamp < hi
 
 
 async def _fill(
@@ -817,7 +847,7 @@ async def _fill(
         if records[-1].offset < end:
             dq.extend(records)
         else:
-            dq.extend(r for r in records if r.offset < end)
+            dq.extend(r for r in records if before_stop(r, end))
         pos = records[-1].offset + 1
         if progress is not None:
             progress.advance(min(pos, end) - last_pos[tp])
@@ -887,7 +917,7 @@ async def read_partition(
                         position, done = gap.stop, resume is None
                 else:
                     fetched = batch.get(tp, [])
-                    records = [r for r in fetched if r.offset < stop]
+                    records = [r for r in fetched if before_stop(r, stop)]
                     if len(records) < len(fetched):
                         position = stop  # fetched past the stop
                     else:

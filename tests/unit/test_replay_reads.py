@@ -32,8 +32,11 @@ from agentstream.agents.audit.verify import (
     summary,
     verify,
 )
+from agentstream.schemas import encode
+from agentstream.streams.audit_chain import GENESIS, seal
 from agentstream.streams.cli import cli, prepare_run
 from agentstream.streams.errors import BrokerError
+from agentstream.streams.record_batches import Unreadable
 from agentstream.streams.replay import (
     STALL_GRACE_S,
     Gap,
@@ -47,7 +50,8 @@ from agentstream.streams.replay import (
 )
 from agentstream.streams.settings import Settings, get_settings
 from agentstream.streams.signing import new_private_key, public_b64
-from tests.unit.test_progress import FakeConsumer, Log, cluster, screen, span
+from tests.unit.test_audit_verify import decision
+from tests.unit.test_progress import T0, FakeConsumer, Log, cluster, message, screen, span
 
 #: the stall limit of these tests (seconds)
 LIMIT = 0.3
@@ -412,3 +416,151 @@ async def test_until_now_is_the_end_of_the_log_whatever_the_timestamps(
         for r in batch
     ]
     assert (0, ahead.offset) not in [(r.partition, r.offset) for r in past]
+
+
+# -- records the Kafka client cannot parse (stand-ins, `streams.record_batches`) ------------------
+BAD_KEY = "header key b'\\xff\\xfe' is not UTF-8"
+
+
+class Timed(FakeConsumer):
+    """A FakeConsumer that answers offsets-for-times from `answers` ({time: offset})."""
+
+    def __init__(self, logs: dict[TopicPartition, Log], answers: dict[int, int]) -> None:
+        super().__init__(logs, [])
+        self.answers = answers
+
+    async def offsets_for_times(self, query: dict[TopicPartition, int]) -> dict[Any, Any]:
+        return {
+            tp: SimpleNamespace(offset=self.answers[ms]) if ms in self.answers else None
+            for tp, ms in query.items()
+        }
+
+
+def record(topic: str, offset: int, timestamp: int, value: bytes) -> Any:
+    return SimpleNamespace(
+        topic=topic, partition=0, offset=offset, timestamp=timestamp, key=b"k", value=value
+    )
+
+
+def batch_stand_in(topic: str, first: int, last: int, timestamp: int) -> Any:
+    """What the fetcher hands on for a batch it cannot decode: one record at the batch's
+    last offset, stamped with the batch's max timestamp, standing for first..last."""
+    value = Unreadable(
+        b"raw batch",
+        reason="cannot decompress (zstd)",
+        first_offset=first,
+        last_offset=last,
+        whole_batch=True,
+    )
+    return record(topic, last, timestamp, value)
+
+
+def record_stand_in(topic: str, offset: int, timestamp: int) -> Any:
+    value = Unreadable(b"{}", reason=BAD_KEY, first_offset=offset, last_offset=offset)
+    return record(topic, offset, timestamp, value)
+
+
+def one_partition(topic: str, end: int, records: list[Any]) -> dict[TopicPartition, Log]:
+    return {TopicPartition(topic, 0): Log(0, end, records)}
+
+
+def messages(topic: str, offsets: range, at: Any = lambda off: T0 + off * 1000) -> list[Any]:
+    return [record(topic, off, at(off), encode(message(off, "a"))) for off in offsets]
+
+
+async def replayed(
+    monkeypatch: pytest.MonkeyPatch,
+    consumer: FakeConsumer,
+    since: int | None = None,
+    until: int | str = "now",
+) -> tuple[list[int], Progress, list[str]]:
+    monkeypatch.setattr(replay_mod, "group_less_consumer", lambda *a, **kw: consumer)
+    progress, said = Progress(), []
+    offsets = [
+        r.offset
+        async for batch in replay_batches(
+            get_settings(),
+            ["agent.messages"],
+            since,
+            until,
+            progress=progress,
+            on_unreadable=said.append,
+        )
+        for r in batch
+    ]
+    return offsets, progress, said
+
+
+async def test_a_batch_stand_in_across_the_stop_offset_is_reported(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`--until` falls inside a batch the client cannot decode (offsets 4-7): the range
+    stops at offset 6, the batch's stand-in sits at 7 and is stamped with the batch's
+    max timestamp, past `until`. It used to be dropped as past the stop (and past
+    `until`), neither counted nor said: offsets 4 and 5 of the range went missing
+    unsaid."""
+    prepare_run()
+    topic = get_settings().topic("agent.messages")
+    until = T0 + 5_500
+    log = [*messages(topic, range(4)), batch_stand_in(topic, 4, 7, T0 + 60_000)]
+    log += messages(topic, range(8, 10))
+    consumer = Timed(one_partition(topic, 10, log), {until: 6})
+    offsets, progress, said = await replayed(monkeypatch, consumer, until=until)
+    assert offsets == [0, 1, 2, 3]
+    assert progress.unreadable == 1
+    assert said == [f"{topic}[0] offsets 4..7: cannot decompress (zstd)"]
+    assert progress.done == progress.total == 6
+
+
+async def test_a_stand_in_is_reported_whatever_its_batch_timestamp(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A batch stand-in inside the offset range whose max timestamp is before `since`
+    (the producer's clock, CreateTime) is reported: it says nothing of its records'
+    times. A record's stand-in carries the record's own time and is filtered as the
+    record would be."""
+    prepare_run()
+    topic = get_settings().topic("agent.messages")
+    since = T0 + 2_000
+    log = [*messages(topic, range(4)), batch_stand_in(topic, 4, 7, T0 + 500)]
+    log += [record_stand_in(topic, 8, T0 + 100), record_stand_in(topic, 9, T0 + 9_000)]
+    log += messages(topic, range(10, 12))
+    consumer = Timed(one_partition(topic, 12, log), {since: 2})
+    offsets, progress, said = await replayed(monkeypatch, consumer, since=since)
+    assert offsets == [2, 3, 10, 11]
+    assert said == [
+        f"{topic}[0] offsets 4..7: cannot decompress (zstd)",
+        f"{topic}[0] offset 9: {BAD_KEY}",
+    ]
+    assert progress.unreadable == 2
+
+
+def sealed_decisions(topic: str, offsets: range) -> list[Any]:
+    prev, out = GENESIS, []
+    for off in offsets:
+        ev = seal(decision(off), prev)
+        prev = ev.payload.hash
+        out.append(record(topic, off, T0 + off * 1000, encode(ev)))
+    return out
+
+
+async def test_verify_checks_a_batch_stand_in_across_the_stop_offset(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`audit verify`'s reader (`read_partition`) keeps a batch's stand-in that starts
+    before the stop offset too: it used to be cut off as past the stop, and the
+    offsets of the range it stands for were never checked nor reported."""
+    prepare_run()
+    topic = get_settings().topic(CHAINED_TOPICS[0])
+    until = T0 + 5_500
+    log = [*sealed_decisions(topic, range(4)), batch_stand_in(topic, 4, 7, T0 + 60_000)]
+    consumer = Timed(one_partition(topic, 8, log), {until: 6})
+    monkeypatch.setattr(verify_mod, "group_less_consumer", lambda *a, **kw: consumer)
+    [report] = await verify(
+        get_settings(),
+        [CHAINED_TOPICS[0]],
+        until=until,
+        trust=ChainTrust(),
+        require_signatures=False,
+    )
+    assert [(f.kind, f.offset) for f in report.findings] == [("altered", 7)]
