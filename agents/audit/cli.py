@@ -23,9 +23,10 @@ from agentstream.streams.cli import (
 )
 from agentstream.streams.cli.progress import (
     EXIT_LOST,
+    incomplete,
     progress_option,
     run_with_progress,
-    warn_lost,
+    unreadable_reporter,
 )
 from agentstream.streams.replay import Progress
 from agentstream.streams.settings import get_settings
@@ -45,7 +46,8 @@ def rebuild_cmd(table: str | None, all_tables: bool, as_json: bool, progress: bo
     With --all, finding no changelog of the app id at all exits 2 (a wrong app id, or
     no worker has run).
     Exits 3 (when they are equal) if source records were deleted before they could be
-    read, with a WARNING line each on stderr.
+    read, with a WARNING line each on stderr, or if records of a source or a changelog
+    could not be parsed by the Kafka client (each named on stderr, and skipped).
     """
     from agentstream.agents.audit.rebuild import (
         Comparison,
@@ -71,7 +73,9 @@ def rebuild_cmd(table: str | None, all_tables: bool, as_json: bool, progress: bo
     async def compare() -> list[Comparison]:
         if all_tables:  # a wrong app id is said before every source topic is read
             await require_a_changelog(settings, TABLES)
-        return await compare_all(settings, wanted, progress=counter)
+        return await compare_all(
+            settings, wanted, progress=counter, on_unreadable=unreadable_reporter("rebuild")
+        )
 
     results = run_with_progress(
         compare(),
@@ -97,10 +101,10 @@ def rebuild_cmd(table: str | None, all_tables: bool, as_json: bool, progress: bo
         if c.differing_keys:
             keys = ", ".join(term_safe(k) for k in c.differing_keys)  # keys are input data
             click.echo(f"{' ' * len(c.table)}  differing keys: {keys}")
-    lost = warn_lost(counter)
+    missing = incomplete(counter)
     if not all(c.equal for c in results if c.live_available):
         sys.exit(1)
-    if lost:
+    if missing:
         sys.exit(EXIT_LOST)
 
 
@@ -433,7 +437,8 @@ def report_cmd(
     tokens by provider and model, status changes, communication records by kind.
 
     Exits 3 if records of the range were deleted before they could be read (a WARNING
-    line each on stderr): the report is written without them."""
+    line each on stderr), or could not be parsed by the Kafka client (a line each on
+    stderr as they are met): the report is written without them, and says so."""
     from agentstream.agents.audit.report import build_report, render_html
 
     check_time_range(since, until)
@@ -441,7 +446,13 @@ def report_cmd(
         fmt = "json" if out_path is not None and out_path.suffix == ".json" else "html"
     counter = Progress()
     data: dict[str, Any] = run_with_progress(
-        build_report(get_settings(), since, until, progress=counter),
+        build_report(
+            get_settings(),
+            since,
+            until,
+            progress=counter,
+            on_unreadable=unreadable_reporter("audit report"),
+        ),
         counter,
         progress,
         desc="report",
@@ -452,5 +463,5 @@ def report_cmd(
     else:
         out_path.write_text(body, encoding="utf-8")
         click.echo(f"wrote {fmt} report to {out_path}", err=True)
-    if warn_lost(counter):
+    if incomplete(counter):
         sys.exit(EXIT_LOST)

@@ -6,12 +6,18 @@ into a dict. The live state is read from the table's changelog topic
 (`<app_id>-<table>-changelog`, latest record per key, tombstones delete), which works
 without a running worker. Both sides are read with isolation_level=read_committed, so
 records of aborted exactly-once transactions count on neither.
+
+A record the Kafka client cannot parse (`streams.record_batches`), on a source or on the
+changelog, is skipped on that side: it is counted (`Progress.unreadable`) and described
+to `on_unreadable` (default: a warning in the log), and the command exits 3 — this host
+may lack a codec the workers had, so what they folded may be missing from the rebuild.
 """
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,12 +26,20 @@ from aiokafka import TopicPartition
 
 from agentstream.schemas import Event
 from agentstream.schemas.errors import InvalidEvent, SchemaError
+from agentstream.streams import record_batches
 from agentstream.streams.admin import topic_names
 from agentstream.streams.client import group_less_consumer, listed_partitions
 from agentstream.streams.errors import BrokerError
+from agentstream.streams.record_batches import unreadable
 from agentstream.streams.replay import Progress, replay
 from agentstream.streams.settings import Settings, SettingsError
 from agentstream.streams.tables import TABLES, TableSpec, digest, unexpired
+
+log = logging.getLogger(__name__)
+
+#: what is told of a record the Kafka client cannot parse (its topic, partition, offsets
+#: and why, `Unreadable.describe`)
+OnUnreadable = Callable[[str], None]
 
 
 class UnknownTable(LookupError):
@@ -74,7 +88,10 @@ def spec_for(name: str) -> TableSpec:
 
 
 async def source_events(
-    settings: Settings, spec: TableSpec, progress: Progress | None = None
+    settings: Settings,
+    spec: TableSpec,
+    progress: Progress | None = None,
+    on_unreadable: OnUnreadable | None = None,
 ) -> AsyncIterator[Event[Any]]:
     """The decodable events of the table's sources, each partition in log order.
 
@@ -94,6 +111,7 @@ async def source_events(
         until=None,
         include_invalid=False,
         progress=progress,
+        on_unreadable=on_unreadable,
     ):
         if spec.types and rec.type not in spec.types:
             continue
@@ -109,13 +127,16 @@ async def source_events(
 
 
 async def rebuild_from_history(
-    settings: Settings, spec: TableSpec, progress: Progress | None = None
+    settings: Settings,
+    spec: TableSpec,
+    progress: Progress | None = None,
+    on_unreadable: OnUnreadable | None = None,
 ) -> dict[str, Any]:
     """What `streams.tables.rebuild` computes, folded as the events stream in so that
     memory holds the state, not the history."""
     state: dict[str, Any] = {}
     chunk: list[Event[Any]] = []
-    async for ev in source_events(settings, spec, progress):
+    async for ev in source_events(settings, spec, progress, on_unreadable):
         chunk.append(ev)
         if len(chunk) >= 1000:
             _fold_into(state, spec, chunk)
@@ -154,17 +175,29 @@ def decode_key(raw: bytes | None) -> str:
 
 
 async def read_changelog(
-    settings: Settings, table: str, *, timeout_s: float = 30, progress: Progress | None = None
+    settings: Settings,
+    table: str,
+    *,
+    timeout_s: float = 30,
+    progress: Progress | None = None,
+    on_unreadable: OnUnreadable | None = None,
 ) -> dict[str, Any]:
     """The table as its changelog says: last value per key, None values delete (empty
-    when no worker has created the changelog yet)."""
-    return await _read_changelog(settings, table, timeout_s, progress) or {}
+    when no worker has created the changelog yet). A record the Kafka client cannot
+    parse is skipped, counted and told (module docstring)."""
+    return await _read_changelog(settings, table, timeout_s, progress, on_unreadable) or {}
 
 
 async def _read_changelog(
-    settings: Settings, table: str, timeout_s: float, progress: Progress | None = None
+    settings: Settings,
+    table: str,
+    timeout_s: float,
+    progress: Progress | None = None,
+    on_unreadable: OnUnreadable | None = None,
 ) -> dict[str, Any] | None:
     topic = changelog_topic(settings, table)
+    # what the client cannot parse comes as a stand-in instead of failing every fetch
+    record_batches.install()
     consumer = group_less_consumer(settings, "rebuild")
     await consumer.start()
     try:
@@ -187,6 +220,14 @@ async def _read_changelog(
                 for rec in recs:
                     if rec.offset >= end[tp]:
                         break
+                    stand_in = unreadable(rec.value)
+                    if stand_in is not None:
+                        # neither a value nor a delete: what the key holds is not known
+                        if progress is not None:
+                            progress.unreadable += 1
+                        told = f"{topic}[{tp.partition}] {stand_in.describe()}"
+                        (on_unreadable or _warn_unreadable)(told)
+                        continue
                     key = decode_key(rec.key)
                     if rec.value is None:
                         state.pop(key, None)
@@ -204,6 +245,10 @@ async def _read_changelog(
         return state
     finally:
         await consumer.stop()
+
+
+def _warn_unreadable(text: str) -> None:
+    log.warning("skipped a changelog record the Kafka client cannot parse: %s", text)
 
 
 @dataclass
@@ -241,14 +286,20 @@ def diff_keys(a: dict[str, Any], b: dict[str, Any], limit: int = 20) -> list[str
     return [k for k in keys if a.get(k) != b.get(k)][:limit]
 
 
-async def compare(settings: Settings, name: str, progress: Progress | None = None) -> Comparison:
+async def compare(
+    settings: Settings,
+    name: str,
+    progress: Progress | None = None,
+    on_unreadable: OnUnreadable | None = None,
+) -> Comparison:
     """Rebuild table `name` and compare it with its changelog; `progress` counts the
-    offsets of both reads (its `stage` names the table)."""
+    offsets of both reads (its `stage` names the table) and the records of either the
+    Kafka client cannot parse, each described to `on_unreadable`."""
     spec = spec_for(name)
     if progress is not None:
         progress.stage = name
-    rebuilt = await rebuild_from_history(settings, spec, progress)
-    found = await _read_changelog(settings, name, 30, progress)
+    rebuilt = await rebuild_from_history(settings, spec, progress, on_unreadable)
+    found = await _read_changelog(settings, name, 30, progress, on_unreadable)
     live = found or {}
     # a table with a retention: what the worker may already have deleted is left out
     # on both sides (the same clock for both)
@@ -266,8 +317,12 @@ async def compare(settings: Settings, name: str, progress: Progress | None = Non
 
 
 async def compare_all(
-    settings: Settings, names: Iterable[str] | None = None, *, progress: Progress | None = None
+    settings: Settings,
+    names: Iterable[str] | None = None,
+    *,
+    progress: Progress | None = None,
+    on_unreadable: OnUnreadable | None = None,
 ) -> list[Comparison]:
     """`compare` for each table of `names` (None: every registered table), in turn: with
     `progress`, the total grows as each table's reads start."""
-    return [await compare(settings, n, progress) for n in (names or sorted(TABLES))]
+    return [await compare(settings, n, progress, on_unreadable) for n in (names or sorted(TABLES))]

@@ -8,19 +8,24 @@ Counts are deduplicated (`dedup_key`): under at-least-once a crash can repeat ou
 an output counts once per input — by ids the pipeline sets, never by ids a sender chose
 alone (a sender reusing one event id for every message made them one message, its
 rejections hidden among "duplicates").
+
+What the read could not count is in the report too (`ReportBuilder.lost`,
+`ReportBuilder.unreadable`): offsets deleted before they could be read, and records the
+Kafka client cannot parse (`streams.record_batches`), which are skipped. The command
+exits 3 on either: the report is written, and incomplete.
 """
 
 from __future__ import annotations
 
 import html
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 from agentstream.schemas import Event
-from agentstream.streams.replay import Progress, parse_time, replay
+from agentstream.streams.replay import Gap, Progress, parse_time, replay
 from agentstream.streams.settings import Settings
 from agentstream.streams.topics import (
     AGENT_MESSAGES,
@@ -118,6 +123,11 @@ class ReportBuilder:
         self.duplicates = 0
         self.events = 0
         self._seen: set[tuple[Any, ...]] = set()
+        #: offsets of the range deleted before the read reached them: not counted
+        self.lost: list[Gap] = []
+        #: the records the Kafka client could not parse (`Unreadable.describe`, with
+        #: topic and partition): skipped, not counted
+        self.unreadable: list[str] = []
 
     def add(self, topic: str, event: Event[Any], partition: int, offset: int) -> None:
         """Fold the event read at `partition`/`offset` of `topic` (a catalogue name)."""
@@ -178,6 +188,11 @@ class ReportBuilder:
             "generated_at": datetime.now(UTC).isoformat(),
             "events": self.events,
             "duplicates_ignored": self.duplicates,
+            # what the counts below lack: the report is incomplete when either is not empty
+            "lost": [g.to_dict() for g in self.lost],
+            "lost_offsets": sum(g.offsets for g in self.lost),
+            "unreadable_records": len(self.unreadable),
+            "unreadable": list(self.unreadable),
             "totals": {
                 "agents": len(agents),
                 "sent": sum(a.sent for a in self.agents.values()),
@@ -197,19 +212,42 @@ class ReportBuilder:
 
 
 async def build_report(
-    settings: Settings, since: Any = None, until: Any = "now", *, progress: Progress | None = None
+    settings: Settings,
+    since: Any = None,
+    until: Any = "now",
+    *,
+    progress: Progress | None = None,
+    on_unreadable: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """The report of [since, until); `progress` counts the offsets of the replay."""
+    """The report of [since, until); `progress` counts the offsets of the replay. The
+    offsets deleted before they could be read and the records the Kafka client cannot
+    parse are listed in the report (module docstring); each of the latter is described
+    to `on_unreadable` too, as the read meets it."""
     start = parse_time(since) if since is not None else None
     end = parse_time(until) if until is not None else None
     builder = ReportBuilder()
+    counter = progress if progress is not None else Progress()
+    lost_before = len(counter.lost)
+
+    def skipped(text: str) -> None:
+        builder.unreadable.append(text)
+        if on_unreadable is not None:
+            on_unreadable(text)
+
     base = {settings.topic(t): t for t in REPORT_TOPICS}
     async for rec in replay(
-        settings, list(REPORT_TOPICS), start, end, include_invalid=False, progress=progress
+        settings,
+        list(REPORT_TOPICS),
+        start,
+        end,
+        include_invalid=False,
+        progress=counter,
+        on_unreadable=skipped,
     ):
         ev = rec.event_or_none()
         if ev is not None:
             builder.add(base[rec.topic], ev, rec.partition, rec.offset)
+    builder.lost = counter.lost[lost_before:]
     return builder.result(start, end)
 
 
@@ -287,7 +325,12 @@ td,th{border:1px solid #dde3ea;padding:3px 8px;text-align:left}th{background:#f4
 td.n{text-align:right;font-variant-numeric:tabular-nums}figure{margin:10px 0}
 figcaption{font-weight:600;margin-bottom:4px}svg text{font-size:12px;fill:#1d2733}
 svg .value{fill:#5b6b7c}.empty{color:#8795a4;font-style:italic}
+.incomplete{border:1px solid #d9534f;border-radius:8px;background:#fdf1f0;padding:4px 14px;
+margin:14px 0}.incomplete h2{border:0;margin:8px 0 4px;color:#a12b27}
 """
+
+#: records of what the report lacks listed in the HTML (the JSON lists all)
+MAX_LISTED = 200
 
 
 def _token_rows(rows: Any) -> list[tuple[Any, ...]]:
@@ -321,6 +364,37 @@ def _table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
         return '<p class="empty">None.</p>'
     head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _missing(data: dict[str, Any]) -> str:
+    """What the counts lack, above them: deleted offsets and records the Kafka client
+    cannot parse ("" when nothing is missing)."""
+    lost, unreadable = data.get("lost", []), data.get("unreadable", [])
+    if not lost and not unreadable:
+        return ""
+    said = []
+    if lost:
+        said.append(
+            f"{data['lost_offsets']:,} offset(s) deleted (retention or delete-records) "
+            "before they could be read"
+        )
+    if unreadable:
+        said.append(
+            f"{data['unreadable_records']:,} record(s) the Kafka client cannot parse, skipped"
+        )
+    rows = [Gap(**g).describe() for g in lost]
+    rows += [f"{text} (the Kafka client cannot parse it)" for text in unreadable]
+    items = "".join(f"<li>{html.escape(r)}</li>" for r in rows[:MAX_LISTED])
+    more = (
+        f"<li>… and {len(rows) - MAX_LISTED:,} more (the JSON report lists all)</li>"
+        if len(rows) > MAX_LISTED
+        else ""
+    )
+    return (
+        '<section class="incomplete" id="missing"><h2>Missing from this report</h2>'
+        f"<p>Records of this range are not counted here: {html.escape('; '.join(said))}.</p>"
+        f"<ul>{items}{more}</ul></section>"
+    )
 
 
 def render_html(data: dict[str, Any]) -> str:
@@ -370,6 +444,7 @@ def render_html(data: dict[str, Any]) -> str:
         f"{html.escape(str(data['until']))} · {data['events']:,} events"
         f" · {data['duplicates_ignored']:,} duplicate deliveries ignored"
         f" · generated {html.escape(data['generated_at'])}</p>",
+        _missing(data),
         f'<div class="cards">{cards}</div>',
         "<h2>Messages</h2>",
         bar_chart("messages", "Messages per agent: sent, accepted, rejected", msg_rows),

@@ -8,7 +8,11 @@ worker writes to a partition, `signed_by` and `signature` (Ed25519 over the hash
 worker's chain key). The classification, per partition:
 
 * **altered** — the recomputed hash differs from the stored one (a field was changed),
-  or the record no longer decodes at all.
+  or the record no longer decodes at all — the Kafka client itself cannot parse it
+  included (a stand-in, `streams.record_batches`: a header key that is not UTF-8, a
+  codec this host lacks). A worker writes neither, and what cannot be read cannot be
+  checked; a stand-in for a whole batch is reported at the batch's last offset, and the
+  next record's link to the batch as deleted.
 * **inserted** — a record no successor points at, while its successor points past it to
   the record before it (a forged record slipped into the chain); an exact copy of an
   earlier record is reported as inserted too.
@@ -60,6 +64,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agentstream.schemas import registry
 from agentstream.schemas.errors import SchemaError
+from agentstream.streams import record_batches
 from agentstream.streams.audit_chain import (
     GENESIS,
     read_worker_keys,
@@ -67,6 +72,7 @@ from agentstream.streams.audit_chain import (
     signature_problem,
 )
 from agentstream.streams.client import group_less_consumer, listed_partitions
+from agentstream.streams.record_batches import unreadable
 from agentstream.streams.replay import (
     Gap,
     Progress,
@@ -168,7 +174,14 @@ def chain_record(
 ) -> ChainRecord:
     """Decode and re-hash one record of a chained topic (the hash of its raw JSON: see
     `streams.audit_chain.record_hash`). With `tally`, count the signed policy versions a
-    decision names."""
+    decision names. A stand-in for what the Kafka client cannot parse is altered: its
+    content is not checked, whatever bytes it kept."""
+    stand_in = unreadable(value)
+    if stand_in is not None:
+        # a record's stand-in keeps its value: its links still place it in the chain
+        stored, prev = ("", "") if stand_in.whole_batch else _raw_hashes(bytes(stand_in))
+        problem = f"the Kafka client cannot parse it ({stand_in.describe()})"
+        return ChainRecord(offset, stored, prev, None, error=problem)
     try:
         if value is None:
             raise SchemaError("empty value")
@@ -488,6 +501,9 @@ async def verify(
     since_ms = to_ms(parse_time(since)) if since is not None else None
     until_ms = to_ms(parse_time(until)) if until is not None else None
     stall_s = settings.kafka_connect_timeout_s
+    # what the client cannot parse comes as a stand-in, a finding, instead of failing
+    # every fetch of the partition from there on (`chain_record`)
+    record_batches.install()
     # offsets deleted under the walk fail the fetch instead of moving it silently to the
     # log's new start: `read_partition` reports them
     consumer = group_less_consumer(settings, "verify", auto_offset_reset="none")

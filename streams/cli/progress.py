@@ -10,8 +10,10 @@ Nothing of it ever goes to stdout, so a command's output (JSON, a report, replay
 is the same with or without it.
 
 Offsets a read found deleted before it could reach them (`Progress.lost`) are reported
-after it, one `WARNING:` line each on stderr (`warn_lost`), and the command exits
-`EXIT_LOST`.
+after it, one `WARNING:` line each on stderr (`warn_lost`); records the Kafka client
+could not parse (`Progress.unreadable`, `streams.record_batches`) one line each as they
+are met (`unreadable_reporter`) and their count after the read (`warn_unreadable`).
+Either way the command exits `EXIT_LOST`.
 """
 
 from __future__ import annotations
@@ -46,8 +48,9 @@ BAR_FORMAT = (
 
 
 #: the exit status of a command that read a range of history through, but without the
-#: records of offsets deleted before it could read them (`Progress.lost`): its output is
-#: written and incomplete, which is neither a failure (1: nothing written) nor a pass
+#: records of offsets deleted before it could read them (`Progress.lost`) or of records
+#: the Kafka client could not parse (`Progress.unreadable`): its output is written and
+#: incomplete, which is neither a failure (1: nothing written) nor a pass
 EXIT_LOST = 3
 
 
@@ -56,6 +59,33 @@ def warn_lost(progress: Progress) -> bool:
     for gap in progress.lost:
         click.echo(f"WARNING: {gap.describe()}", err=True)
     return bool(progress.lost)
+
+
+def unreadable_reporter(command: str) -> Callable[[str], None]:
+    """The `on_unreadable` of a reader run by `command`: one line on stderr per record
+    the Kafka client cannot parse, as the read meets it (`streams.replay.replay`)."""
+
+    def say(text: str) -> None:
+        click.echo(f"{command}: skipped a record the Kafka client cannot parse: {text}", err=True)
+
+    return say
+
+
+def warn_unreadable(progress: Progress) -> bool:
+    """The count of `progress.unreadable` on stderr, once the read is over; whether
+    there was any."""
+    if progress.unreadable:
+        click.echo(
+            f"skipped {progress.unreadable} record(s) the Kafka client cannot parse", err=True
+        )
+    return bool(progress.unreadable)
+
+
+def incomplete(progress: Progress) -> bool:
+    """Say what a read of history lacks (`warn_lost`, `warn_unreadable`): whether the
+    command is to exit `EXIT_LOST`."""
+    lost = warn_lost(progress)
+    return warn_unreadable(progress) or lost
 
 
 def progress_option(f: F) -> F:

@@ -21,7 +21,9 @@ from agentstream.streams.cli.progress import (
     EXIT_LOST,
     progress_option,
     run_with_progress,
+    unreadable_reporter,
     warn_lost,
+    warn_unreadable,
 )
 from agentstream.streams.replay import Progress, replay_batches
 from agentstream.streams.settings import get_settings
@@ -78,7 +80,9 @@ def replay_cmd(
 
     Exits 3 when records of the range were deleted (retention, delete-records) before
     they could be read: the rest is written, and a WARNING line on stderr names each
-    topic-partition and the offsets lost.
+    topic-partition and the offsets lost. Exits 3 too when records of the range could
+    not be parsed by the Kafka client (a header key that is not UTF-8, a codec it lacks):
+    each is named on stderr as it is met, and skipped.
     """
     names = [t.strip() for t in topics.split(",") if t.strip()]
     if not names:
@@ -113,17 +117,9 @@ def replay_cmd(
             else ""
         )
         click.echo(f"wrote {n} record(s) to {out_path}{missing}", err=True)
-    if counter.unreadable:
-        click.echo(
-            f"skipped {counter.unreadable} record(s) the Kafka client cannot parse", err=True
-        )
-    if lost:
+    # records the client cannot parse are missing from the output as deleted ones are
+    if warn_unreadable(counter) or lost:
         sys.exit(EXIT_LOST)
-
-
-def _report_unreadable(text: str) -> None:
-    # one line each on stderr, as it is met; the count comes at the end
-    click.echo(f"replay: skipped a record the Kafka client cannot parse: {text}", err=True)
 
 
 async def _replay(
@@ -159,7 +155,7 @@ async def _replay(
             type=event_type,
             correlation_id=correlation_id,
             progress=progress,
-            on_unreadable=_report_unreadable,
+            on_unreadable=unreadable_reporter("replay"),
         ):
             pending.extend(rec.render(fmt, meta=meta, show_secrets=show_secrets) for rec in batch)
             n += len(batch)

@@ -191,7 +191,7 @@ async def test_replay_reports_and_skips_a_record_it_cannot_parse(
         await producer.stop()
 
     done = cli(settings_env, "replay", "--topics", "agent.messages", "--since", "-1h")
-    assert done.returncode == 0, done.stderr
+    assert done.returncode == 3, done.stderr  # written, and lacking a record of the range
     replayed = [json.loads(line)["event_id"] for line in done.stdout.splitlines()]
     good = [ev for ev in (*batch, after) if ev is not batch[2]]
     assert replayed == [str(ev.event_id) for ev in good]
@@ -200,3 +200,13 @@ async def test_replay_reports_and_skips_a_record_it_cannot_parse(
         f"offset {offsets[2]}: header key" in done.stderr
     ), done.stderr
     assert "skipped 1 record(s) the Kafka client cannot parse" in done.stderr
+
+    # the activity report lacks it too, and says so in itself
+    done = cli(settings_env, "audit", "report", "--format", "json", "--since", "-1h")
+    assert done.returncode == 3, done.stderr
+    report = json.loads(done.stdout)
+    assert report["totals"]["sent"] == len(good)
+    assert report["unreadable_records"] == 1
+    [said] = report["unreadable"]
+    assert said.startswith(f"{topic}[0] offset {offsets[2]}: header key"), said
+    assert f"audit report: skipped a record the Kafka client cannot parse: {said}" in done.stderr

@@ -19,6 +19,7 @@ from agentstream.schemas import (
     registry,
 )
 from agentstream.schemas.llm import Usage
+from agentstream.streams.replay import Gap
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -197,3 +198,24 @@ def test_html_is_self_contained_with_bars_carrying_values() -> None:
 
 def test_empty_chart_says_so() -> None:
     assert "No data" in bar_chart("x", "X", [])
+
+
+def test_the_report_says_what_it_could_not_count() -> None:
+    """Offsets deleted before they could be read and records the Kafka client cannot
+    parse are in the report itself, JSON and HTML, above the counts they are missing
+    from; a complete report says nothing of it."""
+    b = sample()
+    assert "Missing from this report" not in render_html(b.result(T0, T0))
+    b.lost = [Gap("agent.messages", 0, 0, 9)]
+    b.unreadable = ["agent.messages[1] offsets 4..7: <zstd> not available"]
+    data = b.result(T0, T0)
+    assert data["unreadable_records"] == 1
+    assert data["unreadable"] == ["agent.messages[1] offsets 4..7: <zstd> not available"]
+    assert data["lost"] == [{"topic": "agent.messages", "partition": 0, "first": 0, "stop": 9}]
+    assert data["lost_offsets"] == 9
+    page = render_html(data)
+    missing = page[page.index('<section class="incomplete"') : page.index('<div class="cards">')]
+    assert "9 offset(s) deleted" in missing
+    assert "1 record(s) the Kafka client cannot parse" in missing
+    assert "agent.messages:0 offsets 0-8 (9) were deleted" in missing
+    assert "agent.messages[1] offsets 4..7: &lt;zstd&gt; not available" in missing

@@ -9,6 +9,7 @@ from agentstream.agents.audit.verify import ChainRecord, chain_record, check_cha
 from agentstream.schemas import Event, PolicyDecision, encode
 from agentstream.schemas.security import Verdict
 from agentstream.streams.audit_chain import GENESIS, seal
+from agentstream.streams.record_batches import Unreadable
 
 
 def decision(i: int) -> Event[PolicyDecision]:
@@ -131,3 +132,28 @@ def test_unsealed_record_is_reported() -> None:
     assert rec.computed is None
     assert [f.kind for f in check_chain([rec], GENESIS)] == ["altered"]
     assert isinstance(rec, ChainRecord)
+
+
+def test_a_record_the_client_cannot_parse_is_altered_whatever_value_it_kept() -> None:
+    """A stand-in (`streams.record_batches`) is a finding, not a pass: its value may be a
+    genuine sealed record, but a worker never writes a record the client cannot parse,
+    and what was not parsed was not checked. Its links still place it in the chain."""
+    chain: list[bytes] = sealed_chain(5)
+    why = "header key b'\\xff' is not UTF-8"
+    chain[2] = Unreadable(chain[2], reason=why, first_offset=2, last_offset=2)
+    recs = [chain_record(off, v) for off, v in enumerate(chain)]
+    [found] = check_chain(recs, GENESIS)
+    assert (found.kind, found.offset) == ("altered", 2)
+    assert found.detail == f"the Kafka client cannot parse it (offset 2: {why})"
+
+
+def test_a_batch_the_client_cannot_parse_is_altered_and_its_records_missing() -> None:
+    chain = sealed_chain(6)
+    stand_in = Unreadable(
+        b"raw batch", reason="cannot decompress", first_offset=2, last_offset=3, whole_batch=True
+    )
+    recs = [chain_record(off, chain[off]) for off in (0, 1)]
+    recs += [chain_record(3, stand_in), chain_record(4, chain[4]), chain_record(5, chain[5])]
+    found = check_chain(recs, GENESIS)
+    assert [(f.kind, f.offset) for f in found] == [("altered", 3), ("deleted", 4)]
+    assert "offsets 2..3: cannot decompress" in found[0].detail

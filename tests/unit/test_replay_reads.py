@@ -12,6 +12,7 @@ offsets used to be skipped silently: `replay` now names them on stderr and exits
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Iterator
 from types import ModuleType, SimpleNamespace
@@ -33,6 +34,7 @@ from agentstream.agents.audit.verify import (
     verify,
 )
 from agentstream.schemas import encode
+from agentstream.streams import record_batches
 from agentstream.streams.audit_chain import GENESIS, seal
 from agentstream.streams.cli import cli, prepare_run
 from agentstream.streams.errors import BrokerError
@@ -564,3 +566,116 @@ async def test_verify_checks_a_batch_stand_in_across_the_stop_offset(
         require_signatures=False,
     )
     assert [(f.kind, f.offset) for f in report.findings] == [("altered", 7)]
+    assert "offsets 4..7: cannot decompress (zstd)" in report.findings[0].detail
+
+
+async def test_verify_has_the_client_hand_on_what_it_cannot_parse(
+    monkeypatch: pytest.MonkeyPatch, logs: dict[TopicPartition, Log]
+) -> None:
+    """Without the stand-ins, the first record of a chained partition the client cannot
+    parse failed every fetch of it: the walk ended there, in an error, and the rest of
+    the partition was never checked."""
+    installed: list[bool] = []
+    monkeypatch.setattr(record_batches, "install", lambda: installed.append(True))
+    await verify(get_settings(), [CHAINED_TOPICS[0]], trust=ChainTrust(), require_signatures=False)
+    assert installed
+
+
+def unparseable(logs: dict[TopicPartition, Log], *names: str, offset: int = 8) -> list[str]:
+    """Make the record at `offset` of partition 0 of each topic of `names` one the
+    client cannot parse (a header key that is not UTF-8): what it is described as."""
+    said = []
+    for name in names:
+        topic = get_settings().topic(name)
+        for rec in logs[TopicPartition(topic, 0)].records:
+            if rec.offset == offset:
+                rec.value = Unreadable(
+                    rec.value, reason=BAD_KEY, first_offset=offset, last_offset=offset
+                )
+        said.append(f"{topic}[0] offset {offset}: {BAD_KEY}")
+    return said
+
+
+@pytest.mark.parametrize(
+    ("args", "command", "names", "status"),
+    [
+        (["replay", "--topics", "agent.messages"], "replay", ["agent.messages"], {3}),
+        (
+            ["audit", "report", "--format", "json"],
+            "audit report",
+            ["agent.messages", "agent.messages.accepted"],
+            {3},
+        ),
+        # 1 when the tables differ too (they do here: the fake changelog holds no table)
+        (["rebuild", "accepted_by_sender", "--json"], "rebuild", ["agent.messages.accepted"], {1}),
+    ],
+)
+def test_every_history_command_names_what_it_cannot_parse(
+    logs: dict[TopicPartition, Log],
+    args: list[str],
+    command: str,
+    names: list[str],
+    status: set[int],
+) -> None:
+    """A line on stderr per record the Kafka client cannot parse, as the read meets it,
+    and their count after it; the output is written, and the command exits 3 as when
+    records were deleted: its output exists and lacks records of the range. `audit
+    report` used to leave them to the log and exit 0, `replay` exited 0."""
+    said = unparseable(logs, *names)
+    result = invoke(args)
+    assert result.exit_code in status and result.stdout
+    lines = screen(result.stderr)
+    prefix = f"{command}: skipped a record the Kafka client cannot parse: "
+    assert [line.removeprefix(prefix) for line in lines if line.startswith(prefix)] == said
+    assert lines[-1] == f"skipped {len(said)} record(s) the Kafka client cannot parse"
+
+
+def test_the_report_itself_says_what_it_could_not_count(
+    monkeypatch: pytest.MonkeyPatch, logs: dict[TopicPartition, Log]
+) -> None:
+    accepted = get_settings().topic("agent.messages.accepted")
+    delete_after_planning(monkeypatch, replay_mod, logs, {TopicPartition(accepted, 0): 3})
+    said = unparseable(logs, "agent.messages")
+    result = invoke(["audit", "report", "--format", "json"])
+    assert result.exit_code == 3
+    data = json.loads(result.stdout)
+    assert data["unreadable_records"] == 1 and data["unreadable"] == said
+    assert data["lost"] == [{"topic": accepted, "partition": 0, "first": 0, "stop": 3}]
+    assert data["lost_offsets"] == 3
+
+
+def test_rebuild_exits_3_when_equal_tables_lack_what_could_not_be_parsed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    prepare_run()
+
+    async def compare_all(settings: Any, names: Any, *, progress: Progress, **kw: Any) -> Any:
+        progress.unreadable += 1
+        kw["on_unreadable"]("t[0] offset 8: why")
+        return [rebuild_mod.Comparison("accepted_by_sender", "d", "d", 1, 1)]
+
+    monkeypatch.setattr(rebuild_mod, "compare_all", compare_all)
+    result = invoke(["rebuild", "accepted_by_sender", "--json"])
+    assert result.exit_code == 3
+    assert screen(result.stderr) == [
+        "rebuild: skipped a record the Kafka client cannot parse: t[0] offset 8: why",
+        "skipped 1 record(s) the Kafka client cannot parse",
+    ]
+
+
+async def test_rebuild_reads_a_changelog_past_what_it_cannot_parse(
+    logs: dict[TopicPartition, Log],
+) -> None:
+    """A changelog record the client cannot parse is neither a value nor a delete of its
+    key: skipped, counted and said (it used to be folded as a value)."""
+    topic = rebuild_mod.changelog_topic(get_settings(), "accepted_by_sender")
+    # k1: deleted at offset 4, set at 7 by a record whose header key is not UTF-8
+    [rec] = [r for r in logs[TopicPartition(topic, 0)].records if r.offset == 7]
+    rec.value = Unreadable(rec.value, reason=BAD_KEY, first_offset=7, last_offset=7)
+    progress, said = Progress(), []
+    state = await rebuild_mod.read_changelog(
+        get_settings(), "accepted_by_sender", progress=progress, on_unreadable=said.append
+    )
+    assert state == {"k0": {"n": 3}}  # k1 is not set by what was not read
+    assert said == [f"{topic}[0] offset 7: {BAD_KEY}"]
+    assert progress.unreadable == 1
