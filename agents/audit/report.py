@@ -5,8 +5,8 @@ Per agent: messages sent / accepted / rejected (with the rejection reasons), LLM
 status, tokens by provider and model, status changes, and communication records by kind.
 
 Counts are deduplicated (`dedup_key`): under at-least-once a crash can repeat outputs, so
-an output counts once per input — by ids the pipeline sets, never by ids a sender chose
-alone (a sender reusing one event id for every message made them one message, its
+an output counts once — by what the pipeline sets, never by ids a sender chose alone (a
+sender reusing one event id for every message would make them one message, its
 rejections hidden among "duplicates").
 
 What the read could not count is in the report too (`ReportBuilder.lost`,
@@ -17,12 +17,15 @@ exits 3 on either: the report is written, and incomplete.
 
 from __future__ import annotations
 
+import hashlib
 import html
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
+
+import orjson
 
 from agentstream.schemas import Event
 from agentstream.streams.replay import Gap, Progress, parse_time, replay
@@ -55,6 +58,9 @@ INPUT_TOPICS = frozenset({AGENT_MESSAGES})
 DERIVED_ID_TOPICS = frozenset(
     {AGENT_MESSAGES_ACCEPTED, AGENT_MESSAGES_REJECTED, PIPELINE_DEADLETTER}
 )
+#: an output's seal (`streams.audit_chain`): where the chain stood when it was written, not
+#: what it says — a copy of one output written again is sealed anew
+SEAL_FIELDS = frozenset({"prev_hash", "hash", "signed_by", "signature"})
 
 
 def dedup_key(topic: str, event: Event[Any], partition: int, offset: int) -> tuple[Any, ...]:
@@ -68,9 +74,16 @@ def dedup_key(topic: str, event: Event[Any], partition: int, offset: int) -> tup
       input's event id: counted as before);
     * a communication record: what the comms table stores it under (agent, kind, time,
       record id), so the report counts what the table and `/comms` count;
-    * another output (an LLM response, a status change): the input it was caused by and
-      the key it is about (request id, agent id): a repeated output has both the same,
-      and outputs of inputs that share a sender-chosen event id stay apart.
+    * another output (an LLM response, a status change): what the worker wrote in it,
+      its seal aside (`output_digest`), with the input it was caused by. A copy of one
+      output — read twice, or written again with a new event id — says the same; two
+      outputs never do, whatever ids their inputs' senders reused: a status change
+      carries the worker's time of the change (`changed_at`), a response the worker's
+      measure of its call (latency, attempts, usage, the answer). The causation id and
+      the request or agent id are not enough: the requester or heartbeat sender chooses
+      them, and one reusing a heartbeat's event id would have its later "up" changes
+      merged into its first (its flapping hidden), one reusing a request's event id and
+      request id its later calls. Nor is the event id: it is new on each copy.
     """
     if topic in INPUT_TOPICS:
         return (topic, partition, offset)
@@ -79,7 +92,15 @@ def dedup_key(topic: str, event: Event[Any], partition: int, offset: int) -> tup
     p = event.payload
     if topic == COMMS_RECORDS:
         return (topic, p.agent_id, p.kind, p.recorded_at.timestamp(), p.record_id)
-    return (topic, event.causation_id or str(event.event_id), event.key)
+    return (topic, event.causation_id or "", output_digest(event))
+
+
+def output_digest(event: Event[Any]) -> bytes:
+    """A digest of `event`'s payload as its worker wrote it, without its seal
+    (`SEAL_FIELDS`): the same for every copy of one output. Kept instead of the payload,
+    whose answer text can be long, for every output the report reads."""
+    content = event.payload.model_dump(mode="json", exclude=SEAL_FIELDS)
+    return hashlib.sha256(orjson.dumps(content, option=orjson.OPT_SORT_KEYS)).digest()
 
 
 @dataclass

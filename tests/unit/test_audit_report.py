@@ -4,7 +4,7 @@ and renders self-contained HTML whose SVG bars carry the numbers."""
 from __future__ import annotations
 
 import re
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import uuid4
 
@@ -219,3 +219,75 @@ def test_the_report_says_what_it_could_not_count() -> None:
     assert "1 record(s) the Kafka client cannot parse" in missing
     assert "agent.messages:0 offsets 0-8 (9) were deleted" in missing
     assert "agent.messages[1] offsets 4..7: &lt;zstd&gt; not available" in missing
+
+
+def test_an_agent_reusing_one_heartbeat_event_id_has_every_status_change_shown() -> None:
+    """The monitor's "up" changes are caused by heartbeats, whose event ids the agent
+    chooses: one reusing a single id had every later "up" merged into its first, its
+    flapping hidden. A status change is told apart by what the worker wrote in it (its
+    time above all); the same change read again, or written again with a new event
+    id, still counts once."""
+    reused = str(uuid4())
+    b = ReportBuilder()
+    at = Offsets()
+    flaps = [
+        (None, "up", "first_seen", 0),
+        ("up", "down", "timeout", 20),
+        ("down", "up", "heartbeat", 40),
+        ("up", "down", "timeout", 60),
+        ("down", "up", "heartbeat", 80),
+    ]
+    for previous, current, reason, s in flaps:
+        change = AgentStatusChanged(
+            agent_id="flappy",
+            previous=previous,
+            current=current,
+            reason=reason,
+            changed_at=T0 + timedelta(seconds=s),
+        )
+        # "up" after a heartbeat (caused by it), "down" after the monitor's timer
+        cause = reused if current == "up" else None
+        event = Event.of(change, source="track_heartbeats", causation_id=cause)
+        b.add("agent.status", event, *at("agent.status"))
+    # the last change written again with a new event id (the same change, once)
+    again = Event.of(change, source="track_heartbeats", causation_id=reused)
+    b.add("agent.status", again, *at("agent.status"))
+    data = b.result(T0, T0)
+    shown = [(c["from"], c["to"]) for c in data["agents"]["flappy"]["status_changes"]]
+    assert shown == [(None, "up"), ("up", "down"), ("down", "up"), ("up", "down"), ("down", "up")]
+    assert data["duplicates_ignored"] == 1
+
+
+def test_an_agent_reusing_one_request_event_id_and_request_id_has_every_call_counted() -> None:
+    """A request id answered once is not called again while the worker remembers it
+    (`AGENTSTREAM_LLM_DEDUP_RETENTION_S`); after that, an agent reusing one request's
+    event id and request id gets a new call each time, and each is counted with its
+    tokens (they were merged into the first). A sealed copy of one response still
+    counts once: its seal is where the chain stood, not what it says."""
+    reused = str(uuid4())
+    b = ReportBuilder()
+    at = Offsets()
+    responses = []
+    for tokens, latency in ((100, 812.5), (4000, 9120.25), (4000, 9033.75)):
+        response = LLMResponse(
+            request_id="same",
+            agent_id="eve",
+            status="completed",
+            provider="openai",
+            model="gpt-x",
+            latency_ms=latency,
+            usage=Usage(prompt_tokens=tokens, completion_tokens=0, total_tokens=tokens),
+            hash=f"h{latency}",
+            prev_hash="p",
+        )
+        responses.append(response)
+        event = Event.of(response, source="call_llm", causation_id=reused)
+        b.add("llm.responses", event, *at("llm.responses"))
+    # the last response written again after a crash: new event id, sealed anew
+    copy = responses[-1].model_copy(update={"hash": "h-again", "prev_hash": "h9033.75"})
+    b.add("llm.responses", Event.of(copy, source="call_llm", causation_id=reused), *at("r"))
+    data = b.result(T0, T0)
+    llm = data["agents"]["eve"]["llm"]
+    assert llm["calls"] == 3
+    assert llm["tokens"][0]["total_tokens"] == 8100
+    assert data["duplicates_ignored"] == 1
