@@ -394,7 +394,7 @@ class Progress:
     reads several things in turn. `lost` lists the offsets a `replay` found deleted
     before it could read them (`Gap`): a command reports them, and its output lacks
     their records. `unreadable` counts the records skipped because the Kafka client
-    could not parse them.
+    could not parse them: the output lacks those too, and a command exits as for `lost`.
     """
 
     total: int = 0
@@ -402,7 +402,8 @@ class Progress:
     emitted: int = 0
     stage: str = ""
     lost: list[Gap] = field(default_factory=list)
-    #: records the Kafka client could not parse, skipped (`replay_batches`)
+    #: records the Kafka client could not parse, skipped (`replay_batches`, and the
+    #: changelog read of `agents.audit.rebuild`)
     unreadable: int = 0
 
     def plan(self, spans: Iterable[int]) -> None:
