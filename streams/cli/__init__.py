@@ -327,8 +327,13 @@ def check_time_range(since: str | None, until: str | None) -> None:
 
 
 def output_file(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
-    """Callback of an output file option: its directory must exist, checked before the
-    command reads anything (not after minutes of work)."""
+    """Callback of an output file option: a name, in a directory that exists, checked
+    before the command reads anything (not after minutes of work)."""
+    if value is not None and os.path.isdir(value):
+        # click.Path(dir_okay=False) lets "" through as Path("."), the working directory:
+        # found only when writing, after the whole read
+        what = "an empty name (or '.')" if str(value) in ("", ".") else f"{value}"
+        raise click.BadParameter(f"{what} is a directory: name a file")
     if value is not None and not os.path.isdir(os.path.dirname(os.path.abspath(value))):
         raise click.BadParameter(f"{value}: no such directory {os.path.dirname(str(value))!r}")
     return value
@@ -348,13 +353,27 @@ def finite_seconds(ctx: click.Context, param: click.Parameter, value: Any) -> An
 def atomic_output(path: Path) -> Iterator[IO[bytes]]:
     """A file written next to `path` and renamed over it only when the block ends without
     an error: a command that fails (the broker away, an interrupt) leaves an existing
-    file as it was, where opening `path` for writing cut an earlier replay to nothing."""
-    part = path.with_name(f".{path.name}.{os.getpid()}.part")
-    out = part.open("wb")
+    file as it was, where opening `path` for writing cut an earlier replay to nothing.
+
+    A symlink is followed (the file it names is replaced, the link stays); a target that
+    exists and is not a regular file (a FIFO, /dev/null, a terminal) is written straight
+    through, as a shell's `>` would: renaming over it replaced the device or the pipe
+    with a file. A temporary file that cannot be made is reported with `path`, the name
+    the user gave."""
+    target = Path(os.path.realpath(path))
+    if target.exists() and not target.is_file():
+        with target.open("wb") as out:
+            yield out
+        return
+    part = target.with_name(f".{target.name}.{os.getpid()}.part")
+    try:
+        out = part.open("wb")
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot write a file there: {exc.strerror}", str(path)) from None
     try:
         yield out
         out.close()
-        os.replace(part, path)
+        os.replace(part, target)
     except BaseException:
         out.close()
         with contextlib.suppress(OSError):

@@ -358,6 +358,18 @@ MISTAKES = [
         2,
     ),
     Mistake(
+        "replay-output-name-empty",
+        ("replay", "--topics", "agent.messages", "--out", ""),
+        ("Invalid value for '--out': an empty name (or '.') is a directory: name a file",),
+        2,
+    ),
+    Mistake(
+        "audit-report-output-name-empty",
+        ("audit", "report", "--out", ""),
+        ("Invalid value for '--out': an empty name (or '.') is a directory: name a file",),
+        2,
+    ),
+    Mistake(
         "unknown-topic-publish",
         ("publish", "agent.mesages"),
         ("unknown topic 'agent.mesages' (did you mean 'agent.messages'?)",),
