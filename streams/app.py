@@ -43,6 +43,7 @@ from agentstream.streams.settings import (
     Settings,
     SettingsError,
     get_settings,
+    url_host,
 )
 from agentstream.streams.tables.restore import BulkRestoringTableManager
 from agentstream.streams.topics import CATALOGUE
@@ -106,8 +107,9 @@ def advertised_url(settings: Settings) -> str | None:
     scheme = "https" if settings.web_tls_certfile else "http"
     if settings.web_host in ("0.0.0.0", "::", ""):
         return f"{scheme}://{socket.getfqdn()}:{settings.web_port}"
-    if scheme == "https":
-        return f"https://{settings.web_host}:{settings.web_port}"
+    # Faust's default puts an IPv6 literal in the URL without its brackets
+    if scheme == "https" or ":" in settings.web_host:
+        return f"{scheme}://{url_host(settings.web_host)}:{settings.web_port}"
     return None
 
 

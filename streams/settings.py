@@ -123,6 +123,12 @@ def _host_name_ok(host: str) -> bool:
     return len(encoded) <= 253 and all(0 < len(label) <= 63 for label in labels)
 
 
+def url_host(host: str) -> str:
+    """`host` as a URL's host: an IPv6 literal in brackets (`[::1]`, `[fe80::1%eth0]`).
+    Unbracketed, `http://::1:6066` is no URL: its port "1:6066" broke every command."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
 def worker_root(url: object, *, scheme: str) -> str | None:
     """`url` as the root of a worker's web views, ``scheme://host:port``, or None when it
     is not one: a path, query, fragment or user info, a port that is no port, or another

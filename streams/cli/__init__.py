@@ -384,11 +384,11 @@ def atomic_output(path: Path) -> Iterator[IO[bytes]]:
 def web_root() -> str:
     """This host's worker web root (AGENTSTREAM_WEB_HOST/PORT; a wildcard bind is asked
     on loopback; https with AGENTSTREAM_WEB_TLS_CERTFILE)."""
-    from agentstream.streams.settings import get_settings
+    from agentstream.streams.settings import get_settings, url_host
     from agentstream.streams.web_auth import web_scheme
 
     s = get_settings()
-    host = "127.0.0.1" if s.web_host in ("0.0.0.0", "::", "") else s.web_host
+    host = "127.0.0.1" if s.web_host in ("0.0.0.0", "::", "") else url_host(s.web_host)
     return f"{web_scheme(s)}://{host}:{s.web_port}"
 
 

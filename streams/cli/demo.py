@@ -48,7 +48,7 @@ from agentstream.streams.admin import ensure_topics
 from agentstream.streams.cli import cli, run
 from agentstream.streams.client import AsyncClient
 from agentstream.streams.credentials import KeychainCredentialsProvider
-from agentstream.streams.settings import Settings, get_settings
+from agentstream.streams.settings import Settings, get_settings, url_host
 from agentstream.streams.topics import (
     AGENT_HEARTBEATS,
     AGENT_MESSAGES,
@@ -171,7 +171,7 @@ def demo(rate: float, n_agents: int, duration: float, keep_broker: bool, seed: i
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    root = f"{web_scheme(settings)}://{settings.web_host}:{settings.web_port}"
+    root = f"{web_scheme(settings)}://{url_host(settings.web_host)}:{settings.web_port}"
     click.echo(f"worker pid {worker.pid} (log {worker_log}); web views on {root}/")
     if token_file is not None:
         click.echo(

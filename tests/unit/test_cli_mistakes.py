@@ -95,6 +95,13 @@ MISTAKES = [
         ("a finite number of seconds",),
         2,
     ),
+    Mistake(
+        "web-host-ipv6-literal",
+        ("agents", "status"),
+        ("Error: no worker answering at http://[::1]:",),
+        1,
+        {"AGENTSTREAM_WEB_HOST": "::1", "AGENTSTREAM_WEB_PORT": "1"},
+    ),
     # -- settings: a command ends with every bad variable named, exit 2 ------------------
     Mistake(
         "setting-not-an-int",

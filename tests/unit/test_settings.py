@@ -217,3 +217,38 @@ def test_a_dead_letter_cap_left_unset_follows_the_event_limit() -> None:
     assert Settings.from_env({}).deadletter_max_original_bytes == 700_000
     assert Settings.from_env({"AGENTSTREAM_MAX_EVENT_BYTES": "100000"})
     assert Settings.from_env({"AGENTSTREAM_DEADLETTER_MAX_ORIGINAL_BYTES": "700000"})
+
+
+@pytest.mark.parametrize(
+    ("host", "root"),
+    [
+        ("127.0.0.1", "http://127.0.0.1:6066"),
+        ("::1", "http://[::1]:6066"),
+        ("fe80::1%eth0", "http://[fe80::1%eth0]:6066"),
+        ("0.0.0.0", "http://127.0.0.1:6066"),  # a wildcard bind is asked on loopback
+    ],
+)
+def test_an_ipv6_web_host_is_bracketed_in_urls(
+    host: str, root: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `http://::1:6066` is no URL: Faust's canonical URL and the CLI's web root were built
+    # so, and every command ended in "port can't be converted to integer"
+    from yarl import URL
+
+    from agentstream.streams.app import advertised_url
+    from agentstream.streams.cli import web_root
+    from agentstream.streams.settings import get_settings, worker_root
+
+    monkeypatch.setenv("AGENTSTREAM_WEB_HOST", host)
+    get_settings.cache_clear()
+    try:
+        assert web_root() == root
+        settings = get_settings()
+    finally:
+        get_settings.cache_clear()
+    advertised = advertised_url(settings)
+    if ":" in host:  # Faust's own default would be unbracketed
+        assert advertised == root
+    if advertised is not None:
+        assert URL(advertised).port == 6066
+        assert worker_root(advertised, scheme="http") == advertised  # what peers accept
