@@ -8,7 +8,15 @@ from datetime import UTC, datetime
 import click
 
 from agentstream.schemas.comms import COMM_KINDS
-from agentstream.streams.cli import cli, json_option, term_safe, time_option, worker_call
+from agentstream.streams.cli import (
+    cli,
+    json_option,
+    reading_answer,
+    term_safe,
+    time_option,
+    worker_call,
+    worker_json,
+)
 
 
 @cli.command("comms")
@@ -49,23 +57,29 @@ def comms(
         if v
     }
     resp = worker_call("/comms", params=params)  # a bad filter: HTTP 400 with its reason
-    data = resp.json()
+    data = worker_json(resp, "records", "counts")
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
-    for r in data["records"]:
-        when = datetime.fromtimestamp(r["recorded_at"], UTC).isoformat(timespec="milliseconds")
-        amount = (
-            ""
-            if r["amount"] is None
-            else f" {r['amount']:g}{(' ' + r['unit']) if r['unit'] else ''}"
-        )
-        # ids, counterparties and units are the senders': shown, never acted on
-        click.echo(
-            term_safe(
-                f"{when} {r['agent_id']:24} {r['kind']:13} {r['record_id']}"
-                f"{(' -> ' + r['counterparty']) if r['counterparty'] else ''}{amount}"
+    lines = []
+    with reading_answer(resp):  # every line made before any is printed
+        for r in data["records"]:
+            when = datetime.fromtimestamp(r["recorded_at"], UTC).isoformat(timespec="milliseconds")
+            amount = (
+                ""
+                if r["amount"] is None
+                else f" {r['amount']:g}{(' ' + r['unit']) if r['unit'] else ''}"
             )
-        )
-    for a, by_kind in sorted(data["counts"].items()):
-        click.echo(term_safe(f"{a}: " + ", ".join(f"{k}={n}" for k, n in sorted(by_kind.items()))))
+            # ids, counterparties and units are the senders': shown, never acted on
+            lines.append(
+                term_safe(
+                    f"{when} {r['agent_id']:24} {r['kind']:13} {r['record_id']}"
+                    f"{(' -> ' + r['counterparty']) if r['counterparty'] else ''}{amount}"
+                )
+            )
+        for a, by_kind in sorted(data["counts"].items()):
+            lines.append(
+                term_safe(f"{a}: " + ", ".join(f"{k}={n}" for k, n in sorted(by_kind.items())))
+            )
+    for line in lines:
+        click.echo(line)

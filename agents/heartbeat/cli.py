@@ -9,7 +9,14 @@ from urllib.parse import quote
 
 import click
 
-from agentstream.streams.cli import cli, json_option, term_safe, worker_call
+from agentstream.streams.cli import (
+    cli,
+    json_option,
+    reading_answer,
+    term_safe,
+    worker_call,
+    worker_json,
+)
 
 
 def _ago(ts: float | None) -> str:
@@ -31,25 +38,30 @@ def agents_status(agent_id: str | None, state: str | None, as_json: bool) -> Non
         resp = worker_call(f"/agents/status/{quote(agent_id, safe='')}", allow=(404,))
         if resp.status_code == 404:
             raise click.ClickException(f"unknown agent {agent_id!r}")
-        data: Any = resp.json()
+        data: Any = worker_json(resp, "agent_id", "status")
         rows = [data]
     else:
         resp = worker_call("/agents/status", params={"state": state} if state else None)
-        data = resp.json()
+        data = worker_json(resp, "agents", "counts")
         rows = data["agents"]
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
-    for r in rows:
-        click.echo(  # an agent id is its sender's: shown, never acted on
-            term_safe(
-                f"{r['agent_id']:32} {r['status'] or 'unknown':8} last heartbeat "
-                f"{_ago(r['last_heartbeat_at']):>14}  missed {r['missed_beats']}  "
-                f"beats {r['beats']}"
+    lines = []
+    with reading_answer(resp):  # every line made before any is printed
+        for r in rows:
+            lines.append(  # an agent id is its sender's: shown, never acted on
+                term_safe(
+                    f"{r['agent_id']:32} {r['status'] or 'unknown':8} last heartbeat "
+                    f"{_ago(r['last_heartbeat_at']):>14}  missed {r['missed_beats']}  "
+                    f"beats {r['beats']}"
+                )
             )
-        )
-    if not agent_id:
-        c = data["counts"]
-        click.echo(
-            f"{c['up']} up, {c['down']} down" + ("" if data["deciding"] else " (catching up)")
-        )
+        if not agent_id:
+            c = data["counts"]
+            lines.append(
+                f"{c['up']} up, {c['down']} down"
+                + ("" if data.get("deciding") else " (catching up)")
+            )
+    for line in lines:
+        click.echo(line)

@@ -30,7 +30,14 @@ from agentstream.schemas.llm import (
     Tool,
     ToolChoice,
 )
-from agentstream.streams.cli import cli, json_option, run, worker_call
+from agentstream.streams.cli import (
+    cli,
+    json_option,
+    reading_answer,
+    run,
+    worker_call,
+    worker_json,
+)
 from agentstream.streams.client import AsyncClient, group_less_consumer
 from agentstream.streams.settings import get_settings
 from agentstream.streams.topics import LLM_CHUNKS, LLM_REQUESTS, LLM_RESPONSES
@@ -311,40 +318,46 @@ def providers(check: bool) -> None:
         )
 
 
-def _view(path: str) -> Any:
-    return worker_call(path).json()
-
-
 @llm_group.command("breakers")
 def breakers() -> None:
     """Circuit breaker state per provider (from a running worker)."""
-    for name, b in _view("/llm/breakers")["breakers"].items():
-        live = b["live"]
-        rec = b.get("recorded") or {}
-        click.echo(
-            f"{name:16} {live['state']:9} failures={live['failures']} "
-            f"last change: {rec.get('previous', '-')}→{rec.get('state', '-')} "
-            f"{rec.get('changed_at', '')} {rec.get('reason', '')}"
-        )
+    resp = worker_call("/llm/breakers")
+    data = worker_json(resp, "breakers")
+    lines = []
+    with reading_answer(resp):  # every line made before any is printed
+        for name, b in data["breakers"].items():
+            live = b["live"]
+            rec = b.get("recorded") or {}
+            lines.append(
+                f"{name:16} {live['state']:9} failures={live['failures']} "
+                f"last change: {rec.get('previous', '-')}→{rec.get('state', '-')} "
+                f"{rec.get('changed_at', '')} {rec.get('reason', '')}"
+            )
+    for line in lines:
+        click.echo(line)
 
 
 @llm_group.command("usage")
 @json_option()
 def usage(as_json: bool) -> None:
     """Token totals per agent, provider and model (from a running worker)."""
-    data = _view("/llm/usage")
+    resp = worker_call("/llm/usage")
+    data = worker_json(resp, "agent", "provider", "model")
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
-    for kind in ("agent", "provider", "model"):
-        for name, t in sorted(data.get(kind, {}).items()):
-            click.echo(
-                f"{kind:8} {name:32} requests={t.get('requests', 0):6} "
-                f"prompt={t.get('prompt_tokens', 0):8} "
-                f"completion={t.get('completion_tokens', 0):8} "
-                f"estimated={t.get('estimated_requests', 0)}"
-            )
-    for line in budget_lines(data.get("budgets") or []):
+    lines = []
+    with reading_answer(resp):  # every line made before any is printed
+        for kind in ("agent", "provider", "model"):
+            for name, t in sorted(data[kind].items()):
+                lines.append(
+                    f"{kind:8} {name:32} requests={t.get('requests', 0):6} "
+                    f"prompt={t.get('prompt_tokens', 0):8} "
+                    f"completion={t.get('completion_tokens', 0):8} "
+                    f"estimated={t.get('estimated_requests', 0)}"
+                )
+        lines.extend(budget_lines(data.get("budgets") or []))
+    for line in lines:
         click.echo(line)
 
 

@@ -473,6 +473,42 @@ def worker_call(
     raise click.ClickException(f"{url}: HTTP {resp.status_code}: {reason}")
 
 
+class ForeignAnswer(click.ClickException):
+    """What answered at a worker's web address is not an agentstream worker's view (a
+    web server of something else on that port, a proxy's page): one line, exit 1."""
+
+    def __init__(self, resp: Any, detail: str) -> None:
+        super().__init__(f"{resp.url}: not an agentstream worker's answer ({detail})")
+
+
+def worker_json(resp: Any, *keys: str) -> dict[str, Any]:
+    """The body of a worker view's answer: a JSON object with `keys` (what the view
+    always sends), else a `ForeignAnswer` — HTML, a list or an unexpected object ended
+    in a JSONDecodeError, TypeError or KeyError traceback, or (`llm usage`) in nothing
+    printed and exit 0."""
+    try:
+        body = resp.json()
+    except ValueError:
+        kind = resp.headers.get("content-type", "no content type").split(";")[0]
+        raise ForeignAnswer(resp, f"not JSON but {kind}") from None
+    if not isinstance(body, dict):
+        raise ForeignAnswer(resp, f"a JSON {type(body).__name__}, not an object")
+    missing = [k for k in keys if k not in body]
+    if missing:
+        raise ForeignAnswer(resp, f"no {', '.join(repr(k) for k in missing)} in its JSON")
+    return body
+
+
+@contextlib.contextmanager
+def reading_answer(resp: Any) -> Iterator[None]:
+    """Showing the fields of a worker's answer: one of another shape than a view sends
+    (a row that is no object, a count that is no number) is a `ForeignAnswer`."""
+    try:
+        yield
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+        raise ForeignAnswer(resp, f"{type(exc).__name__}: {exc}") from None
+
+
 def _error_text(resp: Any) -> str:
     try:
         body = resp.json()

@@ -51,6 +51,13 @@ def frames(url: str, headers: dict[str, str], timeout: float) -> Iterator[dict[s
             if resp.status_code != 200:
                 resp.read()
                 raise click.ClickException(_refusal(url, resp, bool(headers)))
+            kind = resp.headers.get("content-type", "no content type").split(";")[0]
+            if kind != "text/event-stream":
+                # a web server of something else on that port: its page is no stream
+                # (it was read to its end, then "the worker closed the stream")
+                raise click.ClickException(
+                    f"{url}: not an agentstream worker's answer (not a stream but {kind})"
+                )
             event, data = "message", []
             for line in resp.iter_lines():
                 if line.startswith("event:"):
@@ -59,7 +66,16 @@ def frames(url: str, headers: dict[str, str], timeout: float) -> Iterator[dict[s
                     data.append(line[5:].lstrip(" "))
                 elif not line:
                     if event == "snapshot" and data:
-                        yield orjson.loads("\n".join(data))
+                        try:
+                            doc = orjson.loads("\n".join(data))
+                        except orjson.JSONDecodeError:
+                            doc = None
+                        if not isinstance(doc, dict):
+                            raise click.ClickException(
+                                f"{url}: not an agentstream worker's answer (a snapshot "
+                                "that is no JSON object)"
+                            )
+                        yield doc
                     elif event == "end":
                         raise click.ClickException(f"{url}: the worker ended the stream: {data}")
                     event, data = "message", []

@@ -15,10 +15,13 @@ from click.testing import CliRunner
 
 import agentstream.agents.comms.cli as comms_cli
 import agentstream.agents.heartbeat.cli as heartbeat_cli
+import agentstream.agents.llm.cli as llm_cli
+import agentstream.streams.cli.top as top_cli
 from agentstream.streams.cli import cli
 from agentstream.streams.settings import get_settings
 
-COMMANDS = (comms_cli, heartbeat_cli)  # imported: they register `comms`, `agents`
+# imported: they register `comms`, `agents`, `llm`, `top`
+COMMANDS = (comms_cli, heartbeat_cli, llm_cli, top_cli)
 ROW = {"agent_id": "a1", "status": "up", "last_heartbeat_at": None, "missed_beats": 0}
 
 
@@ -141,3 +144,77 @@ def test_the_cli_sends_its_token_and_says_what_a_401_or_403_means(
     none = runner.invoke(cli, ["agents", "status", "anon"])
     assert SEEN_AUTH == [None]
     assert none.exit_code == 1 and "there is no secret web.token" in none.output
+
+
+class Foreign(BaseHTTPRequestHandler):
+    """Something else than a worker on the worker's port: every path answers `ANSWER`."""
+
+    ANSWER: tuple[str, bytes] = ("text/html", b"<html>hello</html>")
+
+    def do_GET(self) -> None:
+        kind, data = self.ANSWER
+        self.send_response(200)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def foreign_port(monkeypatch: pytest.MonkeyPatch) -> Iterator[int]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Foreign)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    monkeypatch.setenv("AGENTSTREAM_WEB_PORT", str(server.server_address[1]))
+    monkeypatch.setenv("AGENTSTREAM_WEB_HOST", "127.0.0.1")
+    get_settings.cache_clear()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+        get_settings.cache_clear()
+
+
+FOREIGN_ANSWERS = {
+    "html": ("text/html", b"<html>hello</html>"),
+    "json-list": ("application/json", b"[1, 2]"),
+    "json-string": ("application/json", b'"hello"'),
+    "json-object": ("application/json", b'{"hello": "world"}'),
+    # the keys of every view, their values of no view's shape
+    "json-odd-rows": (
+        "application/json",
+        b'{"agents": ["a1"], "counts": 3, "records": [1], "breakers": {"p": 1}, '
+        b'"agent": {"a": 1}, "provider": {}, "model": {}, "agent_id": "a1", "status": "up"}',
+    ),
+}
+
+
+@pytest.mark.parametrize("answer", FOREIGN_ANSWERS, ids=list(FOREIGN_ANSWERS))
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("agents", "status"),
+        ("agents", "status", "a1"),
+        ("comms",),
+        ("llm", "breakers"),
+        ("llm", "usage"),
+        ("top", "--once"),
+    ],
+    ids=" ".join,
+)
+def test_an_answer_that_is_no_workers_is_one_line_exit_1(
+    args: tuple[str, ...], answer: str, foreign_port: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # HTML, a list or a foreign object were JSONDecodeError, TypeError or KeyError
+    # tracebacks; `llm usage` printed nothing and exited 0; `top` said the worker closed
+    # the stream
+    monkeypatch.setattr(Foreign, "ANSWER", FOREIGN_ANSWERS[answer])
+    res = CliRunner().invoke(cli, list(args))
+    assert res.exit_code == 1, (res.output, res.exception)
+    assert res.output.startswith("Error: http://127.0.0.1:"), res.output
+    assert "not an agentstream worker's answer" in res.output
+    assert len(res.output.strip().splitlines()) == 1, res.output
