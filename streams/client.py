@@ -331,6 +331,26 @@ class _Producing:
         await self.producer.stop()
 
 
+def sendable(settings: Settings, topic: str, event: Event[Any]) -> bytes:
+    """`event`'s bytes as `AsyncClient.publish` sends them to `topic`, or `InvalidEvent`
+    for what every consumer would dead-letter (a type that does not go on the topic,
+    more than AGENTSTREAM_MAX_EVENT_BYTES): refused before it is sent, and by
+    `publish --dry-run` without a broker."""
+    expected = CATALOGUE[topic].events if topic in CATALOGUE else None
+    if expected is not None and event.type not in expected:
+        raise InvalidEvent(f"event type {event.type!r} does not belong on {topic}")
+    try:
+        value = encode(event)
+    except TypeError as exc:  # orjson's JSONEncodeError too: a value JSON cannot hold
+        raise InvalidEvent(f"the event cannot be encoded as JSON: {exc}") from exc
+    if len(value) > settings.max_event_bytes:
+        raise InvalidEvent(
+            f"the event is {len(value)} bytes, more than AGENTSTREAM_MAX_EVENT_BYTES "
+            f"({settings.max_event_bytes}): every consumer would dead-letter it"
+        )
+    return value
+
+
 class AsyncClient:
     """Publish and subscribe with typed events, in asyncio code. Topic names are
     catalogue names; the settings' topic prefix is applied for you.
@@ -529,19 +549,7 @@ class AsyncClient:
         when `wait`, else the delivery future (which raises `PublishError` the same way)."""
         event = item if isinstance(item, Event) else self.event(item)
         key = key or event.key
-        # what every consumer would dead-letter is refused here, before it is sent
-        expected = CATALOGUE[topic].events if topic in CATALOGUE else None
-        if expected is not None and event.type not in expected:
-            raise InvalidEvent(f"event type {event.type!r} does not belong on {topic}")
-        try:
-            value = encode(event)
-        except TypeError as exc:  # orjson's JSONEncodeError too: a value JSON cannot hold
-            raise InvalidEvent(f"the event cannot be encoded as JSON: {exc}") from exc
-        if len(value) > self.settings.max_event_bytes:
-            raise InvalidEvent(
-                f"the event is {len(value)} bytes, more than AGENTSTREAM_MAX_EVENT_BYTES "
-                f"({self.settings.max_event_bytes}): every consumer would dead-letter it"
-            )
+        value = sendable(self.settings, topic, event)
         return await self._send(topic, value, key.encode(), key, wait)
 
     async def publish_many(self, topic: str, items: Iterable[Event[Any] | Payload]) -> int:

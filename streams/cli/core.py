@@ -31,6 +31,7 @@ from agentstream.streams.client import (
     StartOffset,
     build_event,
     check_start_offset,
+    sendable,
 )
 from agentstream.streams.errors import BrokerError
 from agentstream.streams.replay import ReplayRecord
@@ -292,12 +293,16 @@ async def _publish(
     bad = valid = 0
     pending: list[Any] = []
     client: AsyncClient | None = None
+    settings = get_settings()
     try:
         for lineno, line in enumerate(lines, 1):
             if not line.strip():
                 continue
             try:
                 event = parse_line(topic, line, source=source, event_type=event_type)
+                # too big for the topic: an invalid line like the others (it ended the
+                # whole file, with no line number, and passed --dry-run)
+                sendable(settings, topic, event)
             except (orjson.JSONDecodeError, SchemaError) as exc:
                 bad += 1
                 click.echo(f"line {lineno}: {type(exc).__name__}: {exc}", err=True)

@@ -406,6 +406,25 @@ MISTAKES = [
         stdin=VALID_MESSAGE + '\n{"message_id": "x"}\n',
     ),
     Mistake(
+        # too big for the topic: reported as an invalid line with its number, the others
+        # checked (it passed --dry-run, and a real run stopped the whole file at it)
+        "publish-dry-run-event-too-big",
+        ("publish", "agent.messages", "--dry-run"),
+        (
+            "line 2: InvalidEvent: the event is ",
+            "more than AGENTSTREAM_MAX_EVENT_BYTES (1000000)",
+            "line 3: JSONDecodeError",
+            "would send 2 event(s) to agent.messages, 2 invalid line(s)",
+        ),
+        1,
+        stdin=VALID_MESSAGE
+        + "\n"
+        + VALID_MESSAGE.replace('"hi"', '"' + "x" * 1_100_000 + '"')
+        + "\n{bad\n"
+        + VALID_MESSAGE
+        + "\n",
+    ),
+    Mistake(
         "policy-file-bad-yaml",
         ("policy", "apply", "--dry-run", "bad.yaml"),
         ("Error: bad.yaml, line 2, column 8: not YAML or JSON: mapping values are not allowed",),
