@@ -32,6 +32,7 @@ from agentstream.schemas.llm import (
 )
 from agentstream.streams.cli import (
     cli,
+    finite_seconds,
     json_option,
     reading_answer,
     run,
@@ -83,7 +84,16 @@ def llm_group() -> None:
     default=None,
     help="JSON or YAML file: a JSON Schema the answer must match (response_format).",
 )
-@click.option("--timeout", "wait_s", type=float, default=120, show_default=True)
+@click.option(
+    "--timeout",
+    "wait_s",
+    # checked before the request is sent: nan, 0 or -1 sent it, then gave up at once
+    type=click.FloatRange(min=0, min_open=True),
+    callback=finite_seconds,
+    default=120,
+    show_default=True,
+    help="Seconds to wait for the final response.",
+)
 @json_option()
 def ask(
     prompt: str,

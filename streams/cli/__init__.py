@@ -349,6 +349,15 @@ def finite_seconds(ctx: click.Context, param: click.Parameter, value: Any) -> An
     return value
 
 
+def finite_number(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    """Callback of a rate or a count given as a float: as `finite_seconds`."""
+    import math
+
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"{value}: a finite number")
+    return value
+
+
 @contextlib.contextmanager
 def atomic_output(path: Path) -> Iterator[IO[bytes]]:
     """A file written next to `path` and renamed over it only when the block ends without

@@ -45,7 +45,7 @@ from agentstream.schemas import (
 from agentstream.schemas.comms import COMM_KINDS
 from agentstream.schemas.llm import ChatMessage, LLMConfig, LLMContext
 from agentstream.streams.admin import ensure_topics
-from agentstream.streams.cli import cli, run
+from agentstream.streams.cli import cli, finite_number, finite_seconds, run
 from agentstream.streams.client import AsyncClient
 from agentstream.streams.credentials import KeychainCredentialsProvider
 from agentstream.streams.settings import Settings, get_settings, url_host
@@ -125,10 +125,31 @@ DEMO_ENV = {
 
 
 @cli.command()
-@click.option("--rate", default=40.0, show_default=True, help="Agent messages per second.")
-@click.option("--agents", "n_agents", default=8, show_default=True, help="Simulated agents.")
+# checked before the broker and the worker start: 0, nan or inf failed only then, in a
+# ZeroDivisionError, ValueError or IndexError traceback
 @click.option(
-    "--duration", default=45.0, show_default=True, help="Seconds to run; 0 = until Ctrl-C."
+    "--rate",
+    type=click.FloatRange(min=0, min_open=True),
+    callback=finite_number,
+    default=40.0,
+    show_default=True,
+    help="Agent messages per second.",
+)
+@click.option(
+    "--agents",
+    "n_agents",
+    type=click.IntRange(min=1),
+    default=8,
+    show_default=True,
+    help="Simulated agents.",
+)
+@click.option(
+    "--duration",
+    type=click.FloatRange(min=0),
+    callback=finite_seconds,
+    default=45.0,
+    show_default=True,
+    help="Seconds to run; 0 = until Ctrl-C.",
 )
 @click.option("--keep-broker", is_flag=True, help="Leave a broker the demo started running.")
 @click.option("--seed", default=7, show_default=True, help="Random seed of the traffic.")

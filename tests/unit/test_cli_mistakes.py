@@ -102,6 +102,25 @@ MISTAKES = [
         1,
         {"AGENTSTREAM_WEB_HOST": "::1", "AGENTSTREAM_WEB_PORT": "1"},
     ),
+    *(
+        # sent the request, then gave up at once ("no response within nans")
+        Mistake(f"llm-ask-timeout-{v}", ("llm", "ask", "hi", "--timeout", v), (text,), 2)
+        for v, text in (
+            ("nan", "Invalid value for '--timeout': nan: a finite number of seconds"),
+            ("0", "Invalid value for '--timeout': 0.0 is not in the range x>0."),
+            ("-1", "Invalid value for '--timeout': -1.0 is not in the range x>0."),
+        )
+    ),
+    *(
+        # failed only after the broker and the worker started, with a traceback
+        Mistake(f"demo{'-'.join(args)}", ("demo", *args), (text,), 2)
+        for args, text in (
+            (("--rate", "0"), "Invalid value for '--rate': 0.0 is not in the range x>0."),
+            (("--rate", "nan"), "Invalid value for '--rate': nan: a finite number"),
+            (("--agents", "0"), "Invalid value for '--agents': 0 is not in the range x>=1."),
+            (("--duration", "inf"), "Invalid value for '--duration': inf: a finite number"),
+        )
+    ),
     # -- settings: a command ends with every bad variable named, exit 2 ------------------
     Mistake(
         "setting-not-an-int",
