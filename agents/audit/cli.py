@@ -202,7 +202,12 @@ def verify_cmd(
     settings = get_settings()
     spec = ",".join(trust_keys)
     if trusted_file is not None:
-        spec += "," + trusted_file.read_text(encoding="utf-8")
+        try:  # utf-8-sig: a BOM (a Windows editor's) stayed in the first key's id
+            spec += "," + trusted_file.read_bytes().decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            raise click.BadParameter(
+                f"{trusted_file}: not UTF-8 text (byte {exc.start})", param_hint="--trusted-keys"
+            ) from None
     try:
         pinned = parse_public_keys(spec)
     except SigningError as exc:

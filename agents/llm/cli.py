@@ -40,6 +40,7 @@ from agentstream.streams.cli import (
     worker_json,
 )
 from agentstream.streams.client import AsyncClient, group_less_consumer
+from agentstream.streams.documents import MAX_NESTING, too_deep
 from agentstream.streams.settings import get_settings
 from agentstream.streams.topics import LLM_CHUNKS, LLM_REQUESTS, LLM_RESPONSES
 
@@ -178,10 +179,23 @@ def ask(
 def _document(path: Path, option: str) -> Any:
     """A JSON or YAML file's content; a mistake is one line naming the option."""
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
+        # checked first: building a deeper one exhausted the stack (a RecursionError)
+        line = too_deep(text, json_text=path.suffix == ".json")
+        if line is not None:
+            raise click.BadParameter(
+                f"{path}, line {line}: nested too deeply (more than {MAX_NESTING} levels)",
+                param_hint=option,
+            )
         return json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except OSError as exc:
         raise click.BadParameter(f"{path}: {exc.strerror}", param_hint=option) from None
+    except UnicodeDecodeError as exc:
+        raise click.BadParameter(
+            f"{path}: not JSON or YAML: not UTF-8 (byte {exc.start})", param_hint=option
+        ) from None
+    except RecursionError:  # a last resort: `too_deep` stops these first
+        raise click.BadParameter(f"{path}: nested too deeply", param_hint=option) from None
     except (ValueError, yaml.YAMLError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise click.BadParameter(f"{path}: not JSON or YAML: {first}", param_hint=option) from None

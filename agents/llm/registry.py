@@ -53,6 +53,7 @@ from agentstream.agents.llm.providers.local import LocalProvider
 from agentstream.agents.llm.providers.ollama import OllamaProvider
 from agentstream.agents.llm.providers.openai import OpenAICompatibleProvider
 from agentstream.streams import llm_budgets
+from agentstream.streams.documents import MAX_NESTING, too_deep
 from agentstream.streams.errors import ProviderRequestError
 from agentstream.streams.llm_budgets import BudgetConfig
 from agentstream.streams.settings import Settings, SettingsError
@@ -93,15 +94,29 @@ def read_providers_file(path: Path) -> ProvidersFile:
     """The providers file, checked: every mistake is a `SettingsError` of one line naming
     the file."""
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise SettingsError(f"cannot read providers file {path}: {exc}") from None
+    except UnicodeDecodeError as exc:  # a binary file: a traceback, before
+        raise SettingsError(
+            f"providers file {path} is not valid YAML/JSON: not UTF-8 (byte {exc.start})"
+        ) from None
     try:
+        # checked first: building a deeper one exhausted the stack (a RecursionError
+        # traceback, or an unnamed "maximum recursion depth" warning)
+        line = too_deep(text, json_text=path.suffix == ".json")
+        if line is not None:
+            raise SettingsError(
+                f"providers file {path}, line {line}: nested too deeply (more than "
+                f"{MAX_NESTING} levels)"
+            )
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (ValueError, yaml.YAMLError) as exc:
         raise SettingsError(
             f"providers file {path} is not valid YAML/JSON: {_one_line(exc)}"
         ) from None
+    except RecursionError:  # a last resort: `too_deep` stops these first
+        raise SettingsError(f"providers file {path}: nested too deeply") from None
     entries = (data or {}).get("providers") if isinstance(data, dict) else None
     if not isinstance(data, dict) or not isinstance(entries, dict):
         raise SettingsError(f"providers file {path}: expected a top-level `providers:` mapping")

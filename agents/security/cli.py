@@ -41,6 +41,8 @@ from agentstream.schemas.security import (
 )
 from agentstream.streams.cli import NoAdminKey, cli, json_option, run
 from agentstream.streams.credentials import KeychainCredentialsProvider
+from agentstream.streams.documents import MAX_NESTING as DOCUMENT_NESTING
+from agentstream.streams.documents import too_deep
 from agentstream.streams.errors import CredentialsError
 from agentstream.streams.kafka_security import new_producer
 from agentstream.streams.settings import Settings, get_settings
@@ -131,7 +133,7 @@ def trusted_keys(settings: Settings, admin: AdminKey | None = None) -> dict[str,
 # -- policy files ---------------------------------------------------------------------------
 #: nesting a policy file may have: a policy is three levels deep; deeper is a mistake, and
 #: building it would exhaust the stack (checked on the parser's events, without recursion)
-MAX_NESTING = 64
+MAX_NESTING = DOCUMENT_NESTING
 
 
 #: the security config's fields a policy file may set (the rest the CLI sets itself: the
@@ -189,18 +191,12 @@ def parse_policy_file(
 
 
 def _check_nesting(text: str, source: str) -> None:
-    depth = 0
-    for event in yaml.parse(text, Loader=yaml.SafeLoader):
-        if isinstance(event, yaml.MappingStartEvent | yaml.SequenceStartEvent):
-            depth += 1
-            if depth > MAX_NESTING:
-                line = event.start_mark.line + 1 if event.start_mark else "?"
-                raise PolicyFileError(
-                    f"{source}, line {line}: not a policy file: nested "
-                    f"too deeply (more than {MAX_NESTING} levels)"
-                )
-        elif isinstance(event, yaml.MappingEndEvent | yaml.SequenceEndEvent):
-            depth -= 1
+    line = too_deep(text, MAX_NESTING)
+    if line is not None:
+        raise PolicyFileError(
+            f"{source}, line {line or '?'}: not a policy file: nested "
+            f"too deeply (more than {MAX_NESTING} levels)"
+        )
 
 
 def read_policy_file(path: Path) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:

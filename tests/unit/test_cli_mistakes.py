@@ -365,6 +365,51 @@ MISTAKES = [
         2,
         {"AGENTSTREAM_LLM_PROVIDERS_FILE": "providers-window.yaml"},
     ),
+    # -- files that are no text, or nested past any real one: one line naming them -------
+    Mistake(
+        "audit-trusted-keys-not-text",
+        ("audit", "verify", "--trusted-keys", "binary.yaml"),
+        ("Error: Invalid value for --trusted-keys: binary.yaml: not UTF-8 text (byte 0)",),
+        2,
+    ),
+    Mistake(
+        "llm-providers-file-not-text",
+        ("llm", "providers"),
+        ("Error: providers file binary.yaml is not valid YAML/JSON: not UTF-8 (byte 0)",),
+        2,
+        {"AGENTSTREAM_LLM_PROVIDERS_FILE": "binary.yaml"},
+    ),
+    Mistake(
+        "llm-providers-file-nested-deeply",
+        ("llm", "providers"),
+        ("Error: providers file deep.json, line 1: nested too deeply (more than 64 levels)",),
+        2,
+        {"AGENTSTREAM_LLM_PROVIDERS_FILE": "deep.json"},
+    ),
+    Mistake(
+        # another command: the warning names the file (it said only "maximum recursion
+        # depth exceeded")
+        "providers-file-nested-deeply-other-command",
+        ("schemas", "export", "exported"),
+        (
+            "warning: the agents did not all load: providers file deep.json, line 1: nested "
+            "too deeply (more than 64 levels)",
+        ),
+        0,
+        {"AGENTSTREAM_LLM_PROVIDERS_FILE": "deep.json"},
+    ),
+    Mistake(
+        "llm-ask-tools-nested-deeply",
+        ("llm", "ask", "hi", "--tools", "deep.json"),
+        ("Invalid value for '--tools': deep.json, line 1: nested too deeply",),
+        2,
+    ),
+    Mistake(
+        "llm-ask-schema-nested-deeply",
+        ("llm", "ask", "hi", "--schema", "deep.yaml"),
+        ("Invalid value for '--schema': deep.yaml, line 1: nested too deeply",),
+        2,
+    ),
     Mistake(
         "missing-policy-file",
         ("policy", "apply", "--dry-run", "missing.yaml"),
@@ -626,6 +671,8 @@ def outcomes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any
     work = tmp_path_factory.mktemp("mistakes")
     (work / "bad.yaml").write_text("policy_id: p1\n  level: [\n")
     (work / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    (work / "deep.yaml").write_text("a: " + "[" * 50_000 + "]" * 50_000)
+    (work / "binary.yaml").write_bytes(b"\xff\xfe\x00\x01binary")
     (work / "invalid.yaml").write_text("policy_id: p1\nmax_message_size: -5\n")
     (work / "good.yaml").write_text('policy_id: p1\nlevel: "*"\n')
     (work / "config.yaml").write_text(
