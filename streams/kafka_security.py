@@ -457,6 +457,12 @@ async def start_client(
         with contextlib.suppress(Exception):  # the cause is what the caller needs
             await asyncio.wait_for(_close(client), 5.0)
         raise error from None
+    except BaseException:
+        # cancelled (Ctrl-C while connecting to a listener that never answers): closed
+        # too, or the interrupt ended in "Unclosed AIOKafkaConsumer" and a dump of it
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(_close(client), 5.0)
+        raise
     finally:
         _STARTING.reset(token)
 
