@@ -106,6 +106,14 @@ def credentials_set(
             except UnicodeDecodeError:
                 # else it reached the keychain as surrogates, which blamed the keychain
                 raise click.ClickException("the value on stdin is not UTF-8 text") from None
+        elif not sys.stdin.isatty():
+            # the hidden prompt needs a terminal: a pipe gave GetPassWarning lines, then
+            # "Aborted!" (a value piped in is what --stdin is for)
+            err = click.ClickException(
+                "stdin is not a terminal: to read the value from it, add --stdin"
+            )
+            err.exit_code = 2  # a usage mistake, said in one line
+            raise err
         else:
             value = click.prompt("value", hide_input=True, confirmation_prompt=True).strip()
         if not value:

@@ -121,6 +121,14 @@ MISTAKES = [
             (("--duration", "inf"), "Invalid value for '--duration': inf: a finite number"),
         )
     ),
+    Mistake(
+        # a value piped in without --stdin: GetPassWarning lines, then "Aborted!", exit 1
+        "credentials-set-piped-without-stdin",
+        ("credentials", "set", "--secret", "x"),
+        ("Error: stdin is not a terminal: to read the value from it, add --stdin",),
+        2,
+        stdin="v\n",
+    ),
     # -- settings: a command ends with every bad variable named, exit 2 ------------------
     Mistake(
         "setting-not-an-int",
