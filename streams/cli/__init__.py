@@ -169,6 +169,19 @@ class CliGroup(click.Group):
     command_class = CheckedCommand
     group_class = type  # subgroups are CliGroups too
 
+    def resolve_command(
+        self, ctx: click.Context, args: list[str]
+    ) -> tuple[str | None, click.Command | None, list[str]]:
+        try:
+            return super().resolve_command(ctx, args)
+        except click.UsageError:
+            # an agent's command is missing because AGENTSTREAM_AGENTS is no list of
+            # agents (`agent_packages`): that is the mistake to tell ("No such command
+            # 'policy'" hid "did you mean 'security'?")
+            if ctx.parent is None and not agents_setting_ok():
+                checked_settings()
+            raise
+
 
 #: options of `agentstream` itself (before the command), each a setting's variable:
 #: option -> (short form, metavar, variable, help). `main` applies them before anything reads the
@@ -538,6 +551,16 @@ def agent_packages(environ: Mapping[str, str] | None = None) -> list[str]:
         return agent_modules(raw)
     except ValueError:  # told, with the other settings' problems, before any command runs
         return []
+
+
+def agents_setting_ok(environ: Mapping[str, str] | None = None) -> bool:
+    env = os.environ if environ is None else environ
+    raw = env.get(Settings.env_name("agents")) or str(Settings.model_fields["agents"].default)
+    try:
+        agent_modules(raw)
+    except ValueError:
+        return False
+    return True
 
 
 def command_modules(package: str) -> list[str]:

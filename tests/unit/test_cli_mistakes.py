@@ -129,6 +129,14 @@ MISTAKES = [
         2,
         stdin="v\n",
     ),
+    Mistake(
+        # it said "No such command 'policy'", where `topics list` named the typo
+        "agents-typo-hides-no-command",
+        ("policy", "list"),
+        ("Error: AGENTSTREAM_AGENTS='securty'", "did you mean 'security'?"),
+        2,
+        {"AGENTSTREAM_AGENTS": "securty"},
+    ),
     # -- settings: a command ends with every bad variable named, exit 2 ------------------
     Mistake(
         "setting-not-an-int",
