@@ -20,6 +20,7 @@ from agentstream.streams.cli import (
     term_safe,
     time_option,
     worker_call,
+    worker_json,
 )
 from agentstream.streams.cli.progress import (
     EXIT_LOST,
@@ -123,6 +124,8 @@ def checkpoints_cmd(
     settings = get_settings()
     if take:
         resp = worker_call("/checkpoints", method="POST", base=url, timeout=30)
+        # something else than a worker on that port answered 200 too: not a checkpoint
+        worker_json(resp, "checkpoint_id", "worker_id", "tables")
         click.echo(resp.text)
         return
     from agentstream.agents.audit.checkpoints import list_checkpoints

@@ -13,6 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from click.testing import CliRunner
 
+import agentstream.agents.audit.cli as audit_cli
 import agentstream.agents.comms.cli as comms_cli
 import agentstream.agents.heartbeat.cli as heartbeat_cli
 import agentstream.agents.llm.cli as llm_cli
@@ -20,8 +21,8 @@ import agentstream.streams.cli.top as top_cli
 from agentstream.streams.cli import cli
 from agentstream.streams.settings import get_settings
 
-# imported: they register `comms`, `agents`, `llm`, `top`
-COMMANDS = (comms_cli, heartbeat_cli, llm_cli, top_cli)
+# imported: they register `checkpoints`, `comms`, `agents`, `llm`, `top`
+COMMANDS = (audit_cli, comms_cli, heartbeat_cli, llm_cli, top_cli)
 ROW = {"agent_id": "a1", "status": "up", "last_heartbeat_at": None, "missed_beats": 0}
 
 
@@ -159,6 +160,8 @@ class Foreign(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
+    do_POST = do_GET
+
     def log_message(self, *args: object) -> None:
         pass
 
@@ -203,6 +206,7 @@ FOREIGN_ANSWERS = {
         ("llm", "breakers"),
         ("llm", "usage"),
         ("top", "--once"),
+        ("checkpoints", "--take"),
     ],
     ids=" ".join,
 )
@@ -211,7 +215,7 @@ def test_an_answer_that_is_no_workers_is_one_line_exit_1(
 ) -> None:
     # HTML, a list or a foreign object were JSONDecodeError, TypeError or KeyError
     # tracebacks; `llm usage` printed nothing and exited 0; `top` said the worker closed
-    # the stream
+    # the stream; `checkpoints --take` printed the foreign body and exited 0
     monkeypatch.setattr(Foreign, "ANSWER", FOREIGN_ANSWERS[answer])
     res = CliRunner().invoke(cli, list(args))
     assert res.exit_code == 1, (res.output, res.exception)
