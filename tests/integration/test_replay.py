@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 import pytest
-from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, RecordsToDelete
 
 import agentstream.agents.audit.verify as verify_mod
@@ -164,6 +164,21 @@ async def test_replay_time_range_merge_filters_and_cli(
     assert bad_time.returncode == 2 and "cannot parse time" in bad_time.stderr
 
 
+async def wait_for_stable_ends(bootstrap: str, ends: dict[TopicPartition, int]) -> None:
+    """Poll, with a deadline, until each partition's last stable offset is `ends`."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, isolation_level="read_committed")
+    await consumer.start()
+    seen: dict[TopicPartition, int] = {}
+    try:
+        async with asyncio.timeout(30):
+            while (seen := await consumer.end_offsets(list(ends))) != ends:
+                await asyncio.sleep(0.05)
+    except TimeoutError:
+        raise AssertionError(f"last stable offsets {seen}, expected {ends}") from None
+    finally:
+        await consumer.stop()
+
+
 async def test_ranges_ending_on_transaction_markers_are_read_through(
     settings_env: dict[str, str],
 ) -> None:
@@ -202,6 +217,16 @@ async def test_ranges_ending_on_transaction_markers_are_read_through(
     finally:
         await txn.stop()
         await plain.stop()
+    # Ending a transaction returns once its coordinator has logged the decision; the
+    # markers reach the partitions a moment later, and until then a read_committed
+    # reader's end of the log (the last stable offset) stays before the transaction. A
+    # read planned in that moment is right to stop there, so wait for the markers.
+    await wait_for_stable_ends(
+        settings.bootstrap, {TopicPartition(messages, 0): 6, TopicPartition(messages, 1): 8}
+    )
+    await wait_for_stable_ends(
+        settings.bootstrap, {TopicPartition(decisions, 0): 4, TopicPartition(decisions, 1): 5}
+    )
 
     async with asyncio.timeout(60):  # each read ends at once, far within its stall limit
         progress = Progress()
