@@ -32,6 +32,27 @@ OUTPUT_TOPICS = {
     "security.decisions": "decision",
 }
 INPUT_TOPIC = "agent.messages"
+#: how long `stop_task` waits: a poll returns within 200 ms, a group refresh within 5 s
+STOP_WAIT_S = 10.0
+
+
+async def stop_task(task: asyncio.Task[None] | None) -> BaseException | None:
+    """Cancel `task` and wait for it, at most `STOP_WAIT_S`; its error, if it had one.
+
+    A run's tear-down once hung for 20 minutes in `await task` after `task.cancel()`,
+    until the runner got SIGTERM; and the run then went on as if nothing had been
+    asked, because `suppress(CancelledError)` around that await swallowed the runner's
+    own cancellation too. On Python 3.11 `asyncio.wait_for` can lose a cancellation
+    that arrives as its inner call completes, and the task then loops on: the loops
+    also end on a flag their `stop` sets before this. `asyncio.wait` never raises the
+    awaited task's CancelledError, so a cancellation of the caller propagates."""
+    if task is None:
+        return None
+    task.cancel()
+    done, _ = await asyncio.wait({task}, timeout=STOP_WAIT_S)
+    if not done:
+        return RuntimeError(f"a reading task did not stop in {STOP_WAIT_S} s")
+    return None if task.cancelled() else task.exception()
 
 
 async def _reader(bootstrap: str, topics: list[str], timeout: float) -> AIOKafkaConsumer:
@@ -76,6 +97,8 @@ class _Reading:
     bootstrap: str
     _task: asyncio.Task[None] | None = None
     _consumer: AIOKafkaConsumer | None = None
+    #: set by `stop`: the poll loop ends on it even if a cancellation is lost
+    _stopping = False
     #: the last error of a poll (a broker restart: the consumer reconnects by itself)
     error: BaseException | None = None
 
@@ -84,7 +107,7 @@ class _Reading:
         self._task = asyncio.create_task(self._poll(consumer))
 
     async def _poll(self, consumer: AIOKafkaConsumer) -> None:
-        while True:
+        while not self._stopping:
             try:
                 batch = await consumer.getmany(timeout_ms=200, max_records=5000)
             except asyncio.CancelledError:
@@ -109,8 +132,10 @@ class _Reading:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                ends = await consumer.end_offsets(tps)
-                behind = [tp for tp in tps if await consumer.position(tp) < ends[tp]]
+                # bounded: `position` waits for an offset reset that may never come
+                async with asyncio.timeout(max(0.5, deadline - time.monotonic())):
+                    ends = await consumer.end_offsets(tps)
+                    behind = [tp for tp in tps if await consumer.position(tp) < ends[tp]]
             except Exception as exc:  # the broker still coming back: try again
                 self.error, behind = exc, tps
             if not behind:
@@ -120,11 +145,14 @@ class _Reading:
             await asyncio.sleep(0.2)
 
     async def stop(self) -> None:
+        """Stop polling and close the consumer, each wait bounded.
+
+        The loop also ends on a flag, for a cancellation lost on its way (`stop_task`)."""
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        self._stopping = True
+        error = await stop_task(task)
+        if error is not None:
+            self.error = error
         if self._consumer is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._consumer.stop(), 30)
@@ -308,6 +336,7 @@ class GroupWatcher:
         self.generation_changes = 0
         self._task: asyncio.Task[None] | None = None
         self._admin: Any = None
+        self._stopping = False
 
     async def start(self) -> GroupWatcher:
         from aiokafka.admin import AIOKafkaAdminClient
@@ -318,7 +347,7 @@ class GroupWatcher:
         return self
 
     async def _loop(self) -> None:
-        while True:
+        while not self._stopping:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.refresh(), 5)
             await asyncio.sleep(1.0)
@@ -356,10 +385,8 @@ class GroupWatcher:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        self._stopping = True
+        await stop_task(task)
         if self._admin is not None:
             with contextlib.suppress(Exception):
                 await self._admin.close()

@@ -21,7 +21,6 @@ outputs must show (nothing lost, no exactly-once duplicate) is the harness's che
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
 import subprocess
 import time
@@ -29,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tests.chaos.cluster import ChaosWorker
+from tests.chaos.collect import stop_task
 from tests.chaos.harness import RunContext, RunHooks
 
 FAULT_ENV = "AGENTSTREAM_TEST_FAULTS"
@@ -200,10 +200,7 @@ class RaisePlan(RunHooks):
 
     async def check(self, ctx: RunContext) -> dict[str, Any]:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await stop_task(task)
         self.scan(ctx, final=True)
         raises = [life for w in self.workers for life in w.lives if life.raised_at is not None]
         failures: list[str] = []
@@ -257,7 +254,5 @@ class RaisePlan(RunHooks):
         }
 
     async def teardown(self, ctx: RunContext) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        task, self._task = self._task, None
+        await stop_task(task)

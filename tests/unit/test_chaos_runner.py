@@ -4,6 +4,7 @@ report's line on the code the runs ran."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -12,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.chaos import plan
+from tests.chaos import collect, plan
 from tests.chaos.cluster import sweep
 from tests.chaos.report import code_line, commits, write
 from tests.chaos.runner import (
@@ -237,3 +238,35 @@ def test_sweep_kills_only_processes_of_ours(tmp_path: Path) -> None:
         other.kill()
         other.wait()
     assert sweep(tmp_path / "missing") == []
+
+
+async def test_stopping_a_task_that_swallows_its_cancellation_is_bounded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A reading task that loses its cancellation (as `asyncio.wait_for` can on 3.11)
+    once hung a run's tear-down for good; and the wait for it swallowed the runner's
+    own cancellation, so a SIGTERM did not stop the run."""
+    monkeypatch.setattr(collect, "STOP_WAIT_S", 0.2)
+    done = asyncio.Event()
+
+    async def stubborn() -> None:
+        while not done.is_set():
+            try:
+                await asyncio.sleep(0.01)
+            except asyncio.CancelledError:
+                continue  # lost
+
+    task = asyncio.create_task(stubborn())
+    await asyncio.sleep(0)
+    try:
+        error = await asyncio.wait_for(collect.stop_task(task), 5)
+        assert isinstance(error, RuntimeError)
+        # the caller's own cancellation is not swallowed while it waits
+        stopper = asyncio.create_task(collect.stop_task(task))
+        await asyncio.sleep(0.05)
+        stopper.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await stopper
+    finally:
+        done.set()
+        await task
