@@ -63,34 +63,22 @@ from keyring.errors import PasswordDeleteError
 from pydantic import BaseModel, ConfigDict, SecretStr
 
 from agentstream.streams.errors import CredentialsError, CredentialsNotFound
-from agentstream.streams.settings import Settings, get_settings
+from agentstream.streams.settings import (
+    ALT_ENCRYPTED_FILE,
+    ENCRYPTED_FILE,
+    KEYRING_BACKENDS,
+    OS_BACKENDS,
+    PLAINTEXT_FILE,
+    Settings,
+    get_settings,
+    keyring_backend_problem,
+)
 
 T = TypeVar("T")
 
-ENCRYPTED_FILE = "agentstream.streams.credentials.EncryptedFileKeyring"
-PLAINTEXT_FILE = "keyrings.alt.file.PlaintextKeyring"
-ALT_ENCRYPTED_FILE = "keyrings.alt.file.EncryptedKeyring"
-
-#: the OS keychains: what "unset" may pick, in keyring's priority order
-OS_BACKENDS = (
-    "keyring.backends.SecretService.Keyring",
-    "keyring.backends.libsecret.Keyring",
-    "keyring.backends.kwallet.DBusKeyring",
-    "keyring.backends.macOS.Keyring",
-    "keyring.backends.Windows.WinVaultKeyring",
-)
-#: everything AGENTSTREAM_KEYRING_BACKEND may name (short aliases or class paths)
-BACKENDS: dict[str, str] = {
-    "secretservice": OS_BACKENDS[0],
-    "libsecret": OS_BACKENDS[1],
-    "kwallet": OS_BACKENDS[2],
-    "macos": OS_BACKENDS[3],
-    "windows": OS_BACKENDS[4],
-    "encrypted-file": ENCRYPTED_FILE,
-    "keyrings.alt-encrypted": ALT_ENCRYPTED_FILE,
-    "plaintext-file": PLAINTEXT_FILE,
-    **{path: path for path in (*OS_BACKENDS, ENCRYPTED_FILE, ALT_ENCRYPTED_FILE, PLAINTEXT_FILE)},
-}
+#: everything AGENTSTREAM_KEYRING_BACKEND may name (declared with the settings, which
+#: refuse any other name)
+BACKENDS = KEYRING_BACKENDS
 #: systemd `LoadCredential=` name of the master password of the encrypted file keyring
 SYSTEMD_PASSWORD_CREDENTIAL = "agentstream-keyring-password"  # noqa: S105 - a name
 
@@ -291,11 +279,8 @@ def resolve_backend(settings: Settings) -> KeyringBackend:
     if not name:
         return _os_backend()
     path = BACKENDS.get(name.strip())
-    if path is None:
-        allowed = ", ".join(sorted(k for k in BACKENDS if "." not in k))
-        raise CredentialsError(
-            f"keyring backend {name!r} is not on the allow-list ({allowed}, or their class paths)"
-        )
+    if path is None:  # `Settings` refuses such a name: only settings built around it
+        raise CredentialsError(f"keyring backend {name!r} {keyring_backend_problem()}")
     if path == ENCRYPTED_FILE:
         return EncryptedFileKeyring(_keyring_file(settings, name), _master_password(settings))
     if path == PLAINTEXT_FILE:

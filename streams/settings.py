@@ -76,6 +76,41 @@ def output_limit(max_event_bytes: int, key_bytes: int = 0) -> int:
     return min(max_event_bytes, sent - key_bytes)
 
 
+#: the keyring backends AGENTSTREAM_KEYRING_BACKEND may name (`streams.credentials`
+#: builds them): here, so that a name off the list is a bad setting like any other, said
+#: before a command runs (exit 2), not a credentials failure once the keychain is asked
+ENCRYPTED_FILE = "agentstream.streams.credentials.EncryptedFileKeyring"
+PLAINTEXT_FILE = "keyrings.alt.file.PlaintextKeyring"
+ALT_ENCRYPTED_FILE = "keyrings.alt.file.EncryptedKeyring"
+
+#: the OS keychains: what "unset" may pick, in keyring's priority order
+OS_BACKENDS = (
+    "keyring.backends.SecretService.Keyring",
+    "keyring.backends.libsecret.Keyring",
+    "keyring.backends.kwallet.DBusKeyring",
+    "keyring.backends.macOS.Keyring",
+    "keyring.backends.Windows.WinVaultKeyring",
+)
+#: everything AGENTSTREAM_KEYRING_BACKEND may name (short aliases or class paths)
+KEYRING_BACKENDS: dict[str, str] = {
+    "secretservice": OS_BACKENDS[0],
+    "libsecret": OS_BACKENDS[1],
+    "kwallet": OS_BACKENDS[2],
+    "macos": OS_BACKENDS[3],
+    "windows": OS_BACKENDS[4],
+    "encrypted-file": ENCRYPTED_FILE,
+    "keyrings.alt-encrypted": ALT_ENCRYPTED_FILE,
+    "plaintext-file": PLAINTEXT_FILE,
+    **{path: path for path in (*OS_BACKENDS, ENCRYPTED_FILE, ALT_ENCRYPTED_FILE, PLAINTEXT_FILE)},
+}
+
+
+def keyring_backend_problem() -> str:
+    """What is wrong with a keyring backend name off `KEYRING_BACKENDS`."""
+    allowed = ", ".join(sorted(k for k in KEYRING_BACKENDS if "." not in k))
+    return f"is not on the allow-list ({allowed}, or their class paths)"
+
+
 #: what AGENTSTREAM_SECRET_SOURCES may name
 SECRET_SOURCES = ("keychain", "env", "dir")
 #: the agent packages of this distribution, which AGENTSTREAM_AGENTS may name by their
@@ -530,6 +565,18 @@ class Settings(BaseModel):
             problems.append(
                 f"AGENTSTREAM_SECRET_SOURCES={self.secret_sources!r}: a comma-separated "
                 f"order of {', '.join(SECRET_SOURCES)}, each at most once"
+            )
+        keychain = "keychain" in self.secret_source_list
+        if (
+            keychain
+            and self.keyring_backend
+            and self.keyring_backend.strip() not in KEYRING_BACKENDS
+        ):
+            # else every command using the keychain failed with a CredentialsError, exit
+            # 1; without the keychain among the sources the backend is never resolved
+            # (a container's setting left from elsewhere does not matter)
+            problems.append(
+                f"AGENTSTREAM_KEYRING_BACKEND={self.keyring_backend!r}: {keyring_backend_problem()}"
             )
         if self.data_dir.exists() and not self.data_dir.is_dir():
             # else "the app cannot be built ...: [Errno 17] File exists" naming no setting

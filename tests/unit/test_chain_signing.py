@@ -341,7 +341,7 @@ async def test_worker_without_a_keychain_keeps_running_unsigned(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setattr(audit_chain, "_SIGNER", audit_chain._SignerState())
-    settings = keychain_settings(tmp_path, keyring_backend="no-such-backend")
+    settings = keychain_settings(tmp_path, keyring_file=None)  # encrypted-file, no file
     caplog.set_level(logging.ERROR)
     assert await audit_chain.chain_signer(settings) is None
     assert "UNSIGNED" in caplog.text

@@ -181,6 +181,14 @@ MISTAKES = [
         {"AGENTSTREAM_SECRET_SOURCES": "vault"},
     ),
     Mistake(
+        # the keychain's CredentialsError, exit 1, once a command asked it
+        "keyring-backend-unknown",
+        ("credentials", "get", "--secret", "x"),
+        ("Error: AGENTSTREAM_KEYRING_BACKEND='nosuch': is not on the allow-list",),
+        2,
+        {"AGENTSTREAM_KEYRING_BACKEND": "nosuch"},
+    ),
+    Mistake(
         "sasl-without-username",
         ("topics", "list"),
         (

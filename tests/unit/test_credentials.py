@@ -13,6 +13,7 @@ import pytest
 from click.testing import CliRunner
 from keyring.backends import fail, null
 from keyrings.alt.file import PlaintextKeyring
+from pydantic import ValidationError
 
 from agentstream.streams.credentials import (
     EncryptedFileKeyring,
@@ -21,7 +22,7 @@ from agentstream.streams.credentials import (
     resolve_backend,
 )
 from agentstream.streams.errors import CredentialsError
-from agentstream.streams.settings import Settings, get_settings
+from agentstream.streams.settings import Settings, SettingsError, get_settings
 
 TOKEN = "tok-0123456789abcdef-secret"
 
@@ -144,8 +145,26 @@ def test_backends_off_the_list_or_unusable_are_refused(
                 pytest.skip("this machine has a Secret Service")
         except Exception:
             pass
-    with pytest.raises(CredentialsError, match=error):
+    # a name off the list is a bad setting (`Settings` refuses it, and a command exits
+    # 2 naming the variable); one on it the system cannot provide, a credentials failure
+    with pytest.raises(ValidationError if "allow-list" in error else CredentialsError) as info:
         resolve_backend(_settings(tmp_path, keyring_backend=name))
+    assert error in str(info.value)
+
+
+def test_a_backend_off_the_list_is_a_bad_setting_naming_its_variable() -> None:
+    with pytest.raises(SettingsError) as info:
+        Settings.from_env({"AGENTSTREAM_KEYRING_BACKEND": "nosuch"})
+    assert info.value.problems == [
+        "AGENTSTREAM_KEYRING_BACKEND='nosuch': is not on the allow-list (encrypted-file, "
+        "kwallet, libsecret, macos, plaintext-file, secretservice, windows, or their class "
+        "paths)"
+    ]
+    Settings.from_env({"AGENTSTREAM_KEYRING_BACKEND": " keyrings.alt.file.PlaintextKeyring "})
+    # not asked where the keychain is no secret source (a container)
+    Settings.from_env(
+        {"AGENTSTREAM_KEYRING_BACKEND": "nosuch", "AGENTSTREAM_SECRET_SOURCES": "env,dir"}
+    )
 
 
 def test_unset_backend_never_falls_back_to_plaintext(

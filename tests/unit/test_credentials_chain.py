@@ -89,8 +89,11 @@ def test_without_keychain_no_keyring_backend_is_resolved(tmp_path: Path) -> None
     """A container has no keychain: naming a backend that cannot work must not matter
     when the chain does not use the keychain."""
     bad = {"AGENTSTREAM_KEYRING_BACKEND": "no-such-backend"}
-    with pytest.raises(CredentialsError, match="allow-list"):
-        KeychainCredentialsProvider(Settings.from_env({**bad}))
+    with pytest.raises(SettingsError, match="AGENTSTREAM_KEYRING_BACKEND='no-such-backend'"):
+        Settings.from_env({**bad})  # the keychain is a source: a bad setting
+    unusable = {"AGENTSTREAM_KEYRING_BACKEND": "encrypted-file"}  # without its file
+    with pytest.raises(CredentialsError, match="AGENTSTREAM_KEYRING_FILE"):
+        KeychainCredentialsProvider(Settings.from_env({**unusable}))
     provider = KeychainCredentialsProvider(
         Settings.from_env({**bad, "AGENTSTREAM_SECRET_SOURCES": "env,dir"})
     )
