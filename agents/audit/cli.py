@@ -21,6 +21,7 @@ from agentstream.streams.cli import (
     time_option,
     worker_call,
     worker_json,
+    worker_url,
 )
 from agentstream.streams.cli.progress import (
     EXIT_LOST,
@@ -66,8 +67,8 @@ def rebuild_cmd(table: str | None, all_tables: bool, as_json: bool, progress: bo
     try:
         for name in wanted or ():
             spec_for(name)  # an unknown name is said before anything is read or drawn
-    except UnknownTable as exc:
-        raise click.ClickException(str(exc)) from exc
+    except UnknownTable as exc:  # a usage mistake, as a misspelt command is (exit 2)
+        raise click.BadParameter(str(exc), param_hint="'TABLE'") from None
     settings = get_settings()
     counter = Progress()
 
@@ -115,7 +116,11 @@ def rebuild_cmd(table: str | None, all_tables: bool, as_json: bool, progress: bo
 )
 @click.option("--worker", help="Only this worker's checkpoints.")
 @click.option("--take", is_flag=True, help="Ask the worker at --url to write one now.")
-@click.option("--url", help="Worker web root for --take (default: this host's web port).")
+@click.option(
+    "--url",
+    callback=worker_url,
+    help="Worker web root for --take (default: this host's web port).",
+)
 @json_option(lines=True)
 def checkpoints_cmd(
     since: str | None, worker: str | None, take: bool, url: str | None, as_json: bool

@@ -9,6 +9,7 @@ import click
 
 from agentstream.schemas.comms import COMM_KINDS
 from agentstream.streams.cli import (
+    check_time_range,
     cli,
     json_option,
     reading_answer,
@@ -45,6 +46,7 @@ def comms(
     as_json: bool,
 ) -> None:
     """Communication records by agent, kind and time range (from a running worker)."""
+    check_time_range(since, until)  # before a worker is asked, as `replay` does
     params = {
         k: v
         for k, v in {

@@ -339,6 +339,24 @@ def check_time_range(since: str | None, until: str | None) -> None:
         raise click.UsageError(f"--until {until} is before --since {since}")
 
 
+def worker_url(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """Callback of a worker's `--url` (`top`, `checkpoints --take`): http(s)://HOST[:PORT],
+    checked before anything is asked (a port out of range read as "no worker answering",
+    a URL without a scheme as httpx's "missing an 'http://' or 'https://' protocol")."""
+    from yarl import URL
+
+    if value is None:
+        return value
+    try:
+        ok = value.startswith(("http://", "https://")) and bool(URL(value).host)
+        URL(value).port  # noqa: B018 - raises ValueError when out of range
+    except ValueError:
+        ok = False
+    if not ok:
+        raise click.BadParameter(f"{value!r} is not a URL (http://HOST:PORT)")
+    return value
+
+
 def output_file(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
     """Callback of an output file option: a name, in a directory that exists, checked
     before the command reads anything (not after minutes of work)."""

@@ -21,6 +21,7 @@ from agentstream.streams.cli import (
     json_option,
     term_safe,
     web_root,
+    worker_url,
 )
 from agentstream.streams.settings import get_settings
 
@@ -223,26 +224,10 @@ def render(doc: dict[str, Any]) -> Any:
     return Group(*lines, changes, lat, tokens, stages, lags, health)
 
 
-def _url(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
-    from yarl import URL
-
-    if value is None:
-        return value
-    try:
-        # a port out of range read as "no worker answering"
-        ok = value.startswith(("http://", "https://")) and bool(URL(value).host)
-        URL(value).port  # noqa: B018 - raises ValueError when out of range
-    except ValueError:
-        ok = False
-    if not ok:
-        raise click.BadParameter(f"{value!r} is not a URL (http://HOST:PORT)")
-    return value
-
-
 @cli.command("top")
 @click.option(
     "--url",
-    callback=_url,
+    callback=worker_url,
     help="The worker's web root (default: this host's, from AGENTSTREAM_WEB_HOST/PORT).",
 )
 @click.option("--once", is_flag=True, help="Print one screen (once rates are measured) and exit.")

@@ -84,6 +84,28 @@ MISTAKES = [
         2,
     ),
     Mistake(
+        # it was exit 1, as if a pipeline had failed
+        "rebuild-unknown-table",
+        ("rebuild", "nosuchtable"),
+        ("Invalid value for 'TABLE': unknown table 'nosuchtable' (known: ", "security_policies"),
+        2,
+    ),
+    Mistake(
+        # not checked: the worker was asked for an empty range
+        "comms-until-before-since",
+        ("comms", "--since", "-1h", "--until", "-2h"),
+        ("--until -2h is before --since -1h",),
+        2,
+    ),
+    Mistake(
+        # "no worker answering at nothttp/checkpoints: Request URL is missing ...", exit 1,
+        # where `top` said it is no URL
+        "checkpoints-take-url-without-scheme",
+        ("checkpoints", "--take", "--url", "nothttp"),
+        ("Invalid value for '--url': 'nothttp' is not a URL (http://HOST:PORT)",),
+        2,
+    ),
+    Mistake(
         "comms-since-not-a-time",
         ("comms", "--since", "yesterday"),
         ("Invalid value for '--since'",),

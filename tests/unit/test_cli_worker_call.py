@@ -96,8 +96,9 @@ def test_answers_and_errors_of_a_worker_view(worker_port: int) -> None:
     assert unknown.exit_code == 1 and "unknown agent 'nobody'" in unknown.output
 
     # a filter the worker refuses: its reason, exit 1 (one the CLI can judge alone, a
-    # time that is none, is a usage error before anything connects: test_cli_mistakes)
-    bad = runner.invoke(cli, ["comms", "--since", "now", "--until", "-1h"])
+    # time that is none or an --until before the --since, is a usage error before
+    # anything connects: test_cli_mistakes)
+    bad = runner.invoke(cli, ["comms", "--since", "-1h", "--until", "now"])
     assert bad.exit_code == 1 and "HTTP 400: since: after until" in bad.output
 
     broken = runner.invoke(cli, ["agents", "status"])
