@@ -15,6 +15,7 @@ from agentstream.streams.cli import (
     check_time_range,
     cli,
     json_option,
+    non_empty,
     output_file,
     run,
     term_safe,
@@ -318,7 +319,9 @@ def worker_key() -> None:
 
 
 @worker_key.command("publish")
-@click.option("--key-id", help="Chain key id (default: AGENTSTREAM_CHAIN_KEY_ID).")
+@click.option(
+    "--key-id", callback=non_empty, help="Chain key id (default: AGENTSTREAM_CHAIN_KEY_ID)."
+)
 def worker_key_publish(key_id: str | None) -> None:
     """Publish this host's chain key (keychain entry chain_key.ID, created when missing),
     signed with the admin key admin_key.<AGENTSTREAM_SECURITY_ADMIN_KEY_ID> from the
@@ -329,7 +332,7 @@ def worker_key_publish(key_id: str | None) -> None:
 
 
 @worker_key.command("revoke")
-@click.argument("key_id")
+@click.argument("key_id", callback=non_empty)
 def worker_key_revoke(key_id: str) -> None:
     """Revoke a published chain key: records it signed are reported as forged."""
     settings = get_settings()

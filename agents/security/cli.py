@@ -39,7 +39,7 @@ from agentstream.schemas.security import (
     SecurityPolicyRemoved,
     SignedChange,
 )
-from agentstream.streams.cli import NoAdminKey, cli, json_option, run
+from agentstream.streams.cli import NoAdminKey, cli, json_option, non_empty, run
 from agentstream.streams.credentials import KeychainCredentialsProvider
 from agentstream.streams.documents import MAX_NESTING as DOCUMENT_NESTING
 from agentstream.streams.documents import too_deep
@@ -468,7 +468,7 @@ def policy_list(as_json: bool) -> None:
 
 
 @policy.command("remove")
-@click.argument("policy_id")
+@click.argument("policy_id", callback=non_empty)
 def policy_remove(policy_id: str) -> None:
     """Remove a policy (publishes a signed security.policy_removed for POLICY_ID)."""
     settings = get_settings()
@@ -490,7 +490,11 @@ def admin() -> None:
 
 @admin.command("keygen")
 @click.option(
-    "--id", "key_id", default=None, help="Key id (default AGENTSTREAM_SECURITY_ADMIN_KEY_ID)."
+    "--id",
+    "key_id",
+    default=None,
+    callback=non_empty,
+    help="Key id (default AGENTSTREAM_SECURITY_ADMIN_KEY_ID).",
 )
 @click.option("--force", is_flag=True, help="Replace an existing key of that id.")
 def admin_keygen(key_id: str | None, force: bool) -> None:
@@ -545,7 +549,7 @@ def _names(values: Sequence[str]) -> list[str]:
 
 
 @identity.command("grant")
-@click.argument("agent_id")
+@click.argument("agent_id", callback=non_empty)
 @click.option("--role", "roles", multiple=True, help="A role the agent may act in (repeatable).")
 @click.option("--level", "levels", multiple=True, help="A level it may send at (none = all).")
 @click.option(
@@ -599,7 +603,7 @@ def identity_grant(
 
 
 @identity.command("revoke")
-@click.argument("agent_id")
+@click.argument("agent_id", callback=non_empty)
 def identity_revoke(agent_id: str) -> None:
     """Revoke AGENT_ID's identity (its messages then come from an anonymous sender)."""
     settings = get_settings()

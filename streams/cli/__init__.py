@@ -202,6 +202,10 @@ GLOBAL_OPTIONS = {
 }
 
 
+#: global options whose empty value is a mistake (an empty topic prefix is the default)
+NON_EMPTY_GLOBALS = ("AGENTSTREAM_KAFKA_BOOTSTRAP",)
+
+
 def split_global_options(args: list[str]) -> tuple[dict[str, str], list[str]]:
     """The settings the leading global options of `args` set, and the rest of `args`
     (the command and its own options). `--opt value`, `--opt=value` and `-b value`; a
@@ -223,6 +227,10 @@ def split_global_options(args: list[str]) -> tuple[dict[str, str], list[str]]:
             value, rest = rest[1], rest[2:]
         else:
             raise click.UsageError(f"Option '{flag}' requires an argument.")
+        if not value.strip() and by_flag[flag] in NON_EMPTY_GLOBALS:
+            # an empty variable is an unset one (`Settings.from_env`): `-b ""` went
+            # to the default broker without a word
+            raise click.UsageError(f"Option '{flag}': an empty value (name HOST:PORT)")
         env[by_flag[flag]] = value
     return env, rest
 
@@ -230,7 +238,10 @@ def split_global_options(args: list[str]) -> tuple[dict[str, str], list[str]]:
 def _set_global(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
     # `main` has applied the leading ones; this covers `cli` invoked directly (tests)
     if value is not None and param.name is not None:
-        os.environ[GLOBAL_OPTIONS["--" + param.name.replace("_", "-")][2]] = value
+        variable = GLOBAL_OPTIONS["--" + param.name.replace("_", "-")][2]
+        if not value.strip() and variable in NON_EMPTY_GLOBALS:
+            raise click.BadParameter("an empty value (name HOST:PORT)")
+        os.environ[variable] = value
         from agentstream.streams.settings import get_settings
 
         get_settings.cache_clear()
@@ -354,6 +365,15 @@ def worker_url(ctx: click.Context, param: click.Parameter, value: str | None) ->
         ok = False
     if not ok:
         raise click.BadParameter(f"{value!r} is not a URL (http://HOST:PORT)")
+    return value
+
+
+def non_empty(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    """Callback of an option naming something (a key id, a keychain entry): an empty
+    value is a usage error. Unchecked, `--id ""` fell back to the default id and
+    `--signing-key ""` stored a key under an empty name."""
+    if isinstance(value, str) and not value.strip():
+        raise click.BadParameter("an empty value: name one")
     return value
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import click
 
-from agentstream.streams.cli import cli, run
+from agentstream.streams.cli import cli, non_empty, run
 from agentstream.streams.credentials import KeychainCredentialsProvider, mask
 from agentstream.streams.errors import CredentialsError, CredentialsNotFound
 
@@ -50,10 +50,23 @@ def _selectors(fn: click.decorators.FC) -> click.decorators.FC:
     for option in reversed(
         (
             click.option("--user-id", type=int, help="The access token of this user."),
-            click.option("--signing-key", metavar="AGENT", help="The HMAC key of this agent."),
-            click.option("--encryption-key", metavar="KEY_ID", help="An AES-256 envelope key."),
             click.option(
-                "--secret", metavar="NAME", help="A generic secret, e.g. llm.openai.api_key."
+                "--signing-key",
+                metavar="AGENT",
+                callback=non_empty,
+                help="The HMAC key of this agent.",
+            ),
+            click.option(
+                "--encryption-key",
+                metavar="KEY_ID",
+                callback=non_empty,
+                help="An AES-256 envelope key.",
+            ),
+            click.option(
+                "--secret",
+                metavar="NAME",
+                callback=non_empty,
+                help="A generic secret, e.g. llm.openai.api_key.",
             ),
         )
     ):

@@ -575,6 +575,34 @@ MISTAKES = [
     ),
     # -- options a Kafka user expects (kcat, kafka-console-consumer) ----------------------
     Mistake("bootstrap-without-value", ("-b",), ("Error: Option '-b' requires an argument.",), 2),
+    *(
+        # an empty variable is an unset one: `-b ""` read the default broker's address
+        Mistake(f"bootstrap-empty-{i}", (*args, "topics", "list"), (f"Error: Option '{flag}'",), 2)
+        for i, (args, flag) in enumerate(
+            (
+                (("-b", ""), "-b"),
+                (("--bootstrap-server=",), "--bootstrap-server"),
+                (("--bootstrap-server", " "), "--bootstrap-server"),
+            )
+        )
+    ),
+    *(
+        # `admin keygen --id ""` made the default id's key; `--signing-key ""` stored a
+        # key under an empty name
+        Mistake(
+            f"empty-name-{'-'.join(a.strip('-') for a in args[:2])}",
+            args,
+            (f"Invalid value for '{hint}': an empty value",),
+            2,
+        )
+        for args, hint in (
+            (("admin", "keygen", "--id", ""), "--id"),
+            (("credentials", "set", "--signing-key", "", "--generate"), "--signing-key"),
+            (("credentials", "get", "--secret", " "), "--secret"),
+            (("audit", "worker-key", "publish", "--key-id", ""), "--key-id"),
+            (("identity", "revoke", ""), "AGENT_ID"),
+        )
+    ),
     Mistake(
         "tail-offset-unknown",
         ("tail", "agent.messages", "--offset", "soon"),
@@ -872,6 +900,13 @@ def test_global_options_are_split_from_the_command() -> None:
     assert split_global_options(["--help"]) == ({}, ["--help"])
     with pytest.raises(click.UsageError, match="'--topic-prefix' requires an argument"):
         split_global_options(["--topic-prefix", "--help"])
+    with pytest.raises(click.UsageError, match="'-b': an empty value"):
+        split_global_options(["-b", "", "tail"])
+    # an empty prefix is the default one, not a mistake
+    assert split_global_options(["--topic-prefix=", "tail"]) == (
+        {"AGENTSTREAM_TOPIC_PREFIX": ""},
+        ["tail"],
+    )
 
 
 def test_worker_dash_h_is_help() -> None:
