@@ -430,6 +430,10 @@ class DirSource(SecretSource):
             return None
         except IsADirectoryError:
             raise CredentialsError(f"secrets dir entry {entry!r} is a directory") from None
+        except NotADirectoryError:  # made a file since the settings were checked
+            raise CredentialsError(
+                f"AGENTSTREAM_SECRETS_DIR={str(self.path)!r} is not a directory"
+            ) from None
         text = text[:-1] if text.endswith("\n") else text
         text = text[:-1] if text.endswith("\r") else text
         return text or None

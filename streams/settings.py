@@ -131,6 +131,39 @@ class SettingsError(PipelineError):
         return ["; ".join(x.strip() for x in self.message.splitlines() if x.strip())]
 
 
+def not_a_directory(path: Path) -> Path | None:
+    """The first of `path` and its parents that exists, when it is no directory: what
+    stops `path` from being a directory, or being made one (None: nothing does)."""
+    try:
+        for candidate in (path, *path.parents):
+            if candidate.exists():
+                return None if candidate.is_dir() else candidate
+    except OSError:  # not ours to judge (a permission): said when it is used
+        return None
+    return None
+
+
+def _directory_problem(variable: str, value: str | Path, path: Path) -> str | None:
+    """`VARIABLE='value': not a directory` when `path` (what `value` names) cannot be a
+    directory, naming the file in its way when that is a parent."""
+    blocker = not_a_directory(path)
+    if blocker is None:
+        return None
+    what = "not a directory" if blocker == path else f"{blocker} is not a directory"
+    return f"{variable}={str(value)!r}: {what}"
+
+
+def state_dir_problem(environ: Mapping[str, str] | None = None) -> str | None:
+    """AGENTSTREAM_STATE_DIR (read by `infra.paths`, not a field: the Kafka launcher
+    reads it without settings) naming a file: every command that writes state said
+    "[Errno 20] Not a directory: '<it>/worker'", naming no variable."""
+    env = os.environ if environ is None else environ
+    raw = env.get("AGENTSTREAM_STATE_DIR", "").strip()
+    if not raw:
+        return None
+    return _directory_problem("AGENTSTREAM_STATE_DIR", raw, Path(raw).expanduser())
+
+
 def _bootstrap_ok(bootstrap: str) -> bool:
     """Whether every entry of a bootstrap list is HOST:PORT with a port in 1-65535 and a
     host name the resolver can take (an empty or over-long label, as in `kafka..local`,
@@ -578,9 +611,21 @@ class Settings(BaseModel):
             problems.append(
                 f"AGENTSTREAM_KEYRING_BACKEND={self.keyring_backend!r}: {keyring_backend_problem()}"
             )
-        if self.data_dir.exists() and not self.data_dir.is_dir():
-            # else "the app cannot be built ...: [Errno 17] File exists" naming no setting
-            problems.append(f"AGENTSTREAM_DATA_DIR={str(self.data_dir)!r}: not a directory")
+        state = state_dir_problem()
+        if state is not None:
+            problems.append(state)
+        data = _directory_problem("AGENTSTREAM_DATA_DIR", self.data_dir, self.data_dir)
+        if data is not None and (state is None or "data_dir" in self.model_fields_set):
+            # else "the app cannot be built ...: [Errno 17] File exists" (or 20, Not a
+            # directory) naming no setting; below a bad state dir, that one is the cause
+            problems.append(data)
+        if "dir" in self.secret_source_list:
+            # else "secret source dir failed: NotADirectoryError" on every secret
+            secrets = _directory_problem(
+                "AGENTSTREAM_SECRETS_DIR", self.secrets_dir, self.secrets_dir
+            )
+            if secrets is not None:
+                problems.append(secrets)
         if self.kafka_bootstrap is not None and not _bootstrap_ok(self.kafka_bootstrap):
             # else a raw ValueError deep in a client (TLS and SASL probes read the port)
             problems.append(

@@ -78,6 +78,23 @@ MISTAKES = [
         {"AGENTSTREAM_DATA_DIR": "good.yaml"},  # a file of the mistakes' directory
     ),
     Mistake(
+        # "the app cannot be built from these settings: [Errno 20] Not a directory:
+        # 'good.yaml/worker'" (the data dir left to its default, below the state dir)
+        "state-dir-is-a-file",
+        ("topics", "list"),
+        ("Error: AGENTSTREAM_STATE_DIR='good.yaml': not a directory",),
+        2,
+        {"AGENTSTREAM_STATE_DIR": "good.yaml", "AGENTSTREAM_DATA_DIR": ""},
+    ),
+    Mistake(
+        # "Error: CredentialsError: secret source dir failed: NotADirectoryError", exit 1
+        "secrets-dir-is-a-file",
+        ("credentials", "get", "--secret", "x"),
+        ("Error: AGENTSTREAM_SECRETS_DIR='good.yaml': not a directory",),
+        2,
+        {"AGENTSTREAM_SECRET_SOURCES": "dir", "AGENTSTREAM_SECRETS_DIR": "good.yaml"},
+    ),
+    Mistake(
         "top-url-port-out-of-range",
         ("top", "--once", "--url", "http://127.0.0.1:99999"),
         ("Invalid value for '--url'", "is not a URL"),

@@ -252,3 +252,38 @@ def test_an_ipv6_web_host_is_bracketed_in_urls(
     if advertised is not None:
         assert URL(advertised).port == 6066
         assert worker_root(advertised, scheme="http") == advertised  # what peers accept
+
+
+def test_what_stops_a_path_from_being_a_directory(tmp_path: Path) -> None:
+    from agentstream.streams.settings import not_a_directory
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert not_a_directory(tmp_path) is None
+    assert not_a_directory(tmp_path / "not" / "yet") is None  # can be made
+    assert not_a_directory(afile) == afile
+    assert not_a_directory(afile / "below" / "it") == afile
+
+
+def test_directories_that_are_files_name_their_variable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """They said "[Errno 20] Not a directory: '<state>/worker'" (or "secret source dir
+    failed: NotADirectoryError") naming no variable."""
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    monkeypatch.setenv("AGENTSTREAM_STATE_DIR", str(afile))
+    with pytest.raises(SettingsError) as info:
+        Settings.from_env(
+            {"AGENTSTREAM_SECRET_SOURCES": "env,dir", "AGENTSTREAM_SECRETS_DIR": str(afile / "s")}
+        )
+    # the default data dir below the state dir is not named twice
+    assert info.value.problems == [
+        f"AGENTSTREAM_STATE_DIR={str(afile)!r}: not a directory",
+        f"AGENTSTREAM_SECRETS_DIR={str(afile / 's')!r}: {afile} is not a directory",
+    ]
+    monkeypatch.delenv("AGENTSTREAM_STATE_DIR")
+    # the secrets dir is no concern of a chain without the `dir` source
+    Settings.from_env({"AGENTSTREAM_SECRETS_DIR": str(afile)})
+    with pytest.raises(SettingsError, match=r"AGENTSTREAM_DATA_DIR=.*: not a directory"):
+        Settings.from_env({"AGENTSTREAM_DATA_DIR": str(afile)})
