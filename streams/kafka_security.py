@@ -500,10 +500,29 @@ class Admin(_Guarded, AIOKafkaAdminClient):
     pass
 
 
+#: aiokafka's request timeout when none is given (producer, consumer and admin client)
+AIOKAFKA_REQUEST_TIMEOUT_MS = 40_000
+#: how far a client's request timeout stays above the connect timeout
+START_MARGIN_MS = 1_000
+
+
+def request_timeout_ms(settings: Settings, options: dict[str, Any]) -> int:
+    """The request timeout a client is built with: the one asked for (else aiokafka's
+    default), but never below the connect timeout. aiokafka's bootstrap waits for the
+    first metadata answer no longer than its request timeout, and gives up with "Unable
+    to bootstrap" — read as "no broker": a 30 s admin client against a broker that
+    accepted and did not answer said so after 30 s with AGENTSTREAM_KAFKA_CONNECT_TIMEOUT_S
+    at 40. Kept above it, the start's own bound (`start_client`) is what ends the wait,
+    at the time the setting says and with its message ("did not answer within ...")."""
+    asked = int(options.get("request_timeout_ms", AIOKAFKA_REQUEST_TIMEOUT_MS))
+    return max(asked, int(settings.kafka_connect_timeout_s * 1000) + START_MARGIN_MS)
+
+
 def _guarded(cls: type[T], settings: Settings, what: str, secrets: Any, options: Any) -> T:
     # `secrets`: a provider for `resolve` (e.g. a password given to `streams.client`);
     # the client then connects, and names a failure, with what it resolves to
     sec = security_of(settings) if secrets is None else resolve(settings, secrets)
+    options = {**options, "request_timeout_ms": request_timeout_ms(settings, options)}
     client: Any = cls(**client_options(settings, sec), **options)
     client._settings, client._what, client._security = settings, what, sec
     return client

@@ -5,9 +5,19 @@ out, as a topic still being created is)."""
 
 from __future__ import annotations
 
+import asyncio
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
 from aiokafka.protocol.metadata import MetadataResponse_v1
 
-from agentstream.streams.admin import undescribable, undescribable_message
+from agentstream.streams.admin import list_topics, undescribable, undescribable_message
+from agentstream.streams.errors import BrokerError
+from agentstream.streams.kafka_security import new_admin, request_timeout_ms
+from agentstream.streams.settings import Settings
 
 NO_ERROR, UNKNOWN_TOPIC, LEADER_NOT_AVAILABLE, TOPIC_AUTHORIZATION_FAILED = 0, 3, 5, 29
 
@@ -40,3 +50,63 @@ def test_the_message_names_the_principal_the_topics_and_where_to_look() -> None:
     assert line.startswith("User:worker is not authorized to describe topic(s) ")
     assert "p.comms.records, p.llm.requests" in line
     assert "agentstream acls" in line and "docs/acls.md" in line
+
+
+@pytest.fixture
+def silent_broker() -> Iterator[int]:
+    """A port that accepts connections and never answers."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    accepted: list[socket.socket] = []
+
+    def accept() -> None:
+        while True:
+            try:
+                accepted.append(server.accept()[0])
+            except OSError:  # closed: the test is over
+                return
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        yield server.getsockname()[1]
+    finally:
+        server.close()
+        for conn in accepted:
+            conn.close()
+
+
+def test_the_connect_timeout_governs_a_silent_broker_not_the_admin_timeout(
+    silent_broker: int,
+) -> None:
+    """`topics list` with AGENTSTREAM_KAFKA_CONNECT_TIMEOUT_S=40 gave up after the admin
+    client's 30 s with "no broker": aiokafka's bootstrap waits for the metadata answer
+    only as long as the request timeout. Scaled down: an admin timeout of 1 s, the
+    setting 3 s."""
+    settings = Settings.from_env(
+        {
+            "AGENTSTREAM_KAFKA_BOOTSTRAP": f"127.0.0.1:{silent_broker}",
+            "AGENTSTREAM_KAFKA_CONNECT_TIMEOUT_S": "3",
+        }
+    )
+    started = time.monotonic()
+    with pytest.raises(BrokerError) as info:
+        asyncio.run(list_topics(settings, timeout_s=1))
+    took = time.monotonic() - started
+    assert "did not answer within 3s (AGENTSTREAM_KAFKA_CONNECT_TIMEOUT_S)" in str(info.value)
+    assert took >= 3, took
+
+
+async def test_no_client_asks_less_time_of_a_request_than_the_connect_timeout() -> None:
+    slow = Settings.from_env({"AGENTSTREAM_KAFKA_CONNECT_TIMEOUT_S": "50"})
+    assert request_timeout_ms(slow, {"request_timeout_ms": 30_000}) == 51_000  # admin, producer
+    assert request_timeout_ms(slow, {}) == 51_000  # aiokafka's default, 40 s
+    quick = Settings.from_env({"AGENTSTREAM_KAFKA_CONNECT_TIMEOUT_S": "3"})
+    assert request_timeout_ms(quick, {"request_timeout_ms": 30_000}) == 30_000
+    assert request_timeout_ms(quick, {}) == 40_000
+    # every client the factories build (`streams.admin`, `streams.client`, the CLI's)
+    admin = new_admin(slow, "test", request_timeout_ms=30_000)
+    try:
+        assert admin._client._request_timeout_ms == 51_000
+    finally:
+        await admin.close()
