@@ -140,7 +140,7 @@ class EncryptedFileKeyring(KeyringBackend):
 
     def _load(self) -> dict[str, Any]:
         try:
-            data = json.loads(self.path.read_text())
+            data = json.loads(self._read())
         except FileNotFoundError:
             salt = os.urandom(16)
             data = {
@@ -154,12 +154,11 @@ class EncryptedFileKeyring(KeyringBackend):
             aead = self._cipher(data)
             data["check"] = self._seal(aead, self.CHECK, b"check")
             return data
-        except (OSError, ValueError) as exc:
-            # the OS's reason, or only the exception type: a decoding error's text quotes
-            # bytes of the file, and no error here shows what was read
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else None
+        except (OSError, ValueError, RecursionError) as exc:
+            # a reason of our own words: a decoding error's text quotes bytes of the
+            # file, and no error here shows what was read
             raise CredentialsError(
-                f"cannot read keyring file {self.path}: {reason or type(exc).__name__}"
+                f"cannot read keyring file {self.path}: {_unreadable(exc)}"
             ) from None
         if not isinstance(data, dict) or data.get("format") != "agentstream-keyring":
             raise CredentialsError(f"{self.path} is not an agentstream keyring file")
@@ -178,6 +177,18 @@ class EncryptedFileKeyring(KeyringBackend):
         if not ok:
             raise CredentialsError(f"wrong master password for keyring file {self.path}")
         return data
+
+    def _read(self) -> str:
+        raw = self.path.read_bytes()
+        if not raw.strip():
+            # a `touch`, a copy cut short: said as such, not as a JSONDecodeError (and
+            # never taken for a new keyring: a write would then replace what was lost)
+            what = "holds only white space" if raw else "is empty"
+            raise CredentialsError(
+                f"keyring file {self.path} {what}, not an agentstream keyring: restore it, "
+                "or remove it to start a new one"
+            )
+        return raw.decode("utf-8")
 
     def _store(self, data: dict[str, Any]) -> None:
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
@@ -239,6 +250,19 @@ class EncryptedFileKeyring(KeyringBackend):
             if data["entries"].pop(self._entry(service, username), None) is None:
                 raise PasswordDeleteError("not found")
             self._store(data)
+
+
+def _unreadable(exc: BaseException) -> str:
+    """Why a keyring file could not be read, without quoting any of it."""
+    if isinstance(exc, json.JSONDecodeError):
+        return f"not JSON (line {exc.lineno}, column {exc.colno})"
+    if isinstance(exc, UnicodeDecodeError):
+        return f"not UTF-8 text (byte {exc.start})"
+    if isinstance(exc, RecursionError):
+        return "not a keyring file: nested too deeply"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return type(exc).__name__
 
 
 # -- backend selection ------------------------------------------------------------------

@@ -71,6 +71,21 @@ MISTAKES = [
         {"AGENTSTREAM_KEYRING_FILE": "."},  # the mistakes' working directory
     ),
     Mistake(
+        # "cannot read keyring file ...: JSONDecodeError"
+        "keyring-file-empty",
+        ("credentials", "get", "--secret", "x"),
+        ("Error: CredentialsError: keyring file ", "empty.json is empty, not an agentstream"),
+        1,
+        {"AGENTSTREAM_KEYRING_FILE": "empty.json"},
+    ),
+    Mistake(
+        # read as utf-8-sig: a BOM (a Windows editor's) stayed in the first key's id
+        "audit-trusted-keys-bom",
+        ("audit", "verify", "--trusted-keys", "bom-keys.txt"),
+        ("Invalid value for --trust-key/--trusted-keys: key 'k1': not base64",),
+        2,
+    ),
+    Mistake(
         "data-dir-is-a-file",
         ("config",),
         ("Error: AGENTSTREAM_DATA_DIR=", "not a directory"),
@@ -764,6 +779,8 @@ def outcomes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any
     (work / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
     (work / "deep.yaml").write_text("a: " + "[" * 50_000 + "]" * 50_000)
     (work / "binary.yaml").write_bytes(b"\xff\xfe\x00\x01binary")
+    (work / "empty.json").write_bytes(b"")
+    (work / "bom-keys.txt").write_bytes("\ufeffk1=bm90IGEga2V5\n".encode())
     (work / "invalid.yaml").write_text("policy_id: p1\nmax_message_size: -5\n")
     (work / "good.yaml").write_text('policy_id: p1\nlevel: "*"\n')
     (work / "config.yaml").write_text(

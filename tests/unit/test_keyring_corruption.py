@@ -185,3 +185,30 @@ async def test_an_unreadable_file_is_named_without_what_was_read(
     assert str(tmp_path / "keyring.json") in text
     assert "0xff" not in text and "secret" not in text and "tok-sec" not in text, text
     assert (tmp_path / "keyring.json").read_bytes() == content  # nothing overwritten
+
+
+@pytest.mark.parametrize(
+    ("content", "said"),
+    [
+        (b"", "is empty, not an agentstream keyring"),
+        (b" \n", "holds only white space, not an agentstream keyring"),
+        (b'{"format": "agentstream-keyring", "entries": {', "not JSON (line 1, column 47)"),
+        (b"\xff\xfe", "not UTF-8 text (byte 0)"),
+        (b"[" * 100_000, "nested too deeply"),
+    ],
+    ids=["empty", "white-space", "cut-json", "not-utf8", "deep"],
+)
+async def test_an_unreadable_file_is_said_in_words_not_as_an_exception_name(
+    tmp_path: Path, content: bytes, said: str
+) -> None:
+    """A 0-byte keyring file (a `touch`, a copy cut short) said only "JSONDecodeError"."""
+    (tmp_path / "keyring.json").write_bytes(content)
+    provider = KeychainCredentialsProvider(_settings(tmp_path))
+    with pytest.raises(CredentialsError) as caught:
+        await provider.get_secret("web.tokens")
+    text = str(caught.value)
+    assert str(tmp_path / "keyring.json") in text and said in text, text
+    assert "Error" not in text and "\n" not in text, text
+    with pytest.raises(CredentialsError):  # never taken for a new keyring and written
+        await provider.set_secret("x", "y")
+    assert (tmp_path / "keyring.json").read_bytes() == content
