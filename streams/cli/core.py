@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import difflib
 import json
+import os
 import sys
+import threading
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -295,7 +298,9 @@ async def _publish(
     client: AsyncClient | None = None
     settings = get_settings()
     try:
-        for lineno, line in enumerate(lines, 1):
+        lineno = 0
+        async for line in lines_off_loop(lines):
+            lineno += 1
             if not line.strip():
                 continue
             try:
@@ -320,6 +325,77 @@ async def _publish(
         if client is not None:
             await client.stop()
     return valid, bad
+
+
+#: bytes a read of `lines_off_loop` asks for, and reads it may be ahead of the caller
+READ_CHUNK = 64 * 1024
+READ_AHEAD = 16
+
+
+async def lines_off_loop(stream: IO[bytes]) -> AsyncIterator[bytes]:
+    """The lines of `stream` (each with its newline but a last one without), read in a
+    daemon thread: a read that waits — a terminal, a pipe — blocks that thread, never the
+    event loop. Read on the loop, `publish` from a terminal ignored the first Ctrl-C:
+    asyncio's handler only cancels the task, which waited in the read until the next line
+    came. A stream with no file descriptor (in memory) is iterated as it is.
+
+    The thread reads a duplicate of the descriptor and closes it itself: the caller may
+    close `stream` while the thread still waits in a read (after an interrupt), and the
+    descriptor's number, reused by a socket, must not be read from after that."""
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError):  # io.BytesIO: nothing to wait for
+        for line in stream:
+            yield line
+        return
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[bytes | OSError | None] = asyncio.Queue()
+    room = threading.Semaphore(READ_AHEAD)
+    done = threading.Event()
+    own = os.dup(fd)
+
+    def put(item: bytes | OSError | None) -> bool:
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+        except RuntimeError:  # the loop is closed: the command has ended
+            return False
+        return True
+
+    def read() -> None:
+        try:
+            while room.acquire() and not done.is_set():
+                try:
+                    data = os.read(own, READ_CHUNK)
+                except OSError as exc:
+                    put(exc)
+                    return
+                if not put(data or None) or not data:
+                    return
+        finally:
+            os.close(own)
+
+    threading.Thread(target=read, name="agentstream-read-lines", daemon=True).start()
+    pending = b""
+    try:
+        while True:
+            item = await queue.get()
+            room.release()
+            if isinstance(item, OSError):
+                raise item
+            if item is None:
+                break
+            pending += item
+            cut = pending.rfind(b"\n")
+            if cut < 0:
+                continue
+            for line in pending[:cut].split(b"\n"):
+                yield line + b"\n"
+            pending = pending[cut + 1 :]
+        if pending:
+            yield pending
+    finally:
+        done.set()
+        room.release()  # a thread waiting for room wakes, sees `done`, and ends
 
 
 def start_offset(ctx: click.Context, param: click.Parameter, value: str | None) -> StartOffset:

@@ -132,3 +132,69 @@ async def test_a_cancel_the_kafka_client_turns_into_a_connection_error_stays_a_c
     with pytest.raises(asyncio.CancelledError):
         await task
     assert closed == [True]
+
+
+def test_ctrl_c_while_publish_waits_for_a_line_on_a_terminal(tmp_path: Path) -> None:
+    """`publish` reading a terminal ignored the first Ctrl-C: the read blocked the event
+    loop, and asyncio's handler only cancels the task, which went on waiting for the
+    next line. The read is off the loop now: the first Ctrl-C ends it."""
+    import os
+    import pty
+    import select
+
+    master, slave = pty.openpty()
+    env = base_env(tmp_path, "127.0.0.1:1")  # never contacted: no line is valid
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _WITH_CTRL_C, "publish", "agent.messages"],
+        env=env,
+        cwd=tmp_path,
+        stdin=slave,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    os.close(slave)
+    try:
+        assert proc.stderr is not None
+        os.write(master, b"not json\n")  # answered on stderr once it is reading
+        said = b""
+        deadline = time.monotonic() + 60
+        while b"line 1: JSONDecodeError" not in said and time.monotonic() < deadline:
+            if select.select([proc.stderr], [], [], 0.2)[0]:
+                said += os.read(proc.stderr.fileno(), 4096)
+            assert proc.poll() is None, said
+        assert b"line 1: JSONDecodeError" in said, said
+        # now waiting for line 2 on the terminal
+        proc.send_signal(signal.SIGINT)
+        try:
+            _out, err = proc.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the first Ctrl-C did not end publish waiting for a line")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        os.close(master)
+    text = (said + err).decode(errors="replace")
+    assert "Traceback" not in text, text
+    assert text.strip().splitlines()[-1] == "Aborted!", text
+    assert proc.returncode == 1, text
+
+
+async def test_lines_read_off_the_loop_are_the_files_lines(tmp_path: Path) -> None:
+    import io
+
+    from agentstream.streams.cli.core import READ_CHUNK, lines_off_loop
+
+    long = b"x" * (3 * READ_CHUNK + 5)  # across reads
+    data = b"a\n\n" + long + b"\r\nlast without newline"
+    path = tmp_path / "lines"
+    path.write_bytes(data)
+    expected = [b"a\n", b"\n", long + b"\r\n", b"last without newline"]
+    with path.open("rb") as f:
+        assert [line async for line in lines_off_loop(f)] == expected == list(io.BytesIO(data))
+    assert [line async for line in lines_off_loop(io.BytesIO(data))] == expected
+    with path.open("rb") as f:  # left early: the thread ends, and the file is the caller's
+        async for _ in lines_off_loop(f):
+            break
+        f.seek(0)  # the thread read a duplicate of its descriptor: it shares the offset
+        assert f.read(2) == b"a\n"
