@@ -46,12 +46,20 @@ import re
 import threading
 import time
 import weakref
-from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Iterable, Iterator, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Callable,
+    Coroutine,
+    Iterable,
+    Iterator,
+    Sequence,
+)
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 from uuid import uuid4
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -60,6 +68,8 @@ from aiokafka.errors import (
     KafkaError,
     KafkaTimeoutError,
     MessageSizeTooLargeError,
+    NoOffsetForPartitionError,
+    OffsetOutOfRangeError,
     RecordTooLargeError,
     TopicAuthorizationFailedError,
     UnknownTopicOrPartitionError,
@@ -68,7 +78,8 @@ from pydantic import SecretStr
 
 from agentstream.schemas import Event, Payload, encode, registry
 from agentstream.schemas.errors import InvalidEvent, SchemaError
-from agentstream.streams.errors import BrokerError, PublishError
+from agentstream.streams import record_batches
+from agentstream.streams.errors import BrokerError, PublishError, UnreadableRecord
 from agentstream.streams.kafka_security import (
     PASSWORD_ENTRY,
     new_consumer,
@@ -77,6 +88,9 @@ from agentstream.streams.kafka_security import (
 )
 from agentstream.streams.settings import Settings, SettingsError, get_settings
 from agentstream.streams.topics import CATALOGUE
+
+if TYPE_CHECKING:
+    from agentstream.streams.replay import Gap
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -99,7 +113,10 @@ PUBLISH_DELIVERY_TIMEOUT_S = 120.0
 
 @dataclass(frozen=True, slots=True)
 class Received:
-    """One record from a subscription: a decoded event, or the reason it is not one."""
+    """One record from a subscription: a decoded event, or the reason it is not one — a
+    `SchemaError` (not an event, or not a valid one), or `UnreadableRecord` for a record
+    the Kafka client could not parse (`streams.record_batches`: `raw` is what could be
+    kept of it, the record's value or the raw record batch)."""
 
     topic: str
     partition: int
@@ -108,7 +125,7 @@ class Received:
     key: bytes | None
     raw: bytes | None
     event: Event[Any] | None
-    error: SchemaError | None
+    error: SchemaError | UnreadableRecord | None
 
 
 def group_less_consumer(settings: Settings, purpose: str, **options: Any) -> AIOKafkaConsumer:
@@ -689,10 +706,17 @@ class AsyncClient:
         max_events: int | None = None,
         partitions: Sequence[int] | None = None,
         offset: StartOffset | None = None,
+        on_lost: Callable[[Gap], None] | None = None,
     ) -> AsyncGenerator[Received, None]:
         """Yield records as they arrive. Stops after `max_events`, or `timeout_s`
         without a record. A topic that does not exist raises `BrokerError` after
         `timeout_s` (default `UNKNOWN_TOPIC_TIMEOUT_S`).
+
+        A record the Kafka client cannot parse (a header key that is not UTF-8, a codec
+        it cannot decode) is yielded with `error` an `UnreadableRecord`, and the
+        subscription goes on. Offsets deleted (retention, delete-records) before the
+        subscription read them are skipped and named as a `streams.replay.Gap` to
+        `on_lost` (default: a logged warning): the position is never moved silently.
 
         Without `group_id` the consumer is assigned `partitions` (default: all) and
         commits nothing, so no group is disturbed; it starts at `offset` (as kcat's
@@ -711,6 +735,10 @@ class AsyncClient:
                 "with a consumer group the group assigns partitions and starts at its "
                 "committed offsets: only offset='beginning' or 'end' applies"
             )
+        # what the client cannot parse comes as stand-ins, yielded with their error, not
+        # as an exception out of every fetch of the partition (the reader stopped there)
+        record_batches.install()
+        lost = on_lost or _warn_lost
         consumer = self._new_consumer(
             "subscribing",
             group_id=group_id,
@@ -718,7 +746,10 @@ class AsyncClient:
             # committed its position, past a fetched batch the caller never got to (a
             # `break`, `max_events`), which the group's next run then skipped
             enable_auto_commit=False,
-            auto_offset_reset="earliest" if start != "end" else "latest",
+            # no position is reset silently (aiokafka logs a reset at INFO at most): a
+            # fetch of deleted offsets fails, and `_skip_deleted` names them; a group's
+            # partition without a committed offset starts at `start` (`_no_offset`)
+            auto_offset_reset="none",
             client_id=f"agentstream-sub-{uuid4().hex[:8]}",
             isolation_level="read_committed",
         )
@@ -753,7 +784,14 @@ class AsyncClient:
                 if yielded and time.monotonic() - committed_at >= GROUP_COMMIT_INTERVAL_S:
                     await _commit_yielded(consumer, yielded)
                     committed_at = time.monotonic()
-                batch = await consumer.getmany(timeout_ms=wait_ms)
+                try:
+                    batch = await consumer.getmany(timeout_ms=wait_ms)
+                except OffsetOutOfRangeError as exc:
+                    await _skip_deleted(consumer, exc, lost)
+                    continue
+                except NoOffsetForPartitionError as exc:
+                    await _no_offset(consumer, exc, start)
+                    continue
                 if not batch:
                     if timeout_s is not None:
                         return
@@ -778,6 +816,68 @@ class AsyncClient:
 #: seconds between a group subscription's commits while it runs (aiokafka's auto-commit
 #: interval); it commits once more when the iteration ends
 GROUP_COMMIT_INTERVAL_S = 5.0
+
+
+def _warn_lost(gap: Gap) -> None:
+    log.warning("%s", gap.describe())
+
+
+def resume_out_of_range(position: int, begin: int, end: int) -> tuple[int, int | None]:
+    """A live reader's fetch at `position` failed out of range; the partition's log now
+    holds [begin, end). Returns where it reads on, and the first offset it did not read
+    when offsets [position, that) were deleted unread (None: nothing was lost — the log
+    was truncated below the position, so what is past its end is yet to be written, or
+    `position` is back in range)."""
+    if position < begin:
+        return begin, position
+    if position > end:
+        return end, None
+    return position, None
+
+
+async def _skip_deleted(
+    consumer: Any, exc: OffsetOutOfRangeError, lost: Callable[[Gap], None]
+) -> None:
+    """After a fetch failed out of range (``auto_offset_reset="none"``: the position
+    stays where it failed, the error names it): each partition goes on at its log's
+    start, and what it skipped goes to `lost` as a `Gap`."""
+    from agentstream.streams.replay import Gap
+
+    failed: dict[TopicPartition, int] = {}
+    if exc.args and isinstance(exc.args[0], dict):
+        failed = {tp: off for tp, off in exc.args[0].items() if tp in consumer.assignment()}
+    if not failed:
+        return
+    tps = list(failed)
+    begin = await consumer.beginning_offsets(tps)
+    end = await consumer.end_offsets(tps)
+    for tp, position in failed.items():
+        resume, first = resume_out_of_range(position, begin[tp], end[tp])
+        if first is not None:
+            lost(Gap(tp.topic, tp.partition, first, resume))
+        elif resume != position:
+            log.warning(
+                "%s[%d]: the log was truncated below offset %d, to end at %d: reading on "
+                "from there",
+                tp.topic,
+                tp.partition,
+                position,
+                resume,
+            )
+        consumer.seek(tp, resume)
+
+
+async def _no_offset(consumer: Any, exc: NoOffsetForPartitionError, start: StartOffset) -> None:
+    """A group's partition without a committed offset (``auto_offset_reset="none"``
+    resets nothing): it starts at `start`, "beginning" or "end"."""
+    tps = [tp for tp in exc.args if isinstance(tp, TopicPartition)]
+    tps = [tp for tp in tps if tp in consumer.assignment()]
+    if not tps:
+        return
+    if start == "beginning":
+        await consumer.seek_to_beginning(*tps)
+    else:
+        await consumer.seek_to_end(*tps)
 
 
 async def _commit_yielded(consumer: Any, yielded: dict[TopicPartition, int]) -> None:
@@ -1139,9 +1239,10 @@ class Client:
         max_events: int | None = None,
         partitions: Sequence[int] | None = None,
         offset: StartOffset | None = None,
+        on_lost: Callable[[Gap], None] | None = None,
     ) -> Subscription:
         """Records as they arrive, as `AsyncClient.subscribe`; the consumer starts at the
-        first `next()`."""
+        first `next()` (`on_lost` is called on the client's thread)."""
         records = self._async.subscribe(
             topics,
             from_beginning=from_beginning,
@@ -1150,6 +1251,7 @@ class Client:
             max_events=max_events,
             partitions=partitions,
             offset=offset,
+            on_lost=on_lost,
         )
         return Subscription(self._loop(), records)
 
@@ -1159,6 +1261,18 @@ async def _awaited(fut: asyncio.Future[T]) -> T:
 
 
 def _received(topic: str, rec: Any, max_bytes: int) -> Received:
+    stand_in = record_batches.unreadable(rec.value)
+    if stand_in is not None:
+        return Received(
+            topic,
+            rec.partition,
+            rec.offset,
+            rec.timestamp,
+            rec.key,
+            bytes(stand_in),
+            None,
+            UnreadableRecord(stand_in.describe()),
+        )
     try:
         # a subscriber reads what is on the topic, as it was accepted when written: not
         # held to producer limits that came later (`schemas.limits`)

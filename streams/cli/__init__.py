@@ -19,8 +19,8 @@ commands read.
 Exit codes: 0 done; 1 rejected input or a pipeline error (broker, schema, credentials:
 one line, `Error: <class>: <message>`); 2 usage and configuration errors (unknown command
 or option, bad option value, missing file, bad settings); 3 (`replay`, `rebuild`,
-`audit report`) a read of history done, but records of its range were deleted before
-they could be read (`streams.cli.progress.EXIT_LOST`).
+`audit report`, `tail`) a read done, but records of it were deleted before they could be
+read or could not be parsed by the Kafka client (`streams.cli.progress.EXIT_LOST`).
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ from agentstream.streams.cli import (
     record_output_options,
     run,
 )
+from agentstream.streams.cli.progress import EXIT_LOST, unreadable_reporter, warn_unreadable
 from agentstream.streams.client import (
     AsyncClient,
     Received,
@@ -36,8 +37,8 @@ from agentstream.streams.client import (
     check_start_offset,
     sendable,
 )
-from agentstream.streams.errors import BrokerError
-from agentstream.streams.replay import ReplayRecord
+from agentstream.streams.errors import BrokerError, UnreadableRecord
+from agentstream.streams.replay import Gap, Progress, ReplayRecord
 from agentstream.streams.settings import Settings, get_settings
 from agentstream.streams.topics import CATALOGUE
 
@@ -476,7 +477,7 @@ def tail(
             "--group: the group assigns the partitions and starts at its committed "
             "offsets; --partition and --offset N/-N/TIME apply only without a group"
         )
-    run(
+    incomplete = run(
         _tail(
             topic,
             offset=offset,
@@ -490,6 +491,8 @@ def tail(
             show_secrets=show_secrets,
         )
     )
+    if incomplete:
+        sys.exit(EXIT_LOST)
 
 
 async def _tail(
@@ -504,21 +507,37 @@ async def _tail(
     fmt: str = "json",
     meta: bool = False,
     show_secrets: bool = False,
-) -> None:
+) -> bool:
+    """Print the records; whether any was skipped, deleted before it was read or not
+    parsed by the Kafka client (each said on stderr as it is met)."""
     out = sys.stdout.buffer
     wanted = key.encode() if key is not None else None
     printed = 0
+    lost: list[Gap] = []
+
+    def said_lost(gap: Gap) -> None:
+        lost.append(gap)
+        click.echo(f"WARNING: {gap.describe()}", err=True)
+
+    progress = Progress()
+    say_unreadable = unreadable_reporter("tail")
     records = AsyncClient().subscribe(
         topic,
         offset=offset,
         partitions=partitions or None,
         group_id=group_id,
-        # with a key filter --max counts what is printed, so the client does not stop
-        max_events=max_events if wanted is None else None,
+        # --max counts what is printed (not what a key filter drops, nor a record the
+        # Kafka client cannot parse), so the client does not stop
         timeout_s=timeout_s,
+        on_lost=said_lost,
     )
     try:
         async for rec in records:
+            if isinstance(rec.error, UnreadableRecord):
+                # said whatever its key: a batch's stand-in has none of its records'
+                progress.unreadable += 1
+                say_unreadable(f"{rec.topic}[{rec.partition}] {rec.error}")
+                continue
             if wanted is not None and rec.key != wanted:
                 continue
             out.write(received_record(rec).render(fmt, meta=meta, show_secrets=show_secrets))
@@ -530,6 +549,7 @@ async def _tail(
         raise click.BadParameter(str(exc), param_hint="'--partition'") from None
     finally:
         await records.aclose()
+    return warn_unreadable(progress) or bool(lost)
 
 
 def received_record(rec: Received) -> ReplayRecord:

@@ -2,18 +2,33 @@
 has since removed from the log resumes at the log start, past records it never processed:
 it says so in a WARNING naming the partition, the committed offset, the log start and
 the count, and counts them in `agentstream_offsets_skipped_total` (docs/monitoring.md).
-Before, aiokafka reset the position with an INFO line at most."""
+Before, aiokafka reset the position with an INFO line at most.
+
+The readers of the CLI and the client that fall behind retention mid-run say so too:
+`tail` and `subscribe` name the offsets deleted before they read them, `replay` counts
+them among its lost offsets. The records are large, so that a fetch holds one or two of
+them and the reader, paused after the first, has not fetched what is then deleted."""
 
 from __future__ import annotations
 
+import asyncio
+import fcntl
 import re
+import struct
+import subprocess
+import sys
+import termios
 from pathlib import Path
 
+import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, RecordsToDelete
 
-from tests.support import Worker, await_until, cli, web_client
+from agentstream.streams.client import AsyncClient
+from agentstream.streams.replay import Gap, Progress, replay
+from agentstream.streams.settings import Settings
+from tests.support import REPO, Worker, await_until, cli, web_client
 
 pytestmark = pytest.mark.integration
 
@@ -94,3 +109,131 @@ async def test_a_committed_offset_below_the_log_start_is_reported_once(
         assert await skipped() == {topic: 5.0}
     finally:
         worker.stop()
+
+
+#: a record value that fills most of a fetch (a consumer's default
+#: max_partition_fetch_bytes is 1 MiB, replay's 2 MiB)
+BIG = b"x" * 700_000
+
+
+async def _big_records(env: dict[str, str], n: int) -> tuple[str, TopicPartition]:
+    """`n` big records on partition 0 of agent.messages: its name, and that partition."""
+    settings = Settings.from_env(env)
+    assert cli(env, "topics", "create").returncode == 0
+    topic = settings.topic("agent.messages")
+    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap, acks="all")
+    await producer.start()
+    try:
+        for _ in range(n):
+            await producer.send_and_wait(topic, BIG, partition=0)
+    finally:
+        await producer.stop()
+    return topic, TopicPartition(topic, 0)
+
+
+async def _delete_before(bootstrap: str, tp: TopicPartition, offset: int) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.delete_records({tp: RecordsToDelete(offset)})
+    finally:
+        await admin.close()
+
+
+def _covers(read: list[int], gap: Gap, n: int) -> None:
+    """What was read and what was said deleted are every offset, once."""
+    deleted = list(range(gap.first, gap.stop))
+    assert deleted, gap
+    assert sorted(read + deleted) == list(range(n)), (read, gap)
+
+
+async def test_subscribe_names_the_offsets_deleted_before_it_read_them(
+    settings_env: dict[str, str],
+) -> None:
+    settings = Settings.from_env(settings_env)
+    topic, tp = await _big_records(settings_env, 6)
+    gaps: list[Gap] = []
+    read: list[int] = []
+    async with AsyncClient(settings) as client:
+        records = client.subscribe(
+            "agent.messages", from_beginning=True, partitions=[0], timeout_s=5, on_lost=gaps.append
+        )
+        try:
+            async for rec in records:
+                read.append(rec.offset)
+                if rec.offset == 0:  # paused here: a fetch ahead at most
+                    await _delete_before(settings.bootstrap, tp, 4)
+        finally:
+            await records.aclose()
+    [gap] = gaps
+    assert (gap.topic, gap.partition, gap.stop) == (topic, 0, 4)
+    assert read[-2:] == [4, 5]
+    _covers(read, gap, 6)
+
+
+async def test_replay_counts_offsets_deleted_under_it_mid_read(
+    settings_env: dict[str, str],
+) -> None:
+    """Covered already: replay's consumer resets no position, at planning or later."""
+    settings = Settings.from_env(settings_env)
+    topic, tp = await _big_records(settings_env, 8)
+    progress = Progress()
+    read: list[int] = []
+    async for rec in replay(settings, "agent.messages", progress=progress):
+        read.append(rec.offset)
+        if rec.offset == 0:  # two records a fetch, and one fetch ahead at most
+            await _delete_before(settings.bootstrap, tp, 6)
+    [gap] = progress.lost
+    assert (gap.topic, gap.partition, gap.stop) == (topic, 0, 6)
+    _covers(read, gap, 8)
+    assert progress.done == progress.total == 8
+
+
+def _pending(fd: int) -> int:
+    """Bytes waiting in the pipe `fd` reads (FIONREAD)."""
+    return int(struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0])
+
+
+async def test_tail_says_which_offsets_were_deleted_before_it_read_them(
+    settings_env: dict[str, str],
+) -> None:
+    """aiokafka moved a reader that fell behind retention to the log's start (or, from
+    `-o end`, to its end) with an INFO log line at most: `tail` skipped them unsaid."""
+    settings = Settings.from_env(settings_env)
+    topic, tp = await _big_records(settings_env, 6)
+    proc = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "agentstream", "tail", "agent.messages"),
+            *("-o", "beginning", "-p", "0", "--timeout", "8", "--meta"),
+        ],
+        env=settings_env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None
+        # the first record's line is larger than the pipe: tail waits to write it
+        await await_until(
+            lambda: proc.poll() is not None or _pending(proc.stdout.fileno()) >= 65536,
+            60,
+            what="tail blocked writing its first record",
+        )
+        assert proc.poll() is None, proc.communicate()
+        await _delete_before(settings.bootstrap, tp, 4)
+        out, err = await asyncio.to_thread(proc.communicate, timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    said = err.decode(errors="replace")
+    read = [int(orjson.loads(line)["offset"]) for line in out.splitlines()]
+    found = re.findall(rf"WARNING: {re.escape(topic)}:0 offsets? (\d+)(?:-(\d+))? \(", said)
+    assert len(found) == 1, said
+    first = int(found[0][0])
+    _covers(read, Gap(topic, 0, first, 4), 6)
+    assert f"{topic}:0 offset" in said and "were deleted (retention or delete-records)" in said
+    assert found[0][1] in ("", "3"), said  # the gap ends at the new log start, 4
+    assert read[-2:] == [4, 5], said
+    assert proc.returncode == 3, said  # printed, and lacking records
+    assert "Traceback" not in said, said

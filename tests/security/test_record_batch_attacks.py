@@ -210,3 +210,52 @@ async def test_replay_reports_and_skips_a_record_it_cannot_parse(
     [said] = report["unreadable"]
     assert said.startswith(f"{topic}[0] offset {offsets[2]}: header key"), said
     assert f"audit report: skipped a record the Kafka client cannot parse: {said}" in done.stderr
+
+
+async def test_tail_and_subscribe_report_a_record_they_cannot_parse_and_go_on(
+    settings_env: dict[str, str],
+) -> None:
+    """They read without the stand-ins `replay` and the worker use: the record ended
+    `tail` with a UnicodeDecodeError traceback, and `subscribe` raised it on every
+    fetch of the partition."""
+    from agentstream.streams.client import AsyncClient
+    from agentstream.streams.errors import UnreadableRecord
+
+    settings = Settings.from_env(settings_env)
+    topic = settings.topic("agent.messages")
+    await ensure_topics(settings)
+    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap, acks="all")
+    await producer.start()
+    try:
+        batch = [_event(f"batch-{i}") for i in range(6)]
+        offsets = await _send_batch_with_bad_header(producer, topic, batch, bad=2)
+        after = _event("after")
+        await producer.send_and_wait(topic, encode(after), key=b"k", partition=0)
+    finally:
+        await producer.stop()
+    good = [str(ev.event_id) for ev in (*batch, after) if ev is not batch[2]]
+
+    async with AsyncClient(settings) as client:
+        got = [
+            rec
+            async for rec in client.subscribe(
+                "agent.messages", from_beginning=True, partitions=[0], max_events=7
+            )
+        ]
+    assert [r.offset for r in got] == [*offsets, offsets[-1] + 1]
+    bad = got[2]
+    assert bad.event is None and isinstance(bad.error, UnreadableRecord), bad
+    assert str(bad.error).startswith(f"offset {offsets[2]}: header key"), bad.error
+    assert [str(r.event.event_id) for r in got if r.event is not None] == good
+
+    done = cli(
+        settings_env, "tail", "agent.messages", "-o", "beginning", "-p", "0", "--timeout", "5"
+    )
+    assert "Traceback" not in done.stderr, done.stderr
+    assert done.returncode == 3, done.stderr  # printed, and lacking a record
+    assert [json.loads(line)["event_id"] for line in done.stdout.splitlines()] == good
+    assert (
+        f"tail: skipped a record the Kafka client cannot parse: {topic}[0] "
+        f"offset {offsets[2]}: header key" in done.stderr
+    ), done.stderr
+    assert "skipped 1 record(s) the Kafka client cannot parse" in done.stderr

@@ -534,6 +534,7 @@ def test_the_sync_subscribe_is_a_plain_iterator(monkeypatch: pytest.MonkeyPatch)
             "max_events": 3,
             "partitions": [1],
             "offset": None,
+            "on_lost": None,
         }
     finally:
         client.stop()
@@ -1001,3 +1002,29 @@ async def test_a_producer_of_a_loop_running_in_another_thread_is_left_to_it() ->
         assert client.fakes[0].stopped  # type: ignore[attr-defined]
     finally:
         runner.close()
+
+
+def test_a_live_reader_out_of_range_goes_on_at_the_log_start_naming_what_it_lost() -> None:
+    from agentstream.streams.client import resume_out_of_range
+
+    assert resume_out_of_range(3, 8, 20) == (8, 3)  # [3, 8) deleted unread
+    assert resume_out_of_range(25, 8, 20) == (20, None)  # truncated below it: nothing lost
+    assert resume_out_of_range(9, 8, 20) == (9, None)  # back in range (a leader change)
+
+
+def test_a_stand_in_is_received_with_its_error() -> None:
+    from aiokafka.structs import ConsumerRecord
+
+    from agentstream.streams.client import _received
+    from agentstream.streams.errors import UnreadableRecord
+    from agentstream.streams.record_batches import Unreadable
+
+    stand_in = Unreadable(
+        b"{}", reason="header key b'\\xff' is not UTF-8", first_offset=7, last_offset=7
+    )
+    rec = ConsumerRecord("t", 1, 7, 1000, 0, b"k", stand_in, None, 1, 2, ())
+    got = _received("t", rec, 1_000_000)
+    assert (got.offset, got.key, got.raw, got.event) == (7, b"k", b"{}", None)
+    assert isinstance(got.error, UnreadableRecord)
+    assert str(got.error) == "offset 7: header key b'\\xff' is not UTF-8"
+    assert type(got.raw) is bytes  # not the stand-in itself

@@ -934,11 +934,28 @@ CONTRACTS: list[Contract] = [
         contains=("tuple(record.headers)", "record.checksum"),
     ),
     c(
-        # the module global we replace with a subclass that keeps the fetched bytes
+        # the module global we replace with a subclass that keeps the fetched bytes; and
+        # (streams/client.py, a subscription resets no position) a fetch out of range
+        # raises, naming the partition and the offset that failed, the position left
+        # there: `_skip_deleted` names the deleted run from it
         "aiokafka.consumer.fetcher.Fetcher._proc_fetch_request",
         "read",
         f"{BATCHES}::fetcher.MemoryRecords = _memory_records_class()",
-        contains=("records = MemoryRecords(part_data[-1])",),
+        "streams/client.py::failed = {tp: off for tp, off in exc.args[0].items()",
+        contains=(
+            "records = MemoryRecords(part_data[-1])",
+            "if self._default_reset_strategy != OffsetResetStrategy.NONE:",
+            "err = Errors.OffsetOutOfRangeError({tp: fetch_offset})",
+        ),
+    ),
+    # -- streams/client.py: a subscription resets no position (auto_offset_reset="none")
+    c(
+        # a group's partition without a committed offset raises, naming it: `_no_offset`
+        # starts it where the subscription was asked to
+        "aiokafka.consumer.fetcher.Fetcher._update_fetch_positions",
+        "read",
+        "streams/client.py::tps = [tp for tp in exc.args if isinstance(tp, TopicPartition)]",
+        contains=("err = Errors.NoOffsetForPartitionError(tp)",),
     ),
     # -- streams/tables/restore.py: the bulk restore inside Faust's recovery ------------
     c(
