@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from datetime import UTC, datetime
 
@@ -53,12 +54,16 @@ async def run(ctx: BenchContext) -> dict[str, float]:
     status = ctx.topic(env, AGENT_STATUS)
     changelog = f"{env['AGENTSTREAM_APP_ID']}-agent_heartbeats-changelog"
 
-    base = time.time() - 60.0  # a past minute: nothing in the backlog is fresh
+    base = time.time() - 60.0
     backlog = AGENTS * ROUNDS
     for r in range(ROUNDS):
         values, keys = heartbeats(r, base + r * INTERVAL_S)
         await ctx.produce(source, values, keys)
     log(f"heartbeat: {backlog} heartbeats of {AGENTS} agents pre-filled")
+    # The monitor dates a heartbeat by the broker's append time, not by its sent_at: the
+    # backlog is stale (brings nobody up, so each agent has one "up" and one "down"
+    # below) only once it was appended more than the timeout ago.
+    await asyncio.sleep(TIMEOUT_S + INTERVAL_S)
 
     worker = ctx.start_worker(env)
     try:

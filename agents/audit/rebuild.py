@@ -33,7 +33,7 @@ from agentstream.streams.errors import BrokerError
 from agentstream.streams.record_batches import unreadable
 from agentstream.streams.replay import Progress, replay
 from agentstream.streams.settings import Settings, SettingsError
-from agentstream.streams.tables import TABLES, TableSpec, digest, unexpired
+from agentstream.streams.tables import TABLES, Origin, TableSpec, digest, unexpired
 
 log = logging.getLogger(__name__)
 
@@ -93,16 +93,35 @@ async def source_events(
     progress: Progress | None = None,
     on_unreadable: OnUnreadable | None = None,
 ) -> AsyncIterator[Event[Any]]:
-    """The decodable events of the table's sources, each partition in log order.
+    """The decodable events of the table's sources (`source_records`, without origins)."""
+    async for event, _origin in source_records(settings, spec, progress, on_unreadable):
+        yield event
+
+
+async def source_records(
+    settings: Settings,
+    spec: TableSpec,
+    progress: Progress | None = None,
+    on_unreadable: OnUnreadable | None = None,
+) -> AsyncIterator[tuple[Event[Any], Origin]]:
+    """The decodable events of the table's sources, each partition in log order, with
+    where each was read (`Origin`: what the live fold knows of the record).
 
     Records the live agent dead-letters are skipped, so that they reach neither fold:
     those that do not decode (the producer limits included, `ReplayRecord.checked_event`),
     those larger than `max_event_bytes`, and those of a type their topic does not carry
-    (a heartbeat on agent.status)."""
+    (a heartbeat on agent.status). What the fold itself refuses (`InvalidEvent`) is
+    skipped by `_fold_into`."""
     from agentstream.streams.topics import CATALOGUE
 
     carried = {
         settings.topic(name): CATALOGUE[name].events for name in spec.sources if name in CATALOGUE
+    }
+    names = {settings.topic(name): name for name in spec.sources}
+    counts = {
+        name: (CATALOGUE[name].partitions if name in CATALOGUE else None)
+        or settings.topic_partitions
+        for name in spec.sources
     }
     async for rec in replay(
         settings,
@@ -123,7 +142,19 @@ async def source_events(
             event = rec.checked_event()
         except SchemaError:
             continue
-        yield event
+        name = names.get(rec.topic, rec.topic)
+        yield (
+            event,
+            Origin(
+                topic=name,
+                partition=rec.partition,
+                offset=rec.offset,
+                # what Faust gives the live fold: the record's milliseconds / 1000
+                timestamp=rec.timestamp_ms / 1000.0,
+                key=rec.key,
+                partitions=counts.get(name, settings.topic_partitions),
+            ),
+        )
 
 
 async def rebuild_from_history(
@@ -135,9 +166,9 @@ async def rebuild_from_history(
     """What `streams.tables.rebuild` computes, folded as the events stream in so that
     memory holds the state, not the history."""
     state: dict[str, Any] = {}
-    chunk: list[Event[Any]] = []
-    async for ev in source_events(settings, spec, progress, on_unreadable):
-        chunk.append(ev)
+    chunk: list[tuple[Event[Any], Origin]] = []
+    async for item in source_records(settings, spec, progress, on_unreadable):
+        chunk.append(item)
         if len(chunk) >= 1000:
             _fold_into(state, spec, chunk)
             chunk = []
@@ -145,11 +176,16 @@ async def rebuild_from_history(
     return state
 
 
-def _fold_into(state: dict[str, Any], spec: TableSpec, events: list[Event[Any]]) -> None:
-    for event in events:
+def _fold_into(
+    state: dict[str, Any],
+    spec: TableSpec,
+    events: list[Event[Any]] | list[tuple[Event[Any], Origin]],
+) -> None:
+    for item in events:
+        event, origin = item if isinstance(item, tuple) else (item, None)
         if not spec.types or event.type in spec.types:
             try:
-                spec.apply(state, event)
+                spec.fold(state, event, origin)
             except InvalidEvent:
                 continue  # the live fold refused it too: a dead letter, no table change
 

@@ -26,8 +26,9 @@ from agentstream.streams.delivery import HANDED_MARKS, marks_key
 from agentstream.streams.health import register_check
 from agentstream.streams.observability import AGENTS
 from agentstream.streams.processing import Inbound, decoded_batches, emit, guarded
+from agentstream.streams.tables import Origin
 from agentstream.streams.tables.monitoring import heartbeats_writer
-from agentstream.streams.topics import AGENT_HEARTBEATS, AGENT_STATUS
+from agentstream.streams.topics import AGENT_HEARTBEATS, AGENT_STATUS, CATALOGUE
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +178,6 @@ class CatchUpGate:
 
 
 gate = CatchUpGate((HEARTBEATS_TOPIC, STATUS_TOPIC))
-_partition_of: dict[str, int] = {}
 #: per heartbeats partition: the newest record timestamp folded (how far the stream got)
 _watermark: dict[int, float] = {}
 
@@ -224,8 +224,7 @@ async def _fold(inbound: Inbound) -> None:
     if isinstance(payload, Heartbeat):
         if msg.topic != HEARTBEATS_TOPIC:
             raise InvalidEvent(f"a heartbeat does not belong on {msg.topic}", type=Heartbeat.TYPE)
-        _partition_of[payload.agent_id] = msg.partition
-        accepted = monitor.record(payload)
+        accepted = monitor.record(payload, origin_of(msg, AGENT_HEARTBEATS))
         gate.note(msg.topic, msg.partition, msg.offset)
         advance_watermark(_watermark, msg.partition, msg.timestamp, time.time())
         if accepted and gate.open:
@@ -239,6 +238,19 @@ async def _fold(inbound: Inbound) -> None:
             )
         monitor.record_status(payload)
         gate.note(msg.topic, msg.partition, msg.offset)
+
+
+def origin_of(msg: Any, name: str) -> Origin:
+    """The `Origin` of the record `msg` (a Faust message) of catalogue topic `name`: what a
+    rebuild reads of it too (`agents.audit.rebuild.source_records`)."""
+    return Origin(
+        topic=name,
+        partition=msg.partition,
+        offset=msg.offset,
+        timestamp=msg.timestamp,
+        key=msg.key,
+        partitions=CATALOGUE[name].partitions or settings.topic_partitions,
+    )
 
 
 async def _publish(transitions: list[Transition], cause: Event[Any] | None = None) -> None:
@@ -262,13 +274,17 @@ def _owned_filter() -> Any:
     n = app.consumer.topic_partitions(HEARTBEATS_TOPIC) or settings.topic_partitions
 
     def owned(agent_id: str) -> bool:
-        p = _partition_of.get(agent_id)
-        if p is None:
-            p = (murmur2(agent_id.encode()) & 0x7FFFFFFF) % n
-            _partition_of[agent_id] = p
-        return p in actives
+        return _partition(agent_id, n) in actives
 
     return owned
+
+
+def _partition(agent_id: str, n: int) -> int:
+    """The heartbeats partition `agent_id`'s entry was folded from (an entry a status
+    event made has none yet: where its heartbeats go, murmur2 of the id)."""
+    rec = writer.get(agent_id)
+    p = rec.get("partition") if rec else None
+    return int(p) if p is not None else (murmur2(agent_id.encode()) & 0x7FFFFFFF) % n
 
 
 def _horizon_filter(now: float) -> Any:
@@ -286,9 +302,10 @@ def _horizon_filter(now: float) -> Any:
         lagging = high is not None and folded < int(high) - 1
         horizons[p] = min(now, _watermark.get(p, float("-inf"))) if lagging else None
 
+    n = app.consumer.topic_partitions(HEARTBEATS_TOPIC) or settings.topic_partitions
+
     def horizon(agent_id: str) -> float | None:
-        p = _partition_of.get(agent_id)
-        return horizons.get(p) if p is not None else None
+        return horizons.get(_partition(agent_id, n))
 
     return horizon
 

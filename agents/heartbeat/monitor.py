@@ -10,10 +10,10 @@ on restart — which is why it is never published again.
 
 Liveness: an agent is up while its last heartbeat is at most `timeout_s` old and fewer
 than `max_missed` intervals passed since it, and down otherwise. A heartbeat's age is
-measured from the *earlier* of its `sent_at` and the time this process received it: a
-sender whose clock runs ahead cannot keep itself alive, and a backlog of old heartbeats
-read after a restart counts from when they were sent, so replaying history does not make
-agents flap up and down.
+measured from the time the broker appended it to `agent.heartbeats` (its record's
+`LogAppendTime`), never from the sender's `sent_at`: a sender's clock, ahead or set
+back, changes nothing, and a backlog of old heartbeats read after a restart counts from
+when they were written, so replaying history does not make agents flap up and down.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 from agentstream.schemas import AgentStatusChanged, Heartbeat
+from agentstream.streams.tables import Origin
 from agentstream.streams.tables.monitoring import fold_heartbeat, fold_status
 
 State = Literal["up", "down"]
@@ -70,22 +71,41 @@ class HeartbeatMonitor:
         self.clock = clock
         #: transitions published but not yet folded back: agent id → status
         self.pending: dict[str, State] = {}
-        #: wall-clock time this process accepted each agent's latest heartbeat
-        self.received: dict[str, float] = {}
 
     # -- folds ------------------------------------------------------------------------
     def record_heartbeat(
-        self, agent_id: str, sent_at: float, sequence: int = 0, info: dict[str, str] | None = None
+        self,
+        agent_id: str,
+        at: float,
+        sequence: int = 0,
+        info: dict[str, str] | None = None,
+        *,
+        offset: int,
+        partition: int = 0,
+        sent_at: float | None = None,
     ) -> bool:
-        """Fold a heartbeat; False if it is not newer than the last one (replay)."""
-        accepted = fold_heartbeat(self.state, agent_id, sent_at, sequence, info)
-        if accepted:
-            self.received[agent_id] = self.clock()
-        return accepted
+        """Fold a heartbeat appended at `at` (the broker's time) and read at (`partition`,
+        `offset`); False if it is not newer than the last one (a redelivery)."""
+        return fold_heartbeat(
+            self.state,
+            agent_id,
+            at=at,
+            partition=partition,
+            offset=offset,
+            sent_at=sent_at,
+            sequence=sequence,
+            info=info,
+        )
 
-    def record(self, payload: Heartbeat) -> bool:
+    def record(self, payload: Heartbeat, origin: Origin) -> bool:
         return self.record_heartbeat(
-            payload.agent_id, payload.sent_at.timestamp(), payload.sequence, payload.info
+            payload.agent_id,
+            origin.timestamp,
+            payload.sequence,
+            payload.info,
+            offset=origin.offset,
+            partition=origin.partition,
+            sent_at=payload.sent_at.timestamp(),
         )
 
     def record_status(self, change: AgentStatusChanged) -> None:
@@ -109,11 +129,9 @@ class HeartbeatMonitor:
         partition (default `now`; earlier while the partition lags, so that a newer
         heartbeat still waiting in the backlog cannot be missed). Between the two the
         status is undetermined (None with reason "heartbeat") and left as it is."""
-        last = rec.get("last_heartbeat_at")
-        if last is None:
+        basis = rec.get("last_heartbeat_at")
+        if basis is None:
             return Assessment(None, "timeout", None, 0)
-        seen = self.received.get(agent_id)
-        basis = min(last, seen) if seen is not None else last
         elapsed = max(0.0, now - basis)
         missed = math.floor(elapsed / self.interval_s + 1e-9)
         if elapsed <= self.timeout_s and missed < self.max_missed:
@@ -225,6 +243,7 @@ class HeartbeatMonitor:
             "status": self.effective(agent_id),
             "confirmed_status": rec.get("status"),
             "last_heartbeat_at": rec.get("last_heartbeat_at"),
+            "sent_at": rec.get("sent_at"),
             "seconds_since_heartbeat": a.elapsed_s,
             "missed_beats": a.missed_beats,
             "beats": rec.get("beats", 0),

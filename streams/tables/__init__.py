@@ -28,6 +28,8 @@ from agentstream.streams.tables.writer import TableWriter, delete, write
 __all__ = [
     "TABLES",
     "Fold",
+    "FoldAt",
+    "Origin",
     "TableSpec",
     "TableWriter",
     "delete",
@@ -41,14 +43,38 @@ __all__ = [
 Fold = Callable[[MutableMapping[str, Any], Event[Any]], None]
 
 
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """Where a source event's record was read: what a fold may know of the record besides
+    the event. The live fold and a rebuild read the same record, so they see the same
+    origin."""
+
+    #: the catalogue name of the topic (without the prefix)
+    topic: str
+    partition: int
+    offset: int
+    #: the record's Kafka timestamp in seconds: on a catalogue topic the broker's append
+    #: time (`LogAppendTime`), a clock no sender sets
+    timestamp: float
+    #: the record's key as it was sent
+    key: bytes | None = None
+    #: the topic's partition count (the configured one: a worker refuses to start on
+    #: topics with another, `streams.admin.ensure_topics`)
+    partitions: int = 1
+
+
+#: a fold that also needs where each record was read (its partition, offset, append time)
+FoldAt = Callable[[MutableMapping[str, Any], Event[Any], Origin], None]
+
+
 @dataclass(frozen=True)
 class TableSpec:
     #: Faust table name (its changelog topic is `<app_id>-<name>-changelog`)
     name: str
     #: catalogue topics the table is derived from
     sources: tuple[str, ...]
-    #: pure fold applying one source event to the state
-    apply: Fold
+    #: pure fold applying one source event to the state (or `apply_at`)
+    apply: Fold | None = None
     description: str = ""
     #: event types the fold consumes (others on the source topics are ignored)
     types: frozenset[str] = field(default_factory=frozenset)
@@ -56,6 +82,23 @@ class TableSpec:
     #: dropped the entry at epoch time `now`; comparisons with a rebuild leave such
     #: entries out on both sides (the fold keeps everything)
     expired: Callable[[Any, float], bool] | None = None
+    #: instead of `apply`: a pure fold of one source event and its record's `Origin`
+    apply_at: FoldAt | None = None
+
+    def __post_init__(self) -> None:
+        if (self.apply is None) == (self.apply_at is None):
+            raise ValueError(f"table {self.name!r}: give it one fold, apply or apply_at")
+
+    def fold(
+        self, state: MutableMapping[str, Any], event: Event[Any], origin: Origin | None = None
+    ) -> None:
+        """Apply one source event (read at `origin`) to `state`."""
+        if self.apply_at is not None:
+            if origin is None:
+                raise TypeError(f"table {self.name!r}: its fold needs each record's origin")
+            self.apply_at(state, event, origin)
+        elif self.apply is not None:
+            self.apply(state, event)
 
 
 TABLES: dict[str, TableSpec] = {}
@@ -90,10 +133,14 @@ def unexpired(spec: TableSpec, state: dict[str, Any], now: float) -> dict[str, A
     return {k: v for k, v in state.items() if not expired(v, now)}
 
 
-def rebuild(spec: TableSpec, events: Iterable[Event[Any]]) -> dict[str, Any]:
-    """Fold source events (in log order) into a fresh state dict."""
+def rebuild(
+    spec: TableSpec, events: Iterable[Event[Any] | tuple[Event[Any], Origin]]
+) -> dict[str, Any]:
+    """Fold source events (in log order), each with its record's `Origin` for a table
+    whose fold needs it, into a fresh state dict."""
     state: dict[str, Any] = {}
-    for event in events:
+    for item in events:
+        event, origin = item if isinstance(item, tuple) else (item, None)
         if not spec.types or event.type in spec.types:
-            spec.apply(state, event)
+            spec.fold(state, event, origin)
     return state

@@ -6,9 +6,11 @@ that depend on "now" (is an agent down? is a window past retention?) are taken b
 and views, so a rebuild from history reproduces the live table byte for byte.
 
 ``agent_heartbeats`` (key: agent id) — folded from BOTH `agent.heartbeats` and
-`agent.status`. Heartbeats move ``last_heartbeat_at`` forward (older or equal ones are
-ignored, so a replay cannot move an agent back in time); `AgentStatusChanged` events set
-``status``. The heartbeat monitor decides transitions on a timer and *publishes* them; the
+`agent.status`. Heartbeats are folded in log order: one not after the last one folded
+(by offset in its partition) is ignored, so a redelivery changes nothing; each sets
+``last_heartbeat_at`` to its record's timestamp — the broker's append time, not the
+sender's ``sent_at`` (kept as information). The fold knows the record through its
+`Origin`, which a rebuild reads too. `AgentStatusChanged` events set ``status``. The heartbeat monitor decides transitions on a timer and *publishes* them; the
 status in the table only changes when that event is read back. Because the event is
 the source of truth, a worker that crashes after publishing finds the transition in the
 log on restart instead of publishing it twice.
@@ -49,7 +51,7 @@ from agentstream.schemas import (
 )
 from agentstream.schemas.errors import InvalidEvent
 from agentstream.streams.settings import get_settings
-from agentstream.streams.tables import TableSpec, TableWriter, register
+from agentstream.streams.tables import Origin, TableSpec, TableWriter, register
 from agentstream.streams.topics import (
     AGENT_HEARTBEATS,
     AGENT_STATUS,
@@ -68,43 +70,56 @@ COMMS_TABLE = "comms_records"
 def fold_heartbeat(
     state: MutableMapping[str, Any],
     agent_id: str,
-    sent_at: float,
-    sequence: int,
+    *,
+    at: float,
+    partition: int,
+    offset: int,
+    sent_at: float | None = None,
+    sequence: int = 0,
     info: dict[str, str] | None = None,
 ) -> bool:
-    """Apply one heartbeat; False when it is not newer than the last one known."""
+    """Apply one heartbeat read at (`partition`, `offset`) and appended by the broker at
+    `at`; False when it is not newer than the last one folded (a redelivery).
+
+    Heartbeats are taken in log order, dated by the broker's append time: the sender's
+    `sent_at` is kept as information only. A sender whose clock ran ahead and was set
+    right is not ignored until its clock catches up, and a `sent_at` in the future keeps
+    nobody up."""
     cur = state.get(agent_id)
+    if cur is not None and not _newer_heartbeat(cur, partition, offset, at):
+        return False
+    beats = int(cur.get("beats", 0)) if cur is not None else 0
     if cur is None:
-        state[agent_id] = {
-            "last_heartbeat_at": sent_at,
-            "sequence": sequence,
-            "beats": 1,
-            "first_seen_at": sent_at,
-            "status": None,
-            "status_changed_at": None,
-            "reason": None,
-            "info": dict(info or {}),
-        }
-        return True
-    last = cur.get("last_heartbeat_at")
-    if last is not None:
-        if int(cur.get("beats", 0)) == 0:
-            # created from a status event (read before its heartbeat, or the heartbeat
-            # expired): the heartbeat that status was based on still counts
-            if sent_at < last:
-                return False
-        elif (sent_at, sequence) <= (last, int(cur.get("sequence", 0))):
-            return False
+        cur = {"status": None, "status_changed_at": None, "reason": None, "info": {}}
     new = dict(cur)
-    new["last_heartbeat_at"] = sent_at
+    new["last_heartbeat_at"] = at
+    new["sent_at"] = sent_at
     new["sequence"] = sequence
-    new["beats"] = int(cur.get("beats", 0)) + 1
-    if new.get("first_seen_at") is None:
-        new["first_seen_at"] = sent_at
+    new["beats"] = beats + 1
+    if beats == 0 or new.get("first_seen_at") is None:
+        # an entry a status event made (read before its heartbeats) is first seen at the
+        # first heartbeat, as it was where the heartbeats came first
+        new["first_seen_at"] = at
+    new["partition"] = partition
+    new["offset"] = offset
     if info:
         new["info"] = dict(info)
+    elif "info" not in new:
+        new["info"] = {}
     state[agent_id] = new
     return True
+
+
+def _newer_heartbeat(cur: dict[str, Any], partition: int, offset: int, at: float) -> bool:
+    """Whether a heartbeat at (`partition`, `offset`, `at`) comes after the one `cur` holds:
+    by offset in the same partition (exact, whatever the clocks), by append time across
+    partitions."""
+    last_offset = cur.get("offset")
+    if last_offset is None:  # made by a status event, or by an older version of this fold
+        return True
+    if cur.get("partition") == partition:
+        return offset > int(last_offset)
+    return at > float(cur.get("last_heartbeat_at") or 0.0)
 
 
 def fold_status(state: MutableMapping[str, Any], change: AgentStatusChanged) -> None:
@@ -113,6 +128,7 @@ def fold_status(state: MutableMapping[str, Any], change: AgentStatusChanged) -> 
         last = change.last_heartbeat_at.timestamp() if change.last_heartbeat_at else None
         cur = {
             "last_heartbeat_at": last,
+            "sent_at": None,
             "sequence": 0,
             "beats": 0,
             "first_seen_at": last,
@@ -120,6 +136,8 @@ def fold_status(state: MutableMapping[str, Any], change: AgentStatusChanged) -> 
             "status_changed_at": None,
             "reason": None,
             "info": {},
+            "partition": None,
+            "offset": None,
         }
     new = dict(cur)
     new["status"] = change.current
@@ -128,10 +146,21 @@ def fold_status(state: MutableMapping[str, Any], change: AgentStatusChanged) -> 
     state[change.agent_id] = new
 
 
-def apply_heartbeat_event(state: MutableMapping[str, Any], event: Event[Any]) -> None:
+def apply_heartbeat_record(
+    state: MutableMapping[str, Any], event: Event[Any], origin: Origin
+) -> None:
     p = event.payload
     if isinstance(p, Heartbeat):
-        fold_heartbeat(state, p.agent_id, p.sent_at.timestamp(), p.sequence, p.info)
+        fold_heartbeat(
+            state,
+            p.agent_id,
+            at=origin.timestamp,
+            partition=origin.partition,
+            offset=origin.offset,
+            sent_at=p.sent_at.timestamp(),
+            sequence=p.sequence,
+            info=p.info,
+        )
     elif isinstance(p, AgentStatusChanged):
         fold_status(state, p)
 
@@ -388,7 +417,7 @@ HEARTBEATS = register(
     TableSpec(
         name=HEARTBEATS_TABLE,
         sources=(AGENT_HEARTBEATS, AGENT_STATUS),
-        apply=apply_heartbeat_event,
+        apply_at=apply_heartbeat_record,
         description="Last heartbeat and confirmed up/down status per agent",
         types=frozenset({Heartbeat.TYPE, AgentStatusChanged.TYPE}),
     )

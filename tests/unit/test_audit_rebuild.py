@@ -107,7 +107,9 @@ async def test_rebuild_skips_what_the_live_agents_dead_letter(monkeypatch: Any) 
 
     def rec(topic: str, event: Event[Any], pad: int = 0) -> ReplayRecord:
         value = encode(event) + b" " * pad
-        return ReplayRecord(settings.topic(topic), 0, 0, 0, b"k", value, orjson.loads(value), None)
+        return ReplayRecord(
+            settings.topic(topic), 1, 7, 1_234_567, b"k", value, orjson.loads(value), None
+        )
 
     records = [
         rec("agent.status", beat),  # misplaced
@@ -122,6 +124,16 @@ async def test_rebuild_skips_what_the_live_agents_dead_letter(monkeypatch: Any) 
     monkeypatch.setattr(rebuild_module, "replay", replay)
     got = [e async for e in rebuild_module.source_events(settings, HEARTBEATS)]
     assert [e.type for e in got] == [AgentStatusChanged.TYPE]
+    # with what the live fold knows of each record (`agents.heartbeat.agent.origin_of`)
+    ((_, origin),) = [x async for x in rebuild_module.source_records(settings, HEARTBEATS)]
+    assert (origin.topic, origin.partition, origin.offset, origin.key) == (
+        "agent.status",
+        1,
+        7,
+        b"k",
+    )
+    assert origin.timestamp == 1_234_567 / 1000.0
+    assert origin.partitions == settings.topic_partitions
 
 
 def test_a_checkpoint_preview_is_reused_for_a_while(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from datetime import UTC, datetime
 
@@ -9,8 +10,11 @@ import pytest
 
 from agentstream.agents.heartbeat.monitor import HeartbeatMonitor, Transition, to_event_payload
 from agentstream.schemas import AgentStatusChanged, Event, Heartbeat
-from agentstream.streams.tables import digest, rebuild
+from agentstream.streams.tables import Origin, digest, rebuild
 from agentstream.streams.tables.monitoring import HEARTBEATS
+
+#: offsets of the heartbeats partition: every heartbeat folded here is a new record
+OFFSETS = itertools.count()
 
 
 class Clock:
@@ -35,7 +39,12 @@ def confirm(m: HeartbeatMonitor, trs: list[Transition]) -> list[Event]:
 
 
 def beat(m: HeartbeatMonitor, agent: str, clock: Clock, seq: int) -> bool:
-    return m.record_heartbeat(agent, clock.t, seq)
+    """A heartbeat appended by the broker now, at the partition's next offset."""
+    return m.record_heartbeat(agent, clock.t, seq, offset=next(OFFSETS))
+
+
+def at(topic: str, offset: int, ts: float, key: str = "") -> Origin:
+    return Origin(topic=topic, partition=0, offset=offset, timestamp=ts, key=key.encode())
 
 
 def test_first_seen_down_and_back_up_once_each() -> None:
@@ -89,20 +98,20 @@ def test_replayed_and_stale_heartbeats_do_not_flap() -> None:
     m = make(c)
     history = []
     for seq in range(5):
-        history.append((c.t, seq))
-        beat(m, "a", c, seq)
+        history.append((c.t, seq, seq))
+        m.record_heartbeat("a", c.t, seq, offset=seq)
         c.t += 5
     confirm(m, m.check())
     c.t += 30
     confirm(m, m.check())
     assert m.state["a"]["status"] == "down"
     # a consumer replaying the whole history: none of it is newer than what is known
-    for sent, seq in history:
-        assert not m.record_heartbeat("a", sent, seq)
+    for appended, seq, offset in history:
+        assert not m.record_heartbeat("a", appended, seq, offset=offset)
     assert m.check() == []
-    # a newer heartbeat that is itself older than the timeout (delivered late) is
-    # recorded but does not bring the agent up for an instant
-    assert m.record_heartbeat("a", c.t - 20, 99)
+    # a newer heartbeat that is itself older than the timeout (appended long before it
+    # is read: a backlog) is recorded but does not bring the agent up for an instant
+    assert m.record_heartbeat("a", c.t - 20, 99, offset=5)
     assert m.check() == []
     assert m.state["a"]["status"] == "down"
 
@@ -122,15 +131,16 @@ def test_missed_beats_with_a_long_timeout() -> None:
 def test_only_stale_heartbeats_never_count_as_up() -> None:
     c = Clock()
     m = make(c)
-    m.record_heartbeat("ghost", c.t - 3600, 0)
+    m.record_heartbeat("ghost", c.t - 3600, 0, offset=next(OFFSETS))
     assert m.check() == []
     assert m.effective("ghost") is None
 
 
-def test_clock_ahead_sender_judged_by_receive_time() -> None:
+def test_clock_ahead_sender_judged_by_append_time() -> None:
     c = Clock()
     m = make(c)
-    m.record_heartbeat("fast", c.t + 3600, 0)  # its clock runs an hour ahead
+    # its clock runs an hour ahead: the broker's append time is what counts
+    m.record_heartbeat("fast", c.t, 0, offset=next(OFFSETS), sent_at=c.t + 3600)
     confirm(m, m.check())
     c.t += 16
     trs = m.check()
@@ -172,7 +182,8 @@ def test_rebuild_from_both_topics_reproduces_the_live_table() -> None:
     c = Clock()
     live: dict = {}
     m = make(c, live)
-    source: list[Event] = []
+    source: list[tuple[Event, Origin]] = []
+    offsets = itertools.count()
     for step in range(40):
         for i in range(5):
             if i == 3 and 10 <= step < 20:
@@ -183,16 +194,20 @@ def test_rebuild_from_both_topics_reproduces_the_live_table() -> None:
                 agent_id=f"agent-{i}", sent_at=datetime.fromtimestamp(c.t, UTC), sequence=step
             )
             ev = Event.of(hb, source="agent")
-            source.append(ev)
-            m.record(hb)
-        source += confirm(m, m.check())
+            origin = at("agent.heartbeats", next(offsets), c.t, hb.agent_id)
+            source.append((ev, origin))
+            m.record(hb, origin)
+        source += [
+            (e, at("agent.status", next(offsets), c.t, e.payload.agent_id))
+            for e in confirm(m, m.check())
+        ]
         c.t += 5
     # redelivered heartbeats (at-least-once) must not change anything; status events
     # keep their order in their own partition, so they are not replayed out of order here
-    source += [e for e in source[:40] if isinstance(e.payload, Heartbeat)]
+    source += [(e, o) for e, o in source[:40] if isinstance(e.payload, Heartbeat)]
     rebuilt = rebuild(HEARTBEATS, source)
     assert digest(rebuilt.items()) == digest(live.items())
-    statuses = [e.payload for e in source if isinstance(e.payload, AgentStatusChanged)]
+    statuses = [e.payload for e, _ in source if isinstance(e.payload, AgentStatusChanged)]
     assert [(s.agent_id, s.current) for s in statuses if s.agent_id == "agent-3"] == [
         ("agent-3", "up"),
         ("agent-3", "down"),
@@ -214,7 +229,7 @@ def test_check_of_10000_agents_is_cheap() -> None:
     c = Clock()
     m = make(c)
     for i in range(10_000):
-        m.record_heartbeat(f"agent-{i}", c.t, 0)
+        m.record_heartbeat(f"agent-{i}", c.t, 0, offset=i)
     confirm(m, m.check())
     c.t += 1
     started = time.perf_counter()
@@ -243,26 +258,32 @@ def test_lagging_partition_defers_down_but_not_up() -> None:
     assert m.check(horizon=lambda agent: c.t - 4) != []
     # right after a fold, only "up" is decided
     m2 = make(c)
-    m2.record_heartbeat("b", c.t, 0)
+    m2.record_heartbeat("b", c.t, 0, offset=0)
     confirm(m2, [t for t in [m2.evaluate("b", allow_down=False)] if t])
     c.t += 30
-    m2.record_heartbeat("b", c.t - 25, 1)  # an old beat read late
+    m2.record_heartbeat("b", c.t - 25, 1, offset=1)  # an old beat read late
     assert m2.evaluate("b", allow_down=False) is None
     assert m2.effective("b") == "up"
 
 
 def test_rebuild_order_across_topics_does_not_matter() -> None:
-    """A rebuild merges the two topics by timestamp; a sender whose clock runs ahead puts
-    its heartbeat after the status event it caused."""
+    """A rebuild merges the two topics by timestamp, and the live worker reads them as
+    they come: the status event caused by heartbeats may be folded before them (two
+    brokers' clocks a little apart), in the rebuild or live."""
     c = Clock()
     live: dict = {}
     m = make(c, live)
-    hb = Heartbeat(agent_id="a", sent_at=datetime.fromtimestamp(c.t, UTC), sequence=0)
-    m.record(hb)
+    beats = []
+    for seq in range(3):
+        hb = Heartbeat(agent_id="a", sent_at=datetime.fromtimestamp(c.t, UTC), sequence=seq)
+        origin = at("agent.heartbeats", seq, c.t, "a")
+        m.record(hb, origin)
+        beats.append((Event.of(hb, source="a"), origin))
+        c.t += 1
     (status,) = confirm(m, m.check())
-    hb_event = Event.of(hb, source="a")
-    assert digest(rebuild(HEARTBEATS, [hb_event, status]).items()) == digest(live.items())
-    assert digest(rebuild(HEARTBEATS, [status, hb_event]).items()) == digest(live.items())
+    st = (status, at("agent.status", 0, c.t, "a"))
+    for order in ([*beats, st], [st, *beats], [beats[0], st, *beats[1:]]):
+        assert digest(rebuild(HEARTBEATS, order).items()) == digest(live.items()), order
 
 
 def test_a_transition_with_a_time_not_in_utc_is_still_published() -> None:
