@@ -25,7 +25,7 @@ from agentstream.streams.app import app, settings
 from agentstream.streams.delivery import HANDED_MARKS, marks_key
 from agentstream.streams.health import register_check
 from agentstream.streams.observability import AGENTS
-from agentstream.streams.processing import Inbound, decoded_batches, emit, guarded
+from agentstream.streams.processing import Inbound, dead_letter, decoded_batches, emit, guarded
 from agentstream.streams.tables import Origin
 from agentstream.streams.tables.monitoring import heartbeats_writer
 from agentstream.streams.topics import AGENT_HEARTBEATS, AGENT_STATUS, CATALOGUE
@@ -224,9 +224,18 @@ async def _fold(inbound: Inbound) -> None:
     if isinstance(payload, Heartbeat):
         if msg.topic != HEARTBEATS_TOPIC:
             raise InvalidEvent(f"a heartbeat does not belong on {msg.topic}", type=Heartbeat.TYPE)
-        accepted = monitor.record(payload, origin_of(msg, AGENT_HEARTBEATS))
+        refused: InvalidEvent | None = None
+        try:
+            accepted = monitor.record(payload, origin_of(msg, AGENT_HEARTBEATS))
+        except InvalidEvent as exc:  # the table as it was
+            accepted, refused = False, exc
         gate.note(msg.topic, msg.partition, msg.offset)
         advance_watermark(_watermark, msg.partition, msg.timestamp, time.time())
+        if refused is not None:
+            # what a sender chose (its key, its partition): a dead letter saying why,
+            # without the traceback `guarded` logs for a failure of ours
+            await dead_letter(msg, refused, CONSUMER)
+            return
         if accepted and gate.open:
             tr = monitor.evaluate(payload.agent_id, allow_down=False)
             if tr is not None:

@@ -27,7 +27,11 @@ from typing import Any, Literal
 
 from agentstream.schemas import AgentStatusChanged, Heartbeat
 from agentstream.streams.tables import Origin
-from agentstream.streams.tables.monitoring import fold_heartbeat, fold_status
+from agentstream.streams.tables.monitoring import (
+    fold_heartbeat,
+    fold_heartbeat_record,
+    fold_status,
+)
 
 State = Literal["up", "down"]
 Reason = Literal["first_seen", "heartbeat", "timeout", "missed_beats"]
@@ -98,15 +102,9 @@ class HeartbeatMonitor:
         )
 
     def record(self, payload: Heartbeat, origin: Origin) -> bool:
-        return self.record_heartbeat(
-            payload.agent_id,
-            origin.timestamp,
-            payload.sequence,
-            payload.info,
-            offset=origin.offset,
-            partition=origin.partition,
-            sent_at=payload.sent_at.timestamp(),
-        )
+        """Fold a heartbeat read at `origin`; `InvalidEvent` when its key or partition is
+        not its agent id's (`streams.tables.monitoring.misplaced_heartbeat`)."""
+        return fold_heartbeat_record(self.state, payload, origin)
 
     def record_status(self, change: AgentStatusChanged) -> None:
         """Fold a status event read back from `agent.status`."""

@@ -10,10 +10,12 @@ and views, so a rebuild from history reproduces the live table byte for byte.
 (by offset in its partition) is ignored, so a redelivery changes nothing; each sets
 ``last_heartbeat_at`` to its record's timestamp — the broker's append time, not the
 sender's ``sent_at`` (kept as information). The fold knows the record through its
-`Origin`, which a rebuild reads too. `AgentStatusChanged` events set ``status``. The heartbeat monitor decides transitions on a timer and *publishes* them; the
-status in the table only changes when that event is read back. Because the event is
-the source of truth, a worker that crashes after publishing finds the transition in the
-log on restart instead of publishing it twice.
+`Origin`, which a rebuild reads too; a heartbeat whose key is not its agent id, or
+that is not in the partition that id hashes to, is refused (`misplaced_heartbeat`).
+`AgentStatusChanged` events set ``status``. The heartbeat monitor decides transitions on
+a timer and *publishes* them; the status in the table only changes when that event is
+read back. Because the event is the source of truth, a worker that crashes after
+publishing finds the transition in the log on restart instead of publishing it twice.
 
 ``metric_windows`` (key: ``series␟labels-json␟window-start-ms``) — count, sum, min, max
 and last per series, label set and collection interval. Windows older than the
@@ -41,6 +43,7 @@ from functools import lru_cache
 from typing import Any
 
 import orjson
+from aiokafka.partitioner import murmur2
 
 from agentstream.schemas import (
     AgentStatusChanged,
@@ -146,21 +149,60 @@ def fold_status(state: MutableMapping[str, Any], change: AgentStatusChanged) -> 
     state[change.agent_id] = new
 
 
+def home_partition(key: str, partitions: int) -> int:
+    """The partition Kafka's default partitioner puts `key` in (murmur2, as Java's and
+    aiokafka's; librdkafka's default, ``consistent_random``, is CRC32 and differs)."""
+    return (murmur2(key.encode()) & 0x7FFFFFFF) % partitions
+
+
+def misplaced_heartbeat(agent_id: str, origin: Origin) -> str | None:
+    """Why a heartbeat of `agent_id` read at `origin` is refused, or None.
+
+    `agent.heartbeats` is keyed by the agent id, and an agent's heartbeats must all be in
+    the partition that key hashes to: its entry, its status events and the worker that
+    judges it are there. One sent under another key, or put in another partition, made
+    a second worker judge the same agent (its status flapping between the two), and the
+    entry a changelog partition that its key's restore does not read."""
+    if origin.key != agent_id.encode():
+        shown = origin.key[:64] if origin.key is not None else None
+        return (
+            f"heartbeat of {agent_id!r} sent with the key {shown!r}: agent.heartbeats is "
+            "keyed by the agent id (key mismatch)"
+        )
+    home = home_partition(agent_id, origin.partitions)
+    if origin.partition != home:
+        return (
+            f"heartbeat of {agent_id!r} read from partition {origin.partition}: its key "
+            f"hashes to partition {home} (Kafka's default partitioner, murmur2; set "
+            "partitioner=murmur2_random on a librdkafka producer)"
+        )
+    return None
+
+
+def fold_heartbeat_record(state: MutableMapping[str, Any], beat: Heartbeat, origin: Origin) -> bool:
+    """`fold_heartbeat` of the heartbeat `beat` read at `origin`; `InvalidEvent` (a dead
+    letter, the table unchanged) when it is misplaced (`misplaced_heartbeat`)."""
+    problem = misplaced_heartbeat(beat.agent_id, origin)
+    if problem is not None:
+        raise InvalidEvent(problem, type=Heartbeat.TYPE)
+    return fold_heartbeat(
+        state,
+        beat.agent_id,
+        at=origin.timestamp,
+        partition=origin.partition,
+        offset=origin.offset,
+        sent_at=beat.sent_at.timestamp(),
+        sequence=beat.sequence,
+        info=beat.info,
+    )
+
+
 def apply_heartbeat_record(
     state: MutableMapping[str, Any], event: Event[Any], origin: Origin
 ) -> None:
     p = event.payload
     if isinstance(p, Heartbeat):
-        fold_heartbeat(
-            state,
-            p.agent_id,
-            at=origin.timestamp,
-            partition=origin.partition,
-            offset=origin.offset,
-            sent_at=p.sent_at.timestamp(),
-            sequence=p.sequence,
-            info=p.info,
-        )
+        fold_heartbeat_record(state, p, origin)
     elif isinstance(p, AgentStatusChanged):
         fold_status(state, p)
 

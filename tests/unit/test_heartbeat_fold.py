@@ -12,9 +12,15 @@ from typing import Any
 import pytest
 
 import agentstream.agents.heartbeat.agent as hb
+import agentstream.streams.processing as processing
+from agentstream.agents.audit.rebuild import _fold_into
 from agentstream.agents.heartbeat.monitor import HeartbeatMonitor, Transition, to_event_payload
 from agentstream.schemas import Event, Heartbeat
+from agentstream.streams.app import settings
 from agentstream.streams.processing import Inbound
+from agentstream.streams.tables import Origin
+from agentstream.streams.tables.llm import partition_of
+from agentstream.streams.tables.monitoring import HEARTBEATS
 
 T0 = 1_800_000_000.0
 
@@ -37,6 +43,9 @@ class World:
         self.published: list[Transition] = []
         self.dead: list[tuple[Any, BaseException]] = []
         self.offsets: dict[int, int] = {}
+        #: every record folded, as a rebuild reads it
+        self.log: list[tuple[Event[Any], Origin]] = []
+        self.status_offsets = 0
         self.monitor = self.new_monitor()
         monkeypatch.setattr(hb, "monitor", self.monitor)
         monkeypatch.setattr(hb, "writer", SimpleNamespace(at=lambda p: self.table))
@@ -46,7 +55,14 @@ class World:
         async def publish(transitions: list[Transition], cause: Any = None) -> None:
             self.published += transitions
 
+        async def dead_letter(msg: Any, exc: BaseException, consumer: str) -> None:
+            self.dead.append((msg, exc))
+
         monkeypatch.setattr(hb, "_publish", publish)
+        monkeypatch.setattr(processing, "_EOS", False)
+        monkeypatch.setattr(processing, "dead_letter", dead_letter)
+        if hasattr(hb, "dead_letter"):
+            monkeypatch.setattr(hb, "dead_letter", dead_letter)
 
     def new_monitor(self) -> HeartbeatMonitor:
         """A monitor over the same table with an empty memory (a restarted worker)."""
@@ -65,9 +81,10 @@ class World:
         at: float | None = None,
         key: bytes | None = None,
     ) -> None:
-        """A heartbeat appended by the broker now (`clock.t`, or `at`), read at the
-        partition's next offset (or `offset`: a redelivery)."""
-        p = partition if partition is not None else 0
+        """A heartbeat appended by the broker now (`clock.t`, or `at`), read at the next
+        offset (or `offset`: a redelivery) of its partition (or `partition`), as the
+        worker does (`guarded`: what fails is dead-lettered)."""
+        p = partition if partition is not None else home(agent)
         if offset is None:
             offset = self.offsets.get(p, 0)
             self.offsets[p] = offset + 1
@@ -83,14 +100,33 @@ class World:
             timestamp=self.clock.t if at is None else at,
             key=agent.encode() if key is None else key,
         )
-        await hb._fold(Inbound(Event.of(hbeat, source=agent), msg))
+        event = Event.of(hbeat, source=agent)
+        self.log.append((event, hb.origin_of(msg, "agent.heartbeats")))
+        await hb.guarded(Inbound(event, msg), hb.CONSUMER, hb._fold)
 
     def confirm(self) -> list[Transition]:
         """What the worker does next: the published transitions are folded back."""
         done, self.published = self.published, []
         for tr in done:
-            self.monitor.record_status(to_event_payload(tr))
+            change = to_event_payload(tr)
+            self.monitor.record_status(change)
+            origin = Origin(
+                "agent.status",
+                home(tr.agent_id),
+                self.status_offsets,
+                self.clock.t,
+                tr.agent_id.encode(),
+                settings.topic_partitions,
+            )
+            self.status_offsets += 1
+            self.log.append((Event.of(change, source="test"), origin))
         return done
+
+    def rebuilt(self) -> dict[str, Any]:
+        """What `agentstream rebuild agent_heartbeats` makes of the records folded."""
+        state: dict[str, Any] = {}
+        _fold_into(state, HEARTBEATS, self.log)
+        return state
 
     def check(self) -> list[Transition]:
         self.published += self.monitor.check()
@@ -100,6 +136,11 @@ class World:
 @pytest.fixture
 def world(monkeypatch: pytest.MonkeyPatch) -> World:
     return World(monkeypatch)
+
+
+def home(agent: str) -> int:
+    """The partition a producer with Kafka's default partitioner puts `agent`'s beats in."""
+    return partition_of(agent, settings.topic_partitions)
 
 
 def states(trs: list[Transition]) -> list[tuple[str, str]]:
@@ -120,6 +161,7 @@ async def test_an_agent_whose_clock_was_set_back_stays_up(world: World) -> None:
     assert world.table["a"]["sent_at"] == world.clock.t  # kept, as information
     world.clock.t += 16
     assert states(world.check()) == [("a", "down")]
+    assert world.rebuilt() == world.table
 
 
 async def test_a_future_sent_at_keeps_nobody_up_after_a_restart(world: World) -> None:
@@ -144,3 +186,43 @@ async def test_a_redelivered_heartbeat_counts_once(world: World) -> None:
     rec = world.table["a"]
     assert (rec["beats"], rec["sequence"], rec["offset"]) == (2, 2, 1)
     assert rec["last_heartbeat_at"] == T0 + 5
+
+
+# -- the record's key and partition -----------------------------------------------------------
+async def test_a_heartbeat_keyed_for_another_agent_is_a_dead_letter(world: World) -> None:
+    # keyed "mallory", it sits in mallory's partition, where another worker than the
+    # victim's may judge the victim: two monitors of one agent, its status flapping
+    await world.beat("victim", key=b"mallory", partition=home("mallory"))
+    assert "victim" not in world.table and world.published == []
+    ((msg, exc),) = world.dead
+    assert msg.key == b"mallory"
+    assert "key mismatch" in str(exc) and "'victim'" in str(exc) and "mallory" in str(exc)
+    await world.beat("victim")  # its own heartbeats go on as before
+    assert world.table["victim"]["beats"] == 1 and len(world.dead) == 1
+    world.confirm()
+    assert world.rebuilt() == world.table  # the rebuild refuses it too
+
+
+async def test_a_heartbeat_in_another_partition_than_its_key_is_a_dead_letter(
+    world: World,
+) -> None:
+    # the right key, another partitioner (librdkafka's default) or an explicit partition
+    assert settings.topic_partitions > 1
+    elsewhere = (home("a") + 1) % settings.topic_partitions
+    await world.beat("a", partition=elsewhere)
+    assert "a" not in world.table
+    ((_msg, exc),) = world.dead
+    assert f"partition {elsewhere}" in str(exc) and f"partition {home('a')}" in str(exc)
+    assert "murmur2" in str(exc)
+    assert world.rebuilt() == world.table == {}
+
+
+async def test_our_producers_key_heartbeats_by_agent_id() -> None:
+    # the SDK (and `agentstream publish`, the demo, which use it) sends an event under
+    # its key; aiokafka's default partitioner is murmur2, as the fold checks
+    from aiokafka.partitioner import DefaultPartitioner
+
+    beat = Event.of(Heartbeat(agent_id="agent-7", sent_at=datetime.now(UTC)), source="x")
+    assert beat.key == "agent-7"
+    parts = list(range(settings.topic_partitions))
+    assert DefaultPartitioner()(b"agent-7", parts, parts) == home("agent-7")
