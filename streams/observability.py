@@ -6,6 +6,10 @@ Counters live in prometheus-client's default registry so any module can add its 
 
 from __future__ import annotations
 
+import logging
+import time
+from collections.abc import Callable
+
 from prometheus_client import Counter, Gauge, Histogram
 
 EVENTS_IN = Counter(
@@ -95,3 +99,42 @@ READY_COMPONENT = Gauge(
     "Status of each /ready component when last evaluated (0 ok, 1 degraded, 2 down)",
     ["component"],
 )
+# Per table only: the keys refused are a sender's inventions (unbounded as labels); the
+# dead letters carry them, and the warning names the partition.
+TABLE_FULL = Counter(
+    "agentstream_table_full_total",
+    "Records refused (dead-lettered) because they would add a key — an agent id, a series "
+    "and label set — to a partition of a monitoring table that holds its maximum, per table",
+    ["table"],
+)
+
+
+class Throttled:
+    """A warning logged at most once every `every_s` seconds, saying how many more times
+    it happened meanwhile: a sender can make a worker refuse thousands of records a
+    second, and a line for each would bury the rest of the log (the dead letters have
+    them all)."""
+
+    def __init__(
+        self,
+        log: logging.Logger,
+        every_s: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.log = log
+        self.every_s = every_s
+        self.clock = clock
+        self.last: float | None = None
+        self.held = 0
+
+    def warning(self, msg: str, *args: object) -> bool:
+        """Log `msg % args` (with the count held back since the last one) if due; True
+        when it was logged."""
+        now = self.clock()
+        if self.last is not None and now - self.last < self.every_s:
+            self.held += 1
+            return False
+        more = f" ({self.held} more since the last such warning)" if self.held else ""
+        self.log.warning(msg + more, *args)
+        self.last, self.held = now, 0
+        return True

@@ -536,6 +536,23 @@ class Settings(BaseModel):
     heartbeat_max_missed: int = Field(
         default=3, ge=1, description="Missed intervals that mark it down."
     )
+    heartbeat_expire_s: float = Field(
+        default=7 * 86400.0,
+        gt=0,
+        description=(
+            "An agent with no heartbeat for this long (by its partition's newest append "
+            "time) is removed from the agent table; at least 10 times the timeout plus "
+            "the interval."
+        ),
+    )
+    heartbeat_max_agents_per_partition: int = Field(
+        default=100_000,
+        ge=1,
+        description=(
+            "Agents the agent table holds per partition of agent.heartbeats: a heartbeat "
+            "of a new agent id beyond it is refused (a dead letter)."
+        ),
+    )
     metrics_collection_interval_s: float = Field(
         default=10.0, gt=0, description="Metrics window size."
     )
@@ -646,6 +663,15 @@ class Settings(BaseModel):
                     f"and the producer's {PRODUCER_MAX_REQUEST_BYTES}-byte requests: set it "
                     f"to at most {most}"
                 )
+        floor = 10 * (self.heartbeat_timeout_s + self.heartbeat_interval_s)
+        if self.heartbeat_expire_s < floor:
+            # an agent must be published down (timeout, plus a check) long before its
+            # entry goes, or it would go without its "down" ever being decided
+            problems.append(
+                f"AGENTSTREAM_HEARTBEAT_EXPIRE_S={self.heartbeat_expire_s:g}: at least 10 "
+                "times AGENTSTREAM_HEARTBEAT_TIMEOUT_S plus AGENTSTREAM_HEARTBEAT_INTERVAL_S "
+                f"({floor:g})"
+            )
         if self.web_advertised_url is not None:
             scheme = "https" if self.web_tls_certfile else "http"
             if worker_root(self.web_advertised_url, scheme=scheme) is None:

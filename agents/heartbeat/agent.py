@@ -24,10 +24,15 @@ from agentstream.schemas.errors import InvalidEvent
 from agentstream.streams.app import app, settings
 from agentstream.streams.delivery import HANDED_MARKS, marks_key
 from agentstream.streams.health import register_check
-from agentstream.streams.observability import AGENTS
+from agentstream.streams.observability import AGENTS, TABLE_FULL, Throttled
 from agentstream.streams.processing import Inbound, dead_letter, decoded_batches, emit, guarded
 from agentstream.streams.tables import Origin
-from agentstream.streams.tables.monitoring import heartbeats_writer
+from agentstream.streams.tables.monitoring import (
+    HEARTBEATS_TABLE,
+    TableFull,
+    heartbeats_writer,
+    invalidate_indexes,
+)
 from agentstream.streams.topics import AGENT_HEARTBEATS, AGENT_STATUS, CATALOGUE
 
 log = logging.getLogger(__name__)
@@ -42,7 +47,11 @@ monitor = HeartbeatMonitor(
     interval_s=settings.heartbeat_interval_s,
     timeout_s=settings.heartbeat_timeout_s,
     max_missed=settings.heartbeat_max_missed,
+    expire_s=settings.heartbeat_expire_s,
+    max_agents=settings.heartbeat_max_agents_per_partition,
 )
+#: one WARNING a minute, at most, for heartbeats refused because the table is full
+full_warning = Throttled(log)
 
 source = app.topic(
     HEARTBEATS_TOPIC,
@@ -192,6 +201,14 @@ async def _on_revoked(sender: Any, revoked: Any, **kwargs: Any) -> None:
 async def _on_assigned(sender: Any, assigned: Any, **kwargs: Any) -> None:
     gate.reset()
     monitor.reset_pending()
+    invalidate_indexes(writer)
+
+
+@app.on_rebalance_complete.connect
+async def _on_restored(sender: Any, **kwargs: Any) -> None:
+    # the table was restored from its changelog (after the assignment, where a batch
+    # still folding may have rebuilt the expiry index from the partial table): stale
+    invalidate_indexes(writer)
 
 
 @app.agent(source, name=CONSUMER)
@@ -232,8 +249,16 @@ async def _fold(inbound: Inbound) -> None:
         gate.note(msg.topic, msg.partition, msg.offset)
         advance_watermark(_watermark, msg.partition, msg.timestamp, time.time())
         if refused is not None:
-            # what a sender chose (its key, its partition): a dead letter saying why,
-            # without the traceback `guarded` logs for a failure of ours
+            # what a sender chose (its key, its partition, a new agent id in a full
+            # table): a dead letter saying why, without the traceback `guarded` logs for
+            # a failure of ours
+            if isinstance(refused, TableFull):
+                TABLE_FULL.labels(HEARTBEATS_TABLE).inc()
+                full_warning.warning(
+                    "%s: heartbeats of new agent ids are refused (dead letters): %s",
+                    HEARTBEATS_TABLE,
+                    refused,
+                )
             await dead_letter(msg, refused, CONSUMER)
             return
         if accepted and gate.open:
@@ -245,7 +270,7 @@ async def _fold(inbound: Inbound) -> None:
             raise InvalidEvent(
                 f"a status change does not belong on {msg.topic}", type=AgentStatusChanged.TYPE
             )
-        monitor.record_status(payload)
+        monitor.record_status(payload, origin_of(msg, AGENT_STATUS))
         gate.note(msg.topic, msg.partition, msg.offset)
 
 

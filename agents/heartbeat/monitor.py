@@ -31,6 +31,7 @@ from agentstream.streams.tables.monitoring import (
     fold_heartbeat,
     fold_heartbeat_record,
     fold_status,
+    fold_status_record,
 )
 
 State = Literal["up", "down"]
@@ -64,17 +65,27 @@ class HeartbeatMonitor:
         interval_s: float = 5.0,
         timeout_s: float = 15.0,
         max_missed: int = 3,
+        expire_s: float = math.inf,
+        max_agents: int | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         if interval_s <= 0 or timeout_s <= 0 or max_missed < 1:
             raise ValueError("interval and timeout must be > 0, max_missed >= 1")
+        if expire_s <= timeout_s or (max_agents is not None and max_agents < 1):
+            raise ValueError("expire_s must be above timeout_s, max_agents >= 1")
         self.state: MutableMapping[str, Any] = state if state is not None else {}
         self.interval_s = interval_s
         self.timeout_s = timeout_s
         self.max_missed = max_missed
+        #: the table's bounds (`streams.tables.monitoring.fold_heartbeat`)
+        self.expire_s = expire_s
+        self.max_agents = max_agents
         self.clock = clock
         #: transitions published but not yet folded back: agent id → status
         self.pending: dict[str, State] = {}
+        #: agents whose entry expired while they were up (the monitor was away longer than
+        #: the expiry): the "down" they are owed, until it is folded back or they beat again
+        self.owed: dict[str, dict[str, Any]] = {}
 
     # -- folds ------------------------------------------------------------------------
     def record_heartbeat(
@@ -90,27 +101,59 @@ class HeartbeatMonitor:
     ) -> bool:
         """Fold a heartbeat appended at `at` (the broker's time) and read at (`partition`,
         `offset`); False if it is not newer than the last one (a redelivery)."""
-        return fold_heartbeat(
-            self.state,
-            agent_id,
-            at=at,
-            partition=partition,
-            offset=offset,
-            sent_at=sent_at,
-            sequence=sequence,
-            info=info,
-        )
+        gone: list[tuple[str, dict[str, Any]]] = []
+        try:
+            return fold_heartbeat(
+                self.state,
+                agent_id,
+                at=at,
+                partition=partition,
+                offset=offset,
+                sent_at=sent_at,
+                sequence=sequence,
+                info=info,
+                expire_s=self.expire_s,
+                max_agents=self.max_agents,
+                expired=gone,
+            )
+        finally:
+            self._forget(gone)
 
     def record(self, payload: Heartbeat, origin: Origin) -> bool:
         """Fold a heartbeat read at `origin`; `InvalidEvent` when its key or partition is
-        not its agent id's (`streams.tables.monitoring.misplaced_heartbeat`)."""
-        return fold_heartbeat_record(self.state, payload, origin)
+        not its agent id's (`streams.tables.monitoring.misplaced_heartbeat`), `TableFull`
+        when it is a new agent in a partition holding `max_agents` already."""
+        gone: list[tuple[str, dict[str, Any]]] = []
+        try:
+            return fold_heartbeat_record(
+                self.state,
+                payload,
+                origin,
+                expire_s=self.expire_s,
+                max_agents=self.max_agents,
+                expired=gone,
+            )
+        finally:
+            self._forget(gone)
 
-    def record_status(self, change: AgentStatusChanged) -> None:
-        """Fold a status event read back from `agent.status`."""
-        fold_status(self.state, change)
+    def _forget(self, gone: list[tuple[str, dict[str, Any]]]) -> None:
+        """Entries the fold expired: nothing of them stays in memory, but a "down" owed
+        to one that was still up (its "down" neither confirmed nor on its way)."""
+        for agent_id, rec in gone:
+            pending = self.pending.pop(agent_id, None)
+            if (pending or rec.get("status")) == "up":
+                self.owed[agent_id] = rec
+
+    def record_status(self, change: AgentStatusChanged, origin: Origin | None = None) -> None:
+        """Fold a status event read back from `agent.status` (at `origin`)."""
+        if origin is not None:
+            fold_status_record(self.state, change, origin, expire_s=self.expire_s)
+        else:
+            fold_status(self.state, change, expire_s=self.expire_s)
         if self.pending.get(change.agent_id) == change.current:
             del self.pending[change.agent_id]
+        if change.agent_id in self.owed and change.current == "down":
+            del self.owed[change.agent_id]
 
     # -- decisions --------------------------------------------------------------------
     def assess(self, agent_id: str, now: float | None = None) -> Assessment | None:
@@ -201,7 +244,7 @@ class HeartbeatMonitor:
         """One pass over every agent: O(n) with a few float operations per agent.
         `horizon(agent_id)`: see `_assess` (None = `now`)."""
         t = self.clock() if now is None else now
-        out: list[Transition] = []
+        out: list[Transition] = self._owed_downs(t, owned)
         evaluate = self._evaluate
         for agent_id, rec in list(self.state.items()):
             if rec is None or (owned is not None and not owned(agent_id)):
@@ -209,6 +252,34 @@ class HeartbeatMonitor:
             tr = evaluate(agent_id, rec, t, horizon(agent_id) if horizon is not None else None)
             if tr is not None:
                 out.append(tr)
+        return out
+
+    def _owed_downs(self, now: float, owned: Callable[[str], bool] | None) -> list[Transition]:
+        """The "down" of each agent whose entry expired while it was up, still owed: its
+        last event on `agent.status` says up. (Folded back, the event changes no table:
+        it is dated before what the table keeps.) One that beats again is new: its
+        "up" is a first sighting."""
+        out = []
+        for agent_id, rec in list(self.owed.items()):
+            if agent_id in self.state or (owned is not None and not owned(agent_id)):
+                del self.owed[agent_id]  # back, or another worker's now
+                continue
+            if self.pending.get(agent_id) == "down":
+                continue  # published, not yet folded back
+            last = rec.get("last_heartbeat_at")
+            elapsed = max(0.0, now - float(last)) if last is not None else 0.0
+            self.pending[agent_id] = "down"
+            out.append(
+                Transition(
+                    agent_id=agent_id,
+                    previous="up",
+                    current="down",
+                    reason="timeout",
+                    last_heartbeat_at=last,
+                    missed_beats=math.floor(elapsed / self.interval_s + 1e-9),
+                    at=now,
+                )
+            )
         return out
 
     def cancel(self, transitions: Iterable[Transition]) -> None:

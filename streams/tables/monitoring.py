@@ -37,10 +37,11 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Iterator, MutableMapping
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, MutableMapping
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from aiokafka.partitioner import murmur2
@@ -62,6 +63,8 @@ from agentstream.streams.topics import (
     METRICS_SAMPLES,
 )
 
+_I = TypeVar("_I")
+
 SEP = "\x1f"  # cannot occur in series names, agent ids in practice, or JSON text
 
 HEARTBEATS_TABLE = "agent_heartbeats"
@@ -70,6 +73,126 @@ COMMS_TABLE = "comms_records"
 
 
 # -- heartbeats ---------------------------------------------------------------------------
+class TableFull(InvalidEvent):
+    """A record that would add a key (an agent id, a series and label set) to a partition
+    of a table already holding its maximum of them: refused, a dead letter."""
+
+
+class HeartbeatIndex:
+    """Per heartbeats partition: its clock (the newest append time of a heartbeat stored),
+    the agents with heartbeats in the order they were last seen, and the entries without
+    heartbeats (statuses held for heartbeats not folded yet, or an older version's), by
+    time. With them a fold drops what expired, and counts the agents, without scanning
+    the table.
+
+    The clock only moves forward and each heartbeat stores it as the agent's time, so the
+    order of `seen` is the order of those times: the front is the first to expire. Derived
+    data, like `KeyIndex`: built from the state on first use and again when the state
+    changed behind the fold's back (`invalidate_indexes`)."""
+
+    def __init__(self) -> None:
+        self.clock: dict[int, float] = {}
+        self.seen: dict[int, OrderedDict[str, float]] = {}
+        self.loose: dict[int, list[tuple[float, str]]] = {}
+
+    def order(self, partition: int) -> OrderedDict[str, float]:
+        got = self.seen.get(partition)
+        if got is None:
+            got = self.seen[partition] = OrderedDict()
+        return got
+
+    def add_loose(self, partition: int, ts: float, agent_id: str) -> None:
+        heapq.heappush(self.loose.setdefault(partition, []), (ts, agent_id))
+
+    def agents(self, partition: int) -> int:
+        """Agents with heartbeats in `partition` (what its bound counts)."""
+        got = self.seen.get(partition)
+        return len(got) if got is not None else 0
+
+
+def _loose_time(rec: dict[str, Any]) -> float:
+    """When an entry without heartbeats may expire: its time, or its first held status's."""
+    last = rec.get("last_heartbeat_at")
+    if last is not None:
+        return float(last)
+    held = rec.get("ahead") or []
+    return float(held[0]["at"]) if held else -math.inf
+
+
+def _build_heartbeat_index(state: Any) -> HeartbeatIndex:
+    idx = HeartbeatIndex()
+    stored: list[tuple[float, str, int]] = []
+    for agent_id, rec in list(state.items()):
+        if not isinstance(rec, dict):
+            continue
+        p = rec.get("partition")
+        if p is None:  # an entry of a version that did not store its partition
+            p = home_partition(agent_id, get_settings().topic_partitions)
+        if rec.get("offset") is not None and int(rec.get("beats", 0)) > 0:
+            stored.append((float(rec["last_heartbeat_at"]), agent_id, int(p)))
+        else:
+            idx.add_loose(int(p), _loose_time(rec), agent_id)
+    for ts, agent_id, p in sorted(stored):
+        idx.order(p)[agent_id] = ts
+        idx.clock[p] = max(idx.clock.get(p, -math.inf), ts)
+    return idx
+
+
+def heartbeat_index(state: Any) -> HeartbeatIndex:
+    return index_for(HEARTBEATS_TABLE, state, _build_heartbeat_index)
+
+
+def _expire_heartbeats(
+    state: MutableMapping[str, Any],
+    idx: HeartbeatIndex,
+    partition: int,
+    cutoff: float,
+    expired: list[tuple[str, dict[str, Any]]] | None,
+) -> None:
+    """Delete the entries of `partition` dated before `cutoff`: amortized O(1) per record
+    (each entry is removed once), never a scan."""
+    order = idx.seen.get(partition)
+    while order:
+        agent_id, ts = next(iter(order.items()))
+        if ts >= cutoff:
+            break
+        gone = state.get(agent_id)
+        if gone is not None:
+            _expire_entry(state, idx, partition, cutoff, agent_id, gone, expired)
+        order.popitem(last=False)
+    heap = idx.loose.get(partition)
+    while heap and heap[0][0] < cutoff:
+        _ts, agent_id = heapq.heappop(heap)
+        rec = state.get(agent_id)
+        if rec is None or agent_id in idx.order(partition):
+            continue  # gone already, or it has heartbeats now: dated in `seen`
+        if _loose_time(rec) >= cutoff:
+            continue  # a newer item of it is on the heap
+        _expire_entry(state, idx, partition, cutoff, agent_id, rec, expired)
+
+
+def _expire_entry(
+    state: MutableMapping[str, Any],
+    idx: HeartbeatIndex,
+    partition: int,
+    cutoff: float,
+    agent_id: str,
+    rec: dict[str, Any],
+    expired: list[tuple[str, dict[str, Any]]] | None,
+) -> None:
+    """Delete an expired entry (a tombstone on the changelog). Statuses it held for
+    heartbeats not folded yet that are still within the expiry are of a later life of
+    the agent: they stay, in an entry without heartbeats (`fold_status`)."""
+    held = [h for h in rec.get("ahead") or [] if float(h["at"]) >= cutoff]
+    if held:
+        state[agent_id] = _held_entry(partition, held)
+        idx.add_loose(partition, float(held[0]["at"]), agent_id)
+    else:
+        del state[agent_id]
+    if expired is not None and int(rec.get("beats", 0)) > 0:
+        expired.append((agent_id, rec))
+
+
 def fold_heartbeat(
     state: MutableMapping[str, Any],
     agent_id: str,
@@ -80,6 +203,9 @@ def fold_heartbeat(
     sent_at: float | None = None,
     sequence: int = 0,
     info: dict[str, str] | None = None,
+    expire_s: float = math.inf,
+    max_agents: int | None = None,
+    expired: list[tuple[str, dict[str, Any]]] | None = None,
 ) -> bool:
     """Apply one heartbeat read at (`partition`, `offset`) and appended by the broker at
     `at`; False when it is not newer than the last one folded (a redelivery).
@@ -87,29 +213,52 @@ def fold_heartbeat(
     Heartbeats are taken in log order, dated by the broker's append time: the sender's
     `sent_at` is kept as information only. A sender whose clock ran ahead and was set
     right is not ignored until its clock catches up, and a `sent_at` in the future keeps
-    nobody up."""
+    nobody up.
+
+    Bounds, by the partition's clock (the newest append time stored, so the same in a
+    rebuild): an entry not seen for `expire_s` is deleted (appended to `expired`, for
+    the monitor), and a heartbeat of an agent the partition does not hold yet is refused
+    (`TableFull`) while it holds `max_agents` agents."""
+    idx = heartbeat_index(state)
+    now = max(idx.clock.get(partition, -math.inf), at)
+    _expire_heartbeats(state, idx, partition, now - expire_s, expired)
     cur = state.get(agent_id)
     if cur is not None and not _newer_heartbeat(cur, partition, offset, at):
         return False
+    order = idx.order(partition)
+    if agent_id not in order and max_agents is not None and len(order) >= max_agents:
+        raise TableFull(
+            f"heartbeat of {agent_id!r}: partition {partition} of the agent table holds "
+            f"its maximum of {max_agents} agents (table full; "
+            "AGENTSTREAM_HEARTBEAT_MAX_AGENTS_PER_PARTITION)",
+            type=Heartbeat.TYPE,
+        )
     beats = int(cur.get("beats", 0)) if cur is not None else 0
     if cur is None:
         cur = {"status": None, "status_changed_at": None, "reason": None, "info": {}}
     new = dict(cur)
-    new["last_heartbeat_at"] = at
+    # the partition's clock, not `at`: the same as `at` while the broker's clock goes
+    # forward, and it keeps `seen` in time order (the expiry's premise) if it is set back
+    new["last_heartbeat_at"] = now
     new["sent_at"] = sent_at
     new["sequence"] = sequence
     new["beats"] = beats + 1
     if beats == 0 or new.get("first_seen_at") is None:
-        # an entry a status event made (read before its heartbeats) is first seen at the
-        # first heartbeat, as it was where the heartbeats came first
-        new["first_seen_at"] = at
+        new["first_seen_at"] = now
     new["partition"] = partition
     new["offset"] = offset
     if info:
         new["info"] = dict(info)
     elif "info" not in new:
         new["info"] = {}
+    _settle_held(new)
     state[agent_id] = new
+    moved = cur.get("partition")
+    if moved is not None and moved != partition:  # the topic's partitions changed
+        idx.order(int(moved)).pop(agent_id, None)
+    order[agent_id] = now
+    order.move_to_end(agent_id)
+    idx.clock[partition] = now
     return True
 
 
@@ -118,35 +267,100 @@ def _newer_heartbeat(cur: dict[str, Any], partition: int, offset: int, at: float
     by offset in the same partition (exact, whatever the clocks), by append time across
     partitions."""
     last_offset = cur.get("offset")
-    if last_offset is None:  # made by a status event, or by an older version of this fold
+    if last_offset is None:  # no heartbeat yet, or one folded by an older version
         return True
     if cur.get("partition") == partition:
         return offset > int(last_offset)
     return at > float(cur.get("last_heartbeat_at") or 0.0)
 
 
-def fold_status(state: MutableMapping[str, Any], change: AgentStatusChanged) -> None:
+def fold_status(
+    state: MutableMapping[str, Any],
+    change: AgentStatusChanged,
+    *,
+    partition: int | None = None,
+    expire_s: float = math.inf,
+) -> bool:
+    """Set the status `change` confirms; False when it is for an entry that expired.
+
+    A status event is dated by the heartbeat it was decided on (`last_heartbeat_at`) and
+    belongs to the entry that heartbeat is part of. Live, it is read after that heartbeat
+    was folded. A rebuild merges the two topics by append time, which brokers' clocks
+    apart can invert, and so can a worker that took a partition over (a changelog record
+    lost in a crash: the heartbeat is folded again, after its status): the fold takes
+    them in either order.
+
+    * Dated before the entry's first heartbeat, it is of an earlier life of the agent
+      (before the entry expired and a heartbeat made a new one): ignored; with no entry,
+      so is one dated before what `partition`'s clock keeps.
+    * Dated after the entry's last heartbeat (or with no entry), it is held (``ahead``)
+      and applied when a heartbeat reaches its time; when the entry expires first, it
+      is of a later life and stays held for it (`_expire_entry`)."""
+    at = change.last_heartbeat_at.timestamp() if change.last_heartbeat_at else None
+    status = {
+        "status": change.current,
+        "status_changed_at": change.changed_at.timestamp(),
+        "reason": change.reason,
+    }
     cur = state.get(change.agent_id)
     if cur is None:
-        last = change.last_heartbeat_at.timestamp() if change.last_heartbeat_at else None
-        cur = {
-            "last_heartbeat_at": last,
-            "sent_at": None,
-            "sequence": 0,
-            "beats": 0,
-            "first_seen_at": last,
-            "status": None,
-            "status_changed_at": None,
-            "reason": None,
-            "info": {},
-            "partition": None,
-            "offset": None,
-        }
+        p = 0 if partition is None else partition
+        idx = heartbeat_index(state)
+        if at is None or at < idx.clock.get(p, -math.inf) - expire_s:
+            return False
+        state[change.agent_id] = _held_entry(p, [{**status, "at": at}])
+        idx.add_loose(p, at, change.agent_id)
+        return True
+    first, last = cur.get("first_seen_at"), cur.get("last_heartbeat_at")
+    if at is not None and first is not None and at < float(first):
+        return False
     new = dict(cur)
-    new["status"] = change.current
-    new["status_changed_at"] = change.changed_at.timestamp()
-    new["reason"] = change.reason
+    if at is None or (last is not None and at <= float(last)):
+        new.update(status)
+    else:
+        new["ahead"] = [*(cur.get("ahead") or []), {**status, "at": at}]
     state[change.agent_id] = new
+    return True
+
+
+def _held_entry(partition: int, held: list[dict[str, Any]]) -> dict[str, Any]:
+    """An entry without heartbeats, holding status events for heartbeats not folded yet
+    (only a rebuild, or a worker folding a heartbeat again after its status, makes one)."""
+    return {
+        "last_heartbeat_at": None,
+        "sent_at": None,
+        "sequence": 0,
+        "beats": 0,
+        "first_seen_at": None,
+        "status": None,
+        "status_changed_at": None,
+        "reason": None,
+        "info": {},
+        "partition": partition,
+        "offset": None,
+        "ahead": held,
+    }
+
+
+def _settle_held(rec: dict[str, Any]) -> None:
+    """Apply, in order, the statuses `rec` held whose heartbeat it has now; drop those
+    dated before its first heartbeat (an earlier life's, whose heartbeats are behind)."""
+    held = rec.get("ahead")
+    if not held:
+        return
+    first, last = float(rec["first_seen_at"]), float(rec["last_heartbeat_at"])
+    keep = []
+    for h in held:
+        if float(h["at"]) < first:
+            continue
+        if float(h["at"]) <= last:
+            rec.update({k: v for k, v in h.items() if k != "at"})
+        else:
+            keep.append(h)
+    if keep:
+        rec["ahead"] = keep
+    else:
+        del rec["ahead"]
 
 
 def home_partition(key: str, partitions: int) -> int:
@@ -179,7 +393,15 @@ def misplaced_heartbeat(agent_id: str, origin: Origin) -> str | None:
     return None
 
 
-def fold_heartbeat_record(state: MutableMapping[str, Any], beat: Heartbeat, origin: Origin) -> bool:
+def fold_heartbeat_record(
+    state: MutableMapping[str, Any],
+    beat: Heartbeat,
+    origin: Origin,
+    *,
+    expire_s: float = math.inf,
+    max_agents: int | None = None,
+    expired: list[tuple[str, dict[str, Any]]] | None = None,
+) -> bool:
     """`fold_heartbeat` of the heartbeat `beat` read at `origin`; `InvalidEvent` (a dead
     letter, the table unchanged) when it is misplaced (`misplaced_heartbeat`)."""
     problem = misplaced_heartbeat(beat.agent_id, origin)
@@ -194,17 +416,41 @@ def fold_heartbeat_record(state: MutableMapping[str, Any], beat: Heartbeat, orig
         sent_at=beat.sent_at.timestamp(),
         sequence=beat.sequence,
         info=beat.info,
+        expire_s=expire_s,
+        max_agents=max_agents,
+        expired=expired,
     )
 
 
-def apply_heartbeat_record(
-    state: MutableMapping[str, Any], event: Event[Any], origin: Origin
-) -> None:
-    p = event.payload
-    if isinstance(p, Heartbeat):
-        fold_heartbeat_record(state, p, origin)
-    elif isinstance(p, AgentStatusChanged):
-        fold_status(state, p)
+def fold_status_record(
+    state: MutableMapping[str, Any],
+    change: AgentStatusChanged,
+    origin: Origin,
+    *,
+    expire_s: float = math.inf,
+) -> bool:
+    """`fold_status` of a status event read at `origin`: its agent's heartbeats partition
+    is where the agent id hashes to (`misplaced_heartbeat` holds them to it)."""
+    return fold_status(
+        state,
+        change,
+        partition=home_partition(change.agent_id, origin.partitions),
+        expire_s=expire_s,
+    )
+
+
+def make_heartbeat_fold(expire_s: float, max_agents: int | None) -> Any:
+    """The fold of `agent_heartbeats` for an expiry and a bound (they shape the table:
+    the live monitor folds with the same, `HeartbeatMonitor`)."""
+
+    def apply(state: MutableMapping[str, Any], event: Event[Any], origin: Origin) -> None:
+        p = event.payload
+        if isinstance(p, Heartbeat):
+            fold_heartbeat_record(state, p, origin, expire_s=expire_s, max_agents=max_agents)
+        elif isinstance(p, AgentStatusChanged):
+            fold_status_record(state, p, origin, expire_s=expire_s)
+
+    return apply
 
 
 # -- time-ordered key index (pruning by event time) ----------------------------------------
@@ -249,12 +495,12 @@ class KeyIndex:
             yield heapq.heappop(g.heap)[1]
 
 
-_INDEXES: dict[tuple[str, int], tuple[Any, KeyIndex]] = {}
+_INDEXES: dict[tuple[str, int], tuple[Any, Any]] = {}
 
 
-def index_for(kind: str, state: Any, build: Any) -> KeyIndex:
-    """The KeyIndex of `state` (cached by identity, holding a reference so ids are not
-    reused); `build(state)` makes one from scratch."""
+def index_for(kind: str, state: Any, build: Callable[[Any], _I]) -> _I:
+    """The index of `state` (a `KeyIndex`, a `HeartbeatIndex`; cached by identity, holding
+    a reference so ids are not reused); `build(state)` makes one from scratch."""
     entry = _INDEXES.get((kind, id(state)))
     if entry is not None and entry[0] is state:
         return entry[1]
@@ -459,7 +705,9 @@ HEARTBEATS = register(
     TableSpec(
         name=HEARTBEATS_TABLE,
         sources=(AGENT_HEARTBEATS, AGENT_STATUS),
-        apply_at=apply_heartbeat_record,
+        apply_at=make_heartbeat_fold(
+            _settings.heartbeat_expire_s, _settings.heartbeat_max_agents_per_partition
+        ),
         description="Last heartbeat and confirmed up/down status per agent",
         types=frozenset({Heartbeat.TYPE, AgentStatusChanged.TYPE}),
     )

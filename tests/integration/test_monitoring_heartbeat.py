@@ -10,8 +10,15 @@ from typing import Any
 
 import httpx
 import pytest
+from aiokafka.partitioner import murmur2
 
-from agentstream.schemas import AgentStatusChanged, ComponentHealthChanged, Heartbeat
+from agentstream.schemas import (
+    AgentStatusChanged,
+    ComponentHealthChanged,
+    DeadLetter,
+    Event,
+    Heartbeat,
+)
 from agentstream.streams.client import AsyncClient
 from agentstream.streams.settings import Settings
 from tests.support import (
@@ -25,6 +32,8 @@ from tests.support import (
 )
 
 pytestmark = pytest.mark.integration
+
+HEARTBEATS = "agent_heartbeats"
 
 
 class Beater:
@@ -203,3 +212,111 @@ async def test_transitions_exactly_once_across_restarts(
         await http.aclose()
         await client.stop()
         worker.stop()
+
+
+async def test_invented_agent_ids_are_bounded_and_expire(
+    settings_env: dict[str, str], tmp_path: Path
+) -> None:
+    """A producer inventing an agent id per heartbeat: each partition of the table holds
+    at most AGENTSTREAM_HEARTBEAT_MAX_AGENTS_PER_PARTITION agents (the rest are dead
+    letters, and the agents already held are not pushed out); agents silent for
+    AGENTSTREAM_HEARTBEAT_EXPIRE_S by their partition's append clock leave it, which
+    makes room again; a heartbeat keyed for another agent is refused; and a rebuild
+    from the topics equals the live table."""
+    env = {
+        **settings_env,
+        "AGENTSTREAM_AGENTS": "heartbeat",
+        "AGENTSTREAM_HEARTBEAT_INTERVAL_S": "0.5",
+        "AGENTSTREAM_HEARTBEAT_TIMEOUT_S": "3",
+        "AGENTSTREAM_HEARTBEAT_MAX_MISSED": "6",
+        "AGENTSTREAM_HEARTBEAT_EXPIRE_S": "35",  # the least allowed: 10 x (3 + 0.5)
+        "AGENTSTREAM_HEARTBEAT_MAX_AGENTS_PER_PARTITION": "3",
+    }
+    settings = Settings.from_env(env)
+    n = settings.topic_partitions
+
+    def home(agent: str) -> int:
+        return (murmur2(agent.encode()) & 0x7FFFFFFF) % n
+
+    keepers = [
+        next(f"keeper-{p}-{i}" for i in range(1000) if home(f"keeper-{p}-{i}") == p)
+        for p in range(n)
+    ]
+    worker = Worker(env, tmp_path / "worker.log")
+    await asyncio.to_thread(worker.start)
+    client = AsyncClient(settings, source="test")
+    await client.start()
+    beater = Beater(client)
+    http = httpx.AsyncClient(
+        base_url=f"http://127.0.0.1:{env['AGENTSTREAM_WEB_PORT']}",
+        timeout=10,
+        headers=web_tokens(env).headers(),
+    )
+    follower = Follower(settings, ["pipeline.deadletter"])
+
+    async def agents() -> dict[str, dict[str, Any]]:
+        r = await http.get("/agents/status")
+        body = r.json()
+        return {a["agent_id"]: a for a in body["agents"]} if body.get("deciding") else {}
+
+    def refusals(word: str) -> list[DeadLetter]:
+        return [d for d in follower.payloads(DeadLetter) if word in d.error_message]
+
+    try:
+        await follower.start()
+        beater.active = set(keepers)  # one agent per partition, beating throughout
+        beater.start()
+        await await_until(lambda: _has(agents, keepers, "up"), 60, 0.3, "the keepers up")
+        invented = [f"x-{i}" for i in range(40)]
+        await client.publish_many(
+            "agent.heartbeats",
+            [Heartbeat(agent_id=a, sent_at=datetime.now(UTC)) for a in invented],
+        )
+        # a heartbeat of a keeper sent under another key: refused, whatever it says
+        forged = Event.of(Heartbeat(agent_id=keepers[0], sent_at=datetime.now(UTC)), source="x")
+        await client.publish("agent.heartbeats", forged, key="mallory")
+        await await_until(lambda: len(refusals("key mismatch")) == 1, 30, 0.3, "key refused")
+        held = n * 3 - len(keepers)
+        await await_until(
+            lambda: len(refusals("table full")) == len(invented) - held, 30, 0.3, "refusals"
+        )
+        table = await agents()
+        assert set(keepers) <= set(table) and len(table) == n * 3, sorted(table)
+        assert sum(1 for a in table if a.startswith("x-")) == held
+        # the keepers' partitions' clocks move on; the invented ones, silent, go down,
+        # then leave the table (no keeper is ever refused or pushed out)
+        await await_until(lambda: _only(agents, keepers), 90, 0.5, "the invented agents expired")
+        assert all(t["status"] == "up" for t in (await agents()).values())
+        # which made room: a new agent is taken again
+        beater.active = {*keepers, "late-comer"}
+        await await_until(lambda: _has(agents, ["late-comer"], "up"), 30, 0.3, "room again")
+        await beater.stop()
+        assert worker.alive(), worker.tail()
+
+        async def settled() -> bool:  # every transition folded back: none on its way
+            table = await agents()
+            return bool(table) and all(
+                t["status"] == t["confirmed_status"] == "down" for t in table.values()
+            )
+
+        await await_until(settled, 30, 0.3, "every agent down and folded")
+        await asyncio.to_thread(worker.stop)
+        await asyncio.to_thread(
+            assert_rebuild_equal, {**env, "AGENTSTREAM_AGENTS": "heartbeat,audit"}, HEARTBEATS
+        )
+    finally:
+        await beater.stop()
+        await follower.stop()
+        await http.aclose()
+        await client.stop()
+        worker.stop()
+
+
+async def _has(agents: Any, ids: list[str], status: str) -> bool:
+    table = await agents()
+    return all(table.get(a, {}).get("status") == status for a in ids)
+
+
+async def _only(agents: Any, ids: list[str]) -> bool:
+    table = await agents()
+    return bool(table) and set(table) == set(ids)

@@ -5,6 +5,9 @@ the function the worker calls for every record; the table is a dict, the clock f
 
 from __future__ import annotations
 
+import logging
+import math
+import random
 from datetime import UTC, datetime
 from types import SimpleNamespace
 from typing import Any
@@ -17,10 +20,17 @@ from agentstream.agents.audit.rebuild import _fold_into
 from agentstream.agents.heartbeat.monitor import HeartbeatMonitor, Transition, to_event_payload
 from agentstream.schemas import Event, Heartbeat
 from agentstream.streams.app import settings
+from agentstream.streams.observability import TABLE_FULL, Throttled
 from agentstream.streams.processing import Inbound
-from agentstream.streams.tables import Origin
+from agentstream.streams.tables import Origin, TableSpec
 from agentstream.streams.tables.llm import partition_of
-from agentstream.streams.tables.monitoring import HEARTBEATS
+from agentstream.streams.tables.monitoring import (
+    HEARTBEATS,
+    TableFull,
+    fold_heartbeat,
+    invalidate_indexes,
+    make_heartbeat_fold,
+)
 
 T0 = 1_800_000_000.0
 
@@ -37,7 +47,9 @@ class World:
     """The agent's module state around one fold: its table (a dict), its monitor (fake
     clock), what it published and what it dead-lettered."""
 
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, **bounds: Any) -> None:
+        #: the table's bounds (`expire_s`, `max_agents`); none by default
+        self.bounds = bounds
         self.clock = Clock()
         self.table: dict[str, Any] = {}
         self.published: list[Transition] = []
@@ -63,11 +75,18 @@ class World:
         monkeypatch.setattr(processing, "dead_letter", dead_letter)
         if hasattr(hb, "dead_letter"):
             monkeypatch.setattr(hb, "dead_letter", dead_letter)
+        if hasattr(hb, "full_warning"):  # a fresh throttle: one warning per test
+            monkeypatch.setattr(hb, "full_warning", Throttled(hb.log))
 
     def new_monitor(self) -> HeartbeatMonitor:
         """A monitor over the same table with an empty memory (a restarted worker)."""
         return HeartbeatMonitor(
-            self.table, interval_s=5.0, timeout_s=15.0, max_missed=3, clock=self.clock
+            self.table,
+            interval_s=5.0,
+            timeout_s=15.0,
+            max_missed=3,
+            clock=self.clock,
+            **self.bounds,
         )
 
     async def beat(
@@ -109,7 +128,6 @@ class World:
         done, self.published = self.published, []
         for tr in done:
             change = to_event_payload(tr)
-            self.monitor.record_status(change)
             origin = Origin(
                 "agent.status",
                 home(tr.agent_id),
@@ -119,13 +137,26 @@ class World:
                 settings.topic_partitions,
             )
             self.status_offsets += 1
+            self.monitor.record_status(change, origin)
             self.log.append((Event.of(change, source="test"), origin))
         return done
 
     def rebuilt(self) -> dict[str, Any]:
         """What `agentstream rebuild agent_heartbeats` makes of the records folded."""
+        return self.rebuilt_from(self.log)
+
+    def rebuilt_from(self, log: list[tuple[Event[Any], Origin]]) -> dict[str, Any]:
+        spec = HEARTBEATS
+        if self.bounds:  # the registered spec has the settings' bounds
+            spec = TableSpec(
+                name="t",
+                sources=HEARTBEATS.sources,
+                apply_at=make_heartbeat_fold(
+                    self.bounds.get("expire_s", math.inf), self.bounds.get("max_agents")
+                ),
+            )
         state: dict[str, Any] = {}
-        _fold_into(state, HEARTBEATS, self.log)
+        _fold_into(state, spec, log)
         return state
 
     def check(self) -> list[Transition]:
@@ -141,6 +172,17 @@ def world(monkeypatch: pytest.MonkeyPatch) -> World:
 def home(agent: str) -> int:
     """The partition a producer with Kafka's default partitioner puts `agent`'s beats in."""
     return partition_of(agent, settings.topic_partitions)
+
+
+def in_partition(p: int, n: int, prefix: str = "agent") -> list[str]:
+    """`n` agent ids whose heartbeats go to partition `p`."""
+    out: list[str] = []
+    i = 0
+    while len(out) < n:
+        if home(f"{prefix}-{i}") == p:
+            out.append(f"{prefix}-{i}")
+        i += 1
+    return out
 
 
 def states(trs: list[Transition]) -> list[tuple[str, str]]:
@@ -226,3 +268,195 @@ async def test_our_producers_key_heartbeats_by_agent_id() -> None:
     assert beat.key == "agent-7"
     parts = list(range(settings.topic_partitions))
     assert DefaultPartitioner()(b"agent-7", parts, parts) == home("agent-7")
+
+
+# -- bounds: expiry and a cap, by the partition's append clock -------------------------------
+async def test_invented_agent_ids_fill_a_partition_up_to_its_bound_and_no_further(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # a sender inventing an agent id per heartbeat grew the table (memory, changelog,
+    # restore time, the check's scan) without bound
+    world = World(monkeypatch, max_agents=50)
+    await world.beat("victim")
+    assert states(world.confirm()) == [("victim", "up")]
+    refused_before = TABLE_FULL.labels("agent_heartbeats")._value.get()
+    with caplog.at_level(logging.WARNING, logger=hb.log.name):
+        for i in range(10_000):
+            await world.beat(f"x{i}")
+            if i % 1000 == 999:  # the victim keeps beating through the flood
+                world.clock.t += 5
+                await world.beat("victim")
+                world.check()
+    per_partition: dict[int, int] = {}
+    for rec in world.table.values():
+        per_partition[rec["partition"]] = per_partition.get(rec["partition"], 0) + 1
+    assert max(per_partition.values()) == 50
+    assert len(world.table) <= 50 * settings.topic_partitions
+    # what was refused is a dead letter saying why, counted and warned about once
+    assert len(world.dead) == 10_001 - len(world.table)
+    assert all(isinstance(exc, TableFull) for _, exc in world.dead)
+    assert "table full" in str(world.dead[0][1])
+    assert "AGENTSTREAM_HEARTBEAT_MAX_AGENTS_PER_PARTITION" in str(world.dead[0][1])
+    refused = TABLE_FULL.labels("agent_heartbeats")._value.get() - refused_before
+    assert refused == len(world.dead)
+    warned = [r for r in caplog.records if "refused" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].levelno == logging.WARNING
+    # the agents it held are judged as before: the flood cannot push the victim out
+    assert world.table["victim"]["beats"] == 11
+    world.clock.t += 10
+    assert "victim" not in {a for a, _ in states(world.check())}
+    assert world.rebuilt() == world.table
+
+
+async def test_an_agent_gone_for_good_leaves_the_table(monkeypatch: pytest.MonkeyPatch) -> None:
+    world = World(monkeypatch, expire_s=1000.0)
+    gone, alive = in_partition(0, 2)
+    (elsewhere,) = in_partition(1, 1)
+    for agent in (gone, alive, elsewhere):
+        await world.beat(agent)
+    world.confirm()
+    downs = []
+    while world.clock.t < T0 + 1100:
+        world.clock.t += 5
+        await world.beat(alive)
+        downs += world.check()
+    # published down long before, then removed by partition 0's clock (its newest
+    # append time), from the table (a tombstone) and from the monitor's memory
+    assert {(t.agent_id, t.current) for t in downs} == {(gone, "down"), (elsewhere, "down")}
+    assert gone not in world.table and alive in world.table
+    assert gone not in world.monitor.pending and gone not in world.monitor.owed
+    # partition 1 got no record since: its clock did not move, nothing of it expires
+    assert world.table[elsewhere]["status"] == "down"
+    # a rebuild equals it, whichever way it merges the two topics
+    beats = [x for x in world.log if isinstance(x[0].payload, Heartbeat)]
+    changes = [x for x in world.log if not isinstance(x[0].payload, Heartbeat)]
+    assert world.rebuilt() == world.table
+    assert world.rebuilt_from(beats + changes) == world.table
+    assert world.rebuilt_from(changes + beats) == world.table
+
+
+async def test_an_agent_up_when_its_entry_expires_is_published_down_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # the worker was away for longer than the expiry: the agent's "down" was never
+    # decided, and its last event on agent.status says "up"
+    world = World(monkeypatch, expire_s=1000.0)
+    a, b = in_partition(0, 2)
+    await world.beat(a)
+    assert states(world.confirm()) == [(a, "up")]
+    world.clock.t += 2000
+    world.monitor = world.new_monitor()  # restarted
+    hb.monitor = world.monitor
+    await world.beat(b)  # the first record of the partition since: a's entry expires
+    assert a not in world.table
+    trs = world.check()
+    assert sorted(states(trs)) == sorted([(a, "down"), (b, "up")])
+    (down,) = [t for t in trs if t.agent_id == a]
+    assert (down.previous, down.reason, down.last_heartbeat_at) == ("up", "timeout", T0)
+    assert a not in world.table  # folded back, it makes no entry: dated before the clock
+    world.clock.t += 5
+    await world.beat(b)
+    assert world.check() == [] and world.monitor.owed == {}
+    # back again, it is a new agent
+    await world.beat(a)
+    (back,) = world.confirm()
+    assert (back.agent_id, back.previous, back.current, back.reason) == (
+        a,
+        None,
+        "up",
+        "first_seen",
+    )
+    beats = [x for x in world.log if isinstance(x[0].payload, Heartbeat)]
+    changes = [x for x in world.log if not isinstance(x[0].payload, Heartbeat)]
+    assert world.rebuilt() == world.table
+    assert world.rebuilt_from(beats + changes) == world.table
+    assert world.rebuilt_from(changes + beats) == world.table
+
+
+def test_the_fold_never_scans_the_table() -> None:
+    # per heartbeat the bounds cost O(1) amortized: no pass over the table's entries
+    class Watched(dict[str, Any]):
+        scans = 0
+
+        def __iter__(self) -> Any:
+            Watched.scans += 1
+            return super().__iter__()
+
+        def items(self) -> Any:
+            Watched.scans += 1
+            return super().items()
+
+        def keys(self) -> Any:
+            Watched.scans += 1
+            return super().keys()
+
+        def values(self) -> Any:
+            Watched.scans += 1
+            return super().values()
+
+    state = Watched()
+    for i in range(20_000):
+        fold_heartbeat(
+            state, f"a{i % 5000}", at=T0 + i, partition=0, offset=i, expire_s=100.0, max_agents=4000
+        )
+    assert Watched.scans <= 1  # the index, built once from the (empty) table
+    # a beat a second, 5,000 agents round-robin: each seen every 5,000 s, kept 100 s
+    assert len(state) == 101
+
+
+@pytest.mark.parametrize("seed", [7, 8, 9])
+async def test_a_rebuild_equals_the_table_however_it_merges_the_partitions(
+    monkeypatch: pytest.MonkeyPatch, seed: int
+) -> None:
+    # Agents come, fall silent, go for good, come back after their entry expired, and a
+    # new one is refused in a full partition; the worker restarts (its indexes rebuilt
+    # from the table). A rebuild keeps each partition's order but may merge the
+    # partitions of the two topics any way (their brokers' clocks apart).
+    rng = random.Random(seed)
+    world = World(monkeypatch, expire_s=300.0, max_agents=6)
+    agents = in_partition(0, 8) + in_partition(1, 8)
+    quiet: dict[str, float] = {}
+    for step in range(400):
+        if step == 200:
+            invalidate_indexes(world.table)  # restored from the changelog
+            world.monitor = world.new_monitor()
+            hb.monitor = world.monitor
+        world.clock.t += 5
+        for agent in agents:
+            if quiet.get(agent, 0) > world.clock.t:
+                continue
+            if rng.random() < 0.01:  # silent for a while: down, or gone for good
+                quiet[agent] = world.clock.t + rng.choice([30.0, 200.0, 400.0, 10_000.0])
+                continue
+            if rng.random() < 0.7:
+                await world.beat(agent)
+        world.check()
+    # the story happened: refusals, agents down, entries expired
+    assert world.dead and any(getattr(e.payload, "current", "") == "down" for e, _ in world.log)
+    assert len(world.table) < len(agents)
+    streams: dict[tuple[str, int], list[tuple[Event[Any], Origin]]] = {}
+    for item in world.log:
+        streams.setdefault((item[1].topic, item[1].partition), []).append(item)
+    for _merge in range(20):
+        queues = [list(q) for q in streams.values()]
+        merged = []
+        while any(queues):
+            q = rng.choice([q for q in queues if q])
+            merged.append(q.pop(0))
+        assert world.rebuilt_from(merged) == world.table
+
+
+def test_a_throttled_warning_says_how_many_it_held_back(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = Clock(0.0)
+    warn = Throttled(logging.getLogger("t.throttled"), every_s=60.0, clock=clock)
+    with caplog.at_level(logging.WARNING, logger="t.throttled"):
+        assert warn.warning("full: %s", "a")
+        assert not warn.warning("full: %s", "b") and not warn.warning("full: %s", "c")
+        clock.t = 61.0
+        assert warn.warning("full: %s", "d")
+    assert [r.getMessage() for r in caplog.records] == [
+        "full: a",
+        "full: d (2 more since the last such warning)",
+    ]

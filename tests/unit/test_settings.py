@@ -287,3 +287,21 @@ def test_directories_that_are_files_name_their_variable(
     Settings.from_env({"AGENTSTREAM_SECRETS_DIR": str(afile)})
     with pytest.raises(SettingsError, match=r"AGENTSTREAM_DATA_DIR=.*: not a directory"):
         Settings.from_env({"AGENTSTREAM_DATA_DIR": str(afile)})
+
+
+def test_an_agent_expiry_near_the_timeout_is_refused() -> None:
+    # an entry gone before its "down" was decided would never be published down
+    with pytest.raises(SettingsError) as info:
+        Settings.from_env({"AGENTSTREAM_HEARTBEAT_EXPIRE_S": "100"})
+    assert info.value.problems == [
+        "AGENTSTREAM_HEARTBEAT_EXPIRE_S=100: at least 10 times "
+        "AGENTSTREAM_HEARTBEAT_TIMEOUT_S plus AGENTSTREAM_HEARTBEAT_INTERVAL_S (200)"
+    ]
+    ok = Settings.from_env(
+        {
+            "AGENTSTREAM_HEARTBEAT_EXPIRE_S": "35",
+            "AGENTSTREAM_HEARTBEAT_TIMEOUT_S": "3",
+            "AGENTSTREAM_HEARTBEAT_INTERVAL_S": "0.5",
+        }
+    )
+    assert ok.heartbeat_expire_s == 35
