@@ -568,11 +568,27 @@ class Settings(BaseModel):
             "`agentstream_series_export_dropped`)."
         ),
     )
+    metrics_max_series_per_partition: int = Field(
+        default=10_000,
+        ge=1,
+        description=(
+            "Series and label sets the metrics table holds per partition of "
+            "metrics.samples: a sample of a new one beyond it is refused (a dead letter)."
+        ),
+    )
     system_monitoring_interval_s: float = Field(
         default=15.0, gt=0, description="SystemStats period."
     )
     comms_retention_s: float = Field(
         default=7 * 86400.0, gt=0, description="Comms records retention."
+    )
+    comms_max_agents_per_partition: int = Field(
+        default=100_000,
+        ge=1,
+        description=(
+            "Agents the comms table holds per partition of comms.records: a record of a "
+            "new agent id beyond it is refused (a dead letter)."
+        ),
     )
     ready_max_lag: int = Field(
         default=10_000, ge=0, description="Consumer lag above which /ready fails."

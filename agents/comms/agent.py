@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from agentstream.schemas import CommunicationRecord
 from agentstream.streams.app import app, catalogue_topic, settings
-from agentstream.streams.processing import Inbound, decoded_batches, guarded
-from agentstream.streams.tables.monitoring import comms_writer, fold_record, invalidate_indexes
+from agentstream.streams.observability import TABLE_FULL, Throttled
+from agentstream.streams.processing import Inbound, dead_letter, decoded_batches, guarded
+from agentstream.streams.tables.monitoring import (
+    COMMS_TABLE,
+    TableFull,
+    comms_writer,
+    fold_record,
+    invalidate_indexes,
+)
 from agentstream.streams.topics import COMMS_RECORDS
 
 CONSUMER = "track_communications"
 writer = comms_writer()
+log = logging.getLogger(__name__)
+#: one WARNING a minute, at most, for records refused because the table is full
+full_warning = Throttled(log)
 
 
 @app.on_partitions_assigned.connect
@@ -36,8 +47,21 @@ async def track_communications(stream: Any) -> None:
 
 
 async def _fold(inbound: Inbound) -> None:
-    fold_record(
-        writer.at(inbound.message.partition),
-        inbound.event.payload,
-        retention_s=settings.comms_retention_s,
-    )
+    msg = inbound.message
+    try:
+        fold_record(
+            writer.at(msg.partition),
+            inbound.event.payload,
+            retention_s=settings.comms_retention_s,
+            at=msg.timestamp,
+            partition=msg.partition,
+            max_agents=settings.comms_max_agents_per_partition,
+        )
+    except TableFull as exc:
+        # a sender's new agent id: a dead letter, counted, without the traceback
+        # `guarded` logs for a failure of ours
+        TABLE_FULL.labels(COMMS_TABLE).inc()
+        full_warning.warning(
+            "%s: records of new agent ids are refused (dead letters): %s", COMMS_TABLE, exc
+        )
+        await dead_letter(msg, exc, CONSUMER)

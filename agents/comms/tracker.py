@@ -4,8 +4,9 @@ Storing (`fold_record`, in `streams.tables.monitoring`): one table entry per rec
 ``r␟agent␟kind␟time␟record-id``, and per agent a ``c␟agent`` entry with the number of
 retained records per kind. A record already stored (same id and time — a replay) is not
 counted twice. Records older than `comms_retention_s` relative to the agent's newest
-record are deleted by the fold; queries also hide those older than the retention
-relative to the wall clock.
+record are deleted by the fold, and so is an agent (its records and counts) with no
+record for `comms_retention_s` by its partition's append clock; queries also hide
+records older than the retention relative to the wall clock.
 """
 
 from __future__ import annotations

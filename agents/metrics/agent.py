@@ -15,13 +15,22 @@ from prometheus_client.registry import Collector
 from agentstream.agents.metrics.windows import exported_series
 from agentstream.schemas import MetricSample
 from agentstream.streams.app import app, catalogue_topic, settings
-from agentstream.streams.processing import Inbound, decoded_batches, guarded
-from agentstream.streams.tables.monitoring import fold_sample, invalidate_indexes, metrics_writer
+from agentstream.streams.observability import TABLE_FULL, Throttled
+from agentstream.streams.processing import Inbound, dead_letter, decoded_batches, guarded
+from agentstream.streams.tables.monitoring import (
+    METRICS_TABLE,
+    TableFull,
+    fold_sample,
+    invalidate_indexes,
+    metrics_writer,
+)
 from agentstream.streams.topics import METRICS_SAMPLES
 
 CONSUMER = "collect_metrics"
 writer = metrics_writer()
 log = logging.getLogger(__name__)
+#: one WARNING a minute, at most, for samples refused because the table is full
+full_warning = Throttled(log)
 
 
 @app.on_partitions_assigned.connect
@@ -45,15 +54,30 @@ async def collect_metrics(stream: Any) -> None:
 
 async def _fold(inbound: Inbound) -> None:
     p: MetricSample = inbound.event.payload
-    fold_sample(
-        writer.at(inbound.message.partition),
-        p.series,
-        p.labels,
-        p.timestamp,
-        p.value,
-        interval_s=settings.metrics_collection_interval_s,
-        retention_s=settings.metrics_retention_s,
-    )
+    msg = inbound.message
+    try:
+        fold_sample(
+            writer.at(msg.partition),
+            p.series,
+            p.labels,
+            p.timestamp,
+            p.value,
+            interval_s=settings.metrics_collection_interval_s,
+            retention_s=settings.metrics_retention_s,
+            at=msg.timestamp,
+            partition=msg.partition,
+            max_series=settings.metrics_max_series_per_partition,
+        )
+    except TableFull as exc:
+        # a sender's new series or label set: a dead letter, counted, without the
+        # traceback `guarded` logs for a failure of ours
+        TABLE_FULL.labels(METRICS_TABLE).inc()
+        full_warning.warning(
+            "%s: samples of new series and label sets are refused (dead letters): %s",
+            METRICS_TABLE,
+            exc,
+        )
+        await dead_letter(msg, exc, CONSUMER)
 
 
 class SeriesCollector(Collector):

@@ -4,9 +4,10 @@ The fold that builds the windows lives with the table (`streams.tables.monitorin
 `fold_sample`): each sample lands in the window ``[floor(ts / interval) * interval, +interval)``
 of its series and label set, which keeps count, sum, min, max and the last value. Windows
 whose end is more than the retention older than the newest sample of the same series and
-label set are deleted by the fold; the readers below also hide windows older than the
-retention relative to the wall clock (a series that stopped reporting ages out of the
-views even though no newer sample arrives to prune it).
+label set are deleted by the fold, and so is a series and label set not seen for the
+retention by its partition's append clock; the readers below also hide windows older
+than the retention relative to the wall clock (a series that stopped reporting, in a
+partition that gets no other sample, ages out of the views all the same).
 """
 
 from __future__ import annotations

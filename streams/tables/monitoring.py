@@ -28,6 +28,16 @@ than the retention relative to the wall clock.
 counts are of the records currently retained. Retention is by event time per agent,
 like the metric windows.
 
+Bounds. A sender may invent an agent id, a series or a label set per record, and groups
+that stop reporting have no newer record of their own to prune them: every table is
+bounded per partition of its source by that partition's *clock*, the newest append time
+(the broker's `LogAppendTime`, from the record's `Origin`) of a record whose fold stored
+something. A group (agent, series and label set) not seen for its expiry by that clock
+is deleted whole, and a record of a group the partition does not hold yet is refused
+(`TableFull`, a dead letter) while it holds its maximum. The clock is a function of the
+log, so a rebuild makes the same decisions; the indexes that make them cost O(1)
+amortized per record (`HeartbeatIndex`, `Recency`) are derived from the table.
+
 The agents fold into these Faust tables through a `TableWriter` (`streams.tables.writer`)
 set to the partition of the *input record being folded* (``writer.at(partition)``):
 they fold batches, where Faust's "current event" is just the last one of the batch.
@@ -458,11 +468,66 @@ def make_heartbeat_fold(expire_s: float, max_agents: int | None) -> Any:
 class _Group:
     newest: float = -math.inf
     heap: list[tuple[float, str]] = field(default_factory=list)
+    #: the source partition the group's newest record was read from (None: written by a
+    #: version of the fold that did not store it)
+    partition: int | None = None
+
+
+class Recency:
+    """Per partition of a source topic: its clock — the newest append time of a record
+    whose fold stored something — and its groups (series and label sets, agents) in the
+    order they were last seen, each with that time. The clock only moves forward and is
+    what a group's time is set to, so that order is the order of their times: the front
+    is the first to expire. Groups whose entries carry no append time (written before
+    the tables stored one) wait in a heap, by their event time, until they are seen."""
+
+    def __init__(self) -> None:
+        self.clock: dict[int, float] = {}
+        self.seen: dict[int, OrderedDict[str, float]] = {}
+        self.old: dict[int, list[tuple[float, str]]] = {}
+
+    def now(self, partition: int, at: float) -> float:
+        """The partition's clock once a record appended at `at` is folded."""
+        return max(self.clock.get(partition, -math.inf), at)
+
+    def count(self, partition: int) -> int:
+        got = self.seen.get(partition)
+        return len(got) if got is not None else 0
+
+    def touch(self, partition: int, group: str, now: float, was: int | None = None) -> None:
+        if was is not None and was != partition:  # read from another partition before
+            self.seen.get(was, OrderedDict()).pop(group, None)
+        order = self.seen.get(partition)
+        if order is None:
+            order = self.seen[partition] = OrderedDict()
+        order[group] = now
+        order.move_to_end(group)
+        self.clock[partition] = now
+
+    def due(self, partition: int, cutoff: float) -> list[str]:
+        """Pop the groups of `partition` last seen before `cutoff`: amortized O(1) per
+        record (each group leaves once), never a scan."""
+        out = []
+        order = self.seen.get(partition)
+        while order:
+            group, ts = next(iter(order.items()))
+            if ts >= cutoff:
+                break
+            order.popitem(last=False)
+            out.append(group)
+        heap = self.old.get(partition)
+        while heap and heap[0][0] < cutoff:
+            _ts, group = heapq.heappop(heap)
+            if order is None or group not in order:  # not seen since it was indexed
+                out.append(group)
+        return out
 
 
 class KeyIndex:
     """Per group (series+labels, or agent): the keys of the state ordered by time, so a
-    fold can drop what falls out of retention without scanning the state.
+    fold can drop what falls out of retention without scanning the state; and per
+    source partition the groups' `Recency`, so that it can drop a group that stopped
+    reporting, and count them.
 
     It is derived data: built from the state on first use and rebuilt when the state
     changed behind the fold's back (a Faust table restored from its changelog after a
@@ -471,6 +536,38 @@ class KeyIndex:
 
     def __init__(self) -> None:
         self.groups: dict[str, _Group] = {}
+        self.recency = Recency()
+
+    def drop(self, state: MutableMapping[str, Any], group: str) -> list[str]:
+        """Delete every key of `group` from `state` (tombstones) and forget the group;
+        returns the keys."""
+        g = self.groups.pop(group, None)
+        keys = [key for _ts, key in g.heap] if g is not None else []
+        for key in keys:
+            state.pop(key, None)
+        return keys
+
+    def seen_from(
+        self,
+        entries: list[tuple[str, int | None, float | None, float, int]],
+    ) -> None:
+        """Fill `recency` from (group, partition, appended-at, event time, default
+        partition) of every entry, at a build."""
+        best: dict[str, tuple[float, int]] = {}
+        old: dict[str, tuple[float, int]] = {}
+        for group, partition, appended, event_ts, home in entries:
+            if partition is not None and appended is not None:
+                if group not in best or appended > best[group][0]:
+                    best[group] = (appended, partition)
+            elif group not in old or event_ts > old[group][0]:
+                old[group] = (event_ts, home)
+        for group, (ts, p) in sorted(best.items(), key=lambda kv: (kv[1][0], kv[0])):
+            self.recency.touch(p, group, ts)
+            self.groups[group].partition = p
+        for group, (ts, p) in old.items():
+            if group not in best:
+                heapq.heappush(self.recency.old.setdefault(p, []), (ts, group))
+                self.groups[group].partition = p
 
     def add(self, group: str, ts: float, key: str, newest: float | None = None) -> _Group:
         """Index `key` under time `ts`; `newest` (default `ts`) advances the group's
@@ -535,20 +632,34 @@ def split_window_key(key: str) -> tuple[str, str, float] | None:
 
 def _build_metric_index(state: Any) -> KeyIndex:
     idx = KeyIndex()
+    entries = []
+    partitions = get_settings().topic_partitions
     for key in list(state.keys()):
         parsed = split_window_key(key)
         if parsed is not None:
             series, labels, start = parsed
             value = state.get(key) or {}
-            idx.add(f"{series}{SEP}{labels}", start, key, float(value.get("last_ts", start)))
+            group = f"{series}{SEP}{labels}"
+            last_ts = float(value.get("last_ts", start))
+            idx.add(group, start, key, last_ts)
+            entries.append(
+                (
+                    group,
+                    value.get("partition"),
+                    value.get("appended_at"),
+                    last_ts,
+                    home_partition(series, partitions),
+                )
+            )
+    idx.seen_from(entries)
     return idx
 
 
-def make_metrics_fold(interval_s: float, retention_s: float) -> Any:
-    """The fold for one (interval, retention): both shape the state, so they are fixed
-    per table (changing them means rebuilding the table)."""
+def make_metrics_fold(interval_s: float, retention_s: float, max_series: int | None = None) -> Any:
+    """The fold for one (interval, retention, bound): they shape the state, so they are
+    fixed per table (changing them means rebuilding the table)."""
 
-    def apply(state: MutableMapping[str, Any], event: Event[Any]) -> None:
+    def apply(state: MutableMapping[str, Any], event: Event[Any], origin: Origin) -> None:
         p = event.payload
         if isinstance(p, MetricSample):
             fold_sample(
@@ -559,6 +670,9 @@ def make_metrics_fold(interval_s: float, retention_s: float) -> Any:
                 p.value,
                 interval_s=interval_s,
                 retention_s=retention_s,
+                at=origin.timestamp,
+                partition=origin.partition,
+                max_series=max_series,
             )
 
     return apply
@@ -573,11 +687,36 @@ def fold_sample(
     *,
     interval_s: float,
     retention_s: float,
+    at: float | None = None,
+    partition: int | None = None,
+    max_series: int | None = None,
 ) -> bool:
-    """Add a sample to its window; False if it is already past retention for its group."""
+    """Add a sample to its window; False if it is already past retention for its group.
+
+    With the record's append time `at` and `partition`: a series and label set of that
+    partition not seen for `retention_s` by the partition's clock (its newest append
+    time folded) is deleted whole — a group that stopped reporting has no newer sample
+    of its own to prune it —, and a sample of a group the table does not hold is
+    refused (`TableFull`) while the partition holds `max_series` groups."""
     lk = labels_key(labels)
     group = f"{series}{SEP}{lk}"
     idx = index_for(METRICS_TABLE, state, _build_metric_index)
+    now = -math.inf
+    if at is not None and partition is not None:
+        now = idx.recency.now(partition, at)
+        for gone in idx.recency.due(partition, now - retention_s):
+            idx.drop(state, gone)
+        if (
+            group not in idx.groups
+            and max_series is not None
+            and idx.recency.count(partition) >= max_series
+        ):
+            raise TableFull(
+                f"metric {series} {lk}: partition {partition} of the metrics table holds "
+                f"its maximum of {max_series} series and label sets (table full; "
+                "AGENTSTREAM_METRICS_MAX_SERIES_PER_PARTITION)",
+                type=MetricSample.TYPE,
+            )
     newest = max(idx.newest(group), ts)
     start = math.floor(ts / interval_s) * interval_s
     # a window is retained while its end is within `retention_s` of the group's newest sample
@@ -585,6 +724,7 @@ def fold_sample(
         return False
     key = window_key(series, lk, start)
     cur = state.get(key)
+    seen = {"partition": partition, "appended_at": now} if partition is not None else {}
     if cur is None:
         state[key] = {
             "series": series,
@@ -597,6 +737,7 @@ def fold_sample(
             "max": value,
             "last": value,
             "last_ts": ts,
+            **seen,
         }
         idx.add(group, start, key, ts)
     else:
@@ -615,12 +756,17 @@ def fold_sample(
         new["max"] = max(float(cur["max"]), value)
         if ts >= float(cur["last_ts"]):
             new["last"], new["last_ts"] = value, ts
+        new.update(seen)
         state[key] = new
         g = idx.groups.get(group)
         if g is None:  # a window the index never saw (restored behind its back)
             idx.add(group, start, key, newest)
         else:
             g.newest = newest
+    if partition is not None:
+        g = idx.groups[group]
+        idx.recency.touch(partition, group, now, g.partition)
+        g.partition = partition
     # expire windows with start + interval <= newest - retention (starts are multiples of
     # the interval, so a small epsilon turns the strict comparison into <=)
     for old in idx.expire(group, newest - retention_s - interval_s + 1e-6):
@@ -646,30 +792,79 @@ def split_record_key(key: str) -> tuple[str, str, float, str] | None:
 
 def _build_comms_index(state: Any) -> KeyIndex:
     idx = KeyIndex()
+    entries = []
+    partitions = get_settings().topic_partitions
     for key in list(state.keys()):
         parsed = split_record_key(key)
         if parsed is not None:
             agent, _kind, ts, _rid = parsed
             idx.add(agent, ts, key)
+            value = state.get(key) or {}
+            entries.append(
+                (
+                    agent,
+                    value.get("partition"),
+                    value.get("appended_at"),
+                    ts,
+                    home_partition(agent, partitions),
+                )
+            )
+    idx.seen_from(entries)
     return idx
 
 
-def make_comms_fold(retention_s: float) -> Any:
-    def apply(state: MutableMapping[str, Any], event: Event[Any]) -> None:
+def make_comms_fold(retention_s: float, max_agents: int | None = None) -> Any:
+    def apply(state: MutableMapping[str, Any], event: Event[Any], origin: Origin) -> None:
         p = event.payload
         if isinstance(p, CommunicationRecord):
-            fold_record(state, p, retention_s=retention_s)
+            fold_record(
+                state,
+                p,
+                retention_s=retention_s,
+                at=origin.timestamp,
+                partition=origin.partition,
+                max_agents=max_agents,
+            )
 
     return apply
 
 
 def fold_record(
-    state: MutableMapping[str, Any], rec: CommunicationRecord, *, retention_s: float
+    state: MutableMapping[str, Any],
+    rec: CommunicationRecord,
+    *,
+    retention_s: float,
+    at: float | None = None,
+    partition: int | None = None,
+    max_agents: int | None = None,
 ) -> bool:
     """Store one record (idempotent by record id and time) and drop this agent's records
-    that fell out of retention; False for a duplicate or an already-expired record."""
+    that fell out of retention; False for a duplicate or an already-expired record.
+
+    With the record's append time `at` and `partition`: an agent of that partition with
+    no record for `retention_s` by the partition's clock (its newest append time
+    folded) is deleted whole, records and counts — an agent that stopped sending has no
+    newer record of its own to prune them —, and a record of an agent the table does
+    not hold is refused (`TableFull`) while the partition holds `max_agents` agents."""
     ts = rec.recorded_at.timestamp()
     idx = index_for(COMMS_TABLE, state, _build_comms_index)
+    now = -math.inf
+    if at is not None and partition is not None:
+        now = idx.recency.now(partition, at)
+        for gone in idx.recency.due(partition, now - retention_s):
+            idx.drop(state, gone)
+            state.pop(count_key(gone), None)
+        if (
+            rec.agent_id not in idx.groups
+            and max_agents is not None
+            and idx.recency.count(partition) >= max_agents
+        ):
+            raise TableFull(
+                f"communication record of {rec.agent_id!r}: partition {partition} of the "
+                f"comms table holds its maximum of {max_agents} agents (table full; "
+                "AGENTSTREAM_COMMS_MAX_AGENTS_PER_PARTITION)",
+                type=CommunicationRecord.TYPE,
+            )
     newest = max(idx.newest(rec.agent_id), ts)
     if ts < newest - retention_s:
         return False
@@ -685,8 +880,12 @@ def fold_record(
         "amount": rec.amount,
         "unit": rec.unit,
         "details": rec.details,
+        **({"partition": partition, "appended_at": now} if partition is not None else {}),
     }
-    idx.add(rec.agent_id, ts, key)
+    g = idx.add(rec.agent_id, ts, key)
+    if partition is not None:
+        idx.recency.touch(partition, rec.agent_id, now, g.partition)
+        g.partition = partition
     counts = dict(state.get(count_key(rec.agent_id)) or {})
     counts[rec.kind] = int(counts.get(rec.kind, 0)) + 1
     for old in idx.expire(rec.agent_id, newest - retention_s):
@@ -717,8 +916,10 @@ METRICS = register(
     TableSpec(
         name=METRICS_TABLE,
         sources=(METRICS_SAMPLES,),
-        apply=make_metrics_fold(
-            _settings.metrics_collection_interval_s, _settings.metrics_retention_s
+        apply_at=make_metrics_fold(
+            _settings.metrics_collection_interval_s,
+            _settings.metrics_retention_s,
+            _settings.metrics_max_series_per_partition,
         ),
         description="count/sum/min/max/last per series, label set and collection window",
         types=frozenset({MetricSample.TYPE}),
@@ -729,7 +930,9 @@ COMMS = register(
     TableSpec(
         name=COMMS_TABLE,
         sources=(COMMS_RECORDS,),
-        apply=make_comms_fold(_settings.comms_retention_s),
+        apply_at=make_comms_fold(
+            _settings.comms_retention_s, _settings.comms_max_agents_per_partition
+        ),
         description="Communication records per agent and kind, with retained counts",
         types=frozenset({CommunicationRecord.TYPE}),
     )

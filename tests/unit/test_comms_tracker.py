@@ -9,7 +9,7 @@ from pydantic import ValidationError
 
 from agentstream.agents.comms.tracker import COMM_KINDS, counts, fold_record, query
 from agentstream.schemas import CommunicationRecord, Event
-from agentstream.streams.tables import TableSpec, digest, rebuild
+from agentstream.streams.tables import Origin, TableSpec, digest, rebuild
 from agentstream.streams.tables.monitoring import make_comms_fold
 
 RET = 100.0
@@ -68,11 +68,12 @@ def test_rebuild_matches_live() -> None:
         Event.of(rec(f"r{i}", f"ag{i % 3}", COMM_KINDS[i % 6], i * 7.0), source="t")
         for i in range(200)
     ]
-    spec = TableSpec("c", ("comms.records",), make_comms_fold(RET))
+    records = [(ev, Origin("comms.records", 0, i, 1000.0 + i)) for i, ev in enumerate(events)]
+    spec = TableSpec("c", ("comms.records",), apply_at=make_comms_fold(RET, 100))
     live: dict = {}
-    for ev in events + events[:30]:  # with redeliveries
-        spec.apply(live, ev)
-    assert digest(rebuild(spec, events).items()) == digest(live.items())
+    for ev, origin in records + records[:30]:  # with redeliveries
+        spec.fold(live, ev, origin)
+    assert digest(rebuild(spec, records).items()) == digest(live.items())
 
 
 def test_unknown_kind_is_a_validation_error() -> None:

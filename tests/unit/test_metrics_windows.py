@@ -6,11 +6,16 @@ import random
 
 from agentstream.agents.metrics.windows import latest_values, series_between
 from agentstream.schemas import Event, MetricSample
-from agentstream.streams.tables import TableSpec, digest, rebuild
+from agentstream.streams.tables import Origin, TableSpec, digest, rebuild
 from agentstream.streams.tables.monitoring import fold_sample, make_metrics_fold
 
 INTERVAL = 10.0
 RETENTION = 60.0
+
+
+def appended(offset: int, at: float, partition: int = 0) -> Origin:
+    """A record of metrics.samples read at `offset`, appended by the broker at `at`."""
+    return Origin("metrics.samples", partition, offset, at)
 
 
 def add(state: dict, series: str, ts: float, value: float, **labels: str) -> bool:
@@ -91,15 +96,18 @@ def test_rebuild_matches_live_fold_with_a_fresh_index() -> None:
         )
         for t in range(0, 600, 2)
     ]
-    spec = TableSpec("m", ("metrics.samples",), make_metrics_fold(INTERVAL, RETENTION))
+    records = [(ev, appended(i, 1000.0 + i)) for i, ev in enumerate(events)]
+    spec = TableSpec(
+        "m", ("metrics.samples",), apply_at=make_metrics_fold(INTERVAL, RETENTION, 100)
+    )
     live: dict = {}
-    for ev in events[:150]:
-        spec.apply(live, ev)
+    for ev, origin in records[:150]:
+        spec.fold(live, ev, origin)
     # a worker restart: the table is restored (copied) and its index rebuilt from it
     restored = dict(live)
-    for ev in events[150:]:
-        spec.apply(restored, ev)
-    assert digest(rebuild(spec, events).items()) == digest(restored.items())
+    for ev, origin in records[150:]:
+        spec.fold(restored, ev, origin)
+    assert digest(rebuild(spec, records).items()) == digest(restored.items())
 
 
 def test_a_window_restored_behind_the_index_is_folded_into_and_pruned() -> None:
@@ -138,11 +146,12 @@ def test_a_sample_whose_sum_overflows_is_refused_with_the_window_as_it_was() -> 
     (w,) = series_between(s.items(), "big", 0, 1000)
     assert w["count"] == 1 and w["sum"] == 1e308
     # the rebuild skips it as the live fold does (a dead letter there)
-    spec = TableSpec("m", ("metrics.samples",), make_metrics_fold(INTERVAL, RETENTION))
+    spec = TableSpec("m", ("metrics.samples",), apply_at=make_metrics_fold(INTERVAL, RETENTION))
     events = [
-        Event.of(MetricSample(series="big", timestamp=t, value=1e308), source="t")
-        for t in (100.0, 101.0, 102.5)
+        (Event.of(MetricSample(series="big", timestamp=t, value=1e308), source="t"), appended(i, t))
+        for i, t in enumerate((100.0, 101.0, 102.5))
     ]
     rebuilt: dict = {}
     _fold_into(rebuilt, spec, events)
-    assert digest(rebuilt.items()) == digest(before.items())
+    (w,) = rebuilt.values()
+    assert (w["count"], w["sum"]) == (1, 1e308)
