@@ -314,8 +314,8 @@ def _owned_filter() -> Any:
 
 
 def _partition(agent_id: str, n: int) -> int:
-    """The heartbeats partition `agent_id`'s entry was folded from (an entry a status
-    event made has none yet: where its heartbeats go, murmur2 of the id)."""
+    """The heartbeats partition `agent_id`'s entry was folded from (for an agent no longer
+    in the table, owed a "down": where its heartbeats go, murmur2 of the id)."""
     rec = writer.get(agent_id)
     p = rec.get("partition") if rec else None
     return int(p) if p is not None else (murmur2(agent_id.encode()) & 0x7FFFFFFF) % n
