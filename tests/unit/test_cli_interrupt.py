@@ -7,6 +7,7 @@ the command once it has connected (polled, with a deadline)."""
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import socket
 import subprocess
@@ -196,5 +197,11 @@ async def test_lines_read_off_the_loop_are_the_files_lines(tmp_path: Path) -> No
     with path.open("rb") as f:  # left early: the thread ends, and the file is the caller's
         async for _ in lines_off_loop(f):
             break
+        # the thread reads on to the end of the file by itself (fewer chunks than it may
+        # read ahead); a seek before it ended raced with its reads of the shared offset
+        deadline = time.monotonic() + 10
+        while any(t.name == "agentstream-read-lines" for t in threading.enumerate()):
+            assert time.monotonic() < deadline, "the reading thread did not end"
+            await asyncio.sleep(0.01)
         f.seek(0)  # the thread read a duplicate of its descriptor: it shares the offset
         assert f.read(2) == b"a\n"
