@@ -341,7 +341,8 @@ def scanned_fields(
       (``metadata.a.b#key``). A key that is not ``[A-Za-z0-9_-]{1,64}`` is shown
       JSON-quoted in ASCII, cut at 64 characters (``metadata["x y"]``), so that a path is
       safe to put in a log line or a rejection reason. Numbers and booleans are scanned as
-      their JSON text (``true``, ``1.5``), ``None`` is skipped.
+      their JSON text (``true``, ``1.5``), ``None`` is skipped. A path spells its keys
+      out: where it is shown after a pattern matched a key, `hide_keys` renames it.
 
     `max_depth` and `max_items` bound the walk as `AgentMessage` validation does (the
     metadata dict is level 1; every dict value and list element is an item); beyond them
@@ -435,6 +436,50 @@ def _metadata_texts(
         if text is not None:
             scanned.append((path, norm(text)))
     return scanned
+
+
+def hide_keys(metadata: Any, keys: Collection[str]) -> dict[str, str]:
+    """{path: path to show instead} for the metadata paths that would repeat a key of
+    `keys` (paths of key texts, as `scanned_fields` names them: ``metadata.a.b#key``).
+
+    Such a key (a blocked pattern matched it) is named by its position among its parent's
+    keys, from 0, in document order: ``metadata.a{1}`` for the second key of ``a``; its own
+    key text's path becomes ``metadata.a{1}#key``, and every path under it starts with the
+    positional name (``metadata.a{1}.note``). A path of `scanned_fields` spells the key
+    out, so a secret a pattern caught in a key would otherwise be repeated, unmasked,
+    wherever the path is shown: the masked metadata's keys, a rejection reason, the
+    signed decision. Paths that need no change are not in the result.
+
+    Walks `metadata` like `scanned_fields` (iteratively; bounded by the schema's limits
+    on metadata), only when some key matched.
+    """
+    hidden = set(keys)
+    shown: dict[str, str] = {}
+    # (path as scanned, path shown, node): the shown path differs once a key on the way
+    # down was hidden
+    stack: list[tuple[str, str, Any]] = [("metadata", "metadata", metadata)]
+    while stack:
+        path, seen, node = stack.pop()
+        if isinstance(node, Mapping):
+            for position, (key, value) in enumerate(node.items()):
+                child = _key_path(key, path)
+                if f"{child}#key" in hidden:
+                    child_seen = f"{seen}{{{position}}}"
+                elif seen != path:
+                    child_seen = _key_path(key, seen)
+                else:
+                    child_seen = child
+                if child_seen != child:
+                    shown[child] = child_seen
+                    shown[f"{child}#key"] = f"{child_seen}#key"
+                stack.append((child, child_seen, value))
+        elif isinstance(node, list | tuple):
+            for index, value in enumerate(node):
+                child, child_seen = f"{path}[{index}]", f"{seen}[{index}]"
+                if child_seen != child:
+                    shown[child] = child_seen
+                stack.append((child, child_seen, value))
+    return shown
 
 
 # -- spans --------------------------------------------------------------------------------

@@ -75,6 +75,7 @@ from agentstream.agents.security.identity import (
 from agentstream.agents.security.normalize import (
     byte_spans_to_char_spans,
     forbidden_controls,
+    hide_keys,
     mask_spans,
     normalize,
     scanned_fields,
@@ -751,6 +752,9 @@ def evaluate(
     #: spans; masking policy by policy applied a later policy's spans to text an earlier
     #: one had already shortened, leaving blocked text readable or raising
     blocked_spans: dict[str, tuple[str, list[tuple[int, int]]]] = {}
+    #: (index in `violations`, patterns shown, paths) of each blocked_patterns violation:
+    #: its paths are renamed once every policy has said which keys it matched
+    blocked_at: list[tuple[int, list[str], list[str]]] = []
     for position, policy in enumerate(fitting):
         p = policy.policy
         pid, ver = policy.id, policy.version
@@ -829,15 +833,8 @@ def evaluate(
                     kept[1].append((0, len(kept[0])))
             if hits:
                 shown = sorted({x for found in hits.values() for x in found})[:5]
-                where = ", ".join(sorted(hits)[:5])
-                violations.append(
-                    Violation(
-                        "blocked_patterns",
-                        f"matched {', '.join(repr(x) for x in shown)} in {where}",
-                        pid,
-                        ver,
-                    )
-                )
+                blocked_at.append((len(violations), shown, list(hits)))
+                violations.append(_blocked(shown, hits, pid, ver))
         if policy.allowed and not policy.allowed.any_match(scanned.content(policy.view)):
             violations.append(Violation("allowed_patterns", "no allowed pattern matches", pid, ver))
 
@@ -849,11 +846,30 @@ def evaluate(
                 f"{', '.join(sorted(sender.roles))!r}; the default action is deny",
             )
         )
+    hidden = [path for path in blocked_spans if path.endswith("#key")]
+    if hidden:
+        # a matched metadata key is spelt out in its path (and in the paths under it):
+        # wherever a path is shown, the key is named by its position instead
+        renamed = hide_keys(scanned.message.metadata, hidden)
+        blocked_spans = {renamed.get(path, path): kept for path, kept in blocked_spans.items()}
+        for index, shown, paths in blocked_at:
+            where = [renamed.get(path, path) for path in paths]
+            old = violations[index]
+            violations[index] = _blocked(shown, where, old.policy_id, old.policy_version)
     masked = {
         path: mask_spans(text, spans, policies.rejected_redaction)
         for path, (text, spans) in blocked_spans.items()
     }
     return result(Verdict.DENY if violations else Verdict.ALLOW, violations, masked)
+
+
+def _blocked(
+    patterns: list[str], paths: Iterable[str], pid: str | None, ver: int | None
+) -> Violation:
+    where = ", ".join(sorted(paths)[:5])
+    return Violation(
+        "blocked_patterns", f"matched {', '.join(repr(x) for x in patterns)} in {where}", pid, ver
+    )
 
 
 #: constrained by other checks (a level must be known, a role granted), so a pattern

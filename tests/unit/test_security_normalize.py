@@ -24,6 +24,7 @@ from agentstream.agents.security.normalize import (
     confusable_table,
     confusables_source,
     forbidden_controls,
+    hide_keys,
     mask_spans,
     normalize,
     scanned_fields,
@@ -309,6 +310,42 @@ def test_a_long_key_is_cut_in_the_path_but_scanned_whole() -> None:
     scanned = scanned_fields(_message(metadata={key: 1}), ["metadata"], fold_confusables=True)
     assert scanned[0] == ('metadata["' + "k" * 61 + '..."]#key', key)
     assert scanned[1][1] == "1"
+
+
+def test_hide_keys_names_a_matched_key_and_everything_under_it_by_position() -> None:
+    secret = "sk-" + "Q7" * 12
+    metadata = {
+        "a": 1,
+        secret: {"note": "n", "x": [secret, {"y": 2}]},
+        "tokens": {"z": 1, f"Bearer {secret}": "v", "keep": {"deep": 3}},
+    }
+    every = [
+        path
+        for path, _ in scanned_fields(
+            _message(metadata=metadata), ["metadata"], fold_confusables=True
+        )
+    ]
+    hidden = [f"metadata.{secret}#key", f'metadata.tokens["Bearer {secret}"]#key']
+    shown = hide_keys(metadata, hidden)
+    assert shown == {
+        f"metadata.{secret}#key": "metadata{1}#key",
+        f"metadata.{secret}": "metadata{1}",
+        f"metadata.{secret}.note#key": "metadata{1}.note#key",
+        f"metadata.{secret}.note": "metadata{1}.note",
+        f"metadata.{secret}.x#key": "metadata{1}.x#key",
+        f"metadata.{secret}.x": "metadata{1}.x",
+        f"metadata.{secret}.x[0]": "metadata{1}.x[0]",
+        f"metadata.{secret}.x[1]": "metadata{1}.x[1]",
+        f"metadata.{secret}.x[1].y#key": "metadata{1}.x[1].y#key",
+        f"metadata.{secret}.x[1].y": "metadata{1}.x[1].y",
+        f'metadata.tokens["Bearer {secret}"]#key': "metadata.tokens{1}#key",
+        f'metadata.tokens["Bearer {secret}"]': "metadata.tokens{1}",
+    }
+    # every scanned path that spells the secret out has a replacement without it (and
+    # so does each path of a container under the key, which holds no text of its own)
+    assert {p for p in every if secret in p} <= set(shown)
+    assert not any(secret in p for p in shown.values())
+    assert hide_keys(metadata, []) == {}
 
 
 def test_metadata_deeper_than_the_bound_is_refused_not_skipped() -> None:
