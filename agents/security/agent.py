@@ -333,7 +333,7 @@ def decide(
     else:
         topic = AGENT_MESSAGES_REJECTED
         forwarded = redact(
-            masked_copy(message, result.masked),
+            masked_copy(message, result.masked, result.withheld),
             {"rejection_reasons": result.reasons, "rejection_rules": result.rules},
         )
     return Outcome(

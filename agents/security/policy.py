@@ -50,12 +50,16 @@ Checks, in this order, per fitting policy (ordered by policy id)
 
 Encrypted content whose key is not in the keychain cannot be checked against patterns: a
 fitting policy with patterns then denies it (rule ``content_unreadable``).
+
+What a fitting policy with blocked patterns did not scan (over its limit, unreadable, the
+policy broken) is withheld from the rejected copy (`Evaluation.withheld`, `masked_copy`):
+nothing says what in it the patterns would have masked.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -206,6 +210,11 @@ class Evaluation:
     issued_at: datetime | None = None
     #: {field path: the normalised text with what a blocked pattern matched masked}
     masked: dict[str, str] = field(default_factory=dict)
+    #: the fields (`WITHHOLDABLE`) a fitting policy with blocked patterns did not scan
+    #: (over its size limit, content it could not read, a policy that does not compile):
+    #: a rejected copy carries `WITHHELD` instead of them, since nothing says what in
+    #: them the patterns would have masked
+    withheld: frozenset[str] = frozenset()
 
     @property
     def reasons(self) -> list[str]:
@@ -685,7 +694,12 @@ def evaluate(
     level = norm_name(message.security_level)
     group = policies.group(level, sender.roles)
 
-    def result(verdict: Verdict, found: list[Violation], masked: dict[str, str]) -> Evaluation:
+    def result(
+        verdict: Verdict,
+        found: list[Violation],
+        masked: dict[str, str],
+        withheld: frozenset[str] = frozenset(),
+    ) -> Evaluation:
         return Evaluation(
             verdict,
             tuple(found),
@@ -697,6 +711,7 @@ def evaluate(
             tuple(sorted(sender.roles)),
             issued_at,
             masked,
+            withheld,
         )
 
     if (
@@ -755,11 +770,15 @@ def evaluate(
     #: (index in `violations`, patterns shown, paths) of each blocked_patterns violation:
     #: its paths are renamed once every policy has said which keys it matched
     blocked_at: list[tuple[int, list[str], list[str]]] = []
+    #: the fields a policy with blocked patterns did not scan (`Evaluation.withheld`)
+    withheld: set[str] = set()
     for position, policy in enumerate(fitting):
         p = policy.policy
         pid, ver = policy.id, policy.version
         if policy.broken is not None:
             violations.append(Violation("invalid_policy", policy.broken, pid, ver))
+            if p.blocked_patterns:  # what it was meant to catch is unknown
+                withheld.update(_unscanned(message, policy.view))
             continue
         if policy.allowed_roles and policy.allowed_roles.isdisjoint(sender.roles):
             violations.append(
@@ -785,6 +804,8 @@ def evaluate(
             violations.append(
                 Violation("max_message_size", f"content is {size} bytes, limit {limit}", pid, ver)
             )
+            if policy.blocked:
+                withheld.update(_unscanned(message, policy.view))
             continue  # never scan what is over the limit: the cost stays bounded
         if not policy.has_patterns and not p.deny_control_characters:
             continue
@@ -798,6 +819,8 @@ def evaluate(
                         ver,
                     )
                 )
+            if policy.blocked:
+                withheld.update(_unscanned(message, policy.view))
             continue
         if p.deny_control_characters:
             bad = forbidden_controls(plain)
@@ -809,6 +832,8 @@ def evaluate(
             violations.append(
                 Violation("max_message_size", f"metadata is {meta} bytes, limit {limit}", pid, ver)
             )
+            if policy.blocked:
+                withheld.update(_unscanned(message, policy.view))
             continue
         if policy.blocked:
             shared = group.unions.get(policy.view) if union else None
@@ -860,7 +885,32 @@ def evaluate(
         path: mask_spans(text, spans, policies.rejected_redaction)
         for path, (text, spans) in blocked_spans.items()
     }
-    return result(Verdict.DENY if violations else Verdict.ALLOW, violations, masked)
+    return result(
+        Verdict.DENY if violations else Verdict.ALLOW, violations, masked, frozenset(withheld)
+    )
+
+
+#: the fields a rejected copy can withhold, per scan field (`sender_id` never is: the
+#: rejected message, its key and its decision are attributed by it)
+_WITHHOLDABLE_OF = {
+    "content": ("content",),
+    "content_type": ("content_type",),
+    "ids": ("message_id", "recipient_id"),
+    "metadata": ("metadata",),
+}
+WITHHOLDABLE = ("content", "content_type", "message_id", "recipient_id", "metadata")
+
+
+def _unscanned(message: AgentMessage, view: View) -> list[str]:
+    """The withholdable fields of `message` a policy seeing it as `view` scans (an empty
+    content or metadata has nothing to withhold)."""
+    return [
+        name
+        for scan_field in view[0]
+        for name in _WITHHOLDABLE_OF[scan_field]
+        if not (name == "content" and not message.content)
+        and not (name == "metadata" and not message.metadata)
+    ]
 
 
 def _blocked(
@@ -1034,6 +1084,8 @@ def redact(message: AgentMessage, extra_metadata: Mapping[str, Any] | None = Non
 MASKED_SLACK = 1024
 #: ends a masked text cut to its bound
 CUT = "[TRUNCATED]"
+#: what a rejected copy carries for a field no policy that should have scanned it did
+WITHHELD = "[WITHHELD: not scanned]"
 #: the fields a rejected copy carries masked, and the schema's length limit of each
 _MASKED_FIELDS: dict[str, int | None] = {
     name: next(
@@ -1044,27 +1096,35 @@ _MASKED_FIELDS: dict[str, int | None] = {
 }
 
 
-def masked_copy(message: AgentMessage, masked: Mapping[str, str]) -> AgentMessage:
+def masked_copy(
+    message: AgentMessage, masked: Mapping[str, str], withheld: Collection[str] = ()
+) -> AgentMessage:
     """A rejected message without the text its blocked patterns matched: each matched
     field carries its normalised text with the matches masked (or hashed); metadata in
-    which anything matched is replaced as a whole by its masked leaves.
+    which anything matched is replaced as a whole by its masked leaves. A `withheld`
+    field (`Evaluation.withheld`: no policy that should have scanned it did) carries
+    `WITHHELD` whatever was masked in it, metadata `{"withheld": WITHHELD}`.
 
     Never much larger than `message`: a masked field is at most `MASKED_SLACK` bytes
     longer than the field it replaces (and within the schema's length limit), the masked
     metadata at most that much longer than the metadata; past that a text is cut
     (`CUT`), and the metadata texts that find no room at all are left out and counted
     (``metadata.masked_withheld``)."""
-    if not masked:
+    if not masked and not withheld:
         return message
     update: dict[str, Any] = {}
     for name, max_chars in _MASKED_FIELDS.items():
-        if name in masked:
+        if name in withheld:
+            update[name] = WITHHELD
+        elif name in masked:
             size = _utf8_size(getattr(message, name))
             if name == "content" and message.encryption is not None:
                 size += len(message.encryption.ciphertext)  # the plaintext came in it
             update[name] = cut_text(masked[name], size + MASKED_SLACK, max_chars)
     meta = [(path, text) for path, text in masked.items() if path.startswith("metadata")]
-    if meta:
+    if "metadata" in withheld:
+        update["metadata"] = {"withheld": WITHHELD}
+    elif meta:
         update["metadata"] = _masked_metadata(
             meta, len(orjson.dumps(message.metadata)) + MASKED_SLACK
         )

@@ -11,7 +11,14 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agentstream.agents.security.policy import PolicySet, StaticKeys, compiled, evaluate
+from agentstream.agents.security.policy import (
+    WITHHELD,
+    PolicySet,
+    StaticKeys,
+    compiled,
+    evaluate,
+    masked_copy,
+)
 from agentstream.schemas.messages import AgentMessage
 from agentstream.schemas.security import SecurityConfig, SecurityPolicy, Verdict
 
@@ -113,3 +120,54 @@ def test_a_cut_masked_text_ends_between_characters() -> None:
     assert cut_text("\u00e9" * 10, 15) == "\u00e9\u00e9[TRUNCATED]"
     assert cut_text("\u00e9" * 10, 14) == "\u00e9[TRUNCATED]"  # not half of one
     assert cut_text("a" * 300, 10_000, max_chars=256) == "a" * 245 + "[TRUNCATED]"
+
+
+def _rejected(policies: PolicySet, message: AgentMessage) -> tuple[frozenset[str], AgentMessage]:
+    result = evaluate(message, policies, StaticKeys())
+    assert result.verdict is Verdict.DENY
+    return result.withheld, masked_copy(message, result.masked, result.withheld)
+
+
+def test_a_field_a_blocking_policy_did_not_scan_is_withheld_not_masked() -> None:
+    message = AgentMessage(
+        message_id="m-zz2",
+        sender_id="s",
+        recipient_id="r",
+        content="qq1 " + "x" * 100,
+        metadata={"note": "ww3"},
+    )
+    # "a" masks qq1 in the content, "small" never scans it (over its limit): what "small"
+    # blocks is unknown, so the copy holds none of what it should have scanned
+    policies = policy_set(
+        SecurityPolicy(policy_id="a", blocked_patterns=["qq1"]),
+        SecurityPolicy(
+            policy_id="small",
+            max_message_size=50,
+            blocked_patterns=["ww3"],
+            scan_fields=["content", "metadata", "ids"],
+        ),
+    )
+    withheld, copy = _rejected(policies, message)
+    assert withheld == {"content", "metadata", "message_id", "recipient_id"}
+    assert copy.content == copy.message_id == copy.recipient_id == WITHHELD
+    assert copy.metadata == {"withheld": WITHHELD}
+    assert copy.content_type == "text/plain" and copy.sender_id == "s"
+
+    # a policy without blocked patterns masks nothing, so skipping it withholds nothing
+    allow_only = policy_set(
+        SecurityPolicy(policy_id="a", blocked_patterns=["qq1"]),
+        SecurityPolicy(policy_id="small", max_message_size=50, allowed_patterns=["x"]),
+    )
+    withheld, copy = _rejected(allow_only, message)
+    assert withheld == frozenset()
+    assert copy.content == "[MASKED] " + "x" * 100 and copy.metadata == {"note": "ww3"}
+
+
+def test_a_policy_that_does_not_compile_withholds_what_it_would_scan() -> None:
+    message = AgentMessage(message_id="m", sender_id="s", recipient_id="r", content="qq1")
+    broken = SecurityPolicy(
+        policy_id="broken", blocked_patterns=["(a)\\1"], scan_fields=["content", "content_type"]
+    )
+    withheld, copy = _rejected(policy_set(broken), message)
+    assert withheld == {"content", "content_type"}
+    assert copy.content == copy.content_type == WITHHELD and copy.message_id == "m"
