@@ -35,8 +35,15 @@ class AuthProof(Payload):
     key_id: str | None = Field(default=None, max_length=MAX_ID_LENGTH)
     #: when the sender issued the message; signed, and checked against the replay window
     issued_at: Time | None = None
-    #: set by `enforce_policy` when it removed the token before forwarding the message
+    #: set by `enforce_policy` on the copies it forwards: the proof is an access-token one
+    #: (or carried a token) and the copy has no token. Never set it on a message you send:
+    #: a proof that has it does not verify
     redacted: bool = False
+    #: set by `enforce_policy` on the copies it forwards: whether this proof verified with
+    #: a credential the sender's identity grants (`PolicyDecision.verified`). What a sender
+    #: puts here is never forwarded, and a proof that has it set does not verify. A reader
+    #: of `agent.messages.accepted` trusts the sender id only when this is true
+    verified: bool = False
 
     @model_validator(mode="after")
     def _has_material(self) -> AuthProof:
@@ -50,7 +57,7 @@ class AuthProof(Payload):
 @registry.register
 class AgentMessage(Payload):
     TYPE = "agent.message"
-    VERSION = 2
+    VERSION = 3
     KEY_FIELD = "sender_id"
 
     message_id: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
@@ -95,4 +102,10 @@ def _agent_message_v1_to_v2(payload: dict[str, Any]) -> dict[str, Any]:
     if "role" in payload:
         payload["sender_role"] = payload.pop("role")
     payload.setdefault("security_level", "standard")
+    return payload
+
+
+@registry.upcaster("agent.message", 2)
+def _agent_message_v2_to_v3(payload: dict[str, Any]) -> dict[str, Any]:
+    """v2 proofs had no `verified` (read as not verified, which a v2 copy never said)."""
     return payload

@@ -17,6 +17,7 @@ import hashlib
 import logging
 import time
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from time import time_ns
@@ -36,6 +37,7 @@ from agentstream.agents.security.policy import (
     KeyView,
     PolicySet,
     evaluate,
+    forwarded_auth,
     masked_copy,
     redact,
     required_keys,
@@ -328,13 +330,18 @@ def decide(
         offset=offset,
         signers=policies.signers,
     )
+    # either way the copy's proof has no token and says whether it verified, whatever
+    # the sender wrote in it (`forwarded_auth`)
+    auth: dict[str, Any] | None = None
     if result.verdict is Verdict.ALLOW:
-        topic, forwarded = AGENT_MESSAGES_ACCEPTED, redact(message)
+        topic, forwarded = AGENT_MESSAGES_ACCEPTED, message
+        auth = forwarded_auth(message.auth, result.verified)  # set by forward_bytes
     else:
         topic = AGENT_MESSAGES_REJECTED
         forwarded = redact(
             masked_copy(message, result.masked, result.withheld),
             {"rejection_reasons": result.reasons, "rejection_rules": result.rules},
+            verified=result.verified,
         )
     return Outcome(
         inbound.message.partition,
@@ -342,7 +349,9 @@ def decide(
         decision,
         topic,
         message.sender_id.encode(),
-        forward_bytes(event, forwarded, inbound.data, inbound.message.topic, partition, offset),
+        forward_bytes(
+            event, forwarded, inbound.data, inbound.message.topic, partition, offset, auth
+        ),
         elapsed,
     )
 
@@ -449,6 +458,7 @@ def forward_bytes(
     topic: str,
     partition: int,
     offset: int,
+    auth: Mapping[str, Any] | None = None,
 ) -> bytes:
     """The forwarded message keeps the input's envelope but for its event id, which is
     derived from the input record's coordinates (`forwarded_id`: consumers of
@@ -457,15 +467,20 @@ def forward_bytes(
 
     An unchanged message at the current schema version is forwarded as the JSON object
     it was decoded from (`data`, changed in place), with `causation_id` set: a pydantic
-    copy costs more than deciding it. A redacted, annotated or upcast one (no `data`) is
-    re-encoded from the model."""
+    copy costs more than deciding it. A masked, annotated or upcast one (no `data`) is
+    re-encoded from the model. `auth`: fields to set in the message's proof
+    (`policy.forwarded_auth`), in the JSON object or the model alike."""
     input_id = str(event.event_id)
     output_id = forwarded_id(topic, partition, offset)
     if message is event.payload and data is not None:
         data["event_id"] = output_id
         data["causation_id"] = input_id
+        if auth:
+            data["payload"]["auth"].update(auth)
         return orjson.dumps(data)
     update: dict[str, Any] = {"event_id": UUID(output_id), "causation_id": input_id}
+    if auth and message.auth is not None:
+        message = message.model_copy(update={"auth": message.auth.model_copy(update=auth)})
     if message is not event.payload:
         update["payload"] = message
     return encode(event.model_copy(update=update))

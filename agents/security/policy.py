@@ -85,7 +85,7 @@ from agentstream.agents.security.normalize import (
     scanned_fields,
 )
 from agentstream.agents.security.patterns import PatternError, PatternList
-from agentstream.schemas.messages import AgentMessage
+from agentstream.schemas.messages import AgentMessage, AuthProof
 from agentstream.schemas.security import (
     ANONYMOUS_ROLE,
     ANY_LEVEL,
@@ -553,6 +553,10 @@ def authenticate(
     auth = message.auth
     if auth is None:
         return False, "the message carries no proof of identity"
+    if auth.redacted or auth.verified:
+        # the pipeline's own marks on what it forwards: a proof carrying them is a copy
+        # taken from an output topic, or a sender dressing up as a verified one
+        return False, "auth.redacted and auth.verified are set by enforce_policy, not by senders"
     if identity is None:
         return False, f"sender {message.sender_id!r} has no identity (agentstream identity grant)"
     if auth.method == "hmac-sha256":
@@ -1064,12 +1068,38 @@ def _fast_allows(message: AgentMessage, group: FitGroup) -> bool:
     return all(a.any_match(data) for a in group.allowed)
 
 
-def redact(message: AgentMessage, extra_metadata: Mapping[str, Any] | None = None) -> AgentMessage:
-    """The message as it may be forwarded: no access token, `extra_metadata` added."""
+def forwarded_auth(auth: AuthProof | None, verified: bool) -> dict[str, Any] | None:
+    """The fields of a forwarded proof that `enforce_policy` owns, when `auth` does not
+    hold those values already (None: forward it as it is):
+
+    * ``token``: never forwarded;
+    * ``redacted``: the copy is of an access-token proof, or a token was removed (the
+      schema takes an access-token proof without a token only so marked);
+    * ``verified``: whether it verified (`Evaluation.verified`).
+
+    Whatever the sender set in ``redacted`` and ``verified`` is replaced: an unverified
+    sender must not be able to forward a proof that reads like a verified agent's."""
+    if auth is None:
+        return None
+    redacted = auth.method == "access-token" or auth.token is not None
+    if auth.token is None and auth.redacted == redacted and auth.verified == verified:
+        return None
+    return {"token": None, "redacted": redacted, "verified": verified}
+
+
+def redact(
+    message: AgentMessage,
+    extra_metadata: Mapping[str, Any] | None = None,
+    *,
+    verified: bool = False,
+) -> AgentMessage:
+    """The message as it may be forwarded: its proof as `forwarded_auth` says (no access
+    token; `verified` whether it verified), `extra_metadata` added."""
     update: dict[str, Any] = {}
     auth = message.auth
-    if auth is not None and auth.token is not None:
-        update["auth"] = auth.model_copy(update={"token": None, "redacted": True})
+    fields = forwarded_auth(auth, verified)
+    if auth is not None and fields is not None:
+        update["auth"] = auth.model_copy(update=fields)
     if extra_metadata:
         update["metadata"] = {**message.metadata, **extra_metadata}
     return message.model_copy(update=update) if update else message

@@ -7,6 +7,7 @@ import uuid
 
 import pytest
 
+from agentstream.schemas import AgentMessage
 from tests.support import cli
 
 pytestmark = pytest.mark.integration
@@ -106,7 +107,8 @@ def test_publish_validates_each_line_and_tail_round_trips(settings_env: dict[str
     by_id = {e["payload"]["message_id"]: e for e in events}
     assert by_id[ids[0]]["source"] == "agentstream-cli"
     assert by_id[ids[1]]["source"] == "cli-test"
-    assert by_id[ids[2]]["schema_version"] == 2 and by_id[ids[2]]["payload"]["content"] == "three"
+    assert by_id[ids[2]]["schema_version"] == AgentMessage.VERSION  # upcast before sending
+    assert by_id[ids[2]]["payload"]["content"] == "three"
 
 
 def test_tail_offsets_partitions_keys_and_groups(settings_env: dict[str, str], ns: str) -> None:

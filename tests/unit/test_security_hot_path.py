@@ -19,8 +19,15 @@ from faust.stores.memory import Store
 import agentstream.agents.security.agent as agent
 from agentstream.agents.security import replay
 from agentstream.agents.security.decisions import decision_record, new_event_id
-from agentstream.agents.security.policy import PolicySet, StaticKeys, compiled, evaluate
-from agentstream.schemas import AgentMessage, Event, encode, registry
+from agentstream.agents.security.policy import (
+    PolicySet,
+    StaticKeys,
+    compiled,
+    evaluate,
+    forwarded_auth,
+)
+from agentstream.schemas import AgentMessage, Event, encode, registry, utc_now
+from agentstream.schemas.messages import AuthProof
 from agentstream.schemas.security import SecurityPolicy, Verdict
 from agentstream.streams.tables.security import keys_for
 
@@ -175,6 +182,19 @@ def test_an_unchanged_message_is_forwarded_as_the_object_it_was_read_from() -> N
     redacted = decoded.payload.model_copy(update={"content": "[redacted]"})
     again = registry.decode(agent.forward_bytes(decoded, redacted, data, *at))
     assert again.payload.content == "[redacted]" and again.event_id == forwarded.event_id
+
+
+def test_a_forwarded_proof_is_marked_alike_from_the_input_object_and_from_the_model() -> None:
+    proof = AuthProof(method="access-token", user_id=7, token="tok-zz9", issued_at=utc_now())
+    message = AgentMessage(message_id="m", sender_id="s", recipient_id="r", auth=proof)
+    decoded, data = registry.parse(encode(Event.of(message, source="s")))
+    at = ("agent.messages", 0, 1)
+    fields = forwarded_auth(message.auth, True)
+    assert fields == {"token": None, "redacted": True, "verified": True}
+    from_model = registry.decode(agent.forward_bytes(decoded, decoded.payload, None, *at, fields))
+    raw = agent.forward_bytes(decoded, decoded.payload, data, *at, fields)
+    assert registry.decode(raw) == from_model and b"tok-zz9" not in raw
+    assert from_model.payload.auth == proof.model_copy(update=fields)
 
 
 def test_a_forwarded_id_is_the_uuid5_of_the_input_coordinates() -> None:

@@ -19,6 +19,7 @@ from agentstream.agents.security.policy import (
     StaticKeys,
     compiled,
     evaluate,
+    forwarded_auth,
     redact,
     required_keys,
 )
@@ -284,6 +285,36 @@ def test_required_keys_and_redaction() -> None:
     assert "tok-seven" not in forwarded.model_dump_json()
     assert forwarded.metadata == {"rejection_reasons": ["x"]}
     assert redact(signed) is signed  # nothing secret: forwarded untouched, signature still valid
+
+
+def test_the_pipelines_marks_on_a_proof_are_never_taken_from_the_sender() -> None:
+    policies = _set(SecurityPolicy(policy_id="au", require_authentication=True))
+
+    def token(**kw: Any) -> AgentMessage:
+        proof = AuthProof(method="access-token", user_id=7, issued_at=utc_now(), **kw)
+        return _msg(auth=proof)
+
+    assert _eval(token(token="tok-seven"), policies).verified
+    # the genuine token, with a mark only enforce_policy sets: not verified
+    for marks in ({"redacted": True}, {"verified": True}):
+        result = _eval(token(token="tok-seven", **marks), policies)
+        assert not result.verified and result.rules == ["require_authentication"]
+        assert "set by enforce_policy" in result.reasons[0]
+
+    # a copy says whether its proof verified, whatever the sender wrote
+    forged = token(redacted=True, verified=True)
+    copy = redact(forged, verified=False)
+    assert copy.auth is not None and copy.auth.redacted and not copy.auth.verified
+    genuine = redact(token(token="tok-seven"), verified=True)
+    assert genuine.auth is not None and genuine.auth.token is None and genuine.auth.verified
+    assert genuine.auth != copy.auth
+    # an HMAC proof keeps its signature and is not marked redacted (it had no token)
+    signed = sign_message(_msg(), SIGNING)
+    copy = redact(signed, verified=True)
+    assert copy.auth is not None and copy.auth.verified and not copy.auth.redacted
+    assert copy.auth.signature == signed.auth.signature  # type: ignore[union-attr]
+    assert forwarded_auth(None, True) is None
+    assert forwarded_auth(copy.auth, True) is None  # already as forwarded
 
 
 def test_fast_path_and_full_evaluation_agree() -> None:
