@@ -13,7 +13,19 @@ code points but not what they look like, or hides the word behind characters nob
   with the above. (Reordering is a display effect: the logical order is kept, and a policy
   that wants such text denied outright uses `forbidden_controls` on the raw text.)
 * **control characters**: ``pass<NUL>word``. Every C0/C1 control (category Cc) except
-  tab, line feed and carriage return is removed: they have no glyph either.
+  tab, line feed and carriage return is removed: they have no glyph either (the white
+  space ones among them, VT, FF and NEL, included: many renderers show nothing for them,
+  and a pattern's ``\\s*`` matches across where they were).
+* **other format controls that render as nothing**: the Egyptian hieroglyph format
+  controls U+13430..1343F (joiners and insertion marks between hieroglyphs; U+13439..1343F
+  are Unicode 15's, unassigned in the 14.0 data) are not default-ignorable, but outside
+  hieroglyphic text they are as invisible as a zero-width joiner (`INVISIBLE_FORMAT_RANGES`).
+* **white space that is not ASCII**: ``password<U+2028>: x``. NFKC turns the no-break and
+  typographic spaces (U+00A0, U+2000..200A, U+202F, U+205F, U+3000) into a space; the
+  rest of Unicode's White_Space outside ASCII and the controls survives it: U+1680 OGHAM
+  SPACE MARK becomes a space, U+2028 LINE SEPARATOR and U+2029 PARAGRAPH SEPARATOR a line
+  feed (`WHITE_SPACE_MAP`). RE2's ``\\s`` is ASCII: without this a pattern's ``\\s*``
+  would stop at them, where a reader sees a space or a line break.
 * **compatibility forms**: full-width letters (U+FF50 FULLWIDTH LATIN SMALL LETTER P...),
   mathematical bold and italic letters, ligatures (U+FB01 ``fi``), circled and superscript
   letters... Unicode NFKC folds them to the plain letters.
@@ -39,8 +51,8 @@ What is *not* normalised, on purpose:
 * **combining marks** (``p`` + U+0308 COMBINING DIAERESIS, "zalgo") stay: stripping them
   would make every accented letter of ordinary text match its bare letter; NFKC composes
   what it can.
-* **whitespace variants** are only what NFKC does (no-break space → space); runs of spaces
-  are not collapsed: ``\\s+`` in the pattern is the tool for that.
+* **runs of white space** are not collapsed (nor is white space removed: it separates
+  what a reader sees apart): ``\\s+`` in the pattern is the tool for that.
 * **other scripts' words** are not transliterated: a Russian word stays Cyrillic apart
   from the letters that look Latin. Folding is visual, so wholly Cyrillic or Greek text can
   come out as a mix (Moscow in Cyrillic becomes ``Mockba``): a pattern written in those
@@ -93,6 +105,18 @@ DEFAULT_IGNORABLE_RANGES: tuple[tuple[int, int], ...] = (
 )
 UNICODE_VERSION_OF_TABLE = "14.0.0"
 
+#: Format controls (category Cf) that are not default-ignorable yet show nothing where a
+#: hostile sender puts them: removed like the default-ignorables. The Egyptian hieroglyph
+#: format controls: U+13430..13438 in Unicode 12, U+13439..1343F added in Unicode 15
+#: (reserved in the 14.0 data this Python has; removed now so that a newer one changes
+#: nothing). The block's combining modifiers (U+13440, U+13447..13455) are marks and stay.
+INVISIBLE_FORMAT_RANGES: tuple[tuple[int, int], ...] = ((0x13430, 0x1343F),)
+
+#: Unicode White_Space that NFKC leaves outside ASCII and is not a control (the controls
+#: VT, FF and NEL are removed with the others): to the ASCII space or line feed a reader
+#: sees, so that a pattern's ``\s`` (ASCII in RE2) matches there
+WHITE_SPACE_MAP: Mapping[int, str] = MappingProxyType({0x1680: " ", 0x2028: "\n", 0x2029: "\n"})
+
 #: C0 and C1 controls (category Cc) except TAB, LF, CR: they are how text is laid out
 _CONTROL_RANGES: tuple[tuple[int, int], ...] = (
     (0x00, 0x08),
@@ -128,7 +152,11 @@ def _char_class(ranges: Sequence[tuple[int, int]]) -> str:
     return "[" + "".join(parts) + "]"
 
 
-_STRIP_RE = re.compile(_char_class((*_CONTROL_RANGES, *DEFAULT_IGNORABLE_RANGES)) + "+")
+_STRIP_RE = re.compile(
+    _char_class((*_CONTROL_RANGES, *DEFAULT_IGNORABLE_RANGES, *INVISIBLE_FORMAT_RANGES)) + "+"
+)
+_SPACE_RE = re.compile(_char_class([(cp, cp) for cp in WHITE_SPACE_MAP]))
+_SPACE_TABLE = dict(WHITE_SPACE_MAP)
 _ASTRAL_RE = re.compile("[\U00010000-\U0010ffff]")
 _ASCII_CONTROL_BYTES = bytes(
     cp for start, end in _CONTROL_RANGES for cp in range(start, end + 1) if cp < 0x80
@@ -255,6 +283,9 @@ def normalize(text: str, *, fold_confusables: bool = True) -> str:
         return text if len(kept) == len(data) else kept.decode("ascii")
     fold = _folder().fold if fold_confusables else None
     current = text
+    if _SPACE_RE.search(current) is not None:
+        # NFKC and the fold write none of them: once is enough
+        current = current.translate(_SPACE_TABLE)
     for _ in range(_MAX_PASSES):
         if _STRIP_RE.search(current) is not None:
             current = _STRIP_RE.sub("", current)

@@ -46,6 +46,9 @@ ATTACKS = {
     "bidi override": "my \u202epass\u202cword is",
     "bidi isolates": "my pass\u2066word\u2069 is",
     "variation selector and tag characters": "my pass\ufe0fwo\U000e0072rd is",
+    # Egyptian hieroglyph format controls: Cf, not default-ignorable, invisible here (the
+    # last one is Unicode 15's, unassigned in Python 3.11's data)
+    "egyptian hieroglyph format controls": "my pa\U00013430ss\U00013438wo\U0001343frd is",
     "all of them at once": "my \uff50\u200b\u0430\u00ad\u0455\x00s\u202e\U0001d430ord is",
 }
 
@@ -56,6 +59,36 @@ def test_a_hidden_blocked_word_is_found(name: str) -> None:
     assert not PASSWORD.search(raw), "the attack must defeat the plain pattern"
     assert PASSWORD.search(normalize(raw))
     assert normalize(raw) == "my password is"
+
+
+#: Unicode's White_Space (PropList.txt, the same in 14.0 and 15.1)
+WHITE_SPACE = [
+    *range(0x09, 0x0E),
+    0x20,
+    0x85,
+    0xA0,
+    0x1680,
+    *range(0x2000, 0x200B),
+    0x2028,
+    0x2029,
+    0x202F,
+    0x205F,
+    0x3000,
+]
+
+
+@pytest.mark.parametrize("fold", [True, False])
+def test_unicode_white_space_is_what_re2_calls_white_space(fold: bool) -> None:
+    # RE2's \s is [\t\n\f\r ]: a separator a reader sees must reach it as one of those
+    # (or, for the controls VT, FF and NEL, be removed like every other control)
+    pattern = re2.compile(r"(?i)password\s*[:=]")
+    for cp in WHITE_SPACE:
+        raw = f"password{chr(cp)}: x"
+        text = normalize(raw, fold_confusables=fold)
+        assert text.isascii(), hex(cp)
+        assert pattern.search(text.encode()) is not None, hex(cp)
+    assert normalize("a\u2028b\u2029c\u1680d", fold_confusables=fold) == "a\nb\nc d"
+    assert normalize("a\u3000b\u00a0c", fold_confusables=fold) == "a b c"  # NFKC's part
 
 
 def test_look_alike_capitals_are_found_case_insensitively() -> None:
