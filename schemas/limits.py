@@ -144,5 +144,5 @@ METRIC_LABELS = MapLimits(entries=32, key_chars=128, value_chars=256, total_char
 COMMS_DETAILS = TreeLimits(depth=16, items=1000, json_bytes=16 * 1024)
 #: `agent.message` `metadata` (depth and items were bounded before: re-encoding) and
 #: `llm.request` `context.metadata`; the size matches a policy's default
-#: `max_message_size`, which holds scanned metadata to the same number of bytes
+#: `max_message_size`, which holds metadata (as JSON) to the same number of bytes
 MESSAGE_METADATA = TreeLimits(depth=16, items=10_000, json_bytes=64 * 1024)

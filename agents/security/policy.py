@@ -37,8 +37,9 @@ Checks, in this order, per fitting policy (ordered by policy id)
 2. ``require_authentication`` the sender is verified
 3. ``require_encryption``     a valid envelope under a key the keychain holds, no plaintext
 4. ``max_message_size``       content size in UTF-8 bytes (of the plaintext: for an
-                              envelope, ciphertext size minus the GCM tag); the other
-                              scanned text (metadata, ids) is held to the same limit.
+                              envelope, ciphertext size minus the GCM tag); metadata, as
+                              JSON as sent, is held to the same limit whatever the
+                              policy scans (ids are bounded by the schema).
                               Over it, no pattern is run at all: the cost of a decision is
                               bounded by the limits, not by what the sender sends
 5. ``forbidden_characters``   with `deny_control_characters`: no bidi override/isolate or
@@ -804,10 +805,23 @@ def evaluate(
                 detail = f"key {envelope.key_id!r} is not in the keychain: cannot be checked"
             violations.append(Violation("require_encryption", detail, pid, ver))
         limit = p.max_message_size
-        if size > limit:
-            violations.append(
-                Violation("max_message_size", f"content is {size} bytes, limit {limit}", pid, ver)
-            )
+        meta = scanned.metadata_bytes
+        if size > limit or meta > limit:
+            if size > limit:
+                violations.append(
+                    Violation(
+                        "max_message_size", f"content is {size} bytes, limit {limit}", pid, ver
+                    )
+                )
+            if meta > limit:
+                violations.append(
+                    Violation(
+                        "max_message_size",
+                        f"metadata is {meta} bytes of JSON, limit {limit}",
+                        pid,
+                        ver,
+                    )
+                )
             if policy.blocked:
                 withheld.update(_unscanned(message, policy.view))
             continue  # never scan what is over the limit: the cost stays bounded
@@ -831,14 +845,6 @@ def evaluate(
             if bad:
                 violations.append(Violation("forbidden_characters", ", ".join(bad), pid, ver))
         fields = scanned.fields(policy.view)
-        meta = scanned.metadata_size(policy.view)
-        if meta > limit:
-            violations.append(
-                Violation("max_message_size", f"metadata is {meta} bytes, limit {limit}", pid, ver)
-            )
-            if policy.blocked:
-                withheld.update(_unscanned(message, policy.view))
-            continue
         if policy.blocked:
             shared = group.unions.get(policy.view) if union else None
             if shared is not None and shared.covers(size, meta):
@@ -958,9 +964,15 @@ def _fields(message: AgentMessage, view: View) -> list[tuple[str, str]]:
     return out
 
 
-def _metadata_size(fields: list[tuple[str, str]]) -> int:
-    """What a policy's size limit holds metadata to (ids are bounded by the schema)."""
-    return sum(len(t.encode()) for path, t in fields if path.startswith("metadata"))
+def metadata_bytes(message: AgentMessage) -> int:
+    """What a policy's size limit holds metadata to, whatever its `scan_fields`: the
+    size of the metadata as JSON (0 when there is none), as sent. Not of its normalised
+    text, which a sender can make as small as it likes (a character and 20,000 zero-width
+    spaces normalise to one byte); the ids are bounded by the schema."""
+    if not message.metadata:
+        return 0
+    # a value not of JSON's types (metadata built in Python) measured as it is scanned
+    return len(orjson.dumps(message.metadata, default=str, option=orjson.OPT_NON_STR_KEYS))
 
 
 #: one field a blocked pattern matched: (path, normalised text, the matching patterns (in
@@ -980,7 +992,7 @@ class _Scanned:
             message if plain == message.content else message.model_copy(update={"content": plain})
         )
         self._views: dict[View, list[tuple[str, str]]] = {}
-        self._sizes: dict[View, int] = {}
+        self._metadata_bytes: int | None = None
         self._scans: dict[View, _UnionScan] = {}
 
     def fields(self, view: View) -> list[tuple[str, str]]:
@@ -989,11 +1001,11 @@ class _Scanned:
             hit = self._views[view] = _fields(self.message, view)
         return hit
 
-    def metadata_size(self, view: View) -> int:
-        hit = self._sizes.get(view)
-        if hit is None:
-            hit = self._sizes[view] = _metadata_size(self.fields(view))
-        return hit
+    @property
+    def metadata_bytes(self) -> int:
+        if self._metadata_bytes is None:
+            self._metadata_bytes = metadata_bytes(self.message)
+        return self._metadata_bytes
 
     def union_scan(self, view: View, union: BlockedUnion) -> _UnionScan:
         """What the view's union found in each field: one scan per field for all of the
@@ -1045,9 +1057,9 @@ def _fast_allows(message: AgentMessage, group: FitGroup) -> bool:
     content = message.content.encode()
     if len(content) > group.min_size:
         return False
-    fields = _fields(message, group.view)
-    if message.metadata and _metadata_size(fields) > group.min_size:
+    if message.metadata and metadata_bytes(message) > group.min_size:
         return False
+    fields = _fields(message, group.view)
     text = next((t for path, t in fields if path == "content"), None)
     if text is None:
         text = scanned_fields(message, ("content",), fold_confusables=group.view[1])[0][1]

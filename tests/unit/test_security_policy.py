@@ -317,6 +317,25 @@ def test_the_pipelines_marks_on_a_proof_are_never_taken_from_the_sender() -> Non
     assert forwarded_auth(copy.auth, True) is None  # already as forwarded
 
 
+@pytest.mark.parametrize("fast", [True, False])
+def test_metadata_is_held_to_the_limit_as_json_whatever_the_policy_scans(fast: bool) -> None:
+    def rules(policy: SecurityPolicy, metadata: dict[str, Any]) -> list[str]:
+        message = _msg("hi", metadata=metadata)
+        return evaluate(message, _set(policy, default="allow"), KEYS, fast=fast, ctx=CTX).rules
+
+    # {"k":"v"} is 9 bytes of JSON
+    for scan in (["content", "metadata"], ["content"]):
+        for patterns in (["zzz"], []):
+            policy = SecurityPolicy(
+                policy_id="p", max_message_size=9, blocked_patterns=patterns, scan_fields=scan
+            )
+            assert rules(policy, {"k": "v"}) == []
+            assert rules(policy, {"k": "vv"}) == ["max_message_size"]
+    # invisible characters count as sent (3 bytes each), not as normalised (nothing)
+    policy = SecurityPolicy(policy_id="p", max_message_size=100, blocked_patterns=["zzz"])
+    assert rules(policy, {"k": "\u200b" * 40}) == ["max_message_size"]
+
+
 def test_fast_path_and_full_evaluation_agree() -> None:
     import random
 
