@@ -312,14 +312,6 @@ def decide(
     result: Evaluation = evaluate(message, policies, keys, ctx=ctx)
     elapsed = time.perf_counter() - started
     elapsed_us = int(elapsed * 1_000_000)
-    if (
-        seen is not None
-        and result.verified
-        and result.issued_at is not None
-        and partition == ctx.expected_partition
-    ):
-        # a copy on another partition must not make the genuine message look replayed
-        seen.remember(key, partition, offset, result.issued_at.timestamp())
     decision = decision_record(
         event,
         result,
@@ -330,6 +322,21 @@ def decide(
         offset=offset,
         signers=policies.signers,
     )
+    if (
+        seen is not None
+        and result.verified
+        and result.issued_at is not None
+        and partition == ctx.expected_partition
+    ):
+        # a copy on another partition must not make the genuine message look replayed.
+        # Remembered under the message id the decision shows (`replay.apply_decision`
+        # folds the decisions: a rebuild must find the same keys): a verified message
+        # whose id was masked or withheld is not recognised when replayed; it is denied
+        # by the same rule again
+        shown = decision["payload"]["message_id"]
+        if shown != message.message_id:
+            key = replay.replay_key(message.sender_id, shown)
+        seen.remember(key, partition, offset, result.issued_at.timestamp())
     # either way the copy's proof has no token and says whether it verified, whatever
     # the sender wrote in it (`forwarded_auth`)
     auth: dict[str, Any] | None = None

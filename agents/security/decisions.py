@@ -19,7 +19,7 @@ from typing import Any
 
 import orjson
 
-from agentstream.agents.security.policy import Evaluation
+from agentstream.agents.security.policy import Evaluation, shown_id
 from agentstream.schemas import Event
 from agentstream.schemas.security import PolicyDecision
 from agentstream.streams.audit_chain import ChainSigner
@@ -112,7 +112,11 @@ def decision_record(
     signers: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """The unsealed record of one decision. Its `policies` and `policy_signers` maps may be
-    shared with other records of the same policy set: read them, never change them."""
+    shared with other records of the same policy set: read them, never change them.
+
+    Its `message_id` and `recipient_id` are the rejected copy's (`policy.shown_id`):
+    masked where a blocked pattern matched them, withheld where a policy did not scan
+    them. The chain is append-only and signed: what is written there stays."""
     message = event.payload
     input_id = str(event.event_id)
     ts = _iso_of_last(evaluated_at)
@@ -125,10 +129,10 @@ def decision_record(
         "correlation_id": event.correlation_id or input_id,
         "causation_id": input_id,
         "payload": {
-            "message_id": message.message_id,
+            "message_id": shown_id(message, "message_id", result),
             "message_event_id": input_id,
             "sender_id": message.sender_id,
-            "recipient_id": message.recipient_id,
+            "recipient_id": shown_id(message, "recipient_id", result),
             "verdict": result.verdict.value,
             "reasons": result.reasons,
             "rules": result.rules,

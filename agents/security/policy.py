@@ -1154,15 +1154,11 @@ def masked_copy(
     (``metadata.masked_withheld``)."""
     if not masked and not withheld:
         return message
-    update: dict[str, Any] = {}
-    for name, max_chars in _MASKED_FIELDS.items():
-        if name in withheld:
-            update[name] = WITHHELD
-        elif name in masked:
-            size = _utf8_size(getattr(message, name))
-            if name == "content" and message.encryption is not None:
-                size += len(message.encryption.ciphertext)  # the plaintext came in it
-            update[name] = cut_text(masked[name], size + MASKED_SLACK, max_chars)
+    update: dict[str, Any] = {
+        name: _masked_field(message, name, masked, withheld)
+        for name in _MASKED_FIELDS
+        if name in masked or name in withheld
+    }
     meta = [(path, text) for path, text in masked.items() if path.startswith("metadata")]
     if "metadata" in withheld:
         update["metadata"] = {"withheld": WITHHELD}
@@ -1171,6 +1167,33 @@ def masked_copy(
             meta, len(orjson.dumps(message.metadata)) + MASKED_SLACK
         )
     return message.model_copy(update=update)
+
+
+def _masked_field(
+    message: AgentMessage, name: str, masked: Mapping[str, str], withheld: Collection[str]
+) -> str:
+    """The text a rejected copy of `message` carries in the field `name` (one of
+    `_MASKED_FIELDS`)."""
+    if name in withheld:
+        return WITHHELD
+    if name not in masked:
+        text: str = getattr(message, name)
+        return text
+    size = _utf8_size(getattr(message, name))
+    if name == "content" and message.encryption is not None:
+        size += len(message.encryption.ciphertext)  # the plaintext came in it
+    return cut_text(masked[name], size + MASKED_SLACK, _MASKED_FIELDS[name])
+
+
+def shown_id(message: AgentMessage, name: str, result: Evaluation) -> str:
+    """`message_id` or `recipient_id` (`name`) as the rejected copy of `message` carries
+    it: masked where a blocked pattern matched it, `WITHHELD` where a policy that should
+    have scanned it did not, else as sent. The decision records the same, so that the
+    signed chain never holds what the copy hides."""
+    if not result.masked and not result.withheld:
+        text: str = getattr(message, name)
+        return text
+    return _masked_field(message, name, result.masked, result.withheld)
 
 
 def _masked_metadata(texts: list[tuple[str, str]], budget: int) -> dict[str, Any]:

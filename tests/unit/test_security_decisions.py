@@ -10,9 +10,16 @@ import orjson
 import pytest
 
 from agentstream.agents.security.decisions import decision_record, seal_record
-from agentstream.agents.security.policy import PolicySet, StaticKeys, compiled, evaluate
+from agentstream.agents.security.policy import (
+    WITHHELD,
+    PolicySet,
+    StaticKeys,
+    compiled,
+    evaluate,
+    masked_copy,
+)
 from agentstream.schemas import AgentMessage, Event, registry
-from agentstream.schemas.security import PolicyDecision, SecurityPolicy, Verdict
+from agentstream.schemas.security import PolicyDecision, SecurityConfig, SecurityPolicy, Verdict
 from agentstream.streams.audit_chain import GENESIS, compute_hash, seal
 
 
@@ -49,12 +56,15 @@ def test_record_equals_the_pydantic_event_and_seals_identically(micro: int, cont
         event_id=eid,
     )
 
+    # the policy scans ids: over its limit it scans nothing, and the decision shows the
+    # ids as the rejected copy does, withheld
+    over = len(content) > 10
     via_pydantic = message_event.caused(
         PolicyDecision(
-            message_id="m1",
+            message_id=WITHHELD if over else "m1",
             message_event_id=str(message_event.event_id),
             sender_id="alice",
-            recipient_id="bob",
+            recipient_id=WITHHELD if over else "bob",
             verdict=result.verdict,
             reasons=result.reasons,
             rules=result.rules,
@@ -90,3 +100,33 @@ def test_record_equals_the_pydantic_event_and_seals_identically(micro: int, cont
     # chaining: the next record points at this one
     value2, _ = seal_record(dict(record, payload=dict(record["payload"])), digest)
     assert orjson.loads(value2)["payload"]["prev_hash"] == digest != GENESIS
+
+
+@pytest.mark.parametrize("redaction", ["mask", "hash"])
+def test_the_decision_shows_the_ids_as_the_rejected_copy_does(redaction: str) -> None:
+    policies = PolicySet(
+        [compiled(SecurityPolicy(policy_id="p", blocked_patterns=["sk-[a-z0-9]{8,}"]))],
+        enabled=True,
+        default_action=Verdict.DENY,
+        config=SecurityConfig(rejected_redaction=redaction),  # type: ignore[arg-type]
+    )
+    secret = "sk-abcdef123456"
+    message = AgentMessage(
+        message_id=f"ref-{secret}", sender_id="alice", recipient_id=f"{secret}@x", content="hi"
+    )
+    result = evaluate(message, policies, StaticKeys())
+    at = datetime(2026, 11, 25, 12, 0, 1, tzinfo=UTC)
+    record = decision_record(
+        Event.of(message, source="alice"),
+        result,
+        source="enforce_policy",
+        evaluated_at=at,
+        evaluation_us=1,
+        partition=0,
+        offset=1,
+    )
+    copy = masked_copy(message, result.masked, result.withheld)
+    assert record["payload"]["message_id"] == copy.message_id != message.message_id
+    assert record["payload"]["recipient_id"] == copy.recipient_id != message.recipient_id
+    assert secret not in orjson.dumps(record).decode()
+    assert copy.message_id.startswith("ref-[")  # masked, not withheld

@@ -13,12 +13,15 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 import pytest
 from faust.stores.memory import Store
 
 import agentstream.agents.security.agent as agent
 from agentstream.agents.security import replay
+from agentstream.agents.security.crypto import new_key, sign_message
 from agentstream.agents.security.decisions import decision_record, new_event_id
+from agentstream.agents.security.identity import Identity, IdentityRegistry
 from agentstream.agents.security.policy import (
     PolicySet,
     StaticKeys,
@@ -28,7 +31,8 @@ from agentstream.agents.security.policy import (
 )
 from agentstream.schemas import AgentMessage, Event, encode, registry, utc_now
 from agentstream.schemas.messages import AuthProof
-from agentstream.schemas.security import SecurityPolicy, Verdict
+from agentstream.schemas.security import AgentIdentity, SecurityPolicy, Verdict
+from agentstream.streams.processing import Inbound
 from agentstream.streams.tables.security import keys_for
 
 
@@ -204,3 +208,54 @@ def test_a_forwarded_id_is_the_uuid5_of_the_input_coordinates() -> None:
         )
     ids = {agent.forwarded_id("t", p, o) for p in range(3) for o in range(3)}
     assert len(ids) == 9
+
+
+class _Seen:
+    """The replay state `decide` reads and adds to, without the table."""
+
+    def __init__(self) -> None:
+        self.remembered: list[str] = []
+
+    def get(self, key: str) -> None:
+        return None
+
+    def remember(self, key: str, partition: int, offset: int, at: float) -> None:
+        self.remembered.append(key)
+
+
+@dataclass
+class _Record:
+    topic: str = "agent.messages"
+    partition: int = 0
+    offset: int = 5
+
+
+@pytest.mark.parametrize("message_id", ["m-plain", "ref-sk-abcdef123456"])
+def test_the_replay_entry_of_a_decision_is_the_one_its_fold_makes(message_id: str) -> None:
+    key = new_key()
+    identities = IdentityRegistry([Identity.of(AgentIdentity(agent_id="alice", roles=["a"]))])
+    policies = PolicySet(
+        [compiled(SecurityPolicy(policy_id="p", level="*", blocked_patterns=["sk-[a-z0-9]{8,}"]))],
+        enabled=True,
+        default_action=Verdict.DENY,
+    )
+    message = sign_message(
+        AgentMessage(message_id=message_id, sender_id="alice", recipient_id="bob"), key
+    )
+    parsed, data = registry.parse(encode(Event.of(message, source="alice")))
+    inbound = Inbound(parsed, _Record(), data)
+    inbound.message.partition = agent._home_partition("alice", agent._partitions(inbound))
+    seen = _Seen()
+    outcome = agent.decide(
+        inbound,
+        policies,
+        StaticKeys(signing={"alice": key}),
+        identities,
+        seen,  # type: ignore[arg-type]
+    )
+    assert outcome.result.verified
+    # the live table and a rebuild from the decisions (`agentstream rebuild`) agree
+    folded: dict[str, Any] = {}
+    replay.apply_decision(folded, registry.decode(orjson.dumps(outcome.decision)))
+    assert seen.remembered == list(folded)
+    assert "sk-abcdef123456" not in seen.remembered[0]
