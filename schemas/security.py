@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
@@ -229,11 +229,18 @@ class PolicyDecision(Payload):
     """One per decoded message on `security.decisions`, hash-chained per partition."""
 
     TYPE = "security.decision"
-    VERSION = 1
+    VERSION = 2
     KEY_FIELD = "sender_id"
 
+    #: as the rejected copy shows it (masked or withheld when a policy says so)
     message_id: str = Field(max_length=MAX_ID_LENGTH)
     message_event_id: str = Field(max_length=64)
+    #: lowercase hex SHA-256 of the decided message's canonical bytes, what a signature
+    #: covers (`crypto.message_digest`): every field but the proof, plus the proof's
+    #: method, issue time and key id. A forwarded accepted copy has the same digest, so a
+    #: reader can tell whether a copy is the message this decision was about. "" in v1
+    #: decisions, which bound no digest
+    message_digest: str = Field(default="", max_length=64)
     sender_id: str = Field(max_length=MAX_ID_LENGTH)
     recipient_id: str = Field(default="", max_length=MAX_ID_LENGTH)
     verdict: Verdict
@@ -267,3 +274,10 @@ class PolicyDecision(Payload):
     #: record before it through the hash chain
     signed_by: str = Field(default="", max_length=MAX_ID_LENGTH)
     signature: str = Field(default="", max_length=MAX_SIGNATURE_LENGTH)
+
+
+@registry.upcaster(PolicyDecision.TYPE, 1)
+def _policy_decision_v1_to_v2(payload: dict[str, Any]) -> dict[str, Any]:
+    """v1 bound no digest of the message it decided (read as ""); what it has means the
+    same. Its chain hashes are over the record as written, so they still verify."""
+    return payload

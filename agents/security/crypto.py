@@ -134,6 +134,22 @@ def canonical_bytes(
     return CANONICAL_PREFIX + orjson.dumps(data, option=orjson.OPT_SORT_KEYS)
 
 
+def message_digest(message: AgentMessage) -> str:
+    """Lowercase hex SHA-256 of `message`'s canonical bytes, with its own proof's method,
+    issue time and key id (all null without a proof): what `PolicyDecision.message_digest`
+    records. It covers everything a signature covers, so a copy that `enforce_policy`
+    forwarded (token removed, `auth.verified` and `auth.redacted` set: not covered) has the
+    digest of the message it decided; a copy with any other field changed does not."""
+    proof = message.auth
+    data = canonical_bytes(
+        message,
+        auth_method=proof.method if proof is not None else None,
+        issued_at=proof.issued_at if proof is not None else None,
+        key_id=proof.key_id if proof is not None else None,
+    )
+    return hashlib.sha256(data).hexdigest()
+
+
 def signature(
     message: AgentMessage,
     key: bytes,

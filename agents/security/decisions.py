@@ -19,6 +19,7 @@ from typing import Any
 
 import orjson
 
+from agentstream.agents.security.crypto import message_digest
 from agentstream.agents.security.policy import Evaluation, shown_id
 from agentstream.schemas import Event
 from agentstream.schemas.security import PolicyDecision
@@ -131,6 +132,7 @@ def decision_record(
         "payload": {
             "message_id": shown_id(message, "message_id", result),
             "message_event_id": input_id,
+            "message_digest": message_digest(message),
             "sender_id": message.sender_id,
             "recipient_id": shown_id(message, "recipient_id", result),
             "verdict": result.verdict.value,

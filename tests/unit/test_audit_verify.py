@@ -4,11 +4,15 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any
+
+import orjson
 
 from agentstream.agents.audit.verify import ChainRecord, chain_record, check_chain
 from agentstream.schemas import Event, PolicyDecision, encode
+from agentstream.schemas.registry import registry
 from agentstream.schemas.security import Verdict
-from agentstream.streams.audit_chain import GENESIS, seal
+from agentstream.streams.audit_chain import GENESIS, record_hash, seal
 from agentstream.streams.record_batches import Unreadable
 
 
@@ -157,3 +161,32 @@ def test_a_batch_the_client_cannot_parse_is_altered_and_its_records_missing() ->
     found = check_chain(recs, GENESIS)
     assert [(f.kind, f.offset) for f in found] == [("altered", 3), ("deleted", 4)]
     assert "offsets 2..3: cannot decompress" in found[0].detail
+
+
+def _v1(i: int, prev: str) -> tuple[bytes, str]:
+    """A decision as a v1 worker wrote it: no `message_digest`, schema version 1, sealed
+    over its own JSON."""
+    data: dict[str, Any] = orjson.loads(encode(decision(i)))
+    del data["payload"]["message_digest"]
+    data["schema_version"] = 1
+    data["payload"]["prev_hash"] = prev
+    data["payload"]["hash"] = record_hash(data)
+    return orjson.dumps(data), data["payload"]["hash"]
+
+
+def test_a_chain_of_v1_decisions_and_v2_after_them_still_verifies() -> None:
+    values, prev = [], GENESIS
+    for i in range(3):
+        value, prev = _v1(i, prev)
+        values.append(value)
+    for i in range(3, 6):  # an upgraded worker continues the chain
+        ev = seal(decision(i), prev)
+        prev = ev.payload.hash
+        values.append(encode(ev))
+    assert walk(values) == []
+    old, new = registry.decode(values[0]), registry.decode(values[-1])
+    assert old.schema_version == new.schema_version == PolicyDecision.VERSION == 2
+    assert old.payload.message_digest == ""  # v1 bound none
+    # and an altered v1 record is still caught
+    values[1] = values[1].replace(b'"verdict":"allow"', b'"verdict":"deny"')
+    assert walk(values) == [("altered", 1)]

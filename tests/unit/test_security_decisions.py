@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 import orjson
 import pytest
 
+from agentstream.agents.security.crypto import message_digest
 from agentstream.agents.security.decisions import decision_record, seal_record
 from agentstream.agents.security.policy import (
     WITHHELD,
@@ -63,6 +64,7 @@ def test_record_equals_the_pydantic_event_and_seals_identically(micro: int, cont
         PolicyDecision(
             message_id=WITHHELD if over else "m1",
             message_event_id=str(message_event.event_id),
+            message_digest=message_digest(message_event.payload),
             sender_id="alice",
             recipient_id=WITHHELD if over else "bob",
             verdict=result.verdict,

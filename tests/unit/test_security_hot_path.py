@@ -19,7 +19,7 @@ from faust.stores.memory import Store
 
 import agentstream.agents.security.agent as agent
 from agentstream.agents.security import replay
-from agentstream.agents.security.crypto import new_key, sign_message
+from agentstream.agents.security.crypto import message_digest, new_key, sign_message
 from agentstream.agents.security.decisions import decision_record, new_event_id
 from agentstream.agents.security.identity import Identity, IdentityRegistry
 from agentstream.agents.security.policy import (
@@ -259,3 +259,23 @@ def test_the_replay_entry_of_a_decision_is_the_one_its_fold_makes(message_id: st
     replay.apply_decision(folded, registry.decode(orjson.dumps(outcome.decision)))
     assert seen.remembered == list(folded)
     assert "sk-abcdef123456" not in seen.remembered[0]
+
+
+def test_an_accepted_copy_has_the_digest_its_decision_records() -> None:
+    proof = AuthProof(method="access-token", user_id=7, token="tok-zz9", issued_at=utc_now())
+    message = AgentMessage(
+        message_id="m", sender_id="s", recipient_id="r", content="hi", auth=proof
+    )
+    parsed, data = registry.parse(encode(Event.of(message, source="s")))
+    policies = PolicySet(
+        [compiled(SecurityPolicy(policy_id="p", level="*"))],
+        enabled=True,
+        default_action=Verdict.DENY,
+    )
+    outcome = agent.decide(Inbound(parsed, _Record(), data), policies, StaticKeys())
+    assert outcome.topic == agent.AGENT_MESSAGES_ACCEPTED
+    copy = registry.decode(outcome.forwarded).payload
+    digest = outcome.decision["payload"]["message_digest"]
+    assert copy.auth.token is None and message_digest(copy) == digest == message_digest(message)
+    for changed in ({"content": "hi!"}, {"recipient_id": "r2"}, {"metadata": {"k": 1}}):
+        assert message_digest(copy.model_copy(update=changed)) != digest
