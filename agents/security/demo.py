@@ -36,7 +36,7 @@ POLICIES = [
         policy_id="no-secrets",
         description="Never pass credentials around",
         level="standard",
-        blocked_patterns=[r"(?i)password\s*[:=]", r"sk-[A-Za-z0-9]{20,}"],
+        blocked_patterns=[r"(?i)password\s*[:=]\s*\S+", r"sk-[A-Za-z0-9]{20,}"],
         max_message_size=2048,
     ),
     SecurityPolicy(

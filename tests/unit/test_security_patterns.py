@@ -283,7 +283,14 @@ def test_spans_are_utf8_byte_ranges_of_every_match() -> None:
 #: states for each piece, so every byte costs ~1,000s of NFA thread steps
 STALLING = "[ab]*a[ab]{1000}[ab]*b[ab]{1000}" * 6
 DOCS_POLICIES = [  # docs/security.md, with their max_message_size
-    (["(?i)password\\s*[:=]", "sk-[A-Za-z0-9]{20,}", "-----BEGIN [A-Z ]*PRIVATE KEY-----"], 16384),
+    (
+        [
+            "(?i)password\\s*[:=]\\s*\\S+",
+            "sk-[A-Za-z0-9]{20,}",
+            "-----BEGIN [A-Z ]*PRIVATE KEY-----",
+        ],
+        16384,
+    ),
     (["^report:", "^status:"], 65536),
 ]
 
