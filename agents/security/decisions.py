@@ -116,8 +116,9 @@ def decision_record(
     shared with other records of the same policy set: read them, never change them.
 
     Its `message_id` and `recipient_id` are the rejected copy's (`policy.shown_id`):
-    masked where a blocked pattern matched them, withheld where a policy did not scan
-    them. The chain is append-only and signed: what is written there stays."""
+    masked where a blocked pattern matched them, withheld where a policy that does not
+    compile should have scanned them. The chain is append-only and signed: what is
+    written there stays."""
     message = event.payload
     input_id = str(event.event_id)
     ts = _iso_of_last(evaluated_at)

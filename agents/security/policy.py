@@ -40,8 +40,9 @@ Checks, in this order, per fitting policy (ordered by policy id)
                               envelope, ciphertext size minus the GCM tag); metadata, as
                               JSON as sent, is held to the same limit whatever the
                               policy scans (ids are bounded by the schema).
-                              Over it, no pattern is run at all: the cost of a decision is
-                              bounded by the limits, not by what the sender sends
+                              Over it, the policy's patterns run on the ids and content
+                              type only (the schema bounds them): the cost of a decision
+                              is bounded by the limits, not by what the sender sends
 5. ``forbidden_characters``   with `deny_control_characters`: no bidi override/isolate or
                               NUL in the content
 6. ``blocked_patterns``       no pattern matches any field of `scan_fields` (content,
@@ -52,9 +53,10 @@ Checks, in this order, per fitting policy (ordered by policy id)
 Encrypted content whose key is not in the keychain cannot be checked against patterns: a
 fitting policy with patterns then denies it (rule ``content_unreadable``).
 
-What a fitting policy with blocked patterns did not scan (over its limit, unreadable, the
-policy broken) is withheld from the rejected copy (`Evaluation.withheld`, `masked_copy`):
-nothing says what in it the patterns would have masked.
+What a fitting policy with blocked patterns did not scan (content and metadata over its
+limit or unreadable; every field when the policy is broken) is withheld from the
+rejected copy (`Evaluation.withheld`, `masked_copy`): nothing says what in it the
+patterns would have masked.
 """
 
 from __future__ import annotations
@@ -212,9 +214,9 @@ class Evaluation:
     #: {field path: the normalised text with what a blocked pattern matched masked}
     masked: dict[str, str] = field(default_factory=dict)
     #: the fields (`WITHHOLDABLE`) a fitting policy with blocked patterns did not scan
-    #: (over its size limit, content it could not read, a policy that does not compile):
-    #: a rejected copy carries `WITHHELD` instead of them, since nothing says what in
-    #: them the patterns would have masked
+    #: (content and metadata over its size limit or not readable; every field of a
+    #: policy that does not compile): a rejected copy carries `WITHHELD` instead of them,
+    #: since nothing says what in them the patterns would have masked
     withheld: frozenset[str] = frozenset()
 
     @property
@@ -777,13 +779,45 @@ def evaluate(
     blocked_at: list[tuple[int, list[str], list[str]]] = []
     #: the fields a policy with blocked patterns did not scan (`Evaluation.withheld`)
     withheld: set[str] = set()
+
+    def record(matches: list[_Hit], pid: str, ver: int) -> None:
+        """Note what a policy's blocked patterns matched: spans to mask, a violation."""
+        hits: dict[str, list[str]] = {}
+        for path, text, matched, spans in matches:
+            hits[path] = matched
+            chars = byte_spans_to_char_spans(text, spans)
+            kept = blocked_spans.get(path)
+            if kept is None:
+                blocked_spans[path] = (text, chars)
+            elif kept[0] == text:
+                kept[1].extend(chars)
+            else:
+                # a policy that normalises differently (confusables): its spans do
+                # not index the kept text, so none of that text may be shown
+                kept[1].append((0, len(kept[0])))
+        if hits:
+            shown = sorted({x for found in hits.values() for x in found})[:5]
+            blocked_at.append((len(violations), shown, list(hits)))
+            violations.append(_blocked(shown, hits, pid, ver))
+
+    def skipped(policy: CompiledPolicy) -> None:
+        """A policy with blocked patterns that does not scan this message (over its limit,
+        content it cannot read) still scans the fields the schema bounds (ids, content
+        type: the cost stays bounded), and the rejected copy withholds the rest."""
+        withheld.update(_unscanned(message, policy.view))
+        names, fold = policy.view
+        bounded = tuple(name for name in names if name in _BOUNDED_FIELDS)
+        if bounded:
+            fields = scanned.fields((bounded, fold))
+            record(_own_hits(policy.blocked, fields), policy.id, policy.version)
+
     for position, policy in enumerate(fitting):
         p = policy.policy
         pid, ver = policy.id, policy.version
         if policy.broken is not None:
             violations.append(Violation("invalid_policy", policy.broken, pid, ver))
-            if p.blocked_patterns:  # what it was meant to catch is unknown
-                withheld.update(_unscanned(message, policy.view))
+            if p.blocked_patterns:  # what it was meant to catch is unknown: every field
+                withheld.update(_unscanned(message, policy.view, bounded=True))
             continue
         if policy.allowed_roles and policy.allowed_roles.isdisjoint(sender.roles):
             violations.append(
@@ -823,7 +857,7 @@ def evaluate(
                     )
                 )
             if policy.blocked:
-                withheld.update(_unscanned(message, policy.view))
+                skipped(policy)
             continue  # never scan what is over the limit: the cost stays bounded
         if not policy.has_patterns and not p.deny_control_characters:
             continue
@@ -838,7 +872,7 @@ def evaluate(
                     )
                 )
             if policy.blocked:
-                withheld.update(_unscanned(message, policy.view))
+                skipped(policy)
             continue
         if p.deny_control_characters:
             bad = forbidden_controls(plain)
@@ -853,23 +887,7 @@ def evaluate(
                 )
             else:
                 matches = _own_hits(policy.blocked, fields)
-            hits: dict[str, list[str]] = {}
-            for path, text, matched, spans in matches:
-                hits[path] = matched
-                chars = byte_spans_to_char_spans(text, spans)
-                kept = blocked_spans.get(path)
-                if kept is None:
-                    blocked_spans[path] = (text, chars)
-                elif kept[0] == text:
-                    kept[1].extend(chars)
-                else:
-                    # a policy that normalises differently (confusables): its spans do
-                    # not index the kept text, so none of that text may be shown
-                    kept[1].append((0, len(kept[0])))
-            if hits:
-                shown = sorted({x for found in hits.values() for x in found})[:5]
-                blocked_at.append((len(violations), shown, list(hits)))
-                violations.append(_blocked(shown, hits, pid, ver))
+            record(matches, pid, ver)
         if policy.allowed and not policy.allowed.any_match(scanned.content(policy.view)):
             violations.append(Violation("allowed_patterns", "no allowed pattern matches", pid, ver))
 
@@ -911,12 +929,19 @@ _WITHHOLDABLE_OF = {
 WITHHOLDABLE = ("content", "content_type", "message_id", "recipient_id", "metadata")
 
 
-def _unscanned(message: AgentMessage, view: View) -> list[str]:
-    """The withholdable fields of `message` a policy seeing it as `view` scans (an empty
-    content or metadata has nothing to withhold)."""
+#: the scan fields the schema bounds (ids 256 characters, the content type 128): scanned
+#: by a policy even when the message is over its size limit or its content unreadable
+_BOUNDED_FIELDS = frozenset({"content_type", "ids"})
+
+
+def _unscanned(message: AgentMessage, view: View, *, bounded: bool = False) -> list[str]:
+    """The withholdable fields of `message` a policy seeing it as `view` scans, those the
+    schema bounds only when `bounded` (a policy that scans nothing). An empty content or
+    metadata has nothing to withhold."""
     return [
         name
         for scan_field in view[0]
+        if bounded or scan_field not in _BOUNDED_FIELDS
         for name in _WITHHOLDABLE_OF[scan_field]
         if not (name == "content" and not message.content)
         and not (name == "metadata" and not message.metadata)

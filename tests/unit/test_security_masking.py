@@ -130,14 +130,15 @@ def _rejected(policies: PolicySet, message: AgentMessage) -> tuple[frozenset[str
 
 def test_a_field_a_blocking_policy_did_not_scan_is_withheld_not_masked() -> None:
     message = AgentMessage(
-        message_id="m-zz2",
+        message_id="m-ww3",
         sender_id="s",
         recipient_id="r",
         content="qq1 " + "x" * 100,
         metadata={"note": "ww3"},
     )
     # "a" masks qq1 in the content, "small" never scans it (over its limit): what "small"
-    # blocks is unknown, so the copy holds none of what it should have scanned
+    # blocks there is unknown, so the copy holds none of what it should have scanned.
+    # The ids are bounded by the schema: "small" scans them whatever the message's size
     policies = policy_set(
         SecurityPolicy(policy_id="a", blocked_patterns=["qq1"]),
         SecurityPolicy(
@@ -147,10 +148,12 @@ def test_a_field_a_blocking_policy_did_not_scan_is_withheld_not_masked() -> None
             scan_fields=["content", "metadata", "ids"],
         ),
     )
+    result = evaluate(message, policies, StaticKeys())
+    assert result.rules == ["blocked_patterns", "max_message_size"]
     withheld, copy = _rejected(policies, message)
-    assert withheld == {"content", "metadata", "message_id", "recipient_id"}
-    assert copy.content == copy.message_id == copy.recipient_id == WITHHELD
-    assert copy.metadata == {"withheld": WITHHELD}
+    assert withheld == {"content", "metadata"}
+    assert copy.content == WITHHELD and copy.metadata == {"withheld": WITHHELD}
+    assert copy.message_id == "m-[MASKED]" and copy.recipient_id == "r"
     assert copy.content_type == "text/plain" and copy.sender_id == "s"
 
     # a policy without blocked patterns masks nothing, so skipping it withholds nothing
