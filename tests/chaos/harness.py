@@ -25,7 +25,7 @@ from agentstream.streams.settings import Settings, child_environ
 from tests.chaos import checker
 from tests.chaos.checker import BLOCKED_WORD
 from tests.chaos.cluster import ChaosWorker, OwnBroker, OwnKafka
-from tests.chaos.collect import INPUT_TOPIC, Collector, GroupWatcher
+from tests.chaos.collect import INPUT_TOPIC, Collector, GroupWatcher, stop_task
 from tests.chaos.load import Load
 from tests.support import REPO, AdminSigner, await_until, cli, with_admin_key
 
@@ -487,9 +487,7 @@ async def _load_and_faults(ctx: RunContext, scenario: ScenarioFunc, result: dict
     finally:
         for task in (supervisor, load_task):
             if task is not None and not task.done():
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+                await stop_task(task)
         # first, and to their end even if the run is interrupted meanwhile: the workers
         # run in sessions of their own, nothing else would stop them
         await uninterrupted(asyncio.gather(*(asyncio.to_thread(_stop, w) for w in workers)))

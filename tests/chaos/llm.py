@@ -34,7 +34,7 @@ from typing import Any
 from aiohttp import web
 
 from tests.chaos import checker
-from tests.chaos.collect import LlmCollector
+from tests.chaos.collect import LlmCollector, stop_task
 from tests.chaos.harness import COMMIT_INTERVAL_S, RunContext, RunHooks
 from tests.chaos.load import LlmLoad
 from tests.support import await_until
@@ -254,9 +254,7 @@ class LlmSaturation(RunHooks):
     async def teardown(self, ctx: RunContext) -> None:
         task, self.load_task = self.load_task, None
         if task is not None and not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+            await stop_task(task)
         if self.collector is not None:
             await self.collector.stop()
         if self.server is not None:

@@ -500,15 +500,19 @@ def main(argv: list[str] | None = None) -> int:
 
 async def _interruptible(main: Coroutine[Any, Any, int]) -> int:
     """Run `main`; the first SIGINT or SIGTERM cancels it, so every run's finally blocks
-    stop their workers and brokers and nothing half-done is recorded; later ones only
-    say that it is stopping."""
+    stop their workers and brokers and nothing half-done is recorded; later ones say
+    that it is stopping and cancel it again."""
     task = asyncio.ensure_future(main)
     loop = asyncio.get_running_loop()
     stopping: list[int] = []
 
     def interrupt(sig: int) -> None:
         if stopping:
+            # cancelled again: a cancellation lost on its way (see `collect.stop_task`)
+            # left a runner that ignored every later signal; the workers and brokers
+            # are stopped under `uninterrupted`, which a second cancellation does not cut
             print("still stopping the run's workers and brokers …", flush=True)
+            task.cancel()
             return
         stopping.append(sig)
         print(f"\n{signal.Signals(sig).name}: stopping the run in progress …", flush=True)
