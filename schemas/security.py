@@ -238,8 +238,9 @@ class PolicyDecision(Payload):
     #: lowercase hex SHA-256 of the decided message's canonical bytes, what a signature
     #: covers (`crypto.message_digest`): every field but the proof, plus the proof's
     #: method, issue time and key id. A forwarded accepted copy has the same digest, so a
-    #: reader can tell whether a copy is the message this decision was about. "" in v1
-    #: decisions, which bound no digest
+    #: reader can tell whether a copy is the message this decision was about. "" when
+    #: the rejected copy masks or withholds anything (the digest and the copy's other
+    #: bytes would let its readers guess a short secret), and in v1 decisions
     message_digest: str = Field(default="", max_length=64)
     sender_id: str = Field(max_length=MAX_ID_LENGTH)
     recipient_id: str = Field(default="", max_length=MAX_ID_LENGTH)

@@ -137,9 +137,10 @@ def canonical_bytes(
 def message_digest(message: AgentMessage) -> str:
     """Lowercase hex SHA-256 of `message`'s canonical bytes, with its own proof's method,
     issue time and key id (all null without a proof): what `PolicyDecision.message_digest`
-    records. It covers everything a signature covers, so a copy that `enforce_policy`
-    forwarded (token removed, `auth.verified` and `auth.redacted` set: not covered) has the
-    digest of the message it decided; a copy with any other field changed does not."""
+    records (when it records one: `decisions.bound_digest`). It covers everything a
+    signature covers, so a copy that `enforce_policy` forwarded (token removed,
+    `auth.verified` and `auth.redacted` set: not covered) has the digest of the message it
+    decided; a copy with any other field changed does not."""
     proof = message.auth
     data = canonical_bytes(
         message,

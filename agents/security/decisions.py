@@ -21,8 +21,8 @@ import orjson
 
 from agentstream.agents.security.crypto import message_digest
 from agentstream.agents.security.policy import Evaluation, shown_id
-from agentstream.schemas import Event
-from agentstream.schemas.security import PolicyDecision
+from agentstream.schemas import AgentMessage, Event
+from agentstream.schemas.security import PolicyDecision, Verdict
 from agentstream.streams.audit_chain import ChainSigner
 
 
@@ -100,6 +100,18 @@ class _SignersOf:
 _signers_of = _SignersOf()
 
 
+def bound_digest(message: AgentMessage, result: Evaluation) -> str:
+    """`message_digest` of `message` when its copy carries it whole (accepted, or
+    rejected with nothing masked or withheld), else "". An unsalted digest of a message
+    whose copy masks a short secret (a PIN, a card number) lets whoever reads both the
+    rejected copy and the decision guess the secret offline: the copy gives every other
+    byte. The digest exists to check an accepted copy against its decision; a copy that
+    shows the message adds nothing to learn."""
+    if result.verdict is Verdict.ALLOW or not (result.masked or result.withheld):
+        return message_digest(message)
+    return ""
+
+
 def decision_record(
     event: Event[Any],
     result: Evaluation,
@@ -133,7 +145,7 @@ def decision_record(
         "payload": {
             "message_id": shown_id(message, "message_id", result),
             "message_event_id": input_id,
-            "message_digest": message_digest(message),
+            "message_digest": bound_digest(message, result),
             "sender_id": message.sender_id,
             "recipient_id": shown_id(message, "recipient_id", result),
             "verdict": result.verdict.value,

@@ -10,6 +10,8 @@ Each test asserts the secure behaviour and FAILS on the code it was written agai
   cannot open) is forwarded to the rejected topic without any masking;
 * the decision record carries `message_id` and `recipient_id` as sent, although the
   rejected copy masks them.
+* the decision's `message_digest`, an unsalted SHA-256 of the unmasked message, lets
+  whoever reads it and the rejected copy guess a short masked secret offline.
 
 The decision chain is append-only and signed: a secret written there cannot be scrubbed.
 """
@@ -23,7 +25,7 @@ import orjson
 import pytest
 
 from agentstream.agents.security import agent
-from agentstream.agents.security.crypto import encrypt_content, new_key
+from agentstream.agents.security.crypto import encrypt_content, message_digest, new_key
 from agentstream.agents.security.identity import Identity, IdentityRegistry
 from agentstream.agents.security.policy import PolicySet, StaticKeys, compiled
 from agentstream.schemas import AgentMessage, Event, encode, registry
@@ -145,3 +147,43 @@ def test_the_decision_does_not_carry_a_masked_id_in_clear(field: str) -> None:
     assert outcome.result.rules == ["blocked_patterns"]
     assert SECRET not in outcome.forwarded.decode()  # the rejected copy masks it (holds)
     assert _leaks(outcome) == []
+
+
+def _guess_from(copy: dict[str, Any], digest: str, guesses: list[str]) -> str | None:
+    """What a reader of the rejected copy and the decision recovers: the guess whose
+    message (the copy with its masked content replaced by it) has the decision's digest."""
+    for guess in guesses:
+        fields = dict(copy, content=guess, metadata={})
+        fields.pop("auth", None)
+        if message_digest(AgentMessage(**fields)) == digest:
+            return guess
+    return None
+
+
+def test_the_decision_digest_does_not_let_a_reader_guess_a_masked_secret() -> None:
+    # a short secret (a PIN) is masked in the rejected copy; a digest over the unmasked
+    # message lets whoever reads the copy and the decision (the auditor) try every PIN
+    pins = SecurityPolicy(
+        policy_id="no-pins",
+        level="*",
+        max_message_size=16384,
+        blocked_patterns=[r"(?i)pin\s*[:=]\s*\d{4}"],
+    )
+    outcome = _decide(_message("card ok, PIN: 4821 thanks"), _policies(pins))
+    copy = orjson.loads(outcome.forwarded)["payload"]
+    assert "4821" not in copy["content"]  # the copy masks it (holds)
+    digest = outcome.decision["payload"]["message_digest"]
+    guesses = [f"card ok, PIN: {pin:04d} thanks" for pin in range(10000)]
+    assert _guess_from(copy, digest, guesses) is None
+    assert digest == ""  # a masked or withheld message has no digest to check against
+
+
+def test_a_decision_whose_copy_hides_nothing_keeps_its_digest() -> None:
+    # denied without any masking: the rejected copy shows the message, the digest tells
+    # a reader nothing more, and still binds the decision to it
+    message = _message("x" * 64)
+    small = SecurityPolicy(policy_id="small", level="*", max_message_size=32)
+    outcome = _decide(message, _policies(small))
+    assert outcome.topic == agent.AGENT_MESSAGES_REJECTED
+    assert not outcome.result.masked and not outcome.result.withheld
+    assert outcome.decision["payload"]["message_digest"] == message_digest(message)

@@ -9,8 +9,7 @@ from datetime import UTC, datetime
 import orjson
 import pytest
 
-from agentstream.agents.security.crypto import message_digest
-from agentstream.agents.security.decisions import decision_record, seal_record
+from agentstream.agents.security.decisions import bound_digest, decision_record, seal_record
 from agentstream.agents.security.policy import (
     PolicySet,
     StaticKeys,
@@ -60,7 +59,7 @@ def test_record_equals_the_pydantic_event_and_seals_identically(micro: int, cont
         PolicyDecision(
             message_id="m1",
             message_event_id=str(message_event.event_id),
-            message_digest=message_digest(message_event.payload),
+            message_digest=bound_digest(message_event.payload, result),
             sender_id="alice",
             recipient_id="bob",
             verdict=result.verdict,
