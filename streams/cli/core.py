@@ -376,7 +376,10 @@ async def lines_off_loop(stream: IO[bytes]) -> AsyncIterator[bytes]:
             os.close(own)
 
     threading.Thread(target=read, name="agentstream-read-lines", daemon=True).start()
-    pending = b""
+    # the reads since the last newline: only each new read is searched, and a line is
+    # joined once. Growing one bytes object per read and searching all of it was
+    # quadratic in a line's length (one 32 MiB line took seconds)
+    pending: list[bytes] = []
     try:
         while True:
             item = await queue.get()
@@ -385,15 +388,17 @@ async def lines_off_loop(stream: IO[bytes]) -> AsyncIterator[bytes]:
                 raise item
             if item is None:
                 break
-            pending += item
-            cut = pending.rfind(b"\n")
+            cut = item.rfind(b"\n")
             if cut < 0:
+                pending.append(item)
                 continue
-            for line in pending[:cut].split(b"\n"):
+            pending.append(item[:cut])
+            for line in b"".join(pending).split(b"\n"):
                 yield line + b"\n"
-            pending = pending[cut + 1 :]
-        if pending:
-            yield pending
+            pending = [item[cut + 1 :]]
+        rest = b"".join(pending)
+        if rest:
+            yield rest
     finally:
         done.set()
         room.release()  # a thread waiting for room wakes, sees `done`, and ends

@@ -205,3 +205,40 @@ async def test_lines_read_off_the_loop_are_the_files_lines(tmp_path: Path) -> No
             await asyncio.sleep(0.01)
         f.seek(0)  # the thread read a duplicate of its descriptor: it shares the offset
         assert f.read(2) == b"a\n"
+
+
+class _Chunk(bytes):
+    """A read's bytes that count what concatenating them copies (`copied`, shared)."""
+
+    copied = [0]
+
+    def __add__(self, other: object) -> bytes:
+        assert isinstance(other, bytes)
+        self.copied[0] += len(self) + len(other)
+        return bytes(self) + other
+
+    def __radd__(self, other: object) -> bytes:
+        assert isinstance(other, bytes)
+        self.copied[0] += len(other) + len(self)
+        return other + bytes(self)
+
+
+async def test_a_long_line_is_not_copied_once_per_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    # a line was grown by `pending += chunk` and searched whole after every 64 KiB read:
+    # quadratic, 32 MiB on one line took seconds. Every byte read is copied into its line
+    # once (a join), never per read
+    import types
+
+    from agentstream.streams.cli import core
+
+    reads = [_Chunk(b"x" * core.READ_CHUNK) for _ in range(64)]
+    reads += [_Chunk(b"x\nshort\nla"), _Chunk(b"st"), _Chunk(b"")]
+    fake_os = types.SimpleNamespace(
+        dup=lambda fd: fd, close=lambda fd: None, read=lambda fd, n: reads.pop(0)
+    )
+    monkeypatch.setattr(core, "os", fake_os)
+    _Chunk.copied[0] = 0
+    stream = types.SimpleNamespace(fileno=lambda: 1234)
+    lines = [line async for line in core.lines_off_loop(stream)]  # type: ignore[arg-type]
+    assert lines == [b"x" * (64 * core.READ_CHUNK + 1) + b"\n", b"short\n", b"last"]
+    assert _Chunk.copied[0] == 0  # by `+`, not once per read
