@@ -14,6 +14,10 @@ measured from the time the broker appended it to `agent.heartbeats` (its record'
 `LogAppendTime`), never from the sender's `sent_at`: a sender's clock, ahead or set
 back, changes nothing, and a backlog of old heartbeats read after a restart counts from
 when they were written, so replaying history does not make agents flap up and down.
+The table's time can still be ahead of the wall clock (a broker's clock that stepped
+forward once, `streams.tables.monitoring.advance_clock`): the age is then measured from
+the *earlier* of that time and when this process received the heartbeat (or first saw
+the entry, after a restart), so a time ahead keeps nobody up.
 """
 
 from __future__ import annotations
@@ -86,6 +90,11 @@ class HeartbeatMonitor:
         #: agents whose entry expired while they were up (the monitor was away longer than
         #: the expiry): the "down" they are owed, until it is folded back or they beat again
         self.owed: dict[str, dict[str, Any]] = {}
+        #: wall-clock time this process received each agent's latest heartbeat (or first
+        #: saw an entry dated ahead of it): liveness never trusts a table time ahead of
+        #: it. Memory only (no table state, so the table stays a function of the log);
+        #: at most one per entry, forgotten with it.
+        self.received: dict[str, float] = {}
 
     # -- folds ------------------------------------------------------------------------
     def record_heartbeat(
@@ -103,18 +112,21 @@ class HeartbeatMonitor:
         `offset`); False if it is not newer than the last one (a redelivery)."""
         gone: list[tuple[str, dict[str, Any]]] = []
         try:
-            return fold_heartbeat(
-                self.state,
+            return self._received(
                 agent_id,
-                at=at,
-                partition=partition,
-                offset=offset,
-                sent_at=sent_at,
-                sequence=sequence,
-                info=info,
-                expire_s=self.expire_s,
-                max_agents=self.max_agents,
-                expired=gone,
+                fold_heartbeat(
+                    self.state,
+                    agent_id,
+                    at=at,
+                    partition=partition,
+                    offset=offset,
+                    sent_at=sent_at,
+                    sequence=sequence,
+                    info=info,
+                    expire_s=self.expire_s,
+                    max_agents=self.max_agents,
+                    expired=gone,
+                ),
             )
         finally:
             self._forget(gone)
@@ -125,21 +137,30 @@ class HeartbeatMonitor:
         when it is a new agent in a partition holding `max_agents` already."""
         gone: list[tuple[str, dict[str, Any]]] = []
         try:
-            return fold_heartbeat_record(
-                self.state,
-                payload,
-                origin,
-                expire_s=self.expire_s,
-                max_agents=self.max_agents,
-                expired=gone,
+            return self._received(
+                payload.agent_id,
+                fold_heartbeat_record(
+                    self.state,
+                    payload,
+                    origin,
+                    expire_s=self.expire_s,
+                    max_agents=self.max_agents,
+                    expired=gone,
+                ),
             )
         finally:
             self._forget(gone)
+
+    def _received(self, agent_id: str, accepted: bool) -> bool:
+        if accepted:
+            self.received[agent_id] = self.clock()
+        return accepted
 
     def _forget(self, gone: list[tuple[str, dict[str, Any]]]) -> None:
         """Entries the fold expired: nothing of them stays in memory, but a "down" owed
         to one that was still up (its "down" neither confirmed nor on its way)."""
         for agent_id, rec in gone:
+            self.received.pop(agent_id, None)
             pending = self.pending.pop(agent_id, None)
             if (pending or rec.get("status")) == "up":
                 self.owed[agent_id] = rec
@@ -170,9 +191,17 @@ class HeartbeatMonitor:
         partition (default `now`; earlier while the partition lags, so that a newer
         heartbeat still waiting in the backlog cannot be missed). Between the two the
         status is undetermined (None with reason "heartbeat") and left as it is."""
-        basis = rec.get("last_heartbeat_at")
-        if basis is None:
+        last = rec.get("last_heartbeat_at")
+        if last is None:
             return Assessment(None, "timeout", None, 0)
+        basis = float(last)
+        seen = self.received.get(agent_id)
+        if seen is None and basis > now:
+            # dated ahead, and not received by this process (it restarted): the age
+            # counts from now, when it is first seen, rather than from a time to come
+            seen = self.received[agent_id] = now
+        if seen is not None:
+            basis = min(basis, seen)
         elapsed = max(0.0, now - basis)
         missed = math.floor(elapsed / self.interval_s + 1e-9)
         if elapsed <= self.timeout_s and missed < self.max_missed:
@@ -244,6 +273,8 @@ class HeartbeatMonitor:
         """One pass over every agent: O(n) with a few float operations per agent.
         `horizon(agent_id)`: see `_assess` (None = `now`)."""
         t = self.clock() if now is None else now
+        if len(self.received) > len(self.state):  # entries left with their partition
+            self.received = {k: v for k, v in self.received.items() if k in self.state}
         out: list[Transition] = self._owed_downs(t, owned)
         evaluate = self._evaluate
         for agent_id, rec in list(self.state.items()):

@@ -148,6 +148,27 @@ def _build_heartbeat_index(state: Any) -> HeartbeatIndex:
     return idx
 
 
+#: a record moves its partition's clock at most this fraction of the expiry (retention)
+#: past the clock: see `advance_clock`
+CLOCK_STEP = 0.1
+
+
+def advance_clock(clock: float | None, at: float, step: float) -> float:
+    """The partition's clock once a record appended at `at` is folded: `at` when it is
+    later, but never more than `step` past the clock as it was.
+
+    One record dated far ahead (a broker's clock stepping forward once, or a producer's
+    own time on a topic still using CreateTime) would otherwise pin the clock there:
+    every group of the partition expired at once, and every later record dated then.
+    Bounded, one record moves the clock by `step` at most; records that keep coming
+    at the new time move it on (a broker's clock that really moved, or a partition
+    that was idle: it catches up in a few records). Only the clock and what was folded
+    decide it, so a rebuild moves it the same way."""
+    if clock is None or not math.isfinite(clock):
+        return at
+    return max(clock, min(at, clock + step))
+
+
 def heartbeat_index(state: Any) -> HeartbeatIndex:
     return index_for(HEARTBEATS_TABLE, state, _build_heartbeat_index)
 
@@ -230,7 +251,7 @@ def fold_heartbeat(
     the monitor), and a heartbeat of an agent the partition does not hold yet is refused
     (`TableFull`) while it holds `max_agents` agents."""
     idx = heartbeat_index(state)
-    now = max(idx.clock.get(partition, -math.inf), at)
+    now = advance_clock(idx.clock.get(partition), at, expire_s * CLOCK_STEP)
     _expire_heartbeats(state, idx, partition, now - expire_s, expired)
     cur = state.get(agent_id)
     if cur is not None and not _newer_heartbeat(cur, partition, offset, at):
@@ -248,7 +269,9 @@ def fold_heartbeat(
         cur = {"status": None, "status_changed_at": None, "reason": None, "info": {}}
     new = dict(cur)
     # the partition's clock, not `at`: the same as `at` while the broker's clock goes
-    # forward, and it keeps `seen` in time order (the expiry's premise) if it is set back
+    # forward, and it keeps `seen` in time order (the expiry's premise) if it is set back.
+    # After a record dated ahead it can be ahead of the wall clock (by `CLOCK_STEP` of
+    # the expiry at most): the monitor judges liveness by its own receipt time then.
     new["last_heartbeat_at"] = now
     new["sent_at"] = sent_at
     new["sequence"] = sequence
@@ -486,9 +509,10 @@ class Recency:
         self.seen: dict[int, OrderedDict[str, float]] = {}
         self.old: dict[int, list[tuple[float, str]]] = {}
 
-    def now(self, partition: int, at: float) -> float:
-        """The partition's clock once a record appended at `at` is folded."""
-        return max(self.clock.get(partition, -math.inf), at)
+    def now(self, partition: int, at: float, step: float = math.inf) -> float:
+        """The partition's clock once a record appended at `at` is folded
+        (`advance_clock`: at most `step` past the clock as it was)."""
+        return advance_clock(self.clock.get(partition), at, step)
 
     def count(self, partition: int) -> int:
         got = self.seen.get(partition)
@@ -703,7 +727,7 @@ def fold_sample(
     idx = index_for(METRICS_TABLE, state, _build_metric_index)
     now = -math.inf
     if at is not None and partition is not None:
-        now = idx.recency.now(partition, at)
+        now = idx.recency.now(partition, at, retention_s * CLOCK_STEP)
         for gone in idx.recency.due(partition, now - retention_s):
             idx.drop(state, gone)
         if (
@@ -850,7 +874,7 @@ def fold_record(
     idx = index_for(COMMS_TABLE, state, _build_comms_index)
     now = -math.inf
     if at is not None and partition is not None:
-        now = idx.recency.now(partition, at)
+        now = idx.recency.now(partition, at, retention_s * CLOCK_STEP)
         for gone in idx.recency.due(partition, now - retention_s):
             idx.drop(state, gone)
             state.pop(count_key(gone), None)

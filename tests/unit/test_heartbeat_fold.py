@@ -28,6 +28,7 @@ from agentstream.streams.tables.monitoring import (
     HEARTBEATS,
     TableFull,
     fold_heartbeat,
+    fold_sample,
     invalidate_indexes,
     make_heartbeat_fold,
 )
@@ -347,7 +348,10 @@ async def test_an_agent_up_when_its_entry_expires_is_published_down_once(
     world.clock.t += 2000
     world.monitor = world.new_monitor()  # restarted
     hb.monitor = world.monitor
-    await world.beat(b)  # the first record of the partition since: a's entry expires
+    # the first records of the partition since: its clock catches up (a tenth of the
+    # expiry per record, `advance_clock`) and a's entry expires
+    for _ in range(20):
+        await world.beat(b)
     assert a not in world.table
     trs = world.check()
     assert sorted(states(trs)) == sorted([(a, "down"), (b, "up")])
@@ -460,3 +464,70 @@ def test_a_throttled_warning_says_how_many_it_held_back(
         "full: a",
         "full: d (2 more since the last such warning)",
     ]
+
+
+# -- one record dated ahead (a broker's clock stepping forward once, CreateTime) ------------
+DAY = 86400.0
+
+
+def test_one_heartbeat_dated_days_ahead_neither_expires_the_partition_nor_keeps_it_up() -> None:
+    """A broker's clock steps 8 days forward for one append and is set right: before,
+    the partition's clock jumped there, every agent of it expired at once (false
+    "gone"), and every later heartbeat was dated 8 days ahead, so a dead agent stayed up
+    until the wall clock got there."""
+    wall = [T0]
+    state: dict[str, Any] = {}
+    m = HeartbeatMonitor(
+        state, interval_s=5, timeout_s=15, max_missed=3, expire_s=7 * DAY, clock=lambda: wall[0]
+    )
+    offset = iter(range(1, 10_000))
+    for a in "ABC":
+        m.record_heartbeat(a, T0, offset=next(offset))
+    m.record_heartbeat("D", T0 + 8 * DAY, offset=next(offset))
+    assert {"A", "B", "C", "D"} <= set(state)  # nobody expired
+    for i in range(1, 100):
+        wall[0] = T0 + 5 * i
+        m.record_heartbeat("A", T0 + 5 * i, offset=next(offset))
+    m.record_heartbeat("B", T0 + 500, offset=next(offset))
+    assert m.assess("A", wall[0]).status == "up"
+    wall[0] = T0 + 3 * DAY  # B silent for 3 days
+    assert m.assess("B", wall[0]).status == "down"
+    # a restarted monitor (no receipt times) over the same table: B is not kept up
+    # by a table time ahead of the wall clock either
+    again = HeartbeatMonitor(
+        state, interval_s=5, timeout_s=15, max_missed=3, expire_s=7 * DAY, clock=lambda: wall[0]
+    )
+    wall[0] = T0 + 600
+    assert again.assess("B", wall[0]).status == "up"  # seen now: its heartbeat counts once
+    wall[0] = T0 + 700
+    assert again.assess("B", wall[0]).status == "down"
+
+
+def test_a_partition_clock_moves_a_step_per_record_and_follows_a_clock_that_moved() -> None:
+    from agentstream.streams.tables.monitoring import CLOCK_STEP, heartbeat_index
+
+    expire = 7 * DAY
+    state: dict[str, Any] = {}
+    fold_heartbeat(state, "a", at=T0, partition=0, offset=1, expire_s=expire)
+    fold_heartbeat(state, "b", at=T0 + 30 * DAY, partition=0, offset=2, expire_s=expire)
+    assert "a" in state
+    assert heartbeat_index(state).clock[0] == T0 + expire * CLOCK_STEP
+    # the broker's clock really moved: the records that keep coming move the clock on
+    # (a step each: 30 days in 43 records)
+    for i in range(3, 60):
+        fold_heartbeat(state, "b", at=T0 + 30 * DAY + i, partition=0, offset=i, expire_s=expire)
+    assert state["b"]["last_heartbeat_at"] == T0 + 30 * DAY + 59
+    assert "a" not in state  # and a is expired by it
+
+
+def test_one_sample_dated_ahead_does_not_drop_the_partitions_series() -> None:
+    state: dict[str, Any] = {}
+    kw: dict[str, Any] = {"interval_s": 10, "retention_s": 3600, "partition": 0}
+    for i in range(10):
+        fold_sample(state, "cpu", {}, T0 + 10 * i, 1.0, at=T0 + 10 * i, **kw)
+    fold_sample(state, "mem", {}, T0 + 100, 1.0, at=T0 + 30 * DAY, **kw)
+    assert any(k.startswith("cpu") for k in state)
+    # and the clock is not pinned: a series that stops reporting still expires
+    for i in range(1, 2000):
+        fold_sample(state, "mem", {}, T0 + 100 + 10 * i, 1.0, at=T0 + 100 + 10 * i, **kw)
+    assert not any(k.startswith("cpu") for k in state)
