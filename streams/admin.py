@@ -15,7 +15,7 @@ from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 from agentstream.streams.errors import BrokerAuthError, BrokerError
 from agentstream.streams.kafka_security import new_admin, principal
 from agentstream.streams.settings import Settings, SettingsError
-from agentstream.streams.topics import CATALOGUE
+from agentstream.streams.topics import AGENT_HEARTBEATS, CATALOGUE, COMMS_RECORDS, METRICS_SAMPLES
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,7 @@ async def ensure_topics(
     *,
     check_partitions: bool = False,
     warn: Callable[[str], None] | None = None,
+    broker_clock_needed: Iterable[str] = (),
 ) -> list[str]:
     """Create the missing catalogue topics; return the names created (empty when all exist).
 
@@ -53,7 +54,13 @@ async def ensure_topics(
     anything is created, and existing topics that keep the producer's clock are named
     through `warn` (default: a WARNING log line; see `producer_clock_warning`). Commands
     that only publish to a topic (rule changes) do not check: their
-    AGENTSTREAM_TOPIC_PARTITIONS is not what the topics were made with."""
+    AGENTSTREAM_TOPIC_PARTITIONS is not what the topics were made with.
+
+    `broker_clock_needed` (catalogue names; with `check_partitions`): topics whose
+    records' time must be the broker's because a table is bounded by it
+    (`monitoring_clock_topics`). One of them seen keeping the producer's clock is a
+    `SettingsError`; one whose configs this principal may not read is only warned about,
+    as any other."""
     admin = await _admin(settings, timeout_s)
     try:
         existing = set(await admin.list_topics())
@@ -115,6 +122,14 @@ async def ensure_topics(
         if check_partitions and present:
             types = await _timestamp_types(admin, [settings.topic(n) for n in present])
             old = sorted(t for t, kind in types.items() if kind not in (None, BROKER_CLOCK))
+            needed = sorted(t for t in (settings.topic(n) for n in broker_clock_needed) if t in old)
+            if needed:
+                raise SettingsError(
+                    f"{producer_clock_warning(needed)}; a worker bounds its monitoring "
+                    "tables by these topics' append time and does not start until they "
+                    "keep the broker's",
+                    field="topic_timestamp_type",
+                )
             if old:
                 (warn or log.warning)(producer_clock_warning(old))
         return sorted(created)
@@ -122,6 +137,13 @@ async def ensure_topics(
         raise BrokerError(f"topic administration failed: {exc}") from exc
     finally:
         await admin.close()
+
+
+def monitoring_clock_topics() -> tuple[str, ...]:
+    """The topics whose append time is the clock of a monitoring table's bounds
+    (`streams.tables.monitoring`): a producer's time there could expire a partition's
+    entries, or none, at will."""
+    return (AGENT_HEARTBEATS, METRICS_SAMPLES, COMMS_RECORDS)
 
 
 async def _partition_mismatches(

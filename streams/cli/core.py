@@ -17,7 +17,7 @@ import orjson
 
 from agentstream.schemas import Event, registry
 from agentstream.schemas.errors import PipelineError, SchemaError
-from agentstream.streams.admin import ensure_topics, list_topics
+from agentstream.streams.admin import ensure_topics, list_topics, monitoring_clock_topics
 from agentstream.streams.cli import (
     ConfigError,
     checked_settings,
@@ -63,7 +63,11 @@ def run_worker(faust_args: list[str]) -> None:
     if not any(a.startswith(("-l", "--loglevel")) for a in faust_args):
         faust_args = ["--loglevel", faust_loglevel(settings.log_level), *faust_args]
     install_web_auth()
-    run(ensure_topics(settings, check_partitions=True))
+    run(
+        ensure_topics(
+            settings, check_partitions=True, broker_clock_needed=monitoring_clock_topics()
+        )
+    )
     from agentstream.streams.app import app
 
     use_event_loop(settings.event_loop)
