@@ -542,7 +542,9 @@ class Recency:
         heap = self.old.get(partition)
         while heap and heap[0][0] < cutoff:
             _ts, group = heapq.heappop(heap)
-            if order is None or group not in order:  # not seen since it was indexed
+            # not seen since it was indexed, in this partition or any other (one read
+            # from another partition since is dated there, by that partition's clock)
+            if not any(group in seen for seen in self.seen.values()):
                 out.append(group)
         return out
 

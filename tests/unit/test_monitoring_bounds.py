@@ -271,3 +271,39 @@ def test_a_restart_rebuilds_the_bounds_from_the_table(table: str) -> None:
     }
     assert 0 < len(names) <= 30
     assert not any(n in names for n in ("0", "a0", "1", "a1"))
+
+
+def test_a_series_from_before_the_upgrade_read_from_another_partition_is_kept() -> None:
+    """A window written by the previous version (no partition in it) waits on its home
+    partition's heap; when its series is read from another partition since, the home
+    partition's clock passing its time must not drop it whole (361 live windows were)."""
+    from agentstream.streams.settings import get_settings
+    from agentstream.streams.tables.monitoring import home_partition, labels_key, window_key
+
+    n = get_settings().topic_partitions
+    home = home_partition("cpu", n)
+    other = (home + 1) % n
+    state: dict[str, Any] = {
+        window_key("cpu", labels_key({}), T0): {
+            "series": "cpu",
+            "labels": {},
+            "start": T0,
+            "end": T0 + 10,
+            "count": 1,
+            "sum": 1.0,
+            "min": 1.0,
+            "max": 1.0,
+            "last": 1.0,
+            "last_ts": T0,
+        }
+    }
+    kw: dict[str, Any] = {"interval_s": 10, "retention_s": 3600}
+    for i in range(1, 400):
+        t = T0 + 10 * i
+        fold_sample(state, "cpu", {}, t, 1.0, at=t, partition=other, **kw)
+    before = sum(1 for k in state if k.startswith("cpu"))
+    # the home partition's clock passes the old window's time (another series there)
+    for i in range(5):
+        t = T0 + 3700 + i
+        fold_sample(state, "mem", {}, t, 1.0, at=t, partition=home, **kw)
+    assert sum(1 for k in state if k.startswith("cpu")) == before > 300
