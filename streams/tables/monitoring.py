@@ -605,6 +605,12 @@ class KeyIndex:
         g.newest = max(g.newest, ts if newest is None else newest)
         return g
 
+    def held(self, group: str, partition: int) -> bool:
+        """Whether `partition` holds `group` (counted in its bound): a group held by
+        another partition that is now read from this one is new to it."""
+        g = self.groups.get(group)
+        return g is not None and g.partition == partition
+
     def newest(self, group: str) -> float:
         g = self.groups.get(group)
         return g.newest if g is not None else -math.inf
@@ -733,7 +739,7 @@ def fold_sample(
         for gone in idx.recency.due(partition, now - retention_s):
             idx.drop(state, gone)
         if (
-            group not in idx.groups
+            not idx.held(group, partition)
             and max_series is not None
             and idx.recency.count(partition) >= max_series
         ):
@@ -881,7 +887,7 @@ def fold_record(
             idx.drop(state, gone)
             state.pop(count_key(gone), None)
         if (
-            rec.agent_id not in idx.groups
+            not idx.held(rec.agent_id, partition)
             and max_agents is not None
             and idx.recency.count(partition) >= max_agents
         ):

@@ -307,3 +307,40 @@ def test_a_series_from_before_the_upgrade_read_from_another_partition_is_kept() 
         t = T0 + 3700 + i
         fold_sample(state, "mem", {}, t, 1.0, at=t, partition=home, **kw)
     assert sum(1 for k in state if k.startswith("cpu")) == before > 300
+
+
+@pytest.mark.parametrize("table", ["metrics", "comms"])
+def test_a_group_moving_into_a_full_partition_is_refused(table: str) -> None:
+    # the bound is per partition: a group another partition holds is new to this one
+    state: dict[str, Any] = {}
+
+    def put(group: str, partition: int, t: float) -> None:
+        if table == "metrics":
+            fold_sample(
+                state,
+                group,
+                {},
+                t,
+                1.0,
+                interval_s=10,
+                retention_s=3600,
+                at=t,
+                partition=partition,
+                max_series=2,
+            )
+        else:
+            fold_record(
+                state,
+                record(f"{group}{t}", group, t),
+                retention_s=3600,
+                at=t,
+                partition=partition,
+                max_agents=2,
+            )
+
+    put("a", 0, T0)
+    put("b", 0, T0 + 1)
+    put("c", 1, T0 + 2)
+    with pytest.raises(TableFull):
+        put("c", 0, T0 + 3)
+    put("a", 0, T0 + 4)  # one it holds still folds
