@@ -87,8 +87,9 @@ class HeartbeatMonitor:
         self.clock = clock
         #: transitions published but not yet folded back: agent id → status
         self.pending: dict[str, State] = {}
-        #: agents whose entry expired while they were up (the monitor was away longer than
-        #: the expiry): the "down" they are owed, until it is folded back or they beat again
+        #: agents whose entry expired while their "up" was published but not folded back:
+        #: the "down" they are owed, until it is folded back or they beat again (an entry
+        #: whose folded status is "up" stays in the table for it instead)
         self.owed: dict[str, dict[str, Any]] = {}
         #: wall-clock time this process received each agent's latest heartbeat (or first
         #: saw an entry dated ahead of it): liveness never trusts a table time ahead of
@@ -158,11 +159,13 @@ class HeartbeatMonitor:
 
     def _forget(self, gone: list[tuple[str, dict[str, Any]]]) -> None:
         """Entries the fold expired: nothing of them stays in memory, but a "down" owed
-        to one that was still up (its "down" neither confirmed nor on its way)."""
+        to one whose "up" was published and not folded back yet. (One whose folded
+        status is "up" stays in the table, marked owed, until its "down" is folded:
+        `streams.tables.monitoring._expire_entry`.)"""
         for agent_id, rec in gone:
             self.received.pop(agent_id, None)
             pending = self.pending.pop(agent_id, None)
-            if (pending or rec.get("status")) == "up":
+            if pending == "up" and rec.get("status") != "up":
                 self.owed[agent_id] = rec
 
     def record_status(self, change: AgentStatusChanged, origin: Origin | None = None) -> None:

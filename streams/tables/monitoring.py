@@ -121,7 +121,10 @@ class HeartbeatIndex:
 
 
 def _loose_time(rec: dict[str, Any]) -> float:
-    """When an entry without heartbeats may expire: its time, or its first held status's."""
+    """When an entry without heartbeats may expire: its time, or its first held status's
+    (an entry owed its "down": when it was kept, `_expire_entry`)."""
+    if rec.get("owed_since") is not None:
+        return float(rec["owed_since"])
     last = rec.get("last_heartbeat_at")
     if last is not None:
         return float(last)
@@ -138,7 +141,11 @@ def _build_heartbeat_index(state: Any) -> HeartbeatIndex:
         p = rec.get("partition")
         if p is None:  # an entry of a version that did not store its partition
             p = home_partition(agent_id, get_settings().topic_partitions)
-        if rec.get("offset") is not None and int(rec.get("beats", 0)) > 0:
+        if (
+            rec.get("offset") is not None
+            and int(rec.get("beats", 0)) > 0
+            and rec.get("owed_since") is None
+        ):
             stored.append((float(rec["last_heartbeat_at"]), agent_id, int(p)))
         else:
             idx.add_loose(int(p), _loose_time(rec), agent_id)
@@ -177,6 +184,7 @@ def _expire_heartbeats(
     state: MutableMapping[str, Any],
     idx: HeartbeatIndex,
     partition: int,
+    now: float,
     cutoff: float,
     expired: list[tuple[str, dict[str, Any]]] | None,
 ) -> None:
@@ -189,7 +197,7 @@ def _expire_heartbeats(
             break
         gone = state.get(agent_id)
         if gone is not None:
-            _expire_entry(state, idx, partition, cutoff, agent_id, gone, expired)
+            _expire_entry(state, idx, partition, now, cutoff, agent_id, gone, expired)
         order.popitem(last=False)
     heap = idx.loose.get(partition)
     while heap and heap[0][0] < cutoff:
@@ -199,13 +207,14 @@ def _expire_heartbeats(
             continue  # gone already, or it has heartbeats now: dated in `seen`
         if _loose_time(rec) >= cutoff:
             continue  # a newer item of it is on the heap
-        _expire_entry(state, idx, partition, cutoff, agent_id, rec, expired)
+        _expire_entry(state, idx, partition, now, cutoff, agent_id, rec, expired)
 
 
 def _expire_entry(
     state: MutableMapping[str, Any],
     idx: HeartbeatIndex,
     partition: int,
+    now: float,
     cutoff: float,
     agent_id: str,
     rec: dict[str, Any],
@@ -213,8 +222,24 @@ def _expire_entry(
 ) -> None:
     """Delete an expired entry (a tombstone on the changelog). Statuses it held for
     heartbeats not folded yet that are still within the expiry are of a later life of
-    the agent: they stay, in an entry without heartbeats (`fold_status`)."""
+    the agent: they stay, in an entry without heartbeats (`fold_status`).
+
+    An entry whose status is still "up" (the monitor was away longer than the expiry:
+    its "down" was never decided) is kept instead, marked ``owed_since`` (the partition's
+    clock then), outside the bound's count: the monitor publishes its "down" like any
+    other's, and folding that "down" back deletes it (`fold_status`). In the table, not
+    in memory, so a crash or a rebalance before it is published does not lose it, and a
+    rebuild keeps it alike. A heartbeat of the agent makes it a new entry (first seen);
+    if its "down" is not folded within another expiry, it goes for good."""
     held = [h for h in rec.get("ahead") or [] if float(h["at"]) >= cutoff]
+    if rec.get("status") == "up" and rec.get("owed_since") is None:
+        kept = {**rec, "owed_since": now, "partition": partition}
+        kept.pop("ahead", None)
+        if held:
+            kept["ahead"] = held
+        state[agent_id] = kept
+        idx.add_loose(partition, float(kept["owed_since"]), agent_id)
+        return
     if held:
         state[agent_id] = _held_entry(partition, held)
         idx.add_loose(partition, float(held[0]["at"]), agent_id)
@@ -252,9 +277,13 @@ def fold_heartbeat(
     (`TableFull`) while it holds `max_agents` agents."""
     idx = heartbeat_index(state)
     now = advance_clock(idx.clock.get(partition), at, expire_s * CLOCK_STEP)
-    _expire_heartbeats(state, idx, partition, now - expire_s, expired)
+    _expire_heartbeats(state, idx, partition, now, now - expire_s, expired)
     cur = state.get(agent_id)
-    if cur is not None and not _newer_heartbeat(cur, partition, offset, at):
+    if cur is not None and cur.get("owed_since") is not None:
+        # kept for its owed "down" only: a heartbeat starts a new life (first seen)
+        held = cur.get("ahead")
+        cur = _held_entry(partition, held) if held else None
+    elif cur is not None and not _newer_heartbeat(cur, partition, offset, at):
         return False
     order = idx.order(partition)
     if agent_id not in order and max_agents is not None and len(order) >= max_agents:
@@ -350,6 +379,17 @@ def fold_status(
     new = dict(cur)
     if at is None or (last is not None and at <= float(last)):
         new.update(status)
+        if cur.get("owed_since") is not None and change.current == "down":
+            # the "down" it was kept for: the entry goes (`_expire_entry`), but for
+            # statuses it holds for a later life
+            held = cur.get("ahead")
+            if held:
+                p = int(cur["partition"])
+                state[change.agent_id] = _held_entry(p, held)
+                heartbeat_index(state).add_loose(p, float(held[0]["at"]), change.agent_id)
+            else:
+                del state[change.agent_id]
+            return True
     else:
         new["ahead"] = [*(cur.get("ahead") or []), {**status, "at": at}]
     state[change.agent_id] = new

@@ -18,7 +18,7 @@ import agentstream.agents.heartbeat.agent as hb
 import agentstream.streams.processing as processing
 from agentstream.agents.audit.rebuild import _fold_into
 from agentstream.agents.heartbeat.monitor import HeartbeatMonitor, Transition, to_event_payload
-from agentstream.schemas import Event, Heartbeat
+from agentstream.schemas import AgentStatusChanged, Event, Heartbeat
 from agentstream.streams.app import settings
 from agentstream.streams.observability import TABLE_FULL, Throttled
 from agentstream.streams.processing import Inbound
@@ -29,6 +29,8 @@ from agentstream.streams.tables.monitoring import (
     TableFull,
     fold_heartbeat,
     fold_sample,
+    fold_status,
+    heartbeat_index,
     invalidate_indexes,
     make_heartbeat_fold,
 )
@@ -352,12 +354,18 @@ async def test_an_agent_up_when_its_entry_expires_is_published_down_once(
     # expiry per record, `advance_clock`) and a's entry expires
     for _ in range(20):
         await world.beat(b)
-    assert a not in world.table
+    # kept in the table for its owed "down", outside the bound's count
+    assert world.table[a]["owed_since"] is not None
+    assert heartbeat_index(world.table).agents(0) == 1
+    assert states(world.confirm()) == [(b, "up")]
+    # a crash (or a rebalance) before the next check does not lose it: it is table state
+    world.monitor = world.new_monitor()
+    hb.monitor = world.monitor
     trs = world.check()
-    assert sorted(states(trs)) == sorted([(a, "down"), (b, "up")])
+    assert states(trs) == [(a, "down")]
     (down,) = [t for t in trs if t.agent_id == a]
     assert (down.previous, down.reason, down.last_heartbeat_at) == ("up", "timeout", T0)
-    assert a not in world.table  # folded back, it makes no entry: dated before the clock
+    assert a not in world.table  # folded back, the entry goes
     world.clock.t += 5
     await world.beat(b)
     assert world.check() == [] and world.monitor.owed == {}
@@ -504,7 +512,7 @@ def test_one_heartbeat_dated_days_ahead_neither_expires_the_partition_nor_keeps_
 
 
 def test_a_partition_clock_moves_a_step_per_record_and_follows_a_clock_that_moved() -> None:
-    from agentstream.streams.tables.monitoring import CLOCK_STEP, heartbeat_index
+    from agentstream.streams.tables.monitoring import CLOCK_STEP
 
     expire = 7 * DAY
     state: dict[str, Any] = {}
@@ -531,3 +539,23 @@ def test_one_sample_dated_ahead_does_not_drop_the_partitions_series() -> None:
     for i in range(1, 2000):
         fold_sample(state, "mem", {}, T0 + 100 + 10 * i, 1.0, at=T0 + 100 + 10 * i, **kw)
     assert not any(k.startswith("cpu") for k in state)
+
+
+def test_an_agent_owed_its_down_that_beats_again_is_new() -> None:
+    state: dict[str, Any] = {}
+    fold_heartbeat(state, "a", at=T0, partition=0, offset=1, expire_s=1000)
+    up = AgentStatusChanged(
+        agent_id="a",
+        previous=None,
+        current="up",
+        reason="first_seen",
+        last_heartbeat_at=datetime.fromtimestamp(T0, UTC),
+        changed_at=datetime.fromtimestamp(T0, UTC),
+    )
+    fold_status(state, up, partition=0, expire_s=1000)
+    for i in range(20):
+        fold_heartbeat(state, "b", at=T0 + 2000 + i, partition=0, offset=2 + i, expire_s=1000)
+    assert state["a"]["owed_since"] is not None and state["a"]["status"] == "up"
+    fold_heartbeat(state, "a", at=T0 + 2100, partition=0, offset=50, expire_s=1000)
+    assert state["a"]["beats"] == 1 and state["a"]["status"] is None
+    assert "owed_since" not in state["a"]
