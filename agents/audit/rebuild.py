@@ -118,11 +118,15 @@ async def source_records(
         settings.topic(name): CATALOGUE[name].events for name in spec.sources if name in CATALOGUE
     }
     names = {settings.topic(name): name for name in spec.sources}
-    counts = {
+    configured = {
         name: (CATALOGUE[name].partitions if name in CATALOGUE else None)
         or settings.topic_partitions
         for name in spec.sources
     }
+    # the topics' own counts, not this host's setting: the live worker only runs with
+    # the setting equal to them (`ensure_topics`), and an auditor configured otherwise
+    # placed agents by another count, refusing most heartbeats as misplaced
+    counts = {**configured, **await topic_partitions(settings, list(spec.sources))}
     async for rec in replay(
         settings,
         list(spec.sources),
@@ -155,6 +159,18 @@ async def source_records(
                 partitions=counts.get(name, settings.topic_partitions),
             ),
         )
+
+
+async def topic_partitions(settings: Settings, names: list[str]) -> dict[str, int]:
+    """The partition count of each existing topic among `names` (catalogue names)."""
+    from agentstream.streams.admin import list_topics
+
+    full = {settings.topic(n): n for n in names}
+    return {
+        full[t.name]: t.partitions
+        for t in await list_topics(settings)
+        if t.name in full and t.exists and t.partitions
+    }
 
 
 async def rebuild_from_history(

@@ -460,8 +460,10 @@ def misplaced_heartbeat(agent_id: str, origin: Origin) -> str | None:
     if origin.partition != home:
         return (
             f"heartbeat of {agent_id!r} read from partition {origin.partition}: its key "
-            f"hashes to partition {home} (Kafka's default partitioner, murmur2; set "
-            "partitioner=murmur2_random on a librdkafka producer)"
+            f"hashes to partition {home} (topic has {origin.partitions} partitions: "
+            "partitions added to it since the workers started, or a producer whose "
+            "partitioner is not Kafka's default, murmur2; set partitioner=murmur2_random "
+            "on a librdkafka producer)"
         )
     return None
 

@@ -121,7 +121,11 @@ async def test_rebuild_skips_what_the_live_agents_dead_letter(monkeypatch: Any) 
         for r in records:
             yield r
 
+    async def counts(_settings: Any, names: list[str]) -> dict[str, int]:
+        return {}  # the broker did not list them: the configured counts
+
     monkeypatch.setattr(rebuild_module, "replay", replay)
+    monkeypatch.setattr(rebuild_module, "topic_partitions", counts)
     got = [e async for e in rebuild_module.source_events(settings, HEARTBEATS)]
     assert [e.type for e in got] == [AgentStatusChanged.TYPE]
     # with what the live fold knows of each record (`agents.heartbeat.agent.origin_of`)
@@ -197,3 +201,44 @@ def test_rebuild_all_needs_one_changelog_of_the_app_id() -> None:
     # a table a worker folds for itself has no changelog: one other table's is enough
     assert no_changelog_problem("prod", tables, {"prod-accepted_by_sender-changelog"}) is None
     assert no_changelog_problem("prod", [], set()) is None
+
+
+async def test_the_rebuild_places_agents_by_the_topics_partition_count(monkeypatch: Any) -> None:
+    """An auditor host whose AGENTSTREAM_TOPIC_PARTITIONS differs from the topic's count
+    refused most heartbeats as misplaced (its own count): it folds by the topic's."""
+    import orjson
+
+    from agentstream.agents.audit import rebuild as rebuild_module
+    from agentstream.schemas import Heartbeat, encode
+    from agentstream.streams.replay import ReplayRecord
+    from agentstream.streams.tables.monitoring import HEARTBEATS, home_partition
+
+    real = settings.topic_partitions * 2 + 1
+    agents = [f"agent-{i}" for i in range(20)]
+    records = []
+    for i, a in enumerate(agents):
+        value = encode(Event.of(Heartbeat(agent_id=a, sent_at="2026-01-01T00:00:00Z"), source="t"))
+        records.append(
+            ReplayRecord(
+                settings.topic("agent.heartbeats"),
+                home_partition(a, real),
+                i,
+                1_234_567 + i,
+                a.encode(),
+                value,
+                orjson.loads(value),
+                None,
+            )
+        )
+
+    async def replay(*args: Any, **kwargs: Any) -> Any:
+        for r in records:
+            yield r
+
+    async def counts(_settings: Any, names: list[str]) -> dict[str, int]:
+        return {n: real for n in names}
+
+    monkeypatch.setattr(rebuild_module, "replay", replay)
+    monkeypatch.setattr(rebuild_module, "topic_partitions", counts)
+    state = await rebuild_module.rebuild_from_history(settings, HEARTBEATS)
+    assert sorted(state) == sorted(agents)
