@@ -126,7 +126,10 @@ async def source_records(
     # the topics' own counts, not this host's setting: the live worker only runs with
     # the setting equal to them (`ensure_topics`), and an auditor configured otherwise
     # placed agents by another count, refusing most heartbeats as misplaced
-    counts = {**configured, **await topic_partitions(settings, list(spec.sources))}
+    # (asked only for a fold that takes the origin: the others never read the count)
+    if spec.apply_at is not None:
+        configured |= await topic_partitions(settings, list(spec.sources))
+    counts = configured
     async for rec in replay(
         settings,
         list(spec.sources),
