@@ -46,9 +46,6 @@ PLANNER = IdentityRegistry(
     [Identity.of(AgentIdentity(agent_id="planner-1", roles=["planner"], token_user_id=42))]
 )
 KEYS = StaticKeys(tokens={42: "the-real-token-of-42"})
-#: one issue time for every proof (an impersonator copies whatever it sees): within the
-#: replay window of the worker's clock for the few seconds the tests take
-NOW = utc_now()
 
 
 @dataclass
@@ -68,8 +65,10 @@ def _decide(message: AgentMessage, event: Event[Any] | None = None) -> Any:
 
 
 def _token(token: str | None = None, **kw: Any) -> AuthProof:
-    """An access-token proof of user 42, issued now (a verified one needs an issue time)."""
-    return AuthProof(method="access-token", user_id=42, token=token, issued_at=NOW, **kw)
+    """An access-token proof of user 42, issued now (a verified one needs an issue time
+    within the worker's replay window: made when the test runs, not when the module is
+    collected, which under pytest-xdist can be many minutes earlier)."""
+    return AuthProof(method="access-token", user_id=42, token=token, issued_at=utc_now(), **kw)
 
 
 def _order(auth: AuthProof) -> AgentMessage:
@@ -86,17 +85,18 @@ def _order(auth: AuthProof) -> AgentMessage:
     "forged",
     [
         # no token at all: the schema accepts it because the pipeline's marker is set
-        _token(redacted=True),
+        {"redacted": True},
         # a wrong token: the worker removes it and sets the marker itself
-        _token("guessed"),
+        {"token": "guessed"},
     ],
     ids=["sender-set-redacted", "wrong-token"],
 )
 def test_an_impersonated_token_sender_is_distinguishable_in_the_accepted_copy(
-    forged: AuthProof,
+    forged: dict[str, Any],
 ) -> None:
     genuine = _decide(_order(_token(KEYS.tokens[42])))
-    fake = _decide(_order(forged))
+    # (an impersonator copies whatever it sees: the issue time is as fresh as the genuine's)
+    fake = _decide(_order(_token(**forged)))
     assert genuine.result.verified and not fake.result.verified
     # both accepted (the policy fits anonymous senders; nothing blocked in them)
     assert genuine.topic == fake.topic == agent.AGENT_MESSAGES_ACCEPTED
