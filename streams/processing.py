@@ -98,7 +98,14 @@ from agentstream.streams.delivery import (
 )
 from agentstream.streams.eos import GATE, SOURCE, transactional_id_for
 from agentstream.streams.errors import UnreadableRecord
-from agentstream.streams.observability import DEAD_LETTERS, EVENTS_IN, EVENTS_OUT, SEND_FAILURES
+from agentstream.streams.observability import (
+    DEAD_LETTERS,
+    EVENTS_IN,
+    EVENTS_OUT,
+    SEND_FAILURES,
+    TABLE_FULL,
+    Throttled,
+)
 from agentstream.streams.record_batches import unreadable
 from agentstream.streams.settings import DEADLETTER_KEY_RESERVE, output_limit
 from agentstream.streams.tables.writer import flush_pending, pending_writes
@@ -1091,6 +1098,18 @@ async def dead_letter(message: Any, exc: BaseException, consumer: str) -> None:
             SOURCE.reset(token)
         return
     await emit(PIPELINE_DEADLETTER, event)
+
+
+async def refuse_table_full(
+    message: Any, exc: BaseException, consumer: str, table: str, what: str, warning: Throttled
+) -> None:
+    """A record refused because it would add a key to a full partition of a monitoring
+    table (`TableFull`): what a sender chose, so a dead letter, counted per table, with a
+    throttled warning (`what`: the records refused, e.g. "heartbeats of new agent ids"),
+    not the traceback `guarded` logs for a failure of ours."""
+    TABLE_FULL.labels(table).inc()
+    warning.warning("%s: %s are refused (dead letters): %s", table, what, exc)
+    await dead_letter(message, exc, consumer)
 
 
 #: the namespace of dead letters' event ids (`dead_letter_event`); never change it

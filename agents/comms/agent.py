@@ -7,8 +7,13 @@ from typing import Any
 
 from agentstream.schemas import CommunicationRecord
 from agentstream.streams.app import app, catalogue_topic, settings
-from agentstream.streams.observability import TABLE_FULL, Throttled
-from agentstream.streams.processing import Inbound, dead_letter, decoded_batches, guarded
+from agentstream.streams.observability import Throttled
+from agentstream.streams.processing import (
+    Inbound,
+    decoded_batches,
+    guarded,
+    refuse_table_full,
+)
 from agentstream.streams.tables.monitoring import (
     COMMS_TABLE,
     TableFull,
@@ -58,10 +63,6 @@ async def _fold(inbound: Inbound) -> None:
             max_agents=settings.comms_max_agents_per_partition,
         )
     except TableFull as exc:
-        # a sender's new agent id: a dead letter, counted, without the traceback
-        # `guarded` logs for a failure of ours
-        TABLE_FULL.labels(COMMS_TABLE).inc()
-        full_warning.warning(
-            "%s: records of new agent ids are refused (dead letters): %s", COMMS_TABLE, exc
+        await refuse_table_full(
+            msg, exc, CONSUMER, COMMS_TABLE, "records of new agent ids", full_warning
         )
-        await dead_letter(msg, exc, CONSUMER)

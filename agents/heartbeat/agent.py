@@ -24,8 +24,15 @@ from agentstream.schemas.errors import InvalidEvent
 from agentstream.streams.app import app, settings
 from agentstream.streams.delivery import HANDED_MARKS, marks_key
 from agentstream.streams.health import register_check
-from agentstream.streams.observability import AGENTS, TABLE_FULL, Throttled
-from agentstream.streams.processing import Inbound, dead_letter, decoded_batches, emit, guarded
+from agentstream.streams.observability import AGENTS, Throttled
+from agentstream.streams.processing import (
+    Inbound,
+    dead_letter,
+    decoded_batches,
+    emit,
+    guarded,
+    refuse_table_full,
+)
 from agentstream.streams.tables import Origin
 from agentstream.streams.tables.monitoring import (
     HEARTBEATS_TABLE,
@@ -253,13 +260,12 @@ async def _fold(inbound: Inbound) -> None:
             # table): a dead letter saying why, without the traceback `guarded` logs for
             # a failure of ours
             if isinstance(refused, TableFull):
-                TABLE_FULL.labels(HEARTBEATS_TABLE).inc()
-                full_warning.warning(
-                    "%s: heartbeats of new agent ids are refused (dead letters): %s",
-                    HEARTBEATS_TABLE,
-                    refused,
+                what = "heartbeats of new agent ids"
+                await refuse_table_full(
+                    msg, refused, CONSUMER, HEARTBEATS_TABLE, what, full_warning
                 )
-            await dead_letter(msg, refused, CONSUMER)
+            else:
+                await dead_letter(msg, refused, CONSUMER)
             return
         if accepted and gate.open:
             tr = monitor.evaluate(payload.agent_id, allow_down=False)

@@ -15,8 +15,13 @@ from prometheus_client.registry import Collector
 from agentstream.agents.metrics.windows import exported_series
 from agentstream.schemas import MetricSample
 from agentstream.streams.app import app, catalogue_topic, settings
-from agentstream.streams.observability import TABLE_FULL, Throttled
-from agentstream.streams.processing import Inbound, dead_letter, decoded_batches, guarded
+from agentstream.streams.observability import Throttled
+from agentstream.streams.processing import (
+    Inbound,
+    decoded_batches,
+    guarded,
+    refuse_table_full,
+)
 from agentstream.streams.tables.monitoring import (
     METRICS_TABLE,
     TableFull,
@@ -69,15 +74,9 @@ async def _fold(inbound: Inbound) -> None:
             max_series=settings.metrics_max_series_per_partition,
         )
     except TableFull as exc:
-        # a sender's new series or label set: a dead letter, counted, without the
-        # traceback `guarded` logs for a failure of ours
-        TABLE_FULL.labels(METRICS_TABLE).inc()
-        full_warning.warning(
-            "%s: samples of new series and label sets are refused (dead letters): %s",
-            METRICS_TABLE,
-            exc,
+        await refuse_table_full(
+            msg, exc, CONSUMER, METRICS_TABLE, "samples of new series and label sets", full_warning
         )
-        await dead_letter(msg, exc, CONSUMER)
 
 
 class SeriesCollector(Collector):
