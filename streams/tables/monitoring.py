@@ -606,6 +606,35 @@ class KeyIndex:
         self.groups: dict[str, _Group] = {}
         self.recency = Recency()
 
+    def admit(
+        self,
+        state: MutableMapping[str, Any],
+        group: str,
+        partition: int,
+        at: float,
+        retention_s: float,
+        cap: int | None,
+        full: Callable[[], Exception],
+        dropped: Callable[[str], object] | None = None,
+    ) -> float:
+        """Before a record of `group` appended at `at` to `partition` is folded: the
+        partition's clock once it is (`advance_clock`), after deleting the partition's
+        groups not seen for `retention_s` by that clock (`dropped` is told each one).
+        Raises `full()` if the partition does not hold `group` and already holds `cap`
+        groups: new groups are refused rather than the oldest evicted (docs/monitoring.md)."""
+        now = self.recency.now(partition, at, retention_s * CLOCK_STEP)
+        for gone in self.recency.due(partition, now - retention_s):
+            self.drop(state, gone)
+            if dropped is not None:
+                dropped(gone)
+        if (
+            cap is not None
+            and not self.held(group, partition)
+            and self.recency.count(partition) >= cap
+        ):
+            raise full()
+        return now
+
     def drop(self, state: MutableMapping[str, Any], group: str) -> list[str]:
         """Delete every key of `group` from `state` (tombstones) and forget the group;
         returns the keys."""
@@ -777,20 +806,20 @@ def fold_sample(
     idx = index_for(METRICS_TABLE, state, _build_metric_index)
     now = -math.inf
     if at is not None and partition is not None:
-        now = idx.recency.now(partition, at, retention_s * CLOCK_STEP)
-        for gone in idx.recency.due(partition, now - retention_s):
-            idx.drop(state, gone)
-        if (
-            not idx.held(group, partition)
-            and max_series is not None
-            and idx.recency.count(partition) >= max_series
-        ):
-            raise TableFull(
+        now = idx.admit(
+            state,
+            group,
+            partition,
+            at,
+            retention_s,
+            max_series,
+            lambda: TableFull(
                 f"metric {series} {lk}: partition {partition} of the metrics table holds "
                 f"its maximum of {max_series} series and label sets (table full; "
                 "AGENTSTREAM_METRICS_MAX_SERIES_PER_PARTITION)",
                 type=MetricSample.TYPE,
-            )
+            ),
+        )
     newest = max(idx.newest(group), ts)
     start = math.floor(ts / interval_s) * interval_s
     # a window is retained while its end is within `retention_s` of the group's newest sample
@@ -924,21 +953,22 @@ def fold_record(
     idx = index_for(COMMS_TABLE, state, _build_comms_index)
     now = -math.inf
     if at is not None and partition is not None:
-        now = idx.recency.now(partition, at, retention_s * CLOCK_STEP)
-        for gone in idx.recency.due(partition, now - retention_s):
-            idx.drop(state, gone)
-            state.pop(count_key(gone), None)
-        if (
-            not idx.held(rec.agent_id, partition)
-            and max_agents is not None
-            and idx.recency.count(partition) >= max_agents
-        ):
-            raise TableFull(
+        now = idx.admit(
+            state,
+            rec.agent_id,
+            partition,
+            at,
+            retention_s,
+            max_agents,
+            lambda: TableFull(
                 f"communication record of {rec.agent_id!r}: partition {partition} of the "
                 f"comms table holds its maximum of {max_agents} agents (table full; "
                 "AGENTSTREAM_COMMS_MAX_AGENTS_PER_PARTITION)",
                 type=CommunicationRecord.TYPE,
-            )
+            ),
+            # an agent's counts go with its records
+            dropped=lambda gone: state.pop(count_key(gone), None),
+        )
     newest = max(idx.newest(rec.agent_id), ts)
     if ts < newest - retention_s:
         return False
