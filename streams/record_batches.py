@@ -32,6 +32,15 @@ to do with it (`unreadable`): the worker's agents dead-letter it
 * A batch whose checksum does not match is left to aiokafka (it raises, as before): that
   is corruption on the way, not a record a producer wrote (the broker checks the CRC).
 
+A compressed batch is decompressed within a limit (`install`'s `max_decompressed_bytes`,
+AGENTSTREAM_MAX_DECOMPRESSED_BATCH_BYTES): aiokafka's parsers (the C extension's and the
+pure-Python ones, record format v2 and the legacy one) are given decoders that stop
+there (`bounded_decode`) instead of aiokafka's own, which decompress the whole batch in
+memory. A producer can write a batch of a few kilobytes that decompresses to tens of
+gigabytes (zstd reaches 32,000:1, gzip 1,000:1): decompressed whole, it took the reader's
+memory, and the worker restarted onto the same batch. Past the limit it is an unreadable
+batch like any other: one stand-in.
+
 The stand-in's type, not a header, marks it: a producer can forge any header but cannot
 make a value of a Python type. Nothing is dropped here: every offset of the partition is
 either a record, a stand-in, or an offset aiokafka itself skips (control batches,
@@ -42,6 +51,7 @@ from __future__ import annotations
 
 import logging
 import struct
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -154,25 +164,185 @@ def batch_info(raw: bytes) -> BatchInfo:
 
 
 def _decompress(codec: int, data: bytes) -> bytes:
-    from aiokafka import codec as codecs
-
     if codec == 0:
         return data
-    decoders: dict[int, Callable[[Any], bytes]] = {
-        1: codecs.gzip_decode,
-        2: codecs.snappy_decode,
-        3: codecs.lz4_decode,
-        4: codecs.zstd_decode,
-    }
-    decode = decoders.get(codec)
-    if decode is None:
+    if codec not in _BOUNDED:
         raise BatchUnparseable(f"unknown compression codec {codec}")
+    return bounded_decode(codec, data, _limit[0])
+
+
+# -- decompression within a limit ------------------------------------------------------
+
+#: the setting that bounds what one record batch may decompress to (`Settings`)
+MAX_DECOMPRESSED_VARIABLE = "AGENTSTREAM_MAX_DECOMPRESSED_BATCH_BYTES"
+#: its default: a batch is at most max.message.bytes (1 MiB) compressed, and JSON events
+#: compress far less than 64:1 (docs/configuration.md)
+DEFAULT_MAX_DECOMPRESSED_BATCH_BYTES = 64 * 1024 * 1024
+#: the process's limit, set by `install` (a list: one value, shared with the decoders)
+_limit = [DEFAULT_MAX_DECOMPRESSED_BATCH_BYTES]
+#: cramjam's message when the output does not fit the buffer given to `decompress_into`
+#: (a contract, tests/unit/test_upgrade_contracts.py): told apart from corrupt data
+_BUFFER_FULL = "failed to write whole buffer"
+#: the first buffer a zstd or lz4 batch is decompressed into, at least, and its growth
+_FIRST_BUFFER = 64 * 1024
+_GROWTH = 4
+#: the xerial snappy framing's header (marker, "SNAPPY", version 1, compatible 1), as
+#: aiokafka's `snappy_decode` recognises it
+_XERIAL_HEADER = b"\x82SNAPPY\x00" + struct.pack("!ii", 1, 1)
+
+
+class DecompressedTooLarge(BatchUnparseable):
+    """A compressed record batch decompresses to more than the limit: it is not
+    decompressed further."""
+
+    def __init__(self, codec: str, limit: int) -> None:
+        super().__init__(
+            f"{codec} batch decompresses to more than {limit:,} bytes ({MAX_DECOMPRESSED_VARIABLE})"
+        )
+        self.codec = codec
+        self.limit = limit
+
+
+def _gzip_bounded(data: bytes, limit: int) -> bytes:
+    """aiokafka's `gzip_decode` (`gzip.GzipFile.read`) within `limit`: every member of
+    the stream, zero bytes between and after members skipped as `gzip` does."""
+    out = bytearray()
+    rest = bytes(data)
+    while rest:
+        if rest[:2] != b"\x1f\x8b":
+            raise BatchUnparseable(f"not a gzip member: {rest[:2]!r}")
+        member = zlib.decompressobj(16 + zlib.MAX_WBITS)  # gzip header and trailer
+        chunk = rest
+        while not member.eof:
+            # one byte past what is left: a member that reaches it is too large
+            out += member.decompress(chunk, limit - len(out) + 1)
+            if len(out) > limit:
+                raise DecompressedTooLarge("gzip", limit)
+            chunk = member.unconsumed_tail
+            if not chunk and not member.eof:
+                raise BatchUnparseable("gzip stream ends inside a member")
+        rest = member.unused_data.lstrip(b"\0")
+    return bytes(out)
+
+
+def _snappy_bounded(data: bytes, limit: int) -> bytes:
+    """aiokafka's `snappy_decode` within `limit`: the xerial framing (a header, then
+    blocks each with its length) or one raw block. Snappy cannot exceed about 21:1, so a
+    1 MiB batch stays small anyway; but a raw block states its decompressed length up
+    front and the decoder allocates that much before it finds the block short, so every
+    block's stated length is checked against what is left first."""
+    import cramjam
+
+    view = memoryview(data)
+    if len(view) > len(_XERIAL_HEADER) and view[: len(_XERIAL_HEADER)] == _XERIAL_HEADER:
+        blocks = []
+        pos = len(_XERIAL_HEADER)
+        while pos < len(view):
+            (size,) = struct.unpack_from("!i", view, pos)
+            pos += 4
+            if size < 0 or pos + size > len(view):
+                raise BatchUnparseable(f"snappy block of {size} bytes past the batch's end")
+            blocks.append(view[pos : pos + size])
+            pos += size
+    else:
+        blocks = [view]
+    out = bytearray()
+    for block in blocks:
+        if cramjam.snappy.decompress_raw_len(block) > limit - len(out):
+            raise DecompressedTooLarge("snappy", limit)
+        out += cramjam.snappy.decompress_raw(block)
+    return bytes(out)
+
+
+def _framed_bounded(codec: str, data: bytes, limit: int) -> bytes:
+    """A zstd or lz4 frame (or frames) decompressed into a buffer that grows `_GROWTH`
+    times while it is too small, up to `limit`: cramjam writes into a given buffer
+    without allocating the output itself, and says so when it does not fit."""
+    import cramjam
+
+    decompress_into = (
+        cramjam.zstd.decompress_into if codec == "zstd" else cramjam.lz4.decompress_into
+    )
+    size = min(limit, max(_FIRST_BUFFER, 8 * len(data)))
+    while True:
+        buffer = bytearray(size)
+        try:
+            n = decompress_into(data, buffer)
+        except cramjam.DecompressionError as exc:
+            if _BUFFER_FULL not in str(exc):
+                raise
+            if size >= limit:
+                raise DecompressedTooLarge(codec, limit) from None
+            size = min(limit, size * _GROWTH)
+            continue
+        return bytes(memoryview(buffer)[:n])
+
+
+def _zstd_bounded(data: bytes, limit: int) -> bytes:
+    return _framed_bounded("zstd", data, limit)
+
+
+def _lz4_bounded(data: bytes, limit: int) -> bytes:
+    return _framed_bounded("lz4", data, limit)
+
+
+_BOUNDED: dict[int, Callable[[bytes, int], bytes]] = {
+    1: _gzip_bounded,
+    2: _snappy_bounded,
+    3: _lz4_bounded,
+    4: _zstd_bounded,
+}
+
+
+def bounded_decode(codec: int, data: Any, limit: int) -> bytes:
+    """`data` of the codec `codec` (1 gzip .. 4 zstd) decompressed, as aiokafka's
+    decoders do, but never past `limit` bytes: `DecompressedTooLarge` then; corrupt data
+    (or a codec whose library is missing) is `BatchUnparseable`."""
     try:
-        return bytes(decode(data))
+        return _BOUNDED[codec](bytes(data), limit)
+    except BatchUnparseable:
+        raise
     except Exception as exc:  # a missing library, corrupt data
         raise BatchUnparseable(
             f"cannot decompress ({_CODECS[codec]}): {type(exc).__name__}: {exc}"
         ) from exc
+
+
+def _aiokafka_decoder(codec: int) -> Callable[[Any], bytes]:
+    """A stand-in for aiokafka's decoder of `codec`, within the process's limit."""
+
+    def decode(data: Any) -> bytes:
+        return bounded_decode(codec, data, _limit[0])
+
+    decode.__name__ = f"bounded_{_CODECS[codec]}_decode"
+    decode._agentstream_bounded = True  # type: ignore[attr-defined]
+    return decode
+
+
+#: the module globals aiokafka's record parsers call (C extension and pure Python)
+_DECODER_GLOBALS = {"gzip_decode": 1, "snappy_decode": 2, "lz4_decode": 3, "zstd_decode": 4}
+_PARSER_MODULES = (
+    "aiokafka.record.default_records",
+    "aiokafka.record._crecords.default_records",
+    "aiokafka.record.legacy_records",
+    "aiokafka.record._crecords.legacy_records",
+)
+
+
+def _bound_parsers() -> None:
+    """Give aiokafka's record parsers the bounded decoders: each looks its decoder up as
+    a global of its module at each call (the C extension too, a contract tested in
+    tests/unit/test_record_batches.py)."""
+    import importlib
+
+    for name in _PARSER_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:  # aiokafka built without its C extension
+            continue
+        for attribute, codec in _DECODER_GLOBALS.items():
+            if hasattr(module, attribute):
+                setattr(module, attribute, _aiokafka_decoder(codec))
 
 
 def _varint(buf: bytes, pos: int) -> tuple[int, int]:
@@ -272,6 +442,9 @@ def salvage(raw: bytes, from_offset: int, error: BaseException) -> Iterator[Salv
     cause = f"{type(error).__name__}: {error}"
     first = max(from_offset, info.base_offset)
     try:
+        if isinstance(error, DecompressedTooLarge):
+            # refused before any of its records: decompressing it again says nothing new
+            raise error
         for record in parse_records(raw):
             if record.offset < first:
                 continue  # handed on before aiokafka's parser failed
@@ -290,7 +463,9 @@ def salvage(raw: bytes, from_offset: int, error: BaseException) -> Iterator[Salv
     except BatchUnparseable as exc:
         if first > info.last_offset:
             return
-        reason = f"{where} unreadable from offset {first}: {exc}; the client: {cause}"
+        reason = f"{where} unreadable from offset {first}: {exc}"
+        if exc is not error:
+            reason += f"; the client: {cause}"
         stand_in = Unreadable(
             raw, reason=reason, first_offset=first, last_offset=info.last_offset, whole_batch=True
         )
@@ -434,13 +609,18 @@ def _tolerant_unpack(original: Callable[[Any], Iterator[Any]]) -> Callable[[Any]
     return _unpack_records
 
 
-def install() -> None:
+def install(max_decompressed_bytes: int = DEFAULT_MAX_DECOMPRESSED_BATCH_BYTES) -> None:
     """Make every aiokafka consumer of this process hand on stand-ins for what it cannot
-    parse (module docstring). Idempotent."""
+    parse, and decompress no batch past `max_decompressed_bytes` (module docstring).
+    Idempotent; the limit is the process's, the last call's."""
     from aiokafka.consumer import fetcher
 
+    if max_decompressed_bytes < 1:
+        raise ValueError(f"max_decompressed_bytes must be positive, not {max_decompressed_bytes}")
+    _limit[0] = max_decompressed_bytes
     if getattr(fetcher.PartitionRecords._unpack_records, "_agentstream_tolerant", False):
         return
+    _bound_parsers()
     fetcher.MemoryRecords = _memory_records_class()
     fetcher.PartitionRecords._unpack_records = _tolerant_unpack(
         fetcher.PartitionRecords._unpack_records

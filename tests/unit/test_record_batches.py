@@ -3,11 +3,16 @@ fetcher classes fed crafted record batches, no broker."""
 
 from __future__ import annotations
 
+import json
+import random
 import struct
-from collections.abc import Iterable
+import tracemalloc
+from collections.abc import Iterable, Iterator
 from typing import Any
 
+import cramjam
 import pytest
+from aiokafka import codec as codecs
 from aiokafka.consumer import fetcher
 from aiokafka.errors import CorruptRecordException
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
@@ -16,8 +21,11 @@ from aiokafka.structs import TopicPartition
 
 from agentstream.streams import record_batches
 from agentstream.streams.record_batches import (
+    DEFAULT_MAX_DECOMPRESSED_BATCH_BYTES,
     BatchUnparseable,
+    DecompressedTooLarge,
     Unreadable,
+    bounded_decode,
     parse_records,
     salvage,
     unreadable,
@@ -66,9 +74,20 @@ def zstd_flagged(base: int, n: int) -> bytes:
     return bytes(buf)
 
 
-def fetch(data: bytes, fetch_offset: int = 0) -> tuple[list[Any], Any]:
+MiB = 1024 * 1024
+
+
+@pytest.fixture(autouse=True)
+def _default_limit() -> Iterator[None]:
+    yield
+    record_batches.install()  # a test's own limit is not the next test's
+
+
+def fetch(
+    data: bytes, fetch_offset: int = 0, *, limit: int = DEFAULT_MAX_DECOMPRESSED_BATCH_BYTES
+) -> tuple[list[Any], Any]:
     """What aiokafka's fetcher makes of a fetched message set, the hook installed."""
-    record_batches.install()
+    record_batches.install(max_decompressed_bytes=limit)
     records = fetcher.PartitionRecords(
         TP, fetcher.MemoryRecords(data), None, fetch_offset, None, None, True, 0
     )
@@ -218,3 +237,182 @@ def test_only_the_type_marks_a_stand_in() -> None:
     value = Unreadable(b"x", reason="r", first_offset=3, last_offset=3)
     assert unreadable(value) is value and value == b"x"
     assert value.describe() == "offset 3: r"
+
+
+# -- decompression within a limit -------------------------------------------------------
+
+
+def zeros_zstd(n: int) -> bytes:
+    """One zstd frame of `n` zero bytes, made without holding them (a bomb: 200 MiB is
+    about 6 KB)."""
+    compressor = cramjam.zstd.Compressor(level=3)
+    chunk = bytes(MiB)
+    for _ in range(n // MiB):
+        compressor.compress(chunk)
+    compressor.compress(bytes(n % MiB))
+    return bytes(compressor.finish())
+
+
+def compressed_batch(base: int, codec: int, body: bytes, n: int = 1) -> bytes:
+    """A v2 batch of `n` records at `base` whose compressed records are `body` (any
+    bytes a producer chose), the length and CRC made to match: what the broker accepts."""
+    head = bytearray(batch(base, n)[:61])
+    (attributes,) = struct.unpack_from(">h", head, 21)
+    struct.pack_into(">h", head, 21, (attributes & ~0x07) | codec)
+    buf = head + body
+    struct.pack_into(">i", buf, 8, len(buf) - 12)
+    _crc(buf)
+    return bytes(buf)
+
+
+def json_events(n: int, seed: int = 1) -> bytes:
+    """What a batch of events looks like decompressed, roughly: JSON, some of it
+    random (so that it does not compress to nothing)."""
+    rng = random.Random(seed)
+    events = [
+        {
+            "type": "agent.message",
+            "sender": "planner",
+            "recipient": "executor",
+            "correlation_id": f"run-{rng.randrange(8)}",
+            "sequence": i,
+            "body": rng.choice(["ok", "retry later", "tool call: search", "done"]),
+        }
+        for i in range(n)
+    ]
+    return json.dumps(events).encode()
+
+
+def _gzip_members(*parts: bytes) -> bytes:
+    return codecs.gzip_encode(parts[0]) + b"\0\0" + b"".join(map(codecs.gzip_encode, parts[1:]))
+
+
+PAYLOAD = json_events(3000)  # about 330 KB, more than 8 times what it compresses to
+ENCODINGS = {
+    "gzip": (1, codecs.gzip_encode(PAYLOAD)),
+    "gzip, several members, zero padding between": (1, _gzip_members(PAYLOAD, b"x", PAYLOAD)),
+    "snappy, xerial framing": (2, codecs.snappy_encode(PAYLOAD)),
+    "snappy, one raw block": (2, codecs.snappy_encode(PAYLOAD, xerial_compatible=False)),
+    "lz4": (3, codecs.lz4_encode(PAYLOAD)),
+    "zstd": (4, codecs.zstd_encode(PAYLOAD)),
+    "zstd, two frames": (4, codecs.zstd_encode(PAYLOAD) + codecs.zstd_encode(b"tail")),
+}
+AIOKAFKA_DECODERS = {
+    1: codecs.gzip_decode,
+    2: codecs.snappy_decode,
+    3: codecs.lz4_decode,
+    4: codecs.zstd_decode,
+}
+
+
+@pytest.mark.parametrize("name", ENCODINGS)
+def test_bounded_decoders_give_what_aiokafkas_give(name: str) -> None:
+    codec, data = ENCODINGS[name]
+    expected = AIOKAFKA_DECODERS[codec](data)
+    if codec in (3, 4):  # the buffer had to grow
+        assert len(expected) > 8 * len(data)
+    assert bounded_decode(codec, data, DEFAULT_MAX_DECOMPRESSED_BATCH_BYTES) == expected
+    # exactly the limit is within it; one byte less is not
+    assert bounded_decode(codec, data, len(expected)) == expected
+    with pytest.raises(DecompressedTooLarge) as too_large:
+        bounded_decode(codec, data, len(expected) - 1)
+    assert too_large.value.limit == len(expected) - 1
+
+
+@pytest.mark.parametrize("codec", [1, 2, 3, 4])
+def test_corrupt_data_is_unparseable_not_too_large(codec: int) -> None:
+    _, good = next(v for v in ENCODINGS.values() if v[0] == codec)
+    for bad in (b"not compressed at all", good[: len(good) // 2]):
+        with pytest.raises(BatchUnparseable) as error:
+            bounded_decode(codec, bad, DEFAULT_MAX_DECOMPRESSED_BATCH_BYTES)
+        assert not isinstance(error.value, DecompressedTooLarge), (codec, error.value)
+
+
+@pytest.mark.parametrize("codec", [1, 3, 4])
+def test_a_bomb_stops_at_the_limit_saying_the_codec_the_limit_and_the_setting(codec: int) -> None:
+    zeros = bytes(4 * MiB)
+    data = {1: codecs.gzip_encode, 3: codecs.lz4_encode, 4: codecs.zstd_encode}[codec](zeros)
+    with pytest.raises(DecompressedTooLarge) as error:
+        bounded_decode(codec, data, MiB)
+    name = record_batches._CODECS[codec]
+    assert str(error.value) == (
+        f"{name} batch decompresses to more than 1,048,576 bytes "
+        "(AGENTSTREAM_MAX_DECOMPRESSED_BATCH_BYTES)"
+    )
+
+
+def test_a_snappy_block_is_refused_by_the_length_it_states_before_it_is_decoded() -> None:
+    # a raw block stating 2 GiB and holding nothing: the decoder would allocate it first
+    stated = bytearray()
+    n = 2**31
+    while n >= 0x80:
+        stated.append(n & 0x7F | 0x80)
+        n >>= 7
+    stated.append(n)
+    with pytest.raises(DecompressedTooLarge):
+        bounded_decode(2, bytes(stated) + b"\x00", 64 * MiB)
+
+
+def test_a_compression_bomb_is_one_stand_in_and_never_decompressed_past_the_limit() -> None:
+    """200 MiB of zeros in about 6 KB of zstd, between good batches: aiokafka's own
+    decoder holds all of it (twice over) before it parses a record."""
+    bomb = compressed_batch(2, 4, zeros_zstd(200 * MiB))
+    assert len(bomb) < 10_000
+    data = batch(0, 2) + bomb + batch(3, 1)
+    tracemalloc.start()
+    try:
+        got, records = fetch(data, limit=16 * MiB)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 48 * MiB, f"{peak / MiB:.0f} MiB allocated"
+    assert [r.offset for r in got] == [0, 1, 2, 3]
+    assert [got[i].value for i in (0, 1, 3)] == [b"v0", b"v1", b"v3"]
+    stand_in = unreadable(got[2].value)
+    assert stand_in is not None and stand_in.whole_batch and bytes(stand_in) == bomb
+    assert stand_in.reason == (
+        "record batch 2..2 (zstd) unreadable from offset 2: zstd batch decompresses to "
+        "more than 16,777,216 bytes (AGENTSTREAM_MAX_DECOMPRESSED_BATCH_BYTES)"
+    )
+    assert records.next_fetch_offset == 4
+
+
+def test_a_batch_of_exactly_the_limit_is_read_as_before() -> None:
+    records = batch(0, 3)[61:]
+    raw = compressed_batch(0, 4, codecs.zstd_encode(records), n=3)
+    got, _ = fetch(raw, limit=len(records))
+    assert [(r.value, unreadable(r.value)) for r in got] == [
+        (b"v0", None),
+        (b"v1", None),
+        (b"v2", None),
+    ]
+
+
+@pytest.mark.parametrize("codec", [1, 2, 3, 4])
+def test_the_pure_python_parser_is_bounded_too(codec: int) -> None:
+    from aiokafka.record.default_records import _DefaultRecordBatchPy
+
+    record_batches.install(max_decompressed_bytes=MiB)
+    encode = {
+        1: codecs.gzip_encode,
+        2: codecs.snappy_encode,
+        3: codecs.lz4_encode,
+        4: codecs.zstd_encode,
+    }[codec]
+    raw = compressed_batch(0, codec, encode(bytes(2 * MiB)))
+    with pytest.raises(DecompressedTooLarge):
+        list(_DefaultRecordBatchPy(bytearray(raw)))
+
+
+def test_every_aiokafka_parser_calls_the_bounded_decoders() -> None:
+    """aiokafka's parsers (the C extension's too) look their decoders up as module
+    globals at each call: the bounded ones are what they find."""
+    import importlib
+
+    record_batches.install()
+    for name in record_batches._PARSER_MODULES:
+        module = importlib.import_module(name)
+        decoders = [g for g in ("gzip_decode", "snappy_decode", "lz4_decode", "zstd_decode")]
+        found = [g for g in decoders if hasattr(module, g)]
+        assert len(found) >= 3, (name, found)
+        assert all(getattr(getattr(module, g), "_agentstream_bounded", False) for g in found)

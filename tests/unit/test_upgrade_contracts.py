@@ -948,6 +948,31 @@ CONTRACTS: list[Contract] = [
             "err = Errors.OffsetOutOfRangeError({tp: fetch_offset})",
         ),
     ),
+    c(
+        # the bounded decoders replace these module globals, which the parsers look up at
+        # each call (the C extension's too: `test_c_parsers_look_their_decoders_up_per_call`)
+        "aiokafka.record.default_records.zstd_decode",
+        "write",
+        f"{BATCHES}::setattr(module, attribute, _aiokafka_decoder(codec))",
+        source_of="aiokafka.record.default_records._DefaultRecordBatchPy._maybe_uncompress",
+        contains=(
+            "uncompressed = gzip_decode(data)",
+            "uncompressed = snappy_decode(data.tobytes())",
+            "uncompressed = lz4_decode(data.tobytes())",
+            "uncompressed = zstd_decode(data.tobytes())",
+        ),
+    ),
+    c(
+        "aiokafka.record.legacy_records.gzip_decode",
+        "write",
+        f"{BATCHES}::setattr(module, attribute, _aiokafka_decoder(codec))",
+        source_of="aiokafka.record.legacy_records._LegacyRecordBatchPy._decompress",
+        contains=(
+            "uncompressed = gzip_decode(data)",
+            "uncompressed = snappy_decode(data.tobytes())",
+            "uncompressed = lz4_decode(data.tobytes())",
+        ),
+    ),
     # -- streams/client.py: a subscription resets no position (auto_offset_reset="none")
     c(
         # a group's partition without a committed offset raises, naming it: `_no_offset`
@@ -1632,6 +1657,66 @@ def test_flow_control_clears_the_queues_it_manages() -> None:
     assert list(queue._queue) == ["record"]
     event.clear()
     assert not queue._queue, "FlowControlEvent.clear no longer empties the managed queues"
+
+
+def test_c_parsers_look_their_decoders_up_per_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    """aiokafka's C record parsers (the ones its fetcher uses) find `zstd_decode` and
+    `gzip_decode` among their module's globals at each call, as the pure-Python ones do:
+    `streams.record_batches` bounds decompression by replacing them."""
+    from aiokafka.record import default_records, legacy_records
+    from aiokafka.record._crecords import default_records as c_default
+    from aiokafka.record._crecords import legacy_records as c_legacy
+
+    called: list[str] = []
+
+    def spy(name: str, real: Callable[[Any], bytes]) -> Callable[[Any], bytes]:
+        def decode(data: Any) -> bytes:
+            called.append(name)
+            return real(data)
+
+        return decode
+
+    monkeypatch.setattr(c_default, "zstd_decode", spy("zstd", c_default.zstd_decode))
+    monkeypatch.setattr(c_legacy, "gzip_decode", spy("gzip", c_legacy.gzip_decode))
+    v2 = default_records.DefaultRecordBatchBuilder(
+        magic=2,
+        compression_type=4,
+        is_transactional=0,
+        producer_id=-1,
+        producer_epoch=-1,
+        base_sequence=-1,
+        batch_size=1 << 20,
+    )
+    v2.append(0, timestamp=1, key=b"k", value=b"v2", headers=[])
+    legacy = legacy_records.LegacyRecordBatchBuilder(
+        magic=1, compression_type=1, batch_size=1 << 20
+    )
+    legacy.append(0, timestamp=1, key=b"k", value=b"v1")
+    batch_v2 = default_records.DefaultRecordBatch(bytearray(v2.build()))
+    batch_legacy = legacy_records.LegacyRecordBatch(bytearray(legacy.build()), 1)
+    assert type(batch_v2) is c_default.DefaultRecordBatch, "not the C parser"
+    assert type(batch_legacy) is c_legacy.LegacyRecordBatch, "not the C parser"
+    assert [r.value for r in batch_v2] == [b"v2"]
+    assert [r.value for r in batch_legacy] == [b"v1"]
+    assert called == ["zstd", "gzip"], "a C parser no longer calls its module's decoder"
+
+
+def test_cramjam_says_when_the_output_does_not_fit_the_buffer() -> None:
+    """`streams.record_batches` grows a zstd/lz4 output buffer while cramjam's
+    `decompress_into` says it is too small, and tells that from corrupt data by the
+    message; the output never exceeds the buffer, which may be exactly its size."""
+    import cramjam
+
+    from agentstream.streams.record_batches import _BUFFER_FULL
+
+    for codec in (cramjam.zstd, cramjam.lz4):
+        data = bytes(codec.compress(b"x" * 1000))
+        with pytest.raises(cramjam.DecompressionError, match=_BUFFER_FULL):
+            codec.decompress_into(data, bytearray(999))
+        assert codec.decompress_into(data, bytearray(1000)) == 1000
+        with pytest.raises(cramjam.DecompressionError) as corrupt:
+            codec.decompress_into(b"not a frame at all", bytearray(1000))
+        assert _BUFFER_FULL not in str(corrupt.value)
 
 
 # -- the table vs the tree -------------------------------------------------------------
