@@ -737,7 +737,7 @@ class AsyncClient:
             )
         # what the client cannot parse comes as stand-ins, yielded with their error, not
         # as an exception out of every fetch of the partition (the reader stopped there)
-        record_batches.install()
+        record_batches.install(self.settings.max_decompressed_batch_bytes)
         lost = on_lost or _warn_lost
         consumer = self._new_consumer(
             "subscribing",

@@ -1346,7 +1346,7 @@ def new_transport(app: Any) -> Any:
     thread, its producer an `IdempotentProducer`."""
     install_produce_fence()
     # what aiokafka cannot parse reaches the agents as stand-ins to dead-letter (15)
-    record_batches.install()
+    record_batches.install(app.agentstream_settings.max_decompressed_batch_bytes)
     base = by_url(app.conf.broker_consumer[0])
     if not issubclass(base, aiokafka_driver.Transport):
         raise ValueError(f"unsupported broker transport: {app.conf.broker_consumer[0]}")

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, m
 
 from agentstream.infra.paths import state_home
 from agentstream.schemas.errors import PipelineError
+from agentstream.streams.record_batches import DEFAULT_MAX_DECOMPRESSED_BATCH_BYTES
 
 ENV_PREFIX = "AGENTSTREAM_"
 
@@ -428,6 +429,17 @@ class Settings(BaseModel):
         "to 64 KiB of its other fields, they must fit AGENTSTREAM_MAX_EVENT_BYTES and the "
         "producer's 1,000,000-byte requests: a value set above that is refused at start, "
         "the default is lowered to it.",
+    )
+    max_decompressed_batch_bytes: int = Field(
+        default=DEFAULT_MAX_DECOMPRESSED_BATCH_BYTES,
+        gt=0,
+        description="Most bytes a compressed record batch may decompress to when the worker "
+        "or a CLI reader fetches it; a batch beyond it (a compression bomb: a few KB of "
+        "zstd can hold gigabytes) is not decompressed further and is an unreadable batch "
+        "(dead-lettered by the worker, reported and skipped by the CLI). At the default, a "
+        "batch of Kafka's 1 MiB max.message.bytes is refused only if it compresses better "
+        "than 64:1; even repetitive JSON events compress about 30:1. Raise it for topics "
+        "with a larger max.message.bytes.",
     )
     event_loop: Literal["asyncio", "uvloop"] = Field(
         default="asyncio",

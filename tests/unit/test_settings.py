@@ -54,6 +54,20 @@ def test_invalid_value_names_the_variable() -> None:
         Settings.from_env({"AGENTSTREAM_PROCESSING_GUARANTEE": "maybe_once"})
 
 
+@pytest.mark.parametrize("value", ["0", "-1", "64MiB", "1.5"])
+def test_a_decompression_limit_that_is_not_a_positive_integer_is_one_error(value: str) -> None:
+    with pytest.raises(SettingsError) as error:
+        Settings.from_env({"AGENTSTREAM_MAX_DECOMPRESSED_BATCH_BYTES": value})
+    assert len(error.value.problems) == 1
+    assert error.value.problems[0].startswith(f"AGENTSTREAM_MAX_DECOMPRESSED_BATCH_BYTES='{value}'")
+
+
+def test_the_decompression_limit_defaults_to_64_mib() -> None:
+    assert Settings.from_env({}).max_decompressed_batch_bytes == 64 * 1024 * 1024
+    limit = {"AGENTSTREAM_MAX_DECOMPRESSED_BATCH_BYTES": "8388608"}
+    assert Settings.from_env(limit).max_decompressed_batch_bytes == 8 * 1024 * 1024
+
+
 def test_settings_are_frozen() -> None:
     s = Settings.from_env({})
     with pytest.raises(Exception, match="frozen"):
