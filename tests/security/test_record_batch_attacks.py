@@ -1,8 +1,9 @@
 """A producer's record batches that the Kafka client may fail to parse, against a worker
-on the real broker: every codec Kafka has, and a header key that is not UTF-8 (which the
-broker accepts). Before, the first crashed the worker when a decoder library was
-missing, and the second always did, again after every restart (the offset was never
-committed): a poison pill that moved from worker to worker."""
+on the real broker: every codec Kafka has, a header key that is not UTF-8 (which the
+broker accepts), and a compression bomb. Before, the first crashed the worker when a
+decoder library was missing, and the second always did, again after every restart (the
+offset was never committed): a poison pill that moved from worker to worker; the bomb
+was decompressed whole in the worker's memory."""
 
 from __future__ import annotations
 
@@ -12,9 +13,10 @@ import struct
 from pathlib import Path
 from typing import Any
 
+import cramjam
 import pytest
 from aiokafka import AIOKafkaProducer
-from aiokafka.record.util import calc_crc32c
+from aiokafka.record.util import calc_crc32c, encode_varint
 
 from agentstream.schemas import AgentMessage, DeadLetter, Event, encode
 from agentstream.streams.admin import ensure_topics
@@ -259,3 +261,117 @@ async def test_tail_and_subscribe_report_a_record_they_cannot_parse_and_go_on(
         f"offset {offsets[2]}: header key" in done.stderr
     ), done.stderr
     assert "skipped 1 record(s) the Kafka client cannot parse" in done.stderr
+
+
+MiB = 1024 * 1024
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    encode_varint(value, out.append)
+    return bytes(out)
+
+
+def _zstd_bomb_records(value_size: int) -> bytes:
+    """The compressed records of a v2 batch holding one record whose value is
+    `value_size` zero bytes: a valid batch the broker accepts (it checks the records
+    streaming), made without holding the zeros (200 MiB is about 6 KB of zstd)."""
+    fields = b"\x00" + _varint(0) + _varint(0) + _varint(-1) + _varint(value_size)
+    length = len(fields) + value_size + len(_varint(0))
+    compressor = cramjam.zstd.Compressor(level=3)
+    compressor.compress(_varint(length) + fields)
+    chunk = bytes(MiB)
+    for _ in range(value_size // MiB):
+        compressor.compress(chunk)
+    compressor.compress(bytes(value_size % MiB) + _varint(0))  # and no headers
+    return bytes(compressor.finish())
+
+
+async def _send_bomb(producer: AIOKafkaProducer, topic: str, records: bytes) -> int:
+    """One zstd record batch on partition 0 whose compressed records are `records`,
+    its length, codec and CRC made to match; the offset the broker gave it."""
+    batch = producer.create_batch()
+    assert batch.append(key=None, value=b"placeholder", timestamp=None, headers=[])
+    batch.close()
+    buffer = batch._build()  # the bytes `send_batch` sends, changed in place
+    buffer[61:] = records  # after the v2 batch header
+    struct.pack_into(">i", buffer, 8, len(buffer) - 12)  # batchLength
+    (attributes,) = struct.unpack_from(">h", buffer, 21)
+    struct.pack_into(">h", buffer, 21, (attributes & ~0x07) | 4)  # zstd
+    struct.pack_into(">I", buffer, 17, calc_crc32c(bytes(buffer[21:])))
+    fut = await producer.send_batch(batch, topic, partition=0)
+    return int((await fut).offset)
+
+
+def _peak_rss(pid: int) -> int:
+    """The process's peak resident set so far (Linux: VmHWM), in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
+
+
+async def test_a_compression_bomb_is_dead_lettered_within_the_limit_and_the_worker_goes_on(
+    settings_env: dict[str, str], tmp_path: Path
+) -> None:
+    """200 MiB of zeros in one record of a 6 KB zstd batch, between good messages, to a
+    worker limited to 8 MiB: the batch is one dead letter naming the limit, the worker
+    never holds the 200 MiB, and the messages after it are processed."""
+    import psutil
+
+    settings = Settings.from_env(settings_env)
+    env = {**_worker_env(settings_env), "AGENTSTREAM_MAX_DECOMPRESSED_BATCH_BYTES": str(8 * MiB)}
+    topic = settings.topic("agent.messages")
+    await ensure_topics(settings)
+    records = _zstd_bomb_records(200 * MiB)
+    assert len(records) < 10_000
+    worker = Worker(env, tmp_path / "worker.log").start()
+    try:
+        assert worker.proc is not None
+        pid = worker.proc.pid
+        producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap, acks="all")
+        await producer.start()
+        try:
+            before = [_event(f"before-{i}") for i in range(5)]
+            for ev in before:
+                await producer.send_and_wait(topic, encode(ev), key=b"k", partition=0)
+            want = {str(ev.event_id) for ev in before}
+            assert await _accepted_ids(settings, len(want)) == want, worker.tail()
+            # the worker at work, before the bomb: its peak from here must stay far below
+            peak_before = _peak_rss(pid)
+            rss_before = psutil.Process(pid).memory_info().rss
+            bomb_offset = await _send_bomb(producer, topic, records)
+            after = [_event(f"after-{i}") for i in range(5)]
+            for ev in after:
+                await producer.send_and_wait(topic, encode(ev), key=b"k", partition=0)
+        finally:
+            await producer.stop()
+        want |= {str(ev.event_id) for ev in after}
+        assert await _accepted_ids(settings, len(want)) == want, worker.tail()
+
+        letters = await read_topic(
+            settings.bootstrap, settings.topic("pipeline.deadletter"), expect=1, timeout=30
+        )
+        # the worker never held the bomb (nor gave back memory it had held)
+        assert worker.alive(), worker.tail()
+        grown = _peak_rss(pid) - peak_before
+        now = psutil.Process(pid).memory_info().rss
+        assert grown < 64 * MiB, f"peak RSS grew {grown / MiB:.0f} MiB"
+        assert now - rss_before < 64 * MiB, f"RSS grew {(now - rss_before) / MiB:.0f} MiB"
+
+        dead = [ev.payload for _, ev in letters if ev is not None]
+        assert len(dead) == 1, dead
+        letter = dead[0]
+        assert isinstance(letter, DeadLetter)
+        assert (letter.topic, letter.partition, letter.offset) == (topic, 0, bomb_offset)
+        assert letter.error_class == "UnreadableRecord"
+        assert (
+            "zstd batch decompresses to more than 8,388,608 bytes "
+            "(AGENTSTREAM_MAX_DECOMPRESSED_BATCH_BYTES)" in letter.error_message
+        ), letter.error_message
+        # the raw batch as fetched (header and compressed records), never decompressed:
+        # enforce_policy's redactor cannot see inside it, so its bytes are withheld
+        assert letter.original_size == 61 + len(records)
+        assert letter.original_truncated and letter.original_b64 == ""
+    finally:
+        worker.stop()
