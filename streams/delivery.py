@@ -1345,8 +1345,14 @@ def new_transport(app: Any) -> Any:
     transport, its consumer a `BatchDeliveryConsumer` on a `consumer_thread_class`
     thread, its producer an `IdempotentProducer`."""
     install_produce_fence()
-    # what aiokafka cannot parse reaches the agents as stand-ins to dead-letter (15)
-    record_batches.install(app.agentstream_settings.max_decompressed_batch_bytes)
+    # what aiokafka cannot parse reaches the agents as stand-ins to dead-letter (15); an
+    # app `create_app` did not make (no settings of ours) keeps the default limit
+    settings = getattr(app, "agentstream_settings", None)
+    record_batches.install(
+        settings.max_decompressed_batch_bytes
+        if settings is not None
+        else record_batches.DEFAULT_MAX_DECOMPRESSED_BATCH_BYTES
+    )
     base = by_url(app.conf.broker_consumer[0])
     if not issubclass(base, aiokafka_driver.Transport):
         raise ValueError(f"unsupported broker transport: {app.conf.broker_consumer[0]}")

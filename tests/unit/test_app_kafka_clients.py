@@ -40,6 +40,22 @@ async def test_worker_consumer_uses_the_configured_fetch_wait(tmp_path: Path) ->
         await consumer.stop()
 
 
+def test_worker_transport_decompresses_within_the_configured_limit(tmp_path: Path) -> None:
+    from aiokafka.codec import zstd_encode
+
+    from agentstream.streams import record_batches
+
+    limit = 8 * 1024 * 1024
+    app = create_app(_settings(tmp_path, AGENTSTREAM_MAX_DECOMPRESSED_BATCH_BYTES=str(limit)))
+    try:
+        assert app.transport is not None  # made as a worker makes it: installs the limit
+        assert len(record_batches._decompress(4, zstd_encode(bytes(limit)))) == limit
+        with pytest.raises(record_batches.DecompressedTooLarge, match="8,388,608 bytes"):
+            record_batches._decompress(4, zstd_encode(bytes(limit + 1)))
+    finally:
+        record_batches.install()  # the default again, for the tests after
+
+
 def test_fausts_own_environment_variables_are_not_read(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
