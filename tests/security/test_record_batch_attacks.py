@@ -375,3 +375,14 @@ async def test_a_compression_bomb_is_dead_lettered_within_the_limit_and_the_work
         assert letter.original_truncated and letter.original_b64 == ""
     finally:
         worker.stop()
+
+    # a reader of history at the default limit (64 MiB) reports and skips it the same way
+    done = cli(settings_env, "replay", "--topics", "agent.messages", "--since", "-1h")
+    assert done.returncode == 3, done.stderr  # written, and lacking a record of the range
+    replayed = [json.loads(line)["event_id"] for line in done.stdout.splitlines()]
+    assert replayed == [str(ev.event_id) for ev in (*before, *after)]
+    assert (
+        f"{topic}[0] offset {bomb_offset}: record batch {bomb_offset}..{bomb_offset} (zstd) "
+        "unreadable from offset "
+        f"{bomb_offset}: zstd batch decompresses to more than 67,108,864 bytes" in done.stderr
+    ), done.stderr
