@@ -228,9 +228,9 @@ def _gzip_bounded(data: bytes, limit: int) -> bytes:
 def _snappy_bounded(data: bytes, limit: int) -> bytes:
     """aiokafka's `snappy_decode` within `limit`: the xerial framing (a header, then
     blocks each with its length) or one raw block. Snappy cannot exceed about 21:1, so a
-    1 MiB batch stays small anyway; but a raw block states its decompressed length up
-    front and the decoder allocates that much before it finds the block short, so every
-    block's stated length is checked against what is left first."""
+    1 MiB batch stays small anyway (a check after decoding would do); but a raw block
+    states its decompressed length up front, which the decoder sizes its output by, so
+    each block's stated length is checked against what is left before it is decoded."""
     import cramjam
 
     view = memoryview(data)
