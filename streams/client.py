@@ -737,7 +737,9 @@ class AsyncClient:
             )
         # what the client cannot parse comes as stand-ins, yielded with their error, not
         # as an exception out of every fetch of the partition (the reader stopped there)
-        record_batches.install(self.settings.max_decompressed_batch_bytes)
+        record_batches.install(
+            self.settings.max_decompressed_batch_bytes, self.settings.max_compression_ratio
+        )
         lost = on_lost or _warn_lost
         consumer = self._new_consumer(
             "subscribing",

@@ -1348,11 +1348,12 @@ def new_transport(app: Any) -> Any:
     # what aiokafka cannot parse reaches the agents as stand-ins to dead-letter (15); an
     # app `create_app` did not make (no settings of ours) keeps the default limit
     settings = getattr(app, "agentstream_settings", None)
-    record_batches.install(
-        settings.max_decompressed_batch_bytes
-        if settings is not None
-        else record_batches.DEFAULT_MAX_DECOMPRESSED_BATCH_BYTES
-    )
+    if settings is not None:
+        record_batches.install(
+            settings.max_decompressed_batch_bytes, settings.max_compression_ratio
+        )
+    else:
+        record_batches.install()
     base = by_url(app.conf.broker_consumer[0])
     if not issubclass(base, aiokafka_driver.Transport):
         raise ValueError(f"unsupported broker transport: {app.conf.broker_consumer[0]}")

@@ -38,8 +38,11 @@ pure-Python ones, record format v2 and the legacy one) are given decoders that s
 there (`bounded_decode`) instead of aiokafka's own, which decompress the whole batch in
 memory. A producer can write a batch of a few kilobytes that decompresses to tens of
 gigabytes (zstd reaches 32,000:1, gzip 1,000:1): decompressed whole, it took the reader's
-memory, and the worker restarted onto the same batch. Past the limit it is an unreadable
-batch like any other: one stand-in.
+memory, and the worker restarted onto the same batch. A batch may also decompress to no
+more than AGENTSTREAM_MAX_COMPRESSION_RATIO times its size (but always to 64 KiB): under
+the limit alone, thousands of 3 KB batches of one 60 MiB record each would wait in the
+stream's buffer at once (`batch_limit`). Past either it is an unreadable batch like any
+other: one stand-in.
 
 The stand-in's type, not a header, marks it: a producer can forge any header but cannot
 make a value of a Python type. Nothing is dropped here: every offset of the partition is
@@ -168,7 +171,7 @@ def _decompress(codec: int, data: bytes) -> bytes:
         return data
     if codec not in _BOUNDED:
         raise BatchUnparseable(f"unknown compression codec {codec}")
-    return bounded_decode(codec, data, _limit[0])
+    return bounded_decode(codec, data, _limit[0], _ratio[0])
 
 
 # -- decompression within a limit ------------------------------------------------------
@@ -178,8 +181,20 @@ MAX_DECOMPRESSED_VARIABLE = "AGENTSTREAM_MAX_DECOMPRESSED_BATCH_BYTES"
 #: its default: a batch is at most max.message.bytes (1 MiB) compressed, and JSON events
 #: compress far less than 64:1 (docs/configuration.md)
 DEFAULT_MAX_DECOMPRESSED_BATCH_BYTES = 64 * 1024 * 1024
-#: the process's limit, set by `install` (a list: one value, shared with the decoders)
+#: the setting that bounds what one record batch may decompress to relative to its size
+MAX_RATIO_VARIABLE = "AGENTSTREAM_MAX_COMPRESSION_RATIO"
+#: its default: repetitive JSON events compress 11:1 (snappy) to 35:1 (gzip) in a full
+#: batch, far less in a small one (docs/configuration.md)
+DEFAULT_MAX_COMPRESSION_RATIO = 100
+#: what any batch may decompress to whatever its size: a batch of one small event is
+#: never refused for its ratio. It also bounds what the smallest batches (~70 bytes) can
+#: make a reader hold: 16,384 buffered records of at most this size, 1 GiB, where without
+#: the ratio they could each be the whole limit (a 60 MiB record in 3 KB of zstd)
+RATIO_FLOOR = 64 * 1024
+#: the process's limit and ratio, set by `install` (lists: one value each, shared with
+#: the decoders)
 _limit = [DEFAULT_MAX_DECOMPRESSED_BATCH_BYTES]
+_ratio = [DEFAULT_MAX_COMPRESSION_RATIO]
 #: cramjam's message when the output does not fit the buffer given to `decompress_into`
 #: (a contract, tests/unit/test_upgrade_contracts.py): told apart from corrupt data
 _BUFFER_FULL = "failed to write whole buffer"
@@ -193,14 +208,25 @@ _XERIAL_HEADER = b"\x82SNAPPY\x00" + struct.pack("!ii", 1, 1)
 
 class DecompressedTooLarge(BatchUnparseable):
     """A compressed record batch decompresses to more than the limit: it is not
-    decompressed further."""
+    decompressed further. `why` names the setting that made the limit."""
 
-    def __init__(self, codec: str, limit: int) -> None:
-        super().__init__(
-            f"{codec} batch decompresses to more than {limit:,} bytes ({MAX_DECOMPRESSED_VARIABLE})"
-        )
+    def __init__(self, codec: str, limit: int, why: str = MAX_DECOMPRESSED_VARIABLE) -> None:
+        super().__init__(f"{codec} batch decompresses to more than {limit:,} bytes ({why})")
         self.codec = codec
         self.limit = limit
+
+
+def batch_limit(compressed: int, limit: int, ratio: int | None) -> tuple[int, str]:
+    """What a batch of `compressed` bytes may decompress to, and the setting that says
+    so: `limit`, or less, `ratio` times its size (at least `RATIO_FLOOR`). The limit
+    alone bounds one batch; the ratio bounds what many small batches can make a reader
+    hold at once (each record waits in the stream's buffer until it is processed)."""
+    if ratio is None:
+        return limit, MAX_DECOMPRESSED_VARIABLE
+    by_ratio = max(RATIO_FLOOR, ratio * compressed)
+    if by_ratio < limit:
+        return by_ratio, f"{ratio} times the batch's {compressed:,} bytes: {MAX_RATIO_VARIABLE}"
+    return limit, MAX_DECOMPRESSED_VARIABLE
 
 
 def _gzip_bounded(data: bytes, limit: int) -> bytes:
@@ -294,12 +320,17 @@ _BOUNDED: dict[int, Callable[[bytes, int], bytes]] = {
 }
 
 
-def bounded_decode(codec: int, data: Any, limit: int) -> bytes:
+def bounded_decode(codec: int, data: Any, limit: int, ratio: int | None = None) -> bytes:
     """`data` of the codec `codec` (1 gzip .. 4 zstd) decompressed, as aiokafka's
-    decoders do, but never past `limit` bytes: `DecompressedTooLarge` then; corrupt data
-    (or a codec whose library is missing) is `BatchUnparseable`."""
+    decoders do, but never past `limit` bytes, nor past `ratio` times its size (with
+    its floor, `batch_limit`): `DecompressedTooLarge` then; corrupt data (or a codec
+    whose library is missing) is `BatchUnparseable`."""
+    raw = bytes(data)
+    allowed, why = batch_limit(len(raw), limit, ratio)
     try:
-        return _BOUNDED[codec](bytes(data), limit)
+        return _BOUNDED[codec](raw, allowed)
+    except DecompressedTooLarge as exc:
+        raise DecompressedTooLarge(exc.codec, allowed, why) from None
     except BatchUnparseable:
         raise
     except Exception as exc:  # a missing library, corrupt data
@@ -312,7 +343,7 @@ def _aiokafka_decoder(codec: int) -> Callable[[Any], bytes]:
     """A stand-in for aiokafka's decoder of `codec`, within the process's limit."""
 
     def decode(data: Any) -> bytes:
-        return bounded_decode(codec, data, _limit[0])
+        return bounded_decode(codec, data, _limit[0], _ratio[0])
 
     decode.__name__ = f"bounded_{_CODECS[codec]}_decode"
     decode._agentstream_bounded = True  # type: ignore[attr-defined]
@@ -609,15 +640,22 @@ def _tolerant_unpack(original: Callable[[Any], Iterator[Any]]) -> Callable[[Any]
     return _unpack_records
 
 
-def install(max_decompressed_bytes: int = DEFAULT_MAX_DECOMPRESSED_BATCH_BYTES) -> None:
+def install(
+    max_decompressed_bytes: int = DEFAULT_MAX_DECOMPRESSED_BATCH_BYTES,
+    max_ratio: int = DEFAULT_MAX_COMPRESSION_RATIO,
+) -> None:
     """Make every aiokafka consumer of this process hand on stand-ins for what it cannot
-    parse, and decompress no batch past `max_decompressed_bytes` (module docstring).
-    Idempotent; the limit is the process's, the last call's."""
+    parse, and decompress no batch past `max_decompressed_bytes` nor past `max_ratio`
+    times its size (`batch_limit`; module docstring). Idempotent; the limits are the
+    process's, the last call's."""
     from aiokafka.consumer import fetcher
 
     if max_decompressed_bytes < 1:
         raise ValueError(f"max_decompressed_bytes must be positive, not {max_decompressed_bytes}")
+    if max_ratio < 1:
+        raise ValueError(f"max_ratio must be positive, not {max_ratio}")
     _limit[0] = max_decompressed_bytes
+    _ratio[0] = max_ratio
     if getattr(fetcher.PartitionRecords._unpack_records, "_agentstream_tolerant", False):
         return
     _bound_parsers()

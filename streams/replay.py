@@ -654,7 +654,7 @@ async def replay_batches(
     per record, which is what a replay to a file spends most of its time on."""
     # what the client cannot parse comes as stand-ins, skipped below, not as an error
     # that would end the read at that record
-    record_batches.install(settings.max_decompressed_batch_bytes)
+    record_batches.install(settings.max_decompressed_batch_bytes, settings.max_compression_ratio)
     report = on_unreadable or _warn_unreadable
     names = full_topic_names(settings, [topics] if isinstance(topics, str) else topics)
     if not names:

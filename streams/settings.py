@@ -20,7 +20,10 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, m
 
 from agentstream.infra.paths import state_home
 from agentstream.schemas.errors import PipelineError
-from agentstream.streams.record_batches import DEFAULT_MAX_DECOMPRESSED_BATCH_BYTES
+from agentstream.streams.record_batches import (
+    DEFAULT_MAX_COMPRESSION_RATIO,
+    DEFAULT_MAX_DECOMPRESSED_BATCH_BYTES,
+)
 
 ENV_PREFIX = "AGENTSTREAM_"
 
@@ -440,6 +443,17 @@ class Settings(BaseModel):
         "batch of Kafka's 1 MiB max.message.bytes is refused only if it compresses better "
         "than 64:1; even repetitive JSON events compress about 30:1. Raise it for topics "
         "with a larger max.message.bytes.",
+    )
+    max_compression_ratio: int = Field(
+        default=DEFAULT_MAX_COMPRESSION_RATIO,
+        gt=0,
+        description="Most times its own size a compressed record batch may decompress to "
+        "(any batch may reach 64 KiB) when the worker or a CLI reader fetches it; beyond it "
+        "the batch is unreadable, as past AGENTSTREAM_MAX_DECOMPRESSED_BATCH_BYTES. The "
+        "decompressed-bytes limit bounds one batch; this bounds what many small batches "
+        "can make a reader hold at once, since each of their records waits in a stream "
+        "buffer of up to 16,384 records: without it, 3 KB of zstd can be a 60 MiB record. "
+        "Full batches of repetitive JSON events compress 11:1 (snappy) to 35:1 (gzip).",
     )
     event_loop: Literal["asyncio", "uvloop"] = Field(
         default="asyncio",

@@ -252,7 +252,7 @@ async def _read_changelog(
 ) -> dict[str, Any] | None:
     topic = changelog_topic(settings, table)
     # what the client cannot parse comes as a stand-in instead of failing every fetch
-    record_batches.install(settings.max_decompressed_batch_bytes)
+    record_batches.install(settings.max_decompressed_batch_bytes, settings.max_compression_ratio)
     consumer = group_less_consumer(settings, "rebuild")
     await consumer.start()
     try:

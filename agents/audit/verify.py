@@ -503,7 +503,7 @@ async def verify(
     stall_s = settings.kafka_connect_timeout_s
     # what the client cannot parse comes as a stand-in, a finding, instead of failing
     # every fetch of the partition from there on (`chain_record`)
-    record_batches.install(settings.max_decompressed_batch_bytes)
+    record_batches.install(settings.max_decompressed_batch_bytes, settings.max_compression_ratio)
     # offsets deleted under the walk fail the fetch instead of moving it silently to the
     # log's new start: `read_partition` reports them
     consumer = group_less_consumer(settings, "verify", auto_offset_reset="none")

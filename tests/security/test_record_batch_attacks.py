@@ -315,12 +315,17 @@ async def test_a_compression_bomb_is_dead_lettered_within_the_limit_and_the_work
     settings_env: dict[str, str], tmp_path: Path
 ) -> None:
     """200 MiB of zeros in one record of a 6 KB zstd batch, between good messages, to a
-    worker limited to 8 MiB: the batch is one dead letter naming the limit, the worker
-    never holds the 200 MiB, and the messages after it are processed."""
+    worker limited to 8 MiB (and no ratio to speak of): the batch is one dead letter
+    naming the limit, the worker never holds the 200 MiB, and the messages after it are
+    processed. A reader of history at the defaults refuses it for its ratio."""
     import psutil
 
     settings = Settings.from_env(settings_env)
-    env = {**_worker_env(settings_env), "AGENTSTREAM_MAX_DECOMPRESSED_BATCH_BYTES": str(8 * MiB)}
+    env = {
+        **_worker_env(settings_env),
+        "AGENTSTREAM_MAX_DECOMPRESSED_BATCH_BYTES": str(8 * MiB),
+        "AGENTSTREAM_MAX_COMPRESSION_RATIO": "1000000",
+    }
     topic = settings.topic("agent.messages")
     await ensure_topics(settings)
     records = _zstd_bomb_records(200 * MiB)
@@ -376,7 +381,9 @@ async def test_a_compression_bomb_is_dead_lettered_within_the_limit_and_the_work
     finally:
         worker.stop()
 
-    # a reader of history at the default limit (64 MiB) reports and skips it the same way
+    # a reader of history at the defaults (64 MiB, 100:1) reports and skips it the same
+    # way, refused for its ratio: 100 times the compressed records, far under 64 MiB
+    by_ratio = 100 * len(records)
     done = cli(settings_env, "replay", "--topics", "agent.messages", "--since", "-1h")
     assert done.returncode == 3, done.stderr  # written, and lacking a record of the range
     replayed = [json.loads(line)["event_id"] for line in done.stdout.splitlines()]
@@ -384,5 +391,6 @@ async def test_a_compression_bomb_is_dead_lettered_within_the_limit_and_the_work
     assert (
         f"{topic}[0] offset {bomb_offset}: record batch {bomb_offset}..{bomb_offset} (zstd) "
         "unreadable from offset "
-        f"{bomb_offset}: zstd batch decompresses to more than 67,108,864 bytes" in done.stderr
+        f"{bomb_offset}: zstd batch decompresses to more than {by_ratio:,} bytes (100 times "
+        f"the batch's {len(records):,} bytes: AGENTSTREAM_MAX_COMPRESSION_RATIO)" in done.stderr
     ), done.stderr

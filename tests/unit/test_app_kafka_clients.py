@@ -46,12 +46,21 @@ def test_worker_transport_decompresses_within_the_configured_limit(tmp_path: Pat
     from agentstream.streams import record_batches
 
     limit = 8 * 1024 * 1024
-    app = create_app(_settings(tmp_path, AGENTSTREAM_MAX_DECOMPRESSED_BATCH_BYTES=str(limit)))
+    settings = _settings(
+        tmp_path,
+        AGENTSTREAM_MAX_DECOMPRESSED_BATCH_BYTES=str(limit),
+        AGENTSTREAM_MAX_COMPRESSION_RATIO="1000000",
+    )
+    app = create_app(settings)
     try:
-        assert app.transport is not None  # made as a worker makes it: installs the limit
+        assert app.transport is not None  # made as a worker makes it: installs the limits
         assert len(record_batches._decompress(4, zstd_encode(bytes(limit)))) == limit
         with pytest.raises(record_batches.DecompressedTooLarge, match="8,388,608 bytes"):
             record_batches._decompress(4, zstd_encode(bytes(limit + 1)))
+        # and the ratio: 1 MiB of zeros is a few dozen bytes of zstd
+        record_batches.install(limit, 100)
+        with pytest.raises(record_batches.DecompressedTooLarge, match="COMPRESSION_RATIO"):
+            record_batches._decompress(4, zstd_encode(bytes(1024 * 1024)))
     finally:
         record_batches.install()  # the default again, for the tests after
 

@@ -21,10 +21,13 @@ from aiokafka.structs import TopicPartition
 
 from agentstream.streams import record_batches
 from agentstream.streams.record_batches import (
+    DEFAULT_MAX_COMPRESSION_RATIO,
     DEFAULT_MAX_DECOMPRESSED_BATCH_BYTES,
+    RATIO_FLOOR,
     BatchUnparseable,
     DecompressedTooLarge,
     Unreadable,
+    batch_limit,
     bounded_decode,
     parse_records,
     salvage,
@@ -84,10 +87,14 @@ def _default_limit() -> Iterator[None]:
 
 
 def fetch(
-    data: bytes, fetch_offset: int = 0, *, limit: int = DEFAULT_MAX_DECOMPRESSED_BATCH_BYTES
+    data: bytes,
+    fetch_offset: int = 0,
+    *,
+    limit: int = DEFAULT_MAX_DECOMPRESSED_BATCH_BYTES,
+    ratio: int = DEFAULT_MAX_COMPRESSION_RATIO,
 ) -> tuple[list[Any], Any]:
     """What aiokafka's fetcher makes of a fetched message set, the hook installed."""
-    record_batches.install(max_decompressed_bytes=limit)
+    record_batches.install(max_decompressed_bytes=limit, max_ratio=ratio)
     records = fetcher.PartitionRecords(
         TP, fetcher.MemoryRecords(data), None, fetch_offset, None, None, True, 0
     )
@@ -312,6 +319,9 @@ def test_bounded_decoders_give_what_aiokafkas_give(name: str) -> None:
     if codec in (3, 4):  # the buffer had to grow
         assert len(expected) > 8 * len(data)
     assert bounded_decode(codec, data, DEFAULT_MAX_DECOMPRESSED_BATCH_BYTES) == expected
+    # a full batch of events is far within the default ratio
+    limits = (DEFAULT_MAX_DECOMPRESSED_BATCH_BYTES, DEFAULT_MAX_COMPRESSION_RATIO)
+    assert bounded_decode(codec, data, *limits) == expected
     # exactly the limit is within it; one byte less is not
     assert bounded_decode(codec, data, len(expected)) == expected
     with pytest.raises(DecompressedTooLarge) as too_large:
@@ -353,15 +363,29 @@ def test_a_snappy_block_is_refused_by_the_length_it_states_before_it_is_decoded(
         bounded_decode(2, bytes(stated) + b"\x00", 64 * MiB)
 
 
-def test_a_compression_bomb_is_one_stand_in_and_never_decompressed_past_the_limit() -> None:
+@pytest.mark.parametrize(
+    ("ratio", "refused_at"),
+    [
+        (10**9, "16,777,216 bytes (AGENTSTREAM_MAX_DECOMPRESSED_BATCH_BYTES)"),
+        (
+            DEFAULT_MAX_COMPRESSION_RATIO,
+            "{:,} bytes (100 times the batch's {:,} bytes: AGENTSTREAM_MAX_COMPRESSION_RATIO)",
+        ),
+    ],
+)
+def test_a_compression_bomb_is_one_stand_in_and_never_decompressed_past_the_limit(
+    ratio: int, refused_at: str
+) -> None:
     """200 MiB of zeros in about 6 KB of zstd, between good batches: aiokafka's own
-    decoder holds all of it (twice over) before it parses a record."""
-    bomb = compressed_batch(2, 4, zeros_zstd(200 * MiB))
+    decoder holds all of it (twice over) before it parses a record. Refused at the
+    limit, or sooner at 100 times its size."""
+    body = zeros_zstd(200 * MiB)
+    bomb = compressed_batch(2, 4, body)
     assert len(bomb) < 10_000
     data = batch(0, 2) + bomb + batch(3, 1)
     tracemalloc.start()
     try:
-        got, records = fetch(data, limit=16 * MiB)
+        got, records = fetch(data, limit=16 * MiB, ratio=ratio)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -372,9 +396,73 @@ def test_a_compression_bomb_is_one_stand_in_and_never_decompressed_past_the_limi
     assert stand_in is not None and stand_in.whole_batch and bytes(stand_in) == bomb
     assert stand_in.reason == (
         "record batch 2..2 (zstd) unreadable from offset 2: zstd batch decompresses to "
-        "more than 16,777,216 bytes (AGENTSTREAM_MAX_DECOMPRESSED_BATCH_BYTES)"
+        "more than " + refused_at.format(100 * len(body), len(body))
     )
     assert records.next_fetch_offset == 4
+
+
+def test_batch_limit_is_the_ratio_times_the_size_floored_and_capped() -> None:
+    names = ("AGENTSTREAM_MAX_DECOMPRESSED_BATCH_BYTES", "AGENTSTREAM_MAX_COMPRESSION_RATIO")
+    limit = 64 * MiB
+    assert batch_limit(70, limit, None) == (limit, names[0])
+    # a small batch may always reach the floor, whatever its ratio
+    assert batch_limit(70, limit, 100) == (
+        RATIO_FLOOR,
+        f"100 times the batch's 70 bytes: {names[1]}",
+    )
+    got, why = batch_limit(100_000, limit, 100)
+    assert got == 10_000_000 and why.endswith(names[1])
+    # the limit wins where the ratio allows more
+    assert batch_limit(MiB, limit, 100) == (limit, names[0])
+    assert batch_limit(MiB, limit, 64) == (limit, names[0])
+
+
+def zeros_record_zstd(value_size: int) -> bytes:
+    """The zstd-compressed records of a batch of one record at offset delta 0 whose
+    value is `value_size` zero bytes: a record that parses once decompressed."""
+    fields = b"\x00\x00\x00\x01" + _zigzag(value_size)  # attrs, ts, offset, no key
+    length = len(fields) + value_size + 1
+    compressor = cramjam.zstd.Compressor(level=3)
+    compressor.compress(_zigzag(length) + fields)
+    chunk = bytes(MiB)
+    for _ in range(value_size // MiB):
+        compressor.compress(chunk)
+    compressor.compress(bytes(value_size % MiB) + b"\x00")  # and no headers
+    return bytes(compressor.finish())
+
+
+def _zigzag(value: int) -> bytes:
+    out = bytearray()
+    v = (value << 1) ^ (value >> 63)
+    while v >= 0x80:
+        out.append(v & 0x7F | 0x80)
+        v >>= 7
+    out.append(v)
+    return bytes(out)
+
+
+def test_many_small_bombs_under_the_limit_are_refused_by_their_ratio() -> None:
+    """Batches of one 4 MiB record in ~200 bytes of zstd, each far under the 64 MiB
+    limit: read whole, a fetch of 40 of them holds 160 MiB of records at once (they wait
+    in the stream's buffer), from 8 KB of input. The ratio refuses each one."""
+    body = zeros_record_zstd(4 * MiB)
+    assert len(body) < 1_000
+    bombs = b"".join(compressed_batch(i, 4, body) for i in range(40))
+    # the same body read within the limit alone is a 4 MiB record
+    got, _ = fetch(compressed_batch(0, 4, body), ratio=10**9)
+    assert unreadable(got[0].value) is None and len(got[0].value) == 4 * MiB
+    del got
+    tracemalloc.start()
+    try:
+        got, records = fetch(bombs)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * MiB, f"{peak / MiB:.0f} MiB allocated"
+    assert [r.offset for r in got] == list(range(40))
+    assert all(unreadable(r.value) is not None for r in got)
+    assert "AGENTSTREAM_MAX_COMPRESSION_RATIO" in unreadable(got[0].value).reason
+    assert records.next_fetch_offset == 40
 
 
 def test_a_batch_of_exactly_the_limit_is_read_as_before() -> None:

@@ -575,11 +575,12 @@ async def test_verify_has_the_client_hand_on_what_it_cannot_parse(
     """Without the stand-ins, the first record of a chained partition the client cannot
     parse failed every fetch of it: the walk ended there, in an error, and the rest of
     the partition was never checked."""
-    installed: list[int] = []
-    monkeypatch.setattr(record_batches, "install", installed.append)
+    installed: list[tuple[int, ...]] = []
+    monkeypatch.setattr(record_batches, "install", lambda *limits: installed.append(limits))
     await verify(get_settings(), [CHAINED_TOPICS[0]], trust=ChainTrust(), require_signatures=False)
-    # with the settings' decompression limit
-    assert installed == [get_settings().max_decompressed_batch_bytes]
+    # with the settings' decompression limits
+    settings = get_settings()
+    assert installed == [(settings.max_decompressed_batch_bytes, settings.max_compression_ratio)]
 
 
 def unparseable(logs: dict[TopicPartition, Log], *names: str, offset: int = 8) -> list[str]:

@@ -54,18 +54,26 @@ def test_invalid_value_names_the_variable() -> None:
         Settings.from_env({"AGENTSTREAM_PROCESSING_GUARANTEE": "maybe_once"})
 
 
+@pytest.mark.parametrize(
+    "variable", ["AGENTSTREAM_MAX_DECOMPRESSED_BATCH_BYTES", "AGENTSTREAM_MAX_COMPRESSION_RATIO"]
+)
 @pytest.mark.parametrize("value", ["0", "-1", "64MiB", "1.5"])
-def test_a_decompression_limit_that_is_not_a_positive_integer_is_one_error(value: str) -> None:
+def test_a_decompression_limit_that_is_not_a_positive_integer_is_one_error(
+    variable: str, value: str
+) -> None:
     with pytest.raises(SettingsError) as error:
-        Settings.from_env({"AGENTSTREAM_MAX_DECOMPRESSED_BATCH_BYTES": value})
+        Settings.from_env({variable: value})
     assert len(error.value.problems) == 1
-    assert error.value.problems[0].startswith(f"AGENTSTREAM_MAX_DECOMPRESSED_BATCH_BYTES='{value}'")
+    assert error.value.problems[0].startswith(f"{variable}='{value}'")
 
 
-def test_the_decompression_limit_defaults_to_64_mib() -> None:
+def test_the_decompression_limits_default_to_64_mib_and_100_to_1() -> None:
     assert Settings.from_env({}).max_decompressed_batch_bytes == 64 * 1024 * 1024
+    assert Settings.from_env({}).max_compression_ratio == 100
     limit = {"AGENTSTREAM_MAX_DECOMPRESSED_BATCH_BYTES": "8388608"}
     assert Settings.from_env(limit).max_decompressed_batch_bytes == 8 * 1024 * 1024
+    ratio = {"AGENTSTREAM_MAX_COMPRESSION_RATIO": "400"}
+    assert Settings.from_env(ratio).max_compression_ratio == 400
 
 
 def test_settings_are_frozen() -> None:
