@@ -57,6 +57,7 @@ from aiokafka.errors import (
 from aiokafka.helpers import create_ssl_context
 from pydantic import SecretStr
 
+from agentstream.streams import record_batches
 from agentstream.streams.errors import BrokerAuthError, BrokerError, CredentialsError
 from agentstream.streams.settings import Settings, SettingsError
 
@@ -537,6 +538,12 @@ def new_producer(
 def new_consumer(
     settings: Settings, what: str = "consumer", *, secrets: Any = None, **options: Any
 ) -> Consumer:
+    """A consumer connected as the settings say. Every consumer of the process then
+    decompresses within the settings' limits and hands on stand-ins for what it cannot
+    parse (`streams.record_batches`), whether or not the reader installs that itself:
+    one that does not (the rule topics' folds, `llm ask`, the console) would otherwise
+    read with aiokafka's decoders, which decompress a batch whole, however large."""
+    record_batches.install(settings.max_decompressed_batch_bytes, settings.max_compression_ratio)
     return _guarded(Consumer, settings, what, secrets, options)
 
 

@@ -4,10 +4,14 @@ fetcher classes fed crafted record batches, no broker."""
 from __future__ import annotations
 
 import json
+import os
 import random
 import struct
+import subprocess
+import sys
 import tracemalloc
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 import cramjam
@@ -33,6 +37,7 @@ from agentstream.streams.record_batches import (
     salvage,
     unreadable,
 )
+from tests.support import REPO
 
 TP = TopicPartition("t", 0)
 PLACEHOLDER = b"BADKEY!!"
@@ -369,7 +374,8 @@ def test_a_snappy_block_is_refused_by_the_length_it_states_before_it_is_decoded(
         (10**9, "16,777,216 bytes (AGENTSTREAM_MAX_DECOMPRESSED_BATCH_BYTES)"),
         (
             DEFAULT_MAX_COMPRESSION_RATIO,
-            "{:,} bytes (100 times the batch's {:,} bytes: AGENTSTREAM_MAX_COMPRESSION_RATIO)",
+            "{:,} bytes (100 times the batch's {:,} bytes of compressed records: "
+            "AGENTSTREAM_MAX_COMPRESSION_RATIO)",
         ),
     ],
 )
@@ -408,7 +414,7 @@ def test_batch_limit_is_the_ratio_times_the_size_floored_and_capped() -> None:
     # a small batch may always reach the floor, whatever its ratio
     assert batch_limit(70, limit, 100) == (
         RATIO_FLOOR,
-        f"100 times the batch's 70 bytes: {names[1]}",
+        f"100 times the batch's 70 bytes of compressed records: {names[1]}",
     )
     got, why = batch_limit(100_000, limit, 100)
     assert got == 10_000_000 and why.endswith(names[1])
@@ -504,3 +510,42 @@ def test_every_aiokafka_parser_calls_the_bounded_decoders() -> None:
         found = [g for g in decoders if hasattr(module, g)]
         assert len(found) >= 3, (name, found)
         assert all(getattr(getattr(module, g), "_agentstream_bounded", False) for g in found)
+
+
+def test_every_consumer_the_project_makes_decompresses_within_the_settings_limits(
+    tmp_path: Path,
+) -> None:
+    """In a fresh process (as a CLI command is), a consumer from `new_consumer` alone
+    (the rule topics' folds, `llm ask` and the console make theirs so) finds aiokafka's
+    parsers bounded by the settings' limits."""
+    script = """
+import asyncio
+from agentstream.streams.kafka_security import new_consumer
+from agentstream.streams.settings import Settings
+from agentstream.streams import record_batches
+from tests.support import REPO
+import aiokafka.record._crecords.default_records as c
+
+async def main():
+    settings = Settings.from_env({
+        "AGENTSTREAM_MAX_DECOMPRESSED_BATCH_BYTES": "1048576",
+        "AGENTSTREAM_MAX_COMPRESSION_RATIO": "7",
+    })
+    new_consumer(settings, "test", group_id=None)
+    print(getattr(c.zstd_decode, "_agentstream_bounded", False),
+          record_batches._limit[0], record_batches._ratio[0])
+
+asyncio.run(main())
+"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTSTREAM_")}
+    env.update(HOME=str(tmp_path), AGENTSTREAM_STATE_DIR=str(tmp_path / "state"))
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True", "1048576", "7"]
