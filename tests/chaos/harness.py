@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 import orjson
 
-from agentstream.streams.settings import Settings, child_environ
+from agentstream.streams.settings import BATCH_DELIVERY_SWITCH, Settings, child_environ
 from tests.chaos import checker
 from tests.chaos.checker import BLOCKED_WORD
 from tests.chaos.cluster import ChaosWorker, OwnBroker, OwnKafka
@@ -82,6 +82,27 @@ class RunOptions:
     #: the broker the run is on, when the suite owns it (scenarios may kill it)
     broker: OwnBroker | OwnKafka | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
+    #: the workers' delivery path: "native" sets AGENTSTREAM_EXPERIMENTAL_BATCH_DELIVERY=1
+    #: for them, "per-record" removes it; None keeps what the caller's environment says
+    delivery: str | None = None
+
+
+#: what a worker logs when an agent takes its records on the native path
+NATIVE_MARK = "EXPERIMENTAL batch-native delivery for"
+DELIVERY_PATHS = ("per-record", "native")
+
+
+def delivery_check(native: bool, logs: dict[str, str]) -> str | None:
+    """Why the workers' logs (name -> text) do not show the delivery path the run was
+    made on, or None: on the native path every worker logs `NATIVE_MARK`, on the
+    per-record one none does. A report's figures are the path's it names, or fail."""
+    marked = sorted(name for name, text in logs.items() if NATIVE_MARK in text)
+    if native and len(marked) < len(logs):
+        missing = sorted(set(logs) - set(marked))
+        return f"run on the native delivery path, but {missing} never logged it"
+    if not native and marked:
+        return f"run on the per-record delivery path, but {marked} logged the native one"
+    return None
 
 
 class RunHooks:
@@ -226,6 +247,10 @@ def _base_env(opts: RunOptions, ns: str) -> dict[str, str]:
     if opts.session_timeout_s is not None:
         env["AGENTSTREAM_BROKER_SESSION_TIMEOUT_S"] = str(opts.session_timeout_s)
     env.update(opts.extra_env)
+    if opts.delivery == "native":
+        env[BATCH_DELIVERY_SWITCH] = "1"
+    elif opts.delivery == "per-record":
+        env.pop(BATCH_DELIVERY_SWITCH, None)
     return env
 
 
@@ -639,6 +664,12 @@ async def _post_checks(ctx: RunContext, result: dict[str, Any]) -> dict[str, Any
         failures.append(f"audit verify: {av.summary}")
     failures += [f"fault effect: {text}" for text in ctx.fault_failures]
     out["fault_effect_failures"] = list(ctx.fault_failures)
+    native = any(w.env.get(BATCH_DELIVERY_SWITCH) == "1" for w in ctx.workers)
+    out["delivery"] = "native" if native else "per-record"
+    logs = {w.name: w.log_path.read_text(errors="replace") for w in ctx.workers}
+    wrong_path = delivery_check(native, logs)
+    if wrong_path is not None:
+        failures.append(wrong_path)
     expected_poison = int(opts.messages * opts.poison_ratio)
     if res.poison_inputs < 0.9 * expected_poison:
         failures.append(

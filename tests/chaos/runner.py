@@ -17,10 +17,12 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
+from agentstream.streams.settings import BATCH_DELIVERY_SWITCH
 from tests.chaos import plan
 from tests.chaos.cluster import PORT_BASE, OwnBroker, OwnKafka, sweep
 from tests.chaos.harness import (
     DEFAULT_SESSION_TIMEOUT_S,
+    DELIVERY_PATHS,
     GUARANTEES,
     RunOptions,
     run_once,
@@ -63,6 +65,7 @@ DEFAULTS: dict[str, Any] = {
     "drain_timeout": 240.0,
     "seed": None,
     "keep_topics": False,
+    "delivery": "per-record",
 }
 #: exit code of a command line that cannot be run (argparse's own)
 USAGE_ERROR = 2
@@ -127,6 +130,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="AGENTSTREAM_STANDBY_REPLICAS for the workers (default: per scenario; "
         "worker_kill and worker_stop use the product default, 1).",
     )
+    p.add_argument(
+        "--delivery",
+        choices=DELIVERY_PATHS,
+        help="The workers' delivery path: native sets AGENTSTREAM_EXPERIMENTAL_BATCH_DELIVERY=1 "
+        "for them (default: per-record, or native when the runner's own environment sets "
+        "that switch). Recorded in the report, so --resume keeps it; every run checks its "
+        "workers' logs show the path.",
+    )
     p.add_argument("--drain-timeout", type=float, help="Default 240 s.")
     p.add_argument("--seed", type=int, help="Seed of the fault moments (default: random).")
     p.add_argument("--keep-topics", action="store_true", default=None)
@@ -149,6 +160,8 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     run's, then the defaults. Raises OptionConflict when an explicit option differs from
     the resumed run's."""
     explicit = {k: getattr(args, k) for k in DEFAULTS if getattr(args, k) is not None}
+    if "delivery" not in explicit and os.environ.get(BATCH_DELIVERY_SWITCH) == "1":
+        explicit["delivery"] = "native"
     if explicit.get("scenario"):
         explicit["scenario"] = list(dict.fromkeys(explicit["scenario"]))
     recorded: dict[str, Any] = {}
@@ -243,7 +256,8 @@ def recorded_options(doc: dict[str, Any]) -> dict[str, Any]:
     timeout, the scenarios and guarantees of its runs)."""
     meta = doc.get("meta", {})
     if "options" in meta:
-        return dict(meta["options"])
+        # a report from before the option was made on the per-record path
+        return {"delivery": "per-record", **meta["options"]}
     found: dict[str, Any] = {}
     if "messages" in meta:
         found["messages"] = meta["messages"]
@@ -447,6 +461,7 @@ async def _one(
         keep_topics=args.keep_topics or own is not None,
         broker=broker if (own is not None) else None,
         extra_env=extra_env,
+        delivery=args.delivery,
         verbose=True,
     )
     print(f"{sc.name} / {guarantee} / run {number}: {args.messages} messages …", flush=True)
