@@ -55,6 +55,7 @@ from agentstream.schemas.security import (
     SignedChange,
     WorkerKeyPublished,
 )
+from agentstream.streams.record_batches import unreadable
 from agentstream.streams.signing import SigningError, check_change, parse_public_keys
 from agentstream.streams.tables import TableSpec, register
 from agentstream.streams.topics import (
@@ -153,6 +154,18 @@ def check_record(
     if value is None:
         return Checked(
             None, Refusal(TOMBSTONE, "a tombstone (deletes are published as signed removals)")
+        )
+    stand_in = unreadable(value)
+    if stand_in is not None:
+        # what the Kafka client could not parse (`streams.record_batches`): never applied,
+        # even a record-level stand-in whose value bytes are a well-signed change, by the
+        # worker and every CLI fold alike
+        return Checked(
+            None,
+            Refusal(
+                UNDECODABLE,
+                f"a record the Kafka client cannot parse: {stand_in.describe()}"[:300],
+            ),
         )
     try:
         event = registry.decode(value, max_bytes=max_bytes)

@@ -343,3 +343,22 @@ def test_check_event_without_a_kafka_key() -> None:
     event = ADMIN.event(SecurityPolicy(policy_id="p"))
     assert check_event(SECURITY_POLICIES, event, {}, ADMIN.trusted) is None
     assert check_event(SECURITY_POLICIES, event, {}, {}) is not None
+
+
+def test_a_record_the_kafka_client_could_not_parse_is_never_applied() -> None:
+    """A record whose header key is not UTF-8 reaches every fold as a stand-in carrying
+    its value bytes: a well-signed change among them is refused with that reason, not
+    applied by one reader and refused by another."""
+    from agentstream.streams.record_batches import Unreadable
+
+    key, value = ADMIN.record(SecurityPolicy(policy_id="p", blocked_patterns=["x"]))
+    assert _code(SECURITY_POLICIES, key, value, {}) == "apply"
+    stand_in = Unreadable(
+        value, reason="header key b'\\xff' is not UTF-8", first_offset=4, last_offset=4
+    )
+    checked = check_record(SECURITY_POLICIES, key, stand_in, {}, ADMIN.trusted, max_bytes=MAX)
+    assert checked.refusal is not None and not checked.apply
+    assert checked.refusal.code == UNDECODABLE
+    assert checked.refusal.detail.startswith(
+        "a record the Kafka client cannot parse: offset 4: header key"
+    )
