@@ -453,7 +453,9 @@ class Settings(BaseModel):
         "decompressed-bytes limit bounds one batch; this bounds what many small batches "
         "can make a reader hold at once, since each of their records waits in a stream "
         "buffer of up to 16,384 records: without it, 3 KB of zstd can be a 60 MiB record. "
-        "Full batches of repetitive JSON events compress 11:1 (snappy) to 35:1 (gzip).",
+        "Full batches of events (each with its own id and time) compress 11:1 (snappy) to "
+        "35:1 (gzip); a batch of one event copied hundreds of times reaches 145:1 with zstd "
+        "and is refused at the default.",
     )
     event_loop: Literal["asyncio", "uvloop"] = Field(
         default="asyncio",

@@ -666,7 +666,10 @@ async def _post_checks(ctx: RunContext, result: dict[str, Any]) -> dict[str, Any
     out["fault_effect_failures"] = list(ctx.fault_failures)
     native = any(w.env.get(BATCH_DELIVERY_SWITCH) == "1" for w in ctx.workers)
     out["delivery"] = "native" if native else "per-record"
-    logs = {w.name: w.log_path.read_text(errors="replace") for w in ctx.workers}
+    logs = {
+        w.name: w.log_path.read_text(errors="replace") if w.log_path.exists() else ""
+        for w in ctx.workers
+    }
     wrong_path = delivery_check(native, logs)
     if wrong_path is not None:
         failures.append(wrong_path)

@@ -258,7 +258,7 @@ def recorded_options(doc: dict[str, Any]) -> dict[str, Any]:
     if "options" in meta:
         # a report from before the option was made on the per-record path
         return {"delivery": "per-record", **meta["options"]}
-    found: dict[str, Any] = {}
+    found: dict[str, Any] = {"delivery": "per-record"}  # the only path there was
     if "messages" in meta:
         found["messages"] = meta["messages"]
     if "session_timeout_s" in meta:

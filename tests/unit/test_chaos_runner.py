@@ -306,6 +306,12 @@ def test_resume_keeps_the_reports_delivery_path_and_refuses_the_other(
     monkeypatch.setenv(SWITCH, "1")
     assert main(["--resume", str(older), "--plan"]) == USAGE_ERROR
     assert "--delivery native conflicts with per-record" in capsys.readouterr().err
+    # and one from before the options were recorded at all
+    oldest = tmp_path / "oldest"
+    oldest.mkdir()
+    (oldest / "report.json").write_text(json.dumps({"meta": {"messages": 1500}, "runs": []}))
+    assert main(["--resume", str(oldest), "--plan"]) == USAGE_ERROR
+    assert "--delivery native conflicts with per-record" in capsys.readouterr().err
 
 
 def test_a_run_fails_when_its_workers_did_not_run_the_path_it_names() -> None:
