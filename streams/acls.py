@@ -135,6 +135,10 @@ WORKER_READS = (
     LLM_RESPONSES,
     LLM_CANCELLATIONS,
 )
+#: Topics whose configs the worker reads at start: the monitoring tables bound themselves
+#: by these topics' append time, and a worker refuses to start on one that keeps the
+#: producer's clock (`streams.admin.monitoring_clock_topics`, the same three).
+WORKER_CLOCK_CHECKS = (AGENT_HEARTBEATS, METRICS_SAMPLES, COMMS_RECORDS)
 #: Writes of the worker: everything its agents emit, dead letters and its own reports.
 WORKER_WRITES = (
     AGENT_MESSAGES_ACCEPTED,
@@ -321,6 +325,15 @@ def worker_grants(scope: AclScope) -> tuple[Grant, ...]:
     grants = [
         _grant("topic", scope.topics(WORKER_READS), ["Read"], "inputs, rule topics, chain heads"),
         _grant("topic", scope.topics(WORKER_WRITES), ["Write"], "outputs"),
+        # read-only: without it the start's check of these topics' timestamp type was
+        # skipped under ACLs, where a producer's clock there matters most
+        _grant(
+            "topic",
+            scope.topics(WORKER_CLOCK_CHECKS),
+            ["DescribeConfigs"],
+            "the monitoring inputs' message.timestamp.type, checked at start "
+            "(streams.admin.monitoring_clock_topics)",
+        ),
     ]
     if scope.worker_creates_topics:
         grants.append(

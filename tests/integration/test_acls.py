@@ -467,3 +467,64 @@ async def test_a_worker_not_allowed_to_read_one_of_its_topics_stops_at_once(
         assert took < 20, f"{took:.1f} s before it said so"
     finally:
         await _delete_topics(dep, ns)
+
+
+async def test_a_worker_under_the_printed_acls_refuses_a_monitoring_input_on_the_producers_clock(
+    deployment: Deployment, tmp_path: Path
+) -> None:
+    """The monitoring tables bound themselves by their inputs' append time; a worker does
+    not start while one keeps the producer's clock. Under the printed ACLs the worker
+    could not read topic configs, so the check saw nothing and the worker ran on a
+    sender's clock: the ACLs now let it read those three topics' configs."""
+    from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+
+    dep = deployment
+    ns = f"t{uuid.uuid4().hex[:10]}"  # a namespace of its own: its own worker ACLs
+    own = {
+        "AGENTSTREAM_TOPIC_PREFIX": f"{ns}.",
+        "AGENTSTREAM_APP_ID": f"{ns}-app",
+        "AGENTSTREAM_DATA_DIR": str(tmp_path / "worker"),
+        "AGENTSTREAM_WEB_PORT": str(_free_port()),
+    }
+    printed = cli(
+        dep.env("worker", **own),
+        "acls",
+        "--worker",
+        "User:worker",
+        "--bootstrap-server",
+        dep.kafka.sasl_ssl_bootstrap,
+        "--command-config",
+        str(dep.kafka.admin_command_config()),
+    )
+    assert printed.returncode == 0, printed.stderr
+    apply_acl_commands(dep.kafka, acl_commands(printed.stdout))
+    try:
+        made = cli(dep.env("admin", **own), "topics", "create")
+        assert made.returncode == 0, made.stderr
+        heartbeats = f"{ns}.agent.heartbeats"
+        admin = new_admin(dep.settings("admin"), "acl test")
+        await admin.start()
+        try:
+            await admin.alter_configs(
+                [
+                    ConfigResource(
+                        ConfigResourceType.TOPIC,
+                        heartbeats,
+                        {"message.timestamp.type": "CreateTime"},
+                    )
+                ]
+            )
+        finally:
+            await admin.close()
+
+        try:
+            run = cli(dep.env("worker", **own), "worker", timeout=90)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the worker started on {heartbeats} with the producer's clock")
+        assert run.returncode == 2, run.stdout + run.stderr
+        assert "Traceback" not in run.stdout + run.stderr, run.stderr
+        errors = [line for line in run.stderr.splitlines() if line.startswith("Error:")]
+        assert len(errors) == 1, run.stderr
+        assert heartbeats in errors[0] and "LogAppendTime" in errors[0], errors[0]
+    finally:
+        await _delete_topics(dep, ns)

@@ -361,3 +361,18 @@ def test_cli_mistakes_are_one_line(args: list[str], env: dict[str, str], says: s
     assert out == ""
     assert says in err and len(err.strip().splitlines()) == 1, err
     assert "Traceback" not in err
+
+
+def test_worker_may_read_the_configs_of_the_topics_it_checks_at_start_and_no_others() -> None:
+    """The worker refuses to start when a monitoring input keeps the producer's clock;
+    without DescribeConfigs on those topics the check saw nothing under ACLs."""
+    from agentstream.streams.acls import WORKER_CLOCK_CHECKS
+    from agentstream.streams.admin import monitoring_clock_topics
+
+    assert monitoring_clock_topics() == WORKER_CLOCK_CHECKS
+    acls = role_acls("worker", "User:worker", SCOPE)
+    described = {name for g in acls.grants if "DescribeConfigs" in g.operations for name in g.names}
+    assert described == {SCOPE.topic(n) for n in WORKER_CLOCK_CHECKS}
+    for name in WORKER_CLOCK_CHECKS:
+        assert acls.allows("topic", SCOPE.topic(name), "DescribeConfigs")
+    assert not acls.allows("topic", SCOPE.topic("agent.messages"), "DescribeConfigs")
