@@ -282,6 +282,33 @@ def _ids(records: list[Any]) -> set[str]:
     return out
 
 
+def own_worker_acls(
+    dep: Deployment, tmp_path: Path
+) -> tuple[str, dict[str, str], subprocess.CompletedProcess[str]]:
+    """A namespace of its own for one test (its own worker ACLs): the namespace, the
+    worker's settings for it, and `agentstream acls --worker` as printed for it (not
+    applied yet)."""
+    ns = f"t{uuid.uuid4().hex[:10]}"
+    own = {
+        "AGENTSTREAM_TOPIC_PREFIX": f"{ns}.",
+        "AGENTSTREAM_APP_ID": f"{ns}-app",
+        "AGENTSTREAM_DATA_DIR": str(tmp_path / "worker"),
+        "AGENTSTREAM_WEB_PORT": str(_free_port()),
+    }
+    printed = cli(
+        dep.env("worker", **own),
+        "acls",
+        "--worker",
+        "User:worker",
+        "--bootstrap-server",
+        dep.kafka.sasl_ssl_bootstrap,
+        "--command-config",
+        str(dep.kafka.admin_command_config()),
+    )
+    assert printed.returncode == 0, printed.stderr
+    return ns, own, printed
+
+
 # -- the tests -------------------------------------------------------------------------------
 async def test_the_pipeline_runs_end_to_end_under_the_printed_acls(
     deployment: Deployment, tmp_path: Path
@@ -425,24 +452,7 @@ async def test_a_worker_not_allowed_to_read_one_of_its_topics_stops_at_once(
     catalogue topic; the metadata wait before joining the group would have waited 30 s
     more for it and joined without it. An operator needs the missing grant named, now."""
     dep = deployment
-    ns = f"t{uuid.uuid4().hex[:10]}"  # a namespace of its own: its own worker ACLs
-    own = {
-        "AGENTSTREAM_TOPIC_PREFIX": f"{ns}.",
-        "AGENTSTREAM_APP_ID": f"{ns}-app",
-        "AGENTSTREAM_DATA_DIR": str(tmp_path / "worker"),
-        "AGENTSTREAM_WEB_PORT": str(_free_port()),
-    }
-    printed = cli(
-        dep.env("worker", **own),
-        "acls",
-        "--worker",
-        "User:worker",
-        "--bootstrap-server",
-        dep.kafka.sasl_ssl_bootstrap,
-        "--command-config",
-        str(dep.kafka.admin_command_config()),
-    )
-    assert printed.returncode == 0, printed.stderr
+    ns, own, printed = own_worker_acls(dep, tmp_path)
     denied = f"{ns}.comms.records"  # the worker only reads it: no Write implies Describe
     commands = acl_commands(printed.stdout)
     reads = [argv for argv in commands if "Read" in argv and denied in argv]
@@ -479,24 +489,7 @@ async def test_a_worker_under_the_printed_acls_refuses_a_monitoring_input_on_the
     from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
     dep = deployment
-    ns = f"t{uuid.uuid4().hex[:10]}"  # a namespace of its own: its own worker ACLs
-    own = {
-        "AGENTSTREAM_TOPIC_PREFIX": f"{ns}.",
-        "AGENTSTREAM_APP_ID": f"{ns}-app",
-        "AGENTSTREAM_DATA_DIR": str(tmp_path / "worker"),
-        "AGENTSTREAM_WEB_PORT": str(_free_port()),
-    }
-    printed = cli(
-        dep.env("worker", **own),
-        "acls",
-        "--worker",
-        "User:worker",
-        "--bootstrap-server",
-        dep.kafka.sasl_ssl_bootstrap,
-        "--command-config",
-        str(dep.kafka.admin_command_config()),
-    )
-    assert printed.returncode == 0, printed.stderr
+    ns, own, printed = own_worker_acls(dep, tmp_path)
     apply_acl_commands(dep.kafka, acl_commands(printed.stdout))
     try:
         made = cli(dep.env("admin", **own), "topics", "create")
