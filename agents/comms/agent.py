@@ -6,19 +6,22 @@ import logging
 from typing import Any
 
 from agentstream.schemas import CommunicationRecord
+from agentstream.schemas.errors import InvalidEvent
 from agentstream.streams.app import app, catalogue_topic, settings
 from agentstream.streams.observability import Throttled
 from agentstream.streams.processing import (
     Inbound,
+    dead_letter,
     decoded_batches,
     guarded,
     refuse_table_full,
 )
+from agentstream.streams.tables import origin_of
 from agentstream.streams.tables.monitoring import (
     COMMS_TABLE,
     TableFull,
     comms_writer,
-    fold_record,
+    fold_comms_record,
     invalidate_indexes,
 )
 from agentstream.streams.topics import COMMS_RECORDS
@@ -54,15 +57,18 @@ async def track_communications(stream: Any) -> None:
 async def _fold(inbound: Inbound) -> None:
     msg = inbound.message
     try:
-        fold_record(
+        fold_comms_record(
             writer.at(msg.partition),
             inbound.event.payload,
+            origin_of(msg, COMMS_RECORDS),
             retention_s=settings.comms_retention_s,
-            at=msg.timestamp,
-            partition=msg.partition,
             max_agents=settings.comms_max_agents_per_partition,
         )
     except TableFull as exc:
         await refuse_table_full(
             msg, exc, CONSUMER, COMMS_TABLE, "records of new agent ids", full_warning
         )
+    except InvalidEvent as exc:
+        # what a sender chose (its key, its partition): a dead letter saying why, without
+        # the traceback `guarded` logs for a failure of ours
+        await dead_letter(msg, exc, CONSUMER)

@@ -33,14 +33,14 @@ from agentstream.streams.processing import (
     guarded,
     refuse_table_full,
 )
-from agentstream.streams.tables import Origin
+from agentstream.streams.tables import origin_of
 from agentstream.streams.tables.monitoring import (
     HEARTBEATS_TABLE,
     TableFull,
     heartbeats_writer,
     invalidate_indexes,
 )
-from agentstream.streams.topics import AGENT_HEARTBEATS, AGENT_STATUS, CATALOGUE
+from agentstream.streams.topics import AGENT_HEARTBEATS, AGENT_STATUS
 
 log = logging.getLogger(__name__)
 
@@ -278,19 +278,6 @@ async def _fold(inbound: Inbound) -> None:
             )
         monitor.record_status(payload, origin_of(msg, AGENT_STATUS))
         gate.note(msg.topic, msg.partition, msg.offset)
-
-
-def origin_of(msg: Any, name: str) -> Origin:
-    """The `Origin` of the record `msg` (a Faust message) of catalogue topic `name`: what a
-    rebuild reads of it too (`agents.audit.rebuild.source_records`)."""
-    return Origin(
-        topic=name,
-        partition=msg.partition,
-        offset=msg.offset,
-        timestamp=msg.timestamp,
-        key=msg.key,
-        partitions=CATALOGUE[name].partitions or settings.topic_partitions,
-    )
 
 
 async def _publish(transitions: list[Transition], cause: Event[Any] | None = None) -> None:

@@ -14,18 +14,21 @@ from prometheus_client.registry import Collector
 
 from agentstream.agents.metrics.windows import exported_series
 from agentstream.schemas import MetricSample
+from agentstream.schemas.errors import InvalidEvent
 from agentstream.streams.app import app, catalogue_topic, settings
 from agentstream.streams.observability import Throttled
 from agentstream.streams.processing import (
     Inbound,
+    dead_letter,
     decoded_batches,
     guarded,
     refuse_table_full,
 )
+from agentstream.streams.tables import origin_of
 from agentstream.streams.tables.monitoring import (
     METRICS_TABLE,
     TableFull,
-    fold_sample,
+    fold_sample_record,
     invalidate_indexes,
     metrics_writer,
 )
@@ -61,22 +64,22 @@ async def _fold(inbound: Inbound) -> None:
     p: MetricSample = inbound.event.payload
     msg = inbound.message
     try:
-        fold_sample(
+        fold_sample_record(
             writer.at(msg.partition),
-            p.series,
-            p.labels,
-            p.timestamp,
-            p.value,
+            p,
+            origin_of(msg, METRICS_SAMPLES),
             interval_s=settings.metrics_collection_interval_s,
             retention_s=settings.metrics_retention_s,
-            at=msg.timestamp,
-            partition=msg.partition,
             max_series=settings.metrics_max_series_per_partition,
         )
     except TableFull as exc:
         await refuse_table_full(
             msg, exc, CONSUMER, METRICS_TABLE, "samples of new series and label sets", full_warning
         )
+    except InvalidEvent as exc:
+        # what a sender chose (its key, its partition, values whose sum overflows): a
+        # dead letter saying why, without the traceback `guarded` logs for a failure of ours
+        await dead_letter(msg, exc, CONSUMER)
 
 
 class SeriesCollector(Collector):

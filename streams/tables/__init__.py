@@ -21,9 +21,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
+from aiokafka.partitioner import murmur2
 
 from agentstream.schemas import Event
+from agentstream.streams.settings import get_settings
 from agentstream.streams.tables.writer import TableWriter, delete, write
+from agentstream.streams.topics import CATALOGUE
 
 __all__ = [
     "TABLES",
@@ -34,6 +37,9 @@ __all__ = [
     "TableWriter",
     "delete",
     "digest",
+    "home_partition",
+    "misplaced",
+    "origin_of",
     "rebuild",
     "register",
     "unexpired",
@@ -61,6 +67,52 @@ class Origin:
     #: the topic's partition count (the configured one: a worker refuses to start on
     #: topics with another, `streams.admin.ensure_topics`)
     partitions: int = 1
+
+
+def home_partition(key: str, partitions: int) -> int:
+    """The partition Kafka's default partitioner puts `key` in (murmur2, as Java's and
+    aiokafka's; librdkafka's default, ``consistent_random``, is CRC32 and differs)."""
+    return (murmur2(key.encode()) & 0x7FFFFFFF) % partitions
+
+
+def misplaced(what: str, key: str, origin: Origin, keyed_by: str) -> str | None:
+    """Why the record `what` read at `origin`, whose Kafka key must be `key`, is refused,
+    or None.
+
+    `agent.heartbeats` and `comms.records` are keyed by the agent id, `metrics.samples` by
+    the series, and a table entry folded from a record is kept in the changelog partition
+    of that record (`streams.tables.writer`): all records of one key must be in the
+    partition the key hashes to. One sent under another key, or put in another
+    partition, writes the same table key into a second changelog partition: two workers
+    keep diverging copies of it, and a worker restoring both partitions keeps whichever
+    it reads last (an attacker's one-sample window over a series' real one). For a
+    heartbeat, a second worker would also judge the same agent (its status flapping
+    between the two)."""
+    if origin.key != key.encode():
+        shown = origin.key[:64] if origin.key is not None else None
+        return f"{what} sent with the key {shown!r}: {keyed_by} (key mismatch)"
+    home = home_partition(key, origin.partitions)
+    if origin.partition != home:
+        return (
+            f"{what} read from partition {origin.partition}: its key hashes to partition "
+            f"{home} (topic has {origin.partitions} partitions: partitions added to it "
+            "since the workers started, or a producer whose partitioner is not Kafka's "
+            "default, murmur2; set partitioner=murmur2_random on a librdkafka producer)"
+        )
+    return None
+
+
+def origin_of(msg: Any, name: str) -> Origin:
+    """The `Origin` of the record `msg` (a Faust message) of catalogue topic `name`: what a
+    rebuild reads of it too (`agents.audit.rebuild.source_records`)."""
+    return Origin(
+        topic=name,
+        partition=msg.partition,
+        offset=msg.offset,
+        timestamp=msg.timestamp,
+        key=msg.key,
+        partitions=CATALOGUE[name].partitions or get_settings().topic_partitions,
+    )
 
 
 #: a fold that also needs where each record was read (its partition, offset, append time)

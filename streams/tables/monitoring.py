@@ -54,7 +54,6 @@ from functools import lru_cache
 from typing import Any, TypeVar
 
 import orjson
-from aiokafka.partitioner import murmur2
 
 from agentstream.schemas import (
     AgentStatusChanged,
@@ -65,7 +64,14 @@ from agentstream.schemas import (
 )
 from agentstream.schemas.errors import InvalidEvent
 from agentstream.streams.settings import get_settings
-from agentstream.streams.tables import Origin, TableSpec, TableWriter, register
+from agentstream.streams.tables import (
+    Origin,
+    TableSpec,
+    TableWriter,
+    home_partition,
+    misplaced,
+    register,
+)
 from agentstream.streams.topics import (
     AGENT_HEARTBEATS,
     AGENT_STATUS,
@@ -436,36 +442,11 @@ def _settle_held(rec: dict[str, Any]) -> None:
         del rec["ahead"]
 
 
-def home_partition(key: str, partitions: int) -> int:
-    """The partition Kafka's default partitioner puts `key` in (murmur2, as Java's and
-    aiokafka's; librdkafka's default, ``consistent_random``, is CRC32 and differs)."""
-    return (murmur2(key.encode()) & 0x7FFFFFFF) % partitions
-
-
 def misplaced_heartbeat(agent_id: str, origin: Origin) -> str | None:
-    """Why a heartbeat of `agent_id` read at `origin` is refused, or None.
-
-    `agent.heartbeats` is keyed by the agent id, and an agent's heartbeats must all be in
-    the partition that key hashes to: its entry, its status events and the worker that
-    judges it are there. One sent under another key, or put in another partition, made
-    a second worker judge the same agent (its status flapping between the two), and the
-    entry a changelog partition that its key's restore does not read."""
-    if origin.key != agent_id.encode():
-        shown = origin.key[:64] if origin.key is not None else None
-        return (
-            f"heartbeat of {agent_id!r} sent with the key {shown!r}: agent.heartbeats is "
-            "keyed by the agent id (key mismatch)"
-        )
-    home = home_partition(agent_id, origin.partitions)
-    if origin.partition != home:
-        return (
-            f"heartbeat of {agent_id!r} read from partition {origin.partition}: its key "
-            f"hashes to partition {home} (topic has {origin.partitions} partitions: "
-            "partitions added to it since the workers started, or a producer whose "
-            "partitioner is not Kafka's default, murmur2; set partitioner=murmur2_random "
-            "on a librdkafka producer)"
-        )
-    return None
+    """`misplaced` for a heartbeat of `agent_id`."""
+    return misplaced(
+        f"heartbeat of {agent_id!r}", agent_id, origin, "agent.heartbeats is keyed by the agent id"
+    )
 
 
 def fold_heartbeat_record(
@@ -765,20 +746,50 @@ def make_metrics_fold(interval_s: float, retention_s: float, max_series: int | N
     def apply(state: MutableMapping[str, Any], event: Event[Any], origin: Origin) -> None:
         p = event.payload
         if isinstance(p, MetricSample):
-            fold_sample(
+            fold_sample_record(
                 state,
-                p.series,
-                p.labels,
-                p.timestamp,
-                p.value,
+                p,
+                origin,
                 interval_s=interval_s,
                 retention_s=retention_s,
-                at=origin.timestamp,
-                partition=origin.partition,
                 max_series=max_series,
             )
 
     return apply
+
+
+def fold_sample_record(
+    state: MutableMapping[str, Any],
+    sample: MetricSample,
+    origin: Origin,
+    *,
+    interval_s: float,
+    retention_s: float,
+    max_series: int | None = None,
+) -> bool:
+    """`fold_sample` of the sample read at `origin`; `InvalidEvent` (a dead letter, the
+    table unchanged) when it is not under its series' key in that key's partition
+    (`misplaced`)."""
+    problem = misplaced(
+        f"metric sample of {sample.series!r}",
+        sample.series,
+        origin,
+        "metrics.samples is keyed by the series",
+    )
+    if problem is not None:
+        raise InvalidEvent(problem, type=MetricSample.TYPE)
+    return fold_sample(
+        state,
+        sample.series,
+        sample.labels,
+        sample.timestamp,
+        sample.value,
+        interval_s=interval_s,
+        retention_s=retention_s,
+        at=origin.timestamp,
+        partition=origin.partition,
+        max_series=max_series,
+    )
 
 
 def fold_sample(
@@ -920,16 +931,38 @@ def make_comms_fold(retention_s: float, max_agents: int | None = None) -> Any:
     def apply(state: MutableMapping[str, Any], event: Event[Any], origin: Origin) -> None:
         p = event.payload
         if isinstance(p, CommunicationRecord):
-            fold_record(
-                state,
-                p,
-                retention_s=retention_s,
-                at=origin.timestamp,
-                partition=origin.partition,
-                max_agents=max_agents,
-            )
+            fold_comms_record(state, p, origin, retention_s=retention_s, max_agents=max_agents)
 
     return apply
+
+
+def fold_comms_record(
+    state: MutableMapping[str, Any],
+    rec: CommunicationRecord,
+    origin: Origin,
+    *,
+    retention_s: float,
+    max_agents: int | None = None,
+) -> bool:
+    """`fold_record` of the record read at `origin`; `InvalidEvent` (a dead letter, the
+    table unchanged) when it is not under its agent's key in that key's partition
+    (`misplaced`)."""
+    problem = misplaced(
+        f"communication record of {rec.agent_id!r}",
+        rec.agent_id,
+        origin,
+        "comms.records is keyed by the agent id",
+    )
+    if problem is not None:
+        raise InvalidEvent(problem, type=CommunicationRecord.TYPE)
+    return fold_record(
+        state,
+        rec,
+        retention_s=retention_s,
+        at=origin.timestamp,
+        partition=origin.partition,
+        max_agents=max_agents,
+    )
 
 
 def fold_record(

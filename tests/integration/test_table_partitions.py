@@ -1,7 +1,9 @@
 """Every table written from a batch lands in the changelog partition of the input it was
 folded from (`streams.tables.write`), on the real broker: the security counters, the audit
 table, the metric windows, the comms records and the heartbeats — and each still equals
-its rebuild from history."""
+its rebuild from history. A metric sample or communication record a producer put in
+another partition than its key hashes to, or under another key, is refused (a dead
+letter): it would have put its key in a second changelog partition."""
 
 from __future__ import annotations
 
@@ -101,6 +103,35 @@ async def test_changelog_partition_is_the_input_partition(
                 "agent.heartbeats", [Heartbeat(agent_id=n, sent_at=at, sequence=1) for n in NAMES]
             )
         stray_partition = (partition_of(STRAY, PARTITIONS) + 1) % PARTITIONS
+        # a sample of a series and a record of an agent in partitions their keys do not
+        # hash to, and one under another key: each would put its series' (agent's) key
+        # in a second changelog partition; refused, dead letters saying why
+        victim = NAMES[0]
+        elsewhere = (partition_of(victim, PARTITIONS) + 1) % PARTITIONS
+        forged: list[tuple[str, Any, str, int]] = [
+            (
+                "metrics.samples",
+                MetricSample(series=victim, timestamp=now, value=1e9),
+                victim,
+                elsewhere,
+            ),
+            (
+                "comms.records",
+                CommunicationRecord(
+                    record_id="forged", kind="token", agent_id=victim, recorded_at=at
+                ),
+                victim,
+                elsewhere,
+            ),
+            (
+                "comms.records",
+                CommunicationRecord(
+                    record_id="forged-key", kind="token", agent_id=victim, recorded_at=at
+                ),
+                "mallory",
+                partition_of(victim, PARTITIONS),
+            ),
+        ]
         producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap)
         await producer.start()
         try:
@@ -111,9 +142,29 @@ async def test_changelog_partition_is_the_input_partition(
                 key=STRAY.encode(),
                 partition=stray_partition,
             )
+            for topic, payload, key, partition in forged:
+                await producer.send_and_wait(
+                    settings.topic(topic),
+                    encode(Event.of(payload, source="mallory")),
+                    key=key.encode(),
+                    partition=partition,
+                )
         finally:
             await producer.stop()
         n_messages = 3 * len(NAMES) + 1
+
+        async def refused() -> list[Any]:
+            letters = await read_topic(settings.bootstrap, settings.topic("pipeline.deadletter"))
+            got = [e.payload for _, e in letters if e is not None]
+            return got if len(got) >= len(forged) else []
+
+        letters = await await_until(refused, 30, 0.5, "the forged records dead-lettered")
+        assert sorted((d.topic, d.partition) for d in letters) == sorted(
+            (settings.topic(topic), partition) for topic, _, _, partition in forged
+        )
+        reasons = sorted(d.error_message for d in letters)
+        assert ["hashes to partition" in r for r in reasons].count(True) == 2, reasons
+        assert ["key mismatch" in r for r in reasons].count(True) == 1, reasons
 
         async def changelogs() -> dict[str, list[tuple[Any, Any]]]:
             out = {
@@ -158,6 +209,8 @@ async def test_changelog_partition_is_the_input_partition(
                 return key.split(SEP)[1]
             return key
 
+        assert inputs["metric_windows"][victim] == {partition_of(victim, PARTITIONS), elsewhere}
+
         for table, records in logs.items():
             assert records, table
             for rec, _ in records:
@@ -165,6 +218,13 @@ async def test_changelog_partition_is_the_input_partition(
                 if table == "security_decision_counts":
                     # the counters of one partition's messages, in that partition
                     assert int(key.split("|")[0]) == rec.partition, key
+                    continue
+                if table in ("metric_windows", "comms_records"):
+                    # only in the partition the key hashes to: the forged ones added none
+                    want = partition_of(owner(table, key), PARTITIONS)
+                    assert rec.partition == want, (table, key)
+                    if key.startswith(victim):
+                        assert orjson.loads(rec.value)["max"] == 1.0, "the forged sample"
                     continue
                 assert inputs[table][owner(table, key)] == {rec.partition}, (table, key)
         # keyed records: the partition of the input is the one the key hashes to (what the

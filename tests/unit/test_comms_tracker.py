@@ -68,7 +68,10 @@ def test_rebuild_matches_live() -> None:
         Event.of(rec(f"r{i}", f"ag{i % 3}", COMM_KINDS[i % 6], i * 7.0), source="t")
         for i in range(200)
     ]
-    records = [(ev, Origin("comms.records", 0, i, 1000.0 + i)) for i, ev in enumerate(events)]
+    records = [
+        (ev, Origin("comms.records", 0, i, 1000.0 + i, ev.key.encode()))  # one partition
+        for i, ev in enumerate(events)
+    ]
     spec = TableSpec("c", ("comms.records",), apply_at=make_comms_fold(RET, 100))
     live: dict = {}
     for ev, origin in records + records[:30]:  # with redeliveries

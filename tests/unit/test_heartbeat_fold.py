@@ -22,7 +22,7 @@ from agentstream.schemas import AgentStatusChanged, Event, Heartbeat
 from agentstream.streams.app import settings
 from agentstream.streams.observability import TABLE_FULL, Throttled
 from agentstream.streams.processing import Inbound
-from agentstream.streams.tables import Origin, TableSpec
+from agentstream.streams.tables import Origin, TableSpec, origin_of
 from agentstream.streams.tables.llm import partition_of
 from agentstream.streams.tables.monitoring import (
     HEARTBEATS,
@@ -123,7 +123,7 @@ class World:
             key=agent.encode() if key is None else key,
         )
         event = Event.of(hbeat, source=agent)
-        self.log.append((event, hb.origin_of(msg, "agent.heartbeats")))
+        self.log.append((event, origin_of(msg, "agent.heartbeats")))
         await hb.guarded(Inbound(event, msg), hb.CONSUMER, hb._fold)
 
     def confirm(self) -> list[Transition]:

@@ -13,9 +13,10 @@ INTERVAL = 10.0
 RETENTION = 60.0
 
 
-def appended(offset: int, at: float, partition: int = 0) -> Origin:
-    """A record of metrics.samples read at `offset`, appended by the broker at `at`."""
-    return Origin("metrics.samples", partition, offset, at)
+def appended(series: str, offset: int, at: float) -> Origin:
+    """A sample of `series` read at `offset` of metrics.samples (one partition, keyed by
+    the series), appended by the broker at `at`."""
+    return Origin("metrics.samples", 0, offset, at, series.encode())
 
 
 def add(state: dict, series: str, ts: float, value: float, **labels: str) -> bool:
@@ -96,7 +97,7 @@ def test_rebuild_matches_live_fold_with_a_fresh_index() -> None:
         )
         for t in range(0, 600, 2)
     ]
-    records = [(ev, appended(i, 1000.0 + i)) for i, ev in enumerate(events)]
+    records = [(ev, appended(ev.key, i, 1000.0 + i)) for i, ev in enumerate(events)]
     spec = TableSpec(
         "m", ("metrics.samples",), apply_at=make_metrics_fold(INTERVAL, RETENTION, 100)
     )
@@ -148,7 +149,10 @@ def test_a_sample_whose_sum_overflows_is_refused_with_the_window_as_it_was() -> 
     # the rebuild skips it as the live fold does (a dead letter there)
     spec = TableSpec("m", ("metrics.samples",), apply_at=make_metrics_fold(INTERVAL, RETENTION))
     events = [
-        (Event.of(MetricSample(series="big", timestamp=t, value=1e308), source="t"), appended(i, t))
+        (
+            Event.of(MetricSample(series="big", timestamp=t, value=1e308), source="t"),
+            appended("big", i, t),
+        )
         for i, t in enumerate((100.0, 101.0, 102.5))
     ]
     rebuilt: dict = {}

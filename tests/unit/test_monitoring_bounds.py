@@ -21,17 +21,32 @@ from agentstream.agents.audit.rebuild import _fold_into
 from agentstream.schemas import CommunicationRecord, Event, MetricSample
 from agentstream.streams.observability import TABLE_FULL, Throttled
 from agentstream.streams.processing import Inbound
-from agentstream.streams.settings import Settings
+from agentstream.streams.settings import Settings, get_settings
 from agentstream.streams.tables import Origin, TableSpec
 from agentstream.streams.tables.monitoring import (
     TableFull,
     fold_record,
     fold_sample,
+    home_partition,
     make_comms_fold,
     make_metrics_fold,
 )
 
 T0 = 1_800_000_000.0
+#: what the agents' `origin_of` takes for these topics (the catalogue fixes no count)
+PARTITIONS = get_settings().topic_partitions
+
+
+def named(prefix: str, partition: int, n: int = 1, partitions: int = PARTITIONS) -> list[str]:
+    """`n` names starting with `prefix` whose keys hash to `partition`."""
+    out: list[str] = []
+    i = 0
+    while len(out) < n:
+        name = f"{prefix}{i}"
+        if home_partition(name, partitions) == partition:
+            out.append(name)
+        i += 1
+    return out
 
 
 class Sink:
@@ -57,7 +72,9 @@ class Sink:
         if hasattr(module, "full_warning"):
             monkeypatch.setattr(module, "full_warning", Throttled(module.log))
 
-    async def send(self, topic: str, payload: Any, key: str, at: float, partition: int = 0) -> None:
+    async def send(self, topic: str, payload: Any, key: str, at: float) -> None:
+        """The record as a producer sends it: under `key`, in the partition it hashes to."""
+        partition = home_partition(key, PARTITIONS)
         offset = self.offsets.get(partition, 0)
         self.offsets[partition] = offset + 1
         event = Event.of(payload, source="t")
@@ -68,7 +85,7 @@ class Sink:
             timestamp=at,
             key=key.encode(),
         )
-        self.log.append((event, Origin(topic, partition, offset, at, key.encode(), 2)))
+        self.log.append((event, Origin(topic, partition, offset, at, key.encode(), PARTITIONS)))
         await processing.guarded(Inbound(event, msg), self.module.CONSUMER, self.module._fold)
 
     def rebuilt(self, spec: TableSpec) -> dict[str, Any]:
@@ -143,16 +160,18 @@ async def test_a_series_that_stops_reporting_leaves_the_table(
     # its windows were pruned only by a newer sample of the same series and label set:
     # one that stopped reporting stayed for good
     s = Sink(monkeypatch, metrics_agent, metrics_retention_s="600")
-    await s.send("metrics.samples", sample("gone", T0, host="a"), "gone", T0)
+    gone, alive = named("gone", 0)[0], named("alive", 0)[0]
+    other = named("other", 1)[0]
+    await s.send("metrics.samples", sample(gone, T0, host="a"), gone, T0)
     for i in range(1, 80):  # another series of the partition reports for 790 s
         at = T0 + i * 10
-        await s.send("metrics.samples", sample("alive", at, host="a"), "alive", at)
-    assert groups(s.table) == {'alive\x1f{"host":"a"}'}
+        await s.send("metrics.samples", sample(alive, at, host="a"), alive, at)
+    assert groups(s.table) == {f'{alive}\x1f{{"host":"a"}}'}
     assert s.rebuilt(metrics_spec(s)) == s.table
     # a partition that gets no record expires nothing: its clock did not move
-    await s.send("metrics.samples", sample("other", T0, host="a"), "other", T0, partition=1)
-    await s.send("metrics.samples", sample("alive", T0 + 800, host="a"), "alive", T0 + 800)
-    assert 'other\x1f{"host":"a"}' in groups(s.table)
+    await s.send("metrics.samples", sample(other, T0, host="a"), other, T0)
+    await s.send("metrics.samples", sample(alive, T0 + 800, host="a"), alive, T0 + 800)
+    assert f'{other}\x1f{{"host":"a"}}' in groups(s.table)
 
 
 def test_metric_bounds_never_scan_the_table() -> None:
@@ -196,9 +215,10 @@ async def test_invented_comms_agent_ids_stop_at_the_bound_of_their_partition(
     s = Sink(monkeypatch, comms_agent, comms_max_agents_per_partition="50")
     with caplog.at_level(logging.WARNING, logger=comms_agent.__name__):
         await s.send("comms.records", record("real-0", "real", T0), "real", T0)
-        for i in range(10_000):
+        invented = named("x", home_partition("real", PARTITIONS), 10_000)
+        for i, x in enumerate(invented):
             at = T0 + i * 0.01
-            await s.send("comms.records", record(f"x{i}", f"x{i}", at), f"x{i}", at)
+            await s.send("comms.records", record(x, x, at), x, at)
         await s.send("comms.records", record("real-1", "real", T0 + 100), "real", T0 + 100)
     agents = {k.split("\x1f")[1] for k in s.table if k.startswith("c\x1f")}
     assert len(agents) == 50 and "real" in agents
@@ -214,13 +234,14 @@ async def test_an_agent_that_stops_sending_leaves_the_comms_table(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     s = Sink(monkeypatch, comms_agent, comms_retention_s="600")
-    await s.send("comms.records", record("g0", "gone", T0), "gone", T0)
-    await s.send("comms.records", record("g1", "gone", T0 + 1), "gone", T0 + 1)
+    gone, alive = named("gone", 0)[0], named("alive", 0)[0]  # agents of one partition
+    await s.send("comms.records", record("g0", gone, T0), gone, T0)
+    await s.send("comms.records", record("g1", gone, T0 + 1), gone, T0 + 1)
     for i in range(1, 80):
         at = T0 + i * 10
-        await s.send("comms.records", record(f"a{i}", "alive", at), "alive", at)
-    assert not [k for k in s.table if "gone" in k]  # records and counts
-    assert s.table["c\x1falive"] == {"token": 61}  # its own retention, as before
+        await s.send("comms.records", record(f"a{i}", alive, at), alive, at)
+    assert not [k for k in s.table if gone in k]  # records and counts
+    assert s.table[f"c\x1f{alive}"] == {"token": 61}  # its own retention, as before
     assert s.rebuilt(comms_spec(s)) == s.table
 
 
@@ -245,15 +266,19 @@ def test_a_restart_rebuilds_the_bounds_from_the_table(table: str) -> None:
     # (its table restored, the index built again from it): the same table as a rebuild
     rng = random.Random(3)
     records: list[tuple[Event[Any], Origin]] = []
+    series = [named("s", p, partitions=2)[0] for p in (0, 1)]  # one series per partition
     for i in range(3000):
         g = rng.choice(range(40)) if i < 1500 else rng.choice(range(20, 60))
         at = T0 + i
-        p = g % 2
-        ev: Event[Any] = Event.of(
-            sample("s", at, g=str(g)) if table == "metrics" else record(f"r{i}", f"a{g}", at),
-            source="t",
-        )
-        records.append((ev, Origin(f"{table}.x", p, i, at)))
+        if table == "metrics":
+            key = series[g % 2]
+            payload: Any = sample(key, at, g=str(g))
+        else:
+            key = f"a{g}"
+            payload = record(f"r{i}", key, at)
+        p = home_partition(key, 2)
+        ev: Event[Any] = Event.of(payload, source="t")
+        records.append((ev, Origin(f"{table}.x", p, i, at, key.encode(), 2)))
     fold = make_metrics_fold(10.0, 300.0, 15) if table == "metrics" else make_comms_fold(300.0, 15)
     spec = TableSpec(name=table, sources=(f"{table}.x",), apply_at=fold)
     live: dict[str, Any] = {}

@@ -1,0 +1,104 @@
+"""A producer choosing the key or the partition of its own monitoring records.
+
+`metrics.samples` is keyed by the series and `comms.records` by the agent id, and a table
+entry folded from a record is kept in the changelog partition of that record
+(`streams.tables.writer`). A sample of a series put in another partition than the one
+its series hashes to writes the *same* window key into a second changelog partition:
+the two workers holding the two partitions keep diverging copies, and a worker restoring
+both (after a rebalance, or a restart of a worker holding both) keeps whichever it reads
+last — the attacker's one-sample window over the series' real one. A communication
+record put elsewhere does the same to its agent's counts. Heartbeats were already held
+to their partition (`misplaced_heartbeat`); these are held alike, by the fold itself, so
+the live worker and a rebuild refuse the same records."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from agentstream.schemas import CommunicationRecord, Event, MetricSample
+from agentstream.schemas.errors import InvalidEvent
+from agentstream.streams.tables import Origin
+from agentstream.streams.tables.monitoring import (
+    COMMS,
+    METRICS,
+    count_key,
+    home_partition,
+)
+
+PARTITIONS = 4
+AT = 1_800_000_000.0
+
+
+def origin(topic: str, key: str, partition: int, offset: int) -> Origin:
+    return Origin(
+        topic=topic,
+        partition=partition,
+        offset=offset,
+        timestamp=AT + offset,
+        key=key.encode(),
+        partitions=PARTITIONS,
+    )
+
+
+def fold(spec: Any, state: dict[str, Any], payload: Any, at: Origin) -> None:
+    assert spec.apply_at is not None
+    spec.apply_at(state, Event.of(payload, source="t"), at)
+
+
+def restore(*partitions: dict[str, Any]) -> dict[str, Any]:
+    """One worker restoring the changelog partitions in this order: the last read wins."""
+    out: dict[str, Any] = {}
+    for state in partitions:
+        out.update(state)
+    return out
+
+
+def test_a_sample_put_in_another_partition_cannot_overwrite_its_series_windows() -> None:
+    series = "latency"
+    home = home_partition(series, PARTITIONS)
+    elsewhere = (home + 1) % PARTITIONS
+    owner: dict[str, Any] = {}  # the worker holding the series' partition
+    for i in range(50):
+        s = MetricSample(series=series, timestamp=AT, value=10.0)
+        fold(METRICS, owner, s, origin("metrics.samples", series, home, i))
+    other: dict[str, Any] = {}  # the worker holding the partition the attacker chose
+    forged = MetricSample(series=series, timestamp=AT, value=1e9)
+    with pytest.raises(InvalidEvent, match="hashes to partition"):
+        fold(METRICS, other, forged, origin("metrics.samples", series, elsewhere, 0))
+    assert other == {}
+    (window,) = restore(owner, other).values()
+    assert (window["count"], window["max"]) == (50, 10.0)
+
+
+def test_a_sample_under_another_key_is_refused_even_in_its_series_partition() -> None:
+    series = "latency"
+    home = home_partition(series, PARTITIONS)
+    state: dict[str, Any] = {}
+    forged = MetricSample(series=series, timestamp=AT, value=1.0)
+    with pytest.raises(InvalidEvent, match="key mismatch"):
+        fold(METRICS, state, forged, origin("metrics.samples", "mallory", home, 0))
+    assert state == {}
+
+
+def test_a_record_put_in_another_partition_cannot_overwrite_its_agents_counts() -> None:
+    agent = "victim"
+    home = home_partition(agent, PARTITIONS)
+    elsewhere = (home + 1) % PARTITIONS
+    at = datetime.fromtimestamp(AT, UTC)
+
+    def rec(rid: str) -> CommunicationRecord:
+        return CommunicationRecord(record_id=rid, kind="token", agent_id=agent, recorded_at=at)
+
+    owner: dict[str, Any] = {}
+    for i in range(5):
+        fold(COMMS, owner, rec(f"r{i}"), origin("comms.records", agent, home, i))
+    other: dict[str, Any] = {}
+    with pytest.raises(InvalidEvent, match="hashes to partition"):
+        fold(COMMS, other, rec("forged"), origin("comms.records", agent, elsewhere, 0))
+    with pytest.raises(InvalidEvent, match="key mismatch"):
+        fold(COMMS, owner, rec("forged"), origin("comms.records", "mallory", home, 9))
+    assert other == {}
+    assert restore(owner, other)[count_key(agent)] == {"token": 5}
