@@ -9,6 +9,11 @@
   requests; those already answered are skipped via the `llm_responses_done` table.
 * cancel_llm: `llm.cancellations` is co-partitioned with `llm.requests` (same key, same
   partition count), so the worker running a request also sees its cancellation.
+* Placement: both hold only on records under their request id in the partition that id
+  hashes to (murmur2). A request elsewhere would reach a worker that does not hold its
+  dedup entry and be called again (a second final response, a second bill); a
+  cancellation elsewhere would reach one that does not run it. Either is refused, a
+  dead letter saying why (`streams.tables.misplaced`).
 """
 
 from __future__ import annotations
@@ -20,11 +25,13 @@ from collections.abc import Iterator
 from typing import Any
 
 from agentstream.agents.llm.runtime import CANCEL_CONSUMER, CONSUMER, runtime
+from agentstream.schemas.errors import InvalidEvent
 from agentstream.schemas.llm import LLMCancelRequested, LLMRequest
 from agentstream.streams.app import app, catalogue_topic, settings
 from agentstream.streams.health import Status, register_check
-from agentstream.streams.processing import Inbound, decoded_batches, guarded
+from agentstream.streams.processing import Inbound, dead_letter, decoded_batches, guarded
 from agentstream.streams.tables import llm as tables
+from agentstream.streams.tables import misplaced, origin_of
 from agentstream.streams.topics import LLM_CANCELLATIONS, LLM_REQUESTS
 
 for _spec in (
@@ -92,7 +99,25 @@ async def call_llm(stream: Any) -> None:
                 await guarded(inbound, CONSUMER, _admit)
 
 
+async def _refused_elsewhere(inbound: Inbound, topic: str, consumer: str) -> bool:
+    """Dead-letter `inbound` and say True when it is not under its request id in the
+    partition that id hashes to (see the module docstring)."""
+    payload = inbound.event.payload
+    problem = misplaced(
+        f"{payload.TYPE} of request {payload.request_id!r}",
+        payload.request_id,
+        origin_of(inbound.message, topic),
+        f"{topic} is keyed by the request id",
+    )
+    if problem is None:
+        return False
+    await dead_letter(inbound.message, InvalidEvent(problem, type=payload.TYPE), consumer)
+    return True
+
+
 async def _admit(inbound: Inbound) -> None:
+    if await _refused_elsewhere(inbound, LLM_REQUESTS, CONSUMER):
+        return
     rt = runtime()
     rid = inbound.event.payload.request_id
     done = tables.table(tables.RESPONSES_DONE.name).get(rid)
@@ -117,6 +142,8 @@ async def cancel_llm(stream: Any) -> None:
 
 
 async def _cancel(inbound: Inbound) -> None:
+    if await _refused_elsewhere(inbound, LLM_CANCELLATIONS, CANCEL_CONSUMER):
+        return
     payload: LLMCancelRequested = inbound.event.payload
     runtime().cancel(payload.request_id, payload.reason, inbound.event)
 

@@ -14,6 +14,7 @@ the live worker and a rebuild refuse the same records."""
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -102,3 +103,107 @@ def test_a_record_put_in_another_partition_cannot_overwrite_its_agents_counts() 
         fold(COMMS, owner, rec("forged"), origin("comms.records", "mallory", home, 9))
     assert other == {}
     assert restore(owner, other)[count_key(agent)] == {"token": 5}
+
+
+# -- LLM requests --------------------------------------------------------------------------
+class _Calls:
+    """The LLM runtime as `_admit` sees it: records which requests would be called."""
+
+    def __init__(self) -> None:
+        self.admitted: list[str] = []
+        self.cancelled: list[str] = []
+
+    def answered_or_inflight(self, rid: str) -> bool:
+        return False
+
+    async def admit(self, inbound: Any) -> None:
+        self.admitted.append(inbound.event.payload.request_id)
+
+    async def answer_cancelled_early(self, inbound: Any) -> None:
+        raise AssertionError("no cancellation here")
+
+    def cancel(self, rid: str, reason: Any, event: Any) -> None:
+        self.cancelled.append(rid)
+
+
+async def _llm_admit(
+    monkeypatch: pytest.MonkeyPatch, topic: str, payload: Any, key: str, partition: int
+) -> tuple[_Calls, list[BaseException]]:
+    import agentstream.agents.llm.agent as llm_agent
+    import agentstream.streams.processing as processing
+    from agentstream.streams.processing import Inbound
+    from agentstream.streams.settings import get_settings
+
+    calls, dead = _Calls(), []
+
+    async def dead_letter(msg: Any, exc: BaseException, consumer: str) -> None:
+        dead.append(exc)
+
+    monkeypatch.setattr(llm_agent, "runtime", lambda: calls)
+    monkeypatch.setattr(llm_agent.tables, "table", lambda name: {})
+    monkeypatch.setattr(llm_agent.tables, "cancelled", lambda rid, now=None: False)
+    monkeypatch.setattr(processing, "_EOS", False)
+    monkeypatch.setattr(processing, "dead_letter", dead_letter)
+    monkeypatch.setattr(llm_agent, "dead_letter", dead_letter, raising=False)
+    msg = SimpleNamespace(
+        topic=get_settings().topic(topic),
+        partition=partition,
+        offset=0,
+        timestamp=AT,
+        key=key.encode(),
+    )
+    inbound = Inbound(Event.of(payload, source="t"), msg)
+    if topic == "llm.requests":
+        await processing.guarded(inbound, llm_agent.CONSUMER, llm_agent._admit)
+    else:
+        await processing.guarded(inbound, llm_agent.CANCEL_CONSUMER, llm_agent._cancel)
+    return calls, dead
+
+
+def _request(rid: str) -> Any:
+    from agentstream.schemas.llm import LLMRequest
+
+    return LLMRequest.model_validate(
+        {
+            "request_id": rid,
+            "agent_id": "a",
+            "context": {"messages": [{"role": "user", "content": "hi"}]},
+        }
+    )
+
+
+async def test_a_request_put_in_another_partition_is_not_called_a_second_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A request is deduplicated by its id in the `llm_responses_done` table, whose entry
+    lives in the changelog partition the id hashes to, held by the worker owning that
+    partition of `llm.requests`. The same request id put in another partition reached
+    another worker, which found no entry and called the provider again: a second final
+    response (and a second bill) for one request."""
+    from agentstream.streams.settings import get_settings
+
+    n = get_settings().topic_partitions
+    rid = "req-1"
+    home = home_partition(rid, n)
+    calls, dead = await _llm_admit(monkeypatch, "llm.requests", _request(rid), rid, home)
+    assert (calls.admitted, dead) == ([rid], [])
+    calls, dead = await _llm_admit(monkeypatch, "llm.requests", _request(rid), rid, (home + 1) % n)
+    assert calls.admitted == []
+    assert len(dead) == 1 and "hashes to partition" in str(dead[0])
+    calls, dead = await _llm_admit(monkeypatch, "llm.requests", _request(rid), "mallory", home)
+    assert calls.admitted == [] and "key mismatch" in str(dead[0])
+
+
+async def test_a_cancellation_put_in_another_partition_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # it would reach a worker that does not run the request: refused, saying why
+    from agentstream.schemas.llm import LLMCancelRequested
+    from agentstream.streams.settings import get_settings
+
+    n = get_settings().topic_partitions
+    rid = "req-1"
+    other = (home_partition(rid, n) + 1) % n
+    cancel = LLMCancelRequested(request_id=rid)
+    calls, dead = await _llm_admit(monkeypatch, "llm.cancellations", cancel, rid, other)
+    assert calls.cancelled == [] and "hashes to partition" in str(dead[0])
