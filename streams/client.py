@@ -348,14 +348,20 @@ class _Producing:
         await self.producer.stop()
 
 
-def sendable(settings: Settings, topic: str, event: Event[Any]) -> bytes:
-    """`event`'s bytes as `AsyncClient.publish` sends them to `topic`, or `InvalidEvent`
-    for what every consumer would dead-letter (a type that does not go on the topic,
-    more than AGENTSTREAM_MAX_EVENT_BYTES): refused before it is sent, and by
-    `publish --dry-run` without a broker."""
-    expected = CATALOGUE[topic].events if topic in CATALOGUE else None
-    if expected is not None and event.type not in expected:
+def sendable(settings: Settings, topic: str, event: Event[Any], key: str | None = None) -> bytes:
+    """`event`'s bytes as `AsyncClient.publish` sends them to `topic` under `key` (None:
+    the event's own), or `InvalidEvent` for what every consumer would dead-letter (a type
+    that does not go on the topic, more than AGENTSTREAM_MAX_EVENT_BYTES, another key on
+    a topic whose workers hold records to their own key, `TopicSpec.keyed`): refused
+    before it is sent, and by `publish --dry-run` without a broker."""
+    spec = CATALOGUE.get(topic)
+    if spec is not None and event.type not in spec.events:
         raise InvalidEvent(f"event type {event.type!r} does not belong on {topic}")
+    if spec is not None and spec.keyed and key and key != event.key:
+        raise InvalidEvent(
+            f"{topic} is keyed by the {spec.key} ({event.key!r}): workers refuse a record "
+            f"under the key {key!r}"
+        )
     try:
         value = encode(event)
     except TypeError as exc:  # orjson's JSONEncodeError too: a value JSON cannot hold
@@ -565,8 +571,8 @@ class AsyncClient:
         """Send one event (a bare payload gets an envelope). Returns the record metadata
         when `wait`, else the delivery future (which raises `PublishError` the same way)."""
         event = item if isinstance(item, Event) else self.event(item)
+        value = sendable(self.settings, topic, event, key)
         key = key or event.key
-        value = sendable(self.settings, topic, event)
         return await self._send(topic, value, key.encode(), key, wait)
 
     async def publish_many(self, topic: str, items: Iterable[Event[Any] | Payload]) -> int:

@@ -23,6 +23,10 @@ class TopicSpec:
     retention_ms: int | None = 7 * DAY_MS
     compacted: bool = False
     partitions: int | None = None  # None = settings.topic_partitions
+    #: workers refuse a record not under its event's own key in the partition that key
+    #: hashes to (murmur2): the topic's state is kept per key partition
+    #: (`streams.tables.misplaced`)
+    keyed: bool = False
 
     @property
     def retention(self) -> timedelta | None:
@@ -138,6 +142,7 @@ CATALOGUE: dict[str, TopicSpec] = {
             "agent id",
             ("agent.heartbeat",),
             retention_ms=1 * DAY_MS,
+            keyed=True,
         ),
         TopicSpec(
             AGENT_STATUS,
@@ -152,6 +157,7 @@ CATALOGUE: dict[str, TopicSpec] = {
             "series name",
             ("metrics.sample",),
             retention_ms=1 * DAY_MS,
+            keyed=True,
         ),
         TopicSpec(
             SYSTEM_STATS,
@@ -166,8 +172,9 @@ CATALOGUE: dict[str, TopicSpec] = {
             "agent id",
             ("comms.record",),
             retention_ms=30 * DAY_MS,
+            keyed=True,
         ),
-        TopicSpec(LLM_REQUESTS, "LLM calls to make", "request id", ("llm.request",)),
+        TopicSpec(LLM_REQUESTS, "LLM calls to make", "request id", ("llm.request",), keyed=True),
         TopicSpec(
             LLM_CHUNKS,
             "Streamed deltas, ordered by sequence per request",
@@ -188,6 +195,7 @@ CATALOGUE: dict[str, TopicSpec] = {
             "request id",
             ("llm.cancel_requested",),
             retention_ms=1 * DAY_MS,
+            keyed=True,
         ),
         TopicSpec(
             LLM_BREAKER,

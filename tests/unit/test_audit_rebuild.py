@@ -128,7 +128,7 @@ async def test_rebuild_skips_what_the_live_agents_dead_letter(monkeypatch: Any) 
     monkeypatch.setattr(rebuild_module, "topic_partitions", counts)
     got = [e async for e in rebuild_module.source_events(settings, HEARTBEATS)]
     assert [e.type for e in got] == [AgentStatusChanged.TYPE]
-    # with what the live fold knows of each record (`streams.tables.monitoring.origin_of`)
+    # with what the live fold knows of each record (`streams.tables.origin_of`)
     ((_, origin),) = [x async for x in rebuild_module.source_records(settings, HEARTBEATS)]
     assert (origin.topic, origin.partition, origin.offset, origin.key) == (
         "agent.status",

@@ -28,7 +28,7 @@ from aiokafka.errors import (
 
 import agentstream.streams.client as streams_client
 import agentstream.streams.errors as streams_errors
-from agentstream.schemas import AgentMessage
+from agentstream.schemas import AgentMessage, MetricSample
 from agentstream.schemas.errors import InvalidEvent, PipelineError
 from agentstream.streams.client import (
     AsyncClient,
@@ -41,6 +41,7 @@ from agentstream.streams.client import (
 from agentstream.streams.errors import BrokerError, CredentialsError, PublishError
 from agentstream.streams.kafka_security import Producer, resolve
 from agentstream.streams.settings import Settings, SettingsError
+from agentstream.streams.topics import CATALOGUE
 
 REPO = Path(__file__).resolve().parents[2]
 PASSWORD = "pw-7f3c-never-printed"
@@ -684,6 +685,30 @@ async def test_what_every_consumer_would_dead_letter_is_refused_before_it_is_sen
     with pytest.raises(InvalidEvent, match=r"does not belong on llm\.requests"):
         await client.publish("llm.requests", _message())
     assert producer.sent == []
+
+
+async def test_a_key_the_workers_would_refuse_is_refused_before_it_is_sent() -> None:
+    """On the topics whose workers hold a record to its event's own key
+    (`TopicSpec.keyed`: heartbeats, metric samples, comms records, LLM requests and
+    cancellations) `publish(key=...)` with another key was acknowledged, then
+    dead-lettered by every worker. Elsewhere the key stays the caller's."""
+    producer = FakeProducer()
+    client = _with_producer(producer)
+    sample = MetricSample(series="cpu", timestamp=1.0, value=1.0)
+    with pytest.raises(InvalidEvent, match=r"metrics\.samples is keyed by the series name"):
+        await client.publish("metrics.samples", sample, key="host-1")
+    assert producer.sent == []
+    await client.publish("metrics.samples", sample, key="cpu")  # its own: as without
+    await client.publish("agent.messages", _message(), key="anything")
+    assert [k for _, _, k in producer.sent] == [b"cpu", b"anything"]
+    keyed = {name for name, spec in CATALOGUE.items() if spec.keyed}
+    assert keyed == {
+        "agent.heartbeats",
+        "metrics.samples",
+        "comms.records",
+        "llm.requests",
+        "llm.cancellations",
+    }
 
 
 class StuckProducer(FakeProducer):
