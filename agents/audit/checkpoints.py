@@ -48,7 +48,7 @@ def snapshot(
         table = tables.get(name)
         if table is None:
             continue
-        items = list(table.items())
+        items = spec.comparable_items(table.items())
         digests[name] = digest(items)
         sizes[name] = len(items)
         sources.update(settings.topic(s) for s in spec.sources)

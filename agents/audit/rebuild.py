@@ -360,6 +360,8 @@ async def compare(
     # on both sides (the same clock for both)
     now = time.time()
     rebuilt, live = unexpired(spec, rebuilt, now), unexpired(spec, live, now)
+    rebuilt = dict(spec.comparable_items(rebuilt.items()))
+    live = dict(spec.comparable_items(live.items()))
     return Comparison(
         table=name,
         rebuilt_digest=digest(rebuilt.items()),

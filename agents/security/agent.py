@@ -65,7 +65,7 @@ from agentstream.streams.processing import (
 )
 from agentstream.streams.redaction import redact_raw
 from agentstream.streams.tables import write
-from agentstream.streams.tables.security import decision_counts_table, keys_for
+from agentstream.streams.tables.security import counted, decision_counts_table, keys_for
 from agentstream.streams.tables.writer import note_partition
 from agentstream.streams.topics import (
     AGENT_MESSAGES,
@@ -203,11 +203,11 @@ async def enforce_policy(stream: Any) -> None:
 _OBSERVE_DECISION = {v.value: DECISION_SECONDS.labels(v.value).observe for v in Verdict}
 
 
-def _tally(outcomes: list[Outcome]) -> Counter[tuple[int, str]]:
+def _tally(outcomes: list[Outcome]) -> dict[tuple[int, str], list[int]]:
     """Count a published batch's decisions in the Prometheus metrics (after the batch, so
-    the per-message loop does no metric work) and return the decision-count table's
-    deltas per (partition, key)."""
-    counts: Counter[tuple[int, str]] = Counter()
+    the per-message loop does no metric work) and return, per (partition, key) of the
+    decision-count table, the offsets of the messages it counts, in log order."""
+    counts: dict[tuple[int, str], list[int]] = {}
     verdicts: Counter[str] = Counter()
     # the table keys of a (partition, verdict, rules): a batch repeats few of them
     keys_of: dict[tuple[int, str, tuple[str, ...]], list[tuple[int, str]]] = {}
@@ -222,7 +222,11 @@ def _tally(outcomes: list[Outcome]) -> Counter[tuple[int, str]]:
                 (outcome.partition, k) for k in keys_for(outcome.partition, verdict, list(what[2]))
             ]
         for key in keys:
-            counts[key] += 1
+            got = counts.get(key)
+            if got is None:
+                counts[key] = [outcome.offset]
+            else:
+                got.append(outcome.offset)
     for verdict, n in verdicts.items():
         DECISIONS.labels(verdict).inc(n)
     return counts
@@ -286,6 +290,8 @@ class Outcome:
     forwarded: bytes
     #: seconds `evaluate` took (the decision record carries it in whole µs)
     evaluation_s: float = 0.0
+    #: the offset the message was read at (in `partition`)
+    offset: int = -1
 
 
 def decide(
@@ -360,6 +366,7 @@ def decide(
             event, forwarded, inbound.data, inbound.message.topic, partition, offset, auth
         ),
         elapsed,
+        offset,
     )
 
 
@@ -590,9 +597,13 @@ async def _send_batches(
     return futures
 
 
-def _count(counts: Counter[tuple[int, str]]) -> None:
-    """Apply a batch's counter deltas to the table: one changelog record per key, in the
-    partition of the messages counted (the one their key names)."""
+def _count(counts: dict[tuple[int, str], list[int]]) -> None:
+    """Apply a batch's counts to the table: one changelog record per key, in the
+    partition of the messages counted (the one their key names), holding the count and
+    the highest offset it counted (`counted`: a message decided again after a crash, at
+    an offset the restored record already counted, is not counted twice)."""
     data = COUNTS.data
-    for (partition, key), delta in counts.items():
-        write(COUNTS, key, int(data.get(key, 0)) + delta, partition=partition)
+    for (partition, key), offsets in counts.items():
+        new = counted(data.get(key), offsets)
+        if new is not None:
+            write(COUNTS, key, new, partition=partition)

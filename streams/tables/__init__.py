@@ -136,6 +136,16 @@ class TableSpec:
     expired: Callable[[Any, float], bool] | None = None
     #: instead of `apply`: a pure fold of one source event and its record's `Origin`
     apply_at: FoldAt | None = None
+    #: what of a value comparisons and checkpoint digests look at (None: all of it), for
+    #: values that carry bookkeeping besides the state they describe
+    comparable: Callable[[Any], Any] | None = None
+
+    def comparable_items(self, items: Iterable[tuple[Any, Any]]) -> list[tuple[Any, Any]]:
+        """`items` as comparisons with a rebuild and checkpoint digests see them."""
+        see = self.comparable
+        if see is None:
+            return list(items)
+        return [(k, see(v)) for k, v in items]
 
     def __post_init__(self) -> None:
         if (self.apply is None) == (self.apply_at is None):

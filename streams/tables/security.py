@@ -29,13 +29,15 @@ by `enforce_policy`), keyed ``"<partition>|<verdict>|<rule>"`` with rule ``*`` f
 of a verdict. The partition is part of the key because a Faust table's changelog is
 partitioned like its source: the same key written from two partitions would overwrite
 itself on recovery. Each counter is written (`streams.tables.write`) to the changelog
-partition its key names, the partition of the messages it counts.
+partition its key names, the partition of the messages it counts. A value is
+``[count, highest source offset counted]`` (`counted`), so that messages decided again
+after an at-least-once crash are counted once, live and in a rebuild alike.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Iterable, Mapping, MutableMapping
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -387,11 +389,45 @@ def keys_for(partition: int, verdict: str, rules: list[str]) -> list[str]:
     return [f"{partition}|{verdict}|{ALL_RULES}"] + [f"{partition}|{verdict}|{r}" for r in rules]
 
 
+def counter_value(value: Any) -> tuple[int, int]:
+    """(count, highest source offset counted) of a ``security_decision_counts`` value, a
+    pair ``[count, offset]``; a bare count (kept before the offsets were) is ``(n, -1)``."""
+    if isinstance(value, list | tuple) and len(value) == 2:
+        return int(value[0]), int(value[1])
+    return int(value or 0), -1
+
+
+def counted(value: Any, offsets: Iterable[int | None]) -> list[int] | None:
+    """`value` after counting the decisions of the messages read at `offsets` (of the
+    key's source partition, in log order), or None when it has counted every one of them.
+
+    Why the offset: under at-least-once, the messages after the last commit are decided
+    again after a crash, and the decisions before it may or may not have been written,
+    each output and each counter independently (a kill -9 keeps a prefix of what every
+    partition was sent). A counter that remembers the highest offset it counted, in the
+    same record as the count, counts each message once whichever of them survived: the
+    live table skips what its restored record already counted, a rebuild skips the
+    copies of decisions its fold has already seen. Both end at the count of distinct
+    messages (as long as a message decided twice gets the same verdict both times, which
+    `enforce_policy` keeps for a redelivery: `agents.security.replay`). A decision
+    without an offset (written before decisions carried one) is always counted."""
+    n, upto = counter_value(value)
+    fresh = 0
+    for offset in offsets:
+        if offset is None:
+            fresh += 1
+        elif offset > upto:
+            fresh, upto = fresh + 1, offset
+    return [n + fresh, upto] if fresh else None
+
+
 def apply_decision(state: MutableMapping[str, Any], event: Event[Any]) -> None:
     payload = event.payload
     if isinstance(payload, PolicyDecision):
         for key in counter_keys(payload):
-            state[key] = int(state.get(key, 0)) + 1
+            new = counted(state.get(key), (payload.source_offset,))
+            if new is not None:
+                state[key] = new
 
 
 def summarise_counts(items: Any) -> dict[str, dict[str, int]]:
@@ -403,7 +439,7 @@ def summarise_counts(items: Any) -> dict[str, dict[str, int]]:
         except ValueError:
             continue
         bucket = out.setdefault(verdict, {})
-        bucket[rule] = bucket.get(rule, 0) + int(value)
+        bucket[rule] = bucket.get(rule, 0) + counter_value(value)[0]
     return out
 
 
@@ -434,6 +470,9 @@ DECISION_COUNTS = register(
         apply=apply_decision,
         description="Decisions per source partition, verdict and violated rule",
         types=frozenset({PolicyDecision.TYPE}),
+        # the counts: the offsets kept with them are bookkeeping (`counted`), and a count
+        # kept before them (a bare number) equals its rebuild's pair
+        comparable=lambda value: counter_value(value)[0],
     )
 )
 
@@ -448,6 +487,6 @@ def decision_counts_table() -> Any:
         DECISION_COUNTS.name,
         default=int,
         key_type=str,
-        value_type=int,
+        # [count, offset] (`counted`), or a bare count written before the offsets were kept
         help=DECISION_COUNTS.description,
     )

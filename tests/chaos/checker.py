@@ -504,8 +504,11 @@ class Verdict:
     tolerated: str = ""
 
 
-#: tables that count events: under at-least-once they over-count by the replayed inputs
-#: (docs/guarantees.md "Tables after a crash"), so a difference there is reported, not failed
+#: tables that count events. Their counters keep the offset they counted up to, so the
+#: inputs decided again after a crash are counted once (`streams.tables.security.counted`);
+#: under at-least-once a worker whose partitions were revoked may still finish its batch
+#: and write a counter after the partition's new owner restored it (docs/guarantees.md
+#: "Tables after a crash"), so a difference there is reported, not failed
 COUNTING_TABLES = frozenset({"security_decision_counts"})
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -144,24 +143,27 @@ class _Result:
 class _Outcome:
     partition: int
     result: _Result
+    offset: int
     evaluation_s: float = 0.001
 
 
 def test_batch_counts_equal_counting_each_decision() -> None:
     outcomes: list[Any] = [
-        _Outcome(p, _Result(v, rules))
+        _Outcome(p, _Result(v, rules), 10 * p + i)
         for p in (0, 1, 3)
-        for v, rules in (
-            (Verdict.ALLOW, []),
-            (Verdict.DENY, ["blocked_pattern"]),
-            (Verdict.DENY, ["blocked_pattern", "size"]),
-            (Verdict.ALLOW, []),
+        for i, (v, rules) in enumerate(
+            (
+                (Verdict.ALLOW, []),
+                (Verdict.DENY, ["blocked_pattern"]),
+                (Verdict.DENY, ["blocked_pattern", "size"]),
+                (Verdict.ALLOW, []),
+            )
         )
     ]
-    expected: Counter[tuple[int, str]] = Counter()
+    expected: dict[tuple[int, str], list[int]] = {}
     for o in outcomes:
         for key in keys_for(o.partition, o.result.verdict.value, o.result.rules):
-            expected[(o.partition, key)] += 1
+            expected.setdefault((o.partition, key), []).append(o.offset)
     assert agent._tally(outcomes) == expected
 
 
