@@ -38,9 +38,10 @@ from typing import Any
 from aiokafka.partitioner import murmur2
 
 from agentstream.schemas import Event
+from agentstream.schemas.errors import InvalidEvent
 from agentstream.schemas.llm import BreakerStateChanged, LLMCancelRequested, LLMResponse
 from agentstream.streams import llm_budgets
-from agentstream.streams.tables import TableSpec, delete, register, write
+from agentstream.streams.tables import Origin, TableSpec, delete, misplaced, register, write
 from agentstream.streams.topics import LLM_BREAKER, LLM_CANCELLATIONS, LLM_RESPONSES
 
 USAGE_FIELDS = ("prompt_tokens", "completion_tokens", "total_tokens")
@@ -76,6 +77,23 @@ def apply_cancel(state: MutableMapping[str, Any], event: Event[Any]) -> None:
     p = event.payload
     if isinstance(p, LLMCancelRequested):
         state[p.request_id] = {"reason": p.reason, "at": int(event.occurred_at.timestamp())}
+
+
+def apply_cancel_at(state: MutableMapping[str, Any], event: Event[Any], origin: Origin) -> None:
+    """`apply_cancel` of a cancellation read at `origin`; `InvalidEvent` (the live agent's
+    dead letter, a rebuild's skip) when it is not under its request id in that id's
+    partition (`streams.tables.misplaced`, `agents.llm.agent`)."""
+    p = event.payload
+    if isinstance(p, LLMCancelRequested):
+        problem = misplaced(
+            f"{p.TYPE} of request {p.request_id!r}",
+            p.request_id,
+            origin,
+            f"{origin.topic} is keyed by the request id",
+        )
+        if problem is not None:
+            raise InvalidEvent(problem, type=p.TYPE)
+    apply_cancel(state, event)
 
 
 def retention_s() -> float:
@@ -283,7 +301,7 @@ CANCELLED = register(
     TableSpec(
         name="llm_cancelled",
         sources=(LLM_CANCELLATIONS,),
-        apply=apply_cancel,
+        apply_at=apply_cancel_at,
         description="Request ids with a cancellation",
         types=frozenset({LLMCancelRequested.TYPE}),
         expired=entry_expired,

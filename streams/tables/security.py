@@ -389,12 +389,31 @@ def keys_for(partition: int, verdict: str, rules: list[str]) -> list[str]:
     return [f"{partition}|{verdict}|{ALL_RULES}"] + [f"{partition}|{verdict}|{r}" for r in rules]
 
 
+def _pair(value: Any) -> tuple[int, int] | None:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value, -1  # a bare count, kept before the offsets were
+    if (
+        isinstance(value, list | tuple)
+        and len(value) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    ):
+        return value[0], value[1]
+    return None
+
+
 def counter_value(value: Any) -> tuple[int, int]:
     """(count, highest source offset counted) of a ``security_decision_counts`` value, a
-    pair ``[count, offset]``; a bare count (kept before the offsets were) is ``(n, -1)``."""
-    if isinstance(value, list | tuple) and len(value) == 2:
-        return int(value[0]), int(value[1])
-    return int(value or 0), -1
+    pair ``[count, offset]``; a bare count (kept before the offsets were) is ``(n, -1)``,
+    no value or one of another shape ``(0, -1)``."""
+    return _pair(value) or (0, -1)
+
+
+def comparable_count(value: Any) -> Any:
+    """What comparisons with a rebuild see of a value: its count, or the value itself
+    when it is of another shape (an undecodable changelog record shows as a difference,
+    `agents.audit.rebuild`, instead of ending the comparison)."""
+    pair = _pair(value)
+    return value if pair is None else pair[0]
 
 
 def counted(value: Any, offsets: Iterable[int | None]) -> list[int] | None:
@@ -472,7 +491,7 @@ DECISION_COUNTS = register(
         types=frozenset({PolicyDecision.TYPE}),
         # the counts: the offsets kept with them are bookkeeping (`counted`), and a count
         # kept before them (a bare number) equals its rebuild's pair
-        comparable=lambda value: counter_value(value)[0],
+        comparable=comparable_count,
     )
 )
 

@@ -18,6 +18,7 @@ from agentstream.schemas import (
     DeadLetter,
     Event,
     Heartbeat,
+    encode,
 )
 from agentstream.streams.client import AsyncClient
 from agentstream.streams.settings import Settings
@@ -274,7 +275,8 @@ async def test_invented_agent_ids_are_bounded_and_expire(
         )
         # a heartbeat of a keeper sent under another key: refused, whatever it says
         forged = Event.of(Heartbeat(agent_id=keepers[0], sent_at=datetime.now(UTC)), source="x")
-        await client.publish("agent.heartbeats", forged, key="mallory")
+        # (sent raw: the client itself refuses another key on this topic)
+        await client.publish_raw("agent.heartbeats", encode(forged), key=b"mallory")
         await await_until(lambda: len(refusals("key mismatch")) == 1, 30, 0.3, "key refused")
         held = n * 3 - len(keepers)
         await await_until(

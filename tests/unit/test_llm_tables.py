@@ -8,13 +8,14 @@ from typing import Any
 import pytest
 
 from agentstream.schemas import Event
+from agentstream.schemas.errors import InvalidEvent
 from agentstream.schemas.llm import (
     BreakerStateChanged,
     LLMCancelRequested,
     LLMResponse,
     Usage,
 )
-from agentstream.streams.tables import TABLES, rebuild
+from agentstream.streams.tables import TABLES, Origin, rebuild
 from agentstream.streams.tables import llm as t
 
 
@@ -48,8 +49,19 @@ def test_done_and_cancelled_folds() -> None:
     done = rebuild(t.RESPONSES_DONE, [response("r1"), response("r2", status="failed")])
     assert done["r1"]["status"] == "completed" and done["r2"]["status"] == "failed"
     cancel = Event.of(LLMCancelRequested(request_id="r9", reason="x"), source="t")
-    cancelled = rebuild(t.CANCELLED, [cancel])
+    home = t.partition_of("r9", 4)
+
+    def read_at(partition: int, key: bytes = b"r9") -> Origin:
+        return Origin("llm.cancellations", partition, 0, 1.0, key, 4)
+
+    cancelled = rebuild(t.CANCELLED, [(cancel, read_at(home))])
     assert cancelled == {"r9": {"reason": "x", "at": int(cancel.occurred_at.timestamp())}}
+    # one in another partition, or under another key, is refused there as the live agent
+    # refuses it (a dead letter): the rebuild skips it (`_fold_into`)
+    with pytest.raises(InvalidEvent, match="hashes to partition"):
+        rebuild(t.CANCELLED, [(cancel, read_at((home + 1) % 4))])
+    with pytest.raises(InvalidEvent, match="key mismatch"):
+        rebuild(t.CANCELLED, [(cancel, read_at(home, b"mallory"))])
 
 
 def test_entries_are_dated_by_event_time_for_the_retention() -> None:
