@@ -41,7 +41,8 @@ Commits
 Records in flight
 
 5. A record dropped before an agent took it is fetched again: records `getmany` drops
-   (partition paused, flow stopped or generation changed while the fetch waited), the
+   (partition paused, flow stopped or generation changed while the fetch waited) or the
+   native path does not take from the fetch for the same reasons (G1-G4), the
    rest of a batch whose delivery was cancelled (rebalance, stop, crash), what a
    flow-control clear empties from the stream queues (6), and records an agent skips
    (old generation, flow suspended) go to `BatchDeliveryConsumer.refetch`. Before its
@@ -955,12 +956,88 @@ class BatchDeliveryConsumer:
         self._last_fetch = records
         return records
 
-    def _refetch_undelivered(self: Any, fetched: Any, batch: list[tuple[Any, Any]]) -> None:
+    # -- the `getmany` bypass for topics with a native channel (EXPERIMENTAL) ---------
+    #
+    # Faust's `getmany` generator does per record what a native list needs once: a
+    # round-robin step (`scheduler.iterate`), the flow and generation checks, the
+    # active/buffered partition filter, `highwater` + `monitor.track_tp_end_offset`,
+    # then `_to_message`. For the partitions of topics with a native channel,
+    # `_wait_next_records` below takes their records out of the fetch before `getmany`
+    # sees it and makes the messages itself. What that relies on:
+    #
+    # G1. Same instant as Faust's checks. `getmany` reads the generation and
+    #     `flow_active` right after `_wait_next_records` returns and yields every record
+    #     without suspending (the fetch is drained by one comprehension, `_fetch`), so
+    #     its per-record checks see one state per fetch: the state here, where the take
+    #     is decided. A stop, flow stopped, or a partition neither active nor buffered
+    #     at that instant takes nothing (the generation cannot change in between).
+    # G2. Nothing taken or yielded is lost: records `getmany` did not yield and the
+    #     native ones not taken are fetched again from the lowest such offset per
+    #     partition (`_refetch_undelivered` against `_last_fetch`, invariant 5); a take
+    #     is all of a partition's fetched records or none.
+    # G3. Messages as Faust makes them: `_to_message` per record (generation stamped
+    #     then, as `getmany` does), `highwater`/`track_tp_end_offset` once per
+    #     partition; per-partition offset order kept.
+    # G4. Every other topic goes through Faust's `getmany` unchanged (same order among
+    #     themselves, same checks); `_deliver` hands the taken lists to
+    #     `_deliver_native`, which applies read offsets, gaps, epochs, flow control and
+    #     cancel exactly as for lists it split itself (invariants 5-8).
+
+    #: set by `_fetch` while `getmany` runs: the records taken for the native channels
+    _native_take: dict[Any, list[Any]] | None = None
+
+    async def _wait_next_records(self: Any, timeout: float) -> Any:  # noqa: ASYNC109
+        records, active_partitions = await super()._wait_next_records(timeout)  # type: ignore[misc]
+        take = self._native_take
+        if take is None or not records or not NATIVE_CHANNELS:
+            return records, active_partitions
+        if self.should_stop or not self.flow_active:
+            return records, active_partitions  # getmany drops the whole fetch (G1, G2)
+        buffered = self._buffered_partitions
+        taken, rest = split_fetch(
+            records,
+            NATIVE_CHANNELS,
+            lambda tp: active_partitions is None or tp in active_partitions or tp in buffered,
+        )
+        if taken:
+            to_message = self._to_message
+            track = self.app.monitor.track_tp_end_offset
+            for tp, tp_records in taken.items():
+                track(tp, self.highwater(tp))
+                take[tp] = [to_message(tp, record) for record in tp_records]
+        return rest, active_partitions
+
+    async def _fetch(self: Any) -> tuple[list[tuple[Any, Any]], dict[Any, list[Any]]]:
+        """One fetch: the records `getmany` yields (per record, for the conductor) and
+        those taken for the native channels (per partition); what neither holds is
+        fetched again (G2)."""
+        take: dict[Any, list[Any]] | None = {} if NATIVE_CHANNELS else None
+        self._native_take = take
+        try:
+            batch = [item async for item in self.getmany(timeout=1.0)]
+        finally:
+            self._native_take = None
+        native = take or {}
+        fetched, self._last_fetch = self._last_fetch, None
+        if fetched:
+            handed = len(batch) + sum(map(len, native.values()))
+            if handed != sum(map(len, fetched.values())):
+                self._refetch_undelivered(fetched, batch, native)
+        return batch, native
+
+    def _refetch_undelivered(
+        self: Any,
+        fetched: Any,
+        batch: list[tuple[Any, Any]],
+        native: Mapping[Any, list[Any]] | None = None,
+    ) -> None:
         """`getmany` silently drops fetched records (partition paused meanwhile, flow
         stopped, generation changed) although the consumer position has moved past them;
         Faust counts on the next seek to committed offsets to fetch them again, which
-        does not happen for a partition without a committed offset."""
-        yielded: dict[Any, int] = {}
+        does not happen for a partition without a committed offset. `native`: the
+        records `_wait_next_records` took for the native channels (each partition's
+        whole fetch or nothing, G2)."""
+        yielded: dict[Any, int] = {tp: len(messages) for tp, messages in (native or {}).items()}
         for tp, _ in batch:
             yielded[tp] = yielded.get(tp, 0) + 1
         self._refetch_offsets(
@@ -1054,7 +1131,12 @@ class BatchDeliveryConsumer:
         ok: bool = await super()._commit(offsets)  # type: ignore[misc]
         return ok
 
-    async def _deliver(self: Any, batch: list[tuple[Any, Any]], epoch: int | None = None) -> None:
+    async def _deliver(
+        self: Any,
+        batch: list[tuple[Any, Any]],
+        epoch: int | None = None,
+        native: Mapping[Any, list[Any]] | None = None,
+    ) -> None:
         """Hand a fetched batch to the streams (Faust's per-record work, see the class).
 
         `epoch` is the refetch epoch when the fetch that returned `batch` was issued: a
@@ -1062,11 +1144,13 @@ class BatchDeliveryConsumer:
         the batch may come from the position before the seek, and none of it is
         delivered. Delivered after a seek to the committed offset, a record from above
         it made the offsets in between look like a gap with nothing to fetch: counted as
-        done, committed, and lost (seen after restarts under both guarantees)."""
+        done, committed, and lost (seen after restarts under both guarantees).
+        `native`: records taken from the fetch for the native channels, per partition
+        (`_wait_next_records`)."""
         if epoch is None:
             epoch = self._refetch_epoch
-        if NATIVE_CHANNELS:
-            batch = await self._deliver_native(batch, epoch)
+        if NATIVE_CHANNELS or native:
+            batch = await self._deliver_native(batch, epoch, native)
         callback = self.callback
         get_read_offset = self._read_offset.__getitem__
         set_read_offset = self._read_offset.__setitem__
@@ -1133,7 +1217,10 @@ class BatchDeliveryConsumer:
                 set_read_offset(tp, offset)
 
     async def _deliver_native(
-        self: Any, batch: list[tuple[Any, Any]], epoch: int
+        self: Any,
+        batch: list[tuple[Any, Any]],
+        epoch: int,
+        native: Mapping[Any, list[Any]] | None = None,
     ) -> list[tuple[Any, Any]]:
         """EXPERIMENTAL (`NATIVE_ENABLED`, docs/design/batch-delivery.md): hand the records
         of topics with a native channel to it as one `FetchedList` per topic, without
@@ -1144,12 +1231,17 @@ class BatchDeliveryConsumer:
         offsets move only once the list is in its channel in the epoch it was fetched in
         (7). A bump before or during the `put` refetches this list (the bump drained it,
         `drain_native_channels`) and the topics after it; a cancel during the `put` does
-        too. Flow control and the producer buffer's ebb are waited for once per batch.
-        Not covered (prototype): records are not tracked as unacked (`wait_empty`, off in
-        this app)."""
+        too, and the records of the other topics in `batch` with it (none went out yet).
+        Flow control and the producer buffer's ebb are waited for once per batch.
+        `native` (per partition, taken from the fetch by `_wait_next_records`) joins the
+        lists split from `batch` (a record of a topic whose channel was registered after
+        its fetch). Not covered (prototype): records are not tracked as unacked
+        (`wait_empty`, off in this app)."""
         channels = NATIVE_CHANNELS
         rest: list[tuple[Any, Any]] = []
         per_topic: dict[str, dict[Any, list[Any]]] = {}
+        for tp, messages in (native or {}).items():
+            per_topic.setdefault(tp.topic, {})[tp] = messages
         for tp, message in batch:
             if tp.topic in channels:
                 per_topic.setdefault(tp.topic, {}).setdefault(tp, []).append(message)
@@ -1157,24 +1249,27 @@ class BatchDeliveryConsumer:
                 rest.append((tp, message))
         if not per_topic:
             return rest
+        topics = list(per_topic.items())
+
+        def refetch_from(i: int, rest: list[tuple[Any, Any]] = rest) -> None:
+            self.refetch(
+                [m for _, tps in topics[i:] for ms in tps.values() for m in ms]
+                + [m for _, m in rest]
+            )
+
         try:
             await self.app.flow_control.acquire()
             await self.app.producer.buffer.wait_until_ebb()
         except asyncio.CancelledError:
             # a rebalance, stop or crash before any list went out: the whole fetch,
             # native and other topics alike, is fetched again (5)
-            self.refetch([m for _, m in batch])
+            refetch_from(0)
             raise
         read_offset = self._read_offset
         acks_enabled_for = self.app.topics.acks_enabled_for
-        topics = list(per_topic.items())
-
-        def refetch_from(i: int) -> None:
-            self.refetch([m for _, tps in topics[i:] for ms in tps.values() for m in ms])
-
         for i, (topic, by_tp) in enumerate(topics):
             if self._refetch_epoch != epoch:
-                refetch_from(i)
+                refetch_from(i, [])  # the rest: `_deliver` sees the bump and refetches it
                 return rest
             out: list[Any] = []
             last: dict[Any, int] = {}
@@ -1194,7 +1289,7 @@ class BatchDeliveryConsumer:
             if not out:
                 continue
             if self._refetch_epoch != epoch:  # bumped during `_add_gap`
-                refetch_from(i)
+                refetch_from(i, [])
                 return rest
             channel = channels[topic]
             fetched = FetchedList(out, epoch)
@@ -1202,14 +1297,15 @@ class BatchDeliveryConsumer:
                 await channel.put(fetched)
             except asyncio.CancelledError:
                 # a rebalance, stop or crash while the put waited for room: the list never
-                # reached its channel; its records and the later topics' are fetched again
+                # reached its channel; its records, the later topics' and the other
+                # topics' records of the fetch (never delivered) are fetched again
                 fetched.stale = True
                 refetch_from(i)
                 raise
             if self._refetch_epoch != epoch:
                 # bumped while the list was on its way in: that bump drained it (stale,
                 # never handed out); the seek sets the read offsets, not this list
-                refetch_from(i + 1)
+                refetch_from(i + 1, [])
                 return rest
             for tp, offset in last.items():
                 read_offset[tp] = offset
@@ -1227,17 +1323,15 @@ class BatchDeliveryConsumer:
                     await self._seek_back_to_dropped()
                 self.diag.set_flag(CONSUMER_FETCHING)
                 epoch = self._refetch_epoch  # as the fetch is issued (see `_deliver`)
-                ait = self.getmany(timeout=1.0)
                 await self.sleep(0)
                 if not self.should_stop:
-                    batch = [item async for item in ait]
-                    fetched, self._last_fetch = self._last_fetch, None
-                    if fetched and len(batch) != sum(map(len, fetched.values())):
-                        self._refetch_undelivered(fetched, batch)
-                    if batch:
+                    batch, native = await self._fetch()
+                    if batch or native:
                         self._handing_over = True
                         try:
-                            await self.wait_first(deliver(batch, epoch), self.suspend_flow.wait())
+                            await self.wait_first(
+                                deliver(batch, epoch, native), self.suspend_flow.wait()
+                            )
                         finally:
                             self._handing_over = False
                     self.diag.unset_flag(CONSUMER_FETCHING)
@@ -1254,6 +1348,24 @@ class BatchDeliveryConsumer:
             raise
         finally:
             self.diag.unset_flag(CONSUMER_FETCHING)
+
+
+def split_fetch(
+    records: Mapping[Any, list[Any]], native_topics: Any, readable: Any
+) -> tuple[dict[Any, list[Any]], dict[Any, list[Any]]]:
+    """A fetch's record map split into (taken, rest): `taken` holds the partitions of
+    `native_topics` that are `readable` (active or buffered, as `getmany` filters),
+    each with all its records; `rest` every partition of the other topics, for Faust's
+    `getmany`. A native partition not readable is in neither: dropped, fetched again
+    (`BatchDeliveryConsumer._refetch_undelivered`)."""
+    taken: dict[Any, list[Any]] = {}
+    rest: dict[Any, list[Any]] = {}
+    for tp, tp_records in records.items():
+        if tp.topic not in native_topics:
+            rest[tp] = tp_records
+        elif tp_records and readable(tp):
+            taken[tp] = tp_records
+    return taken, rest
 
 
 class _NeverEmpty:

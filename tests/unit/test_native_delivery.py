@@ -19,6 +19,9 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import pytest
+from faust.transport import consumer as faust_consumer
+from faust.transport.drivers import aiokafka as faust_aiokafka
+from faust.transport.utils import DefaultSchedulingStrategy
 
 from agentstream.streams import delivery, processing
 from agentstream.streams.delivery import (
@@ -88,12 +91,69 @@ class App:
         self._crashed = asyncio.Event()
 
 
-class Consumer(BatchDeliveryConsumer):
+class Record(NamedTuple):
+    """A record as aiokafka's fetcher hands it over (what `_to_message` reads)."""
+
+    topic: str
+    partition: int
+    offset: int
+    timestamp: int | None = 1_700_000_000_000
+    timestamp_type: int = 0
+    headers: tuple[Any, ...] = ()
+    key: bytes | None = b"k"
+    value: bytes | None = b"v"
+    checksum: None = None
+    serialized_key_size: int = 1
+    serialized_value_size: int = 1
+
+
+class Monitor:
+    def __init__(self) -> None:
+        self.end_offsets: list[tuple[TP, int]] = []
+        self.stream_inbound_time: dict[TP, float] = {}
+
+    def track_tp_end_offset(self, tp: TP, offset: int) -> None:
+        self.end_offsets.append((tp, offset))
+
+
+class FaustFetch:
+    """Faust's side of one fetch: its real `getmany` generator (round-robin scheduler,
+    flow/generation/partition checks, `highwater`, `_to_message`) over a scripted
+    `_getmany`; `while_fetching` runs while the fetch waits in the consumer thread."""
+
+    getmany = faust_consumer.Consumer.getmany
+    _to_message = faust_aiokafka.Consumer._to_message
+    scheduler = DefaultSchedulingStrategy()
+    flow_active = True
+    should_stop = False
+
+    def init_fetch(self) -> None:
+        self.script: list[dict[TP, list[Record]]] = []
+        self.active: set[TP] = {TP("in", 0), TP("in", 1), TP("other", 0), TP("other", 1)}
+        self._buffered_partitions: set[TP] = set()
+        self.while_fetching: Any = lambda: None
+        self.highwaters_read: list[TP] = []
+
+    async def _wait_next_records(self, timeout: float) -> Any:
+        active = self.active
+        return await self._getmany(active, timeout), active
+
+    async def _getmany(self, active_partitions: Any, timeout: float) -> Any:
+        self.while_fetching()
+        return self.script.pop(0)
+
+    def highwater(self, tp: TP) -> int:
+        self.highwaters_read.append(tp)
+        return 1000
+
+
+class Consumer(BatchDeliveryConsumer, FaustFetch):
     """The consumer's bookkeeping as Faust keeps it, around the real delivery code."""
 
     def __init__(self, app: App) -> None:
         self.app = app
         app.consumer = self
+        self.init_fetch()
         self._read_offset: defaultdict[TP, int | None] = defaultdict(lambda: None)
         self._committed_offset: defaultdict[TP, int | None] = defaultdict(lambda: None)
         self._acked_index: defaultdict[TP, set[int]] = defaultdict(set)
@@ -103,6 +163,7 @@ class Consumer(BatchDeliveryConsumer):
         self._n_acked = 0
         self.gaps: list[tuple[TP, int, int]] = []
         self.log = logging.getLogger("test.native")
+        self.log.dev = self.log.debug  # type: ignore[attr-defined]  # mode's logger level
 
     def _is_changelog_tp(self, tp: Any) -> bool:
         return False
@@ -710,3 +771,225 @@ async def test_a_batch_whose_records_are_all_held_still_counts_as_inbound(
     batch.ack()
     assert TP("in", 1) in monitor.stream_inbound_time
     await agent.aclose()
+
+
+# -- the `getmany` bypass: native partitions taken from the fetch's record map ----------
+
+
+def fetch_of(*parts: tuple[str, int, range | list[int]]) -> dict[TP, list[Record]]:
+    return {TP(t, p): [Record(t, p, o) for o in offsets] for t, p, offsets in parts}
+
+
+class Conductor:
+    """Faust's conductor callback: what the per-record path hands over, in order."""
+
+    def __init__(self) -> None:
+        self.got: list[tuple[str, int, int]] = []
+
+    async def __call__(self, message: Any) -> None:
+        self.got.append((message.topic, message.partition, message.offset))
+
+
+def per_record_order(fetch: dict[TP, list[Record]]) -> list[tuple[str, int, int]]:
+    """The order Faust's `getmany` yields a record map in (round-robin)."""
+    return [(r.topic, r.partition, r.offset) for _, r in DefaultSchedulingStrategy().iterate(fetch)]
+
+
+async def test_a_fetch_hands_native_partitions_whole_and_other_topics_per_record(
+    consumer: Consumer, channel: NativeChannel
+) -> None:
+    consumer.app.monitor = Monitor()
+    consumer.callback = conductor = Conductor()
+    others = fetch_of(("other", 0, [5, 6, 7]), ("other", 1, [2]))
+    consumer.script = [{**fetch_of(("in", 1, [3, 4]), ("in", 0, range(3))), **others}]
+    batch, native = await consumer._fetch()
+    # the other topics: Faust's getmany, exactly as it yields them without native topics
+    assert [(m.topic, m.partition, m.offset) for _, m in batch] == per_record_order(others)
+    # the native partitions: whole, in offset order, as Faust's own messages
+    assert {tp: [m.offset for m in ms] for tp, ms in native.items()} == {
+        TP("in", 1): [3, 4],
+        TP("in", 0): [0, 1, 2],
+    }
+    message = native[TP("in", 0)][0]
+    assert isinstance(message, faust_consumer.ConsumerMessage)
+    assert (message.tp, message.key, message.value) == (TP("in", 0), b"k", b"v")
+    assert (message.timestamp, message.generation_id) == (1_700_000_000.0, 1)
+    # highwater read once per native partition, once per record for the others
+    assert consumer.highwaters_read.count(TP("in", 0)) == 1
+    assert consumer.highwaters_read.count(TP("other", 0)) == 3
+    assert (TP("in", 1), 1000) in consumer.app.monitor.end_offsets
+    assert consumer._refetch_from is None  # nothing dropped
+    await consumer._deliver(batch, consumer._refetch_epoch, native)
+    fetched = await channel.get()
+    assert offsets_of(fetched.messages) == [(1, 3), (1, 4), (0, 0), (0, 1), (0, 2)]
+    assert conductor.got == per_record_order(others)
+    assert consumer._read_offset[TP("in", 0)] == 2
+    assert consumer._read_offset[TP("in", 1)] == 4
+    assert consumer._read_offset[TP("other", 0)] == 7
+
+
+async def test_without_native_channels_a_fetch_is_faust_getmany_alone(
+    consumer: Consumer,
+) -> None:
+    NATIVE_CHANNELS.clear()
+    consumer.app.monitor = Monitor()
+    fetch = fetch_of(("in", 0, range(3)), ("other", 0, [5, 6]))
+    consumer.script = [fetch]
+    batch, native = await consumer._fetch()
+    assert native == {}
+    assert [(m.topic, m.partition, m.offset) for _, m in batch] == per_record_order(fetch)
+
+
+async def test_a_native_partition_paused_while_the_fetch_waited_is_fetched_again(
+    consumer: Consumer, channel: NativeChannel
+) -> None:
+    consumer.app.monitor = Monitor()
+
+    def pause() -> None:  # recovery pauses partitions in Faust's live set
+        consumer.active.discard(TP("in", 1))
+        consumer.active.discard(TP("other", 0))
+
+    consumer.while_fetching = pause
+    consumer.script = [
+        fetch_of(("in", 0, [4, 5]), ("in", 1, [8, 9]), ("other", 0, [3]), ("other", 1, [6]))
+    ]
+    batch, native = await consumer._fetch()
+    assert list(native) == [TP("in", 0)]
+    assert [(m.topic, m.partition, m.offset) for _, m in batch] == [("other", 1, 6)]
+    # from the lowest dropped offset, native and per-record alike; nothing else
+    assert consumer._refetch_from == {TP("in", 1): 8, TP("other", 0): 3}
+    # a buffered partition is read even when not active, as getmany reads it
+    consumer._refetch_from = None
+    consumer._buffered_partitions.add(TP("in", 1))
+    consumer.script = [fetch_of(("in", 1, [8, 9]))]
+    batch, native = await consumer._fetch()
+    assert [m.offset for m in native[TP("in", 1)]] == [8, 9]
+    assert consumer._refetch_from is None
+
+
+@pytest.mark.parametrize("how", ["flow stopped", "stopping"])
+async def test_a_fetch_whose_flow_stopped_while_it_waited_takes_nothing_and_refetches_all(
+    consumer: Consumer, channel: NativeChannel, how: str
+) -> None:
+    consumer.app.monitor = Monitor()
+    seeks: list[str] = []
+
+    async def perform_seek() -> None:  # Faust's getmany seeks when flow is stopped
+        seeks.append("seek")
+
+    consumer.perform_seek = perform_seek  # type: ignore[method-assign]
+
+    def stop() -> None:
+        if how == "flow stopped":
+            consumer.flow_active = False  # a rebalance began (suspend_flow)
+        else:
+            consumer.should_stop = True
+
+    consumer.while_fetching = stop
+    consumer.script = [fetch_of(("in", 0, [4, 5]), ("in", 1, [8]), ("other", 0, [3, 4]))]
+    batch, native = await consumer._fetch()
+    assert (batch, native) == ([], {})
+    assert consumer._refetch_from == {TP("in", 0): 4, TP("in", 1): 8, TP("other", 0): 3}
+    assert seeks == (["seek"] if how == "flow stopped" else [])
+
+
+async def test_a_generation_change_between_fetch_and_agent_refetches_from_the_lowest_offset(
+    consumer: Consumer, channel: NativeChannel
+) -> None:
+    """The records were stamped with the generation of their fetch (`_to_message`); a
+    rebalance before the agent takes them: the agent hands none out, they are fetched
+    again from the lowest offset, and each is handed once, in order."""
+    consumer.app.monitor = Monitor()
+    consumer.callback = Conductor()
+    agent = _native_batches(Stream(consumer.app), channel, 100)
+    consumer.script = [fetch_of(("in", 0, range(10, 14)), ("in", 1, [3, 4]))]
+    batch, native = await consumer._fetch()
+    await consumer._deliver(batch, consumer._refetch_epoch, native)
+    consumer.app.consumer_generation_id = 2
+    taking = asyncio.ensure_future(agent.__anext__())
+    while consumer._refetch_from is None:
+        await asyncio.sleep(0)
+    assert consumer._refetch_from == {TP("in", 0): 10, TP("in", 1): 3}
+    await consumer._seek_back_to_dropped()
+    assert consumer._read_offset[TP("in", 0)] == 10
+    consumer.script = [fetch_of(("in", 0, range(10, 14)), ("in", 1, [3, 4]))]
+    batch, native = await consumer._fetch()
+    await consumer._deliver(batch, consumer._refetch_epoch, native)
+    taken = await asyncio.wait_for(taking, SOON_S)
+    assert offsets_of(taken) == [(0, 10), (0, 11), (0, 12), (0, 13), (1, 3), (1, 4)]
+    assert {m.generation_id for m in taken.messages} == {2}
+    await agent.aclose()
+
+
+async def test_a_bump_between_fetch_and_delivery_refetches_native_and_other_records(
+    consumer: Consumer, channel: NativeChannel
+) -> None:
+    consumer.app.monitor = Monitor()
+    consumer.callback = conductor = Conductor()
+    epoch = consumer._refetch_epoch
+    consumer.script = [fetch_of(("in", 0, range(3)), ("other", 0, [7, 8]))]
+    batch, native = await consumer._fetch()
+    consumer.refetch([])  # a seek or flow-control clear before the delivery starts
+    await consumer._deliver(batch, epoch, native)
+    assert channel.qsize() == 0 and conductor.got == []
+    assert consumer._refetch_from == {TP("in", 0): 0, TP("other", 0): 7}
+    assert consumer._read_offset[TP("in", 0)] is None
+    assert consumer._read_offset[TP("other", 0)] is None
+
+
+async def test_a_cancel_during_a_put_refetches_the_other_topics_of_the_fetch_too(
+    consumer: Consumer, channel: NativeChannel
+) -> None:
+    """A rebalance, stop or crash while the native list waits for room: the other
+    topics' records of that fetch were never handed to the conductor either, and the
+    position has moved past them (on a partition with no commit yet, a seek to
+    committed does not bring them back)."""
+    consumer.callback = conductor = Conductor()
+    epoch = consumer._refetch_epoch
+    await consumer._deliver_native(records(range(0, 5)), epoch)
+    await consumer._deliver_native(records(range(5, 10)), epoch)
+    delivering = asyncio.ensure_future(
+        consumer._deliver(records(range(10, 15)) + records([3, 4], "other"), epoch)
+    )
+    while channel.putting is None:
+        await asyncio.sleep(0)
+    delivering.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await delivering
+    assert conductor.got == []
+    assert consumer._refetch_from is not None
+    assert consumer._refetch_from[TP("other", 0)] == 3
+
+
+async def test_per_partition_order_holds_across_fetches_of_native_and_other_topics(
+    consumer: Consumer, channel: NativeChannel
+) -> None:
+    consumer.app.monitor = Monitor()
+    consumer.callback = conductor = Conductor()
+    agent = _native_batches(Stream(consumer.app), channel, 100)
+    handed: list[tuple[int, int]] = []
+    for start in (0, 4, 8):
+        consumer.script = [
+            fetch_of(
+                ("other", 0, range(start, start + 4)),
+                ("in", 0, range(start, start + 4)),
+                ("in", 1, range(start, start + 2)),
+            )
+        ]
+        batch, native = await consumer._fetch()
+        await consumer._deliver(batch, consumer._refetch_epoch, native)
+        taken = await asyncio.wait_for(agent.__anext__(), SOON_S)
+        handed += offsets_of(taken)
+        taken.ack()
+    assert [o for p, o in handed if p == 0] == list(range(12))
+    assert [o for p, o in handed if p == 1] == [0, 1, 4, 5, 8, 9]
+    assert [o for _, _, o in conductor.got] == list(range(12))
+    assert consumer._acked[TP("in", 0)] == list(range(12))
+    await agent.aclose()
+
+
+def test_split_fetch_takes_readable_native_partitions_whole() -> None:
+    fetch = fetch_of(("in", 0, [1, 2]), ("in", 1, [5]), ("in", 2, []), ("other", 0, [9]))
+    taken, rest = delivery.split_fetch(fetch, {"in"}, lambda tp: tp != TP("in", 1))
+    assert taken == {TP("in", 0): fetch[TP("in", 0)]}
+    assert rest == {TP("other", 0): fetch[TP("other", 0)]}

@@ -544,16 +544,64 @@ CONTRACTS: list[Contract] = [
         params="(self, flag)",
     ),
     c(
+        # the getmany bypass (G1) relies on getmany taking its records from
+        # `_wait_next_records` and checking flow, generation and partitions right after
+        # it returns, with no await before the records are yielded
         f"{CONSUMER}.getmany",
         "call",
         f"{DELIVERY}::self.getmany(timeout=1.0)",
         params="(self, timeout)",
+        contains=(
+            "records, active_partitions = await self._wait_next_records(timeout)",
+            "if records is None or self.should_stop:",
+            "or tp in self._buffered_partitions",
+            "self.app.monitor.track_tp_end_offset(tp, highwater_mark)",
+        ),
         fingerprint="6c19542375aa0e31",
+    ),
+    # -- streams/delivery.py: the getmany bypass for native channels (G1-G4) -----------
+    c(
+        f"{CONSUMER}._wait_next_records",
+        "override",
+        f"{DELIVERY}::async def _wait_next_records",
+        params="(self, timeout)",
+        contains=("return (records, active_partitions)",),
+    ),
+    c(
+        f"{CONSUMER}._to_message",
+        "call",
+        f"{DELIVERY}::to_message = self._to_message",
+        params="(self, tp, record)",
+        # the generation stamped when the message is made, as getmany makes it
+        contains=("generation_id=self.app.consumer_generation_id",),
+    ),
+    c(
+        f"{CONSUMER}._buffered_partitions",
+        "read",
+        f"{DELIVERY}::buffered = self._buffered_partitions",
+        assigned_in=("__init__", "_reset_state"),
+    ),
+    c(
+        f"{CONSUMER}.flow_active",
+        "read",
+        f"{DELIVERY}::if self.should_stop or not self.flow_active:",
+    ),
+    c(
+        f"{CONSUMER}.highwater",
+        "call",
+        f"{DELIVERY}::track(tp, self.highwater(tp))",
+        params="(self, tp)",
+    ),
+    c(
+        "faust.sensors.monitor.Monitor.track_tp_end_offset",
+        "call",
+        f"{DELIVERY}::track = self.app.monitor.track_tp_end_offset",
+        params="(self, tp, offset)",
     ),
     c(
         f"{CONSUMER}.wait_first",
         "call",
-        f"{DELIVERY}::await self.wait_first(deliver(batch, epoch)",
+        f"{DELIVERY}::await self.wait_first(",
         params="(self, *coros)",
     ),
     c(f"{CONSUMER}.suspend_flow", "read", f"{DELIVERY}::self.suspend_flow.wait()"),
