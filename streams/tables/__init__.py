@@ -24,6 +24,7 @@ import orjson
 from aiokafka.partitioner import murmur2
 
 from agentstream.schemas import Event
+from agentstream.schemas.errors import InvalidEvent
 from agentstream.streams.settings import get_settings
 from agentstream.streams.tables.writer import TableWriter, delete, write
 from agentstream.streams.topics import CATALOGUE
@@ -41,6 +42,7 @@ __all__ = [
     "misplaced",
     "origin_of",
     "rebuild",
+    "refuse_misplaced",
     "register",
     "unexpired",
     "write",
@@ -100,6 +102,14 @@ def misplaced(what: str, key: str, origin: Origin, keyed_by: str) -> str | None:
             "default, murmur2; set partitioner=murmur2_random on a librdkafka producer)"
         )
     return None
+
+
+def refuse_misplaced(what: str, key: str, origin: Origin, keyed_by: str, type_: str) -> None:
+    """Raise `InvalidEvent` (a fold's refusal: the live worker's dead letter, a rebuild's
+    skip) when `misplaced` finds the record misplaced."""
+    problem = misplaced(what, key, origin, keyed_by)
+    if problem is not None:
+        raise InvalidEvent(problem, type=type_)
 
 
 def origin_of(msg: Any, name: str) -> Origin:

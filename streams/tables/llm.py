@@ -38,10 +38,9 @@ from typing import Any
 from aiokafka.partitioner import murmur2
 
 from agentstream.schemas import Event
-from agentstream.schemas.errors import InvalidEvent
 from agentstream.schemas.llm import BreakerStateChanged, LLMCancelRequested, LLMResponse
 from agentstream.streams import llm_budgets
-from agentstream.streams.tables import Origin, TableSpec, delete, misplaced, register, write
+from agentstream.streams.tables import Origin, TableSpec, delete, refuse_misplaced, register, write
 from agentstream.streams.topics import LLM_BREAKER, LLM_CANCELLATIONS, LLM_RESPONSES
 
 USAGE_FIELDS = ("prompt_tokens", "completion_tokens", "total_tokens")
@@ -85,14 +84,13 @@ def apply_cancel_at(state: MutableMapping[str, Any], event: Event[Any], origin: 
     partition (`streams.tables.misplaced`, `agents.llm.agent`)."""
     p = event.payload
     if isinstance(p, LLMCancelRequested):
-        problem = misplaced(
+        refuse_misplaced(
             f"{p.TYPE} of request {p.request_id!r}",
             p.request_id,
             origin,
             f"{origin.topic} is keyed by the request id",
+            p.TYPE,
         )
-        if problem is not None:
-            raise InvalidEvent(problem, type=p.TYPE)
     apply_cancel(state, event)
 
 

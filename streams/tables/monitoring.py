@@ -70,6 +70,7 @@ from agentstream.streams.tables import (
     TableWriter,
     home_partition,
     misplaced,
+    refuse_misplaced,
     register,
 )
 from agentstream.streams.topics import (
@@ -442,11 +443,12 @@ def _settle_held(rec: dict[str, Any]) -> None:
         del rec["ahead"]
 
 
+HEARTBEATS_KEYED_BY = "agent.heartbeats is keyed by the agent id"
+
+
 def misplaced_heartbeat(agent_id: str, origin: Origin) -> str | None:
     """`misplaced` for a heartbeat of `agent_id`."""
-    return misplaced(
-        f"heartbeat of {agent_id!r}", agent_id, origin, "agent.heartbeats is keyed by the agent id"
-    )
+    return misplaced(f"heartbeat of {agent_id!r}", agent_id, origin, HEARTBEATS_KEYED_BY)
 
 
 def fold_heartbeat_record(
@@ -460,9 +462,13 @@ def fold_heartbeat_record(
 ) -> bool:
     """`fold_heartbeat` of the heartbeat `beat` read at `origin`; `InvalidEvent` (a dead
     letter, the table unchanged) when it is misplaced (`misplaced_heartbeat`)."""
-    problem = misplaced_heartbeat(beat.agent_id, origin)
-    if problem is not None:
-        raise InvalidEvent(problem, type=Heartbeat.TYPE)
+    refuse_misplaced(
+        f"heartbeat of {beat.agent_id!r}",
+        beat.agent_id,
+        origin,
+        HEARTBEATS_KEYED_BY,
+        Heartbeat.TYPE,
+    )
     return fold_heartbeat(
         state,
         beat.agent_id,
@@ -770,14 +776,13 @@ def fold_sample_record(
     """`fold_sample` of the sample read at `origin`; `InvalidEvent` (a dead letter, the
     table unchanged) when it is not under its series' key in that key's partition
     (`misplaced`)."""
-    problem = misplaced(
+    refuse_misplaced(
         f"metric sample of {sample.series!r}",
         sample.series,
         origin,
         "metrics.samples is keyed by the series",
+        MetricSample.TYPE,
     )
-    if problem is not None:
-        raise InvalidEvent(problem, type=MetricSample.TYPE)
     return fold_sample(
         state,
         sample.series,
@@ -947,14 +952,13 @@ def fold_comms_record(
     """`fold_record` of the record read at `origin`; `InvalidEvent` (a dead letter, the
     table unchanged) when it is not under its agent's key in that key's partition
     (`misplaced`)."""
-    problem = misplaced(
+    refuse_misplaced(
         f"communication record of {rec.agent_id!r}",
         rec.agent_id,
         origin,
         "comms.records is keyed by the agent id",
+        CommunicationRecord.TYPE,
     )
-    if problem is not None:
-        raise InvalidEvent(problem, type=CommunicationRecord.TYPE)
     return fold_record(
         state,
         rec,

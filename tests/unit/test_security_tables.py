@@ -74,7 +74,9 @@ def test_policy_fold_and_rebuild_agree(monkeypatch: pytest.MonkeyPatch) -> None:
     assert store.invalid_records == 1 and not store.policy_set.enabled
 
 
-def _decision_at(verdict: Verdict, rules: list[str], partition: int, offset: int) -> Event[Any]:
+def _decision(
+    verdict: Verdict, rules: list[str], partition: int, offset: int | None = None
+) -> Event[Any]:
     return _ev(
         PolicyDecision(
             message_id=f"m{offset}",
@@ -116,7 +118,7 @@ def _crash_and_restart(rng: random.Random, exact: bool) -> tuple[dict[str, int],
             offsets: dict[str, list[int]] = {}
             for o in range(first, min(first + size, n)):
                 v, rules = verdicts[o]
-                decisions.append(_decision_at(v, rules, 0, o))
+                decisions.append(_decision(v, rules, 0, o))
                 for key in keys_for(0, v.value, rules):
                     offsets.setdefault(key, []).append(o)
             for key, offs in offsets.items():
@@ -167,22 +169,6 @@ def test_counts_equal_their_rebuild_after_an_at_least_once_crash() -> None:
         plain_live, plain_rebuilt = _crash_and_restart(random.Random(seed), exact=False)
         drifted += plain_live != plain_rebuilt
     assert drifted > 40  # the model crashes where counting alone drifts
-
-
-def _decision(verdict: Verdict, rules: list[str], partition: int) -> Event[Any]:
-    return _ev(
-        PolicyDecision(
-            message_id="m",
-            message_event_id="e",
-            sender_id="s",
-            verdict=verdict,
-            rules=rules,
-            reasons=[f"{r}: x" for r in rules],
-            evaluated_at=datetime.now(UTC),
-            evaluation_us=3,
-            source_partition=partition,
-        )
-    )
 
 
 def test_decision_counts_by_verdict_and_rule_across_partitions() -> None:
