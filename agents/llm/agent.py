@@ -78,6 +78,8 @@ _ONE_AT_A_TIME = settings.processing_guarantee == "exactly_once"
 async def _wait_for_slot(batch: list[Inbound]) -> None:
     rt = runtime()
     for inbound in batch:
+        if _misplaced(inbound, LLM_REQUESTS) is not None:
+            continue  # refused by `_admit`: it takes no slot, so it waits for none
         request: LLMRequest = inbound.event.payload
         sem = rt.slot_for(request)  # the one `admit` takes
         await sem.acquire()  # only this agent acquires slots: it stays free until admit
@@ -99,18 +101,24 @@ async def call_llm(stream: Any) -> None:
                 await guarded(inbound, CONSUMER, _admit)
 
 
-async def _refused_elsewhere(inbound: Inbound, topic: str, consumer: str) -> bool:
-    """Dead-letter `inbound` and say True when it is not under its request id in the
-    partition that id hashes to (see the module docstring)."""
+def _misplaced(inbound: Inbound, topic: str) -> str | None:
+    """Why `inbound` is not under its request id in the partition that id hashes to (see
+    the module docstring), or None."""
     payload = inbound.event.payload
-    problem = misplaced(
+    return misplaced(
         f"{payload.TYPE} of request {payload.request_id!r}",
         payload.request_id,
         origin_of(inbound.message, topic),
         f"{topic} is keyed by the request id",
     )
+
+
+async def _refused_elsewhere(inbound: Inbound, topic: str, consumer: str) -> bool:
+    """Dead-letter `inbound` and say True when it is misplaced (`_misplaced`)."""
+    problem = _misplaced(inbound, topic)
     if problem is None:
         return False
+    payload = inbound.event.payload
     await dead_letter(inbound.message, InvalidEvent(problem, type=payload.TYPE), consumer)
     return True
 

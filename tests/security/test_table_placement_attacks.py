@@ -207,3 +207,41 @@ async def test_a_cancellation_put_in_another_partition_is_refused(
     cancel = LLMCancelRequested(request_id=rid)
     calls, dead = await _llm_admit(monkeypatch, "llm.cancellations", cancel, rid, other)
     assert calls.cancelled == [] and "hashes to partition" in str(dead[0])
+
+
+async def test_a_misplaced_request_waits_for_no_provider_slot(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # under exactly-once requests are taken once a slot of their provider is free; one
+    # that `_admit` refuses takes no slot, so a saturated provider must not hold it (and
+    # the commit gate behind it) back
+    import asyncio
+
+    import agentstream.agents.llm.agent as llm_agent
+    from agentstream.streams.processing import Inbound
+    from agentstream.streams.settings import get_settings
+
+    saturated = asyncio.Semaphore(0)
+    monkeypatch.setattr(
+        llm_agent, "runtime", lambda: SimpleNamespace(slot_for=lambda request: saturated)
+    )
+    n = get_settings().topic_partitions
+    rid = "req-1"
+
+    def inbound(partition: int) -> Inbound:
+        msg = SimpleNamespace(
+            topic=get_settings().topic("llm.requests"),
+            partition=partition,
+            offset=0,
+            timestamp=AT,
+            key=rid.encode(),
+        )
+        return Inbound(Event.of(_request(rid), source="t"), msg)
+
+    elsewhere = (home_partition(rid, n) + 1) % n
+    await asyncio.wait_for(llm_agent._wait_for_slot([inbound(elsewhere)]), 5)
+    placed = asyncio.ensure_future(llm_agent._wait_for_slot([inbound(home_partition(rid, n))]))
+    await asyncio.sleep(0)
+    assert not placed.done()  # a placed one still waits for its slot
+    saturated.release()
+    await asyncio.wait_for(placed, 5)
