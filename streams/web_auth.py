@@ -56,8 +56,6 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, Literal, cast
 
-from aiohttp import web
-
 from agentstream.streams.settings import Settings, SettingsError, get_settings
 
 log = logging.getLogger(__name__)
@@ -87,10 +85,22 @@ _B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _NAME = re.compile(r"[^\x00-\x1f\x7f]{1,64}")
 _ID = re.compile(r"[a-z0-9]{4,32}")
-#: where the middleware leaves the granted scope on the request (see `scope_of`)
-SCOPE_KEY = web.RequestKey("agentstream.web_scope", str)
-#: ... and the id of the token that granted it ("" when none: auth off, a public route)
-TOKEN_ID_KEY = web.RequestKey("agentstream.web_token_id", str)
+
+
+@functools.cache
+def _request_keys() -> tuple[Any, Any]:
+    """Where the middleware leaves the granted scope on the request (see `scope_of`), and
+    the id of the token that granted it ("" when none: auth off, a public route). Made
+    on first use: aiohttp is imported by the worker's web server, not by every CLI
+    start that reads this module's token helpers (a third of its start-up time)."""
+    from aiohttp import web
+
+    return (
+        web.RequestKey("agentstream.web_scope", str),
+        web.RequestKey("agentstream.web_token_id", str),
+    )
+
+
 REALM = 'Bearer realm="agentstream"'
 
 
@@ -595,14 +605,14 @@ def resolved_route(request: Any) -> str | None:
 
 def token_id_of(request: Any) -> str:
     """The id of the token the middleware accepted for this request ("" when none)."""
-    value = request.get(TOKEN_ID_KEY) if hasattr(request, "get") else None
+    value = request.get(_request_keys()[1]) if hasattr(request, "get") else None
     return value if isinstance(value, str) else ""
 
 
 def scope_of(request: Any) -> Scope | None:
     """The scope the middleware granted this request (None: anonymous, a public route —
     or no middleware ran at all, which a view must treat as no privilege)."""
-    value = request.get(SCOPE_KEY) if hasattr(request, "get") else None
+    value = request.get(_request_keys()[0]) if hasattr(request, "get") else None
     return cast(Scope, value) if value in SCOPES else None
 
 
@@ -611,6 +621,10 @@ def is_admin(request: Any) -> bool:
 
 
 def middleware(the_gate: Gate) -> Any:
+    from aiohttp import web
+
+    scope_key, token_id_key = _request_keys()
+
     @web.middleware
     async def authenticate(request: Any, handler: Any) -> Any:
         decision = await the_gate.check(
@@ -620,8 +634,8 @@ def middleware(the_gate: Gate) -> Any:
             return web.json_response(
                 decision.body(), status=decision.status, headers=decision.headers
             )
-        request[SCOPE_KEY] = decision.scope
-        request[TOKEN_ID_KEY] = decision.token_id
+        request[scope_key] = decision.scope
+        request[token_id_key] = decision.token_id
         return await handler(request)
 
     authenticate.agentstream_auth = True  # type: ignore[attr-defined]
