@@ -1159,62 +1159,65 @@ class BatchDeliveryConsumer:
         if epoch is None:
             epoch = self._refetch_epoch
         for i, (tp, message) in enumerate(batch, 1):
-            if i % 100 == 0:
-                await asyncio.sleep(0)  # let web views and timers run
-            if self._refetch_epoch != epoch:
-                # A seek or clear while this batch waited (the await above, the previous
-                # record's hand-over, or the fetch itself): the read offset below may be
-                # the seek's, and measured against it this record would make the offsets
-                # in between a gap counted as done (seen: 45-224 inputs lost after a
-                # restart). The rest of the batch is fetched again.
+            try:
+                if i % 100 == 0:
+                    await asyncio.sleep(0)  # let web views and timers run
+                if self._refetch_epoch != epoch:
+                    # A seek or clear while this batch waited (the await above, the previous
+                    # record's hand-over, or the fetch itself): the read offset below may be
+                    # the seek's, and measured against it this record would make the offsets
+                    # in between a gap counted as done (seen: 45-224 inputs lost after a
+                    # restart). The rest of the batch is fetched again.
+                    self.refetch([m for _, m in batch[i - 1 :]])
+                    return
+                offset = message.offset
+                r_offset = get_read_offset(tp)
+                if r_offset is None or offset >= r_offset:
+                    gap = offset - (r_offset or 0)
+                    if gap > 1 and r_offset is not None and acks_enabled_for(message.topic):
+                        # offsets no record was fetched for (transaction markers, compaction)
+                        # count as done; on a plain input topic a gap means records skipped
+                        self.log.info(
+                            "%s[%d]: offsets %d..%d not delivered, counted as done",
+                            tp.topic,
+                            tp.partition,
+                            r_offset + 1,
+                            offset - 1,
+                        )
+                        # up to the record before this one: Faust's upstream code passes
+                        # `offset`, which counts this record done before it is processed
+                        # (a commit could then pass it while a holder keeps it)
+                        await self._add_gap(tp, r_offset + 1, offset - 1)
+                    if commit_every is not None and self._n_acked >= commit_every:
+                        self._n_acked = 0
+                        await self.commit()
+                    # checked after the awaits above, right before the record goes out
+                    if self._refetch_epoch != epoch:
+                        # Queues were just emptied and will be refilled from a lower offset:
+                        # delivering the rest now would deliver it twice.
+                        self.refetch([m for _, m in batch[i - 1 :]])
+                        return
+                    self._delivering = message
+                    try:
+                        await callback(message)
+                    finally:
+                        self._delivering = None
+                    if self._refetch_epoch != epoch:
+                        # Queues were cleared (or partitions sought back) while this record was
+                        # handed over: it is stale (RefetchingFlowControl.clear) and fetched
+                        # again. Its offset must not become the read offset: the seek set that,
+                        # and records below it would then be passed over when fetched again
+                        # (seen: a restart's refetched records skipped, the commit stuck).
+                        self.refetch([m for _, m in batch[i - 1 :]])
+                        return
+                    set_read_offset(tp, offset)
+            except asyncio.CancelledError:
+                # a rebalance (suspend_flow), stop or crash at any await of this record's
+                # hand-over (the yield every 100 records, a gap, a commit, the callback):
+                # it and the rest of the batch did not go out, and the position is past
+                # them; they must be fetched again
                 self.refetch([m for _, m in batch[i - 1 :]])
-                return
-            offset = message.offset
-            r_offset = get_read_offset(tp)
-            if r_offset is None or offset >= r_offset:
-                gap = offset - (r_offset or 0)
-                if gap > 1 and r_offset is not None and acks_enabled_for(message.topic):
-                    # offsets no record was fetched for (transaction markers, compaction)
-                    # count as done; on a plain input topic a gap means records skipped
-                    self.log.info(
-                        "%s[%d]: offsets %d..%d not delivered, counted as done",
-                        tp.topic,
-                        tp.partition,
-                        r_offset + 1,
-                        offset - 1,
-                    )
-                    # up to the record before this one: Faust's upstream code passes
-                    # `offset`, which counts this record done before it is processed
-                    # (a commit could then pass it while a holder keeps it)
-                    await self._add_gap(tp, r_offset + 1, offset - 1)
-                if commit_every is not None and self._n_acked >= commit_every:
-                    self._n_acked = 0
-                    await self.commit()
-                # checked after the awaits above, right before the record goes out
-                if self._refetch_epoch != epoch:
-                    # Queues were just emptied and will be refilled from a lower offset:
-                    # delivering the rest now would deliver it twice.
-                    self.refetch([m for _, m in batch[i - 1 :]])
-                    return
-                self._delivering = message
-                try:
-                    await callback(message)
-                except asyncio.CancelledError:
-                    # a rebalance (suspend_flow), stop or crash: the rest of the batch
-                    # must be fetched again
-                    self.refetch([m for _, m in batch[i - 1 :]])
-                    raise
-                finally:
-                    self._delivering = None
-                if self._refetch_epoch != epoch:
-                    # Queues were cleared (or partitions sought back) while this record was
-                    # handed over: it is stale (RefetchingFlowControl.clear) and fetched
-                    # again. Its offset must not become the read offset: the seek set that,
-                    # and records below it would then be passed over when fetched again
-                    # (seen: a restart's refetched records skipped, the commit stuck).
-                    self.refetch([m for _, m in batch[i - 1 :]])
-                    return
-                set_read_offset(tp, offset)
+                raise
 
     async def _deliver_native(
         self: Any,
@@ -1267,52 +1270,60 @@ class BatchDeliveryConsumer:
             raise
         read_offset = self._read_offset
         acks_enabled_for = self.app.topics.acks_enabled_for
-        for i, (topic, by_tp) in enumerate(topics):
-            if self._refetch_epoch != epoch:
-                refetch_from(i, [])  # the rest: `_deliver` sees the bump and refetches it
-                return rest
-            out: list[Any] = []
-            last: dict[Any, int] = {}
-            gaps = acks_enabled_for(topic)
-            for tp, messages in by_tp.items():
-                r_offset = read_offset.get(tp)
-                for message in messages:
-                    offset = message.offset
-                    if r_offset is not None and offset < r_offset:
-                        continue  # as the per-record path: below the read offset
-                    if gaps and r_offset is not None and offset - r_offset > 1:
-                        await self._add_gap(tp, r_offset + 1, offset - 1)  # as `_deliver`
-                    out.append(message)
-                    r_offset = offset
-                if r_offset is not None:
-                    last[tp] = r_offset
-            if not out:
-                continue
-            if self._refetch_epoch != epoch:  # bumped during `_add_gap`
-                refetch_from(i, [])
-                return rest
-            channel = channels[topic]
-            fetched = FetchedList(out, epoch)
-            try:
-                await channel.put(fetched)
-            except asyncio.CancelledError:
-                # a rebalance, stop or crash while the put waited for room: the list never
-                # reached its channel; its records, the later topics' and the other
-                # topics' records of the fetch (never delivered) are fetched again
-                fetched.stale = True
-                refetch_from(i)
-                raise
-            if self._refetch_epoch != epoch:
-                # bumped while the list was on its way in: that bump drained it (stale,
-                # never handed out); the seek sets the read offsets, not this list
-                refetch_from(i + 1, [])
-                return rest
-            for tp, offset in last.items():
-                read_offset[tp] = offset
-        commit_every = self._commit_every
-        if commit_every is not None and self._n_acked >= commit_every:
-            self._n_acked = 0
-            await self.commit()
+        #: topics[:went] are in their channels; `pending` is the list being put
+        went, pending = 0, None
+        try:
+            for i, (topic, by_tp) in enumerate(topics):
+                went = i
+                if self._refetch_epoch != epoch:
+                    refetch_from(i, [])  # the rest: `_deliver` sees the bump, refetches it
+                    return rest
+                out: list[Any] = []
+                last: dict[Any, int] = {}
+                gaps = acks_enabled_for(topic)
+                for tp, messages in by_tp.items():
+                    r_offset = read_offset.get(tp)
+                    for message in messages:
+                        offset = message.offset
+                        if r_offset is not None and offset < r_offset:
+                            continue  # as the per-record path: below the read offset
+                        if gaps and r_offset is not None and offset - r_offset > 1:
+                            await self._add_gap(tp, r_offset + 1, offset - 1)  # as `_deliver`
+                        out.append(message)
+                        r_offset = offset
+                    if r_offset is not None:
+                        last[tp] = r_offset
+                if not out:
+                    continue
+                if self._refetch_epoch != epoch:  # bumped during `_add_gap`
+                    refetch_from(i, [])
+                    return rest
+                channel = channels[topic]
+                pending = FetchedList(out, epoch)
+                await channel.put(pending)
+                pending = None
+                went = i + 1
+                if self._refetch_epoch != epoch:
+                    # bumped while the list was on its way in: that bump drained it (stale,
+                    # never handed out); the seek sets the read offsets, not this list
+                    refetch_from(i + 1, [])
+                    return rest
+                for tp, offset in last.items():
+                    read_offset[tp] = offset
+            went = len(topics)
+            commit_every = self._commit_every
+            if commit_every is not None and self._n_acked >= commit_every:
+                self._n_acked = 0
+                await self.commit()
+        except asyncio.CancelledError:
+            # a rebalance, stop or crash at an await (a gap counted, a `put` waiting for
+            # room, the commit): the lists not in their channels, and the other topics'
+            # records of the fetch (none went to the conductor yet), are fetched again; a
+            # list cancelled in its `put` never reaches its agent
+            if pending is not None:
+                pending.stale = True
+            refetch_from(went)
+            raise
         return rest
 
     async def _drain_messages(self: Any, fetcher: Any) -> None:  # pragma: no cover - worker
