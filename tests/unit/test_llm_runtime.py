@@ -4,11 +4,14 @@ that lasts: no concurrency slot of its own, no metric series (`CallRuntime`)."""
 from __future__ import annotations
 
 import asyncio
+from types import SimpleNamespace
 from typing import Any
 
 from agentstream.agents.llm.runtime import CallRuntime
 from agentstream.schemas import Event
 from agentstream.schemas.llm import ChatMessage, LLMContext, LLMRequest
+from agentstream.streams.settings import get_settings
+from agentstream.streams.tables import home_partition
 
 
 def _request(provider: str, rid: str) -> LLMRequest:
@@ -77,8 +80,17 @@ async def test_exactly_once_waits_for_the_slot_admit_takes(monkeypatch: Any) -> 
     taken = rt.slot_for(request)
     for _ in range(taken._value):
         await taken.acquire()  # every slot admit would take is busy
+    # the record as the SDK sends it: under its request id, in the partition that hashes to
+    n = get_settings().topic_partitions
+    msg = SimpleNamespace(
+        topic=get_settings().topic("llm.requests"),
+        partition=home_partition(request.request_id, n),
+        offset=0,
+        timestamp=0.0,
+        key=request.request_id.encode(),
+    )
     waiting = asyncio.ensure_future(
-        llm_agent._wait_for_slot([Inbound(Event.of(request, source="t"), None)])
+        llm_agent._wait_for_slot([Inbound(Event.of(request, source="t"), msg)])
     )
     await asyncio.sleep(0.05)
     assert not waiting.done()  # waits for the busy slot, not a fresh one of its own
