@@ -52,12 +52,12 @@ from typing import Any, TypeVar
 
 import httpx
 import orjson
-from aiokafka.partitioner import murmur2
 from yarl import URL
 
 from agentstream.streams import web_auth
 from agentstream.streams.app import app, settings
 from agentstream.streams.settings import worker_root
+from agentstream.streams.tables import home_partition
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ def is_local(request: Any) -> bool:
 
 def key_partition(key: str, partitions: int) -> int:
     """The partition Kafka's default partitioner (murmur2, like Java's) picks for `key`."""
-    return (murmur2(key.encode()) & 0x7FFFFFFF) % partitions
+    return home_partition(key, partitions)
 
 
 def _ident(url: str | URL) -> tuple[str, int]:

@@ -15,7 +15,6 @@ import logging
 import time
 from typing import Any
 
-from aiokafka.partitioner import murmur2
 from faust.types import TP
 
 from agentstream.agents.heartbeat.monitor import HeartbeatMonitor, Transition, to_event_payload
@@ -33,7 +32,7 @@ from agentstream.streams.processing import (
     guarded,
     refuse_table_full,
 )
-from agentstream.streams.tables import origin_of
+from agentstream.streams.tables import home_partition, origin_of
 from agentstream.streams.tables.monitoring import (
     HEARTBEATS_TABLE,
     TableFull,
@@ -311,7 +310,7 @@ def _partition(agent_id: str, n: int) -> int:
     in the table, owed a "down": where its heartbeats go, murmur2 of the id)."""
     rec = writer.get(agent_id)
     p = rec.get("partition") if rec else None
-    return int(p) if p is not None else (murmur2(agent_id.encode()) & 0x7FFFFFFF) % n
+    return int(p) if p is not None else home_partition(agent_id, n)
 
 
 def _horizon_filter(now: float) -> Any:

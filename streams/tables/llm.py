@@ -35,12 +35,18 @@ from collections.abc import Callable, Iterable, MutableMapping
 from functools import cache
 from typing import Any
 
-from aiokafka.partitioner import murmur2
-
 from agentstream.schemas import Event
 from agentstream.schemas.llm import BreakerStateChanged, LLMCancelRequested, LLMResponse
 from agentstream.streams import llm_budgets
-from agentstream.streams.tables import Origin, TableSpec, delete, refuse_misplaced, register, write
+from agentstream.streams.tables import (
+    Origin,
+    TableSpec,
+    delete,
+    home_partition,
+    refuse_misplaced,
+    register,
+    write,
+)
 from agentstream.streams.topics import LLM_BREAKER, LLM_CANCELLATIONS, LLM_RESPONSES
 
 USAGE_FIELDS = ("prompt_tokens", "completion_tokens", "total_tokens")
@@ -54,7 +60,7 @@ def partitions() -> int:
 
 def partition_of(key: str, n: int | None = None) -> int:
     """The partition Kafka's default partitioner picks for `key` (murmur2, like Java's)."""
-    return (murmur2(key.encode()) & 0x7FFFFFFF) % (n or partitions())
+    return home_partition(key, n or partitions())
 
 
 def done_entry(event: Event[Any]) -> dict[str, Any]:
