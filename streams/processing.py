@@ -80,6 +80,8 @@ from functools import cache, partial
 from typing import Any, TypeVar
 from uuid import UUID, uuid5
 
+from aiokafka.partitioner import DefaultPartitioner
+
 from agentstream.schemas import DeadLetter, Event, encode, registry
 from agentstream.schemas.errors import InvalidEvent, PipelineError
 from agentstream.streams.app import app, catalogue_topic, settings
@@ -108,6 +110,7 @@ from agentstream.streams.observability import (
 )
 from agentstream.streams.record_batches import unreadable
 from agentstream.streams.settings import DEADLETTER_KEY_RESERVE, output_limit
+from agentstream.streams.tables import key_hash
 from agentstream.streams.tables.writer import flush_pending, pending_writes
 from agentstream.streams.topics import PIPELINE_DEADLETTER
 
@@ -940,10 +943,10 @@ async def _send_outbox(outbox: list[Output]) -> None:
     partition is the one `Producer.send` would pick (aiokafka's partitioner of the
     worker's producer). Faust's flush before a commit covers these batches."""
     producer = (await _producer())._ensure_producer()
-    partition_of = await _partitioner(producer)
+    partition_of = await _partitioner(producer, {entry[0] for entry in outbox})
     by_tp: dict[tuple[str, int, str], list[tuple[bytes, bytes]]] = {}
     for name, key, value, topic, _ in outbox:
-        by_tp.setdefault((name, await partition_of(name, key), topic), []).append((key, value))
+        by_tp.setdefault((name, partition_of(name, key), topic), []).append((key, value))
     for (name, p, topic), records in by_tp.items():
         await send_record_batches(producer, name, p, records, topic)
         _events_out(topic).inc(len(records))
@@ -970,10 +973,10 @@ async def _send_outbox_in_transactions(outbox: list[Output]) -> None:
                 _events_out(topic).inc()
             continue
         transaction = transactions[source]
-        partition_of = await _partitioner(transaction[1])
+        partition_of = await _partitioner(transaction[1], {entry[0] for entry in entries})
         by_tp: dict[tuple[str, int, str], list[tuple[bytes, bytes]]] = {}
         for name, key, value, topic, _ in entries:
-            by_tp.setdefault((name, await partition_of(name, key), topic), []).append((key, value))
+            by_tp.setdefault((name, partition_of(name, key), topic), []).append((key, value))
         await send_in_transaction(transaction, by_tp)
         for (_, _, topic), records in by_tp.items():
             _events_out(topic).inc(len(records))
@@ -1021,17 +1024,28 @@ async def send_in_transaction(
     return futures
 
 
-async def _partitioner(producer: Any) -> Callable[[str, bytes], Awaitable[int]]:
-    """The partition aiokafka's partitioner (Faust's DefaultPartitioner) of `producer`
-    picks for a key; each topic's metadata is made sure of once per call of this (per
-    batch: a transaction's producer is replaced after a fence, and knows only its own)."""
-    known: set[str] = set()
+async def _partitioner(producer: Any, names: Iterable[str]) -> Callable[[str, bytes], int]:
+    """The partition aiokafka's `Producer.send` would pick for a key of each topic in
+    `names`, as `producer._partition` computes it: the producer's partitioner over the
+    topic's partitions. The metadata is made sure of and read once per call (per batch:
+    a transaction's producer is replaced after a fence, and knows only its own); with
+    aiokafka's default partitioner a key's hash comes from `key_hash`'s cache."""
+    metadata = producer._metadata
+    parts: dict[str, tuple[list[int], list[int]]] = {}
+    for name in names:
+        await producer.partitions_for(name)  # waits for the topic's metadata
+        parts[name] = (
+            list(metadata.partitions_for_topic(name)),
+            list(metadata.available_partitions_for_topic(name)),
+        )
+    partitioner = producer._partitioner
+    default = type(partitioner) is DefaultPartitioner
 
-    async def partition_of(name: str, key: bytes) -> int:
-        if name not in known:
-            await producer.partitions_for(name)
-            known.add(name)
-        p: int = producer._partition(name, None, None, None, key, None)
+    def partition_of(name: str, key: bytes) -> int:
+        every, available = parts[name]
+        if default and key is not None:
+            return every[key_hash(key) % len(every)]
+        p: int = partitioner(key, every, available)
         return p
 
     return partition_of

@@ -229,3 +229,13 @@ def test_a_cancellation_dated_far_ahead_cancels_nothing(monkeypatch: pytest.Monk
     }
     monkeypatch.setattr(t, "table", lambda name: entries)
     assert [rid for rid in ("r-1", "r-2", "r-3", "r-4") if t.cancelled(rid, now)] == ["r-2", "r-3"]
+
+
+def test_key_hash_is_murmur2_as_the_default_partitioner_takes_it() -> None:
+    from aiokafka.partitioner import murmur2
+
+    from agentstream.streams.tables import key_hash
+
+    for key in (b"", b"agent-1", "Ω".encode(), bytes(range(256)), b"x" * 1000):
+        for _ in range(2):  # computed, then from the cache
+            assert key_hash(key) == murmur2(key) & 0x7FFFFFFF >= 0

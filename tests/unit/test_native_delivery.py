@@ -460,12 +460,19 @@ class AioProducer:
     def __init__(self, name: str, log: list[Any], lock: asyncio.Lock | None = None) -> None:
         self.name, self.log, self.lock = name, log, lock
 
+    class _metadata:  # aiokafka's attribute, read by `_partitioner`
+        @staticmethod
+        def partitions_for_topic(topic: str) -> set[int]:
+            return {0, 1}
+
+        available_partitions_for_topic = partitions_for_topic
+
     async def partitions_for(self, topic: str) -> set[int]:
         return {0, 1}
 
-    def _partition(self, topic: str, partition: None, *args: Any) -> int:
-        key = args[2]
-        return int(key.decode()[-1]) % 2
+    @staticmethod
+    def _partitioner(key: bytes, every: list[int], available: list[int]) -> int:
+        return every[int(key.decode()[-1]) % len(every)]
 
     def create_batch(self) -> RecordBatch:
         return RecordBatch(capacity=2)
@@ -1081,3 +1088,35 @@ async def test_a_cancel_during_a_commit_refetches_what_did_not_go_out(
             assert NATIVE_CHANNELS["in"].qsize() == 0
     finally:
         NATIVE_CHANNELS.clear()
+
+
+async def test_batch_sends_pick_the_partition_the_producers_send_would() -> None:
+    """`_partitioner` reads the metadata once per batch and caches key hashes; a record
+    must still land where aiokafka's own `send` puts it, with the default partitioner and
+    with a custom one, whatever the partitions' leaders."""
+    from aiokafka import AIOKafkaProducer
+    from aiokafka.structs import PartitionMetadata
+
+    def counting_down(key: bytes | None, every: list[int], available: list[int]) -> int:
+        return available[-1] if key is None else every[len(key) % len(every)]
+
+    for custom in (None, counting_down):
+        extra = {} if custom is None else {"partitioner": custom}
+        producer = AIOKafkaProducer(bootstrap_servers="127.0.0.1:9", **extra)
+        leaders = {"a": [0, 0, -1, 0, 0, 0], "b": [0, 0, 0]}  # a's partition 2 has no leader
+        producer._metadata._partitions = {
+            topic: {
+                p: PartitionMetadata(topic, p, leader, [], [], None) for p, leader in enumerate(ls)
+            }
+            for topic, ls in leaders.items()
+        }
+        try:
+            partition_of = await processing._partitioner(producer, ["a", "b"])
+            keys = [f"agent-{i}".encode() for i in range(200)] + [b"", "Ω".encode(), b"\x00" * 9]
+            for topic in leaders:
+                for key in keys + keys:  # the second time from the cache
+                    assert partition_of(topic, key) == producer._partition(
+                        topic, None, None, None, key, None
+                    ), (custom, topic, key)
+        finally:
+            await producer.stop()

@@ -884,10 +884,26 @@ CONTRACTS: list[Contract] = [
         params="(self)",
     ),
     c(
+        # what `_partitioner` computes once per batch instead of per record
         "aiokafka.AIOKafkaProducer._partition",
-        "call",
-        f"{PROC}::producer._partition(",
-        params="(self, topic, partition, key, value, serialized_key, serialized_value)",
+        "read",
+        f"{PROC}::async def _partitioner(",
+        contains=(
+            "all_partitions = list(self._metadata.partitions_for_topic(topic))",
+            "available = list(self._metadata.available_partitions_for_topic(topic))",
+            "return self._partitioner(serialized_key, all_partitions, available)",
+        ),
+        fingerprint="824057a46a9a99db",
+    ),
+    c("aiokafka.AIOKafkaProducer._metadata", "read", f"{PROC}::producer._metadata"),
+    c("aiokafka.AIOKafkaProducer._partitioner", "read", f"{PROC}::producer._partitioner"),
+    c(
+        # `_partitioner`'s fast path for it: the cached `key_hash` modulo the partitions
+        "aiokafka.partitioner.DefaultPartitioner.__call__",
+        "read",
+        f"{PROC}::type(partitioner) is DefaultPartitioner",
+        contains=("idx = murmur2(key)", "idx &= 2147483647", "idx %= len(all_partitions)"),
+        fingerprint="585580d61345ea64",
     ),
     # -- streams/delivery.py: the produce fence of a worker that froze -----------------
     c(
