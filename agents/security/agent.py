@@ -414,18 +414,9 @@ _PARTITIONS: dict[str, int] = {}
 
 
 def _home_partition(sender_id: str, partitions: int) -> int:
-    """The partition Kafka's default partitioner puts a sender's messages in (murmur2 in
-    Python costs more than a lookup: senders repeat, so it is computed once each)."""
-    key = (sender_id, partitions)
-    hit = _HOMES.get(key)
-    if hit is None:
-        if len(_HOMES) > 100_000:
-            _HOMES.clear()
-        hit = _HOMES[key] = replay.partition_of(sender_id, partitions)
-    return hit
-
-
-_HOMES: dict[tuple[str, int], int] = {}
+    """The partition Kafka's default partitioner puts a sender's messages in (murmur2, the
+    key's hash cached by `streams.tables.key_hash`: senders repeat)."""
+    return replay.partition_of(sender_id, partitions)
 
 
 @app.timer(interval=30.0)
