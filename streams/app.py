@@ -45,6 +45,7 @@ from agentstream.streams.settings import (
     get_settings,
     url_host,
 )
+from agentstream.streams.tables import KeyHashPartitioner
 from agentstream.streams.tables.restore import BulkRestoringTableManager
 from agentstream.streams.topics import CATALOGUE
 from agentstream.streams.web_auth import server_ssl_context
@@ -141,6 +142,8 @@ def create_app(settings: Settings) -> AgentStreamApp:
         # compaction; Faust only declares its own internal (changelog) topics.
         topic_allow_declare=True,
         producer_acks=-1,
+        # Kafka's default partitioner with cached key hashes (aiokafka's murmur2 is Python)
+        producer_partitioner=KeyHashPartitioner(),
         producer_linger=settings.producer_linger_ms / 1000,
         producer_max_batch_size=512 * 1024,
         # Faust's default, named: what every output must fit (dead letters are fitted to

@@ -110,7 +110,7 @@ from agentstream.streams.observability import (
 )
 from agentstream.streams.record_batches import unreadable
 from agentstream.streams.settings import DEADLETTER_KEY_RESERVE, output_limit
-from agentstream.streams.tables import key_hash
+from agentstream.streams.tables import KeyHashPartitioner, key_hash
 from agentstream.streams.tables.writer import flush_pending, pending_writes
 from agentstream.streams.topics import PIPELINE_DEADLETTER
 
@@ -1029,7 +1029,8 @@ async def _partitioner(producer: Any, names: Iterable[str]) -> Callable[[str, by
     `names`, as `producer._partition` computes it: the producer's partitioner over the
     topic's partitions. The metadata is made sure of and read once per call (per batch:
     a transaction's producer is replaced after a fence, and knows only its own); with
-    aiokafka's default partitioner a key's hash comes from `key_hash`'s cache."""
+    Kafka's default partitioner (aiokafka's, or the worker's `KeyHashPartitioner`) a key's
+    hash comes from `key_hash`'s cache."""
     metadata = producer._metadata
     parts: dict[str, tuple[list[int], list[int]]] = {}
     for name in names:
@@ -1039,7 +1040,7 @@ async def _partitioner(producer: Any, names: Iterable[str]) -> Callable[[str, by
             list(metadata.available_partitions_for_topic(name)),
         )
     partitioner = producer._partitioner
-    default = type(partitioner) is DefaultPartitioner
+    default = type(partitioner) in (DefaultPartitioner, KeyHashPartitioner)
 
     def partition_of(name: str, key: bytes) -> int:
         every, available = parts[name]

@@ -16,6 +16,7 @@ partition of Faust's "current event", which is wrong inside a batch and absent i
 from __future__ import annotations
 
 import hashlib
+import random
 from collections.abc import Callable, Iterable, MutableMapping
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -34,6 +35,7 @@ __all__ = [
     "TABLES",
     "Fold",
     "FoldAt",
+    "KeyHashPartitioner",
     "Origin",
     "TableSpec",
     "TableWriter",
@@ -80,6 +82,18 @@ def key_hash(key: bytes) -> int:
     aiokafka's murmur2 is Python (~2 µs a key, more than the rest of a record's send),
     and the keys of a stream repeat (agent ids, series); 16,384 keys hold ~2.5 MB."""
     return int(murmur2(key)) & 0x7FFFFFFF
+
+
+class KeyHashPartitioner:
+    """Kafka's default partitioner as aiokafka's `DefaultPartitioner` is (a key's murmur2
+    modulo the partitions; no key: a random available partition), the key's hash taken
+    from `key_hash`'s cache. The worker's producers use it (`producer_partitioner` in
+    `streams.app`): every keyed record a worker sends is hashed."""
+
+    def __call__(self, key: bytes | None, all_partitions: list[int], available: list[int]) -> int:
+        if key is None:
+            return int(random.choice(available or all_partitions))
+        return all_partitions[key_hash(key) % len(all_partitions)]
 
 
 def home_partition(key: str, partitions: int) -> int:

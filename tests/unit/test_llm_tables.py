@@ -239,3 +239,20 @@ def test_key_hash_is_murmur2_as_the_default_partitioner_takes_it() -> None:
     for key in (b"", b"agent-1", "Ω".encode(), bytes(range(256)), b"x" * 1000):
         for _ in range(2):  # computed, then from the cache
             assert key_hash(key) == murmur2(key) & 0x7FFFFFFF >= 0
+
+
+def test_key_hash_partitioner_is_kafkas_default_partitioner() -> None:
+    from aiokafka.partitioner import DefaultPartitioner
+
+    from agentstream.streams.app import app
+    from agentstream.streams.tables import KeyHashPartitioner
+
+    assert isinstance(app.conf.producer_partitioner, KeyHashPartitioner)  # the worker's
+    ours, kafkas = KeyHashPartitioner(), DefaultPartitioner()
+    for n in (1, 3, 4, 12):
+        every = list(range(n))
+        for key in [f"agent-{i}".encode() for i in range(300)] + [b"", "Ω".encode()]:
+            assert ours(key, every, every[:1]) == kafkas(key, every, every[:1]), (n, key)
+    # no key: a random available partition, or any when none has a leader
+    assert {ours(None, [0, 1, 2, 3], [1, 3]) for _ in range(200)} == {1, 3}
+    assert {ours(None, [0, 1, 2], []) for _ in range(200)} == {0, 1, 2}

@@ -898,10 +898,12 @@ CONTRACTS: list[Contract] = [
     c("aiokafka.AIOKafkaProducer._metadata", "read", f"{PROC}::producer._metadata"),
     c("aiokafka.AIOKafkaProducer._partitioner", "read", f"{PROC}::producer._partitioner"),
     c(
-        # `_partitioner`'s fast path for it: the cached `key_hash` modulo the partitions
+        # re-implemented with cached key hashes: `KeyHashPartitioner` (the worker's
+        # producers) and `_partitioner`'s fast path
         "aiokafka.partitioner.DefaultPartitioner.__call__",
         "read",
-        f"{PROC}::type(partitioner) is DefaultPartitioner",
+        "streams/tables/__init__.py::class KeyHashPartitioner",
+        f"{PROC}::type(partitioner) in (DefaultPartitioner, KeyHashPartitioner)",
         contains=("idx = murmur2(key)", "idx &= 2147483647", "idx %= len(all_partitions)"),
         fingerprint="585580d61345ea64",
     ),
