@@ -75,22 +75,41 @@ class Origin:
     partitions: int = 1
 
 
-@lru_cache(maxsize=16_384)
-def key_hash(key: bytes) -> int:
+#: keys longer than this are hashed each time, so that the cache stays small
+CACHED_KEY_BYTES = 256
+
+
+def key_hash(key: bytes | bytearray | memoryview) -> int:
     """murmur2 of a record key as Kafka's default partitioner takes it (its sign bit
     cleared): the key's partition is this modulo the topic's partition count. Cached:
     aiokafka's murmur2 is Python (~2 µs a key, more than the rest of a record's send),
-    and the keys of a stream repeat (agent ids, series); 16,384 keys hold ~2.5 MB."""
+    and the keys of a stream repeat (agent ids, series). The cache holds 16,384 `bytes`
+    keys of up to `CACHED_KEY_BYTES` (under 7 MB); any other key, or a longer one, is
+    hashed each time (a bytearray or memoryview cannot be a cache key, and aiokafka's
+    send takes them)."""
+    if type(key) is bytes and len(key) <= CACHED_KEY_BYTES:
+        return _cached_hash(key)
+    return int(murmur2(key)) & 0x7FFFFFFF
+
+
+@lru_cache(maxsize=16_384)
+def _cached_hash(key: bytes) -> int:
     return int(murmur2(key)) & 0x7FFFFFFF
 
 
 class KeyHashPartitioner:
     """Kafka's default partitioner as aiokafka's `DefaultPartitioner` is (a key's murmur2
-    modulo the partitions; no key: a random available partition), the key's hash taken
-    from `key_hash`'s cache. The worker's producers use it (`producer_partitioner` in
-    `streams.app`): every keyed record a worker sends is hashed."""
+    modulo the partitions; no key: a random available partition), the key's hash from
+    `key_hash`. The worker's producers use it (`producer_partitioner` in `streams.app`),
+    and through them Faust's `key_partition`: every keyed record a worker sends is
+    hashed."""
 
-    def __call__(self, key: bytes | None, all_partitions: list[int], available: list[int]) -> int:
+    def __call__(
+        self,
+        key: bytes | bytearray | memoryview | None,
+        all_partitions: list[int],
+        available: list[int],
+    ) -> int:
         if key is None:
             return int(random.choice(available or all_partitions))
         return all_partitions[key_hash(key) % len(all_partitions)]
