@@ -713,10 +713,13 @@ class AsyncClient:
         partitions: Sequence[int] | None = None,
         offset: StartOffset | None = None,
         on_lost: Callable[[Gap], None] | None = None,
+        until_end: bool = False,
     ) -> AsyncGenerator[Received, None]:
         """Yield records as they arrive. Stops after `max_events`, or `timeout_s`
-        without a record. A topic that does not exist raises `BrokerError` after
-        `timeout_s` (default `UNKNOWN_TOPIC_TIMEOUT_S`).
+        without a record, or with `until_end` once every partition is read up to where
+        its log ended (its last stable offset) when the subscription began, as kcat's
+        ``-e``. A topic that does not exist raises `BrokerError` after `timeout_s`
+        (default `UNKNOWN_TOPIC_TIMEOUT_S`).
 
         A record the Kafka client cannot parse (a header key that is not UTF-8, a codec
         it cannot decode) is yielded with `error` an `UnreadableRecord`, and the
@@ -740,6 +743,10 @@ class AsyncClient:
             raise ValueError(
                 "with a consumer group the group assigns partitions and starts at its "
                 "committed offsets: only offset='beginning' or 'end' applies"
+            )
+        if group_id is not None and until_end:
+            raise ValueError(
+                "until_end reads the partitions assigned to it: not with a consumer group"
             )
         # what the client cannot parse comes as stand-ins, yielded with their error, not
         # as an exception out of every fetch of the partition (the reader stopped there)
@@ -780,15 +787,26 @@ class AsyncClient:
                         )
                     parts = sorted(set(partitions))
                 tps += [TopicPartition(full, p) for p in parts]
+            #: with `until_end`: where each partition's log ended as reading began
+            ends: dict[TopicPartition, int] | None = None
             if group_id is None:
                 consumer.assign(tps)
                 await _seek(consumer, tps, start)
+                if until_end:
+                    # read_committed: the last stable offset, below an open transaction
+                    ends = await consumer.end_offsets(tps)
             else:
                 consumer.subscribe([self._full(n) for n in names])
             seen = 0
             wait_ms = int((3600 if timeout_s is None else timeout_s) * 1000)
-            committed_at = time.monotonic()
+            if ends is not None:
+                # a fetch of transaction markers alone moves the position without
+                # waking `getmany`: the end is checked at least twice a second
+                wait_ms = min(wait_ms, 500)
+            committed_at = last_record_at = time.monotonic()
             while max_events is None or seen < max_events:
+                if ends is not None and await _read_to(consumer, ends):
+                    return
                 if yielded and time.monotonic() - committed_at >= GROUP_COMMIT_INTERVAL_S:
                     await _commit_yielded(consumer, yielded)
                     committed_at = time.monotonic()
@@ -801,9 +819,12 @@ class AsyncClient:
                     await _no_offset(consumer, exc, start)
                     continue
                 if not batch:
-                    if timeout_s is not None:
+                    if timeout_s is not None and (
+                        time.monotonic() - last_record_at >= timeout_s or ends is None
+                    ):
                         return
                     continue
+                last_record_at = time.monotonic()
                 for tp, records in batch.items():
                     for rec in records:
                         if group_id is not None:
@@ -939,6 +960,16 @@ def check_start_offset(offset: str | int | datetime | None) -> StartOffset:
         f"offset {offset!r}: 'beginning', 'end', an offset n, -n (the last n records of "
         "each partition), or a time (ISO-8601, -15m, s@<epoch ms>)"
     )
+
+
+async def _read_to(consumer: AIOKafkaConsumer, ends: dict[TopicPartition, int]) -> bool:
+    """Whether every partition's position has reached its offset in `ends` (a
+    read_committed consumer's position moves past transaction markers and aborted
+    records too)."""
+    for tp, end in ends.items():
+        if await consumer.position(tp) < end:
+            return False
+    return True
 
 
 async def _seek(consumer: AIOKafkaConsumer, tps: list[TopicPartition], start: StartOffset) -> None:
@@ -1248,6 +1279,7 @@ class Client:
         partitions: Sequence[int] | None = None,
         offset: StartOffset | None = None,
         on_lost: Callable[[Gap], None] | None = None,
+        until_end: bool = False,
     ) -> Subscription:
         """Records as they arrive, as `AsyncClient.subscribe`; the consumer starts at the
         first `next()` (`on_lost` is called on the client's thread)."""
@@ -1260,6 +1292,7 @@ class Client:
             partitions=partitions,
             offset=offset,
             on_lost=on_lost,
+            until_end=until_end,
         )
         return Subscription(self._loop(), records)
 

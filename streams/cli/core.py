@@ -455,6 +455,14 @@ def start_offset(ctx: click.Context, param: click.Parameter, value: str | None) 
     callback=finite_seconds,
     help="Stop after S seconds without a record.",
 )
+@click.option(
+    "--exit",
+    "-e",
+    "until_end",
+    is_flag=True,
+    help="Stop once every partition is read up to where it ended when tail started "
+    "(kcat's -e; not with --group).",
+)
 @record_output_options
 def tail(
     topic: str,
@@ -465,6 +473,7 @@ def tail(
     group_id: str | None,
     max_events: int | None,
     timeout_s: float | None,
+    until_end: bool,
     fmt: str,
     meta: bool,
     show_secrets: bool,
@@ -486,6 +495,8 @@ def tail(
             "--group: the group assigns the partitions and starts at its committed "
             "offsets; --partition and --offset N/-N/TIME apply only without a group"
         )
+    if group_id is not None and until_end:
+        raise click.UsageError("--exit reads the partitions tail assigns itself: not with --group")
     incomplete = run(
         _tail(
             topic,
@@ -495,6 +506,7 @@ def tail(
             group_id=group_id,
             max_events=max_events,
             timeout_s=timeout_s,
+            until_end=until_end,
             fmt=fmt,
             meta=meta,
             show_secrets=show_secrets,
@@ -513,6 +525,7 @@ async def _tail(
     group_id: str | None = None,
     max_events: int | None = None,
     timeout_s: float | None = None,
+    until_end: bool = False,
     fmt: str = "json",
     meta: bool = False,
     show_secrets: bool = False,
@@ -539,6 +552,7 @@ async def _tail(
         # Kafka client cannot parse), so the client does not stop
         timeout_s=timeout_s,
         on_lost=said_lost,
+        until_end=until_end,
     )
     try:
         async for rec in records:

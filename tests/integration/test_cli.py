@@ -124,7 +124,8 @@ def test_tail_offsets_partitions_keys_and_groups(settings_env: dict[str, str], n
     assert res.returncode == 0, res.stderr
 
     def tail(*args: str) -> list[dict]:
-        out = cli(settings_env, "tail", "agent.messages", "--timeout", "5", *args)
+        # --exit: every record there is, then stop (the counts below are exact)
+        out = cli(settings_env, "tail", "agent.messages", "--exit", *args)
         assert out.returncode == 0, out.stderr
         return [json.loads(line) for line in out.stdout.splitlines()]
 
@@ -166,8 +167,7 @@ def test_tail_offsets_partitions_keys_and_groups(settings_env: dict[str, str], n
         "agent.messages",
         "-o",
         "beginning",
-        "--timeout",
-        "5",
+        "-e",
         "--format",
         "raw",
     )
@@ -186,8 +186,67 @@ def test_tail_offsets_partitions_keys_and_groups(settings_env: dict[str, str], n
     )
     # a group commits what it read: the same group again gets nothing new
     group = f"{ns}-tail"
-    assert len(tail("-G", group, "-o", "beginning")) == 10
-    assert tail("-G", group, "-o", "beginning") == []
+
+    def tail_group() -> list[dict]:
+        out = cli(
+            settings_env, "tail", "agent.messages", "--timeout", "5", "-G", group, "-o", "beginning"
+        )
+        assert out.returncode == 0, out.stderr
+        return [json.loads(line) for line in out.stdout.splitlines()]
+
+    assert len(tail_group()) == 10
+    assert tail_group() == []
+
+
+async def test_tail_exit_stops_at_the_end_it_found_past_transaction_markers(
+    settings_env: dict[str, str], ns: str, kafka_bootstrap: str
+) -> None:
+    """--exit (kcat's -e) prints what the topic held when tail started and stops: also on
+    a topic whose log ends in transaction markers and an aborted transaction, which a
+    read_committed reader's fetch skips without returning a record."""
+    from aiokafka import AIOKafkaProducer
+
+    assert cli(settings_env, "topics", "create").returncode == 0
+    topic = f"{ns}.agent.messages"
+    events = [
+        json.dumps({"message_id": f"m{i}", "sender_id": "a1", "recipient_id": "r"})
+        for i in range(3)
+    ]
+    res = cli(settings_env, "publish", "agent.messages", input="\n".join(events) + "\n")
+    assert res.returncode == 0, res.stderr
+    producer = AIOKafkaProducer(
+        bootstrap_servers=kafka_bootstrap, transactional_id=f"{ns}-tail-exit"
+    )
+    await producer.start()
+    try:
+        async with producer.transaction():
+            await producer.send_and_wait(topic, b"{}", key=b"a1", partition=0)
+            await producer.send_and_wait(topic, b"{}", key=b"a1", partition=1)
+        await producer.begin_transaction()
+        await producer.send_and_wait(topic, b"{}", key=b"a1", partition=0)
+        await producer.send_and_wait(topic, b"{}", key=b"a1", partition=1)
+        await producer.abort_transaction()
+    finally:
+        await producer.stop()
+    out = cli(settings_env, "tail", "agent.messages", "-o", "beginning", "--exit", timeout=60)
+    assert out.returncode == 0, out.stderr
+    lines = [json.loads(line) for line in out.stdout.splitlines()]
+    # the 3 events and the committed transaction's 2 records (not events: error lines)
+    assert len(lines) == 5, out.stdout
+    assert sorted(r["payload"]["message_id"] for r in lines if "payload" in r) == [
+        "m0",
+        "m1",
+        "m2",
+    ]
+    # from the aborted records on: a fetch of them and the abort markers yields no record
+    # and wakes no reader, but moves the position to the end
+    rest = cli(settings_env, "tail", "agent.messages", "-o", "-2", "--exit", timeout=60)
+    assert rest.returncode == 0 and rest.stdout == "", rest.stdout + rest.stderr
+    # from the end: nothing, and no wait for what comes next
+    assert cli(settings_env, "tail", "agent.messages", "--exit", timeout=60).stdout == ""
+    refused = cli(settings_env, "tail", "agent.messages", "--exit", "-G", f"{ns}-g")
+    assert refused.returncode == 2 and "not with --group" in refused.stderr, refused.stderr
+    assert "Traceback" not in refused.stderr
 
 
 def test_tail_times_out_on_an_empty_topic(settings_env: dict[str, str]) -> None:

@@ -523,7 +523,12 @@ def test_the_sync_subscribe_is_a_plain_iterator(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setattr(client._async, "subscribe", subscribe)
     try:
         sub = client.subscribe(
-            "agent.messages", from_beginning=True, timeout_s=2, max_events=3, partitions=[1]
+            "agent.messages",
+            from_beginning=True,
+            timeout_s=2,
+            max_events=3,
+            partitions=[1],
+            until_end=True,
         )
         assert isinstance(sub, Iterator)
         assert [next(sub), next(sub)] == [1, 2]
@@ -536,6 +541,7 @@ def test_the_sync_subscribe_is_a_plain_iterator(monkeypatch: pytest.MonkeyPatch)
             "partitions": [1],
             "offset": None,
             "on_lost": None,
+            "until_end": True,
         }
     finally:
         client.stop()
