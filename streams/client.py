@@ -803,28 +803,31 @@ class AsyncClient:
                 # a fetch of transaction markers alone moves the position without
                 # waking `getmany`: the end is checked at least twice a second
                 wait_ms = min(wait_ms, 500)
-            committed_at = last_record_at = time.monotonic()
+            committed_at = time.monotonic()
+            #: seconds the broker has had for a record since the last batch (not the
+            #: caller's time with that batch: a slow reader must not end the read early)
+            idle_s = 0.0
             while max_events is None or seen < max_events:
                 if ends is not None and await _read_to(consumer, ends):
                     return
                 if yielded and time.monotonic() - committed_at >= GROUP_COMMIT_INTERVAL_S:
                     await _commit_yielded(consumer, yielded)
                     committed_at = time.monotonic()
+                asked_at = time.monotonic()
                 try:
                     batch = await consumer.getmany(timeout_ms=wait_ms)
                 except OffsetOutOfRangeError as exc:
-                    await _skip_deleted(consumer, exc, lost)
+                    await _skip_deleted(consumer, exc, lost, ends)
                     continue
                 except NoOffsetForPartitionError as exc:
                     await _no_offset(consumer, exc, start)
                     continue
                 if not batch:
-                    if timeout_s is not None and (
-                        time.monotonic() - last_record_at >= timeout_s or ends is None
-                    ):
+                    idle_s += time.monotonic() - asked_at
+                    if timeout_s is not None and (ends is None or idle_s >= timeout_s):
                         return
                     continue
-                last_record_at = time.monotonic()
+                idle_s = 0.0
                 for tp, records in batch.items():
                     for rec in records:
                         if group_id is not None:
@@ -865,11 +868,16 @@ def resume_out_of_range(position: int, begin: int, end: int) -> tuple[int, int |
 
 
 async def _skip_deleted(
-    consumer: Any, exc: OffsetOutOfRangeError, lost: Callable[[Gap], None]
+    consumer: Any,
+    exc: OffsetOutOfRangeError,
+    lost: Callable[[Gap], None],
+    ends: dict[TopicPartition, int] | None = None,
 ) -> None:
     """After a fetch failed out of range (``auto_offset_reset="none"``: the position
     stays where it failed, the error names it): each partition goes on at its log's
-    start, and what it skipped goes to `lost` as a `Gap`."""
+    start, and what it skipped goes to `lost` as a `Gap`. A log cut back below the end
+    an `until_end` reader waits for (an unclean leader election) lowers that end: the
+    offsets above it are gone, not yet to come."""
     from agentstream.streams.replay import Gap
 
     failed: dict[TopicPartition, int] = {}
@@ -881,6 +889,8 @@ async def _skip_deleted(
     begin = await consumer.beginning_offsets(tps)
     end = await consumer.end_offsets(tps)
     for tp, position in failed.items():
+        if ends is not None and tp in ends:
+            ends[tp] = min(ends[tp], end[tp])
         resume, first = resume_out_of_range(position, begin[tp], end[tp])
         if first is not None:
             lost(Gap(tp.topic, tp.partition, first, resume))

@@ -243,7 +243,8 @@ async def test_tail_exit_stops_at_the_end_it_found_past_transaction_markers(
     rest = cli(settings_env, "tail", "agent.messages", "-o", "-2", "--exit", timeout=60)
     assert rest.returncode == 0 and rest.stdout == "", rest.stdout + rest.stderr
     # from the end: nothing, and no wait for what comes next
-    assert cli(settings_env, "tail", "agent.messages", "--exit", timeout=60).stdout == ""
+    from_end = cli(settings_env, "tail", "agent.messages", "--exit", timeout=60)
+    assert from_end.returncode == 0 and from_end.stdout == "", from_end.stderr
     refused = cli(settings_env, "tail", "agent.messages", "--exit", "-G", f"{ns}-g")
     assert refused.returncode == 2 and "not with --group" in refused.stderr, refused.stderr
     assert "Traceback" not in refused.stderr

@@ -1059,3 +1059,70 @@ def test_a_stand_in_is_received_with_its_error() -> None:
     assert isinstance(got.error, UnreadableRecord)
     assert str(got.error) == "offset 7: header key b'\\xff' is not UTF-8"
     assert type(got.raw) is bytes  # not the stand-in itself
+
+
+class Trickle:
+    """A consumer of one partition holding offsets 0-2 whose broker answers a fetch with
+    the next record 0.6 s after it was asked: longer than `until_end`'s 500 ms poll, so
+    an empty fetch comes before each record."""
+
+    def __init__(self) -> None:
+        self.pos, self.ready_at = 0, None
+
+    async def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
+
+    def partitions_for_topic(self, topic: str) -> set[int]:
+        return {0}
+
+    def assign(self, tps: list[Any]) -> None:
+        self.tp = tps[0]
+
+    async def seek_to_beginning(self, *tps: Any) -> None:
+        self.pos = 0
+
+    async def end_offsets(self, tps: list[Any]) -> dict[Any, int]:
+        return {tp: 3 for tp in tps}
+
+    async def position(self, tp: Any) -> int:
+        return self.pos
+
+    async def getmany(self, timeout_ms: int = 0, **kw: Any) -> dict[Any, list[Any]]:
+        if self.ready_at is None:
+            self.ready_at = time.monotonic() + 0.6  # asked now
+        await asyncio.sleep(min(timeout_ms / 1000, max(self.ready_at - time.monotonic(), 0)))
+        if self.pos >= 3 or time.monotonic() < self.ready_at:
+            return {}
+        rec = types.SimpleNamespace(
+            offset=self.pos, partition=0, timestamp=0, key=None, value=b"{}", headers=()
+        )
+        self.pos, self.ready_at = self.pos + 1, None
+        return {self.tp: [rec]}
+
+
+async def test_until_end_with_a_timeout_does_not_count_the_readers_time() -> None:
+    """`timeout_s` is the broker's silence: a reader slower than it with each record
+    still gets every record up to the end (the subscription used to count the reader's
+    time too, end after the first record, and the CLI exit 0 as if it had them all)."""
+    client = AsyncClient(Settings.from_env({}))
+    consumer = Trickle()
+    client._new_consumer = lambda *a, **kw: consumer  # type: ignore[method-assign]
+    offsets = []
+    async with asyncio.timeout(30):
+        async for rec in client.subscribe(
+            "agent.messages", offset="beginning", timeout_s=1.0, until_end=True
+        ):
+            offsets.append(rec.offset)
+            await asyncio.sleep(1.2)  # slower than timeout_s
+    assert offsets == [0, 1, 2]
+    # and once at the end it stops without waiting out a timeout
+    consumer.pos, began = 0, time.monotonic()
+    async with asyncio.timeout(30):
+        got = [
+            r.offset
+            async for r in client.subscribe("agent.messages", offset="beginning", until_end=True)
+        ]
+    assert got == [0, 1, 2] and time.monotonic() - began < 5
