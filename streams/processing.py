@@ -110,7 +110,7 @@ from agentstream.streams.observability import (
 )
 from agentstream.streams.record_batches import unreadable
 from agentstream.streams.settings import DEADLETTER_KEY_RESERVE, output_limit
-from agentstream.streams.tables import KeyHashPartitioner, key_hash
+from agentstream.streams.tables import KeyHashPartitioner
 from agentstream.streams.tables.writer import flush_pending, pending_writes
 from agentstream.streams.topics import PIPELINE_DEADLETTER
 
@@ -1028,9 +1028,9 @@ async def _partitioner(producer: Any, names: Iterable[str]) -> Callable[[str, by
     """The partition aiokafka's `Producer.send` would pick for a key of each topic in
     `names`, as `producer._partition` computes it: the producer's partitioner over the
     topic's partitions. The metadata is made sure of and read once per call (per batch:
-    a transaction's producer is replaced after a fence, and knows only its own); with
-    Kafka's default partitioner (aiokafka's, or the worker's `KeyHashPartitioner`) a key's
-    hash comes from `key_hash`'s cache."""
+    a transaction's producer is replaced after a fence, and knows only its own); aiokafka's
+    default partitioner is replaced by `KeyHashPartitioner`, its twin with cached key
+    hashes."""
     metadata = producer._metadata
     parts: dict[str, tuple[list[int], list[int]]] = {}
     for name in names:
@@ -1040,12 +1040,11 @@ async def _partitioner(producer: Any, names: Iterable[str]) -> Callable[[str, by
             list(metadata.available_partitions_for_topic(name)),
         )
     partitioner = producer._partitioner
-    default = type(partitioner) in (DefaultPartitioner, KeyHashPartitioner)
+    if type(partitioner) is DefaultPartitioner:
+        partitioner = KeyHashPartitioner()  # the same partitions, key hashes cached
 
     def partition_of(name: str, key: bytes) -> int:
         every, available = parts[name]
-        if default and key is not None:
-            return every[key_hash(key) % len(every)]
         p: int = partitioner(key, every, available)
         return p
 

@@ -899,11 +899,11 @@ CONTRACTS: list[Contract] = [
     c("aiokafka.AIOKafkaProducer._partitioner", "read", f"{PROC}::producer._partitioner"),
     c(
         # re-implemented with cached key hashes: `KeyHashPartitioner` (the worker's
-        # producers) and `_partitioner`'s fast path
+        # producers, and `_partitioner` in place of aiokafka's)
         "aiokafka.partitioner.DefaultPartitioner.__call__",
         "read",
         "streams/tables/__init__.py::class KeyHashPartitioner",
-        f"{PROC}::type(partitioner) in (DefaultPartitioner, KeyHashPartitioner)",
+        f"{PROC}::type(partitioner) is DefaultPartitioner",
         contains=("idx = murmur2(key)", "idx &= 2147483647", "idx %= len(all_partitions)"),
         fingerprint="585580d61345ea64",
     ),
