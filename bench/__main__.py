@@ -17,6 +17,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from agentstream.streams.settings import native_delivery
 from bench.context import BenchContext, log
 
 #: Rates that are references, not stages to compare against the naive agent.
@@ -133,9 +134,12 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     ctx = BenchContext(
         bootstrap, args.events, args.payload_bytes, args.partitions, guarantee=args.guarantee
     )
+    # the workers' delivery path: their AGENTSTREAM_DELIVERY is the bench's own
+    delivery = "native" if native_delivery(os.environ) else "per-record"
     log(
         f"stages {list(stages)}; {args.events} events of ~{args.payload_bytes} B, "
-        f"{args.partitions} partitions, {args.guarantee}; logs in {ctx.work_dir}"
+        f"{args.partitions} partitions, {args.guarantee}, {delivery} delivery; "
+        f"logs in {ctx.work_dir}"
     )
     try:
         await run_stages(ctx, stages)
@@ -146,6 +150,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "payload_bytes": args.payload_bytes,
         "partitions": args.partitions,
         "guarantee": args.guarantee,
+        "delivery": delivery,
     }
     for key, value in ctx.results.items():
         result[key] = round(value, 1) if isinstance(value, float) else value

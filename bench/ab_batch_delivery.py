@@ -1,13 +1,14 @@
-"""A/B of the experimental batch-native delivery path on the core stage's pipeline worker.
+"""A/B of the two delivery paths on the core stage's pipeline worker.
 
 Not a stage of ``python -m bench``: a standalone measurement for
 docs/design/batch-delivery.md. Each run is the core stage's (c): `bench.passthrough` run
 by ``agentstream worker`` over a fresh input of N events (`BenchContext.payloads`),
 timed from the first output record to the N-th (`BenchContext.watch_count`). Runs
-alternate between the unmodified path (A) and ``AGENTSTREAM_EXPERIMENTAL_BATCH_DELIVERY=1``
-(B), B first in every other pair; Quix Streams (`bench.peer_quix`) runs before and
-after the pairs on the same input, for the ratio. After each run the output topic must
-hold exactly N records (the input has no bad events).
+alternate between the per-record path (A, ``AGENTSTREAM_DELIVERY=per-record``) and the
+batch-native one (B, the default), B first in every other pair; Quix Streams
+(`bench.peer_quix`) runs before and after the pairs on the same input, for the ratio.
+After each run the output topic must hold exactly N records (the input has no bad
+events).
 
     AGENTSTREAM_KAFKA_BOOTSTRAP=127.0.0.1:19792 python -m bench.ab_batch_delivery \
         [--events 200000] [--pairs 3] [--no-quix]
@@ -28,11 +29,12 @@ from bench.ceiling_aiokafka import quix
 from bench.context import BenchContext, BenchError, log
 
 TIMEOUT_S = 300.0
-SWITCH = "AGENTSTREAM_EXPERIMENTAL_BATCH_DELIVERY"
+SWITCH = "AGENTSTREAM_DELIVERY"
 
 
 async def pipeline(ctx: BenchContext, native: bool) -> float:
-    env = ctx.new_env(AGENTSTREAM_AGENTS="bench.passthrough", **({SWITCH: "1"} if native else {}))
+    path = "native" if native else "per-record"
+    env = ctx.new_env(AGENTSTREAM_AGENTS="bench.passthrough", **{SWITCH: path})
     await ctx.ensure_topics(env)
     values, keys = ctx.payloads()
     await ctx.produce(ctx.topic(env, AGENT_MESSAGES), values, keys)

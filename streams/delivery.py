@@ -8,6 +8,16 @@ its offset (`Event.ack`); a batch is *taken* when an agent's batch iterator hand
 under exactly-once a batch is *stale* when it was taken before the last revoke or in an
 earlier consumer generation.
 
+Records reach an agent by one of two paths (`AGENTSTREAM_DELIVERY`). The native path,
+the default, hands the records of each fetch to the one agent of their topic as lists
+(`BatchDeliveryConsumer._deliver_native`, `NativeChannel`; the agent side is
+`streams.processing._native_batches`). The per-record path, for every other topic
+(changelogs, a topic several agents read, a stream's of several topics, an agent's of
+several instances) and for all of them under
+``AGENTSTREAM_DELIVERY=per-record``, is Faust's: one `Event` per record through the
+conductor. The invariants below hold on both; docs/design/batch-delivery.md restates
+them for a list.
+
 Invariants (every change here must keep them)
 ---------------------------------------------
 Commits
@@ -185,7 +195,7 @@ from mode.utils.queues import FlowControlEvent
 
 from agentstream.streams import record_batches
 from agentstream.streams.observability import OFFSETS_SKIPPED
-from agentstream.streams.settings import BATCH_DELIVERY_SWITCH
+from agentstream.streams.settings import native_delivery
 from agentstream.streams.tables.writer import flush_pending
 
 log = logging.getLogger(__name__)
@@ -956,7 +966,7 @@ class BatchDeliveryConsumer:
         self._last_fetch = records
         return records
 
-    # -- the `getmany` bypass for topics with a native channel (EXPERIMENTAL) ---------
+    # -- the `getmany` bypass for topics with a native channel -------------------------
     #
     # Faust's `getmany` generator does per record what a native list needs once: a
     # round-robin step (`scheduler.iterate`), the flow and generation checks, the
@@ -1225,7 +1235,7 @@ class BatchDeliveryConsumer:
         epoch: int,
         native: Mapping[Any, list[Any]] | None = None,
     ) -> list[tuple[Any, Any]]:
-        """EXPERIMENTAL (`NATIVE_ENABLED`, docs/design/batch-delivery.md): hand the records
+        """The native path (`NATIVE_ENABLED`, docs/design/batch-delivery.md): hand the records
         of topics with a native channel to it as one `FetchedList` per topic, without
         the conductor; returns the records of every other topic, for the per-record path.
 
@@ -1514,10 +1524,11 @@ class IdempotentProducer:
         return extra
 
 
-#: EXPERIMENTAL batch-native delivery (docs/design/batch-delivery.md):
-#: ``AGENTSTREAM_EXPERIMENTAL_BATCH_DELIVERY=1`` lets an agent's `decoded_batches` take
-#: its topic's fetched records as lists (`BatchDeliveryConsumer._deliver_native`)
-NATIVE_ENABLED = os.environ.get(BATCH_DELIVERY_SWITCH, "") == "1"
+#: batch-native delivery (docs/design/batch-delivery.md), the default: an agent's
+#: `decoded_batches` takes its topic's fetched records as lists
+#: (`BatchDeliveryConsumer._deliver_native`); ``AGENTSTREAM_DELIVERY=per-record`` turns
+#: it off. Read from the environment at import, as the app is built from it then too.
+NATIVE_ENABLED = native_delivery(os.environ)
 
 
 class FetchedList:

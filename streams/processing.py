@@ -687,13 +687,13 @@ async def _event_batches(
             stream.service_reset()
 
 
-# -- EXPERIMENTAL batch-native delivery (docs/design/batch-delivery.md) -------------------
-# Behind AGENTSTREAM_EXPERIMENTAL_BATCH_DELIVERY=1: the consumer hands an agent's topic's
+# -- batch-native delivery (docs/design/batch-delivery.md) --------------------------------
+# The default (AGENTSTREAM_DELIVERY=native): the consumer hands an agent's topic's
 # fetched records to it as lists (`streams.delivery.NATIVE_CHANNELS`), without the
 # conductor, Faust `Event`s, per-event sensors or `Event.ack`; the batch's `emit`s are
 # kept in an outbox and produced per (topic, partition) with `send_batch` before the
 # batch is acked, under exactly-once into the transaction of the input partition each
-# was emitted for. What the prototype skips is listed in the design note.
+# was emitted for. Which agents stay per record, and why, is in the design note.
 
 #: (the agent's task, its outbox) while a native batch is out: `emit` appends to it
 _OUTBOX: ContextVar[
@@ -732,7 +732,7 @@ def _native_channel(stream: Any) -> NativeChannel | None:
     channel = NATIVE_CHANNELS.get(name)
     if channel is None:
         channel = NATIVE_CHANNELS[name] = NativeChannel(NATIVE_QUEUE_BATCHES)
-        log.warning("EXPERIMENTAL batch-native delivery for %s", name)
+        log.info("batch-native delivery for %s", name)
         _refetch_conducted(stream)
     return channel
 

@@ -27,21 +27,25 @@ from agentstream.streams.record_batches import (
 
 ENV_PREFIX = "AGENTSTREAM_"
 
-#: ``=1`` turns on the experimental batch-native delivery path (`streams.delivery`,
-#: docs/design/batch-delivery.md); not a setting, so a child process keeps it
-#: (`child_environ`)
-BATCH_DELIVERY_SWITCH = "AGENTSTREAM_EXPERIMENTAL_BATCH_DELIVERY"
+#: the delivery path's setting (`Settings.delivery`): ``native`` (the default) or
+#: ``per-record`` (docs/design/batch-delivery.md)
+DELIVERY_VAR = "AGENTSTREAM_DELIVERY"
+DELIVERY_PATHS = ("native", "per-record")
+
+
+def native_delivery(environ: Mapping[str, str]) -> bool:
+    """Whether a worker of `environ` hands its agents their fetched records as lists
+    (`streams.delivery.NATIVE_ENABLED`, fixed at import). Anything but ``per-record``
+    means the default path: a value that is neither is refused by `Settings`, which a
+    worker checks before it starts."""
+    return environ.get(DELIVERY_VAR, "") != "per-record"
 
 
 def child_environ(environ: Mapping[str, str]) -> dict[str, str]:
     """The environment a test's or bench's worker starts from: the caller's without this
-    project's settings (the caller sets those for the child), except the experimental
-    delivery switch, so that a whole suite or bench run can be made on that path."""
-    return {
-        k: v
-        for k, v in environ.items()
-        if not k.startswith(ENV_PREFIX) or k == BATCH_DELIVERY_SWITCH
-    }
+    project's settings (the caller sets those for the child), except the delivery path,
+    so that a whole suite or bench run can be made on either path."""
+    return {k: v for k, v in environ.items() if not k.startswith(ENV_PREFIX) or k == DELIVERY_VAR}
 
 
 #: the producer's request limit (Faust's `producer_max_request_size`, which `create_app`
@@ -313,6 +317,13 @@ class Settings(BaseModel):
     processing_guarantee: Literal["at_least_once", "exactly_once"] = Field(
         default="at_least_once",
         description="Faust processing guarantee. exactly_once uses Kafka transactions.",
+    )
+    delivery: Literal["native", "per-record"] = Field(
+        default="native",
+        description="How a worker hands an agent its input. native: the records of each "
+        "fetch as lists, straight from the consumer, for an agent that alone reads one "
+        "topic (the others stay per record); per-record: one Faust event each, through "
+        "Faust's conductor, under half as fast in the bench (docs/design/batch-delivery.md).",
     )
     worker_id: str = Field(
         default_factory=lambda: f"{os.uname().nodename}-{os.getpid()}",

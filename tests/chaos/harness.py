@@ -21,7 +21,12 @@ from typing import Any, TypeVar
 
 import orjson
 
-from agentstream.streams.settings import BATCH_DELIVERY_SWITCH, Settings, child_environ
+from agentstream.streams.settings import (
+    DELIVERY_VAR,
+    Settings,
+    child_environ,
+    native_delivery,
+)
 from tests.chaos import checker
 from tests.chaos.checker import BLOCKED_WORD
 from tests.chaos.cluster import ChaosWorker, OwnBroker, OwnKafka
@@ -82,14 +87,13 @@ class RunOptions:
     #: the broker the run is on, when the suite owns it (scenarios may kill it)
     broker: OwnBroker | OwnKafka | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
-    #: the workers' delivery path: "native" sets AGENTSTREAM_EXPERIMENTAL_BATCH_DELIVERY=1
-    #: for them, "per-record" removes it; None keeps what the caller's environment says
+    #: the workers' delivery path (their AGENTSTREAM_DELIVERY); None keeps what the
+    #: caller's environment says
     delivery: str | None = None
 
 
 #: what a worker logs when an agent takes its records on the native path
-NATIVE_MARK = "EXPERIMENTAL batch-native delivery for"
-DELIVERY_PATHS = ("per-record", "native")
+NATIVE_MARK = "batch-native delivery for"
 
 
 def delivery_check(native: bool, logs: dict[str, str]) -> str | None:
@@ -247,10 +251,8 @@ def _base_env(opts: RunOptions, ns: str) -> dict[str, str]:
     if opts.session_timeout_s is not None:
         env["AGENTSTREAM_BROKER_SESSION_TIMEOUT_S"] = str(opts.session_timeout_s)
     env.update(opts.extra_env)
-    if opts.delivery == "native":
-        env[BATCH_DELIVERY_SWITCH] = "1"
-    elif opts.delivery == "per-record":
-        env.pop(BATCH_DELIVERY_SWITCH, None)
+    if opts.delivery is not None:
+        env[DELIVERY_VAR] = opts.delivery
     return env
 
 
@@ -664,7 +666,7 @@ async def _post_checks(ctx: RunContext, result: dict[str, Any]) -> dict[str, Any
         failures.append(f"audit verify: {av.summary}")
     failures += [f"fault effect: {text}" for text in ctx.fault_failures]
     out["fault_effect_failures"] = list(ctx.fault_failures)
-    native = any(w.env.get(BATCH_DELIVERY_SWITCH) == "1" for w in ctx.workers)
+    native = any(native_delivery(w.env) for w in ctx.workers)
     out["delivery"] = "native" if native else "per-record"
     logs = {
         w.name: w.log_path.read_text(errors="replace") if w.log_path.exists() else ""

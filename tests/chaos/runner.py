@@ -17,12 +17,11 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
-from agentstream.streams.settings import BATCH_DELIVERY_SWITCH
+from agentstream.streams.settings import DELIVERY_PATHS, DELIVERY_VAR
 from tests.chaos import plan
 from tests.chaos.cluster import PORT_BASE, OwnBroker, OwnKafka, sweep
 from tests.chaos.harness import (
     DEFAULT_SESSION_TIMEOUT_S,
-    DELIVERY_PATHS,
     GUARANTEES,
     RunOptions,
     run_once,
@@ -65,7 +64,7 @@ DEFAULTS: dict[str, Any] = {
     "drain_timeout": 240.0,
     "seed": None,
     "keep_topics": False,
-    "delivery": "per-record",
+    "delivery": "native",
 }
 #: exit code of a command line that cannot be run (argparse's own)
 USAGE_ERROR = 2
@@ -133,10 +132,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--delivery",
         choices=DELIVERY_PATHS,
-        help="The workers' delivery path: native sets AGENTSTREAM_EXPERIMENTAL_BATCH_DELIVERY=1 "
-        "for them (default: per-record, or native when the runner's own environment sets "
-        "that switch). Recorded in the report, so --resume keeps it; every run checks its "
-        "workers' logs show the path.",
+        help="The workers' delivery path, their AGENTSTREAM_DELIVERY (default: the runner's "
+        "own AGENTSTREAM_DELIVERY, else native). Recorded in the report, so --resume keeps "
+        "it; every run checks its workers' logs show the path.",
     )
     p.add_argument("--drain-timeout", type=float, help="Default 240 s.")
     p.add_argument("--seed", type=int, help="Seed of the fault moments (default: random).")
@@ -160,8 +158,8 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     run's, then the defaults. Raises OptionConflict when an explicit option differs from
     the resumed run's."""
     explicit = {k: getattr(args, k) for k in DEFAULTS if getattr(args, k) is not None}
-    if "delivery" not in explicit and os.environ.get(BATCH_DELIVERY_SWITCH) == "1":
-        explicit["delivery"] = "native"
+    if "delivery" not in explicit and os.environ.get(DELIVERY_VAR) in DELIVERY_PATHS:
+        explicit["delivery"] = os.environ[DELIVERY_VAR]
     if explicit.get("scenario"):
         explicit["scenario"] = list(dict.fromkeys(explicit["scenario"]))
     recorded: dict[str, Any] = {}

@@ -239,11 +239,16 @@ async def tables_equal_rebuild(settings: Settings, last: list[Any]) -> list[Any]
     return results if ok else []
 
 
+# Both delivery paths: the native one is the default; the per-record one still serves
+# changelogs, a topic several agents read, and every topic under
+# AGENTSTREAM_DELIVERY=per-record, and this is the suite's kill -9 check of it.
+@pytest.mark.parametrize("delivery", ["native", "per-record"])
 async def test_exactly_once_kill9_restart_no_duplicates_tables_equal_rebuild(
-    settings_env: dict[str, str], tmp_path: Path
+    settings_env: dict[str, str], tmp_path: Path, delivery: str
 ) -> None:
     env = {
         **settings_env,
+        "AGENTSTREAM_DELIVERY": delivery,
         "AGENTSTREAM_AGENTS": "security,audit",
         "AGENTSTREAM_SECURITY_ENABLED": "false",
         "AGENTSTREAM_PROCESSING_GUARANTEE": "exactly_once",
@@ -336,6 +341,9 @@ async def test_exactly_once_kill9_restart_no_duplicates_tables_equal_rebuild(
         # every table with a changelog (the security decision counts too) equals its
         # rebuild: table updates commit in the same transactions as their inputs' offsets
         assert [c.table for c in results if c.live_available], "no table compared"
+        # ... on the path the test names: the native one logs each topic it serves
+        native = "batch-native delivery for" in worker.log_path.read_text(errors="replace")
+        assert native is (delivery == "native"), worker.tail()
         # the restarted worker restored its tables in bulk (streams.tables.restore), and
         # the checkpoint below shows what it restored equals the rebuild
         restored = re.findall(

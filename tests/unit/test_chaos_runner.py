@@ -272,19 +272,19 @@ async def test_stopping_a_task_that_swallows_its_cancellation_is_bounded(
         await task
 
 
-SWITCH = "AGENTSTREAM_EXPERIMENTAL_BATCH_DELIVERY"
+SWITCH = "AGENTSTREAM_DELIVERY"
 
 
-def test_the_delivery_path_is_per_record_unless_asked_or_switched(
+def test_the_delivery_path_is_native_unless_asked_or_set(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv(SWITCH, raising=False)
-    assert resolve(parse_args(["--out", str(tmp_path)])).delivery == "per-record"
-    assert resolve(parse_args(["--delivery", "native"])).delivery == "native"
-    # the switch in the runner's environment, as the docs long said to run it
-    monkeypatch.setenv(SWITCH, "1")
-    assert resolve(parse_args([])).delivery == "native"
+    assert resolve(parse_args(["--out", str(tmp_path)])).delivery == "native"
     assert resolve(parse_args(["--delivery", "per-record"])).delivery == "per-record"
+    # the setting in the runner's environment, as a worker's would be
+    monkeypatch.setenv(SWITCH, "per-record")
+    assert resolve(parse_args([])).delivery == "per-record"
+    assert resolve(parse_args(["--delivery", "native"])).delivery == "native"
 
 
 def test_resume_keeps_the_reports_delivery_path_and_refuses_the_other(
@@ -297,13 +297,14 @@ def test_resume_keeps_the_reports_delivery_path_and_refuses_the_other(
     assert resolve(parse_args(["--resume", str(native)])).delivery == "native"
     assert main(["--resume", str(native), "--delivery", "per-record"]) == USAGE_ERROR
     assert "--delivery per-record conflicts with native" in capsys.readouterr().err
-    # a report written before the option was made per record: the switch in the
-    # environment must not turn its remaining runs native
+    # a report written before the option was made per record: neither the default nor
+    # the setting in the environment turns its remaining runs native
     older = report(tmp_path / "older", [])
     doc = json.loads((older / "report.json").read_text())
     del doc["meta"]["options"]["delivery"]
     (older / "report.json").write_text(json.dumps(doc))
-    monkeypatch.setenv(SWITCH, "1")
+    assert resolve(parse_args(["--resume", str(older)])).delivery == "per-record"
+    monkeypatch.setenv(SWITCH, "native")
     assert main(["--resume", str(older), "--plan"]) == USAGE_ERROR
     assert "--delivery native conflicts with per-record" in capsys.readouterr().err
     # and one from before the options were recorded at all
@@ -317,7 +318,7 @@ def test_resume_keeps_the_reports_delivery_path_and_refuses_the_other(
 def test_a_run_fails_when_its_workers_did_not_run_the_path_it_names() -> None:
     from tests.chaos.harness import NATIVE_MARK, delivery_check
 
-    native_log = f"... WARNING {NATIVE_MARK} agentstream.agents.security ...\n"
+    native_log = f"... INFO {NATIVE_MARK} agentstream.agents.security ...\n"
     assert delivery_check(True, {"w0": native_log, "w1": native_log}) is None
     assert delivery_check(False, {"w0": "Ready\n", "w1": "Ready\n"}) is None
     missing = delivery_check(True, {"w0": native_log, "w1": "Ready\n"})
@@ -331,11 +332,11 @@ def test_the_workers_environment_follows_the_runs_delivery_path(
 ) -> None:
     from tests.chaos.harness import RunOptions, _base_env
 
-    monkeypatch.setenv(SWITCH, "1")
+    monkeypatch.setenv(SWITCH, "per-record")
     opts = RunOptions("poison", "at_least_once", 10, tmp_path, "127.0.0.1:1")
-    assert _base_env(opts, "ns").get(SWITCH) == "1"  # None: the caller's environment
-    opts.delivery = "per-record"
-    assert SWITCH not in _base_env(opts, "ns")
-    monkeypatch.delenv(SWITCH)
+    assert _base_env(opts, "ns").get(SWITCH) == "per-record"  # None: the caller's
     opts.delivery = "native"
-    assert _base_env(opts, "ns")[SWITCH] == "1"
+    assert _base_env(opts, "ns")[SWITCH] == "native"
+    monkeypatch.delenv(SWITCH)
+    opts.delivery = "per-record"
+    assert _base_env(opts, "ns")[SWITCH] == "per-record"

@@ -31,7 +31,13 @@ from agentstream.streams.delivery import (
     NativeChannel,
 )
 from agentstream.streams.processing import NativeBatch, _native_batches, _native_channel
-from agentstream.streams.settings import BATCH_DELIVERY_SWITCH, child_environ
+from agentstream.streams.settings import (
+    DELIVERY_VAR,
+    Settings,
+    SettingsError,
+    child_environ,
+    native_delivery,
+)
 
 #: a deadline for what must happen now; never reached when the code is right
 SOON_S = 5.0
@@ -435,8 +441,14 @@ async def test_an_agent_with_several_instances_keeps_per_record_delivery(
         NATIVE_CHANNELS.clear()
 
 
-def test_the_switch_is_off_by_default() -> None:
-    assert delivery.NATIVE_ENABLED is (os.environ.get(BATCH_DELIVERY_SWITCH) == "1")
+def test_the_native_path_is_the_default_and_per_record_turns_it_off() -> None:
+    assert delivery.NATIVE_ENABLED is (os.environ.get(DELIVERY_VAR) != "per-record")
+    assert native_delivery({}) and native_delivery({DELIVERY_VAR: "native"})
+    assert not native_delivery({DELIVERY_VAR: "per-record"})
+    # the setting takes only the two paths: a worker refuses anything else at start
+    assert Settings.from_env({}).delivery == "native"
+    with pytest.raises(SettingsError, match="AGENTSTREAM_DELIVERY='per_record'"):
+        Settings.from_env({DELIVERY_VAR: "per_record"})
 
 
 class RecordBatch:
@@ -720,9 +732,9 @@ async def test_a_flow_control_clear_empties_the_native_channels(
     assert consumer._refetch_epoch == epoch + 1
 
 
-def test_child_processes_keep_the_switch_but_not_the_settings() -> None:
-    env = child_environ({"PATH": "/bin", "AGENTSTREAM_APP_ID": "mine", BATCH_DELIVERY_SWITCH: "1"})
-    assert env == {"PATH": "/bin", BATCH_DELIVERY_SWITCH: "1"}
+def test_child_processes_keep_the_delivery_path_but_not_the_other_settings() -> None:
+    env = child_environ({"PATH": "/bin", "AGENTSTREAM_APP_ID": "mine", DELIVERY_VAR: "per-record"})
+    assert env == {"PATH": "/bin", DELIVERY_VAR: "per-record"}
 
 
 async def test_a_seek_back_never_goes_below_the_committed_offset(consumer: Consumer) -> None:
