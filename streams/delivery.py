@@ -62,8 +62,8 @@ Records in flight
    own positions. Why: aiokafka's seek to committed skips a partition with no commit
    yet.
 6. A flow-control clear (`RefetchingFlowControl.clear`, on every `flow_control.resume()`)
-   empties the agents' queues (and the native channels, when the experimental path is
-   on) and refetches what they held (5). The record being
+   empties the agents' queues and the native channels, and refetches what they held
+   (5). The record being
    delivered meanwhile lands in a queue after the clear: it is marked stale
    (`STALE_DELIVERIES`), dropped unacked by its agent and refetched too. Batches that
    agents already took are not touched.
@@ -179,7 +179,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import os
 import time
 import weakref
 from collections.abc import Mapping
@@ -195,7 +194,6 @@ from mode.utils.queues import FlowControlEvent
 
 from agentstream.streams import record_batches
 from agentstream.streams.observability import OFFSETS_SKIPPED
-from agentstream.streams.settings import native_delivery
 from agentstream.streams.tables.writer import flush_pending
 
 log = logging.getLogger(__name__)
@@ -1235,7 +1233,7 @@ class BatchDeliveryConsumer:
         epoch: int,
         native: Mapping[Any, list[Any]] | None = None,
     ) -> list[tuple[Any, Any]]:
-        """The native path (`NATIVE_ENABLED`, docs/design/batch-delivery.md): hand the records
+        """The native path (`processing.NATIVE_ENABLED`, design/batch-delivery.md): hand the records
         of topics with a native channel to it as one `FetchedList` per topic, without
         the conductor; returns the records of every other topic, for the per-record path.
 
@@ -1248,7 +1246,7 @@ class BatchDeliveryConsumer:
         Flow control and the producer buffer's ebb are waited for once per batch.
         `native` (per partition, taken from the fetch by `_wait_next_records`) joins the
         lists split from `batch` (a record of a topic whose channel was registered after
-        its fetch). Not covered (prototype): records are not tracked as unacked
+        its fetch). Not kept on this path: records are not tracked as unacked
         (`wait_empty`, off in this app)."""
         channels = NATIVE_CHANNELS
         rest: list[tuple[Any, Any]] = []
@@ -1522,13 +1520,6 @@ class IdempotentProducer:
         extra.setdefault("acks", "all")
         extra.setdefault("enable_idempotence", True)
         return extra
-
-
-#: batch-native delivery (docs/design/batch-delivery.md), the default: an agent's
-#: `decoded_batches` takes its topic's fetched records as lists
-#: (`BatchDeliveryConsumer._deliver_native`); ``AGENTSTREAM_DELIVERY=per-record`` turns
-#: it off. Read from the environment at import, as the app is built from it then too.
-NATIVE_ENABLED = native_delivery(os.environ)
 
 
 class FetchedList:

@@ -89,7 +89,6 @@ from agentstream.streams.delivery import (
     HANDED_MARKS,
     HOLDS,
     NATIVE_CHANNELS,
-    NATIVE_ENABLED,
     STALE_DELIVERIES,
     FetchedList,
     NativeChannel,
@@ -695,6 +694,9 @@ async def _event_batches(
 # batch is acked, under exactly-once into the transaction of the input partition each
 # was emitted for. Which agents stay per record, and why, is in the design note.
 
+#: the native path is on (`AGENTSTREAM_DELIVERY`, the worker's validated settings):
+#: an agent's `decoded_batches` takes its topic's fetched records as lists
+NATIVE_ENABLED = settings.delivery == "native"
 #: (the agent's task, its outbox) while a native batch is out: `emit` appends to it
 _OUTBOX: ContextVar[
     tuple[asyncio.Task[Any] | None, list[tuple[str, bytes, bytes, str, tuple[str, int] | None]]]
@@ -715,6 +717,8 @@ def _native_channel(stream: Any) -> NativeChannel | None:
         return None
     topics: tuple[str, ...] = tuple(getattr(stream.channel, "topics", None) or ())
     if len(topics) != 1:
+        if topics:
+            log.info("%s: a stream of %d topics: per-record delivery", topics, len(topics))
         return None
     name = topics[0]
     readers = [

@@ -42,6 +42,9 @@ from agentstream.streams.replay import Gap, Progress, ReplayRecord
 from agentstream.streams.settings import Settings, get_settings
 from agentstream.streams.topics import CATALOGUE
 
+#: the batch-native path's switch while it was experimental; AGENTSTREAM_DELIVERY now
+RETIRED_DELIVERY_SWITCH = "AGENTSTREAM_EXPERIMENTAL_BATCH_DELIVERY"
+
 
 def check_worker(faust_args: list[str]) -> Settings:
     """The settings a worker with these options runs with, once both are known good
@@ -60,6 +63,14 @@ def run_worker(faust_args: list[str]) -> None:
     """Check the options and the settings, create missing topics, then hand over to
     Faust's `worker` command for this app."""
     settings = check_worker(faust_args)
+    if RETIRED_DELIVERY_SWITCH in os.environ:
+        # a deployment that still sets it asked for a path by a name no longer read:
+        # say once, where the worker starts, which path runs
+        click.echo(
+            f"warning: {RETIRED_DELIVERY_SWITCH} is no longer read: this worker runs the "
+            f"{settings.delivery} delivery path (AGENTSTREAM_DELIVERY, default native)",
+            err=True,
+        )
     if not any(a.startswith(("-l", "--loglevel")) for a in faust_args):
         faust_args = ["--loglevel", faust_loglevel(settings.log_level), *faust_args]
     install_web_auth()

@@ -134,7 +134,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=DELIVERY_PATHS,
         help="The workers' delivery path, their AGENTSTREAM_DELIVERY (default: the runner's "
         "own AGENTSTREAM_DELIVERY, else native). Recorded in the report, so --resume keeps "
-        "it; every run checks its workers' logs show the path.",
+        "it (over the runner's AGENTSTREAM_DELIVERY); every run checks its workers' logs "
+        "show the path.",
     )
     p.add_argument("--drain-timeout", type=float, help="Default 240 s.")
     p.add_argument("--seed", type=int, help="Seed of the fault moments (default: random).")
@@ -158,8 +159,17 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     run's, then the defaults. Raises OptionConflict when an explicit option differs from
     the resumed run's."""
     explicit = {k: getattr(args, k) for k in DEFAULTS if getattr(args, k) is not None}
-    if "delivery" not in explicit and os.environ.get(DELIVERY_VAR) in DELIVERY_PATHS:
-        explicit["delivery"] = os.environ[DELIVERY_VAR]
+    # the runner's own AGENTSTREAM_DELIVERY picks the path of a new run (below the
+    # option, and below the path a resumed report was made on); a value no worker would
+    # take is refused, not run as the default
+    from_env: dict[str, Any] = {}
+    if env_path := os.environ.get(DELIVERY_VAR, ""):
+        if env_path not in DELIVERY_PATHS:
+            raise OptionConflict(
+                f"{DELIVERY_VAR}={env_path!r} is not a delivery path "
+                f"({' or '.join(DELIVERY_PATHS)})"
+            )
+        from_env["delivery"] = env_path
     if explicit.get("scenario"):
         explicit["scenario"] = list(dict.fromkeys(explicit["scenario"]))
     recorded: dict[str, Any] = {}
@@ -177,7 +187,7 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
                     f"{_flag(key)} {_show(value)} conflicts with {_show(recorded[key])}, "
                     f"which the run in {args.resume} was started with"
                 )
-    opts = {**DEFAULTS, **recorded, **explicit}
+    opts = {**DEFAULTS, **from_env, **recorded, **explicit}
     if not opts["scenario"]:
         opts["scenario"] = [n for n in DEFAULT_ORDER if SCENARIOS[n].implemented]
     out = args.resume or args.out or REPO / "var" / "chaos" / time.strftime("%Y%m%d-%H%M%S")

@@ -370,7 +370,7 @@ async def test_the_pipeline_runs_end_to_end_under_the_printed_acls(
         seen = [
             rec.event.payload.message_id
             async for rec in producer_client.subscribe(
-                "agent.messages.accepted", from_beginning=True, timeout_s=5
+                "agent.messages.accepted", from_beginning=True, until_end=True
             )
             if rec.event is not None
         ]

@@ -250,9 +250,7 @@ async def test_tail_and_subscribe_report_a_record_they_cannot_parse_and_go_on(
     assert str(bad.error).startswith(f"offset {offsets[2]}: header key"), bad.error
     assert [str(r.event.event_id) for r in got if r.event is not None] == good
 
-    done = cli(
-        settings_env, "tail", "agent.messages", "-o", "beginning", "-p", "0", "--timeout", "5"
-    )
+    done = cli(settings_env, "tail", "agent.messages", "-o", "beginning", "-p", "0", "--exit")
     assert "Traceback" not in done.stderr, done.stderr
     assert done.returncode == 3, done.stderr  # printed, and lacking a record
     assert [json.loads(line)["event_id"] for line in done.stdout.splitlines()] == good

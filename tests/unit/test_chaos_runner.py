@@ -304,15 +304,27 @@ def test_resume_keeps_the_reports_delivery_path_and_refuses_the_other(
     del doc["meta"]["options"]["delivery"]
     (older / "report.json").write_text(json.dumps(doc))
     assert resolve(parse_args(["--resume", str(older)])).delivery == "per-record"
-    monkeypatch.setenv(SWITCH, "native")
-    assert main(["--resume", str(older), "--plan"]) == USAGE_ERROR
+    monkeypatch.setenv(SWITCH, "native")  # exported for the workers, say
+    assert resolve(parse_args(["--resume", str(older)])).delivery == "per-record"
+    assert main(["--resume", str(older), "--delivery", "native", "--plan"]) == USAGE_ERROR
     assert "--delivery native conflicts with per-record" in capsys.readouterr().err
     # and one from before the options were recorded at all
     oldest = tmp_path / "oldest"
     oldest.mkdir()
     (oldest / "report.json").write_text(json.dumps({"meta": {"messages": 1500}, "runs": []}))
-    assert main(["--resume", str(oldest), "--plan"]) == USAGE_ERROR
-    assert "--delivery native conflicts with per-record" in capsys.readouterr().err
+    assert resolve(parse_args(["--resume", str(oldest)])).delivery == "per-record"
+    # a native report resumed with the variable saying per-record stays native too
+    monkeypatch.setenv(SWITCH, "per-record")
+    assert resolve(parse_args(["--resume", str(native)])).delivery == "native"
+
+
+@pytest.mark.parametrize("value", ["per_record", "Per-Record", " per-record", "batch"])
+def test_a_delivery_path_no_worker_would_take_is_refused_not_run_as_the_default(
+    value: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv(SWITCH, value)
+    assert main(["--plan"]) == USAGE_ERROR
+    assert f"AGENTSTREAM_DELIVERY={value!r} is not a delivery path" in capsys.readouterr().err
 
 
 def test_a_run_fails_when_its_workers_did_not_run_the_path_it_names() -> None:

@@ -270,6 +270,25 @@ MISTAKES = [
         {"AGENTSTREAM_LOG_LEVEL": "verbose"},
     ),
     Mistake(
+        "delivery-path-unknown",
+        ("worker",),
+        ("Error: AGENTSTREAM_DELIVERY='batch': Input should be 'native' or 'per-record'",),
+        2,
+        {"AGENTSTREAM_DELIVERY": "batch"},
+    ),
+    Mistake(
+        # the experimental switch is gone: a worker that still has it says which path runs
+        "retired-delivery-switch",
+        ("worker",),
+        (
+            "warning: AGENTSTREAM_EXPERIMENTAL_BATCH_DELIVERY is no longer read: this worker "
+            "runs the per-record delivery path (AGENTSTREAM_DELIVERY, default native)",
+            NO_BROKER,
+        ),
+        1,
+        {"AGENTSTREAM_EXPERIMENTAL_BATCH_DELIVERY": "1", "AGENTSTREAM_DELIVERY": "per-record"},
+    ),
+    Mistake(
         "ca-file-missing",
         ("topics", "list"),
         ("Error: AGENTSTREAM_KAFKA_SSL_CAFILE='nope.pem': no such file",),

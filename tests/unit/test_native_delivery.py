@@ -1,4 +1,4 @@
-"""The experimental batch-native delivery path: fetched records reach an agent as lists
+"""The batch-native delivery path: fetched records reach an agent as lists
 through a `NativeChannel`, and no record waiting in a channel survives a refetch.
 
 The model (streams/delivery.py, invariants 5-8; docs/design/batch-delivery.md, 3): a
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -36,6 +35,7 @@ from agentstream.streams.settings import (
     Settings,
     SettingsError,
     child_environ,
+    get_settings,
     native_delivery,
 )
 
@@ -442,7 +442,8 @@ async def test_an_agent_with_several_instances_keeps_per_record_delivery(
 
 
 def test_the_native_path_is_the_default_and_per_record_turns_it_off() -> None:
-    assert delivery.NATIVE_ENABLED is (os.environ.get(DELIVERY_VAR) != "per-record")
+    # the worker's validated setting decides, not the raw environment
+    assert processing.NATIVE_ENABLED is (get_settings().delivery == "native")
     assert native_delivery({}) and native_delivery({DELIVERY_VAR: "native"})
     assert not native_delivery({DELIVERY_VAR: "per-record"})
     # the setting takes only the two paths: a worker refuses anything else at start

@@ -831,7 +831,7 @@ CONTRACTS: list[Contract] = [
         params="(self, topic)",
     ),
     c("faust.transport.producer.Producer.maybe_start", "call", f"{PROC}::producer.maybe_start()"),
-    # -- the experimental batch-native path (docs/design/batch-delivery.md) -------------
+    # -- the batch-native path (docs/design/batch-delivery.md) --------------------------
     c(
         # our bulk ack (`_ack_all`) writes exactly what this writes, per record
         "faust.transport.consumer.Consumer.ack",
