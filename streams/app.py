@@ -151,9 +151,9 @@ def create_app(settings: Settings) -> AgentStreamApp:
         producer_max_request_size=PRODUCER_MAX_REQUEST_BYTES,
         consumer_auto_offset_reset="earliest",
         # Faust's 1 MiB per partition leaves the worker idle between fetch rounds when
-        # it has a backlog: 4 MiB took a 200k-event backlog from 13k to 22k events/s in
-        # bench/ (8 MiB was no faster; aiokafka caps a whole fetch at 50 MiB).
-        consumer_max_fetch_size=4 * 1024 * 1024,
+        # it has a backlog: the default 4 MiB took a 200k-event backlog from 13k to 22k
+        # events/s in bench/ on the per-record path (8 MiB was no faster)
+        consumer_max_fetch_size=settings.consumer_max_partition_fetch_bytes,
         broker_commit_every=10_000,
         # fail-over after a kill -9: Faust's 60 s session left a dead member's partitions
         # idle for a minute; static membership hands a restarted worker its partitions

@@ -391,6 +391,17 @@ class Settings(BaseModel):
         "left out of it waits up to this long for its next records; Faust's own 1500 made "
         "LLM requests wait up to 1.5 s.",
     )
+    consumer_max_partition_fetch_bytes: int = Field(
+        default=4 * 1024 * 1024,
+        ge=1024 * 1024,
+        le=64 * 1024 * 1024,
+        description="Most bytes one fetch takes from a partition (Kafka's "
+        "max.partition.fetch.bytes; aiokafka caps a whole fetch at 50 MiB). Larger keeps a "
+        "worker with a backlog busy between fetches; on the native delivery path each "
+        "topic's channel holds up to four fetches, so memory grows with it: in the bench "
+        "1 MiB cut the pipeline worker's RSS from ~480 to ~330 MB for 5-10 % less "
+        "throughput.",
+    )
     broker_session_timeout_s: float = Field(
         default=10.0,
         ge=6.0,

@@ -88,6 +88,21 @@ async def test_default_fetch_wait_is_latency_friendly(tmp_path: Path) -> None:
         await consumer.stop()
 
 
+async def test_the_partition_fetch_size_is_the_setting(tmp_path: Path) -> None:
+    for size in (None, 1024 * 1024):
+        extra = (
+            {} if size is None else {"AGENTSTREAM_CONSUMER_MAX_PARTITION_FETCH_BYTES": str(size)}
+        )
+        app = create_app(_settings(tmp_path, **extra))
+        consumer = app.consumer._thread._create_worker_consumer(app.transport)
+        try:
+            # what aiokafka's consumer hands its fetcher, which asks each partition for it
+            want = size or 4 * 1024 * 1024
+            assert consumer._max_partition_fetch_bytes == want
+        finally:
+            await consumer.stop()
+
+
 async def test_worker_producer_is_idempotent_under_both_guarantees(tmp_path: Path) -> None:
     # a produce retried after a lost response (a reset connection) must not be written
     # twice: a duplicate decision breaks the signed chain (`audit verify`: inserted)
