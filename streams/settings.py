@@ -31,6 +31,9 @@ ENV_PREFIX = "AGENTSTREAM_"
 #: ``per-record`` (docs/design/batch-delivery.md)
 DELIVERY_VAR = "AGENTSTREAM_DELIVERY"
 DELIVERY_PATHS = ("native", "per-record")
+#: the settings a test's or bench's worker takes from its caller (`child_environ`): the
+#: ones a whole suite or bench run is measured or checked under
+CHILD_SETTINGS = (DELIVERY_VAR, "AGENTSTREAM_CONSUMER_MAX_PARTITION_FETCH_BYTES")
 
 
 def native_delivery(environ: Mapping[str, str]) -> bool:
@@ -43,9 +46,10 @@ def native_delivery(environ: Mapping[str, str]) -> bool:
 
 def child_environ(environ: Mapping[str, str]) -> dict[str, str]:
     """The environment a test's or bench's worker starts from: the caller's without this
-    project's settings (the caller sets those for the child), except the delivery path,
-    so that a whole suite or bench run can be made on either path."""
-    return {k: v for k, v in environ.items() if not k.startswith(ENV_PREFIX) or k == DELIVERY_VAR}
+    project's settings (the caller sets those for the child), except `CHILD_SETTINGS`,
+    so that a whole suite or bench run can be made on either delivery path or with
+    another fetch size."""
+    return {k: v for k, v in environ.items() if not k.startswith(ENV_PREFIX) or k in CHILD_SETTINGS}
 
 
 #: the producer's request limit (Faust's `producer_max_request_size`, which `create_app`
@@ -393,14 +397,18 @@ class Settings(BaseModel):
     )
     consumer_max_partition_fetch_bytes: int = Field(
         default=4 * 1024 * 1024,
-        ge=1024 * 1024,
-        le=64 * 1024 * 1024,
-        description="Most bytes one fetch takes from a partition (Kafka's "
-        "max.partition.fetch.bytes; aiokafka caps a whole fetch at 50 MiB). Larger keeps a "
+        # at least a whole record batch of a topic's default max.message.bytes: a larger
+        # batch comes back only from a fetch's first partition; at most aiokafka's cap on
+        # a whole fetch (fetch_max_bytes, 50 MiB), past which a larger value does nothing
+        ge=KAFKA_MAX_MESSAGE_BYTES,
+        le=50 * 1024 * 1024,
+        description="Most bytes one fetch of the worker's consumer takes from a partition, "
+        "for its input and changelog topics (Kafka's max.partition.fetch.bytes; table "
+        "restore, replay, tail and the client library keep their own). Larger keeps a "
         "worker with a backlog busy between fetches; on the native delivery path each "
         "topic's channel holds up to four fetches, so memory grows with it: in the bench "
-        "1 MiB cut the pipeline worker's RSS from ~480 to ~330 MB for 5-10 % less "
-        "throughput.",
+        "fetches of ~1 MiB (the least allowed: a batch of Kafka's default max.message.bytes) "
+        "cut the pipeline worker's RSS from ~480 to ~330 MB for 3-8 % less throughput.",
     )
     broker_session_timeout_s: float = Field(
         default=10.0,

@@ -370,7 +370,11 @@ async def test_the_pipeline_runs_end_to_end_under_the_printed_acls(
         seen = [
             rec.event.payload.message_id
             async for rec in producer_client.subscribe(
-                "agent.messages.accepted", from_beginning=True, until_end=True
+                # the end, or 30 s of silence if reading it were stuck
+                "agent.messages.accepted",
+                from_beginning=True,
+                until_end=True,
+                timeout_s=30,
             )
             if rec.event is not None
         ]

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from agentstream.streams.app import create_app
-from agentstream.streams.settings import Settings
+from agentstream.streams.settings import Settings, SettingsError
 
 
 def _settings(tmp_path: Path, **env: str) -> Settings:
@@ -89,7 +89,7 @@ async def test_default_fetch_wait_is_latency_friendly(tmp_path: Path) -> None:
 
 
 async def test_the_partition_fetch_size_is_the_setting(tmp_path: Path) -> None:
-    for size in (None, 1024 * 1024):
+    for size in (None, 2 * 1024 * 1024):
         extra = (
             {} if size is None else {"AGENTSTREAM_CONSUMER_MAX_PARTITION_FETCH_BYTES": str(size)}
         )
@@ -101,6 +101,11 @@ async def test_the_partition_fetch_size_is_the_setting(tmp_path: Path) -> None:
             assert consumer._max_partition_fetch_bytes == want
         finally:
             await consumer.stop()
+    # below a whole batch of Kafka's default max.message.bytes, or past aiokafka's cap on
+    # a whole fetch, a value would stall a partition or do nothing: refused
+    for bad in (1024 * 1024, 51 * 1024 * 1024):
+        with pytest.raises(SettingsError, match="AGENTSTREAM_CONSUMER_MAX_PARTITION_FETCH"):
+            _settings(tmp_path, AGENTSTREAM_CONSUMER_MAX_PARTITION_FETCH_BYTES=str(bad))
 
 
 async def test_worker_producer_is_idempotent_under_both_guarantees(tmp_path: Path) -> None:

@@ -734,8 +734,11 @@ async def test_a_flow_control_clear_empties_the_native_channels(
 
 
 def test_child_processes_keep_the_delivery_path_but_not_the_other_settings() -> None:
-    env = child_environ({"PATH": "/bin", "AGENTSTREAM_APP_ID": "mine", DELIVERY_VAR: "per-record"})
-    assert env == {"PATH": "/bin", DELIVERY_VAR: "per-record"}
+    fetch = "AGENTSTREAM_CONSUMER_MAX_PARTITION_FETCH_BYTES"
+    env = child_environ(
+        {"PATH": "/bin", "AGENTSTREAM_APP_ID": "mine", DELIVERY_VAR: "per-record", fetch: "2"}
+    )
+    assert env == {"PATH": "/bin", DELIVERY_VAR: "per-record", fetch: "2"}
 
 
 async def test_a_seek_back_never_goes_below_the_committed_offset(consumer: Consumer) -> None:
