@@ -817,7 +817,7 @@ class AsyncClient:
                 try:
                     batch = await consumer.getmany(timeout_ms=wait_ms)
                 except OffsetOutOfRangeError as exc:
-                    await _skip_deleted(consumer, exc, lost, ends)
+                    await _skip_deleted(consumer, exc, lost)
                     continue
                 except NoOffsetForPartitionError as exc:
                     await _no_offset(consumer, exc, start)
@@ -826,6 +826,8 @@ class AsyncClient:
                     idle_s += time.monotonic() - asked_at
                     if timeout_s is not None and (ends is None or idle_s >= timeout_s):
                         return
+                    if ends is not None:
+                        await _lower_ends(consumer, ends)
                     continue
                 idle_s = 0.0
                 for tp, records in batch.items():
@@ -867,17 +869,32 @@ def resume_out_of_range(position: int, begin: int, end: int) -> tuple[int, int |
     return position, None
 
 
+async def _lower_ends(consumer: Any, ends: dict[TopicPartition, int]) -> None:
+    """An `until_end` reader's ends, lowered to where each log ends now: a log's end (the
+    last stable offset) only grows, unless the log was cut back (an unclean leader
+    election), and then the offsets above the cut are gone, not yet to come. Asked when
+    a fetch comes back empty, so a reader waiting at a cut stops there, inside the log
+    or past its end (`_skip_deleted` moved it back). A broker that cannot answer now
+    leaves the ends as they are: the next empty fetch asks again."""
+    try:
+        now = await consumer.end_offsets(list(ends))
+    except KafkaError as exc:
+        log.debug("end offsets not available (%r): asked again after the next fetch", exc)
+        return
+    for tp, end in now.items():
+        if tp in ends and end < ends[tp]:
+            ends[tp] = end
+
+
 async def _skip_deleted(
     consumer: Any,
     exc: OffsetOutOfRangeError,
     lost: Callable[[Gap], None],
-    ends: dict[TopicPartition, int] | None = None,
 ) -> None:
     """After a fetch failed out of range (``auto_offset_reset="none"``: the position
     stays where it failed, the error names it): each partition goes on at its log's
-    start, and what it skipped goes to `lost` as a `Gap`. A log cut back below the end
-    an `until_end` reader waits for (an unclean leader election) lowers that end: the
-    offsets above it are gone, not yet to come."""
+    start, and what it skipped goes to `lost` as a `Gap`; a position past a log cut
+    back goes on at its new end."""
     from agentstream.streams.replay import Gap
 
     failed: dict[TopicPartition, int] = {}
@@ -889,8 +906,6 @@ async def _skip_deleted(
     begin = await consumer.beginning_offsets(tps)
     end = await consumer.end_offsets(tps)
     for tp, position in failed.items():
-        if ends is not None and tp in ends:
-            ends[tp] = min(ends[tp], end[tp])
         resume, first = resume_out_of_range(position, begin[tp], end[tp])
         if first is not None:
             lost(Gap(tp.topic, tp.partition, first, resume))

@@ -22,6 +22,7 @@ from aiokafka.errors import (
     KafkaTimeoutError,
     MessageSizeTooLargeError,
     NotLeaderForPartitionError,
+    OffsetOutOfRangeError,
     TopicAuthorizationFailedError,
     UnknownTopicOrPartitionError,
 )
@@ -1126,3 +1127,73 @@ async def test_until_end_with_a_timeout_does_not_count_the_readers_time() -> Non
             async for r in client.subscribe("agent.messages", offset="beginning", until_end=True)
         ]
     assert got == [0, 1, 2] and time.monotonic() - began < 5
+
+
+class CutBack:
+    """A consumer of one partition whose log holds offsets 0-5 when reading begins and is
+    cut back (an unclean leader election) to end at `cut_to` once offset 1 was fetched,
+    with nothing written after: the records past the cut are gone, not yet to come."""
+
+    def __init__(self, cut_to: int) -> None:
+        self.pos, self.end, self.cut_to = 0, 6, cut_to
+
+    async def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
+
+    def partitions_for_topic(self, topic: str) -> set[int]:
+        return {0}
+
+    def assign(self, tps: list[Any]) -> None:
+        self.tp = tps[0]
+
+    def assignment(self) -> set[Any]:
+        return {self.tp}
+
+    async def seek_to_beginning(self, *tps: Any) -> None:
+        self.pos = 0
+
+    def seek(self, tp: Any, offset: int) -> None:
+        self.pos = offset
+
+    async def beginning_offsets(self, tps: list[Any]) -> dict[Any, int]:
+        return {tp: 0 for tp in tps}
+
+    async def end_offsets(self, tps: list[Any]) -> dict[Any, int]:
+        return {tp: self.end for tp in tps}
+
+    async def position(self, tp: Any) -> int:
+        return self.pos
+
+    async def getmany(self, timeout_ms: int = 0, **kw: Any) -> dict[Any, list[Any]]:
+        if self.pos > self.end:  # what the broker answers a fetch past the log's end
+            raise OffsetOutOfRangeError({self.tp: self.pos})
+        if self.pos == self.end:
+            await asyncio.sleep(timeout_ms / 1000)
+            return {}
+        rec = types.SimpleNamespace(
+            offset=self.pos, partition=0, timestamp=0, key=None, value=b"{}", headers=()
+        )
+        self.pos += 1
+        if rec.offset == 1:
+            self.end = self.cut_to
+        return {self.tp: [rec]}
+
+
+@pytest.mark.parametrize(("cut_to", "read"), [(3, [0, 1, 2]), (1, [0, 1])])
+async def test_until_end_stops_at_a_log_cut_back_below_the_end_it_found(
+    cut_to: int, read: list[int]
+) -> None:
+    """The end `until_end` found (6) is gone after the cut: the read stops where the log
+    now ends, whether the position is still inside it (3: nothing fails, the fetches come
+    back empty) or past it (1: a fetch fails out of range)."""
+    client = AsyncClient(Settings.from_env({}))
+    client._new_consumer = lambda *a, **kw: CutBack(cut_to)  # type: ignore[method-assign]
+    async with asyncio.timeout(10):
+        got = [
+            r.offset
+            async for r in client.subscribe("agent.messages", offset="beginning", until_end=True)
+        ]
+    assert got == read
