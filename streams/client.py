@@ -807,9 +807,20 @@ class AsyncClient:
             #: seconds the broker has had for a record since the last batch (not the
             #: caller's time with that batch: a slow reader must not end the read early)
             idle_s = 0.0
+            lowered_at = time.monotonic()
             while max_events is None or seen < max_events:
                 if ends is not None and await _read_to(consumer, ends):
                     return
+                if ends is not None and time.monotonic() - lowered_at >= LOWER_ENDS_EVERY_S:
+                    # on a timer, not after an empty fetch: a partition written to all
+                    # the time keeps every fetch busy while another waits at a cut
+                    asked_at = time.monotonic()
+                    await _lower_ends(consumer, ends)
+                    lowered_at = time.monotonic()
+                    idle_s += lowered_at - asked_at  # the broker's time, as a fetch's
+                    if timeout_s is not None and idle_s >= timeout_s:
+                        return
+                    continue
                 if yielded and time.monotonic() - committed_at >= GROUP_COMMIT_INTERVAL_S:
                     await _commit_yielded(consumer, yielded)
                     committed_at = time.monotonic()
@@ -826,8 +837,6 @@ class AsyncClient:
                     idle_s += time.monotonic() - asked_at
                     if timeout_s is not None and (ends is None or idle_s >= timeout_s):
                         return
-                    if ends is not None:
-                        await _lower_ends(consumer, ends)
                     continue
                 idle_s = 0.0
                 for tp, records in batch.items():
@@ -869,17 +878,26 @@ def resume_out_of_range(position: int, begin: int, end: int) -> tuple[int, int |
     return position, None
 
 
+#: how often an `until_end` read asks where its logs end now (`_lower_ends`), and the
+#: longest it waits for the answer: during a leader failover aiokafka retries the ask for
+#: its whole request timeout (40 s), which a `--timeout` of a few seconds must not wait out
+LOWER_ENDS_EVERY_S = 1.0
+
+
 async def _lower_ends(consumer: Any, ends: dict[TopicPartition, int]) -> None:
     """An `until_end` reader's ends, lowered to where each log ends now: a log's end (the
     last stable offset) only grows, unless the log was cut back (an unclean leader
-    election), and then the offsets above the cut are gone, not yet to come. Asked when
-    a fetch comes back empty, so a reader waiting at a cut stops there, inside the log
-    or past its end (`_skip_deleted` moved it back). A broker that cannot answer now
-    leaves the ends as they are: the next empty fetch asks again."""
+    election), and then the offsets above the cut are gone, not yet to come. Asked every
+    `LOWER_ENDS_EVERY_S` while the read is not done, so a reader waiting at a cut stops
+    there, inside the log or past its end (`_skip_deleted` moved it back). A broker that
+    cannot answer within that time leaves the ends as they are: the next ask is the
+    next chance. (Kafka answers a new leader's ask LEADER_NOT_AVAILABLE, never with an
+    end lower than its log's, while its high watermark catches up.)"""
     try:
-        now = await consumer.end_offsets(list(ends))
-    except KafkaError as exc:
-        log.debug("end offsets not available (%r): asked again after the next fetch", exc)
+        async with asyncio.timeout(LOWER_ENDS_EVERY_S):
+            now = await consumer.end_offsets(list(ends))
+    except (KafkaError, TimeoutError) as exc:
+        log.debug("end offsets not available (%r): asked again in a second", exc)
         return
     for tp, end in now.items():
         if tp in ends and end < ends[tp]:

@@ -1197,3 +1197,88 @@ async def test_until_end_stops_at_a_log_cut_back_below_the_end_it_found(
             async for r in client.subscribe("agent.messages", offset="beginning", until_end=True)
         ]
     assert got == read
+
+
+class CutBackBeside(CutBack):
+    """`CutBack`'s partition 0 (cut to end at 3) beside a partition 1 that gets a new
+    record for every fetch, forever: no fetch comes back empty."""
+
+    def __init__(self) -> None:
+        super().__init__(3)
+        self.busy = 0
+
+    def partitions_for_topic(self, topic: str) -> set[int]:
+        return {0, 1}
+
+    def assign(self, tps: list[Any]) -> None:
+        self.tp, self.other = sorted(tps, key=lambda tp: tp.partition)
+
+    def assignment(self) -> set[Any]:
+        return {self.tp, self.other}
+
+    async def seek_to_beginning(self, *tps: Any) -> None:
+        self.pos = self.busy = 0
+
+    async def end_offsets(self, tps: list[Any]) -> dict[Any, int]:
+        ends = {self.tp: self.end, self.other: self.busy}
+        return {tp: ends[tp] for tp in tps}
+
+    async def position(self, tp: Any) -> int:
+        return self.pos if tp == self.tp else self.busy
+
+    async def getmany(self, timeout_ms: int = 0, **kw: Any) -> dict[Any, list[Any]]:
+        await asyncio.sleep(0.01)
+        got = {}
+        if self.pos < self.end:
+            got = await super().getmany(timeout_ms)
+        rec = types.SimpleNamespace(
+            offset=self.busy, partition=1, timestamp=0, key=None, value=b"{}", headers=()
+        )
+        self.busy += 1
+        return {**got, self.other: [rec]}
+
+
+async def test_until_end_stops_at_a_cut_back_log_beside_a_busy_partition() -> None:
+    """A partition written to all the time keeps every fetch busy: the cut beside it is
+    still seen, and the read ends."""
+    client = AsyncClient(Settings.from_env({}))
+    client._new_consumer = lambda *a, **kw: CutBackBeside()  # type: ignore[method-assign]
+    async with asyncio.timeout(10):
+        got = [
+            (r.partition, r.offset)
+            async for r in client.subscribe("agent.messages", offset="beginning", until_end=True)
+        ]
+    assert [o for p, o in got if p == 0] == [0, 1, 2]
+
+
+class Failover(Trickle):
+    """A partition whose log ends at 3, though no fetch brings a record (the leader is
+    gone), and whose broker cannot say where the log ends: after the first answer each
+    ask takes 30 s to fail."""
+
+    async def end_offsets(self, tps: list[Any]) -> dict[Any, int]:
+        if getattr(self, "asked", False):
+            await asyncio.sleep(30)
+            raise KafkaTimeoutError()
+        self.asked = True
+        return await super().end_offsets(tps)
+
+    async def getmany(self, timeout_ms: int = 0, **kw: Any) -> dict[Any, list[Any]]:
+        await asyncio.sleep(timeout_ms / 1000)
+        return {}
+
+
+async def test_until_end_keeps_its_timeout_while_the_end_cannot_be_asked() -> None:
+    """`timeout_s` is the broker's silence, asking for the end included: the read ends
+    after about that long, not after the ask's own timeout."""
+    client = AsyncClient(Settings.from_env({}))
+    client._new_consumer = lambda *a, **kw: Failover()  # type: ignore[method-assign]
+    began = time.monotonic()
+    async with asyncio.timeout(60):
+        got = [
+            r.offset
+            async for r in client.subscribe(
+                "agent.messages", offset="beginning", until_end=True, timeout_s=2.0
+            )
+        ]
+    assert got == [] and time.monotonic() - began < 6
