@@ -310,11 +310,10 @@ async def _delete_topics(bootstrap: str, ns: str) -> None:
 
 
 def _free_port() -> int:
-    import socket
+    """A port for a worker's web views, which a test may restart on it."""
+    from tests.support import restartable_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return restartable_port()
 
 
 # Imported here, not at the top, so that this fixture stays one block of its own.

@@ -8,12 +8,14 @@ import asyncio
 import contextlib
 import functools
 import inspect
+import itertools
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar, overload
@@ -26,6 +28,58 @@ from agentstream.schemas.security import SignedChange
 from agentstream.streams.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent
+
+#: where `restartable_port` hands ports out: below the kernel's ephemeral range (Linux's
+#: default starts at 32768) and clear of the ports this project's brokers and proxies
+#: use (chaos 18690+, test brokers 19092-20300, Toxiproxy 28474+, clusters 29092+)
+RESTARTABLE_PORTS = range(23_000, 28_000)
+#: slices of `RESTARTABLE_PORTS`: one per xdist worker (gw0..gw15) and one for a
+#: process outside xdist (a serial run, the chaos runner)
+_PORT_SLICES = 17
+_port_cycle: Iterator[int] | None = None
+
+
+def _ephemeral_start() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32_768
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def restartable_port() -> int:
+    """A free port for a worker's web server, which a test may stop and start again on
+    the same port. Not from the ephemeral range, as ``bind(port 0)`` picks: there any
+    outgoing connection of the machine (a Kafka client of another test) may take the
+    port while the worker is down, and the restarted worker fails to bind it. Each
+    xdist worker hands out its own slice of `RESTARTABLE_PORTS` in turn, skipping ports
+    in use; where the ephemeral range reaches the slices, a port from bind(0)."""
+    global _port_cycle
+    if _ephemeral_start() <= RESTARTABLE_PORTS.stop:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return int(s.getsockname()[1])
+    if _port_cycle is None:
+        worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+        slot = int(worker[2:]) + 1 if worker[:2] == "gw" and worker[2:].isdigit() else 0
+        span = len(RESTARTABLE_PORTS) // _PORT_SLICES
+        first = RESTARTABLE_PORTS.start + (slot % _PORT_SLICES) * span
+        _port_cycle = itertools.cycle(range(first, first + span))
+    for _ in range(len(RESTARTABLE_PORTS) // _PORT_SLICES):
+        port = next(_port_cycle)
+        if _bindable(port):
+            return port
+    raise RuntimeError("no free port in this process's slice of RESTARTABLE_PORTS")
+
+
 T = TypeVar("T")
 P = TypeVar("P")
 

@@ -11,7 +11,6 @@ import os
 import random
 import resource
 import signal
-import socket
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -32,7 +31,14 @@ from tests.chaos.checker import BLOCKED_WORD
 from tests.chaos.cluster import ChaosWorker, OwnBroker, OwnKafka
 from tests.chaos.collect import INPUT_TOPIC, Collector, GroupWatcher, stop_task
 from tests.chaos.load import Load
-from tests.support import REPO, AdminSigner, await_until, cli, with_admin_key
+from tests.support import (
+    REPO,
+    AdminSigner,
+    await_until,
+    cli,
+    restartable_port,
+    with_admin_key,
+)
 
 GUARANTEES = (checker.AT_LEAST_ONCE, checker.EXACTLY_ONCE)
 #: Faust's broker_commit_interval in streams/app.py (the at-least-once duplicate bound)
@@ -52,9 +58,8 @@ T = TypeVar("T")
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A worker's web port: a killed worker restarts on it (`restartable_port`)."""
+    return restartable_port()
 
 
 @dataclass

@@ -43,6 +43,7 @@ from agentstream.streams.errors import BrokerAuthError, PublishError
 from agentstream.streams.kafka_security import new_admin, new_producer
 from agentstream.streams.settings import Settings
 from agentstream.streams.topics import CATALOGUE, SECURITY_POLICIES
+from tests.conftest import _free_port
 from tests.support import REPO, Worker, await_until, cli, with_admin_key
 
 # one worker runs the whole module: `deployment` (module scope) takes ~30 s to set up
@@ -54,14 +55,6 @@ POLICIES = {
     "default_action": "allow",
     "policies": [{"policy_id": "no-forbidden", "level": "*", "blocked_patterns": ["forbidden"]}],
 }
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def acl_main_class(kafka: Any) -> str:
