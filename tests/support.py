@@ -46,7 +46,8 @@ def _ephemeral_start() -> int:
         return 32_768
 
 
-def _bindable(port: int) -> bool:
+def port_free(port: int) -> bool:
+    """Whether `port` can be bound on 127.0.0.1 now."""
     with socket.socket() as s:
         try:
             s.bind(("127.0.0.1", port))
@@ -75,7 +76,7 @@ def restartable_port() -> int:
         _port_cycle = itertools.cycle(range(first, first + span))
     for _ in range(len(RESTARTABLE_PORTS) // _PORT_SLICES):
         port = next(_port_cycle)
-        if _bindable(port):
+        if port_free(port):
             return port
     raise RuntimeError("no free port in this process's slice of RESTARTABLE_PORTS")
 

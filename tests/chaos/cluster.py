@@ -16,7 +16,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,7 +24,7 @@ from typing import Any
 
 import orjson
 
-from tests.support import REPO, Worker
+from tests.support import REPO, Worker, port_free
 
 #: first port of the chaos range; AGENTSTREAM_CHAOS_PORT_BASE moves it
 PORT_BASE = int(os.environ.get("AGENTSTREAM_CHAOS_PORT_BASE", "18690"))
@@ -33,21 +32,12 @@ PORT_SPAN = 200
 _FORBIDDEN = (range(19090, 19301), range(29092, 65536))
 
 
-def _free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
 def free_port_pair(base: int = PORT_BASE) -> tuple[int, int]:
     """Two free consecutive ports in the chaos range (for broker + controller)."""
     for port in range(base, base + PORT_SPAN, 2):
         if any(port in r or port + 1 in r for r in _FORBIDDEN):
             raise RuntimeError(f"chaos port range reaches a reserved port ({port})")
-        if _free(port) and _free(port + 1):
+        if port_free(port) and port_free(port + 1):
             return port, port + 1
     raise RuntimeError(f"no free port pair in {base}..{base + PORT_SPAN}")
 

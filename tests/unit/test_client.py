@@ -1129,25 +1129,13 @@ async def test_until_end_with_a_timeout_does_not_count_the_readers_time() -> Non
     assert got == [0, 1, 2] and time.monotonic() - began < 5
 
 
-class CutBack:
+class CutBack(Trickle):
     """A consumer of one partition whose log holds offsets 0-5 when reading begins and is
     cut back (an unclean leader election) to end at `cut_to` once offset 1 was fetched,
     with nothing written after: the records past the cut are gone, not yet to come."""
 
     def __init__(self, cut_to: int) -> None:
         self.pos, self.end, self.cut_to = 0, 6, cut_to
-
-    async def start(self) -> None:
-        pass
-
-    async def stop(self) -> None:
-        pass
-
-    def partitions_for_topic(self, topic: str) -> set[int]:
-        return {0}
-
-    def assign(self, tps: list[Any]) -> None:
-        self.tp = tps[0]
 
     def assignment(self) -> set[Any]:
         return {self.tp}
