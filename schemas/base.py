@@ -21,6 +21,9 @@ from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field
 MAX_ID_LENGTH = 256
 
 
+OUT_OF_UTC_RANGE = "out of the range of times in UTC"
+
+
 def _in_utc_range(value: datetime) -> datetime:
     """A time a sender wrote must exist in UTC: 9999-12-31T23:59:59-14:00 is year 10000
     there, and converting it (`astimezone`, `fromtimestamp`, which tables and monitors
@@ -29,7 +32,7 @@ def _in_utc_range(value: datetime) -> datetime:
     try:
         value.astimezone(UTC)
     except OverflowError:
-        raise ValueError("out of the range of times in UTC") from None
+        raise ValueError(OUT_OF_UTC_RANGE) from None
     return value
 
 
@@ -77,7 +80,12 @@ class Event(BaseModel, Generic[P]):
     @field_validator("occurred_at")
     @classmethod
     def _to_utc(cls, value: datetime) -> datetime:
-        return _in_utc_range(value).astimezone(UTC)
+        # one conversion, checked as `_in_utc_range` checks it: this runs for every
+        # event a worker decodes
+        try:
+            return value.astimezone(UTC)
+        except OverflowError:
+            raise ValueError(OUT_OF_UTC_RANGE) from None
 
     @classmethod
     def of(
