@@ -17,7 +17,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from agentstream.streams.settings import native_delivery
+from agentstream.streams.settings import delivery_path
 from bench.context import BenchContext, log
 
 #: Rates that are references, not stages to compare against the naive agent.
@@ -135,7 +135,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         bootstrap, args.events, args.payload_bytes, args.partitions, guarantee=args.guarantee
     )
     # the workers' delivery path: their AGENTSTREAM_DELIVERY is the bench's own
-    delivery = "native" if native_delivery(os.environ) else "per-record"
+    delivery = delivery_path(os.environ)
     log(
         f"stages {list(stages)}; {args.events} events of ~{args.payload_bytes} B, "
         f"{args.partitions} partitions, {args.guarantee}, {delivery} delivery; "

@@ -14,7 +14,7 @@ import os
 from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
@@ -30,18 +30,24 @@ ENV_PREFIX = "AGENTSTREAM_"
 #: the delivery path's setting (`Settings.delivery`): ``native`` (the default) or
 #: ``per-record`` (docs/design/batch-delivery.md)
 DELIVERY_VAR = "AGENTSTREAM_DELIVERY"
-DELIVERY_PATHS = ("native", "per-record")
+DeliveryPath = Literal["native", "per-record"]
+DELIVERY_PATHS: tuple[DeliveryPath, ...] = get_args(DeliveryPath)
 #: the settings a test's or bench's worker takes from its caller (`child_environ`): the
 #: ones a whole suite or bench run is measured or checked under
 CHILD_SETTINGS = (DELIVERY_VAR, "AGENTSTREAM_CONSUMER_MAX_PARTITION_FETCH_BYTES")
 
 
+def delivery_path(environ: Mapping[str, str]) -> DeliveryPath:
+    """The delivery path a worker started with `environ` runs, as the harnesses that
+    start workers (bench, fault-injection suite) record it. The worker itself reads its
+    validated `Settings.delivery` (`streams.processing.NATIVE_ENABLED`); a value that is
+    neither path is refused there, before the worker starts."""
+    return "per-record" if environ.get(DELIVERY_VAR, "") == "per-record" else "native"
+
+
 def native_delivery(environ: Mapping[str, str]) -> bool:
-    """Whether a worker started with `environ` runs the native path, as the harnesses
-    that start workers (bench, fault-injection suite) record it. The worker itself reads
-    its validated `Settings.delivery` (`streams.processing.NATIVE_ENABLED`); a value
-    that is neither path is refused there, before the worker starts."""
-    return environ.get(DELIVERY_VAR, "") != "per-record"
+    """Whether a worker started with `environ` runs the native path (`delivery_path`)."""
+    return delivery_path(environ) == "native"
 
 
 def child_environ(environ: Mapping[str, str]) -> dict[str, str]:
@@ -322,7 +328,7 @@ class Settings(BaseModel):
         default="at_least_once",
         description="Faust processing guarantee. exactly_once uses Kafka transactions.",
     )
-    delivery: Literal["native", "per-record"] = Field(
+    delivery: DeliveryPath = Field(
         default="native",
         description="How a worker hands an agent its input. native: the records of each "
         "fetch as lists, straight from the consumer, for an agent that alone reads one "

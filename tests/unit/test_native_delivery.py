@@ -31,10 +31,12 @@ from agentstream.streams.delivery import (
 )
 from agentstream.streams.processing import NativeBatch, _native_batches, _native_channel
 from agentstream.streams.settings import (
+    DELIVERY_PATHS,
     DELIVERY_VAR,
     Settings,
     SettingsError,
     child_environ,
+    delivery_path,
     get_settings,
     native_delivery,
 )
@@ -446,6 +448,10 @@ def test_the_native_path_is_the_default_and_per_record_turns_it_off() -> None:
     assert processing.NATIVE_ENABLED is (get_settings().delivery == "native")
     assert native_delivery({}) and native_delivery({DELIVERY_VAR: "native"})
     assert not native_delivery({DELIVERY_VAR: "per-record"})
+    # what the harnesses record is one of the setting's values, and the default's
+    assert delivery_path({}) == Settings.from_env({}).delivery == "native"
+    assert delivery_path({DELIVERY_VAR: "per-record"}) == "per-record"
+    assert set(DELIVERY_PATHS) == {"native", "per-record"}
     # the setting takes only the two paths: a worker refuses anything else at start
     assert Settings.from_env({}).delivery == "native"
     with pytest.raises(SettingsError, match="AGENTSTREAM_DELIVERY='per_record'"):
