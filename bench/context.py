@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import psutil
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
@@ -62,6 +63,10 @@ class Throughput:
     t_first: float
     count_first: int
     t_done: float
+    #: the watched worker's CPU seconds (user + system, all its threads) at the first
+    #: and the last observation, when a worker was watched
+    cpu_first: float | None = None
+    cpu_done: float | None = None
 
     @property
     def eps(self) -> float:
@@ -72,6 +77,35 @@ class Throughput:
                 f"output grew too fast to time ({done} events in {span:.4f}s): raise --events"
             )
         return done / span
+
+    @property
+    def cpu_us(self) -> float | None:
+        """The worker's CPU time per event over the timed span, in µs: what the work
+        costs, which a busy shared machine changes far less than the rate."""
+        if self.cpu_first is None or self.cpu_done is None:
+            return None
+        return (self.cpu_done - self.cpu_first) / (self.target - self.count_first) * 1e6
+
+    @property
+    def busy(self) -> float | None:
+        """The worker's CPU seconds per second of the timed span: near 1.0 it was bound
+        by its own (GIL-held) work, well below by waiting (on the broker, on I/O)."""
+        if self.cpu_first is None or self.cpu_done is None:
+            return None
+        return (self.cpu_done - self.cpu_first) / (self.t_done - self.t_first)
+
+
+def cpu_keys(name: str, measured: Throughput) -> dict[str, float]:
+    """``<name>_cpu_us`` and ``<name>_busy`` of a watched worker (none if it was not)."""
+    if measured.cpu_us is None or measured.busy is None:
+        return {}
+    return {f"{name}_cpu_us": round(measured.cpu_us, 1), f"{name}_busy": round(measured.busy, 2)}
+
+
+def cpu_text(measured: Throughput) -> str:
+    if measured.cpu_us is None or measured.busy is None:
+        return ""
+    return f", {measured.cpu_us:.1f} µs CPU/event, {measured.busy:.0%} busy"
 
 
 class BenchError(RuntimeError):
@@ -116,6 +150,16 @@ class Worker:
                 raise BenchError(f"worker not ready after {timeout}s:\n{self.tail()}")
             await asyncio.sleep(0.05)
         return time.monotonic()
+
+    def cpu_s(self) -> float | None:
+        """CPU seconds the running process has used (user + system, every thread)."""
+        if self.proc is None or self.proc.poll() is not None:
+            return None
+        try:
+            times = psutil.Process(self.proc.pid).cpu_times()
+        except psutil.Error:
+            return None
+        return float(times.user + times.system)
 
     def check_alive(self) -> None:
         if self.proc is not None and self.proc.poll() is not None:
@@ -387,14 +431,17 @@ class BenchContext:
         deadline = time.monotonic() + timeout
         t_first: float | None = None
         count_first = 0
+        cpu_first: float | None = None
         while True:
             total = sum((await consumer.end_offsets(tps)).values())
             now = time.monotonic()
             if total > 0 and t_first is None:
                 t_first, count_first = now, total
+                cpu_first = worker.cpu_s() if worker is not None else None
             if total >= n:
                 assert t_first is not None
-                return Throughput(n, t_first, count_first, now)
+                cpu_done = worker.cpu_s() if worker is not None else None
+                return Throughput(n, t_first, count_first, now, cpu_first, cpu_done)
             if now > deadline:
                 raise BenchError(f"{topic_full} holds {total} of {n} records after {timeout}s")
             if worker is not None:

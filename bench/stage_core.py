@@ -26,7 +26,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from agentstream.streams.kafka_security import new_consumer, new_producer
 from agentstream.streams.topics import AGENT_MESSAGES, AGENT_MESSAGES_ACCEPTED
-from bench.context import BenchContext, BenchError, log
+from bench.context import BenchContext, BenchError, Throughput, cpu_keys, cpu_text, log
 
 NAME = "core"
 
@@ -61,7 +61,7 @@ async def run(ctx: BenchContext) -> dict[str, float]:
         BENCH_NAIVE_OUT=naive_out,
     )
     worker = ctx.start_process(naive_env, "-m", "bench.naive_app", "worker", "--loglevel", "info")
-    out["naive_faust_eps"] = await _timed(ctx, worker, naive_out, n)
+    out["naive_faust_eps"] = (await _timed(ctx, worker, naive_out, n)).eps
     log(f"core: (b) naive Faust {out['naive_faust_eps']:,.0f} ev/s")
 
     pipe_env = ctx.new_env(
@@ -69,15 +69,16 @@ async def run(ctx: BenchContext) -> dict[str, float]:
         AGENTSTREAM_AGENTS="bench.passthrough",
     )
     worker = ctx.start_worker(pipe_env)
-    out["pipeline_eps"] = await _timed(ctx, worker, ctx.topic(env, AGENT_MESSAGES_ACCEPTED), n)
-    log(f"core: (c) pipeline {out['pipeline_eps']:,.0f} ev/s")
+    measured = await _timed(ctx, worker, ctx.topic(env, AGENT_MESSAGES_ACCEPTED), n)
+    out["pipeline_eps"] = measured.eps
+    out.update(cpu_keys("pipeline", measured))
+    log(f"core: (c) pipeline {out['pipeline_eps']:,.0f} ev/s{cpu_text(measured)}")
     return out
 
 
-async def _timed(ctx: BenchContext, worker: Any, topic: str, n: int) -> float:
+async def _timed(ctx: BenchContext, worker: Any, topic: str, n: int) -> Throughput:
     try:
-        measured = await ctx.watch_count(topic, n, STAGE_TIMEOUT_S, worker=worker)
-        return measured.eps
+        return await ctx.watch_count(topic, n, STAGE_TIMEOUT_S, worker=worker)
     finally:
         worker.stop()
 

@@ -34,7 +34,16 @@ import subprocess
 from pathlib import Path
 
 from bench import peers_venv
-from bench.context import REPO, BenchContext, BenchError, Worker, log
+from bench.context import (
+    REPO,
+    BenchContext,
+    BenchError,
+    Throughput,
+    Worker,
+    cpu_keys,
+    cpu_text,
+    log,
+)
 from bench.peers_common import peer_bootstrap, work, work_us
 
 NAME = "peers"
@@ -76,8 +85,10 @@ async def run(ctx: BenchContext) -> dict[str, float]:
         )
         runner_env["BENCH_PEER_STATE_DIR"] = f"{runner_env['AGENTSTREAM_DATA_DIR']}/state"
         worker = ctx.start_process(runner_env, "-m", module, python=python)
-        out[key] = await _timed(ctx, worker, sink, n)
-        log(f"peers: {key} {out[key]:,.0f} ev/s")
+        measured = await _timed(ctx, worker, sink, n)
+        out[key] = measured.eps
+        out.update(cpu_keys(key.removesuffix("_eps"), measured))
+        log(f"peers: {key} {out[key]:,.0f} ev/s{cpu_text(measured)}")
     return out
 
 
@@ -117,9 +128,8 @@ def check_work(ctx: BenchContext, python: Path, values: list[bytes]) -> dict[str
     return {"peers_env_work_us": probe["work_us"], "pipeline_env_work_us": here}
 
 
-async def _timed(ctx: BenchContext, worker: Worker, topic: str, n: int) -> float:
+async def _timed(ctx: BenchContext, worker: Worker, topic: str, n: int) -> Throughput:
     try:
-        measured = await ctx.watch_count(topic, n, STAGE_TIMEOUT_S, worker=worker)
-        return measured.eps
+        return await ctx.watch_count(topic, n, STAGE_TIMEOUT_S, worker=worker)
     finally:
         worker.stop()

@@ -43,7 +43,16 @@ from agentstream.streams.topics import (
     SECURITY_IDENTITIES,
     SECURITY_POLICIES,
 )
-from bench.context import SENDERS, BenchContext, BenchError, log
+from bench.context import (
+    SENDERS,
+    BenchContext,
+    BenchError,
+    Throughput,
+    Worker,
+    cpu_keys,
+    cpu_text,
+    log,
+)
 
 NAME = "policy"
 POLICIES = 20
@@ -128,7 +137,7 @@ async def run(ctx: BenchContext) -> dict[str, float]:
     rejected_topic = ctx.topic(env, AGENT_MESSAGES_REJECTED)
     worker = ctx.start_worker(env)
     try:
-        rate = await _watch_sum(ctx, [accepted, rejected_topic], n, worker)
+        measured = await _watch_sum(ctx, [accepted, rejected_topic], n, worker)
         if ctx.guarantee == "exactly_once":
             # the end offsets `_watch_sum` read include transaction markers: let the
             # last transactions commit before the worker stops
@@ -143,10 +152,14 @@ async def run(ctx: BenchContext) -> dict[str, float]:
     if rejected != expected:
         raise BenchError(f"policy: {rejected} rejected, expected {expected}")
     await _check_verified(ctx, ctx.topic(env, SECURITY_DECISIONS))
-    log(f"policy: {rate:,.0f} ev/s ({rejected} of {n} rejected)")
+    log(f"policy: {measured.eps:,.0f} ev/s ({rejected} of {n} rejected){cpu_text(measured)}")
     worst = worst_case_us(policies)
     log(f"policy: worst-case scan at max_message_size {worst:,.0f} us")
-    return {"policy_eps": rate, "policy_worst_case_us": worst}
+    return {
+        "policy_eps": measured.eps,
+        **cpu_keys("policy", measured),
+        "policy_worst_case_us": worst,
+    }
 
 
 def worst_case_us(policies: list[SecurityPolicy]) -> float:
@@ -239,24 +252,22 @@ async def _await_committed(ctx: BenchContext, topics: list[str], n: int, worker:
         await asyncio.sleep(0.5)
 
 
-async def _watch_sum(ctx: BenchContext, topics: list[str], n: int, worker: object) -> float:
-    """Rate of accepted + rejected from the first output record to the n-th."""
+async def _watch_sum(ctx: BenchContext, topics: list[str], n: int, worker: Worker) -> Throughput:
+    """How accepted + rejected grew from the first output record to the n-th."""
     deadline = time.monotonic() + STAGE_TIMEOUT_S
     t_first: float | None = None
     count_first = 0
+    cpu_first: float | None = None
     while True:
         total = 0
         for topic in topics:
             total += await ctx.count(topic)
         now = time.monotonic()
         if total > 0 and t_first is None:
-            t_first, count_first = now, total
+            t_first, count_first, cpu_first = now, total, worker.cpu_s()
         if total >= n:
             assert t_first is not None
-            span, done = now - t_first, n - count_first
-            if span <= 0 or done <= 0:
-                raise BenchError("output grew too fast to time: raise --events")
-            return done / span
+            return Throughput(n, t_first, count_first, now, cpu_first, worker.cpu_s())
         if now > deadline:
             raise BenchError(f"policy: {total} of {n} messages decided after {STAGE_TIMEOUT_S}s")
         check = getattr(worker, "check_alive", None)

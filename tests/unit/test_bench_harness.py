@@ -3,13 +3,15 @@ the rate arithmetic (no Kafka)."""
 
 from __future__ import annotations
 
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from agentstream.schemas import AgentMessage, registry
 from bench.__main__ import discover, parse_args, ratios
-from bench.context import BenchContext, BenchError, Throughput
+from bench.context import BenchContext, BenchError, Throughput, Worker, cpu_keys, cpu_text
 
 
 def test_defaults_match_the_issue() -> None:
@@ -138,3 +140,37 @@ def test_soak_memory_growth_is_end_over_start_and_only_when_both_were_measured()
     assert ratios({"rss_start_mb": 200.0, "rss_end_mb": 230.0})["rss_growth"] == 1.15
     assert "rss_growth" not in ratios({"rss_start_mb": 200.0, "soak_error": "stalled"})
     assert "rss_growth" not in ratios({"rss_start_mb": 0.0, "rss_end_mb": 10.0})
+
+
+def test_cpu_per_event_and_busy_share_come_from_the_watched_span_only() -> None:
+    # 2 s of wall time, 1 s of the worker's CPU, 1,000 events after the first sighting
+    measured = Throughput(1_100, 10.0, 100, 12.0, cpu_first=3.0, cpu_done=4.0)
+    assert measured.cpu_us == pytest.approx(1_000.0)
+    assert measured.busy == pytest.approx(0.5)
+    assert cpu_keys("policy", measured) == {"policy_cpu_us": 1000.0, "policy_busy": 0.5}
+    # no worker watched: no CPU keys, not zeros
+    bare = Throughput(1_100, 10.0, 100, 12.0)
+    assert bare.cpu_us is None and bare.busy is None
+    assert cpu_keys("policy", bare) == {} and cpu_text(bare) == ""
+
+
+def test_a_workers_cpu_time_is_read_from_the_running_process(tmp_path: Path) -> None:
+    spin = (
+        "import time\n"
+        "t = time.process_time()\n"
+        "while time.process_time() - t < 0.3: pass\n"
+        "print('spun', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    worker = Worker({}, tmp_path / "w.log", [sys.executable, "-c", spin]).start()
+    try:
+        deadline = time.monotonic() + 30
+        while "spun" not in (tmp_path / "w.log").read_text():
+            worker.check_alive()
+            assert time.monotonic() < deadline, worker.tail()
+            time.sleep(0.02)
+        used = worker.cpu_s()
+        assert used is not None and used >= 0.3
+    finally:
+        worker.stop()
+    assert worker.cpu_s() is None  # an ended process has no running total
