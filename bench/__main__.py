@@ -153,9 +153,17 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "delivery": delivery,
     }
     for key, value in ctx.results.items():
-        result[key] = round(value, 1) if isinstance(value, float) else value
+        result[key] = rounded(key, value)
     result.update(ratios(ctx.results))
     return result
+
+
+def rounded(key: str, value: Any) -> Any:
+    """A result as the JSON reports it: rates and times to 0.1, a busy share (a
+    fraction of one CPU) to 0.01."""
+    if not isinstance(value, float):
+        return value
+    return round(value, 2 if key.endswith("_busy") else 1)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

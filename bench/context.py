@@ -88,8 +88,9 @@ class Throughput:
 
     @property
     def busy(self) -> float | None:
-        """The worker's CPU seconds per second of the timed span: near 1.0 it was bound
-        by its own (GIL-held) work, well below by waiting (on the broker, on I/O)."""
+        """The worker's CPU seconds per second of the timed span: well below 1.0 it was
+        waiting (on the broker, on I/O); near 1.0 it was busy, in Python or (a runner on
+        librdkafka) partly in the client's own threads."""
         if self.cpu_first is None or self.cpu_done is None:
             return None
         return (self.cpu_done - self.cpu_first) / (self.t_done - self.t_first)

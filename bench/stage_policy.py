@@ -270,7 +270,5 @@ async def _watch_sum(ctx: BenchContext, topics: list[str], n: int, worker: Worke
             return Throughput(n, t_first, count_first, now, cpu_first, worker.cpu_s())
         if now > deadline:
             raise BenchError(f"policy: {total} of {n} messages decided after {STAGE_TIMEOUT_S}s")
-        check = getattr(worker, "check_alive", None)
-        if check is not None:
-            check()
+        worker.check_alive()
         await asyncio.sleep(0.02)

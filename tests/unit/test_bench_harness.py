@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from agentstream.schemas import AgentMessage, registry
-from bench.__main__ import discover, parse_args, ratios
+from bench.__main__ import discover, parse_args, ratios, rounded
 from bench.context import BenchContext, BenchError, Throughput, Worker, cpu_keys, cpu_text
 
 
@@ -174,3 +174,10 @@ def test_a_workers_cpu_time_is_read_from_the_running_process(tmp_path: Path) -> 
     finally:
         worker.stop()
     assert worker.cpu_s() is None  # an ended process has no running total
+
+
+def test_the_json_keeps_a_busy_share_to_the_hundredth_and_rates_to_the_tenth() -> None:
+    assert rounded("policy_busy", 0.8649) == 0.86
+    assert rounded("policy_cpu_us", 121.86) == 121.9
+    assert rounded("policy_eps", 7345.34) == 7345.3
+    assert rounded("delivery", "native") == "native"
