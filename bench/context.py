@@ -82,18 +82,20 @@ class Throughput:
     def cpu_us(self) -> float | None:
         """The worker's CPU time per event over the timed span, in µs: what the work
         costs, which a busy shared machine changes far less than the rate."""
-        if self.cpu_first is None or self.cpu_done is None:
+        done = self.target - self.count_first
+        if self.cpu_first is None or self.cpu_done is None or done <= 0:
             return None
-        return (self.cpu_done - self.cpu_first) / (self.target - self.count_first) * 1e6
+        return (self.cpu_done - self.cpu_first) / done * 1e6
 
     @property
     def busy(self) -> float | None:
         """The worker's CPU seconds per second of the timed span: well below 1.0 it was
         waiting (on the broker, on I/O); near 1.0 it was busy, in Python or (a runner on
         librdkafka) partly in the client's own threads."""
-        if self.cpu_first is None or self.cpu_done is None:
+        span = self.t_done - self.t_first
+        if self.cpu_first is None or self.cpu_done is None or span <= 0:
             return None
-        return (self.cpu_done - self.cpu_first) / (self.t_done - self.t_first)
+        return (self.cpu_done - self.cpu_first) / span
 
 
 def cpu_keys(name: str, measured: Throughput) -> dict[str, float]:

@@ -152,6 +152,9 @@ def test_cpu_per_event_and_busy_share_come_from_the_watched_span_only() -> None:
     bare = Throughput(1_100, 10.0, 100, 12.0)
     assert bare.cpu_us is None and bare.busy is None
     assert cpu_keys("policy", bare) == {} and cpu_text(bare) == ""
+    # output that grew too fast to time has no rate (`eps` raises), and no CPU figures
+    instant = Throughput(100, 5.0, 100, 5.0, cpu_first=1.0, cpu_done=1.0)
+    assert instant.cpu_us is None and instant.busy is None
 
 
 def test_a_workers_cpu_time_is_read_from_the_running_process(tmp_path: Path) -> None:
