@@ -19,8 +19,9 @@ metadata the brokers are still spreading (`NewTopicNoise`): right after topics a
 created, a client sees "Topic ... not found in cluster metadata", `NotLeaderForPartitionError`
 on its first ListOffsets or produce requests, and a fresh broker has no group coordinator
 for a moment; the clients retry by themselves within a second or two and the user can do
-nothing about it. Every process imports this module through `streams.app` (the worker, and
-the CLI when it loads its commands).
+nothing about it. Every process imports this module: the worker through `streams.app`,
+every CLI command in `streams.cli.prepare_run` (a command marked `without_agents` never
+loads the app).
 """
 
 from __future__ import annotations

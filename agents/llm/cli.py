@@ -36,6 +36,7 @@ from agentstream.streams.cli import (
     json_option,
     reading_answer,
     run,
+    without_agents,
     worker_call,
     worker_json,
 )
@@ -50,6 +51,7 @@ def llm_group() -> None:
     """LLM calls through the pipeline (call_llm)."""
 
 
+@without_agents
 @llm_group.command("ask")
 @click.argument("prompt")
 @click.option("--provider", default=None, help="Registered provider (default: the configured).")
@@ -307,6 +309,7 @@ async def _ask(request: LLMRequest, wait_s: float, *, quiet: bool) -> LLMRespons
         await consumer.stop()
 
 
+@without_agents
 @llm_group.command("providers")
 @click.option("--check", is_flag=True, help="Also run each provider's setup check.")
 def providers(check: bool) -> None:

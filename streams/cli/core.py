@@ -27,6 +27,7 @@ from agentstream.streams.cli import (
     json_option,
     record_output_options,
     run,
+    without_agents,
 )
 from agentstream.streams.cli.progress import EXIT_LOST, unreadable_reporter, warn_unreadable
 from agentstream.streams.client import (
@@ -143,6 +144,7 @@ def worker(ctx: click.Context) -> None:
 
 
 # -- kafka -------------------------------------------------------------------------------
+@without_agents
 @cli.group()
 def kafka() -> None:
     """The local single-node Kafka broker (KRaft) for development and tests."""
@@ -265,6 +267,7 @@ def parse_line(topic: str, line: bytes, *, source: str, event_type: str | None) 
     return build_event(topic, orjson.loads(line), source=source, event_type=event_type)
 
 
+@without_agents
 @cli.command()
 @click.argument("topic")
 @click.option(
@@ -428,6 +431,7 @@ def start_offset(ctx: click.Context, param: click.Parameter, value: str | None) 
         raise click.BadParameter(str(exc)) from None
 
 
+@without_agents
 @cli.command()
 @click.argument("topic")
 @click.option(
@@ -598,6 +602,7 @@ def received_record(rec: Received) -> ReplayRecord:
 
 
 # -- schemas / config --------------------------------------------------------------------
+@without_agents
 @cli.group()
 def schemas() -> None:
     """Event schemas."""
@@ -617,6 +622,7 @@ def schemas_export(directory: Path) -> None:
     click.echo(f"wrote {len(registry.types())} schemas to {directory}")
 
 
+@without_agents
 @cli.command()
 @click.option(
     "--markdown", is_flag=True, help="Print the defaults as the table of docs/configuration.md."

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import click
 
-from agentstream.streams.cli import cli, non_empty, run
+from agentstream.streams.cli import cli, non_empty, run, without_agents
 from agentstream.streams.credentials import KeychainCredentialsProvider, mask
 from agentstream.streams.errors import CredentialsError, CredentialsNotFound
 
@@ -81,6 +81,7 @@ def _provider() -> KeychainCredentialsProvider:
         raise click.ClickException(f"{type(exc).__name__}: {exc}") from exc
 
 
+@without_agents
 @cli.group()
 def credentials() -> None:
     """Secrets in the OS keychain (tokens, signing and encryption keys, API keys)."""

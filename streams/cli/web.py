@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from agentstream.streams.cli import cli, json_option, run
+from agentstream.streams.cli import cli, json_option, run, without_agents
 from agentstream.streams.credentials import KeychainCredentialsProvider
 from agentstream.streams.errors import CredentialsError
 from agentstream.streams.web_auth import (
@@ -45,6 +45,7 @@ def _index_error(exc: TokenIndexError) -> click.ClickException:
     )
 
 
+@without_agents
 @cli.group()
 def web() -> None:
     """The worker web views: access tokens."""

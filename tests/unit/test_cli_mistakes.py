@@ -487,12 +487,13 @@ MISTAKES = [
         # another command: the warning names the file (it said only "maximum recursion
         # depth exceeded")
         "providers-file-nested-deeply-other-command",
-        ("schemas", "export", "exported"),
+        ("rebuild",),  # one that loads the agents (`schemas export` no longer does)
         (
             "warning: the agents did not all load: providers file deep.json, line 1: nested "
             "too deeply (more than 64 levels)",
+            "name a TABLE or pass --all",
         ),
-        0,
+        2,
         {"AGENTSTREAM_LLM_PROVIDERS_FILE": "deep.json"},
     ),
     Mistake(
