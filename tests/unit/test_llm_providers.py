@@ -385,6 +385,13 @@ async def collect_with(provider: LLMProvider, config: LLMConfig) -> list[StreamC
         "{url}/v1/../api",
         "{url}/v1?x=1",
         "http://user:pw@{host}/v1",
+        # what urlsplit strips or drops, but httpx does not: a URL without a host, whose
+        # error counted against the breaker every agent uses (review)
+        " {url}/v1",
+        "\x00{url}/v1",
+        "{url}/v1\t",
+        "{url}/v\n1",
+        "{url}/v1\x7f",
     ],
 )
 async def test_an_endpoint_override_is_a_whole_allowed_base_url(

@@ -310,7 +310,12 @@ class HTTPProvider(LLMProvider):
             allowed = {endpoint(base), *(endpoint(u) for u in self.config.allowed_endpoints)}
             parts = urlsplit(override)
             if (
-                "?" in override  # a query or fragment, even an empty one
+                # urlsplit strips leading spaces and controls and drops tabs and line
+                # breaks, so such a value compared equal to an allowed one; httpx reads
+                # it as a URL without a host, and that error counted against the breaker
+                # every agent of this provider shares
+                any(c <= " " or c == "\x7f" for c in override)
+                or "?" in override  # a query or fragment, even an empty one
                 or "#" in override
                 or parts.username is not None
                 or endpoint(override) not in allowed
