@@ -157,6 +157,11 @@ def _checker(schema_json: bytes) -> Any:
         return _build(orjson.loads(schema_json))
     except InvalidResponseFormat as exc:
         return str(exc)
+    except Exception as exc:  # the sender's schema, whatever jsonschema makes of it
+        # jsonschema assumes well-formed keywords it reads before checking the schema
+        # (`$schema` a string, `$id` a URL): a list there raises TypeError, an unclosed
+        # IPv6 literal ValueError. The schema is the sender's: refuse it, as any other
+        return f"response_format: the schema cannot be used: {type(exc).__name__}: {exc}"[:300]
 
 
 def _build(schema: Any) -> Any:

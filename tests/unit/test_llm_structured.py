@@ -490,3 +490,17 @@ async def test_a_schema_that_cannot_be_used_fails_before_any_call(server: LLMSer
     assert out.status == "failed" and not out.attempts and not server.requests
     assert out.error is not None and out.error.error_class == "InvalidResponseFormat"
     assert out.schema_valid is None
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [{"$schema": []}, {"$schema": 5}, {"$id": "http://[::1"}, {"$schema": {"a": 1}}],
+    ids=["schema-list", "schema-int", "id-bad-url", "schema-object"],
+)
+def test_a_schema_that_breaks_the_validator_library_is_refused_not_raised(
+    schema: dict[str, Any],
+) -> None:
+    # jsonschema raised TypeError/AttributeError/ValueError on these, past the refusal
+    # path: the request became a dead letter with a traceback, not a failed response
+    with pytest.raises(InvalidResponseFormat, match="response_format"):
+        structured.prepare(fmt(schema))
