@@ -36,6 +36,7 @@ from agentstream.streams.cli import (
     json_option,
     reading_answer,
     run,
+    term_safe,
     without_agents,
     worker_call,
     worker_json,
@@ -162,20 +163,28 @@ def ask(
     )
     alias = f" ({response.alias})" if response.alias else ""
     for call in response.tool_calls:
-        click.echo(f"\ntool {call.id} {call.function.name} {call.function.arguments}", nl=False)
+        click.echo(
+            "\n" + term_safe(f"tool {call.id} {call.function.name} {call.function.arguments}"),
+            nl=False,
+        )
     checked = ""
     if response.schema_valid is not None:
         checked = ", schema valid" if response.schema_valid else ", schema INVALID: "
         checked += response.schema_error if not response.schema_valid else ""
     finish = f", {response.finish_reason}" if response.finish_reason else ""
     click.echo(
-        f"\n[{response.status}] {response.provider}/{response.model}{alias} "
-        f"{response.latency_ms:.0f} ms, {len(response.attempts)} attempt(s), {tokens}"
-        f"{finish}{checked}",
+        "\n"
+        + term_safe(
+            f"[{response.status}] {response.provider}/{response.model}{alias} "
+            f"{response.latency_ms:.0f} ms, {len(response.attempts)} attempt(s), {tokens}"
+            f"{finish}{checked}"
+        ),
         err=True,
     )
     if response.error is not None:
-        raise click.ClickException(f"{response.error.error_class}: {response.error.message}")
+        raise click.ClickException(
+            term_safe(f"{response.error.error_class}: {response.error.message}")
+        )
 
 
 def _document(path: Path, option: str) -> Any:
@@ -356,9 +365,11 @@ def breakers() -> None:
             live = b["live"]
             rec = b.get("recorded") or {}
             lines.append(
-                f"{name:16} {live['state']:9} failures={live['failures']} "
-                f"last change: {rec.get('previous', '-')}→{rec.get('state', '-')} "
-                f"{rec.get('changed_at', '')} {rec.get('reason', '')}"
+                term_safe(
+                    f"{name:16} {live['state']:9} failures={live['failures']} "
+                    f"last change: {rec.get('previous', '-')}→{rec.get('state', '-')} "
+                    f"{rec.get('changed_at', '')} {rec.get('reason', '')}"
+                )
             )
     for line in lines:
         click.echo(line)
@@ -377,11 +388,15 @@ def usage(as_json: bool) -> None:
     with reading_answer(resp):  # every line made before any is printed
         for kind in ("agent", "provider", "model"):
             for name, t in sorted(data[kind].items()):
+                # agent ids, provider and model names are the senders' (a hostile
+                # one writes escape sequences): printed as text only
                 lines.append(
-                    f"{kind:8} {name:32} requests={t.get('requests', 0):6} "
-                    f"prompt={t.get('prompt_tokens', 0):8} "
-                    f"completion={t.get('completion_tokens', 0):8} "
-                    f"estimated={t.get('estimated_requests', 0)}"
+                    term_safe(
+                        f"{kind:8} {name:32} requests={t.get('requests', 0):6} "
+                        f"prompt={t.get('prompt_tokens', 0):8} "
+                        f"completion={t.get('completion_tokens', 0):8} "
+                        f"estimated={t.get('estimated_requests', 0)}"
+                    )
                 )
         lines.extend(budget_lines(data.get("budgets") or []))
     for line in lines:
@@ -403,5 +418,5 @@ def budget_lines(rows: list[dict[str, Any]]) -> list[str]:
                 cost += f" (+{r['unpriced_requests']} unpriced)"
             spent.append(cost)
         state = "EXCEEDED" if r.get("exceeded") else "ok"
-        lines.append(f"budget   {scope:40} {' '.join(spent)} {state}")
+        lines.append(term_safe(f"budget   {scope:40} {' '.join(spent)} {state}"))
     return lines

@@ -113,3 +113,36 @@ def test_agents_status_and_comms_print_hostile_ids_as_text(
         out = done.output
         assert not any((ord(c) < 0x20 and c != "\n") or 0x7F <= ord(c) < 0xA0 for c in out)
         assert len(out.splitlines()) == lines, out  # no line the sender added
+
+
+def test_llm_usage_and_breakers_print_hostile_names_as_text(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from click.testing import CliRunner
+
+    from agentstream.agents.llm import cli as llm_cli
+
+    evil = HOSTILE["osc52"] + HOSTILE["newline"]
+    totals = {"requests": 1, "prompt_tokens": 2, "completion_tokens": 3}
+    usage = {
+        "agent": {evil: totals},
+        "provider": {HOSTILE["title"]: totals},
+        "model": {HOSTILE["c1-csi"]: totals},
+        "budgets": [{"agent": evil, "model": HOSTILE["erase-line"], "window": "1d"}],
+    }
+    breakers = {
+        "breakers": {
+            HOSTILE["title"]: {
+                "live": {"state": "open", "failures": 5},
+                "recorded": {"reason": HOSTILE["carriage-return"]},
+            }
+        }
+    }
+    runner = CliRunner()
+    for answer, command, lines in ((usage, llm_cli.usage, 4), (breakers, llm_cli.breakers, 1)):
+        monkeypatch.setattr(llm_cli, "worker_call", lambda *a, _b=answer, **k: _Answer(_b))
+        done = runner.invoke(command, [], standalone_mode=False)
+        assert done.exception is None, done.output
+        out = done.output
+        assert not any((ord(c) < 0x20 and c != "\n") or 0x7F <= ord(c) < 0xA0 for c in out)
+        assert len(out.splitlines()) == lines, out  # no line the sender added
