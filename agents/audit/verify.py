@@ -198,13 +198,20 @@ def chain_record(
     eid = str(event.event_id)
     if not stored:
         return ChainRecord(offset, "", prev, None, eid, "record is not sealed")
+    try:
+        computed = record_hash(data)
+    except (TypeError, ValueError) as exc:
+        # decodable, but not serialisable again (nested past orjson's 254 levels in a
+        # free-form field): its hash cannot be what a worker computed, so it is altered,
+        # and the walk goes on (this raised out of `audit verify`, a traceback)
+        return ChainRecord(offset, stored, prev, None, eid, f"cannot be hashed: {exc}")
     if tally is not None:
         _tally(payload, tally)
     return ChainRecord(
         offset,
         stored,
         prev,
-        record_hash(data),
+        computed,
         eid,
         signed_by=str(payload.get("signed_by") or ""),
         signature=str(payload.get("signature") or ""),

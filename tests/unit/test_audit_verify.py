@@ -190,3 +190,28 @@ def test_a_chain_of_v1_decisions_and_v2_after_them_still_verifies() -> None:
     # and an altered v1 record is still caught
     values[1] = values[1].replace(b'"verdict":"allow"', b'"verdict":"deny"')
     assert walk(values) == [("altered", 1)]
+
+
+def test_a_record_too_deep_to_hash_is_altered_not_a_crash() -> None:
+    # metadata nested past what orjson serialises (254 levels) decodes, but its hash
+    # cannot be computed: `record_hash` raised out of `audit verify` (a traceback), so
+    # one such record on llm.responses stopped every audit of the topic
+    from agentstream.schemas.llm import LLMResponse
+
+    deep: Any = {}
+    for _ in range(300):
+        deep = {"d": deep}
+    ev = seal(Event.of(LLMResponse(request_id="r1", status="completed"), source="x"), GENESIS)
+    data = orjson.loads(encode(ev))
+    data["payload"]["metadata"] = deep
+    raw = _dumps_deep(data)
+    rec = chain_record(0, raw)
+    assert rec.computed is None and rec.error, rec
+    assert ("altered", 0) in [(f.kind, f.offset) for f in check_chain([rec], GENESIS)]
+
+
+def _dumps_deep(data: Any) -> bytes:
+    # orjson refuses to write past 254 levels; a producer may send any bytes
+    import json
+
+    return json.dumps(data).encode()
