@@ -35,6 +35,7 @@ from agentstream.streams.topics import (
     AGENT_MESSAGES_ACCEPTED,
     AGENT_MESSAGES_REJECTED,
     AGENT_STATUS,
+    CATALOGUE,
     COMMS_RECORDS,
     LLM_RESPONSES,
     PIPELINE_DEADLETTER,
@@ -99,8 +100,16 @@ def output_digest(event: Event[Any]) -> bytes:
     """A digest of `event`'s payload as its worker wrote it, without its seal
     (`SEAL_FIELDS`): the same for every copy of one output. Kept instead of the payload,
     whose answer text can be long, for every output the report reads."""
-    content = event.payload.model_dump(mode="json", exclude=SEAL_FIELDS)
-    return hashlib.sha256(orjson.dumps(content, option=orjson.OPT_SORT_KEYS)).digest()
+    try:
+        content = event.payload.model_dump(mode="json", exclude=SEAL_FIELDS)
+        return hashlib.sha256(orjson.dumps(content, option=orjson.OPT_SORT_KEYS)).digest()
+    except (TypeError, ValueError):
+        # a free-form field nested deeper than pydantic and orjson write (they read
+        # more): the fields' repr, the same for every copy of the output
+        payload = event.payload
+        fields = {k: getattr(payload, k) for k in type(payload).model_fields}
+        kept = {k: v for k, v in fields.items() if k not in SEAL_FIELDS}
+        return hashlib.sha256(repr(kept).encode("utf-8", "backslashreplace")).digest()
 
 
 @dataclass
@@ -143,6 +152,9 @@ class ReportBuilder:
         self.dead_letters: Counter[str] = Counter()
         self.duplicates = 0
         self.events = 0
+        #: events of a type their topic does not carry (a producer may write any type to
+        #: any topic): not counted, as `rebuild` does not fold them
+        self.off_topic = 0
         self._seen: set[tuple[Any, ...]] = set()
         #: offsets of the range deleted before the read reached them: not counted
         self.lost: list[Gap] = []
@@ -152,6 +164,10 @@ class ReportBuilder:
 
     def add(self, topic: str, event: Event[Any], partition: int, offset: int) -> None:
         """Fold the event read at `partition`/`offset` of `topic` (a catalogue name)."""
+        spec = CATALOGUE.get(topic)
+        if spec is not None and event.type not in spec.events:
+            self.off_topic += 1
+            return
         key = dedup_key(topic, event, partition, offset)
         if key in self._seen:
             self.duplicates += 1
@@ -214,6 +230,7 @@ class ReportBuilder:
             "lost_offsets": sum(g.offsets for g in self.lost),
             "unreadable_records": len(self.unreadable),
             "unreadable": list(self.unreadable),
+            "off_topic_records": self.off_topic,
             "totals": {
                 "agents": len(agents),
                 "sent": sum(a.sent for a in self.agents.values()),

@@ -291,3 +291,55 @@ def test_an_agent_reusing_one_request_event_id_and_request_id_has_every_call_cou
     assert llm["calls"] == 3
     assert llm["tokens"][0]["total_tokens"] == 8100
     assert data["duplicates_ignored"] == 1
+
+
+def test_an_event_of_another_topics_type_is_set_aside_not_a_crash() -> None:
+    # a hostile producer may publish any type to agent.messages: a Heartbeat there raised
+    # AttributeError ('Heartbeat' object has no attribute 'sender_id') out of the report
+    from agentstream.schemas import Heartbeat
+
+    b = ReportBuilder()
+    hb = Event.of(Heartbeat(agent_id="a", sent_at=T0), source="a")
+    for n, topic in enumerate(
+        (
+            "agent.messages",
+            "agent.messages.accepted",
+            "agent.messages.rejected",
+            "llm.responses",
+            "comms.records",
+            "agent.status",
+        )
+    ):
+        b.add(topic, hb, 0, n)
+    b.add("agent.messages", msg(1, "alice"), 0, 10)
+    data = b.result(T0, T0)
+    assert data["totals"]["sent"] == 1 and data["events"] == 1
+    assert data["off_topic_records"] == 6
+
+
+def test_an_output_too_deep_to_digest_is_still_counted() -> None:
+    # metadata nested past what orjson writes (254 levels) decodes, but output_digest
+    # raised ValueError out of the report
+    deep: Any = {}
+    for _ in range(300):
+        deep = {"d": deep}
+    raw = {
+        "type": "llm.response",
+        "schema_version": LLMResponse.VERSION,
+        "event_id": str(uuid4()),
+        "occurred_at": T0.isoformat(),
+        "source": "call_llm",
+        "causation_id": "req-event",
+        "payload": {
+            "request_id": "r1",
+            "agent_id": "alice",
+            "status": "completed",
+            "metadata": deep,
+        },
+    }
+    import json
+
+    ev = registry.decode(json.dumps(raw).encode(), limits=False)
+    b = ReportBuilder()
+    b.add("llm.responses", ev, 0, 0)
+    assert b.result(T0, T0)["totals"]["llm_calls"] == 1
