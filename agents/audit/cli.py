@@ -141,9 +141,13 @@ def checkpoints_cmd(
             click.echo(orjson.dumps(cp.model_dump(mode="json")).decode())
             continue
         tables = ", ".join(f"{n}={d[:12]}…({cp.sizes.get(n, 0)})" for n, d in cp.tables.items())
+        # worker id, reason and table names are whatever the record says (any producer
+        # to pipeline.checkpoints): printed as text only
         click.echo(
-            f"{cp.taken_at.isoformat(timespec='seconds')} {cp.worker_id} {cp.reason:9} "
-            f"{cp.checkpoint_id[:12]} tables[{tables}] offsets{json.dumps(cp.offsets)}"
+            term_safe(
+                f"{cp.taken_at.isoformat(timespec='seconds')} {cp.worker_id} {cp.reason:9} "
+                f"{cp.checkpoint_id[:12]} tables[{tables}] offsets{json.dumps(cp.offsets)}"
+            )
         )
 
 

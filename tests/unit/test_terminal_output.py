@@ -146,3 +146,31 @@ def test_llm_usage_and_breakers_print_hostile_names_as_text(
         out = done.output
         assert not any((ord(c) < 0x20 and c != "\n") or 0x7F <= ord(c) < 0xA0 for c in out)
         assert len(out.splitlines()) == lines, out  # no line the sender added
+
+
+def test_checkpoints_print_hostile_fields_as_text(monkeypatch: pytest.MonkeyPatch) -> None:
+    from datetime import UTC, datetime
+
+    from click.testing import CliRunner
+
+    from agentstream.agents.audit import checkpoints
+    from agentstream.agents.audit import cli as audit_cli
+    from agentstream.schemas.pipeline import CheckpointWritten
+
+    cp = CheckpointWritten(
+        checkpoint_id="c" * 32,
+        worker_id=HOSTILE["title"] + HOSTILE["newline"],
+        reason=HOSTILE["osc52"],
+        taken_at=datetime(2026, 1, 1, tzinfo=UTC),
+        tables={HOSTILE["erase-line"]: "0" * 64},
+    )
+
+    async def listed(*a: Any, **k: Any) -> list[Any]:
+        return [(None, cp)]
+
+    monkeypatch.setattr(checkpoints, "list_checkpoints", listed)
+    done = CliRunner().invoke(audit_cli.checkpoints_cmd, [], standalone_mode=False)
+    assert done.exception is None, done.output
+    out = done.output
+    assert not any((ord(c) < 0x20 and c != "\n") or 0x7F <= ord(c) < 0xA0 for c in out)
+    assert len(out.splitlines()) == 1, out
