@@ -62,7 +62,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from agentstream.schemas import registry
+from agentstream.schemas import PolicyDecision, registry
 from agentstream.schemas.errors import SchemaError
 from agentstream.streams import record_batches
 from agentstream.streams.audit_chain import (
@@ -85,7 +85,12 @@ from agentstream.streams.replay import (
     to_ms,
 )
 from agentstream.streams.settings import Settings
-from agentstream.streams.topics import LLM_RESPONSES, SECURITY_DECISIONS, SECURITY_POLICIES
+from agentstream.streams.topics import (
+    CATALOGUE,
+    LLM_RESPONSES,
+    SECURITY_DECISIONS,
+    SECURITY_POLICIES,
+)
 
 #: the topics whose records are sealed into a hash chain
 CHAINED_TOPICS: tuple[str, ...] = (SECURITY_DECISIONS, LLM_RESPONSES)
@@ -169,8 +174,23 @@ class PartitionReport:
     lost: list[Gap] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where a chained record was read: the event types its topic carries and its
+    partition. The hash and its signature cover neither, so a chain copied whole into
+    another partition, or onto another chained topic, links and verifies there; what the
+    record itself says of its place is checked against them instead."""
+
+    types: tuple[str, ...]
+    partition: int
+
+
 def chain_record(
-    offset: int, value: bytes | None, tally: PolicyCounts | None = None
+    offset: int,
+    value: bytes | None,
+    tally: PolicyCounts | None = None,
+    *,
+    place: Placement | None = None,
 ) -> ChainRecord:
     """Decode and re-hash one record of a chained topic (the hash of its raw JSON: see
     `streams.audit_chain.record_hash`). With `tally`, count the signed policy versions a
@@ -198,6 +218,10 @@ def chain_record(
     eid = str(event.event_id)
     if not stored:
         return ChainRecord(offset, "", prev, None, eid, "record is not sealed")
+    if place is not None:
+        misplaced = _misplaced(event, place)
+        if misplaced:
+            return ChainRecord(offset, stored, prev, None, eid, misplaced)
     try:
         computed = record_hash(data)
     except (TypeError, ValueError) as exc:
@@ -216,6 +240,21 @@ def chain_record(
         signed_by=str(payload.get("signed_by") or ""),
         signature=str(payload.get("signature") or ""),
     )
+
+
+def _misplaced(event: Any, place: Placement) -> str:
+    """Why `event` cannot have been written where it was read ("" when it can): its type
+    is not its topic's, or a decision names another source partition (a worker writes
+    each decision to its input's partition number)."""
+    if event.type not in place.types:
+        return f"a {event.type} event, which this topic does not carry (a copy?)"
+    source = getattr(event.payload, "source_partition", None)
+    if isinstance(event.payload, PolicyDecision) and source not in (None, place.partition):
+        return (
+            f"a decision on a message of partition {source}, read in partition "
+            f"{place.partition} (a copy?)"
+        )
+    return ""
 
 
 def _tally(payload: Mapping[str, Any], tally: PolicyCounts) -> None:
@@ -505,6 +544,8 @@ async def verify(
     require = bool(trust.keys) if require_signatures is None else require_signatures
     names = full_topic_names(settings, topics)
     decisions_topic = settings.topic(SECURITY_DECISIONS)
+    #: full topic name -> the event types its catalogue entry carries
+    types_of = {settings.topic(t): CATALOGUE[t].events for t in topics if t in CATALOGUE}
     since_ms = to_ms(parse_time(since)) if since is not None else None
     until_ms = to_ms(parse_time(until)) if until is not None else None
     stall_s = settings.kafka_connect_timeout_s
@@ -528,6 +569,7 @@ async def verify(
                 anchor = await _hash_before(consumer, r.tp, r.start, r.begin, stall_s, complaints)
             tally: PolicyCounts = Counter()
             lost: list[Gap] = []
+            place = Placement(types_of.get(r.tp.topic, ()), r.tp.partition)
             recs = await _read(
                 consumer,
                 r.tp,
@@ -538,6 +580,7 @@ async def verify(
                 progress=progress,
                 lost=lost.append,
                 complaints=complaints,
+                place=place,
             )
             following: list[ChainRecord] = []
             if recs and not recs[-1].signature and r.stop < r.end:
@@ -584,6 +627,7 @@ async def _read(
     progress: Progress | None = None,
     lost: Callable[[Gap], None] | None = None,
     complaints: Sequence[str] = (),
+    place: Placement | None = None,
 ) -> list[ChainRecord]:
     """The records of [start, stop); with `until_signed`, up to the first signed one.
     `progress` is advanced by the offsets consumed, all of [start, stop) once it is read
@@ -604,7 +648,7 @@ async def _read(
     async with aclosing(runs):
         async for run in runs:
             for rec in run:
-                out.append(chain_record(rec.offset, rec.value, tally))
+                out.append(chain_record(rec.offset, rec.value, tally, place=place))
                 if until_signed and out[-1].signature:
                     return out
     return out

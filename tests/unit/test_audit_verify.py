@@ -215,3 +215,34 @@ def _dumps_deep(data: Any) -> bytes:
     import json
 
     return json.dumps(data).encode()
+
+
+def test_a_chain_copied_into_another_partition_or_topic_is_reported() -> None:
+    # the hash and its signature cover neither topic nor partition: partition 0's whole
+    # chain copied from genesis into an empty partition 5 (or onto llm.responses) walked
+    # clean, and `audit report` counted those decisions twice (security review)
+    from agentstream.agents.audit.verify import Placement
+
+    chain = []
+    prev = GENESIS
+    for i in range(3):
+        ev = decision(i)
+        ev = ev.model_copy(
+            update={"payload": ev.payload.model_copy(update={"source_partition": 0})}
+        )
+        ev = seal(ev, prev)
+        prev = ev.payload.hash
+        chain.append(encode(ev))
+    decisions = ("security.decision",)
+
+    def kinds(place: Placement) -> list[tuple[str, int]]:
+        recs = [chain_record(off, v, place=place) for off, v in enumerate(chain)]
+        return [(f.kind, f.offset) for f in check_chain(recs, GENESIS)]
+
+    assert kinds(Placement(decisions, 0)) == []
+    assert kinds(Placement(decisions, 5)) == [("altered", 0), ("altered", 1), ("altered", 2)]
+    assert kinds(Placement(("llm.response",), 0)) == [
+        ("altered", 0),
+        ("altered", 1),
+        ("altered", 2),
+    ]
