@@ -34,9 +34,11 @@ looked up, in order; the first source that has it wins:
 
 An entry none of them has is missing (None): callers fail closed on it. Writes and
 deletes go to the first *writable* source of the list (keychain, then dir); env is
-read-only. Without ``keychain`` in the list no keyring backend is even resolved, so a
-container without one starts. Values are never logged: errors name the entry and the
-source, never what was read.
+read-only. `update_secret` instead changes an entry in the source it is read from (and
+refuses when that is env), for entries a change must reach every reader of (the web
+token index, the cluster token). Without ``keychain`` in the list no keyring backend is
+even resolved, so a container without one starts. Values are never logged: errors name
+the entry and the source, never what was read.
 """
 
 from __future__ import annotations
@@ -587,6 +589,64 @@ class KeychainCredentialsProvider:
             raise CredentialsError(f"refusing to store an empty value for {entry!r}")
         source = self._writable()
         await self._call(source, source.set, entry, value)
+
+    def _holder(self, entry: str) -> SecretSource | None:
+        """The source a read of the entry answers from (blocking; as `locate`)."""
+        for source in self.sources:
+            try:
+                value = source.get(entry)
+            except CredentialsError:
+                raise
+            except Exception as exc:  # as `_call`: the type only
+                raise CredentialsError(
+                    f"{self._source_name(source)} failed: {type(exc).__name__}"
+                ) from None
+            if value is not None:
+                return source
+        return None
+
+    def _update(self, entry: str, value: str) -> str:
+        # A value written to the first writable source would be shadowed by a read-only
+        # source (env) that holds the entry ahead of it, and a source further down that
+        # holds it would keep the old value for a process that reads only that one: so
+        # the change goes where the entry is read from, and is read back.
+        if not value:
+            raise CredentialsError(f"refusing to store an empty value for {entry!r}")
+        holder = self._holder(entry)
+        if holder is None:
+            holder = self._writable()
+        elif not holder.writable:
+            where = f" ({secret_env_name(entry)})" if isinstance(holder, EnvSource) else ""
+            raise CredentialsError(
+                f"secret {entry} is read from the {holder.name} secret source{where}, "
+                "which is read-only: change it there, or unset it to manage it here; "
+                "nothing was changed"
+            )
+        try:
+            holder.set(entry, value)
+        except CredentialsError:
+            raise
+        except Exception as exc:
+            raise CredentialsError(
+                f"{self._source_name(holder)} failed: {type(exc).__name__}"
+            ) from None
+        found = self.locate(entry)
+        if found is None or found[1] != value:
+            # another writer in between, or a source that did not keep it
+            raise CredentialsError(
+                f"secret {entry} was written to the {holder.name} secret source but reads "
+                f"back {'missing' if found is None else 'different, from ' + found[0]}: "
+                "check the sources and retry"
+            )
+        return holder.name
+
+    async def update_secret(self, name: str, value: str) -> str:
+        """Change an entry where it is read from: the first source that has it (the first
+        writable one when none has), refusing when that one is read-only (env), then
+        read it back through the chain. Returns the source's name. Unlike `set_secret`
+        (which stores to the first writable source) a reader of the chain is sure to see
+        the new value."""
+        return await asyncio.to_thread(self._update, name, value)
 
     async def _delete(self, entry: str, *, missing_ok: bool = True) -> None:
         source = self._writable()

@@ -750,21 +750,27 @@ async def read_index(provider: Any) -> TokenIndex:
     return TokenIndex() if text is None else TokenIndex.parse(text)
 
 
+# The entries are changed with `update_secret`: in the source the workers read them from
+# (a value stored to another source would be shadowed, and a revoke not take effect), read
+# back afterwards. A create and a revoke run at the same time both read, change and write
+# the whole index, without a lock (a keychain has none to offer): the later write wins and
+# the other change is lost, unless the read-back sees it and reports the error. Run them
+# one at a time and check with `web token list`.
 async def create_token(provider: Any, scope: str, name: str) -> tuple[str, TokenRecord]:
     index, value, record = (await read_index(provider)).with_new(scope, name)
-    await provider.set_secret(INDEX_ENTRY, index.dumps())
+    await provider.update_secret(INDEX_ENTRY, index.dumps())
     return value, record
 
 
 async def revoke_token(provider: Any, token_id: str) -> TokenRecord:
     index, record = (await read_index(provider)).without(token_id)
-    await provider.set_secret(INDEX_ENTRY, index.dumps())
+    await provider.update_secret(INDEX_ENTRY, index.dumps())
     return record
 
 
 async def rotate_cluster_token(provider: Any) -> str:
     value = new_token_value()
-    await provider.set_secret(CLUSTER_ENTRY, value)
+    await provider.update_secret(CLUSTER_ENTRY, value)
     return value
 
 

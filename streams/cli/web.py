@@ -9,7 +9,6 @@ A token's value is printed once, by `create`, and never stored: the token index 
 from __future__ import annotations
 
 import json
-from typing import Any
 
 import click
 
@@ -68,15 +67,8 @@ def token() -> None:
 def token_create(scope: str, name: str, for_cli: bool) -> None:
     """Create a token; its value is printed once (only its hash is kept)."""
     provider = _provider()
-
-    async def create() -> tuple[str, Any]:
-        value, record = await create_token(provider, scope, name)
-        if for_cli:
-            await provider.set_secret(CLI_ENTRY, value)
-        return value, record
-
     try:
-        value, record = run(create())
+        value, record = run(create_token(provider, scope, name))
     except TokenIndexError as exc:
         raise _index_error(exc) from exc
     except ValueError as exc:  # a bad name
@@ -84,10 +76,19 @@ def token_create(scope: str, name: str, for_cli: bool) -> None:
     click.echo(value)
     click.echo(
         f"token {record.id} ({record.name}, scope {record.scope}): shown once, only its hash "
-        f"is stored; workers accept it within {INDEX_TTL_S:g}s"
-        + (f"; stored as this CLI's token ({CLI_ENTRY})" if for_cli else ""),
+        f"is stored; workers accept it within {INDEX_TTL_S:g}s",
         err=True,
     )
+    if for_cli:
+        try:
+            run(provider.update_secret(CLI_ENTRY, value))
+        except click.ClickException as exc:
+            # the token exists and its value was printed above: say which half failed
+            raise click.ClickException(
+                f"token {record.id} was created but not stored as this CLI's token: "
+                f"{exc.format_message()}"
+            ) from exc
+        click.echo(f"stored as this CLI's token ({CLI_ENTRY})", err=True)
 
 
 @token.command("revoke")

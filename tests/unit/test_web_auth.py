@@ -375,6 +375,10 @@ class FakeProvider:
     async def set_secret(self, name: str, value: str) -> None:
         self.entries[name] = value
 
+    async def update_secret(self, name: str, value: str) -> str:
+        self.entries[name] = value
+        return "fake"
+
 
 async def test_a_failing_credentials_chain_fails_closed() -> None:
     s = await load_snapshot(FakeProvider(fail=True))
@@ -702,3 +706,56 @@ def test_a_public_route_still_grants_a_valid_tokens_scope() -> None:
     wrong = decide("GET", "/ready", auth("ast_" + "b" * 43), s, ready_public=True)
     assert wrong.allowed and wrong.scope is None  # public: an anonymous caller
     assert decide("GET", "/ready", [], s, ready_public=True).scope is None
+
+
+# -- managing the entries where the workers read them ---------------------------------------
+def chain_provider(tmp_path: Any, sources: str) -> Any:
+    from agentstream.streams.credentials import KeychainCredentialsProvider
+
+    return KeychainCredentialsProvider(
+        Settings.from_env(
+            {
+                "AGENTSTREAM_SECRET_SOURCES": sources,
+                "AGENTSTREAM_SECRETS_DIR": str(tmp_path / "secrets"),
+                "AGENTSTREAM_KEYRING_BACKEND": "plaintext-file",
+                "AGENTSTREAM_KEYRING_FILE": str(tmp_path / "keyring.cfg"),
+            }
+        )
+    )
+
+
+async def test_revoke_never_reports_success_for_an_index_workers_do_not_read(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the index sits in a read-only source (env) ahead of a writable one (dir): a revoke
+    # written to the dir would be shadowed by the variable, so it must refuse instead
+    index, _ = index_with("admin")
+    monkeypatch.setenv("AGENTSTREAM_SECRET_WEB_TOKENS", index.dumps())
+    provider = chain_provider(tmp_path, "env,dir")
+    with pytest.raises(CredentialsError, match="read-only"):
+        await web_auth.revoke_token(provider, index.tokens[0].id)
+    with pytest.raises(CredentialsError, match="read-only"):
+        await web_auth.create_token(provider, "read", "x")
+    assert not (tmp_path / "secrets" / INDEX_ENTRY).exists()
+    monkeypatch.setenv("AGENTSTREAM_SECRET_WEB_CLUSTER_TOKEN", CLUSTER_VALUE)
+    with pytest.raises(CredentialsError, match="read-only"):
+        await web_auth.rotate_cluster_token(provider)
+    cluster = (await load_snapshot(provider)).cluster
+    assert cluster is not None and cluster.value == CLUSTER_VALUE
+
+
+async def test_revoke_writes_where_the_index_is_read(tmp_path: Any) -> None:
+    # keychain,dir with the index only in the dir: the change goes to the dir, not the
+    # keychain (which the workers would never reach, the dir answering first)
+    dir_only = chain_provider(tmp_path, "dir")
+    value, record = await web_auth.create_token(dir_only, "admin", "ops")
+    provider = chain_provider(tmp_path, "keychain,dir")
+    await web_auth.revoke_token(provider, record.id)
+    s = await load_snapshot(provider)
+    assert s.index.find(value) is None
+    assert decide("POST", "/checkpoints", auth(value), s, ready_public=True).status == 401
+    assert (await load_snapshot(dir_only)).index.find(value) is None
+    # an entry no source has goes to the first writable one, and is read back from it
+    await web_auth.rotate_cluster_token(provider)
+    cluster = (await load_snapshot(provider)).cluster
+    assert cluster is not None and (tmp_path / "keyring.cfg").exists()
