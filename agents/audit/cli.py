@@ -131,8 +131,9 @@ def checkpoints_cmd(
     if take:
         resp = worker_call("/checkpoints", method="POST", base=url, timeout=30)
         # something else than a worker on that port answered 200 too: not a checkpoint
-        worker_json(resp, "checkpoint_id", "worker_id", "tables")
-        click.echo(resp.text)
+        body = worker_json(resp, "checkpoint_id", "worker_id", "tables")
+        # re-encoded rather than echoed: JSON may carry C1 and bidi controls unescaped
+        click.echo(json.dumps(body))
         return
     from agentstream.agents.audit.checkpoints import list_checkpoints
 

@@ -68,14 +68,18 @@ class NoAdminKey(click.ClickException):
 
 #: C0 controls, DEL and C1 controls: what a terminal may act on (ESC starts CSI and OSC
 #: sequences; U+009B is a one-character CSI to some terminals; CR and LF rewrite lines)
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+# C0, DEL and C1 controls, and the bidi embeddings, overrides, isolates and marks: those
+# reorder what follows on the screen, so a line can show other text than it holds
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 
 
 def term_safe(value: object) -> str:
     """`value` as text a terminal only shows: every control character written as a
     visible escape (`\\x1b`, `\\n` ...). For every field of an event a sender chose (agent
     ids, model names, record ids) that a command prints as text rather than as JSON:
-    raw, an OSC 52 sequence writes the operator's clipboard, and cursor moves hide lines."""
+    raw, an OSC 52 sequence writes the operator's clipboard, and cursor moves hide lines;
+    bidi controls are written `\\u202e` and so on. Also for every text of an HTTP answer
+    (a worker's error, or a partition owner's it forwards) that a message quotes."""
     text = str(value)
     if not _CONTROL.search(text):
         return text
@@ -564,7 +568,7 @@ class ForeignAnswer(click.ClickException):
     web server of something else on that port, a proxy's page): one line, exit 1."""
 
     def __init__(self, resp: Any, detail: str) -> None:
-        super().__init__(f"{resp.url}: not an agentstream worker's answer ({detail})")
+        super().__init__(f"{resp.url}: not an agentstream worker's answer ({term_safe(detail)})")
 
 
 def worker_json(resp: Any, *keys: str) -> dict[str, Any]:
@@ -600,10 +604,11 @@ def _error_text(resp: Any) -> str:
         body = resp.json()
     except ValueError:
         body = None
+    # the answer may be forwarded from another worker: its text is shown, never obeyed
     if isinstance(body, dict) and body.get("error"):
         reason = f": {body['reason']}" if body.get("reason") else ""
-        return f"{body['error']}{reason}"[:500]
-    return (resp.text or resp.reason_phrase or "").strip()[:500]
+        return term_safe(f"{body['error']}{reason}"[:500])
+    return term_safe((resp.text or resp.reason_phrase or "").strip()[:500])
 
 
 def agent_packages(environ: Mapping[str, str] | None = None) -> list[str]:

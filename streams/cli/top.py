@@ -97,10 +97,10 @@ def _refusal(url: str, resp: Any, sent: bool) -> str:
         reason = ": ".join(str(x) for x in (body.get("error"), body.get("reason")) if x)
     if resp.status_code == 401:
         why = "the CLI's token (secret web.token) was refused" if sent else "no CLI token"
-        return f"{url}: HTTP 401: {reason}; {why}: {CLI_AUTH_HINT}"
+        return f"{url}: HTTP 401: {term_safe(reason)}; {why}: {CLI_AUTH_HINT}"
     if resp.status_code == 404:
         return f"{url}: HTTP 404: this worker serves no console (AGENTSTREAM_AGENTS lacks health)"
-    return f"{url}: HTTP {resp.status_code}: {reason or resp.text[:200]}"
+    return f"{url}: HTTP {resp.status_code}: {term_safe(reason or resp.text[:200])}"
 
 
 # -- drawing ---------------------------------------------------------------------------------

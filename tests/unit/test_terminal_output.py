@@ -174,3 +174,39 @@ def test_checkpoints_print_hostile_fields_as_text(monkeypatch: pytest.MonkeyPatc
     out = done.output
     assert not any((ord(c) < 0x20 and c != "\n") or 0x7F <= ord(c) < 0xA0 for c in out)
     assert len(out.splitlines()) == 1, out
+
+
+BIDI = [chr(c) for c in (*range(0x202A, 0x202F), *range(0x2066, 0x206A), 0x200E, 0x200F)]
+
+
+@pytest.mark.parametrize("ch", BIDI, ids=[f"U+{ord(c):04X}" for c in BIDI])
+def test_bidi_controls_become_visible(ch: str) -> None:
+    # a right-to-left override reorders what follows on the screen ("Trojan Source")
+    safe = term_safe(f"ok{ch}evil")
+    assert ch not in safe and safe.startswith("ok") and safe.endswith("evil")
+    assert f"\\u{ord(ch):04x}" in safe
+
+
+def _answer(status: int, body: Any) -> Any:
+    import httpx
+
+    return httpx.Response(status, json=body, request=httpx.Request("GET", "http://w:1/x"))
+
+
+@pytest.mark.parametrize("field", ["error", "reason"])
+def test_an_error_a_worker_forwards_reaches_the_terminal_as_text(field: str) -> None:
+    from agentstream.streams.cli import _error_text
+    from agentstream.streams.cli.top import _refusal
+
+    body = {"error": "unavailable", field: "\x1b]52;c;SGk=\x07 \u202eevil"}
+    for status in (401, 403, 503, 500):
+        for text in (
+            _error_text(_answer(status, body)),
+            _refusal("http://w:1", _answer(status, body), True),
+        ):
+            assert "\x1b" not in text and "\x07" not in text and "\u202e" not in text, text
+            assert "\\x1b]52" in text
+    import httpx
+
+    plain = httpx.Response(502, text="\x1b[2Jgateway", request=httpx.Request("GET", "http://w"))
+    assert "\x1b" not in _error_text(plain) and "\x1b" not in _refusal("u", plain, False)
