@@ -601,6 +601,61 @@ def _view(views: Mapping[str, tuple[int, Any]], path: str, problems: dict[str, s
     return {}
 
 
+def _numbers(v: Any) -> bool:
+    return isinstance(v, list) and all(
+        isinstance(x, int | float) and not isinstance(x, bool) for x in v
+    )
+
+
+def share_problem(body: Any) -> str | None:
+    """What is wrong with a worker's share of the console (`/ui/api/worker`), None when it
+    has the shape `build` and the rates read: one peer's bad answer must not stop every
+    frame (it is reported under the frame's problems instead)."""
+    if not isinstance(body, dict):
+        return f"a JSON {type(body).__name__}, not an object"
+    lag = body.get("lag") or {}
+    if not isinstance(lag, dict):
+        return "lag is not an object"
+    for tp, n in lag.items():
+        part = tp.rpartition(":")[2]
+        if not (part.isascii() and part.isdigit()) or not _numbers([n]):
+            return f"lag {tp!r}: not topic:partition → number"
+    for name in ("probes", "components", "counters", "latency"):
+        if not isinstance(body.get(name) or {}, dict):
+            return f"{name} is not an object"
+    if not isinstance((body.get("probes") or {}).get("llm") or {}, dict):
+        return "probes.llm is not an object"
+    for metric, by_key in (body.get("counters") or {}).items():
+        if not isinstance(by_key, dict) or not _numbers(list(by_key.values())):
+            return f"counters {metric!r}: not key → number"
+    for provider, h in (body.get("latency") or {}).items():
+        if not isinstance(h, dict) or not _numbers(h.get("counts", [])):
+            return f"latency {provider!r}: no histogram"
+        le = h.get("le", [])
+        if not isinstance(le, list) or len(le) != len(h.get("counts", [])):
+            return f"latency {provider!r}: no histogram"
+        try:
+            [_le(x) for x in le]
+        except (TypeError, ValueError):
+            return f"latency {provider!r}: a bound is not a number"
+    return None
+
+
+def usable_shares(
+    answers: Iterable[Sequence[Any]], problems: dict[str, str] | None = None
+) -> list[tuple[str, dict[str, Any]]]:
+    """The answers of `share_problem`'s shape; the others noted in `problems` (under
+    ``worker URL``)."""
+    out = []
+    for url, body in answers:
+        why = share_problem(body)
+        if why is None:
+            out.append((str(url), body))
+        elif problems is not None:
+            problems[f"worker {url}"] = f"malformed answer: {why}"
+    return out
+
+
 def _stage(consumer: str) -> str:
     return consumer or "?"
 
@@ -623,7 +678,7 @@ def build(
     "missing": [...], "not_serving": [...]}``; `history` ends with this moment's sample.
     """
     problems: dict[str, str] = {}
-    answers = [(str(u), b) for u, b in workers.get("answers", [])]
+    answers = usable_shares(workers.get("answers", []), problems)
     for m in workers.get("missing", []):
         problems[f"worker {m.get('worker')}"] = str(m.get("error"))
 
@@ -669,7 +724,7 @@ def build(
     usage = _view(views, "/llm/usage", problems)
     in_flight = None
     for _, body in answers:
-        n = (body.get("probes", {}).get("llm") or {}).get("in_flight")
+        n = ((body.get("probes") or {}).get("llm") or {}).get("in_flight")
         if isinstance(n, int):
             in_flight = (in_flight or 0) + n
 

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import wraps
@@ -360,15 +361,68 @@ def key_route(table: Any, *, match_info: str) -> Callable[[V], V]:
     return decorator
 
 
-def add_counts(into: dict[str, Any], counts: dict[str, Any]) -> dict[str, Any]:
-    """Add nested counters (``{a: {b: n}}``, any depth) of one worker's answer into `into`:
-    each worker counts only the partitions it owns, so the cluster's count is the sum."""
+class MalformedShare(ValueError):
+    """A worker's share of an aggregate view that is not of the shape the view sends (a
+    peer of another version, or a compromised one): the view skips it and reports it."""
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def check_counts(counts: Any, path: str = "") -> None:
+    """`counts` is nested counters (``{a: {b: n}}``, numbers at the leaves), else a
+    `MalformedShare` naming where it is not."""
+    if not isinstance(counts, dict):
+        raise MalformedShare(f"{path or 'counts'}: a JSON {type(counts).__name__}, not an object")
     for k, v in counts.items():
         if isinstance(v, dict):
-            add_counts(into.setdefault(k, {}), v)
-        else:
-            into[k] = into.get(k, 0) + int(v)
+            check_counts(v, f"{path}.{k}" if path else str(k))
+        elif not _number(v):
+            raise MalformedShare(f"{path}.{k} is {type(v).__name__}, not a number")
+
+
+def check_rows(rows: Any, what: str, **fields: type | tuple[type, ...]) -> None:
+    """`rows` is a list of objects whose `fields` have those types (what a merge sorts
+    or indexes by), else a `MalformedShare` naming `what`."""
+    if not isinstance(rows, list):
+        raise MalformedShare(f"{what}: a JSON {type(rows).__name__}, not a list")
+    for row in rows:
+        if not isinstance(row, dict):
+            raise MalformedShare(f"{what}: a JSON {type(row).__name__} among the rows")
+        for name, kind in fields.items():
+            v = row.get(name)
+            if not isinstance(v, kind) or isinstance(v, bool):
+                raise MalformedShare(f"{what}: {name} is {type(v).__name__}")
+
+
+def add_counts(into: dict[str, Any], counts: dict[str, Any]) -> dict[str, Any]:
+    """Add nested counters (``{a: {b: n}}``, any depth) of one worker's answer into `into`:
+    each worker counts only the partitions it owns, so the cluster's count is the sum. A
+    share that is not counters raises `MalformedShare` before anything is added."""
+    check_counts(counts)
+    _fits(into, counts)
+    _add(into, counts)
     return into
+
+
+def _fits(into: dict[str, Any], counts: dict[str, Any]) -> None:
+    for k, v in counts.items():
+        have = into.get(k)
+        if isinstance(v, dict) and have is not None and not isinstance(have, dict):
+            raise MalformedShare(f"{k}: an object where another worker sent a number")
+        if not isinstance(v, dict) and isinstance(have, dict):
+            raise MalformedShare(f"{k}: a number where another worker sent an object")
+        if isinstance(v, dict) and isinstance(have, dict):
+            _fits(have, v)
+
+
+def _add(into: dict[str, Any], counts: dict[str, Any]) -> None:
+    for k, v in counts.items():
+        if isinstance(v, dict):
+            _add(into.setdefault(k, {}), v)
+        else:
+            into[k] = into.get(k, 0) + v
 
 
 @dataclass
@@ -390,6 +444,25 @@ class Gathered:
     @property
     def bodies(self) -> list[Any]:
         return [body for _, body in self.answers]
+
+    def shares(self, take: Callable[[Any], object]) -> list[Any]:
+        """The answers `take` accepts, `take` applied to each (it raises on one of another
+        shape: `MalformedShare`, or a KeyError, TypeError... of reading it). A worker whose
+        answer it refuses moves under `missing`, so the view answers partial instead of
+        500 (one peer's bad answer would otherwise fail the view for the whole cluster).
+        `take` must not change anything before it raises (`add_counts` checks first)."""
+        kept: list[tuple[str, Any]] = []
+        for url, body in self.answers:
+            try:
+                if not isinstance(body, dict):
+                    raise MalformedShare(f"a JSON {type(body).__name__}, not an object")
+                take(body)
+            except (MalformedShare, KeyError, TypeError, ValueError, AttributeError) as exc:
+                self.missing.append({"worker": url, "error": f"malformed answer: {exc}"})
+            else:
+                kept.append((url, body))
+        self.answers = kept
+        return [body for _, body in kept]
 
     @property
     def partial(self) -> bool:

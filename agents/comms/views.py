@@ -18,7 +18,15 @@ from agentstream.agents.comms.tracker import COMM_KINDS, counts, query
 from agentstream.streams.app import app, settings
 from agentstream.streams.replay import TimeParseError, parse_time
 from agentstream.streams.tables.monitoring import SEP
-from agentstream.streams.web_cluster import add_counts, gather, is_local, local_answer, owned, route
+from agentstream.streams.web_cluster import (
+    add_counts,
+    check_rows,
+    gather,
+    is_local,
+    local_answer,
+    owned,
+    route,
+)
 
 #: the most records one answer holds (and the default)
 MAX_LIMIT = 1000
@@ -76,13 +84,18 @@ class CommsView(View):
         if is_local(request):
             return local_answer(self, body)
         got = await gather(request, body, writer.table)
+        merged_counts: dict[str, Any] = {}
+
+        def take(b: dict[str, Any]) -> None:
+            check_rows(
+                b["records"], "records", recorded_at=(int, float), agent_id=str, record_id=str
+            )
+            add_counts(merged_counts, b["counts"])  # checks before it adds
+
         records = sorted(
-            (r for b in got.bodies for r in b["records"]),
+            (r for b in got.shares(take) for r in b["records"]),
             key=lambda r: (r["recorded_at"], r["agent_id"], r["record_id"]),
         )
-        merged_counts: dict[str, Any] = {}
-        for b in got.bodies:
-            add_counts(merged_counts, b["counts"])
         return self.json(
             {
                 "records": records[-limit:] if limit and len(records) > limit else records,

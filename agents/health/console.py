@@ -294,11 +294,13 @@ class Hub:
         request = SimpleNamespace(rel_url=URL("/ui/api/worker"))
         workers, views = await asyncio.gather(gather(request, share), ask_self(list(console.VIEWS)))
         now = time.time()
+        # a peer's malformed share stays out of the rates; `build` reports it
+        usable = console.usable_shares(workers.answers)
         self.history.append(
             console.Sample(
                 at=now,
-                counters={u: b.get("counters", {}) for u, b in workers.answers},
-                latency={u: b.get("latency", {}) for u, b in workers.answers},
+                counters={u: b.get("counters") or {} for u, b in usable},
+                latency={u: b.get("latency") or {} for u, b in usable},
             )
         )
         patterns = console.PATTERNS[0]() if console.PATTERNS else None

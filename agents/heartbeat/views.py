@@ -14,7 +14,16 @@ from faust.web import Request, Response, View
 
 from agentstream.agents.heartbeat.agent import gate, monitor, writer
 from agentstream.streams.app import app
-from agentstream.streams.web_cluster import gather, is_local, key_route, local_answer, owned
+from agentstream.streams.web_cluster import (
+    MalformedShare,
+    check_counts,
+    check_rows,
+    gather,
+    is_local,
+    key_route,
+    local_answer,
+    owned,
+)
 
 
 def get_agent_status(agent_id: str) -> dict[str, Any] | None:
@@ -43,6 +52,14 @@ def _counts(agents: list[dict[str, Any]]) -> dict[str, int]:
     return c
 
 
+def _status_share(b: dict[str, Any]) -> None:
+    """A worker's /agents/status share is what the merge reads (`Gathered.shares`)."""
+    check_rows(b["agents"], "agents", agent_id=str)
+    check_counts(b["counts"])
+    if not isinstance(b["deciding"], bool):
+        raise MalformedShare("deciding is not a boolean")
+
+
 @app.page("/agents/status")
 class AgentsStatusView(View):
     async def get(self, request: Request) -> Response:
@@ -56,6 +73,7 @@ class AgentsStatusView(View):
         if is_local(request):
             return local_answer(self, body)
         got = await gather(request, body, writer.table)
+        got.shares(_status_share)
         agents = sorted((d for b in got.bodies for d in b["agents"]), key=lambda d: d["agent_id"])
         counts = {"up": 0, "down": 0}
         for b in got.bodies:

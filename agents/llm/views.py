@@ -27,6 +27,7 @@ from agentstream.streams import console, llm_budgets
 from agentstream.streams.app import app
 from agentstream.streams.tables import llm as tables
 from agentstream.streams.web_cluster import (
+    MalformedShare,
     add_counts,
     gather,
     is_local,
@@ -73,6 +74,15 @@ class BreakersView(View):
         # owns requests (the partitions of the LLM tables)
         got = await gather(request, {"breakers": out}, table)
         merged: dict[str, dict[str, Any]] = {}
+
+        def breakers_share(b: dict[str, Any]) -> None:
+            if not isinstance(b["breakers"], dict) or not all(
+                isinstance(x, dict) and isinstance(x.get("live") or {}, dict)
+                for x in b["breakers"].values()
+            ):
+                raise MalformedShare("breakers is not an object of objects")
+
+        got.shares(breakers_share)
         for url, body in got.answers:
             for name, b in body["breakers"].items():
                 m = merged.setdefault(name, {"live": None, "recorded": None, "live_by_worker": {}})
@@ -112,8 +122,7 @@ class UsageView(View):
             return local_answer(self, body)
         got = await gather(request, body, table)
         merged: dict[str, Any] = {"agent": {}, "provider": {}, "model": {}, "budget_spend": {}}
-        for b in got.bodies:
-            add_counts(merged, {k: v for k, v in b.items() if k != "budgets"})
+        got.shares(lambda b: add_counts(merged, {k: v for k, v in b.items() if k != "budgets"}))
         spend = merged.pop("budget_spend")
         merged["budgets"] = llm_budgets.budget_report(config, spend.items(), now)
         return self.json({**merged, **got.meta()})

@@ -23,6 +23,7 @@ from agentstream.streams.app import app
 from agentstream.streams.tables.security import summarise_counts
 from agentstream.streams.web_auth import is_admin
 from agentstream.streams.web_cluster import (
+    MalformedShare,
     add_counts,
     gather,
     is_local,
@@ -74,9 +75,13 @@ async def decisions_view(web: Any, request: Any) -> Any:
         return local_answer(web, body)
     got = await gather(request, body, COUNTS)
     counts: dict[str, Any] = {}
-    for b in got.bodies:
-        add_counts(counts, b["counts"])
-    every = sorted({p for b in got.bodies for p in b["partitions"]}, key=_partition)
+
+    def take(b: dict[str, Any]) -> None:
+        if not isinstance(b["partitions"], list):
+            raise MalformedShare("partitions is not a list")
+        add_counts(counts, b["counts"])  # checks before it adds
+
+    every = sorted({str(p) for b in got.shares(take) for p in b["partitions"]}, key=_partition)
     return web.json({"counts": counts, "partitions": every, **got.meta()})
 
 

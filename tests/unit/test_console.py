@@ -277,3 +277,33 @@ def test_probes_report_their_own_failure() -> None:
         assert console.run_probes()["t-broken"] == {"error": "ZeroDivisionError: division by zero"}
     finally:
         del console.PROBES["t-broken"]
+
+
+BAD_SHARES = {
+    "lag-key": {"lag": {"t:x": 1}},
+    "lag-value": {"lag": {"p.agent.messages:1": "many"}},
+    "lag-list": {"lag": [1, 2]},
+    "probes": {"lag": {}, "probes": {"llm": [1]}},
+    "counters": {"lag": {}, "counters": {"agentstream_dead_letters": 3}},
+    "latency": {"lag": {}, "latency": {"local": {"le": ["1"], "counts": "1"}}},
+    "a-list": [1, 2],
+    "a-string": "ok",
+    "latency-bound": {"lag": {}, "latency": {"local": {"le": ["x"], "counts": [1]}}},
+}
+
+
+@pytest.mark.parametrize("share", BAD_SHARES.values(), ids=BAD_SHARES.keys())
+def test_a_malformed_peer_share_is_a_problem_not_a_frozen_console(share: Any) -> None:
+    answers = [
+        ["http://w1", {"lag": {"p.agent.messages:1": 3}, "probes": {"llm": {"in_flight": 2}}}],
+        ["http://w2", share],
+    ]
+    doc = build(workers={"answers": answers, "missing": []})
+    assert doc["partial"] is True
+    assert "malformed" in doc["problems"]["worker http://w2"]
+    # the rest of the frame is there, the good worker's share included
+    assert doc["pipeline"]["lag"] == [
+        {"topic": "agent.messages", "partition": 1, "lag": 3, "worker": "http://w1"}
+    ]
+    assert doc["llm"]["in_flight"] == 2 and doc["agents"]["counts"] == {"up": 1, "down": 1}
+    assert console.share_problem(answers[0][1]) is None

@@ -271,3 +271,22 @@ async def test_every_response_is_neither_sniffed_nor_framed() -> None:
     page = web.Response(text="<html>", headers={"Content-Security-Policy": "default-src 'self'"})
     await secure_headers(None, page)
     assert page.headers["Content-Security-Policy"] == "default-src 'self'"  # its own kept
+
+
+def test_a_malformed_share_is_skipped_and_reported_not_a_500() -> None:
+    from agentstream.streams.web_cluster import MalformedShare, add_counts
+
+    merged: dict[str, object] = {"deny": {"r1": 1}}
+    for bad in ({"deny": {"r1": "x"}}, {"deny": [1]}, {"deny": {"r1": True}}, [1], {"a": None}):
+        with pytest.raises(MalformedShare):
+            add_counts(merged, bad)  # type: ignore[arg-type]
+    assert merged == {"deny": {"r1": 1}}  # nothing of a refused share was added
+    got = Gathered(answers=[("http://w1", {"counts": {"a": 1}}), ("http://w2", {"counts": 7})])
+    got.answers.append(("http://w3", ["not", "an", "object"]))
+    counts: dict[str, object] = {}
+    for body in got.shares(lambda b: add_counts(counts, b["counts"])):
+        assert body == {"counts": {"a": 1}}
+    assert counts == {"a": 1}
+    assert got.partial and [m["worker"] for m in got.missing] == ["http://w2", "http://w3"]
+    assert all("malformed answer" in m["error"] for m in got.missing)
+    assert got.meta()["workers"] == ["http://w1"]
