@@ -432,9 +432,10 @@ def budget_report(
 # -- the configuration of this process -------------------------------------------------
 
 
-def load(path: Any) -> BudgetConfig:
-    """`prices` and `budgets` of a providers file (its providers' own checks are the
-    registry's, `agents.llm.registry.read_providers_file`)."""
+def read_file(path: Any) -> dict[str, Any]:
+    """A providers file's content, unchecked ({} when it is not a mapping): its checks
+    are the registry's (`agents.llm.registry.read_providers_file`), which a worker runs
+    first."""
     import json
     from pathlib import Path
 
@@ -443,7 +444,14 @@ def load(path: Any) -> BudgetConfig:
     p = Path(path)
     text = p.read_text()
     data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
-    if not isinstance(data, dict):
+    return data if isinstance(data, dict) else {}
+
+
+def load(path: Any) -> BudgetConfig:
+    """`prices` and `budgets` of a providers file (its providers' own checks are the
+    registry's, `agents.llm.registry.read_providers_file`)."""
+    data = read_file(path)
+    if not data:
         return BudgetConfig()
     providers = {str(k) for k in (data.get("providers") or {})} | {"local"}
     return parse(data, providers)

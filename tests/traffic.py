@@ -57,7 +57,7 @@ class Traffic:
                             context=LLMContext(
                                 messages=[ChatMessage(role="user", content="Tell me a story.")]
                             ),
-                            config=LLMConfig(model="local-demo", max_tokens=24),
+                            config=LLMConfig(max_tokens=24),
                         ),
                         wait=False,
                     )

@@ -144,6 +144,12 @@ class Route:
     def head(self) -> str:
         return self.hops[0].provider
 
+    @property
+    def declared_head(self) -> str:
+        """The first provider of the chain the operator declared, "" when none is: what a
+        response names when no provider was called (never a name the request made up)."""
+        return next((h.provider for h in self.hops if h.known), "")
+
     def model_of(self, provider: str) -> str:
         return next((h.model for h in self.hops if h.provider == provider), "")
 

@@ -396,9 +396,14 @@ class AgentProcessor:
                     finish_reason=partial.finish_reason,
                 )
         err = last_error or CircuitOpen("no provider available")
-        # the provider that was last asked (skipped ones were not): usage counts the
-        # failure against it, not against a provider that was never called
-        tried = next((a for a in reversed(attempts) if a.outcome != "skipped"), None)
+        # the provider that was last asked (skipped ones were not, nor names the request
+        # made up): usage counts the failure against it, not against a provider that was
+        # never called — nor under a name of the request's choosing
+        unknown = {h.provider for h in plan.hops if not h.known}
+        tried = next(
+            (a for a in reversed(attempts) if a.outcome != "skipped" and a.provider not in unknown),
+            None,
+        )
         return done(
             "failed",
             provider=tried.provider if tried else "",

@@ -235,7 +235,9 @@ class CallRuntime:
     ) -> None:
         """The final response `budget_exceeded`, naming the budget; no provider called."""
         _denied(denial.limit, denial.budget.window).inc()
-        provider = next((h.provider for h in plan.hops if h.skip == denial.reason), plan.head)
+        provider = next(
+            (h.provider for h in plan.hops if h.skip == denial.reason), plan.declared_head
+        )
         outcome = Outcome(
             "budget_exceeded",
             provider=provider,
@@ -462,10 +464,11 @@ class CallRuntime:
     async def answer_cancelled_early(self, inbound: Inbound) -> None:
         request: LLMRequest = inbound.event.payload
         plan = self.processor.route(request)
+        head = plan.declared_head
         outcome = Outcome(
             "cancelled",
-            provider=plan.head,
-            model=plan.model_of(plan.head),
+            provider=head,
+            model=plan.model_of(head) if head else "",
             usage=Usage(estimated=True),
             alias=plan.alias,
         )

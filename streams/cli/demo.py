@@ -387,7 +387,7 @@ def _llm_request(rng: random.Random, agents: list[str]) -> LLMRequest:
         provider="local",
         stream=True,
         context=LLMContext(messages=[ChatMessage(role="user", content=f"Tell me about {topic}.")]),
-        config=LLMConfig(model="local-demo", max_tokens=48, temperature=0.2),
+        config=LLMConfig(max_tokens=48, temperature=0.2),  # local-echo, a declared model
     )
 
 

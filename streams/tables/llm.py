@@ -31,7 +31,8 @@ partition, and two workers never read-modify-write the same counter.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, MutableMapping
+from collections.abc import Callable, Iterable, Mapping, MutableMapping
+from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
 
@@ -182,22 +183,117 @@ def apply_breaker(state: MutableMapping[str, Any], event: Event[Any]) -> None:
         }
 
 
-def usage_keys(response: LLMResponse, n: int | None = None) -> list[str]:
+#: the usage name of every provider the providers file does not declare, and of "no
+#: model" (the metrics' label for both, `agents.llm.runtime.CallRuntime.provider_label`)
+UNDECLARED_PROVIDER = "-"
+#: the usage name of every model of a declared provider that the file does not name (the
+#: metrics' label, `agents.llm.providers.base.model_label`)
+OTHER_MODEL = "other"
+#: the `local` provider's model when it is configured with none
+#: (`agents.llm.providers.base.LOCAL_MODEL`: streams do not import the agents)
+LOCAL_MODEL = "local-echo"
+
+
+@dataclass(frozen=True)
+class UsageNames:
+    """The provider and model names usage is counted under: those the providers file
+    declares. A request may name any provider or model (and `local` answers with the
+    model it was asked for): a counter per such name would grow the table, its changelog
+    and every standby copy without bound."""
+
+    #: declared provider → the model names the file gives it
+    models: Mapping[str, frozenset[str]] = field(default_factory=dict)
+
+    def provider(self, name: str) -> str:
+        return name if name in self.models else UNDECLARED_PROVIDER
+
+    def model(self, provider: str, candidates: Iterable[str]) -> str:
+        """The first of `candidates` the file names for `provider`, else `other` (`-`
+        for an undeclared provider or no model at all)."""
+        named = [m for m in candidates if m]
+        if provider not in self.models or not named:
+            return UNDECLARED_PROVIDER
+        return next((m for m in named if m in self.models[provider]), OTHER_MODEL)
+
+
+def usage_names(data: Mapping[str, Any]) -> UsageNames:
+    """The names of a providers file's content (`llm_budgets.read_file`): its providers
+    (and `local`, always there), each with the models the file names for it — its
+    `model`, `deployment`, `models`, and those its `prices` and `budgets` name."""
+    providers = data.get("providers") if isinstance(data.get("providers"), dict) else {}
+    entries: dict[str, Any] = {str(k): v for k, v in (providers or {}).items()}
+    entries.setdefault("local", {"kind": "local", "model": LOCAL_MODEL})
+    out: dict[str, set[str]] = {}
+    for name, cfg in entries.items():
+        cfg = cfg if isinstance(cfg, dict) else {}
+        models = out.setdefault(name, set())
+        for key in ("model", "deployment"):
+            if isinstance(cfg.get(key), str) and cfg[key]:
+                models.add(cfg[key])
+        if cfg.get("kind") == "local" and not models:
+            models.add(LOCAL_MODEL)  # what `ProviderConfig.default_model` sends
+        if isinstance(cfg.get("models"), dict):
+            models.update(str(m) for m in cfg["models"].values())
+    prices = data.get("prices")
+    for name, priced in prices.items() if isinstance(prices, dict) else ():
+        if str(name) in out and isinstance(priced, dict):
+            out[str(name)].update(str(m) for m in priced)
+    budgets = data.get("budgets")
+    for b in budgets if isinstance(budgets, list) else ():
+        if isinstance(b, dict) and str(b.get("provider")) in out and b.get("model"):
+            out[str(b["provider"])].add(str(b["model"]))
+    return UsageNames({p: frozenset(m) for p, m in out.items()})
+
+
+@cache
+def configured_names() -> UsageNames:
+    """The usage names of `AGENTSTREAM_LLM_PROVIDERS_FILE` (without one: `local`), for
+    the live stage and `rebuild` alike."""
+    from agentstream.streams.settings import get_settings
+
+    path = get_settings().llm_providers_file
+    return usage_names(llm_budgets.read_file(path) if path is not None else {})
+
+
+def sent_model(response: LLMResponse) -> str:
+    """The model the stage sent the response's provider last (the providers file's name,
+    which prices, budgets and usage use), "" when none."""
+    return next(
+        (
+            a.model
+            for a in reversed(response.attempts)
+            if a.provider == response.provider and a.model
+        ),
+        "",
+    )
+
+
+def usage_keys(
+    response: LLMResponse, n: int | None = None, names: UsageNames | None = None
+) -> list[str]:
+    """The counters a final response adds to: its agent's, its provider's and its
+    model's, under the declared names only (`UsageNames`; the model: the one the
+    provider answered with if declared, else the one it was sent)."""
+    names = configured_names() if names is None else names
     part = partition_of(response.request_id, n)
-    provider = response.provider or "-"
+    provider = names.provider(response.provider)
+    model = names.model(provider, (response.model, sent_model(response)))
     return [
         f"{part}|agent|{response.agent_id or '-'}",
         f"{part}|provider|{provider}",
-        f"{part}|model|{provider}|{response.model or '-'}",
+        f"{part}|model|{provider}|{model}",
     ]
 
 
-def usage_increments(responses: Iterable[LLMResponse], n: int | None = None) -> dict[str, Any]:
+def usage_increments(
+    responses: Iterable[LLMResponse], n: int | None = None, names: UsageNames | None = None
+) -> dict[str, Any]:
     """{usage key: {field: increment}} of some final responses, summed per key."""
+    names = configured_names() if names is None else names
     out: dict[str, dict[str, int]] = {}
     for p in responses:
         usage = p.usage
-        for key in usage_keys(p, n):
+        for key in usage_keys(p, n, names):
             inc = out.setdefault(key, {})
             inc["requests"] = inc.get("requests", 0) + 1
             inc[p.status] = inc.get(p.status, 0) + 1
@@ -228,14 +324,7 @@ def charge_of(response: LLMResponse, at: int) -> llm_budgets.Charge:
     """What a final response spends, at its event time `at` (epoch seconds). Its models:
     the one the stage sent (the providers file's name, which prices and budgets use) and
     the one the provider answered with."""
-    sent = next(
-        (
-            a.model
-            for a in reversed(response.attempts)
-            if a.provider == response.provider and a.model
-        ),
-        "",
-    )
+    sent = sent_model(response)
     models = tuple(dict.fromkeys(m for m in (sent, response.model) if m))
     usage = response.usage
     return llm_budgets.Charge(

@@ -230,7 +230,7 @@ async def test_console_in_chromium(settings_env: dict[str, str], tmp_path: Path)
                     and got["dead"]
                     and any(r[0] == "local" and r[1] != "-" for r in got["latency"])
                     and any(r[0] == "local" and r[1] == "closed" for r in got["breakers"])
-                    and any(r[0] == "local/local-demo" for r in got["usage"])
+                    and any(r[0] == "local/local-echo" for r in got["usage"])
                     and {"enforce_policy", "call_llm", "track_heartbeats"}
                     <= {r[0] for r in got["throughput"]}
                     and got["lag"]

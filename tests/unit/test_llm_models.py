@@ -431,3 +431,40 @@ def test_the_documented_example_sends_each_provider_its_own_model(tmp_path: Path
         ("vllm", "meta-llama/Llama-3.1-70B-Instruct", False),
     ]
     assert reg.catalog.serves("azure", "fast") == "mini-prod"
+
+
+def test_usage_counts_every_model_the_registry_declares_under_its_name(tmp_path: Path) -> None:
+    """The usage table reads the providers file without the agents (`rebuild` too): it
+    must declare every provider and model name the registry does (the metrics' labels),
+    so a declared model never lands in `other`."""
+    from agentstream.agents.llm.providers.base import LOCAL_MODEL, model_label
+    from agentstream.streams import llm_budgets
+    from agentstream.streams.tables import llm as tables
+
+    azure = (
+        "  az: {kind: azure, base_url: 'https://r.openai.azure.com', deployment: dep,\n"
+        "       api_version: '2024-06-01'}\n"
+        "prices:\n  az: {gpt-4o-2024-08-06: {input: 1, output: 1}}\n"
+    )
+    path = write(tmp_path, DOC_EXAMPLE + azure)
+    reg = LLMRegistry.from_settings(Settings(llm_providers_file=path))
+    names = tables.usage_names(llm_budgets.read_file(path))
+    assert tables.LOCAL_MODEL == LOCAL_MODEL
+    assert set(names.models) == set(reg.names())
+    for name in reg.names():
+        cfg = reg.config(name)
+        declared = {cfg.default_model, *cfg.models.values()} - {""}
+        assert declared <= names.models[name], name
+        for m in declared:
+            assert model_label(cfg, m) in (m, "other")
+            assert names.model(name, [m]) == m
+    assert names.model("az", ["gpt-4o-2024-08-06"]) == "gpt-4o-2024-08-06"  # priced
+    assert names.model("ollama", ["llama-made-up"]) == "other"
+
+
+def test_the_declared_head_is_never_a_made_up_name() -> None:
+    cat = ModelCatalog.build(providers={"local": ({}, "local-echo")})
+    r = route(cat, model=None, provider="zz", fallback=["local"], default_provider="local")
+    assert r.head == "zz" and r.declared_head == "local"
+    r = route(cat, model=None, provider="zz", fallback=[], default_provider="local")
+    assert r.declared_head == ""

@@ -391,3 +391,15 @@ async def test_every_error_a_provider_raises_is_redacted_before_it_is_recorded()
     texts = [a.error or "" for a in out.attempts] + [out.error.message if out.error else ""]
     assert texts and all("sk-live-42" not in t for t in texts), texts
     assert any("***" in t for t in texts)
+
+
+async def test_an_unknown_providers_name_is_not_the_responses_provider() -> None:
+    """The final response names the provider that was asked: a name the request made up
+    was asked nothing (else each made-up name became a usage counter of its own)."""
+    out = await processor().process_request(request("zz"))
+    assert out.status == "failed" and out.provider == "" and out.model == ""
+    p = ScriptedProvider("p", [Step(error=ProviderServerError("HTTP 503", status_code=503))])
+    proc = processor(p)
+    proc.policy = RetryPolicy(max_attempts=1)
+    out = await proc.process_request(request("p", fallback=["zz"]))
+    assert out.status == "failed" and out.provider == "p"

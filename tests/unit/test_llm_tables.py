@@ -10,6 +10,7 @@ import pytest
 from agentstream.schemas import Event
 from agentstream.schemas.errors import InvalidEvent
 from agentstream.schemas.llm import (
+    AttemptRecord,
     BreakerStateChanged,
     LLMCancelRequested,
     LLMResponse,
@@ -113,7 +114,9 @@ def test_rebuild_comparison_leaves_out_what_the_retention_dropped() -> None:
     assert unexpired(t.USAGE, rebuilt, 1e12) == rebuilt  # no retention: untouched
 
 
-def test_usage_totals_per_agent_provider_model() -> None:
+def test_usage_totals_per_agent_provider_model(monkeypatch: Any) -> None:
+    names = t.usage_names({"providers": {"p": {"kind": "vllm", "model": "m"}}})
+    monkeypatch.setattr(t, "configured_names", lambda: names)
     u = Usage(prompt_tokens=10, completion_tokens=5, total_tokens=15)
     est = Usage(prompt_tokens=1, completion_tokens=1, total_tokens=2, estimated=True)
     events = [
@@ -260,3 +263,49 @@ def test_key_hash_partitioner_is_kafkas_default_partitioner() -> None:
     # no key: a random available partition, or any when none has a leader
     assert {ours(None, [0, 1, 2, 3], [1, 3]) for _ in range(200)} == {1, 3}
     assert {ours(None, [0, 1, 2], []) for _ in range(200)} == {0, 1, 2}
+
+
+def test_made_up_provider_and_model_names_make_no_usage_keys(monkeypatch: Any) -> None:
+    """Usage is kept under the names the providers file declares; any other provider is
+    one shared `-`, any other model of a declared provider one shared `other` (as the
+    metrics' labels): a request naming a fresh name each time grows nothing."""
+    names = t.usage_names({"providers": {"p": {"kind": "vllm", "model": "m"}}})
+    monkeypatch.setattr(t, "configured_names", lambda: names)
+    made_up = (
+        [
+            LLMResponse(request_id=f"r{i}", agent_id="a", status="failed", provider=f"zz{i}")
+            for i in range(20)
+        ]
+        + [
+            LLMResponse(
+                request_id=f"s{i}", agent_id="a", status="completed", provider="p", model=f"zz{i}"
+            )
+            for i in range(20)
+        ]
+        + [
+            LLMResponse(
+                request_id=f"l{i}",
+                agent_id="a",
+                status="completed",
+                provider="local",
+                model=f"zz{i}",
+            )
+            for i in range(20)
+        ]
+    )
+    keys = {k for r in made_up for k in t.usage_keys(r, 4)}
+    assert not [k for k in keys if "zz" in k], keys
+    summary = t.summarise_usage(t.usage_increments(made_up, 4).items())
+    assert set(summary["provider"]) == {"-", "p", "local"}
+    assert set(summary["model"]) == {"-/-", "p/other", "local/other"}
+    # declared names keep their own counters: the answered model, else the one sent
+    sent = [AttemptRecord(provider="p", attempt=1, outcome="ok", model="m")]
+    dated = LLMResponse(
+        request_id="d", status="completed", provider="p", model="m-2024", attempts=sent
+    )
+    assert t.usage_keys(dated, 4)[1:] == [
+        f"{t.partition_of('d', 4)}|provider|p",
+        f"{t.partition_of('d', 4)}|model|p|m",
+    ]
+    local = LLMResponse(request_id="e", status="completed", provider="local", model="local-echo")
+    assert t.usage_keys(local, 4)[2].endswith("|model|local|local-echo")
