@@ -10,6 +10,7 @@ import contextvars
 import functools
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
@@ -20,7 +21,8 @@ from agentstream.agents.llm.models import Hop, Route
 from agentstream.agents.llm.processor import AgentProcessor, Outcome
 from agentstream.agents.llm.providers.base import model_label
 from agentstream.agents.llm.registry import LLMRegistry
-from agentstream.schemas import Event
+from agentstream.schemas import Event, encode
+from agentstream.schemas.base import MAX_ID_LENGTH
 from agentstream.schemas.llm import (
     BreakerStateChanged,
     ErrorInfo,
@@ -52,6 +54,7 @@ from agentstream.streams.processing import (
     watch_delivery,
 )
 from agentstream.streams.resilience import RetryPolicy, Transition
+from agentstream.streams.settings import output_limit
 from agentstream.streams.tables import llm as tables
 from agentstream.streams.topics import LLM_BREAKER, LLM_CHUNKS, LLM_RESPONSES
 from agentstream.streams.web_cluster import active_partitions
@@ -360,6 +363,28 @@ class CallRuntime:
                 release(inbound.message, app.consumer)
 
     async def finish(self, inbound: Inbound, request: LLMRequest, outcome: Outcome) -> None:
+        event = self.final_event(inbound.event, request, outcome)
+        response: LLMResponse = event.payload
+        sealed, sent = await chain_writer(LLM_RESPONSES).emit_sent(
+            event, partition=inbound.message.partition
+        )
+        label = self.provider_label(outcome.provider)
+        _calls(label, response.status).inc()
+        _latency(label).observe(outcome.latency_ms / 1000)
+        if outcome.usage is not None and outcome.usage.estimated:
+            # provider-reported usage is counted by the adapter; estimates only here
+            LLM_TOKENS.labels(label, self.model_label(label, outcome.model), "estimated").inc(
+                outcome.usage.total_tokens
+            )
+        # last: from here on the request's ack is `_response_sent`'s, then write_tables'
+        self.answered.add(request.request_id)
+        self._unconfirmed[request.request_id] = inbound.message
+        sent.add_done_callback(functools.partial(self._response_sent, sealed, inbound.message))
+
+    def final_event(
+        self, request_event: Event[Any], request: LLMRequest, outcome: Outcome
+    ) -> Event[Any]:
+        """The final response event of `outcome`, caused by the request's event."""
         response = LLMResponse(
             request_id=request.request_id,
             agent_id=request.agent_id,
@@ -378,22 +403,22 @@ class CallRuntime:
             chunks=outcome.chunks,
             error=outcome.error,
         )
-        event = inbound.event.caused(response, source=f"{CONSUMER}@{settings.worker_id}")
-        sealed, sent = await chain_writer(LLM_RESPONSES).emit_sent(
-            event, partition=inbound.message.partition
+        source = f"{CONSUMER}@{settings.worker_id}"
+        event = request_event.caused(response, source=source)
+        limit = output_limit(settings.max_event_bytes, len(event.key.encode()))
+
+        def size_of(r: LLMResponse) -> int:
+            return final_size(event if r is response else request_event.caused(r, source=source))
+
+        fitted = fit_response(response, size_of, limit)
+        if fitted is response:
+            return event
+        log.warning(
+            "call_llm: the final response of %r is too large to send; sent as failed: %s",
+            request.request_id,
+            fitted.error.message if fitted.error else "",
         )
-        label = self.provider_label(outcome.provider)
-        _calls(label, outcome.status).inc()
-        _latency(label).observe(outcome.latency_ms / 1000)
-        if outcome.usage is not None and outcome.usage.estimated:
-            # provider-reported usage is counted by the adapter; estimates only here
-            LLM_TOKENS.labels(label, self.model_label(label, outcome.model), "estimated").inc(
-                outcome.usage.total_tokens
-            )
-        # last: from here on the request's ack is `_response_sent`'s, then write_tables'
-        self.answered.add(request.request_id)
-        self._unconfirmed[request.request_id] = inbound.message
-        sent.add_done_callback(functools.partial(self._response_sent, sealed, inbound.message))
+        return request_event.caused(fitted, source=source)
 
     def _response_sent(self, sealed: Event[Any], message: Any, sent: Any) -> None:
         """The final response reached the broker: its dedup and usage entries may be
@@ -551,6 +576,61 @@ class CallRuntime:
                 tables.apply_breaker(tables.table(tables.BREAKERS.name), event)
             except Exception:  # keep publishing later transitions
                 log.exception("could not publish breaker transition %s", t)
+
+
+#: what sealing (`streams.audit_chain.seal`) adds to a final response's encoding, at
+#: most: `prev_hash` and `hash` (64 hex digits each), `signed_by` and `signature` (at most
+#: MAX_ID_LENGTH and 256 characters), each character JSON-escaped to at most 6 bytes
+SEAL_ROOM = 6 * (64 + 64 + MAX_ID_LENGTH + 256)
+TOO_LARGE = "ResponseTooLarge"
+
+
+def final_size(event: Event[Any]) -> int:
+    """An unsealed final response event's encoded size once sealed, at most."""
+    return len(encode(event)) + SEAL_ROOM
+
+
+def fit_response(
+    response: LLMResponse, size_of: Callable[[LLMResponse], int], limit: int
+) -> LLMResponse:
+    """`response` if its encoding (`size_of`) is within the producer's `limit`, else a
+    `failed` one that is: the content, tool calls and schema verdict dropped, and the
+    attempts and the model's name cut too if that is not enough. It keeps the usage —
+    the call happened and was billed, so usage, spend and budgets count it — and the
+    `chunks` already published, which stand: the final response says they are void.
+    Sending the large one failed, and the request ended with no final response."""
+    size = size_of(response)
+    if size <= limit:
+        return response
+    message = (
+        f"the final {response.status} response of {size} bytes exceeded the limit of "
+        f"{limit} bytes: its content and tool calls are dropped"
+        + (f" (its {response.chunks} chunks stand, void)" if response.chunks else "")
+    )
+    failed = response.model_copy(
+        update={
+            "status": "failed",
+            "content": "",
+            "tool_calls": [],
+            "schema_valid": None,
+            "schema_error": "",
+            "metadata": {},
+            "error": ErrorInfo(error_class=TOO_LARGE, message=message[:2000]),
+        }
+    )
+    if size_of(failed) <= limit:
+        return failed
+    # the attempts (each error up to 2000 characters) or a provider's model name: every
+    # field left is bounded
+    return failed.model_copy(
+        update={
+            "attempts": [],
+            "model": response.model[:256],
+            "error": ErrorInfo(
+                error_class=TOO_LARGE, message=(message + "; so are its attempts")[:2000]
+            ),
+        }
+    )
 
 
 @cache

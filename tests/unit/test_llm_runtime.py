@@ -97,3 +97,96 @@ async def test_exactly_once_waits_for_the_slot_admit_takes(monkeypatch: Any) -> 
     assert "made-up" not in rt.slots
     taken.release()
     await asyncio.wait_for(waiting, 5)
+
+
+#: an 853-byte request whose answer from `local` is ten strings of 99,990 characters
+HUGE = {
+    "type": "array",
+    "minItems": 10,
+    "items": {"type": "string", "minLength": 99990},
+}
+
+
+async def test_a_final_response_too_large_to_send_fails_and_keeps_its_usage() -> None:
+    """Every request ends with one final response: one whose encoding is over the
+    producer's limit could not be sent (no response, no usage counted, a billed call
+    past every budget). It becomes a `failed` one without the content, that fits."""
+    from agentstream.agents.llm.processor import AgentProcessor
+    from agentstream.agents.llm.registry import LLMRegistry
+    from agentstream.schemas import encode
+    from agentstream.schemas.llm import LLMConfig, ResponseFormat
+    from agentstream.streams.audit_chain import seal
+    from agentstream.streams.settings import output_limit
+    from agentstream.streams.tables import llm as tables
+
+    fmt = ResponseFormat(type="json_schema", json_schema={"name": "big", "schema": HUGE})
+    request = _request("local", "huge").model_copy(
+        update={"config": LLMConfig(response_format=fmt)}
+    )
+    inbound = Event.of(request, source="test")
+    assert len(encode(inbound)) < 1000
+    outcome = await AgentProcessor(LLMRegistry(secrets=None)).process_request(request)
+    assert outcome.status == "completed" and len(outcome.content) > 999_900
+    rt = CallRuntime()
+    event = rt.final_event(inbound, request, outcome)
+    # sealed with the longest chain fields: what the producer is handed
+    sealed = seal(event, "f" * 64).model_copy(
+        update={
+            "payload": event.payload.model_copy(
+                update={"hash": "f" * 64, "signed_by": "k" * 256, "signature": "s" * 256}
+            )
+        }
+    )
+    limit = output_limit(get_settings().max_event_bytes, len(event.key.encode()))
+    assert len(encode(sealed)) <= limit
+    response = event.payload
+    assert response.status == "failed" and response.content == ""
+    assert response.usage == outcome.usage and response.usage is not None
+    assert response.usage.completion_tokens > 200_000
+    assert response.error is not None and response.error.error_class == "ResponseTooLarge"
+    assert "exceeded the limit" in response.error.message
+    assert response.provider == "local" and response.attempts == outcome.attempts
+    # counted, so budgets and `llm usage` see the call
+    counted = tables.usage_increments([response], 4)
+    assert sum(v.get("completion_tokens", 0) for v in counted.values()) == 3 * (
+        response.usage.completion_tokens
+    )
+    # one that fits is sent as it is
+    small = await AgentProcessor(LLMRegistry(secrets=None)).process_request(
+        _request("local", "small")
+    )
+    assert rt.final_event(inbound, request, small).payload.content == small.content
+
+
+def test_a_response_still_too_large_without_its_content_drops_its_attempts() -> None:
+    from agentstream.agents.llm.runtime import fit_response
+    from agentstream.schemas import encode
+    from agentstream.schemas.llm import AttemptRecord, LLMResponse, Usage
+
+    def size_of(r: LLMResponse) -> int:
+        return len(encode(Event.of(r, source="t")))
+
+    attempts = [
+        AttemptRecord(provider="local", attempt=i, outcome="error", error="e" * 2000)
+        for i in range(1, 20)
+    ]
+    usage = Usage(prompt_tokens=1, completion_tokens=2, total_tokens=3)
+    big = LLMResponse(
+        request_id="r",
+        status="cancelled",
+        content="x" * 50_000,
+        usage=usage,
+        provider="local",
+        model="local-echo",
+        attempts=attempts,
+        chunks=7,
+    )
+    fitted = fit_response(big, size_of, 10_000)
+    assert size_of(fitted) <= 10_000 and fitted.status == "failed" and not fitted.attempts
+    assert fitted.usage == usage and fitted.chunks == 7 and fitted.model == "local-echo"
+    assert fitted.error is not None and "so are its attempts" in fitted.error.message
+    assert "7 chunks" in fitted.error.message
+    # room for the attempts: kept
+    kept = fit_response(big, size_of, 45_000)
+    assert kept.attempts == attempts and kept.content == ""
+    assert fit_response(big, size_of, 1_000_000) is big
