@@ -462,3 +462,50 @@ async def test_a_request_may_bill_only_an_allowed_organization(server: LLMServer
     assert server.requests[-1].headers["OpenAI-Organization"] == "org-7"
     await p.aclose()
     assert len(server.requests) == 2
+
+
+#: token counts a provider may send that are no count: infinity once parsed, one past
+#: what an event can encode (2**64), negative, not a number
+NO_COUNTS = ["1e400", "18446744073709551616", "-5", '"many"']
+
+
+@pytest.mark.parametrize("count", NO_COUNTS)
+async def test_a_token_count_that_is_no_count_leaves_usage_to_the_estimate(
+    server: LLMServer, count: str
+) -> None:
+    """The answer stands and its usage is estimated (as with none sent), not an
+    OverflowError out of the call, nor a count the final response cannot encode."""
+    answer = (
+        '{"id": "c", "object": "chat.completion", "model": "m1", "choices": [{"index": 0, '
+        '"finish_reason": "stop", "message": {"role": "assistant", "content": "hi"}}], '
+        f'"usage": {{"prompt_tokens": {count}, "completion_tokens": 2, "total_tokens": 3}}}}'
+    )
+    server.script(Reply(kind="status", status=200, body=answer))
+    result = await openai(server).generate(CTX, CFG)
+    assert result.content == "hi" and result.usage is None
+    server.script(
+        Reply(
+            kind="status",
+            status=200,
+            body='{"model": "m1", "message": {"role": "assistant", "content": "hi"}, '
+            f'"done": true, "prompt_eval_count": {count}, "eval_count": 2}}',
+        )
+    )
+    result = await ollama(server).generate(CTX, CFG)
+    assert result.content == "hi" and result.usage is None
+
+
+def test_token_counts_within_range_are_kept() -> None:
+    from agentstream.agents.llm.providers.base import MAX_REPORTED_TOKENS, reported_usage
+
+    usage = reported_usage(7, "5", None)
+    assert usage is not None and (usage.prompt_tokens, usage.total_tokens) == (7, 12)
+    assert reported_usage(MAX_REPORTED_TOKENS, 0) is not None
+    assert reported_usage(MAX_REPORTED_TOKENS + 1, 0) is None
+    assert reported_usage(True, 1) is None and reported_usage(float("nan"), 1) is None
+    from agentstream.agents.llm.providers.anthropic import anthropic_usage
+
+    assert anthropic_usage({"input_tokens": float("inf"), "output_tokens": 1}) is None
+    assert anthropic_usage({"input_tokens": 3, "output_tokens": 2**64}) is None
+    kept = anthropic_usage({"input_tokens": 3, "cache_read_input_tokens": 2, "output_tokens": 1})
+    assert kept is not None and (kept.prompt_tokens, kept.total_tokens) == (5, 6)

@@ -26,7 +26,12 @@ import orjson
 
 from agentstream.agents.llm import tools
 from agentstream.agents.llm.providers._http import HTTPProvider, LineSplitter
-from agentstream.agents.llm.providers.base import LLMResult, StreamChunk
+from agentstream.agents.llm.providers.base import (
+    LLMResult,
+    StreamChunk,
+    reported_usage,
+    token_count,
+)
 from agentstream.agents.llm.providers.openai import SSEParser
 from agentstream.schemas.llm import LLMConfig, LLMContext, NamedToolChoice, ToolCallDelta, Usage
 from agentstream.streams.errors import (
@@ -149,15 +154,12 @@ def anthropic_usage(data: Any, prompt: int = 0) -> Usage | None:
     try:
         if "input_tokens" in data:
             prompt = sum(
-                int(data.get(k) or 0)
+                token_count(data.get(k))
                 for k in ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
             )
-        completion = int(data.get("output_tokens") or 0)
-    except (TypeError, ValueError):
+    except ValueError:
         return None
-    return Usage(
-        prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
-    )
+    return reported_usage(prompt, data.get("output_tokens"))
 
 
 def stream_error(provider: str, err: Any) -> ProviderError:

@@ -172,6 +172,40 @@ def model_label(config: ProviderConfig, model: str | None) -> str:
     return model if model == config.model or model in config.models.values() else "other"
 
 
+#: the most tokens a provider's count may report: far above any model's context, and far
+#: enough below 2**63 (what the usage and spend counters, sums of them, can encode)
+MAX_REPORTED_TOKENS = 10**12
+
+
+def token_count(value: Any) -> int:
+    """A token count a provider reported (None or absent: 0). Raises ValueError for one
+    that is no count: not a number, not finite (JSON's 1e400 is infinity), negative, or
+    over `MAX_REPORTED_TOKENS` (a count of 2**64 could not be encoded in a response)."""
+    if value is None or value == "":
+        return 0
+    if isinstance(value, bool):
+        raise ValueError(f"token count {value!r} is not a number")
+    try:
+        n = int(value)
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"token count {str(value)[:40]!r} is not a finite number") from None
+    if not 0 <= n <= MAX_REPORTED_TOKENS:
+        raise ValueError(f"token count {n} is out of range")
+    return n
+
+
+def reported_usage(prompt: Any, completion: Any, total: Any = None) -> Usage | None:
+    """Usage from a provider's counts (total: prompt + completion when absent), or None
+    when one is no count (`token_count`): the usage is then estimated, as when the
+    provider sends none, rather than the answer failing."""
+    try:
+        p, c = token_count(prompt), token_count(completion)
+        t = token_count(total) or p + c
+    except ValueError:
+        return None
+    return Usage(prompt_tokens=p, completion_tokens=c, total_tokens=t)
+
+
 def chat_messages(context: LLMContext) -> list[dict[str, Any]]:
     """The context as OpenAI/Ollama-style message dicts, system prompt first."""
     out: list[dict[str, Any]] = []

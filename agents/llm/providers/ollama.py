@@ -13,7 +13,7 @@ import orjson
 
 from agentstream.agents.llm import tools
 from agentstream.agents.llm.providers._http import HTTPProvider, LineSplitter
-from agentstream.agents.llm.providers.base import LLMResult, StreamChunk
+from agentstream.agents.llm.providers.base import LLMResult, StreamChunk, reported_usage
 from agentstream.schemas.llm import LLMConfig, LLMContext, Usage
 from agentstream.streams.errors import ProviderProtocolError, ProviderServerError
 
@@ -30,11 +30,7 @@ _OPTIONS = {
 def ollama_usage(obj: dict[str, Any]) -> Usage | None:
     if "prompt_eval_count" not in obj and "eval_count" not in obj:
         return None
-    prompt = int(obj.get("prompt_eval_count") or 0)
-    completion = int(obj.get("eval_count") or 0)
-    return Usage(
-        prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
-    )
+    return reported_usage(obj.get("prompt_eval_count"), obj.get("eval_count"))
 
 
 class OllamaProvider(HTTPProvider):

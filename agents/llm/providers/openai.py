@@ -22,7 +22,7 @@ import orjson
 
 from agentstream.agents.llm import tools
 from agentstream.agents.llm.providers._http import HTTPProvider, LineSplitter
-from agentstream.agents.llm.providers.base import LLMResult, StreamChunk
+from agentstream.agents.llm.providers.base import LLMResult, StreamChunk, reported_usage
 from agentstream.schemas.llm import LLMConfig, LLMContext, ResponseFormat, Usage
 from agentstream.streams.errors import (
     ProviderError,
@@ -37,13 +37,9 @@ DEFAULT_AZURE_API_VERSION = "2024-06-01"
 def parse_usage(data: Any) -> Usage | None:
     if not isinstance(data, dict):
         return None
-    try:
-        prompt = int(data.get("prompt_tokens") or 0)
-        completion = int(data.get("completion_tokens") or 0)
-        total = int(data.get("total_tokens") or prompt + completion)
-    except (TypeError, ValueError):
-        return None
-    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=total)
+    return reported_usage(
+        data.get("prompt_tokens"), data.get("completion_tokens"), data.get("total_tokens")
+    )
 
 
 class OpenAICompatibleProvider(HTTPProvider):
