@@ -241,6 +241,21 @@ async def test_llm_stage_end_to_end(settings_env: dict[str, str], tmp_path: Path
         assert wire["/v1/chat/completions"]["response_format"]["json_schema"]["schema"] == answer
         assert wire["/api/chat"]["format"] == answer
 
+        # -- a final response too large to send is sent failed, with its usage -------------
+        items = {"type": "string", "minLength": 99990}
+        huge = {"type": "array", "minItems": 10, "items": items}
+        big = ResponseFormat(type="json_schema", json_schema={"name": "big", "schema": huge})
+        await client.publish("llm.requests", req("big1", "local", response_format=big))
+        big1 = await topics.response("big1", timeout=60)
+        assert big1.status == "failed" and big1.content == "" and big1.chunks > 0
+        assert big1.error is not None and big1.error.error_class == "ResponseTooLarge"
+        assert big1.usage is not None and big1.usage.completion_tokens > 200_000
+
+        # -- a made-up provider is no provider of the response ------------------------------
+        await client.publish("llm.requests", req("zz1", "zz-made-up"))
+        zz1 = await topics.response("zz1")
+        assert zz1.status == "failed" and zz1.provider == "" and zz1.model == ""
+
         # -- cancellation mid-stream: abort within a second, partial content ------------------
         server.script(Reply(kind="hang", after=2, words=["alpha", "beta", "gamma", "delta"]))
         await client.publish("llm.requests", req("c1"))
@@ -328,6 +343,9 @@ async def test_llm_stage_end_to_end(settings_env: dict[str, str], tmp_path: Path
         assert usage["agent"]["agent-7"]["requests"] >= 10
         assert usage["provider"]["loop"]["total_tokens"] > 0
         assert "loop/loop-model" in usage["model"]
+        assert usage["model"]["local/local-echo"]["failed"] == 1  # big1's, counted
+        assert usage["provider"]["-"]["failed"] >= 1  # zz1 (and fb3: no provider asked)
+        assert not [k for kind in ("provider", "model") for k in usage[kind] if "zz" in k]
 
         # -- bounded concurrency: two calls in flight at once, the third waits for a slot ---
         server.script(
