@@ -34,7 +34,10 @@ docs/security.md) are left alone.
 Bytes (`redact_raw`)
 --------------------
 Valid JSON keeps every byte but the redacted values, so the output is valid JSON and the
-rest of the original is there byte for byte. A document nested deeper than `MAX_DEPTH`
+rest of the original is there byte for byte. Every value of a secret name goes, one of a
+name given twice in an object too (which a parse keeps only one of): the bytes are
+returned unchanged on the strength of their parse only when the parse holds every value
+they hold (`parse_holds_all`), else they are scanned. A document nested deeper than `MAX_DEPTH`
 has every string and number of the too-deep part replaced too, member names included: it
 is not inspected member by member (`redact_event_dict` replaces each container deeper
 than `MAX_DEPTH` as a whole, so that what it returns can be encoded again).
@@ -52,6 +55,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import re
 import unicodedata
 from collections.abc import Iterable
@@ -306,12 +310,42 @@ def redact_raw(value: bytes) -> bytes:
     except orjson.JSONDecodeError:
         pass  # not JSON for orjson: maybe only deeper than its limit (see _scan)
     else:
-        if not _needs_redaction(parsed):
+        if not _needs_redaction(parsed) and parse_holds_all(data, parsed):
             return data
     spans = _scan(data)
     if spans is None:
         spans = _fallback_spans(data)
     return _apply(data, spans)
+
+
+class _NamedTwice(ValueError):
+    pass
+
+
+def _no_name_twice(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise _NamedTwice
+    return out
+
+
+def parse_holds_all(raw: bytes, parsed: Any) -> bool:
+    """Whether `parsed`, orjson's parse of `raw`, holds every value `raw` holds, so that
+    what holds no secret in `parsed` holds none in `raw`: true when `raw` is exactly what
+    orjson writes for `parsed` (the records this project writes: one encode and a
+    compare), or else when no object in `raw` names a member twice (its names compared
+    unescaped). A parser keeps one value of a name given twice — orjson the last — and a
+    check of the parse never sees the others."""
+    try:
+        if orjson.dumps(parsed) == raw:
+            return True
+    except orjson.JSONEncodeError:
+        return False
+    try:
+        json.loads(raw, object_pairs_hook=_no_name_twice)
+    except (ValueError, RecursionError):  # a name twice, or what orjson reads and json not
+        return False
+    return True
 
 
 def _apply(data: bytes, spans: list[tuple[int, int]]) -> bytes:
@@ -543,6 +577,7 @@ __all__ = [
     "SECRET_KEYS",
     "is_secret_key",
     "normalise_key",
+    "parse_holds_all",
     "redact_event_dict",
     "redact_raw",
 ]

@@ -70,7 +70,7 @@ from agentstream.streams import record_batches
 from agentstream.streams.client import group_less_consumer
 from agentstream.streams.errors import BrokerError
 from agentstream.streams.record_batches import Unreadable, unreadable
-from agentstream.streams.redaction import redact_event_dict, redact_raw
+from agentstream.streams.redaction import parse_holds_all, redact_event_dict, redact_raw
 from agentstream.streams.settings import Settings
 from agentstream.streams.topics import CATALOGUE
 
@@ -214,7 +214,8 @@ class ReplayRecord:
         Kafka topic names are [a-zA-Z0-9._-] only, so they need no escaping.
 
         Unless `show_secrets`, secrets are replaced (`streams.redaction`): an event
-        holding one is re-encoded from its redacted dict, and the bytes of an
+        holding one, or whose bytes name a member twice (values its dict lacks), is
+        re-encoded from its redacted dict, and the bytes of an
         undecodable record are redacted before they are base64-encoded."""
         key = b"null" if self.key is None else orjson.dumps(self.key.decode("utf-8", "replace"))
         head = b'{"topic":"%s","partition":%d,"offset":%d,"timestamp_ms":%d,"key":%s,' % (
@@ -230,15 +231,23 @@ class ReplayRecord:
         return head + body[1:] + b"\n"  # {"error": ..., "value_b64": ...} merged in
 
     def event_json(self, *, show_secrets: bool = False) -> bytes:
-        """The event as it is on the wire (re-encoded only to redact a secret), or, for a
-        record that is no event, ``{"error": ..., "value_b64": ...}``."""
+        """The event as it is on the wire (re-encoded to redact a secret, to keep it one
+        line, or when its parse does not hold every value of its bytes: a member named
+        twice), or, for a record that is no event, ``{"error": ..., "value_b64": ...}``."""
         if self.data is not None and self.value is not None:
             shown = self.data if show_secrets else redact_event_dict(self.data)
             wire = self.value.strip()
-            if shown is self.data and b"\n" not in wire and b"\r" not in wire:
+            if (
+                shown is self.data
+                and b"\n" not in wire
+                and b"\r" not in wire
+                and (show_secrets or parse_holds_all(wire, self.data))
+            ):
                 return wire
             # JSON allows CR and LF between tokens: written as sent, one record would be
-            # several output lines, one of them a forged record of the sender's choosing
+            # several output lines, one of them a forged record of the sender's choosing;
+            # and bytes that name a member twice hold values the parse dropped and the
+            # redaction never saw
             return orjson.dumps(shown)
         value = self.value or b""
         if not show_secrets:
@@ -304,7 +313,9 @@ def matches(
 
 
 #: what `tail` and `replay` print per record (`ReplayRecord.render`):
-#: json   one JSON line: the event as it is on the wire, or, for a record that is no
+#: json   one JSON line: the event as it is on the wire (re-encoded from its redacted
+#:        parse when it held a secret, line breaks, or a member named twice), or, for a
+#:        record that is no
 #:        event, {"error", "value_b64"}; with --meta {"topic", "partition", "offset",
 #:        "timestamp_ms", "key", "event" | "error"+"value_b64"}
 #: pretty the same JSON, indented
