@@ -571,27 +571,12 @@ class KeychainCredentialsProvider:
 
     def locate(self, name: str) -> tuple[str, str] | None:
         """(source name, value) of the first source that has the entry (blocking)."""
-        for source in self.sources:
-            try:
-                value = source.get(name)
-            except CredentialsError:
-                raise
-            except Exception as exc:  # as `_call`: the type only
-                raise CredentialsError(
-                    f"{self._source_name(source)} failed: {type(exc).__name__}"
-                ) from None
-            if value is not None:
-                return source.name, value
-        return None
+        found = self._find(name)
+        return (found[0].name, found[1]) if found else None
 
-    async def _set(self, entry: str, value: str) -> None:
-        if not value:
-            raise CredentialsError(f"refusing to store an empty value for {entry!r}")
-        source = self._writable()
-        await self._call(source, source.set, entry, value)
-
-    def _holder(self, entry: str) -> SecretSource | None:
-        """The source a read of the entry answers from (blocking; as `locate`)."""
+    def _find(self, entry: str) -> tuple[SecretSource, str] | None:
+        """The first source that has the entry, and its value: the one a read answers
+        from (blocking)."""
         for source in self.sources:
             try:
                 value = source.get(entry)
@@ -602,8 +587,19 @@ class KeychainCredentialsProvider:
                     f"{self._source_name(source)} failed: {type(exc).__name__}"
                 ) from None
             if value is not None:
-                return source
+                return source, value
         return None
+
+    async def _set(self, entry: str, value: str) -> None:
+        if not value:
+            raise CredentialsError(f"refusing to store an empty value for {entry!r}")
+        source = self._writable()
+        await self._call(source, source.set, entry, value)
+
+    def _holder(self, entry: str) -> SecretSource | None:
+        """The source a read of the entry answers from (blocking; as `locate`)."""
+        found = self._find(entry)
+        return found[0] if found else None
 
     def _update(self, entry: str, value: str) -> str:
         # A value written to the first writable source would be shadowed by a read-only
