@@ -189,8 +189,8 @@ UNDECLARED_PROVIDER = "-"
 #: the usage name of every model of a declared provider that the file does not name (the
 #: metrics' label, `agents.llm.providers.base.model_label`)
 OTHER_MODEL = "other"
-#: the `local` provider's model when it is configured with none
-#: (`agents.llm.providers.base.LOCAL_MODEL`: streams do not import the agents)
+#: the `local` provider's model when it is configured with none (the one definition:
+#: `agents.llm.providers.base.LOCAL_MODEL` is this)
 LOCAL_MODEL = "local-echo"
 
 

@@ -23,12 +23,14 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from agentstream.schemas.llm import LLMConfig, LLMContext, ToolCall, ToolCallDelta, Usage
+from agentstream.streams.tables import llm as tables_llm
 
 #: fetches a secret by name (e.g. "llm.openai.api_key"); None when there is none
 SecretSource = Callable[[str], Awaitable[str | None]]
 
-#: the built-in `local` provider's model when it is configured with none
-LOCAL_MODEL = "local-echo"
+#: the built-in `local` provider's model when it is configured with none (defined with
+#: the usage table, which counts under it and cannot import the agents)
+LOCAL_MODEL = tables_llm.LOCAL_MODEL
 
 ProviderKind = Literal[
     "openai", "azure", "vllm", "llamacpp", "lmstudio", "ollama", "anthropic", "local"
